@@ -1,0 +1,10 @@
+"""qbara: fine-tune quantized LLMs (Q-BaRA, QA-HiRA, LQ-LoRA, QLoRA, QA-LoRA) and ship them low-bit."""
+from qbara.errors import QbaraError
+from qbara.nn import QuantizedLinear
+from qbara.prepare import prepare, quantize_model
+from qbara.quant import QuantConfig, QuantizedTensor, dequantize, quantize
+
+__version__ = "0.1.0"
+
+__all__ = ["QbaraError", "QuantConfig", "QuantizedTensor", "QuantizedLinear", "quantize", "dequantize",
+           "prepare", "quantize_model"]

@@ -1,0 +1,77 @@
+"""`QuantizedLinear`: a frozen packed weight, dequantized on the fly in forward and backward."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qbara.quant.config import QuantConfig
+from qbara.quant.tensor import QuantizedTensor, quantize
+
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """y = x W^T with W rebuilt from the packed buffers; the backward rebuilds it again instead of
+    keeping a full-precision copy alive between forward and backward. No gradient for W."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: "QuantizedLinear") -> Tensor:
+        ctx.layer = layer
+        return x @ layer.dequantize(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_out @ ctx.layer.dequantize(grad_out.dtype), None
+
+
+class QuantizedLinear(nn.Module):
+    """Drop-in replacement for a frozen nn.Linear whose weight is stored quantized and packed.
+
+    The packed buffers are registered as module buffers (`codes`, `scale`, ...), so `.to(device)`,
+    `state_dict()` and safetensors saving work on them.
+    """
+
+    def __init__(self, qweight: QuantizedTensor, bias: Tensor | None = None):
+        super().__init__()
+        self.quant_config: QuantConfig = qweight.config
+        self.out_features, self.in_features = qweight.shape
+        self._buffer_names = tuple(qweight.tensors)
+        for name, tensor in qweight.tensors.items():
+            self.register_buffer(name, tensor)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig, name: str = "linear") -> "QuantizedLinear":
+        """Quantize an nn.Linear (its weight is read once, not kept)."""
+        return cls(quantize(linear.weight.data, config, name=name), linear.bias)
+
+    @property
+    def qweight(self) -> QuantizedTensor:
+        """A view of the packed buffers as a QuantizedTensor (no copy)."""
+        return QuantizedTensor(self.quant_config, (self.out_features, self.in_features),
+                               {n: getattr(self, n) for n in self._buffer_names})
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The dense (d_out, d_in) weight in `dtype`."""
+        return self.qweight.dequantize(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.nbytes
+
+    @property
+    def bits_per_param(self) -> float:
+        return self.qweight.bits_per_param
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = _DequantizedMatmul.apply(x, self)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, quant={self.quant_config.label}")

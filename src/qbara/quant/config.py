@@ -1,0 +1,114 @@
+"""Quantization configuration: format, block geometry, double quantization, and bits/param."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from qbara.errors import QbaraError
+
+NF_BITS = (2, 3, 4, 8)
+INT_BITS = (2, 3, 4, 8)
+FORMATS = tuple(f"nf{b}" for b in NF_BITS) + tuple(f"int{b}" for b in INT_BITS)
+DQ_DTYPE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a weight matrix is quantized.
+
+    format: nf2/nf3/nf4/nf8 (NormalFloat, block-wise absmax) or int2/int3/int4/int8 (affine, float min).
+    block_size: NF block B0, or INT group G, along the input features of a row.
+    block_rows: INT only, rows per block (2-D tiles for QA-HiRA's tile setting); 1 = 1 x G blocks.
+    double_quant: NF only, quantize the absmax scales (default on for NF, as in QLoRA).
+    dq_bits, dq_block_size, dq_dtype: b0, B1 and b1 of the scale quantization.
+    """
+
+    format: str = "nf4"
+    block_size: int = 64
+    block_rows: int = 1
+    double_quant: bool | None = None
+    dq_bits: int = 8
+    dq_block_size: int = 256
+    dq_dtype: str = "fp32"
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise QbaraError(f"unknown quantization format {self.format!r}: choose one of {', '.join(FORMATS)}")
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise QbaraError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if not isinstance(self.block_rows, int) or self.block_rows <= 0:
+            raise QbaraError(f"block_rows must be a positive integer, got {self.block_rows!r}")
+        if self.double_quant is None:
+            object.__setattr__(self, "double_quant", self.kind == "nf")
+        if self.kind == "int" and self.double_quant:
+            raise QbaraError("double_quant applies to NF formats only: drop it for int formats (their fp16 "
+                             "scale and min are what lets adapters fold in exactly)")
+        if self.kind == "nf" and self.block_rows != 1:
+            raise QbaraError("block_rows applies to int formats only: NF blocks run along a row")
+        if self.double_quant:
+            if self.dq_bits not in (2, 3, 4, 8):
+                raise QbaraError(f"dq_bits must be one of 2, 3, 4, 8, got {self.dq_bits!r}")
+            if self.dq_dtype not in DQ_DTYPE_BITS:
+                raise QbaraError(f"dq_dtype must be one of {', '.join(DQ_DTYPE_BITS)}, got {self.dq_dtype!r}")
+            if not isinstance(self.dq_block_size, int) or self.dq_block_size <= 0:
+                raise QbaraError(f"dq_block_size must be a positive integer, got {self.dq_block_size!r}")
+
+    @property
+    def kind(self) -> str:
+        """'nf' or 'int'."""
+        return "nf" if self.format.startswith("nf") else "int"
+
+    @property
+    def bits(self) -> int:
+        """Bits per weight code."""
+        return int(self.format[len(self.kind):])
+
+    @property
+    def block_numel(self) -> int:
+        """Weights sharing one scale."""
+        return self.block_size * self.block_rows
+
+    @property
+    def bits_per_param(self) -> float:
+        """Storage bits per weight by formula: b + b0/B0 + b1/(B0*B1) (NF with double quant),
+        b + 32/B0 (NF, fp32 absmax), b + 32/(G*rows) (INT, fp16 scale and min)."""
+        if self.kind == "int":
+            return self.bits + 32 / self.block_numel
+        if not self.double_quant:
+            return self.bits + 32 / self.block_size
+        return (self.bits + self.dq_bits / self.block_size
+                + DQ_DTYPE_BITS[self.dq_dtype] / (self.block_size * self.dq_block_size))
+
+    @property
+    def label(self) -> str:
+        """Short human-readable name, e.g. nf4-b64-dq8/fp32/256 or int4-g32."""
+        if self.kind == "int":
+            rows = f"x{self.block_rows}" if self.block_rows > 1 else ""
+            return f"{self.format}-g{self.block_size}{rows}"
+        dq = f"-dq{self.dq_bits}/{self.dq_dtype}/{self.dq_block_size}" if self.double_quant else ""
+        return f"{self.format}-b{self.block_size}{dq}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise QbaraError(f"unknown QuantConfig keys {sorted(unknown)}: valid keys are {sorted(known)}")
+        return cls(**data)
+
+    def check_shape(self, shape: tuple[int, ...], name: str = "weight") -> None:
+        """Raise a QbaraError naming `name` if this config cannot quantize a weight of `shape`."""
+        if len(shape) != 2:
+            raise QbaraError(f"{name}: only 2-D weights can be quantized, got shape {tuple(shape)}")
+        d_out, d_in = shape
+        if d_in % self.block_size:
+            divisors = [b for b in (16, 32, 64, 128, 256) if d_in % b == 0]
+            raise QbaraError(
+                f"{name}: block_size {self.block_size} does not divide its {d_in} input features; "
+                f"use a block_size that divides {d_in} (e.g. {divisors or [1]}) or leave this layer out")
+        if d_out % self.block_rows:
+            raise QbaraError(f"{name}: block_rows {self.block_rows} does not divide its {d_out} output "
+                             f"features; choose block_rows dividing {d_out}")

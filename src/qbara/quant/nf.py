@@ -1,0 +1,52 @@
+"""NormalFloat NF-k block-wise absmax quantization (QLoRA, LQ-LoRA)."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from scipy.stats import norm
+from torch import Tensor
+
+NF_OFFSET = 0.9677083  # 1 - (1/30 + 1/32) / 2, rounded as in QLoRA's published NF4 table
+
+
+@functools.lru_cache(maxsize=None)
+def _nf_levels_np(bits: int) -> np.ndarray:
+    # Probabilities are taken on a float32 grid (torch.linspace), as in QLoRA's published NF4 table;
+    # the negative side is the mirror image of the quantiles at linspace(offset, 1/2, 2**(k-1)).
+    half = 2 ** (bits - 1)
+    positive = norm.ppf(torch.linspace(NF_OFFSET, 0.5, half + 1).numpy())[:-1]
+    negative = -norm.ppf(torch.linspace(NF_OFFSET, 0.5, half).numpy())[:-1]
+    levels = np.sort(np.concatenate([negative, [0.0], positive]))
+    return (levels / levels.max()).astype(np.float32)
+
+
+def nf_levels(bits: int, device: torch.device | str | None = None) -> Tensor:
+    """The 2**bits NF levels in [-1, 1], ascending (NF4 equals bitsandbytes' nf4 table)."""
+    return torch.from_numpy(_nf_levels_np(bits).copy()).to(device)
+
+
+def _midpoints(bits: int, device) -> Tensor:
+    levels = nf_levels(bits, device)
+    return (levels[1:] + levels[:-1]) / 2
+
+
+def quantize_nf(weight: Tensor, bits: int, block_size: int) -> tuple[Tensor, Tensor]:
+    """Quantize `weight` (flattened row-major) in blocks of `block_size` by absmax to NF-`bits`.
+
+    Returns (codes uint8 of weight's numel, absmax fp32 per block). Rounds to the nearest level.
+    """
+    flat = weight.detach().reshape(-1, block_size).float()
+    absmax = flat.abs().amax(dim=1)
+    inv = 1.0 / absmax.clamp(min=1e-38)
+    scaled = (flat * inv[:, None]).clamp_(-1.0, 1.0)
+    codes = torch.bucketize(scaled, _midpoints(bits, flat.device)).to(torch.uint8)
+    return codes.reshape(-1), absmax
+
+
+def dequantize_nf(codes: Tensor, absmax: Tensor, bits: int, block_size: int, dtype=torch.float32) -> Tensor:
+    """Flat dequantized values: level[code] * absmax of the code's block."""
+    levels = nf_levels(bits, codes.device)
+    values = levels[codes.long()].view(-1, block_size) * absmax.float()[:, None]
+    return values.reshape(-1).to(dtype)

@@ -1,0 +1,65 @@
+"""Bit packing of unsigned integer codes into uint8 buffers (MSB first, bitsandbytes' nibble order)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes needed to store `numel` codes of `bits` bits."""
+    return (numel * bits + 7) // 8
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Pack codes in [0, 2**bits) into a flat uint8 tensor, first code in the most significant bits.
+
+    For 4 bits this is bitsandbytes' layout: byte = code[2i] << 4 | code[2i+1].
+    """
+    _check_bits(bits)
+    flat = codes.reshape(-1)
+    n = flat.numel()
+    if bits == 8:
+        return flat.to(torch.uint8).clone()
+    per_byte = 8 // bits if 8 % bits == 0 else None
+    if per_byte is not None:
+        flat = torch.nn.functional.pad(flat.to(torch.uint8), (0, (-n) % per_byte))
+        shifts = torch.arange(per_byte - 1, -1, -1, device=flat.device, dtype=torch.uint8) * bits
+        groups = flat.view(-1, per_byte) << shifts
+        packed = groups[:, 0]
+        for j in range(1, per_byte):
+            packed = packed | groups[:, j]
+        return packed
+    # Widths that do not divide 8 (3 bits): 8 codes -> one `bits`-byte word.
+    flat = torch.nn.functional.pad(flat.to(torch.int64), (0, (-n) % 8))
+    code_shifts = torch.arange(7, -1, -1, device=flat.device, dtype=torch.int64) * bits
+    words = (flat.view(-1, 8) << code_shifts).sum(dim=1)
+    byte_shifts = torch.arange(bits - 1, -1, -1, device=flat.device, dtype=torch.int64) * 8
+    packed = ((words[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    return packed[: packed_nbytes(n, bits)].contiguous()
+
+
+def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of `pack_bits`: the first `numel` codes as uint8."""
+    _check_bits(bits)
+    packed = packed.reshape(-1)
+    if bits == 8:
+        return packed[:numel]
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        shifts = torch.arange(per_byte - 1, -1, -1, device=packed.device, dtype=torch.uint8) * bits
+        mask = (1 << bits) - 1
+        codes = (packed[:, None] >> shifts) & mask
+        return codes.reshape(-1)[:numel]
+    padded = torch.nn.functional.pad(packed, (0, (-packed.numel()) % bits)).to(torch.int64)
+    byte_shifts = torch.arange(bits - 1, -1, -1, device=packed.device, dtype=torch.int64) * 8
+    words = (padded.view(-1, bits) << byte_shifts).sum(dim=1)
+    code_shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.int64) * bits
+    codes = (words[:, None] >> code_shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:numel].to(torch.uint8)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"cannot pack {bits}-bit codes: supported widths are {SUPPORTED_BITS}")

@@ -1,0 +1,96 @@
+"""`QuantizedTensor`: a packed quantized 2-D weight, and the `quantize` / `dequantize` entry points."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from qbara.errors import QbaraError
+from qbara.quant.config import QuantConfig
+from qbara.quant.double_quant import double_dequantize, double_quantize
+from qbara.quant.intk import dequantize_int, quantize_int
+from qbara.quant.nf import dequantize_nf, quantize_nf
+from qbara.quant.packing import pack_bits, unpack_bits
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized (d_out, d_in) weight held as packed buffers.
+
+    NF: `codes` (packed), and `absmax` fp32 or, with double quant, `absmax_codes` (packed),
+    `absmax_group_max`, `absmax_offset`. INT: `codes` (packed), `scale` fp16, `minimum` fp16.
+    """
+
+    config: QuantConfig
+    shape: tuple[int, int]
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all stored buffers."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def bits_per_param(self) -> float:
+        """Bits per weight measured from the actual buffers."""
+        return 8 * self.nbytes / self.numel
+
+    def codes(self) -> Tensor:
+        """Unpacked integer codes, one uint8 per weight, row-major."""
+        return unpack_bits(self.tensors["codes"], self.config.bits, self.numel)
+
+    def scales(self) -> Tensor:
+        """NF: the (double-dequantized) fp32 absmax of each block."""
+        t, c = self.tensors, self.config
+        if not c.double_quant:
+            return t["absmax"].float()
+        n_blocks = self.numel // c.block_size
+        codes = unpack_bits(t["absmax_codes"], c.dq_bits, n_blocks)
+        return double_dequantize(codes, t["absmax_group_max"], t["absmax_offset"], c.dq_bits, c.dq_block_size)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The (d_out, d_in) weight in `dtype`."""
+        c = self.config
+        if c.kind == "nf":
+            flat = dequantize_nf(self.codes(), self.scales(), c.bits, c.block_size, dtype=torch.float32)
+            return flat.view(self.shape).to(dtype)
+        return dequantize_int(self.codes(), self.tensors["scale"], self.tensors["minimum"], self.shape,
+                              c.block_size, c.block_rows, dtype=dtype)
+
+    def to(self, device) -> "QuantizedTensor":
+        return QuantizedTensor(self.config, self.shape, {k: v.to(device) for k, v in self.tensors.items()})
+
+
+def quantize(weight: Tensor, config: QuantConfig, name: str = "weight") -> QuantizedTensor:
+    """Quantize a floating 2-D weight with `config`; `name` is used in error messages."""
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        dtype = getattr(weight, "dtype", type(weight).__name__)
+        raise QbaraError(f"{name}: cannot quantize a non-floating weight ({dtype}); pass the float weight "
+                         f"(dequantize it first if it is already quantized)")
+    config.check_shape(tuple(weight.shape), name)
+    if not torch.isfinite(weight).all():
+        raise QbaraError(f"{name}: weight contains NaN or Inf; fix the checkpoint before quantizing")
+    shape = (int(weight.shape[0]), int(weight.shape[1]))
+    if config.kind == "int":
+        codes, scale, minimum = quantize_int(weight, config.bits, config.block_size, config.block_rows)
+        tensors = {"codes": pack_bits(codes, config.bits), "scale": scale, "minimum": minimum}
+        return QuantizedTensor(config, shape, tensors)
+    codes, absmax = quantize_nf(weight, config.bits, config.block_size)
+    tensors = {"codes": pack_bits(codes, config.bits)}
+    if config.double_quant:
+        s_codes, group_max, offset = double_quantize(absmax, config.dq_bits, config.dq_block_size, config.dq_dtype)
+        tensors.update(absmax_codes=pack_bits(s_codes, config.dq_bits), absmax_group_max=group_max,
+                       absmax_offset=offset)
+    else:
+        tensors["absmax"] = absmax
+    return QuantizedTensor(config, shape, tensors)
+
+
+def dequantize(qtensor: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Functional form of `QuantizedTensor.dequantize`."""
+    return qtensor.dequantize(dtype)

@@ -1,0 +1,77 @@
+import pytest
+import torch
+from torch import nn
+
+from qbara.nn import QuantizedLinear
+from qbara.quant import QuantConfig
+
+CONFIGS = [QuantConfig("nf4"), QuantConfig("nf3", 32), QuantConfig("int4", 32), QuantConfig("int2", 64),
+           QuantConfig("int4", 32, block_rows=4)]
+
+
+def _layer(config, bias=True, seed=0):
+    torch.manual_seed(seed)
+    dense = nn.Linear(128, 64, bias=bias)
+    return dense, QuantizedLinear.from_linear(dense, config)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label)
+def test_forward_and_input_grad_match_dense_reference(config):
+    dense, q = _layer(config)
+    w = q.dequantize()
+    x = torch.randn(2, 5, 128, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y = q(x)
+    y_ref = torch.nn.functional.linear(x_ref, w, dense.bias)
+    assert torch.allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_weight_is_frozen_and_no_dense_copy_is_saved_for_backward():
+    _, q = _layer(QuantConfig("nf4"))
+    assert [p for p in q.parameters() if p.requires_grad] == []
+    saved_shapes = []
+
+    def pack(t):
+        saved_shapes.append(tuple(t.shape))
+        return t
+
+    x = torch.randn(4, 128, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q(x).sum().backward()
+    assert (64, 128) not in saved_shapes and (128, 64) not in saved_shapes
+    assert x.grad is not None
+
+
+def test_buffers_travel_in_state_dict_and_are_packed():
+    _, q = _layer(QuantConfig("nf4"), bias=False)
+    state = q.state_dict()
+    assert state["codes"].dtype == torch.uint8 and state["codes"].numel() == 64 * 128 // 2
+    assert q.bits_per_param == pytest.approx(8 * sum(t.numel() * t.element_size() for t in state.values()) / (64 * 128))
+    fresh = QuantizedLinear(q.qweight, None)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.dequantize(), q.dequantize())
+
+
+def test_bf16_input_runs_in_bf16():
+    _, q = _layer(QuantConfig("int4", 32))
+    y = q(torch.randn(3, 128, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label)
+def test_cuda_matches_cpu(config):
+    _, q = _layer(config)
+    x = torch.randn(4, 128)
+    y_cpu = q(x)
+    q_cuda = q.to("cuda")
+    x_cuda = x.cuda().requires_grad_(True)
+    y_cuda = q_cuda(x_cuda)
+    y_cuda.sum().backward()
+    assert torch.allclose(y_cuda.cpu(), y_cpu, atol=1e-4, rtol=1e-4)
+    assert x_cuda.grad is not None
