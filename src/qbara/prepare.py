@@ -20,11 +20,11 @@ def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConf
     allocation produces); with a mapping, exactly the layers it names are quantized.
     """
     if isinstance(quant, QuantConfig):
-        names = linear_layer_names(model, modules)
+        names = linear_layer_names(model, modules, include_quantized=False)
         per_layer = {n: quant for n in names}
     elif isinstance(quant, Mapping):
         per_layer = dict(quant)
-        linears = set(linear_layer_names(model, ALL_LINEAR))
+        linears = set(linear_layer_names(model, ALL_LINEAR, include_quantized=False))
         missing = sorted(set(per_layer) - linears)
         if missing:
             raise QbaraError(f"quantization configs name layers that are not linear layers of this model: "
@@ -47,6 +47,10 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
 
     Only adapter parameters are left trainable. Returns the model.
     """
+    if not hasattr(model, "qbara_base_fingerprint"):
+        from qbara.models.loader import model_fingerprint
+
+        model.qbara_base_fingerprint = model_fingerprint(model)
     for p in model.parameters():
         p.requires_grad_(False)
     quantize_model(model, quant, modules=modules, progress=progress)

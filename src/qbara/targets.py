@@ -7,18 +7,22 @@ from collections.abc import Sequence
 from torch import nn
 
 from qbara.errors import QbaraError
+from qbara.nn.quantized_linear import QuantizedLinear
 
 ALL_LINEAR = "all-linear"
 
 
-def linear_layer_names(model: nn.Module, targets: str | Sequence[str] = ALL_LINEAR) -> list[str]:
-    """Names of the nn.Linear layers selected by `targets`, never the output embedding (lm_head).
+def linear_layer_names(model: nn.Module, targets: str | Sequence[str] = ALL_LINEAR,
+                       include_quantized: bool = True) -> list[str]:
+    """Names of the linear layers (nn.Linear, and QuantizedLinear unless `include_quantized` is False)
+    selected by `targets`, never the output embedding (lm_head).
 
     targets: "all-linear"; a list of names matched against the full name or its last components
     (PEFT style, e.g. ["q_proj", "v_proj"]); or a regular expression matched against the full name.
     """
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output]
+    kinds = (nn.Linear, QuantizedLinear) if include_quantized else (nn.Linear,)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds) and m is not output]
     if targets == ALL_LINEAR:
         chosen = [n for n, _ in linears]
     elif isinstance(targets, str):

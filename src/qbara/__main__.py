@@ -1,0 +1,5 @@
+import sys
+
+from qbara.cli import main
+
+sys.exit(main())

@@ -1,0 +1,75 @@
+"""Adapter configuration."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+
+from qbara.errors import QbaraError
+
+METHODS = ("lora", "qalora", "qbara", "qahira")
+INITS = ("default", "loftq", "lq")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Which adapter to train on the quantized base, and its shape.
+
+    method: lora (QLoRA on an NF base), qalora (input pooled by the base's group size G),
+        qbara (input pooled by `pool`, rank pool*rank, output repeated `pool` times),
+        qahira (one matrix between input pooling `pool_in` and output repetition `pool_out`).
+    rank, alpha: LoRA rank r and alpha; the scaling is alpha / rank for every method.
+    pool: Q-BaRA's lambda. pool_in / pool_out: QA-HiRA's (defaults: pool_in = the base's group size,
+        pool_out chosen per layer so its parameter count is closest to LoRA's at `rank`).
+    init: "default" (A Kaiming-uniform, B zero; QA-HiRA's M zero), "loftq" or "lq" (LoRA factors from a
+        low-rank plus quantized decomposition so that the model at step 0 approximates the dense one).
+    """
+
+    method: str = "lora"
+    rank: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.0
+    pool: int = 2
+    pool_in: int | None = None
+    pool_out: int | None = None
+    target_modules: str | tuple[str, ...] = "all-linear"
+    init: str = "default"
+    loftq_iters: int = 1
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            close = difflib.get_close_matches(str(self.method), METHODS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise QbaraError(f"unknown adapter method {self.method!r}{hint}: choose one of {', '.join(METHODS)}")
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise QbaraError(f"rank must be a positive integer, got {self.rank!r}")
+        for name in ("pool", "pool_in", "pool_out"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise QbaraError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise QbaraError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise QbaraError(f"unknown init {self.init!r}: choose one of {', '.join(INITS)}")
+        if self.init != "default" and self.method != "lora":
+            raise QbaraError(f"init={self.init!r} initialises plain LoRA factors; use method='lora' with it")
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        if isinstance(self.target_modules, tuple):
+            data["target_modules"] = list(self.target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AdapterConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise QbaraError(f"unknown AdapterConfig keys {sorted(unknown)}: valid keys are {sorted(known)}")
+        return cls(**data)

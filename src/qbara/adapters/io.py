@@ -1,0 +1,146 @@
+"""Adapter files in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+Tensor names follow PEFT (`base_model.model.<layer>.lora_A.weight`, ...). For method="lora" the
+config is a valid PEFT LoRA config; the `qbara` section records the method, per-layer shapes and
+pooling, the base's quantization and a fingerprint of the base model, so loading onto the wrong
+base fails clearly. Loading reads JSON and safetensors only (no pickle).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from qbara.adapters.attach import adapter_layers, build_adapter
+from qbara.adapters.config import AdapterConfig
+from qbara.atomic import save_safetensors_atomic, write_json_atomic
+from qbara.errors import QbaraError
+from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.quant.config import QuantConfig
+from qbara.targets import set_submodule
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+FORMAT_VERSION = 1
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """The fingerprint of the unquantized base, recorded by `prepare` (or computed now)."""
+    recorded = getattr(model, "qbara_base_fingerprint", None)
+    if recorded:
+        return recorded
+    from qbara.models.loader import model_fingerprint
+
+    return model_fingerprint(model)
+
+
+def save_adapter(model: nn.Module, directory, base_model_name: str | None = None) -> Path:
+    """Write the model's adapters to `directory` (created; each file written atomically)."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise QbaraError("this model has no adapters to save; attach them with qbara.prepare(..., adapter=...)")
+    config: AdapterConfig | None = getattr(model, "qbara_adapter_config", None)
+    if config is None:
+        raise QbaraError("this model's adapters were not attached by qbara.prepare / attach_adapters")
+    tensors, records = {}, {}
+    for name, layer in layers.items():
+        for pname, param in layer.adapter_parameters().items():
+            tensors[f"{PREFIX}{name}.{pname}"] = param
+        quant = layer.quant_config
+        records[name] = {"in_features": layer.in_features, "out_features": layer.out_features,
+                         "pool_in": layer.pool_in, "pool_out": layer.pool_out,
+                         "quant": quant.to_dict() if quant is not None else None}
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    data = {
+        "peft_type": "LORA" if config.method == "lora" else config.method.upper(),
+        "task_type": "CAUSAL_LM",
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "target_modules": suffixes,
+        "base_model_name_or_path": base_model_name or getattr(model, "name_or_path", None),
+        "qbara": {"format_version": FORMAT_VERSION, "adapter": config.to_dict(),
+                  "base_fingerprint": base_fingerprint(model), "layers": records},
+    }
+    directory = Path(directory)
+    save_safetensors_atomic(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", "qbara": config.method})
+    write_json_atomic(directory / CONFIG_NAME, data)
+    return directory
+
+
+def read_adapter_config(directory) -> dict:
+    """The parsed adapter_config.json of a qbara adapter folder, with clear errors."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise QbaraError(f"adapter folder {str(directory)!r} does not exist; pass the folder save_adapter wrote")
+    if not path.is_file() or not (directory / WEIGHTS_NAME).is_file():
+        raise QbaraError(f"{str(directory)!r} is not an adapter folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise QbaraError(f"{path}: not valid JSON ({err}); the file is damaged, save the adapter again") from None
+    if "qbara" not in data:
+        raise QbaraError(f"{path}: not written by qbara (no 'qbara' section); qbara loads adapters it saved")
+    return data
+
+
+def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Module:
+    """Attach the adapters saved in `directory` to `model` (in place) and load their weights.
+
+    An unquantized base is first quantized with the configurations the adapter was trained on.
+    Refuses a base whose fingerprint differs from the one recorded (check_base=False skips this).
+    """
+    data = read_adapter_config(directory)
+    info = data["qbara"]
+    config = AdapterConfig.from_dict(info["adapter"])
+    if check_base:
+        expected, actual = info.get("base_fingerprint"), base_fingerprint(model)
+        if expected and expected != actual:
+            raise QbaraError(f"adapter in {str(directory)!r} was trained on a different base model "
+                             f"(fingerprint {expected}, this model {actual}, base named "
+                             f"{data.get('base_model_name_or_path')!r}); load that base model first")
+    if adapter_layers(model):
+        raise QbaraError("this model already has adapters; load the adapter onto a fresh base model")
+    if not hasattr(model, "qbara_base_fingerprint"):
+        model.qbara_base_fingerprint = base_fingerprint(model)
+    layers = {}
+    for name, record in info["layers"].items():
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            raise QbaraError(f"adapter layer {name!r} does not exist in this model; load the base model "
+                             f"the adapter was trained on") from None
+        if (base.in_features, base.out_features) != (record["in_features"], record["out_features"]):
+            raise QbaraError(f"{name}: adapter shape {record['out_features']}x{record['in_features']} does not "
+                             f"fit the layer {base.out_features}x{base.in_features}; wrong base model")
+        if record["quant"] is not None and not isinstance(base, QuantizedLinear):
+            base = QuantizedLinear.from_linear(base, QuantConfig.from_dict(record["quant"]), name=name)
+        layer_config = dataclasses.replace(config, pool_in=record["pool_in"], pool_out=record["pool_out"])
+        layers[name] = build_adapter(base, layer_config, name)
+    state = load_file(str(Path(directory) / WEIGHTS_NAME))
+    for name, layer in layers.items():
+        for pname, param in layer.adapter_parameters().items():
+            key = f"{PREFIX}{name}.{pname}"
+            if key not in state:
+                raise QbaraError(f"{WEIGHTS_NAME} lacks {key}; the adapter folder is incomplete, save it again")
+            if state[key].shape != param.shape:
+                raise QbaraError(f"{key}: saved shape {tuple(state[key].shape)} != expected {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(state[key])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in layers.items():
+        set_submodule(model, name, layer)
+        for p in layer.adapter_parameters().values():
+            p.requires_grad_(True)
+    model.qbara_adapter_config = config
+    return model

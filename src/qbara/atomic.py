@@ -1,0 +1,50 @@
+"""Atomic file writes: write to a temporary file beside the target, fsync, then rename over it.
+
+A process killed at any moment leaves either the old file or the new one, never a half-written one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json_atomic(path, data) -> Path:
+    """Write `data` as indented JSON."""
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+    return _atomic(Path(path), write)
+
+
+def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None) -> Path:
+    """Write a safetensors file (contiguous CPU tensors)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_bytes_atomic(path, data: bytes) -> Path:
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    return _atomic(Path(path), write)

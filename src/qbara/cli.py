@@ -1,0 +1,36 @@
+"""The `qbara` command line. Errors in the input print one line and exit with code 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from qbara.errors import QbaraError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qbara.commands import quantize
+
+    parser = argparse.ArgumentParser(prog="qbara", description="Fine-tune quantized LLMs and ship them low-bit.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module in (quantize,):
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "eval_tokens", None) == 0:
+        args.eval_tokens = None
+    try:
+        args.func(args)
+    except QbaraError as err:
+        print(f"qbara {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

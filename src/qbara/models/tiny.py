@@ -1,0 +1,192 @@
+"""Tiny random models with an offline byte-level tokenizer, for fast unit tests.
+
+Dimensions default to multiples of 32 so quantization group sizes 32 and 64 divide every
+linear layer's input features. Everything is built locally: no hub access.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qbara.errors import QbaraError
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, IM_START, IM_END)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def byte_tokenizer(model_max_length: int = 2048):
+    """A byte-level tokenizer: 256 byte tokens (ids 0..255) then the special tokens.
+
+    No merges, so every UTF-8 byte is one token and any text round-trips exactly.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins for raw bytes
+    byte_to_char = _bytes_to_unicode()
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    assert set(vocab) == set(alphabet)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(list(SPECIAL_TOKENS))
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=[IM_START, IM_END],
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The GPT-2 byte -> printable character table used by ByteLevel pre-tokenization."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    )
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _check_dims(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int) -> None:
+    if min(hidden, layers, heads, kv_heads, intermediate) <= 0:
+        raise QbaraError("tiny model dimensions must all be positive")
+    if hidden % heads:
+        raise QbaraError(f"hidden ({hidden}) must be divisible by heads ({heads})")
+    if heads % kv_heads:
+        raise QbaraError(f"heads ({heads}) must be divisible by kv_heads ({kv_heads})")
+
+
+def _vocab_size(tokenizer, vocab: int | None) -> int:
+    n = len(tokenizer)
+    if vocab is None:
+        return n
+    if vocab < n:
+        raise QbaraError(f"vocab ({vocab}) must be at least the tokenizer size ({n})")
+    return vocab
+
+
+def _finish(model, tokenizer):
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    model.config.eos_token_id = eos
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.bos_token_id = None
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = [eos, im_end]
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.bos_token_id = None
+    model.eval()
+    return model, tokenizer
+
+
+def _build(config_cls, model_cls, seed: int, bias_std: float, **config_kwargs):
+    config = config_cls(**config_kwargs)
+    # Seed a private RNG stream so the caller's global RNG state is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+        if bias_std:
+            with torch.no_grad():
+                for module in model.modules():
+                    if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                        module.bias.normal_(0.0, bias_std)
+    return model.float()
+
+
+def tiny_llama(
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int | None = None,
+    max_positions: int = 2048,
+    tie_word_embeddings: bool = False,
+):
+    """A random ``LlamaForCausalLM`` (GQA) and its byte-level tokenizer, deterministic per seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _check_dims(hidden, layers, heads, kv_heads, intermediate)
+    tokenizer = byte_tokenizer(model_max_length=max_positions)
+    model = _build(
+        LlamaConfig,
+        LlamaForCausalLM,
+        seed,
+        0.0,
+        vocab_size=_vocab_size(tokenizer, vocab),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return _finish(model, tokenizer)
+
+
+def tiny_qwen2(
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int | None = None,
+    max_positions: int = 2048,
+    tie_word_embeddings: bool = False,
+):
+    """A random ``Qwen2ForCausalLM`` (q/k/v biases, GQA) and the byte-level tokenizer.
+
+    The q/k/v biases are drawn non-zero (std 0.02) so bias handling is exercised.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _check_dims(hidden, layers, heads, kv_heads, intermediate)
+    tokenizer = byte_tokenizer(model_max_length=max_positions)
+    model = _build(
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        seed,
+        0.02,
+        vocab_size=_vocab_size(tokenizer, vocab),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_word_embeddings,
+        use_sliding_window=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return _finish(model, tokenizer)

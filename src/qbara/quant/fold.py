@@ -1,0 +1,42 @@
+"""Exact folding of a block-constant weight update into the float minima of an INT-quantized tensor."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from qbara.errors import QbaraError
+from qbara.quant.intk import _to_blocks
+from qbara.quant.tensor import QuantizedTensor
+
+
+def fold_problem(config, tile_rows: int, tile_cols: int) -> str | None:
+    """Why an update constant on (tile_rows x tile_cols) tiles cannot fold into a base quantized with
+    `config` (None when it can): every quantization block must lie inside one tile."""
+    if config is None:
+        return "the base layer is not quantized"
+    if config.kind != "int":
+        return (f"{config.format} stores a scale per block but no zero-point, so nothing can absorb the "
+                f"update; quantize the base with an int format (e.g. QuantConfig('int4', block_size=32))")
+    if tile_cols % config.block_size or tile_rows % config.block_rows:
+        return (f"the update is constant on {tile_rows}x{tile_cols} tiles but the base's blocks are "
+                f"{config.block_rows}x{config.block_size}; each block must lie inside one tile "
+                f"(input pooling a multiple of {config.block_size}, output repetition a multiple of "
+                f"{config.block_rows})")
+    return None
+
+
+def fold_block_constants(qtensor: QuantizedTensor, delta: Tensor) -> QuantizedTensor:
+    """A new INT QuantizedTensor equal to dequant(qtensor) + delta, where `delta` is constant on every
+    quantization block: only the fp16 minima move (m <- m + c), codes and scales are shared unchanged."""
+    config = qtensor.config
+    problem = fold_problem(config, config.block_rows, config.block_size)
+    if problem:
+        raise QbaraError(f"cannot fold into this tensor: {problem}")
+    blocks = _to_blocks(delta.detach().float(), config.block_size, config.block_rows)
+    first = blocks[:, 0]
+    spread = (blocks - first[:, None]).abs().max()
+    if spread > 1e-6 * (1.0 + first.abs().max()):
+        raise QbaraError(f"the update is not constant on the quantization blocks (spread {float(spread):.3g}); "
+                         f"it cannot fold exactly: merge into='dense' instead")
+    tensors = dict(qtensor.tensors)
+    tensors["minimum"] = (tensors["minimum"].float() + first.to(tensors["minimum"].device)).half()
+    return QuantizedTensor(config, qtensor.shape, tensors)

