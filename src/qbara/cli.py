@@ -9,11 +9,11 @@ from qbara.errors import QbaraError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qbara.commands import quantize
+    from qbara.commands import demo, eval, merge, quantize, train
 
     parser = argparse.ArgumentParser(prog="qbara", description="Fine-tune quantized LLMs and ship them low-bit.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (quantize,):
+    for module in (demo, train, eval, merge, quantize):
         module.add_parser(subparsers)
     return parser
 
@@ -21,11 +21,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "eval_tokens", None) == 0:
         args.eval_tokens = None
     try:
-        args.func(args)
+        if getattr(args, "accepts_extra", False):
+            args.func(args, extra)
+        else:
+            args.func(args)
     except QbaraError as err:
         print(f"qbara {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -26,20 +26,16 @@ class QuantizationReport:
 
 
 def parse_format(spec: str) -> QuantConfig:
-    """'nf4' | 'nf4:64' | 'int4:32' | 'int4:4x8' (group 4, 8 rows) -> QuantConfig with sensible defaults."""
+    """'nf4' | 'nf4:64' | 'int4:32' | 'int4:4x8' (group 4, 8 rows) -> QuantConfig (default blocks: NF 64, INT 32)."""
     name, _, block = spec.partition(":")
-    defaults = {"nf": 64, "int": 32}
-    kind = "nf" if name.startswith("nf") else "int"
-    rows = 1
-    if block:
-        size, _, rows_text = block.partition("x")
-        try:
-            size, rows = int(size), int(rows_text or 1)
-        except ValueError:
-            raise QbaraError(f"bad format {spec!r}: write FORMAT[:BLOCK[xROWS]], e.g. nf4, nf3:64, int4:32") from None
-    else:
-        size = defaults.get(kind, 64)
-    return QuantConfig(name, block_size=size, block_rows=rows) if kind == "int" else QuantConfig(name, size)
+    if not block:
+        return QuantConfig(name)
+    size, _, rows = block.partition("x")
+    try:
+        size, rows = int(size), int(rows or 1)
+    except ValueError:
+        raise QbaraError(f"bad format {spec!r}: write FORMAT[:BLOCK[xROWS]], e.g. nf4, nf3:64, int4:32") from None
+    return QuantConfig(name, block_size=size, block_rows=rows) if rows > 1 else QuantConfig(name, block_size=size)
 
 
 def model_bytes(model: torch.nn.Module) -> int:

@@ -36,7 +36,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=torch.float32, device="c
 
     ``name_or_path`` is ``"smollm2-135m"`` (the embedded default, converted once into the
     qbara cache), ``"tiny-llama"`` / ``"tiny-qwen2"`` (random test models, seed 0), a local
-    Hugging Face folder with a ``config.json``, or a local ``.gguf`` file (dequantized).
+    Hugging Face folder with a ``config.json``, a folder saved by ``save_quantized`` (loaded
+    quantized), or a local ``.gguf`` file (dequantized).
     """
     dtype = _resolve_dtype(dtype)
     name = str(name_or_path)
@@ -56,6 +57,12 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=torch.float32, device="c
         model, tokenizer = tiny_qwen2()
     else:
         path = Path(name).expanduser()
+        from qbara.models.quantized_io import is_quantized_folder, load_quantized
+
+        if path.is_dir() and is_quantized_folder(path):
+            # Packed buffers keep their dtypes (fp16 scales and minima): move, never cast.
+            model, tokenizer = load_quantized(path, dtype)
+            return model.to(device=device).eval(), tokenizer
         if path.is_dir() and (path / "config.json").is_file():
             model, tokenizer = _load_hf_folder(path, dtype)
         elif path.is_file() and path.suffix.lower() == ".gguf":

@@ -17,14 +17,15 @@ class QuantConfig:
     """How a weight matrix is quantized.
 
     format: nf2/nf3/nf4/nf8 (NormalFloat, block-wise absmax) or int2/int3/int4/int8 (affine, float min).
-    block_size: NF block B0, or INT group G, along the input features of a row.
+    block_size: NF block B0, or INT group G, along the input features of a row (default: 64 for NF as in
+        QLoRA, 32 for INT as in GGUF Q4_1).
     block_rows: INT only, rows per block (2-D tiles for QA-HiRA's tile setting); 1 = 1 x G blocks.
     double_quant: NF only, quantize the absmax scales (default on for NF, as in QLoRA).
     dq_bits, dq_block_size, dq_dtype: b0, B1 and b1 of the scale quantization.
     """
 
     format: str = "nf4"
-    block_size: int = 64
+    block_size: int | None = None
     block_rows: int = 1
     double_quant: bool | None = None
     dq_bits: int = 8
@@ -34,6 +35,8 @@ class QuantConfig:
     def __post_init__(self):
         if self.format not in FORMATS:
             raise QbaraError(f"unknown quantization format {self.format!r}: choose one of {', '.join(FORMATS)}")
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", 64 if self.kind == "nf" else 32)
         if not isinstance(self.block_size, int) or self.block_size <= 0:
             raise QbaraError(f"block_size must be a positive integer, got {self.block_size!r}")
         if not isinstance(self.block_rows, int) or self.block_rows <= 0:

@@ -1,0 +1,88 @@
+"""qbara's native quantized checkpoint: an HF folder whose quantized linears keep their packed buffers.
+
+Files: `config.json` (the HF config), `model.safetensors` (parameters and packed buffers),
+`qbara_quant.json` (layer name -> QuantConfig) and the tokenizer files. Written into a temporary
+folder and renamed into place, so an interrupted save never leaves a half folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qbara.errors import QbaraError
+from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.quant.config import QuantConfig
+from qbara.quant.tensor import quantize
+from qbara.targets import set_submodule
+
+QUANT_MANIFEST = "qbara_quant.json"
+WEIGHTS = "model.safetensors"
+
+
+def is_quantized_folder(path) -> bool:
+    return (Path(path) / QUANT_MANIFEST).is_file()
+
+
+def save_quantized(model, tokenizer, out_dir) -> Path:
+    """Save a model whose linears are QuantizedLinear (e.g. after merge(into='quantized'))."""
+    from qbara.adapters.attach import adapter_layers
+
+    if adapter_layers(model):
+        raise QbaraError("the model still has adapters; merge them first (qbara.merge(model, into='quantized'))")
+    layers = {n: m.quant_config.to_dict() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not layers:
+        raise QbaraError("the model has no quantized layers; save a dense model with save_pretrained instead")
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        output = model.get_output_embeddings()
+        state = {k: v for k, v in state.items() if not (output is not None and v is output.weight)}
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS),
+                  metadata={"format": "pt", "qbara": "quantized"})
+        model.config.save_pretrained(tmp)
+        (tmp / QUANT_MANIFEST).write_text(json.dumps({"format_version": 1, "layers": layers}, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_quantized(path, dtype=torch.float32):
+    """(model, tokenizer) from a folder written by `save_quantized`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    manifest = json.loads((path / QUANT_MANIFEST).read_text())
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    for name, data in manifest["layers"].items():
+        linear = model.get_submodule(name)
+        placeholder = quantize(torch.zeros_like(linear.weight, dtype=torch.float32), QuantConfig.from_dict(data), name)
+        set_submodule(model, name, QuantizedLinear(placeholder, linear.bias))
+    state = load_file(str(path / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise QbaraError(f"{path}: checkpoint does not fit its config (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}); the folder is damaged, save it again")
+    if tied:
+        model.tie_weights()
+    model.requires_grad_(False)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    return model, tokenizer

@@ -1,0 +1,1 @@
+"""Training: run configuration, data preparation with prompt masking, and the Trainer."""

@@ -1,0 +1,197 @@
+"""Training data: read JSON / JSONL / CSV / text files, turn records into token ids with the loss
+masked on the prompt (labels = -100), or pack plain text into fixed-length sequences."""
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qbara.errors import QbaraError
+
+IGNORE_INDEX = -100
+
+# The Alpaca prompt format (Taori et al., 2023).
+ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def read_records(path: str) -> list:
+    """Records from a .json (list), .jsonl, .csv file or a local HF dataset folder; a .txt file gives one
+    {"text": ...} record."""
+    p = Path(path)
+    if not p.exists():
+        raise QbaraError(f"data file {path!r} not found; check data.train / data.eval")
+    if p.is_dir():
+        try:
+            from datasets import load_from_disk
+        except ImportError:
+            raise QbaraError(f"{path} is a folder: reading a local HF dataset needs `pip install datasets`") from None
+        return [dict(r) for r in load_from_disk(str(p))]
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(p.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    records.append(_Malformed(f"line {number} is not valid JSON ({err.msg})"))
+        return records
+    if suffix == ".json":
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as err:
+            raise QbaraError(f"{path}: not valid JSON ({err}); fix the file or use JSONL") from None
+        if not isinstance(data, list):
+            raise QbaraError(f"{path}: expected a JSON list of records")
+        return data
+    if suffix == ".csv":
+        with open(p, newline="") as fh:
+            return list(csv.DictReader(fh))
+    if suffix in (".txt", ".md", ""):
+        return [{"text": p.read_text()}]
+    raise QbaraError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .csv or .txt")
+
+
+class _Malformed:
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def detect_format(records: list) -> str:
+    for record in records:
+        if isinstance(record, dict):
+            if "messages" in record:
+                return "chat"
+            if "instruction" in record or "output" in record:
+                return "instruction"
+            if "text" in record:
+                return "text"
+    raise QbaraError("cannot tell the data format: records need instruction/output, messages, or text keys "
+                     "(or set data.format)")
+
+
+def _instruction_example(record: dict, tokenizer, max_length: int) -> Example:
+    if not isinstance(record.get("instruction"), str) or not isinstance(record.get("output"), str):
+        raise ValueError("needs string 'instruction' and 'output' fields")
+    extra = record.get("input") or ""
+    template = ALPACA_WITH_INPUT if extra else ALPACA_NO_INPUT
+    prompt = template.format(instruction=record["instruction"], input=extra)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    answer_ids = tokenizer(record["output"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
+    return Example(ids, labels)
+
+
+def _chat_example(record: dict, tokenizer, max_length: int) -> Example:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in messages):
+        raise ValueError("'messages' must be a list of {role, content}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("has no assistant message to learn")
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not full.startswith(upto) or not upto.startswith(prefix):
+            raise ValueError("the chat template does not render conversations prefix-consistently")
+        spans.append((len(prefix), len(upto)))
+    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoding.input_ids
+    labels = [tok if any(a <= start < b for a, b in spans) else IGNORE_INDEX
+              for tok, (start, _) in zip(ids, encoding.offset_mapping)]
+    return Example(ids[:max_length], labels[:max_length])
+
+
+def build_examples(records: list, tokenizer, fmt: str, max_length: int, on_error: str = "fail",
+                   source: str = "data") -> list[Example]:
+    """Tokenized examples; a malformed record fails (naming its number) or is skipped with a warning."""
+    if fmt == "auto":
+        fmt = detect_format(records)
+    if fmt == "text":
+        return pack_text(records, tokenizer, max_length, source)
+    make = _instruction_example if fmt == "instruction" else _chat_example
+    examples, skipped = [], []
+    for number, record in enumerate(records, start=1):
+        try:
+            if isinstance(record, _Malformed):
+                raise ValueError(record.reason)
+            if not isinstance(record, dict):
+                raise ValueError("is not a JSON object")
+            example = make(record, tokenizer, max_length)
+            if all(label == IGNORE_INDEX for label in example.labels):
+                raise ValueError(f"has no answer tokens within data.max_length={max_length}")
+            examples.append(example)
+        except ValueError as err:
+            if on_error == "fail":
+                raise QbaraError(f"{source}: record {number} {err}; fix it or set data.on_error=skip") from None
+            skipped.append(number)
+    if skipped:
+        warnings.warn(f"{source}: skipped {len(skipped)} malformed records (numbers {skipped[:10]}...)")
+    if not examples:
+        raise QbaraError(f"{source}: no usable records")
+    return examples
+
+
+def pack_text(records: list, tokenizer, max_length: int, source: str = "data") -> list[Example]:
+    """Concatenate texts (separated by EOS) and cut into sequences of `max_length` tokens."""
+    ids: list[int] = []
+    for number, record in enumerate(records, start=1):
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise QbaraError(f"{source}: record {number} has no string 'text' field")
+        ids += tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    n = len(ids) // max_length
+    if n == 0:
+        raise QbaraError(f"{source}: {len(ids)} tokens is less than one sequence of data.max_length={max_length}")
+    return [Example(ids[i * max_length:(i + 1) * max_length], ids[i * max_length:(i + 1) * max_length])
+            for i in range(n)]
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        e = self.examples[i]
+        return {"input_ids": e.input_ids, "labels": e.labels}
+
+
+class PadCollator:
+    """Right-pads a batch; padded positions get attention 0 and label -100."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: list[dict]) -> dict:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[row, :n] = torch.tensor(b["input_ids"])
+            labels[row, :n] = torch.tensor(b["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}

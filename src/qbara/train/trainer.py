@@ -1,0 +1,215 @@
+"""The training run: HF Trainer on a prepared (quantized + adapters) model, saving adapters only.
+
+Checkpoints hold the adapter (PEFT layout), optimizer, scheduler, RNG and trainer state. A checkpoint
+counts only once its `qbara_complete.json` marker is written (atomically, last): a run killed while
+saving leaves an unmarked folder that `--resume` ignores and removes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from qbara.adapters.attach import adapter_layers, trainable_parameter_count
+from qbara.adapters.io import PREFIX, WEIGHTS_NAME, save_adapter
+from qbara.atomic import write_json_atomic
+from qbara.errors import QbaraError
+from qbara.train.config import RunConfig
+from qbara.train.data import ExampleDataset, PadCollator, build_examples, read_records
+
+COMPLETE_MARKER = "qbara_complete.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(output_dir) -> list[tuple[int, Path, bool]]:
+    """(step, folder, complete) for every checkpoint folder, by step."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for child in out.iterdir():
+        match = _CHECKPOINT.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child, (child / COMPLETE_MARKER).is_file()))
+    return sorted(found)
+
+
+def latest_complete_checkpoint(output_dir) -> Path | None:
+    complete = [path for _, path, done in checkpoints(output_dir) if done]
+    return complete[-1] if complete else None
+
+
+def remove_incomplete_checkpoints(output_dir) -> list[Path]:
+    removed = [path for _, path, done in checkpoints(output_dir) if not done]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class QbaraTrainer(Trainer):
+        """HF Trainer that saves and restores only the adapter, and marks finished checkpoints."""
+
+        def _save(self, output_dir=None, state_dict=None):
+            save_adapter(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            load_adapter_weights(model or self.model, resume_from_checkpoint)
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+                write_json_atomic(folder / COMPLETE_MARKER, {"step": self.state.global_step})
+                complete = [p for _, p, done in checkpoints(self.args.output_dir) if done]
+                for old in complete[: max(0, len(complete) - self.qbara_keep)]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    return QbaraTrainer
+
+
+@torch.no_grad()
+def load_adapter_weights(model, directory) -> None:
+    """Copy the adapter tensors saved in `directory` into the model's existing adapter parameters."""
+    state = load_file(str(Path(directory) / WEIGHTS_NAME))
+    model = getattr(model, "module", model)
+    for name, layer in adapter_layers(model).items():
+        for pname, param in layer.adapter_parameters().items():
+            param.copy_(state[f"{PREFIX}{name}.{pname}"])
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    trainable_parameters: int
+    log_history: list
+    final_loss: float | None
+
+
+def _training_arguments(config: RunConfig, has_eval: bool):
+    from transformers import TrainingArguments
+
+    t = config.train
+    checkpointing = {}
+    if t.gradient_checkpointing:
+        fields = TrainingArguments.__dataclass_fields__
+        name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+        checkpointing = {name: True, f"{name}_kwargs" if f"{name}_kwargs" in fields
+                         else "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    on_cpu = not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return TrainingArguments(
+        output_dir=t.output_dir, max_steps=t.steps, per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, seed=t.seed,
+        data_seed=t.seed, save_strategy="steps", save_steps=t.save_steps, save_total_limit=None,
+        logging_steps=t.logging_steps, eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps or None, **checkpointing, bf16=t.bf16, disable_tqdm=not t.progress, report_to="none", use_cpu=on_cpu,
+        ddp_backend="gloo" if on_cpu and distributed else None, remove_unused_columns=False, dataloader_num_workers=0,
+        optim="adamw_torch", save_only_model=False, full_determinism=False,
+    )
+
+
+def load_datasets(config: RunConfig, tokenizer):
+    d = config.data
+    if not d.train:
+        raise QbaraError("no training data: set data.train to a .jsonl/.json/.csv/.txt file")
+    records = read_records(d.train)
+    if d.max_records:
+        records = records[: d.max_records]
+    eval_records = read_records(d.eval) if d.eval else []
+    if not eval_records and d.held_out > 0 and d.format != "text":
+        cut = max(1, int(round(len(records) * d.held_out)))
+        records, eval_records = records[:-cut], records[-cut:]
+    train = build_examples(records, tokenizer, d.format, d.max_length, d.on_error, source=d.train)
+    held = (build_examples(eval_records, tokenizer, d.format, d.max_length, d.on_error, source=d.eval or "held-out")
+            if eval_records else [])
+    return ExampleDataset(train), (ExampleDataset(held) if held else None)
+
+
+def prepare_for_training(config: RunConfig, model, tokenizer):
+    """Quantize and attach adapters as the config says (seeded)."""
+    from transformers import set_seed
+
+    from qbara.prepare import prepare
+
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and config.data.max_length > context:
+        raise QbaraError(f"data.max_length={config.data.max_length} exceeds the model's context of {context} "
+                         f"tokens; set data.max_length <= {context}")
+    set_seed(config.train.seed)
+    return prepare(model, config.quant_config(), config.adapter_config())
+
+
+def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -> TrainResult:
+    """Run (or resume) the training described by `config`; returns where the adapter was written."""
+    from qbara.models.loader import load_model
+
+    if model is None:
+        model, tokenizer = load_model(config.model.name, dtype=config.model.dtype)
+    train_set, eval_set = load_datasets(config, tokenizer)
+    model = prepare_for_training(config, model, tokenizer)
+    model.config.use_cache = False
+    output_dir = Path(config.train.output_dir)
+    checkpoint = None
+    if resume:
+        removed = remove_incomplete_checkpoints(output_dir)
+        if removed:
+            print(f"qbara: removed incomplete checkpoints {[p.name for p in removed]}")
+        checkpoint = latest_complete_checkpoint(output_dir)
+        print(f"qbara: resuming from {checkpoint}" if checkpoint else "qbara: no checkpoint to resume, starting anew")
+    elif latest_complete_checkpoint(output_dir):
+        raise QbaraError(f"{output_dir} already holds checkpoints; pass --resume to continue, or choose another "
+                         f"train.output_dir")
+    args = _training_arguments(config, eval_set is not None)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                               data_collator=PadCollator(tokenizer.pad_token_id))
+    trainer.qbara_keep = max(1, config.train.save_total_limit)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    adapter_dir = output_dir / "adapter"
+    history = trainer.state.log_history
+    if trainer.is_world_process_zero():
+        save_adapter(model, adapter_dir, base_model_name=config.model.name)
+        write_json_atomic(output_dir / "run_config.json", config.to_dict())
+        write_json_atomic(output_dir / "log_history.json", history)
+        plot_loss_curve(history, output_dir / "loss_curve.png")
+    losses = [h["loss"] for h in history if "loss" in h]
+    return TrainResult(output_dir, adapter_dir, trainable_parameter_count(model), history,
+                       losses[-1] if losses else None)
+
+
+def plot_loss_curve(history: list, path) -> Path | None:
+    """Training (and eval) loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    eval_points = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if not train_points and not eval_points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train_points:
+        ax.plot(*zip(*train_points), label="train loss")
+    if eval_points:
+        ax.plot(*zip(*eval_points), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return Path(path)
