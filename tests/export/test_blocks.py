@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from qbara import QbaraError, QuantConfig, quantize
+from qbara.export.blocks import dequantize_q8_0, pack_q4_1, pack_q8_0, quantize_q8_0
+from qbara.quant import dequantize_int
+
+
+def test_q4_1_layout_matches_gguf_reader():
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (3 * 64,), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(6, generator=gen) * 0.1).half()
+    minimum = (torch.randn(6, generator=gen) * 0.1).half()
+    raw = pack_q4_1(codes, scale, minimum, (3, 64))
+    assert raw.shape == (3, 40) and raw.dtype == np.uint8
+    # block 0: d, m little-endian fp16, then element j low nibble / j + 16 high nibble of byte j
+    assert raw[0, :2].tobytes() == scale[:1].numpy().astype("<f2").tobytes()
+    assert raw[0, 2:4].tobytes() == minimum[:1].numpy().astype("<f2").tobytes()
+    assert raw[0, 4] == int(codes[0]) | int(codes[16]) << 4
+    want = dequantize_int(codes, scale, minimum, (3, 64), 32).numpy()
+    assert np.array_equal(dequantize(raw, GGMLQuantizationType.Q4_1), want)
+
+
+def test_q4_1_of_a_quantized_tensor_is_exact():
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(1))
+    qt = quantize(w, QuantConfig("int4", 32))
+    raw = pack_q4_1(qt.codes(), qt.tensors["scale"], qt.tensors["minimum"], qt.shape)
+    assert np.array_equal(dequantize(raw, GGMLQuantizationType.Q4_1), qt.dequantize().numpy())
+
+
+def test_q4_1_refuses_bad_shapes():
+    with pytest.raises(QbaraError, match="multiple of 32"):
+        pack_q4_1(torch.zeros(48, dtype=torch.uint8), torch.ones(1).half(), torch.zeros(1).half(), (1, 48))
+
+
+def test_q8_0_matches_gguf_reader_and_is_idempotent():
+    w = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    w[1, :32] = 0.0  # an all-zero block
+    codes, d = quantize_q8_0(w)
+    raw = pack_q8_0(codes, d)
+    assert raw.shape == (5, 68)
+    got = dequantize(raw, GGMLQuantizationType.Q8_0)
+    assert np.array_equal(got, dequantize_q8_0(codes, d).numpy())
+    # half a step, plus up to 127 times the fp16 rounding of d
+    step = d.float().repeat_interleave(32, dim=1).numpy()
+    assert (np.abs(got - w.numpy()) <= step * (0.5 + 127 * 2.0**-11) + 1e-7).all()
+    assert codes.abs().max() == 127
+    again = quantize_q8_0(torch.from_numpy(got))  # a weight on the Q8_0 grid is reproduced exactly
+    assert torch.equal(again[0], codes) and torch.equal(again[1], d)
