@@ -12,7 +12,16 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 
-def _atomic(path: Path, write) -> Path:
+def current_umask() -> int:
+    """The process umask (read without changing it for long)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_file_atomic(path, write) -> Path:
+    """Call `write(tmp_path)` for a temporary file beside `path`, fsync it, give it the permissions a
+    newly created file would have, and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -21,6 +30,7 @@ def _atomic(path: Path, write) -> Path:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -34,17 +44,17 @@ def write_json_atomic(path, data) -> Path:
         with open(tmp, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=False)
             fh.write("\n")
-    return _atomic(Path(path), write)
+    return write_file_atomic(path, write)
 
 
 def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None) -> Path:
     """Write a safetensors file (contiguous CPU tensors)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return write_file_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def write_bytes_atomic(path, data: bytes) -> Path:
     def write(tmp):
         with open(tmp, "wb") as fh:
             fh.write(data)
-    return _atomic(Path(path), write)
+    return write_file_atomic(path, write)

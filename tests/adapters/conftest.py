@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from qbara import AdapterConfig, QuantConfig, prepare
+from tests.helpers import randomize_adapters  # noqa: F401 (re-exported)
 from qbara.models import tiny_llama, tiny_qwen2
 
 NF4 = QuantConfig("nf4", block_size=32)
@@ -18,15 +19,6 @@ SETTINGS = {
 }
 FOLDABLE = ("qalora", "qahira", "qahira-tile")
 MODELS = {"tiny-llama": tiny_llama, "tiny-qwen2": tiny_qwen2}
-
-
-def randomize_adapters(model, seed=0, std=0.05):
-    """Non-zero adapter weights, so merges are tested on a real update."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def build(model_name, setting, seed=0):

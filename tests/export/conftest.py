@@ -3,6 +3,7 @@ import torch
 
 from qbara import AdapterConfig, QuantConfig, merge, prepare
 from qbara.export.blocks import dequantize_q8_0, quantize_q8_0
+from tests.helpers import randomize_adapters  # noqa: F401 (re-exported)
 from qbara.models import tiny_llama
 
 INT4_G32 = QuantConfig("int4", block_size=32)
@@ -18,14 +19,6 @@ def snap_to_q8_0(model):
         for weight in {id(w): w for w in (model.get_input_embeddings().weight,
                                           model.get_output_embeddings().weight)}.values():
             weight.copy_(dequantize_q8_0(*quantize_q8_0(weight)))
-
-
-def randomize_adapters(model, seed=0, std=0.05):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def tiny_adapted(seed=0, quant=INT4_G32, adapter=None, tie=False, snap=True):

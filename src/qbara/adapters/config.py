@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from qbara.errors import QbaraError
+from qbara.errors import QbaraError, strict_from_dict
 
 METHODS = ("lora", "qalora", "qbara", "qahira")
 INITS = ("default", "loftq", "lq")
@@ -68,8 +68,4 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "AdapterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise QbaraError(f"unknown AdapterConfig keys {sorted(unknown)}: valid keys are {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data)

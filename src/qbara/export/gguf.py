@@ -12,8 +12,6 @@ states the relative weight error it introduced.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qbara.atomic import write_file_atomic
 from qbara.errors import QbaraError
 from qbara.export.blocks import dequantize_q8_0, pack_q4_1, pack_q8_0, quantize_q8_0
 from qbara.export.tokenizer import TokenizerFields, fields_from_gguf, fields_from_hf, shipped_smollm2_reader
@@ -257,27 +256,6 @@ def _rel_error(reference: Tensor, approx: Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------- writer
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _model_name(model, name: str | None) -> str:
     if name:
         return name
@@ -417,7 +395,7 @@ def export_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embed
         writer.write_tensors_to_file()
         writer.close()
 
-    _write_atomic(path, write)
+    write_file_atomic(path, write)
 
     def type_name(data, raw):
         return raw.name if raw is not None else ("F16" if data.dtype == np.float16 else "F32")

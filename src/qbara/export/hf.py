@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qbara.atomic import current_umask
 from qbara.errors import QbaraError
 from qbara.nn.quantized_linear import QuantizedLinear
 
@@ -70,7 +71,7 @@ def export_hf(model: nn.Module, tokenizer, out_dir, dtype="float32", overwrite: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         dense.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -85,9 +86,3 @@ def export_hf(model: nn.Module, tokenizer, out_dir, dtype="float32", overwrite: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

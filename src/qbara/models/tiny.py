@@ -102,8 +102,17 @@ def _finish(model, tokenizer):
     return model, tokenizer
 
 
-def _build(config_cls, model_cls, seed: int, bias_std: float, **config_kwargs):
-    config = config_cls(**config_kwargs)
+def _build(config_cls, model_cls, seed: int, bias_std: float, hidden: int, layers: int, heads: int,
+           kv_heads: int, intermediate: int, vocab: int | None, max_positions: int, tie_word_embeddings: bool,
+           **extra):
+    """A seeded random model of `model_cls` with the byte tokenizer; `bias_std` > 0 draws non-zero biases."""
+    _check_dims(hidden, layers, heads, kv_heads, intermediate)
+    tokenizer = byte_tokenizer(model_max_length=max_positions)
+    config = config_cls(
+        vocab_size=_vocab_size(tokenizer, vocab), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **extra)
     # Seed a private RNG stream so the caller's global RNG state is left untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -113,80 +122,27 @@ def _build(config_cls, model_cls, seed: int, bias_std: float, **config_kwargs):
                 for module in model.modules():
                     if isinstance(module, torch.nn.Linear) and module.bias is not None:
                         module.bias.normal_(0.0, bias_std)
-    return model.float()
+    return _finish(model.float(), tokenizer)
 
 
-def tiny_llama(
-    seed: int = 0,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 128,
-    vocab: int | None = None,
-    max_positions: int = 2048,
-    tie_word_embeddings: bool = False,
-):
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               intermediate: int = 128, vocab: int | None = None, max_positions: int = 2048,
+               tie_word_embeddings: bool = False):
     """A random ``LlamaForCausalLM`` (GQA) and its byte-level tokenizer, deterministic per seed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _check_dims(hidden, layers, heads, kv_heads, intermediate)
-    tokenizer = byte_tokenizer(model_max_length=max_positions)
-    model = _build(
-        LlamaConfig,
-        LlamaForCausalLM,
-        seed,
-        0.0,
-        vocab_size=_vocab_size(tokenizer, vocab),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=tie_word_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    return _finish(model, tokenizer)
+    return _build(LlamaConfig, LlamaForCausalLM, seed, 0.0, hidden, layers, heads, kv_heads, intermediate, vocab,
+                  max_positions, tie_word_embeddings)
 
 
-def tiny_qwen2(
-    seed: int = 0,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 128,
-    vocab: int | None = None,
-    max_positions: int = 2048,
-    tie_word_embeddings: bool = False,
-):
+def tiny_qwen2(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               intermediate: int = 128, vocab: int | None = None, max_positions: int = 2048,
+               tie_word_embeddings: bool = False):
     """A random ``Qwen2ForCausalLM`` (q/k/v biases, GQA) and the byte-level tokenizer.
 
     The q/k/v biases are drawn non-zero (std 0.02) so bias handling is exercised.
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    _check_dims(hidden, layers, heads, kv_heads, intermediate)
-    tokenizer = byte_tokenizer(model_max_length=max_positions)
-    model = _build(
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        seed,
-        0.02,
-        vocab_size=_vocab_size(tokenizer, vocab),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=tie_word_embeddings,
-        use_sliding_window=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    return _finish(model, tokenizer)
+    return _build(Qwen2Config, Qwen2ForCausalLM, seed, 0.02, hidden, layers, heads, kv_heads, intermediate, vocab,
+                  max_positions, tie_word_embeddings, use_sliding_window=False)

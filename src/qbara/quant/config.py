@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from qbara.errors import QbaraError
+from qbara.errors import QbaraError, strict_from_dict
 
 NF_BITS = (2, 3, 4, 8)
 INT_BITS = (2, 3, 4, 8)
@@ -96,11 +96,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise QbaraError(f"unknown QuantConfig keys {sorted(unknown)}: valid keys are {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
     def check_shape(self, shape: tuple[int, ...], name: str = "weight") -> None:
         """Raise a QbaraError naming `name` if this config cannot quantize a weight of `shape`."""

@@ -6,7 +6,6 @@ saving leaves an unmarked folder that `--resume` ignores and removes.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil

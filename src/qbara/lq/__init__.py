@@ -1,0 +1,13 @@
+"""LQ-LoRA (SPEC §3): low-rank plus quantized decomposition, candidate configs, error tables,
+ILP bit allocation and the diagonal Fisher information for the data-aware variant."""
+from qbara.lq.configs import candidate_configs, config_bits, pareto_front, qlora_config
+from qbara.lq.decompose import Decomposition, decompose, randomized_svd
+from qbara.lq.fisher import calibration_sequences, fisher_information, load_fisher, save_fisher
+from qbara.lq.ilp import allocate, budget_range
+from qbara.lq.tables import Allocation, ErrorTable, error_table, lq_cache_dir, matrix_costs
+
+__all__ = [
+    "Decomposition", "decompose", "randomized_svd", "candidate_configs", "config_bits", "pareto_front",
+    "qlora_config", "allocate", "budget_range", "ErrorTable", "Allocation", "error_table", "matrix_costs",
+    "lq_cache_dir", "fisher_information", "calibration_sequences", "save_fisher", "load_fisher",
+]

@@ -1,0 +1,280 @@
+"""LQ-LoRA matrix decomposition W ≈ Q + L1 L2 (SPEC §3).
+
+Alternate a rank-r (randomized) SVD of the quantization residual with a quantization of the low-rank
+residual:
+
+    Q <- 0
+    repeat (at most max_iters):
+        L1 L2 <- SVD_r(W - Q)            # L1 = U sqrt(S), L2 = sqrt(S) V^T
+        Q     <- quantize(W - L1 L2)
+        err   <- ||W - Q - L1 L2||_F     # sqrt(F)-weighted with a Fisher matrix
+    until err stops decreasing
+
+and return the *best* iterate (not the last one, which is worse whenever the loop stopped on an
+increase). Everything runs in fp32.
+
+With a diagonal Fisher matrix F (same shape as W) the SVD is the row/column-weighted one of the
+LQ-LoRA paper: D_row = diag(sqrt(mean_j F_ij)), D_col = diag(sqrt(mean_i F_ij)),
+SVD_r(D_row X D_col) = L~1 L~2, L1 = D_row^-1 L~1, L2 = L~2 D_col^-1. For separable weights
+(F_ij = a_i b_j) this is the exact minimiser of ||sqrt(F) * (X - L1 L2)||_F over rank-r products.
+The quantization step stays unweighted; the error (stopping rule, best iterate) is the weighted one.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qbara.errors import QbaraError
+from qbara.quant.config import QuantConfig
+from qbara.quant.tensor import QuantizedTensor, quantize
+
+__all__ = ["Decomposition", "decompose", "randomized_svd", "fisher_scalings", "low_rank_factors",
+           "weighted_error"]
+
+
+@dataclass
+class Decomposition:
+    """The best iterate of an LQ decomposition W ≈ dequant(qtensor) + L1 @ L2.
+
+    errors: the error after every iteration that ran (Frobenius, Fisher-weighted if a Fisher matrix
+    was given); best_iter indexes the smallest one, which is the iterate held here.
+    """
+
+    qtensor: QuantizedTensor
+    L1: Tensor
+    L2: Tensor
+    errors: list[float]
+    best_iter: int
+
+    @property
+    def error(self) -> float:
+        """The error of the returned (best) iterate."""
+        return self.errors[self.best_iter]
+
+    @property
+    def rank(self) -> int:
+        return int(self.L1.shape[1])
+
+    @property
+    def iterations(self) -> int:
+        """How many iterations ran."""
+        return len(self.errors)
+
+    def reconstruct(self) -> Tensor:
+        """dequant(Q) + L1 @ L2, fp32."""
+        return self.qtensor.dequantize(torch.float32) + self.L1 @ self.L2
+
+
+# --------------------------------------------------------------------------------------------------
+# Randomized SVD
+
+
+def _orthonormal(Y: Tensor) -> Tensor:
+    return torch.linalg.qr(Y, mode="reduced")[0]
+
+
+def _randomized_svd_full(X: Tensor, k: int, power_iters: int, generator: torch.Generator | None,
+                         init: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of the rank-k range approximation of X: (U (m x k), S (k,), Vh (k x n))."""
+    m, n = X.shape
+    if init is None:
+        omega = torch.randn(n, k, generator=generator, dtype=X.dtype, device=X.device)
+    else:
+        omega = init
+    Qy = _orthonormal(X @ omega)
+    for _ in range(power_iters):
+        Qz = _orthonormal(X.T @ Qy)
+        Qy = _orthonormal(X @ Qz)
+    B = Qy.T @ X  # k x n, k << n
+    # SVD of the wide B through a QR of B^T: B = R^T Q2^T, SVD(R^T) = Ub S Vb^T -> B = Ub S (Q2 Vb)^T.
+    # (LAPACK's SVD of a short wide matrix is several times slower than this.)
+    Q2, R = torch.linalg.qr(B.T, mode="reduced")
+    Ub, S, Vbh = torch.linalg.svd(R.T, full_matrices=False)
+    U = Qy @ Ub
+    Vh = Vbh @ Q2.T
+    return U, S, Vh
+
+
+def randomized_svd(X: Tensor, rank: int, oversample: int = 10, power_iters: int = 2,
+                   generator: torch.Generator | None = None,
+                   init: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-`rank` truncated SVD of X (m x n) by randomized range finding (Halko et al.).
+
+    A Gaussian test matrix of rank + oversample columns (drawn from `generator`), `power_iters`
+    subspace (power) iterations with a QR after every product, then the SVD of the small projected
+    matrix. `init` (n x k) replaces the Gaussian test matrix (warm start from a previous subspace).
+    When rank + oversample reaches min(m, n) the exact SVD is used. Returns (U (m x r), S (r,), Vh (r x n)).
+    """
+    m, n = X.shape
+    if rank == 0:
+        return X.new_zeros(m, 0), X.new_zeros(0), X.new_zeros(0, n)
+    k = rank + max(int(oversample), 0)
+    if k >= min(m, n):
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    else:
+        U, S, Vh = _randomized_svd_full(X, k, power_iters, generator, init)
+    return U[:, :rank], S[:rank], Vh[:rank]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fisher weighting
+
+
+def fisher_scalings(fisher: Tensor) -> tuple[Tensor, Tensor]:
+    """(d_row, d_col): sqrt of the row means and of the column means of a non-negative Fisher matrix.
+
+    Entries are floored at 1e-6 of their maximum so the scaling can be undone; an all-zero Fisher
+    matrix gives unit scalings (every reconstruction is then equally good).
+    """
+    f = fisher.float()
+    d_row = f.mean(dim=1).clamp_min(0).sqrt()
+    d_col = f.mean(dim=0).clamp_min(0).sqrt()
+    out = []
+    for d in (d_row, d_col):
+        top = d.max()
+        out.append(torch.ones_like(d) if top <= 0 else d.clamp_min(top * 1e-6))
+    return out[0], out[1]
+
+
+def low_rank_factors(X: Tensor, rank: int, scalings: tuple[Tensor, Tensor] | None = None,
+                     oversample: int = 10, power_iters: int = 2, generator: torch.Generator | None = None,
+                     init: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """L1 (m x r), L2 (r x n) with L1 @ L2 ≈ X; weighted SVD when `scalings` = (d_row, d_col) is given.
+
+    Also returns the right subspace found (n x k, in the scaled space), usable as `init` next time,
+    or None when the exact SVD was used.
+    """
+    m, n = X.shape
+    if rank == 0:
+        return X.new_zeros(m, 0), X.new_zeros(0, n), None
+    if scalings is not None:
+        d_row, d_col = scalings
+        X = X * d_row[:, None] * d_col[None, :]
+    k = rank + max(int(oversample), 0)
+    if k >= min(m, n):
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        basis = None
+    else:
+        U, S, Vh = _randomized_svd_full(X, k, power_iters, generator, init)
+        basis = Vh.T.contiguous()
+    root = S[:rank].sqrt()
+    L1 = U[:, :rank] * root[None, :]
+    L2 = root[:, None] * Vh[:rank]
+    if scalings is not None:
+        L1 = L1 / d_row[:, None]
+        L2 = L2 / d_col[None, :]
+    return L1.contiguous(), L2.contiguous(), basis
+
+
+def weighted_error(E: Tensor, fisher: Tensor | None = None, *, sqrt_fisher: Tensor | None = None) -> float:
+    """||E||_F, or ||sqrt(F) * E||_F with a Fisher matrix (or its precomputed square root)."""
+    if sqrt_fisher is None and fisher is not None:
+        sqrt_fisher = fisher.clamp_min(0).sqrt()
+    return float(torch.linalg.vector_norm(E if sqrt_fisher is None else sqrt_fisher * E))
+
+
+# --------------------------------------------------------------------------------------------------
+# The alternating loop (shared with the error tables)
+
+
+@dataclass
+class _LoopResult:
+    payload: Any
+    L1: Tensor
+    L2: Tensor
+    errors: list[float]
+    best_iter: int
+    residual: Tensor  # W - L1 L2 of the best iterate (what was quantized)
+
+
+def _alternate(W: Tensor, quantize_step: Callable[[Tensor], tuple[Tensor, Any]], rank: int, max_iters: int,
+               fisher: Tensor | None, oversample: int, power_iters: int, generator: torch.Generator | None,
+               tol: float = 0.0, warm_start: bool = False,
+               first_factors: tuple[Tensor, Tensor] | None = None,
+               first_basis: Tensor | None = None) -> _LoopResult:
+    """Run the LQ alternation; `quantize_step(R)` returns (dequantized R, anything to keep).
+
+    Stops at the first iterate that does not improve on the previous one by more than a relative
+    `tol` (0: at the first increase or tie) and returns the best iterate. `first_factors` are the
+    rank-r factors of W itself (the first SVD is the same for every quantization config, so callers
+    sweeping configs compute it once); `warm_start` seeds each SVD with the previous subspace.
+    """
+    scalings = fisher_scalings(fisher) if fisher is not None else None
+    sqrt_f = fisher.clamp_min(0).sqrt() if fisher is not None else None
+    errors: list[float] = []
+    best = None
+    basis = first_basis
+    Q = None
+    for it in range(max_iters):
+        if it == 0 and first_factors is not None:
+            L1, L2 = first_factors
+        else:
+            X = W if Q is None else W - Q
+            L1, L2, new_basis = low_rank_factors(
+                X, rank, scalings, oversample, power_iters, generator,
+                init=basis if (warm_start and it > 0) else None)
+            basis = new_basis
+        R = W - L1 @ L2 if rank > 0 else W
+        Q, payload = quantize_step(R)
+        err = weighted_error(R - Q, sqrt_fisher=sqrt_f)
+        errors.append(err)
+        if best is None or err < errors[best.best_iter]:
+            best = _LoopResult(payload, L1, L2, errors, it, R)
+        if rank == 0 or err == 0.0:
+            break  # nothing alternates (or nothing is left to improve)
+        if it > 0 and err >= errors[it - 1] * (1.0 - tol):
+            break
+    best.errors = errors
+    return best
+
+
+def _check_inputs(W, quant_config, rank, max_iters, fisher, name) -> None:
+    if not isinstance(W, Tensor) or W.dim() != 2 or not W.is_floating_point():
+        raise QbaraError(f"{name}: decompose needs a floating 2-D weight matrix, got "
+                         f"{getattr(W, 'shape', type(W).__name__)}")
+    if not isinstance(quant_config, QuantConfig):
+        raise QbaraError(f"{name}: quant_config must be a qbara.quant.QuantConfig, got "
+                         f"{type(quant_config).__name__}")
+    if not isinstance(rank, int) or rank < 0 or rank > min(W.shape):
+        raise QbaraError(f"{name}: rank must be an integer between 0 and {min(W.shape)} for a "
+                         f"{tuple(W.shape)} matrix, got {rank!r}")
+    if not isinstance(max_iters, int) or max_iters < 1:
+        raise QbaraError(f"{name}: max_iters must be a positive integer, got {max_iters!r}")
+    if fisher is not None:
+        if not isinstance(fisher, Tensor) or tuple(fisher.shape) != tuple(W.shape):
+            raise QbaraError(f"{name}: the Fisher matrix must have the weight's shape {tuple(W.shape)}, got "
+                             f"{tuple(getattr(fisher, 'shape', ()))}; compute it with qbara.lq.fisher")
+        if not torch.isfinite(fisher).all() or (fisher < 0).any():
+            raise QbaraError(f"{name}: the Fisher matrix must be finite and non-negative; recompute it")
+
+
+def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: int = 100,
+              fisher: Tensor | None = None, oversample: int = 10, seed: int = 0, *, power_iters: int = 2,
+              tol: float = 0.0, name: str = "weight") -> Decomposition:
+    """Decompose W ≈ dequant(Q) + L1 @ L2 with Q quantized by `quant_config` and L1 @ L2 of rank `rank`.
+
+    Alternates a randomized rank-r SVD (oversampling `oversample`, `power_iters` power iterations,
+    Gaussian test matrices from a generator seeded with `seed`) of W - Q and a quantization of
+    W - L1 L2, for at most `max_iters` iterations, stopping at the first one that does not improve
+    (by more than a relative `tol`); returns the best iterate. `fisher` (W's shape, non-negative)
+    weights the SVD by its row/column means and the error by sqrt(F). rank=0 is plain quantization.
+    """
+    _check_inputs(W, quant_config, rank, max_iters, fisher, name)
+    quant_config.check_shape(tuple(W.shape), name)
+    W = W.detach().to(torch.float32)
+    if not torch.isfinite(W).all():
+        raise QbaraError(f"{name}: weight contains NaN or Inf; fix the checkpoint before decomposing")
+    if fisher is not None:
+        fisher = fisher.detach().to(device=W.device, dtype=torch.float32)
+    generator = torch.Generator(device=W.device).manual_seed(int(seed))
+
+    def step(R: Tensor):
+        qt = quantize(R, quant_config, name)
+        return qt.dequantize(torch.float32), qt
+
+    res = _alternate(W, step, rank, max_iters, fisher, oversample, power_iters, generator, tol=tol)
+    return Decomposition(res.payload, res.L1, res.L2, res.errors, res.best_iter)

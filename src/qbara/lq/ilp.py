@@ -1,0 +1,150 @@
+"""LQ-LoRA's bit allocation as a 0/1 integer linear program, solved with HiGHS (`scipy.optimize.milp`).
+
+    minimise    Σ_i Σ_c C[i,c] x[i,c]
+    subject to  Σ_i Σ_c numel_i · bits[c] · x[i,c] <= budget · Σ_i numel_i
+                Σ_c x[i,c] = 1 for every matrix i,   x binary.
+
+Configs a matrix cannot use (non-finite cost) are left out, and so are configs dominated for that
+matrix (another has no more bits and no more error): neither changes the optimum, and the pruned
+problem is a few dozen variables per matrix instead of hundreds.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from qbara.errors import QbaraError
+from qbara.lq.configs import pareto_front
+
+__all__ = ["allocate", "budget_range", "allocation_bits"]
+
+
+def _as_arrays(costs, bits, numels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    costs = np.asarray(_numpy(costs), dtype=np.float64)
+    if costs.ndim != 2 or costs.shape[0] == 0 or costs.shape[1] == 0:
+        raise QbaraError(f"costs must be a non-empty (matrices x configs) table, got shape {costs.shape}")
+    n, m = costs.shape
+    bits = np.asarray(_numpy(bits), dtype=np.float64)
+    if bits.shape == (m,):
+        bits = np.broadcast_to(bits, (n, m))
+    if bits.shape != (n, m):
+        raise QbaraError(f"bits must have one entry per config ({m}) or per (matrix, config) {(n, m)}, got "
+                         f"shape {bits.shape}")
+    numels = np.asarray(_numpy(numels), dtype=np.float64).reshape(-1)
+    if numels.shape != (n,):
+        raise QbaraError(f"numels must have one entry per matrix ({n}), got shape {numels.shape}")
+    if not np.all(np.isfinite(bits)) or np.any(bits <= 0) or np.any(numels <= 0):
+        raise QbaraError("bits and numels must be positive and finite")
+    if np.any(np.isnan(costs)) or np.any(costs < 0):
+        raise QbaraError("costs must be non-negative (use +inf for a config a matrix cannot use)")
+    empty = [i for i in range(n) if not np.isfinite(costs[i]).any()]
+    if empty:
+        raise QbaraError(f"matrices {empty[:5]} have no usable config (every cost is infinite); add configs "
+                         f"whose block size divides their input features, or leave them out")
+    return costs, bits, numels
+
+
+def _numpy(x):
+    if hasattr(x, "detach"):
+        return x.detach().cpu().double().numpy()
+    return x
+
+
+def budget_range(costs, bits, numels) -> tuple[float, float]:
+    """(smallest feasible budget, largest useful budget) in bits per parameter.
+
+    The smallest puts every matrix on its cheapest usable config; above the largest (every matrix on
+    its lowest-error config, the cheapest of ties) a bigger budget changes nothing.
+    """
+    costs, bits, numels = _as_arrays(costs, bits, numels)
+    total = numels.sum()
+    finite = np.isfinite(costs)
+    cheapest = np.where(finite, bits, np.inf).min(axis=1)
+    low = float((numels * cheapest).sum() / total)
+    best_cost = np.where(finite, costs, np.inf).min(axis=1, keepdims=True)
+    at_best = np.where(finite & (costs <= best_cost), bits, np.inf).min(axis=1)
+    high = float((numels * at_best).sum() / total)
+    return low, high
+
+
+def allocation_bits(choice, bits, numels) -> float:
+    """Bits per parameter of an allocation (one config index per matrix)."""
+    bits = np.asarray(_numpy(bits), dtype=np.float64)
+    numels = np.asarray(_numpy(numels), dtype=np.float64).reshape(-1)
+    per = bits[list(choice)] if bits.ndim == 1 else bits[np.arange(len(choice)), list(choice)]
+    return float((numels * per).sum() / numels.sum())
+
+
+def allocate(costs, bits, numels, budget_bits_per_param: float, *, prune: bool = True,
+             time_limit: float | None = None) -> list[int]:
+    """Pick one config per matrix minimising the total cost within the bit budget; returns the indices.
+
+    costs (n x m): cost of config c for matrix i (+inf: unusable); bits (m,) or (n x m): bits per
+    parameter; numels (n,): parameters per matrix; budget in bits per parameter over all n matrices.
+    Raises QbaraError for an infeasible budget, naming the smallest feasible one.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    costs, bits, numels = _as_arrays(costs, bits, numels)
+    try:
+        budget = float(budget_bits_per_param)
+    except (TypeError, ValueError):
+        raise QbaraError(f"budget must be a number of bits per parameter, got {budget_bits_per_param!r}") from None
+    low, high = budget_range(costs, bits, numels)
+    if not math.isfinite(budget) or budget < low * (1 - 1e-12):
+        raise QbaraError(
+            f"a budget of {budget:g} bits/param is infeasible for these {len(numels)} matrices: the smallest "
+            f"feasible budget is {math.ceil(low * 1e4) / 1e4:.4f} bits/param (every matrix at its cheapest "
+            f"config); budgets from there up to {math.ceil(high * 1e4) / 1e4:.4f} change the allocation, "
+            f"larger ones give the same (lowest-error) one")
+    n = costs.shape[0]
+    if budget >= high:
+        # Unconstrained: the lowest-error config of every matrix (cheapest of ties).
+        best = np.where(np.isfinite(costs), costs, np.inf).min(axis=1, keepdims=True)
+        masked = np.where(np.isfinite(costs) & (costs <= best), bits, np.inf)
+        return [int(j) for j in masked.argmin(axis=1)]
+
+    # Candidate (matrix, config) pairs.
+    rows, cols = [], []
+    for i in range(n):
+        if prune:
+            keep = pareto_front(bits[i].tolist(), costs[i].tolist())
+        else:
+            keep = [j for j in range(costs.shape[1]) if math.isfinite(costs[i, j])]
+        rows += [i] * len(keep)
+        cols += keep
+    rows_a, cols_a = np.asarray(rows), np.asarray(cols)
+    k = len(rows)
+    cost_v = costs[rows_a, cols_a]
+    # Subtract each matrix's smallest cost (a constant) and normalise: HiGHS' gaps are relative.
+    cost_v = cost_v - np.array([costs[i][np.isfinite(costs[i])].min() for i in range(n)])[rows_a]
+    scale = cost_v.max() if cost_v.size and cost_v.max() > 0 else 1.0
+    cost_v = cost_v / scale
+    weight = numels[rows_a] * bits[rows_a, cols_a] / numels.sum()  # bits/param contributed
+    one_each = coo_matrix((np.ones(k), (rows_a, np.arange(k))), shape=(n, k))
+
+    rhs = budget
+    options = {"mip_rel_gap": 1e-9, "presolve": True}
+    if time_limit is not None:
+        options["time_limit"] = float(time_limit)
+    for _ in range(5):
+        res = milp(cost_v, integrality=np.ones(k), bounds=Bounds(0, 1),
+                   constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(weight[None, :], -np.inf, rhs)],
+                   options=options)
+        if res.x is None:
+            raise QbaraError(f"the allocation solver found no solution ({res.message}); try a slightly larger "
+                             f"budget than {budget:g} (feasible from {low:.4f})")
+        x = np.round(res.x).astype(int)
+        choice = np.full(n, -1)
+        for idx in np.nonzero(x)[0]:
+            choice[rows_a[idx]] = cols_a[idx]
+        if (choice < 0).any() or x.sum() != n:  # defensive: the solver's rounding broke "one each"
+            raise QbaraError(f"the allocation solver returned an invalid solution ({res.message})")
+        used = allocation_bits(choice, bits, numels)
+        if used <= budget * (1 + 1e-12):
+            return [int(j) for j in choice]
+        rhs -= (used - budget) + 1e-12 * budget  # the solver's feasibility tolerance: tighten and retry
+    raise QbaraError(f"the allocation solver could not meet the budget of {budget:g} bits/param exactly; "
+                     f"use a slightly larger budget")

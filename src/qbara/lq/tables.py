@@ -1,0 +1,486 @@
+"""Error tables for LQ-LoRA's bit allocation: C[i,c] = squared decomposition error of matrix i under
+config c, S[i,c] = numel_i · bits(c) (SPEC §3), and the allocation read off them.
+
+Computing the 210 x 432 table of a 135M model by running 90,720 full decompositions would take hours
+on a CPU. What is shared, and how (all exact unless stated):
+
+1. The first SVD of every decomposition is SVD_r(W) (Q starts at 0): computed once per matrix.
+2. Configs that differ only in how the absmax scales are stored (b0, b1, B1: 36 of the 432 per
+   (b, B0) pair) quantize with the same NF codes: the codes are rounded against the exact absmax and
+   only the scales are double-quantized afterwards. So one decomposition is run per (b, B0) with the
+   exact (fp32) absmax, and at its best iterate, for every scale setting, the error with the
+   double-quantized scales ŝ = s + δ follows from three sums per block without touching the weights
+   again: ||R - ŝv||² = Σ e² - 2δ Σ e·v + δ² Σ v² with e = R - s·v (Fisher-weighted alike).
+   Approximation: the low-rank factors are those of the exact-scale run; a full decomposition with
+   double quantization in the loop would re-fit them to the (small) scale error. The table and
+   `decompose` agree to a fraction of a percent at 8-bit scales; see bench/lq_smollm2.py --verify.
+3. Fewer iterations than `decompose`'s 100: the table runs `iters` (default 8) iterations per
+   (matrix, b, B0), keeping the best. Errors still fall by ~0.5-1 %/iteration after that at 3-4 bits
+   (2-bit runs usually stop earlier on an increase), so table costs are a few percent above fully
+   converged ones, similarly for all configs; the allocation is what they are for.
+4. After the first SVD each randomized SVD is warm-started from the previous iteration's subspace
+   with `table_power_iters` (default 0) power iterations: the residual W - Q changes little from one
+   iteration to the next, so this is subspace iteration carried across the loop (1 product pair per
+   iteration instead of 3).
+5. NF rounding uses a table lookup bit-identical to `qbara.quant.nf.quantize_nf` (4-8x faster).
+
+Matrices run in parallel on `workers` threads (one torch thread each); under torch.distributed
+every rank computes a share of the matrices and the table is all-reduced. Tables are cached in
+$QBARA_CACHE/lq (default ~/.cache/qbara/lq) keyed by the model fingerprint and a hash of the
+settings, the configs and the weights' (and Fisher's) contents, so allocating at another budget reruns
+only the ILP.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from qbara.atomic import save_safetensors_atomic, write_json_atomic
+from qbara.errors import QbaraError
+from qbara.lq._nf_fast import quantize_nf_values
+from qbara.lq.configs import candidate_configs
+from qbara.lq.decompose import _alternate, low_rank_factors
+from qbara.lq.ilp import allocate as ilp_allocate
+from qbara.lq.ilp import budget_range
+from qbara.quant.config import QuantConfig
+from qbara.quant.double_quant import DQ_DTYPES, double_dequantize, double_quantize
+from qbara.quant.tensor import quantize
+
+__all__ = ["ErrorTable", "Allocation", "error_table", "matrix_costs", "lq_cache_dir", "TABLE_VERSION"]
+
+TABLE_VERSION = 1  # bump when the computation changes, so old caches are not reused
+DEFAULT_TABLE_ITERS = 8
+
+
+def lq_cache_dir() -> Path:
+    """$QBARA_CACHE/lq, or ~/.cache/qbara/lq."""
+    env = os.environ.get("QBARA_CACHE")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "qbara"
+    return root / "lq"
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Allocation:
+    """One config per matrix chosen for a bit budget."""
+
+    budget: float
+    names: list[str]
+    indices: list[int]
+    configs: dict[str, QuantConfig]
+    bits_per_param: float  # achieved, over the allocated matrices
+    error: float  # total cost (squared, Fisher-weighted if the table is)
+
+    def to_dict(self) -> dict:
+        return {"budget": self.budget, "bits_per_param": self.bits_per_param, "error": self.error,
+                "configs": {n: c.to_dict() for n, c in self.configs.items()}}
+
+    def counts(self) -> dict[str, int]:
+        """How many matrices got each config label."""
+        out: dict[str, int] = {}
+        for c in self.configs.values():
+            out[c.label] = out.get(c.label, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+@dataclass
+class ErrorTable:
+    """Costs of every (matrix, config) pair: C[i,c] = squared (Fisher-weighted) decomposition error."""
+
+    names: list[str]
+    shapes: list[tuple[int, int]]
+    configs: list[QuantConfig]
+    costs: Tensor  # (n, m) float64; +inf where a config cannot hold the matrix
+    settings: dict = field(default_factory=dict)
+    seconds: float = 0.0  # time spent computing (0 when loaded)
+    from_cache: bool = False
+    path: Path | None = None
+
+    @property
+    def numels(self) -> Tensor:
+        return torch.tensor([r * c for r, c in self.shapes], dtype=torch.int64)
+
+    @property
+    def bits(self) -> Tensor:
+        return torch.tensor([c.bits_per_param for c in self.configs], dtype=torch.float64)
+
+    @property
+    def storage(self) -> Tensor:
+        """S[i,c] = numel_i · bits(c), in bits."""
+        return self.numels.double()[:, None] * self.bits[None, :]
+
+    def budget_range(self) -> tuple[float, float]:
+        """(smallest feasible, largest useful) budget in bits per parameter."""
+        return budget_range(self.costs, self.bits, self.numels)
+
+    def allocate(self, budget_bits_per_param: float) -> Allocation:
+        """Solve the ILP for a budget (bits per parameter over these matrices)."""
+        idx = ilp_allocate(self.costs, self.bits, self.numels, budget_bits_per_param)
+        return self.allocation(idx, budget_bits_per_param)
+
+    def allocation(self, indices: Sequence[int], budget: float = math.nan) -> Allocation:
+        """The Allocation of given config indices (one per matrix)."""
+        numels = self.numels.double()
+        bits = self.bits[list(indices)]
+        used = float((numels * bits).sum() / numels.sum())
+        err = float(sum(self.costs[i, j] for i, j in enumerate(indices)))
+        return Allocation(float(budget), list(self.names), [int(j) for j in indices],
+                          {n: self.configs[j] for n, j in zip(self.names, indices)}, used, err)
+
+    def uniform_error(self, config: QuantConfig) -> float:
+        """Total cost with every matrix on `config` (which must be one of the table's configs)."""
+        try:
+            j = self.configs.index(config)
+        except ValueError:
+            raise QbaraError(f"{config.label} is not one of this table's configs") from None
+        return float(self.costs[:, j].sum())
+
+    # -- files ------------------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """Write `path` (.safetensors: costs) and the .json beside it (names, shapes, configs, settings)."""
+        path = Path(path)
+        meta = {"format": "qbara-lq-error-table", "version": TABLE_VERSION, "names": self.names,
+                "shapes": [list(s) for s in self.shapes], "configs": [c.to_dict() for c in self.configs],
+                "settings": self.settings, "seconds": self.seconds}
+        save_safetensors_atomic({"costs": self.costs.double()}, path, metadata={"format": "qbara-lq-error-table"})
+        write_json_atomic(path.with_suffix(".json"), meta)  # written last: marks the pair complete
+        return path
+
+    @classmethod
+    def load(cls, path) -> "ErrorTable":
+        path = Path(path)
+        json_path = path.with_suffix(".json")
+        try:
+            meta = json.loads(json_path.read_text())
+            costs = load_file(str(path))["costs"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise QbaraError(f"cannot read the LQ error table {str(path)!r} ({exc}); delete it to recompute") from exc
+        if meta.get("format") != "qbara-lq-error-table":
+            raise QbaraError(f"{str(json_path)!r} is not a qbara LQ error table")
+        configs = [QuantConfig.from_dict(c) for c in meta["configs"]]
+        shapes = [tuple(s) for s in meta["shapes"]]
+        if tuple(costs.shape) != (len(meta["names"]), len(configs)):
+            raise QbaraError(f"the LQ error table {str(path)!r} is inconsistent; delete it to recompute")
+        return cls(list(meta["names"]), shapes, configs, costs, meta.get("settings", {}), 0.0, True, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# One matrix
+
+
+def _dq_errors(absmax: Tensor, ee: Tensor, ev: Tensor, vv: Tensor, settings: list[tuple[int, str, int]]
+               ) -> dict[tuple[int, str, int], float]:
+    """Total squared error for every double-quant setting (b0, b1 dtype, B1), from per-block sums.
+
+    Reproduces `double_quantize` + `double_dequantize` arithmetic exactly, batched over b0.
+    """
+    out = {}
+    n = absmax.numel()
+    offset = absmax.min()
+    base = float(ee.sum())
+    by_group: dict[tuple[str, int], list[int]] = {}
+    for b0, dtype, B1 in settings:
+        by_group.setdefault((dtype, B1), []).append(b0)
+    for (dtype, B1), b0s in by_group.items():
+        shifted = torch.nn.functional.pad(absmax - offset, (0, (-n) % B1)).view(-1, B1)
+        gmax = shifted.amax(dim=1).to(DQ_DTYPES[dtype]).float()
+        safe = torch.where(gmax > 0, gmax, torch.ones_like(gmax))
+        ratio = shifted / safe[:, None]
+        qmax = torch.tensor([2.0**b - 1 for b in b0s]).view(-1, 1, 1)
+        codes = torch.round(ratio[None] * qmax).clamp_(min=torch.zeros(()), max=qmax)
+        approx = (codes / qmax * gmax[None, :, None] + offset).reshape(len(b0s), -1)[:, :n]
+        delta = (approx - absmax[None, :]).double()
+        errs = base - 2 * (delta * ev[None]).sum(dim=1) + (delta * delta * vv[None]).sum(dim=1)
+        for b0, err in zip(b0s, errs.tolist()):
+            out[(b0, dtype, B1)] = max(err, 0.0)
+    return out
+
+
+def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iters: int = DEFAULT_TABLE_ITERS,
+                 fisher: Tensor | None = None, oversample: int = 10, power_iters: int = 2,
+                 table_power_iters: int = 0, seed: int = 0, dq_mode: str = "shared",
+                 name: str = "weight") -> Tensor:
+    """Squared (Fisher-weighted) LQ decomposition error of W under every config (float64, +inf where a
+    config cannot hold W). See the module docstring for what is shared between configs; with
+    dq_mode="loop" every NF config runs its own alternation with its double quantization inside
+    (exact at `iters` iterations, ~30x slower for the 432 candidates)."""
+    if dq_mode not in ("shared", "loop"):
+        raise QbaraError(f"dq_mode must be 'shared' or 'loop', got {dq_mode!r}")
+    W = W.detach().to(torch.float32)
+    fisher = None if fisher is None else fisher.detach().to(torch.float32)
+    if fisher is not None and tuple(fisher.shape) != tuple(W.shape):
+        raise QbaraError(f"{name}: Fisher shape {tuple(fisher.shape)} differs from the weight's {tuple(W.shape)}")
+    rank = min(int(rank), min(W.shape))
+    generator = torch.Generator().manual_seed(int(seed))
+    costs = torch.full((len(configs),), math.inf, dtype=torch.float64)
+
+    groups: dict[tuple, list[int]] = {}
+    for j, c in enumerate(configs):
+        try:
+            c.check_shape(tuple(W.shape), name)
+        except QbaraError:
+            continue  # stays +inf
+        if c.kind != "nf":
+            key = ("other", j)
+        elif dq_mode == "loop":
+            key = ("nf", c.bits, c.block_size, j)
+        else:
+            key = ("nf", c.bits, c.block_size)
+        groups.setdefault(key, []).append(j)
+    if not groups:
+        return costs
+
+    from qbara.lq.decompose import fisher_scalings
+
+    scalings = fisher_scalings(fisher) if fisher is not None else None
+    first = None
+    if rank > 0:
+        L1, L2, basis = low_rank_factors(W, rank, scalings, oversample, power_iters, generator)
+        first = (L1, L2), basis
+    common = dict(rank=rank, max_iters=int(iters), fisher=fisher, oversample=oversample,
+                  power_iters=table_power_iters, generator=generator, warm_start=True,
+                  first_factors=first[0] if first else None, first_basis=first[1] if first else None)
+
+    for key, members in groups.items():
+        if key[0] == "other":
+            config = configs[members[0]]
+
+            def step(R, config=config):
+                return quantize(R, config, name).dequantize(torch.float32), None
+
+            res = _alternate(W, step, **common)
+            costs[members[0]] = res.errors[res.best_iter] ** 2
+            continue
+        bits, B0 = key[1], key[2]
+        if len(key) == 4 and configs[key[3]].double_quant:
+            c = configs[key[3]]
+
+            def nf_step(R, bits=bits, B0=B0, c=c):  # double quantization inside the loop
+                v, absmax, _ = quantize_nf_values(R, bits, B0)
+                codes, gmax, offset = double_quantize(absmax, c.dq_bits, c.dq_block_size, c.dq_dtype)
+                scales = double_dequantize(codes, gmax, offset, c.dq_bits, c.dq_block_size)
+                return (v * scales[:, None]).view(R.shape), None
+
+            res = _alternate(W, nf_step, **common)
+            costs[key[3]] = res.errors[res.best_iter] ** 2
+            continue
+
+        def nf_step(R, bits=bits, B0=B0):
+            v, absmax, deq = quantize_nf_values(R, bits, B0)
+            return deq, (v, absmax)
+
+        res = _alternate(W, nf_step, **common)
+        v, absmax = res.payload
+        R = res.residual.reshape(-1, B0)
+        e = R - v * absmax[:, None]
+        if fisher is not None:
+            f = fisher.reshape(-1, B0)
+            fe, fv = f * e, f * v
+            ee = (fe * e).sum(dim=1, dtype=torch.float64)
+            ev = (fe * v).sum(dim=1, dtype=torch.float64)
+            vv = (fv * v).sum(dim=1, dtype=torch.float64)
+        else:
+            ee = (e * e).sum(dim=1, dtype=torch.float64)
+            ev = (e * v).sum(dim=1, dtype=torch.float64)
+            vv = (v * v).sum(dim=1, dtype=torch.float64)
+        dq_settings = [(configs[j].dq_bits, configs[j].dq_dtype, configs[j].dq_block_size)
+                       for j in members if configs[j].double_quant]
+        dq = _dq_errors(absmax, ee, ev, vv, sorted(set(dq_settings))) if dq_settings else {}
+        exact = float(ee.sum())
+        for j in members:
+            c = configs[j]
+            costs[j] = dq[(c.dq_bits, c.dq_dtype, c.dq_block_size)] if c.double_quant else exact
+    return costs
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole model
+
+
+def _targets(model_or_weights, targets) -> tuple[list[str], list[Tensor], str | None]:
+    if isinstance(model_or_weights, nn.Module):
+        from qbara.models.loader import model_fingerprint
+        from qbara.targets import linear_layer_names
+
+        model = model_or_weights
+        names = linear_layer_names(model, targets, include_quantized=False)
+        weights = [model.get_submodule(n).weight for n in names]
+        try:
+            fp = model_fingerprint(model)
+        except Exception:  # not a transformers model: the content hash still identifies it
+            fp = None
+        return names, weights, fp
+    if isinstance(model_or_weights, Mapping):
+        names = list(model_or_weights)
+        weights = [model_or_weights[n] for n in names]
+        for n, w in zip(names, weights):
+            if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
+                raise QbaraError(f"{n}: expected a floating 2-D weight tensor, got "
+                                 f"{getattr(w, 'shape', type(w).__name__)}")
+        return names, weights, None
+    raise QbaraError(f"error_table needs a model or a mapping of name -> weight, got "
+                     f"{type(model_or_weights).__name__}")
+
+
+def _digest(names, tensors) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for n, t in zip(names, tensors):
+        t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        h.update(f"{n}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().data)
+    return h.hexdigest()
+
+
+def _shard(numels: list[int], world: int) -> list[list[int]]:
+    """Deterministic greedy split of matrix indices into `world` shares of similar total size."""
+    shares: list[list[int]] = [[] for _ in range(world)]
+    load = [0] * world
+    for i in sorted(range(len(numels)), key=lambda i: (-numels[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        shares[r].append(i)
+        load[r] += numels[i]
+    return [sorted(s) for s in shares]
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, *, rank: int = 64,
+                iters: int = DEFAULT_TABLE_ITERS, fisher: Mapping[str, Tensor] | None = None,
+                targets="all-linear", oversample: int = 10, power_iters: int = 2, table_power_iters: int = 0,
+                seed: int = 0, dq_mode: str = "shared", cache: bool = True, recompute: bool = False,
+                cache_dir=None, workers: int | None = None, progress: bool = True) -> ErrorTable:
+    """The LQ-LoRA error table of a model's target linears (or of a name -> weight mapping).
+
+    configs: candidates (default: the 432 of SPEC §1.1). rank: LoRA rank of the decomposition
+    (0: plain quantization). iters: decomposition iterations per (matrix, code bits, block size).
+    fisher: name -> Fisher matrix (weight's shape) for data-aware costs. workers: matrices computed
+    at once (threads, one torch thread each; default torch.get_num_threads()). Cached on disk unless
+    cache=False (recompute=True ignores an existing entry and overwrites it); under torch.distributed the ranks share the matrices and all get the full table.
+    dq_mode: "shared" (default; see the module docstring) or "loop" (exact, much slower).
+    """
+    if dq_mode not in ("shared", "loop"):
+        raise QbaraError(f"dq_mode must be 'shared' or 'loop', got {dq_mode!r}")
+    configs = list(candidate_configs() if configs is None else configs)
+    if not configs or not all(isinstance(c, QuantConfig) for c in configs):
+        raise QbaraError("configs must be a non-empty list of qbara.quant.QuantConfig")
+    if not isinstance(rank, int) or rank < 0:
+        raise QbaraError(f"rank must be a non-negative integer, got {rank!r}")
+    if not isinstance(iters, int) or iters < 1:
+        raise QbaraError(f"iters must be a positive integer, got {iters!r}")
+    names, weights, fingerprint = _targets(model_or_weights, targets)
+    shapes = [(int(w.shape[0]), int(w.shape[1])) for w in weights]
+    fishers = None
+    if fisher is not None:
+        missing = [n for n in names if n not in fisher]
+        if missing:
+            raise QbaraError(f"the Fisher dict lacks {missing[:3]} ({len(missing)} layers); compute it for "
+                             f"the same target layers (qbara.lq.fisher.fisher_information)")
+        fishers = [fisher[n] for n in names]
+        for n, f, s in zip(names, fishers, shapes):
+            if tuple(f.shape) != s:
+                raise QbaraError(f"{n}: Fisher shape {tuple(f.shape)} differs from the weight's {s}")
+
+    settings = {"version": TABLE_VERSION, "rank": rank, "iters": iters, "oversample": oversample,
+                "power_iters": power_iters, "table_power_iters": table_power_iters, "seed": seed,
+                "dq_mode": dq_mode,
+                "weights": _digest(names, weights),
+                "fisher": _digest(names, fishers) if fishers is not None else None,
+                "configs": hashlib.sha256(json.dumps([c.to_dict() for c in configs]).encode()).hexdigest()[:16]}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    cache_path = Path(cache_dir) if cache_dir is not None else lq_cache_dir()
+    path = cache_path / f"table-{fingerprint or 'weights'}-{key}.safetensors"
+
+    dist = _dist()
+    rank_id = dist.get_rank() if dist else 0
+    if cache and not recompute:
+        table = None
+        if path.is_file() and path.with_suffix(".json").is_file():
+            try:
+                table = ErrorTable.load(path)
+            except QbaraError:
+                table = None
+            if table is not None and not (table.names == names and table.configs == configs
+                                          and table.settings == settings):
+                table = None
+        ok = table is not None
+        if dist:  # every rank must take the same branch
+            flag = torch.tensor([1 if ok else 0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = bool(flag.item())
+        if ok:
+            return table
+
+    start = time.perf_counter()
+    n = len(names)
+    mine = _shard([r * c for r, c in shapes], dist.get_world_size())[rank_id] if dist else list(range(n))
+    costs = torch.zeros((n, len(configs)), dtype=torch.float64)
+    _run(mine, names, weights, fishers, configs, costs,
+         dict(rank=rank, iters=iters, oversample=oversample, power_iters=power_iters,
+              table_power_iters=table_power_iters, dq_mode=dq_mode),
+         seed, workers, progress and rank_id == 0)
+    if dist:
+        dist.all_reduce(costs, op=dist.ReduceOp.SUM)  # each row is non-zero on exactly one rank
+    seconds = time.perf_counter() - start
+    table = ErrorTable(names, shapes, configs, costs, settings, seconds, False, None)
+    if cache:
+        if rank_id == 0:
+            table.save(path)
+        if dist:
+            dist.barrier()  # the cache is complete before any rank looks for it again
+        table.path = path
+    return table
+
+
+def _run(indices, names, weights, fishers, configs, costs, kwargs, seed, workers, progress) -> None:
+    from tqdm.auto import tqdm
+
+    workers = max(1, int(workers if workers is not None else torch.get_num_threads()))
+    workers = min(workers, max(1, len(indices)))
+    # Big matrices first, so the pool does not end on one long straggler.
+    order = sorted(indices, key=lambda i: -weights[i].numel())
+    bar = tqdm(total=len(indices), desc="LQ error table", unit="matrix", disable=not progress)
+    lock = threading.Lock()
+
+    def one(i):
+        # Seeded per matrix index: the same costs whichever rank or thread computes it.
+        c = matrix_costs(weights[i], configs, fisher=None if fishers is None else fishers[i],
+                         seed=seed * 1_000_003 + i, name=names[i], **kwargs)
+        with lock:
+            costs[i] = c
+            bar.update(1)
+
+    old_threads = torch.get_num_threads()
+    try:
+        if workers == 1:
+            for i in order:
+                one(i)
+        else:
+            torch.set_num_threads(1)
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(one, i) for i in order]
+                for fut in as_completed(futures):
+                    fut.result()
+    finally:
+        torch.set_num_threads(old_threads)
+        bar.close()
