@@ -1,7 +1,8 @@
+import importlib
+
 import pytest
 import torch
 
-import importlib
 from qbara.errors import QbaraError
 from qbara.lq.decompose import decompose, fisher_scalings, low_rank_factors, randomized_svd
 from qbara.quant import QuantConfig, quantize
@@ -52,15 +53,20 @@ def test_best_iterate_is_returned_when_the_error_rises(monkeypatch):
     W = _matrices()["lowrank+noise"]
     cfg = QuantConfig("nf3", 64)
     calls = {"n": 0}
-    real = dec.quantize
+    real_nf_step = dec._nf_step
 
-    def noisy_quantize(R, config, name="weight"):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            R = R + 0.05 * torch.randn(R.shape, generator=torch.Generator().manual_seed(1))
-        return real(R, config, name)
+    def noisy_nf_step(config):
+        step = real_nf_step(config)
 
-    monkeypatch.setattr(dec, "quantize", noisy_quantize)
+        def noisy(R):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                R = R + 0.05 * torch.randn(R.shape, generator=torch.Generator().manual_seed(1))
+            return step(R)
+
+        return noisy
+
+    monkeypatch.setattr(dec, "_nf_step", noisy_nf_step)
     d = decompose(W, cfg, rank=4, max_iters=50)
     assert len(d.errors) == 4  # stopped at the first increase
     assert d.errors[3] > d.errors[2]
@@ -78,6 +84,23 @@ def test_best_iterate_natural_stop():
         assert float((W - d.reconstruct()).norm()) == pytest.approx(d.error, rel=1e-4)
         if d.iterations < 100:  # stopped early: on an iterate that did not improve
             assert d.errors[-1] >= d.errors[-2]
+
+
+@pytest.mark.parametrize("config", [QuantConfig("nf3", 32, dq_bits=3, dq_dtype="bf16", dq_block_size=16),
+                                    QuantConfig("nf4", 64, double_quant=False), QuantConfig("int4", 32)],
+                         ids=lambda c: c.label)
+def test_fast_quantization_step_matches_qbara_quantize(config):
+    """decompose's loop uses a faster NF path; the same loop with qbara.quant.quantize gives the same history
+    and the packed Q is exactly quantize() of the best iterate's residual."""
+    W = _matrices()["lowrank+noise"]
+    d = decompose(W, config, rank=4, max_iters=8, seed=5)
+
+    def reference_step(R):
+        return quantize(R, config).dequantize(), None
+
+    ref = dec._alternate(W, reference_step, 4, 8, None, 10, 2, torch.Generator().manual_seed(5))
+    assert d.errors == pytest.approx(ref.errors, rel=1e-6) and d.best_iter == ref.best_iter
+    assert torch.equal(d.qtensor.dequantize(), quantize(ref.residual, config).dequantize())
 
 
 def test_decompose_is_seeded_and_deterministic():

@@ -85,3 +85,19 @@ def test_infeasible_budget_names_the_smallest_feasible_one():
         allocate(np.array([[np.inf, np.inf], [1.0, 1.0]]), bits, [64, 64], 4.0)
     with pytest.raises(QbaraError, match="one entry per config"):
         allocate(costs, np.array([2.5]), numels, 3.0)
+
+
+def test_exact_reductions_keep_the_optimum_on_a_larger_instance():
+    """30 matrices x 48 configs: the reduced (reduced-cost fixing + Pareto) problem and the full one
+    reach the same optimum."""
+    rng = np.random.default_rng(1)
+    bits = np.sort(rng.uniform(2.0, 8.6, size=48))
+    costs = rng.uniform(1, 100, size=(30, 1)) * np.exp(-bits[None, :] * rng.uniform(0.4, 1.0, size=(30, 1)))
+    costs *= rng.uniform(0.8, 1.2, size=costs.shape)
+    numels = rng.integers(1, 20, size=30) * 4096
+    for budget in (2.6, 3.1, 3.9):
+        fast = allocate(costs, bits, numels, budget)
+        full = allocate(costs, bits, numels, budget, prune=False)
+        total = [sum(costs[i, c] for i, c in enumerate(x)) for x in (fast, full)]
+        assert total[0] == pytest.approx(total[1], rel=1e-7)
+        assert allocation_bits(fast, bits, numels) <= budget * (1 + 1e-12)

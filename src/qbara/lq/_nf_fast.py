@@ -27,8 +27,14 @@ def nf_midpoints(bits: int) -> Tensor:
     return (levels[1:] + levels[:-1]) / 2
 
 
+def _tables(bits: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _device_tables(bits, str(device))
+
+
 @functools.lru_cache(maxsize=None)
-def _tables(bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _device_tables(bits: int, device: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if device != "cpu":
+        return tuple(t.to(device) for t in _device_tables(bits, "cpu"))
     mids = nf_midpoints(bits)
     levels = nf_levels(bits)
     edges = torch.linspace(-1.0, 1.0, _BINS + 1, dtype=torch.float64).float()
@@ -49,7 +55,7 @@ def _bin_index(scaled: Tensor) -> Tensor:
 
 def nf_codes(scaled: Tensor, bits: int) -> Tensor:
     """`torch.bucketize(scaled, nf_midpoints(bits))` for `scaled` in [-1, 1] (any shape), int64."""
-    _, code_table, mids, _ = _tables(bits)
+    _, code_table, mids, _ = _tables(bits, scaled.device)
     codes = code_table.index_select(0, _bin_index(scaled).reshape(-1)).view(scaled.shape)
     pos = (codes < 0).nonzero(as_tuple=True)
     if pos[0].numel():
@@ -67,7 +73,7 @@ def quantize_nf_values(weight: Tensor, bits: int, block_size: int) -> tuple[Tens
     flat = weight.reshape(-1, block_size).float()
     absmax = flat.abs().amax(dim=1)
     inv = 1.0 / absmax.clamp(min=1e-38)
-    value_table, _, mids, levels = _tables(bits)
+    value_table, _, mids, levels = _tables(bits, flat.device)
     scaled = (flat * inv[:, None]).clamp_(-1.0, 1.0)  # exactly as qbara.quant.nf.quantize_nf
     v = value_table.index_select(0, _bin_index(scaled).view(-1)).view(flat.shape)
     pos = torch.isnan(v).nonzero(as_tuple=True)

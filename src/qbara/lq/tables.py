@@ -11,9 +11,13 @@ on a CPU. What is shared, and how (all exact unless stated):
    exact (fp32) absmax, and at its best iterate, for every scale setting, the error with the
    double-quantized scales ŝ = s + δ follows from three sums per block without touching the weights
    again: ||R - ŝv||² = Σ e² - 2δ Σ e·v + δ² Σ v² with e = R - s·v (Fisher-weighted alike).
-   Approximation: the low-rank factors are those of the exact-scale run; a full decomposition with
-   double quantization in the loop would re-fit them to the (small) scale error. The table and
-   `decompose` agree to a fraction of a percent at 8-bit scales; see bench/lq_smollm2.py --verify.
+   Approximation: the low-rank factors are those of the exact-scale run, while a decomposition with
+   double quantization inside the loop re-fits them and pulls the block absmaxes towards the
+   double-quant grid, which lowers the error markedly when b0 is small. Measured on SmolLM2
+   (table / decompose at the same iterations, bench/lq_smollm2.py --verify): b0 = 8: 1.00-1.02
+   (nf2-nf4); b0 = 3-4: 1.04-1.14; b0 = 2: 1.2-1.3; nf8 with b0 <= 4: up to 2x. The table is thus
+   pessimistic about low-b0 scale storage and the allocation errs towards more scale bits.
+   dq_mode="loop" runs every config's own loop instead (exact at `iters`, ~30x slower).
 3. Fewer iterations than `decompose`'s 100: the table runs `iters` (default 8) iterations per
    (matrix, b, B0), keeping the best. Errors still fall by ~0.5-1 %/iteration after that at 3-4 bits
    (2-bit runs usually stop earlier on an increase), so table costs are a few percent above fully
@@ -28,7 +32,8 @@ Matrices run in parallel on `workers` threads (one torch thread each); under tor
 every rank computes a share of the matrices and the table is all-reduced. Tables are cached in
 $QBARA_CACHE/lq (default ~/.cache/qbara/lq) keyed by the model fingerprint and a hash of the
 settings, the configs and the weights' (and Fisher's) contents, so allocating at another budget reruns
-only the ILP.
+only the ILP. SmolLM2-135M (210 x 432, rank 64, 8 iterations, 2 workers): 94 s on 2 quiet CPU cores,
+4.5-8 min when the cores are shared with other jobs.
 """
 from __future__ import annotations
 
@@ -201,8 +206,8 @@ def _dq_errors(absmax: Tensor, ee: Tensor, ev: Tensor, vv: Tensor, settings: lis
         gmax = shifted.amax(dim=1).to(DQ_DTYPES[dtype]).float()
         safe = torch.where(gmax > 0, gmax, torch.ones_like(gmax))
         ratio = shifted / safe[:, None]
-        qmax = torch.tensor([2.0**b - 1 for b in b0s]).view(-1, 1, 1)
-        codes = torch.round(ratio[None] * qmax).clamp_(min=torch.zeros(()), max=qmax)
+        qmax = torch.tensor([2.0**b - 1 for b in b0s], device=absmax.device).view(-1, 1, 1)
+        codes = torch.round(ratio[None] * qmax).clamp_(min=torch.zeros((), device=absmax.device), max=qmax)
         approx = (codes / qmax * gmax[None, :, None] + offset).reshape(len(b0s), -1)[:, :n]
         delta = (approx - absmax[None, :]).double()
         errs = base - 2 * (delta * ev[None]).sum(dim=1) + (delta * delta * vv[None]).sum(dim=1)
@@ -226,7 +231,7 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
     if fisher is not None and tuple(fisher.shape) != tuple(W.shape):
         raise QbaraError(f"{name}: Fisher shape {tuple(fisher.shape)} differs from the weight's {tuple(W.shape)}")
     rank = min(int(rank), min(W.shape))
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator(device=W.device).manual_seed(int(seed))
     costs = torch.full((len(configs),), math.inf, dtype=torch.float64)
 
     groups: dict[tuple, list[int]] = {}
@@ -365,6 +370,12 @@ def _dist():
     return None
 
 
+def _collective_device(dist) -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, *, rank: int = 64,
                 iters: int = DEFAULT_TABLE_ITERS, fisher: Mapping[str, Tensor] | None = None,
                 targets="all-linear", oversample: int = 10, power_iters: int = 2, table_power_iters: int = 0,
@@ -376,8 +387,9 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
     (0: plain quantization). iters: decomposition iterations per (matrix, code bits, block size).
     fisher: name -> Fisher matrix (weight's shape) for data-aware costs. workers: matrices computed
     at once (threads, one torch thread each; default torch.get_num_threads()). Cached on disk unless
-    cache=False (recompute=True ignores an existing entry and overwrites it); under torch.distributed the ranks share the matrices and all get the full table.
-    dq_mode: "shared" (default; see the module docstring) or "loop" (exact, much slower).
+    cache=False (recompute=True ignores an existing entry and overwrites it). Under torch.distributed
+    the ranks share the matrices and all get the full table. dq_mode: "shared" (default; see the
+    module docstring) or "loop" (every config its own alternation: exact at `iters`, much slower).
     """
     if dq_mode not in ("shared", "loop"):
         raise QbaraError(f"dq_mode must be 'shared' or 'loop', got {dq_mode!r}")
@@ -425,7 +437,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
                 table = None
         ok = table is not None
         if dist:  # every rank must take the same branch
-            flag = torch.tensor([1 if ok else 0])
+            flag = torch.tensor([1 if ok else 0], device=_collective_device(dist))
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             ok = bool(flag.item())
         if ok:
@@ -440,7 +452,9 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
               table_power_iters=table_power_iters, dq_mode=dq_mode),
          seed, workers, progress and rank_id == 0)
     if dist:
-        dist.all_reduce(costs, op=dist.ReduceOp.SUM)  # each row is non-zero on exactly one rank
+        shared = costs.to(_collective_device(dist))
+        dist.all_reduce(shared, op=dist.ReduceOp.SUM)  # each row is non-zero on exactly one rank
+        costs = shared.cpu()
     seconds = time.perf_counter() - start
     table = ErrorTable(names, shapes, configs, costs, settings, seconds, False, None)
     if cache:
