@@ -39,9 +39,12 @@ def save_quantized(model, tokenizer, out_dir) -> Path:
     if not layers:
         raise QbaraError("the model has no quantized layers; save a dense model with save_pretrained instead")
     state = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        output = model.get_output_embeddings()
-        state = {k: v for k, v in state.items() if not (output is not None and v is output.weight)}
+    output = model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and output is not None:
+        # state_dict() detaches, so tied tensors are found by storage, not identity.
+        embedding_ptr = model.get_input_embeddings().weight.data_ptr()
+        state = {k: v for k, v in state.items()
+                 if not (k.endswith("lm_head.weight") and v.data_ptr() == embedding_ptr)}
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
