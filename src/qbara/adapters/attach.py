@@ -54,6 +54,9 @@ def build_adapter(base: nn.Module, config: AdapterConfig, name: str = "layer") -
 
 def attach_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Wrap every target linear of `model` in its adapter layer, in place; only adapters train."""
+    if config.init != "default":
+        raise QbaraError(f"init={config.init!r} (LoRA factors from an LQ/LoftQ decomposition) is not available in "
+                         f"this version yet; use init='default'")
     names = linear_layer_names(model, config.target_modules)
     layers = {n: build_adapter(model.get_submodule(n), config, n) for n in names}  # validate all first
     for name, layer in layers.items():
