@@ -33,7 +33,8 @@ def run(args) -> dict:
     from qbara.train.trainer import prepare_for_training, train
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+    earlier_demo = (out / "gsm8k_train.jsonl").is_file()  # a folder an earlier demo run wrote is reused
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or earlier_demo):
         raise QbaraError(f"{out} is not empty; pass --overwrite or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("train", "merged-int4"):
@@ -99,5 +100,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--held-out", type=int, default=32, help="held-out GSM8K records")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out folder")
+    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out folder that no earlier demo wrote")
     p.set_defaults(func=run)
