@@ -15,16 +15,10 @@ import functools
 import torch
 from torch import Tensor
 
-from qbara.quant.nf import nf_levels
+from qbara.quant.nf import absmax_scale, nf_levels, nf_midpoints
 
 _BINS = 1 << 16
 _MARGIN = 2.0**-18  # far above the rounding error of (x + 1) * BINS/2 for x in [-1, 1]
-
-
-def nf_midpoints(bits: int) -> Tensor:
-    """The rounding boundaries of NF-`bits`, computed exactly as `qbara.quant.nf` does."""
-    levels = nf_levels(bits)
-    return (levels[1:] + levels[:-1]) / 2
 
 
 def _tables(bits: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -70,12 +64,9 @@ def quantize_nf_values(weight: Tensor, bits: int, block_size: int) -> tuple[Tens
     in [-1, 1]), absmax fp32 per block, deq = v * absmax in weight's shape. Bit-identical to the
     reference functions.
     """
-    flat = weight.reshape(-1, block_size).float()
-    absmax = flat.abs().amax(dim=1)
-    inv = 1.0 / absmax.clamp(min=1e-38)
-    value_table, _, mids, levels = _tables(bits, flat.device)
-    scaled = (flat * inv[:, None]).clamp_(-1.0, 1.0)  # exactly as qbara.quant.nf.quantize_nf
-    v = value_table.index_select(0, _bin_index(scaled).view(-1)).view(flat.shape)
+    scaled, absmax = absmax_scale(weight, block_size)  # the same scaling as qbara.quant.nf.quantize_nf
+    value_table, _, mids, levels = _tables(bits, scaled.device)
+    v = value_table.index_select(0, _bin_index(scaled).view(-1)).view(scaled.shape)
     pos = torch.isnan(v).nonzero(as_tuple=True)
     if pos[0].numel():
         v[pos] = levels[torch.bucketize(scaled[pos], mids)]

@@ -27,9 +27,20 @@ def nf_levels(bits: int, device: torch.device | str | None = None) -> Tensor:
     return torch.from_numpy(_nf_levels_np(bits).copy()).to(device)
 
 
-def _midpoints(bits: int, device) -> Tensor:
+def nf_midpoints(bits: int, device: torch.device | str | None = None) -> Tensor:
+    """The 2**bits - 1 rounding boundaries between adjacent NF levels."""
     levels = nf_levels(bits, device)
     return (levels[1:] + levels[:-1]) / 2
+
+
+def absmax_scale(weight: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """(values / block absmax clamped to [-1, 1] as (n_blocks, block_size) fp32, absmax fp32 per block).
+
+    Multiplies by the reciprocal as bitsandbytes does, so the codes round identically."""
+    flat = weight.detach().reshape(-1, block_size).float()
+    absmax = flat.abs().amax(dim=1)
+    inv = 1.0 / absmax.clamp(min=1e-38)
+    return (flat * inv[:, None]).clamp_(-1.0, 1.0), absmax
 
 
 def quantize_nf(weight: Tensor, bits: int, block_size: int) -> tuple[Tensor, Tensor]:
@@ -37,11 +48,8 @@ def quantize_nf(weight: Tensor, bits: int, block_size: int) -> tuple[Tensor, Ten
 
     Returns (codes uint8 of weight's numel, absmax fp32 per block). Rounds to the nearest level.
     """
-    flat = weight.detach().reshape(-1, block_size).float()
-    absmax = flat.abs().amax(dim=1)
-    inv = 1.0 / absmax.clamp(min=1e-38)
-    scaled = (flat * inv[:, None]).clamp_(-1.0, 1.0)
-    codes = torch.bucketize(scaled, _midpoints(bits, flat.device)).to(torch.uint8)
+    scaled, absmax = absmax_scale(weight, block_size)
+    codes = torch.bucketize(scaled, nf_midpoints(bits, scaled.device)).to(torch.uint8)
     return codes.reshape(-1), absmax
 
 
