@@ -93,6 +93,20 @@ def read_adapter_config(directory) -> dict:
     return data
 
 
+@torch.no_grad()
+def copy_adapter_weights(layers: dict, directory) -> None:
+    """Copy the tensors of `directory`'s adapter_model.safetensors into the layers' adapter parameters."""
+    state = load_file(str(Path(directory) / WEIGHTS_NAME))
+    for name, layer in layers.items():
+        for pname, param in layer.adapter_parameters().items():
+            key = f"{PREFIX}{name}.{pname}"
+            if key not in state:
+                raise QbaraError(f"{WEIGHTS_NAME} lacks {key}; the adapter folder is incomplete, save it again")
+            if state[key].shape != param.shape:
+                raise QbaraError(f"{key}: saved shape {tuple(state[key].shape)} != expected {tuple(param.shape)}")
+            param.copy_(state[key])
+
+
 def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Module:
     """Attach the adapters saved in `directory` to `model` (in place) and load their weights.
 
@@ -126,16 +140,7 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
             base = QuantizedLinear.from_linear(base, QuantConfig.from_dict(record["quant"]), name=name)
         layer_config = dataclasses.replace(config, pool_in=record["pool_in"], pool_out=record["pool_out"])
         layers[name] = build_adapter(base, layer_config, name)
-    state = load_file(str(Path(directory) / WEIGHTS_NAME))
-    for name, layer in layers.items():
-        for pname, param in layer.adapter_parameters().items():
-            key = f"{PREFIX}{name}.{pname}"
-            if key not in state:
-                raise QbaraError(f"{WEIGHTS_NAME} lacks {key}; the adapter folder is incomplete, save it again")
-            if state[key].shape != param.shape:
-                raise QbaraError(f"{key}: saved shape {tuple(state[key].shape)} != expected {tuple(param.shape)}")
-            with torch.no_grad():
-                param.copy_(state[key])
+    copy_adapter_weights(layers, directory)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in layers.items():

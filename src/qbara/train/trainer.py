@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from qbara.adapters.attach import adapter_layers, trainable_parameter_count
-from qbara.adapters.io import PREFIX, WEIGHTS_NAME, save_adapter
+from qbara.adapters.io import copy_adapter_weights, save_adapter
 from qbara.atomic import write_json_atomic
 from qbara.errors import QbaraError
 from qbara.train.config import RunConfig
@@ -75,14 +74,9 @@ def _trainer_class():
     return QbaraTrainer
 
 
-@torch.no_grad()
 def load_adapter_weights(model, directory) -> None:
     """Copy the adapter tensors saved in `directory` into the model's existing adapter parameters."""
-    state = load_file(str(Path(directory) / WEIGHTS_NAME))
-    model = getattr(model, "module", model)
-    for name, layer in adapter_layers(model).items():
-        for pname, param in layer.adapter_parameters().items():
-            param.copy_(state[f"{PREFIX}{name}.{pname}"])
+    copy_adapter_weights(adapter_layers(getattr(model, "module", model)), directory)
 
 
 @dataclass
