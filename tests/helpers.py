@@ -1,4 +1,6 @@
 """Helpers shared by several test packages."""
+import socket
+
 import torch
 
 
@@ -9,3 +11,10 @@ def randomize_adapters(model, seed=0, std=0.05):
         for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def free_port() -> int:
+    """A free local TCP port for a torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,6 +1,7 @@
 """qbara: fine-tune quantized LLMs (Q-BaRA, QA-HiRA, LQ-LoRA, QLoRA, QA-LoRA) and ship them low-bit."""
 from qbara.adapters import AdapterConfig, load_adapter, merge, save_adapter
 from qbara.errors import QbaraError
+from qbara.lq.prepare import lq_prepare
 from qbara.models import load_model, model_fingerprint
 from qbara.nn import QuantizedLinear
 from qbara.prepare import prepare, quantize_model
@@ -10,4 +11,4 @@ __version__ = "0.1.0"
 
 __all__ = ["QbaraError", "QuantConfig", "AdapterConfig", "QuantizedTensor", "QuantizedLinear", "quantize",
            "dequantize", "prepare", "quantize_model", "merge", "save_adapter", "load_adapter", "load_model",
-           "model_fingerprint"]
+           "model_fingerprint", "lq_prepare"]

@@ -12,6 +12,32 @@ from qbara.quant.config import QuantConfig
 from qbara.targets import ALL_LINEAR, linear_layer_names, set_submodule
 
 
+def layer_configs(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig],
+                  modules=ALL_LINEAR) -> dict[str, QuantConfig]:
+    """Layer name -> config for the dense linears `quant` applies to, every shape checked (so a bad block
+    size fails before any layer is replaced)."""
+    if isinstance(quant, QuantConfig):
+        names = linear_layer_names(model, modules, include_quantized=False)
+        per_layer = {n: quant for n in names}
+    elif isinstance(quant, Mapping):
+        per_layer = dict(quant)
+        modules_by_name = dict(model.named_modules())
+        quantized = sorted(n for n in per_layer if isinstance(modules_by_name.get(n), QuantizedLinear))
+        if quantized:
+            raise QbaraError(f"{quantized[:3]} are already quantized; load the dense model to quantize them "
+                             f"(again)")
+        missing = sorted(n for n in per_layer if not isinstance(modules_by_name.get(n), nn.Linear))
+        if missing:
+            raise QbaraError(f"quantization configs name layers that are not linear layers of this model: "
+                             f"{missing[:5]}; use names from model.named_modules()")
+    else:
+        raise QbaraError(f"quant must be a QuantConfig or a mapping of layer name to QuantConfig, got "
+                         f"{type(quant).__name__}")
+    for name, config in per_layer.items():
+        config.check_shape(tuple(model.get_submodule(name).weight.shape), name)
+    return per_layer
+
+
 def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig],
                    modules=ALL_LINEAR, progress: bool = False) -> nn.Module:
     """Replace the selected nn.Linear layers (all but lm_head by default) by QuantizedLinear, in place.
@@ -19,22 +45,7 @@ def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConf
     `quant` is one config for every layer, or a mapping from layer name to config (as LQ-LoRA's
     allocation produces); with a mapping, exactly the layers it names are quantized.
     """
-    if isinstance(quant, QuantConfig):
-        names = linear_layer_names(model, modules, include_quantized=False)
-        per_layer = {n: quant for n in names}
-    elif isinstance(quant, Mapping):
-        per_layer = dict(quant)
-        linears = set(linear_layer_names(model, ALL_LINEAR, include_quantized=False))
-        missing = sorted(set(per_layer) - linears)
-        if missing:
-            raise QbaraError(f"quantization configs name layers that are not linear layers of this model: "
-                             f"{missing[:5]}; use names from model.named_modules()")
-    else:
-        raise QbaraError(f"quant must be a QuantConfig or a mapping of layer name to QuantConfig, got "
-                         f"{type(quant).__name__}")
-    # Validate every layer first, so a bad block size fails before any layer is replaced.
-    for name, config in per_layer.items():
-        config.check_shape(tuple(model.get_submodule(name).weight.shape), name)
+    per_layer = layer_configs(model, quant, modules)
     for name, config in tqdm(per_layer.items(), desc="quantizing", disable=not progress, leave=False):
         linear = model.get_submodule(name)
         set_submodule(model, name, QuantizedLinear.from_linear(linear, config, name=name))
@@ -53,9 +64,29 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
         model.qbara_base_fingerprint = model_fingerprint(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    quantize_model(model, quant, modules=modules, progress=progress)
+    factors = None
+    if adapter is not None and adapter.init != "default":
+        # LoftQ / LQ-LoRA: Q is the quantized part of a decomposition W ≈ Q + L1 L2, not quantize(W).
+        from qbara.lq.prepare import quantize_with_factors
+
+        from qbara.models.loader import model_fingerprint
+
+        per_layer = layer_configs(model, quant, modules)
+        targets = linear_layer_names(model, adapter.target_modules, include_quantized=False)
+        unquantized = [n for n in targets if n not in per_layer]
+        if unquantized:
+            raise QbaraError(f"init={adapter.init!r} needs every adapter target quantized, but {unquantized[:3]} "
+                             f"are not; quantize them too or narrow target_modules")
+        factors = quantize_with_factors(model, {n: per_layer[n] for n in targets}, adapter.rank,
+                                        method=adapter.init, loftq_iters=adapter.loftq_iters, progress=progress)
+        rest = {n: c for n, c in per_layer.items() if n not in factors}
+        if rest:
+            quantize_model(model, rest, progress=progress)
+            model.qbara_base_fingerprint = model_fingerprint(model)  # of the final quantized base
+    else:
+        quantize_model(model, quant, modules=modules, progress=progress)
     if adapter is not None:
         from qbara.adapters.attach import attach_adapters
 
-        attach_adapters(model, adapter)
+        attach_adapters(model, adapter, factors=factors)
     return model

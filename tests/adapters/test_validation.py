@@ -62,9 +62,3 @@ def test_target_modules_matching_nothing_lists_layer_names():
     model, _ = tiny_llama()
     with pytest.raises(QbaraError, match="no linear layer.*'q_proj'"):
         prepare(model, QuantConfig("nf4", 32), AdapterConfig("lora", rank=2, target_modules=("attn_q",)))
-
-
-def test_unimplemented_init_is_refused_not_ignored():
-    model, _ = tiny_llama()
-    with pytest.raises(QbaraError, match="init='loftq'.*not available"):
-        prepare(model, QuantConfig("nf4", 32), AdapterConfig("lora", rank=2, init="loftq"))

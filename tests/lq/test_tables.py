@@ -1,6 +1,5 @@
 import copy
 import json
-import socket
 
 import pytest
 import torch
@@ -9,9 +8,11 @@ import qbara.lq.tables as tables_mod
 from qbara.errors import QbaraError
 from qbara.lq._nf_fast import nf_codes, nf_midpoints, quantize_nf_values
 from qbara.lq.configs import candidate_configs
-from qbara.lq.tables import ErrorTable, _dq_errors, _shard, error_table, matrix_costs
+from qbara.lq.parallel import shard
+from qbara.lq.tables import ErrorTable, _dq_errors, error_table, matrix_costs
 from qbara.quant import QuantConfig, quantize
 from qbara.quant.nf import dequantize_nf, nf_levels, quantize_nf
+from tests.helpers import free_port
 from tests.lq.dist_worker import small_configs, small_weights
 
 
@@ -149,16 +150,10 @@ def test_allocation_feeds_quantize_model(tmp_path):
 
 def test_shards_cover_every_matrix_once():
     numels = [5, 100, 7, 100, 30, 30, 1]
-    shares = _shard(numels, 3)
+    shares = shard(numels, 3)
     assert sorted(i for s in shares for i in s) == list(range(7))
     loads = [sum(numels[i] for i in s) for s in shares]
     assert max(loads) - min(loads) <= 100
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_ranks_give_the_single_process_table(tmp_path):
@@ -166,7 +161,7 @@ def test_two_gloo_ranks_give_the_single_process_table(tmp_path):
 
     from tests.lq import dist_worker
 
-    mp.spawn(dist_worker.run, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(dist_worker.run, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     assert torch.equal(r0["costs"], r1["costs"])  # all-reduced: every rank holds the full table

@@ -1,7 +1,9 @@
 """Build the adapter layer a config asks for, and attach adapters to a model's target linears."""
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Mapping
+
+from torch import Tensor, nn
 
 from qbara.adapters.config import AdapterConfig
 from qbara.adapters.layers import AdaptedLinear, HiRALinear, LoRALinear
@@ -52,13 +54,26 @@ def build_adapter(base: nn.Module, config: AdapterConfig, name: str = "layer") -
     return HiRALinear(base, s, pool_in, pool_out, drop, name)
 
 
-def attach_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Wrap every target linear of `model` in its adapter layer, in place; only adapters train."""
-    if config.init != "default":
-        raise QbaraError(f"init={config.init!r} (LoRA factors from an LQ/LoftQ decomposition) is not available in "
-                         f"this version yet; use init='default'")
+def attach_adapters(model: nn.Module, config: AdapterConfig,
+                    factors: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> nn.Module:
+    """Wrap every target linear of `model` in its adapter layer, in place; only adapters train.
+
+    With init 'lq' / 'loftq', `factors` (name -> (L1, L2), from `qbara.lq.quantize_with_factors`, which
+    also quantizes the layers to match) start each LoRA at s·B A = L1 L2.
+    """
+    if config.init != "default" and factors is None:
+        raise QbaraError(f"init={config.init!r} starts LoRA from a decomposition of the dense weights: use "
+                         f"qbara.prepare(dense_model, quant, adapter) or qbara.lq_prepare, not attach_adapters "
+                         f"on its own")
     names = linear_layer_names(model, config.target_modules)
     layers = {n: build_adapter(model.get_submodule(n), config, n) for n in names}  # validate all first
+    if factors is not None:
+        unmatched = sorted(set(names) ^ set(factors))
+        if unmatched:
+            raise QbaraError(f"the factors and the adapter targets differ on {unmatched[:3]}; decompose the same "
+                             f"layers the adapter targets")
+        for name, layer in layers.items():
+            layer.init_from_factors(*factors[name])
     for name, layer in layers.items():
         set_submodule(model, name, layer)
     for p in model.parameters():

@@ -107,6 +107,14 @@ def copy_adapter_weights(layers: dict, directory) -> None:
             param.copy_(state[key])
 
 
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise QbaraError(f"adapter layer {name!r} does not exist in this model; load the base model "
+                         f"the adapter was trained on") from None
+
+
 def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Module:
     """Attach the adapters saved in `directory` to `model` (in place) and load their weights.
 
@@ -116,6 +124,13 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
     data = read_adapter_config(directory)
     info = data["qbara"]
     config = AdapterConfig.from_dict(info["adapter"])
+    if config.init != "default":
+        dense = [n for n in info["layers"] if not isinstance(_submodule(model, n), QuantizedLinear)]
+        if dense:
+            raise QbaraError(f"adapter in {str(directory)!r} starts from an {config.init!r} decomposition: its "
+                             f"base is the Q of W ≈ Q + L1 L2, not a quantization of the dense weights "
+                             f"({dense[0]} is dense here); load the quantized base saved with it (`qbara lq` "
+                             f"writes OUT/model, `qbara train` writes OUTPUT/base)")
     if check_base:
         expected, actual = info.get("base_fingerprint"), base_fingerprint(model)
         if expected and expected != actual:
@@ -128,11 +143,7 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
         model.qbara_base_fingerprint = base_fingerprint(model)
     layers = {}
     for name, record in info["layers"].items():
-        try:
-            base = model.get_submodule(name)
-        except AttributeError:
-            raise QbaraError(f"adapter layer {name!r} does not exist in this model; load the base model "
-                             f"the adapter was trained on") from None
+        base = _submodule(model, name)
         if (base.in_features, base.out_features) != (record["in_features"], record["out_features"]):
             raise QbaraError(f"{name}: adapter shape {record['out_features']}x{record['in_features']} does not "
                              f"fit the layer {base.out_features}x{base.in_features}; wrong base model")

@@ -129,6 +129,22 @@ class LoRALinear(AdaptedLinear):
     def core_matrix(self) -> Tensor:
         return self.lora_B.weight @ self.lora_A.weight
 
+    @torch.no_grad()
+    def init_from_factors(self, L1: Tensor, L2: Tensor) -> None:
+        """Start from a low-rank product: A = L2/√s, B = L1/√s, so that s·B A = L1 L2 (LQ-LoRA, LoftQ).
+
+        The 1/√s is what makes the model at step 0 equal Q + L1 L2 whatever alpha is (PEFT's LoftQ
+        leaves it out, which is only right when s = 1). Plain LoRA (no pooling) only.
+        """
+        if self.pool_in != 1 or self.pool_out != 1:
+            raise QbaraError(f"{self.name}: factors initialise plain LoRA only, not {self.method}")
+        if L1.shape != self.lora_B.weight.shape or L2.shape != self.lora_A.weight.shape:
+            raise QbaraError(f"{self.name}: factors {tuple(L1.shape)} x {tuple(L2.shape)} do not fit rank "
+                             f"{self.rank} for a {self.out_features}x{self.in_features} layer")
+        root = math.sqrt(self.scaling)
+        self.lora_A.weight.copy_(L2 / root)
+        self.lora_B.weight.copy_(L1 / root)
+
     def extra_repr(self) -> str:
         return f"method={self.method}, rank={self.rank}, pool_in={self.pool_in}, pool_out={self.pool_out}"
 

@@ -4,10 +4,13 @@ from qbara.lq.configs import candidate_configs, config_bits, pareto_front, qlora
 from qbara.lq.decompose import Decomposition, decompose, randomized_svd
 from qbara.lq.fisher import calibration_sequences, fisher_information, load_fisher, save_fisher
 from qbara.lq.ilp import allocate, budget_range
+from qbara.lq.loftq import loftq
+from qbara.lq.prepare import LQReport, decompose_layers, lq_prepare, quantize_with_factors
 from qbara.lq.tables import Allocation, ErrorTable, error_table, lq_cache_dir, matrix_costs
 
 __all__ = [
     "Decomposition", "decompose", "randomized_svd", "candidate_configs", "config_bits", "pareto_front",
     "qlora_config", "allocate", "budget_range", "ErrorTable", "Allocation", "error_table", "matrix_costs",
-    "lq_cache_dir", "fisher_information", "calibration_sequences", "save_fisher", "load_fisher",
+    "lq_cache_dir", "fisher_information", "calibration_sequences", "save_fisher", "load_fisher", "loftq",
+    "LQReport", "decompose_layers", "quantize_with_factors", "lq_prepare",
 ]

@@ -33,7 +33,7 @@ from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import QuantizedTensor, quantize
 
 __all__ = ["Decomposition", "decompose", "randomized_svd", "fisher_scalings", "low_rank_factors",
-           "weighted_error"]
+           "weighted_error", "quantize_step", "check_decompose_inputs"]
 
 
 @dataclass
@@ -232,7 +232,7 @@ def _alternate(W: Tensor, quantize_step: Callable[[Tensor], tuple[Tensor, Any]],
     return best
 
 
-def _check_inputs(W, quant_config, rank, max_iters, fisher, name) -> None:
+def check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name) -> None:
     if not isinstance(W, Tensor) or W.dim() != 2 or not W.is_floating_point():
         raise QbaraError(f"{name}: decompose needs a floating 2-D weight matrix, got "
                          f"{getattr(W, 'shape', type(W).__name__)}")
@@ -263,7 +263,7 @@ def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: i
     (by more than a relative `tol`); returns the best iterate. `fisher` (W's shape, non-negative)
     weights the SVD by its row/column means and the error by sqrt(F). rank=0 is plain quantization.
     """
-    _check_inputs(W, quant_config, rank, max_iters, fisher, name)
+    check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name)
     quant_config.check_shape(tuple(W.shape), name)
     W = W.detach().to(torch.float32)
     if not torch.isfinite(W).all():
@@ -272,19 +272,27 @@ def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: i
         fisher = fisher.detach().to(device=W.device, dtype=torch.float32)
     generator = torch.Generator(device=W.device).manual_seed(int(seed))
 
-    step = _nf_step(quant_config) if quant_config.kind == "nf" else None
-    if step is None:
-        def step(R: Tensor):
-            return quantize(R, quant_config, name).dequantize(torch.float32), None
-
-    res = _alternate(W, step, rank, max_iters, fisher, oversample, power_iters, generator, tol=tol)
+    res = _alternate(W, quantize_step(quant_config, name), rank, max_iters, fisher, oversample, power_iters,
+                     generator, tol=tol)
     # Pack the best iterate once (the loop only needs dequantized values; same codes and scales).
     qtensor = quantize(res.residual, quant_config, name)
     return Decomposition(qtensor, res.L1, res.L2, res.errors, res.best_iter)
 
 
+def quantize_step(config: QuantConfig, name: str = "weight") -> Callable[[Tensor], tuple[Tensor, Any]]:
+    """R -> (dequant(quantize(R, config)), None) in fp32: the quantization half of an alternation.
+
+    NF configs skip the packing (bit-identical values, 4-8x faster).
+    """
+    if config.kind != "nf":
+        def step(R: Tensor):
+            return quantize(R, config, name).dequantize(torch.float32), None
+
+        return step
+    return _nf_step(config)
+
+
 def _nf_step(config: QuantConfig) -> Callable[[Tensor], tuple[Tensor, Any]]:
-    """dequant(quantize(R, config)) for an NF config, bit-identical, without packing (4-8x faster)."""
     from qbara.lq._nf_fast import quantize_nf_values
     from qbara.quant.double_quant import double_dequantize, double_quantize
 

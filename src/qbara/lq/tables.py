@@ -41,10 +41,8 @@ import hashlib
 import json
 import math
 import os
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +56,7 @@ from qbara.lq._nf_fast import quantize_nf_values
 from qbara.lq.configs import candidate_configs
 from qbara.lq.decompose import _alternate, low_rank_factors
 from qbara.lq.ilp import allocate as ilp_allocate
+from qbara.lq.parallel import active_dist, collective_device, my_share, run_per_matrix
 from qbara.lq.ilp import budget_range
 from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import DQ_DTYPES, double_dequantize, double_quantize
@@ -351,31 +350,6 @@ def _digest(names, tensors) -> str:
     return h.hexdigest()
 
 
-def _shard(numels: list[int], world: int) -> list[list[int]]:
-    """Deterministic greedy split of matrix indices into `world` shares of similar total size."""
-    shares: list[list[int]] = [[] for _ in range(world)]
-    load = [0] * world
-    for i in sorted(range(len(numels)), key=lambda i: (-numels[i], i)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        shares[r].append(i)
-        load[r] += numels[i]
-    return [sorted(s) for s in shares]
-
-
-def _dist():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
-
-
-def _collective_device(dist) -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, *, rank: int = 64,
                 iters: int = DEFAULT_TABLE_ITERS, fisher: Mapping[str, Tensor] | None = None,
                 targets="all-linear", oversample: int = 10, power_iters: int = 2, table_power_iters: int = 0,
@@ -423,7 +397,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
     cache_path = Path(cache_dir) if cache_dir is not None else lq_cache_dir()
     path = cache_path / f"table-{fingerprint or 'weights'}-{key}.safetensors"
 
-    dist = _dist()
+    dist = active_dist()
     rank_id = dist.get_rank() if dist else 0
     if cache and not recompute:
         table = None
@@ -437,7 +411,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
                 table = None
         ok = table is not None
         if dist:  # every rank must take the same branch
-            flag = torch.tensor([1 if ok else 0], device=_collective_device(dist))
+            flag = torch.tensor([1 if ok else 0], device=collective_device(dist))
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             ok = bool(flag.item())
         if ok:
@@ -445,14 +419,19 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
 
     start = time.perf_counter()
     n = len(names)
-    mine = _shard([r * c for r, c in shapes], dist.get_world_size())[rank_id] if dist else list(range(n))
+    sizes = [r * c for r, c in shapes]
     costs = torch.zeros((n, len(configs)), dtype=torch.float64)
-    _run(mine, names, weights, fishers, configs, costs,
-         dict(rank=rank, iters=iters, oversample=oversample, power_iters=power_iters,
-              table_power_iters=table_power_iters, dq_mode=dq_mode),
-         seed, workers, progress and rank_id == 0)
+    kwargs = dict(rank=rank, iters=iters, oversample=oversample, power_iters=power_iters,
+                  table_power_iters=table_power_iters, dq_mode=dq_mode)
+
+    def one(i):
+        # Seeded per matrix index: the same costs whichever rank or thread computes it.
+        costs[i] = matrix_costs(weights[i], configs, fisher=None if fishers is None else fishers[i],
+                                seed=seed * 1_000_003 + i, name=names[i], **kwargs)
+
+    run_per_matrix(my_share(sizes), one, sizes, workers, progress and rank_id == 0, "LQ error table")
     if dist:
-        shared = costs.to(_collective_device(dist))
+        shared = costs.to(collective_device(dist))
         dist.all_reduce(shared, op=dist.ReduceOp.SUM)  # each row is non-zero on exactly one rank
         costs = shared.cpu()
     seconds = time.perf_counter() - start
@@ -464,37 +443,3 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
             dist.barrier()  # the cache is complete before any rank looks for it again
         table.path = path
     return table
-
-
-def _run(indices, names, weights, fishers, configs, costs, kwargs, seed, workers, progress) -> None:
-    from tqdm.auto import tqdm
-
-    workers = max(1, int(workers if workers is not None else torch.get_num_threads()))
-    workers = min(workers, max(1, len(indices)))
-    # Big matrices first, so the pool does not end on one long straggler.
-    order = sorted(indices, key=lambda i: -weights[i].numel())
-    bar = tqdm(total=len(indices), desc="LQ error table", unit="matrix", disable=not progress)
-    lock = threading.Lock()
-
-    def one(i):
-        # Seeded per matrix index: the same costs whichever rank or thread computes it.
-        c = matrix_costs(weights[i], configs, fisher=None if fishers is None else fishers[i],
-                         seed=seed * 1_000_003 + i, name=names[i], **kwargs)
-        with lock:
-            costs[i] = c
-            bar.update(1)
-
-    old_threads = torch.get_num_threads()
-    try:
-        if workers == 1:
-            for i in order:
-                one(i)
-        else:
-            torch.set_num_threads(1)
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(one, i) for i in order]
-                for fut in as_completed(futures):
-                    fut.result()
-    finally:
-        torch.set_num_threads(old_threads)
-        bar.close()

@@ -102,8 +102,13 @@ def model_fingerprint(model) -> str:
     Hashes the architecture (model_type, hidden size, layer count, vocab size) and the first
     64 values of the input embedding and of the first and last ``nn.Linear`` weight. Values
     are rounded to bfloat16 first, so the same checkpoint loaded in float32 or bfloat16 gives
-    the same fingerprint. Compute it on the unquantized base model.
+    the same fingerprint. Compute it on the unquantized base model; for a model whose linears are
+    already quantized (a loaded quantized folder, or the Q of an LQ-LoRA / LoftQ decomposition) the
+    packed buffers of the first and last quantized layer are hashed too, so that base is told apart
+    from another quantization of the same weights.
     """
+    from qbara.nn.quantized_linear import QuantizedLinear
+
     config = model.config
     arch = {
         "model_type": getattr(config, "model_type", None),
@@ -122,6 +127,12 @@ def model_fingerprint(model) -> str:
         values = values.to(device="cpu", dtype=torch.bfloat16).to(torch.float32)
         digest.update(str(tuple(weight.shape)).encode())
         digest.update(values.contiguous().numpy().tobytes())
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    for layer in quantized[:1] + quantized[-1:]:
+        digest.update(layer.quant_config.label.encode())
+        for name, buffer in sorted(layer.qweight.tensors.items()):
+            digest.update(name.encode())
+            digest.update(buffer.detach().reshape(-1)[:4096].cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

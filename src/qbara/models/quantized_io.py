@@ -29,16 +29,24 @@ def is_quantized_folder(path) -> bool:
     return (Path(path) / QUANT_MANIFEST).is_file()
 
 
-def save_quantized(model, tokenizer, out_dir) -> Path:
-    """Save a model whose linears are QuantizedLinear (e.g. after merge(into='quantized'))."""
+def save_quantized(model, tokenizer, out_dir, base_only: bool = False) -> Path:
+    """Save a model whose linears are QuantizedLinear (e.g. after merge(into='quantized')).
+
+    base_only=True saves the quantized base under a model's adapters (without them; save those with
+    `save_adapter`), e.g. the Q of an LQ-LoRA / LoftQ decomposition the adapters start from.
+    """
     from qbara.adapters.attach import adapter_layers
 
-    if adapter_layers(model):
-        raise QbaraError("the model still has adapters; merge them first (qbara.merge(model, into='quantized'))")
+    adapted = adapter_layers(model)
+    if adapted and not base_only:
+        raise QbaraError("the model still has adapters; merge them first (qbara.merge(model, into='quantized')), "
+                         "or pass base_only=True to save the base without them")
+    state = model.state_dict()
     layers = {n: m.quant_config.to_dict() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if adapted:
+        state, layers = _without_adapters(state, layers, adapted)
     if not layers:
         raise QbaraError("the model has no quantized layers; save a dense model with save_pretrained instead")
-    state = model.state_dict()
     output = model.get_output_embeddings()
     if getattr(model.config, "tie_word_embeddings", False) and output is not None:
         # state_dict() detaches, so tied tensors are found by storage, not identity.
@@ -62,6 +70,28 @@ def save_quantized(model, tokenizer, out_dir) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _without_adapters(state: dict, layers: dict, adapted: dict) -> tuple[dict, dict]:
+    """State dict and layer manifest of the bases under the adapters: `name.base.x` -> `name.x`, adapter
+    parameters dropped."""
+    def rename(key: str) -> str | None:
+        for name in adapted:
+            if key.startswith(name + "."):
+                rest = key[len(name) + 1:]
+                return f"{name}.{rest[len('base.'):]}" if rest.startswith("base.") else None
+        return key
+
+    new_state = {}
+    for key, value in state.items():
+        new_key = rename(key)
+        if new_key is not None:
+            new_state[new_key] = value
+    new_layers = {}
+    for key, value in layers.items():
+        new_key = key[: -len(".base")] if key.endswith(".base") and key[: -len(".base")] in adapted else key
+        new_layers[new_key] = value
+    return new_state, new_layers
 
 
 def load_quantized(path, dtype=torch.float32):

@@ -1,0 +1,53 @@
+"""LoftQ initialisation (Li et al., 2023), the baseline LQ-LoRA is compared with.
+
+Starting from zero factors, alternate T times (T = `iters`, LoftQ's default 1):
+
+    Q     <- quantize(W - L1 L2)
+    L1 L2 <- SVD_r(W - Q)
+
+and keep the *last* iterate, as LoftQ does. With T = 1 this is Q = quantize(W) plus the rank-r
+SVD of its quantization error. (LQ-LoRA's `decompose` starts from the SVD side and returns the best
+iterate instead.) The SVD is exact by default, as in LoftQ: the quantization error LoftQ factors has
+a flat spectrum, where a randomized SVD misses much of the top subspace. Everything runs in fp32.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qbara.errors import QbaraError
+from qbara.lq.decompose import (Decomposition, check_decompose_inputs, low_rank_factors, quantize_step,
+                                weighted_error)
+from qbara.quant.config import QuantConfig
+from qbara.quant.tensor import quantize
+
+
+def loftq(W: Tensor, quant_config: QuantConfig, rank: int = 64, iters: int = 1, *, exact_svd: bool = True,
+          oversample: int = 10, power_iters: int = 2, seed: int = 0, name: str = "weight") -> Decomposition:
+    """LoftQ's W ≈ dequant(Q) + L1 @ L2 after `iters` alternations (quantize first, then SVD).
+
+    `errors` holds ||W - Q - L1 L2||_F after every alternation; the held (last) iterate is
+    `best_iter` = iters - 1, whether or not an earlier one was better. exact_svd=False uses the
+    randomized SVD (`oversample`, `power_iters`) instead, faster on large matrices.
+    """
+    if not isinstance(iters, int) or iters < 1:
+        raise QbaraError(f"{name}: LoftQ needs iters >= 1 alternations, got {iters!r}")
+    check_decompose_inputs(W, quant_config, rank, iters, None, name)
+    quant_config.check_shape(tuple(W.shape), name)
+    W = W.detach().to(torch.float32)
+    if not torch.isfinite(W).all():
+        raise QbaraError(f"{name}: weight contains NaN or Inf; fix the checkpoint before quantizing")
+    generator = torch.Generator(device=W.device).manual_seed(int(seed))
+    step = quantize_step(quant_config, name)
+    m, n = W.shape
+    if exact_svd:
+        oversample = min(m, n)  # low_rank_factors switches to the exact SVD
+    L1, L2 = W.new_zeros(m, rank), W.new_zeros(rank, n)
+    errors: list[float] = []
+    R = W
+    for _ in range(iters):
+        R = W - L1 @ L2
+        Q, _ = step(R)
+        L1, L2, _ = low_rank_factors(W - Q, rank, None, oversample, power_iters, generator)
+        errors.append(weighted_error(W - Q - L1 @ L2))
+    return Decomposition(quantize(R, quant_config, name), L1, L2, errors, iters - 1)

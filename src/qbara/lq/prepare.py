@@ -1,0 +1,231 @@
+"""Model-level LQ-LoRA and LoftQ: quantize every target linear as Q of a W ≈ Q + L1 L2 decomposition and
+start LoRA from the factors (A = L2/√s, B = L1/√s), so the model at step 0 is Q + L1 L2.
+
+    model = qbara.lq_prepare(model, budget=2.75, rank=64)                 # ILP-allocated configs
+    model = qbara.prepare(model, QuantConfig("nf4"), AdapterConfig(init="loftq"))  # LoftQ baseline
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from qbara.errors import QbaraError
+from qbara.lq.decompose import Decomposition, decompose
+from qbara.lq.loftq import loftq
+from qbara.lq.parallel import active_dist, collective_device, my_share, owners, run_per_matrix
+from qbara.quant.config import QuantConfig
+from qbara.quant.tensor import QuantizedTensor, quantize
+
+__all__ = ["LQLayer", "LQReport", "decompose_layers", "quantize_with_factors", "lq_prepare"]
+
+INIT_METHODS = ("lq", "loftq")
+
+
+@dataclass
+class LQLayer:
+    """What the decomposition of one matrix gave."""
+
+    config: QuantConfig
+    errors: list[float]  # ||W - Q - L1 L2||_F (Fisher-weighted if given) after every iteration
+    best_iter: int
+    numel: int
+
+    @property
+    def error(self) -> float:
+        return self.errors[self.best_iter]
+
+
+@dataclass
+class LQReport:
+    """Kept on the model as `model.qbara_lq` by `quantize_with_factors` / `lq_prepare`."""
+
+    method: str
+    rank: int
+    layers: dict[str, LQLayer]
+    allocation: object | None = None  # qbara.lq.tables.Allocation when an ILP chose the configs
+    fisher: bool = False
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def bits_per_param(self) -> float:
+        """Quantized bits per parameter over the decomposed matrices (low-rank factors not counted)."""
+        total = sum(layer.numel for layer in self.layers.values())
+        return sum(layer.config.bits_per_param * layer.numel for layer in self.layers.values()) / total
+
+    @property
+    def total_error(self) -> float:
+        """Σ ||W - Q - L1 L2||²_F over the matrices (Fisher-weighted if a Fisher matrix was used)."""
+        return sum(layer.error ** 2 for layer in self.layers.values())
+
+    def to_dict(self) -> dict:
+        data = {"method": self.method, "rank": self.rank, "fisher": self.fisher,
+                "bits_per_param": self.bits_per_param, "total_error": self.total_error,
+                "settings": self.settings,
+                "layers": {n: {"config": layer.config.to_dict(), "label": layer.config.label,
+                               "bits_per_param": layer.config.bits_per_param, "numel": layer.numel,
+                               "error": layer.error, "iterations": len(layer.errors),
+                               "best_iter": layer.best_iter}
+                           for n, layer in self.layers.items()}}
+        if self.allocation is not None:
+            data["budget"] = self.allocation.budget
+            data["allocation_error"] = self.allocation.error
+        return data
+
+
+def decompose_layers(weights: Mapping[str, Tensor], configs: Mapping[str, QuantConfig], rank: int, *,
+                     method: str = "lq", max_iters: int = 100, loftq_iters: int = 1,
+                     fisher: Mapping[str, Tensor] | None = None, seed: int = 0, workers: int | None = None,
+                     progress: bool = True) -> dict[str, Decomposition]:
+    """name -> decomposition of weights[name] with configs[name]: LQ-LoRA's (`decompose`, best iterate)
+    or LoftQ's (`loftq`, `loftq_iters` alternations).
+
+    Matrices run on `workers` threads; under torch.distributed each rank decomposes a share and the
+    results are broadcast, so every rank returns all of them (the same as one process: each matrix is
+    seeded by its index).
+    """
+    if method not in INIT_METHODS:
+        raise QbaraError(f"unknown decomposition {method!r}: choose one of {', '.join(INIT_METHODS)}")
+    if method == "loftq" and fisher is not None:
+        raise QbaraError("LoftQ has no Fisher-weighted variant; use method='lq' (LQ-LoRA) with a Fisher matrix")
+    names = list(weights)
+    missing = [n for n in names if n not in configs]
+    if missing:
+        raise QbaraError(f"no quantization config for {missing[:3]}; give one config per matrix")
+    if fisher is not None:
+        lacking = [n for n in names if n not in fisher]
+        if lacking:
+            raise QbaraError(f"the Fisher dict lacks {lacking[:3]} ({len(lacking)} layers); compute it for the "
+                             f"same target layers (qbara.lq.fisher.fisher_information)")
+    for n in names:  # every shape checked before minutes of work
+        configs[n].check_shape(tuple(weights[n].shape), n)
+    sizes = [weights[n].numel() for n in names]
+    results: dict[str, Decomposition] = {}
+
+    def one(i: int) -> None:
+        n = names[i]
+        if method == "loftq":
+            results[n] = loftq(weights[n], configs[n], rank, loftq_iters, seed=seed * 1_000_003 + i, name=n)
+        else:
+            results[n] = decompose(weights[n], configs[n], rank, max_iters,
+                                   fisher=None if fisher is None else fisher[n], seed=seed * 1_000_003 + i, name=n)
+
+    dist = active_dist()
+    first = dist is None or dist.get_rank() == 0
+    run_per_matrix(my_share(sizes), one, sizes, workers, progress and first,
+                   "LoftQ init" if method == "loftq" else "LQ decomposition")
+    if dist is not None:
+        _share_results(dist, names, weights, configs, rank, owners(sizes), results)
+    return {n: results[n] for n in names}
+
+
+def _share_results(dist, names, weights, configs, rank, owner, results) -> None:
+    """Broadcast each decomposition from the rank that computed it to all ranks."""
+    device = collective_device(dist)
+    me = dist.get_rank()
+    for i, n in enumerate(names):
+        src = owner[i]
+        if me == src:
+            dec = results[n]
+        else:  # placeholders of the right shapes and dtypes to receive into
+            m, k = weights[n].shape
+            qt = quantize(torch.zeros(m, k), configs[n], n)
+            dec = Decomposition(qt, torch.zeros(m, rank), torch.zeros(rank, k), [], 0)
+        tensors = list(dec.qtensor.tensors.values()) + [dec.L1, dec.L2]
+        for t in tensors:
+            buf = t.to(device)
+            dist.broadcast(buf, src=src)
+            if me != src:
+                t.copy_(buf.to(t.device))
+        meta = [dec.errors, dec.best_iter] if me == src else [None, None]
+        dist.broadcast_object_list(meta, src=src)
+        dec.errors, dec.best_iter = list(meta[0]), int(meta[1])
+        results[n] = dec
+
+
+def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], rank: int, *,
+                          method: str = "lq", targets="all-linear", max_iters: int = 100, loftq_iters: int = 1,
+                          fisher: Mapping[str, Tensor] | None = None, seed: int = 0, workers: int | None = None,
+                          progress: bool = True) -> dict[str, tuple[Tensor, Tensor]]:
+    """Replace each target nn.Linear of `model` by a QuantizedLinear holding the Q of its LQ-LoRA or LoftQ
+    decomposition, in place; return name -> (L1, L2) for the adapters to start from.
+
+    `quant` is one config for all targets or name -> config (an allocation). Records the report as
+    `model.qbara_lq` and a fingerprint of the new quantized base as `model.qbara_base_fingerprint`
+    (adapters started from these factors only fit this Q, not a plain quantization of the model).
+    """
+    from qbara.models.loader import model_fingerprint
+    from qbara.nn.quantized_linear import QuantizedLinear
+    from qbara.prepare import layer_configs
+    from qbara.targets import set_submodule
+
+    per_layer = layer_configs(model, quant, targets)  # dense linears only, every shape checked
+    if not per_layer:
+        raise QbaraError(f"no linear layers match the targets {targets!r}; check target_modules")
+    linears = {n: model.get_submodule(n) for n in per_layer}
+    weights = {n: layer.weight.detach() for n, layer in linears.items()}
+    for n, w in weights.items():
+        if min(w.shape) < rank:
+            raise QbaraError(f"{n}: rank {rank} exceeds the {tuple(w.shape)} matrix's smallest side; lower the rank")
+    decs = decompose_layers(weights, per_layer, rank, method=method, max_iters=max_iters, loftq_iters=loftq_iters,
+                            fisher=fisher, seed=seed, workers=workers, progress=progress)
+    factors = {}
+    report_layers = {}
+    for n, dec in decs.items():
+        layer = linears[n]
+        device = layer.weight.device
+        qt = QuantizedTensor(dec.qtensor.config, dec.qtensor.shape,
+                             {k: v.to(device) for k, v in dec.qtensor.tensors.items()})
+        set_submodule(model, n, QuantizedLinear(qt, layer.bias))
+        factors[n] = (dec.L1.to(device), dec.L2.to(device))
+        report_layers[n] = LQLayer(per_layer[n], list(dec.errors), dec.best_iter, weights[n].numel())
+    model.qbara_lq = LQReport(method, rank, report_layers, fisher=fisher is not None,
+                              settings={"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed})
+    if hasattr(model, "config"):
+        model.qbara_base_fingerprint = model_fingerprint(model)
+    return factors
+
+
+def lq_prepare(model: nn.Module, budget: float = 2.75, rank: int = 64, fisher: Mapping[str, Tensor] | str | Path |
+               None = None, *, alpha: float = 16.0, dropout: float = 0.0, target_modules="all-linear",
+               configs: Sequence[QuantConfig] | None = None, table=None, max_iters: int = 100,
+               table_iters: int | None = None, seed: int = 0, workers: int | None = None,
+               progress: bool = True) -> nn.Module:
+    """LQ-LoRA on a dense causal LM, in place: error table (cached) -> ILP allocation at `budget` bits per
+    parameter -> each target matrix quantized as the Q of its decomposition with its allocated config ->
+    LoRA adapters of rank `rank` started from the factors, so the model at step 0 is Q + L1 L2.
+
+    fisher: name -> Fisher matrix, or a file written by `qbara.lq.save_fisher` (data-aware LQ-LoRA:
+    weighted costs and SVDs). configs: candidate configs (default: SPEC §1.1's 432). table: a
+    precomputed `ErrorTable` of this model. Returns the model; `model.qbara_lq` holds the allocation
+    and the per-matrix errors.
+    """
+    from qbara.adapters.attach import attach_adapters
+    from qbara.adapters.config import AdapterConfig
+    from qbara.lq.fisher import load_fisher
+    from qbara.lq.tables import DEFAULT_TABLE_ITERS, error_table
+    from qbara.models.loader import model_fingerprint
+
+    adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                            init="lq")
+    if isinstance(fisher, (str, Path)):
+        fisher = load_fisher(fisher)
+    if not hasattr(model, "qbara_base_fingerprint") and hasattr(model, "config"):
+        model.qbara_base_fingerprint = model_fingerprint(model)
+    dense_fingerprint = getattr(model, "qbara_base_fingerprint", None)
+    if table is None:
+        table = error_table(model, configs, rank=rank, iters=table_iters or DEFAULT_TABLE_ITERS, fisher=fisher,
+                            targets=target_modules, seed=seed, workers=workers, progress=progress)
+    allocation = table.allocate(budget)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    factors = quantize_with_factors(model, allocation.configs, rank, method="lq", max_iters=max_iters,
+                                    fisher=fisher, seed=seed, workers=workers, progress=progress)
+    model.qbara_lq.allocation = allocation
+    model.qbara_lq.settings.update(budget=budget, dense_fingerprint=dense_fingerprint,
+                                   table_iters=table.settings.get("iters"))
+    attach_adapters(model, adapter, factors=factors)
+    return model
