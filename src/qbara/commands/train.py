@@ -25,10 +25,12 @@ def parse_overrides(tokens: list[str]) -> dict:
 
 def run(args, extra: list[str]) -> None:
     from qbara.train.config import load_run_config
+    from qbara.distributed import end_process_group
     from qbara.train.trainer import train
 
     config = load_run_config(args.config, parse_overrides(extra))
     result = train(config, resume=args.resume)
+    end_process_group()
     print(f"adapter saved to {result.adapter_dir} ({result.trainable_parameters:,} trainable parameters); "
           f"final train loss {result.final_loss}; loss curve {result.output_dir / 'loss_curve.png'}")
 

@@ -17,6 +17,7 @@ from qbara.quant.config import QuantConfig
 class ModelSection:
     name: str = "smollm2-135m"
     dtype: str = "float32"
+    adapter: str = ""  # start from this adapter folder (e.g. `qbara lq`'s OUT/adapter); the adapter section is then ignored
 
 
 @dataclass

@@ -140,7 +140,12 @@ def prepare_for_training(config: RunConfig, model, tokenizer):
         raise QbaraError(f"data.max_length={config.data.max_length} exceeds the model's context of {context} "
                          f"tokens; set data.max_length <= {context}")
     set_seed(config.train.seed)
-    return prepare(model, config.quant_config(), config.adapter_config())
+    if config.model.adapter:
+        from qbara.adapters.io import load_adapter
+
+        print(f"qbara: starting from the adapter in {config.model.adapter} (the adapter section is not used)")
+        return load_adapter(model, config.model.adapter)
+    return prepare(model, config.quant_config(), config.adapter_config(), progress=config.train.progress)
 
 
 def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -> TrainResult:
@@ -171,10 +176,17 @@ def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     adapter_dir = output_dir / "adapter"
     history = trainer.state.log_history
     if trainer.is_world_process_zero():
-        save_adapter(model, adapter_dir, base_model_name=config.model.name)
+        base_name = config.model.name
+        if getattr(model, "qbara_lq", None) is not None and not config.model.adapter:
+            # LoftQ / LQ init: the adapter fits the decomposition's Q, which is saved next to it.
+            from qbara.models.quantized_io import save_quantized
+
+            base_name = str(save_quantized(model, tokenizer, output_dir / "base", base_only=True))
+        save_adapter(model, adapter_dir, base_model_name=base_name)
         write_json_atomic(output_dir / "run_config.json", config.to_dict())
         write_json_atomic(output_dir / "log_history.json", history)
         plot_loss_curve(history, output_dir / "loss_curve.png")
+    trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 still writes
     losses = [h["loss"] for h in history if "loss" in h]
     return TrainResult(output_dir, adapter_dir, trainable_parameter_count(model), history,
                        losses[-1] if losses else None)
@@ -182,16 +194,13 @@ def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
 
 def plot_loss_curve(history: list, path) -> Path | None:
     """Training (and eval) loss against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from qbara.plotting import pyplot, save_figure
 
     train_points = [(h["step"], h["loss"]) for h in history if "loss" in h]
     eval_points = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     if not train_points and not eval_points:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     if train_points:
         ax.plot(*zip(*train_points), label="train loss")
     if eval_points:
@@ -201,8 +210,4 @@ def plot_loss_curve(history: list, path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return Path(path)
+    return save_figure(fig, path)

@@ -1,0 +1,156 @@
+"""`qbara lq --model M --budget 2.75 [--fisher-data FILE] --out DIR`: LQ-LoRA (or LoftQ) initialisation.
+
+Writes into DIR:
+  model/              the quantized base (Q of every decomposition; a native quantized folder)
+  adapter/            LoRA adapters starting from the factors (A = L2/√s, B = L1/√s)
+  allocation.json     per matrix: config, bits/param, decomposition error; totals; settings
+  bits_per_layer.png  the allocation's bits per layer and module
+  fisher.safetensors  the Fisher information (when computed from --fisher-data)
+Train from it with `qbara train --model.name DIR/model --model.adapter DIR/adapter ...`.
+Under `torchrun --nproc_per_node N -m qbara lq ...` the error table and the decompositions are shared out
+across the N ranks; rank 0 writes the outputs.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from qbara.distributed import is_main_process, world_size
+from qbara.errors import QbaraError
+
+
+def _fisher(args, model, tokenizer):
+    from qbara.commands.eval import read_text
+    from qbara.lq.fisher import calibration_sequences, fisher_information, load_fisher, save_fisher
+
+    if args.fisher and args.fisher_data:
+        raise QbaraError("give either --fisher (a saved Fisher file) or --fisher-data (text to compute it from)")
+    if args.fisher:
+        return load_fisher(args.fisher)
+    if not args.fisher_data:
+        return None
+    text = read_text(args.fisher_data)
+    sequences = calibration_sequences(tokenizer, text, args.fisher_samples, args.fisher_length, seed=args.seed)
+    fisher = fisher_information(model, sequences, progress=True)
+    if is_main_process():
+        save_fisher(fisher, Path(args.out) / "fisher.safetensors",
+                    metadata={"data": args.fisher_data, "samples": args.fisher_samples, "length": args.fisher_length})
+    return fisher
+
+
+def run(args) -> dict | None:
+    from qbara.distributed import end_process_group, start_process_group
+
+    start_process_group()
+    data = _run(args)
+    end_process_group()
+    return data
+
+
+def _run(args) -> dict | None:
+    import copy
+
+    from qbara.adapters.config import AdapterConfig
+    from qbara.adapters.io import save_adapter
+    from qbara.atomic import write_json_atomic
+    from qbara.lq.configs import candidate_configs, qlora_config
+    from qbara.lq.plot import plot_bits_per_layer
+    from qbara.lq.prepare import lq_prepare
+    from qbara.models.loader import load_model
+    from qbara.models.quantized_io import save_quantized
+    from qbara.prepare import prepare
+    from qbara.quant.config import QuantConfig
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    dense = copy.deepcopy(model) if args.eval else None
+    targets = "all-linear" if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
+    if args.method == "loftq":
+        if args.fisher or args.fisher_data:
+            raise QbaraError("LoftQ has no Fisher-weighted variant; drop --fisher/--fisher-data or use --method lq")
+        quant = QuantConfig.from_dict({"format": args.loftq_format})
+        adapter = AdapterConfig(method="lora", rank=args.rank, alpha=args.alpha, target_modules=targets,
+                                init="loftq", loftq_iters=args.loftq_iters)
+        prepare(model, quant, adapter, progress=True)
+    else:
+        fisher = _fisher(args, model, tokenizer)
+        configs = candidate_configs() if args.configs == "all" else [qlora_config(b) for b in (2, 3, 4, 8)]
+        lq_prepare(model, args.budget, args.rank, fisher, alpha=args.alpha, target_modules=targets,
+                   configs=configs, max_iters=args.max_iters, table_iters=args.table_iters, seed=args.seed,
+                   workers=args.workers)
+    report = model.qbara_lq
+    if not is_main_process():
+        return None
+    save_quantized(model, tokenizer, out / "model", base_only=True)
+    save_adapter(model, out / "adapter", base_model_name=str(out / "model"))
+    data = {"model": args.model, "method": args.method, "seconds": round(time.perf_counter() - start, 1),
+            "ranks": world_size()}
+    data.update(report.to_dict())
+    if report.allocation is not None:
+        data["counts"] = report.allocation.counts()
+    if args.eval:
+        data["eval"] = _evaluate(args, dense, model, tokenizer)
+    write_json_atomic(out / "allocation.json", data)
+    plot_bits_per_layer(report, out / "bits_per_layer.png")
+    _print_summary(data, out)
+    return data
+
+
+def _evaluate(args, dense, model, tokenizer) -> dict:
+    """Perplexity of the dense model and of Q + L1 L2 (the LQ model at step 0) on --eval text."""
+    from qbara.commands.eval import read_text
+    from qbara.eval.perplexity import perplexity
+
+    ids = tokenizer(read_text(args.eval), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    result = {}
+    for label, m in (("dense", dense), ("step0", model)):
+        r = perplexity(m, ids, window=args.window, max_tokens=args.eval_tokens, progress=True)
+        result[label] = {"ppl": r.ppl, "tokens": r.tokens, "window": r.window}
+    result["data"] = args.eval
+    return result
+
+
+def _print_summary(data: dict, out: Path) -> None:
+    line = (f"{data['method']}: {len(data['layers'])} matrices, {data['bits_per_param']:.3f} bits/param, "
+            f"total error {data['total_error']:.4g}, rank {data['rank']}, {data['seconds']:.0f} s")
+    print(line)
+    if "counts" in data:
+        print("configs: " + ", ".join(f"{k} x{v}" for k, v in data["counts"].items()))
+    if "eval" in data:
+        e = data["eval"]
+        print(f"perplexity ({e['data']}, {e['step0']['tokens']} tokens, window {e['step0']['window']}): "
+              f"dense {e['dense']['ppl']:.3f}, step 0 (Q + L1 L2) {e['step0']['ppl']:.3f}")
+    print(f"written to {out}: model/, adapter/, allocation.json, bits_per_layer.png")
+    print(json.dumps({"next": f"qbara train --model.name {out / 'model'} --model.adapter {out / 'adapter'} "
+                              f"--data.train FILE"}))
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("lq", help="LQ-LoRA (or LoftQ) init: quantize under a bit budget, LoRA from factors")
+    p.add_argument("--model", default="smollm2-135m", help="dense model: smollm2-135m, tiny-llama, or a folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--method", choices=("lq", "loftq"), default="lq",
+                   help="lq: LQ-LoRA with ILP allocation (default); loftq: LoftQ on one format")
+    p.add_argument("--budget", type=float, default=2.75, help="bits per parameter for the quantized part (lq)")
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank of the low-rank part")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the factors are divided by √(alpha/rank))")
+    p.add_argument("--targets", default="all-linear", help="target modules: all-linear or comma-separated suffixes")
+    p.add_argument("--fisher-data", help="text to estimate the Fisher from: a file or shakespeare:PLAY (lq)")
+    p.add_argument("--fisher", help="a Fisher file written earlier (fisher.safetensors)")
+    p.add_argument("--fisher-samples", type=int, default=64, help="calibration sequences for the Fisher")
+    p.add_argument("--fisher-length", type=int, default=256, help="tokens per calibration sequence")
+    p.add_argument("--configs", choices=("all", "qlora"), default="all",
+                   help="candidate configs: all (LQ-LoRA's 432) or qlora (nf2/3/4/8 in QLoRA's block 64 + DQ layout)")
+    p.add_argument("--table-iters", type=int, default=None, help="decomposition iterations in the error table")
+    p.add_argument("--max-iters", type=int, default=100, help="decomposition iterations (early stop) per matrix")
+    p.add_argument("--loftq-format", default="nf4", help="LoftQ's quantization format (loftq)")
+    p.add_argument("--loftq-iters", type=int, default=1, help="LoftQ alternations (loftq)")
+    p.add_argument("--workers", type=int, default=None, help="matrices in parallel (threads)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", help="perplexity text after init: a file or shakespeare:PLAY (e.g. shakespeare:hamlet)")
+    p.add_argument("--window", type=int, default=512, help="perplexity window")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="tokens evaluated (0 = all)")
+    p.set_defaults(func=run)

@@ -1,0 +1,48 @@
+"""Process groups for commands launched by torchrun (which sets RANK / WORLD_SIZE / MASTER_ADDR)."""
+from __future__ import annotations
+
+import os
+
+
+def launched_distributed() -> bool:
+    """True when this process is one of several ranks started by torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start_process_group() -> bool:
+    """Join the torchrun group (NCCL on CUDA, else gloo) unless one is running; True if this call joined it."""
+    import torch
+    import torch.distributed as dist
+
+    if not launched_distributed() or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a running group, or the only process."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    """Ranks in the running group (1 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def end_process_group() -> None:
+    """Wait for every rank, then tear the group down before the process exits: a gloo group left alive at
+    interpreter exit can abort a rank ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

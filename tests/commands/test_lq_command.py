@@ -1,0 +1,82 @@
+"""`qbara lq` writes a quantized base + adapters that reload to the step-0 model, and training starts from
+them (`--model.adapter`); `adapter.init: loftq` in a run config trains and saves its base."""
+import json
+
+import pytest
+
+from qbara.cli import main
+from tests.commands.test_cli import _eval, _good_yaml
+
+COMMON = ["--data", "shakespeare:hamlet", "--window", "64", "--max-tokens", "256", "--json"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QBARA_CACHE", str(tmp_path / "cache"))
+
+
+def test_lq_command_outputs_reload_and_train(tmp_path, capsys):
+    out = tmp_path / "lq"
+    assert main(["lq", "--model", "tiny-llama", "--rank", "4", "--budget", "3.0", "--configs", "qlora",
+                 "--table-iters", "2", "--out", str(out), "--eval", "shakespeare:hamlet", "--window", "64",
+                 "--eval-tokens", "256"]) == 0
+    data = json.loads((out / "allocation.json").read_text())
+    assert data["bits_per_param"] <= 3.0 and data["budget"] == 3.0 and len(data["layers"]) == 14
+    assert sum(data["counts"].values()) == 14
+    assert (out / "bits_per_layer.png").stat().st_size > 5000
+    # The saved base + adapter reproduce the step-0 model evaluated by the command.
+    step0 = _eval(["--model", str(out / "model"), "--adapter", str(out / "adapter"), *COMMON], capsys)
+    assert step0 == pytest.approx(data["eval"]["step0"]["ppl"], rel=1e-5)
+    assert main(["train", "--config", str(_good_yaml(tmp_path)), "--model.name", str(out / "model"),
+                 "--model.adapter", str(out / "adapter")]) == 0
+    trained = _eval(["--model", str(out / "model"), "--adapter", str(tmp_path / "out" / "adapter"), *COMMON], capsys)
+    assert trained != step0
+
+
+def test_loftq_run_config_saves_its_base(tmp_path, capsys):
+    yaml_path = _good_yaml(tmp_path)
+    assert main(["train", "--config", str(yaml_path), "--quant.format", "nf4", "--quant.block_size", "32",
+                 "--adapter.method", "lora", "--adapter.init", "loftq"]) == 0
+    run = tmp_path / "out"
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(run / "base")
+    assert _eval(["--model", str(run / "base"), "--adapter", str(run / "adapter"), *COMMON], capsys) > 1
+    assert main(["eval", "--model", "tiny-llama", "--adapter", str(run / "adapter"), *COMMON]) == 2
+    assert "decomposition" in capsys.readouterr().err
+
+
+def test_lq_command_refuses_fisher_with_loftq(tmp_path, capsys):
+    assert main(["lq", "--model", "tiny-llama", "--method", "loftq", "--fisher-data", "shakespeare:hamlet",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "no Fisher-weighted variant" in capsys.readouterr().err
+
+
+def test_lq_command_under_torchrun_matches_one_process(tmp_path):
+    """2 gloo ranks share the table and the decompositions out; rank 0 writes the same outputs as 1 process."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "QBARA_CACHE": str(tmp_path / "cache")}
+    args = ["lq", "--model", "tiny-llama", "--rank", "4", "--budget", "3.0", "--configs", "qlora",
+            "--table-iters", "2", "--max-iters", "4"]
+    outs = {}
+    for label, launcher in (("one", [sys.executable, "-m", "qbara"]),
+                            ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                     "--master_port", "29541", "-m", "qbara"])):
+        outs[label] = tmp_path / label
+        env["QBARA_CACHE"] = str(tmp_path / f"cache-{label}")  # no shared table cache between the runs
+        done = subprocess.run([*launcher, *args, "--out", str(outs[label])], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    one, two = (json.loads((outs[k] / "allocation.json").read_text()) for k in ("one", "two"))
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    assert one["layers"] == two["layers"] and one["total_error"] == two["total_error"]
+    for sub in ("model", "adapter"):
+        files = sorted(p.name for p in (outs["one"] / sub).glob("*.safetensors"))
+        assert files
+        for name in files:
+            a, b = load_file(outs["one"] / sub / name), load_file(outs["two"] / sub / name)
+            assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
