@@ -26,3 +26,15 @@ def test_packing_is_msb_first_bit_stream(bits):
 def test_unsupported_width_is_refused():
     with pytest.raises(ValueError, match="supported widths"):
         pack_bits(torch.zeros(8, dtype=torch.uint8), 5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("numel", [1, 7, 64, 1001])
+def test_unpack_lookup_equals_indexing_the_unpacked_codes(bits, numel):
+    from qbara.quant.packing import unpack_lookup
+
+    gen = torch.Generator().manual_seed(bits * numel)
+    codes = torch.randint(0, 2 ** bits, (numel,), generator=gen, dtype=torch.uint8)
+    values = torch.randn(2 ** bits, generator=gen)
+    looked_up = unpack_lookup(pack_bits(codes, bits), bits, numel, values)
+    assert looked_up.shape == (numel,) and torch.equal(looked_up, values[codes.long()])

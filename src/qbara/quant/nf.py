@@ -27,6 +27,12 @@ def nf_levels(bits: int, device: torch.device | str | None = None) -> Tensor:
     return torch.from_numpy(_nf_levels_np(bits).copy()).to(device)
 
 
+@functools.lru_cache(maxsize=None)
+def nf_level_table(bits: int, device: torch.device) -> Tensor:
+    """`nf_levels(bits)` cached per device (read-only: shared by every caller)."""
+    return nf_levels(bits, device)
+
+
 def nf_midpoints(bits: int, device: torch.device | str | None = None) -> Tensor:
     """The 2**bits - 1 rounding boundaries between adjacent NF levels."""
     levels = nf_levels(bits, device)
@@ -55,6 +61,6 @@ def quantize_nf(weight: Tensor, bits: int, block_size: int) -> tuple[Tensor, Ten
 
 def dequantize_nf(codes: Tensor, absmax: Tensor, bits: int, block_size: int, dtype=torch.float32) -> Tensor:
     """Flat dequantized values: level[code] * absmax of the code's block."""
-    levels = nf_levels(bits, codes.device)
+    levels = nf_level_table(bits, codes.device)
     values = levels[codes.long()].view(-1, block_size) * absmax.float()[:, None]
     return values.reshape(-1).to(dtype)

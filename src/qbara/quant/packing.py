@@ -1,6 +1,8 @@
 """Bit packing of unsigned integer codes into uint8 buffers (MSB first, bitsandbytes' nibble order)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -58,6 +60,24 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     code_shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.int64) * bits
     codes = (words[:, None] >> code_shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:numel].to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_codes(bits: int, device: torch.device) -> Tensor:
+    """(256, 8 // bits) int64: the codes packed in each possible byte, in packing order."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte - 1, -1, -1, dtype=torch.int64) * bits
+    return ((torch.arange(256, dtype=torch.int64)[:, None] >> shifts) & ((1 << bits) - 1)).to(device)
+
+
+def unpack_lookup(packed: Tensor, bits: int, numel: int, values: Tensor) -> Tensor:
+    """values[code] for the first `numel` packed codes, as one table lookup per byte for 2/4/8-bit codes
+    (no unpacked code tensor, no int64 index per weight). `values` has 2**bits entries."""
+    _check_bits(bits)
+    if 8 % bits:
+        return values[unpack_bits(packed, bits, numel).long()]
+    table = values[_byte_codes(bits, values.device)]  # (256, codes per byte)
+    return torch.nn.functional.embedding(packed.reshape(-1).int(), table).reshape(-1)[:numel]
 
 
 def _check_bits(bits: int) -> None:

@@ -1,6 +1,7 @@
 """`QuantizedTensor`: a packed quantized 2-D weight, and the `quantize` / `dequantize` entry points."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -10,8 +11,14 @@ from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import double_dequantize, double_quantize
 from qbara.quant.intk import dequantize_int, quantize_int
-from qbara.quant.nf import dequantize_nf, quantize_nf
-from qbara.quant.packing import pack_bits, unpack_bits
+from qbara.quant.nf import nf_level_table, quantize_nf
+from qbara.quant.packing import pack_bits, unpack_bits, unpack_lookup
+
+
+@functools.lru_cache(maxsize=None)
+def _code_values(bits: int, device: torch.device) -> Tensor:
+    """The INT codes 0 .. 2**bits - 1 as fp32 (the lookup table of an INT dequantization)."""
+    return torch.arange(2 ** bits, dtype=torch.float32, device=device)
 
 
 @dataclass
@@ -54,12 +61,13 @@ class QuantizedTensor:
         return double_dequantize(codes, t["absmax_group_max"], t["absmax_offset"], c.dq_bits, c.dq_block_size)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The (d_out, d_in) weight in `dtype`."""
-        c = self.config
+        """The (d_out, d_in) weight in `dtype` (codes are looked up straight from the packed bytes)."""
+        c, packed = self.config, self.tensors["codes"]
         if c.kind == "nf":
-            flat = dequantize_nf(self.codes(), self.scales(), c.bits, c.block_size, dtype=torch.float32)
-            return flat.view(self.shape).to(dtype)
-        return dequantize_int(self.codes(), self.tensors["scale"], self.tensors["minimum"], self.shape,
+            levels = unpack_lookup(packed, c.bits, self.numel, nf_level_table(c.bits, packed.device))
+            return (levels.view(-1, c.block_size) * self.scales()[:, None]).view(self.shape).to(dtype)
+        codes = unpack_lookup(packed, c.bits, self.numel, _code_values(c.bits, packed.device))
+        return dequantize_int(codes, self.tensors["scale"], self.tensors["minimum"], self.shape,
                               c.block_size, c.block_rows, dtype=dtype)
 
     def to(self, device) -> "QuantizedTensor":
