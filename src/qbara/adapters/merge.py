@@ -1,6 +1,9 @@
 """`merge`: fold every adapter of a model into its base layer."""
 from __future__ import annotations
 
+import math
+import warnings
+
 from torch import nn
 
 from qbara.adapters.attach import adapter_layers
@@ -8,14 +11,17 @@ from qbara.errors import QbaraError
 from qbara.targets import set_submodule
 
 MERGE_TARGETS = ("dense", "quantized")
+FOLD_ROUNDING_WARN = 0.05  # warn when the fp16 minima lose more than this share (relative RMS) of the update
 
 
 def merge(model: nn.Module, into: str = "dense") -> nn.Module:
     """Replace each adapted layer by its merge, in place, and return the model.
 
     dense: nn.Linear(dequant(W) + Delta W). quantized: the QA-LoRA / QA-HiRA update folds into the INT
-    base's float minima exactly; the layer stays quantized with unchanged bits/param. Every layer is
-    checked before any is replaced, so a refused merge leaves the model as it was.
+    base's float minima; the layer stays quantized with unchanged bits/param. The fold is exact up to
+    the fp16 rounding of the new minima: `model.qbara_fold_rounding` is the share (relative RMS) of the
+    update that rounding lost, and a warning says so above 5%. Every layer is checked before any is
+    replaced, so a refused merge leaves the model as it was.
     """
     if into not in MERGE_TARGETS:
         raise QbaraError(f"unknown merge target {into!r}: choose 'dense' or 'quantized'")
@@ -29,8 +35,23 @@ def merge(model: nn.Module, into: str = "dense") -> nn.Module:
             if problem:
                 raise QbaraError(f"{name}: {layer.method} cannot merge into the quantized model: {problem}; "
                                  f"use into='dense' or an adapter that folds (qalora, qahira)")
+    lost = total = 0.0
     for name, layer in layers.items():
-        set_submodule(model, name, layer.merge(into))
+        merged = layer.merge(into)
+        if into == "quantized":
+            from qbara.quant.fold import fold_rounding
+
+            layer_lost, layer_total = fold_rounding(layer.base.qweight, merged.qweight, layer.delta_weight())
+            lost, total = lost + layer_lost, total + layer_total
+        set_submodule(model, name, merged)
+    if into == "quantized":
+        model.qbara_fold_rounding = math.sqrt(lost / total) if total > 0 else 0.0
+        if model.qbara_fold_rounding > FOLD_ROUNDING_WARN:
+            warnings.warn(f"the fp16 minima could not hold {model.qbara_fold_rounding:.0%} of the update (relative "
+                          f"RMS): a block constant smaller than its minimum's fp16 step is rounded away or "
+                          f"overshot, so the merged model is not quite the adapter model. Evaluate the merged "
+                          f"model; larger updates (more steps, higher learning rate) fold more precisely, and "
+                          f"merge(into='dense') keeps the update exactly", stacklevel=2)
     if hasattr(model, "qbara_adapter_config"):
         del model.qbara_adapter_config
     return model

@@ -40,3 +40,16 @@ def fold_block_constants(qtensor: QuantizedTensor, delta: Tensor) -> QuantizedTe
     tensors = dict(qtensor.tensors)
     tensors["minimum"] = (tensors["minimum"].float() + first.to(tensors["minimum"].device)).half()
     return QuantizedTensor(config, qtensor.shape, tensors)
+
+
+def fold_rounding(before: QuantizedTensor, after: QuantizedTensor, delta: Tensor) -> tuple[float, float]:
+    """(‖part of the update the stored minima failed to hold‖², ‖update‖²) over all weights of a fold.
+
+    The minima are fp16: where a block's constant is small next to its minimum's fp16 step, rounding
+    m + c drops or overshoots it. The ratio of the two is what the fold loses of the update."""
+    config = before.config
+    wanted = _to_blocks(delta.detach().float(), config.block_size, config.block_rows)[:, 0]
+    moved = after.tensors["minimum"].float() - before.tensors["minimum"].float()
+    wanted = wanted.to(moved.device)
+    n = config.block_numel
+    return float(((moved - wanted) ** 2).sum()) * n, float((wanted ** 2).sum()) * n
