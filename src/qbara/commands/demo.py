@@ -1,5 +1,5 @@
 """`qbara demo`: the main job on the embedded SmolLM2 — QA-HiRA on an INT4 (G=32) base fine-tuned on GSM8K
-answers, evaluated before and after, merged exactly into the 4-bit model, and evaluated again."""
+answers, evaluated before and after, folded into the 4-bit model, and evaluated again."""
 from __future__ import annotations
 
 import copy
@@ -74,6 +74,7 @@ def run(args) -> dict:
         "train_records": len(read_records(str(train_file))), "held_out_records": len(held),
         "held_out_loss_before": before, "held_out_loss_after": after, "held_out_loss_merged": merged,
         "merged_vs_adapter_rel_diff": abs(merged - after) / after, "bits_per_param_merged": bits,
+        "fold_rounding": model.qbara_fold_rounding,
         "seconds": time.perf_counter() - start,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -83,14 +84,15 @@ def run(args) -> dict:
     print(f"{'INT4 base (before fine-tuning)':<40}{before:>22.4f}")
     print(f"{'INT4 base + QA-HiRA adapter':<40}{after:>22.4f}")
     print(f"{'merged into INT4 (same 5.0 bits/param)':<40}{merged:>22.4f}")
-    print(f"merged vs adapter: {100 * report['merged_vs_adapter_rel_diff']:.4f}% difference; "
+    print(f"merged vs adapter: {100 * report['merged_vs_adapter_rel_diff']:.4f}% difference (fp16 minima lost "
+          f"{report['fold_rounding']:.1%} of the update); "
           f"{report['seconds']:.0f} s; artifacts in {out} (adapter: {result.adapter_dir}, merged model: "
           f"{out / 'merged-int4'}, loss curve: {result.output_dir / 'loss_curve.png'})")
     return report
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="the main job: QA-HiRA fine-tune of SmolLM2 on GSM8K, merged exactly into INT4")
+    p = subparsers.add_parser("demo", help="the main job: QA-HiRA fine-tune of SmolLM2 on GSM8K, folded into INT4")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--steps", type=int, default=30)
