@@ -65,3 +65,33 @@ def test_fold_changes_only_the_minima():
     half_ulp = exact_min.abs() * 2.0**-11 + 2.0**-25
     err = (merged.dequantize() - dense).reshape(-1, 32).abs().amax(dim=1)
     assert torch.all(err <= half_ulp + 1e-7 * dense.abs().max())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("minimum_dtype, std, warns", [("fp16", 0.01, False), ("fp16", 1e-5, True),
+                                                       ("fp32", 1e-5, False)])
+def test_fold_reports_what_rounding_of_the_minima_lost(minimum_dtype, std, warns):
+    """qbara_fold_rounding equals the dense-computed relative RMS of (folded - (base + ΔW)) over ΔW; a warning
+    comes when the update is too small for fp16 minima to hold, and fp32 minima hold it."""
+    import warnings
+
+    from qbara import AdapterConfig, QuantConfig, prepare
+    from qbara.models import tiny_llama
+
+    model, _ = tiny_llama(seed=0)
+    prepare(model, QuantConfig("int4", block_size=32, minimum_dtype=minimum_dtype),
+            AdapterConfig("qahira", rank=4, alpha=8))
+    randomize_adapters(model, std=std)
+    lost = total = 0.0
+    for layer in adapter_layers(model).values():
+        delta = layer.delta_weight()
+        folded = layer.merge("quantized").dequantize().double()
+        lost += float(((folded - layer.base.dequantize().double()) - delta.double()).pow(2).sum())
+        total += float(delta.double().pow(2).sum())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge(model, into="quantized")
+    print(f"{minimum_dtype} std {std}: fold lost {model.qbara_fold_rounding:.2%} of the update")
+    assert model.qbara_fold_rounding == pytest.approx((lost / total) ** 0.5, rel=1e-3, abs=5e-4)  # fp32 dequant noise
+    assert (model.qbara_fold_rounding > 0.05) == warns
+    assert any("minima could not hold" in str(w.message) for w in caught) == warns

@@ -8,10 +8,10 @@ from qbara.nn import QuantizedLinear
 from tests.helpers import randomize_adapters
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_merged_quantized_model_round_trips(tmp_path, tie):
+@pytest.mark.parametrize("tie, minimum_dtype", [(False, "fp16"), (True, "fp16"), (False, "fp32")])
+def test_merged_quantized_model_round_trips(tmp_path, tie, minimum_dtype):
     model, tokenizer = tiny_llama(tie_word_embeddings=tie)
-    prepare(model, QuantConfig("int4", 32), AdapterConfig("qahira", rank=4))
+    prepare(model, QuantConfig("int4", 32, minimum_dtype=minimum_dtype), AdapterConfig("qahira", rank=4))
     randomize_adapters(model, std=0.01)
     merge(model, into="quantized")
     ids = torch.randint(0, 250, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -20,7 +20,8 @@ def test_merged_quantized_model_round_trips(tmp_path, tie):
     save_quantized(model, tokenizer, tmp_path / "q")
     loaded, loaded_tok = load_model(str(tmp_path / "q"))
     assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == 14
-    assert all(m.minimum.dtype == torch.float16 for m in loaded.modules() if isinstance(m, QuantizedLinear))
+    want = torch.float32 if minimum_dtype == "fp32" else torch.float16
+    assert all(m.minimum.dtype == want for m in loaded.modules() if isinstance(m, QuantizedLinear))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
     assert loaded_tok is not None

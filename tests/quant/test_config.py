@@ -52,3 +52,17 @@ def test_bits_per_param_without_double_quant(fmt, g, expected):
     cfg = QuantConfig(fmt, g, double_quant=False) if fmt.startswith("nf") else QuantConfig(fmt, g)
     assert cfg.bits_per_param == expected
     assert quantize(torch.randn(32, 256), cfg).bits_per_param == expected
+
+
+def test_fp32_minima_cost_half_a_bit_at_g32_and_only_apply_to_int():
+    from qbara.quant import quantize
+
+    config = QuantConfig("int4", block_size=32, minimum_dtype="fp32")
+    q = quantize(torch.randn(16, 64, generator=torch.Generator().manual_seed(0)), config)
+    assert q.tensors["minimum"].dtype == torch.float32
+    assert config.bits_per_param == q.bits_per_param == 5.5 and config.label == "int4-g32-m32"
+    assert QuantConfig("int4", block_size=32).bits_per_param == 5.0
+    with pytest.raises(QbaraError, match="int formats only"):
+        QuantConfig("nf4", minimum_dtype="fp32")
+    with pytest.raises(QbaraError, match="minimum_dtype must be one of"):
+        QuantConfig("int4", minimum_dtype="bf16")

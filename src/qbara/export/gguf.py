@@ -160,7 +160,7 @@ def llama_rope_permutation(rows: int, n_head: int) -> Tensor:
 def _is_q4_1(module: nn.Module) -> bool:
     c = getattr(module, "quant_config", None)
     return (isinstance(module, QuantizedLinear) and c is not None and c.format == "int4"
-            and c.block_size == 32 and c.block_rows == 1)
+            and c.block_size == 32 and c.block_rows == 1 and c.minimum_dtype == "fp16")
 
 
 def _describe(module: nn.Module) -> str:

@@ -10,6 +10,7 @@ NF_BITS = (2, 3, 4, 8)
 INT_BITS = (2, 3, 4, 8)
 FORMATS = tuple(f"nf{b}" for b in NF_BITS) + tuple(f"int{b}" for b in INT_BITS)
 DQ_DTYPE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16}
+MINIMUM_DTYPES = {"fp16": 16, "fp32": 32}  # INT block minimum storage -> bits
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class QuantConfig:
     block_rows: INT only, rows per block (2-D tiles for QA-HiRA's tile setting); 1 = 1 x G blocks.
     double_quant: NF only, quantize the absmax scales (default on for NF, as in QLoRA).
     dq_bits, dq_block_size, dq_dtype: b0, B1 and b1 of the scale quantization.
+    minimum_dtype: INT only, storage of each block's float minimum: fp16 (default; GGUF Q4_1's layout) or
+        fp32 (+0.5 bits/param at G=32; an adapter folded into the minima then loses nothing to rounding).
     """
 
     format: str = "nf4"
@@ -31,6 +34,7 @@ class QuantConfig:
     dq_bits: int = 8
     dq_block_size: int = 256
     dq_dtype: str = "fp32"
+    minimum_dtype: str = "fp16"
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -46,6 +50,10 @@ class QuantConfig:
         if self.kind == "int" and self.double_quant:
             raise QbaraError("double_quant applies to NF formats only: drop it for int formats (their fp16 "
                              "scale and min are what lets adapters fold in exactly)")
+        if self.minimum_dtype not in MINIMUM_DTYPES:
+            raise QbaraError(f"minimum_dtype must be one of {', '.join(MINIMUM_DTYPES)}, got {self.minimum_dtype!r}")
+        if self.kind == "nf" and self.minimum_dtype != "fp16":
+            raise QbaraError("minimum_dtype applies to int formats only: NF blocks store an absmax, no minimum")
         if self.kind == "nf" and self.block_rows != 1:
             raise QbaraError("block_rows applies to int formats only: NF blocks run along a row")
         if self.double_quant:
@@ -74,9 +82,9 @@ class QuantConfig:
     @property
     def bits_per_param(self) -> float:
         """Storage bits per weight by formula: b + b0/B0 + b1/(B0*B1) (NF with double quant),
-        b + 32/B0 (NF, fp32 absmax), b + 32/(G*rows) (INT, fp16 scale and min)."""
+        b + 32/B0 (NF, fp32 absmax), b + (16 + 16|32)/(G*rows) (INT, fp16 scale, fp16|fp32 min)."""
         if self.kind == "int":
-            return self.bits + 32 / self.block_numel
+            return self.bits + (16 + MINIMUM_DTYPES[self.minimum_dtype]) / self.block_numel
         if not self.double_quant:
             return self.bits + 32 / self.block_size
         return (self.bits + self.dq_bits / self.block_size
@@ -87,7 +95,8 @@ class QuantConfig:
         """Short human-readable name, e.g. nf4-b64-dq8/fp32/256 or int4-g32."""
         if self.kind == "int":
             rows = f"x{self.block_rows}" if self.block_rows > 1 else ""
-            return f"{self.format}-g{self.block_size}{rows}"
+            minimum = "-m32" if self.minimum_dtype == "fp32" else ""
+            return f"{self.format}-g{self.block_size}{rows}{minimum}"
         dq = f"-dq{self.dq_bits}/{self.dq_dtype}/{self.dq_block_size}" if self.double_quant else ""
         return f"{self.format}-b{self.block_size}{dq}"
 

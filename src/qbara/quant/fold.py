@@ -26,7 +26,8 @@ def fold_problem(config, tile_rows: int, tile_cols: int) -> str | None:
 
 def fold_block_constants(qtensor: QuantizedTensor, delta: Tensor) -> QuantizedTensor:
     """A new INT QuantizedTensor equal to dequant(qtensor) + delta, where `delta` is constant on every
-    quantization block: only the fp16 minima move (m <- m + c), codes and scales are shared unchanged."""
+    quantization block: only the float minima move (m <- m + c, rounded to their storage dtype), codes and
+    scales are shared unchanged."""
     config = qtensor.config
     problem = fold_problem(config, config.block_rows, config.block_size)
     if problem:
@@ -38,15 +39,16 @@ def fold_block_constants(qtensor: QuantizedTensor, delta: Tensor) -> QuantizedTe
         raise QbaraError(f"the update is not constant on the quantization blocks (spread {float(spread):.3g}); "
                          f"it cannot fold exactly: merge into='dense' instead")
     tensors = dict(qtensor.tensors)
-    tensors["minimum"] = (tensors["minimum"].float() + first.to(tensors["minimum"].device)).half()
+    minimum = tensors["minimum"]
+    tensors["minimum"] = (minimum.float() + first.to(minimum.device)).to(minimum.dtype)
     return QuantizedTensor(config, qtensor.shape, tensors)
 
 
 def fold_rounding(before: QuantizedTensor, after: QuantizedTensor, delta: Tensor) -> tuple[float, float]:
     """(‖part of the update the stored minima failed to hold‖², ‖update‖²) over all weights of a fold.
 
-    The minima are fp16: where a block's constant is small next to its minimum's fp16 step, rounding
-    m + c drops or overshoots it. The ratio of the two is what the fold loses of the update."""
+    With fp16 minima, where a block's constant is small next to its minimum's fp16 step, rounding m + c
+    drops or overshoots it (fp32 minima hold it). The ratio of the two is what the fold loses of the update."""
     config = before.config
     wanted = _to_blocks(delta.detach().float(), config.block_size, config.block_rows)[:, 0]
     moved = after.tensors["minimum"].float() - before.tensors["minimum"].float()

@@ -2,7 +2,7 @@
 
 A block is `group_rows` x `group_size` elements of the (d_out, d_in) weight: 1 x G is the usual
 per-row group (GGUF Q4_1 with G = 32); taller tiles serve QA-HiRA's 2-D pooling. Scale and minimum
-are stored in fp16, so w = s * q + m with float m: adding a constant to a whole block is exact.
+are stored in fp16 (the minimum optionally in fp32), so w = s * q + m with float m: adding a constant to a whole block is exact.
 """
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ def _from_blocks(blocks: Tensor, shape: tuple[int, int], group_size: int, group_
     return tiles.permute(0, 2, 1, 3).reshape(d_out, d_in)
 
 
-def quantize_int(weight: Tensor, bits: int, group_size: int, group_rows: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-    """Quantize a 2-D weight. Returns (codes uint8 in row-major order, scale fp16, min fp16) per block.
+def quantize_int(weight: Tensor, bits: int, group_size: int, group_rows: int = 1,
+                 minimum_dtype: torch.dtype = torch.float16) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantize a 2-D weight. Returns (codes uint8 in row-major order, scale fp16, min in `minimum_dtype`)
+    per block.
 
     Blocks are ordered row-block major: block (r, c) covers rows r*group_rows.. and columns c*G...
     """
@@ -32,7 +34,7 @@ def quantize_int(weight: Tensor, bits: int, group_size: int, group_rows: int = 1
     hi = blocks.amax(dim=1)
     qmax = 2**bits - 1
     scale = ((hi - lo) / qmax).to(torch.float16)
-    minimum = lo.to(torch.float16)
+    minimum = lo.to(minimum_dtype)
     s = scale.float()
     safe = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.round((blocks - minimum.float()[:, None]) / safe[:, None]).clamp_(0, qmax)

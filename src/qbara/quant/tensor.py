@@ -26,7 +26,7 @@ class QuantizedTensor:
     """A quantized (d_out, d_in) weight held as packed buffers.
 
     NF: `codes` (packed), and `absmax` fp32 or, with double quant, `absmax_codes` (packed),
-    `absmax_group_max`, `absmax_offset`. INT: `codes` (packed), `scale` fp16, `minimum` fp16.
+    `absmax_group_max`, `absmax_offset`. INT: `codes` (packed), `scale` fp16, `minimum` fp16 (or fp32).
     """
 
     config: QuantConfig
@@ -85,7 +85,8 @@ def quantize(weight: Tensor, config: QuantConfig, name: str = "weight") -> Quant
         raise QbaraError(f"{name}: weight contains NaN or Inf; fix the checkpoint before quantizing")
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     if config.kind == "int":
-        codes, scale, minimum = quantize_int(weight, config.bits, config.block_size, config.block_rows)
+        minimum_dtype = torch.float32 if config.minimum_dtype == "fp32" else torch.float16
+        codes, scale, minimum = quantize_int(weight, config.bits, config.block_size, config.block_rows, minimum_dtype)
         tensors = {"codes": pack_bits(codes, config.bits), "scale": scale, "minimum": minimum}
         return QuantizedTensor(config, shape, tensors)
     codes, absmax = quantize_nf(weight, config.bits, config.block_size)
