@@ -29,9 +29,10 @@ from qbara.lq.configs import candidate_configs, qlora_config
 from qbara.train.data import Example
 
 INT4_G32 = QuantConfig("int4", block_size=32)
+INT4_G32_M32 = QuantConfig("int4", block_size=32, minimum_dtype="fp32")  # fp32 minima: folds lose nothing
 INT4_TILE = QuantConfig("int4", block_size=4, block_rows=8)  # 32 weights per 4 x 8 tile: QA-HiRA authors' setting
-FOLDABLE = ("qalora", "qahira", "qahira-tile")
-ALL_METHODS = ("qlora", "qalora", "qbara", "qahira", "qahira-tile", "loftq", "lq-3.25", "lq-2.75",
+FOLDABLE = ("qalora", "qahira", "qahira-tile", "qahira-m32")
+ALL_METHODS = ("qlora", "qalora", "qbara", "qahira", "qahira-tile", "qahira-m32", "loftq", "lq-3.25", "lq-2.75",
                "lq-fisher-3.25", "lq-fisher-2.75")
 
 
@@ -133,6 +134,9 @@ def prepare_method(method: str, dense, tokenizer, args) -> Prepared:
     elif method == "qahira":
         prepare(model, INT4_G32, AdapterConfig("qahira", rank=r, alpha=a))
         label, base = "QA-HiRA (block 32)", "INT4-G32"
+    elif method == "qahira-m32":
+        prepare(model, INT4_G32_M32, AdapterConfig("qahira", rank=r, alpha=a))
+        label, base = "QA-HiRA (block 32, fp32 minima)", "INT4-G32, fp32 min"
     elif method == "qahira-tile":
         prepare(model, INT4_TILE, AdapterConfig("qahira", rank=r, alpha=a, pool_in=4))
         label, base = "QA-HiRA (tile 4x8)", "INT4 4x8"
@@ -301,6 +305,8 @@ def findings(result: dict) -> list[str]:
             verdict = f"reproduced: {la} {sa['after']:.4f} < {lb} {sb['after']:.4f}"
         else:
             verdict = f"NOT reproduced: {la} {sa['after']:.4f} > {lb} {sb['after']:.4f}"
+        if len(m[a]["runs"][task]) < 2 or len(m[b]["runs"][task]) < 2:
+            verdict += " (one seed: no spread measured)"
         lines.append(f"- {task}: {claim} — {verdict}.")
 
     for task in result["data"]:
@@ -310,12 +316,18 @@ def findings(result: dict) -> list[str]:
         compare(task, "lq-3.25", "loftq", "LQ-LoRA at 3.25 bits is at least as good as LoftQ NF4 (4.13 bits)")
         compare(task, "lq-3.25", "qlora", "LQ-LoRA at 3.25 bits is at least as good as QLoRA NF4 (4.13 bits)")
         compare(task, "lq-fisher-2.75", "lq-2.75", "Fisher weighting helps LQ-LoRA at 2.75 bits")
-        for key in ("qalora", "qahira", "qahira-tile"):
+        for key in FOLDABLE:
             if key in m and task in m[key]["runs"]:
                 s = summary(m[key]["runs"][task])
                 lines.append(f"- {task}: {m[key]['label']} folded into its 4-bit base: {s['merged']:.4f} vs adapter "
                              f"{s['after']:.4f} ({s['merged'] - s['after']:+.4f}; {merge_label(m[key]['runs'][task])})")
-        if "qlora" in m and task in m["qlora"]["runs"]:
+        lq = [k for k in m if k.startswith("lq-") and task in m[k]["runs"]]
+        if lq:
+            s = {k: summary(m[k]["runs"][task]) for k in lq}
+            worst = max(lq, key=lambda k: s[k]["merged"] - s[k]["after"])
+            lines.append(f"- {task}: LQ-LoRA does not survive a re-quantized merge ({m[worst]['label']}: "
+                         f"{s[worst]['after']:.4f} -> {s[worst]['merged']:.4f}): re-quantizing Q + L1L2 + ΔW to "
+                         f"the low-bit config drops the low-rank part; LQ-LoRA models ship as base + adapter")
             s = summary(m["qlora"]["runs"][task])
             lines.append(f"- {task}: QLoRA merged and re-quantized to NF4: {s['merged']:.4f} vs adapter "
                          f"{s['after']:.4f} ({s['merged'] - s['after']:+.4f})")
@@ -323,11 +335,12 @@ def findings(result: dict) -> list[str]:
 
 
 def merge_label(runs: list[dict]) -> str:
-    """How the runs were merged; for folds, the share of the update the fp16 minima lost (mean over seeds)."""
+    """How the runs were merged; for folds, the rounding error of the moved minima relative to the update
+    (RMS over all weights, mean over seeds)."""
     rounding = [r["fold_rounding"] for r in runs if r.get("fold_rounding") is not None]
     if not rounding:
         return runs[0]["merge"]
-    return f"fold ({statistics.fmean(rounding):.0%} of ΔW lost to fp16 minima)"
+    return f"fold (minima rounding error {statistics.fmean(rounding):.0%} of ‖ΔW‖)"
 
 
 def markdown(result: dict) -> str:

@@ -41,6 +41,8 @@ def options(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, help="fine-tuning steps (default 40; quick 10)")
     ap.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default 0 1 2; quick 0)")
     ap.add_argument("--readme", action="store_true", help="write the results section of README.md from this run")
+    ap.add_argument("--from-json", metavar="RESULTS", help="run nothing: rewrite report.md (and with --readme the "
+                                                          "README section) from a results.json written earlier")
     return ap.parse_args(argv)
 
 
@@ -77,10 +79,9 @@ def part_arguments(args) -> dict[str, list[str]]:
     return {"quality": quality, "finetune": finetune, "speed": speed}
 
 
-def report(results: dict, args, command: str, seconds: dict) -> str:
-    date = datetime.date.today().isoformat()
+def report(results: dict, args, command: str, seconds: dict, meta: dict) -> str:
     lines = [f"# qbara benchmarks on SmolLM2-135M ({'reduced' if args.quick else 'full'} setting)", "",
-             f"- date: {date}", f"- machine: {machine()}", f"- command: `{command}`",
+             f"- date: {meta['date']}", f"- machine: {meta['machine']}", f"- command: `{command}`",
              "- wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()), ""]
     if "quality" in results:
         q = results["quality"]
@@ -98,20 +99,61 @@ def report(results: dict, args, command: str, seconds: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(report_text: str, readme: Path, out: Path) -> None:
-    """Replace the README's generated results section (between the bench markers) with this report."""
+def readme_summary(results: dict, command: str, seconds: dict, meta: dict, out: str) -> str:
+    """The README's short results section: one table, the paper claims, the speed ratios, one plot."""
+    lines = [f"From `{command}` on {meta['date']} ({meta['machine']}); wall time "
+             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
+             + f". Full report with every table and plot: [{out}/report.md]({out}/report.md)."]
+    ft = results.get("finetune")
+    if ft:
+        tasks = list(ft["data"])
+        lines += ["", f"Held-out loss after {ft['steps']} steps (batch {ft['batch']}, {len(ft['seeds'])} seed(s)) "
+                  f"for the adapter model and for the deployable merged low-bit model:", "",
+                  "| method | base | " + " | ".join(f"{t} before → after → merged" for t in tasks) + " |",
+                  "|---|---|" + "---|" * len(tasks)]
+        for entry in ft["methods"].values():
+            cells = []
+            for t in tasks:
+                r = finetune_quality.summary(entry["runs"][t])
+                cells.append(f"{r['before']:.3f} → {r['after']:.3f} → {r['merged']:.3f}")
+            lines.append(f"| {entry['label']} | {entry['base']} | " + " | ".join(cells) + " |")
+        claims = [c for c in finetune_quality.findings(ft) if " — " in c or "does not survive" in c]
+        lines += ["", "Merged: QA-LoRA / QA-HiRA folded into their INT4 minima; every other method dequantized, "
+                  "added and re-quantized to its own format (how QLoRA is merged today).", "",
+                  "Paper claims at this scale:", *claims]
+    speed = results.get("speed")
+    if speed and speed.get("derived"):
+        ratios = "; ".join(f"{d['comparison']}: step {d['step_ratio']:.2f}×, peak tensors {d['peak_ratio']:.2f}×"
+                           for d in speed["derived"] if d.get("step_ratio") and d.get("peak_ratio"))
+        lines += ["", f"Speed and memory ({speed['settings']['device']}): {ratios}."]
+    if ft:
+        lines += ["", f"![fine-tuning quality]({out}/finetune_quality.png)"]
+    return "\n".join(lines)
+
+
+def update_readme(summary: str, readme: Path) -> None:
+    """Replace the README's generated results section (between the bench markers) with `summary`."""
     from qbara.atomic import write_file_atomic
 
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise SystemExit(f"{readme} has no {README_START} ... {README_END} section to fill")
-    body = report_text.split("\n", 1)[1]  # drop the report's title
-    rel = os.path.relpath(out, readme.parent)
-    body = body.replace("![](", f"![]({rel}/")
     head, rest = text.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]
-    new = f"{head}{README_START}\n{body.strip()}\n{README_END}{tail}"
+    new = f"{head}{README_START}\n{summary.strip()}\n{README_END}{tail}"
     write_file_atomic(readme, lambda tmp: Path(tmp).write_text(new))
+
+
+def rewrite_report(args) -> None:
+    """The report of an earlier run, from its results.json (e.g. after the report's layout changed)."""
+    import json
+
+    saved = json.loads(Path(args.from_json).read_text())
+    command, seconds = saved["command"], saved["seconds"]
+    meta = saved.get("meta") or {"date": datetime.date.today().isoformat(), "machine": machine()}
+    args.quick = " --quick" in f" {command} "
+    write_report({k: v for k, v in saved.items() if k in PARTS}, args, command, seconds, meta,
+                 Path(args.from_json).parent)
 
 
 def main(argv=None) -> None:
@@ -119,12 +161,15 @@ def main(argv=None) -> None:
     from qbara.models import load_model
 
     args = options(argv)
+    if args.from_json:
+        return rewrite_report(args)
     command = "python bench/run_all.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = part_arguments(args)
     model, tokenizer = load_model("smollm2-135m")
     results, seconds = {}, {}
+    meta = {"date": datetime.date.today().isoformat(), "machine": machine()}
     for part in PARTS:
         if part in args.skip:
             continue
@@ -137,12 +182,21 @@ def main(argv=None) -> None:
         else:
             results[part] = speed_memory.run(parts[part])
         seconds[part] = time.perf_counter() - start
-        write_json_atomic(out / "results.json", {"command": command, "seconds": seconds, **results})
-    text = report(results, args, command, seconds)
+        write_json_atomic(out / "results.json", {"command": command, "seconds": seconds, "meta": meta, **results})
+    write_report(results, args, command, seconds, meta, out)
+
+
+def write_report(results: dict, args, command: str, seconds: dict, meta: dict, out: Path) -> None:
+    """report.md in `out` (and the README section with --readme)."""
+    from qbara.atomic import write_file_atomic
+
+    text = report(results, args, command, seconds, meta)
     write_file_atomic(out / "report.md", lambda tmp: Path(tmp).write_text(text))
     print("\n" + text)
     if args.readme:
-        update_readme(text, Path(__file__).resolve().parent.parent / "README.md", out)
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        rel = os.path.relpath(out.resolve(), readme.parent)
+        update_readme(readme_summary(results, command, seconds, meta, rel), readme)
         print(f"README results section updated from {out / 'report.md'}")
 
 

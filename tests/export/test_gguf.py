@@ -155,7 +155,8 @@ def test_embedding_types(tmp_path):
 
 # ------------------------------------------------------------------------------------------- lossy
 @pytest.mark.parametrize("quant", [QuantConfig("nf4", block_size=64), QuantConfig("int4", block_size=64),
-                                   QuantConfig("int3", block_size=32)], ids=lambda q: q.label)
+                                   QuantConfig("int3", block_size=32),
+                                   QuantConfig("int4", block_size=32, minimum_dtype="fp32")], ids=lambda q: q.label)
 def test_other_formats_need_lossy_and_report_the_error(quant, tmp_path, ids):
     model, tokenizer = tiny_adapted(quant=quant)
     with pytest.raises(QbaraError, match=r"QuantConfig\('int4', block_size=32\).*--allow-requantize"):

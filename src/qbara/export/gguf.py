@@ -44,7 +44,8 @@ LINEARS = (
 )
 NORMS = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"))
 
-FIX_HINT = ("quantize the base with QuantConfig('int4', block_size=32) and train qahira or qalora adapters "
+FIX_HINT = ("quantize the base with QuantConfig('int4', block_size=32) (fp16 minima, the default) and train "
+            "qahira or qalora adapters "
             "(they merge into it exactly); or pass lossy=True (CLI: --allow-requantize) to re-quantize to "
             "INT4 G32 (GGUF Q4_1) and report the error it introduces")
 
