@@ -387,8 +387,16 @@ def plot(result: dict, path) -> Path:
                label="merged low-bit", color="tab:orange")
         before = min(s["before"] for s in sums)
         low = min(min(s["after"], s["merged"]) for s in sums)
-        high = max(max(s["after"], s["merged"]) for s in sums)
-        ax.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.15 * (high - low + 1e-3))
+        # The axis follows the adapters and the merges near them; a merge far off (a re-quantized LQ model)
+        # is cut at the top and labelled with its value.
+        span = max(s["after"] for s in sums) - low + 1e-3
+        high = max([s["after"] for s in sums] + [s["merged"] for s in sums if s["merged"] <= low + 3 * span])
+        top = high + 0.15 * (high - low + 1e-3)
+        ax.set_ylim(low - 0.1 * (high - low + 1e-3), top)
+        for i, s in enumerate(sums):
+            if s["merged"] > top:
+                ax.text(i + 0.2, top - 0.02 * (top - low), f"{s['merged']:.1f}↑", ha="center", va="top",
+                        fontsize=7, color="white", fontweight="bold", rotation=90)
         ax.set_xticks(list(x), labels, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("held-out loss after training")
         ax.set_title(f"{task} ({result['steps']} steps; best step-0 loss {before:.3f})")

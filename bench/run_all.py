@@ -152,6 +152,12 @@ def rewrite_report(args) -> None:
     command, seconds = saved["command"], saved["seconds"]
     meta = saved.get("meta") or {"date": datetime.date.today().isoformat(), "machine": machine()}
     args.quick = " --quick" in f" {command} "
+    folder = Path(args.from_json).parent
+    for part, module, png in (("quality", lq_smollm2, "lq_quality.png"),
+                              ("finetune", finetune_quality, "finetune_quality.png"),
+                              ("speed", speed_memory, "speed_memory.png")):
+        if part in saved:
+            module.plot(saved[part], folder / png)
     write_report({k: v for k, v in saved.items() if k in PARTS}, args, command, seconds, meta,
                  Path(args.from_json).parent)
 
