@@ -8,6 +8,7 @@ from torch import nn
 
 from qbara.adapters.attach import adapter_layers
 from qbara.errors import QbaraError
+from qbara.quant.fold import fold_rounding
 from qbara.targets import set_submodule
 
 MERGE_TARGETS = ("dense", "quantized")
@@ -39,8 +40,6 @@ def merge(model: nn.Module, into: str = "dense") -> nn.Module:
     for name, layer in layers.items():
         merged = layer.merge(into)
         if into == "quantized":
-            from qbara.quant.fold import fold_rounding
-
             layer_lost, layer_total = fold_rounding(layer.base.qweight, merged.qweight, layer.delta_weight())
             lost, total = lost + layer_lost, total + layer_total
         set_submodule(model, name, merged)
