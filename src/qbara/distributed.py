@@ -14,7 +14,7 @@ def start_process_group() -> bool:
     import torch
     import torch.distributed as dist
 
-    if not launched_distributed() or dist.is_initialized():
+    if not launched_distributed() or running_group() is not None:
         return False
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -24,25 +24,29 @@ def start_process_group() -> bool:
     return True
 
 
-def is_main_process() -> bool:
-    """Rank 0 of a running group, or the only process."""
+def running_group():
+    """torch.distributed when a process group is running in this process, else None."""
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a running group, or the only process."""
+    dist = running_group()
+    return dist is None or dist.get_rank() == 0
 
 
 def world_size() -> int:
     """Ranks in the running group (1 without one)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    dist = running_group()
+    return 1 if dist is None else dist.get_world_size()
 
 
 def end_process_group() -> None:
     """Wait for every rank, then tear the group down before the process exits: a gloo group left alive at
     interpreter exit can abort a rank ("terminate called without an active exception")."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = running_group()
+    if dist is not None:
         dist.barrier()
         dist.destroy_process_group()

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from qbara.adapters.pooling import expand_tiles, pool_features, repeat_features
 from qbara.errors import QbaraError
 from qbara.nn.quantized_linear import QuantizedLinear
-from qbara.quant.fold import fold_block_constants, fold_problem
+from qbara.quant.fold import fold_block_constants, fold_problem, fold_rounding
 
 
 class AdaptedLinear(nn.Module):
@@ -85,6 +85,18 @@ class AdaptedLinear(nn.Module):
         return self.base.weight.detach().float()
 
     @torch.no_grad()
+    def fold(self) -> tuple[QuantizedLinear, float, float]:
+        """The update folded into the INT base's float minima: (layer, ‖ΔW the minima's rounding lost‖²,
+        ‖ΔW‖²) — see `qbara.quant.fold.fold_rounding`."""
+        problem = self.fold_problem()
+        if problem:
+            raise QbaraError(f"{self.method} cannot merge into the quantized model: {problem}; "
+                             f"use merge(into='dense') or an adapter that folds (qalora, qahira)")
+        before, delta = self.base.qweight, self.delta_weight()
+        after = fold_block_constants(before, delta)
+        return QuantizedLinear(after, self.base.bias), *fold_rounding(before, after, delta)
+
+    @torch.no_grad()
     def merge(self, into: str = "dense") -> nn.Module:
         """The layer with the adapter merged in: an nn.Linear (dense) or a QuantizedLinear whose float
         minima absorbed the update exactly (quantized)."""
@@ -98,11 +110,7 @@ class AdaptedLinear(nn.Module):
             merged.requires_grad_(False)
             return merged
         if into == "quantized":
-            problem = self.fold_problem()
-            if problem:
-                raise QbaraError(f"{self.method} cannot merge into the quantized model: {problem}; "
-                                 f"use merge(into='dense') or an adapter that folds (qalora, qahira)")
-            return QuantizedLinear(fold_block_constants(self.base.qweight, self.delta_weight()), bias)
+            return self.fold()[0]
         raise QbaraError(f"unknown merge target {into!r}: choose 'dense' or 'quantized'")
 
 

@@ -8,7 +8,6 @@ from torch import nn
 
 from qbara.adapters.attach import adapter_layers
 from qbara.errors import QbaraError
-from qbara.quant.fold import fold_rounding
 from qbara.targets import set_submodule
 
 MERGE_TARGETS = ("dense", "quantized")
@@ -38,10 +37,11 @@ def merge(model: nn.Module, into: str = "dense") -> nn.Module:
                                  f"use into='dense' or an adapter that folds (qalora, qahira)")
     lost = total = 0.0
     for name, layer in layers.items():
-        merged = layer.merge(into)
         if into == "quantized":
-            layer_lost, layer_total = fold_rounding(layer.base.qweight, merged.qweight, layer.delta_weight())
+            merged, layer_lost, layer_total = layer.fold()
             lost, total = lost + layer_lost, total + layer_total
+        else:
+            merged = layer.merge(into)
         set_submodule(model, name, merged)
     if into == "quantized":
         model.qbara_fold_rounding = math.sqrt(lost / total) if total > 0 else 0.0

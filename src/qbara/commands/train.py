@@ -24,8 +24,8 @@ def parse_overrides(tokens: list[str]) -> dict:
 
 
 def run(args, extra: list[str]) -> None:
-    from qbara.train.config import load_run_config
     from qbara.distributed import end_process_group
+    from qbara.train.config import load_run_config
     from qbara.train.trainer import train
 
     config = load_run_config(args.config, parse_overrides(extra))

@@ -20,11 +20,9 @@ def shard(numels: Sequence[int], world: int) -> list[list[int]]:
 
 def active_dist():
     """torch.distributed when a process group of more than one rank is running, else None."""
-    import torch.distributed as dist
+    from qbara.distributed import running_group, world_size
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
+    return running_group() if world_size() > 1 else None
 
 
 def collective_device(dist) -> torch.device:
