@@ -199,8 +199,6 @@ def held_out_loss(model, held, args, device) -> float:
 def train_and_eval(prepared: Prepared, method: str, train, held, args, seed: int, device,
                    before: float | None = None) -> dict:
     """Train a copy of the prepared model on `train` for args.steps, then evaluate it and its merged form."""
-    from qbara.commands.eval import masked_loss
-
     torch.manual_seed(seed)
     model = copy.deepcopy(prepared.model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -218,19 +216,17 @@ def train_and_eval(prepared: Prepared, method: str, train, held, args, seed: int
         opt.zero_grad(set_to_none=True)
         curve.append(loss.item())
     step_s = (time.perf_counter() - start) / args.steps
-    model.eval()
-    with torch.no_grad():
-        after = masked_loss(model, held, args.batch)["loss"]
-        rounding = None
-        if method in FOLDABLE:
-            with warnings.catch_warnings():  # the rounding is reported in the table instead
-                warnings.simplefilter("ignore")
-                merge(model, into="quantized")
-            how, rounding = "fold", model.qbara_fold_rounding
-        else:
-            requantize_merge(model)
-            how = "re-quantized"
-        merged = masked_loss(model, held, args.batch)["loss"]
+    after = held_out_loss(model, held, args, device)
+    rounding = None
+    if method in FOLDABLE:
+        with warnings.catch_warnings():  # the rounding is reported in the table instead
+            warnings.simplefilter("ignore")
+            merge(model, into="quantized")
+        how, rounding = "fold", model.qbara_fold_rounding
+    else:
+        requantize_merge(model)
+        how = "re-quantized"
+    merged = held_out_loss(model, held, args, device)
     return {"before": before, "after": after, "merged": merged, "merge": how, "fold_rounding": rounding,
             "step_s": step_s, "curve": curve}
 

@@ -163,7 +163,7 @@ def rewrite_report(args) -> None:
 
 
 def main(argv=None) -> None:
-    from qbara.atomic import write_file_atomic, write_json_atomic
+    from qbara.atomic import write_json_atomic
     from qbara.models import load_model
 
     args = options(argv)
