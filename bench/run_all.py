@@ -148,18 +148,22 @@ def rewrite_report(args) -> None:
     """The report of an earlier run, from its results.json (e.g. after the report's layout changed)."""
     import json
 
-    saved = json.loads(Path(args.from_json).read_text())
-    command, seconds = saved["command"], saved["seconds"]
+    path = Path(args.from_json)
+    try:
+        saved = json.loads(path.read_text())
+        command, seconds = saved["command"], saved["seconds"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"--from-json {path}: not a results.json written by run_all ({exc!r}); pass the "
+                         f"results.json of an earlier run's --out folder")
     meta = saved.get("meta") or {"date": datetime.date.today().isoformat(), "machine": machine()}
     args.quick = " --quick" in f" {command} "
-    folder = Path(args.from_json).parent
+    folder = path.parent
     for part, module, png in (("quality", lq_smollm2, "lq_quality.png"),
                               ("finetune", finetune_quality, "finetune_quality.png"),
                               ("speed", speed_memory, "speed_memory.png")):
         if part in saved:
             module.plot(saved[part], folder / png)
-    write_report({k: v for k, v in saved.items() if k in PARTS}, args, command, seconds, meta,
-                 Path(args.from_json).parent)
+    write_report({k: v for k, v in saved.items() if k in PARTS}, args, command, seconds, meta, folder)
 
 
 def main(argv=None) -> None:

@@ -33,3 +33,30 @@ def test_tiny_run_reports_folds_and_requantized_merges(tmp_path):
     text = finetune_quality.markdown(result)
     assert "Q-BaRA beats QLoRA" in text and "minima rounding error" in text
     assert (tmp_path / "finetune_quality.png").stat().st_size > 5000
+
+
+def test_report_and_readme_summary_are_rewritten_from_saved_results(tmp_path, monkeypatch):
+    """run_all --from-json redraws the plot and rewrites report.md from results.json alone; the README
+    summary carries the table rows and the claim verdicts; a bad file gets one clear error."""
+    import json
+
+    import run_all
+
+    args = finetune_quality.options(["--model", "tiny-llama", "--steps", "1", "--seeds", "0", "--held-out", "2",
+                                     "--seq", "32", "--rank", "2", "--tasks", "shakespeare",
+                                     "--methods", "qlora", "qbara"])
+    result = finetune_quality.run(args)
+    results = tmp_path / "results.json"
+    meta = {"date": "2026-01-01", "machine": "test machine"}
+    results.write_text(json.dumps({"command": "python bench/run_all.py --quick", "seconds": {"finetune": 60.0},
+                                   "meta": meta, "finetune": result}))
+    run_all.main(["--from-json", str(results)])
+    report = (tmp_path / "report.md").read_text()
+    assert "reduced setting" in report and "2026-01-01" in report and "test machine" in report
+    assert finetune_quality.markdown(result) in report
+    assert (tmp_path / "finetune_quality.png").stat().st_size > 5000
+    summary = run_all.readme_summary({"finetune": result}, "CMD", {"finetune": 60.0}, meta, "out")
+    assert "| QLoRA r2 | NF4 |" in summary and "Q-BaRA beats QLoRA" in summary and "out/report.md" in summary
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not a results.json"):
+        run_all.main(["--from-json", str(tmp_path / "bad.json")])
