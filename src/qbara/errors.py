@@ -14,3 +14,17 @@ def strict_from_dict(cls, data: dict):
     if unknown:
         raise QbaraError(f"unknown {cls.__name__} keys {sorted(unknown)}: valid keys are {sorted(known)}")
     return cls(**data)
+
+
+def check_types(obj, fields: dict) -> None:
+    """Refuse a dataclass field whose value is not of its type: `fields` maps name -> (types, allow None).
+    bool is never accepted for int or float (`rank: true` is a mistake, not 1); an int is a valid float."""
+    for name, (types, optional) in fields.items():
+        value = getattr(obj, name)
+        if value is None and optional:
+            continue
+        ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+        if not ok:
+            wanted = " or ".join(t.__name__ for t in types) + (" or null" if optional else "")
+            raise QbaraError(f"{type(obj).__name__}.{name} must be {wanted}, got {value!r} "
+                             f"({type(value).__name__})")

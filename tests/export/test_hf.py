@@ -43,12 +43,17 @@ def test_export_hf_dtype_and_overwrite(adapted, tmp_path):
     out = export_hf(model, tokenizer, tmp_path / "hf", dtype="bfloat16")
     with safe_open(str(out / "model.safetensors"), "pt") as fh:
         assert fh.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
-    with pytest.raises(QbaraError, match="not empty.*overwrite"):
-        export_hf(model, tokenizer, out)
-    export_hf(model, tokenizer, out, dtype="float16", overwrite=True)
+    export_hf(model, tokenizer, out, dtype="float16")  # a folder qbara wrote is replaced
     with safe_open(str(out / "model.safetensors"), "pt") as fh:
         assert fh.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.float16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    with pytest.raises(QbaraError, match="not empty and was not written by qbara.*--overwrite"):
+        export_hf(model, tokenizer, users)
+    export_hf(model, tokenizer, users, overwrite=True)
+    assert (users / "notes.txt").read_text() == "mine" and (users / "model.safetensors").is_file()
     with pytest.raises(QbaraError, match="dtype"):
         export_hf(model, tokenizer, tmp_path / "x", dtype="int8")
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 
-from qbara.errors import QbaraError, strict_from_dict
+from qbara.errors import QbaraError, check_types, strict_from_dict
 
 METHODS = ("lora", "qalora", "qbara", "qahira")
 INITS = ("default", "loftq", "lq")
+MAX_RANK = 65536  # above any layer's side: a larger rank is a typo, refused before anything is allocated
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,21 @@ class AdapterConfig:
     loftq_iters: int = 1
 
     def __post_init__(self):
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        check_types(self, {"method": ((str,), False), "rank": ((int,), False), "alpha": ((int, float), False),
+                           "dropout": ((int, float), False), "pool": ((int,), False), "pool_in": ((int,), True),
+                           "pool_out": ((int,), True), "target_modules": ((str, tuple), False),
+                           "init": ((str,), False), "loftq_iters": ((int,), False)})
+        if isinstance(self.target_modules, tuple) and not all(isinstance(t, str) for t in self.target_modules):
+            raise QbaraError(f"target_modules must be 'all-linear' or a list of module names, got "
+                             f"{self.target_modules!r}")
+        if not 0 < self.rank <= MAX_RANK:
+            raise QbaraError(f"rank must be a positive integer up to {MAX_RANK}, got {self.rank!r}")
+        if not math.isfinite(self.alpha) or self.alpha == 0:
+            raise QbaraError(f"alpha must be a finite non-zero number, got {self.alpha!r}")
+        if self.loftq_iters < 1:
+            raise QbaraError(f"loftq_iters must be at least 1, got {self.loftq_iters!r}")
         if self.method not in METHODS:
             close = difflib.get_close_matches(str(self.method), METHODS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -53,8 +70,6 @@ class AdapterConfig:
             raise QbaraError(f"unknown init {self.init!r}: choose one of {', '.join(INITS)}")
         if self.init != "default" and self.method != "lora":
             raise QbaraError(f"init={self.init!r} initialises plain LoRA factors; use method='lora' with it")
-        if isinstance(self.target_modules, list):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     @property
     def scaling(self) -> float:

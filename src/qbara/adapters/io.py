@@ -12,13 +12,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from qbara.adapters.attach import adapter_layers, build_adapter
 from qbara.adapters.config import AdapterConfig
 from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
+from qbara.tensor_checks import ADAPTER_LIMIT, check_tensor, read_safetensors
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.targets import set_submodule
@@ -93,18 +93,41 @@ def read_adapter_config(directory) -> dict:
     return data
 
 
+def _check_layer_records(records, directory) -> None:
+    """The `layers` section: a non-empty mapping of layer name to its record, with whole-number sizes."""
+    where = f"{Path(directory) / CONFIG_NAME}"
+    if not isinstance(records, dict) or not records:
+        raise QbaraError(f"{where}: 'qbara.layers' lists no adapted layers; the adapter would change nothing — "
+                         f"the file is damaged, save the adapter again")
+    for name, record in records.items():
+        if not isinstance(record, dict):
+            raise QbaraError(f"{where}: layer {name!r} has no record; save the adapter again")
+        for key in ("in_features", "out_features", "pool_in", "pool_out"):
+            value = record.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise QbaraError(f"{where}: layer {name!r} {key} must be a positive whole number, got {value!r}")
+        if record.get("quant") is not None and not isinstance(record["quant"], dict):
+            raise QbaraError(f"{where}: layer {name!r} quant must be a mapping or null, got {record['quant']!r}")
+
+
 @torch.no_grad()
 def copy_adapter_weights(layers: dict, directory) -> None:
     """Copy the tensors of `directory`'s adapter_model.safetensors into the layers' adapter parameters."""
-    state = load_file(str(Path(directory) / WEIGHTS_NAME))
+    path = Path(directory) / WEIGHTS_NAME
+    state = read_safetensors(path)
+    expected = set()
     for name, layer in layers.items():
         for pname, param in layer.adapter_parameters().items():
             key = f"{PREFIX}{name}.{pname}"
+            expected.add(key)
             if key not in state:
                 raise QbaraError(f"{WEIGHTS_NAME} lacks {key}; the adapter folder is incomplete, save it again")
-            if state[key].shape != param.shape:
-                raise QbaraError(f"{key}: saved shape {tuple(state[key].shape)} != expected {tuple(param.shape)}")
+            check_tensor(state[key], f"{path}: {key}", shape=param.shape, limit=ADAPTER_LIMIT)
             param.copy_(state[key])
+    extra = sorted(set(state) - expected)
+    if extra:
+        raise QbaraError(f"{path} holds tensors its adapter_config.json does not describe ({extra[:3]}); the "
+                         f"folder mixes two adapters, save it again")
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -124,6 +147,7 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
     data = read_adapter_config(directory)
     info = data["qbara"]
     config = AdapterConfig.from_dict(info["adapter"])
+    _check_layer_records(info.get("layers"), directory)
     if config.init != "default":
         dense = [n for n in info["layers"] if not isinstance(_submodule(model, n), QuantizedLinear)]
         if dense:

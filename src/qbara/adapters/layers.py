@@ -121,6 +121,12 @@ class LoRALinear(AdaptedLinear):
                  dropout: float = 0.0, method: str = "lora", name: str = "layer"):
         self.method = method
         super().__init__(base, pool_in, pool_out, scaling, dropout, name)
+        # A rank beyond the core's two sides added up only wastes memory: refused before allocating.
+        largest = self.in_features // pool_in + self.out_features // pool_out
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= largest:
+            raise QbaraError(f"{name}: {method} rank {rank!r} must be a whole number from 1 to {largest} (the "
+                             f"sides of its {self.out_features // pool_out}x{self.in_features // pool_in} core "
+                             f"added up); lower the rank")
         device = _device_of(base)
         self.lora_A = nn.Linear(self.in_features // pool_in, rank, bias=False, device=device)
         self.lora_B = nn.Linear(rank, self.out_features // pool_out, bias=False, device=device)

@@ -7,7 +7,6 @@ import json
 import time
 from pathlib import Path
 
-from qbara.errors import QbaraError
 
 
 def gsm8k_instruction_files(out: Path, held_out: int, seed: int) -> tuple[Path, Path]:
@@ -23,25 +22,27 @@ def gsm8k_instruction_files(out: Path, held_out: int, seed: int) -> tuple[Path, 
 
 
 def run(args) -> dict:
+    from qbara.outputs import output_folder
+
+    out = Path(args.out)
+    with output_folder(out, [args.model], overwrite=args.overwrite, command="demo") as folder:
+        report, artifacts = _run(args, folder)
+    print(f"{report['seconds']:.0f} s; artifacts in {out} (adapter: {out / artifacts['adapter']}, merged model: "
+          f"{out / 'merged-int4'}, loss curve: {out / artifacts['loss_curve']})")
+    return report
+
+
+def _run(args, out: Path) -> tuple[dict, dict]:
+    """The demo, writing into the new folder `out`."""
     from qbara.adapters.merge import merge
     from qbara.commands.eval import masked_loss
     from qbara.models.loader import load_model
-    from qbara.models.quantized_io import save_quantized
+    from qbara.models.quantized_io import write_quantized
     from qbara.quant.config import QuantConfig
     from qbara.train.config import build_config
     from qbara.train.data import build_examples, read_records
     from qbara.train.trainer import prepare_for_training, train
 
-    out = Path(args.out)
-    earlier_demo = (out / "gsm8k_train.jsonl").is_file()  # a folder an earlier demo run wrote is reused
-    if out.exists() and any(out.iterdir()) and not (args.overwrite or earlier_demo):
-        raise QbaraError(f"{out} is not empty; pass --overwrite or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("train", "merged-int4"):
-        if (out / stale).exists():
-            import shutil
-
-            shutil.rmtree(out / stale)
     start = time.perf_counter()
     train_file, held_file = gsm8k_instruction_files(out, args.held_out, args.seed)
     config = build_config({
@@ -66,7 +67,7 @@ def run(args) -> dict:
     after = masked_loss(model, held)["loss"]
     merge(model, into="quantized")
     merged = masked_loss(model, held)["loss"]
-    save_quantized(model, tokenizer, out / "merged-int4")
+    write_quantized(model, tokenizer, out / "merged-int4")
     bits = QuantConfig("int4", 32).bits_per_param
     report = {
         "model": args.model, "base": "int4 g32 (GGUF Q4_1 grid)", "adapter": "qahira",
@@ -85,10 +86,10 @@ def run(args) -> dict:
     print(f"{'INT4 base + QA-HiRA adapter':<40}{after:>22.4f}")
     print(f"{'merged into INT4 (same 5.0 bits/param)':<40}{merged:>22.4f}")
     print(f"merged vs adapter: {100 * report['merged_vs_adapter_rel_diff']:.4f}% difference (fp16 minima lost "
-          f"{report['fold_rounding']:.1%} of the update); "
-          f"{report['seconds']:.0f} s; artifacts in {out} (adapter: {result.adapter_dir}, merged model: "
-          f"{out / 'merged-int4'}, loss curve: {result.output_dir / 'loss_curve.png'})")
-    return report
+          f"{report['fold_rounding']:.1%} of the update)")
+    artifacts = {"adapter": result.adapter_dir.relative_to(out),
+                 "loss_curve": (result.output_dir / "loss_curve.png").relative_to(out)}
+    return report, artifacts
 
 
 def add_parser(subparsers) -> None:
@@ -102,5 +103,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--held-out", type=int, default=32, help="held-out GSM8K records")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out folder that no earlier demo wrote")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder qbara did not write (its files are kept)")
     p.set_defaults(func=run)

@@ -20,7 +20,7 @@ from qbara.distributed import is_main_process, world_size
 from qbara.errors import QbaraError
 
 
-def _fisher(args, model, tokenizer):
+def _fisher(args, model, tokenizer, out: Path | None):
     from qbara.commands.eval import read_text
     from qbara.lq.fisher import calibration_sequences, fisher_information, load_fisher, save_fisher
 
@@ -33,22 +33,35 @@ def _fisher(args, model, tokenizer):
     text = read_text(args.fisher_data)
     sequences = calibration_sequences(tokenizer, text, args.fisher_samples, args.fisher_length, seed=args.seed)
     fisher = fisher_information(model, sequences, progress=True)
-    if is_main_process():
-        save_fisher(fisher, Path(args.out) / "fisher.safetensors",
+    if out is not None:
+        save_fisher(fisher, out / "fisher.safetensors",
                     metadata={"data": args.fisher_data, "samples": args.fisher_samples, "length": args.fisher_length})
     return fisher
 
 
 def run(args) -> dict | None:
-    from qbara.distributed import end_process_group, start_process_group
+    import contextlib
 
+    from qbara.distributed import end_process_group, start_process_group
+    from qbara.outputs import check_output, output_folder
+
+    inputs = [args.model, args.fisher, args.fisher_data, args.eval]
     start_process_group()
-    data = _run(args)
+    if is_main_process():
+        writing = output_folder(args.out, inputs, overwrite=args.overwrite, command="lq")
+    else:  # rank 0 writes; the others only check, to fail alike
+        check_output(args.out, inputs, overwrite=args.overwrite)
+        writing = contextlib.nullcontext(None)
+    with writing as folder:
+        data = _run(args, folder)
+    if data is not None:
+        _print_summary(data, Path(args.out))
     end_process_group()
     return data
 
 
-def _run(args) -> dict | None:
+def _run(args, out: Path | None) -> dict | None:
+    """The init, writing into the new folder `out` (None on ranks other than 0)."""
     import copy
 
     from qbara.adapters.config import AdapterConfig
@@ -58,12 +71,10 @@ def _run(args) -> dict | None:
     from qbara.lq.plot import plot_bits_per_layer
     from qbara.lq.prepare import lq_prepare
     from qbara.models.loader import load_model
-    from qbara.models.quantized_io import save_quantized
+    from qbara.models.quantized_io import write_quantized
     from qbara.prepare import prepare
     from qbara.quant.config import QuantConfig
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
     dense = copy.deepcopy(model) if args.eval else None
@@ -76,7 +87,7 @@ def _run(args) -> dict | None:
                                 init="loftq", loftq_iters=args.loftq_iters)
         prepare(model, quant, adapter, progress=True)
     else:
-        fisher = _fisher(args, model, tokenizer)
+        fisher = _fisher(args, model, tokenizer, out)
         configs = candidate_configs() if args.configs == "all" else [qlora_config(b) for b in (2, 3, 4, 8)]
         lq_prepare(model, args.budget, args.rank, fisher, alpha=args.alpha, target_modules=targets,
                    configs=configs, max_iters=args.max_iters, table_iters=args.table_iters, seed=args.seed,
@@ -84,8 +95,8 @@ def _run(args) -> dict | None:
     report = model.qbara_lq
     if not is_main_process():
         return None
-    save_quantized(model, tokenizer, out / "model", base_only=True)
-    save_adapter(model, out / "adapter", base_model_name=str(out / "model"))
+    write_quantized(model, tokenizer, out / "model", base_only=True)
+    save_adapter(model, out / "adapter", base_model_name=str(Path(args.out) / "model"))
     data = {"model": args.model, "method": args.method, "seconds": round(time.perf_counter() - start, 1),
             "ranks": world_size()}
     data.update(report.to_dict())
@@ -95,7 +106,6 @@ def _run(args) -> dict | None:
         data["eval"] = _evaluate(args, dense, model, tokenizer)
     write_json_atomic(out / "allocation.json", data)
     plot_bits_per_layer(report, out / "bits_per_layer.png")
-    _print_summary(data, out)
     return data
 
 
@@ -131,7 +141,9 @@ def _print_summary(data: dict, out: Path) -> None:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("lq", help="LQ-LoRA (or LoftQ) init: quantize under a bit budget, LoRA from factors")
     p.add_argument("--model", default="smollm2-135m", help="dense model: smollm2-135m, tiny-llama, or a folder")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (a new one, or one qbara wrote before)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder qbara did not write (its files are kept)")
     p.add_argument("--method", choices=("lq", "loftq"), default="lq",
                    help="lq: LQ-LoRA with ILP allocation (default); loftq: LoftQ on one format")
     p.add_argument("--budget", type=float, default=2.75, help="bits per parameter for the quantized part (lq)")

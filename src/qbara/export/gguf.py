@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from qbara.atomic import write_file_atomic
+from qbara.outputs import GGUF_MARK
 from qbara.errors import QbaraError
 from qbara.export.blocks import dequantize_q8_0, pack_q4_1, pack_q8_0, quantize_q8_0
 from qbara.export.tokenizer import TokenizerFields, fields_from_gguf, fields_from_hf, shipped_smollm2_reader
@@ -273,9 +274,20 @@ def _tokenizer_fields(tokenizer, vocab_size: int, tokenizer_gguf) -> TokenizerFi
     return fields_from_hf(tokenizer, vocab_size)
 
 
-@torch.no_grad()
 def export_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedding_type: str = "q8_0",
-                tokenizer_gguf=None, name: str | None = None) -> ExportReport:
+                tokenizer_gguf=None, name: str | None = None, overwrite: bool = False) -> ExportReport:
+    """Check and lock the output `path` (`qbara.outputs`: an existing file qbara did not write is refused
+    unless overwrite=True), then `write_gguf`."""
+    from qbara.outputs import output_file
+
+    with output_file(_check_path(path), overwrite=overwrite, option="path"):
+        return write_gguf(model, tokenizer, path, lossy, embedding_type=embedding_type,
+                          tokenizer_gguf=tokenizer_gguf, name=name)
+
+
+@torch.no_grad()
+def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedding_type: str = "q8_0",
+               tokenizer_gguf=None, name: str | None = None) -> ExportReport:
     """Write a LLaMA-architecture model as a GGUF file (llama.cpp `llama`, Q4_1 linears) at `path`.
 
     model: a LlamaForCausalLM whose linears are qbara QuantizedLinear INT4 G32 layers, ideally after
@@ -389,6 +401,7 @@ def export_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embed
         writer.add_uint32(f"{ARCH}.rope.dimension_count", head_dim)
         tok_fields.write(writer)
         writer.add_uint32("general.quantization_version", int(GGML_QUANT_VERSION))
+        writer.add_string("general.quantized_by", GGUF_MARK)  # how qbara.outputs knows its own files
         for tensor_name, data, raw_dtype in tensors:
             writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()

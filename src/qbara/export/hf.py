@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qbara.atomic import current_umask
 from qbara.errors import QbaraError
 from qbara.nn.quantized_linear import QuantizedLinear
 
@@ -54,35 +50,25 @@ def export_hf(model: nn.Module, tokenizer, out_dir, dtype="float32", overwrite: 
     """Write `model` (adapters merged into dense weights, quantized layers dequantized) and `tokenizer`
     as a Hugging Face folder (`save_pretrained`, safetensors) at `out_dir`; returns the folder.
 
-    The folder is built next to its destination and renamed into place when complete. An existing
-    non-empty `out_dir` is refused unless `overwrite=True`. The model passed in is not modified.
+    The folder follows `qbara.outputs`' rule: built beside its destination and swapped in when complete;
+    a non-empty folder qbara did not write is refused unless `overwrite=True` (its files are kept). The
+    model passed in is not modified.
     """
+    from qbara.outputs import output_folder
+
     dtype = _resolve_dtype(dtype)
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise QbaraError(f"{str(out)!r} exists and is not a folder; choose a folder path for the HF export")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise QbaraError(f"{str(out)!r} already exists and is not empty; choose a new folder or pass "
-                         f"overwrite=True (CLI: --overwrite)")
+    with output_folder(out_dir, overwrite=overwrite, command="export_hf", option="out_dir") as tmp:
+        write_hf(model, tokenizer, tmp, dtype)
+    return Path(out_dir).expanduser()
+
+
+def write_hf(model: nn.Module, tokenizer, folder, dtype="float32") -> Path:
+    """Write the dense HF files of `model` into the (new, empty) `folder`; see `export_hf`."""
+    dtype = _resolve_dtype(dtype)
     if not hasattr(model, "save_pretrained"):
         raise QbaraError(f"export_hf needs a Hugging Face model (with save_pretrained); got {type(model).__name__}")
-
     dense = dense_copy(model).to(dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())
-        dense.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    dense.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return Path(folder)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from qbara.errors import QbaraError
+from qbara.tensor_checks import check_model_values
 
 DEFAULT_MODEL = "smollm2-135m"
 BUILTIN_MODELS = (DEFAULT_MODEL, "tiny-llama", "tiny-qwen2")
@@ -62,6 +63,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=torch.float32, device="c
         if path.is_dir() and is_quantized_folder(path):
             # Packed buffers keep their dtypes (fp16 scales and minima): move, never cast.
             model, tokenizer = load_quantized(path, dtype)
+            check_model_values(model, path)
             return model.to(device=device).eval(), tokenizer
         if path.is_dir() and (path / "config.json").is_file():
             model, tokenizer = _load_hf_folder(path, dtype)
@@ -76,6 +78,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=torch.float32, device="c
         else:
             raise QbaraError(f"Unknown model {name!r}. Expected {_choices()}.")
 
+    check_model_values(model, name)
     model = model.to(device=device, dtype=dtype)
     model.eval()
     return model, tokenizer
@@ -92,23 +95,17 @@ def _load_hf_folder(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-# How many leading values of each sampled weight enter the fingerprint.
-_FINGERPRINT_VALUES = 64
-
-
 def model_fingerprint(model) -> str:
-    """A short, stable hex digest identifying a base model.
+    """A short, stable hex digest identifying a base model: every weight it holds.
 
-    Hashes the architecture (model_type, hidden size, layer count, vocab size) and the first
-    64 values of the input embedding and of the first and last ``nn.Linear`` weight. Values
-    are rounded to bfloat16 first, so the same checkpoint loaded in float32 or bfloat16 gives
-    the same fingerprint. Compute it on the unquantized base model; for a model whose linears are
-    already quantized (a loaded quantized folder, or the Q of an LQ-LoRA / LoftQ decomposition) the
-    packed buffers of the first and last quantized layer are hashed too, so that base is told apart
-    from another quantization of the same weights.
+    Hashes the architecture (model_type, hidden size, layer count, vocab size) and every tensor of the
+    state dict by name and shape: float weights rounded to bfloat16 first (so the same checkpoint loaded
+    in float32 or bfloat16 gives the same fingerprint), quantized layers' packed buffers byte for byte.
+    Adapter parameters are left out (it identifies the base under them). Streams one tensor at a time
+    (a bf16 copy of the largest tensor at most); ~0.3 s for SmolLM2-135M on this CPU.
+    Compute it on the base the adapter is trained on: the unquantized model for `prepare`, the
+    quantized one for a loaded quantized folder or the Q of an LQ-LoRA / LoftQ decomposition.
     """
-    from qbara.nn.quantized_linear import QuantizedLinear
-
     config = model.config
     arch = {
         "model_type": getattr(config, "model_type", None),
@@ -117,23 +114,32 @@ def model_fingerprint(model) -> str:
         "vocab_size": getattr(config, "vocab_size", None),
     }
     digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
-
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    samples = [model.get_input_embeddings().weight]
-    if linears:
-        samples += [linears[0].weight, linears[-1].weight]
-    for weight in samples:
-        values = weight.detach().reshape(-1)[:_FINGERPRINT_VALUES]
-        values = values.to(device="cpu", dtype=torch.bfloat16).to(torch.float32)
-        digest.update(str(tuple(weight.shape)).encode())
-        digest.update(values.contiguous().numpy().tobytes())
-    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    for layer in quantized[:1] + quantized[-1:]:
-        digest.update(layer.quant_config.label.encode())
-        for name, buffer in sorted(layer.qweight.tensors.items()):
-            digest.update(name.encode())
-            digest.update(buffer.detach().reshape(-1)[:4096].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for name, tensor in _base_tensors(model):
+        tensor = tensor.detach()
+        if tensor.is_floating_point():
+            tensor = tensor.to(device="cpu", dtype=torch.bfloat16)
+        tensor = tensor.to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()[:16]
+
+
+def _base_tensors(model):
+    """(name, tensor) of every state-dict tensor of the base: adapter parameters left out and an adapted
+    layer's base named as the layer itself, so a model hashes the same before and after `prepare`'s
+    adapters are attached."""
+    from qbara.adapters.attach import adapter_layers
+
+    adapted = adapter_layers(model)
+    skip = {f"{name}.{p}" for name, layer in adapted.items() for p in layer.adapter_parameters()}
+    for key, tensor in model.state_dict().items():
+        if key in skip:
+            continue
+        for name in adapted:
+            if key.startswith(name + ".base."):
+                key = name + key[len(name) + len(".base"):]
+                break
+        yield key, tensor
 
 
 __all__ = ["DEFAULT_MODEL", "BUILTIN_MODELS", "load_model", "model_fingerprint"]

@@ -2,20 +2,18 @@
 
 Files: `config.json` (the HF config), `model.safetensors` (parameters and packed buffers),
 `qbara_quant.json` (layer name -> QuantConfig) and the tokenizer files. Written into a temporary
-folder and renamed into place, so an interrupted save never leaves a half folder.
+folder and swapped into place (`qbara.outputs`), so an interrupted save never leaves a half folder.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from qbara.errors import QbaraError
+from qbara.tensor_checks import check_tensor, read_safetensors
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
@@ -29,12 +27,23 @@ def is_quantized_folder(path) -> bool:
     return (Path(path) / QUANT_MANIFEST).is_file()
 
 
-def save_quantized(model, tokenizer, out_dir, base_only: bool = False) -> Path:
-    """Save a model whose linears are QuantizedLinear (e.g. after merge(into='quantized')).
+def save_quantized(model, tokenizer, out_dir, base_only: bool = False, overwrite: bool = False) -> Path:
+    """Save a model whose linears are QuantizedLinear (e.g. after merge(into='quantized')) as a folder.
 
     base_only=True saves the quantized base under a model's adapters (without them; save those with
-    `save_adapter`), e.g. the Q of an LQ-LoRA / LoftQ decomposition the adapters start from.
+    `save_adapter`), e.g. the Q of an LQ-LoRA / LoftQ decomposition the adapters start from. The folder
+    follows `qbara.outputs`' rule: built beside and swapped in; a non-empty folder qbara did not write is
+    refused unless overwrite=True (the files there are kept).
     """
+    from qbara.outputs import output_folder
+
+    with output_folder(out_dir, overwrite=overwrite, command="save_quantized", option="out_dir") as tmp:
+        write_quantized(model, tokenizer, tmp, base_only)
+    return Path(out_dir)
+
+
+def write_quantized(model, tokenizer, folder, base_only: bool = False) -> Path:
+    """Write the native quantized files into the (new, empty) `folder`; see `save_quantized`."""
     from qbara.adapters.attach import adapter_layers
 
     adapted = adapter_layers(model)
@@ -53,23 +62,15 @@ def save_quantized(model, tokenizer, out_dir, base_only: bool = False) -> Path:
         embedding_ptr = model.get_input_embeddings().weight.data_ptr()
         state = {k: v for k, v in state.items()
                  if not (k.endswith("lm_head.weight") and v.data_ptr() == embedding_ptr)}
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS),
-                  metadata={"format": "pt", "qbara": "quantized"})
-        model.config.save_pretrained(tmp)
-        (tmp / QUANT_MANIFEST).write_text(json.dumps({"format_version": 1, "layers": layers}, indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / WEIGHTS),
+              metadata={"format": "pt", "qbara": "quantized"})
+    model.config.save_pretrained(folder)
+    (folder / QUANT_MANIFEST).write_text(json.dumps({"format_version": 1, "layers": layers}, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
 
 
 def _without_adapters(state: dict, layers: dict, adapted: dict) -> tuple[dict, dict]:
@@ -95,18 +96,29 @@ def _without_adapters(state: dict, layers: dict, adapted: dict) -> tuple[dict, d
 
 
 def load_quantized(path, dtype=torch.float32):
-    """(model, tokenizer) from a folder written by `save_quantized`."""
+    """(model, tokenizer) from a folder written by `save_quantized`; every tensor checked before use."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    manifest = json.loads((path / QUANT_MANIFEST).read_text())
+    layers = _read_manifest(path)
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
-    for name, data in manifest["layers"].items():
-        linear = model.get_submodule(name)
+    for name, data in layers.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise QbaraError(f"{path / QUANT_MANIFEST}: layer {name!r} is not in the model its config.json "
+                             f"describes; the folder is damaged, save it again") from None
         placeholder = quantize(torch.zeros_like(linear.weight, dtype=torch.float32), QuantConfig.from_dict(data), name)
         set_submodule(model, name, QuantizedLinear(placeholder, linear.bias))
-    state = load_file(str(path / WEIGHTS))
+    state = read_safetensors(path / WEIGHTS)
+    reference = model.state_dict()
+    for key, tensor in state.items():
+        if key not in reference:
+            continue  # reported below with the missing ones
+        packed = key.rsplit(".", 1)[0] in layers and not key.endswith(".bias")
+        check_tensor(tensor, f"{path / WEIGHTS}: {key}", shape=reference[key].shape,
+                     dtype=reference[key].dtype if packed else None, floating=not packed)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = getattr(config, "tie_word_embeddings", False)
     missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
@@ -119,3 +131,17 @@ def load_quantized(path, dtype=torch.float32):
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model, tokenizer
+
+
+def _read_manifest(path: Path) -> dict:
+    """The `layers` of qbara_quant.json: a non-empty mapping of layer name to QuantConfig dict."""
+    where = path / QUANT_MANIFEST
+    try:
+        manifest = json.loads(where.read_text())
+    except (OSError, ValueError) as err:
+        raise QbaraError(f"{where}: not valid JSON ({err}); the folder is damaged, save it again") from None
+    layers = manifest.get("layers") if isinstance(manifest, dict) else None
+    if not isinstance(layers, dict) or not layers or not all(isinstance(v, dict) for v in layers.values()):
+        raise QbaraError(f"{where}: 'layers' must map each quantized layer to its config and name at least one; "
+                         f"the folder is damaged, save it again")
+    return layers

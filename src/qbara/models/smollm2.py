@@ -140,6 +140,7 @@ def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
 
     gguf = Path(gguf)
     folder, name = str(gguf.parent), gguf.name
+    check_gguf_layout(gguf)
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except (ValueError, NotImplementedError, KeyError) as exc:
@@ -165,6 +166,26 @@ def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model.eval()
     return model, tokenizer
+
+
+def check_gguf_layout(gguf: Path) -> None:
+    """Refuse a GGUF file whose tensors overlap or run past its end (ggml refuses those too)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(gguf))
+    except Exception as err:  # gguf-py raises ValueError, KeyError, IndexError... on damaged files
+        raise QbaraError(f"{gguf}: not a readable GGUF file ({type(err).__name__}: {err}); the file is damaged or "
+                         f"not GGUF") from None
+    size = gguf.stat().st_size
+    spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in reader.tensors)
+    for (start, end, tensor_name), following in zip(spans, spans[1:] + [None]):
+        if end > size:
+            raise QbaraError(f"{gguf}: tensor {tensor_name} runs to byte {end}, past the file's end ({size}); the "
+                             f"file is truncated or damaged")
+        if following is not None and following[0] < end:
+            raise QbaraError(f"{gguf}: tensors {tensor_name} and {following[2]} overlap in the file; the file is "
+                             f"damaged")
 
 
 def _gguf_state_dict(gguf: Path, model) -> dict:

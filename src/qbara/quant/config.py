@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from qbara.errors import QbaraError, strict_from_dict
+from qbara.errors import QbaraError, check_types, strict_from_dict
 
 NF_BITS = (2, 3, 4, 8)
 INT_BITS = (2, 3, 4, 8)
@@ -37,6 +37,10 @@ class QuantConfig:
     minimum_dtype: str = "fp16"
 
     def __post_init__(self):
+        check_types(self, {"format": ((str,), False), "block_size": ((int,), True), "block_rows": ((int,), False),
+                           "double_quant": ((bool,), True), "dq_bits": ((int,), False),
+                           "dq_block_size": ((int,), False), "dq_dtype": ((str,), False),
+                           "minimum_dtype": ((str,), False)})
         if self.format not in FORMATS:
             raise QbaraError(f"unknown quantization format {self.format!r}: choose one of {', '.join(FORMATS)}")
         if self.block_size is None:

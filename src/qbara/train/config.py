@@ -34,6 +34,7 @@ class DataSection:
 @dataclass
 class TrainSection:
     output_dir: str = "runs/qbara"
+    overwrite: bool = False       # write into a non-empty output_dir qbara did not write (its files are kept)
     steps: int = 100
     batch_size: int = 4
     grad_accum: int = 1

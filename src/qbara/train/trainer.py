@@ -74,6 +74,22 @@ def _trainer_class():
     return QbaraTrainer
 
 
+def check_resume_base(model, checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint trained on another base model or with another adapter."""
+    from qbara.adapters.io import base_fingerprint, read_adapter_config
+
+    info = read_adapter_config(checkpoint)["qbara"]
+    expected, actual = info.get("base_fingerprint"), base_fingerprint(model)
+    if expected != actual:
+        raise QbaraError(f"{checkpoint} was trained on a different base model (fingerprint {expected}, this run's "
+                         f"base {actual}); resume with the run's original model.name and quant settings")
+    recorded = info.get("adapter")
+    current = getattr(model, "qbara_adapter_config", None)
+    if current is not None and recorded != current.to_dict():
+        raise QbaraError(f"{checkpoint} holds a {recorded} adapter but this run attaches {current.to_dict()}; "
+                         f"resume with the run's original adapter settings")
+
+
 def load_adapter_weights(model, directory) -> None:
     """Copy the adapter tensors saved in `directory` into the model's existing adapter parameters."""
     copy_adapter_weights(adapter_layers(getattr(model, "module", model)), directory)
@@ -149,15 +165,32 @@ def prepare_for_training(config: RunConfig, model, tokenizer):
 
 
 def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -> TrainResult:
-    """Run (or resume) the training described by `config`; returns where the adapter was written."""
-    from qbara.models.loader import load_model
+    """Run (or resume) the training described by `config`; returns where the adapter was written.
 
-    if model is None:
-        model, tokenizer = load_model(config.model.name, dtype=config.model.dtype)
-    train_set, eval_set = load_datasets(config, tokenizer)
-    model = prepare_for_training(config, model, tokenizer)
-    model.config.use_cache = False
+    The output folder follows `qbara.outputs`' rule (checked before any work: not an input, not the
+    working folder, not a non-empty folder qbara did not write unless train.overwrite) and is locked for
+    the run, so a second run on it fails at once.
+    """
+    import contextlib
+
+    from qbara.outputs import check_output, output_lock
+
     output_dir = Path(config.train.output_dir)
+    inputs = [config.model.name, config.model.adapter, config.data.train, config.data.eval]
+    ours = latest_complete_checkpoint(output_dir) is not None  # a run of an older qbara, without the manifest
+    out = check_output(output_dir, inputs, overwrite=config.train.overwrite or ours, option="train.output_dir")
+    main_rank = os.environ.get("RANK", "0") == "0"
+    with output_lock(out) if main_rank else contextlib.nullcontext():
+        return _train(config, resume, model, tokenizer, output_dir)
+
+
+def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path) -> TrainResult:
+    from qbara.models.loader import load_model
+    from qbara.outputs import foreign_files, mark_folder
+
+    # The user's files in an --overwrite folder stay theirs; checkpoints of an older qbara are ours.
+    foreign = {f for f in foreign_files(output_dir) if not _CHECKPOINT.match(f.split("/", 1)[0])}
+
     checkpoint = None
     if resume:
         removed = remove_incomplete_checkpoints(output_dir)
@@ -168,6 +201,13 @@ def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     elif latest_complete_checkpoint(output_dir):
         raise QbaraError(f"{output_dir} already holds checkpoints; pass --resume to continue, or choose another "
                          f"train.output_dir")
+    if model is None:
+        model, tokenizer = load_model(config.model.name, dtype=config.model.dtype)
+    train_set, eval_set = load_datasets(config, tokenizer)
+    model = prepare_for_training(config, model, tokenizer)
+    model.config.use_cache = False
+    if checkpoint is not None:
+        check_resume_base(model, checkpoint)
     args = _training_arguments(config, eval_set is not None)
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                data_collator=PadCollator(tokenizer.pad_token_id))
@@ -186,6 +226,7 @@ def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
         write_json_atomic(output_dir / "run_config.json", config.to_dict())
         write_json_atomic(output_dir / "log_history.json", history)
         plot_loss_curve(history, output_dir / "loss_curve.png")
+        mark_folder(output_dir, "train", foreign)
     trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 still writes
     losses = [h["loss"] for h in history if "loss" in h]
     return TrainResult(output_dir, adapter_dir, trainable_parameter_count(model), history,

@@ -1,0 +1,57 @@
+"""Checks on tensors read from files: the right dtype (never cast silently), the right shape, finite values."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qbara.errors import QbaraError
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, with one clear error for a damaged file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise QbaraError(f"{path}: not a readable safetensors file ({err}); the file is damaged, write it "
+                         f"again") from None
+
+
+# No trained weight of a working model comes near these magnitudes; a value beyond them is damage (a flipped
+# exponent bit, a diverged run) that would only show later as an infinite loss.
+ADAPTER_LIMIT = 1e4
+WEIGHT_LIMIT = 1e5
+
+
+def check_tensor(tensor: torch.Tensor, what: str, *, shape=None, dtype: torch.dtype | None = None,
+                 floating: bool = True, limit: float = WEIGHT_LIMIT) -> None:
+    """Refuse a tensor of the wrong shape or dtype, or one holding NaN/Inf or values beyond ±limit.
+
+    dtype: the exact dtype required (packed codes, fp16 scales); otherwise `floating` requires any
+    float dtype (bf16 storage of an fp32 weight is fine; an int or bool tensor is not cast silently).
+    """
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise QbaraError(f"{what}: shape {tuple(tensor.shape)}, expected {tuple(shape)}; the file does not "
+                         f"fit this model")
+    if dtype is not None and tensor.dtype != dtype:
+        raise QbaraError(f"{what}: dtype {tensor.dtype}, expected {dtype}; the file was not written by qbara "
+                         f"for this model or is damaged")
+    if dtype is None and floating and not tensor.is_floating_point():
+        raise QbaraError(f"{what}: dtype {tensor.dtype} is not a float type; refusing to cast it (the file is "
+                         f"damaged or not written by qbara)")
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise QbaraError(f"{what}: {bad} of {tensor.numel()} values are NaN or infinite; the file is damaged "
+                         f"(or training diverged): use an earlier checkpoint")
+    if tensor.is_floating_point() and tensor.numel() and float(tensor.abs().max()) > limit:
+        raise QbaraError(f"{what}: values up to {float(tensor.abs().max()):.3g}, beyond ±{limit:g}; the file is "
+                         f"damaged (or training diverged): use an earlier checkpoint")
+
+
+def check_model_values(model: torch.nn.Module, source) -> None:
+    """Refuse a loaded model any of whose float parameters or buffers hold NaN/Inf or absurd values."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        check_tensor(tensor.detach(), f"{Path(str(source))}: {name}", floating=False)
