@@ -196,8 +196,7 @@ def output_folder(path, inputs: Iterable = (), *, overwrite: bool = False, comma
             yield tmp
             install_folder(tmp, out, command)
         except BaseException:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            discard(tmp)
             raise
 
 
@@ -228,6 +227,12 @@ def mark_folder(folder: Path, command: str = "", foreign: Iterable[str] = ()) ->
     write_json_atomic(folder / MANIFEST, {"written_by": "qbara", "command": command, "files": files,
                                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return set(files)
+
+
+def discard(tmp: Path) -> None:
+    """Remove the unfinished output of a failed run (a killed run skips this; the next run's `recover` does it)."""
+    if tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def install_folder(new: Path, out: Path, command: str = "") -> None:

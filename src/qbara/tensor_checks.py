@@ -1,6 +1,7 @@
 """Checks on tensors read from files: the right dtype (never cast silently), the right shape, finite values."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -55,3 +56,23 @@ def check_model_values(model: torch.nn.Module, source) -> None:
     """Refuse a loaded model any of whose float parameters or buffers hold NaN/Inf or absurd values."""
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         check_tensor(tensor.detach(), f"{Path(str(source))}: {name}", floating=False)
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes: recorded when a file is written, compared
+    when it is read, so tensors swapped, replaced or edited since are found."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_digest(state: dict[str, torch.Tensor], recorded: str | None, path, where: str) -> None:
+    """Refuse `state` (read from `path`) if its digest differs from the one `where` recorded."""
+    if recorded is not None and tensors_digest(state) != recorded:
+        raise QbaraError(f"{path}: the tensors differ from those written (swapped, replaced or damaged since; "
+                         f"{where} records their SHA-256); write the file again, or, if you changed it on purpose, "
+                         f"delete weights_sha256 from {where}")

@@ -54,3 +54,76 @@ def test_missing_or_damaged_folder(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(QbaraError, match="not valid JSON"):
         load_adapter(model, tmp_path)
+
+
+def _saved(tmp_path, setting="lora"):
+    model, _ = build("tiny-llama", setting)
+    randomize_adapters(model, seed=3)
+    save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def _rewrite_weights(folder, change, keep_digest=False):
+    """Change the saved tensors; without keep_digest, as a writer that records no digest would."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path))
+    if not keep_digest:
+        _rewrite_config(folder, lambda d: d["qbara"].pop("weights_sha256"))
+
+
+def _rewrite_config(folder, change):
+    path = folder / "adapter_config.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+KEY = "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda s: s[KEY].view(-1).__setitem__(3, float("nan")), "NaN or infinite"),
+    (lambda s: s[KEY].view(-1).__setitem__(3, float("inf")), "NaN or infinite"),
+    (lambda s: s[KEY].view(-1).__setitem__(3, 1e30), "beyond"),
+    (lambda s: s.__setitem__(KEY, s[KEY].to(torch.int32)), "not a float type"),
+    (lambda s: s.__setitem__(KEY, s[KEY] > 0), "not a float type"),
+    (lambda s: s.__setitem__(KEY, s[KEY][:2]), "shape"),
+    (lambda s: s.__setitem__("base_model.model.extra.lora_A.weight", torch.zeros(2, 2)), "does not describe"),
+], ids=["nan", "inf", "huge", "int", "bool", "shape", "extra"])
+def test_damaged_adapter_weights_are_refused(damage, message, tmp_path):
+    folder = _saved(tmp_path)
+    _rewrite_weights(folder, damage)
+    with pytest.raises(QbaraError, match=message):
+        load_adapter(tiny_llama(seed=0)[0], folder)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: d["qbara"]["adapter"].__setitem__("rank", True), "rank must be int, got True"),
+    (lambda d: d["qbara"]["adapter"].__setitem__("rank", 10 ** 9), "rank must be a positive integer up to"),
+    (lambda d: d["qbara"]["adapter"].__setitem__("alpha", "16"), "alpha must be int or float"),
+    (lambda d: d["qbara"].__setitem__("layers", {}), "lists no adapted layers"),
+    (lambda d: next(iter(d["qbara"]["layers"].values())).__setitem__("pool_in", True), "pool_in must be a positive"),
+    (lambda d: next(iter(d["qbara"]["layers"].values()))["quant"].__setitem__("block_size", 32.0),
+     "block_size must be int"),
+], ids=["rank-bool", "rank-huge", "alpha-str", "no-layers", "pool-bool", "block-float"])
+def test_damaged_adapter_configs_are_refused(damage, message, tmp_path):
+    folder = _saved(tmp_path)
+    _rewrite_config(folder, damage)
+    with pytest.raises(QbaraError, match=message):
+        load_adapter(tiny_llama(seed=0)[0], folder)
+
+
+def test_swapped_adapter_tensors_are_found_by_the_recorded_digest(tmp_path):
+    folder = _saved(tmp_path)
+    other = KEY.replace("layers.1", "layers.0")
+
+    def swap(state):
+        state[KEY], state[other] = state[other].clone(), state[KEY].clone()
+
+    _rewrite_weights(folder, swap, keep_digest=True)
+    with pytest.raises(QbaraError, match="tensors differ from those written"):
+        load_adapter(tiny_llama(seed=0)[0], folder)

@@ -102,3 +102,78 @@ def _eval(args, capsys):
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "qbara", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "train" in result.stdout and "export" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny-llama QA-HiRA adapter trained for 2 steps: (folder of the run, adapter folder)."""
+    root = tmp_path_factory.mktemp("trained")
+    assert main(["train", "--config", str(_good_yaml(root))]) == 0
+    return root, root / "out" / "adapter"
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_merge_never_destroys_the_users_files(trained, tmp_path, monkeypatch, capsys):
+    _, adapter = trained
+    merge = ["merge", "--model", "tiny-llama", "--adapter", str(adapter), "--into", "quantized"]
+    adapter_files = _snapshot(adapter)
+    # --out . (the working folder), the adapter's own folder, or a folder containing it: refused, nothing touched
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out, message in ((".", "working folder"), (str(adapter), "contains the input"),
+                         (str(adapter.parent), "contains the input")):
+        capsys.readouterr()
+        assert main([*merge, "--out", out, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert (work / "notes.txt").read_text() == "mine" and _snapshot(adapter) == adapter_files
+    # a folder of the user's: refused without --overwrite, kept with it
+    (work / "mine").mkdir()
+    (work / "mine" / "a.txt").write_text("keep")
+    assert main([*merge, "--out", "mine"]) == 2
+    assert "not written by qbara" in capsys.readouterr().err
+    assert main([*merge, "--out", "mine", "--overwrite"]) == 0
+    assert (work / "mine" / "a.txt").read_text() == "keep" and (work / "mine" / "qbara_quant.json").is_file()
+    # qbara's own folder: replaced without --overwrite, dense over quantized
+    assert main(["merge", "--model", "tiny-llama", "--adapter", str(adapter), "--out", "mine"]) == 0
+    assert not (work / "mine" / "qbara_quant.json").exists() and (work / "mine" / "a.txt").read_text() == "keep"
+    assert sorted(p.name for p in work.iterdir()) == ["mine", "notes.txt"]
+
+
+def test_export_gguf_refuses_a_foreign_file_and_replaces_its_own(trained, tmp_path, capsys):
+    _, adapter = trained
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"someone else's model")
+    export = ["export", "--model", "tiny-llama", "--adapter", str(adapter), "--out", str(out)]
+    assert main(export) == 2
+    assert "not written by qbara" in capsys.readouterr().err and out.read_bytes() == b"someone else's model"
+    assert main([*export, "--overwrite"]) == 0
+    first = out.stat().st_mtime_ns
+    assert main(export) == 0  # qbara's own file: replaced without --overwrite
+    assert out.stat().st_mtime_ns >= first
+
+
+def test_train_refuses_an_output_dir_holding_its_data(tmp_path, capsys):
+    path = _good_yaml(tmp_path)
+    assert main(["train", "--config", str(path), "--train.output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "working folder" in err or "contains the input" in err
+
+
+def test_resume_refuses_another_base_model(trained, tmp_path, capsys):
+    root, _ = trained
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(root / "out", run)
+    config = _good_yaml(tmp_path)
+    args = ["train", "--config", str(config), "--train.output_dir", str(run), "--train.steps", "3", "--resume"]
+    assert main([*args, "--model.name", "tiny-qwen2"]) == 2
+    assert "trained on a different base model" in capsys.readouterr().err
+    assert main([*args, "--adapter.method", "qalora"]) == 2
+    assert "resume with the run's original adapter settings" in capsys.readouterr().err

@@ -91,6 +91,55 @@ def test_fingerprint_sensitive_to_arch_and_weights():
     assert model_fingerprint(base) != fp
 
 
+def test_fingerprint_detects_a_change_to_any_single_matrix():
+    """Every tensor enters the fingerprint: a small change to any one of them (a middle layer too) shows."""
+    base, _ = tiny_llama(seed=0)
+    fp = model_fingerprint(base)
+    names = [n for n, _ in base.named_parameters()]
+    assert len(names) > 10
+    for name in names:
+        param = base.get_parameter(name)
+        with torch.no_grad():
+            saved = param.detach().clone()
+            param.view(-1)[param.numel() // 2] += 0.05 * (1 + param.detach().abs().max())
+            assert model_fingerprint(base) != fp, name
+            param.copy_(saved)
+    assert model_fingerprint(base) == fp
+
+
+def test_fingerprint_covers_quantized_buffers_and_ignores_adapters():
+    from qbara import AdapterConfig, QuantConfig, prepare
+    from qbara.nn.quantized_linear import QuantizedLinear
+    from qbara.prepare import quantize_model
+
+    model, _ = tiny_llama(seed=0)
+    quantize_model(model, QuantConfig("int4", 32))
+    fp = model_fingerprint(model)
+    middle = [m for m in model.modules() if isinstance(m, QuantizedLinear)][5]
+    for name, buffer in middle.qweight.tensors.items():
+        saved = buffer.clone()
+        buffer.view(-1)[0] = buffer.view(-1)[0] + 1 if not buffer.is_floating_point() else buffer.view(-1)[0] * 2 + 1
+        assert model_fingerprint(model) != fp, name
+        buffer.copy_(saved)
+    assert model_fingerprint(model) == fp
+    prepare(model, {}, AdapterConfig("qahira", rank=4))  # adapters attached: the base still hashes the same
+    assert model_fingerprint(model) == fp
+
+
+def test_load_adapter_refuses_a_base_with_one_middle_matrix_changed(tmp_path):
+    from qbara import AdapterConfig, QbaraError, QuantConfig, load_adapter, prepare, save_adapter
+
+    model, _ = tiny_llama(seed=0)
+    prepare(model, QuantConfig("int4", 32), AdapterConfig("qahira", rank=4))
+    save_adapter(model, tmp_path / "adapter")
+    other, _ = tiny_llama(seed=0)
+    with torch.no_grad():
+        other.model.layers[1].mlp.up_proj.weight.mul_(1.5)
+    with pytest.raises(QbaraError, match="different base model"):
+        load_adapter(other, tmp_path / "adapter")
+    load_adapter(tiny_llama(seed=0)[0], tmp_path / "adapter")
+
+
 def test_fingerprint_same_in_bf16():
     model, _ = tiny_llama(seed=0)
     fp = model_fingerprint(model)
@@ -266,3 +315,50 @@ def test_load_gguf_file_matches_cached_folder(smol):
     for name, value in gguf_model.state_dict().items():
         assert torch.equal(value, ref[name]), name
     assert gguf_tok("Hello world")["input_ids"] == [19556, 905]
+
+
+# ---------------------------------------------------------------- damaged GGUF inputs
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    from qbara import AdapterConfig, QuantConfig, prepare
+    from qbara.export import export_gguf
+
+    model, tokenizer = tiny_llama(seed=0)
+    prepare(model, QuantConfig("int4", 32), AdapterConfig("qahira", rank=4))
+    return export_gguf(model, tokenizer, tmp_path / "tiny.gguf", embedding_type="f32").path
+
+
+def _gguf_tensors(path):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r+")
+    return reader, {t.name: t for t in reader.tensors}
+
+
+def test_gguf_with_overlapping_tensors_is_refused(tiny_gguf):
+    load_model(str(tiny_gguf))  # intact: loads
+    reader, tensors = _gguf_tensors(tiny_gguf)
+    first, second = list(tensors.values())[:2]
+    second.field.parts[-1][0] = first.field.parts[-1][0]  # second tensor's offset := first's
+    reader.data.flush()
+    del reader
+    with pytest.raises(QbaraError, match="overlap"):
+        load_model(str(tiny_gguf))
+
+
+def test_truncated_gguf_is_refused(tiny_gguf):
+    data = tiny_gguf.read_bytes()
+    tiny_gguf.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(QbaraError, match="past the file's end|not a readable GGUF"):
+        load_model(str(tiny_gguf))
+
+
+def test_gguf_with_nan_norm_is_refused(tiny_gguf):
+    reader, tensors = _gguf_tensors(tiny_gguf)
+    tensors["output_norm.weight"].data[0] = float("nan")
+    reader.data.flush()
+    del reader
+    with pytest.raises(QbaraError, match="NaN or infinite"):
+        load_model(str(tiny_gguf))

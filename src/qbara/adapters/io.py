@@ -18,7 +18,7 @@ from qbara.adapters.attach import adapter_layers, build_adapter
 from qbara.adapters.config import AdapterConfig
 from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
-from qbara.tensor_checks import ADAPTER_LIMIT, check_tensor, read_safetensors
+from qbara.tensor_checks import ADAPTER_LIMIT, check_digest, check_tensor, read_safetensors, tensors_digest
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.targets import set_submodule
@@ -70,6 +70,8 @@ def save_adapter(model: nn.Module, directory, base_model_name: str | None = None
         "qbara": {"format_version": FORMAT_VERSION, "adapter": config.to_dict(),
                   "base_fingerprint": base_fingerprint(model), "layers": records},
     }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data["qbara"]["weights_sha256"] = tensors_digest(tensors)
     directory = Path(directory)
     save_safetensors_atomic(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", "qbara": config.method})
     write_json_atomic(directory / CONFIG_NAME, data)
@@ -115,6 +117,8 @@ def copy_adapter_weights(layers: dict, directory) -> None:
     """Copy the tensors of `directory`'s adapter_model.safetensors into the layers' adapter parameters."""
     path = Path(directory) / WEIGHTS_NAME
     state = read_safetensors(path)
+    recorded = read_adapter_config(directory)["qbara"].get("weights_sha256")
+    check_digest(state, recorded, path, CONFIG_NAME)
     expected = set()
     for name, layer in layers.items():
         for pname, param in layer.adapter_parameters().items():

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from qbara.errors import QbaraError
-from qbara.tensor_checks import check_tensor, read_safetensors
+from qbara.tensor_checks import check_digest, check_tensor, read_safetensors, tensors_digest
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
@@ -64,10 +64,11 @@ def write_quantized(model, tokenizer, folder, base_only: bool = False) -> Path:
                  if not (k.endswith("lm_head.weight") and v.data_ptr() == embedding_ptr)}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / WEIGHTS),
-              metadata={"format": "pt", "qbara": "quantized"})
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(state, str(folder / WEIGHTS), metadata={"format": "pt", "qbara": "quantized"})
     model.config.save_pretrained(folder)
-    (folder / QUANT_MANIFEST).write_text(json.dumps({"format_version": 1, "layers": layers}, indent=2))
+    manifest = {"format_version": 1, "layers": layers, "weights_sha256": tensors_digest(state)}
+    (folder / QUANT_MANIFEST).write_text(json.dumps(manifest, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
@@ -100,7 +101,7 @@ def load_quantized(path, dtype=torch.float32):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    layers = _read_manifest(path)
+    layers, recorded = _read_manifest(path)
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
     for name, data in layers.items():
@@ -112,6 +113,7 @@ def load_quantized(path, dtype=torch.float32):
         placeholder = quantize(torch.zeros_like(linear.weight, dtype=torch.float32), QuantConfig.from_dict(data), name)
         set_submodule(model, name, QuantizedLinear(placeholder, linear.bias))
     state = read_safetensors(path / WEIGHTS)
+    check_digest(state, recorded, path / WEIGHTS, QUANT_MANIFEST)
     reference = model.state_dict()
     for key, tensor in state.items():
         if key not in reference:
@@ -133,8 +135,9 @@ def load_quantized(path, dtype=torch.float32):
     return model, tokenizer
 
 
-def _read_manifest(path: Path) -> dict:
-    """The `layers` of qbara_quant.json: a non-empty mapping of layer name to QuantConfig dict."""
+def _read_manifest(path: Path) -> tuple[dict, str | None]:
+    """The `layers` of qbara_quant.json (a non-empty mapping of layer name to QuantConfig dict) and the
+    weights' recorded SHA-256 (None in folders of older versions)."""
     where = path / QUANT_MANIFEST
     try:
         manifest = json.loads(where.read_text())
@@ -144,4 +147,4 @@ def _read_manifest(path: Path) -> dict:
     if not isinstance(layers, dict) or not layers or not all(isinstance(v, dict) for v in layers.values()):
         raise QbaraError(f"{where}: 'layers' must map each quantized layer to its config and name at least one; "
                          f"the folder is damaged, save it again")
-    return layers
+    return layers, manifest.get("weights_sha256")
