@@ -62,8 +62,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=torch.float32, device="c
 
         if path.is_dir() and is_quantized_folder(path):
             # Packed buffers keep their dtypes (fp16 scales and minima): move, never cast.
-            model, tokenizer = load_quantized(path, dtype)
-            check_model_values(model, path)
+            model, tokenizer = load_quantized(path, dtype)  # checks every tensor it reads
             return model.to(device=device).eval(), tokenizer
         if path.is_dir() and (path / "config.json").is_file():
             model, tokenizer = _load_hf_folder(path, dtype)
