@@ -45,19 +45,30 @@ def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConf
     `quant` is one config for every layer, or a mapping from layer name to config (as LQ-LoRA's
     allocation produces); with a mapping, exactly the layers it names are quantized.
     """
+    from qbara.models.quantized_io import enable_native_save
+
     per_layer = layer_configs(model, quant, modules)
     for name, config in tqdm(per_layer.items(), desc="quantizing", disable=not progress, leave=False):
         linear = model.get_submodule(name)
         set_submodule(model, name, QuantizedLinear.from_linear(linear, config, name=name))
-    return model
+    return enable_native_save(model)
 
 
 def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], adapter=None,
             modules=ALL_LINEAR, progress: bool = False) -> nn.Module:
     """Quantize the target linears of `model` (in place) and attach adapters; freeze everything else.
 
-    Only adapter parameters are left trainable. Returns the model.
+    Only adapter parameters are left trainable. Returns the model. A model loaded with bitsandbytes NF4 has
+    its layers taken over as they are (`qbara.models.bnb`; quant must then be the matching NF4 config).
     """
+    from qbara.models.bnb import adopt_bnb, bnb_layers
+
+    adopted = bool(bnb_layers(model))
+    if adopted:
+        if not isinstance(quant, QuantConfig):
+            raise QbaraError("per-layer configs need the dense weights; load the model without bitsandbytes' "
+                             "quantization_config")
+        adopt_bnb(model, quant)
     if not hasattr(model, "qbara_base_fingerprint") and hasattr(model, "config"):
         from qbara.models.loader import model_fingerprint
 
@@ -83,7 +94,7 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
         if rest:
             quantize_model(model, rest, progress=progress)
             model.qbara_base_fingerprint = model_fingerprint(model)  # of the final quantized base
-    else:
+    elif not adopted:  # bitsandbytes' layers, adopted above, are the quantized base
         quantize_model(model, quant, modules=modules, progress=progress)
     if adapter is not None:
         from qbara.adapters.attach import attach_adapters

@@ -52,10 +52,10 @@ def test_damaged_quantized_folders_are_refused(damage, message, tmp_path):
     from qbara import QbaraError
 
     folder = _saved_quantized(tmp_path)
-    state = load_file(str(folder / "model.safetensors"))
+    state = load_file(str(folder / "qbara_model.safetensors"))
     assert f"{LAYER}.scale" in state, sorted(state)[:8]
     damage(state)
-    save_file(state, str(folder / "model.safetensors"))
+    save_file(state, str(folder / "qbara_model.safetensors"))
     with pytest.raises(QbaraError, match="tensors differ from those written"):
         load_model(str(folder))
     _drop_digest(folder)  # a folder without a recorded digest: the value checks still refuse it
@@ -77,10 +77,10 @@ def test_swapped_or_random_codes_are_found_by_the_recorded_digest(tmp_path):
     from qbara import QbaraError
 
     folder = _saved_quantized(tmp_path)
-    state = load_file(str(folder / "model.safetensors"))
+    state = load_file(str(folder / "qbara_model.safetensors"))
     codes = f"{LAYER}.codes"
     state[codes] = torch.randint(0, 256, state[codes].shape, dtype=state[codes].dtype)
-    save_file(state, str(folder / "model.safetensors"))
+    save_file(state, str(folder / "qbara_model.safetensors"))
     with pytest.raises(QbaraError, match="tensors differ from those written"):
         load_model(str(folder))
 
@@ -92,3 +92,84 @@ def test_quantized_manifest_without_layers_is_refused(tmp_path):
     (folder / "qbara_quant.json").write_text('{"format_version": 1, "layers": {}}')
     with pytest.raises(QbaraError, match="name at least one"):
         load_model(str(folder))
+
+
+def test_plain_transformers_refuses_a_native_folder_instead_of_loading_random_weights(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    folder = _saved_quantized(tmp_path)
+    entry = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert entry["quant_method"] == "qbara"
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    (folder / "qbara_quant.json").unlink()  # still known as qbara's by its config.json entry
+    from qbara import QbaraError
+
+    with pytest.raises(QbaraError, match="qbara_quant.json is missing"):
+        load_model(str(folder))
+
+
+@pytest.mark.parametrize("stage", ["adapters", "merged", "trainer"])
+def test_save_pretrained_of_a_prepared_model_round_trips(stage, tmp_path):
+    model, tokenizer = tiny_llama()
+    prepare(model, QuantConfig("int4", 32), AdapterConfig("qahira", rank=4))
+    randomize_adapters(model, std=0.01)
+    if stage == "merged":
+        merge(model, into="quantized")
+    ids = torch.randint(0, 250, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    if stage == "trainer":  # a plain HF Trainer, as users call it
+        from transformers import Trainer, TrainingArguments
+
+        trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none",
+                                                              use_cpu=True))
+        trainer.save_model(str(tmp_path / "saved"))
+    else:
+        model.save_pretrained(tmp_path / "saved")
+    loaded, _ = load_model(str(tmp_path / "saved"))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_packed_layers_saved_without_manifest_are_refused(tmp_path):
+    """What a plain transformers save_pretrained of a prepared model wrote before qbara handled it."""
+    from qbara import QbaraError
+
+    model, tokenizer = tiny_llama()
+    prepare(model, QuantConfig("int4", 32), AdapterConfig("qahira", rank=4))
+    plain = type(model).__mro__[1]  # the transformers class under qbara's native-save subclass
+    plain.save_pretrained(model, tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    with pytest.raises(QbaraError, match="packed qbara layers or adapters but no qbara_quant.json"):
+        load_model(str(tmp_path / "plain"))
+
+
+def test_hf_folder_missing_a_weight_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qbara import QbaraError
+
+    model, tokenizer = tiny_llama()
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(QbaraError, match="missing.*up_proj.*random weights"):
+        load_model(str(tmp_path / "hf"))
+
+
+def test_folders_of_the_previous_layout_still_load(tmp_path):
+    import json
+
+    folder = _saved_quantized(tmp_path)
+    expected = load_model(str(folder))[0].state_dict()
+    (folder / "qbara_model.safetensors").rename(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = load_model(str(folder))[0].state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)

@@ -82,7 +82,9 @@ def attach_adapters(model: nn.Module, config: AdapterConfig,
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
     model.qbara_adapter_config = config
-    return model
+    from qbara.models.quantized_io import enable_native_save
+
+    return enable_native_save(model)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdaptedLinear]:

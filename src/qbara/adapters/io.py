@@ -39,8 +39,12 @@ def base_fingerprint(model: nn.Module) -> str:
     return model_fingerprint(model)
 
 
-def save_adapter(model: nn.Module, directory, base_model_name: str | None = None) -> Path:
-    """Write the model's adapters to `directory` (created; each file written atomically)."""
+def save_adapter(model: nn.Module, directory, base_model_name: str | None = None,
+                 fingerprint: str | None = None) -> Path:
+    """Write the model's adapters to `directory` (created; each file written atomically).
+
+    fingerprint: the base the adapter is recorded against (default: the one `prepare` recorded, i.e.
+    the unquantized model; `save_native` passes its quantized base's, saved beside it)."""
     layers = adapter_layers(model)
     if not layers:
         raise QbaraError("this model has no adapters to save; attach them with qbara.prepare(..., adapter=...)")
@@ -68,7 +72,7 @@ def save_adapter(model: nn.Module, directory, base_model_name: str | None = None
         "target_modules": suffixes,
         "base_model_name_or_path": base_model_name or getattr(model, "name_or_path", None),
         "qbara": {"format_version": FORMAT_VERSION, "adapter": config.to_dict(),
-                  "base_fingerprint": base_fingerprint(model), "layers": records},
+                  "base_fingerprint": fingerprint or base_fingerprint(model), "layers": records},
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     data["qbara"]["weights_sha256"] = tensors_digest(tensors)
@@ -152,6 +156,12 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
     info = data["qbara"]
     config = AdapterConfig.from_dict(info["adapter"])
     _check_layer_records(info.get("layers"), directory)
+    from qbara.models.bnb import adopt_bnb, bnb_layers
+
+    if bnb_layers(model):  # a bitsandbytes NF4 base: taken over exactly, if the adapter was trained on that
+        recorded = {json.dumps(r["quant"], sort_keys=True) for r in info["layers"].values()}
+        only = json.loads(recorded.pop()) if len(recorded) == 1 else None
+        adopt_bnb(model, QuantConfig.from_dict(only) if only else None)
     if config.init != "default":
         dense = [n for n in info["layers"] if not isinstance(_submodule(model, n), QuantizedLinear)]
         if dense:
@@ -187,4 +197,6 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
     model.qbara_adapter_config = config
-    return model
+    from qbara.models.quantized_io import enable_native_save
+
+    return enable_native_save(model)

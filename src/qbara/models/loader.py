@@ -12,6 +12,7 @@ from qbara.errors import QbaraError
 from qbara.tensor_checks import check_model_values
 
 DEFAULT_MODEL = "smollm2-135m"
+QUANT_MANIFEST_NAME = "qbara_quant.json"
 BUILTIN_MODELS = (DEFAULT_MODEL, "tiny-llama", "tiny-qwen2")
 
 
@@ -87,11 +88,34 @@ def _load_hf_folder(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                           output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise QbaraError(f"Cannot load the model folder {str(path)!r}: {exc}") from exc
+    check_loading_info(info, path)
     return model, tokenizer
+
+
+# Tensor names only qbara's quantized and adapter layers have.
+_QBARA_KEYS = (".codes", ".scale", ".minimum", ".absmax", ".base.", "lora_A", "lora_B", "hira_M")
+
+
+def check_loading_info(info: dict, path) -> None:
+    """Refuse a checkpoint whose weights do not cover the model exactly: transformers would fill the gaps
+    with random initialisation and say so only in a log line."""
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    mismatched = sorted(str(m[0] if isinstance(m, (tuple, list)) else m) for m in info.get("mismatched_keys") or [])
+    if any(any(tag in key for tag in _QBARA_KEYS) for key in unexpected):
+        raise QbaraError(f"{path} holds packed qbara layers or adapters but no {QUANT_MANIFEST_NAME}: it was saved "
+                         f"with a plain save_pretrained (before qbara handled it) or lost its manifest, so its linear "
+                         f"layers cannot be rebuilt; save the model again with qbara (model.save_pretrained(dir) on a "
+                         f"qbara model, or qbara.save_quantized)")
+    if missing or unexpected or mismatched:
+        raise QbaraError(f"{path}: its weights do not fit its config.json (missing {missing[:3]}{'...' * (len(missing) > 3)}, "
+                         f"unexpected {unexpected[:3]}, wrong shape {mismatched[:3]}); transformers would fill the gaps "
+                         f"with random weights. The folder is incomplete or mixes two models: save it again")
 
 
 def model_fingerprint(model) -> str:

@@ -6,6 +6,7 @@ folder and swapped into place (`qbara.outputs`), so an interrupted save never le
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -20,11 +21,30 @@ from qbara.quant.tensor import quantize
 from qbara.targets import set_submodule
 
 QUANT_MANIFEST = "qbara_quant.json"
-WEIGHTS = "model.safetensors"
+# Not transformers' `model.safetensors`: a plain `from_pretrained` must fail to find weights, not load its
+# random initialisation (it skips a quantization_config it does not know, with a warning).
+WEIGHTS = "qbara_model.safetensors"
+LEGACY_WEIGHTS = "model.safetensors"  # folders of qbara <= 0.1 (still read)
+QUANT_METHOD = "qbara"
+
+
+def quantization_entry() -> dict:
+    """The `quantization_config` a native folder's config.json declares itself with."""
+    return {"quant_method": QUANT_METHOD, "format_version": 1, "manifest": QUANT_MANIFEST, "weights": WEIGHTS,
+            "load_with": "qbara.load_model(folder)  # packed qbara weights; transformers cannot load them"}
 
 
 def is_quantized_folder(path) -> bool:
-    return (Path(path) / QUANT_MANIFEST).is_file()
+    """A folder qbara wrote with packed quantized layers: by its manifest or its config.json entry."""
+    path = Path(path)
+    if (path / QUANT_MANIFEST).is_file():
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    entry = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(entry, dict) and entry.get("quant_method") == QUANT_METHOD
 
 
 def save_quantized(model, tokenizer, out_dir, base_only: bool = False, overwrite: bool = False) -> Path:
@@ -66,7 +86,9 @@ def write_quantized(model, tokenizer, folder, base_only: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(folder / WEIGHTS), metadata={"format": "pt", "qbara": "quantized"})
-    model.config.save_pretrained(folder)
+    config = copy.deepcopy(model.config)
+    config.quantization_config = quantization_entry()
+    config.save_pretrained(folder)
     manifest = {"format_version": 1, "layers": layers, "weights_sha256": tensors_digest(state)}
     (folder / QUANT_MANIFEST).write_text(json.dumps(manifest, indent=2))
     if tokenizer is not None:
@@ -101,9 +123,14 @@ def load_quantized(path, dtype=torch.float32):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    if not (path / QUANT_MANIFEST).is_file():
+        raise QbaraError(f"{path}: config.json declares a qbara quantized folder but {QUANT_MANIFEST} is missing; "
+                         f"the folder is incomplete, save it again")
     layers, recorded = _read_manifest(path)
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # qbara's own entry: the model is built plain, then its layers replaced
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, data in layers.items():
         try:
             linear = model.get_submodule(name)
@@ -112,14 +139,15 @@ def load_quantized(path, dtype=torch.float32):
                              f"describes; the folder is damaged, save it again") from None
         placeholder = quantize(torch.zeros_like(linear.weight, dtype=torch.float32), QuantConfig.from_dict(data), name)
         set_submodule(model, name, QuantizedLinear(placeholder, linear.bias))
-    state = read_safetensors(path / WEIGHTS)
-    check_digest(state, recorded, path / WEIGHTS, QUANT_MANIFEST)
+    weights = path / WEIGHTS if (path / WEIGHTS).is_file() else path / LEGACY_WEIGHTS
+    state = read_safetensors(weights)
+    check_digest(state, recorded, weights, QUANT_MANIFEST)
     reference = model.state_dict()
     for key, tensor in state.items():
         if key not in reference:
             continue  # reported below with the missing ones
         packed = key.rsplit(".", 1)[0] in layers and not key.endswith(".bias")
-        check_tensor(tensor, f"{path / WEIGHTS}: {key}", shape=reference[key].shape,
+        check_tensor(tensor, f"{weights}: {key}", shape=reference[key].shape,
                      dtype=reference[key].dtype if packed else None, floating=not packed)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = getattr(config, "tie_word_embeddings", False)
@@ -129,9 +157,15 @@ def load_quantized(path, dtype=torch.float32):
                          f"{unexpected[:3]}); the folder is damaged, save it again")
     if tied:
         model.tie_weights()
+    enable_native_save(model)
     model.requires_grad_(False)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    from qbara.adapters.io import CONFIG_NAME, load_adapter
+
+    if (path / CONFIG_NAME).is_file():  # saved with its adapters (save_pretrained of a prepared model)
+        load_adapter(model, path)
+        model.eval()
     return model, tokenizer
 
 
@@ -148,3 +182,59 @@ def _read_manifest(path: Path) -> tuple[dict, str | None]:
         raise QbaraError(f"{where}: 'layers' must map each quantized layer to its config and name at least one; "
                          f"the folder is damaged, save it again")
     return layers, manifest.get("weights_sha256")
+
+
+# ---------------------------------------------------------------- save_pretrained of a prepared model
+
+_NATIVE_CLASSES: dict[type, type] = {}
+
+
+def enable_native_save(model):
+    """Make `model.save_pretrained` (and so HF `Trainer.save_model`) write qbara's native format while the
+    model holds quantized layers or adapters; a plain model saves as transformers does. Swaps the model's
+    class for a same-named subclass (kept by deepcopy); returns the model."""
+    cls = type(model)
+    if getattr(cls, "_qbara_native_save", False) or not hasattr(cls, "save_pretrained"):
+        return model
+    if cls not in _NATIVE_CLASSES:
+        _NATIVE_CLASSES[cls] = type(cls.__name__, (cls,), {"save_pretrained": _save_pretrained,
+                                                          "_qbara_native_save": True,
+                                                          "__module__": cls.__module__,
+                                                          "__qualname__": cls.__qualname__})
+    model.__class__ = _NATIVE_CLASSES[cls]
+    return model
+
+
+def _save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
+    """save_pretrained for qbara models: packed quantized base (+ adapters) that `qbara.load_model` reads."""
+    from qbara.adapters.attach import adapter_layers
+
+    parent = super(type(self), self).save_pretrained
+    quantized = any(isinstance(m, QuantizedLinear) for m in self.modules())
+    adapted = bool(adapter_layers(self))
+    if not (quantized or adapted):
+        return parent(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+    if state_dict is not None:
+        raise QbaraError("save_pretrained(state_dict=...) cannot save a qbara model's packed layers; call "
+                         "save_pretrained(folder) without it")
+    if not is_main_process:
+        return None
+    if adapted and not quantized:
+        raise QbaraError("this model has adapters on a dense base; save them with qbara.save_adapter(model, folder)")
+    save_native(self, save_directory)
+    return None
+
+
+def save_native(model, folder) -> Path:
+    """Write `model` into `folder` in place: the quantized base, and its adapters (recorded against that base)
+    when it has some. `qbara.load_model(folder)` loads both back."""
+    from qbara.adapters.attach import adapter_layers
+    from qbara.adapters.io import save_adapter
+    from qbara.models.loader import model_fingerprint
+
+    folder = Path(folder)
+    adapted = bool(adapter_layers(model))
+    write_quantized(model, None, folder, base_only=adapted)
+    if adapted:
+        save_adapter(model, folder, base_model_name=str(folder), fingerprint=model_fingerprint(model))
+    return folder

@@ -1,0 +1,66 @@
+"""Models loaded with bitsandbytes NF4: taken over bit for bit, or refused with the fix."""
+import pytest
+import torch
+
+from qbara import AdapterConfig, QbaraError, QuantConfig, load_adapter, prepare, save_adapter
+from qbara.nn import QuantizedLinear
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _bnb_model(tmp_path, **bnb_kwargs):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qbara.models.tiny import tiny_llama
+
+    model, tokenizer = tiny_llama(seed=0)
+    folder = tmp_path / "dense"
+    if not folder.exists():
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    config = BitsAndBytesConfig(load_in_4bit=True, **{"bnb_4bit_quant_type": "nf4", **bnb_kwargs})
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bnb_nf4_layers_are_adopted_with_identical_weights(double_quant, tmp_path):
+    import bitsandbytes.functional as F
+
+    model = _bnb_model(tmp_path, bnb_4bit_use_double_quant=double_quant)
+    names = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    reference = {n: F.dequantize_4bit(model.get_submodule(n).weight.data, model.get_submodule(n).weight.quant_state)
+                 for n in names}
+    ids = torch.tensor([[1, 7, 42, 3, 9]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    prepare(model, QuantConfig("nf4", block_size=64, double_quant=False), AdapterConfig("lora", rank=4))
+    for name in names:
+        layer = model.get_submodule(name).base
+        assert isinstance(layer, QuantizedLinear)
+        assert torch.equal(layer.dequantize(torch.float32), reference[name].float()), name
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, expected, atol=1e-5)  # LoRA's B is zero at step 0
+
+
+def test_bnb_model_with_another_config_names_the_fix(tmp_path):
+    model = _bnb_model(tmp_path)
+    with pytest.raises(QbaraError, match=r"QuantConfig\('nf4', block_size=64, double_quant=False\).*without "
+                                         r"quantization_config"):
+        prepare(model, QuantConfig("int4", 32), AdapterConfig("qahira", rank=4))
+
+
+def test_adapter_trained_on_a_bnb_base_loads_onto_it_again(tmp_path):
+    model = _bnb_model(tmp_path)
+    prepare(model, QuantConfig("nf4", block_size=64, double_quant=False), AdapterConfig("lora", rank=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    ids = torch.tensor([[1, 7, 42, 3, 9]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_adapter(model, tmp_path / "adapter")
+    fresh = _bnb_model(tmp_path)
+    load_adapter(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
