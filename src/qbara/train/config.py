@@ -35,13 +35,17 @@ class DataSection:
 class TrainSection:
     output_dir: str = "runs/qbara"
     overwrite: bool = False       # write into a non-empty output_dir qbara did not write (its files are kept)
-    steps: int = 100
+    steps: int = 100              # optimizer steps; -1 when the run is `epochs` long
+    epochs: float = 0.0           # > 0: train this many passes over the data instead of `steps`
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 2e-4
     scheduler: str = "constant"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0     # warmup as a fraction of the run, in [0, 1); exclusive with warmup_steps
     weight_decay: float = 0.0
+    max_grad_norm: float = 1.0    # gradient clipping; 0 = none
+    optim: str = "adamw_torch"    # one of OPTIMIZERS
     seed: int = 0
     save_steps: int = 50
     save_total_limit: int = 2
@@ -73,6 +77,33 @@ class RunConfig:
 _SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
 _FREE_SECTIONS = {"quant": QuantConfig, "adapter": AdapterConfig}
 
+# Key names from Hugging Face TrainingArguments / PEFT LoraConfig, Axolotl and LLaMA-Factory configs -> qbara's
+# key. An alias works wherever a key does: under its section in YAML (`train: {learning_rate: 1e-4}`), as a flat
+# top-level YAML key (`learning_rate: 1e-4`) and on the command line (`--learning_rate 1e-4`,
+# `--train.learning_rate 1e-4`). Names that are already qbara's (warmup_steps, weight_decay, max_grad_norm,
+# warmup_ratio, optim, seed, output_dir, bf16, save_steps, target_modules, ...) need no entry.
+ALIASES = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "max_steps": "train.steps",
+    "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler_type": "train.scheduler",
+    "r": "adapter.rank",
+    "lora_r": "adapter.rank",                       # Axolotl
+    "lora_alpha": "adapter.alpha",
+    "lora_dropout": "adapter.dropout",
+    "base_model": "model.name",                     # Axolotl
+    "model_name_or_path": "model.name",             # LLaMA-Factory
+    "pretrained_model_name_or_path": "model.name",
+    "max_seq_length": "data.max_length",
+    "sequence_len": "data.max_length",              # Axolotl
+    "cutoff_len": "data.max_length",                # LLaMA-Factory
+}
+
+# Trainer optimizers (transformers' OptimizerNames) that run on CPU and GPU without an extra package.
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")
+
 
 def valid_keys() -> list[str]:
     keys = [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
@@ -81,14 +112,24 @@ def valid_keys() -> list[str]:
 
 
 def _resolve_key(key: str) -> str:
+    """`key` as `section.name`: a full key, a name unique across sections, or an alias (bare or under its
+    section: `learning_rate`, `train.learning_rate`)."""
     keys = valid_keys()
     if key in keys:
         return key
+    section, dot, name = key.rpartition(".")
+    target = ALIASES.get(name)
+    if target and (not dot or target.startswith(f"{section}.")):
+        return target
     leaf_matches = [k for k in keys if k.split(".", 1)[1] == key]
     if len(leaf_matches) == 1:
         return leaf_matches[0]
-    close = difflib.get_close_matches(key, keys + [k.split(".", 1)[1] for k in keys], n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    if leaf_matches:
+        raise QbaraError(f"config key {key!r} is ambiguous: write {' or '.join(leaf_matches)}")
+    close = difflib.get_close_matches(key, keys + [k.split(".", 1)[1] for k in keys] + list(ALIASES), n=1, cutoff=0.5)
+    hint = ""
+    if close:
+        hint = f"; did you mean {close[0]!r}" + (f" (= {ALIASES[close[0]]})" if close[0] in ALIASES else "") + "?"
     raise QbaraError(f"unknown config key {key!r}{hint} (keys are section.name, e.g. train.lr, adapter.method)")
 
 
@@ -116,23 +157,44 @@ def _coerce(value, kind: type, key: str):
         raise QbaraError(f"config key {key}: {value!r} is not a valid {kind.__name__}") from None
 
 
-def build_config(data: dict, overrides: dict | None = None) -> RunConfig:
-    """A RunConfig from nested `data` (as read from YAML) and flat `overrides` {"train.lr": 1e-4, ...}."""
-    merged: dict[str, dict] = {}
-    for section, values in (data or {}).items():
-        if section not in _SECTIONS and section not in _FREE_SECTIONS:
-            close = difflib.get_close_matches(section, list(_SECTIONS) + list(_FREE_SECTIONS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise QbaraError(f"unknown config section {section!r}{hint}: sections are model, quant, adapter, data, train")
-        if section == "model" and isinstance(values, str):
+def _yaml_settings(data: dict):
+    """(key, value) for each setting in YAML `data`: the keys of each section, prefixed with it, and flat
+    top-level keys (any top-level name that is not a section, resolved like a command-line override)."""
+    for top, values in (data or {}).items():
+        if top not in _SECTIONS and top not in _FREE_SECTIONS:
+            if isinstance(values, dict):
+                close = difflib.get_close_matches(top, list(_SECTIONS) + list(_FREE_SECTIONS), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise QbaraError(f"unknown config section {top!r}{hint}: "
+                                 "sections are model, quant, adapter, data, train")
+            yield top, values
+            continue
+        if top == "model" and isinstance(values, str):
             values = {"name": values}
         if not isinstance(values, dict):
-            raise QbaraError(f"config section {section!r} must be a mapping of keys to values")
+            raise QbaraError(f"config section {top!r} must be a mapping of keys to values")
         for key, value in values.items():
-            merged.setdefault(section, {})[_resolve_key(f"{section}.{key}").split(".", 1)[1]] = value
-    for key, value in (overrides or {}).items():
-        section, name = _resolve_key(key).split(".", 1)
+            yield f"{top}.{key}", value
+
+
+def _merge(merged: dict[str, dict], settings) -> None:
+    """Put each (key, value) at its resolved merged[section][name]; two keys for one field are an error."""
+    written: dict[str, str] = {}
+    for key, value in settings:
+        full = _resolve_key(key)
+        if full in written:
+            raise QbaraError(f"config keys {written[full]!r} and {key!r} both set {full}: keep one")
+        written[full] = key
+        section, name = full.split(".", 1)
         merged.setdefault(section, {})[name] = value
+
+
+def build_config(data: dict, overrides: dict | None = None) -> RunConfig:
+    """A RunConfig from `data` (as read from YAML: sections and/or flat keys) and flat `overrides`
+    {"train.lr": 1e-4, "learning_rate": 1e-4, ...}, which win over the YAML."""
+    merged: dict[str, dict] = {}
+    _merge(merged, _yaml_settings(data))
+    _merge(merged, (overrides or {}).items())
     config = RunConfig()
     for section, cls in _SECTIONS.items():
         hints = typing.get_type_hints(cls)
@@ -142,6 +204,12 @@ def build_config(data: dict, overrides: dict | None = None) -> RunConfig:
         config.quant = dict(merged["quant"]) if "format" in merged["quant"] else {**config.quant, **merged["quant"]}
     if "adapter" in merged:
         config.adapter = {**config.adapter, **merged["adapter"]}
+    t = config.train
+    if t.epochs > 0:  # the run is epochs long: steps must be left out (or HF's -1), and becomes -1
+        if "steps" in merged.get("train", {}) and t.steps > 0:
+            raise QbaraError(f"train.steps={t.steps} and train.epochs={t.epochs} (max_steps and num_train_epochs) "
+                             f"both set the run length: keep one")
+        t.steps = -1
     _validate(config)
     return config
 
@@ -156,9 +224,22 @@ def _validate(config: RunConfig) -> None:
         raise QbaraError(f"data.on_error {d.on_error!r}: choose fail or skip")
     if not 0.0 <= d.held_out < 1.0:
         raise QbaraError(f"data.held_out must be in [0, 1), got {d.held_out}")
-    for key in ("steps", "batch_size", "grad_accum", "save_steps", "logging_steps"):
+    if t.epochs < 0:
+        raise QbaraError(f"train.epochs must be positive (or 0 to train for train.steps), got {t.epochs}")
+    if t.epochs == 0 and t.steps <= 0:
+        raise QbaraError(f"train.steps must be positive (or set train.epochs), got {t.steps}")
+    for key in ("batch_size", "grad_accum", "save_steps", "logging_steps"):
         if getattr(t, key) <= 0:
             raise QbaraError(f"train.{key} must be positive, got {getattr(t, key)}")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise QbaraError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if t.warmup_ratio > 0 and t.warmup_steps > 0:
+        raise QbaraError(f"train.warmup_steps={t.warmup_steps} and train.warmup_ratio={t.warmup_ratio} both set "
+                         f"the warmup: keep one")
+    if t.max_grad_norm < 0:
+        raise QbaraError(f"train.max_grad_norm must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
+    if t.optim not in OPTIMIZERS:
+        raise QbaraError(f"train.optim {t.optim!r}: choose {', '.join(OPTIMIZERS[:-1])} or {OPTIMIZERS[-1]}")
     if d.max_length <= 0:
         raise QbaraError(f"data.max_length must be positive, got {d.max_length}")
 

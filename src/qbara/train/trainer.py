@@ -114,17 +114,21 @@ def _training_arguments(config: RunConfig, has_eval: bool):
         name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
         checkpointing = {name: True, f"{name}_kwargs" if f"{name}_kwargs" in fields
                          else "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    # transformers 5 has no warmup_ratio: there a warmup_steps below 1 is the fraction of the run.
+    warmup = {"warmup_steps": t.warmup_ratio or t.warmup_steps}
+    if "warmup_ratio" in TrainingArguments.__dataclass_fields__:
+        warmup = {"warmup_ratio": t.warmup_ratio, "warmup_steps": t.warmup_steps}
     on_cpu = not torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return TrainingArguments(
-        output_dir=t.output_dir, max_steps=t.steps, per_device_train_batch_size=t.batch_size,
+        output_dir=t.output_dir, max_steps=t.steps, num_train_epochs=t.epochs, per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr,
-        lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, seed=t.seed,
-        data_seed=t.seed, save_strategy="steps", save_steps=t.save_steps, save_total_limit=None,
-        logging_steps=t.logging_steps, eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        lr_scheduler_type=t.scheduler, **warmup, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        optim=t.optim, seed=t.seed, data_seed=t.seed, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=None, logging_steps=t.logging_steps, eval_strategy="steps" if has_eval and t.eval_steps else "no",
         eval_steps=t.eval_steps or None, **checkpointing, bf16=t.bf16, disable_tqdm=not t.progress, report_to="none", use_cpu=on_cpu,
         ddp_backend="gloo" if on_cpu and distributed else None, remove_unused_columns=False, dataloader_num_workers=0,
-        optim="adamw_torch", save_only_model=False, full_determinism=False,
+        save_only_model=False, full_determinism=False,
     )
 
 
