@@ -18,7 +18,7 @@ def test_save_then_load_on_fresh_model_gives_identical_logits(setting, tmp_path,
     expected = model(batch).logits
     save_adapter(model, tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "qbara_adapter.json"]
     fresh, _ = tiny_llama(seed=0)
     load_adapter(fresh, tmp_path / "adapter")
     assert torch.equal(fresh(batch).logits, expected)
@@ -76,10 +76,11 @@ def _rewrite_weights(folder, change, keep_digest=False):
 
 
 def _rewrite_config(folder, change):
-    path = folder / "adapter_config.json"
-    data = json.loads(path.read_text())
+    """Change qbara's record, seen as the "qbara" section read_adapter_config returns."""
+    path = folder / "qbara_adapter.json"
+    data = {"qbara": json.loads(path.read_text())}
     change(data)
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(data["qbara"]))
 
 
 KEY = "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"
@@ -127,3 +128,60 @@ def test_swapped_adapter_tensors_are_found_by_the_recorded_digest(tmp_path):
     _rewrite_weights(folder, swap, keep_digest=True)
     with pytest.raises(QbaraError, match="tensors differ from those written"):
         load_adapter(tiny_llama(seed=0)[0], folder)
+
+
+def test_peft_reads_a_lora_adapter_without_warnings_and_merges_the_same_update(tmp_path, recwarn):
+    """PEFT loads qbara's LoRA folder onto the dense base; its merged update equals qbara's dense delta."""
+    peft = pytest.importorskip("peft")
+    import logging
+
+    model, _ = build("tiny-llama", "lora")
+    randomize_adapters(model, seed=5)
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "qbara" not in config
+    dense, _ = tiny_llama(seed=0)
+    weights = {n: m.weight.detach().clone() for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear)}
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("peft").addHandler(handler)
+    try:
+        peft_model = peft.PeftModel.from_pretrained(dense, str(tmp_path / "adapter"))
+    finally:
+        logging.getLogger("peft").removeHandler(handler)
+    assert not [w for w in recwarn.list if "peft" in str(w.filename).lower() or "PEFT" in str(w.message)]
+    assert not [r for r in records if r.levelno >= logging.WARNING]
+    merged = peft_model.merge_and_unload()
+    for name, layer in adapter_layers(model).items():
+        update = merged.get_submodule(name).weight - weights[name]
+        assert torch.allclose(update, layer.delta_weight().float(), atol=1e-6), name
+
+
+def test_regex_targets_are_written_as_full_names(tmp_path):
+    from qbara import AdapterConfig, QuantConfig, prepare
+
+    model, _ = tiny_llama(seed=0)
+    prepare(model, QuantConfig("nf4", 32), AdapterConfig("lora", rank=4, target_modules=r"model\.layers\.0\..*_proj"))
+    save_adapter(model, tmp_path)
+    targets = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert targets == sorted(adapter_layers(model)) and all(t.startswith("model.layers.0.") for t in targets)
+    model, _ = build("tiny-llama", "lora")  # all layers: suffixes, as PEFT users write them
+    save_adapter(model, tmp_path / "all")
+    targets = json.loads((tmp_path / "all" / "adapter_config.json").read_text())["target_modules"]
+    assert targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_adapters_of_the_previous_layout_still_load(tmp_path, batch):
+    model, _ = build("tiny-llama", "qahira")
+    randomize_adapters(model, seed=2)
+    expected = model(batch).logits.detach()
+    folder = tmp_path / "old"
+    save_adapter(model, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["qbara"] = json.loads((folder / "qbara_adapter.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "qbara_adapter.json").unlink()
+    fresh, _ = tiny_llama(seed=0)
+    load_adapter(fresh, folder)
+    assert torch.equal(fresh(batch).logits, expected)

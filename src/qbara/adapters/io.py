@@ -1,9 +1,12 @@
-"""Adapter files in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+"""Adapter files in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`, plus `qbara_adapter.json`.
 
 Tensor names follow PEFT (`base_model.model.<layer>.lora_A.weight`, ...). For method="lora" the
-config is a valid PEFT LoRA config; the `qbara` section records the method, per-layer shapes and
-pooling, the base's quantization and a fingerprint of the base model, so loading onto the wrong
-base fails clearly. Loading reads JSON and safetensors only (no pickle).
+adapter_config.json is a plain PEFT LoRA config (PEFT reads it without warnings; targets are full
+module names when suffixes would select more layers than were adapted). qbara's own record — the method,
+per-layer shapes and pooling, the base's quantization, a fingerprint of the base model and the SHA-256 of
+the tensors — is `qbara_adapter.json` (folders of qbara <= 0.1 kept it as a `qbara` section of
+adapter_config.json; still read), so loading onto the wrong base fails clearly. Loading reads JSON and
+safetensors only (no pickle).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from qbara.quant.config import QuantConfig
 from qbara.targets import set_submodule
 
 CONFIG_NAME = "adapter_config.json"
+QBARA_NAME = "qbara_adapter.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FORMAT_VERSION = 1
@@ -59,7 +63,6 @@ def save_adapter(model: nn.Module, directory, base_model_name: str | None = None
         records[name] = {"in_features": layer.in_features, "out_features": layer.out_features,
                          "pool_in": layer.pool_in, "pool_out": layer.pool_out,
                          "quant": quant.to_dict() if quant is not None else None}
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
     data = {
         "peft_type": "LORA" if config.method == "lora" else config.method.upper(),
         "task_type": "CAUSAL_LM",
@@ -69,39 +72,84 @@ def save_adapter(model: nn.Module, directory, base_model_name: str | None = None
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "target_modules": suffixes,
-        "base_model_name_or_path": base_model_name or getattr(model, "name_or_path", None),
-        "qbara": {"format_version": FORMAT_VERSION, "adapter": config.to_dict(),
-                  "base_fingerprint": fingerprint or base_fingerprint(model), "layers": records},
+        "target_modules": peft_targets(model, list(layers)),
+        "base_model_name_or_path": peft_base_name(base_model_name or getattr(model, "name_or_path", None)),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    data["qbara"]["weights_sha256"] = tensors_digest(tensors)
+    record = {"format_version": FORMAT_VERSION, "adapter": config.to_dict(),
+              "base_fingerprint": fingerprint or base_fingerprint(model), "layers": records,
+              "weights_sha256": tensors_digest(tensors)}
     directory = Path(directory)
     save_safetensors_atomic(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", "qbara": config.method})
+    write_json_atomic(directory / QBARA_NAME, record)
     write_json_atomic(directory / CONFIG_NAME, data)
     return directory
 
 
+def peft_targets(model: nn.Module, adapted: list[str]) -> list[str]:
+    """PEFT's target_modules for the adapted layers: their last name components when those select exactly
+    them (PEFT matches a name by its suffix), otherwise the full names."""
+    from qbara.adapters.layers import AdaptedLinear
+
+    suffixes = {n.rsplit(".", 1)[-1] for n in adapted}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside = tuple(f"{n}." for n in adapted)
+    selected = [n for n, m in model.named_modules()
+                if isinstance(m, (nn.Linear, QuantizedLinear, AdaptedLinear)) and m is not output
+                and not n.startswith(inside) and n.rsplit(".", 1)[-1] in suffixes]
+    return sorted(suffixes) if sorted(selected) == sorted(adapted) else sorted(adapted)
+
+
+def peft_base_name(name: str | None) -> str | None:
+    """A base_model_name_or_path PEFT can load: a local folder as its absolute path, the embedded SmolLM2 as
+    its converted folder; a test model (tiny-*) has none."""
+    from qbara.models.loader import DEFAULT_MODEL
+
+    if not name:
+        return None
+    if name.strip().lower() == DEFAULT_MODEL:
+        from qbara.models.smollm2 import smollm2_dir
+
+        return str(smollm2_dir())
+    if name.strip().lower().startswith("tiny-"):
+        return None
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def read_adapter_config(directory) -> dict:
-    """The parsed adapter_config.json of a qbara adapter folder, with clear errors."""
+    """The parsed adapter_config.json of a qbara adapter folder with qbara's record under "qbara", with clear
+    errors."""
     directory = Path(directory)
     path = directory / CONFIG_NAME
     if not directory.is_dir():
         raise QbaraError(f"adapter folder {str(directory)!r} does not exist; pass the folder save_adapter wrote")
     if not path.is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise QbaraError(f"{str(directory)!r} is not an adapter folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    data = _read_json(path)
+    if (directory / QBARA_NAME).is_file():
+        data["qbara"] = _read_json(directory / QBARA_NAME)
+    elif "qbara" not in data:
+        raise QbaraError(f"{str(directory)!r}: no {QBARA_NAME}, so not an adapter qbara wrote (a PEFT adapter?); "
+                         f"qbara loads adapters it saved")
+    if not isinstance(data["qbara"], dict) or "adapter" not in data["qbara"]:
+        raise QbaraError(f"{directory / QBARA_NAME}: no 'adapter' record; the file is damaged, save the adapter again")
+    return data
+
+
+def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise QbaraError(f"{path}: not valid JSON ({err}); the file is damaged, save the adapter again") from None
-    if "qbara" not in data:
-        raise QbaraError(f"{path}: not written by qbara (no 'qbara' section); qbara loads adapters it saved")
+    if not isinstance(data, dict):
+        raise QbaraError(f"{path}: not a JSON object; the file is damaged, save the adapter again")
     return data
 
 
 def _check_layer_records(records, directory) -> None:
     """The `layers` section: a non-empty mapping of layer name to its record, with whole-number sizes."""
-    where = f"{Path(directory) / CONFIG_NAME}"
+    where = f"{Path(directory) / QBARA_NAME}"
     if not isinstance(records, dict) or not records:
         raise QbaraError(f"{where}: 'qbara.layers' lists no adapted layers; the adapter would change nothing — "
                          f"the file is damaged, save the adapter again")
@@ -122,7 +170,7 @@ def copy_adapter_weights(layers: dict, directory) -> None:
     path = Path(directory) / WEIGHTS_NAME
     state = read_safetensors(path)
     recorded = read_adapter_config(directory)["qbara"].get("weights_sha256")
-    check_digest(state, recorded, path, CONFIG_NAME)
+    check_digest(state, recorded, path, QBARA_NAME)
     expected = set()
     for name, layer in layers.items():
         for pname, param in layer.adapter_parameters().items():
