@@ -1,5 +1,6 @@
 import os
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -210,3 +211,143 @@ def test_output_paths(exported, tmp_path):
     (tmp_path / "dir.gguf").mkdir()
     with pytest.raises(QbaraError, match="directory"):
         export_gguf(model, tokenizer, tmp_path / "dir.gguf")
+
+
+# ------------------------------------------------------------------------------------- provenance
+def _source_gguf(path, tokenizer, block_count=2, **general):
+    """A metadata-only GGUF of the tiny LLaMA's shapes and tokenizer, with the given general.* strings."""
+    from gguf import GGUFWriter
+
+    from qbara.export.tokenizer import fields_from_hf
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name("Tiny Source 2L")
+    writer.add_quantized_by("someone else")
+    writer.add_license("apache-2.0")
+    writer.add_basename("tiny")
+    writer.add_organization("TinyOrg")
+    writer.add_size_label("20K")
+    writer.add_finetune("Instruct")
+    writer.add_languages(["en", "fr"])
+    writer.add_tags(["text-generation"])
+    writer.add_url("https://example.org/tiny")
+    writer.add_uuid("0000-1111")
+    writer.add_source_repo_url("https://example.org/tiny.git")
+    writer.add_base_model_count(1)
+    writer.add_base_model_name(0, "Tiny Grandparent")
+    writer.add_string("general.not_a_standard_key", "x")
+    for key, value in general.items():
+        writer.add_string(f"general.{key}", value)
+    for key, value in (("block_count", block_count), ("embedding_length", 64), ("feed_forward_length", 128),
+                       ("attention.head_count", 4), ("attention.head_count_kv", 2)):
+        writer.add_uint32(f"llama.{key}", value)
+    fields_from_hf(tokenizer, 260).write(writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _general(path):
+    return {k: f.contents() for k, f in GGUFReader(str(path)).fields.items() if k.startswith("general.")}
+
+
+def test_default_export_records_that_qbara_wrote_it(exported):
+    general = _general(exported["path"])
+    assert general["general.quantized_by"] == "qbara"
+    assert not any(k.startswith(("general.base_model", "general.license", "general.source")) for k in general)
+    assert "general.description" not in general and exported["report"].provenance == {}
+
+
+def test_base_model_and_adapter_are_recorded(tmp_path):
+    model, tokenizer = tiny_adapted(adapter=AdapterConfig("qahira", rank=8, alpha=16))
+    report = export_gguf(model, tokenizer, tmp_path / "m.gguf", base_model="tiny-llama", adapter="runs/a1/adapter")
+    general = _general(tmp_path / "m.gguf")
+    assert general["general.base_model.count"] == 1
+    assert general["general.base_model.0.name"] == "tiny-llama"
+    assert general["general.description"] == ("base model tiny-llama with the adapter runs/a1/adapter merged; "
+                                              "exported by qbara")
+    assert general["general.name"] == "tiny-llama (qbara export)"
+    assert general["general.quantized_by"] == "qbara" and general["general.file_type"] == 3
+    assert "general.license" not in general  # nothing to carry over: the tokenizer was built, not copied
+    assert report.provenance["general.base_model.0.name"] == "tiny-llama"
+    assert "provenance: base model tiny-llama with the adapter runs/a1/adapter merged" in report.summary()
+
+
+def test_source_gguf_provenance_is_carried_over(tmp_path):
+    model, tokenizer = tiny_adapted()
+    source = _source_gguf(tmp_path / "source.gguf", tokenizer, author="Ada", version="v2",
+                          description="The tiny source model")
+    out = tmp_path / "m.gguf"
+    report = export_gguf(model, tokenizer, out, tokenizer_gguf=source, base_model="org/tiny", adapter="a1")
+    assert report.tokenizer_source == "copied from source.gguf"
+    general = _general(out)
+    # The source's own general.* that describe the fine-tuned model too
+    for key, value in (("license", "apache-2.0"), ("basename", "tiny"), ("organization", "TinyOrg"),
+                       ("size_label", "20K"), ("finetune", "Instruct"), ("languages", ["en", "fr"]),
+                       ("tags", ["text-generation"]), ("author", "Ada")):
+        assert general[f"general.{key}"] == value, key
+    # ... those naming the source file become base model 0; the writer's own keys are qbara's
+    assert general["general.base_model.count"] == 1
+    assert general["general.base_model.0.name"] == "org/tiny"
+    assert general["general.base_model.0.url"] == "https://example.org/tiny"
+    assert general["general.base_model.0.uuid"] == "0000-1111"
+    assert general["general.base_model.0.repo_url"] == "https://example.org/tiny.git"
+    assert general["general.base_model.0.organization"] == "TinyOrg"
+    assert general["general.base_model.0.author"] == "Ada" and general["general.base_model.0.version"] == "v2"
+    assert general["general.base_model.0.description"] == "The tiny source model"
+    assert general["general.description"] == "base model org/tiny with the adapter a1 merged; exported by qbara"
+    for key in ("general.url", "general.uuid", "general.version", "general.source.repo_url",
+                "general.not_a_standard_key"):
+        assert key not in general, key
+    assert general["general.quantized_by"] == "qbara" and general["general.architecture"] == "llama"
+    assert general["general.name"] != "Tiny Source 2L" and general["general.file_type"] == 3
+    types = {k: f.types for k, f in GGUFReader(str(out)).fields.items()}
+    assert types["general.languages"] == types["general.tags"] == [gguf.GGUFValueType.ARRAY,
+                                                                    gguf.GGUFValueType.STRING]
+    assert types["general.base_model.count"] == [gguf.GGUFValueType.UINT32]
+    # Without base_model, the source file's general.name names the base model.
+    export_gguf(model, tokenizer, out, tokenizer_gguf=source)
+    general = _general(out)
+    assert general["general.base_model.0.name"] == "Tiny Source 2L"
+    assert general["general.description"] == "base model Tiny Source 2L; exported by qbara"
+    # The exported file loads as before.
+    loaded, _ = qbara.load_model(str(out))
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+
+
+def test_provenance_of_another_model_is_not_carried_over(tmp_path):
+    """A GGUF of another size (same tokenizer, 3 layers) lends its tokenizer, not its license or name."""
+    model, tokenizer = tiny_adapted()
+    source = _source_gguf(tmp_path / "other.gguf", tokenizer, block_count=3)
+    report = export_gguf(model, tokenizer, tmp_path / "m.gguf", tokenizer_gguf=source, adapter="a1")
+    assert report.tokenizer_source == "copied from other.gguf"
+    general = _general(tmp_path / "m.gguf")
+    assert not any(k.startswith(("general.license", "general.size_label", "general.base_model")) for k in general)
+    assert general["general.description"] == "the adapter a1 merged; exported by qbara"
+
+
+@pytest.mark.slow
+def test_smollm2_provenance_comes_from_the_shipped_gguf():
+    """SmolLM2's shapes and tokenizer select the shipped GGUF; its general.* keys are carried over."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from qbara.export.gguf import provenance_fields
+    from qbara.export.tokenizer import shipped_smollm2_reader
+    from qbara.models.smollm2 import smollm2_dir
+
+    folder = smollm2_dir()
+    config, tokenizer = AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    source = shipped_smollm2_reader(tokenizer)
+    assert source is not None
+    fields = {k: v[0] for k, v in provenance_fields(source, "smollm2-135m", "out/adapter", config=config,
+                                                       vocab_size=49152).items()}
+    assert fields == {
+        "general.organization": "HuggingFaceTB", "general.finetune": "8k-lc100k-mix1-ep2",
+        "general.basename": "smollm2", "general.size_label": "135M", "general.license": "apache-2.0",
+        "general.languages": ["en"], "general.base_model.count": 1, "general.base_model.0.name": "smollm2-135m",
+        "general.base_model.0.organization": "HuggingFaceTB",
+        "general.description": "base model smollm2-135m with the adapter out/adapter merged; exported by qbara"}
+    config.num_hidden_layers = 32  # another SmolLM2 size shares the tokenizer, not the provenance
+    assert provenance_fields(source, None, None, config=config, vocab_size=49152) == {}

@@ -1,4 +1,9 @@
-"""`qbara eval --model M [--adapter DIR] --task ppl|loss --data FILE [--window N] [--json]`."""
+"""`qbara eval --model M [--adapter DIR] --task ppl|loss|lm-eval --data FILE|TASKS [--window N] [--json]`.
+
+`--task lm-eval` runs lm-evaluation-harness tasks (`--data` names them, comma-separated) on the in-memory
+model: `--limit`, `--num-fewshot`, `--batch-size`, `--include-path` (a folder of local task YAMLs) and
+`--output-path` (the results as JSON).
+"""
 from __future__ import annotations
 
 import json
@@ -7,6 +12,8 @@ from pathlib import Path
 import torch
 
 from qbara.errors import QbaraError
+from qbara.eval.harness import (LM_EVAL_OPTIONS, TASKS_HINT, check_output_path, count_type, lm_eval_bridge,
+                                load_lm_eval_tasks, parse_batch_size, parse_limit)
 
 
 def load_for_eval(model_name: str, adapter: str | None):
@@ -60,6 +67,22 @@ def masked_loss(model, examples, batch_size: int = 4, progress: bool = False) ->
 def run(args) -> dict:
     from qbara.eval.perplexity import perplexity
 
+    lm_eval_given = [f"--{name.replace('_', '-')}" for name in LM_EVAL_OPTIONS
+                     if getattr(args, name, None) is not None]
+    if args.task != "lm-eval" and lm_eval_given:
+        verb = "applies" if len(lm_eval_given) == 1 else "apply"
+        raise QbaraError(f"{', '.join(lm_eval_given)} only {verb} to --task lm-eval (this is --task {args.task})")
+    if args.data is None:
+        if args.task != "ppl":
+            what = "instruction or chat records (a .jsonl file)" if args.task == "loss" else \
+                f"lm-eval task names (comma-separated); {TASKS_HINT}"
+            raise QbaraError(f"--task {args.task} needs --data: {what}")
+        args.data = "shakespeare:hamlet"
+    tasks = output_path = None
+    if args.task == "lm-eval":
+        # Check the output path and load the tasks (their datasets) before the model: fail fast.
+        output_path = check_output_path(args.output_path)
+        tasks = load_lm_eval_tasks(args.data, args.include_path)
     model, tokenizer = load_for_eval(args.model, args.adapter)
     if args.task == "ppl":
         ids = tokenizer(read_text(args.data), add_special_tokens=False, return_tensors="pt").input_ids[0]
@@ -72,25 +95,24 @@ def run(args) -> dict:
         examples = build_examples(records, tokenizer, "auto", args.window, "fail", source=args.data)
         result = {"task": "loss", **masked_loss(model, examples, progress=not args.json)}
     else:
-        result = {"task": "lm-eval", **lm_eval_bridge(model, tokenizer, args.data)}
+        result = {"task": "lm-eval", **lm_eval_bridge(
+            model, tokenizer, tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+            batch_size=args.batch_size if args.batch_size is not None else 1, output_path=output_path,
+            provenance={"model": args.model, "adapter": args.adapter})}
     result.update(model=args.model, adapter=args.adapter)
     if args.json:
         print(json.dumps(result, indent=2))
+    elif args.task == "lm-eval":
+        for name, metrics in result["results"].items():
+            shown = {k: v for k, v in metrics.items()
+                     if k not in ("alias", "name", "sample_len") and isinstance(v, (int, float, str))}
+            print(f"{name}: " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in shown.items()))
+        if result.get("output_path"):
+            print(f"results written to {result['output_path']}")
     else:
         print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return result
-
-
-def lm_eval_bridge(model, tokenizer, tasks: str) -> dict:
-    """Run lm-evaluation-harness tasks (comma-separated names) on the in-memory model."""
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        raise QbaraError("--task lm-eval needs lm-evaluation-harness: pip install lm-eval") from None
-    lm = HFLM(pretrained=model, tokenizer=tokenizer)
-    results = simple_evaluate(model=lm, tasks=[t for t in tasks.split(",") if t])
-    return {"results": results["results"]}
 
 
 def add_parser(subparsers) -> None:
@@ -98,10 +120,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name, HF folder, quantized folder or .gguf")
     p.add_argument("--adapter", help="adapter folder written by qbara train / save_adapter")
     p.add_argument("--task", choices=("ppl", "loss", "lm-eval"), default="ppl")
-    p.add_argument("--data", default="shakespeare:hamlet",
-                   help="ppl: text file or shakespeare:PLAY; loss: instruction/chat records; lm-eval: task names")
+    p.add_argument("--data",
+                   help="ppl: text file or shakespeare:PLAY (default shakespeare:hamlet); loss: instruction/chat "
+                        "records; lm-eval: task names (comma-separated; glob patterns allowed)")
     p.add_argument("--window", type=int, default=512, help="ppl window / max record length in tokens")
     p.add_argument("--max-tokens", type=int, default=0, help="ppl: tokens evaluated (0 = all)")
     p.add_argument("--max-records", type=int, default=0, help="loss: records evaluated (0 = all)")
+    g = p.add_argument_group("lm-eval (--task lm-eval; --data names the tasks, comma-separated)")
+    g.add_argument("--limit", type=parse_limit, help="examples per task (e.g. 100) or a fraction of each (e.g. 0.1)")
+    g.add_argument("--num-fewshot", type=count_type(0), help="few-shot examples (default: each task's own)")
+    g.add_argument("--batch-size", type=parse_batch_size, help="batch size (default 1; 'auto' to search)")
+    g.add_argument("--include-path", action="append", metavar="FOLDER",
+                   help="folder of local task YAMLs (repeatable); needed offline, where Hub datasets cannot load")
+    g.add_argument("--output-path", metavar="FILE", help="write the full results as JSON to FILE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)

@@ -16,7 +16,7 @@ def run(args):
         with output_file(args.out, inputs, overwrite=args.overwrite):
             model, tokenizer = load_for_eval(args.model, args.adapter)
             report = write_gguf(model, tokenizer, args.out, lossy=args.allow_requantize,
-                                embedding_type=args.embedding_type)
+                                embedding_type=args.embedding_type, base_model=args.model, adapter=args.adapter)
         print(report.summary())
         return report
     from qbara.export.hf import write_hf

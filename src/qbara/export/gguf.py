@@ -12,6 +12,7 @@ states the relative weight error it introduced.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ class ExportReport:
     embedding_error: float = 0.0
     adapters_merged: int = 0
     tokenizer_source: str = ""
+    provenance: dict[str, object] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -97,6 +99,10 @@ class ExportReport:
             lines.append(f"lossless: {len(self.exact_q4_1)} linear layers packed from their INT4 G32 codes")
         lines.append(f"token embedding {self.embedding_type}, relative error {self.embedding_error:.3e}; "
                      f"tokenizer {self.tokenizer_source}")
+        if "general.description" in self.provenance:
+            license_ = self.provenance.get("general.license")
+            lines.append(f"provenance: {self.provenance['general.description']}" +
+                         (f"; license {license_}" if license_ else ""))
         return "\n".join(lines)
 
 
@@ -258,36 +264,143 @@ def _rel_error(reference: Tensor, approx: Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------- writer
-def _model_name(model, name: str | None) -> str:
+def _model_name(model, name: str | None, base_model: str | None = None) -> str:
     if name:
         return name
-    source = getattr(model.config, "_name_or_path", "") or ""
+    source = getattr(model.config, "_name_or_path", "") or base_model or ""
     return (Path(source).name or source or "qbara-model") + " (qbara export)"
 
 
-def _tokenizer_fields(tokenizer, vocab_size: int, tokenizer_gguf) -> TokenizerFields:
+def _source_gguf(tokenizer, tokenizer_gguf):
+    """(path, reader) of the GGUF the tokenizer metadata is copied from: `tokenizer_gguf`, or the shipped
+    SmolLM2 file when the tokenizer is SmolLM2's; None when it is built from the tokenizer itself."""
     if tokenizer_gguf is not None:
-        return fields_from_gguf(tokenizer_gguf)
-    shipped = shipped_smollm2_reader(tokenizer)
-    if shipped is not None:
-        return fields_from_gguf(*shipped)
+        from gguf import GGUFReader
+
+        return Path(tokenizer_gguf), GGUFReader(str(tokenizer_gguf))
+    return shipped_smollm2_reader(tokenizer)
+
+
+def _tokenizer_fields(tokenizer, vocab_size: int, source) -> TokenizerFields:
+    if source is not None:
+        return fields_from_gguf(*source)
     return fields_from_hf(tokenizer, vocab_size)
 
 
+# ------------------------------------------------------------------------------------- provenance
+def _general_keys():
+    """gguf-py's standard `general.*` keys: (exact names, patterns for the `{id}` ones)."""
+    from gguf.constants import Keys
+
+    names = [v for k, v in vars(Keys.General).items() if k.isupper() and isinstance(v, str)]
+    exact = {n for n in names if "{id}" not in n}
+    patterns = [re.compile(re.escape(n).replace(re.escape("{id}"), r"\d+") + r"\Z") for n in names if "{id}" in n]
+    return exact, patterns
+
+
+# Set by the writer for this file (general.quantized_by marks the files qbara wrote).
+WRITER_GENERAL = ("general.name", "general.type", "general.architecture", "general.file_type",
+                  "general.quantization_version", "general.alignment", "general.quantized_by")
+# Describe the source model: recorded as general.base_model.0.* (author and organization are kept as the
+# exported model's too; the SOURCE_ONLY ones name that very file, so they are not).
+SOURCE_TO_BASE = {"general.author": "author", "general.organization": "organization", "general.version": "version",
+                  "general.description": "description", "general.url": "url", "general.doi": "doi",
+                  "general.uuid": "uuid", "general.repo_url": "repo_url"}
+SOURCE_ONLY = ("general.version", "general.description", "general.url", "general.doi", "general.uuid",
+               "general.repo_url")
+# Shapes that must agree before a GGUF's general.* metadata is taken to describe the exported model.
+SHAPE_KEYS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+              "attention.head_count_kv")
+
+
+def _field(reader, key):
+    from gguf import GGUFValueType
+
+    fld = reader.fields[key]
+    vtype = fld.types[0]
+    return fld.contents(), vtype, (fld.types[-1] if vtype == GGUFValueType.ARRAY else None)
+
+
+def same_model(reader, config, vocab_size: int) -> bool:
+    """True when the GGUF in `reader` holds a LLaMA model of `config`'s shape and vocabulary (the model
+    exported is that model, fine-tuned): only then is its general.* metadata carried over."""
+    fields = reader.fields
+    try:
+        if fields["general.architecture"].contents() != ARCH:
+            return False
+        want = (config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+                config.num_attention_heads, config.num_key_value_heads)
+        have = tuple(int(fields[f"{ARCH}.{k}"].contents()) for k in SHAPE_KEYS)
+        tokens = len(fields["tokenizer.ggml.tokens"].contents())
+    except (KeyError, AttributeError, TypeError, ValueError):
+        return False
+    return have == tuple(int(w) for w in want) and tokens == vocab_size
+
+
+def provenance_fields(source, base_model: str | None, adapter: str | None, *, config=None,
+                      vocab_size: int | None = None) -> dict[str, tuple]:
+    """general.* metadata for the exported file: key -> (value, GGUF type, array item type).
+
+    From `source` ((path, reader) of the GGUF the tokenizer came from), when it holds this very model
+    (`same_model`: same shapes and vocabulary): its standard general.* keys (license, basename, organization,
+    size_label, finetune, tags, languages, datasets, ...), except those the writer sets (WRITER_GENERAL) and
+    those that name that file (url, doi, uuid, repo_url, version, description, source.*, base_model.*),
+    which describe the base model here: they become general.base_model.0.*.
+    qbara's own: general.base_model.count = 1, general.base_model.0.name = `base_model` (else the source
+    file's general.name), and general.description naming the base model and the adapter merged into it.
+    """
+    from gguf import GGUFValueType
+
+    out: dict[str, tuple] = {}
+    base: dict[str, tuple] = {}
+    reader = None
+    if source is not None and (config is None or same_model(source[1], config, vocab_size)):
+        reader = source[1]
+    if reader is not None:
+        exact, patterns = _general_keys()
+        for key in reader.fields:
+            if key in WRITER_GENERAL or not (key in exact or any(p.match(key) for p in patterns)):
+                continue
+            if key.startswith(("general.base_model.", "general.source.")):
+                continue
+            if key in SOURCE_TO_BASE:
+                base[SOURCE_TO_BASE[key]] = _field(reader, key)
+            if key not in SOURCE_ONLY:
+                out[key] = _field(reader, key)
+        for attr in ("url", "repo_url", "doi", "uuid"):  # the source file's own source, when it names none
+            if attr not in base and f"general.source.{attr}" in reader.fields:
+                base[attr] = _field(reader, f"general.source.{attr}")
+    name = base_model
+    if name is None and reader is not None and "general.name" in reader.fields:
+        name = str(reader.fields["general.name"].contents())
+    if name is not None:
+        out["general.base_model.count"] = (1, GGUFValueType.UINT32, None)
+        out["general.base_model.0.name"] = (str(name), GGUFValueType.STRING, None)
+        for attr, value in base.items():
+            out[f"general.base_model.0.{attr}"] = value
+    if name is not None or adapter:
+        what = " with ".join(x for x in (f"base model {name}" if name is not None else "",
+                                         f"the adapter {adapter} merged" if adapter else "") if x)
+        out["general.description"] = (f"{what}; exported by qbara", GGUFValueType.STRING, None)
+    return out
+
+
 def export_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedding_type: str = "q8_0",
-                tokenizer_gguf=None, name: str | None = None, overwrite: bool = False) -> ExportReport:
+                tokenizer_gguf=None, name: str | None = None, overwrite: bool = False,
+                base_model: str | None = None, adapter: str | None = None) -> ExportReport:
     """Check and lock the output `path` (`qbara.outputs`: an existing file qbara did not write is refused
     unless overwrite=True), then `write_gguf`."""
     from qbara.outputs import output_file
 
     with output_file(_check_path(path), overwrite=overwrite, option="path"):
         return write_gguf(model, tokenizer, path, lossy, embedding_type=embedding_type,
-                          tokenizer_gguf=tokenizer_gguf, name=name)
+                          tokenizer_gguf=tokenizer_gguf, name=name, base_model=base_model, adapter=adapter)
 
 
 @torch.no_grad()
 def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedding_type: str = "q8_0",
-               tokenizer_gguf=None, name: str | None = None) -> ExportReport:
+               tokenizer_gguf=None, name: str | None = None, base_model: str | None = None,
+               adapter: str | None = None) -> ExportReport:
     """Write a LLaMA-architecture model as a GGUF file (llama.cpp `llama`, Q4_1 linears) at `path`.
 
     model: a LlamaForCausalLM whose linears are qbara QuantizedLinear INT4 G32 layers, ideally after
@@ -303,6 +416,13 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
     embedding_type: token embedding (and untied output matrix) as "q8_0" (default, as SmolLM2 ships),
         "f16" or "f32".
     name: general.name metadata (default: from the model's config).
+    base_model, adapter: provenance, as the user named them (CLI: --model, --adapter). Written as
+        general.base_model.count = 1, general.base_model.0.name and a general.description naming the
+        adapter merged. When the tokenizer metadata comes from a GGUF of this same model (the shipped
+        SmolLM2 file, or `tokenizer_gguf`) with the same shapes, its general.* provenance (license,
+        basename, organization, size_label, finetune, tags, languages, ...) is carried over too; see
+        `provenance_fields`. Without base_model, the source file's general.name names the base model.
+        general.quantized_by is always "qbara".
     """
     from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
     from gguf.constants import GGML_QUANT_VERSION
@@ -378,13 +498,17 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
         tensors.append(("output.weight", arr, raw))
         emb_err = max(emb_err, out_err)
 
-    tok_fields = _tokenizer_fields(tokenizer, int(embed.shape[0]), tokenizer_gguf)
+    source = _source_gguf(tokenizer, tokenizer_gguf)
+    tok_fields = _tokenizer_fields(tokenizer, int(embed.shape[0]), source)
+    general = provenance_fields(source, base_model, adapter, config=config, vocab_size=int(embed.shape[0]))
 
     # 3. Write.
     def write(tmp: str) -> None:
         writer = GGUFWriter(tmp, ARCH)
         writer.add_type("model")
-        writer.add_name(_model_name(model, name))
+        writer.add_name(_model_name(model, name, base_model))
+        for key, (value, vtype, sub_type) in general.items():
+            writer.add_key_value(key, value, vtype, sub_type=sub_type)
         writer.add_uint32(f"{ARCH}.context_length", int(config.max_position_embeddings))
         writer.add_uint32(f"{ARCH}.embedding_length", int(config.hidden_size))
         writer.add_uint32(f"{ARCH}.block_count", len(layers))
@@ -426,5 +550,6 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
         embedding_error=emb_err,
         adapters_merged=int(adapters_merged),
         tokenizer_source=tok_fields.source,
+        provenance={k: v[0] for k, v in general.items()},
         seconds=time.perf_counter() - start,
     )
