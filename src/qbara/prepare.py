@@ -94,6 +94,10 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
         if rest:
             quantize_model(model, rest, progress=progress)
             model.qbara_base_fingerprint = model_fingerprint(model)  # of the final quantized base
+    elif getattr(model, "qbara_loaded_quant", None) is not None:  # quantized on load
+        if model.qbara_loaded_quant != quant:
+            raise QbaraError(f"this model was quantized on load with {_describe(model.qbara_loaded_quant)}; pass the "
+                             f"same quant to prepare, or load it without quant=")
     elif not adopted:  # bitsandbytes' layers, adopted above, are the quantized base
         quantize_model(model, quant, modules=modules, progress=progress)
     if adapter is not None:
@@ -101,3 +105,7 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
 
         attach_adapters(model, adapter, factors=factors)
     return model
+
+
+def _describe(quant) -> str:
+    return quant.label if isinstance(quant, QuantConfig) else f"{len(quant)} per-layer configs"

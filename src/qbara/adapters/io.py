@@ -147,6 +147,20 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def adapter_base_quant(directory) -> dict[str, QuantConfig] | None:
+    """Layer name -> the QuantConfig the adapter's base was quantized with, for quantizing a dense base on load
+    (`load_model(..., quant=...)`); None when the base is not a plain quantization of the dense model (LoftQ /
+    LQ decompositions, dense layers)."""
+    info = read_adapter_config(directory)["qbara"]
+    _check_layer_records(info.get("layers"), directory)
+    if AdapterConfig.from_dict(info["adapter"]).init != "default":
+        return None
+    records = info["layers"]
+    if any(r.get("quant") is None for r in records.values()):
+        return None
+    return {name: QuantConfig.from_dict(r["quant"]) for name, r in records.items()}
+
+
 def _check_layer_records(records, directory) -> None:
     """The `layers` section: a non-empty mapping of layer name to its record, with whole-number sizes."""
     where = f"{Path(directory) / QBARA_NAME}"

@@ -54,7 +54,7 @@ def _run(args, out: Path) -> tuple[dict, dict]:
                   "lr": args.lr, "save_steps": max(1, args.steps // 2), "logging_steps": max(1, args.steps // 20),
                   "seed": args.seed, "scheduler": "cosine", "warmup_steps": max(1, args.steps // 20)},
     })
-    base, tokenizer = load_model(args.model)
+    base, tokenizer = load_model(args.model, quant=QuantConfig("int4", 32))  # quantized as it is read
     held = build_examples(read_records(str(held_file)), tokenizer, "instruction", args.max_length, "fail",
                           source=str(held_file))
     # Before: the INT4 base with the (zero-initialised) QA-HiRA adapter, i.e. the quantized model itself.

@@ -33,15 +33,25 @@ def _resolve_dtype(dtype) -> torch.dtype:
     raise QbaraError(f"Unknown dtype {dtype!r}: use float32, bfloat16 or float16")
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu", quant=None, modules="all-linear",
+               progress: bool = False):
     """Load a causal LM and its tokenizer; the model is returned in eval mode.
 
     ``name_or_path`` is ``"smollm2-135m"`` (the embedded default, converted once into the
     qbara cache), ``"tiny-llama"`` / ``"tiny-qwen2"`` (random test models, seed 0), a local
     Hugging Face folder with a ``config.json``, a folder saved by ``save_quantized`` (loaded
     quantized), or a local ``.gguf`` file (dequantized).
+
+    quant (a QuantConfig, or layer name -> QuantConfig): quantize on load. The target linears (`modules`)
+    are quantized as they are read from the safetensors shards, never held dense; the other weights keep
+    the checkpoint's dtype (or `dtype`) and are cast to the compute dtype where used
+    (`qbara.models.streaming`). Then `prepare(model, quant, adapter)` only attaches the adapters.
+    Without quant, `dtype` defaults to float32.
     """
-    dtype = _resolve_dtype(dtype)
+    if quant is not None:
+        return _load_quantizing(name_or_path, quant, modules, None if dtype is None else _resolve_dtype(dtype),
+                                device, progress)
+    dtype = _resolve_dtype(dtype if dtype is not None else torch.float32)
     name = str(name_or_path)
     key = name.strip().lower()
 
@@ -81,6 +91,36 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=torch.float32, device="c
     check_model_values(model, name)
     model = model.to(device=device, dtype=dtype)
     model.eval()
+    return model, tokenizer
+
+
+def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):
+    """load_model(..., quant=...): stream an HF folder; the in-memory test models and GGUF files are loaded,
+    then quantized (they are dense already)."""
+    from qbara.models.quantized_io import is_quantized_folder
+
+    name = str(name_or_path)
+    key = name.strip().lower()
+    path = Path(name).expanduser()
+    if key == DEFAULT_MODEL:
+        from qbara.models.smollm2 import smollm2_dir
+
+        path = smollm2_dir()
+    elif path.is_dir() and is_quantized_folder(path):
+        raise QbaraError(f"{name!r} is already quantized; load it without quant=")
+    if path.is_dir() and (path / "config.json").is_file():
+        from transformers import AutoTokenizer
+
+        from qbara.models.streaming import load_quantized_stream
+
+        model = load_quantized_stream(path, quant, modules, dtype=dtype, device=device, progress=progress)
+        return model, AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    from qbara.prepare import quantize_model
+
+    model, tokenizer = load_model(name, dtype=dtype or torch.float32, device=device)
+    model.qbara_base_fingerprint = model_fingerprint(model)
+    quantize_model(model, quant, modules=modules, progress=progress)
+    model.qbara_loaded_quant = quant
     return model, tokenizer
 
 
@@ -125,11 +165,28 @@ def model_fingerprint(model) -> str:
     state dict by name and shape: float weights rounded to bfloat16 first (so the same checkpoint loaded
     in float32 or bfloat16 gives the same fingerprint), quantized layers' packed buffers byte for byte.
     Adapter parameters are left out (it identifies the base under them). Streams one tensor at a time
-    (a bf16 copy of the largest tensor at most); ~0.3 s for SmolLM2-135M on this CPU.
+    (a bf16 copy of the largest tensor at most); ~0.3 s for SmolLM2-135M on this CPU. The per-tensor
+    digests are combined in name order, so a loader that reads tensors in file order (quantize on load)
+    computes the same fingerprint as it goes (`combine_fingerprint`).
     Compute it on the base the adapter is trained on: the unquantized model for `prepare`, the
     quantized one for a loaded quantized folder or the Q of an LQ-LoRA / LoftQ decomposition.
     """
-    config = model.config
+    return combine_fingerprint(model.config, {name: tensor_fingerprint(name, t) for name, t in _base_tensors(model)})
+
+
+def tensor_fingerprint(name: str, tensor: torch.Tensor) -> str:
+    """The digest of one tensor as `model_fingerprint` sees it (floats rounded to bf16)."""
+    tensor = tensor.detach()
+    if tensor.is_floating_point():
+        tensor = tensor.to(device="cpu", dtype=torch.bfloat16)
+    tensor = tensor.to("cpu").contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+    digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def combine_fingerprint(config, digests: dict[str, str]) -> str:
+    """The model fingerprint from its architecture and its tensors' digests."""
     arch = {
         "model_type": getattr(config, "model_type", None),
         "hidden_size": getattr(config, "hidden_size", None),
@@ -137,13 +194,8 @@ def model_fingerprint(model) -> str:
         "vocab_size": getattr(config, "vocab_size", None),
     }
     digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
-    for name, tensor in _base_tensors(model):
-        tensor = tensor.detach()
-        if tensor.is_floating_point():
-            tensor = tensor.to(device="cpu", dtype=torch.bfloat16)
-        tensor = tensor.to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    for name in sorted(digests):
+        digest.update(f"{name}={digests[name]};".encode())
     return digest.hexdigest()[:16]
 
 

@@ -17,7 +17,7 @@ from qbara.errors import QbaraError
 from qbara.tensor_checks import check_digest, check_tensor, read_safetensors, tensors_digest
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
-from qbara.quant.tensor import quantize
+from qbara.quant.tensor import QuantizedTensor, quantize
 from qbara.targets import set_submodule
 
 QUANT_MANIFEST = "qbara_quant.json"
@@ -119,7 +119,12 @@ def _without_adapters(state: dict, layers: dict, adapted: dict) -> tuple[dict, d
 
 
 def load_quantized(path, dtype=torch.float32):
-    """(model, tokenizer) from a folder written by `save_quantized`; every tensor checked before use."""
+    """(model, tokenizer) from a folder written by `save_quantized`; every tensor checked before use.
+
+    The model is built without weights and its tensors are the ones read from the file (no dense
+    intermediate): memory ≈ the quantized model. `dtype` applies to the weights that are not packed.
+    """
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -130,33 +135,48 @@ def load_quantized(path, dtype=torch.float32):
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # qbara's own entry: the model is built plain, then its layers replaced
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weights = path / WEIGHTS if (path / WEIGHTS).is_file() else path / LEGACY_WEIGHTS
+    state = read_safetensors(weights)
+    check_digest(state, recorded, weights, QUANT_MANIFEST)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing = []
     for name, data in layers.items():
         try:
             linear = model.get_submodule(name)
         except AttributeError:
             raise QbaraError(f"{path / QUANT_MANIFEST}: layer {name!r} is not in the model its config.json "
                              f"describes; the folder is damaged, save it again") from None
-        placeholder = quantize(torch.zeros_like(linear.weight, dtype=torch.float32), QuantConfig.from_dict(data), name)
-        set_submodule(model, name, QuantizedLinear(placeholder, linear.bias))
-    weights = path / WEIGHTS if (path / WEIGHTS).is_file() else path / LEGACY_WEIGHTS
-    state = read_safetensors(weights)
-    check_digest(state, recorded, weights, QUANT_MANIFEST)
+        quant = QuantConfig.from_dict(data)
+        shape = tuple(linear.weight.shape)
+        layout = quantize(torch.zeros(shape), quant, name)  # the buffers' names, shapes and dtypes (one layer)
+        packed = {}
+        for buffer, reference in layout.tensors.items():
+            key = f"{name}.{buffer}"
+            if key not in state:
+                missing.append(key)
+                continue
+            check_tensor(state[key], f"{weights}: {key}", shape=reference.shape, dtype=reference.dtype,
+                         floating=False)
+            packed[buffer] = state.pop(key)
+        bias = state.pop(f"{name}.bias", None)
+        if bias is not None:
+            check_tensor(bias, f"{weights}: {name}.bias", shape=(shape[0],))
+        if len(packed) == len(layout.tensors):
+            set_submodule(model, name, QuantizedLinear(QuantizedTensor(quant, shape, packed), bias))
     reference = model.state_dict()
-    for key, tensor in state.items():
-        if key not in reference:
-            continue  # reported below with the missing ones
-        packed = key.rsplit(".", 1)[0] in layers and not key.endswith(".bias")
-        check_tensor(tensor, f"{weights}: {key}", shape=reference[key].shape,
-                     dtype=reference[key].dtype if packed else None, floating=not packed)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    for key in list(state):
+        if key in reference:
+            check_tensor(state[key], f"{weights}: {key}", shape=reference[key].shape)
+            state[key] = state[key].to(dtype)
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = getattr(config, "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    if tied:
+        model.tie_weights()
+    missing += [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if missing or unexpected:
         raise QbaraError(f"{path}: checkpoint does not fit its config (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}); the folder is damaged, save it again")
-    if tied:
-        model.tie_weights()
     enable_native_save(model)
     model.requires_grad_(False)
     model.eval()

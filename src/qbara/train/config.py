@@ -16,7 +16,7 @@ from qbara.quant.config import QuantConfig
 @dataclass
 class ModelSection:
     name: str = "smollm2-135m"
-    dtype: str = "float32"
+    dtype: str = "auto"  # storage of the weights left unquantized: auto = the checkpoint's (compute stays fp32 on CPU)
     adapter: str = ""  # start from this adapter folder (e.g. `qbara lq`'s OUT/adapter); the adapter section is then ignored
 
 

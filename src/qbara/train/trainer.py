@@ -149,6 +149,20 @@ def load_datasets(config: RunConfig, tokenizer):
     return ExampleDataset(train), (ExampleDataset(held) if held else None)
 
 
+def _quant_on_load(config: RunConfig):
+    """What to quantize the base with while loading it (never a dense copy of the model): the run's quant, or
+    the starting adapter's recorded one; None for a quantized folder or a LoftQ / LQ init (needs the dense
+    weights)."""
+    from qbara.adapters.io import adapter_base_quant
+    from qbara.models.quantized_io import is_quantized_folder
+
+    if is_quantized_folder(config.model.name):
+        return None
+    if config.model.adapter:
+        return adapter_base_quant(config.model.adapter)
+    return config.quant_config() if config.adapter_config().init == "default" else None
+
+
 def prepare_for_training(config: RunConfig, model, tokenizer):
     """Quantize and attach adapters as the config says (seeded)."""
     from transformers import set_seed
@@ -206,7 +220,8 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path) 
         raise QbaraError(f"{output_dir} already holds checkpoints; pass --resume to continue, or choose another "
                          f"train.output_dir")
     if model is None:
-        model, tokenizer = load_model(config.model.name, dtype=config.model.dtype)
+        model, tokenizer = load_model(config.model.name, dtype=None if config.model.dtype == "auto" else
+                                      config.model.dtype, quant=_quant_on_load(config), progress=config.train.progress)
     train_set, eval_set = load_datasets(config, tokenizer)
     model = prepare_for_training(config, model, tokenizer)
     model.config.use_cache = False

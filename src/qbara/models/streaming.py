@@ -1,0 +1,175 @@
+"""Quantize on load: a model skeleton without weights, filled tensor by tensor from memory-mapped safetensors
+shards; each target linear goes straight into its packed buffers, everything else keeps its storage dtype.
+
+Memory: the quantized model plus the temporaries of one tensor (its bf16 read, an fp32 copy, the
+quantizer's work arrays); no dense copy of the model ever exists. The non-quantized weights (embeddings,
+norms, lm_head) stay in the checkpoint's dtype (bf16 for a bf16 checkpoint) and are cast to the compute
+dtype where they are used (`use_compute_dtype`): fp32 on CPU, where bf16 matmul is ~140x slower, bf16 on GPUs.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qbara.errors import QbaraError
+from qbara.quant.config import QuantConfig
+from qbara.targets import ALL_LINEAR
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors shards of an HF folder (its index's files, or the single model.safetensors)."""
+    if (folder / INDEX).is_file():
+        try:
+            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise QbaraError(f"{folder / INDEX}: not a safetensors index ({err}); the folder is damaged") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    elif (folder / SINGLE).is_file():
+        files = [folder / SINGLE]
+    else:
+        raise QbaraError(f"{folder}: quantize-on-load reads safetensors checkpoints and finds none ({SINGLE} or "
+                         f"{INDEX}); convert the checkpoint to safetensors, or load it without quant=")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise QbaraError(f"{folder}: shards {missing[:3]} named by {INDEX} are missing; the download is incomplete")
+    return files
+
+
+def default_compute_dtype(device) -> torch.dtype:
+    """bf16 on CUDA, fp32 elsewhere (CPUs here run bf16 matmul ~140x slower than fp32)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig], modules=ALL_LINEAR,
+                          dtype: torch.dtype | None = None, device="cpu", progress: bool = False):
+    """The causal LM in `folder` with its target linears quantized as they are read (see the module doc).
+
+    dtype: storage dtype of the weights that are not quantized (default: the checkpoint's). Returns the model
+    (eval mode, frozen) with `qbara_base_fingerprint` (equal to `model_fingerprint` of the dense model) and
+    `qbara_loaded_quant` set, so `prepare(model, quant, adapter)` attaches adapters without quantizing again.
+    """
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qbara.models.loader import combine_fingerprint, tensor_fingerprint
+    from qbara.models.quantized_io import enable_native_save
+    from qbara.nn.quantized_linear import QuantizedLinear
+    from qbara.prepare import layer_configs
+    from qbara.quant.tensor import quantize
+    from qbara.targets import set_submodule
+    from qbara.tensor_checks import check_tensor
+
+    folder = Path(folder)
+    files = checkpoint_files(folder)
+    config = AutoConfig.from_pretrained(folder)
+    storage = dtype or _checkpoint_dtype(files[0])
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=storage)
+    per_layer = layer_configs(model, quant, modules)  # shapes checked on the skeleton, before any read
+    expected = set(model.state_dict())
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    digests, unexpected = {}, []
+    with tqdm(total=len(expected), desc="quantize on load", disable=not progress, leave=False) as bar:
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                for key in reader.keys():
+                    if key not in expected:
+                        unexpected.append(key)
+                        continue
+                    tensor = reader.get_tensor(key)
+                    check_tensor(tensor, f"{file}: {key}", floating=False)
+                    digests[key] = tensor_fingerprint(key, tensor)
+                    module_name, _, leaf = key.rpartition(".")
+                    if leaf == "weight" and module_name in per_layer:
+                        old = model.get_submodule(module_name)
+                        packed = quantize(tensor.to(device=device, dtype=torch.float32), per_layer[module_name],
+                                          name=module_name)
+                        set_submodule(model, module_name, QuantizedLinear(packed, old.bias))
+                    else:
+                        cast = tensor.to(device=device, dtype=storage if tensor.is_floating_point() else None)
+                        _set_tensor(model, key, cast)
+                    del tensor
+                    bar.update(1)
+    if tied:
+        model.tie_weights()
+        embedding = [k for k in expected if k.endswith("embed_tokens.weight")]
+        for key in expected - set(digests):
+            if key.endswith("lm_head.weight") and embedding:
+                digests[key] = tensor_fingerprint(key, model.get_input_embeddings().weight)
+    missing = sorted(expected - set(digests))
+    if missing or unexpected:
+        raise QbaraError(f"{folder}: the checkpoint does not fit its config for quantize-on-load (missing "
+                         f"{missing[:3]}, unexpected {sorted(unexpected)[:3]}); load it without quant= (transformers "
+                         f"may rename its keys) or fix the folder")
+    model.requires_grad_(False)
+    model.eval()
+    use_compute_dtype(model, default_compute_dtype(device))
+    model.qbara_base_fingerprint = combine_fingerprint(config, digests)
+    model.qbara_loaded_quant = quant
+    return enable_native_save(model)
+
+
+def _checkpoint_dtype(file: Path) -> torch.dtype:
+    """The dtype of the first floating tensor of a safetensors file (read from its header, nothing loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device="cpu") as reader:
+        for key in reader.keys():
+            dtype = reader.get_slice(key).get_dtype()
+            resolved = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dtype)
+            if resolved is not None:
+                return resolved
+    return torch.float32
+
+
+def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+# ---------------------------------------------------------------- storage dtype vs compute dtype
+
+
+class UpcastEmbedding(nn.Embedding):
+    """An embedding stored in a narrow dtype whose looked-up rows come out in the compute dtype."""
+
+    compute_dtype = torch.float32
+
+    def forward(self, ids):
+        return super().forward(ids).to(self.compute_dtype)
+
+
+class UpcastLinear(nn.Linear):
+    """A frozen linear (lm_head) stored in a narrow dtype, applied in its input's dtype (one cast per call)."""
+
+    def forward(self, x):
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def use_compute_dtype(model: nn.Module, compute: torch.dtype) -> nn.Module:
+    """Make a model whose embeddings / lm_head are stored in another dtype compute in `compute`: the input
+    embedding's output and the output layer's weight are cast where used (norm weights promote by themselves)."""
+    embedding = model.get_input_embeddings()
+    if embedding is None or embedding.weight.dtype == compute:
+        return model
+    if type(embedding) is nn.Embedding:
+        embedding.__class__ = UpcastEmbedding
+        embedding.compute_dtype = compute
+    output = model.get_output_embeddings()
+    if output is not None and type(output) is nn.Linear:
+        output.__class__ = UpcastLinear
+    return model

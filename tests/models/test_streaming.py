@@ -1,0 +1,137 @@
+"""Quantize on load: identical to load-then-prepare bit for bit, stored in the checkpoint's dtype, streamed."""
+import weakref
+
+import pytest
+import torch
+
+from qbara import AdapterConfig, QbaraError, QuantConfig, load_adapter, load_model, model_fingerprint, prepare
+from qbara.models import tiny_llama, tiny_qwen2
+from qbara.nn import QuantizedLinear
+from tests.helpers import randomize_adapters
+
+IDS = torch.tensor([[1, 7, 42, 3, 9, 100, 5]])
+
+
+def _folder(tmp_path, build=tiny_llama, dtype=torch.bfloat16, shard=None, **kw):
+    model, tokenizer = build(seed=0, **kw)
+    folder = tmp_path / f"{build.__name__}-{str(dtype)[6:]}-{shard}-{sorted(kw.items())}"
+    model.to(dtype).save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quant,adapter", [(QuantConfig("nf4", 32), AdapterConfig("lora", rank=4)),
+                                           (QuantConfig("int4", 32), AdapterConfig("qahira", rank=4))],
+                         ids=["nf4-lora", "int4-qahira"])
+def test_quantize_on_load_equals_load_then_prepare(build, dtype, quant, adapter, tmp_path):
+    folder = _folder(tmp_path, build, dtype)
+    eager, _ = load_model(str(folder))
+    dense_fingerprint = model_fingerprint(eager)
+    prepare(eager, quant, adapter)
+    streamed, _ = load_model(str(folder), quant=quant)
+    assert streamed.qbara_base_fingerprint == dense_fingerprint
+    prepare(streamed, quant, adapter)
+    expected, got = eager.state_dict(), streamed.state_dict()
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        if "lora_" in key or "hira_M" in key:  # adapters: drawn at random, compared below through the logits
+            continue
+        assert torch.equal(got[key].to(value.dtype), value), key
+        packed = "_proj." in key and not key.endswith(".bias")  # quantized buffers: the same as eager
+        assert got[key].dtype == (value.dtype if packed else dtype), key  # the rest: the checkpoint's dtype
+    for model in (eager, streamed):
+        randomize_adapters(model, seed=4)
+    with torch.no_grad():
+        assert torch.equal(streamed(IDS).logits, eager(IDS).logits)
+    assert streamed(IDS).logits.dtype == torch.float32  # bf16 storage, fp32 compute on CPU
+
+
+def test_sharded_and_tied_checkpoints(tmp_path):
+    folder = _folder(tmp_path, tiny_llama, torch.bfloat16, shard="20KB", tie_word_embeddings=True)
+    assert (folder / "model.safetensors.index.json").is_file()
+    eager, _ = load_model(str(folder))
+    prepare(eager, QuantConfig("nf4", 32), None)
+    streamed, _ = load_model(str(folder), quant=QuantConfig("nf4", 32))
+    assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(streamed(IDS).logits, eager(IDS).logits)
+
+
+def test_adapters_move_between_streamed_and_eager_bases(tmp_path):
+    folder = _folder(tmp_path)
+    quant, adapter = QuantConfig("int4", 32), AdapterConfig("qahira", rank=4)
+    streamed, _ = load_model(str(folder), quant=quant)
+    prepare(streamed, quant, adapter)
+    randomize_adapters(streamed, seed=1)
+    from qbara import save_adapter
+
+    save_adapter(streamed, tmp_path / "adapter")
+    eager, _ = load_model(str(folder))
+    load_adapter(eager, tmp_path / "adapter")
+    again, _ = load_model(str(folder), quant=quant)
+    load_adapter(again, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(eager(IDS).logits, streamed(IDS).logits)
+        assert torch.equal(again(IDS).logits, streamed(IDS).logits)
+
+
+def test_at_most_one_target_weight_is_dense_at_a_time(tmp_path, monkeypatch):
+    """The streaming contract: each target weight read from the file is gone before the next is read."""
+    import safetensors
+
+    folder = _folder(tmp_path, tiny_llama, torch.bfloat16, layers=3)
+    alive, worst = [], [0]
+    real_open = safetensors.safe_open
+
+    class Tracking:
+        def __init__(self, *args, **kwargs):
+            self.inner = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.reader = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.reader.keys()
+
+        def get_slice(self, key):
+            return self.reader.get_slice(key)
+
+        def get_tensor(self, key):
+            tensor = self.reader.get_tensor(key)
+            if key.endswith("_proj.weight"):
+                alive[:] = [ref for ref in alive if ref() is not None]
+                worst[0] = max(worst[0], len(alive))
+                alive.append(weakref.ref(tensor))
+            return tensor
+
+    monkeypatch.setattr(safetensors, "safe_open", Tracking)
+    model, _ = load_model(str(folder), quant=QuantConfig("nf4", 32))
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 21
+    assert worst[0] == 0  # when each target weight is read, no earlier one is still alive
+
+
+def test_bad_requests_are_refused(tmp_path):
+    folder = _folder(tmp_path)
+    model, _ = load_model(str(folder), quant=QuantConfig("nf4", 32))
+    with pytest.raises(QbaraError, match="quantized on load with nf4-b32.*same quant"):
+        prepare(model, QuantConfig("int4", 32), AdapterConfig("qahira", rank=4))
+    (folder / "model.safetensors").rename(folder / "weights.bin")
+    with pytest.raises(QbaraError, match="reads safetensors checkpoints and finds none"):
+        load_model(str(folder), quant=QuantConfig("nf4", 32))
+
+
+def test_missing_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _folder(tmp_path)
+    state = load_file(str(folder / "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(QbaraError, match="missing.*up_proj"):
+        load_model(str(folder), quant=QuantConfig("nf4", 32))
