@@ -54,9 +54,12 @@ def make_model(size: str, cache: Path) -> Path:
     h, f, n, heads, kv, v = SIZES[size]
     config = LlamaConfig(hidden_size=h, intermediate_size=f, num_hidden_layers=n, num_attention_heads=heads,
                          num_key_value_heads=kv, vocab_size=v, max_position_embeddings=2048, tie_word_embeddings=False)
+    from qbara.models.tiny import tiny_llama
+
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder, max_shard_size="1GB")
+    tiny_llama()[1].save_pretrained(folder)  # a small byte-level tokenizer: the benchmark feeds random ids
     (folder / "done").write_text("1")
     return folder
 
@@ -101,7 +104,13 @@ def vm_hwm() -> int:
 
 def run_case(case: str, folder: str, steps: int) -> dict:
     import torch
+    import transformers  # noqa: F401  (imported before the baseline: the peak is the load's own)
 
+    if case.startswith("qbara"):
+        import qbara  # noqa: F401
+    else:
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
     torch.manual_seed(0)
     baseline = PeakAnon.now()
     start = time.perf_counter()
@@ -111,6 +120,10 @@ def run_case(case: str, folder: str, steps: int) -> dict:
     result = {"case": case, "load_s": load_s, "load_peak_anon": load_peak.peak, "baseline_anon": baseline,
               "load_peak_rss": vm_hwm()}
     if steps:
+        if case == "bnb-nf4":  # fp32 compute like qbara's: what prepare_model_for_kbit_training does
+            for p in model.parameters():
+                if p.dtype == torch.bfloat16:
+                    p.data = p.data.float()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         ids = torch.randint(0, 32000, (1, 256), generator=torch.Generator().manual_seed(0))
@@ -148,7 +161,8 @@ def _load(case: str, folder: str):
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32)
+    # The checkpoint's dtype (bf16) for what bitsandbytes leaves unquantized, as transformers loads by default.
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.bfloat16)
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
 
 

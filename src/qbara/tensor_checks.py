@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -43,12 +44,15 @@ def check_tensor(tensor: torch.Tensor, what: str, *, shape=None, dtype: torch.dt
     if dtype is None and floating and not tensor.is_floating_point():
         raise QbaraError(f"{what}: dtype {tensor.dtype} is not a float type; refusing to cast it (the file is "
                          f"damaged or not written by qbara)")
-    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+    if not tensor.is_floating_point() or not tensor.numel():
+        return
+    low, high = (float(v) for v in torch.aminmax(tensor))  # one pass, no temporary; NaN propagates
+    if not (math.isfinite(low) and math.isfinite(high)):
         bad = int((~torch.isfinite(tensor)).sum())
         raise QbaraError(f"{what}: {bad} of {tensor.numel()} values are NaN or infinite; the file is damaged "
                          f"(or training diverged): use an earlier checkpoint")
-    if tensor.is_floating_point() and tensor.numel() and float(tensor.abs().max()) > limit:
-        raise QbaraError(f"{what}: values up to {float(tensor.abs().max()):.3g}, beyond ±{limit:g}; the file is "
+    if max(-low, high) > limit:
+        raise QbaraError(f"{what}: values up to {max(-low, high):.3g}, beyond ±{limit:g}; the file is "
                          f"damaged (or training diverged): use an earlier checkpoint")
 
 
@@ -66,7 +70,7 @@ def tensors_digest(state: dict[str, torch.Tensor]) -> str:
         tensor = state[name].detach().to("cpu").contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     return digest.hexdigest()
 
 

@@ -75,3 +75,27 @@ def test_cuda_matches_cpu(config):
     y_cuda.sum().backward()
     assert torch.allclose(y_cuda.cpu(), y_cpu, atol=1e-4, rtol=1e-4)
     assert x_cuda.grad is not None
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients():
+    """Quantized layers under activation checkpointing: recomputed forward, same gradients as without."""
+    from qbara import AdapterConfig, QuantConfig, prepare
+    from qbara.models import tiny_llama
+    from tests.helpers import randomize_adapters
+
+    ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model, _ = tiny_llama(seed=0, layers=3)
+        prepare(model, QuantConfig("int4", 32), AdapterConfig("qahira", rank=4))
+        randomize_adapters(model, seed=3)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 21
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7), name
+        assert grads[0][name].abs().sum() > 0, name

@@ -181,7 +181,8 @@ def tensor_fingerprint(name: str, tensor: torch.Tensor) -> str:
         tensor = tensor.to(device="cpu", dtype=torch.bfloat16)
     tensor = tensor.to("cpu").contiguous().reshape(-1)
     digest = hashlib.sha256(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-    digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    if tensor.numel():
+        digest.update(tensor.view(torch.uint8).numpy())  # hashed in place, no copy
     return digest.hexdigest()
 
 

@@ -99,6 +99,7 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
                         _set_tensor(model, key, cast)
                     del tensor
                     bar.update(1)
+            release_freed_memory()
     if tied:
         model.tie_weights()
         embedding = [k for k in expected if k.endswith("embed_tokens.weight")]
@@ -116,6 +117,18 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
     model.qbara_base_fingerprint = combine_fingerprint(config, digests)
     model.qbara_loaded_quant = quant
     return enable_native_save(model)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the quantizer's temporaries back to the OS (glibc keeps freed heap pages, which
+    the bf16 weights kept between them would otherwise pin); a no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _checkpoint_dtype(file: Path) -> torch.dtype:

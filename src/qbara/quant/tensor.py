@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -81,7 +82,7 @@ def quantize(weight: Tensor, config: QuantConfig, name: str = "weight") -> Quant
         raise QbaraError(f"{name}: cannot quantize a non-floating weight ({dtype}); pass the float weight "
                          f"(dequantize it first if it is already quantized)")
     config.check_shape(tuple(weight.shape), name)
-    if not torch.isfinite(weight).all():
+    if weight.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(weight)):  # one pass, NaN propagates
         raise QbaraError(f"{name}: weight contains NaN or Inf; fix the checkpoint before quantizing")
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     if config.kind == "int":
