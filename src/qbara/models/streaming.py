@@ -91,8 +91,8 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
                     module_name, _, leaf = key.rpartition(".")
                     if leaf == "weight" and module_name in per_layer:
                         old = model.get_submodule(module_name)
-                        packed = quantize(tensor.to(device=device, dtype=torch.float32), per_layer[module_name],
-                                          name=module_name)
+                        # in its own dtype: the quantizer makes fp32 copies of a few rows at a time
+                        packed = quantize(tensor.to(device=device), per_layer[module_name], name=module_name)
                         set_submodule(model, module_name, QuantizedLinear(packed, old.bias))
                     else:
                         cast = tensor.to(device=device, dtype=storage if tensor.is_floating_point() else None)

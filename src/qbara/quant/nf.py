@@ -55,7 +55,7 @@ def quantize_nf(weight: Tensor, bits: int, block_size: int) -> tuple[Tensor, Ten
     Returns (codes uint8 of weight's numel, absmax fp32 per block). Rounds to the nearest level.
     """
     scaled, absmax = absmax_scale(weight, block_size)
-    codes = torch.bucketize(scaled, nf_midpoints(bits, scaled.device)).to(torch.uint8)
+    codes = torch.bucketize(scaled, nf_midpoints(bits, scaled.device), out_int32=True).to(torch.uint8)
     return codes.reshape(-1), absmax
 
 

@@ -85,13 +85,21 @@ def quantize(weight: Tensor, config: QuantConfig, name: str = "weight") -> Quant
     if weight.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(weight)):  # one pass, NaN propagates
         raise QbaraError(f"{name}: weight contains NaN or Inf; fix the checkpoint before quantizing")
     shape = (int(weight.shape[0]), int(weight.shape[1]))
+    chunks = [weight[start:start + rows] for start, rows in _row_chunks(shape, config)]
     if config.kind == "int":
         minimum_dtype = torch.float32 if config.minimum_dtype == "fp32" else torch.float16
-        codes, scale, minimum = quantize_int(weight, config.bits, config.block_size, config.block_rows, minimum_dtype)
-        tensors = {"codes": pack_bits(codes, config.bits), "scale": scale, "minimum": minimum}
+        parts = [quantize_int(c, config.bits, config.block_size, config.block_rows, minimum_dtype) for c in chunks]
+        tensors = {"codes": torch.cat([pack_bits(codes, config.bits) for codes, _, _ in parts]),
+                   "scale": torch.cat([scale for _, scale, _ in parts]),
+                   "minimum": torch.cat([minimum for _, _, minimum in parts])}
         return QuantizedTensor(config, shape, tensors)
-    codes, absmax = quantize_nf(weight, config.bits, config.block_size)
-    tensors = {"codes": pack_bits(codes, config.bits)}
+    packed, scales = [], []
+    for chunk in chunks:
+        codes, absmax = quantize_nf(chunk, config.bits, config.block_size)
+        packed.append(pack_bits(codes, config.bits))
+        scales.append(absmax)
+    absmax = torch.cat(scales)
+    tensors = {"codes": torch.cat(packed)}
     if config.double_quant:
         s_codes, group_max, offset = double_quantize(absmax, config.dq_bits, config.dq_block_size, config.dq_dtype)
         tensors.update(absmax_codes=pack_bits(s_codes, config.dq_bits), absmax_group_max=group_max,
@@ -99,6 +107,22 @@ def quantize(weight: Tensor, config: QuantConfig, name: str = "weight") -> Quant
     else:
         tensors["absmax"] = absmax
     return QuantizedTensor(config, shape, tensors)
+
+
+# Rows quantized at once: the quantizer's fp32 work arrays stay near 4 M elements (~16 MB each) whatever the
+# matrix size, instead of several full-size copies of a 7B model's 45 M-element MLP weights.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(shape: tuple[int, int], config: QuantConfig) -> list[tuple[int, int]]:
+    """(first row, rows) pieces of a weight that quantize independently: whole row blocks, and a whole number
+    of packed bytes (rows a multiple of 8, so any code width packs to whole bytes)."""
+    d_out, d_in = shape
+    step = math.lcm(config.block_rows if config.kind == "int" else 1, 8)
+    if d_out % step:
+        return [(0, d_out)]
+    rows = max(step, CHUNK_ELEMENTS // max(d_in, 1) // step * step)
+    return [(start, min(rows, d_out - start)) for start in range(0, d_out, rows)]
 
 
 def dequantize(qtensor: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
