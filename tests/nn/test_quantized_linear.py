@@ -4,6 +4,7 @@ from torch import nn
 
 from qbara.nn import QuantizedLinear
 from qbara.quant import QuantConfig
+from qbara.quant.tensor import quantize
 
 CONFIGS = [QuantConfig("nf4"), QuantConfig("nf3", 32), QuantConfig("int4", 32), QuantConfig("int2", 64),
            QuantConfig("int4", 32, block_rows=4)]
@@ -99,3 +100,41 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients():
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7), name
         assert grads[0][name].abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("config", [QuantConfig("nf4"), QuantConfig("nf2", 32), QuantConfig("nf8", 64),
+                                    QuantConfig("nf3", 64), QuantConfig("int4", 32), QuantConfig("int2", 16),
+                                    QuantConfig("int8", 32, minimum_dtype="fp32"), QuantConfig("int3", 32),
+                                    QuantConfig("int4", 4, block_rows=8)], ids=lambda c: c.label)
+def test_matmul_weight_rebuilt_in_the_reused_buffer_equals_dequantize(config):
+    """The forward/backward's in-place rebuild (or its fallback) is the dequantized weight, bit for bit."""
+    from qbara.nn.quantized_linear import _weight_for_matmul
+
+    weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(1)) * 0.05
+    layer = QuantizedLinear(quantize(weight, config))
+    expected = layer.dequantize(torch.float32)
+    assert torch.equal(_weight_for_matmul(layer, torch.float32), expected)
+    into = layer.qweight.dequantize_into(torch.empty(weight.numel()))
+    assert into is None if config.bits == 3 or config.block_rows > 1 else torch.equal(into, expected)
+
+
+def test_threads_rebuild_their_own_weights():
+    """The reused buffer is per thread: layers of different shapes run concurrently give their own results."""
+    import threading
+
+    layers = [QuantizedLinear(quantize(torch.randn(64 * (i + 1), 128) * 0.05, QuantConfig("nf4"))) for i in range(2)]
+    x = torch.randn(4, 128)
+    expected = [x @ layer.dequantize().t() for layer in layers]
+    errors = []
+
+    def run(i):
+        for _ in range(30):
+            if not torch.equal(layers[i](x), expected[i]):
+                errors.append(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

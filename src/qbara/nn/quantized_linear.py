@@ -1,11 +1,31 @@
 """`QuantizedLinear`: a frozen packed weight, dequantized on the fly in forward and backward."""
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor, nn
 
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import QuantizedTensor, quantize
+
+
+_scratch = threading.local()
+
+
+def _weight_for_matmul(layer: "QuantizedLinear", dtype: torch.dtype) -> Tensor:
+    """The dense weight for one matmul. On CPU in fp32 it is rebuilt into a buffer this thread reuses (a fresh
+    tensor per call costs more in page faults than the lookup itself); the result is used at once and never
+    kept. Elsewhere, a new tensor."""
+    qweight = layer.qweight
+    if dtype == torch.float32 and layer.codes.device.type == "cpu":
+        buffer = getattr(_scratch, "buffer", None)
+        if buffer is None or buffer.numel() < qweight.numel:
+            buffer = _scratch.buffer = torch.empty(qweight.numel, dtype=torch.float32)
+        weight = qweight.dequantize_into(buffer[: qweight.numel])
+        if weight is not None:
+            return weight
+    return layer.dequantize(dtype)
 
 
 class _DequantizedMatmul(torch.autograd.Function):
@@ -15,13 +35,13 @@ class _DequantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, layer: "QuantizedLinear") -> Tensor:
         ctx.layer = layer
-        return x @ layer.dequantize(x.dtype).t()
+        return x @ _weight_for_matmul(layer, x.dtype).t()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad_out @ ctx.layer.dequantize(grad_out.dtype), None
+        return grad_out @ _weight_for_matmul(ctx.layer, grad_out.dtype), None
 
 
 class QuantizedLinear(nn.Module):

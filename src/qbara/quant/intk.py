@@ -46,5 +46,5 @@ def dequantize_int(codes: Tensor, scale: Tensor, minimum: Tensor, shape: tuple[i
                    group_rows: int = 1, dtype=torch.float32) -> Tensor:
     """The (d_out, d_in) weight s * q + m, computed in fp32."""
     blocks = _to_blocks(codes.reshape(shape), group_size, group_rows).float()
-    values = blocks * scale.float()[:, None] + minimum.float()[:, None]
+    values = torch.addcmul(minimum.float()[:, None], blocks, scale.float()[:, None])
     return _from_blocks(values, shape, group_size, group_rows).to(dtype)

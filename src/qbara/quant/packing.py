@@ -70,13 +70,17 @@ def _byte_codes(bits: int, device: torch.device) -> Tensor:
     return ((torch.arange(256, dtype=torch.int64)[:, None] >> shifts) & ((1 << bits) - 1)).to(device)
 
 
-def unpack_lookup(packed: Tensor, bits: int, numel: int, values: Tensor) -> Tensor:
+def unpack_lookup(packed: Tensor, bits: int, numel: int, values: Tensor, out: Tensor | None = None) -> Tensor:
     """values[code] for the first `numel` packed codes, as one table lookup per byte for 2/4/8-bit codes
-    (no unpacked code tensor, no int64 index per weight). `values` has 2**bits entries."""
+    (no unpacked code tensor, no int64 index per weight). `values` has 2**bits entries. `out` (2/4/8 bits, numel
+    a whole number of bytes): a flat buffer to write into instead of a new tensor."""
     _check_bits(bits)
     if 8 % bits:
         return values[unpack_bits(packed, bits, numel).long()]
     table = values[_byte_codes(bits, values.device)]  # (256, codes per byte)
+    if out is not None and numel % (8 // bits) == 0:
+        index = packed.reshape(-1)[: numel // (8 // bits)].int()
+        return torch.index_select(table, 0, index, out=out.view(-1, 8 // bits)).reshape(-1)
     return torch.nn.functional.embedding(packed.reshape(-1).int(), table).reshape(-1)[:numel]
 
 

@@ -66,10 +66,26 @@ class QuantizedTensor:
         c, packed = self.config, self.tensors["codes"]
         if c.kind == "nf":
             levels = unpack_lookup(packed, c.bits, self.numel, nf_level_table(c.bits, packed.device))
-            return (levels.view(-1, c.block_size) * self.scales()[:, None]).view(self.shape).to(dtype)
+            return levels.view(-1, c.block_size).mul_(self.scales()[:, None]).view(self.shape).to(dtype)
         codes = unpack_lookup(packed, c.bits, self.numel, _code_values(c.bits, packed.device))
         return dequantize_int(codes, self.tensors["scale"], self.tensors["minimum"], self.shape,
                               c.block_size, c.block_rows, dtype=dtype)
+
+    def dequantize_into(self, out: Tensor) -> Tensor | None:
+        """The fp32 weight written into `out` (a flat fp32 buffer of numel elements, reused by the caller so no
+        fresh memory is faulted in per call), or None where this layout has no in-place path (3-bit codes,
+        2-D INT tiles)."""
+        c, packed = self.config, self.tensors["codes"]
+        if 8 % c.bits or (c.kind == "int" and c.block_rows != 1):
+            return None
+        table = (nf_level_table(c.bits, packed.device) if c.kind == "nf" else _code_values(c.bits, packed.device))
+        unpack_lookup(packed, c.bits, self.numel, table, out=out)
+        blocks = out.view(-1, c.block_size)
+        if c.kind == "nf":
+            blocks.mul_(self.scales()[:, None])
+        else:
+            blocks.mul_(self.tensors["scale"].float()[:, None]).add_(self.tensors["minimum"].float()[:, None])
+        return out.view(self.shape)
 
     def to(self, device) -> "QuantizedTensor":
         return QuantizedTensor(self.config, self.shape, {k: v.to(device) for k, v in self.tensors.items()})
