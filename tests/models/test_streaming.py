@@ -135,3 +135,11 @@ def test_missing_tensor_is_refused(tmp_path):
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(QbaraError, match="missing.*up_proj"):
         load_model(str(folder), quant=QuantConfig("nf4", 32))
+
+
+def test_folder_without_tokenizer_gives_one_clear_error(tmp_path):
+    model, _ = tiny_llama(seed=0)
+    model.save_pretrained(tmp_path / "weights-only")
+    for quant in (None, QuantConfig("nf4", 32)):
+        with pytest.raises(QbaraError, match="has no tokenizer.*copy the base model's tokenizer"):
+            load_model(str(tmp_path / "weights-only"), quant=quant)

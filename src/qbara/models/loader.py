@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from qbara.errors import QbaraError
+from qbara.models.quantized_io import QUANT_MANIFEST
 from qbara.tensor_checks import check_model_values
 
 DEFAULT_MODEL = "smollm2-135m"
-QUANT_MANIFEST_NAME = "qbara_quant.json"
 BUILTIN_MODELS = (DEFAULT_MODEL, "tiny-llama", "tiny-qwen2")
 
 
@@ -109,12 +109,10 @@ def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):
     elif path.is_dir() and is_quantized_folder(path):
         raise QbaraError(f"{name!r} is already quantized; load it without quant=")
     if path.is_dir() and (path / "config.json").is_file():
-        from transformers import AutoTokenizer
-
         from qbara.models.streaming import load_quantized_stream
 
         model = load_quantized_stream(path, quant, modules, dtype=dtype, device=device, progress=progress)
-        return model, AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return model, load_tokenizer(path)
     from qbara.prepare import quantize_model
 
     model, tokenizer = load_model(name, dtype=dtype or torch.float32, device=device)
@@ -125,16 +123,29 @@ def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):
 
 
 def _load_hf_folder(path: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
                                                            output_loading_info=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise QbaraError(f"Cannot load the model folder {str(path)!r}: {exc}") from exc
     check_loading_info(info, path)
-    return model, tokenizer
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved in a model folder, or one clear error when the folder has none."""
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((Path(path) / name).is_file() for name in names):
+        raise QbaraError(f"{path} has no tokenizer ({', '.join(names)}); copy the base model's tokenizer files "
+                         f"into it")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise QbaraError(f"Cannot load the tokenizer in {str(path)!r}: {exc}") from exc
 
 
 # Tensor names only qbara's quantized and adapter layers have.
@@ -148,7 +159,7 @@ def check_loading_info(info: dict, path) -> None:
     unexpected = sorted(info.get("unexpected_keys") or [])
     mismatched = sorted(str(m[0] if isinstance(m, (tuple, list)) else m) for m in info.get("mismatched_keys") or [])
     if any(any(tag in key for tag in _QBARA_KEYS) for key in unexpected):
-        raise QbaraError(f"{path} holds packed qbara layers or adapters but no {QUANT_MANIFEST_NAME}: it was saved "
+        raise QbaraError(f"{path} holds packed qbara layers or adapters but no {QUANT_MANIFEST}: it was saved "
                          f"with a plain save_pretrained (before qbara handled it) or lost its manifest, so its linear "
                          f"layers cannot be rebuilt; save the model again with qbara (model.save_pretrained(dir) on a "
                          f"qbara model, or qbara.save_quantized)")
