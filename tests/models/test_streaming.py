@@ -143,3 +143,21 @@ def test_folder_without_tokenizer_gives_one_clear_error(tmp_path):
     for quant in (None, QuantConfig("nf4", 32)):
         with pytest.raises(QbaraError, match="has no tokenizer.*copy the base model's tokenizer"):
             load_model(str(tmp_path / "weights-only"), quant=quant)
+
+
+def test_gguf_quantize_on_load_equals_dense_load_then_prepare(tmp_path):
+    from qbara.export import export_gguf
+
+    model, tokenizer = tiny_llama(seed=0)
+    prepare(model, QuantConfig("int4", 32), AdapterConfig("qahira", rank=4))
+    path = export_gguf(model, tokenizer, tmp_path / "tiny.gguf", embedding_type="f32").path
+    quant = QuantConfig("nf4", 32)
+    eager, _ = load_model(str(path))
+    fingerprint = model_fingerprint(eager)
+    prepare(eager, quant, None)
+    streamed, tok = load_model(str(path), quant=quant)
+    assert tok is not None and streamed.qbara_base_fingerprint == fingerprint
+    expected = eager.state_dict()
+    assert all(torch.equal(streamed.state_dict()[k], v) for k, v in expected.items())
+    with torch.no_grad():
+        assert torch.equal(streamed(IDS).logits, eager(IDS).logits)

@@ -95,8 +95,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu", quan
 
 
 def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):
-    """load_model(..., quant=...): stream an HF folder; the in-memory test models and GGUF files are loaded,
-    then quantized (they are dense already)."""
+    """load_model(..., quant=...): stream an HF folder or a GGUF file; the in-memory test models are built,
+    then quantized."""
     from qbara.models.quantized_io import is_quantized_folder
 
     name = str(name_or_path)
@@ -113,6 +113,13 @@ def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):
 
         model = load_quantized_stream(path, quant, modules, dtype=dtype, device=device, progress=progress)
         return model, load_tokenizer(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from transformers import AutoTokenizer
+
+        from qbara.models.streaming import load_gguf_stream
+
+        model = load_gguf_stream(path, quant, modules, dtype=dtype, device=device, progress=progress)
+        return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     from qbara.prepare import quantize_model
 
     model, tokenizer = load_model(name, dtype=dtype or torch.float32, device=device)

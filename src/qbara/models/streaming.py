@@ -50,15 +50,75 @@ def default_compute_dtype(device) -> torch.dtype:
 
 def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig], modules=ALL_LINEAR,
                           dtype: torch.dtype | None = None, device="cpu", progress: bool = False):
-    """The causal LM in `folder` with its target linears quantized as they are read (see the module doc).
+    """The causal LM in the HF folder `folder` with its target linears quantized as they are read (see the
+    module doc).
 
     dtype: storage dtype of the weights that are not quantized (default: the checkpoint's). Returns the model
     (eval mode, frozen) with `qbara_base_fingerprint` (equal to `model_fingerprint` of the dense model) and
     `qbara_loaded_quant` set, so `prepare(model, quant, adapter)` attaches adapters without quantizing again.
     """
-    from accelerate import init_empty_weights
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    files = checkpoint_files(folder)
+
+    def read(model):
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                for key in reader.keys():
+                    yield key, (lambda reader=reader, key=key: reader.get_tensor(key)), f"{file}: {key}"
+            release_freed_memory()
+
+    return _stream(AutoConfig.from_pretrained(folder), read, folder, quant, modules,
+                   dtype or _checkpoint_dtype(files[0]), device, progress)
+
+
+def load_gguf_stream(path, quant: QuantConfig | Mapping[str, QuantConfig], modules=ALL_LINEAR,
+                     dtype: torch.dtype | None = None, device="cpu", progress: bool = False):
+    """The causal LM in a GGUF file, each tensor dequantized (by gguf-py, as transformers' GGUF loader does,
+    with its name mapping and q/k un-permutation) and, for target linears, quantized at once: no dense copy
+    of the model. The other weights are stored in `dtype` (default fp32, as the dense GGUF load gives)."""
+    from transformers import AutoConfig
+
+    from qbara.models.smollm2 import check_gguf_layout
+
+    path = Path(path)
+    check_gguf_layout(path)
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return _stream(config, lambda model: _gguf_tensors(path, model), path, quant, modules,
+                   dtype or torch.float32, device, progress)
+
+
+def _gguf_tensors(path: Path, model):
+    """(HF name, loader, where) for each tensor of a GGUF file, in file order, built from transformers' GGUF
+    pieces (metadata parsing, name map, per-architecture processors such as llama's q/k un-permutation).
+    Each tensor is dequantized when the loop reaches it, so one is dense at a time."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                          get_gguf_hf_weights_map, load_gguf_checkpoint)
+
+    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    processor = TENSOR_PROCESSORS.get(model.config.model_type, TensorProcessor)(config=parsed.get("config", {}))
+    mapping = get_gguf_hf_weights_map(model, processor)
+    for tensor in GGUFReader(str(path)).tensors:
+        result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+                                   tensor_key_mapping=mapping, parsed_parameters=parsed)
+        if result.name not in mapping:
+            continue
+        weights = torch.from_numpy(np.copy(result.weights))
+        yield mapping[result.name], (lambda weights=weights: weights), f"{path}: {tensor.name}"
+        del weights, result
+
+
+def _stream(config, read, source, quant, modules, storage: torch.dtype, device, progress: bool):
+    """Fill a weightless skeleton of `config` from `read(model)`'s (key, load, where) triples, quantizing the
+    target linears as they come (one dense tensor at a time)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
 
     from qbara.models.loader import combine_fingerprint, tensor_fingerprint
     from qbara.models.quantized_io import enable_native_save
@@ -68,49 +128,41 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
     from qbara.targets import set_submodule
     from qbara.tensor_checks import check_tensor
 
-    folder = Path(folder)
-    files = checkpoint_files(folder)
-    config = AutoConfig.from_pretrained(folder)
-    storage = dtype or _checkpoint_dtype(files[0])
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=storage)
     per_layer = layer_configs(model, quant, modules)  # shapes checked on the skeleton, before any read
     expected = set(model.state_dict())
-    tied = bool(getattr(config, "tie_word_embeddings", False))
     digests, unexpected = {}, []
     with tqdm(total=len(expected), desc="quantize on load", disable=not progress, leave=False) as bar:
-        for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as reader:
-                for key in reader.keys():
-                    if key not in expected:
-                        unexpected.append(key)
-                        continue
-                    tensor = reader.get_tensor(key)
-                    check_tensor(tensor, f"{file}: {key}", floating=False)
-                    digests[key] = tensor_fingerprint(key, tensor)
-                    module_name, _, leaf = key.rpartition(".")
-                    if leaf == "weight" and module_name in per_layer:
-                        old = model.get_submodule(module_name)
-                        # in its own dtype: the quantizer makes fp32 copies of a few rows at a time
-                        packed = quantize(tensor.to(device=device), per_layer[module_name], name=module_name)
-                        set_submodule(model, module_name, QuantizedLinear(packed, old.bias))
-                    else:
-                        cast = tensor.to(device=device, dtype=storage if tensor.is_floating_point() else None)
-                        _set_tensor(model, key, cast)
-                    del tensor
-                    bar.update(1)
-            release_freed_memory()
-    if tied:
+        for key, load, where in read(model):
+            if key not in expected:
+                unexpected.append(key)
+                continue
+            tensor = load()
+            check_tensor(tensor, where, floating=False)
+            digests[key] = tensor_fingerprint(key, tensor)
+            module_name, _, leaf = key.rpartition(".")
+            if leaf == "weight" and module_name in per_layer:
+                old = model.get_submodule(module_name)
+                # in its own dtype: the quantizer makes fp32 copies of a few rows at a time
+                packed = quantize(tensor.to(device=device), per_layer[module_name], name=module_name)
+                set_submodule(model, module_name, QuantizedLinear(packed, old.bias))
+            else:
+                cast = tensor.to(device=device, dtype=storage if tensor.is_floating_point() else None)
+                _set_tensor(model, key, cast)
+            del tensor
+            bar.update(1)
+    release_freed_memory()
+    if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-        embedding = [k for k in expected if k.endswith("embed_tokens.weight")]
         for key in expected - set(digests):
-            if key.endswith("lm_head.weight") and embedding:
+            if key.endswith("lm_head.weight"):
                 digests[key] = tensor_fingerprint(key, model.get_input_embeddings().weight)
     missing = sorted(expected - set(digests))
     if missing or unexpected:
-        raise QbaraError(f"{folder}: the checkpoint does not fit its config for quantize-on-load (missing "
+        raise QbaraError(f"{source}: the checkpoint does not fit its config for quantize-on-load (missing "
                          f"{missing[:3]}, unexpected {sorted(unexpected)[:3]}); load it without quant= (transformers "
-                         f"may rename its keys) or fix the folder")
+                         f"may rename its keys) or fix the checkpoint")
     model.requires_grad_(False)
     model.eval()
     use_compute_dtype(model, default_compute_dtype(device))
