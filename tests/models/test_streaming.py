@@ -161,3 +161,22 @@ def test_gguf_quantize_on_load_equals_dense_load_then_prepare(tmp_path):
     assert all(torch.equal(streamed.state_dict()[k], v) for k, v in expected.items())
     with torch.no_grad():
         assert torch.equal(streamed(IDS).logits, eager(IDS).logits)
+
+
+def test_upcast_output_layer_gives_the_plain_gradients():
+    """lm_head stored in bf16, computed in fp32: the same input gradient as an fp32 copy of it would give."""
+    from torch import nn
+
+    from qbara.models.streaming import UpcastLinear
+
+    layer = nn.Linear(16, 40, bias=True).to(torch.bfloat16).requires_grad_(False)
+    reference = nn.Linear(16, 40, bias=True).requires_grad_(False)
+    reference.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    layer.__class__ = UpcastLinear
+    x1 = torch.randn(3, 16, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    out1, out2 = layer(x1), reference(x2)
+    assert out1.dtype == torch.float32 and torch.equal(out1, out2)
+    out1.square().sum().backward()
+    out2.square().sum().backward()
+    assert torch.equal(x1.grad, x2.grad)

@@ -217,12 +217,31 @@ class UpcastEmbedding(nn.Embedding):
         return super().forward(ids).to(self.compute_dtype)
 
 
+class _UpcastMatmul(torch.autograd.Function):
+    """x W^T (+ b) with W cast to x's dtype, and cast again in the backward: autograd keeps the stored
+    (narrow) weight, not a compute-dtype copy of it, between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        return grad_out @ weight.to(grad_out.dtype), None, None
+
+
 class UpcastLinear(nn.Linear):
-    """A frozen linear (lm_head) stored in a narrow dtype, applied in its input's dtype (one cast per call)."""
+    """A frozen linear (lm_head) stored in a narrow dtype, applied in its input's dtype (one cast per call;
+    a trainable one takes the plain path)."""
 
     def forward(self, x):
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+        trainable = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        if self.weight.dtype == x.dtype or trainable:
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+        return _UpcastMatmul.apply(x, self.weight, self.bias)
 
 
 def use_compute_dtype(model: nn.Module, compute: torch.dtype) -> nn.Module:
