@@ -5,10 +5,11 @@ from qbara.lq.prepare import lq_prepare
 from qbara.models import load_model, model_fingerprint
 from qbara.nn import QuantizedLinear
 from qbara.prepare import prepare, quantize_model
+from qbara.pretrained import from_pretrained
 from qbara.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 
 __version__ = "0.1.0"
 
 __all__ = ["QbaraError", "QuantConfig", "AdapterConfig", "QuantizedTensor", "QuantizedLinear", "quantize",
            "dequantize", "prepare", "quantize_model", "merge", "save_adapter", "load_adapter", "load_model",
-           "model_fingerprint", "lq_prepare"]
+           "model_fingerprint", "lq_prepare", "from_pretrained"]

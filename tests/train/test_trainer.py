@@ -150,3 +150,29 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
         curves[run] = [h["loss"] for h in history if "loss" in h]
     assert len(curves["single"]) == 4
     assert curves["ddp"] == pytest.approx(curves["single"], rel=1e-4)
+
+
+def test_report_to_tensorboard_writes_event_files_offline(tmp_path):
+    pytest.importorskip("tensorboard")
+    from qbara.train.config import build_config
+    from qbara.train.trainer import train
+
+    records = tmp_path / "t.jsonl"
+    records.write_text("\n".join(json.dumps({"instruction": "Say hi.", "output": "hi"}) for _ in range(8)))
+    config = build_config({"model": "tiny-llama", "quant": {"format": "int4"}, "adapter": {"method": "qahira", "rank": 4},
+                           "data": {"train": str(records), "max_length": 256},
+                           "train": {"output_dir": str(tmp_path / "run"), "steps": 2, "batch_size": 2, "save_steps": 2,
+                                     "logging_steps": 1, "progress": False, "report_to": "tensorboard"}})
+    train(config)
+    events = list((tmp_path / "run" / "runs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("value,message", [("tensorbord", "write none, or one or more of tensorboard"),
+                                           ("none,wandb", "write none, or one or more of")])
+def test_report_to_is_checked(value, message):
+    from qbara.errors import QbaraError
+    from qbara.train.config import build_config
+
+    with pytest.raises(QbaraError, match=message):
+        build_config({"train": {"report_to": value}})

@@ -18,16 +18,9 @@ from qbara.eval.harness import (LM_EVAL_OPTIONS, TASKS_HINT, check_output_path, 
 
 def load_for_eval(model_name: str, adapter: str | None):
     """The base model with `adapter` attached; a dense base is quantized on load as the adapter records."""
-    from qbara.adapters.io import adapter_base_quant, load_adapter
-    from qbara.models.loader import load_model
-    from qbara.models.quantized_io import is_quantized_folder
+    from qbara.pretrained import from_pretrained
 
-    quant = None
-    if adapter and not is_quantized_folder(model_name):
-        quant = adapter_base_quant(adapter)
-    model, tokenizer = load_model(model_name, quant=quant)
-    if adapter:
-        load_adapter(model, adapter)
+    model, tokenizer = from_pretrained(model_name, adapter=adapter or None)
     model.eval()
     return model, tokenizer
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class TrainSection:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0    # gradient clipping; 0 = none
     optim: str = "adamw_torch"    # one of OPTIMIZERS
+    report_to: str = "none"       # run tracking: none, or comma-separated tensorboard / wandb / mlflow
     seed: int = 0
     save_steps: int = 50
     save_total_limit: int = 2
@@ -100,6 +102,10 @@ ALIASES = {
     "sequence_len": "data.max_length",              # Axolotl
     "cutoff_len": "data.max_length",                # LLaMA-Factory
 }
+
+# Run trackers the HF Trainer reports to -> the package each needs. TensorBoard writes event files under
+# train.output_dir/runs/<date>_<host> and works offline; wandb / mlflow follow their own settings (e.g. WANDB_MODE=offline).
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 # Trainer optimizers (transformers' OptimizerNames) that run on CPU and GPU without an extra package.
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")
@@ -238,6 +244,14 @@ def _validate(config: RunConfig) -> None:
                          f"the warmup: keep one")
     if t.max_grad_norm < 0:
         raise QbaraError(f"train.max_grad_norm must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
+    trackers = [r.strip() for r in t.report_to.split(",") if r.strip()]
+    unknown = [r for r in trackers if r not in TRACKERS and r != "none"]
+    if unknown or not trackers or ("none" in trackers and len(trackers) > 1):
+        raise QbaraError(f"train.report_to {t.report_to!r}: write none, or one or more of {', '.join(TRACKERS)} "
+                         f"separated by commas")
+    for tracker in trackers:
+        if tracker != "none" and importlib.util.find_spec(TRACKERS[tracker]) is None:
+            raise QbaraError(f"train.report_to {tracker} needs its package: pip install {TRACKERS[tracker]}")
     if t.optim not in OPTIMIZERS:
         raise QbaraError(f"train.optim {t.optim!r}: choose {', '.join(OPTIMIZERS[:-1])} or {OPTIMIZERS[-1]}")
     if d.max_length <= 0:

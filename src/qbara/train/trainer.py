@@ -126,7 +126,8 @@ def _training_arguments(config: RunConfig, has_eval: bool):
         lr_scheduler_type=t.scheduler, **warmup, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         optim=t.optim, seed=t.seed, data_seed=t.seed, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=None, logging_steps=t.logging_steps, eval_strategy="steps" if has_eval and t.eval_steps else "no",
-        eval_steps=t.eval_steps or None, **checkpointing, bf16=t.bf16, disable_tqdm=not t.progress, report_to="none", use_cpu=on_cpu,
+        eval_steps=t.eval_steps or None, **checkpointing, bf16=t.bf16, disable_tqdm=not t.progress,
+        report_to=[r.strip() for r in t.report_to.split(",") if r.strip()], use_cpu=on_cpu,
         ddp_backend="gloo" if on_cpu and distributed else None, remove_unused_columns=False, dataloader_num_workers=0,
         save_only_model=False, full_determinism=False,
     )
