@@ -117,9 +117,9 @@ def peft_base_name(name: str | None) -> str | None:
     return str(path.resolve()) if path.exists() else name
 
 
-def read_adapter_config(directory) -> dict:
+def read_adapter_config(directory, peft: bool = False) -> dict:
     """The parsed adapter_config.json of a qbara adapter folder with qbara's record under "qbara", with clear
-    errors."""
+    errors. peft=True: a folder PEFT wrote is returned with "qbara": None (see `qbara.adapters.peft_import`)."""
     directory = Path(directory)
     path = directory / CONFIG_NAME
     if not directory.is_dir():
@@ -129,6 +129,9 @@ def read_adapter_config(directory) -> dict:
     data = _read_json(path)
     if (directory / QBARA_NAME).is_file():
         data["qbara"] = _read_json(directory / QBARA_NAME)
+    elif "qbara" not in data and peft and "peft_type" in data:
+        data["qbara"] = None
+        return data
     elif "qbara" not in data:
         raise QbaraError(f"{str(directory)!r}: no {QBARA_NAME}, so not an adapter qbara wrote (a PEFT adapter?); "
                          f"qbara loads adapters it saved")
@@ -151,7 +154,9 @@ def adapter_base_quant(directory) -> dict[str, QuantConfig] | None:
     """Layer name -> the QuantConfig the adapter's base was quantized with, for quantizing a dense base on load
     (`load_model(..., quant=...)`); None when the base is not a plain quantization of the dense model (LoftQ /
     LQ decompositions, dense layers)."""
-    info = read_adapter_config(directory)["qbara"]
+    info = read_adapter_config(directory, peft=True)["qbara"]
+    if info is None:  # a PEFT adapter: trained on the dense model as far as anyone knows
+        return None
     _check_layer_records(info.get("layers"), directory)
     if AdapterConfig.from_dict(info["adapter"]).init != "default":
         return None
@@ -183,8 +188,8 @@ def copy_adapter_weights(layers: dict, directory) -> None:
     """Copy the tensors of `directory`'s adapter_model.safetensors into the layers' adapter parameters."""
     path = Path(directory) / WEIGHTS_NAME
     state = read_safetensors(path)
-    recorded = read_adapter_config(directory)["qbara"].get("weights_sha256")
-    check_digest(state, recorded, path, QBARA_NAME)
+    record = read_adapter_config(directory, peft=True)["qbara"]
+    check_digest(state, (record or {}).get("weights_sha256"), path, QBARA_NAME)
     expected = set()
     for name, layer in layers.items():
         for pname, param in layer.adapter_parameters().items():
@@ -214,8 +219,20 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
     An unquantized base is first quantized with the configurations the adapter was trained on.
     Refuses a base whose fingerprint differs from the one recorded (check_base=False skips this).
     """
-    data = read_adapter_config(directory)
+    data = read_adapter_config(directory, peft=True)
     info = data["qbara"]
+    if info is None:  # written by PEFT: its LoRA read into qbara's record; nothing says which base it fits
+        import warnings
+
+        from qbara.adapters.peft_import import peft_record
+
+        from safetensors import safe_open
+
+        with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt") as reader:
+            keys = list(reader.keys())
+        info = peft_record(data, keys, model, directory)
+        warnings.warn(f"{directory}: a PEFT LoRA adapter records no fingerprint of its base model, so qbara cannot "
+                      f"check that this is the model it was trained on", stacklevel=2)
     config = AdapterConfig.from_dict(info["adapter"])
     _check_layer_records(info.get("layers"), directory)
     from qbara.models.bnb import adopt_bnb, bnb_layers
