@@ -14,9 +14,8 @@ def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, devic
         quantization it records applied to a dense base), or None.
     """
     from qbara.adapters.config import AdapterConfig
-    from qbara.adapters.io import adapter_base_quant, load_adapter
+    from qbara.adapters.io import load_adapter
     from qbara.models.loader import load_model
-    from qbara.models.quantized_io import is_quantized_folder
     from qbara.prepare import prepare
 
     if isinstance(adapter, AdapterConfig):
@@ -26,9 +25,18 @@ def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, devic
         return prepare(model, quant, adapter), tokenizer
     if adapter is not None and not isinstance(adapter, (str, Path)):
         raise QbaraError(f"adapter must be an AdapterConfig or an adapter folder, got {type(adapter).__name__}")
-    if adapter is not None and quant is None and not is_quantized_folder(name_or_path):
-        quant = adapter_base_quant(adapter)
+    if adapter is not None and quant is None:
+        quant = base_quant_for(name_or_path, adapter)
     model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, quant=quant, progress=progress)
     if adapter is not None:
         load_adapter(model, adapter)
     return model, tokenizer
+
+
+def base_quant_for(name_or_path, adapter):
+    """How to quantize the base `name_or_path` on load for the adapter folder `adapter`: as the adapter
+    records; None for a saved quantized folder (loaded as it is) or an adapter that needs the dense base."""
+    from qbara.adapters.io import adapter_base_quant
+    from qbara.models.quantized_io import is_quantized_folder
+
+    return None if is_quantized_folder(name_or_path) else adapter_base_quant(adapter)

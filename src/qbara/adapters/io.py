@@ -150,6 +150,15 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def check_base_fingerprint(info: dict, model: nn.Module, what: str, fix: str, required: bool = False) -> None:
+    """Refuse `model` as the base of the adapter record `info` when its fingerprint differs from the recorded
+    one (a record without one passes unless `required`)."""
+    expected, actual = info.get("base_fingerprint"), base_fingerprint(model)
+    if (expected or required) and expected != actual:
+        raise QbaraError(f"{what} was trained on a different base model (fingerprint {expected}, this model "
+                         f"{actual}); {fix}")
+
+
 def adapter_base_quant(directory) -> dict[str, QuantConfig] | None:
     """Layer name -> the QuantConfig the adapter's base was quantized with, for quantizing a dense base on load
     (`load_model(..., quant=...)`); None when the base is not a plain quantization of the dense model (LoftQ /
@@ -224,9 +233,9 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
     if info is None:  # written by PEFT: its LoRA read into qbara's record; nothing says which base it fits
         import warnings
 
-        from qbara.adapters.peft_import import peft_record
-
         from safetensors import safe_open
+
+        from qbara.adapters.peft_import import peft_record
 
         with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt") as reader:
             keys = list(reader.keys())
@@ -249,11 +258,8 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
                              f"({dense[0]} is dense here); load the quantized base saved with it (`qbara lq` "
                              f"writes OUT/model, `qbara train` writes OUTPUT/base)")
     if check_base:
-        expected, actual = info.get("base_fingerprint"), base_fingerprint(model)
-        if expected and expected != actual:
-            raise QbaraError(f"adapter in {str(directory)!r} was trained on a different base model "
-                             f"(fingerprint {expected}, this model {actual}, base named "
-                             f"{data.get('base_model_name_or_path')!r}); load that base model first")
+        check_base_fingerprint(info, model, f"adapter in {str(directory)!r}",
+                               f"base named {data.get('base_model_name_or_path')!r}; load that base model first")
     if adapter_layers(model):
         raise QbaraError("this model already has adapters; load the adapter onto a fresh base model")
     if not hasattr(model, "qbara_base_fingerprint"):

@@ -76,13 +76,11 @@ def _trainer_class():
 
 def check_resume_base(model, checkpoint: Path) -> None:
     """Refuse to resume a checkpoint trained on another base model or with another adapter."""
-    from qbara.adapters.io import base_fingerprint, read_adapter_config
+    from qbara.adapters.io import check_base_fingerprint, read_adapter_config
 
     info = read_adapter_config(checkpoint)["qbara"]
-    expected, actual = info.get("base_fingerprint"), base_fingerprint(model)
-    if expected != actual:
-        raise QbaraError(f"{checkpoint} was trained on a different base model (fingerprint {expected}, this run's "
-                         f"base {actual}); resume with the run's original model.name and quant settings")
+    check_base_fingerprint(info, model, str(checkpoint),
+                           "resume with the run's original model.name and quant settings", required=True)
     recorded = info.get("adapter")
     current = getattr(model, "qbara_adapter_config", None)
     if current is not None and recorded != current.to_dict():
@@ -154,13 +152,13 @@ def _quant_on_load(config: RunConfig):
     """What to quantize the base with while loading it (never a dense copy of the model): the run's quant, or
     the starting adapter's recorded one; None for a quantized folder or a LoftQ / LQ init (needs the dense
     weights)."""
-    from qbara.adapters.io import adapter_base_quant
     from qbara.models.quantized_io import is_quantized_folder
+    from qbara.pretrained import base_quant_for
 
+    if config.model.adapter:
+        return base_quant_for(config.model.name, config.model.adapter)
     if is_quantized_folder(config.model.name):
         return None
-    if config.model.adapter:
-        return adapter_base_quant(config.model.adapter)
     return config.quant_config() if config.adapter_config().init == "default" else None
 
 
