@@ -7,6 +7,7 @@ folder and swapped into place (`qbara.outputs`), so an interrupted save never le
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -149,9 +150,9 @@ def load_quantized(path, dtype=torch.float32):
                              f"describes; the folder is damaged, save it again") from None
         quant = QuantConfig.from_dict(data)
         shape = tuple(linear.weight.shape)
-        layout = quantize(torch.zeros(shape), quant, name)  # the buffers' names, shapes and dtypes (one layer)
+        layout = buffer_layout(quant, shape)
         packed = {}
-        for buffer, reference in layout.tensors.items():
+        for buffer, reference in layout.items():
             key = f"{name}.{buffer}"
             if key not in state:
                 missing.append(key)
@@ -162,7 +163,7 @@ def load_quantized(path, dtype=torch.float32):
         bias = state.pop(f"{name}.bias", None)
         if bias is not None:
             check_tensor(bias, f"{weights}: {name}.bias", shape=(shape[0],))
-        if len(packed) == len(layout.tensors):
+        if len(packed) == len(layout):
             set_submodule(model, name, QuantizedLinear(QuantizedTensor(quant, shape, packed), bias))
     reference = model.state_dict()
     for key in list(state):
@@ -187,6 +188,14 @@ def load_quantized(path, dtype=torch.float32):
         load_adapter(model, path)
         model.eval()
     return model, tokenizer
+
+
+@functools.lru_cache(maxsize=64)
+def buffer_layout(quant: QuantConfig, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Name -> an empty tensor of the shape and dtype of each packed buffer a `shape` weight gets under `quant`
+    (found by quantizing zeros once per distinct layer shape: a model has a handful)."""
+    return {name: torch.empty(t.shape, dtype=t.dtype)
+            for name, t in quantize(torch.zeros(shape), quant, "layout").tensors.items()}
 
 
 def _read_manifest(path: Path) -> tuple[dict, str | None]:
