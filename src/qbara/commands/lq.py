@@ -61,66 +61,109 @@ def run(args) -> dict | None:
 
 
 def _run(args, out: Path | None) -> dict | None:
-    """The init, writing into the new folder `out` (None on ranks other than 0)."""
-    import copy
-
-    from qbara.adapters.config import AdapterConfig
+    """The init, writing into the new folder `out` (None on ranks other than 0). A safetensors folder (and the
+    embedded SmolLM2) is streamed from its shards; other models (GGUF files, the tiny test models) are
+    loaded dense first."""
     from qbara.adapters.io import save_adapter
     from qbara.atomic import write_json_atomic
-    from qbara.lq.configs import candidate_configs, qlora_config
     from qbara.lq.plot import plot_bits_per_layer
-    from qbara.lq.prepare import lq_prepare
-    from qbara.models.loader import load_model
+    from qbara.models.lq_stream import checkpoint_folder
     from qbara.models.quantized_io import write_quantized
-    from qbara.prepare import prepare
-    from qbara.quant.config import QuantConfig
 
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
-    dense = copy.deepcopy(model) if args.eval else None
-    targets = "all-linear" if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
-    if args.method == "loftq":
-        if args.fisher or args.fisher_data:
-            raise QbaraError("LoftQ has no Fisher-weighted variant; drop --fisher/--fisher-data or use --method lq")
-        quant = QuantConfig.from_dict({"format": args.loftq_format})
-        adapter = AdapterConfig(method="lora", rank=args.rank, alpha=args.alpha, target_modules=targets,
-                                init="loftq", loftq_iters=args.loftq_iters)
-        prepare(model, quant, adapter, progress=True)
+    options = _options(args)
+    folder = checkpoint_folder(args.model)
+    if folder is not None:
+        model, tokenizer, dense_eval = _streamed(args, folder, out, options)
     else:
-        fisher = _fisher(args, model, tokenizer, out)
-        configs = candidate_configs() if args.configs == "all" else [qlora_config(b) for b in (2, 3, 4, 8)]
-        lq_prepare(model, args.budget, args.rank, fisher, alpha=args.alpha, target_modules=targets,
-                   configs=configs, max_iters=args.max_iters, table_iters=args.table_iters, seed=args.seed,
-                   workers=args.workers)
+        model, tokenizer, dense_eval = _in_memory(args, out, options)
     report = model.qbara_lq
     if not is_main_process():
         return None
     write_quantized(model, tokenizer, out / "model", base_only=True)
     save_adapter(model, out / "adapter", base_model_name=str(Path(args.out) / "model"))
     data = {"model": args.model, "method": args.method, "seconds": round(time.perf_counter() - start, 1),
-            "ranks": world_size()}
+            "ranks": world_size(), "streamed": folder is not None}
     data.update(report.to_dict())
     if report.allocation is not None:
         data["counts"] = report.allocation.counts()
     if args.eval:
-        data["eval"] = _evaluate(args, dense, model, tokenizer)
+        data["eval"] = {"dense": dense_eval, "step0": _perplexity(args, model, tokenizer), "data": args.eval}
     write_json_atomic(out / "allocation.json", data)
     plot_bits_per_layer(report, out / "bits_per_layer.png")
     return data
 
 
-def _evaluate(args, dense, model, tokenizer) -> dict:
-    """Perplexity of the dense model and of Q + L1 L2 (the LQ model at step 0) on --eval text."""
+def _options(args) -> dict:
+    """The settings shared by both paths, from the command line."""
+    from qbara.lq.configs import candidate_configs, qlora_config
+    from qbara.quant.config import QuantConfig
+
+    if args.method == "loftq" and (args.fisher or args.fisher_data):
+        raise QbaraError("LoftQ has no Fisher-weighted variant; drop --fisher/--fisher-data or use --method lq")
+    targets = "all-linear" if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
+    options = dict(rank=args.rank, alpha=args.alpha, target_modules=targets, seed=args.seed, workers=args.workers)
+    if args.method == "loftq":
+        options.update(quant=QuantConfig.from_dict({"format": args.loftq_format}), loftq_iters=args.loftq_iters)
+    else:
+        configs = candidate_configs() if args.configs == "all" else [qlora_config(b) for b in (2, 3, 4, 8)]
+        options.update(budget=args.budget, configs=configs, max_iters=args.max_iters, table_iters=args.table_iters)
+    return options
+
+
+def _streamed(args, folder: Path, out: Path | None, options: dict):
+    """LQ-LoRA / LoftQ from the shards (`load_lq`): the dense model is loaded only for --eval's dense
+    perplexity and --fisher-data's gradients, and freed before the decompositions start."""
+    from qbara.models.lq_stream import load_lq
+
+    if args.fisher and args.fisher_data:
+        raise QbaraError("give either --fisher (a saved Fisher file) or --fisher-data (text to compute it from)")
+    dense_eval, fisher = None, args.fisher  # a saved Fisher file is read one matrix at a time
+    if args.eval or args.fisher_data:
+        from qbara.models.loader import load_model
+
+        dense, tokenizer = load_model(str(folder))
+        if args.eval:
+            dense_eval = _perplexity(args, dense, tokenizer)
+        if args.fisher_data:
+            fisher = _fisher(args, dense, tokenizer, out)
+            if out is not None:  # written there: read back lazily instead of kept whole
+                fisher = out / "fisher.safetensors"
+        del dense
+    model, tokenizer = load_lq(folder, method=args.method, fisher=fisher, progress=True, **options)
+    return model, tokenizer, dense_eval
+
+
+def _in_memory(args, out: Path | None, options: dict):
+    """LQ-LoRA / LoftQ on the dense model in memory (models with no safetensors folder to stream from)."""
+    from qbara.adapters.config import AdapterConfig
+    from qbara.lq.prepare import lq_prepare
+    from qbara.models.loader import load_model
+    from qbara.prepare import prepare
+
+    model, tokenizer = load_model(args.model)
+    dense_eval = _perplexity(args, model, tokenizer) if args.eval else None
+    if args.method == "loftq":
+        adapter = AdapterConfig(method="lora", rank=options["rank"], alpha=options["alpha"], init="loftq",
+                                target_modules=options["target_modules"], loftq_iters=options["loftq_iters"])
+        prepare(model, options["quant"], adapter, progress=True)
+    else:
+        fisher = _fisher(args, model, tokenizer, out)
+        lq_prepare(model, options["budget"], options["rank"], fisher, alpha=options["alpha"],
+                   target_modules=options["target_modules"], configs=options["configs"],
+                   max_iters=options["max_iters"], table_iters=options["table_iters"], seed=options["seed"],
+                   workers=options["workers"])
+    return model, tokenizer, dense_eval
+
+
+def _perplexity(args, model, tokenizer) -> dict:
+    """Perplexity of a model on --eval text (the dense model, and Q + L1 L2: the LQ model at step 0)."""
     from qbara.commands.eval import read_text
     from qbara.eval.perplexity import perplexity
 
     ids = tokenizer(read_text(args.eval), add_special_tokens=False, return_tensors="pt").input_ids[0]
-    result = {}
-    for label, m in (("dense", dense), ("step0", model)):
-        r = perplexity(m, ids, window=args.window, max_tokens=args.eval_tokens, progress=True)
-        result[label] = {"ppl": r.ppl, "tokens": r.tokens, "window": r.window}
-    result["data"] = args.eval
-    return result
+    r = perplexity(model, ids, window=args.window, max_tokens=args.eval_tokens, progress=True)
+    return {"ppl": r.ppl, "tokens": r.tokens, "window": r.window}
 
 
 def _print_summary(data: dict, out: Path) -> None:

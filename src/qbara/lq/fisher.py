@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from qbara.atomic import save_safetensors_atomic
 from qbara.errors import QbaraError
 
-__all__ = ["fisher_information", "causal_lm_loss", "calibration_sequences", "save_fisher", "load_fisher"]
+__all__ = ["fisher_information", "causal_lm_loss", "calibration_sequences", "save_fisher", "load_fisher",
+           "open_fisher"]
 
 FISHER_FORMAT = "qbara-fisher"
 
@@ -136,3 +137,21 @@ def load_fisher(path) -> dict[str, Tensor]:
         if isinstance(exc, QbaraError):
             raise
         raise QbaraError(f"cannot read the Fisher file {str(path)!r}: {exc}") from exc
+
+
+def open_fisher(path):
+    """A file written by `save_fisher` as a lazily read mapping (`qbara.lazy_tensors.LazyTensors`): each
+    matrix is read when looked up, so LQ-LoRA at size holds one per worker."""
+    from safetensors import SafetensorError, safe_open
+
+    from qbara.lazy_tensors import LazyTensors
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise QbaraError(f"cannot read the Fisher file {str(path)!r}: {exc}") from None
+    if meta.get("format") != FISHER_FORMAT:
+        raise QbaraError(f"{str(path)!r} is not a qbara Fisher file (written by save_fisher)")
+    return LazyTensors.from_files([path])

@@ -6,6 +6,7 @@ start LoRA from the factors (A = L2/√s, B = L1/√s), so the model at step 0 i
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from qbara.errors import QbaraError
+from qbara.lazy_tensors import tensor_shapes
 from qbara.lq.decompose import Decomposition, decompose
 from qbara.lq.loftq import loftq
 from qbara.lq.parallel import active_dist, collective_device, my_share, owners, run_per_matrix
@@ -92,6 +94,7 @@ def decompose_layers(weights: Mapping[str, Tensor], configs: Mapping[str, QuantC
     if method == "loftq" and fisher is not None:
         raise QbaraError("LoftQ has no Fisher-weighted variant; use method='lq' (LQ-LoRA) with a Fisher matrix")
     names = list(weights)
+    shapes = tensor_shapes(weights)  # a LazyTensors answers from the file headers, reading nothing
     missing = [n for n in names if n not in configs]
     if missing:
         raise QbaraError(f"no quantization config for {missing[:3]}; give one config per matrix")
@@ -101,11 +104,11 @@ def decompose_layers(weights: Mapping[str, Tensor], configs: Mapping[str, QuantC
             raise QbaraError(f"the Fisher dict lacks {lacking[:3]} ({len(lacking)} layers); compute it for the "
                              f"same target layers (qbara.lq.fisher.fisher_information)")
     for n in names:  # every shape checked before minutes of work
-        configs[n].check_shape(tuple(weights[n].shape), n)
-    sizes = [weights[n].numel() for n in names]
+        configs[n].check_shape(shapes[n], n)
+    sizes = [math.prod(shapes[n]) for n in names]
     results: dict[str, Decomposition] = {}
 
-    def one(i: int) -> None:
+    def one(i: int) -> None:  # looked up here: a lazily read mapping holds one matrix per worker
         n = names[i]
         if method == "loftq":
             results[n] = loftq(weights[n], configs[n], rank, loftq_iters, seed=seed * 1_000_003 + i, name=n)
@@ -118,11 +121,11 @@ def decompose_layers(weights: Mapping[str, Tensor], configs: Mapping[str, QuantC
     run_per_matrix(my_share(sizes), one, sizes, workers, progress and first,
                    "LoftQ init" if method == "loftq" else "LQ decomposition")
     if dist is not None:
-        _share_results(dist, names, weights, configs, rank, owners(sizes), results)
+        _share_results(dist, names, shapes, configs, rank, owners(sizes), results)
     return {n: results[n] for n in names}
 
 
-def _share_results(dist, names, weights, configs, rank, owner, results) -> None:
+def _share_results(dist, names, shapes, configs, rank, owner, results) -> None:
     """Broadcast each decomposition from the rank that computed it to all ranks."""
     device = collective_device(dist)
     me = dist.get_rank()
@@ -131,7 +134,7 @@ def _share_results(dist, names, weights, configs, rank, owner, results) -> None:
         if me == src:
             dec = results[n]
         else:  # placeholders of the right shapes and dtypes to receive into
-            m, k = weights[n].shape
+            m, k = shapes[n]
             qt = quantize(torch.zeros(m, k), configs[n], n)
             dec = Decomposition(qt, torch.zeros(m, rank), torch.zeros(rank, k), [], 0)
         tensors = list(dec.qtensor.tensors.values()) + [dec.L1, dec.L2]
@@ -144,6 +147,14 @@ def _share_results(dist, names, weights, configs, rank, owner, results) -> None:
         dist.broadcast_object_list(meta, src=src)
         dec.errors, dec.best_iter = list(meta[0]), int(meta[1])
         results[n] = dec
+
+
+def lq_report(method: str, rank: int, decs: Mapping[str, Decomposition], *, fisher: bool, settings: dict
+              ) -> LQReport:
+    """The report of a set of decompositions (configs, errors per iteration, best iterates, sizes)."""
+    layers = {n: LQLayer(dec.qtensor.config, list(dec.errors), dec.best_iter, dec.qtensor.numel)
+              for n, dec in decs.items()}
+    return LQReport(method, rank, layers, fisher=fisher, settings=dict(settings))
 
 
 def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], rank: int, *,
@@ -173,17 +184,13 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
     decs = decompose_layers(weights, per_layer, rank, method=method, max_iters=max_iters, loftq_iters=loftq_iters,
                             fisher=fisher, seed=seed, workers=workers, progress=progress)
     factors = {}
-    report_layers = {}
     for n, dec in decs.items():
         layer = linears[n]
         device = layer.weight.device
-        qt = QuantizedTensor(dec.qtensor.config, dec.qtensor.shape,
-                             {k: v.to(device) for k, v in dec.qtensor.tensors.items()})
-        set_submodule(model, n, QuantizedLinear(qt, layer.bias))
+        set_submodule(model, n, QuantizedLinear(dec.qtensor.to(device), layer.bias))
         factors[n] = (dec.L1.to(device), dec.L2.to(device))
-        report_layers[n] = LQLayer(per_layer[n], list(dec.errors), dec.best_iter, weights[n].numel())
-    model.qbara_lq = LQReport(method, rank, report_layers, fisher=fisher is not None,
-                              settings={"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed})
+    model.qbara_lq = lq_report(method, rank, decs, fisher=fisher is not None,
+                               settings={"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed})
     if hasattr(model, "config"):
         model.qbara_base_fingerprint = model_fingerprint(model)
     from qbara.models.quantized_io import enable_native_save
@@ -192,14 +199,17 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
     return factors
 
 
-def lq_prepare(model: nn.Module, budget: float = 2.75, rank: int = 64, fisher: Mapping[str, Tensor] | str | Path |
-               None = None, *, alpha: float = 16.0, dropout: float = 0.0, target_modules="all-linear",
+def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 64,
+               fisher: Mapping[str, Tensor] | str | Path | None = None, *, alpha: float = 16.0, dropout: float = 0.0, target_modules="all-linear",
                configs: Sequence[QuantConfig] | None = None, table=None, max_iters: int = 100,
                table_iters: int | None = None, seed: int = 0, workers: int | None = None,
                progress: bool = True) -> nn.Module:
     """LQ-LoRA on a dense causal LM, in place: error table (cached) -> ILP allocation at `budget` bits per
     parameter -> each target matrix quantized as the Q of its decomposition with its allocated config ->
     LoRA adapters of rank `rank` started from the factors, so the model at step 0 is Q + L1 L2.
+
+    model: the dense model, or a safetensors checkpoint folder (or "smollm2-135m"), which is streamed from
+    its shards without ever holding the dense model (`qbara.models.lq_stream.load_lq`; bit-identical).
 
     fisher: name -> Fisher matrix, or a file written by `qbara.lq.save_fisher` (data-aware LQ-LoRA:
     weighted costs and SVDs). configs: candidate configs (default: SPEC §1.1's 432). table: a
@@ -211,6 +221,13 @@ def lq_prepare(model: nn.Module, budget: float = 2.75, rank: int = 64, fisher: M
     from qbara.lq.fisher import load_fisher
     from qbara.lq.tables import DEFAULT_TABLE_ITERS, error_table
     from qbara.models.loader import model_fingerprint
+
+    if isinstance(model, (str, Path)):  # a checkpoint folder: streamed, never dense in memory
+        from qbara.models.lq_stream import load_lq
+
+        return load_lq(model, budget=budget, rank=rank, fisher=fisher, alpha=alpha, dropout=dropout,
+                       target_modules=target_modules, configs=configs, table=table, max_iters=max_iters,
+                       table_iters=table_iters, seed=seed, workers=workers, progress=progress)[0]
 
     adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
                             init="lq")

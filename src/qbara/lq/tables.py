@@ -30,7 +30,7 @@ on a CPU. What is shared, and how (all exact unless stated):
 
 Matrices run in parallel on `workers` threads (one torch thread each); under torch.distributed
 every rank computes a share of the matrices and the table is all-reduced. Tables are cached in
-$QBARA_CACHE/lq (default ~/.cache/qbara/lq) keyed by the model fingerprint and a hash of the
+$QBARA_CACHE/lq (default ~/.cache/qbara/lq) keyed by a hash of the
 settings, the configs and the weights' (and Fisher's) contents, so allocating at another budget reruns
 only the ILP. SmolLM2-135M (210 x 432, rank 64, 8 iterations, 2 workers): 94 s on 2 quiet CPU cores,
 4.5-8 min when the cores are shared with other jobs.
@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
+from qbara.lazy_tensors import LazyTensors, tensor_shapes
 from qbara.lq._nf_fast import quantize_nf_values
 from qbara.lq.configs import candidate_configs
 from qbara.lq.decompose import _alternate, low_rank_factors
@@ -316,37 +317,41 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
 # Whole model
 
 
-def _targets(model_or_weights, targets) -> tuple[list[str], list[Tensor], str | None]:
+def _targets(model_or_weights, targets) -> tuple[list[str], Mapping[str, Tensor], list[tuple[int, int]]]:
+    """(names, name -> weight, shapes) of the matrices to tabulate. A `LazyTensors` mapping stays lazy: each
+    weight is read when its row of the table is computed."""
     if isinstance(model_or_weights, nn.Module):
-        from qbara.models.loader import model_fingerprint
         from qbara.targets import linear_layer_names
 
         model = model_or_weights
         names = linear_layer_names(model, targets, include_quantized=False)
-        weights = [model.get_submodule(n).weight for n in names]
-        try:
-            fp = model_fingerprint(model)
-        except Exception:  # not a transformers model: the content hash still identifies it
-            fp = None
-        return names, weights, fp
-    if isinstance(model_or_weights, Mapping):
-        names = list(model_or_weights)
-        weights = [model_or_weights[n] for n in names]
-        for n, w in zip(names, weights):
-            if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
-                raise QbaraError(f"{n}: expected a floating 2-D weight tensor, got "
-                                 f"{getattr(w, 'shape', type(w).__name__)}")
-        return names, weights, None
-    raise QbaraError(f"error_table needs a model or a mapping of name -> weight, got "
-                     f"{type(model_or_weights).__name__}")
+        weights = {n: model.get_submodule(n).weight for n in names}
+    elif isinstance(model_or_weights, Mapping):
+        weights = model_or_weights
+        names = list(weights)
+        if not isinstance(weights, LazyTensors):  # in memory: checked now (a LazyTensors checks each read)
+            for n, w in weights.items():
+                if not isinstance(w, Tensor) or not w.is_floating_point():
+                    raise QbaraError(f"{n}: expected a floating 2-D weight tensor, got "
+                                     f"{getattr(w, 'shape', type(w).__name__)}")
+    else:
+        raise QbaraError(f"error_table needs a model or a mapping of name -> weight, got "
+                         f"{type(model_or_weights).__name__}")
+    shapes = tensor_shapes(weights)
+    for n in names:
+        if len(shapes[n]) != 2:
+            raise QbaraError(f"{n}: expected a floating 2-D weight tensor, got shape {shapes[n]}")
+    return names, weights, [(int(shapes[n][0]), int(shapes[n][1])) for n in names]
 
 
-def _digest(names, tensors) -> str:
+def _digest(names, tensors: Mapping[str, Tensor]) -> str:
+    """Content hash of the named tensors, looked up (read, for a LazyTensors) one at a time."""
     h = hashlib.blake2b(digest_size=16)
-    for n, t in zip(names, tensors):
-        t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    for n in names:
+        t = tensors[n].detach().to(device="cpu", dtype=torch.float32).contiguous()
         h.update(f"{n}:{tuple(t.shape)};".encode())
         h.update(t.numpy().data)
+        del t
     return h.hexdigest()
 
 
@@ -374,28 +379,26 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
         raise QbaraError(f"rank must be a non-negative integer, got {rank!r}")
     if not isinstance(iters, int) or iters < 1:
         raise QbaraError(f"iters must be a positive integer, got {iters!r}")
-    names, weights, fingerprint = _targets(model_or_weights, targets)
-    shapes = [(int(w.shape[0]), int(w.shape[1])) for w in weights]
-    fishers = None
+    names, weights, shapes = _targets(model_or_weights, targets)
     if fisher is not None:
         missing = [n for n in names if n not in fisher]
         if missing:
             raise QbaraError(f"the Fisher dict lacks {missing[:3]} ({len(missing)} layers); compute it for "
                              f"the same target layers (qbara.lq.fisher.fisher_information)")
-        fishers = [fisher[n] for n in names]
-        for n, f, s in zip(names, fishers, shapes):
-            if tuple(f.shape) != s:
-                raise QbaraError(f"{n}: Fisher shape {tuple(f.shape)} differs from the weight's {s}")
+        fisher_shapes = tensor_shapes(fisher)
+        for n, s in zip(names, shapes):
+            if tuple(fisher_shapes[n]) != s:
+                raise QbaraError(f"{n}: Fisher shape {tuple(fisher_shapes[n])} differs from the weight's {s}")
 
     settings = {"version": TABLE_VERSION, "rank": rank, "iters": iters, "oversample": oversample,
                 "power_iters": power_iters, "table_power_iters": table_power_iters, "seed": seed,
                 "dq_mode": dq_mode,
                 "weights": _digest(names, weights),
-                "fisher": _digest(names, fishers) if fishers is not None else None,
+                "fisher": _digest(names, fisher) if fisher is not None else None,
                 "configs": hashlib.sha256(json.dumps([c.to_dict() for c in configs]).encode()).hexdigest()[:16]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     cache_path = Path(cache_dir) if cache_dir is not None else lq_cache_dir()
-    path = cache_path / f"table-{fingerprint or 'weights'}-{key}.safetensors"
+    path = cache_path / f"table-{key}.safetensors"  # the key holds the weights' content hash
 
     dist = active_dist()
     rank_id = dist.get_rank() if dist else 0
@@ -425,9 +428,11 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
                   table_power_iters=table_power_iters, dq_mode=dq_mode)
 
     def one(i):
-        # Seeded per matrix index: the same costs whichever rank or thread computes it.
-        costs[i] = matrix_costs(weights[i], configs, fisher=None if fishers is None else fishers[i],
-                                seed=seed * 1_000_003 + i, name=names[i], **kwargs)
+        # Seeded per matrix index: the same costs whichever rank or thread computes it. Looked up here, so a
+        # LazyTensors holds one matrix (and its Fisher) per worker.
+        n = names[i]
+        costs[i] = matrix_costs(weights[n], configs, fisher=None if fisher is None else fisher[n],
+                                seed=seed * 1_000_003 + i, name=n, **kwargs)
 
     run_per_matrix(my_share(sizes), one, sizes, workers, progress and rank_id == 0, "LQ error table")
     if dist:

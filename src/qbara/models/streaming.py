@@ -57,21 +57,12 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
     (eval mode, frozen) with `qbara_base_fingerprint` (equal to `model_fingerprint` of the dense model) and
     `qbara_loaded_quant` set, so `prepare(model, quant, adapter)` attaches adapters without quantizing again.
     """
-    from safetensors import safe_open
     from transformers import AutoConfig
 
     folder = Path(folder)
     files = checkpoint_files(folder)
-
-    def read(model):
-        for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as reader:
-                for key in reader.keys():
-                    yield key, (lambda reader=reader, key=key: reader.get_tensor(key)), f"{file}: {key}"
-            release_freed_memory()
-
-    return _stream(AutoConfig.from_pretrained(folder), read, folder, quant, modules,
-                   dtype or _checkpoint_dtype(files[0]), device, progress)
+    return _stream(AutoConfig.from_pretrained(folder, trust_remote_code=False), safetensors_reader(files), folder, quant, modules,
+                   dtype or checkpoint_dtype(files[0]), device, progress)
 
 
 def load_gguf_stream(path, quant: QuantConfig | Mapping[str, QuantConfig], modules=ALL_LINEAR,
@@ -85,7 +76,7 @@ def load_gguf_stream(path, quant: QuantConfig | Mapping[str, QuantConfig], modul
 
     path = Path(path)
     check_gguf_layout(path)
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return _stream(config, lambda model: _gguf_tensors(path, model), path, quant, modules,
@@ -114,12 +105,34 @@ def _gguf_tensors(path: Path, model):
         del weights, result
 
 
-def _stream(config, read, source, quant, modules, storage: torch.dtype, device, progress: bool):
-    """Fill a weightless skeleton of `config` from `read(model)`'s (key, load, where) triples, quantizing the
-    target linears as they come (one dense tensor at a time)."""
+def empty_model(config, storage: torch.dtype):
+    """The causal LM of `config` with no memory behind its weights (meta tensors; buffers are real)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=storage)
+
+
+def safetensors_reader(files: list[Path]):
+    """read(model) for `_stream`: (key, load, where) for every tensor of the shards, in file order."""
+    from safetensors import safe_open
+
+    def read(model):
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                for key in reader.keys():
+                    yield key, (lambda reader=reader, key=key: reader.get_tensor(key)), f"{file}: {key}"
+            release_freed_memory()
+
+    return read
+
+
+def _stream(config, read, source, quant, modules, storage: torch.dtype, device, progress: bool, packed=None):
+    """Fill a weightless skeleton of `config` from `read(model)`'s (key, load, where) triples, quantizing the
+    target linears as they come (one dense tensor at a time). packed: layer name -> QuantizedTensor built
+    beforehand (an LQ-LoRA / LoftQ decomposition's Q), used for that layer instead of quantizing its weight
+    (which is still read, checked and hashed for the dense model's fingerprint)."""
     from qbara.models.loader import combine_fingerprint, tensor_fingerprint
     from qbara.models.quantized_io import enable_native_save
     from qbara.nn.quantized_linear import QuantizedLinear
@@ -128,8 +141,7 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
     from qbara.targets import set_submodule
     from qbara.tensor_checks import check_tensor
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=storage)
+    model = empty_model(config, storage)
     per_layer = layer_configs(model, quant, modules)  # shapes checked on the skeleton, before any read
     expected = set(model.state_dict())
     digests, unexpected = {}, []
@@ -144,9 +156,11 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
             module_name, _, leaf = key.rpartition(".")
             if leaf == "weight" and module_name in per_layer:
                 old = model.get_submodule(module_name)
-                # in its own dtype: the quantizer makes fp32 copies of a few rows at a time
-                packed = quantize(tensor.to(device=device), per_layer[module_name], name=module_name)
-                set_submodule(model, module_name, QuantizedLinear(packed, old.bias))
+                if packed is not None and module_name in packed:
+                    qtensor = packed[module_name].to(device)
+                else:  # in its own dtype: the quantizer makes fp32 copies of a few rows at a time
+                    qtensor = quantize(tensor.to(device=device), per_layer[module_name], name=module_name)
+                set_submodule(model, module_name, QuantizedLinear(qtensor, old.bias))
             else:
                 cast = tensor.to(device=device, dtype=storage if tensor.is_floating_point() else None)
                 _set_tensor(model, key, cast)
@@ -183,7 +197,7 @@ def release_freed_memory() -> None:
         pass
 
 
-def _checkpoint_dtype(file: Path) -> torch.dtype:
+def checkpoint_dtype(file: Path) -> torch.dtype:
     """The dtype of the first floating tensor of a safetensors file (read from its header, nothing loaded)."""
     from safetensors import safe_open
 

@@ -1,0 +1,130 @@
+"""LQ-LoRA and LoftQ straight from a checkpoint's safetensors shards, never holding the dense model.
+
+Three passes over the memory-mapped shards, each holding one matrix per worker thread:
+1. (LQ-LoRA) the error table: every target matrix is read, its row of costs computed, and dropped;
+   the ILP then picks a config per matrix under the bit budget;
+2. the decompositions W ≈ Q + L1 L2 with the chosen configs (Q packed, L1 L2 fp32 kept);
+3. quantize on load (`qbara.models.streaming`): the model skeleton is filled tensor by tensor, each target
+   linear taking its decomposition's Q, the other weights keeping the checkpoint's dtype.
+Then LoRA adapters start from the factors, so the model at step 0 is Q + L1 L2, identical to
+`lq_prepare` on the dense model. Peak memory: the quantized model, the factors (rank·(m+k) fp32 values
+per matrix), a Fisher matrix per worker when one is used, and each worker's matrix with its
+decomposition temporaries (a few fp32 copies of one matrix).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from qbara.errors import QbaraError
+from qbara.quant.config import QuantConfig
+
+__all__ = ["load_lq", "checkpoint_folder"]
+
+
+def checkpoint_folder(name_or_path) -> Path | None:
+    """The safetensors HF folder behind a model name (the embedded SmolLM2's converted folder, or a folder
+    with config.json and safetensors shards), or None when it has none to stream from (the in-memory test
+    models, GGUF files, pickle checkpoints, qbara's quantized folders)."""
+    from qbara.models.loader import DEFAULT_MODEL
+    from qbara.models.quantized_io import is_quantized_folder
+    from qbara.models.streaming import INDEX, SINGLE
+
+    name = str(name_or_path)
+    if name.strip().lower() == DEFAULT_MODEL:
+        from qbara.models.smollm2 import smollm2_dir
+
+        return smollm2_dir()
+    path = Path(name).expanduser()
+    if not path.is_dir() or not (path / "config.json").is_file() or is_quantized_folder(path):
+        return None
+    return path if (path / SINGLE).is_file() or (path / INDEX).is_file() else None
+
+
+def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int = 64,
+            fisher: Mapping[str, Tensor] | str | Path | None = None, quant: QuantConfig | None = None,
+            alpha: float = 16.0, dropout: float = 0.0, target_modules="all-linear",
+            configs: Sequence[QuantConfig] | None = None, table=None, max_iters: int = 100,
+            table_iters: int | None = None, loftq_iters: int = 1, seed: int = 0, workers: int | None = None,
+            dtype: torch.dtype | None = None, device="cpu", progress: bool = True):
+    """(model, tokenizer): LQ-LoRA (`method="lq"`, ILP allocation at `budget`) or LoftQ (`method="loftq"`,
+    every linear on `quant`, adapters on `target_modules`) initialised from the checkpoint in a safetensors
+    folder, streamed (see the module doc). The result equals `lq_prepare(load_model(folder), ...)` /
+    `prepare(model, quant, AdapterConfig(init="loftq"))` bit for bit, with the non-quantized weights in the
+    checkpoint's dtype (or `dtype`). fisher: name -> matrix, or a file written by `save_fisher` (read one
+    matrix at a time)."""
+    from transformers import AutoConfig
+
+    from qbara.adapters.attach import attach_adapters
+    from qbara.adapters.config import AdapterConfig
+    from qbara.lazy_tensors import LazyTensors
+    from qbara.lq.prepare import INIT_METHODS, decompose_layers, lq_report
+    from qbara.models.loader import load_tokenizer, model_fingerprint
+    from qbara.models.streaming import (_stream, checkpoint_dtype, checkpoint_files, empty_model,
+                                        safetensors_reader)
+    from qbara.prepare import layer_configs
+    from qbara.targets import linear_layer_names
+
+    if method not in INIT_METHODS:
+        raise QbaraError(f"unknown decomposition {method!r}: choose one of {', '.join(INIT_METHODS)}")
+    if method == "loftq" and (fisher is not None or quant is None):
+        raise QbaraError("LoftQ takes one quantization config (quant=) and no Fisher matrix")
+    folder = checkpoint_folder(name_or_path)
+    if folder is None:
+        raise QbaraError(f"{name_or_path!r} is not a folder of safetensors shards to stream from; load the model "
+                         f"(qbara.load_model) and pass it to lq_prepare / prepare instead")
+    files = checkpoint_files(folder)
+    storage = dtype or checkpoint_dtype(files[0])
+    config = AutoConfig.from_pretrained(folder)
+    skeleton = empty_model(config, storage)
+    adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                            init=method, loftq_iters=loftq_iters)
+    targets = linear_layer_names(skeleton, target_modules, include_quantized=False)
+    weights = LazyTensors.from_files(files, {n: f"{n}.weight" for n in targets})
+    for n, shape in weights.shapes.items():
+        if min(shape) < rank:
+            raise QbaraError(f"{n}: rank {rank} exceeds the {shape} matrix's smallest side; lower the rank")
+    allocation = None
+    if method == "lq":
+        fisher = _lazy_fisher(fisher)
+        if table is None:
+            from qbara.lq.tables import DEFAULT_TABLE_ITERS, error_table
+
+            table = error_table(weights, configs, rank=rank, iters=table_iters or DEFAULT_TABLE_ITERS, fisher=fisher,
+                                seed=seed, workers=workers, progress=progress)
+        allocation = table.allocate(budget)
+        per_layer = allocation.configs
+        quantized = per_layer
+    else:
+        quantized = layer_configs(skeleton, quant)  # every linear; the adapter targets by LoftQ
+        per_layer = {n: quantized[n] for n in targets}
+    del skeleton
+    decs = decompose_layers(weights, per_layer, rank, method=method, max_iters=max_iters, loftq_iters=loftq_iters,
+                            fisher=fisher, seed=seed, workers=workers, progress=progress)
+    model = _stream(config, safetensors_reader(files), folder, quantized, "all-linear", storage, device, progress,
+                    packed={n: dec.qtensor for n, dec in decs.items()})
+    dense_fingerprint = model.qbara_base_fingerprint
+    model.qbara_lq = lq_report(method, rank, decs, fisher=fisher is not None,
+                               settings={"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed})
+    if allocation is not None:
+        model.qbara_lq.allocation = allocation
+        model.qbara_lq.settings.update(budget=budget, dense_fingerprint=dense_fingerprint,
+                                       table_iters=table.settings.get("iters"))
+    model.qbara_base_fingerprint = model_fingerprint(model)  # of the quantized base the factors fit
+    del model.qbara_loaded_quant  # the Q of decompositions, not a plain quantization of the checkpoint
+    factors = {n: (dec.L1.to(device), dec.L2.to(device)) for n, dec in decs.items()}
+    del decs
+    attach_adapters(model, adapter, factors=factors)
+    return model, load_tokenizer(folder)
+
+
+def _lazy_fisher(fisher):
+    """A Fisher file is read one matrix at a time; a mapping is used as given."""
+    if fisher is None or isinstance(fisher, Mapping):
+        return fisher
+    from qbara.lq.fisher import open_fisher
+
+    return open_fisher(fisher)

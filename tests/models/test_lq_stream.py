@@ -1,0 +1,146 @@
+"""LQ-LoRA and LoftQ streamed from a checkpoint's shards equal the dense-model paths bit for bit, and hold one
+target matrix per worker at a time."""
+import json
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qbara import AdapterConfig, QbaraError, QuantConfig, lq_prepare, prepare
+from qbara.cli import main
+from qbara.lq.configs import qlora_config
+from qbara.lq.fisher import save_fisher
+from qbara.models import tiny_llama
+from qbara.models.loader import load_model
+from qbara.models.lq_stream import load_lq
+from qbara.targets import linear_layer_names
+
+CONFIGS = [qlora_config(b) for b in (2, 3, 4)]
+SMALL = dict(configs=CONFIGS, table_iters=2, max_iters=3, progress=False)
+IDS = torch.tensor([[1, 7, 42, 3, 9, 100, 5]])
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QBARA_CACHE", str(tmp_path / "cache"))
+
+
+def _folder(tmp_path, dtype=torch.bfloat16, **kw):
+    model, tokenizer = tiny_llama(seed=0, **kw)
+    folder = tmp_path / f"tiny-{str(dtype)[6:]}-{sorted(kw.items())}"
+    model.to(dtype).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _assert_same_model(eager, streamed, storage):
+    expected, got = eager.state_dict(), streamed.state_dict()
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key].to(value.dtype), value), key  # packed Q, factors, every other weight
+        if value.is_floating_point() and key.endswith(("norm.weight", "embed_tokens.weight")):
+            assert got[key].dtype == storage, key  # the checkpoint's dtype, never an fp32 copy
+    assert streamed.qbara_base_fingerprint == eager.qbara_base_fingerprint
+    with torch.no_grad():
+        assert torch.equal(streamed(IDS).logits, eager(IDS).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_lq_lora_equals_lq_prepare_on_the_dense_model(dtype, tmp_path):
+    folder = _folder(tmp_path, dtype)
+    eager, _ = load_model(str(folder))
+    lq_prepare(eager, 3.0, 4, **SMALL)
+    streamed = lq_prepare(folder, 3.0, 4, **SMALL)
+    _assert_same_model(eager, streamed, dtype)
+    assert streamed.qbara_lq.to_dict() == eager.qbara_lq.to_dict()  # allocation, errors, dense fingerprint
+    assert not hasattr(streamed, "qbara_loaded_quant")  # its Q is no plain quantization of the checkpoint
+
+
+def test_streamed_lq_lora_reads_a_fisher_file_like_the_dense_path(tmp_path):
+    folder = _folder(tmp_path)
+    eager, _ = load_model(str(folder))
+    gen = torch.Generator().manual_seed(1)
+    fisher = {n: torch.rand(eager.get_submodule(n).weight.shape, generator=gen)
+              for n in linear_layer_names(eager, "all-linear")}
+    save_fisher(fisher, tmp_path / "fisher.safetensors")
+    lq_prepare(eager, 3.0, 4, fisher, **SMALL)
+    streamed = lq_prepare(folder, 3.0, 4, tmp_path / "fisher.safetensors", **SMALL)
+    assert streamed.qbara_lq.fisher
+    _assert_same_model(eager, streamed, torch.bfloat16)
+
+
+def test_streamed_loftq_equals_prepare_with_loftq_init(tmp_path):
+    """Adapters on the attention projections only: LoftQ there, plain NF4 on the MLP, both paths alike."""
+    folder = _folder(tmp_path)
+    quant = QuantConfig("nf4", 32)
+    eager, _ = load_model(str(folder))
+    prepare(eager, quant, AdapterConfig("lora", rank=4, alpha=8.0, init="loftq", loftq_iters=2,
+                                        target_modules=["q_proj", "v_proj"]))
+    streamed, _ = load_lq(folder, method="loftq", quant=quant, rank=4, alpha=8.0, loftq_iters=2,
+                          target_modules=["q_proj", "v_proj"], progress=False)
+    _assert_same_model(eager, streamed, torch.bfloat16)
+
+
+def test_each_worker_holds_one_target_matrix_at_a_time(tmp_path, monkeypatch):
+    """The streaming contract over all three passes (table, decompositions, load): with one worker, when a
+    target weight is read from the file no earlier one is still alive."""
+    import safetensors
+
+    folder = _folder(tmp_path, layers=3)
+    alive, worst, reads = [], [0], [0]
+    real_open = safetensors.safe_open
+
+    class Tracking:
+        def __init__(self, *args, **kwargs):
+            self.inner = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.reader = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.reader, name)
+
+        def get_tensor(self, key):
+            tensor = self.reader.get_tensor(key)
+            if key.endswith("_proj.weight"):
+                alive[:] = [ref for ref in alive if ref() is not None]
+                worst[0] = max(worst[0], len(alive))
+                alive.append(weakref.ref(tensor))
+                reads[0] += 1
+            return tensor
+
+    monkeypatch.setattr(safetensors, "safe_open", Tracking)
+    lq_prepare(folder, 3.0, 4, workers=1, **SMALL)
+    assert reads[0] >= 3 * 21  # each of the 21 matrices read in every pass (digest, table, decomposition, load)
+    assert worst[0] == 0
+
+
+def test_lq_command_streams_a_folder_to_the_same_outputs(tmp_path, capsys):
+    """`qbara lq` on a safetensors folder streams it and writes what the in-memory path writes for the same
+    weights (tiny-llama built in memory)."""
+    folder = _folder(tmp_path, torch.float32)
+    args = ["lq", "--rank", "4", "--budget", "3.0", "--configs", "qlora", "--table-iters", "2", "--max-iters", "3"]
+    assert main([*args, "--model", str(folder), "--out", str(tmp_path / "streamed")]) == 0
+    assert main([*args, "--model", "tiny-llama", "--out", str(tmp_path / "memory")]) == 0
+    streamed = json.loads((tmp_path / "streamed" / "allocation.json").read_text())
+    memory = json.loads((tmp_path / "memory" / "allocation.json").read_text())
+    assert streamed["streamed"] and not memory["streamed"]
+    assert streamed["layers"] == memory["layers"]
+    for name in ("model/qbara_model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(tmp_path / "streamed" / name), load_file(tmp_path / "memory" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_refusals(tmp_path):
+    with pytest.raises(QbaraError, match="not a folder of safetensors shards"):
+        load_lq("tiny-llama", budget=3.0, rank=4, progress=False)
+    folder = _folder(tmp_path)
+    with pytest.raises(QbaraError, match="rank 64 exceeds"):
+        load_lq(folder, budget=3.0, rank=64, progress=False)
+    with pytest.raises(QbaraError, match="LoftQ takes one quantization config"):
+        load_lq(folder, method="loftq", rank=4, progress=False)
