@@ -7,6 +7,10 @@ subprocess, so every peak is its own:
   qbara-nf4     load_model(folder, quant=NF4) + prepare(LoRA r16)                        -- quantize on load
   qbara-int4    load_model(folder, quant=INT4-G32) + prepare(QA-HiRA)
   bnb-nf4       from_pretrained(BitsAndBytesConfig nf4, fp32 compute) + PEFT LoRA r16
+and, on request (--cases), LQ-LoRA init (budget 3.0, rank 64, QLoRA's nf2/3/4/8 candidates, 2 table and 3
+decomposition iterations: the memory is the point, not the quality):
+  qbara-lq-dense  load_model(folder) (fp32) + lq_prepare(model)                          -- qbara <= 0.1
+  qbara-lq-stream lq_prepare(folder): table, decompositions and load streamed from the shards
 Measured per case: load+prepare wall time; peak RSS (VmHWM, includes the memory-mapped checkpoint pages) and
 peak anonymous memory (RssAnon sampled every 10 ms: the process's own allocations); then --steps training
 steps (batch 1 x 256 tokens, AdamW on the adapters, fp32 compute), median time of the steps after the first.
@@ -33,6 +37,7 @@ SIZES = {  # hidden, ffn, layers, heads, kv heads, vocab
     "1.1b": (2048, 5632, 22, 32, 4, 32000),
 }
 CASES = ("qbara-eager", "qbara-nf4", "qbara-int4", "bnb-nf4")
+LQ_CASES = ("qbara-lq-dense", "qbara-lq-stream")
 GiB = 1024 ** 3
 
 
@@ -145,6 +150,8 @@ def run_case(case: str, folder: str, steps: int) -> dict:
 def _load(case: str, folder: str):
     import torch
 
+    if case.startswith("qbara-lq"):
+        return _load_lq(case, folder)
     if case.startswith("qbara"):
         from qbara import AdapterConfig, QuantConfig, load_model, prepare
 
@@ -164,6 +171,18 @@ def _load(case: str, folder: str):
     # The checkpoint's dtype (bf16) for what bitsandbytes leaves unquantized, as transformers loads by default.
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.bfloat16)
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def _load_lq(case: str, folder: str):
+    import tempfile
+
+    from qbara import load_model, lq_prepare
+    from qbara.lq.configs import qlora_config
+
+    os.environ["QBARA_CACHE"] = tempfile.mkdtemp()  # no cached error table: each case computes its own
+    options = dict(configs=[qlora_config(b) for b in (2, 3, 4, 8)], table_iters=2, max_iters=3, progress=False)
+    source = load_model(folder)[0] if case == "qbara-lq-dense" else folder
+    return lq_prepare(source, 3.0, 64, **options)
 
 
 # ---------------------------------------------------------------- driver
@@ -214,7 +233,8 @@ def _ratio(a, b, key):
 
 
 def summarize(results: dict) -> str:
-    lines = ["| model | case | load+prepare s | peak anon GiB (B/param) | peak RSS GiB | step s | vs bnb: anon / RSS / load / step |",
+    lines = ["| model | case | load+prepare s | peak anon GiB (B/param) | peak RSS GiB | step s | "
+             "vs bnb-nf4 (LQ: vs qbara-lq-dense): anon / RSS / load / step |",
              "|---|---|---|---|---|---|---|"]
     per_param = {}
     for size, entry in results.items():
@@ -227,9 +247,10 @@ def summarize(results: dict) -> str:
             anon = r["load_peak_anon"] - r["baseline_anon"]
             per_param.setdefault(case, []).append(anon / n)
             step = f"{r['step_s']:.2f}" if "step_s" in r else "-"
-            vs = "-" if case == "bnb-nf4" or "error" in bnb else (
-                f"{_ratio(r, bnb, 'load_peak_anon'):.2f}× / {_ratio(r, bnb, 'load_peak_rss'):.2f}× / "
-                f"{_ratio(r, bnb, 'load_s'):.2f}× / {_ratio(r, bnb, 'step_s'):.2f}×")
+            ref = entry["cases"].get("qbara-lq-dense", {}) if case.startswith("qbara-lq") else bnb
+            vs = "-" if case in ("bnb-nf4", "qbara-lq-dense") or not ref or "error" in ref else (
+                f"{_ratio(r, ref, 'load_peak_anon'):.2f}× / {_ratio(r, ref, 'load_peak_rss'):.2f}× / "
+                f"{_ratio(r, ref, 'load_s'):.2f}× / {_ratio(r, ref, 'step_s'):.2f}×")
             lines.append(f"| {size} ({n / 1e9:.2f}B) | {case} | {r['load_s']:.1f} | {anon / GiB:.2f} ({anon / n:.2f}) | "
                          f"{r['load_peak_rss'] / GiB:.2f} | {step} | {vs} |")
     lines += ["", "Peak anonymous memory of loading, above the process's own baseline (Python, torch, transformers),",
@@ -245,7 +266,7 @@ def plot(results: dict, path: Path) -> None:
     from qbara.plotting import pyplot, save_figure
 
     fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
-    for case in CASES:
+    for case in CASES + LQ_CASES:
         xs, anon, load = [], [], []
         for size, entry in results.items():
             r = entry["cases"].get(case)

@@ -75,3 +75,44 @@ def test_fisher_errors_and_calibration_windows(tmp_path):
                                                    seed=1))
     with pytest.raises(QbaraError, match="fewer than"):
         calibration_sequences(tok, "short", 1, 64)
+
+
+def test_fisher_of_quantized_layers_equals_the_dense_fisher_at_the_dequantized_weights():
+    """No weight gradient is needed: QuantizedLinear layers get the Fisher of a dense model holding their
+    dequantized weights (an independent computation through nn.Linear and autograd's weight gradients)."""
+    from qbara import QuantConfig, QuantizedLinear, quantize_model
+    from qbara.models import tiny_llama
+
+    quantized, _ = tiny_llama()
+    quantize_model(quantized, QuantConfig("nf4", 32))
+    dense, _ = tiny_llama()
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, QuantizedLinear):
+                dense.get_submodule(name).weight.copy_(module.dequantize())
+    seqs = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(5))
+    got = fisher_information(quantized, seqs, progress=False)
+    name = "model.layers.0.mlp.down_proj"
+    w = dense.get_submodule(name).weight
+    expected = torch.zeros_like(w)
+    for s in seqs:
+        (g,) = torch.autograd.grad(dense(input_ids=s[None], labels=s[None]).loss, w)
+        expected += g ** 2
+    assert len(got) == 14
+    assert torch.allclose(got[name], expected, rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_in_shards_equals_the_fisher_in_memory(tmp_path):
+    from qbara.models import tiny_llama
+
+    model, _ = tiny_llama()
+    seqs = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(6))
+    whole = fisher_information(model, seqs, progress=False)
+    biggest = max(f.numel() * 4 for f in whole.values())
+    lazy = fisher_information(model, seqs, progress=False, folder=tmp_path / "fisher", max_bytes=2 * biggest)
+    shards = sorted((tmp_path / "fisher").glob("fisher-*.safetensors"))
+    assert len(shards) >= 4  # 14 matrices, at most two of the biggest per pass
+    assert set(lazy) == set(whole)
+    assert all(torch.equal(lazy[n], whole[n]) for n in whole)
+    loaded = load_fisher(tmp_path / "fisher")
+    assert all(torch.equal(loaded[n], whole[n]) for n in whole)

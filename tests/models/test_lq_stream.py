@@ -144,3 +144,35 @@ def test_refusals(tmp_path):
         load_lq(folder, budget=3.0, rank=64, progress=False)
     with pytest.raises(QbaraError, match="LoftQ takes one quantization config"):
         load_lq(folder, method="loftq", rank=4, progress=False)
+
+
+def test_calibration_model_keeps_bf16_and_computes_like_an_fp32_load(tmp_path):
+    from qbara.lq.fisher import fisher_information
+    from qbara.models.lq_stream import load_calibration_model
+
+    folder = _folder(tmp_path)
+    narrow, _ = load_calibration_model(folder)
+    wide, _ = load_model(str(folder))  # fp32 copy of the same bf16 values
+    assert narrow.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(narrow(IDS).logits, wide(IDS).logits)
+    seqs = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    a, b = fisher_information(narrow, seqs, progress=False), fisher_information(wide, seqs, progress=False)
+    assert all(torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-12) for n in b)
+
+
+def test_lq_command_computes_a_sharded_fisher_when_streaming(tmp_path):
+    """--fisher-data on a folder: the Fisher is computed in passes of --fisher-shard-gb into DIR/fisher/, the
+    outputs equal the in-memory path's, and the saved Fisher reproduces them through --fisher."""
+    folder = _folder(tmp_path, torch.float32)
+    args = ["lq", "--rank", "4", "--budget", "3.0", "--configs", "qlora", "--table-iters", "2", "--max-iters", "2"]
+    data = ["--fisher-data", "shakespeare:hamlet", "--fisher-samples", "2", "--fisher-length", "16",
+            "--fisher-shard-gb", "0.00005"]
+    assert main([*args, *data, "--model", str(folder), "--out", str(tmp_path / "streamed")]) == 0
+    assert main([*args, *data, "--model", "tiny-llama", "--out", str(tmp_path / "memory")]) == 0
+    assert len(list((tmp_path / "streamed" / "fisher").glob("fisher-*.safetensors"))) > 2
+    assert main([*args, "--fisher", str(tmp_path / "streamed" / "fisher"), "--model", str(folder),
+                 "--out", str(tmp_path / "again")]) == 0
+    runs = {name: json.loads((tmp_path / name / "allocation.json").read_text())
+            for name in ("streamed", "memory", "again")}
+    assert runs["streamed"]["fisher"] and runs["streamed"]["layers"] == runs["memory"]["layers"] == runs["again"]["layers"]

@@ -5,7 +5,7 @@ Writes into DIR:
   adapter/            LoRA adapters starting from the factors (A = L2/√s, B = L1/√s)
   allocation.json     per matrix: config, bits/param, decomposition error; totals; settings
   bits_per_layer.png  the allocation's bits per layer and module
-  fisher.safetensors  the Fisher information (when computed from --fisher-data)
+  fisher/             the Fisher information (when computed from --fisher-data; shards of --fisher-shard-gb)
 Train from it with `qbara train --model.name DIR/model --model.adapter DIR/adapter ...`.
 Under `torchrun --nproc_per_node N -m qbara lq ...` the error table and the decompositions are shared out
 across the N ranks; rank 0 writes the outputs.
@@ -21,22 +21,20 @@ from qbara.errors import QbaraError
 
 
 def _fisher(args, model, tokenizer, out: Path | None):
+    """The Fisher information for --fisher-data (written to out/fisher/, read back one matrix at a time), a
+    saved one for --fisher (read lazily), or None."""
     from qbara.commands.eval import read_text
-    from qbara.lq.fisher import calibration_sequences, fisher_information, load_fisher, save_fisher
+    from qbara.lq.fisher import calibration_sequences, fisher_information, open_fisher
 
-    if args.fisher and args.fisher_data:
-        raise QbaraError("give either --fisher (a saved Fisher file) or --fisher-data (text to compute it from)")
     if args.fisher:
-        return load_fisher(args.fisher)
+        return open_fisher(args.fisher)
     if not args.fisher_data:
         return None
     text = read_text(args.fisher_data)
     sequences = calibration_sequences(tokenizer, text, args.fisher_samples, args.fisher_length, seed=args.seed)
-    fisher = fisher_information(model, sequences, progress=True)
-    if out is not None:
-        save_fisher(fisher, out / "fisher.safetensors",
-                    metadata={"data": args.fisher_data, "samples": args.fisher_samples, "length": args.fisher_length})
-    return fisher
+    # Rank 0 writes it into the output; the other ranks of a torchrun compute the same in memory.
+    return fisher_information(model, sequences, progress=True, folder=None if out is None else out / "fisher",
+                              max_bytes=int(args.fisher_shard_gb * 2**30))
 
 
 def run(args) -> dict | None:
@@ -101,6 +99,8 @@ def _options(args) -> dict:
 
     if args.method == "loftq" and (args.fisher or args.fisher_data):
         raise QbaraError("LoftQ has no Fisher-weighted variant; drop --fisher/--fisher-data or use --method lq")
+    if args.fisher and args.fisher_data:
+        raise QbaraError("give either --fisher (a saved Fisher file) or --fisher-data (text to compute it from)")
     targets = "all-linear" if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
     options = dict(rank=args.rank, alpha=args.alpha, target_modules=targets, seed=args.seed, workers=args.workers)
     if args.method == "loftq":
@@ -116,19 +116,16 @@ def _streamed(args, folder: Path, out: Path | None, options: dict):
     perplexity and --fisher-data's gradients, and freed before the decompositions start."""
     from qbara.models.lq_stream import load_lq
 
-    if args.fisher and args.fisher_data:
-        raise QbaraError("give either --fisher (a saved Fisher file) or --fisher-data (text to compute it from)")
-    dense_eval, fisher = None, args.fisher  # a saved Fisher file is read one matrix at a time
+    dense_eval = None
+    fisher = _fisher(args, None, None, out) if args.fisher else None  # a saved one, read one matrix at a time
     if args.eval or args.fisher_data:
-        from qbara.models.loader import load_model
+        from qbara.models.lq_stream import load_calibration_model
 
-        dense, tokenizer = load_model(str(folder))
+        dense, tokenizer = load_calibration_model(folder)  # the checkpoint's dtype: 2 bytes/param for bf16
         if args.eval:
             dense_eval = _perplexity(args, dense, tokenizer)
         if args.fisher_data:
             fisher = _fisher(args, dense, tokenizer, out)
-            if out is not None:  # written there: read back lazily instead of kept whole
-                fisher = out / "fisher.safetensors"
         del dense
     model, tokenizer = load_lq(folder, method=args.method, fisher=fisher, progress=True, **options)
     return model, tokenizer, dense_eval
@@ -194,9 +191,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the factors are divided by √(alpha/rank))")
     p.add_argument("--targets", default="all-linear", help="target modules: all-linear or comma-separated suffixes")
     p.add_argument("--fisher-data", help="text to estimate the Fisher from: a file or shakespeare:PLAY (lq)")
-    p.add_argument("--fisher", help="a Fisher file written earlier (fisher.safetensors)")
+    p.add_argument("--fisher", help="a Fisher written earlier (DIR/fisher from qbara lq, or a save_fisher file)")
     p.add_argument("--fisher-samples", type=int, default=64, help="calibration sequences for the Fisher")
     p.add_argument("--fisher-length", type=int, default=256, help="tokens per calibration sequence")
+    p.add_argument("--fisher-shard-gb", type=float, default=1.0,
+                   help="Fisher matrices computed per pass over the calibration data (GiB of fp32): bounds memory")
     p.add_argument("--configs", choices=("all", "qlora"), default="all",
                    help="candidate configs: all (LQ-LoRA's 432) or qlora (nf2/3/4/8 in QLoRA's block 64 + DQ layout)")
     p.add_argument("--table-iters", type=int, default=None, help="decomposition iterations in the error table")

@@ -42,59 +42,116 @@ def _sequences(sequences) -> list[Tensor]:
 
 
 def fisher_information(model: nn.Module, sequences: Tensor | Sequence, names: Sequence[str] | None = None, *,
-                       loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
-                       progress: bool = True) -> dict[str, Tensor]:
-    """Diagonal empirical Fisher of each target linear weight: name -> (d_out, d_in) fp32 tensor.
+                       loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None, progress: bool = True,
+                       folder=None, max_bytes: int | None = None):
+    """Diagonal empirical Fisher of each target linear's weight: name -> (d_out, d_in) fp32 tensor.
 
     sequences: (n, length) token ids, or a list of 1-D tensors (lengths may differ); each is one
-    example. names: layer names (default: every nn.Linear but the output embedding, as
+    example. names: layer names (default: every linear but the output embedding, as
     `qbara.targets.linear_layer_names`). loss_fn(model, example) -> scalar loss (default
     `causal_lm_loss`). Runs in eval mode (no dropout); the model's requires_grad flags, gradients
     and train/eval mode are restored afterwards.
+
+    Each sequence's weight gradient is formed from the layer's input and output gradient (Gᵀ X, what
+    autograd computes for an nn.Linear's weight), so no weight needs a gradient: the layers may be
+    nn.Linear, a bf16-stored linear computing in fp32, or qbara's QuantizedLinear. With `folder`, the
+    Fisher is written there as shards of at most `max_bytes` (default 1 GiB) of fp32 matrices, computed
+    one shard per pass over the sequences (the memory held is one shard's), and returned read lazily
+    (`open_fisher`); without, all matrices are returned in memory.
     """
     from tqdm.auto import tqdm
 
     seqs = _sequences(sequences)
+    layers = _fisher_layers(model, names)
+    loss_fn = loss_fn or causal_lm_loss
+    if folder is None:
+        return _accumulate(model, layers, seqs, loss_fn, progress, tqdm)
+    folder = Path(folder)
+    groups = _groups(layers, max_bytes or 1 << 30)
+    for i, group in enumerate(groups):
+        fisher = _accumulate(model, group, seqs, loss_fn, progress, tqdm,
+                             desc=f"Fisher {i + 1}/{len(groups)}" if len(groups) > 1 else "Fisher")
+        save_fisher(fisher, folder / f"fisher-{i + 1:05d}-of-{len(groups):05d}.safetensors")
+        del fisher
+    return open_fisher(folder)
+
+
+def _fisher_layers(model: nn.Module, names) -> dict[str, nn.Module]:
     if names is None:
         from qbara.targets import linear_layer_names
 
-        names = linear_layer_names(model, "all-linear", include_quantized=False)
-    names = list(names)
-    weights = {}
+        names = linear_layer_names(model, "all-linear")
+    layers = {}
     for n in names:
         try:
             module = model.get_submodule(n)
         except AttributeError:
             raise QbaraError(f"the model has no layer named {n!r}; use names from model.named_modules()") from None
-        w = getattr(module, "weight", None)
-        if not isinstance(w, nn.Parameter) or w.dim() != 2 or not w.is_floating_point():
-            raise QbaraError(f"{n}: needs a floating 2-D weight parameter to compute its Fisher information "
-                             f"(quantized layers have none: compute it on the unquantized model)")
-        weights[n] = w
-    loss_fn = loss_fn or causal_lm_loss
+        shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+        if not all(isinstance(d, int) for d in shape):
+            raise QbaraError(f"{n}: not a linear layer (nn.Linear or QuantizedLinear); the Fisher information is "
+                             f"computed for linear weights")
+        layers[n] = module
+    return layers
 
+
+def _groups(layers: dict[str, nn.Module], max_bytes: int) -> list[dict[str, nn.Module]]:
+    """Consecutive layers whose fp32 Fisher matrices fit `max_bytes` together (one layer at least)."""
+    groups, size = [{}], 0
+    for n, m in layers.items():
+        nbytes = 4 * m.out_features * m.in_features
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][n] = m
+        size += nbytes
+    return groups
+
+
+def _accumulate(model, layers, seqs, loss_fn, progress, tqdm, desc="Fisher") -> dict[str, Tensor]:
+    """Σ over sequences of (per-sequence weight gradient)² for `layers`, through hooks (see fisher_information)."""
+    device = next(model.parameters()).device
+    fisher = {n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=device)
+              for n, m in layers.items()}
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
     saved_grads = [p.grad for p in params]
     was_training = model.training
-    fisher = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in weights.items()}
+    handles = []
+
+    def pre_hook(module, args):  # a graph must reach every target layer: its input becomes a leaf if need be
+        x = args[0]
+        if x.requires_grad:
+            return None
+        return (x.detach().requires_grad_(True), *args[1:])
+
+    def hook(name):
+        def forward_hook(module, args, output):
+            x = args[0].detach()
+
+            def on_grad(grad):
+                g = grad.reshape(-1, grad.shape[-1]).float()
+                fisher[name].add_((g.t() @ x.reshape(-1, x.shape[-1]).float()).square_())
+
+            output.register_hook(on_grad)
+        return forward_hook
+
     try:
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-        for w in weights.values():
-            w.requires_grad_(True)
+        for n, m in layers.items():
+            handles.append(m.register_forward_pre_hook(pre_hook))
+            handles.append(m.register_forward_hook(hook(n)))
         model.eval()
-        for seq in tqdm(seqs, desc="Fisher", unit="seq", disable=not progress):
+        for seq in tqdm(seqs, desc=desc, unit="seq", disable=not progress):
             loss = loss_fn(model, seq)
             if not torch.isfinite(loss):
                 raise QbaraError("a calibration sequence gave a non-finite loss; check the token ids and the model")
             loss.backward()
-            for n, w in weights.items():
-                if w.grad is not None:
-                    fisher[n].add_(w.grad.float().square())
-                    w.grad = None
     finally:
+        for h in handles:
+            h.remove()
         for p, flag, grad in zip(params, saved_flags, saved_grads):
             p.requires_grad_(flag)
             p.grad = grad
@@ -123,35 +180,29 @@ def save_fisher(fisher: Mapping[str, Tensor], path, metadata: Mapping[str, str] 
 
 
 def load_fisher(path) -> dict[str, Tensor]:
-    """Read a file written by `save_fisher`."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != FISHER_FORMAT:
-                raise QbaraError(f"{str(path)!r} is not a qbara Fisher file (written by save_fisher)")
-            return {k: fh.get_tensor(k).float() for k in fh.keys()}
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, QbaraError):
-            raise
-        raise QbaraError(f"cannot read the Fisher file {str(path)!r}: {exc}") from exc
+    """Read a file written by `save_fisher` (or a folder of them, as `fisher_information(folder=...)` writes)."""
+    lazy = open_fisher(path)
+    return {k: lazy[k] for k in lazy}
 
 
 def open_fisher(path):
-    """A file written by `save_fisher` as a lazily read mapping (`qbara.lazy_tensors.LazyTensors`): each
-    matrix is read when looked up, so LQ-LoRA at size holds one per worker."""
+    """A Fisher file written by `save_fisher`, or a folder of them, as a lazily read mapping
+    (`qbara.lazy_tensors.LazyTensors`): each matrix is read when looked up, so LQ-LoRA at size holds one
+    per worker."""
     from safetensors import SafetensorError, safe_open
 
     from qbara.lazy_tensors import LazyTensors
 
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise QbaraError(f"cannot read the Fisher file {str(path)!r}: {exc}") from None
-    if meta.get("format") != FISHER_FORMAT:
-        raise QbaraError(f"{str(path)!r} is not a qbara Fisher file (written by save_fisher)")
-    return LazyTensors.from_files([path])
+    files = sorted(path.glob("fisher-*.safetensors")) if path.is_dir() else [path]
+    if not files:
+        raise QbaraError(f"{str(path)!r} holds no Fisher shards (fisher-*.safetensors); compute the Fisher again")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                meta = fh.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise QbaraError(f"cannot read the Fisher file {str(file)!r}: {exc}") from None
+        if meta.get("format") != FISHER_FORMAT:
+            raise QbaraError(f"{str(file)!r} is not a qbara Fisher file (written by save_fisher)")
+    return LazyTensors.from_files(files)

@@ -89,9 +89,18 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu", quan
             raise QbaraError(f"Unknown model {name!r}. Expected {_choices()}.")
 
     check_model_values(model, name)
-    model = model.to(device=device, dtype=dtype)
+    model = _cast_parameters(model.to(device=device), dtype)
     model.eval()
     return model, tokenizer
+
+
+def _cast_parameters(model, dtype: torch.dtype):
+    """Parameters to `dtype`; computed buffers (rotary inverse frequencies) stay as built, in fp32, as
+    transformers keeps them for a bf16 load (a whole-model .to(bf16) would round them)."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model
 
 
 def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):

@@ -22,7 +22,7 @@ from torch import Tensor
 from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
 
-__all__ = ["load_lq", "checkpoint_folder"]
+__all__ = ["load_lq", "checkpoint_folder", "load_calibration_model"]
 
 
 def checkpoint_folder(name_or_path) -> Path | None:
@@ -42,6 +42,17 @@ def checkpoint_folder(name_or_path) -> Path | None:
     if not path.is_dir() or not (path / "config.json").is_file() or is_quantized_folder(path):
         return None
     return path if (path / SINGLE).is_file() or (path / INDEX).is_file() else None
+
+
+def load_calibration_model(folder):
+    """(model, tokenizer): the dense model of a safetensors folder kept in the checkpoint's dtype (2 bytes/param
+    for bf16), every linear cast to fp32 per call on CPU: for the dense perplexity and the Fisher information,
+    whose values equal those of an fp32 load of the same checkpoint."""
+    from qbara.models.loader import load_model
+    from qbara.models.streaming import checkpoint_dtype, checkpoint_files, default_compute_dtype, use_compute_dtype
+
+    model, tokenizer = load_model(str(folder), dtype=checkpoint_dtype(checkpoint_files(Path(folder))[0]))
+    return use_compute_dtype(model, default_compute_dtype("cpu"), every_linear=True), tokenizer
 
 
 def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int = 64,

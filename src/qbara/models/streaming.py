@@ -258,9 +258,10 @@ class UpcastLinear(nn.Linear):
         return _UpcastMatmul.apply(x, self.weight, self.bias)
 
 
-def use_compute_dtype(model: nn.Module, compute: torch.dtype) -> nn.Module:
+def use_compute_dtype(model: nn.Module, compute: torch.dtype, every_linear: bool = False) -> nn.Module:
     """Make a model whose embeddings / lm_head are stored in another dtype compute in `compute`: the input
-    embedding's output and the output layer's weight are cast where used (norm weights promote by themselves)."""
+    embedding's output and the output layer's weight are cast where used (norm weights promote by themselves).
+    every_linear: every frozen nn.Linear alike (a dense model kept in bf16 that computes in fp32)."""
     embedding = model.get_input_embeddings()
     if embedding is None or embedding.weight.dtype == compute:
         return model
@@ -268,6 +269,8 @@ def use_compute_dtype(model: nn.Module, compute: torch.dtype) -> nn.Module:
         embedding.__class__ = UpcastEmbedding
         embedding.compute_dtype = compute
     output = model.get_output_embeddings()
-    if output is not None and type(output) is nn.Linear:
-        output.__class__ = UpcastLinear
+    linears = [m for m in model.modules() if type(m) is nn.Linear] if every_linear else [output]
+    for linear in linears:
+        if linear is not None and type(linear) is nn.Linear:
+            linear.__class__ = UpcastLinear
     return model
