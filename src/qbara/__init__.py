@@ -4,6 +4,7 @@ from qbara.errors import QbaraError
 from qbara.lq.prepare import lq_prepare
 from qbara.models import load_model, model_fingerprint
 from qbara.nn import QuantizedLinear
+from qbara.nn.peft_support import register_with_peft
 from qbara.prepare import prepare, quantize_model
 from qbara.pretrained import from_pretrained
 from qbara.quant import QuantConfig, QuantizedTensor, dequantize, quantize
@@ -12,4 +13,4 @@ __version__ = "0.1.0"
 
 __all__ = ["QbaraError", "QuantConfig", "AdapterConfig", "QuantizedTensor", "QuantizedLinear", "quantize",
            "dequantize", "prepare", "quantize_model", "merge", "save_adapter", "load_adapter", "load_model",
-           "model_fingerprint", "lq_prepare", "from_pretrained"]
+           "model_fingerprint", "lq_prepare", "from_pretrained", "register_with_peft"]

@@ -33,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.func(args)
     except QbaraError as err:
-        print(f"qbara {args.command}: error: {err}", file=sys.stderr)
+        print(f"qbara {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file that vanished, a full disk, a read-only or size-limited filesystem
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"qbara {args.command}: error: {where}{err.strerror or err}; check the path, the free space and "
+              f"the permissions, then run again", file=sys.stderr)
         return 2
     return 0
 

@@ -17,8 +17,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
-import json
 import os
 import shutil
 import sys
@@ -86,6 +86,7 @@ def check_output(path, inputs: Iterable = (), *, overwrite: bool = False, kind: 
         if _contains(out, _resolved(source)) or _contains(out, Path(os.path.realpath(source))):
             raise QbaraError(f"{option} {str(path)!r} is or contains the input {str(item)!r}; writing there would "
                              f"destroy it: choose another {option}")
+    _check_writable(out, str(path), option)
     if kind == "folder":
         if out.exists() and not out.is_dir():
             raise QbaraError(f"{option} {str(path)!r} exists and is a file; name a folder")
@@ -101,15 +102,45 @@ def check_output(path, inputs: Iterable = (), *, overwrite: bool = False, kind: 
     return out
 
 
+def _check_writable(out: Path, given: str, option: str) -> None:
+    """Refuse an output under a file, or in a folder this process cannot write into (read-only, or a
+    pseudo filesystem such as /proc): before any work starts."""
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QbaraError(f"{option} {given!r}: {parent} is a file, not a folder; choose an output under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        where = out if out.exists() and not os.access(out, os.W_OK) else parent
+        raise QbaraError(f"{option} {given!r}: {where} is not writable (read-only or not yours); choose an output "
+                         f"in a folder you can write")
+
+
+# Disk full, file too large (ulimit -f), read-only filesystem, quota, permission, device error.
+# None: a short write reported without an errno (numpy's tofile when the size limit cuts it).
+WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO, None}
+
+
+def write_error(err: OSError, out) -> QbaraError:
+    """One line for an I/O error while writing the output `out` (disk full, file too large, read-only
+    filesystem): the path, the cause, and that the previous output is kept."""
+    path = err.filename or out
+    cause = err.strerror or str(err)
+    return QbaraError(f"cannot write {path} ({cause}); the previous output at {out} is kept: free space or "
+                      f"raise the limit and run again")
+
+
 def written_by_qbara(folder) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
 
 def _qbara_files(folder: Path) -> set[str]:
+    from qbara.validate import read_json_file
+
     try:
-        data = json.loads((folder / MANIFEST).read_text())
-        return {str(f) for f in data.get("files", [])}
-    except (OSError, ValueError, AttributeError):
+        files = read_json_file(folder / MANIFEST, MANIFEST).get("files", [])
+        return {str(f) for f in files} if isinstance(files, list) else set()
+    except QbaraError:  # damaged or foreign: none of the files count as qbara's
         return set()
 
 
@@ -195,6 +226,11 @@ def output_folder(path, inputs: Iterable = (), *, overwrite: bool = False, comma
             os.chmod(tmp, 0o777 & ~_umask())
             yield tmp
             install_folder(tmp, out, command)
+        except OSError as err:
+            discard(tmp)
+            if err.errno in WRITE_ERRNOS:
+                raise write_error(err, out) from None
+            raise
         except BaseException:
             discard(tmp)
             raise
@@ -205,7 +241,12 @@ def output_file(path, inputs: Iterable = (), *, overwrite: bool = False, option:
     """Check and lock the file `path`; yield it (write it with `qbara.atomic.write_file_atomic`)."""
     out = check_output(path, inputs, overwrite=overwrite, kind="file", option=option)
     with output_lock(out):
-        yield out
+        try:
+            yield out
+        except OSError as err:
+            if err.errno in WRITE_ERRNOS:
+                raise write_error(err, out) from None
+            raise
 
 
 def folder_files(folder: Path) -> set[str]:

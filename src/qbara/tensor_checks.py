@@ -15,6 +15,9 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from qbara.validate import regular_file
+
+    regular_file(path, "safetensors file")  # not a device, pipe or folder a symlink points to
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:

@@ -2,7 +2,8 @@
 
 Tensor names follow PEFT (`base_model.model.<layer>.lora_A.weight`, ...). For method="lora" the
 adapter_config.json is a plain PEFT LoRA config (PEFT reads it without warnings; targets are full
-module names when suffixes would select more layers than were adapted). qbara's own record — the method,
+module names when suffixes would select more layers than were adapted); "qalora" is PEFT's QA-LoRA layout
+and "qbara" / "qahira" say that only qbara loads them (`qbara.adapters.peft_layout`). qbara's own record — the method,
 per-layer shapes and pooling, the base's quantization, a fingerprint of the base model and the SHA-256 of
 the tensors — is `qbara_adapter.json` (folders of qbara <= 0.1 kept it as a `qbara` section of
 adapter_config.json; still read), so loading onto the wrong base fails clearly. Loading reads JSON and
@@ -19,6 +20,7 @@ from torch import nn
 
 from qbara.adapters.attach import adapter_layers, build_adapter
 from qbara.adapters.config import AdapterConfig
+from qbara.adapters.peft_layout import peft_method_fields
 from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.tensor_checks import ADAPTER_LIMIT, check_digest, check_tensor, read_safetensors, tensors_digest
@@ -64,10 +66,9 @@ def save_adapter(model: nn.Module, directory, base_model_name: str | None = None
                          "pool_in": layer.pool_in, "pool_out": layer.pool_out,
                          "quant": quant.to_dict() if quant is not None else None}
     data = {
-        "peft_type": "LORA" if config.method == "lora" else config.method.upper(),
+        **peft_method_fields(config.method, layers, config.alpha),  # peft_type, lora_alpha, QA-LoRA's layout
         "task_type": "CAUSAL_LM",
         "r": config.rank,
-        "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -135,19 +136,18 @@ def read_adapter_config(directory, peft: bool = False) -> dict:
     elif "qbara" not in data:
         raise QbaraError(f"{str(directory)!r}: no {QBARA_NAME}, so not an adapter qbara wrote (a PEFT adapter?); "
                          f"qbara loads adapters it saved")
-    if not isinstance(data["qbara"], dict) or "adapter" not in data["qbara"]:
+    if not isinstance(data["qbara"], dict) or not isinstance(data["qbara"].get("adapter"), dict):
         raise QbaraError(f"{directory / QBARA_NAME}: no 'adapter' record; the file is damaged, save the adapter again")
+    from qbara.validate import check_adapter_record
+
+    check_adapter_record(directory / QBARA_NAME, data["qbara"])
     return data
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise QbaraError(f"{path}: not valid JSON ({err}); the file is damaged, save the adapter again") from None
-    if not isinstance(data, dict):
-        raise QbaraError(f"{path}: not a JSON object; the file is damaged, save the adapter again")
-    return data
+    from qbara.validate import read_json_file  # size, encoding, nesting and type checked
+
+    return read_json_file(path, path.name, fix="the file is damaged, save the adapter again")
 
 
 def check_base_fingerprint(info: dict, model: nn.Module, what: str, fix: str, required: bool = False) -> None:
@@ -244,6 +244,9 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
                       f"check that this is the model it was trained on", stacklevel=2)
     config = AdapterConfig.from_dict(info["adapter"])
     _check_layer_records(info.get("layers"), directory)
+    from qbara.validate import check_adapter_sizes
+
+    check_adapter_sizes(Path(directory) / WEIGHTS_NAME, config, info["layers"], PREFIX)  # before allocating
     from qbara.models.bnb import adopt_bnb, bnb_layers
 
     if bnb_layers(model):  # a bitsandbytes NF4 base: taken over exactly, if the adapter was trained on that
@@ -275,6 +278,9 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
         layer_config = dataclasses.replace(config, pool_in=record["pool_in"], pool_out=record["pool_out"])
         layers[name] = build_adapter(base, layer_config, name)
     copy_adapter_weights(layers, directory)
+    with torch.no_grad():
+        for name, factor in info.get("a_scale", {}).items():  # PEFT's per-layer scalings (peft_import)
+            layers[name].lora_A.weight.mul_(factor)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in layers.items():

@@ -32,13 +32,15 @@ def read_text(data: str) -> str:
 
         return shakespeare_text(data.split(":", 1)[1] or "hamlet")
     path = Path(data)
-    if not path.is_file():
+    if not path.exists():
         raise QbaraError(f"data file {data!r} not found; pass a text file or shakespeare:PLAY")
     if path.suffix.lower() in (".jsonl", ".json", ".csv"):
         from qbara.train.data import read_records
 
         return "\n\n".join(r["text"] for r in read_records(data) if isinstance(r, dict) and "text" in r)
-    return path.read_text()
+    from qbara.validate import read_text_file
+
+    return read_text_file(path, "data file", max_bytes=None)
 
 
 @torch.no_grad()
@@ -118,9 +120,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name, HF folder, quantized folder or .gguf")
     p.add_argument("--adapter", help="adapter folder written by qbara train / save_adapter")
     p.add_argument("--task", choices=("ppl", "loss", "lm-eval"), default="ppl")
-    p.add_argument("--data",
+    p.add_argument("--data", "--tasks", dest="data",
                    help="ppl: text file or shakespeare:PLAY (default shakespeare:hamlet); loss: instruction/chat "
-                        "records; lm-eval: task names (comma-separated; glob patterns allowed)")
+                        "records; lm-eval: task names (comma-separated; glob patterns allowed; --tasks as in "
+                        "lm-eval; qbara_shakespeare_next_line is bundled and offline)")
     p.add_argument("--window", type=int, default=512, help="ppl window / max record length in tokens")
     p.add_argument("--max-tokens", type=int, default=0, help="ppl: tokens evaluated (0 = all)")
     p.add_argument("--max-records", type=int, default=0, help="loss: records evaluated (0 = all)")

@@ -150,7 +150,8 @@ def _expand(task_manager, name: str) -> list[str]:
 def load_lm_eval_tasks(tasks: str, include_path=None) -> LmEvalTasks:
     """Resolve comma-separated task names (glob patterns allowed) and load them, with their datasets.
 
-    include_path: a folder (or list of folders) of task YAMLs, searched besides lm-eval's own tasks.
+    include_path: a folder (or list of folders) of task YAMLs, searched besides lm-eval's own tasks and qbara's
+    bundled ones (`qbara.eval.bundled`).
     Unknown names, and tasks whose dataset must come from the Hub while offline, raise a one-line QbaraError.
     """
     TaskManager = _task_manager_class()
@@ -163,6 +164,9 @@ def load_lm_eval_tasks(tasks: str, include_path=None) -> LmEvalTasks:
     for folder in folders:
         if not folder.is_dir():
             raise QbaraError(f"--include-path {str(folder)!r} is not a folder; give a folder holding task YAML files")
+    from qbara.eval.bundled import TASKS_DIR
+
+    folders.append(TASKS_DIR)  # qbara's bundled offline tasks (qbara_shakespeare_next_line), always found
     requested = [t.strip() for t in str(tasks).split(",") if t.strip()]
     if not requested:
         raise QbaraError(f"--task lm-eval needs task names in --data (comma-separated); {TASKS_HINT}")

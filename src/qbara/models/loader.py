@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -71,6 +72,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu", quan
         path = Path(name).expanduser()
         from qbara.models.quantized_io import is_quantized_folder, load_quantized
 
+        if path.is_dir() and (path / "config.json").exists():
+            from qbara.validate import check_no_remote_code
+
+            check_no_remote_code(path)  # before anything else reads the folder
         if path.is_dir() and is_quantized_folder(path):
             # Packed buffers keep their dtypes (fp16 scales and minima): move, never cast.
             model, tokenizer = load_quantized(path, dtype)  # checks every tensor it reads
@@ -119,16 +124,16 @@ def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):
         raise QbaraError(f"{name!r} is already quantized; load it without quant=")
     if path.is_dir() and (path / "config.json").is_file():
         from qbara.models.streaming import load_quantized_stream
+        from qbara.validate import check_hf_folder
 
+        check_hf_folder(path)  # no custom code, no pickle weights, sizes that fit the weights
         model = load_quantized_stream(path, quant, modules, dtype=dtype, device=device, progress=progress)
         return model, load_tokenizer(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        from transformers import AutoTokenizer
-
         from qbara.models.streaming import load_gguf_stream
 
         model = load_gguf_stream(path, quant, modules, dtype=dtype, device=device, progress=progress)
-        return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return model, load_gguf_tokenizer(path)
     from qbara.prepare import quantize_model
 
     model, tokenizer = load_model(name, dtype=dtype or torch.float32, device=device)
@@ -138,14 +143,46 @@ def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):
     return model, tokenizer
 
 
+# What transformers raises on a damaged or foreign folder (a bogus hidden_act is a KeyError, a wrong-typed size
+# a TypeError, a shape clash a RuntimeError): one line naming the folder instead of a traceback.
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' progress bar and load report off while it loads (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _load_hf_folder(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
+    from qbara.validate import check_hf_folder
+
+    check_hf_folder(path)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
-                                                           output_loading_info=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise QbaraError(f"Cannot load the model folder {str(path)!r}: {exc}") from exc
+        with _quiet_transformers():  # qbara reports what matters (check_loading_info) in one line
+            model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                               output_loading_info=True, trust_remote_code=False,
+                                                               use_safetensors=True)
+    except LOAD_ERRORS as exc:
+        raise QbaraError(f"Cannot load the model folder {str(path)!r} ({_one_line(exc)}); the folder is damaged "
+                         f"or not a causal LM transformers knows") from None
     check_loading_info(info, path)
     return model, load_tokenizer(path)
 
@@ -158,10 +195,24 @@ def load_tokenizer(path: Path):
     if not any((Path(path) / name).is_file() for name in names):
         raise QbaraError(f"{path} has no tokenizer ({', '.join(names)}); copy the base model's tokenizer files "
                          f"into it")
+    from qbara.validate import check_no_remote_code
+
+    check_no_remote_code(path)
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise QbaraError(f"Cannot load the tokenizer in {str(path)!r}: {exc}") from exc
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except LOAD_ERRORS as exc:
+        raise QbaraError(f"Cannot load the tokenizer in {str(path)!r} ({_one_line(exc)}); copy the base model's "
+                         f"tokenizer files into it") from None
+
+
+def load_gguf_tokenizer(path: Path):
+    """The tokenizer stored in a GGUF file's metadata (never code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    except LOAD_ERRORS as exc:
+        raise QbaraError(f"{path}: cannot read its tokenizer ({_one_line(exc)}); the GGUF file is damaged") from None
 
 
 # Tensor names only qbara's quantized and adapter layers have.

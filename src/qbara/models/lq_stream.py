@@ -78,6 +78,7 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
                                         safetensors_reader)
     from qbara.prepare import layer_configs
     from qbara.targets import linear_layer_names
+    from qbara.validate import check_hf_folder
 
     if method not in INIT_METHODS:
         raise QbaraError(f"unknown decomposition {method!r}: choose one of {', '.join(INIT_METHODS)}")
@@ -88,8 +89,9 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
         raise QbaraError(f"{name_or_path!r} is not a folder of safetensors shards to stream from; load the model "
                          f"(qbara.load_model) and pass it to lq_prepare / prepare instead")
     files = checkpoint_files(folder)
+    check_hf_folder(folder, files)  # no custom code, sizes the weights can hold: before anything is built
     storage = dtype or checkpoint_dtype(files[0])
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     skeleton = empty_model(config, storage)
     adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
                             init=method, loftq_iters=loftq_iters)

@@ -41,9 +41,12 @@ def is_quantized_folder(path) -> bool:
     if (path / QUANT_MANIFEST).is_file():
         return True
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
+        config_path = path / "config.json"
+        if not config_path.is_file() or config_path.stat().st_size > (64 << 20):
+            return False  # a device or a huge file is not read here; the loader refuses it with the reason
+        config = json.loads(config_path.read_text(errors="replace"))
+    except (OSError, ValueError, RecursionError):
+        return False  # not ours; the loader's checks give the reason
     entry = config.get("quantization_config") if isinstance(config, dict) else None
     return isinstance(entry, dict) and entry.get("quant_method") == QUANT_METHOD
 
@@ -126,31 +129,52 @@ def load_quantized(path, dtype=torch.float32):
     intermediate): memory ≈ the quantized model. `dtype` applies to the weights that are not packed.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     if not (path / QUANT_MANIFEST).is_file():
         raise QbaraError(f"{path}: config.json declares a qbara quantized folder but {QUANT_MANIFEST} is missing; "
                          f"the folder is incomplete, save it again")
+    from qbara.models.loader import LOAD_ERRORS, _one_line
+    from qbara.validate import check_hf_folder
+
     layers, recorded = _read_manifest(path)
-    config = AutoConfig.from_pretrained(path)
+    weights = path / WEIGHTS if (path / WEIGHTS).is_file() else path / LEGACY_WEIGHTS
+    if not weights.is_file():
+        raise QbaraError(f"{path}: {WEIGHTS} is missing; the folder is incomplete, save it again")
+    check_hf_folder(path, weights=[weights])  # no custom code; config sizes bounded by the weights' size
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except LOAD_ERRORS as exc:
+        raise QbaraError(f"{path / 'config.json'}: not a config transformers can read ({_one_line(exc)}); the "
+                         f"folder is damaged, save it again") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # qbara's own entry: the model is built plain, then its layers replaced
-    weights = path / WEIGHTS if (path / WEIGHTS).is_file() else path / LEGACY_WEIGHTS
     state = read_safetensors(weights)
     check_digest(state, recorded, weights, QUANT_MANIFEST)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except LOAD_ERRORS as exc:
+        raise QbaraError(f"{path / 'config.json'}: cannot build the model it describes ({_one_line(exc)}); the "
+                         f"folder is damaged, save it again") from None
     missing = []
     for name, data in layers.items():
         try:
             linear = model.get_submodule(name)
         except AttributeError:
-            raise QbaraError(f"{path / QUANT_MANIFEST}: layer {name!r} is not in the model its config.json "
-                             f"describes; the folder is damaged, save it again") from None
-        quant = QuantConfig.from_dict(data)
-        shape = tuple(linear.weight.shape)
-        layout = buffer_layout(quant, shape)
+            linear = None
+        if not isinstance(linear, torch.nn.Linear):
+            raise QbaraError(f"{path / QUANT_MANIFEST}: layer {name!r} is not a linear layer of the model its "
+                             f"config.json describes; the folder is damaged, save it again") from None
+        try:
+            quant = QuantConfig.from_dict(data)
+            shape = tuple(linear.weight.shape)
+            quant.check_shape(shape, name)
+            layout = buffer_layout(quant, shape)
+        except (QbaraError, TypeError) as err:
+            raise QbaraError(f"{path / QUANT_MANIFEST}: layer {name!r}: {err}; the folder is damaged, save it "
+                             f"again") from None
         packed = {}
         for buffer, reference in layout.items():
             key = f"{name}.{buffer}"
@@ -181,7 +205,11 @@ def load_quantized(path, dtype=torch.float32):
     enable_native_save(model)
     model.requires_grad_(False)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    tokenizer = None
+    if (path / "tokenizer_config.json").is_file():
+        from qbara.models.loader import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
     from qbara.adapters.io import CONFIG_NAME, load_adapter
 
     if (path / CONFIG_NAME).is_file():  # saved with its adapters (save_pretrained of a prepared model)
@@ -201,16 +229,22 @@ def buffer_layout(quant: QuantConfig, shape: tuple[int, int]) -> dict[str, torch
 def _read_manifest(path: Path) -> tuple[dict, str | None]:
     """The `layers` of qbara_quant.json (a non-empty mapping of layer name to QuantConfig dict) and the
     weights' recorded SHA-256 (None in folders of older versions)."""
+    from qbara.validate import read_json_file
+
     where = path / QUANT_MANIFEST
-    try:
-        manifest = json.loads(where.read_text())
-    except (OSError, ValueError) as err:
-        raise QbaraError(f"{where}: not valid JSON ({err}); the folder is damaged, save it again") from None
-    layers = manifest.get("layers") if isinstance(manifest, dict) else None
+    manifest = read_json_file(where, QUANT_MANIFEST, fix="the folder is damaged, save it again")
+    if manifest.get("format_version", 1) != 1:
+        raise QbaraError(f"{where}: format_version {manifest.get('format_version')!r} is not one this qbara "
+                         f"reads (1); upgrade qbara or save the folder again")
+    recorded = manifest.get("weights_sha256")
+    if recorded is not None and not isinstance(recorded, str):
+        raise QbaraError(f"{where}: weights_sha256 must be a hex string, got {type(recorded).__name__}; the "
+                         f"folder is damaged, save it again")
+    layers = manifest.get("layers")
     if not isinstance(layers, dict) or not layers or not all(isinstance(v, dict) for v in layers.values()):
         raise QbaraError(f"{where}: 'layers' must map each quantized layer to its config and name at least one; "
                          f"the folder is damaged, save it again")
-    return layers, manifest.get("weights_sha256")
+    return layers, recorded
 
 
 # ---------------------------------------------------------------- save_pretrained of a prepared model

@@ -136,20 +136,28 @@ def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
     ``quantization_config`` so that it can be saved and trained like any HF model.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     gguf = Path(gguf)
     folder, name = str(gguf.parent), gguf.name
     check_gguf_layout(gguf)
+    from qbara.models.loader import LOAD_ERRORS, _one_line, load_gguf_tokenizer
+
     try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    except (ValueError, NotImplementedError, KeyError) as exc:
-        raise QbaraError(f"Cannot read the GGUF file {gguf}: {exc}") from exc
-    if hasattr(config, "quantization_config"):  # build a plain, unquantized model
-        delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state_dict = _gguf_state_dict(gguf, model)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+        if hasattr(config, "quantization_config"):  # build a plain, unquantized model
+            delattr(config, "quantization_config")
+        from qbara.validate import check_config_sizes
+
+        check_config_sizes(config.to_dict(), gguf.stat().st_size, gguf)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        state_dict = _gguf_state_dict(gguf, model)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except (NotImplementedError, *LOAD_ERRORS) as exc:
+        if isinstance(exc, QbaraError):
+            raise
+        raise QbaraError(f"Cannot read the GGUF file {gguf} ({_one_line(exc)}); the file is damaged or its "
+                         f"architecture is not supported") from None
     tied = set()
     if getattr(model.config, "tie_word_embeddings", False):
         tied = {"lm_head.weight"}
@@ -163,7 +171,7 @@ def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
         model.tie_weights()
     if dtype is not None:
         model = model.to(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = load_gguf_tokenizer(gguf)
     model.eval()
     return model, tokenizer
 
@@ -172,6 +180,9 @@ def check_gguf_layout(gguf: Path) -> None:
     """Refuse a GGUF file whose tensors overlap or run past its end (ggml refuses those too)."""
     from gguf import GGUFReader
 
+    from qbara.validate import check_gguf_header
+
+    check_gguf_header(gguf)  # counts that fit the file, before gguf-py allocates for them
     try:
         reader = GGUFReader(str(gguf))
     except Exception as err:  # gguf-py raises ValueError, KeyError, IndexError... on damaged files
@@ -202,7 +213,8 @@ def _gguf_state_dict(gguf: Path, model) -> dict:
     from transformers import AutoModelForCausalLM, GgufConfig  # pragma: no cover
 
     loaded = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+        str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True),
+        trust_remote_code=False
     )
     return {k: v.float() for k, v in loaded.state_dict().items()}
 

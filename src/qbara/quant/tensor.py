@@ -87,6 +87,11 @@ class QuantizedTensor:
             blocks.mul_(self.tensors["scale"].float()[:, None]).add_(self.tensors["minimum"].float()[:, None])
         return out.view(self.shape)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the packed buffers live (PEFT reads `layer.qweight.device` to place adapters)."""
+        return self.tensors["codes"].device
+
     def to(self, device) -> "QuantizedTensor":
         return QuantizedTensor(self.config, self.shape, {k: v.to(device) for k, v in self.tensors.items()})
 

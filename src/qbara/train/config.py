@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,8 @@ def parse_value(text: str):
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+    except RecursionError:
+        raise QbaraError(f"command-line value {text[:20]}... is nested too deeply; write a plain value") from None
 
 
 def _coerce(value, kind: type, key: str):
@@ -256,21 +259,45 @@ def _validate(config: RunConfig) -> None:
         raise QbaraError(f"train.optim {t.optim!r}: choose {', '.join(OPTIMIZERS[:-1])} or {OPTIMIZERS[-1]}")
     if d.max_length <= 0:
         raise QbaraError(f"data.max_length must be positive, got {d.max_length}")
+    for section in (d, t):  # NaN passes every comparison above: refuse it (and infinities) here
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise QbaraError(f"{type(section).__name__.removesuffix('Section').lower()}.{f.name} must be a "
+                                 f"finite number, got {value}")
+    if t.lr <= 0:
+        raise QbaraError(f"train.lr must be a positive learning rate (e.g. 2e-4), got {t.lr}")
+    for key in ("seed", "warmup_steps", "eval_steps", "save_total_limit"):
+        if getattr(t, key) < 0:
+            raise QbaraError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if t.weight_decay < 0:
+        raise QbaraError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    if d.max_records < 0:
+        raise QbaraError(f"data.max_records must be >= 0 (0 = all), got {d.max_records}")
+    schedulers = _schedulers()
+    if t.scheduler not in schedulers:
+        close = difflib.get_close_matches(t.scheduler, schedulers, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise QbaraError(f"train.scheduler {t.scheduler!r}{hint}: choose one of {', '.join(schedulers)}")
+
+
+def _schedulers() -> list[str]:
+    """The learning-rate schedules the HF Trainer knows (transformers' SchedulerType)."""
+    from transformers.trainer_utils import SchedulerType
+
+    return [s.value for s in SchedulerType]
 
 
 def load_run_config(path: str | None, overrides: dict | None = None) -> RunConfig:
     """Read a YAML (or JSON) run config and apply overrides."""
     data = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise QbaraError(f"config file {path!r} not found; pass --config with an existing YAML file")
-        import yaml
+        from qbara.validate import load_yaml_file
 
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise QbaraError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        p = Path(path)
+        if not p.exists():
+            raise QbaraError(f"config file {path!r} not found; pass --config with an existing YAML file")
+        data = load_yaml_file(p, "run config") or {}  # a regular UTF-8 file, no aliases, bounded nesting
         if not isinstance(data, dict):
             raise QbaraError(f"{path}: the top level must be a mapping of sections (model, quant, adapter, data, train)")
     return build_config(data, overrides)

@@ -3,7 +3,7 @@ masked on the prompt (labels = -100), or pack plain text into fixed-length seque
 from __future__ import annotations
 
 import csv
-import json
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,11 @@ class Example:
 
 def read_records(path: str) -> list:
     """Records from a .json (list), .jsonl, .csv file or a local HF dataset folder; a .txt file gives one
-    {"text": ...} record."""
+    {"text": ...} record. `dataset:<path>[:split]` reads with Hugging Face datasets (`qbara.data.hf_datasets`)."""
+    if str(path).startswith("dataset:"):
+        from qbara.data.hf_datasets import read_dataset
+
+        return read_dataset(str(path)[len("dataset:"):])
     p = Path(path)
     if not p.exists():
         raise QbaraError(f"data file {path!r} not found; check data.train / data.eval")
@@ -40,30 +44,35 @@ def read_records(path: str) -> list:
         except ImportError:
             raise QbaraError(f"{path} is a folder: reading a local HF dataset needs `pip install datasets`") from None
         return [dict(r) for r in load_from_disk(str(p))]
+    from qbara.validate import parse_json, read_text_file
+
     suffix = p.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv", ".txt", ".md", ""):
+        raise QbaraError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .csv or .txt")
+    text = read_text_file(p, "data file", max_bytes=None)  # a regular UTF-8 text file: not binary, not /dev/zero
     if suffix == ".jsonl":
         records = []
-        for number, line in enumerate(p.read_text().splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    records.append(_Malformed(f"line {number} is not valid JSON ({err.msg})"))
+                    records.append(parse_json(line, f"line {number}"))
+                except QbaraError as err:
+                    records.append(_Malformed(str(err).replace(f"line {number}: ", f"line {number} is ", 1)))
         return records
     if suffix == ".json":
         try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as err:
-            raise QbaraError(f"{path}: not valid JSON ({err}); fix the file or use JSONL") from None
+            data = parse_json(text, str(path))
+        except QbaraError as err:
+            raise QbaraError(f"{err}; fix the file or use JSONL") from None
         if not isinstance(data, list):
             raise QbaraError(f"{path}: expected a JSON list of records")
         return data
     if suffix == ".csv":
-        with open(p, newline="") as fh:
-            return list(csv.DictReader(fh))
-    if suffix in (".txt", ".md", ""):
-        return [{"text": p.read_text()}]
-    raise QbaraError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .csv or .txt")
+        try:
+            return list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as err:
+            raise QbaraError(f"{path}: not valid CSV ({err}); fix the file") from None
+    return [{"text": text}]
 
 
 class _Malformed:
@@ -104,13 +113,13 @@ def _chat_example(record: dict, tokenizer, max_length: int) -> Example:
         raise ValueError("'messages' must be a list of {role, content}")
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("has no assistant message to learn")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = _render_chat(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        prefix = _render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _render_chat(tokenizer, messages[: i + 1])
         if not full.startswith(upto) or not upto.startswith(prefix):
             raise ValueError("the chat template does not render conversations prefix-consistently")
         spans.append((len(prefix), len(upto)))
@@ -119,6 +128,19 @@ def _chat_example(record: dict, tokenizer, max_length: int) -> Example:
     labels = [tok if any(a <= start < b for a, b in spans) else IGNORE_INDEX
               for tok, (start, _) in zip(ids, encoding.offset_mapping)]
     return Example(ids[:max_length], labels[:max_length])
+
+
+def _render_chat(tokenizer, messages: list, **kwargs) -> str:
+    """The tokenizer's chat template applied (in jinja's sandbox); a template that breaks out of it, or fails,
+    is one error for the whole run, not a bad record."""
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except (SecurityError, TemplateError) as err:
+        unsafe = "tries to leave jinja's sandbox" if isinstance(err, SecurityError) else "fails"
+        raise QbaraError(f"the tokenizer's chat template {unsafe} ({type(err).__name__}: {err}); use a tokenizer "
+                         f"with a plain chat template (the model folder's tokenizer_config.json chat_template)") from None
 
 
 def build_examples(records: list, tokenizer, fmt: str, max_length: int, on_error: str = "fail",
@@ -140,6 +162,8 @@ def build_examples(records: list, tokenizer, fmt: str, max_length: int, on_error
             if all(label == IGNORE_INDEX for label in example.labels):
                 raise ValueError(f"has no answer tokens within data.max_length={max_length}")
             examples.append(example)
+        except QbaraError:  # about the whole run (e.g. the chat template), not this record
+            raise
         except ValueError as err:
             if on_error == "fail":
                 raise QbaraError(f"{source}: record {number} {err}; fix it or set data.on_error=skip") from None

@@ -6,9 +6,12 @@ saving leaves an unmarked folder that `--resume` ignores and removes.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +46,93 @@ def latest_complete_checkpoint(output_dir) -> Path | None:
     return complete[-1] if complete else None
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_record(folder: Path) -> dict:
+    """Relative path -> size and SHA-256 of every file of a checkpoint (the marker excepted), recorded in its
+    marker so that `checkpoint_problem` finds a file truncated, replaced or removed since."""
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE_MARKER}
+
+
+_REQUIRED = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the marked checkpoint `folder` cannot be resumed from (None if it can): its marker unreadable, a
+    file it lists missing, of another size or hash, the trainer state or adapter unreadable; for markers of
+    older versions (no file list), torch's zip files are checked for truncation."""
+    import zipfile
+
+    from qbara.validate import read_json_file, safetensors_shapes
+
+    try:
+        marker = read_json_file(folder / COMPLETE_MARKER, COMPLETE_MARKER)
+        files = marker.get("files")
+        for rel, record in (files or {}).items():
+            path = folder / rel
+            if not path.is_file():
+                return f"{rel} is missing"
+            if not isinstance(record, dict) or path.stat().st_size != record.get("size"):
+                return f"{rel} is {path.stat().st_size:,} bytes, {record.get('size')!r} were written"
+            if file_sha256(path) != record.get("sha256"):
+                return f"{rel} differs from the file written (SHA-256)"
+        for name in _REQUIRED:
+            if not (folder / name).is_file():
+                return f"{name} is missing"
+        state = read_json_file(folder / "trainer_state.json", "trainer_state.json")
+        if isinstance(state.get("global_step"), bool) or not isinstance(state.get("global_step"), int):
+            return "trainer_state.json has no global_step"
+        safetensors_shapes(folder / "adapter_model.safetensors")
+        if files is None:  # an older marker: check torch's zip archives (optimizer, scheduler, RNG) end to end
+            for path in sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth")):
+                try:
+                    with zipfile.ZipFile(path) as archive:
+                        bad = archive.testzip()
+                except (zipfile.BadZipFile, OSError) as err:
+                    return f"{path.name} is not a complete torch file ({err})"
+                if bad is not None:
+                    return f"{path.name} is damaged ({bad} fails its CRC)"
+    except QbaraError as err:
+        return str(err).replace(f"{folder}/", "")
+    return None
+
+
+def resumable_checkpoint(output_dir) -> Path | None:
+    """The newest marked checkpoint that is intact; each damaged one newer than it is reported and set aside
+    as `checkpoint-N.damaged` (kept for inspection; its step will be saved again)."""
+    complete = [(step, path) for step, path, done in checkpoints(output_dir) if done]
+    damaged = []
+    for step, path in reversed(complete):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            break
+        damaged.append((step, path, problem))
+    else:
+        step, path = None, None
+    for bad_step, bad_path, why in damaged:
+        kept = _set_aside(bad_path)
+        then = f"resuming from checkpoint {step}" if path else "no intact checkpoint left, starting anew"
+        print(f"qbara: checkpoint {bad_step} is damaged ({why}): {then} (kept as {kept.name})", file=sys.stderr)
+    return path
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (checkpoint-N.damaged, -N.damaged.2, ...)."""
+    target, n = folder.with_name(folder.name + ".damaged"), 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}.damaged.{n}")
+    folder.rename(target)
+    return target
+
+
 def remove_incomplete_checkpoints(output_dir) -> list[Path]:
     removed = [path for _, path, done in checkpoints(output_dir) if not done]
     for path in removed:
@@ -66,7 +156,8 @@ def _trainer_class():
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
                 folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-                write_json_atomic(folder / COMPLETE_MARKER, {"step": self.state.global_step})
+                write_json_atomic(folder / COMPLETE_MARKER, {"step": self.state.global_step,
+                                                             "files": checkpoint_record(folder)})
                 complete = [p for _, p, done in checkpoints(self.args.output_dir) if done]
                 for old in complete[: max(0, len(complete) - self.qbara_keep)]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -213,7 +304,7 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path) 
         removed = remove_incomplete_checkpoints(output_dir)
         if removed:
             print(f"qbara: removed incomplete checkpoints {[p.name for p in removed]}")
-        checkpoint = latest_complete_checkpoint(output_dir)
+        checkpoint = resumable_checkpoint(output_dir)
         print(f"qbara: resuming from {checkpoint}" if checkpoint else "qbara: no checkpoint to resume, starting anew")
     elif latest_complete_checkpoint(output_dir):
         raise QbaraError(f"{output_dir} already holds checkpoints; pass --resume to continue, or choose another "
@@ -230,7 +321,12 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path) 
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                data_collator=PadCollator(tokenizer.pad_token_id))
     trainer.qbara_keep = max(1, config.train.save_total_limit)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused the checkpoint's state
+        raise QbaraError(f"{checkpoint}: its optimizer, scheduler or RNG state is not plain tensors and numbers "
+                         f"({' '.join(str(err).split())[:200]}); qbara loads no pickled objects: delete "
+                         f"{checkpoint} to resume from an earlier checkpoint") from None
     adapter_dir = output_dir / "adapter"
     history = trainer.state.log_history
     if trainer.is_world_process_zero():

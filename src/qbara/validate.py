@@ -1,0 +1,305 @@
+"""One validation layer for the files qbara reads: regular files of bounded size, UTF-8 text, JSON and YAML
+of bounded nesting (YAML without aliases), no code or pickle from a model folder, sizes bounded before any
+allocation. Every refusal is one QbaraError naming the file, the problem and the fix."""
+from __future__ import annotations
+
+import json
+import stat
+import struct
+from pathlib import Path
+
+from qbara.errors import QbaraError
+
+MAX_DEPTH = 64                  # nesting of any JSON / YAML document qbara reads
+MAX_CONFIG_BYTES = 64 << 20     # a JSON or YAML config (tokenizer_config.json with a chat template included)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def regular_file(path, what: str = "file", max_bytes: int | None = None) -> Path:
+    """`path` if it is a regular file (a symlink to one is followed) of at most `max_bytes`; a device such as
+    /dev/zero, a pipe or a folder is refused before anything is read."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as err:
+        raise QbaraError(f"{path}: cannot read the {what} ({err.strerror or err}); check the path") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a device, pipe or socket)"
+        raise QbaraError(f"{path}: the {what} is {kind}; pass a regular file")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise QbaraError(f"{path}: the {what} is {info.st_size:,} bytes, more than the {max_bytes:,} allowed; "
+                         f"this is not a {what} (pass the right file)")
+    return path
+
+
+def read_text_file(path, what: str = "file", max_bytes: int | None = MAX_CONFIG_BYTES) -> str:
+    """The UTF-8 text of a regular file; binary and non-UTF-8 (e.g. Latin-1) files are refused."""
+    path = regular_file(path, what, max_bytes)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+    except OSError as err:
+        raise QbaraError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise QbaraError(f"{path}: the {what} is larger than the {max_bytes:,} bytes allowed")
+    if b"\x00" in data:
+        raise QbaraError(f"{path}: the {what} is a binary file (NUL byte at offset {data.index(0)}), not text; "
+                         f"pass a UTF-8 text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise QbaraError(f"{path}: the {what} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                         f"{err.start}); convert it to UTF-8") from None
+
+
+def check_depth(value, where: str, max_depth: int = MAX_DEPTH) -> None:
+    """Refuse a parsed JSON / YAML value nested deeper than `max_depth` lists and mappings."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > max_depth:
+                raise QbaraError(f"{where}: nested deeper than {max_depth} levels; no qbara file is, the data is "
+                                 f"damaged or hostile")
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+
+
+def parse_json(text: str, where: str, max_depth: int = MAX_DEPTH):
+    """json.loads with one error for invalid JSON and a nesting bound (RecursionError never escapes)."""
+    if text.count("[") + text.count("{") > max_depth:  # only then can it be too deep: walk it
+        try:
+            value = json.loads(text)
+        except RecursionError:
+            raise QbaraError(f"{where}: nested deeper than {max_depth} levels; no qbara file is, the data is "
+                             f"damaged or hostile") from None
+        except ValueError as err:
+            raise QbaraError(f"{where}: not valid JSON ({err})") from None
+        check_depth(value, where, max_depth)
+        return value
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise QbaraError(f"{where}: not valid JSON ({err})") from None
+
+
+def read_json_file(path, what: str = "JSON file", *, fix: str = "the file is damaged, write it again",
+                   kind: type | None = dict, max_bytes: int = MAX_CONFIG_BYTES, max_depth: int = MAX_DEPTH):
+    """A JSON file parsed with every check above; `kind` (default dict) is the required top-level type."""
+    path = Path(path)
+    try:
+        value = parse_json(read_text_file(path, what, max_bytes), str(path), max_depth)
+    except QbaraError as err:
+        raise QbaraError(f"{err}; {fix}") from None
+    if kind is not None and not isinstance(value, kind):
+        wanted = {dict: "a JSON object", list: "a JSON list"}.get(kind, kind.__name__)
+        raise QbaraError(f"{path}: the {what} must be {wanted}, got {type(value).__name__} {_short(value)}; {fix}")
+    return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# ---------------------------------------------------------------- YAML
+
+
+def load_yaml_file(path, what: str = "run config", max_bytes: int = 1 << 20, max_depth: int = MAX_DEPTH):
+    """A YAML file read with yaml's SafeLoader, aliases refused (no billion-laughs expansion) and nesting bounded."""
+    import yaml
+
+    path = Path(path)
+    text = read_text_file(path, what, max_bytes)
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise QbaraError(f"{path}: YAML aliases are not supported in run configs (line {mark.line + 1}); "
+                                 f"write the value out instead of *{self.peek_event().anchor}")
+            self.depth += 1
+            if self.depth > max_depth:
+                raise QbaraError(f"{path}: nested deeper than {max_depth} levels; a run config has two")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise QbaraError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+# ---------------------------------------------------------------- model folders
+
+
+def check_no_remote_code(folder) -> None:
+    """Refuse a model folder whose config.json or tokenizer_config.json names custom code (`auto_map`):
+    qbara never runs Python from a model folder."""
+    folder = Path(folder)
+    for name in ("config.json", "tokenizer_config.json"):
+        if not (folder / name).is_file():
+            continue
+        data = read_json_file(folder / name, name, fix="the folder is damaged")
+        if "auto_map" in data:
+            raise QbaraError(f"{folder / name}: 'auto_map' asks to run the folder's own Python code; qbara never "
+                             f"runs code from a model folder (trust_remote_code=False): use a model whose "
+                             f"architecture transformers implements, or remove auto_map if it is not needed")
+
+
+def check_no_pickle_weights(folder) -> None:
+    """Refuse a model folder whose weights are pickles (pytorch_model.bin, *.pt, ...): loading a pickle can
+    run code. A folder with safetensors weights is fine (the pickles beside them are never read)."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise QbaraError(f"{folder}: its weights are pickle files ({', '.join(pickles[:3])}), which can run code "
+                         f"when loaded; qbara reads safetensors only: convert them (e.g. load once in a trusted "
+                         f"environment and save_pretrained(dir, safe_serialization=True))")
+
+
+_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
+MAX_PARAMS_PER_BYTE = 16  # 0.5 bit per weight: below any quantization qbara writes or reads
+
+
+def check_config_sizes(config: dict, weights_bytes: int, where) -> None:
+    """Refuse a config.json whose sizes are not positive whole numbers, or imply far more parameters than
+    the weights file holds (e.g. vocab_size 10**9): checked before any model is built."""
+    for key in _INT_FIELDS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise QbaraError(f"{where}: {key} must be a positive whole number, got {_short(value)}; the config "
+                             f"is damaged")
+    vocab, hidden = config.get("vocab_size") or 0, config.get("hidden_size") or 0
+    layers, inner = config.get("num_hidden_layers") or 0, config.get("intermediate_size") or 0
+    params = vocab * hidden + layers * (2 * hidden * hidden + 3 * hidden * inner)  # a lower bound
+    if params > MAX_PARAMS_PER_BYTE * weights_bytes + (1 << 24):
+        raise QbaraError(f"{where}: describes a model of at least {params:,} parameters (vocab_size {vocab}, "
+                         f"hidden_size {hidden}, {layers} layers) but its weights are {weights_bytes:,} bytes; "
+                         f"the config does not belong to these weights (or they are truncated)")
+
+
+def check_hf_folder(folder, weights: list[Path] | None = None) -> dict:
+    """The config.json of a model folder after the checks above (custom code, pickle weights, sizes against the
+    weights' bytes); `weights` defaults to the folder's *.safetensors files."""
+    folder = Path(folder)
+    check_no_remote_code(folder)
+    config = read_json_file(folder / "config.json", "config.json", fix="the model folder is damaged")
+    if not isinstance(config.get("model_type", ""), str):
+        raise QbaraError(f"{folder / 'config.json'}: model_type must be a string, got {_short(config['model_type'])}")
+    if weights is None:
+        check_no_pickle_weights(folder)
+        weights = sorted(folder.glob("*.safetensors"))
+    total = 0
+    for file in weights:
+        if file.exists():
+            total += regular_file(file, "weights file").stat().st_size
+    check_config_sizes(config, total, folder / "config.json")
+    return config
+
+
+# ---------------------------------------------------------------- safetensors and GGUF headers
+
+
+def safetensors_shapes(path, what: str = "safetensors file") -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header, read without loading any tensor; the header's size and
+    every data offset are checked against the file size."""
+    path = regular_file(path, what)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise QbaraError(f"{path}: the {what} is {size} bytes, too short to be safetensors; write it again")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, 100 << 20):
+            raise QbaraError(f"{path}: the {what}'s header claims {length:,} bytes, past the file's end; the file "
+                             f"is truncated or not safetensors, write it again")
+        header = parse_json(fh.read(length).decode("utf-8", errors="replace"), str(path))
+    if not isinstance(header, dict):
+        raise QbaraError(f"{path}: the {what}'s header is not a JSON object; write it again")
+    shapes, data = {}, size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not isinstance(shape, list)
+                or not all(isinstance(v, int) and v >= 0 for v in offsets + shape)):
+            raise QbaraError(f"{path}: the header entry of {name!r} is malformed; write the file again")
+        if offsets[1] > data or offsets[0] > offsets[1]:
+            raise QbaraError(f"{path}: tensor {name!r} ends at byte {offsets[1]:,} of a {data:,}-byte data section; "
+                             f"the file is truncated or damaged, write it again")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_header(path) -> None:
+    """Refuse a GGUF file whose tensor or key-value counts cannot fit in its size (each entry takes bytes),
+    before gguf-py reads the tables (a forged count would make it loop or allocate for ever)."""
+    path = regular_file(path, "GGUF file")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if len(head) < 24 or head[:4] != GGUF_MAGIC:
+        raise QbaraError(f"{path}: not a GGUF file (no GGUF header); pass a .gguf file llama.cpp or qbara wrote")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise QbaraError(f"{path}: GGUF version {version} is not supported (2 or 3); the file is damaged or newer")
+    # Each tensor entry takes at least 8 (name length) + 4 (dims) + 8 (one dim) + 4 (type) + 8 (offset)
+    # bytes; each key-value at least 8 (key length) + 4 (type) + 1 (value).
+    if n_tensors * 32 + n_kv * 13 > size:
+        raise QbaraError(f"{path}: the header claims {n_tensors:,} tensors and {n_kv:,} metadata entries, more "
+                         f"than its {size:,} bytes can hold; the file is damaged")
+
+
+def check_adapter_sizes(weights, config, records: dict, prefix: str) -> None:
+    """Refuse an adapter whose config (rank, pooling) implies other tensor sizes than its weights file holds,
+    from the file's header, before any adapter is allocated (a forged `rank: 1000000` costs nothing)."""
+    shapes = safetensors_shapes(weights, "adapter weights file")
+    held: dict[str, int] = {}
+    for key, shape in shapes.items():
+        size = 1
+        for dim in shape:
+            size *= dim
+        held[key] = size
+    for name, record in records.items():
+        d_in, d_out = record["in_features"], record["out_features"]
+        p_in, p_out = record["pool_in"], record["pool_out"]
+        if d_in % p_in or d_out % p_out:
+            continue  # the layer refuses these pooling factors itself, with the reason
+        if config.method == "qahira":
+            expected = (d_in // p_in) * (d_out // p_out)
+        else:
+            rank = config.rank * (config.pool if config.method == "qbara" else 1)
+            expected = rank * (d_in // p_in + d_out // p_out)
+        found = sum(size for key, size in held.items() if key.startswith(f"{prefix}{name}."))
+        if found != expected:
+            raise QbaraError(f"{weights}: layer {name!r}: its tensor shapes hold {found:,} values but the adapter config "
+                             f"(method {config.method}, rank {config.rank}) needs {expected:,}; the config and "
+                             f"the weights do not belong together, save the adapter again")
+
+
+def check_adapter_record(path, record: dict) -> None:
+    """The `adapter` settings and per-layer `quant` of a qbara adapter record build valid configs; errors name
+    the file."""
+    from qbara.adapters.config import AdapterConfig
+    from qbara.quant.config import QuantConfig
+
+    try:
+        AdapterConfig.from_dict(record["adapter"])
+        layers = record.get("layers")
+        for name, layer in (layers.items() if isinstance(layers, dict) else ()):
+            if isinstance(layer, dict) and isinstance(layer.get("quant"), dict):
+                QuantConfig.from_dict(layer["quant"])
+    except (QbaraError, TypeError) as err:
+        raise QbaraError(f"{path}: {err}; the file is damaged, save the adapter again") from None
