@@ -31,6 +31,7 @@ def test_bnb_nf4_layers_are_adopted_with_identical_weights(double_quant, tmp_pat
     reference = {n: F.dequantize_4bit(model.get_submodule(n).weight.data, model.get_submodule(n).weight.quant_state)
                  for n in names}
     ids = torch.tensor([[1, 7, 42, 3, 9]])
+    model.train()  # bitsandbytes >= 0.50 repacks CPU weights at the first eval-mode forward: not here
     with torch.no_grad():
         expected = model(ids).logits
     prepare(model, QuantConfig("nf4", block_size=64, double_quant=False), AdapterConfig("lora", rank=4))
@@ -40,6 +41,25 @@ def test_bnb_nf4_layers_are_adopted_with_identical_weights(double_quant, tmp_pat
         assert torch.equal(layer.dequantize(torch.float32), reference[name].float()), name
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, expected, atol=1e-5)  # LoRA's B is zero at step 0
+
+
+def test_bnb_layers_repacked_for_the_cpu_kernel_are_adopted_in_their_canonical_layout(tmp_path):
+    """After an eval-mode forward on an AVX512-BF16 CPU, bitsandbytes keeps its codes in another layout with
+    bf16 absmax; adoption reads them back in the canonical layout: the weights bnb held before, up to that
+    bf16 rounding of the scales (a permuted layout would be off by the weights' own size)."""
+    import bitsandbytes.functional as F
+
+    model = _bnb_model(tmp_path)
+    names = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    reference = {n: F.dequantize_4bit(model.get_submodule(n).weight.data, model.get_submodule(n).weight.quant_state)
+                 for n in names}
+    model.eval()
+    with torch.no_grad():
+        model(torch.tensor([[1, 7, 42, 3, 9]]))
+    prepare(model, QuantConfig("nf4", block_size=64, double_quant=False), None)
+    for name in names:
+        got, want = model.get_submodule(name).dequantize(torch.float32), reference[name].float()
+        assert torch.allclose(got, want, rtol=2 ** -8, atol=0), name
 
 
 def test_bnb_model_with_another_config_names_the_fix(tmp_path):

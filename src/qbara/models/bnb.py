@@ -37,6 +37,21 @@ def adoption_config(model: nn.Module) -> QuantConfig:
     return QuantConfig("nf4", block_size=sizes.pop(), double_quant=False)
 
 
+def _canonical_layout(layer) -> None:
+    """Undo bitsandbytes' CPU repacking in place. bitsandbytes >= 0.50 repacks a CPU layer for its AVX512-BF16
+    kernel at the first eval-mode no-grad forward (`quant_state.packing_format_for_cpu`): codes in another order,
+    absmax as a (in/block, out) bf16 matrix. Its own save path (`_save_to_state_dict`) restores the codes but,
+    without double quantization, leaves absmax transposed, which `dequantize_4bit` would read in the wrong order.
+    What comes back is bnb's weights as its kernel computes with them (absmax rounded to bf16 by the repacking)."""
+    state = layer.weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return
+    layer.state_dict()
+    state = layer.weight.quant_state  # the restored state bitsandbytes put in place
+    if not getattr(state, "nested", False) and state.absmax.dim() == 2:
+        state.absmax = state.absmax.t().reshape(-1).float()
+
+
 @torch.no_grad()
 def adopt_bnb(model: nn.Module, quant=None) -> nn.Module:
     """Replace every bitsandbytes NF4 layer of `model` by a qbara NF4 QuantizedLinear holding the same
@@ -53,6 +68,7 @@ def adopt_bnb(model: nn.Module, quant=None) -> nn.Module:
                          f"double_quant=False), not {quant.label}: pass that config, or load the model without "
                          f"quantization_config to quantize it as {quant.label}")
     for name, layer in bnb_layers(model).items():
+        _canonical_layout(layer)
         weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
         dense = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device=weight.device)
         dense.weight.copy_(weight)
