@@ -1,5 +1,6 @@
 """Weight rebuild speed: qbara's per-call dequantization (as forward/backward run it) vs bitsandbytes'
-`dequantize_4bit`, on the shapes of a 1.1B / 7B LLaMA, interleaved, medians, ratios.
+`dequantize_4bit`, on the shapes of a 1.1B / 7B LLaMA, interleaved, medians, ratios; then per training step
+(every linear of one decoder layer: q, k, v, o, gate, up, down), the sum that a step pays per layer.
 
     python bench/dequant_speed.py            # needs bitsandbytes (pip install bitsandbytes)
 """
@@ -11,7 +12,12 @@ import time
 
 import torch
 
-SHAPES = {"1.1B attn": (2048, 2048), "1.1B mlp": (5632, 2048), "7B attn": (4096, 4096), "7B mlp": (11008, 4096)}
+SHAPES = {"1.1B attn": (2048, 2048), "1.1B kv": (256, 2048), "1.1B mlp": (5632, 2048), "1.1B down": (2048, 5632),
+          "7B attn": (4096, 4096), "7B mlp": (11008, 4096), "7B down": (4096, 11008)}
+LAYER = {  # shape label -> how many linears of a decoder layer have it (TinyLlama 1.1B, Llama-2-7B)
+    "1.1B": {"1.1B attn": 2, "1.1B kv": 2, "1.1B mlp": 2, "1.1B down": 1},
+    "7B": {"7B attn": 4, "7B mlp": 2, "7B down": 1},
+}
 
 
 def main(argv=None) -> dict:
@@ -45,6 +51,12 @@ def main(argv=None) -> dict:
         print(f"{label:10s} {shape[0]}x{shape[1]}: " + "  ".join(f"{n} {m * 1e3:.1f} ms" for n, m in medians.items()) +
               f"  | nf4/bnb {medians['qbara nf4'] / medians['bnb nf4']:.2f}x, "
               f"int4/bnb {medians['qbara int4-g32'] / medians['bnb nf4']:.2f}x")
+    for model, counts in LAYER.items():  # what a step pays per decoder layer (each weight rebuilt alike per call)
+        totals = {name: sum(results[label][name] * n for label, n in counts.items()) for name in results[label]}
+        results[f"{model} layer"] = totals
+        print(f"{model} per layer (7 linears): " + "  ".join(f"{n} {t * 1e3:.1f} ms" for n, t in totals.items()) +
+              f"  | nf4/bnb {totals['qbara nf4'] / totals['bnb nf4']:.2f}x, "
+              f"int4/bnb {totals['qbara int4-g32'] / totals['bnb nf4']:.2f}x")
     return results
 
 

@@ -6,6 +6,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
 
+from qbara.memory import release_freed_memory
+
 
 def shard(numels: Sequence[int], world: int) -> list[list[int]]:
     """Deterministic greedy split of matrix indices into `world` shares of similar total size."""
@@ -54,7 +56,8 @@ def owners(numels: Sequence[int]) -> list[int]:
 def run_per_matrix(indices: Sequence[int], work: Callable[[int], None], sizes: Sequence[int],
                    workers: int | None = None, progress: bool = True, desc: str = "matrices") -> None:
     """Call work(i) for every index, biggest `sizes[i]` first, on `workers` threads (one torch thread
-    each; default torch.get_num_threads()), with a progress bar. `work` must be thread-safe."""
+    each; default torch.get_num_threads()), with a progress bar. `work` must be thread-safe. The heap its
+    temporaries freed is handed back to the OS after each call (`release_freed_memory`)."""
     from tqdm.auto import tqdm
 
     workers = max(1, int(workers if workers is not None else torch.get_num_threads()))
@@ -66,11 +69,17 @@ def run_per_matrix(indices: Sequence[int], work: Callable[[int], None], sizes: S
         if workers == 1:
             for i in order:
                 work(i)
+                release_freed_memory()
                 bar.update(1)
         else:
             torch.set_num_threads(1)
+
+            def task(i):
+                work(i)
+                release_freed_memory()
+
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(work, i) for i in order]
+                futures = [pool.submit(task, i) for i in order]
                 for fut in as_completed(futures):
                     fut.result()
                     bar.update(1)

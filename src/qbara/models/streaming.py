@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qbara.errors import QbaraError
+from qbara.memory import release_freed_memory
 from qbara.quant.config import QuantConfig
 from qbara.targets import ALL_LINEAR
 
@@ -183,18 +184,6 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
     model.qbara_base_fingerprint = combine_fingerprint(config, digests)
     model.qbara_loaded_quant = quant
     return enable_native_save(model)
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the quantizer's temporaries back to the OS (glibc keeps freed heap pages, which
-    the bf16 weights kept between them would otherwise pin); a no-op where there is no glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def checkpoint_dtype(file: Path) -> torch.dtype:
