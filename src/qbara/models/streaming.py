@@ -8,7 +8,6 @@ dtype where they are used (`use_compute_dtype`): fp32 on CPU, where bf16 matmul 
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,10 +27,13 @@ INDEX = "model.safetensors.index.json"
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors shards of an HF folder (its index's files, or the single model.safetensors)."""
     if (folder / INDEX).is_file():
-        try:
-            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise QbaraError(f"{folder / INDEX}: not a safetensors index ({err}); the folder is damaged") from None
+        from qbara.validate import read_json_file
+
+        weight_map = read_json_file(folder / INDEX, "safetensors index", fix="the folder is damaged").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
+                                                       for v in weight_map.values()):
+            raise QbaraError(f"{folder / INDEX}: not a safetensors index (its weight_map must map tensor names to "
+                             f"shard file names in the folder); the folder is damaged")
         files = [folder / name for name in sorted(set(weight_map.values()))]
     elif (folder / SINGLE).is_file():
         files = [folder / SINGLE]
