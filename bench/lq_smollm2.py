@@ -8,8 +8,9 @@ of the model at step 0 (Q + L1 L2), plus the wall time of the 210 x 432 error ta
     python bench/lq_smollm2.py --verify 12              # table vs full decompose() on sampled pairs
 
 Errors are Σ_i ||W_i - Q_i - L1_i L2_i||_F² over the 210 linear weights, unweighted for every row (the
-Fisher rows are allocated and decomposed with Fisher weights, then measured the same way); the rank-r
-factors are not counted in the bits, as in the LQ-LoRA paper. Perplexity: Hamlet, GPTQ-style windows.
+Fisher rows are allocated and decomposed with Fisher weights, then measured the same way); bits/param
+counts Q only, as the LQ-LoRA paper's headline numbers; "+ NF8 factors" adds the rank-r factors stored
+in NF8 (8.127 bits per value, qbara.lq.factors). Perplexity: Hamlet, GPTQ-style windows.
 The Fisher information comes from Macbeth (not the evaluation play).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from qbara import AdapterConfig
 from qbara.adapters.attach import adapter_layers, attach_adapters
 from qbara.lq.configs import candidate_configs, qlora_config
 from qbara.lq.decompose import decompose
+from qbara.lq.factors import FACTOR_CONFIG
 from qbara.lq.prepare import quantize_with_factors
 from qbara.lq.tables import DEFAULT_TABLE_ITERS, error_table
 from qbara.models import load_model
@@ -141,6 +143,10 @@ def run(args, model=None, tokenizer=None) -> dict:
         bits = sum(configs[n].bits_per_param * w.numel() for n, w in weights.items()) / sum(
             w.numel() for w in weights.values())
         row = {"method": label, "kind": method, "fisher": fisher is not None, "bits_per_param": bits}
+        if method != "plain":  # + the rank-r factors stored in NF8 (qbara.lq.factors, 8.127 bits per value)
+            factor_values = sum(args.rank * sum(w.shape) for w in weights.values())
+            row["bits_with_nf8_factors"] = bits + FACTOR_CONFIG.bits_per_param * factor_values / sum(
+                w.numel() for w in weights.values())
         if method == "plain":
             row["error"] = sum(float((w - quantize(w, configs[n], n).dequantize()).pow(2).sum())
                                for n, w in weights.items())
@@ -219,14 +225,15 @@ def plot(result: dict, path) -> Path:
 
 def markdown(result: dict) -> str:
     """The result as a Markdown table."""
-    lines = ["| method | bits/param | Σ‖W − Q − L1L2‖² | perplexity |", "|---|---|---|---|"]
+    lines = ["| method | bits/param | + NF8 factors | Σ‖W − Q − L1L2‖² | perplexity |", "|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (-r["bits_per_param"], r["method"])):
         if "error" not in r:
             continue
         ppl = f"{r['ppl']:.2f}" if "ppl" in r else "–"
-        lines.append(f"| {r['method']} | {r['bits_per_param']:.3f} | {r['error']:.1f} | {ppl} |")
+        with_factors = f"{r['bits_with_nf8_factors']:.3f}" if "bits_with_nf8_factors" in r else "–"
+        lines.append(f"| {r['method']} | {r['bits_per_param']:.3f} | {with_factors} | {r['error']:.1f} | {ppl} |")
     if "dense_ppl" in result:
-        lines.append(f"| fp32 (dense) | 32 | 0 | {result['dense_ppl']:.2f} |")
+        lines.append(f"| fp32 (dense) | 32 | – | 0 | {result['dense_ppl']:.2f} |")
     return "\n".join(lines)
 
 

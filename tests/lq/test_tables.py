@@ -6,7 +6,7 @@ import torch
 
 import qbara.lq.tables as tables_mod
 from qbara.errors import QbaraError
-from qbara.lq._nf_fast import nf_codes, nf_midpoints, quantize_nf_values
+from qbara.lq._nf_fast import keep_ratios, nf_codes, nf_midpoints, quantize_nf_values
 from qbara.lq.configs import candidate_configs
 from qbara.lq.parallel import shard
 from qbara.lq.tables import ErrorTable, _dq_errors, error_table, matrix_costs
@@ -35,19 +35,37 @@ def test_fast_nf_rounding_is_bit_identical(bits):
     assert torch.equal(nf_codes(x, bits), torch.bucketize(x, mids))
 
 
-def test_double_quant_errors_from_block_sums_match_direct_quantization():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_double_quant_errors_match_direct_quantization(weighted):
+    """The table's errors for every double-quant setting equal quantize()'s (codes rounded against the
+    stored scales), Fisher-weighted alike, NF8 (direct path) included."""
     g = torch.Generator().manual_seed(0)
     R = torch.randn(64, 512, generator=g) * 0.02
+    R[0, :64] = 0.0  # a zero block: offset 0, some stored scales 0
+    F = torch.rand(R.shape, generator=g) if weighted else None
+    settings = [(b0, dt, B1) for b0 in (2, 3, 4, 8) for dt in ("bf16", "fp16", "fp32") for B1 in (16, 64, 256)]
     for bits, B0 in [(2, 16), (3, 64), (4, 32), (8, 64)]:
-        v, absmax, deq = quantize_nf_values(R, bits, B0)
-        e = R.reshape(-1, B0) - v * absmax[:, None]
-        sums = [(a * b).sum(dim=1, dtype=torch.float64) for a, b in ((e, e), (e, v), (v, v))]
-        settings = [(b0, dt, B1) for b0 in (2, 3, 4, 8) for dt in ("bf16", "fp16", "fp32") for B1 in (16, 64, 256)]
-        got = _dq_errors(absmax, *sums, settings)
+        v, absmax, _ = quantize_nf_values(R, bits, B0)
+        got = _dq_errors(R.reshape(-1, B0), absmax, v, bits, settings, F)
         for b0, dt, B1 in settings:
             cfg = QuantConfig(f"nf{bits}", B0, dq_bits=b0, dq_dtype=dt, dq_block_size=B1)
-            direct = float(((R - quantize(R, cfg).dequantize()) ** 2).sum(dtype=torch.float64))
+            sq = (R - quantize(R, cfg).dequantize()) ** 2
+            direct = float((sq if F is None else sq * F).sum(dtype=torch.float64))
             assert got[(b0, dt, B1)] == pytest.approx(direct, rel=1e-5), cfg.label
+
+
+def test_keep_ratios_bound_where_the_nearest_level_changes():
+    g = torch.Generator().manual_seed(3)
+    t = torch.rand(4000, generator=g) * 2 - 1
+    t[:3] = torch.tensor([0.0, 1.0, -1.0])
+    for bits in (2, 3, 4):
+        lo, hi = keep_ratios(t, bits)
+        code = torch.bucketize(t, nf_midpoints(bits))
+        for rho in (0.5, 0.9, 0.99, 1.0, 1.01, 1.1, 2.0):
+            moved = torch.bucketize((t * rho).clamp(-1, 1), nf_midpoints(bits)) != code
+            inside = (lo < rho) & (rho <= hi)
+            near_end = torch.minimum((lo - rho).abs(), (hi - rho).abs()) < 1e-5
+            assert not (moved & inside & ~near_end).any() and not (~moved & ~inside & ~near_end).any()
 
 
 def test_rank0_table_is_exactly_plain_quantization_for_all_432_configs():

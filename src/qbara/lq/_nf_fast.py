@@ -1,4 +1,4 @@
-"""A faster, bit-identical replacement for `qbara.quant.nf.quantize_nf`'s rounding step.
+"""A faster, bit-identical replacement for `qbara.quant.nf.round_nf`'s rounding step.
 
 `torch.bucketize` against the 2**b - 1 NF midpoints costs ~20 ns per weight on one CPU core (binary
 search per element); the error tables call it hundreds of thousands of times. Here the scaled value
@@ -15,7 +15,7 @@ import functools
 import torch
 from torch import Tensor
 
-from qbara.quant.nf import absmax_scale, nf_levels, nf_midpoints
+from qbara.quant.nf import block_absmax, nf_levels, nf_midpoints, scale_blocks
 
 _BINS = 1 << 16
 _MARGIN = 2.0**-18  # far above the rounding error of (x + 1) * BINS/2 for x in [-1, 1]
@@ -57,18 +57,39 @@ def nf_codes(scaled: Tensor, bits: int) -> Tensor:
     return codes
 
 
-def quantize_nf_values(weight: Tensor, bits: int, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """NF block-absmax quantization as `qbara.quant.nf.quantize_nf` + `dequantize_nf`, without codes.
+def quantize_nf_values(weight: Tensor, bits: int, block_size: int,
+                       scales: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """NF block quantization as `qbara.quant.nf.round_nf` + `dequantize_nf`, without codes.
 
-    Returns (v, absmax, deq): v (n_blocks x block_size) the NF level of every weight (the code's value
-    in [-1, 1]), absmax fp32 per block, deq = v * absmax in weight's shape. Bit-identical to the
-    reference functions.
+    Returns (v, s, deq): v (n_blocks x block_size) the NF level of every weight (the code's value in
+    [-1, 1]), s the fp32 scale per block (`scales`, by default the block absmax), deq = v * s in
+    weight's shape. Bit-identical to the reference functions.
     """
-    scaled, absmax = absmax_scale(weight, block_size)  # the same scaling as qbara.quant.nf.quantize_nf
+    s = block_absmax(weight, block_size) if scales is None else scales.float()
+    scaled = scale_blocks(weight, block_size, s)  # the same scaling as qbara.quant.nf.round_nf
+    v = nf_values(scaled, bits)
+    deq = (v * s[:, None]).view(weight.shape)
+    return v, s, deq
+
+
+def nf_values(scaled: Tensor, bits: int) -> Tensor:
+    """`nf_levels(bits)[torch.bucketize(scaled, nf_midpoints(bits))]` for `scaled` in [-1, 1] (any shape)."""
     value_table, _, mids, levels = _tables(bits, scaled.device)
-    v = value_table.index_select(0, _bin_index(scaled).view(-1)).view(scaled.shape)
+    v = value_table.index_select(0, _bin_index(scaled).reshape(-1)).view(scaled.shape)
     pos = torch.isnan(v).nonzero(as_tuple=True)
     if pos[0].numel():
         v[pos] = levels[torch.bucketize(scaled[pos], mids)]
-    deq = (v * absmax[:, None]).view(weight.shape)
-    return v, absmax, deq
+    return v
+
+
+def keep_ratios(scaled: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """(lo, hi) per element of `scaled` (in [-1, 1]): the nearest NF level of scaled * rho stays that of
+    `scaled` for lo < rho <= hi (up to rounding at the ends; -inf / +inf where unbounded; empty for -0.0)."""
+    mids = nf_midpoints(bits, scaled.device)
+    inf = torch.full((1,), float("inf"), device=scaled.device)
+    edges = torch.cat([-inf, mids, inf])
+    codes = nf_codes(scaled, bits)
+    below, above = edges[codes], edges[codes + 1]  # below < scaled <= above
+    # scaled = 0 (the zero level) gives -inf / +inf: never moves.
+    positive = scaled >= 0
+    return torch.where(positive, below, above) / scaled, torch.where(positive, above, below) / scaled

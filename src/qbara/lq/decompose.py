@@ -294,14 +294,14 @@ def quantize_step(config: QuantConfig, name: str = "weight") -> Callable[[Tensor
 
 def _nf_step(config: QuantConfig) -> Callable[[Tensor], tuple[Tensor, Any]]:
     from qbara.lq._nf_fast import quantize_nf_values
-    from qbara.quant.double_quant import double_dequantize, double_quantize
+    from qbara.quant.double_quant import stored_scales
+    from qbara.quant.nf import block_absmax
 
     def step(R: Tensor):
-        v, absmax, deq = quantize_nf_values(R, config.bits, config.block_size)
-        if config.double_quant:
-            codes, gmax, offset = double_quantize(absmax, config.dq_bits, config.dq_block_size, config.dq_dtype)
-            scales = double_dequantize(codes, gmax, offset, config.dq_bits, config.dq_block_size)
-            deq = (v * scales[:, None]).view(R.shape)
-        return deq, None
+        scales = None
+        if config.double_quant:  # codes rounded against the stored (double-dequantized) scales, as quantize does
+            scales = stored_scales(block_absmax(R, config.block_size), config.dq_bits, config.dq_block_size,
+                                   config.dq_dtype)
+        return quantize_nf_values(R, config.bits, config.block_size, scales)[2], None
 
     return step

@@ -6,17 +6,13 @@ on a CPU. What is shared, and how (all exact unless stated):
 
 1. The first SVD of every decomposition is SVD_r(W) (Q starts at 0): computed once per matrix.
 2. Configs that differ only in how the absmax scales are stored (b0, b1, B1: 36 of the 432 per
-   (b, B0) pair) quantize with the same NF codes: the codes are rounded against the exact absmax and
-   only the scales are double-quantized afterwards. So one decomposition is run per (b, B0) with the
-   exact (fp32) absmax, and at its best iterate, for every scale setting, the error with the
-   double-quantized scales ŝ = s + δ follows from three sums per block without touching the weights
-   again: ||R - ŝv||² = Σ e² - 2δ Σ e·v + δ² Σ v² with e = R - s·v (Fisher-weighted alike).
+   (b, B0) pair) share one decomposition, run with the exact (fp32) absmax s. At its best iterate
+   R = W - L1 L2, every scale setting's error is computed exactly as `quantize` stores it: codes
+   rounded against that setting's double-dequantized scales ŝ (`_dq_errors`: a three-sum formula for
+   the codes of s plus a recomputation of the elements whose nearest level moves with ŝ).
    Approximation: the low-rank factors are those of the exact-scale run, while a decomposition with
-   double quantization inside the loop re-fits them and pulls the block absmaxes towards the
-   double-quant grid, which lowers the error markedly when b0 is small. Measured on SmolLM2
-   (table / decompose at the same iterations, bench/lq_smollm2.py --verify): b0 = 8: 1.00-1.02
-   (nf2-nf4); b0 = 3-4: 1.04-1.14; b0 = 2: 1.2-1.3; nf8 with b0 <= 4: up to 2x. The table is thus
-   pessimistic about low-b0 scale storage and the allocation errs towards more scale bits.
+   double quantization inside the loop re-fits them to the double-quant grid, which lowers the error
+   when b0 is small; the table is thus somewhat pessimistic about low-b0 scale storage.
    dq_mode="loop" runs every config's own loop instead (exact at `iters`, ~30x slower).
 3. Fewer iterations than `decompose`'s 100: the table runs `iters` (default 8) iterations per
    (matrix, b, B0), keeping the best. Errors still fall by ~0.5-1 %/iteration after that at 3-4 bits
@@ -32,8 +28,9 @@ Matrices run in parallel on `workers` threads (one torch thread each); under tor
 every rank computes a share of the matrices and the table is all-reduced. Tables are cached in
 $QBARA_CACHE/lq (default ~/.cache/qbara/lq) keyed by a hash of the
 settings, the configs and the weights' (and Fisher's) contents, so allocating at another budget reruns
-only the ILP. SmolLM2-135M (210 x 432, rank 64, 8 iterations, 2 workers): 94 s on 2 quiet CPU cores,
-4.5-8 min when the cores are shared with other jobs.
+only the ILP. SmolLM2-135M (210 x 432, rank 64, 8 iterations, 2 workers): 94 s on 2 quiet CPU cores
+before codes were rounded against each setting's stored scales (TABLE_VERSION 1); that exact re-rounding
+costs about 2.2x the CPU time (14 SmolLM2 matrices: 26.6 -> 58.2 s), so roughly 3.5 min quiet.
 """
 from __future__ import annotations
 
@@ -42,6 +39,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,19 +51,20 @@ from torch import Tensor, nn
 from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.lazy_tensors import LazyTensors, tensor_shapes
-from qbara.lq._nf_fast import quantize_nf_values
+from qbara.lq._nf_fast import keep_ratios, nf_values, quantize_nf_values
 from qbara.lq.configs import candidate_configs
 from qbara.lq.decompose import _alternate, low_rank_factors
 from qbara.lq.ilp import allocate as ilp_allocate
 from qbara.lq.parallel import active_dist, collective_device, my_share, run_per_matrix
 from qbara.lq.ilp import budget_range
 from qbara.quant.config import QuantConfig
-from qbara.quant.double_quant import DQ_DTYPES, double_dequantize, double_quantize
+from qbara.quant.double_quant import stored_scales
+from qbara.quant.nf import block_absmax, scale_blocks
 from qbara.quant.tensor import quantize
 
 __all__ = ["ErrorTable", "Allocation", "error_table", "matrix_costs", "lq_cache_dir", "TABLE_VERSION"]
 
-TABLE_VERSION = 1  # bump when the computation changes, so old caches are not reused
+TABLE_VERSION = 2  # bump when the computation changes, so old caches are not reused
 DEFAULT_TABLE_ITERS = 8
 
 
@@ -168,52 +167,89 @@ class ErrorTable:
 
     @classmethod
     def load(cls, path) -> "ErrorTable":
+        from safetensors import SafetensorError
+
+        from qbara.tensor_checks import read_safetensors
+        from qbara.validate import read_json_file
+
         path = Path(path)
         json_path = path.with_suffix(".json")
+        fix = "delete it to recompute"
+        meta = read_json_file(json_path, "LQ error table", fix=fix)
         try:
-            meta = json.loads(json_path.read_text())
-            costs = load_file(str(path))["costs"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise QbaraError(f"cannot read the LQ error table {str(path)!r} ({exc}); delete it to recompute") from exc
-        if meta.get("format") != "qbara-lq-error-table":
-            raise QbaraError(f"{str(json_path)!r} is not a qbara LQ error table")
-        configs = [QuantConfig.from_dict(c) for c in meta["configs"]]
-        shapes = [tuple(s) for s in meta["shapes"]]
-        if tuple(costs.shape) != (len(meta["names"]), len(configs)):
-            raise QbaraError(f"the LQ error table {str(path)!r} is inconsistent; delete it to recompute")
-        return cls(list(meta["names"]), shapes, configs, costs, meta.get("settings", {}), 0.0, True, path)
+            if meta.get("format") != "qbara-lq-error-table":
+                raise QbaraError(f"{str(json_path)!r} is not a qbara LQ error table")
+            costs = read_safetensors(path)["costs"]
+            configs = [QuantConfig.from_dict(c) for c in meta["configs"]]
+            shapes = [tuple(int(d) for d in s) for s in meta["shapes"]]
+            names, settings = [str(n) for n in meta["names"]], dict(meta.get("settings", {}))
+        except (KeyError, TypeError, ValueError, SafetensorError) as exc:  # QbaraError is a ValueError
+            raise QbaraError(f"cannot read the LQ error table {str(path)!r} ({exc}); {fix}") from None
+        if tuple(costs.shape) != (len(names), len(configs)) or len(shapes) != len(names) or \
+                costs.dtype != torch.float64:
+            raise QbaraError(f"the LQ error table {str(path)!r} is inconsistent; {fix}")
+        return cls(names, shapes, configs, costs, settings, 0.0, True, path)
 
 
 # --------------------------------------------------------------------------------------------------
 # One matrix
 
 
-def _dq_errors(absmax: Tensor, ee: Tensor, ev: Tensor, vv: Tensor, settings: list[tuple[int, str, int]]
-               ) -> dict[tuple[int, str, int], float]:
-    """Total squared error for every double-quant setting (b0, b1 dtype, B1), from per-block sums.
+def _dq_errors(R: Tensor, absmax: Tensor, v: Tensor, bits: int, settings: list[tuple[int, str, int]],
+               fisher: Tensor | None = None) -> dict[tuple[int, str, int], float]:
+    """Squared (Fisher-weighted) error of NF-`bits` quantization of R (n_blocks x B0) for every double-quant
+    setting (b0, b1 dtype, B1), with codes rounded against that setting's stored scales ŝ as
+    `qbara.quant.quantize` does. `v` holds the levels rounded against the exact block absmax s.
 
-    Reproduces `double_quantize` + `double_dequantize` arithmetic exactly, batched over b0.
+    With the codes of s, ||R - ŝv||² = Σ e² - 2δ Σ e·v + δ² Σ v² per block (e = R - s·v, δ = ŝ - s).
+    An element's nearest level differs under ŝ only if the ratio s/ŝ leaves an interval around 1
+    (`keep_ratios`); per (b0, B1) the elements whose interval does not hold the ratios of its settings
+    (typically 0.1-30 % at b <= 4) are gathered once and their errors recomputed for each setting
+    (every element's, where most move).
     """
-    out = {}
-    n = absmax.numel()
-    offset = absmax.min()
-    base = float(ee.sum())
-    by_group: dict[tuple[str, int], list[int]] = {}
-    for b0, dtype, B1 in settings:
-        by_group.setdefault((dtype, B1), []).append(b0)
-    for (dtype, B1), b0s in by_group.items():
-        shifted = torch.nn.functional.pad(absmax - offset, (0, (-n) % B1)).view(-1, B1)
-        gmax = shifted.amax(dim=1).to(DQ_DTYPES[dtype]).float()
-        safe = torch.where(gmax > 0, gmax, torch.ones_like(gmax))
-        ratio = shifted / safe[:, None]
-        qmax = torch.tensor([2.0**b - 1 for b in b0s], device=absmax.device).view(-1, 1, 1)
-        codes = torch.round(ratio[None] * qmax).clamp_(min=torch.zeros((), device=absmax.device), max=qmax)
-        approx = (codes / qmax * gmax[None, :, None] + offset).reshape(len(b0s), -1)[:, :n]
-        delta = (approx - absmax[None, :]).double()
-        errs = base - 2 * (delta * ev[None]).sum(dim=1) + (delta * delta * vv[None]).sum(dim=1)
-        for b0, err in zip(b0s, errs.tolist()):
-            out[(b0, dtype, B1)] = max(err, 0.0)
-    return out
+    n_blocks, B0 = R.shape
+    if not settings:
+        return {}
+    f = None if fisher is None else fisher.reshape(-1, B0)
+    S = torch.stack([stored_scales(absmax, b0, B1, dtype) for b0, dtype, B1 in settings])  # (k, n_blocks)
+    e = R - v * absmax[:, None]
+    fe, fv = (e, v) if f is None else (f * e, f * v)
+    ee, ev, vv = ((a * b).sum(dim=1, dtype=torch.float64) for a, b in ((fe, e), (fe, v), (fv, v)))
+    delta = S.double() - absmax.double()
+    totals = (ee - 2 * delta * ev + delta * delta * vv).sum(dim=1)  # (k,) with the codes of s
+
+    # Blocks with s = 0 or ŝ = 0 keep their codes (every code gives the same error there).
+    rho = torch.where((S > 0) & (absmax > 0), absmax / S.clamp(min=1e-38), torch.ones_like(S))
+    lo, hi = keep_ratios(scale_blocks(R, B0, absmax), bits)
+    inv_S = torch.where(S > 0, 1.0 / S.clamp(min=1e-38), torch.zeros_like(S))
+    groups: dict[tuple[int, int], list[int]] = {}  # settings with close scales: same b0 and B1
+    for i, (b0, _, B1) in enumerate(settings):
+        groups.setdefault((b0, B1), []).append(i)
+    for members in groups.values():
+        r = rho[members]
+        may_move = (lo >= r.amin(dim=0)[:, None]) | (hi < r.amax(dim=0)[:, None])
+        idx = may_move.view(-1).nonzero().squeeze(1)
+        if not idx.numel():
+            continue
+        if 2 * idx.numel() > R.numel():  # most elements move (NF8 at small b0): every error directly
+            r_c, v_c, f_c, block = R, v, f, None  # (n_blocks, B0): per-block scales broadcast
+        else:
+            block = idx // B0
+            r_c, v_c = R.reshape(-1)[idx], v.reshape(-1)[idx]
+            f_c = None if f is None else f.reshape(-1)[idx]
+        for i in members:
+            if block is None:
+                s_hat, inv = S[i][:, None], inv_S[i][:, None]
+            else:
+                s_hat, inv = S[i].index_select(0, block), inv_S[i].index_select(0, block)
+            new = nf_values((r_c * inv).clamp_(-1.0, 1.0), bits)
+            err = (r_c - new * s_hat).square_()
+            if block is None:
+                totals[i] = (err if f_c is None else err * f_c).sum(dtype=torch.float64)
+                continue
+            corr = err - (r_c - v_c * s_hat).square_()
+            totals[i] += (corr if f_c is None else corr * f_c).sum(dtype=torch.float64)
+    return {key: max(float(err), 0.0) for key, err in zip(settings, totals)}
 
 
 def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iters: int = DEFAULT_TABLE_ITERS,
@@ -276,10 +312,8 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
             c = configs[key[3]]
 
             def nf_step(R, bits=bits, B0=B0, c=c):  # double quantization inside the loop
-                v, absmax, _ = quantize_nf_values(R, bits, B0)
-                codes, gmax, offset = double_quantize(absmax, c.dq_bits, c.dq_block_size, c.dq_dtype)
-                scales = double_dequantize(codes, gmax, offset, c.dq_bits, c.dq_block_size)
-                return (v * scales[:, None]).view(R.shape), None
+                scales = stored_scales(block_absmax(R, B0), c.dq_bits, c.dq_block_size, c.dq_dtype)
+                return quantize_nf_values(R, bits, B0, scales)[2], None
 
             res = _alternate(W, nf_step, **common)
             costs[key[3]] = res.errors[res.best_iter] ** 2
@@ -292,21 +326,11 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
         res = _alternate(W, nf_step, **common)
         v, absmax = res.payload
         R = res.residual.reshape(-1, B0)
+        dq_settings = sorted({(configs[j].dq_bits, configs[j].dq_dtype, configs[j].dq_block_size)
+                              for j in members if configs[j].double_quant})
+        dq = _dq_errors(R, absmax, v, bits, dq_settings, fisher)
         e = R - v * absmax[:, None]
-        if fisher is not None:
-            f = fisher.reshape(-1, B0)
-            fe, fv = f * e, f * v
-            ee = (fe * e).sum(dim=1, dtype=torch.float64)
-            ev = (fe * v).sum(dim=1, dtype=torch.float64)
-            vv = (fv * v).sum(dim=1, dtype=torch.float64)
-        else:
-            ee = (e * e).sum(dim=1, dtype=torch.float64)
-            ev = (e * v).sum(dim=1, dtype=torch.float64)
-            vv = (v * v).sum(dim=1, dtype=torch.float64)
-        dq_settings = [(configs[j].dq_bits, configs[j].dq_dtype, configs[j].dq_block_size)
-                       for j in members if configs[j].double_quant]
-        dq = _dq_errors(absmax, ee, ev, vv, sorted(set(dq_settings))) if dq_settings else {}
-        exact = float(ee.sum())
+        exact = float((e * e if fisher is None else e * e * fisher.reshape(-1, B0)).sum(dtype=torch.float64))
         for j in members:
             c = configs[j]
             costs[j] = dq[(c.dq_bits, c.dq_dtype, c.dq_block_size)] if c.double_quant else exact
@@ -407,7 +431,9 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
         if path.is_file() and path.with_suffix(".json").is_file():
             try:
                 table = ErrorTable.load(path)
-            except QbaraError:
+            except QbaraError as err:  # a damaged cache entry is rebuilt (and overwritten) below
+                if rank_id == 0:
+                    warnings.warn(f"{err}: rebuilding it", stacklevel=2)
                 table = None
             if table is not None and not (table.names == names and table.configs == configs
                                           and table.settings == settings):

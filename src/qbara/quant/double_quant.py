@@ -31,3 +31,9 @@ def double_dequantize(codes: Tensor, group_max: Tensor, offset: Tensor, bits: in
     padded = torch.nn.functional.pad(codes.float(), (0, (-n) % group_size)).view(-1, group_size)
     values = padded / (2**bits - 1) * group_max.float()[:, None] + offset.float()
     return values.reshape(-1)[:n]
+
+
+def stored_scales(scales: Tensor, bits: int, group_size: int, dtype: str) -> Tensor:
+    """The fp32 scales a double-quantized tensor stores: `double_dequantize` of `double_quantize(scales)`."""
+    codes, group_max, offset = double_quantize(scales, bits, group_size, dtype)
+    return double_dequantize(codes, group_max, offset, bits, group_size)

@@ -39,14 +39,28 @@ def nf_midpoints(bits: int, device: torch.device | str | None = None) -> Tensor:
     return (levels[1:] + levels[:-1]) / 2
 
 
-def absmax_scale(weight: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
-    """(values / block absmax clamped to [-1, 1] as (n_blocks, block_size) fp32, absmax fp32 per block).
+def block_absmax(weight: Tensor, block_size: int) -> Tensor:
+    """fp32 absmax of every block of `block_size` elements of the flattened (row-major) weight."""
+    return weight.detach().reshape(-1, block_size).float().abs().amax(dim=1)
 
-    Multiplies by the reciprocal as bitsandbytes does, so the codes round identically."""
+
+def scale_blocks(weight: Tensor, block_size: int, scales: Tensor) -> Tensor:
+    """weight / scale per block, clamped to [-1, 1], as (n_blocks, block_size) fp32 (0 where a scale is 0).
+
+    Multiplies by the reciprocal as bitsandbytes does, so the codes round identically. With scales below
+    a block's absmax (double-quantized ones), values past ±1 clamp to the extreme level, which is still
+    the nearest level to weight / scale."""
     flat = weight.detach().reshape(-1, block_size).float()
-    absmax = flat.abs().amax(dim=1)
-    inv = 1.0 / absmax.clamp(min=1e-38)
-    return (flat * inv[:, None]).clamp_(-1.0, 1.0), absmax
+    scales = scales.float()
+    inv = torch.where(scales > 0, 1.0 / scales.clamp(min=1e-38), torch.zeros_like(scales))
+    return (flat * inv[:, None]).clamp_(-1.0, 1.0)
+
+
+def round_nf(weight: Tensor, bits: int, block_size: int, scales: Tensor) -> Tensor:
+    """uint8 codes (weight's numel) of the nearest NF-`bits` level to weight / scale, one scale per block:
+    the best codes for dequantization with exactly these scales (e.g. double-dequantized ones)."""
+    scaled = scale_blocks(weight, block_size, scales)
+    return torch.bucketize(scaled, nf_midpoints(bits, scaled.device), out_int32=True).to(torch.uint8).reshape(-1)
 
 
 def quantize_nf(weight: Tensor, bits: int, block_size: int) -> tuple[Tensor, Tensor]:
@@ -54,9 +68,8 @@ def quantize_nf(weight: Tensor, bits: int, block_size: int) -> tuple[Tensor, Ten
 
     Returns (codes uint8 of weight's numel, absmax fp32 per block). Rounds to the nearest level.
     """
-    scaled, absmax = absmax_scale(weight, block_size)
-    codes = torch.bucketize(scaled, nf_midpoints(bits, scaled.device), out_int32=True).to(torch.uint8)
-    return codes.reshape(-1), absmax
+    absmax = block_absmax(weight, block_size)
+    return round_nf(weight, bits, block_size, absmax), absmax
 
 
 def dequantize_nf(codes: Tensor, absmax: Tensor, bits: int, block_size: int, dtype=torch.float32) -> Tensor:

@@ -12,7 +12,7 @@ from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import double_dequantize, double_quantize
 from qbara.quant.intk import dequantize_int, quantize_int
-from qbara.quant.nf import nf_level_table, quantize_nf
+from qbara.quant.nf import block_absmax, nf_level_table, round_nf
 from qbara.quant.packing import pack_bits, unpack_bits, unpack_lookup
 
 
@@ -114,19 +114,26 @@ def quantize(weight: Tensor, config: QuantConfig, name: str = "weight") -> Quant
                    "scale": torch.cat([scale for _, scale, _ in parts]),
                    "minimum": torch.cat([minimum for _, _, minimum in parts])}
         return QuantizedTensor(config, shape, tensors)
-    packed, scales = [], []
-    for chunk in chunks:
-        codes, absmax = quantize_nf(chunk, config.bits, config.block_size)
-        packed.append(pack_bits(codes, config.bits))
-        scales.append(absmax)
-    absmax = torch.cat(scales)
-    tensors = {"codes": torch.cat(packed)}
+    # NF: the scales first (double quantization has one offset per matrix), then the codes rounded against the
+    # scales as stored, so double-quantized codes are the nearest levels to w / (double-dequantized absmax).
+    # (bitsandbytes' own double quant rounds against the exact absmax instead; no qbara config reproduces its
+    # layout. Without double quant the stored scale is the exact absmax and codes equal bitsandbytes'.)
+    absmax = torch.cat([block_absmax(c, config.block_size) for c in chunks])
+    tensors = {}
     if config.double_quant:
         s_codes, group_max, offset = double_quantize(absmax, config.dq_bits, config.dq_block_size, config.dq_dtype)
         tensors.update(absmax_codes=pack_bits(s_codes, config.dq_bits), absmax_group_max=group_max,
                        absmax_offset=offset)
+        scales = double_dequantize(s_codes, group_max, offset, config.dq_bits, config.dq_block_size)
     else:
-        tensors["absmax"] = absmax
+        tensors["absmax"] = scales = absmax
+    packed, start = [], 0
+    for chunk in chunks:
+        n_blocks = chunk.numel() // config.block_size
+        codes = round_nf(chunk, config.bits, config.block_size, scales[start:start + n_blocks])
+        packed.append(pack_bits(codes, config.bits))
+        start += n_blocks
+    tensors = {"codes": torch.cat(packed), **tensors}
     return QuantizedTensor(config, shape, tensors)
 
 
