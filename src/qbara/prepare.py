@@ -55,10 +55,11 @@ def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConf
 
 
 def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], adapter=None,
-            modules=ALL_LINEAR, progress: bool = False) -> nn.Module:
+            modules=ALL_LINEAR, progress: bool = False, factor_format: QuantConfig | None = None) -> nn.Module:
     """Quantize the target linears of `model` (in place) and attach adapters; freeze everything else.
 
-    Only adapter parameters are left trainable. Returns the model. A model loaded with bitsandbytes NF4 has
+    Only adapter parameters are left trainable. factor_format: with a LoftQ / LQ init, the factors the adapters
+    start from stored in this format (`qbara.lq.factors.FACTOR_CONFIG`: NF8), the total bits recorded. Returns the model. A model loaded with bitsandbytes NF4 has
     its layers taken over as they are (`qbara.models.bnb`; quant must then be the matching NF4 config).
     """
     from qbara.models.bnb import adopt_bnb, bnb_layers
@@ -90,6 +91,10 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
                              f"are not; quantize them too or narrow target_modules")
         factors = quantize_with_factors(model, {n: per_layer[n] for n in targets}, adapter.rank,
                                         method=adapter.init, loftq_iters=adapter.loftq_iters, progress=progress)
+        if factor_format is not None:
+            from qbara.lq.factors import store_factors
+
+            factors = store_factors(model.qbara_lq, factors, factor_format)
         rest = {n: c for n, c in per_layer.items() if n not in factors}
         if rest:
             quantize_model(model, rest, progress=progress)

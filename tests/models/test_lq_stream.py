@@ -176,3 +176,32 @@ def test_lq_command_computes_a_sharded_fisher_when_streaming(tmp_path):
     runs = {name: json.loads((tmp_path / name / "allocation.json").read_text())
             for name in ("streamed", "memory", "again")}
     assert runs["streamed"]["fisher"] and runs["streamed"]["layers"] == runs["memory"]["layers"] == runs["again"]["layers"]
+
+
+def test_nf8_factors_are_what_the_adapters_start_from_and_are_counted(tmp_path):
+    """factor_format=NF8: the adapters start from the NF8-rounded factors (s·B·A = NF8(L1)·NF8(L2)), in the
+    streamed and the in-memory path alike, and the bits of Q plus factors are recorded."""
+    import math
+
+    from qbara.adapters.attach import adapter_layers
+    from qbara.lq.factors import FACTOR_CONFIG, quantize_factors
+    from qbara.lq.prepare import quantize_with_factors
+
+    folder = _folder(tmp_path)
+    eager, _ = load_model(str(folder))
+    lq_prepare(eager, 3.0, 4, factor_format=FACTOR_CONFIG, **SMALL)
+    streamed = lq_prepare(folder, 3.0, 4, factor_format=FACTOR_CONFIG, **SMALL)
+    _assert_same_model(eager, streamed, torch.bfloat16)
+    reference = load_model(str(folder))[0]  # the same decompositions, then NF8 by hand
+    factors = quantize_with_factors(reference, streamed.qbara_lq.allocation.configs, 4, max_iters=3, progress=False)
+    expected, bits = quantize_factors(factors)
+    for name, layer in adapter_layers(streamed).items():
+        root = math.sqrt(layer.scaling)
+        assert torch.allclose(layer.lora_B.weight * root, expected[name][0], rtol=1e-6, atol=1e-12), name
+        assert torch.allclose(layer.lora_A.weight * root, expected[name][1], rtol=1e-6, atol=1e-12), name
+        assert not torch.allclose(layer.lora_B.weight * root, factors[name][0], rtol=1e-6, atol=1e-12), name
+    settings = streamed.qbara_lq.settings
+    assert settings["factor_format"] == FACTOR_CONFIG.label
+    params = sum(layer.numel for layer in streamed.qbara_lq.layers.values())
+    assert settings["factor_bits_per_param"] == pytest.approx(bits / params)
+    assert settings["total_bits_per_param"] == pytest.approx(streamed.qbara_lq.bits_per_param + bits / params)

@@ -101,8 +101,11 @@ def _options(args) -> dict:
         raise QbaraError("LoftQ has no Fisher-weighted variant; drop --fisher/--fisher-data or use --method lq")
     if args.fisher and args.fisher_data:
         raise QbaraError("give either --fisher (a saved Fisher file) or --fisher-data (text to compute it from)")
+    from qbara.lq.factors import FACTOR_CONFIG
+
     targets = "all-linear" if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
-    options = dict(rank=args.rank, alpha=args.alpha, target_modules=targets, seed=args.seed, workers=args.workers)
+    options = dict(rank=args.rank, alpha=args.alpha, target_modules=targets, seed=args.seed, workers=args.workers,
+                   factor_format=FACTOR_CONFIG if args.factors == "nf8" else None)
     if args.method == "loftq":
         options.update(quant=QuantConfig.from_dict({"format": args.loftq_format}), loftq_iters=args.loftq_iters)
     else:
@@ -143,13 +146,13 @@ def _in_memory(args, out: Path | None, options: dict):
     if args.method == "loftq":
         adapter = AdapterConfig(method="lora", rank=options["rank"], alpha=options["alpha"], init="loftq",
                                 target_modules=options["target_modules"], loftq_iters=options["loftq_iters"])
-        prepare(model, options["quant"], adapter, progress=True)
+        prepare(model, options["quant"], adapter, progress=True, factor_format=options["factor_format"])
     else:
         fisher = _fisher(args, model, tokenizer, out)
         lq_prepare(model, options["budget"], options["rank"], fisher, alpha=options["alpha"],
                    target_modules=options["target_modules"], configs=options["configs"],
                    max_iters=options["max_iters"], table_iters=options["table_iters"], seed=options["seed"],
-                   workers=options["workers"])
+                   workers=options["workers"], factor_format=options["factor_format"])
     return model, tokenizer, dense_eval
 
 
@@ -167,6 +170,10 @@ def _print_summary(data: dict, out: Path) -> None:
     line = (f"{data['method']}: {len(data['layers'])} matrices, {data['bits_per_param']:.3f} bits/param, "
             f"total error {data['total_error']:.4g}, rank {data['rank']}, {data['seconds']:.0f} s")
     print(line)
+    settings = data.get("settings", {})
+    if "total_bits_per_param" in settings:
+        print(f"with the factors in {settings['factor_format']}: {settings['total_bits_per_param']:.3f} bits/param "
+              f"(+{settings['factor_bits_per_param']:.3f})")
     if "counts" in data:
         print("configs: " + ", ".join(f"{k} x{v}" for k, v in data["counts"].items()))
     if "eval" in data:
@@ -202,6 +209,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-iters", type=int, default=100, help="decomposition iterations (early stop) per matrix")
     p.add_argument("--loftq-format", default="nf4", help="LoftQ's quantization format (loftq)")
     p.add_argument("--loftq-iters", type=int, default=1, help="LoftQ alternations (loftq)")
+    p.add_argument("--factors", choices=("nf8", "fp32"), default="nf8",
+                   help="storage of the low-rank factors the adapters start from: nf8 (8.127 bits, as LQ-LoRA counts "
+                        "them; the total bits/param include them) or fp32")
     p.add_argument("--workers", type=int, default=None, help="matrices in parallel (threads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", help="perplexity text after init: a file or shakespeare:PLAY (e.g. shakespeare:hamlet)")

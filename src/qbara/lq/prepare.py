@@ -203,7 +203,7 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
                fisher: Mapping[str, Tensor] | str | Path | None = None, *, alpha: float = 16.0, dropout: float = 0.0, target_modules="all-linear",
                configs: Sequence[QuantConfig] | None = None, table=None, max_iters: int = 100,
                table_iters: int | None = None, seed: int = 0, workers: int | None = None,
-               progress: bool = True) -> nn.Module:
+               factor_format: QuantConfig | None = None, progress: bool = True) -> nn.Module:
     """LQ-LoRA on a dense causal LM, in place: error table (cached) -> ILP allocation at `budget` bits per
     parameter -> each target matrix quantized as the Q of its decomposition with its allocated config ->
     LoRA adapters of rank `rank` started from the factors, so the model at step 0 is Q + L1 L2.
@@ -213,8 +213,10 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
 
     fisher: name -> Fisher matrix, or a file written by `qbara.lq.save_fisher` (data-aware LQ-LoRA:
     weighted costs and SVDs). configs: candidate configs (default: SPEC §1.1's 432). table: a
-    precomputed `ErrorTable` of this model. Returns the model; `model.qbara_lq` holds the allocation
-    and the per-matrix errors.
+    precomputed `ErrorTable` of this model. factor_format: store the factors the adapters start from in this
+    format (`qbara.lq.factors.FACTOR_CONFIG`, NF8 at 8.127 bits, as the paper counts them; default: fp32), and
+    record the bits of Q plus factors. Returns the model; `model.qbara_lq` holds the allocation and the
+    per-matrix errors.
     """
     from qbara.adapters.attach import attach_adapters
     from qbara.adapters.config import AdapterConfig
@@ -227,7 +229,8 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
 
         return load_lq(model, budget=budget, rank=rank, fisher=fisher, alpha=alpha, dropout=dropout,
                        target_modules=target_modules, configs=configs, table=table, max_iters=max_iters,
-                       table_iters=table_iters, seed=seed, workers=workers, progress=progress)[0]
+                       table_iters=table_iters, seed=seed, workers=workers, factor_format=factor_format,
+                       progress=progress)[0]
 
     adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
                             init="lq")
@@ -247,5 +250,9 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     model.qbara_lq.allocation = allocation
     model.qbara_lq.settings.update(budget=budget, dense_fingerprint=dense_fingerprint,
                                    table_iters=table.settings.get("iters"))
+    if factor_format is not None:
+        from qbara.lq.factors import store_factors
+
+        factors = store_factors(model.qbara_lq, factors, factor_format)
     attach_adapters(model, adapter, factors=factors)
     return model

@@ -60,13 +60,14 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
             alpha: float = 16.0, dropout: float = 0.0, target_modules="all-linear",
             configs: Sequence[QuantConfig] | None = None, table=None, max_iters: int = 100,
             table_iters: int | None = None, loftq_iters: int = 1, seed: int = 0, workers: int | None = None,
-            dtype: torch.dtype | None = None, device="cpu", progress: bool = True):
+            factor_format: QuantConfig | None = None, dtype: torch.dtype | None = None, device="cpu",
+            progress: bool = True):
     """(model, tokenizer): LQ-LoRA (`method="lq"`, ILP allocation at `budget`) or LoftQ (`method="loftq"`,
     every linear on `quant`, adapters on `target_modules`) initialised from the checkpoint in a safetensors
     folder, streamed (see the module doc). The result equals `lq_prepare(load_model(folder), ...)` /
     `prepare(model, quant, AdapterConfig(init="loftq"))` bit for bit, with the non-quantized weights in the
     checkpoint's dtype (or `dtype`). fisher: name -> matrix, or a file written by `save_fisher` (read one
-    matrix at a time)."""
+    matrix at a time). factor_format: the factors stored in this format (see `lq_prepare`)."""
     from transformers import AutoConfig
 
     from qbara.adapters.attach import attach_adapters
@@ -130,6 +131,10 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
     del model.qbara_loaded_quant  # the Q of decompositions, not a plain quantization of the checkpoint
     factors = {n: (dec.L1.to(device), dec.L2.to(device)) for n, dec in decs.items()}
     del decs
+    if factor_format is not None:
+        from qbara.lq.factors import store_factors
+
+        factors = store_factors(model.qbara_lq, factors, factor_format)
     attach_adapters(model, adapter, factors=factors)
     return model, load_tokenizer(folder)
 

@@ -1,0 +1,111 @@
+"""LQ-LoRA's storage of the low-rank factors (SPEC §3): L1, L2 quantized to NF8 (block 64, double quant
+8-bit / fp32 / 256 = 8.127 bits per value), and the bits per parameter of Q plus the factors.
+
+The paper counts its "2.75 -> 2.85 bits" (LLaMA-2-70B, rank 64) this way. The factor share is
+8.127 · r · (d_out + d_in) / (d_out · d_in) per matrix; at rank 64 over all linears: +0.10 bits/param
+on LLaMA-2-70B, +0.20 on LLaMA-2-7B, +1.50 on SmolLM2-135M (measured).
+
+    factors, factor_bits = quantize_factors(factors)             # name -> (L1, L2), NF8-rounded
+    account = bits_account(model.qbara_lq, factor_bits)          # total bits/param, Q + factors
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qbara.errors import QbaraError
+from qbara.quant.config import QuantConfig
+from qbara.quant.tensor import quantize
+
+__all__ = ["FACTOR_CONFIG", "quantize_factor", "quantize_factors", "BitsAccount", "bits_account", "store_factors"]
+
+FACTOR_CONFIG = QuantConfig("nf8", block_size=64, double_quant=True, dq_bits=8, dq_dtype="fp32",
+                            dq_block_size=256)  # 8 + 8/64 + 32/(64·256) = 8.127 bits per value
+
+
+def quantize_factor(factor: Tensor, config: QuantConfig = FACTOR_CONFIG) -> tuple[Tensor, int]:
+    """(dequantized factor in its shape and dtype, storage bits) of one factor quantized with `config`.
+
+    Blocks run over the flattened factor (row-major, zero-padded to whole blocks), so any shape and
+    rank fit; the bits are those of the buffers actually stored (codes, scale codes, group maxima,
+    offset), padding included.
+    """
+    if not isinstance(factor, Tensor) or not factor.is_floating_point():
+        raise QbaraError(f"quantize_factor needs a floating tensor, got {getattr(factor, 'dtype', type(factor))}")
+    if config.kind != "nf":
+        raise QbaraError(f"factors are stored in an NF format, not {config.label}")
+    flat = factor.detach().reshape(-1).float()
+    n = flat.numel()
+    if n == 0:
+        return factor.detach().clone(), 0
+    padded = torch.nn.functional.pad(flat, (0, (-n) % config.block_size)).view(-1, config.block_size)
+    qt = quantize(padded, config, "low-rank factor")
+    values = qt.dequantize(torch.float32).reshape(-1)[:n].view(factor.shape).to(factor.dtype)
+    return values, 8 * qt.nbytes
+
+
+def quantize_factors(factors: Mapping[str, tuple[Tensor, Tensor]], config: QuantConfig = FACTOR_CONFIG
+                     ) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
+    """Every (L1, L2) quantized with `config` (default NF8, 8.127 bits): (name -> dequantized (L1, L2), total
+    storage bits of all the factors). Blocks run within one rank component (along the columns of L1, the
+    rows of L2), whose magnitude √σ_k is shared, not across components of different magnitudes."""
+    out, bits = {}, 0
+    for name, (L1, L2) in factors.items():
+        q1, b1 = quantize_factor(L1.T, config)  # blocks along d_out within one rank component
+        q2, b2 = quantize_factor(L2, config)  # blocks along d_in within one rank component
+        out[name] = (q1.T, q2)
+        bits += b1 + b2
+    return out, bits
+
+
+@dataclass(frozen=True)
+class BitsAccount:
+    """Storage of an LQ-LoRA model's decomposed matrices: Q and the low-rank factors, in bits."""
+
+    params: int  # weights of the decomposed matrices (d_out · d_in summed)
+    quantized_bits: float  # Σ numel · bits(config) over Q
+    factor_bits: float  # Σ bits of the stored factors
+
+    @property
+    def quantized_bits_per_param(self) -> float:
+        return self.quantized_bits / self.params
+
+    @property
+    def factor_bits_per_param(self) -> float:
+        return self.factor_bits / self.params
+
+    @property
+    def bits_per_param(self) -> float:
+        """Q plus factors, per weight of the decomposed matrices."""
+        return (self.quantized_bits + self.factor_bits) / self.params
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "quantized_bits_per_param": self.quantized_bits_per_param,
+                "factor_bits_per_param": self.factor_bits_per_param, "bits_per_param": self.bits_per_param}
+
+
+def bits_account(layers, factor_bits: float) -> BitsAccount:
+    """The BitsAccount of `layers` (an `LQReport` such as `model.qbara_lq`, or name -> (QuantConfig, numel))
+    with `factor_bits` bits of factors (from `quantize_factors`). Q is counted by the config formula
+    b + b0/B0 + b1/(B0·B1), as `LQReport.bits_per_param` does."""
+    items = getattr(layers, "layers", layers)
+    pairs = [(layer.config, layer.numel) if hasattr(layer, "config") else tuple(layer) for layer in items.values()]
+    params = sum(int(numel) for _, numel in pairs)
+    if params <= 0:
+        raise QbaraError("bits_account needs at least one decomposed matrix")
+    quantized = sum(config.bits_per_param * int(numel) for config, numel in pairs)
+    return BitsAccount(params, float(quantized), float(factor_bits))
+
+
+def store_factors(report, factors: Mapping[str, tuple[Tensor, Tensor]], config: QuantConfig = FACTOR_CONFIG
+                  ) -> dict[str, tuple[Tensor, Tensor]]:
+    """The factors as stored in `config` (NF8 by default), to start the adapters from, with the bits of Q plus
+    the factors recorded in `report.settings` (an `LQReport`: `factor_format`, `total_bits_per_param`, ...)."""
+    rounded, bits = quantize_factors(factors, config)
+    account = bits_account(report, bits)
+    report.settings.update(factor_format=config.label, factor_bits_per_param=account.factor_bits_per_param,
+                           total_bits_per_param=account.bits_per_param)
+    return rounded
