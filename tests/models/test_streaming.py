@@ -122,7 +122,10 @@ def test_bad_requests_are_refused(tmp_path):
     with pytest.raises(QbaraError, match="quantized on load with nf4-b32.*same quant"):
         prepare(model, QuantConfig("int4", 32), AdapterConfig("qahira", rank=4))
     (folder / "model.safetensors").rename(folder / "weights.bin")
-    with pytest.raises(QbaraError, match="reads safetensors checkpoints and finds none"):
+    with pytest.raises(QbaraError, match="pickle files"):
+        load_model(str(folder), quant=QuantConfig("nf4", 32))
+    (folder / "weights.bin").unlink()
+    with pytest.raises(QbaraError, match="reads safetensors checkpoints and finds none|no weights"):
         load_model(str(folder), quant=QuantConfig("nf4", 32))
 
 
@@ -180,3 +183,14 @@ def test_upcast_output_layer_gives_the_plain_gradients():
     out1.square().sum().backward()
     out2.square().sum().backward()
     assert torch.equal(x1.grad, x2.grad)
+
+
+def test_a_tensor_of_another_shape_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _folder(tmp_path, tiny_llama, torch.bfloat16)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1].clone()  # a norm, not a quantized linear
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(QbaraError, match=r"model.norm.weight: shape \(63,\), expected \(64,\)"):
+        load_model(str(folder), quant=QuantConfig("nf4", 32))

@@ -146,7 +146,8 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
 
     model = empty_model(config, storage)
     per_layer = layer_configs(model, quant, modules)  # shapes checked on the skeleton, before any read
-    expected = set(model.state_dict())
+    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}  # the skeleton's (meta) shapes
+    expected = set(shapes)
     digests, unexpected = {}, []
     with tqdm(total=len(expected), desc="quantize on load", disable=not progress, leave=False) as bar:
         for key, load, where in read(model):
@@ -154,7 +155,7 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
                 unexpected.append(key)
                 continue
             tensor = load()
-            check_tensor(tensor, where, floating=False)
+            check_tensor(tensor, where, shape=shapes[key], floating=False)
             digests[key] = tensor_fingerprint(key, tensor)
             module_name, _, leaf = key.rpartition(".")
             if leaf == "weight" and module_name in per_layer:
