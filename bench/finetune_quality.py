@@ -8,6 +8,17 @@ merged the way users do today (dequantize, add the update, re-quantize to the ba
 
     python bench/finetune_quality.py [--steps 40] [--seeds 0 1 2] [--tasks gsm8k shakespeare] [--out DIR]
 
+This quick setting is a SMOKE TEST, not a verdict: a few dozen steps at one learning rate (s·lr far above the
+authors'), so it measures early optimizer dynamics rather than which adapter fine-tunes better. The
+paper-faithful comparison (authors' hyper-parameters, a per-method lr sweep on a validation split, >= 3 seeds,
+2-SD verdicts) is
+
+    python bench/finetune_quality.py --paper [options of bench/finetune_paper.py]
+
+Every seed re-draws the adapter initialisation and the data order (seed -> prepare -> train); the quantized
+base is computed once per format and shared, since quantization has no randomness. LoftQ / LQ-LoRA start from
+a deterministic decomposition, so for them a seed changes only the data order.
+
 Trainable parameters: LoRA rank r on every linear layer but lm_head; QA-LoRA's rank and QA-HiRA's output
 repetition are chosen so their counts are closest to that (printed in the table).
 """
@@ -38,6 +49,8 @@ ALL_METHODS = ("qlora", "qalora", "qbara", "qahira", "qahira-tile", "qahira-m32"
 
 def options(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--paper", action="store_true",
+                    help="the paper-faithful setting (bench/finetune_paper.py; its own options follow)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     ap.add_argument("--tasks", nargs="+", default=["gsm8k", "shakespeare"], choices=("gsm8k", "shakespeare"))
@@ -107,40 +120,83 @@ def qalora_rank(model, rank: int, group: int) -> int:
 
 @dataclass
 class Prepared:
-    """A method's model at step 0 (copied for every run) and how it is described."""
+    """A method at step 0 and how it is described. Methods with a random adapter initialisation keep the
+    quantized base (shared between methods on the same format) and their adapter config, and `fresh_model`
+    attaches newly drawn adapters for every seed; LoftQ / LQ-LoRA keep their deterministic step-0 model."""
 
     model: torch.nn.Module
     label: str
     base: str
     seconds: float
     extra: dict = field(default_factory=dict)
+    adapter: AdapterConfig | None = None
+    quantized: torch.nn.Module | None = None
 
 
-def prepare_method(method: str, dense, tokenizer, args) -> Prepared:
-    """Quantize + attach the method's adapters to a copy of the dense model (LQ/LoftQ: from their factors)."""
+_BASES: dict = {}
+
+
+def quantized_base(dense, config) -> torch.nn.Module:
+    """The dense model quantized with `config` (no adapters, frozen); computed once per model and format."""
+    key = (id(dense), repr(config))
+    if key not in _BASES or _BASES[key][0] is not dense:
+        if len(_BASES) > 3:  # bounded: a run uses a few formats
+            _BASES.clear()
+        _BASES[key] = (dense, prepare(copy.deepcopy(dense), config))  # holding `dense` keeps its id unique
+    return _BASES[key][1]
+
+
+def fresh_model(prepared: Prepared, seed: int) -> torch.nn.Module:
+    """seed -> prepare: the method's step-0 model for `seed`, its adapter initialisation drawn from the seed."""
+    from qbara.adapters.attach import attach_adapters
+
+    if prepared.adapter is None:  # LoftQ / LQ-LoRA: deterministic initialisation
+        return copy.deepcopy(prepared.model)
+    model = copy.deepcopy(prepared.quantized)
+    torch.manual_seed(seed)
+    return attach_adapters(model, prepared.adapter)
+
+
+def method_setup(method: str, dense, args) -> tuple[QuantConfig, AdapterConfig, str, str] | None:
+    """(base format, adapter config, label, base label) of a method with a random adapter init; None for
+    LoftQ / LQ-LoRA. `args` gives rank, alpha and (optionally) dropout and whether QA-LoRA's rank is matched
+    to LoRA's parameter count (`qalora_rank_match`, the quick setting) or kept at `rank` (the paper's)."""
+    r, a = args.rank, args.alpha
+    d = getattr(args, "dropout", 0.0)
+    if method == "qlora":
+        return qlora_config(4), AdapterConfig("lora", rank=r, alpha=a, dropout=d), f"QLoRA r{r}", "NF4"
+    if method == "qbara":
+        return (qlora_config(4), AdapterConfig("qbara", rank=r, alpha=a, pool=2, dropout=d), f"Q-BaRA λ2 r{2 * r}",
+                "NF4")
+    if method == "qalora":
+        rq = qalora_rank(dense, r, 32) if getattr(args, "qalora_rank_match", True) else r
+        return (INT4_G32, AdapterConfig("qalora", rank=rq, alpha=a * rq / r, dropout=d), f"QA-LoRA r{rq}",
+                "INT4-G32")
+    if method == "qahira":
+        return INT4_G32, AdapterConfig("qahira", rank=r, alpha=a, dropout=d), "QA-HiRA (block 32)", "INT4-G32"
+    if method == "qahira-m32":
+        return (INT4_G32_M32, AdapterConfig("qahira", rank=r, alpha=a, dropout=d), "QA-HiRA (block 32, fp32 minima)",
+                "INT4-G32, fp32 min")
+    if method == "qahira-tile":
+        return (INT4_TILE, AdapterConfig("qahira", rank=r, alpha=a, pool_in=4, dropout=d), "QA-HiRA (tile 4x8)",
+                "INT4 4x8")
+    return None
+
+
+def prepare_method(method: str, dense, tokenizer, args, seed: int = 0) -> Prepared:
+    """Quantize + attach the method's adapters (drawn from `seed`) to a copy of the dense model (LQ/LoftQ:
+    from their factors)."""
     r, a = args.rank, args.alpha
     start = time.perf_counter()
+    setup = method_setup(method, dense, args)
+    if setup is not None:
+        config, adapter, label, base = setup
+        prepared = Prepared(None, label, base, 0.0, adapter=adapter, quantized=quantized_base(dense, config))
+        prepared.model = fresh_model(prepared, seed)
+        prepared.seconds = time.perf_counter() - start
+        return prepared
     model = copy.deepcopy(dense)
-    if method == "qlora":
-        prepare(model, qlora_config(4), AdapterConfig("lora", rank=r, alpha=a))
-        label, base = f"QLoRA r{r}", "NF4"
-    elif method == "qbara":
-        prepare(model, qlora_config(4), AdapterConfig("qbara", rank=r, alpha=a, pool=2))
-        label, base = f"Q-BaRA λ2 r{2 * r}", "NF4"
-    elif method == "qalora":
-        rq = qalora_rank(dense, r, 32)
-        prepare(model, INT4_G32, AdapterConfig("qalora", rank=rq, alpha=a * rq / r))
-        label, base = f"QA-LoRA r{rq}", "INT4-G32"
-    elif method == "qahira":
-        prepare(model, INT4_G32, AdapterConfig("qahira", rank=r, alpha=a))
-        label, base = "QA-HiRA (block 32)", "INT4-G32"
-    elif method == "qahira-m32":
-        prepare(model, INT4_G32_M32, AdapterConfig("qahira", rank=r, alpha=a))
-        label, base = "QA-HiRA (block 32, fp32 minima)", "INT4-G32, fp32 min"
-    elif method == "qahira-tile":
-        prepare(model, INT4_TILE, AdapterConfig("qahira", rank=r, alpha=a, pool_in=4))
-        label, base = "QA-HiRA (tile 4x8)", "INT4 4x8"
-    elif method == "loftq":
+    if method == "loftq":
         prepare(model, qlora_config(4), AdapterConfig("lora", rank=r, alpha=a, init="loftq"))
         label, base = f"LoftQ r{r}", "NF4"
     else:  # lq-[fisher-]BUDGET
@@ -196,26 +252,39 @@ def held_out_loss(model, held, args, device) -> float:
         return masked_loss(model, held, args.batch)["loss"]
 
 
-def train_and_eval(prepared: Prepared, method: str, train, held, args, seed: int, device,
-                   before: float | None = None) -> dict:
-    """Train a copy of the prepared model on `train` for args.steps, then evaluate it and its merged form."""
+def train_steps(model, train, steps: int, batch: int, lr: float, seed: int, device, warmup: float = 0.0,
+                clip: float | None = None) -> tuple[list[float], float]:
+    """AdamW (no weight decay) on the trainable parameters for `steps` seeded batches; lr constant after a
+    linear warm-up over `warmup` of the steps; gradient norm clipped to `clip`. Returns (losses, s/step)."""
     torch.manual_seed(seed)
-    model = copy.deepcopy(prepared.model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    if before is None:  # the same for every seed: the caller may pass it in
-        before = held_out_loss(model, held, args, device)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, round(warmup * steps)) if warmup > 0 else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
     model.train()
     start = time.perf_counter()
     curve = []
-    for batch in batches(train, args.batch, args.steps, seed):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss
+    for b in batches(train, batch, steps, seed):
+        b = {k: v.to(device) for k, v in b.items()}
+        loss = model(**b).loss
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         curve.append(loss.item())
-    step_s = (time.perf_counter() - start) / args.steps
+    return curve, (time.perf_counter() - start) / max(1, steps)
+
+
+def train_and_eval(prepared: Prepared, method: str, train, held, args, seed: int, device,
+                   before: float | None = None) -> dict:
+    """seed -> prepare -> train: the method's step-0 model for `seed` (adapter init drawn from the seed),
+    trained on `train` for args.steps in the seed's data order, then evaluated with its merged form."""
+    model = fresh_model(prepared, seed).to(device)
+    if before is None:  # the caller may pass it in (zero-initialised adapters: the base's loss)
+        before = held_out_loss(model, held, args, device)
+    curve, step_s = train_steps(model, train, args.steps, args.batch, args.lr, seed, device)
     after = held_out_loss(model, held, args, device)
     rounding = None
     if method in FOLDABLE:
@@ -287,6 +356,7 @@ def findings(result: dict) -> list[str]:
     """The papers' orderings, checked against the means and their spread (said plainly when not reproduced)."""
     m = result["methods"]
     lines = []
+    smoke = f"smoke test ({result['steps']} steps at one lr {result['lr']:g}), not a verdict"
 
     def compare(task, a, b, claim):
         if a not in m or b not in m or task not in m[a]["runs"]:
@@ -303,7 +373,7 @@ def findings(result: dict) -> list[str]:
             verdict = f"NOT reproduced: {la} {sa['after']:.4f} > {lb} {sb['after']:.4f}"
         if len(m[a]["runs"][task]) < 2 or len(m[b]["runs"][task]) < 2:
             verdict += " (one seed: no spread measured)"
-        lines.append(f"- {task}: {claim} — {verdict}.")
+        lines.append(f"- {task}: {claim} — {smoke}: {verdict}.")
 
     for task in result["data"]:
         compare(task, "qbara", "qlora", "Q-BaRA beats QLoRA at equal parameters")
@@ -341,7 +411,10 @@ def merge_label(runs: list[dict]) -> str:
 
 def markdown(result: dict) -> str:
     seeds = len(result["seeds"])
-    out = [f"{result['steps']} steps, batch {result['batch']}, length {result['seq']}, LoRA rank {result['rank']} "
+    out = ["**Smoke test, not a verdict**: a few steps at one learning rate measure early optimizer dynamics, "
+           "not which adapter fine-tunes better; the verdicts come from the paper setting "
+           "(`python bench/finetune_quality.py --paper`).", "",
+           f"{result['steps']} steps, batch {result['batch']}, length {result['seq']}, LoRA rank {result['rank']} "
            f"(alpha {result['alpha']}), AdamW lr {result['lr']}, seeds {result['seeds']}, device {result['device']}. "
            f"Held-out loss (mean NLL per answer/text token); ± is the standard deviation over {seeds} seed(s)."]
     lq = result.get("lq")
@@ -362,7 +435,7 @@ def markdown(result: dict) -> str:
             out.append(f"| {entry['label']} | {entry['base']} | {entry['trainable']:,} | {s['before']:.4f} | "
                        f"{s['after']:.4f}{sd} | {s['merged']:.4f}{msd} | {merge_label(entry['runs'][task])} | "
                        f"{s['step_s']:.2f} |")
-    out += ["", "Paper claims at this scale:", *findings(result)]
+    out += ["", "Paper claims (smoke test, not a verdict):", *findings(result)]
     return "\n".join(out)
 
 
@@ -395,7 +468,7 @@ def plot(result: dict, path) -> Path:
                         fontsize=7, color="white", fontweight="bold", rotation=90)
         ax.set_xticks(list(x), labels, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("held-out loss after training")
-        ax.set_title(f"{task} ({result['steps']} steps; best step-0 loss {before:.3f})")
+        ax.set_title(f"{task}: smoke test, {result['steps']} steps (best step-0 loss {before:.3f})", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -403,6 +476,13 @@ def plot(result: dict, path) -> Path:
 
 
 def main(argv=None) -> None:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--paper" in argv:
+        import finetune_paper
+
+        return finetune_paper.main([a for a in argv if a != "--paper"])
     args = options(argv)
     result = run(args)
     print()

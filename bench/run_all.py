@@ -120,7 +120,8 @@ def readme_summary(results: dict, command: str, seconds: dict, meta: dict, out: 
         claims = [c for c in finetune_quality.findings(ft) if " — " in c or "does not survive" in c]
         lines += ["", "Merged: QA-LoRA / QA-HiRA folded into their INT4 minima; every other method dequantized, "
                   "added and re-quantized to its own format (how QLoRA is merged today).", "",
-                  "Paper claims at this scale:", *claims]
+                  "Smoke-test claim lines (short runs at one lr: not verdicts; see the paper setting, "
+                  "`bench/finetune_quality.py --paper`):", *claims]
     speed = results.get("speed")
     if speed and speed.get("derived"):
         ratios = "; ".join(f"{d['comparison']}: step {d['step_ratio']:.2f}×, peak tensors {d['peak_ratio']:.2f}×"

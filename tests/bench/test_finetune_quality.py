@@ -32,6 +32,7 @@ def test_tiny_run_reports_folds_and_requantized_merges(tmp_path):
     assert result["methods"]["lq-3.25"]["base"].startswith("LQ 3.")
     text = finetune_quality.markdown(result)
     assert "Q-BaRA beats QLoRA" in text and "minima rounding error" in text
+    assert "Smoke test, not a verdict" in text and "smoke test (2 steps at one lr" in text
     assert (tmp_path / "finetune_quality.png").stat().st_size > 5000
 
 
@@ -60,3 +61,68 @@ def test_report_and_readme_summary_are_rewritten_from_saved_results(tmp_path, mo
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SystemExit, match="not a results.json"):
         run_all.main(["--from-json", str(tmp_path / "bad.json")])
+
+
+def test_every_seed_redraws_the_adapter_init_and_the_base_is_shared():
+    """seed -> prepare -> train: two seeds give different adapter initialisations, the same seed the same one,
+    and methods on the same format share one quantized base."""
+    from qbara.models import load_model
+
+    dense, tok = load_model("tiny-llama")
+    args = finetune_quality.options(["--model", "tiny-llama", "--rank", "4"])
+    prepared = finetune_quality.prepare_method("qlora", dense, tok, args)
+    other = finetune_quality.prepare_method("qbara", dense, tok, args)
+    assert prepared.quantized is other.quantized
+
+    def init(seed):
+        model = finetune_quality.fresh_model(prepared, seed)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    a, b, a2 = init(0), init(1), init(0)
+    assert a.keys() == b.keys() and a
+    assert any(not (a[n] == b[n]).all() for n in a)
+    assert all((a[n] == a2[n]).all() for n in a)
+
+
+def test_paper_setting_on_a_tiny_model(tmp_path):
+    """--paper: an lr sweep on the validation split, the chosen lr re-run per seed, held-out and merged losses,
+    dense and base step-0 losses, parameter counts and 2-SD verdicts; two workers' parts combine into one report."""
+    import finetune_paper
+
+    common = ["--model", "tiny-llama", "--rank", "4", "--alpha", "1", "--steps", "2", "--lrs", "1e-3", "1e-2",
+              "--seeds", "0", "1", "--seq", "16", "--val", "4", "--held-out", "4", "--out", str(tmp_path)]
+    finetune_quality.main(["--paper", *common, "--methods", "qlora", "qbara", "--part", "nf"])
+    finetune_paper.main([*common, "--methods", "qalora", "qahira", "--part", "int"])
+    finetune_paper.main(["--combine", str(tmp_path)])
+    result = finetune_paper.combine(tmp_path)
+    assert set(result["methods"]) == {"qlora", "qbara", "qalora", "qahira"}
+    assert result["setting"]["alpha"] / result["setting"]["rank"] == 0.25
+    for method, entry in result["methods"].items():
+        assert entry["best_lr"] in (1e-3, 1e-2)
+        sweep = [r for r in result["runs"] if r["method"] == method and r["seed"] == 0]
+        assert len(sweep) == 2 and all("val" in r for r in sweep)
+        final = finetune_paper.final_runs(result, method)
+        assert sorted(r["seed"] for r in final) == [0, 1] and all("merged" in r for r in final)
+    for r in finetune_paper.final_runs(result, "qahira"):
+        assert r["merge"] == "fold" and r["merged"] == pytest.approx(r["held"], rel=1e-4)
+    assert set(result["bases"]) == {"NF4", "INT4-G32"} and "held" in result["dense"]
+    words = {v["verdict"] for v in finetune_paper.verdicts(result)}
+    assert words <= {"reproduced", "not reproduced", "inconclusive"}
+    text = (tmp_path / "finetune_quality_paper.md").read_text()
+    assert "Dense (unquantized) step-0" in text and "Q-BaRA beats QLoRA" in text and "trainable parameters" in text
+    assert "%" in text.split("QA-HiRA beats QA-LoRA")[1]
+    assert (tmp_path / "finetune_quality_paper.png").stat().st_size > 5000
+
+
+def test_verdicts_need_a_gap_beyond_two_sd():
+    import finetune_paper
+
+    def result(a_vals, b_vals):
+        runs = [{"method": "qbara", "lr": 1e-3, "seed": s, "held": v} for s, v in enumerate(a_vals)]
+        runs += [{"method": "qlora", "lr": 1e-3, "seed": s, "held": v} for s, v in enumerate(b_vals)]
+        methods = {m: {"best_lr": 1e-3, "trainable": 100, "label": m} for m in ("qbara", "qlora")}
+        return {"methods": methods, "runs": runs}
+
+    assert finetune_paper.verdicts(result([1.0, 1.01, 0.99], [1.5, 1.51, 1.49]))[0]["verdict"] == "reproduced"
+    assert finetune_paper.verdicts(result([1.5, 1.51, 1.49], [1.0, 1.01, 0.99]))[0]["verdict"] == "not reproduced"
+    assert finetune_paper.verdicts(result([1.0, 1.2, 0.8], [1.05, 1.25, 0.85]))[0]["verdict"] == "inconclusive"
