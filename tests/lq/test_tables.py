@@ -35,10 +35,16 @@ def test_fast_nf_rounding_is_bit_identical(bits):
     assert torch.equal(nf_codes(x, bits), torch.bucketize(x, mids))
 
 
+@pytest.mark.parametrize("chunk", [None, 3 * 64])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_double_quant_errors_match_direct_quantization(weighted):
+def test_double_quant_errors_match_direct_quantization(weighted, chunk, monkeypatch):
     """The table's errors for every double-quant setting equal quantize()'s (codes rounded against the
-    stored scales), Fisher-weighted alike, NF8 (direct path) included."""
+    stored scales), Fisher-weighted alike, NF8 (direct path) included; in chunks of a few blocks too (the
+    work arrays are bounded by chunking, whatever the matrix size)."""
+    import qbara.lq.tables as tables
+
+    if chunk is not None:
+        monkeypatch.setattr(tables, "DQ_CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(0)
     R = torch.randn(64, 512, generator=g) * 0.02
     R[0, :64] = 0.0  # a zero block: offset 0, some stored scales 0

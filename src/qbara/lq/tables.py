@@ -65,6 +65,7 @@ from qbara.quant.tensor import quantize
 __all__ = ["ErrorTable", "Allocation", "error_table", "matrix_costs", "lq_cache_dir", "TABLE_VERSION"]
 
 TABLE_VERSION = 2  # bump when the computation changes, so old caches are not reused
+DQ_CHUNK_ELEMENTS = 1 << 20  # elements per chunk in `_dq_errors` (~1 M): its work arrays stay ~70 MB whatever the matrix
 DEFAULT_TABLE_ITERS = 8
 
 
@@ -212,6 +213,18 @@ def _dq_errors(R: Tensor, absmax: Tensor, v: Tensor, bits: int, settings: list[t
         return {}
     f = None if fisher is None else fisher.reshape(-1, B0)
     S = torch.stack([stored_scales(absmax, b0, B1, dtype) for b0, dtype, B1 in settings])  # (k, n_blocks)
+    totals = torch.zeros(len(settings), dtype=torch.float64, device=R.device)
+    step = max(1, DQ_CHUNK_ELEMENTS // B0)  # every sum is per block: chunks bound the work arrays
+    for start in range(0, n_blocks, step):
+        rows = slice(start, start + step)
+        totals += _dq_chunk(R[rows], absmax[rows], v[rows], bits, settings, S[:, rows],
+                            None if f is None else f[rows])
+    return {key: max(float(err), 0.0) for key, err in zip(settings, totals.tolist())}
+
+
+def _dq_chunk(R: Tensor, absmax: Tensor, v: Tensor, bits: int, settings, S: Tensor, f: Tensor | None) -> Tensor:
+    """`_dq_errors`' per-setting totals (float64, (k,)) over a run of blocks, the scales S already stored."""
+    B0 = R.shape[1]
     e = R - v * absmax[:, None]
     fe, fv = (e, v) if f is None else (f * e, f * v)
     ee, ev, vv = ((a * b).sum(dim=1, dtype=torch.float64) for a, b in ((fe, e), (fe, v), (fv, v)))
@@ -249,7 +262,7 @@ def _dq_errors(R: Tensor, absmax: Tensor, v: Tensor, bits: int, settings: list[t
                 continue
             corr = err - (r_c - v_c * s_hat).square_()
             totals[i] += (corr if f_c is None else corr * f_c).sum(dtype=torch.float64)
-    return {key: max(float(err), 0.0) for key, err in zip(settings, totals)}
+    return totals
 
 
 def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iters: int = DEFAULT_TABLE_ITERS,
