@@ -18,3 +18,47 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class TargetReads:
+    """Counts the target-linear weights (`*_proj.weight`) read through safetensors.safe_open and the most of them
+    alive at once when another is read; `install(monkeypatch)` puts the tracking reader in place."""
+
+    def __init__(self):
+        self.alive, self.worst, self.reads = [], 0, 0
+
+    def install(self, monkeypatch) -> "TargetReads":
+        import safetensors
+
+        real_open, tracker = safetensors.safe_open, self
+
+        class Tracking:
+            def __init__(self, *args, **kwargs):
+                self.inner = real_open(*args, **kwargs)
+
+            def __enter__(self):
+                self.reader = self.inner.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.inner.__exit__(*exc)
+
+            def __getattr__(self, name):
+                return getattr(self.reader, name)
+
+            def get_tensor(self, key):
+                tensor = self.reader.get_tensor(key)
+                if key.endswith("_proj.weight"):
+                    tracker.seen(tensor)
+                return tensor
+
+        monkeypatch.setattr(safetensors, "safe_open", Tracking)
+        return self
+
+    def seen(self, tensor) -> None:
+        import weakref
+
+        self.alive = [ref for ref in self.alive if ref() is not None]
+        self.worst = max(self.worst, len(self.alive))
+        self.alive.append(weakref.ref(tensor))
+        self.reads += 1

@@ -1,7 +1,6 @@
 """LQ-LoRA and LoftQ streamed from a checkpoint's shards equal the dense-model paths bit for bit, and hold one
 target matrix per worker at a time."""
 import json
-import weakref
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from qbara.models import tiny_llama
 from qbara.models.loader import load_model
 from qbara.models.lq_stream import load_lq
 from qbara.targets import linear_layer_names
+from tests.helpers import TargetReads
 
 CONFIGS = [qlora_config(b) for b in (2, 3, 4)]
 SMALL = dict(configs=CONFIGS, table_iters=2, max_iters=3, progress=False)
@@ -85,39 +85,11 @@ def test_streamed_loftq_equals_prepare_with_loftq_init(tmp_path):
 def test_each_worker_holds_one_target_matrix_at_a_time(tmp_path, monkeypatch):
     """The streaming contract over all three passes (table, decompositions, load): with one worker, when a
     target weight is read from the file no earlier one is still alive."""
-    import safetensors
-
     folder = _folder(tmp_path, layers=3)
-    alive, worst, reads = [], [0], [0]
-    real_open = safetensors.safe_open
-
-    class Tracking:
-        def __init__(self, *args, **kwargs):
-            self.inner = real_open(*args, **kwargs)
-
-        def __enter__(self):
-            self.reader = self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def __getattr__(self, name):
-            return getattr(self.reader, name)
-
-        def get_tensor(self, key):
-            tensor = self.reader.get_tensor(key)
-            if key.endswith("_proj.weight"):
-                alive[:] = [ref for ref in alive if ref() is not None]
-                worst[0] = max(worst[0], len(alive))
-                alive.append(weakref.ref(tensor))
-                reads[0] += 1
-            return tensor
-
-    monkeypatch.setattr(safetensors, "safe_open", Tracking)
+    reads = TargetReads().install(monkeypatch)
     lq_prepare(folder, 3.0, 4, workers=1, **SMALL)
-    assert reads[0] >= 3 * 21  # each of the 21 matrices read in every pass (digest, table, decomposition, load)
-    assert worst[0] == 0
+    assert reads.reads >= 3 * 21  # each of the 21 matrices read in every pass (digest, table, decomposition, load)
+    assert reads.worst == 0
 
 
 def test_lq_command_streams_a_folder_to_the_same_outputs(tmp_path, capsys):

@@ -1,13 +1,11 @@
 """Quantize on load: identical to load-then-prepare bit for bit, stored in the checkpoint's dtype, streamed."""
-import weakref
-
 import pytest
 import torch
 
 from qbara import AdapterConfig, QbaraError, QuantConfig, load_adapter, load_model, model_fingerprint, prepare
 from qbara.models import tiny_llama, tiny_qwen2
 from qbara.nn import QuantizedLinear
-from tests.helpers import randomize_adapters
+from tests.helpers import TargetReads, randomize_adapters
 
 IDS = torch.tensor([[1, 7, 42, 3, 9, 100, 5]])
 
@@ -79,41 +77,11 @@ def test_adapters_move_between_streamed_and_eager_bases(tmp_path):
 
 def test_at_most_one_target_weight_is_dense_at_a_time(tmp_path, monkeypatch):
     """The streaming contract: each target weight read from the file is gone before the next is read."""
-    import safetensors
-
     folder = _folder(tmp_path, tiny_llama, torch.bfloat16, layers=3)
-    alive, worst = [], [0]
-    real_open = safetensors.safe_open
-
-    class Tracking:
-        def __init__(self, *args, **kwargs):
-            self.inner = real_open(*args, **kwargs)
-
-        def __enter__(self):
-            self.reader = self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def keys(self):
-            return self.reader.keys()
-
-        def get_slice(self, key):
-            return self.reader.get_slice(key)
-
-        def get_tensor(self, key):
-            tensor = self.reader.get_tensor(key)
-            if key.endswith("_proj.weight"):
-                alive[:] = [ref for ref in alive if ref() is not None]
-                worst[0] = max(worst[0], len(alive))
-                alive.append(weakref.ref(tensor))
-            return tensor
-
-    monkeypatch.setattr(safetensors, "safe_open", Tracking)
+    reads = TargetReads().install(monkeypatch)
     model, _ = load_model(str(folder), quant=QuantConfig("nf4", 32))
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 21
-    assert worst[0] == 0  # when each target weight is read, no earlier one is still alive
+    assert reads.worst == 0  # when each target weight is read, no earlier one is still alive
 
 
 def test_bad_requests_are_refused(tmp_path):
