@@ -83,22 +83,22 @@ def _auto_map_folder(tmp, good, where="config.json"):
     return folder
 
 
-def _adapter(tmp, good, edit=None, name="qbara_adapter.json", raw=None):
-    folder = _copy(good / "adapter", tmp / "adapter")
+def _damaged_copy(source: Path, folder: Path, name: str, edit=None, raw=None) -> Path:
+    """A copy of a good folder with one file replaced by raw bytes or its JSON edited."""
+    folder = _copy(source, folder)
     if raw is not None:
         (folder / name).write_bytes(raw)
     elif edit is not None:
         _edit_json(folder / name, edit)
     return folder
+
+
+def _adapter(tmp, good, edit=None, name="qbara_adapter.json", raw=None):
+    return _damaged_copy(good / "adapter", tmp / "adapter", name, edit, raw)
 
 
 def _quantized(tmp, good, edit=None, name="qbara_quant.json", raw=None):
-    folder = _copy(good / "quantized", tmp / "q")
-    if raw is not None:
-        (folder / name).write_bytes(raw)
-    elif edit is not None:
-        _edit_json(folder / name, edit)
-    return folder
+    return _damaged_copy(good / "quantized", tmp / "q", name, edit, raw)
 
 
 def _weights(folder: Path) -> Path:

@@ -220,7 +220,7 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     """
     from qbara.adapters.attach import attach_adapters
     from qbara.adapters.config import AdapterConfig
-    from qbara.lq.fisher import load_fisher
+    from qbara.lq.fisher import open_fisher
     from qbara.lq.tables import DEFAULT_TABLE_ITERS, error_table
     from qbara.models.loader import model_fingerprint
 
@@ -235,7 +235,7 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
                             init="lq")
     if isinstance(fisher, (str, Path)):
-        fisher = load_fisher(fisher)
+        fisher = open_fisher(fisher)  # read one matrix at a time
     if not hasattr(model, "qbara_base_fingerprint") and hasattr(model, "config"):
         model.qbara_base_fingerprint = model_fingerprint(model)
     dense_fingerprint = getattr(model, "qbara_base_fingerprint", None)

@@ -103,7 +103,10 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
             raise QbaraError(f"{n}: rank {rank} exceeds the {shape} matrix's smallest side; lower the rank")
     allocation = None
     if method == "lq":
-        fisher = _lazy_fisher(fisher)
+        if isinstance(fisher, (str, Path)):  # a Fisher file or folder is read one matrix at a time
+            from qbara.lq.fisher import open_fisher
+
+            fisher = open_fisher(fisher)
         if table is None:
             from qbara.lq.tables import DEFAULT_TABLE_ITERS, error_table
 
@@ -137,12 +140,3 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
         factors = store_factors(model.qbara_lq, factors, factor_format)
     attach_adapters(model, adapter, factors=factors)
     return model, load_tokenizer(folder)
-
-
-def _lazy_fisher(fisher):
-    """A Fisher file is read one matrix at a time; a mapping is used as given."""
-    if fisher is None or isinstance(fisher, Mapping):
-        return fisher
-    from qbara.lq.fisher import open_fisher
-
-    return open_fisher(fisher)
