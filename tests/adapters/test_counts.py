@@ -3,7 +3,7 @@ from torch import nn
 
 from qbara import AdapterConfig, QuantConfig
 from qbara.adapters import build_adapter
-from qbara.adapters.attach import auto_pool_out
+from qbara.adapters.qahira import auto_pool_out
 from qbara.nn import QuantizedLinear
 
 SHAPES = [(64, 64), (128, 64), (64, 256), (576, 576), (1536, 576), (576, 1536), (192, 576)]

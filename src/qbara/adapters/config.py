@@ -6,9 +6,9 @@ import difflib
 import math
 from dataclasses import dataclass
 
+from qbara.adapters.methods import METHODS
 from qbara.errors import QbaraError, check_types, strict_from_dict
 
-METHODS = ("lora", "qalora", "qbara", "qahira")
 INITS = ("default", "loftq", "lq")
 MAX_RANK = 65536  # above any layer's side: a larger rank is a typo, refused before anything is allocated
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qbara.adapters.attach import adapter_layers, build_adapter
+from qbara.adapters.attach import adapter_layers
 from qbara.adapters.config import AdapterConfig
+from qbara.adapters.methods import build_adapter
 from qbara.adapters.peft_layout import peft_method_fields
 from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
@@ -90,7 +91,7 @@ def save_adapter(model: nn.Module, directory, base_model_name: str | None = None
 def peft_targets(model: nn.Module, adapted: list[str]) -> list[str]:
     """PEFT's target_modules for the adapted layers: their last name components when those select exactly
     them (PEFT matches a name by its suffix), otherwise the full names."""
-    from qbara.adapters.layers import AdaptedLinear
+    from qbara.adapters.base import AdaptedLinear
 
     suffixes = {n.rsplit(".", 1)[-1] for n in adapted}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -189,7 +189,7 @@ class _Linear:
 
 def _resolve_linear(name: str, module: nn.Module, lossy: bool) -> tuple[_Linear, bool]:
     """The layer as an exact INT4 G32 tensor or a dense weight to re-quantize; (layer, adapter merged)."""
-    from qbara.adapters.layers import AdaptedLinear
+    from qbara.adapters.base import AdaptedLinear
 
     merged = False
     if isinstance(module, AdaptedLinear):

@@ -1,0 +1,130 @@
+"""The form every adapter method shares, on a frozen (quantized) linear:
+
+    y = base(x) + s · R_out(core(dropout(P_in(x))))
+
+P_in averages runs of `pool_in` adjacent input features, R_out repeats each output `pool_out` times, and
+`core` is the method's trainable map on the pooled features (B A for the LoRA family, one matrix M for
+QA-HiRA). Dropout acts on the pooled input, as in the reference code of QA-LoRA and Q-BaRA. The dense
+update is ΔW[o, i] = s · core[o // pool_out, i // pool_in] / pool_in; `merge()` adds it to the weights, and
+`fold()` writes it into an INT base's float minima when it is constant on every quantization block.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qbara.adapters.pooling import expand_tiles, pool_features, repeat_features
+from qbara.errors import QbaraError
+from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.quant.fold import fold_block_constants, fold_problem, fold_rounding
+
+
+def lora_parameter_count(d_out: int, d_in: int, rank: int) -> int:
+    """Trainable parameters of plain LoRA at `rank`: r (d_in + d_out), the budget the other methods match."""
+    return rank * (d_in + d_out)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where a (quantized) layer's tensors live, so its adapter is created next to them."""
+    tensor = next(iter(module.buffers()), None)
+    if tensor is None:
+        tensor = next(module.parameters())
+    return tensor.device
+
+
+class AdaptedLinear(nn.Module):
+    """Common part: the frozen base, pooling factors, scaling, dropout, dense delta, merging and folding."""
+
+    method = "adapter"
+
+    def __init__(self, base: nn.Module, pool_in: int, pool_out: int, scaling: float, dropout: float,
+                 name: str = "layer"):
+        super().__init__()
+        d_in, d_out = base.in_features, base.out_features
+        for what, factor, dim in (("input pooling", pool_in, d_in), ("output repetition", pool_out, d_out)):
+            if dim % factor:
+                raise QbaraError(f"{name}: {self.method} {what} {factor} does not divide the layer's {dim} "
+                                 f"features; choose a factor that divides {dim}")
+        self.base = base
+        self.name = name
+        self.in_features, self.out_features = d_in, d_out
+        self.pool_in, self.pool_out = pool_in, pool_out
+        self.scaling = float(scaling)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    # --- methods implement these two
+    def core(self, pooled: Tensor) -> Tensor:
+        """The trainable map on pooled inputs: (..., d_in / pool_in) -> (..., d_out / pool_out)."""
+        raise NotImplementedError
+
+    def core_matrix(self) -> Tensor:
+        """The core map as one (d_out / pool_out, d_in / pool_in) matrix."""
+        raise NotImplementedError
+
+    # --- shared
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The adapter's own parameters by name (everything but the frozen base)."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("base.")}
+
+    @property
+    def num_trainable(self) -> int:
+        """Trainable parameters of the adapter."""
+        return sum(p.numel() for p in self.adapter_parameters().values())
+
+    @property
+    def quant_config(self):
+        return getattr(self.base, "quant_config", None)
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        """Δ(x) = s · R_out(core(dropout(P_in(x)))) (dropout is the identity in eval mode)."""
+        dtype = next(iter(self.adapter_parameters().values())).dtype
+        pooled = self.dropout(pool_features(x.to(dtype), self.pool_in))
+        return repeat_features(self.core(pooled), self.pool_out) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        return y + self.adapter_forward(x).to(y.dtype)
+
+    def delta_weight(self) -> Tensor:
+        """Dense fp32 ΔW with Δ(x) = ΔW x: s · core[o // pool_out, i // pool_in] / pool_in."""
+        core = self.core_matrix().detach().float()
+        return expand_tiles(core, self.pool_out, self.pool_in) * (self.scaling / self.pool_in)
+
+    def fold_problem(self) -> str | None:
+        """Why this adapter cannot fold exactly into its quantized base (None if it can)."""
+        return fold_problem(self.quant_config, self.pool_out, self.pool_in)
+
+    def base_weight(self) -> Tensor:
+        """The frozen base weight, dense fp32."""
+        if isinstance(self.base, QuantizedLinear):
+            return self.base.dequantize(torch.float32)
+        return self.base.weight.detach().float()
+
+    @torch.no_grad()
+    def fold(self) -> tuple[QuantizedLinear, float, float]:
+        """The update folded into the INT base's float minima: (layer, ‖ΔW the minima's rounding lost‖²,
+        ‖ΔW‖²) — see `qbara.quant.fold.fold_rounding`."""
+        problem = self.fold_problem()
+        if problem:
+            raise QbaraError(f"{self.method} cannot merge into the quantized model: {problem}; "
+                             f"use merge(into='dense') or an adapter that folds (qalora, qahira)")
+        before, delta = self.base.qweight, self.delta_weight()
+        after = fold_block_constants(before, delta)
+        return QuantizedLinear(after, self.base.bias), *fold_rounding(before, after, delta)
+
+    @torch.no_grad()
+    def merge(self, into: str = "dense") -> nn.Module:
+        """The layer with the adapter merged in: an nn.Linear (dense) or a QuantizedLinear whose float
+        minima absorbed the update exactly (quantized)."""
+        bias = self.base.bias
+        if into == "dense":
+            weight = self.base_weight() + self.delta_weight()
+            merged = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device)
+            merged.weight.copy_(weight)
+            if bias is not None:
+                merged.bias.copy_(bias.float())
+            merged.requires_grad_(False)
+            return merged
+        if into == "quantized":
+            return self.fold()[0]
+        raise QbaraError(f"unknown merge target {into!r}: choose 'dense' or 'quantized'")

@@ -1,0 +1,77 @@
+"""LoRA / QLoRA.
+
+LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685).
+QLoRA: Efficient Finetuning of Quantized LLMs (Dettmers et al., 2023, arXiv:2305.14314) — LoRA on an NF4 base.
+
+    Δ(x) = s · B A x,  s = α / r,  A (r × d_in) Kaiming-uniform,  B (d_out × r) zero  (ΔW = s · B A).
+
+`LoRALinear` is also the B A core of the pooled LoRA variants (QA-LoRA, Q-BaRA subclass it).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from qbara.adapters.base import AdaptedLinear, device_of
+from qbara.errors import QbaraError
+
+
+class LoRALinear(AdaptedLinear):
+    """s · R_out(B A P_in(x)); plain LoRA has both pools 1."""
+
+    method = "lora"
+
+    def __init__(self, base: nn.Module, rank: int, scaling: float, pool_in: int = 1, pool_out: int = 1,
+                 dropout: float = 0.0, name: str = "layer"):
+        super().__init__(base, pool_in, pool_out, scaling, dropout, name)
+        # A rank beyond the core's two sides added up only wastes memory: refused before allocating.
+        largest = self.in_features // pool_in + self.out_features // pool_out
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= largest:
+            raise QbaraError(f"{name}: {self.method} rank {rank!r} must be a whole number from 1 to {largest} "
+                             f"(the sides of its {self.out_features // pool_out}x{self.in_features // pool_in} "
+                             f"core added up); lower the rank")
+        device = device_of(base)
+        self.lora_A = nn.Linear(self.in_features // pool_in, rank, bias=False, device=device)
+        self.lora_B = nn.Linear(rank, self.out_features // pool_out, bias=False, device=device)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A Kaiming-uniform (PyTorch's nn.Linear default, as in LoRA's and PEFT's code), B zero: ΔW = 0."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.out_features
+
+    def core(self, pooled: Tensor) -> Tensor:
+        return self.lora_B(self.lora_A(pooled))
+
+    def core_matrix(self) -> Tensor:
+        return self.lora_B.weight @ self.lora_A.weight
+
+    @torch.no_grad()
+    def init_from_factors(self, L1: Tensor, L2: Tensor) -> None:
+        """Start from a low-rank product: A = L2/√s, B = L1/√s, so that s·B A = L1 L2 (LQ-LoRA, LoftQ).
+
+        The 1/√s is what makes the model at step 0 equal Q + L1 L2 whatever alpha is (PEFT's LoftQ
+        leaves it out, which is only right when s = 1). Plain LoRA (no pooling) only.
+        """
+        if self.pool_in != 1 or self.pool_out != 1:
+            raise QbaraError(f"{self.name}: factors initialise plain LoRA only, not {self.method}")
+        if L1.shape != self.lora_B.weight.shape or L2.shape != self.lora_A.weight.shape:
+            raise QbaraError(f"{self.name}: factors {tuple(L1.shape)} x {tuple(L2.shape)} do not fit rank "
+                             f"{self.rank} for a {self.out_features}x{self.in_features} layer")
+        root = math.sqrt(self.scaling)
+        self.lora_A.weight.copy_(L2 / root)
+        self.lora_B.weight.copy_(L1 / root)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, rank={self.rank}, pool_in={self.pool_in}, pool_out={self.pool_out}"
+
+
+def build(base: nn.Module, config, name: str = "layer") -> LoRALinear:
+    """LoRA at `config.rank` on `base`."""
+    return LoRALinear(base, config.rank, config.scaling, dropout=config.dropout, name=name)

@@ -1,0 +1,70 @@
+"""QA-HiRA: Quantization-Aware Fine-tuning with Higher Rank Adaptation.
+
+Accurate and Efficient Fine-Tuning of Quantized Large Language Models Through Optimal Balance
+(Shen et al., 2024, arXiv:2407.17029; code: github.com/xiaocaigou/qbaraqahira).
+
+    Δ(x) = s · R_λout(M P_λin(x)),  M (d_out/λout × d_in/λin),  ΔW[o, i] = s · M[o // λout, i // λin] / λin,
+
+one matrix on pooled inputs, of rank up to min(d_out/λout, d_in/λin). With λin a multiple of the base's
+INT group size (the default: λin = G) and λout a multiple of its block rows, ΔW is constant on every
+quantization block and folds exactly into the float minima: a 4-bit model out, no cost at inference.
+λout is chosen per layer so the count comes closest to LoRA's at `rank`. The authors' LLaMA setting is the
+4×8 tile (λin 4, λout 8) on a matching 2-D-block quantizer. Difference from the released code, kept on
+purpose: M starts at zero (the model is unchanged at step 0); the released code re-initialises it
+Kaiming-uniform, a random ΔW at step 0.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+from torch import Tensor
+
+from qbara.adapters.base import AdaptedLinear, device_of, lora_parameter_count
+from qbara.errors import QbaraError
+
+
+class HiRALinear(AdaptedLinear):
+    """QA-HiRA: s · R_out(M P_in(x)) with one matrix M (d_out / pool_out, d_in / pool_in), zero at start."""
+
+    method = "qahira"
+
+    def __init__(self, base: nn.Module, scaling: float, pool_in: int, pool_out: int, dropout: float = 0.0,
+                 name: str = "layer"):
+        super().__init__(base, pool_in, pool_out, scaling, dropout, name)
+        self.hira_M = nn.Linear(self.in_features // pool_in, self.out_features // pool_out, bias=False,
+                                device=device_of(base))
+        nn.init.zeros_(self.hira_M.weight)
+
+    def core(self, pooled: Tensor) -> Tensor:
+        return self.hira_M(pooled)
+
+    def core_matrix(self) -> Tensor:
+        return self.hira_M.weight
+
+    def extra_repr(self) -> str:
+        return f"method=qahira, pool_in={self.pool_in}, pool_out={self.pool_out}"
+
+
+def auto_pool_out(d_out: int, d_in: int, pool_in: int, rank: int, multiple_of: int = 1) -> int:
+    """The output repetition whose parameter count (d_out / p)(d_in / pool_in) is closest to LoRA's at
+    `rank` (ties: fewer parameters); only divisors of d_out that are multiples of `multiple_of`."""
+    target = lora_parameter_count(d_out, d_in, rank)
+    candidates = [p for p in range(multiple_of, d_out + 1, multiple_of) if d_out % p == 0]
+    if not candidates:
+        raise QbaraError(f"no output repetition divides {d_out} and is a multiple of {multiple_of}")
+    return min(candidates, key=lambda p: (abs((d_out // p) * (d_in // pool_in) - target), -p))
+
+
+def build(base: nn.Module, config, name: str = "layer") -> HiRALinear:
+    """QA-HiRA pooled by `config.pool_in` (default: the base's group size), repeated by `config.pool_out`
+    (default: LoRA's budget at `config.rank`, a multiple of the base's block rows)."""
+    quant = getattr(base, "quant_config", None)
+    pool_in = config.pool_in or (quant.block_size if quant is not None else None)
+    if pool_in is None:
+        raise QbaraError(f"{name}: qahira's default pool_in is the base's group size, but this layer is not "
+                         f"quantized; quantize it or set pool_in")
+    if base.in_features % pool_in:
+        raise QbaraError(f"{name}: qahira input pooling {pool_in} does not divide the layer's "
+                         f"{base.in_features} features; choose a pool_in that divides {base.in_features}")
+    rows = quant.block_rows if quant is not None and quant.kind == "int" else 1
+    pool_out = config.pool_out or auto_pool_out(base.out_features, base.in_features, pool_in, config.rank, rows)
+    return HiRALinear(base, config.scaling, pool_in, pool_out, config.dropout, name)

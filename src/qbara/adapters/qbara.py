@@ -1,0 +1,31 @@
+"""Q-BaRA: Quantized LLMs with Balanced-rank Adaptation.
+
+Accurate and Efficient Fine-Tuning of Quantized Large Language Models Through Optimal Balance
+(Shen et al., 2024, arXiv:2407.17029; code: github.com/xiaocaigou/qbaraqahira).
+
+    Δ(x) = s · R_λ(B A P_λ(x)),  A (λr × d_in/λ),  B (d_out/λ × λr),  ΔW[o, i] = s · (B A)[o // λ, i // λ] / λ.
+
+The input is average-pooled by λ, the rank raised to λ·r and the output repeated λ times: the trainable
+parameters λr (d_in/λ + d_out/λ) = r (d_in + d_out) equal LoRA's at rank r, at λ times the rank. Authors'
+setting: λ = 2, r = 64, α = 16 (scaling kept α / r), NF4 with double quantization, dropout 0.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from qbara.adapters.lora import LoRALinear
+
+
+class QBaRALinear(LoRALinear):
+    """LoRA of rank λ·r between λ-pooling of the input and λ-repetition of the output."""
+
+    method = "qbara"
+
+    def __init__(self, base: nn.Module, rank: int, scaling: float, pool: int, dropout: float = 0.0,
+                 name: str = "layer"):
+        super().__init__(base, pool * rank, scaling, pool, pool, dropout, name)
+
+
+def build(base: nn.Module, config, name: str = "layer") -> QBaRALinear:
+    """Q-BaRA with λ = `config.pool` and LoRA's budget at `config.rank` (its own rank is λ · rank)."""
+    return QBaRALinear(base, config.rank, config.scaling, config.pool, config.dropout, name)
