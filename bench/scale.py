@@ -27,9 +27,10 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from measure import PeakAnon, proc_status_bytes
 
 SIZES = {  # hidden, ffn, layers, heads, kv heads, vocab
     "0.1b": (768, 2048, 12, 12, 4, 32000),
@@ -71,42 +72,6 @@ def make_model(size: str, cache: Path) -> Path:
 
 # ---------------------------------------------------------------- one case, in its own process
 
-class PeakAnon:
-    """Peak RssAnon of this process, sampled in a thread."""
-
-    def __init__(self, every: float = 0.01):
-        self.peak, self.every, self._stop = 0, every, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def now() -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
-            time.sleep(self.every)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.now())
-
-
-def vm_hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def run_case(case: str, folder: str, steps: int) -> dict:
     import torch
     import transformers  # noqa: F401  (imported before the baseline: the peak is the load's own)
@@ -123,7 +88,7 @@ def run_case(case: str, folder: str, steps: int) -> dict:
         model = _load(case, folder)
     load_s = time.perf_counter() - start
     result = {"case": case, "load_s": load_s, "load_peak_anon": load_peak.peak, "baseline_anon": baseline,
-              "load_peak_rss": vm_hwm()}
+              "load_peak_rss": proc_status_bytes("VmHWM")}
     if steps:
         if case == "bnb-nf4":  # fp32 compute like qbara's: what prepare_model_for_kbit_training does
             for p in model.parameters():
@@ -143,7 +108,7 @@ def run_case(case: str, folder: str, steps: int) -> dict:
                 times.append(time.perf_counter() - t)
         result.update(step_s=statistics.median(times[1:] or times), steps=times, train_peak_anon=train_peak.peak,
                       trainable=sum(p.numel() for p in params))
-    result["peak_rss"] = vm_hwm()
+    result["peak_rss"] = proc_status_bytes("VmHWM")
     return result
 
 

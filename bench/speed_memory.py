@@ -35,15 +35,12 @@ weight, for the model's three linear shapes, forward and forward + backward (inp
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
-import gc
 import importlib.metadata
 import importlib.util
 import itertools
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,8 +51,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from measure import (interleaved_medians, memory_in_use, peak_memory, release_freed_memory,
+                     reset_peak_memory, version)
 from qbara import AdapterConfig, QuantConfig, QuantizedLinear, load_model, prepare
 from qbara.adapters import attach_adapters
 from qbara.commands.quantize import model_bytes
@@ -220,67 +218,21 @@ class Trainer:
 # ------------------------------------------------------------------------------------------ timing
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
-def interleaved_medians(jobs: dict[str, Callable[[], None]], repeats: int, device: str,
-                        progress: str | None = None) -> dict[str, float]:
-    """Median seconds of each job over `repeats` rounds after one warm-up round; each round runs every job
-    once, in turn, so that a slower or faster moment of a shared machine falls on all of them."""
-    times = {name: [] for name in jobs}
-    for round_ in tqdm(range(1 + repeats), desc=progress, disable=progress is None, leave=False, file=sys.stderr):
-        for name, job in jobs.items():
-            synchronize(device)
-            start = time.perf_counter()
-            job()
-            synchronize(device)
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # ------------------------------------------------------------------------------------------ memory
 
 
-def proc_status_bytes(field: str) -> int:
-    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def release_freed_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc), so RSS counts live memory."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
-def memory_in_use(device: str) -> int:
-    """Bytes in use now: allocated CUDA memory, or this process's resident set."""
-    return torch.cuda.memory_allocated() if device == "cuda" else proc_status_bytes("VmRSS")
 
 
-def peak_memory(device: str) -> int:
-    """Peak bytes since the last reset: allocated CUDA memory, or this process's resident set (VmHWM)."""
-    return torch.cuda.max_memory_allocated() if device == "cuda" else proc_status_bytes("VmHWM")
 
 
-def reset_peak_memory(device: str) -> bool:
-    """Start a new peak; False where the CPU peak cannot be reset (it then covers the whole process)."""
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
-    except OSError:
-        return False
-    return True
 
 
 def cpu_tensor_peak(trainer: Trainer) -> int:
@@ -454,11 +406,6 @@ def derived(rows: list[dict]) -> list[dict]:
             for label, (a, b) in PAIRS.items() if a in by_name and b in by_name]
 
 
-def version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def environment(args) -> dict:

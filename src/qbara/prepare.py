@@ -9,33 +9,7 @@ from tqdm.auto import tqdm
 from qbara.errors import QbaraError
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
-from qbara.targets import ALL_LINEAR, linear_layer_names, set_submodule
-
-
-def layer_configs(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig],
-                  modules=ALL_LINEAR) -> dict[str, QuantConfig]:
-    """Layer name -> config for the dense linears `quant` applies to, every shape checked (so a bad block
-    size fails before any layer is replaced)."""
-    if isinstance(quant, QuantConfig):
-        names = linear_layer_names(model, modules, include_quantized=False)
-        per_layer = {n: quant for n in names}
-    elif isinstance(quant, Mapping):
-        per_layer = dict(quant)
-        modules_by_name = dict(model.named_modules())
-        quantized = sorted(n for n in per_layer if isinstance(modules_by_name.get(n), QuantizedLinear))
-        if quantized:
-            raise QbaraError(f"{quantized[:3]} are already quantized; load the dense model to quantize them "
-                             f"(again)")
-        missing = sorted(n for n in per_layer if not isinstance(modules_by_name.get(n), nn.Linear))
-        if missing:
-            raise QbaraError(f"quantization configs name layers that are not linear layers of this model: "
-                             f"{missing[:5]}; use names from model.named_modules()")
-    else:
-        raise QbaraError(f"quant must be a QuantConfig or a mapping of layer name to QuantConfig, got "
-                         f"{type(quant).__name__}")
-    for name, config in per_layer.items():
-        config.check_shape(tuple(model.get_submodule(name).weight.shape), name)
-    return per_layer
+from qbara.targets import ALL_LINEAR, layer_configs, linear_layer_names, set_submodule
 
 
 def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig],
@@ -71,7 +45,7 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
                              "quantization_config")
         adopt_bnb(model, quant)
     if not hasattr(model, "qbara_base_fingerprint") and hasattr(model, "config"):
-        from qbara.models.loader import model_fingerprint
+        from qbara.fingerprint import model_fingerprint
 
         model.qbara_base_fingerprint = model_fingerprint(model)
     for p in model.parameters():
@@ -81,7 +55,7 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
         # LoftQ / LQ-LoRA: Q is the quantized part of a decomposition W ≈ Q + L1 L2, not quantize(W).
         from qbara.lq.prepare import quantize_with_factors
 
-        from qbara.models.loader import model_fingerprint
+        from qbara.fingerprint import model_fingerprint
 
         per_layer = layer_configs(model, quant, modules)
         targets = linear_layer_names(model, adapter.target_modules, include_quantized=False)

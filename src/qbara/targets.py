@@ -1,13 +1,14 @@
-"""Which linear layers of a model to quantize or adapt."""
+"""Which linear layers of a model to quantize or adapt, and with which quantization config."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
 from qbara.errors import QbaraError
 from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.quant.config import QuantConfig
 
 ALL_LINEAR = "all-linear"
 
@@ -43,3 +44,29 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def layer_configs(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig],
+                  modules=ALL_LINEAR) -> dict[str, QuantConfig]:
+    """Layer name -> config for the dense linears `quant` applies to, every shape checked (so a bad block
+    size fails before any layer is replaced)."""
+    if isinstance(quant, QuantConfig):
+        names = linear_layer_names(model, modules, include_quantized=False)
+        per_layer = {n: quant for n in names}
+    elif isinstance(quant, Mapping):
+        per_layer = dict(quant)
+        modules_by_name = dict(model.named_modules())
+        quantized = sorted(n for n in per_layer if isinstance(modules_by_name.get(n), QuantizedLinear))
+        if quantized:
+            raise QbaraError(f"{quantized[:3]} are already quantized; load the dense model to quantize them "
+                             f"(again)")
+        missing = sorted(n for n in per_layer if not isinstance(modules_by_name.get(n), nn.Linear))
+        if missing:
+            raise QbaraError(f"quantization configs name layers that are not linear layers of this model: "
+                             f"{missing[:5]}; use names from model.named_modules()")
+    else:
+        raise QbaraError(f"quant must be a QuantConfig or a mapping of layer name to QuantConfig, got "
+                         f"{type(quant).__name__}")
+    for name, config in per_layer.items():
+        config.check_shape(tuple(model.get_submodule(name).weight.shape), name)
+    return per_layer

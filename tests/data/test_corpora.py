@@ -2,7 +2,7 @@ import importlib.util
 
 import pytest
 
-from qbara.data import gsm8k_records, shakespeare_plays, shakespeare_text, split_records
+from qbara.data import gsm8k_instructions, gsm8k_records, shakespeare_plays, shakespeare_text, split_records
 from qbara.errors import QbaraError
 
 
@@ -77,6 +77,11 @@ def test_gsm8k_records():
     assert records[0]["question"].startswith("Janet")
     assert records[0]["answer"].rstrip().endswith("#### 18")
     assert all("####" in r["answer"] and r["question"].strip() for r in records)
+
+
+def test_gsm8k_instructions_pair_each_question_with_its_answer():
+    records, instructions = gsm8k_records(), gsm8k_instructions()
+    assert [(r["instruction"], r["output"]) for r in instructions] == [(r["question"], r["answer"]) for r in records]
 
 
 def test_gsm8k_package_missing(monkeypatch):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from qbara import load_adapter
 from qbara.atomic import write_json_atomic
-from qbara.commands.eval import masked_loss
+from qbara.eval.loss import masked_loss
 from qbara.models import tiny_llama
 from qbara.train.config import build_config
 from qbara.train.data import build_examples, read_records

@@ -41,7 +41,7 @@ def base_fingerprint(model: nn.Module) -> str:
     recorded = getattr(model, "qbara_base_fingerprint", None)
     if recorded:
         return recorded
-    from qbara.models.loader import model_fingerprint
+    from qbara.fingerprint import model_fingerprint
 
     return model_fingerprint(model)
 

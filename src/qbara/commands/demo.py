@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 
 
-
 def gsm8k_instruction_files(out: Path, held_out: int, seed: int) -> tuple[Path, Path]:
     """Write GSM8K (bundled test split) as instruction records: train and held-out JSONL files."""
-    from qbara.data import gsm8k_records, split_records
+    from qbara.data import gsm8k_instructions, split_records
 
-    records = [{"instruction": r["question"], "output": r["answer"]} for r in gsm8k_records()]
+    records = gsm8k_instructions()
     train, held = split_records(records, held_out=held_out / len(records), seed=seed)
     paths = out / "gsm8k_train.jsonl", out / "gsm8k_heldout.jsonl"
     for path, part in zip(paths, (train, held)):
@@ -35,7 +34,7 @@ def run(args) -> dict:
 def _run(args, out: Path) -> tuple[dict, dict]:
     """The demo, writing into the new folder `out`."""
     from qbara.adapters.merge import merge
-    from qbara.commands.eval import masked_loss
+    from qbara.eval.loss import masked_loss
     from qbara.models.loader import load_model
     from qbara.models.quantized_io import write_quantized
     from qbara.quant.config import QuantConfig

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from qbara.errors import QbaraError
+from qbara.eval.loss import masked_loss
 from qbara.eval.harness import (LM_EVAL_OPTIONS, TASKS_HINT, check_output_path, count_type, lm_eval_bridge,
                                 load_lm_eval_tasks, parse_batch_size, parse_limit)
 
@@ -41,27 +42,6 @@ def read_text(data: str) -> str:
     from qbara.validate import read_text_file
 
     return read_text_file(path, "data file", max_bytes=None)
-
-
-@torch.no_grad()
-def masked_loss(model, examples, batch_size: int = 4, progress: bool = False) -> dict:
-    """Token-weighted mean NLL on the unmasked (answer) tokens."""
-    from tqdm.auto import tqdm
-
-    from qbara.train.data import IGNORE_INDEX, PadCollator
-
-    collate = PadCollator(0)
-    total, count = 0.0, 0
-    batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
-    for batch in tqdm(batches, desc="eval loss", disable=not progress, leave=False):
-        inputs = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in batch])
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
-        labels = inputs["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                                                reduction="sum")
-        total += float(nll)
-        count += int((labels != IGNORE_INDEX).sum())
-    return {"loss": total / count, "tokens": count, "records": len(examples)}
 
 
 def run(args) -> dict:

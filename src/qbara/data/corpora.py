@@ -119,6 +119,11 @@ def gsm8k_records() -> list[dict]:
     return records
 
 
+def gsm8k_instructions() -> list[dict]:
+    """GSM8K as instruction records, ``{"instruction": question, "output": answer}``, in file order."""
+    return [{"instruction": r["question"], "output": r["answer"]} for r in gsm8k_records()]
+
+
 def split_records(records, held_out: float = 0.1, seed: int = 0) -> tuple[list, list]:
     """Deterministic shuffle-split into ``(train, held_out)``.
 

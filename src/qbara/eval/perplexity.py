@@ -24,7 +24,8 @@ class PerplexityResult:
     windows: int  # number of windows scored
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """Where the model computes: the device of its first parameter (CPU if it has none)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -83,7 +84,7 @@ def perplexity(
     windows = make_windows(input_ids.long(), window, max_tokens)
     n_windows, length = windows.shape
 
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     total_nll = torch.zeros((), dtype=torch.float64)

@@ -168,9 +168,9 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
     `model.qbara_lq` and a fingerprint of the new quantized base as `model.qbara_base_fingerprint`
     (adapters started from these factors only fit this Q, not a plain quantization of the model).
     """
-    from qbara.models.loader import model_fingerprint
+    from qbara.fingerprint import model_fingerprint
     from qbara.nn.quantized_linear import QuantizedLinear
-    from qbara.prepare import layer_configs
+    from qbara.targets import layer_configs
     from qbara.targets import set_submodule
 
     per_layer = layer_configs(model, quant, targets)  # dense linears only, every shape checked
@@ -222,7 +222,7 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     from qbara.adapters.config import AdapterConfig
     from qbara.lq.fisher import open_fisher
     from qbara.lq.tables import DEFAULT_TABLE_ITERS, error_table
-    from qbara.models.loader import model_fingerprint
+    from qbara.fingerprint import model_fingerprint
 
     if isinstance(model, (str, Path)):  # a checkpoint folder: streamed, never dense in memory
         from qbara.models.lq_stream import load_lq

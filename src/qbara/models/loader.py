@@ -1,15 +1,15 @@
-"""One entry point to get a (model, tokenizer) pair, plus a base-model fingerprint."""
+"""One entry point to get a (model, tokenizer) pair."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
 from qbara.errors import QbaraError
+from qbara.fingerprint import model_fingerprint
 from qbara.models.quantized_io import QUANT_MANIFEST
 from qbara.tensor_checks import check_model_values
 
@@ -236,64 +236,4 @@ def check_loading_info(info: dict, path) -> None:
                          f"with random weights. The folder is incomplete or mixes two models: save it again")
 
 
-def model_fingerprint(model) -> str:
-    """A short, stable hex digest identifying a base model: every weight it holds.
-
-    Hashes the architecture (model_type, hidden size, layer count, vocab size) and every tensor of the
-    state dict by name and shape: float weights rounded to bfloat16 first (so the same checkpoint loaded
-    in float32 or bfloat16 gives the same fingerprint), quantized layers' packed buffers byte for byte.
-    Adapter parameters are left out (it identifies the base under them). Streams one tensor at a time
-    (a bf16 copy of the largest tensor at most); ~0.3 s for SmolLM2-135M on this CPU. The per-tensor
-    digests are combined in name order, so a loader that reads tensors in file order (quantize on load)
-    computes the same fingerprint as it goes (`combine_fingerprint`).
-    Compute it on the base the adapter is trained on: the unquantized model for `prepare`, the
-    quantized one for a loaded quantized folder or the Q of an LQ-LoRA / LoftQ decomposition.
-    """
-    return combine_fingerprint(model.config, {name: tensor_fingerprint(name, t) for name, t in _base_tensors(model)})
-
-
-def tensor_fingerprint(name: str, tensor: torch.Tensor) -> str:
-    """The digest of one tensor as `model_fingerprint` sees it (floats rounded to bf16)."""
-    tensor = tensor.detach()
-    if tensor.is_floating_point():
-        tensor = tensor.to(device="cpu", dtype=torch.bfloat16)
-    tensor = tensor.to("cpu").contiguous().reshape(-1)
-    digest = hashlib.sha256(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-    if tensor.numel():
-        digest.update(tensor.view(torch.uint8).numpy())  # hashed in place, no copy
-    return digest.hexdigest()
-
-
-def combine_fingerprint(config, digests: dict[str, str]) -> str:
-    """The model fingerprint from its architecture and its tensors' digests."""
-    arch = {
-        "model_type": getattr(config, "model_type", None),
-        "hidden_size": getattr(config, "hidden_size", None),
-        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
-        "vocab_size": getattr(config, "vocab_size", None),
-    }
-    digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
-    for name in sorted(digests):
-        digest.update(f"{name}={digests[name]};".encode())
-    return digest.hexdigest()[:16]
-
-
-def _base_tensors(model):
-    """(name, tensor) of every state-dict tensor of the base: adapter parameters left out and an adapted
-    layer's base named as the layer itself, so a model hashes the same before and after `prepare`'s
-    adapters are attached."""
-    from qbara.adapters.attach import adapter_layers
-
-    adapted = adapter_layers(model)
-    skip = {f"{name}.{p}" for name, layer in adapted.items() for p in layer.adapter_parameters()}
-    for key, tensor in model.state_dict().items():
-        if key in skip:
-            continue
-        for name in adapted:
-            if key.startswith(name + ".base."):
-                key = name + key[len(name) + len(".base"):]
-                break
-        yield key, tensor
-
-
-__all__ = ["DEFAULT_MODEL", "BUILTIN_MODELS", "load_model", "model_fingerprint"]
+__all__ = ["DEFAULT_MODEL", "BUILTIN_MODELS", "load_model"]

@@ -74,10 +74,11 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
     from qbara.adapters.config import AdapterConfig
     from qbara.lazy_tensors import LazyTensors
     from qbara.lq.prepare import INIT_METHODS, decompose_layers, lq_report
-    from qbara.models.loader import load_tokenizer, model_fingerprint
+    from qbara.fingerprint import model_fingerprint
+    from qbara.models.loader import load_tokenizer
     from qbara.models.streaming import (_stream, checkpoint_dtype, checkpoint_files, empty_model,
                                         safetensors_reader)
-    from qbara.prepare import layer_configs
+    from qbara.targets import layer_configs
     from qbara.targets import linear_layer_names
     from qbara.validate import check_hf_folder
 

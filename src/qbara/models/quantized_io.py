@@ -293,7 +293,7 @@ def save_native(model, folder) -> Path:
     when it has some. `qbara.load_model(folder)` loads both back."""
     from qbara.adapters.attach import adapter_layers
     from qbara.adapters.io import save_adapter
-    from qbara.models.loader import model_fingerprint
+    from qbara.fingerprint import model_fingerprint
 
     folder = Path(folder)
     adapted = bool(adapter_layers(model))

@@ -136,10 +136,10 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
     target linears as they come (one dense tensor at a time). packed: layer name -> QuantizedTensor built
     beforehand (an LQ-LoRA / LoftQ decomposition's Q), used for that layer instead of quantizing its weight
     (which is still read, checked and hashed for the dense model's fingerprint)."""
-    from qbara.models.loader import combine_fingerprint, tensor_fingerprint
+    from qbara.fingerprint import combine_fingerprint, tensor_fingerprint
     from qbara.models.quantized_io import enable_native_save
     from qbara.nn.quantized_linear import QuantizedLinear
-    from qbara.prepare import layer_configs
+    from qbara.targets import layer_configs
     from qbara.quant.tensor import quantize
     from qbara.targets import set_submodule
     from qbara.tensor_checks import check_tensor

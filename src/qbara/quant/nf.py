@@ -5,7 +5,6 @@ import functools
 
 import numpy as np
 import torch
-from scipy.stats import norm
 from torch import Tensor
 
 NF_OFFSET = 0.9677083  # 1 - (1/30 + 1/32) / 2, rounded as in QLoRA's published NF4 table
@@ -15,6 +14,8 @@ NF_OFFSET = 0.9677083  # 1 - (1/30 + 1/32) / 2, rounded as in QLoRA's published 
 def _nf_levels_np(bits: int) -> np.ndarray:
     # Probabilities are taken on a float32 grid (torch.linspace), as in QLoRA's published NF4 table;
     # the negative side is the mirror image of the quantiles at linspace(offset, 1/2, 2**(k-1)).
+    from scipy.stats import norm  # imported on first use: scipy.stats alone takes seconds to import
+
     half = 2 ** (bits - 1)
     positive = norm.ppf(torch.linspace(NF_OFFSET, 0.5, half + 1).numpy())[:-1]
     negative = -norm.ppf(torch.linspace(NF_OFFSET, 0.5, half).numpy())[:-1]

@@ -1,0 +1,29 @@
+"""Held-out loss of instruction or chat records: mean NLL on the answer tokens only."""
+from __future__ import annotations
+
+import torch
+
+from qbara.eval.perplexity import model_device
+
+
+@torch.no_grad()
+def masked_loss(model, examples, batch_size: int = 4, progress: bool = False) -> dict:
+    """Token-weighted mean NLL on the unmasked (answer) tokens of `examples` (`qbara.train.data.Example`s),
+    batched on the model's device: {"loss", "tokens", "records"}."""
+    from tqdm.auto import tqdm
+
+    from qbara.train.data import IGNORE_INDEX, PadCollator
+
+    collate, device = PadCollator(0), model_device(model)
+    total, count = 0.0, 0
+    batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+    for batch in tqdm(batches, desc="eval loss", disable=not progress, leave=False):
+        inputs = {k: v.to(device) for k, v in collate([{"input_ids": e.input_ids, "labels": e.labels}
+                                                       for e in batch]).items()}
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
+        labels = inputs["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                                reduction="sum")
+        total += float(nll)
+        count += int((labels != IGNORE_INDEX).sum())
+    return {"loss": total / count, "tokens": count, "records": len(examples)}
