@@ -282,9 +282,10 @@ def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: i
 def quantize_step(config: QuantConfig, name: str = "weight") -> Callable[[Tensor], tuple[Tensor, Any]]:
     """R -> (dequant(quantize(R, config)), None) in fp32: the quantization half of an alternation.
 
-    NF configs skip the packing (bit-identical values, 4-8x faster).
+    NF configs skip the packing (bit-identical values, 4-8x faster); dq_style="bnb" ones (codes rounded against
+    the exact absmax, scales stored otherwise) go through `quantize`.
     """
-    if config.kind != "nf":
+    if config.kind != "nf" or config.dq_style != "qbara":
         def step(R: Tensor):
             return quantize(R, config, name).dequantize(torch.float32), None
 

@@ -289,7 +289,7 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
             c.check_shape(tuple(W.shape), name)
         except QbaraError:
             continue  # stays +inf
-        if c.kind != "nf":
+        if c.kind != "nf" or c.dq_style != "qbara":  # bnb-style double quant: its own alternation, via quantize
             key = ("other", j)
         elif dq_mode == "loop":
             key = ("nf", c.bits, c.block_size, j)

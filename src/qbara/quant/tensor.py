@@ -11,6 +11,8 @@ from torch import Tensor
 from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import double_dequantize, double_quantize
+from qbara.quant.dq_bnb import bnb_double_dequantize, bnb_double_quantize
+from qbara.quant.ggml import dequantize_ggml, quantize_ggml
 from qbara.quant.intk import dequantize_int, quantize_int
 from qbara.quant.nf import block_absmax, nf_level_table, round_nf
 from qbara.quant.packing import pack_bits, unpack_bits, unpack_lookup
@@ -27,7 +29,10 @@ class QuantizedTensor:
     """A quantized (d_out, d_in) weight held as packed buffers.
 
     NF: `codes` (packed), and `absmax` fp32 or, with double quant, `absmax_codes` (packed),
-    `absmax_group_max`, `absmax_offset`. INT: `codes` (packed), `scale` fp16, `minimum` fp16 (or fp32).
+    `absmax_group_max`, `absmax_offset`; with dq_style="bnb", bitsandbytes' buffers: `absmax_codes` (uint8),
+    `nested_absmax` (fp32 per 256 scales), `absmax_offset`. INT: `codes` (packed), `scale` fp16, `minimum` fp16
+    (or fp32). GGUF (gguf:*): `codes`, the (d_out, row bytes) uint8 GGML blocks exactly as a GGUF file
+    stores them (codes, scales and minima interleaved per block).
     """
 
     config: QuantConfig
@@ -50,6 +55,9 @@ class QuantizedTensor:
 
     def codes(self) -> Tensor:
         """Unpacked integer codes, one uint8 per weight, row-major."""
+        if self.config.kind == "gguf":
+            raise QbaraError(f"{self.config.format} keeps codes inside GGML blocks, with their scales; read the "
+                             f"weight with dequantize(), or the raw blocks with tensors['codes']")
         return unpack_bits(self.tensors["codes"], self.config.bits, self.numel)
 
     def scales(self) -> Tensor:
@@ -57,6 +65,8 @@ class QuantizedTensor:
         t, c = self.tensors, self.config
         if not c.double_quant:
             return t["absmax"].float()
+        if c.dq_style == "bnb":
+            return bnb_double_dequantize(t["absmax_codes"], t["nested_absmax"], t["absmax_offset"])
         n_blocks = self.numel // c.block_size
         codes = unpack_bits(t["absmax_codes"], c.dq_bits, n_blocks)
         return double_dequantize(codes, t["absmax_group_max"], t["absmax_offset"], c.dq_bits, c.dq_block_size)
@@ -64,6 +74,8 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The (d_out, d_in) weight in `dtype` (codes are looked up straight from the packed bytes)."""
         c, packed = self.config, self.tensors["codes"]
+        if c.kind == "gguf":
+            return dequantize_ggml(packed, self.shape, c.ggml).to(dtype)
         if c.kind == "nf":
             levels = unpack_lookup(packed, c.bits, self.numel, nf_level_table(c.bits, packed.device))
             return levels.view(-1, c.block_size).mul_(self.scales()[:, None]).view(self.shape).to(dtype)
@@ -76,6 +88,8 @@ class QuantizedTensor:
         fresh memory is faulted in per call), or None where this layout has no in-place path (3-bit codes,
         2-D INT tiles)."""
         c, packed = self.config, self.tensors["codes"]
+        if c.kind == "gguf":
+            return dequantize_ggml(packed, self.shape, c.ggml, out=out)
         if 8 % c.bits or (c.kind == "int" and c.block_rows != 1):
             return None
         table = (nf_level_table(c.bits, packed.device) if c.kind == "nf" else _code_values(c.bits, packed.device))
@@ -106,6 +120,8 @@ def quantize(weight: Tensor, config: QuantConfig, name: str = "weight") -> Quant
     if weight.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(weight)):  # one pass, NaN propagates
         raise QbaraError(f"{name}: weight contains NaN or Inf; fix the checkpoint before quantizing")
     shape = (int(weight.shape[0]), int(weight.shape[1]))
+    if config.kind == "gguf":  # one buffer: the block bytes a GGUF file holds (chunked by the ggml module)
+        return QuantizedTensor(config, shape, {"codes": quantize_ggml(weight, config.ggml, name)})
     chunks = [weight[start:start + rows] for start, rows in _row_chunks(shape, config)]
     if config.kind == "int":
         minimum_dtype = torch.float32 if config.minimum_dtype == "fp32" else torch.float16
@@ -116,11 +132,17 @@ def quantize(weight: Tensor, config: QuantConfig, name: str = "weight") -> Quant
         return QuantizedTensor(config, shape, tensors)
     # NF: the scales first (double quantization has one offset per matrix), then the codes rounded against the
     # scales as stored, so double-quantized codes are the nearest levels to w / (double-dequantized absmax).
-    # (bitsandbytes' own double quant rounds against the exact absmax instead; no qbara config reproduces its
-    # layout. Without double quant the stored scale is the exact absmax and codes equal bitsandbytes'.)
+    # (bitsandbytes' own double quant, dq_style="bnb", rounds against the exact absmax instead. Without double
+    # quant the stored scale is the exact absmax and codes equal bitsandbytes'.)
     absmax = torch.cat([block_absmax(c, config.block_size) for c in chunks])
     tensors = {}
-    if config.double_quant:
+    if config.double_quant and config.dq_style == "bnb":
+        # bitsandbytes compresses the scales after rounding the codes (checked against quantize_4bit(...,
+        # compress_statistics=True)): codes against the exact absmax, the scales stored are not those.
+        s_codes, nested_absmax, offset = bnb_double_quantize(absmax)
+        tensors.update(absmax_codes=s_codes, nested_absmax=nested_absmax, absmax_offset=offset)
+        scales = absmax
+    elif config.double_quant:
         s_codes, group_max, offset = double_quantize(absmax, config.dq_bits, config.dq_block_size, config.dq_dtype)
         tensors.update(absmax_codes=pack_bits(s_codes, config.dq_bits), absmax_group_max=group_max,
                        absmax_offset=offset)

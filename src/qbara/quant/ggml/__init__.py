@@ -1,0 +1,179 @@
+"""GGML (llama.cpp / GGUF) block formats as quantization primitives: the exact block bytes GGUF stores.
+
+`quantize_ggml(weight, "q4_k")` returns the (d_out, d_in / block_size * type_size) uint8 block bytes that
+ggml's reference quantizer writes for that weight (llama-quantize without an importance matrix), and
+`dequantize_ggml(raw, shape, "q4_k")` the fp32 weight they hold, bit for bit as gguf-py / ggml decode it.
+One function pair per format too (`quantize_q4_k`, `dequantize_q4_k`, ...). `GGML_FORMATS` lists each
+format's block size, bytes per block, bits per weight and GGMLQuantizationType. The weight must be finite.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qbara.errors import QbaraError
+from qbara.quant.ggml import kquants, legacy
+
+# Weights quantized at once: the search's float32 work arrays stay near 256 K elements (1 MB each, cache-sized).
+CHUNK_ELEMENTS = 1 << 18
+
+
+@dataclass(frozen=True)
+class GGMLFormat:
+    """One GGML block format: `block_size` weights of a row in `type_size` bytes."""
+
+    name: str
+    type_id: int  # GGMLQuantizationType value
+    block_size: int
+    type_size: int
+    quantize_blocks: Callable[[Tensor], Tensor]  # (N, block_size) fp32 -> (N, type_size) uint8
+    dequantize_blocks: Callable[[Tensor, Tensor], Tensor]  # (N, type_size) uint8, out (N, block_size) fp32
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.type_size / self.block_size
+
+    @property
+    def bits(self) -> int:
+        """Bits of each weight's code (q4_k -> 4)."""
+        return int(self.name[1])
+
+    @property
+    def ggml_type(self):
+        """gguf.GGMLQuantizationType of the format (for GGUFWriter.add_tensor(raw_dtype=...))."""
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(self.type_id)
+
+    def row_bytes(self, d_in: int) -> int:
+        return d_in // self.block_size * self.type_size
+
+
+def _format(name: str, type_id: int, block_size: int, type_size: int, module) -> GGMLFormat:
+    return GGMLFormat(name, type_id, block_size, type_size, getattr(module, f"quantize_{name}"),
+                      getattr(module, f"dequantize_{name}"))
+
+
+GGML_FORMATS: dict[str, GGMLFormat] = {f.name: f for f in (
+    _format("q4_0", 2, 32, 18, legacy),
+    _format("q4_1", 3, 32, 20, legacy),
+    _format("q5_0", 6, 32, 22, legacy),
+    _format("q5_1", 7, 32, 24, legacy),
+    _format("q8_0", 8, 32, 34, legacy),
+    _format("q2_k", 10, 256, 84, kquants),
+    _format("q3_k", 11, 256, 110, kquants),
+    _format("q4_k", 12, 256, 144, kquants),
+    _format("q5_k", 13, 256, 176, kquants),
+    _format("q6_k", 14, 256, 210, kquants),
+)}
+
+
+def ggml_format(name: str) -> GGMLFormat:
+    """The format called `name` (q4_0, ..., q6_k; case-insensitive)."""
+    fmt = GGML_FORMATS.get(name.lower()) if isinstance(name, str) else None
+    if fmt is None:
+        raise QbaraError(f"unknown GGML block format {name!r}: choose one of {', '.join(GGML_FORMATS)}")
+    return fmt
+
+
+def check_ggml_shape(shape: tuple[int, ...], fmt: GGMLFormat, what: str = "weight", prefix: str = "") -> None:
+    """Raise a QbaraError naming `what` unless a `shape` weight can be stored in `fmt` (`prefix`: how the
+    caller spells format names, e.g. "gguf:")."""
+    if len(shape) != 2:
+        raise QbaraError(f"{what}: only 2-D weights can be quantized, got shape {tuple(shape)}")
+    d_in = shape[1]
+    if d_in % fmt.block_size:
+        others = [prefix + n for n, f in GGML_FORMATS.items() if d_in % f.block_size == 0]
+        hint = f"use one of {', '.join(others)}" if others else "no GGML block format fits it"
+        raise QbaraError(f"{what}: {prefix}{fmt.name} stores blocks of {fmt.block_size} weights along a row, "
+                         f"which do not divide its {d_in} input features; {hint}, or leave this layer out")
+
+
+def quantize_ggml(weight: Tensor, fmt: str | GGMLFormat, name: str = "weight") -> Tensor:
+    """The (d_out, row bytes) uint8 GGML blocks of a 2-D float weight (quantized in fp32, rows in chunks)."""
+    fmt = fmt if isinstance(fmt, GGMLFormat) else ggml_format(fmt)
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        what = getattr(weight, "dtype", type(weight).__name__)
+        raise QbaraError(f"{name}: GGML quantization takes a float weight, got {what}; pass the float weight")
+    check_ggml_shape(tuple(weight.shape), fmt, name)
+    d_out, d_in = weight.shape
+    out = torch.empty(d_out, fmt.row_bytes(d_in), dtype=torch.uint8, device=weight.device)
+    rows = max(1, CHUNK_ELEMENTS // max(d_in, 1))
+    for start in range(0, d_out, rows):
+        chunk = weight[start:start + rows].detach().to(torch.float32).reshape(-1, fmt.block_size)
+        out[start:start + rows] = fmt.quantize_blocks(chunk).view(-1, out.shape[1])
+    return out
+
+
+def dequantize_ggml(raw: Tensor, shape: tuple[int, int], fmt: str | GGMLFormat,
+                    out: Tensor | None = None) -> Tensor:
+    """The fp32 (d_out, d_in) weight held by GGML block bytes `raw` ((d_out, row bytes) or flat), written
+    into `out` (a buffer of d_out * d_in fp32) when given."""
+    fmt = fmt if isinstance(fmt, GGMLFormat) else ggml_format(fmt)
+    d_out, d_in = shape
+    check_ggml_shape((d_out, d_in), fmt)
+    if raw.dtype != torch.uint8 or raw.numel() != d_out * fmt.row_bytes(d_in):
+        raise QbaraError(f"{fmt.name} bytes for a {d_out}x{d_in} weight must be {d_out * fmt.row_bytes(d_in)} "
+                         f"uint8, got {raw.numel()} {raw.dtype}; pass the buffer quantize_ggml returned")
+    if out is None:
+        out = torch.empty(d_out * d_in, dtype=torch.float32, device=raw.device)
+    fmt.dequantize_blocks(raw.reshape(-1, fmt.type_size), out.view(-1, fmt.block_size))
+    return out.view(d_out, d_in)
+
+
+def _bind(fmt: GGMLFormat) -> tuple[Callable, Callable]:
+    def quantize(weight: Tensor) -> Tensor:
+        return quantize_ggml(weight, fmt)
+
+    def dequantize(raw: Tensor, shape: tuple[int, int]) -> Tensor:
+        return dequantize_ggml(raw, shape, fmt)
+
+    quantize.__name__, dequantize.__name__ = f"quantize_{fmt.name}", f"dequantize_{fmt.name}"
+    quantize.__doc__ = f"(d_out, d_in) float weight -> (d_out, row bytes) uint8 {fmt.name.upper()} blocks."
+    dequantize.__doc__ = f"{fmt.name.upper()} block bytes -> the fp32 (d_out, d_in) weight."
+    return quantize, dequantize
+
+
+quantize_q4_0, dequantize_q4_0 = _bind(GGML_FORMATS["q4_0"])
+quantize_q4_1, dequantize_q4_1 = _bind(GGML_FORMATS["q4_1"])
+quantize_q5_0, dequantize_q5_0 = _bind(GGML_FORMATS["q5_0"])
+quantize_q5_1, dequantize_q5_1 = _bind(GGML_FORMATS["q5_1"])
+quantize_q8_0, dequantize_q8_0 = _bind(GGML_FORMATS["q8_0"])
+quantize_q2_k, dequantize_q2_k = _bind(GGML_FORMATS["q2_k"])
+quantize_q3_k, dequantize_q3_k = _bind(GGML_FORMATS["q3_k"])
+quantize_q4_k, dequantize_q4_k = _bind(GGML_FORMATS["q4_k"])
+quantize_q5_k, dequantize_q5_k = _bind(GGML_FORMATS["q5_k"])
+quantize_q6_k, dequantize_q6_k = _bind(GGML_FORMATS["q6_k"])
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "GGML_FORMATS",
+    "GGMLFormat",
+    "check_ggml_shape",
+    "dequantize_ggml",
+    "dequantize_q2_k",
+    "dequantize_q3_k",
+    "dequantize_q4_0",
+    "dequantize_q4_1",
+    "dequantize_q4_k",
+    "dequantize_q5_0",
+    "dequantize_q5_1",
+    "dequantize_q5_k",
+    "dequantize_q6_k",
+    "dequantize_q8_0",
+    "ggml_format",
+    "quantize_ggml",
+    "quantize_q2_k",
+    "quantize_q3_k",
+    "quantize_q4_0",
+    "quantize_q4_1",
+    "quantize_q4_k",
+    "quantize_q5_0",
+    "quantize_q5_1",
+    "quantize_q5_k",
+    "quantize_q6_k",
+    "quantize_q8_0",
+]

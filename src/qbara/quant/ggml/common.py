@@ -1,0 +1,100 @@
+"""Float32 arithmetic that reproduces GGML's C reference quantizers bit for bit, and byte helpers.
+
+The C code works in IEEE float32, one rounding per operation, sums accumulated in index order. Torch's own
+shortcuts differ from that in places, so the quantizers use these helpers instead:
+- `scalar / tensor` in torch multiplies by a reciprocal (`rdiv` divides);
+- torch.sqrt on CPU float32 is not correctly rounded (`sqrt_f32` goes through float64, which is exact);
+- torch.sum reduces in blocks (`seq_sum` adds rows in order, as a C loop does);
+- C's roundf rounds half away from zero (`roundf`); GGML's nearest_int rounds half to even (torch.round).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+F32 = torch.float32
+
+
+def rdiv(numerator: float, tensor: Tensor) -> Tensor:
+    """numerator / tensor with IEEE division (torch's `scalar / tensor` multiplies by 1/tensor)."""
+    return torch.div(torch.tensor(numerator, dtype=F32, device=tensor.device), tensor)
+
+
+def div(tensor: Tensor, denominator: float) -> Tensor:
+    """tensor / denominator with IEEE division on every device (CUDA turns a scalar divisor into a product)."""
+    return torch.div(tensor, torch.tensor(denominator, dtype=F32, device=tensor.device))
+
+
+def sqrt_f32(tensor: Tensor) -> Tensor:
+    """Correctly rounded float32 square root (C's sqrtf)."""
+    return torch.sqrt(tensor.double()).float()
+
+
+def seq_sum(rows: Tensor) -> Tensor:
+    """Sum over dim 0 in index order, in float32: rows[0] + rows[1] + ... (a C accumulation loop). On CPU one
+    numpy reduction does it (numpy adds row by row when the summed axis is not the contiguous one; pairwise
+    summation is only for the contiguous axis)."""
+    if rows.device.type == "cpu" and rows.is_contiguous() and rows.dtype == F32:
+        return torch.from_numpy(np.add.reduce(rows.numpy(), axis=0))
+    acc = rows[0].clone()
+    for row in rows[1:]:
+        acc += row
+    return acc
+
+
+def roundf(tensor: Tensor) -> Tensor:
+    """C roundf: nearest integer, halves away from zero (exact for every float32)."""
+    a = tensor.abs()
+    whole = a.floor()
+    return torch.copysign(whole + (2 * (a - whole)).floor(), tensor)
+
+
+def nearest_int(tensor: Tensor) -> Tensor:
+    """GGML's nearest_int (the 1.5 * 2**23 trick): round half to even, as int32."""
+    return torch.round(tensor).int()
+
+
+def first_absmax(x: Tensor, dim: int) -> Tensor:
+    """The signed value of largest magnitude along `dim` (the first one on ties, as a strict `>` scan keeps)."""
+    index = x.abs().argmax(dim=dim, keepdim=True)
+    return x.gather(dim, index).squeeze(dim)
+
+
+def fp16_round(tensor: Tensor) -> Tensor:
+    """float32 -> the fp16 GGML stores (round to nearest even)."""
+    return tensor.to(torch.float16)
+
+
+def half_bytes(values: Tensor) -> Tensor:
+    """(N,) fp16 -> (N, 2) uint8, little-endian."""
+    return _le(values.to(torch.float16).contiguous().view(torch.uint8).view(-1, 2))
+
+
+def half_from_bytes(raw: Tensor) -> Tensor:
+    """(N, 2) little-endian uint8 -> (N,) fp32 value of the fp16 they hold."""
+    return _le(raw.contiguous()).view(torch.float16).view(-1).float()
+
+
+def _le(pairs: Tensor) -> Tensor:
+    """Byte pairs in little-endian order whatever the host order (GGUF is little-endian)."""
+    import sys
+
+    return pairs if sys.byteorder == "little" else pairs.flip(-1).contiguous()
+
+
+def bits_to_bytes(bits: Tensor, dim: int) -> Tensor:
+    """Bit planes -> bytes: `bits` (values 0/1) has 8 entries along `dim`; entry b becomes bit b."""
+    shape = [1] * bits.dim()
+    shape[dim] = 8
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8).view(shape)
+    return (bits.to(torch.uint8) << shifts).sum(dim=dim, dtype=torch.uint8)
+
+
+def bytes_to_bits(raw: Tensor, dim: int) -> Tensor:
+    """Inverse of `bits_to_bytes`: a new axis of 8 bits inserted at `dim` (bit b at index b)."""
+    raw = raw.unsqueeze(dim)
+    shape = [1] * raw.dim()
+    shape[dim] = 8
+    shifts = torch.arange(8, device=raw.device, dtype=torch.uint8).view(shape)
+    return (raw >> shifts) & 1

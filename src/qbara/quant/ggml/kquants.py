@@ -1,0 +1,386 @@
+"""GGML's K-quants (super-blocks of QK_K = 256 weights): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
+
+Block layouts (little-endian; "sub-block" = 16 or 32 weights sharing a quantized scale):
+  Q2_K (84 B)  {u8 scales[16]; u8 qs[64]; fp16 d; fp16 dmin}   16 x 16, w = d*(sc & 15)*q - dmin*(sc >> 4)
+  Q3_K (110 B) {u8 hmask[32]; u8 qs[64]; u8 scales[12]; fp16 d}   16 x 16, w = d*(sc - 32)*(q - 4), 6-bit sc
+  Q4_K (144 B) {fp16 d; fp16 dmin; u8 scales[12]; u8 qs[128]}     8 x 32, w = d*sc*q - dmin*m, 6-bit sc and m
+  Q5_K (176 B) {fp16 d; fp16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}   as Q4_K with 5-bit q
+  Q6_K (210 B) {u8 ql[128]; u8 qh[64]; i8 scales[16]; fp16 d}     16 x 16, w = d*sc*(q - 32)
+Code placement: 2-bit codes of element 128*n + 32*k + l sit at bits 2k of qs[32*n + l] (Q2_K, Q3_K; Q3_K's
+third bit is bit e // 32 of hmask[e % 32]); 4-bit codes of element 64*c + 32*h + l in nibble h of
+qs[32*c + l] (Q4_K, Q5_K; Q5_K's fifth bit is bit 2c + h of qh[l]); Q6_K's element 128*n + 32*k + l has its
+low nibble in nibble k // 2 of ql[64*n + 32*(k % 2) + l] and its top two bits at bits 2k of qh[32*n + l].
+
+The quantizers follow ggml's `quantize_row_*_K_ref` (llama-quantize without an importance matrix): per
+sub-block a search for scale (and min) — `make_qkx2_quants` for Q2_K/Q4_K/Q5_K (a least-squares refit of
+scale and min over a sweep of candidate grids, weighted error), `make_q3_quants` for Q3_K (coordinate
+descent on the codes), `make_qx_quants` for Q6_K (a sweep of 18 scales around the absmax one) — then the
+sub-block scales are themselves quantized against the largest (6 or 4 bits, one fp16 d per super-block) and
+the codes are re-rounded against the scales as stored. The arithmetic follows the C code's float32
+operations and summation order, vectorised over all sub-blocks at once (sub-block along dim 1 of an
+(elements, sub-blocks) array).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qbara.quant.ggml.common import (
+    bits_to_bytes,
+    bytes_to_bits,
+    div,
+    first_absmax,
+    half_bytes,
+    half_from_bytes,
+    nearest_int,
+    rdiv,
+    seq_sum,
+    sqrt_f32,
+)
+
+QK_K = 256
+GROUP_MAX_EPS = 1e-15  # ggml: a sub-block with absmax below this is all zeros
+U8 = torch.uint8
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+def _columns(x: Tensor, n: int) -> Tensor:
+    """(N, 256) -> (n, N * 256 / n): one sub-block of n consecutive weights per column."""
+    return x.reshape(-1, n).t().contiguous()
+
+
+def _rows(cols: Tensor) -> Tensor:
+    """Inverse of `_columns`, as (N, 256)."""
+    return cols.t().reshape(-1, QK_K)
+
+
+def _c_float(*terms: float) -> float:
+    """A float32 C expression evaluated left to right: terms[0] + terms[1] * terms[2] + terms[3]..."""
+    value = np.float32(terms[0]) + np.float32(terms[1]) * np.float32(terms[2])
+    for t in terms[3:]:
+        value = value + np.float32(t)
+    return float(value)
+
+
+# ------------------------------------------------------------------------------------------ searches
+
+def _error(scale: Tensor, minimum: Tensor, codes: Tensor, x: Tensor, w: Tensor, mad: bool, work: Tensor) -> Tensor:
+    """Sum_i w_i * |scale*q_i + min - x_i| (mad) or its square, in the C loop's order (`work`: scratch)."""
+    diff = torch.mul(codes, scale, out=work).add_(minimum).sub_(x)
+    return seq_sum((diff.abs_() if mad else diff.mul_(diff)).mul_(w))
+
+
+def make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                     mad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Affine sub-block fit w ~ scale * q - the_min, q in [0, nmax], for (n, M) weights `x` with per-weight
+    importance `w`: the min-max grid, then for each of nstep + 1 grids iscale = (nmax + rmin + rdelta*i) /
+    (max - min) the least-squares scale and min of its codes (min kept <= 0), kept when the weighted error
+    drops (later grids span max - the best min so far). Returns (scale (M,), the_min (M,) >= 0, codes (n, M)
+    float)."""
+    hi, lo = x.amax(dim=0), x.amin(dim=0).clamp(max=0)
+    sum_w, sum_x = seq_sum(w), seq_sum(w * x)
+    flat = hi == lo
+    hi = torch.where(flat, lo + 1, hi)  # any span: flat sub-blocks are set at the end
+    iscale = rdiv(float(nmax), hi - lo)
+    scale = rdiv(1.0, iscale)
+    trial, wl, work = (torch.empty_like(x) for _ in range(3))  # scratch reused by every grid
+    codes = torch.sub(x, lo).mul_(iscale).round_().clamp_(0, nmax)
+    best = _error(scale, lo, codes, x, w, mad, work)
+    for step in range(nstep + 1):  # the grid follows the best min found so far, as in the reference
+        iscale = rdiv(_c_float(rmin, rdelta, step, nmax), hi - lo)
+        torch.sub(x, lo, out=trial).mul_(iscale).round_().clamp_(0, nmax)
+        torch.mul(w, trial, out=wl)
+        sum_l, sum_l2 = seq_sum(wl), seq_sum(torch.mul(wl, trial, out=work))
+        sum_xl = seq_sum(wl.mul_(x))
+        det = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        clip = this_min > 0
+        this_min = torch.where(clip, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(clip, sum_xl / sum_l2, this_scale)
+        error = _error(this_scale, this_min, trial, x, w, mad, work)
+        better = (det > 0) & (error < best) & ~flat
+        torch.where(better, trial, codes, out=codes)
+        best, scale, lo = (torch.where(better, a, b) for a, b in ((error, best), (this_scale, scale), (this_min, lo)))
+    codes = torch.where(flat, torch.zeros_like(codes), codes)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    return scale, -lo, codes
+
+
+def make_q3_quants(x: Tensor, nmax: int, sweeps: int = 5) -> tuple[Tensor, Tensor]:
+    """Symmetric sub-block fit w ~ scale * (q - nmax), q in [0, 2*nmax), weights x^2: codes from the signed
+    absmax (it maps to code 0), then up to `sweeps` passes of coordinate descent that move one code at a time
+    to its best value under the current least-squares scale, kept when sum(w*x*l)^2 / sum(w*l*l) grows.
+    Returns (scale (M,), codes (n, M) float)."""
+    top = first_absmax(x, 0)
+    zero = top.abs() < GROUP_MAX_EPS
+    iscale = rdiv(float(-nmax), torch.where(zero, torch.ones_like(top), top))
+    codes = torch.round(x * iscale).clamp_(-nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sum_lx, sum_l2 = seq_sum(wx * codes), seq_sum(w * codes * codes)
+    for _ in range(sweeps):  # a pass that changes nothing leaves the state as it was, so no early exit
+        for i in range(x.shape[0]):
+            old = codes[i]
+            slx = sum_lx - wx[i] * old
+            sl2 = sum_l2 - w[i] * old * old
+            new = torch.round(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1)
+            slx_new = slx + wx[i] * new
+            sl2_new = sl2 + w[i] * new * new
+            take = ((slx > 0) & (new != old) & (sl2_new > 0)
+                    & (slx_new * slx_new * sum_l2 > sum_lx * sum_lx * sl2_new))
+            codes[i] = torch.where(take, new, old)
+            sum_lx = torch.where(take, slx_new, sum_lx)
+            sum_l2 = torch.where(take, sl2_new, sum_l2)
+    scale = torch.where(sum_l2 > 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
+    codes = torch.where(zero, torch.zeros_like(codes), codes + nmax)
+    return torch.where(zero, torch.zeros_like(scale), scale), codes
+
+
+def make_qx_quants(x: Tensor, nmax: int, steps: int = 9) -> tuple[Tensor, Tensor]:
+    """Symmetric sub-block fit w ~ scale * (q - nmax), q in [0, 2*nmax), weights x^2 (rmse_type 1): the
+    least-squares scale of the absmax grid and of the grids iscale = -(nmax + 0.1*i) / max, i = -steps..steps
+    (ggml: 9), the one with the largest sum(w*x*l)^2 / sum(w*l*l) kept. Returns (scale (M,), codes (n, M)
+    float)."""
+    top = first_absmax(x, 0)
+    zero = top.abs() < GROUP_MAX_EPS
+    top = torch.where(zero, torch.ones_like(top), top)
+    w = x * x
+    wx = w * x
+
+    def fit(num: float) -> tuple[Tensor, Tensor, Tensor]:
+        levels = torch.round(x * rdiv(num, top)).clamp_(-nmax, nmax - 1)
+        return levels, seq_sum(wx * levels), seq_sum(w * levels * levels)
+
+    levels, sum_lx, sum_l2 = fit(float(-nmax))
+    scale = torch.where(sum_l2 != 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
+    best = scale * sum_lx
+    for i in (*range(-steps, 0), *range(1, steps + 1)):
+        trial, slx, sl2 = fit(-_c_float(nmax, 0.1, i))
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        levels = torch.where(better, trial, levels)
+        scale = torch.where(better, slx / sl2, scale)
+        best = torch.where(better, scale * slx, best)
+    codes = torch.where(zero, torch.zeros_like(levels), levels + nmax)
+    return torch.where(zero, torch.zeros_like(scale), scale), codes
+
+
+# ------------------------------------------------------------------------------------------ requantization
+
+def _requantize(x: Tensor, codes: Tensor, step: Tensor, offset: Tensor | None, lo: int, hi: int) -> Tensor:
+    """Codes re-rounded against the stored sub-block scales: clamp(round((x + offset) / step), lo, hi) - lo;
+    where a step is 0 the search's codes stay (the reference skips such sub-blocks).
+    x, codes: (N, S, n); step, offset: (N, S)."""
+    shifted = x + offset[..., None] if offset is not None else x
+    fresh = torch.round(shifted / step[..., None]).clamp_(lo, hi) - lo
+    return torch.where(step[..., None] != 0, fresh, codes)
+
+
+def _positive_max(values: Tensor) -> Tensor:
+    """Row max if positive, else +0.0 (a C scan from 0 with a strict `>`; never -0.0)."""
+    top = values.amax(dim=1)
+    return torch.where(top > 0, top, torch.zeros_like(top))
+
+
+def _c_uint8(values: Tensor) -> Tensor:
+    """An int stored into a C uint8_t (wraps modulo 256), as int32."""
+    return values & 0xFF
+
+
+# ------------------------------------------------------------------------------------------ Q4_K / Q5_K
+
+def _pack_scales_k4(ls: Tensor, lm: Tensor) -> Tensor:
+    """(N, 8) 6-bit scales and mins -> Q4_K/Q5_K's 12 bytes: bytes 0-3 scales 0-3, 4-7 mins 0-3 (top two bits
+    holding the high bits of scales / mins 4-7), 8-11 the low nibbles of scales 4-7 | mins 4-7 << 4."""
+    first = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    second = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    third = (ls[:, 4:] & 15) | ((lm[:, 4:] & 15) << 4)
+    return torch.cat([first, second, third], dim=1).to(U8)
+
+
+def _unpack_scales_k4(raw: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of `_pack_scales_k4`: (N, 8) scales and mins as uint8."""
+    a, b, c = raw[:, :4], raw[:, 4:8], raw[:, 8:12]
+    scales = torch.cat([a & 63, (c & 15) | ((a >> 6) << 4)], dim=1)
+    mins = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=1)
+    return scales, mins
+
+
+def _quantize_k4(x: Tensor, nmax: int, rmin: float, nstep: int) -> tuple[Tensor, Tensor]:
+    """Q4_K / Q5_K without the final bit packing: (header bytes d|dmin|scales (N, 16), codes (N, 8, 32))."""
+    cols = _columns(x, 32)
+    av_x = sqrt_f32(seq_sum(cols * cols) / 32)
+    scales, mins, codes = make_qkx2_quants(cols, cols.abs().add_(av_x), nmax, rmin, 0.1, nstep, mad=False)
+    scales, mins = scales.view(-1, 8), mins.view(-1, 8)
+    max_scale, max_min = _positive_max(scales), _positive_max(mins)
+    inv_scale = torch.where(max_scale > 0, rdiv(63.0, max_scale), torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, rdiv(63.0, max_min), torch.zeros_like(max_min))
+    ls = _c_uint8(nearest_int(inv_scale[:, None] * scales)).clamp_(max=63)
+    lm = _c_uint8(nearest_int(inv_min[:, None] * mins)).clamp_(max=63)
+    d, dmin = div(max_scale, 63).half(), div(max_min, 63).half()
+    codes = _requantize(x.view(-1, 8, 32), _rows(codes).view(-1, 8, 32), d.float()[:, None] * ls,
+                        dmin.float()[:, None] * lm, 0, nmax).to(U8)
+    return torch.cat([half_bytes(d), half_bytes(dmin), _pack_scales_k4(ls, lm)], dim=1), codes
+
+
+def _nibble_pairs(codes: Tensor) -> Tensor:
+    """(N, 8, 32) codes < 16 -> (N, 128): sub-block 2c in the low nibble, 2c + 1 in the high nibble of
+    byte 32c + l."""
+    pairs = codes.view(-1, 4, 2, 32)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _unpack_nibble_pairs(qs: Tensor) -> Tensor:
+    """Inverse of `_nibble_pairs`: (N, 8, 32) uint8 codes."""
+    shifts = torch.tensor([0, 4], dtype=U8, device=qs.device).view(1, 1, 2, 1)
+    return ((qs.reshape(-1, 4, 1, 32) >> shifts) & 15).view(-1, 8, 32)
+
+
+def _apply_k4(raw: Tensor, codes: Tensor, out: Tensor) -> Tensor:
+    """out <- d*sc*q - dmin*m per 32-weight sub-block."""
+    scales, mins = _unpack_scales_k4(raw[:, 4:16])
+    step = half_from_bytes(raw[:, 0:2])[:, None] * scales
+    offset = half_from_bytes(raw[:, 2:4])[:, None] * mins
+    return _scale_sub_blocks(out, codes, step, offset)
+
+
+def _scale_sub_blocks(out: Tensor, codes: Tensor, step: Tensor, offset: Tensor | None = None) -> Tensor:
+    """out <- codes * step (- offset), step / offset one per sub-block (N, S); codes (N, S, n) small ints."""
+    sub = out.view(codes.shape)
+    sub.copy_(codes).mul_(step[..., None])
+    return sub.sub_(offset[..., None]) if offset is not None else sub
+
+
+def quantize_q4_k(x: Tensor) -> Tensor:
+    """(N, 256) fp32 super-blocks -> (N, 144) Q4_K bytes."""
+    header, codes = _quantize_k4(x, 15, -1.0, 20)
+    return torch.cat([header, _nibble_pairs(codes)], dim=1)
+
+
+def dequantize_q4_k(raw: Tensor, out: Tensor) -> Tensor:
+    return _apply_k4(raw, _unpack_nibble_pairs(raw[:, 16:]), out)
+
+
+def quantize_q5_k(x: Tensor) -> Tensor:
+    """(N, 256) fp32 super-blocks -> (N, 176) Q5_K bytes."""
+    header, codes = _quantize_k4(x, 31, -0.5, 15)
+    qh = bits_to_bytes(codes >> 4, dim=1)
+    return torch.cat([header, qh, _nibble_pairs(codes & 15)], dim=1)
+
+
+def dequantize_q5_k(raw: Tensor, out: Tensor) -> Tensor:
+    codes = _unpack_nibble_pairs(raw[:, 48:]) | (bytes_to_bits(raw[:, 16:48], dim=1) << 4)
+    return _apply_k4(raw, codes, out)
+
+
+# ------------------------------------------------------------------------------------------ 2-bit planes
+
+def _pack_crumbs(codes: Tensor) -> Tensor:
+    """(N, 256) codes < 4 -> (N, 64): element 128n + 32k + l at bits 2k of byte 32n + l."""
+    planes = codes.view(-1, 2, 4, 32)
+    return (planes[:, :, 0] | (planes[:, :, 1] << 2) | (planes[:, :, 2] << 4) | (planes[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _unpack_crumbs(qs: Tensor) -> Tensor:
+    """Inverse of `_pack_crumbs`: (N, 8, 32) uint8 codes (element 32 * row + column)."""
+    shifts = torch.arange(0, 8, 2, device=qs.device, dtype=U8).view(1, 1, 4, 1)
+    return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).view(-1, 8, 32)
+
+
+# ------------------------------------------------------------------------------------------ Q2_K
+
+def quantize_q2_k(x: Tensor) -> Tensor:
+    """(N, 256) fp32 super-blocks -> (N, 84) Q2_K bytes."""
+    cols = _columns(x, 16)
+    scales, mins, codes = make_qkx2_quants(cols, cols.abs(), 3, -0.5, 0.1, 15, mad=True)
+    scales, mins = scales.view(-1, 16), mins.view(-1, 16)
+    max_scale, max_min = _positive_max(scales), _positive_max(mins)
+    has_scale, has_min = (max_scale > 0)[:, None], (max_min > 0)[:, None]
+    ls = torch.where(has_scale, nearest_int(rdiv(15.0, max_scale)[:, None] * scales), 0)
+    lm = torch.where(has_min, nearest_int(rdiv(15.0, max_min)[:, None] * mins), 0)
+    packed = _c_uint8(ls) | _c_uint8(lm << 4)
+    d = torch.where(has_scale[:, 0], div(max_scale, 15), 0).half()
+    dmin = torch.where(has_min[:, 0], div(max_min, 15), 0).half()
+    codes = _requantize(x.view(-1, 16, 16), _rows(codes).view(-1, 16, 16), d.float()[:, None] * (packed & 15),
+                        dmin.float()[:, None] * (packed >> 4), 0, 3).to(U8)
+    return torch.cat([packed.to(U8), _pack_crumbs(codes), half_bytes(d), half_bytes(dmin)], dim=1)
+
+
+def dequantize_q2_k(raw: Tensor, out: Tensor) -> Tensor:
+    scales = raw[:, :16]
+    step = half_from_bytes(raw[:, 80:82])[:, None] * (scales & 15)
+    offset = half_from_bytes(raw[:, 82:84])[:, None] * (scales >> 4)
+    return _scale_sub_blocks(out, _unpack_crumbs(raw[:, 16:80]).view(-1, 16, 16), step, offset)
+
+
+# ------------------------------------------------------------------------------------------ Q3_K
+
+def _pack_scales_q3(ls: Tensor) -> Tensor:
+    """(N, 16) 6-bit scales -> 12 bytes: low nibbles of scales j and j + 8 in byte j (j < 8); the high two
+    bits of scale j at bits 2*(j // 4) of byte 8 + j % 4."""
+    low = (ls[:, :8] & 15) | ((ls[:, 8:] & 15) << 4)
+    high = (ls >> 4).view(-1, 4, 4)  # [group j // 4, j % 4]
+    high = high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6)
+    return torch.cat([low, high], dim=1).to(U8)
+
+
+def _unpack_scales_q3(raw: Tensor) -> Tensor:
+    """Inverse of `_pack_scales_q3`: (N, 16) scales as int32 in [0, 64)."""
+    low = torch.cat([raw[:, :8] & 15, raw[:, :8] >> 4], dim=1)
+    shifts = torch.arange(0, 8, 2, device=raw.device, dtype=U8).view(1, 4, 1)
+    high = ((raw[:, 8:12].reshape(-1, 1, 4) >> shifts) & 3).reshape(-1, 16)
+    return (low | (high << 4)).int()
+
+
+def quantize_q3_k(x: Tensor) -> Tensor:
+    """(N, 256) fp32 super-blocks -> (N, 110) Q3_K bytes."""
+    scales, codes = make_q3_quants(_columns(x, 16), 4)
+    scales = scales.view(-1, 16)
+    top = first_absmax(scales, 1)
+    has = top != 0
+    iscale = rdiv(-32.0, torch.where(has, top, torch.ones_like(top)))
+    ls = torch.where(has[:, None], nearest_int(iscale[:, None] * scales).clamp_(-32, 31) + 32, 0)
+    d = torch.where(has, rdiv(1.0, iscale), 0).half()
+    codes = _requantize(x.view(-1, 16, 16), _rows(codes).view(-1, 16, 16), d.float()[:, None] * (ls - 32),
+                        None, -4, 3).to(U8).view(-1, 8, 32)
+    high = codes >> 2
+    hmask = bits_to_bytes(high, dim=1)
+    return torch.cat([hmask, _pack_crumbs(codes & 3), _pack_scales_q3(ls), half_bytes(d)], dim=1)
+
+
+def dequantize_q3_k(raw: Tensor, out: Tensor) -> Tensor:
+    codes = (_unpack_crumbs(raw[:, 32:96]) | (bytes_to_bits(raw[:, :32], dim=1) << 2)).view(torch.int8) - 4
+    step = half_from_bytes(raw[:, 108:110])[:, None] * (_unpack_scales_q3(raw[:, 96:108]) - 32)
+    return _scale_sub_blocks(out, codes.view(-1, 16, 16), step)
+
+
+# ------------------------------------------------------------------------------------------ Q6_K
+
+def quantize_q6_k(x: Tensor) -> Tensor:
+    """(N, 256) fp32 super-blocks -> (N, 210) Q6_K bytes."""
+    scales, codes = make_qx_quants(_columns(x, 16), 32)
+    scales = scales.view(-1, 16)
+    top = first_absmax(scales, 1)
+    live = top.abs() >= GROUP_MAX_EPS
+    iscale = rdiv(-128.0, torch.where(live, top, torch.ones_like(top)))
+    ls = nearest_int(iscale[:, None] * scales).clamp_(max=127)
+    d = rdiv(1.0, iscale).half()
+    codes = _requantize(x.view(-1, 16, 16), _rows(codes).view(-1, 16, 16), d.float()[:, None] * ls,
+                        None, -32, 31).to(U8).view(-1, 2, 4, 32)
+    ql = (codes[:, :, :2] & 15) | ((codes[:, :, 2:] & 15) << 4)
+    qh = (codes >> 4).view(-1, 2, 4, 32)
+    qh = qh[:, :, 0] | (qh[:, :, 1] << 2) | (qh[:, :, 2] << 4) | (qh[:, :, 3] << 6)
+    raw = torch.cat([ql.reshape(-1, 128), qh.reshape(-1, 64), ls.to(torch.int8).view(U8), half_bytes(d)], dim=1)
+    return torch.where(live[:, None], raw, torch.zeros_like(raw))  # an all-zero super-block is all zero bytes
+
+
+def dequantize_q6_k(raw: Tensor, out: Tensor) -> Tensor:
+    ql = raw[:, :128].reshape(-1, 2, 1, 2, 32)  # [n, -, k % 2, l]
+    low = (ql >> torch.tensor([0, 4], dtype=U8, device=raw.device).view(1, 1, 2, 1, 1)) & 15  # [n, k // 2, k % 2, l]
+    shifts = torch.arange(0, 8, 2, device=raw.device, dtype=U8).view(1, 1, 4, 1)
+    high = (raw[:, 128:192].reshape(-1, 2, 1, 32) >> shifts) & 3  # [n, k, l]
+    codes = (low.view(-1, 2, 4, 32) | (high << 4)).view(torch.int8) - 32
+    step = half_from_bytes(raw[:, 208:210])[:, None] * raw[:, 192:208].view(torch.int8)
+    return _scale_sub_blocks(out, codes.view(-1, 16, 16), step)

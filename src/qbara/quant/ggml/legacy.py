@@ -1,0 +1,128 @@
+"""GGML's 32-weight block formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: reference quantizers and dequantizers.
+
+Block layouts (little-endian, element j of a block):
+  Q4_0 (18 B) {fp16 d; u8 qs[16]}             w = d * (q - 8),   q = qs[j] & 15 (j < 16) or qs[j-16] >> 4
+  Q4_1 (20 B) {fp16 d; fp16 m; u8 qs[16]}     w = d * q + m
+  Q5_0 (22 B) {fp16 d; u8 qh[4]; u8 qs[16]}   w = d * (q - 16),  q's fifth bit is bit j of the u32 qh
+  Q5_1 (24 B) {fp16 d; fp16 m; u8 qh[4]; u8 qs[16]}   w = d * q + m
+  Q8_0 (34 B) {fp16 d; i8 qs[32]}             w = d * q
+The quantizers follow ggml's `quantize_row_*_ref` (what llama-quantize writes without an importance
+matrix): symmetric formats take d from the signed absmax (d = max / -8 or / -16, so that value maps to the
+lowest code), affine ones from the min-max range; codes are truncated after adding 0.5 (Q8_0: roundf).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qbara.quant.ggml.common import (
+    bits_to_bytes,
+    bytes_to_bits,
+    div,
+    first_absmax,
+    half_bytes,
+    half_from_bytes,
+    rdiv,
+    roundf,
+)
+
+U8 = torch.uint8
+
+
+def _inverse(d: Tensor) -> Tensor:
+    """1 / d, and 0 where d is 0 (the reference's `id = d ? 1.0f/d : 0.0f`)."""
+    return torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
+
+
+def _pack_nibbles(q: Tensor) -> Tensor:
+    """(N, 32) codes < 16 -> (N, 16) bytes: element j in the low nibble, element j + 16 in the high one."""
+    return q[:, :16] | (q[:, 16:] << 4)
+
+
+def _unpack_nibbles(qs: Tensor) -> Tensor:
+    """Inverse of `_pack_nibbles`: (N, 32) uint8 codes."""
+    return torch.cat([qs & 15, qs >> 4], dim=1)
+
+
+def _high_bits(q: Tensor) -> Tensor:
+    """(N, 32) 5-bit codes -> (N, 4) qh bytes: bit j of the little-endian u32 = bit 4 of code j."""
+    return bits_to_bytes((q >> 4).view(-1, 4, 8), dim=2)
+
+
+def _codes_5bit(qh: Tensor, qs: Tensor) -> Tensor:
+    """(N, 32) uint8 5-bit codes from qh (N, 4) and qs (N, 16)."""
+    return _unpack_nibbles(qs) | (bytes_to_bits(qh, dim=2).view(-1, 32) << 4)
+
+
+def _scale_codes(out: Tensor, codes: Tensor, raw: Tensor, zero: int = 0, affine: bool = False) -> Tensor:
+    """out <- (codes - zero) * d (+ m): d (and m) the fp16 fields at the start of each block."""
+    out.copy_(codes.view(torch.int8) - zero if zero else codes)
+    out.mul_(half_from_bytes(raw[:, :2])[:, None])
+    return out.add_(half_from_bytes(raw[:, 2:4])[:, None]) if affine else out
+
+
+def _symmetric_codes(x: Tensor, levels: int) -> tuple[Tensor, Tensor]:
+    """Q4_0 / Q5_0 (levels 16 / 32): d = signed absmax / -(levels / 2), codes min(levels - 1, trunc(x / d +
+    levels / 2 + 0.5))."""
+    d = div(first_absmax(x, 1), -(levels // 2))
+    q = torch.trunc(x * _inverse(d)[:, None] + (levels // 2 + 0.5)).clamp_(0, levels - 1).to(U8)
+    return q, d
+
+
+def _affine_codes(x: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Q4_1 / Q5_1: m = min, d = (max - min) / (levels - 1), codes trunc((x - m) / d + 0.5)."""
+    lo, hi = x.amin(dim=1), x.amax(dim=1)
+    d = div(hi - lo, levels - 1)
+    q = torch.trunc((x - lo[:, None]) * _inverse(d)[:, None] + 0.5).clamp_(0, levels - 1).to(U8)
+    return q, d, lo
+
+
+def quantize_q4_0(x: Tensor) -> Tensor:
+    """(N, 32) fp32 blocks -> (N, 18) Q4_0 bytes."""
+    q, d = _symmetric_codes(x, 16)
+    return torch.cat([half_bytes(d), _pack_nibbles(q)], dim=1)
+
+
+def dequantize_q4_0(raw: Tensor, out: Tensor) -> Tensor:
+    return _scale_codes(out, _unpack_nibbles(raw[:, 2:]), raw, zero=8)
+
+
+def quantize_q4_1(x: Tensor) -> Tensor:
+    """(N, 32) fp32 blocks -> (N, 20) Q4_1 bytes."""
+    q, d, m = _affine_codes(x, 16)
+    return torch.cat([half_bytes(d), half_bytes(m), _pack_nibbles(q)], dim=1)
+
+
+def dequantize_q4_1(raw: Tensor, out: Tensor) -> Tensor:
+    return _scale_codes(out, _unpack_nibbles(raw[:, 4:]), raw, affine=True)
+
+
+def quantize_q5_0(x: Tensor) -> Tensor:
+    """(N, 32) fp32 blocks -> (N, 22) Q5_0 bytes."""
+    q, d = _symmetric_codes(x, 32)
+    return torch.cat([half_bytes(d), _high_bits(q), _pack_nibbles(q & 15)], dim=1)
+
+
+def dequantize_q5_0(raw: Tensor, out: Tensor) -> Tensor:
+    return _scale_codes(out, _codes_5bit(raw[:, 2:6], raw[:, 6:]), raw, zero=16)
+
+
+def quantize_q5_1(x: Tensor) -> Tensor:
+    """(N, 32) fp32 blocks -> (N, 24) Q5_1 bytes."""
+    q, d, m = _affine_codes(x, 32)
+    return torch.cat([half_bytes(d), half_bytes(m), _high_bits(q), _pack_nibbles(q & 15)], dim=1)
+
+
+def dequantize_q5_1(raw: Tensor, out: Tensor) -> Tensor:
+    return _scale_codes(out, _codes_5bit(raw[:, 4:8], raw[:, 8:]), raw, affine=True)
+
+
+def quantize_q8_0(x: Tensor) -> Tensor:
+    """(N, 32) fp32 blocks -> (N, 34) Q8_0 bytes: d = absmax / 127, q = roundf(x / d)."""
+    d = div(x.abs().amax(dim=1), 127)
+    q = roundf(x * _inverse(d)[:, None]).to(torch.int8)
+    return torch.cat([half_bytes(d), q.view(U8)], dim=1)
+
+
+def dequantize_q8_0(raw: Tensor, out: Tensor) -> Tensor:
+    return _scale_codes(out, raw[:, 2:].view(torch.int8), raw)
