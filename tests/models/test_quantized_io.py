@@ -173,3 +173,26 @@ def test_folders_of_the_previous_layout_still_load(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     loaded = load_model(str(folder))[0].state_dict()
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_bnb_style_double_quant_round_trips(tmp_path):
+    """dq_style="bnb" layers keep bitsandbytes' buffers (uint8 scale codes, nested absmax, offset) through a save."""
+    import json
+
+    config = QuantConfig("nf4", 64, dq_style="bnb")
+    model, tokenizer = tiny_llama()
+    prepare(model, config, None)
+    ids = torch.randint(0, 250, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_quantized(model, tokenizer, tmp_path / "q")
+    layers = json.loads((tmp_path / "q" / "qbara_quant.json").read_text())["layers"]
+    assert {QuantConfig.from_dict(v) for v in layers.values()} == {config}
+    loaded, _ = load_model(str(tmp_path / "q"))
+    quantized = [m for m in loaded.modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantized) == 14 and all(m.quant_config == config for m in quantized)
+    state, saved = loaded.state_dict(), model.state_dict()
+    assert any(k.endswith("nested_absmax") for k in state)
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)

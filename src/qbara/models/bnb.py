@@ -1,9 +1,12 @@
 """Models loaded by transformers with bitsandbytes (`BitsAndBytesConfig(load_in_4bit=True)`): found, and their
 NF4 layers adopted into qbara's NF4 `QuantizedLinear` without changing a single weight.
 
-bitsandbytes' NF4 is block-wise absmax with the same 16 levels as qbara's; its dequantized weight w = level ·
-absmax re-quantizes to the same codes and the same absmax (the block's largest |w| is absmax itself), so a
-qbara NF4 layer with fp32 absmax (`double_quant=False`) holds exactly bitsandbytes' dequantized weights.
+bitsandbytes' NF4 is block-wise absmax with the same 16 levels as qbara's. Layers without double quantization
+are taken over as `QuantConfig("nf4", B, double_quant=False)`: the dequantized weight w = level · absmax
+re-quantizes to the same codes and absmax (the block's largest |w| is absmax itself). Layers with
+`bnb_4bit_use_double_quant=True` (`compress_statistics`) keep their own buffers as
+`QuantConfig("nf4", B, dq_style="bnb")` (4.127 bits/param at B = 64); the fp32-absmax config is still accepted
+for them (the same weights at 4.5 bits/param; earlier versions adopted them that way).
 """
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ import torch
 from torch import nn
 
 from qbara.errors import QbaraError
-from qbara.quant.config import QuantConfig
+from qbara.quant.config import BNB_BLOCK_SIZES, QuantConfig
+from qbara.quant.dq_bnb import DYNAMIC_BLOCK, dynamic_map
 
 
 def bnb_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -20,9 +24,10 @@ def bnb_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def adoption_config(model: nn.Module) -> QuantConfig:
-    """The qbara config that holds this bitsandbytes model's weights exactly (its NF4 block size, fp32 absmax);
-    refuses 8-bit and FP4 layers with the fix."""
-    sizes = set()
+    """The qbara config that holds this bitsandbytes model's layers exactly: NF4 at its block size, with fp32
+    absmax, or dq_style="bnb" where bitsandbytes double-quantized the scales. Puts layers bitsandbytes repacked
+    for its CPU kernel back in their canonical layout first; refuses 8-bit and FP4 layers with the fix."""
+    configs = set()
     for name, layer in bnb_layers(model).items():
         state = getattr(getattr(layer, "weight", None), "quant_state", None)
         if state is None or getattr(state, "quant_type", None) != "nf4":
@@ -30,11 +35,28 @@ def adoption_config(model: nn.Module) -> QuantConfig:
             raise QbaraError(f"{name} was loaded by bitsandbytes as {kind}, which qbara cannot take over; load the "
                              f"model without quantization_config (qbara quantizes it itself, e.g. "
                              f"QuantConfig('nf4') or QuantConfig('int4', 32))")
-        sizes.add(int(state.blocksize))
-    if len(sizes) != 1:
-        raise QbaraError(f"the bitsandbytes layers use several block sizes {sorted(sizes)}; load the model without "
-                         f"quantization_config and let qbara quantize it")
-    return QuantConfig("nf4", block_size=sizes.pop(), double_quant=False)
+        _canonical_layout(layer)
+        configs.add(_layer_config(layer.weight.quant_state))
+    if len(configs) != 1:
+        raise QbaraError(f"the bitsandbytes layers use several layouts ({', '.join(sorted(c.label for c in configs))})"
+                         f"; load the model without quantization_config and let qbara quantize it")
+    return configs.pop()
+
+
+def _layer_config(state) -> QuantConfig:
+    """NF4 with bitsandbytes' double quantization where its scales are in that layout, else fp32 absmax."""
+    block = int(state.blocksize)
+    if getattr(state, "nested", False) and block in BNB_BLOCK_SIZES and _standard_nesting(state):
+        return QuantConfig("nf4", block_size=block, dq_style="bnb")
+    return QuantConfig("nf4", block_size=block, double_quant=False)
+
+
+def _standard_nesting(state) -> bool:
+    """The scales are `compress_statistics`' layout: uint8 codes of the dynamic map in blocks of 256, fp32
+    nested absmax and offset."""
+    nested = state.state2
+    return (state.absmax.dtype == torch.uint8 and nested.absmax.dtype == torch.float32
+            and int(nested.blocksize) == DYNAMIC_BLOCK and torch.equal(nested.code.float().cpu(), dynamic_map()))
 
 
 def _canonical_layout(layer) -> None:
@@ -42,7 +64,8 @@ def _canonical_layout(layer) -> None:
     kernel at the first eval-mode no-grad forward (`quant_state.packing_format_for_cpu`): codes in another order,
     absmax as a (in/block, out) bf16 matrix. Its own save path (`_save_to_state_dict`) restores the codes but,
     without double quantization, leaves absmax transposed, which `dequantize_4bit` would read in the wrong order.
-    What comes back is bnb's weights as its kernel computes with them (absmax rounded to bf16 by the repacking)."""
+    What comes back is bnb's weights as its kernel computes with them (absmax rounded to bf16 by the repacking;
+    with double quantization bnb compresses those bf16 scales again: new scale codes, nested absmax and offset)."""
     state = layer.weight.quant_state
     if not getattr(state, "packing_format_for_cpu", False):
         return
@@ -55,26 +78,14 @@ def _canonical_layout(layer) -> None:
 @torch.no_grad()
 def adopt_bnb(model: nn.Module, quant=None) -> nn.Module:
     """Replace every bitsandbytes NF4 layer of `model` by a qbara NF4 QuantizedLinear holding the same
-    dequantized weights, in place. `quant`, if given, must be that config (see `adoption_config`)."""
-    import bitsandbytes.functional as bnbf
-
-    from qbara.nn.quantized_linear import QuantizedLinear
+    dequantized weights, in place. `quant`, if given, must be a config that holds them (see `adoption_config`;
+    for double-quantized layers also the fp32-absmax one)."""
     from qbara.targets import set_submodule
 
-    config = adoption_config(model)
-    if quant is not None and quant != config:
-        raise QbaraError(f"the model was loaded with bitsandbytes NF4 (block {config.block_size}); qbara takes its "
-                         f"layers over exactly as QuantConfig('nf4', block_size={config.block_size}, "
-                         f"double_quant=False), not {quant.label}: pass that config, or load the model without "
-                         f"quantization_config to quantize it as {quant.label}")
+    config = _chosen_config(adoption_config(model), quant)
     for name, layer in bnb_layers(model).items():
-        _canonical_layout(layer)
-        weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
-        dense = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device=weight.device)
-        dense.weight.copy_(weight)
-        if layer.bias is not None:
-            dense.bias.copy_(layer.bias.float())
-        set_submodule(model, name, QuantizedLinear.from_linear(dense, config, name=name))
+        adopt = _adopt_buffers if config.dq_style == "bnb" else _adopt_dense
+        set_submodule(model, name, adopt(layer, config, name))
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     if hasattr(model, "config") and hasattr(model.config, "quantization_config"):
@@ -82,3 +93,58 @@ def adopt_bnb(model: nn.Module, quant=None) -> nn.Module:
     if getattr(model, "is_quantized", False):
         model.is_quantized = False
     return model
+
+
+def _chosen_config(exact: QuantConfig, quant: QuantConfig | None) -> QuantConfig:
+    """`quant` if it holds the layers exactly (the exact config, or fp32 absmax for double-quantized layers)."""
+    plain = QuantConfig("nf4", block_size=exact.block_size, double_quant=False)
+    if quant is None or quant in (exact, plain):
+        return exact if quant is None else quant
+    options = " or ".join(_spelled(c) for c in dict.fromkeys([exact, plain]))
+    raise QbaraError(f"the model was loaded with bitsandbytes NF4 ({exact.label}); qbara takes its layers over "
+                     f"exactly as {options}, not {quant.label}: pass that config, or load the model without "
+                     f"quantization_config to quantize it as {quant.label}")
+
+
+def _spelled(config: QuantConfig) -> str:
+    if config.dq_style == "bnb":
+        return f"QuantConfig('nf4', block_size={config.block_size}, dq_style='bnb')"
+    return f"QuantConfig('nf4', block_size={config.block_size}, double_quant=False)"
+
+
+def _adopt_dense(layer, config: QuantConfig, name: str):
+    """bitsandbytes' dequantized weight, quantized again with `config` (fp32 absmax: the same weights)."""
+    import bitsandbytes.functional as bnbf
+
+    from qbara.nn.quantized_linear import QuantizedLinear
+
+    weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device=weight.device)
+    dense.weight.copy_(weight)
+    if layer.bias is not None:
+        dense.bias.copy_(layer.bias.float())
+    return QuantizedLinear.from_linear(dense, config, name=name)
+
+
+def _adopt_buffers(layer, config: QuantConfig, name: str):
+    """The layer's own packed codes and double-quantized scales, as a dq_style="bnb" QuantizedLinear."""
+    from qbara.nn.quantized_linear import QuantizedLinear
+    from qbara.quant.tensor import QuantizedTensor
+
+    state = layer.weight.quant_state
+    shape = (int(state.shape[0]), int(state.shape[1]))
+    config.check_shape(shape, name)
+    tensors = {"codes": layer.weight.data.reshape(-1).view(torch.uint8).clone(),
+               "absmax_codes": state.absmax.reshape(-1).clone(),
+               "nested_absmax": state.state2.absmax.reshape(-1).clone(),
+               "absmax_offset": state.offset.float().reshape(1).clone()}
+    n_blocks = shape[0] * shape[1] // config.block_size
+    sizes = {"codes": shape[0] * shape[1] // 2, "absmax_codes": n_blocks,
+             "nested_absmax": -(-n_blocks // DYNAMIC_BLOCK), "absmax_offset": 1}
+    wrong = [k for k, v in sizes.items() if tensors[k].numel() != v]
+    if wrong:
+        raise QbaraError(f"{name}: bitsandbytes' {wrong[0]} holds {tensors[wrong[0]].numel()} values, not the "
+                         f"{sizes[wrong[0]]} of a {shape[0]}x{shape[1]} NF4 weight; load the model without "
+                         f"quantization_config and let qbara quantize it")
+    bias = None if layer.bias is None else layer.bias.detach().float()
+    return QuantizedLinear(QuantizedTensor(config, shape, tensors), bias)
