@@ -8,6 +8,27 @@ validation split, several seeds and 2-SD verdicts.
         OMP_NUM_THREADS=1 nice -n 15 python bench/finetune_paper.py --out DIR --methods $m --part $m &
     done; wait
     python bench/finetune_paper.py --combine DIR                          # join the parts: json, md, png
+    # extending a stored result instead of recomputing it (same setting; only lrs and methods may differ), as the
+    # current bench/results/finetune_quality_paper.* was made (two workers, methods one after another on each):
+    R="--resume STORED.json --out DIR --threads 1 --grow-to 1.6e-2"
+    OMP_NUM_THREADS=1 nice -n 15 python bench/finetune_paper.py $R --methods qahira --part qahira --lrs 1.6e-2  # then
+    ...                                                    $R --methods qalora --part qalora --lrs 4e-3 --verify-lr 2e-3
+    ...                                                    $R --methods qahira-tile --part qahira-tile --lrs 8e-3 4e-3 \
+                                                              2e-3 1e-3 5e-4 2e-4                          # then
+    ...                                                    $R --methods qbara --part qbara --lrs 4e-3
+    python bench/finetune_paper.py $R --methods qlora --part qlora --lrs 1e-3  # nothing to run: copies its runs
+    python bench/finetune_paper.py --combine DIR --notes NOTES.json --wall-s S --wall-note TEXT
+
+Resuming (--resume FILE, a part or a combined result): a run is seed -> prepare -> train, so the stored seed-0 run
+at an lr is the sweep point at that lr and is reused as it is (a stored `lr_edge_check`'s seed-0 runs too). Only the
+missing (method, lr) points of --lrs run (then, with --grow-to, the lr doubles while the method's top lr is its
+best, i.e. its validation loss is still falling, up to that cap); the best lr is re-chosen over all points; the
+seeds run at it only where missing. If the best lr moved to a new point, that run's model is finished (held-out +
+merged) in memory; if it moved to a stored point that lacks them, the point is re-run (finishing needs the trained
+model) and the re-run is recorded as a determinism check (validation, and held-out when stored, against the stored
+values); --verify-lr LR re-runs one stored point just for that check. A stored result of another setting (model,
+rank, alpha, dropout, steps, batch, seq, seeds, warm-up, clip, threads, split sizes) is refused. Without --resume
+nothing changes. --combine refuses parts of different settings and states each method's own lr grid.
 
 Protocol (the authors' reference code, SPEC §2): rank 64, alpha 16 (scaling s = 0.25) for every method, dropout
 0, AdamW (no weight decay), lr constant after a linear warm-up over 3 % of the steps, gradient norm clipped at
@@ -89,6 +110,20 @@ def options(argv=None) -> argparse.Namespace:
                     help="only time N training steps per method (at the first lr) and print them")
     ap.add_argument("--part", help="name of this worker's part (results go to finetune_quality_paper.PART.json)")
     ap.add_argument("--combine", metavar="DIR", help="join DIR's finetune_quality_paper.*.json parts and report")
+    ap.add_argument("--resume", metavar="FILE",
+                    help="extend a stored result (a part or a combined JSON of the same setting: only lrs and "
+                         "methods may differ): reuse its runs, run only the missing sweep points, re-choose the "
+                         "best lr over all of them and run the seeds it still lacks there")
+    ap.add_argument("--grow-to", type=float, metavar="LR",
+                    help="after the grid, double the lr while the method's best lr is its top one (validation loss "
+                         "still falling), up to LR")
+    ap.add_argument("--verify-lr", type=float, metavar="LR",
+                    help="with --resume: re-run each method's stored seed-0 point at LR and record whether the "
+                         "re-run matches it (determinism)")
+    ap.add_argument("--notes", metavar="FILE", help="with --combine: a JSON list of notes for the report")
+    ap.add_argument("--wall-note", help="with --combine: how the parts were run (shown next to the wall time)")
+    ap.add_argument("--wall-s", type=float, help="with --combine: the measured wall time of the session that made "
+                                                 "the parts (default: the longest part's)")
     ap.add_argument("--out", help="results folder")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -143,6 +178,131 @@ def loss_on(model, examples, args) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
+# Resuming: extend a stored result instead of recomputing it
+
+# Everything that decides what a run computes, except the lr grid and the methods (the data split sizes and the
+# torch thread count too: a run on another thread count sums in another order and is not bit-identical).
+SAME_SETTING = ("model", "rank", "alpha", "dropout", "steps", "batch", "seq", "seeds", "warmup", "clip", "threads")
+
+
+def same_lr(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+
+
+def setting_mismatch(stored: dict, args) -> list[str]:
+    """What differs between a stored result's setting (and data split) and this run's options, besides lrs and
+    methods; empty when its runs are this run's runs."""
+    st = stored["setting"]
+    diff = [f"{k}: stored {st.get(k)!r}, now {getattr(args, k)!r}" for k in SAME_SETTING
+            if st.get(k) != getattr(args, k)]
+    d = stored.get("data", {})
+    for key, opt in (("val", "val"), ("held_out", "held_out")):
+        if key in d and d[key] != getattr(args, opt):
+            diff.append(f"{key} chunks: stored {d[key]}, now {getattr(args, opt)}")
+    return diff
+
+
+def check_setting(stored: dict, args, source="--resume") -> None:
+    diff = setting_mismatch(stored, args)
+    if diff:
+        raise SystemExit(f"{source}: the stored result was made with another setting, so its runs are not this "
+                         f"run's runs; refusing to mix them ({'; '.join(diff)}). Run with the stored setting, or "
+                         f"start a new result without {source}.")
+
+
+def stored_runs(stored: dict, seed0: int, steps: int) -> list[dict]:
+    """The stored runs, plus the seed-0 runs of a stored `lr_edge_check` (made by this script with the same
+    setting, only other lrs: the same runs as sweep points at those lrs)."""
+    runs = [dict(r) for r in stored.get("runs", [])]
+    for r in stored.get("lr_edge_check", {}).get("runs", []):
+        if r.get("seed") == seed0 and r.get("steps") == steps and not sweep_run(runs, r["method"], r["lr"], seed0):
+            runs.append(dict(r, phase="sweep", reused_from="lr_edge_check"))
+    return runs
+
+
+def sweep_run(runs: list[dict], method: str, lr: float, seed0: int) -> dict | None:
+    """The seed-0 run of `method` at `lr` (the sweep point; the one with held-out losses when there are two)."""
+    found = [r for r in runs if r["method"] == method and r["seed"] == seed0 and same_lr(r["lr"], lr) and "val" in r]
+    found.sort(key=lambda r: ("merged" in r, "held" in r))
+    return found[-1] if found else None
+
+
+def swept_lrs(runs: list[dict], method: str, seed0: int) -> list[float]:
+    return sorted({r["lr"] for r in runs if r["method"] == method and r["seed"] == seed0 and "val" in r})
+
+
+def missing_lrs(runs: list[dict], method: str, lrs, seed0: int) -> list[float]:
+    """The lrs of `lrs` (in their order) that `method` has no seed-0 sweep run at."""
+    out = []
+    for lr in lrs:
+        if sweep_run(runs, method, lr, seed0) is None and not any(same_lr(lr, x) for x in out):
+            out.append(lr)
+    return out
+
+
+def best_sweep_lr(runs: list[dict], method: str, seed0: int, order=None) -> float | None:
+    """The lr of the lowest seed-0 validation loss (ties: the first in `order`, else the smallest lr)."""
+    lrs = swept_lrs(runs, method, seed0)
+    if order:
+        lrs = sorted(lrs, key=lambda x: next((i for i, y in enumerate(order) if same_lr(x, y)), len(order)))
+    return min(lrs, key=lambda lr: sweep_run(runs, method, lr, seed0)["val"]) if lrs else None
+
+
+def next_growth(runs: list[dict], method: str, seed0: int, grow_to: float | None) -> float | None:
+    """--grow-to: while the best lr is the top of the method's grid (its validation loss still falling there),
+    the next lr up (2x), as long as it stays within `grow_to`."""
+    lrs = swept_lrs(runs, method, seed0)
+    if not grow_to or not lrs or not same_lr(best_sweep_lr(runs, method, seed0), lrs[-1]):
+        return None
+    nxt = 2 * lrs[-1]
+    return nxt if nxt <= grow_to * (1 + 1e-9) else None
+
+
+def final_todo(runs: list[dict], method: str, lr: float, seeds, merge: bool) -> list[tuple[int, str]]:
+    """The final runs still to do at the chosen lr: (seed, 'finish') when the seed-0 sweep run lacks its held-out
+    (or merged) loss, (seed, 'run') for a missing seed."""
+    todo = []
+    def done(r):
+        return "held" in r and ("merged" in r or not merge)
+    r0 = sweep_run(runs, method, lr, seeds[0])
+    if r0 is None or not done(r0):
+        todo.append((seeds[0], "finish"))
+    for seed in seeds[1:]:
+        if not any(r["method"] == method and r["seed"] == seed and same_lr(r["lr"], lr) and done(r) for r in runs):
+            todo.append((seed, "run"))
+    return todo
+
+
+def relabel(result: dict) -> None:
+    """Final runs at an lr that is no longer the method's chosen one (the best lr moved in a resumed run) are
+    marked as such; they keep their losses."""
+    for r in result["runs"]:
+        best = result["methods"].get(r["method"], {}).get("best_lr")
+        if best is not None and r.get("phase") in ("final", "sweep+final") and not same_lr(r["lr"], best):
+            r["phase"] = "sweep" if r["phase"] == "sweep+final" else "final at an earlier best lr"
+
+
+def plan(stored: dict, args) -> dict:
+    """Dry plan of a resumed run on the stored runs alone (the sweep points it adds; what the chosen lr still
+    needs if the sweep does not move it); refuses a stored result of another setting."""
+    check_setting(stored, args)
+    seed0 = args.seeds[0]
+    runs = stored_runs(stored, seed0, args.steps)
+    out = {}
+    for method in args.methods:
+        best = best_sweep_lr(runs, method, seed0)
+        out[method] = {"sweep": missing_lrs(runs, method, args.lrs, seed0), "best_lr_stored": best,
+                       "final": final_todo(runs, method, best, args.seeds, not args.no_merge) if best else None}
+    return out
+
+
+def load_resume(path, args) -> dict:
+    stored = json.loads(Path(path).read_text())
+    check_setting(stored, args, f"--resume {path}")
+    return stored
+
+
+# --------------------------------------------------------------------------------------------------
 # Runs
 
 
@@ -182,6 +342,18 @@ def finish(model, method, out: dict, held, args) -> None:
     out["merged"] = loss_on(model, held, args)
 
 
+def determinism(stored: dict, new: dict) -> dict:
+    rec = {"method": new["method"], "lr": new["lr"], "seed": new["seed"], "stored_val": stored["val"],
+           "rerun_val": new["val"], "val_diff": abs(new["val"] - stored["val"])}
+    if "held" in stored and "held" in new:
+        rec.update(stored_held=stored["held"], rerun_held=new["held"], held_diff=abs(new["held"] - stored["held"]))
+    rec["identical"] = rec["val_diff"] <= 1e-6 and rec.get("held_diff", 0.0) <= 1e-6
+    print(f"determinism {new['method']} lr {new['lr']:g} seed {new['seed']}: stored val {stored['val']:.8f}, "
+          f"re-run {new['val']:.8f} (|diff| {rec['val_diff']:.2e}"
+          + (f"; held-out |diff| {rec['held_diff']:.2e}" if "held_diff" in rec else "") + ")", flush=True)
+    return rec
+
+
 def run(args, dense=None, tokenizer=None) -> dict:
     from qbara.adapters import trainable_parameter_count
     from qbara.atomic import write_json_atomic
@@ -189,71 +361,138 @@ def run(args, dense=None, tokenizer=None) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    if dense is None:
-        dense, tokenizer = load_model(args.model)
-    data = splits(tokenizer, args.seq, args.val, args.held_out)
+    lazy = {"dense": dense, "tokenizer": tokenizer, "data": None}
+
+    def model_and_data():
+        """The dense model, its tokenizer and the splits, loaded on first use (a resumed run that only reuses
+        stored runs loads nothing)."""
+        if lazy["data"] is None:
+            if lazy["dense"] is None:
+                lazy["dense"], lazy["tokenizer"] = load_model(args.model)
+            lazy["data"] = splits(lazy["tokenizer"], args.seq, args.val, args.held_out)
+        return lazy["dense"], lazy["tokenizer"], lazy["data"]
+
     path = Path(args.out) / f"finetune_quality_paper{'.' + args.part if args.part else ''}.json" if args.out else None
-    result = {"setting": {k: getattr(args, k) for k in ("model", "rank", "alpha", "dropout", "lrs", "steps", "batch",
-                                                         "seq", "seeds", "warmup", "clip", "threads")},
-              "data": {"task": "shakespeare (hamlet)", "train": len(data[0]), "val": len(data[1]),
-                       "held_out": len(data[2])},
-              "optimizer": "AdamW (betas 0.9/0.999, no weight decay), lr constant after linear warm-up",
-              "dense": {"val": loss_on(dense, data[1], args), "held": loss_on(dense, data[2], args)},
-              "bases": {}, "methods": {}, "runs": []}
-    print(f"dense: val {result['dense']['val']:.4f} held-out {result['dense']['held']:.4f}", flush=True)
+    setting = {k: getattr(args, k) for k in ("model", "rank", "alpha", "dropout", "lrs", "steps", "batch", "seq",
+                                              "seeds", "warmup", "clip", "threads")}
+    seed0 = args.seeds[0]
+    if args.resume:
+        stored = load_resume(args.resume, args)
+        keep = set(args.methods) if args.part else set(stored["methods"]) | set(args.methods)
+        result = {k: stored[k] for k in ("data", "optimizer", "dense") if k in stored}
+        result.update(setting=setting, bases=dict(stored.get("bases", {})),
+                      methods={m: dict(e) for m, e in stored["methods"].items() if m in keep},
+                      runs=[r for r in stored_runs(stored, seed0, args.steps) if r["method"] in keep],
+                      resumed_from=str(args.resume),
+                      earlier_wall_s=stored.get("earlier_wall_s", 0.0) + stored.get("wall_s", 0.0))
+        print(f"resuming {args.resume}: {len(result['runs'])} stored runs of {sorted(keep)}", flush=True)
+    else:
+        dense, tokenizer, data = model_and_data()
+        result = {"setting": setting,
+                  "data": {"task": "shakespeare (hamlet)", "train": len(data[0]), "val": len(data[1]),
+                           "held_out": len(data[2])},
+                  "optimizer": "AdamW (betas 0.9/0.999, no weight decay), lr constant after linear warm-up",
+                  "dense": {"val": loss_on(dense, data[1], args), "held": loss_on(dense, data[2], args)},
+                  "bases": {}, "methods": {}, "runs": []}
+        print(f"dense: val {result['dense']['val']:.4f} held-out {result['dense']['held']:.4f}", flush=True)
+    runs = result["runs"]
+    loaded = {id(r) for r in runs}  # the stored runs (--verify-lr re-runs one of these)
 
     def save():
+        result["setting"]["lrs"] = sorted({r["lr"] for r in runs if r["seed"] == seed0} | set(args.lrs))
         result["wall_s"] = time.perf_counter() - t0
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, result)
 
     for method in args.methods:
-        prepared = fq.prepare_method(method, dense, tokenizer, args, seed=args.seeds[0])
-        if prepared.base not in result["bases"]:
-            result["bases"][prepared.base] = {"val": loss_on(prepared.quantized, data[1], args),
-                                              "held": loss_on(prepared.quantized, data[2], args)}
-            print(f"base {prepared.base}: held-out {result['bases'][prepared.base]['held']:.4f}", flush=True)
-        entry = {"label": prepared.label, "base": prepared.base, "trainable": trainable_parameter_count(prepared.model),
-                 "adapter": repr(prepared.adapter)}
-        result["methods"][method] = entry
+        lazy_prep = {}
+
+        def prepared(method=method, lazy_prep=lazy_prep):
+            """The method's quantized base and adapter config, prepared on first use (with its entry and base loss)."""
+            if "p" not in lazy_prep:
+                dense, tokenizer, data = model_and_data()
+                p = lazy_prep["p"] = fq.prepare_method(method, dense, tokenizer, args, seed=seed0)
+                if p.base not in result["bases"]:
+                    result["bases"][p.base] = {"val": loss_on(p.quantized, data[1], args),
+                                               "held": loss_on(p.quantized, data[2], args)}
+                    print(f"base {p.base}: held-out {result['bases'][p.base]['held']:.4f}", flush=True)
+                entry = result["methods"].setdefault(method, {})
+                entry.update(label=p.label, base=p.base, trainable=trainable_parameter_count(p.model),
+                             adapter=repr(p.adapter))
+            return lazy_prep["p"]
+
         if args.measure:
-            model = fq.fresh_model(prepared, 0)
+            p = prepared()
+            model = fq.fresh_model(p, 0)
             with dequantized_once(model):
                 saved = args.steps
                 args.steps = args.measure
-                curve, step_s = fq.train_steps(model, data[0], args.measure, args.batch, args.lrs[0], 0, "cpu",
-                                               warmup=args.warmup, clip=args.clip)
+                curve, step_s = fq.train_steps(model, model_and_data()[2][0], args.measure, args.batch, args.lrs[0],
+                                               0, "cpu", warmup=args.warmup, clip=args.clip)
                 args.steps = saved
-            entry["measured_step_s"] = step_s
-            print(f"{prepared.label}: {step_s:.2f} s/step (batch {args.batch} x {args.seq})", flush=True)
+            result["methods"][method]["measured_step_s"] = step_s
+            print(f"{p.label}: {step_s:.2f} s/step (batch {args.batch} x {args.seq})", flush=True)
             continue
-        best = None  # (val, lr, run, model)
-        for lr in args.lrs:
-            r, model = one_run(prepared, method, data, args, lr, args.seeds[0], full=False)
+        if method not in result["methods"]:
+            prepared()
+        entry = result["methods"][method]
+        label = entry["label"]
+        old_best = entry.get("best_lr")
+        # the sweep: the missing lrs of the grid, then (--grow-to) upward while the top lr is still the best
+        candidate = None  # (lr, model) of the best new sweep run so far, kept to finish it without a re-run
+        todo = missing_lrs(runs, method, args.lrs, seed0)
+        while todo:
+            lr = todo.pop(0)
+            best_before = best_sweep_lr(runs, method, seed0, args.lrs)
+            r, model = one_run(prepared(), method, model_and_data()[2], args, lr, seed0, full=False)
             r["phase"] = "sweep"
-            result["runs"].append(r)
-            print(f"{prepared.label:22s} lr {lr:.0e} seed {args.seeds[0]}: val {r['val']:.4f} "
+            runs.append(r)
+            print(f"{label:22s} lr {lr:.0e} seed {seed0}: val {r['val']:.4f} "
                   f"({r['step_s']:.2f} s/step, {r['seconds']:.0f} s)", flush=True)
-            if best is None or r["val"] < best[0]:
-                best = (r["val"], lr, r, model)
+            if best_before is None or r["val"] < sweep_run(runs, method, best_before, seed0)["val"]:
+                candidate = (lr, model)
             del model
             save()
-        _, lr, r0, model0 = best
+            if not todo and (grow := next_growth(runs, method, seed0, args.grow_to)):
+                todo.append(grow)
+        lr = best_sweep_lr(runs, method, seed0, args.lrs)
         entry["best_lr"] = lr
-        finish(model0, method, r0, data[2], args)  # the sweep's seed-0 run at the chosen lr is the seed-0 run
-        r0["phase"] = "sweep+final"
-        del model0, best
-        save()
-        for seed in args.seeds[1:]:
-            r, _ = one_run(prepared, method, data, args, lr, seed, full=True)
-            r["phase"] = "final"
-            result["runs"].append(r)
+        entry["lrs"] = swept_lrs(runs, method, seed0)
+        if old_best is not None and not same_lr(old_best, lr):
+            entry["best_lr_before"] = old_best
+            relabel(result)  # the runs at the old best keep their held-out losses; the final runs are now at `lr`
+        # --verify-lr: re-run one stored sweep point and compare (the runs reused are the same deterministic runs)
+        if args.verify_lr is not None and (stored_r := sweep_run(runs, method, args.verify_lr, seed0)) is not None \
+                and id(stored_r) in loaded and not any(d["method"] == method for d in result.get("determinism", [])):
+            rr, model = one_run(prepared(), method, model_and_data()[2], args, stored_r["lr"], seed0, full=False)
+            if "held" in stored_r:
+                rr["held"] = loss_on(model, model_and_data()[2][2], args)
+            del model
+            result.setdefault("determinism", []).append(determinism(stored_r, rr))
             save()
+        for seed, what in final_todo(runs, method, lr, args.seeds, not args.no_merge):
+            if what == "finish":
+                r0 = sweep_run(runs, method, lr, seed)
+                if candidate is not None and same_lr(candidate[0], lr):
+                    finish(candidate[1], method, r0, model_and_data()[2][2], args)  # the sweep's own model
+                else:  # a stored sweep point: finishing needs its trained model, i.e. the same run again
+                    rr, _ = one_run(prepared(), method, model_and_data()[2], args, lr, seed, full=True)
+                    result.setdefault("determinism", []).append(determinism(r0, rr))
+                    rr["rerun_of_stored"] = True
+                    runs[runs.index(r0)] = rr
+                    r0 = rr
+                r0["phase"] = "sweep+final"
+            else:
+                r, _ = one_run(prepared(), method, model_and_data()[2], args, lr, seed, full=True)
+                r["phase"] = "final"
+                runs.append(r)
+            save()
+        candidate = None
         s = summary(result, method)
-        print(f"{prepared.label:22s} best lr {lr:.0e}: held-out {s['held']:.4f} ± {s['held_sd']:.4f} "
+        print(f"{label:22s} best lr {lr:.0e}: held-out {s['held']:.4f} ± {s.get('held_sd', float('nan')):.4f} "
               f"merged {s.get('merged', float('nan')):.4f}", flush=True)
-        del prepared
+        lazy_prep.clear()
     save()
     return result
 
@@ -264,7 +503,8 @@ def run(args, dense=None, tokenizer=None) -> dict:
 
 def final_runs(result: dict, method: str) -> list[dict]:
     lr = result["methods"][method].get("best_lr")
-    return [r for r in result["runs"] if r["method"] == method and r["lr"] == lr and "held" in r]
+    return [r for r in result["runs"] if r["method"] == method and lr is not None and same_lr(r["lr"], lr)
+            and "held" in r]
 
 
 def summary(result: dict, method: str) -> dict:
@@ -309,29 +549,50 @@ def verdicts(result: dict) -> list[dict]:
     return [v for v in (verdict(result, a, b, c) for a, b, c in CLAIMS) if v]
 
 
+def method_grid(result: dict, method: str) -> list[float]:
+    """The lrs `method` was swept at (its seed-0 runs), ascending."""
+    return swept_lrs(result["runs"], method, result["setting"]["seeds"][0])
+
+
+def grid_text(lrs) -> str:
+    return ", ".join(f"{x:g}" for x in lrs)
+
+
 def markdown(result: dict) -> str:
     st, d = result["setting"], result["data"]
+    seed0 = st["seeds"][0]
+    grids = {m: method_grid(result, m) for m in result["methods"]}
+    shared = {tuple(g) for g in grids.values() if g}
+    if len(shared) <= 1:
+        grid = f"lr grid {grid_text(next(iter(shared), st['lrs']))}"
+    else:
+        grid = "lr grid per method: " + "; ".join(f"{result['methods'][m]['label']} {grid_text(g)}"
+                                                  for m, g in grids.items() if g)
+    wall = f"wall {result.get('wall_s', 0) / 60:.0f} min"
+    if result.get("earlier_wall_s"):
+        wall = (f"wall {result['wall_s'] / 60:.0f} min for this extension of a stored result "
+                f"(+ {result['earlier_wall_s'] / 60:.0f} min before)")
+    columns = sorted({lr for g in grids.values() for lr in g}) or st["lrs"]
     lines = [f"**Paper setting** ({st['model']}, {d['task']}, {d['train']} train / {d['val']} validation / "
              f"{d['held_out']} held-out chunks of {st['seq']} tokens): rank {st['rank']}, alpha {st['alpha']:g} "
              f"(s = {st['alpha'] / st['rank']:g}), dropout {st['dropout']:g}, AdamW, lr constant after "
              f"{st['warmup']:.0%} warm-up, grad-clip {st['clip']:g}, batch {st['batch']} x {st['seq']} tokens, "
-             f"{st['steps']} steps, lr grid {', '.join(f'{x:g}' for x in st['lrs'])} (seed {st['seeds'][0]}, "
-             f"chosen on validation loss), then seeds {st['seeds']} at the chosen lr; {st['threads']} torch "
-             f"thread(s) per worker; wall {result.get('wall_s', 0) / 60:.0f} min"
+             f"{st['steps']} steps, {grid} (seed {seed0}, chosen on validation loss), then seeds {st['seeds']} at "
+             f"the chosen lr; {st['threads']} torch thread(s) per worker; {wall}"
              + (f" ({result['wall_note']})" if result.get("wall_note") else "") + ".",
              "", f"Dense (unquantized) step-0 held-out loss: **{result['dense']['held']:.4f}**; bases at step 0: "
              + ", ".join(f"{k} {v['held']:.4f} ({v['held'] - result['dense']['held']:+.4f} vs dense)"
                          for k, v in result["bases"].items()) + ".", "",
-             "Validation loss per lr (seed 0; the chosen lr in bold):", "",
-             "| method | " + " | ".join(f"lr {x:g}" for x in st["lrs"]) + " |",
-             "|---|" + "---|" * len(st["lrs"])]
+             (f"Validation loss per lr (seed {seed0}; the chosen lr in bold; – where a method was not run at that "
+              "lr):"), "",
+             "| method | " + " | ".join(f"lr {x:g}" for x in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for method, e in result["methods"].items():
         cells = []
-        for lr in st["lrs"]:
-            v = [r["val"] for r in result["runs"] if r["method"] == method and r["lr"] == lr and r["seed"] ==
-                 st["seeds"][0]]
-            c = f"{v[0]:.4f}" if v else "–"
-            cells.append(f"**{c}**" if lr == e.get("best_lr") and v else c)
+        for lr in columns:
+            r = sweep_run(result["runs"], method, lr, seed0)
+            c = f"{r['val']:.4f}" if r else "–"
+            cells.append(f"**{c}**" if r and e.get("best_lr") is not None and same_lr(lr, e["best_lr"]) else c)
         lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
     lines += ["", "Held-out loss at each method's chosen lr (mean ± SD over seeds):", "",
               "| method | base | trainable | lr | dense start | base start | after training | Δ vs base start | "
@@ -355,10 +616,26 @@ def markdown(result: dict) -> str:
                      f"gap {v['gap']:+.4f} (positive favours {la}), 2 SD = {2 * v['sd']:.4f} (paired-by-seed SD "
                      f"{v['paired_sd']:.4f}); trainable parameters {m[v['a']]['trainable']:,} vs "
                      f"{m[v['b']]['trainable']:,} ({v['trainable_diff']:+.1%}).")
-        edge = [m[k]["label"] for k in (v["a"], v["b"]) if m[k]["best_lr"] in (min(st["lrs"]), max(st["lrs"]))]
+        if m[v["a"]].get("base") != m[v["b"]].get("base"):
+            ba, bb = (result["bases"].get(m[k]["base"], {}).get("held") for k in (v["a"], v["b"]))
+            lines[-1] += (f" Caveat: they start from different bases ({m[v['a']]['base']}"
+                          + (f" {ba:.4f}" if ba is not None else "") + f" vs {m[v['b']]['base']}"
+                          + (f" {bb:.4f}" if bb is not None else "") + " held-out at step 0).")
+        edge = [m[k]["label"] for k in (v["a"], v["b"])
+                if any(same_lr(m[k]["best_lr"], x) for x in (grids[k][0], grids[k][-1]))]
         if edge:
-            lines[-1] += (f" Caveat: the chosen lr of {' and '.join(edge)} is at the edge of the grid, so "
+            lines[-1] += (f" Caveat: the chosen lr of {' and '.join(edge)} is at the edge of "
+                          f"{'its' if len(edge) == 1 else 'their'} grid, so "
                           f"{'its' if len(edge) == 1 else 'their'} best lr may lie outside it.")
+    if result.get("determinism"):
+        lines += ["", "Determinism (a stored run re-run and compared; the reused runs are the same runs):"]
+        for c in result["determinism"]:
+            e = result["methods"].get(c["method"])
+            label = e["label"] if e else c["method"]
+            lines.append(f"- {label} lr {c['lr']:g} seed {c['seed']}: validation {c['stored_val']:.8f} stored, "
+                         f"{c['rerun_val']:.8f} re-run (|diff| {c['val_diff']:.1e})"
+                         + (f", held-out |diff| {c['held_diff']:.1e}" if "held_diff" in c else "")
+                         + (" — identical to 1e-6" if c["identical"] else " — NOT identical to 1e-6") + ".")
     if result.get("notes"):
         lines += ["", "Notes:", *(f"- {n}" for n in result["notes"])]
     return "\n".join(lines)
@@ -403,28 +680,45 @@ def plot(result: dict, path) -> Path:
     return save_figure(fig, path)
 
 
-def combine(folder) -> dict:
-    """Join the workers' part files into one result (methods and runs; dense/bases from every part)."""
+def combine(folder, notes=None, wall_note=None, wall_s=None) -> dict:
+    """Join the workers' part files into one result (methods and runs; dense/bases from every part). The parts
+    must share the setting (lrs and methods aside); the lr grid becomes their union."""
     folder = Path(folder)
     parts = sorted(folder.glob("finetune_quality_paper.*.json"))
     if not parts:
         raise SystemExit(f"no finetune_quality_paper.*.json parts in {folder}")
     result = None
-    walls = []
+    walls, earlier = [], []
     for p in parts:
         r = json.loads(p.read_text())
         walls.append(r.get("wall_s", 0.0))
+        earlier.append(r.get("earlier_wall_s", 0.0))
         if result is None:
             result = r
+            result.pop("resumed_from", None)
             continue
+        st = dict(r["setting"], val=r["data"]["val"], held_out=r["data"]["held_out"])
+        check_setting(result, argparse.Namespace(**st), f"--combine {p.name}")
+        for k in ("val", "held"):
+            if abs(r["dense"][k] - result["dense"][k]) > 1e-6:
+                print(f"warning: {p.name}: dense {k} loss {r['dense'][k]:.8f} differs from "
+                      f"{result['dense'][k]:.8f}", flush=True)
         result["bases"].update(r["bases"])
         result["methods"].update(r["methods"])
         result["runs"] += r["runs"]
+        result["determinism"] = result.get("determinism", []) + r.get("determinism", [])
+    relabel(result)
     order = {m: i for i, m in enumerate(PAPER_METHODS)}
     result["methods"] = dict(sorted(result["methods"].items(), key=lambda kv: order.get(kv[0], len(order))))
-    result["wall_s"] = max(walls)
-    result["wall_note"] = f"{len(parts)} worker processes in parallel; longest shown"
+    result["setting"]["lrs"] = sorted({r["lr"] for r in result["runs"]})
+    result["wall_s"] = wall_s if wall_s is not None else max(walls)
+    result["earlier_wall_s"] = max(earlier)
+    if not result["earlier_wall_s"]:
+        result.pop("earlier_wall_s")
+    result["wall_note"] = wall_note or f"{len(parts)} worker processes in parallel; longest shown"
     result["parts"] = [p.name for p in parts]
+    if notes is not None:
+        result["notes"] = notes
     return result
 
 
@@ -440,10 +734,15 @@ def write(result: dict, folder) -> None:
 def main(argv=None) -> None:
     args = options(argv)
     if args.combine:
-        result = combine(args.combine)
+        notes = json.loads(Path(args.notes).read_text()) if args.notes else None
+        result = combine(args.combine, notes, args.wall_note, args.wall_s)
         write(result, args.combine)
         print(markdown(result))
         return
+    if args.verify_lr is not None and not args.resume:
+        raise SystemExit("--verify-lr re-runs a stored point: it needs --resume")
+    if args.measure and args.resume:
+        raise SystemExit("--measure times steps; it does not resume a result")
     result = run(args)
     if args.measure:
         return
