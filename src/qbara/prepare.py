@@ -28,6 +28,20 @@ def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConf
     return enable_native_save(model)
 
 
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every QuantizedLinear of `model` by an fp32 nn.Linear holding its dequantized weight, in place
+    (the inverse of `quantize_model` up to the quantization error); adapters must be merged first."""
+    from qbara.adapters import adapter_layers
+
+    if adapter_layers(model):
+        raise QbaraError("this model still has adapters: merge them first (qbara.merge(model, into='dense')), "
+                         "then dequantize")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            set_submodule(model, name, module.to_linear())
+    return model
+
+
 def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], adapter=None,
             modules=ALL_LINEAR, progress: bool = False, factor_format: QuantConfig | None = None) -> nn.Module:
     """Quantize the target linears of `model` (in place) and attach adapters; freeze everything else.

@@ -95,3 +95,40 @@ def test_fold_reports_what_rounding_of_the_minima_lost(minimum_dtype, std, warns
     assert model.qbara_fold_rounding == pytest.approx((lost / total) ** 0.5, rel=1e-3, abs=5e-4)  # fp32 dequant noise
     assert (model.qbara_fold_rounding > 0.05) == warns
     assert any("minima could not hold" in str(w.message) for w in caught) == warns
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("setting", ["lora", "qbara", "qalora"])
+def test_requantized_merge_is_the_dense_merge_quantized_with_the_base_config(setting):
+    """into='requantized' (how other tools merge into a 4-bit model) against its definition, layer by layer."""
+    from qbara.quant import quantize
+
+    model, _ = build("tiny-llama", setting)
+    randomize_adapters(model, std=0.01)
+    expected = {n: quantize(layer.base.dequantize() + layer.delta_weight(), layer.base.quant_config).dequantize()
+                for n, layer in adapter_layers(model).items()}
+    merged = merge(model, into="requantized")
+    for name, weight in expected.items():
+        layer = merged.get_submodule(name)
+        assert isinstance(layer, QuantizedLinear) and torch.equal(layer.dequantize(), weight)
+
+
+@torch.no_grad()
+def test_dequantize_model_replaces_every_quantized_layer_by_its_dense_weights(batch):
+    from torch import nn
+
+    from qbara import QbaraError
+    from qbara.prepare import dequantize_model
+
+    model, _ = build("tiny-llama", "qahira")
+    with pytest.raises(QbaraError, match="merge them first"):
+        dequantize_model(model)
+    merge(model, into="quantized")
+    weights = {n: m.dequantize() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    reference = model(batch).logits
+    dequantize_model(model)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    for name, weight in weights.items():
+        layer = model.get_submodule(name)
+        assert type(layer) is nn.Linear and torch.equal(layer.weight, weight) and not layer.weight.requires_grad
+    assert torch.allclose(model(batch).logits, reference, atol=1e-5, rtol=1e-5)

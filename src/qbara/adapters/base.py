@@ -17,6 +17,7 @@ from qbara.adapters.pooling import expand_tiles, pool_features, repeat_features
 from qbara.errors import QbaraError
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.fold import fold_block_constants, fold_problem, fold_rounding
+from qbara.quant.tensor import quantize
 
 
 def lora_parameter_count(d_out: int, d_in: int, rank: int) -> int:
@@ -114,17 +115,24 @@ class AdaptedLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, into: str = "dense") -> nn.Module:
-        """The layer with the adapter merged in: an nn.Linear (dense) or a QuantizedLinear whose float
-        minima absorbed the update exactly (quantized)."""
-        bias = self.base.bias
-        if into == "dense":
-            weight = self.base_weight() + self.delta_weight()
-            merged = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device)
-            merged.weight.copy_(weight)
-            if bias is not None:
-                merged.bias.copy_(bias.float())
-            merged.requires_grad_(False)
-            return merged
+        """The layer with the adapter merged in:
+        dense: an fp32 nn.Linear(dequant(W) + ΔW), exact;
+        quantized: a QuantizedLinear whose float minima absorbed ΔW (QA-LoRA, QA-HiRA; see `fold`);
+        requantized: dequant(W) + ΔW quantized again with the base's own config, what PEFT and most tools do
+            (lossy: the update and the weights are rounded together)."""
         if into == "quantized":
             return self.fold()[0]
-        raise QbaraError(f"unknown merge target {into!r}: choose 'dense' or 'quantized'")
+        if into not in ("dense", "requantized"):
+            raise QbaraError(f"unknown merge target {into!r}: choose 'dense', 'quantized' or 'requantized'")
+        weight = self.base_weight() + self.delta_weight()
+        if into == "dense":
+            merged = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
+                               device=weight.device)
+            merged.weight.copy_(weight)
+            if self.base.bias is not None:
+                merged.bias.copy_(self.base.bias.float())
+            return merged.requires_grad_(False)
+        if self.quant_config is None:
+            raise QbaraError(f"{self.name}: merge(into='requantized') needs a quantized base; this one is dense, "
+                             f"merge into='dense'")
+        return QuantizedLinear(quantize(weight, self.quant_config, self.name), self.base.bias)

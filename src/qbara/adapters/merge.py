@@ -10,21 +10,23 @@ from qbara.adapters.attach import adapter_layers
 from qbara.errors import QbaraError
 from qbara.targets import set_submodule
 
-MERGE_TARGETS = ("dense", "quantized")
+MERGE_TARGETS = ("dense", "quantized", "requantized")
 FOLD_ROUNDING_WARN = 0.05  # warn when the fp16 minima lose more than this share (relative RMS) of the update
 
 
 def merge(model: nn.Module, into: str = "dense") -> nn.Module:
     """Replace each adapted layer by its merge, in place, and return the model.
 
-    dense: nn.Linear(dequant(W) + Delta W). quantized: the QA-LoRA / QA-HiRA update folds into the INT
-    base's float minima; the layer stays quantized with unchanged bits/param. The fold is exact up to
+    dense: nn.Linear(dequant(W) + Delta W), exact. quantized: the QA-LoRA / QA-HiRA update folds into the INT
+    base's float minima; the layer stays quantized with unchanged bits/param. requantized: dequant(W) + Delta W
+    quantized again with each base's own config (lossy; how other tools merge into a 4-bit model, kept for
+    comparison and for methods that cannot fold). The fold is exact up to
     the fp16 rounding of the new minima: `model.qbara_fold_rounding` is the share (relative RMS) of the
     update that rounding lost, and a warning says so above 5%. Every layer is checked before any is
     replaced, so a refused merge leaves the model as it was.
     """
     if into not in MERGE_TARGETS:
-        raise QbaraError(f"unknown merge target {into!r}: choose 'dense' or 'quantized'")
+        raise QbaraError(f"unknown merge target {into!r}: choose one of {', '.join(MERGE_TARGETS)}")
     layers = adapter_layers(model)
     if not layers:
         raise QbaraError("this model has no adapters to merge; attach them with qbara.prepare(..., adapter=...) "

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from qbara.errors import QbaraError
-from qbara.nn.quantized_linear import QuantizedLinear
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -25,21 +24,15 @@ def _resolve_dtype(dtype) -> torch.dtype:
 
 
 def dense_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` with adapters merged and every QuantizedLinear replaced by an fp32 nn.Linear."""
-    from qbara.adapters import adapter_layers
-    from qbara.targets import set_submodule
+    """A copy of `model` with its adapters merged (`qbara.merge(into="dense")`) and every QuantizedLinear
+    dequantized to an fp32 nn.Linear (`qbara.prepare.dequantize_model`); the model passed in is unchanged."""
+    from qbara.adapters import adapter_layers, merge
+    from qbara.prepare import dequantize_model
 
     dense = copy.deepcopy(model)
-    for name, layer in adapter_layers(dense).items():
-        set_submodule(dense, name, layer.merge("dense"))
-    for name, module in list(dense.named_modules()):
-        if isinstance(module, QuantizedLinear):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad():
-                linear.weight.copy_(module.dequantize(torch.float32))
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias.float())
-            set_submodule(dense, name, linear)
+    if adapter_layers(dense):
+        merge(dense, into="dense")
+    dequantize_model(dense)
     for attr in _QBARA_ATTRS:
         if hasattr(dense, attr):
             delattr(dense, attr)

@@ -78,6 +78,17 @@ class QuantizedLinear(nn.Module):
         """The dense (d_out, d_in) weight in `dtype`."""
         return self.qweight.dequantize(dtype)
 
+    @torch.no_grad()
+    def to_linear(self, weight: Tensor | None = None) -> nn.Linear:
+        """A frozen fp32 nn.Linear on this layer's device holding `weight` (default: the dequantized weight) and
+        the bias."""
+        weight = self.dequantize(torch.float32) if weight is None else weight.float()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device)
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias.float())
+        return linear.requires_grad_(False)
+
     @property
     def nbytes(self) -> int:
         return self.qweight.nbytes
