@@ -170,7 +170,7 @@ def dequantized_once(model):
 
 
 def loss_on(model, examples, args) -> float:
-    from qbara.commands.eval import masked_loss
+    from qbara.eval.loss import masked_loss
 
     model.eval()
     with torch.no_grad(), dequantized_once(model):
@@ -337,7 +337,7 @@ def finish(model, method, out: dict, held, args) -> None:
             merge(model, into="quantized")
         out["merge"], out["fold_rounding"] = "fold", model.qbara_fold_rounding
     else:
-        fq.requantize_merge(model)
+        merge(model, into="requantized")
         out["merge"] = "re-quantized"
     out["merged"] = loss_on(model, held, args)
 

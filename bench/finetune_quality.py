@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from qbara import AdapterConfig, QuantConfig, merge, prepare
-from qbara.adapters import adapter_layers, trainable_parameter_count
+from qbara.adapters import trainable_parameter_count
 from qbara.lq.configs import candidate_configs, qlora_config
 from qbara.train.data import Example
 
@@ -110,12 +110,12 @@ def batches(train: list[Example], batch: int, steps: int, seed: int):
 
 
 def qalora_rank(model, rank: int, group: int) -> int:
-    """QA-LoRA rank whose parameter count is closest to LoRA's at `rank`."""
+    """QA-LoRA rank whose parameter count over the model's linears is closest to LoRA's at `rank`."""
+    from qbara.adapters.qalora import matching_rank
     from qbara.targets import linear_layer_names
 
-    shapes = [model.get_submodule(n).weight.shape for n in linear_layer_names(model, "all-linear")]
-    lora = sum(rank * (o + i) for o, i in shapes)
-    return max(1, round(lora / sum(i // group + o for o, i in shapes)))
+    shapes = [tuple(model.get_submodule(n).weight.shape) for n in linear_layer_names(model, "all-linear")]
+    return matching_rank(shapes, rank, group)
 
 
 @dataclass
@@ -226,26 +226,13 @@ def fisher_for(dense, tokenizer, args):
     return _FISHER["f"]
 
 
-def requantize_merge(model) -> torch.nn.Module:
-    """Merge the way users do today: W' = dequant(Q) + ΔW, re-quantized to the layer's own format (lossy)."""
-    from qbara.nn.quantized_linear import QuantizedLinear
-    from qbara.quant import quantize
-    from qbara.targets import set_submodule
-
-    with torch.no_grad():
-        for name, layer in adapter_layers(model).items():
-            W = layer.base.dequantize() + layer.delta_weight()
-            set_submodule(model, name, QuantizedLinear(quantize(W, layer.base.quant_config, name), layer.base.bias))
-    return model
-
-
 # --------------------------------------------------------------------------------------------------
 # Runs
 
 
 def held_out_loss(model, held, args, device) -> float:
     """Mean held-out loss of `model` (evaluation mode, no gradients)."""
-    from qbara.commands.eval import masked_loss
+    from qbara.eval.loss import masked_loss
 
     model.to(device).eval()
     with torch.no_grad():
@@ -293,7 +280,7 @@ def train_and_eval(prepared: Prepared, method: str, train, held, args, seed: int
             merge(model, into="quantized")
         how, rounding = "fold", model.qbara_fold_rounding
     else:
-        requantize_merge(model)
+        merge(model, into="requantized")
         how = "re-quantized"
     merged = held_out_loss(model, held, args, device)
     return {"before": before, "after": after, "merged": merged, "merge": how, "fold_rounding": rounding,
