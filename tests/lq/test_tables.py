@@ -6,7 +6,7 @@ import torch
 
 import qbara.lq.tables as tables_mod
 from qbara.errors import QbaraError
-from qbara.lq._nf_fast import keep_ratios, nf_codes, nf_midpoints, quantize_nf_values
+from qbara.quant.nf import keep_ratios, nf_codes, nf_midpoints, quantize_nf_values
 from qbara.lq.configs import candidate_configs
 from qbara.lq.parallel import shard
 from qbara.lq.tables import ErrorTable, _dq_errors, error_table, matrix_costs

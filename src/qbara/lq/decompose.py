@@ -294,7 +294,7 @@ def quantize_step(config: QuantConfig, name: str = "weight") -> Callable[[Tensor
 
 
 def _nf_step(config: QuantConfig) -> Callable[[Tensor], tuple[Tensor, Any]]:
-    from qbara.lq._nf_fast import quantize_nf_values
+    from qbara.quant.nf import quantize_nf_values
     from qbara.quant.double_quant import stored_scales
     from qbara.quant.nf import block_absmax
 

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.lazy_tensors import LazyTensors, tensor_shapes
-from qbara.lq._nf_fast import keep_ratios, nf_values, quantize_nf_values
+from qbara.quant.nf import keep_ratios, nf_values, quantize_nf_values
 from qbara.lq.configs import candidate_configs
 from qbara.lq.decompose import _alternate, low_rank_factors
 from qbara.lq.ilp import allocate as ilp_allocate

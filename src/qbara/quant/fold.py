@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from qbara.errors import QbaraError
-from qbara.quant.intk import _to_blocks
+from qbara.quant.intk import to_blocks
 from qbara.quant.tensor import QuantizedTensor
 
 
@@ -36,7 +36,7 @@ def fold_block_constants(qtensor: QuantizedTensor, delta: Tensor) -> QuantizedTe
     problem = fold_problem(config, config.block_rows, config.block_size)
     if problem:
         raise QbaraError(f"cannot fold into this tensor: {problem}")
-    blocks = _to_blocks(delta.detach().float(), config.block_size, config.block_rows)
+    blocks = to_blocks(delta.detach().float(), config.block_size, config.block_rows)
     first = blocks[:, 0]
     spread = (blocks - first[:, None]).abs().max()
     if spread > 1e-6 * (1.0 + first.abs().max()):
@@ -54,7 +54,7 @@ def fold_rounding(before: QuantizedTensor, after: QuantizedTensor, delta: Tensor
     With fp16 minima, where a block's constant is small next to its minimum's fp16 step, rounding m + c
     drops or overshoots it (fp32 minima hold it). The ratio of the two is what the fold loses of the update."""
     config = before.config
-    wanted = _to_blocks(delta.detach().float(), config.block_size, config.block_rows)[:, 0]
+    wanted = to_blocks(delta.detach().float(), config.block_size, config.block_rows)[:, 0]
     moved = after.tensors["minimum"].float() - before.tensors["minimum"].float()
     wanted = wanted.to(moved.device)
     n = config.block_numel

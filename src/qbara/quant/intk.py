@@ -10,13 +10,15 @@ import torch
 from torch import Tensor
 
 
-def _to_blocks(weight: Tensor, group_size: int, group_rows: int) -> Tensor:
+def to_blocks(weight: Tensor, group_size: int, group_rows: int) -> Tensor:
+    """(n_blocks, group_rows * group_size): the weight's (group_rows x group_size) tiles, row-major, one per row."""
     d_out, d_in = weight.shape
     tiles = weight.reshape(d_out // group_rows, group_rows, d_in // group_size, group_size)
     return tiles.permute(0, 2, 1, 3).reshape(-1, group_rows * group_size)
 
 
-def _from_blocks(blocks: Tensor, shape: tuple[int, int], group_size: int, group_rows: int) -> Tensor:
+def from_blocks(blocks: Tensor, shape: tuple[int, int], group_size: int, group_rows: int) -> Tensor:
+    """The (d_out, d_in) weight from its tiles (the inverse of `to_blocks`)."""
     d_out, d_in = shape
     tiles = blocks.reshape(d_out // group_rows, d_in // group_size, group_rows, group_size)
     return tiles.permute(0, 2, 1, 3).reshape(d_out, d_in)
@@ -29,7 +31,7 @@ def quantize_int(weight: Tensor, bits: int, group_size: int, group_rows: int = 1
 
     Blocks are ordered row-block major: block (r, c) covers rows r*group_rows.. and columns c*G...
     """
-    blocks = _to_blocks(weight.detach().float(), group_size, group_rows)
+    blocks = to_blocks(weight.detach().float(), group_size, group_rows)
     lo = blocks.amin(dim=1)
     hi = blocks.amax(dim=1)
     qmax = 2**bits - 1
@@ -39,12 +41,12 @@ def quantize_int(weight: Tensor, bits: int, group_size: int, group_rows: int = 1
     safe = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.round((blocks - minimum.float()[:, None]) / safe[:, None]).clamp_(0, qmax)
     codes = torch.where(s[:, None] > 0, codes, torch.zeros_like(codes)).to(torch.uint8)
-    return _from_blocks(codes, weight.shape, group_size, group_rows).reshape(-1), scale, minimum
+    return from_blocks(codes, weight.shape, group_size, group_rows).reshape(-1), scale, minimum
 
 
 def dequantize_int(codes: Tensor, scale: Tensor, minimum: Tensor, shape: tuple[int, int], group_size: int,
                    group_rows: int = 1, dtype=torch.float32) -> Tensor:
     """The (d_out, d_in) weight s * q + m, computed in fp32."""
-    blocks = _to_blocks(codes.reshape(shape), group_size, group_rows).float()
+    blocks = to_blocks(codes.reshape(shape), group_size, group_rows).float()
     values = torch.addcmul(minimum.float()[:, None], blocks, scale.float()[:, None])
-    return _from_blocks(values, shape, group_size, group_rows).to(dtype)
+    return from_blocks(values, shape, group_size, group_rows).to(dtype)
