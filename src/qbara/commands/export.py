@@ -1,24 +1,67 @@
-"""`qbara export --model M [--adapter DIR] --format gguf|hf --out PATH`."""
+"""`qbara export --model M [--adapter DIR] --format gguf|hf --out PATH`.
+
+GGUF: adapters that fold into the quantized base are merged into the one file; plain LoRA adapters (which do
+not) go out as a llama.cpp LoRA GGUF beside the base (`--adapter-out`, default OUT with .adapter.gguf), unless
+--allow-requantize asks for one merged, re-quantized file.
+"""
 from __future__ import annotations
+
+from pathlib import Path
+
+
+def adapter_path(out) -> str:
+    """Where the LoRA adapter GGUF goes beside the base `out`: m.gguf -> m.adapter.gguf."""
+    out = str(out)
+    return out[: -len(".gguf")] + ".adapter.gguf"
+
+
+def _separate_lora(model, allow_requantize: bool) -> bool:
+    """Write the adapters as their own LoRA GGUF: every adapter is plain LoRA (which never folds into the
+    quantized base), and the user did not ask for a re-quantized merge (--allow-requantize)."""
+    from qbara.adapters.attach import adapter_layers
+    from qbara.export.gguf import is_plain_lora
+
+    layers = adapter_layers(model).values()
+    return not allow_requantize and bool(layers) and all(is_plain_lora(layer) for layer in layers)
+
+
+def _run_gguf(args, inputs):
+    from qbara.commands.eval import load_for_eval
+    from qbara.errors import QbaraError
+    from qbara.export.gguf import write_gguf, write_gguf_lora
+    from qbara.outputs import output_file
+
+    if not str(args.out).endswith(".gguf"):
+        raise QbaraError(f"--out {args.out!r}: a GGUF export is a file ending in .gguf")
+    lora_out = args.adapter_out or adapter_path(args.out)
+    if not str(lora_out).endswith(".gguf") or Path(lora_out).resolve() == Path(args.out).resolve():
+        raise QbaraError(f"--adapter-out {lora_out!r}: the LoRA adapter GGUF is a file ending in .gguf, other "
+                         f"than --out")
+    options = {"embedding_type": args.embedding_type, "base_model": args.model}
+    with output_file(args.out, inputs, overwrite=args.overwrite):
+        model, tokenizer = load_for_eval(args.model, args.adapter)
+        if not _separate_lora(model, args.allow_requantize):
+            report = write_gguf(model, tokenizer, args.out, lossy=args.allow_requantize, adapter=args.adapter,
+                                **options)
+            print(report.summary())
+            return report
+        with output_file(lora_out, inputs, overwrite=args.overwrite, option="--adapter-out"):
+            report = write_gguf(model, tokenizer, args.out, separate_lora=True, **options)
+            lora = write_gguf_lora(model, lora_out, base_model=args.model, adapter=args.adapter)
+    print(report.summary())
+    print(lora.summary())
+    print(f"the LoRA adapter does not merge into the quantized base without re-quantizing it, so it is its own "
+          f"file: llama-cli -m {args.out} --lora {lora_out} (or --allow-requantize for one merged, lossy file)")
+    return report
 
 
 def run(args):
     from qbara.commands.eval import load_for_eval
-    from qbara.errors import QbaraError
-    from qbara.outputs import output_file, output_folder
+    from qbara.outputs import output_folder
 
     inputs = [args.model, args.adapter]
     if args.format == "gguf":
-        from qbara.export.gguf import write_gguf
-
-        if not str(args.out).endswith(".gguf"):
-            raise QbaraError(f"--out {args.out!r}: a GGUF export is a file ending in .gguf")
-        with output_file(args.out, inputs, overwrite=args.overwrite):
-            model, tokenizer = load_for_eval(args.model, args.adapter)
-            report = write_gguf(model, tokenizer, args.out, lossy=args.allow_requantize,
-                                embedding_type=args.embedding_type, base_model=args.model, adapter=args.adapter)
-        print(report.summary())
-        return report
+        return _run_gguf(args, inputs)
     from qbara.export.hf import write_hf
 
     with output_folder(args.out, inputs, overwrite=args.overwrite, command="export") as tmp:
@@ -30,13 +73,17 @@ def run(args):
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("export", help="export a (fine-tuned) model as GGUF Q4_1 for llama.cpp, or a dense HF folder")
+    p = subparsers.add_parser("export", help="export a (fine-tuned) model as GGUF for llama.cpp (Q4_1 / gguf:* blocks, "
+                                             "plus a LoRA GGUF for plain LoRA adapters), or a dense HF folder")
     p.add_argument("--model", required=True, help="base model: name, HF folder, quantized folder")
     p.add_argument("--adapter", help="adapter folder (its recorded quantization is applied to the base)")
     p.add_argument("--format", choices=("gguf", "hf"), default="gguf")
     p.add_argument("--out", required=True, help="output .gguf file or HF folder")
     p.add_argument("--allow-requantize", action="store_true",
-                   help="gguf: re-quantize layers that are not INT4 G32 (lossy; the error is reported)")
+                   help="gguf: re-quantize layers that are neither INT4 G32 nor gguf:* (lossy; the error is "
+                        "reported); plain LoRA adapters are then merged into one file instead of written beside it")
+    p.add_argument("--adapter-out", help="gguf: the LoRA adapter GGUF written for plain LoRA adapters "
+                                         "(default: OUT with .adapter.gguf)")
     p.add_argument("--embedding-type", choices=("q8_0", "f16", "f32"), default="q8_0", help="gguf: token embedding type")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="hf: weight dtype")
     p.add_argument("--overwrite", action="store_true",

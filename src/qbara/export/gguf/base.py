@@ -1,0 +1,191 @@
+"""`export_gguf` / `write_gguf`: the base model as one GGUF file llama.cpp and transformers load."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qbara.atomic import write_file_atomic
+from qbara.errors import QbaraError
+from qbara.export.gguf.checks import ARCH, check_llama, check_path
+from qbara.export.gguf.linears import LINEARS, Linear, refuse_inexact, resolve_linear
+from qbara.export.gguf.metadata import (
+    file_type,
+    source_gguf,
+    tokenizer_fields,
+    write_hparams,
+)
+from qbara.export.gguf.provenance import model_name, provenance_fields
+from qbara.export.gguf.report import ExportReport
+from qbara.export.gguf.tensors import (
+    EMBEDDING_TYPES,
+    LinearStats,
+    block_tensors,
+    float_tensor,
+    output_tensors,
+    param_count,
+    type_name,
+)
+from qbara.outputs import GGUF_MARK
+
+
+def export_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedding_type: str = "q8_0",
+                tokenizer_gguf=None, name: str | None = None, overwrite: bool = False,
+                base_model: str | None = None, adapter: str | None = None,
+                separate_lora: bool = False) -> ExportReport:
+    """Check and lock the output `path` (`qbara.outputs`: an existing file qbara did not write is refused
+    unless overwrite=True), then `write_gguf`."""
+    from qbara.outputs import output_file
+
+    with output_file(check_path(path), overwrite=overwrite, option="path"):
+        return write_gguf(model, tokenizer, path, lossy, embedding_type=embedding_type,
+                          tokenizer_gguf=tokenizer_gguf, name=name, base_model=base_model, adapter=adapter,
+                          separate_lora=separate_lora)
+
+
+def _check_options(embedding_type, lossy) -> None:
+    if embedding_type not in EMBEDDING_TYPES:
+        raise QbaraError(f"unknown embedding_type {embedding_type!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
+    if not isinstance(lossy, bool):
+        raise QbaraError(f"lossy must be True or False, got {lossy!r}")
+
+
+def resolve_linears(model: nn.Module, lossy: bool, separate_lora: bool = False) -> list[list[Linear]]:
+    """Every decoder block's linears (LINEARS order), resolved before anything is written, so a layer
+    that cannot be exported is refused first."""
+    resolved = [[resolve_linear(f"model.layers.{i}.{sub}", layer.get_submodule(sub), lossy, separate_lora)
+                 for sub, _ in LINEARS] for i, layer in enumerate(model.model.layers)]
+    if not lossy:
+        refuse_inexact([item for row in resolved for item in row])
+    return resolved
+
+
+def model_tensors(model: nn.Module, resolved: list[list[Linear]], embedding_type: str):
+    """(tensors in file order, linear-layer stats, embedding relative error)."""
+    stats = LinearStats()
+    arr, raw, emb_err = float_tensor("token_embd.weight", model.get_input_embeddings().weight, embedding_type)
+    tensors = [("token_embd.weight", arr, raw)]
+    for i, (layer, row) in enumerate(zip(model.model.layers, resolved)):
+        tensors += block_tensors(i, layer, row, model.config, stats)
+    tail, out_err = output_tensors(model, embedding_type)
+    return tensors + tail, stats, max(emb_err, out_err)
+
+
+def _linear_names(tensors) -> set[str]:
+    """Names of the linear-layer tensors (the blocks' quantized tensors; norms are F32)."""
+    return {n for n, _, raw in tensors if n.startswith("blk.") and raw is not None}
+
+
+def _linear_params(tensors) -> dict[str, int]:
+    """GGML type name -> weights of the linear layers stored in it."""
+    names, out = _linear_names(tensors), {}
+    for n, data, raw in tensors:
+        if n in names:
+            out[raw.name] = out.get(raw.name, 0) + param_count(data, raw)
+    return out
+
+
+def _bits_per_param(tensors, names=None) -> float:
+    chosen = [(d, r) for n, d, r in tensors if names is None or n in names]
+    params = sum(param_count(d, r) for d, r in chosen)
+    return 8 * sum(d.nbytes for d, _ in chosen) / params if params else 0.0
+
+
+def write_file(path: Path, header, tensors) -> None:
+    """Write the GGUF atomically: `header(writer)` adds the metadata, then the tensors follow."""
+    from gguf import GGUFWriter
+
+    def write(tmp: str) -> None:
+        writer = GGUFWriter(tmp, ARCH)
+        header(writer)
+        for tensor_name, data, raw_dtype in tensors:
+            writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    write_file_atomic(path, write)
+
+
+@torch.no_grad()
+def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedding_type: str = "q8_0",
+               tokenizer_gguf=None, name: str | None = None, base_model: str | None = None,
+               adapter: str | None = None, separate_lora: bool = False) -> ExportReport:
+    """Write a LLaMA-architecture model as a GGUF file (llama.cpp `llama`) at `path`.
+
+    model: a LlamaForCausalLM whose linears are qbara QuantizedLinear layers, ideally after
+        `qbara.merge(model, into="quantized")`. INT4 G32 layers are packed as Q4_1 from their own codes;
+        layers quantized with a gguf:* format (gguf:q4_k, gguf:q6_k, ...) are written as their own block
+        bytes with their GGML type, so one file can mix formats, all exact. q_proj / k_proj rows are
+        reordered for llama.cpp's rotary layout (whole rows move, so every block stays intact). Adapter
+        layers still attached are merged on the fly (the model itself is not modified) when they fold
+        into the quantized base.
+    tokenizer: its Hugging Face tokenizer (byte-level BPE). When it is SmolLM2's, the `tokenizer.*`
+        metadata is copied from the shipped SmolLM2 GGUF; `tokenizer_gguf` names another GGUF file to
+        copy it from; otherwise it is built from the tokenizer (vocabulary, merges, special tokens,
+        chat template).
+    path: the .gguf file to write (parent folders are created; written to a temporary file and renamed).
+    lossy: allow re-quantizing layers that are neither INT4 G32 nor gguf:* (NF4, other INT layouts, dense,
+        adapters that do not fold): into Q4_1, or into the layer's own gguf:* format when its base had one.
+        Without it such a model is refused with a QbaraError naming the fix.
+    separate_lora: write the base layers of plain LoRA adapters as they are (the adapters are left out), for
+        `export_gguf_lora` to write as a llama.cpp LoRA GGUF beside this file.
+    embedding_type: token embedding (and untied output matrix) as "q8_0" (default, as SmolLM2 ships),
+        "f16" or "f32".
+    name: general.name metadata (default: from the model's config).
+    base_model, adapter: provenance, as the user named them (CLI: --model, --adapter). Written as
+        general.base_model.count = 1, general.base_model.0.name and a general.description naming the
+        adapter merged. When the tokenizer metadata comes from a GGUF of this same model (the shipped
+        SmolLM2 file, or `tokenizer_gguf`) with the same shapes, its general.* provenance (license,
+        basename, organization, size_label, finetune, tags, languages, ...) is carried over too; see
+        `provenance_fields`. Without base_model, the source file's general.name names the base model.
+        general.quantized_by is always "qbara".
+    """
+    start = time.perf_counter()
+    path = check_path(path)
+    check_llama(model)
+    _check_options(embedding_type, lossy)
+    resolved = resolve_linears(model, lossy, separate_lora)
+    tensors, stats, emb_err = model_tensors(model, resolved, embedding_type)
+    vocab_size = int(model.get_input_embeddings().weight.shape[0])
+    source = source_gguf(tokenizer, tokenizer_gguf)
+    tok_fields = tokenizer_fields(tokenizer, vocab_size, source)
+    general = provenance_fields(source, base_model, adapter, config=model.config, vocab_size=vocab_size)
+    linear_params = _linear_params(tensors)
+
+    def header(writer) -> None:
+        from gguf.constants import GGML_QUANT_VERSION
+
+        writer.add_type("model")
+        writer.add_name(model_name(model, name, base_model))
+        for key, (value, vtype, sub_type) in general.items():
+            writer.add_key_value(key, value, vtype, sub_type=sub_type)
+        write_hparams(writer, model.config, len(model.model.layers), vocab_size, file_type(linear_params))
+        tok_fields.write(writer)
+        writer.add_uint32("general.quantization_version", int(GGML_QUANT_VERSION))
+        writer.add_string("general.quantized_by", GGUF_MARK)  # how qbara.outputs knows its own files
+
+    write_file(path, header, tensors)
+    return ExportReport(
+        path=path,
+        size_bytes=path.stat().st_size,
+        tensor_types={n: type_name(d, r) for n, d, r in tensors},
+        exact_q4_1=stats.exact_q4_1,
+        exact_ggml=stats.exact_ggml,
+        requantized=stats.requantized,
+        requantize_error=stats.requantize_error,
+        max_layer_error=stats.max_layer_error,
+        embedding_type=embedding_type,
+        embedding_error=emb_err,
+        adapters_merged=sum(item.merged for row in resolved for item in row),
+        adapters_separate=sum(item.separate for row in resolved for item in row),
+        tokenizer_source=tok_fields.source,
+        provenance={k: v[0] for k, v in general.items()},
+        seconds=time.perf_counter() - start,
+        linear_types=dict(stats.types),
+        bits_per_param=_bits_per_param(tensors),
+        linear_bits_per_param=_bits_per_param(tensors, _linear_names(tensors)),
+    )

@@ -1,0 +1,211 @@
+"""The linear layers of a decoder block as GGUF tensors: resolved (exact codes, or a dense weight to
+re-quantize), laid out in llama.cpp's rotary row order, and packed as GGML block bytes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from qbara.errors import QbaraError
+from qbara.export.blocks import pack_q4_1
+from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.quant.config import QuantConfig
+from qbara.quant.tensor import QuantizedTensor, quantize
+
+Q4_1_CONFIG = QuantConfig("int4", block_size=32)
+
+# HF submodule of a decoder layer -> llama.cpp tensor name (without "blk.N." and ".weight").
+LINEARS = (
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+)
+NORMS = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"))
+
+FIX_HINT = ("quantize the base with QuantConfig('int4', block_size=32) (fp16 minima, the default) and train "
+            "qahira or qalora adapters "
+            "(they merge into it exactly), or with a gguf:* block format (e.g. QuantConfig('gguf:q4_k'), written "
+            "as its own blocks); or pass lossy=True (CLI: --allow-requantize) to re-quantize to "
+            "INT4 G32 (GGUF Q4_1) and report the error it introduces")
+LORA_HINT = ("A plain LoRA adapter can instead go out as a llama.cpp LoRA GGUF beside the base: "
+             "export_gguf(..., separate_lora=True) and export_gguf_lora (qbara export --format gguf does this "
+             "without --allow-requantize)")
+
+
+# ------------------------------------------------------------------------------------ row layout
+def llama_rope_permutation(rows: int, n_head: int) -> Tensor:
+    """Row order of llama.cpp's q/k layout: GGUF row r holds HF row perm[r].
+
+    transformers' LLaMA rotates the pairs (j, j + head_dim/2) of each head; llama.cpp's rotates
+    adjacent pairs (2j, 2j + 1). So within each head GGUF row 2j + i is HF row i * head_dim/2 + j.
+    Rows move whole, so every block along a row stays intact (a K-quant row is its own run of
+    256-weight super-blocks, a legacy row its own run of 32-weight blocks).
+    """
+    if rows % (2 * n_head):
+        raise QbaraError(f"cannot lay out {rows} rows as {n_head} rotary heads")
+    half = rows // n_head // 2
+    return torch.arange(rows).reshape(n_head, 2, half).transpose(1, 2).reshape(-1)
+
+
+def rope_heads(gguf_name: str, config) -> int | None:
+    """Heads whose rotary layout the tensor's rows follow (attn_q, attn_k), else None."""
+    if gguf_name == "attn_q":
+        return int(config.num_attention_heads)
+    if gguf_name == "attn_k":
+        return int(config.num_key_value_heads)
+    return None
+
+
+# ------------------------------------------------------------------------------------ layer kinds
+def is_q4_1(module: nn.Module) -> bool:
+    """An INT4 G32 layer (fp16 minima): Q4_1's own layout, packed from its codes."""
+    c = getattr(module, "quant_config", None)
+    return (isinstance(module, QuantizedLinear) and c is not None and c.format == "int4"
+            and c.block_size == 32 and c.block_rows == 1 and c.minimum_dtype == "fp16")
+
+
+def is_ggml(module: nn.Module) -> bool:
+    """A layer quantized with a gguf:* block format: it holds the GGUF block bytes themselves."""
+    c = getattr(module, "quant_config", None)
+    return isinstance(module, QuantizedLinear) and c is not None and c.kind == "gguf"
+
+
+def is_plain_lora(module: nn.Module) -> bool:
+    """An adapter whose update is s · B A on the full layer (no pooling): what a llama.cpp LoRA GGUF holds."""
+    from qbara.adapters.lora import LoRALinear
+
+    return isinstance(module, LoRALinear) and module.pool_in == 1 and module.pool_out == 1
+
+
+def describe(module: nn.Module) -> str:
+    if isinstance(module, QuantizedLinear):
+        return module.quant_config.label
+    if isinstance(module, nn.Linear):
+        return "dense"
+    return type(module).__name__
+
+
+# ------------------------------------------------------------------------------------ resolution
+@dataclass
+class Linear:
+    """One linear layer as it will be written."""
+
+    name: str                      # HF module name
+    qtensor: QuantizedTensor | None = None   # exact: INT4 G32 codes or gguf:* blocks
+    dense: Tensor | None = None    # to re-quantize (lossy)
+    what: str = ""                 # what it was, for messages
+    requant: QuantConfig = Q4_1_CONFIG       # the format a lossy re-quantization writes
+    merged: bool = False           # an adapter was merged into it
+    separate: bool = False         # its plain LoRA adapter was left out (for export_gguf_lora)
+
+
+def _unwrap_adapter(name: str, module: nn.Module, lossy: bool, separate_lora: bool) -> tuple[nn.Module, str]:
+    """The layer to write for an adapted layer, and "merged" or "separate"."""
+    if separate_lora and is_plain_lora(module):
+        return module.base, "separate"
+    problem = module.fold_problem()
+    if problem is None:
+        return module.merge("quantized"), "merged"
+    if lossy:
+        return module.merge("dense"), "merged"
+    lora = f" {LORA_HINT}" if is_plain_lora(module) else ""
+    raise QbaraError(f"{name}: its {module.method} adapter cannot merge into the quantized base "
+                     f"({problem}), so the layer cannot be written to GGUF exactly. Either {FIX_HINT}.{lora}")
+
+
+def resolve_linear(name: str, module: nn.Module, lossy: bool, separate_lora: bool = False) -> Linear:
+    """The layer as exact codes (INT4 G32, or gguf:* blocks) or a dense weight to re-quantize."""
+    from qbara.adapters.base import AdaptedLinear
+
+    how = ""
+    base_config = getattr(module, "quant_config", None)
+    if isinstance(module, AdaptedLinear):
+        module, how = _unwrap_adapter(name, module, lossy, separate_lora)
+    if getattr(module, "bias", None) is not None:
+        raise QbaraError(f"{name} has a bias, which llama.cpp's llama does not read; use export_hf instead")
+    # A layer on a gguf:* base is re-quantized (lossy) into its own format, others into Q4_1.
+    requant = base_config if base_config is not None and base_config.kind == "gguf" else Q4_1_CONFIG
+    item = Linear(name, what=describe(module), requant=requant, merged=how == "merged",
+                  separate=how == "separate")
+    if is_q4_1(module) or is_ggml(module):
+        item.qtensor = module.qweight
+    elif isinstance(module, QuantizedLinear):
+        item.dense = module.dequantize(torch.float32)
+    elif isinstance(module, nn.Linear):
+        item.dense = module.weight.detach().float()
+    else:
+        raise QbaraError(f"{name}: cannot export a {type(module).__name__} as a GGUF linear layer")
+    return item
+
+
+def refuse_inexact(items: list[Linear]) -> None:
+    """Raise a QbaraError naming the layers that need re-quantizing (called without lossy=True)."""
+    inexact = [item for item in items if item.qtensor is None]
+    if not inexact:
+        return
+    kinds = sorted({item.what for item in inexact})
+    names = ", ".join(item.name for item in inexact[:3])
+    more = f" and {len(inexact) - 3} more" if len(inexact) > 3 else ""
+    raise QbaraError(f"{len(inexact)} linear layers are neither INT4 with block size 32 nor a gguf:* block "
+                     f"format ({', '.join(kinds)}: {names}{more}), so they cannot be written to GGUF "
+                     f"losslessly. To export, {FIX_HINT}")
+
+
+def requantize(item: Linear) -> tuple[float, float]:
+    """Re-quantize a dense layer into `item.requant` in place: (‖W - Q(W)‖², ‖W‖²)."""
+    item.qtensor = quantize(item.dense, item.requant, name=item.name)
+    diff = float((item.dense - item.qtensor.dequantize(torch.float32)).norm()) ** 2
+    ref = float(item.dense.norm()) ** 2
+    item.dense = None
+    return diff, ref
+
+
+# ------------------------------------------------------------------------------------ bytes
+def linear_bytes(item: Linear, perm_heads: int | None) -> tuple[np.ndarray, object]:
+    """(the (d_out, row bytes) uint8 GGML blocks, GGMLQuantizationType) of a resolved exact layer, rows in
+    llama.cpp's rotary order when `perm_heads` is given."""
+    if item.qtensor.config.kind == "gguf":
+        return ggml_bytes(item.qtensor, perm_heads), item.qtensor.config.ggml.ggml_type
+    from gguf import GGMLQuantizationType
+
+    return q4_1_bytes(item.qtensor, item.name, perm_heads), GGMLQuantizationType.Q4_1
+
+
+def ggml_bytes(qt: QuantizedTensor, perm_heads: int | None) -> np.ndarray:
+    """A gguf:* layer's own block bytes, rows reordered (each row is a whole run of blocks)."""
+    d_out = qt.shape[0]
+    raw = qt.tensors["codes"].reshape(d_out, qt.config.ggml.row_bytes(qt.shape[1]))
+    if perm_heads is not None:
+        raw = raw[llama_rope_permutation(d_out, perm_heads).to(raw.device)]
+    return np.ascontiguousarray(raw.to("cpu").numpy())
+
+
+def q4_1_bytes(qt: QuantizedTensor, name: str, perm_heads: int | None) -> np.ndarray:
+    """Q4_1 blocks packed from an INT4 G32 layer's codes, fp16 scales and fp16 minima."""
+    d_out, d_in = qt.shape
+    codes = qt.codes().reshape(d_out, d_in)
+    scale = as_fp16(qt.tensors["scale"], name).reshape(d_out, d_in // 32)
+    minimum = as_fp16(qt.tensors["minimum"], name).reshape(d_out, d_in // 32)
+    if perm_heads is not None:
+        perm = llama_rope_permutation(d_out, perm_heads).to(codes.device)
+        codes, scale, minimum = codes[perm], scale[perm], minimum[perm]
+    return pack_q4_1(codes, scale, minimum, (d_out, d_in))
+
+
+def as_fp16(values: Tensor, name: str) -> Tensor:
+    """Scales / minima as fp16 (Q4_1 stores fp16); refuses values that fp16 cannot hold exactly
+    (they were cast, e.g. by model.to(torch.bfloat16), to a type with a wider range)."""
+    if values.dtype == torch.float16:
+        return values
+    half = values.to(torch.float16)
+    if not torch.equal(half.to(values.dtype), values):
+        raise QbaraError(f"{name}: its {values.dtype} scales or minima are not exact in fp16, so the layer "
+                         f"cannot be written as Q4_1 exactly; keep QuantizedLinear buffers in fp16 (do not "
+                         f"cast the quantized model) or pass lossy=True")
+    return half

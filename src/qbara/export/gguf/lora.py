@@ -1,0 +1,179 @@
+"""`export_gguf_lora`: plain LoRA adapters as the LoRA GGUF llama.cpp loads with `--lora` beside the base.
+
+How llama.cpp applies it (src/llama-adapter.cpp `llama_adapter_lora_init_impl`, `llama_adapter_lora_weight::
+get_scale` in src/llama-adapter.h, `llm_graph_context::build_lora_mm` in src/llama-graph.cpp): the file must
+say general.type = "adapter", adapter.type = "lora", general.architecture = the base's; tensors
+`<base tensor name>.lora_a` / `.lora_b` pair up with the base tensor of that name, with a.ne = [d_in, r]
+(numpy (r, d_in), qbara's A) and b.ne = [r, d_out] (numpy (d_out, r), qbara's B). Each matmul then adds
+scale · B (A x), scale = user scale (--lora-scaled, default 1) · alpha / rank, rank = b.ne[0] of that
+tensor, alpha = adapter.lora.alpha (float32; 0 or absent means scale = user scale, no alpha / rank).
+
+qbara's update is s · B A, so alpha = s · r makes llama.cpp's alpha / r equal s. One alpha serves the
+file; a layer whose s · r differs (per-layer ranks or scalings) has s · r / alpha folded into its B.
+q/k rows follow the base's rotary layout: B's rows are output rows, so B of attn_q / attn_k is permuted as
+the base's rows are (what convert_lora_to_gguf.py does through the LLaMA converter's permute); A is not.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from qbara.errors import QbaraError
+from qbara.export.gguf.base import write_file
+from qbara.export.gguf.checks import check_llama, check_path
+from qbara.export.gguf.linears import (
+    LINEARS,
+    is_plain_lora,
+    llama_rope_permutation,
+    rope_heads,
+)
+from qbara.export.gguf.provenance import base_model_fields, model_name
+from qbara.outputs import GGUF_MARK
+
+MERGE_HINT = ("merge them into the base instead: qbara.merge(model, into='quantized') and export_gguf (or "
+              "export_gguf alone, which merges them on the fly; CLI: qbara export --format gguf without a "
+              "separate adapter)")
+
+
+@dataclass
+class LoraExportReport:
+    """What `export_gguf_lora` wrote.
+
+    alpha: adapter.lora.alpha (llama.cpp's scale for a layer is alpha / its rank). ranks: HF name -> rank.
+    rescaled: layers whose s · r differs from alpha, their factor folded into B.
+    """
+
+    path: Path
+    size_bytes: int
+    alpha: float
+    ranks: dict[str, int] = field(default_factory=dict)
+    rescaled: list[str] = field(default_factory=list)
+    tensor_names: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        ranks = sorted(set(self.ranks.values()))
+        lines = [(f"wrote LoRA adapter {self.path} ({self.size_bytes / 1e6:.2f} MB, {len(self.ranks)} layers, "
+                  f"rank {'/'.join(map(str, ranks))}, alpha {self.alpha:g}) in {self.seconds:.1f} s; load it "
+                  f"with llama.cpp's --lora beside the base GGUF")]
+        if self.rescaled:
+            lines.append(f"{len(self.rescaled)} layers have another scaling; it is folded into their lora_b")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ checks
+def lora_layers(model: nn.Module) -> dict[str, tuple[int, str, nn.Module]]:
+    """HF name -> (block, llama.cpp tensor name, adapter) for every adapter of `model`; refuses adapters a
+    llama.cpp LoRA GGUF cannot hold (pooled methods, layers outside the decoder blocks' linears)."""
+    from qbara.adapters.attach import adapter_layers
+
+    adapters = adapter_layers(model)
+    if not adapters:
+        raise QbaraError("this model has no adapters to write as a LoRA GGUF; attach LoRA adapters with "
+                         "qbara.prepare(..., adapter=AdapterConfig('lora', ...)) or qbara.load_adapter, or "
+                         "export the model alone with export_gguf")
+    places = {f"model.layers.{i}.{sub}": (i, gguf_name)
+              for i in range(len(model.model.layers)) for sub, gguf_name in LINEARS}
+    elsewhere = sorted(n for n in adapters if n not in places)
+    if elsewhere:
+        raise QbaraError(f"adapters on {', '.join(elsewhere[:3])} have no place in a llama.cpp LoRA GGUF, which "
+                         f"covers the decoder blocks' q/k/v/o/gate/up/down projections; {MERGE_HINT}")
+    pooled = {n: a for n, a in adapters.items() if not is_plain_lora(a)}
+    if pooled:
+        first = next(iter(pooled.values()))
+        raise QbaraError(f"{len(pooled)} adapter layers are {first.method} (input pooling {first.pool_in}, output "
+                         f"repetition {first.pool_out}; e.g. {next(iter(pooled))}), not plain LoRA: a llama.cpp "
+                         f"LoRA GGUF holds s·B·A on the full layer only; {MERGE_HINT}")
+    return {n: (*places[n], a) for n, a in adapters.items()}
+
+
+# ------------------------------------------------------------------------------------ tensors
+def file_alpha(layers) -> float:
+    """adapter.lora.alpha: the most common s · r of the layers (as float32, what llama.cpp reads)."""
+    counts = Counter(float(np.float32(a.scaling * a.rank)) for _, _, a in layers)
+    return max(counts, key=lambda k: (counts[k], k))
+
+
+def llama_scale(alpha: float, rank: int) -> float:
+    """The scale llama.cpp applies to B A at user scale 1 (llama_adapter_lora_weight::get_scale)."""
+    return float(np.float32(alpha) / np.float32(rank)) if alpha else 1.0
+
+
+@torch.no_grad()
+def lora_tensors(name: str, gguf_name: str, adapter, config, alpha: float) -> tuple[list[tuple], bool]:
+    """([(…lora_a, A), (…lora_b, B)] as float32, whether B absorbed a scaling other than alpha / r)."""
+    a = adapter.lora_A.weight.detach().to("cpu", torch.float32)
+    b = adapter.lora_B.weight.detach().to("cpu", torch.float64)
+    factor = adapter.scaling / llama_scale(alpha, adapter.rank)
+    rescaled = abs(factor - 1.0) > 1e-6
+    if rescaled:
+        b = b * factor
+    heads = rope_heads(gguf_name, config)
+    if heads is not None:
+        b = b[llama_rope_permutation(b.shape[0], heads)]
+    base = f"{name}.weight"
+    return [(f"{base}.lora_a", a.contiguous().numpy(), None),
+            (f"{base}.lora_b", b.to(torch.float32).contiguous().numpy(), None)], rescaled
+
+
+# ------------------------------------------------------------------------------------ writer
+def export_gguf_lora(model: nn.Module, path, *, name: str | None = None, overwrite: bool = False,
+                     base_model: str | None = None, adapter: str | None = None) -> LoraExportReport:
+    """Check and lock the output `path` (as `export_gguf` does), then `write_gguf_lora`."""
+    from qbara.outputs import output_file
+
+    with output_file(check_path(path), overwrite=overwrite, option="path"):
+        return write_gguf_lora(model, path, name=name, base_model=base_model, adapter=adapter)
+
+
+def write_gguf_lora(model: nn.Module, path, *, name: str | None = None, base_model: str | None = None,
+                    adapter: str | None = None) -> LoraExportReport:
+    """Write the plain LoRA adapters of a LLaMA model as a llama.cpp LoRA GGUF (`llama-cli -m base.gguf
+    --lora adapter.gguf`) at `path`; F32 tensors, names following the base's (blk.N.attn_q.weight.lora_a,
+    ...). Write the base with export_gguf(..., separate_lora=True). Pooled adapters (Q-BaRA, QA-LoRA,
+    QA-HiRA) are refused: they merge into the base instead. base_model, adapter: provenance, as the user
+    named them (general.base_model.0.name, general.description)."""
+    from gguf import GGUFValueType, LlamaFileType
+    from gguf.constants import Keys
+
+    start = time.perf_counter()
+    path = check_path(path)
+    check_llama(model)
+    layers = lora_layers(model)
+    alpha = file_alpha(layers.values())
+    tensors, ranks, rescaled = [], {}, []
+    for hf_name, (i, gguf_name, layer) in sorted(layers.items(), key=lambda kv: (kv[1][0], _order(kv[1][1]))):
+        pair, scaled = lora_tensors(f"blk.{i}.{gguf_name}", gguf_name, layer, model.config, alpha)
+        tensors += pair
+        ranks[hf_name] = layer.rank
+        if scaled:
+            rescaled.append(hf_name)
+
+    def header(writer) -> None:
+        writer.add_type("adapter")
+        writer.add_name(model_name(model, name, base_model, what="qbara LoRA adapter"))
+        if base_model:
+            for key, (value, vtype, sub_type) in base_model_fields(base_model).items():
+                writer.add_key_value(key, value, vtype, sub_type=sub_type)
+        what = " for ".join(x for x in (f"LoRA adapter {adapter}" if adapter else "LoRA adapter",
+                                        f"base model {base_model}" if base_model else "") if x)
+        writer.add_key_value("general.description", f"{what}; exported by qbara", GGUFValueType.STRING)
+        writer.add_uint32("general.file_type", int(LlamaFileType.ALL_F32))
+        writer.add_string(Keys.Adapter.TYPE, "lora")
+        writer.add_float32(Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_string("general.quantized_by", GGUF_MARK)  # how qbara.outputs knows its own files
+
+    write_file(path, header, tensors)
+    return LoraExportReport(path=path, size_bytes=path.stat().st_size, alpha=alpha, ranks=ranks,
+                            rescaled=rescaled, tensor_names=[n for n, _, _ in tensors],
+                            seconds=time.perf_counter() - start)
+
+
+def _order(gguf_name: str) -> int:
+    return [g for _, g in LINEARS].index(gguf_name)

@@ -1,0 +1,64 @@
+"""The model's metadata: `llama.*` hyper-parameters, general.file_type, and the `tokenizer.*` fields."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from qbara.export.gguf.checks import ARCH, head_dim, rope_theta
+from qbara.export.tokenizer import (
+    TokenizerFields,
+    fields_from_gguf,
+    fields_from_hf,
+    shipped_smollm2_reader,
+)
+
+# GGML type of the linear layers -> general.file_type (LlamaFileType member). llama.cpp only prints it; for
+# the K-quants the _M mixes are the names llama-quantize's users know.
+FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
+              "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M",
+              "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K"}
+
+
+def file_type(linear_params: dict[str, int]) -> int:
+    """general.file_type of a file whose linear weights have these GGML types (type name -> parameters):
+    that of the type holding most parameters (MOSTLY_Q4_1 when there is none)."""
+    from gguf import LlamaFileType
+
+    dominant = max(linear_params, key=lambda k: (linear_params[k], k)) if linear_params else "Q4_1"
+    return int(LlamaFileType[FILE_TYPES.get(dominant, "MOSTLY_Q4_1")])
+
+
+def write_hparams(writer, config, block_count: int, vocab_size: int, ftype: int) -> None:
+    """The `llama.*` hyper-parameters llama.cpp reads, and general.file_type."""
+    n_head = int(config.num_attention_heads)
+    dim = head_dim(config)
+    writer.add_uint32(f"{ARCH}.context_length", int(config.max_position_embeddings))
+    writer.add_uint32(f"{ARCH}.embedding_length", int(config.hidden_size))
+    writer.add_uint32(f"{ARCH}.block_count", block_count)
+    writer.add_uint32(f"{ARCH}.feed_forward_length", int(config.intermediate_size))
+    writer.add_uint32(f"{ARCH}.attention.head_count", n_head)
+    writer.add_uint32(f"{ARCH}.attention.head_count_kv", int(config.num_key_value_heads))
+    if dim != config.hidden_size // n_head:
+        writer.add_uint32(f"{ARCH}.attention.key_length", dim)
+        writer.add_uint32(f"{ARCH}.attention.value_length", dim)
+    writer.add_float32(f"{ARCH}.rope.freq_base", rope_theta(config))
+    writer.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", float(config.rms_norm_eps))
+    writer.add_uint32("general.file_type", ftype)
+    writer.add_uint32(f"{ARCH}.vocab_size", vocab_size)
+    writer.add_uint32(f"{ARCH}.rope.dimension_count", dim)
+
+
+def source_gguf(tokenizer, tokenizer_gguf):
+    """(path, reader) of the GGUF the tokenizer metadata is copied from: `tokenizer_gguf`, or the shipped
+    SmolLM2 file when the tokenizer is SmolLM2's; None when it is built from the tokenizer itself."""
+    if tokenizer_gguf is not None:
+        from gguf import GGUFReader
+
+        return Path(tokenizer_gguf), GGUFReader(str(tokenizer_gguf))
+    return shipped_smollm2_reader(tokenizer)
+
+
+def tokenizer_fields(tokenizer, vocab_size: int, source) -> TokenizerFields:
+    """The `tokenizer.*` fields: copied from `source` (see `source_gguf`), else built from the tokenizer."""
+    if source is not None:
+        return fields_from_gguf(*source)
+    return fields_from_hf(tokenizer, vocab_size)

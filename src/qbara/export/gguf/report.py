@@ -1,0 +1,90 @@
+"""`ExportReport`: what a base GGUF export wrote, and how faithful it is."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _counts(types) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for kind in types:
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+@dataclass
+class ExportReport:
+    """What `export_gguf` wrote, and how faithful it is.
+
+    exact_q4_1: linear layers written from their own INT4 G32 codes (bit-exact).
+    exact_ggml: linear layers quantized with a gguf:* format, written as their own block bytes (bit-exact).
+    requantized: linear layers re-quantized (only with lossy=True): to INT4 G32, or into their own gguf:*
+        format when their base had one.
+    requantize_error: relative Frobenius error ||W - Q(W)|| / ||W|| over all re-quantized weights
+        together (0.0 when nothing was re-quantized); max_layer_error: the worst single layer.
+    embedding_error: the same for token_embd (and output) in `embedding_type` (0.0 when the embedding
+        already lies on the Q8_0 grid, as for SmolLM2, or for f32).
+    linear_types: HF name -> GGML type of each linear layer; `format_counts` counts them.
+    bits_per_param: 8 * tensor data bytes / weights over all tensors of the file; linear_bits_per_param:
+        the same over the linear layers.
+    adapters_separate: plain LoRA layers left out of the base (separate_lora=True) for `export_gguf_lora`.
+    """
+
+    path: Path
+    size_bytes: int
+    tensor_types: dict[str, str]
+    exact_q4_1: list[str] = field(default_factory=list)
+    requantized: list[str] = field(default_factory=list)
+    requantize_error: float = 0.0
+    max_layer_error: float = 0.0
+    embedding_type: str = "q8_0"
+    embedding_error: float = 0.0
+    adapters_merged: int = 0
+    tokenizer_source: str = ""
+    provenance: dict[str, object] = field(default_factory=dict)
+    seconds: float = 0.0
+    exact_ggml: list[str] = field(default_factory=list)
+    linear_types: dict[str, str] = field(default_factory=dict)
+    bits_per_param: float = 0.0
+    linear_bits_per_param: float = 0.0
+    adapters_separate: int = 0
+
+    @property
+    def lossless(self) -> bool:
+        """True when every linear layer was written from its own codes (no re-quantization)."""
+        return not self.requantized
+
+    @property
+    def format_counts(self) -> dict[str, int]:
+        """Linear layers per GGML type, e.g. {"Q4_1": 10, "Q4_K": 4}."""
+        return _counts(self.linear_types.values())
+
+    def _linear_line(self) -> str:
+        if self.requantized:
+            return (f"LOSSY: re-quantized {len(self.requantized)} linear layers, relative weight error "
+                    f"{self.requantize_error:.3e} (worst layer {self.max_layer_error:.3e})")
+        if not self.exact_ggml:
+            return f"lossless: {len(self.exact_q4_1)} linear layers packed from their INT4 G32 codes"
+        return (f"lossless: {len(self.exact_q4_1) + len(self.exact_ggml)} linear layers written from their own "
+                f"codes ({len(self.exact_q4_1)} INT4 G32 packed as Q4_1, {len(self.exact_ggml)} gguf:* blocks)")
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{n} {k}" for k, n in _counts(self.tensor_types.values()).items())
+        lines = [(f"wrote {self.path} ({self.size_bytes / 1e6:.1f} MB, {len(self.tensor_types)} tensors: "
+                  f"{kinds}) in {self.seconds:.1f} s")]
+        if self.adapters_merged:
+            lines.append(f"merged {self.adapters_merged} adapter layers")
+        if self.adapters_separate:
+            lines.append(f"left {self.adapters_separate} plain LoRA adapter layers out of the base, for the "
+                         f"adapter GGUF")
+        lines.append(self._linear_line())
+        formats = ", ".join(f"{n} {k}" for k, n in self.format_counts.items())
+        lines.append(f"linear layers by type: {formats}; {self.linear_bits_per_param:.3f} bits/param over the "
+                     f"linear layers, {self.bits_per_param:.3f} over all tensors")
+        lines.append(f"token embedding {self.embedding_type}, relative error {self.embedding_error:.3e}; "
+                     f"tokenizer {self.tokenizer_source}")
+        if "general.description" in self.provenance:
+            license_ = self.provenance.get("general.license")
+            lines.append(f"provenance: {self.provenance['general.description']}" +
+                         (f"; license {license_}" if license_ else ""))
+        return "\n".join(lines)
