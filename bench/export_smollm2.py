@@ -68,7 +68,8 @@ def main(argv=None):
 
     prepare(model, QuantConfig("int4", block_size=32), AdapterConfig("qahira", rank=args.rank))
     std = randomize_hira(model, args.rel_update, args.seed)
-    delta = [(l.delta_weight().norm() / l.base_weight().norm()).item() for l in adapter_layers(model).values()]
+    delta = [(layer.delta_weight().norm() / layer.base_weight().norm()).item()
+             for layer in adapter_layers(model).values()]
     print(f"QA-HiRA rank {args.rank}: M ~ N(0, std^2), mean std {std:.3e}; ||dW||/||W|| = "
           f"{min(delta):.4f}..{max(delta):.4f} over {len(delta)} layers")
     t = time.perf_counter()
@@ -93,7 +94,8 @@ def main(argv=None):
     print(f"| shipped SmolLM2-135M-Instruct.Q4_1.gguf | {shipped_size:,} |")
     print(f"| exported {path.name} | {report.size_bytes:,} ({report.size_bytes - shipped_size:+,}) |")
     print("\n| model | perplexity |\n|---|---|")
-    print(f"| shipped | {ppl_shipped:.4f} |\n| adapter (unmerged) | {ppl_adapter:.4f} |\n| exported GGUF | {ppl_gguf:.4f} |")
+    print(f"| shipped | {ppl_shipped:.4f} |\n| adapter (unmerged) | {ppl_adapter:.4f} |\n"
+          f"| exported GGUF | {ppl_gguf:.4f} |")
     print(f"\n{args.play}, window {args.window}, {args.tokens} tokens; exported vs adapter: "
           f"{(ppl_gguf / ppl_adapter - 1) * 100:+.4f}%")
 

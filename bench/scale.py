@@ -216,14 +216,16 @@ def summarize(results: dict) -> str:
             vs = "-" if case in ("bnb-nf4", "qbara-lq-dense") or not ref or "error" in ref else (
                 f"{_ratio(r, ref, 'load_peak_anon'):.2f}× / {_ratio(r, ref, 'load_peak_rss'):.2f}× / "
                 f"{_ratio(r, ref, 'load_s'):.2f}× / {_ratio(r, ref, 'step_s'):.2f}×")
-            lines.append(f"| {size} ({n / 1e9:.2f}B) | {case} | {r['load_s']:.1f} | {anon / GiB:.2f} ({anon / n:.2f}) | "
+            lines.append(f"| {size} ({n / 1e9:.2f}B) | {case} | {r['load_s']:.1f} | "
+                         f"{anon / GiB:.2f} ({anon / n:.2f}) | "
                          f"{r['load_peak_rss'] / GiB:.2f} | {step} | {vs} |")
     lines += ["", "Peak anonymous memory of loading, above the process's own baseline (Python, torch, transformers),",
               "in bytes per parameter, extrapolated (largest measured size's B/param × parameters + baseline):", "",
               "| case | B/param | 7B | 13B | 70B |", "|---|---|---|---|---|"]
     for case, values in per_param.items():
         b = values[-1]
-        lines.append(f"| {case} | {b:.2f} | {7e9 * b / GiB:.1f} GiB | {13e9 * b / GiB:.1f} GiB | {70e9 * b / GiB:.1f} GiB |")
+        lines.append(f"| {case} | {b:.2f} | {7e9 * b / GiB:.1f} GiB | {13e9 * b / GiB:.1f} GiB | "
+                     f"{70e9 * b / GiB:.1f} GiB |")
     return "\n".join(lines) + "\n"
 
 

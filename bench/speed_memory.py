@@ -52,12 +52,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from measure import (interleaved_medians, memory_in_use, peak_memory, release_freed_memory,
-                     reset_peak_memory, version)
 from qbara import AdapterConfig, QuantConfig, QuantizedLinear, load_model, prepare
 from qbara.adapters import attach_adapters
 from qbara.commands.quantize import model_bytes
 from qbara.lq.configs import qlora_config
+
+from measure import interleaved_medians, memory_in_use, peak_memory, release_freed_memory, reset_peak_memory, version
 
 NF4 = qlora_config(4)
 INT4_G32 = QuantConfig("int4", block_size=32)

@@ -39,7 +39,6 @@ class LazyTensors(Mapping):
         return cls({name: (where[key], key) for name, key in names.items()}, dtype)
 
     def _read_shapes(self) -> dict[str, tuple[int, ...]]:
-        from safetensors import safe_open
 
         shapes = {}
         by_file: dict[Path, list[str]] = {}

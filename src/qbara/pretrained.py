@@ -20,7 +20,8 @@ def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, devic
 
     if isinstance(adapter, AdapterConfig):
         if quant is None:
-            raise QbaraError("new adapters need a quantized base: pass quant=QuantConfig(...) with adapter=AdapterConfig")
+            raise QbaraError("new adapters need a quantized base: pass quant=QuantConfig(...) with "
+                             "adapter=AdapterConfig")
         model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, quant=quant, progress=progress)
         return prepare(model, quant, adapter), tokenizer
     if adapter is not None and not isinstance(adapter, (str, Path)):

@@ -284,9 +284,9 @@ def check_adapter_sizes(weights, config, records: dict, prefix: str) -> None:
             expected = rank * (d_in // p_in + d_out // p_out)
         found = sum(size for key, size in held.items() if key.startswith(f"{prefix}{name}."))
         if found != expected:
-            raise QbaraError(f"{weights}: layer {name!r}: its tensor shapes hold {found:,} values but the adapter config "
-                             f"(method {config.method}, rank {config.rank}) needs {expected:,}; the config and "
-                             f"the weights do not belong together, save the adapter again")
+            raise QbaraError(f"{weights}: layer {name!r}: its tensor shapes hold {found:,} values but the adapter "
+                             f"config (method {config.method}, rank {config.rank}) needs {expected:,}; the config "
+                             f"and the weights do not belong together, save the adapter again")
 
 
 def check_adapter_record(path, record: dict) -> None:

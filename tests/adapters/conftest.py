@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from qbara import AdapterConfig, QuantConfig, prepare
-from tests.helpers import randomize_adapters  # noqa: F401 (re-exported)
 from qbara.models import tiny_llama, tiny_qwen2
+from tests.helpers import randomize_adapters  # noqa: F401 (re-exported)
 
 NF4 = QuantConfig("nf4", block_size=32)
 INT4 = QuantConfig("int4", block_size=32)

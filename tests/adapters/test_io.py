@@ -22,7 +22,8 @@ def test_save_then_load_on_fresh_model_gives_identical_logits(setting, tmp_path,
     fresh, _ = tiny_llama(seed=0)
     load_adapter(fresh, tmp_path / "adapter")
     assert torch.equal(fresh(batch).logits, expected)
-    assert {n: type(m) for n, m in adapter_layers(fresh).items()} == {n: type(m) for n, m in adapter_layers(model).items()}
+    types = {n: type(m) for n, m in adapter_layers(model).items()}
+    assert {n: type(m) for n, m in adapter_layers(fresh).items()} == types
 
 
 def test_lora_adapter_config_is_peft_shaped(tmp_path):

@@ -71,7 +71,8 @@ def test_resume_refuses_another_setting():
                        (["--batch", "4"], "batch"), (["--held-out", "40"], "held_out")):
         with pytest.raises(SystemExit, match=f"another setting.*{word}"):
             finetune_paper.plan(stored, finetune_paper.options(opts))
-    finetune_paper.plan(stored, finetune_paper.options(["--lrs", "9e-3", "--methods", "qbara"]))  # lrs/methods may differ
+    # lrs and methods may differ
+    finetune_paper.plan(stored, finetune_paper.options(["--lrs", "9e-3", "--methods", "qbara"]))
 
 
 def test_report_states_each_methods_own_grid_and_edge():
@@ -103,7 +104,8 @@ def test_tiny_resume_reuses_runs_and_reruns_identically(tmp_path):
 
     before = json.loads(stored.read_text())
     after = json.loads((tmp_path / "finetune_quality_paper.b.json").read_text())
-    strip = lambda r: {k: v for k, v in r.items() if k != "phase"}  # the old best becomes a sweep point
+    def strip(r):  # the old best becomes a sweep point
+        return {k: v for k, v in r.items() if k != "phase"}
     old = [strip(r) for r in before["runs"]]
     assert all(r in map(strip, after["runs"]) for r in old)  # reused as stored
     new = [r for r in after["runs"] if strip(r) not in old]

@@ -34,7 +34,8 @@ def test_plain_lora_goes_out_beside_the_base(lora_adapter, tmp_path, capsys):
         layer = model.get_submodule(name)
         want = (layer.base_weight() + layer.delta_weight()).double().numpy()
         assert np.abs(w - want).max() <= 1e-6 * np.abs(want).max(), name
-    assert main(["export", "--model", "tiny-llama", "--adapter", str(lora_adapter), "--out", str(out)]) == 0  # own files
+    # its own files
+    assert main(["export", "--model", "tiny-llama", "--adapter", str(lora_adapter), "--out", str(out)]) == 0
 
 
 def test_adapter_out_and_allow_requantize(lora_adapter, tmp_path, capsys):

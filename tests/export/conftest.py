@@ -3,8 +3,8 @@ import torch
 
 from qbara import AdapterConfig, QuantConfig, merge, prepare
 from qbara.export.blocks import dequantize_q8_0, quantize_q8_0
-from tests.helpers import randomize_adapters  # noqa: F401 (re-exported)
 from qbara.models import tiny_llama
+from tests.helpers import randomize_adapters  # noqa: F401 (re-exported)
 
 INT4_G32 = QuantConfig("int4", block_size=32)
 # Tiny LLaMA: hidden 64, intermediate 128, 4 heads of 16 (2 KV heads), 260-token byte vocabulary:

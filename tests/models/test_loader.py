@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from qbara.errors import QbaraError
-from qbara.models import DEFAULT_MODEL, load_model, model_fingerprint, tiny_llama, tiny_qwen2
-from qbara.models import smollm2
-
+from qbara.models import DEFAULT_MODEL, load_model, model_fingerprint, smollm2, tiny_llama, tiny_qwen2
 
 # ---------------------------------------------------------------- load_model: built-ins
 

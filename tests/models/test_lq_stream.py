@@ -147,7 +147,8 @@ def test_lq_command_computes_a_sharded_fisher_when_streaming(tmp_path):
                  "--out", str(tmp_path / "again")]) == 0
     runs = {name: json.loads((tmp_path / name / "allocation.json").read_text())
             for name in ("streamed", "memory", "again")}
-    assert runs["streamed"]["fisher"] and runs["streamed"]["layers"] == runs["memory"]["layers"] == runs["again"]["layers"]
+    assert runs["streamed"]["fisher"]
+    assert runs["streamed"]["layers"] == runs["memory"]["layers"] == runs["again"]["layers"]
 
 
 def test_nf8_factors_are_what_the_adapters_start_from_and_are_counted(tmp_path):

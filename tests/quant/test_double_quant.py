@@ -64,7 +64,8 @@ def test_double_quant_codes_are_the_best_codes_for_the_stored_scales(b, b0, b1, 
     best = (flat[:, None] - candidates).abs().min(dim=1).values
     chosen = (flat - nf_levels(b).double()[qt.codes().long()] * scales).abs()
     assert torch.all(chosen <= best + 1e-6 * scales + 1e-12)
-    assert torch.equal(qt.dequantize().reshape(-1), (nf_levels(b)[qt.codes().long()] * qt.scales().repeat_interleave(B0)))
+    expected = nf_levels(b)[qt.codes().long()] * qt.scales().repeat_interleave(B0)
+    assert torch.equal(qt.dequantize().reshape(-1), expected)
     if b0 == 2:  # the clamped case occurs: some stored scale below its block's absmax
         absmax = w.reshape(-1, B0).abs().amax(dim=1)
         assert (qt.scales() < absmax).any()

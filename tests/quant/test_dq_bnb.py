@@ -117,7 +117,8 @@ def test_codes_are_rounded_against_the_exact_absmax_as_bitsandbytes_does():
     ref, _ = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     qt = quantize(w, BNB)
     plain = quantize(w, QuantConfig("nf4", 64, double_quant=False))
-    assert torch.equal(qt.tensors["codes"], plain.tensors["codes"]) and torch.equal(ref.reshape(-1), qt.tensors["codes"])
+    assert torch.equal(qt.tensors["codes"], plain.tensors["codes"])
+    assert torch.equal(ref.reshape(-1), qt.tensors["codes"])
     against_stored = pack_bits(round_nf(w, 4, 64, qt.scales()), 4)
     assert not torch.equal(against_stored, qt.tensors["codes"])
 

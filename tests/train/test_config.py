@@ -76,7 +76,8 @@ def test_flat_hf_style_yaml(tmp_path):
     assert config.adapter_config().rank == 4 and config.adapter_config().target_modules == ("q_proj",)
     assert (t.lr, t.epochs, t.steps, t.warmup_ratio, t.weight_decay, t.max_grad_norm, t.optim) == \
         (5e-4, 3.0, -1, 0.1, 0.01, 0.3, "adafactor")
-    assert (t.save_total_limit, t.logging_steps, t.eval_steps, t.save_steps, t.seed, t.output_dir) == (1, 2, 4, 8, 3, "out")
+    got = (t.save_total_limit, t.logging_steps, t.eval_steps, t.save_steps, t.seed, t.output_dir)
+    assert got == (1, 2, 4, 8, 3, "out")
     assert t.bf16 and t.gradient_checkpointing
 
 

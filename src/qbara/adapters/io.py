@@ -24,10 +24,10 @@ from qbara.adapters.methods import build_adapter
 from qbara.adapters.peft_layout import peft_method_fields
 from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
-from qbara.tensor_checks import ADAPTER_LIMIT, check_digest, check_tensor, read_safetensors, tensors_digest
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.targets import set_submodule
+from qbara.tensor_checks import ADAPTER_LIMIT, check_digest, check_tensor, read_safetensors, tensors_digest
 
 CONFIG_NAME = "adapter_config.json"
 QBARA_NAME = "qbara_adapter.json"

@@ -102,5 +102,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--held-out", type=int, default=32, help="held-out GSM8K records")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder qbara did not write (its files are kept)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out folder qbara did not write (its files are kept)")
     p.set_defaults(func=run)

@@ -9,12 +9,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from qbara.errors import QbaraError
+from qbara.eval.harness import (
+    LM_EVAL_OPTIONS,
+    TASKS_HINT,
+    check_output_path,
+    count_type,
+    lm_eval_bridge,
+    load_lm_eval_tasks,
+    parse_batch_size,
+    parse_limit,
+)
 from qbara.eval.loss import masked_loss
-from qbara.eval.harness import (LM_EVAL_OPTIONS, TASKS_HINT, check_output_path, count_type, lm_eval_bridge,
-                                load_lm_eval_tasks, parse_batch_size, parse_limit)
 
 
 def load_for_eval(model_name: str, adapter: str | None):

@@ -84,7 +84,8 @@ def add_parser(subparsers) -> None:
                         "reported); plain LoRA adapters are then merged into one file instead of written beside it")
     p.add_argument("--adapter-out", help="gguf: the LoRA adapter GGUF written for plain LoRA adapters "
                                          "(default: OUT with .adapter.gguf)")
-    p.add_argument("--embedding-type", choices=("q8_0", "f16", "f32"), default="q8_0", help="gguf: token embedding type")
+    p.add_argument("--embedding-type", choices=("q8_0", "f16", "f32"), default="q8_0",
+                   help="gguf: token embedding type")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="hf: weight dtype")
     p.add_argument("--overwrite", action="store_true",
                    help="write over an output qbara did not write (a folder's other files are kept)")

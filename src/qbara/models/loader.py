@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
@@ -231,9 +230,10 @@ def check_loading_info(info: dict, path) -> None:
                          f"layers cannot be rebuilt; save the model again with qbara (model.save_pretrained(dir) on a "
                          f"qbara model, or qbara.save_quantized)")
     if missing or unexpected or mismatched:
-        raise QbaraError(f"{path}: its weights do not fit its config.json (missing {missing[:3]}{'...' * (len(missing) > 3)}, "
-                         f"unexpected {unexpected[:3]}, wrong shape {mismatched[:3]}); transformers would fill the gaps "
-                         f"with random weights. The folder is incomplete or mixes two models: save it again")
+        more = "..." * (len(missing) > 3)
+        raise QbaraError(f"{path}: its weights do not fit its config.json (missing {missing[:3]}{more}, "
+                         f"unexpected {unexpected[:3]}, wrong shape {mismatched[:3]}); transformers would fill the "
+                         f"gaps with random weights. The folder is incomplete or mixes two models: save it again")
 
 
 __all__ = ["DEFAULT_MODEL", "BUILTIN_MODELS", "load_model"]

@@ -72,14 +72,12 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
 
     from qbara.adapters.attach import attach_adapters
     from qbara.adapters.config import AdapterConfig
+    from qbara.fingerprint import model_fingerprint
     from qbara.lazy_tensors import LazyTensors
     from qbara.lq.prepare import INIT_METHODS, decompose_layers, lq_report
-    from qbara.fingerprint import model_fingerprint
     from qbara.models.loader import load_tokenizer
-    from qbara.models.streaming import (_stream, checkpoint_dtype, checkpoint_files, empty_model,
-                                        safetensors_reader)
-    from qbara.targets import layer_configs
-    from qbara.targets import linear_layer_names
+    from qbara.models.streaming import _stream, checkpoint_dtype, checkpoint_files, empty_model, safetensors_reader
+    from qbara.targets import layer_configs, linear_layer_names
     from qbara.validate import check_hf_folder
 
     if method not in INIT_METHODS:

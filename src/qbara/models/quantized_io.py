@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 from qbara.errors import QbaraError
-from qbara.tensor_checks import check_digest, check_tensor, read_safetensors, tensors_digest
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import QuantizedTensor, quantize
 from qbara.targets import set_submodule
+from qbara.tensor_checks import check_digest, check_tensor, read_safetensors, tensors_digest
 
 QUANT_MANIFEST = "qbara_quant.json"
 # Not transformers' `model.safetensors`: a plain `from_pretrained` must fail to find weights, not load its

@@ -64,8 +64,9 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
 
     folder = Path(folder)
     files = checkpoint_files(folder)
-    return _stream(AutoConfig.from_pretrained(folder, trust_remote_code=False), safetensors_reader(files), folder, quant, modules,
-                   dtype or checkpoint_dtype(files[0]), device, progress)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    return _stream(config, safetensors_reader(files), folder, quant, modules, dtype or checkpoint_dtype(files[0]),
+                   device, progress)
 
 
 def load_gguf_stream(path, quant: QuantConfig | Mapping[str, QuantConfig], modules=ALL_LINEAR,
@@ -92,8 +93,12 @@ def _gguf_tensors(path: Path, model):
     Each tensor is dequantized when the loop reaches it, so one is dense at a time."""
     import numpy as np
     from gguf import GGUFReader, dequantize
-    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                          get_gguf_hf_weights_map, load_gguf_checkpoint)
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
 
     parsed = load_gguf_checkpoint(str(path), return_tensors=False)
     processor = TENSOR_PROCESSORS.get(model.config.model_type, TensorProcessor)(config=parsed.get("config", {}))
@@ -139,9 +144,8 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
     from qbara.fingerprint import combine_fingerprint, tensor_fingerprint
     from qbara.models.quantized_io import enable_native_save
     from qbara.nn.quantized_linear import QuantizedLinear
-    from qbara.targets import layer_configs
     from qbara.quant.tensor import quantize
-    from qbara.targets import set_submodule
+    from qbara.targets import layer_configs, set_submodule
     from qbara.tensor_checks import check_tensor
 
     model = empty_model(config, storage)

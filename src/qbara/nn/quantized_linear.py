@@ -9,7 +9,6 @@ from torch import Tensor, nn
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import QuantizedTensor, quantize
 
-
 _scratch = threading.local()
 
 

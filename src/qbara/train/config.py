@@ -19,7 +19,8 @@ from qbara.quant.config import QuantConfig
 class ModelSection:
     name: str = "smollm2-135m"
     dtype: str = "auto"  # storage of the weights left unquantized: auto = the checkpoint's (compute stays fp32 on CPU)
-    adapter: str = ""  # start from this adapter folder (e.g. `qbara lq`'s OUT/adapter); the adapter section is then ignored
+    # start from this adapter folder (e.g. `qbara lq`'s OUT/adapter); the adapter section is then ignored
+    adapter: str = ""
 
 
 @dataclass
@@ -105,7 +106,8 @@ ALIASES = {
 }
 
 # Run trackers the HF Trainer reports to -> the package each needs. TensorBoard writes event files under
-# train.output_dir/runs/<date>_<host> and works offline; wandb / mlflow follow their own settings (e.g. WANDB_MODE=offline).
+# train.output_dir/runs/<date>_<host> and works offline; wandb / mlflow follow their own settings
+# (e.g. WANDB_MODE=offline).
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 # Trainer optimizers (transformers' OptimizerNames) that run on CPU and GPU without an extra package.
@@ -299,5 +301,6 @@ def load_run_config(path: str | None, overrides: dict | None = None) -> RunConfi
             raise QbaraError(f"config file {path!r} not found; pass --config with an existing YAML file")
         data = load_yaml_file(p, "run config") or {}  # a regular UTF-8 file, no aliases, bounded nesting
         if not isinstance(data, dict):
-            raise QbaraError(f"{path}: the top level must be a mapping of sections (model, quant, adapter, data, train)")
+            raise QbaraError(f"{path}: the top level must be a mapping of sections (model, quant, adapter, data, "
+                             f"train)")
     return build_config(data, overrides)

@@ -140,7 +140,8 @@ def _render_chat(tokenizer, messages: list, **kwargs) -> str:
     except (SecurityError, TemplateError) as err:
         unsafe = "tries to leave jinja's sandbox" if isinstance(err, SecurityError) else "fails"
         raise QbaraError(f"the tokenizer's chat template {unsafe} ({type(err).__name__}: {err}); use a tokenizer "
-                         f"with a plain chat template (the model folder's tokenizer_config.json chat_template)") from None
+                         f"with a plain chat template (the model folder's tokenizer_config.json "
+                         f"chat_template)") from None
 
 
 def build_examples(records: list, tokenizer, fmt: str, max_length: int, on_error: str = "fail",
