@@ -6,12 +6,19 @@ import torch
 
 import qbara.lq.tables as tables_mod
 from qbara.errors import QbaraError
-from qbara.quant.nf import keep_ratios, nf_codes, nf_midpoints, quantize_nf_values
 from qbara.lq.configs import candidate_configs
 from qbara.lq.parallel import shard
 from qbara.lq.tables import ErrorTable, _dq_errors, error_table, matrix_costs
 from qbara.quant import QuantConfig, quantize
-from qbara.quant.nf import dequantize_nf, nf_levels, quantize_nf
+from qbara.quant.nf import (
+    dequantize_nf,
+    keep_ratios,
+    nf_codes,
+    nf_levels,
+    nf_midpoints,
+    quantize_nf,
+    quantize_nf_values,
+)
 from tests.helpers import free_port
 from tests.lq.dist_worker import small_configs, small_weights
 

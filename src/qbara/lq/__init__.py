@@ -1,7 +1,8 @@
 """LQ-LoRA (SPEC §3): low-rank plus quantized decomposition, candidate configs, error tables,
 ILP bit allocation and the diagonal Fisher information for the data-aware variant."""
-from qbara.lq.configs import candidate_configs, config_bits, pareto_front, qlora_config
+from qbara.lq.configs import candidate_configs, config_bits, gguf_configs, pareto_front, qlora_config
 from qbara.lq.decompose import Decomposition, decompose, randomized_svd
+from qbara.lq.filesize import FileBudget
 from qbara.lq.fisher import calibration_sequences, fisher_information, load_fisher, save_fisher
 from qbara.lq.ilp import allocate, budget_range
 from qbara.lq.loftq import loftq
@@ -12,5 +13,5 @@ __all__ = [
     "Decomposition", "decompose", "randomized_svd", "candidate_configs", "config_bits", "pareto_front",
     "qlora_config", "allocate", "budget_range", "ErrorTable", "Allocation", "error_table", "matrix_costs",
     "lq_cache_dir", "fisher_information", "calibration_sequences", "save_fisher", "load_fisher", "loftq",
-    "LQReport", "decompose_layers", "quantize_with_factors", "lq_prepare",
+    "LQReport", "decompose_layers", "quantize_with_factors", "lq_prepare", "gguf_configs", "FileBudget",
 ]

@@ -3,6 +3,7 @@
 432 NF configurations: b ∈ {2,3,4,8} code bits, B0 ∈ {16,32,64} block size, and double quantization
 of the absmax scales with b0 ∈ {2,3,4,8} bits in groups of B1 ∈ {16,64,256} scales whose maxima are
 stored in b1 ∈ {bf16, fp16, fp32}: bits(c) = b + b0/B0 + b1/(B0·B1), from 2.03 to 8.63 bits/param.
+`gguf_configs`: llama.cpp's GGML block formats (q2_k ... q8_0), the candidates for a GGUF file.
 """
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import itertools
 import math
 from collections.abc import Sequence
 
+from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
 
 __all__ = ["CODE_BITS", "BLOCK_SIZES", "DQ_BITS", "DQ_BLOCK_SIZES", "DQ_DTYPES", "candidate_configs",
-           "config_bits", "pareto_front", "qlora_config"]
+           "config_bits", "pareto_front", "qlora_config", "gguf_configs"]
 
 CODE_BITS = (2, 3, 4, 8)  # b
 DQ_BITS = (2, 3, 4, 8)  # b0
@@ -32,6 +34,25 @@ def candidate_configs(code_bits: Sequence[int] = CODE_BITS, block_sizes: Sequenc
     return [QuantConfig(f"nf{b}", block_size=B0, double_quant=True, dq_bits=b0, dq_dtype=b1, dq_block_size=B1)
             for b, B0, b0, b1, B1 in itertools.product(code_bits, block_sizes, dq_bits, dq_dtypes,
                                                         dq_block_sizes)]
+
+
+def gguf_configs(names: Sequence[str] | None = None) -> list[QuantConfig]:
+    """llama.cpp's GGML block formats as candidates (default: all ten), by bits/param: q2_k 2.625, q3_k 3.4375,
+    q4_0 4.5, q4_k 4.5, q4_1 5, q5_0 5.5, q5_k 5.5, q5_1 6, q6_k 6.5625, q8_0 8.5.
+
+    All ten are kept: the K-quants (blocks of 256) fit only rows whose length 256 divides (SmolLM2: its
+    down_proj alone), the legacy ones (blocks of 32) every other matrix, and which of two formats of equal
+    bits errs less differs per matrix; `lq.tables.matrix_costs` gives +inf where a shape cannot take a format
+    and the ILP drops dominated ones. names: a subset, e.g. ("q4_k", "q6_k"), with or without "gguf:".
+    """
+    from qbara.quant.ggml import GGML_FORMATS
+
+    chosen = list(GGML_FORMATS) if names is None else [str(n).lower().removeprefix("gguf:") for n in names]
+    unknown = [n for n in chosen if n not in GGML_FORMATS]
+    if unknown or not chosen:
+        raise QbaraError(f"unknown GGML formats {unknown or '(none given)'}: choose from {', '.join(GGML_FORMATS)}")
+    configs = [QuantConfig(f"gguf:{n}") for n in dict.fromkeys(chosen)]
+    return sorted(configs, key=lambda c: (c.bits_per_param, c.format))
 
 
 def qlora_config(bits: int = 4) -> QuantConfig:

@@ -294,9 +294,8 @@ def quantize_step(config: QuantConfig, name: str = "weight") -> Callable[[Tensor
 
 
 def _nf_step(config: QuantConfig) -> Callable[[Tensor], tuple[Tensor, Any]]:
-    from qbara.quant.nf import quantize_nf_values
     from qbara.quant.double_quant import stored_scales
-    from qbara.quant.nf import block_absmax
+    from qbara.quant.nf import block_absmax, quantize_nf_values
 
     def step(R: Tensor):
         scales = None

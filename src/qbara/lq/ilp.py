@@ -11,6 +11,12 @@ Before HiGHS sees it the problem is reduced, exactly (no reduction can change th
   pair whose reduced cost exceeds UB - LB cannot be in an optimal allocation;
 - configs dominated for a matrix (another has no more bits and no more error) are dropped.
 For SmolLM2's 210 x 432 table this leaves ~500-2,500 binaries and HiGHS needs 0.1-3 s.
+
+File-size budgets: with `fixed_bits` F (what the file stores besides the allocated matrices: embedding,
+norms, adapter factors, ...) and `total_params` T (every parameter of the model), the budget row reads
+Σ numel_i · bits · x + F <= budget · T, i.e. a budget of (budget · T - F) / Σ numel_i bits/param over
+the matrices: the same problem, so the same solver (`matrix_budget`). Defaults (F = 0, T = Σ numel_i)
+give the matrices-only budget above.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import numpy as np
 from qbara.errors import QbaraError
 from qbara.lq.configs import pareto_front
 
-__all__ = ["allocate", "budget_range", "allocation_bits"]
+__all__ = ["allocate", "budget_range", "allocation_bits", "matrix_budget"]
 
 MIP_REL_GAP = 1e-9
 
@@ -60,13 +66,57 @@ def _numpy(x):
     return x
 
 
-def budget_range(costs, bits, numels) -> tuple[float, float]:
+def _check_file_terms(numels: np.ndarray, fixed_bits, total_params) -> tuple[float, float]:
+    """(F, T) as floats, checked: F >= 0 finite, T >= Σ numel (default Σ numel)."""
+    matrices = float(numels.sum())
+    try:
+        fixed = float(fixed_bits)
+        total = matrices if total_params is None else float(total_params)
+    except (TypeError, ValueError):
+        raise QbaraError(f"fixed_bits and total_params must be numbers, got {fixed_bits!r} and "
+                         f"{total_params!r}") from None
+    if not math.isfinite(fixed) or fixed < 0:
+        raise QbaraError(f"fixed_bits must be a finite number >= 0 (bits the file stores besides the "
+                         f"allocated matrices), got {fixed_bits!r}")
+    if not math.isfinite(total) or total < matrices * (1 - 1e-12):
+        raise QbaraError(f"total_params ({total_params!r}) must count the whole model, at least the "
+                         f"{int(matrices)} parameters of the allocated matrices; pass the model's parameter count")
+    return fixed, total
+
+
+def matrix_budget(budget: float, numels, fixed_bits: float = 0.0, total_params: float | None = None) -> float:
+    """The bits/param over the allocated matrices that a file budget leaves them: (budget·T - F) / Σ numel_i
+    (`budget` itself when F = 0 and T = Σ numel_i)."""
+    numels = np.asarray(_numpy(numels), dtype=np.float64).reshape(-1)
+    fixed, total = _check_file_terms(numels, fixed_bits, total_params)
+    if fixed == 0 and total_params is None:
+        return float(budget)
+    return (float(budget) * total - fixed) / float(numels.sum())
+
+
+def _file_budget(matrix_bits: float, numels: np.ndarray, fixed: float, total: float) -> float:
+    """The inverse of `matrix_budget`: file bits/param of matrices at `matrix_bits` bits/param."""
+    return (matrix_bits * float(numels.sum()) + fixed) / total
+
+
+def budget_range(costs, bits, numels, *, fixed_bits: float = 0.0, total_params: float | None = None
+                 ) -> tuple[float, float]:
     """(smallest feasible budget, largest useful budget) in bits per parameter.
 
     The smallest puts every matrix on its cheapest usable config; above the largest (every matrix on
-    its lowest-error config, the cheapest of ties) a bigger budget changes nothing.
+    its lowest-error config, the cheapest of ties) a bigger budget changes nothing. With `fixed_bits` /
+    `total_params` both are file budgets: (matrix bits + fixed_bits) / total_params.
     """
     costs, bits, numels = _as_arrays(costs, bits, numels)
+    fixed, total_all = _check_file_terms(numels, fixed_bits, total_params)
+    low, high = _matrix_range(costs, bits, numels)
+    if fixed == 0 and total_params is None:
+        return low, high
+    return _file_budget(low, numels, fixed, total_all), _file_budget(high, numels, fixed, total_all)
+
+
+def _matrix_range(costs: np.ndarray, bits: np.ndarray, numels: np.ndarray) -> tuple[float, float]:
+    """`budget_range` over the matrices only, on checked arrays."""
     total = numels.sum()
     finite = np.isfinite(costs)
     cheapest = np.where(finite, bits, np.inf).min(axis=1)
@@ -213,29 +263,45 @@ def _reduced_cost_keep(costs: np.ndarray, weights: np.ndarray, budget: float
     return keep | (reduced <= slack), feasible
 
 
-def allocate(costs, bits, numels, budget_bits_per_param: float, *, prune: bool = True,
-             time_limit: float | None = None) -> list[int]:
+def allocate(costs, bits, numels, budget_bits_per_param: float, *, fixed_bits: float = 0.0,
+             total_params: float | None = None, prune: bool = True, time_limit: float | None = None) -> list[int]:
     """Pick one config per matrix minimising the total cost within the bit budget; returns the indices.
 
     costs (n x m): cost of config c for matrix i (+inf: unusable); bits (m,) or (n x m): bits per
-    parameter; numels (n,): parameters per matrix; budget in bits per parameter over all n matrices.
+    parameter; numels (n,): parameters per matrix; budget in bits per parameter over all n matrices, or,
+    with `fixed_bits` (bits stored besides these matrices) and `total_params` (parameters of the whole
+    model), over the whole file: Σ numel_i · bits + fixed_bits <= budget · total_params.
     Raises QbaraError for an infeasible budget, naming the smallest feasible one.
     """
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix
-
     costs, bits, numels = _as_arrays(costs, bits, numels)
     try:
         budget = float(budget_bits_per_param)
     except (TypeError, ValueError):
         raise QbaraError(f"budget must be a number of bits per parameter, got {budget_bits_per_param!r}") from None
-    low, high = budget_range(costs, bits, numels)
+    fixed, total = _check_file_terms(numels, fixed_bits, total_params)
+    file_terms = not (fixed == 0 and total_params is None)
+    low, high = budget_range(costs, bits, numels, fixed_bits=fixed, total_params=total_params)
     if not math.isfinite(budget) or budget < low * (1 - 1e-12):
+        what = "file budget" if file_terms else "budget"
         raise QbaraError(
-            f"a budget of {budget:g} bits/param is infeasible for these {len(numels)} matrices: the smallest "
-            f"feasible budget is {math.ceil(low * 1e4) / 1e4:.4f} bits/param (every matrix at its cheapest "
-            f"config); budgets from there up to {math.ceil(high * 1e4) / 1e4:.4f} change the allocation, "
-            f"larger ones give the same (lowest-error) one")
+            f"a {what} of {budget:g} bits/param is infeasible for these {len(numels)} matrices"
+            f"{' and the fixed part of the file' if file_terms else ''}: the smallest feasible {what} is "
+            f"{math.ceil(low * 1e4) / 1e4:.4f} bits/param (every matrix at its cheapest config); budgets "
+            f"from there up to {math.ceil(high * 1e4) / 1e4:.4f} change the allocation, larger ones give "
+            f"the same (lowest-error) one")
+    if file_terms:  # the same problem over the matrices (module docstring); at least their smallest budget,
+        # which the tolerance above may have let through a hair short
+        budget = max(matrix_budget(budget, numels, fixed, total), _matrix_range(costs, bits, numels)[0])
+    return _allocate(costs, bits, numels, budget, prune, time_limit)
+
+
+def _allocate(costs: np.ndarray, bits: np.ndarray, numels: np.ndarray, budget: float, prune: bool,
+              time_limit: float | None) -> list[int]:
+    """`allocate` on checked arrays, for a feasible budget in bits/param over the matrices."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    low, high = _matrix_range(costs, bits, numels)
     n = costs.shape[0]
     if budget >= high:
         # Unconstrained: the lowest-error config of every matrix (cheapest of ties).

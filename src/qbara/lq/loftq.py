@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from qbara.errors import QbaraError
-from qbara.lq.decompose import (Decomposition, check_decompose_inputs, low_rank_factors, quantize_step,
-                                weighted_error)
+from qbara.lq.decompose import Decomposition, check_decompose_inputs, low_rank_factors, quantize_step, weighted_error
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
 

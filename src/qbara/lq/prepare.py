@@ -20,7 +20,7 @@ from qbara.lq.decompose import Decomposition, decompose
 from qbara.lq.loftq import loftq
 from qbara.lq.parallel import active_dist, collective_device, my_share, owners, run_per_matrix
 from qbara.quant.config import QuantConfig
-from qbara.quant.tensor import QuantizedTensor, quantize
+from qbara.quant.tensor import quantize
 
 __all__ = ["LQLayer", "LQReport", "decompose_layers", "quantize_with_factors", "lq_prepare"]
 
@@ -170,8 +170,7 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
     """
     from qbara.fingerprint import model_fingerprint
     from qbara.nn.quantized_linear import QuantizedLinear
-    from qbara.targets import layer_configs
-    from qbara.targets import set_submodule
+    from qbara.targets import layer_configs, set_submodule
 
     per_layer = layer_configs(model, quant, targets)  # dense linears only, every shape checked
     if not per_layer:
@@ -200,10 +199,11 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
 
 
 def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 64,
-               fisher: Mapping[str, Tensor] | str | Path | None = None, *, alpha: float = 16.0, dropout: float = 0.0, target_modules="all-linear",
+               fisher: Mapping[str, Tensor] | str | Path | None = None, *, alpha: float = 16.0, dropout: float = 0.0,
+               target_modules="all-linear",
                configs: Sequence[QuantConfig] | None = None, table=None, max_iters: int = 100,
                table_iters: int | None = None, seed: int = 0, workers: int | None = None,
-               factor_format: QuantConfig | None = None, progress: bool = True) -> nn.Module:
+               factor_format: QuantConfig | None = None, file_budget=None, progress: bool = True) -> nn.Module:
     """LQ-LoRA on a dense causal LM, in place: error table (cached) -> ILP allocation at `budget` bits per
     parameter -> each target matrix quantized as the Q of its decomposition with its allocated config ->
     LoRA adapters of rank `rank` started from the factors, so the model at step 0 is Q + L1 L2.
@@ -215,22 +215,29 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     weighted costs and SVDs). configs: candidate configs (default: SPEC §1.1's 432). table: a
     precomputed `ErrorTable` of this model. factor_format: store the factors the adapters start from in this
     format (`qbara.lq.factors.FACTOR_CONFIG`, NF8 at 8.127 bits, as the paper counts them; default: fp32), and
-    record the bits of Q plus factors. Returns the model; `model.qbara_lq` holds the allocation and the
-    per-matrix errors.
+    record the bits of Q plus factors. file_budget: `budget` counts the whole file instead of the allocated
+    matrices alone: True (`FileBudget.of_model` defaults: Q8_0 embedding, F32 norms, no adapter) or a
+    `qbara.lq.filesize.FileBudget` (e.g. with adapter_format="f16"; `qbara.lq.configs.gguf_configs()` as
+    `configs` for a GGUF file). Returns the model; `model.qbara_lq` holds the allocation and the per-matrix
+    errors.
     """
     from qbara.adapters.attach import attach_adapters
     from qbara.adapters.config import AdapterConfig
+    from qbara.fingerprint import model_fingerprint
     from qbara.lq.fisher import open_fisher
     from qbara.lq.tables import DEFAULT_TABLE_ITERS, error_table
-    from qbara.fingerprint import model_fingerprint
 
     if isinstance(model, (str, Path)):  # a checkpoint folder: streamed, never dense in memory
         from qbara.models.lq_stream import load_lq
 
-        return load_lq(model, budget=budget, rank=rank, fisher=fisher, alpha=alpha, dropout=dropout,
-                       target_modules=target_modules, configs=configs, table=table, max_iters=max_iters,
-                       table_iters=table_iters, seed=seed, workers=workers, factor_format=factor_format,
-                       progress=progress)[0]
+        file = _file_budget(model, file_budget, target_modules)
+        loaded = load_lq(model, budget=budget if file is None else file.matrix_budget(budget), rank=rank,
+                         fisher=fisher, alpha=alpha, dropout=dropout, target_modules=target_modules, configs=configs,
+                         table=table, max_iters=max_iters, table_iters=table_iters, seed=seed, workers=workers,
+                         factor_format=factor_format, progress=progress)[0]
+        if file is not None:
+            _record_file_budget(loaded.qbara_lq, budget, file)
+        return loaded
 
     adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
                             init="lq")
@@ -239,10 +246,11 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     if not hasattr(model, "qbara_base_fingerprint") and hasattr(model, "config"):
         model.qbara_base_fingerprint = model_fingerprint(model)
     dense_fingerprint = getattr(model, "qbara_base_fingerprint", None)
+    file = _file_budget(model, file_budget, target_modules)
     if table is None:
         table = error_table(model, configs, rank=rank, iters=table_iters or DEFAULT_TABLE_ITERS, fisher=fisher,
                             targets=target_modules, seed=seed, workers=workers, progress=progress)
-    allocation = table.allocate(budget)
+    allocation = table.allocate(budget, file)
     for p in model.parameters():
         p.requires_grad_(False)
     factors = quantize_with_factors(model, allocation.configs, rank, method="lq", max_iters=max_iters,
@@ -250,9 +258,37 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     model.qbara_lq.allocation = allocation
     model.qbara_lq.settings.update(budget=budget, dense_fingerprint=dense_fingerprint,
                                    table_iters=table.settings.get("iters"))
+    if file is not None:
+        _record_file_budget(model.qbara_lq, budget, file)
     if factor_format is not None:
         from qbara.lq.factors import store_factors
 
         factors = store_factors(model.qbara_lq, factors, factor_format)
     attach_adapters(model, adapter, factors=factors)
     return model
+
+
+def _file_budget(model, file_budget, target_modules):
+    """lq_prepare's file_budget resolved: None, a FileBudget, or True -> the model's (or checkpoint's) defaults."""
+    from qbara.lq.filesize import FileBudget
+
+    if file_budget is None or file_budget is False:
+        return None
+    if isinstance(file_budget, FileBudget):
+        return file_budget
+    if file_budget is not True:
+        raise QbaraError(f"file_budget must be True, None or a qbara.lq.filesize.FileBudget, got {file_budget!r}")
+    if isinstance(model, (str, Path)):
+        from qbara.models.lq_stream import checkpoint_file_budget
+
+        return checkpoint_file_budget(model, target_modules)
+    return FileBudget.of_model(model, target_modules)
+
+
+def _record_file_budget(report: LQReport, budget: float, file) -> None:
+    """The allocation and settings of a report say the budget was a file budget."""
+    import dataclasses
+
+    if report.allocation is not None:
+        report.allocation = dataclasses.replace(report.allocation, budget=float(budget), file=file)
+    report.settings.update(budget=budget, file_budget=file.to_dict())

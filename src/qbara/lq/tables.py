@@ -45,27 +45,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.lazy_tensors import LazyTensors, tensor_shapes
-from qbara.quant.nf import keep_ratios, nf_values, quantize_nf_values
 from qbara.lq.configs import candidate_configs
 from qbara.lq.decompose import _alternate, low_rank_factors
+from qbara.lq.filesize import FileBudget
 from qbara.lq.ilp import allocate as ilp_allocate
-from qbara.lq.parallel import active_dist, collective_device, my_share, run_per_matrix
 from qbara.lq.ilp import budget_range
+from qbara.lq.parallel import active_dist, collective_device, my_share, run_per_matrix
 from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import stored_scales
-from qbara.quant.nf import block_absmax, scale_blocks
+from qbara.quant.nf import block_absmax, keep_ratios, nf_values, quantize_nf_values, scale_blocks
 from qbara.quant.tensor import quantize
 
 __all__ = ["ErrorTable", "Allocation", "error_table", "matrix_costs", "lq_cache_dir", "TABLE_VERSION"]
 
 TABLE_VERSION = 2  # bump when the computation changes, so old caches are not reused
-DQ_CHUNK_ELEMENTS = 1 << 20  # elements per chunk in `_dq_errors` (~1 M): its work arrays stay ~70 MB whatever the matrix
+# elements per chunk in `_dq_errors` (~1 M): its work arrays stay ~70 MB whatever the matrix
+DQ_CHUNK_ELEMENTS = 1 << 20
 DEFAULT_TABLE_ITERS = 8
 
 
@@ -82,7 +82,8 @@ def lq_cache_dir() -> Path:
 
 @dataclass
 class Allocation:
-    """One config per matrix chosen for a bit budget."""
+    """One config per matrix chosen for a bit budget (with `file`, a file budget: `budget` is then in file
+    bits/param, see `qbara.lq.filesize`)."""
 
     budget: float
     names: list[str]
@@ -90,10 +91,25 @@ class Allocation:
     configs: dict[str, QuantConfig]
     bits_per_param: float  # achieved, over the allocated matrices
     error: float  # total cost (squared, Fisher-weighted if the table is)
+    file: FileBudget | None = None
+
+    @property
+    def file_bits_per_param(self) -> float | None:
+        """Achieved bits/param of the whole file (None without a file budget)."""
+        return None if self.file is None else self.file.file_bits_per_param(self.bits_per_param)
+
+    @property
+    def file_bytes(self) -> float | None:
+        """Size of the file's tensor data (and metadata) in bytes (None without a file budget)."""
+        return None if self.file is None else self.file.file_bytes(self.bits_per_param)
 
     def to_dict(self) -> dict:
-        return {"budget": self.budget, "bits_per_param": self.bits_per_param, "error": self.error,
+        data = {"budget": self.budget, "bits_per_param": self.bits_per_param, "error": self.error,
                 "configs": {n: c.to_dict() for n, c in self.configs.items()}}
+        if self.file is not None:
+            data.update(file_bits_per_param=self.file_bits_per_param, file_bytes=self.file_bytes,
+                        file_budget=self.file.to_dict())
+        return data
 
     def counts(self) -> dict[str, int]:
         """How many matrices got each config label."""
@@ -129,23 +145,40 @@ class ErrorTable:
         """S[i,c] = numel_i · bits(c), in bits."""
         return self.numels.double()[:, None] * self.bits[None, :]
 
-    def budget_range(self) -> tuple[float, float]:
-        """(smallest feasible, largest useful) budget in bits per parameter."""
-        return budget_range(self.costs, self.bits, self.numels)
+    def budget_range(self, file_budget: FileBudget | None = None) -> tuple[float, float]:
+        """(smallest feasible, largest useful) budget in bits per parameter (of the file, with `file_budget`)."""
+        return budget_range(self.costs, self.bits, self.numels, **self._file_terms(file_budget))
 
-    def allocate(self, budget_bits_per_param: float) -> Allocation:
-        """Solve the ILP for a budget (bits per parameter over these matrices)."""
-        idx = ilp_allocate(self.costs, self.bits, self.numels, budget_bits_per_param)
-        return self.allocation(idx, budget_bits_per_param)
+    def allocate(self, budget_bits_per_param: float, file_budget: FileBudget | None = None) -> Allocation:
+        """Solve the ILP for a budget: bits per parameter over these matrices, or with `file_budget`
+        (`qbara.lq.filesize.FileBudget` of the model) over the whole file."""
+        idx = ilp_allocate(self.costs, self.bits, self.numels, budget_bits_per_param,
+                           **self._file_terms(file_budget))
+        return self.allocation(idx, budget_bits_per_param, file_budget)
 
-    def allocation(self, indices: Sequence[int], budget: float = math.nan) -> Allocation:
+    def _file_terms(self, file_budget: FileBudget | None) -> dict:
+        """`ilp.allocate`'s fixed_bits / total_params of a file budget made for this table's matrices."""
+        if file_budget is None:
+            return {}
+        if not isinstance(file_budget, FileBudget):
+            raise QbaraError(f"file_budget must be a qbara.lq.filesize.FileBudget (FileBudget.of_model(model)), "
+                             f"got {type(file_budget).__name__}")
+        matrices = int(self.numels.sum())
+        if file_budget.matrix_params != matrices:
+            raise QbaraError(f"the file budget counts {file_budget.matrix_params} parameters in allocated matrices, "
+                             f"this table {matrices}; build it with the table's target modules "
+                             f"(FileBudget.of_model(model, targets))")
+        return {"fixed_bits": file_budget.fixed_bits, "total_params": file_budget.total_params}
+
+    def allocation(self, indices: Sequence[int], budget: float = math.nan,
+                   file_budget: FileBudget | None = None) -> Allocation:
         """The Allocation of given config indices (one per matrix)."""
         numels = self.numels.double()
         bits = self.bits[list(indices)]
         used = float((numels * bits).sum() / numels.sum())
         err = float(sum(self.costs[i, j] for i, j in enumerate(indices)))
         return Allocation(float(budget), list(self.names), [int(j) for j in indices],
-                          {n: self.configs[j] for n, j in zip(self.names, indices)}, used, err)
+                          {n: self.configs[j] for n, j in zip(self.names, indices)}, used, err, file_budget)
 
     def uniform_error(self, config: QuantConfig) -> float:
         """Total cost with every matrix on `config` (which must be one of the table's configs)."""

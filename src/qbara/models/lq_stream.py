@@ -25,6 +25,25 @@ from qbara.quant.config import QuantConfig
 __all__ = ["load_lq", "checkpoint_folder", "load_calibration_model"]
 
 
+def checkpoint_file_budget(name_or_path, targets="all-linear", **kwargs):
+    """`qbara.lq.filesize.FileBudget.of_model` for a safetensors checkpoint folder (or "smollm2-135m"), from its
+    config alone (a skeleton without weights)."""
+    from transformers import AutoConfig
+
+    from qbara.lq.filesize import FileBudget
+    from qbara.models.streaming import empty_model
+
+    folder = checkpoint_folder(name_or_path)
+    if folder is None:
+        raise QbaraError(f"{str(name_or_path)!r} is not a safetensors checkpoint folder; load the model and use "
+                         f"FileBudget.of_model(model)")
+    config = AutoConfig.from_pretrained(Path(folder), trust_remote_code=False)
+    skeleton = empty_model(config, torch.float32)
+    if getattr(config, "tie_word_embeddings", False):  # as loading does: the head is the embedding
+        skeleton.tie_weights()
+    return FileBudget.of_model(skeleton, targets, **kwargs)
+
+
 def checkpoint_folder(name_or_path) -> Path | None:
     """The safetensors HF folder behind a model name (the embedded SmolLM2's converted folder, or a folder
     with config.json and safetensors shards), or None when it has none to stream from (the in-memory test

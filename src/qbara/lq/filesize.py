@@ -1,0 +1,146 @@
+"""File-size budgets for LQ-LoRA's allocation: what a GGUF file stores besides the allocated matrices.
+
+The ILP's plain budget is bits/param over the decomposed matrices. A file budget counts the whole file:
+
+    Σ_i bits(config_i) · numel_i + fixed_bits <= budget · total_params
+
+where fixed_bits holds the token embedding (in `embedding_format`, Q8_0 by default as `export_gguf` writes
+it), an untied output head (tied: counted once, with the embedding), every other parameter (norms,
+biases: F32), optionally the low-rank factors exported as a GGUF adapter (F16 or F32) and metadata bytes,
+and total_params is the model's parameter count (tied weights once; the adapter's factors are extra bits,
+not parameters). GGUF's per-tensor alignment padding (< 32 bytes a tensor) is not counted.
+
+    fb = FileBudget.of_model(model)                  # Q8_0 embedding, F32 norms, no adapter
+    allocation = table.allocate(4.5, file_budget=fb)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from qbara.errors import QbaraError
+
+__all__ = ["FileBudget", "FLOAT_BITS", "tensor_bits"]
+
+FLOAT_BITS = {"f32": 32, "f16": 16, "bf16": 16}
+ADAPTER_FORMATS = ("f16", "f32")
+
+
+def tensor_bits(fmt: str, shape: tuple[int, ...], what: str = "tensor") -> float:
+    """Bits a GGUF file spends on a tensor of `shape` stored as `fmt`: f32/f16/bf16 or a GGML block
+    format (q8_0, q6_k, ... with or without the "gguf:" prefix), whose row length it must divide."""
+    from qbara.quant.ggml import GGML_FORMATS, check_ggml_shape
+
+    name = str(fmt).lower().removeprefix("gguf:")
+    shape = tuple(int(d) for d in shape) or (1,)
+    numel = math.prod(shape)
+    if name in FLOAT_BITS:
+        return float(FLOAT_BITS[name] * numel)
+    if name not in GGML_FORMATS:
+        raise QbaraError(f"{what}: unknown GGUF tensor type {fmt!r}; choose one of "
+                         f"{', '.join(list(FLOAT_BITS) + list(GGML_FORMATS))}")
+    ggml = GGML_FORMATS[name]
+    check_ggml_shape((numel // max(shape[-1], 1), shape[-1]), ggml, what)  # GGML blocks run along the last dim
+    return ggml.bits_per_param * numel
+
+
+@dataclass(frozen=True)
+class FileBudget:
+    """The part of a file the allocation does not choose: `fixed_bits`, out of `total_params` parameters of
+    which `matrix_params` are the allocated matrices. `parts`: label -> bits, for reports."""
+
+    fixed_bits: float
+    total_params: int
+    matrix_params: int
+    parts: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not (self.fixed_bits >= 0) or self.matrix_params <= 0 or self.total_params < self.matrix_params:
+            raise QbaraError(f"inconsistent FileBudget (fixed_bits={self.fixed_bits}, total_params="
+                             f"{self.total_params}, matrix_params={self.matrix_params}); build it with "
+                             f"FileBudget.of_model")
+
+    def matrix_budget(self, budget: float) -> float:
+        """The bits/param over the allocated matrices a file budget leaves them."""
+        return (float(budget) * self.total_params - self.fixed_bits) / self.matrix_params
+
+    def file_bits_per_param(self, matrix_bits_per_param: float) -> float:
+        """File bits/param when the allocated matrices take `matrix_bits_per_param`."""
+        return (matrix_bits_per_param * self.matrix_params + self.fixed_bits) / self.total_params
+
+    def file_bytes(self, matrix_bits_per_param: float) -> float:
+        """File size in bytes (tensor data and `metadata_bytes`; no alignment padding)."""
+        return (matrix_bits_per_param * self.matrix_params + self.fixed_bits) / 8
+
+    def to_dict(self) -> dict:
+        return {"fixed_bits": self.fixed_bits, "total_params": self.total_params,
+                "matrix_params": self.matrix_params, "parts": dict(self.parts)}
+
+    @classmethod
+    def of_model(cls, model: nn.Module, targets="all-linear", *, embedding_format: str = "q8_0",
+                 output_format: str | None = None, other_format: str = "f32", adapter_format: str | None = None,
+                 rank: int | None = None, metadata_bytes: int = 0) -> "FileBudget":
+        """The file budget of a (dense, or meta-device) model whose `targets` linears the ILP allocates.
+
+        embedding_format: token_embd's GGUF type (default q8_0, as `export_gguf`); output_format: an untied
+        output head's (default: the embedding's; a tied head is counted once, with the embedding);
+        other_format: every other parameter (norms, biases, linears left out of `targets`; default f32);
+        adapter_format: "f16" or "f32" to count the rank-`rank` factors (rank·(d_in + d_out) values per
+        target) exported as a GGUF adapter (default: not counted); metadata_bytes: header, tokenizer, ...
+        """
+        from qbara.nn.quantized_linear import QuantizedLinear
+        from qbara.targets import linear_layer_names
+
+        names = linear_layer_names(model, targets, include_quantized=False)
+        matrices = {id(model.get_submodule(n).weight): n for n in names}
+        embed = _weight(model, "get_input_embeddings")
+        output = _weight(model, "get_output_embeddings")
+        fmt = {id(embed): ("token_embd", embedding_format)} if embed is not None else {}
+        if output is not None and output is not embed:
+            fmt[id(output)] = ("output", output_format or embedding_format)
+        parts: dict[str, float] = {}
+        total = matrix = 0
+        for pname, p in model.named_parameters():  # each shared (tied) parameter once
+            total += p.numel()
+            if id(p) in matrices:
+                matrix += p.numel()
+                continue
+            label, kind = fmt.get(id(p), ("other", other_format))
+            _add(parts, f"{label} ({kind})", tensor_bits(kind, tuple(p.shape), pname))
+        for mname, module in model.named_modules():  # already-quantized linears: their stored size
+            if isinstance(module, QuantizedLinear):
+                total += module.out_features * module.in_features
+                _add(parts, "quantized linears (as stored)", 8.0 * module.nbytes)
+        if adapter_format is not None:
+            _add(parts, f"adapter factors ({adapter_format})", _adapter_bits(model, names, adapter_format, rank))
+        if metadata_bytes:
+            _add(parts, "metadata", 8.0 * _non_negative_int(metadata_bytes, "metadata_bytes"))
+        return cls(float(sum(parts.values())), int(total), int(matrix), parts)
+
+
+def _weight(model: nn.Module, getter: str):
+    module = getattr(model, getter, lambda: None)()
+    return getattr(module, "weight", None) if module is not None else None
+
+
+def _add(parts: dict, label: str, bits: float) -> None:
+    parts[label] = parts.get(label, 0.0) + float(bits)
+
+
+def _non_negative_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise QbaraError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _adapter_bits(model: nn.Module, names, adapter_format: str, rank) -> float:
+    """Bits of the factors A (rank x d_in) and B (d_out x rank) of every target, as F16 or F32."""
+    if adapter_format not in ADAPTER_FORMATS:
+        raise QbaraError(f"adapter_format must be one of {', '.join(ADAPTER_FORMATS)} (GGUF LoRA adapter tensors), "
+                         f"got {adapter_format!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise QbaraError(f"counting the adapter needs its rank: pass rank=<LoRA rank>, got {rank!r}")
+    values = sum(rank * sum(model.get_submodule(n).weight.shape) for n in names)
+    return float(FLOAT_BITS[adapter_format] * values)
