@@ -174,3 +174,29 @@ def test_merging_export_points_to_the_separate_adapter(tmp_path):
     model, tokenizer = tiny_adapted(adapter=AdapterConfig("lora", rank=4, alpha=8))
     with pytest.raises(QbaraError, match="separate_lora=True.*export_gguf_lora"):
         export_gguf(model, tokenizer, tmp_path / "m.gguf")
+
+
+def test_lq_lora_over_gguf_formats_exports_as_base_and_adapter(tmp_path):
+    """LQ-LoRA end to end for llama.cpp: the ILP picks GGML formats per matrix under a file budget, W ≈ Q + L1 L2
+    with Q in those formats; the mixed base and the LoRA adapter read back and applied as llama.cpp does give the
+    step-0 model's weights and logits."""
+    from qbara.lq import gguf_configs
+
+    shape = {"hidden": 256, "layers": 1, "heads": 4, "kv_heads": 2, "intermediate": 512}
+    model, tokenizer = tiny_llama(seed=8, **shape)
+    qbara.lq_prepare(model, 6.5, 4, configs=gguf_configs(["q2_k", "q4_0", "q4_k", "q6_k", "q8_0"]),
+                     file_budget=True, table_iters=2, max_iters=2, progress=False)
+    assert model.qbara_lq.allocation.file_bits_per_param <= 6.5
+    base = export_gguf(model, tokenizer, tmp_path / "b.gguf", separate_lora=True, embedding_type="q8_0")
+    adapter = export_gguf_lora(model, tmp_path / "a.gguf")
+    assert base.lossless and sum(base.format_counts.values()) == 7
+    weights, _ = applied_weights(base.path, adapter.path, model.config)
+    for name, w in weights.items():
+        layer = model.get_submodule(name)
+        want = (layer.base_weight() + layer.delta_weight()).double().numpy()
+        assert np.abs(w - want).max() <= 1e-6 * np.abs(want).max(), name
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(9))
+    dense = dense_model(weights, model, seed=8, **shape)
+    with torch.no_grad():
+        ref, got = model(ids).logits, dense(ids).logits
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-5
