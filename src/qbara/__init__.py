@@ -3,6 +3,7 @@ from qbara.adapters import AdapterConfig, load_adapter, merge, save_adapter
 from qbara.errors import QbaraError
 from qbara.lq.prepare import lq_prepare
 from qbara.models import load_model, model_fingerprint
+from qbara.models.gptq import gptq_prepare, gptq_quantize_model
 from qbara.nn import QuantizedLinear
 from qbara.nn.peft_support import register_with_peft
 from qbara.prepare import prepare, quantize_model
@@ -13,4 +14,5 @@ __version__ = "0.1.0"
 
 __all__ = ["QbaraError", "QuantConfig", "AdapterConfig", "QuantizedTensor", "QuantizedLinear", "quantize",
            "dequantize", "prepare", "quantize_model", "merge", "save_adapter", "load_adapter", "load_model",
-           "model_fingerprint", "lq_prepare", "from_pretrained", "register_with_peft"]
+           "model_fingerprint", "lq_prepare", "gptq_prepare", "gptq_quantize_model", "from_pretrained",
+           "register_with_peft"]

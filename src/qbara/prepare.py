@@ -47,8 +47,10 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
     """Quantize the target linears of `model` (in place) and attach adapters; freeze everything else.
 
     Only adapter parameters are left trainable. factor_format: with a LoftQ / LQ init, the factors the adapters
-    start from stored in this format (`qbara.lq.factors.FACTOR_CONFIG`: NF8), the total bits recorded. Returns the model. A model loaded with bitsandbytes NF4 has
-    its layers taken over as they are (`qbara.models.bnb`; quant must then be the matching NF4 config).
+    start from stored in this format (`qbara.lq.factors.FACTOR_CONFIG`: NF8), the total bits recorded. Returns the
+    model. A model loaded with bitsandbytes NF4 has its layers taken over as they are (`qbara.models.bnb`; quant
+    must then be the matching NF4 config). A model whose target layers are all quantized already (a loaded
+    quantized folder, e.g. a GPTQ base) gets only the adapters; a quant that differs from theirs is refused.
     """
     from qbara.models.bnb import adopt_bnb, bnb_layers
 
@@ -67,9 +69,8 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
     factors = None
     if adapter is not None and adapter.init != "default":
         # LoftQ / LQ-LoRA: Q is the quantized part of a decomposition W ≈ Q + L1 L2, not quantize(W).
-        from qbara.lq.prepare import quantize_with_factors
-
         from qbara.fingerprint import model_fingerprint
+        from qbara.lq.prepare import quantize_with_factors
 
         per_layer = layer_configs(model, quant, modules)
         targets = linear_layer_names(model, adapter.target_modules, include_quantized=False)
@@ -91,13 +92,31 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
         if model.qbara_loaded_quant != quant:
             raise QbaraError(f"this model was quantized on load with {_describe(model.qbara_loaded_quant)}; pass the "
                              f"same quant to prepare, or load it without quant=")
-    elif not adopted:  # bitsandbytes' layers, adopted above, are the quantized base
+    elif not adopted and not _quantized_already(model, quant, modules):  # bnb layers, adopted, are the base
         quantize_model(model, quant, modules=modules, progress=progress)
     if adapter is not None:
         from qbara.adapters.attach import attach_adapters
 
         attach_adapters(model, adapter, factors=factors)
     return model
+
+
+def _quantized_already(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], modules) -> bool:
+    """True when every target linear is already a QuantizedLinear with the config `quant` gives it (a loaded
+    quantized folder, e.g. a GPTQ base): then only the adapters are attached. A config that differs raises."""
+    if isinstance(quant, Mapping) and not quant:
+        return False  # an empty mapping quantizes nothing: there is nothing to compare
+    names = linear_layer_names(model, modules)
+    layers = {n: model.get_submodule(n) for n in names}
+    if not all(isinstance(m, QuantizedLinear) for m in layers.values()):
+        return False
+    wanted = quant if isinstance(quant, Mapping) else {n: quant for n in names}
+    differ = [n for n, m in layers.items() if wanted.get(n) != m.quant_config]
+    if differ:
+        have = layers[differ[0]].quant_config.label
+        raise QbaraError(f"{differ[0]} is already quantized as {have}, not {_describe(quant)}; pass the quant the "
+                         f"model was quantized with (its qbara_quant.json), or load the dense model")
+    return True
 
 
 def _describe(quant) -> str:

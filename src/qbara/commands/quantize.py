@@ -1,4 +1,5 @@
-"""`qbara quantize`: quantize a model in several formats; report bits/param, weight error, size and perplexity."""
+"""`qbara quantize`: quantize a model in several formats; report bits/param, weight error, size and perplexity.
+With --gptq each INT format is also quantized by GPTQ (`qbara.models.gptq`); --save writes that model."""
 from __future__ import annotations
 
 import copy
@@ -8,6 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from qbara.errors import QbaraError
+from qbara.eval.harness import count_type
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.prepare import quantize_model
 from qbara.quant.config import QuantConfig
@@ -69,29 +71,82 @@ def run(args) -> list[QuantizationReport]:
     from qbara.models import load_model
 
     configs = [parse_format(s.strip()) for s in args.formats.split(",") if s.strip()]
+    gptq_configs = _gptq_configs(args, configs)
     model, tokenizer = load_model(args.model)
     ids = tokenizer(shakespeare_text(args.play), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    calibration = _calibration(args, tokenizer) if gptq_configs else None
     fp32_bytes = model_bytes(model)
     base = perplexity(model, ids, window=args.window, max_tokens=args.eval_tokens, progress=not args.json)
     rows = [QuantizationReport("fp32", 32.0, 0.0, fp32_bytes, 1.0, base.ppl, base.tokens, base.window)]
     for config in configs:
-        quantized = quantize_model(copy.deepcopy(model), config, progress=not args.json)
-        bits, rel = weight_error(model, quantized)
-        size = model_bytes(quantized)
-        result = perplexity(quantized, ids, window=args.window, max_tokens=args.eval_tokens, progress=not args.json)
-        rows.append(QuantizationReport(config.label, bits, rel, size, size / fp32_bytes, result.ppl, result.tokens,
-                                       result.window))
-        del quantized
+        methods = [("", quantize_model)] + ([("gptq ", _gptq_quantizer(args, calibration))]
+                                            if config in gptq_configs else [])
+        for prefix, method in methods:
+            quantized = method(copy.deepcopy(model), config, progress=not args.json)
+            bits, rel = weight_error(model, quantized)
+            size = model_bytes(quantized)
+            result = perplexity(quantized, ids, window=args.window, max_tokens=args.eval_tokens,
+                                progress=not args.json)
+            rows.append(QuantizationReport(prefix + config.label, bits, rel, size, size / fp32_bytes, result.ppl,
+                                           result.tokens, result.window))
+            if prefix and args.save:
+                from qbara.models.quantized_io import save_quantized
+
+                save_quantized(quantized, tokenizer, args.save, overwrite=args.overwrite)
+            del quantized
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=2))
     else:
         print(f"\nmodel {args.model}; perplexity on Shakespeare ({args.play}), {rows[0].tokens} tokens, "
               f"window {rows[0].window}; linear layers quantized, embeddings and norms kept fp32")
+        if gptq_configs:
+            print(f"gptq rows: GPTQ (Frantar et al. 2022) on {calibration.shape[0]} x {calibration.shape[1]} "
+                  f"calibration tokens of other Shakespeare plays; the other rows round to nearest. GPTQ minimises "
+                  f"the layers' output error, so its weight error (rel. error) is higher")
         print(f"{'format':<24}{'bits/param':>11}{'rel. error':>12}{'model MB':>10}{'vs fp32':>9}{'ppl':>9}")
         for r in rows:
             print(f"{r.label:<24}{r.bits_per_param:>11.3f}{r.weight_rel_error:>12.4f}{r.model_bytes / 1e6:>10.1f}"
                   f"{r.model_ratio_vs_fp32:>9.3f}{r.ppl:>9.3f}")
+        if args.save:
+            print(f"GPTQ model written to {args.save}; attach LoRA with qbara train --model.name {args.save} "
+                  f"(and the same quant)")
     return rows
+
+
+def _gptq_configs(args, configs: list[QuantConfig]) -> list[QuantConfig]:
+    """The formats GPTQ quantizes (the INT ones with 1 x G groups) when --gptq is given; options checked."""
+    if not args.gptq:
+        if args.save or args.calibration_samples is not None or args.calibration_length is not None:
+            raise QbaraError("--save, --calibration-samples and --calibration-length go with --gptq; add --gptq")
+        return []
+    chosen = [c for c in configs if c.kind == "int" and c.block_rows == 1]
+    if not chosen:
+        raise QbaraError(f"--gptq quantizes INT formats with 1 x G groups, and --formats {args.formats!r} has none; "
+                         f"add one, e.g. --formats int3:64,int4:32")
+    if args.save and len(chosen) != 1:
+        raise QbaraError(f"--save writes one GPTQ model, but --formats has {len(chosen)} INT formats; name one, "
+                         f"e.g. --formats int3:64")
+    if args.save:
+        from qbara.outputs import check_output
+
+        check_output(args.save, [args.model], overwrite=args.overwrite, option="--save")
+    return chosen
+
+
+def _calibration(args, tokenizer):
+    from qbara.models.gptq import DEFAULT_LENGTH, DEFAULT_SAMPLES, gptq_calibration
+
+    samples = DEFAULT_SAMPLES if args.calibration_samples is None else args.calibration_samples
+    length = DEFAULT_LENGTH if args.calibration_length is None else args.calibration_length
+    return gptq_calibration(tokenizer, samples, length, exclude=(args.play,))
+
+
+def _gptq_quantizer(args, calibration):
+    from qbara.models.gptq import gptq_quantize_model
+
+    def quantize(model, config, progress):
+        return gptq_quantize_model(model, config, calibration, progress=progress)
+    return quantize
 
 
 def add_parser(subparsers) -> None:
@@ -103,4 +158,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--window", type=int, default=512, help="perplexity window in tokens")
     p.add_argument("--eval-tokens", type=int, default=8192, help="tokens evaluated (0 = whole text)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    g = p.add_argument_group("GPTQ (Frantar et al. 2022; the GPTQ-LoRA baseline of LQ-LoRA)")
+    g.add_argument("--gptq", action="store_true",
+                   help="also quantize each INT format (1 x G groups) with GPTQ: one more row per format, "
+                        "calibrated on Shakespeare plays other than --play")
+    g.add_argument("--calibration-samples", type=count_type(1), default=None,
+                   help="GPTQ calibration sequences (default 128, as the GPTQ paper)")
+    g.add_argument("--calibration-length", type=count_type(1), default=None,
+                   help="tokens per calibration sequence (default 256)")
+    g.add_argument("--save", metavar="DIR",
+                   help="write the GPTQ model (one INT format) as a quantized folder to fine-tune LoRA on: "
+                        "qbara train --model.name DIR with the same quant")
+    g.add_argument("--overwrite", action="store_true",
+                   help="write --save into a non-empty folder qbara did not write (its files are kept)")
     p.set_defaults(func=run)
