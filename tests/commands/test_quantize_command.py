@@ -4,6 +4,7 @@ import json
 import pytest
 import yaml
 
+from qbara import QuantConfig
 from qbara.cli import main
 
 FAST = ["--model", "tiny-llama", "--eval-tokens", "1024", "--json"]
@@ -57,3 +58,12 @@ def test_saved_gptq_base_trains_lora(tmp_path, capsys):
     assert main(["train", "--config", str(path), "--quant.format", "int4", "--train.output_dir",
                  str(tmp_path / "out2")]) == 2
     assert "already quantized as int3-g32, not int4-g32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("nf3:64", QuantConfig("nf3", block_size=64)), ("int4:4x8", QuantConfig("int4", block_size=4, block_rows=8)),
+    ("gguf:q4_k", QuantConfig("gguf:q4_k")), ("GGUF:Q6_K", QuantConfig("gguf:q6_k"))])
+def test_format_specs_parse(spec, expected):
+    from qbara.commands.quantize import parse_format
+
+    assert parse_format(spec) == expected

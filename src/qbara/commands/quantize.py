@@ -28,7 +28,10 @@ class QuantizationReport:
 
 
 def parse_format(spec: str) -> QuantConfig:
-    """'nf4' | 'nf4:64' | 'int4:32' | 'int4:4x8' (group 4, 8 rows) -> QuantConfig (default blocks: NF 64, INT 32)."""
+    """'nf4' | 'nf4:64' | 'int4:32' | 'int4:4x8' (group 4, 8 rows) | 'gguf:q4_k' (a GGML block format, fixed block)
+    -> QuantConfig (default blocks: NF 64, INT 32)."""
+    if spec.lower().startswith("gguf:"):
+        return QuantConfig(spec.lower())
     name, _, block = spec.partition(":")
     if not block:
         return QuantConfig(name)
