@@ -69,9 +69,13 @@ def test_bnb_model_with_another_config_names_the_fix(tmp_path):
         prepare(model, QuantConfig("int4", 32), AdapterConfig("qahira", rank=4))
 
 
-def test_adapter_trained_on_a_bnb_base_loads_onto_it_again(tmp_path):
-    model = _bnb_model(tmp_path)
-    prepare(model, QuantConfig("nf4", block_size=64, double_quant=False), AdapterConfig("lora", rank=4))
+@pytest.mark.parametrize("double_quant,config", [
+    (False, QuantConfig("nf4", block_size=64, double_quant=False)),
+    (True, QuantConfig("nf4", block_size=64, dq_style="bnb")),
+], ids=["plain", "double-quant"])
+def test_adapter_trained_on_a_bnb_base_loads_onto_it_again(tmp_path, double_quant, config):
+    model = _bnb_model(tmp_path, bnb_4bit_use_double_quant=double_quant)
+    prepare(model, config, AdapterConfig("lora", rank=4))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -80,8 +84,9 @@ def test_adapter_trained_on_a_bnb_base_loads_onto_it_again(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
     save_adapter(model, tmp_path / "adapter")
-    fresh = _bnb_model(tmp_path)
+    fresh = _bnb_model(tmp_path, bnb_4bit_use_double_quant=double_quant)
     load_adapter(fresh, tmp_path / "adapter")
+    assert all(m.quant_config == config for m in fresh.modules() if isinstance(m, QuantizedLinear))
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, expected)
 
@@ -142,21 +147,3 @@ def test_double_quantized_bnb_model_with_another_config_names_both_exact_ones(tm
     with pytest.raises(QbaraError, match=r"exactly as QuantConfig\('nf4', block_size=64, double_quant=False\), not "
                                          r"nf4-b64-dq8/fp32/256-bnb"):
         prepare(plain, QuantConfig("nf4", 64, dq_style="bnb"), None)
-
-
-def test_adapter_trained_on_a_double_quantized_bnb_base_loads_onto_it_again(tmp_path):
-    model = _bnb_model(tmp_path, bnb_4bit_use_double_quant=True)
-    prepare(model, QuantConfig("nf4", block_size=64, dq_style="bnb"), AdapterConfig("lora", rank=4))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
-    ids = torch.tensor([[1, 7, 42, 3, 9]])
-    with torch.no_grad():
-        expected = model(ids).logits
-    save_adapter(model, tmp_path / "adapter")
-    fresh = _bnb_model(tmp_path, bnb_4bit_use_double_quant=True)
-    load_adapter(fresh, tmp_path / "adapter")
-    assert all(m.quant_config.dq_style == "bnb" for m in fresh.modules() if isinstance(m, QuantizedLinear))
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, expected)
