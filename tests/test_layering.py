@@ -64,9 +64,11 @@ def upward_imports() -> set[tuple[str, str]]:
     return upward
 
 
-def test_every_module_has_a_layer():
+def test_every_module_has_a_layer_and_imports_absolutely():
     for path in PACKAGE.rglob("*.py"):
         level(module_name(path))  # KeyError names a module outside LAYERS
+        relative = [n.lineno for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and n.level]
+        assert not relative, f"{path}: relative imports on lines {relative} escape the layering check"
 
 
 def test_no_new_upward_import():

@@ -104,8 +104,10 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
 def _quantized_already(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], modules) -> bool:
     """True when every target linear is already a QuantizedLinear with the config `quant` gives it (a loaded
     quantized folder, e.g. a GPTQ base): then only the adapters are attached. A config that differs raises."""
-    if isinstance(quant, Mapping) and not quant:
-        return False  # an empty mapping quantizes nothing: there is nothing to compare
+    if isinstance(quant, Mapping):  # per-layer configs: every named layer must already be quantized with its own
+        modules_by_name = dict(model.named_modules())
+        return bool(quant) and all(isinstance(modules_by_name.get(n), QuantizedLinear)
+                                   and modules_by_name[n].quant_config == c for n, c in quant.items())
     names = linear_layer_names(model, modules)
     layers = {n: model.get_submodule(n) for n in names}
     if not all(isinstance(m, QuantizedLinear) for m in layers.values()):

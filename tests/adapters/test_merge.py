@@ -132,3 +132,35 @@ def test_dequantize_model_replaces_every_quantized_layer_by_its_dense_weights(ba
         layer = model.get_submodule(name)
         assert type(layer) is nn.Linear and torch.equal(layer.weight, weight) and not layer.weight.requires_grad
     assert torch.allclose(model(batch).logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_refused_requantized_merge_leaves_the_model_as_it_was():
+    """A dense base among the adapted layers is refused before any layer is merged."""
+    from torch import nn
+
+    from qbara import AdapterConfig, QbaraError, QuantConfig, prepare
+    from qbara.models import tiny_llama
+
+    model, _ = tiny_llama(seed=0)
+    prepare(model, {"model.layers.0.self_attn.q_proj": QuantConfig("int4", 32)}, None)
+    prepare(model, {}, AdapterConfig("lora", rank=2))
+    before = {n: type(m) for n, m in adapter_layers(model).items()}
+    with pytest.raises(QbaraError, match="needs a quantized base"):
+        merge(model, into="requantized")
+    assert {n: type(m) for n, m in adapter_layers(model).items()} == before
+    assert isinstance(model.get_submodule("model.layers.0.self_attn.k_proj").base, nn.Linear)
+
+
+def test_a_merged_model_forgets_its_old_base_fingerprint():
+    """After a merge the base is another one: an adapter trained on it must not record the old fingerprint."""
+    from qbara import AdapterConfig, prepare
+    from qbara.fingerprint import model_fingerprint
+
+    model, _ = build("tiny-llama", "qahira")
+    randomize_adapters(model, std=0.01)
+    merge(model, into="quantized")
+    assert not hasattr(model, "qbara_base_fingerprint")
+    prepare(model, {}, AdapterConfig("lora", rank=2))
+    from qbara.adapters.io import base_fingerprint
+
+    assert base_fingerprint(model) == model_fingerprint(model)

@@ -35,3 +35,19 @@ def test_masked_loss_sends_the_batches_to_the_models_device():
     with pytest.raises(StopIteration):
         masked_loss(model, EXAMPLES, batch_size=2)
     assert model.seen == [{"meta"}]
+
+
+def test_masked_loss_scores_in_eval_mode_and_restores_the_mode():
+    model = UniformLM()
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    model.train()
+    masked_loss(model, EXAMPLES, batch_size=2)
+    assert modes == [False] and model.training
+
+
+def test_masked_loss_without_answer_tokens_says_so():
+    from qbara import QbaraError
+
+    with pytest.raises(QbaraError, match="no answer tokens"):
+        masked_loss(UniformLM(), [Example([1, 2], [IGNORE_INDEX, IGNORE_INDEX])])

@@ -109,14 +109,14 @@ def test_file_terms_default_to_the_matrix_budget_and_are_checked():
 def test_file_budget_of_a_model_counts_every_tensor_once(tie):
     model, _ = _tiny_256(tie)
     rank = 4
-    fb = FileBudget.of_model(model, adapter_format="f16", rank=rank, metadata_bytes=1000)
+    fb = FileBudget.of_model(model, adapter_format="f32", rank=rank, metadata_bytes=1000)
     embed = model.get_input_embeddings().weight
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     assert fb.matrix_params == sum(m.weight.numel() for m in linears)
     assert fb.total_params == sum(p.numel() for p in model.parameters())  # tied: once
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     expected = {"token_embd (q8_0)": 8.5 * embed.numel(), "other (f32)": 32.0 * norms,
-                "adapter factors (f16)": 16.0 * rank * sum(sum(m.weight.shape) for m in linears),
+                "adapter factors (f32)": 32.0 * rank * sum(sum(m.weight.shape) for m in linears),
                 "metadata": 8000.0}
     if not tie:
         expected["output (q8_0)"] = 8.5 * model.get_output_embeddings().weight.numel()
@@ -124,9 +124,10 @@ def test_file_budget_of_a_model_counts_every_tensor_once(tie):
     assert fb.fixed_bits == pytest.approx(sum(expected.values()))
     assert FileBudget.of_model(model, embedding_format="f16").parts["token_embd (f16)"] == 16 * embed.numel()
     with pytest.raises(QbaraError, match="rank"):
-        FileBudget.of_model(model, adapter_format="f16")
-    with pytest.raises(QbaraError, match="adapter_format"):
-        FileBudget.of_model(model, adapter_format="q4_0", rank=4)
+        FileBudget.of_model(model, adapter_format="f32")
+    for unwritten in ("q4_0", "f16"):  # export_gguf_lora writes F32 adapter tensors
+        with pytest.raises(QbaraError, match="adapter_format"):
+            FileBudget.of_model(model, adapter_format=unwritten, rank=4)
     with pytest.raises(QbaraError, match="unknown GGUF tensor type"):
         FileBudget.of_model(model, embedding_format="q4_2")
     with pytest.raises(QbaraError, match="q6_k"):  # 100-wide rows: no 256-blocks
@@ -135,7 +136,7 @@ def test_file_budget_of_a_model_counts_every_tensor_once(tie):
 
 def _stored_bits(model, rank: int) -> float:
     """Bits of the GGUF tensors, measured: the packed gguf buffers of every QuantizedLinear, the embedding
-    quantized to Q8_0, F32 norms, the F16 factors of the adapters (their A and B as stored)."""
+    quantized to Q8_0, F32 norms, the F32 factors of the adapters (as export_gguf_lora writes them) (their A and B as stored)."""
     from qbara.adapters.attach import adapter_layers
 
     bits = 8.0 * sum(m.nbytes for m in model.modules() if isinstance(m, QuantizedLinear))
@@ -148,16 +149,16 @@ def _stored_bits(model, rank: int) -> float:
     for layer in adapter_layers(model).values():
         factors = list(layer.adapter_parameters().values())
         assert len(factors) == 2 and all(rank in p.shape for p in factors)
-        bits += 8.0 * sum(p.detach().to(torch.float16).nbytes for p in factors)
+        bits += 8.0 * sum(p.detach().to(torch.float32).nbytes for p in factors)
     return bits
 
 
 def test_lq_prepare_under_a_file_budget_stores_at_most_the_budget():
     """lq_prepare(configs=gguf_configs(), file_budget=...): Q in gguf formats, and the file measured from the
-    actual buffers (packed blocks, Q8_0 embedding, F32 norms, F16 adapter) fits the budget, to the bit."""
+    actual buffers (packed blocks, Q8_0 embedding, F32 norms, F32 adapter) fits the budget, to the bit."""
     rank = 4
     model, _ = _tiny_256()
-    fb = FileBudget.of_model(model, adapter_format="f16", rank=rank)
+    fb = FileBudget.of_model(model, adapter_format="f32", rank=rank)
     total = fb.total_params
     table = error_table(model, gguf_configs(), rank=rank, iters=2, progress=False)
     low, high = table.budget_range(fb)

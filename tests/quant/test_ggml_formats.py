@@ -298,3 +298,12 @@ def test_layer_buffers_round_trip_through_safetensors(tmp_path):
     rebuilt = QuantizedLinear(QuantizedTensor(config, (16, 512), state))
     x = torch.randn(2, 512)
     assert torch.equal(rebuilt(x), layer(x))
+
+
+def test_weights_beyond_the_fp16_range_of_block_scales_are_refused():
+    """Finite weights whose block scale would overflow fp16 (a block absmax above 65504) are refused, not turned
+    into inf."""
+    weight = torch.randn(4, 256) * 1e6
+    with pytest.raises(QbaraError, match="beyond the fp16 range"):
+        quantize(weight, QuantConfig("gguf:q4_0"), "big")
+    assert torch.isfinite(quantize(weight / 1e3, QuantConfig("gguf:q4_k")).dequantize()).all()

@@ -37,6 +37,11 @@ def merge(model: nn.Module, into: str = "dense") -> nn.Module:
             if problem:
                 raise QbaraError(f"{name}: {layer.method} cannot merge into the quantized model: {problem}; "
                                  f"use into='dense' or an adapter that folds (qalora, qahira)")
+    if into == "requantized":
+        dense = [name for name, layer in layers.items() if layer.quant_config is None]
+        if dense:
+            raise QbaraError(f"{dense[0]}: merge(into='requantized') needs a quantized base, and this layer's is "
+                             f"dense; merge into='dense'")
     lost = total = 0.0
     for name, layer in layers.items():
         if into == "quantized":
@@ -54,6 +59,8 @@ def merge(model: nn.Module, into: str = "dense") -> nn.Module:
                           f"model; larger updates (more steps, higher learning rate) fold more precisely, a base "
                           f"quantized with QuantConfig(..., minimum_dtype='fp32') holds the update (+0.5 "
                           f"bits/param at G=32), and merge(into='dense') keeps it exactly", stacklevel=2)
-    if hasattr(model, "qbara_adapter_config"):
-        del model.qbara_adapter_config
+    # The base changed: what described the model before the merge no longer does.
+    for attr in ("qbara_adapter_config", "qbara_base_fingerprint", "qbara_loaded_quant"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from qbara.errors import QbaraError
 from qbara.eval.perplexity import model_device
 
 
@@ -15,6 +16,8 @@ def masked_loss(model, examples, batch_size: int = 4, progress: bool = False) ->
     from qbara.train.data import IGNORE_INDEX, PadCollator
 
     collate, device = PadCollator(0), model_device(model)
+    was_training = model.training
+    model.eval()
     total, count = 0.0, 0
     batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
     for batch in tqdm(batches, desc="eval loss", disable=not progress, leave=False):
@@ -26,4 +29,8 @@ def masked_loss(model, examples, batch_size: int = 4, progress: bool = False) ->
                                                 reduction="sum")
         total += float(nll)
         count += int((labels != IGNORE_INDEX).sum())
+    model.train(was_training)
+    if not count:
+        raise QbaraError("no answer tokens to score: every label is masked (or there are no examples); check the "
+                         "held-out records")
     return {"loss": total / count, "tokens": count, "records": len(examples)}

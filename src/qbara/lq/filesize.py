@@ -25,7 +25,7 @@ from qbara.errors import QbaraError
 __all__ = ["FileBudget", "FLOAT_BITS", "tensor_bits"]
 
 FLOAT_BITS = {"f32": 32, "f16": 16, "bf16": 16}
-ADAPTER_FORMATS = ("f16", "f32")
+ADAPTER_FORMATS = ("f32",)  # what export_gguf_lora writes
 
 
 def tensor_bits(fmt: str, shape: tuple[int, ...], what: str = "tensor") -> float:
@@ -87,8 +87,9 @@ class FileBudget:
         embedding_format: token_embd's GGUF type (default q8_0, as `export_gguf`); output_format: an untied
         output head's (default: the embedding's; a tied head is counted once, with the embedding);
         other_format: every other parameter (norms, biases, linears left out of `targets`; default f32);
-        adapter_format: "f16" or "f32" to count the rank-`rank` factors (rank·(d_in + d_out) values per
-        target) exported as a GGUF adapter (default: not counted); metadata_bytes: header, tokenizer, ...
+        adapter_format: "f32" (what export_gguf_lora writes) to count the rank-`rank` factors
+        (rank·(d_in + d_out) values per target) exported as a GGUF adapter (default: not counted);
+        metadata_bytes: header, tokenizer, ...
         """
         from qbara.nn.quantized_linear import QuantizedLinear
         from qbara.targets import linear_layer_names
@@ -138,7 +139,8 @@ def _non_negative_int(value, what: str) -> int:
 def _adapter_bits(model: nn.Module, names, adapter_format: str, rank) -> float:
     """Bits of the factors A (rank x d_in) and B (d_out x rank) of every target, as F16 or F32."""
     if adapter_format not in ADAPTER_FORMATS:
-        raise QbaraError(f"adapter_format must be one of {', '.join(ADAPTER_FORMATS)} (GGUF LoRA adapter tensors), "
+        raise QbaraError(f"adapter_format must be one of {', '.join(ADAPTER_FORMATS)} (the GGUF LoRA adapter tensors "
+                         f"export_gguf_lora writes), "
                          f"got {adapter_format!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise QbaraError(f"counting the adapter needs its rank: pass rank=<LoRA rank>, got {rank!r}")

@@ -217,7 +217,7 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     format (`qbara.lq.factors.FACTOR_CONFIG`, NF8 at 8.127 bits, as the paper counts them; default: fp32), and
     record the bits of Q plus factors. file_budget: `budget` counts the whole file instead of the allocated
     matrices alone: True (`FileBudget.of_model` defaults: Q8_0 embedding, F32 norms, no adapter) or a
-    `qbara.lq.filesize.FileBudget` (e.g. with adapter_format="f16"; `qbara.lq.configs.gguf_configs()` as
+    `qbara.lq.filesize.FileBudget` (e.g. with adapter_format="f32"; `qbara.lq.configs.gguf_configs()` as
     `configs` for a GGUF file). Returns the model; `model.qbara_lq` holds the allocation and the per-matrix
     errors.
     """

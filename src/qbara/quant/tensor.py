@@ -117,10 +117,14 @@ def quantize(weight: Tensor, config: QuantConfig, name: str = "weight") -> Quant
         raise QbaraError(f"{name}: cannot quantize a non-floating weight ({dtype}); pass the float weight "
                          f"(dequantize it first if it is already quantized)")
     config.check_shape(tuple(weight.shape), name)
-    if weight.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(weight)):  # one pass, NaN propagates
+    extremes = [float(v) for v in torch.aminmax(weight)] if weight.numel() else [0.0]  # one pass, NaN propagates
+    if not all(math.isfinite(v) for v in extremes):
         raise QbaraError(f"{name}: weight contains NaN or Inf; fix the checkpoint before quantizing")
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     if config.kind == "gguf":  # one buffer: the block bytes a GGUF file holds (chunked by the ggml module)
+        if max(abs(v) for v in extremes) > FP16_MAX:  # a block scale (at most the block's absmax) must fit fp16
+            raise QbaraError(f"{name}: weights reach {max(abs(v) for v in extremes):.3g}, beyond the fp16 range of "
+                             f"{config.format}'s block scales; rescale the layer or use an nf/int format")
         return QuantizedTensor(config, shape, {"codes": quantize_ggml(weight, config.ggml, name)})
     chunks = [weight[start:start + rows] for start, rows in _row_chunks(shape, config)]
     if config.kind == "int":
@@ -162,6 +166,7 @@ def quantize(weight: Tensor, config: QuantConfig, name: str = "weight") -> Quant
 # Rows quantized at once: the quantizer's fp32 work arrays stay near 4 M elements (~16 MB each) whatever the
 # matrix size, instead of several full-size copies of a 7B model's 45 M-element MLP weights.
 CHUNK_ELEMENTS = 1 << 22
+FP16_MAX = 65504.0
 
 
 def _row_chunks(shape: tuple[int, int], config: QuantConfig) -> list[tuple[int, int]]:
