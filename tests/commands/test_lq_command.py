@@ -80,3 +80,28 @@ def test_lq_command_under_torchrun_matches_one_process(tmp_path):
         for name in files:
             a, b = load_file(outs["one"] / sub / name), load_file(outs["two"] / sub / name)
             assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_lq_over_gguf_formats_under_a_file_budget_exports_for_llama_cpp(tmp_path, capsys):
+    """`qbara lq --configs gguf --file-budget` on a checkpoint folder (streamed), then `qbara export --format gguf`:
+    a mixed-format base GGUF and the LoRA adapter GGUF beside it."""
+    from qbara.models import tiny_llama
+
+    model, tokenizer = tiny_llama(hidden=256, intermediate=512, layers=1, heads=4, kv_heads=2)
+    folder = tmp_path / "dense"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "lq"
+    assert main(["lq", "--model", str(folder), "--rank", "2", "--budget", "7.0", "--configs", "gguf",
+                 "--file-budget", "--table-iters", "2", "--max-iters", "2", "--factors", "fp32",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "allocation.json").read_text())
+    assert data["streamed"] and data["file_bits_per_param"] <= 7.0
+    assert all(k.startswith("gguf:") for k in data["counts"]) and sum(data["counts"].values()) == 7
+    assert "whole GGUF file" in capsys.readouterr().out
+    gguf = tmp_path / "m.gguf"
+    assert main(["export", "--model", str(out / "model"), "--adapter", str(out / "adapter"), "--format", "gguf",
+                 "--out", str(gguf)]) == 0
+    assert gguf.stat().st_size > 0 and (tmp_path / "m.adapter.gguf").stat().st_size > 0
+    assert main(["lq", "--model", str(folder), "--method", "loftq", "--file-budget", "--out", str(tmp_path / "x")]) == 2
+    assert "LoftQ has one format and no budget" in capsys.readouterr().err

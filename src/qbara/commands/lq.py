@@ -85,6 +85,8 @@ def _run(args, out: Path | None) -> dict | None:
     data.update(report.to_dict())
     if report.allocation is not None:
         data["counts"] = report.allocation.counts()
+        if report.allocation.file is not None:
+            data["file_bits_per_param"] = report.allocation.file_bits_per_param
     if args.eval:
         data["eval"] = {"dense": dense_eval, "step0": _perplexity(args, model, tokenizer), "data": args.eval}
     write_json_atomic(out / "allocation.json", data)
@@ -94,7 +96,7 @@ def _run(args, out: Path | None) -> dict | None:
 
 def _options(args) -> dict:
     """The settings shared by both paths, from the command line."""
-    from qbara.lq.configs import candidate_configs, qlora_config
+    from qbara.lq.configs import candidate_configs, gguf_configs, qlora_config
     from qbara.quant.config import QuantConfig
 
     if args.method == "loftq" and (args.fisher or args.fisher_data):
@@ -107,10 +109,15 @@ def _options(args) -> dict:
     options = dict(rank=args.rank, alpha=args.alpha, target_modules=targets, seed=args.seed, workers=args.workers,
                    factor_format=FACTOR_CONFIG if args.factors == "nf8" else None)
     if args.method == "loftq":
+        if args.file_budget:
+            raise QbaraError("--file-budget sets LQ-LoRA's bit budget; LoftQ has one format and no budget: drop it "
+                             "or use --method lq")
         options.update(quant=QuantConfig.from_dict({"format": args.loftq_format}), loftq_iters=args.loftq_iters)
     else:
-        configs = candidate_configs() if args.configs == "all" else [qlora_config(b) for b in (2, 3, 4, 8)]
-        options.update(budget=args.budget, configs=configs, max_iters=args.max_iters, table_iters=args.table_iters)
+        configs = {"all": candidate_configs, "gguf": gguf_configs,
+                   "qlora": lambda: [qlora_config(b) for b in (2, 3, 4, 8)]}[args.configs]()
+        options.update(budget=args.budget, configs=configs, max_iters=args.max_iters, table_iters=args.table_iters,
+                       file_budget=bool(args.file_budget))
     return options
 
 
@@ -130,7 +137,15 @@ def _streamed(args, folder: Path, out: Path | None, options: dict):
         if args.fisher_data:
             fisher = _fisher(args, dense, tokenizer, out)
         del dense
+    from qbara.lq.prepare import record_file_budget, resolve_file_budget
+
+    file = resolve_file_budget(str(folder), options.pop("file_budget", False), options["target_modules"])
+    budget = options.get("budget")
+    if file is not None:  # the whole file's bits/param as the matrices' budget (load_lq allocates over them)
+        options["budget"] = file.matrix_budget(budget)
     model, tokenizer = load_lq(folder, method=args.method, fisher=fisher, progress=True, **options)
+    if file is not None:
+        record_file_budget(model.qbara_lq, budget, file)
     return model, tokenizer, dense_eval
 
 
@@ -152,7 +167,8 @@ def _in_memory(args, out: Path | None, options: dict):
         lq_prepare(model, options["budget"], options["rank"], fisher, alpha=options["alpha"],
                    target_modules=options["target_modules"], configs=options["configs"],
                    max_iters=options["max_iters"], table_iters=options["table_iters"], seed=options["seed"],
-                   workers=options["workers"], factor_format=options["factor_format"])
+                   workers=options["workers"], factor_format=options["factor_format"],
+                   file_budget=options["file_budget"])
     return model, tokenizer, dense_eval
 
 
@@ -176,6 +192,8 @@ def _print_summary(data: dict, out: Path) -> None:
               f"(+{settings['factor_bits_per_param']:.3f})")
     if "counts" in data:
         print("configs: " + ", ".join(f"{k} x{v}" for k, v in data["counts"].items()))
+    if "file_bits_per_param" in data:
+        print(f"whole GGUF file: {data['file_bits_per_param']:.3f} bits/param (budget {settings['budget']:g})")
     if "eval" in data:
         e = data["eval"]
         print(f"perplexity ({e['data']}, {e['step0']['tokens']} tokens, window {e['step0']['window']}): "
@@ -203,8 +221,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--fisher-length", type=int, default=256, help="tokens per calibration sequence")
     p.add_argument("--fisher-shard-gb", type=float, default=1.0,
                    help="Fisher matrices computed per pass over the calibration data (GiB of fp32): bounds memory")
-    p.add_argument("--configs", choices=("all", "qlora"), default="all",
-                   help="candidate configs: all (LQ-LoRA's 432) or qlora (nf2/3/4/8 in QLoRA's block 64 + DQ layout)")
+    p.add_argument("--configs", choices=("all", "qlora", "gguf"), default="all",
+                   help="candidate configs: all (LQ-LoRA's 432), qlora (nf2/3/4/8 in QLoRA's block 64 + DQ layout) "
+                        "or gguf (llama.cpp's q2_k .. q8_0, for a GGUF base + LoRA adapter export)")
+    p.add_argument("--file-budget", action="store_true",
+                   help="--budget counts the whole GGUF file (Q8_0 embedding, F32 norms) in bits per model "
+                        "parameter, not the quantized matrices alone")
     p.add_argument("--table-iters", type=int, default=None, help="decomposition iterations in the error table")
     p.add_argument("--max-iters", type=int, default=100, help="decomposition iterations (early stop) per matrix")
     p.add_argument("--loftq-format", default="nf4", help="LoftQ's quantization format (loftq)")

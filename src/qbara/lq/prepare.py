@@ -230,13 +230,13 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     if isinstance(model, (str, Path)):  # a checkpoint folder: streamed, never dense in memory
         from qbara.models.lq_stream import load_lq
 
-        file = _file_budget(model, file_budget, target_modules)
+        file = resolve_file_budget(model, file_budget, target_modules)
         loaded = load_lq(model, budget=budget if file is None else file.matrix_budget(budget), rank=rank,
                          fisher=fisher, alpha=alpha, dropout=dropout, target_modules=target_modules, configs=configs,
                          table=table, max_iters=max_iters, table_iters=table_iters, seed=seed, workers=workers,
                          factor_format=factor_format, progress=progress)[0]
         if file is not None:
-            _record_file_budget(loaded.qbara_lq, budget, file)
+            record_file_budget(loaded.qbara_lq, budget, file)
         return loaded
 
     adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
@@ -246,7 +246,7 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     if not hasattr(model, "qbara_base_fingerprint") and hasattr(model, "config"):
         model.qbara_base_fingerprint = model_fingerprint(model)
     dense_fingerprint = getattr(model, "qbara_base_fingerprint", None)
-    file = _file_budget(model, file_budget, target_modules)
+    file = resolve_file_budget(model, file_budget, target_modules)
     if table is None:
         table = error_table(model, configs, rank=rank, iters=table_iters or DEFAULT_TABLE_ITERS, fisher=fisher,
                             targets=target_modules, seed=seed, workers=workers, progress=progress)
@@ -259,7 +259,7 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     model.qbara_lq.settings.update(budget=budget, dense_fingerprint=dense_fingerprint,
                                    table_iters=table.settings.get("iters"))
     if file is not None:
-        _record_file_budget(model.qbara_lq, budget, file)
+        record_file_budget(model.qbara_lq, budget, file)
     if factor_format is not None:
         from qbara.lq.factors import store_factors
 
@@ -268,7 +268,7 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     return model
 
 
-def _file_budget(model, file_budget, target_modules):
+def resolve_file_budget(model, file_budget, target_modules):
     """lq_prepare's file_budget resolved: None, a FileBudget, or True -> the model's (or checkpoint's) defaults."""
     from qbara.lq.filesize import FileBudget
 
@@ -285,7 +285,7 @@ def _file_budget(model, file_budget, target_modules):
     return FileBudget.of_model(model, target_modules)
 
 
-def _record_file_budget(report: LQReport, budget: float, file) -> None:
+def record_file_budget(report: LQReport, budget: float, file) -> None:
     """The allocation and settings of a report say the budget was a file budget."""
     import dataclasses
 
