@@ -6,6 +6,7 @@ import pytest
 
 from qbara.cli import main
 from tests.commands.test_cli import _eval, _good_yaml
+from tests.helpers import free_port
 
 COMMON = ["--data", "shakespeare:hamlet", "--window", "64", "--max-tokens", "256", "--json"]
 
@@ -65,7 +66,7 @@ def test_lq_command_under_torchrun_matches_one_process(tmp_path):
     outs = {}
     for label, launcher in (("one", [sys.executable, "-m", "qbara"]),
                             ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                     "--master_port", "29541", "-m", "qbara"])):
+                                     "--master_port", str(free_port()), "-m", "qbara"])):
         outs[label] = tmp_path / label
         env["QBARA_CACHE"] = str(tmp_path / f"cache-{label}")  # no shared table cache between the runs
         done = subprocess.run([*launcher, *args, "--out", str(outs[label])], env=env, capture_output=True,

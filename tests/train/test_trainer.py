@@ -17,6 +17,7 @@ from qbara.models import tiny_llama
 from qbara.train.config import build_config
 from qbara.train.data import build_examples, read_records
 from qbara.train.trainer import COMPLETE_MARKER, latest_complete_checkpoint, train
+from tests.helpers import free_port
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -141,7 +142,7 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
     single = _run_cli(["train", "--config", str(config("single", 4))])
     assert single.wait(timeout=600) == 0, single.stdout.read()
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", "-m", "qbara", "train", "--config", str(config("ddp", 2))],
+                          "--master_port", str(free_port()), "-m", "qbara", "train", "--config", str(config("ddp", 2))],
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
     curves = {}
