@@ -156,11 +156,7 @@ def dequantized_once(model):
     swapped = []
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
-            lin = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            lin.weight = torch.nn.Parameter(module.dequantize(torch.float32), requires_grad=False)
-            if module.bias is not None:
-                lin.bias = torch.nn.Parameter(module.bias.detach().float(), requires_grad=False)
-            set_submodule(model, name, lin)
+            set_submodule(model, name, module.to_linear())
             swapped.append((name, module))
     try:
         yield model

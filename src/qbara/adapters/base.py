@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from qbara.adapters.pooling import expand_tiles, pool_features, repeat_features
 from qbara.errors import QbaraError
-from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.nn.quantized_linear import QuantizedLinear, frozen_linear
 from qbara.quant.fold import fold_block_constants, fold_problem, fold_rounding
 from qbara.quant.tensor import quantize
 
@@ -126,12 +126,7 @@ class AdaptedLinear(nn.Module):
             raise QbaraError(f"unknown merge target {into!r}: choose 'dense', 'quantized' or 'requantized'")
         weight = self.base_weight() + self.delta_weight()
         if into == "dense":
-            merged = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
-                               device=weight.device)
-            merged.weight.copy_(weight)
-            if self.base.bias is not None:
-                merged.bias.copy_(self.base.bias.float())
-            return merged.requires_grad_(False)
+            return frozen_linear(weight, self.base.bias)
         if self.quant_config is None:
             raise QbaraError(f"{self.name}: merge(into='requantized') needs a quantized base; this one is dense, "
                              f"merge into='dense'")

@@ -77,16 +77,9 @@ class QuantizedLinear(nn.Module):
         """The dense (d_out, d_in) weight in `dtype`."""
         return self.qweight.dequantize(dtype)
 
-    @torch.no_grad()
-    def to_linear(self, weight: Tensor | None = None) -> nn.Linear:
-        """A frozen fp32 nn.Linear on this layer's device holding `weight` (default: the dequantized weight) and
-        the bias."""
-        weight = self.dequantize(torch.float32) if weight is None else weight.float()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device)
-        linear.weight.copy_(weight)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias.float())
-        return linear.requires_grad_(False)
+    def to_linear(self) -> nn.Linear:
+        """A frozen fp32 nn.Linear on this layer's device holding the dequantized weight and the bias."""
+        return frozen_linear(self.dequantize(torch.float32), self.bias)
 
     @property
     def nbytes(self) -> int:
@@ -105,3 +98,13 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, quant={self.quant_config.label}")
+
+
+def frozen_linear(weight: Tensor, bias: Tensor | None = None) -> nn.Linear:
+    """A frozen fp32 nn.Linear holding `weight` (kept as is when it is fp32 already: pass a tensor of its own) and a
+    copy of `bias`, on weight's device; built without nn.Linear's random initialisation of a full-size weight."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(weight.device, torch.float32, copy=True), requires_grad=False)
+    return linear
