@@ -137,15 +137,7 @@ def _streamed(args, folder: Path, out: Path | None, options: dict):
         if args.fisher_data:
             fisher = _fisher(args, dense, tokenizer, out)
         del dense
-    from qbara.lq.prepare import record_file_budget, resolve_file_budget
-
-    file = resolve_file_budget(str(folder), options.pop("file_budget", False), options["target_modules"])
-    budget = options.get("budget")
-    if file is not None:  # the whole file's bits/param as the matrices' budget (load_lq allocates over them)
-        options["budget"] = file.matrix_budget(budget)
     model, tokenizer = load_lq(folder, method=args.method, fisher=fisher, progress=True, **options)
-    if file is not None:
-        record_file_budget(model.qbara_lq, budget, file)
     return model, tokenizer, dense_eval
 
 

@@ -62,10 +62,6 @@ class FileBudget:
                              f"{self.total_params}, matrix_params={self.matrix_params}); build it with "
                              f"FileBudget.of_model")
 
-    def matrix_budget(self, budget: float) -> float:
-        """The bits/param over the allocated matrices a file budget leaves them."""
-        return (float(budget) * self.total_params - self.fixed_bits) / self.matrix_params
-
     def file_bits_per_param(self, matrix_bits_per_param: float) -> float:
         """File bits/param when the allocated matrices take `matrix_bits_per_param`."""
         return (matrix_bits_per_param * self.matrix_params + self.fixed_bits) / self.total_params

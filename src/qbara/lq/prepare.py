@@ -230,14 +230,10 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     if isinstance(model, (str, Path)):  # a checkpoint folder: streamed, never dense in memory
         from qbara.models.lq_stream import load_lq
 
-        file = resolve_file_budget(model, file_budget, target_modules)
-        loaded = load_lq(model, budget=budget if file is None else file.matrix_budget(budget), rank=rank,
-                         fisher=fisher, alpha=alpha, dropout=dropout, target_modules=target_modules, configs=configs,
-                         table=table, max_iters=max_iters, table_iters=table_iters, seed=seed, workers=workers,
-                         factor_format=factor_format, progress=progress)[0]
-        if file is not None:
-            record_file_budget(loaded.qbara_lq, budget, file)
-        return loaded
+        return load_lq(model, budget=budget, rank=rank, fisher=fisher, alpha=alpha, dropout=dropout,
+                       target_modules=target_modules, configs=configs, table=table, max_iters=max_iters,
+                       table_iters=table_iters, seed=seed, workers=workers, factor_format=factor_format,
+                       file_budget=file_budget, progress=progress)[0]
 
     adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
                             init="lq")

@@ -79,8 +79,8 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
             alpha: float = 16.0, dropout: float = 0.0, target_modules="all-linear",
             configs: Sequence[QuantConfig] | None = None, table=None, max_iters: int = 100,
             table_iters: int | None = None, loftq_iters: int = 1, seed: int = 0, workers: int | None = None,
-            factor_format: QuantConfig | None = None, dtype: torch.dtype | None = None, device="cpu",
-            progress: bool = True):
+            factor_format: QuantConfig | None = None, file_budget=None, dtype: torch.dtype | None = None,
+            device="cpu", progress: bool = True):
     """(model, tokenizer): LQ-LoRA (`method="lq"`, ILP allocation at `budget`) or LoftQ (`method="loftq"`,
     every linear on `quant`, adapters on `target_modules`) initialised from the checkpoint in a safetensors
     folder, streamed (see the module doc). The result equals `lq_prepare(load_model(folder), ...)` /
@@ -93,7 +93,7 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
     from qbara.adapters.config import AdapterConfig
     from qbara.fingerprint import model_fingerprint
     from qbara.lazy_tensors import LazyTensors
-    from qbara.lq.prepare import INIT_METHODS, decompose_layers, lq_report
+    from qbara.lq.prepare import INIT_METHODS, decompose_layers, lq_report, record_file_budget, resolve_file_budget
     from qbara.models.loader import load_tokenizer
     from qbara.models.streaming import _stream, checkpoint_dtype, checkpoint_files, empty_model, safetensors_reader
     from qbara.targets import layer_configs, linear_layer_names
@@ -101,8 +101,8 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
 
     if method not in INIT_METHODS:
         raise QbaraError(f"unknown decomposition {method!r}: choose one of {', '.join(INIT_METHODS)}")
-    if method == "loftq" and (fisher is not None or quant is None):
-        raise QbaraError("LoftQ takes one quantization config (quant=) and no Fisher matrix")
+    if method == "loftq" and (fisher is not None or quant is None or file_budget):
+        raise QbaraError("LoftQ takes one quantization config (quant=), no Fisher matrix and no file budget")
     folder = checkpoint_folder(name_or_path)
     if folder is None:
         raise QbaraError(f"{name_or_path!r} is not a folder of safetensors shards to stream from; load the model "
@@ -119,8 +119,9 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
     for n, shape in weights.shapes.items():
         if min(shape) < rank:
             raise QbaraError(f"{n}: rank {rank} exceeds the {shape} matrix's smallest side; lower the rank")
-    allocation = None
+    allocation = file = None
     if method == "lq":
+        file = resolve_file_budget(folder, file_budget, target_modules)
         if isinstance(fisher, (str, Path)):  # a Fisher file or folder is read one matrix at a time
             from qbara.lq.fisher import open_fisher
 
@@ -130,7 +131,7 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
 
             table = error_table(weights, configs, rank=rank, iters=table_iters or DEFAULT_TABLE_ITERS, fisher=fisher,
                                 seed=seed, workers=workers, progress=progress)
-        allocation = table.allocate(budget)
+        allocation = table.allocate(budget, file)
         per_layer = allocation.configs
         quantized = per_layer
     else:
@@ -148,6 +149,8 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
         model.qbara_lq.allocation = allocation
         model.qbara_lq.settings.update(budget=budget, dense_fingerprint=dense_fingerprint,
                                        table_iters=table.settings.get("iters"))
+        if file is not None:
+            record_file_budget(model.qbara_lq, budget, file)
     model.qbara_base_fingerprint = model_fingerprint(model)  # of the quantized base the factors fit
     del model.qbara_loaded_quant  # the Q of decompositions, not a plain quantization of the checkpoint
     factors = {n: (dec.L1.to(device), dec.L2.to(device)) for n, dec in decs.items()}
