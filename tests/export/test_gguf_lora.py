@@ -57,6 +57,23 @@ def dense_model(weights, like, seed, **shape):
     return model.eval()
 
 
+def assert_weights_match(model, weights):
+    """Every applied weight equals the adapter model's base + ΔW (relative 1e-6)."""
+    for name, w in weights.items():
+        layer = model.get_submodule(name)
+        want = (layer.base_weight() + layer.delta_weight()).double().numpy()
+        assert np.abs(w - want).max() <= 1e-6 * np.abs(want).max(), name
+
+
+def assert_logits_match(model, weights, ids_shape, ids_seed, seed, **shape):
+    """A dense model built from the applied weights gives the adapter model's logits (relative 1e-5)."""
+    ids = torch.randint(0, 256, ids_shape, generator=torch.Generator().manual_seed(ids_seed))
+    dense = dense_model(weights, model, seed=seed, **shape)
+    with torch.no_grad():
+        ref, got = model(ids).logits, dense(ids).logits
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-5
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """A LoRA (rank 4, alpha 8) model on an INT4 G32 base, one layer with its own scaling; the base and
@@ -106,15 +123,8 @@ def test_adapter_tensors_names_shapes_and_metadata(pair):
 def test_pair_applied_as_llama_cpp_does_reproduces_the_model(pair):
     model, base, adapter = pair
     weights, _ = applied_weights(base.path, adapter.path, model.config)
-    for name, w in weights.items():
-        layer = model.get_submodule(name)
-        want = (layer.base_weight() + layer.delta_weight()).double().numpy()
-        assert np.abs(w - want).max() <= 1e-6 * np.abs(want).max(), name
-    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(7))
-    dense = dense_model(weights, model, seed=5, **TINY)
-    with torch.no_grad():
-        ref, got = model(ids).logits, dense(ids).logits
-    assert (got - ref).abs().max() / ref.abs().max() < 1e-5
+    assert_weights_match(model, weights)
+    assert_logits_match(model, weights, (2, 32), ids_seed=7, seed=5, **TINY)
 
 
 def test_gguf_base_with_lora(tmp_path):
@@ -131,10 +141,7 @@ def test_gguf_base_with_lora(tmp_path):
     assert base.format_counts == {"Q4_0": 7} and base.lossless
     weights, alpha = applied_weights(base.path, adapter.path, model.config)
     assert alpha == 2.0
-    for name, w in weights.items():
-        layer = model.get_submodule(name)
-        want = (layer.base_weight() + layer.delta_weight()).double().numpy()
-        assert np.abs(w - want).max() <= 1e-6 * np.abs(want).max(), name
+    assert_weights_match(model, weights)
 
 
 # ------------------------------------------------------------------------------------ refusals
@@ -191,12 +198,5 @@ def test_lq_lora_over_gguf_formats_exports_as_base_and_adapter(tmp_path):
     adapter = export_gguf_lora(model, tmp_path / "a.gguf")
     assert base.lossless and sum(base.format_counts.values()) == 7
     weights, _ = applied_weights(base.path, adapter.path, model.config)
-    for name, w in weights.items():
-        layer = model.get_submodule(name)
-        want = (layer.base_weight() + layer.delta_weight()).double().numpy()
-        assert np.abs(w - want).max() <= 1e-6 * np.abs(want).max(), name
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(9))
-    dense = dense_model(weights, model, seed=8, **shape)
-    with torch.no_grad():
-        ref, got = model(ids).logits, dense(ids).logits
-    assert (got - ref).abs().max() / ref.abs().max() < 1e-5
+    assert_weights_match(model, weights)
+    assert_logits_match(model, weights, (2, 16), ids_seed=9, seed=8, **shape)
