@@ -3,8 +3,9 @@ import copy
 import pytest
 import torch
 
-from qbara import merge
+from qbara import AdapterConfig, QuantConfig, merge, prepare
 from qbara.adapters import adapter_layers
+from qbara.models import tiny_llama
 from qbara.nn import QuantizedLinear
 
 from .conftest import FOLDABLE, MODELS, SETTINGS, build, randomize_adapters
@@ -65,6 +66,29 @@ def test_fold_changes_only_the_minima():
     half_ulp = exact_min.abs() * 2.0**-11 + 2.0**-25
     err = (merged.dequantize() - dense).reshape(-1, 32).abs().amax(dim=1)
     assert torch.all(err <= half_ulp + 1e-7 * dense.abs().max())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("adapter", [AdapterConfig("qahira", rank=4, alpha=8), AdapterConfig("qalora", rank=4, alpha=8)],
+                         ids=lambda a: a.method)
+def test_fold_into_int5_moves_only_the_minima(adapter, batch):
+    """QA-HiRA / QA-LoRA fold into an INT5 G32 base as into INT4: codes and scales kept, 6.0 bits/param, the
+    dense merge up to the fp16 rounding of each moved minimum."""
+    model, _ = tiny_llama(seed=0)
+    prepare(model, QuantConfig("int5", block_size=32), adapter)
+    randomize_adapters(model)
+    reference = model(batch).logits
+    for layer in adapter_layers(model).values():
+        before, delta = layer.base.qweight.tensors, layer.delta_weight()
+        merged = layer.merge("quantized")
+        assert merged.quant_config == QuantConfig("int5", 32) and merged.bits_per_param == 6.0
+        assert torch.equal(merged.codes, before["codes"]) and torch.equal(merged.scale, before["scale"])
+        dense = layer.base.dequantize() + delta
+        exact_min = before["minimum"].float() + delta[:, ::32].reshape(-1)
+        err = (merged.dequantize() - dense).reshape(-1, 32).abs().amax(dim=1)
+        assert torch.all(err <= exact_min.abs() * 2.0**-11 + 2.0**-25 + 1e-7 * dense.abs().max())
+        assert float((merged.dequantize() - dense).norm() / delta.norm()) < 0.1
+    assert _rel(merge(model, into="quantized")(batch).logits, reference) <= 1e-3
 
 
 @torch.no_grad()

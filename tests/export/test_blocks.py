@@ -5,7 +5,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from qbara import QbaraError, QuantConfig, quantize
-from qbara.export.blocks import dequantize_q8_0, pack_q4_1, pack_q8_0, quantize_q8_0
+from qbara.export.blocks import dequantize_q8_0, pack_q4_1, pack_q5_1, pack_q8_0, quantize_q8_0
 from qbara.quant import dequantize_int
 
 
@@ -34,6 +34,40 @@ def test_q4_1_of_a_quantized_tensor_is_exact():
 def test_q4_1_refuses_bad_shapes():
     with pytest.raises(QbaraError, match="multiple of 32"):
         pack_q4_1(torch.zeros(48, dtype=torch.uint8), torch.ones(1).half(), torch.zeros(1).half(), (1, 48))
+
+
+def test_q5_1_layout_matches_gguf_reader():
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 32, (3 * 64,), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(6, generator=gen) * 0.1).half()
+    minimum = (torch.randn(6, generator=gen) * 0.1).half()
+    raw = pack_q5_1(codes, scale, minimum, (3, 64))
+    assert raw.shape == (3, 48) and raw.dtype == np.uint8
+    # block 0: d, m, then qh (bit j of a little-endian u32 = bit 4 of element j), then the low nibbles as Q4_1
+    assert raw[0, :2].tobytes() == scale[:1].numpy().astype("<f2").tobytes()
+    assert raw[0, 2:4].tobytes() == minimum[:1].numpy().astype("<f2").tobytes()
+    qh = int.from_bytes(raw[0, 4:8].tobytes(), "little")
+    assert [qh >> j & 1 for j in range(32)] == [int(c) >> 4 for c in codes[:32]]
+    assert raw[0, 8] == (int(codes[0]) & 15) | (int(codes[16]) & 15) << 4
+    want = dequantize_int(codes, scale, minimum, (3, 64), 32).numpy()
+    assert np.array_equal(dequantize(raw, GGMLQuantizationType.Q5_1), want)
+
+
+def test_q5_1_of_a_quantized_tensor_is_exact():
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(4))
+    qt = quantize(w, QuantConfig("int5", 32))
+    raw = pack_q5_1(qt.codes(), qt.tensors["scale"], qt.tensors["minimum"], qt.shape)
+    assert np.array_equal(dequantize(raw, GGMLQuantizationType.Q5_1), qt.dequantize().numpy())
+    assert raw.nbytes * 8 / qt.numel == qt.bits_per_param == 6.0  # Q5_1's 24 bytes per 32 weights
+
+
+def test_q5_1_refuses_bad_shapes_and_codes():
+    with pytest.raises(QbaraError, match="Q5_1 needs .* multiple of 32"):
+        pack_q5_1(torch.zeros(48, dtype=torch.uint8), torch.ones(1).half(), torch.zeros(1).half(), (1, 48))
+    with pytest.raises(QbaraError, match="5-bit"):
+        pack_q5_1(torch.full((32,), 32, dtype=torch.uint8), torch.ones(1).half(), torch.zeros(1).half(), (1, 32))
+    with pytest.raises(QbaraError, match="4-bit"):
+        pack_q4_1(torch.full((32,), 16, dtype=torch.uint8), torch.ones(1).half(), torch.zeros(1).half(), (1, 32))
 
 
 def test_q8_0_matches_gguf_reader_and_is_idempotent():

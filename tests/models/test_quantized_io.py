@@ -8,10 +8,11 @@ from qbara.nn import QuantizedLinear
 from tests.helpers import randomize_adapters
 
 
-@pytest.mark.parametrize("tie, minimum_dtype", [(False, "fp16"), (True, "fp16"), (False, "fp32")])
-def test_merged_quantized_model_round_trips(tmp_path, tie, minimum_dtype):
+@pytest.mark.parametrize("tie, fmt, minimum_dtype", [(False, "int4", "fp16"), (True, "int4", "fp16"),
+                                                     (False, "int4", "fp32"), (False, "int5", "fp16")])
+def test_merged_quantized_model_round_trips(tmp_path, tie, fmt, minimum_dtype):
     model, tokenizer = tiny_llama(tie_word_embeddings=tie)
-    prepare(model, QuantConfig("int4", 32, minimum_dtype=minimum_dtype), AdapterConfig("qahira", rank=4))
+    prepare(model, QuantConfig(fmt, 32, minimum_dtype=minimum_dtype), AdapterConfig("qahira", rank=4))
     randomize_adapters(model, std=0.01)
     merge(model, into="quantized")
     ids = torch.randint(0, 250, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -21,7 +22,8 @@ def test_merged_quantized_model_round_trips(tmp_path, tie, minimum_dtype):
     loaded, loaded_tok = load_model(str(tmp_path / "q"))
     assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == 14
     want = torch.float32 if minimum_dtype == "fp32" else torch.float16
-    assert all(m.minimum.dtype == want for m in loaded.modules() if isinstance(m, QuantizedLinear))
+    assert all(m.minimum.dtype == want and m.quant_config.format == fmt
+               for m in loaded.modules() if isinstance(m, QuantizedLinear))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
     assert loaded_tok is not None

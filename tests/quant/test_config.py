@@ -47,7 +47,8 @@ def test_defaults_and_dict_round_trip():
         QuantConfig.from_dict({"format": "nf4", "blocksize": 64})
 
 
-@pytest.mark.parametrize("fmt,g,expected", [("int4", 32, 5.0), ("int8", 32, 9.0), ("nf4", 64, 4.5)])
+@pytest.mark.parametrize("fmt,g,expected", [("int4", 32, 5.0), ("int5", 32, 6.0), ("int8", 32, 9.0),
+                                               ("nf4", 64, 4.5)])
 def test_bits_per_param_without_double_quant(fmt, g, expected):
     cfg = QuantConfig(fmt, g, double_quant=False) if fmt.startswith("nf") else QuantConfig(fmt, g)
     assert cfg.bits_per_param == expected

@@ -277,7 +277,8 @@ def test_config_and_shape_errors_name_the_fix():
 def test_gguf_base_is_not_foldable():
     from qbara.quant.fold import fold_problem
 
-    assert "int4 with block_size=32" in fold_problem(QuantConfig("gguf:q4_1"), 1, 32)
+    problem = fold_problem(QuantConfig("gguf:q4_1"), 1, 32)
+    assert "int4 with block_size=32" in problem and "int5 with block_size=32" in problem
 
 
 def test_layer_buffers_round_trip_through_safetensors(tmp_path):

@@ -17,7 +17,7 @@ def _correlated_inputs(d_in: int, n: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("config, d_out", [
     (QuantConfig("int4", 32), 48), (QuantConfig("int3", 64), 20), (QuantConfig("int2", 16), 8),
-    (QuantConfig("int8", 32), 16), (QuantConfig("int4", 32, minimum_dtype="fp32"), 24)])
+    (QuantConfig("int8", 32), 16), (QuantConfig("int4", 32, minimum_dtype="fp32"), 24), (QuantConfig("int5", 32), 16)])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_diagonal_hessian_gives_round_to_nearest_exactly(config, d_out, act_order):
     """With uncorrelated inputs no error moves to other columns: GPTQ is RTN, buffer for buffer."""

@@ -73,14 +73,15 @@ def run(args):
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("export", help="export a (fine-tuned) model as GGUF for llama.cpp (Q4_1 / gguf:* blocks, "
-                                             "plus a LoRA GGUF for plain LoRA adapters), or a dense HF folder")
+    p = subparsers.add_parser("export", help="export a (fine-tuned) model as GGUF for llama.cpp (Q4_1 / Q5_1 / "
+                                             "gguf:* blocks, plus a LoRA GGUF for plain LoRA adapters), or a "
+                                             "dense HF folder")
     p.add_argument("--model", required=True, help="base model: name, HF folder, quantized folder")
     p.add_argument("--adapter", help="adapter folder (its recorded quantization is applied to the base)")
     p.add_argument("--format", choices=("gguf", "hf"), default="gguf")
     p.add_argument("--out", required=True, help="output .gguf file or HF folder")
     p.add_argument("--allow-requantize", action="store_true",
-                   help="gguf: re-quantize layers that are neither INT4 G32 nor gguf:* (lossy; the error is "
+                   help="gguf: re-quantize layers that are neither INT4 / INT5 G32 nor gguf:* (lossy; the error is "
                         "reported); plain LoRA adapters are then merged into one file instead of written beside it")
     p.add_argument("--adapter-out", help="gguf: the LoRA adapter GGUF written for plain LoRA adapters "
                                          "(default: OUT with .adapter.gguf)")

@@ -1,4 +1,4 @@
-"""Shipping fine-tuned models: GGUF (bit-exact for INT4 G32 merges and gguf:* layers; LoRA adapter GGUFs) and
+"""Shipping fine-tuned models: GGUF (bit-exact for INT4 / INT5 G32 merges and gguf:* layers; LoRA adapter GGUFs) and
 dense Hugging Face folders."""
 from qbara.export.gguf import (
     ExportReport,

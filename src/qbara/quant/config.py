@@ -8,7 +8,7 @@ from qbara.errors import QbaraError, check_types, strict_from_dict
 from qbara.quant.ggml import GGML_FORMATS, GGMLFormat, check_ggml_shape
 
 NF_BITS = (2, 3, 4, 8)
-INT_BITS = (2, 3, 4, 8)
+INT_BITS = (2, 3, 4, 5, 8)
 GGUF_PREFIX = "gguf:"
 GGUF_FORMATS = tuple(GGUF_PREFIX + name for name in GGML_FORMATS)  # GGML block formats: gguf:q4_0 ... gguf:q6_k
 FORMATS = tuple(f"nf{b}" for b in NF_BITS) + tuple(f"int{b}" for b in INT_BITS) + GGUF_FORMATS
@@ -22,16 +22,16 @@ BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' qua
 class QuantConfig:
     """How a weight matrix is quantized.
 
-    format: nf2/nf3/nf4/nf8 (NormalFloat, block-wise absmax), int2/int3/int4/int8 (affine, float min), or
+    format: nf2/nf3/nf4/nf8 (NormalFloat, block-wise absmax), int2/int3/int4/int5/int8 (affine, float min), or
         gguf:q4_0/q4_1/q5_0/q5_1/q8_0/q2_k/q3_k/q4_k/q5_k/q6_k (llama.cpp's GGML block formats, stored as the
         exact GGUF block bytes and quantized as ggml's reference quantizer does; `qbara.quant.ggml`). A gguf
         format fixes its own block (32 or 256 weights along a row) and takes none of the other options.
     block_size: NF block B0, or INT group G, along the input features of a row (default: 64 for NF as in
-        QLoRA, 32 for INT as in GGUF Q4_1).
+        QLoRA, 32 for INT as in GGUF Q4_1 / Q5_1).
     block_rows: INT only, rows per block (2-D tiles for QA-HiRA's tile setting); 1 = 1 x G blocks.
     double_quant: NF only, quantize the absmax scales (default on for NF, as in QLoRA).
     dq_bits, dq_block_size, dq_dtype: b0, B1 and b1 of the scale quantization.
-    minimum_dtype: INT only, storage of each block's float minimum: fp16 (default; GGUF Q4_1's layout) or
+    minimum_dtype: INT only, storage of each block's float minimum: fp16 (default; GGUF Q4_1's / Q5_1's layout) or
         fp32 (+0.5 bits/param at G=32; an adapter folded into the minima then loses nothing to rounding).
     dq_style: "qbara" (default: min offset, unsigned b0-bit codes, codes rounded against the stored scales) or
         "bnb": bitsandbytes' `compress_statistics=True` bit for bit (NF4 only; mean offset, 8-bit dynamic map

@@ -15,8 +15,8 @@ def fold_problem(config, tile_rows: int, tile_cols: int) -> str | None:
         return "the base layer is not quantized"
     if config.kind == "gguf":
         return (f"{config.format} keeps GGML's block bytes, which an update cannot be folded into; quantize the "
-                f"base with an int format (int4 with block_size=32 has gguf:q4_1's layout and exports to Q4_1 "
-                f"exactly)")
+                f"base with an int format (int4 with block_size=32 has gguf:q4_1's layout, int5 with block_size=32 "
+                f"gguf:q5_1's; both are written to GGUF exactly)")
     if config.kind != "int":
         return (f"{config.format} stores a scale per block but no zero-point, so nothing can absorb the "
                 f"update; quantize the base with an int format (e.g. QuantConfig('int4', block_size=32))")

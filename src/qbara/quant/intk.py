@@ -1,9 +1,9 @@
 """INT-k asymmetric (min-max) quantization with float scale and float minimum per block.
 
 A block is `group_rows` x `group_size` elements of the (d_out, d_in) weight: 1 x G is the usual
-per-row group (GGUF Q4_1 with G = 32); taller tiles serve QA-HiRA's 2-D pooling. Scale and minimum
-are stored in fp16 (the minimum optionally in fp32), so w = s * q + m with float m: adding a constant to a whole
-block is exact.
+per-row group (GGUF Q4_1 / Q5_1 for 4 / 5 bits with G = 32); taller tiles serve QA-HiRA's 2-D pooling.
+Scale and minimum are stored in fp16 (the minimum optionally in fp32), so w = s * q + m with float m: adding a
+constant to a whole block is exact.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import functools
 import torch
 from torch import Tensor
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 8)
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -33,7 +33,7 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
         for j in range(1, per_byte):
             packed = packed | groups[:, j]
         return packed
-    # Widths that do not divide 8 (3 bits): 8 codes -> one `bits`-byte word.
+    # Widths that do not divide 8 (3, 5 bits): 8 codes -> one `bits`-byte word.
     flat = torch.nn.functional.pad(flat.to(torch.int64), (0, (-n) % 8))
     code_shifts = torch.arange(7, -1, -1, device=flat.device, dtype=torch.int64) * bits
     words = (flat.view(-1, 8) << code_shifts).sum(dim=1)

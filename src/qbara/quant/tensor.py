@@ -85,7 +85,7 @@ class QuantizedTensor:
 
     def dequantize_into(self, out: Tensor) -> Tensor | None:
         """The fp32 weight written into `out` (a flat fp32 buffer of numel elements, reused by the caller so no
-        fresh memory is faulted in per call), or None where this layout has no in-place path (3-bit codes,
+        fresh memory is faulted in per call), or None where this layout has no in-place path (3- and 5-bit codes,
         2-D INT tiles)."""
         c, packed = self.config, self.tensors["codes"]
         if c.kind == "gguf":

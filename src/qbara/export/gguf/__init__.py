@@ -1,12 +1,12 @@
 """Export a (merged) LLaMA-architecture model as a GGUF file llama.cpp and transformers can load, and plain
 LoRA adapters as the LoRA GGUF llama.cpp loads beside it (`--lora`).
 
-Linear layers quantized with INT4, group 32 (`QuantConfig("int4", 32)`, the format QA-LoRA and QA-HiRA
-merge into exactly) are written as GGUF Q4_1 by packing qbara's own codes, fp16 scales and fp16 minima
-into the Q4_1 block layout; layers quantized with a gguf:* block format (`QuantConfig("gguf:q4_k")`, ...)
-are written as their own block bytes. Either way the file holds bit for bit the weights of the model,
-and one file may mix formats. The token embedding (and an untied output matrix) are written as Q8_0 by
-default, as in the shipped SmolLM2 file; norms as F32.
+Linear layers quantized with INT4 or INT5, group 32 (`QuantConfig("int4", 32)`, `QuantConfig("int5", 32)`:
+formats QA-LoRA and QA-HiRA merge into exactly) are written as GGUF Q4_1 / Q5_1 by packing qbara's own
+codes, fp16 scales and fp16 minima into that block layout; layers quantized with a gguf:* block format
+(`QuantConfig("gguf:q4_k")`, ...) are written as their own block bytes. Either way the file holds bit for
+bit the weights of the model, and one file may mix formats. The token embedding (and an untied output
+matrix) are written as Q8_0 by default, as in the shipped SmolLM2 file; norms as F32.
 
 Anything else (NF4 or other INT layouts, dense layers, adapters that do not fold) can only be written
 by re-quantizing: that needs `lossy=True` (CLI: `--allow-requantize`) and the report states the relative
@@ -24,6 +24,7 @@ from qbara.export.gguf.linears import (
     LINEARS,
     NORMS,
     Q4_1_CONFIG,
+    Q5_1_CONFIG,
     is_plain_lora,
     llama_rope_permutation,
 )
@@ -32,7 +33,7 @@ from qbara.export.gguf.provenance import provenance_fields, same_model
 from qbara.export.gguf.report import ExportReport
 from qbara.export.gguf.tensors import EMBEDDING_TYPES
 
-__all__ = ["ARCH", "EMBEDDING_TYPES", "FIX_HINT", "LINEARS", "NORMS", "Q4_1_CONFIG", "ExportReport",
+__all__ = ["ARCH", "EMBEDDING_TYPES", "FIX_HINT", "LINEARS", "NORMS", "Q4_1_CONFIG", "Q5_1_CONFIG", "ExportReport",
            "LoraExportReport", "check_llama", "export_gguf", "export_gguf_lora", "is_plain_lora",
            "llama_rope_permutation", "provenance_fields", "resolve_linears", "same_model", "write_gguf",
            "write_gguf_lora"]

@@ -117,7 +117,8 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
     """Write a LLaMA-architecture model as a GGUF file (llama.cpp `llama`) at `path`.
 
     model: a LlamaForCausalLM whose linears are qbara QuantizedLinear layers, ideally after
-        `qbara.merge(model, into="quantized")`. INT4 G32 layers are packed as Q4_1 from their own codes;
+        `qbara.merge(model, into="quantized")`. INT4 / INT5 G32 layers (fp16 minima) are packed as Q4_1 /
+        Q5_1 from their own codes;
         layers quantized with a gguf:* format (gguf:q4_k, gguf:q6_k, ...) are written as their own block
         bytes with their GGML type, so one file can mix formats, all exact. q_proj / k_proj rows are
         reordered for llama.cpp's rotary layout (whole rows move, so every block stays intact). Adapter
@@ -128,8 +129,9 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
         copy it from; otherwise it is built from the tokenizer (vocabulary, merges, special tokens,
         chat template).
     path: the .gguf file to write (parent folders are created; written to a temporary file and renamed).
-    lossy: allow re-quantizing layers that are neither INT4 G32 nor gguf:* (NF4, other INT layouts, dense,
-        adapters that do not fold): into Q4_1, or into the layer's own gguf:* format when its base had one.
+    lossy: allow re-quantizing layers that are neither INT4 / INT5 G32 nor gguf:* (NF4, other INT layouts,
+        dense, adapters that do not fold): into Q4_1 (Q5_1 for an INT5 base), or into the layer's own gguf:*
+        format when its base had one.
         Without it such a model is refused with a QbaraError naming the fix.
     separate_lora: write the base layers of plain LoRA adapters as they are (the adapters are left out), for
         `export_gguf_lora` to write as a llama.cpp LoRA GGUF beside this file.
@@ -175,6 +177,7 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
         tensor_types={n: type_name(d, r) for n, d, r in tensors},
         exact_q4_1=stats.exact_q4_1,
         exact_ggml=stats.exact_ggml,
+        exact_q5_1=stats.exact_q5_1,
         requantized=stats.requantized,
         requantize_error=stats.requantize_error,
         max_layer_error=stats.max_layer_error,

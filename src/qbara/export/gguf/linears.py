@@ -9,12 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from qbara.errors import QbaraError
-from qbara.export.blocks import pack_q4_1
+from qbara.export.blocks import pack_q4_1, pack_q5_1
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import QuantizedTensor, quantize
 
 Q4_1_CONFIG = QuantConfig("int4", block_size=32)
+Q5_1_CONFIG = QuantConfig("int5", block_size=32)
+# INT formats whose 1 x 32 blocks with fp16 minima are a GGUF type's own layout -> that type and its packer.
+EXACT_INT = {"int4": ("Q4_1", pack_q4_1), "int5": ("Q5_1", pack_q5_1)}
 
 # HF submodule of a decoder layer -> llama.cpp tensor name (without "blk.N." and ".weight").
 LINEARS = (
@@ -28,11 +31,11 @@ LINEARS = (
 )
 NORMS = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"))
 
-FIX_HINT = ("quantize the base with QuantConfig('int4', block_size=32) (fp16 minima, the default) and train "
-            "qahira or qalora adapters "
+FIX_HINT = ("quantize the base with QuantConfig('int4', block_size=32) or QuantConfig('int5', block_size=32) "
+            "(fp16 minima, the default; written as GGUF Q4_1 / Q5_1) and train qahira or qalora adapters "
             "(they merge into it exactly), or with a gguf:* block format (e.g. QuantConfig('gguf:q4_k'), written "
             "as its own blocks); or pass lossy=True (CLI: --allow-requantize) to re-quantize to "
-            "INT4 G32 (GGUF Q4_1) and report the error it introduces")
+            "INT4 G32 (GGUF Q4_1; INT5 bases to Q5_1) and report the error it introduces")
 LORA_HINT = ("A plain LoRA adapter can instead go out as a llama.cpp LoRA GGUF beside the base: "
              "export_gguf(..., separate_lora=True) and export_gguf_lora (qbara export --format gguf does this "
              "without --allow-requantize)")
@@ -63,11 +66,19 @@ def rope_heads(gguf_name: str, config) -> int | None:
 
 
 # ------------------------------------------------------------------------------------ layer kinds
-def is_q4_1(module: nn.Module) -> bool:
-    """An INT4 G32 layer (fp16 minima): Q4_1's own layout, packed from its codes."""
-    c = getattr(module, "quant_config", None)
-    return (isinstance(module, QuantizedLinear) and c is not None and c.format == "int4"
-            and c.block_size == 32 and c.block_rows == 1 and c.minimum_dtype == "fp16")
+def exact_int_type(config: QuantConfig | None) -> str | None:
+    """The GGUF type ("Q4_1" / "Q5_1") whose own layout INT4 / INT5 with 1 x 32 blocks and fp16 minima is, else
+    None."""
+    if config is None or config.format not in EXACT_INT:
+        return None
+    if config.block_size != 32 or config.block_rows != 1 or config.minimum_dtype != "fp16":
+        return None
+    return EXACT_INT[config.format][0]
+
+
+def is_exact_int(module: nn.Module) -> bool:
+    """An INT4 / INT5 G32 layer (fp16 minima): Q4_1's / Q5_1's own layout, packed from its codes."""
+    return isinstance(module, QuantizedLinear) and exact_int_type(module.quant_config) is not None
 
 
 def is_ggml(module: nn.Module) -> bool:
@@ -97,7 +108,7 @@ class Linear:
     """One linear layer as it will be written."""
 
     name: str                      # HF module name
-    qtensor: QuantizedTensor | None = None   # exact: INT4 G32 codes or gguf:* blocks
+    qtensor: QuantizedTensor | None = None   # exact: INT4 / INT5 G32 codes or gguf:* blocks
     dense: Tensor | None = None    # to re-quantize (lossy)
     what: str = ""                 # what it was, for messages
     requant: QuantConfig = Q4_1_CONFIG       # the format a lossy re-quantization writes
@@ -120,7 +131,7 @@ def _unwrap_adapter(name: str, module: nn.Module, lossy: bool, separate_lora: bo
 
 
 def resolve_linear(name: str, module: nn.Module, lossy: bool, separate_lora: bool = False) -> Linear:
-    """The layer as exact codes (INT4 G32, or gguf:* blocks) or a dense weight to re-quantize."""
+    """The layer as exact codes (INT4 / INT5 G32, or gguf:* blocks) or a dense weight to re-quantize."""
     from qbara.adapters.base import AdaptedLinear
 
     how = ""
@@ -129,11 +140,9 @@ def resolve_linear(name: str, module: nn.Module, lossy: bool, separate_lora: boo
         module, how = _unwrap_adapter(name, module, lossy, separate_lora)
     if getattr(module, "bias", None) is not None:
         raise QbaraError(f"{name} has a bias, which llama.cpp's llama does not read; use export_hf instead")
-    # A layer on a gguf:* base is re-quantized (lossy) into its own format, others into Q4_1.
-    requant = base_config if base_config is not None and base_config.kind == "gguf" else Q4_1_CONFIG
-    item = Linear(name, what=describe(module), requant=requant, merged=how == "merged",
+    item = Linear(name, what=describe(module), requant=requant_config(base_config), merged=how == "merged",
                   separate=how == "separate")
-    if is_q4_1(module) or is_ggml(module):
+    if is_exact_int(module) or is_ggml(module):
         item.qtensor = module.qweight
     elif isinstance(module, QuantizedLinear):
         item.dense = module.dequantize(torch.float32)
@@ -144,6 +153,14 @@ def resolve_linear(name: str, module: nn.Module, lossy: bool, separate_lora: boo
     return item
 
 
+def requant_config(base: QuantConfig | None) -> QuantConfig:
+    """What a lossy export re-quantizes a layer into: a gguf:* base's own format, Q5_1 for an INT5 base (it keeps
+    the 5-bit codes), else Q4_1."""
+    if base is not None and base.kind == "gguf":
+        return base
+    return Q5_1_CONFIG if base is not None and base.format == "int5" else Q4_1_CONFIG
+
+
 def refuse_inexact(items: list[Linear]) -> None:
     """Raise a QbaraError naming the layers that need re-quantizing (called without lossy=True)."""
     inexact = [item for item in items if item.qtensor is None]
@@ -152,9 +169,9 @@ def refuse_inexact(items: list[Linear]) -> None:
     kinds = sorted({item.what for item in inexact})
     names = ", ".join(item.name for item in inexact[:3])
     more = f" and {len(inexact) - 3} more" if len(inexact) > 3 else ""
-    raise QbaraError(f"{len(inexact)} linear layers are neither INT4 with block size 32 nor a gguf:* block "
-                     f"format ({', '.join(kinds)}: {names}{more}), so they cannot be written to GGUF "
-                     f"losslessly. To export, {FIX_HINT}")
+    raise QbaraError(f"{len(inexact)} linear layers are neither INT4 / INT5 with block size 32 (fp16 minima) "
+                     f"nor a gguf:* block format ({', '.join(kinds)}: {names}{more}), so they cannot be written to "
+                     f"GGUF losslessly. To export, {FIX_HINT}")
 
 
 def requantize(item: Linear) -> tuple[float, float]:
@@ -174,7 +191,11 @@ def linear_bytes(item: Linear, perm_heads: int | None) -> tuple[np.ndarray, obje
         return ggml_bytes(item.qtensor, perm_heads), item.qtensor.config.ggml.ggml_type
     from gguf import GGMLQuantizationType
 
-    return q4_1_bytes(item.qtensor, item.name, perm_heads), GGMLQuantizationType.Q4_1
+    kind = exact_int_type(item.qtensor.config)
+    if kind is None:
+        raise QbaraError(f"{item.name}: {item.qtensor.config.label} has no GGUF block layout to write exactly; "
+                         f"{FIX_HINT}")
+    return int_g32_bytes(item.qtensor, item.name, perm_heads), GGMLQuantizationType[kind]
 
 
 def ggml_bytes(qt: QuantizedTensor, perm_heads: int | None) -> np.ndarray:
@@ -186,26 +207,27 @@ def ggml_bytes(qt: QuantizedTensor, perm_heads: int | None) -> np.ndarray:
     return np.ascontiguousarray(raw.to("cpu").numpy())
 
 
-def q4_1_bytes(qt: QuantizedTensor, name: str, perm_heads: int | None) -> np.ndarray:
-    """Q4_1 blocks packed from an INT4 G32 layer's codes, fp16 scales and fp16 minima."""
+def int_g32_bytes(qt: QuantizedTensor, name: str, perm_heads: int | None) -> np.ndarray:
+    """Q4_1 / Q5_1 blocks packed from an INT4 / INT5 G32 layer's codes, fp16 scales and fp16 minima."""
+    kind, pack = EXACT_INT[qt.config.format]
     d_out, d_in = qt.shape
     codes = qt.codes().reshape(d_out, d_in)
-    scale = as_fp16(qt.tensors["scale"], name).reshape(d_out, d_in // 32)
-    minimum = as_fp16(qt.tensors["minimum"], name).reshape(d_out, d_in // 32)
+    scale = as_fp16(qt.tensors["scale"], name, kind).reshape(d_out, d_in // 32)
+    minimum = as_fp16(qt.tensors["minimum"], name, kind).reshape(d_out, d_in // 32)
     if perm_heads is not None:
         perm = llama_rope_permutation(d_out, perm_heads).to(codes.device)
         codes, scale, minimum = codes[perm], scale[perm], minimum[perm]
-    return pack_q4_1(codes, scale, minimum, (d_out, d_in))
+    return pack(codes, scale, minimum, (d_out, d_in))
 
 
-def as_fp16(values: Tensor, name: str) -> Tensor:
-    """Scales / minima as fp16 (Q4_1 stores fp16); refuses values that fp16 cannot hold exactly
+def as_fp16(values: Tensor, name: str, kind: str = "Q4_1") -> Tensor:
+    """Scales / minima as fp16 (Q4_1 and Q5_1 store fp16); refuses values that fp16 cannot hold exactly
     (they were cast, e.g. by model.to(torch.bfloat16), to a type with a wider range)."""
     if values.dtype == torch.float16:
         return values
     half = values.to(torch.float16)
     if not torch.equal(half.to(values.dtype), values):
         raise QbaraError(f"{name}: its {values.dtype} scales or minima are not exact in fp16, so the layer "
-                         f"cannot be written as Q4_1 exactly; keep QuantizedLinear buffers in fp16 (do not "
+                         f"cannot be written as {kind} exactly; keep QuantizedLinear buffers in fp16 (do not "
                          f"cast the quantized model) or pass lossy=True")
     return half

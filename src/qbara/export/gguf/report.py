@@ -17,9 +17,10 @@ class ExportReport:
     """What `export_gguf` wrote, and how faithful it is.
 
     exact_q4_1: linear layers written from their own INT4 G32 codes (bit-exact).
+    exact_q5_1: the same for INT5 G32 layers, written as Q5_1.
     exact_ggml: linear layers quantized with a gguf:* format, written as their own block bytes (bit-exact).
-    requantized: linear layers re-quantized (only with lossy=True): to INT4 G32, or into their own gguf:*
-        format when their base had one.
+    requantized: linear layers re-quantized (only with lossy=True): to INT4 G32 (INT5 G32 for an INT5 base),
+        or into their own gguf:* format when their base had one.
     requantize_error: relative Frobenius error ||W - Q(W)|| / ||W|| over all re-quantized weights
         together (0.0 when nothing was re-quantized); max_layer_error: the worst single layer.
     embedding_error: the same for token_embd (and output) in `embedding_type` (0.0 when the embedding
@@ -48,6 +49,7 @@ class ExportReport:
     bits_per_param: float = 0.0
     linear_bits_per_param: float = 0.0
     adapters_separate: int = 0
+    exact_q5_1: list[str] = field(default_factory=list)
 
     @property
     def lossless(self) -> bool:
@@ -63,10 +65,13 @@ class ExportReport:
         if self.requantized:
             return (f"LOSSY: re-quantized {len(self.requantized)} linear layers, relative weight error "
                     f"{self.requantize_error:.3e} (worst layer {self.max_layer_error:.3e})")
-        if not self.exact_ggml:
+        if not self.exact_ggml and not self.exact_q5_1:
             return f"lossless: {len(self.exact_q4_1)} linear layers packed from their INT4 G32 codes"
-        return (f"lossless: {len(self.exact_q4_1) + len(self.exact_ggml)} linear layers written from their own "
-                f"codes ({len(self.exact_q4_1)} INT4 G32 packed as Q4_1, {len(self.exact_ggml)} gguf:* blocks)")
+        parts = [(self.exact_q4_1, "INT4 G32 packed as Q4_1"), (self.exact_q5_1, "INT5 G32 packed as Q5_1"),
+                 (self.exact_ggml, "gguf:* blocks")]
+        total = sum(len(names) for names, _ in parts)
+        kinds = ", ".join(f"{len(names)} {what}" for names, what in parts if names)
+        return f"lossless: {total} linear layers written from their own codes ({kinds})"
 
     def summary(self) -> str:
         kinds = ", ".join(f"{n} {k}" for k, n in _counts(self.tensor_types.values()).items())

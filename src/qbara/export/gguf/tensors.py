@@ -24,9 +24,10 @@ EMBEDDING_TYPES = ("q8_0", "f16", "f32")
 
 @dataclass
 class LinearStats:
-    """How the linear layers went out: exact (INT4 G32 as Q4_1, or gguf:* blocks) or re-quantized."""
+    """How the linear layers went out: exact (INT4 / INT5 G32 as Q4_1 / Q5_1, or gguf:* blocks) or re-quantized."""
 
     exact_q4_1: list[str] = field(default_factory=list)
+    exact_q5_1: list[str] = field(default_factory=list)
     exact_ggml: list[str] = field(default_factory=list)
     requantized: list[str] = field(default_factory=list)
     err_num: float = 0.0
@@ -80,7 +81,7 @@ def linear_tensor(name: str, gguf_name: str, item: Linear, config, stats: Linear
     elif item.qtensor.config.kind == "gguf":
         stats.exact_ggml.append(item.name)
     else:
-        stats.exact_q4_1.append(item.name)
+        (stats.exact_q5_1 if item.qtensor.config.format == "int5" else stats.exact_q4_1).append(item.name)
     data, raw = linear_bytes(item, rope_heads(gguf_name, config))
     stats.types[item.name] = raw.name
     return name, data, raw
