@@ -67,7 +67,7 @@ def test_best_iterate_is_returned_when_the_error_rises(monkeypatch):
         return noisy
 
     monkeypatch.setattr(dec, "_nf_step", noisy_nf_step)
-    d = decompose(W, cfg, rank=4, max_iters=50)
+    d = decompose(W, cfg, rank=4, max_iters=50, starts=("svd",))  # one run: the 4th call is its 4th iteration
     assert len(d.errors) == 4  # stopped at the first increase
     assert d.errors[3] > d.errors[2]
     assert d.best_iter == 2 and d.error == min(d.errors)

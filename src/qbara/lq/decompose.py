@@ -13,6 +13,12 @@ residual:
 and return the *best* iterate (not the last one, which is worse whenever the loop stopped on an
 increase). Everything runs in fp32.
 
+That is the "svd" start (SPEC §3). `decompose` also runs the "quantize" start, the same loop begun
+with L1 L2 = 0 (so its first iterate is Q = quantize(W), then SVD_r(W - Q), ...), and keeps the better
+of the two runs by the same (weighted) error: on a checkpoint whose weights already lie on a config's
+grid (a dequantized GGUF file, say) Q = quantize(W) is exact, an iterate the svd start never reaches.
+starts=("svd",) is the paper's loop alone, bit for bit.
+
 With a diagonal Fisher matrix F (same shape as W) the SVD is the row/column-weighted one of the
 LQ-LoRA paper: D_row = diag(sqrt(mean_j F_ij)), D_col = diag(sqrt(mean_i F_ij)),
 SVD_r(D_row X D_col) = L~1 L~2, L1 = D_row^-1 L~1, L2 = L~2 D_col^-1. For separable weights
@@ -22,7 +28,7 @@ The quantization step stays unweighted; the error (stopping rule, best iterate) 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,15 +39,19 @@ from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import QuantizedTensor, quantize
 
 __all__ = ["Decomposition", "decompose", "randomized_svd", "fisher_scalings", "low_rank_factors",
-           "weighted_error", "quantize_step", "check_decompose_inputs"]
+           "weighted_error", "quantize_step", "check_decompose_inputs", "check_starts", "STARTS"]
 
 
 @dataclass
 class Decomposition:
     """The best iterate of an LQ decomposition W ≈ dequant(qtensor) + L1 @ L2.
 
-    errors: the error after every iteration that ran (Frobenius, Fisher-weighted if a Fisher matrix
-    was given); best_iter indexes the smallest one, which is the iterate held here.
+    errors: the error after every iteration of the run that holds the returned iterate (Frobenius,
+    Fisher-weighted if a Fisher matrix was given); best_iter indexes the smallest one, which is the
+    iterate held here. With several starts (`decompose`'s `starts`) that run is the winning start's:
+    `start` names it ("svd" or "quantize"; None where not recorded, e.g. LoftQ) and `start_errors` holds
+    every start's history (the losers' too), so errors == start_errors[start] and
+    error == min over all of them.
     """
 
     qtensor: QuantizedTensor
@@ -49,6 +59,8 @@ class Decomposition:
     L2: Tensor
     errors: list[float]
     best_iter: int
+    start: str | None = None
+    start_errors: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def error(self) -> float:
@@ -61,7 +73,7 @@ class Decomposition:
 
     @property
     def iterations(self) -> int:
-        """How many iterations ran."""
+        """How many iterations the winning start's run took (see `start_errors` for the others)."""
         return len(self.errors)
 
     def reconstruct(self) -> Tensor:
@@ -180,50 +192,120 @@ def weighted_error(E: Tensor, fisher: Tensor | None = None, *, sqrt_fisher: Tens
 # --------------------------------------------------------------------------------------------------
 # The alternating loop (shared with the error tables)
 
+STARTS = ("svd", "quantize")  # where an alternation can begin; `decompose` runs both and keeps the better
+# Added to the seed of the "quantize" start's generator: each start draws its own test matrices, so a start's
+# run is the same whether it runs alone or with the other (and best-of-both is never worse than either).
+_QUANTIZE_START_SALT = 0x9E3779B97F4A7C15
+
+
+def check_starts(starts, name: str = "weight") -> tuple[str, ...]:
+    """`starts` as a tuple of distinct names from STARTS (a single name may be given as a string)."""
+    if isinstance(starts, str):
+        starts = (starts,)
+    try:
+        starts = tuple(starts)
+    except TypeError:
+        starts = None
+    if not starts or len(set(starts)) != len(starts) or not all(s in STARTS for s in starts):
+        raise QbaraError(f"{name}: starts must be one or more distinct names from {STARTS}, got {starts!r}")
+    return starts
+
 
 @dataclass
 class _LoopResult:
     payload: Any
     L1: Tensor
     L2: Tensor
-    errors: list[float]
+    errors: list[float]  # the history of the run that holds the best iterate
     best_iter: int
     residual: Tensor  # W - L1 L2 of the best iterate (what was quantized)
+    start: str = "svd"  # the start of that run
+    start_errors: dict[str, list[float]] = field(default_factory=dict)  # every start's history
+
+    @property
+    def error(self) -> float:
+        return self.errors[self.best_iter]
+
+
+def _start_generator(generator: torch.Generator | None, start: str) -> torch.Generator | None:
+    """The generator a start draws its test matrices from: the given one for "svd" (so an svd-only run is
+    the alternation as it always was), a fresh one seeded from its initial seed for "quantize"."""
+    if start == "svd" or generator is None:
+        return generator
+    seed = (generator.initial_seed() + _QUANTIZE_START_SALT) % (1 << 64)
+    return torch.Generator(device=generator.device).manual_seed(seed)
 
 
 def _alternate(W: Tensor, quantize_step: Callable[[Tensor], tuple[Tensor, Any]], rank: int, max_iters: int,
                fisher: Tensor | None, oversample: int, power_iters: int, generator: torch.Generator | None,
                tol: float = 0.0, warm_start: bool = False,
                first_factors: tuple[Tensor, Tensor] | None = None,
-               first_basis: Tensor | None = None) -> _LoopResult:
-    """Run the LQ alternation; `quantize_step(R)` returns (dequantized R, anything to keep).
+               first_basis: Tensor | None = None, starts=STARTS,
+               cold_power_iters: int | None = None) -> _LoopResult:
+    """Run the LQ alternation from each of `starts` and return the best iterate of them all;
+    `quantize_step(R)` returns (dequantized R, anything to keep).
 
-    Stops at the first iterate that does not improve on the previous one by more than a relative
-    `tol` (0: at the first increase or tie) and returns the best iterate. `first_factors` are the
-    rank-r factors of W itself (the first SVD is the same for every quantization config, so callers
-    sweeping configs compute it once); `warm_start` seeds each SVD with the previous subspace.
+    Starts: "svd" begins with Q = 0, so its first factors are SVD_r(W) (LQ-LoRA's loop); "quantize" begins
+    with L1 L2 = 0, so its first iterate is Q = quantize(W) (plain quantization, error ||W - quantize(W)||),
+    followed by SVD_r(W - Q) and so on. On weights already on the quantization grid the latter reaches an
+    error near 0 that the former never finds. Each start is its own run with its own early stop; the run
+    holding the smallest error wins (the earlier start on a tie), and a run reaching error 0 ends the
+    search. The result's `errors`/`best_iter` are the winning run's; `start_errors` has every run's history.
+
+    Each run stops at the first iterate that does not improve on the previous one by more than a relative
+    `tol` (0: at the first increase or tie) and keeps its best iterate. `first_factors` are the rank-r
+    factors of W itself, the svd start's first SVD (the same for every quantization config, so callers
+    sweeping configs compute it once, with `first_basis` its subspace); `warm_start` seeds each SVD with
+    the previous subspace. An SVD with no subspace to start from (the first of each run unless given) uses
+    `cold_power_iters` power iterations (default `power_iters`). The svd start draws from `generator`, the
+    quantize start from its own generator seeded from `generator`'s initial seed (`_start_generator`).
     """
+    starts = check_starts(starts)
     scalings = fisher_scalings(fisher) if fisher is not None else None
     sqrt_f = fisher.clamp_min(0).sqrt() if fisher is not None else None
+    cold = power_iters if cold_power_iters is None else cold_power_iters
+    if rank == 0:
+        starts = starts[:1]  # every start is the plain quantization of W
+    best = None
+    histories: dict[str, list[float]] = {}
+    for start in starts:
+        res = _run(W, quantize_step, rank, max_iters, scalings, sqrt_f, oversample, power_iters, cold,
+                   _start_generator(generator, start), tol, warm_start, start,
+                   first_factors if start == "svd" else None, first_basis if start == "svd" else None)
+        histories[start] = res.errors
+        if best is None or res.error < best.error:
+            best = res
+        if best.error == 0.0:
+            break  # nothing left to improve
+    best.start_errors = histories
+    return best
+
+
+def _run(W, quantize_step, rank, max_iters, scalings, sqrt_f, oversample, power_iters, cold_power_iters,
+         generator, tol, warm_start, start, first_factors, first_basis) -> _LoopResult:
+    """One alternation from one start (see `_alternate`)."""
     errors: list[float] = []
     best = None
     basis = first_basis
     Q = None
     for it in range(max_iters):
-        if it == 0 and first_factors is not None:
+        if it == 0 and start == "quantize":
+            L1, L2 = W.new_zeros(W.shape[0], rank), W.new_zeros(rank, W.shape[1])
+        elif it == 0 and first_factors is not None:
             L1, L2 = first_factors
         else:
             X = W if Q is None else W - Q
+            init = basis if (warm_start and it > 0) else None
             L1, L2, new_basis = low_rank_factors(
-                X, rank, scalings, oversample, power_iters, generator,
-                init=basis if (warm_start and it > 0) else None)
+                X, rank, scalings, oversample, power_iters if init is not None else cold_power_iters, generator,
+                init=init)
             basis = new_basis
-        R = W - L1 @ L2 if rank > 0 else W
+        R = W - L1 @ L2 if rank > 0 and not (it == 0 and start == "quantize") else W
         Q, payload = quantize_step(R)
         err = weighted_error(R - Q, sqrt_fisher=sqrt_f)
         errors.append(err)
         if best is None or err < errors[best.best_iter]:
-            best = _LoopResult(payload, L1, L2, errors, it, R)
+            best = _LoopResult(payload, L1, L2, errors, it, R, start)
         if rank == 0 or err == 0.0:
             break  # nothing alternates (or nothing is left to improve)
         if it > 0 and err >= errors[it - 1] * (1.0 - tol):
@@ -254,7 +336,7 @@ def check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name) -> No
 
 def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: int = 100,
               fisher: Tensor | None = None, oversample: int = 10, seed: int = 0, *, power_iters: int = 2,
-              tol: float = 0.0, name: str = "weight") -> Decomposition:
+              tol: float = 0.0, starts=STARTS, name: str = "weight") -> Decomposition:
     """Decompose W ≈ dequant(Q) + L1 @ L2 with Q quantized by `quant_config` and L1 @ L2 of rank `rank`.
 
     Alternates a randomized rank-r SVD (oversampling `oversample`, `power_iters` power iterations,
@@ -262,8 +344,19 @@ def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: i
     W - L1 L2, for at most `max_iters` iterations, stopping at the first one that does not improve
     (by more than a relative `tol`); returns the best iterate. `fisher` (W's shape, non-negative)
     weights the SVD by its row/column means and the error by sqrt(F). rank=0 is plain quantization.
+
+    `starts`: the alternation runs from each of them and the best iterate of all is kept:
+    "svd" (Q = 0 first, so the first factors are SVD_r(W): LQ-LoRA's loop; alone it is exactly what
+    decompose did before there were starts) and "quantize" (L1 L2 = 0 first, so Q = quantize(W), then
+    SVD_r(W - Q), ...: it finds Q ≈ W, L1 L2 ≈ 0 on weights already on the config's grid, e.g. a
+    dequantized GGUF checkpoint, which the svd start misses). Both by default (1.0-1.7x the CPU time of
+    the svd start alone on SmolLM2 matrices at rank 64, depending on the format; the quantize start is
+    skipped when the svd one reaches error 0). See `Decomposition` for how the
+    winning start is reported. Note: the quantize start can hold (near-)zero factors when Q alone is
+    exact; LoRA adapters started from two zero factors get no gradient.
     """
     check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name)
+    starts = check_starts(starts, name)
     quant_config.check_shape(tuple(W.shape), name)
     W = W.detach().to(torch.float32)
     if not torch.isfinite(W).all():
@@ -273,10 +366,10 @@ def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: i
     generator = torch.Generator(device=W.device).manual_seed(int(seed))
 
     res = _alternate(W, quantize_step(quant_config, name), rank, max_iters, fisher, oversample, power_iters,
-                     generator, tol=tol)
+                     generator, tol=tol, starts=starts)
     # Pack the best iterate once (the loop only needs dequantized values; same codes and scales).
     qtensor = quantize(res.residual, quant_config, name)
-    return Decomposition(qtensor, res.L1, res.L2, res.errors, res.best_iter)
+    return Decomposition(qtensor, res.L1, res.L2, res.errors, res.best_iter, res.start, res.start_errors)
 
 
 def quantize_step(config: QuantConfig, name: str = "weight") -> Callable[[Tensor], tuple[Tensor, Any]]:

@@ -4,9 +4,15 @@ config c, S[i,c] = numel_i · bits(c) (SPEC §3), and the allocation read off th
 Computing the 210 x 432 table of a 135M model by running 90,720 full decompositions would take hours
 on a CPU. What is shared, and how (all exact unless stated):
 
-1. The first SVD of every decomposition is SVD_r(W) (Q starts at 0): computed once per matrix.
+0. Every decomposition runs from both of `decompose`'s starts ("svd": Q = 0 first; "quantize":
+   L1 L2 = 0 first, so Q = quantize(W) first) and costs the better run, as `decompose` does; on weights
+   already on a config's grid (a dequantized GGUF checkpoint) only the quantize start finds the ~0
+   error. starts=("svd",) is the single-start table of TABLE_VERSION 2, value for value.
+1. The first SVD of every svd-start run is SVD_r(W) (Q starts at 0): computed once per matrix. (The
+   quantize start's first SVD, of W - quantize(W), is each config's own, cold, with `power_iters`.)
 2. Configs that differ only in how the absmax scales are stored (b0, b1, B1: 36 of the 432 per
-   (b, B0) pair) share one decomposition, run with the exact (fp32) absmax s. At its best iterate
+   (b, B0) pair) share one decomposition, run with the exact (fp32) absmax s (its better start's best
+   iterate, chosen by the exact-scale error, serves every scale setting). At its best iterate
    R = W - L1 L2, every scale setting's error is computed exactly as `quantize` stores it: codes
    rounded against that setting's double-dequantized scales ŝ (`_dq_errors`: a three-sum formula for
    the codes of s plus a recomputation of the elements whose nearest level moves with ŝ).
@@ -30,7 +36,8 @@ $QBARA_CACHE/lq (default ~/.cache/qbara/lq) keyed by a hash of the
 settings, the configs and the weights' (and Fisher's) contents, so allocating at another budget reruns
 only the ILP. SmolLM2-135M (210 x 432, rank 64, 8 iterations, 2 workers): 94 s on 2 quiet CPU cores
 before codes were rounded against each setting's stored scales (TABLE_VERSION 1); that exact re-rounding
-costs about 2.2x the CPU time (14 SmolLM2 matrices: 26.6 -> 58.2 s), so roughly 3.5 min quiet.
+costs about 2.2x the CPU time (14 SmolLM2 matrices: 26.6 -> 58.2 s), so roughly 3.5 min quiet. The quantize
+start (TABLE_VERSION 3) adds about half again (8 SmolLM2 matrices, 432 NF + 11 INT/GGUF configs: 53 -> 80 s).
 """
 from __future__ import annotations
 
@@ -51,7 +58,7 @@ from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.lazy_tensors import LazyTensors, tensor_shapes
 from qbara.lq.configs import candidate_configs
-from qbara.lq.decompose import _alternate, low_rank_factors
+from qbara.lq.decompose import STARTS, _alternate, check_starts, low_rank_factors
 from qbara.lq.filesize import FileBudget
 from qbara.lq.ilp import allocate as ilp_allocate
 from qbara.lq.ilp import budget_range
@@ -63,7 +70,7 @@ from qbara.quant.tensor import quantize
 
 __all__ = ["ErrorTable", "Allocation", "error_table", "matrix_costs", "lq_cache_dir", "TABLE_VERSION"]
 
-TABLE_VERSION = 2  # bump when the computation changes, so old caches are not reused
+TABLE_VERSION = 3  # bump when the computation changes, so old caches are not reused (3: svd + quantize starts)
 # elements per chunk in `_dq_errors` (~1 M): its work arrays stay ~70 MB whatever the matrix
 DQ_CHUNK_ELEMENTS = 1 << 20
 DEFAULT_TABLE_ITERS = 8
@@ -300,14 +307,16 @@ def _dq_chunk(R: Tensor, absmax: Tensor, v: Tensor, bits: int, settings, S: Tens
 
 def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iters: int = DEFAULT_TABLE_ITERS,
                  fisher: Tensor | None = None, oversample: int = 10, power_iters: int = 2,
-                 table_power_iters: int = 0, seed: int = 0, dq_mode: str = "shared",
+                 table_power_iters: int = 0, seed: int = 0, dq_mode: str = "shared", starts=STARTS,
                  name: str = "weight") -> Tensor:
     """Squared (Fisher-weighted) LQ decomposition error of W under every config (float64, +inf where a
     config cannot hold W). See the module docstring for what is shared between configs; with
     dq_mode="loop" every NF config runs its own alternation with its double quantization inside
-    (exact at `iters` iterations, ~30x slower for the 432 candidates)."""
+    (exact at `iters` iterations, ~30x slower for the 432 candidates). `starts`: as `decompose`'s
+    (the svd start's first SVD is shared by all configs, the quantize start's is each config's own)."""
     if dq_mode not in ("shared", "loop"):
         raise QbaraError(f"dq_mode must be 'shared' or 'loop', got {dq_mode!r}")
+    starts = check_starts(starts, name)
     W = W.detach().to(torch.float32)
     fisher = None if fisher is None else fisher.detach().to(torch.float32)
     if fisher is not None and tuple(fisher.shape) != tuple(W.shape):
@@ -336,12 +345,14 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
 
     scalings = fisher_scalings(fisher) if fisher is not None else None
     first = None
-    if rank > 0:
+    if rank > 0 and "svd" in starts:
         L1, L2, basis = low_rank_factors(W, rank, scalings, oversample, power_iters, generator)
         first = (L1, L2), basis
+    # Warm-started SVDs take `table_power_iters`; the quantize start's first (cold) one `power_iters`.
     common = dict(rank=rank, max_iters=int(iters), fisher=fisher, oversample=oversample,
                   power_iters=table_power_iters, generator=generator, warm_start=True,
-                  first_factors=first[0] if first else None, first_basis=first[1] if first else None)
+                  first_factors=first[0] if first else None, first_basis=first[1] if first else None,
+                  starts=starts, cold_power_iters=power_iters)
 
     for key, members in groups.items():
         if key[0] == "other":
@@ -428,8 +439,9 @@ def _digest(names, tensors: Mapping[str, Tensor]) -> str:
 def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, *, rank: int = 64,
                 iters: int = DEFAULT_TABLE_ITERS, fisher: Mapping[str, Tensor] | None = None,
                 targets="all-linear", oversample: int = 10, power_iters: int = 2, table_power_iters: int = 0,
-                seed: int = 0, dq_mode: str = "shared", cache: bool = True, recompute: bool = False,
-                cache_dir=None, workers: int | None = None, progress: bool = True) -> ErrorTable:
+                seed: int = 0, dq_mode: str = "shared", starts=STARTS, cache: bool = True,
+                recompute: bool = False, cache_dir=None, workers: int | None = None,
+                progress: bool = True) -> ErrorTable:
     """The LQ-LoRA error table of a model's target linears (or of a name -> weight mapping).
 
     configs: candidates (default: the 432 of SPEC §1.1). rank: LoRA rank of the decomposition
@@ -439,9 +451,12 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
     cache=False (recompute=True ignores an existing entry and overwrites it). Under torch.distributed
     the ranks share the matrices and all get the full table. dq_mode: "shared" (default; see the
     module docstring) or "loop" (every config its own alternation: exact at `iters`, much slower).
+    starts: the alternation's starts, as `decompose`'s (default both: "svd" and "quantize"; part of the
+    cache key).
     """
     if dq_mode not in ("shared", "loop"):
         raise QbaraError(f"dq_mode must be 'shared' or 'loop', got {dq_mode!r}")
+    starts = check_starts(starts, "error_table")
     configs = list(candidate_configs() if configs is None else configs)
     if not configs or not all(isinstance(c, QuantConfig) for c in configs):
         raise QbaraError("configs must be a non-empty list of qbara.quant.QuantConfig")
@@ -462,7 +477,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
 
     settings = {"version": TABLE_VERSION, "rank": rank, "iters": iters, "oversample": oversample,
                 "power_iters": power_iters, "table_power_iters": table_power_iters, "seed": seed,
-                "dq_mode": dq_mode,
+                "dq_mode": dq_mode, "starts": list(starts),
                 "weights": _digest(names, weights),
                 "fisher": _digest(names, fisher) if fisher is not None else None,
                 "configs": hashlib.sha256(json.dumps([c.to_dict() for c in configs]).encode()).hexdigest()[:16]}
@@ -497,7 +512,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
     sizes = [r * c for r, c in shapes]
     costs = torch.zeros((n, len(configs)), dtype=torch.float64)
     kwargs = dict(rank=rank, iters=iters, oversample=oversample, power_iters=power_iters,
-                  table_power_iters=table_power_iters, dq_mode=dq_mode)
+                  table_power_iters=table_power_iters, dq_mode=dq_mode, starts=starts)
 
     def one(i):
         # Seeded per matrix index: the same costs whichever rank or thread computes it. Looked up here, so a
