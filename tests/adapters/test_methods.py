@@ -60,6 +60,21 @@ def test_factor_init_errors_name_the_layer():
         pooled.init_from_factors(torch.zeros(4, 4), torch.zeros(4, 8))
 
 
+def test_zero_factors_keep_a_trainable_start_with_the_same_step0_model():
+    """Weights already on Q's grid decompose into Q = W and L1 = L2 = 0; A = B = 0 would never train."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 8), rank=2, scaling=2.0, name="blk.0.q")
+    with torch.no_grad():
+        layer.init_from_factors(torch.zeros(8, 2), torch.zeros(2, 16))
+    assert torch.count_nonzero(layer.delta_weight()) == 0 and layer.lora_A.weight.abs().sum() > 0
+    layer(torch.randn(4, 16)).square().sum().backward()
+    assert layer.lora_B.weight.grad.abs().sum() > 0
+    L1, L2 = torch.randn(8, 2), torch.zeros(2, 16)  # one zero factor: copied as given (B still gets gradient)
+    with torch.no_grad():
+        layer.init_from_factors(L1, L2)
+    assert torch.count_nonzero(layer.lora_A.weight) == 0 and torch.equal(layer.lora_B.weight, L1 / 2 ** 0.5)
+
+
 @pytest.mark.parametrize("shapes,rank,group", [([(576, 576), (192, 576), (1536, 576), (576, 1536)], 64, 32),
                                                ([(4096, 4096), (11008, 4096), (4096, 11008)], 64, 128),
                                                ([(64, 32)], 3, 8)])

@@ -57,13 +57,17 @@ class LoRALinear(AdaptedLinear):
         """Start from a low-rank product: A = L2/√s, B = L1/√s, so that s·B A = L1 L2 (LQ-LoRA, LoftQ).
 
         The 1/√s is what makes the model at step 0 equal Q + L1 L2 whatever alpha is (PEFT's LoftQ
-        leaves it out, which is only right when s = 1). Plain LoRA (no pooling) only.
+        leaves it out, which is only right when s = 1). Plain LoRA (no pooling) only. Factors that are both
+        zero keep the default start (A random, B = 0): the same step-0 model, and an adapter that can train.
         """
         if self.pool_in != 1 or self.pool_out != 1:
             raise QbaraError(f"{self.name}: factors initialise plain LoRA only, not {self.method}")
         if L1.shape != self.lora_B.weight.shape or L2.shape != self.lora_A.weight.shape:
             raise QbaraError(f"{self.name}: factors {tuple(L1.shape)} x {tuple(L2.shape)} do not fit rank "
                              f"{self.rank} for a {self.out_features}x{self.in_features} layer")
+        if not (L1.any() or L2.any()):  # Q holds W exactly (weights on its grid): no low-rank part. A = B = 0
+            self.lora_B.weight.zero_()   # would get no gradient; keep A's default draw (s·B A is 0 all the same)
+            return
         root = math.sqrt(self.scaling)
         self.lora_A.weight.copy_(L2 / root)
         self.lora_B.weight.copy_(L1 / root)
