@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from qbara import AdapterConfig
-from qbara.adapters.attach import adapter_layers, attach_adapters
+from qbara import AdapterConfig, LQConfig, prepare, quantize_model
+from qbara.adapters.attach import adapter_layers
 from qbara.lq.configs import candidate_configs, qlora_config
 from qbara.lq.decompose import decompose
 from qbara.lq.factors import FACTOR_CONFIG
-from qbara.lq.prepare import quantize_with_factors
 from qbara.lq.tables import DEFAULT_TABLE_ITERS, error_table
 from qbara.models import load_model
 from qbara.quant import quantize
@@ -69,16 +68,15 @@ def weight_error(dense_weights: dict, model) -> float:
 
 
 def build(base, configs: dict, rank: int, method: str, fisher=None, max_iters: int = 100, workers=None):
-    """A copy of `base` quantized as `method` says: plain (rank 0), LoftQ or LQ, with the factors attached."""
-    from qbara.prepare import quantize_model
-
+    """A copy of `base` quantized as `method` says: plain (rank 0), or LoftQ / LQ on these per-layer configs (an
+    allocation already made) through `prepare(model, LQConfig(...), AdapterConfig(...))`, adapters from the
+    factors."""
     model = copy.deepcopy(base)
     if method == "plain":
         return quantize_model(model, configs)
-    factors = quantize_with_factors(model, configs, rank, method=method, fisher=fisher, max_iters=max_iters,
-                                    workers=workers)
-    attach_adapters(model, AdapterConfig(rank=rank, alpha=16.0, init=method), factors=factors)
-    return model
+    iters = {"max_iters": max_iters} if method == "lq" else {}  # LoftQ: its one alternation
+    lq = LQConfig(configs=configs, method=method, fisher=fisher, workers=workers, **iters)
+    return prepare(model, lq, AdapterConfig(rank=rank, alpha=16.0), progress=True)
 
 
 def run(args, model=None, tokenizer=None) -> dict:

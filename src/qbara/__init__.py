@@ -1,6 +1,7 @@
 """qbara: fine-tune quantized LLMs (Q-BaRA, QA-HiRA, LQ-LoRA, QLoRA, QA-LoRA) and ship them low-bit."""
 from qbara.adapters import AdapterConfig, load_adapter, merge, save_adapter
 from qbara.errors import QbaraError
+from qbara.lq.config import LQConfig
 from qbara.lq.prepare import lq_prepare
 from qbara.models import load_model, model_fingerprint
 from qbara.models.gptq import gptq_prepare, gptq_quantize_model
@@ -12,7 +13,7 @@ from qbara.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["QbaraError", "QuantConfig", "AdapterConfig", "QuantizedTensor", "QuantizedLinear", "quantize",
+__all__ = ["QbaraError", "QuantConfig", "AdapterConfig", "LQConfig", "QuantizedTensor", "QuantizedLinear", "quantize",
            "dequantize", "prepare", "quantize_model", "merge", "save_adapter", "load_adapter", "load_model",
            "model_fingerprint", "lq_prepare", "gptq_prepare", "gptq_quantize_model", "from_pretrained",
            "register_with_peft"]

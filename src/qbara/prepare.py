@@ -1,4 +1,5 @@
-"""`prepare`: quantize the linear layers of a causal LM and attach adapters."""
+"""`prepare`: quantize the linear layers of a causal LM and attach adapters (QLoRA-style, or LQ-LoRA / LoftQ with an
+`LQConfig`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -7,6 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qbara.errors import QbaraError
+from qbara.lq.config import LQConfig
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.targets import ALL_LINEAR, layer_configs, linear_layer_names, set_submodule
@@ -42,18 +44,35 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], adapter=None,
-            modules=ALL_LINEAR, progress: bool = False, factor_format: QuantConfig | None = None) -> nn.Module:
+def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig] | LQConfig, adapter=None,
+            modules=None, progress: bool = False, factor_format: QuantConfig | None = None) -> nn.Module:
     """Quantize the target linears of `model` (in place) and attach adapters; freeze everything else.
 
-    Only adapter parameters are left trainable. factor_format: with a LoftQ / LQ init, the factors the adapters
-    start from stored in this format (`qbara.lq.factors.FACTOR_CONFIG`: NF8), the total bits recorded. Returns the
-    model. A model loaded with bitsandbytes NF4 has its layers taken over as they are (`qbara.models.bnb`; quant
-    must then be the matching NF4 config). A model whose target layers are all quantized already (a loaded
-    quantized folder, e.g. a GPTQ base) gets only the adapters; a quant that differs from theirs is refused.
+    quant: one QuantConfig for every layer, a mapping layer name -> QuantConfig, or an `LQConfig` (LQ-LoRA /
+    LoftQ: each adapter target quantized as the Q of a decomposition W ≈ Q + L1 L2 and its LoRA started from
+    the factors; `model` may then also be a safetensors checkpoint folder, streamed; see `qbara.lq.LQConfig`):
+
+        prepare(model, QuantConfig("nf4"), AdapterConfig(rank=64))                    # QLoRA
+        prepare(model, LQConfig(budget=2.75), AdapterConfig(rank=64))                 # LQ-LoRA
+        prepare(model, LQConfig(configs=QuantConfig("nf4"), method="loftq"), AdapterConfig(rank=64))  # LoftQ
+
+    modules: the linears to quantize (default all but lm_head; with an LQConfig budget, the adapter targets).
+    Only adapter parameters are left trainable. `AdapterConfig(init="lq" | "loftq")` with a QuantConfig (or
+    mapping) is shorthand for `LQConfig(configs=quant, method=init, loftq_iters=..., factor_format=factor_format)`:
+    factor_format, the factors the adapters start from stored in this format (`qbara.lq.factors.FACTOR_CONFIG`:
+    NF8), the total bits recorded (with an LQConfig, set it there). Returns the model. A model loaded with
+    bitsandbytes NF4 has its layers taken over as they are (`qbara.models.bnb`; quant must then be the matching
+    NF4 config). A model whose target layers are all quantized already (a loaded quantized folder, e.g. a GPTQ
+    base) gets only the adapters; a quant that differs from theirs is refused.
     """
     from qbara.models.bnb import adopt_bnb, bnb_layers
 
+    if isinstance(quant, LQConfig) or (adapter is not None and adapter.init != "default"):
+        return _prepare_lq(model, quant, adapter, modules, progress, factor_format)
+    if not isinstance(model, nn.Module):
+        raise QbaraError(f"prepare takes a loaded model (qbara.load_model), got {type(model).__name__}; only an "
+                         f"LQConfig also takes a checkpoint folder")
+    modules = ALL_LINEAR if modules is None else modules
     adopted = bool(bnb_layers(model))
     if adopted:
         if not isinstance(quant, QuantConfig):
@@ -66,29 +85,7 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
         model.qbara_base_fingerprint = model_fingerprint(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    factors = None
-    if adapter is not None and adapter.init != "default":
-        # LoftQ / LQ-LoRA: Q is the quantized part of a decomposition W ≈ Q + L1 L2, not quantize(W).
-        from qbara.fingerprint import model_fingerprint
-        from qbara.lq.prepare import quantize_with_factors
-
-        per_layer = layer_configs(model, quant, modules)
-        targets = linear_layer_names(model, adapter.target_modules, include_quantized=False)
-        unquantized = [n for n in targets if n not in per_layer]
-        if unquantized:
-            raise QbaraError(f"init={adapter.init!r} needs every adapter target quantized, but {unquantized[:3]} "
-                             f"are not; quantize them too or narrow target_modules")
-        factors = quantize_with_factors(model, {n: per_layer[n] for n in targets}, adapter.rank,
-                                        method=adapter.init, loftq_iters=adapter.loftq_iters, progress=progress)
-        if factor_format is not None:
-            from qbara.lq.factors import store_factors
-
-            factors = store_factors(model.qbara_lq, factors, factor_format)
-        rest = {n: c for n, c in per_layer.items() if n not in factors}
-        if rest:
-            quantize_model(model, rest, progress=progress)
-            model.qbara_base_fingerprint = model_fingerprint(model)  # of the final quantized base
-    elif getattr(model, "qbara_loaded_quant", None) is not None:  # quantized on load
+    if getattr(model, "qbara_loaded_quant", None) is not None:  # quantized on load
         if model.qbara_loaded_quant != quant:
             raise QbaraError(f"this model was quantized on load with {_describe(model.qbara_loaded_quant)}; pass the "
                              f"same quant to prepare, or load it without quant=")
@@ -97,8 +94,29 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], ad
     if adapter is not None:
         from qbara.adapters.attach import attach_adapters
 
-        attach_adapters(model, adapter, factors=factors)
+        attach_adapters(model, adapter)
     return model
+
+
+def _prepare_lq(model, quant, adapter, modules, progress: bool, factor_format) -> nn.Module:
+    """prepare's LQ-LoRA / LoftQ case: an LQConfig, or the AdapterConfig(init=...) shorthand turned into one."""
+    from qbara.lq.prepare import prepare_lq
+    from qbara.models.bnb import bnb_layers
+
+    if isinstance(model, nn.Module) and bnb_layers(model):
+        raise QbaraError("LQ-LoRA / LoftQ decompose the dense weights; load the model without bitsandbytes' "
+                         "quantization_config")
+    if isinstance(quant, LQConfig):
+        if factor_format is not None:
+            raise QbaraError("with an LQConfig, set factor_format in it: LQConfig(..., factor_format=...)")
+        lq = quant
+    elif isinstance(quant, (QuantConfig, Mapping)):
+        lq = LQConfig(configs=quant, method=adapter.init, factor_format=factor_format,
+                      loftq_iters=adapter.loftq_iters if adapter.init == "loftq" else 1)
+    else:
+        raise QbaraError(f"quant must be a QuantConfig, a mapping of layer name to QuantConfig or an LQConfig, got "
+                         f"{type(quant).__name__}")
+    return prepare_lq(model, lq, adapter, modules=modules, progress=progress)
 
 
 def _quantized_already(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], modules) -> bool:

@@ -17,12 +17,12 @@ def attach_adapters(model: nn.Module, config: AdapterConfig,
     """Wrap every target linear of `model` in its adapter layer, in place; only adapters train.
 
     With init 'lq' / 'loftq', `factors` (name -> (L1, L2), from `qbara.lq.quantize_with_factors`, which
-    also quantizes the layers to match) start each LoRA at s·B A = L1 L2.
+    also quantizes the layers to match) start each LoRA at s·B A = L1 L2 (`qbara.prepare(model, LQConfig(...),
+    adapter)` does all of it).
     """
     if config.init != "default" and factors is None:
         raise QbaraError(f"init={config.init!r} starts LoRA from a decomposition of the dense weights: use "
-                         f"qbara.prepare(dense_model, quant, adapter) or qbara.lq_prepare, not attach_adapters "
-                         f"on its own")
+                         f"qbara.prepare(dense_model, LQConfig(...), adapter), not attach_adapters on its own")
     names = linear_layer_names(model, config.target_modules)
     layers = {n: build_adapter(model.get_submodule(n), config, n) for n in names}  # validate all first
     if factors is not None:

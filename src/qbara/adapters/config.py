@@ -24,7 +24,10 @@ class AdapterConfig:
     pool: Q-BaRA's lambda. pool_in / pool_out: QA-HiRA's (defaults: pool_in = the base's group size,
         pool_out chosen per layer so its parameter count is closest to LoRA's at `rank`).
     init: "default" (A Kaiming-uniform, B zero; QA-HiRA's M zero), "loftq" or "lq" (LoRA factors from a
-        low-rank plus quantized decomposition so that the model at step 0 approximates the dense one).
+        low-rank plus quantized decomposition so that the model at step 0 approximates the dense one). The
+        primary form is `prepare(model, LQConfig(...), AdapterConfig(...))` (`qbara.lq.LQConfig`: budget,
+        configs, Fisher, iterations), which sets init itself; init="lq" / "loftq" with a QuantConfig is shorthand
+        for `LQConfig(configs=quant, method=init)` (LoftQ with `loftq_iters`).
     """
 
     method: str = "lora"

@@ -94,38 +94,43 @@ def _run(args, out: Path | None) -> dict | None:
     return data
 
 
-def _options(args) -> dict:
-    """The settings shared by both paths, from the command line."""
+def _options(args):
+    """(LQConfig, AdapterConfig) from the command line; the Fisher matrix is added once computed or opened."""
+    from qbara.adapters.config import AdapterConfig
+    from qbara.lq.config import LQConfig
     from qbara.lq.configs import candidate_configs, gguf_configs, qlora_config
+    from qbara.lq.factors import FACTOR_CONFIG
     from qbara.quant.config import QuantConfig
 
     if args.method == "loftq" and (args.fisher or args.fisher_data):
         raise QbaraError("LoftQ has no Fisher-weighted variant; drop --fisher/--fisher-data or use --method lq")
     if args.fisher and args.fisher_data:
         raise QbaraError("give either --fisher (a saved Fisher file) or --fisher-data (text to compute it from)")
-    from qbara.lq.factors import FACTOR_CONFIG
-
     targets = "all-linear" if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
-    options = dict(rank=args.rank, alpha=args.alpha, target_modules=targets, seed=args.seed, workers=args.workers,
-                   factor_format=FACTOR_CONFIG if args.factors == "nf8" else None)
+    adapter = AdapterConfig(method="lora", rank=args.rank, alpha=args.alpha, target_modules=targets)
+    common = dict(seed=args.seed, workers=args.workers, factor_format=FACTOR_CONFIG if args.factors == "nf8" else None)
     if args.method == "loftq":
         if args.file_budget:
             raise QbaraError("--file-budget sets LQ-LoRA's bit budget; LoftQ has one format and no budget: drop it "
                              "or use --method lq")
-        options.update(quant=QuantConfig.from_dict({"format": args.loftq_format}), loftq_iters=args.loftq_iters)
+        lq = LQConfig(configs=QuantConfig.from_dict({"format": args.loftq_format}), method="loftq",
+                      loftq_iters=args.loftq_iters, **common)
     else:
         configs = {"all": candidate_configs, "gguf": gguf_configs,
                    "qlora": lambda: [qlora_config(b) for b in (2, 3, 4, 8)]}[args.configs]()
-        options.update(budget=args.budget, configs=configs, max_iters=args.max_iters, table_iters=args.table_iters,
-                       file_budget=bool(args.file_budget))
-    return options
+        lq = LQConfig(budget=args.budget, configs=configs, max_iters=args.max_iters, table_iters=args.table_iters,
+                      file_budget=bool(args.file_budget), **common)
+    return lq, adapter
 
 
-def _streamed(args, folder: Path, out: Path | None, options: dict):
-    """LQ-LoRA / LoftQ from the shards (`load_lq`): the dense model is loaded only for --eval's dense
+def _streamed(args, folder: Path, out: Path | None, options):
+    """LQ-LoRA / LoftQ from the shards (`stream_lq`): the dense model is loaded only for --eval's dense
     perplexity and --fisher-data's gradients, and freed before the decompositions start."""
-    from qbara.models.lq_stream import load_lq
+    import dataclasses
 
+    from qbara.models.lq_stream import stream_lq
+
+    lq, adapter = options
     dense_eval = None
     fisher = _fisher(args, None, None, out) if args.fisher else None  # a saved one, read one matrix at a time
     if args.eval or args.fisher_data:
@@ -137,30 +142,22 @@ def _streamed(args, folder: Path, out: Path | None, options: dict):
         if args.fisher_data:
             fisher = _fisher(args, dense, tokenizer, out)
         del dense
-    model, tokenizer = load_lq(folder, method=args.method, fisher=fisher, progress=True, **options)
+    model, tokenizer = stream_lq(folder, dataclasses.replace(lq, fisher=fisher), adapter, progress=True)
     return model, tokenizer, dense_eval
 
 
-def _in_memory(args, out: Path | None, options: dict):
+def _in_memory(args, out: Path | None, options):
     """LQ-LoRA / LoftQ on the dense model in memory (models with no safetensors folder to stream from)."""
-    from qbara.adapters.config import AdapterConfig
-    from qbara.lq.prepare import lq_prepare
+    import dataclasses
+
     from qbara.models.loader import load_model
     from qbara.prepare import prepare
 
+    lq, adapter = options
     model, tokenizer = load_model(args.model)
     dense_eval = _perplexity(args, model, tokenizer) if args.eval else None
-    if args.method == "loftq":
-        adapter = AdapterConfig(method="lora", rank=options["rank"], alpha=options["alpha"], init="loftq",
-                                target_modules=options["target_modules"], loftq_iters=options["loftq_iters"])
-        prepare(model, options["quant"], adapter, progress=True, factor_format=options["factor_format"])
-    else:
-        fisher = _fisher(args, model, tokenizer, out)
-        lq_prepare(model, options["budget"], options["rank"], fisher, alpha=options["alpha"],
-                   target_modules=options["target_modules"], configs=options["configs"],
-                   max_iters=options["max_iters"], table_iters=options["table_iters"], seed=options["seed"],
-                   workers=options["workers"], factor_format=options["factor_format"],
-                   file_budget=options["file_budget"])
+    fisher = _fisher(args, model, tokenizer, out)
+    prepare(model, dataclasses.replace(lq, fisher=fisher), adapter, progress=True)
     return model, tokenizer, dense_eval
 
 

@@ -7,7 +7,8 @@ Three passes over the memory-mapped shards, each holding one matrix per worker t
 3. quantize on load (`qbara.models.streaming`): the model skeleton is filled tensor by tensor, each target
    linear taking its decomposition's Q, the other weights keeping the checkpoint's dtype.
 Then LoRA adapters start from the factors, so the model at step 0 is Q + L1 L2, identical to
-`lq_prepare` on the dense model. Peak memory: the quantized model, the factors (rank·(m+k) fp32 values
+`qbara.prepare(dense_model, LQConfig(...), AdapterConfig(...))`; `prepare` (and `lq_prepare`) given a folder
+instead of a model run this path (`stream_lq`). Peak memory: the quantized model, the factors (rank·(m+k) fp32 values
 per matrix), a Fisher matrix per worker when one is used, and each worker's matrix with its
 decomposition temporaries (a few fp32 copies of one matrix).
 """
@@ -22,7 +23,7 @@ from torch import Tensor
 from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
 
-__all__ = ["load_lq", "checkpoint_folder", "load_calibration_model"]
+__all__ = ["load_lq", "stream_lq", "checkpoint_folder", "load_calibration_model"]
 
 
 def checkpoint_file_budget(name_or_path, targets="all-linear", **kwargs):
@@ -83,26 +84,44 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
             device="cpu", progress: bool = True):
     """(model, tokenizer): LQ-LoRA (`method="lq"`, ILP allocation at `budget`) or LoftQ (`method="loftq"`,
     every linear on `quant`, adapters on `target_modules`) initialised from the checkpoint in a safetensors
-    folder, streamed (see the module doc). The result equals `lq_prepare(load_model(folder), ...)` /
-    `prepare(model, quant, AdapterConfig(init="loftq"))` bit for bit, with the non-quantized weights in the
-    checkpoint's dtype (or `dtype`). fisher: name -> matrix, or a file written by `save_fisher` (read one
-    matrix at a time). factor_format: the factors stored in this format (see `lq_prepare`)."""
+    folder, streamed. Shorthand for `stream_lq(name_or_path, LQConfig(...), AdapterConfig(...))`, which
+    `qbara.prepare(folder, LQConfig(...), AdapterConfig(...))` also runs (returning the model alone)."""
+    from qbara.adapters.config import AdapterConfig
+    from qbara.lq.config import LQConfig
+
+    common = dict(method=method, fisher=fisher, seed=seed, workers=workers, factor_format=factor_format,
+                  file_budget=file_budget)
+    if method == "loftq":
+        lq = LQConfig(configs=quant, loftq_iters=loftq_iters, **common)
+    else:
+        lq = LQConfig(budget=budget, configs=configs, table=table, max_iters=max_iters, table_iters=table_iters,
+                      **common)
+    adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
+    return stream_lq(name_or_path, lq, adapter, dtype=dtype, device=device, progress=progress)
+
+
+def stream_lq(name_or_path, lq, adapter, *, modules=None, dtype: torch.dtype | None = None, device="cpu",
+              progress: bool = True):
+    """(model, tokenizer): `qbara.prepare(load_model(folder), lq, adapter)` bit for bit (`qbara.lq.LQConfig`,
+    `qbara.AdapterConfig`; `qbara.lq.prepare.prepare_lq` is the same path in memory), streamed from the
+    checkpoint's shards (see the module doc), the non-quantized weights in the checkpoint's dtype (or `dtype`)."""
     from transformers import AutoConfig
 
-    from qbara.adapters.attach import attach_adapters
-    from qbara.adapters.config import AdapterConfig
     from qbara.fingerprint import model_fingerprint
     from qbara.lazy_tensors import LazyTensors
-    from qbara.lq.prepare import INIT_METHODS, decompose_layers, lq_report, record_file_budget, resolve_file_budget
+    from qbara.lq.prepare import (
+        choose_configs,
+        decompose_layers,
+        finish_lq,
+        lq_report,
+        plan_layers,
+        resolve_file_budget,
+    )
     from qbara.models.loader import load_tokenizer
     from qbara.models.streaming import _stream, checkpoint_dtype, checkpoint_files, empty_model, safetensors_reader
-    from qbara.targets import layer_configs, linear_layer_names
     from qbara.validate import check_hf_folder
 
-    if method not in INIT_METHODS:
-        raise QbaraError(f"unknown decomposition {method!r}: choose one of {', '.join(INIT_METHODS)}")
-    if method == "loftq" and (fisher is not None or quant is None or file_budget):
-        raise QbaraError("LoftQ takes one quantization config (quant=), no Fisher matrix and no file budget")
+    adapter = lq.adapter_config(adapter)
     folder = checkpoint_folder(name_or_path)
     if folder is None:
         raise QbaraError(f"{name_or_path!r} is not a folder of safetensors shards to stream from; load the model "
@@ -112,52 +131,24 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
     storage = dtype or checkpoint_dtype(files[0])
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     skeleton = empty_model(config, storage)
-    adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
-                            init=method, loftq_iters=loftq_iters)
-    targets = linear_layer_names(skeleton, target_modules, include_quantized=False)
-    weights = LazyTensors.from_files(files, {n: f"{n}.weight" for n in targets})
-    for n, shape in weights.shapes.items():
-        if min(shape) < rank:
-            raise QbaraError(f"{n}: rank {rank} exceeds the {shape} matrix's smallest side; lower the rank")
-    allocation = file = None
-    if method == "lq":
-        file = resolve_file_budget(folder, file_budget, target_modules)
-        if isinstance(fisher, (str, Path)):  # a Fisher file or folder is read one matrix at a time
-            from qbara.lq.fisher import open_fisher
-
-            fisher = open_fisher(fisher)
-        if table is None:
-            from qbara.lq.tables import DEFAULT_TABLE_ITERS, error_table
-
-            table = error_table(weights, configs, rank=rank, iters=table_iters or DEFAULT_TABLE_ITERS, fisher=fisher,
-                                seed=seed, workers=workers, progress=progress)
-        allocation = table.allocate(budget, file)
-        per_layer = allocation.configs
-        quantized = per_layer
-    else:
-        quantized = layer_configs(skeleton, quant)  # every linear; the adapter targets by LoftQ
-        per_layer = {n: quantized[n] for n in targets}
+    plan = plan_layers(skeleton, lq, adapter, modules)  # shapes, configs and rank checked on the skeleton
     del skeleton
-    decs = decompose_layers(weights, per_layer, rank, method=method, max_iters=max_iters, loftq_iters=loftq_iters,
-                            fisher=fisher, seed=seed, workers=workers, progress=progress)
+    weights = LazyTensors.from_files(files, {n: f"{n}.weight" for n in plan.targets})
+    fisher = lq.open_fisher()  # a file or folder is read one matrix at a time
+    file = None if lq.fixed else resolve_file_budget(folder, lq.file_budget, adapter.target_modules)
+    configs, allocation, table = choose_configs(plan, weights, lq, adapter.rank, file, fisher, progress)
+    decs = decompose_layers(weights, configs, adapter.rank, method=lq.method, max_iters=lq.max_iters,
+                            loftq_iters=lq.loftq_iters, fisher=fisher, seed=lq.seed, workers=lq.workers,
+                            progress=progress)
+    quantized = configs if plan.layers is None else plan.layers  # the decomposed targets, and the rest plainly
     model = _stream(config, safetensors_reader(files), folder, quantized, "all-linear", storage, device, progress,
                     packed={n: dec.qtensor for n, dec in decs.items()})
     dense_fingerprint = model.qbara_base_fingerprint
-    model.qbara_lq = lq_report(method, rank, decs, fisher=fisher is not None,
-                               settings={"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed})
-    if allocation is not None:
-        model.qbara_lq.allocation = allocation
-        model.qbara_lq.settings.update(budget=budget, dense_fingerprint=dense_fingerprint,
-                                       table_iters=table.settings.get("iters"))
-        if file is not None:
-            record_file_budget(model.qbara_lq, budget, file)
+    model.qbara_lq = lq_report(lq.method, adapter.rank, decs, fisher=fisher is not None,
+                               settings=lq.report_settings())
     model.qbara_base_fingerprint = model_fingerprint(model)  # of the quantized base the factors fit
     del model.qbara_loaded_quant  # the Q of decompositions, not a plain quantization of the checkpoint
     factors = {n: (dec.L1.to(device), dec.L2.to(device)) for n, dec in decs.items()}
     del decs
-    if factor_format is not None:
-        from qbara.lq.factors import store_factors
-
-        factors = store_factors(model.qbara_lq, factors, factor_format)
-    attach_adapters(model, adapter, factors=factors)
+    finish_lq(model, factors, lq, adapter, allocation, table, file, dense_fingerprint)
     return model, load_tokenizer(folder)

@@ -1,0 +1,269 @@
+"""`LQConfig`: how `qbara.prepare(model, LQConfig(...), AdapterConfig(...))` initialises LoRA from a
+low-rank plus quantized decomposition W ≈ Q + L1 L2 (LQ-LoRA; LoftQ is its one-format case).
+
+    prepare(model, LQConfig(budget=2.75), AdapterConfig(rank=64))                   # LQ-LoRA, ILP allocation
+    prepare(model, LQConfig(budget=2.75, fisher="fisher/"), AdapterConfig(rank=64))  # data-aware LQ-LoRA
+    prepare(model, LQConfig(configs=QuantConfig("nf4")), AdapterConfig(rank=64))     # LQ-LoRA on one format
+    prepare(model, LQConfig(configs=QuantConfig("nf4"), method="loftq"), AdapterConfig(rank=64))  # LoftQ
+
+The adapter's shape (rank, alpha, dropout, target_modules) is the AdapterConfig's alone; the LQConfig says
+how its factors and the quantized base are computed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from qbara.errors import QbaraError, check_types, strict_from_dict
+from qbara.lq.filesize import FileBudget
+from qbara.lq.tables import ErrorTable
+from qbara.quant.config import QuantConfig
+
+__all__ = ["LQConfig", "LQ_METHODS"]
+
+LQ_METHODS = ("lq", "loftq")
+DEFAULT_MAX_ITERS = 100
+DEFAULT_LOFTQ_ITERS = 1
+
+
+@dataclass(frozen=True, eq=False)
+class LQConfig:
+    """LQ-LoRA / LoftQ initialisation settings, for `qbara.prepare(model, LQConfig(...), AdapterConfig(...))`.
+
+    budget: bits per parameter of the quantized matrices (of the whole file with `file_budget`): LQ-LoRA's
+        ILP picks one of the candidate `configs` per matrix from an error table. None: the configs are fixed.
+    configs: with a budget, the candidate QuantConfigs (default: SPEC §1.1's 432, `qbara.lq.candidate_configs`);
+        without one, a single QuantConfig for every layer (the one-format case) or a mapping layer name ->
+        QuantConfig (an allocation made elsewhere).
+    method: "lq" (LQ-LoRA's decomposition: SVD-first and quantize-first runs, the best of their at most
+        `max_iters` iterates each, `qbara.lq.decompose`) or "loftq"
+        (LoftQ: quantize first, `loftq_iters` alternations, the last kept; fixed configs, no Fisher).
+    fisher: name -> Fisher matrix, or a file / folder written by `qbara.lq.save_fisher` (read one matrix at a
+        time): data-aware LQ-LoRA, weighting the table's costs and the decompositions.
+    max_iters: LQ-LoRA's decomposition iterations per matrix (early stop at the first that does not improve).
+    loftq_iters: LoftQ's alternations.
+    table_iters: decomposition iterations per entry of a new error table (default 8).
+    table: a precomputed `ErrorTable` of the same matrices at the adapter's rank (or the path it was saved to).
+    seed: seeds every matrix's random test matrices (matrix i: seed * 1_000_003 + i).
+    workers: matrices decomposed at once (threads; default torch.get_num_threads()).
+    factor_format: store the factors the adapters start from in this format (`qbara.lq.factors.FACTOR_CONFIG`,
+        NF8 at 8.127 bits, as the paper counts them; default fp32) and record the bits of Q plus factors.
+    file_budget: `budget` counts the whole file: True (`FileBudget.of_model` defaults: Q8_0 embedding, F32 norms,
+        no adapter) or a `qbara.lq.filesize.FileBudget`.
+    """
+
+    budget: float | None = None
+    configs: QuantConfig | Sequence[QuantConfig] | Mapping[str, QuantConfig] | None = None
+    method: str = "lq"
+    fisher: Mapping | str | Path | None = None
+    max_iters: int = DEFAULT_MAX_ITERS
+    loftq_iters: int = DEFAULT_LOFTQ_ITERS
+    table_iters: int | None = None
+    table: ErrorTable | str | Path | None = None
+    seed: int = 0
+    workers: int | None = None
+    factor_format: QuantConfig | None = None
+    file_budget: bool | FileBudget | None = None
+
+    def __eq__(self, other):
+        """Field by field; an in-memory Fisher or error table is the same only if it is the same object (its
+        tensors have no truth value to compare)."""
+        if not isinstance(other, LQConfig):
+            return NotImplemented
+        by_identity = ("fisher", "table")
+        return all(_same(getattr(self, f.name), getattr(other, f.name), f.name in by_identity)
+                   for f in dataclasses.fields(self))
+
+    __hash__ = None  # may hold dicts and tensors
+
+    def __post_init__(self):
+        check_types(self, {"budget": ((int, float), True), "method": ((str,), False),
+                           "fisher": ((Mapping, str, Path), True), "max_iters": ((int,), False),
+                           "loftq_iters": ((int,), False), "table_iters": ((int,), True),
+                           "table": ((ErrorTable, str, Path), True), "seed": ((int,), False),
+                           "workers": ((int,), True), "factor_format": ((QuantConfig,), True),
+                           "file_budget": ((bool, FileBudget), True)})
+        object.__setattr__(self, "configs", _normalize_configs(self.configs))
+        if self.method not in LQ_METHODS:
+            raise QbaraError(f"unknown LQConfig.method {self.method!r}: choose 'lq' (LQ-LoRA) or 'loftq' (LoftQ)")
+        for name in ("max_iters", "loftq_iters", "table_iters", "workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise QbaraError(f"LQConfig.{name} must be a positive integer, got {value!r}")
+        if self.budget is not None and not (math.isfinite(self.budget) and self.budget > 0):
+            raise QbaraError(f"LQConfig.budget must be a positive number of bits per parameter, got {self.budget!r}")
+        if self.method == "loftq":
+            return self._check_loftq()
+        if self.loftq_iters != DEFAULT_LOFTQ_ITERS:
+            raise QbaraError("loftq_iters counts LoftQ's alternations; LQ-LoRA stops by max_iters: drop loftq_iters "
+                             "or use method='loftq'")
+        if self.budget is None:
+            self._check_fixed()
+        else:
+            self._check_budget()
+
+    def _check_loftq(self) -> None:
+        if self.budget is not None or not self.fixed:
+            raise QbaraError("LoftQ takes one quantization config and no budget: LQConfig(method='loftq', "
+                             "configs=QuantConfig(...)) (or a mapping layer name -> QuantConfig); for a bit budget "
+                             "use method='lq'")
+        extra = [name for name, value in (("fisher", self.fisher), ("table", self.table),
+                                          ("table_iters", self.table_iters), ("file_budget", self.file_budget))
+                 if value is not None and value is not False]
+        if extra:
+            raise QbaraError(f"LoftQ takes one quantization config, no Fisher matrix, error table or file budget; "
+                             f"drop {', '.join(extra)} or use method='lq' (LQ-LoRA)")
+        if self.max_iters != DEFAULT_MAX_ITERS:
+            raise QbaraError("max_iters bounds LQ-LoRA's decomposition; LoftQ's alternations are loftq_iters: set "
+                             "that instead")
+
+    def _check_fixed(self) -> None:
+        if self.configs is None:
+            raise QbaraError("LQConfig needs budget= (bits per parameter: LQ-LoRA's ILP chooses a config per matrix) "
+                             "or configs=QuantConfig(...) (one format for every matrix)")
+        if not self.fixed:
+            raise QbaraError("a list of candidate configs needs budget= to choose among them; give a budget, or "
+                             "configs=QuantConfig(...) for one format")
+        for name in ("table", "table_iters"):
+            if getattr(self, name) is not None:
+                raise QbaraError(f"{name} belongs to the ILP allocation, which needs budget=; drop {name} or give a "
+                                 f"budget")
+        if self.file_budget:
+            raise QbaraError("file_budget makes budget= count the whole file; give a budget, or drop file_budget")
+
+    def _check_budget(self) -> None:
+        if self.fixed:
+            raise QbaraError("budget= allocates among candidate configs, but configs fixes them (one QuantConfig or "
+                             "a per-layer mapping): drop budget, or give configs as a list of candidates")
+        if isinstance(self.table, ErrorTable):
+            self.check_table(self.table)
+
+    def check_table(self, table: ErrorTable) -> None:
+        """Refuse a precomputed table whose candidates or iterations contradict `configs` / `table_iters`."""
+        if self.configs is not None and list(self.configs) != list(table.configs):
+            raise QbaraError("the error table was computed for other candidate configs; drop configs (the "
+                             "table's are used) or recompute the table with these")
+        if self.table_iters is not None and self.table_iters != table.settings.get("iters"):
+            raise QbaraError(f"the error table ran {table.settings.get('iters')} iterations per entry, not "
+                             f"table_iters={self.table_iters}; drop table_iters or recompute the table")
+
+    @property
+    def fixed(self) -> bool:
+        """True when the configs are given (one format or a per-layer mapping), False when the ILP chooses."""
+        return isinstance(self.configs, (QuantConfig, Mapping))
+
+    def open_fisher(self) -> Mapping | None:
+        """The Fisher information: the mapping given, or the file / folder opened (read one matrix at a time)."""
+        if isinstance(self.fisher, (str, Path)):
+            from qbara.lq.fisher import open_fisher
+
+            return open_fisher(self.fisher)
+        return self.fisher
+
+    def open_table(self) -> ErrorTable | None:
+        """The precomputed error table, loaded (and checked against configs / table_iters) if a path was given."""
+        if isinstance(self.table, (str, Path)):
+            table = ErrorTable.load(self.table)
+            self.check_table(table)
+            return table
+        return self.table
+
+    def adapter_config(self, adapter):
+        """The AdapterConfig the adapters are built with: `adapter` with init set to this method (and, for LoftQ,
+        loftq_iters to this config's). The AdapterConfig owns rank, alpha, dropout and target_modules; an init or
+        loftq_iters that contradicts this config is refused."""
+        from qbara.adapters.config import AdapterConfig
+
+        if adapter is None:
+            raise QbaraError("LQ-LoRA / LoftQ start LoRA adapters from the factors: pass an AdapterConfig too, e.g. "
+                             "prepare(model, LQConfig(...), AdapterConfig(rank=64))")
+        if not isinstance(adapter, AdapterConfig):
+            raise QbaraError(f"adapter must be a qbara.AdapterConfig, got {type(adapter).__name__}")
+        if adapter.method != "lora":
+            raise QbaraError(f"LQ-LoRA / LoftQ initialise plain LoRA factors; use AdapterConfig(method='lora'), not "
+                             f"{adapter.method!r}")
+        if adapter.init not in ("default", self.method):
+            raise QbaraError(f"AdapterConfig(init={adapter.init!r}) contradicts LQConfig(method={self.method!r}); "
+                             f"leave init at 'default': the LQConfig says how the adapters start")
+        loftq_iters = adapter.loftq_iters
+        if self.method == "loftq":
+            if adapter.loftq_iters not in (DEFAULT_LOFTQ_ITERS, self.loftq_iters):
+                raise QbaraError(f"AdapterConfig(loftq_iters={adapter.loftq_iters}) contradicts "
+                                 f"LQConfig(loftq_iters={self.loftq_iters}); set the iterations on the LQConfig alone")
+            loftq_iters = self.loftq_iters
+        return dataclasses.replace(adapter, init=self.method, loftq_iters=loftq_iters)
+
+    def report_settings(self) -> dict:
+        """What `LQReport.settings` records of this config (before the allocation's entries)."""
+        return {"max_iters": self.max_iters, "loftq_iters": self.loftq_iters, "seed": self.seed}
+
+    def to_dict(self) -> dict:
+        """The fields as JSON values (configs as QuantConfig dicts; fisher and table as their paths). An
+        in-memory Fisher or error table has no path to record: save it first (`save_fisher`, `ErrorTable.save`)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        configs = self.configs
+        if isinstance(configs, QuantConfig):
+            data["configs"] = configs.to_dict()
+        elif isinstance(configs, Mapping):
+            data["configs"] = {n: c.to_dict() for n, c in configs.items()}
+        elif configs is not None:
+            data["configs"] = [c.to_dict() for c in configs]
+        if isinstance(self.fisher, Mapping):
+            raise QbaraError("an in-memory Fisher cannot be recorded; save it (qbara.lq.save_fisher) and pass the "
+                             "file as fisher=")
+        if isinstance(self.table, ErrorTable):
+            if self.table.path is None:
+                raise QbaraError("an in-memory error table cannot be recorded; save it (ErrorTable.save) and pass "
+                                 "the path as table=")
+            data["table"] = str(self.table.path)
+        data.update({k: str(data[k]) for k in ("fisher", "table") if isinstance(data[k], Path)})
+        if self.factor_format is not None:
+            data["factor_format"] = self.factor_format.to_dict()
+        if isinstance(self.file_budget, FileBudget):
+            data["file_budget"] = self.file_budget.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LQConfig":
+        data = dict(data)
+        configs = data.get("configs")
+        if isinstance(configs, Mapping):
+            one = not configs or not all(isinstance(v, Mapping) for v in configs.values())
+            data["configs"] = (QuantConfig.from_dict(configs) if one
+                               else {n: QuantConfig.from_dict(c) for n, c in configs.items()})
+        elif isinstance(configs, (list, tuple)):
+            data["configs"] = [QuantConfig.from_dict(c) if isinstance(c, Mapping) else c for c in configs]
+        if isinstance(data.get("factor_format"), Mapping):
+            data["factor_format"] = QuantConfig.from_dict(data["factor_format"])
+        if isinstance(data.get("file_budget"), Mapping):
+            data["file_budget"] = strict_from_dict(FileBudget, data["file_budget"])
+        return strict_from_dict(cls, data)
+
+
+def _normalize_configs(configs):
+    """configs as None, a QuantConfig, a dict name -> QuantConfig or a tuple of candidates, each checked."""
+    if configs is None or isinstance(configs, QuantConfig):
+        return configs
+    if isinstance(configs, Mapping):
+        if not configs:
+            raise QbaraError("LQConfig.configs is an empty mapping; name at least one layer, or give one QuantConfig")
+        bad = [n for n, c in configs.items() if not isinstance(n, str) or not isinstance(c, QuantConfig)]
+        if bad:
+            raise QbaraError(f"LQConfig.configs as a mapping takes layer name -> QuantConfig; {bad[:3]} are not")
+        return dict(configs)
+    if isinstance(configs, (str, bytes, set, frozenset)) or not hasattr(configs, "__iter__"):
+        raise QbaraError(f"LQConfig.configs must be a QuantConfig, a list of candidate QuantConfigs or a mapping "
+                         f"layer name -> QuantConfig, got {type(configs).__name__}")
+    configs = tuple(configs)
+    if not configs or not all(isinstance(c, QuantConfig) for c in configs):
+        raise QbaraError("LQConfig.configs as candidates must be a non-empty list of qbara.QuantConfig")
+    return configs
+
+
+def _same(a, b, by_identity: bool) -> bool:
+    if by_identity and not isinstance(a, (str, Path)):
+        return a is b
+    return a == b
