@@ -46,6 +46,23 @@ def test_masked_loss_scores_in_eval_mode_and_restores_the_mode():
     assert modes == [False] and model.training
 
 
+def test_masked_loss_restores_the_mode_when_the_forward_raises():
+    """A forward that fails (out of memory, an interrupt) must not leave a training model in eval mode."""
+
+    class FailingLM(UniformLM):
+        def forward(self, input_ids, attention_mask):
+            raise RuntimeError("out of memory")
+
+    model = FailingLM().train()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        masked_loss(model, EXAMPLES, batch_size=2)
+    assert model.training
+    model.eval()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        masked_loss(model, EXAMPLES, batch_size=2)
+    assert not model.training
+
+
 def test_masked_loss_without_answer_tokens_says_so():
     from qbara import QbaraError
 

@@ -7,8 +7,12 @@ constant to a whole block is exact.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
+
+from qbara.quant.packing import check_out, unpack_lookup
 
 
 def to_blocks(weight: Tensor, group_size: int, group_rows: int) -> Tensor:
@@ -45,9 +49,30 @@ def quantize_int(weight: Tensor, bits: int, group_size: int, group_rows: int = 1
     return from_blocks(codes, weight.shape, group_size, group_rows).reshape(-1), scale, minimum
 
 
+@functools.lru_cache(maxsize=None)
+def int_code_table(bits: int, device: torch.device) -> Tensor:
+    """The codes 0 .. 2**bits - 1 as fp32, cached per device (read-only: shared by every caller)."""
+    return torch.arange(2 ** bits, dtype=torch.float32, device=device)
+
+
 def dequantize_int(codes: Tensor, scale: Tensor, minimum: Tensor, shape: tuple[int, int], group_size: int,
-                   group_rows: int = 1, dtype=torch.float32) -> Tensor:
-    """The (d_out, d_in) weight s * q + m, computed in fp32."""
-    blocks = to_blocks(codes.reshape(shape), group_size, group_rows).float()
-    values = torch.addcmul(minimum.float()[:, None], blocks, scale.float()[:, None])
-    return from_blocks(values, shape, group_size, group_rows).to(dtype)
+                   group_rows: int = 1, dtype=torch.float32, *, bits: int | None = None,
+                   out: Tensor | None = None) -> Tensor:
+    """The (d_out, d_in) weight s * q + m, computed in fp32.
+
+    `codes`: one code per weight, or with `bits`, the `pack_bits` buffer of `bits`-bit codes (read straight from
+    the packed bytes as fp32, no unpacked copy). `out`: a flat fp32 buffer of one element per weight to write into
+    (a caller's reused buffer; `dtype` must then be fp32); the result is `out` viewed as `shape`."""
+    check_out(out, dtype)
+    if bits is not None:  # fp32 codes of this call's own (or in `out`)
+        codes = unpack_lookup(codes, bits, shape[0] * shape[1], int_code_table(bits, codes.device), out=out)
+    blocks = to_blocks(codes.reshape(shape), group_size, group_rows)
+    if bits is None:
+        blocks = blocks.to(torch.float32, copy=True)  # the caller's codes are never written to
+    # In place, two passes (faster than addcmul's kernel with per-block operands). q * s is exact in fp32
+    # (q < 2**8, s an fp16 value), so only the add rounds: the same bits as addcmul, with or without FMA.
+    blocks.mul_(scale.float()[:, None]).add_(minimum.float()[:, None])
+    weight = from_blocks(blocks, shape, group_size, group_rows)
+    if out is not None and weight.data_ptr() != out.data_ptr():  # 2-D tiles, or a layout unpack_lookup cannot
+        weight = out.view(shape).copy_(weight)                    # write into `out`
+    return weight.to(dtype)

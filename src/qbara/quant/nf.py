@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from qbara.quant.packing import check_out, unpack_lookup
+
 NF_OFFSET = 0.9677083  # 1 - (1/30 + 1/32) / 2, rounded as in QLoRA's published NF4 table
 
 
@@ -72,11 +74,26 @@ def quantize_nf(weight: Tensor, bits: int, block_size: int) -> tuple[Tensor, Ten
     return round_nf(weight, bits, block_size, absmax), absmax
 
 
-def dequantize_nf(codes: Tensor, absmax: Tensor, bits: int, block_size: int, dtype=torch.float32) -> Tensor:
-    """Flat dequantized values: level[code] * absmax of the code's block."""
+def dequantize_nf(codes: Tensor, absmax: Tensor, bits: int, block_size: int, dtype=torch.float32, *,
+                  packed: bool = False, out: Tensor | None = None) -> Tensor:
+    """Flat dequantized values: level[code] * absmax of the code's block, computed in fp32.
+
+    `codes`: one code per value, or with `packed`, the `pack_bits` buffer of the codes (levels looked up straight
+    from the packed bytes, no unpacked copy). `absmax`: the fp32 scale of each block as stored (double-dequantized
+    ones where the scales are double-quantized). `out`: a flat fp32 buffer of one element per value to write into
+    (a caller's reused buffer; `dtype` must then be fp32); the result is `out`."""
+    check_out(out, dtype)
     levels = nf_level_table(bits, codes.device)
-    values = levels[codes.long()].view(-1, block_size) * absmax.float()[:, None]
-    return values.reshape(-1).to(dtype)
+    if packed:
+        values = unpack_lookup(codes, bits, absmax.numel() * block_size, levels, out=out)
+    else:
+        values = levels[codes.reshape(-1).long()]
+    values.view(-1, block_size).mul_(absmax.float()[:, None])  # values is this call's own (or `out`)
+    if out is not None and values.data_ptr() != out.data_ptr():  # a layout unpack_lookup cannot write into `out`
+        values = out.copy_(values)
+    return values.to(dtype)
+
+
 
 
 # --- Nearest-level rounding, fast and exact (`round_nf` and LQ-LoRA's error tables use it).

@@ -84,6 +84,12 @@ def unpack_lookup(packed: Tensor, bits: int, numel: int, values: Tensor, out: Te
     return torch.nn.functional.embedding(packed.reshape(-1).int(), table).reshape(-1)[:numel]
 
 
+def check_out(out: Tensor | None, dtype: torch.dtype) -> None:
+    """Refuse an `out` buffer a dequantizer cannot write its result into: it computes in fp32."""
+    if out is not None and (out.dtype != torch.float32 or dtype != torch.float32):
+        raise ValueError(f"out= takes an fp32 buffer with dtype fp32 (got a {out.dtype} buffer, dtype {dtype})")
+
+
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"cannot pack {bits}-bit codes: supported widths are {SUPPORTED_BITS}")

@@ -1,7 +1,6 @@
 """`QuantizedTensor`: a packed quantized 2-D weight, and the `quantize` / `dequantize` entry points."""
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -14,14 +13,8 @@ from qbara.quant.double_quant import double_dequantize, double_quantize
 from qbara.quant.dq_bnb import bnb_double_dequantize, bnb_double_quantize
 from qbara.quant.ggml import dequantize_ggml, quantize_ggml
 from qbara.quant.intk import dequantize_int, quantize_int
-from qbara.quant.nf import block_absmax, nf_level_table, round_nf
-from qbara.quant.packing import pack_bits, unpack_bits, unpack_lookup
-
-
-@functools.lru_cache(maxsize=None)
-def _code_values(bits: int, device: torch.device) -> Tensor:
-    """The INT codes 0 .. 2**bits - 1 as fp32 (the lookup table of an INT dequantization)."""
-    return torch.arange(2 ** bits, dtype=torch.float32, device=device)
+from qbara.quant.nf import block_absmax, dequantize_nf, round_nf
+from qbara.quant.packing import pack_bits, unpack_bits
 
 
 @dataclass
@@ -77,29 +70,23 @@ class QuantizedTensor:
         if c.kind == "gguf":
             return dequantize_ggml(packed, self.shape, c.ggml).to(dtype)
         if c.kind == "nf":
-            levels = unpack_lookup(packed, c.bits, self.numel, nf_level_table(c.bits, packed.device))
-            return levels.view(-1, c.block_size).mul_(self.scales()[:, None]).view(self.shape).to(dtype)
-        codes = unpack_lookup(packed, c.bits, self.numel, _code_values(c.bits, packed.device))
-        return dequantize_int(codes, self.tensors["scale"], self.tensors["minimum"], self.shape,
-                              c.block_size, c.block_rows, dtype=dtype)
+            return dequantize_nf(packed, self.scales(), c.bits, c.block_size, dtype, packed=True).view(self.shape)
+        return dequantize_int(packed, self.tensors["scale"], self.tensors["minimum"], self.shape, c.block_size,
+                              c.block_rows, dtype, bits=c.bits)
 
     def dequantize_into(self, out: Tensor) -> Tensor | None:
         """The fp32 weight written into `out` (a flat fp32 buffer of numel elements, reused by the caller so no
         fresh memory is faulted in per call), or None where this layout has no in-place path (3- and 5-bit codes,
-        2-D INT tiles)."""
+        2-D INT tiles). The same `dequantize_nf` / `dequantize_int` / `dequantize_ggml` as `dequantize`."""
         c, packed = self.config, self.tensors["codes"]
         if c.kind == "gguf":
             return dequantize_ggml(packed, self.shape, c.ggml, out=out)
         if 8 % c.bits or (c.kind == "int" and c.block_rows != 1):
             return None
-        table = (nf_level_table(c.bits, packed.device) if c.kind == "nf" else _code_values(c.bits, packed.device))
-        unpack_lookup(packed, c.bits, self.numel, table, out=out)
-        blocks = out.view(-1, c.block_size)
         if c.kind == "nf":
-            blocks.mul_(self.scales()[:, None])
-        else:
-            blocks.mul_(self.tensors["scale"].float()[:, None]).add_(self.tensors["minimum"].float()[:, None])
-        return out.view(self.shape)
+            return dequantize_nf(packed, self.scales(), c.bits, c.block_size, packed=True, out=out).view(self.shape)
+        return dequantize_int(packed, self.tensors["scale"], self.tensors["minimum"], self.shape, c.block_size,
+                              bits=c.bits, out=out)
 
     @property
     def device(self) -> torch.device:
