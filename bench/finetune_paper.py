@@ -331,7 +331,7 @@ def finish(model, method, out: dict, held, args) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             merge(model, into="quantized")
-        out["merge"], out["fold_rounding"] = "fold", model.qbara_fold_rounding
+        out["merge"], out["fold_rounding"] = "fold", model.qbara.fold_rounding
     else:
         merge(model, into="requantized")
         out["merge"] = "re-quantized"

@@ -207,7 +207,7 @@ def prepare_method(method: str, dense, tokenizer, args, seed: int = 0) -> Prepar
         configs = candidate_configs() if args.lq_configs == "all" else [qlora_config(b) for b in (2, 3, 4, 8)]
         lq_prepare(model, budget, rank=r, fisher=fisher, alpha=a, configs=configs, max_iters=args.lq_iters,
                    progress=False)
-        bits = model.qbara_lq.bits_per_param
+        bits = model.qbara.lq.bits_per_param
         label, base = f"LQ-LoRA{' +Fisher' if fisher else ''} r{r} @{budget}", f"LQ {bits:.2f} bits"
     return Prepared(model, label, base, time.perf_counter() - start)
 
@@ -278,7 +278,7 @@ def train_and_eval(prepared: Prepared, method: str, train, held, args, seed: int
         with warnings.catch_warnings():  # the rounding is reported in the table instead
             warnings.simplefilter("ignore")
             merge(model, into="quantized")
-        how, rounding = "fold", model.qbara_fold_rounding
+        how, rounding = "fold", model.qbara.fold_rounding
     else:
         merge(model, into="requantized")
         how = "re-quantized"

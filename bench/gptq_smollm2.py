@@ -92,7 +92,7 @@ def run(args) -> dict:
             del quantized
         quantized, wall, cpu = _timed(gptq_quantize_model, copy.deepcopy(model), config, calibration,
                                       batch_size=args.batch_size, act_order=args.act_order, progress=False)
-        report = quantized.qbara_gptq
+        report = quantized.qbara.gptq
         _add_row(result, {"method": f"GPTQ {config.label}", "kind": "gptq", "format": config.label,
                           "quantize_s": wall, "quantize_cpu_s": cpu, "output_error_vs_rtn": report.error_ratio,
                           **measure(quantized, model, ids, args)})

@@ -9,7 +9,7 @@ import qbara
 PACKAGE = Path(qbara.__file__).parent
 LAYERS = (
     ("errors", "atomic", "memory", "tensor_checks", "validate", "lazy_tensors", "plotting", "distributed",
-     "outputs", "fingerprint", "data"),
+     "outputs", "fingerprint", "state", "data"),
     ("quant",),
     ("nn",),
     ("targets",),
@@ -31,8 +31,6 @@ UPWARD = {
     ("qbara.lq.prepare", "qbara.models.quantized_io"),
     ("qbara.prepare", "qbara.models.bnb"),
     ("qbara.prepare", "qbara.models.quantized_io"),
-    ("qbara.validate", "qbara.adapters.config"),
-    ("qbara.validate", "qbara.quant.config"),
 }
 
 

@@ -23,7 +23,7 @@ def test_new_adapters_then_a_saved_one_round_trip(folder, tmp_path):
     model, tokenizer = from_pretrained(str(folder), quant, adapter)
     step_by_step, _ = load_model(str(folder), quant=quant)
     prepare(step_by_step, quant, adapter)
-    assert tokenizer is not None and model.qbara_base_fingerprint == step_by_step.qbara_base_fingerprint
+    assert tokenizer is not None and model.qbara.base_fingerprint == step_by_step.qbara.base_fingerprint
     for m in (model, step_by_step):
         randomize_adapters(m, seed=7)
     with torch.no_grad():

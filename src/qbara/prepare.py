@@ -11,6 +11,7 @@ from qbara.errors import QbaraError
 from qbara.lq.config import LQConfig
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
+from qbara.state import state_of
 from qbara.targets import ALL_LINEAR, layer_configs, linear_layer_names, set_submodule
 
 
@@ -32,15 +33,19 @@ def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConf
 
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every QuantizedLinear of `model` by an fp32 nn.Linear holding its dequantized weight, in place
-    (the inverse of `quantize_model` up to the quantization error); adapters must be merged first."""
+    (the inverse of `quantize_model` up to the quantization error); adapters must be merged first. Once a layer is
+    dequantized, `model.qbara` forgets the base (`QbaraState.forget_base`): a later `prepare` quantizes it afresh."""
     from qbara.adapters import adapter_layers
 
     if adapter_layers(model):
         raise QbaraError("this model still has adapters: merge them first (qbara.merge(model, into='dense')), "
                          "then dequantize")
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantizedLinear):
-            set_submodule(model, name, module.to_linear())
+    state = state_of(model)
+    dequantized = [name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
+    for name in dequantized:
+        set_submodule(model, name, model.get_submodule(name).to_linear())
+    if dequantized:  # another base now: neither its fingerprint nor the quant it was loaded with describe it
+        state.forget_base()
     return model
 
 
@@ -79,15 +84,16 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig] | L
             raise QbaraError("per-layer configs need the dense weights; load the model without bitsandbytes' "
                              "quantization_config")
         adopt_bnb(model, quant)
-    if not hasattr(model, "qbara_base_fingerprint") and hasattr(model, "config"):
+    state = state_of(model)
+    if state.base_fingerprint is None and hasattr(model, "config"):
         from qbara.fingerprint import model_fingerprint
 
-        model.qbara_base_fingerprint = model_fingerprint(model)
+        state.base_fingerprint = model_fingerprint(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    if getattr(model, "qbara_loaded_quant", None) is not None:  # quantized on load
-        if model.qbara_loaded_quant != quant:
-            raise QbaraError(f"this model was quantized on load with {_describe(model.qbara_loaded_quant)}; pass the "
+    if state.loaded_quant is not None:  # quantized on load
+        if state.loaded_quant != quant:
+            raise QbaraError(f"this model was quantized on load with {_describe(state.loaded_quant)}; pass the "
                              f"same quant to prepare, or load it without quant=")
     elif not adopted and not _quantized_already(model, quant, modules):  # bnb layers, adopted, are the base
         quantize_model(model, quant, modules=modules, progress=progress)

@@ -287,19 +287,3 @@ def check_adapter_sizes(weights, config, records: dict, prefix: str) -> None:
             raise QbaraError(f"{weights}: layer {name!r}: its tensor shapes hold {found:,} values but the adapter "
                              f"config (method {config.method}, rank {config.rank}) needs {expected:,}; the config "
                              f"and the weights do not belong together, save the adapter again")
-
-
-def check_adapter_record(path, record: dict) -> None:
-    """The `adapter` settings and per-layer `quant` of a qbara adapter record build valid configs; errors name
-    the file."""
-    from qbara.adapters.config import AdapterConfig
-    from qbara.quant.config import QuantConfig
-
-    try:
-        AdapterConfig.from_dict(record["adapter"])
-        layers = record.get("layers")
-        for name, layer in (layers.items() if isinstance(layers, dict) else ()):
-            if isinstance(layer, dict) and isinstance(layer.get("quant"), dict):
-                QuantConfig.from_dict(layer["quant"])
-    except (QbaraError, TypeError) as err:
-        raise QbaraError(f"{path}: {err}; the file is damaged, save the adapter again") from None

@@ -95,7 +95,7 @@ def test_fold_into_int5_moves_only_the_minima(adapter, batch):
 @pytest.mark.parametrize("minimum_dtype, std, warns", [("fp16", 0.01, False), ("fp16", 1e-5, True),
                                                        ("fp32", 1e-5, False)])
 def test_fold_reports_what_rounding_of_the_minima_lost(minimum_dtype, std, warns):
-    """qbara_fold_rounding equals the dense-computed relative RMS of (folded - (base + ΔW)) over ΔW; a warning
+    """model.qbara.fold_rounding equals the dense-computed relative RMS of (folded - (base + ΔW)) over ΔW; a warning
     comes when the update is too small for fp16 minima to hold, and fp32 minima hold it."""
     import warnings
 
@@ -115,9 +115,9 @@ def test_fold_reports_what_rounding_of_the_minima_lost(minimum_dtype, std, warns
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         merge(model, into="quantized")
-    print(f"{minimum_dtype} std {std}: fold lost {model.qbara_fold_rounding:.2%} of the update")
-    assert model.qbara_fold_rounding == pytest.approx((lost / total) ** 0.5, rel=1e-3, abs=5e-4)  # fp32 dequant noise
-    assert (model.qbara_fold_rounding > 0.05) == warns
+    print(f"{minimum_dtype} std {std}: fold lost {model.qbara.fold_rounding:.2%} of the update")
+    assert model.qbara.fold_rounding == pytest.approx((lost / total) ** 0.5, rel=1e-3, abs=5e-4)  # fp32 dequant noise
+    assert (model.qbara.fold_rounding > 0.05) == warns
     assert any("minima could not hold" in str(w.message) for w in caught) == warns
 
 
@@ -183,7 +183,7 @@ def test_a_merged_model_forgets_its_old_base_fingerprint():
     model, _ = build("tiny-llama", "qahira")
     randomize_adapters(model, std=0.01)
     merge(model, into="quantized")
-    assert not hasattr(model, "qbara_base_fingerprint")
+    assert model.qbara.base_fingerprint is None
     prepare(model, {}, AdapterConfig("lora", rank=2))
     from qbara.adapters.io import base_fingerprint
 

@@ -74,7 +74,7 @@ def test_peft_folders_load_into_qbara_with_peft_forward(kwargs, tmp_path):
     model, _ = tiny_llama(seed=0)
     with pytest.warns(UserWarning, match="records no fingerprint"):
         load_adapter(model, folder)
-    assert model.qbara_adapter_config.method == ("qalora" if kwargs.get("use_qalora") else "lora")
+    assert model.qbara.adapter_config.method == ("qalora" if kwargs.get("use_qalora") else "lora")
     with torch.no_grad():
         assert torch.allclose(model(IDS).logits, expected, atol=1e-5, rtol=0)
     save_adapter(model, tmp_path / "again")  # and qbara writes it back in a layout PEFT reads the same way

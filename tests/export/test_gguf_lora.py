@@ -193,7 +193,7 @@ def test_lq_lora_over_gguf_formats_exports_as_base_and_adapter(tmp_path):
     model, tokenizer = tiny_llama(seed=8, **shape)
     qbara.lq_prepare(model, 6.5, 4, configs=gguf_configs(["q2_k", "q4_0", "q4_k", "q6_k", "q8_0"]),
                      file_budget=True, table_iters=2, max_iters=2, progress=False)
-    assert model.qbara_lq.allocation.file_bits_per_param <= 6.5
+    assert model.qbara.lq.allocation.file_bits_per_param <= 6.5
     base = export_gguf(model, tokenizer, tmp_path / "b.gguf", separate_lora=True, embedding_type="q8_0")
     adapter = export_gguf_lora(model, tmp_path / "a.gguf")
     assert base.lossless and sum(base.format_counts.values()) == 7

@@ -39,8 +39,8 @@ def _assert_same_model(expected, got):
     assert a.keys() == b.keys()
     for key, value in a.items():
         assert torch.equal(b[key], value), key  # packed Q, factors and every other weight
-    assert got.qbara_base_fingerprint == expected.qbara_base_fingerprint
-    assert got.qbara_adapter_config == expected.qbara_adapter_config
+    assert got.qbara.base_fingerprint == expected.qbara.base_fingerprint
+    assert got.qbara.adapter_config == expected.qbara.adapter_config
     with torch.no_grad():
         assert torch.equal(got(IDS).logits, expected(IDS).logits)
 
@@ -198,15 +198,15 @@ def test_lq_lora_equals_the_pieces_by_hand_and_lq_prepare():
     factors = quantize_with_factors(by_hand, allocation.configs, RANK, max_iters=3, seed=2, progress=False)
     attach_adapters(by_hand, AdapterConfig(rank=RANK, alpha=ALPHA, init="lq"), factors=factors)
     _assert_same_model(by_hand, model)
-    report = model.qbara_lq
+    report = model.qbara.lq
     assert report.allocation.indices == allocation.indices and len(set(allocation.indices)) > 1  # a real mix
     assert report.settings["budget"] == 3.0 and report.settings["table_iters"] == 2
     assert report.settings["max_iters"] == 3 and report.settings["seed"] == 2
-    assert model.qbara_adapter_config.init == "lq"
+    assert model.qbara.adapter_config.init == "lq"
 
     lq_prepare(shorthand, 3.0, RANK, alpha=ALPHA, seed=2, progress=False, **SMALL)
     _assert_same_model(model, shorthand)
-    assert shorthand.qbara_lq.to_dict() == report.to_dict()
+    assert shorthand.qbara.lq.to_dict() == report.to_dict()
     assert sum(p.requires_grad for p in model.parameters()) == 2 * len(adapter_layers(model))
 
 
@@ -218,7 +218,7 @@ def test_a_precomputed_table_by_object_or_path_gives_the_same_model(tmp_path):
     for given in (table, path):
         model = prepare(copy.deepcopy(base), LQConfig(budget=3.0, table=given, max_iters=3), ADAPTER)
         _assert_same_model(computed, model)
-        assert model.qbara_lq.to_dict() == computed.qbara_lq.to_dict()
+        assert model.qbara.lq.to_dict() == computed.qbara.lq.to_dict()
     with pytest.raises(QbaraError, match="other candidate configs"):  # checked once the file is read
         prepare(copy.deepcopy(base), LQConfig(budget=3.0, table=path, configs=CONFIGS[1:]), ADAPTER)
 
@@ -231,8 +231,8 @@ def test_loftq_is_the_one_format_case_and_equals_the_init_shorthand():
     model = prepare(copy.deepcopy(base), LQConfig(configs=NF4, method="loftq", loftq_iters=2), adapter)
     shorthand = prepare(copy.deepcopy(base), NF4, dataclasses.replace(adapter, init="loftq", loftq_iters=2))
     _assert_same_model(shorthand, model)
-    assert model.qbara_lq.to_dict() == shorthand.qbara_lq.to_dict()
-    assert model.qbara_adapter_config == dataclasses.replace(adapter, init="loftq", loftq_iters=2)
+    assert model.qbara.lq.to_dict() == shorthand.qbara.lq.to_dict()
+    assert model.qbara.adapter_config == dataclasses.replace(adapter, init="loftq", loftq_iters=2)
 
     by_hand = copy.deepcopy(base)
     targets = linear_layer_names(by_hand, ["q_proj", "v_proj"])
@@ -247,7 +247,7 @@ def test_loftq_is_the_one_format_case_and_equals_the_init_shorthand():
     assert plain and all(model.get_submodule(n).quant_config == NF4 for n in plain)
     # LQ-LoRA's decomposition on the same format is another model (best iterate, SVD first).
     lq = prepare(copy.deepcopy(base), LQConfig(configs=NF4, max_iters=3), adapter)
-    assert lq.qbara_lq.method == "lq"
+    assert lq.qbara.lq.method == "lq"
     assert any(not torch.equal(lq.get_submodule(n).base.codes, layers[n].base.codes)
                or not torch.equal(lq.get_submodule(n).lora_B.weight, layers[n].lora_B.weight) for n in targets)
 
@@ -257,8 +257,8 @@ def test_lq_on_one_format_with_nf8_factors_equals_the_init_shorthand():
     model = prepare(copy.deepcopy(base), LQConfig(configs=NF4, factor_format=FACTOR_CONFIG), ADAPTER)
     shorthand = prepare(copy.deepcopy(base), NF4, dataclasses.replace(ADAPTER, init="lq"), factor_format=FACTOR_CONFIG)
     _assert_same_model(shorthand, model)
-    assert model.qbara_lq.to_dict() == shorthand.qbara_lq.to_dict()
-    assert model.qbara_lq.settings["factor_format"] == FACTOR_CONFIG.label
+    assert model.qbara.lq.to_dict() == shorthand.qbara.lq.to_dict()
+    assert model.qbara.lq.settings["factor_format"] == FACTOR_CONFIG.label
 
 
 def test_a_fisher_reaches_the_table_the_allocation_and_the_factors(tmp_path):
@@ -266,9 +266,9 @@ def test_a_fisher_reaches_the_table_the_allocation_and_the_factors(tmp_path):
     fisher = _fisher(base)
     plain = prepare(copy.deepcopy(base), LQConfig(budget=3.0, **SMALL), ADAPTER)
     weighted = prepare(copy.deepcopy(base), LQConfig(budget=3.0, fisher=fisher, **SMALL), ADAPTER)
-    assert weighted.qbara_lq.fisher and not plain.qbara_lq.fisher
-    assert weighted.qbara_lq.allocation.error != pytest.approx(plain.qbara_lq.allocation.error, rel=1e-3)
-    assert weighted.qbara_lq.allocation.indices != plain.qbara_lq.allocation.indices  # the heavy rows move bits
+    assert weighted.qbara.lq.fisher and not plain.qbara.lq.fisher
+    assert weighted.qbara.lq.allocation.error != pytest.approx(plain.qbara.lq.allocation.error, rel=1e-3)
+    assert weighted.qbara.lq.allocation.indices != plain.qbara.lq.allocation.indices  # the heavy rows move bits
     # ... and the same through a Fisher file and through lq_prepare
     save_fisher(fisher, tmp_path / "fisher.safetensors")
     from_file = prepare(copy.deepcopy(base), LQConfig(budget=3.0, fisher=tmp_path / "fisher.safetensors", **SMALL),
@@ -292,7 +292,7 @@ def test_a_fisher_weights_the_one_format_decompositions():
         torch.testing.assert_close(layer.delta_weight(), decs[n].L1 @ decs[n].L2, rtol=1e-5, atol=1e-6)
         changed += not torch.allclose(layer.delta_weight(), plain.get_submodule(n).delta_weight())
     assert changed == len(targets)
-    assert weighted.qbara_lq.fisher and weighted.qbara_lq.allocation is None
+    assert weighted.qbara.lq.fisher and weighted.qbara.lq.allocation is None
 
 
 def test_a_checkpoint_folder_is_streamed_to_the_same_model(tmp_path):
@@ -304,8 +304,8 @@ def test_a_checkpoint_folder_is_streamed_to_the_same_model(tmp_path):
     eager = prepare(load_model(str(folder))[0], lq, ADAPTER)
     streamed = prepare(folder, lq, ADAPTER)
     _assert_same_model(eager, streamed)
-    assert streamed.qbara_lq.to_dict() == eager.qbara_lq.to_dict()
-    assert not hasattr(streamed, "qbara_loaded_quant")
+    assert streamed.qbara.lq.to_dict() == eager.qbara.lq.to_dict()
+    assert streamed.qbara.loaded_quant is None
     loftq = LQConfig(configs=NF4, method="loftq", loftq_iters=2)
     adapter = AdapterConfig(rank=RANK, alpha=ALPHA, target_modules=["q_proj", "v_proj"])
     _assert_same_model(prepare(load_model(str(folder))[0], loftq, adapter), prepare(str(folder), loftq, adapter))

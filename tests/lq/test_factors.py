@@ -75,8 +75,8 @@ def test_nf8_factors_change_step0_logits_little():
     rel = float((a - b).norm() / a.norm())
     assert 0 < rel < 1e-2
     assert float((a - b).norm()) < 0.1 * float((a - d).norm())
-    acc = bits_account(model.qbara_lq, factor_bits)
-    assert acc.quantized_bits_per_param == pytest.approx(model.qbara_lq.bits_per_param)
+    acc = bits_account(model.qbara.lq, factor_bits)
+    assert acc.quantized_bits_per_param == pytest.approx(model.qbara.lq.bits_per_param)
     numel = sum(l1.numel() + l2.numel() for l1, l2 in factors.values())
     assert factor_bits >= numel * 8.127
     assert acc.bits_per_param == pytest.approx(acc.quantized_bits_per_param + factor_bits / acc.params)

@@ -166,7 +166,7 @@ def test_lq_prepare_under_a_file_budget_stores_at_most_the_budget():
     expected = table.allocate(budget, fb)
     assert len(set(expected.counts())) > 1  # a real mix
     lq_prepare(model, budget=budget, rank=rank, alpha=8.0, table=table, file_budget=fb, max_iters=3, progress=False)
-    allocation = model.qbara_lq.allocation
+    allocation = model.qbara.lq.allocation
     assert allocation.indices == expected.indices and allocation.file is fb and allocation.budget == budget
     kinds = {m.quant_config.kind for m in model.modules() if isinstance(m, QuantizedLinear)}
     assert kinds == {"gguf"}
@@ -174,7 +174,7 @@ def test_lq_prepare_under_a_file_budget_stores_at_most_the_budget():
     assert stored <= budget * total
     assert stored == pytest.approx(8 * allocation.file_bytes, rel=1e-12)
     assert allocation.file_bits_per_param == pytest.approx(stored / total, rel=1e-12)
-    assert model.qbara_lq.settings["file_budget"]["total_params"] == total
+    assert model.qbara.lq.settings["file_budget"]["total_params"] == total
     with pytest.raises(QbaraError, match="infeasible"):
         table.allocate(low - 0.05, fb)
     other = FileBudget(fb.fixed_bits, fb.total_params, fb.matrix_params - 1)
@@ -187,7 +187,7 @@ def test_lq_prepare_file_budget_true_uses_the_model_defaults():
     fb = FileBudget.of_model(model)
     lq_prepare(model, budget=6.0, rank=2, configs=gguf_configs(["q4_0", "q4_k", "q8_0"]), file_budget=True,
                table_iters=2, max_iters=2, progress=False)
-    allocation = model.qbara_lq.allocation
+    allocation = model.qbara.lq.allocation
     assert allocation.file == fb and allocation.file_bits_per_param <= 6.0
     assert allocation.to_dict()["file_budget"]["fixed_bits"] == fb.fixed_bits
     with pytest.raises(QbaraError, match="file_budget must be"):
@@ -240,8 +240,8 @@ def test_streamed_lq_prepare_takes_the_same_file_budget(tmp_path):
                   file_budget=True, progress=False)
     lq_prepare(eager, 6.0, 2, **kwargs)
     streamed = lq_prepare(folder, 6.0, 2, **kwargs)
-    assert streamed.qbara_lq.allocation.indices == eager.qbara_lq.allocation.indices
-    assert streamed.qbara_lq.to_dict() == eager.qbara_lq.to_dict()
-    assert streamed.qbara_lq.allocation.file_bits_per_param <= 6.0
+    assert streamed.qbara.lq.allocation.indices == eager.qbara.lq.allocation.indices
+    assert streamed.qbara.lq.to_dict() == eager.qbara.lq.to_dict()
+    assert streamed.qbara.lq.allocation.file_bits_per_param <= 6.0
     with pytest.raises(QbaraError, match="not a safetensors checkpoint folder"):
         checkpoint_file_budget(tmp_path / "nowhere")

@@ -68,7 +68,7 @@ def test_lq_init_model_at_step_0_is_q_plus_l1l2(build):
     twin = _dense_twin(dense, {n: decs[n].reconstruct() for n in layers})
     with torch.no_grad():
         torch.testing.assert_close(model(_ids()).logits, twin(_ids()).logits, rtol=1e-4, atol=1e-5)
-    assert model.qbara_lq.method == "lq" and len(model.qbara_lq.layers) == len(layers)
+    assert model.qbara.lq.method == "lq" and len(model.qbara.lq.layers) == len(layers)
 
 
 def test_loftq_one_iteration_is_quantize_then_svd_of_the_error():
@@ -98,7 +98,7 @@ def test_loftq_prepare_divides_the_factors_by_s():
         assert torch.equal(layer.base.codes, Q.tensors["codes"])  # LoftQ-1: Q is quantize(W)
         torch.testing.assert_close(layer.delta_weight(), _truncated_svd(W - Q.dequantize(), RANK).float(),
                                    rtol=1e-3, atol=1e-5)
-    assert model.qbara_lq.method == "loftq"
+    assert model.qbara.lq.method == "loftq"
 
 
 def test_loftq_init_is_closer_to_the_dense_model_than_plain_qlora():
@@ -117,7 +117,7 @@ def test_lq_prepare_allocates_within_the_budget_and_starts_from_the_decompositio
     dense = copy.deepcopy(model)
     configs = [qlora_config(b) for b in (2, 3, 4)]
     lq_prepare(model, budget=3.0, rank=RANK, alpha=ALPHA, configs=configs, table_iters=3, progress=False)
-    report = model.qbara_lq
+    report = model.qbara.lq
     allocation = report.allocation
     assert report.bits_per_param <= 3.0 + 1e-9
     assert len(set(c.label for c in allocation.configs.values())) > 1  # a real mix at this budget
@@ -165,7 +165,7 @@ def test_fisher_weighted_lq_prepare_from_a_file(tmp_path):
     save_fisher(fisher, tmp_path / "fisher.safetensors")
     lq_prepare(model, budget=3.5, rank=RANK, fisher=tmp_path / "fisher.safetensors",
                configs=[qlora_config(b) for b in (3, 4)], table_iters=2, progress=False)
-    assert model.qbara_lq.fisher and model.qbara_lq.allocation.bits_per_param <= 3.5
+    assert model.qbara.lq.fisher and model.qbara.lq.allocation.bits_per_param <= 3.5
 
 
 def test_init_refusals():

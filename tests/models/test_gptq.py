@@ -53,7 +53,7 @@ def test_sequential_gptq_matches_the_layer_by_layer_reference(build):
     assert len(ours) == 14 and ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-5, msg=name)
-    report = model.qbara_gptq
+    report = model.qbara.gptq
     assert report.settings["tokens"] == sequences.numel() and report.error_ratio < 0.8
     assert all(v["gptq_error"] < v["rtn_error"] for v in report.layers.values())
 
@@ -69,7 +69,7 @@ def test_gptq_model_saves_loads_and_takes_a_lora_adapter(tmp_path):
     loaded, _ = load_model(str(tmp_path / "gptq"))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
-    fingerprint = model.qbara_base_fingerprint
+    fingerprint = model.qbara.base_fingerprint
     # LoRA on top: prepare attaches only (the GPTQ weights stay), on the in-memory model and on the loaded folder
     for base in (model, loaded):
         prepare(base, CONFIG, AdapterConfig("lora", rank=4))
@@ -77,7 +77,7 @@ def test_gptq_model_saves_loads_and_takes_a_lora_adapter(tmp_path):
         assert trainable and all("lora" in n for n in trainable)
         with torch.no_grad():
             assert torch.equal(base(ids).logits, expected)  # B = 0 at step 0
-    assert loaded.qbara_base_fingerprint == fingerprint  # the adapter is tied to the GPTQ base
+    assert loaded.qbara.base_fingerprint == fingerprint  # the adapter is tied to the GPTQ base
     with pytest.raises(QbaraError, match="already quantized as int3-g32, not int4-g32"):
         prepare(load_model(str(tmp_path / "gptq"))[0], QuantConfig("int4", 32), AdapterConfig("lora", rank=4))
     # GPTQ's weights differ from plain round-to-nearest of the dense model

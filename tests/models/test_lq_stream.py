@@ -41,7 +41,7 @@ def _assert_same_model(eager, streamed, storage):
         assert torch.equal(got[key].to(value.dtype), value), key  # packed Q, factors, every other weight
         if value.is_floating_point() and key.endswith(("norm.weight", "embed_tokens.weight")):
             assert got[key].dtype == storage, key  # the checkpoint's dtype, never an fp32 copy
-    assert streamed.qbara_base_fingerprint == eager.qbara_base_fingerprint
+    assert streamed.qbara.base_fingerprint == eager.qbara.base_fingerprint
     with torch.no_grad():
         assert torch.equal(streamed(IDS).logits, eager(IDS).logits)
 
@@ -53,8 +53,8 @@ def test_streamed_lq_lora_equals_lq_prepare_on_the_dense_model(dtype, tmp_path):
     lq_prepare(eager, 3.0, 4, **SMALL)
     streamed = lq_prepare(folder, 3.0, 4, **SMALL)
     _assert_same_model(eager, streamed, dtype)
-    assert streamed.qbara_lq.to_dict() == eager.qbara_lq.to_dict()  # allocation, errors, dense fingerprint
-    assert not hasattr(streamed, "qbara_loaded_quant")  # its Q is no plain quantization of the checkpoint
+    assert streamed.qbara.lq.to_dict() == eager.qbara.lq.to_dict()  # allocation, errors, dense fingerprint
+    assert streamed.qbara.loaded_quant is None  # its Q is no plain quantization of the checkpoint
 
 
 def test_streamed_lq_lora_reads_a_fisher_file_like_the_dense_path(tmp_path):
@@ -66,7 +66,7 @@ def test_streamed_lq_lora_reads_a_fisher_file_like_the_dense_path(tmp_path):
     save_fisher(fisher, tmp_path / "fisher.safetensors")
     lq_prepare(eager, 3.0, 4, fisher, **SMALL)
     streamed = lq_prepare(folder, 3.0, 4, tmp_path / "fisher.safetensors", **SMALL)
-    assert streamed.qbara_lq.fisher
+    assert streamed.qbara.lq.fisher
     _assert_same_model(eager, streamed, torch.bfloat16)
 
 
@@ -166,15 +166,15 @@ def test_nf8_factors_are_what_the_adapters_start_from_and_are_counted(tmp_path):
     streamed = lq_prepare(folder, 3.0, 4, factor_format=FACTOR_CONFIG, **SMALL)
     _assert_same_model(eager, streamed, torch.bfloat16)
     reference = load_model(str(folder))[0]  # the same decompositions, then NF8 by hand
-    factors = quantize_with_factors(reference, streamed.qbara_lq.allocation.configs, 4, max_iters=3, progress=False)
+    factors = quantize_with_factors(reference, streamed.qbara.lq.allocation.configs, 4, max_iters=3, progress=False)
     expected, bits = quantize_factors(factors)
     for name, layer in adapter_layers(streamed).items():
         root = math.sqrt(layer.scaling)
         assert torch.allclose(layer.lora_B.weight * root, expected[name][0], rtol=1e-6, atol=1e-12), name
         assert torch.allclose(layer.lora_A.weight * root, expected[name][1], rtol=1e-6, atol=1e-12), name
         assert not torch.allclose(layer.lora_B.weight * root, factors[name][0], rtol=1e-6, atol=1e-12), name
-    settings = streamed.qbara_lq.settings
+    settings = streamed.qbara.lq.settings
     assert settings["factor_format"] == FACTOR_CONFIG.label
-    params = sum(layer.numel for layer in streamed.qbara_lq.layers.values())
+    params = sum(layer.numel for layer in streamed.qbara.lq.layers.values())
     assert settings["factor_bits_per_param"] == pytest.approx(bits / params)
-    assert settings["total_bits_per_param"] == pytest.approx(streamed.qbara_lq.bits_per_param + bits / params)
+    assert settings["total_bits_per_param"] == pytest.approx(streamed.qbara.lq.bits_per_param + bits / params)

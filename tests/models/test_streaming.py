@@ -29,7 +29,7 @@ def test_quantize_on_load_equals_load_then_prepare(build, dtype, quant, adapter,
     dense_fingerprint = model_fingerprint(eager)
     prepare(eager, quant, adapter)
     streamed, _ = load_model(str(folder), quant=quant)
-    assert streamed.qbara_base_fingerprint == dense_fingerprint
+    assert streamed.qbara.base_fingerprint == dense_fingerprint
     prepare(streamed, quant, adapter)
     expected, got = eager.state_dict(), streamed.state_dict()
     assert expected.keys() == got.keys()
@@ -127,7 +127,7 @@ def test_gguf_quantize_on_load_equals_dense_load_then_prepare(tmp_path):
     fingerprint = model_fingerprint(eager)
     prepare(eager, quant, None)
     streamed, tok = load_model(str(path), quant=quant)
-    assert tok is not None and streamed.qbara_base_fingerprint == fingerprint
+    assert tok is not None and streamed.qbara.base_fingerprint == fingerprint
     expected = eager.state_dict()
     assert all(torch.equal(streamed.state_dict()[k], v) for k, v in expected.items())
     with torch.no_grad():

@@ -9,6 +9,7 @@ from qbara.adapters.base import AdaptedLinear
 from qbara.adapters.config import AdapterConfig
 from qbara.adapters.methods import build_adapter
 from qbara.errors import QbaraError
+from qbara.state import state_of
 from qbara.targets import linear_layer_names, set_submodule
 
 
@@ -39,7 +40,7 @@ def attach_adapters(model: nn.Module, config: AdapterConfig,
     for layer in layers.values():
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
-    model.qbara_adapter_config = config
+    state_of(model).adapter_config = config
     from qbara.models.quantized_io import enable_native_save
 
     return enable_native_save(model)

@@ -19,15 +19,19 @@ import torch
 from torch import nn
 
 from qbara.adapters.attach import adapter_layers
+from qbara.adapters.base import AdaptedLinear
 from qbara.adapters.config import AdapterConfig
 from qbara.adapters.methods import build_adapter
 from qbara.adapters.peft_layout import peft_method_fields
 from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
+from qbara.fingerprint import model_fingerprint
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
+from qbara.state import state_of
 from qbara.targets import set_submodule
 from qbara.tensor_checks import ADAPTER_LIMIT, check_digest, check_tensor, read_safetensors, tensors_digest
+from qbara.validate import check_adapter_sizes, read_json_file
 
 CONFIG_NAME = "adapter_config.json"
 QBARA_NAME = "qbara_adapter.json"
@@ -38,11 +42,9 @@ FORMAT_VERSION = 1
 
 def base_fingerprint(model: nn.Module) -> str:
     """The fingerprint of the unquantized base, recorded by `prepare` (or computed now)."""
-    recorded = getattr(model, "qbara_base_fingerprint", None)
+    recorded = state_of(model).base_fingerprint
     if recorded:
         return recorded
-    from qbara.fingerprint import model_fingerprint
-
     return model_fingerprint(model)
 
 
@@ -55,7 +57,7 @@ def save_adapter(model: nn.Module, directory, base_model_name: str | None = None
     layers = adapter_layers(model)
     if not layers:
         raise QbaraError("this model has no adapters to save; attach them with qbara.prepare(..., adapter=...)")
-    config: AdapterConfig | None = getattr(model, "qbara_adapter_config", None)
+    config: AdapterConfig | None = state_of(model).adapter_config
     if config is None:
         raise QbaraError("this model's adapters were not attached by qbara.prepare / attach_adapters")
     tensors, records = {}, {}
@@ -91,8 +93,6 @@ def save_adapter(model: nn.Module, directory, base_model_name: str | None = None
 def peft_targets(model: nn.Module, adapted: list[str]) -> list[str]:
     """PEFT's target_modules for the adapted layers: their last name components when those select exactly
     them (PEFT matches a name by its suffix), otherwise the full names."""
-    from qbara.adapters.base import AdaptedLinear
-
     suffixes = {n.rsplit(".", 1)[-1] for n in adapted}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inside = tuple(f"{n}." for n in adapted)
@@ -139,15 +139,25 @@ def read_adapter_config(directory, peft: bool = False) -> dict:
                          f"qbara loads adapters it saved")
     if not isinstance(data["qbara"], dict) or not isinstance(data["qbara"].get("adapter"), dict):
         raise QbaraError(f"{directory / QBARA_NAME}: no 'adapter' record; the file is damaged, save the adapter again")
-    from qbara.validate import check_adapter_record
-
     check_adapter_record(directory / QBARA_NAME, data["qbara"])
     return data
 
 
-def _read_json(path: Path) -> dict:
-    from qbara.validate import read_json_file  # size, encoding, nesting and type checked
+def check_adapter_record(path, record: dict) -> None:
+    """The `adapter` settings and per-layer `quant` of a qbara adapter record build valid configs; errors name
+    the file."""
+    try:
+        AdapterConfig.from_dict(record["adapter"])
+        layers = record.get("layers")
+        for name, layer in (layers.items() if isinstance(layers, dict) else ()):
+            if isinstance(layer, dict) and isinstance(layer.get("quant"), dict):
+                QuantConfig.from_dict(layer["quant"])
+    except (QbaraError, TypeError) as err:
+        raise QbaraError(f"{path}: {err}; the file is damaged, save the adapter again") from None
 
+
+def _read_json(path: Path) -> dict:
+    """A JSON object of the adapter folder, its size, encoding, nesting and type checked."""
     return read_json_file(path, path.name, fix="the file is damaged, save the adapter again")
 
 
@@ -245,8 +255,6 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
                       f"check that this is the model it was trained on", stacklevel=2)
     config = AdapterConfig.from_dict(info["adapter"])
     _check_layer_records(info.get("layers"), directory)
-    from qbara.validate import check_adapter_sizes
-
     check_adapter_sizes(Path(directory) / WEIGHTS_NAME, config, info["layers"], PREFIX)  # before allocating
     from qbara.models.bnb import adopt_bnb, bnb_layers
 
@@ -266,8 +274,8 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
                                f"base named {data.get('base_model_name_or_path')!r}; load that base model first")
     if adapter_layers(model):
         raise QbaraError("this model already has adapters; load the adapter onto a fresh base model")
-    if not hasattr(model, "qbara_base_fingerprint"):
-        model.qbara_base_fingerprint = base_fingerprint(model)
+    if state_of(model).base_fingerprint is None:
+        state_of(model).base_fingerprint = base_fingerprint(model)
     layers = {}
     for name, record in info["layers"].items():
         base = _submodule(model, name)
@@ -288,7 +296,7 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
         set_submodule(model, name, layer)
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
-    model.qbara_adapter_config = config
+    state_of(model).adapter_config = config
     from qbara.models.quantized_io import enable_native_save
 
     return enable_native_save(model)

@@ -8,6 +8,7 @@ from torch import nn
 
 from qbara.adapters.attach import adapter_layers
 from qbara.errors import QbaraError
+from qbara.state import state_of
 from qbara.targets import set_submodule
 
 MERGE_TARGETS = ("dense", "quantized", "requantized")
@@ -21,9 +22,10 @@ def merge(model: nn.Module, into: str = "dense") -> nn.Module:
     base's float minima; the layer stays quantized with unchanged bits/param. requantized: dequant(W) + Delta W
     quantized again with each base's own config (lossy; how other tools merge into a 4-bit model, kept for
     comparison and for methods that cannot fold). The fold is exact up to
-    the fp16 rounding of the new minima: `model.qbara_fold_rounding` is the share (relative RMS) of the
+    the fp16 rounding of the new minima: `model.qbara.fold_rounding` is the share (relative RMS) of the
     update that rounding lost, and a warning says so above 5%. Every layer is checked before any is
-    replaced, so a refused merge leaves the model as it was.
+    replaced, so a refused merge leaves the model as it was. The merged model's `model.qbara` keeps the reports
+    (lq, gptq, fold_rounding) and drops the base fingerprint, the quant it was loaded with and the adapter config.
     """
     if into not in MERGE_TARGETS:
         raise QbaraError(f"unknown merge target {into!r}: choose one of {', '.join(MERGE_TARGETS)}")
@@ -42,6 +44,7 @@ def merge(model: nn.Module, into: str = "dense") -> nn.Module:
         if dense:
             raise QbaraError(f"{dense[0]}: merge(into='requantized') needs a quantized base, and this layer's is "
                              f"dense; merge into='dense'")
+    state = state_of(model)
     lost = total = 0.0
     for name, layer in layers.items():
         if into == "quantized":
@@ -51,16 +54,14 @@ def merge(model: nn.Module, into: str = "dense") -> nn.Module:
             merged = layer.merge(into)
         set_submodule(model, name, merged)
     if into == "quantized":
-        model.qbara_fold_rounding = math.sqrt(lost / total) if total > 0 else 0.0
-        if model.qbara_fold_rounding > FOLD_ROUNDING_WARN:
-            warnings.warn(f"the fp16 minima could not hold {model.qbara_fold_rounding:.0%} of the update (relative "
+        state.fold_rounding = math.sqrt(lost / total) if total > 0 else 0.0
+        if state.fold_rounding > FOLD_ROUNDING_WARN:
+            warnings.warn(f"the fp16 minima could not hold {state.fold_rounding:.0%} of the update (relative "
                           f"RMS): a block constant smaller than its minimum's fp16 step is rounded away or "
                           f"overshot, so the merged model is not quite the adapter model. Evaluate the merged "
                           f"model; larger updates (more steps, higher learning rate) fold more precisely, a base "
                           f"quantized with QuantConfig(..., minimum_dtype='fp32') holds the update (+0.5 "
                           f"bits/param at G=32), and merge(into='dense') keeps it exactly", stacklevel=2)
-    # The base changed: what described the model before the merge no longer does.
-    for attr in ("qbara_adapter_config", "qbara_base_fingerprint", "qbara_loaded_quant"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    # The base changed: its fingerprint, the quant it was loaded with and the adapter config no longer describe it.
+    state.forget_base()
     return model

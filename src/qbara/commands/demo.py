@@ -38,6 +38,7 @@ def _run(args, out: Path) -> tuple[dict, dict]:
     from qbara.models.loader import load_model
     from qbara.models.quantized_io import write_quantized
     from qbara.quant.config import QuantConfig
+    from qbara.state import state_of
     from qbara.train.config import build_config
     from qbara.train.data import build_examples, read_records
     from qbara.train.trainer import prepare_for_training, train
@@ -74,7 +75,7 @@ def _run(args, out: Path) -> tuple[dict, dict]:
         "train_records": len(read_records(str(train_file))), "held_out_records": len(held),
         "held_out_loss_before": before, "held_out_loss_after": after, "held_out_loss_merged": merged,
         "merged_vs_adapter_rel_diff": abs(merged - after) / after, "bits_per_param_merged": bits,
-        "fold_rounding": model.qbara_fold_rounding,
+        "fold_rounding": state_of(model).fold_rounding,
         "seconds": time.perf_counter() - start,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))

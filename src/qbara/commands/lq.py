@@ -67,6 +67,7 @@ def _run(args, out: Path | None) -> dict | None:
     from qbara.lq.plot import plot_bits_per_layer
     from qbara.models.lq_stream import checkpoint_folder
     from qbara.models.quantized_io import write_quantized
+    from qbara.state import state_of
 
     start = time.perf_counter()
     options = _options(args)
@@ -75,7 +76,7 @@ def _run(args, out: Path | None) -> dict | None:
         model, tokenizer, dense_eval = _streamed(args, folder, out, options)
     else:
         model, tokenizer, dense_eval = _in_memory(args, out, options)
-    report = model.qbara_lq
+    report = state_of(model).lq
     if not is_main_process():
         return None
     write_quantized(model, tokenizer, out / "model", base_only=True)

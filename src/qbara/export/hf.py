@@ -8,11 +8,10 @@ import torch
 from torch import nn
 
 from qbara.errors import QbaraError
+from qbara.state import state_of
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-# Attributes qbara sets on a model; they are not part of a Hugging Face checkpoint.
-_QBARA_ATTRS = ("qbara_adapter_config", "qbara_base_fingerprint")
 
 
 def _resolve_dtype(dtype) -> torch.dtype:
@@ -25,7 +24,8 @@ def _resolve_dtype(dtype) -> torch.dtype:
 
 def dense_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` with its adapters merged (`qbara.merge(into="dense")`) and every QuantizedLinear
-    dequantized to an fp32 nn.Linear (`qbara.prepare.dequantize_model`); the model passed in is unchanged."""
+    dequantized to an fp32 nn.Linear (`qbara.prepare.dequantize_model`); the model passed in is unchanged. The copy's
+    `model.qbara` keeps the reports (lq, gptq, fold_rounding) and forgets the base (`QbaraState.forget_base`)."""
     from qbara.adapters import adapter_layers, merge
     from qbara.prepare import dequantize_model
 
@@ -33,9 +33,7 @@ def dense_copy(model: nn.Module) -> nn.Module:
     if adapter_layers(dense):
         merge(dense, into="dense")
     dequantize_model(dense)
-    for attr in _QBARA_ATTRS:
-        if hasattr(dense, attr):
-            delattr(dense, attr)
+    state_of(dense).forget_base()  # a plain dense model now, whatever it held (merge and dequantize forget it too)
     return dense
 
 

@@ -6,7 +6,7 @@ The paper counts its "2.75 -> 2.85 bits" (LLaMA-2-70B, rank 64) this way. The fa
 on LLaMA-2-70B, +0.20 on LLaMA-2-7B, +1.50 on SmolLM2-135M (measured).
 
     factors, factor_bits = quantize_factors(factors)             # name -> (L1, L2), NF8-rounded
-    account = bits_account(model.qbara_lq, factor_bits)          # total bits/param, Q + factors
+    account = bits_account(model.qbara.lq, factor_bits)          # total bits/param, Q + factors
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ class BitsAccount:
 
 
 def bits_account(layers, factor_bits: float) -> BitsAccount:
-    """The BitsAccount of `layers` (an `LQReport` such as `model.qbara_lq`, or name -> (QuantConfig, numel))
+    """The BitsAccount of `layers` (an `LQReport` such as `model.qbara.lq`, or name -> (QuantConfig, numel))
     with `factor_bits` bits of factors (from `quantize_factors`). Q is counted by the config formula
     b + b0/B0 + b1/(B0·B1), as `LQReport.bits_per_param` does."""
     items = getattr(layers, "layers", layers)

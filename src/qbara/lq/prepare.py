@@ -26,6 +26,7 @@ from qbara.lq.loftq import loftq
 from qbara.lq.parallel import active_dist, collective_device, my_share, owners, run_per_matrix
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
+from qbara.state import state_of
 
 __all__ = ["LQLayer", "LQReport", "decompose_layers", "quantize_with_factors", "prepare_lq", "lq_prepare"]
 
@@ -48,7 +49,7 @@ class LQLayer:
 
 @dataclass
 class LQReport:
-    """Kept on the model as `model.qbara_lq` by `quantize_with_factors` / `lq_prepare`."""
+    """Kept on the model as `model.qbara.lq` by `quantize_with_factors` / `lq_prepare`."""
 
     method: str
     rank: int
@@ -170,7 +171,7 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
     decomposition, in place; return name -> (L1, L2) for the adapters to start from.
 
     `quant` is one config for all targets or name -> config (an allocation). Records the report as
-    `model.qbara_lq` and a fingerprint of the new quantized base as `model.qbara_base_fingerprint`
+    `model.qbara.lq` and a fingerprint of the new quantized base as `model.qbara.base_fingerprint`
     (adapters started from these factors only fit this Q, not a plain quantization of the model).
     """
     from qbara.fingerprint import model_fingerprint
@@ -193,10 +194,11 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
         device = layer.weight.device
         set_submodule(model, n, QuantizedLinear(dec.qtensor.to(device), layer.bias))
         factors[n] = (dec.L1.to(device), dec.L2.to(device))
-    model.qbara_lq = lq_report(method, rank, decs, fisher=fisher is not None,
-                               settings={"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed})
+    state = state_of(model)
+    state.lq = lq_report(method, rank, decs, fisher=fisher is not None,
+                         settings={"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed})
     if hasattr(model, "config"):
-        model.qbara_base_fingerprint = model_fingerprint(model)
+        state.base_fingerprint = model_fingerprint(model)
     from qbara.models.quantized_io import enable_native_save
 
     enable_native_save(model)
@@ -215,7 +217,7 @@ def prepare_lq(model: nn.Module | str | Path, lq: LQConfig, adapter, *, modules=
     without ever holding the dense model (`qbara.models.lq_stream.stream_lq`; bit-identical).
     modules: the linears to quantize. With fixed configs (default all but lm_head) those outside the adapter
     targets are quantized plainly; with a budget the ILP allocates over the adapter targets alone (the default;
-    other layers stay dense). Returns the model; `model.qbara_lq` holds the report (allocation, errors).
+    other layers stay dense). Returns the model; `model.qbara.lq` holds the report (allocation, errors).
     """
     from qbara.fingerprint import model_fingerprint
     from qbara.nn.quantized_linear import QuantizedLinear
@@ -231,9 +233,10 @@ def prepare_lq(model: nn.Module | str | Path, lq: LQConfig, adapter, *, modules=
     if not isinstance(model, nn.Module):
         raise QbaraError(f"LQ-LoRA / LoftQ need a dense model (qbara.load_model) or a checkpoint folder, got "
                          f"{type(model).__name__}")
-    if not hasattr(model, "qbara_base_fingerprint") and hasattr(model, "config"):
-        model.qbara_base_fingerprint = model_fingerprint(model)
-    dense_fingerprint = getattr(model, "qbara_base_fingerprint", None)
+    state = state_of(model)
+    if state.base_fingerprint is None and hasattr(model, "config"):
+        state.base_fingerprint = model_fingerprint(model)
+    dense_fingerprint = state.base_fingerprint
     plan = plan_layers(model, lq, adapter, modules)
     fisher = lq.open_fisher()  # a file is read one matrix at a time
     file = None if lq.fixed else resolve_file_budget(model, lq.file_budget, adapter.target_modules)
@@ -324,11 +327,11 @@ def choose_configs(plan: LayerPlan, weights: Mapping[str, Tensor], lq: LQConfig,
 
 def finish_lq(model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]], lq: LQConfig, adapter, allocation,
               table, file, dense_fingerprint) -> nn.Module:
-    """Record the allocation in `model.qbara_lq`, store the factors in `lq.factor_format` and attach the adapters
+    """Record the allocation in `model.qbara.lq`, store the factors in `lq.factor_format` and attach the adapters
     started from them (the last steps of `prepare_lq`, in memory or streamed)."""
     from qbara.adapters.attach import attach_adapters
 
-    report = model.qbara_lq
+    report = state_of(model).lq
     if allocation is not None:
         report.allocation = allocation
         report.settings.update(budget=lq.budget, dense_fingerprint=dense_fingerprint,
@@ -355,7 +358,7 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
                       AdapterConfig(rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules))
 
     the primary form (see `qbara.lq.LQConfig` for every setting and `prepare_lq` for the steps). Returns the
-    model; `model.qbara_lq` holds the allocation and the per-matrix errors.
+    model; `model.qbara.lq` holds the allocation and the per-matrix errors.
     """
     from qbara.adapters.config import AdapterConfig
 

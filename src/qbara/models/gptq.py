@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
 from qbara.quant.gptq import DEFAULT_BLOCK_COLUMNS, DEFAULT_DAMP, gptq_quantize, hessian_accumulate, output_error
+from qbara.state import state_of
 from qbara.targets import ALL_LINEAR
 
 __all__ = ["CALIBRATION_PLAYS", "DEFAULT_LENGTH", "DEFAULT_SAMPLES", "GPTQReport", "decoder_layers",
@@ -88,7 +89,7 @@ def gptq_quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, Quan
     quant: one INT config (1 x G groups) or layer name -> config. sequences: (n, length) calibration token ids
     (e.g. `gptq_calibration`) or a list of 1-D tensors, run `batch_size` at a time. damp, block_columns,
     act_order: see `qbara.quant.gptq.gptq_quantize`. Every target must sit in a decoder layer (lm_head never
-    is a target). Afterwards `model.qbara_gptq` is a `GPTQReport`, the base fingerprint is that of the
+    is a target). Afterwards `model.qbara.gptq` is a `GPTQReport`, the base fingerprint is that of the
     quantized model (adapters trained on it fit this base, not `qbara.quantize` of the dense one), and
     `prepare(model, quant, adapter)` only attaches the adapters. Returns the model.
     """
@@ -115,10 +116,10 @@ def gptq_quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, Quan
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - started
-    model.qbara_gptq = report
-    model.qbara_loaded_quant = quant
+    state = state_of(model)
+    state.gptq, state.loaded_quant = report, quant
     if hasattr(model, "config"):
-        model.qbara_base_fingerprint = model_fingerprint(model)
+        state.base_fingerprint = model_fingerprint(model)
     return enable_native_save(model)
 
 

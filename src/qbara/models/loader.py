@@ -10,6 +10,7 @@ import torch
 from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
 from qbara.models.quantized_io import QUANT_MANIFEST
+from qbara.state import state_of
 from qbara.tensor_checks import check_model_values
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -136,9 +137,10 @@ def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):
     from qbara.prepare import quantize_model
 
     model, tokenizer = load_model(name, dtype=dtype or torch.float32, device=device)
-    model.qbara_base_fingerprint = model_fingerprint(model)
+    state = state_of(model)
+    state.base_fingerprint = model_fingerprint(model)
     quantize_model(model, quant, modules=modules, progress=progress)
-    model.qbara_loaded_quant = quant
+    state.loaded_quant = quant
     return model, tokenizer
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
+from qbara.state import state_of
 
 __all__ = ["load_lq", "stream_lq", "checkpoint_folder", "load_calibration_model"]
 
@@ -143,11 +144,11 @@ def stream_lq(name_or_path, lq, adapter, *, modules=None, dtype: torch.dtype | N
     quantized = configs if plan.layers is None else plan.layers  # the decomposed targets, and the rest plainly
     model = _stream(config, safetensors_reader(files), folder, quantized, "all-linear", storage, device, progress,
                     packed={n: dec.qtensor for n, dec in decs.items()})
-    dense_fingerprint = model.qbara_base_fingerprint
-    model.qbara_lq = lq_report(lq.method, adapter.rank, decs, fisher=fisher is not None,
-                               settings=lq.report_settings())
-    model.qbara_base_fingerprint = model_fingerprint(model)  # of the quantized base the factors fit
-    del model.qbara_loaded_quant  # the Q of decompositions, not a plain quantization of the checkpoint
+    state = state_of(model)
+    dense_fingerprint = state.base_fingerprint
+    state.lq = lq_report(lq.method, adapter.rank, decs, fisher=fisher is not None, settings=lq.report_settings())
+    state.base_fingerprint = model_fingerprint(model)  # of the quantized base the factors fit
+    state.loaded_quant = None  # the Q of decompositions, not a plain quantization of the checkpoint
     factors = {n: (dec.L1.to(device), dec.L2.to(device)) for n, dec in decs.items()}
     del decs
     finish_lq(model, factors, lq, adapter, allocation, table, file, dense_fingerprint)

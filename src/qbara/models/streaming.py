@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from qbara.errors import QbaraError
 from qbara.memory import release_freed_memory
 from qbara.quant.config import QuantConfig
+from qbara.state import state_of
 from qbara.targets import ALL_LINEAR
 
 SINGLE = "model.safetensors"
@@ -57,8 +58,8 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
     module doc).
 
     dtype: storage dtype of the weights that are not quantized (default: the checkpoint's). Returns the model
-    (eval mode, frozen) with `qbara_base_fingerprint` (equal to `model_fingerprint` of the dense model) and
-    `qbara_loaded_quant` set, so `prepare(model, quant, adapter)` attaches adapters without quantizing again.
+    (eval mode, frozen) with `model.qbara.base_fingerprint` (equal to `model_fingerprint` of the dense model) and
+    `model.qbara.loaded_quant` set, so `prepare(model, quant, adapter)` attaches adapters without quantizing again.
     """
     from transformers import AutoConfig
 
@@ -188,8 +189,8 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
     model.requires_grad_(False)
     model.eval()
     use_compute_dtype(model, default_compute_dtype(device))
-    model.qbara_base_fingerprint = combine_fingerprint(config, digests)
-    model.qbara_loaded_quant = quant
+    state = state_of(model)
+    state.base_fingerprint, state.loaded_quant = combine_fingerprint(config, digests), quant
     return enable_native_save(model)
 
 

@@ -21,6 +21,7 @@ from qbara.adapters.attach import adapter_layers, trainable_parameter_count
 from qbara.adapters.io import copy_adapter_weights, save_adapter
 from qbara.atomic import write_json_atomic
 from qbara.errors import QbaraError
+from qbara.state import state_of
 from qbara.train.config import RunConfig
 from qbara.train.data import ExampleDataset, PadCollator, build_examples, read_records
 
@@ -173,7 +174,7 @@ def check_resume_base(model, checkpoint: Path) -> None:
     check_base_fingerprint(info, model, str(checkpoint),
                            "resume with the run's original model.name and quant settings", required=True)
     recorded = info.get("adapter")
-    current = getattr(model, "qbara_adapter_config", None)
+    current = state_of(model).adapter_config
     if current is not None and recorded != current.to_dict():
         raise QbaraError(f"{checkpoint} holds a {recorded} adapter but this run attaches {current.to_dict()}; "
                          f"resume with the run's original adapter settings")
@@ -332,7 +333,7 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path) 
     history = trainer.state.log_history
     if trainer.is_world_process_zero():
         base_name = config.model.name
-        if getattr(model, "qbara_lq", None) is not None and not config.model.adapter:
+        if state_of(model).lq is not None and not config.model.adapter:
             # LoftQ / LQ init: the adapter fits the decomposition's Q, which is saved next to it.
             from qbara.models.quantized_io import save_quantized
 
