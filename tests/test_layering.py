@@ -23,13 +23,9 @@ LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
 # Upward imports still to remove (importer -> imported). Remove an entry when its import goes.
 UPWARD = {
     ("qbara.adapters.attach", "qbara.models.quantized_io"),
-    ("qbara.adapters.io", "qbara.models.bnb"),
-    ("qbara.adapters.io", "qbara.models.loader"),
     ("qbara.adapters.io", "qbara.models.quantized_io"),
-    ("qbara.adapters.io", "qbara.models.smollm2"),
     ("qbara.lq.prepare", "qbara.models.lq_stream"),
     ("qbara.lq.prepare", "qbara.models.quantized_io"),
-    ("qbara.prepare", "qbara.models.bnb"),
     ("qbara.prepare", "qbara.models.quantized_io"),
 }
 

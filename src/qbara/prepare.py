@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from qbara.errors import QbaraError
 from qbara.lq.config import LQConfig
+from qbara.nn.bnb import adopt_bnb, bnb_layers
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.state import state_of
@@ -66,12 +67,10 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig] | L
     mapping) is shorthand for `LQConfig(configs=quant, method=init, loftq_iters=..., factor_format=factor_format)`:
     factor_format, the factors the adapters start from stored in this format (`qbara.lq.factors.FACTOR_CONFIG`:
     NF8), the total bits recorded (with an LQConfig, set it there). Returns the model. A model loaded with
-    bitsandbytes NF4 has its layers taken over as they are (`qbara.models.bnb`; quant must then be the matching
+    bitsandbytes NF4 has its layers taken over as they are (`qbara.nn.bnb`; quant must then be the matching
     NF4 config). A model whose target layers are all quantized already (a loaded quantized folder, e.g. a GPTQ
     base) gets only the adapters; a quant that differs from theirs is refused.
     """
-    from qbara.models.bnb import adopt_bnb, bnb_layers
-
     if isinstance(quant, LQConfig) or (adapter is not None and adapter.init != "default"):
         return _prepare_lq(model, quant, adapter, modules, progress, factor_format)
     if not isinstance(model, nn.Module):
@@ -107,7 +106,6 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig] | L
 def _prepare_lq(model, quant, adapter, modules, progress: bool, factor_format) -> nn.Module:
     """prepare's LQ-LoRA / LoftQ case: an LQConfig, or the AdapterConfig(init=...) shorthand turned into one."""
     from qbara.lq.prepare import prepare_lq
-    from qbara.models.bnb import bnb_layers
 
     if isinstance(model, nn.Module) and bnb_layers(model):
         raise QbaraError("LQ-LoRA / LoftQ decompose the dense weights; load the model without bitsandbytes' "

@@ -36,6 +36,21 @@ def test_default_model_constant():
     assert DEFAULT_MODEL == "smollm2-135m"
 
 
+def test_base_model_path_names_the_embedded_default_by_its_converted_folder(monkeypatch, tmp_path):
+    """What `qbara train` records as PEFT's base_model_name_or_path: the embedded default's converted folder
+    (save_adapter leaves built-in names to its callers); other names and paths pass unchanged."""
+    from qbara.adapters.io import peft_base_name
+    from qbara.models.loader import base_model_path
+
+    monkeypatch.setattr(smollm2, "smollm2_dir", lambda: tmp_path)
+    for name in ("smollm2-135m", " SmolLM2-135M "):
+        assert base_model_path(name) == str(tmp_path)
+    for name in ("tiny-llama", "some/folder", "", None):
+        assert base_model_path(name) == name
+    assert peft_base_name(base_model_path("smollm2-135m")) == str(tmp_path.resolve())
+    assert peft_base_name(base_model_path("tiny-llama")) is None
+
+
 def test_unknown_name_lists_choices():
     with pytest.raises(QbaraError) as err:
         load_model("gpt-17")

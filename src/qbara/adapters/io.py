@@ -26,6 +26,7 @@ from qbara.adapters.peft_layout import peft_method_fields
 from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
+from qbara.nn.bnb import adopt_bnb, bnb_layers
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.state import state_of
@@ -51,6 +52,9 @@ def base_fingerprint(model: nn.Module) -> str:
 def save_adapter(model: nn.Module, directory, base_model_name: str | None = None,
                  fingerprint: str | None = None) -> Path:
     """Write the model's adapters to `directory` (created; each file written atomically).
+
+    base_model_name: the base recorded as PEFT's base_model_name_or_path (default: the model's name_or_path),
+    a folder or hub name; for a built-in model name pass `qbara.models.loader.base_model_path(name)`.
 
     fingerprint: the base the adapter is recorded against (default: the one `prepare` recorded, i.e.
     the unquantized model; `save_native` passes its quantized base's, saved beside it)."""
@@ -103,16 +107,11 @@ def peft_targets(model: nn.Module, adapted: list[str]) -> list[str]:
 
 
 def peft_base_name(name: str | None) -> str | None:
-    """A base_model_name_or_path PEFT can load: a local folder as its absolute path, the embedded SmolLM2 as
-    its converted folder; a test model (tiny-*) has none."""
-    from qbara.models.loader import DEFAULT_MODEL
-
+    """A base_model_name_or_path PEFT can load: a local folder as its absolute path; a test model (tiny-*) has
+    none. A built-in model's name is resolved by the caller (`qbara.models.loader.base_model_path`: the
+    embedded SmolLM2 as its converted folder; a model loaded by name records that folder as its name_or_path)."""
     if not name:
         return None
-    if name.strip().lower() == DEFAULT_MODEL:
-        from qbara.models.smollm2 import smollm2_dir
-
-        return str(smollm2_dir())
     if name.strip().lower().startswith("tiny-"):
         return None
     path = Path(name).expanduser()
@@ -256,8 +255,6 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
     config = AdapterConfig.from_dict(info["adapter"])
     _check_layer_records(info.get("layers"), directory)
     check_adapter_sizes(Path(directory) / WEIGHTS_NAME, config, info["layers"], PREFIX)  # before allocating
-    from qbara.models.bnb import adopt_bnb, bnb_layers
-
     if bnb_layers(model):  # a bitsandbytes NF4 base: taken over exactly, if the adapter was trained on that
         recorded = {json.dumps(r["quant"], sort_keys=True) for r in info["layers"].values()}
         only = json.loads(recorded.pop()) if len(recorded) == 1 else None

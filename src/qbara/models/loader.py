@@ -24,6 +24,16 @@ def _choices() -> str:
     )
 
 
+def base_model_path(name_or_path: str | None) -> str | None:
+    """`name_or_path` as a base PEFT can load (`save_adapter`'s base_model_name): the embedded default's name as
+    its converted folder; other names and paths unchanged."""
+    if name_or_path and str(name_or_path).strip().lower() == DEFAULT_MODEL:
+        from qbara.models.smollm2 import smollm2_dir
+
+        return str(smollm2_dir())
+    return name_or_path
+
+
 def _resolve_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

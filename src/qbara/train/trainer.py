@@ -295,7 +295,7 @@ def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
 
 
 def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path) -> TrainResult:
-    from qbara.models.loader import load_model
+    from qbara.models.loader import base_model_path, load_model
     from qbara.outputs import foreign_files, mark_folder
 
     # The user's files in an --overwrite folder stay theirs; checkpoints of an older qbara are ours.
@@ -332,12 +332,13 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path) 
     adapter_dir = output_dir / "adapter"
     history = trainer.state.log_history
     if trainer.is_world_process_zero():
-        base_name = config.model.name
         if state_of(model).lq is not None and not config.model.adapter:
             # LoftQ / LQ init: the adapter fits the decomposition's Q, which is saved next to it.
             from qbara.models.quantized_io import save_quantized
 
             base_name = str(save_quantized(model, tokenizer, output_dir / "base", base_only=True))
+        else:
+            base_name = base_model_path(config.model.name)
         save_adapter(model, adapter_dir, base_model_name=base_name)
         write_json_atomic(output_dir / "run_config.json", config.to_dict())
         write_json_atomic(output_dir / "log_history.json", history)

@@ -101,7 +101,7 @@ def _reference(model):
 def test_double_quantized_bnb_layers_are_adopted_with_their_own_buffers(tmp_path):
     """compress_statistics layers become dq_style="bnb" layers holding bitsandbytes' very buffers (4.13
     bits/param instead of the 4.5 of the fp32-absmax adoption), with identical weights."""
-    from qbara.models.bnb import adoption_config
+    from qbara.nn.bnb import adoption_config
 
     model = _bnb_model(tmp_path, bnb_4bit_use_double_quant=True)
     config = QuantConfig("nf4", block_size=64, dq_style="bnb")

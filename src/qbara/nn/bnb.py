@@ -80,12 +80,11 @@ def adopt_bnb(model: nn.Module, quant=None) -> nn.Module:
     """Replace every bitsandbytes NF4 layer of `model` by a qbara NF4 QuantizedLinear holding the same
     dequantized weights, in place. `quant`, if given, must be a config that holds them (see `adoption_config`;
     for double-quantized layers also the fp32-absmax one)."""
-    from qbara.targets import set_submodule
-
     config = _chosen_config(adoption_config(model), quant)
     for name, layer in bnb_layers(model).items():
         adopt = _adopt_buffers if config.dq_style == "bnb" else _adopt_dense
-        set_submodule(model, name, adopt(layer, config, name))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, adopt(layer, config, name))
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     if hasattr(model, "config") and hasattr(model.config, "quantization_config"):
