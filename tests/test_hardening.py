@@ -43,7 +43,7 @@ def good(tmp_path_factory):
     save_adapter(model, root / "adapter", base_model_name="tiny-llama")
     model, tok = tiny_llama()
     prepare(model, QUANT)
-    from qbara.models.quantized_io import save_quantized
+    from qbara.native import save_quantized
 
     save_quantized(model, tok, root / "quantized")
     model, tok = tiny_llama(**TINY)

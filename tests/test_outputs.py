@@ -143,7 +143,7 @@ def test_killed_swap_of_a_real_quantized_model_always_loads(tmp_path, monkeypatc
     import torch
 
     from qbara import QuantConfig, load_model
-    from qbara.models.quantized_io import save_quantized
+    from qbara.native import save_quantized
     from qbara.prepare import quantize_model
 
     model, tok = load_model("tiny-llama")

@@ -23,7 +23,7 @@ def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConf
     `quant` is one config for every layer, or a mapping from layer name to config (as LQ-LoRA's
     allocation produces); with a mapping, exactly the layers it names are quantized.
     """
-    from qbara.models.quantized_io import enable_native_save
+    from qbara.native import enable_native_save
 
     per_layer = layer_configs(model, quant, modules)
     for name, config in tqdm(per_layer.items(), desc="quantizing", disable=not progress, leave=False):

@@ -15,7 +15,7 @@ from qbara.lq.loftq import loftq
 from qbara.lq.prepare import decompose_layers
 from qbara.models import tiny_llama, tiny_qwen2
 from qbara.models.loader import load_model
-from qbara.models.quantized_io import save_quantized
+from qbara.native import save_quantized
 from tests.helpers import free_port
 from tests.lq.dist_worker import small_weights
 

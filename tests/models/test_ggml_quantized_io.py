@@ -7,7 +7,7 @@ from qbara.quant import QuantConfig
 def test_quantized_model_saves_and_loads(tmp_path):
     from qbara import load_model, prepare
     from qbara.models import tiny_llama
-    from qbara.models.quantized_io import save_quantized
+    from qbara.native import save_quantized
     from qbara.nn import QuantizedLinear
 
     model, tokenizer = tiny_llama(hidden=256, intermediate=512)

@@ -3,7 +3,7 @@ import torch
 
 from qbara import AdapterConfig, QuantConfig, load_model, merge, prepare
 from qbara.models import tiny_llama
-from qbara.models.quantized_io import save_quantized
+from qbara.native import save_quantized
 from qbara.nn import QuantizedLinear
 from tests.helpers import randomize_adapters
 

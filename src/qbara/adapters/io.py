@@ -294,6 +294,6 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
     state_of(model).adapter_config = config
-    from qbara.models.quantized_io import enable_native_save
+    from qbara.native import enable_native_save
 
     return enable_native_save(model)

@@ -36,7 +36,7 @@ def _run(args, out: Path) -> tuple[dict, dict]:
     from qbara.adapters.merge import merge
     from qbara.eval.loss import masked_loss
     from qbara.models.loader import load_model
-    from qbara.models.quantized_io import write_quantized
+    from qbara.native import write_quantized
     from qbara.quant.config import QuantConfig
     from qbara.state import state_of
     from qbara.train.config import build_config

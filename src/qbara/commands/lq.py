@@ -66,7 +66,7 @@ def _run(args, out: Path | None) -> dict | None:
     from qbara.atomic import write_json_atomic
     from qbara.lq.plot import plot_bits_per_layer
     from qbara.models.lq_stream import checkpoint_folder
-    from qbara.models.quantized_io import write_quantized
+    from qbara.native import write_quantized
     from qbara.state import state_of
 
     start = time.perf_counter()

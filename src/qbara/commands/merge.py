@@ -14,7 +14,7 @@ def run(args) -> Path:
         model, tokenizer = load_for_eval(args.model, args.adapter)
         merge(model, into=args.into)
         if args.into == "quantized":
-            from qbara.models.quantized_io import write_quantized
+            from qbara.native import write_quantized
 
             write_quantized(model, tokenizer, tmp)
         else:

@@ -93,7 +93,7 @@ def run(args) -> list[QuantizationReport]:
             rows.append(QuantizationReport(prefix + config.label, bits, rel, size, size / fp32_bytes, result.ppl,
                                            result.tokens, result.window))
             if prefix and args.save:
-                from qbara.models.quantized_io import save_quantized
+                from qbara.native import save_quantized
 
                 save_quantized(quantized, tokenizer, args.save, overwrite=args.overwrite)
             del quantized

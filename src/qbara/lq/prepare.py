@@ -199,7 +199,7 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
                          settings={"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed})
     if hasattr(model, "config"):
         state.base_fingerprint = model_fingerprint(model)
-    from qbara.models.quantized_io import enable_native_save
+    from qbara.native import enable_native_save
 
     enable_native_save(model)
     return factors

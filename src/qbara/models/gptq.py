@@ -94,7 +94,7 @@ def gptq_quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, Quan
     `prepare(model, quant, adapter)` only attaches the adapters. Returns the model.
     """
     from qbara.fingerprint import model_fingerprint
-    from qbara.models.quantized_io import enable_native_save
+    from qbara.native import enable_native_save
     from qbara.targets import layer_configs
 
     started = time.perf_counter()

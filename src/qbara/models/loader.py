@@ -9,7 +9,7 @@ import torch
 
 from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
-from qbara.models.quantized_io import QUANT_MANIFEST
+from qbara.native import QUANT_MANIFEST
 from qbara.state import state_of
 from qbara.tensor_checks import check_model_values
 

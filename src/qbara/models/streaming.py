@@ -143,7 +143,7 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
     beforehand (an LQ-LoRA / LoftQ decomposition's Q), used for that layer instead of quantizing its weight
     (which is still read, checked and hashed for the dense model's fingerprint)."""
     from qbara.fingerprint import combine_fingerprint, tensor_fingerprint
-    from qbara.models.quantized_io import enable_native_save
+    from qbara.native import enable_native_save
     from qbara.nn.quantized_linear import QuantizedLinear
     from qbara.quant.tensor import quantize
     from qbara.targets import layer_configs, set_submodule

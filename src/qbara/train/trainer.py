@@ -334,7 +334,7 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path) 
     if trainer.is_world_process_zero():
         if state_of(model).lq is not None and not config.model.adapter:
             # LoftQ / LQ init: the adapter fits the decomposition's Q, which is saved next to it.
-            from qbara.models.quantized_io import save_quantized
+            from qbara.native import save_quantized
 
             base_name = str(save_quantized(model, tokenizer, output_dir / "base", base_only=True))
         else:

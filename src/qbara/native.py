@@ -1,0 +1,153 @@
+"""Writing qbara's native quantized checkpoint: an HF folder whose quantized linears keep their packed buffers.
+
+Files: `config.json` (the HF config), `qbara_model.safetensors` (parameters and packed buffers),
+`qbara_quant.json` (layer name -> QuantConfig) and the tokenizer files. `save_quantized` writes into a
+temporary folder and swaps it into place (`qbara.outputs`), so an interrupted save never leaves a half folder.
+`enable_native_save` makes a prepared model's `save_pretrained` write this format. Reading it back is
+`qbara.models.quantized_io` (a layer up: it builds the model with transformers).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from qbara.adapters.attach import adapter_layers
+from qbara.adapters.io import save_adapter
+from qbara.errors import QbaraError
+from qbara.fingerprint import model_fingerprint
+from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.outputs import output_folder
+from qbara.tensor_checks import tensors_digest
+
+QUANT_MANIFEST = "qbara_quant.json"
+# Not transformers' `model.safetensors`: a plain `from_pretrained` must fail to find weights, not load its
+# random initialisation (it skips a quantization_config it does not know, with a warning).
+WEIGHTS = "qbara_model.safetensors"
+LEGACY_WEIGHTS = "model.safetensors"  # folders of qbara <= 0.1 (still read)
+QUANT_METHOD = "qbara"
+
+
+def quantization_entry() -> dict:
+    """The `quantization_config` a native folder's config.json declares itself with."""
+    return {"quant_method": QUANT_METHOD, "format_version": 1, "manifest": QUANT_MANIFEST, "weights": WEIGHTS,
+            "load_with": "qbara.load_model(folder)  # packed qbara weights; transformers cannot load them"}
+
+
+def save_quantized(model, tokenizer, out_dir, base_only: bool = False, overwrite: bool = False) -> Path:
+    """Save a model whose linears are QuantizedLinear (e.g. after merge(into='quantized')) as a folder.
+
+    base_only=True saves the quantized base under a model's adapters (without them; save those with
+    `save_adapter`), e.g. the Q of an LQ-LoRA / LoftQ decomposition the adapters start from. The folder
+    follows `qbara.outputs`' rule: built beside and swapped in; a non-empty folder qbara did not write is
+    refused unless overwrite=True (the files there are kept).
+    """
+    with output_folder(out_dir, overwrite=overwrite, command="save_quantized", option="out_dir") as tmp:
+        write_quantized(model, tokenizer, tmp, base_only)
+    return Path(out_dir)
+
+
+def write_quantized(model, tokenizer, folder, base_only: bool = False) -> Path:
+    """Write the native quantized files into the (new, empty) `folder`; see `save_quantized`."""
+    adapted = adapter_layers(model)
+    if adapted and not base_only:
+        raise QbaraError("the model still has adapters; merge them first (qbara.merge(model, into='quantized')), "
+                         "or pass base_only=True to save the base without them")
+    state = model.state_dict()
+    layers = {n: m.quant_config.to_dict() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if adapted:
+        state, layers = _without_adapters(state, layers, adapted)
+    if not layers:
+        raise QbaraError("the model has no quantized layers; save a dense model with save_pretrained instead")
+    output = model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and output is not None:
+        # state_dict() detaches, so tied tensors are found by storage, not identity.
+        embedding_ptr = model.get_input_embeddings().weight.data_ptr()
+        state = {k: v for k, v in state.items()
+                 if not (k.endswith("lm_head.weight") and v.data_ptr() == embedding_ptr)}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(state, str(folder / WEIGHTS), metadata={"format": "pt", "qbara": "quantized"})
+    config = copy.deepcopy(model.config)
+    config.quantization_config = quantization_entry()
+    config.save_pretrained(folder)
+    manifest = {"format_version": 1, "layers": layers, "weights_sha256": tensors_digest(state)}
+    (folder / QUANT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _without_adapters(state: dict, layers: dict, adapted: dict) -> tuple[dict, dict]:
+    """State dict and layer manifest of the bases under the adapters: `name.base.x` -> `name.x`, adapter
+    parameters dropped."""
+    def rename(key: str) -> str | None:
+        for name in adapted:
+            if key.startswith(name + "."):
+                rest = key[len(name) + 1:]
+                return f"{name}.{rest[len('base.'):]}" if rest.startswith("base.") else None
+        return key
+
+    new_state = {}
+    for key, value in state.items():
+        new_key = rename(key)
+        if new_key is not None:
+            new_state[new_key] = value
+    new_layers = {}
+    for key, value in layers.items():
+        new_key = key[: -len(".base")] if key.endswith(".base") and key[: -len(".base")] in adapted else key
+        new_layers[new_key] = value
+    return new_state, new_layers
+
+
+# ---------------------------------------------------------------- save_pretrained of a prepared model
+
+_NATIVE_CLASSES: dict[type, type] = {}
+
+
+def enable_native_save(model):
+    """Make `model.save_pretrained` (and so HF `Trainer.save_model`) write qbara's native format while the
+    model holds quantized layers or adapters; a plain model saves as transformers does. Swaps the model's
+    class for a same-named subclass (kept by deepcopy); returns the model."""
+    cls = type(model)
+    if getattr(cls, "_qbara_native_save", False) or not hasattr(cls, "save_pretrained"):
+        return model
+    if cls not in _NATIVE_CLASSES:
+        _NATIVE_CLASSES[cls] = type(cls.__name__, (cls,), {"save_pretrained": _save_pretrained,
+                                                          "_qbara_native_save": True,
+                                                          "__module__": cls.__module__,
+                                                          "__qualname__": cls.__qualname__})
+    model.__class__ = _NATIVE_CLASSES[cls]
+    return model
+
+
+def _save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
+    """save_pretrained for qbara models: packed quantized base (+ adapters) that `qbara.load_model` reads."""
+    parent = super(type(self), self).save_pretrained
+    quantized = any(isinstance(m, QuantizedLinear) for m in self.modules())
+    adapted = bool(adapter_layers(self))
+    if not (quantized or adapted):
+        return parent(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+    if state_dict is not None:
+        raise QbaraError("save_pretrained(state_dict=...) cannot save a qbara model's packed layers; call "
+                         "save_pretrained(folder) without it")
+    if not is_main_process:
+        return None
+    if adapted and not quantized:
+        raise QbaraError("this model has adapters on a dense base; save them with qbara.save_adapter(model, folder)")
+    save_native(self, save_directory)
+    return None
+
+
+def save_native(model, folder) -> Path:
+    """Write `model` into `folder` in place: the quantized base, and its adapters (recorded against that base)
+    when it has some. `qbara.load_model(folder)` loads both back."""
+    folder = Path(folder)
+    adapted = bool(adapter_layers(model))
+    write_quantized(model, None, folder, base_only=adapted)
+    if adapted:
+        save_adapter(model, folder, base_model_name=str(folder), fingerprint=model_fingerprint(model))
+    return folder
