@@ -200,7 +200,7 @@ def prepare_method(method: str, dense, tokenizer, args, seed: int = 0) -> Prepar
         prepare(model, qlora_config(4), AdapterConfig("lora", rank=r, alpha=a, init="loftq"))
         label, base = f"LoftQ r{r}", "NF4"
     else:  # lq-[fisher-]BUDGET
-        from qbara.lq.prepare import lq_prepare
+        from qbara import lq_prepare
 
         budget = float(method.rsplit("-", 1)[1])
         fisher = fisher_for(dense, tokenizer, args) if "fisher" in method else None

@@ -2,13 +2,12 @@
 from qbara.adapters import AdapterConfig, load_adapter, merge, save_adapter
 from qbara.errors import QbaraError
 from qbara.lq.config import LQConfig
-from qbara.lq.prepare import lq_prepare
 from qbara.models import load_model, model_fingerprint
 from qbara.models.gptq import gptq_prepare, gptq_quantize_model
 from qbara.nn import QuantizedLinear
 from qbara.nn.peft_support import register_with_peft
-from qbara.prepare import prepare, quantize_model
-from qbara.pretrained import from_pretrained
+from qbara.prepare import quantize_model
+from qbara.pretrained import from_pretrained, lq_prepare, prepare
 from qbara.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 
 __version__ = "0.1.0"

@@ -56,7 +56,8 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig] | L
 
     quant: one QuantConfig for every layer, a mapping layer name -> QuantConfig, or an `LQConfig` (LQ-LoRA /
     LoftQ: each adapter target quantized as the Q of a decomposition W ≈ Q + L1 L2 and its LoRA started from
-    the factors; `model` may then also be a safetensors checkpoint folder, streamed; see `qbara.lq.LQConfig`):
+    the factors; see `qbara.lq.LQConfig`; the top-level `qbara.prepare`, `qbara.pretrained.prepare`, then also
+    takes a safetensors checkpoint folder, streamed):
 
         prepare(model, QuantConfig("nf4"), AdapterConfig(rank=64))                    # QLoRA
         prepare(model, LQConfig(budget=2.75), AdapterConfig(rank=64))                 # LQ-LoRA
@@ -71,7 +72,7 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig] | L
     NF4 config). A model whose target layers are all quantized already (a loaded quantized folder, e.g. a GPTQ
     base) gets only the adapters; a quant that differs from theirs is refused.
     """
-    if isinstance(quant, LQConfig) or (adapter is not None and adapter.init != "default"):
+    if is_lq(quant, adapter):
         return _prepare_lq(model, quant, adapter, modules, progress, factor_format)
     if not isinstance(model, nn.Module):
         raise QbaraError(f"prepare takes a loaded model (qbara.load_model), got {type(model).__name__}; only an "
@@ -103,13 +104,24 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig] | L
     return model
 
 
+def is_lq(quant, adapter) -> bool:
+    """Whether `prepare(model, quant, adapter)` is LQ-LoRA / LoftQ: an LQConfig, or AdapterConfig(init=...)."""
+    return isinstance(quant, LQConfig) or (adapter is not None and adapter.init != "default")
+
+
 def _prepare_lq(model, quant, adapter, modules, progress: bool, factor_format) -> nn.Module:
     """prepare's LQ-LoRA / LoftQ case: an LQConfig, or the AdapterConfig(init=...) shorthand turned into one."""
-    from qbara.lq.prepare import prepare_lq
+    from qbara.prepare_lq import prepare_lq
 
     if isinstance(model, nn.Module) and bnb_layers(model):
         raise QbaraError("LQ-LoRA / LoftQ decompose the dense weights; load the model without bitsandbytes' "
                          "quantization_config")
+    return prepare_lq(model, lq_config_for(quant, adapter, factor_format), adapter, modules=modules,
+                      progress=progress)
+
+
+def lq_config_for(quant, adapter, factor_format=None) -> LQConfig:
+    """The LQConfig of prepare's LQ-LoRA / LoftQ case: `quant` itself, or the AdapterConfig(init=...) shorthand's."""
     if isinstance(quant, LQConfig):
         if factor_format is not None:
             raise QbaraError("with an LQConfig, set factor_format in it: LQConfig(..., factor_format=...)")
@@ -120,7 +132,7 @@ def _prepare_lq(model, quant, adapter, modules, progress: bool, factor_format) -
     else:
         raise QbaraError(f"quant must be a QuantConfig, a mapping of layer name to QuantConfig or an LQConfig, got "
                          f"{type(quant).__name__}")
-    return prepare_lq(model, lq, adapter, modules=modules, progress=progress)
+    return lq
 
 
 def _quantized_already(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], modules) -> bool:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from qbara import lq_prepare
 from qbara.errors import QbaraError
 from qbara.lq.configs import gguf_configs
 from qbara.lq.decompose import decompose, weighted_error
 from qbara.lq.filesize import FileBudget, tensor_bits
 from qbara.lq.fisher import fisher_information
 from qbara.lq.ilp import allocate, budget_range, matrix_budget
-from qbara.lq.prepare import lq_prepare
 from qbara.lq.tables import error_table, matrix_costs
 from qbara.models import tiny_llama
 from qbara.nn.quantized_linear import QuantizedLinear

@@ -186,6 +186,22 @@ def test_init_refusals():
         prepare(fresh, {"model.layers.0.mlp.up_proj": NF4}, AdapterConfig(rank=RANK, init="loftq"))
 
 
+def test_the_in_memory_lq_path_sends_a_checkpoint_folder_to_the_top_level_prepare(tmp_path):
+    """Streaming a folder is the models layer's: `qbara.prepare_lq.prepare_lq` and `qbara.prepare.prepare` (below
+    it) refuse a name and point at the top-level `qbara.prepare`, which streams it."""
+    from qbara.lq import LQConfig
+    from qbara.prepare import prepare as prepare_model
+    from qbara.prepare_lq import prepare_lq
+
+    for name in (tmp_path, str(tmp_path)):
+        with pytest.raises(QbaraError, match="top-level qbara.prepare"):
+            prepare_lq(name, LQConfig(budget=3.0), AdapterConfig(rank=RANK))
+    with pytest.raises(QbaraError, match="top-level qbara.prepare"):
+        prepare_model(tmp_path, NF4, AdapterConfig(rank=RANK, init="loftq"))
+    with pytest.raises(QbaraError, match="not a folder of safetensors shards"):  # the top level streams it
+        prepare(tmp_path, LQConfig(budget=3.0), AdapterConfig(rank=RANK))
+
+
 def test_two_gloo_ranks_decompose_like_one_process(tmp_path):
     import torch.multiprocessing as mp
 

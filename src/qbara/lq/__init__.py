@@ -1,6 +1,8 @@
 """LQ-LoRA (SPEC §3): low-rank plus quantized decomposition, candidate configs, error tables,
-ILP bit allocation and the diagonal Fisher information for the data-aware variant. A model is initialised
-through `qbara.prepare(model, LQConfig(...), AdapterConfig(...))`."""
+ILP bit allocation and the diagonal Fisher information for the data-aware variant: the algorithms only. A model
+(or a checkpoint folder) is initialised through `qbara.prepare(model, LQConfig(...), AdapterConfig(...))` (or the
+`qbara.lq_prepare` shorthand); the model-level path is `qbara.prepare_lq`, the streamed one
+`qbara.models.lq_stream`."""
 from qbara.lq.config import LQConfig
 from qbara.lq.configs import candidate_configs, config_bits, gguf_configs, pareto_front, qlora_config
 from qbara.lq.decompose import Decomposition, decompose, randomized_svd
@@ -8,13 +10,12 @@ from qbara.lq.filesize import FileBudget
 from qbara.lq.fisher import calibration_sequences, fisher_information, load_fisher, save_fisher
 from qbara.lq.ilp import allocate, budget_range
 from qbara.lq.loftq import loftq
-from qbara.lq.prepare import LQReport, decompose_layers, lq_prepare, prepare_lq, quantize_with_factors
+from qbara.lq.prepare import LQReport, decompose_layers, quantize_with_factors
 from qbara.lq.tables import Allocation, ErrorTable, error_table, lq_cache_dir, matrix_costs
 
 __all__ = [
     "Decomposition", "decompose", "randomized_svd", "candidate_configs", "config_bits", "pareto_front",
     "qlora_config", "allocate", "budget_range", "ErrorTable", "Allocation", "error_table", "matrix_costs",
     "lq_cache_dir", "fisher_information", "calibration_sequences", "save_fisher", "load_fisher", "loftq",
-    "LQReport", "decompose_layers", "quantize_with_factors", "lq_prepare", "gguf_configs", "FileBudget",
-    "LQConfig", "prepare_lq",
+    "LQReport", "decompose_layers", "quantize_with_factors", "gguf_configs", "FileBudget", "LQConfig",
 ]

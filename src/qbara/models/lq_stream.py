@@ -104,22 +104,16 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
 def stream_lq(name_or_path, lq, adapter, *, modules=None, dtype: torch.dtype | None = None, device="cpu",
               progress: bool = True):
     """(model, tokenizer): `qbara.prepare(load_model(folder), lq, adapter)` bit for bit (`qbara.lq.LQConfig`,
-    `qbara.AdapterConfig`; `qbara.lq.prepare.prepare_lq` is the same path in memory), streamed from the
+    `qbara.AdapterConfig`; `qbara.prepare_lq.prepare_lq` is the same path in memory), streamed from the
     checkpoint's shards (see the module doc), the non-quantized weights in the checkpoint's dtype (or `dtype`)."""
     from transformers import AutoConfig
 
     from qbara.fingerprint import model_fingerprint
     from qbara.lazy_tensors import LazyTensors
-    from qbara.lq.prepare import (
-        choose_configs,
-        decompose_layers,
-        finish_lq,
-        lq_report,
-        plan_layers,
-        resolve_file_budget,
-    )
+    from qbara.lq.prepare import decompose_layers, lq_report
     from qbara.models.loader import load_tokenizer
     from qbara.models.streaming import _stream, checkpoint_dtype, checkpoint_files, empty_model, safetensors_reader
+    from qbara.prepare_lq import choose_configs, finish_lq, plan_layers, resolve_file_budget
     from qbara.validate import check_hf_folder
 
     adapter = lq.adapter_config(adapter)
@@ -136,7 +130,8 @@ def stream_lq(name_or_path, lq, adapter, *, modules=None, dtype: torch.dtype | N
     del skeleton
     weights = LazyTensors.from_files(files, {n: f"{n}.weight" for n in plan.targets})
     fisher = lq.open_fisher()  # a file or folder is read one matrix at a time
-    file = None if lq.fixed else resolve_file_budget(folder, lq.file_budget, adapter.target_modules)
+    file = None if lq.fixed else resolve_file_budget(
+        lq.file_budget, lambda: checkpoint_file_budget(folder, adapter.target_modules))
     configs, allocation, table = choose_configs(plan, weights, lq, adapter.rank, file, fisher, progress)
     decs = decompose_layers(weights, configs, adapter.rank, method=lq.method, max_iters=lq.max_iters,
                             loftq_iters=lq.loftq_iters, fisher=fisher, seed=lq.seed, workers=lq.workers,
