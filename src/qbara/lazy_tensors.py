@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from qbara.errors import QbaraError
+from qbara.tensor_checks import check_tensor
 
 __all__ = ["LazyTensors", "tensor_shapes"]
 
@@ -51,8 +52,6 @@ class LazyTensors(Mapping):
         return {name: shapes[name] for name in self.locations}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        from qbara.tensor_checks import check_tensor
-
         file, key = self.locations[name]
         with _open(file) as reader:
             tensor = reader.get_tensor(key)

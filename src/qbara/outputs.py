@@ -27,7 +27,9 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from qbara.atomic import current_umask, write_json_atomic
 from qbara.errors import QbaraError
+from qbara.validate import read_json_file
 
 MANIFEST = ".qbara-output.json"
 REPLACED = "qbara-replaced"
@@ -135,8 +137,6 @@ def written_by_qbara(folder) -> bool:
 
 
 def _qbara_files(folder: Path) -> set[str]:
-    from qbara.validate import read_json_file
-
     try:
         files = read_json_file(folder / MANIFEST, MANIFEST).get("files", [])
         return {str(f) for f in files} if isinstance(files, list) else set()
@@ -262,8 +262,6 @@ def foreign_files(folder: Path) -> set[str]:
 
 def mark_folder(folder: Path, command: str = "", foreign: Iterable[str] = ()) -> set[str]:
     """Write the manifest that makes `folder` one qbara wrote: every file now in it but `foreign` is qbara's."""
-    from qbara.atomic import write_json_atomic
-
     files = sorted(folder_files(folder) - set(foreign))
     write_json_atomic(folder / MANIFEST, {"written_by": "qbara", "command": command, "files": files,
                                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -331,6 +329,4 @@ def _under(path: Path, root: Path) -> bool:
 
 
 def _umask() -> int:
-    from qbara.atomic import current_umask
-
     return current_umask()

@@ -7,10 +7,15 @@ from collections.abc import Mapping
 from torch import nn
 from tqdm.auto import tqdm
 
+from qbara.adapters import adapter_layers
+from qbara.adapters.attach import attach_adapters
 from qbara.errors import QbaraError
+from qbara.fingerprint import model_fingerprint
 from qbara.lq.config import LQConfig
+from qbara.native import enable_native_save
 from qbara.nn.bnb import adopt_bnb, bnb_layers
 from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.prepare_lq import prepare_lq
 from qbara.quant.config import QuantConfig
 from qbara.state import state_of
 from qbara.targets import ALL_LINEAR, layer_configs, linear_layer_names, set_submodule
@@ -23,8 +28,6 @@ def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConf
     `quant` is one config for every layer, or a mapping from layer name to config (as LQ-LoRA's
     allocation produces); with a mapping, exactly the layers it names are quantized.
     """
-    from qbara.native import enable_native_save
-
     per_layer = layer_configs(model, quant, modules)
     for name, config in tqdm(per_layer.items(), desc="quantizing", disable=not progress, leave=False):
         linear = model.get_submodule(name)
@@ -36,8 +39,6 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every QuantizedLinear of `model` by an fp32 nn.Linear holding its dequantized weight, in place
     (the inverse of `quantize_model` up to the quantization error); adapters must be merged first. Once a layer is
     dequantized, `model.qbara` forgets the base (`QbaraState.forget_base`): a later `prepare` quantizes it afresh."""
-    from qbara.adapters import adapter_layers
-
     if adapter_layers(model):
         raise QbaraError("this model still has adapters: merge them first (qbara.merge(model, into='dense')), "
                          "then dequantize")
@@ -86,8 +87,6 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig] | L
         adopt_bnb(model, quant)
     state = state_of(model)
     if state.base_fingerprint is None and hasattr(model, "config"):
-        from qbara.fingerprint import model_fingerprint
-
         state.base_fingerprint = model_fingerprint(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -98,8 +97,6 @@ def prepare(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig] | L
     elif not adopted and not _quantized_already(model, quant, modules):  # bnb layers, adopted, are the base
         quantize_model(model, quant, modules=modules, progress=progress)
     if adapter is not None:
-        from qbara.adapters.attach import attach_adapters
-
         attach_adapters(model, adapter)
     return model
 
@@ -111,8 +108,6 @@ def is_lq(quant, adapter) -> bool:
 
 def _prepare_lq(model, quant, adapter, modules, progress: bool, factor_format) -> nn.Module:
     """prepare's LQ-LoRA / LoftQ case: an LQConfig, or the AdapterConfig(init=...) shorthand turned into one."""
-    from qbara.prepare_lq import prepare_lq
-
     if isinstance(model, nn.Module) and bnb_layers(model):
         raise QbaraError("LQ-LoRA / LoftQ decompose the dense weights; load the model without bitsandbytes' "
                          "quantization_config")

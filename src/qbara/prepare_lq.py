@@ -19,11 +19,18 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from qbara.adapters.attach import attach_adapters
 from qbara.errors import QbaraError
+from qbara.fingerprint import model_fingerprint
 from qbara.lq.config import LQConfig
+from qbara.lq.factors import store_factors
+from qbara.lq.filesize import FileBudget
 from qbara.lq.prepare import LQReport, quantize_with_factors
+from qbara.lq.tables import DEFAULT_TABLE_ITERS, error_table
+from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.state import state_of
+from qbara.targets import ALL_LINEAR, layer_configs, linear_layer_names, set_submodule
 
 __all__ = ["prepare_lq", "LayerPlan", "plan_layers", "choose_configs", "finish_lq", "resolve_file_budget",
            "record_file_budget"]
@@ -42,10 +49,6 @@ def prepare_lq(model: nn.Module, lq: LQConfig, adapter, *, modules=None, progres
     targets are quantized plainly; with a budget the ILP allocates over the adapter targets alone (the default;
     other layers stay dense). Returns the model; `model.qbara.lq` holds the report (allocation, errors).
     """
-    from qbara.fingerprint import model_fingerprint
-    from qbara.nn.quantized_linear import QuantizedLinear
-    from qbara.targets import set_submodule
-
     if not isinstance(lq, LQConfig):
         raise QbaraError(f"expected a qbara.lq.LQConfig, got {type(lq).__name__}")
     adapter = lq.adapter_config(adapter)
@@ -93,9 +96,6 @@ class LayerPlan:
 def plan_layers(model: nn.Module, lq: LQConfig, adapter, modules=None) -> LayerPlan:
     """The layers of a dense model (or a weightless skeleton) that `lq` and `adapter` quantize and decompose,
     every shape checked against its config and the rank before anything is computed."""
-    from qbara.nn.quantized_linear import QuantizedLinear
-    from qbara.targets import ALL_LINEAR, layer_configs, linear_layer_names
-
     quantized = [n for n in linear_layer_names(model, adapter.target_modules)
                  if isinstance(model.get_submodule(n), QuantizedLinear)]
     if quantized:
@@ -127,8 +127,6 @@ def choose_configs(plan: LayerPlan, weights: Mapping[str, Tensor], lq: LQConfig,
                    progress: bool) -> tuple[dict[str, QuantConfig], object | None, object | None]:
     """(target -> config, allocation, table): the fixed configs, or the ILP's at `lq.budget` from the error table
     of `weights` (the targets' dense weights, possibly read lazily), computed (cached) unless `lq.table` is given."""
-    from qbara.lq.tables import DEFAULT_TABLE_ITERS, error_table
-
     if plan.layers is not None:
         return {n: plan.layers[n] for n in plan.targets}, None, None
     table = lq.open_table()
@@ -152,8 +150,6 @@ def finish_lq(model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]], lq: L
               table, file, dense_fingerprint) -> nn.Module:
     """Record the allocation in `model.qbara.lq`, store the factors in `lq.factor_format` and attach the adapters
     started from them (the last steps of `prepare_lq`, in memory or streamed)."""
-    from qbara.adapters.attach import attach_adapters
-
     report = state_of(model).lq
     if allocation is not None:
         report.allocation = allocation
@@ -162,8 +158,6 @@ def finish_lq(model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]], lq: L
         if file is not None:
             record_file_budget(report, lq.budget, file)
     if lq.factor_format is not None:
-        from qbara.lq.factors import store_factors
-
         factors = store_factors(report, factors, lq.factor_format)
     attach_adapters(model, adapter, factors=factors)
     return model
@@ -172,8 +166,6 @@ def finish_lq(model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]], lq: L
 def resolve_file_budget(file_budget, defaults: Callable[[], object]):
     """LQConfig.file_budget resolved: None, a FileBudget, or True -> `defaults()`, the model's (or, streamed, the
     checkpoint's: `qbara.models.lq_stream.checkpoint_file_budget`) FileBudget with its default settings."""
-    from qbara.lq.filesize import FileBudget
-
     if file_budget is None or file_budget is False:
         return None
     if isinstance(file_budget, FileBudget):
@@ -185,8 +177,6 @@ def resolve_file_budget(file_budget, defaults: Callable[[], object]):
 
 def _model_file_budget(model: nn.Module, adapter):
     """The default FileBudget of a model in memory over the adapter targets."""
-    from qbara.lq.filesize import FileBudget
-
     return FileBudget.of_model(model, adapter.target_modules)
 
 

@@ -8,8 +8,16 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from qbara.adapters.config import AdapterConfig
+from qbara.adapters.io import adapter_base_quant, load_adapter
 from qbara.errors import QbaraError
 from qbara.lq.config import LQConfig
+from qbara.models.loader import load_model
+from qbara.models.lq_stream import stream_lq
+from qbara.models.quantized_io import is_quantized_folder
+from qbara.prepare import is_lq, lq_config_for
+from qbara.prepare import prepare as prepare_model
+from qbara.prepare_lq import prepare_lq
 from qbara.quant.config import QuantConfig
 
 
@@ -22,12 +30,7 @@ def prepare(model: nn.Module | str | Path, quant: QuantConfig | Mapping[str, Qua
 
         prepare("path/to/llama-7b", LQConfig(budget=2.75), AdapterConfig(rank=64))
     """
-    from qbara.prepare import is_lq, lq_config_for
-    from qbara.prepare import prepare as prepare_model
-
     if isinstance(model, (str, Path)) and is_lq(quant, adapter):
-        from qbara.models.lq_stream import stream_lq
-
         lq = lq_config_for(quant, adapter, factor_format)
         return stream_lq(model, lq, adapter, modules=modules, progress=progress)[0]
     return prepare_model(model, quant, adapter, modules=modules, progress=progress, factor_format=factor_format)
@@ -47,14 +50,10 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     the primary form (see `qbara.lq.LQConfig` for every setting and `qbara.prepare_lq.prepare_lq` for the steps).
     Returns the model; `model.qbara.lq` holds the allocation and the per-matrix errors.
     """
-    from qbara.adapters.config import AdapterConfig
-    from qbara.prepare_lq import prepare_lq
-
     lq = LQConfig(budget=budget, configs=configs, fisher=fisher, max_iters=max_iters, table_iters=table_iters,
                   table=table, seed=seed, workers=workers, factor_format=factor_format, file_budget=file_budget)
     adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
     if isinstance(model, (str, Path)):  # a checkpoint folder: streamed, never dense in memory
-        from qbara.models.lq_stream import stream_lq
 
         return stream_lq(model, lq, adapter, progress=progress)[0]
     return prepare_lq(model, lq, adapter, progress=progress)
@@ -67,11 +66,6 @@ def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, devic
     adapter: an AdapterConfig (new adapters to train; needs quant), or a folder qbara saved (loaded, with the
         quantization it records applied to a dense base), or None.
     """
-    from qbara.adapters.config import AdapterConfig
-    from qbara.adapters.io import load_adapter
-    from qbara.models.loader import load_model
-    from qbara.prepare import prepare as prepare_model
-
     if isinstance(adapter, AdapterConfig):
         if quant is None:
             raise QbaraError("new adapters need a quantized base: pass quant=QuantConfig(...) with "
@@ -91,7 +85,4 @@ def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, devic
 def base_quant_for(name_or_path, adapter):
     """How to quantize the base `name_or_path` on load for the adapter folder `adapter`: as the adapter
     records; None for a saved quantized folder (loaded as it is) or an adapter that needs the dense base."""
-    from qbara.adapters.io import adapter_base_quant
-    from qbara.models.quantized_io import is_quantized_folder
-
     return None if is_quantized_folder(name_or_path) else adapter_base_quant(adapter)

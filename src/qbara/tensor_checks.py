@@ -8,14 +8,13 @@ from pathlib import Path
 import torch
 
 from qbara.errors import QbaraError
+from qbara.validate import regular_file
 
 
 def read_safetensors(path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, with one clear error for a damaged file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from qbara.validate import regular_file
 
     regular_file(path, "safetensors file")  # not a device, pipe or folder a symlink points to
     try:

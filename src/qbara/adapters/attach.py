@@ -41,6 +41,7 @@ def attach_adapters(model: nn.Module, config: AdapterConfig,
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
     state_of(model).adapter_config = config
+    # lazy: cycle: qbara.native imports qbara.adapters at import time
     from qbara.native import enable_native_save
 
     return enable_native_save(model)

@@ -22,6 +22,7 @@ from qbara.adapters.attach import adapter_layers
 from qbara.adapters.base import AdaptedLinear
 from qbara.adapters.config import AdapterConfig
 from qbara.adapters.methods import build_adapter
+from qbara.adapters.peft_import import peft_record
 from qbara.adapters.peft_layout import peft_method_fields
 from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
@@ -245,8 +246,6 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
 
         from safetensors import safe_open
 
-        from qbara.adapters.peft_import import peft_record
-
         with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt") as reader:
             keys = list(reader.keys())
         info = peft_record(data, keys, model, directory)
@@ -294,6 +293,7 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
     state_of(model).adapter_config = config
+    # lazy: cycle: qbara.native imports qbara.adapters at import time
     from qbara.native import enable_native_save
 
     return enable_native_save(model)

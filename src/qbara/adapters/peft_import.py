@@ -17,7 +17,9 @@ from pathlib import Path
 
 from torch import nn
 
+from qbara.adapters.peft_layout import pattern_value
 from qbara.errors import QbaraError
+from qbara.nn.quantized_linear import QuantizedLinear
 
 UNSUPPORTED = {  # PEFT LoraConfig key -> (value that is fine, why qbara refuses anything else)
     "use_dora": (False, "DoRA's magnitude vector"),
@@ -33,8 +35,8 @@ UNSUPPORTED = {  # PEFT LoraConfig key -> (value that is fine, why qbara refuses
 def peft_record(data: dict, state_keys, model: nn.Module, directory) -> dict:
     """qbara's adapter record for the PEFT LoRA folder `directory` (config `data`, tensor names
     `state_keys`) on `model`."""
+    # lazy: cycle: qbara.adapters.io imports this module
     from qbara.adapters.io import PREFIX
-    from qbara.nn.quantized_linear import QuantizedLinear
 
     where = Path(directory) / "adapter_config.json"
     if str(data.get("peft_type", "")).upper() != "LORA":
@@ -87,8 +89,6 @@ def _qalora_group(data: dict, where) -> int:
 def _alphas(data: dict, layers: dict, group: int, where) -> tuple[float, dict[str, float]]:
     """qbara's one alpha for PEFT's per-layer scalings (alpha_pattern; QA-LoRA's alpha / groups), and the factor
     that each other layer's lora_A takes so that its scaling stays PEFT's (only factors != 1 are listed)."""
-    from qbara.adapters.peft_layout import pattern_value
-
     pattern, default = data.get("alpha_pattern") or {}, data["lora_alpha"]
     if not isinstance(pattern, dict) or not all(_number(v) for v in pattern.values()):
         raise QbaraError(f"{where}: alpha_pattern={pattern!r} must map module names to non-zero numbers")

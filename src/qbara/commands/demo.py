@@ -7,11 +7,21 @@ import json
 import time
 from pathlib import Path
 
+from qbara.adapters.merge import merge
+from qbara.data import gsm8k_instructions, split_records
+from qbara.eval.loss import masked_loss
+from qbara.models.loader import load_model
+from qbara.native import write_quantized
+from qbara.outputs import output_folder
+from qbara.quant.config import QuantConfig
+from qbara.state import state_of
+from qbara.train.config import build_config
+from qbara.train.data import build_examples, read_records
+from qbara.train.trainer import prepare_for_training, train
+
 
 def gsm8k_instruction_files(out: Path, held_out: int, seed: int) -> tuple[Path, Path]:
     """Write GSM8K (bundled test split) as instruction records: train and held-out JSONL files."""
-    from qbara.data import gsm8k_instructions, split_records
-
     records = gsm8k_instructions()
     train, held = split_records(records, held_out=held_out / len(records), seed=seed)
     paths = out / "gsm8k_train.jsonl", out / "gsm8k_heldout.jsonl"
@@ -21,8 +31,6 @@ def gsm8k_instruction_files(out: Path, held_out: int, seed: int) -> tuple[Path, 
 
 
 def run(args) -> dict:
-    from qbara.outputs import output_folder
-
     out = Path(args.out)
     with output_folder(out, [args.model], overwrite=args.overwrite, command="demo") as folder:
         report, artifacts = _run(args, folder)
@@ -33,16 +41,6 @@ def run(args) -> dict:
 
 def _run(args, out: Path) -> tuple[dict, dict]:
     """The demo, writing into the new folder `out`."""
-    from qbara.adapters.merge import merge
-    from qbara.eval.loss import masked_loss
-    from qbara.models.loader import load_model
-    from qbara.native import write_quantized
-    from qbara.quant.config import QuantConfig
-    from qbara.state import state_of
-    from qbara.train.config import build_config
-    from qbara.train.data import build_examples, read_records
-    from qbara.train.trainer import prepare_for_training, train
-
     start = time.perf_counter()
     train_file, held_file = gsm8k_instruction_files(out, args.held_out, args.seed)
     config = build_config({

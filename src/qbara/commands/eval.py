@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qbara.data import shakespeare_text
 from qbara.errors import QbaraError
 from qbara.eval.harness import (
     LM_EVAL_OPTIONS,
@@ -21,12 +22,14 @@ from qbara.eval.harness import (
     parse_limit,
 )
 from qbara.eval.loss import masked_loss
+from qbara.eval.perplexity import perplexity
+from qbara.pretrained import from_pretrained
+from qbara.train.data import build_examples, read_records
+from qbara.validate import read_text_file
 
 
 def load_for_eval(model_name: str, adapter: str | None):
     """The base model with `adapter` attached; a dense base is quantized on load as the adapter records."""
-    from qbara.pretrained import from_pretrained
-
     model, tokenizer = from_pretrained(model_name, adapter=adapter or None)
     model.eval()
     return model, tokenizer
@@ -35,24 +38,17 @@ def load_for_eval(model_name: str, adapter: str | None):
 def read_text(data: str) -> str:
     """A text file, or `shakespeare:PLAY` for a bundled play."""
     if data.startswith("shakespeare:"):
-        from qbara.data import shakespeare_text
-
         return shakespeare_text(data.split(":", 1)[1] or "hamlet")
     path = Path(data)
     if not path.exists():
         raise QbaraError(f"data file {data!r} not found; pass a text file or shakespeare:PLAY")
     if path.suffix.lower() in (".jsonl", ".json", ".csv"):
-        from qbara.train.data import read_records
-
         return "\n\n".join(r["text"] for r in read_records(data) if isinstance(r, dict) and "text" in r)
-    from qbara.validate import read_text_file
 
     return read_text_file(path, "data file", max_bytes=None)
 
 
 def run(args) -> dict:
-    from qbara.eval.perplexity import perplexity
-
     lm_eval_given = [f"--{name.replace('_', '-')}" for name in LM_EVAL_OPTIONS
                      if getattr(args, name, None) is not None]
     if args.task != "lm-eval" and lm_eval_given:
@@ -75,8 +71,6 @@ def run(args) -> dict:
         r = perplexity(model, ids, window=args.window, max_tokens=args.max_tokens or None, progress=not args.json)
         result = {"task": "ppl", "ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "window": r.window}
     elif args.task == "loss":
-        from qbara.train.data import build_examples, read_records
-
         records = read_records(args.data)[: args.max_records or None]
         examples = build_examples(records, tokenizer, "auto", args.window, "fail", source=args.data)
         result = {"task": "loss", **masked_loss(model, examples, progress=not args.json)}

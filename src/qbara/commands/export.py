@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qbara.adapters.attach import adapter_layers
+from qbara.commands.eval import load_for_eval
+from qbara.errors import QbaraError
+from qbara.outputs import output_file, output_folder
+
 
 def adapter_path(out) -> str:
     """Where the LoRA adapter GGUF goes beside the base `out`: m.gguf -> m.adapter.gguf."""
@@ -18,7 +23,7 @@ def adapter_path(out) -> str:
 def _separate_lora(model, allow_requantize: bool) -> bool:
     """Write the adapters as their own LoRA GGUF: every adapter is plain LoRA (which never folds into the
     quantized base), and the user did not ask for a re-quantized merge (--allow-requantize)."""
-    from qbara.adapters.attach import adapter_layers
+    # lazy: qbara.export imports gguf
     from qbara.export.gguf import is_plain_lora
 
     layers = adapter_layers(model).values()
@@ -26,10 +31,8 @@ def _separate_lora(model, allow_requantize: bool) -> bool:
 
 
 def _run_gguf(args, inputs):
-    from qbara.commands.eval import load_for_eval
-    from qbara.errors import QbaraError
+    # lazy: qbara.export imports gguf
     from qbara.export.gguf import write_gguf, write_gguf_lora
-    from qbara.outputs import output_file
 
     if not str(args.out).endswith(".gguf"):
         raise QbaraError(f"--out {args.out!r}: a GGUF export is a file ending in .gguf")
@@ -56,12 +59,10 @@ def _run_gguf(args, inputs):
 
 
 def run(args):
-    from qbara.commands.eval import load_for_eval
-    from qbara.outputs import output_folder
-
     inputs = [args.model, args.adapter]
     if args.format == "gguf":
         return _run_gguf(args, inputs)
+    # lazy: qbara.export imports gguf
     from qbara.export.hf import write_hf
 
     with output_folder(args.out, inputs, overwrite=args.overwrite, command="export") as tmp:

@@ -16,16 +16,30 @@ import json
 import time
 from pathlib import Path
 
-from qbara.distributed import is_main_process, world_size
+from qbara.adapters.config import AdapterConfig
+from qbara.adapters.io import save_adapter
+from qbara.atomic import write_json_atomic
+from qbara.commands.eval import read_text
+from qbara.distributed import end_process_group, is_main_process, start_process_group, world_size
 from qbara.errors import QbaraError
+from qbara.eval.perplexity import perplexity
+from qbara.lq.config import LQConfig
+from qbara.lq.configs import candidate_configs, gguf_configs, qlora_config
+from qbara.lq.factors import FACTOR_CONFIG
+from qbara.lq.fisher import calibration_sequences, fisher_information, open_fisher
+from qbara.lq.plot import plot_bits_per_layer
+from qbara.models.loader import load_model
+from qbara.models.lq_stream import checkpoint_folder, load_calibration_model, stream_lq
+from qbara.native import write_quantized
+from qbara.outputs import check_output, output_folder
+from qbara.prepare import prepare
+from qbara.quant.config import QuantConfig
+from qbara.state import state_of
 
 
 def _fisher(args, model, tokenizer, out: Path | None):
     """The Fisher information for --fisher-data (written to out/fisher/, read back one matrix at a time), a
     saved one for --fisher (read lazily), or None."""
-    from qbara.commands.eval import read_text
-    from qbara.lq.fisher import calibration_sequences, fisher_information, open_fisher
-
     if args.fisher:
         return open_fisher(args.fisher)
     if not args.fisher_data:
@@ -39,9 +53,6 @@ def _fisher(args, model, tokenizer, out: Path | None):
 
 def run(args) -> dict | None:
     import contextlib
-
-    from qbara.distributed import end_process_group, start_process_group
-    from qbara.outputs import check_output, output_folder
 
     inputs = [args.model, args.fisher, args.fisher_data, args.eval]
     start_process_group()
@@ -62,13 +73,6 @@ def _run(args, out: Path | None) -> dict | None:
     """The init, writing into the new folder `out` (None on ranks other than 0). A safetensors folder (and the
     embedded SmolLM2) is streamed from its shards; other models (GGUF files, the tiny test models) are
     loaded dense first."""
-    from qbara.adapters.io import save_adapter
-    from qbara.atomic import write_json_atomic
-    from qbara.lq.plot import plot_bits_per_layer
-    from qbara.models.lq_stream import checkpoint_folder
-    from qbara.native import write_quantized
-    from qbara.state import state_of
-
     start = time.perf_counter()
     options = _options(args)
     folder = checkpoint_folder(args.model)
@@ -97,12 +101,6 @@ def _run(args, out: Path | None) -> dict | None:
 
 def _options(args):
     """(LQConfig, AdapterConfig) from the command line; the Fisher matrix is added once computed or opened."""
-    from qbara.adapters.config import AdapterConfig
-    from qbara.lq.config import LQConfig
-    from qbara.lq.configs import candidate_configs, gguf_configs, qlora_config
-    from qbara.lq.factors import FACTOR_CONFIG
-    from qbara.quant.config import QuantConfig
-
     if args.method == "loftq" and (args.fisher or args.fisher_data):
         raise QbaraError("LoftQ has no Fisher-weighted variant; drop --fisher/--fisher-data or use --method lq")
     if args.fisher and args.fisher_data:
@@ -129,14 +127,10 @@ def _streamed(args, folder: Path, out: Path | None, options):
     perplexity and --fisher-data's gradients, and freed before the decompositions start."""
     import dataclasses
 
-    from qbara.models.lq_stream import stream_lq
-
     lq, adapter = options
     dense_eval = None
     fisher = _fisher(args, None, None, out) if args.fisher else None  # a saved one, read one matrix at a time
     if args.eval or args.fisher_data:
-        from qbara.models.lq_stream import load_calibration_model
-
         dense, tokenizer = load_calibration_model(folder)  # the checkpoint's dtype: 2 bytes/param for bf16
         if args.eval:
             dense_eval = _perplexity(args, dense, tokenizer)
@@ -151,9 +145,6 @@ def _in_memory(args, out: Path | None, options):
     """LQ-LoRA / LoftQ on the dense model in memory (models with no safetensors folder to stream from)."""
     import dataclasses
 
-    from qbara.models.loader import load_model
-    from qbara.prepare import prepare
-
     lq, adapter = options
     model, tokenizer = load_model(args.model)
     dense_eval = _perplexity(args, model, tokenizer) if args.eval else None
@@ -164,9 +155,6 @@ def _in_memory(args, out: Path | None, options):
 
 def _perplexity(args, model, tokenizer) -> dict:
     """Perplexity of a model on --eval text (the dense model, and Q + L1 L2: the LQ model at step 0)."""
-    from qbara.commands.eval import read_text
-    from qbara.eval.perplexity import perplexity
-
     ids = tokenizer(read_text(args.eval), add_special_tokens=False, return_tensors="pt").input_ids[0]
     r = perplexity(model, ids, window=args.window, max_tokens=args.eval_tokens, progress=True)
     return {"ppl": r.ppl, "tokens": r.tokens, "window": r.window}

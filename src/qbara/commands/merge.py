@@ -3,21 +3,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qbara.adapters.merge import merge
+from qbara.commands.eval import load_for_eval
+from qbara.native import write_quantized
+from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.outputs import output_folder
+
 
 def run(args) -> Path:
-    from qbara.adapters.merge import merge
-    from qbara.commands.eval import load_for_eval
-    from qbara.nn.quantized_linear import QuantizedLinear
-    from qbara.outputs import output_folder
-
     with output_folder(args.out, [args.model, args.adapter], overwrite=args.overwrite, command="merge") as tmp:
         model, tokenizer = load_for_eval(args.model, args.adapter)
         merge(model, into=args.into)
         if args.into == "quantized":
-            from qbara.native import write_quantized
-
             write_quantized(model, tokenizer, tmp)
         else:
+            # lazy: qbara.export imports gguf (and tests patch hf.write_hf)
             from qbara.export.hf import write_hf
 
             write_hf(model, tokenizer, tmp)

@@ -8,9 +8,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from qbara.data.corpora import shakespeare_text
 from qbara.errors import QbaraError
 from qbara.eval.harness import count_type
+from qbara.eval.perplexity import perplexity
+from qbara.models import load_model
+from qbara.models.gptq import DEFAULT_LENGTH, DEFAULT_SAMPLES, gptq_calibration, gptq_quantize_model
+from qbara.native import save_quantized
 from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.outputs import check_output
 from qbara.prepare import quantize_model
 from qbara.quant.config import QuantConfig
 
@@ -69,10 +75,6 @@ def weight_error(dense: torch.nn.Module, quantized: torch.nn.Module) -> tuple[fl
 
 
 def run(args) -> list[QuantizationReport]:
-    from qbara.data.corpora import shakespeare_text
-    from qbara.eval.perplexity import perplexity
-    from qbara.models import load_model
-
     configs = [parse_format(s.strip()) for s in args.formats.split(",") if s.strip()]
     gptq_configs = _gptq_configs(args, configs)
     model, tokenizer = load_model(args.model)
@@ -93,8 +95,6 @@ def run(args) -> list[QuantizationReport]:
             rows.append(QuantizationReport(prefix + config.label, bits, rel, size, size / fp32_bytes, result.ppl,
                                            result.tokens, result.window))
             if prefix and args.save:
-                from qbara.native import save_quantized
-
                 save_quantized(quantized, tokenizer, args.save, overwrite=args.overwrite)
             del quantized
     if args.json:
@@ -130,23 +130,17 @@ def _gptq_configs(args, configs: list[QuantConfig]) -> list[QuantConfig]:
         raise QbaraError(f"--save writes one GPTQ model, but --formats has {len(chosen)} INT formats; name one, "
                          f"e.g. --formats int3:64")
     if args.save:
-        from qbara.outputs import check_output
-
         check_output(args.save, [args.model], overwrite=args.overwrite, option="--save")
     return chosen
 
 
 def _calibration(args, tokenizer):
-    from qbara.models.gptq import DEFAULT_LENGTH, DEFAULT_SAMPLES, gptq_calibration
-
     samples = DEFAULT_SAMPLES if args.calibration_samples is None else args.calibration_samples
     length = DEFAULT_LENGTH if args.calibration_length is None else args.calibration_length
     return gptq_calibration(tokenizer, samples, length, exclude=(args.play,))
 
 
 def _gptq_quantizer(args, calibration):
-    from qbara.models.gptq import gptq_quantize_model
-
     def quantize(model, config, progress):
         return gptq_quantize_model(model, config, calibration, progress=progress)
     return quantize

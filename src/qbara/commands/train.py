@@ -1,13 +1,14 @@
 """`qbara train --config run.yaml [--resume] [--section.key value ...]`."""
 from __future__ import annotations
 
+from qbara.distributed import end_process_group
 from qbara.errors import QbaraError
+from qbara.train.config import load_run_config, parse_value
+from qbara.train.trainer import train
 
 
 def parse_overrides(tokens: list[str]) -> dict:
     """['--train.lr', '1e-4', '--adapter.method', 'qbara'] -> {'train.lr': 0.0001, 'adapter.method': 'qbara'}."""
-    from qbara.train.config import parse_value
-
     overrides, i = {}, 0
     while i < len(tokens):
         token = tokens[i]
@@ -24,10 +25,6 @@ def parse_overrides(tokens: list[str]) -> dict:
 
 
 def run(args, extra: list[str]) -> None:
-    from qbara.distributed import end_process_group
-    from qbara.train.config import load_run_config
-    from qbara.train.trainer import train
-
     config = load_run_config(args.config, parse_overrides(extra))
     result = train(config, resume=args.resume)
     end_process_group()

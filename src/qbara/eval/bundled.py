@@ -13,6 +13,8 @@ import random
 import re
 from pathlib import Path
 
+from qbara.data import shakespeare_text
+
 TASKS_DIR = Path(__file__).parent / "tasks"
 NEXT_LINE_TASK = "qbara_shakespeare_next_line"
 NEXT_LINE_DATA = TASKS_DIR / "shakespeare_next_line.jsonl"
@@ -37,8 +39,6 @@ def speech_lines(text: str) -> list[list[str]]:
 
 def next_line_items(plays=NEXT_LINE_PLAYS, per_play: int = PER_PLAY, seed: int = 0) -> list[dict]:
     """The task's records: {"play", "context", "choices", "answer"} (answer: index of the true next line)."""
-    from qbara.data import shakespeare_text
-
     rng = random.Random(seed)
     items = []
     for play in plays:

@@ -7,7 +7,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qbara.atomic import write_json_atomic
 from qbara.errors import QbaraError
+from qbara.eval.bundled import TASKS_DIR
 
 LM_EVAL_OPTIONS = ("limit", "num_fewshot", "batch_size", "include_path", "output_path")
 LM_EVAL_INSTALL = "--task lm-eval needs lm-evaluation-harness: pip install lm-eval"
@@ -164,7 +166,6 @@ def load_lm_eval_tasks(tasks: str, include_path=None) -> LmEvalTasks:
     for folder in folders:
         if not folder.is_dir():
             raise QbaraError(f"--include-path {str(folder)!r} is not a folder; give a folder holding task YAML files")
-    from qbara.eval.bundled import TASKS_DIR
 
     folders.append(TASKS_DIR)  # qbara's bundled offline tasks (qbara_shakespeare_next_line), always found
     requested = [t.strip() for t in str(tasks).split(",") if t.strip()]
@@ -251,8 +252,6 @@ def lm_eval_bridge(model, tokenizer, tasks, *, limit: int | float | None = None,
     if provenance:
         raw["qbara"] = jsonable({**provenance, "tasks": tasks.names})
     if output_path is not None:
-        from qbara.atomic import write_json_atomic
-
         write_json_atomic(output_path, raw)
     out = {"results": raw.get("results", {})}
     for key in ("groups", "n-shot", "versions"):

@@ -7,7 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qbara.adapters import adapter_layers, merge
 from qbara.errors import QbaraError
+from qbara.outputs import output_folder
+from qbara.prepare import dequantize_model
 from qbara.state import state_of
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -26,9 +29,6 @@ def dense_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` with its adapters merged (`qbara.merge(into="dense")`) and every QuantizedLinear
     dequantized to an fp32 nn.Linear (`qbara.prepare.dequantize_model`); the model passed in is unchanged. The copy's
     `model.qbara` keeps the reports (lq, gptq, fold_rounding) and forgets the base (`QbaraState.forget_base`)."""
-    from qbara.adapters import adapter_layers, merge
-    from qbara.prepare import dequantize_model
-
     dense = copy.deepcopy(model)
     if adapter_layers(dense):
         merge(dense, into="dense")
@@ -45,8 +45,6 @@ def export_hf(model: nn.Module, tokenizer, out_dir, dtype="float32", overwrite: 
     a non-empty folder qbara did not write is refused unless `overwrite=True` (its files are kept). The
     model passed in is not modified.
     """
-    from qbara.outputs import output_folder
-
     dtype = _resolve_dtype(dtype)
     with output_folder(out_dir, overwrite=overwrite, command="export_hf", option="out_dir") as tmp:
         write_hf(model, tokenizer, tmp, dtype)

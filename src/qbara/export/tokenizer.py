@@ -8,6 +8,7 @@ from pathlib import Path
 from gguf import GGUFReader, GGUFValueType, TokenType
 
 from qbara.errors import QbaraError
+from qbara.models.smollm2 import smollm2_gguf_path
 
 # SmolLM2-135M's vocabulary size: a cheap test before comparing a tokenizer with the shipped GGUF's.
 SMOLLM2_VOCAB = 49152
@@ -126,7 +127,6 @@ def shipped_smollm2_reader(tokenizer) -> tuple[Path, GGUFReader] | None:
     try:
         if len(tokenizer) != SMOLLM2_VOCAB:
             return None
-        from qbara.models.smollm2 import smollm2_gguf_path
 
         path = smollm2_gguf_path()
     except Exception:  # not installed, odd tokenizer: build the metadata from the tokenizer instead

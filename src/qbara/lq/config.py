@@ -17,8 +17,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qbara.adapters.config import AdapterConfig
 from qbara.errors import QbaraError, check_types, strict_from_dict
 from qbara.lq.filesize import FileBudget
+from qbara.lq.fisher import open_fisher
 from qbara.lq.tables import ErrorTable
 from qbara.quant.config import QuantConfig
 
@@ -158,8 +160,6 @@ class LQConfig:
     def open_fisher(self) -> Mapping | None:
         """The Fisher information: the mapping given, or the file / folder opened (read one matrix at a time)."""
         if isinstance(self.fisher, (str, Path)):
-            from qbara.lq.fisher import open_fisher
-
             return open_fisher(self.fisher)
         return self.fisher
 
@@ -175,8 +175,6 @@ class LQConfig:
         """The AdapterConfig the adapters are built with: `adapter` with init set to this method (and, for LoftQ,
         loftq_iters to this config's). The AdapterConfig owns rank, alpha, dropout and target_modules; an init or
         loftq_iters that contradicts this config is refused."""
-        from qbara.adapters.config import AdapterConfig
-
         if adapter is None:
             raise QbaraError("LQ-LoRA / LoftQ start LoRA adapters from the factors: pass an AdapterConfig too, e.g. "
                              "prepare(model, LQConfig(...), AdapterConfig(rank=64))")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
+from qbara.quant.ggml import GGML_FORMATS
 
 __all__ = ["CODE_BITS", "BLOCK_SIZES", "DQ_BITS", "DQ_BLOCK_SIZES", "DQ_DTYPES", "candidate_configs",
            "config_bits", "pareto_front", "qlora_config", "gguf_configs"]
@@ -45,8 +46,6 @@ def gguf_configs(names: Sequence[str] | None = None) -> list[QuantConfig]:
     bits errs less differs per matrix; `lq.tables.matrix_costs` gives +inf where a shape cannot take a format
     and the ILP drops dominated ones. names: a subset, e.g. ("q4_k", "q6_k"), with or without "gguf:".
     """
-    from qbara.quant.ggml import GGML_FORMATS
-
     chosen = list(GGML_FORMATS) if names is None else [str(n).lower().removeprefix("gguf:") for n in names]
     unknown = [n for n in chosen if n not in GGML_FORMATS]
     if unknown or not chosen:

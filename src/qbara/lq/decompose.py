@@ -36,6 +36,8 @@ from torch import Tensor
 
 from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
+from qbara.quant.double_quant import stored_scales
+from qbara.quant.nf import block_absmax, quantize_nf_values
 from qbara.quant.tensor import QuantizedTensor, quantize
 
 __all__ = ["Decomposition", "decompose", "randomized_svd", "fisher_scalings", "low_rank_factors",
@@ -387,9 +389,6 @@ def quantize_step(config: QuantConfig, name: str = "weight") -> Callable[[Tensor
 
 
 def _nf_step(config: QuantConfig) -> Callable[[Tensor], tuple[Tensor, Any]]:
-    from qbara.quant.double_quant import stored_scales
-    from qbara.quant.nf import block_absmax, quantize_nf_values
-
     def step(R: Tensor):
         scales = None
         if config.double_quant:  # codes rounded against the stored (double-dequantized) scales, as quantize does

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from qbara.errors import QbaraError
+from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.quant.ggml import GGML_FORMATS, check_ggml_shape
+from qbara.targets import linear_layer_names
 
 __all__ = ["FileBudget", "FLOAT_BITS", "tensor_bits"]
 
@@ -31,8 +34,6 @@ ADAPTER_FORMATS = ("f32",)  # what export_gguf_lora writes
 def tensor_bits(fmt: str, shape: tuple[int, ...], what: str = "tensor") -> float:
     """Bits a GGUF file spends on a tensor of `shape` stored as `fmt`: f32/f16/bf16 or a GGML block
     format (q8_0, q6_k, ... with or without the "gguf:" prefix), whose row length it must divide."""
-    from qbara.quant.ggml import GGML_FORMATS, check_ggml_shape
-
     name = str(fmt).lower().removeprefix("gguf:")
     shape = tuple(int(d) for d in shape) or (1,)
     numel = math.prod(shape)
@@ -87,9 +88,6 @@ class FileBudget:
         (rank·(d_in + d_out) values per target) exported as a GGUF adapter (default: not counted);
         metadata_bytes: header, tokenizer, ...
         """
-        from qbara.nn.quantized_linear import QuantizedLinear
-        from qbara.targets import linear_layer_names
-
         names = linear_layer_names(model, targets, include_quantized=False)
         matrices = {id(model.get_submodule(n).weight): n for n in names}
         embed = _weight(model, "get_input_embeddings")

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from qbara.atomic import save_safetensors_atomic
 from qbara.errors import QbaraError
+from qbara.lazy_tensors import LazyTensors
+from qbara.targets import linear_layer_names
 
 __all__ = ["fisher_information", "causal_lm_loss", "calibration_sequences", "save_fisher", "load_fisher",
            "open_fisher"]
@@ -78,8 +80,6 @@ def fisher_information(model: nn.Module, sequences: Tensor | Sequence, names: Se
 
 def _fisher_layers(model: nn.Module, names) -> dict[str, nn.Module]:
     if names is None:
-        from qbara.targets import linear_layer_names
-
         names = linear_layer_names(model, "all-linear")
     layers = {}
     for n in names:
@@ -190,8 +190,6 @@ def open_fisher(path):
     (`qbara.lazy_tensors.LazyTensors`): each matrix is read when looked up, so LQ-LoRA at size holds one
     per worker."""
     from safetensors import SafetensorError, safe_open
-
-    from qbara.lazy_tensors import LazyTensors
 
     path = Path(path)
     files = sorted(path.glob("fisher-*.safetensors")) if path.is_dir() else [path]

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
 
+from qbara.distributed import running_group, world_size
 from qbara.memory import release_freed_memory
 
 
@@ -22,8 +23,6 @@ def shard(numels: Sequence[int], world: int) -> list[list[int]]:
 
 def active_dist():
     """torch.distributed when a process group of more than one rank is running, else None."""
-    from qbara.distributed import running_group, world_size
-
     return running_group() if world_size() > 1 else None
 
 

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from qbara.lq.prepare import LQReport
+from qbara.plotting import pyplot, save_figure
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -18,8 +19,6 @@ def layer_and_module(name: str) -> tuple[int, str]:
 def plot_bits_per_layer(report: LQReport, path, title: str | None = None) -> Path:
     """Heat map (modules x layers) of each matrix's bits/param, with the mean per layer below it."""
     import numpy as np
-
-    from qbara.plotting import pyplot, save_figure
 
     cells = {layer_and_module(n): layer.config.bits_per_param for n, layer in report.layers.items()}
     layers = sorted({k[0] for k in cells})

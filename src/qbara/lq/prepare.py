@@ -16,14 +16,18 @@ import torch
 from torch import Tensor, nn
 
 from qbara.errors import QbaraError
+from qbara.fingerprint import model_fingerprint
 from qbara.lazy_tensors import tensor_shapes
 from qbara.lq.config import LQ_METHODS
 from qbara.lq.decompose import Decomposition, decompose
 from qbara.lq.loftq import loftq
 from qbara.lq.parallel import active_dist, collective_device, my_share, owners, run_per_matrix
+from qbara.native import enable_native_save
+from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
 from qbara.state import state_of
+from qbara.targets import layer_configs, set_submodule
 
 __all__ = ["LQLayer", "LQReport", "decompose_layers", "quantize_with_factors", "lq_report"]
 
@@ -171,10 +175,6 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
     `model.qbara.lq` and a fingerprint of the new quantized base as `model.qbara.base_fingerprint`
     (adapters started from these factors only fit this Q, not a plain quantization of the model).
     """
-    from qbara.fingerprint import model_fingerprint
-    from qbara.nn.quantized_linear import QuantizedLinear
-    from qbara.targets import layer_configs, set_submodule
-
     per_layer = layer_configs(model, quant, targets)  # dense linears only, every shape checked
     if not per_layer:
         raise QbaraError(f"no linear layers match the targets {targets!r}; check target_modules")
@@ -196,7 +196,6 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
                          settings={"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed})
     if hasattr(model, "config"):
         state.base_fingerprint = model_fingerprint(model)
-    from qbara.native import enable_native_save
 
     enable_native_save(model)
     return factors

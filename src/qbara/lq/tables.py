@@ -58,7 +58,7 @@ from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.lazy_tensors import LazyTensors, tensor_shapes
 from qbara.lq.configs import candidate_configs
-from qbara.lq.decompose import STARTS, _alternate, check_starts, low_rank_factors
+from qbara.lq.decompose import STARTS, _alternate, check_starts, fisher_scalings, low_rank_factors
 from qbara.lq.filesize import FileBudget
 from qbara.lq.ilp import allocate as ilp_allocate
 from qbara.lq.ilp import budget_range
@@ -67,6 +67,9 @@ from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import stored_scales
 from qbara.quant.nf import block_absmax, keep_ratios, nf_values, quantize_nf_values, scale_blocks
 from qbara.quant.tensor import quantize
+from qbara.targets import linear_layer_names
+from qbara.tensor_checks import read_safetensors
+from qbara.validate import read_json_file
 
 __all__ = ["ErrorTable", "Allocation", "error_table", "matrix_costs", "lq_cache_dir", "TABLE_VERSION"]
 
@@ -210,9 +213,6 @@ class ErrorTable:
     def load(cls, path) -> "ErrorTable":
         from safetensors import SafetensorError
 
-        from qbara.tensor_checks import read_safetensors
-        from qbara.validate import read_json_file
-
         path = Path(path)
         json_path = path.with_suffix(".json")
         fix = "delete it to recompute"
@@ -341,8 +341,6 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
     if not groups:
         return costs
 
-    from qbara.lq.decompose import fisher_scalings
-
     scalings = fisher_scalings(fisher) if fisher is not None else None
     first = None
     if rank > 0 and "svd" in starts:
@@ -402,8 +400,6 @@ def _targets(model_or_weights, targets) -> tuple[list[str], Mapping[str, Tensor]
     """(names, name -> weight, shapes) of the matrices to tabulate. A `LazyTensors` mapping stays lazy: each
     weight is read when its row of the table is computed."""
     if isinstance(model_or_weights, nn.Module):
-        from qbara.targets import linear_layer_names
-
         model = model_or_weights
         names = linear_layer_names(model, targets, include_quantized=False)
         weights = {n: model.get_submodule(n).weight for n in names}

@@ -21,11 +21,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from qbara.data.corpora import shakespeare_text
 from qbara.errors import QbaraError
+from qbara.fingerprint import model_fingerprint
+from qbara.lq.fisher import calibration_sequences
+from qbara.native import enable_native_save
+from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.prepare import prepare
 from qbara.quant.config import QuantConfig
 from qbara.quant.gptq import DEFAULT_BLOCK_COLUMNS, DEFAULT_DAMP, gptq_quantize, hessian_accumulate, output_error
+from qbara.quant.tensor import quantize
 from qbara.state import state_of
-from qbara.targets import ALL_LINEAR
+from qbara.targets import ALL_LINEAR, layer_configs, set_submodule
 
 __all__ = ["CALIBRATION_PLAYS", "DEFAULT_LENGTH", "DEFAULT_SAMPLES", "GPTQReport", "decoder_layers",
            "gptq_calibration", "gptq_prepare", "gptq_quantize_model"]
@@ -58,9 +65,6 @@ def gptq_calibration(tokenizer, samples: int = DEFAULT_SAMPLES, length: int = DE
                      seed: int = 0) -> Tensor:
     """(samples, length) token windows at random offsets of the Shakespeare `plays` (less `exclude`, e.g. the
     play perplexity is measured on), joined into one text."""
-    from qbara.data.corpora import shakespeare_text
-    from qbara.lq.fisher import calibration_sequences
-
     skip = {p.strip().lower() for p in exclude}
     chosen = [p for p in plays if p.strip().lower() not in skip]
     if not chosen:
@@ -93,10 +97,6 @@ def gptq_quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, Quan
     quantized model (adapters trained on it fit this base, not `qbara.quantize` of the dense one), and
     `prepare(model, quant, adapter)` only attaches the adapters. Returns the model.
     """
-    from qbara.fingerprint import model_fingerprint
-    from qbara.native import enable_native_save
-    from qbara.targets import layer_configs
-
     started = time.perf_counter()
     per_layer = layer_configs(model, quant, modules)
     for name, config in per_layer.items():
@@ -130,8 +130,6 @@ def gptq_prepare(model: nn.Module, tokenizer, quant: QuantConfig | Mapping[str, 
     (`gptq_calibration`; or pass your own `sequences`), then attach `adapter` (an AdapterConfig with the
     default init: the adapters start at zero on the GPTQ base) with `qbara.prepare`. gptq_options go to
     `gptq_quantize_model` (batch_size, damp, block_columns, act_order). Returns the model."""
-    from qbara.prepare import prepare
-
     if adapter is not None and getattr(adapter, "init", "default") != "default":
         raise QbaraError(f"adapter init={adapter.init!r} starts from a decomposition of the dense weights, which "
                          f"GPTQ replaces; use init='default' on a GPTQ base, or qbara.lq_prepare for LQ-LoRA / LoftQ")
@@ -276,10 +274,6 @@ def _walk_layers(model, layers, prefix, owned, per_layer, states, report: GPTQRe
 def _quantize_linear(model, name: str, linear: nn.Module, config: QuantConfig, hessian: Tensor,
                      options: dict) -> dict:
     """Replace `linear` by a QuantizedLinear holding its GPTQ quantization; return its report entry."""
-    from qbara.nn.quantized_linear import QuantizedLinear
-    from qbara.quant.tensor import quantize
-    from qbara.targets import set_submodule
-
     weight = linear.weight.detach()
     qtensor = gptq_quantize(weight, hessian, config, name=name, **options)
     entry = {"config": config.label, "gptq_error": output_error(weight, qtensor.dequantize(), hessian),

@@ -9,9 +9,15 @@ import torch
 
 from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
+from qbara.models.quantized_io import is_quantized_folder, load_quantized
+from qbara.models.smollm2 import load_gguf_as_hf
+from qbara.models.streaming import load_gguf_stream, load_quantized_stream
+from qbara.models.tiny import tiny_llama, tiny_qwen2
 from qbara.native import QUANT_MANIFEST
+from qbara.prepare import quantize_model
 from qbara.state import state_of
 from qbara.tensor_checks import check_model_values
+from qbara.validate import check_hf_folder, check_no_remote_code
 
 DEFAULT_MODEL = "smollm2-135m"
 BUILTIN_MODELS = (DEFAULT_MODEL, "tiny-llama", "tiny-qwen2")
@@ -28,6 +34,7 @@ def base_model_path(name_or_path: str | None) -> str | None:
     """`name_or_path` as a base PEFT can load (`save_adapter`'s base_model_name): the embedded default's name as
     its converted folder; other names and paths unchanged."""
     if name_or_path and str(name_or_path).strip().lower() == DEFAULT_MODEL:
+        # lazy: tests monkeypatch smollm2.smollm2_dir
         from qbara.models.smollm2 import smollm2_dir
 
         return str(smollm2_dir())
@@ -67,24 +74,18 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu", quan
     key = name.strip().lower()
 
     if key == DEFAULT_MODEL:
+        # lazy: tests monkeypatch smollm2.smollm2_dir
         from qbara.models.smollm2 import smollm2_dir
 
         model, tokenizer = _load_hf_folder(smollm2_dir(), dtype)
     elif key == "tiny-llama":
-        from qbara.models.tiny import tiny_llama
-
         model, tokenizer = tiny_llama()
     elif key == "tiny-qwen2":
-        from qbara.models.tiny import tiny_qwen2
-
         model, tokenizer = tiny_qwen2()
     else:
         path = Path(name).expanduser()
-        from qbara.models.quantized_io import is_quantized_folder, load_quantized
 
         if path.is_dir() and (path / "config.json").exists():
-            from qbara.validate import check_no_remote_code
-
             check_no_remote_code(path)  # before anything else reads the folder
         if path.is_dir() and is_quantized_folder(path):
             # Packed buffers keep their dtypes (fp16 scales and minima): move, never cast.
@@ -93,8 +94,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu", quan
         if path.is_dir() and (path / "config.json").is_file():
             model, tokenizer = _load_hf_folder(path, dtype)
         elif path.is_file() and path.suffix.lower() == ".gguf":
-            from qbara.models.smollm2 import load_gguf_as_hf
-
             model, tokenizer = load_gguf_as_hf(path)
         elif path.is_dir():
             raise QbaraError(f"The folder {name!r} has no config.json. Expected {_choices()}.")
@@ -121,30 +120,23 @@ def _cast_parameters(model, dtype: torch.dtype):
 def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):
     """load_model(..., quant=...): stream an HF folder or a GGUF file; the in-memory test models are built,
     then quantized."""
-    from qbara.models.quantized_io import is_quantized_folder
-
     name = str(name_or_path)
     key = name.strip().lower()
     path = Path(name).expanduser()
     if key == DEFAULT_MODEL:
+        # lazy: tests monkeypatch smollm2.smollm2_dir
         from qbara.models.smollm2 import smollm2_dir
 
         path = smollm2_dir()
     elif path.is_dir() and is_quantized_folder(path):
         raise QbaraError(f"{name!r} is already quantized; load it without quant=")
     if path.is_dir() and (path / "config.json").is_file():
-        from qbara.models.streaming import load_quantized_stream
-        from qbara.validate import check_hf_folder
-
         check_hf_folder(path)  # no custom code, no pickle weights, sizes that fit the weights
         model = load_quantized_stream(path, quant, modules, dtype=dtype, device=device, progress=progress)
         return model, load_tokenizer(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        from qbara.models.streaming import load_gguf_stream
-
         model = load_gguf_stream(path, quant, modules, dtype=dtype, device=device, progress=progress)
         return model, load_gguf_tokenizer(path)
-    from qbara.prepare import quantize_model
 
     model, tokenizer = load_model(name, dtype=dtype or torch.float32, device=device)
     state = state_of(model)
@@ -183,8 +175,6 @@ def _quiet_transformers():
 def _load_hf_folder(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    from qbara.validate import check_hf_folder
-
     check_hf_folder(path)
     try:
         with _quiet_transformers():  # qbara reports what matters (check_loading_info) in one line
@@ -206,7 +196,6 @@ def load_tokenizer(path: Path):
     if not any((Path(path) / name).is_file() for name in names):
         raise QbaraError(f"{path} has no tokenizer ({', '.join(names)}); copy the base model's tokenizer files "
                          f"into it")
-    from qbara.validate import check_no_remote_code
 
     check_no_remote_code(path)
     try:

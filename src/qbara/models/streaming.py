@@ -16,10 +16,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qbara.errors import QbaraError
+from qbara.fingerprint import combine_fingerprint, tensor_fingerprint
 from qbara.memory import release_freed_memory
+from qbara.models.smollm2 import check_gguf_layout
+from qbara.native import enable_native_save
+from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
+from qbara.quant.tensor import quantize
 from qbara.state import state_of
-from qbara.targets import ALL_LINEAR
+from qbara.targets import ALL_LINEAR, layer_configs, set_submodule
+from qbara.tensor_checks import check_tensor
+from qbara.validate import read_json_file
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -28,8 +35,6 @@ INDEX = "model.safetensors.index.json"
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors shards of an HF folder (its index's files, or the single model.safetensors)."""
     if (folder / INDEX).is_file():
-        from qbara.validate import read_json_file
-
         weight_map = read_json_file(folder / INDEX, "safetensors index", fix="the folder is damaged").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
                                                        for v in weight_map.values()):
@@ -76,8 +81,6 @@ def load_gguf_stream(path, quant: QuantConfig | Mapping[str, QuantConfig], modul
     with its name mapping and q/k un-permutation) and, for target linears, quantized at once: no dense copy
     of the model. The other weights are stored in `dtype` (default fp32, as the dense GGUF load gives)."""
     from transformers import AutoConfig
-
-    from qbara.models.smollm2 import check_gguf_layout
 
     path = Path(path)
     check_gguf_layout(path)
@@ -142,13 +145,6 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
     target linears as they come (one dense tensor at a time). packed: layer name -> QuantizedTensor built
     beforehand (an LQ-LoRA / LoftQ decomposition's Q), used for that layer instead of quantizing its weight
     (which is still read, checked and hashed for the dense model's fingerprint)."""
-    from qbara.fingerprint import combine_fingerprint, tensor_fingerprint
-    from qbara.native import enable_native_save
-    from qbara.nn.quantized_linear import QuantizedLinear
-    from qbara.quant.tensor import quantize
-    from qbara.targets import layer_configs, set_submodule
-    from qbara.tensor_checks import check_tensor
-
     model = empty_model(config, storage)
     per_layer = layer_configs(model, quant, modules)  # shapes checked on the skeleton, before any read
     shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}  # the skeleton's (meta) shapes

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from qbara.errors import QbaraError
+from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import BNB_BLOCK_SIZES, QuantConfig
 from qbara.quant.dq_bnb import DYNAMIC_BLOCK, dynamic_map
+from qbara.quant.tensor import QuantizedTensor
 
 
 def bnb_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -115,8 +117,6 @@ def _adopt_dense(layer, config: QuantConfig, name: str):
     """bitsandbytes' dequantized weight, quantized again with `config` (fp32 absmax: the same weights)."""
     import bitsandbytes.functional as bnbf
 
-    from qbara.nn.quantized_linear import QuantizedLinear
-
     weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
     dense = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device=weight.device)
     dense.weight.copy_(weight)
@@ -127,9 +127,6 @@ def _adopt_dense(layer, config: QuantConfig, name: str):
 
 def _adopt_buffers(layer, config: QuantConfig, name: str):
     """The layer's own packed codes and double-quantized scales, as a dq_style="bnb" QuantizedLinear."""
-    from qbara.nn.quantized_linear import QuantizedLinear
-    from qbara.quant.tensor import QuantizedTensor
-
     state = layer.weight.quant_state
     shape = (int(state.shape[0]), int(state.shape[1]))
     config.check_shape(shape, name)

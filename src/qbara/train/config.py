@@ -13,6 +13,7 @@ from pathlib import Path
 from qbara.adapters.config import AdapterConfig
 from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
+from qbara.validate import load_yaml_file
 
 
 @dataclass
@@ -294,8 +295,6 @@ def load_run_config(path: str | None, overrides: dict | None = None) -> RunConfi
     """Read a YAML (or JSON) run config and apply overrides."""
     data = {}
     if path:
-        from qbara.validate import load_yaml_file
-
         p = Path(path)
         if not p.exists():
             raise QbaraError(f"config file {path!r} not found; pass --config with an existing YAML file")

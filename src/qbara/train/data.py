@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
+from qbara.data.hf_datasets import read_dataset
 from qbara.errors import QbaraError
+from qbara.validate import parse_json, read_text_file
 
 IGNORE_INDEX = -100
 
@@ -32,8 +34,6 @@ def read_records(path: str) -> list:
     """Records from a .json (list), .jsonl, .csv file or a local HF dataset folder; a .txt file gives one
     {"text": ...} record. `dataset:<path>[:split]` reads with Hugging Face datasets (`qbara.data.hf_datasets`)."""
     if str(path).startswith("dataset:"):
-        from qbara.data.hf_datasets import read_dataset
-
         return read_dataset(str(path)[len("dataset:"):])
     p = Path(path)
     if not p.exists():
@@ -44,7 +44,6 @@ def read_records(path: str) -> list:
         except ImportError:
             raise QbaraError(f"{path} is a folder: reading a local HF dataset needs `pip install datasets`") from None
         return [dict(r) for r in load_from_disk(str(p))]
-    from qbara.validate import parse_json, read_text_file
 
     suffix = p.suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv", ".txt", ".md", ""):

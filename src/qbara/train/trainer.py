@@ -18,12 +18,26 @@ from pathlib import Path
 import torch
 
 from qbara.adapters.attach import adapter_layers, trainable_parameter_count
-from qbara.adapters.io import copy_adapter_weights, save_adapter
+from qbara.adapters.io import (
+    check_base_fingerprint,
+    copy_adapter_weights,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+)
 from qbara.atomic import write_json_atomic
 from qbara.errors import QbaraError
+from qbara.models.loader import base_model_path, load_model
+from qbara.models.quantized_io import is_quantized_folder
+from qbara.native import save_quantized
+from qbara.outputs import check_output, foreign_files, mark_folder, output_lock
+from qbara.plotting import pyplot, save_figure
+from qbara.prepare import prepare
+from qbara.pretrained import base_quant_for
 from qbara.state import state_of
 from qbara.train.config import RunConfig
 from qbara.train.data import ExampleDataset, PadCollator, build_examples, read_records
+from qbara.validate import read_json_file, safetensors_shapes
 
 COMPLETE_MARKER = "qbara_complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -70,8 +84,6 @@ def checkpoint_problem(folder: Path) -> str | None:
     file it lists missing, of another size or hash, the trainer state or adapter unreadable; for markers of
     older versions (no file list), torch's zip files are checked for truncation."""
     import zipfile
-
-    from qbara.validate import read_json_file, safetensors_shapes
 
     try:
         marker = read_json_file(folder / COMPLETE_MARKER, COMPLETE_MARKER)
@@ -168,8 +180,6 @@ def _trainer_class():
 
 def check_resume_base(model, checkpoint: Path) -> None:
     """Refuse to resume a checkpoint trained on another base model or with another adapter."""
-    from qbara.adapters.io import check_base_fingerprint, read_adapter_config
-
     info = read_adapter_config(checkpoint)["qbara"]
     check_base_fingerprint(info, model, str(checkpoint),
                            "resume with the run's original model.name and quant settings", required=True)
@@ -245,9 +255,6 @@ def _quant_on_load(config: RunConfig):
     """What to quantize the base with while loading it (never a dense copy of the model): the run's quant, or
     the starting adapter's recorded one; None for a quantized folder or a LoftQ / LQ init (needs the dense
     weights)."""
-    from qbara.models.quantized_io import is_quantized_folder
-    from qbara.pretrained import base_quant_for
-
     if config.model.adapter:
         return base_quant_for(config.model.name, config.model.adapter)
     if is_quantized_folder(config.model.name):
@@ -259,16 +266,12 @@ def prepare_for_training(config: RunConfig, model, tokenizer):
     """Quantize and attach adapters as the config says (seeded)."""
     from transformers import set_seed
 
-    from qbara.prepare import prepare
-
     context = getattr(model.config, "max_position_embeddings", None)
     if context and config.data.max_length > context:
         raise QbaraError(f"data.max_length={config.data.max_length} exceeds the model's context of {context} "
                          f"tokens; set data.max_length <= {context}")
     set_seed(config.train.seed)
     if config.model.adapter:
-        from qbara.adapters.io import load_adapter
-
         print(f"qbara: starting from the adapter in {config.model.adapter} (the adapter section is not used)")
         return load_adapter(model, config.model.adapter)
     return prepare(model, config.quant_config(), config.adapter_config(), progress=config.train.progress)
@@ -283,8 +286,6 @@ def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     """
     import contextlib
 
-    from qbara.outputs import check_output, output_lock
-
     output_dir = Path(config.train.output_dir)
     inputs = [config.model.name, config.model.adapter, config.data.train, config.data.eval]
     ours = latest_complete_checkpoint(output_dir) is not None  # a run of an older qbara, without the manifest
@@ -295,9 +296,6 @@ def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
 
 
 def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path) -> TrainResult:
-    from qbara.models.loader import base_model_path, load_model
-    from qbara.outputs import foreign_files, mark_folder
-
     # The user's files in an --overwrite folder stay theirs; checkpoints of an older qbara are ours.
     foreign = {f for f in foreign_files(output_dir) if not _CHECKPOINT.match(f.split("/", 1)[0])}
 
@@ -334,7 +332,6 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path) 
     if trainer.is_world_process_zero():
         if state_of(model).lq is not None and not config.model.adapter:
             # LoftQ / LQ init: the adapter fits the decomposition's Q, which is saved next to it.
-            from qbara.native import save_quantized
 
             base_name = str(save_quantized(model, tokenizer, output_dir / "base", base_only=True))
         else:
@@ -352,8 +349,6 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path) 
 
 def plot_loss_curve(history: list, path) -> Path | None:
     """Training (and eval) loss against step, as a PNG."""
-    from qbara.plotting import pyplot, save_figure
-
     train_points = [(h["step"], h["loss"]) for h in history if "loss" in h]
     eval_points = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     if not train_points and not eval_points:

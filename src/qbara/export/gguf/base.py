@@ -28,7 +28,7 @@ from qbara.export.gguf.tensors import (
     param_count,
     type_name,
 )
-from qbara.outputs import GGUF_MARK
+from qbara.outputs import GGUF_MARK, output_file
 
 
 def export_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedding_type: str = "q8_0",
@@ -37,8 +37,6 @@ def export_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embed
                 separate_lora: bool = False) -> ExportReport:
     """Check and lock the output `path` (`qbara.outputs`: an existing file qbara did not write is refused
     unless overwrite=True), then `write_gguf`."""
-    from qbara.outputs import output_file
-
     with output_file(check_path(path), overwrite=overwrite, option="path"):
         return write_gguf(model, tokenizer, path, lossy, embedding_type=embedding_type,
                           tokenizer_gguf=tokenizer_gguf, name=name, base_model=base_model, adapter=adapter,

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qbara.adapters.base import AdaptedLinear
+from qbara.adapters.lora import LoRALinear
 from qbara.errors import QbaraError
 from qbara.export.blocks import pack_q4_1, pack_q5_1
 from qbara.nn.quantized_linear import QuantizedLinear
@@ -89,8 +91,6 @@ def is_ggml(module: nn.Module) -> bool:
 
 def is_plain_lora(module: nn.Module) -> bool:
     """An adapter whose update is s · B A on the full layer (no pooling): what a llama.cpp LoRA GGUF holds."""
-    from qbara.adapters.lora import LoRALinear
-
     return isinstance(module, LoRALinear) and module.pool_in == 1 and module.pool_out == 1
 
 
@@ -132,8 +132,6 @@ def _unwrap_adapter(name: str, module: nn.Module, lossy: bool, separate_lora: bo
 
 def resolve_linear(name: str, module: nn.Module, lossy: bool, separate_lora: bool = False) -> Linear:
     """The layer as exact codes (INT4 / INT5 G32, or gguf:* blocks) or a dense weight to re-quantize."""
-    from qbara.adapters.base import AdaptedLinear
-
     how = ""
     base_config = getattr(module, "quant_config", None)
     if isinstance(module, AdaptedLinear):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qbara.adapters.attach import adapter_layers
 from qbara.errors import QbaraError
 from qbara.export.gguf.base import write_file
 from qbara.export.gguf.checks import check_llama, check_path
@@ -34,7 +35,7 @@ from qbara.export.gguf.linears import (
     rope_heads,
 )
 from qbara.export.gguf.provenance import base_model_fields, model_name
-from qbara.outputs import GGUF_MARK
+from qbara.outputs import GGUF_MARK, output_file
 
 MERGE_HINT = ("merge them into the base instead: qbara.merge(model, into='quantized') and export_gguf (or "
               "export_gguf alone, which merges them on the fly; CLI: qbara export --format gguf without a "
@@ -71,8 +72,6 @@ class LoraExportReport:
 def lora_layers(model: nn.Module) -> dict[str, tuple[int, str, nn.Module]]:
     """HF name -> (block, llama.cpp tensor name, adapter) for every adapter of `model`; refuses adapters a
     llama.cpp LoRA GGUF cannot hold (pooled methods, layers outside the decoder blocks' linears)."""
-    from qbara.adapters.attach import adapter_layers
-
     adapters = adapter_layers(model)
     if not adapters:
         raise QbaraError("this model has no adapters to write as a LoRA GGUF; attach LoRA adapters with "
@@ -126,8 +125,6 @@ def lora_tensors(name: str, gguf_name: str, adapter, config, alpha: float) -> tu
 def export_gguf_lora(model: nn.Module, path, *, name: str | None = None, overwrite: bool = False,
                      base_model: str | None = None, adapter: str | None = None) -> LoraExportReport:
     """Check and lock the output `path` (as `export_gguf` does), then `write_gguf_lora`."""
-    from qbara.outputs import output_file
-
     with output_file(check_path(path), overwrite=overwrite, option="path"):
         return write_gguf_lora(model, path, name=name, base_model=base_model, adapter=adapter)
 
