@@ -49,23 +49,28 @@ HERE = Path(__file__).resolve()
 # ======================================================================================= llama.cpp side
 def worker(job_path: str) -> None:
     """Run JOB.json in llama.cpp: decode the listed tensors with ggml, eval the ids for every run."""
-    import llama_cpp
-
     job = json.loads(Path(job_path).read_text())
     if not job.get("extra_bufts", False):
-        # Weights in plain CPU buffers: no AMX / repacked buffer types. This VM's CPU advertises AMX but its tile
-        # instructions fault (SIGILL in ggml's AMX matmul). The plain path runs ggml-cpu's vec_dot kernels.
-        default_params = llama_cpp.llama_cpp.llama_model_default_params
-
-        def model_params():
-            params = default_params()
-            params.use_extra_bufts = False
-            return params
-
-        llama_cpp.llama_cpp.llama_model_default_params = model_params
+        plain_cpu_buffers()
     result = {"weights": [ggml_decode_check(check) for check in job.get("weights", [])],
               "runs": [eval_run(run, job) for run in job["runs"]]}
     Path(job["result"]).write_text(json.dumps(result))
+
+
+def plain_cpu_buffers() -> None:
+    """Make llama-cpp-python load weights into plain CPU buffers: no AMX / repacked buffer types. This VM's CPU
+    advertises AMX but its tile instructions fault (SIGILL in ggml's AMX matmul); the plain path runs ggml-cpu's
+    vec_dot kernels."""
+    import llama_cpp
+
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def model_params():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = model_params
 
 
 def ggml_decode_check(check: dict) -> dict:

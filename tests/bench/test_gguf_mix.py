@@ -1,0 +1,69 @@
+"""The GGUF-mix benchmark's own arithmetic: llama.cpp-side NLL, the importance matrix, the tables and the plot."""
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import gguf_mix  # noqa: E402
+
+from qbara.models.tiny import tiny_llama  # noqa: E402
+
+
+def test_window_nll_is_the_summed_cross_entropy_of_the_next_tokens():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 17, generator=g, dtype=torch.float64) * 4
+    ids = torch.randint(0, 17, (9,), generator=g).tolist()
+    want = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum").item()
+    assert math.isclose(gguf_mix.window_nll(logits.numpy(), ids), want, rel_tol=1e-12)
+
+
+def test_window_nll_matches_qbara_perplexity_on_the_same_windows():
+    model = tiny_llama(seed=1)[0].eval()
+    g = torch.Generator().manual_seed(1)
+    windows = torch.randint(0, model.config.vocab_size, (3, 16), generator=g).tolist()
+    with torch.no_grad():
+        total = sum(gguf_mix.window_nll(model(torch.tensor([w])).logits[0].double().numpy(), w) for w in windows)
+    assert math.isclose(gguf_mix.qbara_nll(model, windows), total / (3 * 15), rel_tol=1e-6)
+
+
+def test_importance_matrix_is_the_mean_square_of_each_linears_input_columns():
+    model = tiny_llama(seed=2)[0].eval()
+    seqs = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(2))
+    imatrix = gguf_mix.importance_matrix(model, seqs)
+    assert len(imatrix) == 7 * len(model.model.layers)
+    seen = []
+    hook = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    with torch.no_grad():
+        for s in seqs:
+            model(s[None])
+    hook.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen])
+    np.testing.assert_allclose(imatrix["blk.1.ffn_down.weight"], (x * x).mean(0).numpy(), rtol=1e-6)
+    assert imatrix["blk.0.attn_q.weight"].shape == (model.config.hidden_size,)
+
+
+def test_markdown_and_plot_pick_the_best_stock_file_under_each_budget(tmp_path):
+    def row(kind, name, bits, ppl, **extra):
+        return {"kind": kind, "name": name, "bits": bits, "nll_llama": math.log(ppl), "nll_qbara": math.log(ppl),
+                "types": {"Q4_0": 1}, **extra}
+
+    data = {"setting": {"window": 512, "windows": 4}, "rows": {
+        "dense:f32": {"kind": "dense", "name": "f32", "nll_qbara": math.log(40.0), "params": 100, "bits": 32.0,
+                      "types": {"F32": 1}},
+        "stock:Q4_0": row("stock", "Q4_0", 5.3, 60.0),
+        "stock+imatrix:Q4_0": row("stock+imatrix", "Q4_0", 5.3, 50.0),
+        "stock:Q5_0": row("stock", "Q5_0", 6.1, 45.0),
+        "qbara-ilp+fisher:5.300": row("qbara-ilp+fisher", "5.300", 5.29, 48.0, budget=5.3)}}
+    text = gguf_mix.markdown(data)
+    assert "| 5.300 | stock+imatrix Q4_0 50.000 | 48.000 | - |" in text  # Q5_0 (6.1) is over the budget
+    assert gguf_mix.plot(data, tmp_path / "p.png").stat().st_size > 0
+
+
+def test_spread_keeps_both_ends_and_at_most_n():
+    assert gguf_mix.spread([1, 2, 3, 4, 5], 3) == [1, 3, 5]
+    assert gguf_mix.spread([1, 2], 3) == [1, 2]
+    assert gguf_mix.spread([1, 2, 3], 1) == [3] and gguf_mix.spread([1, 2, 3], 0) == []
