@@ -9,11 +9,15 @@ from qbara.export.blocks import dequantize_q8_0, pack_q4_1, pack_q5_1, pack_q8_0
 from qbara.quant import dequantize_int
 
 
+def random_blocks(seed: int, bits: int):
+    """Codes, fp16 scales and minima of a 3 x 64 weight in blocks of 32."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (3 * 64,), generator=gen, dtype=torch.uint8)
+    return codes, (torch.rand(6, generator=gen) * 0.1).half(), (torch.randn(6, generator=gen) * 0.1).half()
+
+
 def test_q4_1_layout_matches_gguf_reader():
-    gen = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (3 * 64,), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(6, generator=gen) * 0.1).half()
-    minimum = (torch.randn(6, generator=gen) * 0.1).half()
+    codes, scale, minimum = random_blocks(0, 4)
     raw = pack_q4_1(codes, scale, minimum, (3, 64))
     assert raw.shape == (3, 40) and raw.dtype == np.uint8
     # block 0: d, m little-endian fp16, then element j low nibble / j + 16 high nibble of byte j
@@ -24,11 +28,14 @@ def test_q4_1_layout_matches_gguf_reader():
     assert np.array_equal(dequantize(raw, GGMLQuantizationType.Q4_1), want)
 
 
-def test_q4_1_of_a_quantized_tensor_is_exact():
+@pytest.mark.parametrize("fmt,pack,kind,bits", [("int4", pack_q4_1, GGMLQuantizationType.Q4_1, 5.0),
+                                                 ("int5", pack_q5_1, GGMLQuantizationType.Q5_1, 6.0)])
+def test_int_g32_of_a_quantized_tensor_is_exact(fmt, pack, kind, bits):
     w = torch.randn(16, 96, generator=torch.Generator().manual_seed(1))
-    qt = quantize(w, QuantConfig("int4", 32))
-    raw = pack_q4_1(qt.codes(), qt.tensors["scale"], qt.tensors["minimum"], qt.shape)
-    assert np.array_equal(dequantize(raw, GGMLQuantizationType.Q4_1), qt.dequantize().numpy())
+    qt = quantize(w, QuantConfig(fmt, 32))
+    raw = pack(qt.codes(), qt.tensors["scale"], qt.tensors["minimum"], qt.shape)
+    assert np.array_equal(dequantize(raw, kind), qt.dequantize().numpy())
+    assert raw.nbytes * 8 / qt.numel == qt.bits_per_param == bits  # 20 / 24 bytes per 32 weights
 
 
 def test_q4_1_refuses_bad_shapes():
@@ -37,10 +44,7 @@ def test_q4_1_refuses_bad_shapes():
 
 
 def test_q5_1_layout_matches_gguf_reader():
-    gen = torch.Generator().manual_seed(3)
-    codes = torch.randint(0, 32, (3 * 64,), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(6, generator=gen) * 0.1).half()
-    minimum = (torch.randn(6, generator=gen) * 0.1).half()
+    codes, scale, minimum = random_blocks(3, 5)
     raw = pack_q5_1(codes, scale, minimum, (3, 64))
     assert raw.shape == (3, 48) and raw.dtype == np.uint8
     # block 0: d, m, then qh (bit j of a little-endian u32 = bit 4 of element j), then the low nibbles as Q4_1
@@ -51,14 +55,6 @@ def test_q5_1_layout_matches_gguf_reader():
     assert raw[0, 8] == (int(codes[0]) & 15) | (int(codes[16]) & 15) << 4
     want = dequantize_int(codes, scale, minimum, (3, 64), 32).numpy()
     assert np.array_equal(dequantize(raw, GGMLQuantizationType.Q5_1), want)
-
-
-def test_q5_1_of_a_quantized_tensor_is_exact():
-    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(4))
-    qt = quantize(w, QuantConfig("int5", 32))
-    raw = pack_q5_1(qt.codes(), qt.tensors["scale"], qt.tensors["minimum"], qt.shape)
-    assert np.array_equal(dequantize(raw, GGMLQuantizationType.Q5_1), qt.dequantize().numpy())
-    assert raw.nbytes * 8 / qt.numel == qt.bits_per_param == 6.0  # Q5_1's 24 bytes per 32 weights
 
 
 def test_q5_1_refuses_bad_shapes_and_codes():
