@@ -17,7 +17,6 @@ from qbara.models.lq_stream import stream_lq
 from qbara.models.quantized_io import is_quantized_folder
 from qbara.prepare import is_lq, lq_config_for
 from qbara.prepare import prepare as prepare_model
-from qbara.prepare_lq import prepare_lq
 from qbara.quant.config import QuantConfig
 
 
@@ -53,10 +52,7 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     lq = LQConfig(budget=budget, configs=configs, fisher=fisher, max_iters=max_iters, table_iters=table_iters,
                   table=table, seed=seed, workers=workers, factor_format=factor_format, file_budget=file_budget)
     adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
-    if isinstance(model, (str, Path)):  # a checkpoint folder: streamed, never dense in memory
-
-        return stream_lq(model, lq, adapter, progress=progress)[0]
-    return prepare_lq(model, lq, adapter, progress=progress)
+    return prepare(model, lq, adapter, progress=progress)
 
 
 def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, device="cpu", progress: bool = False):
