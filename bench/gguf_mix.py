@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gguf_llamacpp import LLAMA_PYTHON, plain_cpu_buffers
+from gguf_llamacpp import LLAMA_PYTHON, nll, plain_cpu_buffers
 
 HERE = Path(__file__).resolve()
 
@@ -103,19 +103,12 @@ def llama_perplexity(model: str, lora: str | None, windows: list[list[int]], thr
     for ids in windows:
         llm.reset()
         llm.eval(ids)
-        total += window_nll(np.array(llm.scores[:n], dtype=np.float64), ids)
+        total += nll(np.array(llm.scores[:n]), ids) * (n - 1)
         count += n - 1
     llm.close()
     seconds = time.perf_counter() - t
     print(f"  llama.cpp {Path(model).name}: ppl {math.exp(total / count):.3f} ({seconds:.0f} s)", flush=True)
     return {"model": model, "nll": total / count, "tokens": count, "seconds": seconds}
-
-
-def window_nll(logits: np.ndarray, ids: list[int]) -> float:
-    """Summed NLL of ids[1:] under logits[:-1] (float64 log-softmax)."""
-    z = logits[:-1] - logits[:-1].max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum())
 
 
 def run_llama(job: dict, args, work: Path) -> dict:

@@ -13,12 +13,12 @@ import gguf_mix  # noqa: E402
 from qbara.models.tiny import tiny_llama  # noqa: E402
 
 
-def test_window_nll_is_the_summed_cross_entropy_of_the_next_tokens():
+def test_window_nll_is_the_cross_entropy_of_the_next_tokens():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(9, 17, generator=g, dtype=torch.float64) * 4
     ids = torch.randint(0, 17, (9,), generator=g).tolist()
     want = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum").item()
-    assert math.isclose(gguf_mix.window_nll(logits.numpy(), ids), want, rel_tol=1e-12)
+    assert math.isclose(gguf_mix.nll(logits.numpy(), ids) * (len(ids) - 1), want, rel_tol=1e-12)
 
 
 def test_window_nll_matches_qbara_perplexity_on_the_same_windows():
@@ -26,7 +26,7 @@ def test_window_nll_matches_qbara_perplexity_on_the_same_windows():
     g = torch.Generator().manual_seed(1)
     windows = torch.randint(0, model.config.vocab_size, (3, 16), generator=g).tolist()
     with torch.no_grad():
-        total = sum(gguf_mix.window_nll(model(torch.tensor([w])).logits[0].double().numpy(), w) for w in windows)
+        total = sum(gguf_mix.nll(model(torch.tensor([w])).logits[0].double().numpy(), w) * 15 for w in windows)
     assert math.isclose(gguf_mix.qbara_nll(model, windows), total / (3 * 15), rel_tol=1e-6)
 
 
