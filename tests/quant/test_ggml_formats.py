@@ -12,7 +12,7 @@ from gguf.quants import quantize as gguf_quantize
 from qbara.errors import QbaraError
 from qbara.quant import QuantConfig, quantize
 from qbara.quant.ggml import GGML_FORMATS, dequantize_ggml, quantize_ggml
-from qbara.quant.ggml.kquants import make_q3_quants, make_qkx2_quants, make_qx_quants
+from qbara.quant.ggml.searches import make_q3_quants, make_qkx2_quants, make_qx_quants
 
 LEGACY = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 KQUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]

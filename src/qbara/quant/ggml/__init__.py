@@ -1,7 +1,9 @@
 """GGML (llama.cpp / GGUF) block formats as quantization primitives: the exact block bytes GGUF stores.
 
 `quantize_ggml(weight, "q4_k")` returns the (d_out, d_in / block_size * type_size) uint8 block bytes that
-ggml's reference quantizer writes for that weight (llama-quantize without an importance matrix), and
+ggml's reference quantizer writes for that weight (llama-quantize without an importance matrix);
+`quantize_ggml(weight, "q4_k", importance=imatrix)` the bytes llama-quantize writes with that importance matrix
+(one value per input column; a value per weight, such as a Fisher diagonal, is taken too), and
 `dequantize_ggml(raw, shape, "q4_k")` the fp32 weight they hold, bit for bit as gguf-py / ggml decode it.
 One function pair per format too (`quantize_q4_k`, `dequantize_q4_k`, ...). `GGML_FORMATS` lists each
 format's block size, bytes per block, bits per weight and GGMLQuantizationType. The weight must be finite.
@@ -16,6 +18,7 @@ from torch import Tensor
 
 from qbara.errors import QbaraError
 from qbara.quant.ggml import kquants, legacy
+from qbara.quant.ggml.common import div, seq_sum
 
 # Weights quantized at once: the search's float32 work arrays stay near 256 K elements (1 MB each, cache-sized).
 CHUNK_ELEMENTS = 1 << 18
@@ -29,7 +32,8 @@ class GGMLFormat:
     type_id: int  # GGMLQuantizationType value
     block_size: int
     type_size: int
-    quantize_blocks: Callable[[Tensor], Tensor]  # (N, block_size) fp32 -> (N, type_size) uint8
+    # (N, block_size) fp32 [, importance (N, block_size), row mean square (N,)] -> (N, type_size) uint8
+    quantize_blocks: Callable[..., Tensor]
     dequantize_blocks: Callable[[Tensor, Tensor], Tensor]  # (N, type_size) uint8, out (N, block_size) fp32
 
     @property
@@ -92,20 +96,50 @@ def check_ggml_shape(shape: tuple[int, ...], fmt: GGMLFormat, what: str = "weigh
                          f"which do not divide its {d_in} input features; {hint}, or leave this layer out")
 
 
-def quantize_ggml(weight: Tensor, fmt: str | GGMLFormat, name: str = "weight") -> Tensor:
-    """The (d_out, row bytes) uint8 GGML blocks of a 2-D float weight (quantized in fp32, rows in chunks)."""
+def quantize_ggml(weight: Tensor, fmt: str | GGMLFormat, name: str = "weight",
+                  importance: Tensor | None = None) -> Tensor:
+    """The (d_out, row bytes) uint8 GGML blocks of a 2-D float weight (quantized in fp32, rows in chunks).
+    `importance`: None (ggml's reference quantizer), or a non-negative (d_in,) vector (an importance matrix: each
+    input column's mean square activation, shared by all rows) or (d_out, d_in) tensor (one value per weight):
+    each block's scale (and min) search then minimises the error weighted as llama-quantize weighs it."""
     fmt = fmt if isinstance(fmt, GGMLFormat) else ggml_format(fmt)
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         what = getattr(weight, "dtype", type(weight).__name__)
         raise QbaraError(f"{name}: GGML quantization takes a float weight, got {what}; pass the float weight")
     check_ggml_shape(tuple(weight.shape), fmt, name)
     d_out, d_in = weight.shape
+    if importance is not None:
+        importance = check_importance(importance, (d_out, d_in), name).to(weight.device)
     out = torch.empty(d_out, fmt.row_bytes(d_in), dtype=torch.uint8, device=weight.device)
     rows = max(1, CHUNK_ELEMENTS // max(d_in, 1))
     for start in range(0, d_out, rows):
-        chunk = weight[start:start + rows].detach().to(torch.float32).reshape(-1, fmt.block_size)
-        out[start:start + rows] = fmt.quantize_blocks(chunk).view(-1, out.shape[1])
+        chunk = weight[start:start + rows].detach().to(torch.float32)
+        if importance is None:
+            blocks = fmt.quantize_blocks(chunk.reshape(-1, fmt.block_size))
+        else:
+            part = importance.expand(d_out, d_in)[start:start + rows]
+            row_sigma2 = div(seq_sum((chunk * chunk).t().contiguous()), d_in)  # ggml: sum of squares / n_per_row
+            blocks = fmt.quantize_blocks(chunk.reshape(-1, fmt.block_size), part.reshape(-1, fmt.block_size),
+                                         row_sigma2.repeat_interleave(d_in // fmt.block_size))
+        out[start:start + rows] = blocks.view(-1, out.shape[1])
     return out
+
+
+def check_importance(importance, shape: tuple[int, int], name: str = "weight") -> Tensor:
+    """`importance` as fp32 after checking it fits a `shape` weight: (d_in,) or (d_out, d_in), finite, >= 0."""
+    d_out, d_in = shape
+    if not isinstance(importance, Tensor) or not importance.is_floating_point():
+        what = getattr(importance, "dtype", type(importance).__name__)
+        raise QbaraError(f"{name}: the rounding importance must be a float tensor, got {what}; pass a (d_in,) "
+                         f"importance matrix or a (d_out, d_in) tensor such as a Fisher diagonal")
+    if tuple(importance.shape) not in ((d_in,), (d_out, d_in)):
+        raise QbaraError(f"{name}: the rounding importance has shape {tuple(importance.shape)}, the weight "
+                         f"{(d_out, d_in)}; pass one value per input column ({d_in},) or per weight {(d_out, d_in)}")
+    importance = importance.detach().to(torch.float32)
+    if not torch.isfinite(importance).all() or (importance < 0).any():
+        raise QbaraError(f"{name}: the rounding importance has negative, NaN or Inf values; it must be finite "
+                         f"and >= 0 (a mean square activation or a Fisher diagonal)")
+    return importance
 
 
 def dequantize_ggml(raw: Tensor, shape: tuple[int, int], fmt: str | GGMLFormat,
@@ -153,6 +187,7 @@ __all__ = [
     "GGML_FORMATS",
     "GGMLFormat",
     "check_ggml_shape",
+    "check_importance",
     "dequantize_ggml",
     "dequantize_q2_k",
     "dequantize_q3_k",

@@ -16,13 +16,16 @@ sub-block a search for scale (and min) — `make_qkx2_quants` for Q2_K/Q4_K/Q5_K
 scale and min over a sweep of candidate grids, weighted error), `make_q3_quants` for Q3_K (coordinate
 descent on the codes), `make_qx_quants` for Q6_K (a sweep of 18 scales around the absmax one) — then the
 sub-block scales are themselves quantized against the largest (6 or 4 bits, one fp16 d per super-block) and
-the codes are re-rounded against the scales as stored. The arithmetic follows the C code's float32
+the codes are re-rounded against the scales as stored. With an importance (llama-quantize with an importance
+matrix, `quantize_row_*_K_impl`) the searches are weighted by qw * sqrt(sigma2 + x^2) (sigma2: twice the
+super-block's mean square; once for Q2_K; Q6_K weighs by qw itself), Q2_K/Q4_K/Q5_K search with
+make_qkx3_quants's finer sweep, Q3_K with make_qx_quants, and the sub-block scales (and mins) are fitted by
+make_qp_quants (Q3_K: make_qx_quants) under each sub-block's summed weights. The arithmetic follows the C code's float32
 operations and summation order, vectorised over all sub-blocks at once (sub-block along dim 1 of an
 (elements, sub-blocks) array).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,9 +41,9 @@ from qbara.quant.ggml.common import (
     seq_sum,
     sqrt_f32,
 )
+from qbara.quant.ggml.searches import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qp_quants, make_qx_quants
 
 QK_K = 256
-GROUP_MAX_EPS = 1e-15  # ggml: a sub-block with absmax below this is all zeros
 U8 = torch.uint8
 
 
@@ -56,115 +59,19 @@ def _rows(cols: Tensor) -> Tensor:
     return cols.t().reshape(-1, QK_K)
 
 
-def _c_float(*terms: float) -> float:
-    """A float32 C expression evaluated left to right: terms[0] + terms[1] * terms[2] + terms[3]..."""
-    value = np.float32(terms[0]) + np.float32(terms[1]) * np.float32(terms[2])
-    for t in terms[3:]:
-        value = value + np.float32(t)
-    return float(value)
+def _importance_weights(x: Tensor, qw: Tensor, n: int, sigma_factor: int) -> Tensor:
+    """ggml's per-weight search weights under an importance `qw` (N, 256): qw * sqrt(sigma2 + x^2) with
+    sigma2 = sigma_factor * mean(x^2) of the super-block, as (n, N * 256 / n) sub-block columns."""
+    sigma2 = seq_sum(_columns(x, QK_K).square_()) * (sigma_factor / QK_K)  # exact: a power of two
+    cols = _columns(x, n)
+    return _columns(qw, n).mul_(sqrt_f32(sigma2.repeat_interleave(QK_K // n) + cols * cols))
 
 
-# ------------------------------------------------------------------------------------------ searches
-
-def _error(scale: Tensor, minimum: Tensor, codes: Tensor, x: Tensor, w: Tensor, mad: bool, work: Tensor) -> Tensor:
-    """Sum_i w_i * |scale*q_i + min - x_i| (mad) or its square, in the C loop's order (`work`: scratch)."""
-    diff = torch.mul(codes, scale, out=work).add_(minimum).sub_(x)
-    return seq_sum((diff.abs_() if mad else diff.mul_(diff)).mul_(w))
-
-
-def make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
-                     mad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Affine sub-block fit w ~ scale * q - the_min, q in [0, nmax], for (n, M) weights `x` with per-weight
-    importance `w`: the min-max grid, then for each of nstep + 1 grids iscale = (nmax + rmin + rdelta*i) /
-    (max - min) the least-squares scale and min of its codes (min kept <= 0), kept when the weighted error
-    drops (later grids span max - the best min so far). Returns (scale (M,), the_min (M,) >= 0, codes (n, M)
-    float)."""
-    hi, lo = x.amax(dim=0), x.amin(dim=0).clamp(max=0)
-    sum_w, sum_x = seq_sum(w), seq_sum(w * x)
-    flat = hi == lo
-    hi = torch.where(flat, lo + 1, hi)  # any span: flat sub-blocks are set at the end
-    iscale = rdiv(float(nmax), hi - lo)
-    scale = rdiv(1.0, iscale)
-    trial, wl, work = (torch.empty_like(x) for _ in range(3))  # scratch reused by every grid
-    codes = torch.sub(x, lo).mul_(iscale).round_().clamp_(0, nmax)
-    best = _error(scale, lo, codes, x, w, mad, work)
-    for step in range(nstep + 1):  # the grid follows the best min found so far, as in the reference
-        iscale = rdiv(_c_float(rmin, rdelta, step, nmax), hi - lo)
-        torch.sub(x, lo, out=trial).mul_(iscale).round_().clamp_(0, nmax)
-        torch.mul(w, trial, out=wl)
-        sum_l, sum_l2 = seq_sum(wl), seq_sum(torch.mul(wl, trial, out=work))
-        sum_xl = seq_sum(wl.mul_(x))
-        det = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-        clip = this_min > 0
-        this_min = torch.where(clip, torch.zeros_like(this_min), this_min)
-        this_scale = torch.where(clip, sum_xl / sum_l2, this_scale)
-        error = _error(this_scale, this_min, trial, x, w, mad, work)
-        better = (det > 0) & (error < best) & ~flat
-        torch.where(better, trial, codes, out=codes)
-        best, scale, lo = (torch.where(better, a, b) for a, b in ((error, best), (this_scale, scale), (this_min, lo)))
-    codes = torch.where(flat, torch.zeros_like(codes), codes)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    return scale, -lo, codes
-
-
-def make_q3_quants(x: Tensor, nmax: int, sweeps: int = 5) -> tuple[Tensor, Tensor]:
-    """Symmetric sub-block fit w ~ scale * (q - nmax), q in [0, 2*nmax), weights x^2: codes from the signed
-    absmax (it maps to code 0), then up to `sweeps` passes of coordinate descent that move one code at a time
-    to its best value under the current least-squares scale, kept when sum(w*x*l)^2 / sum(w*l*l) grows.
-    Returns (scale (M,), codes (n, M) float)."""
-    top = first_absmax(x, 0)
-    zero = top.abs() < GROUP_MAX_EPS
-    iscale = rdiv(float(-nmax), torch.where(zero, torch.ones_like(top), top))
-    codes = torch.round(x * iscale).clamp_(-nmax, nmax - 1)
-    w = x * x
-    wx = w * x
-    sum_lx, sum_l2 = seq_sum(wx * codes), seq_sum(w * codes * codes)
-    for _ in range(sweeps):  # a pass that changes nothing leaves the state as it was, so no early exit
-        for i in range(x.shape[0]):
-            old = codes[i]
-            slx = sum_lx - wx[i] * old
-            sl2 = sum_l2 - w[i] * old * old
-            new = torch.round(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1)
-            slx_new = slx + wx[i] * new
-            sl2_new = sl2 + w[i] * new * new
-            take = ((slx > 0) & (new != old) & (sl2_new > 0)
-                    & (slx_new * slx_new * sum_l2 > sum_lx * sum_lx * sl2_new))
-            codes[i] = torch.where(take, new, old)
-            sum_lx = torch.where(take, slx_new, sum_lx)
-            sum_l2 = torch.where(take, sl2_new, sum_l2)
-    scale = torch.where(sum_l2 > 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
-    codes = torch.where(zero, torch.zeros_like(codes), codes + nmax)
-    return torch.where(zero, torch.zeros_like(scale), scale), codes
-
-
-def make_qx_quants(x: Tensor, nmax: int, steps: int = 9) -> tuple[Tensor, Tensor]:
-    """Symmetric sub-block fit w ~ scale * (q - nmax), q in [0, 2*nmax), weights x^2 (rmse_type 1): the
-    least-squares scale of the absmax grid and of the grids iscale = -(nmax + 0.1*i) / max, i = -steps..steps
-    (ggml: 9), the one with the largest sum(w*x*l)^2 / sum(w*l*l) kept. Returns (scale (M,), codes (n, M)
-    float)."""
-    top = first_absmax(x, 0)
-    zero = top.abs() < GROUP_MAX_EPS
-    top = torch.where(zero, torch.ones_like(top), top)
-    w = x * x
-    wx = w * x
-
-    def fit(num: float) -> tuple[Tensor, Tensor, Tensor]:
-        levels = torch.round(x * rdiv(num, top)).clamp_(-nmax, nmax - 1)
-        return levels, seq_sum(wx * levels), seq_sum(w * levels * levels)
-
-    levels, sum_lx, sum_l2 = fit(float(-nmax))
-    scale = torch.where(sum_l2 != 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
-    best = scale * sum_lx
-    for i in (*range(-steps, 0), *range(1, steps + 1)):
-        trial, slx, sl2 = fit(-_c_float(nmax, 0.1, i))
-        better = (sl2 > 0) & (slx * slx > best * sl2)
-        levels = torch.where(better, trial, levels)
-        scale = torch.where(better, slx / sl2, scale)
-        best = torch.where(better, scale * slx, best)
-    codes = torch.where(zero, torch.zeros_like(levels), levels + nmax)
-    return torch.where(zero, torch.zeros_like(scale), scale), codes
+def _qp_fit(values: Tensor, weights: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
+    """A super-block's (N, S) sub-block scales (or mins) as one fp16 step and (N, S) int codes in [0, nmax],
+    fitted by `make_qp_quants` under the sub-blocks' summed weights (N, S)."""
+    step, codes = make_qp_quants(values.t().contiguous(), nmax, weights.t().contiguous())
+    return step.half(), codes.t().int().contiguous()
 
 
 # ------------------------------------------------------------------------------------------ requantization
@@ -208,18 +115,27 @@ def _unpack_scales_k4(raw: Tensor) -> tuple[Tensor, Tensor]:
     return scales, mins
 
 
-def _quantize_k4(x: Tensor, nmax: int, rmin: float, nstep: int) -> tuple[Tensor, Tensor]:
-    """Q4_K / Q5_K without the final bit packing: (header bytes d|dmin|scales (N, 16), codes (N, 8, 32))."""
+def _quantize_k4(x: Tensor, nmax: int, rmin: float, nstep: int,
+                 qw: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Q4_K / Q5_K without the final bit packing: (header bytes d|dmin|scales (N, 16), codes (N, 8, 32)).
+    With an importance `qw` (N, 256): ggml's quantize_row_q{4,5}_K_impl (make_qkx3_quants per sub-block, the
+    6-bit scales and mins by make_qp_quants under each sub-block's summed weights)."""
     cols = _columns(x, 32)
-    av_x = sqrt_f32(seq_sum(cols * cols) / 32)
-    scales, mins, codes = make_qkx2_quants(cols, cols.abs().add_(av_x), nmax, rmin, 0.1, nstep, mad=False)
-    scales, mins = scales.view(-1, 8), mins.view(-1, 8)
-    max_scale, max_min = _positive_max(scales), _positive_max(mins)
-    inv_scale = torch.where(max_scale > 0, rdiv(63.0, max_scale), torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, rdiv(63.0, max_min), torch.zeros_like(max_min))
-    ls = _c_uint8(nearest_int(inv_scale[:, None] * scales)).clamp_(max=63)
-    lm = _c_uint8(nearest_int(inv_min[:, None] * mins)).clamp_(max=63)
-    d, dmin = div(max_scale, 63).half(), div(max_min, 63).half()
+    if qw is None:
+        av_x = sqrt_f32(seq_sum(cols * cols) / 32)
+        scales, mins, codes = make_qkx2_quants(cols, cols.abs().add_(av_x), nmax, rmin, 0.1, nstep, mad=False)
+        scales, mins = scales.view(-1, 8), mins.view(-1, 8)
+        max_scale, max_min = _positive_max(scales), _positive_max(mins)
+        inv_scale = torch.where(max_scale > 0, rdiv(63.0, max_scale), torch.zeros_like(max_scale))
+        inv_min = torch.where(max_min > 0, rdiv(63.0, max_min), torch.zeros_like(max_min))
+        ls = _c_uint8(nearest_int(inv_scale[:, None] * scales)).clamp_(max=63)
+        lm = _c_uint8(nearest_int(inv_min[:, None] * mins)).clamp_(max=63)
+        d, dmin = div(max_scale, 63).half(), div(max_min, 63).half()
+    else:
+        weights = _importance_weights(x, qw, 32, 2)
+        scales, mins, codes = make_qkx2_quants(cols, weights, nmax, -0.9, 0.05, 36, mad=False)
+        summed = seq_sum(weights).view(-1, 8)
+        (d, ls), (dmin, lm) = _qp_fit(scales.view(-1, 8), summed, 63), _qp_fit(mins.view(-1, 8), summed, 63)
     codes = _requantize(x.view(-1, 8, 32), _rows(codes).view(-1, 8, 32), d.float()[:, None] * ls,
                         dmin.float()[:, None] * lm, 0, nmax).to(U8)
     return torch.cat([half_bytes(d), half_bytes(dmin), _pack_scales_k4(ls, lm)], dim=1), codes
@@ -253,9 +169,10 @@ def _scale_sub_blocks(out: Tensor, codes: Tensor, step: Tensor, offset: Tensor |
     return sub.sub_(offset[..., None]) if offset is not None else sub
 
 
-def quantize_q4_k(x: Tensor) -> Tensor:
-    """(N, 256) fp32 super-blocks -> (N, 144) Q4_K bytes."""
-    header, codes = _quantize_k4(x, 15, -1.0, 20)
+def quantize_q4_k(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
+    """(N, 256) fp32 super-blocks -> (N, 144) Q4_K bytes (`qw`: importance per weight; `row_sigma2` unused:
+    K-quants weigh by their super-block's mean square)."""
+    header, codes = _quantize_k4(x, 15, -1.0, 20, qw)
     return torch.cat([header, _nibble_pairs(codes)], dim=1)
 
 
@@ -263,9 +180,9 @@ def dequantize_q4_k(raw: Tensor, out: Tensor) -> Tensor:
     return _apply_k4(raw, _unpack_nibble_pairs(raw[:, 16:]), out)
 
 
-def quantize_q5_k(x: Tensor) -> Tensor:
-    """(N, 256) fp32 super-blocks -> (N, 176) Q5_K bytes."""
-    header, codes = _quantize_k4(x, 31, -0.5, 15)
+def quantize_q5_k(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
+    """(N, 256) fp32 super-blocks -> (N, 176) Q5_K bytes (arguments as `quantize_q4_k`)."""
+    header, codes = _quantize_k4(x, 31, -0.5, 15, qw)
     qh = bits_to_bytes(codes >> 4, dim=1)
     return torch.cat([header, qh, _nibble_pairs(codes & 15)], dim=1)
 
@@ -291,18 +208,25 @@ def _unpack_crumbs(qs: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------ Q2_K
 
-def quantize_q2_k(x: Tensor) -> Tensor:
-    """(N, 256) fp32 super-blocks -> (N, 84) Q2_K bytes."""
+def quantize_q2_k(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
+    """(N, 256) fp32 super-blocks -> (N, 84) Q2_K bytes (arguments as `quantize_q4_k`; with `qw`, ggml's
+    quantize_row_q2_K_impl: make_qkx3_quants per sub-block, 4-bit scales and mins by make_qp_quants)."""
     cols = _columns(x, 16)
-    scales, mins, codes = make_qkx2_quants(cols, cols.abs(), 3, -0.5, 0.1, 15, mad=True)
-    scales, mins = scales.view(-1, 16), mins.view(-1, 16)
-    max_scale, max_min = _positive_max(scales), _positive_max(mins)
-    has_scale, has_min = (max_scale > 0)[:, None], (max_min > 0)[:, None]
-    ls = torch.where(has_scale, nearest_int(rdiv(15.0, max_scale)[:, None] * scales), 0)
-    lm = torch.where(has_min, nearest_int(rdiv(15.0, max_min)[:, None] * mins), 0)
+    if qw is None:
+        scales, mins, codes = make_qkx2_quants(cols, cols.abs(), 3, -0.5, 0.1, 15, mad=True)
+        scales, mins = scales.view(-1, 16), mins.view(-1, 16)
+        max_scale, max_min = _positive_max(scales), _positive_max(mins)
+        has_scale, has_min = (max_scale > 0)[:, None], (max_min > 0)[:, None]
+        ls = torch.where(has_scale, nearest_int(rdiv(15.0, max_scale)[:, None] * scales), 0)
+        lm = torch.where(has_min, nearest_int(rdiv(15.0, max_min)[:, None] * mins), 0)
+        d = torch.where(has_scale[:, 0], div(max_scale, 15), 0).half()
+        dmin = torch.where(has_min[:, 0], div(max_min, 15), 0).half()
+    else:
+        weights = _importance_weights(x, qw, 16, 1)
+        scales, mins, codes = make_qkx2_quants(cols, weights, 3, -0.9, 0.05, 36, mad=False)
+        summed = seq_sum(weights).view(-1, 16)
+        (d, ls), (dmin, lm) = _qp_fit(scales.view(-1, 16), summed, 15), _qp_fit(mins.view(-1, 16), summed, 15)
     packed = _c_uint8(ls) | _c_uint8(lm << 4)
-    d = torch.where(has_scale[:, 0], div(max_scale, 15), 0).half()
-    dmin = torch.where(has_min[:, 0], div(max_min, 15), 0).half()
     codes = _requantize(x.view(-1, 16, 16), _rows(codes).view(-1, 16, 16), d.float()[:, None] * (packed & 15),
                         dmin.float()[:, None] * (packed >> 4), 0, 3).to(U8)
     return torch.cat([packed.to(U8), _pack_crumbs(codes), half_bytes(d), half_bytes(dmin)], dim=1)
@@ -334,15 +258,23 @@ def _unpack_scales_q3(raw: Tensor) -> Tensor:
     return (low | (high << 4)).int()
 
 
-def quantize_q3_k(x: Tensor) -> Tensor:
-    """(N, 256) fp32 super-blocks -> (N, 110) Q3_K bytes."""
-    scales, codes = make_q3_quants(_columns(x, 16), 4)
-    scales = scales.view(-1, 16)
-    top = first_absmax(scales, 1)
-    has = top != 0
-    iscale = rdiv(-32.0, torch.where(has, top, torch.ones_like(top)))
-    ls = torch.where(has[:, None], nearest_int(iscale[:, None] * scales).clamp_(-32, 31) + 32, 0)
-    d = torch.where(has, rdiv(1.0, iscale), 0).half()
+def quantize_q3_k(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
+    """(N, 256) fp32 super-blocks -> (N, 110) Q3_K bytes (arguments as `quantize_q4_k`; with `qw`, ggml's
+    quantize_row_q3_K_impl: make_qx_quants per sub-block and for the 6-bit scales)."""
+    if qw is None:
+        scales, codes = make_q3_quants(_columns(x, 16), 4)
+        scales = scales.view(-1, 16)
+        top = first_absmax(scales, 1)
+        has = top != 0
+        iscale = rdiv(-32.0, torch.where(has, top, torch.ones_like(top)))
+        ls = torch.where(has[:, None], nearest_int(iscale[:, None] * scales).clamp_(-32, 31) + 32, 0)
+        d = torch.where(has, rdiv(1.0, iscale), 0).half()
+    else:
+        weights = _importance_weights(x, qw, 16, 2)
+        scales, codes = make_qx_quants(_columns(x, 16), 4, weights)
+        summed = seq_sum(weights).view(-1, 16)
+        step, ls = make_qx_quants(scales.view(-1, 16).t().contiguous(), 32, summed.t().contiguous())
+        d, ls = step.half(), ls.t().int().contiguous()
     codes = _requantize(x.view(-1, 16, 16), _rows(codes).view(-1, 16, 16), d.float()[:, None] * (ls - 32),
                         None, -4, 3).to(U8).view(-1, 8, 32)
     high = codes >> 2
@@ -358,9 +290,10 @@ def dequantize_q3_k(raw: Tensor, out: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------ Q6_K
 
-def quantize_q6_k(x: Tensor) -> Tensor:
-    """(N, 256) fp32 super-blocks -> (N, 210) Q6_K bytes."""
-    scales, codes = make_qx_quants(_columns(x, 16), 32)
+def quantize_q6_k(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
+    """(N, 256) fp32 super-blocks -> (N, 210) Q6_K bytes (arguments as `quantize_q4_k`; with `qw`, ggml's
+    quantize_row_q6_K_impl: the sub-block search weighted by `qw` itself)."""
+    scales, codes = make_qx_quants(_columns(x, 16), 32, None if qw is None else _columns(qw, 16))
     scales = scales.view(-1, 16)
     top = first_absmax(scales, 1)
     live = top.abs() >= GROUP_MAX_EPS

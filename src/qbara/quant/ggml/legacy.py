@@ -9,6 +9,9 @@ Block layouts (little-endian, element j of a block):
 The quantizers follow ggml's `quantize_row_*_ref` (what llama-quantize writes without an importance
 matrix): symmetric formats take d from the signed absmax (d = max / -8 or / -16, so that value maps to the
 lowest code), affine ones from the min-max range; codes are truncated after adding 0.5 (Q8_0: roundf).
+With an importance (llama-quantize with an importance matrix, `quantize_row_*_impl`) each block is searched
+instead, weights qw * sqrt(sigma2 + x^2) (sigma2: the row's mean square): Q4_0 / Q5_0 by make_qx_quants,
+Q4_1 / Q5_1 by make_qkx3_quants; Q8_0 ignores it.
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ from qbara.quant.ggml.common import (
     half_from_bytes,
     rdiv,
     roundf,
+    sqrt_f32,
 )
+from qbara.quant.ggml.searches import make_qkx2_quants, make_qx_quants
 
 U8 = torch.uint8
 
@@ -77,9 +82,29 @@ def _affine_codes(x: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
     return q, d, lo
 
 
-def quantize_q4_0(x: Tensor) -> Tensor:
-    """(N, 32) fp32 blocks -> (N, 18) Q4_0 bytes."""
-    q, d = _symmetric_codes(x, 16)
+def _importance_weights(x: Tensor, qw: Tensor, row_sigma2: Tensor) -> Tensor:
+    """ggml's per-weight search weights under an importance: qw * sqrt(sigma2 + x^2), sigma2 the mean square of
+    each block's row; (32, N) columns, one block per column."""
+    return (qw * sqrt_f32(row_sigma2[:, None] + x * x)).t().contiguous()
+
+
+def _weighted_symmetric_codes(x: Tensor, levels: int, qw: Tensor, row_sigma2: Tensor) -> tuple[Tensor, Tensor]:
+    """Q4_0 / Q5_0 under an importance (ggml's quantize_row_q{4,5}_0_impl): make_qx_quants' weighted grid sweep."""
+    d, q = make_qx_quants(x.t().contiguous(), levels // 2, _importance_weights(x, qw, row_sigma2))
+    return q.t().to(U8), d
+
+
+def _weighted_affine_codes(x: Tensor, levels: int, qw: Tensor, row_sigma2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Q4_1 / Q5_1 under an importance (ggml's quantize_row_q{4,5}_1_impl): make_qkx3_quants' weighted refits."""
+    d, the_min, q = make_qkx2_quants(x.t().contiguous(), _importance_weights(x, qw, row_sigma2), levels - 1,
+                                     -0.9, 0.05, 36, mad=False)
+    return q.t().to(U8), d, -the_min
+
+
+def quantize_q4_0(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
+    """(N, 32) fp32 blocks -> (N, 18) Q4_0 bytes; with an importance `qw` (N, 32), searched as ggml does with
+    an importance matrix (`row_sigma2` (N,): the mean square of each block's row)."""
+    q, d = _symmetric_codes(x, 16) if qw is None else _weighted_symmetric_codes(x, 16, qw, row_sigma2)
     return torch.cat([half_bytes(d), _pack_nibbles(q)], dim=1)
 
 
@@ -87,9 +112,9 @@ def dequantize_q4_0(raw: Tensor, out: Tensor) -> Tensor:
     return _scale_codes(out, _unpack_nibbles(raw[:, 2:]), raw, zero=8)
 
 
-def quantize_q4_1(x: Tensor) -> Tensor:
-    """(N, 32) fp32 blocks -> (N, 20) Q4_1 bytes."""
-    q, d, m = _affine_codes(x, 16)
+def quantize_q4_1(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
+    """(N, 32) fp32 blocks -> (N, 20) Q4_1 bytes (arguments as `quantize_q4_0`)."""
+    q, d, m = _affine_codes(x, 16) if qw is None else _weighted_affine_codes(x, 16, qw, row_sigma2)
     return torch.cat([half_bytes(d), half_bytes(m), _pack_nibbles(q)], dim=1)
 
 
@@ -97,9 +122,9 @@ def dequantize_q4_1(raw: Tensor, out: Tensor) -> Tensor:
     return _scale_codes(out, _unpack_nibbles(raw[:, 4:]), raw, affine=True)
 
 
-def quantize_q5_0(x: Tensor) -> Tensor:
-    """(N, 32) fp32 blocks -> (N, 22) Q5_0 bytes."""
-    q, d = _symmetric_codes(x, 32)
+def quantize_q5_0(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
+    """(N, 32) fp32 blocks -> (N, 22) Q5_0 bytes (arguments as `quantize_q4_0`)."""
+    q, d = _symmetric_codes(x, 32) if qw is None else _weighted_symmetric_codes(x, 32, qw, row_sigma2)
     return torch.cat([half_bytes(d), _high_bits(q), _pack_nibbles(q & 15)], dim=1)
 
 
@@ -107,9 +132,9 @@ def dequantize_q5_0(raw: Tensor, out: Tensor) -> Tensor:
     return _scale_codes(out, _codes_5bit(raw[:, 2:6], raw[:, 6:]), raw, zero=16)
 
 
-def quantize_q5_1(x: Tensor) -> Tensor:
-    """(N, 32) fp32 blocks -> (N, 24) Q5_1 bytes."""
-    q, d, m = _affine_codes(x, 32)
+def quantize_q5_1(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
+    """(N, 32) fp32 blocks -> (N, 24) Q5_1 bytes (arguments as `quantize_q4_0`)."""
+    q, d, m = _affine_codes(x, 32) if qw is None else _weighted_affine_codes(x, 32, qw, row_sigma2)
     return torch.cat([half_bytes(d), half_bytes(m), _high_bits(q), _pack_nibbles(q & 15)], dim=1)
 
 
@@ -117,8 +142,9 @@ def dequantize_q5_1(raw: Tensor, out: Tensor) -> Tensor:
     return _scale_codes(out, _codes_5bit(raw[:, 4:8], raw[:, 8:]), raw, affine=True)
 
 
-def quantize_q8_0(x: Tensor) -> Tensor:
-    """(N, 32) fp32 blocks -> (N, 34) Q8_0 bytes: d = absmax / 127, q = roundf(x / d)."""
+def quantize_q8_0(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
+    """(N, 32) fp32 blocks -> (N, 34) Q8_0 bytes: d = absmax / 127, q = roundf(x / d) (an importance is
+    ignored, as ggml ignores it)."""
     d = div(x.abs().amax(dim=1), 127)
     q = roundf(x * _inverse(d)[:, None]).to(torch.int8)
     return torch.cat([half_bytes(d), q.view(U8)], dim=1)

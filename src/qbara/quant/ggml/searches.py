@@ -1,0 +1,168 @@
+"""GGML's per-group scale searches (ggml-quants.c), vectorised over groups: one group of n weights per column
+of an (n, M) array, M groups at once, in the C code's float32 operations and summation order.
+
+- `make_qkx2_quants`: affine fit scale * q - min over a sweep of candidate grids with a least-squares refit
+  (ggml's make_qkx2_quants, and make_qkx3_quants, which only differs in defaulting the weights to x^2);
+- `make_q3_quants`: symmetric fit by coordinate descent on the codes, weights x^2;
+- `make_qx_quants`: symmetric fit over 19 grids around the absmax one, weights x^2 or given;
+- `make_qp_quants`: fit of non-negative values (a super-block's sub-block scales or mins) to scale * q,
+  q in [0, nmax], weighted, by a sweep of 9 grids and coordinate descent.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qbara.quant.ggml.common import first_absmax, rdiv, seq_sum
+
+GROUP_MAX_EPS = 1e-15  # ggml: a group with absmax below this is all zeros
+
+
+def _c_float(*terms: float) -> float:
+    """A float32 C expression evaluated left to right: terms[0] + terms[1] * terms[2] + terms[3]..."""
+    value = np.float32(terms[0]) + np.float32(terms[1]) * np.float32(terms[2])
+    for t in terms[3:]:
+        value = value + np.float32(t)
+    return float(value)
+
+
+def _error(scale: Tensor, minimum: Tensor, codes: Tensor, x: Tensor, w: Tensor, mad: bool, work: Tensor) -> Tensor:
+    """Sum_i w_i * |scale*q_i + min - x_i| (mad) or its square, in the C loop's order (`work`: scratch)."""
+    diff = torch.mul(codes, scale, out=work).add_(minimum).sub_(x)
+    return seq_sum((diff.abs_() if mad else diff.mul_(diff)).mul_(w))
+
+
+def make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                     mad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Affine sub-block fit w ~ scale * q - the_min, q in [0, nmax], for (n, M) weights `x` with per-weight
+    importance `w`: the min-max grid, then for each of nstep + 1 grids iscale = (nmax + rmin + rdelta*i) /
+    (max - min) the least-squares scale and min of its codes (min kept <= 0), kept when the weighted error
+    drops (later grids span max - the best min so far). Returns (scale (M,), the_min (M,) >= 0, codes (n, M)
+    float)."""
+    hi, lo = x.amax(dim=0), x.amin(dim=0).clamp(max=0)
+    sum_w, sum_x = seq_sum(w), seq_sum(w * x)
+    flat = hi == lo
+    hi = torch.where(flat, lo + 1, hi)  # any span: flat sub-blocks are set at the end
+    iscale = rdiv(float(nmax), hi - lo)
+    scale = rdiv(1.0, iscale)
+    trial, wl, work = (torch.empty_like(x) for _ in range(3))  # scratch reused by every grid
+    codes = torch.sub(x, lo).mul_(iscale).round_().clamp_(0, nmax)
+    best = _error(scale, lo, codes, x, w, mad, work)
+    for step in range(nstep + 1):  # the grid follows the best min found so far, as in the reference
+        iscale = rdiv(_c_float(rmin, rdelta, step, nmax), hi - lo)
+        torch.sub(x, lo, out=trial).mul_(iscale).round_().clamp_(0, nmax)
+        torch.mul(w, trial, out=wl)
+        sum_l, sum_l2 = seq_sum(wl), seq_sum(torch.mul(wl, trial, out=work))
+        sum_xl = seq_sum(wl.mul_(x))
+        det = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        clip = this_min > 0
+        this_min = torch.where(clip, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(clip, sum_xl / sum_l2, this_scale)
+        error = _error(this_scale, this_min, trial, x, w, mad, work)
+        better = (det > 0) & (error < best) & ~flat
+        torch.where(better, trial, codes, out=codes)
+        best, scale, lo = (torch.where(better, a, b) for a, b in ((error, best), (this_scale, scale), (this_min, lo)))
+    codes = torch.where(flat, torch.zeros_like(codes), codes)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    return scale, -lo, codes
+
+
+def make_q3_quants(x: Tensor, nmax: int, sweeps: int = 5) -> tuple[Tensor, Tensor]:
+    """Symmetric sub-block fit w ~ scale * (q - nmax), q in [0, 2*nmax), weights x^2: codes from the signed
+    absmax (it maps to code 0), then up to `sweeps` passes of coordinate descent that move one code at a time
+    to its best value under the current least-squares scale, kept when sum(w*x*l)^2 / sum(w*l*l) grows.
+    Returns (scale (M,), codes (n, M) float)."""
+    top = first_absmax(x, 0)
+    zero = top.abs() < GROUP_MAX_EPS
+    iscale = rdiv(float(-nmax), torch.where(zero, torch.ones_like(top), top))
+    codes = torch.round(x * iscale).clamp_(-nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sum_lx, sum_l2 = seq_sum(wx * codes), seq_sum(w * codes * codes)
+    for _ in range(sweeps):  # a pass that changes nothing leaves the state as it was, so no early exit
+        for i in range(x.shape[0]):
+            old = codes[i]
+            slx = sum_lx - wx[i] * old
+            sl2 = sum_l2 - w[i] * old * old
+            new = torch.round(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1)
+            slx_new = slx + wx[i] * new
+            sl2_new = sl2 + w[i] * new * new
+            take = ((slx > 0) & (new != old) & (sl2_new > 0)
+                    & (slx_new * slx_new * sum_l2 > sum_lx * sum_lx * sl2_new))
+            codes[i] = torch.where(take, new, old)
+            sum_lx = torch.where(take, slx_new, sum_lx)
+            sum_l2 = torch.where(take, sl2_new, sum_l2)
+    scale = torch.where(sum_l2 > 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
+    codes = torch.where(zero, torch.zeros_like(codes), codes + nmax)
+    return torch.where(zero, torch.zeros_like(scale), scale), codes
+
+
+def make_qx_quants(x: Tensor, nmax: int, w: Tensor | None = None, steps: int = 9) -> tuple[Tensor, Tensor]:
+    """Symmetric sub-block fit w ~ scale * (q - nmax), q in [0, 2*nmax), weights `w` (default x^2: rmse_type 1):
+    the least-squares scale of the absmax grid and of the grids iscale = -(nmax + 0.1*i) / max,
+    i = -steps..steps (ggml: 9), the one with the largest sum(w*x*l)^2 / sum(w*l*l) kept. Returns (scale (M,),
+    codes (n, M) float)."""
+    top = first_absmax(x, 0)
+    zero = top.abs() < GROUP_MAX_EPS
+    top = torch.where(zero, torch.ones_like(top), top)
+    w = x * x if w is None else w
+    wx = w * x
+
+    def fit(num: float) -> tuple[Tensor, Tensor, Tensor]:
+        levels = torch.round(x * rdiv(num, top)).clamp_(-nmax, nmax - 1)
+        return levels, seq_sum(wx * levels), seq_sum(w * levels * levels)
+
+    levels, sum_lx, sum_l2 = fit(float(-nmax))
+    scale = torch.where(sum_l2 != 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
+    best = scale * sum_lx
+    for i in (*range(-steps, 0), *range(1, steps + 1)):
+        trial, slx, sl2 = fit(-_c_float(nmax, 0.1, i))
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        levels = torch.where(better, trial, levels)
+        scale = torch.where(better, slx / sl2, scale)
+        best = torch.where(better, scale * slx, best)
+    codes = torch.where(zero, torch.zeros_like(levels), levels + nmax)
+    return torch.where(zero, torch.zeros_like(scale), scale), codes
+
+
+def make_qp_quants(x: Tensor, nmax: int, w: Tensor, sweeps: int = 5) -> tuple[Tensor, Tensor]:
+    """Fit of non-negative (n, M) values `x` to scale * q, q in [0, nmax], weights `w`: of the grids
+    iscale = (nmax + 0.1*i) / max, i = -4..4, the one with the least weighted squared error, then up to `sweeps`
+    passes of coordinate descent on the codes (each kept when sum(w*x*l)^2 / sum(w*l*l) grows), and the
+    least-squares scale of the codes. Returns (scale (M,), codes (n, M) float)."""
+    top = x.amax(dim=0).clamp(min=0)
+    zero = top < GROUP_MAX_EPS
+    top = torch.where(zero, torch.ones_like(top), top)
+    iscale = rdiv(float(nmax), top)
+    scale = rdiv(1.0, iscale)
+    diff = x - scale * torch.round(iscale * x)  # the first grid's codes are not clamped (they cannot pass nmax)
+    best = seq_sum(w * diff * diff)
+    for i in (-4, -3, -2, -1, 1, 2, 3, 4):
+        trial = rdiv(_c_float(0.0, 0.1, i, nmax), top)
+        diff = x - rdiv(1.0, trial) * torch.round(trial * x).clamp_(max=nmax)
+        error = seq_sum(w * diff * diff)
+        better = error < best
+        best = torch.where(better, error, best)
+        iscale = torch.where(better, trial, iscale)
+    codes = torch.round(iscale * x).clamp_(max=nmax)
+    wx = w * x
+    sum_lx, sum_l2 = seq_sum(wx * codes), seq_sum(w * codes * codes)
+    for _ in range(sweeps):  # a pass that changes nothing leaves the state as it was, so no early exit
+        for i in range(x.shape[0]):
+            old = codes[i]
+            slx = sum_lx - wx[i] * old
+            sl2 = sum_l2 - w[i] * old * old
+            new = torch.round(x[i] * sl2 / slx).clamp_(max=nmax)
+            slx_new = slx + wx[i] * new
+            sl2_new = sl2 + w[i] * new * new
+            take = ((slx > 0) & (sl2 > 0) & (new != old)
+                    & (slx_new * slx_new * sum_l2 > sum_lx * sum_lx * sl2_new))
+            codes[i] = torch.where(take, new, old)
+            sum_lx = torch.where(take, slx_new, sum_lx)
+            sum_l2 = torch.where(take, sl2_new, sum_l2)
+    scale = torch.where(sum_l2 > 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
+    codes = torch.where(zero, torch.zeros_like(codes), codes)
+    return torch.where(zero, torch.zeros_like(scale), scale), codes
