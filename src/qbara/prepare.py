@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qbara.adapters import adapter_layers
@@ -18,20 +18,26 @@ from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.prepare_lq import prepare_lq
 from qbara.quant.config import QuantConfig
 from qbara.state import state_of
-from qbara.targets import ALL_LINEAR, layer_configs, linear_layer_names, set_submodule
+from qbara.targets import ALL_LINEAR, layer_configs, linear_layer_names, rounding_importance, set_submodule
 
 
 def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig],
-                   modules=ALL_LINEAR, progress: bool = False) -> nn.Module:
+                   modules=ALL_LINEAR, progress: bool = False,
+                   importance: Mapping[str, Tensor] | None = None) -> nn.Module:
     """Replace the selected nn.Linear layers (all but lm_head by default) by QuantizedLinear, in place.
 
     `quant` is one config for every layer, or a mapping from layer name to config (as LQ-LoRA's
-    allocation produces); with a mapping, exactly the layers it names are quantized.
+    allocation produces); with a mapping, exactly the layers it names are quantized. `importance`: layer name ->
+    rounding importance for the gguf:* layers (`qbara.lq.importance_matrix`'s per-column mean square
+    activations, or a per-weight tensor such as the Fisher diagonal), weighting each block's scale search as
+    llama-quantize's importance matrix does; every gguf:* layer must have one.
     """
     per_layer = layer_configs(model, quant, modules)
+    importance = rounding_importance(per_layer, importance)
     for name, config in tqdm(per_layer.items(), desc="quantizing", disable=not progress, leave=False):
         linear = model.get_submodule(name)
-        set_submodule(model, name, QuantizedLinear.from_linear(linear, config, name=name))
+        set_submodule(model, name, QuantizedLinear.from_linear(linear, config, name=name,
+                                                               importance=importance.get(name)))
     return enable_native_save(model)
 
 

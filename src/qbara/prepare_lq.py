@@ -30,7 +30,7 @@ from qbara.lq.tables import DEFAULT_TABLE_ITERS, error_table
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.state import state_of
-from qbara.targets import ALL_LINEAR, layer_configs, linear_layer_names, set_submodule
+from qbara.targets import ALL_LINEAR, layer_configs, linear_layer_names, rounding_importance, set_submodule
 
 __all__ = ["prepare_lq", "LayerPlan", "plan_layers", "choose_configs", "finish_lq", "resolve_file_budget",
            "record_file_budget"]
@@ -65,16 +65,20 @@ def prepare_lq(model: nn.Module, lq: LQConfig, adapter, *, modules=None, progres
     dense_fingerprint = state.base_fingerprint
     plan = plan_layers(model, lq, adapter, modules)
     fisher = lq.open_fisher()  # a file is read one matrix at a time
+    importance = lq.open_importance()
     file = None if lq.fixed else resolve_file_budget(lq.file_budget, lambda: _model_file_budget(model, adapter))
     weights = {n: model.get_submodule(n).weight.detach() for n in plan.targets}
-    configs, allocation, table = choose_configs(plan, weights, lq, adapter.rank, file, fisher, progress)
+    configs, allocation, table = choose_configs(plan, weights, lq, adapter.rank, file, fisher, progress, importance)
     for p in model.parameters():
         p.requires_grad_(False)
+    weighted = {n: c for n, c in plan.rest.items() if c.kind == "gguf"}
+    rest = rounding_importance(weighted, importance) if weighted and importance is not None else {}
     for n, config in plan.rest.items():  # no adapter here: Q = quantize(W)
-        set_submodule(model, n, QuantizedLinear.from_linear(model.get_submodule(n), config, name=n))
+        set_submodule(model, n, QuantizedLinear.from_linear(model.get_submodule(n), config, name=n,
+                                                            importance=rest.get(n)))
     factors = quantize_with_factors(model, configs, adapter.rank, method=lq.method, max_iters=lq.max_iters,
                                     loftq_iters=lq.loftq_iters, fisher=fisher, seed=lq.seed, workers=lq.workers,
-                                    progress=progress)
+                                    progress=progress, importance=importance)
     return finish_lq(model, factors, lq, adapter, allocation, table, file, dense_fingerprint)
 
 
@@ -124,16 +128,18 @@ def plan_layers(model: nn.Module, lq: LQConfig, adapter, modules=None) -> LayerP
 
 
 def choose_configs(plan: LayerPlan, weights: Mapping[str, Tensor], lq: LQConfig, rank: int, file, fisher,
-                   progress: bool) -> tuple[dict[str, QuantConfig], object | None, object | None]:
+                   progress: bool, importance: Mapping[str, Tensor] | None = None
+                   ) -> tuple[dict[str, QuantConfig], object | None, object | None]:
     """(target -> config, allocation, table): the fixed configs, or the ILP's at `lq.budget` from the error table
-    of `weights` (the targets' dense weights, possibly read lazily), computed (cached) unless `lq.table` is given."""
+    of `weights` (the targets' dense weights, possibly read lazily), computed (cached, with the rounding
+    `importance`) unless `lq.table` is given."""
     if plan.layers is not None:
         return {n: plan.layers[n] for n in plan.targets}, None, None
     table = lq.open_table()
     if table is None:
         table = error_table(weights, None if lq.configs is None else list(lq.configs), rank=rank,
                             iters=lq.table_iters or DEFAULT_TABLE_ITERS, fisher=fisher, seed=lq.seed,
-                            workers=lq.workers, progress=progress)
+                            workers=lq.workers, progress=progress, importance=importance)
     else:
         if table.names != plan.targets:
             raise QbaraError(f"the error table covers other matrices ({len(table.names)}) than the adapter targets "

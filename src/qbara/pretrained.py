@@ -40,7 +40,8 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
                target_modules="all-linear",
                configs: Sequence[QuantConfig] | None = None, table=None, max_iters: int = 100,
                table_iters: int | None = None, seed: int = 0, workers: int | None = None,
-               factor_format: QuantConfig | None = None, file_budget=None, progress: bool = True) -> nn.Module:
+               factor_format: QuantConfig | None = None, file_budget=None, importance=None,
+               progress: bool = True) -> nn.Module:
     """LQ-LoRA on a dense causal LM (or a checkpoint folder, streamed), in place: shorthand for
 
         qbara.prepare(model, LQConfig(budget=budget, configs=configs, fisher=fisher, ...),
@@ -50,7 +51,8 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     Returns the model; `model.qbara.lq` holds the allocation and the per-matrix errors.
     """
     lq = LQConfig(budget=budget, configs=configs, fisher=fisher, max_iters=max_iters, table_iters=table_iters,
-                  table=table, seed=seed, workers=workers, factor_format=factor_format, file_budget=file_budget)
+                  table=table, seed=seed, workers=workers, factor_format=factor_format, file_budget=file_budget,
+                  importance=importance)
     adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
     return prepare(model, lq, adapter, progress=progress)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from qbara.errors import QbaraError
 from qbara.nn.quantized_linear import QuantizedLinear
@@ -70,3 +70,22 @@ def layer_configs(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfi
     for name, config in per_layer.items():
         config.check_shape(tuple(model.get_submodule(name).weight.shape), name)
     return per_layer
+
+
+def rounding_importance(per_layer: Mapping[str, QuantConfig],
+                        importance: Mapping[str, Tensor] | None) -> Mapping[str, Tensor]:
+    """The importance of each gguf:* layer of `per_layer` (empty without one), refusing a mapping that lacks one
+    of them (the others round to nearest and take none)."""
+    if importance is None:
+        return {}
+    if not isinstance(importance, Mapping):
+        raise QbaraError(f"importance must map layer names to tensors, got {type(importance).__name__}")
+    weighted = [n for n, c in per_layer.items() if c.kind == "gguf"]
+    if not weighted:
+        raise QbaraError("an importance weights the rounding of gguf:* formats only, and none of these layers has "
+                         "one; drop importance= or choose gguf:* formats")
+    missing = [n for n in weighted if n not in importance]
+    if missing:
+        raise QbaraError(f"the importance lacks {missing[:3]} ({len(missing)} gguf:* layers); compute it for "
+                         f"the same layers (qbara.lq.importance_matrix)")
+    return {n: importance[n] for n in weighted}

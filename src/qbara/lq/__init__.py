@@ -1,5 +1,6 @@
 """LQ-LoRA (SPEC §3): low-rank plus quantized decomposition, candidate configs, error tables,
-ILP bit allocation and the diagonal Fisher information for the data-aware variant: the algorithms only. A model
+ILP bit allocation, the diagonal Fisher information for the data-aware variant and the importance matrix that
+weights gguf:* rounding: the algorithms only. A model
 (or a checkpoint folder) is initialised through `qbara.prepare(model, LQConfig(...), AdapterConfig(...))` (or the
 `qbara.lq_prepare` shorthand); the model-level path is `qbara.prepare_lq`, the streamed one
 `qbara.models.lq_stream`."""
@@ -9,6 +10,7 @@ from qbara.lq.decompose import Decomposition, decompose, randomized_svd
 from qbara.lq.filesize import FileBudget
 from qbara.lq.fisher import calibration_sequences, fisher_information, load_fisher, save_fisher
 from qbara.lq.ilp import allocate, budget_range
+from qbara.lq.imatrix import importance_matrix, load_importance, save_importance
 from qbara.lq.loftq import loftq
 from qbara.lq.prepare import LQReport, decompose_layers, quantize_with_factors
 from qbara.lq.tables import Allocation, ErrorTable, error_table, lq_cache_dir, matrix_costs
@@ -18,4 +20,5 @@ __all__ = [
     "qlora_config", "allocate", "budget_range", "ErrorTable", "Allocation", "error_table", "matrix_costs",
     "lq_cache_dir", "fisher_information", "calibration_sequences", "save_fisher", "load_fisher", "loftq",
     "LQReport", "decompose_layers", "quantize_with_factors", "gguf_configs", "FileBudget", "LQConfig",
+    "importance_matrix", "save_importance", "load_importance",
 ]

@@ -4,6 +4,8 @@ low-rank plus quantized decomposition W ≈ Q + L1 L2 (LQ-LoRA; LoftQ is its one
     prepare(model, LQConfig(budget=2.75), AdapterConfig(rank=64))                   # LQ-LoRA, ILP allocation
     prepare(model, LQConfig(budget=2.75, fisher="fisher/"), AdapterConfig(rank=64))  # data-aware LQ-LoRA
     prepare(model, LQConfig(configs=QuantConfig("nf4")), AdapterConfig(rank=64))     # LQ-LoRA on one format
+    prepare(model, LQConfig(budget=5.2, configs=gguf_configs(), fisher=f, importance="fisher",
+                            file_budget=True), AdapterConfig(rank=4))         # llama.cpp formats, weighted rounding
     prepare(model, LQConfig(configs=QuantConfig("nf4"), method="loftq"), AdapterConfig(rank=64))  # LoftQ
 
 The adapter's shape (rank, alpha, dropout, target_modules) is the AdapterConfig's alone; the LQConfig says
@@ -21,6 +23,7 @@ from qbara.adapters.config import AdapterConfig
 from qbara.errors import QbaraError, check_types, strict_from_dict
 from qbara.lq.filesize import FileBudget
 from qbara.lq.fisher import open_fisher
+from qbara.lq.imatrix import load_importance
 from qbara.lq.tables import ErrorTable
 from qbara.quant.config import QuantConfig
 
@@ -55,6 +58,10 @@ class LQConfig:
         NF8 at 8.127 bits, as the paper counts them; default fp32) and record the bits of Q plus factors.
     file_budget: `budget` counts the whole file: True (`FileBudget.of_model` defaults: Q8_0 embedding, F32 norms,
         no adapter) or a `qbara.lq.filesize.FileBudget`.
+    importance: the rounding importance of gguf:* formats, weighting each block's scale search as llama-quantize's
+        importance matrix does (in the table's costs, the decompositions and the plainly quantized layers): name ->
+        tensor (`qbara.lq.importance_matrix`'s per-column mean square activations, or per-weight tensors), a file
+        written by `qbara.lq.save_importance`, or "fisher" (the `fisher` given, per weight). Needs gguf:* configs.
     """
 
     budget: float | None = None
@@ -69,13 +76,14 @@ class LQConfig:
     workers: int | None = None
     factor_format: QuantConfig | None = None
     file_budget: bool | FileBudget | None = None
+    importance: Mapping | str | Path | None = None
 
     def __eq__(self, other):
         """Field by field; an in-memory Fisher or error table is the same only if it is the same object (its
         tensors have no truth value to compare)."""
         if not isinstance(other, LQConfig):
             return NotImplemented
-        by_identity = ("fisher", "table")
+        by_identity = ("fisher", "table", "importance")
         return all(_same(getattr(self, f.name), getattr(other, f.name), f.name in by_identity)
                    for f in dataclasses.fields(self))
 
@@ -87,8 +95,10 @@ class LQConfig:
                            "loftq_iters": ((int,), False), "table_iters": ((int,), True),
                            "table": ((ErrorTable, str, Path), True), "seed": ((int,), False),
                            "workers": ((int,), True), "factor_format": ((QuantConfig,), True),
-                           "file_budget": ((bool, FileBudget), True)})
+                           "file_budget": ((bool, FileBudget), True),
+                           "importance": ((Mapping, str, Path), True)})
         object.__setattr__(self, "configs", _normalize_configs(self.configs))
+        self._check_importance()
         if self.method not in LQ_METHODS:
             raise QbaraError(f"unknown LQConfig.method {self.method!r}: choose 'lq' (LQ-LoRA) or 'loftq' (LoftQ)")
         for name in ("max_iters", "loftq_iters", "table_iters", "workers"):
@@ -106,6 +116,20 @@ class LQConfig:
             self._check_fixed()
         else:
             self._check_budget()
+
+    def _check_importance(self) -> None:
+        if self.importance is None:
+            return
+        if self.importance == "fisher" and self.fisher is None:
+            raise QbaraError("importance='fisher' weights the rounding by the Fisher matrices: pass fisher= too, or "
+                             "an importance matrix (qbara.lq.importance_matrix) as importance=")
+        configs = self.configs
+        candidates = ([] if configs is None else [configs] if isinstance(configs, QuantConfig)
+                      else list(configs.values()) if isinstance(configs, Mapping) else list(configs))
+        if not any(c.kind == "gguf" for c in candidates):
+            raise QbaraError("importance weights the rounding of gguf:* formats, and none of the configs is one (the "
+                             "default candidates are NF); give gguf:* configs (qbara.lq.gguf_configs()) or drop "
+                             "importance")
 
     def _check_loftq(self) -> None:
         if self.budget is not None or not self.fixed:
@@ -163,6 +187,14 @@ class LQConfig:
             return open_fisher(self.fisher)
         return self.fisher
 
+    def open_importance(self) -> Mapping | None:
+        """The rounding importance: the mapping given, the file read, or the Fisher (importance='fisher')."""
+        if self.importance == "fisher":
+            return self.open_fisher()
+        if isinstance(self.importance, (str, Path)):
+            return load_importance(self.importance)
+        return self.importance
+
     def open_table(self) -> ErrorTable | None:
         """The precomputed error table, loaded (and checked against configs / table_iters) if a path was given."""
         if isinstance(self.table, (str, Path)):
@@ -199,8 +231,9 @@ class LQConfig:
         return {"max_iters": self.max_iters, "loftq_iters": self.loftq_iters, "seed": self.seed}
 
     def to_dict(self) -> dict:
-        """The fields as JSON values (configs as QuantConfig dicts; fisher and table as their paths). An
-        in-memory Fisher or error table has no path to record: save it first (`save_fisher`, `ErrorTable.save`)."""
+        """The fields as JSON values (configs as QuantConfig dicts; fisher, table and importance as their paths). An
+        in-memory Fisher, error table or importance has no path to record: save it first (`save_fisher`,
+        `ErrorTable.save`, `save_importance`)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         configs = self.configs
         if isinstance(configs, QuantConfig):
@@ -212,12 +245,15 @@ class LQConfig:
         if isinstance(self.fisher, Mapping):
             raise QbaraError("an in-memory Fisher cannot be recorded; save it (qbara.lq.save_fisher) and pass the "
                              "file as fisher=")
+        if isinstance(self.importance, Mapping):
+            raise QbaraError("an in-memory importance cannot be recorded; save it (qbara.lq.save_importance) and "
+                             "pass the file as importance=")
         if isinstance(self.table, ErrorTable):
             if self.table.path is None:
                 raise QbaraError("an in-memory error table cannot be recorded; save it (ErrorTable.save) and pass "
                                  "the path as table=")
             data["table"] = str(self.table.path)
-        data.update({k: str(data[k]) for k in ("fisher", "table") if isinstance(data[k], Path)})
+        data.update({k: str(data[k]) for k in ("fisher", "table", "importance") if isinstance(data[k], Path)})
         if self.factor_format is not None:
             data["factor_format"] = self.factor_format.to_dict()
         if isinstance(self.file_budget, FileBudget):

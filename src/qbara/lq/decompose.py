@@ -37,6 +37,7 @@ from torch import Tensor
 from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import stored_scales
+from qbara.quant.ggml import check_importance
 from qbara.quant.nf import block_absmax, quantize_nf_values
 from qbara.quant.tensor import QuantizedTensor, quantize
 
@@ -338,7 +339,7 @@ def check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name) -> No
 
 def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: int = 100,
               fisher: Tensor | None = None, oversample: int = 10, seed: int = 0, *, power_iters: int = 2,
-              tol: float = 0.0, starts=STARTS, name: str = "weight") -> Decomposition:
+              tol: float = 0.0, starts=STARTS, name: str = "weight", importance: Tensor | None = None) -> Decomposition:
     """Decompose W ≈ dequant(Q) + L1 @ L2 with Q quantized by `quant_config` and L1 @ L2 of rank `rank`.
 
     Alternates a randomized rank-r SVD (oversampling `oversample`, `power_iters` power iterations,
@@ -355,9 +356,11 @@ def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: i
     the svd start alone on SmolLM2 matrices at rank 64, depending on the format; the quantize start is
     skipped when the svd one reaches error 0). See `Decomposition` for how the
     winning start is reported. Note: the quantize start can hold (near-)zero factors when Q alone is
-    exact; LoRA adapters started from two zero factors get no gradient.
+    exact; LoRA adapters started from two zero factors get no gradient. `importance`: the rounding importance of
+    a gguf:* config (see `qbara.quant.quantize`), used by every quantization of the loop; other formats take none.
     """
     check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name)
+    importance = rounding_importance_of(quant_config, importance, tuple(W.shape), name)
     starts = check_starts(starts, name)
     quant_config.check_shape(tuple(W.shape), name)
     W = W.detach().to(torch.float32)
@@ -367,25 +370,38 @@ def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: i
         fisher = fisher.detach().to(device=W.device, dtype=torch.float32)
     generator = torch.Generator(device=W.device).manual_seed(int(seed))
 
-    res = _alternate(W, quantize_step(quant_config, name), rank, max_iters, fisher, oversample, power_iters,
-                     generator, tol=tol, starts=starts)
+    res = _alternate(W, quantize_step(quant_config, name, importance), rank, max_iters, fisher, oversample,
+                     power_iters, generator, tol=tol, starts=starts)
     # Pack the best iterate once (the loop only needs dequantized values; same codes and scales).
-    qtensor = quantize(res.residual, quant_config, name)
+    qtensor = quantize(res.residual, quant_config, name, importance)
     return Decomposition(qtensor, res.L1, res.L2, res.errors, res.best_iter, res.start, res.start_errors)
 
 
-def quantize_step(config: QuantConfig, name: str = "weight") -> Callable[[Tensor], tuple[Tensor, Any]]:
+def quantize_step(config: QuantConfig, name: str = "weight",
+                  importance: Tensor | None = None) -> Callable[[Tensor], tuple[Tensor, Any]]:
     """R -> (dequant(quantize(R, config)), None) in fp32: the quantization half of an alternation.
 
     NF configs skip the packing (bit-identical values, 4-8x faster); dq_style="bnb" ones (codes rounded against
-    the exact absmax, scales stored otherwise) go through `quantize`.
+    the exact absmax, scales stored otherwise) go through `quantize`. `importance` (gguf:* configs; ignored by
+    the others, which round to nearest): the rounding importance `quantize` takes.
     """
     if config.kind != "nf" or config.dq_style != "qbara":
+        importance = importance if config.kind == "gguf" else None
+
         def step(R: Tensor):
-            return quantize(R, config, name).dequantize(torch.float32), None
+            return quantize(R, config, name, importance).dequantize(torch.float32), None
 
         return step
     return _nf_step(config)
+
+
+def rounding_importance_of(config: QuantConfig, importance: Tensor | None, shape: tuple[int, int],
+                           name: str = "weight") -> Tensor | None:
+    """`importance` checked against a `shape` weight (see `qbara.quant.ggml.check_importance`) when `config` is a
+    gguf:* format, None for the formats that round to nearest (they take no importance)."""
+    if importance is None or config.kind != "gguf":
+        return None
+    return check_importance(importance, shape, name)
 
 
 def _nf_step(config: QuantConfig) -> Callable[[Tensor], tuple[Tensor, Any]]:

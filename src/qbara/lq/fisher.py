@@ -64,7 +64,7 @@ def fisher_information(model: nn.Module, sequences: Tensor | Sequence, names: Se
     from tqdm.auto import tqdm
 
     seqs = _sequences(sequences)
-    layers = _fisher_layers(model, names)
+    layers = target_linears(model, names)
     loss_fn = loss_fn or causal_lm_loss
     if folder is None:
         return _accumulate(model, layers, seqs, loss_fn, progress, tqdm)
@@ -78,7 +78,9 @@ def fisher_information(model: nn.Module, sequences: Tensor | Sequence, names: Se
     return open_fisher(folder)
 
 
-def _fisher_layers(model: nn.Module, names) -> dict[str, nn.Module]:
+def target_linears(model: nn.Module, names, statistic: str = "the Fisher information") -> dict[str, nn.Module]:
+    """Name -> module of the linears a calibration statistic is computed for (default: every linear but the
+    output embedding), refusing a name that is not a linear layer."""
     if names is None:
         names = linear_layer_names(model, "all-linear")
     layers = {}
@@ -89,8 +91,8 @@ def _fisher_layers(model: nn.Module, names) -> dict[str, nn.Module]:
             raise QbaraError(f"the model has no layer named {n!r}; use names from model.named_modules()") from None
         shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
         if not all(isinstance(d, int) for d in shape):
-            raise QbaraError(f"{n}: not a linear layer (nn.Linear or QuantizedLinear); the Fisher information is "
-                             f"computed for linear weights")
+            raise QbaraError(f"{n}: not a linear layer (nn.Linear or QuantizedLinear); {statistic} is computed for "
+                             f"linear weights")
         layers[n] = module
     return layers
 

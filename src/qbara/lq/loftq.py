@@ -16,28 +16,38 @@ import torch
 from torch import Tensor
 
 from qbara.errors import QbaraError
-from qbara.lq.decompose import Decomposition, check_decompose_inputs, low_rank_factors, quantize_step, weighted_error
+from qbara.lq.decompose import (
+    Decomposition,
+    check_decompose_inputs,
+    low_rank_factors,
+    quantize_step,
+    rounding_importance_of,
+    weighted_error,
+)
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
 
 
 def loftq(W: Tensor, quant_config: QuantConfig, rank: int = 64, iters: int = 1, *, exact_svd: bool = True,
-          oversample: int = 10, power_iters: int = 2, seed: int = 0, name: str = "weight") -> Decomposition:
+          oversample: int = 10, power_iters: int = 2, seed: int = 0, name: str = "weight",
+          importance: Tensor | None = None) -> Decomposition:
     """LoftQ's W ≈ dequant(Q) + L1 @ L2 after `iters` alternations (quantize first, then SVD).
 
     `errors` holds ||W - Q - L1 L2||_F after every alternation; the held (last) iterate is
     `best_iter` = iters - 1, whether or not an earlier one was better. exact_svd=False uses the
-    randomized SVD (`oversample`, `power_iters`) instead, faster on large matrices.
+    randomized SVD (`oversample`, `power_iters`) instead, faster on large matrices. `importance`: the rounding
+    importance of a gguf:* config (see `decompose`).
     """
     if not isinstance(iters, int) or iters < 1:
         raise QbaraError(f"{name}: LoftQ needs iters >= 1 alternations, got {iters!r}")
     check_decompose_inputs(W, quant_config, rank, iters, None, name)
+    importance = rounding_importance_of(quant_config, importance, tuple(W.shape), name)
     quant_config.check_shape(tuple(W.shape), name)
     W = W.detach().to(torch.float32)
     if not torch.isfinite(W).all():
         raise QbaraError(f"{name}: weight contains NaN or Inf; fix the checkpoint before quantizing")
     generator = torch.Generator(device=W.device).manual_seed(int(seed))
-    step = quantize_step(quant_config, name)
+    step = quantize_step(quant_config, name, importance)
     m, n = W.shape
     if exact_svd:
         oversample = min(m, n)  # low_rank_factors switches to the exact SVD
@@ -49,4 +59,4 @@ def loftq(W: Tensor, quant_config: QuantConfig, rank: int = 64, iters: int = 1, 
         Q, _ = step(R)
         L1, L2, _ = low_rank_factors(W - Q, rank, None, oversample, power_iters, generator)
         errors.append(weighted_error(W - Q - L1 @ L2))
-    return Decomposition(quantize(R, quant_config, name), L1, L2, errors, iters - 1)
+    return Decomposition(quantize(R, quant_config, name, importance), L1, L2, errors, iters - 1)

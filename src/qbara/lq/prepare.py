@@ -88,9 +88,11 @@ class LQReport:
 def decompose_layers(weights: Mapping[str, Tensor], configs: Mapping[str, QuantConfig], rank: int, *,
                      method: str = "lq", max_iters: int = 100, loftq_iters: int = 1,
                      fisher: Mapping[str, Tensor] | None = None, seed: int = 0, workers: int | None = None,
-                     progress: bool = True) -> dict[str, Decomposition]:
+                     progress: bool = True, importance: Mapping[str, Tensor] | None = None
+                     ) -> dict[str, Decomposition]:
     """name -> decomposition of weights[name] with configs[name]: LQ-LoRA's (`decompose`, best iterate)
-    or LoftQ's (`loftq`, `loftq_iters` alternations).
+    or LoftQ's (`loftq`, `loftq_iters` alternations). `importance`: name -> rounding importance of the gguf:*
+    matrices (see `decompose`).
 
     Matrices run on `workers` threads; under torch.distributed each rank decomposes a share and the
     results are broadcast, so every rank returns all of them (the same as one process: each matrix is
@@ -110,6 +112,11 @@ def decompose_layers(weights: Mapping[str, Tensor], configs: Mapping[str, QuantC
         if lacking:
             raise QbaraError(f"the Fisher dict lacks {lacking[:3]} ({len(lacking)} layers); compute it for the "
                              f"same target layers (qbara.lq.fisher.fisher_information)")
+    if importance is not None:
+        lacking = [n for n in names if configs[n].kind == "gguf" and n not in importance]
+        if lacking:
+            raise QbaraError(f"the importance lacks {lacking[:3]} ({len(lacking)} gguf:* layers); compute it for "
+                             f"the same target layers (qbara.lq.importance_matrix)")
     for n in names:  # every shape checked before minutes of work
         configs[n].check_shape(shapes[n], n)
     sizes = [math.prod(shapes[n]) for n in names]
@@ -117,11 +124,14 @@ def decompose_layers(weights: Mapping[str, Tensor], configs: Mapping[str, QuantC
 
     def one(i: int) -> None:  # looked up here: a lazily read mapping holds one matrix per worker
         n = names[i]
+        imp = importance.get(n) if importance is not None and configs[n].kind == "gguf" else None
         if method == "loftq":
-            results[n] = loftq(weights[n], configs[n], rank, loftq_iters, seed=seed * 1_000_003 + i, name=n)
+            results[n] = loftq(weights[n], configs[n], rank, loftq_iters, seed=seed * 1_000_003 + i, name=n,
+                               importance=imp)
         else:
             results[n] = decompose(weights[n], configs[n], rank, max_iters,
-                                   fisher=None if fisher is None else fisher[n], seed=seed * 1_000_003 + i, name=n)
+                                   fisher=None if fisher is None else fisher[n], seed=seed * 1_000_003 + i, name=n,
+                                   importance=imp)
 
     dist = active_dist()
     first = dist is None or dist.get_rank() == 0
@@ -167,11 +177,13 @@ def lq_report(method: str, rank: int, decs: Mapping[str, Decomposition], *, fish
 def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], rank: int, *,
                           method: str = "lq", targets="all-linear", max_iters: int = 100, loftq_iters: int = 1,
                           fisher: Mapping[str, Tensor] | None = None, seed: int = 0, workers: int | None = None,
-                          progress: bool = True) -> dict[str, tuple[Tensor, Tensor]]:
+                          progress: bool = True, importance: Mapping[str, Tensor] | None = None
+                          ) -> dict[str, tuple[Tensor, Tensor]]:
     """Replace each target nn.Linear of `model` by a QuantizedLinear holding the Q of its LQ-LoRA or LoftQ
     decomposition, in place; return name -> (L1, L2) for the adapters to start from.
 
-    `quant` is one config for all targets or name -> config (an allocation). Records the report as
+    `quant` is one config for all targets or name -> config (an allocation); `importance`: name -> rounding
+    importance of the gguf:* ones (see `decompose`). Records the report as
     `model.qbara.lq` and a fingerprint of the new quantized base as `model.qbara.base_fingerprint`
     (adapters started from these factors only fit this Q, not a plain quantization of the model).
     """
@@ -184,7 +196,7 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
         if min(w.shape) < rank:
             raise QbaraError(f"{n}: rank {rank} exceeds the {tuple(w.shape)} matrix's smallest side; lower the rank")
     decs = decompose_layers(weights, per_layer, rank, method=method, max_iters=max_iters, loftq_iters=loftq_iters,
-                            fisher=fisher, seed=seed, workers=workers, progress=progress)
+                            fisher=fisher, seed=seed, workers=workers, progress=progress, importance=importance)
     factors = {}
     for n, dec in decs.items():
         layer = linears[n]

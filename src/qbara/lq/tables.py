@@ -58,7 +58,15 @@ from qbara.atomic import save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.lazy_tensors import LazyTensors, tensor_shapes
 from qbara.lq.configs import candidate_configs
-from qbara.lq.decompose import STARTS, _alternate, check_starts, fisher_scalings, low_rank_factors
+from qbara.lq.decompose import (
+    STARTS,
+    _alternate,
+    check_starts,
+    fisher_scalings,
+    low_rank_factors,
+    quantize_step,
+    rounding_importance_of,
+)
 from qbara.lq.filesize import FileBudget
 from qbara.lq.ilp import allocate as ilp_allocate
 from qbara.lq.ilp import budget_range
@@ -66,7 +74,6 @@ from qbara.lq.parallel import active_dist, collective_device, my_share, run_per_
 from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import stored_scales
 from qbara.quant.nf import block_absmax, keep_ratios, nf_values, quantize_nf_values, scale_blocks
-from qbara.quant.tensor import quantize
 from qbara.targets import linear_layer_names
 from qbara.tensor_checks import read_safetensors
 from qbara.validate import read_json_file
@@ -308,12 +315,13 @@ def _dq_chunk(R: Tensor, absmax: Tensor, v: Tensor, bits: int, settings, S: Tens
 def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iters: int = DEFAULT_TABLE_ITERS,
                  fisher: Tensor | None = None, oversample: int = 10, power_iters: int = 2,
                  table_power_iters: int = 0, seed: int = 0, dq_mode: str = "shared", starts=STARTS,
-                 name: str = "weight") -> Tensor:
+                 name: str = "weight", importance: Tensor | None = None) -> Tensor:
     """Squared (Fisher-weighted) LQ decomposition error of W under every config (float64, +inf where a
     config cannot hold W). See the module docstring for what is shared between configs; with
     dq_mode="loop" every NF config runs its own alternation with its double quantization inside
     (exact at `iters` iterations, ~30x slower for the 432 candidates). `starts`: as `decompose`'s
-    (the svd start's first SVD is shared by all configs, the quantize start's is each config's own)."""
+    (the svd start's first SVD is shared by all configs, the quantize start's is each config's own).
+    `importance`: the rounding importance of the gguf:* configs (as `decompose`'s)."""
     if dq_mode not in ("shared", "loop"):
         raise QbaraError(f"dq_mode must be 'shared' or 'loop', got {dq_mode!r}")
     starts = check_starts(starts, name)
@@ -355,10 +363,7 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
     for key, members in groups.items():
         if key[0] == "other":
             config = configs[members[0]]
-
-            def step(R, config=config):
-                return quantize(R, config, name).dequantize(torch.float32), None
-
+            step = quantize_step(config, name, rounding_importance_of(config, importance, tuple(W.shape), name))
             res = _alternate(W, step, **common)
             costs[members[0]] = res.errors[res.best_iter] ** 2
             continue
@@ -434,7 +439,8 @@ def _digest(names, tensors: Mapping[str, Tensor]) -> str:
 
 def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, *, rank: int = 64,
                 iters: int = DEFAULT_TABLE_ITERS, fisher: Mapping[str, Tensor] | None = None,
-                targets="all-linear", oversample: int = 10, power_iters: int = 2, table_power_iters: int = 0,
+                importance: Mapping[str, Tensor] | None = None, targets="all-linear", oversample: int = 10,
+                power_iters: int = 2, table_power_iters: int = 0,
                 seed: int = 0, dq_mode: str = "shared", starts=STARTS, cache: bool = True,
                 recompute: bool = False, cache_dir=None, workers: int | None = None,
                 progress: bool = True) -> ErrorTable:
@@ -448,7 +454,9 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
     the ranks share the matrices and all get the full table. dq_mode: "shared" (default; see the
     module docstring) or "loop" (every config its own alternation: exact at `iters`, much slower).
     starts: the alternation's starts, as `decompose`'s (default both: "svd" and "quantize"; part of the
-    cache key).
+    cache key). importance: name -> rounding importance of the gguf:* configs (`qbara.lq.importance_matrix`'s
+    per-column vectors or per-weight tensors such as the Fisher), so each cost is that of the rounding
+    `quantize_model(..., importance=)` writes; part of the cache key.
     """
     if dq_mode not in ("shared", "loop"):
         raise QbaraError(f"dq_mode must be 'shared' or 'loop', got {dq_mode!r}")
@@ -471,12 +479,19 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
             if tuple(fisher_shapes[n]) != s:
                 raise QbaraError(f"{n}: Fisher shape {tuple(fisher_shapes[n])} differs from the weight's {s}")
 
+    if importance is not None:
+        lacking = [n for n in names if n not in importance]
+        if lacking and any(c.kind == "gguf" for c in configs):
+            raise QbaraError(f"the importance lacks {lacking[:3]} ({len(lacking)} layers); compute it for the same "
+                             f"target layers (qbara.lq.importance_matrix)")
     settings = {"version": TABLE_VERSION, "rank": rank, "iters": iters, "oversample": oversample,
                 "power_iters": power_iters, "table_power_iters": table_power_iters, "seed": seed,
                 "dq_mode": dq_mode, "starts": list(starts),
                 "weights": _digest(names, weights),
                 "fisher": _digest(names, fisher) if fisher is not None else None,
                 "configs": hashlib.sha256(json.dumps([c.to_dict() for c in configs]).encode()).hexdigest()[:16]}
+    if importance is not None:  # only then: tables computed without one keep their cache keys
+        settings["importance"] = _digest(names, importance)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     cache_path = Path(cache_dir) if cache_dir is not None else lq_cache_dir()
     path = cache_path / f"table-{key}.safetensors"  # the key holds the weights' content hash
@@ -515,6 +530,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
         # LazyTensors holds one matrix (and its Fisher) per worker.
         n = names[i]
         costs[i] = matrix_costs(weights[n], configs, fisher=None if fisher is None else fisher[n],
+                                importance=None if importance is None else importance.get(n),
                                 seed=seed * 1_000_003 + i, name=n, **kwargs)
 
     run_per_matrix(my_share(sizes), one, sizes, workers, progress and rank_id == 0, "LQ error table")

@@ -133,13 +133,14 @@ def stream_lq(name_or_path, lq, adapter, *, modules=None, dtype: torch.dtype | N
     fisher = lq.open_fisher()  # a file or folder is read one matrix at a time
     file = None if lq.fixed else resolve_file_budget(
         lq.file_budget, lambda: checkpoint_file_budget(folder, adapter.target_modules))
-    configs, allocation, table = choose_configs(plan, weights, lq, adapter.rank, file, fisher, progress)
+    importance = lq.open_importance()
+    configs, allocation, table = choose_configs(plan, weights, lq, adapter.rank, file, fisher, progress, importance)
     decs = decompose_layers(weights, configs, adapter.rank, method=lq.method, max_iters=lq.max_iters,
                             loftq_iters=lq.loftq_iters, fisher=fisher, seed=lq.seed, workers=lq.workers,
-                            progress=progress)
+                            progress=progress, importance=importance)
     quantized = configs if plan.layers is None else plan.layers  # the decomposed targets, and the rest plainly
     model = _stream(config, safetensors_reader(files), folder, quantized, "all-linear", storage, device, progress,
-                    packed={n: dec.qtensor for n, dec in decs.items()})
+                    packed={n: dec.qtensor for n, dec in decs.items()}, importance=importance)
     state = state_of(model)
     dense_fingerprint = state.base_fingerprint
     state.lq = lq_report(lq.method, adapter.rank, decs, fisher=fisher is not None, settings=lq.report_settings())

@@ -24,7 +24,7 @@ from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
 from qbara.state import state_of
-from qbara.targets import ALL_LINEAR, layer_configs, set_submodule
+from qbara.targets import ALL_LINEAR, layer_configs, rounding_importance, set_submodule
 from qbara.tensor_checks import check_tensor
 from qbara.validate import read_json_file
 
@@ -140,13 +140,17 @@ def safetensors_reader(files: list[Path]):
     return read
 
 
-def _stream(config, read, source, quant, modules, storage: torch.dtype, device, progress: bool, packed=None):
+def _stream(config, read, source, quant, modules, storage: torch.dtype, device, progress: bool, packed=None,
+            importance=None):
     """Fill a weightless skeleton of `config` from `read(model)`'s (key, load, where) triples, quantizing the
     target linears as they come (one dense tensor at a time). packed: layer name -> QuantizedTensor built
     beforehand (an LQ-LoRA / LoftQ decomposition's Q), used for that layer instead of quantizing its weight
-    (which is still read, checked and hashed for the dense model's fingerprint)."""
+    (which is still read, checked and hashed for the dense model's fingerprint). importance: layer name ->
+    rounding importance of the gguf:* layers quantized here (`qbara.quant.quantize`'s)."""
     model = empty_model(config, storage)
     per_layer = layer_configs(model, quant, modules)  # shapes checked on the skeleton, before any read
+    weighted = {n: c for n, c in per_layer.items() if c.kind == "gguf" and n not in (packed or {})}
+    importance = rounding_importance(weighted, importance) if weighted and importance is not None else {}
     shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}  # the skeleton's (meta) shapes
     expected = set(shapes)
     digests, unexpected = {}, []
@@ -164,7 +168,8 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
                 if packed is not None and module_name in packed:
                     qtensor = packed[module_name].to(device)
                 else:  # in its own dtype: the quantizer makes fp32 copies of a few rows at a time
-                    qtensor = quantize(tensor.to(device=device), per_layer[module_name], name=module_name)
+                    qtensor = quantize(tensor.to(device=device), per_layer[module_name], name=module_name,
+                                       importance=importance.get(module_name))
                 set_submodule(model, module_name, QuantizedLinear(qtensor, old.bias))
             else:
                 cast = tensor.to(device=device, dtype=storage if tensor.is_floating_point() else None)

@@ -63,9 +63,10 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: QuantConfig, name: str = "linear") -> "QuantizedLinear":
-        """Quantize an nn.Linear (its weight is read once, not kept)."""
-        return cls(quantize(linear.weight.data, config, name=name), linear.bias)
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig, name: str = "linear",
+                    importance: Tensor | None = None) -> "QuantizedLinear":
+        """Quantize an nn.Linear (its weight is read once, not kept); `importance` as `qbara.quant.quantize`'s."""
+        return cls(quantize(linear.weight.data, config, name=name, importance=importance), linear.bias)
 
     @property
     def qweight(self) -> QuantizedTensor:

@@ -97,8 +97,14 @@ class QuantizedTensor:
         return QuantizedTensor(self.config, self.shape, {k: v.to(device) for k, v in self.tensors.items()})
 
 
-def quantize(weight: Tensor, config: QuantConfig, name: str = "weight") -> QuantizedTensor:
-    """Quantize a floating 2-D weight with `config`; `name` is used in error messages."""
+def quantize(weight: Tensor, config: QuantConfig, name: str = "weight",
+             importance: Tensor | None = None) -> QuantizedTensor:
+    """Quantize a floating 2-D weight with `config`; `name` is used in error messages. `importance` (gguf:*
+    formats only): a (d_in,) importance matrix or a (d_out, d_in) per-weight importance that weights each block's
+    scale search, as llama-quantize does with an importance matrix (see `qbara.quant.ggml.quantize_ggml`)."""
+    if importance is not None and config.kind != "gguf":
+        raise QbaraError(f"{name}: an importance weights the rounding of gguf:* formats only, and {config.format} "
+                         f"rounds each weight to its nearest level; drop importance= or choose a gguf:* format")
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         dtype = getattr(weight, "dtype", type(weight).__name__)
         raise QbaraError(f"{name}: cannot quantize a non-floating weight ({dtype}); pass the float weight "
@@ -112,7 +118,7 @@ def quantize(weight: Tensor, config: QuantConfig, name: str = "weight") -> Quant
         if max(abs(v) for v in extremes) > FP16_MAX:  # a block scale (at most the block's absmax) must fit fp16
             raise QbaraError(f"{name}: weights reach {max(abs(v) for v in extremes):.3g}, beyond the fp16 range of "
                              f"{config.format}'s block scales; rescale the layer or use an nf/int format")
-        return QuantizedTensor(config, shape, {"codes": quantize_ggml(weight, config.ggml, name)})
+        return QuantizedTensor(config, shape, {"codes": quantize_ggml(weight, config.ggml, name, importance)})
     chunks = [weight[start:start + rows] for start, rows in _row_chunks(shape, config)]
     if config.kind == "int":
         minimum_dtype = torch.float32 if config.minimum_dtype == "fp32" else torch.float16
