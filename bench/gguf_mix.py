@@ -10,6 +10,10 @@ The anchor comparison of issue #13. Dense weights: the bundled SmolLM2 file dequ
                    the stock file's tensor bits/param (`FileBudget`: Q8_0 embedding, F32 norms, as llama.cpp's
                    files have them here), plain Frobenius costs, written by `export_gguf`;
   qbara-ilp+fisher the same with Fisher-weighted costs from the calibration tokens;
+  qbara+imatrix    the Fisher-cost ILP with every block's scale search weighted by the same importance matrix
+                   llama.cpp gets (qbara's quantizers on llama.cpp's imatrix path, bit for bit): the tables'
+                   costs and the file use that rounding;
+  qbara+fisher-rnd the same with the rounding weighted per weight by the Fisher diagonal;
   qahira           the Fisher ILP with gguf:q4_1 replaced by INT4 G32 (the same Q4_1 blocks in the file, but
                    foldable), a short QA-HiRA fine-tune on the INT4 layers (other plays than Hamlet: domain
                    adaptation, not a like-for-like quantizer comparison), folded into the zero-points, exported.
@@ -142,32 +146,17 @@ def qbara_nll(model, windows) -> float:
     return perplexity(model, ids, window=len(windows[0]), progress=False).nll
 
 
-def importance_matrix(model, sequences) -> dict:
-    """GGUF tensor name -> mean of x² per input column of each decoder linear over `sequences` (llama-imatrix's
-    statistic: the diagonal of XᵀX / tokens)."""
-    import torch
-
+def gguf_imatrix(importance: dict) -> dict:
+    """qbara's importance matrix (module name -> per-column mean x², `qbara.lq.importance_matrix`) keyed by GGUF
+    tensor name (blk.N.attn_q.weight ...), as llama.cpp's quantizer looks it up."""
     from qbara.export.gguf.linears import LINEARS
 
-    sums, hooks = {}, []
-    for i, layer in enumerate(model.model.layers):
-        for sub, gguf_name in LINEARS:
-            key = f"blk.{i}.{gguf_name}.weight"
-
-            def hook(_module, inputs, _out, key=key):
-                x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-                s, n = sums.get(key, (0.0, 0))
-                sums[key] = (s + (x * x).sum(0), n + x.shape[0])
-
-            hooks.append(layer.get_submodule(sub).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            for seq in sequences:
-                model(seq[None])
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: (s / n).numpy() for k, (s, n) in sums.items()}
+    names = {}
+    for module in importance:
+        prefix, _, sub = module.partition(".layers.")
+        index, _, rest = sub.partition(".")
+        names.update({module: f"blk.{index}.{g}.weight" for s, g in LINEARS if s == rest})
+    return {names[m]: v.numpy() for m, v in importance.items() if m in names}
 
 
 def calibration(tokenizer, args):
@@ -178,8 +167,9 @@ def calibration(tokenizer, args):
     return calibration_sequences(tokenizer, text, args.calib, args.window, seed=args.seed)
 
 
-def ilp_model(dense, table, budget: float, swap_q4_1: bool = False):
-    """A copy of `dense` quantized as the table's file-budget allocation at `budget` (file bits/param)."""
+def ilp_model(dense, table, budget: float, swap_q4_1: bool = False, importance=None):
+    """A copy of `dense` quantized as the table's file-budget allocation at `budget` (file bits/param), the gguf:*
+    layers rounded under `importance` when given (the one the table was computed with)."""
     import copy
 
     from qbara.lq.filesize import FileBudget
@@ -192,7 +182,7 @@ def ilp_model(dense, table, budget: float, swap_q4_1: bool = False):
 
         configs = {n: QuantConfig("int4", block_size=32) if c.format == "gguf:q4_1" else c for n, c in configs.items()}
     model = copy.deepcopy(dense)
-    return quantize_model(model, configs), allocation
+    return quantize_model(model, configs, importance=importance), allocation
 
 
 def qahira_finetune(model, tokenizer, args) -> dict:
@@ -336,16 +326,19 @@ def qbara_rows(rows: Rows, dense, tokenizer, tables: dict, budgets, windows, arg
     fine_tuned = spread(informative, args.ft_budgets) if args.ft_steps > 0 else []
     for budget in budgets:
         label = f"{budget:.3f}"
-        variants = [("qbara-ilp", tables["plain"], False)] if budget in informative else []
-        variants.append(("qbara-ilp+fisher", tables["fisher"], False))
+        variants = [("qbara-ilp", "plain", False)] if budget in informative else []
+        variants.append(("qbara-ilp+fisher", "fisher", False))
+        if budget in informative:  # rounding weighted as llama.cpp's imatrix path, by the imatrix or the Fisher
+            variants += [("qbara+imatrix", "imatrix", False), ("qbara+fisher-rnd", "fisher-rnd", False)]
         if budget in fine_tuned:
-            variants.append(("qahira", tables["fisher"], True))
-        for kind, table, swap in variants:
+            variants.append(("qahira", "fisher", True))
+        for kind, which, swap in variants:
             key = f"{kind}:{label}"
             if key in rows and Path(rows[key]["path"]).exists():
                 continue
             t = time.perf_counter()
-            model, allocation = ilp_model(dense, table, budget, swap_q4_1=swap)
+            model, allocation = ilp_model(dense, tables[which], budget, swap_q4_1=swap,
+                                          importance=tables["importance"].get(which))
             extra = {}
             if swap:
                 extra = qahira_finetune(model, tokenizer, args)
@@ -373,20 +366,20 @@ def lq_rows(rows: Rows, dense, tokenizer, fisher, budgets, windows, args, work: 
     from qbara.lq.filesize import FileBudget
     from qbara.lq.tables import error_table
 
-    kind, table = f"lq-r{args.lq_rank}", None
     file = FileBudget.of_model(dense, adapter_format="f32", rank=args.lq_rank)
-    for budget in budgets:
+    for budget, weighted in ((b, w) for b in budgets for w in (False, True)):
+        kind = f"lq-r{args.lq_rank}" + ("+fisher-rnd" if weighted else "")
         key = f"{kind}:{budget:.3f}"
         if key in rows and (rows[key].get("infeasible") or Path(rows[key]["path"]).exists()):
             continue
-        if table is None:
-            table = error_table(dense, gguf_configs(), rank=args.lq_rank, fisher=fisher, seed=args.seed,
-                                iters=args.lq_table_iters)
+        importance = fisher if weighted else None
+        table = error_table(dense, gguf_configs(), rank=args.lq_rank, fisher=fisher, seed=args.seed,
+                            iters=args.lq_table_iters, importance=importance)  # cached after the first budget
         t = time.perf_counter()
         try:
             model = lq_prepare(copy.deepcopy(dense), budget=budget, rank=args.lq_rank, fisher=fisher,
                                configs=gguf_configs(), table=table, table_iters=args.lq_table_iters, file_budget=file,
-                               seed=args.seed, progress=False)
+                               seed=args.seed, progress=False, importance=importance)
         except QbaraError as err:
             rows.put(key, {"kind": kind, "name": f"{budget:.3f}", "budget": budget, "infeasible": str(err)[:200]})
             print(f"  {key}: infeasible ({file.file_bits_per_param(0):.3f} bits/param fixed)")
@@ -420,13 +413,18 @@ def _format_counts(configs) -> dict:
     return dict(Counter(c.format.removeprefix("gguf:") for c in configs.values()))
 
 
-def error_tables(dense, fisher, args) -> dict:
+def error_tables(dense, fisher, imatrix, args) -> dict:
+    """The rank-0 error tables of the GGML formats: plain, Fisher-weighted costs, and Fisher-weighted costs of the
+    rounding weighted by the imatrix / by the Fisher ("importance": the rounding importance of each)."""
     from qbara.lq.configs import gguf_configs
     from qbara.lq.tables import error_table
 
     configs = gguf_configs()
-    return {"plain": error_table(dense, configs, rank=0, seed=args.seed, progress=True),
-            "fisher": error_table(dense, configs, rank=0, fisher=fisher, seed=args.seed, progress=True)}
+    importance = {"imatrix": imatrix, "fisher-rnd": fisher}
+    tables = {which: error_table(dense, configs, rank=0, fisher=None if which == "plain" else fisher,
+                                 importance=importance.get(which), seed=args.seed, progress=True)
+              for which in ("plain", "fisher", "imatrix", "fisher-rnd")}
+    return {**tables, "importance": importance}
 
 
 def fisher_of(dense, sequences, work: Path):
@@ -438,6 +436,18 @@ def fisher_of(dense, sequences, work: Path):
     fisher = fisher_information(dense, sequences, progress=True)
     save_fisher(fisher, path)
     return fisher
+
+
+def importance_of(dense, sequences, work: Path) -> dict:
+    """qbara's importance matrix of the calibration sequences (kept in WORK/imatrix.safetensors)."""
+    from qbara.lq.imatrix import importance_matrix, load_importance, save_importance
+
+    path = work / "imatrix.safetensors"
+    if path.exists():
+        return load_importance(path)
+    importance = importance_matrix(dense, sequences, progress=True)
+    save_importance(importance, path)
+    return importance
 
 
 def main(argv=None):
@@ -506,9 +516,10 @@ def main(argv=None):
         write_f32_copy(smollm2_gguf_path(), dense_f32)
     rows.put("dense:f32", {"path": str(dense_f32), **tensor_stats(dense_f32)})
     sequences = calibration(tokenizer, args)
-    imatrix = work / "imatrix.npz"
+    importance = importance_of(dense, sequences, work)
+    imatrix = work / "imatrix.npz"  # the same statistic by GGUF tensor name, for llama.cpp
     if not imatrix.exists():
-        np.savez(imatrix, **importance_matrix(dense, sequences))
+        np.savez(imatrix, **gguf_imatrix(importance))
 
     stock_rows(rows, dense_f32, imatrix, args, work)
     mark_duplicates(rows)
@@ -518,7 +529,7 @@ def main(argv=None):
     # Matrices stored as Q4_1 are lossless on this model: budgets above the stock Q4_1 file are degenerate.
     args.lossless_bits = rows["stock:Q4_1"]["bits"] if "stock:Q4_1" in rows else max(budgets)
     fisher = fisher_of(dense, sequences, work)
-    tables = {**error_tables(dense, fisher, args), "fisher_matrices": fisher}
+    tables = {**error_tables(dense, fisher, importance, args), "fisher_matrices": fisher}
     qbara_rows(rows, dense, tokenizer, tables, budgets, windows, args, work)
     mark_duplicates(rows)
     llama_nll(rows, windows, args, work)
@@ -554,14 +565,15 @@ def markdown(data: dict) -> str:
         lines.append(f"| {r['name']} | {r['kind']} | {r['bits']:.3f} | {_ppl(r.get('nll_llama'))} | "
                      f"{_ppl(r.get('nll_qbara'))} | {', '.join(f'{k} {v}' for k, v in sorted(r['types'].items()))} |")
     lines += ["", "Best stock file at or below each budget vs qbara's:", "",
-              "| budget | best stock (llama.cpp ppl) | qbara-ilp+fisher | qahira (fine-tuned) |", "|---|---|---|---|"]
+              "| budget | best stock (llama.cpp ppl) | qbara-ilp+fisher | qbara+imatrix | qbara+fisher-rnd "
+              "| qahira (fine-tuned) |", "|---|---|---|---|---|---|"]
     for b in sorted({r["budget"] for r in rows if "budget" in r}):
         stock = [r for r in rows if r["kind"].startswith("stock") and r["bits"] <= b + 1e-9 and "nll_llama" in r]
         best = min(stock, key=lambda r: r["nll_llama"]) if stock else None
         mine = {r["kind"]: r for r in rows if r.get("budget") == b}
         lines.append(f"| {b:.3f} | {best['kind'] + ' ' + best['name'] + ' ' + _ppl(best['nll_llama']) if best else '-'}"
-                     f" | {_ppl(mine.get('qbara-ilp+fisher', {}).get('nll_llama'))}"
-                     f" | {_ppl(mine.get('qahira', {}).get('nll_llama'))} |")
+                     + "".join(f" | {_ppl(mine.get(k, {}).get('nll_llama'))}"
+                               for k in ("qbara-ilp+fisher", "qbara+imatrix", "qbara+fisher-rnd", "qahira")) + " |")
     if "wall_s" in data:
         lines += ["", f"Wall time: {data['wall_s']:.0f} s (all runs of this result)."]
     return "\n".join(lines) + "\n"

@@ -30,20 +30,15 @@ def test_window_nll_matches_qbara_perplexity_on_the_same_windows():
     assert math.isclose(gguf_mix.qbara_nll(model, windows), total / (3 * 15), rel_tol=1e-6)
 
 
-def test_importance_matrix_is_the_mean_square_of_each_linears_input_columns():
+def test_gguf_imatrix_names_every_decoder_linear_as_llama_cpp_does():
     model = tiny_llama(seed=2)[0].eval()
-    seqs = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(2))
-    imatrix = gguf_mix.importance_matrix(model, seqs)
-    assert len(imatrix) == 7 * len(model.model.layers)
-    seen = []
-    hook = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
-    with torch.no_grad():
-        for s in seqs:
-            model(s[None])
-    hook.remove()
-    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen])
-    np.testing.assert_allclose(imatrix["blk.1.ffn_down.weight"], (x * x).mean(0).numpy(), rtol=1e-6)
-    assert imatrix["blk.0.attn_q.weight"].shape == (model.config.hidden_size,)
+    importance = {n: torch.full((m.in_features,), float(i)) for i, (n, m) in enumerate(model.named_modules())
+                  if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    imatrix = gguf_mix.gguf_imatrix(importance)
+    assert len(imatrix) == 7 * len(model.model.layers) == len(importance)
+    np.testing.assert_array_equal(imatrix["blk.1.ffn_down.weight"], importance["model.layers.1.mlp.down_proj"])
+    np.testing.assert_array_equal(imatrix["blk.0.attn_q.weight"], importance["model.layers.0.self_attn.q_proj"])
+    assert len({float(v[0]) for v in imatrix.values()}) == len(imatrix)  # one source tensor per name
 
 
 def test_markdown_and_plot_pick_the_best_stock_file_under_each_budget(tmp_path):
@@ -59,7 +54,7 @@ def test_markdown_and_plot_pick_the_best_stock_file_under_each_budget(tmp_path):
         "stock:Q5_0": row("stock", "Q5_0", 6.1, 45.0),
         "qbara-ilp+fisher:5.300": row("qbara-ilp+fisher", "5.300", 5.29, 48.0, budget=5.3)}}
     text = gguf_mix.markdown(data)
-    assert "| 5.300 | stock+imatrix Q4_0 50.000 | 48.000 | - |" in text  # Q5_0 (6.1) is over the budget
+    assert "| 5.300 | stock+imatrix Q4_0 50.000 | 48.000 | - | - | - |" in text  # Q5_0 (6.1) is over the budget
     assert gguf_mix.plot(data, tmp_path / "p.png").stat().st_size > 0
 
 
