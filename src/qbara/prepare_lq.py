@@ -157,6 +157,8 @@ def finish_lq(model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]], lq: L
     """Record the allocation in `model.qbara.lq`, store the factors in `lq.factor_format` and attach the adapters
     started from them (the last steps of `prepare_lq`, in memory or streamed)."""
     report = state_of(model).lq
+    if lq.importance is not None:  # how the gguf:* blocks were rounded: "fisher", a file, or a mapping given
+        report.settings["importance"] = str(lq.importance) if isinstance(lq.importance, (str, Path)) else "mapping"
     if allocation is not None:
         report.allocation = allocation
         report.settings.update(budget=lq.budget, dense_fingerprint=dense_fingerprint,

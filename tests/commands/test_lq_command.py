@@ -52,6 +52,15 @@ def test_lq_command_refuses_fisher_with_loftq(tmp_path, capsys):
     assert "no Fisher-weighted variant" in capsys.readouterr().err
 
 
+def test_lq_command_weighted_rounding_needs_gguf_configs_and_a_fisher(tmp_path, capsys):
+    assert main(["lq", "--model", "tiny-llama", "--weighted-rounding", "--fisher-data", "shakespeare:hamlet",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "add --configs gguf" in capsys.readouterr().err
+    assert main(["lq", "--model", "tiny-llama", "--weighted-rounding", "--configs", "gguf",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "add --fisher-data" in capsys.readouterr().err
+
+
 def test_lq_command_under_torchrun_matches_one_process(tmp_path):
     """2 gloo ranks share the table and the decompositions out; rank 0 writes the same outputs as 1 process."""
     import os
@@ -106,3 +115,10 @@ def test_lq_over_gguf_formats_under_a_file_budget_exports_for_llama_cpp(tmp_path
     assert gguf.stat().st_size > 0 and (tmp_path / "m.adapter.gguf").stat().st_size > 0
     assert main(["lq", "--model", str(folder), "--method", "loftq", "--file-budget", "--out", str(tmp_path / "x")]) == 2
     assert "LoftQ has one format and no budget" in capsys.readouterr().err
+    weighted = tmp_path / "lq-weighted"  # the same, every block rounded under the Fisher diagonal
+    assert main(["lq", "--model", str(folder), "--rank", "2", "--budget", "7.0", "--configs", "gguf",
+                 "--file-budget", "--table-iters", "2", "--max-iters", "2", "--factors", "fp32",
+                 "--fisher-data", "shakespeare:hamlet", "--fisher-samples", "2", "--fisher-length", "32",
+                 "--weighted-rounding", "--out", str(weighted)]) == 0
+    data = json.loads((weighted / "allocation.json").read_text())
+    assert data["settings"]["importance"] == "fisher" and data["file_bits_per_param"] <= 7.0

@@ -1,4 +1,5 @@
-"""`qbara quantize`: the default comparison is unchanged; --gptq adds GPTQ rows and --save writes a GPTQ base."""
+"""`qbara quantize`: the default comparison is unchanged; --gptq adds GPTQ rows and --save writes a GPTQ base;
+--imatrix adds rows with importance-weighted rounding of the gguf:* formats."""
 import json
 
 import pytest
@@ -27,8 +28,18 @@ def test_gptq_adds_a_row_per_int_format(capsys):
     assert rows["gptq int3-g32"]["bits_per_param"] == rows["int3-g32"]["bits_per_param"] == 4.0
 
 
+def test_imatrix_adds_a_weighted_row_per_gguf_format(capsys):
+    assert main(["quantize", *FAST, "--formats", "int4:32,gguf:q4_0", "--imatrix", *CALIBRATION]) == 0
+    rows = _rows(capsys)
+    assert list(rows) == ["fp32", "int4-g32", "gguf:q4_0", "imatrix gguf:q4_0"]
+    plain, weighted = rows["gguf:q4_0"], rows["imatrix gguf:q4_0"]
+    assert weighted["bits_per_param"] == plain["bits_per_param"] == 4.5
+    assert weighted["weight_rel_error"] != plain["weight_rel_error"]  # other codes: the rounding was weighted
+
+
 @pytest.mark.parametrize("args, message", [
     (["--formats", "nf4", "--gptq"], "--gptq quantizes INT formats with 1 x G groups"),
+    (["--formats", "int4:32", "--imatrix"], "--imatrix weights the rounding of gguf:* formats"),
     (["--formats", "int4:32", "--save", "x"], "go with --gptq"),
     (["--formats", "int4:32", "--calibration-samples", "8"], "go with --gptq"),
     (["--formats", "int4:32,int3:32", "--gptq", "--save", "x"], "--save writes one GPTQ model"),

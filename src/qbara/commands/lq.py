@@ -105,6 +105,11 @@ def _options(args):
         raise QbaraError("LoftQ has no Fisher-weighted variant; drop --fisher/--fisher-data or use --method lq")
     if args.fisher and args.fisher_data:
         raise QbaraError("give either --fisher (a saved Fisher file) or --fisher-data (text to compute it from)")
+    if args.weighted_rounding and args.configs != "gguf":
+        raise QbaraError("--weighted-rounding weights the rounding of llama.cpp's block formats; add --configs gguf")
+    if args.weighted_rounding and not (args.fisher or args.fisher_data):
+        raise QbaraError("--weighted-rounding weights each block by the Fisher information; add --fisher-data TEXT "
+                         "(or --fisher DIR)")
     targets = "all-linear" if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
     adapter = AdapterConfig(method="lora", rank=args.rank, alpha=args.alpha, target_modules=targets)
     common = dict(seed=args.seed, workers=args.workers, factor_format=FACTOR_CONFIG if args.factors == "nf8" else None)
@@ -125,8 +130,6 @@ def _options(args):
 def _streamed(args, folder: Path, out: Path | None, options):
     """LQ-LoRA / LoftQ from the shards (`stream_lq`): the dense model is loaded only for --eval's dense
     perplexity and --fisher-data's gradients, and freed before the decompositions start."""
-    import dataclasses
-
     lq, adapter = options
     dense_eval = None
     fisher = _fisher(args, None, None, out) if args.fisher else None  # a saved one, read one matrix at a time
@@ -137,20 +140,26 @@ def _streamed(args, folder: Path, out: Path | None, options):
         if args.fisher_data:
             fisher = _fisher(args, dense, tokenizer, out)
         del dense
-    model, tokenizer = stream_lq(folder, dataclasses.replace(lq, fisher=fisher), adapter, progress=True)
+    model, tokenizer = stream_lq(folder, _with_fisher(args, lq, fisher), adapter, progress=True)
     return model, tokenizer, dense_eval
 
 
 def _in_memory(args, out: Path | None, options):
     """LQ-LoRA / LoftQ on the dense model in memory (models with no safetensors folder to stream from)."""
-    import dataclasses
-
     lq, adapter = options
     model, tokenizer = load_model(args.model)
     dense_eval = _perplexity(args, model, tokenizer) if args.eval else None
     fisher = _fisher(args, model, tokenizer, out)
-    prepare(model, dataclasses.replace(lq, fisher=fisher), adapter, progress=True)
+    prepare(model, _with_fisher(args, lq, fisher), adapter, progress=True)
     return model, tokenizer, dense_eval
+
+
+def _with_fisher(args, lq, fisher):
+    """The LQConfig with the Fisher (None without one), which also weights the gguf rounding with
+    --weighted-rounding."""
+    import dataclasses
+
+    return dataclasses.replace(lq, fisher=fisher, importance="fisher" if args.weighted_rounding else None)
 
 
 def _perplexity(args, model, tokenizer) -> dict:
@@ -202,6 +211,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--configs", choices=("all", "qlora", "gguf"), default="all",
                    help="candidate configs: all (LQ-LoRA's 432), qlora (nf2/3/4/8 in QLoRA's block 64 + DQ layout) "
                         "or gguf (llama.cpp's q2_k .. q8_0, for a GGUF base + LoRA adapter export)")
+    p.add_argument("--weighted-rounding", action="store_true",
+                   help="with --configs gguf and a Fisher: round every block under the Fisher diagonal, as "
+                        "llama-quantize rounds under an importance matrix (the table's costs, the decompositions and "
+                        "the file all use it)")
     p.add_argument("--file-budget", action="store_true",
                    help="--budget counts the whole GGUF file (Q8_0 embedding, F32 norms) in bits per model "
                         "parameter, not the quantized matrices alone")

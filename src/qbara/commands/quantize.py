@@ -1,5 +1,7 @@
 """`qbara quantize`: quantize a model in several formats; report bits/param, weight error, size and perplexity.
-With --gptq each INT format is also quantized by GPTQ (`qbara.models.gptq`); --save writes that model."""
+With --gptq each INT format is also quantized by GPTQ (`qbara.models.gptq`); --save writes that model. With
+--imatrix each gguf:* format is also quantized with its rounding weighted by an importance matrix (llama.cpp's
+imatrix path, `qbara.lq.importance_matrix`), from the same calibration text as GPTQ's."""
 from __future__ import annotations
 
 import copy
@@ -12,6 +14,7 @@ from qbara.data.corpora import shakespeare_text
 from qbara.errors import QbaraError
 from qbara.eval.harness import count_type
 from qbara.eval.perplexity import perplexity
+from qbara.lq.imatrix import importance_matrix
 from qbara.models import load_model
 from qbara.models.gptq import DEFAULT_LENGTH, DEFAULT_SAMPLES, gptq_calibration, gptq_quantize_model
 from qbara.native import save_quantized
@@ -77,15 +80,19 @@ def weight_error(dense: torch.nn.Module, quantized: torch.nn.Module) -> tuple[fl
 def run(args) -> list[QuantizationReport]:
     configs = [parse_format(s.strip()) for s in args.formats.split(",") if s.strip()]
     gptq_configs = _gptq_configs(args, configs)
+    imatrix_configs = _imatrix_configs(args, configs)
     model, tokenizer = load_model(args.model)
     ids = tokenizer(shakespeare_text(args.play), add_special_tokens=False, return_tensors="pt").input_ids[0]
-    calibration = _calibration(args, tokenizer) if gptq_configs else None
+    calibration = _calibration(args, tokenizer) if gptq_configs or imatrix_configs else None
+    importance = importance_matrix(model, calibration, progress=not args.json) if imatrix_configs else None
     fp32_bytes = model_bytes(model)
     base = perplexity(model, ids, window=args.window, max_tokens=args.eval_tokens, progress=not args.json)
     rows = [QuantizationReport("fp32", 32.0, 0.0, fp32_bytes, 1.0, base.ppl, base.tokens, base.window)]
     for config in configs:
         methods = [("", quantize_model)] + ([("gptq ", _gptq_quantizer(args, calibration))]
                                             if config in gptq_configs else [])
+        if config in imatrix_configs:
+            methods.append(("imatrix ", _imatrix_quantizer(importance)))
         for prefix, method in methods:
             quantized = method(copy.deepcopy(model), config, progress=not args.json)
             bits, rel = weight_error(model, quantized)
@@ -94,7 +101,7 @@ def run(args) -> list[QuantizationReport]:
                                 progress=not args.json)
             rows.append(QuantizationReport(prefix + config.label, bits, rel, size, size / fp32_bytes, result.ppl,
                                            result.tokens, result.window))
-            if prefix and args.save:
+            if prefix == "gptq " and args.save:
                 save_quantized(quantized, tokenizer, args.save, overwrite=args.overwrite)
             del quantized
     if args.json:
@@ -102,6 +109,10 @@ def run(args) -> list[QuantizationReport]:
     else:
         print(f"\nmodel {args.model}; perplexity on Shakespeare ({args.play}), {rows[0].tokens} tokens, "
               f"window {rows[0].window}; linear layers quantized, embeddings and norms kept fp32")
+        if imatrix_configs:
+            print(f"imatrix rows: every block's scale search weighted by the mean square activation of its input "
+                  f"columns over {calibration.shape[0]} x {calibration.shape[1]} calibration tokens of other "
+                  f"Shakespeare plays (llama-quantize's importance-matrix path, bit for bit)")
         if gptq_configs:
             print(f"gptq rows: GPTQ (Frantar et al. 2022) on {calibration.shape[0]} x {calibration.shape[1]} "
                   f"calibration tokens of other Shakespeare plays; the other rows round to nearest. GPTQ minimises "
@@ -119,8 +130,11 @@ def run(args) -> list[QuantizationReport]:
 def _gptq_configs(args, configs: list[QuantConfig]) -> list[QuantConfig]:
     """The formats GPTQ quantizes (the INT ones with 1 x G groups) when --gptq is given; options checked."""
     if not args.gptq:
-        if args.save or args.calibration_samples is not None or args.calibration_length is not None:
-            raise QbaraError("--save, --calibration-samples and --calibration-length go with --gptq; add --gptq")
+        if args.save:
+            raise QbaraError("--save and the calibration options go with --gptq (--save writes the GPTQ model); "
+                             "add --gptq")
+        if not args.imatrix and (args.calibration_samples is not None or args.calibration_length is not None):
+            raise QbaraError("--calibration-samples and --calibration-length go with --gptq or --imatrix; add one")
         return []
     chosen = [c for c in configs if c.kind == "int" and c.block_rows == 1]
     if not chosen:
@@ -132,6 +146,23 @@ def _gptq_configs(args, configs: list[QuantConfig]) -> list[QuantConfig]:
     if args.save:
         check_output(args.save, [args.model], overwrite=args.overwrite, option="--save")
     return chosen
+
+
+def _imatrix_configs(args, configs: list[QuantConfig]) -> list[QuantConfig]:
+    """The formats quantized again under an importance matrix (the gguf:* ones) when --imatrix is given."""
+    if not args.imatrix:
+        return []
+    chosen = [c for c in configs if c.kind == "gguf"]
+    if not chosen:
+        raise QbaraError(f"--imatrix weights the rounding of gguf:* formats, and --formats {args.formats!r} has none; "
+                         f"add one, e.g. --formats gguf:q4_0,gguf:q4_k")
+    return chosen
+
+
+def _imatrix_quantizer(importance):
+    def quantize(model, config, progress):
+        return quantize_model(model, config, progress=progress, importance=importance)
+    return quantize
 
 
 def _calibration(args, tokenizer):
@@ -160,9 +191,13 @@ def add_parser(subparsers) -> None:
                    help="also quantize each INT format (1 x G groups) with GPTQ: one more row per format, "
                         "calibrated on Shakespeare plays other than --play")
     g.add_argument("--calibration-samples", type=count_type(1), default=None,
-                   help="GPTQ calibration sequences (default 128, as the GPTQ paper)")
+                   help="GPTQ / --imatrix calibration sequences (default 128, as the GPTQ paper)")
     g.add_argument("--calibration-length", type=count_type(1), default=None,
                    help="tokens per calibration sequence (default 256)")
+    g.add_argument("--imatrix", action="store_true",
+                   help="also quantize each gguf:* format with its rounding weighted by an importance matrix (the "
+                        "mean square activation per input column, what llama-imatrix collects) from the calibration "
+                        "plays: one more row per format")
     g.add_argument("--save", metavar="DIR",
                    help="write the GPTQ model (one INT format) as a quantized folder to fine-tune LoRA on: "
                         "qbara train --model.name DIR with the same quant")
