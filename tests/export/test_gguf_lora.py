@@ -127,6 +127,38 @@ def test_pair_applied_as_llama_cpp_does_reproduces_the_model(pair):
     assert_logits_match(model, weights, (2, 32), ids_seed=7, seed=5, **TINY)
 
 
+def test_f16_adapter_holds_the_factors_rounded_to_fp16(pair, tmp_path):
+    """dtype='f16': every tensor F16 (half the bytes), each value the fp16 nearest the F32 file's, and the pair
+    applied as llama.cpp does is the model up to that rounding."""
+    model, base, f32 = pair
+    f16 = export_gguf_lora(model, tmp_path / "adapter16.gguf", dtype="f16")
+    reader = GGUFReader(str(f16.path))
+    halves = {t.name: t for t in reader.tensors}
+    assert all(t.tensor_type.name == "F16" for t in halves.values()) and f16.dtype == "f16"
+    assert reader.fields["general.file_type"].contents() == 1  # MOSTLY_F16
+    for t in GGUFReader(str(f32.path)).tensors:
+        want = np.asarray(t.data).astype(np.float16)
+        assert np.array_equal(np.asarray(halves[t.name].data), want), t.name
+    tensor_bytes = sum(int(t.n_bytes) for t in halves.values())
+    assert tensor_bytes * 2 == sum(int(t.n_bytes) for t in GGUFReader(str(f32.path)).tensors)
+    weights, _ = applied_weights(base.path, f16.path, model.config)
+    for name, w in weights.items():
+        layer = model.get_submodule(name)
+        delta = layer.delta_weight().double().numpy()
+        err = np.abs(w - (layer.base_weight().double().numpy() + delta)).max()
+        assert 0 < err <= 2e-3 * np.abs(delta).max(), name  # fp16's 2^-11 relative rounding, through B A
+
+
+def test_f16_adapter_refuses_values_beyond_fp16(tmp_path):
+    model, _ = tiny_adapted(seed=6, adapter=AdapterConfig("lora", rank=4, alpha=8))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_A.weight[0, 0] = 1e5
+    with pytest.raises(QbaraError, match="beyond fp16's range.*f32"):
+        export_gguf_lora(model, tmp_path / "a.gguf", dtype="f16")
+    with pytest.raises(QbaraError, match="f32 or f16"):
+        export_gguf_lora(model, tmp_path / "b.gguf", dtype="bf16")
+
+
 def test_gguf_base_with_lora(tmp_path):
     """LoRA on a gguf:q4_k base (what an LQ-LoRA / LoftQ fine-tune on K-quants gives): its base goes
     out as its own blocks, the adapter beside it."""

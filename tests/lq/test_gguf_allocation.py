@@ -125,7 +125,9 @@ def test_file_budget_of_a_model_counts_every_tensor_once(tie):
     assert FileBudget.of_model(model, embedding_format="f16").parts["token_embd (f16)"] == 16 * embed.numel()
     with pytest.raises(QbaraError, match="rank"):
         FileBudget.of_model(model, adapter_format="f32")
-    for unwritten in ("q4_0", "f16"):  # export_gguf_lora writes F32 adapter tensors
+    half = FileBudget.of_model(model, adapter_format="f16", rank=rank, metadata_bytes=1000).parts
+    assert half["adapter factors (f16)"] == expected["adapter factors (f32)"] / 2  # export_gguf_lora(dtype="f16")
+    for unwritten in ("q4_0", "bf16"):  # export_gguf_lora writes F32 or F16 adapter tensors
         with pytest.raises(QbaraError, match="adapter_format"):
             FileBudget.of_model(model, adapter_format=unwritten, rank=4)
     with pytest.raises(QbaraError, match="unknown GGUF tensor type"):

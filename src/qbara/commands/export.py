@@ -50,7 +50,7 @@ def _run_gguf(args, inputs):
             return report
         with output_file(lora_out, inputs, overwrite=args.overwrite, option="--adapter-out"):
             report = write_gguf(model, tokenizer, args.out, separate_lora=True, **options)
-            lora = write_gguf_lora(model, lora_out, base_model=args.model, adapter=args.adapter)
+            lora = write_gguf_lora(model, lora_out, base_model=args.model, adapter=args.adapter, dtype=args.lora_dtype)
     print(report.summary())
     print(lora.summary())
     print(f"the LoRA adapter does not merge into the quantized base without re-quantizing it, so it is its own "
@@ -86,6 +86,8 @@ def add_parser(subparsers) -> None:
                         "reported); plain LoRA adapters are then merged into one file instead of written beside it")
     p.add_argument("--adapter-out", help="gguf: the LoRA adapter GGUF written for plain LoRA adapters "
                                          "(default: OUT with .adapter.gguf)")
+    p.add_argument("--lora-dtype", choices=("f32", "f16"), default="f32",
+                   help="gguf: the LoRA adapter GGUF's tensor type (f16: half the bytes, values rounded to fp16)")
     p.add_argument("--embedding-type", choices=("q8_0", "f16", "f32"), default="q8_0",
                    help="gguf: token embedding type")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="hf: weight dtype")

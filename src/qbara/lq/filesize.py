@@ -28,7 +28,7 @@ from qbara.targets import linear_layer_names
 __all__ = ["FileBudget", "FLOAT_BITS", "tensor_bits"]
 
 FLOAT_BITS = {"f32": 32, "f16": 16, "bf16": 16}
-ADAPTER_FORMATS = ("f32",)  # what export_gguf_lora writes
+ADAPTER_FORMATS = ("f32", "f16")  # what export_gguf_lora writes (its dtype=)
 
 
 def tensor_bits(fmt: str, shape: tuple[int, ...], what: str = "tensor") -> float:
@@ -84,7 +84,7 @@ class FileBudget:
         embedding_format: token_embd's GGUF type (default q8_0, as `export_gguf`); output_format: an untied
         output head's (default: the embedding's; a tied head is counted once, with the embedding);
         other_format: every other parameter (norms, biases, linears left out of `targets`; default f32);
-        adapter_format: "f32" (what export_gguf_lora writes) to count the rank-`rank` factors
+        adapter_format: "f32" or "f16" (what export_gguf_lora writes, its dtype=) to count the rank-`rank` factors
         (rank·(d_in + d_out) values per target) exported as a GGUF adapter (default: not counted);
         metadata_bytes: header, tokenizer, ...
         """

@@ -36,6 +36,7 @@ from qbara.export.gguf.linears import (
 )
 from qbara.export.gguf.provenance import base_model_fields, model_name
 from qbara.outputs import GGUF_MARK, output_file
+from qbara.quant.tensor import FP16_MAX
 
 MERGE_HINT = ("merge them into the base instead: qbara.merge(model, into='quantized') and export_gguf (or "
               "export_gguf alone, which merges them on the fly; CLI: qbara export --format gguf without a "
@@ -57,11 +58,13 @@ class LoraExportReport:
     rescaled: list[str] = field(default_factory=list)
     tensor_names: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    dtype: str = "f32"
 
     def summary(self) -> str:
         ranks = sorted(set(self.ranks.values()))
         lines = [(f"wrote LoRA adapter {self.path} ({self.size_bytes / 1e6:.2f} MB, {len(self.ranks)} layers, "
-                  f"rank {'/'.join(map(str, ranks))}, alpha {self.alpha:g}) in {self.seconds:.1f} s; load it "
+                  f"rank {'/'.join(map(str, ranks))}, alpha {self.alpha:g}, {self.dtype.upper()}) in "
+                  f"{self.seconds:.1f} s; load it "
                   f"with llama.cpp's --lora beside the base GGUF")]
         if self.rescaled:
             lines.append(f"{len(self.rescaled)} layers have another scaling; it is folded into their lora_b")
@@ -104,9 +107,14 @@ def llama_scale(alpha: float, rank: int) -> float:
     return float(np.float32(alpha) / np.float32(rank)) if alpha else 1.0
 
 
+LORA_DTYPES = {"f32": np.float32, "f16": np.float16}  # the adapter tensor types llama.cpp's --lora reads here
+
+
 @torch.no_grad()
-def lora_tensors(name: str, gguf_name: str, adapter, config, alpha: float) -> tuple[list[tuple], bool]:
-    """([(…lora_a, A), (…lora_b, B)] as float32, whether B absorbed a scaling other than alpha / r)."""
+def lora_tensors(name: str, gguf_name: str, adapter, config, alpha: float,
+                 dtype: str = "f32") -> tuple[list[tuple], bool]:
+    """([(…lora_a, A), (…lora_b, B)] as `dtype` ("f32" or "f16", rounded to nearest), whether B absorbed a
+    scaling other than alpha / r)."""
     a = adapter.lora_A.weight.detach().to("cpu", torch.float32)
     b = adapter.lora_B.weight.detach().to("cpu", torch.float64)
     factor = adapter.scaling / llama_scale(alpha, adapter.rank)
@@ -117,36 +125,46 @@ def lora_tensors(name: str, gguf_name: str, adapter, config, alpha: float) -> tu
     if heads is not None:
         b = b[llama_rope_permutation(b.shape[0], heads)]
     base = f"{name}.weight"
-    return [(f"{base}.lora_a", a.contiguous().numpy(), None),
-            (f"{base}.lora_b", b.to(torch.float32).contiguous().numpy(), None)], rescaled
+    pair = [(f"{base}.lora_a", a.contiguous().numpy()), (f"{base}.lora_b", b.to(torch.float32).contiguous().numpy())]
+    if dtype == "f16":
+        for tensor_name, values in pair:
+            top = float(np.abs(values).max()) if values.size else 0.0
+            if top > FP16_MAX:
+                raise QbaraError(f"{tensor_name} reaches {top:.3g}, beyond fp16's range: write the adapter as f32 "
+                                 f"(lora_dtype='f32', CLI --lora-dtype f32)")
+    return [(n, v.astype(LORA_DTYPES[dtype]), None) for n, v in pair], rescaled
 
 
 # ------------------------------------------------------------------------------------ writer
 def export_gguf_lora(model: nn.Module, path, *, name: str | None = None, overwrite: bool = False,
-                     base_model: str | None = None, adapter: str | None = None) -> LoraExportReport:
+                     base_model: str | None = None, adapter: str | None = None,
+                     dtype: str = "f32") -> LoraExportReport:
     """Check and lock the output `path` (as `export_gguf` does), then `write_gguf_lora`."""
     with output_file(check_path(path), overwrite=overwrite, option="path"):
-        return write_gguf_lora(model, path, name=name, base_model=base_model, adapter=adapter)
+        return write_gguf_lora(model, path, name=name, base_model=base_model, adapter=adapter, dtype=dtype)
 
 
 def write_gguf_lora(model: nn.Module, path, *, name: str | None = None, base_model: str | None = None,
-                    adapter: str | None = None) -> LoraExportReport:
+                    adapter: str | None = None, dtype: str = "f32") -> LoraExportReport:
     """Write the plain LoRA adapters of a LLaMA model as a llama.cpp LoRA GGUF (`llama-cli -m base.gguf
-    --lora adapter.gguf`) at `path`; F32 tensors, names following the base's (blk.N.attn_q.weight.lora_a,
-    ...). Write the base with export_gguf(..., separate_lora=True). Pooled adapters (Q-BaRA, QA-LoRA,
-    QA-HiRA) are refused: they merge into the base instead. base_model, adapter: provenance, as the user
-    named them (general.base_model.0.name, general.description)."""
+    --lora adapter.gguf`) at `path`; tensors in `dtype` ("f32", or "f16": half the bytes, each value rounded
+    to nearest fp16), names following the base's (blk.N.attn_q.weight.lora_a, ...). Write the base with
+    export_gguf(..., separate_lora=True). Pooled adapters (Q-BaRA, QA-LoRA, QA-HiRA) are refused: they merge
+    into the base instead. base_model, adapter: provenance, as the user named them (general.base_model.0.name,
+    general.description)."""
     from gguf import GGUFValueType, LlamaFileType
     from gguf.constants import Keys
 
     start = time.perf_counter()
+    if dtype not in LORA_DTYPES:
+        raise QbaraError(f"the LoRA GGUF's tensors are {' or '.join(LORA_DTYPES)}, got dtype={dtype!r}")
     path = check_path(path)
     check_llama(model)
     layers = lora_layers(model)
     alpha = file_alpha(layers.values())
     tensors, ranks, rescaled = [], {}, []
     for hf_name, (i, gguf_name, layer) in sorted(layers.items(), key=lambda kv: (kv[1][0], _order(kv[1][1]))):
-        pair, scaled = lora_tensors(f"blk.{i}.{gguf_name}", gguf_name, layer, model.config, alpha)
+        pair, scaled = lora_tensors(f"blk.{i}.{gguf_name}", gguf_name, layer, model.config, alpha, dtype)
         tensors += pair
         ranks[hf_name] = layer.rank
         if scaled:
@@ -161,7 +179,8 @@ def write_gguf_lora(model: nn.Module, path, *, name: str | None = None, base_mod
         what = " for ".join(x for x in (f"LoRA adapter {adapter}" if adapter else "LoRA adapter",
                                         f"base model {base_model}" if base_model else "") if x)
         writer.add_key_value("general.description", f"{what}; exported by qbara", GGUFValueType.STRING)
-        writer.add_uint32("general.file_type", int(LlamaFileType.ALL_F32))
+        file_type = LlamaFileType.ALL_F32 if dtype == "f32" else LlamaFileType.MOSTLY_F16
+        writer.add_uint32("general.file_type", int(file_type))
         writer.add_string(Keys.Adapter.TYPE, "lora")
         writer.add_float32(Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_string("general.quantized_by", GGUF_MARK)  # how qbara.outputs knows its own files
@@ -169,7 +188,7 @@ def write_gguf_lora(model: nn.Module, path, *, name: str | None = None, base_mod
     write_file(path, header, tensors)
     return LoraExportReport(path=path, size_bytes=path.stat().st_size, alpha=alpha, ranks=ranks,
                             rescaled=rescaled, tensor_names=[n for n, _, _ in tensors],
-                            seconds=time.perf_counter() - start)
+                            seconds=time.perf_counter() - start, dtype=dtype)
 
 
 def _order(gguf_name: str) -> int:
