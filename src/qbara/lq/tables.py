@@ -480,8 +480,11 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
                 raise QbaraError(f"{n}: Fisher shape {tuple(fisher_shapes[n])} differs from the weight's {s}")
 
     if importance is not None:
+        if not any(c.kind == "gguf" for c in configs):
+            raise QbaraError("an importance weights the rounding of gguf:* formats, and none of the configs is one; "
+                             "drop importance= or add gguf:* configs (qbara.lq.gguf_configs())")
         lacking = [n for n in names if n not in importance]
-        if lacking and any(c.kind == "gguf" for c in configs):
+        if lacking:
             raise QbaraError(f"the importance lacks {lacking[:3]} ({len(lacking)} layers); compute it for the same "
                              f"target layers (qbara.lq.importance_matrix)")
     settings = {"version": TABLE_VERSION, "rank": rank, "iters": iters, "oversample": oversample,
