@@ -304,6 +304,33 @@ def tensor_digest(path: Path, lora: str | None = None) -> str:
     return h.hexdigest()
 
 
+def imatrix_bytes_check(rows: Rows, dense_f32: Path, imatrix: Path) -> None:
+    """For every llama.cpp file made with the importance matrix: how many of its quantized tensors qbara's
+    quantizer writes byte for byte from the same F32 tensor and the same importance (`quantize_ggml(...,
+    importance=)`), recorded as "qbara_bytes" [equal, compared] on the row."""
+    import torch
+    from gguf import GGUFReader
+
+    from qbara.quant.ggml import GGML_FORMATS, quantize_ggml
+
+    importance = np.load(imatrix)
+    dense = {t.name: t for t in GGUFReader(str(dense_f32)).tensors}
+    for key, row in rows.data["rows"].items():
+        if row["kind"] != "stock+imatrix" or "qbara_bytes" in row or "same_as" in row:
+            continue
+        equal = compared = 0
+        for t in GGUFReader(row["path"]).tensors:
+            fmt = t.tensor_type.name.lower()
+            if fmt not in GGML_FORMATS or t.name not in importance.files:
+                continue
+            weight = torch.from_numpy(np.array(dense[t.name].data, dtype=np.float32))
+            ours = quantize_ggml(weight, fmt, t.name, importance=torch.from_numpy(importance[t.name]))
+            equal += int(np.array_equal(ours.numpy().reshape(-1), np.asarray(t.data).reshape(-1).view(np.uint8)))
+            compared += 1
+        rows.put(key, {"qbara_bytes": [equal, compared]})
+        print(f"  {key}: qbara writes {equal} of its {compared} importance-weighted tensors byte for byte")
+
+
 def llama_nll(rows: Rows, windows, args, work: Path) -> None:
     """llama.cpp's perplexity of every file not measured yet (one worker run)."""
     todo = [k for k, r in rows.data["rows"].items() if r.get("path") and "nll_llama" not in r and "same_as" not in r]
@@ -356,7 +383,9 @@ def qbara_rows(rows: Rows, dense, tokenizer, tables: dict, budgets, windows, arg
 
 def lq_rows(rows: Rows, dense, tokenizer, fisher, budgets, windows, args, work: Path) -> None:
     """LQ-LoRA over the GGML formats: W ≈ Q + L1 L2 with Q in the ILP's format, Fisher-weighted, the rank-r
-    factors shipped as a llama.cpp LoRA adapter GGUF (F32) and counted in the budget (base + adapter)."""
+    factors shipped as a llama.cpp LoRA adapter GGUF and counted in the budget (base + adapter). Three kinds: F32
+    factors with plain rounding ("lq-rR"), with Fisher-weighted rounding ("+fisher-rnd"), and that with F16
+    factors ("+f16": half the adapter's bits)."""
     import copy
 
     from qbara import lq_prepare
@@ -366,12 +395,13 @@ def lq_rows(rows: Rows, dense, tokenizer, fisher, budgets, windows, args, work: 
     from qbara.lq.filesize import FileBudget
     from qbara.lq.tables import error_table
 
-    file = FileBudget.of_model(dense, adapter_format="f32", rank=args.lq_rank)
-    for budget, weighted in ((b, w) for b in budgets for w in (False, True)):
-        kind = f"lq-r{args.lq_rank}" + ("+fisher-rnd" if weighted else "")
+    variants = ((False, "f32"), (True, "f32"), (True, "f16"))
+    for budget, (weighted, dtype) in ((b, v) for b in budgets for v in variants):
+        kind = f"lq-r{args.lq_rank}" + ("+fisher-rnd" if weighted else "") + ("+f16" if dtype == "f16" else "")
         key = f"{kind}:{budget:.3f}"
         if key in rows and (rows[key].get("infeasible") or Path(rows[key]["path"]).exists()):
             continue
+        file = FileBudget.of_model(dense, adapter_format=dtype, rank=args.lq_rank)
         importance = fisher if weighted else None
         table = error_table(dense, gguf_configs(), rank=args.lq_rank, fisher=fisher, seed=args.seed,
                             iters=args.lq_table_iters, importance=importance)  # cached after the first budget
@@ -386,11 +416,11 @@ def lq_rows(rows: Rows, dense, tokenizer, fisher, budgets, windows, args, work: 
             continue
         base, adapter = work / f"{kind}-{budget:.3f}.gguf", work / f"{kind}-{budget:.3f}.adapter.gguf"
         export_gguf(model, tokenizer, base, separate_lora=True, overwrite=True)
-        export_gguf_lora(model, adapter, overwrite=True)
+        export_gguf_lora(model, adapter, overwrite=True, dtype=dtype)
         stats, extra = tensor_stats(base), tensor_stats(adapter)
         bits = stats["bits"] + extra["bits"] * extra["params"] / stats["params"]
         row = {"kind": kind, "name": f"{budget:.3f}", "budget": budget, "path": str(base), "lora_path": str(adapter),
-               **stats, "bits": bits, "adapter_bits": bits - stats["bits"],
+               **stats, "bits": bits, "adapter_bits": bits - stats["bits"], "adapter_dtype": dtype,
                "allocated": _format_counts(model.qbara.lq.allocation.configs),
                "nll_qbara": qbara_nll(model, windows), "seconds": time.perf_counter() - t}
         rows.put(key, row)
@@ -463,7 +493,7 @@ def main(argv=None):
     parser.add_argument("--ft-rank", type=int, default=16)
     parser.add_argument("--ft-lr", type=float, default=1e-2)
     parser.add_argument("--lq-rank", type=int, default=4, help="LQ-LoRA rows' rank (0: none)")
-    parser.add_argument("--lq-budgets", type=int, default=1,
+    parser.add_argument("--lq-budgets", type=int, default=2,
                         help="LQ-LoRA rows at the largest N budgets below the stock Q4_1 file")
     parser.add_argument("--ft-budgets", type=int, default=3, help="QA-HiRA rows at N budgets up to the Q4_1 file")
     parser.add_argument("--lq-table-iters", type=int, default=2, help="decomposition iterations per table entry")
@@ -522,6 +552,7 @@ def main(argv=None):
         np.savez(imatrix, **gguf_imatrix(importance))
 
     stock_rows(rows, dense_f32, imatrix, args, work)
+    imatrix_bytes_check(rows, dense_f32, imatrix)
     mark_duplicates(rows)
     llama_nll(rows, windows, args, work)
     qbara_stock_nll(rows, windows)

@@ -20,9 +20,9 @@ the codes are re-rounded against the scales as stored. With an importance (llama
 matrix, `quantize_row_*_K_impl`) the searches are weighted by qw * sqrt(sigma2 + x^2) (sigma2: twice the
 super-block's mean square; once for Q2_K; Q6_K weighs by qw itself), Q2_K/Q4_K/Q5_K search with
 make_qkx3_quants's finer sweep, Q3_K with make_qx_quants, and the sub-block scales (and mins) are fitted by
-make_qp_quants (Q3_K: make_qx_quants) under each sub-block's summed weights. The arithmetic follows the C code's float32
-operations and summation order, vectorised over all sub-blocks at once (sub-block along dim 1 of an
-(elements, sub-blocks) array).
+make_qp_quants (Q3_K: make_qx_quants) under each sub-block's summed weights. The arithmetic follows the C
+code's float32 operations and summation order, vectorised over all sub-blocks at once (sub-block along dim 1
+of an (elements, sub-blocks) array).
 """
 from __future__ import annotations
 
