@@ -428,6 +428,58 @@ def lq_rows(rows: Rows, dense, tokenizer, fisher, budgets, windows, args, work: 
               f"{math.exp(row['nll_qbara']):.3f}")
 
 
+PAIRED_KINDS = ("qbara-ilp+fisher", "qbara+imatrix", "qbara+fisher-rnd")
+
+
+def window_nlls(model, windows) -> list[float]:
+    """Mean next-token NLL of each window (each from an empty context), in qbara's fp32 forward."""
+    import torch
+
+    with torch.no_grad():
+        return [nll(model(torch.tensor([w])).logits[0].double().numpy(), w) for w in windows]
+
+
+def paired_rows(rows: Rows, windows, budgets) -> None:
+    """At every budget up to the lossless one, the best stock file (by llama.cpp's perplexity) against each of
+    qbara's files of PAIRED_KINDS, window by window over `windows` (all of Hamlet's): the mean per-window NLL
+    difference and its standard error. A verdict needs the mean beyond 2 standard errors; otherwise
+    inconclusive. Per-window NLLs are kept per file (rows[key]["window_nlls"]), so reruns only add files."""
+    from qbara.models.smollm2 import load_gguf_as_hf
+
+    def nlls(key):
+        key = rows[key].get("same_as", key)  # a duplicate file: its original's
+        if len(rows[key].get("window_nlls", [])) != len(windows):
+            model, _ = load_gguf_as_hf(rows[key]["path"])
+            rows.put(key, {"window_nlls": window_nlls(model, windows)})
+        return np.array(rows[key]["window_nlls"])
+
+    paired = rows.data.setdefault("paired", {})
+    for budget in budgets:
+        label = f"{budget:.3f}"
+        stock = [(k, r) for k, r in rows.data["rows"].items()
+                 if r["kind"].startswith("stock") and r["bits"] <= budget + 1e-9 and "nll_llama" in r]
+        mine = [f"{kind}:{label}" for kind in PAIRED_KINDS if f"{kind}:{label}" in rows]
+        if not stock or not mine:
+            continue
+        best = min(stock, key=lambda kr: kr[1]["nll_llama"])[0]
+        reference = nlls(best)
+        for key in mine:
+            paired[key] = {"stock": best, **paired_difference(nlls(key), reference)}
+            rows.save()
+            p = paired[key]
+            print(f"  paired {key} vs {best}: ΔNLL {p['mean_diff']:+.4f} ± {p['se']:.4f} (ppl x{p['ppl_ratio']:.4f}), "
+                  f"{p['verdict']}")
+
+
+def paired_difference(candidate, reference) -> dict:
+    """Per-window NLLs of a qbara file and a stock file on the same windows: the mean difference, its standard
+    error (sample SD / √windows), the perplexity ratio exp(mean) and the verdict (beyond 2 SE, else inconclusive)."""
+    diff = np.asarray(candidate, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    mean, se = float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
+    verdict = "qbara better" if mean + 2 * se < 0 else "stock better" if mean - 2 * se > 0 else "inconclusive"
+    return {"windows": len(diff), "mean_diff": mean, "se": se, "ppl_ratio": math.exp(mean), "verdict": verdict}
+
+
 def spread(values: list, n: int) -> list:
     """At most n of the sorted `values`, evenly spread, the first and last included."""
     if n >= len(values):
@@ -497,6 +549,9 @@ def main(argv=None):
                         help="LQ-LoRA rows at the largest N budgets below the stock Q4_1 file")
     parser.add_argument("--ft-budgets", type=int, default=3, help="QA-HiRA rows at N budgets up to the Q4_1 file")
     parser.add_argument("--lq-table-iters", type=int, default=2, help="decomposition iterations per table entry")
+    parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
+                        help="per-window paired comparison with the best stock file over all of Hamlet (qbara's "
+                             "forward; mean ΔNLL ± standard error, a verdict beyond 2 SE)")
     parser.add_argument("--report", action="store_true", help="only rewrite the table and plot from OUT's json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -569,6 +624,9 @@ def main(argv=None):
         lq_rows(rows, dense, tokenizer, tables["fisher_matrices"], lq_budgets, windows, args, work)
         llama_nll(rows, windows, args, work)
     copy_duplicates(rows)
+    if args.paired:
+        every = [ids[k * args.window:(k + 1) * args.window] for k in range(len(ids) // args.window)]
+        paired_rows(rows, every, [b for b in budgets if b <= args.lossless_bits + 1e-9])
     rows.data["wall_s"] = rows.data.get("wall_s", 0.0) + time.perf_counter() - start
     report(rows, out)
 
@@ -602,9 +660,17 @@ def markdown(data: dict) -> str:
         stock = [r for r in rows if r["kind"].startswith("stock") and r["bits"] <= b + 1e-9 and "nll_llama" in r]
         best = min(stock, key=lambda r: r["nll_llama"]) if stock else None
         mine = {r["kind"]: r for r in rows if r.get("budget") == b}
-        lines.append(f"| {b:.3f} | {best['kind'] + ' ' + best['name'] + ' ' + _ppl(best['nll_llama']) if best else '-'}"
-                     + "".join(f" | {_ppl(mine.get(k, {}).get('nll_llama'))}"
+        named = f"{best['kind']} {best['name']} {_ppl(best['nll_llama'])}" if best else "-"
+        lines.append(f"| {b:.3f} | {named}" + "".join(f" | {_ppl(mine.get(k, {}).get('nll_llama'))}"
                                for k in ("qbara-ilp+fisher", "qbara+imatrix", "qbara+fisher-rnd", "qahira")) + " |")
+    if data.get("paired"):
+        lines += ["", "Paired per-window comparison with the best stock file at each budget (all of Hamlet, each "
+                      "window's NLL in qbara's forward; mean ΔNLL = qbara - stock ± standard error; a verdict needs "
+                      "|mean| > 2 SE):", "",
+                  "| qbara file | against | windows | mean ΔNLL ± SE | ppl ratio | verdict |", "|---|---|---|---|---|---|"]
+        for key, p in sorted(data["paired"].items(), key=lambda kv: (kv[0].split(":")[1], kv[0])):
+            lines.append(f"| {key} | {p['stock']} | {p['windows']} | {p['mean_diff']:+.4f} ± {p['se']:.4f} | "
+                         f"{p['ppl_ratio']:.4f} | {p['verdict']} |")
     if "wall_s" in data:
         lines += ["", f"Wall time: {data['wall_s']:.0f} s (all runs of this result)."]
     return "\n".join(lines) + "\n"

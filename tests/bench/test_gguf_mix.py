@@ -58,6 +58,19 @@ def test_markdown_and_plot_pick_the_best_stock_file_under_each_budget(tmp_path):
     assert gguf_mix.plot(data, tmp_path / "p.png").stat().st_size > 0
 
 
+def test_paired_difference_gives_a_verdict_only_beyond_two_standard_errors():
+    g = np.random.default_rng(0)
+    reference = 3.8 + g.normal(0, 0.3, 100)  # windows differ a lot; the paired difference is what counts
+    noise = g.normal(0, 0.01, 100)
+    better = gguf_mix.paired_difference(reference - 0.01 + noise, reference)
+    assert better["verdict"] == "qbara better" and better["windows"] == 100
+    assert math.isclose(better["mean_diff"], -0.01 + noise.mean(), rel_tol=1e-9)
+    assert math.isclose(better["se"], noise.std(ddof=1) / 10, rel_tol=1e-9)
+    assert math.isclose(better["ppl_ratio"], math.exp(better["mean_diff"]))
+    assert gguf_mix.paired_difference(reference + 0.01 + noise, reference)["verdict"] == "stock better"
+    assert gguf_mix.paired_difference(reference + noise, reference)["verdict"] == "inconclusive"
+
+
 def test_spread_keeps_both_ends_and_at_most_n():
     assert gguf_mix.spread([1, 2, 3, 4, 5], 3) == [1, 3, 5]
     assert gguf_mix.spread([1, 2], 3) == [1, 2]
