@@ -667,7 +667,8 @@ def markdown(data: dict) -> str:
         lines += ["", "Paired per-window comparison with the best stock file at each budget (all of Hamlet, each "
                       "window's NLL in qbara's forward; mean ΔNLL = qbara - stock ± standard error; a verdict needs "
                       "|mean| > 2 SE):", "",
-                  "| qbara file | against | windows | mean ΔNLL ± SE | ppl ratio | verdict |", "|---|---|---|---|---|---|"]
+                  "| qbara file | against | windows | mean ΔNLL ± SE | ppl ratio | verdict |",
+                  "|---|---|---|---|---|---|"]
         for key, p in sorted(data["paired"].items(), key=lambda kv: (kv[0].split(":")[1], kv[0])):
             lines.append(f"| {key} | {p['stock']} | {p['windows']} | {p['mean_diff']:+.4f} ± {p['se']:.4f} | "
                          f"{p['ppl_ratio']:.4f} | {p['verdict']} |")
