@@ -71,8 +71,7 @@ def prepare_lq(model: nn.Module, lq: LQConfig, adapter, *, modules=None, progres
     configs, allocation, table = choose_configs(plan, weights, lq, adapter.rank, file, fisher, progress, importance)
     for p in model.parameters():
         p.requires_grad_(False)
-    weighted = {n: c for n, c in plan.rest.items() if c.kind == "gguf"}
-    rest = rounding_importance(weighted, importance) if weighted and importance is not None else {}
+    rest = rounding_importance(plan.rest, importance, require_gguf=False)
     for n, config in plan.rest.items():  # no adapter here: Q = quantize(W)
         set_submodule(model, n, QuantizedLinear.from_linear(model.get_submodule(n), config, name=n,
                                                             importance=rest.get(n)))
@@ -141,6 +140,11 @@ def choose_configs(plan: LayerPlan, weights: Mapping[str, Tensor], lq: LQConfig,
                             iters=lq.table_iters or DEFAULT_TABLE_ITERS, fisher=fisher, seed=lq.seed,
                             workers=lq.workers, progress=progress, importance=importance)
     else:
+        if ("importance" in table.settings) != (importance is not None):
+            have = "with" if "importance" in table.settings else "without"
+            raise QbaraError(f"the error table was computed {have} a rounding importance and this LQConfig has "
+                             f"{'one' if importance is not None else 'none'}: its costs are another rounding's; "
+                             f"recompute the table (drop table=) or match importance=")
         if table.names != plan.targets:
             raise QbaraError(f"the error table covers other matrices ({len(table.names)}) than the adapter targets "
                              f"({len(plan.targets)}); compute it for this model and target_modules")

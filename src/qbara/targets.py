@@ -72,15 +72,18 @@ def layer_configs(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfi
     return per_layer
 
 
-def rounding_importance(per_layer: Mapping[str, QuantConfig],
-                        importance: Mapping[str, Tensor] | None) -> Mapping[str, Tensor]:
+def rounding_importance(per_layer: Mapping[str, QuantConfig], importance: Mapping[str, Tensor] | None,
+                        require_gguf: bool = True) -> Mapping[str, Tensor]:
     """The importance of each gguf:* layer of `per_layer` (empty without one), refusing a mapping that lacks one
-    of them (the others round to nearest and take none)."""
+    of them (the others round to nearest and take none) and, with `require_gguf`, an importance for layers none
+    of which is gguf:* (with LQ-LoRA the others may be: their importance is for the decomposed layers)."""
     if importance is None:
         return {}
     if not isinstance(importance, Mapping):
         raise QbaraError(f"importance must map layer names to tensors, got {type(importance).__name__}")
     weighted = [n for n, c in per_layer.items() if c.kind == "gguf"]
+    if not weighted and not require_gguf:
+        return {}
     if not weighted:
         raise QbaraError("an importance weights the rounding of gguf:* formats only, and none of these layers has "
                          "one; drop importance= or choose gguf:* formats")

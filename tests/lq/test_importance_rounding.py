@@ -513,6 +513,18 @@ def test_the_ilp_path_weights_its_table_and_decompositions_as_the_pieces_by_hand
                for a, b in zip(adapter_layers(model).values(), adapter_layers(plain).values()))
 
 
+def test_a_precomputed_table_of_another_rounding_is_refused():
+    base, _ = tiny_llama(seed=18)
+    imp = _importance(base, seed=18)
+    configs = [Q4_0, Q5_1, QuantConfig("gguf:q8_0")]
+    plain = error_table(base, configs, rank=RANK, iters=1, seed=1, progress=False)
+    weighted = error_table(base, configs, rank=RANK, iters=1, seed=1, importance=imp, progress=False)
+    for table, importance, have in ((plain, imp, "without"), (weighted, None, "with")):
+        lq = LQConfig(budget=5.2, configs=configs, table=table, max_iters=1, importance=importance)
+        with pytest.raises(QbaraError, match=f"computed {have} a rounding importance"):
+            prepare(copy.deepcopy(base), lq, ADAPTER)
+
+
 @pytest.mark.parametrize("kind", ["fixed", "budget", "loftq"])
 def test_a_checkpoint_folder_is_streamed_to_the_same_weighted_model(tmp_path, kind):
     model, tokenizer = tiny_llama(seed=19)

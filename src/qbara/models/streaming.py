@@ -149,8 +149,8 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
     rounding importance of the gguf:* layers quantized here (`qbara.quant.quantize`'s)."""
     model = empty_model(config, storage)
     per_layer = layer_configs(model, quant, modules)  # shapes checked on the skeleton, before any read
-    weighted = {n: c for n, c in per_layer.items() if c.kind == "gguf" and n not in (packed or {})}
-    importance = rounding_importance(weighted, importance) if weighted and importance is not None else {}
+    plain = {n: c for n, c in per_layer.items() if n not in (packed or {})}
+    importance = rounding_importance(plain, importance, require_gguf=False)
     shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}  # the skeleton's (meta) shapes
     expected = set(shapes)
     digests, unexpected = {}, []
