@@ -52,6 +52,7 @@ HERE = Path(__file__).resolve()
 
 STOCK = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_S", "Q4_1", "Q4_K_M", "Q5_K_M")
 CALIB_PLAYS = ("macbeth", "othello", "lear", "romeo_and_juliet")
+BITS_TOL = 1e-6  # budgets are the stock files' bits/param rounded to 6 decimals
 
 
 # ======================================================================================= llama.cpp side
@@ -349,7 +350,7 @@ def qbara_rows(rows: Rows, dense, tokenizer, tables: dict, budgets, windows, arg
     Fisher mix with INT4 G32 in place of gguf:q4_1."""
     from qbara.export import export_gguf
 
-    informative = [b for b in budgets if b <= args.lossless_bits + 1e-9]  # above the Q4_1 file: the Fisher mix only
+    informative = [b for b in budgets if b <= args.lossless_bits + BITS_TOL]  # above the Q4_1 file: the Fisher mix only
     fine_tuned = spread(informative, args.ft_budgets) if args.ft_steps > 0 else []
     for budget in budgets:
         label = f"{budget:.3f}"
@@ -457,7 +458,7 @@ def paired_rows(rows: Rows, windows, budgets) -> None:
     for budget in budgets:
         label = f"{budget:.3f}"
         stock = [(k, r) for k, r in rows.data["rows"].items()
-                 if r["kind"].startswith("stock") and r["bits"] <= budget + 1e-9 and "nll_llama" in r]
+                 if r["kind"].startswith("stock") and r["bits"] <= budget + BITS_TOL and "nll_llama" in r]
         mine = [f"{kind}:{label}" for kind in PAIRED_KINDS if f"{kind}:{label}" in rows]
         if not stock or not mine:
             continue
@@ -620,13 +621,13 @@ def main(argv=None):
     mark_duplicates(rows)
     llama_nll(rows, windows, args, work)
     if args.lq_rank > 0:
-        lq_budgets = [b for b in budgets if b < args.lossless_bits - 1e-9][-args.lq_budgets:]
+        lq_budgets = [b for b in budgets if b < args.lossless_bits - BITS_TOL][-args.lq_budgets:]
         lq_rows(rows, dense, tokenizer, tables["fisher_matrices"], lq_budgets, windows, args, work)
         llama_nll(rows, windows, args, work)
     copy_duplicates(rows)
     if args.paired:
         every = [ids[k * args.window:(k + 1) * args.window] for k in range(len(ids) // args.window)]
-        paired_rows(rows, every, [b for b in budgets if b <= args.lossless_bits + 1e-9])
+        paired_rows(rows, every, [b for b in budgets if b <= args.lossless_bits + BITS_TOL])
     rows.data["wall_s"] = rows.data.get("wall_s", 0.0) + time.perf_counter() - start
     report(rows, out)
 
@@ -657,7 +658,7 @@ def markdown(data: dict) -> str:
               "| budget | best stock (llama.cpp ppl) | qbara-ilp+fisher | qbara+imatrix | qbara+fisher-rnd "
               "| qahira (fine-tuned) |", "|---|---|---|---|---|---|"]
     for b in sorted({r["budget"] for r in rows if "budget" in r}):
-        stock = [r for r in rows if r["kind"].startswith("stock") and r["bits"] <= b + 1e-9 and "nll_llama" in r]
+        stock = [r for r in rows if r["kind"].startswith("stock") and r["bits"] <= b + BITS_TOL and "nll_llama" in r]
         best = min(stock, key=lambda r: r["nll_llama"]) if stock else None
         mine = {r["kind"]: r for r in rows if r.get("budget") == b}
         named = f"{best['kind']} {best['name']} {_ppl(best['nll_llama'])}" if best else "-"
