@@ -333,7 +333,9 @@ def imatrix_bytes_check(rows: Rows, dense_f32: Path, imatrix: Path) -> None:
 
 
 def llama_nll(rows: Rows, windows, args, work: Path) -> None:
-    """llama.cpp's perplexity of every file not measured yet (one worker run)."""
+    """llama.cpp's perplexity of every file not measured yet (one worker run; none with --no-llama-ppl)."""
+    if not args.llama_ppl:
+        return
     todo = [k for k, r in rows.data["rows"].items() if r.get("path") and "nll_llama" not in r and "same_as" not in r]
     if not todo:
         return
@@ -441,10 +443,11 @@ def window_nlls(model, windows) -> list[float]:
 
 
 def paired_rows(rows: Rows, windows, budgets) -> None:
-    """At every budget up to the lossless one, the best stock file (by llama.cpp's perplexity) against each of
-    qbara's files of PAIRED_KINDS, window by window over `windows` (all of Hamlet's): the mean per-window NLL
-    difference and its standard error. A verdict needs the mean beyond 2 standard errors; otherwise
-    inconclusive. Per-window NLLs are kept per file (rows[key]["window_nlls"]), so reruns only add files."""
+    """At every budget up to the lossless one, the best stock file (by llama.cpp's perplexity; by qbara's when
+    llama.cpp's is not measured) against each of qbara's files of PAIRED_KINDS, window by window over `windows`
+    (all of Hamlet's): the mean per-window NLL difference and its standard error. A verdict needs the mean beyond
+    2 standard errors; otherwise inconclusive. Per-window NLLs are kept per file (rows[key]["window_nlls"]), so
+    reruns only add files."""
     from qbara.models.smollm2 import load_gguf_as_hf
 
     def nlls(key):
@@ -457,12 +460,14 @@ def paired_rows(rows: Rows, windows, budgets) -> None:
     paired = rows.data.setdefault("paired", {})
     for budget in budgets:
         label = f"{budget:.3f}"
+        engine = "nll_llama" if all("nll_llama" in r for r in rows.data["rows"].values()
+                                    if r["kind"].startswith("stock")) else "nll_qbara"
         stock = [(k, r) for k, r in rows.data["rows"].items()
-                 if r["kind"].startswith("stock") and r["bits"] <= budget + BITS_TOL and "nll_llama" in r]
+                 if r["kind"].startswith("stock") and r["bits"] <= budget + BITS_TOL and engine in r]
         mine = [f"{kind}:{label}" for kind in PAIRED_KINDS if f"{kind}:{label}" in rows]
         if not stock or not mine:
             continue
-        best = min(stock, key=lambda kr: kr[1]["nll_llama"])[0]
+        best = min(stock, key=lambda kr: kr[1][engine])[0]
         reference = nlls(best)
         for key in mine:
             paired[key] = {"stock": best, **paired_difference(nlls(key), reference)}
@@ -550,6 +555,9 @@ def main(argv=None):
                         help="LQ-LoRA rows at the largest N budgets below the stock Q4_1 file")
     parser.add_argument("--ft-budgets", type=int, default=3, help="QA-HiRA rows at N budgets up to the Q4_1 file")
     parser.add_argument("--lq-table-iters", type=int, default=2, help="decomposition iterations per table entry")
+    parser.add_argument("--llama-ppl", action=argparse.BooleanOptionalAction, default=True,
+                        help="llama.cpp's perplexity of every file (off: qbara's alone, e.g. for a second calibration "
+                             "seed while another run holds the cores: ggml's spin-waiting threads slow ~10x then)")
     parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
                         help="per-window paired comparison with the best stock file over all of Hamlet (qbara's "
                              "forward; mean ΔNLL ± standard error, a verdict beyond 2 SE)")
