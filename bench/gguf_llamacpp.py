@@ -2,7 +2,8 @@
 
 Files checked (issue #13):
   lora   INT4 G32 base (written exactly as Q4_1) + plain LoRA (rank 8, alpha 16, all 210 linears; lora_B ~
-         N(0, --lora-std^2), lora_A as initialised): export_gguf(..., separate_lora=True) + export_gguf_lora.
+         N(0, --lora-std^2), lora_A as initialised): export_gguf(..., separate_lora=True) + export_gguf_lora,
+         the adapter written in F32 and in F16 (dtype="f16").
   mixed  a mixed-format base: down_proj gguf:q4_k / gguf:q6_k alternating by layer, the 576-wide q/k/v/o/gate/up
          cycling through gguf:q4_0 / q5_0 / q8_0; export_gguf.
 
@@ -384,6 +385,8 @@ def main(argv=None):
     base_path, lora_path = work / "smollm2-int4g32-base.gguf", work / "smollm2-lora-r8.gguf"
     base_report = export_gguf(model, tokenizer, base_path, separate_lora=True, overwrite=True)
     lora_report = export_gguf_lora(model, lora_path, overwrite=True)
+    lora16_path = work / "smollm2-lora-r8.f16.gguf"
+    lora16_report = export_gguf_lora(model, lora16_path, overwrite=True, dtype="f16")
     wrong_path = work / "smollm2-lora-r8-alpha-eq-r.gguf"
     wrong_alpha = patch_alpha(lora_path, wrong_path, float(args.rank))
     weights.append(expected_weights(model, base_path, "exported INT4 G32 base vs qbara's base weights",
@@ -393,6 +396,7 @@ def main(argv=None):
           f"||dW||/||W|| {min(dw):.4f}..{max(dw):.4f} over {len(dw)} layers")
     print(base_report.summary())
     print(lora_report.summary())
+    print(lora16_report.summary())
     print(f"control adapter file: adapter.lora.alpha {lora_report.alpha:g} -> {wrong_alpha:g}")
     print(f"exported base holds the shipped file's tensors byte for byte: {base_is_shipped}")
     del model, layers
@@ -423,11 +427,13 @@ def main(argv=None):
         {"name": "base", "model": str(base_path)},
         {"name": "base+lora", "model": str(base_path), "lora": str(lora_path)},
         {"name": "base+lora(alpha=r)", "model": str(base_path), "lora": str(wrong_path)},
+        {"name": "base+lora(f16)", "model": str(base_path), "lora": str(lora16_path)},
         {"name": "base (f32 KV)", "model": str(base_path), "kv_f32": True},
         {"name": "mixed", "model": str(mixed_path)},
         {"name": "F32 base", "model": str(base_f32), "kv_f32": True},
         {"name": "F32 base+lora", "model": str(base_f32), "lora": str(lora_path), "kv_f32": True},
         {"name": "F32 base+lora(alpha=r)", "model": str(base_f32), "lora": str(wrong_path), "kv_f32": True},
+        {"name": "F32 base+lora(f16)", "model": str(base_f32), "lora": str(lora16_path), "kv_f32": True},
         {"name": "F32 mixed", "model": str(mixed_f32), "kv_f32": True},
     ]
     llama, llama_info, weight_checks = run_llama(runs, weights, ids, text, args, work)
@@ -441,6 +447,7 @@ def main(argv=None):
         compare("reference", "shipped Q4_1 file vs qbara load_model (same weights)", L["shipped"], ref_shipped, ids),
         compare("lora", "base GGUF alone vs qbara base (adapters off)", L["base"], ref_base, ids),
         compare("lora", "base GGUF + LoRA GGUF vs qbara adapter model", L["base+lora"], ref_adapter, ids),
+        compare("lora", "base GGUF + F16 LoRA GGUF vs qbara adapter model", L["base+lora(f16)"], ref_adapter, ids),
         compare("lora", "base GGUF alone, F32 KV cache vs qbara base", L["base (f32 KV)"], ref_base, ids),
         compare("lora", "control: base alone (LoRA not applied) vs qbara adapter", L["base"], ref_adapter, ids,
                 control=True),
@@ -452,6 +459,8 @@ def main(argv=None):
                 engines=("llama.cpp base+LoRA", "llama.cpp base")),
         compare("lora F32", "F32 base alone vs qbara base", L["F32 base"], ref_base, ids),
         compare("lora F32", "F32 base + LoRA GGUF vs qbara adapter model", L["F32 base+lora"], ref_adapter, ids),
+        compare("lora F32", "F32 base + F16 LoRA GGUF vs qbara adapter model", L["F32 base+lora(f16)"], ref_adapter,
+                ids),
         compare("lora F32", "control: F32 base alone vs qbara adapter", L["F32 base"], ref_adapter, ids,
                 control=True),
         compare("lora F32", f"control: F32 base + LoRA alpha = r ({args.rank:g}) vs qbara adapter",
