@@ -277,7 +277,10 @@ def mark_duplicates(rows: Rows) -> None:
     seen = {}
     for key, row in rows.data["rows"].items():
         if row.get("path") and row["kind"] != "dense" and "same_as" not in row:
-            digest = tensor_digest(Path(row["path"]), row.get("lora_path"))
+            stamp = [Path(p).stat().st_mtime_ns for p in (row["path"], row.get("lora_path")) if p]
+            if row.get("digest_of") != stamp:  # hashed once per written file
+                rows.put(key, {"digest": tensor_digest(Path(row["path"]), row.get("lora_path")), "digest_of": stamp})
+            digest = rows[key]["digest"]
             if digest in seen:
                 rows.put(key, {"same_as": seen[digest]})
             else:
