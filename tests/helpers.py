@@ -62,3 +62,17 @@ class TargetReads:
         self.worst = max(self.worst, len(self.alive))
         self.alive.append(weakref.ref(tensor))
         self.reads += 1
+
+
+def nonuniform_fisher(model, seed=1):
+    """A strongly non-uniform Fisher for every linear but lm_head: random, with a few rows of every matrix 1000x
+    heavier."""
+    from qbara.targets import linear_layer_names
+
+    gen = torch.Generator().manual_seed(seed)
+    fisher = {}
+    for n in linear_layer_names(model, "all-linear"):
+        f = torch.rand(model.get_submodule(n).weight.shape, generator=gen)
+        f[:4] *= 1000.0
+        fisher[n] = f
+    return fisher

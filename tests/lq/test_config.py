@@ -20,6 +20,7 @@ from qbara.models import tiny_llama
 from qbara.models.loader import load_model
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.targets import linear_layer_names
+from tests.helpers import nonuniform_fisher
 
 NF4 = QuantConfig("nf4", block_size=32)
 CONFIGS = [qlora_config(b) for b in (2, 3, 4)]
@@ -45,15 +46,6 @@ def _assert_same_model(expected, got):
         assert torch.equal(got(IDS).logits, expected(IDS).logits)
 
 
-def _fisher(model, seed=1):
-    """A strongly non-uniform Fisher: random, with a few rows of every matrix 1000x heavier."""
-    gen = torch.Generator().manual_seed(seed)
-    fisher = {}
-    for n in linear_layer_names(model, "all-linear"):
-        f = torch.rand(model.get_submodule(n).weight.shape, generator=gen)
-        f[:4] *= 1000.0
-        fisher[n] = f
-    return fisher
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,7 +255,7 @@ def test_lq_on_one_format_with_nf8_factors_equals_the_init_shorthand():
 
 def test_a_fisher_reaches_the_table_the_allocation_and_the_factors(tmp_path):
     base, _ = tiny_llama()
-    fisher = _fisher(base)
+    fisher = nonuniform_fisher(base)
     plain = prepare(copy.deepcopy(base), LQConfig(budget=3.0, **SMALL), ADAPTER)
     weighted = prepare(copy.deepcopy(base), LQConfig(budget=3.0, fisher=fisher, **SMALL), ADAPTER)
     assert weighted.qbara.lq.fisher and not plain.qbara.lq.fisher
@@ -281,7 +273,7 @@ def test_a_fisher_reaches_the_table_the_allocation_and_the_factors(tmp_path):
 def test_a_fisher_weights_the_one_format_decompositions():
     """New with LQConfig: Fisher-weighted LQ-LoRA on fixed configs (an allocation made elsewhere, or one format)."""
     base, _ = tiny_llama()
-    fisher = _fisher(base)
+    fisher = nonuniform_fisher(base)
     plain = prepare(copy.deepcopy(base), LQConfig(configs=NF4, max_iters=3), ADAPTER)
     weighted = prepare(copy.deepcopy(base), LQConfig(configs=NF4, max_iters=3, fisher=fisher), ADAPTER)
     targets = linear_layer_names(base, "all-linear")

@@ -20,6 +20,7 @@ from qbara.models.loader import load_model
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant import quantize
 from qbara.targets import linear_layer_names
+from tests.helpers import nonuniform_fisher
 
 Q4_0 = QuantConfig("gguf:q4_0")
 Q5_1 = QuantConfig("gguf:q5_1")
@@ -54,14 +55,6 @@ def _importance(model_or_shapes, seed=0, per_weight=()):
     return out
 
 
-def _fisher(model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    fisher = {}
-    for n in linear_layer_names(model, "all-linear"):
-        f = torch.rand(model.get_submodule(n).weight.shape, generator=gen)
-        f[:4] *= 1000.0
-        fisher[n] = f
-    return fisher
 
 
 def _codes(layer):
@@ -466,7 +459,7 @@ def test_a_plainly_quantized_layer_and_loftq_take_the_importance():
 
 def test_importance_fisher_is_the_fisher_passed_as_importance(tmp_path):
     base, _ = tiny_llama(seed=17)
-    fisher = _fisher(base, seed=17)
+    fisher = nonuniform_fisher(base, seed=17)
     by_name = prepare(copy.deepcopy(base), LQConfig(configs=Q4_0, max_iters=3, fisher=fisher, importance="fisher"),
                       ADAPTER)
     by_mapping = prepare(copy.deepcopy(base), LQConfig(configs=Q4_0, max_iters=3, fisher=fisher, importance=fisher),

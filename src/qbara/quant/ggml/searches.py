@@ -70,6 +70,29 @@ def make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float
     return scale, -lo, codes
 
 
+def _descend(codes: Tensor, x: Tensor, w: Tensor, wx: Tensor, lo: int | None, hi: int, sweeps: int,
+             after: bool) -> tuple[Tensor, Tensor]:
+    """ggml's coordinate descent on (n, M) integer `codes` (updated in place) for the fit x ~ scale * codes: up to
+    `sweeps` passes, each moving code i to round(x_i * sum(w*l*l) / sum(w*x*l)) over the others, clamped to
+    [lo, hi], when sum(w*x*l)^2 / sum(w*l*l) grows (sum(w*l*l) > 0 checked after the move (`after`, make_q3_quants)
+    or before it (make_qp_quants)). Returns the final (sum(w*x*l), sum(w*l*l)) (M,)."""
+    sum_lx, sum_l2 = seq_sum(wx * codes), seq_sum(w * codes * codes)
+    for _ in range(sweeps):  # a pass that changes nothing leaves the state as it was, so no early exit
+        for i in range(x.shape[0]):
+            old = codes[i]
+            slx = sum_lx - wx[i] * old
+            sl2 = sum_l2 - w[i] * old * old
+            new = torch.round(x[i] * sl2 / slx).clamp_(lo, hi)
+            slx_new = slx + wx[i] * new
+            sl2_new = sl2 + w[i] * new * new
+            take = ((slx > 0) & (new != old) & ((sl2_new if after else sl2) > 0)
+                    & (slx_new * slx_new * sum_l2 > sum_lx * sum_lx * sl2_new))
+            codes[i] = torch.where(take, new, old)
+            sum_lx = torch.where(take, slx_new, sum_lx)
+            sum_l2 = torch.where(take, sl2_new, sum_l2)
+    return sum_lx, sum_l2
+
+
 def make_q3_quants(x: Tensor, nmax: int, sweeps: int = 5) -> tuple[Tensor, Tensor]:
     """Symmetric sub-block fit w ~ scale * (q - nmax), q in [0, 2*nmax), weights x^2: codes from the signed
     absmax (it maps to code 0), then up to `sweeps` passes of coordinate descent that move one code at a time
@@ -81,20 +104,7 @@ def make_q3_quants(x: Tensor, nmax: int, sweeps: int = 5) -> tuple[Tensor, Tenso
     codes = torch.round(x * iscale).clamp_(-nmax, nmax - 1)
     w = x * x
     wx = w * x
-    sum_lx, sum_l2 = seq_sum(wx * codes), seq_sum(w * codes * codes)
-    for _ in range(sweeps):  # a pass that changes nothing leaves the state as it was, so no early exit
-        for i in range(x.shape[0]):
-            old = codes[i]
-            slx = sum_lx - wx[i] * old
-            sl2 = sum_l2 - w[i] * old * old
-            new = torch.round(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1)
-            slx_new = slx + wx[i] * new
-            sl2_new = sl2 + w[i] * new * new
-            take = ((slx > 0) & (new != old) & (sl2_new > 0)
-                    & (slx_new * slx_new * sum_l2 > sum_lx * sum_lx * sl2_new))
-            codes[i] = torch.where(take, new, old)
-            sum_lx = torch.where(take, slx_new, sum_lx)
-            sum_l2 = torch.where(take, sl2_new, sum_l2)
+    sum_lx, sum_l2 = _descend(codes, x, w, wx, -nmax, nmax - 1, sweeps, after=True)
     scale = torch.where(sum_l2 > 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
     codes = torch.where(zero, torch.zeros_like(codes), codes + nmax)
     return torch.where(zero, torch.zeros_like(scale), scale), codes
@@ -148,21 +158,7 @@ def make_qp_quants(x: Tensor, nmax: int, w: Tensor, sweeps: int = 5) -> tuple[Te
         best = torch.where(better, error, best)
         iscale = torch.where(better, trial, iscale)
     codes = torch.round(iscale * x).clamp_(max=nmax)
-    wx = w * x
-    sum_lx, sum_l2 = seq_sum(wx * codes), seq_sum(w * codes * codes)
-    for _ in range(sweeps):  # a pass that changes nothing leaves the state as it was, so no early exit
-        for i in range(x.shape[0]):
-            old = codes[i]
-            slx = sum_lx - wx[i] * old
-            sl2 = sum_l2 - w[i] * old * old
-            new = torch.round(x[i] * sl2 / slx).clamp_(max=nmax)
-            slx_new = slx + wx[i] * new
-            sl2_new = sl2 + w[i] * new * new
-            take = ((slx > 0) & (sl2 > 0) & (new != old)
-                    & (slx_new * slx_new * sum_l2 > sum_lx * sum_lx * sl2_new))
-            codes[i] = torch.where(take, new, old)
-            sum_lx = torch.where(take, slx_new, sum_lx)
-            sum_l2 = torch.where(take, sl2_new, sum_l2)
+    sum_lx, sum_l2 = _descend(codes, x, w, w * x, None, nmax, sweeps, after=False)
     scale = torch.where(sum_l2 > 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
     codes = torch.where(zero, torch.zeros_like(codes), codes)
     return torch.where(zero, torch.zeros_like(scale), scale), codes
