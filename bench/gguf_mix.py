@@ -521,24 +521,25 @@ def error_tables(dense, fisher, imatrix, args) -> dict:
 def fisher_of(dense, sequences, work: Path):
     from qbara.lq.fisher import fisher_information, load_fisher, save_fisher
 
-    path = work / "fisher.safetensors"
-    if path.exists():
-        return load_fisher(path)
-    fisher = fisher_information(dense, sequences, progress=True)
-    save_fisher(fisher, path)
-    return fisher
+    return _kept(work / "fisher.safetensors", load_fisher, save_fisher,
+                 lambda: fisher_information(dense, sequences, progress=True))
 
 
 def importance_of(dense, sequences, work: Path) -> dict:
     """qbara's importance matrix of the calibration sequences (kept in WORK/imatrix.safetensors)."""
     from qbara.lq.imatrix import importance_matrix, load_importance, save_importance
 
-    path = work / "imatrix.safetensors"
+    return _kept(work / "imatrix.safetensors", load_importance, save_importance,
+                 lambda: importance_matrix(dense, sequences, progress=True))
+
+
+def _kept(path: Path, load, save, compute):
+    """load(path) if the file exists, else compute() saved there with save(value, path)."""
     if path.exists():
-        return load_importance(path)
-    importance = importance_matrix(dense, sequences, progress=True)
-    save_importance(importance, path)
-    return importance
+        return load(path)
+    value = compute()
+    save(value, path)
+    return value
 
 
 def main(argv=None):

@@ -27,7 +27,7 @@ from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
 from qbara.state import state_of
-from qbara.targets import layer_configs, set_submodule
+from qbara.targets import layer_configs, rounding_importance, set_submodule
 
 __all__ = ["LQLayer", "LQReport", "decompose_layers", "quantize_with_factors", "lq_report"]
 
@@ -112,11 +112,7 @@ def decompose_layers(weights: Mapping[str, Tensor], configs: Mapping[str, QuantC
         if lacking:
             raise QbaraError(f"the Fisher dict lacks {lacking[:3]} ({len(lacking)} layers); compute it for the "
                              f"same target layers (qbara.lq.fisher.fisher_information)")
-    if importance is not None:
-        lacking = [n for n in names if configs[n].kind == "gguf" and n not in importance]
-        if lacking:
-            raise QbaraError(f"the importance lacks {lacking[:3]} ({len(lacking)} gguf:* layers); compute it for "
-                             f"the same target layers (qbara.lq.importance_matrix)")
+    importance = rounding_importance({n: configs[n] for n in names}, importance, require_gguf=False)
     for n in names:  # every shape checked before minutes of work
         configs[n].check_shape(shapes[n], n)
     sizes = [math.prod(shapes[n]) for n in names]
@@ -124,7 +120,7 @@ def decompose_layers(weights: Mapping[str, Tensor], configs: Mapping[str, QuantC
 
     def one(i: int) -> None:  # looked up here: a lazily read mapping holds one matrix per worker
         n = names[i]
-        imp = importance.get(n) if importance is not None and configs[n].kind == "gguf" else None
+        imp = importance.get(n)  # gguf:* layers only
         if method == "loftq":
             results[n] = loftq(weights[n], configs[n], rank, loftq_iters, seed=seed * 1_000_003 + i, name=n,
                                importance=imp)
