@@ -24,6 +24,17 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
                          f"again") from None
 
 
+def safetensors_metadata(path, what: str) -> dict[str, str]:
+    """The string metadata of a safetensors file, with one clear error naming `what` it should be."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise QbaraError(f"cannot read the {what} {str(path)!r}: {exc}") from None
+
+
 # No trained weight of a working model comes near these magnitudes; a value beyond them is damage (a flipped
 # exponent bit, a diverged run) that would only show later as an infinite loss.
 ADAPTER_LIMIT = 1e4

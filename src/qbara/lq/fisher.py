@@ -16,6 +16,7 @@ from qbara.atomic import save_safetensors_atomic
 from qbara.errors import QbaraError
 from qbara.lazy_tensors import LazyTensors
 from qbara.targets import linear_layer_names
+from qbara.tensor_checks import safetensors_metadata
 
 __all__ = ["fisher_information", "causal_lm_loss", "calibration_sequences", "save_fisher", "load_fisher",
            "open_fisher"]
@@ -191,18 +192,11 @@ def open_fisher(path):
     """A Fisher file written by `save_fisher`, or a folder of them, as a lazily read mapping
     (`qbara.lazy_tensors.LazyTensors`): each matrix is read when looked up, so LQ-LoRA at size holds one
     per worker."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     files = sorted(path.glob("fisher-*.safetensors")) if path.is_dir() else [path]
     if not files:
         raise QbaraError(f"{str(path)!r} holds no Fisher shards (fisher-*.safetensors); compute the Fisher again")
     for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as fh:
-                meta = fh.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise QbaraError(f"cannot read the Fisher file {str(file)!r}: {exc}") from None
-        if meta.get("format") != FISHER_FORMAT:
+        if safetensors_metadata(file, "Fisher file").get("format") != FISHER_FORMAT:
             raise QbaraError(f"{str(file)!r} is not a qbara Fisher file (written by save_fisher)")
     return LazyTensors.from_files(files)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from qbara.atomic import save_safetensors_atomic
 from qbara.errors import QbaraError
 from qbara.lq.fisher import _sequences, target_linears
-from qbara.tensor_checks import read_safetensors
+from qbara.tensor_checks import read_safetensors, safetensors_metadata
 
 __all__ = ["importance_matrix", "save_importance", "load_importance", "IMATRIX_FORMAT"]
 
@@ -61,15 +61,8 @@ def save_importance(importance: Mapping[str, Tensor], path) -> Path:
 
 def load_importance(path) -> dict[str, Tensor]:
     """Read a file written by `save_importance`."""
-    from safetensors import SafetensorError, safe_open
-
     tensors = read_safetensors(path)  # one clear error for a missing or damaged file
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise QbaraError(f"cannot read the importance file {str(path)!r}: {exc}") from None
-    if meta.get("format") != IMATRIX_FORMAT:
+    if safetensors_metadata(path, "importance file").get("format") != IMATRIX_FORMAT:
         raise QbaraError(f"{str(path)!r} is not a qbara importance-matrix file (written by save_importance); "
                          f"compute it with qbara.lq.importance_matrix")
     return tensors
