@@ -4,6 +4,7 @@ allocation. Every refusal is one QbaraError naming the file, the problem and the
 from __future__ import annotations
 
 import json
+import math
 import stat
 import struct
 from pathlib import Path
@@ -127,10 +128,28 @@ def load_yaml_file(path, what: str = "run config", max_bytes: int = 1 << 20, max
             finally:
                 self.depth -= 1
 
+        def construct_mapping(self, node, deep=False):
+            refuse_duplicate_keys(self, node, path)
+            return super().construct_mapping(node, deep)
+
     try:
         return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise QbaraError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def refuse_duplicate_keys(loader, node, path) -> None:
+    """Refuse a YAML mapping that writes one key twice (yaml keeps the last silently): name the key and line."""
+    lines: dict = {}
+    for key_node, _ in node.value:
+        key, line = loader.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+        try:
+            if key in lines:
+                raise QbaraError(f"{path}: the key {key!r} is written twice (lines {lines[key]} and {line}); YAML "
+                                 f"would keep the last one silently: keep one")
+            lines[key] = line
+        except TypeError:  # an unhashable key: yaml's own constructor refuses it with its reason
+            continue
 
 
 # ---------------------------------------------------------------- model folders
@@ -167,9 +186,75 @@ _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_s
 MAX_PARAMS_PER_BYTE = 16  # 0.5 bit per weight: below any quantization qbara writes or reads
 
 
+# key -> (lowest, highest, whether each bound is allowed, the range in words) for the float settings a model's
+# arithmetic depends on: a NaN or negative epsilon gives NaN losses and an infinite perplexity without an error.
+_FLOAT_RANGES = {
+    **dict.fromkeys(("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon"),
+                    (0.0, 1.0, (False, False), "a finite number in (0, 1)")),
+    "rope_theta": (0.0, math.inf, (False, False), "a finite number > 0"),
+    "factor": (0.0, math.inf, (False, False), "a finite number > 0"),
+    "initializer_range": (0.0, math.inf, (True, False), "a finite number >= 0"),
+    "partial_rotary_factor": (0.0, 1.0, (False, True), "a finite number in (0, 1]"),
+    **dict.fromkeys(("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"),
+                    (0.0, 1.0, (True, False), "a finite number in [0, 1)")),
+}
+_HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
+_ROPE_SECTIONS = ("rope_scaling", "rope_parameters")
+
+
+def check_config_values(config: dict, where) -> None:
+    """Refuse a model config whose numbers would build a model that computes NaN or divides by zero: every
+    number finite, epsilons / rope_theta / scaling factors in range, head counts positive and dividing evenly."""
+    for section in _config_sections(config):
+        for key, value in section.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                _refuse_value(where, key, value, "a finite number")
+            if key in _FLOAT_RANGES and value is not None:
+                _check_range(where, key, value, *_FLOAT_RANGES[key])
+    for key in _HEAD_FIELDS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            _refuse_value(where, key, value, "a positive whole number")
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    hidden = config.get("hidden_size")
+    if heads and isinstance(hidden, int) and config.get("head_dim") is None and hidden % heads:
+        raise QbaraError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads} (and no "
+                         f"head_dim is given); the config is damaged")
+    if heads and kv_heads and heads % kv_heads:
+        raise QbaraError(f"{where}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}; "
+                         f"the config is damaged")
+
+
+def _config_sections(config: dict):
+    """The config and its nested rope settings (transformers 5 nests them per attention type)."""
+    stack = [config]
+    while stack:
+        section = stack.pop()
+        yield section
+        for key in _ROPE_SECTIONS + ("full_attention", "sliding_attention"):
+            if isinstance(section.get(key), dict):
+                stack.append(section[key])
+
+
+def _check_range(where, key, value, low, high, closed, words) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _refuse_value(where, key, value, words)
+    above = value >= low if closed[0] else value > low
+    below = value <= high if closed[1] else value < high
+    if not (above and below and math.isfinite(value)):
+        _refuse_value(where, key, value, words)
+
+
+def _refuse_value(where, key, value, words) -> None:
+    raise QbaraError(f"{where}: {key} is {_short(value)}, it must be {words}; the config is damaged (fix the "
+                     f"value or get the model again)")
+
+
 def check_config_sizes(config: dict, weights_bytes: int, where) -> None:
-    """Refuse a config.json whose sizes are not positive whole numbers, or imply far more parameters than
-    the weights file holds (e.g. vocab_size 10**9): checked before any model is built."""
+    """Refuse a config.json whose values are out of range (`check_config_values`), whose sizes are not positive
+    whole numbers, or imply far more parameters than the weights file holds (e.g. vocab_size 10**9): checked
+    before any model is built."""
+    check_config_values(config, where)
     for key in _INT_FIELDS:
         value = config.get(key)
         if value is None:
@@ -196,13 +281,37 @@ def check_hf_folder(folder, weights: list[Path] | None = None) -> dict:
         raise QbaraError(f"{folder / 'config.json'}: model_type must be a string, got {_short(config['model_type'])}")
     if weights is None:
         check_no_pickle_weights(folder)
-        weights = sorted(folder.glob("*.safetensors"))
+        weights = sorted(set(folder.glob("*.safetensors")) | set(safetensors_index_files(folder)))
     total = 0
     for file in weights:
         if file.exists():
-            total += regular_file(file, "weights file").stat().st_size
+            safetensors_shapes(file, "weights file")  # a header that fits the file: not empty, cut or random bytes
+            total += file.stat().st_size
     check_config_sizes(config, total, folder / "config.json")
     return config
+
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_index_files(folder) -> list[Path]:
+    """The shard files a folder's model.safetensors.index.json names (none without an index), each present:
+    a damaged index or a missing shard is refused here, not by transformers mid-load."""
+    folder = Path(folder)
+    index = folder / SAFETENSORS_INDEX
+    if not (index.exists() or index.is_symlink()):
+        return []
+    weight_map = read_json_file(index, "safetensors index", fix="the folder is damaged").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
+                                                   for v in weight_map.values()):
+        raise QbaraError(f"{index}: not a safetensors index (its weight_map must map tensor names to shard file "
+                         f"names in the folder); the folder is damaged")
+    files = [folder / name for name in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise QbaraError(f"{folder}: shards {missing[:3]} named by {SAFETENSORS_INDEX} are missing; the download is "
+                         f"incomplete")
+    return files
 
 
 # ---------------------------------------------------------------- safetensors and GGUF headers

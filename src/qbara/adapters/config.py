@@ -53,8 +53,9 @@ class AdapterConfig:
                              f"{self.target_modules!r}")
         if not 0 < self.rank <= MAX_RANK:
             raise QbaraError(f"rank must be a positive integer up to {MAX_RANK}, got {self.rank!r}")
-        if not math.isfinite(self.alpha) or self.alpha == 0:
-            raise QbaraError(f"alpha must be a finite non-zero number, got {self.alpha!r}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:  # a negative alpha would flip the update silently
+            raise QbaraError(f"alpha must be a finite number > 0 (the update is scaled by alpha / rank), got "
+                             f"{self.alpha!r}")
         if self.loftq_iters < 1:
             raise QbaraError(f"loftq_iters must be at least 1, got {self.loftq_iters!r}")
         if self.method not in METHODS:

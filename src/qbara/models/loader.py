@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
@@ -96,6 +97,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu", quan
         elif path.is_file() and path.suffix.lower() == ".gguf":
             model, tokenizer = load_gguf_as_hf(path)
         elif path.is_dir():
+            refuse_adapter_folder(path)
             raise QbaraError(f"The folder {name!r} has no config.json. Expected {_choices()}.")
         elif path.exists():
             raise QbaraError(f"{name!r} is not a model folder or a .gguf file. Expected {_choices()}.")
@@ -106,6 +108,16 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu", quan
     model = _cast_parameters(model.to(device=device), dtype)
     model.eval()
     return model, tokenizer
+
+
+ADAPTER_FILES = ("adapter_config.json", "qbara_adapter.json")
+
+
+def refuse_adapter_folder(path: Path) -> None:
+    """Refuse an adapter folder passed where a model is expected, saying how to load it."""
+    if any((path / name).is_file() for name in ADAPTER_FILES):
+        raise QbaraError(f"{str(path)!r} is an adapter folder, not a model: load its base and pass the adapter "
+                         f"(qbara.load_model(base); qbara.load_adapter(model, dir) / --adapter)")
 
 
 def _cast_parameters(model, dtype: torch.dtype):
@@ -147,8 +159,9 @@ def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):
 
 
 # What transformers raises on a damaged or foreign folder (a bogus hidden_act is a KeyError, a wrong-typed size
-# a TypeError, a shape clash a RuntimeError): one line naming the folder instead of a traceback.
-LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
+# a TypeError, a shape clash a RuntimeError, a weights file check_hf_folder's header check let through a
+# SafetensorError): one line naming the folder instead of a traceback.
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError, SafetensorError)
 
 
 def _one_line(exc: BaseException) -> str:

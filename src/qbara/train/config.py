@@ -15,6 +15,8 @@ from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
 from qbara.validate import load_yaml_file
 
+SEED_LIMIT = 2**32  # numpy's and torch's generators take 32-bit seeds
+
 
 @dataclass
 class ModelSection:
@@ -273,6 +275,8 @@ def _validate(config: RunConfig) -> None:
     for key in ("seed", "warmup_steps", "eval_steps", "save_total_limit"):
         if getattr(t, key) < 0:
             raise QbaraError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if t.seed >= SEED_LIMIT:
+        raise QbaraError(f"train.seed must be in [0, 2**32) (numpy and torch seeds are 32-bit), got {t.seed}")
     if t.weight_decay < 0:
         raise QbaraError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
     if d.max_records < 0:
