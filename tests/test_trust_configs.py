@@ -4,6 +4,7 @@ model.safetensors and an adapter folder passed as a model are each one QbaraErro
 import json
 import math
 import random
+import struct
 from pathlib import Path
 
 import pytest
@@ -267,6 +268,25 @@ def test_damaged_weights_through_load_model(damage, quant, good, tmp_path):
     with pytest.raises(QbaraError) as info:
         qbara.load_model(str(folder), quant=quant)
     assert str(folder / "model.safetensors") in str(info.value) and DAMAGE[damage][1] in str(info.value)
+
+
+def _unknown_dtype(path: Path):
+    """A header that fits the file but names a dtype safetensors does not know (its own parser refuses it)."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    header[next(k for k in header if k != "__metadata__")]["dtype"] = "X9"
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+
+
+@pytest.mark.parametrize("quant", [None, QUANT], ids=["dense", "quant-on-load"])
+def test_header_safetensors_itself_refuses(quant, good, tmp_path):
+    folder = _copy(good / "hf", tmp_path / "hf")
+    _unknown_dtype(folder / "model.safetensors")
+    with pytest.raises(QbaraError, match="SafetensorError|not a readable safetensors file") as info:
+        qbara.load_model(str(folder), quant=quant)
+    assert str(folder) in str(info.value)
 
 
 def _sharded(tmp: Path, good: Path) -> Path:

@@ -114,13 +114,24 @@ def empty_model(config, storage: torch.dtype):
         return AutoModelForCausalLM.from_config(config, dtype=storage)
 
 
+def open_safetensors(file: Path):
+    """safe_open on a shard, its refusal (a header check_hf_folder let through: an unknown dtype, overlapping
+    tensors) one QbaraError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as err:
+        raise QbaraError(f"{file}: not a readable safetensors file ({' '.join(str(err).split())[:200]}); the file "
+                         f"is damaged, write it again") from None
+
+
 def safetensors_reader(files: list[Path]):
     """read(model) for `_stream`: (key, load, where) for every tensor of the shards, in file order."""
-    from safetensors import safe_open
 
     def read(model):
         for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as reader:
+            with open_safetensors(file) as reader:
                 for key in reader.keys():
                     yield key, (lambda reader=reader, key=key: reader.get_tensor(key)), f"{file}: {key}"
             release_freed_memory()
@@ -185,9 +196,7 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
 
 def checkpoint_dtype(file: Path) -> torch.dtype:
     """The dtype of the first floating tensor of a safetensors file (read from its header, nothing loaded)."""
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt", device="cpu") as reader:
+    with open_safetensors(file) as reader:
         for key in reader.keys():
             dtype = reader.get_slice(key).get_dtype()
             resolved = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dtype)
