@@ -325,3 +325,15 @@ def test_adapter_folder_as_model(quant, good):
     assert str(info.value) == (f"{str(good / 'adapter')!r} is an adapter folder, not a model: load its base and "
                                f"pass the adapter (qbara.load_model(base); qbara.load_adapter(model, dir) / "
                                f"--adapter)")
+
+
+def test_negative_lora_alpha_in_a_peft_adapter_is_refused(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, _ = qbara.load_model("tiny-llama")
+    peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=-8, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "peft")
+    model, _ = qbara.load_model("tiny-llama")
+    with pytest.raises(QbaraError) as info:
+        qbara.load_adapter(model, tmp_path / "peft")
+    assert str(info.value) == (f"{tmp_path / 'peft' / 'adapter_config.json'}: r=4 and lora_alpha=-8 must be a "
+                               f"positive integer and a finite number > 0")

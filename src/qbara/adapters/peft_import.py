@@ -49,7 +49,7 @@ def peft_record(data: dict, state_keys, model: nn.Module, directory) -> dict:
     rank, lora_alpha = data.get("r"), data.get("lora_alpha")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or not _number(lora_alpha):
         raise QbaraError(f"{where}: r={rank!r} and lora_alpha={lora_alpha!r} must be a positive integer and a "
-                         f"finite non-zero number")
+                         f"finite number > 0")
     suffix = ".lora_A.weight"
     names = sorted(k[len(PREFIX):-len(suffix)] for k in state_keys if k.startswith(PREFIX) and k.endswith(suffix))
     if not names:
@@ -91,7 +91,7 @@ def _alphas(data: dict, layers: dict, group: int, where) -> tuple[float, dict[st
     that each other layer's lora_A takes so that its scaling stays PEFT's (only factors != 1 are listed)."""
     pattern, default = data.get("alpha_pattern") or {}, data["lora_alpha"]
     if not isinstance(pattern, dict) or not all(_number(v) for v in pattern.values()):
-        raise QbaraError(f"{where}: alpha_pattern={pattern!r} must map module names to non-zero numbers")
+        raise QbaraError(f"{where}: alpha_pattern={pattern!r} must map module names to finite numbers > 0")
     factor = math.sqrt(data["r"]) if data.get("use_rslora") else 1.0
     alphas = {name: float(pattern_value(pattern, name, default)) * factor
               * (record["in_features"] // group if data.get("use_qalora") else 1) for name, record in layers.items()}
@@ -100,4 +100,4 @@ def _alphas(data: dict, layers: dict, group: int, where) -> tuple[float, dict[st
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value != 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
