@@ -99,11 +99,11 @@ def test_eval_with_nan_eps_is_one_line_not_inf(good, tmp_path, capsys):
 
 def test_train_with_negative_eps_saves_nothing(good, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    folder = _hf_with(tmp_path, good, {"rms_norm_eps": -1})
+    folder = _hf_with(tmp_path, good, {"rms_norm_eps": -1.0})  # trained to an all-NaN adapter, "train_loss 0"
     rc = main(_train(tmp_path, good, "--model.name", str(folder)))
     err = capsys.readouterr().err
     _check_one_line(rc, err)
-    assert "rms_norm_eps is -1" in err, err
+    assert "rms_norm_eps is -1.0, it must be a finite number in (0, 1)" in err, err
     assert not (tmp_path / "out" / "adapter").exists()
 
 
