@@ -64,10 +64,10 @@ def _tick(count: int = 1) -> None:
         return
     budget.steps += count
     if budget.steps > budget.limits.max_steps:
-        raise TemplateLimitError(f"takes more than {budget.limits.max_steps:,} steps (loop iterations, calls and "
-                                 f"operators)")
+        raise TemplateLimitError(f"runs past its limit of {budget.limits.max_steps:,} steps (loop iterations, "
+                                 f"calls and operators)")
     if budget.steps & 63 == 0 and time.monotonic() > budget.deadline:
-        raise TemplateLimitError(f"runs longer than {budget.limits.seconds:g} seconds")
+        raise TemplateLimitError(f"runs past its time limit of {budget.limits.seconds:g} seconds")
 
 
 def _limits() -> TemplateLimits:
@@ -91,9 +91,9 @@ def _built(value):
             budget.built += len(value)
             if budget.built > budget.limits.max_built:
                 raise TemplateLimitError(f"builds more than {budget.limits.max_built:,} characters or items in "
-                                         f"all")
+                                         f"all (the limit)")
     elif isinstance(value, int) and abs(value) > _limits().max_number:
-        raise TemplateLimitError(f"builds a number beyond ±{_limits().max_number:,}")
+        raise TemplateLimitError(f"builds a number beyond the limit ±{_limits().max_number:,}")
     return value
 
 
@@ -143,14 +143,14 @@ def _check_product(left, right) -> None:
     if isinstance(left, int) and isinstance(right, int):
         limit = _limits().max_number
         if left.bit_length() + right.bit_length() > limit.bit_length() + 1:
-            raise TemplateLimitError(f"builds a number beyond ±{limit:,}")
+            raise TemplateLimitError(f"builds a number beyond the limit ±{limit:,}")
 
 
 def _check_power(left, right) -> None:
     if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
         limit = _limits().max_number
         if (abs(left).bit_length() - 1) * right > limit.bit_length():
-            raise TemplateLimitError(f"builds a number beyond ±{limit:,} ({left} ** {right})")
+            raise TemplateLimitError(f"builds a number beyond the limit ±{limit:,} ({left} ** {right})")
 
 
 def _check_plus(left, right) -> None:
@@ -196,7 +196,7 @@ def _check_sum(items, attribute=None, start=0) -> None:
         budget = _limits().max_built
         if size * len(items) > budget:
             raise TemplateLimitError(f"sums {len(items):,} sequences into one of {size:,} items (copying more than "
-                                     f"{budget:,} items)")
+                                     f"the limit of {budget:,} items)")
 
 
 def _check_join(items, separator) -> None:
@@ -491,7 +491,7 @@ class ChatTemplate:
         except MemoryError:
             raise QbaraError(f"the chat template in {self.source} runs out of memory; {fix}") from None
         except RecursionError:
-            raise QbaraError(f"the chat template in {self.source} recurses too deeply; {fix}") from None
+            raise QbaraError(f"the chat template in {self.source} recurses past Python's depth limit; {fix}") from None
         except Exception as err:  # TemplateError (raise_exception), TypeError, ZeroDivisionError...: the template's
             raise QbaraError(f"the chat template in {self.source} fails ({type(err).__name__}: {err}); "
                              f"{fix}") from None
