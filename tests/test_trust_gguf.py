@@ -84,7 +84,8 @@ CASES = {
                             "bytes, past the file's end"),
     "name string length": (_first_string_length("general.name", 2**62),
                            "metadata key 'general.name''s string claims 4,611,686,018,427,387,904 bytes"),
-    "tensor offset": (_tensor_offset(2**40), "tensor 'output.weight' (shape [64, 260]) claims data up to byte 1,099,511,"),
+    "tensor offset": (_tensor_offset(2**40),
+                      "tensor 'output.weight' (shape [64, 260]) claims data up to byte 1,099,511,"),
 }
 
 

@@ -53,7 +53,6 @@ class _Budget:
 
 _BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("qbara_template_budget", default=None)
 _CONTAINERS = (str, list, tuple, dict)
-_KIND = {str: "a string", list: "a list", tuple: "a list", dict: "a mapping"}
 _FORMAT_WIDTH = re.compile(r"\d+")
 
 
@@ -75,6 +74,10 @@ def _limits() -> TemplateLimits:
     return budget.limits if budget is not None else TemplateLimits()
 
 
+def _kind(value) -> str:
+    return "a string" if isinstance(value, str) else "a mapping" if isinstance(value, dict) else "a list"
+
+
 def _check_size(size: int, what: str) -> None:
     """Refuse a value of `size` characters or items before it is built."""
     limit = _limits().max_chars
@@ -85,7 +88,7 @@ def _check_size(size: int, what: str) -> None:
 def _built(value):
     """`value`, counted against the bound on one value and on all values built in this rendering."""
     if isinstance(value, _CONTAINERS):
-        _check_size(len(value), _KIND[type(value)])
+        _check_size(len(value), _kind(value))
         budget = _BUDGET.get()
         if budget is not None:
             budget.built += len(value)
@@ -98,7 +101,7 @@ def _built(value):
 
 
 def _text_size(value, limit: int) -> int:
-    """An upper bound of len(str(value)) (containers printed with repr), stopping once past `limit`."""
+    """About len(str(value)) at most (containers print their items with repr), stopping once past `limit`."""
     if isinstance(value, str):
         return len(value)
     if isinstance(value, (list, tuple, dict)):
@@ -107,7 +110,8 @@ def _text_size(value, limit: int) -> int:
         for item in items:
             parts = item if isinstance(value, dict) else (item,)
             for part in parts:
-                # repr escapes a character as at most 10 (\U0001f600); dict items add ": ", list items ", "
+                # repr and JSON escape most characters in at most 4 (the rarer longer escapes, up to 12, keep
+                # the text within a small factor of the limit); dict items add ": ", list items ", "
                 total += (4 * len(part) + 2 if isinstance(part, str) else _text_size(part, limit)) + 2
             if total > limit:
                 break
@@ -139,7 +143,7 @@ def _check_product(left, right) -> None:
     """Refuse `left * right` that would be too large (a sequence repeated, or a number)."""
     for seq, times in ((left, right), (right, left)):
         if isinstance(seq, _CONTAINERS) and isinstance(times, int):
-            _check_size(len(seq) * max(times, 0), _KIND[type(seq)])
+            _check_size(len(seq) * max(times, 0), _kind(seq))
     if isinstance(left, int) and isinstance(right, int):
         limit = _limits().max_number
         if left.bit_length() + right.bit_length() > limit.bit_length() + 1:
@@ -155,7 +159,7 @@ def _check_power(left, right) -> None:
 
 def _check_plus(left, right) -> None:
     if isinstance(left, _CONTAINERS) and isinstance(right, _CONTAINERS):
-        _check_size(len(left) + len(right), _KIND[type(left)])
+        _check_size(len(left) + len(right), _kind(left))
 
 
 def _check_format(text, args) -> None:
@@ -192,7 +196,7 @@ def _check_sum(items, attribute=None, start=0) -> None:
     """Refuse summing many sequences: each `+` copies the sum so far (quadratic time)."""
     if isinstance(start, _CONTAINERS) and isinstance(items, (list, tuple)):
         size = len(start) + sum(len(item) for item in items if isinstance(item, _CONTAINERS))
-        _check_size(size, _KIND[type(start)])
+        _check_size(size, _kind(start))
         budget = _limits().max_built
         if size * len(items) > budget:
             raise TemplateLimitError(f"sums {len(items):,} sequences into one of {size:,} items (copying more than "
@@ -460,10 +464,10 @@ class ChatTemplate:
         """The chat template of `tokenizer` (refused with a QbaraError when it has none)."""
         try:
             text = tokenizer.get_chat_template()
-        except ValueError:
-            raise QbaraError(f"the tokenizer from {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
-                             f"chat data needs one (tokenizer_config.json chat_template), or use instruction or "
-                             f"text data") from None
+        except ValueError as err:
+            raise QbaraError(f"the tokenizer from {getattr(tokenizer, 'name_or_path', '?')!r} has no usable chat "
+                             f"template ({str(err).splitlines()[0][:200]}); chat data needs one (tokenizer_config.json "
+                             f"chat_template), or use instruction or text data") from None
         return cls(text, template_source(tokenizer), tokenizer.special_tokens_map, limits)
 
     def render(self, messages: list, *, add_generation_prompt: bool = False, tools: list | None = None,

@@ -97,8 +97,9 @@ FEATURES = (
     "{% if m.role == 'assistant' %}{% generation %}{{ m.content|replace('  ', ' ') }}{% endgeneration %}"
     "{% else %}{{ '{}: {}'.format(loop.index, m.content) }}{% endif %}"
     "{% if m.reasoning_content is defined %}<think>{{ m.reasoning_content }}</think>{% endif %}"
-    "{{ '\\n' if not loop.last else '' }}{% endfor %}"
-    "{{ ns.turns * 2 }} {{ 2 ** 10 }} {{ (messages|length) // 2 }} {{ messages[-1].content|wordcount }}"
+    "{{ '\\n' if not loop.last else loop.length - loop.index }}{% endfor %}"
+    "{{ ns.turns * 2 }} {{ 2 ** 10 }} {{ ('<' ~ ns.turns ~ '>')|e }} {{ range(3)|list|length }}"
+    " {{ (messages|length) // 2 }} {{ messages[-1].content|wordcount }}"
     "{%- if add_generation_prompt %}{{ header('assistant') }}{% endif %}"
 )
 
@@ -224,7 +225,7 @@ def test_no_chat_template_is_one_error():
 
     _, tok = tiny_llama()
     tok.chat_template = None
-    with pytest.raises(QbaraError, match="has no chat template"):
+    with pytest.raises(QbaraError, match="has no usable chat template"):
         build_examples([{"messages": CHATS[0]}], tok, "chat", 64)
 
 
