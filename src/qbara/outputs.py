@@ -146,9 +146,9 @@ def _qbara_files(folder: Path) -> set[str]:
 
 def _qbara_gguf(path: Path) -> bool:
     try:
-        from gguf import GGUFReader
+        from qbara.validate import gguf_reader
 
-        field = GGUFReader(str(path)).get_field("general.quantized_by")
+        field = gguf_reader(path).get_field("general.quantized_by")
         return field is not None and field.contents() == GGUF_MARK
     except Exception:  # not a (readable) GGUF: not ours
         return False

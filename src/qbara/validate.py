@@ -350,25 +350,177 @@ def safetensors_shapes(path, what: str = "safetensors file") -> dict[str, tuple[
 
 
 GGUF_MAGIC = b"GGUF"
+GGUF_DEFAULT_ALIGNMENT = 32
+GGUF_MAX_NESTING = 16  # arrays of arrays: real files nest none; gguf-py reads nesting recursively
+# GGUF metadata value types (gguf's GGUFValueType numbering): the bytes of one value of each fixed-size type.
+_GGUF_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_TYPE_NAMES = {0: "UINT8", 1: "INT8", 2: "UINT16", 3: "INT16", 4: "UINT32", 5: "INT32", 6: "FLOAT32",
+                    7: "BOOL", 8: "STRING", 9: "ARRAY", 10: "UINT64", 11: "INT64", 12: "FLOAT64"}
+# The fewest bytes one value of each type takes: a string its 8-byte length, an array its type and count.
+_GGUF_MIN_BYTES = {**_GGUF_FIXED, _GGUF_STRING: 8, _GGUF_ARRAY: 12}
+
+
+class _GGUFCursor:
+    """Reads a GGUF file's tables front to back, refusing any length or count the bytes left cannot hold."""
+
+    def __init__(self, path: Path, data, size: int):
+        self.path, self.data, self.size, self.pos = path, data, size, 24
+
+    def fail(self, what: str):
+        raise QbaraError(f"{self.path}: {what}; the file is damaged or forged, use a GGUF file llama.cpp or "
+                         f"qbara wrote")
+
+    def need(self, n: int, what: str) -> None:
+        left = self.size - self.pos
+        if n > left:
+            self.fail(f"{what} claims {n:,} bytes but only {left:,} are left in the file")
+
+    def unpack(self, fmt: str, what: str):
+        self.need(struct.calcsize(fmt), what)
+        values = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return values[0] if len(values) == 1 else values
+
+    def string(self, what: str) -> bytes:
+        n = self.unpack("<Q", what)
+        self.need(n, what)
+        self.pos += n
+        return self.data[self.pos - n:self.pos]
+
+    def value(self, vtype: int, key: str, depth: int = 0) -> None:
+        """Step over one metadata value of type `vtype`."""
+        if vtype in _GGUF_FIXED:
+            self.need(_GGUF_FIXED[vtype], f"metadata key {key!r}")
+            self.pos += _GGUF_FIXED[vtype]
+        elif vtype == _GGUF_STRING:
+            self.string(f"metadata key {key!r}'s string")
+        elif vtype == _GGUF_ARRAY:
+            self.array(key, depth)
+        else:
+            self.fail(f"metadata key {key!r} has value type {vtype}, which GGUF does not define")
+
+    def array(self, key: str, depth: int) -> None:
+        """Step over an array: its count checked against its elements' fewest bytes first, fixed-size
+        elements skipped at once, strings and nested arrays walked."""
+        if depth >= GGUF_MAX_NESTING:
+            self.fail(f"metadata key {key!r} nests arrays deeper than {GGUF_MAX_NESTING} levels")
+        etype = self.unpack("<I", f"metadata key {key!r}'s array type")
+        count = self.unpack("<Q", f"metadata key {key!r}'s array length")
+        if etype not in _GGUF_MIN_BYTES:
+            self.fail(f"metadata key {key!r} is an array of value type {etype}, which GGUF does not define")
+        left = self.size - self.pos
+        if count * _GGUF_MIN_BYTES[etype] > left:
+            self.fail(f"metadata key {key!r} claims an array of {count:,} {_GGUF_TYPE_NAMES[etype]} values "
+                      f"({count * _GGUF_MIN_BYTES[etype]:,} bytes or more) but only {left:,} bytes are left in "
+                      f"the file")
+        if etype in _GGUF_FIXED:
+            self.pos += count * _GGUF_FIXED[etype]
+        elif etype == _GGUF_STRING:
+            self.strings(key, count)
+        else:
+            for _ in range(count):
+                self.array(key, depth + 1)
+
+    def strings(self, key: str, count: int) -> None:
+        """Step over `count` strings (a vocabulary: tens of thousands), each length within the file."""
+        data, size, pos, length = self.data, self.size, self.pos, struct.Struct("<Q").unpack_from
+        for index in range(count):
+            if pos + 8 > size:
+                self.fail(f"string {index:,} of metadata key {key!r} starts past the file's end ({size:,})")
+            n = length(data, pos)[0]
+            pos += 8 + n
+            if pos > size:
+                self.fail(f"string {index:,} of metadata key {key!r} claims {n:,} bytes, past the file's end "
+                          f"({size:,})")
+        self.pos = pos
+
+
+def _gguf_tensor_bytes(type_id: int, n_elements: int, name: str, cursor: _GGUFCursor) -> int:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
+    except (ValueError, KeyError):
+        cursor.fail(f"tensor {name!r} has ggml type {type_id}, which this gguf-py does not know")
+    return n_elements * type_bytes // block
+
+
+def _scan_gguf_tensors(cursor: _GGUFCursor, n_tensors: int, alignment: int) -> None:
+    """Each tensor entry read and its data span (after the aligned tables) checked against the file's end."""
+    entries = []
+    for index in range(n_tensors):
+        name = cursor.string(f"the name of tensor {index:,}").decode("utf-8", errors="replace")[:200]
+        n_dims = cursor.unpack("<I", f"tensor {name!r}'s dimension count")
+        cursor.need(n_dims * 8, f"tensor {name!r}'s {n_dims:,} dimensions")
+        dims = struct.unpack_from(f"<{n_dims}Q", cursor.data, cursor.pos)
+        cursor.pos += n_dims * 8
+        type_id, offset = cursor.unpack("<IQ", f"tensor {name!r}'s type and offset")
+        entries.append((name, dims, type_id, offset))
+    start = -(-cursor.pos // alignment) * alignment
+    for name, dims, type_id, offset in entries:
+        n_elements = 1
+        for dim in dims:
+            n_elements *= dim
+        end = start + offset + _gguf_tensor_bytes(type_id, n_elements, name, cursor)
+        if end > cursor.size:
+            cursor.fail(f"tensor {name!r} (shape {list(dims)}) claims data up to byte {end:,}, past the file's "
+                        f"end ({cursor.size:,})")
 
 
 def check_gguf_header(path) -> None:
-    """Refuse a GGUF file whose tensor or key-value counts cannot fit in its size (each entry takes bytes),
-    before gguf-py reads the tables (a forged count would make it loop or allocate for ever)."""
+    """Refuse a GGUF file any of whose counts or lengths cannot fit in its size, before gguf-py or transformers
+    reads it: the header's counts, every metadata key and value (strings, arrays, nested arrays), every tensor
+    entry and each tensor's data span. A forged count would make them loop or allocate for ever."""
+    import mmap
+
     path = regular_file(path, "GGUF file")
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(24)
-    if len(head) < 24 or head[:4] != GGUF_MAGIC:
-        raise QbaraError(f"{path}: not a GGUF file (no GGUF header); pass a .gguf file llama.cpp or qbara wrote")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in (2, 3):
-        raise QbaraError(f"{path}: GGUF version {version} is not supported (2 or 3); the file is damaged or newer")
-    # Each tensor entry takes at least 8 (name length) + 4 (dims) + 8 (one dim) + 4 (type) + 8 (offset)
-    # bytes; each key-value at least 8 (key length) + 4 (type) + 1 (value).
-    if n_tensors * 32 + n_kv * 13 > size:
-        raise QbaraError(f"{path}: the header claims {n_tensors:,} tensors and {n_kv:,} metadata entries, more "
-                         f"than its {size:,} bytes can hold; the file is damaged")
+        if len(head) < 24 or head[:4] != GGUF_MAGIC:
+            raise QbaraError(f"{path}: not a GGUF file (no GGUF header); pass a .gguf file llama.cpp or qbara "
+                             f"wrote")
+        version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+        if version not in (2, 3):
+            raise QbaraError(f"{path}: GGUF version {version} is not supported (2 or 3); the file is damaged or "
+                             f"newer")
+        # Each tensor entry takes at least 8 (name length) + 4 (dims) + 4 (type) + 8 (offset) bytes; each
+        # key-value at least 8 (key length) + 4 (type) + 1 (value).
+        if n_tensors * 24 + n_kv * 13 > size:
+            raise QbaraError(f"{path}: the header claims {n_tensors:,} tensors and {n_kv:,} metadata entries, "
+                             f"more than its {size:,} bytes can hold; the file is damaged")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            cursor = _GGUFCursor(path, data, size)
+            alignment = _scan_gguf_metadata(cursor, n_kv)
+            _scan_gguf_tensors(cursor, n_tensors, alignment)
+
+
+def _scan_gguf_metadata(cursor: _GGUFCursor, n_kv: int) -> int:
+    """Step over the metadata entries; the data alignment they set (general.alignment), else the default."""
+    alignment = GGUF_DEFAULT_ALIGNMENT
+    for index in range(n_kv):
+        key = cursor.string(f"the key of metadata entry {index:,}").decode("utf-8", errors="replace")[:200]
+        vtype = cursor.unpack("<I", f"metadata key {key!r}'s type")
+        start = cursor.pos
+        cursor.value(vtype, key)
+        if key == "general.alignment" and vtype == 4:
+            alignment = struct.unpack_from("<I", cursor.data, start)[0]
+            if alignment == 0 or alignment & (alignment - 1):
+                cursor.fail(f"general.alignment is {alignment}, not a power of two")
+    return alignment
+
+
+def gguf_reader(path):
+    """gguf-py's reader of `path` after `check_gguf_header`; a file gguf-py still cannot read is a QbaraError."""
+    from gguf import GGUFReader
+
+    check_gguf_header(path)
+    try:
+        return GGUFReader(str(path))
+    except Exception as err:  # gguf-py raises ValueError, KeyError, IndexError... on damaged files
+        raise QbaraError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err}); the file is damaged or "
+                         f"not GGUF") from None
 
 
 def check_adapter_sizes(weights, config, records: dict, prefix: str) -> None:

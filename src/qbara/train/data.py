@@ -3,6 +3,7 @@ masked on the prompt (labels = -100), or pack plain text into fixed-length seque
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch
 
 from qbara.data.hf_datasets import read_dataset
 from qbara.errors import QbaraError
+from qbara.templates import ChatTemplate
 from qbara.validate import parse_json, read_text_file
 
 IGNORE_INDEX = -100
@@ -105,20 +107,20 @@ def _instruction_example(record: dict, tokenizer, max_length: int) -> Example:
     return Example(ids, labels)
 
 
-def _chat_example(record: dict, tokenizer, max_length: int) -> Example:
+def _chat_example(record: dict, tokenizer, max_length: int, template: ChatTemplate) -> Example:
     messages = record.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                  for m in messages):
         raise ValueError("'messages' must be a list of {role, content}")
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("has no assistant message to learn")
-    full = _render_chat(tokenizer, messages)
+    full = template.render(messages)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = _render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = _render_chat(tokenizer, messages[: i + 1])
+        prefix = template.render(messages[:i], add_generation_prompt=True)
+        upto = template.render(messages[: i + 1])
         if not full.startswith(upto) or not upto.startswith(prefix):
             raise ValueError("the chat template does not render conversations prefix-consistently")
         spans.append((len(prefix), len(upto)))
@@ -129,20 +131,6 @@ def _chat_example(record: dict, tokenizer, max_length: int) -> Example:
     return Example(ids[:max_length], labels[:max_length])
 
 
-def _render_chat(tokenizer, messages: list, **kwargs) -> str:
-    """The tokenizer's chat template applied (in jinja's sandbox); a template that breaks out of it, or fails,
-    is one error for the whole run, not a bad record."""
-    from jinja2.exceptions import SecurityError, TemplateError
-
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-    except (SecurityError, TemplateError) as err:
-        unsafe = "tries to leave jinja's sandbox" if isinstance(err, SecurityError) else "fails"
-        raise QbaraError(f"the tokenizer's chat template {unsafe} ({type(err).__name__}: {err}); use a tokenizer "
-                         f"with a plain chat template (the model folder's tokenizer_config.json "
-                         f"chat_template)") from None
-
-
 def build_examples(records: list, tokenizer, fmt: str, max_length: int, on_error: str = "fail",
                    source: str = "data") -> list[Example]:
     """Tokenized examples; a malformed record fails (naming its number) or is skipped with a warning."""
@@ -150,7 +138,11 @@ def build_examples(records: list, tokenizer, fmt: str, max_length: int, on_error
         fmt = detect_format(records)
     if fmt == "text":
         return pack_text(records, tokenizer, max_length, source)
-    make = _instruction_example if fmt == "instruction" else _chat_example
+    if fmt == "instruction":
+        make = _instruction_example
+    else:  # the tokenizer's chat template, compiled once in the bounded sandbox (qbara.templates)
+        template = ChatTemplate.of(tokenizer)
+        make = functools.partial(_chat_example, template=template)
     examples, skipped = [], []
     for number, record in enumerate(records, start=1):
         try:

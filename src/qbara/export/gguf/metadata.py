@@ -51,9 +51,9 @@ def source_gguf(tokenizer, tokenizer_gguf):
     """(path, reader) of the GGUF the tokenizer metadata is copied from: `tokenizer_gguf`, or the shipped
     SmolLM2 file when the tokenizer is SmolLM2's; None when it is built from the tokenizer itself."""
     if tokenizer_gguf is not None:
-        from gguf import GGUFReader
+        from qbara.validate import gguf_reader
 
-        return Path(tokenizer_gguf), GGUFReader(str(tokenizer_gguf))
+        return Path(tokenizer_gguf), gguf_reader(tokenizer_gguf)
     return shipped_smollm2_reader(tokenizer)
 
 
