@@ -154,13 +154,20 @@ def read_adapter_config(directory, peft: bool = False) -> dict:
     if not isinstance(data["qbara"], dict) or not isinstance(data["qbara"].get("adapter"), dict):
         raise QbaraError(f"{directory / QBARA_NAME}: no 'adapter' record; the file is damaged, save the adapter again")
     check_adapter_record(directory / QBARA_NAME, data["qbara"])
-    check_record_as_saved(directory, data["qbara"])
     return data
 
 
 def _canonical(value) -> str:
     """A JSON value as one text, the same for equal values (keys sorted, no spaces)."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def check_record_against_weights(directory, record: dict) -> None:
+    """The record's sizes fit the weights file's header, and it is the record saved with them."""
+    check_adapter_sizes(Path(directory) / WEIGHTS_NAME, AdapterConfig.from_dict(record["adapter"]), record["layers"],
+                        PREFIX)
+    if not record.get("peft"):
+        check_record_as_saved(directory, record)
 
 
 def check_record_as_saved(directory, record: dict) -> None:
@@ -183,13 +190,14 @@ def check_record_as_saved(directory, record: dict) -> None:
                      f"{WEIGHTS_NAME}); the file was edited after saving — restore it, or save the adapter again")
 
 
-def _first_difference(now, then, path: str = "record"):
-    """(dotted path, value now, value saved) of the first entry where two JSON values differ."""
-    if isinstance(now, dict) and isinstance(then, dict):
+def _first_difference(now, then, path: str = "", depth: int = 3):
+    """(dotted path, value now, value saved) of the first entry where two JSON values differ, down to `depth`
+    levels (a layer's whole `quant`, not one of its fields)."""
+    if depth and isinstance(now, dict) and isinstance(then, dict):
         for key in sorted(set(now) | set(then)):
             if key not in now or key not in then or _canonical(now[key]) != _canonical(then[key]):
-                return _first_difference(now.get(key), then.get(key), f"{path}.{key}" if path != "record" else key)
-    return path, now, then
+                return _first_difference(now.get(key), then.get(key), f"{path}.{key}".lstrip("."), depth - 1)
+    return path or "the record", now, then
 
 
 def check_adapter_record(path, record: dict) -> None:
@@ -227,6 +235,7 @@ def adapter_base_quant(directory) -> dict[str, QuantConfig] | None:
     if info is None:  # a PEFT adapter: trained on the dense model as far as anyone knows
         return None
     _check_layer_records(info.get("layers"), directory)
+    check_record_against_weights(directory, info)  # before the base is quantized as the record says
     if AdapterConfig.from_dict(info["adapter"]).init != "default":
         return None
     records = info["layers"]
@@ -334,7 +343,7 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
                       f"check that this is the model it was trained on", stacklevel=2)
     config = AdapterConfig.from_dict(info["adapter"])
     _check_layer_records(info.get("layers"), directory)
-    check_adapter_sizes(Path(directory) / WEIGHTS_NAME, config, info["layers"], PREFIX)  # before allocating
+    check_record_against_weights(directory, info)  # before allocating
     if bnb_layers(model):  # a bitsandbytes NF4 base: taken over exactly, if the adapter was trained on that
         recorded = {json.dumps(r["quant"], sort_keys=True) for r in info["layers"].values()}
         only = json.loads(recorded.pop()) if len(recorded) == 1 else None
