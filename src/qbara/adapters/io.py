@@ -340,7 +340,9 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
             keys = list(reader.keys())
         info = peft_record(data, keys, model, directory)
         warnings.warn(f"{directory}: a PEFT LoRA adapter records no fingerprint of its base model, so qbara cannot "
-                      f"check that this is the model it was trained on", stacklevel=2)
+                      f"check that this is the model it was trained on, nor how that was quantized (if it was, "
+                      f"quantize this one the same way: quant= in qbara.from_pretrained, --quant on the CLI)",
+                      stacklevel=2)
     config = AdapterConfig.from_dict(info["adapter"])
     _check_layer_records(info.get("layers"), directory)
     check_record_against_weights(directory, info)  # before allocating
