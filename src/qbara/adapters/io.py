@@ -311,8 +311,10 @@ def check_exact_dtype(stored: torch.dtype, wanted: torch.dtype, what: str) -> No
     dtype, or an exact widening (fp16 / bf16 -> fp32, as PEFT saves half-precision adapters), loads."""
     if stored == wanted or wanted in EXACT_WIDENING.get(stored, ()):
         return
+    narrower = [str(d).removeprefix("torch.") for d, wider in EXACT_WIDENING.items() if wanted in wider]
+    also = f" (or {' / '.join(narrower)}, widened exactly)" if narrower else ""
     raise QbaraError(f"{what}: dtype {stored}, but the adapter parameter is {wanted} and {stored} does not convert "
-                     f"to it exactly; save the adapter in {wanted} (or float16 / bfloat16, widened exactly)")
+                     f"to it exactly; save the adapter in {wanted}{also}")
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
