@@ -27,7 +27,10 @@ QUANT_MANIFEST = "qbara_quant.json"
 # random initialisation (it skips a quantization_config it does not know, with a warning).
 WEIGHTS = "qbara_model.safetensors"
 LEGACY_WEIGHTS = "model.safetensors"  # folders of qbara <= 0.1 (still read)
-QUANT_METHOD = "qbara"
+# transformers prints the quant_method it does not know ("Unknown quantization type, got ...; we will skip the
+# quantization"), so it says what loads the folder. Folders written before say just "qbara" (still read).
+QUANT_METHOD = "qbara (a qbara quantized folder: transformers cannot load it; use qbara.load_model(folder))"
+QUANT_METHODS = (QUANT_METHOD, "qbara")
 
 
 def quantization_entry() -> dict:

@@ -96,7 +96,7 @@ def test_qbara_only_folders_say_so_and_peft_refuses_them(setting, tmp_path):
     model, _ = build("tiny-llama", setting)
     save_adapter(model, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert config["peft_type"] == setting.upper()
+    assert config["peft_type"].startswith(f"{setting.upper()} (a qbara adapter")  # issue #26: says what loads it
     assert "Only qbara loads" in config["qbara_note"] and "qbara export" in config["qbara_note"]
     with pytest.raises(Exception):
         peft.PeftModel.from_pretrained(tiny_llama(seed=0)[0], str(tmp_path / "a"))
@@ -111,7 +111,7 @@ def test_a_qalora_whose_layers_pool_differently_is_qbara_only(tmp_path):
     prepare(model, quant, AdapterConfig("qalora", rank=4, alpha=8))
     save_adapter(model, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "QALORA" and "use_qalora" not in config and "Only qbara" in config["qbara_note"]
+    assert config["peft_type"].startswith("QALORA (") and "use_qalora" not in config and "Only qbara" in config["qbara_note"]
 
 
 def test_pattern_keys_select_what_peft_selects():

@@ -6,13 +6,18 @@ module names when suffixes would select more layers than were adapted); "qalora"
 and "qbara" / "qahira" say that only qbara loads them (`qbara.adapters.peft_layout`). qbara's own record — the method,
 per-layer shapes and pooling, the base's quantization, a fingerprint of the base model and the SHA-256 of
 the tensors — is `qbara_adapter.json` (folders of qbara <= 0.1 kept it as a `qbara` section of
-adapter_config.json; still read), so loading onto the wrong base fails clearly. Loading reads JSON and
-safetensors only (no pickle).
+adapter_config.json; still read), so loading onto the wrong base fails clearly. A copy of the record is saved
+in the safetensors header (`qbara_record`), and a record that differs from it was edited: refused, naming the
+entry. Folders saved before that copy existed have only their record's values checked (valid configs, the
+layers' shapes and, on a quantized base, each layer's quantization); an edited `quant` there still decides how
+a dense base is quantized on load. A file or anything else named `qbara_adapter.json` makes the folder a qbara
+adapter: it must then be a readable regular file. Loading reads JSON and safetensors only (no pickle).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -32,7 +37,14 @@ from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.state import state_of
 from qbara.targets import set_submodule
-from qbara.tensor_checks import ADAPTER_LIMIT, check_digest, check_tensor, read_safetensors, tensors_digest
+from qbara.tensor_checks import (
+    ADAPTER_LIMIT,
+    check_digest,
+    check_tensor,
+    read_safetensors,
+    safetensors_metadata,
+    tensors_digest,
+)
 from qbara.validate import check_adapter_sizes, read_json_file
 
 CONFIG_NAME = "adapter_config.json"
@@ -40,6 +52,7 @@ QBARA_NAME = "qbara_adapter.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FORMAT_VERSION = 1
+RECORD_KEY = "qbara_record"  # adapter_model.safetensors metadata: the record as saved
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -89,7 +102,8 @@ def save_adapter(model: nn.Module, directory, base_model_name: str | None = None
               "base_fingerprint": fingerprint or base_fingerprint(model), "layers": records,
               "weights_sha256": tensors_digest(tensors)}
     directory = Path(directory)
-    save_safetensors_atomic(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", "qbara": config.method})
+    metadata = {"format": "pt", "qbara": config.method, RECORD_KEY: _canonical(record)}
+    save_safetensors_atomic(tensors, directory / WEIGHTS_NAME, metadata=metadata)
     write_json_atomic(directory / QBARA_NAME, record)
     write_json_atomic(directory / CONFIG_NAME, data)
     return directory
@@ -129,7 +143,7 @@ def read_adapter_config(directory, peft: bool = False) -> dict:
     if not path.is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise QbaraError(f"{str(directory)!r} is not an adapter folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     data = _read_json(path)
-    if (directory / QBARA_NAME).is_file():
+    if os.path.lexists(directory / QBARA_NAME):  # a folder, a fifo or a link to /dev/null is refused, not skipped
         data["qbara"] = _read_json(directory / QBARA_NAME)
     elif "qbara" not in data and peft and "peft_type" in data:
         data["qbara"] = None
@@ -141,6 +155,49 @@ def read_adapter_config(directory, peft: bool = False) -> dict:
         raise QbaraError(f"{directory / QBARA_NAME}: no 'adapter' record; the file is damaged, save the adapter again")
     check_adapter_record(directory / QBARA_NAME, data["qbara"])
     return data
+
+
+def _canonical(value) -> str:
+    """A JSON value as one text, the same for equal values (keys sorted, no spaces)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def check_record_against_weights(directory, record: dict) -> None:
+    """The record's sizes fit the weights file's header, and it is the record saved with them."""
+    check_adapter_sizes(Path(directory) / WEIGHTS_NAME, AdapterConfig.from_dict(record["adapter"]), record["layers"],
+                        PREFIX)
+    if not record.get("peft"):
+        check_record_as_saved(directory, record)
+
+
+def check_record_as_saved(directory, record: dict) -> None:
+    """Refuse a record that differs from the copy `save_adapter` put in the safetensors header, naming the first
+    entry that differs; a folder saved without that copy (qbara before it existed) passes."""
+    weights = Path(directory) / WEIGHTS_NAME
+    saved = safetensors_metadata(weights, "adapter weights").get(RECORD_KEY)
+    if saved is None or _canonical(record) == saved:
+        return
+    where = Path(directory) / (QBARA_NAME if os.path.lexists(Path(directory) / QBARA_NAME) else CONFIG_NAME)
+    try:
+        original = json.loads(saved)
+    except ValueError:
+        original = None
+    if not isinstance(original, dict):
+        raise QbaraError(f"{weights}: its header's {RECORD_KEY} is not the JSON record save_adapter writes; the file "
+                         f"is damaged, save the adapter again")
+    entry, now, then = _first_difference(record, original)
+    raise QbaraError(f"{where}: {entry} is {now!r}, but the adapter was saved with {then!r} (the record kept in "
+                     f"{WEIGHTS_NAME}); the file was edited after saving — restore it, or save the adapter again")
+
+
+def _first_difference(now, then, path: str = "", depth: int = 3):
+    """(dotted path, value now, value saved) of the first entry where two JSON values differ, down to `depth`
+    levels (a layer's whole `quant`, not one of its fields)."""
+    if depth and isinstance(now, dict) and isinstance(then, dict):
+        for key in sorted(set(now) | set(then)):
+            if key not in now or key not in then or _canonical(now[key]) != _canonical(then[key]):
+                return _first_difference(now.get(key), then.get(key), f"{path}.{key}".lstrip("."), depth - 1)
+    return path or "the record", now, then
 
 
 def check_adapter_record(path, record: dict) -> None:
@@ -178,6 +235,7 @@ def adapter_base_quant(directory) -> dict[str, QuantConfig] | None:
     if info is None:  # a PEFT adapter: trained on the dense model as far as anyone knows
         return None
     _check_layer_records(info.get("layers"), directory)
+    check_record_against_weights(directory, info)  # before the base is quantized as the record says
     if AdapterConfig.from_dict(info["adapter"]).init != "default":
         return None
     records = info["layers"]
@@ -203,6 +261,23 @@ def _check_layer_records(records, directory) -> None:
             raise QbaraError(f"{where}: layer {name!r} quant must be a mapping or null, got {record['quant']!r}")
 
 
+def check_layer_quant(directory, name: str, recorded: dict | None, base: nn.Module) -> None:
+    """Refuse the base layer `name` when it is quantized otherwise than the adapter's record says it was trained
+    on (format, block size, every setting) — or is quantized where the adapter was trained on a dense layer."""
+    actual = base.quant_config if isinstance(base, QuantizedLinear) else None
+    expected = QuantConfig.from_dict(recorded) if recorded is not None else None
+    if expected == actual:
+        return
+    raise QbaraError(f"{name}: the adapter in {str(directory)!r} was trained on this layer {_quant_label(expected)}, "
+                     f"but this base has it {_quant_label(actual)}; load the base it was trained on — the dense "
+                     f"model, which is quantized on load as the adapter records (qbara.from_pretrained(model, "
+                     f"adapter=folder), or --adapter on the CLI), or the quantized base saved with it")
+
+
+def _quant_label(quant: QuantConfig | None) -> str:
+    return "dense (not quantized)" if quant is None else f"quantized as {quant.label}"
+
+
 @torch.no_grad()
 def copy_adapter_weights(layers: dict, directory) -> None:
     """Copy the tensors of `directory`'s adapter_model.safetensors into the layers' adapter parameters."""
@@ -218,11 +293,28 @@ def copy_adapter_weights(layers: dict, directory) -> None:
             if key not in state:
                 raise QbaraError(f"{WEIGHTS_NAME} lacks {key}; the adapter folder is incomplete, save it again")
             check_tensor(state[key], f"{path}: {key}", shape=param.shape, limit=ADAPTER_LIMIT)
+            check_exact_dtype(state[key].dtype, param.dtype, f"{path}: {key}")
             param.copy_(state[key])
     extra = sorted(set(state) - expected)
     if extra:
         raise QbaraError(f"{path} holds tensors its adapter_config.json does not describe ({extra[:3]}); the "
                          f"folder mixes two adapters, save it again")
+
+
+# float dtype -> the parameter dtypes it converts into exactly (every value kept, bit for bit)
+EXACT_WIDENING = {torch.float16: {torch.float32, torch.float64}, torch.bfloat16: {torch.float32, torch.float64},
+                  torch.float32: {torch.float64}}
+
+
+def check_exact_dtype(stored: torch.dtype, wanted: torch.dtype, what: str) -> None:
+    """Refuse an adapter tensor whose dtype would round when copied into its `wanted`-typed parameter: the same
+    dtype, or an exact widening (fp16 / bf16 -> fp32, as PEFT saves half-precision adapters), loads."""
+    if stored == wanted or wanted in EXACT_WIDENING.get(stored, ()):
+        return
+    narrower = [str(d).removeprefix("torch.") for d, wider in EXACT_WIDENING.items() if wanted in wider]
+    also = f" (or {' / '.join(narrower)}, widened exactly)" if narrower else ""
+    raise QbaraError(f"{what}: dtype {stored}, but the adapter parameter is {wanted} and {stored} does not convert "
+                     f"to it exactly; save the adapter in {wanted}{also}")
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -250,10 +342,12 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
             keys = list(reader.keys())
         info = peft_record(data, keys, model, directory)
         warnings.warn(f"{directory}: a PEFT LoRA adapter records no fingerprint of its base model, so qbara cannot "
-                      f"check that this is the model it was trained on", stacklevel=2)
+                      f"check that this is the model it was trained on, nor how that was quantized (if it was, "
+                      f"quantize this one the same way: quant= in qbara.from_pretrained, --quant on the CLI)",
+                      stacklevel=2)
     config = AdapterConfig.from_dict(info["adapter"])
     _check_layer_records(info.get("layers"), directory)
-    check_adapter_sizes(Path(directory) / WEIGHTS_NAME, config, info["layers"], PREFIX)  # before allocating
+    check_record_against_weights(directory, info)  # before allocating
     if bnb_layers(model):  # a bitsandbytes NF4 base: taken over exactly, if the adapter was trained on that
         recorded = {json.dumps(r["quant"], sort_keys=True) for r in info["layers"].values()}
         only = json.loads(recorded.pop()) if len(recorded) == 1 else None
@@ -280,6 +374,8 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
                              f"fit the layer {base.out_features}x{base.in_features}; wrong base model")
         if record["quant"] is not None and not isinstance(base, QuantizedLinear):
             base = QuantizedLinear.from_linear(base, QuantConfig.from_dict(record["quant"]), name=name)
+        elif not info.get("peft"):  # PEFT records no quantization to compare
+            check_layer_quant(directory, name, record["quant"], base)
         layer_config = dataclasses.replace(config, pool_in=record["pool_in"], pool_out=record["pool_out"])
         layers[name] = build_adapter(base, layer_config, name)
     copy_adapter_weights(layers, directory)

@@ -6,8 +6,9 @@
   sets the training dynamics). The tensors are written unchanged and PEFT's alpha absorbs the factor:
   lora_alpha = alpha / n, per layer through `alpha_pattern` where d_in differs. PEFT runs QA-LoRA only on GPTQ
   layers; `qbara.register_with_peft` adds it for qbara's QuantizedLinear and for nn.Linear.
-- qbara, qahira (and a qalora whose layers pool differently): no PEFT equivalent. peft_type names the method,
-  so PEFT stops at once, and `qbara_note` tells the reader what loads the folder and how to get a plain model.
+- qbara, qahira (and a qalora whose layers pool differently): no PEFT equivalent. peft_type names the method
+  and what loads it (`peft_type_for`), so PEFT stops at once with that text in its KeyError, and `qbara_note`
+  tells the reader how to get a plain model. Folders of earlier versions say just the method ("QAHIRA").
 """
 from __future__ import annotations
 
@@ -33,7 +34,13 @@ def peft_method_fields(method: str, layers: dict, alpha: float) -> dict:
         pattern = {key: alpha / n for key, n in _pattern_keys(groups, default).items()}
         return {"peft_type": "LORA", "lora_alpha": alpha / default, "alpha_pattern": pattern,
                 "use_qalora": True, "qalora_group_size": group}
-    return {"peft_type": method.upper(), "lora_alpha": alpha, "qbara_note": NOTE.format(method=method)}
+    return {"peft_type": peft_type_for(method), "lora_alpha": alpha, "qbara_note": NOTE.format(method=method)}
+
+
+def peft_type_for(method: str) -> str:
+    """The peft_type of a method PEFT has no layer for: PEFT refuses it with `KeyError: '<this text>'`, so it
+    says what loads the folder."""
+    return f"{method.upper()} (a qbara adapter: PEFT cannot load it; use qbara.load_adapter, see qbara_note)"
 
 
 def _pattern_keys(values: dict, default) -> dict:

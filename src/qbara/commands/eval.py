@@ -1,4 +1,8 @@
-"""`qbara eval --model M [--adapter DIR] --task ppl|loss|lm-eval --data FILE|TASKS [--window N] [--json]`.
+"""`qbara eval --model M [--adapter DIR [--quant FORMAT[:BLOCK]]] --task ppl|loss|lm-eval --data FILE|TASKS
+[--window N] [--json]`.
+
+--quant gives the quantization of a PEFT adapter folder's base (PEFT records none), e.g. `--quant int4:32` for
+a LoRA trained with PEFT on a qbara INT4 G32 base; a qbara adapter records its own.
 
 `--task lm-eval` runs lm-evaluation-harness tasks (`--data` names them, comma-separated) on the in-memory
 model: `--limit`, `--num-fewshot`, `--batch-size`, `--include-path` (a folder of local task YAMLs) and
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qbara.commands.quantize import parse_format
 from qbara.data import shakespeare_text
 from qbara.errors import QbaraError
 from qbara.eval.harness import (
@@ -28,11 +33,22 @@ from qbara.train.data import build_examples, read_records
 from qbara.validate import read_text_file
 
 
-def load_for_eval(model_name: str, adapter: str | None):
-    """The base model with `adapter` attached; a dense base is quantized on load as the adapter records."""
-    model, tokenizer = from_pretrained(model_name, adapter=adapter or None)
+def load_for_eval(model_name: str, adapter: str | None, quant: str | None = None):
+    """The base model with `adapter` attached; a dense base is quantized on load as the adapter records, or as
+    `quant` (FORMAT[:BLOCK], `--quant`) says for a PEFT adapter folder."""
+    if quant is not None and not adapter:
+        raise QbaraError(f"--quant {quant} is the quantization of a PEFT adapter's base; it needs --adapter")
+    config = parse_format(quant) if quant is not None else None
+    model, tokenizer = from_pretrained(model_name, quant=config, adapter=adapter or None)
     model.eval()
     return model, tokenizer
+
+
+def add_quant_option(parser) -> None:
+    """--quant: the base's quantization for a PEFT adapter folder (eval, merge, export)."""
+    parser.add_argument("--quant", metavar="FORMAT[:BLOCK]",
+                        help="how the base of a PEFT --adapter folder was quantized (PEFT records none), as in "
+                             "qbara quantize --formats: e.g. int4:32, nf4:64; a qbara adapter records its own")
 
 
 def read_text(data: str) -> str:
@@ -65,7 +81,7 @@ def run(args) -> dict:
         # Check the output path and load the tasks (their datasets) before the model: fail fast.
         output_path = check_output_path(args.output_path)
         tasks = load_lm_eval_tasks(args.data, args.include_path)
-    model, tokenizer = load_for_eval(args.model, args.adapter)
+    model, tokenizer = load_for_eval(args.model, args.adapter, getattr(args, "quant", None))
     if args.task == "ppl":
         ids = tokenizer(read_text(args.data), add_special_tokens=False, return_tensors="pt").input_ids[0]
         r = perplexity(model, ids, window=args.window, max_tokens=args.max_tokens or None, progress=not args.json)
@@ -98,7 +114,8 @@ def run(args) -> dict:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="perplexity, masked answer loss, or lm-eval tasks")
     p.add_argument("--model", default="smollm2-135m", help="model name, HF folder, quantized folder or .gguf")
-    p.add_argument("--adapter", help="adapter folder written by qbara train / save_adapter")
+    p.add_argument("--adapter", help="adapter folder written by qbara train / save_adapter, or a PEFT LoRA folder")
+    add_quant_option(p)
     p.add_argument("--task", choices=("ppl", "loss", "lm-eval"), default="ppl")
     p.add_argument("--data", "--tasks", dest="data",
                    help="ppl: text file or shakespeare:PLAY (default shakespeare:hamlet); loss: instruction/chat "

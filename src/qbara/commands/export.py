@@ -1,4 +1,4 @@
-"""`qbara export --model M [--adapter DIR] --format gguf|hf --out PATH`.
+"""`qbara export --model M [--adapter DIR [--quant FORMAT[:BLOCK]]] --format gguf|hf --out PATH`.
 
 GGUF: adapters that fold into the quantized base are merged into the one file; plain LoRA adapters (which do
 not) go out as a llama.cpp LoRA GGUF beside the base (`--adapter-out`, default OUT with .adapter.gguf), unless
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qbara.adapters.attach import adapter_layers
-from qbara.commands.eval import load_for_eval
+from qbara.commands.eval import add_quant_option, load_for_eval
 from qbara.errors import QbaraError
 from qbara.outputs import output_file, output_folder
 
@@ -42,7 +42,7 @@ def _run_gguf(args, inputs):
                          f"than --out")
     options = {"embedding_type": args.embedding_type, "base_model": args.model}
     with output_file(args.out, inputs, overwrite=args.overwrite):
-        model, tokenizer = load_for_eval(args.model, args.adapter)
+        model, tokenizer = load_for_eval(args.model, args.adapter, getattr(args, "quant", None))
         if not _separate_lora(model, args.allow_requantize):
             report = write_gguf(model, tokenizer, args.out, lossy=args.allow_requantize, adapter=args.adapter,
                                 **options)
@@ -66,7 +66,7 @@ def run(args):
     from qbara.export.hf import write_hf
 
     with output_folder(args.out, inputs, overwrite=args.overwrite, command="export") as tmp:
-        model, tokenizer = load_for_eval(args.model, args.adapter)
+        model, tokenizer = load_for_eval(args.model, args.adapter, getattr(args, "quant", None))
         write_hf(model, tokenizer, tmp, dtype=args.dtype)
     print(f"dense HF model ({args.dtype}) written to {args.out}; adapters merged densely (exact in {args.dtype} "
           f"up to its rounding)")
@@ -79,6 +79,7 @@ def add_parser(subparsers) -> None:
                                              "dense HF folder")
     p.add_argument("--model", required=True, help="base model: name, HF folder, quantized folder")
     p.add_argument("--adapter", help="adapter folder (its recorded quantization is applied to the base)")
+    add_quant_option(p)
     p.add_argument("--format", choices=("gguf", "hf"), default="gguf")
     p.add_argument("--out", required=True, help="output .gguf file or HF folder")
     p.add_argument("--allow-requantize", action="store_true",

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qbara.adapters.merge import merge
-from qbara.commands.eval import load_for_eval
+from qbara.commands.eval import add_quant_option, load_for_eval
 from qbara.native import write_quantized
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.outputs import output_folder
@@ -12,7 +12,7 @@ from qbara.outputs import output_folder
 
 def run(args) -> Path:
     with output_folder(args.out, [args.model, args.adapter], overwrite=args.overwrite, command="merge") as tmp:
-        model, tokenizer = load_for_eval(args.model, args.adapter)
+        model, tokenizer = load_for_eval(args.model, args.adapter, getattr(args, "quant", None))
         merge(model, into=args.into)
         if args.into == "quantized":
             write_quantized(model, tokenizer, tmp)
@@ -30,6 +30,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("merge", help="merge an adapter into its base and save the model")
     p.add_argument("--model", required=True, help="the base model the adapter was trained on")
     p.add_argument("--adapter", required=True, help="adapter folder")
+    add_quant_option(p)
     p.add_argument("--out", required=True, help="output folder (a new one, or one qbara wrote before)")
     p.add_argument("--into", choices=("dense", "quantized"), default="dense",
                    help="dense: an HF folder; quantized: exact fold (qalora/qahira), native quantized folder")

@@ -11,7 +11,7 @@ import torch
 
 from qbara.adapters.io import CONFIG_NAME, load_adapter
 from qbara.errors import QbaraError
-from qbara.native import LEGACY_WEIGHTS, QUANT_MANIFEST, QUANT_METHOD, WEIGHTS, enable_native_save
+from qbara.native import LEGACY_WEIGHTS, QUANT_MANIFEST, QUANT_METHODS, WEIGHTS, enable_native_save
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import QuantizedTensor, quantize
@@ -33,7 +33,7 @@ def is_quantized_folder(path) -> bool:
     except (OSError, ValueError, RecursionError):
         return False  # not ours; the loader's checks give the reason
     entry = config.get("quantization_config") if isinstance(config, dict) else None
-    return isinstance(entry, dict) and entry.get("quant_method") == QUANT_METHOD
+    return isinstance(entry, dict) and entry.get("quant_method") in QUANT_METHODS
 
 
 def load_quantized(path, dtype=torch.float32):

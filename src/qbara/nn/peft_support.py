@@ -8,6 +8,10 @@ lora_alpha / r or / sqrt(r) with rslora), so PEFT saves, loads and trains it lik
 QA-LoRA variant (`use_qalora=True`), which PEFT itself runs only on GPTQ layers: with such a config the layer is
 registered for plain `nn.Linear` too, so a qbara `qalora` folder loads onto a dense (or dequantized) base.
 Merging stays in qbara (the packed weight cannot take a dense update without re-quantizing).
+
+`target_modules="all-linear"` needs the model: PEFT resolves it to `nn.Linear` layers only, so it would find
+none of qbara's quantized ones. `register_with_peft(config, model)` resolves it as PEFT defines it — every linear
+layer (QuantizedLinear or nn.Linear) but the output head; without the model it is refused.
 """
 from __future__ import annotations
 
@@ -18,10 +22,12 @@ from qbara.errors import QbaraError
 from qbara.nn.quantized_linear import QuantizedLinear
 
 
-def register_with_peft(config):
+def register_with_peft(config, model: nn.Module | None = None):
     """Register qbara's LoRA layer for `QuantizedLinear` (and for `nn.Linear` when `config.use_qalora`) on the
     PEFT `LoraConfig` `config`, and return it. PEFT keeps the registration on the config object, so call this on
-    the config you pass to `get_peft_model` or to `PeftModel.from_pretrained(model, folder, config=...)`."""
+    the config you pass to `get_peft_model` or to `PeftModel.from_pretrained(model, folder, config=...)`.
+
+    model: the model the config is for; needed to resolve `target_modules="all-linear"` (see above)."""
     try:
         from peft import LoraConfig
     except ImportError:
@@ -29,11 +35,35 @@ def register_with_peft(config):
     if not isinstance(config, LoraConfig):
         raise QbaraError(f"register_with_peft takes a peft.LoraConfig, got {type(config).__name__}; qbara's "
                          f"quantized layers take LoRA adapters only")
+    if _is_all_linear(config.target_modules):
+        config.target_modules = all_linear_targets(model)
     mapping = {QuantizedLinear: _layer_class()}
     if getattr(config, "use_qalora", False):
         mapping[nn.Linear] = _layer_class()
     config._register_custom_module(mapping)  # PEFT's (experimental) public hook for custom layer types
     return config
+
+
+def _is_all_linear(targets) -> bool:
+    return isinstance(targets, str) and targets.lower() == "all-linear"
+
+
+def all_linear_targets(model: nn.Module | None) -> list[str]:
+    """PEFT's "all-linear" for a qbara model: the last name components of its linear layers (QuantizedLinear or
+    nn.Linear) but the output head, when they select exactly those layers; otherwise their full names."""
+    if model is None:
+        raise QbaraError("target_modules='all-linear' needs the model: PEFT resolves it to nn.Linear layers only and "
+                         "finds none of qbara's quantized ones; call register_with_peft(config, model), or list the "
+                         "modules (e.g. target_modules=['q_proj', 'v_proj'])")
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))]
+    chosen = [name for name in linear if model.get_submodule(name) is not output]
+    if not chosen:
+        raise QbaraError("target_modules='all-linear': the model has no linear layer but its output head; "
+                         "list the modules to adapt")
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in chosen})
+    selected = [name for name in linear if name.rsplit(".", 1)[-1] in suffixes]
+    return suffixes if selected == chosen else chosen
 
 
 _LAYER = None
