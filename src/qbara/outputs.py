@@ -238,7 +238,7 @@ def output_lock(out: Path) -> Iterator[OutputLock]:
     the journal of a killed run lists, and journal this run's temporaries (those of `atomic.write_file_atomic`
     for `out` or files in it included). The lock file is removed at the end unless a journaled temporary is
     left (a failed swap's backup): then the next run recovers it."""
-    out = Path(out)
+    out = _resolved(out)
     lock_file = lock_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd = _acquire(lock_file, out)
@@ -286,8 +286,7 @@ def _open_lock(lock_file: Path) -> int:
         fd = os.open(lock_file, flags, 0o644)
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise QbaraError(f"the lock file {lock_file} is a symbolic link (to {os.readlink(lock_file)!r}); "
-                             f"{fix}") from None
+            raise QbaraError(f"the lock file {lock_file} is a symbolic link; {fix}") from None
         if err.errno in (errno.EACCES, errno.EPERM, errno.ENXIO):
             raise QbaraError(f"cannot open the lock file {lock_file} ({err.strerror}); {fix}") from None
         raise
@@ -312,9 +311,10 @@ def _write_lock(fd: int, pid: int, entries: list[tuple[str, Path, Path]]) -> Non
 
 
 def _record_file(lock: OutputLock, tmp: Path, path: Path) -> None:
-    """Journal a write_file_atomic temporary when its file is the output or in it."""
+    """Journal a write_file_atomic temporary when its file is the output or directly in it (deeper ones are
+    inside a folder that is replaced or removed whole, such as a checkpoint)."""
     path = _resolved(path)
-    if _contains(lock.out, path):
+    if path == lock.out or path.parent == lock.out:
         lock.record("tmp", _resolved(tmp), path)
 
 
