@@ -162,6 +162,18 @@ def write_failure(err: BaseException, out) -> QbaraError | None:
     return None
 
 
+@contextlib.contextmanager
+def write_faults_as_errors(out) -> Iterator[None]:
+    """Raise a write fault inside (see `write_failure`) as the one-line `write_error` for the output `out`."""
+    try:
+        yield
+    except Exception as err:
+        mapped = write_failure(err, out)
+        if mapped is not None:
+            raise mapped from None
+        raise
+
+
 def written_by_qbara(folder) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
@@ -221,14 +233,12 @@ class OutputLock:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.qbara-new-", dir=target.parent))
         self.record("new", tmp, target)
         try:
-            os.chmod(tmp, 0o777 & ~_umask())
-            yield tmp
-            install_folder(tmp, target, command, lock=self, foreign=foreign, mark=mark)
-        except BaseException as err:
+            with write_faults_as_errors(target):
+                os.chmod(tmp, 0o777 & ~_umask())
+                yield tmp
+                install_folder(tmp, target, command, lock=self, foreign=foreign, mark=mark)
+        except BaseException:
             discard(tmp)
-            mapped = write_failure(err, target)
-            if mapped is not None:
-                raise mapped from None
             raise
 
 
@@ -392,14 +402,8 @@ def output_folder(path, inputs: Iterable = (), *, overwrite: bool = False, comma
 def output_file(path, inputs: Iterable = (), *, overwrite: bool = False, option: str = "--out") -> Iterator[Path]:
     """Check and lock the file `path`; yield it (write it with `qbara.atomic.write_file_atomic`)."""
     out = check_output(path, inputs, overwrite=overwrite, kind="file", option=option)
-    with output_lock(out):
-        try:
-            yield out
-        except Exception as err:
-            mapped = write_failure(err, out)
-            if mapped is not None:
-                raise mapped from None
-            raise
+    with output_lock(out), write_faults_as_errors(out):
+        yield out
 
 
 def folder_files(folder: Path) -> set[str]:

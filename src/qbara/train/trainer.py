@@ -36,7 +36,14 @@ from qbara.errors import QbaraError
 from qbara.models.loader import base_model_path, load_model
 from qbara.models.quantized_io import is_quantized_folder
 from qbara.native import save_quantized
-from qbara.outputs import OutputLock, check_output, foreign_files, mark_folder, output_lock, write_failure
+from qbara.outputs import (
+    OutputLock,
+    check_output,
+    foreign_files,
+    mark_folder,
+    output_lock,
+    write_faults_as_errors,
+)
 from qbara.plotting import pyplot
 from qbara.prepare import prepare
 from qbara.pretrained import base_quant_for
@@ -219,7 +226,7 @@ def _check_resume_quant(model, checkpoint: Path, records: dict) -> None:
 
     for name, layer in adapter_layers(model).items():
         record = records.get(name)
-        if not isinstance(record, dict):
+        if not isinstance(record, dict) or "quant" not in record:
             continue
         quant = layer.quant_config
         current = quant.to_dict() if quant is not None else None
@@ -339,13 +346,7 @@ def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     out = check_output(output_dir, inputs, overwrite=config.train.overwrite or ours, option="train.output_dir")
     main_rank = os.environ.get("RANK", "0") == "0"
     with output_lock(out) if main_rank else contextlib.nullcontext() as lock:
-        try:
-            return _train(config, resume, model, tokenizer, output_dir, lock)
-        except Exception as err:  # disk full, file size limit: while saving a checkpoint or the final outputs
-            mapped = write_failure(err, output_dir)
-            if mapped is not None:
-                raise mapped from None
-            raise
+        return _train(config, resume, model, tokenizer, output_dir, lock)
 
 
 def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
@@ -375,23 +376,25 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                data_collator=PadCollator(tokenizer.pad_token_id))
     trainer.qbara_keep = max(1, config.train.save_total_limit)
-    if checkpoint is not None and _reached_the_end(trainer, checkpoint):
-        print(f"qbara: {checkpoint.name} is at the run's last step; writing the final outputs from it")
-        load_adapter_weights(model, checkpoint)
-        trainer.state = type(trainer.state).load_from_json(str(checkpoint / "trainer_state.json"))
-    else:
-        _run(trainer, checkpoint)
+    with write_faults_as_errors(output_dir):  # disk full, file size limit: in a checkpoint or the final outputs
+        _train_or_finish(trainer, model, checkpoint)
+        history = trainer.state.log_history
+        if trainer.is_world_process_zero():
+            _write_final_outputs(config, model, tokenizer, output_dir, history, foreign, lock)
     adapter_dir = output_dir / "adapter"
-    history = trainer.state.log_history
-    if trainer.is_world_process_zero():
-        _write_final_outputs(config, model, tokenizer, output_dir, history, foreign, lock)
     trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 still writes
     losses = [h["loss"] for h in history if "loss" in h]
     return TrainResult(output_dir, adapter_dir, trainable_parameter_count(model), history,
                        losses[-1] if losses else None)
 
 
-def _run(trainer, checkpoint: Path | None) -> None:
+def _train_or_finish(trainer, model, checkpoint: Path | None) -> None:
+    """Train (from `checkpoint` if given); a checkpoint at the run's last step is loaded instead."""
+    if checkpoint is not None and _reached_the_end(trainer, checkpoint):
+        print(f"qbara: {checkpoint.name} is at the run's last step; writing the final outputs from it")
+        load_adapter_weights(model, checkpoint)
+        trainer.state = type(trainer.state).load_from_json(str(checkpoint / "trainer_state.json"))
+        return
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused the checkpoint's state
@@ -426,14 +429,14 @@ def _write_final_outputs(config: RunConfig, model, tokenizer, output_dir: Path, 
                          lock: OutputLock | None) -> None:
     """The final adapter (built beside `adapter/` and swapped in), the LoftQ / LQ base, the run config, the log
     and its plot, then the manifest; nothing if the adapter is not finite."""
+    if lock is None:  # only the main rank (RANK 0), which holds the output's lock, writes them
+        raise RuntimeError(f"the final outputs of {output_dir} are written by the process holding its lock")
     check_finite_adapter(model)
     if state_of(model).lq is not None and not config.model.adapter:
         # LoftQ / LQ init: the adapter fits the decomposition's Q, which is saved next to it.
         base_name = str(save_quantized(model, tokenizer, output_dir / "base", base_only=True))
     else:
         base_name = base_model_path(config.model.name)
-    if lock is None:  # a caller on another rank than 0 holding no lock: never here, the main rank writes
-        raise RuntimeError("the final outputs are written under the output lock")
     users = {f.split("/", 1)[1] for f in foreign if f.startswith("adapter/")}  # the user's files in adapter/
     with lock.replace_folder(output_dir / "adapter", "train", foreign=users, mark=False) as tmp:
         save_adapter(model, tmp, base_model_name=base_name)
