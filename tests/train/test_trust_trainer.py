@@ -83,6 +83,14 @@ def test_a_kill_during_the_final_save_keeps_the_previous_adapter_whole(finished,
     assert (out / "checkpoint-4" / COMPLETE_MARKER).is_file()  # the run got to its final save
     assert _adapter(out) == before
     assert sorted(p.name for p in (out / "adapter").iterdir()) == sorted(ADAPTER_FILES)
+    (out / "adapter" / "notes.txt").write_text("mine")  # the user's file in adapter/ survives the swap
+    train(build_config(config), resume=True)  # checkpoint-4 is the last step: the final outputs from it
+    after = _adapter(out)
+    assert after != before and after["adapter_model.safetensors"] == (
+        out / "checkpoint-4" / "adapter_model.safetensors").read_bytes()
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == sorted((*ADAPTER_FILES, "notes.txt"))
+    assert (out / "adapter" / "notes.txt").read_text() == "mine"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".adapter.")]
 
 
 def test_resume_after_a_kill_at_the_final_save_trains_no_extra_step(tmp_path):
