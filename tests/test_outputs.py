@@ -1,4 +1,5 @@
 """qbara.outputs: outputs never destroy inputs or users' files; folder swaps are atomic at every step; locks."""
+import json
 import os
 import subprocess
 import sys
@@ -172,12 +173,19 @@ def test_killed_swap_of_a_real_quantized_model_always_loads(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 
+def _journal(folder, out_name: str, entries: list[tuple[str, str]]):
+    """The lock file a killed run leaves: its pid, then the temporaries (kind, name) it had created."""
+    lines = ["12345"] + [json.dumps({"kind": kind, "path": name, "target": out_name}) for kind, name in entries]
+    (folder / f".{out_name}.qbara-lock").write_text("\n".join(lines) + "\n")
+
+
 def test_recovery_restores_a_backup_whose_new_output_never_arrived(tmp_path, capsys):
     out = tmp_path / "out"
     backup = tmp_path / ".out.qbara-old-abc123"
     _write(backup, {"a.txt": "old"})
     _write(tmp_path / ".out.qbara-new-def456", {"a.txt": "half"})
     (tmp_path / ".out.xyz.tmp").write_text("half a file")
+    _journal(tmp_path, "out", [("old", backup.name), ("new", ".out.qbara-new-def456"), ("tmp", ".out.xyz.tmp")])
     with output_lock(out):
         assert _contents(out) == {"a.txt": "old"}
     err = capsys.readouterr().err

@@ -4,9 +4,11 @@ A process killed at any moment leaves either the old file or the new one, never 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -19,6 +21,20 @@ def current_umask() -> int:
     return mask
 
 
+_recorders: list[Callable[[Path, Path], None]] = []
+
+
+@contextlib.contextmanager
+def recording_temporaries(record: Callable[[Path, Path], None]) -> Iterator[None]:
+    """While inside, call `record(tmp, path)` for each temporary file `write_file_atomic` creates (before it
+    is written): an output's lock journals those of its output."""
+    _recorders.append(record)
+    try:
+        yield
+    finally:
+        _recorders.remove(record)
+
+
 def write_file_atomic(path, write) -> Path:
     """Call `write(tmp_path)` for a temporary file beside `path`, fsync it, give it the permissions a
     newly created file would have, and rename it over `path`."""
@@ -27,6 +43,8 @@ def write_file_atomic(path, write) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        for record in list(_recorders):
+            record(Path(tmp), path)
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())

@@ -11,22 +11,33 @@
   deleted), so at every instant the path holds the complete old or the complete new output. A file is
   written beside and renamed over.
 - A lock file beside the output (`.NAME.qbara-lock`): a second qbara process on the same output fails at
-  once with the holder's pid. Taking the lock recovers what a killed run left: a backup whose new output
-  never arrived is renamed back, other backups and temporaries are removed, each with a notice.
+  once with the holder's pid. The lock is opened without following links and must be a regular file of
+  this user. It journals every temporary the run creates beside the output (or inside it); a killed run
+  leaves it behind, and the next run on the output recovers exactly what it lists: a backup whose new
+  output never arrived is renamed back, other backups and temporaries are removed, each with a notice.
+  A file that only looks like a temporary (same name pattern, not in the journal) is never touched.
+- A write fault (disk full, file size limit, read-only filesystem), whether raised as an OSError or by
+  safetensors' or torch's writers, is one line naming the path; the previous output is kept.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import json
 import os
+import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+from qbara import atomic
 from qbara.atomic import current_umask, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.validate import read_json_file
@@ -132,6 +143,37 @@ def write_error(err: OSError, out) -> QbaraError:
                       f"raise the limit and run again")
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors' Rust writer reports an I/O error
+_TORCH_SHORT_WRITE = ("unexpected pos", "file write failed")  # torch's zip writer when a write stops short
+
+
+def write_failure(err: BaseException, out) -> QbaraError | None:
+    """The one-line `write_error` for `err` when it is a write fault, else None: an OSError with one of
+    WRITE_ERRNOS, a SafetensorError wrapping one, or torch.save's writer stopping short (no errno given)."""
+    if isinstance(err, OSError):
+        return write_error(err, out) if err.errno in WRITE_ERRNOS else None
+    text = str(err)
+    if isinstance(err, SafetensorError):
+        match = _OS_ERROR.search(text)
+        code = int(match.group(1)) if match else -1
+        return write_error(OSError(code, os.strerror(code)), out) if code in WRITE_ERRNOS else None
+    if isinstance(err, RuntimeError) and "inline_container" in text and any(s in text for s in _TORCH_SHORT_WRITE):
+        return write_error(OSError(None, "torch's writer stopped short: disk full or file size limit"), out)
+    return None
+
+
+@contextlib.contextmanager
+def write_faults_as_errors(out) -> Iterator[None]:
+    """Raise a write fault inside (see `write_failure`) as the one-line `write_error` for the output `out`."""
+    try:
+        yield
+    except Exception as err:
+        mapped = write_failure(err, out)
+        if mapped is not None:
+            raise mapped from None
+        raise
+
+
 def written_by_qbara(folder) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
@@ -156,59 +198,191 @@ def _qbara_gguf(path: Path) -> bool:
 
 # ---------------------------------------------------------------- lock and recovery
 
+_KINDS = ("new", "old", "tmp")  # a folder being built, the previous output moved aside, a file being written
+
+
+def lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.qbara-lock"
+
+
+class OutputLock:
+    """The held lock of the output `out`. Its file is the journal of this run: the pid, then one line per
+    temporary the run creates for `out` or a path inside it, written before the temporary gets any content."""
+
+    def __init__(self, out: Path, fd: int):
+        self.out, self._fd, self._temporaries = out, fd, []
+
+    def record(self, kind: str, path: Path, target: Path) -> None:
+        """Journal `path`, a temporary of `kind` (see _KINDS) for `target`."""
+        entry = {"kind": kind, "path": os.path.relpath(path, self.out.parent),
+                 "target": os.path.relpath(target, self.out.parent)}
+        os.lseek(self._fd, 0, os.SEEK_END)
+        os.write(self._fd, (json.dumps(entry) + "\n").encode())
+        self._temporaries.append(Path(path))
+
+    def pending(self) -> bool:
+        """Whether a temporary this run journaled is still on disk (the next run then recovers it)."""
+        return any(os.path.lexists(p) for p in self._temporaries)
+
+    @contextlib.contextmanager
+    def replace_folder(self, target: Path, command: str = "", foreign: Iterable[str] | None = None,
+                       mark: bool = True) -> Iterator[Path]:
+        """Yield an empty temporary folder beside `target` (this lock's output or a folder inside it); when the
+        block succeeds it replaces `target` (`install_folder`), otherwise it is removed. A write fault becomes
+        `write_error`."""
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.qbara-new-", dir=target.parent))
+        self.record("new", tmp, target)
+        try:
+            with write_faults_as_errors(target):
+                os.chmod(tmp, 0o777 & ~_umask())
+                yield tmp
+                install_folder(tmp, target, command, lock=self, foreign=foreign, mark=mark)
+        except BaseException:
+            discard(tmp)
+            raise
+
 
 @contextlib.contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Hold `.NAME.qbara-lock` beside `out`; another holder makes this fail at once with its pid."""
-    lock = out.parent / f".{out.name}.qbara-lock"
+def output_lock(out: Path) -> Iterator[OutputLock]:
+    """Hold `.NAME.qbara-lock` beside `out` (another holder makes this fail at once with its pid), recover what
+    the journal of a killed run lists, and journal this run's temporaries (those of `atomic.write_file_atomic`
+    for `out` or files in it included). The lock file is removed at the end unless a journaled temporary is
+    left (a failed swap's backup): then the next run recovers it."""
+    out = _resolved(out)
+    lock_file = lock_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(lock_file, out)
+    lock = OutputLock(out, fd)
+    try:
+        left = _journal(_read_lock(fd), out)
+        _write_lock(fd, os.getpid(), left)  # a run killed while recovering leaves the rest to the next
+        recover(out, left)
+        _write_lock(fd, os.getpid(), [])
+        with atomic.recording_temporaries(lambda tmp, path: _record_file(lock, tmp, path)):
+            yield lock
+    finally:
+        if not lock.pending():
+            with contextlib.suppress(OSError):
+                os.unlink(lock_file)
+        os.close(fd)
+
+
+def _acquire(lock_file: Path, out: Path) -> int:
+    """Open and flock the lock file (the one at the path now, should a holder remove it meanwhile)."""
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock(lock_file)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            holder = _read_lock(fd).split("\n", 1)[0].strip()[:32] or "unknown"
             os.close(fd)
             raise QbaraError(f"{out} is being written by another qbara process (pid {holder}); wait for it to "
                              f"finish or choose another output") from None
         try:
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            same = os.fstat(fd).st_ino == os.lstat(lock_file).st_ino
         except FileNotFoundError:
             same = False
         if same:
-            break
+            return fd
         os.close(fd)  # the holder removed the file between our open and flock: take the new one
+
+
+def _open_lock(lock_file: Path) -> int:
+    """Open (or create) the lock file, never through a link nor a file that is not this user's own regular
+    file: in a shared folder another user could plant one to make qbara overwrite a file of ours."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fix = f"qbara writes its lock only to a file it created: if no qbara run is writing there, remove {lock_file}"
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        recover(out)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
+        fd = os.open(lock_file, flags, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise QbaraError(f"the lock file {lock_file} is a symbolic link; {fix}") from None
+        if err.errno in (errno.EACCES, errno.EPERM, errno.ENXIO):
+            raise QbaraError(f"cannot open the lock file {lock_file} ({err.strerror}); {fix}") from None
+        raise
+    info = os.fstat(fd)
+    problem = ("is not a regular file" if not stat.S_ISREG(info.st_mode) else
+               f"belongs to another user (uid {info.st_uid})" if info.st_uid != os.geteuid() else
+               f"has {info.st_nlink} hard links (it may be another file)" if info.st_nlink != 1 else None)
+    if problem:
         os.close(fd)
+        raise QbaraError(f"the lock file {lock_file} {problem}; {fix}")
+    return fd
 
 
-def _leftovers(out: Path, tag: str) -> list[Path]:
-    return sorted(out.parent.glob(f".{out.name}.qbara-{tag}-*"))
+def _read_lock(fd: int) -> str:
+    return os.pread(fd, 1 << 20, 0).decode(errors="replace")
 
 
-def recover(out: Path) -> None:
-    """Clean up after a killed run (call with the lock held): restore or remove backups, remove temporaries."""
-    for tmp in _leftovers(out, "new"):
-        notice(f"removing {tmp.name}, an unfinished output of an interrupted run")
-        fs.rmtree(tmp, ignore_errors=True)
-    for backup in _leftovers(out, "old"):
-        if not out.exists():
-            notice(f"restoring {out} from {backup.name}: an interrupted run had moved it aside")
-            fs.rename(backup, out)
-        else:
-            notice(f"removing {backup.name}, the previous output an interrupted run had replaced")
-            fs.rmtree(backup, ignore_errors=True)
-    for tmp in out.parent.glob(f".{out.name}.*.tmp"):  # write_file_atomic's temporaries
-        if tmp.is_file():
-            notice(f"removing {tmp.name}, an unfinished file of an interrupted run")
-            tmp.unlink(missing_ok=True)
+def _write_lock(fd: int, pid: int, entries: list[tuple[str, Path, Path]]) -> None:
+    lines = [str(pid)] + [json.dumps({"kind": k, "path": str(p), "target": str(t)}) for k, p, t in entries]
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, ("\n".join(lines) + "\n").encode(), 0)
+
+
+def _record_file(lock: OutputLock, tmp: Path, path: Path) -> None:
+    """Journal a write_file_atomic temporary when its file is the output or directly in it (deeper ones are
+    inside a folder that is replaced or removed whole, such as a checkpoint)."""
+    path = _resolved(path)
+    if path == lock.out or path.parent == lock.out:
+        lock.record("tmp", _resolved(tmp), path)
+
+
+def _journal(text: str, out: Path) -> list[tuple[str, Path, Path]]:
+    """The temporaries a lock file's journal lists (kind, path, target; relative to out's folder), each a name
+    qbara gives to a temporary beside a target that is `out` or inside it; anything else is ignored."""
+    entries = []
+    for line in text.splitlines()[1:]:
+        try:
+            entry = json.loads(line)
+            kind, path, target = entry["kind"], Path(entry["path"]), Path(entry["target"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if _is_temporary_name(kind, path, target, out):
+            entries.append((kind, path, target))
+    return entries
+
+
+def _is_temporary_name(kind: str, path: Path, target: Path, out: Path) -> bool:
+    """Whether `path` (relative to out's folder) is a name qbara gives a temporary of `kind` for `target`,
+    `out` itself or a path inside it."""
+    if path.is_absolute() or ".." in path.parts or ".." in target.parts or path.parent != target.parent:
+        return False
+    if not target.parts or target.parts[0] != out.name:
+        return False
+    if kind == "tmp":
+        return path.name.startswith(f".{target.name}.") and path.name.endswith(".tmp")
+    return kind in _KINDS and path.name.startswith(f".{target.name}.qbara-{kind}-")
+
+
+def recover(out: Path, journal: list[tuple[str, Path, Path]]) -> None:
+    """Clean up after a killed run (call with the lock held), touching only what its `journal` lists: remove
+    unfinished outputs, restore a backup whose new output never arrived (remove the others), remove
+    unfinished files."""
+    base = out.parent
+    for kind, rel, target in sorted(journal, key=lambda e: _KINDS.index(e[0])):
+        path, target = base / rel, base / target
+        if not os.path.lexists(path):
+            continue
+        if kind == "new":
+            notice(f"removing {rel}, an unfinished output of an interrupted run")
+            _remove(path)
+        elif kind == "old" and not os.path.lexists(target):
+            notice(f"restoring {target} from {rel}: an interrupted run had moved it aside")
+            fs.rename(path, target)
+        elif kind == "old":
+            notice(f"removing {rel}, the previous output an interrupted run had replaced")
+            _remove(path)
+        elif path.is_file():
+            notice(f"removing {rel}, an unfinished file of an interrupted run")
+            path.unlink(missing_ok=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        fs.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- folder and file outputs
@@ -220,33 +394,16 @@ def output_folder(path, inputs: Iterable = (), *, overwrite: bool = False, comma
     """Check and lock `path`, yield an empty temporary folder beside it to write the output into; on
     success swap it in (the user's other files carried over), on failure remove it."""
     out = check_output(path, inputs, overwrite=overwrite, kind="folder", option=option)
-    with output_lock(out):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qbara-new-", dir=out.parent))
-        try:
-            os.chmod(tmp, 0o777 & ~_umask())
-            yield tmp
-            install_folder(tmp, out, command)
-        except OSError as err:
-            discard(tmp)
-            if err.errno in WRITE_ERRNOS:
-                raise write_error(err, out) from None
-            raise
-        except BaseException:
-            discard(tmp)
-            raise
+    with output_lock(out) as lock, lock.replace_folder(out, command) as tmp:
+        yield tmp
 
 
 @contextlib.contextmanager
 def output_file(path, inputs: Iterable = (), *, overwrite: bool = False, option: str = "--out") -> Iterator[Path]:
     """Check and lock the file `path`; yield it (write it with `qbara.atomic.write_file_atomic`)."""
     out = check_output(path, inputs, overwrite=overwrite, kind="file", option=option)
-    with output_lock(out):
-        try:
-            yield out
-        except OSError as err:
-            if err.errno in WRITE_ERRNOS:
-                raise write_error(err, out) from None
-            raise
+    with output_lock(out), write_faults_as_errors(out):
+        yield out
 
 
 def folder_files(folder: Path) -> set[str]:
@@ -274,17 +431,24 @@ def discard(tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def install_folder(new: Path, out: Path, command: str = "") -> None:
-    """Make the complete folder `new` the output at `out`: write its manifest, carry the user's files over
-    from an existing `out`, then swap (old -> backup, new -> out, backup removed)."""
-    files = mark_folder(new, command)
+def install_folder(new: Path, out: Path, command: str = "", *, lock: OutputLock | None = None,
+                   foreign: Iterable[str] | None = None, mark: bool = True) -> None:
+    """Make the complete folder `new` the output at `out`: write its manifest (unless not `mark`), carry the
+    user's files over from an existing `out`, then swap (old -> backup, new -> out, backup removed).
+
+    lock: the held lock, which journals the backup so that a killed run's next run restores or removes it.
+    foreign: the user's files of `out` (default: those its manifest does not list)."""
+    files = mark_folder(new, command) if mark else folder_files(new)
     if not out.exists():
         fs.rename(new, out)
         return
-    kept = _carry_over(out, new, files)
+    ours = _qbara_files(out) if foreign is None else folder_files(out) - set(foreign)
+    kept = _carry_over(out, new, files, ours)
     if kept:
         notice(f"kept {len(kept)} earlier file(s) the new output replaces in {out / REPLACED}: {kept[:3]}")
     backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.qbara-old-", dir=out.parent))
+    if lock is not None:
+        lock.record("old", backup, out)
     fs.rename(out, backup)  # a folder renames over an empty one
     fs.rename(new, out)
     try:
@@ -296,10 +460,10 @@ def install_folder(new: Path, out: Path, command: str = "") -> None:
         notice(f"could not remove the previous output {backup} ({err}); the next run removes it")
 
 
-def _carry_over(old: Path, new: Path, new_files: set[str]) -> list[str]:
-    """Link every file of `old` that qbara did not write into `new` (a copy where links are not possible);
-    one whose name `new` already uses goes to `new/qbara-replaced/`. Returns those names."""
-    ours = _qbara_files(old) | {MANIFEST}
+def _carry_over(old: Path, new: Path, new_files: set[str], ours: set[str]) -> list[str]:
+    """Link every file of `old` that qbara did not write (not in `ours`) into `new` (a copy where links are not
+    possible); one whose name `new` already uses goes to `new/qbara-replaced/`. Returns those names."""
+    ours = set(ours) | {MANIFEST}
     replaced = []
     for source in sorted(old.rglob("*")):
         rel = str(source.relative_to(old))

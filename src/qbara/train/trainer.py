@@ -2,11 +2,17 @@
 
 Checkpoints hold the adapter (PEFT layout), optimizer, scheduler, RNG and trainer state. A checkpoint
 counts only once its `qbara_complete.json` marker is written (atomically, last): a run killed while
-saving leaves an unmarked folder that `--resume` ignores and removes.
+saving leaves an unmarked folder that `--resume` ignores and removes. Resuming from a checkpoint at the
+run's last step trains nothing more: it writes the final outputs from it.
+
+The final adapter folder is built beside `adapter/` and swapped in (`qbara.outputs`), so a kill leaves the
+complete old or new one. A non-finite training loss or final adapter stops the run before anything final is
+written; a write fault (disk full, file size limit) is one line.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import re
@@ -25,13 +31,20 @@ from qbara.adapters.io import (
     read_adapter_config,
     save_adapter,
 )
-from qbara.atomic import write_json_atomic
+from qbara.atomic import write_file_atomic, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.models.loader import base_model_path, load_model
 from qbara.models.quantized_io import is_quantized_folder
 from qbara.native import save_quantized
-from qbara.outputs import check_output, foreign_files, mark_folder, output_lock
-from qbara.plotting import pyplot, save_figure
+from qbara.outputs import (
+    OutputLock,
+    check_output,
+    foreign_files,
+    mark_folder,
+    output_lock,
+    write_faults_as_errors,
+)
+from qbara.plotting import pyplot
 from qbara.prepare import prepare
 from qbara.pretrained import base_quant_for
 from qbara.state import state_of
@@ -165,6 +178,13 @@ def _trainer_class():
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             load_adapter_weights(model or self.model, resume_from_checkpoint)
 
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            if not torch.isfinite(loss).all():
+                raise QbaraError(f"the training loss is {loss.float().mean().item()} at step "
+                                 f"{self.state.global_step + 1}; {_NOT_FINITE_FIX}")
+            return loss
+
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
@@ -178,8 +198,14 @@ def _trainer_class():
     return QbaraTrainer
 
 
+_NOT_FINITE_FIX = ("training diverged or the model computes non-finite values (check the model's config.json, "
+                   "e.g. rms_norm_eps, and lower train.lr); no final adapter was written and the previous output "
+                   "is kept")
+
+
 def check_resume_base(model, checkpoint: Path) -> None:
-    """Refuse to resume a checkpoint trained on another base model or with another adapter."""
+    """Refuse to resume a checkpoint trained on another base model, another quantization of it or with
+    another adapter."""
     info = read_adapter_config(checkpoint)["qbara"]
     check_base_fingerprint(info, model, str(checkpoint),
                            "resume with the run's original model.name and quant settings", required=True)
@@ -188,6 +214,34 @@ def check_resume_base(model, checkpoint: Path) -> None:
     if current is not None and recorded != current.to_dict():
         raise QbaraError(f"{checkpoint} holds a {recorded} adapter but this run attaches {current.to_dict()}; "
                          f"resume with the run's original adapter settings")
+    _check_resume_quant(model, checkpoint, info.get("layers") or {})
+
+
+def _check_resume_quant(model, checkpoint: Path, records: dict) -> None:
+    """Refuse a base quantized otherwise than the one the checkpoint was trained on (per layer)."""
+    from qbara.quant.config import QuantConfig
+
+    def label(quant: dict | None) -> str:
+        return QuantConfig.from_dict(quant).label if quant is not None else "not quantized"
+
+    for name, layer in adapter_layers(model).items():
+        record = records.get(name)
+        if not isinstance(record, dict) or "quant" not in record:
+            continue
+        quant = layer.quant_config
+        current = quant.to_dict() if quant is not None else None
+        if record.get("quant") != current:
+            raise QbaraError(f"{checkpoint} was trained on a base quantized as {label(record.get('quant'))} "
+                             f"(layer {name}) but this run quantizes it as {label(current)}; resume with the "
+                             f"run's original quant settings, or train into a new train.output_dir")
+
+
+def check_finite_adapter(model) -> None:
+    """Refuse to save an adapter with a NaN or infinite weight."""
+    for name, layer in adapter_layers(model).items():
+        for pname, param in layer.adapter_parameters().items():
+            if not torch.isfinite(param.detach()).all():
+                raise QbaraError(f"the trained adapter's {name}.{pname} holds non-finite values; {_NOT_FINITE_FIX}")
 
 
 def load_adapter_weights(model, directory) -> None:
@@ -291,11 +345,12 @@ def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     ours = latest_complete_checkpoint(output_dir) is not None  # a run of an older qbara, without the manifest
     out = check_output(output_dir, inputs, overwrite=config.train.overwrite or ours, option="train.output_dir")
     main_rank = os.environ.get("RANK", "0") == "0"
-    with output_lock(out) if main_rank else contextlib.nullcontext():
-        return _train(config, resume, model, tokenizer, output_dir)
+    with output_lock(out) if main_rank else contextlib.nullcontext() as lock:
+        return _train(config, resume, model, tokenizer, output_dir, lock)
 
 
-def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path) -> TrainResult:
+def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
+           lock: OutputLock | None) -> TrainResult:
     # The user's files in an --overwrite folder stay theirs; checkpoints of an older qbara are ours.
     foreign = {f for f in foreign_files(output_dir) if not _CHECKPOINT.match(f.split("/", 1)[0])}
 
@@ -321,30 +376,74 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path) 
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                data_collator=PadCollator(tokenizer.pad_token_id))
     trainer.qbara_keep = max(1, config.train.save_total_limit)
+    with write_faults_as_errors(output_dir):  # disk full, file size limit: in a checkpoint or the final outputs
+        _train_or_finish(trainer, model, checkpoint)
+        history = trainer.state.log_history
+        if trainer.is_world_process_zero():
+            _write_final_outputs(config, model, tokenizer, output_dir, history, foreign, lock)
+    adapter_dir = output_dir / "adapter"
+    trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 still writes
+    losses = [h["loss"] for h in history if "loss" in h]
+    return TrainResult(output_dir, adapter_dir, trainable_parameter_count(model), history,
+                       losses[-1] if losses else None)
+
+
+def _train_or_finish(trainer, model, checkpoint: Path | None) -> None:
+    """Train (from `checkpoint` if given); a checkpoint at the run's last step is loaded instead."""
+    if checkpoint is not None and _reached_the_end(trainer, checkpoint):
+        print(f"qbara: {checkpoint.name} is at the run's last step; writing the final outputs from it")
+        load_adapter_weights(model, checkpoint)
+        trainer.state = type(trainer.state).load_from_json(str(checkpoint / "trainer_state.json"))
+        return
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused the checkpoint's state
         raise QbaraError(f"{checkpoint}: its optimizer, scheduler or RNG state is not plain tensors and numbers "
                          f"({' '.join(str(err).split())[:200]}); qbara loads no pickled objects: delete "
                          f"{checkpoint} to resume from an earlier checkpoint") from None
-    adapter_dir = output_dir / "adapter"
-    history = trainer.state.log_history
-    if trainer.is_world_process_zero():
-        if state_of(model).lq is not None and not config.model.adapter:
-            # LoftQ / LQ init: the adapter fits the decomposition's Q, which is saved next to it.
 
-            base_name = str(save_quantized(model, tokenizer, output_dir / "base", base_only=True))
-        else:
-            base_name = base_model_path(config.model.name)
-        save_adapter(model, adapter_dir, base_model_name=base_name)
-        write_json_atomic(output_dir / "run_config.json", config.to_dict())
-        write_json_atomic(output_dir / "log_history.json", history)
-        plot_loss_curve(history, output_dir / "loss_curve.png")
-        mark_folder(output_dir, "train", foreign)
-    trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 still writes
-    losses = [h["loss"] for h in history if "loss" in h]
-    return TrainResult(output_dir, adapter_dir, trainable_parameter_count(model), history,
-                       losses[-1] if losses else None)
+
+def run_steps(trainer) -> int:
+    """The number of optimizer steps the trainer's run takes (train.steps, or its epochs' worth), as HF's
+    Trainer counts them."""
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = len(trainer.get_train_dataloader())
+    per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def _reached_the_end(trainer, checkpoint: Path) -> bool:
+    """Whether the checkpoint is at the run's last step (then nothing is left to train); a checkpoint past it
+    is refused."""
+    step = read_json_file(checkpoint / "trainer_state.json", "trainer_state.json")["global_step"]
+    last = run_steps(trainer)
+    if step > last:
+        raise QbaraError(f"{checkpoint} is at step {step}, past this run's {last} steps; resume with "
+                         f"train.steps >= {step}, or train into a new train.output_dir")
+    return step == last
+
+
+def _write_final_outputs(config: RunConfig, model, tokenizer, output_dir: Path, history: list, foreign: set,
+                         lock: OutputLock | None) -> None:
+    """The final adapter (built beside `adapter/` and swapped in), the LoftQ / LQ base, the run config, the log
+    and its plot, then the manifest; nothing if the adapter is not finite."""
+    if lock is None:  # only the main rank (RANK 0), which holds the output's lock, writes them
+        raise RuntimeError(f"the final outputs of {output_dir} are written by the process holding its lock")
+    check_finite_adapter(model)
+    if state_of(model).lq is not None and not config.model.adapter:
+        # LoftQ / LQ init: the adapter fits the decomposition's Q, which is saved next to it.
+        base_name = str(save_quantized(model, tokenizer, output_dir / "base", base_only=True))
+    else:
+        base_name = base_model_path(config.model.name)
+    users = {f.split("/", 1)[1] for f in foreign if f.startswith("adapter/")}  # the user's files in adapter/
+    with lock.replace_folder(output_dir / "adapter", "train", foreign=users, mark=False) as tmp:
+        save_adapter(model, tmp, base_model_name=base_name)
+    write_json_atomic(output_dir / "run_config.json", config.to_dict())
+    write_json_atomic(output_dir / "log_history.json", history)
+    plot_loss_curve(history, output_dir / "loss_curve.png")
+    mark_folder(output_dir, "train", foreign)
 
 
 def plot_loss_curve(history: list, path) -> Path | None:
@@ -363,4 +462,7 @@ def plot_loss_curve(history: list, path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return save_figure(fig, path)
+    try:  # through write_file_atomic's private temporary, never a fixed name another user could plant
+        return write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        pyplot().close(fig)
