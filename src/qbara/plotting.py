@@ -1,8 +1,9 @@
 """Matplotlib without a display, and figures written atomically as PNG."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from qbara.atomic import write_file_atomic
 
 
 def pyplot():
@@ -16,15 +17,9 @@ def pyplot():
 
 
 def save_figure(fig, path, dpi: int = 100) -> Path:
-    """Write `fig` to `path` (PNG) through a temporary file renamed into place, then close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
+    """Write `fig` to `path` (PNG) through `write_file_atomic` (a fresh temporary beside it, never a fixed name a
+    link could be planted at), then close it."""
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        return write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     finally:
         pyplot().close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return path

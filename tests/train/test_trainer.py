@@ -16,7 +16,7 @@ from qbara.eval.loss import masked_loss
 from qbara.models import tiny_llama
 from qbara.train.config import build_config
 from qbara.train.data import build_examples, read_records
-from qbara.train.trainer import COMPLETE_MARKER, latest_complete_checkpoint, train
+from qbara.train.trainer import COMPLETE_MARKER, latest_complete_checkpoint, start_checkpoint, train
 from tests.helpers import free_port
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -73,8 +73,8 @@ def test_incomplete_checkpoint_is_never_picked_up(tmp_path):
     out = Path(config.train.output_dir)
     assert latest_complete_checkpoint(out).name == "checkpoint-3"
     half = out / "checkpoint-9"
-    half.mkdir()
-    (half / "adapter_model.safetensors").write_bytes(b"\x00" * 10)  # a save killed half-way
+    start_checkpoint(half)  # a save killed half-way: qbara's saving marker, a partial file, no completion marker
+    (half / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
     assert latest_complete_checkpoint(out).name == "checkpoint-3"
     resumed = build_config(_config(tmp_path, steps=6))
     train(resumed, resume=True)

@@ -208,3 +208,30 @@ def test_a_non_finite_adapter_is_never_saved_as_the_final_one(tmp_path, monkeypa
     with pytest.raises(QbaraError, match=r"the trained adapter's .* holds non-finite values"):
         train(config)
     assert not (Path(config.train.output_dir) / "adapter").exists()
+
+
+# ---------------------------------------------------------------- checkpoint folders qbara did not start
+
+
+def test_a_users_checkpoint_like_folder_is_never_removed_on_resume(finished, tmp_path):
+    """A `checkpoint-N` folder without qbara's saving marker is the user's: --resume leaves it and its files,
+    and the run refuses to save a checkpoint into it rather than mixing files."""
+    out, config = _copy(finished, tmp_path, steps=3, save_steps=1)
+    mine = out / "checkpoint-3"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(QbaraError, match="checkpoint-3 exists and was not written by qbara"):
+        train(build_config(config), resume=True)
+    assert (mine / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_a_killed_save_is_removed_on_resume(finished, tmp_path):
+    """A folder qbara started (saving marker) and never completed is removed on --resume and saved anew."""
+    from qbara.train.trainer import start_checkpoint
+
+    out, config = _copy(finished, tmp_path, steps=3, save_steps=1)
+    start_checkpoint(out / "checkpoint-3")
+    (out / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    train(build_config(config), resume=True)
+    assert (out / "checkpoint-3" / COMPLETE_MARKER).is_file()

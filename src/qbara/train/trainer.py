@@ -1,8 +1,10 @@
 """The training run: HF Trainer on a prepared (quantized + adapters) model, saving adapters only.
 
 Checkpoints hold the adapter (PEFT layout), optimizer, scheduler, RNG and trainer state. A checkpoint
-counts only once its `qbara_complete.json` marker is written (atomically, last): a run killed while
-saving leaves an unmarked folder that `--resume` ignores and removes. Resuming from a checkpoint at the
+counts only once its `qbara_complete.json` marker is written (atomically, last). Each checkpoint folder gets
+qbara's `.qbara-saving` marker first: a run killed while saving leaves a folder with it and without the completion
+marker, which `--resume` ignores and removes; a `checkpoint-N` folder without it is not qbara's and is never
+removed or written into. Resuming from a checkpoint at the
 run's last step trains nothing more: it writes the final outputs from it.
 
 The final adapter folder is built beside `adapter/` and swapped in (`qbara.outputs`), so a kill leaves the
@@ -31,7 +33,7 @@ from qbara.adapters.io import (
     read_adapter_config,
     save_adapter,
 )
-from qbara.atomic import write_file_atomic, write_json_atomic
+from qbara.atomic import write_json_atomic
 from qbara.errors import QbaraError
 from qbara.models.loader import base_model_path, load_model
 from qbara.models.quantized_io import is_quantized_folder
@@ -44,7 +46,7 @@ from qbara.outputs import (
     output_lock,
     write_faults_as_errors,
 )
-from qbara.plotting import pyplot
+from qbara.plotting import pyplot, save_figure
 from qbara.prepare import prepare
 from qbara.pretrained import base_quant_for
 from qbara.state import state_of
@@ -53,6 +55,7 @@ from qbara.train.data import ExampleDataset, PadCollator, build_examples, read_r
 from qbara.validate import read_json_file, safetensors_shapes
 
 COMPLETE_MARKER = "qbara_complete.json"
+SAVING_MARKER = ".qbara-saving"  # written first into each checkpoint folder qbara saves
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -160,10 +163,31 @@ def _set_aside(folder: Path) -> Path:
 
 
 def remove_incomplete_checkpoints(output_dir) -> list[Path]:
-    removed = [path for _, path, done in checkpoints(output_dir) if not done]
+    """Remove the checkpoint folders a killed save left (qbara's saving marker, no completion marker); a
+    `checkpoint-N` folder without qbara's marker is not qbara's and is left alone."""
+    removed = [path for _, path, done in checkpoints(output_dir) if not done and _saving_marked(path)]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+def _saving_marked(folder: Path) -> bool:
+    return (folder / SAVING_MARKER).is_file() and not (folder / SAVING_MARKER).is_symlink()
+
+
+def start_checkpoint(folder: Path) -> None:
+    """Create the checkpoint folder `folder` with qbara's saving marker in it, before anything else is written
+    there; a folder of that name qbara did not start is refused (never written into, never removed)."""
+    if folder.exists() or folder.is_symlink():
+        if not folder.is_dir() or folder.is_symlink() or not _saving_marked(folder):
+            raise QbaraError(f"{folder} exists and was not written by qbara; the run would save its checkpoint "
+                             f"there: move it out of {folder.parent} and resume")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / SAVING_MARKER, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    finally:
+        os.close(fd)
 
 
 def _trainer_class():
@@ -186,6 +210,8 @@ def _trainer_class():
             return loss
 
         def _save_checkpoint(self, model, trial):
+            if self.args.should_save:
+                start_checkpoint(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
                 folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
@@ -462,7 +488,4 @@ def plot_loss_curve(history: list, path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:  # through write_file_atomic's private temporary, never a fixed name another user could plant
-        return write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    finally:
-        pyplot().close(fig)
+    return save_figure(fig, path)
