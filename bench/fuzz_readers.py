@@ -448,6 +448,7 @@ class Worker:
         self.job = None
         self.deadline = time.monotonic() + 300  # imports
         self.served = 0
+        self.warm = False  # has imported qbara (answered a real target)
 
     def fileno(self):
         return self.proc.stdout.fileno()
@@ -512,6 +513,9 @@ def worker_env(out: Path) -> dict:
     return env
 
 
+IMPORT_ALLOWANCE = 120.0
+
+
 def run_jobs(jobs, seeds: Path, out: Path, workers: int = 1, timeout: float = 60.0, mem_gib: float = 4.0,
              progress=None, recycle: int = 400):
     """Run jobs (an iterator of (job, cleanup) pairs) on a pool of workers; yield (job, answer) as they come."""
@@ -531,7 +535,9 @@ def run_jobs(jobs, seeds: Path, out: Path, workers: int = 1, timeout: float = 60
                         continue
                     job, cleanup = nxt
                     cleanups[job["id"]] = cleanup
-                    worker.send(job, timeout)
+                    # a fresh worker imports torch and qbara on its first job: that is not the reader's time
+                    allowance = IMPORT_ALLOWANCE if job["target"] in TARGETS and not worker.warm else 0
+                    worker.send(job, job.get("timeout", timeout) + allowance)
             busy = [w for w in pool if w.job is not None or not w.ready]
             if not pending and not any(w.job is not None for w in pool):
                 return
@@ -564,6 +570,7 @@ def run_jobs(jobs, seeds: Path, out: Path, workers: int = 1, timeout: float = 60
                 answer["id"] = job["id"]
                 worker.job = None
                 worker.served += 1
+                worker.warm = worker.warm or job["target"] in TARGETS
                 cleanups.pop(job["id"], lambda: None)()
                 if progress is not None:
                     progress.update(1)
@@ -710,7 +717,14 @@ def json_mutation(rng, doc):
     paths = _paths(doc)
     if not paths:
         return "replace-root", rng.choice(RETYPES), None, "the whole document replaced"
-    path = rng.choice(paths)
+    for _ in range(20):  # an op that does not apply to the drawn value is drawn again
+        op, new, raw, what = _json_edit(rng, doc, rng.choice(paths))
+        if op != "reformat" or rng.random() < 0.15:
+            return op, new, raw, what
+    return op, new, raw, what
+
+
+def _json_edit(rng, doc, path):
     old = _get(doc, path)
     parent = _get(doc, path[:-1])
     op = rng.choice(["retype", "special", "special", "huge-string", "remove", "duplicate-key", "deep", "add-key",
@@ -790,11 +804,11 @@ def _json_struct(rng, path: Path):
 # ---- YAML run config
 
 
-def _yaml_struct(rng, path: Path):
+def _yaml_struct(rng, path: Path, op: str | None = None):
     import yaml
 
     text = path.read_text()
-    op = rng.choice(["value", "value", "value", "alias-bomb", "alias", "python-tag", "merge-key", "multi-doc",
+    op = op or rng.choice(["value", "value", "value", "alias-bomb", "alias", "python-tag", "merge-key", "multi-doc",
                      "tab-indent", "duplicate-section", "duplicate-key", "flow-style", "comments", "null-section",
                      "top-list", "scalar", "empty", "deep", "bom", "crlf"])
     if op == "value":
@@ -849,18 +863,18 @@ def _st_write(path: Path, header, body: bytes, raw=None, length=None):
     path.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + body)
 
 
-def _st_struct(rng, path: Path):
+def _st_struct(rng, path: Path, op: str | None = None):
     data = path.read_bytes()
     n, header, body = _st_parse(data)
     names = sorted(k for k in header if k != "__metadata__")
     name = rng.choice(names)
     entry = header[name]
-    op = rng.choice(["header-length", "offsets", "offsets", "dtype", "shape", "shape", "metadata", "rename",
+    op = op or rng.choice(["header-length", "offsets", "offsets", "dtype", "shape", "shape", "metadata", "rename",
                      "drop", "duplicate", "json", "swap-data"])
     if op == "header-length":
         new = rng.choice([0, 1, n - 1, n + 1, n + 8, len(data), len(data) + 1, 2 ** 32, 2 ** 63, 2 ** 64 - 1])
         path.write_bytes(struct.pack("<Q", new) + data[8:])
-        return f"safetensors header length {n} -> {new}"
+        return f"safetensors header-length {n} -> {new}"
     if op == "offsets":
         begin, end = entry["data_offsets"]
         size = len(body)
@@ -869,13 +883,13 @@ def _st_struct(rng, path: Path):
                           [0, end - begin], [begin, float(end)], [begin]])
         entry["data_offsets"] = new
         _st_write(path, header, body)
-        return f"safetensors {name}: data_offsets {[begin, end]} -> {new}"
+        return f"safetensors offsets {name}: {[begin, end]} -> {new}"
     if op == "dtype":
         new = rng.choice(["F16", "BF16", "F32", "F64", "I8", "U8", "I32", "I64", "BOOL", "F8_E4M3", "Q4", "", 5,
                           None])
         old, entry["dtype"] = entry["dtype"], new
         _st_write(path, header, body)
-        return f"safetensors {name}: dtype {old} -> {new!r}"
+        return f"safetensors dtype {name}: {old} -> {new!r}"
     if op == "shape":
         shape = list(entry["shape"])
         choice = rng.choice(["plus", "minus", "zero", "huge", "negative", "add-dim", "drop-dim", "swap", "scalar",
@@ -896,7 +910,7 @@ def _st_struct(rng, path: Path):
             shape = [str(s) for s in shape]
         old, entry["shape"] = entry["shape"], shape
         _st_write(path, header, body)
-        return f"safetensors {name}: shape {old} -> {shape} ({choice})"
+        return f"safetensors shape-{choice} {name}: {old} -> {shape}"
     if op == "metadata":
         meta = header.get("__metadata__")
         if meta and rng.random() < 0.6:
@@ -909,37 +923,37 @@ def _st_struct(rng, path: Path):
             else:
                 meta[key] = rng.choice([1, None, [], {"a": "b"}])
             _st_write(path, header, body)
-            return f"safetensors __metadata__ {key}: {choice}"
+            return f"safetensors metadata-{choice} {key}"
         if meta is not None and rng.random() < 0.5:
             del header["__metadata__"]
             _st_write(path, header, body)
-            return "safetensors __metadata__ removed"
+            return "safetensors metadata-removed"
         header["__metadata__"] = rng.choice([{"format": "pt", "zz": "1"}, [], "x", {"a": {"b": 1}}])
         _st_write(path, header, body)
-        return f"safetensors __metadata__ set to {header['__metadata__']!r}"
+        return f"safetensors metadata-set {header['__metadata__']!r}"
     if op == "rename":
         header[name + ".x"] = header.pop(name)
         _st_write(path, header, body)
-        return f"safetensors {name} renamed {name}.x"
+        return f"safetensors rename {name} -> {name}.x"
     if op == "drop":
         del header[name]
         _st_write(path, header, body)
-        return f"safetensors {name} entry removed"
+        return f"safetensors drop {name}"
     if op == "duplicate":
         other = rng.choice(names)
         header[SENTINEL] = dict(header[other])
         _st_write(path, header, body, raw=("key", name))
-        return f"safetensors {name} written twice (second entry: {other}'s)"
+        return f"safetensors duplicate {name} written twice (second entry: {other}'s)"
     if op == "swap-data" and len(names) > 1:
         other = rng.choice([k for k in names if k != name])
         a, b = header[name], header[other]
         if a["dtype"] == b["dtype"] and a["shape"] == b["shape"]:
             a["data_offsets"], b["data_offsets"] = b["data_offsets"], a["data_offsets"]
             _st_write(path, header, body)
-            return f"safetensors {name} and {other} point at each other's data (same shape)"
+            return f"safetensors swap-data {name} and {other} point at each other's data (same shape)"
     sub, header, raw, what = json_mutation(rng, header)
     _st_write(path, header, body, raw=raw)
-    return f"safetensors header json {sub}: {what}"
+    return f"safetensors json-{sub} {what}"
 
 
 # ---- GGUF
@@ -1024,15 +1038,22 @@ def _gguf_value(rng, fmt: str, old):
     return max(low, min(top, rng.choice(picks)))
 
 
-def _gguf_struct(rng, path: Path):
+def _gguf_struct(rng, path: Path, op: str | None = None):
+    """One header field forged; `op` names the field (e.g. n_tensors), else it is drawn."""
     data = bytearray(path.read_bytes())
     fields = gguf_fields(bytes(data))
     top = [f for f in fields if f[0] in ("version", "n_tensors", "n_kv")]
     tensors = [f for f in fields if f[0].startswith("tensor[")]
     kvs = [f for f in fields if f[0].startswith("kv[")]
     pool = rng.choice([top, tensors, tensors, kvs, kvs, [f for f in kvs if "len" in f[0]]]) or fields
+    if op is not None:
+        pool = [f for f in fields if f[0] == op]
     name, at, fmt, old = rng.choice(pool)
-    new = _gguf_value(rng, fmt, old)
+    new = old
+    for _ in range(10):
+        if new != old:
+            break
+        new = _gguf_value(rng, fmt, old)
     struct.pack_into(fmt, data, at, new)
     path.write_bytes(bytes(data))
     return f"gguf {name}: {old!r} -> {new!r}"
@@ -1051,39 +1072,40 @@ def record_mutation(rng, records: list) -> tuple[list, object, str]:
     op = rng.choice(["drop-field", "field-value", "field-value", "empty-record", "non-object", "no-records",
                      "extra-field", "duplicate-record", "reorder-keys", "messages", "deep-record"])
     if not records:
-        return [{}], None, "empty list -> one empty record"
+        return [{}], None, "empty-record (the list was empty)"
     i = rng.randrange(len(records))
     record = records[i]
     keys = sorted(record) if isinstance(record, dict) else []
     if op == "drop-field" and keys:
         key = rng.choice(keys)
         del record[key]
-        return records, None, f"record {i + 1}: field {key!r} removed"
+        return records, None, f"drop-field record {i + 1}: {key!r}"
     if op == "field-value" and keys:
         key = rng.choice(keys)
         value = rng.choice(FIELD_VALUES)
         record[key] = value
         raw = ("number", int("1" + "0" * 400)) if value == SENTINEL else None
-        return records, raw, f"record {i + 1}: {key} = {_short(value, 30) if value != SENTINEL else '1e400 (int)'}"
+        shown = _short(value, 30) if value != SENTINEL else "1e400 (int)"
+        return records, raw, f"field-value record {i + 1}: {key} = {shown}"
     if op == "empty-record":
         records[i] = {}
-        return records, None, f"record {i + 1}: {{}}"
+        return records, None, f"empty-record record {i + 1}: {{}}"
     if op == "non-object":
         records[i] = rng.choice([None, 1, "text", [1, 2], []])
-        return records, None, f"record {i + 1}: {records[i]!r}"
+        return records, None, f"non-object record {i + 1}: {records[i]!r}"
     if op == "no-records":
-        return [], None, "no records"
+        return [], None, "no-records"
     if op == "extra-field" and keys:
         record["zz_extra"] = "ignored?"
-        return records, None, f"record {i + 1}: unknown field added"
+        return records, None, f"extra-field record {i + 1}: unknown field added"
     if op == "duplicate-record":
         records.insert(i, json.loads(json.dumps(record)))
-        return records, None, f"record {i + 1} duplicated"
+        return records, None, f"duplicate-record record {i + 1}"
     if op == "reorder-keys" and keys:
         items = list(record.items())
         items.reverse()
         records[i] = dict(items)
-        return records, None, f"record {i + 1}: keys reordered (same meaning)"
+        return records, None, f"reorder-keys record {i + 1}: keys reordered (same meaning)"
     if op == "messages" and isinstance(record, dict) and "messages" in record:
         messages = record["messages"]
         choice = rng.choice(["no-role", "role", "content-type", "not-list", "no-assistant", "empty"])
@@ -1099,12 +1121,12 @@ def record_mutation(rng, records: list) -> tuple[list, object, str]:
             record["messages"] = [m for m in messages if m.get("role") != "assistant"]
         else:
             record["messages"] = []
-        return records, None, f"record {i + 1}: messages {choice}"
+        return records, None, f"messages-{choice} record {i + 1}"
     if isinstance(record, dict) and keys:
         record[rng.choice(keys)] = SENTINEL
-        return records, ("deep", DEEP), f"record {i + 1}: a field nested {DEEP:,} deep"
+        return records, ("deep", DEEP), f"deep-field record {i + 1}: {DEEP:,} nested lists"
     records[i] = {}
-    return records, None, f"record {i + 1}: {{}}"
+    return records, None, f"empty-record record {i + 1}: {{}}"
 
 
 def _dump_value(value, raw) -> str:
@@ -1228,10 +1250,11 @@ def folder_extra(rng, folder: Path):
 
 
 def make_case(seeds: Path, reader: str, index: int, seed: int, where: Path, family: str | None = None,
-              op: str | None = None) -> dict:
+              op: str | None = None, file: str | None = None) -> dict:
     """Copy case `index` of `reader`'s seed into `where` and mutate it; returns the job (id, target, path, ...).
 
-    family / op force the kind of mutation (tests use them); otherwise both are drawn from the seeded rng."""
+    family (byte, struct, fs, extra), op (a byte/fs op name, or a safetensors/YAML op or GGUF field name for
+    struct) and file (the file's name) force the mutation (tests use them); otherwise all are drawn."""
     rng = random.Random(f"{seed}:{reader}:{index}")
     target = rng.choice(READERS[reader])
     source = seeds / TARGETS[target][0]
@@ -1239,23 +1262,35 @@ def make_case(seeds: Path, reader: str, index: int, seed: int, where: Path, fami
     copy = where / source.name
     (shutil.copytree if source.is_dir() else shutil.copy)(source, copy)
     files = sorted(p for p in copy.rglob("*") if p.is_file()) if copy.is_dir() else [copy]
-    victim = rng.choice(files)
+    victim = rng.choices(files, [_weight(p) for p in files])[0] if file is None else \
+        next(p for p in files if p.name == file)
     kind = file_kind(victim, target)
     family = family or rng.choices(["byte", "struct", "fs", "extra"],
                                    [0.35, 0.0 if kind == "bytes" else 0.5, 0.12, 0.03 if copy.is_dir() else 0])[0]
     if family == "extra":
         what = folder_extra(rng, copy)
-        rel = "."
+        rel, op = ".", "extra-file"
     else:
         table = {"byte": BYTE_OPS, "fs": FS_OPS}.get(family)
-        if table is None:
-            mutate = STRUCT_OPS[kind] if op is None else STRUCT_OPS[op]
-        else:
-            mutate = table[op or rng.choice(sorted(table))]
         rel = victim.relative_to(copy).as_posix() if copy.is_dir() else victim.name
-        what = mutate(rng, victim)
+        if table is None:
+            what = STRUCT_OPS[kind](rng, victim, op) if op else STRUCT_OPS[kind](rng, victim)
+            op = re.sub(r"\[[^\]]*\]", "[]", " ".join(what.split()[:2])).rstrip(":")
+        else:
+            op = op or rng.choice(sorted(table))
+            what = table[op](rng, victim)
     return {"id": f"{reader}:{index}", "reader": reader, "target": target, "path": str(copy), "file": rel,
-            "family": family, "mutation": f"{rel}: {what}"}
+            "family": family, "op": op, "mutation": f"{rel}: {what}"}
+
+
+MAIN_FILES = ("qbara_adapter.json", "qbara_quant.json", "config.json", "adapter_config.json", "state.json")
+
+
+def _weight(path: Path) -> float:
+    """How often a file of a folder is the one mutated: weights and manifests more, qbara's output marker less."""
+    if path.name == ".qbara-output.json":
+        return 0.25
+    return 3.0 if path.suffix in (".safetensors", ".gguf", ".arrow") or path.name in MAIN_FILES else 1.0
 
 
 # ---------------------------------------------------------------- the run and its summary
@@ -1263,15 +1298,8 @@ def make_case(seeds: Path, reader: str, index: int, seed: int, where: Path, fami
 
 def signature(case: dict) -> tuple:
     if case["outcome"] == "ok-changed":
-        return case["reader"], "ok-changed", case["family"], case["mutation"].split(":", 1)[0] + ": " + \
-            _mutation_kind(case["mutation"])
+        return case["reader"], "ok-changed", case["family"], f"{case['file']}: {case['op']}"
     return case["reader"], case["outcome"], case.get("type", ""), case.get("location", "")
-
-
-def _mutation_kind(mutation: str) -> str:
-    """`file: op detail` -> a coarse kind (the op) for grouping silent changes."""
-    words = mutation.split(":", 1)[1].split()
-    return " ".join(words[:2]) if words else "?"
 
 
 def summarize(cases: list[dict], meta: dict) -> dict:
