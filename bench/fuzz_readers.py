@@ -95,6 +95,11 @@ CLI_ARGV = {
     "cli-data": ["eval", "--model", "tiny-llama", "--task", "loss", "--data", "{path}", "--window", "512", "--json"],
 }
 
+# Targets whose files are the user's own or carry no integrity record: a silent change there can be legitimate.
+# The others (adapter folders, the native quantized folder) record digests: a silent change there is a bug.
+CHANGE_EXPECTED = {"hf", "gguf", "yaml", "data-jsonl", "data-json", "data-csv", "data-txt", "dataset-saved",
+                   "dataset-jsonl", "cli-gguf", "cli-data"}
+
 # Why a silent change can be legitimate, per reader (shown next to the ok-changed counts).
 CHANGE_NOTES = {
     "hf": "an HF folder records no digest: changed weight bytes or tokenizer entries load as written",
@@ -207,7 +212,8 @@ def _probe(model, tokenizer) -> dict:
     ids = (torch.arange(1, 17) % model.config.vocab_size)[None]
     with torch.no_grad():
         logits = model(ids).logits.float()
-    return {"logits": logits, "tokens": tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids}
+    tokens = tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids if tokenizer is not None else "no tokenizer"
+    return {"logits": logits, "tokens": tokens}
 
 
 def _read_model(path: str) -> dict:
@@ -378,8 +384,9 @@ def _location(err: BaseException) -> str:
     return f"{Path(last.filename).name}:{last.lineno} {last.name}"
 
 
+# an allocation refused under RLIMIT_AS (torch, numpy, a C extension that returns NULL without an exception)
 MEMORY_MESSAGES = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "out of memory",
-                   "failed to allocate")
+                   "failed to allocate", "error return without exception set")
 
 
 def classify(target: str, path: str, reference) -> dict:
@@ -1298,7 +1305,7 @@ def _weight(path: Path) -> float:
 
 def signature(case: dict) -> tuple:
     if case["outcome"] == "ok-changed":
-        return case["reader"], "ok-changed", case["family"], f"{case['file']}: {case['op']}"
+        return case["reader"], "ok-changed", case["family"], f"{case['target']}/{case['file']}: {case['op']}"
     return case["reader"], case["outcome"], case.get("type", ""), case.get("location", "")
 
 
@@ -1334,6 +1341,9 @@ def markdown(summary: dict) -> str:
         for o in OUTCOMES:
             totals[o] += row[o]
     lines.append("| **all** | " + " | ".join(f"**{totals[o]}**" for o in OUTCOMES) + f" | **{sum(totals.values())}** |")
+    if summary.get("harness_errors"):
+        lines += ["", f"Harness errors (cases not run): {len(summary['harness_errors'])}: "
+                  + "; ".join(summary["harness_errors"][:5])]
     failures = [s for s in summary["signatures"] if s["outcome"] in FAILURES]
     lines += ["", f"## Failure signatures ({len(failures)} distinct: reader, outcome, exception type, location)", ""]
     for i, s in enumerate(failures, 1):
@@ -1348,7 +1358,9 @@ def markdown(summary: dict) -> str:
         note = CHANGE_NOTES.get(s["reader"]) or CHANGE_NOTES.get(s["reader"].split("-")[0]) or \
             "records a digest / checks sizes: a silent change here is a bug"
         notes.setdefault(s["reader"], note)
-        lines += [f"- **{s['reader']}** {s['type']} `{s['location']}` x{s['count']}: {s['message'][:120]}  ",
+        flag = "" if s["target"] in CHANGE_EXPECTED else "**UNEXPECTED** "
+        lines += [f"- {flag}**{s['reader']}** {s['type']} `{s['location']}` x{s['count']}: "
+                  f"{s['message'][:120]}  ",
                   f"  e.g. case `{s['case']}`: {s['mutation'][:160]}"]
     if notes:
         lines += ["", "Why a change can be legitimate, per reader:", ""]
@@ -1389,27 +1401,33 @@ def run(args) -> dict:
     build_seeds_in_subprocess(seeds, out)
     readers = expand_readers(args.readers)
 
+    harness_errors = []
+
     def jobs():
         for index in range(args.cases):
             for reader in readers:
                 where = work / "cases" / f"{reader}-{index}"
-                job = make_case(seeds, reader, index, args.seed, where)
+                try:
+                    job = make_case(seeds, reader, index, args.seed, where)
+                except Exception as err:  # noqa: BLE001 - a mutator's own bug must not end the pass
+                    harness_errors.append(f"{reader}:{index}: {type(err).__name__}: {err}")
+                    continue
                 yield job, (lambda w=where: shutil.rmtree(w, ignore_errors=True))
 
-    total = args.cases * len(readers)
+    total = args.cases * len(readers)  # less any harness error
     cases = {}
     with tqdm(total=total, desc="fuzz", unit="case", file=sys.stderr) as bar:
         for job, answer in run_jobs(jobs(), seeds, out, args.workers, args.timeout, args.mem_gib, bar):
             cases[job["id"]] = {**job, **answer}
             if answer["outcome"] in FAILURES:
                 bar.set_postfix_str(f"{job['id']} {answer['outcome']}")
-    ordered = [cases[f"{r}:{i}"] for r in readers for i in range(args.cases)]
+    ordered = [cases[f"{r}:{i}"] for r in readers for i in range(args.cases) if f"{r}:{i}" in cases]
     for case in ordered:
         case.pop("path", None)
     meta = {"command": "python bench/fuzz_readers.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "seed": args.seed, "cases_per_reader": args.cases, "readers": readers, "workers": args.workers,
             "timeout_s": args.timeout, "mem_gib": args.mem_gib, "wall_s": round(time.monotonic() - start, 1),
-            "qbara": _qbara_version()}
+            "qbara": _qbara_version(), "harness_errors": harness_errors}
     summary = summarize(ordered, meta)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(markdown(summary))
@@ -1428,6 +1446,10 @@ def _qbara_version() -> str:
         return "?"
 
 
+def _replay_timeout(*_):
+    raise TimeoutError("the case ran past --timeout (the pass counts it as a hang)")
+
+
 def replay(args) -> None:
     """Rebuild one case and read it in this process, printing the outcome and the full traceback."""
     import torch
@@ -1442,11 +1464,18 @@ def replay(args) -> None:
     job = make_case(seeds, reader, int(index), args.seed, where)
     print(f"case {job['id']} ({job['target']}): {job['mutation']}\nfiles: {job['path']}")
     refs = torch.load(seeds / "refs.pt", weights_only=False)
+    if args.mem_gib > 0:  # the worker's limits: the same memory limit, the timeout as an alarm
+        limit = int(args.mem_gib * (1 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    signal.signal(signal.SIGALRM, _replay_timeout)
+    signal.alarm(int(args.timeout))
     try:
         result = read_target(job["target"], job["path"])
     except Exception:  # noqa: BLE001 - shown to the user
         traceback.print_exc()
         return
+    finally:
+        signal.alarm(0)
     print("loaded;", difference(result, refs[job["target"]]) or "equal to the seed's result")
 
 
