@@ -437,7 +437,11 @@ def worker_main(seeds: Path, mem_gib: float) -> None:
             refs = torch.load(seeds / "refs.pt", weights_only=False)
         reference = refs.get(job["target"]) if refs is not None else None
         start = time.monotonic()
-        answer = classify(job["target"], job["path"], reference)
+        try:
+            answer = classify(job["target"], job["path"], reference)
+        except MemoryError:  # raised while handling the reader's own exception: the limit, not the reader
+            answer = {"outcome": "crash", "type": "MemoryError", "location": "while classifying",
+                      "message": "out of memory under the limit"}
         answer.update(id=job["id"], seconds=round(time.monotonic() - start, 3))
         channel.write(json.dumps(answer) + "\n")
         channel.flush()
@@ -527,8 +531,9 @@ def run_jobs(jobs, seeds: Path, out: Path, workers: int = 1, timeout: float = 60
              progress=None, recycle: int = 400):
     """Run jobs (an iterator of (job, cleanup) pairs) on a pool of workers; yield (job, answer) as they come."""
     env = worker_env(out)
-    (out / "work").mkdir(parents=True, exist_ok=True)
-    pool = [Worker(seeds, mem_gib, out / "work" / f"worker-{i}.log", env) for i in range(workers)]
+    logs = out / "logs"  # each worker's stderr (kept: a crash's last words)
+    logs.mkdir(parents=True, exist_ok=True)
+    pool = [Worker(seeds, mem_gib, logs / f"worker-{i}.log", env) for i in range(workers)]
     jobs = iter(jobs)
     cleanups: dict = {}
     pending = True
@@ -557,8 +562,7 @@ def run_jobs(jobs, seeds: Path, out: Path, workers: int = 1, timeout: float = 60
                     if lines is None:  # the worker died
                         why = worker.died()
                         if worker.job is None:
-                            raise RuntimeError(f"worker {i} died while starting ({why}); see {out}/work/worker-{i}"
-                                               f".log")
+                            raise RuntimeError(f"worker {i} died while starting ({why}); see {logs}/worker-{i}.log")
                         answer = {"outcome": "crash", "type": why, "location": "worker process", "message": why}
                     for line in lines or []:
                         if line == "ready":
@@ -568,7 +572,7 @@ def run_jobs(jobs, seeds: Path, out: Path, workers: int = 1, timeout: float = 60
                 elif now > worker.deadline:
                     worker.kill()
                     if worker.job is None:
-                        raise RuntimeError(f"worker {i} did not start in time; see {out}/work/worker-{i}.log")
+                        raise RuntimeError(f"worker {i} did not start in time; see {logs}/worker-{i}.log")
                     answer = {"outcome": "hang", "type": "timeout", "location": f"over {timeout:g} s",
                               "message": f"no answer within {timeout:g} s"}
                 if answer is None:
@@ -584,7 +588,7 @@ def run_jobs(jobs, seeds: Path, out: Path, workers: int = 1, timeout: float = 60
                 if answer["outcome"] in ("hang", "crash") or worker.served >= recycle:
                     if answer["outcome"] not in ("hang", "crash"):
                         worker.close()
-                    pool[i] = Worker(seeds, mem_gib, out / "work" / f"worker-{i}.log", env)
+                    pool[i] = Worker(seeds, mem_gib, logs / f"worker-{i}.log", env)
                 yield job, answer
     finally:
         for worker in pool:
@@ -1394,8 +1398,8 @@ def run(args) -> dict:
     out = Path(args.out)
     seeds = out / "seeds"
     work = out / "work"
-    if work.exists():
-        shutil.rmtree(work)
+    for old in (work, out / "logs"):
+        shutil.rmtree(old, ignore_errors=True)
     work.mkdir(parents=True)
     start = time.monotonic()
     build_seeds_in_subprocess(seeds, out)
