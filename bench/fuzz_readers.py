@@ -1425,18 +1425,44 @@ def run(args) -> dict:
             cases[job["id"]] = {**job, **answer}
             if answer["outcome"] in FAILURES:
                 bar.set_postfix_str(f"{job['id']} {answer['outcome']}")
-    ordered = [cases[f"{r}:{i}"] for r in readers for i in range(args.cases) if f"{r}:{i}" in cases]
-    for case in ordered:
-        case.pop("path", None)
+    ordered = [compact(cases[f"{r}:{i}"]) for r in readers for i in range(args.cases) if f"{r}:{i}" in cases]
     meta = {"command": "python bench/fuzz_readers.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "seed": args.seed, "cases_per_reader": args.cases, "readers": readers, "workers": args.workers,
             "timeout_s": args.timeout, "mem_gib": args.mem_gib, "wall_s": round(time.monotonic() - start, 1),
             "qbara": _qbara_version(), "harness_errors": harness_errors}
     summary = summarize(ordered, meta)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_summary(summary, out / "summary.json")
     (out / "summary.md").write_text(markdown(summary))
     shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+CASE_FIELDS = ("id", "target", "family", "op", "mutation", "outcome", "type", "location", "message", "seconds")
+
+
+def compact(case: dict) -> dict:
+    """A case as summary.json keeps it: every field of a failure or silent change; of a clean error the op and
+    the start of its message; of an unchanged load the op (--replay rebuilds any case in full)."""
+    message = CASE_DIR.sub("", case.get("message", ""))
+    if case["outcome"] in FAILURES + ("ok-changed",):
+        kept = {k: case[k] for k in CASE_FIELDS if k in case}
+        kept.update(reader=case["reader"], file=case["file"], mutation=case["mutation"][:160], message=message[:160])
+        return kept
+    kept = {"id": case["id"], "op": f"{case['file']}: {case['op']}", "outcome": case["outcome"]}
+    if case["outcome"] == "clean-error":
+        kept["message"] = message[:100]
+    return kept
+
+
+CASE_DIR = re.compile(r"[^\s'\"(]*/work/cases/[^/]+/")  # where a case's copy lived: the same for every case
+
+
+def write_summary(summary: dict, path: Path) -> None:
+    """summary.json: the counts and signatures indented, one line per case."""
+    head = {k: v for k, v in summary.items() if k != "cases"}
+    text = json.dumps(head, indent=1)[:-2] + ',\n "cases": [\n'
+    text += ",\n".join("  " + json.dumps(case) for case in summary["cases"]) + "\n ]\n}\n"
+    path.write_text(text)
 
 
 def _qbara_version() -> str:
