@@ -1326,7 +1326,8 @@ def summarize(cases: list[dict], meta: dict) -> dict:
     for key, members in groups.items():
         first = members[0]
         signatures.append({"reader": key[0], "outcome": key[1], "type": key[2], "location": key[3],
-                           "count": len(members), "message": first.get("message", ""), "case": first["id"],
+                           "count": len(members), "message": CASE_DIR.sub("", first.get("message", "")),
+                           "case": first["id"],
                            "mutation": first["mutation"], "target": first["target"]})
     order = {o: i for i, o in enumerate(("crash", "hang", "traceback", "ok-changed"))}
     signatures.sort(key=lambda s: (order[s["outcome"]], s["reader"], -s["count"]))
@@ -1400,6 +1401,7 @@ def run(args) -> dict:
     work = out / "work"
     for old in (work, out / "logs"):
         shutil.rmtree(old, ignore_errors=True)
+    (out / "logs").mkdir(parents=True)
     work.mkdir(parents=True)
     start = time.monotonic()
     build_seeds_in_subprocess(seeds, out)
@@ -1421,16 +1423,21 @@ def run(args) -> dict:
     total = args.cases * len(readers)  # less any harness error
     cases = {}
     with tqdm(total=total, desc="fuzz", unit="case", file=sys.stderr) as bar:
+        raw = open(out / "logs" / "cases.jsonl", "w")  # every answer as it comes: the pass survives its summary
         for job, answer in run_jobs(jobs(), seeds, out, args.workers, args.timeout, args.mem_gib, bar):
             cases[job["id"]] = {**job, **answer}
+            raw.write(json.dumps(cases[job["id"]]) + "\n")
+            raw.flush()
             if answer["outcome"] in FAILURES:
                 bar.set_postfix_str(f"{job['id']} {answer['outcome']}")
-    ordered = [compact(cases[f"{r}:{i}"]) for r in readers for i in range(args.cases) if f"{r}:{i}" in cases]
+        raw.close()
+    ordered = [cases[f"{r}:{i}"] for r in readers for i in range(args.cases) if f"{r}:{i}" in cases]
     meta = {"command": "python bench/fuzz_readers.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "seed": args.seed, "cases_per_reader": args.cases, "readers": readers, "workers": args.workers,
             "timeout_s": args.timeout, "mem_gib": args.mem_gib, "wall_s": round(time.monotonic() - start, 1),
             "qbara": _qbara_version(), "harness_errors": harness_errors}
     summary = summarize(ordered, meta)
+    summary["cases"] = [compact(case) for case in ordered]
     write_summary(summary, out / "summary.json")
     (out / "summary.md").write_text(markdown(summary))
     shutil.rmtree(work, ignore_errors=True)

@@ -1,5 +1,6 @@
 """The reader fuzz harness (bench/fuzz_readers.py): its classification, its worker pool, and a handful of seeded
 mutations that qbara already refuses cleanly (no traceback, hang or crash)."""
+import json
 import random
 import struct
 import sys
@@ -141,12 +142,21 @@ def test_the_pool_classifies_hangs_crashes_memory_and_exceptions(seeds, tmp_path
     assert sorted(cleaned) == sorted(answers)
 
 
-def test_summary_counts_and_deduplicates_signatures():
-    cases = [{"id": f"gguf:{i}", "reader": "gguf", "target": "gguf", "family": "byte", "outcome": outcome,
-              "type": "IndexError", "location": "qbara/x.py:1 f", "mutation": f"tiny.gguf: flip bits {i}"}
-             for i, outcome in enumerate(["traceback", "traceback", "clean-error", "hang"])]
-    summary = fr.summarize(cases, {"seed": 0})
+def test_summary_counts_deduplicates_and_writes(tmp_path):
+    cases = [{"id": f"gguf:{i}", "reader": "gguf", "target": "gguf", "family": "byte", "op": "flip",
+              "file": "tiny.gguf", "outcome": outcome, "type": "IndexError", "location": "qbara/x.py:1 f",
+              "mutation": f"tiny.gguf: flip bits {i}", "message": "out/work/cases/gguf-0/tiny.gguf: bad"}
+             for i, outcome in enumerate(["traceback", "traceback", "clean-error", "hang", "ok-equal"])]
+    summary = fr.summarize(cases, {"seed": 0, "cases_per_reader": 5, "command": "c", "wall_s": 1.0,
+                                   "workers": 1, "timeout_s": 60, "mem_gib": 4})
     assert summary["table"]["gguf"]["traceback"] == 2 and summary["table"]["gguf"]["hang"] == 1
     tracebacks = [s for s in summary["signatures"] if s["outcome"] == "traceback"]
     assert len(tracebacks) == 1 and tracebacks[0]["count"] == 2 and tracebacks[0]["case"] == "gguf:0"
+    assert tracebacks[0]["message"] == "tiny.gguf: bad"  # the case's folder is left out
     assert summary["signatures"][0]["outcome"] == "hang"  # worst first
+    summary["cases"] = [fr.compact(case) for case in cases]
+    fr.write_summary(summary, tmp_path / "summary.json")
+    assert json.loads((tmp_path / "summary.json").read_text())["cases"][4] == {
+        "id": "gguf:4", "op": "tiny.gguf: flip", "outcome": "ok-equal"}
+    text = fr.markdown(summary)
+    assert "| gguf | 1 | 1 | 0 | 2 | 1 | 0 | 5 |" in text and "--replay gguf:0 --seed 0" in text
