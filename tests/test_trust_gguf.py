@@ -72,6 +72,15 @@ def _tensor_offset(offset: int):
     return edit
 
 
+def _f32_tensor_as_f16(data, source):
+    """The first F32 tensor (a norm) relabelled F16: half its bytes would be read, from its slot's start."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    tensor = next(t for t in GGUFReader(str(source)).tensors if t.tensor_type == GGMLQuantizationType.F32)
+    at = tensor.field.offset + sum(part.nbytes for part in tensor.field.parts[:-2])  # the type, before the offset
+    data[at:at + 4] = struct.pack("<I", int(GGMLQuantizationType.F16))
+
+
 CASES = {
     "scores count": (_array_count("tokenizer.ggml.scores"),
                      "metadata key 'tokenizer.ggml.scores' claims an array of 288,230,376,151,711,744 FLOAT32"),
@@ -86,6 +95,7 @@ CASES = {
                            "metadata key 'general.name''s string claims 4,611,686,018,427,387,904 bytes"),
     "tensor offset": (_tensor_offset(2**40),
                       "tensor 'output.weight' (shape [64, 260]) claims data up to byte 1,099,511,"),
+    "tensor type changed": (_f32_tensor_as_f16, "its type or shape was changed after the file was written"),
 }
 
 

@@ -458,6 +458,7 @@ def _scan_gguf_tensors(cursor: _GGUFCursor, n_tensors: int, alignment: int) -> N
         type_id, offset = cursor.unpack("<IQ", f"tensor {name!r}'s type and offset")
         entries.append((name, dims, type_id, offset))
     start = -(-cursor.pos // alignment) * alignment
+    spans = []
     for name, dims, type_id, offset in entries:
         n_elements = 1
         for dim in dims:
@@ -466,6 +467,19 @@ def _scan_gguf_tensors(cursor: _GGUFCursor, n_tensors: int, alignment: int) -> N
         if end > cursor.size:
             cursor.fail(f"tensor {name!r} (shape {list(dims)}) claims data up to byte {end:,}, past the file's "
                         f"end ({cursor.size:,})")
+        spans.append((start + offset, end, name, dims))
+    _check_packed(sorted(spans), cursor.size, alignment, cursor)
+
+
+def _check_packed(spans: list, size: int, alignment: int, cursor: _GGUFCursor) -> None:
+    """GGUF writers (gguf-py, llama.cpp) lay the tensors' data end to end, each padded to the alignment: a tensor
+    whose type and shape take less than its slot (up to the next tensor, or the file's end) had its type or shape
+    changed after writing, and would be read from the wrong bytes."""
+    for (begin, end, name, dims), following in zip(spans, spans[1:] + [None]):
+        slot_end = following[0] if following is not None else size
+        if slot_end - end >= alignment:
+            cursor.fail(f"tensor {name!r} (shape {list(dims)}) takes {end - begin:,} bytes but its slot in the file "
+                        f"holds {slot_end - begin:,}; its type or shape was changed after the file was written")
 
 
 def check_gguf_header(path) -> None:

@@ -189,3 +189,24 @@ def test_half_precision_adapter_tensor_is_widened_exactly(tmp_path, dtype):
     loaded = adapter_layers(fresh)[LAYER].lora_A.weight
     assert loaded.dtype == torch.float32 and torch.equal(loaded, stored.to(torch.float32))
     assert torch.equal(loaded.to(dtype), stored)  # every value kept: the widening loses nothing
+
+
+# ---------------------------------------------------------------- found by the fuzz pass (bench/fuzz_readers.py)
+
+
+def test_a_layer_record_without_quant_is_one_error(int4_adapter):
+    """adapter-qbara:291: a layer record lacking its 'quant' entry was a KeyError."""
+    _edit_record(int4_adapter, lambda r: r["layers"][LAYER].pop("quant"))
+    base, _ = load_model("tiny-llama", quant=INT4)
+    with pytest.raises(QbaraError, match=f"layer '{LAYER}' has no 'quant' entry"):
+        load_adapter(base, int4_adapter)
+
+
+def test_a_qbara_folder_without_its_record_is_not_read_as_peft(int4_adapter):
+    """cli:41: with qbara_adapter.json removed, the folder was read as a PEFT adapter (dense base, no checks)."""
+    (int4_adapter / "qbara_adapter.json").unlink()
+    base, _ = load_model("tiny-llama", quant=INT4)
+    with pytest.raises(QbaraError, match="qbara_adapter.json is missing"):
+        load_adapter(base, int4_adapter)
+    with pytest.raises(QbaraError, match="qbara_adapter.json is missing"):
+        from_pretrained("tiny-llama", adapter=int4_adapter)

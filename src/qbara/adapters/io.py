@@ -146,6 +146,7 @@ def read_adapter_config(directory, peft: bool = False) -> dict:
     if os.path.lexists(directory / QBARA_NAME):  # a folder, a fifo or a link to /dev/null is refused, not skipped
         data["qbara"] = _read_json(directory / QBARA_NAME)
     elif "qbara" not in data and peft and "peft_type" in data:
+        _refuse_missing_record(directory)
         data["qbara"] = None
         return data
     elif "qbara" not in data:
@@ -155,6 +156,14 @@ def read_adapter_config(directory, peft: bool = False) -> dict:
         raise QbaraError(f"{directory / QBARA_NAME}: no 'adapter' record; the file is damaged, save the adapter again")
     check_adapter_record(directory / QBARA_NAME, data["qbara"])
     return data
+
+
+def _refuse_missing_record(directory: Path) -> None:
+    """A folder whose weights carry the record copy `save_adapter` writes is qbara's: without its qbara_adapter.json
+    it must not be read as a PEFT adapter (that would skip the base and quantization checks)."""
+    if RECORD_KEY in safetensors_metadata(directory / WEIGHTS_NAME, "adapter weights"):
+        raise QbaraError(f"{directory / QBARA_NAME} is missing: the folder's {WEIGHTS_NAME} was saved by qbara with "
+                         f"that record; restore the file or save the adapter again")
 
 
 def _canonical(value) -> str:
@@ -257,7 +266,10 @@ def _check_layer_records(records, directory) -> None:
             value = record.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise QbaraError(f"{where}: layer {name!r} {key} must be a positive whole number, got {value!r}")
-        if record.get("quant") is not None and not isinstance(record["quant"], dict):
+        if "quant" not in record:
+            raise QbaraError(f"{where}: layer {name!r} has no 'quant' entry (how its base layer was quantized, null "
+                             f"for a dense one); the file is damaged, save the adapter again")
+        if record["quant"] is not None and not isinstance(record["quant"], dict):
             raise QbaraError(f"{where}: layer {name!r} quant must be a mapping or null, got {record['quant']!r}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -120,7 +121,7 @@ def load_quantized(path, dtype=torch.float32):
     model.requires_grad_(False)
     model.eval()
     tokenizer = None
-    if (path / "tokenizer_config.json").is_file():
+    if os.path.lexists(path / "tokenizer_config.json"):  # a fifo or a link to /dev/null is refused, not skipped
         # lazy: cycle: qbara.models.loader imports this module
         from qbara.models.loader import load_tokenizer
 
