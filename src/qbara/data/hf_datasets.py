@@ -45,7 +45,8 @@ def read_dataset(spec: str) -> list[dict]:
         raise QbaraError(f"{PREFIX}{spec} reads with Hugging Face datasets, which is not installed: "
                          f"pip install datasets") from None
     check_files(path)
-    data = _guarded(spec, path, "check the path and the split name", _load, datasets, path, split, spec)
+    hint = "" if is_saved_dataset(path) else "check the path and the split name"  # load_dataset's split names
+    data = _guarded(spec, path, hint, _load, datasets, path, split, spec)
     return _guarded(spec, path, "", _records, data)
 
 
