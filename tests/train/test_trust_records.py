@@ -181,3 +181,28 @@ def test_a_truncated_csv_is_not_silently_shorter(tmp_path, tokenizer):
     path = _csv(tmp_path / "data.csv", text[:text.index("2 and") + 2])  # cut inside the last row
     with pytest.raises(QbaraError, match=r"record 2 \(CSV line 3\) has 2 cells but the header has 3"):
         _examples(path, tokenizer)
+
+
+@pytest.mark.parametrize("header, name", [("instruction,INPUT,output", "INPUT"), ("instruction,in0ut,output", "in0ut"),
+                                          ("instruction,inptt,output", "inptt")])
+def test_a_damaged_csv_header_that_drops_a_column_is_a_notice(header, name, tmp_path, tokenizer):
+    """A flipped bit in the header ('input' -> 'in0ut') left the whole column out of every example silently."""
+    path = _csv(tmp_path / "data.csv", f"{header}\nAdd.,2 and 3,5\n")
+    with pytest.warns(UserWarning, match=rf"data.csv: field '{name}' is not read \(the fields read are instruction, "
+                                         rf"input, output\); did you mean 'input'\?"):
+        _examples(path, tokenizer)
+
+
+def test_two_jsonl_lines_merged_by_a_lost_newline_is_a_notice(tmp_path, tokenizer):
+    """Bytes deleted across a line break can leave one valid record holding the keys of two."""
+    path = _jsonl(tmp_path / "data.jsonl", ['{"instruction": "Add the numbers.", "itruction": "Name a colour.", '
+                                            '"output": "blue"}'])
+    with pytest.warns(UserWarning, match=r"field 'itruction' is not read .* did you mean 'instruction'\?"):
+        _examples(path, tokenizer)
+
+
+def test_extra_fields_unlike_the_format_s_pass_without_a_notice(tmp_path, tokenizer):
+    path = _jsonl(tmp_path / "data.jsonl", [json.dumps({**GOOD[1], "id": 7, "category": "math", "source": "x"})])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(_examples(path, tokenizer)) == 1

@@ -3,6 +3,7 @@ masked on the prompt (labels = -100), or pack plain text into fixed-length seque
 from __future__ import annotations
 
 import csv
+import difflib
 import functools
 import io
 import warnings
@@ -199,11 +200,27 @@ def _chat_example(record: dict, tokenizer, max_length: int, template: ChatTempla
     return Example(ids[:max_length], labels[:max_length])
 
 
+FIELDS = {"instruction": ("instruction", "input", "output"), "chat": ("messages",), "text": ("text",)}
+
+
+def _warn_misspelled_fields(records: list, known: tuple, source: str) -> None:
+    """A notice for each field the format does not read whose name is close to one it does ('INPUT', 'inptu',
+    or two JSONL lines merged by a lost newline): its values are silently left out of every example. Other
+    extra fields (an id, a category) are common and pass without a word."""
+    names = {key for record in records if isinstance(record, dict) for key in record if isinstance(key, str)}
+    for name in sorted(names - set(known)):
+        close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.75)
+        if close:
+            warnings.warn(f"{source}: field {name!r} is not read (the fields read are {', '.join(known)}); did "
+                          f"you mean {close[0]!r}? Rename it, or the values are left out of every example")
+
+
 def build_examples(records: list, tokenizer, fmt: str, max_length: int, on_error: str = "fail",
                    source: str = "data") -> list[Example]:
     """Tokenized examples; a malformed record fails (naming its number) or is skipped with a warning."""
     if fmt == "auto":
         fmt = detect_format(records)
+    _warn_misspelled_fields(records, FIELDS.get(fmt, ()), source)
     if fmt == "text":
         return pack_text(records, tokenizer, max_length, source)
     if fmt == "instruction":
