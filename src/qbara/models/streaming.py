@@ -56,12 +56,13 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
     (eval mode, frozen) with `model.qbara.base_fingerprint` (equal to `model_fingerprint` of the dense model) and
     `model.qbara.loaded_quant` set, so `prepare(model, quant, adapter)` attaches adapters without quantizing again.
     """
-    from transformers import AutoConfig
+    # lazy: cycle: qbara.models.loader imports this module
+    from qbara.models.loader import load_config
 
     folder = Path(folder)
     files = checkpoint_files(folder)
     check_hf_folder(folder, files)  # config values and sizes, shard headers: before anything is built
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    config = load_config(folder)
     return _stream(config, safetensors_reader(files), folder, quant, modules, dtype or checkpoint_dtype(files[0]),
                    device, progress)
 
