@@ -85,6 +85,17 @@ def test_load_config_turns_transformers_validation_into_one_error(values, messag
     assert load_config(good / "hf").num_attention_heads == 4
 
 
+@pytest.mark.parametrize("load", ["plain", "quantize on load"])
+@pytest.mark.parametrize("source", ["hf", "quantized"])
+def test_pad_token_id_past_the_vocabulary_is_one_error(source, load, good, tmp_path):
+    if source == "quantized" and load != "plain":
+        pytest.skip("a quantized folder is not quantized on load")
+    folder = _folder_with(tmp_path, good, source, {"pad_token_id": 2**31})  # torch asserts in nn.Embedding
+    quant = QUANT if load != "plain" else None
+    text = _refusal(lambda: qbara.load_model(str(folder), quant=quant))
+    assert "Padding_idx must be within num_embeddings" in text and str(folder) in text, text
+
+
 # ---------------------------------------------------------------- type checks of our own (before transformers)
 
 
@@ -185,6 +196,23 @@ def test_tokenizer_file_that_is_a_fifo_is_refused(good, tmp_path):
     os.mkfifo(folder / "tokenizer.json")  # reading it would block for ever
     text = _refusal(lambda: qbara.load_model(str(folder)))
     assert "tokenizer.json" in text and "not a regular file" in text, text
+
+
+@pytest.mark.parametrize("damage", ["folder", "symlink to /dev/urandom"])
+def test_native_tokenizer_config_not_a_file_is_refused_not_skipped(damage, good, tmp_path, capsys):
+    folder = _copy(good / "quantized", tmp_path / "q")  # it loaded without a tokenizer, then eval failed on None
+    (folder / "tokenizer_config.json").unlink()
+    if damage == "folder":
+        (folder / "tokenizer_config.json").mkdir()
+    else:
+        (folder / "tokenizer_config.json").symlink_to("/dev/urandom")
+    text = _refusal(lambda: qbara.load_model(str(folder)))
+    assert str(folder / "tokenizer_config.json") in text, text
+    capsys.readouterr()
+    rc = main(_eval_model(folder))
+    err = capsys.readouterr().err
+    _check_one_line(rc, err)
+    assert "tokenizer_config.json" in err, err
 
 
 # ---------------------------------------------------------------- lq_stream.checkpoint_file_budget

@@ -167,10 +167,10 @@ def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):
 
 # What transformers raises on a damaged or foreign folder (a bogus hidden_act is a KeyError, a wrong-typed size
 # a TypeError, a shape clash a RuntimeError, a weights file check_hf_folder's header check let through a
-# SafetensorError, a config value its config class refuses a StrictDataclassError): one line naming the folder
-# instead of a traceback.
-LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError, SafetensorError,
-               StrictDataclassError)
+# SafetensorError, a config value its config class refuses a StrictDataclassError, a pad_token_id past the
+# vocabulary torch's AssertionError): one line naming the folder instead of a traceback.
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError, AssertionError,
+               SafetensorError, StrictDataclassError)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -57,7 +57,7 @@ def checkpoint_file_budget(name_or_path, targets="all-linear", **kwargs):
                          f"FileBudget.of_model(model)")
     check_hf_folder(folder, checkpoint_files(folder))  # no custom code, values and sizes: before anything is built
     config = load_config(folder)
-    skeleton = empty_model(config, torch.float32)
+    skeleton = empty_model(config, torch.float32, folder)
     if getattr(config, "tie_word_embeddings", False):  # as loading does: the head is the embedding
         skeleton.tie_weights()
     return FileBudget.of_model(skeleton, targets, **kwargs)
@@ -123,7 +123,7 @@ def stream_lq(name_or_path, lq, adapter, *, modules=None, dtype: torch.dtype | N
     check_hf_folder(folder, files)  # no custom code, sizes the weights can hold: before anything is built
     storage = dtype or checkpoint_dtype(files[0])
     config = load_config(folder)
-    skeleton = empty_model(config, storage)
+    skeleton = empty_model(config, storage, folder)
     plan = plan_layers(skeleton, lq, adapter, modules)  # shapes, configs and rank checked on the skeleton
     del skeleton
     weights = LazyTensors.from_files(files, {n: f"{n}.weight" for n in plan.targets})

@@ -116,7 +116,8 @@ def load_quantized(path, dtype=torch.float32):
     model.requires_grad_(False)
     model.eval()
     tokenizer = None
-    if (path / "tokenizer_config.json").is_file():
+    tokenizer_config = path / "tokenizer_config.json"
+    if tokenizer_config.exists() or tokenizer_config.is_symlink():  # a folder or a device there: refused, not skipped
         # lazy: cycle: qbara.models.loader imports this module
         from qbara.models.loader import load_tokenizer
 
