@@ -200,29 +200,61 @@ _FLOAT_RANGES = {
 }
 _HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
 _ROPE_SECTIONS = ("rope_scaling", "rope_parameters")
+# Switches transformers' config classes declare as bool: a number or string there is a damaged value (transformers
+# itself refuses it with a multi-line validation error, or, in older versions, takes any truthy value as on).
+_BOOL_FIELDS = ("tie_word_embeddings", "use_cache", "attention_bias", "mlp_bias", "use_sliding_window",
+                "is_decoder", "is_encoder_decoder")
 
 
 def check_config_values(config: dict, where) -> None:
     """Refuse a model config whose numbers would build a model that computes NaN or divides by zero: every
-    number finite, epsilons / rope_theta / scaling factors in range, head counts positive and dividing evenly."""
+    number finite (list entries too, e.g. longrope's long_factor), epsilons / rope_theta / scaling factors in
+    range, head counts positive and dividing evenly, switches true or false, token ids whole numbers."""
     for section in _config_sections(config):
         for key, value in section.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                _refuse_value(where, key, value, "a finite number")
+            _check_finite(where, key, value)
             if key in _FLOAT_RANGES and value is not None:
                 _check_range(where, key, value, *_FLOAT_RANGES[key])
+    _check_types(config, where)
     for key in _HEAD_FIELDS:
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             _refuse_value(where, key, value, "a positive whole number")
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     hidden = config.get("hidden_size")
+    for key, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+        if value and _is_whole(hidden) and value > hidden > 0:
+            _refuse_value(where, key, value, f"at most hidden_size ({hidden})")
     if heads and isinstance(hidden, int) and config.get("head_dim") is None and hidden % heads:
         raise QbaraError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads} (and no "
                          f"head_dim is given); the config is damaged")
     if heads and kv_heads and heads % kv_heads:
         raise QbaraError(f"{where}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}; "
                          f"the config is damaged")
+
+
+def _check_finite(where, key, value) -> None:
+    """Refuse a non-finite number, or a list (of lists) of numbers holding one, naming the entry."""
+    if isinstance(value, float) and not math.isfinite(value):
+        _refuse_value(where, key, value, "a finite number")
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_finite(where, f"{key}[{index}]", item)
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_types(config: dict, where) -> None:
+    """Switches are booleans; token ids (`*_token_id`) whole numbers, lists of them, or null."""
+    for key in _BOOL_FIELDS:
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            _refuse_value(where, key, config[key], "true or false")
+    for key, value in config.items():
+        if key.endswith("_token_id") and value is not None and not (
+                _is_whole(value) or (isinstance(value, list) and all(_is_whole(v) for v in value))):
+            _refuse_value(where, key, value, "a token id (a whole number), a list of token ids, or null")
 
 
 def _config_sections(config: dict):
@@ -248,6 +280,30 @@ def _check_range(where, key, value, low, high, closed, words) -> None:
 def _refuse_value(where, key, value, words) -> None:
     raise QbaraError(f"{where}: {key} is {_short(value)}, it must be {words}; the config is damaged (fix the "
                      f"value or get the model again)")
+
+
+# tokenizer_config.json settings transformers compares or branches on at first use (a string model_max_length
+# fails deep in tokenization): key -> (check, the value wanted in words)
+_TOKENIZER_FIELDS = {
+    "model_max_length": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                         and not (isinstance(v, float) and math.isnan(v)), "a positive number"),
+    **dict.fromkeys(("clean_up_tokenization_spaces", "add_bos_token", "add_eos_token", "add_prefix_space", "legacy",
+                     "split_special_tokens", "do_lower_case"), (lambda v: isinstance(v, bool), "true or false")),
+    **dict.fromkeys(("padding_side", "truncation_side"), (lambda v: v in ("left", "right"), "'left' or 'right'")),
+}
+
+
+def check_tokenizer_config(folder) -> None:
+    """Refuse a tokenizer_config.json whose settings have the wrong type (`_TOKENIZER_FIELDS`); a folder
+    without one is fine."""
+    where = Path(folder) / "tokenizer_config.json"
+    if not (where.exists() or where.is_symlink()):
+        return
+    config = read_json_file(where, "tokenizer_config.json", fix="the folder is damaged")
+    for key, (valid, words) in _TOKENIZER_FIELDS.items():
+        if config.get(key) is not None and not valid(config[key]):
+            raise QbaraError(f"{where}: {key} is {_short(config[key])}, it must be {words}; the tokenizer config is "
+                             f"damaged (fix the value or copy the base model's tokenizer files into the folder)")
 
 
 def check_config_sizes(config: dict, weights_bytes: int, where) -> None:

@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from qbara.errors import QbaraError
@@ -18,7 +19,13 @@ from qbara.native import QUANT_MANIFEST
 from qbara.prepare import quantize_model
 from qbara.state import state_of
 from qbara.tensor_checks import check_model_values
-from qbara.validate import check_hf_folder, check_no_remote_code
+from qbara.validate import (
+    check_hf_folder,
+    check_no_remote_code,
+    check_tokenizer_config,
+    read_json_file,
+    regular_file,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 BUILTIN_MODELS = (DEFAULT_MODEL, "tiny-llama", "tiny-qwen2")
@@ -160,8 +167,10 @@ def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):
 
 # What transformers raises on a damaged or foreign folder (a bogus hidden_act is a KeyError, a wrong-typed size
 # a TypeError, a shape clash a RuntimeError, a weights file check_hf_folder's header check let through a
-# SafetensorError): one line naming the folder instead of a traceback.
-LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError, SafetensorError)
+# SafetensorError, a config value its config class refuses a StrictDataclassError, a pad_token_id past the
+# vocabulary torch's AssertionError): one line naming the folder instead of a traceback.
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError, AssertionError,
+               SafetensorError, StrictDataclassError)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -185,13 +194,30 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def load_config(folder):
+    """The transformers config of a model folder's config.json (call `check_hf_folder` first), built once here
+    for every load path: a value its config class refuses (a wrong type, heads that do not divide the hidden
+    size) is one QbaraError naming config.json and the field."""
+    from transformers import AutoConfig
+
+    where = Path(folder) / "config.json"
+    try:
+        with _quiet_transformers():
+            return AutoConfig.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+    except LOAD_ERRORS as exc:
+        raise QbaraError(f"{where}: transformers cannot build its config ({_one_line(exc)}); the config is damaged "
+                         f"(fix the value or get the model again)") from None
+
+
 def _load_hf_folder(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     check_hf_folder(path)
+    config = load_config(path)
     try:
         with _quiet_transformers():  # qbara reports what matters (check_loading_info) in one line
-            model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+            model, info = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype,
+                                                               local_files_only=True,
                                                                output_loading_info=True, trust_remote_code=False,
                                                                use_safetensors=True)
     except LOAD_ERRORS as exc:
@@ -201,21 +227,50 @@ def _load_hf_folder(path: Path, dtype: torch.dtype):
     return model, load_tokenizer(path)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json")
+
+
 def load_tokenizer(path: Path):
-    """The tokenizer saved in a model folder, or one clear error when the folder has none."""
+    """The tokenizer saved in a model folder, or one clear error when the folder has none or a damaged one."""
     from transformers import AutoTokenizer
 
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any((Path(path) / name).is_file() for name in names):
+    path = Path(path)
+    names = TOKENIZER_FILES[:4]
+    if not any((path / name).is_file() for name in names):
         raise QbaraError(f"{path} has no tokenizer ({', '.join(names)}); copy the base model's tokenizer files "
                          f"into it")
-
+    check_tokenizer_files(path)
     check_no_remote_code(path)
+    check_tokenizer_config(path)
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except LOAD_ERRORS as exc:
         raise QbaraError(f"Cannot load the tokenizer in {str(path)!r} ({_one_line(exc)}); copy the base model's "
                          f"tokenizer files into it") from None
+    except Exception as exc:  # tokenizers raises its parse errors (serde's) as a bare Exception
+        if type(exc) is not Exception:
+            raise
+        where = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else path
+        raise QbaraError(f"{where}: not a tokenizer the tokenizers library can read ({_one_line(exc)}); copy the "
+                         f"base model's tokenizer files into the folder") from None
+
+
+MAX_TOKENIZER_BYTES = 1 << 28  # a tokenizer.json with a large vocabulary is tens of MB
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """Each tokenizer file present is a regular file (a pipe or a device would block transformers or never end)
+    and each JSON one valid JSON of bounded nesting: a damaged one is refused naming it."""
+    for name in TOKENIZER_FILES:
+        file = path / name
+        if not (file.exists() or file.is_symlink()):
+            continue
+        if name.endswith(".json"):
+            read_json_file(file, name, fix="copy the base model's tokenizer files into the folder",
+                           max_bytes=MAX_TOKENIZER_BYTES)
+        else:
+            regular_file(file, f"tokenizer file {name}")
 
 
 def load_gguf_tokenizer(path: Path):

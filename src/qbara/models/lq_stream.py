@@ -27,7 +27,7 @@ from qbara.lazy_tensors import LazyTensors
 from qbara.lq.config import LQConfig
 from qbara.lq.filesize import FileBudget
 from qbara.lq.prepare import decompose_layers, lq_report
-from qbara.models.loader import DEFAULT_MODEL, load_model, load_tokenizer
+from qbara.models.loader import DEFAULT_MODEL, load_config, load_model, load_tokenizer
 from qbara.models.quantized_io import is_quantized_folder
 from qbara.models.streaming import (
     INDEX,
@@ -50,15 +50,14 @@ __all__ = ["load_lq", "stream_lq", "checkpoint_folder", "load_calibration_model"
 
 def checkpoint_file_budget(name_or_path, targets="all-linear", **kwargs):
     """`qbara.lq.filesize.FileBudget.of_model` for a safetensors checkpoint folder (or "smollm2-135m"), from its
-    config alone (a skeleton without weights)."""
-    from transformers import AutoConfig
-
+    config alone (a skeleton without weights), after the folder's checks (`check_hf_folder`)."""
     folder = checkpoint_folder(name_or_path)
     if folder is None:
         raise QbaraError(f"{str(name_or_path)!r} is not a safetensors checkpoint folder; load the model and use "
                          f"FileBudget.of_model(model)")
-    config = AutoConfig.from_pretrained(Path(folder), trust_remote_code=False)
-    skeleton = empty_model(config, torch.float32)
+    check_hf_folder(folder, checkpoint_files(folder))  # no custom code, values and sizes: before anything is built
+    config = load_config(folder)
+    skeleton = empty_model(config, torch.float32, folder)
     if getattr(config, "tie_word_embeddings", False):  # as loading does: the head is the embedding
         skeleton.tie_weights()
     return FileBudget.of_model(skeleton, targets, **kwargs)
@@ -115,8 +114,6 @@ def stream_lq(name_or_path, lq, adapter, *, modules=None, dtype: torch.dtype | N
     """(model, tokenizer): `qbara.prepare(load_model(folder), lq, adapter)` bit for bit (`qbara.lq.LQConfig`,
     `qbara.AdapterConfig`; `qbara.prepare_lq.prepare_lq` is the same path in memory), streamed from the
     checkpoint's shards (see the module doc), the non-quantized weights in the checkpoint's dtype (or `dtype`)."""
-    from transformers import AutoConfig
-
     adapter = lq.adapter_config(adapter)
     folder = checkpoint_folder(name_or_path)
     if folder is None:
@@ -125,8 +122,8 @@ def stream_lq(name_or_path, lq, adapter, *, modules=None, dtype: torch.dtype | N
     files = checkpoint_files(folder)
     check_hf_folder(folder, files)  # no custom code, sizes the weights can hold: before anything is built
     storage = dtype or checkpoint_dtype(files[0])
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    skeleton = empty_model(config, storage)
+    config = load_config(folder)
+    skeleton = empty_model(config, storage, folder)
     plan = plan_layers(skeleton, lq, adapter, modules)  # shapes, configs and rank checked on the skeleton
     del skeleton
     weights = LazyTensors.from_files(files, {n: f"{n}.weight" for n in plan.targets})

@@ -44,25 +44,21 @@ def load_quantized(path, dtype=torch.float32):
     intermediate): memory ≈ the quantized model. `dtype` applies to the weights that are not packed.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / QUANT_MANIFEST).is_file():
         raise QbaraError(f"{path}: config.json declares a qbara quantized folder but {QUANT_MANIFEST} is missing; "
                          f"the folder is incomplete, save it again")
     # lazy: cycle: qbara.models.loader imports this module
-    from qbara.models.loader import LOAD_ERRORS, _one_line
+    from qbara.models.loader import LOAD_ERRORS, _one_line, load_config
 
     layers, recorded = _read_manifest(path)
     weights = path / WEIGHTS if (path / WEIGHTS).is_file() else path / LEGACY_WEIGHTS
     if not weights.is_file():
         raise QbaraError(f"{path}: {WEIGHTS} is missing; the folder is incomplete, save it again")
     check_hf_folder(path, weights=[weights])  # no custom code; config sizes bounded by the weights' size
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    except LOAD_ERRORS as exc:
-        raise QbaraError(f"{path / 'config.json'}: not a config transformers can read ({_one_line(exc)}); the "
-                         f"folder is damaged, save it again") from None
+    config = load_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # qbara's own entry: the model is built plain, then its layers replaced
     state = read_safetensors(weights)
@@ -121,7 +117,7 @@ def load_quantized(path, dtype=torch.float32):
     model.requires_grad_(False)
     model.eval()
     tokenizer = None
-    if os.path.lexists(path / "tokenizer_config.json"):  # a fifo or a link to /dev/null is refused, not skipped
+    if os.path.lexists(path / "tokenizer_config.json"):  # a folder or a device there: refused, not skipped
         # lazy: cycle: qbara.models.loader imports this module
         from qbara.models.loader import load_tokenizer
 

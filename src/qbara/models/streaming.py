@@ -56,12 +56,13 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
     (eval mode, frozen) with `model.qbara.base_fingerprint` (equal to `model_fingerprint` of the dense model) and
     `model.qbara.loaded_quant` set, so `prepare(model, quant, adapter)` attaches adapters without quantizing again.
     """
-    from transformers import AutoConfig
+    # lazy: cycle: qbara.models.loader imports this module
+    from qbara.models.loader import load_config
 
     folder = Path(folder)
     files = checkpoint_files(folder)
     check_hf_folder(folder, files)  # config values and sizes, shard headers: before anything is built
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    config = load_config(folder)
     return _stream(config, safetensors_reader(files), folder, quant, modules, dtype or checkpoint_dtype(files[0]),
                    device, progress)
 
@@ -105,13 +106,22 @@ def _gguf_tensors(path: Path, model):
         del weights, result
 
 
-def empty_model(config, storage: torch.dtype):
-    """The causal LM of `config` with no memory behind its weights (meta tensors; buffers are real)."""
+def empty_model(config, storage: torch.dtype, source="the model config"):
+    """The causal LM of `config` with no memory behind its weights (meta tensors; buffers are real); a config
+    transformers cannot build a model from (a pad_token_id past the vocabulary, an unknown activation) is one
+    QbaraError naming `source` (the folder or file the config came from)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=storage)
+    # lazy: cycle: qbara.models.loader imports this module
+    from qbara.models.loader import LOAD_ERRORS, _one_line
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=storage)
+    except LOAD_ERRORS as exc:
+        raise QbaraError(f"{source}: cannot build the model its config describes ({_one_line(exc)}); the config is "
+                         f"damaged (fix the value or get the model again)") from None
 
 
 def open_safetensors(file: Path):
@@ -146,7 +156,7 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
     beforehand (an LQ-LoRA / LoftQ decomposition's Q), used for that layer instead of quantizing its weight
     (which is still read, checked and hashed for the dense model's fingerprint). importance: layer name ->
     rounding importance of the gguf:* layers quantized here (`qbara.quant.quantize`'s)."""
-    model = empty_model(config, storage)
+    model = empty_model(config, storage, source)
     per_layer = layer_configs(model, quant, modules)  # shapes checked on the skeleton, before any read
     plain = {n: c for n, c in per_layer.items() if n not in (packed or {})}
     importance = rounding_importance(plain, importance, require_gguf=False)

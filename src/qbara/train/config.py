@@ -13,7 +13,7 @@ from pathlib import Path
 from qbara.adapters.config import AdapterConfig
 from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
-from qbara.validate import load_yaml_file
+from qbara.validate import _short, load_yaml_file
 
 SEED_LIMIT = 2**32  # numpy's and torch's generators take 32-bit seeds
 
@@ -155,20 +155,46 @@ def parse_value(text: str):
         raise QbaraError(f"command-line value {text[:20]}... is nested too deeply; write a plain value") from None
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
 def _coerce(value, kind: type, key: str):
-    """`value` as the field's type (YAML reads 1e-4 as a string; the command line gives strings)."""
-    if kind not in (int, float, bool, str) or value is None:
+    """`value` as the field's type, the one typed check of every run-config field: a string is parsed (YAML
+    reads 1e-4 as a string; the command line gives strings), a whole float is an int, 0 / 1 are booleans, a
+    number is a name or path; an empty value (`steps:` with nothing after it), a list or mapping, a boolean for
+    a number or string, and any other number for a boolean are refused naming the key."""
+    if kind not in (int, float, bool, str):
         return value
+    if value is None:
+        raise QbaraError(f"config key {key} is empty (null): write a {kind.__name__} value or remove the key")
     try:
-        if kind is bool and isinstance(value, str):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return value.lower() in ("true", "1", "yes")
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise QbaraError(f"config key {key}: {value!r} is not a valid {kind.__name__}") from None
+        if isinstance(value, str) and kind is not str:
+            return _parse_text(value, kind)
+        if _fits(value, kind):
+            return kind(value)
+    except (ValueError, OverflowError):
+        pass
+    raise QbaraError(f"config key {key}: {_short(value)} is not a valid {kind.__name__}")
+
+
+def _parse_text(text: str, kind: type):
+    if kind is not bool:
+        return kind(text)
+    if text.lower() not in _TRUE + _FALSE:
+        raise ValueError(text)
+    return text.lower() in _TRUE
+
+
+def _fits(value, kind: type) -> bool:
+    """Whether a parsed (non-string) YAML / JSON value stands for a `kind` without losing anything."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool:
+        return isinstance(value, bool) or (number and value in (0, 1))
+    if kind is int:
+        return number and (isinstance(value, int) or value.is_integer())
+    if kind is str:
+        return isinstance(value, str) or number  # a name or path that reads as a number (`output_dir: 2024`)
+    return number
 
 
 def _yaml_settings(data: dict):
