@@ -76,3 +76,29 @@ def nonuniform_fisher(model, seed=1):
         f[:4] *= 1000.0
         fisher[n] = f
     return fisher
+
+
+def run_measured(args, timeout: float, **popen) -> tuple[int, str, str, int]:
+    """Run `args` as a child process: (exit code, stdout, stderr, the child's own peak RSS in KiB). os.wait4 reports
+    this child's peak alone, where RUSAGE_CHILDREN is the largest of every child the test process ever waited for."""
+    import os
+    import subprocess
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, **popen)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise subprocess.TimeoutExpired(args, timeout)
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"), usage.ru_maxrss

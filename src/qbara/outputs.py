@@ -37,7 +37,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from qbara import atomic
+import qbara.atomic as atomic
 from qbara.atomic import current_umask, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.validate import read_json_file

@@ -1,9 +1,7 @@
 """Issue #26: chat templates render in a bounded sandbox (qbara.templates): ordinary templates exactly as
 transformers renders them; a template that builds huge values or loops for ever is one QbaraError, fast."""
 import json
-import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +13,7 @@ from qbara.errors import QbaraError
 from qbara.models import tiny_llama
 from qbara.models.tiny import CHATML_TEMPLATE
 from qbara.templates import ChatTemplate, TemplateLimits
+from tests.helpers import run_measured
 
 HUGE_STRING = "{{ 'x' * 10**12 }}"
 HUGE_LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
@@ -262,12 +261,11 @@ def test_hostile_template_through_qbara_train(text, hf_folder, tmp_path):
               "train": {"output_dir": str(tmp_path / "out"), "steps": 1, "batch_size": 1, "progress": False}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     start = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "qbara", "train", "--config", str(tmp_path / "run.yaml")],
-                         env=ENV, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    rc, _, stderr, peak_kib = run_measured([sys.executable, "-m", "qbara", "train", "--config",
+                                            str(tmp_path / "run.yaml")], timeout=120, env=ENV, cwd=tmp_path)
     # bitsandbytes may note on import that its hub kernels cannot be fetched offline: not qbara's output
-    ours = "\n".join(line for line in run.stderr.splitlines() if "kernels" not in line)
-    _check_one_line(run.returncode, ours)
-    assert ours.startswith("qbara train: error: the chat template in ") and "limit" in ours, run.stderr
+    ours = "\n".join(line for line in stderr.splitlines() if "kernels" not in line)
+    _check_one_line(rc, ours)
+    assert ours.startswith("qbara train: error: the chat template in ") and "limit" in ours, stderr
     assert time.monotonic() - start < 60  # the process start (torch, transformers) dominates
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
-    assert peak_kib < 3 << 20, f"{peak_kib} KiB"
+    assert peak_kib < 3 << 20, f"{peak_kib} KiB"  # this child's own peak
