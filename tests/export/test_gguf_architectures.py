@@ -312,3 +312,44 @@ def test_untied_gemma3_output_is_refused(tmp_path):
     qbara.prepare(model, INT4_G32)
     with pytest.raises(QbaraError, match="lm_head is not tied.*gemma3"):
         export_gguf(model, tokenizer, tmp_path / "m.gguf")
+
+
+# ------------------------------------------------------------------------------------ INT5 G32 -> Q5_1
+@pytest.mark.parametrize("arch", ARCHS)
+def test_folded_int5_layers_go_out_as_q5_1_bit_for_bit(arch, tmp_path, ids):
+    model, tokenizer = quantized(arch, AdapterConfig("qahira", rank=4, alpha=8), QuantConfig("int5", block_size=32),
+                                 seed=5)
+    qbara.merge(model, into="quantized")
+    report = export_gguf(model, tokenizer, tmp_path / "m.gguf", embedding_type="f32")
+    assert report.lossless and len(report.exact_q5_1) == 2 * len(ARCHITECTURES[arch].linears)
+    tensors = gguf_tensors(tmp_path / "m.gguf")
+    for i, layer in enumerate(model.model.layers):
+        for slot in ARCHITECTURES[arch].linears:
+            t = tensors[f"blk.{i}.{slot.gguf}.weight"]
+            assert t.tensor_type == GGMLQuantizationType.Q5_1
+            got = to_hf_rows(dequantize(t.data, t.tensor_type), arch, slot.gguf, model.config)
+            assert np.array_equal(got, layer.get_submodule(slot.hf).dequantize(torch.float32).numpy())
+    with torch.no_grad():
+        ref, got = model(ids).logits, load_back(tmp_path / "m.gguf", arch)(ids).logits
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------ per-architecture metadata
+def test_sliding_window_that_llama_cpp_does_not_slide_caps_the_context(tmp_path):
+    """llama.cpp runs Mistral with full attention: the file claims no longer context than the window, within
+    which both attend alike."""
+    model, tokenizer = tiny("mistral", sliding_window=64)
+    qbara.prepare(model, INT4_G32)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    assert gguf_fields(tmp_path / "m.gguf")["llama.context_length"] == 64
+
+
+def test_gemma3_linear_rope_scaling_of_global_layers(tmp_path):
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    model, tokenizer = tiny("gemma3", rope_parameters=rope)
+    qbara.prepare(model, INT4_G32)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    fields = gguf_fields(tmp_path / "m.gguf")
+    assert fields["gemma3.rope.scaling.type"] == "linear" and fields["gemma3.rope.scaling.factor"] == 8.0
+    assert fields["gemma3.rope.freq_base"] == 1e6

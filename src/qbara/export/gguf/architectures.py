@@ -55,6 +55,9 @@ class Architecture:
     tensors: Callable | None = None      # config -> [(name, float32 array)] outside the blocks (rope_freqs)
     rope_layer_type: str | None = None   # the layer type whose rotary rope.freq_base / scaling describe
     key_length_always: bool = False      # attention.key_length / value_length even when = hidden / heads
+    # llama.cpp runs it with full attention though HF slides a window (Mistral, Phi-3): context_length is capped
+    # at the window, within which both attend alike, so the file does not claim a context it would run otherwise.
+    window_caps_context: bool = False
 
     @property
     def linears(self) -> tuple[Slot, ...]:
@@ -101,6 +104,14 @@ def rotary_dims(config) -> int:
     """Dimensions of each head the rotary turns (head_dim, times a partial_rotary_factor)."""
     factor = rope_parameters(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
     return int(float(factor) * config.hidden_size) // config.num_attention_heads if factor else head_dim(config)
+
+
+def context_length(arch: Architecture, config) -> int:
+    """llama.cpp's training context: max_position_embeddings, capped at the sliding window where llama.cpp
+    attends to the whole context instead (`Architecture.window_caps_context`)."""
+    context = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None) if arch.window_caps_context else None
+    return min(context, int(window)) if window else context
 
 
 def rope_theta(config, layer_type: str | None = None) -> float:
@@ -213,7 +224,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                           rope_types=("default", "linear", "llama3"), extra=_llama_extra, tensors=_llama_tensors),
     # llama.cpp runs Mistral as `llama` (its converter writes it so); transformers reads it back as LLaMA.
     "mistral": Architecture("llama", ("mistral",), _LLAMA_BLOCK, rope_permuted=True,
-                            rope_types=("default", "linear", "llama3"), extra=_llama_extra, tensors=_llama_tensors),
+                            rope_types=("default", "linear", "llama3"), extra=_llama_extra, tensors=_llama_tensors,
+                            window_caps_context=True),
     "qwen2": Architecture("qwen2", ("qwen2",), (
         norm("input_layernorm", "attn_norm"),
         lin("self_attn.q_proj", "attn_q", bias=True),
@@ -263,7 +275,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         norm("post_attention_layernorm", "ffn_norm"),
         lin("mlp.gate_up_proj", "ffn_up"),
         lin("mlp.down_proj", "ffn_down"),
-    ), extra=_phi3_extra),
+    ), extra=_phi3_extra, window_caps_context=True),
 }
 
 

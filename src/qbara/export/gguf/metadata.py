@@ -3,7 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qbara.export.gguf.architectures import Architecture, arch_hparams, head_dim, rope_theta, rotary_dims
+from qbara.export.gguf.architectures import (
+    Architecture,
+    arch_hparams,
+    context_length,
+    head_dim,
+    rope_theta,
+    rotary_dims,
+)
 from qbara.export.tokenizer import (
     TokenizerFields,
     fields_from_gguf,
@@ -33,7 +40,7 @@ def write_hparams(writer, arch: Architecture, config, block_count: int, vocab_si
     prefix = arch.gguf_arch
     n_head = int(config.num_attention_heads)
     dim = head_dim(config)
-    writer.add_uint32(f"{prefix}.context_length", int(config.max_position_embeddings))
+    writer.add_uint32(f"{prefix}.context_length", context_length(arch, config))
     writer.add_uint32(f"{prefix}.embedding_length", int(config.hidden_size))
     writer.add_uint32(f"{prefix}.block_count", block_count)
     writer.add_uint32(f"{prefix}.feed_forward_length", int(config.intermediate_size))
