@@ -203,6 +203,9 @@ def test_dense_f32_export_is_exact_and_f16_reports_its_rounding(arch, tmp_path, 
     assert (got - ref).abs().max() / ref.abs().max() < 1e-5
     f16 = export_gguf(model, tokenizer, tmp_path / "f16.gguf", embedding_type="f16", dense_type="f16")
     assert set(f16.linear_types.values()) == {"F16"} and 0 < f16.dense_error < 1e-3
+    assert "unquantized" in f16.summary() and f"{f16.dense_error:.3e}" in f16.summary()
+    with pytest.raises(QbaraError, match="dense_type 'bf16'.*f32, f16"):
+        export_gguf(model, tokenizer, tmp_path / "x.gguf", dense_type="bf16")
     assert gguf_tensors(tmp_path / "f16.gguf")["blk.0.attn_output.weight"].tensor_type == GGMLQuantizationType.F16
 
 

@@ -146,9 +146,9 @@ def output_tensors(model: nn.Module, embedding_type: str, arch: Architecture) ->
     if is_tied(model):
         return out, 0.0
     if not arch.untied_output:
-        raise QbaraError(f"this model's lm_head is not tied to its token embedding, but llama.cpp's {arch.gguf_arch} "
-                         f"reads its output matrix from token_embd (its converter drops lm_head), so the export "
-                         f"would lose the lm_head; tie them (tie_word_embeddings) or use export_hf")
+        raise QbaraError(f"this model's lm_head is not tied to its token embedding; {arch.gguf_arch} GGUFs hold "
+                         f"no output tensor (llama.cpp's converter writes the tied embedding only), so the export "
+                         f"would lose the lm_head: tie them (tie_word_embeddings) or use export_hf")
     output = model.get_output_embeddings()
     if getattr(output, "bias", None) is not None:
         raise QbaraError(f"the output layer (lm_head) has a bias, which llama.cpp's {arch.gguf_arch} does not read")
