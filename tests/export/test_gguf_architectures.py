@@ -356,3 +356,13 @@ def test_gemma3_linear_rope_scaling_of_global_layers(tmp_path):
     fields = gguf_fields(tmp_path / "m.gguf")
     assert fields["gemma3.rope.scaling.type"] == "linear" and fields["gemma3.rope.scaling.factor"] == 8.0
     assert fields["gemma3.rope.freq_base"] == 1e6
+
+
+def test_llama_linear_rope_scaling_is_written_as_the_converter_does(tmp_path):
+    rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    model, tokenizer = tiny("llama", rope_parameters=rope)
+    qbara.prepare(model, INT4_G32)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", embedding_type="f32")
+    fields = gguf_fields(tmp_path / "m.gguf")
+    assert fields["llama.rope.scaling.type"] == "linear" and fields["llama.rope.scaling.factor"] == 2.0
+    assert "rope_freqs.weight" not in gguf_tensors(tmp_path / "m.gguf")
