@@ -103,7 +103,7 @@ def rope_parameters(config, layer_type: str | None = None) -> dict:
 def rotary_dims(config) -> int:
     """Dimensions of each head the rotary turns (head_dim, times a partial_rotary_factor)."""
     factor = rope_parameters(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
-    return int(float(factor) * config.hidden_size) // config.num_attention_heads if factor else head_dim(config)
+    return int(float(factor) * head_dim(config)) if factor else head_dim(config)
 
 
 def context_length(arch: Architecture, config) -> int:
