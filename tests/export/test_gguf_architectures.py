@@ -296,9 +296,8 @@ def test_llama3_rope_scaling_writes_rope_freqs(tmp_path, ids):
     ("gemma3", {"query_pre_attn_scalar": 256}, "query_pre_attn_scalar 256.*1/sqrt\\(16\\)"),
     ("gemma3", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
     ("gemma3", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
-    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0] * 8,
-                                  "short_factor": [1.0] * 8}, "original_max_position_embeddings": 1024},
-     "rope scaling 'longrope'"),
+    ("qwen3", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+     "rope scaling 'linear'"),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 64}, "sliding-window"),
     ("llama", {"hidden_act": "gelu"}, "activation 'gelu'"),
 ])
@@ -366,3 +365,28 @@ def test_llama_linear_rope_scaling_is_written_as_the_converter_does(tmp_path):
     fields = gguf_fields(tmp_path / "m.gguf")
     assert fields["llama.rope.scaling.type"] == "linear" and fields["llama.rope.scaling.factor"] == 2.0
     assert "rope_freqs.weight" not in gguf_tensors(tmp_path / "m.gguf")
+
+
+def test_phi3_longrope_writes_both_factor_tensors_and_the_attention_factor(tmp_path, ids):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    gen = torch.Generator().manual_seed(6)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 512,
+            "long_factor": (1 + 3 * torch.rand(8, generator=gen)).tolist(),
+            "short_factor": (1 + 0.2 * torch.rand(8, generator=gen)).tolist()}
+    model, tokenizer = tiny("phi3", rope_parameters=rope, original_max_position_embeddings=512)
+    qbara.prepare(model, INT4_G32)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", embedding_type="f32")
+    tensors, fields = gguf_tensors(tmp_path / "m.gguf"), gguf_fields(tmp_path / "m.gguf")
+    for kind in ("long", "short"):
+        t = tensors[f"rope_factors_{kind}.weight"]
+        assert t.tensor_type == GGMLQuantizationType.F32
+        assert np.array_equal(np.asarray(t.data), np.asarray(rope[f"{kind}_factor"], dtype=np.float32))
+    _, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](model.config, "cpu", seq_len=4096)
+    assert attention_factor > 1 and fields["phi3.rope.scaling.attn_factor"] == pytest.approx(attention_factor)
+    assert fields["phi3.rope.scaling.original_context_length"] == 512
+    loaded = T.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32,
+                                                    rope_parameters=rope, original_max_position_embeddings=512).eval()
+    with torch.no_grad():
+        ref, got = model(ids).logits, loaded(ids).logits
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-5

@@ -168,14 +168,42 @@ def _qwen_extra(config):
 
 
 def _phi3_extra(config):
-    """Phi-3: the original context (rope.scaling.original_context_length) and the sliding
-    window (0 for none), as the converter writes them. LongRoPE (rope_factors_long / _short) is not written."""
+    """Phi-3: the original context (rope.scaling.original_context_length) and the sliding window (0 for none),
+    as the converter writes them; LongRoPE's attention factor (its long / short factors are `_phi3_tensors`)."""
     problems, hparams = [], []
     original = getattr(config, "original_max_position_embeddings", None)
     if original:
         hparams.append(("rope.scaling.original_context_length", int(original), "u32"))
     hparams.append(("attention.sliding_window", int(getattr(config, "sliding_window", None) or 0), "u32"))
+    rope = rope_parameters(config)
+    if rope["rope_type"] == "longrope":
+        original = int(rope.get("original_max_position_embeddings", original or config.max_position_embeddings))
+        hparams.append(("rope.scaling.attn_factor", longrope_attention_factor(config, original), "f32"))
+        pairs = rotary_dims(config) // 2
+        if len(rope.get("long_factor") or []) != pairs or len(rope.get("short_factor") or []) != pairs:
+            problems.append(f"LongRoPE factors of {len(rope.get('long_factor') or [])} / "
+                            f"{len(rope.get('short_factor') or [])} values (llama.cpp needs {pairs}, one per pair)")
     return hparams, problems
+
+
+def longrope_attention_factor(config, original: int) -> float:
+    """LongRoPE's attention scaling: the config's attention_factor, else sqrt(1 + ln(s) / ln(original context))
+    for the extension s = max_position_embeddings / original context (1 when not extended)."""
+    rope = rope_parameters(config)
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    scale = float(rope.get("factor") or config.max_position_embeddings / original)
+    return math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
+
+
+def _phi3_tensors(config) -> list[tuple[str, np.ndarray]]:
+    """LongRoPE: rope_factors_long / rope_factors_short (F32, one per frequency pair); llama.cpp uses the long
+    ones when its context exceeds the original one."""
+    rope = rope_parameters(config)
+    if rope["rope_type"] != "longrope":
+        return []
+    return [("rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32)),
+            ("rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32))]
 
 
 def _gemma3_extra(config):
@@ -275,7 +303,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         norm("post_attention_layernorm", "ffn_norm"),
         lin("mlp.gate_up_proj", "ffn_up"),
         lin("mlp.down_proj", "ffn_down"),
-    ), extra=_phi3_extra, window_caps_context=True),
+    ), rope_types=("default", "longrope"), extra=_phi3_extra, tensors=_phi3_tensors, window_caps_context=True),
 }
 
 
