@@ -52,7 +52,7 @@ class Architecture:
     activation: tuple[str, ...] = ("silu",)   # config.hidden_act / hidden_activation llama.cpp's graph applies
     rope_types: tuple[str, ...] = ("default",)  # rotary scalings written (others are refused)
     extra: Callable | None = None        # config -> (extra hparams [(key, value, kind)], problems [str])
-    tensors: Callable | None = None      # config -> [(name, float32 array)] outside the blocks (rope_freqs)
+    tensors: Callable | None = None      # config -> [(name, float32 array)] outside the blocks (rope factors)
     rope_layer_type: str | None = None   # the layer type whose rotary rope.freq_base / scaling describe
     key_length_always: bool = False      # attention.key_length / value_length even when = hidden / heads
     # llama.cpp runs it with full attention though HF slides a window (Mistral, Phi-3): context_length is capped
@@ -349,9 +349,10 @@ def arch_hparams(arch: Architecture, config) -> list[tuple[str, object, str]]:
 
 
 def extra_tensors(arch: Architecture, config) -> list[tuple[str, np.ndarray]]:
-    """Tensors outside the blocks that the converter writes (rope_freqs for LLaMA-3 rotary scaling)."""
+    """Tensors outside the blocks that the converter writes (LLaMA-3's rope_freqs, Phi-3's LongRoPE factors)."""
     return arch.tensors(config) if arch.tensors is not None else []
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "Slot", "architecture_of", "arch_hparams", "extra_tensors",
-           "head_dim", "llama3_rope_factors", "rope_parameters", "rope_theta", "supported"]
+__all__ = ["ARCHITECTURES", "Architecture", "Slot", "architecture_of", "arch_hparams", "context_length", "extra_tensors",
+           "head_dim", "llama3_rope_factors", "longrope_attention_factor", "rope_parameters", "rope_theta",
+           "rotary_dims", "supported"]
