@@ -354,5 +354,5 @@ def extra_tensors(arch: Architecture, config) -> list[tuple[str, np.ndarray]]:
 
 
 __all__ = ["ARCHITECTURES", "Architecture", "Slot", "architecture_of", "arch_hparams", "context_length",
-           "extra_tensors", "head_dim", "llama3_rope_factors", "longrope_attention_factor", "rope_parameters", "rope_theta",
-           "rotary_dims", "supported"]
+           "extra_tensors", "head_dim", "llama3_rope_factors", "longrope_attention_factor", "rope_parameters",
+           "rope_theta", "rotary_dims", "supported"]
