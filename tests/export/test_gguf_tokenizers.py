@@ -282,3 +282,26 @@ def test_export_gguf_writes_a_sentencepiece_tokenizer(tmp_path):
     loaded = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="sp.gguf")
     for text in TEXTS:
         assert loaded(text).input_ids == tokenizer(text).input_ids, text
+
+
+def test_smollm2_fields_built_from_hf_equal_the_shipped_gguf(tmp_path):
+    """SmolLM2's tokenizer (as transformers reads it from the shipped GGUF, which is how qbara gets it) gives
+    the shipped file's `tokenizer.*` fields, values and types, with one documented difference: transformers
+    reads the "smollm" pre-tokenizer as GPT-2's (no split of digit runs), so the tokenizer it hands over is
+    GPT-2's and is named "gpt-2". Exports of SmolLM2 itself copy the shipped fields (`source_gguf`)."""
+    from qbara.export.tokenizer import fields_from_gguf
+    from qbara.models.smollm2 import smollm2_gguf_path
+
+    try:
+        path = smollm2_gguf_path()
+    except QbaraError as err:
+        pytest.skip(str(err))
+    (tmp_path / path.name).symlink_to(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    built = fields_from_hf(tokenizer, len(tokenizer)).fields
+    shipped = fields_from_gguf(path).fields
+    assert set(built) == set(shipped)
+    assert built.pop("tokenizer.ggml.pre")[0] == "gpt-2" and shipped.pop("tokenizer.ggml.pre")[0] == "smollm"
+    for key, (value, *types) in shipped.items():
+        assert list(np.atleast_1d(built[key][0])) == list(np.atleast_1d(value)), key
+        assert list(built[key][1:]) == types, key
