@@ -158,10 +158,10 @@ FAMILIES = {
     "qwen2": (qwen2, "qwen2", "gpt2", "qwen2", "<|im_end|>", False),
     "qwen3": (qwen2, "qwen3", "gpt2", "qwen2", "<|im_end|>", False),
     "smollm2": (smollm2, "llama", "gpt2", "smollm", None, False),  # eos is <|im_end|> itself
-    "llama2": (llama2, "llama", "llama", None, None, True),
-    "mistral": (llama2, "llama", "llama", None, None, True),
-    "gemma3": (gemma, "gemma3", "llama", None, "<end_of_turn>", False),
-    "phi3": (phi3, "phi3", "llama", None, "<|end|>", True),
+    "llama2": (llama2, "llama", "llama", "default", None, True),
+    "mistral": (llama2, "llama", "llama", "default", None, True),
+    "gemma3": (gemma, "gemma3", "llama", "default", "<end_of_turn>", False),
+    "phi3": (phi3, "phi3", "llama", "default", "<|end|>", True),
 }
 
 
@@ -218,7 +218,7 @@ def test_fields_name_the_family_and_its_special_tokens(tmp_path, name):
     reader = GGUFReader(str(tmp_path / f"{name}.gguf"))  # gguf-py's reader: what llama.cpp will see
     got = {key: reader.fields[key].contents() for key in reader.fields if key.startswith("tokenizer.")}
     assert got["tokenizer.ggml.model"] == model
-    assert got.get("tokenizer.ggml.pre") == pre
+    assert got["tokenizer.ggml.pre"] == pre
     assert got["tokenizer.ggml.add_space_prefix"] is space_prefix
     eot = got.get("tokenizer.ggml.eot_token_id")
     assert eot == (original.convert_tokens_to_ids(end_of_turn) if end_of_turn else None)

@@ -235,7 +235,8 @@ def fields_from_hf(tokenizer, vocab_size: int) -> TokenizerFields:
     """
     spec = _backend_json(tokenizer)
     model = tokenizer_model(spec)
-    pre = pre_tokenizer_name(spec) if model == "gpt2" else None
+    # llama.cpp reads no pre-tokenizer for SentencePiece; its converter still writes "default" there
+    pre = pre_tokenizer_name(spec) if model == "gpt2" else "default"
     raw_merges = spec["model"].get("merges", [])
     if any(not isinstance(m, str) and any(" " in part for part in m) for m in raw_merges):
         raise QbaraError("a merge of this tokenizer joins pieces holding a space, which GGUF's \"left right\" merges "
@@ -253,8 +254,7 @@ def fields_from_hf(tokenizer, vocab_size: int) -> TokenizerFields:
 
     out = TokenizerFields(source="built from the Hugging Face tokenizer")
     out.add("tokenizer.ggml.model", model, GGUFValueType.STRING)
-    if pre is not None:
-        out.add("tokenizer.ggml.pre", pre, GGUFValueType.STRING)
+    out.add("tokenizer.ggml.pre", pre, GGUFValueType.STRING)
     out.add("tokenizer.ggml.tokens", tokens, GGUFValueType.ARRAY, GGUFValueType.STRING)
     if model == "llama":
         scores = _sentencepiece_scores(tokens, types, merges)
