@@ -240,7 +240,7 @@ def test_sentencepiece_scores_alone_give_the_same_ids(tmp_path, name):
     transformers rebuilds the merges from the scores, and must still encode every text the same."""
     original, fields, loaded = _round_trip(tmp_path, name, drop=("tokenizer.ggml.merges",))
     assert "tokenizer.ggml.merges" not in fields.fields
-    for text in TEXTS:
+    for text in TEXTS + CORPUS[:5]:
         assert loaded(text).input_ids == original(text).input_ids, text
 
 
@@ -305,3 +305,44 @@ def test_smollm2_fields_built_from_hf_equal_the_shipped_gguf(tmp_path):
     for key, (value, *types) in shipped.items():
         assert list(np.atleast_1d(built[key][0])) == list(np.atleast_1d(value)), key
         assert list(built[key][1:]) == types, key
+
+
+def _llama_cpp_ids(path, texts) -> tuple[list[list[int]], int]:
+    """Token ids llama.cpp's own tokenizer gives (BOS as the file says, control tokens parsed), and its eot id."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    assert model, path
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        out = []
+        for text in texts:
+            data = text.encode()
+            buf = (llama_cpp.llama_token * (len(data) + 8))()
+            n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), True, True)
+            out.append(list(buf[:n]))
+        return out, llama_cpp.llama_vocab_eot(vocab)
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_llama_cpp_tokenizes_the_export_as_the_original(tmp_path, name):
+    """llama.cpp itself (llama-cpp-python, where installed) reads the file and encodes as the original does.
+
+    Known difference: for a text that starts with a space, SentencePiece (and llama.cpp) still add the dummy
+    prefix ("▁▁x"), while transformers' Metaspace (Llama 2 / Mistral style) does not ("▁x"); nothing in GGUF can
+    say otherwise, so those texts are left out for the Metaspace families."""
+    pytest.importorskip("llama_cpp")
+    build, arch, _, _, end_of_turn, _ = FAMILIES[name]
+    original = build()
+    fields = fields_from_hf(original, len(original))
+    path = write_gguf(tmp_path / f"{name}.gguf", arch, fields, len(original))
+    texts = [t for t in TEXTS + CORPUS[:5] if not (name in ("llama2", "mistral") and t[:1].isspace())]
+    got, eot = _llama_cpp_ids(path, texts)
+    assert got == [original(t).input_ids for t in texts]
+    if end_of_turn is not None:
+        assert eot == original.convert_tokens_to_ids(end_of_turn)
