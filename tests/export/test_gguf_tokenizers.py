@@ -257,10 +257,19 @@ def test_pre_tokenizer_table_agrees_with_transformers_gguf_reader():
             assert name not in GGUF_PRE_TOKENIZER_SPLITS, name
 
 
-def test_unknown_pre_tokenizer_and_unigram_are_refused():
+def test_unrepresentable_tokenizers_are_refused():
     odd = byte_level(r"\w+|\s+", False, ["<|endoftext|>"], None, "<|endoftext|>", None, TEMPLATES["chatml"])
     with pytest.raises(QbaraError, match="pre-tokenizer"):
         fields_from_hf(odd, len(odd))
+    lower = byte_level(QWEN2_SPLIT, False, ["<|endoftext|>"], None, "<|endoftext|>", None, TEMPLATES["chatml"],
+                       normalizer=normalizers.Lowercase())
+    with pytest.raises(QbaraError, match="Lowercase"):
+        fields_from_hf(lower, len(lower))
+    digits = llama2()
+    digits.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), digits.backend_tokenizer.pre_tokenizer])
+    with pytest.raises(QbaraError, match="Digits"):
+        fields_from_hf(digits, len(digits))
     core = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0)], unk_id=0))
     unigram = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
     with pytest.raises(QbaraError, match="Unigram"):

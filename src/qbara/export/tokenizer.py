@@ -149,6 +149,40 @@ def tokenizer_model(spec: dict) -> str:
                      f"model to copy its tokenizer")
 
 
+def _is_nfc(step: dict) -> bool:
+    return step.get("type") == "NFC"
+
+
+# Normalizer steps each GGUF tokenizer model can stand for. llama.cpp's SentencePiece spells spaces as "▁"
+# (with the optional dummy prefix); its byte-level BPE normalizes nothing, and NFC (Qwen's) is let through:
+# it changes only text that is not already NFC, as nearly all text is.
+NORMALIZERS = {"gpt2": (_is_nfc,), "llama": (_is_metaspace_normalizer,)}
+
+
+def _splits_on_spaces(step: dict) -> bool:
+    return step.get("type") == "Metaspace" or (step.get("type") == "Split" and step.get("pattern") in (
+        {"String": " "}, {"String": "\u2581"}))
+
+
+# SentencePiece pre-tokenizer steps: Metaspace (Llama 2, Mistral), a split at spaces (Gemma). A byte-level
+# BPE's steps are checked whole, by PRE_TOKENIZERS.
+SENTENCEPIECE_PRE_STEPS = (_splits_on_spaces,)
+
+
+def check_representable(spec: dict, model: str) -> None:
+    """Refuse normalizer or pre-tokenizer steps llama.cpp cannot reproduce for this model (lowercasing, NFKC,
+    a charsmap, a digit split before SentencePiece, ...)."""
+    odd = [("normalizer", step.get("type")) for step in _steps(spec.get("normalizer"))
+           if not any(allowed(step) for allowed in NORMALIZERS[model])]
+    if model == "llama":
+        odd += [("pre-tokenizer", step.get("type")) for step in _steps(spec.get("pre_tokenizer"))
+                if not any(allowed(step) for allowed in SENTENCEPIECE_PRE_STEPS)]
+    if odd:
+        raise QbaraError(f"this tokenizer's steps {odd} have no counterpart in llama.cpp's {model!r} tokenizer, "
+                         f"which would encode text differently. Pass tokenizer_gguf= a GGUF file of the same model "
+                         f"to copy its tokenizer")
+
+
 def _add_space_prefix(spec: dict) -> bool:
     """SentencePiece's dummy prefix: Metaspace prepending "▁" (scheme first/always) or a Prepend("▁") normalizer."""
     for step in _steps(spec.get("pre_tokenizer")):
@@ -232,9 +266,12 @@ def fields_from_hf(tokenizer, vocab_size: int) -> TokenizerFields:
 
     tokens: id order, padded with "[PAD<i>]" (type UNUSED) up to the model's `vocab_size`; merges as
     "left right"; add_bos/add_eos from what encoding a text adds; eot_token_id from the chat template.
+    One difference GGUF cannot express: for a text that starts with a space, llama.cpp (as SentencePiece)
+    still adds the dummy prefix, where transformers' Metaspace (Llama 2 / Mistral tokenizer.json) does not.
     """
     spec = _backend_json(tokenizer)
     model = tokenizer_model(spec)
+    check_representable(spec, model)
     # llama.cpp reads no pre-tokenizer for SentencePiece; its converter still writes "default" there
     pre = pre_tokenizer_name(spec) if model == "gpt2" else "default"
     raw_merges = spec["model"].get("merges", [])
