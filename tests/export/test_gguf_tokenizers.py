@@ -355,3 +355,15 @@ def test_llama_cpp_tokenizes_the_export_as_the_original(tmp_path, name):
     assert got == [original(t).input_ids for t in texts]
     if end_of_turn is not None:
         assert eot == original.convert_tokens_to_ids(end_of_turn)
+
+
+def test_ids_the_vocabulary_skips_are_unused_placeholders():
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {char: index + (index >= 100) for index, char in enumerate(sorted(alphabet))}  # no token has id 100
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core)
+    fields = fields_from_hf(tok, 258).fields
+    tokens, types = fields["tokenizer.ggml.tokens"][0], fields["tokenizer.ggml.token_type"][0]
+    assert (tokens[100], types[100]) == ("[PAD100]", TokenType.UNUSED)
+    assert types.count(TokenType.UNUSED) == 2 and types.count(TokenType.NORMAL) == 256

@@ -198,8 +198,9 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 def _token_types(tokenizer, tokens: list[str], model: str, unk_id) -> list[int]:
     """NORMAL, except: added tokens CONTROL (special) or USER_DEFINED; for SentencePiece the unknown token
-    UNKNOWN and the byte-fallback tokens <0xNN> BYTE."""
-    types = [int(TokenType.NORMAL)] * len(tokens)
+    UNKNOWN and the byte-fallback tokens <0xNN> BYTE; ids the vocabulary skips ("[PAD<i>]") UNUSED."""
+    vocab = tokenizer.get_vocab()
+    types = [int(TokenType.NORMAL if token in vocab else TokenType.UNUSED) for token in tokens]
     if model == "llama":
         for index, token in enumerate(tokens):
             if _BYTE_TOKEN.fullmatch(token):
