@@ -79,7 +79,8 @@ def _steps(component: dict | None) -> list[dict]:
 # GPT-2 regex) -- which is all llama.cpp takes from the name. llama.cpp's converter tells them apart by hashing
 # the ids of a test string instead; several of its names share one behaviour (Llama 3's "llama-bpe" with
 # "smaug-bpe", "dbrx"; SmolLM's "smollm" with "starcoder"), and the name of the best-known model is used here.
-# Adding one is one entry: the steps as `_pre_signature` spells them.
+# Adding one is one entry: the steps as `_pre_signature` spells them. (llama.cpp also fixes BPE's
+# `ignore_merges` per name -- on for "llama-bpe", as Llama 3's tokenizer.json has it -- so it is not compared.)
 _GPT2_WORDS = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
