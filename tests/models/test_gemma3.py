@@ -284,7 +284,7 @@ def test_gemma_qahira_int4_pipeline_trains_and_folds(gemma):
     assert len(layers) == model.config.num_hidden_layers * 7  # q k v o gate up down
     ids = tokenizer("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
                     return_tensors="pt").input_ids
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)  # as for SmolLM2
     torch.manual_seed(0)
     losses, step_s = [], []
     model.train()
