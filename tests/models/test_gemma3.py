@@ -269,6 +269,22 @@ def test_gemma_second_load_does_not_convert_again(gemma, monkeypatch):
 
 @pytest.mark.models
 @pytest.mark.slow
+def test_gemma_quantized_on_load_equals_quantizing_the_loaded_model(gemma):
+    """load_model("gemma3-270m", quant=...) streams the converted folder; the same INT4 model as quantizing the
+    dense load."""
+    from qbara import QuantConfig, quantize_model
+
+    _, base, tokenizer, _, _ = gemma
+    quant = QuantConfig("int4", block_size=32)
+    streamed, _ = load_model("gemma3-270m", quant=quant)
+    dense = quantize_model(copy.deepcopy(base), quant)
+    ids = tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, dense(ids).logits)
+
+
+@pytest.mark.models
+@pytest.mark.slow
 def test_gemma_qahira_int4_pipeline_trains_and_folds(gemma):
     """qbara's usual path on Gemma: INT4 G=32 base, QA-HiRA rank 8, a few steps, merge into the INT4 model."""
     from qbara import AdapterConfig, QuantConfig, merge, prepare
