@@ -52,3 +52,12 @@ def exported(tmp_path_factory, ids):
     report = export_gguf(model, tokenizer, path)
     return dict(model=model, tokenizer=tokenizer, path=path, report=report, adapter_logits=adapter_logits,
                 merged_logits=merged_logits)
+
+
+def tiny_olmo():
+    """A tiny OLMo: an architecture GGUF export has no table entry for."""
+    from transformers import OlmoConfig, OlmoForCausalLM
+
+    config = OlmoConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)
+    return OlmoForCausalLM(config).eval()

@@ -9,9 +9,9 @@ import qbara
 from qbara import AdapterConfig, QbaraError, QuantConfig
 from qbara.export import export_gguf, export_gguf_lora, llama_rope_permutation
 from qbara.export.gguf import LINEARS
-from qbara.models import tiny_llama, tiny_qwen2
+from qbara.models import tiny_llama
 
-from .conftest import TINY, tiny_adapted
+from .conftest import TINY, tiny_adapted, tiny_olmo
 
 GGUF_NAMES = dict(LINEARS)
 
@@ -193,10 +193,10 @@ def test_model_without_adapters_is_refused(tmp_path):
         export_gguf_lora(model, tmp_path / "a.gguf")
 
 
-def test_non_llama_model_is_refused(tmp_path):
-    model, _ = tiny_qwen2()
+def test_unsupported_architecture_is_refused(tmp_path):
+    model = tiny_olmo()
     qbara.prepare(model, QuantConfig("int4", 32), AdapterConfig("lora", rank=2))
-    with pytest.raises(QbaraError, match="LLaMA.*qwen2.*export_hf"):
+    with pytest.raises(QbaraError, match="supports the architectures.*qwen3.*'olmo'.*export_hf"):
         export_gguf_lora(model, tmp_path / "a.gguf")
 
 

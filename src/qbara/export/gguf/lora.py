@@ -11,7 +11,10 @@ tensor, alpha = adapter.lora.alpha (float32; 0 or absent means scale = user scal
 qbara's update is s · B A, so alpha = s · r makes llama.cpp's alpha / r equal s. One alpha serves the
 file; a layer whose s · r differs (per-layer ranks or scalings) has s · r / alpha folded into its B.
 q/k rows follow the base's rotary layout: B's rows are output rows, so B of attn_q / attn_k is permuted as
-the base's rows are (what convert_lora_to_gguf.py does through the LLaMA converter's permute); A is not.
+the base's rows are for LLaMA / Mistral (what convert_lora_to_gguf.py does through the LLaMA converter's
+permute); A is not. Other architectures keep HF's row order. Phi-3's fused layers (attn_qkv, ffn_up holding
+gate and up) carry their adapter as it is: llama.cpp's phi3 graph multiplies those fused matrices through
+build_lora_mm, so B A of qkv_proj / gate_up_proj is the update of exactly that tensor.
 """
 from __future__ import annotations
 
@@ -26,14 +29,10 @@ from torch import nn
 
 from qbara.adapters.attach import adapter_layers
 from qbara.errors import QbaraError
+from qbara.export.gguf.architectures import ARCHITECTURES, Architecture
 from qbara.export.gguf.base import write_file
-from qbara.export.gguf.checks import check_llama, check_path
-from qbara.export.gguf.linears import (
-    LINEARS,
-    is_plain_lora,
-    llama_rope_permutation,
-    rope_heads,
-)
+from qbara.export.gguf.checks import check_architecture, check_path
+from qbara.export.gguf.linears import is_plain_lora, row_order
 from qbara.export.gguf.provenance import base_model_fields, model_name
 from qbara.outputs import GGUF_MARK, output_file
 from qbara.quant.tensor import FP16_MAX
@@ -72,7 +71,7 @@ class LoraExportReport:
 
 
 # ------------------------------------------------------------------------------------ checks
-def lora_layers(model: nn.Module) -> dict[str, tuple[int, str, nn.Module]]:
+def lora_layers(model: nn.Module, arch: Architecture | None = None) -> dict[str, tuple[int, str, nn.Module]]:
     """HF name -> (block, llama.cpp tensor name, adapter) for every adapter of `model`; refuses adapters a
     llama.cpp LoRA GGUF cannot hold (pooled methods, layers outside the decoder blocks' linears)."""
     adapters = adapter_layers(model)
@@ -80,12 +79,14 @@ def lora_layers(model: nn.Module) -> dict[str, tuple[int, str, nn.Module]]:
         raise QbaraError("this model has no adapters to write as a LoRA GGUF; attach LoRA adapters with "
                          "qbara.prepare(..., adapter=AdapterConfig('lora', ...)) or qbara.load_adapter, or "
                          "export the model alone with export_gguf")
-    places = {f"model.layers.{i}.{sub}": (i, gguf_name)
-              for i in range(len(model.model.layers)) for sub, gguf_name in LINEARS}
+    arch = arch or check_architecture(model)
+    places = {f"model.layers.{i}.{slot.hf}": (i, slot.gguf)
+              for i in range(len(model.model.layers)) for slot in arch.linears}
     elsewhere = sorted(n for n in adapters if n not in places)
     if elsewhere:
+        covered = "/".join(slot.hf.rsplit(".", 1)[-1] for slot in arch.linears)
         raise QbaraError(f"adapters on {', '.join(elsewhere[:3])} have no place in a llama.cpp LoRA GGUF, which "
-                         f"covers the decoder blocks' q/k/v/o/gate/up/down projections; {MERGE_HINT}")
+                         f"covers the decoder blocks' linears ({covered}); {MERGE_HINT}")
     pooled = {n: a for n, a in adapters.items() if not is_plain_lora(a)}
     if pooled:
         first = next(iter(pooled.values()))
@@ -112,7 +113,7 @@ LORA_DTYPES = {"f32": np.float32, "f16": np.float16}  # the adapter tensor types
 
 @torch.no_grad()
 def lora_tensors(name: str, gguf_name: str, adapter, config, alpha: float,
-                 dtype: str = "f32") -> tuple[list[tuple], bool]:
+                 dtype: str = "f32", arch: Architecture | None = None) -> tuple[list[tuple], bool]:
     """([(…lora_a, A), (…lora_b, B)] as `dtype` ("f32" or "f16", rounded to nearest), whether B absorbed a
     scaling other than alpha / r)."""
     a = adapter.lora_A.weight.detach().to("cpu", torch.float32)
@@ -121,9 +122,9 @@ def lora_tensors(name: str, gguf_name: str, adapter, config, alpha: float,
     rescaled = abs(factor - 1.0) > 1e-6
     if rescaled:
         b = b * factor
-    heads = rope_heads(gguf_name, config)
-    if heads is not None:
-        b = b[llama_rope_permutation(b.shape[0], heads)]
+    perm = row_order(b.shape[0], (arch or ARCHITECTURES["llama"]).rope_heads(gguf_name, config))
+    if perm is not None:
+        b = b[perm]
     base = f"{name}.weight"
     pair = [(f"{base}.lora_a", a.contiguous().numpy()), (f"{base}.lora_b", b.to(torch.float32).contiguous().numpy())]
     if dtype == "f16":
@@ -146,12 +147,12 @@ def export_gguf_lora(model: nn.Module, path, *, name: str | None = None, overwri
 
 def write_gguf_lora(model: nn.Module, path, *, name: str | None = None, base_model: str | None = None,
                     adapter: str | None = None, dtype: str = "f32") -> LoraExportReport:
-    """Write the plain LoRA adapters of a LLaMA model as a llama.cpp LoRA GGUF (`llama-cli -m base.gguf
-    --lora adapter.gguf`) at `path`; tensors in `dtype` ("f32", or "f16": half the bytes, each value rounded
-    to nearest fp16), names following the base's (blk.N.attn_q.weight.lora_a, ...). Write the base with
-    export_gguf(..., separate_lora=True). Pooled adapters (Q-BaRA, QA-LoRA, QA-HiRA) are refused: they merge
-    into the base instead. base_model, adapter: provenance, as the user named them (general.base_model.0.name,
-    general.description)."""
+    """Write the plain LoRA adapters of a model (any architecture `export_gguf` writes) as a llama.cpp LoRA GGUF
+    (`llama-cli -m base.gguf --lora adapter.gguf`) at `path`; tensors in `dtype` ("f32", or "f16": half the
+    bytes, each value rounded to nearest fp16), names following the base's (blk.N.attn_q.weight.lora_a, ...).
+    Write the base with export_gguf(..., separate_lora=True). Pooled adapters (Q-BaRA, QA-LoRA, QA-HiRA) are
+    refused: they merge into the base instead. base_model, adapter: provenance, as the user named them
+    (general.base_model.0.name, general.description)."""
     from gguf import GGUFValueType, LlamaFileType
     from gguf.constants import Keys
 
@@ -159,12 +160,13 @@ def write_gguf_lora(model: nn.Module, path, *, name: str | None = None, base_mod
     if dtype not in LORA_DTYPES:
         raise QbaraError(f"the LoRA GGUF's tensors are {' or '.join(LORA_DTYPES)}, got dtype={dtype!r}")
     path = check_path(path)
-    check_llama(model)
-    layers = lora_layers(model)
+    arch = check_architecture(model)
+    layers = lora_layers(model, arch)
     alpha = file_alpha(layers.values())
     tensors, ranks, rescaled = [], {}, []
-    for hf_name, (i, gguf_name, layer) in sorted(layers.items(), key=lambda kv: (kv[1][0], _order(kv[1][1]))):
-        pair, scaled = lora_tensors(f"blk.{i}.{gguf_name}", gguf_name, layer, model.config, alpha, dtype)
+    order = [slot.gguf for slot in arch.linears]
+    for hf_name, (i, gguf_name, layer) in sorted(layers.items(), key=lambda kv: (kv[1][0], order.index(kv[1][1]))):
+        pair, scaled = lora_tensors(f"blk.{i}.{gguf_name}", gguf_name, layer, model.config, alpha, dtype, arch)
         tensors += pair
         ranks[hf_name] = layer.rank
         if scaled:
@@ -185,11 +187,8 @@ def write_gguf_lora(model: nn.Module, path, *, name: str | None = None, base_mod
         writer.add_float32(Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_string("general.quantized_by", GGUF_MARK)  # how qbara.outputs knows its own files
 
-    write_file(path, header, tensors)
+    write_file(path, header, tensors, arch.gguf_arch)
     return LoraExportReport(path=path, size_bytes=path.stat().st_size, alpha=alpha, ranks=ranks,
                             rescaled=rescaled, tensor_names=[n for n, _, _ in tensors],
                             seconds=time.perf_counter() - start, dtype=dtype)
 
-
-def _order(gguf_name: str) -> int:
-    return [g for _, g in LINEARS].index(gguf_name)

@@ -1,9 +1,16 @@
-"""The model's metadata: `llama.*` hyper-parameters, general.file_type, and the `tokenizer.*` fields."""
+"""The model's metadata: `<arch>.*` hyper-parameters, general.file_type, and the `tokenizer.*` fields."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from qbara.export.gguf.checks import ARCH, head_dim, rope_theta
+from qbara.export.gguf.architectures import (
+    Architecture,
+    arch_hparams,
+    context_length,
+    head_dim,
+    rope_theta,
+    rotary_dims,
+)
 from qbara.export.tokenizer import (
     TokenizerFields,
     fields_from_gguf,
@@ -15,7 +22,7 @@ from qbara.export.tokenizer import (
 # the K-quants the _M mixes are the names llama-quantize's users know.
 FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
               "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M",
-              "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K"}
+              "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K", "F32": "ALL_F32", "F16": "MOSTLY_F16"}
 
 
 def file_type(linear_params: dict[str, int]) -> int:
@@ -27,24 +34,29 @@ def file_type(linear_params: dict[str, int]) -> int:
     return int(LlamaFileType[FILE_TYPES.get(dominant, "MOSTLY_Q4_1")])
 
 
-def write_hparams(writer, config, block_count: int, vocab_size: int, ftype: int) -> None:
-    """The `llama.*` hyper-parameters llama.cpp reads, and general.file_type."""
+def write_hparams(writer, arch: Architecture, config, block_count: int, vocab_size: int, ftype: int) -> None:
+    """The `<arch>.*` hyper-parameters llama.cpp reads (those every architecture has, then the table entry's
+    own), and general.file_type."""
+    prefix = arch.gguf_arch
     n_head = int(config.num_attention_heads)
     dim = head_dim(config)
-    writer.add_uint32(f"{ARCH}.context_length", int(config.max_position_embeddings))
-    writer.add_uint32(f"{ARCH}.embedding_length", int(config.hidden_size))
-    writer.add_uint32(f"{ARCH}.block_count", block_count)
-    writer.add_uint32(f"{ARCH}.feed_forward_length", int(config.intermediate_size))
-    writer.add_uint32(f"{ARCH}.attention.head_count", n_head)
-    writer.add_uint32(f"{ARCH}.attention.head_count_kv", int(config.num_key_value_heads))
-    if dim != config.hidden_size // n_head:
-        writer.add_uint32(f"{ARCH}.attention.key_length", dim)
-        writer.add_uint32(f"{ARCH}.attention.value_length", dim)
-    writer.add_float32(f"{ARCH}.rope.freq_base", rope_theta(config))
-    writer.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", float(config.rms_norm_eps))
+    writer.add_uint32(f"{prefix}.context_length", context_length(arch, config))
+    writer.add_uint32(f"{prefix}.embedding_length", int(config.hidden_size))
+    writer.add_uint32(f"{prefix}.block_count", block_count)
+    writer.add_uint32(f"{prefix}.feed_forward_length", int(config.intermediate_size))
+    writer.add_uint32(f"{prefix}.attention.head_count", n_head)
+    writer.add_uint32(f"{prefix}.attention.head_count_kv", int(config.num_key_value_heads))
+    if arch.key_length_always or dim != config.hidden_size // n_head:
+        writer.add_uint32(f"{prefix}.attention.key_length", dim)
+        writer.add_uint32(f"{prefix}.attention.value_length", dim)
+    writer.add_float32(f"{prefix}.rope.freq_base", rope_theta(config, arch.rope_layer_type))
+    writer.add_float32(f"{prefix}.attention.layer_norm_rms_epsilon", float(config.rms_norm_eps))
     writer.add_uint32("general.file_type", ftype)
-    writer.add_uint32(f"{ARCH}.vocab_size", vocab_size)
-    writer.add_uint32(f"{ARCH}.rope.dimension_count", dim)
+    writer.add_uint32(f"{prefix}.vocab_size", vocab_size)
+    writer.add_uint32(f"{prefix}.rope.dimension_count", rotary_dims(config))
+    adders = {"u32": writer.add_uint32, "f32": writer.add_float32, "str": writer.add_string}
+    for key, value, kind in arch_hparams(arch, config):
+        adders[kind](f"{prefix}.{key}", value)
 
 
 def source_gguf(tokenizer, tokenizer_gguf):

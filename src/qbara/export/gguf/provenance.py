@@ -47,16 +47,17 @@ def _field(reader, key):
     return fld.contents(), vtype, (fld.types[-1] if vtype == GGUFValueType.ARRAY else None)
 
 
-def same_model(reader, config, vocab_size: int) -> bool:
-    """True when the GGUF in `reader` holds a LLaMA model of `config`'s shape and vocabulary (the model
-    exported is that model, fine-tuned): only then is its general.* metadata carried over."""
+def same_model(reader, config, vocab_size: int, arch: str = ARCH) -> bool:
+    """True when the GGUF in `reader` holds a model of GGUF architecture `arch`, `config`'s shape and
+    vocabulary (the model exported is that model, fine-tuned): only then is its general.* metadata carried
+    over."""
     fields = reader.fields
     try:
-        if fields["general.architecture"].contents() != ARCH:
+        if fields["general.architecture"].contents() != arch:
             return False
         want = (config.num_hidden_layers, config.hidden_size, config.intermediate_size,
                 config.num_attention_heads, config.num_key_value_heads)
-        have = tuple(int(fields[f"{ARCH}.{k}"].contents()) for k in SHAPE_KEYS)
+        have = tuple(int(fields[f"{arch}.{k}"].contents()) for k in SHAPE_KEYS)
         tokens = len(fields["tokenizer.ggml.tokens"].contents())
     except (KeyError, AttributeError, TypeError, ValueError):
         return False
@@ -95,7 +96,7 @@ def base_model_fields(name: str, base: dict[str, tuple] | None = None) -> dict[s
 
 
 def provenance_fields(source, base_model: str | None, adapter: str | None, *, config=None,
-                      vocab_size: int | None = None) -> dict[str, tuple]:
+                      vocab_size: int | None = None, arch: str = ARCH) -> dict[str, tuple]:
     """general.* metadata for the exported file: key -> (value, GGUF type, array item type).
 
     From `source` ((path, reader) of the GGUF the tokenizer came from), when it holds this very model
@@ -111,7 +112,7 @@ def provenance_fields(source, base_model: str | None, adapter: str | None, *, co
     out: dict[str, tuple] = {}
     base: dict[str, tuple] = {}
     reader = None
-    if source is not None and (config is None or same_model(source[1], config, vocab_size)):
+    if source is not None and (config is None or same_model(source[1], config, vocab_size, arch)):
         reader = source[1]
         out, base = _source_general(reader)
     name = base_model

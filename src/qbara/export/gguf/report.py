@@ -29,6 +29,9 @@ class ExportReport:
     bits_per_param: 8 * tensor data bytes / weights over all tensors of the file; linear_bits_per_param:
         the same over the linear layers.
     adapters_separate: plain LoRA layers left out of the base (separate_lora=True) for `export_gguf_lora`.
+    architecture: general.architecture written (llama, qwen2, qwen3, gemma3, phi3).
+    dense: linear layers written unquantized (dense_type "f32" / "f16"); dense_error: their relative error in
+        that type (0.0 for F32).
     """
 
     path: Path
@@ -50,6 +53,9 @@ class ExportReport:
     linear_bits_per_param: float = 0.0
     adapters_separate: int = 0
     exact_q5_1: list[str] = field(default_factory=list)
+    architecture: str = "llama"
+    dense: list[str] = field(default_factory=list)
+    dense_error: float = 0.0
 
     @property
     def lossless(self) -> bool:
@@ -62,6 +68,9 @@ class ExportReport:
         return _counts(self.linear_types.values())
 
     def _linear_line(self) -> str:
+        if self.dense:
+            return (f"{len(self.dense)} linear layers written unquantized (relative error {self.dense_error:.3e}); "
+                    f"{len(self.exact_q4_1) + len(self.exact_q5_1) + len(self.exact_ggml)} from their own codes")
         if self.requantized:
             return (f"LOSSY: re-quantized {len(self.requantized)} linear layers, relative weight error "
                     f"{self.requantize_error:.3e} (worst layer {self.max_layer_error:.3e})")

@@ -1,5 +1,6 @@
-"""The tensors of the base GGUF, in llama.cpp names and file order: token_embd, each block's norms and
-linears, output_norm, output. Each is (name, array, raw GGMLQuantizationType or None for F32/F16)."""
+"""The tensors of the base GGUF, in llama.cpp names and file order: token_embd, each block's tensors (the
+architecture's table entry: norms, linears, biases), output_norm, output, then any extra tensor of the
+architecture (rope_freqs). Each is (name, array, raw GGMLQuantizationType or None for F32/F16)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,13 +11,13 @@ from torch import Tensor, nn
 
 from qbara.errors import QbaraError
 from qbara.export.blocks import dequantize_q8_0, pack_q8_0, quantize_q8_0
+from qbara.export.gguf.architectures import Architecture
 from qbara.export.gguf.linears import (
-    LINEARS,
-    NORMS,
     Linear,
+    dense_array,
     linear_bytes,
     requantize,
-    rope_heads,
+    row_order,
 )
 
 EMBEDDING_TYPES = ("q8_0", "f16", "f32")
@@ -34,6 +35,14 @@ class LinearStats:
     err_den: float = 0.0
     max_layer_error: float = 0.0
     types: dict[str, str] = field(default_factory=dict)   # HF name -> GGML type name
+    dense: list[str] = field(default_factory=list)          # written unquantized (dense_type)
+    dense_num: float = 0.0
+    dense_den: float = 0.0
+
+    @property
+    def dense_error(self) -> float:
+        """Relative error of the dense layers' float type (0.0 for F32)."""
+        return (self.dense_num / self.dense_den) ** 0.5 if self.dense_den > 0 else 0.0
 
     def add_requantized(self, name: str, diff: float, ref: float) -> None:
         self.requantized.append(name)
@@ -69,33 +78,59 @@ def rel_error(reference: Tensor, approx: Tensor) -> float:
     return float((reference - approx).norm()) / norm if norm > 0 else 0.0
 
 
-def _f32(weight: Tensor) -> np.ndarray:
-    return weight.detach().float().cpu().numpy()
-
-
 # ---------------------------------------------------------------------------------------- tensors
-def linear_tensor(name: str, gguf_name: str, item: Linear, config, stats: LinearStats) -> tuple:
-    """One linear layer's tensor: its own codes or blocks, or (lossy) re-quantized first."""
+def linear_tensor(name: str, gguf_name: str, item: Linear, arch: Architecture, config, stats: LinearStats,
+                  dense_type: str | None = None) -> tuple:
+    """One linear layer's tensor: its own codes or blocks, a float matrix (`dense_type`), or (lossy)
+    re-quantized first."""
+    heads = arch.rope_heads(gguf_name, config)
+    if item.qtensor is None and dense_type is not None:
+        data = dense_array(item, heads, dense_type)
+        diff = float((item.dense - torch.from_numpy(data.astype(np.float32))[_inverse(item, heads)]).norm()) ** 2
+        stats.dense.append(item.name)
+        stats.dense_num, stats.dense_den = stats.dense_num + diff, stats.dense_den + float(item.dense.norm()) ** 2
+        stats.types[item.name] = dense_type.upper()
+        return name, data, None
     if item.qtensor is None:
         stats.add_requantized(item.name, *requantize(item))
     elif item.qtensor.config.kind == "gguf":
         stats.exact_ggml.append(item.name)
     else:
         (stats.exact_q5_1 if item.qtensor.config.format == "int5" else stats.exact_q4_1).append(item.name)
-    data, raw = linear_bytes(item, rope_heads(gguf_name, config))
+    data, raw = linear_bytes(item, heads)
     stats.types[item.name] = raw.name
     return name, data, raw
 
 
-def block_tensors(i: int, layer: nn.Module, row: list[Linear], config, stats: LinearStats) -> list[tuple]:
-    """Decoder block i: attn_norm, attn_q/k/v/output, ffn_norm, ffn_gate/up/down (llama.cpp's order)."""
+def _inverse(item: Linear, heads: int | None):
+    """Index putting the file's rows back in HF order."""
+    perm = row_order(item.dense.shape[0], heads)
+    return slice(None) if perm is None else torch.argsort(perm)
+
+
+def norm_array(weight: Tensor, offset: float) -> np.ndarray:
+    """A norm weight as F32, plus the architecture's offset (Gemma: the converter writes 1 + w)."""
+    w = weight.detach().float().cpu()
+    return (w + offset).numpy() if offset else w.numpy()
+
+
+def block_tensors(i: int, layer: nn.Module, row: list[Linear], arch: Architecture, config, stats: LinearStats,
+                  dense_type: str | None = None) -> list[tuple]:
+    """Decoder block i in the table entry's order: norms (F32), linears and their biases (F32)."""
     prefix = f"blk.{i}"
-    norms = {gguf_name: layer.get_submodule(sub).weight for sub, gguf_name in NORMS}
-    out = [(f"{prefix}.attn_norm.weight", _f32(norms["attn_norm"]), None)]
-    for (_, gguf_name), item in zip(LINEARS, row):
-        if gguf_name == "ffn_gate":
-            out.append((f"{prefix}.ffn_norm.weight", _f32(norms["ffn_norm"]), None))
-        out.append(linear_tensor(f"{prefix}.{gguf_name}.weight", gguf_name, item, config, stats))
+    items = iter(row)
+    out = []
+    for slot in arch.block:
+        if not slot.linear:
+            out.append((f"{prefix}.{slot.gguf}.weight", norm_array(layer.get_submodule(slot.hf).weight,
+                                                                  arch.norm_offset), None))
+            continue
+        item = next(items)
+        out.append(linear_tensor(f"{prefix}.{slot.gguf}.weight", slot.gguf, item, arch, config, stats, dense_type))
+        if item.bias is not None:
+            perm = row_order(item.bias.shape[0], arch.rope_heads(slot.gguf, config))
+            bias = item.bias if perm is None else item.bias[perm]
+            out.append((f"{prefix}.{slot.gguf}.bias", bias.contiguous().numpy(), None))
     return out
 
 
@@ -105,14 +140,18 @@ def is_tied(model: nn.Module) -> bool:
     return output is None or output.weight is embed or output.weight.data_ptr() == embed.data_ptr()
 
 
-def output_tensors(model: nn.Module, embedding_type: str) -> tuple[list[tuple], float]:
+def output_tensors(model: nn.Module, embedding_type: str, arch: Architecture) -> tuple[list[tuple], float]:
     """output_norm, and output (the lm_head) unless tied to token_embd; the lm_head's relative error."""
-    out = [("output_norm.weight", _f32(model.model.norm.weight), None)]
+    out = [("output_norm.weight", norm_array(model.model.norm.weight, arch.norm_offset), None)]
     if is_tied(model):
         return out, 0.0
+    if not arch.untied_output:
+        raise QbaraError(f"this model's lm_head is not tied to its token embedding; {arch.gguf_arch} GGUFs hold "
+                         f"no output tensor (llama.cpp's converter writes the tied embedding only), so the export "
+                         f"would lose the lm_head: tie them (tie_word_embeddings) or use export_hf")
     output = model.get_output_embeddings()
     if getattr(output, "bias", None) is not None:
-        raise QbaraError("the output layer (lm_head) has a bias, which llama.cpp's llama does not read")
+        raise QbaraError(f"the output layer (lm_head) has a bias, which llama.cpp's {arch.gguf_arch} does not read")
     arr, raw, err = float_tensor("output.weight", output.weight, embedding_type)
     out.append(("output.weight", arr, raw))
     return out, err
