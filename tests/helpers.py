@@ -78,27 +78,37 @@ def nonuniform_fisher(model, seed=1):
     return fisher
 
 
-def run_measured(args, timeout: float, **popen) -> tuple[int, str, str, int]:
-    """Run `args` as a child process: (exit code, stdout, stderr, the child's own peak RSS in KiB). os.wait4 reports
-    this child's peak alone, where RUSAGE_CHILDREN is the largest of every child the test process ever waited for."""
-    import os
-    import subprocess
-    import tempfile
-    import time
+_MEASURE = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as fh:
+    fh.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(args, stdout=out, stderr=err, **popen)
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                raise subprocess.TimeoutExpired(args, timeout)
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"), usage.ru_maxrss
+
+def run_measured(args, timeout: float, **popen) -> tuple[int, str, str, int]:
+    """Run `args` as a child process: (exit code, stdout, stderr, its own peak RSS in KiB). A small launcher forks
+    it: Linux starts a forked child's peak at its parent's RSS, so measured straight from pytest (gigabytes after
+    a long session) the peak would be the test process's; RUSAGE_CHILDREN would be the largest child ever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = os.path.join(tmp, "peak")
+        proc = subprocess.Popen([sys.executable, "-c", _MEASURE, peak, *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        with open(peak) as fh:
+            return proc.returncode, out, err, int(fh.read())
