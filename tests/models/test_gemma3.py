@@ -330,3 +330,12 @@ def test_gemma_qahira_int4_pipeline_trains_and_folds(gemma):
     # The INT4 model keeps the update: the fold moves the loss by under a tenth of what training gained.
     gain = losses[0] - adapted.loss.item()
     assert gain > 0 and abs(folded.loss.item() - adapted.loss.item()) < 0.1 * gain
+
+
+@pytest.mark.models
+@pytest.mark.slow
+def test_lq_streaming_finds_gemmas_converted_folder(gemma):
+    """LQ-LoRA's streamed path reads an embedded model's converted folder, Gemma's as SmolLM2's."""
+    from qbara.models.lq_stream import checkpoint_folder
+
+    assert checkpoint_folder("gemma3-270m") == gemma[0]

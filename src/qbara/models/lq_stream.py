@@ -27,7 +27,7 @@ from qbara.lazy_tensors import LazyTensors
 from qbara.lq.config import LQConfig
 from qbara.lq.filesize import FileBudget
 from qbara.lq.prepare import decompose_layers, lq_report
-from qbara.models.loader import DEFAULT_MODEL, load_config, load_model, load_tokenizer
+from qbara.models.loader import embedded_folder, load_config, load_model, load_tokenizer
 from qbara.models.quantized_io import is_quantized_folder
 from qbara.models.streaming import (
     INDEX,
@@ -64,16 +64,13 @@ def checkpoint_file_budget(name_or_path, targets="all-linear", **kwargs):
 
 
 def checkpoint_folder(name_or_path) -> Path | None:
-    """The safetensors HF folder behind a model name (the embedded SmolLM2's converted folder, or a folder
-    with config.json and safetensors shards), or None when it has none to stream from (the in-memory test
-    models, GGUF files, pickle checkpoints, qbara's quantized folders)."""
-    name = str(name_or_path)
-    if name.strip().lower() == DEFAULT_MODEL:
-        # lazy: tests monkeypatch smollm2.smollm2_dir
-        from qbara.models.smollm2 import smollm2_dir
-
-        return smollm2_dir()
-    path = Path(name).expanduser()
+    """The safetensors HF folder behind a model name (an embedded model's converted folder, or a folder with
+    config.json and safetensors shards), or None when it has none to stream from (the in-memory test models, GGUF
+    files, pickle checkpoints, qbara's quantized folders)."""
+    embedded = embedded_folder(name_or_path)
+    if embedded is not None:
+        return embedded
+    path = Path(str(name_or_path)).expanduser()
     if not path.is_dir() or not (path / "config.json").is_file() or is_quantized_folder(path):
         return None
     return path if (path / SINGLE).is_file() or (path / INDEX).is_file() else None
