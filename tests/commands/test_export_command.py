@@ -60,3 +60,20 @@ def test_foreign_adapter_file_is_refused(lora_adapter, tmp_path, capsys):
     assert "not written by qbara" in capsys.readouterr().err
     assert (tmp_path / "m.adapter.gguf").read_bytes() == b"someone else's adapter"
     assert not out.exists()  # refused before anything is written
+
+
+def test_dense_type_writes_a_dense_model_as_floats(tmp_path, capsys):
+    """A dense model is refused without --allow-requantize or --dense-type; --dense-type f32 writes its linears
+    as F32, exactly the model's weights."""
+    from gguf import GGMLQuantizationType
+
+    out = tmp_path / "dense.gguf"
+    assert main(["export", "--model", "tiny-llama", "--out", str(out)]) == 2
+    assert "dense_type" in capsys.readouterr().err
+    assert main(["export", "--model", "tiny-llama", "--out", str(out), "--dense-type", "f32"]) == 0
+    model, _ = tiny_llama()
+    tensors = {t.name: t for t in GGUFReader(str(out)).tensors}
+    down = tensors["blk.0.ffn_down.weight"]
+    assert down.tensor_type == GGMLQuantizationType.F32
+    want = model.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    assert np.array_equal(np.asarray(down.data).reshape(want.shape), want)

@@ -40,7 +40,7 @@ def _run_gguf(args, inputs):
     if not str(lora_out).endswith(".gguf") or Path(lora_out).resolve() == Path(args.out).resolve():
         raise QbaraError(f"--adapter-out {lora_out!r}: the LoRA adapter GGUF is a file ending in .gguf, other "
                          f"than --out")
-    options = {"embedding_type": args.embedding_type, "base_model": args.model}
+    options = {"embedding_type": args.embedding_type, "base_model": args.model, "dense_type": args.dense_type}
     with output_file(args.out, inputs, overwrite=args.overwrite):
         model, tokenizer = load_for_eval(args.model, args.adapter, getattr(args, "quant", None))
         if not _separate_lora(model, args.allow_requantize):
@@ -91,6 +91,10 @@ def add_parser(subparsers) -> None:
                    help="gguf: the LoRA adapter GGUF's tensor type (f16: half the bytes, values rounded to fp16)")
     p.add_argument("--embedding-type", choices=("q8_0", "f16", "f32"), default="q8_0",
                    help="gguf: token embedding type")
+    p.add_argument("--dense-type", choices=("f32", "f16"),
+                   help="gguf: write layers that are neither INT4 / INT5 G32 nor gguf:* (a dense model, adapters that "
+                        "do not fold) as this float type (f32 exact, f16 rounded and reported) instead of refusing "
+                        "them")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="hf: weight dtype")
     p.add_argument("--overwrite", action="store_true",
                    help="write over an output qbara did not write (a folder's other files are kept)")
