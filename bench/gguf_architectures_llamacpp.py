@@ -11,8 +11,8 @@ instead of 2 so that the mixed base cycles through three gguf:* formats:
          proves names, layout (rotary row order, fused Phi-3 tensors, Gemma's norm + 1) and metadata.
   mixed  a gguf:* base: layer i's linears in gguf:q4_0 / q5_0 / q8_0 (i mod 3), embedding F32; and its F32 copy.
 Gemma 3 270M (qbara.load_model("gemma3-270m")): INT4 G32 + QA-HiRA rank 8, --steps AdamW steps (lr --lr) on a
-Shakespeare snippet, merge(into="quantized"), exported to Q4_1 (embedding F32) and its F32 copy; logits on
---gemma-tokens tokens of another passage; llama.cpp's own tokenizer (`Llama.tokenize`, vocab only) against
+Shakespeare snippet (one new window per step), merge(into="quantized"), exported to Q4_1 (embedding F32) and its
+F32 copy; logits on --gemma-tokens tokens of another passage; llama.cpp's own tokenizer (`Llama.tokenize`, vocab only) against
 qbara's on a few strings.
 
 llama.cpp runs in the llama-cpp-python interpreter through gguf_llamacpp.py's worker (logits back as .npy);
@@ -118,20 +118,24 @@ def randomize_adapters(model, seed: int, std: float) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
-class GgmlGelu:
+def ggml_gelu(x):
     """ggml-cpu's GELU (GGML_GELU_FP16): input rounded to fp16, looked up in an fp16 table of tanh-GELU, 0 below
     -10 and x above 10. Used to show that Gemma's F32 residual is this activation, not the file."""
+    import torch
+    import torch.nn.functional as F
 
-    def __call__(self, x):
-        import torch
-        import torch.nn.functional as F
-
-        y = F.gelu(x.half().float(), approximate="tanh").half().float()
-        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
+    y = F.gelu(x.half().float(), approximate="tanh").half().float()
+    return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
 
 
 def ggml_gelu_logits(model, ids: list[int]) -> np.ndarray:
-    """qbara's logits with every MLP's activation swapped for GgmlGelu (restored after)."""
+    """qbara's logits with every MLP's activation swapped for ggml_gelu (restored after)."""
+    import torch
+
+    class GgmlGelu(torch.nn.Module):
+        def forward(self, x):
+            return ggml_gelu(x)
+
     saved = [layer.mlp.act_fn for layer in model.model.layers]
     for layer in model.model.layers:
         layer.mlp.act_fn = GgmlGelu()
@@ -213,19 +217,20 @@ def gemma_case(args, work: Path):
     seconds["prepare"] = time.perf_counter() - t
     text = shakespeare_text(args.play, max_chars=20000)
     all_ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
-    train_ids = torch.tensor([all_ids[:args.train_tokens]])
+    windows = [torch.tensor([all_ids[k * args.train_tokens:(k + 1) * args.train_tokens]]) for k in range(args.steps)]
     eval_ids = all_ids[-args.gemma_tokens:]
+    assert len(all_ids) >= (args.steps + 1) * args.train_tokens, "text too short for --steps x --train-tokens"
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     model.train()
     losses = []
     t = time.perf_counter()
-    for _ in range(args.steps):
+    for train_ids in windows:  # one new window of the play per step
         loss = model(train_ids, labels=train_ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     seconds["train"] = time.perf_counter() - t
     model.eval()
     print(f"gemma3-270m: {args.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} ({seconds['train']:.0f} s)")
@@ -404,7 +409,8 @@ def markdown(results: dict) -> str:
     if g:
         lines.append(
             f"- **gemma3-270m**: `load_model(\"gemma3-270m\")`, INT4 G32 + QA-HiRA rank {g['rank']} (alpha "
-            f"{g['alpha']}), {g['steps']} AdamW steps at lr {g['lr']:g} on {g['train_tokens']} tokens of Hamlet "
+            f"{g['alpha']}), {g['steps']} AdamW steps at lr {g['lr']:g}, each on the next {g['train_tokens']} tokens "
+            "of Hamlet "
             f"(loss {g['losses'][0]:.3f} -> {g['losses'][-1]:.3f}), merged into the quantized base "
             f"(folding changed the logits by {g['fold_rel_change']:.1e} relative: fp16 rounding of the folded "
             f"minima), exported to Q4_1 with an F32 embedding ({g['export']['bytes'] / 1e6:.0f} MB; F32 copy "
