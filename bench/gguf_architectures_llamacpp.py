@@ -12,8 +12,8 @@ instead of 2 so that the mixed base cycles through three gguf:* formats:
   mixed  a gguf:* base: layer i's linears in gguf:q4_0 / q5_0 / q8_0 (i mod 3), embedding F32; and its F32 copy.
 Gemma 3 270M (qbara.load_model("gemma3-270m")): INT4 G32 + QA-HiRA rank 8, --steps AdamW steps (lr --lr) on a
 Shakespeare snippet (one new window per step), merge(into="quantized"), exported to Q4_1 (embedding F32) and its
-F32 copy; logits on --gemma-tokens tokens of another passage; llama.cpp's own tokenizer (`Llama.tokenize`, vocab only) against
-qbara's on a few strings.
+F32 copy; logits on --gemma-tokens tokens of another passage; llama.cpp's own tokenizer (`Llama.tokenize`, vocab
+only) against qbara's on a few strings.
 
 llama.cpp runs in the llama-cpp-python interpreter through gguf_llamacpp.py's worker (logits back as .npy);
 this file is also its own worker for the tokenizer check (`--tokenize-worker JOB.json`), so it imports only the
