@@ -397,7 +397,7 @@ def markdown(results: dict) -> str:
         "",
         f"- Tiny random models (the test suite's builders with 3 layers: hidden 64, 4 heads of 16, 2 KV heads, "
         f"intermediate 128, a 320-token byte-level BPE tokenizer with merges since llama.cpp refuses the tests' "
-        "merge-less byte tokenizer: `cannot find tokenizer merges in model file`), {s['tokens']} random token "
+        f"merge-less byte tokenizer: `cannot find tokenizer merges in model file`), {s['tokens']} random token "
         "ids. **q4_1**: INT4 G32 + "
         "QA-HiRA (rank 4, random non-zero adapters) merged into the quantized base, every linear written as "
         "Q4_1, embedding F32. **mixed**: a gguf:* base, layer i in "
