@@ -252,6 +252,16 @@ def gemma_case(args, work: Path):
     return path, ref, ref_gelu, eval_ids, qbara_tok, info
 
 
+def transformers_logits(path: Path, ids: list[int]) -> np.ndarray:
+    """Logits of the GGUF at `path` read by transformers' own GGUF reader (an engine independent of both)."""
+    import torch
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
 def llama_tokenize(args, model_path: Path, work: Path) -> list[list[int]]:
     job = {"model": str(model_path), "strings": TOKENIZER_STRINGS, "result": str(work / "tokenize.json")}
     (work / "tokenize_job.json").write_text(json.dumps(job))
@@ -339,6 +349,18 @@ def main(argv=None):
         g_llama, g_info, g_errors = guarded_llama(g_runs, eval_ids, args, work, n_ctx=128)
         gemma["seconds"]["llama_cpp_runs"] = {r["name"]: r["seconds"] for r in g_info}
         gemma["seconds"]["llama_cpp_total"] = time.perf_counter() - t
+        t = time.perf_counter()
+        hf = transformers_logits(path.with_suffix(".F32.gguf"), eval_ids)
+        gemma["seconds"]["transformers_f32_file"] = time.perf_counter() - t
+        row = compare("gemma3-270m", "F32 file in transformers vs qbara", hf, ref, eval_ids,
+                      engines=("transformers", "qbara"))
+        rows.append({**row, "arch": "gemma3-270m (QA-HiRA fine-tuned)",
+                     "file": "q4_1 F32 read by transformers' GGUF reader, vs qbara"})
+        if "gemma3-270m q4_1 F32" in g_llama:
+            row = compare("gemma3-270m", "llama.cpp F32 vs transformers on the F32 file",
+                          g_llama["gemma3-270m q4_1 F32"], hf, eval_ids, engines=("llama.cpp", "transformers"))
+            rows.append({**row, "arch": "gemma3-270m (QA-HiRA fine-tuned)",
+                         "file": "q4_1 F32 in llama.cpp vs the same file in transformers"})
         try:
             llama_tok = llama_tokenize(args, path, work)
             gemma["tokenizer"] = [{"text": s, "qbara": q, "llama_cpp": lt, "same": q == lt}
