@@ -14,12 +14,16 @@ Gemma 3 270M (qbara.load_model("gemma3-270m")): INT4 G32 + QA-HiRA rank 8, --ste
 Shakespeare snippet (one new window per step), merge(into="quantized"), exported to Q4_1 (embedding F32) and its
 F32 copy; logits on --gemma-tokens tokens of another passage; llama.cpp's own tokenizer (`Llama.tokenize`, vocab
 only) against qbara's on a few strings.
+Gemma 3 270M as a gguf:* mixed base (no training, a base-quantization check): layer i's linears in gguf:q4_0 /
+q5_0 / q8_0 (i mod 3), except those whose input width is a multiple of 256 (o_proj 1024, down_proj 2048; the
+640-wide rows of the others fit no K-quant block) in gguf:q4_k / q5_k / q6_k; embedding F32; and its F32 copy.
+`--only gemma-mix` runs just this case and merges its rows into the existing results files.
 
 llama.cpp runs in the llama-cpp-python interpreter through gguf_llamacpp.py's worker (logits back as .npy);
 this file is also its own worker for the tokenizer check (`--tokenize-worker JOB.json`), so it imports only the
 standard library, numpy and gguf_llamacpp at top level.
 
-    nice -n 10 python3 bench/gguf_architectures_llamacpp.py [--threads 2] [--out bench/results]
+    nice -n 10 python3 bench/gguf_architectures_llamacpp.py [--threads 2] [--out bench/results] [--only gemma-mix]
 """
 from __future__ import annotations
 
@@ -40,6 +44,8 @@ from gguf_llamacpp import LLAMA_PYTHON, compare, plain_cpu_buffers, qbara_logits
 HERE = Path(__file__).resolve()
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
 MIXED_CYCLE = ("gguf:q4_0", "gguf:q5_0", "gguf:q8_0")
+MIXED_K_CYCLE = ("gguf:q4_k", "gguf:q5_k", "gguf:q6_k")  # Gemma mix: linears whose input width is a multiple of 256
+GEMMA_MIX_ARCH = "gemma3-270m (gguf:* mixed base)"
 TOKENIZER_STRINGS = ["Hello, world!", "To be, or not to be: that is the question.",
                      "  leading spaces and\ttabs\nnew lines", "naïve café — 東京 🤖", "x = f(y) + 3.14159;"]
 
@@ -198,13 +204,96 @@ def tiny_cases(args, work: Path, ids: list[int]):
     return refs, runs, info
 
 
+def gemma_text_ids(args, tokenizer) -> list[int]:
+    """Token ids of the 20000-character passage of --play both Gemma cases train / evaluate on."""
+    from qbara.data import shakespeare_text
+
+    text = shakespeare_text(args.play, max_chars=20000)
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def gemma_mix_configs(model) -> dict:
+    """Layer name -> QuantConfig of the Gemma mixed base: MIXED_CYCLE by layer index, MIXED_K_CYCLE where the
+    input width fits 256-weight K-quant blocks."""
+    import torch
+
+    from qbara import QuantConfig
+
+    configs = {}
+    for i, layer in enumerate(model.model.layers):
+        for sub, mod in layer.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                cycle = MIXED_K_CYCLE if mod.in_features % 256 == 0 else MIXED_CYCLE
+                configs[f"model.layers.{i}.{sub}"] = QuantConfig(cycle[i % len(cycle)])
+    return configs
+
+
+def gemma_mix_case(args, work: Path):
+    """Gemma 3 270M, decoder linears in a gguf:* mix (gemma_mix_configs), exported with an F32 embedding."""
+    from collections import Counter
+
+    import qbara
+
+    seconds = {}
+    t = time.perf_counter()
+    model, tokenizer = qbara.load_model("gemma3-270m")
+    model = model.float().eval()
+    seconds["load"] = time.perf_counter() - t
+    t = time.perf_counter()
+    configs = gemma_mix_configs(model)
+    qbara.prepare(model, configs)
+    seconds["prepare"] = time.perf_counter() - t
+    eval_ids = gemma_text_ids(args, tokenizer)[-args.gemma_tokens:]
+    t = time.perf_counter()
+    ref = qbara_logits(model, eval_ids)
+    seconds["qbara_forward"] = time.perf_counter() - t
+    ref_gelu = ggml_gelu_logits(model, eval_ids)
+    path = work / "gemma3-270m-mixed.gguf"
+    t = time.perf_counter()
+    export = export_pair(model, tokenizer, path)
+    seconds["export_and_f32_copy"] = time.perf_counter() - t
+    by_module = {}
+    for name, cfg in configs.items():
+        by_module.setdefault(name.rsplit(".", 1)[-1], []).append(cfg.format)
+    info = {"eval_tokens": len(eval_ids), "cycle": list(MIXED_CYCLE), "k_cycle": list(MIXED_K_CYCLE),
+            "formats_by_module": {m: dict(Counter(f)) for m, f in by_module.items()}, "export": export,
+            "seconds": seconds}
+    return path, ref, ref_gelu, eval_ids, info
+
+
+def gemma_mix_rows(args, work: Path):
+    """Run gemma_mix_case's file and its F32 copy in llama.cpp; rows against qbara (F32 also against qbara with
+    ggml's fp16 GELU) and the case's info."""
+    t = time.perf_counter()
+    path, ref, ref_gelu, eval_ids, info = gemma_mix_case(args, work)
+    info["seconds"]["qbara_total"] = time.perf_counter() - t
+    runs = [{"name": "gemma3-270m mixed", "model": str(path)},
+            {"name": "gemma3-270m mixed F32", "model": str(path.with_suffix(".F32.gguf")), "kv_f32": True}]
+    t = time.perf_counter()
+    logits, run_info, errors = guarded_llama(runs, eval_ids, args, work, n_ctx=128)
+    info["seconds"]["llama_cpp_runs"] = {r["name"]: r["seconds"] for r in run_info}
+    info["seconds"]["llama_cpp_total"] = time.perf_counter() - t
+    rows = []
+    for run in runs:
+        kind = run["name"].split(" ", 1)[1]
+        if run["name"] not in logits:
+            rows.append({"case": "gemma3-270m", "arch": GEMMA_MIX_ARCH, "file": kind, "error": errors[run["name"]]})
+            continue
+        rows.append({**compare("gemma3-270m", kind, logits[run["name"]], ref, eval_ids), "arch": GEMMA_MIX_ARCH,
+                     "file": kind})
+        if kind.endswith("F32"):
+            row = compare("gemma3-270m", f"{kind} vs qbara with ggml's fp16 GELU", logits[run["name"]], ref_gelu,
+                          eval_ids)
+            rows.append({**row, "arch": GEMMA_MIX_ARCH, "file": f"{kind}, qbara with ggml's fp16 GELU"})
+    return rows, info
+
+
 def gemma_case(args, work: Path):
     """Gemma 3 270M: INT4 G32 + QA-HiRA, a few training steps, fold, export; qbara's logits and tokenizer ids."""
     import torch
 
     import qbara
     from qbara import AdapterConfig, QuantConfig
-    from qbara.data import shakespeare_text
 
     seconds = {}
     t = time.perf_counter()
@@ -215,8 +304,7 @@ def gemma_case(args, work: Path):
     qbara.prepare(model, QuantConfig("int4", block_size=32), AdapterConfig("qahira", rank=args.rank,
                                                                             alpha=2 * args.rank))
     seconds["prepare"] = time.perf_counter() - t
-    text = shakespeare_text(args.play, max_chars=20000)
-    all_ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    all_ids = gemma_text_ids(args, tokenizer)
     windows = [torch.tensor([all_ids[k * args.train_tokens:(k + 1) * args.train_tokens]]) for k in range(args.steps)]
     eval_ids = all_ids[-args.gemma_tokens:]
     assert len(all_ids) >= (args.steps + 1) * args.train_tokens, "text too short for --steps x --train-tokens"
@@ -299,6 +387,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-gemma", action="store_true")
+    parser.add_argument("--only", choices=["gemma-mix"], default=None,
+                        help="run only this case and merge its rows into the existing results files in --out")
     parser.add_argument("--llama-python", default=LLAMA_PYTHON)
     parser.add_argument("--extra-bufts", action="store_true", help="see gguf_llamacpp.py")
     parser.add_argument("--out", default=str(HERE.parent / "results"))
@@ -312,6 +402,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qbara-arch-llamacpp-"))
     work.mkdir(parents=True, exist_ok=True)
+
+    if args.only == "gemma-mix":
+        return merge_gemma_mix(args, work, start)
 
     ids = [int(i) for i in torch.randint(0, 256, (args.tokens,), generator=torch.Generator().manual_seed(3))]
     t = time.perf_counter()
@@ -382,16 +475,38 @@ def main(argv=None):
                 rows.append({"case": "gemma3-270m", "arch": "gemma3-270m (QA-HiRA fine-tuned)", "file": kind,
                              "error": g_errors[r["name"]]})
 
+    gemma_mix = None
+    if not args.skip_gemma:
+        mix_rows, gemma_mix = gemma_mix_rows(args, work)
+        rows += mix_rows
+
     results = {
         "setup": {"tokens": len(ids), "threads": args.threads, "seed": args.seed, "bos": False,
                   "llama_cpp_python": llama_version(args), "llama_extra_bufts": args.extra_bufts,
                   "tiny": tiny_info, "mixed_cycle": list(MIXED_CYCLE)},
         "gemma3_270m": gemma,
+        "gemma3_270m_mixed": gemma_mix,
         "rows": rows,
         "seconds": {"tiny_qbara": tiny_qbara_s, "tiny_llama_cpp": tiny_llama_s,
                     "tiny_llama_cpp_runs": {r["name"]: r["seconds"] for r in llama_info},
                     "wall": time.perf_counter() - start},
     }
+    write_results(results, args, work)
+
+
+def merge_gemma_mix(args, work: Path, start: float) -> None:
+    """--only gemma-mix: run gemma_mix_rows and put its rows into the results files already in --out (the
+    previous Gemma-mix rows replaced), leaving every other row as it was."""
+    path = Path(args.out) / "gguf_architectures_llamacpp.json"
+    results = json.loads(path.read_text())
+    rows, info = gemma_mix_rows(args, work)
+    info["seconds"]["wall_only_this_case"] = time.perf_counter() - start
+    results["rows"] = [r for r in results["rows"] if r.get("arch") != GEMMA_MIX_ARCH] + rows
+    results["gemma3_270m_mixed"] = info
+    write_results(results, args, work)
+
+
+def write_results(results: dict, args, work: Path) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gguf_architectures_llamacpp.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -438,19 +553,32 @@ def markdown(results: dict) -> str:
             f"minima), exported to Q4_1 with an F32 embedding ({g['export']['bytes'] / 1e6:.0f} MB; F32 copy "
             f"{g['export']['f32_bytes'] / 1e6:.0f} MB); logits on the last {g['eval_tokens']} tokens of a "
             "20000-character Hamlet passage.")
-    lines += ["", "| architecture | file | rel. error | max abs Δlogit | top-1 agree |", "|---|---|---|---|---|"]
+    m = results.get("gemma3_270m_mixed")
+    if m:
+        lines.append(
+            "- **gemma3-270m (gguf:* mixed base)**: `load_model(\"gemma3-270m\")` untrained, each decoder linear "
+            f"quantized with a GGML block format: layer i in {' / '.join(m['cycle'])} (i mod 3), except o_proj and "
+            f"down_proj (input width 1024 / 2048, multiples of 256; the other linears' 640-wide rows fit no K-quant "
+            f"block) in {' / '.join(m['k_cycle'])}; embedding F32 ({m['export']['bytes'] / 1e6:.0f} MB; F32 copy "
+            f"{m['export']['f32_bytes'] / 1e6:.0f} MB; tensors by format {m['export']['formats']}); the same "
+            f"{m['eval_tokens']} evaluation tokens as above. No training: a check of the quantized base alone.")
+    lines += ["", "NLL: mean next-token negative log-likelihood over the evaluated ids, first engine / second "
+              "(llama.cpp / qbara unless the file column says otherwise).", "",
+              "| architecture | file | rel. error | max abs Δlogit | top-1 agree | NLL |", "|---|---|---|---|---|---|"]
     for r in results["rows"]:
         if "error" in r:
-            lines.append(f"| {r['arch']} | {r['file']} | FAILED: {r['error']} | | |")
+            lines.append(f"| {r['arch']} | {r['file']} | FAILED: {r['error']} | | | |")
         else:
             lines.append(f"| {r['arch']} | {r['file']} | {r['rel_error']:.2e} | {r['max_abs_diff']:.2e} | "
-                         f"{r['top1_agree']:.3f} |")
+                         f"{r['top1_agree']:.3f} | {r['nll_first']:.4f} / {r['nll_second']:.4f} |")
+    for label, case in (("Gemma 3 270M", g), ("Gemma 3 270M mixed base", m)):
+        if case:
+            sec = case["seconds"]
+            lines += ["", f"{label} wall times (s): " + ", ".join(
+                f"{k} {v:.1f}" for k, v in sec.items() if isinstance(v, float))
+                + "; llama.cpp per file (load + eval): "
+                + ", ".join(f"{k} {v:.1f}" for k, v in sec.get("llama_cpp_runs", {}).items()) + "."]
     if g:
-        sec = g["seconds"]
-        lines += ["", "Gemma 3 270M wall times (s): " + ", ".join(
-            f"{k} {v:.1f}" for k, v in sec.items() if isinstance(v, float))
-            + "; llama.cpp per file (load + eval): "
-            + ", ".join(f"{k} {v:.1f}" for k, v in sec.get("llama_cpp_runs", {}).items()) + "."]
         tok = g.get("tokenizer")
         lines += ["", "## Gemma tokenizer: llama.cpp's (`Llama.tokenize` on the exported GGUF) vs qbara's", ""]
         if isinstance(tok, str):
