@@ -152,6 +152,33 @@ def ggml_gelu_logits(model, ids: list[int]) -> np.ndarray:
             layer.mlp.act_fn = act
 
 
+def q8_activations(x, block: int):
+    """x rounded as llama.cpp's CPU matmuls quantize a quantized linear's input: 8-bit blocks of `block` values
+    along the row, scale max|x| / 127 (Q8_0: 32 values, fp16 scale; Q8_K: 256 values, fp32 scale)."""
+    import torch
+
+    rows = x.reshape(-1, block)
+    scale = rows.abs().amax(1, keepdim=True) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    if block == 32:
+        scale = scale.half().float()
+    return (torch.round(rows / scale).clamp(-127, 127) * scale).reshape(x.shape)
+
+
+def q8_activation_logits(model, configs: dict, ids: list[int]) -> np.ndarray:
+    """qbara's logits with every quantized linear's input rounded by q8_activations (Q8_K for K-quants, else Q8_0):
+    how far llama.cpp's activation rounding alone moves the logits."""
+    modules = dict(model.named_modules())
+    hooks = [modules[name].register_forward_pre_hook(
+        lambda _m, a, block=256 if cfg.format.endswith("_k") else 32: (q8_activations(a[0], block),))
+        for name, cfg in configs.items()]
+    try:
+        return qbara_logits(model, ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def export_pair(model, tokenizer, path: Path) -> dict:
     """export_gguf with an F32 embedding, plus the all-F32 copy; returns the report's numbers."""
     from qbara.export import export_gguf
@@ -248,6 +275,7 @@ def gemma_mix_case(args, work: Path):
     ref = qbara_logits(model, eval_ids)
     seconds["qbara_forward"] = time.perf_counter() - t
     ref_gelu = ggml_gelu_logits(model, eval_ids)
+    ref_q8 = q8_activation_logits(model, configs, eval_ids)
     path = work / "gemma3-270m-mixed.gguf"
     t = time.perf_counter()
     export = export_pair(model, tokenizer, path)
@@ -258,14 +286,14 @@ def gemma_mix_case(args, work: Path):
     info = {"eval_tokens": len(eval_ids), "cycle": list(MIXED_CYCLE), "k_cycle": list(MIXED_K_CYCLE),
             "formats_by_module": {m: dict(Counter(f)) for m, f in by_module.items()}, "export": export,
             "seconds": seconds}
-    return path, ref, ref_gelu, eval_ids, info
+    return path, ref, ref_gelu, ref_q8, eval_ids, info
 
 
 def gemma_mix_rows(args, work: Path):
     """Run gemma_mix_case's file and its F32 copy in llama.cpp; rows against qbara (F32 also against qbara with
     ggml's fp16 GELU) and the case's info."""
     t = time.perf_counter()
-    path, ref, ref_gelu, eval_ids, info = gemma_mix_case(args, work)
+    path, ref, ref_gelu, ref_q8, eval_ids, info = gemma_mix_case(args, work)
     info["seconds"]["qbara_total"] = time.perf_counter() - t
     runs = [{"name": "gemma3-270m mixed", "model": str(path)},
             {"name": "gemma3-270m mixed F32", "model": str(path.with_suffix(".F32.gguf")), "kv_f32": True}]
@@ -273,7 +301,9 @@ def gemma_mix_rows(args, work: Path):
     logits, run_info, errors = guarded_llama(runs, eval_ids, args, work, n_ctx=128)
     info["seconds"]["llama_cpp_runs"] = {r["name"]: r["seconds"] for r in run_info}
     info["seconds"]["llama_cpp_total"] = time.perf_counter() - t
-    rows = []
+    rows = [{**compare("gemma3-270m", "qbara with Q8 activations vs qbara", ref_q8, ref, eval_ids,
+                       engines=("qbara Q8 activations", "qbara")), "arch": GEMMA_MIX_ARCH,
+             "file": "no llama.cpp: qbara with llama.cpp's Q8_0 / Q8_K activation rounding emulated, vs qbara"}]
     for run in runs:
         kind = run["name"].split(" ", 1)[1]
         if run["name"] not in logits:
@@ -285,6 +315,11 @@ def gemma_mix_rows(args, work: Path):
             row = compare("gemma3-270m", f"{kind} vs qbara with ggml's fp16 GELU", logits[run["name"]], ref_gelu,
                           eval_ids)
             rows.append({**row, "arch": GEMMA_MIX_ARCH, "file": f"{kind}, qbara with ggml's fp16 GELU"})
+        else:
+            row = compare("gemma3-270m", f"{kind} vs qbara with Q8 activations", logits[run["name"]], ref_q8,
+                          eval_ids)
+            rows.append({**row, "arch": GEMMA_MIX_ARCH,
+                         "file": f"{kind}, qbara with Q8_0 / Q8_K activation rounding emulated"})
     return rows, info
 
 
