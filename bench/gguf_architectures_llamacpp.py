@@ -596,7 +596,11 @@ def markdown(results: dict) -> str:
             f"down_proj (input width 1024 / 2048, multiples of 256; the other linears' 640-wide rows fit no K-quant "
             f"block) in {' / '.join(m['k_cycle'])}; embedding F32 ({m['export']['bytes'] / 1e6:.0f} MB; F32 copy "
             f"{m['export']['f32_bytes'] / 1e6:.0f} MB; tensors by format {m['export']['formats']}); the same "
-            f"{m['eval_tokens']} evaluation tokens as above. No training: a check of the quantized base alone.")
+            f"{m['eval_tokens']} evaluation tokens as above. No training: a check of the quantized base alone. "
+            "The row marked \"no llama.cpp\" rounds each quantized linear's input in qbara as llama.cpp's CPU "
+            "matmuls do (8-bit blocks: Q8_0 of 32 for the 32-blocks, Q8_K of 256 for the K-quants): this base "
+            "amplifies that rounding alone to a logit change as large as llama.cpp's deviation, while the F32 "
+            "copy (no activation rounding) agrees to 1e-3.")
     lines += ["", "NLL: mean next-token negative log-likelihood over the evaluated ids, first engine / second "
               "(llama.cpp / qbara unless the file column says otherwise).", "",
               "| architecture | file | rel. error | max abs Δlogit | top-1 agree | NLL |", "|---|---|---|---|---|---|"]
