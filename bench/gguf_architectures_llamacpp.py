@@ -39,7 +39,15 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from gguf_llamacpp import LLAMA_PYTHON, compare, plain_cpu_buffers, qbara_logits, run_llama, write_f32_copy
+from gguf_llamacpp import (
+    LLAMA_PYTHON,
+    compare,
+    dense_weight,
+    plain_cpu_buffers,
+    qbara_logits,
+    run_llama,
+    write_f32_copy,
+)
 
 HERE = Path(__file__).resolve()
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
@@ -280,21 +288,54 @@ def gemma_mix_case(args, work: Path):
     t = time.perf_counter()
     export = export_pair(model, tokenizer, path)
     seconds["export_and_f32_copy"] = time.perf_counter() - t
+    decode_job = gemma_decode_job(model, path, work / "expected")
     by_module = {}
     for name, cfg in configs.items():
         by_module.setdefault(name.rsplit(".", 1)[-1], []).append(cfg.format)
     info = {"eval_tokens": len(eval_ids), "cycle": list(MIXED_CYCLE), "k_cycle": list(MIXED_K_CYCLE),
             "formats_by_module": {m: dict(Counter(f)) for m, f in by_module.items()}, "export": export,
             "seconds": seconds}
-    return path, ref, ref_gelu, ref_q8, eval_ids, info
+    return path, ref, ref_gelu, ref_q8, eval_ids, decode_job, info
+
+
+def gemma_decode_job(model, path: Path, folder: Path) -> dict:
+    """A ggml decode check (gguf_llamacpp's worker): every quantized tensor of the Gemma GGUF at `path` with
+    qbara's fp32 weight for it (gemma3 keeps HF's q/k row order) saved as .npy."""
+    from gguf import GGUFReader
+
+    from qbara.export.gguf.architectures import ARCHITECTURES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = {f"blk.{i}.{slot.gguf}.weight": layer.get_submodule(slot.hf)
+               for i, layer in enumerate(model.model.layers) for slot in ARCHITECTURES["gemma3"].linears}
+    tensors = []
+    for t in GGUFReader(str(path)).tensors:
+        if t.tensor_type.name in ("F32", "F16"):
+            continue
+        expect = folder / f"{t.name}.npy"
+        np.save(expect, dense_weight(modules[t.name]).contiguous().numpy().astype(np.float32))
+        tensors.append({"name": t.name, "offset": int(t.data_offset), "n_bytes": int(t.n_bytes),
+                        "n_elements": int(t.n_elements), "type": int(t.tensor_type),
+                        "type_name": t.tensor_type.name, "expect": str(expect)})
+    return {"label": "gemma3-270m mixed", "file": str(path), "tensors": tensors}
 
 
 def gemma_mix_rows(args, work: Path):
     """Run gemma_mix_case's file and its F32 copy in llama.cpp; rows against qbara (F32 also against qbara with
     ggml's fp16 GELU) and the case's info."""
     t = time.perf_counter()
-    path, ref, ref_gelu, ref_q8, eval_ids, info = gemma_mix_case(args, work)
+    path, ref, ref_gelu, ref_q8, eval_ids, decode_job, info = gemma_mix_case(args, work)
     info["seconds"]["qbara_total"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sub = work / "decode"
+    sub.mkdir(exist_ok=True)
+    try:  # ggml's own to_float on every quantized tensor of the file, against qbara's weights
+        _, _, checks = run_llama([], [decode_job], eval_ids, None, SimpleNamespace(**{**vars(args), "n_ctx": 128}),
+                                 sub)
+        info["ggml_decode"] = checks[0]
+    except subprocess.CalledProcessError as exc:
+        info["ggml_decode"] = f"llama.cpp decode worker exited with {exc.returncode}"
+    info["seconds"]["ggml_decode"] = time.perf_counter() - t
     runs = [{"name": "gemma3-270m mixed", "model": str(path)},
             {"name": "gemma3-270m mixed F32", "model": str(path.with_suffix(".F32.gguf")), "kv_f32": True}]
     t = time.perf_counter()
@@ -551,6 +592,15 @@ def write_results(results: dict, args, work: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def ggml_decode_sentence(check) -> str:
+    if check is None:
+        return ""
+    if isinstance(check, str):
+        return f"ggml decode check FAILED: {check}. "
+    return (f"ggml's own dequantizer (`to_float` of libggml) on the file's {check['tensors']} quantized tensors: "
+            f"{check['exact']} bit-identical to qbara's weights (max |Δw| {check['max_abs_diff']:.3g}). ")
+
+
 def llama_version(args) -> str:
     out = subprocess.run([args.llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                          capture_output=True, text=True)
@@ -597,6 +647,7 @@ def markdown(results: dict) -> str:
             f"block) in {' / '.join(m['k_cycle'])}; embedding F32 ({m['export']['bytes'] / 1e6:.0f} MB; F32 copy "
             f"{m['export']['f32_bytes'] / 1e6:.0f} MB; tensors by format {m['export']['formats']}); the same "
             f"{m['eval_tokens']} evaluation tokens as above. No training: a check of the quantized base alone. "
+            + ggml_decode_sentence(m.get("ggml_decode")) +
             "The row marked \"no llama.cpp\" rounds each quantized linear's input in qbara as llama.cpp's CPU "
             "matmuls do (8-bit blocks: Q8_0 of 32 for the 32-blocks, Q8_K of 256 for the K-quants): this base "
             "amplifies that rounding alone to a logit change as large as llama.cpp's deviation, while the F32 "
