@@ -738,6 +738,17 @@ def markdown(results: dict) -> str:
             "matmuls do (8-bit blocks: Q8_0 of 32 for the 32-blocks, Q8_K of 256 for the K-quants): this base "
             "amplifies that rounding alone to a logit change as large as llama.cpp's deviation, while the F32 "
             "copy (no activation rounding) agrees to 1e-3.")
+    c = results.get("gemma3_270m_llamacpp_quantized")
+    if c:
+        lines.append(
+            "- **gemma3-270m (llama.cpp's own quantizer)**: the control for the mixed base: "
+            "`load_model(\"gemma3-270m\")`"
+            " exported dense as F32 (`dense_type=\"f32\", embedding_type=\"f32\"`), quantized by llama.cpp's own "
+            f"`llama_model_quantize` (no imatrix) to {' / '.join(c['ftypes'])} (tensor types "
+            + "; ".join(f"{k}: {v['types']}" for k, v in c["files"].items()) + "); each file run in llama.cpp and, "
+            "dequantized by `qbara.load_model(file.gguf)`, in qbara's fp32 forward, on the same "
+            f"{c['eval_tokens']} tokens. \"llama.cpp vs qbara's forward of the same file\" isolates llama.cpp's own "
+            "arithmetic (Q8 activation rounding) on weights both engines hold identically.")
     lines += ["", "NLL: mean next-token negative log-likelihood over the evaluated ids, first engine / second "
               "(llama.cpp / qbara unless the file column says otherwise).", "",
               "| architecture | file | rel. error | max abs Δlogit | top-1 agree | NLL |", "|---|---|---|---|---|---|"]
@@ -747,7 +758,8 @@ def markdown(results: dict) -> str:
         else:
             lines.append(f"| {r['arch']} | {r['file']} | {r['rel_error']:.2e} | {r['max_abs_diff']:.2e} | "
                          f"{r['top1_agree']:.3f} | {r['nll_first']:.4f} / {r['nll_second']:.4f} |")
-    for label, case in (("Gemma 3 270M", g), ("Gemma 3 270M mixed base", m)):
+    for label, case in (("Gemma 3 270M", g), ("Gemma 3 270M mixed base", m),
+                        ("Gemma 3 270M, llama.cpp's own quantizer", results.get("gemma3_270m_llamacpp_quantized"))):
         if case:
             sec = case["seconds"]
             lines += ["", f"{label} wall times (s): " + ", ".join(
