@@ -463,7 +463,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-gemma", action="store_true")
-    parser.add_argument("--only", choices=["gemma-mix"], default=None,
+    parser.add_argument("--only", choices=["gemma-mix", "gemma-control"], default=None,
                         help="run only this case and merge its rows into the existing results files in --out")
     parser.add_argument("--llama-python", default=LLAMA_PYTHON)
     parser.add_argument("--extra-bufts", action="store_true", help="see gguf_llamacpp.py")
@@ -481,6 +481,8 @@ def main(argv=None):
 
     if args.only == "gemma-mix":
         return merge_gemma_mix(args, work, start)
+    if args.only == "gemma-control":
+        return merge_gemma_control(args, work, start)
 
     ids = [int(i) for i in torch.randint(0, 256, (args.tokens,), generator=torch.Generator().manual_seed(3))]
     t = time.perf_counter()
@@ -582,6 +584,90 @@ def merge_gemma_mix(args, work: Path, start: float) -> None:
     write_results(results, args, work)
 
 
+GEMMA_CONTROL_ARCH = "gemma3-270m (llama.cpp's own quantizer)"
+CONTROL_FTYPES = ("Q4_0", "Q8_0")
+
+
+def gemma_control_rows(args, work: Path):
+    """Control for the Gemma mix: the dense model exported as F32, quantized by llama.cpp's own
+    `llama_model_quantize` (gguf_mix.py's worker, no imatrix) to CONTROL_FTYPES; each file run in llama.cpp and,
+    dequantized, in qbara (qbara.load_model of the GGUF), both against qbara's dense logits and each other."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    import qbara
+    from qbara.export import export_gguf
+
+    seconds = {}
+    t = time.perf_counter()
+    model, tokenizer = qbara.load_model("gemma3-270m")
+    model = model.float().eval()
+    eval_ids = gemma_text_ids(args, tokenizer)[-args.gemma_tokens:]
+    dense = qbara_logits(model, eval_ids)
+    f32 = work / "gemma3-270m-dense.F32.gguf"
+    export_gguf(model, tokenizer, f32, dense_type="f32", embedding_type="f32", overwrite=True)
+    del model
+    seconds["qbara_dense_and_f32_export"] = time.perf_counter() - t
+    files = {ftype: work / f"gemma3-270m-llamacpp-{ftype}.gguf" for ftype in CONTROL_FTYPES}
+    job = {"quantize": [{"src": str(f32), "dst": str(dst), "ftype": ftype} for ftype, dst in files.items()],
+           "windows": [], "threads": args.threads, "extra_bufts": args.extra_bufts,
+           "result": str(work / "quantize_result.json")}
+    (work / "quantize_job.json").write_text(json.dumps(job))
+    t = time.perf_counter()
+    subprocess.run(["nice", "-n", "10", args.llama_python, str(HERE.parent / "gguf_mix.py"), "--worker",
+                    str(work / "quantize_job.json")], check=True)
+    seconds["llama_cpp_quantize"] = time.perf_counter() - t
+    info = {"eval_tokens": len(eval_ids), "ftypes": list(CONTROL_FTYPES), "seconds": seconds, "files": {}}
+    runs = [{"name": "F32", "model": str(f32), "kv_f32": True}]
+    runs += [{"name": ftype, "model": str(path)} for ftype, path in files.items()]
+    t = time.perf_counter()
+    logits, run_info, errors = guarded_llama(runs, eval_ids, args, work, n_ctx=128)
+    seconds["llama_cpp_runs"] = {r["name"]: r["seconds"] for r in run_info}
+    seconds["llama_cpp_total"] = time.perf_counter() - t
+    rows = []
+
+    def row(first, second, what, file, engines):
+        rows.append({**compare("gemma3-270m", what, first, second, eval_ids, engines=engines),
+                     "arch": GEMMA_CONTROL_ARCH, "file": file})
+
+    for run in runs:
+        name = run["name"]
+        if name != "F32":
+            reader = GGUFReader(run["model"])
+            info["files"][name] = {"bytes": Path(run["model"]).stat().st_size,
+                                   "types": dict(Counter(t.tensor_type.name for t in reader.tensors))}
+            del reader
+        t = time.perf_counter()
+        ours, _ = qbara.load_model(run["model"])
+        own = qbara_logits(ours.float().eval(), eval_ids)
+        del ours
+        seconds[f"qbara_forward_{name}"] = time.perf_counter() - t
+        label = "F32 (dense export)" if name == "F32" else f"llama.cpp-quantized {name}"
+        row(own, dense, f"{name}: qbara fwd of file vs qbara dense", f"{label}: qbara's forward of the file's "
+            "dequantized weights vs qbara dense", ("qbara (file)", "qbara dense"))
+        if name not in logits:
+            rows.append({"case": "gemma3-270m", "arch": GEMMA_CONTROL_ARCH, "file": label, "error": errors[name]})
+            continue
+        row(logits[name], dense, f"{name}: llama.cpp vs qbara dense", f"{label}: llama.cpp vs qbara dense",
+            ("llama.cpp", "qbara dense"))
+        row(logits[name], own, f"{name}: llama.cpp vs qbara fwd of file", f"{label}: llama.cpp vs qbara's forward "
+            "of the same file", ("llama.cpp", "qbara (file)"))
+    return rows, info
+
+
+def merge_gemma_control(args, work: Path, start: float) -> None:
+    """--only gemma-control: gemma_control_rows into the results files already in --out (previous control rows
+    replaced), every other row left as it was."""
+    path = Path(args.out) / "gguf_architectures_llamacpp.json"
+    results = json.loads(path.read_text())
+    rows, info = gemma_control_rows(args, work)
+    info["seconds"]["wall_only_this_case"] = time.perf_counter() - start
+    results["rows"] = [r for r in results["rows"] if r.get("arch") != GEMMA_CONTROL_ARCH] + rows
+    results["gemma3_270m_llamacpp_quantized"] = info
+    write_results(results, args, work)
+
+
 def write_results(results: dict, args, work: Path) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -652,6 +738,17 @@ def markdown(results: dict) -> str:
             "matmuls do (8-bit blocks: Q8_0 of 32 for the 32-blocks, Q8_K of 256 for the K-quants): this base "
             "amplifies that rounding alone to a logit change as large as llama.cpp's deviation, while the F32 "
             "copy (no activation rounding) agrees to 1e-3.")
+    c = results.get("gemma3_270m_llamacpp_quantized")
+    if c:
+        lines.append(
+            "- **gemma3-270m (llama.cpp's own quantizer)**: the control for the mixed base: "
+            "`load_model(\"gemma3-270m\")`"
+            " exported dense as F32 (`dense_type=\"f32\", embedding_type=\"f32\"`), quantized by llama.cpp's own "
+            f"`llama_model_quantize` (no imatrix) to {' / '.join(c['ftypes'])} (tensor types "
+            + "; ".join(f"{k}: {v['types']}" for k, v in c["files"].items()) + "); each file run in llama.cpp and, "
+            "dequantized by `qbara.load_model(file.gguf)`, in qbara's fp32 forward, on the same "
+            f"{c['eval_tokens']} tokens. \"llama.cpp vs qbara's forward of the same file\" isolates llama.cpp's own "
+            "arithmetic (Q8 activation rounding) on weights both engines hold identically.")
     lines += ["", "NLL: mean next-token negative log-likelihood over the evaluated ids, first engine / second "
               "(llama.cpp / qbara unless the file column says otherwise).", "",
               "| architecture | file | rel. error | max abs Δlogit | top-1 agree | NLL |", "|---|---|---|---|---|---|"]
@@ -661,7 +758,8 @@ def markdown(results: dict) -> str:
         else:
             lines.append(f"| {r['arch']} | {r['file']} | {r['rel_error']:.2e} | {r['max_abs_diff']:.2e} | "
                          f"{r['top1_agree']:.3f} | {r['nll_first']:.4f} / {r['nll_second']:.4f} |")
-    for label, case in (("Gemma 3 270M", g), ("Gemma 3 270M mixed base", m)):
+    for label, case in (("Gemma 3 270M", g), ("Gemma 3 270M mixed base", m),
+                        ("Gemma 3 270M, llama.cpp's own quantizer", results.get("gemma3_270m_llamacpp_quantized"))):
         if case:
             sec = case["seconds"]
             lines += ["", f"{label} wall times (s): " + ", ".join(
