@@ -93,33 +93,10 @@ def bpe_tokenizer(vocab_size: int = 320):
 
 
 def tiny_model(arch: str, seed: int = 0):
-    """The test suite's tiny random model of `arch` (3 layers here, `bpe_tokenizer`), norms / biases drawn as
-    there."""
-    import torch
-    import transformers as T
+    """The test suite's tiny random model of `arch` (3 layers here, `bpe_tokenizer`)."""
+    from qbara.models.tiny import tiny_architecture
 
-    classes = {"llama": (T.LlamaConfig, T.LlamaForCausalLM, {}), "mistral": (T.MistralConfig, T.MistralForCausalLM, {}),
-               "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
-               "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {"head_dim": 16}),
-               "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM,
-                          {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64}),
-               "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {})}
-    config_cls, model_cls, extra = classes[arch]
-    tokenizer = bpe_tokenizer()
-    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                        **extra)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config).float().eval()
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("bias"):
-                    param.normal_(0.0, 0.05)
-                elif "norm" in name:  # Gemma stores w - 1
-                    param.normal_(0.0 if arch == "gemma3" else 1.0, 0.05)
-    return model, tokenizer
+    return tiny_architecture(arch, bpe_tokenizer(), seed=seed, layers=3)
 
 
 def randomize_adapters(model, seed: int, std: float) -> None:
@@ -480,9 +457,10 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
 
     if args.only == "gemma-mix":
-        return merge_gemma_mix(args, work, start)
+        return merge_case(args, work, start, gemma_mix_rows, GEMMA_MIX_ARCH, "gemma3_270m_mixed")
     if args.only == "gemma-control":
-        return merge_gemma_control(args, work, start)
+        return merge_case(args, work, start, gemma_control_rows, GEMMA_CONTROL_ARCH,
+                          "gemma3_270m_llamacpp_quantized")
 
     ids = [int(i) for i in torch.randint(0, 256, (args.tokens,), generator=torch.Generator().manual_seed(3))]
     t = time.perf_counter()
@@ -572,15 +550,15 @@ def main(argv=None):
     write_results(results, args, work)
 
 
-def merge_gemma_mix(args, work: Path, start: float) -> None:
-    """--only gemma-mix: run gemma_mix_rows and put its rows into the results files already in --out (the
-    previous Gemma-mix rows replaced), leaving every other row as it was."""
+def merge_case(args, work: Path, start: float, case, arch: str, info_key: str) -> None:
+    """--only CASE: run `case` (gemma_mix_rows, gemma_control_rows) and put its rows into the results files already
+    in --out (the previous rows of `arch` replaced, its info under `info_key`), every other row left as it was."""
     path = Path(args.out) / "gguf_architectures_llamacpp.json"
     results = json.loads(path.read_text())
-    rows, info = gemma_mix_rows(args, work)
+    rows, info = case(args, work)
     info["seconds"]["wall_only_this_case"] = time.perf_counter() - start
-    results["rows"] = [r for r in results["rows"] if r.get("arch") != GEMMA_MIX_ARCH] + rows
-    results["gemma3_270m_mixed"] = info
+    results["rows"] = [r for r in results["rows"] if r.get("arch") != arch] + rows
+    results[info_key] = info
     write_results(results, args, work)
 
 
@@ -654,18 +632,6 @@ def gemma_control_rows(args, work: Path):
         row(logits[name], own, f"{name}: llama.cpp vs qbara fwd of file", f"{label}: llama.cpp vs qbara's forward "
             "of the same file", ("llama.cpp", "qbara (file)"))
     return rows, info
-
-
-def merge_gemma_control(args, work: Path, start: float) -> None:
-    """--only gemma-control: gemma_control_rows into the results files already in --out (previous control rows
-    replaced), every other row left as it was."""
-    path = Path(args.out) / "gguf_architectures_llamacpp.json"
-    results = json.loads(path.read_text())
-    rows, info = gemma_control_rows(args, work)
-    info["seconds"]["wall_only_this_case"] = time.perf_counter() - start
-    results["rows"] = [r for r in results["rows"] if r.get("arch") != GEMMA_CONTROL_ARCH] + rows
-    results["gemma3_270m_llamacpp_quantized"] = info
-    write_results(results, args, work)
 
 
 def write_results(results: dict, args, work: Path) -> None:

@@ -19,42 +19,25 @@ import qbara
 from qbara import AdapterConfig, QbaraError, QuantConfig
 from qbara.export import export_gguf, export_gguf_lora, llama_rope_permutation
 from qbara.export.gguf import ARCHITECTURES
-from qbara.models.tiny import byte_tokenizer
+from qbara.models.tiny import tiny_architecture
 from tests.helpers import randomize_adapters
 
 INT4_G32 = QuantConfig("int4", block_size=32)
-# (config class, model class, GGUF arch, extra config, what transformers' GGUF reader needs told)
+# model_type -> (GGUF arch, what transformers' GGUF reader needs told)
 SPECS = {
-    "llama": (T.LlamaConfig, T.LlamaForCausalLM, "llama", {}, {}),
-    "mistral": (T.MistralConfig, T.MistralForCausalLM, "llama", {}, {}),
-    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, "qwen2", {}, {}),
-    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, "qwen3", {"head_dim": 16}, {"head_dim": 16}),
-    "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, "gemma3",
-               {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64}, {"query_pre_attn_scalar": 16}),
-    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, "phi3", {}, {}),
+    "llama": ("llama", {}),
+    "mistral": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 16}),
+    "gemma3": ("gemma3", {"query_pre_attn_scalar": 16}),
+    "phi3": ("phi3", {}),
 }
 ARCHS = list(SPECS)
 
 
 def tiny(arch, seed=0, **overrides):
-    """A tiny random model of `arch` (hidden 64, 2 layers, 4 heads of 16, 2 KV heads, intermediate 128) with
-    the tiny-llama byte tokenizer; Qwen2's q/k/v biases drawn non-zero, Gemma's norms away from 0."""
-    config_cls, model_cls, _, extra, _ = SPECS[arch]
-    tokenizer = byte_tokenizer()
-    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                        **{**extra, **overrides})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config).float().eval()
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("bias"):
-                    param.normal_(0.0, 0.05)
-                elif "norm" in name:  # Gemma stores w - 1
-                    param.normal_(0.0 if arch == "gemma3" else 1.0, 0.05)
-    return model, tokenizer
+    """A tiny random model of `arch` (2 layers) with the tiny-llama byte tokenizer (`qbara.models.tiny`)."""
+    return tiny_architecture(arch, seed=seed, **overrides)
 
 
 def quantized(arch, adapter=None, quant=INT4_G32, seed=0):
@@ -67,7 +50,7 @@ def quantized(arch, adapter=None, quant=INT4_G32, seed=0):
 
 def load_back(path, arch):
     return T.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                  **SPECS[arch][4]).eval()
+                                                  **SPECS[arch][1]).eval()
 
 
 def gguf_tensors(path):
@@ -128,7 +111,7 @@ def test_tensor_names_types_and_bytes(folded):
     the model's own values: Q4_1 blocks equal to the merged layers, norms F32 (Gemma's + 1), biases F32."""
     arch, model, path = folded["arch"], folded["model"], folded["path"]
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[SPECS[arch][2].upper()], config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[SPECS[arch][0].upper()], config.num_hidden_layers)
     tensors = gguf_tensors(path)
     expected = {}
     for hf_name, param in model.named_parameters():
@@ -174,7 +157,7 @@ EXPECTED_KEYS = {
 
 
 def test_metadata(folded):
-    arch = SPECS[folded["arch"]][2]
+    arch = SPECS[folded["arch"]][0]
     fields = gguf_fields(folded["path"])
     assert fields["general.architecture"] == arch and folded["report"].architecture == arch
     assert (fields[f"{arch}.block_count"], fields[f"{arch}.embedding_length"], fields[f"{arch}.feed_forward_length"],
@@ -244,7 +227,7 @@ def test_lora_gguf_applied_as_llama_cpp_does_gives_the_adapter_models_weights(ar
     export_gguf(model, tokenizer, tmp_path / "base.gguf", separate_lora=True, embedding_type="f32")
     report = export_gguf_lora(model, tmp_path / "adapter.gguf")
     fields = gguf_fields(tmp_path / "adapter.gguf")
-    assert fields["general.architecture"] == SPECS[arch][2] and fields["adapter.type"] == "lora"
+    assert fields["general.architecture"] == SPECS[arch][0] and fields["adapter.type"] == "lora"
     alpha = float(fields["adapter.lora.alpha"])
     base, lora = gguf_tensors(tmp_path / "base.gguf"), gguf_tensors(tmp_path / "adapter.gguf")
     assert len(lora) == 2 * len(report.ranks) == 4 * len(ARCHITECTURES[arch].linears)

@@ -126,3 +126,17 @@ def test_forward_backward_generate(factory):
     model.eval()
     gen = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
     assert gen.shape[0] == 1 and ids.shape[1] < gen.shape[1] <= ids.shape[1] + 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"])
+def test_tiny_architecture_builds_each_export_architecture_deterministically(arch):
+    from qbara.models.tiny import tiny_architecture
+
+    model, tokenizer = tiny_architecture(arch, seed=1, layers=3)
+    assert model.config.model_type == ("gemma3_text" if arch == "gemma3" else arch)
+    assert model.config.num_hidden_layers == 3 and model.config.vocab_size == len(tokenizer)
+    again, _ = tiny_architecture(arch, seed=1, layers=3)
+    other, _ = tiny_architecture(arch, seed=2, layers=3)
+    state, same, changed = model.state_dict(), again.state_dict(), other.state_dict()
+    assert all(torch.equal(state[k], same[k]) for k in state)
+    assert not all(torch.equal(state[k], changed[k]) for k in state)

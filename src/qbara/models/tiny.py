@@ -146,3 +146,40 @@ def tiny_qwen2(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
 
     return _build(Qwen2Config, Qwen2ForCausalLM, seed, 0.02, hidden, layers, heads, kv_heads, intermediate, vocab,
                   max_positions, tie_word_embeddings, use_sliding_window=False)
+
+
+# model_type -> (transformers config class, model class, config values its tiny model needs)
+_ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 16,
+                                                         "sliding_window": 64}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+}
+
+
+def tiny_architecture(arch: str, tokenizer=None, seed: int = 0, layers: int = 2, **overrides):
+    """A tiny random model of `arch` (hidden 64, 4 heads of 16, 2 KV heads, intermediate 128; the GGUF export's
+    architectures) with `tokenizer` (default the byte tokenizer): biases drawn non-zero and norms drawn around
+    their neutral value (Gemma stores w - 1), so an export that drops or misplaces them shows."""
+    import transformers
+
+    config_name, model_name, extra = _ARCHITECTURES[arch]
+    tokenizer = tokenizer if tokenizer is not None else byte_tokenizer()
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        **{**extra, **overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_name)(config).float().eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0.0, 0.05)
+                elif "norm" in name:
+                    param.normal_(0.0 if arch == "gemma3" else 1.0, 0.05)
+    return model, tokenizer
