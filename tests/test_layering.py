@@ -8,7 +8,7 @@ import qbara
 
 PACKAGE = Path(qbara.__file__).parent
 LAYERS = (
-    ("errors", "atomic", "memory", "tensor_checks", "validate", "lazy_tensors", "plotting", "distributed",
+    ("errors", "options", "atomic", "memory", "tensor_checks", "validate", "lazy_tensors", "plotting", "distributed",
      "outputs", "fingerprint", "state", "data", "templates"),
     ("quant",),
     ("nn",),

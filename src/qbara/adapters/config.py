@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 from qbara.adapters.methods import METHODS
 from qbara.errors import QbaraError, check_types, strict_from_dict
+from qbara.options import option
 
 INITS = ("default", "loftq", "lq")
+QLORA = "qlora"  # not a method of its own: LoRA on an NF4 base (the run config takes it as such)
 MAX_RANK = 65536  # above any layer's side: a larger rank is a typo, refused before anything is allocated
 
 
@@ -30,16 +32,19 @@ class AdapterConfig:
         for `LQConfig(configs=quant, method=init)` (LoftQ with `loftq_iters`).
     """
 
-    method: str = "lora"
-    rank: int = 64
-    alpha: float = 16.0
-    dropout: float = 0.0
-    pool: int = 2
-    pool_in: int | None = None
-    pool_out: int | None = None
-    target_modules: str | tuple[str, ...] = "all-linear"
-    init: str = "default"
-    loftq_iters: int = 1
+    method: str = option("lora", "lora (QLoRA on an NF base), qalora, qbara or qahira; qlora = lora on NF4")
+    rank: int = option(64, "adapter rank r")
+    alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / rank (every method)")
+    dropout: float = option(0.0, "dropout on the adapter's input, in [0, 1)")
+    pool: int = option(2, "qbara: the pooling factor lambda (input pooled, rank pool*rank, output repeated)")
+    pool_in: int | None = option(None, "qahira: input pooling (default: the base's group size)")
+    pool_out: int | None = option(None, "qahira: output repetition (default: per layer, closest to LoRA's "
+                                        "parameter count at rank)")
+    target_modules: str | tuple[str, ...] = option("all-linear", "all-linear, or a list of module names "
+                                                                 "([q_proj, v_proj])")
+    init: str = option("default", "lora only: default (B = 0), loftq or lq (factors from a low-rank + quantized "
+                                  "decomposition)")
+    loftq_iters: int = option(1, "init loftq: alternating iterations")
 
     def __post_init__(self):
         if isinstance(self.target_modules, list):
@@ -58,6 +63,9 @@ class AdapterConfig:
                              f"{self.alpha!r}")
         if self.loftq_iters < 1:
             raise QbaraError(f"loftq_iters must be at least 1, got {self.loftq_iters!r}")
+        if self.method == QLORA:
+            raise QbaraError("adapter method 'qlora' is QLoRA, which is method 'lora' on an NF4 base: write "
+                             "method='lora' with QuantConfig(format='nf4')")
         if self.method not in METHODS:
             close = difflib.get_close_matches(str(self.method), METHODS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

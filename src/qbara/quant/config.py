@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from qbara.errors import QbaraError, check_types, strict_from_dict
+from qbara.options import option
 from qbara.quant.ggml import GGML_FORMATS, GGMLFormat, check_ggml_shape
 
 NF_BITS = (2, 3, 4, 8)
@@ -38,15 +39,19 @@ class QuantConfig:
         in blocks of 256, codes rounded against the exact absmax; `qbara.quant.dq_bnb`).
     """
 
-    format: str = "nf4"
-    block_size: int | None = None
-    block_rows: int = 1
-    double_quant: bool | None = None
-    dq_bits: int = 8
-    dq_block_size: int = 256
-    dq_dtype: str = "fp32"
-    minimum_dtype: str = "fp16"
-    dq_style: str = "qbara"
+    format: str = option("nf4", "nf2/nf3/nf4/nf8 (NormalFloat), int2/int3/int4/int5/int8 (affine) or "
+                                "gguf:q4_0 ... gguf:q6_k (llama.cpp's block formats)")
+    block_size: int | None = option(None, "weights per scale along a row (default 64 for NF, 32 for INT; fixed for "
+                                          "gguf formats)")
+    block_rows: int = option(1, "INT only: rows per block (2-D tiles); 1 = 1 x block_size blocks")
+    double_quant: bool | None = option(None, "NF only: quantize the absmax scales too (default on for NF, as in "
+                                             "QLoRA)")
+    dq_bits: int = option(8, "double quantization: bits of each quantized scale (2, 3, 4 or 8)")
+    dq_block_size: int = option(256, "double quantization: scales per second-level block")
+    dq_dtype: str = option("fp32", "double quantization: storage of the second-level scales (fp32, bf16, fp16)")
+    minimum_dtype: str = option("fp16", "INT only: storage of each block's minimum (fp16 as in GGUF, or fp32)")
+    dq_style: str = option("qbara", "double quantization layout: qbara, or bnb (bitsandbytes' NF4 "
+                                    "compress_statistics bit for bit)")
 
     def __post_init__(self):
         check_types(self, {"format": ((str,), False), "block_size": ((int,), True), "block_rows": ((int,), False),

@@ -6,61 +6,72 @@ import difflib
 import importlib.util
 import json
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qbara.adapters.config import AdapterConfig
+from qbara.adapters.config import QLORA, AdapterConfig
 from qbara.errors import QbaraError
+from qbara.options import option
 from qbara.quant.config import QuantConfig
+from qbara.train.foreign_keys import UNSUPPORTED, unsupported_message
 from qbara.validate import _short, load_yaml_file
 
 SEED_LIMIT = 2**32  # numpy's and torch's generators take 32-bit seeds
+# Trainer optimizers (transformers' OptimizerNames) that run on CPU and GPU without an extra package.
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")
 
 
 @dataclass
 class ModelSection:
-    name: str = "smollm2-135m"
-    dtype: str = "auto"  # storage of the weights left unquantized: auto = the checkpoint's (compute stays fp32 on CPU)
-    # start from this adapter folder (e.g. `qbara lq`'s OUT/adapter); the adapter section is then ignored
-    adapter: str = ""
+    name: str = option("smollm2-135m", "base model: a Hugging Face folder, a qbara quantized folder, a GGUF file, "
+                                       "smollm2-135m / gemma3-270m (embedded) or tiny-llama (random weights)")
+    dtype: str = option("auto", "storage of the weights left unquantized (auto = the checkpoint's, float32, "
+                                "bfloat16, float16); compute stays fp32 on CPU")
+    adapter: str = option("", "start from this adapter folder (e.g. `qbara lq`'s OUT/adapter); the adapter section "
+                              "is then ignored")
 
 
 @dataclass
 class DataSection:
-    train: str = ""
-    eval: str = ""
-    format: str = "auto"          # auto | instruction | chat | text
-    held_out: float = 0.0         # fraction of train records held out for eval when `eval` is empty
-    max_length: int = 512
-    on_error: str = "fail"        # fail | skip (malformed records)
-    max_records: int = 0          # 0 = all
+    train: str = option("", "training records: a .jsonl, .json, .csv or .txt file")
+    eval: str = option("", "eval records (same formats); empty = none, or data.held_out of the train records")
+    format: str = option("auto", "record format: auto (from the fields), instruction, chat or text")
+    held_out: float = option(0.0, "fraction of the train records held out for eval when data.eval is empty "
+                                  "(not for text)")
+    max_length: int = option(512, "tokens per example; longer records are cut at the end (one with no answer token "
+                                  "left is an error)")
+    on_error: str = option("fail", "a malformed record: fail (stop with its line) or skip it")
+    max_records: int = option(0, "use only the first N train records; 0 = all")
 
 
 @dataclass
 class TrainSection:
-    output_dir: str = "runs/qbara"
-    overwrite: bool = False       # write into a non-empty output_dir qbara did not write (its files are kept)
-    steps: int = 100              # optimizer steps; -1 when the run is `epochs` long
-    epochs: float = 0.0           # > 0: train this many passes over the data instead of `steps`
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-4
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0     # warmup as a fraction of the run, in [0, 1); exclusive with warmup_steps
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0    # gradient clipping; 0 = none
-    optim: str = "adamw_torch"    # one of OPTIMIZERS
-    report_to: str = "none"       # run tracking: none, or comma-separated tensorboard / wandb / mlflow
-    seed: int = 0
-    save_steps: int = 50
-    save_total_limit: int = 2
-    logging_steps: int = 5
-    eval_steps: int = 0
-    gradient_checkpointing: bool = False
-    bf16: bool = False
-    progress: bool = True
+    output_dir: str = option("runs/qbara", "where checkpoints, the adapter, the log and loss_curve.png go")
+    overwrite: bool = option(False, "write into a non-empty output_dir qbara did not write (its files are kept)")
+    steps: int = option(100, "optimizer steps; -1 when the run is train.epochs long")
+    epochs: float = option(0.0, "> 0: train this many passes over the data instead of train.steps")
+    batch_size: int = option(4, "examples per device per forward pass (also the eval batch)")
+    grad_accum: int = option(1, "forward passes per optimizer step (effective batch = batch_size * grad_accum)")
+    lr: float = option(2e-4, "peak learning rate")
+    scheduler: str = option("constant", "learning-rate schedule (transformers' SchedulerType: constant, linear, "
+                                        "cosine, ...)")
+    warmup_steps: int = option(0, "steps of linear warmup; exclusive with train.warmup_ratio")
+    warmup_ratio: float = option(0.0, "warmup as a fraction of the run, in [0, 1); exclusive with train.warmup_steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 = none")
+    optim: str = option("adamw_torch", "optimizer: " + ", ".join(OPTIMIZERS))
+    report_to: str = option("none", "run tracking: none, or comma-separated tensorboard, wandb, mlflow")
+    seed: int = option(0, "seed of the adapter init, data order and dropout, in [0, 2**32)")
+    save_steps: int = option(50, "write a checkpoint (for --resume) every N steps")
+    save_total_limit: int = option(2, "complete checkpoints kept, newest first (at least 1)")
+    logging_steps: int = option(5, "log the training loss every N steps")
+    eval_steps: int = option(0, "evaluate on the eval records every N steps (and once before the first); 0 = never")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, "
+                                                 "slower steps")
+    bf16: bool = option(False, "bfloat16 mixed precision (GPU)")
+    progress: bool = option(True, "show progress bars")
 
 
 @dataclass
@@ -84,11 +95,12 @@ class RunConfig:
 _SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
 _FREE_SECTIONS = {"quant": QuantConfig, "adapter": AdapterConfig}
 
-# Key names from Hugging Face TrainingArguments / PEFT LoraConfig, Axolotl and LLaMA-Factory configs -> qbara's
-# key. An alias works wherever a key does: under its section in YAML (`train: {learning_rate: 1e-4}`), as a flat
-# top-level YAML key (`learning_rate: 1e-4`) and on the command line (`--learning_rate 1e-4`,
+# Key names from Hugging Face TrainingArguments / PEFT LoraConfig / bitsandbytes, Axolotl and LLaMA-Factory configs
+# -> qbara's key. An alias works wherever a key does: under its section in YAML (`train: {learning_rate: 1e-4}`), as
+# a flat top-level YAML key (`learning_rate: 1e-4`) and on the command line (`--learning_rate 1e-4`,
 # `--train.learning_rate 1e-4`). Names that are already qbara's (warmup_steps, weight_decay, max_grad_norm,
-# warmup_ratio, optim, seed, output_dir, bf16, save_steps, target_modules, ...) need no entry.
+# warmup_ratio, optim, seed, output_dir, bf16, save_steps, target_modules, ...) need no entry; other tools' keys
+# with no qbara equivalent are refused with the reason (`qbara.train.foreign_keys`).
 ALIASES = {
     "learning_rate": "train.lr",
     "num_train_epochs": "train.epochs",
@@ -96,25 +108,42 @@ ALIASES = {
     "per_device_train_batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.grad_accum",
     "lr_scheduler_type": "train.scheduler",
+    "overwrite_output_dir": "train.overwrite",
     "r": "adapter.rank",
-    "lora_r": "adapter.rank",                       # Axolotl
     "lora_alpha": "adapter.alpha",
     "lora_dropout": "adapter.dropout",
-    "base_model": "model.name",                     # Axolotl
-    "model_name_or_path": "model.name",             # LLaMA-Factory
     "pretrained_model_name_or_path": "model.name",
     "max_seq_length": "data.max_length",
-    "sequence_len": "data.max_length",              # Axolotl
-    "cutoff_len": "data.max_length",                # LLaMA-Factory
+    # bitsandbytes' BitsAndBytesConfig
+    "bnb_4bit_quant_type": "quant.format",          # nf4 (fp4 has no qbara format)
+    "bnb_4bit_use_double_quant": "quant.double_quant",
+    # Axolotl
+    "base_model": "model.name",
+    "lora_model_dir": "model.adapter",
+    "lora_r": "adapter.rank",
+    "lora_target_modules": "adapter.target_modules",
+    "sequence_len": "data.max_length",
+    "val_set_size": "data.held_out",
+    "chat_template": "data.template",
+    "micro_batch_size": "train.batch_size",
+    "num_epochs": "train.epochs",
+    "lr_scheduler": "train.scheduler",
+    "optimizer": "train.optim",
+    # LLaMA-Factory
+    "model_name_or_path": "model.name",
+    "adapter_name_or_path": "model.adapter",
+    "finetuning_type": "adapter.method",
+    "lora_rank": "adapter.rank",
+    "template": "data.template",
+    "cutoff_len": "data.max_length",
+    "val_size": "data.held_out",
+    "max_samples": "data.max_records",
 }
 
 # Run trackers the HF Trainer reports to -> the package each needs. TensorBoard writes event files under
 # train.output_dir/runs/<date>_<host> and works offline; wandb / mlflow follow their own settings
 # (e.g. WANDB_MODE=offline).
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
-# Trainer optimizers (transformers' OptimizerNames) that run on CPU and GPU without an extra package.
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")
 
 
 def valid_keys() -> list[str]:
@@ -125,7 +154,8 @@ def valid_keys() -> list[str]:
 
 def _resolve_key(key: str) -> str:
     """`key` as `section.name`: a full key, a name unique across sections, or an alias (bare or under its
-    section: `learning_rate`, `train.learning_rate`)."""
+    section: `learning_rate`, `train.learning_rate`). Another tool's key qbara has no equivalent for is refused
+    with the reason; a did-you-mean is offered only for a name close to a real one."""
     keys = valid_keys()
     if key in keys:
         return key
@@ -138,11 +168,32 @@ def _resolve_key(key: str) -> str:
         return leaf_matches[0]
     if leaf_matches:
         raise QbaraError(f"config key {key!r} is ambiguous: write {' or '.join(leaf_matches)}")
-    close = difflib.get_close_matches(key, keys + [k.split(".", 1)[1] for k in keys] + list(ALIASES), n=1, cutoff=0.5)
-    hint = ""
-    if close:
-        hint = f"; did you mean {close[0]!r}" + (f" (= {ALIASES[close[0]]})" if close[0] in ALIASES else "") + "?"
-    raise QbaraError(f"unknown config key {key!r}{hint} (keys are section.name, e.g. train.lr, adapter.method)")
+    refusal = unsupported_message(key)
+    if refusal:
+        raise QbaraError(refusal)
+    raise QbaraError(f"unknown config key {key!r}{_did_you_mean(key, keys)} (keys are section.name, e.g. train.lr, "
+                     f"adapter.method; `qbara train --print-config` lists them)")
+
+
+SIMILAR = 0.75  # difflib ratio above which an unknown name is taken for a typo of a known one
+
+
+def _did_you_mean(key: str, keys: list[str]) -> str:
+    """'; did you mean ...?' for a key whose name is a near-miss of a key or alias (in its section, when it names
+    one), else ''."""
+    section, dot, name = key.rpartition(".")
+    sections = {k.split(".", 1)[0] for k in keys}
+    if dot and section not in sections:  # a misspelt section: compare the whole key
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=SIMILAR)
+        return f"; did you mean {close[0]!r}?" if close else ""
+    leaves = {k.split(".", 1)[1]: k for k in keys if not dot or k.startswith(f"{section}.")}
+    aliases = {a: t for a, t in ALIASES.items() if not dot or t.startswith(f"{section}.")}
+    close = difflib.get_close_matches(name, list(leaves) + list(aliases), n=1, cutoff=SIMILAR)
+    if not close:
+        return ""
+    if close[0] in leaves:
+        return f"; did you mean {leaves[close[0]] if dot else close[0]!r}?"
+    return f"; did you mean {close[0]!r} (= {aliases[close[0]]})?"
 
 
 def parse_value(text: str):
@@ -202,7 +253,7 @@ def _yaml_settings(data: dict):
     top-level keys (any top-level name that is not a section, resolved like a command-line override)."""
     for top, values in (data or {}).items():
         if top not in _SECTIONS and top not in _FREE_SECTIONS:
-            if isinstance(values, dict):
+            if isinstance(values, dict) and top not in UNSUPPORTED:
                 close = difflib.get_close_matches(top, list(_SECTIONS) + list(_FREE_SECTIONS), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise QbaraError(f"unknown config section {top!r}{hint}: "
@@ -211,6 +262,8 @@ def _yaml_settings(data: dict):
             continue
         if top == "model" and isinstance(values, str):
             values = {"name": values}
+        if top == "adapter" and isinstance(values, str):  # Axolotl's `adapter: qlora` / `adapter: lora`
+            values = {"method": values}
         if not isinstance(values, dict):
             raise QbaraError(f"config section {top!r} must be a mapping of keys to values")
         for key, value in values.items():
@@ -244,6 +297,8 @@ def build_config(data: dict, overrides: dict | None = None) -> RunConfig:
         config.quant = dict(merged["quant"]) if "format" in merged["quant"] else {**config.quant, **merged["quant"]}
     if "adapter" in merged:
         config.adapter = {**config.adapter, **merged["adapter"]}
+    if config.adapter.get("method") == QLORA:
+        config.adapter = {**config.adapter, "method": _qlora_as_lora(config.quant.get("format"))}
     t = config.train
     if t.epochs > 0:  # the run is epochs long: steps must be left out (or HF's -1), and becomes -1
         if "steps" in merged.get("train", {}) and t.steps > 0:
@@ -252,6 +307,16 @@ def build_config(data: dict, overrides: dict | None = None) -> RunConfig:
         t.steps = -1
     _validate(config)
     return config
+
+
+def _qlora_as_lora(quant_format) -> str:
+    """adapter.method qlora: QLoRA is LoRA on an NF4 base, so it trains method lora (with a note) when the quant
+    is NF4, and is refused naming both fixes when it is not."""
+    if quant_format != "nf4":
+        raise QbaraError(f"adapter.method qlora is LoRA on an NF4 base, but quant.format is {quant_format!r}: write "
+                         f"adapter.method lora to train LoRA on {quant_format}, or quant.format nf4 for QLoRA")
+    print("qbara: adapter.method qlora is method lora on the NF4 base (QLoRA); training lora", file=sys.stderr)
+    return "lora"
 
 
 def _validate(config: RunConfig) -> None:

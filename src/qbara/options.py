@@ -1,0 +1,17 @@
+"""Config fields that carry their own one-line doc, so `qbara train --print-config` and docs/config.md are
+read from the classes themselves and cannot drift from them."""
+from __future__ import annotations
+
+import dataclasses
+
+_DOC = "doc"
+
+
+def option(default, doc: str):
+    """A dataclass field with `default` and its one-line `doc`."""
+    return dataclasses.field(default=default, metadata={_DOC: doc})
+
+
+def field_doc(field: dataclasses.Field) -> str:
+    """The field's one-line doc ('' when it has none: a test walks every config class for that)."""
+    return field.metadata.get(_DOC, "")
