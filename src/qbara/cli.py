@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 
@@ -9,9 +10,21 @@ from qbara.commands import demo, eval, export, lq, merge, quantize, train
 from qbara.errors import QbaraError
 
 
+def version() -> str:
+    """The installed package's version, else the source tree's `qbara.__version__`."""
+    try:
+        return importlib.metadata.version("qbara")
+    except importlib.metadata.PackageNotFoundError:
+        import qbara
+
+        return qbara.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qbara", description="Fine-tune quantized LLMs and ship them low-bit.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"qbara {version()}", help="print the version and exit")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                       help="one of the commands below; `qbara COMMAND --help` lists its options")
     for module in (demo, train, eval, merge, export, quantize, lq):
         module.add_parser(subparsers)
     return parser

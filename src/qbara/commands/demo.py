@@ -92,15 +92,18 @@ def _run(args, out: Path) -> tuple[dict, dict]:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="the main job: QA-HiRA fine-tune of SmolLM2 on GSM8K, folded into INT4")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--held-out", type=int, default=32, help="held-out GSM8K records")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="base model: an embedded name, a Hugging Face folder or a GGUF file (default %(default)s)")
+    p.add_argument("--out", default="runs/demo", help="new folder for the run's artifacts (default %(default)s)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per step (default %(default)s)")
+    p.add_argument("--rank", type=int, default=8, help="QA-HiRA rank; alpha is 2 * rank (default %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine schedule (default %(default)s)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per example (default %(default)s)")
+    p.add_argument("--held-out", type=int, default=32,
+                   help="GSM8K records held out for the before/after loss (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the held-out split, the adapter init and the data order (default %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out folder qbara did not write (its files are kept)")
     p.set_defaults(func=run)

@@ -116,7 +116,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name, HF folder, quantized folder or .gguf")
     p.add_argument("--adapter", help="adapter folder written by qbara train / save_adapter, or a PEFT LoRA folder")
     add_quant_option(p)
-    p.add_argument("--task", choices=("ppl", "loss", "lm-eval"), default="ppl")
+    p.add_argument("--task", choices=("ppl", "loss", "lm-eval"), default="ppl",
+                   help="ppl: perplexity of a text; loss: masked answer loss on instruction/chat records; lm-eval: "
+                        "lm-evaluation-harness tasks (default %(default)s)")
     p.add_argument("--data", "--tasks", dest="data",
                    help="ppl: text file or shakespeare:PLAY (default shakespeare:hamlet); loss: instruction/chat "
                         "records; lm-eval: task names (comma-separated; glob patterns allowed; --tasks as in "
@@ -131,5 +133,5 @@ def add_parser(subparsers) -> None:
     g.add_argument("--include-path", action="append", metavar="FOLDER",
                    help="folder of local task YAMLs (repeatable); needed offline, where Hub datasets cannot load")
     g.add_argument("--output-path", metavar="FILE", help="write the full results as JSON to FILE")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (and no progress bar)")
     p.set_defaults(func=run)

@@ -80,7 +80,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="base model: name, HF folder, quantized folder")
     p.add_argument("--adapter", help="adapter folder (its recorded quantization is applied to the base)")
     add_quant_option(p)
-    p.add_argument("--format", choices=("gguf", "hf"), default="gguf")
+    p.add_argument("--format", choices=("gguf", "hf"), default="gguf",
+                   help="gguf: one file for llama.cpp; hf: a dense Hugging Face folder (default %(default)s)")
     p.add_argument("--out", required=True, help="output .gguf file or HF folder")
     p.add_argument("--allow-requantize", action="store_true",
                    help="gguf: re-quantize layers that are neither INT4 / INT5 G32 nor gguf:* (lossy; the error is "

@@ -226,7 +226,9 @@ def add_parser(subparsers) -> None:
                    help="storage of the low-rank factors the adapters start from: nf8 (8.127 bits, as LQ-LoRA counts "
                         "them; the total bits/param include them) or fp32")
     p.add_argument("--workers", type=int, default=None, help="matrices in parallel (threads)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the Fisher calibration sample and the decompositions' random test matrices "
+                        "(default %(default)s)")
     p.add_argument("--eval", help="perplexity text after init: a file or shakespeare:PLAY (e.g. shakespeare:hamlet)")
     p.add_argument("--window", type=int, default=512, help="perplexity window")
     p.add_argument("--eval-tokens", type=int, default=8192, help="tokens evaluated (0 = all)")
