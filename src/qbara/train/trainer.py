@@ -284,7 +284,9 @@ class TrainResult:
     final_loss: float | None
 
 
-def _training_arguments(config: RunConfig, has_eval: bool):
+def _training_arguments(config: RunConfig, has_eval: bool, resume: bool = False):
+    """The HF TrainingArguments of the run; a run that evaluates also does so once before its first step (the
+    step-0 point of the eval curve), except when it resumes from a checkpoint."""
     from transformers import TrainingArguments
 
     t = config.train
@@ -307,7 +309,8 @@ def _training_arguments(config: RunConfig, has_eval: bool):
         optim=t.optim, seed=t.seed, data_seed=t.seed, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=None, logging_steps=t.logging_steps,
         eval_strategy="steps" if has_eval and t.eval_steps else "no",
-        eval_steps=t.eval_steps or None, **checkpointing, bf16=t.bf16, disable_tqdm=not t.progress,
+        eval_steps=t.eval_steps or None, eval_on_start=bool(has_eval and t.eval_steps and not resume),
+        **checkpointing, bf16=t.bf16, disable_tqdm=not t.progress,
         report_to=[r.strip() for r in t.report_to.split(",") if r.strip()], use_cpu=on_cpu,
         ddp_backend="gloo" if on_cpu and distributed else None, remove_unused_columns=False, dataloader_num_workers=0,
         save_only_model=False, full_determinism=False,
@@ -398,7 +401,7 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
     model.config.use_cache = False
     if checkpoint is not None:
         check_resume_base(model, checkpoint)
-    args = _training_arguments(config, eval_set is not None)
+    args = _training_arguments(config, eval_set is not None, resume=checkpoint is not None)
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                data_collator=PadCollator(tokenizer.pad_token_id))
     trainer.qbara_keep = max(1, config.train.save_total_limit)
@@ -468,12 +471,24 @@ def _write_final_outputs(config: RunConfig, model, tokenizer, output_dir: Path, 
         save_adapter(model, tmp, base_model_name=base_name)
     write_json_atomic(output_dir / "run_config.json", config.to_dict())
     write_json_atomic(output_dir / "log_history.json", history)
-    plot_loss_curve(history, output_dir / "loss_curve.png")
+    plot_loss_curve(history, output_dir / "loss_curve.png", title=run_title(model, config.model.name))
     mark_folder(output_dir, "train", foreign)
 
 
-def plot_loss_curve(history: list, path) -> Path | None:
-    """Training (and eval) loss against step, as a PNG."""
+def run_title(model, model_name: str) -> str:
+    """What a reader of the loss plot needs: method and rank, base model, quant, e.g. 'qahira r4 on tiny-llama
+    (int4-g32)'; the quant is read from the adapted layers (several formats for LQ-LoRA)."""
+    adapter = state_of(model).adapter_config
+    labels = sorted({layer.quant_config.label if layer.quant_config is not None else "not quantized"
+                     for layer in adapter_layers(model).values()})
+    quant = labels[0] if len(labels) == 1 else (", ".join(labels) if len(labels) <= 3 else f"{len(labels)} formats")
+    method = f"{adapter.method} r{adapter.rank}" if adapter is not None else "adapters"
+    return f"{method} on {Path(str(model_name)).name} ({quant})"
+
+
+def plot_loss_curve(history: list, path, title: str | None = None) -> Path | None:
+    """Training (and eval) loss against step, as a PNG, under `title` (see `run_title`); the eval curve starts
+    with the step-0 evaluation when the run made one."""
     train_points = [(h["step"], h["loss"]) for h in history if "loss" in h]
     eval_points = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     if not train_points and not eval_points:
@@ -485,6 +500,8 @@ def plot_loss_curve(history: list, path) -> Path | None:
         ax.plot(*zip(*eval_points), "o-", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
