@@ -254,7 +254,7 @@ def _yaml_settings(data: dict):
     for top, values in (data or {}).items():
         if top not in _SECTIONS and top not in _FREE_SECTIONS:
             if isinstance(values, dict) and top not in UNSUPPORTED:
-                close = difflib.get_close_matches(top, list(_SECTIONS) + list(_FREE_SECTIONS), n=1)
+                close = difflib.get_close_matches(top, list(_SECTIONS) + list(_FREE_SECTIONS), n=1, cutoff=SIMILAR)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise QbaraError(f"unknown config section {top!r}{hint}: "
                                  "sections are model, quant, adapter, data, train")
