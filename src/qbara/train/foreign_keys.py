@@ -16,8 +16,8 @@ UNSUPPORTED = {
     "load_in_4bit": ("bitsandbytes", "qbara always quantizes the base: set quant.format nf4 (the default) or another "
                                      "4-bit format (int4, gguf:q4_k)"),
     "load_in_8bit": ("bitsandbytes", "qbara always quantizes the base: set quant.format nf8 or int8"),
-    "bnb_4bit_compute_dtype": ("bitsandbytes", "qbara dequantizes to the model's dtype: set model.dtype, and "
-                                               "train.bf16 true for bfloat16 mixed precision"),
+    "bnb_4bit_compute_dtype": ("bitsandbytes", "qbara dequantizes each weight to its input's dtype: fp32, or "
+                                               "bfloat16 under train.bf16 true"),
     "bnb_4bit_quant_storage": ("bitsandbytes", "qbara packs its own codes (a fixed layout per quant.format); "
                                                "remove it"),
     "llm_int8_threshold": ("bitsandbytes", "qbara has no LLM.int8 outlier path: use quant.format int8 or nf8"),
