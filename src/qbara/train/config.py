@@ -59,7 +59,7 @@ class TrainSection:
                                         "cosine, ...)")
     warmup_steps: int = option(0, "steps of linear warmup; exclusive with train.warmup_ratio")
     warmup_ratio: float = option(0.0, "warmup as a fraction of the run, in [0, 1); exclusive with train.warmup_steps")
-    weight_decay: float = option(0.0, "AdamW weight decay")
+    weight_decay: float = option(0.0, "the optimizer's weight decay (decoupled for AdamW)")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 = none")
     optim: str = option("adamw_torch", "optimizer: " + ", ".join(OPTIMIZERS))
     report_to: str = option("none", "run tracking: none, or comma-separated tensorboard, wandb, mlflow")
