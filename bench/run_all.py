@@ -4,9 +4,9 @@ against PEFT + bitsandbytes and dense LoRA, on the embedded SmolLM2-135M. Writes
 the PNG plots into one folder.
 
     python bench/run_all.py --quick                  # reduced setting: under 30 min on a 2-core CPU
-    python bench/run_all.py                          # full setting (see README for its time)
+    python bench/run_all.py                          # full setting (see docs/benchmarks.md for its time)
     python bench/run_all.py --device cuda --out bench-results-gpu
-    python bench/run_all.py --quick --readme         # also refresh the README's results section
+    python bench/run_all.py --quick --readme         # also refresh the results section of docs/benchmarks.md
 
 Parts can be skipped (--skip quality finetune speed). On CUDA the speed part runs in bf16.
 """
@@ -29,6 +29,8 @@ import speed_memory  # noqa: E402
 
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
+# The file whose generated results section (between the markers) --readme rewrites; the README links to it.
+SUMMARY_FILE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 PARTS = ("quality", "finetune", "speed")
 
 
@@ -40,9 +42,11 @@ def options(argv=None) -> argparse.Namespace:
     ap.add_argument("--skip", nargs="*", default=[], choices=PARTS, help="parts to leave out")
     ap.add_argument("--steps", type=int, help="fine-tuning steps (default 40; quick 10)")
     ap.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default 0 1 2; quick 0)")
-    ap.add_argument("--readme", action="store_true", help="write the results section of README.md from this run")
+    ap.add_argument("--readme", action="store_true",
+                    help="write the results section of docs/benchmarks.md (the README's benchmark page) from this run")
     ap.add_argument("--from-json", metavar="RESULTS", help="run nothing: rewrite report.md (and with --readme the "
-                                                          "README section) from a results.json written earlier")
+                                                          "docs/benchmarks.md section) from a results.json written "
+                                                          "earlier")
     return ap.parse_args(argv)
 
 
@@ -100,7 +104,10 @@ def report(results: dict, args, command: str, seconds: dict, meta: dict) -> str:
 
 
 def readme_summary(results: dict, command: str, seconds: dict, meta: dict, out: str) -> str:
-    """The README's short results section: one table, the paper claims, the speed ratios, one plot."""
+    """The short results section of docs/benchmarks.md: one table, the merge findings, the speed ratios, one plot.
+
+    The smoke-test claim lines stay in report.md only: 10 steps at one lr decide no paper claim, and the paper
+    setting's verdicts (bench/finetune_quality.py --paper) supersede them."""
     lines = [f"From `{command}` on {meta['date']} ({meta['machine']}); wall time "
              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
              + f". Full report with every table and plot: [{out}/report.md]({out}/report.md)."]
@@ -117,11 +124,11 @@ def readme_summary(results: dict, command: str, seconds: dict, meta: dict, out: 
                 r = finetune_quality.summary(entry["runs"][t])
                 cells.append(f"{r['before']:.3f} → {r['after']:.3f} → {r['merged']:.3f}")
             lines.append(f"| {entry['label']} | {entry['base']} | " + " | ".join(cells) + " |")
-        claims = [c for c in finetune_quality.findings(ft) if " — " in c or "does not survive" in c]
+        merges = [c for c in finetune_quality.findings(ft) if "does not survive" in c]
         lines += ["", "Merged: QA-LoRA / QA-HiRA folded into their INT4 minima; every other method dequantized, "
                   "added and re-quantized to its own format (how QLoRA is merged today).", "",
-                  "Smoke-test claim lines (short runs at one lr: not verdicts; see the paper setting, "
-                  "`bench/finetune_quality.py --paper`):", *claims]
+                  f"Smoke-test claim lines (short runs at one lr, not verdicts) are in [report.md]({out}/report.md); "
+                  "the paper setting's verdicts (`bench/finetune_quality.py --paper`) supersede them.", *merges]
     speed = results.get("speed")
     if speed and speed.get("derived"):
         ratios = "; ".join(f"{d['comparison']}: step {d['step_ratio']:.2f}×, peak tensors {d['peak_ratio']:.2f}×"
@@ -133,7 +140,7 @@ def readme_summary(results: dict, command: str, seconds: dict, meta: dict, out: 
 
 
 def update_readme(summary: str, readme: Path) -> None:
-    """Replace the README's generated results section (between the bench markers) with `summary`."""
+    """Replace the generated results section (between the bench markers) of `readme` with `summary`."""
     from qbara.atomic import write_file_atomic
 
     text = readme.read_text()
@@ -198,17 +205,16 @@ def main(argv=None) -> None:
 
 
 def write_report(results: dict, args, command: str, seconds: dict, meta: dict, out: Path) -> None:
-    """report.md in `out` (and the README section with --readme)."""
+    """report.md in `out` (and the docs/benchmarks.md section with --readme)."""
     from qbara.atomic import write_file_atomic
 
     text = report(results, args, command, seconds, meta)
     write_file_atomic(out / "report.md", lambda tmp: Path(tmp).write_text(text))
     print("\n" + text)
     if args.readme:
-        readme = Path(__file__).resolve().parent.parent / "README.md"
-        rel = os.path.relpath(out.resolve(), readme.parent)
-        update_readme(readme_summary(results, command, seconds, meta, rel), readme)
-        print(f"README results section updated from {out / 'report.md'}")
+        rel = os.path.relpath(out.resolve(), SUMMARY_FILE.parent)
+        update_readme(readme_summary(results, command, seconds, meta, rel), SUMMARY_FILE)
+        print(f"{SUMMARY_FILE} results section updated from {out / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ def test_tiny_run_reports_folds_and_requantized_merges(tmp_path):
 
 
 def test_report_and_readme_summary_are_rewritten_from_saved_results(tmp_path, monkeypatch):
-    """run_all --from-json redraws the plot and rewrites report.md from results.json alone; the README
-    summary carries the table rows and the claim verdicts; a bad file gets one clear error."""
+    """run_all --from-json redraws the plot and rewrites report.md from results.json alone; the summary that
+    --readme writes into docs/benchmarks.md carries the table rows and leaves the superseded smoke-test claim
+    lines to report.md; a bad file gets one clear error."""
     import json
 
     import run_all
@@ -57,7 +58,17 @@ def test_report_and_readme_summary_are_rewritten_from_saved_results(tmp_path, mo
     assert finetune_quality.markdown(result) in report
     assert (tmp_path / "finetune_quality.png").stat().st_size > 5000
     summary = run_all.readme_summary({"finetune": result}, "CMD", {"finetune": 60.0}, meta, "out")
-    assert "| QLoRA r2 | NF4 |" in summary and "Q-BaRA beats QLoRA" in summary and "out/report.md" in summary
+    assert "| QLoRA r2 | NF4 |" in summary and "out/report.md" in summary
+    # The smoke-test claim lines stay in report.md: the paper setting's verdicts supersede them.
+    assert "Q-BaRA beats QLoRA" in report and "Q-BaRA beats QLoRA" not in summary and "supersede" in summary
+    # --readme fills the section of docs/benchmarks.md between the markers and keeps the rest of the page.
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"# head\n{run_all.README_START}\nold\n{run_all.README_END}\ntail\n")
+    run_all.update_readme(summary, page)
+    assert page.read_text() == f"# head\n{run_all.README_START}\n{summary.strip()}\n{run_all.README_END}\ntail\n"
+    live = run_all.SUMMARY_FILE.read_text()
+    assert run_all.SUMMARY_FILE.name == "benchmarks.md" and live.count(run_all.README_START) == 1
+    assert live.count(run_all.README_END) == 1
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SystemExit, match="not a results.json"):
         run_all.main(["--from-json", str(tmp_path / "bad.json")])
