@@ -5,14 +5,14 @@ import argparse
 import os
 import sys
 
-from qbara.commands import demo, eval, export, lq, merge, quantize, train
+from qbara.commands import demo, eval, export, generate, lq, merge, quantize, train
 from qbara.errors import QbaraError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qbara", description="Fine-tune quantized LLMs and ship them low-bit.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (demo, train, eval, merge, export, quantize, lq):
+    for module in (demo, train, eval, generate, merge, export, quantize, lq):
         module.add_parser(subparsers)
     return parser
 
