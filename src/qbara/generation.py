@@ -162,16 +162,18 @@ def _pick(logits: torch.Tensor, settings: GenerationSettings, generator: torch.G
     if settings.temperature == 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float().cpu() / settings.temperature, dim=-1)
-    return int(nucleus(probs, settings.top_p, generator))
+    return int(torch.multinomial(nucleus(probs, settings.top_p), 1, generator=generator))
 
 
-def nucleus(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> int:
-    """A token drawn from the smallest set of most likely tokens whose probability reaches `top_p`."""
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`probs` kept on the smallest set of most likely tokens whose probability reaches `top_p` (the most likely
+    token always), zero elsewhere, renormalized."""
     ordered, order = torch.sort(probs, descending=True)
     before = torch.cumsum(ordered, dim=-1) - ordered  # the mass of the tokens more likely than each
-    kept = torch.where(before < top_p, ordered, torch.zeros_like(ordered))
-    kept[0] = ordered[0]  # the most likely token always stays
-    return int(order[torch.multinomial(kept / kept.sum(), 1, generator=generator)])
+    keep = before < top_p
+    keep[0] = True
+    kept = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
+    return kept / kept.sum()
 
 
 @torch.no_grad()
