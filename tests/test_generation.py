@@ -148,6 +148,9 @@ def test_read_prompts_from_text_and_records(tmp_path):
     records.write_text("\n".join(json.dumps(r) for r in [
         {"instruction": "Add", "input": "2 and 3", "output": "5"}, {"instruction": "Say hi", "output": "hi"}]))
     assert [p.messages[-1]["content"] for p in read_prompts(str(records))] == ["Add\n\n2 and 3", "Say hi"]
+    records.write_text(json.dumps({"instruction": "Add", "output": "5", "system": "Own"}) + "\n")
+    assert read_prompts(str(records), system="S")[0].messages == [{"role": "system", "content": "Own"},
+                                                                  {"role": "user", "content": "Add"}]
     chats = tmp_path / "c.jsonl"
     conversation = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                     {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]

@@ -14,7 +14,7 @@ import torch
 
 from qbara.errors import QbaraError
 from qbara.templates import ChatTemplate
-from qbara.train.data import check_text, detect_format, read_records
+from qbara.train.data import _check_messages, check_text, detect_format, read_records
 from qbara.validate import read_text_file
 
 
@@ -76,23 +76,22 @@ def read_prompts(path: str, system: str | None = None) -> list[Prompt]:
 
 
 def _record_prompt(record, fmt: str, system: str | None) -> Prompt:
+    """One record's prompt, as training renders the record up to its answer (a record's own system field or
+    message comes before `system`)."""
     if not isinstance(record, dict):
         raise ValueError(getattr(record, "reason", "is not a JSON object"))
     if fmt == "instruction":
         instruction = check_text(record.get("instruction"), "field 'instruction'")
-        extra = record.get("input")
-        extra = "" if extra is None else check_text(extra, "field 'input'")
-        return Prompt.user(f"{instruction}\n\n{extra}" if extra else instruction, system)
+        extra, own = ("" if record.get(name) is None else check_text(record[name], f"field {name!r}")
+                      for name in ("input", "system"))
+        return Prompt.user(f"{instruction}\n\n{extra}" if extra else instruction, own or system)
     if fmt == "chat":
         messages = record.get("messages")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                     for m in messages):
-            raise ValueError("'messages' must be a list of {role, content}")
+        _check_messages(messages)
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         if not users:
             raise ValueError("has no user message to answer")
-        messages = [{"role": m["role"], "content": check_text(m["content"], f"message {i + 1}'s 'content'")}
-                    for i, m in enumerate(messages[: users[-1] + 1])]
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages[: users[-1] + 1]]
         if system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
         return Prompt(messages=messages, label=messages[-1]["content"])

@@ -13,18 +13,10 @@ from qbara.cli import main
 from qbara.commands import generate as command
 from qbara.models import load_model, tiny_llama
 from qbara.pretrained import from_pretrained
+from tests.commands.test_export_command import lora_adapter  # noqa: F401 - a fixture
 from tests.helpers import randomize_adapters
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "16"]
-
-
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    """A tiny-llama LoRA adapter (rank 4) on an INT4 G32 base, non-zero weights."""
-    model, _ = tiny_llama()
-    prepare(model, QuantConfig("int4", block_size=32), AdapterConfig("lora", rank=4, alpha=8))
-    randomize_adapters(model, 3)
-    return save_adapter(model, tmp_path_factory.mktemp("lora") / "adapter", base_model_name="tiny-llama")
 
 
 def _reference(model, tokenizer, text, max_new_tokens=16):
@@ -44,10 +36,10 @@ def _json_lines(args, capsys):
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
-def test_base_and_adapter_greedy_equals_transformers(adapter, capsys):
-    args = ["--model", "tiny-llama", "--adapter", str(adapter), *GREEDY]
+def test_base_and_adapter_greedy_equals_transformers(lora_adapter, capsys):  # noqa: F811 - the fixture
+    args = ["--model", "tiny-llama", "--adapter", str(lora_adapter), *GREEDY]
     (got,) = _json_lines([*args, "--prompt", "Hello there"], capsys)
-    model, tokenizer = from_pretrained("tiny-llama", adapter=str(adapter))
+    model, tokenizer = from_pretrained("tiny-llama", adapter=str(lora_adapter))
     text, count = _reference(model, tokenizer, "Hello there")
     assert (got["prompt"], got["output"], got["tokens"]) == ("Hello there", text, count) and count > 0
     # streamed to stdout: the same text
