@@ -45,7 +45,9 @@ def test_base_and_adapter_greedy_equals_transformers(lora_adapter, capsys):  # n
     # streamed to stdout: the same text
     capsys.readouterr()
     assert main(["generate", *args, "--prompt", "Hello there"]) == 0
-    assert capsys.readouterr().out == text + "\n"
+    captured = capsys.readouterr()
+    assert captured.out == text + "\n"
+    assert ("(cut at 16 tokens: --max-new-tokens)" in captured.err) == (got["ended"] == "length")
 
 
 def test_prompt_file_gives_one_output_per_prompt(tmp_path, capsys):

@@ -69,6 +69,15 @@ class Session:
         settings = dataclasses.replace(self.settings, max_new_tokens=room)
         return stream(self.model, self.tokenizer, ids, settings, self.stop, self.generator, reply)
 
+    def show(self, ids: list[int], reply: Reply) -> None:
+        """The reply streamed to stdout, a note on stderr when it was cut at its length limit."""
+        for piece in self.reply(ids, reply):
+            print(piece, end="", flush=True)
+        print(flush=True)
+        if reply.ended == "length":
+            cut = "--max-new-tokens" if reply.tokens == self.settings.max_new_tokens else "the model's context"
+            print(f"(cut at {reply.tokens} tokens: {cut})", file=sys.stderr, flush=True)
+
 
 def interrupted(verb: str) -> SystemExit:
     """One line for Ctrl-C, and exit code 130 (as shells report SIGINT)."""
@@ -79,28 +88,29 @@ def interrupted(verb: str) -> SystemExit:
 
 def run_generate(args) -> None:
     settings, prompts = settings_of(args), prompts_of(args)  # before the model loads
-    session = Session(args, settings)
+    try:
+        _generate(args, Session(args, settings), prompts)
+    except KeyboardInterrupt:  # while loading or replying
+        raise interrupted("generate") from None
+
+
+def _generate(args, session: Session, prompts: list[Prompt]) -> None:
     prepared = []
     for number, prompt in enumerate(prompts, start=1):
         ids = prompt_ids(session.tokenizer, prompt, session.template)
         session.check_fits(ids, f"prompt {number}" if len(prompts) > 1 else "the prompt")
         prepared.append((prompt, ids))
-    try:
-        for number, (prompt, ids) in enumerate(prepared, start=1):
-            reply = Reply()
-            if args.json:
-                for _ in session.reply(ids, reply):
-                    pass
-                print(json.dumps({"prompt": prompt.label, "output": reply.text, "tokens": reply.tokens,
-                                  "prompt_tokens": len(ids), "ended": reply.ended}, ensure_ascii=False), flush=True)
-                continue
-            if len(prepared) > 1:
-                print(f"--- prompt {number}/{len(prepared)}: {_short(prompt.label)}", file=sys.stderr, flush=True)
-            for piece in session.reply(ids, reply):
-                print(piece, end="", flush=True)
-            print(flush=True)
-    except KeyboardInterrupt:
-        raise interrupted("generate") from None
+    for number, (prompt, ids) in enumerate(prepared, start=1):
+        reply = Reply()
+        if args.json:
+            for _ in session.reply(ids, reply):
+                pass
+            print(json.dumps({"prompt": prompt.label, "output": reply.text, "tokens": reply.tokens,
+                              "prompt_tokens": len(ids), "ended": reply.ended}, ensure_ascii=False), flush=True)
+            continue
+        if len(prepared) > 1:
+            print(f"--- prompt {number}/{len(prepared)}: {_short(prompt.label)}", file=sys.stderr, flush=True)
+        session.show(ids, reply)
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -113,7 +123,10 @@ CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D ends it, Ctrl-C sto
 
 def run_chat(args) -> None:
     settings = settings_of(args)  # before the model loads
-    session = Session(args, settings)
+    try:
+        session = Session(args, settings)
+    except KeyboardInterrupt:
+        raise interrupted("chat") from None
     if session.template is None:
         raise QbaraError(f"the tokenizer of {args.model!r} has no chat template, so a conversation cannot be "
                          f"rendered; use qbara generate --raw for plain-text prompts")
@@ -155,9 +168,7 @@ def _answer(session: Session, messages: list) -> list:
         return messages[:-1]
     reply = Reply()
     try:
-        for piece in session.reply(ids, reply):
-            print(piece, end="", flush=True)
-        print(flush=True)
+        session.show(ids, reply)
     except KeyboardInterrupt:
         print(flush=True)
         print("(reply stopped)", file=sys.stderr, flush=True)
