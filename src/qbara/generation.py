@@ -53,12 +53,12 @@ class Prompt:
 
 def read_prompts(path: str, system: str | None = None) -> list[Prompt]:
     """The prompts of a file: a .txt file gives one user prompt a line (blank lines skipped); .jsonl, .json and
-    .csv records give instruction records' instruction (and input) as the user message, chat records' messages
-    up to the last user turn, text records' text as plain text."""
+    .csv records (or `dataset:PATH`, as `read_records` reads) give instruction records' instruction (and input)
+    as the user message, chat records' messages up to the last user turn, text records' text as plain text."""
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and not str(path).startswith("dataset:"):
         raise QbaraError(f"prompt file {path!r} not found; check --file")
-    if p.suffix.lower() in (".txt", ".md", ""):
+    if p.is_file() and p.suffix.lower() in (".txt", ".md", ""):
         lines = [line.strip() for line in read_text_file(p, "prompt file", max_bytes=None).splitlines()]
         prompts = [Prompt.user(line, system) for line in lines if line]
     else:

@@ -42,12 +42,32 @@ def test_base_and_adapter_greedy_equals_transformers(lora_adapter, capsys):  # n
     model, tokenizer = from_pretrained("tiny-llama", adapter=str(lora_adapter))
     text, count = _reference(model, tokenizer, "Hello there")
     assert (got["prompt"], got["output"], got["tokens"]) == ("Hello there", text, count) and count > 0
+    assert text != _reference(*tiny_llama(), "Hello there")[0]  # the check can fail: the adapter changes the reply
     # streamed to stdout: the same text
     capsys.readouterr()
     assert main(["generate", *args, "--prompt", "Hello there"]) == 0
     captured = capsys.readouterr()
     assert captured.out == text + "\n"
     assert ("(cut at 16 tokens: --max-new-tokens)" in captured.err) == (got["ended"] == "length")
+
+
+def test_peft_lora_folder_greedy_equals_peft_and_transformers(tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    model, tokenizer = tiny_llama()
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    wrapped.save_pretrained(tmp_path / "peft")
+    (got,) = _json_lines(["--model", str(tmp_path / "hf"), "--adapter", str(tmp_path / "peft"), *GREEDY,
+                          "--prompt", "Hello"], capsys)
+    text, count = _reference(wrapped.eval(), tokenizer, "Hello")
+    assert (got["output"], got["tokens"]) == (text, count)
+    with wrapped.disable_adapter():  # the check can fail: the LoRA changes the reply
+        assert text != _reference(wrapped, tokenizer, "Hello")[0]
 
 
 def test_prompt_file_gives_one_output_per_prompt(tmp_path, capsys):

@@ -177,7 +177,8 @@ def _answer(session: Session, messages: list) -> list:
 
 def _common_options(p) -> None:
     p.add_argument("--model", default="smollm2-135m",
-                   help="model name, HF folder, quantized folder (qbara quantize / merge --into quantized) or .gguf")
+                   help="model name (default smollm2-135m), HF folder, quantized folder (qbara quantize / merge "
+                        "--into quantized) or .gguf file")
     p.add_argument("--adapter", help="adapter folder written by qbara train / save_adapter, or a PEFT LoRA folder")
     add_quant_option(p)
     p.add_argument("--system", metavar="TEXT", help="a system message put before the conversation")
