@@ -1,6 +1,8 @@
 """qbara.generation against transformers: greedy replies equal `model.generate(do_sample=False)`, prompt ids equal
 `tokenizer.apply_chat_template(...)`, the nucleus equals `TopPLogitsWarper`'s; streaming gives whole characters."""
+import importlib.util
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -194,3 +196,56 @@ def test_fit_conversation_drops_the_oldest_turns_and_keeps_the_system_message():
     assert dropped == 3 and kept == system + turns[3] + messages[-1:] and len(ids) == budget
     kept, _, dropped = fit_conversation(tokenizer, template, messages, 1)  # only the last turn is left
     assert dropped == 4 and kept == system + messages[-1:]
+
+
+class _Scripted(torch.nn.Module):
+    """A stand-in model whose next token is always the next one of `script` (a one-hot logit), whatever it is fed."""
+
+    def __init__(self, script, vocab, like):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.script, self.vocab, self.fed = list(script), vocab, []
+        self.config, self.generation_config = like.config, like.generation_config
+
+    def forward(self, input_ids, cache=None, use_cache=True, logits_to_keep=0):
+        self.fed.append(input_ids[0].tolist())
+        logits = torch.full((1, 1, self.vocab), -1e4)
+        logits[0, -1, self.script[len(self.fed) - 1]] = 0.0
+        return SimpleNamespace(logits=logits, cache=len(self.fed))
+
+
+@pytest.mark.parametrize("end", [IM_END, "<|endoftext|>"])
+def test_a_reply_ends_at_the_end_of_turn_token_or_eos(end):
+    like, tokenizer = tiny_llama()
+    template = chat_template(tokenizer)
+    text = tokenizer("Fine, thanks", add_special_tokens=False).input_ids
+    script = text + [tokenizer.convert_tokens_to_ids(end)] + text
+    model = _Scripted(script, len(tokenizer), like)
+    prompt = prompt_ids(tokenizer, Prompt.user("How are you?"), template)
+    reply = Reply()
+    pieces = list(stream(model, tokenizer, prompt, GenerationSettings(50, temperature=0), stop_ids(
+        like, tokenizer, template), reply=reply))
+    assert "".join(pieces) == "Fine, thanks" and (reply.tokens, reply.ended) == (len(text), "stop")
+    # the prompt once, then each new token alone (the KV cache holds the rest)
+    assert model.fed == [prompt] + [[t] for t in text]
+    model = _Scripted(script, len(tokenizer), like)
+    list(stream(model, tokenizer, prompt, GenerationSettings(5, temperature=0), set(), reply=(cut := Reply())))
+    assert (cut.text, cut.tokens, cut.ended) == ("Fine,", 5, "length")
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_streaming_with_real_tokenizers_gives_whole_characters(name):
+    """Real vocabularies (SmolLM2's byte-level BPE; Gemma 3's SentencePiece-style pieces with byte fallback),
+    where tokens hold several characters or parts of one."""
+    from qbara.models.embedded import embedded_model
+    from qbara.models.loader import embedded_folder, load_tokenizer
+
+    if importlib.util.find_spec(embedded_model(name).module) is None:
+        pytest.skip(f"the package of {name} is not installed (bash scripts/setup.sh --models)")
+    tokenizer = load_tokenizer(embedded_folder(name))
+    text = "Grüße aus Köln! 東京は雨です 🙂🎉 — naïve   spacing\n\ttabs"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    pieces = TextPieces(tokenizer)
+    out = [pieces.push(i) for i in ids] + [pieces.flush()]
+    assert "".join(out) == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in p for p in out) and sum(1 for p in out if p) > 10
