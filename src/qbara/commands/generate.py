@@ -100,13 +100,18 @@ def _generate(args, session: Session, prompts: list[Prompt]) -> None:
         ids = prompt_ids(session.tokenizer, prompt, session.template)
         session.check_fits(ids, f"prompt {number}" if len(prompts) > 1 else "the prompt")
         prepared.append((prompt, ids))
-    for number, (prompt, ids) in enumerate(prepared, start=1):
+    from tqdm.auto import tqdm
+
+    # --json prints each reply when it is done: a bar on stderr shows the progress over several prompts
+    shown = tqdm(prepared, desc="prompts", unit="prompt", file=sys.stderr, disable=not args.json or len(prepared) < 2)
+    for number, (prompt, ids) in enumerate(shown, start=1):
         reply = Reply()
         if args.json:
             for _ in session.reply(ids, reply):
                 pass
-            print(json.dumps({"prompt": prompt.label, "output": reply.text, "tokens": reply.tokens,
-                              "prompt_tokens": len(ids), "ended": reply.ended}, ensure_ascii=False), flush=True)
+            tqdm.write(json.dumps({"prompt": prompt.label, "output": reply.text, "tokens": reply.tokens,
+                                   "prompt_tokens": len(ids), "ended": reply.ended}, ensure_ascii=False),
+                       file=sys.stdout)  # above the bar
             continue
         if len(prepared) > 1:
             print(f"--- prompt {number}/{len(prepared)}: {_short(prompt.label)}", file=sys.stderr, flush=True)
