@@ -15,7 +15,7 @@ LAYERS = (
     ("targets",),
     ("adapters", "lq", "native"),
     ("prepare", "prepare_lq"),
-    ("models", "eval", "export", "train", "pretrained"),
+    ("models", "eval", "export", "train", "pretrained", "generation"),
     ("commands", "cli", "__main__", "qbara"),
 )
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}

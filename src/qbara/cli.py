@@ -6,7 +6,7 @@ import importlib.metadata
 import os
 import sys
 
-from qbara.commands import demo, eval, export, lq, merge, quantize, train
+from qbara.commands import demo, eval, export, generate, lq, merge, quantize, train
 from qbara.errors import QbaraError
 
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qbara {version()}", help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                        help="one of the commands below; `qbara COMMAND --help` lists its options")
-    for module in (demo, train, eval, merge, export, quantize, lq):
+    for module in (demo, train, eval, generate, merge, export, quantize, lq):
         module.add_parser(subparsers)
     return parser
 
