@@ -12,6 +12,7 @@ from pathlib import Path
 
 from qbara.adapters.config import AdapterConfig
 from qbara.errors import QbaraError
+from qbara.prompt_formats import check_template_choice
 from qbara.quant.config import QuantConfig
 from qbara.validate import _short, load_yaml_file
 
@@ -31,6 +32,7 @@ class DataSection:
     train: str = ""
     eval: str = ""
     format: str = "auto"          # auto | instruction | chat | text
+    template: str = "auto"        # auto (tokenizer's, else alpaca) | alpaca | chatml | llama3 | gemma | Jinja file path
     held_out: float = 0.0         # fraction of train records held out for eval when `eval` is empty
     max_length: int = 512
     on_error: str = "fail"        # fail | skip (malformed records)
@@ -260,6 +262,7 @@ def _validate(config: RunConfig) -> None:
     d, t = config.data, config.train
     if d.format not in ("auto", "instruction", "chat", "text"):
         raise QbaraError(f"data.format {d.format!r}: choose auto, instruction, chat or text")
+    check_template_choice(d.template)
     if d.on_error not in ("fail", "skip"):
         raise QbaraError(f"data.on_error {d.on_error!r}: choose fail or skip")
     if not 0.0 <= d.held_out < 1.0:

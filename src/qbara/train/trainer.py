@@ -49,9 +49,10 @@ from qbara.outputs import (
 from qbara.plotting import pyplot, save_figure
 from qbara.prepare import prepare
 from qbara.pretrained import base_quant_for
+from qbara.prompt_formats import resolve_template
 from qbara.state import state_of
 from qbara.train.config import RunConfig
-from qbara.train.data import ExampleDataset, PadCollator, build_examples, read_records
+from qbara.train.data import ExampleDataset, PadCollator, build_examples, detect_format, read_records
 from qbara.validate import read_json_file, safetensors_shapes
 
 COMPLETE_MARKER = "qbara_complete.json"
@@ -315,6 +316,8 @@ def _training_arguments(config: RunConfig, has_eval: bool):
 
 
 def load_datasets(config: RunConfig, tokenizer):
+    """(train, eval or None) datasets; instruction and chat records are rendered with data.template, resolved
+    once for both (each dataset's `chat_template` is its Jinja text, None for packed text)."""
     d = config.data
     if not d.train:
         raise QbaraError("no training data: set data.train to a .jsonl/.json/.csv/.txt file")
@@ -325,10 +328,13 @@ def load_datasets(config: RunConfig, tokenizer):
     if not eval_records and d.held_out > 0 and d.format != "text":
         cut = max(1, int(round(len(records) * d.held_out)))
         records, eval_records = records[:-cut], records[-cut:]
-    train = build_examples(records, tokenizer, d.format, d.max_length, d.on_error, source=d.train)
-    held = (build_examples(eval_records, tokenizer, d.format, d.max_length, d.on_error, source=d.eval or "held-out")
-            if eval_records else [])
-    return ExampleDataset(train), (ExampleDataset(held) if held else None)
+    fmt = d.format if d.format != "auto" else detect_format(records)
+    template = resolve_template(d.template, tokenizer) if fmt != "text" else None
+    text = template.text if template is not None else None
+    train = build_examples(records, tokenizer, fmt, d.max_length, d.on_error, source=d.train, template=template)
+    held = (build_examples(eval_records, tokenizer, fmt, d.max_length, d.on_error, source=d.eval or "held-out",
+                           template=template) if eval_records else [])
+    return ExampleDataset(train, text), (ExampleDataset(held, text) if held else None)
 
 
 def _quant_on_load(config: RunConfig):
@@ -395,6 +401,7 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
                                       config.model.dtype, quant=_quant_on_load(config), progress=config.train.progress)
     train_set, eval_set = load_datasets(config, tokenizer)
     model = prepare_for_training(config, model, tokenizer)
+    state_of(model).chat_template = train_set.chat_template  # recorded in every adapter folder saved
     model.config.use_cache = False
     if checkpoint is not None:
         check_resume_base(model, checkpoint)
