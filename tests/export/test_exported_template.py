@@ -134,3 +134,37 @@ def test_an_adapter_without_a_template_keeps_the_base_one_and_a_broken_one_is_re
     with pytest.raises(QbaraError, match=r"chat_template.jinja.*TemplateSyntaxError") as err:
         from_pretrained("tiny-llama", adapter=str(older))
     assert "\n" not in str(err.value)
+
+
+def test_resuming_with_another_template_is_refused(run, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run["adapter"].parent, out)
+    config = {"model": "tiny-llama", "quant": {"format": "int4", "block_size": 32},
+              "adapter": {"method": "qahira", "rank": 4, "alpha": 8},
+              "data": {"train": str(run["data"]), "template": "chatml", "max_length": 256},
+              "train": {"output_dir": str(out), "steps": 3, "batch_size": 2, "save_steps": 1, "progress": False}}
+    with pytest.raises(QbaraError, match="another chat template.*original data.template"):
+        train(build_config(config), resume=True)
+    config["data"]["template"] = "alpaca"
+    assert train(build_config(config), resume=True).final_loss is not None  # the run's own template resumes
+
+
+def test_a_tokenizer_copied_from_a_gguf_takes_the_models_template(tmp_path):
+    """The SmolLM2 path (tokenizer.* copied from the shipped GGUF) and tokenizer_gguf=: the chat template written
+    is the tokenizer's (the recorded one), not the copied file's."""
+    from qbara.export import export_gguf
+    from tests.export.conftest import tiny_adapted
+    from tests.export.test_gguf import _source_gguf
+
+    model, tokenizer = tiny_adapted()
+    source = _source_gguf(tmp_path / "source.gguf", tokenizer)
+    assert GGUFReader(str(source)).fields["tokenizer.chat_template"].contents() == CHATML_TEMPLATE
+    tokenizer.chat_template = NAMED["gemma"]
+    out = tmp_path / "m.gguf"
+    assert export_gguf(model, tokenizer, out, tokenizer_gguf=source).tokenizer_source == "copied from source.gguf"
+    fields = GGUFReader(str(out)).fields
+    assert fields["tokenizer.chat_template"].contents() == NAMED["gemma"]
+    assert list(fields["tokenizer.ggml.tokens"].contents()) == list(
+        GGUFReader(str(source)).fields["tokenizer.ggml.tokens"].contents())  # the rest is still the copy

@@ -31,6 +31,7 @@ from qbara.adapters.io import (
     copy_adapter_weights,
     load_adapter,
     read_adapter_config,
+    read_chat_template,
     save_adapter,
 )
 from qbara.atomic import write_json_atomic
@@ -231,8 +232,8 @@ _NOT_FINITE_FIX = ("training diverged or the model computes non-finite values (c
 
 
 def check_resume_base(model, checkpoint: Path) -> None:
-    """Refuse to resume a checkpoint trained on another base model, another quantization of it or with
-    another adapter."""
+    """Refuse to resume a checkpoint trained on another base model, another quantization of it, with another
+    adapter or on prompts rendered with another chat template."""
     info = read_adapter_config(checkpoint)["qbara"]
     check_base_fingerprint(info, model, str(checkpoint),
                            "resume with the run's original model.name and quant settings", required=True)
@@ -242,6 +243,11 @@ def check_resume_base(model, checkpoint: Path) -> None:
         raise QbaraError(f"{checkpoint} holds a {recorded} adapter but this run attaches {current.to_dict()}; "
                          f"resume with the run's original adapter settings")
     _check_resume_quant(model, checkpoint, info.get("layers") or {})
+    trained_with = read_chat_template(checkpoint)  # None for checkpoints of older versions
+    if trained_with is not None and trained_with != state_of(model).chat_template:
+        raise QbaraError(f"{checkpoint} was trained on prompts rendered with another chat template (its "
+                         f"chat_template.jinja) than this run's data.template renders; resume with the run's original "
+                         f"data.template and data.format")
 
 
 def _check_resume_quant(model, checkpoint: Path, records: dict) -> None:
