@@ -1,5 +1,6 @@
 """Training data: read JSON / JSONL / CSV / text files, turn records into token ids with the loss
-masked on the prompt (labels = -100), or pack plain text into fixed-length sequences."""
+masked on the prompt (labels = -100), rendered with the run's prompt format (data.template,
+`qbara.prompt_formats`), or pack plain text into fixed-length sequences."""
 from __future__ import annotations
 
 import csv
@@ -183,9 +184,10 @@ def _chat_example(record: dict, tokenizer, max_length: int, template: ChatTempla
 
 def _rendered_example(messages: list, tokenizer, max_length: int, template: ChatTemplate) -> Example:
     """The conversation rendered with `template`, loss on what each assistant turn adds after its generation
-    prompt. The text is tokenized piece by piece (prompt, answer, prompt, ...), so the tokens before each answer
-    are exactly `tokenizer(render(messages before it, add_generation_prompt=True), add_special_tokens=False)`: what
-    inference feeds the model for that turn, whatever the tokenizer would merge across a prompt / answer boundary."""
+    prompt. The text is tokenized piece by piece (prompt, answer, prompt, ...), so the tokens before the first
+    answer are exactly `tokenizer(render(messages before it, add_generation_prompt=True), add_special_tokens=False)`
+    (what inference feeds the model), whatever the tokenizer would merge across the prompt / answer boundary; before
+    a later answer they are wherever the turns start with a special token (as in every named format)."""
     full = template.render(messages)
     cuts, answers = [0], []
     for i, message in enumerate(messages):
