@@ -9,7 +9,7 @@ import qbara
 PACKAGE = Path(qbara.__file__).parent
 LAYERS = (
     ("errors", "options", "atomic", "memory", "tensor_checks", "validate", "lazy_tensors", "plotting", "distributed",
-     "outputs", "fingerprint", "state", "data", "templates"),
+     "outputs", "fingerprint", "state", "data", "templates", "prompt_formats"),
     ("quant",),
     ("nn",),
     ("targets",),

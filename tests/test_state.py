@@ -68,6 +68,7 @@ def _loaded_and_prepared():
     state.loaded_quant = INT4
     prepare(model, INT4, QAHIRA)
     state.lq, state.gptq = "lq report", "gptq report"
+    state.chat_template = "{{ messages[0]['content'] }}"  # qbara train: the template its prompts were rendered with
     randomize_adapters(model, std=0.01)
     return model
 
@@ -82,6 +83,7 @@ def test_merge_drops_the_base_and_keeps_the_reports(into):
     dropped = {k for k in before if before[k] is not None and after[k] is None}
     assert dropped == {"base_fingerprint", "loaded_quant", "adapter_config"}
     assert after["lq"] == "lq report" and after["gptq"] == "gptq report"
+    assert after["chat_template"] == before["chat_template"]  # the merged model is prompted as it was trained
     assert (after["fold_rounding"] is not None) == (into == "quantized")
     prepare(model, {}, AdapterConfig("lora", rank=2))  # a new base: fingerprinted afresh, not the old one
     assert model.qbara.base_fingerprint == model_fingerprint(model) != before["base_fingerprint"]

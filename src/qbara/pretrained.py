@@ -18,6 +18,7 @@ from qbara.models.quantized_io import is_quantized_folder
 from qbara.prepare import is_lq, lq_config_for
 from qbara.prepare import prepare as prepare_model
 from qbara.quant.config import QuantConfig
+from qbara.state import state_of
 
 
 def prepare(model: nn.Module | str | Path, quant: QuantConfig | Mapping[str, QuantConfig] | LQConfig, adapter=None,
@@ -63,7 +64,8 @@ def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, devic
     quant: a QuantConfig (or layer name -> QuantConfig) for the base; None keeps a saved quantized folder as it is.
         With a PEFT adapter folder it is how that adapter's base was quantized (PEFT records no quantization).
     adapter: an AdapterConfig (new adapters to train; needs quant), or a folder qbara saved (loaded, with the
-        quantization it records applied to a dense base), or a PEFT LoRA folder, or None. A PEFT folder whose
+        quantization it records applied to a dense base; the chat template it records, its chat_template.jinja,
+        becomes the tokenizer's), or a PEFT LoRA folder, or None. A PEFT folder whose
         base_model_name_or_path is a qbara quantized folder is refused on a dense base without quant.
     """
     if isinstance(adapter, AdapterConfig):
@@ -79,7 +81,17 @@ def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, devic
     model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, quant=quant, progress=progress)
     if adapter is not None:
         load_adapter(model, adapter)
+    use_recorded_template(model, tokenizer)
     return model, tokenizer
+
+
+def use_recorded_template(model, tokenizer) -> None:
+    """Make the chat template the model's adapters were trained with (recorded in their folder, see
+    `qbara.adapters.io.read_chat_template`) the tokenizer's, so that merging, exporting, evaluating and generating
+    prompt the model as it was trained; adapters without one keep the tokenizer's own."""
+    recorded = state_of(model).chat_template
+    if recorded is not None and tokenizer is not None:
+        tokenizer.chat_template = recorded
 
 
 def base_quant_for(name_or_path, adapter, quant=None):

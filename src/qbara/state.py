@@ -26,6 +26,8 @@ class QbaraState:
     loaded_quant: the `QuantConfig` (or layer name -> QuantConfig) the model was quantized with on load or by
         GPTQ, so `prepare` attaches adapters without quantizing again (and refuses another quant).
     gptq: the `GPTQReport` of `gptq_quantize_model`.
+    chat_template: the Jinja text the adapters' training prompts were rendered with (str), which `save_adapter`
+        records as the folder's chat_template.jinja; set by `qbara train` and by `load_adapter` from that file.
 
     `forget_base` drops what describes the base once its weights change (merge, dequantize).
     """
@@ -36,6 +38,7 @@ class QbaraState:
     fold_rounding: float | None = None
     loaded_quant: Any = None
     gptq: Any = None
+    chat_template: str | None = None
 
     def forget_base(self) -> None:
         """The base weights changed (adapters merged, layers dequantized): the fingerprint, the quant it was loaded

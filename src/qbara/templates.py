@@ -454,8 +454,8 @@ class ChatTemplate:
     """A chat template compiled once in the bounded sandbox; `render` applies it to one conversation."""
 
     def __init__(self, text: str, source: str, special_tokens: dict | None = None,
-                 limits: TemplateLimits = TemplateLimits()):
-        self.source, self.limits = source, limits
+                 limits: TemplateLimits = TemplateLimits(), fix: str = "use a tokenizer with a plain chat template"):
+        self.source, self.limits, self.fix = source, limits, fix
         self.special_tokens = dict(special_tokens or {})
         self._template = self._guard(_compile, text)
 
@@ -484,7 +484,7 @@ class ChatTemplate:
 
     def _guard(self, function, *args, **kwargs):
         """`function(...)`, any failure of the template turned into one QbaraError naming it."""
-        fix = "use a tokenizer with a plain chat template"
+        fix = self.fix
         try:
             return function(*args, **kwargs)
         except TemplateLimitError as err:

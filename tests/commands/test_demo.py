@@ -22,4 +22,9 @@ def test_demo_trains_folds_and_reports(tmp_path, capsys):
     assert 0 <= report["fold_rounding"] < 0.05
     assert report["held_out_loss_merged"] == pytest.approx(report["held_out_loss_after"], rel=1e-3)
     assert (out / "merged-int4").is_dir() and "fp16 minima lost" in capsys.readouterr().out
+    # the merged folder prompts as the adapter was trained (issue 27: data.template recorded and carried over)
+    from transformers import AutoTokenizer
+
+    recorded = (out / "train" / "adapter" / "chat_template.jinja").read_text()
+    assert AutoTokenizer.from_pretrained(out / "merged-int4").chat_template == recorded
     assert main(args) == 0  # running it again into the same folder works (README: run twice)

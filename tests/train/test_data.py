@@ -4,28 +4,43 @@ import pytest
 
 from qbara.errors import QbaraError
 from qbara.models.tiny import byte_tokenizer
-from qbara.train.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, IGNORE_INDEX, PadCollator, build_examples, read_records
+from qbara.train.data import IGNORE_INDEX, PadCollator, build_examples, read_records
 
 TOK = byte_tokenizer()
+# The classic Alpaca prompt for an instruction without input, written out by hand (Taori et al., 2023).
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                 "request.\n\n### Instruction:\n{}\n\n### Response:\n")
 
 
 def test_instruction_prompt_is_masked_token_by_token():
     record = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
-    (example,) = build_examples([record], TOK, "instruction", 1024)
-    prompt = ALPACA_NO_INPUT.format(instruction="Add 2 and 3.")
+    (example,) = build_examples([record], TOK, "instruction", 1024, template="alpaca")
+    prompt = ALPACA_PROMPT.format("Add 2 and 3.")
     prompt_len = len(prompt.encode())  # byte tokenizer: one token per byte
     assert example.input_ids[:prompt_len] == list(prompt.encode())
     assert example.labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert example.labels[prompt_len:] == list(b"5") + [TOK.eos_token_id]
     assert example.input_ids[prompt_len:] == example.labels[prompt_len:]
+    assert not example.truncated
 
 
-def test_instruction_with_input_uses_the_input_template():
+def test_instruction_input_follows_the_instruction_in_the_user_turn():
+    """data.template auto with a tokenizer that has a chat template (ChatML here): the record is a user / assistant
+    exchange, its input after the instruction and a blank line."""
     record = {"instruction": "Translate.", "input": "bonjour", "output": "hello"}
     (example,) = build_examples([record], TOK, "auto", 1024)
-    prompt = ALPACA_WITH_INPUT.format(instruction="Translate.", input="bonjour")
-    n = len(prompt.encode())
-    assert example.labels[:n] == [IGNORE_INDEX] * n and example.labels[n:-1] == list(b"hello")
+    prompt = "<|im_start|>user\nTranslate.\n\nbonjour<|im_end|>\n<|im_start|>assistant\n"
+    n = len(TOK(prompt, add_special_tokens=False).input_ids)
+    assert example.input_ids[:n] == TOK(prompt, add_special_tokens=False).input_ids
+    assert example.labels[:n] == [IGNORE_INDEX] * n
+    assert TOK.decode(example.labels[n:]) == "hello<|im_end|>\n"
+
+
+def test_a_record_cut_at_max_length_is_marked_truncated():
+    record = {"instruction": "Say it.", "output": "x" * 50}
+    (whole,) = build_examples([record], TOK, "instruction", 1024, template="alpaca")
+    (cut,) = build_examples([record], TOK, "instruction", len(whole.input_ids) - 1, template="alpaca")
+    assert not whole.truncated and cut.truncated and cut.input_ids == whole.input_ids[:-1]
 
 
 def test_chat_only_assistant_turns_are_learned():

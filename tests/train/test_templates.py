@@ -219,13 +219,17 @@ def test_template_compiled_once_for_a_dataset():
     assert len(examples) == 200 and _compile.cache_info().misses == before + 1
 
 
-def test_no_chat_template_is_one_error():
+def test_no_chat_template_is_one_error_and_data_falls_back_to_alpaca():
+    """A tokenizer without a chat template: ChatTemplate.of refuses it; data.template auto renders chat records
+    with Alpaca instead (issue 27)."""
     from qbara.train.data import build_examples
 
     _, tok = tiny_llama()
     tok.chat_template = None
     with pytest.raises(QbaraError, match="has no usable chat template"):
-        build_examples([{"messages": CHATS[0]}], tok, "chat", 64)
+        ChatTemplate.of(tok)
+    (example,) = build_examples([{"messages": CHATS[0]}], tok, "chat", 512)
+    assert tok.decode(example.input_ids).startswith("Below is an instruction that describes a task.")
 
 
 @pytest.fixture(scope="module")

@@ -189,7 +189,7 @@ def test_a_damaged_csv_header_that_drops_a_column_is_a_notice(header, name, tmp_
     """A flipped bit in the header ('input' -> 'in0ut') left the whole column out of every example silently."""
     path = _csv(tmp_path / "data.csv", f"{header}\nAdd.,2 and 3,5\n")
     with pytest.warns(UserWarning, match=rf"data.csv: field '{name}' is not read \(the fields read are instruction, "
-                                         rf"input, output\); did you mean 'input'\?"):
+                                         rf"input, output, system\); did you mean 'input'\?"):
         _examples(path, tokenizer)
 
 

@@ -17,7 +17,7 @@ from qbara.train.trainer import COMPLETE_MARKER, train
 from tests.test_hardening import _check_one_line
 from tests.train.test_trainer import ENV, _config
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "qbara_adapter.json")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "qbara_adapter.json")
 
 
 def _adapter(out: Path, folder: str = "adapter") -> dict:

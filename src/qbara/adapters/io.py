@@ -12,6 +12,9 @@ entry. Folders saved before that copy existed have only their record's values ch
 layers' shapes and, on a quantized base, each layer's quantization); an edited `quant` there still decides how
 a dense base is quantized on load. A file or anything else named `qbara_adapter.json` makes the folder a qbara
 adapter: it must then be a readable regular file. Loading reads JSON and safetensors only (no pickle).
+A model whose state carries a chat template (`qbara train`: the Jinja text its prompts were rendered with) gets it
+saved as `chat_template.jinja`; loading the folder puts it back on the model's state (`qbara.from_pretrained`
+makes it the tokenizer's chat template).
 """
 from __future__ import annotations
 
@@ -29,11 +32,12 @@ from qbara.adapters.config import AdapterConfig
 from qbara.adapters.methods import build_adapter
 from qbara.adapters.peft_import import peft_record
 from qbara.adapters.peft_layout import peft_method_fields
-from qbara.atomic import save_safetensors_atomic, write_json_atomic
+from qbara.atomic import save_safetensors_atomic, write_bytes_atomic, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
 from qbara.nn.bnb import adopt_bnb, bnb_layers
 from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.prompt_formats import read_template_file
 from qbara.quant.config import QuantConfig
 from qbara.state import state_of
 from qbara.targets import set_submodule
@@ -50,6 +54,7 @@ from qbara.validate import check_adapter_sizes, read_json_file
 CONFIG_NAME = "adapter_config.json"
 QBARA_NAME = "qbara_adapter.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+TEMPLATE_NAME = "chat_template.jinja"  # the Jinja text the training prompts were rendered with
 PREFIX = "base_model.model."
 FORMAT_VERSION = 1
 RECORD_KEY = "qbara_record"  # adapter_model.safetensors metadata: the record as saved
@@ -104,9 +109,23 @@ def save_adapter(model: nn.Module, directory, base_model_name: str | None = None
     directory = Path(directory)
     metadata = {"format": "pt", "qbara": config.method, RECORD_KEY: _canonical(record)}
     save_safetensors_atomic(tensors, directory / WEIGHTS_NAME, metadata=metadata)
+    if state_of(model).chat_template is not None:
+        write_bytes_atomic(directory / TEMPLATE_NAME, state_of(model).chat_template.encode("utf-8"))
     write_json_atomic(directory / QBARA_NAME, record)
     write_json_atomic(directory / CONFIG_NAME, data)
     return directory
+
+
+def read_chat_template(directory) -> str | None:
+    """The chat template recorded in the adapter folder `directory` (its chat_template.jinja: the Jinja text the
+    training prompts were rendered with), read bounded and compiled in the sandbox; None when the folder has none
+    (adapters of older qbara versions, PEFT folders)."""
+    path = Path(directory) / TEMPLATE_NAME
+    if not os.path.lexists(path):
+        return None
+    return read_template_file(path, "recorded chat template",
+                              fix="the adapter folder's chat template is damaged: restore it, or delete it to keep "
+                                  "the base tokenizer's")
 
 
 def peft_targets(model: nn.Module, adapted: list[str]) -> list[str]:
@@ -344,6 +363,7 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
     Refuses a base whose fingerprint differs from the one recorded (check_base=False skips this).
     """
     data = read_adapter_config(directory, peft=True)
+    chat_template = read_chat_template(directory)
     info = data["qbara"]
     if info is None:  # written by PEFT: its LoRA read into qbara's record; nothing says which base it fits
         import warnings
@@ -401,6 +421,8 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
     state_of(model).adapter_config = config
+    if chat_template is not None:
+        state_of(model).chat_template = chat_template
     # lazy: cycle: qbara.native imports qbara.adapters at import time
     from qbara.native import enable_native_save
 

@@ -13,6 +13,7 @@ from qbara.eval.loss import masked_loss
 from qbara.models.loader import load_model
 from qbara.native import write_quantized
 from qbara.outputs import output_folder
+from qbara.pretrained import use_recorded_template
 from qbara.quant.config import QuantConfig
 from qbara.state import state_of
 from qbara.train.config import build_config
@@ -65,6 +66,7 @@ def _run(args, out: Path) -> tuple[dict, dict]:
     after = masked_loss(model, held)["loss"]
     merge(model, into="quantized")
     merged = masked_loss(model, held)["loss"]
+    use_recorded_template(model, tokenizer)  # the merged folder prompts as the adapter was trained (data.template)
     write_quantized(model, tokenizer, out / "merged-int4")
     bits = QuantConfig("int4", 32).bits_per_param
     report = {

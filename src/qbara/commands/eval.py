@@ -1,6 +1,9 @@
 """`qbara eval --model M [--adapter DIR [--quant FORMAT[:BLOCK]]] --task ppl|loss|lm-eval --data FILE|TASKS
 [--window N] [--json]`.
 
+`--task loss` renders instruction and chat records with the chat template the adapter records (its
+chat_template.jinja: the one it was trained with), else the model's own, else Alpaca (`qbara.prompt_formats`).
+
 --quant gives the quantization of a PEFT adapter folder's base (PEFT records none), e.g. `--quant int4:32` for
 a LoRA trained with PEFT on a qbara INT4 G32 base; a qbara adapter records its own.
 

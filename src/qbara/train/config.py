@@ -14,6 +14,7 @@ from pathlib import Path
 from qbara.adapters.config import QLORA, AdapterConfig
 from qbara.errors import QbaraError
 from qbara.options import option
+from qbara.prompt_formats import check_template_choice
 from qbara.quant.config import QuantConfig
 from qbara.train.foreign_keys import UNSUPPORTED, unsupported_message
 from qbara.validate import _short, load_yaml_file
@@ -38,6 +39,9 @@ class DataSection:
     train: str = option("", "training records: a .jsonl, .json, .csv or .txt file")
     eval: str = option("", "eval records (same formats); empty = none, or data.held_out of the train records")
     format: str = option("auto", "record format: auto (from the fields), instruction, chat or text")
+    template: str = option("auto", "how instruction and chat records become prompts: auto (the tokenizer's chat "
+                                   "template, else Alpaca), alpaca, chatml, llama3, gemma, or a .jinja file; recorded "
+                                   "in the adapter and written to merged/exported models")
     held_out: float = option(0.0, "fraction of the train records held out for eval when data.eval is empty "
                                   "(not for text)")
     max_length: int = option(512, "tokens per example; longer records are cut at the end (one with no answer token "
@@ -325,6 +329,7 @@ def _validate(config: RunConfig) -> None:
     d, t = config.data, config.train
     if d.format not in ("auto", "instruction", "chat", "text"):
         raise QbaraError(f"data.format {d.format!r}: choose auto, instruction, chat or text")
+    check_template_choice(d.template)
     if d.on_error not in ("fail", "skip"):
         raise QbaraError(f"data.on_error {d.on_error!r}: choose fail or skip")
     if not 0.0 <= d.held_out < 1.0:

@@ -1,5 +1,6 @@
 """Training data: read JSON / JSONL / CSV / text files, turn records into token ids with the loss
-masked on the prompt (labels = -100), or pack plain text into fixed-length sequences."""
+masked on the prompt (labels = -100), rendered with the run's prompt format (data.template,
+`qbara.prompt_formats`), or pack plain text into fixed-length sequences."""
 from __future__ import annotations
 
 import csv
@@ -14,23 +15,17 @@ import torch
 
 from qbara.data.hf_datasets import is_saved_dataset, read_dataset
 from qbara.errors import QbaraError
+from qbara.prompt_formats import PromptFormat, instruction_messages, resolve_template
 from qbara.templates import ChatTemplate
 from qbara.validate import parse_json, read_text_file
 
 IGNORE_INDEX = -100
 
-# The Alpaca prompt format (Taori et al., 2023).
-ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                     "context. Write a response that appropriately completes the request.\n\n"
-                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-
-
 @dataclass
 class Example:
     input_ids: list[int]
     labels: list[int]
+    truncated: bool = False  # the record was cut at data.max_length
 
 
 def read_records(path: str) -> list:
@@ -150,20 +145,21 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _instruction_example(record: dict, tokenizer, max_length: int) -> Example:
+def _instruction_example(record: dict, tokenizer, max_length: int, template: ChatTemplate) -> Example:
+    """An instruction record as the conversation `instruction_messages` builds, rendered with `template`."""
     if "instruction" not in record or "output" not in record:
         raise ValueError("needs string 'instruction' and 'output' fields")
     instruction = check_text(record["instruction"], "field 'instruction'")
     output = check_text(record["output"], "field 'output'")
-    extra = record.get("input")
-    extra = "" if extra is None else check_text(extra, "field 'input'")  # null or absent: no input
-    template = ALPACA_WITH_INPUT if extra else ALPACA_NO_INPUT
-    prompt = template.format(instruction=instruction, input=extra)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    answer_ids = tokenizer(output, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
-    return Example(ids, labels)
+    extra, system = (_optional_text(record, name) for name in ("input", "system"))
+    return _rendered_example(instruction_messages(instruction, output, extra, system), tokenizer, max_length,
+                             template)
+
+
+def _optional_text(record: dict, name: str) -> str:
+    """The record's field `name` as text; null or absent is empty."""
+    value = record.get(name)
+    return "" if value is None else check_text(value, f"field {name!r}")
 
 
 def _check_messages(messages) -> None:
@@ -183,24 +179,36 @@ def _chat_example(record: dict, tokenizer, max_length: int, template: ChatTempla
     _check_messages(messages)
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("has no assistant message to learn")
+    return _rendered_example(messages, tokenizer, max_length, template)
+
+
+def _rendered_example(messages: list, tokenizer, max_length: int, template: ChatTemplate) -> Example:
+    """The conversation rendered with `template`, loss on what each assistant turn adds after its generation
+    prompt. The text is tokenized piece by piece (prompt, answer, prompt, ...), so the tokens before the first
+    answer are exactly `tokenizer(render(messages before it, add_generation_prompt=True), add_special_tokens=False)`
+    (what inference feeds the model), whatever the tokenizer would merge across the prompt / answer boundary; before
+    a later answer they are wherever the turns start with a special token (as in every named format)."""
     full = template.render(messages)
-    spans = []
+    cuts, answers = [0], []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prefix = template.render(messages[:i], add_generation_prompt=True)
         upto = template.render(messages[: i + 1])
-        if not full.startswith(upto) or not upto.startswith(prefix):
+        if not full.startswith(upto) or not upto.startswith(prefix) or len(prefix) < cuts[-1]:
             raise ValueError("the chat template does not render conversations prefix-consistently")
-        spans.append((len(prefix), len(upto)))
-    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoding.input_ids
-    labels = [tok if any(a <= start < b for a, b in spans) else IGNORE_INDEX
-              for tok, (start, _) in zip(ids, encoding.offset_mapping)]
-    return Example(ids[:max_length], labels[:max_length])
+        cuts += [len(prefix), len(upto)]
+        answers.append(len(cuts) - 2)  # the piece full[len(prefix):len(upto)]
+    cuts.append(len(full))
+    ids, labels = [], []
+    for piece, (start, end) in enumerate(zip(cuts, cuts[1:])):
+        tokens = tokenizer(full[start:end], add_special_tokens=False).input_ids if end > start else []
+        ids += tokens
+        labels += tokens if piece in answers else [IGNORE_INDEX] * len(tokens)
+    return Example(ids[:max_length], labels[:max_length], truncated=len(ids) > max_length)
 
 
-FIELDS = {"instruction": ("instruction", "input", "output"), "chat": ("messages",), "text": ("text",)}
+FIELDS = {"instruction": ("instruction", "input", "output", "system"), "chat": ("messages",), "text": ("text",)}
 
 
 def _warn_misspelled_fields(records: list, known: tuple, source: str) -> None:
@@ -216,18 +224,19 @@ def _warn_misspelled_fields(records: list, known: tuple, source: str) -> None:
 
 
 def build_examples(records: list, tokenizer, fmt: str, max_length: int, on_error: str = "fail",
-                   source: str = "data") -> list[Example]:
-    """Tokenized examples; a malformed record fails (naming its number) or is skipped with a warning."""
+                   source: str = "data", template: PromptFormat | str = "auto") -> list[Example]:
+    """Tokenized examples; a malformed record fails (naming its number) or is skipped with a warning.
+    Instruction and chat records are rendered with `template` (a PromptFormat, or a data.template value resolved
+    for `tokenizer` by `qbara.prompt_formats.resolve_template`); text is packed without one."""
     if fmt == "auto":
         fmt = detect_format(records)
     _warn_misspelled_fields(records, FIELDS.get(fmt, ()), source)
     if fmt == "text":
         return pack_text(records, tokenizer, max_length, source)
-    if fmt == "instruction":
-        make = _instruction_example
-    else:  # the tokenizer's chat template, compiled once in the bounded sandbox (qbara.templates)
-        template = ChatTemplate.of(tokenizer)
-        make = functools.partial(_chat_example, template=template)
+    if isinstance(template, str):  # compiled once for all records, in the bounded sandbox (qbara.templates)
+        template = resolve_template(template, tokenizer)
+    make = functools.partial(_instruction_example if fmt == "instruction" else _chat_example,
+                             template=template.template)
     examples, skipped = [], []
     for number, record in enumerate(records, start=1):
         try:
@@ -272,8 +281,11 @@ def pack_text(records: list, tokenizer, max_length: int, source: str = "data") -
 
 
 class ExampleDataset(torch.utils.data.Dataset):
-    def __init__(self, examples: list[Example]):
-        self.examples = examples
+    """Examples for the Trainer; `chat_template` is the Jinja text their prompts were rendered with (None for
+    packed text), which the adapter records."""
+
+    def __init__(self, examples: list[Example], chat_template: str | None = None):
+        self.examples, self.chat_template = examples, chat_template
 
     def __len__(self):
         return len(self.examples)

@@ -31,6 +31,7 @@ from qbara.adapters.io import (
     copy_adapter_weights,
     load_adapter,
     read_adapter_config,
+    read_chat_template,
     save_adapter,
 )
 from qbara.atomic import write_json_atomic
@@ -49,9 +50,10 @@ from qbara.outputs import (
 from qbara.plotting import pyplot, save_figure
 from qbara.prepare import prepare
 from qbara.pretrained import base_quant_for
+from qbara.prompt_formats import resolve_template
 from qbara.state import state_of
 from qbara.train.config import RunConfig
-from qbara.train.data import ExampleDataset, PadCollator, build_examples, read_records
+from qbara.train.data import ExampleDataset, PadCollator, build_examples, detect_format, read_records
 from qbara.validate import read_json_file, safetensors_shapes
 
 COMPLETE_MARKER = "qbara_complete.json"
@@ -230,8 +232,8 @@ _NOT_FINITE_FIX = ("training diverged or the model computes non-finite values (c
 
 
 def check_resume_base(model, checkpoint: Path) -> None:
-    """Refuse to resume a checkpoint trained on another base model, another quantization of it or with
-    another adapter."""
+    """Refuse to resume a checkpoint trained on another base model, another quantization of it, with another
+    adapter or on prompts rendered with another chat template."""
     info = read_adapter_config(checkpoint)["qbara"]
     check_base_fingerprint(info, model, str(checkpoint),
                            "resume with the run's original model.name and quant settings", required=True)
@@ -241,6 +243,11 @@ def check_resume_base(model, checkpoint: Path) -> None:
         raise QbaraError(f"{checkpoint} holds a {recorded} adapter but this run attaches {current.to_dict()}; "
                          f"resume with the run's original adapter settings")
     _check_resume_quant(model, checkpoint, info.get("layers") or {})
+    trained_with = read_chat_template(checkpoint)  # None for checkpoints of older versions
+    if trained_with is not None and trained_with != state_of(model).chat_template:
+        raise QbaraError(f"{checkpoint} was trained on prompts rendered with another chat template (its "
+                         f"chat_template.jinja) than this run's data.template renders; resume with the run's original "
+                         f"data.template and data.format")
 
 
 def _check_resume_quant(model, checkpoint: Path, records: dict) -> None:
@@ -318,6 +325,8 @@ def _training_arguments(config: RunConfig, has_eval: bool, resume: bool = False)
 
 
 def load_datasets(config: RunConfig, tokenizer):
+    """(train, eval or None) datasets; instruction and chat records are rendered with data.template, resolved
+    once for both (each dataset's `chat_template` is its Jinja text, None for packed text)."""
     d = config.data
     if not d.train:
         raise QbaraError("no training data: set data.train to a .jsonl/.json/.csv/.txt file")
@@ -328,10 +337,13 @@ def load_datasets(config: RunConfig, tokenizer):
     if not eval_records and d.held_out > 0 and d.format != "text":
         cut = max(1, int(round(len(records) * d.held_out)))
         records, eval_records = records[:-cut], records[-cut:]
-    train = build_examples(records, tokenizer, d.format, d.max_length, d.on_error, source=d.train)
-    held = (build_examples(eval_records, tokenizer, d.format, d.max_length, d.on_error, source=d.eval or "held-out")
-            if eval_records else [])
-    return ExampleDataset(train), (ExampleDataset(held) if held else None)
+    fmt = d.format if d.format != "auto" else detect_format(records)
+    template = resolve_template(d.template, tokenizer) if fmt != "text" else None
+    text = template.text if template is not None else None
+    train = build_examples(records, tokenizer, fmt, d.max_length, d.on_error, source=d.train, template=template)
+    held = (build_examples(eval_records, tokenizer, fmt, d.max_length, d.on_error, source=d.eval or "held-out",
+                           template=template) if eval_records else [])
+    return ExampleDataset(train, text), (ExampleDataset(held, text) if held else None)
 
 
 def _quant_on_load(config: RunConfig):
@@ -398,6 +410,7 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
                                       config.model.dtype, quant=_quant_on_load(config), progress=config.train.progress)
     train_set, eval_set = load_datasets(config, tokenizer)
     model = prepare_for_training(config, model, tokenizer)
+    state_of(model).chat_template = train_set.chat_template  # recorded in every adapter folder saved
     model.config.use_cache = False
     if checkpoint is not None:
         check_resume_base(model, checkpoint)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gguf import GGUFValueType
+
 from qbara.export.gguf.architectures import (
     Architecture,
     arch_hparams,
@@ -70,7 +72,13 @@ def source_gguf(tokenizer, tokenizer_gguf):
 
 
 def tokenizer_fields(tokenizer, vocab_size: int, source) -> TokenizerFields:
-    """The `tokenizer.*` fields: copied from `source` (see `source_gguf`), else built from the tokenizer."""
-    if source is not None:
-        return fields_from_gguf(*source)
-    return fields_from_hf(tokenizer, vocab_size)
+    """The `tokenizer.*` fields: copied from `source` (see `source_gguf`), else built from the tokenizer. The chat
+    template is always the tokenizer's when it has one (e.g. the one an adapter was trained with, see
+    `qbara.pretrained.use_recorded_template`), not the copied file's."""
+    if source is None:
+        return fields_from_hf(tokenizer, vocab_size)
+    fields = fields_from_gguf(*source)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        fields.add("tokenizer.chat_template", template, GGUFValueType.STRING)
+    return fields
