@@ -28,6 +28,7 @@ from qbara.eval.harness import (
 )
 from qbara.eval.loss import masked_loss
 from qbara.eval.perplexity import perplexity
+from qbara.models.loader import load_model_tokenizer
 from qbara.pretrained import from_pretrained
 from qbara.train.data import build_examples, read_records
 from qbara.validate import read_text_file
@@ -81,14 +82,18 @@ def run(args) -> dict:
         # Check the output path and load the tasks (their datasets) before the model: fail fast.
         output_path = check_output_path(args.output_path)
         tasks = load_lm_eval_tasks(args.data, args.include_path)
+    # The data is read and checked (records tokenized with the model's tokenizer files) before the model loads.
+    text = read_text(args.data) if args.task == "ppl" else None
+    if args.task == "loss":
+        records = read_records(args.data)[: args.max_records or None]
+        examples = build_examples(records, load_model_tokenizer(args.model), "auto", args.window, "fail",
+                                  source=args.data)
     model, tokenizer = load_for_eval(args.model, args.adapter, getattr(args, "quant", None))
     if args.task == "ppl":
-        ids = tokenizer(read_text(args.data), add_special_tokens=False, return_tensors="pt").input_ids[0]
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
         r = perplexity(model, ids, window=args.window, max_tokens=args.max_tokens or None, progress=not args.json)
         result = {"task": "ppl", "ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "window": r.window}
     elif args.task == "loss":
-        records = read_records(args.data)[: args.max_records or None]
-        examples = build_examples(records, tokenizer, "auto", args.window, "fail", source=args.data)
         result = {"task": "loss", **masked_loss(model, examples, progress=not args.json)}
     else:
         result = {"task": "lm-eval", **lm_eval_bridge(

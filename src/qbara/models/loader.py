@@ -151,15 +151,16 @@ def _model_source(name_or_path) -> tuple[str, Path | None]:
 
 def load_model_tokenizer(name_or_path):
     """The tokenizer `load_model(name_or_path)` returns, without loading the model: from a folder's tokenizer
-    files or a GGUF file's metadata (a quantized folder without tokenizer files has none: None), so that data
-    can be checked before minutes of loading."""
+    files or a GGUF file's metadata, so that data can be checked before minutes of loading. A quantized folder
+    saved without its tokenizer (load_model gives None there) is refused: the data cannot be tokenized."""
     kind, path = _model_source(name_or_path)
     if kind == "tiny":
         return byte_tokenizer()  # what tiny_llama / tiny_qwen2 return, built without their weights
     if kind == "gguf":
         return load_gguf_tokenizer(path)
     if kind == "quantized" and not os.path.lexists(path / "tokenizer_config.json"):
-        return None  # as load_quantized: a folder saved without its tokenizer
+        raise QbaraError(f"{path} has no tokenizer (tokenizer_config.json); copy the base model's tokenizer files "
+                         f"into it")
     return load_tokenizer(path)
 
 

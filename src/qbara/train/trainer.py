@@ -358,11 +358,7 @@ def check_before_load(config: RunConfig):
     config.adapter_config()
     _quant_on_load(config)  # reads model.adapter's record
     check_context(config, load_model_config(config.model.name))
-    tokenizer = load_model_tokenizer(config.model.name)
-    if tokenizer is None:
-        raise QbaraError(f"{config.model.name} has no tokenizer files (tokenizer.json, tokenizer_config.json); "
-                         f"copy the base model's tokenizer files into it")
-    return tokenizer
+    return load_model_tokenizer(config.model.name)
 
 
 def prepare_for_training(config: RunConfig, model, tokenizer):
