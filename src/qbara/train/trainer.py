@@ -35,7 +35,7 @@ from qbara.adapters.io import (
 )
 from qbara.atomic import write_json_atomic
 from qbara.errors import QbaraError
-from qbara.models.loader import base_model_path, load_model, load_model_config, load_model_tokenizer
+from qbara.models.loader import base_model_path, load_model, load_model_tokenizer
 from qbara.models.quantized_io import is_quantized_folder
 from qbara.native import save_quantized
 from qbara.outputs import (
@@ -352,12 +352,17 @@ def check_context(config: RunConfig, model_config) -> None:
 
 def check_before_load(config: RunConfig):
     """Every check of the run that needs no weights, before minutes of loading: the quant and adapter sections,
-    the starting adapter, the context (from the model's config.json or GGUF metadata only); returns the
-    tokenizer `load_model` will return, read from the model's tokenizer files, to build the data with."""
+    the starting adapter, the context, the quantization and adapters of every target layer (on the model built
+    from its config.json or GGUF metadata on the meta device: `qbara.train.plan`); returns the tokenizer
+    `load_model` will return, read from the model's tokenizer files, to build the data with."""
+    from qbara.train.plan import base_quant, meta_model, trainable_parameters
+
     config.quant_config()
     config.adapter_config()
     _quant_on_load(config)  # reads model.adapter's record
-    check_context(config, load_model_config(config.model.name))
+    model, model_config = meta_model(config)
+    check_context(config, model_config)
+    trainable_parameters(config, model, base_quant(config, model)[0])  # block sizes, targets, pooling
     return load_model_tokenizer(config.model.name)
 
 
