@@ -106,3 +106,34 @@ def test_other_verbs_print_one_line_and_exit_130(verb, monkeypatch, capsys):
     monkeypatch.setattr("qbara.commands.quantize.load_model", interrupted)
     assert main(verb) == 130
     assert capsys.readouterr().err == f"qbara {verb[0]}: interrupted\n"
+
+
+def test_run_per_matrix_stops_the_other_workers_when_it_is_interrupted():
+    """A matrix that raises (here a KeyboardInterrupt from the main thread's view) stops the running workers at
+    their next check_cancelled and cancels the ones not started: the call returns at once, no thread left."""
+    import threading
+
+    from qbara.lq.parallel import check_cancelled, run_per_matrix
+
+    started = []
+
+    def work(i):
+        started.append(i)
+        if i == 0:
+            time.sleep(0.2)
+            raise KeyboardInterrupt
+        deadline = time.time() + 30
+        while time.time() < deadline:  # a long decomposition with its cancel points
+            check_cancelled()
+            time.sleep(0.01)
+
+    def workers():
+        return [t for t in threading.enumerate() if not t.daemon]  # tqdm's monitor is a daemon
+
+    threads = workers()
+    start = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        run_per_matrix(list(range(8)), work, sizes=[8 - i for i in range(8)], workers=3, progress=False)
+    assert time.time() - start < 5
+    assert workers() == threads
+    assert len(started) < 8  # those not started were cancelled (one may start before the main thread sees it)
