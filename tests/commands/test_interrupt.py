@@ -137,3 +137,20 @@ def test_run_per_matrix_stops_the_other_workers_when_it_is_interrupted():
     assert time.time() - start < 5
     assert workers() == threads
     assert len(started) < 8  # those not started were cancelled (one may start before the main thread sees it)
+
+
+def test_a_run_interrupted_in_its_first_save_can_be_resumed(tmp_path):
+    """The output then holds only qbara's unfinished checkpoint (no manifest yet): --resume is not refused as a
+    folder of someone else's files, and the unfinished checkpoint is never taken for a complete one."""
+    from qbara.errors import QbaraError
+    from qbara.train.config import build_config
+    from qbara.train.trainer import check_train_output, latest_complete_checkpoint, start_checkpoint
+
+    config = build_config(_config(tmp_path))
+    out = Path(config.train.output_dir)
+    start_checkpoint(out / "checkpoint-2")
+    assert check_train_output(config) == out
+    assert latest_complete_checkpoint(out) is None
+    (out / "checkpoint-2" / ".qbara-saving").unlink()  # a checkpoint-N folder qbara did not start: not ours
+    with pytest.raises(QbaraError, match="not written by qbara"):
+        check_train_output(config)

@@ -126,8 +126,12 @@ def run_steps_for(examples: int, config: RunConfig, world: int = 1) -> int:
     t = config.train
     if t.steps > 0:
         return t.steps
-    batches = math.ceil(examples / (t.batch_size * world))
-    return math.ceil(t.epochs * max(math.ceil(batches / t.grad_accum), 1))
+    return epoch_steps(math.ceil(examples / (t.batch_size * world)), t.grad_accum, t.epochs)
+
+
+def epoch_steps(batches: int, grad_accum: int, epochs: float) -> int:
+    """Optimizer steps of `epochs` passes over `batches` batches, `grad_accum` a step (HF Trainer's count)."""
+    return math.ceil(epochs * max(math.ceil(batches / grad_accum), 1))
 
 
 def checkpoint_steps(steps: int, save_steps: int) -> list[int]:

@@ -14,7 +14,6 @@ written; a write fault (disk full, file size limit) is one line.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import pickle
 import re
@@ -493,9 +492,9 @@ def run_steps(trainer) -> int:
     args = trainer.args
     if args.max_steps > 0:
         return args.max_steps
-    batches = len(trainer.get_train_dataloader())
-    per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
-    return math.ceil(args.num_train_epochs * per_epoch)
+    from qbara.train.plan import epoch_steps
+
+    return epoch_steps(len(trainer.get_train_dataloader()), args.gradient_accumulation_steps, args.num_train_epochs)
 
 
 def _reached_the_end(trainer, checkpoint: Path) -> bool:
