@@ -125,3 +125,34 @@ def test_lq_reads_its_data_before_the_model_loads(tmp_path, no_load, capsys, opt
 def test_quantize_unknown_play_before_the_model_loads(no_load, capsys):
     assert main(["quantize", "--model", "tiny-llama", "--play", "no-such-play"]) == 2
     assert "no-such-play" in capsys.readouterr().err
+
+
+def test_the_tokenizer_and_config_read_alone_are_those_of_the_loaded_model(tmp_path):
+    """load_model_tokenizer / load_model_config give, for each model source (built-in test model, HF folder,
+    qbara quantized folder, GGUF file), the tokenizer load_model returns (same ids for a text) and its
+    model's config (same context and shapes)."""
+    from qbara.models import load_model, tiny_llama
+    from qbara.models.loader import load_model_config, load_model_tokenizer
+    from qbara.native import save_quantized
+    from qbara.prepare import quantize_model
+    from qbara.quant.config import QuantConfig
+
+    model, tokenizer = tiny_llama()
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "hf")
+    quantized, _ = tiny_llama()
+    save_quantized(quantize_model(quantized, QuantConfig.from_dict({"format": "int4", "block_size": 32})),
+                   tokenizer, tmp_path / "q")
+    assert main(["export", "--model", str(tmp_path / "hf"), "--format", "gguf", "--out", str(tmp_path / "m.gguf"),
+                 "--embedding-type", "f32", "--dense-type", "f32"]) == 0
+    text = "Below is an instruction.\n### Response:\nfünf <|endoftext|>"
+    for source in ("tiny-llama", tmp_path / "hf", tmp_path / "q", tmp_path / "m.gguf"):
+        loaded, loaded_tokenizer = load_model(str(source))
+        alone = load_model_tokenizer(source)
+        assert alone(text).input_ids == loaded_tokenizer(text).input_ids, source
+        assert (alone.eos_token_id, alone.pad_token_id) == (loaded_tokenizer.eos_token_id,
+                                                            loaded_tokenizer.pad_token_id), source
+        config = load_model_config(source)
+        for key in ("max_position_embeddings", "hidden_size", "num_hidden_layers", "intermediate_size",
+                    "vocab_size"):
+            assert getattr(config, key) == getattr(loaded.config, key), (source, key)
