@@ -119,3 +119,15 @@ def test_dry_run_from_a_starting_adapter_counts_its_parameters(tmp_path, model_f
     load_adapter(fresh, tmp_path / "start")
     assert planned == trainable_parameter_count(fresh) > 0
     assert "nf4" in out and "as recorded by" in out
+
+
+def test_dry_run_counts_the_model_parameters_as_loaded_tied_embeddings_once(tmp_path, capsys):
+    model, tokenizer = tiny_llama(tie_word_embeddings=True)
+    folder = tmp_path / "tied"
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    assert main(["train", "--config", _run_yaml(tmp_path, folder), "--dry-run"]) == 0
+    planned = int(re.search(r"LlamaForCausalLM, ([\d,]+) parameters", capsys.readouterr().out).group(1)
+                  .replace(",", ""))
+    loaded, _ = load_model(str(folder))
+    assert planned == sum(p.numel() for p in loaded.parameters())

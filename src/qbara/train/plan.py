@@ -101,9 +101,12 @@ def base_quant(config: RunConfig, model) -> tuple[dict[str, QuantConfig], str]:
 
 
 def meta_model(config: RunConfig):
-    """The model of config.model.name on the meta device (no weights), its config."""
+    """The model of config.model.name on the meta device (no weights), its embeddings tied as the config says
+    (as a loaded model's are: counted once), and its config."""
     model_config = load_model_config(config.model.name)
-    return empty_model(model_config, torch.float32, source=config.model.name), model_config
+    model = empty_model(model_config, torch.float32, source=config.model.name)
+    model.tie_weights()
+    return model, model_config
 
 
 def trainable_parameters(config: RunConfig, model, quant: dict[str, QuantConfig]) -> int:
