@@ -1,4 +1,5 @@
-"""The `qbara` command line. Errors in the input print one line and exit with code 2."""
+"""The `qbara` command line. Errors in the input print one line and exit with code 2; Ctrl-C prints one line
+(`qbara VERB: interrupted`, with what to do next where there is something) and exits with 130."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
             args.func(args, extra)
         else:
             args.func(args)
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, the shell's exit code for SIGINT
+        message = " ".join(str(err).split()) or "interrupted"
+        print(f"qbara {args.command}: {message}", file=sys.stderr)
+        return 130
     except QbaraError as err:
         print(f"qbara {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

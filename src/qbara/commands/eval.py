@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qbara.adapters.io import read_chat_template
 from qbara.commands.quantize import parse_format
 from qbara.data import shakespeare_text
 from qbara.errors import QbaraError
@@ -31,6 +32,7 @@ from qbara.eval.harness import (
 )
 from qbara.eval.loss import masked_loss
 from qbara.eval.perplexity import perplexity
+from qbara.models.loader import load_model_tokenizer
 from qbara.pretrained import from_pretrained
 from qbara.train.data import build_examples, read_records
 from qbara.validate import read_text_file
@@ -45,6 +47,16 @@ def load_for_eval(model_name: str, adapter: str | None, quant: str | None = None
     model, tokenizer = from_pretrained(model_name, quant=config, adapter=adapter or None)
     model.eval()
     return model, tokenizer
+
+
+def eval_tokenizer(model_name: str, adapter: str | None):
+    """The tokenizer `load_for_eval` will return, read without the model: the model's, with the chat template the
+    adapter records (if it records one)."""
+    tokenizer = load_model_tokenizer(model_name)
+    recorded = read_chat_template(adapter) if adapter else None
+    if recorded is not None:
+        tokenizer.chat_template = recorded
+    return tokenizer
 
 
 def add_quant_option(parser) -> None:
@@ -84,14 +96,18 @@ def run(args) -> dict:
         # Check the output path and load the tasks (their datasets) before the model: fail fast.
         output_path = check_output_path(args.output_path)
         tasks = load_lm_eval_tasks(args.data, args.include_path)
+    # The data is read and checked (records tokenized with the model's tokenizer files) before the model loads.
+    text = read_text(args.data) if args.task == "ppl" else None
+    if args.task == "loss":
+        records = read_records(args.data)[: args.max_records or None]
+        examples = build_examples(records, eval_tokenizer(args.model, args.adapter), "auto", args.window, "fail",
+                                  source=args.data)
     model, tokenizer = load_for_eval(args.model, args.adapter, getattr(args, "quant", None))
     if args.task == "ppl":
-        ids = tokenizer(read_text(args.data), add_special_tokens=False, return_tensors="pt").input_ids[0]
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
         r = perplexity(model, ids, window=args.window, max_tokens=args.max_tokens or None, progress=not args.json)
         result = {"task": "ppl", "ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "window": r.window}
     elif args.task == "loss":
-        records = read_records(args.data)[: args.max_records or None]
-        examples = build_examples(records, tokenizer, "auto", args.window, "fail", source=args.data)
         result = {"task": "loss", **masked_loss(model, examples, progress=not args.json)}
     else:
         result = {"task": "lm-eval", **lm_eval_bridge(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from qbara.adapters.config import AdapterConfig
@@ -37,15 +38,30 @@ from qbara.quant.config import QuantConfig
 from qbara.state import state_of
 
 
+@dataclass
+class Inputs:
+    """What lq reads besides the model, read (and checked) before the model loads: the --fisher-data and --eval
+    texts, the saved --fisher (opened lazily)."""
+
+    fisher_text: str | None
+    eval_text: str | None
+    fisher: object | None
+
+    @classmethod
+    def read(cls, args) -> "Inputs":
+        return cls(read_text(args.fisher_data) if args.fisher_data else None,
+                   read_text(args.eval) if args.eval else None, open_fisher(args.fisher) if args.fisher else None)
+
+
 def _fisher(args, model, tokenizer, out: Path | None):
     """The Fisher information for --fisher-data (written to out/fisher/, read back one matrix at a time), a
     saved one for --fisher (read lazily), or None."""
     if args.fisher:
-        return open_fisher(args.fisher)
+        return args.inputs.fisher
     if not args.fisher_data:
         return None
-    text = read_text(args.fisher_data)
-    sequences = calibration_sequences(tokenizer, text, args.fisher_samples, args.fisher_length, seed=args.seed)
+    sequences = calibration_sequences(tokenizer, args.inputs.fisher_text, args.fisher_samples, args.fisher_length,
+                                      seed=args.seed)
     # Rank 0 writes it into the output; the other ranks of a torchrun compute the same in memory.
     return fisher_information(model, sequences, progress=True, folder=None if out is None else out / "fisher",
                               max_bytes=int(args.fisher_shard_gb * 2**30))
@@ -55,14 +71,21 @@ def run(args) -> dict | None:
     import contextlib
 
     inputs = [args.model, args.fisher, args.fisher_data, args.eval]
+    _options(args)  # the options' checks, before anything is read
+    args.inputs = Inputs.read(args)
     start_process_group()
     if is_main_process():
         writing = output_folder(args.out, inputs, overwrite=args.overwrite, command="lq")
     else:  # rank 0 writes; the others only check, to fail alike
         check_output(args.out, inputs, overwrite=args.overwrite)
         writing = contextlib.nullcontext(None)
-    with writing as folder:
-        data = _run(args, folder)
+    unfinished = None
+    try:
+        with writing as folder:
+            unfinished = folder
+            data = _run(args, folder)
+    except KeyboardInterrupt:  # the workers are stopped (qbara.lq.parallel); the CLI prints this one line
+        raise KeyboardInterrupt(_interrupted(unfinished, args.out)) from None
     if data is not None:
         _print_summary(data, Path(args.out))
     end_process_group()
@@ -99,6 +122,15 @@ def _run(args, out: Path | None) -> dict | None:
     return data
 
 
+def _interrupted(unfinished: Path | None, out) -> str:
+    """The Ctrl-C notice: the unfinished output folder removed (or where it is left), `out` as it was."""
+    if unfinished is None:
+        return f"interrupted; nothing was written to {out}"
+    if unfinished.exists():
+        return f"interrupted; could not remove the unfinished output {unfinished} (the next run on {out} does)"
+    return f"interrupted; removed the unfinished output {unfinished.name}, {out} is as it was"
+
+
 def _options(args):
     """(LQConfig, AdapterConfig) from the command line; the Fisher matrix is added once computed or opened."""
     if args.method == "loftq" and (args.fisher or args.fisher_data):
@@ -132,7 +164,7 @@ def _streamed(args, folder: Path, out: Path | None, options):
     perplexity and --fisher-data's gradients, and freed before the decompositions start."""
     lq, adapter = options
     dense_eval = None
-    fisher = _fisher(args, None, None, out) if args.fisher else None  # a saved one, read one matrix at a time
+    fisher = args.inputs.fisher  # a saved one (--fisher), read one matrix at a time
     if args.eval or args.fisher_data:
         dense, tokenizer = load_calibration_model(folder)  # the checkpoint's dtype: 2 bytes/param for bf16
         if args.eval:
@@ -164,7 +196,7 @@ def _with_fisher(args, lq, fisher):
 
 def _perplexity(args, model, tokenizer) -> dict:
     """Perplexity of a model on --eval text (the dense model, and Q + L1 L2: the LQ model at step 0)."""
-    ids = tokenizer(read_text(args.eval), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ids = tokenizer(args.inputs.eval_text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     r = perplexity(model, ids, window=args.window, max_tokens=args.eval_tokens, progress=True)
     return {"ppl": r.ppl, "tokens": r.tokens, "window": r.window}
 

@@ -17,6 +17,7 @@ from qbara.eval.perplexity import perplexity
 from qbara.lq.imatrix import importance_matrix
 from qbara.models import load_model
 from qbara.models.gptq import DEFAULT_LENGTH, DEFAULT_SAMPLES, gptq_calibration, gptq_quantize_model
+from qbara.models.loader import load_model_tokenizer
 from qbara.native import save_quantized
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.outputs import check_output
@@ -81,9 +82,12 @@ def run(args) -> list[QuantizationReport]:
     configs = [parse_format(s.strip()) for s in args.formats.split(",") if s.strip()]
     gptq_configs = _gptq_configs(args, configs)
     imatrix_configs = _imatrix_configs(args, configs)
+    # Everything but the model first: the play and the calibration (with the model's tokenizer files).
+    text = shakespeare_text(args.play)
+    calibration = (_calibration(args, load_model_tokenizer(args.model)) if gptq_configs or imatrix_configs
+                   else None)
     model, tokenizer = load_model(args.model)
-    ids = tokenizer(shakespeare_text(args.play), add_special_tokens=False, return_tensors="pt").input_ids[0]
-    calibration = _calibration(args, tokenizer) if gptq_configs or imatrix_configs else None
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     importance = importance_matrix(model, calibration, progress=not args.json) if imatrix_configs else None
     fp32_bytes = model_bytes(model)
     base = perplexity(model, ids, window=args.window, max_tokens=args.eval_tokens, progress=not args.json)

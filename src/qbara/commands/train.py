@@ -1,13 +1,15 @@
-"""`qbara train --config run.yaml [--resume] [--print-config] [--section.key value ...]`."""
+"""`qbara train --config run.yaml [--resume] [--dry-run] [--print-config] [--section.key value ...]`."""
 from __future__ import annotations
 
 import dataclasses
+import shlex
+from pathlib import Path
 
 from qbara.distributed import end_process_group
 from qbara.errors import QbaraError
 from qbara.train.config import RunConfig, load_run_config, parse_value, valid_keys
 from qbara.train.config_reference import format_config
-from qbara.train.trainer import train
+from qbara.train.trainer import TrainInterrupted, TrainResult, train
 
 
 def parse_overrides(tokens: list[str]) -> dict:
@@ -32,10 +34,85 @@ def run(args, extra: list[str]) -> None:
     if args.print_config:
         print(format_config(config), end="")
         return
-    result = train(config, resume=args.resume)
+    if args.dry_run:
+        dry_run(config, args.resume)
+        return
+    try:
+        result = train(config, resume=args.resume)
+    except TrainInterrupted as stop:  # the CLI prints this one line (exit 130)
+        raise KeyboardInterrupt(interrupted_line(stop, args, extra)) from None
     end_process_group()
     print(f"adapter saved to {result.adapter_dir} ({result.trainable_parameters:,} trainable parameters); "
           f"final train loss {result.final_loss}; loss curve {result.output_dir / 'loss_curve.png'}")
+    print("\n".join(next_commands(config, result)))
+
+
+def interrupted_line(stop: TrainInterrupted, args, extra: list[str]) -> str:
+    """`interrupted at step N (last checkpoint: step M); resume with: qbara train --config ... --resume`, the
+    command line given (config path and overrides) with --resume."""
+    command = ["qbara", "train", *(["--config", args.config] if args.config else []), *extra, "--resume"]
+    at = "before the first step" if stop.step is None else f"at step {stop.step}"
+    last = "no checkpoint yet" if stop.checkpoint is None else f"last checkpoint: step {stop.checkpoint}"
+    return f"interrupted {at} ({last}); resume with: {shlex.join(command)}"
+
+
+def next_commands(config: RunConfig, result: TrainResult) -> list[str]:
+    """What to run on the trained adapter, with this run's paths: eval, merge, export, generate."""
+    from qbara.adapters.io import read_adapter_config
+    from qbara.models.loader import base_model_path
+
+    adapter = result.adapter_dir
+    recorded = read_adapter_config(adapter).get("base_model_name_or_path")
+    # the model the adapter was trained on: the run's model (as it was named), or the LQ / LoftQ base it saved
+    model = config.model.name if recorded in (None, base_model_path(config.model.name)) else recorded
+    out = result.output_dir
+    data = config.data.eval or config.data.train
+    q = shlex.quote
+    m, a = q(str(model)), q(str(adapter))
+    return ["next:",
+            f"  qbara eval --model {m} --adapter {a} --task loss --data {q(data)} --window {config.data.max_length}",
+            f"  qbara merge --model {m} --adapter {a} --out {q(str(out / 'merged'))}",
+            f"  qbara export --model {m} --adapter {a} --format gguf --out {q(str(out / 'model.gguf'))}",
+            f"  qbara generate --model {m} --adapter {a} --prompt \"...\""]
+
+
+def dry_run(config: RunConfig, resume: bool) -> None:
+    """Every check of the run, then the resolved config, the data statistics and the plan; no weights are
+    loaded and nothing is written (`qbara.train.plan`)."""
+    import yaml
+
+    from qbara.train.plan import data_stats, plan_lines, resolved_config
+    from qbara.train.trainer import (
+        _training_arguments,
+        check_before_load,
+        check_train_output,
+        latest_complete_checkpoint,
+        load_datasets,
+        refuse_checkpoints,
+    )
+
+    out = check_train_output(config)
+    if not resume:
+        refuse_checkpoints(out)
+    resume_from = latest_complete_checkpoint(out) if resume else None
+    train_set, eval_set = load_datasets(config, check_before_load(config))
+    _training_arguments(config, eval_set is not None)  # the trainer's own checks of its settings
+    stats = data_stats(config, train_set, eval_set)
+    print("# resolved run config")
+    print(yaml.safe_dump(resolved_config(config), sort_keys=False).rstrip())
+    print("# data")
+    for split, s in stats.items():
+        source = config.data.eval if split == "eval" and config.data.eval else config.data.train
+        source += f" (held out: data.held_out={config.data.held_out:g})" if split == "eval" and not config.data.eval \
+            else ""
+        print(f"{split}: {s.records} records -> {s.examples} examples ({s.skipped} skipped, {s.truncated} truncated "
+              f"at data.max_length={config.data.max_length}) from {source}; {s.tokens:,} tokens, mean length "
+              f"{s.mean_length:.1f}, max {s.max_length}")
+    print("# plan")
+    for line in plan_lines(config, stats, str(resume_from) if resume_from else None):
+        print(line)
+    print(f"dry run: nothing loaded or written; run it with the same command without --dry-run "
+          f"(output {Path(config.train.output_dir)})")
 
 
 def _key_list() -> str:
@@ -58,4 +135,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--print-config", action="store_true",
                    help="print every config key with its value (the defaults, or as --config and the overrides "
                         "resolve it) and a one-line doc, as a YAML run config; then exit without training")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and the data, print the resolved config, the data statistics and the "
+                        "plan (steps, trainable parameters, checkpoints) without loading weights; writes nothing")
     p.set_defaults(func=run, accepts_extra=True)

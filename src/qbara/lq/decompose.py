@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from qbara.errors import QbaraError
+from qbara.lq.parallel import check_cancelled
 from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import stored_scales
 from qbara.quant.ggml import check_importance
@@ -292,6 +293,7 @@ def _run(W, quantize_step, rank, max_iters, scalings, sqrt_f, oversample, power_
     basis = first_basis
     Q = None
     for it in range(max_iters):
+        check_cancelled()  # a Ctrl-C'd run_per_matrix stops here, not at the end of the matrix
         if it == 0 and start == "quantize":
             L1, L2 = W.new_zeros(W.shape[0], rank), W.new_zeros(rank, W.shape[1])
         elif it == 0 and first_factors is not None:

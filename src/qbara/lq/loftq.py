@@ -24,6 +24,7 @@ from qbara.lq.decompose import (
     rounding_importance_of,
     weighted_error,
 )
+from qbara.lq.parallel import check_cancelled
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
 
@@ -55,6 +56,7 @@ def loftq(W: Tensor, quant_config: QuantConfig, rank: int = 64, iters: int = 1, 
     errors: list[float] = []
     R = W
     for _ in range(iters):
+        check_cancelled()  # a Ctrl-C'd run_per_matrix stops here
         R = W - L1 @ L2
         Q, _ = step(R)
         L1, L2, _ = low_rank_factors(W - Q, rank, None, oversample, power_iters, generator)

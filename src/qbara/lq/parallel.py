@@ -1,6 +1,12 @@
-"""Per-matrix work spread over threads and, under torch.distributed, over processes."""
+"""Per-matrix work spread over threads and, under torch.distributed, over processes.
+
+An interrupt (Ctrl-C) in the main thread stops the workers at once: the matrices not started are cancelled and
+each running one ends at its next `check_cancelled` (once per decomposition iteration or candidate config), so
+no worker thread outlives the call (a torch thread still running at interpreter exit aborts the process).
+"""
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -52,6 +58,21 @@ def owners(numels: Sequence[int]) -> list[int]:
     return owner
 
 
+class Cancelled(Exception):
+    """Raised in a worker by `check_cancelled` once its run was interrupted."""
+
+
+_worker = threading.local()  # the cancel event of the run a worker thread works for
+
+
+def check_cancelled() -> None:
+    """In a worker of `run_per_matrix`: raise Cancelled once the run was interrupted (elsewhere: nothing). Long
+    per-matrix work calls it between its steps."""
+    event = getattr(_worker, "cancel", None)
+    if event is not None and event.is_set():
+        raise Cancelled
+
+
 def run_per_matrix(indices: Sequence[int], work: Callable[[int], None], sizes: Sequence[int],
                    workers: int | None = None, progress: bool = True, desc: str = "matrices") -> None:
     """Call work(i) for every index, biggest `sizes[i]` first, on `workers` threads (one torch thread
@@ -72,16 +93,24 @@ def run_per_matrix(indices: Sequence[int], work: Callable[[int], None], sizes: S
                 bar.update(1)
         else:
             torch.set_num_threads(1)
+            cancel = threading.Event()
 
             def task(i):
+                _worker.cancel = cancel
+                check_cancelled()
                 work(i)
                 release_freed_memory()
 
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(task, i) for i in order]
-                for fut in as_completed(futures):
-                    fut.result()
-                    bar.update(1)
+                try:
+                    futures = [pool.submit(task, i) for i in order]
+                    for fut in as_completed(futures):
+                        fut.result()
+                        bar.update(1)
+                except BaseException:  # Ctrl-C or a failed matrix: stop the others, then leave the pool
+                    cancel.set()
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
     finally:
         torch.set_num_threads(old_threads)
         bar.close()

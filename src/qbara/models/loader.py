@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -13,9 +14,9 @@ from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
 from qbara.models.embedded import EMBEDDED_MODELS, SMOLLM2, embedded_dir, embedded_model
 from qbara.models.quantized_io import is_quantized_folder, load_quantized
-from qbara.models.smollm2 import load_gguf_as_hf
+from qbara.models.smollm2 import gguf_config, load_gguf_as_hf
 from qbara.models.streaming import load_gguf_stream, load_quantized_stream
-from qbara.models.tiny import tiny_llama, tiny_qwen2
+from qbara.models.tiny import byte_tokenizer, tiny_llama, tiny_qwen2
 from qbara.native import QUANT_MANIFEST
 from qbara.prepare import quantize_model
 from qbara.state import state_of
@@ -110,18 +111,75 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu", quan
             model, tokenizer = _load_hf_folder(path, dtype)
         elif path.is_file() and path.suffix.lower() == ".gguf":
             model, tokenizer = load_gguf_as_hf(path)
-        elif path.is_dir():
-            refuse_adapter_folder(path)
-            raise QbaraError(f"The folder {name!r} has no config.json. Expected {_choices()}.")
-        elif path.exists():
-            raise QbaraError(f"{name!r} is not a model folder or a .gguf file. Expected {_choices()}.")
         else:
-            raise QbaraError(f"Unknown model {name!r}. Expected {_choices()}.")
+            _refuse_unknown(path, name)
 
     check_model_values(model, name)
     model = _cast_parameters(model.to(device=device), dtype)
     model.eval()
     return model, tokenizer
+
+
+def _refuse_unknown(path: Path, name: str) -> None:
+    """The error for a name or path that is no model source `load_model` knows."""
+    if path.is_dir():
+        refuse_adapter_folder(path)
+        raise QbaraError(f"The folder {name!r} has no config.json. Expected {_choices()}.")
+    if path.exists():
+        raise QbaraError(f"{name!r} is not a model folder or a .gguf file. Expected {_choices()}.")
+    raise QbaraError(f"Unknown model {name!r}. Expected {_choices()}.")
+
+
+def _model_source(name_or_path) -> tuple[str, Path | None]:
+    """What `load_model` would read for `name_or_path`, reading no weights: ("tiny", None) for the in-memory
+    test models, ("quantized" | "folder", folder) for a qbara quantized or a Hugging Face folder (an embedded
+    model's converted one), ("gguf", file); anything else is refused as `load_model` refuses it."""
+    name = str(name_or_path)
+    key = name.strip().lower()
+    if embedded_model(key) is not None:
+        return "folder", embedded_folder(key)
+    if key in ("tiny-llama", "tiny-qwen2"):
+        return "tiny", None
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        check_no_remote_code(path)
+        return ("quantized" if is_quantized_folder(path) else "folder"), path
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return "gguf", path
+    _refuse_unknown(path, name)
+
+
+def load_model_tokenizer(name_or_path):
+    """The tokenizer `load_model(name_or_path)` returns, without loading the model: from a folder's tokenizer
+    files or a GGUF file's metadata, so that data can be checked before minutes of loading. A quantized folder
+    saved without its tokenizer (load_model gives None there) is refused: the data cannot be tokenized."""
+    kind, path = _model_source(name_or_path)
+    if kind == "tiny":
+        return byte_tokenizer()  # what tiny_llama / tiny_qwen2 return, built without their weights
+    if kind == "gguf":
+        return load_gguf_tokenizer(path)
+    if kind == "quantized" and not os.path.lexists(path / "tokenizer_config.json"):
+        raise QbaraError(f"{path} has no tokenizer (tokenizer_config.json); copy the base model's tokenizer files "
+                         f"into it")
+    return load_tokenizer(path)
+
+
+def load_model_config(name_or_path):
+    """The transformers config of the model `load_model(name_or_path)` builds, read from its config.json (or a
+    GGUF file's metadata) only, with no weights: its context, architecture and the shapes of its layers (a
+    qbara quantized folder's quantization entry removed, as its loader does)."""
+    kind, path = _model_source(name_or_path)
+    if kind == "tiny":  # built in memory: a few kB of random weights, no file to read a config from
+        build = tiny_llama if str(name_or_path).strip().lower() == "tiny-llama" else tiny_qwen2
+        return build()[0].config
+    if kind == "gguf":
+        return gguf_config(path)
+    if kind == "folder":
+        check_hf_folder(path)  # no pickle weights; config sizes bounded by the weights' (headers only)
+    config = load_config(path)
+    if kind == "quantized" and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
 
 
 ADAPTER_FILES = ("adapter_config.json", "qbara_adapter.json")
@@ -309,4 +367,4 @@ def check_loading_info(info: dict, path) -> None:
                          f"gaps with random weights. The folder is incomplete or mixes two models: save it again")
 
 
-__all__ = ["DEFAULT_MODEL", "BUILTIN_MODELS", "load_model"]
+__all__ = ["DEFAULT_MODEL", "BUILTIN_MODELS", "load_model", "load_model_config", "load_model_tokenizer"]

@@ -14,7 +14,6 @@ written; a write fault (disk full, file size limit) is one line.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import pickle
 import re
@@ -36,7 +35,7 @@ from qbara.adapters.io import (
 )
 from qbara.atomic import write_json_atomic
 from qbara.errors import QbaraError
-from qbara.models.loader import base_model_path, load_model
+from qbara.models.loader import base_model_path, load_model, load_model_tokenizer
 from qbara.models.quantized_io import is_quantized_folder
 from qbara.native import save_quantized
 from qbara.outputs import (
@@ -357,14 +356,35 @@ def _quant_on_load(config: RunConfig):
     return config.quant_config() if config.adapter_config().init == "default" else None
 
 
+def check_context(config: RunConfig, model_config) -> None:
+    """Refuse a data.max_length longer than the model's context (its config's max_position_embeddings)."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context and config.data.max_length > context:
+        raise QbaraError(f"data.max_length={config.data.max_length} exceeds the model's context of {context} "
+                         f"tokens; set data.max_length <= {context}")
+
+
+def check_before_load(config: RunConfig):
+    """Every check of the run that needs no weights, before minutes of loading: the quant and adapter sections,
+    the starting adapter, the context, the quantization and adapters of every target layer (on the model built
+    from its config.json or GGUF metadata on the meta device: `qbara.train.plan`); returns the tokenizer
+    `load_model` will return, read from the model's tokenizer files, to build the data with."""
+    from qbara.train.plan import base_quant, meta_model, trainable_parameters
+
+    config.quant_config()
+    config.adapter_config()
+    _quant_on_load(config)  # reads model.adapter's record
+    model, model_config = meta_model(config)
+    check_context(config, model_config)
+    trainable_parameters(config, model, base_quant(config, model)[0])  # block sizes, targets, pooling
+    return load_model_tokenizer(config.model.name)
+
+
 def prepare_for_training(config: RunConfig, model, tokenizer):
     """Quantize and attach adapters as the config says (seeded)."""
     from transformers import set_seed
 
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and config.data.max_length > context:
-        raise QbaraError(f"data.max_length={config.data.max_length} exceeds the model's context of {context} "
-                         f"tokens; set data.max_length <= {context}")
+    check_context(config, model.config)
     set_seed(config.train.seed)
     if config.model.adapter:
         print(f"qbara: starting from the adapter in {config.model.adapter} (the adapter section is not used)")
@@ -382,12 +402,45 @@ def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     import contextlib
 
     output_dir = Path(config.train.output_dir)
-    inputs = [config.model.name, config.model.adapter, config.data.train, config.data.eval]
-    ours = latest_complete_checkpoint(output_dir) is not None  # a run of an older qbara, without the manifest
-    out = check_output(output_dir, inputs, overwrite=config.train.overwrite or ours, option="train.output_dir")
+    out = check_train_output(config)
     main_rank = os.environ.get("RANK", "0") == "0"
-    with output_lock(out) if main_rank else contextlib.nullcontext() as lock:
-        return _train(config, resume, model, tokenizer, output_dir, lock)
+    try:
+        with output_lock(out) if main_rank else contextlib.nullcontext() as lock:
+            return _train(config, resume, model, tokenizer, output_dir, lock)
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, TrainInterrupted):
+            raise
+        raise TrainInterrupted(None, _last_checkpoint_step(output_dir)) from None
+
+
+def check_train_output(config: RunConfig) -> Path:
+    """train.output_dir checked by `qbara.outputs`' rule (see `train`); its checkpoints (those of an older qbara
+    without the manifest, or of a run interrupted before it wrote one) make it qbara's."""
+    output_dir = Path(config.train.output_dir)
+    inputs = [config.model.name, config.model.adapter, config.data.train, config.data.eval]
+    ours = any(done or _saving_marked(path) for _, path, done in checkpoints(output_dir))
+    return check_output(output_dir, inputs, overwrite=config.train.overwrite or ours, option="train.output_dir")
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `train`: the optimizer step reached (None before training started) and the step of the last
+    complete checkpoint (None without one), for the one-line notice and its --resume hint."""
+
+    def __init__(self, step: int | None, checkpoint: int | None):
+        super().__init__("interrupted")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def refuse_checkpoints(output_dir: Path) -> None:
+    """A run without --resume does not train into a folder holding complete checkpoints."""
+    if latest_complete_checkpoint(output_dir):
+        raise QbaraError(f"{output_dir} already holds checkpoints; pass --resume to continue, or choose another "
+                         f"train.output_dir")
+
+
+def _last_checkpoint_step(output_dir: Path) -> int | None:
+    complete = [step for step, _, done in checkpoints(output_dir) if done]
+    return complete[-1] if complete else None
 
 
 def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
@@ -402,27 +455,31 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
             print(f"qbara: removed incomplete checkpoints {[p.name for p in removed]}")
         checkpoint = resumable_checkpoint(output_dir)
         print(f"qbara: resuming from {checkpoint}" if checkpoint else "qbara: no checkpoint to resume, starting anew")
-    elif latest_complete_checkpoint(output_dir):
-        raise QbaraError(f"{output_dir} already holds checkpoints; pass --resume to continue, or choose another "
-                         f"train.output_dir")
-    if model is None:
+    else:
+        refuse_checkpoints(output_dir)
+    # The data and every check that needs no weights come first: a bad record costs no model load.
+    loaded = model is None
+    train_set, eval_set = load_datasets(config, check_before_load(config) if loaded else tokenizer)
+    args = _training_arguments(config, eval_set is not None, resume=checkpoint is not None)
+    if loaded:
         model, tokenizer = load_model(config.model.name, dtype=None if config.model.dtype == "auto" else
                                       config.model.dtype, quant=_quant_on_load(config), progress=config.train.progress)
-    train_set, eval_set = load_datasets(config, tokenizer)
     model = prepare_for_training(config, model, tokenizer)
     state_of(model).chat_template = train_set.chat_template  # recorded in every adapter folder saved
     model.config.use_cache = False
     if checkpoint is not None:
         check_resume_base(model, checkpoint)
-    args = _training_arguments(config, eval_set is not None, resume=checkpoint is not None)
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                data_collator=PadCollator(tokenizer.pad_token_id))
     trainer.qbara_keep = max(1, config.train.save_total_limit)
-    with write_faults_as_errors(output_dir):  # disk full, file size limit: in a checkpoint or the final outputs
-        _train_or_finish(trainer, model, checkpoint)
-        history = trainer.state.log_history
-        if trainer.is_world_process_zero():
-            _write_final_outputs(config, model, tokenizer, output_dir, history, foreign, lock)
+    try:
+        with write_faults_as_errors(output_dir):  # disk full, file size limit: in a checkpoint or the final outputs
+            _train_or_finish(trainer, model, checkpoint)
+            history = trainer.state.log_history
+            if trainer.is_world_process_zero():
+                _write_final_outputs(config, model, tokenizer, output_dir, history, foreign, lock)
+    except KeyboardInterrupt:  # the lock's journal and the swap leave no partial adapter/
+        raise TrainInterrupted(trainer.state.global_step, _last_checkpoint_step(output_dir)) from None
     adapter_dir = output_dir / "adapter"
     trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 still writes
     losses = [h["loss"] for h in history if "loss" in h]
@@ -451,9 +508,9 @@ def run_steps(trainer) -> int:
     args = trainer.args
     if args.max_steps > 0:
         return args.max_steps
-    batches = len(trainer.get_train_dataloader())
-    per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
-    return math.ceil(args.num_train_epochs * per_epoch)
+    from qbara.train.plan import epoch_steps
+
+    return epoch_steps(len(trainer.get_train_dataloader()), args.gradient_accumulation_steps, args.num_train_epochs)
 
 
 def _reached_the_end(trainer, checkpoint: Path) -> bool:
