@@ -42,15 +42,14 @@ class SplitStats:
     max_length: int
 
 
-def split_stats(examples, records: int, max_length: int, packed: bool) -> SplitStats:
+def split_stats(examples, records: int, packed: bool) -> SplitStats:
     """Statistics of `examples` built from `records` records. Packed text is cut into max_length pieces by
-    design (none skipped or truncated); an example without the `truncated` flag of data.build_examples counts
-    as truncated when it fills max_length."""
+    design (none skipped or truncated)."""
     lengths = [len(e.input_ids) for e in examples]
     if packed:
         truncated, skipped = 0, 0
     else:
-        truncated = sum(bool(getattr(e, "truncated", len(e.input_ids) >= max_length)) for e in examples)
+        truncated = sum(e.truncated for e in examples)
         skipped = records - len(examples)
     return SplitStats(records, len(examples), skipped, truncated, sum(lengths),
                       sum(lengths) / len(lengths) if lengths else 0.0, max(lengths, default=0))
@@ -70,9 +69,9 @@ def data_stats(config: RunConfig, train_set, eval_set) -> dict[str, SplitStats]:
     if not eval_count and d.held_out > 0 and not packed:
         eval_count = max(1, int(round(train_count * d.held_out)))
         train_count -= eval_count
-    stats = {"train": split_stats(train_set.examples, train_count, d.max_length, packed)}
+    stats = {"train": split_stats(train_set.examples, train_count, packed)}
     if eval_set is not None:
-        stats["eval"] = split_stats(eval_set.examples, eval_count, d.max_length, packed)
+        stats["eval"] = split_stats(eval_set.examples, eval_count, packed)
     return stats
 
 
