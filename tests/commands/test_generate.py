@@ -1,5 +1,6 @@
 """`qbara generate` / `qbara chat` on base + adapter, a native quantized folder and a GGUF file, against
 transformers' own greedy `generate`; the chat REPL driven through stdin; bad arguments refused before any load."""
+import argparse
 import io
 import json
 import re
@@ -247,3 +248,19 @@ def test_bad_arguments_fail_before_the_model_loads(no_load, capsys, args, messag
 def test_bad_chat_settings_fail_before_the_model_loads(no_load, capsys, args, message):
     err = _one_line_error(capsys, ["chat", "--model", "tiny-llama", *args[2:]])
     assert err.startswith("qbara chat: error:") and re.search(message, err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+@pytest.mark.parametrize("verb", ["generate", "chat"])
+def test_device_cuda_without_a_gpu_fails_before_the_model_loads(no_load, capsys, verb):
+    prompt = ["--prompt", "x"] if verb == "generate" else []
+    err = _one_line_error(capsys, [verb, "--model", "tiny-llama", "--device", "cuda", *prompt])
+    assert "--device cuda: torch sees no CUDA GPU" in err
+
+
+def test_device_auto_runs_where_torch_sees_a_gpu(monkeypatch):
+    args = argparse.Namespace(device="auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert command.device_of(args) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert command.device_of(args) == "cuda" and command.device_of(argparse.Namespace(device="cpu")) == "cpu"

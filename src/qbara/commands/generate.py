@@ -34,6 +34,18 @@ def settings_of(args) -> GenerationSettings:
         raise QbaraError(f"--{err}") from None
 
 
+def device_of(args) -> str:
+    """The device --device names (auto: cuda when torch sees a GPU); cuda without one is refused."""
+    import torch
+
+    if args.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise QbaraError("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False); use "
+                         "--device cpu, or install a CUDA build of torch")
+    return args.device
+
+
 def prompts_of(args) -> list[Prompt]:
     """The prompts of --prompt or --file (exactly one of them), as plain text with --raw."""
     if (args.prompt is None) == (args.file is None):
@@ -53,6 +65,7 @@ class Session:
 
     def __init__(self, args, settings: GenerationSettings):
         self.model, self.tokenizer = load_for_eval(args.model, args.adapter, args.quant)
+        self.model.to(device_of(args))
         self.template = chat_template(self.tokenizer)
         self.stop = stop_ids(self.model, self.tokenizer, self.template)
         self.context = context_length(self.model, self.tokenizer)
@@ -88,6 +101,7 @@ def interrupted(verb: str) -> SystemExit:
 
 def run_generate(args) -> None:
     settings, prompts = settings_of(args), prompts_of(args)  # before the model loads
+    device_of(args)
     try:
         _generate(args, Session(args, settings), prompts)
     except KeyboardInterrupt:  # while loading or replying
@@ -128,6 +142,7 @@ CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D ends it, Ctrl-C sto
 
 def run_chat(args) -> None:
     settings = settings_of(args)  # before the model loads
+    device_of(args)
     try:
         session = Session(args, settings)
     except KeyboardInterrupt:
@@ -194,6 +209,8 @@ def _common_options(p) -> None:
     p.add_argument("--top-p", type=float, default=0.9, metavar="P",
                    help="sample from the most likely tokens that together reach this probability, in (0, 1] "
                         "(default 0.9; 1 keeps every token)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the model runs: auto (default) is the GPU when torch sees one, else the CPU")
     p.add_argument("--seed", type=int, metavar="S", help="seed for sampling: the same seed gives the same replies "
                                                           "(default: a fresh one each run)")
 
