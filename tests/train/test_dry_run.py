@@ -131,3 +131,23 @@ def test_dry_run_counts_the_model_parameters_as_loaded_tied_embeddings_once(tmp_
                   .replace(",", ""))
     loaded, _ = load_model(str(folder))
     assert planned == sum(p.numel() for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("template, named, marker", [
+    ("auto", "auto -> the tokenizer's own chat template", "<|im_start|>user\nAdd 2 and 3.<|im_end|>"),
+    ("alpaca", "data.template alpaca;", "### Instruction:\nAdd 2 and 3.\n\n### Response:\n")])
+def test_dry_run_names_the_template_and_shows_the_first_prompt(tmp_path, model_folder, capsys, template, named,
+                                                               marker):
+    """The prompt line says what data.template resolved to and shows the first record's prompt as the tokens
+    the model is trained on decode (the tiny tokenizer has a ChatML template: auto takes it)."""
+    from qbara.models.loader import load_model_tokenizer
+    from qbara.prompt_formats import resolve_template
+
+    assert main(["train", "--config", _run_yaml(tmp_path, model_folder, data={"template": template}),
+                 "--dry-run"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("prompts: "))
+    assert named in line and repr(marker)[1:-1] in line
+    tokenizer = load_model_tokenizer(str(model_folder))
+    prompt = resolve_template(template, tokenizer).template.render([{"role": "user", "content": "Add 2 and 3."}],
+                                                                   add_generation_prompt=True)
+    assert line.endswith(repr(prompt))  # all of it: shorter than the 400 characters shown in full

@@ -78,27 +78,31 @@ def test_train_config_errors_come_before_the_model_loads(tmp_path, no_load, sect
     assert not (tmp_path / "out").exists()
 
 
-def test_train_still_trains_with_the_checks_first_and_names_the_next_commands(tmp_path, capsys):
+@pytest.mark.parametrize("method, merged", [("lora", "merged"), ("qahira", "merged-quantized")])
+def test_train_still_trains_with_the_checks_first_and_names_the_next_commands(tmp_path, capsys, method, merged):
     """The tokenizer used for the data is the one the model comes with: the run trains and saves; its summary
-    names the next commands with this run's paths, and the eval one runs as printed."""
+    names the next commands with this run's paths (a merge into the quantized base for an adapter that folds),
+    and they run as printed (a shell comment ends some of them)."""
     import shlex
 
     import yaml
 
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(_run_config(tmp_path).to_dict()))
+    config.write_text(yaml.safe_dump(_run_config(tmp_path, adapter={"method": method}).to_dict()))
     assert main(["train", "--config", str(config)]) == 0
     adapter = tmp_path / "out" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     lines = capsys.readouterr().out.splitlines()
-    commands = [shlex.split(line) for line in lines[lines.index("next:") + 1:]]
+    assert "train loss logged (train.logging_steps=5 is past" in lines[lines.index("next:") - 1]  # steps=2
+    commands = [shlex.split(line, comments=True) for line in lines[lines.index("next:") + 1:]]
+    assert ("--into" in commands[1]) == (method == "qahira")
     assert [c[:2] for c in commands] == [["qbara", v] for v in ("eval", "merge", "export", "generate")]
     for command in commands:
         assert command[command.index("--model") + 1] == "tiny-llama"
         assert command[command.index("--adapter") + 1] == str(adapter)
     for command in commands[:3]:  # eval, merge, export run as printed (generate is another command's)
         assert main(command[1:]) == 0, command
-    assert (tmp_path / "out" / "merged" / "config.json").is_file() and (tmp_path / "out" / "model.gguf").is_file()
+    assert (tmp_path / "out" / merged / "config.json").is_file() and (tmp_path / "out" / "model.gguf").is_file()
 
 
 def test_eval_loss_checks_records_before_the_model_loads(tmp_path, no_load, capsys):

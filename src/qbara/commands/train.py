@@ -42,8 +42,10 @@ def run(args, extra: list[str]) -> None:
     except TrainInterrupted as stop:  # the CLI prints this one line (exit 130)
         raise KeyboardInterrupt(interrupted_line(stop, args, extra)) from None
     end_process_group()
-    print(f"adapter saved to {result.adapter_dir} ({result.trainable_parameters:,} trainable parameters); "
-          f"final train loss {result.final_loss}; loss curve {result.output_dir / 'loss_curve.png'}")
+    loss = (f"final train loss {result.final_loss:.4g}" if result.final_loss is not None else
+            f"no train loss logged (train.logging_steps={config.train.logging_steps} is past the run's last step)")
+    print(f"adapter saved to {result.adapter_dir} ({result.trainable_parameters:,} trainable parameters); {loss}; "
+          f"loss curve {result.output_dir / 'loss_curve.png'}")
     print("\n".join(next_commands(config, result)))
 
 
@@ -67,11 +69,15 @@ def next_commands(config: RunConfig, result: TrainResult) -> list[str]:
     model = config.model.name if recorded in (None, base_model_path(config.model.name)) else recorded
     out = result.output_dir
     data = config.data.eval or config.data.train
+    seen = "" if config.data.eval else "  # the training records: set data.eval for held-out ones in a file"
     q = shlex.quote
     m, a = q(str(model)), q(str(adapter))
+    merge = (f"--into quantized --out {q(str(out / 'merged-quantized'))}  # folds exactly into the quantized base"
+             if result.folds else f"--out {q(str(out / 'merged'))}  # dense")
     return ["next:",
-            f"  qbara eval --model {m} --adapter {a} --task loss --data {q(data)} --window {config.data.max_length}",
-            f"  qbara merge --model {m} --adapter {a} --out {q(str(out / 'merged'))}",
+            f"  qbara eval --model {m} --adapter {a} --task loss --data {q(data)} --window {config.data.max_length}"
+            f"{seen}",
+            f"  qbara merge --model {m} --adapter {a} {merge}",
             f"  qbara export --model {m} --adapter {a} --format gguf --out {q(str(out / 'model.gguf'))}",
             f"  qbara generate --model {m} --adapter {a} --prompt \"...\""]
 
@@ -95,7 +101,8 @@ def dry_run(config: RunConfig, resume: bool) -> None:
     if not resume:
         refuse_checkpoints(out)
     resume_from = latest_complete_checkpoint(out) if resume else None
-    train_set, eval_set = load_datasets(config, check_before_load(config))
+    tokenizer = check_before_load(config)
+    train_set, eval_set = load_datasets(config, tokenizer)
     _training_arguments(config, eval_set is not None)  # the trainer's own checks of its settings
     stats = data_stats(config, train_set, eval_set)
     print("# resolved run config")
@@ -108,11 +115,33 @@ def dry_run(config: RunConfig, resume: bool) -> None:
         print(f"{split}: {s.records} records -> {s.examples} examples ({s.skipped} skipped, {s.truncated} truncated "
               f"at data.max_length={config.data.max_length}) from {source}; {s.tokens:,} tokens, mean length "
               f"{s.mean_length:.1f}, max {s.max_length}")
+    print(prompt_line(config, train_set, tokenizer))
     print("# plan")
     for line in plan_lines(config, stats, str(resume_from) if resume_from else None):
         print(line)
-    print(f"dry run: nothing loaded or written; run it with the same command without --dry-run "
+    print(f"dry run: no weights loaded, no run output written; run it with the same command without --dry-run "
           f"(output {Path(config.train.output_dir)})")
+
+
+def prompt_line(config: RunConfig, train_set, tokenizer) -> str:
+    """Which template renders the records (what data.template resolved to) and the first training prompt as the
+    model sees it (up to its first answer token)."""
+    from qbara.prompt_formats import NAMED
+    from qbara.train.data import IGNORE_INDEX
+
+    text = train_set.chat_template
+    if text is None:
+        return "prompts: none (text data is packed as it is)"
+    choice = config.data.template
+    if choice == "auto":
+        named = next((name for name, jinja in NAMED.items() if jinja == text), None)
+        choice = f"auto -> {named} (the tokenizer has no chat template)" if named else \
+            "auto -> the tokenizer's own chat template"
+    first = train_set.examples[0]
+    answer = next((i for i, label in enumerate(first.labels) if label != IGNORE_INDEX), len(first.labels))
+    prompt = tokenizer.decode(first.input_ids[:answer])
+    shown = prompt if len(prompt) <= 400 else prompt[:200] + " ... " + prompt[-190:]
+    return f"prompts: data.template {choice}; the first record's prompt: {shown!r}"
 
 
 def _key_list() -> str:

@@ -288,6 +288,7 @@ class TrainResult:
     trainable_parameters: int
     log_history: list
     final_loss: float | None
+    folds: bool = False  # every adapter folds exactly into its quantized base (merge --into quantized)
 
 
 def _training_arguments(config: RunConfig, has_eval: bool, resume: bool = False):
@@ -483,8 +484,10 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
     adapter_dir = output_dir / "adapter"
     trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 still writes
     losses = [h["loss"] for h in history if "loss" in h]
+    layers = adapter_layers(model).values()
+    folds = bool(layers) and all(layer.fold_problem() is None for layer in layers)
     return TrainResult(output_dir, adapter_dir, trainable_parameter_count(model), history,
-                       losses[-1] if losses else None)
+                       losses[-1] if losses else None, folds)
 
 
 def _train_or_finish(trainer, model, checkpoint: Path | None) -> None:
