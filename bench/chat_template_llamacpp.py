@@ -86,10 +86,10 @@ def worker(job_path: str) -> None:
     def tokens(text: str) -> list[int]:
         return llm.tokenize(text.encode(), add_bos=False, special=True)
 
-    def jinja(messages: list, generation_prompt: bool) -> list[int]:
+    def jinja(messages: list, generation_prompt: bool) -> str:
         formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos,
                                         add_generation_prompt=generation_prompt)
-        return tokens(formatter(messages=messages).prompt)
+        return formatter(messages=messages).prompt
 
     def native(messages: list, generation_prompt: bool):
         chat = (llama_cpp.llama_chat_message * len(messages))()
@@ -101,14 +101,18 @@ def worker(job_path: str) -> None:
         size = 1 << 16
         buf = ctypes.create_string_buffer(size)
         n = llama_cpp.llama_chat_apply_template(template.encode(), chat, len(messages), generation_prompt, buf, size)
-        return None if n < 0 else tokens(buf.raw[:n].decode())
+        return None if n < 0 else buf.raw[:n].decode()
 
     out = []
     for conv in job["conversations"]:
-        out.append({"jinja_prompt": jinja(conv["prompt_messages"], True),
-                    "jinja_full": jinja(conv["full_messages"], False) if conv["full_messages"] else None,
-                    "native_prompt": native(conv["prompt_messages"], True),
-                    "native_full": native(conv["full_messages"], False) if conv["full_messages"] else None})
+        row = {"tokenizer_prompt": tokens(conv["expected_prompt_text"])}  # llama.cpp's tokens of training's text
+        for part, generation_prompt in (("prompt", True), ("full", False)):
+            messages = conv[f"{part}_messages"]
+            for kind, render in (("jinja", jinja), ("native", native)):
+                text = render(messages, generation_prompt) if messages else None
+                row[f"{kind}_{part}_text"] = text
+                row[f"{kind}_{part}"] = tokens(text) if text is not None else None
+        out.append(row)
     Path(job["result"]).write_text(json.dumps({"embedded_template": embedded, "bos": bos, "eos": eos,
                                                "conversations": out}))
 
@@ -120,9 +124,10 @@ def turns(example) -> list[int]:
     return [i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX]
 
 
-def conversations(examples, conversations_messages) -> list[dict]:
+def conversations(examples, conversations_messages, template) -> list[dict]:
     """For every assistant turn of every example: the messages before it, the expected prompt ids (the training
-    tokens before the turn); for the last turn also the whole conversation and its ids."""
+    tokens before the turn) and text (`template`, a qbara ChatTemplate, rendering them with the generation
+    prompt); for the last turn also the whole conversation, its ids and text."""
     out = []
     for example, messages in zip(examples, conversations_messages):
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -130,9 +135,12 @@ def conversations(examples, conversations_messages) -> list[dict]:
         assert len(starts) == len(assistant), (starts, assistant)
         for k, (at, start) in enumerate(zip(assistant, starts)):
             last = k == len(assistant) - 1
+            full = last and not example.truncated
             out.append({"prompt_messages": messages[:at], "expected_prompt": example.input_ids[:start],
-                        "full_messages": messages if last and not example.truncated else None,
-                        "expected_full": example.input_ids if last else None})
+                        "expected_prompt_text": template.render(messages[:at], add_generation_prompt=True),
+                        "full_messages": messages if full else None,
+                        "expected_full": example.input_ids if full else None,
+                        "expected_full_text": template.render(messages) if full else None})
     return out
 
 
@@ -170,10 +178,10 @@ def run_case(name: str, model: str, template: str, args, work: Path) -> dict:
     train_set, _ = load_datasets(config, tokenizer)  # the training sequences, as the run built them
     messages = [instruction_messages(r["instruction"], r["output"], r.get("input", ""), r.get("system", ""))
                 for r in RECORDS]
-    convs = conversations(train_set.examples, messages)
-    chat_examples = build_examples(CHATS, tokenizer, "chat", 512, template=resolve_template(
-        str(result.adapter_dir / "chat_template.jinja"), tokenizer))
-    convs += conversations(chat_examples, [c["messages"] for c in CHATS])
+    recorded_format = resolve_template(str(result.adapter_dir / "chat_template.jinja"), tokenizer)
+    convs = conversations(train_set.examples, messages, recorded_format.template)
+    chat_examples = build_examples(CHATS, tokenizer, "chat", 512, template=recorded_format)
+    convs += conversations(chat_examples, [c["messages"] for c in CHATS], recorded_format.template)
 
     llama = llama_side(args, case, gguf, convs)
     row = {"case": name, "model": model, "template": template if template in ("auto", "alpaca", "gemma") else
@@ -182,7 +190,7 @@ def run_case(name: str, model: str, template: str, args, work: Path) -> dict:
            "prompts": len(convs), **score(convs, llama["conversations"])}
     if base_template and base_template != recorded:  # control: the base's own template prompts otherwise
         control = llama_side(args, case, gguf, convs, template=base_template, tag="control")
-        row["control_base_template_prompts_equal"] = score(convs, control["conversations"])["jinja_prompts_equal"]
+        row["control_base_template_prompts_equal"] = score(convs, control["conversations"])["jinja_prompt_text_equal"]
     return row
 
 
@@ -194,46 +202,62 @@ def llama_side(args, case: Path, gguf: Path, convs: list, template: str | None =
 
 
 def score(convs: list, got: list) -> dict:
-    """How many prompts / whole conversations llama.cpp tokenizes exactly as training did, per formatter."""
-    def equal(kind: str, part: str) -> int | None:
-        pairs = [(c[f"expected_{part}"], g[f"{kind}_{part}"]) for c, g in zip(convs, got)
+    """How many prompts / whole conversations llama.cpp renders (text) and tokenizes (ids) exactly as training
+    did, per formatter; and how many training prompt texts llama.cpp's tokenizer alone turns into the training ids
+    (the tokenizers' own agreement, a floor for the ids columns)."""
+    def equal(kind: str, part: str, what: str) -> int | None:
+        key = f"{kind}_{part}" + ("_text" if what == "text" else "")
+        pairs = [(c[f"expected_{part}" + ("_text" if what == "text" else "")], g[key]) for c, g in zip(convs, got)
                  if part == "prompt" or c["full_messages"] is not None]
         if any(g is None for _, g in pairs):
             return None  # llama.cpp's built-in formatter does not recognise the template
         return sum(e == g for e, g in pairs)
 
-    fulls = sum(c["full_messages"] is not None for c in convs)
-    return {"jinja_prompts_equal": equal("jinja", "prompt"), "jinja_full_equal": equal("jinja", "full"),
-            "native_prompts_equal": equal("native", "prompt"), "native_full_equal": equal("native", "full"),
-            "full_conversations": fulls}
+    row = {f"{kind}_{part}_{what}_equal": equal(kind, part, what) for kind in ("jinja", "native")
+           for part in ("prompt", "full") for what in ("text", "ids")}
+    row["tokenizer_prompt_ids_equal"] = sum(c["expected_prompt"] == g["tokenizer_prompt"] for c, g in zip(convs, got))
+    row["full_conversations"] = sum(c["full_messages"] is not None for c in convs)
+    row["tokenizer_differs_on"] = [c["expected_prompt_text"][-60:] for c, g in zip(convs, got)
+                                   if c["expected_prompt"] != g["tokenizer_prompt"]]
+    return row
 
 
 def markdown(rows: list, meta: dict) -> str:
-    def frac(value, total):
-        return "not recognised" if value is None else f"{value}/{total}"
+    def frac(row, key, total):
+        value = row.get(key)
+        return "-" if key not in row else "not recognised" if value is None else f"{value}/{total}"
 
     lines = [
         "# llama.cpp prompts qbara fine-tunes as they were trained (issue #27)", "",
         f"{meta['date']}, llama-cpp-python {meta['llama_cpp']}, {meta['steps']} training steps per case; "
         f"`{meta['command']}`.", "",
-        "Each row: a fine-tune (QA-HiRA r8 on INT4 G32, instruction records) exported to GGUF (Q4_1); llama.cpp "
-        "reads the embedded chat template and builds the prompt of every assistant turn of the training "
-        "conversations (6 instruction records, 2 multi-turn chats = 10 turns) and each whole conversation; equal = "
-        "the same token ids as the training sequence.", "",
-        "| case | embedded template = recorded | llama-cpp-python Jinja: prompts | whole | llama.cpp built-in "
-        "formatter: prompts | whole | control: base's own template, prompts equal | train + export |",
-        "|---|---|---|---|---|---|---|---|"]
+        "Each row: a fine-tune (QA-HiRA r8 on INT4 G32, 6 instruction records, `data.template` as named) exported "
+        "to GGUF (Q4_1). llama.cpp reads the chat template embedded in the file and builds the prompt of every "
+        "assistant turn of the training conversations (6 instruction records and 2 two-turn chats: 10 prompts) and "
+        "each whole conversation (8). text = the same characters as training rendered; ids = the same token ids as "
+        "the training sequence. tokenizer = llama.cpp's tokenizer on training's own prompt text (no template "
+        "involved): where it differs from the HF tokenizer, the ids columns cannot be better.", "",
+        "| case | embedded = recorded | Jinja (llama-cpp-python, llama-server --jinja): prompts text / ids | whole "
+        "text / ids | built-in formatter (llama-cli, llama-server): prompts text / ids | whole text / ids | "
+        "tokenizer | control: base's template, prompt text | train + export |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        control = r.get("control_base_template_prompts_equal")
-        lines.append(f"| {r['case']} | {'yes' if r['embedded_equals_recorded'] else 'NO'} | "
-                     f"{frac(r['jinja_prompts_equal'], r['prompts'])} | "
-                     f"{frac(r['jinja_full_equal'], r['full_conversations'])} | "
-                     f"{frac(r['native_prompts_equal'], r['prompts'])} | "
-                     f"{frac(r['native_full_equal'], r['full_conversations'])} | "
-                     f"{'-' if control is None else frac(control, r['prompts'])} | {r['seconds_train_export']:.0f} s |")
-    lines += ["", "`not recognised`: llama.cpp's built-in C++ formatter knows template families by their markers; "
-              "a template it does not know (Alpaca, a custom file) is refused by it, and llama-server / llama-cli "
-              "need `--jinja` to render the embedded template (which is what the Jinja columns check)."]
+        n, f = r["prompts"], r["full_conversations"]
+        lines.append(
+            f"| {r['case']} | {'yes' if r['embedded_equals_recorded'] else 'NO'} | "
+            f"{frac(r, 'jinja_prompt_text_equal', n)} / {frac(r, 'jinja_prompt_ids_equal', n)} | "
+            f"{frac(r, 'jinja_full_text_equal', f)} / {frac(r, 'jinja_full_ids_equal', f)} | "
+            f"{frac(r, 'native_prompt_text_equal', n)} / {frac(r, 'native_prompt_ids_equal', n)} | "
+            f"{frac(r, 'native_full_text_equal', f)} / {frac(r, 'native_full_ids_equal', f)} | "
+            f"{r['tokenizer_prompt_ids_equal']}/{n} | {frac(r, 'control_base_template_prompts_equal', n)} | "
+            f"{r['seconds_train_export']:.0f} s |")
+    differs = sorted({t for r in rows for t in r["tokenizer_differs_on"]})
+    lines += ["", "`not recognised`: llama.cpp's built-in C++ formatter knows template families by their markers "
+              "and renders its own copy of them; a template it does not know is refused (then llama-server needs "
+              "`--jinja`). One it mistakes for a family it knows is rendered in that family's format."]
+    if differs:
+        lines += ["", "Prompts where llama.cpp's tokenizer alone splits training's text otherwise than the HF "
+                  "tokenizer (end of the prompt shown): " + "; ".join(f"`{json.dumps(t)[1:-1]}`" for t in differs)]
     return "\n".join(lines) + "\n"
 
 
