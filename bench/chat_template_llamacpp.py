@@ -9,7 +9,8 @@ from the chat template embedded in the file, two ways:
           path does);
   native  llama.cpp's built-in formatter `llama_chat_apply_template` (llama-cli / llama-server without
           --jinja), which recognises known template families by their markers and renders its own C++ copy;
-          a template it does not recognise is reported as such.
+          a template it does not recognise is reported as such. Its text is tokenized as llama-cli does, with
+          the vocab's own BOS rule (Gemma: BOS first), and compared with that BOS in front.
 Each prompt (the conversation up to an assistant turn, with the generation prompt) must equal the training
 sequence's tokens before that turn, token for token, and the whole conversation the training sequence. The
 conversations are the training records (single turn, with and without input, one with a system field) and
@@ -56,10 +57,10 @@ CHATS = [
                   {"role": "assistant", "content": "40."}]},
 ]
 # A Jinja file (data.template: PATH) in a format no named template covers: Vicuna-style turns.
-VICUNA_STYLE = ("{%- for m in messages -%}{%- if m['role'] == 'system' -%}{{ m['content'] }}\n\n"
-                "{%- elif m['role'] == 'user' -%}USER: {{ m['content'] }}\n"
-                "{%- else -%}ASSISTANT: {{ m['content'] }}{{ eos_token }}\n{%- endif -%}{%- endfor -%}"
-                "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}")
+VICUNA_STYLE = ("{%- for m in messages -%}{%- if m['role'] == 'system' -%}{{ m['content'] + '\\n\\n' }}"
+                "{%- elif m['role'] == 'user' -%}{{ 'USER: ' + m['content'] + '\\n' }}"
+                "{%- else -%}{{ 'ASSISTANT: ' + m['content'] + eos_token + '\\n' }}{%- endif -%}{%- endfor -%}"
+                "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}")
 CASES = [  # name, model, data.template
     ("smollm2 auto (its ChatML)", "smollm2-135m", "auto"),
     ("smollm2 alpaca", "smollm2-135m", "alpaca"),
@@ -83,8 +84,12 @@ def worker(job_path: str) -> None:
     bos = llm.detokenize([llm.token_bos()], special=True).decode()
     eos = llm.detokenize([llm.token_eos()], special=True).decode()
 
-    def tokens(text: str) -> list[int]:
-        return llm.tokenize(text.encode(), add_bos=False, special=True)
+    def tokens(text: str, add_bos: bool = False) -> list[int]:
+        return llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+
+    # llama-cli tokenizes the built-in formatter's text with the vocab's own BOS rule (Gemma: a BOS first),
+    # llama-cpp-python's Jinja path without one (the template writes it)
+    adds_bos = len(tokens("x", add_bos=True)) > len(tokens("x"))
 
     def jinja(messages: list, generation_prompt: bool) -> str:
         formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos,
@@ -101,7 +106,7 @@ def worker(job_path: str) -> None:
         size = 1 << 16
         buf = ctypes.create_string_buffer(size)
         n = llama_cpp.llama_chat_apply_template(template.encode(), chat, len(messages), generation_prompt, buf, size)
-        return None if n < 0 else buf.raw[:n].decode()
+        return None if n < 0 else (bos if adds_bos else "") + buf.raw[:n].decode()
 
     out = []
     for conv in job["conversations"]:
