@@ -2,13 +2,10 @@
 without an importance, dequantization equal to gguf-py's, the codebook search's own properties."""
 import hashlib
 
-import numpy as np
 import pytest
 import torch
-from gguf.quants import dequantize as gguf_dequantize
 
-from qbara.quant.ggml import GGML_FORMATS, dequantize_ggml, quantize_ggml
-from qbara.quant.ggml.iquants import LEVELS, _best_index
+from qbara.quant.ggml import quantize_ggml
 from tests.quant.test_ggml_formats import _reference_input
 from tests.quant.test_ggml_importance import _heavy_tailed, _reference_importance, _spread_importance
 
