@@ -24,6 +24,7 @@ from torch import Tensor
 
 from qbara.quant.ggml.common import (
     F32,
+    div,
     first_absmax,
     half_bytes,
     half_from_bytes,
@@ -65,7 +66,7 @@ def _fit(x: Tensor, w: Tensor, inverse_scale: Tensor) -> tuple[Tensor, Tensor]:
 def _search_scales(cols: Tensor, weight: Tensor) -> Tensor:
     """Each column's (block of 32's) searched scale (0 for an all-but-zero block); cols, weight: (32, M)."""
     signed_max = first_absmax(cols, dim=0)
-    sumqx, sumq2 = _fit(cols, weight, rdiv(1.0, torch.div(signed_max, torch.tensor(-LEVELS[0], dtype=F32))))
+    sumqx, sumq2 = _fit(cols, weight, rdiv(1.0, div(signed_max, -LEVELS[0])))
     d = sumqx / sumq2
     best = d * sumqx
     for itry in range(-NTRY, NTRY + 1):
@@ -73,7 +74,7 @@ def _search_scales(cols: Tensor, weight: Tensor) -> Tensor:
         better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         d = torch.where(better, sumqx / sumq2, d)
         best = torch.where(better, d * sumqx, best)
-    tiny = cols.abs().amax(dim=0) < torch.tensor(GROUP_MAX_EPS, dtype=F32)
+    tiny = cols.abs().amax(dim=0) < torch.tensor(GROUP_MAX_EPS, dtype=F32, device=cols.device)
     return torch.where(tiny, torch.zeros_like(d), d)
 
 
@@ -129,7 +130,7 @@ def quantize_iq4_xs(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | No
     magnitude = scales.abs().nan_to_num(nan=-1.0)  # C's strict `>` scan never picks a NaN
     signed_max = scales.gather(1, magnitude.argmax(dim=1, keepdim=True)).squeeze(1)
     signed_max = torch.where(magnitude.amax(dim=1) > 0, signed_max, torch.zeros_like(signed_max))
-    d = torch.div(-signed_max, torch.tensor(32.0, dtype=F32, device=x.device))
+    d = div(-signed_max, 32.0)
     ls = nearest_int(_inverse(d)[:, None] * scales).clamp_(-32, 31)
     codes = _codes(x, (d[:, None] * ls.float()).reshape(-1))
     return torch.cat([half_bytes(d), _pack_scales(ls + 32), _pack_nibbles(codes.view(-1, 32)).view(-1, 128)],
