@@ -1,11 +1,15 @@
 """llama.cpp's 4-bit i-quants (gguf:iq4_nl, gguf:iq4_xs): bytes equal libggml's ggml_quantize_chunk with and
-without an importance, dequantization equal to gguf-py's, the codebook search's own properties."""
+without an importance, the codebook search's own properties. (Dequantization equal to gguf-py's, on random
+bytes and on quantizer output, and the shared fixtures are in test_ggml_formats.py / test_ggml_importance.py,
+parametrized over every GGML format.)"""
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 
-from qbara.quant.ggml import quantize_ggml
+from qbara.quant.ggml import GGML_FORMATS, dequantize_ggml, quantize_ggml
+from qbara.quant.ggml.iquants import LEVELS, _best_index
 from tests.quant.test_ggml_formats import _reference_input
 from tests.quant.test_ggml_importance import _heavy_tailed, _reference_importance, _spread_importance
 
@@ -60,3 +64,42 @@ def test_bytes_equal_libggml_quantize_chunk(name, case):
     weight, importance = CASES[case]
     raw = quantize_ggml(weight(), name, importance=None if importance is None else importance())
     assert hashlib.sha256(raw.numpy().tobytes()).hexdigest() == LIBGGML_SHA256[f"{name}-{case}"]
+
+
+def test_best_index_is_the_nearest_level_ties_going_up():
+    """ggml's best_index_int8: the nearest of the 16 levels; exactly half-way between two, the upper one;
+    beyond either end, the end. Checked against a brute-force search over every level."""
+    levels = np.array(LEVELS, dtype=np.float64)
+    mids = (levels[:-1] + levels[1:]) / 2
+    v = np.concatenate([mids, mids - 0.25, mids + 0.25, levels, [-500.0, -127.5, 113.5, 1e6],
+                        np.random.default_rng(0).uniform(-140, 130, 2000)]).astype(np.float32)
+    dist = np.abs(v[:, None].astype(np.float64) - levels[None, :])
+    nearest = dist.argmin(1)
+    # a tie: argmin keeps the lower index; ggml takes the upper one
+    tie = (dist.min(1, keepdims=True) == dist).sum(1) > 1
+    want = np.where(tie, nearest + 1, nearest)
+    assert np.array_equal(_best_index(torch.from_numpy(v)).numpy(), want)
+
+
+@pytest.mark.parametrize("name,rival", [("iq4_nl", "q4_0"), ("iq4_xs", "q4_0")])
+def test_codebook_errs_less_than_the_uniform_grid_at_no_more_bits(name, rival):
+    """The non-linear levels fit Gaussian weights better than Q4_0's uniform grid, at 4.5 and 4.25 bits against
+    its 4.5 (the reason llama.cpp offers them; Q4_K, with mins and 6-bit sub-block scales, still errs less)."""
+    w = _gaussian()
+    assert GGML_FORMATS[name].bits_per_param <= GGML_FORMATS[rival].bits_per_param
+
+    def error(fmt):
+        return ((dequantize_ggml(quantize_ggml(w, fmt), w.shape, fmt) - w) ** 2).mean().item()
+
+    assert error(name) < error(rival)
+
+
+@pytest.mark.parametrize("name", IQUANTS)
+def test_zero_and_tiny_blocks_store_scale_zero(name):
+    """A block whose absmax is below GROUP_MAX_EPS (1e-15) gets scale 0 and dequantizes to zeros."""
+    w = _gaussian()[:, :256].clone()
+    w[0] = 0
+    w[1] = 1e-16
+    raw = quantize_ggml(w, name)
+    back = dequantize_ggml(raw, w.shape, name)
+    assert torch.equal(back[:2], torch.zeros(2, 256)) and (back[2:] != 0).any()
