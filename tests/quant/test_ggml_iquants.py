@@ -79,6 +79,9 @@ def test_best_index_is_the_nearest_level_ties_going_up():
     tie = (dist.min(1, keepdims=True) == dist).sum(1) > 1
     want = np.where(tie, nearest + 1, nearest)
     assert np.array_equal(_best_index(torch.from_numpy(v)).numpy(), want)
+    # C's comparisons are all false for NaN: its binary search ends at the top level
+    odd = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    assert _best_index(odd).tolist() == [15, 15, 0]
 
 
 @pytest.mark.parametrize("name,rival", [("iq4_nl", "q4_0"), ("iq4_xs", "q4_0")])
