@@ -73,7 +73,8 @@ def test_saved_gptq_base_trains_lora(tmp_path, capsys):
 
 @pytest.mark.parametrize("spec,expected", [
     ("nf3:64", QuantConfig("nf3", block_size=64)), ("int4:4x8", QuantConfig("int4", block_size=4, block_rows=8)),
-    ("gguf:q4_k", QuantConfig("gguf:q4_k")), ("GGUF:Q6_K", QuantConfig("gguf:q6_k"))])
+    ("gguf:q4_k", QuantConfig("gguf:q4_k")), ("GGUF:Q6_K", QuantConfig("gguf:q6_k")),
+    ("gguf:iq4_xs", QuantConfig("gguf:iq4_xs"))])
 def test_format_specs_parse(spec, expected):
     from qbara.commands.quantize import parse_format
 

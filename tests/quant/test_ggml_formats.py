@@ -12,12 +12,13 @@ from gguf.quants import quantize as gguf_quantize
 from qbara.errors import QbaraError
 from qbara.quant import QuantConfig, quantize
 from qbara.quant.ggml import GGML_FORMATS, dequantize_ggml, quantize_ggml
+from qbara.quant.ggml.iquants import LEVELS
 from qbara.quant.ggml.searches import make_q3_quants, make_qkx2_quants, make_qx_quants
 
 LEGACY = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 KQUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 BITS_PER_PARAM = {"q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "q8_0": 8.5,
-                  "q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}
+                  "q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625, "iq4_nl": 4.5, "iq4_xs": 4.25}
 
 
 def _weights(rows, cols, seed=0):
@@ -65,6 +66,8 @@ REFERENCE_SHA256 = {
     "q5_0": "8f14286f8ad57443b9f40dcaf9b31e4528ff4312faaba757f6579953d9824afc",
     "q5_1": "8c95125b8eb4cc053b81c716d7f88eeb25fbb5258c37131d93707c5a8a73d1f9",
     "q8_0": "24370b64bfa8b330ba8e5c7bb3d421cd92857458f0afa8226797ef3d4682de43",
+    "iq4_nl": "1a45820799f6c086078a756e1c193a5272c3fefd439cd0e6a8cee6d104caf7de",
+    "iq4_xs": "ec48eafafdcdce259fcdcee7e986d553c1eb371c3204c82f83b39d5cd6ad5987",
 }
 
 
@@ -171,6 +174,11 @@ def _codes(g, shape, levels, present):
     return q.float()
 
 
+def _iq4_levels(codes):
+    """IQ4 codes -> their codebook levels (as the dequantizer looks them up)."""
+    return torch.tensor(LEVELS, dtype=torch.float32)[codes.long()]
+
+
 def _fp16(shape, g, low, high):
     return (torch.rand(shape, generator=g) * (high - low) + low).half().float()
 
@@ -192,7 +200,14 @@ def _grid_weight(name, rows, cols, seed=0):
         return (d * _codes(g, (n // 32, 32), top + 1, [0, top]) + m).view(rows, cols)
     if name == "q8_0":
         return (_fp16((n // 32, 1), g, 1e-5, 1e-4) * (_codes(g, (n // 32, 32), 255, [0, 254]) - 127)).view(rows, cols)
+    if name == "iq4_nl":  # every block reaches level 0 (-127)
+        return (_fp16((n // 32, 1), g, -1e-3, 1e-3) * _iq4_levels(_codes(g, (n // 32, 32), 16, [0]))).view(rows, cols)
     blocks = n // 256
+    if name == "iq4_xs":  # signed 6-bit sub-block scales l - 32 in [-32, 31] \ {0}, one at -32 per super-block
+        d = _fp16((blocks, 1, 1), g, -1e-4, 1e-4)
+        ls = _codes(g, (blocks, 8), 63, [0]) - 32
+        ls = torch.where(ls >= 0, ls + 1, ls)
+        return ((d * ls[..., None]) * _iq4_levels(_codes(g, (blocks, 8, 32), 16, [0]))).view(rows, cols)
     if name in ("q2_k", "q4_k", "q5_k"):
         top, sub, scale_top = {"q2_k": (3, 16, 15), "q4_k": (15, 32, 63), "q5_k": (31, 32, 63)}[name]
         d, dmin = _fp16((blocks, 1, 1), g, 1e-5, 1e-4), _fp16((blocks, 1, 1), g, 1e-5, 1e-4)
@@ -262,7 +277,7 @@ def test_config_and_shape_errors_name_the_fix():
     assert config.label == "gguf:q4_k"
     assert QuantConfig.from_dict(config.to_dict()) == config
     with pytest.raises(QbaraError, match=r"layers\.0\.q_proj: gguf:q4_k stores blocks of 256 .* 576 input features; "
-                                         r"use one of gguf:q4_0.*gguf:q8_0, or leave"):
+                                         r"use one of gguf:q4_0.*gguf:q8_0, gguf:iq4_nl, or leave"):
         quantize(torch.randn(8, 576), config, name="layers.0.q_proj")
     with pytest.raises(QbaraError, match="takes no block_size=32"):
         QuantConfig("gguf:q4_k", block_size=32)

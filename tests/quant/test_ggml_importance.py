@@ -50,6 +50,8 @@ IMATRIX_SHA256 = {
     "q5_0": "392d754002e31f6770c0b15b507c6b4dd1129f9550644e9767de958df85979be",
     "q5_1": "840ecbb1fe13957c5f1720fd36071f61a7486355b51d15208c3478177a94b625",
     "q8_0": "24370b64bfa8b330ba8e5c7bb3d421cd92857458f0afa8226797ef3d4682de43",
+    "iq4_nl": "64cc1bc407d186b1b86e54490a8aa9fafbb9c3866f6b2c8efb13bd4eecc77d5f",
+    "iq4_xs": "b9a3ba6f57dfdcb4fd65e64ff199dd3027ffb964ed8fed9990a4ca04a845faa0",
 }
 
 # The same with a different imatrix per row (row r: _reference_importance(1024) rotated by 37 * r), libggml
@@ -65,6 +67,8 @@ PER_ROW_SHA256 = {
     "q5_0": "9adf4aaae8ad032b2ec0be47dc82f6e2ac32e23e9e877168b7313aebc51e8ef3",
     "q5_1": "599123c0d840dd99640bad829dbf543e5ce5ecd969a115d4b4dbe8bb0f0aa554",
     "q8_0": "24370b64bfa8b330ba8e5c7bb3d421cd92857458f0afa8226797ef3d4682de43",
+    "iq4_nl": "0820d2fa5f3d1b0cfe1a18778c1aecd7c74c36d6ed1ecf15cd2eab9812de0df8",
+    "iq4_xs": "d81bd5b9f06c5c066dc154a617c673038c81fdb6c26a8fa5813d8bf89defa261",
 }
 
 

@@ -3,7 +3,7 @@
 432 NF configurations: b ∈ {2,3,4,8} code bits, B0 ∈ {16,32,64} block size, and double quantization
 of the absmax scales with b0 ∈ {2,3,4,8} bits in groups of B1 ∈ {16,64,256} scales whose maxima are
 stored in b1 ∈ {bf16, fp16, fp32}: bits(c) = b + b0/B0 + b1/(B0·B1), from 2.03 to 8.63 bits/param.
-`gguf_configs`: llama.cpp's GGML block formats (q2_k ... q8_0), the candidates for a GGUF file.
+`gguf_configs`: llama.cpp's GGML block formats (q2_k ... q8_0, iq4_nl, iq4_xs), the candidates for a GGUF file.
 """
 from __future__ import annotations
 
@@ -38,10 +38,10 @@ def candidate_configs(code_bits: Sequence[int] = CODE_BITS, block_sizes: Sequenc
 
 
 def gguf_configs(names: Sequence[str] | None = None) -> list[QuantConfig]:
-    """llama.cpp's GGML block formats as candidates (default: all ten), by bits/param: q2_k 2.625, q3_k 3.4375,
-    q4_0 4.5, q4_k 4.5, q4_1 5, q5_0 5.5, q5_k 5.5, q5_1 6, q6_k 6.5625, q8_0 8.5.
+    """llama.cpp's GGML block formats as candidates (default: all twelve), by bits/param: q2_k 2.625, q3_k 3.4375,
+    iq4_xs 4.25, iq4_nl 4.5, q4_0 4.5, q4_k 4.5, q4_1 5, q5_0 5.5, q5_k 5.5, q5_1 6, q6_k 6.5625, q8_0 8.5.
 
-    All ten are kept: the K-quants (blocks of 256) fit only rows whose length 256 divides (SmolLM2: its
+    All twelve are kept: the K-quants (blocks of 256) fit only rows whose length 256 divides (SmolLM2: its
     down_proj alone), the legacy ones (blocks of 32) every other matrix, and which of two formats of equal
     bits errs less differs per matrix; `lq.tables.matrix_costs` gives +inf where a shape cannot take a format
     and the ILP drops dominated ones. names: a subset, e.g. ("q4_k", "q6_k"), with or without "gguf:".

@@ -24,9 +24,9 @@ class QuantConfig:
     """How a weight matrix is quantized.
 
     format: nf2/nf3/nf4/nf8 (NormalFloat, block-wise absmax), int2/int3/int4/int5/int8 (affine, float min), or
-        gguf:q4_0/q4_1/q5_0/q5_1/q8_0/q2_k/q3_k/q4_k/q5_k/q6_k (llama.cpp's GGML block formats, stored as the
-        exact GGUF block bytes and quantized as ggml's reference quantizer does; `qbara.quant.ggml`). A gguf
-        format fixes its own block (32 or 256 weights along a row) and takes none of the other options.
+        gguf:q4_0/q4_1/q5_0/q5_1/q8_0/q2_k/q3_k/q4_k/q5_k/q6_k/iq4_nl/iq4_xs (llama.cpp's GGML block formats,
+        stored as the exact GGUF block bytes and quantized as ggml's reference quantizer does; `qbara.quant.ggml`).
+        A gguf format fixes its own block (32 or 256 weights along a row) and takes none of the other options.
     block_size: NF block B0, or INT group G, along the input features of a row (default: 64 for NF as in
         QLoRA, 32 for INT as in GGUF Q4_1 / Q5_1).
     block_rows: INT only, rows per block (2-D tiles for QA-HiRA's tile setting); 1 = 1 x G blocks.

@@ -20,16 +20,21 @@ from qbara.export.tokenizer import (
     shipped_smollm2_reader,
 )
 
-# GGML type of the linear layers -> general.file_type (LlamaFileType member). llama.cpp only prints it; for
-# the K-quants the _M mixes are the names llama-quantize's users know.
+# GGML type of the linear layers -> general.file_type (LlamaFileType member). llama.cpp only prints it; the
+# table is the one llama.cpp's model loader names a file by when it has no general.file_type (llama-model-
+# loader.cpp: Q3_K/Q4_K/Q5_K -> the _M mixes, the names llama-quantize's users know).
 FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
               "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M",
-              "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K", "F32": "ALL_F32", "F16": "MOSTLY_F16"}
+              "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K", "IQ4_NL": "MOSTLY_IQ4_NL", "IQ4_XS": "MOSTLY_IQ4_XS",
+              "F32": "ALL_F32", "F16": "MOSTLY_F16"}
 
 
 def file_type(linear_params: dict[str, int]) -> int:
     """general.file_type of a file whose linear weights have these GGML types (type name -> parameters):
-    that of the type holding most parameters (MOSTLY_Q4_1 when there is none)."""
+    that of the type holding most parameters (MOSTLY_Q4_1 when there is none). llama-quantize writes the
+    preset it was asked for (Q4_K_M, a mix, is mostly Q4_K); a qbara mix has no preset, so it is named by its
+    dominant type by weight count (llama.cpp's own guess, used only without this field, counts tensors of every
+    kind, F32 norms included, and would call most mixes ALL_F32)."""
     from gguf import LlamaFileType
 
     dominant = max(linear_params, key=lambda k: (linear_params[k], k)) if linear_params else "Q4_1"

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from qbara.errors import QbaraError
-from qbara.quant.ggml import kquants, legacy
+from qbara.quant.ggml import iquants, kquants, legacy
 from qbara.quant.ggml.common import div, seq_sum
 
 # Weights quantized at once: the search's float32 work arrays stay near 256 K elements (1 MB each, cache-sized).
@@ -42,8 +42,8 @@ class GGMLFormat:
 
     @property
     def bits(self) -> int:
-        """Bits of each weight's code (q4_k -> 4)."""
-        return int(self.name[1])
+        """Bits of each weight's code (q4_k -> 4, iq4_xs -> 4)."""
+        return int(self.name.lstrip("iq")[0])
 
     @property
     def ggml_type(self):
@@ -72,11 +72,13 @@ GGML_FORMATS: dict[str, GGMLFormat] = {f.name: f for f in (
     _format("q4_k", 12, 256, 144, kquants),
     _format("q5_k", 13, 256, 176, kquants),
     _format("q6_k", 14, 256, 210, kquants),
+    _format("iq4_nl", 20, 32, 18, iquants),
+    _format("iq4_xs", 23, 256, 136, iquants),
 )}
 
 
 def ggml_format(name: str) -> GGMLFormat:
-    """The format called `name` (q4_0, ..., q6_k; case-insensitive)."""
+    """The format called `name` (q4_0, ..., q6_k, iq4_nl, iq4_xs; case-insensitive)."""
     fmt = GGML_FORMATS.get(name.lower()) if isinstance(name, str) else None
     if fmt is None:
         raise QbaraError(f"unknown GGML block format {name!r}: choose one of {', '.join(GGML_FORMATS)}")
@@ -181,6 +183,8 @@ quantize_q3_k, dequantize_q3_k = _bind(GGML_FORMATS["q3_k"])
 quantize_q4_k, dequantize_q4_k = _bind(GGML_FORMATS["q4_k"])
 quantize_q5_k, dequantize_q5_k = _bind(GGML_FORMATS["q5_k"])
 quantize_q6_k, dequantize_q6_k = _bind(GGML_FORMATS["q6_k"])
+quantize_iq4_nl, dequantize_iq4_nl = _bind(GGML_FORMATS["iq4_nl"])
+quantize_iq4_xs, dequantize_iq4_xs = _bind(GGML_FORMATS["iq4_xs"])
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -189,6 +193,8 @@ __all__ = [
     "check_ggml_shape",
     "check_importance",
     "dequantize_ggml",
+    "dequantize_iq4_nl",
+    "dequantize_iq4_xs",
     "dequantize_q2_k",
     "dequantize_q3_k",
     "dequantize_q4_0",
@@ -201,6 +207,8 @@ __all__ = [
     "dequantize_q8_0",
     "ggml_format",
     "quantize_ggml",
+    "quantize_iq4_nl",
+    "quantize_iq4_xs",
     "quantize_q2_k",
     "quantize_q3_k",
     "quantize_q4_0",

@@ -1,0 +1,71 @@
+"""gguf:iq4_nl / gguf:iq4_xs layers in a GGUF: their own block bytes under their GGML types, read back by
+gguf-py, and general.file_type naming the type that holds most linear weights."""
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+from gguf.quants import dequantize
+
+import qbara
+from qbara import QuantConfig
+from qbara.export import export_gguf
+from qbara.export.gguf import LINEARS
+from qbara.export.gguf.metadata import file_type
+from qbara.models import tiny_llama
+
+from .conftest import snap_to_q8_0
+from .test_gguf_mixed import WIDE, unpermute_rows
+
+# IQ4_XS on the MLP (2 x 256x512 + 512x256 weights per layer) and on q, IQ4_NL on k / v / o; 2 layers.
+MIX = {"self_attn.q_proj": "gguf:iq4_xs", "self_attn.k_proj": "gguf:iq4_nl", "self_attn.v_proj": "gguf:iq4_nl",
+       "self_attn.o_proj": "gguf:iq4_nl", "mlp.gate_proj": "gguf:iq4_xs", "mlp.up_proj": "gguf:iq4_xs",
+       "mlp.down_proj": "gguf:iq4_xs"}
+
+
+@pytest.fixture(scope="module")
+def iquant_file(tmp_path_factory):
+    model, tokenizer = tiny_llama(seed=5, **WIDE)
+    snap_to_q8_0(model)
+    qbara.prepare(model, {f"model.layers.{i}.{sub}": QuantConfig(fmt) for i in range(WIDE["layers"])
+                          for sub, fmt in MIX.items()})
+    path = tmp_path_factory.mktemp("iquants") / "iquants.gguf"
+    return model, path, export_gguf(model, tokenizer, path)
+
+
+def test_iquant_layers_are_their_own_blocks_read_back_by_gguf_py(iquant_file):
+    model, path, report = iquant_file
+    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+    config = model.config
+    for i, layer in enumerate(model.model.layers):
+        for sub, gguf_name in LINEARS:
+            module = layer.get_submodule(sub)
+            t = tensors[f"blk.{i}.{gguf_name}.weight"]
+            want_type = {"gguf:iq4_nl": GGMLQuantizationType.IQ4_NL, "gguf:iq4_xs": GGMLQuantizationType.IQ4_XS}
+            assert t.tensor_type == want_type[MIX[sub]]
+            heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(gguf_name)
+            raw = np.asarray(t.data)
+            raw = unpermute_rows(raw, heads) if heads else raw
+            assert np.array_equal(raw, module.qweight.tensors["codes"].numpy()), f"blk.{i}.{gguf_name}"
+            got = dequantize(t.data, t.tensor_type)  # gguf-py's own decoder
+            got = unpermute_rows(got, heads) if heads else got
+            assert np.array_equal(got, module.dequantize(torch.float32).numpy()), f"blk.{i}.{gguf_name}"
+    assert report.lossless and report.format_counts == {"IQ4_NL": 6, "IQ4_XS": 8}
+
+
+def test_file_type_names_the_dominant_iquant(iquant_file):
+    _, path, report = iquant_file
+    reader = GGUFReader(str(path))
+    assert reader.fields["general.file_type"].contents() == int(LlamaFileType.MOSTLY_IQ4_XS)
+    params = sum(int(t.n_elements) for t in reader.tensors if t.tensor_type == GGMLQuantizationType.IQ4_XS)
+    others = sum(int(t.n_elements) for t in reader.tensors if t.tensor_type == GGMLQuantizationType.IQ4_NL)
+    assert params > others
+
+
+@pytest.mark.parametrize("counts,name", [
+    ({"IQ4_NL": 300, "Q4_0": 200, "Q6_K": 100}, "MOSTLY_IQ4_NL"),
+    ({"IQ4_XS": 100, "Q4_0": 200}, "MOSTLY_Q4_0"),
+    ({"Q4_K": 500, "Q6_K": 100}, "MOSTLY_Q4_K_M"),
+    ({"IQ4_XS": 9, "Q8_0": 4, "Q5_0": 4, "Q4_0": 4}, "MOSTLY_IQ4_XS"),
+])
+def test_file_type_is_the_type_with_most_linear_weights(counts, name):
+    assert file_type(counts) == int(LlamaFileType[name])
