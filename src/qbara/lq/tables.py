@@ -10,20 +10,30 @@ on a CPU. What is shared, and how (all exact unless stated):
    error. starts=("svd",) is the single-start table of TABLE_VERSION 2, value for value.
 1. The first SVD of every svd-start run is SVD_r(W) (Q starts at 0): computed once per matrix. (The
    quantize start's first SVD, of W - quantize(W), is each config's own, cold, with `power_iters`.)
-2. Configs that differ only in how the absmax scales are stored (b0, b1, B1: 36 of the 432 per
-   (b, B0) pair) share one decomposition, run with the exact (fp32) absmax s (its better start's best
-   iterate, chosen by the exact-scale error, serves every scale setting). At its best iterate
-   R = W - L1 L2, every scale setting's error is computed exactly as `quantize` stores it: codes
-   rounded against that setting's double-dequantized scales ŝ (`_dq_errors`: a three-sum formula for
-   the codes of s plus a recomputation of the elements whose nearest level moves with ŝ).
-   Approximation: the low-rank factors are those of the exact-scale run, while a decomposition with
-   double quantization inside the loop re-fits them to the double-quant grid, which lowers the error
-   when b0 is small; the table is thus somewhat pessimistic about low-b0 scale storage.
-   dq_mode="loop" runs every config's own loop instead (exact at `iters`, ~30x slower).
-3. Fewer iterations than `decompose`'s 100: the table runs `iters` (default 8) iterations per
-   (matrix, b, B0), keeping the best. Errors still fall by ~0.5-1 %/iteration after that at 3-4 bits
-   (2-bit runs usually stop earlier on an increase), so table costs are a few percent above fully
-   converged ones, similarly for all configs; the allocation is what they are for.
+2. dq_mode="refine" (the default): the 432 candidates fall into 144 families (b, B0, b0, B1) whose
+   members differ only in the dtype b1 of the stored scales' maxima. Each family runs its own alternation,
+   with double quantization inside the loop (its fp16 member's), to convergence: at most `iters` (100)
+   iterations, stopping after `patience` (3) in a row that do not improve (a single bump of the noisy
+   randomized alternation is not the end of the descent). At its best iterate R = W - L1 L2 every member's
+   error is computed exactly as `quantize` stores it: codes rounded against that member's double-dequantized
+   scales ŝ (`_dq_errors`: a three-sum formula for the codes of s plus a recomputation of the elements whose
+   nearest level moves with ŝ). Measured against `converged_cost` (every config's own `decompose`, LQ-LoRA's
+   per-config procedure) on 64x128 Gaussian / Student-t(3) matrices at rank 8 (tests/lq/test_exact_table.py):
+   median ratio 0.98-0.99 (the longer runs often beat the reference), no (b, B0, b0) family's median above
+   1.03, 2-4 of 96 single configs at 1.03-1.10 (low b0, NF8); on 128x256 ones 1-4 % of the 432 configs are
+   above 1.03, up to 1.2-1.44 (NF4/NF8 at b0 = 2-3). The reference is itself noisy there: another seed of
+   the same procedure gives 0.4-1.9x on single low-b0/NF8 configs. Cost: 144 alternations per matrix
+   instead of 12, each run to convergence: ~35x the "shared" table's time (bench/lq_table_exactness.py).
+   Warm-starting each family from an exact-scale run (one start instead of two) halves that but leaves
+   25-29 of 432 configs above 1.03, up to 6x: not used.
+3. dq_mode="shared" (the fast approximation, the default before TABLE_VERSION 4): configs differing only in
+   how the scales are stored (b0, b1, B1: 36 per (b, B0)) share one decomposition run with the exact (fp32)
+   absmax s for `iters` (default 8) iterations, stopping at the first bump; every setting's error is then
+   computed exactly at its best iterate as above. Its low-rank factors are never re-fitted to the
+   double-quant grid and it stops early, so it overstates costs: against `converged_cost` on the 64x128
+   matrices above, median 1.12-1.16, 78-91 % of configs above 1.03, up to 17-25x (NF8 at low b0); +10-15 %
+   at b0 = 8 for NF3/NF4, up to +91 % at b0 = 2 on a 512x512 Student-t matrix (issue 30's measurement).
+   dq_mode="loop" runs every config's own alternation (`iters` iterations, first bump; ~30x "shared").
 4. After the first SVD each randomized SVD is warm-started from the previous iteration's subspace
    with `table_power_iters` (default 0) power iterations: the residual W - Q changes little from one
    iteration to the next, so this is subspace iteration carried across the loop (1 product pair per
@@ -34,7 +44,7 @@ Matrices run in parallel on `workers` threads (one torch thread each); under tor
 every rank computes a share of the matrices and the table is all-reduced. Tables are cached in
 $QBARA_CACHE/lq (default ~/.cache/qbara/lq) keyed by a hash of the
 settings, the configs and the weights' (and Fisher's) contents, so allocating at another budget reruns
-only the ILP. SmolLM2-135M (210 x 432, rank 64, 8 iterations, 2 workers): 94 s on 2 quiet CPU cores
+only the ILP. dq_mode="shared" on SmolLM2-135M (210 x 432, rank 64, 8 iterations, 2 workers): 94 s on 2 quiet CPU cores
 before codes were rounded against each setting's stored scales (TABLE_VERSION 1); that exact re-rounding
 costs about 2.2x the CPU time (14 SmolLM2 matrices: 26.6 -> 58.2 s), so roughly 3.5 min quiet. The quantize
 start (TABLE_VERSION 3) adds about half again (8 SmolLM2 matrices, 432 NF + 11 INT/GGUF configs: 53 -> 80 s).
@@ -365,9 +375,10 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
                  table_power_iters: int = 0, seed: int = 0, dq_mode: str = "refine", starts=STARTS,
                  name: str = "weight", importance: Tensor | None = None, patience: int | None = None) -> Tensor:
     """Squared (Fisher-weighted) LQ decomposition error of W under every config (float64, +inf where a
-    config cannot hold W). See the module docstring for what is shared between configs; with
-    dq_mode="loop" every NF config runs its own alternation with its double quantization inside
-    (exact at `iters` iterations, ~30x slower for the 432 candidates). `starts`: as `decompose`'s
+    config cannot hold W). See the module docstring for the modes: "refine" (default; one alternation to
+    convergence per (b, B0, b0, B1) family), "shared" (fast approximation: one per (b, B0), 8 iterations)
+    and "loop" (every NF config its own alternation). iters, patience: per-mode defaults (MODE_ITERS).
+    `starts`: as `decompose`'s
     (the svd start's first SVD is shared by all configs, the quantize start's is each config's own).
     `importance`: the rounding importance of the gguf:* configs (as `decompose`'s)."""
     dq_mode, iters, patience = table_mode(dq_mode, iters, patience)
