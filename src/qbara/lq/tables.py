@@ -23,7 +23,9 @@ on a CPU. What is shared, and how (all exact unless stated):
    1.03, 2-4 of 96 single configs at 1.03-1.10 (low b0, NF8); on 128x256 ones 1-4 % of the 432 configs are
    above 1.03, up to 1.2-1.44 (NF4/NF8 at b0 = 2-3). The reference is itself noisy there: another seed of
    the same procedure gives 0.4-1.9x on single low-b0/NF8 configs. Cost: 144 alternations per matrix
-   instead of 12, each run to convergence: ~35x the "shared" table's time (bench/lq_table_exactness.py).
+   instead of 12, each run to convergence: 39x the "shared" table's time on a SmolLM2 layer (800 vs
+   21 s, one thread; ~6.7 h vs 10 min for the 210 x 432 table) and there costs within 1.023x of the
+   reference (median 0.993; bench/results/lq_table_exactness.md).
    Warm-starting each family from an exact-scale run (one start instead of two) halves that but leaves
    25-29 of 432 configs above 1.03, up to 6x: not used.
 3. dq_mode="shared" (the fast approximation, the default before TABLE_VERSION 4): configs differing only in
