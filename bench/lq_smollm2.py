@@ -38,6 +38,8 @@ def options(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--iters", type=int, default=DEFAULT_TABLE_ITERS, help="decomposition iterations in the table")
+    ap.add_argument("--dq-mode", default="shared", choices=("shared", "refine", "loop"),
+                    help="error table mode (default shared: the table the committed results were made with)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 2.75, 3.0, 3.25, 3.5, 4.0])
     ap.add_argument("--workers", type=int, default=None, help="matrices in parallel (threads)")
     ap.add_argument("--recompute", action="store_true", help="recompute the table even if cached (and re-cache it)")
@@ -91,8 +93,8 @@ def run(args, model=None, tokenizer=None) -> dict:
     result = {"model": args.model, "rank": args.rank, "table_iters": args.iters, "rows": []}
 
     t0 = time.perf_counter()
-    table = error_table(model, candidate_configs(), rank=args.rank, iters=args.iters, recompute=args.recompute,
-                        workers=args.workers)
+    table = error_table(model, candidate_configs(), rank=args.rank, iters=args.iters, dq_mode=args.dq_mode,
+                        recompute=args.recompute, workers=args.workers)
     t_table = time.perf_counter() - t0
     allocations = {}
     t0 = time.perf_counter()
@@ -122,8 +124,8 @@ def run(args, model=None, tokenizer=None) -> dict:
         fisher = fisher_information(model, sequences)
         t_fisher = time.perf_counter() - t0
         t0 = time.perf_counter()
-        table_f = error_table(model, candidate_configs(), rank=args.rank, iters=args.iters, fisher=fisher,
-                              workers=args.workers)
+        table_f = error_table(model, candidate_configs(), rank=args.rank, iters=args.iters, dq_mode=args.dq_mode,
+                              fisher=fisher, workers=args.workers)
         result["timing"].update(fisher_s=t_fisher, fisher_table_s=time.perf_counter() - t0)
         print(f"Fisher ({args.fisher_samples} x {args.fisher_length} tokens of Macbeth): {t_fisher:.0f} s; "
               f"Fisher table {result['timing']['fisher_table_s']:.0f} s")

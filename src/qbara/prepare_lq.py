@@ -26,7 +26,7 @@ from qbara.lq.config import LQConfig
 from qbara.lq.factors import store_factors
 from qbara.lq.filesize import FileBudget
 from qbara.lq.prepare import LQReport, quantize_with_factors
-from qbara.lq.tables import DEFAULT_TABLE_ITERS, error_table
+from qbara.lq.tables import error_table
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.state import state_of
@@ -137,7 +137,7 @@ def choose_configs(plan: LayerPlan, weights: Mapping[str, Tensor], lq: LQConfig,
     table = lq.open_table()
     if table is None:
         table = error_table(weights, None if lq.configs is None else list(lq.configs), rank=rank,
-                            iters=lq.table_iters or DEFAULT_TABLE_ITERS, fisher=fisher, seed=lq.seed,
+                            iters=lq.table_iters, fisher=fisher, seed=lq.seed,
                             workers=lq.workers, progress=progress, importance=importance)
     else:
         if ("importance" in table.settings) != (importance is not None):

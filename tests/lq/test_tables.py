@@ -106,7 +106,7 @@ def test_shared_and_loop_modes_agree_after_one_iteration():
     # With one iteration both quantize W - SVD_r(W): the shared codes are then exact for every setting.
     W = torch.randn(64, 128, generator=torch.Generator().manual_seed(3)) * 0.02
     configs = small_configs()
-    shared = matrix_costs(W, configs, rank=4, iters=1)
+    shared = matrix_costs(W, configs, rank=4, iters=1, dq_mode="shared")
     loop = matrix_costs(W, configs, rank=4, iters=1, dq_mode="loop")
     assert torch.allclose(shared, loop, rtol=1e-5)
     several = matrix_costs(W, configs, rank=4, iters=4, dq_mode="loop")

@@ -50,7 +50,7 @@ class LQConfig:
         time): data-aware LQ-LoRA, weighting the table's costs and the decompositions.
     max_iters: LQ-LoRA's decomposition iterations per matrix (early stop at the first that does not improve).
     loftq_iters: LoftQ's alternations.
-    table_iters: decomposition iterations per entry of a new error table (default 8).
+    table_iters: most decomposition iterations per alternation of a new error table (default: the table mode's, 8).
     table: a precomputed `ErrorTable` of the same matrices at the adapter's rank (or the path it was saved to).
     seed: seeds every matrix's random test matrices (matrix i: seed * 1_000_003 + i).
     workers: matrices decomposed at once (threads; default torch.get_num_threads()).

@@ -27,6 +27,7 @@ The quantization step stays unweighted; the error (stopping rule, best iterate) 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,7 +246,7 @@ def _alternate(W: Tensor, quantize_step: Callable[[Tensor], tuple[Tensor, Any]],
                tol: float = 0.0, warm_start: bool = False,
                first_factors: tuple[Tensor, Tensor] | None = None,
                first_basis: Tensor | None = None, starts=STARTS,
-               cold_power_iters: int | None = None) -> _LoopResult:
+               cold_power_iters: int | None = None, patience: int = 1) -> _LoopResult:
     """Run the LQ alternation from each of `starts` and return the best iterate of them all;
     `quantize_step(R)` returns (dequantized R, anything to keep).
 
@@ -257,7 +258,9 @@ def _alternate(W: Tensor, quantize_step: Callable[[Tensor], tuple[Tensor, Any]],
     search. The result's `errors`/`best_iter` are the winning run's; `start_errors` has every run's history.
 
     Each run stops at the first iterate that does not improve on the previous one by more than a relative
-    `tol` (0: at the first increase or tie) and keeps its best iterate. `first_factors` are the rank-r
+    `tol` (0: at the first increase or tie) and keeps its best iterate; with `patience` p > 1 it stops only
+    after p iterates in a row fail to improve on the best one (randomized SVDs make the error history noisy:
+    a single bump need not be the end of the descent). `first_factors` are the rank-r
     factors of W itself, the svd start's first SVD (the same for every quantization config, so callers
     sweeping configs compute it once, with `first_basis` its subspace); `warm_start` seeds each SVD with
     the previous subspace. An SVD with no subspace to start from (the first of each run unless given) uses
@@ -275,7 +278,7 @@ def _alternate(W: Tensor, quantize_step: Callable[[Tensor], tuple[Tensor, Any]],
     for start in starts:
         res = _run(W, quantize_step, rank, max_iters, scalings, sqrt_f, oversample, power_iters, cold,
                    _start_generator(generator, start), tol, warm_start, start,
-                   first_factors if start == "svd" else None, first_basis if start == "svd" else None)
+                   first_factors if start == "svd" else None, first_basis if start == "svd" else None, patience)
         histories[start] = res.errors
         if best is None or res.error < best.error:
             best = res
@@ -286,12 +289,13 @@ def _alternate(W: Tensor, quantize_step: Callable[[Tensor], tuple[Tensor, Any]],
 
 
 def _run(W, quantize_step, rank, max_iters, scalings, sqrt_f, oversample, power_iters, cold_power_iters,
-         generator, tol, warm_start, start, first_factors, first_basis) -> _LoopResult:
+         generator, tol, warm_start, start, first_factors, first_basis, patience=1) -> _LoopResult:
     """One alternation from one start (see `_alternate`)."""
     errors: list[float] = []
     best = None
     basis = first_basis
     Q = None
+    stale = 0  # iterates in a row not improving on the best by more than tol
     for it in range(max_iters):
         check_cancelled()  # a Ctrl-C'd run_per_matrix stops here, not at the end of the matrix
         if it == 0 and start == "quantize":
@@ -309,12 +313,17 @@ def _run(W, quantize_step, rank, max_iters, scalings, sqrt_f, oversample, power_
         Q, payload = quantize_step(R)
         err = weighted_error(R - Q, sqrt_fisher=sqrt_f)
         errors.append(err)
-        if best is None or err < errors[best.best_iter]:
+        floor = errors[best.best_iter] if best is not None else math.inf  # the best before this iterate
+        if best is None or err < floor:
             best = _LoopResult(payload, L1, L2, errors, it, R, start)
         if rank == 0 or err == 0.0:
             break  # nothing alternates (or nothing is left to improve)
-        if it > 0 and err >= errors[it - 1] * (1.0 - tol):
-            break
+        if it > 0 and err >= floor * (1.0 - tol):  # with patience 1: the previous iterate (all were improvements)
+            stale += 1
+            if stale >= patience:
+                break
+        else:
+            stale = 0
     best.errors = errors
     return best
 

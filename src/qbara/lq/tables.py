@@ -10,20 +10,32 @@ on a CPU. What is shared, and how (all exact unless stated):
    error. starts=("svd",) is the single-start table of TABLE_VERSION 2, value for value.
 1. The first SVD of every svd-start run is SVD_r(W) (Q starts at 0): computed once per matrix. (The
    quantize start's first SVD, of W - quantize(W), is each config's own, cold, with `power_iters`.)
-2. Configs that differ only in how the absmax scales are stored (b0, b1, B1: 36 of the 432 per
-   (b, B0) pair) share one decomposition, run with the exact (fp32) absmax s (its better start's best
-   iterate, chosen by the exact-scale error, serves every scale setting). At its best iterate
-   R = W - L1 L2, every scale setting's error is computed exactly as `quantize` stores it: codes
-   rounded against that setting's double-dequantized scales ŝ (`_dq_errors`: a three-sum formula for
-   the codes of s plus a recomputation of the elements whose nearest level moves with ŝ).
-   Approximation: the low-rank factors are those of the exact-scale run, while a decomposition with
-   double quantization inside the loop re-fits them to the double-quant grid, which lowers the error
-   when b0 is small; the table is thus somewhat pessimistic about low-b0 scale storage.
-   dq_mode="loop" runs every config's own loop instead (exact at `iters`, ~30x slower).
-3. Fewer iterations than `decompose`'s 100: the table runs `iters` (default 8) iterations per
-   (matrix, b, B0), keeping the best. Errors still fall by ~0.5-1 %/iteration after that at 3-4 bits
-   (2-bit runs usually stop earlier on an increase), so table costs are a few percent above fully
-   converged ones, similarly for all configs; the allocation is what they are for.
+2. dq_mode="refine" (exact, opt-in: ~39x the default's time): the 432 candidates fall into 144 families (b, B0, b0, B1) whose
+   members differ only in the dtype b1 of the stored scales' maxima. Each family runs its own alternation,
+   with double quantization inside the loop (its fp16 member's), to convergence: at most `iters` (100)
+   iterations, stopping after `patience` (3) in a row that do not improve (a single bump of the noisy
+   randomized alternation is not the end of the descent). At its best iterate R = W - L1 L2 every member's
+   error is computed exactly as `quantize` stores it: codes rounded against that member's double-dequantized
+   scales ŝ (`_dq_errors`: a three-sum formula for the codes of s plus a recomputation of the elements whose
+   nearest level moves with ŝ). Measured against `converged_cost` (every config's own `decompose`, LQ-LoRA's
+   per-config procedure) on 64x128 Gaussian / Student-t(3) matrices at rank 8 (tests/lq/test_exact_table.py):
+   median ratio 0.98-0.99 (the longer runs often beat the reference), no (b, B0, b0) family's median above
+   1.03, 2-4 of 96 single configs at 1.03-1.10 (low b0, NF8); on 128x256 ones 1-4 % of the 432 configs are
+   above 1.03, up to 1.2-1.44 (NF4/NF8 at b0 = 2-3). The reference is itself noisy there: another seed of
+   the same procedure gives 0.4-1.9x on single low-b0/NF8 configs. Cost: 144 alternations per matrix
+   instead of 12, each run to convergence: 39x the "shared" table's time on a SmolLM2 layer (800 vs
+   21 s, one thread; ~6.7 h vs 10 min for the 210 x 432 table) and there costs within 1.023x of the
+   reference (median 0.993; bench/results/lq_table_exactness.md).
+   Warm-starting each family from an exact-scale run (one start instead of two) halves that but leaves
+   25-29 of 432 configs above 1.03, up to 6x: not used.
+3. dq_mode="shared" (the default, a fast approximation): configs differing only in
+   how the scales are stored (b0, b1, B1: 36 per (b, B0)) share one decomposition run with the exact (fp32)
+   absmax s for `iters` (default 8) iterations, stopping at the first bump; every setting's error is then
+   computed exactly at its best iterate as above. Its low-rank factors are never re-fitted to the
+   double-quant grid and it stops early, so it overstates costs: against `converged_cost` on the 64x128
+   matrices above, median 1.12-1.16, 78-91 % of configs above 1.03, up to 17-25x (NF8 at low b0); +10-15 %
+   at b0 = 8 for NF3/NF4, up to +91 % at b0 = 2 on a 512x512 Student-t matrix (issue 30's measurement).
+   dq_mode="loop" runs every config's own alternation (`iters` iterations, first bump; ~30x "shared").
 4. After the first SVD each randomized SVD is warm-started from the previous iteration's subspace
    with `table_power_iters` (default 0) power iterations: the residual W - Q changes little from one
    iteration to the next, so this is subspace iteration carried across the loop (1 product pair per
@@ -34,7 +46,7 @@ Matrices run in parallel on `workers` threads (one torch thread each); under tor
 every rank computes a share of the matrices and the table is all-reduced. Tables are cached in
 $QBARA_CACHE/lq (default ~/.cache/qbara/lq) keyed by a hash of the
 settings, the configs and the weights' (and Fisher's) contents, so allocating at another budget reruns
-only the ILP. SmolLM2-135M (210 x 432, rank 64, 8 iterations, 2 workers): 94 s on 2 quiet CPU cores
+only the ILP. dq_mode="shared" on SmolLM2-135M (210 x 432, rank 64, 8 iterations, 2 workers): 94 s on 2 quiet CPU cores
 before codes were rounded against each setting's stored scales (TABLE_VERSION 1); that exact re-rounding
 costs about 2.2x the CPU time (14 SmolLM2 matrices: 26.6 -> 58.2 s), so roughly 3.5 min quiet. The quantize
 start (TABLE_VERSION 3) adds about half again (8 SmolLM2 matrices, 432 NF + 11 INT/GGUF configs: 53 -> 80 s).
@@ -61,7 +73,9 @@ from qbara.lq.configs import candidate_configs
 from qbara.lq.decompose import (
     STARTS,
     _alternate,
+    _nf_step,
     check_starts,
+    decompose,
     fisher_scalings,
     low_rank_factors,
     quantize_step,
@@ -73,17 +87,19 @@ from qbara.lq.ilp import budget_range
 from qbara.lq.parallel import active_dist, collective_device, my_share, run_per_matrix
 from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import stored_scales
-from qbara.quant.nf import block_absmax, keep_ratios, nf_values, quantize_nf_values, scale_blocks
+from qbara.quant.nf import keep_ratios, nf_values, quantize_nf_values, scale_blocks
 from qbara.targets import linear_layer_names
 from qbara.tensor_checks import read_safetensors
 from qbara.validate import read_json_file
 
-__all__ = ["ErrorTable", "Allocation", "error_table", "matrix_costs", "lq_cache_dir", "TABLE_VERSION"]
+__all__ = ["ErrorTable", "Allocation", "error_table", "matrix_costs", "converged_cost", "lq_cache_dir",
+           "TABLE_VERSION"]
 
-TABLE_VERSION = 3  # bump when the computation changes, so old caches are not reused (3: svd + quantize starts)
+# bump when the computation changes, so old caches are not reused (3: svd + quantize starts; 4: dq_mode "refine")
+TABLE_VERSION = 4
 # elements per chunk in `_dq_errors` (~1 M): its work arrays stay ~70 MB whatever the matrix
 DQ_CHUNK_ELEMENTS = 1 << 20
-DEFAULT_TABLE_ITERS = 8
+DEFAULT_TABLE_ITERS = 8  # the fast approximation's (dq_mode="shared") iterations
 
 
 def lq_cache_dir() -> Path:
@@ -312,18 +328,62 @@ def _dq_chunk(R: Tensor, absmax: Tensor, v: Tensor, bits: int, settings, S: Tens
     return totals
 
 
-def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iters: int = DEFAULT_TABLE_ITERS,
+# which b1 (dtype of the stored scales' maxima) runs the alternation of its family, first present wins
+REPRESENTATIVE_DTYPES = ("fp16", "bf16", "fp32")
+DQ_MODES = ("shared", "refine", "loop")
+MODE_ITERS = {"refine": (100, 3), "shared": (DEFAULT_TABLE_ITERS, 1), "loop": (DEFAULT_TABLE_ITERS, 1)}
+
+
+def table_mode(dq_mode: str, iters: int | None, patience: int | None) -> tuple[str, int, int]:
+    """(dq_mode, iters, patience) checked, with each mode's defaults (MODE_ITERS) for the ones left None."""
+    if dq_mode not in DQ_MODES:
+        raise QbaraError(f"dq_mode must be one of {', '.join(map(repr, DQ_MODES))}, got {dq_mode!r}")
+    default_iters, default_patience = MODE_ITERS[dq_mode]
+    iters = default_iters if iters is None else iters
+    patience = default_patience if patience is None else patience
+    for label, value in (("iters", iters), ("patience", patience)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise QbaraError(f"{label} must be a positive integer, got {value!r}")
+    return dq_mode, iters, patience
+
+
+def _rounded_costs(costs: Tensor, configs: Sequence[QuantConfig], members: Sequence[int], residual: Tensor,
+                   bits: int, B0: int, fisher: Tensor | None, payload=None) -> None:
+    """Lower costs[j] (j in `members`, NF-`bits` configs of block size B0) to the exact error of quantizing
+    `residual` (W - L1 L2 of some iterate) as config j stores it: codes rounded against its own stored scales
+    (`_dq_errors`). Every value is the error of a decomposition the config can hold, so the minimum over
+    iterates is one too. `payload`: (levels, absmax) of the exact-scale rounding of `residual`, if at hand."""
+    R = residual.reshape(-1, B0)
+    v, absmax = payload if payload is not None else quantize_nf_values(R, bits, B0)[:2]
+    v = v.reshape(-1, B0)
+    dq_settings = sorted({(configs[j].dq_bits, configs[j].dq_dtype, configs[j].dq_block_size)
+                          for j in members if configs[j].double_quant})
+    dq = _dq_errors(R, absmax, v, bits, dq_settings, fisher)
+    e = R - v * absmax[:, None]
+    exact = float((e * e if fisher is None else e * e * fisher.reshape(-1, B0)).sum(dtype=torch.float64))
+    for j in members:
+        c = configs[j]
+        cost = dq[(c.dq_bits, c.dq_dtype, c.dq_block_size)] if c.double_quant else exact
+        costs[j] = min(float(costs[j]), float(cost))
+
+
+def _representative(configs: Sequence[QuantConfig], family: Sequence[int]) -> int:
+    """The config of a (b, B0, b0, B1) family whose own alternation stands for all: by REPRESENTATIVE_DTYPES."""
+    return min(family, key=lambda j: REPRESENTATIVE_DTYPES.index(configs[j].dq_dtype))
+
+
+def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iters: int | None = None,
                  fisher: Tensor | None = None, oversample: int = 10, power_iters: int = 2,
                  table_power_iters: int = 0, seed: int = 0, dq_mode: str = "shared", starts=STARTS,
-                 name: str = "weight", importance: Tensor | None = None) -> Tensor:
+                 name: str = "weight", importance: Tensor | None = None, patience: int | None = None) -> Tensor:
     """Squared (Fisher-weighted) LQ decomposition error of W under every config (float64, +inf where a
-    config cannot hold W). See the module docstring for what is shared between configs; with
-    dq_mode="loop" every NF config runs its own alternation with its double quantization inside
-    (exact at `iters` iterations, ~30x slower for the 432 candidates). `starts`: as `decompose`'s
+    config cannot hold W). See the module docstring for the modes: "shared" (default, the fast approximation:
+    one alternation per (b, B0), 8 iterations), "refine" (exact: one alternation to convergence per
+    (b, B0, b0, B1) family, ~39x the time) and "loop" (every NF config its own alternation). iters, patience: per-mode defaults (MODE_ITERS).
+    `starts`: as `decompose`'s
     (the svd start's first SVD is shared by all configs, the quantize start's is each config's own).
     `importance`: the rounding importance of the gguf:* configs (as `decompose`'s)."""
-    if dq_mode not in ("shared", "loop"):
-        raise QbaraError(f"dq_mode must be 'shared' or 'loop', got {dq_mode!r}")
+    dq_mode, iters, patience = table_mode(dq_mode, iters, patience)
     starts = check_starts(starts, name)
     W = W.detach().to(torch.float32)
     fisher = None if fisher is None else fisher.detach().to(torch.float32)
@@ -343,11 +403,16 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
             key = ("other", j)
         elif dq_mode == "loop":
             key = ("nf", c.bits, c.block_size, j)
+        elif dq_mode == "refine" and c.double_quant:  # one alternation per (b, B0, b0) family
+            key = ("nf", c.bits, c.block_size, c.dq_bits, c.dq_block_size)
         else:
             key = ("nf", c.bits, c.block_size)
         groups.setdefault(key, []).append(j)
     if not groups:
         return costs
+    if dq_mode == "refine":  # the config whose own alternation stands for its family, at the key's end
+        groups = {key + (_representative(configs, members),) if len(key) == 5 else key: members
+                  for key, members in groups.items()}
 
     scalings = fisher_scalings(fisher) if fisher is not None else None
     first = None
@@ -355,7 +420,7 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
         L1, L2, basis = low_rank_factors(W, rank, scalings, oversample, power_iters, generator)
         first = (L1, L2), basis
     # Warm-started SVDs take `table_power_iters`; the quantize start's first (cold) one `power_iters`.
-    common = dict(rank=rank, max_iters=int(iters), fisher=fisher, oversample=oversample,
+    common = dict(rank=rank, max_iters=int(iters), patience=patience, fisher=fisher, oversample=oversample,
                   power_iters=table_power_iters, generator=generator, warm_start=True,
                   first_factors=first[0] if first else None, first_basis=first[1] if first else None,
                   starts=starts, cold_power_iters=power_iters)
@@ -369,13 +434,7 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
             continue
         bits, B0 = key[1], key[2]
         if len(key) == 4 and configs[key[3]].double_quant:
-            c = configs[key[3]]
-
-            def nf_step(R, bits=bits, B0=B0, c=c):  # double quantization inside the loop
-                scales = stored_scales(block_absmax(R, B0), c.dq_bits, c.dq_block_size, c.dq_dtype)
-                return quantize_nf_values(R, bits, B0, scales)[2], None
-
-            res = _alternate(W, nf_step, **common)
+            res = _alternate(W, _nf_step(configs[key[3]]), **common)  # double quantization inside the loop
             costs[key[3]] = res.errors[res.best_iter] ** 2
             continue
 
@@ -383,18 +442,18 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
             v, absmax, deq = quantize_nf_values(R, bits, B0)
             return deq, (v, absmax)
 
-        res = _alternate(W, nf_step, **common)
-        v, absmax = res.payload
-        R = res.residual.reshape(-1, B0)
-        dq_settings = sorted({(configs[j].dq_bits, configs[j].dq_dtype, configs[j].dq_block_size)
-                              for j in members if configs[j].double_quant})
-        dq = _dq_errors(R, absmax, v, bits, dq_settings, fisher)
-        e = R - v * absmax[:, None]
-        exact = float((e * e if fisher is None else e * e * fisher.reshape(-1, B0)).sum(dtype=torch.float64))
-        for j in members:
-            c = configs[j]
-            costs[j] = dq[(c.dq_bits, c.dq_dtype, c.dq_block_size)] if c.double_quant else exact
+        res = _alternate(W, _nf_step(configs[key[-1]]) if len(key) == 6 else nf_step, **common)
+        _rounded_costs(costs, configs, members, res.residual, bits, B0, fisher,
+                       payload=None if len(key) == 6 else res.payload)
     return costs
+
+
+def converged_cost(W: Tensor, config: QuantConfig, rank: int = 64, fisher: Tensor | None = None, seed: int = 0,
+                   max_iters: int = 100, **kwargs) -> float:
+    """The reference for a table entry: squared (Fisher-weighted) error of `config`'s own decomposition of W
+    run to convergence (LQ-LoRA's per-config procedure: `decompose`, SVD and quantization alternated until
+    the error stops improving, best iterate kept). kwargs: `decompose`'s (starts, oversample, ...)."""
+    return decompose(W, config, rank, max_iters, fisher, seed=seed, **kwargs).error ** 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,36 +497,36 @@ def _digest(names, tensors: Mapping[str, Tensor]) -> str:
 
 
 def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, *, rank: int = 64,
-                iters: int = DEFAULT_TABLE_ITERS, fisher: Mapping[str, Tensor] | None = None,
+                iters: int | None = None, fisher: Mapping[str, Tensor] | None = None,
                 importance: Mapping[str, Tensor] | None = None, targets="all-linear", oversample: int = 10,
                 power_iters: int = 2, table_power_iters: int = 0,
                 seed: int = 0, dq_mode: str = "shared", starts=STARTS, cache: bool = True,
                 recompute: bool = False, cache_dir=None, workers: int | None = None,
-                progress: bool = True) -> ErrorTable:
+                progress: bool = True, patience: int | None = None) -> ErrorTable:
     """The LQ-LoRA error table of a model's target linears (or of a name -> weight mapping).
 
     configs: candidates (default: the 432 of SPEC §1.1). rank: LoRA rank of the decomposition
-    (0: plain quantization). iters: decomposition iterations per (matrix, code bits, block size).
+    (0: plain quantization). iters, patience: at most `iters` iterations per alternation, stopping after
+    `patience` iterates in a row without improvement (defaults per dq_mode: MODE_ITERS).
     fisher: name -> Fisher matrix (weight's shape) for data-aware costs. workers: matrices computed
     at once (threads, one torch thread each; default torch.get_num_threads()). Cached on disk unless
     cache=False (recompute=True ignores an existing entry and overwrites it). Under torch.distributed
-    the ranks share the matrices and all get the full table. dq_mode: "shared" (default; see the
-    module docstring) or "loop" (every config its own alternation: exact at `iters`, much slower).
+    the ranks share the matrices and all get the full table. dq_mode: "shared" (default, the fast
+    approximation: costs overstated by a median 12-16 %, most at low b0), "refine" (within a few percent of
+    every config's own decomposition to convergence, at ~39x the time) or "loop" (every config its own
+    alternation); see the module docstring.
     starts: the alternation's starts, as `decompose`'s (default both: "svd" and "quantize"; part of the
     cache key). importance: name -> rounding importance of the gguf:* configs (`qbara.lq.importance_matrix`'s
     per-column vectors or per-weight tensors such as the Fisher), so each cost is that of the rounding
     `quantize_model(..., importance=)` writes; part of the cache key.
     """
-    if dq_mode not in ("shared", "loop"):
-        raise QbaraError(f"dq_mode must be 'shared' or 'loop', got {dq_mode!r}")
+    dq_mode, iters, patience = table_mode(dq_mode, iters, patience)
     starts = check_starts(starts, "error_table")
     configs = list(candidate_configs() if configs is None else configs)
     if not configs or not all(isinstance(c, QuantConfig) for c in configs):
         raise QbaraError("configs must be a non-empty list of qbara.quant.QuantConfig")
     if not isinstance(rank, int) or rank < 0:
         raise QbaraError(f"rank must be a non-negative integer, got {rank!r}")
-    if not isinstance(iters, int) or iters < 1:
-        raise QbaraError(f"iters must be a positive integer, got {iters!r}")
     names, weights, shapes = _targets(model_or_weights, targets)
     if fisher is not None:
         missing = [n for n in names if n not in fisher]
@@ -487,7 +546,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
         if lacking:
             raise QbaraError(f"the importance lacks {lacking[:3]} ({len(lacking)} layers); compute it for the same "
                              f"target layers (qbara.lq.importance_matrix)")
-    settings = {"version": TABLE_VERSION, "rank": rank, "iters": iters, "oversample": oversample,
+    settings = {"version": TABLE_VERSION, "rank": rank, "iters": iters, "patience": patience, "oversample": oversample,
                 "power_iters": power_iters, "table_power_iters": table_power_iters, "seed": seed,
                 "dq_mode": dq_mode, "starts": list(starts),
                 "weights": _digest(names, weights),
@@ -526,7 +585,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
     sizes = [r * c for r, c in shapes]
     costs = torch.zeros((n, len(configs)), dtype=torch.float64)
     kwargs = dict(rank=rank, iters=iters, oversample=oversample, power_iters=power_iters,
-                  table_power_iters=table_power_iters, dq_mode=dq_mode, starts=starts)
+                  table_power_iters=table_power_iters, dq_mode=dq_mode, starts=starts, patience=patience)
 
     def one(i):
         # Seeded per matrix index: the same costs whichever rank or thread computes it. Looked up here, so a
