@@ -10,10 +10,10 @@ on a CPU. What is shared, and how (all exact unless stated):
    error. starts=("svd",) is the single-start table of TABLE_VERSION 2, value for value.
 1. The first SVD of every svd-start run is SVD_r(W) (Q starts at 0): computed once per matrix. (The
    quantize start's first SVD, of W - quantize(W), is each config's own, cold, with `power_iters`.)
-2. dq_mode="refine" (exact, opt-in: ~39x the default's time): the 432 candidates fall into 144 families (b, B0, b0, B1) whose
-   members differ only in the dtype b1 of the stored scales' maxima. Each family runs its own alternation,
-   with double quantization inside the loop (its fp16 member's), to convergence: at most `iters` (100)
-   iterations, stopping after `patience` (3) in a row that do not improve (a single bump of the noisy
+2. dq_mode="refine" (exact, opt-in: ~39x the default's time): the 432 candidates fall into 144 families
+   (b, B0, b0, B1) whose members differ only in the dtype b1 of the stored scales' maxima. Each family runs
+   its own alternation, with double quantization inside the loop (its fp16 member's), to convergence: at
+   most `iters` (100) iterations, stopping after `patience` (3) in a row that do not improve (a single bump of the noisy
    randomized alternation is not the end of the descent). At its best iterate R = W - L1 L2 every member's
    error is computed exactly as `quantize` stores it: codes rounded against that member's double-dequantized
    scales ŝ (`_dq_errors`: a three-sum formula for the codes of s plus a recomputation of the elements whose
@@ -377,9 +377,10 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
                  table_power_iters: int = 0, seed: int = 0, dq_mode: str = "shared", starts=STARTS,
                  name: str = "weight", importance: Tensor | None = None, patience: int | None = None) -> Tensor:
     """Squared (Fisher-weighted) LQ decomposition error of W under every config (float64, +inf where a
-    config cannot hold W). See the module docstring for the modes: "shared" (default, the fast approximation:
-    one alternation per (b, B0), 8 iterations), "refine" (exact: one alternation to convergence per
-    (b, B0, b0, B1) family, ~39x the time) and "loop" (every NF config its own alternation). iters, patience: per-mode defaults (MODE_ITERS).
+    config cannot hold W). See the module docstring for the modes: "shared" (default, the fast
+    approximation: one alternation per (b, B0), 8 iterations), "refine" (exact: one alternation to
+    convergence per (b, B0, b0, B1) family, ~39x the time) and "loop" (every NF config its own
+    alternation). iters, patience: per-mode defaults (MODE_ITERS).
     `starts`: as `decompose`'s
     (the svd start's first SVD is shared by all configs, the quantize start's is each config's own).
     `importance`: the rounding importance of the gguf:* configs (as `decompose`'s)."""
