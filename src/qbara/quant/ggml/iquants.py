@@ -34,10 +34,10 @@ from qbara.quant.ggml.common import (
     sqrt_f32,
 )
 from qbara.quant.ggml.legacy import _inverse, _pack_nibbles, _unpack_nibbles
+from qbara.quant.ggml.searches import GROUP_MAX_EPS  # a block whose absmax is below it gets scale 0
 
 LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
 NTRY = 7  # the scale search tries (itry + LEVELS[0]) / max for itry in -NTRY .. NTRY
-GROUP_MAX_EPS = 1e-15  # a block whose absmax is below this (as float32) gets scale 0
 QK_K = 256
 
 
