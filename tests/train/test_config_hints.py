@@ -99,3 +99,17 @@ def test_an_axolotl_style_config_resolves(tmp_path):
     assert (config.model.name, config.data.max_length, config.data.held_out) == ("tiny-llama", 128, 0.1)
     t = config.train
     assert (t.batch_size, t.epochs, t.steps, t.optim, t.scheduler, t.lr) == (2, 3.0, -1, "adafactor", "cosine", 1e-4)
+
+
+def test_bare_model_and_adapter_overrides_read_as_the_yaml_shorthands(tmp_path, monkeypatch):
+    """`--model NAME` is model.name (as `model: NAME` in YAML); `--adapter qlora` / `--adapter qahira` the method
+    (as Axolotl's `adapter: qlora`), while `--adapter FOLDER` stays the starting adapter folder."""
+    config = build_config({}, {"model": "tiny-llama", "adapter": "qahira", "quant.format": "int4",
+                               "quant.block_size": 32})
+    assert config.model.name == "tiny-llama" and config.adapter["method"] == "qahira" and config.model.adapter == ""
+    assert build_config({}, {"adapter": "qlora"}).adapter["method"] == "lora"  # NF4 by default: QLoRA is LoRA
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lora").mkdir()  # a folder of that name is the folder
+    config = build_config({}, {"adapter": "lora"})
+    assert config.model.adapter == "lora" and config.adapter["method"] == "lora"
+    assert build_config({}, {"adapter": "runs/x/adapter"}).model.adapter == "runs/x/adapter"

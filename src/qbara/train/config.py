@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qbara.adapters.config import QLORA, AdapterConfig
+from qbara.adapters.methods import METHODS
 from qbara.errors import QbaraError
 from qbara.options import option
 from qbara.prompt_formats import check_template_choice
@@ -286,12 +287,24 @@ def _merge(merged: dict[str, dict], settings) -> None:
         merged.setdefault(section, {})[name] = value
 
 
+def _override_settings(overrides: dict):
+    """(key, value) for each command-line override; a bare `--model NAME` is model.name (as `model: NAME` is in
+    YAML), and a bare `--adapter METHOD` (lora, qlora, ... and no folder of that name) adapter.method (Axolotl's
+    `adapter: qlora`); `--adapter FOLDER` stays model.adapter."""
+    for key, value in overrides.items():
+        if key == "model" and isinstance(value, str):
+            key = "model.name"
+        elif key == "adapter" and value in (*METHODS, QLORA) and not Path(value).is_dir():
+            key = "adapter.method"
+        yield key, value
+
+
 def build_config(data: dict, overrides: dict | None = None) -> RunConfig:
     """A RunConfig from `data` (as read from YAML: sections and/or flat keys) and flat `overrides`
     {"train.lr": 1e-4, "learning_rate": 1e-4, ...}, which win over the YAML."""
     merged: dict[str, dict] = {}
     _merge(merged, _yaml_settings(data))
-    _merge(merged, (overrides or {}).items())
+    _merge(merged, _override_settings(overrides or {}))
     config = RunConfig()
     for section, cls in _SECTIONS.items():
         hints = typing.get_type_hints(cls)
