@@ -1,10 +1,7 @@
 """gguf:iq4_nl / gguf:iq4_xs layers in a GGUF: their own block bytes under their GGML types, read back by
 gguf-py, and general.file_type naming the type that holds most linear weights."""
-import numpy as np
 import pytest
-import torch
 from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
-from gguf.quants import dequantize
 
 import qbara
 from qbara import QuantConfig
@@ -14,7 +11,7 @@ from qbara.export.gguf.metadata import file_type
 from qbara.models import tiny_llama
 
 from .conftest import snap_to_q8_0
-from .test_gguf_mixed import WIDE, unpermute_rows
+from .test_gguf_mixed import WIDE, assert_layers_are_their_own_blocks
 
 # IQ4_XS on the MLP (2 x 256x512 + 512x256 weights per layer) and on q, IQ4_NL on k / v / o; 2 layers.
 MIX = {"self_attn.q_proj": "gguf:iq4_xs", "self_attn.k_proj": "gguf:iq4_nl", "self_attn.v_proj": "gguf:iq4_nl",
@@ -34,21 +31,11 @@ def iquant_file(tmp_path_factory):
 
 def test_iquant_layers_are_their_own_blocks_read_back_by_gguf_py(iquant_file):
     model, path, report = iquant_file
-    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
-    config = model.config
-    for i, layer in enumerate(model.model.layers):
+    types = assert_layers_are_their_own_blocks(model, path)
+    want_type = {"gguf:iq4_nl": GGMLQuantizationType.IQ4_NL, "gguf:iq4_xs": GGMLQuantizationType.IQ4_XS}
+    for i in range(len(model.model.layers)):
         for sub, gguf_name in LINEARS:
-            module = layer.get_submodule(sub)
-            t = tensors[f"blk.{i}.{gguf_name}.weight"]
-            want_type = {"gguf:iq4_nl": GGMLQuantizationType.IQ4_NL, "gguf:iq4_xs": GGMLQuantizationType.IQ4_XS}
-            assert t.tensor_type == want_type[MIX[sub]]
-            heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(gguf_name)
-            raw = np.asarray(t.data)
-            raw = unpermute_rows(raw, heads) if heads else raw
-            assert np.array_equal(raw, module.qweight.tensors["codes"].numpy()), f"blk.{i}.{gguf_name}"
-            got = dequantize(t.data, t.tensor_type)  # gguf-py's own decoder
-            got = unpermute_rows(got, heads) if heads else got
-            assert np.array_equal(got, module.dequantize(torch.float32).numpy()), f"blk.{i}.{gguf_name}"
+            assert types[f"blk.{i}.{gguf_name}.weight"] == want_type[MIX[sub]]
     assert report.lossless and report.format_counts == {"IQ4_NL": 6, "IQ4_XS": 8}
 
 

@@ -59,26 +59,38 @@ def test_every_block_format_keeps_rows_independent():
         assert torch.equal(dequantize_ggml(raw[perm], (16, 512), fmt), dequantize_ggml(raw, (16, 512), fmt)[perm])
 
 
-def test_gguf_layers_are_their_own_blocks(mixed):
-    model, _, path, report = mixed
+def assert_layers_are_their_own_blocks(model, path) -> dict:
+    """Every linear of `model` read back from the GGUF at `path` by gguf-py: its dequantized weight equals the
+    layer's, and a gguf:* layer's raw bytes are its own blocks under its GGML type (q/k rows un-permuted).
+    Returns GGUF tensor name -> tensor type."""
     tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
-    config = model.config
+    config, types = model.config, {}
     for i, layer in enumerate(model.model.layers):
         for sub, gguf_name in LINEARS:
             module = layer.get_submodule(sub)
-            t = tensors[f"blk.{i}.{gguf_name}.weight"]
+            name = f"blk.{i}.{gguf_name}.weight"
+            t = tensors[name]
+            types[name] = t.tensor_type
             heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(gguf_name)
             got = dequantize(t.data, t.tensor_type)  # gguf-py's own decoder
             if heads:
                 got = unpermute_rows(got, heads)
-            assert np.array_equal(got, module.dequantize(torch.float32).numpy()), f"blk.{i}.{gguf_name}"
+            assert np.array_equal(got, module.dequantize(torch.float32).numpy()), name
             if module.quant_config.kind == "gguf":
                 assert t.tensor_type == module.quant_config.ggml.ggml_type
                 raw = np.asarray(t.data)
                 raw = unpermute_rows(raw, heads) if heads else raw
-                assert np.array_equal(raw, module.qweight.tensors["codes"].numpy()), f"blk.{i}.{gguf_name}"
-            else:
-                assert t.tensor_type == GGMLQuantizationType.Q4_1
+                assert np.array_equal(raw, module.qweight.tensors["codes"].numpy()), name
+    return types
+
+
+def test_gguf_layers_are_their_own_blocks(mixed):
+    model, _, path, report = mixed
+    types = assert_layers_are_their_own_blocks(model, path)
+    for i, row in enumerate(FORMATS):
+        for sub, gguf_name in LINEARS:
+            if row[sub] == "int4":
+                assert types[f"blk.{i}.{gguf_name}.weight"] == GGMLQuantizationType.Q4_1
     assert report.lossless and len(report.exact_ggml) == 12 and len(report.exact_q4_1) == 2
 
 
