@@ -92,20 +92,14 @@ class Session:
             print(f"(cut at {reply.tokens} tokens: {cut})", file=sys.stderr, flush=True)
 
 
-def interrupted(verb: str) -> SystemExit:
-    """One line for Ctrl-C, and exit code 130 (as shells report SIGINT)."""
-    print(file=sys.stdout, flush=True)
-    print(f"qbara {verb}: interrupted", file=sys.stderr, flush=True)
-    return SystemExit(130)
-
-
 def run_generate(args) -> None:
     settings, prompts = settings_of(args), prompts_of(args)  # before the model loads
     device_of(args)
     try:
         _generate(args, Session(args, settings), prompts)
-    except KeyboardInterrupt:  # while loading or replying
-        raise interrupted("generate") from None
+    except KeyboardInterrupt:  # while loading or replying: end the reply's line; the CLI prints its one line (130)
+        print(flush=True)
+        raise
 
 
 def _generate(args, session: Session, prompts: list[Prompt]) -> None:
@@ -144,9 +138,15 @@ def run_chat(args) -> None:
     settings = settings_of(args)  # before the model loads
     device_of(args)
     try:
-        session = Session(args, settings)
-    except KeyboardInterrupt:
-        raise interrupted("chat") from None
+        _converse(args, settings)
+    except KeyboardInterrupt:  # while loading or at the prompt: end the line; the CLI prints its one line (130)
+        print(flush=True)
+        raise
+
+
+def _converse(args, settings: GenerationSettings) -> None:
+    """The REPL: load, then read a message, answer it, until /exit or EOF (Ctrl-C in a reply stops the reply)."""
+    session = Session(args, settings)
     if session.template is None:
         raise QbaraError(f"the tokenizer of {args.model!r} has no chat template, so a conversation cannot be "
                          f"rendered; use qbara generate --raw for plain-text prompts")
@@ -160,8 +160,6 @@ def run_chat(args) -> None:
         except EOFError:
             print(flush=True)
             return
-        except KeyboardInterrupt:
-            raise interrupted("chat") from None
         text = line.strip()
         if text in ("/exit", "/quit"):
             return
