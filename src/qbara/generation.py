@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from qbara.errors import QbaraError
+from qbara.prompt_formats import instruction_messages
 from qbara.templates import ChatTemplate
-from qbara.train.data import _check_messages, check_text, detect_format, read_records
+from qbara.train.data import _check_messages, check_text, detect_format, optional_text, read_records
 from qbara.validate import read_text_file
 
 
@@ -80,11 +81,11 @@ def _record_prompt(record, fmt: str, system: str | None) -> Prompt:
     message comes before `system`)."""
     if not isinstance(record, dict):
         raise ValueError(getattr(record, "reason", "is not a JSON object"))
-    if fmt == "instruction":
+    if fmt == "instruction":  # the conversation training builds (qbara.prompt_formats), up to its answer
         instruction = check_text(record.get("instruction"), "field 'instruction'")
-        extra, own = ("" if record.get(name) is None else check_text(record[name], f"field {name!r}")
-                      for name in ("input", "system"))
-        return Prompt.user(f"{instruction}\n\n{extra}" if extra else instruction, own or system)
+        extra, own = (optional_text(record, name) for name in ("input", "system"))
+        messages = instruction_messages(instruction, "", extra, own or system)[:-1]
+        return Prompt(messages=messages, label=messages[-1]["content"])
     if fmt == "chat":
         messages = record.get("messages")
         _check_messages(messages)

@@ -151,12 +151,12 @@ def _instruction_example(record: dict, tokenizer, max_length: int, template: Cha
         raise ValueError("needs string 'instruction' and 'output' fields")
     instruction = check_text(record["instruction"], "field 'instruction'")
     output = check_text(record["output"], "field 'output'")
-    extra, system = (_optional_text(record, name) for name in ("input", "system"))
+    extra, system = (optional_text(record, name) for name in ("input", "system"))
     return _rendered_example(instruction_messages(instruction, output, extra, system), tokenizer, max_length,
                              template)
 
 
-def _optional_text(record: dict, name: str) -> str:
+def optional_text(record: dict, name: str) -> str:
     """The record's field `name` as text; null or absent is empty."""
     value = record.get(name)
     return "" if value is None else check_text(value, f"field {name!r}")
