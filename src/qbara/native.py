@@ -3,7 +3,7 @@
 Files: `config.json` (the HF config), `qbara_model.safetensors` (parameters and packed buffers),
 `qbara_quant.json` (layer name -> QuantConfig) and the tokenizer files. `save_quantized` writes into a
 temporary folder and swaps it into place (`qbara.outputs`), so an interrupted save never leaves a half folder.
-`enable_native_save` makes a prepared model's `save_pretrained` write this format. Reading it back is
+The models `qbara.state.enable_native_save` marks save through `_save_pretrained` here. Reading it back is
 `qbara.models.quantized_io` (a layer up: it builds the model with transformers).
 """
 from __future__ import annotations
@@ -20,17 +20,16 @@ from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.outputs import output_folder
+from qbara.state import on_save_pretrained
 from qbara.tensor_checks import tensors_digest
 
 QUANT_MANIFEST = "qbara_quant.json"
 # Not transformers' `model.safetensors`: a plain `from_pretrained` must fail to find weights, not load its
 # random initialisation (it skips a quantization_config it does not know, with a warning).
 WEIGHTS = "qbara_model.safetensors"
-LEGACY_WEIGHTS = "model.safetensors"  # folders of qbara <= 0.1 (still read)
 # transformers prints the quant_method it does not know ("Unknown quantization type, got ...; we will skip the
-# quantization"), so it says what loads the folder. Folders written before say just "qbara" (still read).
+# quantization"), so it says what loads the folder.
 QUANT_METHOD = "qbara (a qbara quantized folder: transformers cannot load it; use qbara.load_model(folder))"
-QUANT_METHODS = (QUANT_METHOD, "qbara")
 
 
 def quantization_entry() -> dict:
@@ -108,25 +107,8 @@ def _without_adapters(state: dict, layers: dict, adapted: dict) -> tuple[dict, d
 
 # ---------------------------------------------------------------- save_pretrained of a prepared model
 
-_NATIVE_CLASSES: dict[type, type] = {}
 
-
-def enable_native_save(model):
-    """Make `model.save_pretrained` (and so HF `Trainer.save_model`) write qbara's native format while the
-    model holds quantized layers or adapters; a plain model saves as transformers does. Swaps the model's
-    class for a same-named subclass (kept by deepcopy); returns the model."""
-    cls = type(model)
-    if getattr(cls, "_qbara_native_save", False) or not hasattr(cls, "save_pretrained"):
-        return model
-    if cls not in _NATIVE_CLASSES:
-        _NATIVE_CLASSES[cls] = type(cls.__name__, (cls,), {"save_pretrained": _save_pretrained,
-                                                          "_qbara_native_save": True,
-                                                          "__module__": cls.__module__,
-                                                          "__qualname__": cls.__qualname__})
-    model.__class__ = _NATIVE_CLASSES[cls]
-    return model
-
-
+@on_save_pretrained
 def _save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
     """save_pretrained for qbara models: packed quantized base (+ adapters) that `qbara.load_model` reads."""
     parent = super(type(self), self).save_pretrained

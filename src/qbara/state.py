@@ -8,9 +8,6 @@ from typing import Any
 from qbara.errors import QbaraError
 
 ATTRIBUTE = "qbara"
-# The loose model attributes of qbara <= 0.1, now fields of QbaraState: a model that still carries one is refused.
-OLD_ATTRIBUTES = {f"qbara_{name}": name for name in
-                  ("base_fingerprint", "adapter_config", "lq", "fold_rounding", "loaded_quant", "gptq")}
 
 
 @dataclasses.dataclass
@@ -48,13 +45,6 @@ class QbaraState:
 
 def state_of(model) -> QbaraState:
     """`model.qbara`, created (empty) when the model has none yet."""
-    attributes = vars(model) if hasattr(model, "__dict__") else {}
-    old = sorted(set(attributes) & set(OLD_ATTRIBUTES))
-    if old:
-        raise QbaraError(f"this model carries {', '.join(f'model.{a}' for a in old)}, which qbara no longer reads: "
-                         f"its state is one object, model.qbara (qbara.state.QbaraState); set "
-                         f"{', '.join(f'model.qbara.{OLD_ATTRIBUTES[a]}' for a in old)} instead (or load the model "
-                         f"again with this qbara)")
     state = getattr(model, ATTRIBUTE, None)
     if state is None:
         state = QbaraState()
@@ -63,3 +53,37 @@ def state_of(model) -> QbaraState:
         raise QbaraError(f"model.{ATTRIBUTE} is a {type(state).__name__}, not qbara's QbaraState; qbara keeps its "
                          f"record of the model there, so leave that attribute to it")
     return state
+
+
+# ---------------------------------------------------------------- save_pretrained of a qbara model
+
+_NATIVE_CLASSES: dict[type, type] = {}
+_SAVE_PRETRAINED: list = []  # qbara.native's save_pretrained, registered when qbara imports it
+
+
+def on_save_pretrained(save):
+    """Register `save(model, save_directory, ...)` as the save_pretrained of the models `enable_native_save`
+    marks: `qbara.native` registers its writer, so the layers below it (adapters) mark models without importing
+    it."""
+    _SAVE_PRETRAINED[:] = [save]
+    return save
+
+
+def enable_native_save(model):
+    """Make `model.save_pretrained` (and so HF `Trainer.save_model`) write qbara's native format while the
+    model holds quantized layers or adapters; a plain model saves as transformers does. Swaps the model's
+    class for a same-named subclass (kept by deepcopy); returns the model."""
+    cls = type(model)
+    if getattr(cls, "_qbara_native_save", False) or not hasattr(cls, "save_pretrained"):
+        return model
+    if cls not in _NATIVE_CLASSES:
+        _NATIVE_CLASSES[cls] = type(cls.__name__, (cls,), {"save_pretrained": _save_pretrained,
+                                                          "_qbara_native_save": True,
+                                                          "__module__": cls.__module__,
+                                                          "__qualname__": cls.__qualname__})
+    model.__class__ = _NATIVE_CLASSES[cls]
+    return model
+
+
+def _save_pretrained(self, *args, **kwargs):
+    return _SAVE_PRETRAINED[0](self, *args, **kwargs)

@@ -9,7 +9,7 @@ from qbara.adapters.base import AdaptedLinear
 from qbara.adapters.config import AdapterConfig
 from qbara.adapters.methods import build_adapter
 from qbara.errors import QbaraError
-from qbara.state import state_of
+from qbara.state import enable_native_save, state_of
 from qbara.targets import linear_layer_names, set_submodule
 
 
@@ -41,9 +41,6 @@ def attach_adapters(model: nn.Module, config: AdapterConfig,
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
     state_of(model).adapter_config = config
-    # lazy: cycle: qbara.native imports qbara.adapters at import time
-    from qbara.native import enable_native_save
-
     return enable_native_save(model)
 
 

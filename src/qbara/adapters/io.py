@@ -39,7 +39,7 @@ from qbara.nn.bnb import adopt_bnb, bnb_layers
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.prompt_formats import read_template_file
 from qbara.quant.config import QuantConfig
-from qbara.state import state_of
+from qbara.state import enable_native_save, state_of
 from qbara.targets import set_submodule
 from qbara.tensor_checks import (
     ADAPTER_LIMIT,
@@ -423,7 +423,4 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
     state_of(model).adapter_config = config
     if chat_template is not None:
         state_of(model).chat_template = chat_template
-    # lazy: cycle: qbara.native imports qbara.adapters at import time
-    from qbara.native import enable_native_save
-
     return enable_native_save(model)

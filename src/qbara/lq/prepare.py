@@ -22,11 +22,10 @@ from qbara.lq.config import LQ_METHODS
 from qbara.lq.decompose import Decomposition, decompose
 from qbara.lq.loftq import loftq
 from qbara.lq.parallel import active_dist, collective_device, my_share, owners, run_per_matrix
-from qbara.native import enable_native_save
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
-from qbara.state import state_of
+from qbara.state import enable_native_save, state_of
 from qbara.targets import layer_configs, rounding_importance, set_submodule
 
 __all__ = ["LQLayer", "LQReport", "decompose_layers", "quantize_with_factors", "lq_report"]

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qbara.atomic import current_umask
 from qbara.errors import QbaraError
 
 # Written last into the converted folder; records which GGUF it came from.
@@ -134,28 +135,24 @@ def _is_complete(folder: Path, record: dict) -> bool:
         return False
 
 
-def embedded_dir(model: EmbeddedModel, cache_dir: str | os.PathLike | None = None, convert=None) -> Path:
+def embedded_dir(model: EmbeddedModel, cache_dir: str | os.PathLike | None = None, *, convert) -> Path:
     """Folder holding ``model`` as a plain HF checkpoint; converts on first use.
 
     The folder is built in a temporary directory next to its final place and renamed into place only when
     complete, so an interrupted conversion is never picked up; an assembled GGUF lives in a second temporary
-    directory, deleted afterwards. ``convert(gguf, out_dir)`` defaults to `smollm2.convert_gguf_to_hf`.
+    directory, deleted afterwards. ``convert(gguf, out_dir)`` writes the folder (`smollm2.convert_gguf_to_hf`).
     """
     record = model.source.record(model)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / model.cache_name
     if _is_complete(target, record):
         return target
-    if convert is None:
-        # lazy: smollm2 imports this module
-        from qbara.models.smollm2 import convert_gguf_to_hf as convert
-
     root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_builds(root, model.cache_name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{model.cache_name}.tmp-", dir=root))
     scratch = None
     try:
-        _chmod_like_umask(tmp)  # mkdtemp makes it 0700; the final folder should be ordinary
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the final folder should be ordinary
         scratch = Path(tempfile.mkdtemp(prefix=f".{model.cache_name}.tmp-gguf-", dir=root))
         convert(model.source.gguf_file(model, scratch), tmp)
         shutil.rmtree(scratch, ignore_errors=True)  # an assembled GGUF: not needed once converted
@@ -195,9 +192,3 @@ def _remove_abandoned_builds(root: Path, cache_name: str, older_than_s: float = 
                     shutil.rmtree(path, ignore_errors=True)
             except OSError:
                 pass
-
-
-def _chmod_like_umask(path: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)

@@ -25,13 +25,12 @@ from qbara.data.corpora import shakespeare_text
 from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
 from qbara.lq.fisher import calibration_sequences
-from qbara.native import enable_native_save
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.prepare import prepare
 from qbara.quant.config import QuantConfig
 from qbara.quant.gptq import DEFAULT_BLOCK_COLUMNS, DEFAULT_DAMP, gptq_quantize, hessian_accumulate, output_error
 from qbara.quant.tensor import quantize
-from qbara.state import state_of
+from qbara.state import enable_native_save, state_of
 from qbara.targets import ALL_LINEAR, layer_configs, set_submodule
 
 __all__ = ["CALIBRATION_PLAYS", "DEFAULT_LENGTH", "DEFAULT_SAMPLES", "GPTQReport", "decoder_layers",

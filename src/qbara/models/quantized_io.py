@@ -12,10 +12,12 @@ import torch
 
 from qbara.adapters.io import CONFIG_NAME, load_adapter
 from qbara.errors import QbaraError
-from qbara.native import LEGACY_WEIGHTS, QUANT_MANIFEST, QUANT_METHODS, WEIGHTS, enable_native_save
+from qbara.models.files import LOAD_ERRORS, load_config, load_tokenizer, one_line
+from qbara.native import QUANT_MANIFEST, QUANT_METHOD, WEIGHTS
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import QuantizedTensor, quantize
+from qbara.state import enable_native_save
 from qbara.targets import set_submodule
 from qbara.tensor_checks import check_digest, check_tensor, read_safetensors
 from qbara.validate import check_hf_folder, read_json_file
@@ -34,7 +36,7 @@ def is_quantized_folder(path) -> bool:
     except (OSError, ValueError, RecursionError):
         return False  # not ours; the loader's checks give the reason
     entry = config.get("quantization_config") if isinstance(config, dict) else None
-    return isinstance(entry, dict) and entry.get("quant_method") in QUANT_METHODS
+    return isinstance(entry, dict) and entry.get("quant_method") == QUANT_METHOD
 
 
 def load_quantized(path, dtype=torch.float32):
@@ -50,11 +52,8 @@ def load_quantized(path, dtype=torch.float32):
     if not (path / QUANT_MANIFEST).is_file():
         raise QbaraError(f"{path}: config.json declares a qbara quantized folder but {QUANT_MANIFEST} is missing; "
                          f"the folder is incomplete, save it again")
-    # lazy: cycle: qbara.models.loader imports this module
-    from qbara.models.loader import LOAD_ERRORS, _one_line, load_config
-
     layers, recorded = _read_manifest(path)
-    weights = path / WEIGHTS if (path / WEIGHTS).is_file() else path / LEGACY_WEIGHTS
+    weights = path / WEIGHTS
     if not weights.is_file():
         raise QbaraError(f"{path}: {WEIGHTS} is missing; the folder is incomplete, save it again")
     check_hf_folder(path, weights=[weights])  # no custom code; config sizes bounded by the weights' size
@@ -67,7 +66,7 @@ def load_quantized(path, dtype=torch.float32):
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except LOAD_ERRORS as exc:
-        raise QbaraError(f"{path / 'config.json'}: cannot build the model it describes ({_one_line(exc)}); the "
+        raise QbaraError(f"{path / 'config.json'}: cannot build the model it describes ({one_line(exc)}); the "
                          f"folder is damaged, save it again") from None
     missing = []
     for name, data in layers.items():
@@ -118,9 +117,6 @@ def load_quantized(path, dtype=torch.float32):
     model.eval()
     tokenizer = None
     if os.path.lexists(path / "tokenizer_config.json"):  # a folder or a device there: refused, not skipped
-        # lazy: cycle: qbara.models.loader imports this module
-        from qbara.models.loader import load_tokenizer
-
         tokenizer = load_tokenizer(path)
 
     if (path / CONFIG_NAME).is_file():  # saved with its adapters (save_pretrained of a prepared model)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qbara.errors import QbaraError
 from qbara.models.embedded import CONVERSION_VERSION, SMOLLM2, SOURCE_MARKER, cache_root, embedded_dir
+from qbara.models.files import LOAD_ERRORS, load_gguf_tokenizer, one_line
 from qbara.validate import check_config_sizes, check_config_values, gguf_reader
 
 SMOLLM2_PACKAGE = SMOLLM2.module
@@ -46,9 +47,6 @@ def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
 
     gguf = Path(gguf)
     check_gguf_layout(gguf)
-    # lazy: cycle: qbara.models.loader imports this module
-    from qbara.models.loader import LOAD_ERRORS, _one_line, load_gguf_tokenizer
-
     config = gguf_config(gguf)
     try:
         check_config_sizes(config.to_dict(), gguf.stat().st_size, gguf)
@@ -58,7 +56,7 @@ def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
     except (NotImplementedError, *LOAD_ERRORS) as exc:
         if isinstance(exc, QbaraError):
             raise
-        raise QbaraError(f"Cannot read the GGUF file {gguf} ({_one_line(exc)}); the file is damaged or its "
+        raise QbaraError(f"Cannot read the GGUF file {gguf} ({one_line(exc)}); the file is damaged or its "
                          f"architecture is not supported") from None
     tied = set()
     if getattr(model.config, "tie_word_embeddings", False):
@@ -85,16 +83,13 @@ def gguf_config(gguf: Path):
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    # lazy: cycle: qbara.models.loader imports this module
-    from qbara.models.loader import LOAD_ERRORS, _one_line
-
     try:
         check_config_values(load_gguf_checkpoint(str(gguf), return_tensors=False).get("config", {}), gguf)
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
     except (NotImplementedError, *LOAD_ERRORS) as exc:
         if isinstance(exc, QbaraError):
             raise
-        raise QbaraError(f"Cannot read the GGUF file {gguf} ({_one_line(exc)}); the file is damaged or its "
+        raise QbaraError(f"Cannot read the GGUF file {gguf} ({one_line(exc)}); the file is damaged or its "
                          f"architecture is not supported") from None
     if hasattr(config, "quantization_config"):  # build a plain, unquantized model
         delattr(config, "quantization_config")

@@ -1,5 +1,9 @@
-"""Quantize on load: a model skeleton without weights, filled tensor by tensor from memory-mapped safetensors
-shards; each target linear goes straight into its packed buffers, everything else keeps its storage dtype.
+"""The one per-tensor quantize path (`_fill`): a model's tensors, read one at a time from a source, each checked,
+hashed for the dense model's fingerprint and, for a target linear, quantized straight into its packed buffers.
+
+Sources: memory-mapped safetensors shards or a GGUF file filling a skeleton without weights (quantize on load:
+everything that is not quantized keeps its storage dtype), or a model's own state dict, quantized in place
+(`quantize_model`).
 
 Memory: the quantized model plus the temporaries of one tensor (its bf16 read, an fp32 copy, the
 quantizer's work arrays); no dense copy of the model ever exists. The non-quantized weights (embeddings,
@@ -8,22 +12,26 @@ dtype where they are used (`use_compute_dtype`): fp32 on CPU, where bf16 matmul 
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch import nn
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from qbara.adapters.attach import adapter_layers
 from qbara.errors import QbaraError
 from qbara.fingerprint import combine_fingerprint, tensor_fingerprint
 from qbara.memory import release_freed_memory
+from qbara.models.files import LOAD_ERRORS, load_config, one_line
 from qbara.models.smollm2 import check_gguf_layout, gguf_config
-from qbara.native import enable_native_save
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
-from qbara.state import state_of
+from qbara.state import enable_native_save, state_of
 from qbara.targets import ALL_LINEAR, layer_configs, rounding_importance, set_submodule
 from qbara.tensor_checks import check_tensor
 from qbara.validate import SAFETENSORS_INDEX, check_config_sizes, check_hf_folder, safetensors_index_files
@@ -56,9 +64,6 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
     (eval mode, frozen) with `model.qbara.base_fingerprint` (equal to `model_fingerprint` of the dense model) and
     `model.qbara.loaded_quant` set, so `prepare(model, quant, adapter)` attaches adapters without quantizing again.
     """
-    # lazy: cycle: qbara.models.loader imports this module
-    from qbara.models.loader import load_config
-
     folder = Path(folder)
     files = checkpoint_files(folder)
     check_hf_folder(folder, files)  # config values and sizes, shard headers: before anything is built
@@ -84,7 +89,6 @@ def _gguf_tensors(path: Path, model):
     """(HF name, loader, where) for each tensor of a GGUF file, in file order, built from transformers' GGUF
     pieces (metadata parsing, name map, per-architecture processors such as llama's q/k un-permutation).
     Each tensor is dequantized when the loop reaches it, so one is dense at a time."""
-    import numpy as np
     from gguf import GGUFReader, dequantize
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
@@ -113,22 +117,17 @@ def empty_model(config, storage: torch.dtype, source="the model config"):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    # lazy: cycle: qbara.models.loader imports this module
-    from qbara.models.loader import LOAD_ERRORS, _one_line
-
     try:
         with init_empty_weights(include_buffers=False):
             return AutoModelForCausalLM.from_config(config, dtype=storage)
     except LOAD_ERRORS as exc:
-        raise QbaraError(f"{source}: cannot build the model its config describes ({_one_line(exc)}); the config is "
+        raise QbaraError(f"{source}: cannot build the model its config describes ({one_line(exc)}); the config is "
                          f"damaged (fix the value or get the model again)") from None
 
 
 def open_safetensors(file: Path):
     """safe_open on a shard, its refusal (a header check_hf_folder let through: an unknown dtype, overlapping
     tensors) one QbaraError naming the file."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except SafetensorError as err:
@@ -160,32 +159,9 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
     per_layer = layer_configs(model, quant, modules)  # shapes checked on the skeleton, before any read
     plain = {n: c for n, c in per_layer.items() if n not in (packed or {})}
     importance = rounding_importance(plain, importance, require_gguf=False)
-    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}  # the skeleton's (meta) shapes
-    expected = set(shapes)
-    digests, unexpected = {}, []
-    with tqdm(total=len(expected), desc="quantize on load", disable=not progress, leave=False) as bar:
-        for key, load, where in read(model):
-            if key not in expected:
-                unexpected.append(key)
-                continue
-            tensor = load()
-            check_tensor(tensor, where, shape=shapes[key], floating=False)
-            digests[key] = tensor_fingerprint(key, tensor)
-            module_name, _, leaf = key.rpartition(".")
-            if leaf == "weight" and module_name in per_layer:
-                old = model.get_submodule(module_name)
-                if packed is not None and module_name in packed:
-                    qtensor = packed[module_name].to(device)
-                else:  # in its own dtype: the quantizer makes fp32 copies of a few rows at a time
-                    qtensor = quantize(tensor.to(device=device), per_layer[module_name], name=module_name,
-                                       importance=importance.get(module_name))
-                set_submodule(model, module_name, QuantizedLinear(qtensor, old.bias))
-            else:
-                cast = tensor.to(device=device, dtype=storage if tensor.is_floating_point() else None)
-                _set_tensor(model, key, cast)
-            del tensor
-            bar.update(1)
-    release_freed_memory()
+    expected = set(model.state_dict())
+    digests, unexpected = _fill(model, read, per_layer, importance, "quantize on load", progress, device=device,
+                                storage=storage, packed=packed)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
         for key in expected - set(digests):
@@ -202,6 +178,107 @@ def _stream(config, read, source, quant, modules, storage: torch.dtype, device, 
     state = state_of(model)
     state.base_fingerprint, state.loaded_quant = combine_fingerprint(config, digests), quant
     return enable_native_save(model)
+
+
+def _fill(model: nn.Module, read, per_layer: Mapping[str, QuantConfig], importance: Mapping[str, Tensor], desc: str,
+          progress: bool, device=None, storage: torch.dtype | None = None, packed=None, checked: bool = True,
+          hashed: bool = True) -> tuple[dict[str, str], list[str]]:
+    """The one per-tensor loop: for each (key, load, where) of `read(model)`, the tensor is loaded, checked
+    against the model's shape for it (`checked`: a file's), hashed (`hashed`: its digest for the dense model's
+    fingerprint), and quantized into a QuantizedLinear for a target linear (`per_layer`; a `packed` one takes its
+    ready QuantizedTensor) or, with a `storage` dtype (a skeleton being filled), cast and set into the model.
+    device: where quantized and stored tensors go (None: where they are). Returns (key -> digest, the keys the
+    model has no place for)."""
+    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}  # meta shapes for a skeleton
+    triples = read(model)
+    digests, unexpected = {}, []
+    total = len(triples) if isinstance(triples, list) else len(shapes)
+    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+        for key, load, where in triples:
+            if key not in shapes:
+                unexpected.append(key)
+                continue
+            tensor = load()
+            if checked:
+                check_tensor(tensor, where, shape=shapes[key], floating=False)
+            if hashed:
+                digests[key] = tensor_fingerprint(key, tensor)
+            module_name, _, leaf = key.rpartition(".")
+            if leaf == "weight" and module_name in per_layer:
+                old = model.get_submodule(module_name)
+                if packed is not None and module_name in packed:
+                    qtensor = packed[module_name].to(device)
+                else:  # in its own dtype: the quantizer makes fp32 copies of a few rows at a time
+                    qtensor = quantize(tensor if device is None else tensor.to(device=device),
+                                       per_layer[module_name], name=module_name, importance=importance.get(module_name))
+                set_submodule(model, module_name, QuantizedLinear(qtensor, old.bias))
+            elif storage is not None:
+                cast = tensor.to(device=device, dtype=storage if tensor.is_floating_point() else None)
+                _set_tensor(model, key, cast)
+            del tensor
+            bar.update(1)
+    release_freed_memory()
+    return digests, unexpected
+
+
+def _own_tensors(keys: list[str], model: nn.Module) -> list:
+    """`_fill`'s source for a model in memory: (key, load, key) for its state-dict `keys`, each tensor fetched from
+    its module when reached (none is held, so a dense weight is freed once its layer is quantized)."""
+    return [(key, functools.partial(_get_tensor, model, *key.rpartition(".")[::2]), key) for key in keys]
+
+
+def _get_tensor(model: nn.Module, module_name: str, leaf: str) -> Tensor:
+    return getattr(model.get_submodule(module_name), leaf).detach()
+
+
+def _quantize_in_place(model: nn.Module, quant, modules, progress: bool, importance, hashed: bool) -> dict[str, str]:
+    """Quantize the target linears of a model in memory through `_fill`; returns the dense tensors' digests."""
+    per_layer = layer_configs(model, quant, modules)  # every shape checked before any layer is replaced
+    importance = rounding_importance(per_layer, importance)
+    # every tensor when hashed (the dense model's fingerprint), else only the weights it quantizes
+    keys = list(model.state_dict()) if hashed else [f"{name}.weight" for name in per_layer]
+    digests, _ = _fill(model, functools.partial(_own_tensors, keys), per_layer, importance, "quantizing", progress,
+                       checked=False, hashed=hashed)
+    return digests
+
+
+def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], modules=ALL_LINEAR,
+                   progress: bool = False, importance: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """Replace the selected nn.Linear layers (all but lm_head by default) by QuantizedLinear, in place.
+
+    `quant` is one config for every layer, or a mapping from layer name to config (as LQ-LoRA's
+    allocation produces); with a mapping, exactly the layers it names are quantized. `importance`: layer name ->
+    rounding importance for the gguf:* layers (`qbara.lq.importance_matrix`'s per-column mean square
+    activations, or a per-weight tensor such as the Fisher diagonal), weighting each block's scale search as
+    llama-quantize's importance matrix does; every gguf:* layer must have one.
+    """
+    _quantize_in_place(model, quant, modules, progress, importance, hashed=False)
+    return enable_native_save(model)
+
+
+def quantize_loaded_model(model: nn.Module, quant, modules=ALL_LINEAR, progress: bool = False) -> nn.Module:
+    """`quantize_model` for a dense model just loaded in memory (`load_model(..., quant=)` of a tiny test
+    model): records what a streamed load records, the dense weights' fingerprint and the quant."""
+    digests = _quantize_in_place(model, quant, modules, progress, None, hashed=True)
+    state = state_of(model)
+    state.base_fingerprint, state.loaded_quant = combine_fingerprint(model.config, digests), quant
+    return enable_native_save(model)
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every QuantizedLinear of `model` by an fp32 nn.Linear holding its dequantized weight, in place
+    (the inverse of `quantize_model` up to the quantization error); adapters must be merged first. Once a layer is
+    dequantized, `model.qbara` forgets the base (`QbaraState.forget_base`): a later `prepare` quantizes it afresh."""
+    if adapter_layers(model):
+        raise QbaraError("this model still has adapters: merge them first (qbara.merge(model, into='dense')), "
+                         "then dequantize")
+    state = state_of(model)
+    dequantized = [name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
+    for name in dequantized:
+        set_submodule(model, name, model.get_submodule(name).to_linear())
+    if dequantized:  # another base now: neither its fingerprint nor the quant it was loaded with describe it
+        state.forget_base()
+    return model
 
 
 def checkpoint_dtype(file: Path) -> torch.dtype:
