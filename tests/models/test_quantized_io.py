@@ -164,19 +164,6 @@ def test_hf_folder_missing_a_weight_is_refused(tmp_path):
         load_model(str(tmp_path / "hf"))
 
 
-def test_folders_of_the_previous_layout_still_load(tmp_path):
-    import json
-
-    folder = _saved_quantized(tmp_path)
-    expected = load_model(str(folder))[0].state_dict()
-    (folder / "qbara_model.safetensors").rename(folder / "model.safetensors")
-    config = json.loads((folder / "config.json").read_text())
-    del config["quantization_config"]
-    (folder / "config.json").write_text(json.dumps(config))
-    loaded = load_model(str(folder))[0].state_dict()
-    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
-
-
 def test_bnb_style_double_quant_round_trips(tmp_path):
     """dq_style="bnb" layers keep bitsandbytes' buffers (uint8 scale codes, nested absmax, offset) through a save."""
     import json
