@@ -72,6 +72,7 @@ def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None) -
 
 
 def write_bytes_atomic(path, data: bytes) -> Path:
+    """Write `data` as the file's bytes."""
     def write(tmp):
         with open(tmp, "wb") as fh:
             fh.write(data)

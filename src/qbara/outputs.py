@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 import qbara.atomic as atomic
 from qbara.atomic import current_umask, write_json_atomic
 from qbara.errors import QbaraError
-from qbara.validate import read_json_file
+from qbara.validate import gguf_reader, read_json_file
 
 MANIFEST = ".qbara-output.json"
 REPLACED = "qbara-replaced"
@@ -188,8 +188,6 @@ def _qbara_files(folder: Path) -> set[str]:
 
 def _qbara_gguf(path: Path) -> bool:
     try:
-        from qbara.validate import gguf_reader
-
         field = gguf_reader(path).get_field("general.quantized_by")
         return field is not None and field.contents() == GGUF_MARK
     except Exception:  # not a (readable) GGUF: not ours
@@ -234,7 +232,7 @@ class OutputLock:
         self.record("new", tmp, target)
         try:
             with write_faults_as_errors(target):
-                os.chmod(tmp, 0o777 & ~_umask())
+                os.chmod(tmp, 0o777 & ~current_umask())
                 yield tmp
                 install_folder(tmp, target, command, lock=self, foreign=foreign, mark=mark)
         except BaseException:
@@ -490,7 +488,3 @@ def _carry_over(old: Path, new: Path, new_files: set[str], ours: set[str]) -> li
 
 def _under(path: Path, root: Path) -> bool:
     return path != root and root in path.parents
-
-
-def _umask() -> int:
-    return current_umask()

@@ -1,5 +1,6 @@
 """What qbara records on a model: one `QbaraState`, kept as `model.qbara` (a plain attribute, so
-`copy.deepcopy(model)` copies it). Read and write it through `state_of(model)`, which creates it on demand."""
+`copy.deepcopy(model)` copies it). Read and write it through `state_of(model)`, which creates it on demand.
+`enable_native_save` marks a model whose `save_pretrained` writes qbara's native folder (`qbara.native`)."""
 from __future__ import annotations
 
 import dataclasses

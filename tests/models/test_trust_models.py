@@ -77,7 +77,7 @@ def test_native_config_value_on_the_cli_is_one_line(good, tmp_path, capsys):
     ({"num_attention_heads": 3, "num_key_value_heads": 1}, "number of attention heads (3)"),  # a class validator
 ])
 def test_load_config_turns_transformers_validation_into_one_error(values, message, good, tmp_path):
-    from qbara.models.loader import load_config
+    from qbara.models.files import load_config
 
     folder = _folder_with(tmp_path, good, "hf", values)  # values check_config_values lets through
     text = _refusal(lambda: load_config(folder))

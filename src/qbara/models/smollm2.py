@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from qbara.errors import QbaraError
 from qbara.models.embedded import CONVERSION_VERSION, SMOLLM2, SOURCE_MARKER, cache_root, embedded_dir
 from qbara.models.files import LOAD_ERRORS, load_gguf_tokenizer, one_line
@@ -42,7 +44,6 @@ def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
     un-permutation for llama). The model is rebuilt from the config without any
     ``quantization_config`` so that it can be saved and trained like any HF model.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     gguf = Path(gguf)
@@ -111,23 +112,12 @@ def check_gguf_layout(gguf: Path) -> None:
 
 
 def _gguf_state_dict(gguf: Path, model) -> dict:
-    """All tensors of ``gguf`` dequantized to fp32, under the HF names of ``model``."""
-    try:
-        # Works without `accelerate` (which `from_pretrained(gguf_file=...)` insists on).
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    except ImportError:  # pragma: no cover - older/newer transformers layout
-        load_gguf_checkpoint = None
-    if load_gguf_checkpoint is not None:
-        parsed = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)
-        return {k: v.float() for k, v in parsed["tensors"].items()}
-    # Fallback: the public loader, dequantizing into plain modules (needs `accelerate`).
-    from transformers import AutoModelForCausalLM, GgufConfig  # pragma: no cover
+    """All tensors of ``gguf`` dequantized to fp32, under the HF names of ``model`` (transformers' GGUF reader,
+    which needs no `accelerate`, unlike `from_pretrained(gguf_file=...)`)."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    loaded = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True),
-        trust_remote_code=False
-    )
-    return {k: v.float() for k, v in loaded.state_dict().items()}
+    parsed = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)
+    return {k: v.float() for k, v in parsed["tensors"].items()}
 
 
 def convert_gguf_to_hf(gguf: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
