@@ -224,7 +224,11 @@ def _fill(model: nn.Module, read, per_layer: Mapping[str, QuantConfig], importan
 def _own_tensors(keys: list[str], model: nn.Module) -> list:
     """`_fill`'s source for a model in memory: (key, load, key) for its state-dict `keys`, each tensor fetched from
     its module when reached (none is held, so a dense weight is freed once its layer is quantized)."""
-    return [(key, functools.partial(_get_tensor, model, *key.rpartition(".")[::2]), key) for key in keys]
+    triples = []
+    for key in keys:
+        module_name, _, leaf = key.rpartition(".")
+        triples.append((key, functools.partial(_get_tensor, model, module_name, leaf), key))
+    return triples
 
 
 def _get_tensor(model: nn.Module, module_name: str, leaf: str) -> Tensor:
