@@ -24,6 +24,7 @@ class QuantFormat:
     takes_importance: bool = False         # quantize(importance=) weights the rounding
     absmax_scaled: bool = False            # blocks scaled by their absmax, no zero point (NF's levels x absmax)
     stores_gguf_blocks: bool = False       # the stored buffer is the GGUF block bytes themselves
+    takes_gptq: bool = False               # GPTQ (`qbara.quant.gptq`) produces its codes (1 x G row groups)
 
     # ---------------------------------------------------------------- config
     def normalize(self, config) -> None:
@@ -91,10 +92,6 @@ class QuantFormat:
         """Why an update constant on (tile_rows x tile_cols) tiles cannot fold into a base of `config` (None
         when it can)."""
         return f"{config.format} has no zero-point an update could be folded into"
-
-    def takes_gptq(self, config) -> bool:
-        """GPTQ (`qbara.quant.gptq`) can produce this config's codes."""
-        return False
 
 
 # ==================================================================== block formats (NF, INT)

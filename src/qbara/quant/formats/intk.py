@@ -26,6 +26,7 @@ class IntFormat(BlockFormat):
     prefix = "int"
     formats = ("int2", "int3", "int4", "int5", "int8")
     default_block_size = 32  # as in GGUF Q4_1 / Q5_1
+    takes_gptq = True
 
     def check_options(self, config) -> None:
         if config.double_quant:
@@ -100,10 +101,6 @@ class IntFormat(BlockFormat):
                     f"(input pooling a multiple of {config.block_size}, output repetition a multiple of "
                     f"{config.block_rows})")
         return None
-
-    def takes_gptq(self, config) -> bool:
-        """GPTQ quantizes 1 x G groups along a row."""
-        return config.block_rows == 1
 
 
 def as_fp16(values: Tensor, name: str, kind: str = "Q4_1") -> Tensor:
