@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from qbara import AdapterConfig, QuantConfig, merge, prepare
-from qbara.quant.ggml import dequantize_q8_0, quantize_q8_0
 from qbara.models import tiny_llama
+from qbara.quant.ggml import dequantize_q8_0, quantize_q8_0
 from tests.helpers import randomize_adapters  # noqa: F401 (re-exported)
 
 INT4_G32 = QuantConfig("int4", block_size=32)

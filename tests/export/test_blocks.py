@@ -5,8 +5,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from qbara import QbaraError, QuantConfig, quantize
-from qbara.quant.ggml import dequantize_q8_0, pack_q4_1, pack_q5_1, quantize_q8_0
 from qbara.quant import dequantize_int
+from qbara.quant.ggml import dequantize_q8_0, pack_q4_1, pack_q5_1, quantize_q8_0
 
 
 def q8_0(weight):
