@@ -396,7 +396,7 @@ def quantize_step(config: QuantConfig, name: str = "weight",
     the exact absmax, scales stored otherwise) go through `quantize`. `importance` (gguf:* configs; ignored by
     the others, which round to nearest): the rounding importance `quantize` takes.
     """
-    if not config.family.absmax_scaled or config.dq_style != "qbara":
+    if not config.family.nf_levels or config.dq_style != "qbara":
         importance = importance if config.family.takes_importance else None
 
         def step(R: Tensor):

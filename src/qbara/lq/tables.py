@@ -400,7 +400,7 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
             c.check_shape(tuple(W.shape), name)
         except QbaraError:
             continue  # stays +inf
-        if not c.family.absmax_scaled or c.dq_style != "qbara":  # bnb-style double quant: alternates via quantize
+        if not c.family.nf_levels or c.dq_style != "qbara":  # bnb-style double quant: alternates via quantize
             key = ("other", j)
         elif dq_mode == "loop":
             key = ("nf", c.bits, c.block_size, j)

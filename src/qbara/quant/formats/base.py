@@ -22,7 +22,8 @@ class QuantFormat:
     prefix: str = ""                       # what its format names start with
     fixed_block: bool = False              # the format name fixes the block (no block_size / block_rows to choose)
     takes_importance: bool = False         # quantize(importance=) weights the rounding
-    absmax_scaled: bool = False            # blocks scaled by their absmax, no zero point (NF's levels x absmax)
+    nf_levels: bool = False                # values are NF levels x block absmax (`qbara.quant.nf`): LQ rounds them
+                                           # without packing and stores low-rank factors in them
     stores_gguf_blocks: bool = False       # the stored buffer is the GGUF block bytes themselves
     takes_gptq: bool = False               # GPTQ (`qbara.quant.gptq`) produces its codes (1 x G row groups)
 

@@ -23,7 +23,7 @@ class NFFormat(BlockFormat):
     name = "nf"
     prefix = "nf"
     formats = ("nf2", "nf3", "nf4", "nf8")
-    absmax_scaled = True
+    nf_levels = True
     default_block_size = 64  # as in QLoRA
     default_double_quant = True
 
