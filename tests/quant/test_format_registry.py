@@ -5,7 +5,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from qbara import QbaraError
+from qbara import QbaraError, prepare
+from qbara.models import tiny_llama
+from qbara.models.quantized_io import load_quantized
+from qbara.native import save_quantized
+from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant import QuantConfig, dequantize, quantize
 from qbara.quant.fold import fold_problem
 from qbara.quant.formats import FAMILIES, FORMATS, family_of, register, unregister
@@ -130,3 +134,17 @@ def test_a_new_family_is_one_object_and_one_registration(sym8):
     assert "no zero-point" in fold_problem(config, 1, 64)  # the base class's answer: nothing folds into it
     with pytest.raises(QbaraError, match="no GGUF block layout"):
         sym8.gguf_blocks(qt, "layer")
+
+
+def test_a_new_family_goes_through_the_model_pipeline_and_native_folders(sym8, tmp_path):
+    """prepare() quantizes a model's linears with it, and a native folder saves and loads it (the layout check
+    of the loader is the family's `buffer_layout`) with no other module changed."""
+    model, tokenizer = tiny_llama(seed=0, hidden=64, layers=1, heads=4, kv_heads=2, intermediate=128)
+    prepare(model, QuantConfig("sym8", 32), None)
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+    loaded, _ = load_quantized(save_quantized(model, tokenizer, tmp_path / "sym8"))
+    assert {m.quant_config.format for m in loaded.modules() if isinstance(m, QuantizedLinear)} == {"sym8"}
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
