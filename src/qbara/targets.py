@@ -81,7 +81,7 @@ def rounding_importance(per_layer: Mapping[str, QuantConfig], importance: Mappin
         return {}
     if not isinstance(importance, Mapping):
         raise QbaraError(f"importance must map layer names to tensors, got {type(importance).__name__}")
-    weighted = [n for n, c in per_layer.items() if c.kind == "gguf"]
+    weighted = [n for n, c in per_layer.items() if c.family.takes_importance]
     if not weighted and not require_gguf:
         return {}
     if not weighted:

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from qbara import AdapterConfig, QuantConfig, merge, prepare
-from qbara.export.blocks import dequantize_q8_0, quantize_q8_0
 from qbara.models import tiny_llama
+from qbara.quant.ggml import dequantize_q8_0, quantize_q8_0
 from tests.helpers import randomize_adapters  # noqa: F401 (re-exported)
 
 INT4_G32 = QuantConfig("int4", block_size=32)
@@ -18,7 +18,7 @@ def snap_to_q8_0(model):
     with torch.no_grad():
         for weight in {id(w): w for w in (model.get_input_embeddings().weight,
                                           model.get_output_embeddings().weight)}.values():
-            weight.copy_(dequantize_q8_0(*quantize_q8_0(weight)))
+            weight.copy_(dequantize_q8_0(quantize_q8_0(weight), tuple(weight.shape)))
 
 
 def tiny_adapted(seed=0, quant=INT4_G32, adapter=None, tie=False, snap=True):

@@ -4,6 +4,7 @@ import torch
 
 from qbara.quant import tensor as qt
 from qbara.quant.config import QuantConfig
+from qbara.quant.formats import base
 
 
 @pytest.mark.parametrize("config", [QuantConfig("nf4"), QuantConfig("nf3", 32),
@@ -15,8 +16,8 @@ from qbara.quant.config import QuantConfig
 def test_chunked_equals_whole(config, dtype, monkeypatch):
     weight = (torch.randn(200, 256, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
     whole = qt.quantize(weight, config)
-    monkeypatch.setattr(qt, "CHUNK_ELEMENTS", 256 * 24)  # 24 rows a chunk: 9 chunks, the last one short
-    assert len(qt._row_chunks((200, 256), config)) == 9
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 256 * 24)  # 24 rows a chunk: 9 chunks, the last one short
+    assert len(config.family.row_chunks((200, 256), config)) == 9
     chunked = qt.quantize(weight, config)
     assert whole.tensors.keys() == chunked.tensors.keys()
     for name in whole.tensors:

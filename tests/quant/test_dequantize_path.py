@@ -5,7 +5,8 @@ from unittest import mock
 import pytest
 import torch
 
-import qbara.quant.tensor
+import qbara.quant.formats.intk
+import qbara.quant.formats.nf
 from qbara.quant import QuantConfig, dequantize_int, dequantize_nf, quantize
 
 NF = [QuantConfig("nf4"), QuantConfig("nf2", 32), QuantConfig("nf3", 64), QuantConfig("nf8", 64),
@@ -54,7 +55,8 @@ def test_int_tensor_dequantizes_as_dequantize_int_of_its_codes(config):
 def test_dequantize_and_the_in_place_rebuild_call_the_public_primitives(config):
     qt = quantize(_weight(), config)
     name = "dequantize_nf" if config.kind == "nf" else "dequantize_int"
-    with mock.patch.object(qbara.quant.tensor, name, wraps=getattr(qbara.quant.tensor, name)) as spy:
+    module = qbara.quant.formats.nf if config.kind == "nf" else qbara.quant.formats.intk
+    with mock.patch.object(module, name, wraps=getattr(module, name)) as spy:
         dense = qt.dequantize()
         into = qt.dequantize_into(torch.empty(qt.numel))
     assert spy.call_count == 2 and torch.equal(into, dense)

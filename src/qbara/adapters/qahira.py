@@ -65,6 +65,6 @@ def build(base: nn.Module, config, name: str = "layer") -> HiRALinear:
     if base.in_features % pool_in:
         raise QbaraError(f"{name}: qahira input pooling {pool_in} does not divide the layer's "
                          f"{base.in_features} features; choose a pool_in that divides {base.in_features}")
-    rows = quant.block_rows if quant is not None and quant.kind == "int" else 1
+    rows = quant.family.block_rows(quant) if quant is not None else 1
     pool_out = config.pool_out or auto_pool_out(base.out_features, base.in_features, pool_in, config.rank, rows)
     return HiRALinear(base, config.scaling, pool_in, pool_out, config.dropout, name)

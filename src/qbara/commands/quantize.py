@@ -23,6 +23,7 @@ from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.outputs import check_output
 from qbara.prepare import quantize_model
 from qbara.quant.config import QuantConfig
+from qbara.quant.formats import FAMILIES
 
 
 @dataclass
@@ -40,7 +41,7 @@ class QuantizationReport:
 def parse_format(spec: str) -> QuantConfig:
     """'nf4' | 'nf4:64' | 'int4:32' | 'int4:4x8' (group 4, 8 rows) | 'gguf:q4_k' (a GGML block format, fixed block)
     -> QuantConfig (default blocks: NF 64, INT 32)."""
-    if spec.lower().startswith("gguf:"):
+    if any(spec.lower().startswith(family.prefix) for family in FAMILIES.values() if family.fixed_block):
         return QuantConfig(spec.lower())
     name, _, block = spec.partition(":")
     if not block:
@@ -140,7 +141,7 @@ def _gptq_configs(args, configs: list[QuantConfig]) -> list[QuantConfig]:
         if not args.imatrix and (args.calibration_samples is not None or args.calibration_length is not None):
             raise QbaraError("--calibration-samples and --calibration-length go with --gptq or --imatrix; add one")
         return []
-    chosen = [c for c in configs if c.kind == "int" and c.block_rows == 1]
+    chosen = [c for c in configs if c.family.takes_gptq and c.block_rows == 1]
     if not chosen:
         raise QbaraError(f"--gptq quantizes INT formats with 1 x G groups, and --formats {args.formats!r} has none; "
                          f"add one, e.g. --formats int3:64,int4:32")
@@ -156,7 +157,7 @@ def _imatrix_configs(args, configs: list[QuantConfig]) -> list[QuantConfig]:
     """The formats quantized again under an importance matrix (the gguf:* ones) when --imatrix is given."""
     if not args.imatrix:
         return []
-    chosen = [c for c in configs if c.kind == "gguf"]
+    chosen = [c for c in configs if c.family.takes_importance]
     if not chosen:
         raise QbaraError(f"--imatrix weights the rounding of gguf:* formats, and --formats {args.formats!r} has none; "
                          f"add one, e.g. --formats gguf:q4_0,gguf:q4_k")

@@ -126,7 +126,7 @@ class LQConfig:
         configs = self.configs
         candidates = ([] if configs is None else [configs] if isinstance(configs, QuantConfig)
                       else list(configs.values()) if isinstance(configs, Mapping) else list(configs))
-        if not any(c.kind == "gguf" for c in candidates):
+        if not any(c.family.takes_importance for c in candidates):
             raise QbaraError("importance weights the rounding of gguf:* formats, and none of the configs is one (the "
                              "default candidates are NF); give gguf:* configs (qbara.lq.gguf_configs()) or drop "
                              "importance")

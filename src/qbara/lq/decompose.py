@@ -396,8 +396,8 @@ def quantize_step(config: QuantConfig, name: str = "weight",
     the exact absmax, scales stored otherwise) go through `quantize`. `importance` (gguf:* configs; ignored by
     the others, which round to nearest): the rounding importance `quantize` takes.
     """
-    if config.kind != "nf" or config.dq_style != "qbara":
-        importance = importance if config.kind == "gguf" else None
+    if not config.family.nf_levels or config.dq_style != "qbara":
+        importance = importance if config.family.takes_importance else None
 
         def step(R: Tensor):
             return quantize(R, config, name, importance).dequantize(torch.float32), None
@@ -410,7 +410,7 @@ def rounding_importance_of(config: QuantConfig, importance: Tensor | None, shape
                            name: str = "weight") -> Tensor | None:
     """`importance` checked against a `shape` weight (see `qbara.quant.ggml.check_importance`) when `config` is a
     gguf:* format, None for the formats that round to nearest (they take no importance)."""
-    if importance is None or config.kind != "gguf":
+    if importance is None or not config.family.takes_importance:
         return None
     return check_importance(importance, shape, name)
 

@@ -35,7 +35,7 @@ def quantize_factor(factor: Tensor, config: QuantConfig = FACTOR_CONFIG) -> tupl
     """
     if not isinstance(factor, Tensor) or not factor.is_floating_point():
         raise QbaraError(f"quantize_factor needs a floating tensor, got {getattr(factor, 'dtype', type(factor))}")
-    if config.kind != "nf":
+    if not config.family.nf_levels:
         raise QbaraError(f"factors are stored in an NF format, not {config.label}")
     flat = factor.detach().reshape(-1).float()
     n = flat.numel()

@@ -400,7 +400,7 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
             c.check_shape(tuple(W.shape), name)
         except QbaraError:
             continue  # stays +inf
-        if c.kind != "nf" or c.dq_style != "qbara":  # bnb-style double quant: its own alternation, via quantize
+        if not c.family.nf_levels or c.dq_style != "qbara":  # bnb-style double quant: alternates via quantize
             key = ("other", j)
         elif dq_mode == "loop":
             key = ("nf", c.bits, c.block_size, j)
@@ -540,7 +540,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
                 raise QbaraError(f"{n}: Fisher shape {tuple(fisher_shapes[n])} differs from the weight's {s}")
 
     if importance is not None:
-        if not any(c.kind == "gguf" for c in configs):
+        if not any(c.family.takes_importance for c in configs):
             raise QbaraError("an importance weights the rounding of gguf:* formats, and none of the configs is one; "
                              "drop importance= or add gguf:* configs (qbara.lq.gguf_configs())")
         lacking = [n for n in names if n not in importance]

@@ -139,7 +139,7 @@ def gptq_prepare(model: nn.Module, tokenizer, quant: QuantConfig | Mapping[str, 
 
 
 def _check_format(config: QuantConfig, name: str) -> None:
-    if config.kind != "int" or config.block_rows != 1:
+    if not config.family.takes_gptq or config.block_rows != 1:
         raise QbaraError(f"{name}: GPTQ produces INT formats with 1 x G groups, not {config.label}; pass e.g. "
                          f"QuantConfig('int4', 32), or quantize this format with qbara.quantize_model")
 

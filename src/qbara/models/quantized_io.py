@@ -3,7 +3,6 @@ linears keep their packed buffers, loaded without a dense intermediate.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ from qbara.models.files import LOAD_ERRORS, load_config, load_tokenizer, one_lin
 from qbara.native import QUANT_MANIFEST, QUANT_METHOD, WEIGHTS
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
-from qbara.quant.tensor import QuantizedTensor, quantize
+from qbara.quant.tensor import QuantizedTensor
 from qbara.state import enable_native_save
 from qbara.targets import set_submodule
 from qbara.tensor_checks import check_digest, check_tensor, read_safetensors
@@ -125,12 +124,10 @@ def load_quantized(path, dtype=torch.float32):
     return model, tokenizer
 
 
-@functools.lru_cache(maxsize=64)
 def buffer_layout(quant: QuantConfig, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Name -> an empty tensor of the shape and dtype of each packed buffer a `shape` weight gets under `quant`
-    (found by quantizing zeros once per distinct layer shape: a model has a handful)."""
-    return {name: torch.empty(t.shape, dtype=t.dtype)
-            for name, t in quantize(torch.zeros(shape), quant, "layout").tensors.items()}
+    """Name -> an empty (meta) tensor of the shape and dtype of each packed buffer a `shape` weight gets under
+    `quant` (its format family's layout)."""
+    return quant.family.buffer_layout(quant, shape)
 
 
 def _read_manifest(path: Path) -> tuple[dict, str | None]:

@@ -15,8 +15,9 @@ from torch import nn
 
 from qbara.errors import QbaraError
 from qbara.nn.quantized_linear import QuantizedLinear
-from qbara.quant.config import BNB_BLOCK_SIZES, QuantConfig
+from qbara.quant.config import QuantConfig
 from qbara.quant.dq_bnb import DYNAMIC_BLOCK, dynamic_map
+from qbara.quant.formats.base import BNB_BLOCK_SIZES
 from qbara.quant.tensor import QuantizedTensor
 
 

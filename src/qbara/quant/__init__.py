@@ -1,6 +1,8 @@
-"""Quantization core: NF-k and INT-k formats, double quantization, bit packing."""
-from qbara.quant.config import FORMATS, QuantConfig
+"""Quantization core: the format registry (`qbara.quant.formats`: NF, INT, GGML block families), their
+primitives (NF-k, INT-k, GGML blocks, double quantization, bit packing) and `QuantConfig` / `quantize`."""
+from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import double_dequantize, double_quantize
+from qbara.quant.formats import FORMATS
 from qbara.quant.gptq import gptq_quantize, hessian_accumulate
 from qbara.quant.intk import dequantize_int, quantize_int
 from qbara.quant.nf import dequantize_nf, nf_levels, quantize_nf

@@ -10,22 +10,10 @@ from qbara.quant.tensor import QuantizedTensor
 
 def fold_problem(config, tile_rows: int, tile_cols: int) -> str | None:
     """Why an update constant on (tile_rows x tile_cols) tiles cannot fold into a base quantized with
-    `config` (None when it can): every quantization block must lie inside one tile."""
+    `config` (None when it can): the format family's rule (INT: every quantization block lies inside one tile)."""
     if config is None:
         return "the base layer is not quantized"
-    if config.kind == "gguf":
-        return (f"{config.format} keeps GGML's block bytes, which an update cannot be folded into; quantize the "
-                f"base with an int format (int4 with block_size=32 has gguf:q4_1's layout, int5 with block_size=32 "
-                f"gguf:q5_1's; both are written to GGUF exactly)")
-    if config.kind != "int":
-        return (f"{config.format} stores a scale per block but no zero-point, so nothing can absorb the "
-                f"update; quantize the base with an int format (e.g. QuantConfig('int4', block_size=32))")
-    if tile_cols % config.block_size or tile_rows % config.block_rows:
-        return (f"the update is constant on {tile_rows}x{tile_cols} tiles but the base's blocks are "
-                f"{config.block_rows}x{config.block_size}; each block must lie inside one tile "
-                f"(input pooling a multiple of {config.block_size}, output repetition a multiple of "
-                f"{config.block_rows})")
-    return None
+    return config.family.fold_problem(config, tile_rows, tile_cols)
 
 
 def fold_block_constants(qtensor: QuantizedTensor, delta: Tensor) -> QuantizedTensor:

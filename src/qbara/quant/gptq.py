@@ -87,7 +87,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, damp:
 def _check_config(config: QuantConfig, name: str) -> None:
     if not isinstance(config, QuantConfig):
         raise QbaraError(f"{name}: GPTQ needs a QuantConfig, got {type(config).__name__}")
-    if config.kind != "int":
+    if not config.family.takes_gptq:
         raise QbaraError(f"{name}: GPTQ produces INT formats only, not {config.format}; use int2/int3/int4/int5/int8 "
                          f"(e.g. QuantConfig('int4', 32)), or quantize NF formats with qbara.quantize")
     if config.block_rows != 1:

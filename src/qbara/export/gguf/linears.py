@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from qbara.adapters.base import AdaptedLinear
 from qbara.adapters.lora import LoRALinear
 from qbara.errors import QbaraError
-from qbara.export.blocks import pack_q4_1, pack_q5_1
 from qbara.export.gguf.architectures import ARCHITECTURES
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
@@ -19,8 +18,6 @@ from qbara.quant.tensor import QuantizedTensor, quantize
 
 Q4_1_CONFIG = QuantConfig("int4", block_size=32)
 Q5_1_CONFIG = QuantConfig("int5", block_size=32)
-# INT formats whose 1 x 32 blocks with fp16 minima are a GGUF type's own layout -> that type and its packer.
-EXACT_INT = {"int4": ("Q4_1", pack_q4_1), "int5": ("Q5_1", pack_q5_1)}
 
 # LLaMA's decoder-block linears and norms (HF submodule, llama.cpp name); every architecture's are its
 # `architectures.ARCHITECTURES` entry.
@@ -56,25 +53,11 @@ def llama_rope_permutation(rows: int, n_head: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ layer kinds
-def exact_int_type(config: QuantConfig | None) -> str | None:
-    """The GGUF type ("Q4_1" / "Q5_1") whose own layout INT4 / INT5 with 1 x 32 blocks and fp16 minima is, else
-    None."""
-    if config is None or config.format not in EXACT_INT:
-        return None
-    if config.block_size != 32 or config.block_rows != 1 or config.minimum_dtype != "fp16":
-        return None
-    return EXACT_INT[config.format][0]
-
-
-def is_exact_int(module: nn.Module) -> bool:
-    """An INT4 / INT5 G32 layer (fp16 minima): Q4_1's / Q5_1's own layout, packed from its codes."""
-    return isinstance(module, QuantizedLinear) and exact_int_type(module.quant_config) is not None
-
-
-def is_ggml(module: nn.Module) -> bool:
-    """A layer quantized with a gguf:* block format: it holds the GGUF block bytes themselves."""
-    c = getattr(module, "quant_config", None)
-    return isinstance(module, QuantizedLinear) and c is not None and c.kind == "gguf"
+def is_exact(module: nn.Module) -> bool:
+    """A quantized layer whose format family writes it to GGUF exactly (INT4 / INT5 G32 with fp16 minima as
+    Q4_1 / Q5_1, a gguf:* layer as its own blocks)."""
+    config = getattr(module, "quant_config", None)
+    return isinstance(module, QuantizedLinear) and config.family.gguf_format(config) is not None
 
 
 def is_plain_lora(module: nn.Module) -> bool:
@@ -133,7 +116,7 @@ def resolve_linear(name: str, module: nn.Module, lossy: bool, separate_lora: boo
         raise QbaraError(f"{name} has a bias, which llama.cpp's {arch} does not read; use export_hf instead")
     item = Linear(name, what=describe(module), requant=requant_config(base_config), merged=how == "merged",
                   separate=how == "separate", bias=None if bias is None else bias.detach().float().cpu())
-    if is_exact_int(module) or is_ggml(module):
+    if is_exact(module):
         item.qtensor = module.qweight
     elif isinstance(module, QuantizedLinear):
         item.dense = module.dequantize(torch.float32)
@@ -147,9 +130,9 @@ def resolve_linear(name: str, module: nn.Module, lossy: bool, separate_lora: boo
 def requant_config(base: QuantConfig | None) -> QuantConfig:
     """What a lossy export re-quantizes a layer into: a gguf:* base's own format, Q5_1 for an INT5 base (it keeps
     the 5-bit codes), else Q4_1."""
-    if base is not None and base.kind == "gguf":
+    if base is not None and base.family.stores_gguf_blocks:
         return base
-    return Q5_1_CONFIG if base is not None and base.format == "int5" else Q4_1_CONFIG
+    return Q5_1_CONFIG if base is not None and base.format == Q5_1_CONFIG.format else Q4_1_CONFIG
 
 
 def refuse_inexact(items: list[Linear], dense: bool = False) -> None:
@@ -194,48 +177,12 @@ def dense_array(item: Linear, perm_heads: int | None, kind: str) -> np.ndarray:
 
 def linear_bytes(item: Linear, perm_heads: int | None) -> tuple[np.ndarray, object]:
     """(the (d_out, row bytes) uint8 GGML blocks, GGMLQuantizationType) of a resolved exact layer, rows in
-    llama.cpp's rotary order when `perm_heads` is given."""
-    if item.qtensor.config.kind == "gguf":
-        return ggml_bytes(item.qtensor, perm_heads), item.qtensor.config.ggml.ggml_type
-    from gguf import GGMLQuantizationType
-
-    kind = exact_int_type(item.qtensor.config)
-    if kind is None:
-        raise QbaraError(f"{item.name}: {item.qtensor.config.label} has no GGUF block layout to write exactly; "
-                         f"{FIX_HINT}")
-    return int_g32_bytes(item.qtensor, item.name, perm_heads), GGMLQuantizationType[kind]
-
-
-def ggml_bytes(qt: QuantizedTensor, perm_heads: int | None) -> np.ndarray:
-    """A gguf:* layer's own block bytes, rows reordered (each row is a whole run of blocks)."""
-    d_out = qt.shape[0]
-    raw = qt.tensors["codes"].reshape(d_out, qt.config.ggml.row_bytes(qt.shape[1]))
+    llama.cpp's rotary order when `perm_heads` is given (rows move whole: each is its own run of blocks)."""
+    config = item.qtensor.config
+    fmt = config.family.gguf_format(config)
+    if fmt is None:
+        raise QbaraError(f"{item.name}: {config.label} has no GGUF block layout to write exactly; {FIX_HINT}")
+    raw = config.family.gguf_blocks(item.qtensor, item.name)
     if perm_heads is not None:
-        raw = raw[llama_rope_permutation(d_out, perm_heads).to(raw.device)]
-    return np.ascontiguousarray(raw.to("cpu").numpy())
-
-
-def int_g32_bytes(qt: QuantizedTensor, name: str, perm_heads: int | None) -> np.ndarray:
-    """Q4_1 / Q5_1 blocks packed from an INT4 / INT5 G32 layer's codes, fp16 scales and fp16 minima."""
-    kind, pack = EXACT_INT[qt.config.format]
-    d_out, d_in = qt.shape
-    codes = qt.codes().reshape(d_out, d_in)
-    scale = as_fp16(qt.tensors["scale"], name, kind).reshape(d_out, d_in // 32)
-    minimum = as_fp16(qt.tensors["minimum"], name, kind).reshape(d_out, d_in // 32)
-    if perm_heads is not None:
-        perm = llama_rope_permutation(d_out, perm_heads).to(codes.device)
-        codes, scale, minimum = codes[perm], scale[perm], minimum[perm]
-    return pack(codes, scale, minimum, (d_out, d_in))
-
-
-def as_fp16(values: Tensor, name: str, kind: str = "Q4_1") -> Tensor:
-    """Scales / minima as fp16 (Q4_1 and Q5_1 store fp16); refuses values that fp16 cannot hold exactly
-    (they were cast, e.g. by model.to(torch.bfloat16), to a type with a wider range)."""
-    if values.dtype == torch.float16:
-        return values
-    half = values.to(torch.float16)
-    if not torch.equal(half.to(values.dtype), values):
-        raise QbaraError(f"{name}: its {values.dtype} scales or minima are not exact in fp16, so the layer "
-                         f"cannot be written as {kind} exactly; keep QuantizedLinear buffers in fp16 (do not "
-                         f"cast the quantized model) or pass lossy=True")
-    return half
+        raw = raw[llama_rope_permutation(raw.shape[0], perm_heads).to(raw.device)]
+    return np.ascontiguousarray(raw.to("cpu").numpy()), fmt.ggml_type

@@ -35,7 +35,7 @@ from qbara.export.gguf.checks import check_architecture, check_path
 from qbara.export.gguf.linears import is_plain_lora, row_order
 from qbara.export.gguf.provenance import base_model_fields, model_name
 from qbara.outputs import GGUF_MARK, output_file
-from qbara.quant.tensor import FP16_MAX
+from qbara.quant.ggml import FP16_MAX
 
 MERGE_HINT = ("merge them into the base instead: qbara.merge(model, into='quantized') and export_gguf (or "
               "export_gguf alone, which merges them on the fly; CLI: qbara export --format gguf without a "

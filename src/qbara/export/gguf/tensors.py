@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from qbara.errors import QbaraError
-from qbara.export.blocks import dequantize_q8_0, pack_q8_0, quantize_q8_0
 from qbara.export.gguf.architectures import Architecture
 from qbara.export.gguf.linears import (
     Linear,
@@ -19,6 +18,7 @@ from qbara.export.gguf.linears import (
     requantize,
     row_order,
 )
+from qbara.quant.ggml import dequantize_ggml, quantize_ggml
 
 EMBEDDING_TYPES = ("q8_0", "f16", "f32")
 
@@ -64,9 +64,8 @@ def float_tensor(name: str, weight: Tensor, kind: str) -> tuple[np.ndarray, obje
         if w.shape[-1] % 32:
             raise QbaraError(f"{name}: Q8_0 needs a row length divisible by 32 (got {w.shape[-1]}); "
                              f"use embedding_type='f16' or 'f32'")
-        codes, d = quantize_q8_0(w)
-        err = rel_error(w, dequantize_q8_0(codes, d))
-        return pack_q8_0(codes, d), GGMLQuantizationType.Q8_0, err
+        raw = quantize_ggml(w, "q8_0", name)
+        return raw.numpy(), GGMLQuantizationType.Q8_0, rel_error(w, dequantize_ggml(raw, tuple(w.shape), "q8_0"))
     if kind == "f16":
         arr = w.to(torch.float16)
         return arr.numpy(), None, rel_error(w, arr.float())
@@ -93,10 +92,12 @@ def linear_tensor(name: str, gguf_name: str, item: Linear, arch: Architecture, c
         return name, data, None
     if item.qtensor is None:
         stats.add_requantized(item.name, *requantize(item))
-    elif item.qtensor.config.kind == "gguf":
+    elif item.qtensor.config.family.stores_gguf_blocks:
         stats.exact_ggml.append(item.name)
-    else:
-        (stats.exact_q5_1 if item.qtensor.config.format == "int5" else stats.exact_q4_1).append(item.name)
+    else:  # an INT layer packed as its GGUF type
+        config = item.qtensor.config
+        gguf_type = config.family.gguf_format(config)
+        (stats.exact_q5_1 if gguf_type is not None and gguf_type.name == "q5_1" else stats.exact_q4_1).append(item.name)
     data, raw = linear_bytes(item, heads)
     stats.types[item.name] = raw.name
     return name, data, raw

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from qbara.errors import QbaraError
 from qbara.quant.ggml import iquants, kquants, legacy
-from qbara.quant.ggml.common import div, seq_sum
+from qbara.quant.ggml.common import FP16_MAX, div, seq_sum
+from qbara.quant.ggml.legacy import pack_q4_1, pack_q5_1
 
 # Weights quantized at once: the search's float32 work arrays stay near 256 K elements (1 MB each, cache-sized).
 CHUNK_ELEMENTS = 1 << 18
@@ -188,6 +189,7 @@ quantize_iq4_xs, dequantize_iq4_xs = _bind(GGML_FORMATS["iq4_xs"])
 
 __all__ = [
     "CHUNK_ELEMENTS",
+    "FP16_MAX",
     "GGML_FORMATS",
     "GGMLFormat",
     "check_ggml_shape",
@@ -206,6 +208,8 @@ __all__ = [
     "dequantize_q6_k",
     "dequantize_q8_0",
     "ggml_format",
+    "pack_q4_1",
+    "pack_q5_1",
     "quantize_ggml",
     "quantize_iq4_nl",
     "quantize_iq4_xs",

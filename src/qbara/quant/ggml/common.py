@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 F32 = torch.float32
+FP16_MAX = 65504.0  # the largest finite fp16: a block scale GGML stores must stay below it
 
 
 def rdiv(numerator: float, tensor: Tensor) -> Tensor:
@@ -59,11 +60,6 @@ def first_absmax(x: Tensor, dim: int) -> Tensor:
     """The signed value of largest magnitude along `dim` (the first one on ties, as a strict `>` scan keeps)."""
     index = x.abs().argmax(dim=dim, keepdim=True)
     return x.gather(dim, index).squeeze(dim)
-
-
-def fp16_round(tensor: Tensor) -> Tensor:
-    """float32 -> the fp16 GGML stores (round to nearest even)."""
-    return tensor.to(torch.float16)
 
 
 def half_bytes(values: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qbara.errors import QbaraError
 from qbara.quant.ggml.common import (
     bits_to_bytes,
     bytes_to_bits,
@@ -115,7 +116,7 @@ def dequantize_q4_0(raw: Tensor, out: Tensor) -> Tensor:
 def quantize_q4_1(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
     """(N, 32) fp32 blocks -> (N, 20) Q4_1 bytes (arguments as `quantize_q4_0`)."""
     q, d, m = _affine_codes(x, 16) if qw is None else _weighted_affine_codes(x, 16, qw, row_sigma2)
-    return torch.cat([half_bytes(d), half_bytes(m), _pack_nibbles(q)], dim=1)
+    return _q4_1_bytes(q, d, m)
 
 
 def dequantize_q4_1(raw: Tensor, out: Tensor) -> Tensor:
@@ -135,11 +136,49 @@ def dequantize_q5_0(raw: Tensor, out: Tensor) -> Tensor:
 def quantize_q5_1(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
     """(N, 32) fp32 blocks -> (N, 24) Q5_1 bytes (arguments as `quantize_q4_0`)."""
     q, d, m = _affine_codes(x, 32) if qw is None else _weighted_affine_codes(x, 32, qw, row_sigma2)
-    return torch.cat([half_bytes(d), half_bytes(m), _high_bits(q), _pack_nibbles(q & 15)], dim=1)
+    return _q5_1_bytes(q, d, m)
 
 
 def dequantize_q5_1(raw: Tensor, out: Tensor) -> Tensor:
     return _scale_codes(out, _codes_5bit(raw[:, 4:8], raw[:, 8:]), raw, affine=True)
+
+
+def _q4_1_bytes(q: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """(N, 32) codes < 16, (N,) d and m -> (N, 20) Q4_1 bytes."""
+    return torch.cat([half_bytes(d), half_bytes(m), _pack_nibbles(q)], dim=1)
+
+
+def _q5_1_bytes(q: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """(N, 32) codes < 32, (N,) d and m -> (N, 24) Q5_1 bytes."""
+    return torch.cat([half_bytes(d), half_bytes(m), _high_bits(q), _pack_nibbles(q & 15)], dim=1)
+
+
+def pack_q4_1(codes: Tensor, scale: Tensor, minimum: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The (d_out, d_in / 32 * 20) Q4_1 bytes of a 1 x 32-block affine weight w = scale * code + minimum (qbara's
+    INT4 G32 with fp16 minima, packed losslessly). codes: one uint8 in [0, 15] per weight, row-major; scale,
+    minimum: one fp16 value per block, blocks row-major."""
+    return _pack_affine(codes, scale, minimum, shape, "Q4_1", 4, _q4_1_bytes)
+
+
+def pack_q5_1(codes: Tensor, scale: Tensor, minimum: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The (d_out, d_in / 32 * 24) Q5_1 bytes of a 1 x 32-block INT5 weight (codes in [0, 31]; scale and
+    minimum as for `pack_q4_1`)."""
+    return _pack_affine(codes, scale, minimum, shape, "Q5_1", 5, _q5_1_bytes)
+
+
+def _pack_affine(codes: Tensor, scale: Tensor, minimum: Tensor, shape: tuple[int, int], kind: str, bits: int,
+                 pack) -> Tensor:
+    d_out, d_in = shape
+    if d_in % 32:
+        raise QbaraError(f"{kind} needs the input features ({d_in}) to be a multiple of 32")
+    blocks = d_in // 32
+    q = codes.detach().to(U8).reshape(d_out * blocks, 32)
+    if q.numel() and int(q.max()) >= 1 << bits:
+        raise QbaraError(f"{kind} codes must be {bits}-bit (0..{(1 << bits) - 1})")
+    if scale.numel() != d_out * blocks or minimum.numel() != d_out * blocks:
+        raise QbaraError(f"expected {d_out * blocks} scales and minima for a {d_out}x{d_in} weight in "
+                         f"blocks of 32, got {scale.numel()} and {minimum.numel()}")
+    return pack(q, scale.reshape(-1), minimum.reshape(-1)).view(d_out, -1)
 
 
 def quantize_q8_0(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:

@@ -1,0 +1,48 @@
+"""The format registry: one `QuantFormat` object per family, one line each. A new family is one module defining
+its object plus one line here (or `register(family)` at run time)."""
+from __future__ import annotations
+
+from qbara.errors import QbaraError
+from qbara.quant.formats.base import QuantFormat
+from qbara.quant.formats.ggml import GGML
+from qbara.quant.formats.intk import INT
+from qbara.quant.formats.nf import NF
+
+FAMILIES: dict[str, QuantFormat] = {
+    "nf": NF,
+    "int": INT,
+    "gguf": GGML,
+}
+_BY_FORMAT: dict[str, QuantFormat] = {}
+
+
+def _index() -> None:
+    _BY_FORMAT.clear()
+    _BY_FORMAT.update({fmt: family for family in FAMILIES.values() for fmt in family.formats})
+
+
+def register(family: QuantFormat) -> QuantFormat:
+    """Add `family` (or replace the one of its name) at run time: its format names become QuantConfig formats."""
+    FAMILIES[family.name] = family
+    _index()
+    return family
+
+
+def unregister(name: str) -> None:
+    """Remove the family called `name` (e.g. a test's toy family)."""
+    FAMILIES.pop(name)
+    _index()
+
+
+def family_of(format_name: str) -> QuantFormat:
+    """The family owning `format_name`; a QbaraError listing the formats for an unknown one."""
+    family = _BY_FORMAT.get(format_name)
+    if family is None:
+        raise QbaraError(f"unknown quantization format {format_name!r}: choose one of {', '.join(_BY_FORMAT)}")
+    return family
+
+
+_index()
+FORMATS: tuple[str, ...] = tuple(_BY_FORMAT)  # the built-in formats, family by family
+
+__all__ = ["FAMILIES", "FORMATS", "QuantFormat", "family_of", "register", "unregister"]
