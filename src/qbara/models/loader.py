@@ -10,6 +10,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
+from qbara.adapters.methods import ADAPTER_TENSORS
 from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
 from qbara.models.embedded import EMBEDDED_MODELS, SMOLLM2, embedded_dir, embedded_model
@@ -346,7 +347,7 @@ def load_gguf_tokenizer(path: Path):
 
 
 # Tensor names only qbara's quantized and adapter layers have.
-_QBARA_KEYS = (".codes", ".scale", ".minimum", ".absmax", ".base.", "lora_A", "lora_B", "hira_M")
+_QBARA_KEYS = (".codes", ".scale", ".minimum", ".absmax", ".base.", *ADAPTER_TENSORS)
 
 
 def check_loading_info(info: dict, path) -> None:
