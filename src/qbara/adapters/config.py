@@ -8,12 +8,14 @@ import math
 from dataclasses import dataclass
 
 from qbara.adapters.base import AdapterMethod
+from qbara.adapters.lora import LORA
 from qbara.adapters.methods import DEFAULT_METHOD, METHODS
 from qbara.errors import QbaraError, check_types, strict_from_dict
 from qbara.options import option
 
 INITS = ("default", "loftq", "lq")
 QLORA = "qlora"  # not a method of its own: LoRA on an NF4 base (the run config takes it as such)
+QLORA_METHOD = LORA.name  # the method QLORA trains
 MAX_RANK = 65536  # above any layer's side: a larger rank is a typo, refused before anything is allocated
 
 
