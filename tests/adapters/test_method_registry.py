@@ -52,6 +52,17 @@ def test_count_and_shapes_are_the_layers_trainable_parameters(setting, d_out, d_
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
+def test_knobs_a_method_does_not_take_change_nothing(setting):
+    config, quant = SETTINGS[setting]
+    base = QuantizedLinear.from_linear(nn.Linear(256, 128, bias=False), quant)
+    shapes = {n: p.shape for n, p in build_adapter(base, config).adapter_parameters().items()}
+    for knob, other in {"pool": 4, "pool_in": 2, "pool_out": 2}.items():
+        if knob not in METHODS[config.method].knobs:
+            layer = build_adapter(base, dataclasses.replace(config, **{knob: other}))
+            assert {n: p.shape for n, p in layer.adapter_parameters().items()} == shapes, knob
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
 def test_saved_shapes_are_what_save_adapter_writes(setting, tmp_path):
     model, _ = build("tiny-llama", setting)
     save_adapter(model, tmp_path)
