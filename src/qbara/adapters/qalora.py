@@ -11,12 +11,12 @@ A starts Kaiming-uniform like LoRA's (bound 1/√(d_in/G)) where QA-LoRA's code 
 (bound √(6 / (r + d_in/G))): at r 64 and G 32, 0.236 against 0.270 on 576-wide inputs and 0.144 against
 0.231 on 1536-wide ones. The benchmarks ran with this init.
 
-In PEFT's adapter_config.json it is PEFT's QA-LoRA (`use_qalora=True`, `qalora_group_size=G`). PEFT multiplies
-the average-pooled input by the number of groups n = d_in / G before A (a sum-pooling), qbara does not (the
-pooling divisor sets the training dynamics). The tensors are written unchanged and PEFT's alpha absorbs the
-factor: lora_alpha = alpha / n, per layer through `alpha_pattern` where d_in differs, and a PEFT QA-LoRA folder
-reads back with alpha = lora_alpha * n. PEFT runs QA-LoRA only on GPTQ layers; `qbara.register_with_peft` adds
-it for qbara's QuantizedLinear and for nn.Linear. Layers that pool differently have no PEFT form.
+In PEFT's adapter_config.json it is PEFT's QA-LoRA (`use_qalora=True`, `qalora_group_size=G`). PEFT sums the
+pooled inputs (it multiplies the average by the n = d_in / G groups) where qbara averages, so the tensors are
+written unchanged and PEFT's alpha absorbs the factor: lora_alpha = alpha / n, per layer through `alpha_pattern`
+where d_in differs; a PEFT QA-LoRA folder reads back with alpha = lora_alpha * n. PEFT runs QA-LoRA only on
+GPTQ layers; `qbara.register_with_peft` adds it for qbara's QuantizedLinear and for nn.Linear. Layers that pool
+differently have no PEFT form.
 """
 from __future__ import annotations
 
