@@ -29,9 +29,7 @@ UPWARD: set[tuple[str, str]] = {
 }
 
 # Imports that close a cycle, still to remove (importer -> imported): the graph without them has none.
-KNOWN_CYCLES: set[tuple[str, str]] = {
-    ("qbara.adapters.peft_import", "qbara.adapters.io"),  # in-function; io imports peft_import
-}
+KNOWN_CYCLES: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

@@ -591,30 +591,3 @@ def gguf_reader(path):
     except Exception as err:  # gguf-py raises ValueError, KeyError, IndexError... on damaged files
         raise QbaraError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err}); the file is damaged or "
                          f"not GGUF") from None
-
-
-def check_adapter_sizes(weights, config, records: dict, prefix: str) -> None:
-    """Refuse an adapter whose config (rank, pooling) implies other tensor sizes than its weights file holds,
-    from the file's header, before any adapter is allocated (a forged `rank: 1000000` costs nothing)."""
-    shapes = safetensors_shapes(weights, "adapter weights file")
-    held: dict[str, int] = {}
-    for key, shape in shapes.items():
-        size = 1
-        for dim in shape:
-            size *= dim
-        held[key] = size
-    for name, record in records.items():
-        d_in, d_out = record["in_features"], record["out_features"]
-        p_in, p_out = record["pool_in"], record["pool_out"]
-        if d_in % p_in or d_out % p_out:
-            continue  # the layer refuses these pooling factors itself, with the reason
-        if config.method == "qahira":
-            expected = (d_in // p_in) * (d_out // p_out)
-        else:
-            rank = config.rank * (config.pool if config.method == "qbara" else 1)
-            expected = rank * (d_in // p_in + d_out // p_out)
-        found = sum(size for key, size in held.items() if key.startswith(f"{prefix}{name}."))
-        if found != expected:
-            raise QbaraError(f"{weights}: layer {name!r}: its tensor shapes hold {found:,} values but the adapter "
-                             f"config (method {config.method}, rank {config.rank}) needs {expected:,}; the config "
-                             f"and the weights do not belong together, save the adapter again")

@@ -117,10 +117,10 @@ def test_a_qalora_whose_layers_pool_differently_is_qbara_only(tmp_path):
 def test_pattern_keys_select_what_peft_selects():
     from peft.utils.other import get_pattern_key
 
-    from qbara.adapters.peft_layout import _pattern_keys, pattern_value
+    from qbara.adapters.peft_layout import pattern_keys, pattern_value
 
     values = {"model.layers.0.mlp.down_proj": 4, "model.layers.1.mlp.down_proj": 4, "a.x": 2, "b.x": 8, "a.y": 2}
-    pattern = _pattern_keys(values, default=2)
+    pattern = pattern_keys(values, default=2)
     assert pattern == {"down_proj": 4, r"b\.x": 8}  # a suffix when it is unambiguous, else the escaped full name
     for name, value in values.items():
         assert pattern_value(pattern, name, 2) == value

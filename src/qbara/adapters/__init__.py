@@ -4,7 +4,7 @@ from qbara.adapters.base import AdaptedLinear
 from qbara.adapters.config import AdapterConfig
 from qbara.adapters.io import load_adapter, save_adapter
 from qbara.adapters.lora import LoRALinear
-from qbara.adapters.merge import merge
+from qbara.adapters.merging import merge
 from qbara.adapters.methods import METHODS, build_adapter
 from qbara.adapters.qahira import HiRALinear
 from qbara.adapters.qalora import QALoRALinear

@@ -7,12 +7,18 @@ P_in averages runs of `pool_in` adjacent input features, R_out repeats each outp
 QA-HiRA). Dropout acts on the pooled input, as in the reference code of QA-LoRA and Q-BaRA. The dense
 update is ΔW[o, i] = s · core[o // pool_out, i // pool_in] / pool_in; `merge()` adds it to the weights, and
 `fold()` writes it into an INT base's float minima when it is constant on every quantization block.
+
+`AdapterMethod` is the rest of what qbara knows about a method (its config, saved tensors, PEFT form): each
+method file defines its layer and one AdapterMethod, and `qbara.adapters.methods.METHODS` lists them.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
 
+from qbara.adapters.peft_layout import qbara_only_fields
 from qbara.adapters.pooling import expand_tiles, pool_features, repeat_features
 from qbara.errors import QbaraError
 from qbara.nn.quantized_linear import QuantizedLinear, frozen_linear
@@ -131,3 +137,60 @@ class AdaptedLinear(nn.Module):
             raise QbaraError(f"{self.name}: merge(into='requantized') needs a quantized base; this one is dense, "
                              f"merge into='dense'")
         return QuantizedLinear(quantize(weight, self.quant_config, self.name), self.base.bias)
+
+
+class AdapterMethod:
+    """One adapter method: builds its layer and says what the rest of qbara needs to know about it.
+
+    name: the AdapterConfig.method naming it (its layer's `method`). knobs: the AdapterConfig fields it reads
+    besides rank, alpha, dropout and target_modules. tensors: its parameter modules, saved as
+    `<layer>.<tensor>.weight` (the model loader recognises them by these names). starts_from_factors: LQ-LoRA /
+    LoftQ factors can start it (AdapterConfig init 'lq' / 'loftq'). Whether it folds into a quantized base is
+    its layer's `fold_problem()`: the update is constant on (pool_out x pool_in) tiles.
+    """
+
+    layer: type[AdaptedLinear] = AdaptedLinear
+    knobs: tuple[str, ...] = ()
+    tensors: tuple[str, ...] = ()
+    starts_from_factors = False
+
+    @property
+    def name(self) -> str:
+        return self.layer.method
+
+    def __repr__(self) -> str:
+        return f"<adapter method {self.name}>"
+
+    def build(self, base: nn.Module, config, name: str = "layer") -> AdaptedLinear:
+        """The adapter layer on `base` (a QuantizedLinear or an nn.Linear) that `config` (an AdapterConfig)
+        describes; `name` is used in error messages."""
+        raise NotImplementedError
+
+    def check(self, config) -> None:
+        """Refuse what `config` asks of this method that it cannot do (AdapterConfig's last check)."""
+        if config.init != "default" and not self.starts_from_factors:
+            raise QbaraError(f"init={config.init!r} initialises plain LoRA factors; use method='lora' with it")
+
+    def shapes(self, config, layer: dict) -> dict[str, tuple[int, ...]]:
+        """Parameter name -> shape of the tensors saved for one layer, from its record (in_features,
+        out_features, pool_in, pool_out, as `save_adapter` writes it) and `config`."""
+        raise NotImplementedError
+
+    def parameter_count(self, config, layer: dict) -> int:
+        """Trainable parameters of one layer (see `shapes`)."""
+        return sum(math.prod(shape) for shape in self.shapes(config, layer).values())
+
+    def peft_fields(self, layers: dict, alpha: float) -> dict:
+        """The adapter_config.json entries that say how PEFT should read `layers` (name -> adapter layer);
+        by default that PEFT cannot."""
+        return qbara_only_fields(self.name, alpha)
+
+    def read_peft(self, data: dict, where) -> dict | None:
+        """The AdapterConfig knobs of a PEFT LoRA config (`data`, read from `where`) that is this method
+        (pool_in among them when its layers pool their input), or None when it is not."""
+        return None
+
+    def peft_alpha_factor(self, in_features: int, pool_in: int) -> int:
+        """qbara's alpha over PEFT's lora_alpha for a layer of `in_features` inputs pooled by `pool_in`."""
+        return 1
+

@@ -1,4 +1,5 @@
-"""Adapter configuration."""
+"""Adapter configuration: one flat dataclass (what config files and saved adapter records hold); the method it
+names checks the settings only it knows about (`AdapterMethod.check`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,12 +7,15 @@ import difflib
 import math
 from dataclasses import dataclass
 
-from qbara.adapters.methods import METHODS
+from qbara.adapters.base import AdapterMethod
+from qbara.adapters.lora import LORA
+from qbara.adapters.methods import DEFAULT_METHOD, METHODS
 from qbara.errors import QbaraError, check_types, strict_from_dict
 from qbara.options import option
 
 INITS = ("default", "loftq", "lq")
 QLORA = "qlora"  # not a method of its own: LoRA on an NF4 base (the run config takes it as such)
+QLORA_METHOD = LORA.name  # the method QLORA trains
 MAX_RANK = 65536  # above any layer's side: a larger rank is a typo, refused before anything is allocated
 
 
@@ -32,7 +36,7 @@ class AdapterConfig:
         for `LQConfig(configs=quant, method=init)` (LoftQ with `loftq_iters`).
     """
 
-    method: str = option("lora", "lora (QLoRA on an NF base), qalora, qbara or qahira; qlora = lora on NF4")
+    method: str = option(DEFAULT_METHOD, "lora (QLoRA on an NF base), qalora, qbara or qahira; qlora = lora on NF4")
     rank: int = option(64, "adapter rank r")
     alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / rank (every method)")
     dropout: float = option(0.0, "dropout on the adapter's input, in [0, 1)")
@@ -70,8 +74,6 @@ class AdapterConfig:
             close = difflib.get_close_matches(str(self.method), METHODS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise QbaraError(f"unknown adapter method {self.method!r}{hint}: choose one of {', '.join(METHODS)}")
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise QbaraError(f"rank must be a positive integer, got {self.rank!r}")
         for name in ("pool", "pool_in", "pool_out"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -80,8 +82,12 @@ class AdapterConfig:
             raise QbaraError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise QbaraError(f"unknown init {self.init!r}: choose one of {', '.join(INITS)}")
-        if self.init != "default" and self.method != "lora":
-            raise QbaraError(f"init={self.init!r} initialises plain LoRA factors; use method='lora' with it")
+        self.method_spec.check(self)
+
+    @property
+    def method_spec(self) -> AdapterMethod:
+        """The method `method` names (`qbara.adapters.METHODS`)."""
+        return METHODS[self.method]
 
     @property
     def scaling(self) -> float:

@@ -1,9 +1,9 @@
 """Adapter files in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`, plus `qbara_adapter.json`.
 
-Tensor names follow PEFT (`base_model.model.<layer>.lora_A.weight`, ...). For method="lora" the
-adapter_config.json is a plain PEFT LoRA config (PEFT reads it without warnings; targets are full
-module names when suffixes would select more layers than were adapted); "qalora" is PEFT's QA-LoRA layout
-and "qbara" / "qahira" say that only qbara loads them (`qbara.adapters.peft_layout`). qbara's own record — the method,
+Tensor names follow PEFT (`base_model.model.<layer>.lora_A.weight`, ...). adapter_config.json is what each
+method says PEFT should read (`AdapterMethod.peft_fields`: a plain PEFT LoRA config that PEFT reads without
+warnings, PEFT's QA-LoRA layout, or a note that only qbara loads it); its targets are full module names when
+suffixes would select more layers than were adapted. qbara's own record — the method,
 per-layer shapes and pooling, the base's quantization, a fingerprint of the base model and the SHA-256 of
 the tensors — is `qbara_adapter.json` (folders of qbara <= 0.1 kept it as a `qbara` section of
 adapter_config.json; still read), so loading onto the wrong base fails clearly. A copy of the record is saved
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from qbara.adapters.base import AdaptedLinear
 from qbara.adapters.config import AdapterConfig
 from qbara.adapters.methods import build_adapter
 from qbara.adapters.peft_import import peft_record
-from qbara.adapters.peft_layout import peft_method_fields
+from qbara.adapters.peft_layout import PREFIX
 from qbara.atomic import save_safetensors_atomic, write_bytes_atomic, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
@@ -49,13 +50,12 @@ from qbara.tensor_checks import (
     safetensors_metadata,
     tensors_digest,
 )
-from qbara.validate import check_adapter_sizes, read_json_file
+from qbara.validate import read_json_file, safetensors_shapes
 
 CONFIG_NAME = "adapter_config.json"
 QBARA_NAME = "qbara_adapter.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 TEMPLATE_NAME = "chat_template.jinja"  # the Jinja text the training prompts were rendered with
-PREFIX = "base_model.model."
 FORMAT_VERSION = 1
 RECORD_KEY = "qbara_record"  # adapter_model.safetensors metadata: the record as saved
 
@@ -92,7 +92,7 @@ def save_adapter(model: nn.Module, directory, base_model_name: str | None = None
                          "pool_in": layer.pool_in, "pool_out": layer.pool_out,
                          "quant": quant.to_dict() if quant is not None else None}
     data = {
-        **peft_method_fields(config.method, layers, config.alpha),  # peft_type, lora_alpha, QA-LoRA's layout
+        **config.method_spec.peft_fields(layers, config.alpha),  # peft_type, lora_alpha, QA-LoRA's layout
         "task_type": "CAUSAL_LM",
         "r": config.rank,
         "lora_dropout": config.dropout,
@@ -192,10 +192,25 @@ def _canonical(value) -> str:
 
 def check_record_against_weights(directory, record: dict) -> None:
     """The record's sizes fit the weights file's header, and it is the record saved with them."""
-    check_adapter_sizes(Path(directory) / WEIGHTS_NAME, AdapterConfig.from_dict(record["adapter"]), record["layers"],
-                        PREFIX)
+    check_adapter_sizes(Path(directory) / WEIGHTS_NAME, AdapterConfig.from_dict(record["adapter"]), record["layers"])
     if not record.get("peft"):
         check_record_as_saved(directory, record)
+
+
+def check_adapter_sizes(weights, config: AdapterConfig, records: dict) -> None:
+    """Refuse an adapter whose config (rank, pooling) implies other tensor sizes than its weights file holds,
+    from the file's header, before any adapter is allocated (a forged `rank: 1000000` costs nothing)."""
+    shapes = safetensors_shapes(weights, "adapter weights file")
+    held = {key: math.prod(shape) for key, shape in shapes.items()}
+    for name, record in records.items():
+        if record["in_features"] % record["pool_in"] or record["out_features"] % record["pool_out"]:
+            continue  # the layer refuses these pooling factors itself, with the reason
+        expected = config.method_spec.parameter_count(config, record)
+        found = sum(size for key, size in held.items() if key.startswith(f"{PREFIX}{name}."))
+        if found != expected:
+            raise QbaraError(f"{weights}: layer {name!r}: its tensor shapes hold {found:,} values but the adapter "
+                             f"config (method {config.method}, rank {config.rank}) needs {expected:,}; the config "
+                             f"and the weights do not belong together, save the adapter again")
 
 
 def check_record_as_saved(directory, record: dict) -> None:

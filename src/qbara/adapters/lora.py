@@ -5,7 +5,8 @@ QLoRA: Efficient Finetuning of Quantized LLMs (Dettmers et al., 2023, arXiv:2305
 
     Δ(x) = s · B A x,  s = α / r,  A (r × d_in) Kaiming-uniform,  B (d_out × r) zero  (ΔW = s · B A).
 
-`LoRALinear` is also the B A core of the pooled LoRA variants (QA-LoRA, Q-BaRA subclass it).
+`LoRALinear` is also the B A core of the pooled LoRA variants (QA-LoRA, Q-BaRA subclass it). `LORA` is the
+method: saved as PEFT's plain LoRA, and the one method LQ-LoRA / LoftQ factors start.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from qbara.adapters.base import AdaptedLinear, device_of
+from qbara.adapters.base import AdaptedLinear, AdapterMethod, device_of
 from qbara.errors import QbaraError
 
 
@@ -76,6 +77,30 @@ class LoRALinear(AdaptedLinear):
         return f"method={self.method}, rank={self.rank}, pool_in={self.pool_in}, pool_out={self.pool_out}"
 
 
-def build(base: nn.Module, config, name: str = "layer") -> LoRALinear:
-    """LoRA at `config.rank` on `base`."""
-    return LoRALinear(base, config.rank, config.scaling, dropout=config.dropout, name=name)
+def lora_shapes(rank: int, layer: dict) -> dict[str, tuple[int, int]]:
+    """The saved shapes of a rank-`rank` B A core on a layer record (LoRA and its pooled variants)."""
+    d_in, d_out = layer["in_features"] // layer["pool_in"], layer["out_features"] // layer["pool_out"]
+    return {"lora_A.weight": (rank, d_in), "lora_B.weight": (d_out, rank)}
+
+
+class LoRA(AdapterMethod):
+    layer = LoRALinear
+    knobs = ("init", "loftq_iters")
+    tensors = ("lora_A", "lora_B")
+    starts_from_factors = True
+
+    def build(self, base: nn.Module, config, name: str = "layer") -> LoRALinear:
+        """LoRA at `config.rank` on `base`."""
+        return LoRALinear(base, config.rank, config.scaling, dropout=config.dropout, name=name)
+
+    def shapes(self, config, layer: dict) -> dict[str, tuple[int, int]]:
+        return lora_shapes(config.rank, layer)
+
+    def peft_fields(self, layers: dict, alpha: float) -> dict:
+        return {"peft_type": "LORA", "lora_alpha": alpha}
+
+    def read_peft(self, data: dict, where) -> dict | None:
+        return None if data.get("use_qalora") else {}
+
+
+LORA = LoRA()

@@ -1,16 +1,24 @@
-"""The adapter methods by name, each a builder `build(base, config, name) -> AdaptedLinear` in its own file."""
+"""The adapter methods by name: one line per method, each an `AdapterMethod` defined beside its layer in its own
+file. Adding a method is one module (its layer and AdapterMethod) and one line here."""
 from __future__ import annotations
 
 from torch import nn
 
 from qbara.adapters import lora, qahira, qalora, qbara
-from qbara.adapters.base import AdaptedLinear
+from qbara.adapters.base import AdaptedLinear, AdapterMethod
 
-BUILDERS = {"lora": lora.build, "qalora": qalora.build, "qbara": qbara.build, "qahira": qahira.build}
-METHODS = tuple(BUILDERS)
+METHODS: dict[str, AdapterMethod] = {method.name: method for method in (
+    lora.LORA,
+    qalora.QALORA,
+    qbara.QBARA,
+    qahira.QAHIRA,
+)}
+DEFAULT_METHOD = lora.LORA.name
+# The names of every method's saved tensors, for recognising adapter weights in a checkpoint.
+ADAPTER_TENSORS = tuple(dict.fromkeys(tensor for method in METHODS.values() for tensor in method.tensors))
 
 
 def build_adapter(base: nn.Module, config, name: str = "layer") -> AdaptedLinear:
     """The adapter layer for `base` (a QuantizedLinear or an nn.Linear) that `config` (an AdapterConfig)
     describes; `name` is used in error messages."""
-    return BUILDERS[config.method](base, config, name)
+    return METHODS[config.method].build(base, config, name)

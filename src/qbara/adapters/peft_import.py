@@ -1,9 +1,9 @@
 """Adapters PEFT wrote: a LoRA folder's config and tensors read into qbara's record, or refused with the reason.
 
-PEFT's LoRA is qbara's `lora` method: Delta(x) = s * B A x, s = lora_alpha / r (lora_alpha / sqrt(r) with
-use_rslora, which qbara expresses as alpha = lora_alpha * sqrt(r)); the tensors keep PEFT's names. PEFT's
-QA-LoRA (use_qalora) is qbara's `qalora` with pool_in = qalora_group_size and alpha = lora_alpha * d_in / G
-(PEFT sum-pools, see `qbara.adapters.peft_layout`). qbara keeps one alpha per adapter: the most common layer
+The method that reads the config (`AdapterMethod.read_peft`: PEFT's LoRA is qbara's `lora`, its QA-LoRA
+`qalora`) gives the knobs and each layer's alpha factor (`AdapterMethod.peft_alpha_factor`): Delta(x) = s * B A x,
+s = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora, which qbara expresses as alpha = lora_alpha *
+sqrt(r)); the tensors keep PEFT's names. qbara keeps one alpha per adapter: the most common layer
 scaling; a layer whose PEFT scaling differs (alpha_pattern, QA-LoRA layers of other widths) has its lora_A
 multiplied by the ratio on load (`a_scale`), the same forward. What qbara cannot represent is refused: DoRA,
 per-layer ranks, bias training, modules_to_save and other tuner types. PEFT records no fingerprint of its base,
@@ -17,7 +17,9 @@ from pathlib import Path
 
 from torch import nn
 
-from qbara.adapters.peft_layout import pattern_value
+from qbara.adapters.base import AdapterMethod
+from qbara.adapters.methods import METHODS
+from qbara.adapters.peft_layout import PREFIX, pattern_value
 from qbara.errors import QbaraError
 from qbara.nn.quantized_linear import QuantizedLinear
 
@@ -35,9 +37,6 @@ UNSUPPORTED = {  # PEFT LoraConfig key -> (value that is fine, why qbara refuses
 def peft_record(data: dict, state_keys, model: nn.Module, directory) -> dict:
     """qbara's adapter record for the PEFT LoRA folder `directory` (config `data`, tensor names
     `state_keys`) on `model`."""
-    # lazy: cycle: qbara.adapters.io imports this module
-    from qbara.adapters.io import PREFIX
-
     where = Path(directory) / "adapter_config.json"
     if str(data.get("peft_type", "")).upper() != "LORA":
         raise QbaraError(f"{where}: a PEFT {data.get('peft_type')!r} adapter; qbara reads PEFT LoRA adapters only")
@@ -55,7 +54,8 @@ def peft_record(data: dict, state_keys, model: nn.Module, directory) -> dict:
     if not names:
         raise QbaraError(f"{Path(directory) / 'adapter_model.safetensors'}: no LoRA tensors "
                          f"({PREFIX}<layer>{suffix}); the folder is empty or not a LoRA adapter")
-    group = _qalora_group(data, where)
+    method, knobs = _peft_method(data, where)
+    group = knobs.get("pool_in", 1)
     layers = {}
     for name in names:
         try:
@@ -67,34 +67,32 @@ def peft_record(data: dict, state_keys, model: nn.Module, directory) -> dict:
             raise QbaraError(f"{where}: {name} is a {type(base).__name__}, not a linear layer qbara adapts")
         layers[name] = {"in_features": base.in_features, "out_features": base.out_features, "pool_in": group,
                         "pool_out": 1, "quant": None}
-    alpha, a_scale = _alphas(data, layers, group, where)
-    adapter = {"method": "qalora" if data.get("use_qalora") else "lora", "rank": rank, "alpha": alpha,
-               "dropout": float(data.get("lora_dropout") or 0.0), "target_modules": names}
-    if data.get("use_qalora"):
-        adapter["pool_in"] = group
+    alpha, a_scale = _alphas(data, layers, group, method, where)
+    adapter = {"method": method.name, "rank": rank, "alpha": alpha,
+               "dropout": float(data.get("lora_dropout") or 0.0), "target_modules": names, **knobs}
     return {"format_version": 1, "adapter": adapter, "base_fingerprint": None, "layers": layers, "peft": True,
             "a_scale": a_scale}
 
 
-def _qalora_group(data: dict, where) -> int:
-    """The input pooling of the folder's layers: QA-LoRA's qalora_group_size, 1 for plain LoRA."""
-    if not data.get("use_qalora"):
-        return 1
-    group = data.get("qalora_group_size", 16)  # PEFT's default
-    if isinstance(group, bool) or not isinstance(group, int) or group <= 0:
-        raise QbaraError(f"{where}: qalora_group_size={group!r} must be a positive integer")
-    return group
+def _peft_method(data: dict, where) -> tuple[AdapterMethod, dict]:
+    """The method that reads the PEFT LoRA config `data`, and the AdapterConfig knobs it reads from it."""
+    for method in METHODS.values():
+        knobs = method.read_peft(data, where)
+        if knobs is not None:
+            return method, knobs
+    raise QbaraError(f"{where}: no qbara adapter method reads this PEFT LoRA config")
 
 
-def _alphas(data: dict, layers: dict, group: int, where) -> tuple[float, dict[str, float]]:
-    """qbara's one alpha for PEFT's per-layer scalings (alpha_pattern; QA-LoRA's alpha / groups), and the factor
-    that each other layer's lora_A takes so that its scaling stays PEFT's (only factors != 1 are listed)."""
+def _alphas(data: dict, layers: dict, group: int, method: AdapterMethod, where) -> tuple[float, dict[str, float]]:
+    """qbara's one alpha for PEFT's per-layer scalings (alpha_pattern; the method's factor, QA-LoRA's groups), and
+    the factor that each other layer's lora_A takes so that its scaling stays PEFT's (only factors != 1 are
+    listed)."""
     pattern, default = data.get("alpha_pattern") or {}, data["lora_alpha"]
     if not isinstance(pattern, dict) or not all(_number(v) for v in pattern.values()):
         raise QbaraError(f"{where}: alpha_pattern={pattern!r} must map module names to finite numbers > 0")
     factor = math.sqrt(data["r"]) if data.get("use_rslora") else 1.0
     alphas = {name: float(pattern_value(pattern, name, default)) * factor
-              * (record["in_features"] // group if data.get("use_qalora") else 1) for name, record in layers.items()}
+              * method.peft_alpha_factor(record["in_features"], group) for name, record in layers.items()}
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     return alpha, {name: a / alpha for name, a in alphas.items() if a != alpha}
 

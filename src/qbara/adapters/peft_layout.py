@@ -1,39 +1,25 @@
-"""How qbara's adapter methods appear in PEFT's adapter_config.json, and the QA-LoRA scaling between the two.
+"""How qbara's adapters appear to PEFT: tensor names, the adapter_config.json of a method PEFT has no layer for,
+and PEFT's per-module patterns.
 
-- lora: a plain PEFT LoRA config.
-- qalora: PEFT's QA-LoRA (`use_qalora=True`, `qalora_group_size=G`). PEFT multiplies the average-pooled input
-  by the number of groups n = d_in / G before A (a sum-pooling), qbara does not (SPEC §2: the pooling divisor
-  sets the training dynamics). The tensors are written unchanged and PEFT's alpha absorbs the factor:
-  lora_alpha = alpha / n, per layer through `alpha_pattern` where d_in differs. PEFT runs QA-LoRA only on GPTQ
-  layers; `qbara.register_with_peft` adds it for qbara's QuantizedLinear and for nn.Linear.
-- qbara, qahira (and a qalora whose layers pool differently): no PEFT equivalent. peft_type names the method
-  and what loads it (`peft_type_for`), so PEFT stops at once with that text in its KeyError, and `qbara_note`
-  tells the reader how to get a plain model. Folders of earlier versions say just the method ("QAHIRA").
+Each method says how PEFT reads it (`AdapterMethod.peft_fields`, `AdapterMethod.read_peft`). A method PEFT has no
+equivalent for gets `qbara_only_fields`: peft_type names the method and what loads it (`peft_type_for`), so PEFT
+stops at once with that text in its KeyError, and `qbara_note` tells the reader how to get a plain model. Folders
+of earlier versions say just the method ("QAHIRA").
 """
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 from qbara.errors import QbaraError
 
+PREFIX = "base_model.model."  # PEFT's tensor names: PREFIX + <layer>.<parameter>
 NOTE = ("Only qbara loads this {method} adapter (qbara.load_adapter, or --adapter on the qbara CLI): PEFT has no "
         "equivalent layer. For other tools, merge it: `qbara export --model BASE --adapter THIS_FOLDER --format hf "
         "--out DIR` writes a plain Hugging Face model (or --format gguf).")
 
 
-def peft_method_fields(method: str, layers: dict, alpha: float) -> dict:
-    """The adapter_config.json entries that say how PEFT should read `layers` (name -> adapter layer)."""
-    if method == "lora":
-        return {"peft_type": "LORA", "lora_alpha": alpha}
-    pools = {layer.pool_in for layer in layers.values()}
-    if method == "qalora" and len(pools) == 1:
-        group = pools.pop()
-        groups = {name: layer.in_features // group for name, layer in layers.items()}
-        default = Counter(groups.values()).most_common(1)[0][0]
-        pattern = {key: alpha / n for key, n in _pattern_keys(groups, default).items()}
-        return {"peft_type": "LORA", "lora_alpha": alpha / default, "alpha_pattern": pattern,
-                "use_qalora": True, "qalora_group_size": group}
+def qbara_only_fields(method: str, alpha: float) -> dict:
+    """The adapter_config.json entries of a `method` adapter PEFT cannot load."""
     return {"peft_type": peft_type_for(method), "lora_alpha": alpha, "qbara_note": NOTE.format(method=method)}
 
 
@@ -43,7 +29,7 @@ def peft_type_for(method: str) -> str:
     return f"{method.upper()} (a qbara adapter: PEFT cannot load it; use qbara.load_adapter, see qbara_note)"
 
 
-def _pattern_keys(values: dict, default) -> dict:
+def pattern_keys(values: dict, default) -> dict:
     """PEFT pattern keys (matched as a suffix of the module name) for the names whose value is not `default`:
     the last name component when it alone selects names of one value, else the escaped full name."""
     by_suffix: dict[str, set] = {}

@@ -11,14 +11,14 @@ quantization block and folds exactly into the float minima: a 4-bit model out, n
 λout is chosen per layer so the count comes closest to LoRA's at `rank`. The authors' LLaMA setting is the
 4×8 tile (λin 4, λout 8) on a matching 2-D-block quantizer. Difference from the released code, kept on
 purpose: M starts at zero (the model is unchanged at step 0); the released code re-initialises it
-Kaiming-uniform, a random ΔW at step 0.
+Kaiming-uniform, a random ΔW at step 0. PEFT has no equivalent layer.
 """
 from __future__ import annotations
 
 import torch.nn as nn
 from torch import Tensor
 
-from qbara.adapters.base import AdaptedLinear, device_of, lora_parameter_count
+from qbara.adapters.base import AdaptedLinear, AdapterMethod, device_of, lora_parameter_count
 from qbara.errors import QbaraError
 
 
@@ -54,17 +54,29 @@ def auto_pool_out(d_out: int, d_in: int, pool_in: int, rank: int, multiple_of: i
     return min(candidates, key=lambda p: (abs((d_out // p) * (d_in // pool_in) - target), -p))
 
 
-def build(base: nn.Module, config, name: str = "layer") -> HiRALinear:
-    """QA-HiRA pooled by `config.pool_in` (default: the base's group size), repeated by `config.pool_out`
-    (default: LoRA's budget at `config.rank`, a multiple of the base's block rows)."""
-    quant = getattr(base, "quant_config", None)
-    pool_in = config.pool_in or (quant.block_size if quant is not None else None)
-    if pool_in is None:
-        raise QbaraError(f"{name}: qahira's default pool_in is the base's group size, but this layer is not "
-                         f"quantized; quantize it or set pool_in")
-    if base.in_features % pool_in:
-        raise QbaraError(f"{name}: qahira input pooling {pool_in} does not divide the layer's "
-                         f"{base.in_features} features; choose a pool_in that divides {base.in_features}")
-    rows = quant.family.block_rows(quant) if quant is not None else 1
-    pool_out = config.pool_out or auto_pool_out(base.out_features, base.in_features, pool_in, config.rank, rows)
-    return HiRALinear(base, config.scaling, pool_in, pool_out, config.dropout, name)
+class QAHiRA(AdapterMethod):
+    layer = HiRALinear
+    knobs = ("pool_in", "pool_out")
+    tensors = ("hira_M",)
+
+    def build(self, base: nn.Module, config, name: str = "layer") -> HiRALinear:
+        """QA-HiRA pooled by `config.pool_in` (default: the base's group size), repeated by `config.pool_out`
+        (default: LoRA's budget at `config.rank`, a multiple of the base's block rows)."""
+        quant = getattr(base, "quant_config", None)
+        pool_in = config.pool_in or (quant.block_size if quant is not None else None)
+        if pool_in is None:
+            raise QbaraError(f"{name}: qahira's default pool_in is the base's group size, but this layer is not "
+                             f"quantized; quantize it or set pool_in")
+        if base.in_features % pool_in:
+            raise QbaraError(f"{name}: qahira input pooling {pool_in} does not divide the layer's "
+                             f"{base.in_features} features; choose a pool_in that divides {base.in_features}")
+        rows = quant.family.block_rows(quant) if quant is not None else 1
+        pool_out = config.pool_out or auto_pool_out(base.out_features, base.in_features, pool_in, config.rank, rows)
+        return HiRALinear(base, config.scaling, pool_in, pool_out, config.dropout, name)
+
+    def shapes(self, config, layer: dict) -> dict[str, tuple[int, int]]:
+        return {"hira_M.weight": (layer["out_features"] // layer["pool_out"],
+                                  layer["in_features"] // layer["pool_in"])}
+
+
+QAHIRA = QAHiRA()

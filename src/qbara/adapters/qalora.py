@@ -10,13 +10,23 @@ does; a sum would make ΔW's Adam steps G times larger). Differences from the re
 A starts Kaiming-uniform like LoRA's (bound 1/√(d_in/G)) where QA-LoRA's code uses Xavier-uniform
 (bound √(6 / (r + d_in/G))): at r 64 and G 32, 0.236 against 0.270 on 576-wide inputs and 0.144 against
 0.231 on 1536-wide ones. The benchmarks ran with this init.
+
+In PEFT's adapter_config.json it is PEFT's QA-LoRA (`use_qalora=True`, `qalora_group_size=G`). PEFT sums the
+pooled inputs (it multiplies the average by the n = d_in / G groups) where qbara averages, so the tensors are
+written unchanged and PEFT's alpha absorbs the factor: lora_alpha = alpha / n, per layer through `alpha_pattern`
+where d_in differs; a PEFT QA-LoRA folder reads back with alpha = lora_alpha * n. PEFT runs QA-LoRA only on
+GPTQ layers; `qbara.register_with_peft` adds it for qbara's QuantizedLinear and for nn.Linear. Layers that pool
+differently have no PEFT form.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 from torch import nn
 
-from qbara.adapters.base import lora_parameter_count
-from qbara.adapters.lora import LoRALinear
+from qbara.adapters.base import AdapterMethod, lora_parameter_count
+from qbara.adapters.lora import LoRALinear, lora_shapes
+from qbara.adapters.peft_layout import pattern_keys
 from qbara.errors import QbaraError
 
 
@@ -30,18 +40,52 @@ class QALoRALinear(LoRALinear):
         super().__init__(base, rank, scaling, group, 1, dropout, name)
 
 
-def build(base: nn.Module, config, name: str = "layer") -> QALoRALinear:
-    """QA-LoRA pooled by `config.pool_in`, by default the base's quantization group size."""
-    quant = getattr(base, "quant_config", None)
-    group = config.pool_in or (quant.block_size if quant is not None else None)
-    if group is None:
-        raise QbaraError(f"{name}: qalora pools by the base's group size, but this layer is not quantized; "
-                         f"quantize it (prepare with a QuantConfig) or set pool_in")
-    return QALoRALinear(base, config.rank, config.scaling, group, config.dropout, name)
-
-
 def matching_rank(shapes: list[tuple[int, int]], rank: int, group: int) -> int:
     """The QA-LoRA rank whose parameter count over layers of `shapes` (d_out, d_in) is closest to LoRA's at
     `rank`: QA-LoRA's A is G times narrower, so at equal rank it trains fewer parameters."""
     lora = sum(lora_parameter_count(d_out, d_in, rank) for d_out, d_in in shapes)
     return max(1, round(lora / sum(d_in // group + d_out for d_out, d_in in shapes)))
+
+
+class QALoRA(AdapterMethod):
+    layer = QALoRALinear
+    knobs = ("pool_in",)
+    tensors = ("lora_A", "lora_B")
+
+    def build(self, base: nn.Module, config, name: str = "layer") -> QALoRALinear:
+        """QA-LoRA pooled by `config.pool_in`, by default the base's quantization group size."""
+        quant = getattr(base, "quant_config", None)
+        group = config.pool_in or (quant.block_size if quant is not None else None)
+        if group is None:
+            raise QbaraError(f"{name}: qalora pools by the base's group size, but this layer is not quantized; "
+                             f"quantize it (prepare with a QuantConfig) or set pool_in")
+        return QALoRALinear(base, config.rank, config.scaling, group, config.dropout, name)
+
+    def shapes(self, config, layer: dict) -> dict[str, tuple[int, int]]:
+        return lora_shapes(config.rank, layer)
+
+    def peft_fields(self, layers: dict, alpha: float) -> dict:
+        pools = {layer.pool_in for layer in layers.values()}
+        if len(pools) != 1:
+            return super().peft_fields(layers, alpha)
+        group = pools.pop()
+        groups = {name: self.peft_alpha_factor(layer.in_features, group) for name, layer in layers.items()}
+        default = Counter(groups.values()).most_common(1)[0][0]
+        pattern = {key: alpha / n for key, n in pattern_keys(groups, default).items()}
+        return {"peft_type": "LORA", "lora_alpha": alpha / default, "alpha_pattern": pattern,
+                "use_qalora": True, "qalora_group_size": group}
+
+    def read_peft(self, data: dict, where) -> dict | None:
+        if not data.get("use_qalora"):
+            return None
+        group = data.get("qalora_group_size", 16)  # PEFT's default
+        if isinstance(group, bool) or not isinstance(group, int) or group <= 0:
+            raise QbaraError(f"{where}: qalora_group_size={group!r} must be a positive integer")
+        return {"pool_in": group}
+
+    def peft_alpha_factor(self, in_features: int, pool_in: int) -> int:
+        """PEFT sum-pools: n = in_features / G groups."""
+        return in_features // pool_in
+
+
+QALORA = QALoRA()

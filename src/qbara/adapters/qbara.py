@@ -7,13 +7,15 @@ Accurate and Efficient Fine-Tuning of Quantized Large Language Models Through Op
 
 The input is average-pooled by λ, the rank raised to λ·r and the output repeated λ times: the trainable
 parameters λr (d_in/λ + d_out/λ) = r (d_in + d_out) equal LoRA's at rank r, at λ times the rank. Authors'
-setting: λ = 2, r = 64, α = 16 (scaling kept α / r), NF4 with double quantization, dropout 0.
+setting: λ = 2, r = 64, α = 16 (scaling kept α / r), NF4 with double quantization, dropout 0. PEFT has no
+equivalent layer.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from qbara.adapters.lora import LoRALinear
+from qbara.adapters.base import AdapterMethod
+from qbara.adapters.lora import LoRALinear, lora_shapes
 
 
 class QBaRALinear(LoRALinear):
@@ -26,6 +28,17 @@ class QBaRALinear(LoRALinear):
         super().__init__(base, pool * rank, scaling, pool, pool, dropout, name)
 
 
-def build(base: nn.Module, config, name: str = "layer") -> QBaRALinear:
-    """Q-BaRA with λ = `config.pool` and LoRA's budget at `config.rank` (its own rank is λ · rank)."""
-    return QBaRALinear(base, config.rank, config.scaling, config.pool, config.dropout, name)
+class QBaRA(AdapterMethod):
+    layer = QBaRALinear
+    knobs = ("pool",)
+    tensors = ("lora_A", "lora_B")
+
+    def build(self, base: nn.Module, config, name: str = "layer") -> QBaRALinear:
+        """Q-BaRA with λ = `config.pool` and LoRA's budget at `config.rank` (its own rank is λ · rank)."""
+        return QBaRALinear(base, config.rank, config.scaling, config.pool, config.dropout, name)
+
+    def shapes(self, config, layer: dict) -> dict[str, tuple[int, int]]:
+        return lora_shapes(config.pool * config.rank, layer)
+
+
+QBARA = QBaRA()

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from qbara.adapters.merge import merge
+from qbara.adapters.merging import merge
 from qbara.data import gsm8k_instructions, split_records
 from qbara.eval.loss import masked_loss
 from qbara.models.loader import load_model

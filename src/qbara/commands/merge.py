@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qbara.adapters.merge import merge
+from qbara.adapters.merging import merge
 from qbara.commands.eval import add_quant_option, load_for_eval
 from qbara.native import write_quantized
 from qbara.nn.quantized_linear import QuantizedLinear

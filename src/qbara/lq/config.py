@@ -212,7 +212,7 @@ class LQConfig:
                              "prepare(model, LQConfig(...), AdapterConfig(rank=64))")
         if not isinstance(adapter, AdapterConfig):
             raise QbaraError(f"adapter must be a qbara.AdapterConfig, got {type(adapter).__name__}")
-        if adapter.method != "lora":
+        if not adapter.method_spec.starts_from_factors:
             raise QbaraError(f"LQ-LoRA / LoftQ initialise plain LoRA factors; use AdapterConfig(method='lora'), not "
                              f"{adapter.method!r}")
         if adapter.init not in ("default", self.method):

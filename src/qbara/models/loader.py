@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from qbara.adapters.methods import ADAPTER_TENSORS
 from qbara.errors import QbaraError
 from qbara.models import smollm2
 from qbara.models.embedded import EMBEDDED_MODELS, SMOLLM2, embedded_dir, embedded_model
@@ -236,7 +237,7 @@ def _load_hf_folder(path: Path, dtype: torch.dtype):
 
 
 # Tensor names only qbara's quantized and adapter layers have.
-_QBARA_KEYS = (".codes", ".scale", ".minimum", ".absmax", ".base.", "lora_A", "lora_B", "hira_M")
+_QBARA_KEYS = (".codes", ".scale", ".minimum", ".absmax", ".base.", *ADAPTER_TENSORS)
 
 
 def check_loading_info(info: dict, path) -> None:

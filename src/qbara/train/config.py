@@ -11,8 +11,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qbara.adapters.config import QLORA, AdapterConfig
-from qbara.adapters.methods import METHODS
+from qbara.adapters.config import QLORA, QLORA_METHOD, AdapterConfig
+from qbara.adapters.methods import DEFAULT_METHOD, METHODS
 from qbara.errors import QbaraError
 from qbara.options import option
 from qbara.prompt_formats import check_template_choice
@@ -83,7 +83,7 @@ class TrainSection:
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     quant: dict = field(default_factory=lambda: {"format": "nf4", "block_size": 64})
-    adapter: dict = field(default_factory=lambda: {"method": "lora", "rank": 8, "alpha": 16})
+    adapter: dict = field(default_factory=lambda: {"method": DEFAULT_METHOD, "rank": 8, "alpha": 16})
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
 
@@ -333,7 +333,7 @@ def _qlora_as_lora(quant_format) -> str:
         raise QbaraError(f"adapter.method qlora is LoRA on an NF4 base, but quant.format is {quant_format!r}: write "
                          f"adapter.method lora to train LoRA on {quant_format}, or quant.format nf4 for QLoRA")
     print("qbara: adapter.method qlora is method lora on the NF4 base (QLoRA); training lora", file=sys.stderr)
-    return "lora"
+    return QLORA_METHOD
 
 
 def _validate(config: RunConfig) -> None:

@@ -1,4 +1,4 @@
-"""`merge`: fold every adapter of a model into its base layer."""
+"""Merging a model's adapters into their base layers (`merge`)."""
 from __future__ import annotations
 
 import math
