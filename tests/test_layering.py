@@ -1,5 +1,5 @@
-"""Imports flow one way: base utilities -> quant -> nn -> targets -> adapters / lq / native -> prepare -> models /
-eval / export / train -> commands. Every import, at module level or inside a function, is checked; the upward imports
+"""Imports flow one way: base utilities -> quant -> nn -> targets -> adapters / lq / native -> models -> preparation /
+pretrained -> eval / export / train / generation -> commands. Every import, at module level or inside a function, is checked; the upward imports
 that remain are listed in UPWARD and may only shrink."""
 import ast
 from pathlib import Path
@@ -14,8 +14,9 @@ LAYERS = (
     ("nn",),
     ("targets",),
     ("adapters", "lq", "native"),
-    ("prepare", "prepare_lq"),
-    ("models", "eval", "export", "train", "pretrained", "generation"),
+    ("models",),
+    ("preparation", "pretrained"),
+    ("eval", "export", "train", "generation"),
     ("commands", "cli", "__main__", "qbara"),
 )
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -14,7 +14,7 @@ from qbara.fingerprint import model_fingerprint
 from qbara.lq import LQConfig
 from qbara.models import load_model, tiny_llama
 from qbara.nn import QuantizedLinear
-from qbara.prepare import dequantize_model, quantize_model
+from qbara.models.streaming import dequantize_model, quantize_model
 from qbara.state import OLD_ATTRIBUTES, QbaraState, state_of
 from tests.helpers import randomize_adapters
 

@@ -138,7 +138,7 @@ def test_the_tokenizer_and_config_read_alone_are_those_of_the_loaded_model(tmp_p
     from qbara.models import load_model, tiny_llama
     from qbara.models.loader import load_model_config, load_model_tokenizer
     from qbara.native import save_quantized
-    from qbara.prepare import quantize_model
+    from qbara.models.streaming import quantize_model
     from qbara.quant.config import QuantConfig
 
     model, tokenizer = tiny_llama()

@@ -15,10 +15,9 @@ from qbara.fingerprint import model_fingerprint
 from qbara.models.embedded import EMBEDDED_MODELS, SMOLLM2, embedded_dir, embedded_model
 from qbara.models.quantized_io import is_quantized_folder, load_quantized
 from qbara.models.smollm2 import gguf_config, load_gguf_as_hf
-from qbara.models.streaming import load_gguf_stream, load_quantized_stream
+from qbara.models.streaming import load_gguf_stream, load_quantized_stream, quantize_model
 from qbara.models.tiny import byte_tokenizer, tiny_llama, tiny_qwen2
 from qbara.native import QUANT_MANIFEST
-from qbara.prepare import quantize_model
 from qbara.state import state_of
 from qbara.tensor_checks import check_model_values
 from qbara.validate import (

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qbara.adapters import adapter_layers
 from qbara.errors import QbaraError
 from qbara.fingerprint import combine_fingerprint, tensor_fingerprint
 from qbara.memory import release_freed_memory
@@ -278,4 +279,41 @@ def use_compute_dtype(model: nn.Module, compute: torch.dtype, every_linear: bool
     for linear in linears:
         if linear is not None and type(linear) is nn.Linear:
             linear.__class__ = UpcastLinear
+    return model
+
+
+# Moved verbatim from qbara/prepare.py (gone); the "load" redesign makes them a stream over the model's state dict.
+def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig],
+                   modules=ALL_LINEAR, progress: bool = False,
+                   importance: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Replace the selected nn.Linear layers (all but lm_head by default) by QuantizedLinear, in place.
+
+    `quant` is one config for every layer, or a mapping from layer name to config (as LQ-LoRA's
+    allocation produces); with a mapping, exactly the layers it names are quantized. `importance`: layer name ->
+    rounding importance for the gguf:* layers (`qbara.lq.importance_matrix`'s per-column mean square
+    activations, or a per-weight tensor such as the Fisher diagonal), weighting each block's scale search as
+    llama-quantize's importance matrix does; every gguf:* layer must have one.
+    """
+    per_layer = layer_configs(model, quant, modules)
+    importance = rounding_importance(per_layer, importance)
+    for name, config in tqdm(per_layer.items(), desc="quantizing", disable=not progress, leave=False):
+        linear = model.get_submodule(name)
+        set_submodule(model, name, QuantizedLinear.from_linear(linear, config, name=name,
+                                                               importance=importance.get(name)))
+    return enable_native_save(model)
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every QuantizedLinear of `model` by an fp32 nn.Linear holding its dequantized weight, in place
+    (the inverse of `quantize_model` up to the quantization error); adapters must be merged first. Once a layer is
+    dequantized, `model.qbara` forgets the base (`QbaraState.forget_base`): a later `prepare` quantizes it afresh."""
+    if adapter_layers(model):
+        raise QbaraError("this model still has adapters: merge them first (qbara.merge(model, into='dense')), "
+                         "then dequantize")
+    state = state_of(model)
+    dequantized = [name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
+    for name in dequantized:
+        set_submodule(model, name, model.get_submodule(name).to_linear())
+    if dequantized:  # another base now: neither its fingerprint nor the quant it was loaded with describe it
+        state.forget_base()
     return model
