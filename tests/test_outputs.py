@@ -144,8 +144,8 @@ def test_killed_swap_of_a_real_quantized_model_always_loads(tmp_path, monkeypatc
     import torch
 
     from qbara import QuantConfig, load_model
-    from qbara.native import save_quantized
     from qbara.models.streaming import quantize_model
+    from qbara.native import save_quantized
 
     model, tok = load_model("tiny-llama")
     quantize_model(model, QuantConfig("int4", 32))

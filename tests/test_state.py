@@ -13,8 +13,8 @@ from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
 from qbara.lq import LQConfig
 from qbara.models import load_model, tiny_llama
-from qbara.nn import QuantizedLinear
 from qbara.models.streaming import dequantize_model, quantize_model
+from qbara.nn import QuantizedLinear
 from qbara.state import OLD_ATTRIBUTES, QbaraState, state_of
 from tests.helpers import randomize_adapters
 

@@ -11,8 +11,8 @@ from qbara import AdapterConfig, QbaraError, QuantConfig, load_adapter, lq_prepa
 from qbara.adapters.attach import adapter_layers, attach_adapters
 from qbara.adapters.io import save_adapter
 from qbara.lq.configs import qlora_config
-from qbara.lq.loftq import loftq
 from qbara.lq.layers import decompose_layers
+from qbara.lq.loftq import loftq
 from qbara.models import tiny_llama, tiny_qwen2
 from qbara.models.loader import load_model
 from qbara.native import save_quantized

@@ -122,8 +122,8 @@ def test_fingerprint_detects_a_change_to_any_single_matrix():
 
 def test_fingerprint_covers_quantized_buffers_and_ignores_adapters():
     from qbara import AdapterConfig, QuantConfig, prepare
-    from qbara.nn.quantized_linear import QuantizedLinear
     from qbara.models.streaming import quantize_model
+    from qbara.nn.quantized_linear import QuantizedLinear
 
     model, _ = tiny_llama(seed=0)
     quantize_model(model, QuantConfig("int4", 32))
