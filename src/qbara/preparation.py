@@ -57,7 +57,7 @@ def prepare(model: nn.Module | str | Path, quant: QuantConfig | Mapping[str, Qua
             raise QbaraError("LQ-LoRA / LoftQ decompose the dense weights; load the model without bitsandbytes' "
                              "quantization_config")
         return build_lq_model(model, _lq_config(quant, adapter, factor_format), adapter, modules=modules,
-                          progress=progress)
+                              progress=progress)
     if not isinstance(model, nn.Module):
         raise QbaraError(f"prepare takes a loaded model (qbara.load_model), got {type(model).__name__}; only an "
                          f"LQConfig also takes a checkpoint folder")

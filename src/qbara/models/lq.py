@@ -60,7 +60,7 @@ __all__ = ["build_lq_model", "quantize_with_factors", "checkpoint_folder", "chec
 
 
 def build_lq_model(source: nn.Module | str | Path, lq: LQConfig, adapter, *, modules=None,
-               progress: bool = True) -> nn.Module:
+                   progress: bool = True) -> nn.Module:
     """`qbara.prepare(source, LQConfig(...), AdapterConfig(...))`: with `lq.budget`, the error table (cached) ->
     ILP allocation; then every adapter target quantized as the Q of its decomposition W ≈ Q + L1 L2 -> LoRA
     adapters (`adapter`: rank, alpha, targets) started from the factors. Only the adapters train.
@@ -81,6 +81,7 @@ def build_lq_model(source: nn.Module | str | Path, lq: LQConfig, adapter, *, mod
     file = None if lq.fixed else _resolve_file_budget(lq.file_budget,
                                                       lambda: source.file_budget(adapter.target_modules))
     configs, allocation, table = _choose_configs(plan, weights, lq, adapter.rank, file, fisher, progress, importance)
+    rounding_importance(plan.rest, importance, require_gguf=False)  # the plainly quantized layers' refused early
     decs = decompose_layers(weights, configs, adapter.rank, method=lq.method, max_iters=lq.max_iters,
                             loftq_iters=lq.loftq_iters, fisher=fisher, seed=lq.seed, workers=lq.workers,
                             progress=progress, importance=importance)
@@ -239,6 +240,12 @@ class _LayerPlan:
 
     targets: list[str]
     layers: dict[str, QuantConfig] | None
+
+    @property
+    def rest(self) -> dict[str, QuantConfig]:
+        """The quantized layers no adapter covers (plain quantization)."""
+        targets = set(self.targets)
+        return {n: c for n, c in (self.layers or {}).items() if n not in targets}
 
 
 def _plan_layers(model: nn.Module, lq: LQConfig, adapter, modules=None) -> _LayerPlan:
