@@ -174,7 +174,7 @@ def ilp_model(dense, table, budget: float, swap_q4_1: bool = False, importance=N
     import copy
 
     from qbara.lq.filesize import FileBudget
-    from qbara.prepare import quantize_model
+    from qbara.models.streaming import quantize_model
 
     allocation = table.allocate(budget, FileBudget.of_model(dense))
     configs = dict(allocation.configs)

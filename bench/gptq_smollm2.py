@@ -69,7 +69,7 @@ def run(args) -> dict:
     from qbara.eval import perplexity
     from qbara.models import load_model
     from qbara.models.gptq import gptq_calibration, gptq_quantize_model
-    from qbara.prepare import quantize_model
+    from qbara.models.streaming import quantize_model
 
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)

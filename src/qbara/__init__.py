@@ -3,11 +3,12 @@ from qbara.adapters import AdapterConfig, load_adapter, merge, save_adapter
 from qbara.errors import QbaraError
 from qbara.lq.config import LQConfig
 from qbara.models import load_model, model_fingerprint
-from qbara.models.gptq import gptq_prepare, gptq_quantize_model
+from qbara.models.gptq import gptq_quantize_model
+from qbara.models.streaming import quantize_model
 from qbara.nn import QuantizedLinear
 from qbara.nn.peft_support import register_with_peft
-from qbara.prepare import quantize_model
-from qbara.pretrained import from_pretrained, lq_prepare, prepare
+from qbara.preparation import gptq_prepare, lq_prepare, prepare
+from qbara.pretrained import from_pretrained
 from qbara.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 
 __version__ = "0.1.0"

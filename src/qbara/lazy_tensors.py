@@ -1,9 +1,11 @@
-"""Tensors of safetensors files read on demand: a mapping whose values are loaded from the memory-mapped file
-each time they are looked up and dropped by the caller, so code written for a dict of weights (LQ-LoRA's
-error tables and decompositions) runs over a checkpoint holding one matrix at a time."""
+"""Tensors produced on demand: a mapping whose values are read from memory-mapped safetensors files (or taken from
+a model's own weights) each time they are looked up and dropped by the caller, so code written for a dict of
+weights (LQ-LoRA's error tables and decompositions) runs over a checkpoint holding one matrix at a time, and over a
+model in memory alike."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,54 +17,69 @@ __all__ = ["LazyTensors", "tensor_shapes"]
 
 
 class LazyTensors(Mapping):
-    """name -> tensor, each read from `(file, key)` when looked up (as `dtype`, default float32) and checked
-    (float, finite, sane magnitude). `shapes` answers shape questions from the file headers without reading.
+    """name -> tensor, each produced by `read(name)` when looked up; `shapes` answers shape questions without
+    reading. Build it over safetensors files (`from_files`) or over tensors in memory (`from_tensors`).
 
-    Nothing is cached: every lookup reads the file again (the page cache makes repeats cheap), so the
-    memory held is what the caller keeps.
+    Nothing is cached: every lookup of a file's tensor reads the file again (the page cache makes repeats cheap),
+    so the memory held is what the caller keeps.
     """
 
-    def __init__(self, locations: Mapping[str, tuple[Path, str]], dtype: torch.dtype | None = torch.float32):
-        self.locations = {name: (Path(file), key) for name, (file, key) in locations.items()}
-        self.dtype = dtype
-        self.shapes = self._read_shapes()
+    def __init__(self, read: Callable[[str], torch.Tensor], shapes: Mapping[str, tuple[int, ...]]):
+        self._read = read
+        self.shapes = dict(shapes)
 
     @classmethod
     def from_files(cls, files, names: Mapping[str, str] | None = None, dtype: torch.dtype | None = torch.float32
                    ) -> "LazyTensors":
-        """Over the tensors of safetensors `files`: all of them by key, or `names` (name -> key) only."""
+        """Over the tensors of safetensors `files`: all of them by key, or `names` (name -> key) only; each read
+        as `dtype` (None: the file's) and checked (float, finite, sane magnitude)."""
         where = {key: Path(file) for file in files for key in _keys(Path(file))}
         names = dict(names) if names is not None else {key: key for key in where}
         missing = sorted(key for key in names.values() if key not in where)
         if missing:
             raise QbaraError(f"{', '.join(str(f) for f in files)}: no tensor {missing[:3]}; the checkpoint does not "
                              f"fit its config")
-        return cls({name: (where[key], key) for name, key in names.items()}, dtype)
+        locations = {name: (where[key], key) for name, key in names.items()}
+        return cls(partial(_read_file, locations, dtype), _file_shapes(locations))
 
-    def _read_shapes(self) -> dict[str, tuple[int, ...]]:
-
-        shapes = {}
-        by_file: dict[Path, list[str]] = {}
-        for name, (file, _) in self.locations.items():
-            by_file.setdefault(file, []).append(name)
-        for file, names in by_file.items():
-            with _open(file) as reader:
-                for name in names:
-                    shapes[name] = tuple(reader.get_slice(self.locations[name][1]).get_shape())
-        return {name: shapes[name] for name in self.locations}
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "LazyTensors":
+        """Over tensors in memory (a loaded model's weights, checked when it was loaded): each returned as it is,
+        nothing copied."""
+        tensors = dict(tensors)
+        return cls(tensors.__getitem__, {name: tuple(t.shape) for name, t in tensors.items()})
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        file, key = self.locations[name]
-        with _open(file) as reader:
-            tensor = reader.get_tensor(key)
-        check_tensor(tensor, f"{file}: {key}")
-        return tensor if self.dtype is None else tensor.to(self.dtype)
+        if name not in self.shapes:
+            raise KeyError(name)
+        return self._read(name)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.locations)
+        return iter(self.shapes)
 
     def __len__(self) -> int:
-        return len(self.locations)
+        return len(self.shapes)
+
+
+def _read_file(locations: Mapping[str, tuple[Path, str]], dtype: torch.dtype | None, name: str) -> torch.Tensor:
+    file, key = locations[name]
+    with _open(file) as reader:
+        tensor = reader.get_tensor(key)
+    check_tensor(tensor, f"{file}: {key}")
+    return tensor if dtype is None else tensor.to(dtype)
+
+
+def _file_shapes(locations: Mapping[str, tuple[Path, str]]) -> dict[str, tuple[int, ...]]:
+    """name -> shape from the files' headers, each file opened once."""
+    shapes = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, (file, _) in locations.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with _open(file) as reader:
+            for name in names:
+                shapes[name] = tuple(reader.get_slice(locations[name][1]).get_shape())
+    return {name: shapes[name] for name in locations}
 
 
 def _open(file: Path):

@@ -1,61 +1,16 @@
-"""The top-level entries that take a model or a checkpoint name: `from_pretrained` (one call from a model name to a
-quantized model with adapters, for PEFT habits), and `prepare` / `lq_prepare`, which stream a checkpoint folder
-(`qbara.models.lq_stream`) and hand a model in memory to `qbara.prepare.prepare` / `qbara.prepare_lq.prepare_lq`."""
+"""`from_pretrained`: one call from a model name to a quantized model with adapters (for PEFT habits), and the rules
+that pick how an adapter folder's base is quantized on load."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-from torch import Tensor, nn
 
 from qbara.adapters.config import AdapterConfig
 from qbara.adapters.io import adapter_base_quant, load_adapter, read_adapter_config
 from qbara.errors import QbaraError
-from qbara.lq.config import LQConfig
 from qbara.models.loader import load_model
-from qbara.models.lq_stream import stream_lq
 from qbara.models.quantized_io import is_quantized_folder
-from qbara.prepare import is_lq, lq_config_for
-from qbara.prepare import prepare as prepare_model
-from qbara.quant.config import QuantConfig
+from qbara.preparation import prepare
 from qbara.state import state_of
-
-
-def prepare(model: nn.Module | str | Path, quant: QuantConfig | Mapping[str, QuantConfig] | LQConfig, adapter=None,
-            modules=None, progress: bool = False, factor_format: QuantConfig | None = None) -> nn.Module:
-    """`qbara.prepare`: `qbara.prepare.prepare` (see it for every argument), which also takes a safetensors
-    checkpoint folder (or "smollm2-135m") for LQ-LoRA / LoftQ (an LQConfig, or AdapterConfig(init="lq" |
-    "loftq")): streamed from its shards without ever holding the dense model
-    (`qbara.models.lq_stream.stream_lq`), bit-identical to the model loaded and prepared in memory.
-
-        prepare("path/to/llama-7b", LQConfig(budget=2.75), AdapterConfig(rank=64))
-    """
-    if isinstance(model, (str, Path)) and is_lq(quant, adapter):
-        lq = lq_config_for(quant, adapter, factor_format)
-        return stream_lq(model, lq, adapter, modules=modules, progress=progress)[0]
-    return prepare_model(model, quant, adapter, modules=modules, progress=progress, factor_format=factor_format)
-
-
-def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 64,
-               fisher: Mapping[str, Tensor] | str | Path | None = None, *, alpha: float = 16.0, dropout: float = 0.0,
-               target_modules="all-linear",
-               configs: Sequence[QuantConfig] | None = None, table=None, max_iters: int = 100,
-               table_iters: int | None = None, seed: int = 0, workers: int | None = None,
-               factor_format: QuantConfig | None = None, file_budget=None, importance=None,
-               progress: bool = True) -> nn.Module:
-    """LQ-LoRA on a dense causal LM (or a checkpoint folder, streamed), in place: shorthand for
-
-        qbara.prepare(model, LQConfig(budget=budget, configs=configs, fisher=fisher, ...),
-                      AdapterConfig(rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules))
-
-    the primary form (see `qbara.lq.LQConfig` for every setting and `qbara.prepare_lq.prepare_lq` for the steps).
-    Returns the model; `model.qbara.lq` holds the allocation and the per-matrix errors.
-    """
-    lq = LQConfig(budget=budget, configs=configs, fisher=fisher, max_iters=max_iters, table_iters=table_iters,
-                  table=table, seed=seed, workers=workers, factor_format=factor_format, file_budget=file_budget,
-                  importance=importance)
-    adapter = AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
-    return prepare(model, lq, adapter, progress=progress)
 
 
 def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, device="cpu", progress: bool = False):
@@ -73,7 +28,7 @@ def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, devic
             raise QbaraError("new adapters need a quantized base: pass quant=QuantConfig(...) with "
                              "adapter=AdapterConfig")
         model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, quant=quant, progress=progress)
-        return prepare_model(model, quant, adapter), tokenizer
+        return prepare(model, quant, adapter), tokenizer
     if adapter is not None and not isinstance(adapter, (str, Path)):
         raise QbaraError(f"adapter must be an AdapterConfig or an adapter folder, got {type(adapter).__name__}")
     if adapter is not None:

@@ -142,7 +142,7 @@ def test_dequantize_model_replaces_every_quantized_layer_by_its_dense_weights(ba
     from torch import nn
 
     from qbara import QbaraError
-    from qbara.prepare import dequantize_model
+    from qbara.models.streaming import dequantize_model
 
     model, _ = build("tiny-llama", "qahira")
     with pytest.raises(QbaraError, match="merge them first"):

@@ -50,7 +50,7 @@ def run_decompose(rank: int, world: int, port: int, out_dir: str) -> None:
     from safetensors.torch import save_file
 
     from qbara.lq.configs import qlora_config
-    from qbara.lq.prepare import decompose_layers
+    from qbara.lq.layers import decompose_layers
 
     _join(dist, rank, world, port)
     try:

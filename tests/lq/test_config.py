@@ -14,10 +14,11 @@ from qbara.adapters.attach import adapter_layers, attach_adapters
 from qbara.lq.configs import qlora_config
 from qbara.lq.factors import FACTOR_CONFIG
 from qbara.lq.fisher import save_fisher
-from qbara.lq.prepare import decompose_layers, quantize_with_factors
+from qbara.lq.layers import decompose_layers
 from qbara.lq.tables import error_table
 from qbara.models import tiny_llama
 from qbara.models.loader import load_model
+from qbara.models.lq import quantize_with_factors
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.targets import linear_layer_names
 from tests.helpers import nonuniform_fisher

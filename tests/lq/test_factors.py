@@ -7,8 +7,8 @@ import torch
 from qbara import AdapterConfig, QuantConfig
 from qbara.adapters.attach import attach_adapters
 from qbara.lq.factors import FACTOR_CONFIG, bits_account, quantize_factor, quantize_factors
-from qbara.lq.prepare import quantize_with_factors
 from qbara.models import tiny_llama
+from qbara.models.lq import quantize_with_factors
 from qbara.quant import quantize
 from qbara.quant.nf import nf_levels
 

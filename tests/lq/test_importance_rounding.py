@@ -14,9 +14,9 @@ from qbara import AdapterConfig, LQConfig, QbaraError, QuantConfig, lq_prepare, 
 from qbara.adapters.attach import adapter_layers, attach_adapters
 from qbara.lq import decompose, error_table, loftq, matrix_costs, save_fisher, save_importance
 from qbara.lq.decompose import quantize_step, rounding_importance_of
-from qbara.lq.prepare import quantize_with_factors
 from qbara.models import tiny_llama
 from qbara.models.loader import load_model
+from qbara.models.lq import quantize_with_factors
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant import quantize
 from qbara.targets import linear_layer_names

@@ -11,8 +11,8 @@ from qbara import AdapterConfig, QbaraError, QuantConfig, load_adapter, lq_prepa
 from qbara.adapters.attach import adapter_layers, attach_adapters
 from qbara.adapters.io import save_adapter
 from qbara.lq.configs import qlora_config
+from qbara.lq.layers import decompose_layers
 from qbara.lq.loftq import loftq
-from qbara.lq.prepare import decompose_layers
 from qbara.models import tiny_llama, tiny_qwen2
 from qbara.models.loader import load_model
 from qbara.native import save_quantized
@@ -186,18 +186,13 @@ def test_init_refusals():
         prepare(fresh, {"model.layers.0.mlp.up_proj": NF4}, AdapterConfig(rank=RANK, init="loftq"))
 
 
-def test_the_in_memory_lq_path_sends_a_checkpoint_folder_to_the_top_level_prepare(tmp_path):
-    """Streaming a folder is the models layer's: `qbara.prepare_lq.prepare_lq` and `qbara.prepare.prepare` (below
-    it) refuse a name and point at the top-level `qbara.prepare`, which streams it."""
+def test_prepare_streams_a_name_and_refuses_one_without_safetensors_shards(tmp_path):
+    """A name given to `qbara.prepare` with an LQConfig (or the init= alias) is streamed from its shards: a folder
+    without them is refused."""
     from qbara.lq import LQConfig
-    from qbara.prepare import prepare as prepare_model
-    from qbara.prepare_lq import prepare_lq
 
-    for name in (tmp_path, str(tmp_path)):
-        with pytest.raises(QbaraError, match="top-level qbara.prepare"):
-            prepare_lq(name, LQConfig(budget=3.0), AdapterConfig(rank=RANK))
-    with pytest.raises(QbaraError, match="top-level qbara.prepare"):
-        prepare_model(tmp_path, NF4, AdapterConfig(rank=RANK, init="loftq"))
+    with pytest.raises(QbaraError, match="not a folder of safetensors shards"):
+        prepare(tmp_path, NF4, AdapterConfig(rank=RANK, init="loftq"))
     with pytest.raises(QbaraError, match="not a folder of safetensors shards"):  # the top level streams it
         prepare(tmp_path, LQConfig(budget=3.0), AdapterConfig(rank=RANK))
 

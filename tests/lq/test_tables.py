@@ -161,7 +161,7 @@ def test_table_cache_hit_is_identical_and_skips_computation(tmp_path, monkeypatc
 
 def test_allocation_feeds_quantize_model(tmp_path):
     from qbara.models import tiny_llama
-    from qbara.prepare import quantize_model
+    from qbara.models.streaming import quantize_model
 
     model, _ = tiny_llama()
     table = error_table(model, small_configs(), rank=4, iters=2, cache=False, progress=False)

@@ -4,9 +4,10 @@ from torch import nn
 
 from qbara import AdapterConfig, QbaraError, QuantConfig, load_model, merge, prepare
 from qbara.models import tiny_llama, tiny_qwen2
-from qbara.models.gptq import gptq_calibration, gptq_prepare, gptq_quantize_model
+from qbara.models.gptq import gptq_calibration, gptq_quantize_model
 from qbara.native import save_quantized
 from qbara.nn import QuantizedLinear
+from qbara.preparation import gptq_prepare
 from qbara.quant.gptq import gptq_quantize, hessian_accumulate
 from tests.helpers import randomize_adapters
 

@@ -6,13 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qbara import AdapterConfig, QbaraError, QuantConfig, lq_prepare, prepare
+from qbara import AdapterConfig, LQConfig, QbaraError, QuantConfig, lq_prepare, prepare
 from qbara.cli import main
 from qbara.lq.configs import qlora_config
 from qbara.lq.fisher import save_fisher
 from qbara.models import tiny_llama
 from qbara.models.loader import load_model
-from qbara.models.lq_stream import load_lq
 from qbara.targets import linear_layer_names
 from tests.helpers import TargetReads
 
@@ -77,8 +76,8 @@ def test_streamed_loftq_equals_prepare_with_loftq_init(tmp_path):
     eager, _ = load_model(str(folder))
     prepare(eager, quant, AdapterConfig("lora", rank=4, alpha=8.0, init="loftq", loftq_iters=2,
                                         target_modules=["q_proj", "v_proj"]))
-    streamed, _ = load_lq(folder, method="loftq", quant=quant, rank=4, alpha=8.0, loftq_iters=2,
-                          target_modules=["q_proj", "v_proj"], progress=False)
+    streamed = prepare(folder, LQConfig(configs=quant, method="loftq", loftq_iters=2),
+                       AdapterConfig("lora", rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"]))
     _assert_same_model(eager, streamed, torch.bfloat16)
 
 
@@ -110,17 +109,17 @@ def test_lq_command_streams_a_folder_to_the_same_outputs(tmp_path, capsys):
 
 def test_refusals(tmp_path):
     with pytest.raises(QbaraError, match="not a folder of safetensors shards"):
-        load_lq("tiny-llama", budget=3.0, rank=4, progress=False)
+        prepare("tiny-llama", LQConfig(budget=3.0), AdapterConfig(rank=4))
     folder = _folder(tmp_path)
     with pytest.raises(QbaraError, match="rank 64 exceeds"):
-        load_lq(folder, budget=3.0, rank=64, progress=False)
+        prepare(folder, LQConfig(budget=3.0), AdapterConfig(rank=64))
     with pytest.raises(QbaraError, match="LoftQ takes one quantization config"):
-        load_lq(folder, method="loftq", rank=4, progress=False)
+        prepare(folder, LQConfig(method="loftq"), AdapterConfig(rank=4))
 
 
 def test_calibration_model_keeps_bf16_and_computes_like_an_fp32_load(tmp_path):
     from qbara.lq.fisher import fisher_information
-    from qbara.models.lq_stream import load_calibration_model
+    from qbara.models.lq import load_calibration_model
 
     folder = _folder(tmp_path)
     narrow, _ = load_calibration_model(folder)
@@ -158,7 +157,7 @@ def test_nf8_factors_are_what_the_adapters_start_from_and_are_counted(tmp_path):
 
     from qbara.adapters.attach import adapter_layers
     from qbara.lq.factors import FACTOR_CONFIG, quantize_factors
-    from qbara.lq.prepare import quantize_with_factors
+    from qbara.models.lq import quantize_with_factors
 
     folder = _folder(tmp_path)
     eager, _ = load_model(str(folder))

@@ -215,11 +215,11 @@ def test_native_tokenizer_config_not_a_file_is_refused_not_skipped(damage, good,
     assert "tokenizer_config.json" in err, err
 
 
-# ---------------------------------------------------------------- lq_stream.checkpoint_file_budget
+# ---------------------------------------------------------------- models.lq.checkpoint_file_budget
 
 
 def test_checkpoint_file_budget_checks_the_folder(good, tmp_path):
-    from qbara.models.lq_stream import checkpoint_file_budget
+    from qbara.models.lq import checkpoint_file_budget
 
     folder = _folder_with(tmp_path, good, "hf", {"rms_norm_eps": math.nan})
     text = _refusal(lambda: checkpoint_file_budget(folder))

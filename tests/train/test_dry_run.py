@@ -10,7 +10,7 @@ import yaml
 from qbara.adapters.attach import trainable_parameter_count
 from qbara.cli import main
 from qbara.models import load_model, tiny_llama
-from qbara.prepare import prepare
+from qbara.preparation import prepare
 from qbara.train.config import build_config
 
 

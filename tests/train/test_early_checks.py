@@ -19,7 +19,7 @@ def no_load(monkeypatch):
     """Every way the commands load weights fails the test."""
     for target in ("qbara.train.trainer.load_model", "qbara.models.loader.load_model", "qbara.pretrained.load_model",
                    "qbara.commands.eval.load_for_eval", "qbara.commands.lq.load_model",
-                   "qbara.commands.lq.load_calibration_model", "qbara.commands.lq.stream_lq",
+                   "qbara.commands.lq.load_calibration_model", "qbara.commands.lq.prepare",
                    "qbara.commands.quantize.load_model"):
         monkeypatch.setattr(target, _no_model_load)
 
@@ -137,8 +137,8 @@ def test_the_tokenizer_and_config_read_alone_are_those_of_the_loaded_model(tmp_p
     model's config (same context and shapes)."""
     from qbara.models import load_model, tiny_llama
     from qbara.models.loader import load_model_config, load_model_tokenizer
+    from qbara.models.streaming import quantize_model
     from qbara.native import save_quantized
-    from qbara.prepare import quantize_model
     from qbara.quant.config import QuantConfig
 
     model, tokenizer = tiny_llama()

@@ -17,7 +17,7 @@ def attach_adapters(model: nn.Module, config: AdapterConfig,
                     factors: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> nn.Module:
     """Wrap every target linear of `model` in its adapter layer, in place; only adapters train.
 
-    With init 'lq' / 'loftq', `factors` (name -> (L1, L2), from `qbara.lq.quantize_with_factors`, which
+    With init 'lq' / 'loftq', `factors` (name -> (L1, L2), from `qbara.models.lq.quantize_with_factors`, which
     also quantizes the layers to match) start each LoRA at s·B A = L1 L2 (`qbara.prepare(model, LQConfig(...),
     adapter)` does all of it).
     """

@@ -29,11 +29,11 @@ from qbara.lq.configs import candidate_configs, gguf_configs, qlora_config
 from qbara.lq.factors import FACTOR_CONFIG
 from qbara.lq.fisher import calibration_sequences, fisher_information, open_fisher
 from qbara.lq.plot import plot_bits_per_layer
-from qbara.models.loader import load_model
-from qbara.models.lq_stream import checkpoint_folder, load_calibration_model, stream_lq
+from qbara.models.loader import load_model, load_tokenizer
+from qbara.models.lq import checkpoint_folder, load_calibration_model
 from qbara.native import write_quantized
 from qbara.outputs import check_output, output_folder
-from qbara.prepare import prepare
+from qbara.preparation import prepare
 from qbara.quant.config import QuantConfig
 from qbara.state import state_of
 
@@ -160,8 +160,8 @@ def _options(args):
 
 
 def _streamed(args, folder: Path, out: Path | None, options):
-    """LQ-LoRA / LoftQ from the shards (`stream_lq`): the dense model is loaded only for --eval's dense
-    perplexity and --fisher-data's gradients, and freed before the decompositions start."""
+    """LQ-LoRA / LoftQ streamed from the shards (`qbara.prepare` given the folder): the dense model is loaded only
+    for --eval's dense perplexity and --fisher-data's gradients, and freed before the decompositions start."""
     lq, adapter = options
     dense_eval = None
     fisher = args.inputs.fisher  # a saved one (--fisher), read one matrix at a time
@@ -172,8 +172,8 @@ def _streamed(args, folder: Path, out: Path | None, options):
         if args.fisher_data:
             fisher = _fisher(args, dense, tokenizer, out)
         del dense
-    model, tokenizer = stream_lq(folder, _with_fisher(args, lq, fisher), adapter, progress=True)
-    return model, tokenizer, dense_eval
+    model = prepare(folder, _with_fisher(args, lq, fisher), adapter, progress=True)
+    return model, load_tokenizer(folder), dense_eval
 
 
 def _in_memory(args, out: Path | None, options):

@@ -18,10 +18,10 @@ from qbara.lq.imatrix import importance_matrix
 from qbara.models import load_model
 from qbara.models.gptq import DEFAULT_LENGTH, DEFAULT_SAMPLES, gptq_calibration, gptq_quantize_model
 from qbara.models.loader import load_model_tokenizer
+from qbara.models.streaming import quantize_model
 from qbara.native import save_quantized
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.outputs import check_output
-from qbara.prepare import quantize_model
 from qbara.quant.config import QuantConfig
 from qbara.quant.formats import FAMILIES
 

@@ -9,8 +9,8 @@ from torch import nn
 
 from qbara.adapters import adapter_layers, merge
 from qbara.errors import QbaraError
+from qbara.models.streaming import dequantize_model
 from qbara.outputs import output_folder
-from qbara.prepare import dequantize_model
 from qbara.state import state_of
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -27,8 +27,9 @@ def _resolve_dtype(dtype) -> torch.dtype:
 
 def dense_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` with its adapters merged (`qbara.merge(into="dense")`) and every QuantizedLinear
-    dequantized to an fp32 nn.Linear (`qbara.prepare.dequantize_model`); the model passed in is unchanged. The copy's
-    `model.qbara` keeps the reports (lq, gptq, fold_rounding) and forgets the base (`QbaraState.forget_base`)."""
+    dequantized to an fp32 nn.Linear (`qbara.models.streaming.dequantize_model`); the model passed in is unchanged.
+    The copy's `model.qbara` keeps the reports (lq, gptq, fold_rounding) and forgets the base
+    (`QbaraState.forget_base`)."""
     dense = copy.deepcopy(model)
     if adapter_layers(dense):
         merge(dense, into="dense")

@@ -40,7 +40,7 @@ class LQConfig:
 
     budget: bits per parameter of the quantized matrices (of the whole file with `file_budget`): LQ-LoRA's
         ILP picks one of the candidate `configs` per matrix from an error table. None: the configs are fixed.
-    configs: with a budget, the candidate QuantConfigs (default: SPEC §1.1's 432, `qbara.lq.candidate_configs`);
+    configs: with a budget, the candidate QuantConfigs (default: LQ-LoRA's 432 NF ones, `qbara.lq.candidate_configs`);
         without one, a single QuantConfig for every layer (the one-format case) or a mapping layer name ->
         QuantConfig (an allocation made elsewhere).
     method: "lq" (LQ-LoRA's decomposition: SVD-first and quantize-first runs, the best of their at most

@@ -1,4 +1,5 @@
-"""LQ-LoRA's candidate quantization configurations (SPEC §1.1) and Pareto pruning.
+"""LQ-LoRA's candidate quantization configurations (the paper's ILP search space, arXiv 2311.12023) and
+Pareto pruning.
 
 432 NF configurations: b ∈ {2,3,4,8} code bits, B0 ∈ {16,32,64} block size, and double quantization
 of the absmax scales with b0 ∈ {2,3,4,8} bits in groups of B1 ∈ {16,64,256} scales whose maxima are

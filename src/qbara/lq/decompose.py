@@ -1,4 +1,5 @@
-"""LQ-LoRA matrix decomposition W ≈ Q + L1 L2 (SPEC §3).
+"""LQ-LoRA matrix decomposition W ≈ Q + L1 L2, from Guo, Greengard, Xing, Kim, "LQ-LoRA: Low-rank Plus Quantized
+Matrix Decomposition for Efficient Language Model Finetuning" (arXiv 2311.12023).
 
 Alternate a rank-r (randomized) SVD of the quantization residual with a quantization of the low-rank
 residual:
@@ -13,7 +14,7 @@ residual:
 and return the *best* iterate (not the last one, which is worse whenever the loop stopped on an
 increase). Everything runs in fp32.
 
-That is the "svd" start (SPEC §3). `decompose` also runs the "quantize" start, the same loop begun
+That is the "svd" start, the paper's algorithm. `decompose` also runs the "quantize" start, the same loop begun
 with L1 L2 = 0 (so its first iterate is Q = quantize(W), then SVD_r(W - Q), ...), and keeps the better
 of the two runs by the same (weighted) error: on a checkpoint whose weights already lie on a config's
 grid (a dequantized GGUF file, say) Q = quantize(W) is exact, an iterate the svd start never reaches.

@@ -1,4 +1,4 @@
-"""Diagonal empirical Fisher information of the target linear weights (data-aware LQ-LoRA, SPEC §3).
+"""Diagonal empirical Fisher information of the target linear weights (data-aware LQ-LoRA, arXiv 2311.12023).
 
 F = Σ_n (∂ℓ_n/∂W)², elementwise, over calibration sequences n, with ℓ_n the loss of sequence n alone
 (per-example gradients: one backward pass per sequence, batch size 1). For a causal LM ℓ_n is the

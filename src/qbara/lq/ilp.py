@@ -1,4 +1,5 @@
-"""LQ-LoRA's bit allocation as a 0/1 integer linear program, solved with HiGHS (`scipy.optimize.milp`).
+"""LQ-LoRA's bit allocation (arXiv 2311.12023) as a 0/1 integer linear program, solved with HiGHS
+(`scipy.optimize.milp`).
 
     minimise    Σ_i Σ_c C[i,c] x[i,c]
     subject to  Σ_i Σ_c numel_i · bits[c] · x[i,c] <= budget · Σ_i numel_i

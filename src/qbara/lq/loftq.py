@@ -1,4 +1,5 @@
-"""LoftQ initialisation (Li et al., 2023), the baseline LQ-LoRA is compared with.
+"""LoftQ initialisation (Li et al., "LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models",
+arXiv 2310.08659), the baseline LQ-LoRA is compared with.
 
 Starting from zero factors, alternate T times (T = `iters`, LoftQ's default 1):
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from qbara.lq.prepare import LQReport
+from qbara.lq.layers import LQReport
 from qbara.plotting import pyplot, save_figure
 
 _LAYER = re.compile(r"\.(\d+)\.")

@@ -1,5 +1,5 @@
 """Error tables for LQ-LoRA's bit allocation: C[i,c] = squared decomposition error of matrix i under
-config c, S[i,c] = numel_i · bits(c) (SPEC §3), and the allocation read off them.
+config c, S[i,c] = numel_i · bits(c) (as in LQ-LoRA, arXiv 2311.12023), and the allocation read off them.
 
 Computing the 210 x 432 table of a 135M model by running 90,720 full decompositions would take hours
 on a CPU. What is shared, and how (all exact unless stated):
@@ -212,14 +212,6 @@ class ErrorTable:
         err = float(sum(self.costs[i, j] for i, j in enumerate(indices)))
         return Allocation(float(budget), list(self.names), [int(j) for j in indices],
                           {n: self.configs[j] for n, j in zip(self.names, indices)}, used, err, file_budget)
-
-    def uniform_error(self, config: QuantConfig) -> float:
-        """Total cost with every matrix on `config` (which must be one of the table's configs)."""
-        try:
-            j = self.configs.index(config)
-        except ValueError:
-            raise QbaraError(f"{config.label} is not one of this table's configs") from None
-        return float(self.costs[:, j].sum())
 
     # -- files ------------------------------------------------------------------------------------
     def save(self, path) -> Path:
@@ -506,7 +498,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
                 progress: bool = True, patience: int | None = None) -> ErrorTable:
     """The LQ-LoRA error table of a model's target linears (or of a name -> weight mapping).
 
-    configs: candidates (default: the 432 of SPEC §1.1). rank: LoRA rank of the decomposition
+    configs: candidates (default: LQ-LoRA's 432, `candidate_configs`). rank: LoRA rank of the decomposition
     (0: plain quantization). iters, patience: at most `iters` iterations per alternation, stopping after
     `patience` iterates in a row without improvement (defaults per dq_mode: MODE_ITERS).
     fisher: name -> Fisher matrix (weight's shape) for data-aware costs. workers: matrices computed

@@ -10,7 +10,7 @@ Hessians (d_in² fp32 each; linears fed the same tensor, such as q/k/v, share on
 The quantized layers hold qbara's INT format exactly as `qbara.quantize` lays it out, so saving, loading,
 adapters, merging and GGUF Q4_1 export work on them unchanged. "LQ-LoRA: Low-rank Plus Quantized Matrix
 Decomposition for Efficient Language Model Finetuning" (Guo et al., arXiv 2311.12023) uses this
-GPTQ-quantized base with LoRA adapters as its GPTQ-LoRA baseline: `gptq_prepare`.
+GPTQ-quantized base with LoRA adapters as its GPTQ-LoRA baseline: `qbara.gptq_prepare`.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
 from qbara.lq.fisher import calibration_sequences
 from qbara.nn.quantized_linear import QuantizedLinear
-from qbara.prepare import prepare
 from qbara.quant.config import QuantConfig
 from qbara.quant.gptq import DEFAULT_BLOCK_COLUMNS, DEFAULT_DAMP, gptq_quantize, hessian_accumulate, output_error
 from qbara.quant.tensor import quantize
@@ -34,7 +33,7 @@ from qbara.state import enable_native_save, state_of
 from qbara.targets import ALL_LINEAR, layer_configs, set_submodule
 
 __all__ = ["CALIBRATION_PLAYS", "DEFAULT_LENGTH", "DEFAULT_SAMPLES", "GPTQReport", "decoder_layers",
-           "gptq_calibration", "gptq_prepare", "gptq_quantize_model"]
+           "gptq_calibration", "gptq_quantize_model"]
 
 # Calibration text: modern-spelling plays, none of them Hamlet (the perplexity text of qbara's benchmarks).
 CALIBRATION_PLAYS = ("macbeth", "othello", "lear", "julius_caesar", "tempest", "twelfth_night",
@@ -120,22 +119,6 @@ def gptq_quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, Quan
     if hasattr(model, "config"):
         state.base_fingerprint = model_fingerprint(model)
     return enable_native_save(model)
-
-
-def gptq_prepare(model: nn.Module, tokenizer, quant: QuantConfig | Mapping[str, QuantConfig], adapter=None, *,
-                 samples: int = DEFAULT_SAMPLES, length: int = DEFAULT_LENGTH, sequences=None,
-                 modules=ALL_LINEAR, progress: bool = True, **gptq_options) -> nn.Module:
-    """GPTQ-LoRA: GPTQ-quantize the dense `model` in place on `samples` Shakespeare windows of `length` tokens
-    (`gptq_calibration`; or pass your own `sequences`), then attach `adapter` (an AdapterConfig with the
-    default init: the adapters start at zero on the GPTQ base) with `qbara.prepare`. gptq_options go to
-    `gptq_quantize_model` (batch_size, damp, block_columns, act_order). Returns the model."""
-    if adapter is not None and getattr(adapter, "init", "default") != "default":
-        raise QbaraError(f"adapter init={adapter.init!r} starts from a decomposition of the dense weights, which "
-                         f"GPTQ replaces; use init='default' on a GPTQ base, or qbara.lq_prepare for LQ-LoRA / LoftQ")
-    if sequences is None:
-        sequences = gptq_calibration(tokenizer, samples, length)
-    gptq_quantize_model(model, quant, sequences, modules=modules, progress=progress, **gptq_options)
-    return prepare(model, quant, adapter, modules=modules, progress=progress)
 
 
 def _check_format(config: QuantConfig, name: str) -> None:

@@ -360,3 +360,4 @@ def use_compute_dtype(model: nn.Module, compute: torch.dtype, every_linear: bool
         if linear is not None and type(linear) is nn.Linear:
             linear.__class__ = UpcastLinear
     return model
+

@@ -47,7 +47,7 @@ from qbara.outputs import (
     write_faults_as_errors,
 )
 from qbara.plotting import pyplot, save_figure
-from qbara.prepare import prepare
+from qbara.preparation import prepare
 from qbara.pretrained import base_quant_for
 from qbara.prompt_formats import resolve_template
 from qbara.state import state_of

@@ -1,10 +1,6 @@
 """LQ-LoRA and LoftQ decompositions over many matrices (algorithms only): `decompose_layers` (name -> W ≈ Q + L1 L2,
-shared out over threads and torch.distributed ranks), `quantize_with_factors` (a model's target linears replaced by
-the Q of their decompositions, the factors returned) and the report they leave (`LQReport`, `model.qbara.lq`).
-
-The model-level path (error table -> ILP -> decompositions -> adapters started from the factors) is
-`qbara.prepare_lq.prepare_lq` for a model in memory and `qbara.models.lq_stream.stream_lq` for a checkpoint folder;
-`qbara.prepare(model or folder, LQConfig(...), AdapterConfig(...))` runs either.
+shared out over threads and torch.distributed ranks) and the report they leave on a model (`LQReport`,
+`model.qbara.lq`). The whole-model pipeline is `qbara.models.lq`.
 """
 from __future__ import annotations
 
@@ -13,24 +9,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from qbara.errors import QbaraError
-from qbara.fingerprint import model_fingerprint
 from qbara.lazy_tensors import tensor_shapes
 from qbara.lq.config import LQ_METHODS
 from qbara.lq.decompose import Decomposition, decompose
 from qbara.lq.loftq import loftq
 from qbara.lq.parallel import active_dist, collective_device, my_share, owners, run_per_matrix
-from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
-from qbara.state import enable_native_save, state_of
-from qbara.targets import layer_configs, rounding_importance, set_submodule
+from qbara.targets import rounding_importance
 
-__all__ = ["LQLayer", "LQReport", "decompose_layers", "quantize_with_factors", "lq_report"]
-
-INIT_METHODS = LQ_METHODS
+__all__ = ["LQLayer", "LQReport", "decompose_layers", "lq_report"]
 
 
 @dataclass
@@ -49,7 +40,7 @@ class LQLayer:
 
 @dataclass
 class LQReport:
-    """Kept on the model as `model.qbara.lq` by `quantize_with_factors` / `qbara.prepare` with an LQConfig."""
+    """Kept on the model as `model.qbara.lq` by `qbara.prepare` with an LQConfig (and `quantize_with_factors`)."""
 
     method: str
     rank: int
@@ -97,8 +88,8 @@ def decompose_layers(weights: Mapping[str, Tensor], configs: Mapping[str, QuantC
     results are broadcast, so every rank returns all of them (the same as one process: each matrix is
     seeded by its index).
     """
-    if method not in INIT_METHODS:
-        raise QbaraError(f"unknown decomposition {method!r}: choose one of {', '.join(INIT_METHODS)}")
+    if method not in LQ_METHODS:
+        raise QbaraError(f"unknown decomposition {method!r}: choose one of {', '.join(LQ_METHODS)}")
     if method == "loftq" and fisher is not None:
         raise QbaraError("LoftQ has no Fisher-weighted variant; use method='lq' (LQ-LoRA) with a Fisher matrix")
     names = list(weights)
@@ -167,42 +158,3 @@ def lq_report(method: str, rank: int, decs: Mapping[str, Decomposition], *, fish
     layers = {n: LQLayer(dec.qtensor.config, list(dec.errors), dec.best_iter, dec.qtensor.numel)
               for n, dec in decs.items()}
     return LQReport(method, rank, layers, fisher=fisher, settings=dict(settings))
-
-
-def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], rank: int, *,
-                          method: str = "lq", targets="all-linear", max_iters: int = 100, loftq_iters: int = 1,
-                          fisher: Mapping[str, Tensor] | None = None, seed: int = 0, workers: int | None = None,
-                          progress: bool = True, importance: Mapping[str, Tensor] | None = None
-                          ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Replace each target nn.Linear of `model` by a QuantizedLinear holding the Q of its LQ-LoRA or LoftQ
-    decomposition, in place; return name -> (L1, L2) for the adapters to start from.
-
-    `quant` is one config for all targets or name -> config (an allocation); `importance`: name -> rounding
-    importance of the gguf:* ones (see `decompose`). Records the report as
-    `model.qbara.lq` and a fingerprint of the new quantized base as `model.qbara.base_fingerprint`
-    (adapters started from these factors only fit this Q, not a plain quantization of the model).
-    """
-    per_layer = layer_configs(model, quant, targets)  # dense linears only, every shape checked
-    if not per_layer:
-        raise QbaraError(f"no linear layers match the targets {targets!r}; check target_modules")
-    linears = {n: model.get_submodule(n) for n in per_layer}
-    weights = {n: layer.weight.detach() for n, layer in linears.items()}
-    for n, w in weights.items():
-        if min(w.shape) < rank:
-            raise QbaraError(f"{n}: rank {rank} exceeds the {tuple(w.shape)} matrix's smallest side; lower the rank")
-    decs = decompose_layers(weights, per_layer, rank, method=method, max_iters=max_iters, loftq_iters=loftq_iters,
-                            fisher=fisher, seed=seed, workers=workers, progress=progress, importance=importance)
-    factors = {}
-    for n, dec in decs.items():
-        layer = linears[n]
-        device = layer.weight.device
-        set_submodule(model, n, QuantizedLinear(dec.qtensor.to(device), layer.bias))
-        factors[n] = (dec.L1.to(device), dec.L2.to(device))
-    state = state_of(model)
-    state.lq = lq_report(method, rank, decs, fisher=fisher is not None,
-                         settings={"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed})
-    if hasattr(model, "config"):
-        state.base_fingerprint = model_fingerprint(model)
-
-    enable_native_save(model)
-    return factors

@@ -1,0 +1,366 @@
+"""The one LQ-LoRA / LoftQ pipeline over a whole model: every adapter target quantized as the Q of a decomposition
+W ≈ Q + L1 L2 and its LoRA started from the factors (A = L2/√s, B = L1/√s), so the model at step 0 is Q + L1 L2
+(LQ-LoRA: Guo, Greengard, Xing, Kim, "LQ-LoRA: Low-rank Plus Quantized Matrix Decomposition for Efficient Language
+Model Finetuning", arXiv 2311.12023; LoftQ is its one-format case).
+
+`build_lq_model` runs over a tensor source (`qbara.lazy_tensors.LazyTensors`): a dense model in memory (its own
+weights, quantized in place) or a safetensors checkpoint folder, streamed from its memory-mapped shards without
+ever holding the dense model. Both give the same model bit for bit:
+1. plan: the layers to quantize and decompose, every shape, config and the rank checked (a folder's on a
+   weightless skeleton);
+2. (LQ-LoRA) the error table, one matrix read at a time per worker, and the ILP's configs under the bit budget;
+3. the decompositions with the chosen configs (Q packed, L1 L2 kept);
+4. the quantized model: the targets take their Q, the other quantized layers are quantized plainly (a folder is
+   loaded tensor by tensor by `qbara.models.streaming`, the other weights in the checkpoint's dtype);
+5. the report (`model.qbara.lq`), then LoRA adapters started from the factors.
+Streamed peak memory: the quantized model, the factors (rank·(m+k) fp32 values per matrix), a Fisher matrix per
+worker when one is used, and each worker's matrix with its decomposition temporaries.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from qbara.adapters.attach import attach_adapters
+from qbara.errors import QbaraError
+from qbara.fingerprint import model_fingerprint
+from qbara.lazy_tensors import LazyTensors
+from qbara.lq.config import LQConfig
+from qbara.lq.factors import store_factors
+from qbara.lq.filesize import FileBudget
+from qbara.lq.layers import Decomposition, LQReport, decompose_layers, lq_report
+from qbara.lq.tables import error_table
+from qbara.models.files import load_config
+from qbara.models.loader import embedded_folder, load_model
+from qbara.models.quantized_io import is_quantized_folder
+from qbara.models.streaming import (
+    INDEX,
+    SINGLE,
+    _stream,
+    checkpoint_dtype,
+    checkpoint_files,
+    default_compute_dtype,
+    empty_model,
+    safetensors_reader,
+    use_compute_dtype,
+)
+from qbara.nn.quantized_linear import QuantizedLinear
+from qbara.quant.config import QuantConfig
+from qbara.state import enable_native_save, state_of
+from qbara.targets import ALL_LINEAR, layer_configs, linear_layer_names, rounding_importance, set_submodule
+from qbara.validate import check_hf_folder
+
+__all__ = ["build_lq_model", "quantize_with_factors", "checkpoint_folder", "checkpoint_file_budget",
+           "load_calibration_model"]
+
+
+def build_lq_model(source: nn.Module | str | Path, lq: LQConfig, adapter, *, modules=None,
+                   progress: bool = True) -> nn.Module:
+    """`qbara.prepare(source, LQConfig(...), AdapterConfig(...))`: with `lq.budget`, the error table (cached) ->
+    ILP allocation; then every adapter target quantized as the Q of its decomposition W ≈ Q + L1 L2 -> LoRA
+    adapters (`adapter`: rank, alpha, targets) started from the factors. Only the adapters train.
+
+    source: a dense model (quantized in place) or a safetensors checkpoint folder / "smollm2-135m" (streamed).
+    modules: the linears to quantize. With fixed configs (default all but lm_head) those outside the adapter
+    targets are quantized plainly; with a budget the ILP allocates over the adapter targets alone (the default;
+    other layers stay dense). Returns the model; `model.qbara.lq` holds the report (allocation, errors).
+    """
+    if not isinstance(lq, LQConfig):
+        raise QbaraError(f"expected a qbara.lq.LQConfig, got {type(lq).__name__}")
+    adapter = lq.adapter_config(adapter)
+    source = _FolderSource(source) if isinstance(source, (str, Path)) else _ModelSource(source)
+    plan = _plan_layers(source.skeleton, lq, adapter, modules)
+    weights = source.weights(plan.targets)
+    fisher = lq.open_fisher()  # a file or folder is read one matrix at a time
+    importance = lq.open_importance()
+    file = None if lq.fixed else _resolve_file_budget(lq.file_budget,
+                                                      lambda: source.file_budget(adapter.target_modules))
+    configs, allocation, table = _choose_configs(plan, weights, lq, adapter.rank, file, fisher, progress, importance)
+    rounding_importance(plan.rest, importance, require_gguf=False)  # the plainly quantized layers' refused early
+    decs = decompose_layers(weights, configs, adapter.rank, method=lq.method, max_iters=lq.max_iters,
+                            loftq_iters=lq.loftq_iters, fisher=fisher, seed=lq.seed, workers=lq.workers,
+                            progress=progress, importance=importance)
+    del weights
+    layers = configs if plan.layers is None else plan.layers  # the decomposed targets, and the rest plainly
+    model, factors = source.build(layers, decs, importance, progress)
+    _record(model, lq.method, adapter.rank, decs, fisher is not None, lq.report_settings())
+    del decs
+    return _attach(model, factors, lq, adapter, allocation, table, file, source.dense_fingerprint)
+
+
+def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], rank: int, *,
+                          method: str = "lq", targets="all-linear", max_iters: int = 100, loftq_iters: int = 1,
+                          fisher: Mapping[str, Tensor] | None = None, seed: int = 0, workers: int | None = None,
+                          progress: bool = True, importance: Mapping[str, Tensor] | None = None
+                          ) -> dict[str, tuple[Tensor, Tensor]]:
+    """Replace each target nn.Linear of `model` by a QuantizedLinear holding the Q of its LQ-LoRA or LoftQ
+    decomposition, in place; return name -> (L1, L2) for adapters to start from (`build_lq_model` without the
+    allocation and the adapters).
+
+    `quant` is one config for all targets or name -> config (an allocation); `importance`: name -> rounding
+    importance of the gguf:* ones (see `qbara.lq.decompose`). Records the report as `model.qbara.lq` and a
+    fingerprint of the new quantized base as `model.qbara.base_fingerprint` (adapters started from these factors
+    only fit this Q, not a plain quantization of the model).
+    """
+    per_layer = layer_configs(model, quant, targets)  # dense linears only, every shape checked
+    if not per_layer:
+        raise QbaraError(f"no linear layers match the targets {targets!r}; check target_modules")
+    weights = _model_weights(model, per_layer)
+    for n, shape in weights.shapes.items():
+        if min(shape) < rank:
+            raise QbaraError(f"{n}: rank {rank} exceeds the {shape} matrix's smallest side; lower the rank")
+    decs = decompose_layers(weights, per_layer, rank, method=method, max_iters=max_iters, loftq_iters=loftq_iters,
+                            fisher=fisher, seed=seed, workers=workers, progress=progress, importance=importance)
+    factors = _place(model, decs)
+    _record(model, method, rank, decs, fisher is not None,
+            {"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed})
+    return factors
+
+
+# ------------------------------------------------------------------------------------------ the two sources
+
+
+class _ModelSource:
+    """A dense model in memory: planned on itself, its weights looked up as they are, quantized in place."""
+
+    def __init__(self, model):
+        if not isinstance(model, nn.Module):
+            raise QbaraError(f"LQ-LoRA / LoftQ need a dense model (qbara.load_model), got {type(model).__name__}; "
+                             f"qbara.prepare also takes a checkpoint folder")
+        state = state_of(model)
+        if state.base_fingerprint is None and hasattr(model, "config"):
+            state.base_fingerprint = model_fingerprint(model)
+        self.model = self.skeleton = model
+        self.dense_fingerprint = state.base_fingerprint
+
+    def weights(self, names) -> LazyTensors:
+        return _model_weights(self.model, names)
+
+    def file_budget(self, targets) -> FileBudget:
+        return FileBudget.of_model(self.model, targets)
+
+    def build(self, layers, decs, importance, progress: bool):
+        """The model with `layers` quantized: the decomposed ones as their Q, the others plainly."""
+        model = self.model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        rest = {n: c for n, c in layers.items() if n not in decs}  # no adapter here: Q = quantize(W)
+        rest_importance = rounding_importance(rest, importance, require_gguf=False)
+        for n, config in rest.items():
+            set_submodule(model, n, QuantizedLinear.from_linear(model.get_submodule(n), config, name=n,
+                                                                importance=rest_importance.get(n)))
+        return model, _place(model, decs)
+
+
+class _FolderSource:
+    """A safetensors checkpoint folder, streamed: planned on a weightless skeleton, its weights read from the
+    shards one matrix at a time, the quantized model filled tensor by tensor."""
+
+    def __init__(self, name_or_path):
+        folder = checkpoint_folder(name_or_path)
+        if folder is None:
+            raise QbaraError(f"{name_or_path!r} is not a folder of safetensors shards to stream from; load the "
+                             f"model (qbara.load_model) and pass it to lq_prepare / prepare instead")
+        self.folder, self.files = folder, checkpoint_files(folder)
+        check_hf_folder(folder, self.files)  # no custom code, sizes the weights can hold: before anything is built
+        self.storage = checkpoint_dtype(self.files[0])
+        self.config = load_config(folder)
+        self.skeleton = empty_model(self.config, self.storage, folder)
+        self.dense_fingerprint = None  # hashed while the shards are streamed
+
+    def weights(self, names) -> LazyTensors:
+        return LazyTensors.from_files(self.files, {n: f"{n}.weight" for n in names})
+
+    def file_budget(self, targets) -> FileBudget:
+        return checkpoint_file_budget(self.folder, targets)
+
+    def build(self, layers, decs, importance, progress: bool):
+        """The model streamed from the shards with `layers` quantized: the decomposed ones as their Q."""
+        model = _stream(self.config, safetensors_reader(self.files), self.folder, layers, "all-linear",
+                        self.storage, "cpu", progress, packed={n: dec.qtensor for n, dec in decs.items()},
+                        importance=importance)
+        state = state_of(model)
+        self.dense_fingerprint = state.base_fingerprint
+        state.loaded_quant = None  # the Q of decompositions, not a plain quantization of the checkpoint
+        return model, {n: (dec.L1.to("cpu"), dec.L2.to("cpu")) for n, dec in decs.items()}
+
+
+def _model_weights(model: nn.Module, names) -> LazyTensors:
+    return LazyTensors.from_tensors({n: model.get_submodule(n).weight.detach() for n in names})
+
+
+def checkpoint_folder(name_or_path) -> Path | None:
+    """The safetensors HF folder behind a model name (an embedded model's converted folder, or a folder with
+    config.json and safetensors shards), or None when it has none to stream from (the in-memory test models, GGUF
+    files, pickle checkpoints, qbara's quantized folders)."""
+    embedded = embedded_folder(name_or_path)
+    if embedded is not None:
+        return embedded
+    path = Path(str(name_or_path)).expanduser()
+    if not path.is_dir() or not (path / "config.json").is_file() or is_quantized_folder(path):
+        return None
+    return path if (path / SINGLE).is_file() or (path / INDEX).is_file() else None
+
+
+def checkpoint_file_budget(name_or_path, targets="all-linear", **kwargs) -> FileBudget:
+    """`FileBudget.of_model` for a safetensors checkpoint folder (or "smollm2-135m"), from its config alone (a
+    skeleton without weights), after the folder's checks (`check_hf_folder`)."""
+    folder = checkpoint_folder(name_or_path)
+    if folder is None:
+        raise QbaraError(f"{str(name_or_path)!r} is not a safetensors checkpoint folder; load the model and use "
+                         f"FileBudget.of_model(model)")
+    check_hf_folder(folder, checkpoint_files(folder))  # no custom code, values and sizes: before anything is built
+    config = load_config(folder)
+    skeleton = empty_model(config, torch.float32, folder)
+    if getattr(config, "tie_word_embeddings", False):  # as loading does: the head is the embedding
+        skeleton.tie_weights()
+    return FileBudget.of_model(skeleton, targets, **kwargs)
+
+
+def load_calibration_model(folder):
+    """(model, tokenizer): the dense model of a safetensors folder kept in the checkpoint's dtype (2 bytes/param
+    for bf16), every linear cast to fp32 per call on CPU: for the dense perplexity and the Fisher information,
+    whose values equal those of an fp32 load of the same checkpoint."""
+    model, tokenizer = load_model(str(folder), dtype=checkpoint_dtype(checkpoint_files(Path(folder))[0]))
+    return use_compute_dtype(model, default_compute_dtype("cpu"), every_linear=True), tokenizer
+
+
+# ------------------------------------------------------------------------------------------ the steps
+
+
+@dataclass
+class _LayerPlan:
+    """Which layers an LQ init touches: `targets` (the adapter's, decomposed) and, with fixed configs, `layers`
+    (every quantized layer -> its config; None when the ILP chooses the targets' configs)."""
+
+    targets: list[str]
+    layers: dict[str, QuantConfig] | None
+
+    @property
+    def rest(self) -> dict[str, QuantConfig]:
+        """The quantized layers no adapter covers (plain quantization)."""
+        targets = set(self.targets)
+        return {n: c for n, c in (self.layers or {}).items() if n not in targets}
+
+
+def _plan_layers(model: nn.Module, lq: LQConfig, adapter, modules=None) -> _LayerPlan:
+    """The layers of a dense model (or a weightless skeleton) that `lq` and `adapter` quantize and decompose,
+    every shape checked against its config and the rank before anything is computed."""
+    quantized = [n for n in linear_layer_names(model, adapter.target_modules)
+                 if isinstance(model.get_submodule(n), QuantizedLinear)]
+    if quantized:
+        raise QbaraError(f"{quantized[:3]} are already quantized; LQ-LoRA / LoftQ decompose the dense weights: load "
+                         f"the dense model")
+    targets = linear_layer_names(model, adapter.target_modules, include_quantized=False)
+    layers = None
+    if lq.fixed:
+        layers = layer_configs(model, lq.configs, ALL_LINEAR if modules is None else modules)
+        unquantized = [n for n in targets if n not in layers]
+        if unquantized:
+            raise QbaraError(f"init={adapter.init!r} needs every adapter target quantized, but {unquantized[:3]} "
+                             f"are not; quantize them too or narrow target_modules")
+    elif modules is not None:
+        chosen = set(targets)
+        others = [n for n in linear_layer_names(model, modules, include_quantized=False) if n not in chosen]
+        if others:
+            raise QbaraError(f"the budget is allocated over the adapter targets, but modules= also selects "
+                             f"{others[:3]} ({len(others)} layers) no adapter covers; add them to target_modules, "
+                             f"or leave modules unset (they stay dense)")
+    for n in targets:
+        shape = tuple(model.get_submodule(n).weight.shape)
+        if min(shape) < adapter.rank:
+            raise QbaraError(f"{n}: rank {adapter.rank} exceeds the {shape} matrix's smallest side; lower the rank")
+    return _LayerPlan(targets, layers)
+
+
+def _choose_configs(plan: _LayerPlan, weights: Mapping[str, Tensor], lq: LQConfig, rank: int, file, fisher,
+                    progress: bool, importance: Mapping[str, Tensor] | None = None
+                    ) -> tuple[dict[str, QuantConfig], object | None, object | None]:
+    """(target -> config, allocation, table): the fixed configs, or the ILP's at `lq.budget` from the error table
+    of `weights` (the targets' dense weights, read lazily), computed (cached, with the rounding `importance`)
+    unless `lq.table` is given."""
+    if plan.layers is not None:
+        return {n: plan.layers[n] for n in plan.targets}, None, None
+    table = lq.open_table()
+    if table is None:
+        table = error_table(weights, None if lq.configs is None else list(lq.configs), rank=rank,
+                            iters=lq.table_iters, fisher=fisher, seed=lq.seed,
+                            workers=lq.workers, progress=progress, importance=importance)
+    else:
+        if ("importance" in table.settings) != (importance is not None):
+            have = "with" if "importance" in table.settings else "without"
+            raise QbaraError(f"the error table was computed {have} a rounding importance and this LQConfig has "
+                             f"{'one' if importance is not None else 'none'}: its costs are another rounding's; "
+                             f"recompute the table (drop table=) or match importance=")
+        if table.names != plan.targets:
+            raise QbaraError(f"the error table covers other matrices ({len(table.names)}) than the adapter targets "
+                             f"({len(plan.targets)}); compute it for this model and target_modules")
+        if table.settings.get("rank", rank) != rank:
+            raise QbaraError(f"the error table was computed at rank {table.settings['rank']}, the adapter has rank "
+                             f"{rank}; recompute it at rank {rank} or set AdapterConfig(rank="
+                             f"{table.settings['rank']})")
+    allocation = table.allocate(lq.budget, file)
+    return allocation.configs, allocation, table
+
+
+def _resolve_file_budget(file_budget, defaults: Callable[[], FileBudget]) -> FileBudget | None:
+    """LQConfig.file_budget resolved: None, a FileBudget, or True -> `defaults()`, the source's FileBudget with
+    its default settings."""
+    if file_budget is None or file_budget is False:
+        return None
+    if isinstance(file_budget, FileBudget):
+        return file_budget
+    if file_budget is not True:
+        raise QbaraError(f"file_budget must be True, None or a qbara.lq.filesize.FileBudget, got {file_budget!r}")
+    return defaults()
+
+
+def _place(model: nn.Module, decs: Mapping[str, Decomposition]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each decomposed linear of a model in memory replaced by its Q; name -> (L1, L2) on the layer's device."""
+    factors = {}
+    for n, dec in decs.items():
+        layer = model.get_submodule(n)
+        device = layer.weight.device
+        set_submodule(model, n, QuantizedLinear(dec.qtensor.to(device), layer.bias))
+        factors[n] = (dec.L1.to(device), dec.L2.to(device))
+    return factors
+
+
+def _record(model: nn.Module, method: str, rank: int, decs, fisher: bool, settings: dict) -> None:
+    """The report on the model and the fingerprint of its new quantized base (the one the factors fit)."""
+    state = state_of(model)
+    state.lq = lq_report(method, rank, decs, fisher=fisher, settings=settings)
+    if hasattr(model, "config"):
+        state.base_fingerprint = model_fingerprint(model)
+    enable_native_save(model)
+
+
+def _attach(model: nn.Module, factors, lq: LQConfig, adapter, allocation, table, file,
+            dense_fingerprint) -> nn.Module:
+    """Record the allocation in `model.qbara.lq`, store the factors in `lq.factor_format` and attach the adapters
+    started from them."""
+    report = state_of(model).lq
+    if lq.importance is not None:  # how the gguf:* blocks were rounded: "fisher", a file, or a mapping given
+        report.settings["importance"] = str(lq.importance) if isinstance(lq.importance, (str, Path)) else "mapping"
+    if allocation is not None:
+        report.allocation = allocation
+        report.settings.update(budget=lq.budget, dense_fingerprint=dense_fingerprint,
+                               table_iters=table.settings.get("iters"))
+        if file is not None:
+            _record_file_budget(report, lq.budget, file)
+    if lq.factor_format is not None:
+        factors = store_factors(report, factors, lq.factor_format)
+    attach_adapters(model, adapter, factors=factors)
+    return model
+
+
+def _record_file_budget(report: LQReport, budget: float, file: FileBudget) -> None:
+    """The allocation and settings of a report say the budget was a file budget."""
+    if report.allocation is not None:
+        report.allocation = dataclasses.replace(report.allocation, budget=float(budget), file=file)
+    report.settings.update(budget=budget, file_budget=file.to_dict())
