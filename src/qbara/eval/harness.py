@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -142,8 +144,6 @@ def _expand(task_manager, name: str) -> list[str]:
         matches = task_manager.match_tasks([name])
         if matches:
             return list(matches)
-    import difflib
-
     close = difflib.get_close_matches(name, task_manager.all_tasks, n=3)
     maybe = f"did you mean {', '.join(close)}? " if close else ""
     raise QbaraError(f"unknown lm-eval task {name!r}: {maybe}{TASKS_HINT}")
@@ -204,8 +204,6 @@ def _load_tasks(manager, names: list[str]) -> list:
 def jsonable(value):
     """lm-eval's results as plain JSON data: numpy scalars as numbers, tuples and sets as lists, NaN and
     infinities as null, anything else (dtypes, functions, objects) as its str."""
-    import math
-
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):

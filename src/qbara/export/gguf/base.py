@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 
 import torch
+from gguf import GGUFWriter
+from gguf.constants import GGML_QUANT_VERSION
 from torch import nn
 
 from qbara.atomic import write_file_atomic
@@ -106,8 +108,6 @@ def _bits_per_param(tensors, names=None) -> float:
 def write_file(path: Path, header, tensors, arch: str = ARCH) -> None:
     """Write the GGUF (general.architecture `arch`) atomically: `header(writer)` adds the metadata, then the
     tensors follow."""
-    from gguf import GGUFWriter
-
     def write(tmp: str) -> None:
         writer = GGUFWriter(tmp, arch)
         header(writer)
@@ -180,8 +180,6 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
     linear_params = _linear_params(tensors, linear_names)
 
     def header(writer) -> None:
-        from gguf.constants import GGML_QUANT_VERSION
-
         writer.add_type("model")
         writer.add_name(model_name(model, name, base_model))
         for key, (value, vtype, sub_type) in general.items():

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGUFValueType, LlamaFileType
+from gguf.constants import Keys
 from torch import nn
 
 from qbara.adapters.attach import adapter_layers
@@ -153,9 +155,6 @@ def write_gguf_lora(model: nn.Module, path, *, name: str | None = None, base_mod
     Write the base with export_gguf(..., separate_lora=True). Pooled adapters (Q-BaRA, QA-LoRA, QA-HiRA) are
     refused: they merge into the base instead. base_model, adapter: provenance, as the user named them
     (general.base_model.0.name, general.description)."""
-    from gguf import GGUFValueType, LlamaFileType
-    from gguf.constants import Keys
-
     start = time.perf_counter()
     if dtype not in LORA_DTYPES:
         raise QbaraError(f"the LoRA GGUF's tensors are {' or '.join(LORA_DTYPES)}, got dtype={dtype!r}")

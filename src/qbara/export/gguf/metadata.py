@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gguf import GGUFValueType
+from gguf import GGUFValueType, LlamaFileType
 
 from qbara.export.gguf.architectures import (
     Architecture,
@@ -19,6 +19,7 @@ from qbara.export.tokenizer import (
     fields_from_hf,
     shipped_smollm2_reader,
 )
+from qbara.validate import gguf_reader
 
 # GGML type of the linear layers -> general.file_type (LlamaFileType member). llama.cpp only prints it; the
 # table is the one llama.cpp's model loader names a file by when it has no general.file_type (llama-model-
@@ -35,8 +36,6 @@ def file_type(linear_params: dict[str, int]) -> int:
     preset it was asked for (Q4_K_M, a mix, is mostly Q4_K); a qbara mix has no preset, so it is named by its
     dominant type by weight count (llama.cpp's own guess, used only without this field, counts tensors of every
     kind, F32 norms included, and would call most mixes ALL_F32)."""
-    from gguf import LlamaFileType
-
     dominant = max(linear_params, key=lambda k: (linear_params[k], k)) if linear_params else "Q4_1"
     return int(LlamaFileType[FILE_TYPES.get(dominant, "MOSTLY_Q4_1")])
 
@@ -70,8 +69,6 @@ def source_gguf(tokenizer, tokenizer_gguf):
     """(path, reader) of the GGUF the tokenizer metadata is copied from: `tokenizer_gguf`, or the shipped
     SmolLM2 file when the tokenizer is SmolLM2's; None when it is built from the tokenizer itself."""
     if tokenizer_gguf is not None:
-        from qbara.validate import gguf_reader
-
         return Path(tokenizer_gguf), gguf_reader(tokenizer_gguf)
     return shipped_smollm2_reader(tokenizer)
 

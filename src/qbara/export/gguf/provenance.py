@@ -4,6 +4,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from gguf import GGUFValueType
+from gguf.constants import Keys
+
 from qbara.export.gguf.checks import ARCH
 
 # Set by the writer for this file (general.quantized_by marks the files qbara wrote).
@@ -31,8 +34,6 @@ def model_name(model, name: str | None, base_model: str | None = None, what: str
 
 def _general_keys():
     """gguf-py's standard `general.*` keys: (exact names, patterns for the `{id}` ones)."""
-    from gguf.constants import Keys
-
     names = [v for k, v in vars(Keys.General).items() if k.isupper() and isinstance(v, str)]
     exact = {n for n in names if "{id}" not in n}
     patterns = [re.compile(re.escape(n).replace(re.escape("{id}"), r"\d+") + r"\Z") for n in names if "{id}" in n]
@@ -40,8 +41,6 @@ def _general_keys():
 
 
 def _field(reader, key):
-    from gguf import GGUFValueType
-
     fld = reader.fields[key]
     vtype = fld.types[0]
     return fld.contents(), vtype, (fld.types[-1] if vtype == GGUFValueType.ARRAY else None)
@@ -86,8 +85,6 @@ def _source_general(reader) -> tuple[dict[str, tuple], dict[str, tuple]]:
 
 def base_model_fields(name: str, base: dict[str, tuple] | None = None) -> dict[str, tuple]:
     """general.base_model.count = 1 and general.base_model.0.{name, `base`'s attributes}."""
-    from gguf import GGUFValueType
-
     out = {"general.base_model.count": (1, GGUFValueType.UINT32, None),
            "general.base_model.0.name": (str(name), GGUFValueType.STRING, None)}
     for attr, value in (base or {}).items():
@@ -107,8 +104,6 @@ def provenance_fields(source, base_model: str | None, adapter: str | None, *, co
     qbara's own: general.base_model.count = 1, general.base_model.0.name = `base_model` (else the source
     file's general.name), and general.description naming the base model and the adapter merged into it.
     """
-    from gguf import GGUFValueType
-
     out: dict[str, tuple] = {}
     base: dict[str, tuple] = {}
     reader = None

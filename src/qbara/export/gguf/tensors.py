@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor, nn
 
 from qbara.errors import QbaraError
@@ -57,8 +58,6 @@ class LinearStats:
 # ---------------------------------------------------------------------------------------- floats
 def float_tensor(name: str, weight: Tensor, kind: str) -> tuple[np.ndarray, object, float]:
     """(array, raw GGML type or None, relative error) for a float matrix written as `kind`."""
-    from gguf import GGMLQuantizationType
-
     w = weight.detach().to("cpu", torch.float32)
     if kind == "q8_0":
         if w.shape[-1] % 32:
@@ -167,7 +166,5 @@ def param_count(data: np.ndarray, raw) -> int:
     """Weights a tensor holds (a raw block tensor counts its blocks' weights)."""
     if raw is None:
         return int(data.size)
-    from gguf import GGML_QUANT_SIZES
-
     block, size = GGML_QUANT_SIZES[raw]
     return int(data.size) // size * block
