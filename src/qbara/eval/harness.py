@@ -14,7 +14,7 @@ from qbara.errors import QbaraError
 from qbara.eval.bundled import TASKS_DIR
 
 LM_EVAL_OPTIONS = ("limit", "num_fewshot", "batch_size", "include_path", "output_path")
-LM_EVAL_INSTALL = "--task lm-eval needs lm-evaluation-harness: pip install lm-eval"
+_LM_EVAL_INSTALL = "--task lm-eval needs lm-evaluation-harness: pip install lm-eval"
 TASKS_HINT = ("list lm-eval's tasks with `lm-eval ls tasks` (add `--include_path DIR` for your own), or write a "
               "task YAML in a folder and pass --include-path FOLDER")
 
@@ -39,7 +39,7 @@ def _task_manager_class():
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise QbaraError(LM_EVAL_INSTALL) from None
+        raise QbaraError(_LM_EVAL_INSTALL) from None
     return TaskManager
 
 
@@ -115,7 +115,7 @@ def _raised_in(err: BaseException, package: str) -> bool:
 
 
 @dataclass
-class LmEvalTasks:
+class _LmEvalTasks:
     """Tasks loaded by `load_lm_eval_tasks`: what simple_evaluate runs, and the TaskManager that knows them."""
 
     names: list[str]
@@ -149,7 +149,7 @@ def _expand(task_manager, name: str) -> list[str]:
     raise QbaraError(f"unknown lm-eval task {name!r}: {maybe}{TASKS_HINT}")
 
 
-def load_lm_eval_tasks(tasks: str, include_path=None) -> LmEvalTasks:
+def load_lm_eval_tasks(tasks: str, include_path=None) -> _LmEvalTasks:
     """Resolve comma-separated task names (glob patterns allowed) and load them, with their datasets.
 
     include_path: a folder (or list of folders) of task YAMLs, searched besides lm-eval's own tasks and qbara's
@@ -173,7 +173,7 @@ def load_lm_eval_tasks(tasks: str, include_path=None) -> LmEvalTasks:
         raise QbaraError(f"--task lm-eval needs task names in --data (comma-separated); {TASKS_HINT}")
     manager = _task_manager(TaskManager, folders, requested)
     names = list(dict.fromkeys(n for r in requested for n in _expand(manager, r)))
-    out = LmEvalTasks(names=names, task_manager=manager)
+    out = _LmEvalTasks(names=names, task_manager=manager)
     if not hasattr(manager, "load"):  # older lm-eval: simple_evaluate loads the tasks by name
         out.objects = list(names)
         return out
@@ -231,7 +231,7 @@ def lm_eval_bridge(model, tokenizer, tasks, *, limit: int | float | None = None,
     include_path: folder(s) of local task YAMLs. output_path: write the results there as JSON (atomically).
     Returns {"results", "groups", "n-shot", "versions", "limit", "output_path"} as plain JSON data.
     """
-    if not isinstance(tasks, LmEvalTasks):
+    if not isinstance(tasks, _LmEvalTasks):
         tasks = load_lm_eval_tasks(tasks, include_path)
     output_path = check_output_path(output_path)
     from lm_eval import simple_evaluate

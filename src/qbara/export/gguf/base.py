@@ -70,7 +70,7 @@ def resolve_linears(model: nn.Module, lossy: bool, separate_lora: bool = False, 
     return resolved
 
 
-def model_tensors(model: nn.Module, resolved: list[list[Linear]], embedding_type: str,
+def _model_tensors(model: nn.Module, resolved: list[list[Linear]], embedding_type: str,
                   arch: Architecture | None = None, dense_type: str | None = None):
     """(tensors in file order, linear-layer stats, embedding relative error)."""
     arch = arch or check_architecture(model)
@@ -170,7 +170,7 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
     arch = check_architecture(model)
     _check_options(embedding_type, lossy, dense_type)
     resolved = resolve_linears(model, lossy, separate_lora, arch, dense=dense_type is not None)
-    tensors, stats, emb_err = model_tensors(model, resolved, embedding_type, arch, dense_type)
+    tensors, stats, emb_err = _model_tensors(model, resolved, embedding_type, arch, dense_type)
     vocab_size = int(model.get_input_embeddings().weight.shape[0])
     source = source_gguf(tokenizer, tokenizer_gguf)
     tok_fields = tokenizer_fields(tokenizer, vocab_size, source)

@@ -10,17 +10,17 @@ from gguf.constants import Keys
 from qbara.export.gguf.checks import ARCH
 
 # Set by the writer for this file (general.quantized_by marks the files qbara wrote).
-WRITER_GENERAL = ("general.name", "general.type", "general.architecture", "general.file_type",
+_WRITER_GENERAL = ("general.name", "general.type", "general.architecture", "general.file_type",
                   "general.quantization_version", "general.alignment", "general.quantized_by")
 # Describe the source model: recorded as general.base_model.0.* (author and organization are kept as the
 # exported model's too; the SOURCE_ONLY ones name that very file, so they are not).
-SOURCE_TO_BASE = {"general.author": "author", "general.organization": "organization", "general.version": "version",
+_SOURCE_TO_BASE = {"general.author": "author", "general.organization": "organization", "general.version": "version",
                   "general.description": "description", "general.url": "url", "general.doi": "doi",
                   "general.uuid": "uuid", "general.repo_url": "repo_url"}
-SOURCE_ONLY = ("general.version", "general.description", "general.url", "general.doi", "general.uuid",
+_SOURCE_ONLY = ("general.version", "general.description", "general.url", "general.doi", "general.uuid",
                "general.repo_url")
 # Shapes that must agree before a GGUF's general.* metadata is taken to describe the exported model.
-SHAPE_KEYS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+_SHAPE_KEYS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
               "attention.head_count_kv")
 
 
@@ -56,7 +56,7 @@ def same_model(reader, config, vocab_size: int, arch: str = ARCH) -> bool:
             return False
         want = (config.num_hidden_layers, config.hidden_size, config.intermediate_size,
                 config.num_attention_heads, config.num_key_value_heads)
-        have = tuple(int(fields[f"{arch}.{k}"].contents()) for k in SHAPE_KEYS)
+        have = tuple(int(fields[f"{arch}.{k}"].contents()) for k in _SHAPE_KEYS)
         tokens = len(fields["tokenizer.ggml.tokens"].contents())
     except (KeyError, AttributeError, TypeError, ValueError):
         return False
@@ -69,13 +69,13 @@ def _source_general(reader) -> tuple[dict[str, tuple], dict[str, tuple]]:
     base: dict[str, tuple] = {}
     exact, patterns = _general_keys()
     for key in reader.fields:
-        if key in WRITER_GENERAL or not (key in exact or any(p.match(key) for p in patterns)):
+        if key in _WRITER_GENERAL or not (key in exact or any(p.match(key) for p in patterns)):
             continue
         if key.startswith(("general.base_model.", "general.source.")):
             continue
-        if key in SOURCE_TO_BASE:
-            base[SOURCE_TO_BASE[key]] = _field(reader, key)
-        if key not in SOURCE_ONLY:
+        if key in _SOURCE_TO_BASE:
+            base[_SOURCE_TO_BASE[key]] = _field(reader, key)
+        if key not in _SOURCE_ONLY:
             out[key] = _field(reader, key)
     for attr in ("url", "repo_url", "doi", "uuid"):  # the source file's own source, when it names none
         if attr not in base and f"general.source.{attr}" in reader.fields:
