@@ -1,12 +1,7 @@
-"""Prompt formats for training data (`data.template`): the chat templates qbara ships (Alpaca, ChatML, Llama 3,
-Gemma) as Jinja texts, `auto` (the tokenizer's own chat template, else Alpaca) or a Jinja file, resolved into one
-`PromptFormat` whose template renders every record in the bounded sandbox (`qbara.templates.ChatTemplate`).
-
-Instruction records become the conversation a chat front end builds, so a fine-tune is served with the prompt it
-was trained on: an optional `system` message, a user message holding the `instruction` (followed by a blank line
-and the `input` when there is one) and an assistant message holding the `output`. Chat records (`messages`) are
-rendered as they are. The adapter folder records the Jinja text (`chat_template.jinja`), and loading the adapter
-makes it the tokenizer's chat template (merge, export, eval, generate).
+"""Prompt formats for training data (`data.template`): the shipped chat templates (Alpaca, ChatML, Llama 3, Gemma),
+`auto` (the tokenizer's own, else Alpaca) or a Jinja file, resolved into one `PromptFormat` rendered in the bounded
+sandbox (`qbara.templates.ChatTemplate`). Instruction records become the conversation a chat front end builds
+(system, user: instruction [+ input], assistant: output), so a fine-tune is served with the prompt it was trained on.
 """
 from __future__ import annotations
 

@@ -1,11 +1,10 @@
 """Chat templates rendered with a size and a time bound.
 
-A chat template is code from whoever published the tokenizer. jinja's sandbox keeps it from reaching Python
-internals, but not from building a string of 10^12 characters or looping 10^10 times. `ChatTemplate` compiles a
-template in a sandbox that also bounds every value the template builds (strings, lists, numbers), counts loop
-iterations, calls and operators against a step budget, and stops at a deadline; each violation is one
-`QbaraError` naming the template's source and the limit. Ordinary templates render exactly as
-`tokenizer.apply_chat_template(messages, tokenize=False, ...)` does (same globals, filters and options)."""
+A chat template is code from whoever published the tokenizer; jinja's sandbox keeps it from Python internals but not
+from building huge values or looping without end. `ChatTemplate` also bounds every value built, counts steps against
+a budget and stops at a deadline (one `QbaraError` per violation); ordinary templates render exactly as
+`tokenizer.apply_chat_template(messages, tokenize=False, ...)` does.
+"""
 from __future__ import annotations
 
 import contextvars

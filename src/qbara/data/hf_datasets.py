@@ -37,7 +37,7 @@ def _parse_spec(spec: str) -> tuple[Path, str | None]:
 
 def read_dataset(spec: str) -> list[dict]:
     """The records of `dataset:<spec>` (without the prefix) as a list of dicts. The files are checked before
-    datasets opens them (`check_files`); whatever datasets / pyarrow still cannot read is one QbaraError."""
+    datasets opens them (`_check_files`); whatever datasets / pyarrow still cannot read is one QbaraError."""
     path, split = _parse_spec(spec)
     try:
         import datasets

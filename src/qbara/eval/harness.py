@@ -225,7 +225,7 @@ def lm_eval_bridge(model, tokenizer, tasks, *, limit: int | float | None = None,
                    provenance: dict | None = None) -> dict:
     """Run lm-evaluation-harness tasks on the in-memory model.
 
-    tasks: comma-separated task names (or an `LmEvalTasks` from `load_lm_eval_tasks`).
+    tasks: comma-separated task names (or the tasks from `load_lm_eval_tasks`).
     limit: examples per task (an int), or a fraction of each task (a float below 1).
     num_fewshot: few-shot examples (default: each task's own). batch_size: HFLM's batch size (int or "auto").
     include_path: folder(s) of local task YAMLs. output_path: write the results there as JSON (atomically).

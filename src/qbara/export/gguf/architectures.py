@@ -1,13 +1,6 @@
-"""One table entry per architecture GGUF export supports: what llama.cpp's converter (convert_hf_to_gguf.py)
-writes for it, consumed by the generic writer (`metadata`, `tensors`, `linears`, `lora`).
-
-An entry names the GGUF architecture, each decoder block's tensors in file order (HF submodule -> llama.cpp
-name; linears, norms, and the linears whose bias is written), whether q/k rows are reordered for llama.cpp's
-interleaved rotary layout (LLaMA / Mistral only: Qwen, Gemma and Phi-3 use llama.cpp's NEOX rotary, which is
-transformers' own), an offset added to every norm weight (Gemma stores w - 1 and scales by 1 + w), whether an
-untied lm_head can be written, the MLP activation llama.cpp applies, the rotary scalings it can express, and
-a function giving the architecture's own hyper-parameters and the problems that keep a model from running
-the same in llama.cpp. Adding the next architecture is one entry in ARCHITECTURES.
+"""One table entry per architecture GGUF export supports: what llama.cpp's converter writes for it (tensor names
+in file order, rotary row order, norm offset, activation, rotary scalings, own hyper-parameters and refusals),
+consumed by the generic writer (`metadata`, `tensors`, `linears`, `lora`). A new architecture is one entry.
 """
 from __future__ import annotations
 
@@ -45,7 +38,7 @@ class Architecture:
 
     gguf_arch: str                       # general.architecture (the `<arch>.*` key prefix)
     model_types: tuple[str, ...]         # HF config.model_type values it covers
-    block: tuple[_Slot, ...]              # a decoder block's tensors, in file order
+    block: tuple[_Slot, ...]             # a decoder block's tensors, in file order
     rope_permuted: bool = False          # q/k rows in llama.cpp's interleaved rotary order
     norm_offset: float = 0.0             # added to every norm weight (RMSNorm scaling by 1 + w in HF)
     untied_output: bool = True           # an untied lm_head is written as output.weight
@@ -142,7 +135,7 @@ def _llama3_rope_factors(config) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- per architecture
 def _llama_extra(config):
     """LLaMA / Mistral: linear rotary scaling as rope.scaling.*; LLaMA-3 scaling as the rope_freqs tensor
-    (`llama3_rope_factors`, written by `extra_tensors`)."""
+    (`_llama3_rope_factors`, written by `extra_tensors`)."""
     rope = _rope_parameters(config)
     if rope["rope_type"] == "linear":
         return [("rope.scaling.type", "linear", "str"), ("rope.scaling.factor", float(rope["factor"]), "f32")], []

@@ -1,20 +1,9 @@
 """`export_gguf_lora`: plain LoRA adapters as the LoRA GGUF llama.cpp loads with `--lora` beside the base.
 
-How llama.cpp applies it (src/llama-adapter.cpp `llama_adapter_lora_init_impl`, `llama_adapter_lora_weight::
-get_scale` in src/llama-adapter.h, `llm_graph_context::build_lora_mm` in src/llama-graph.cpp): the file must
-say general.type = "adapter", adapter.type = "lora", general.architecture = the base's; tensors
-`<base tensor name>.lora_a` / `.lora_b` pair up with the base tensor of that name, with a.ne = [d_in, r]
-(numpy (r, d_in), qbara's A) and b.ne = [r, d_out] (numpy (d_out, r), qbara's B). Each matmul then adds
-scale · B (A x), scale = user scale (--lora-scaled, default 1) · alpha / rank, rank = b.ne[0] of that
-tensor, alpha = adapter.lora.alpha (float32; 0 or absent means scale = user scale, no alpha / rank).
-
-qbara's update is s · B A, so alpha = s · r makes llama.cpp's alpha / r equal s. One alpha serves the
-file; a layer whose s · r differs (per-layer ranks or scalings) has s · r / alpha folded into its B.
-q/k rows follow the base's rotary layout: B's rows are output rows, so B of attn_q / attn_k is permuted as
-the base's rows are for LLaMA / Mistral (what convert_lora_to_gguf.py does through the LLaMA converter's
-permute); A is not. Other architectures keep HF's row order. Phi-3's fused layers (attn_qkv, ffn_up holding
-gate and up) carry their adapter as it is: llama.cpp's phi3 graph multiplies those fused matrices through
-build_lora_mm, so B A of qkv_proj / gate_up_proj is the update of exactly that tensor.
+llama.cpp pairs `<base tensor>.lora_a` / `.lora_b` with the base tensor and adds scale · B (A x), scale = user scale ·
+alpha / rank. qbara's update is s · B A, so one file alpha = s · r makes alpha / r equal s; a layer whose s · r differs
+has s · r / alpha folded into its B. B's rows of attn_q / attn_k follow the base's rotary row order (LLaMA /
+Mistral); Phi-3's fused layers carry their adapter as it is.
 """
 from __future__ import annotations
 
