@@ -240,6 +240,18 @@ _LLAMA_BLOCK = (
     _lin("mlp.down_proj", "ffn_down"),
 )
 
+_GATED_MLP = _LLAMA_BLOCK[-3:]
+# Qwen3 / Gemma 3: q and k each RMS-normed before the rotary
+_QK_NORM_ATTENTION = (
+    _norm("input_layernorm", "attn_norm"),
+    _lin("self_attn.q_proj", "attn_q"),
+    _norm("self_attn.q_norm", "attn_q_norm"),
+    _lin("self_attn.k_proj", "attn_k"),
+    _norm("self_attn.k_norm", "attn_k_norm"),
+    _lin("self_attn.v_proj", "attn_v"),
+    _lin("self_attn.o_proj", "attn_output"),
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", ("llama",), _LLAMA_BLOCK, rope_permuted=True,
                           rope_types=("default", "linear", "llama3"), extra=_llama_extra, tensors=_llama_tensors),
@@ -259,31 +271,15 @@ ARCHITECTURES: dict[str, Architecture] = {
         _lin("mlp.down_proj", "ffn_down"),
     ), extra=_qwen_extra),
     "qwen3": Architecture("qwen3", ("qwen3",), (
-        _norm("input_layernorm", "attn_norm"),
-        _lin("self_attn.q_proj", "attn_q"),
-        _norm("self_attn.q_norm", "attn_q_norm"),
-        _lin("self_attn.k_proj", "attn_k"),
-        _norm("self_attn.k_norm", "attn_k_norm"),
-        _lin("self_attn.v_proj", "attn_v"),
-        _lin("self_attn.o_proj", "attn_output"),
+        *_QK_NORM_ATTENTION,
         _norm("post_attention_layernorm", "ffn_norm"),
-        _lin("mlp.gate_proj", "ffn_gate"),
-        _lin("mlp.up_proj", "ffn_up"),
-        _lin("mlp.down_proj", "ffn_down"),
+        *_GATED_MLP,
     ), extra=_qwen_extra, key_length_always=True),
     "gemma3": Architecture("gemma3", ("gemma3_text",), (
-        _norm("input_layernorm", "attn_norm"),
-        _lin("self_attn.q_proj", "attn_q"),
-        _norm("self_attn.q_norm", "attn_q_norm"),
-        _lin("self_attn.k_proj", "attn_k"),
-        _norm("self_attn.k_norm", "attn_k_norm"),
-        _lin("self_attn.v_proj", "attn_v"),
-        _lin("self_attn.o_proj", "attn_output"),
+        *_QK_NORM_ATTENTION,
         _norm("post_attention_layernorm", "post_attention_norm"),
         _norm("pre_feedforward_layernorm", "ffn_norm"),
-        _lin("mlp.gate_proj", "ffn_gate"),
-        _lin("mlp.up_proj", "ffn_up"),
-        _lin("mlp.down_proj", "ffn_down"),
+        *_GATED_MLP,
         _norm("post_feedforward_layernorm", "post_ffw_norm"),
     ), norm_offset=1.0, untied_output=False, activation=("gelu_pytorch_tanh",), rope_types=("default", "linear"),
         extra=_gemma3_extra, key_length_always=True, rope_layer_type="full_attention"),

@@ -57,11 +57,10 @@ def _check_options(embedding_type, lossy, dense_type=None) -> None:
                          f"refuse / re-quantize dense layers)")
 
 
-def resolve_linears(model: nn.Module, lossy: bool, separate_lora: bool = False, arch: Architecture | None = None,
-                    dense: bool = False) -> list[list[Linear]]:
+def _resolve_linears(model: nn.Module, lossy: bool, separate_lora: bool, arch: Architecture,
+                     dense: bool = False) -> list[list[Linear]]:
     """Every decoder block's linears (the table entry's order), resolved before anything is written, so a
     layer that cannot be exported is refused first."""
-    arch = arch or check_architecture(model)
     resolved = [[resolve_linear(f"model.layers.{i}.{slot.hf}", layer.get_submodule(slot.hf), lossy, separate_lora,
                                 bias_ok=slot.bias, arch=arch.gguf_arch, dense=dense)
                  for slot in arch.linears] for i, layer in enumerate(model.model.layers)]
@@ -71,9 +70,8 @@ def resolve_linears(model: nn.Module, lossy: bool, separate_lora: bool = False, 
 
 
 def _model_tensors(model: nn.Module, resolved: list[list[Linear]], embedding_type: str,
-                  arch: Architecture | None = None, dense_type: str | None = None):
+                  arch: Architecture, dense_type: str | None = None):
     """(tensors in file order, linear-layer stats, embedding relative error)."""
-    arch = arch or check_architecture(model)
     stats = LinearStats()
     arr, raw, emb_err = float_tensor("token_embd.weight", model.get_input_embeddings().weight, embedding_type)
     tensors = [("token_embd.weight", arr, raw)]
@@ -145,7 +143,7 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
     path = check_path(path)
     arch = check_architecture(model)
     _check_options(embedding_type, lossy, dense_type)
-    resolved = resolve_linears(model, lossy, separate_lora, arch, dense=dense_type is not None)
+    resolved = _resolve_linears(model, lossy, separate_lora, arch, dense=dense_type is not None)
     tensors, stats, emb_err = _model_tensors(model, resolved, embedding_type, arch, dense_type)
     vocab_size = int(model.get_input_embeddings().weight.shape[0])
     source = source_gguf(tokenizer, tokenizer_gguf)

@@ -62,7 +62,7 @@ class LoraExportReport:
 
 
 # ------------------------------------------------------------------------------------ checks
-def _lora_layers(model: nn.Module, arch: Architecture | None = None) -> dict[str, tuple[int, str, nn.Module]]:
+def _lora_layers(model: nn.Module, arch: Architecture) -> dict[str, tuple[int, str, nn.Module]]:
     """HF name -> (block, llama.cpp tensor name, adapter) for every adapter of `model`; refuses adapters a
     llama.cpp LoRA GGUF cannot hold (pooled methods, layers outside the decoder blocks' linears)."""
     adapters = adapter_layers(model)
@@ -70,7 +70,6 @@ def _lora_layers(model: nn.Module, arch: Architecture | None = None) -> dict[str
         raise QbaraError("this model has no adapters to write as a LoRA GGUF; attach LoRA adapters with "
                          "qbara.prepare(..., adapter=AdapterConfig('lora', ...)) or qbara.load_adapter, or "
                          "export the model alone with export_gguf")
-    arch = arch or check_architecture(model)
     places = {f"model.layers.{i}.{slot.hf}": (i, slot.gguf)
               for i in range(len(model.model.layers)) for slot in arch.linears}
     elsewhere = sorted(n for n in adapters if n not in places)

@@ -31,11 +31,9 @@ _FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_
 
 
 def file_type(linear_params: dict[str, int]) -> int:
-    """general.file_type of a file whose linear weights have these GGML types (type name -> parameters):
-    that of the type holding most parameters (MOSTLY_Q4_1 when there is none). llama-quantize writes the
-    preset it was asked for (Q4_K_M, a mix, is mostly Q4_K); a qbara mix has no preset, so it is named by its
-    dominant type by weight count (llama.cpp's own guess, used only without this field, counts tensors of every
-    kind, F32 norms included, and would call most mixes ALL_F32)."""
+    """general.file_type of a file whose linear weights have these GGML types (type name -> parameters): that of
+    the type holding most parameters (MOSTLY_Q4_1 when there is none), since a qbara mix has no llama-quantize preset.
+    """
     dominant = max(linear_params, key=lambda k: (linear_params[k], k)) if linear_params else "Q4_1"
     return int(LlamaFileType[_FILE_TYPES.get(dominant, "MOSTLY_Q4_1")])
 

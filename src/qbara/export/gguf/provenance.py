@@ -96,13 +96,9 @@ def provenance_fields(source, base_model: str | None, adapter: str | None, *, co
                       vocab_size: int | None = None, arch: str = ARCH) -> dict[str, tuple]:
     """general.* metadata for the exported file: key -> (value, GGUF type, array item type).
 
-    From `source` ((path, reader) of the GGUF the tokenizer came from), when it holds this very model
-    (`same_model`: same shapes and vocabulary): its standard general.* keys (license, basename, organization,
-    size_label, finetune, tags, languages, datasets, ...), except those the writer sets (WRITER_GENERAL) and
-    those that name that file (url, doi, uuid, repo_url, version, description, source.*, base_model.*),
-    which describe the base model here: they become general.base_model.0.*.
-    qbara's own: general.base_model.count = 1, general.base_model.0.name = `base_model` (else the source
-    file's general.name), and general.description naming the base model and the adapter merged into it.
+    When `source` ((path, reader) of the GGUF the tokenizer came from) holds this very model (`same_model`), its
+    standard general.* keys are carried over, those naming that file as general.base_model.0.*. qbara adds
+    general.base_model.0.name (`base_model`, else the source's general.name) and a description naming the adapter.
     """
     out: dict[str, tuple] = {}
     base: dict[str, tuple] = {}
