@@ -1,9 +1,7 @@
-"""Text generation for trying a model: prompts rendered with the tokenizer's chat template (after
-`qbara.from_pretrained` with an adapter, the template its prompts were trained with), greedy or top-p sampling
+"""Text generation for trying a model: prompts rendered with the tokenizer's chat template, greedy or top-p sampling
 on a KV cache, text streamed in whole characters, stopping at EOS or the template's end-of-turn token.
-
-`read_prompts` reads prompts from a file before any model is loaded (so a bad file costs no load);
-`prompt_ids` turns one into token ids; `stream` yields the reply's text pieces as they are produced."""
+`read_prompts` reads a prompt file before any model is loaded, so a bad file costs no load.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterator

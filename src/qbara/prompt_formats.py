@@ -1,12 +1,7 @@
-"""Prompt formats for training data (`data.template`): the chat templates qbara ships (Alpaca, ChatML, Llama 3,
-Gemma) as Jinja texts, `auto` (the tokenizer's own chat template, else Alpaca) or a Jinja file, resolved into one
-`PromptFormat` whose template renders every record in the bounded sandbox (`qbara.templates.ChatTemplate`).
-
-Instruction records become the conversation a chat front end builds, so a fine-tune is served with the prompt it
-was trained on: an optional `system` message, a user message holding the `instruction` (followed by a blank line
-and the `input` when there is one) and an assistant message holding the `output`. Chat records (`messages`) are
-rendered as they are. The adapter folder records the Jinja text (`chat_template.jinja`), and loading the adapter
-makes it the tokenizer's chat template (merge, export, eval, generate).
+"""Prompt formats for training data (`data.template`): the shipped chat templates (Alpaca, ChatML, Llama 3, Gemma),
+`auto` (the tokenizer's own, else Alpaca) or a Jinja file, resolved into one `PromptFormat` rendered in the bounded
+sandbox (`qbara.templates.ChatTemplate`). Instruction records become the conversation a chat front end builds
+(system, user: instruction [+ input], assistant: output), so a fine-tune is served with the prompt it was trained on.
 """
 from __future__ import annotations
 
@@ -23,7 +18,7 @@ from qbara.validate import read_text_file
 
 # The Alpaca prompt (Taori et al., 2023): its preamble (replaced by a system message when there is one), then
 # "### Instruction:" and "### Response:" sections; each answer ends with the tokenizer's end-of-sequence token.
-ALPACA = r"""{%- if messages and messages[0]['role'] == 'system' -%}
+_ALPACA = r"""{%- if messages and messages[0]['role'] == 'system' -%}
 {{ messages[0]['content'] + '\n\n' }}
 {%- set turns = messages[1:] -%}
 {%- else -%}
@@ -45,7 +40,7 @@ ALPACA = r"""{%- if messages and messages[0]['role'] == 'system' -%}
 """
 
 # ChatML (OpenAI; Qwen, SmolLM2): <|im_start|>ROLE, a newline, the content, <|im_end|> and a newline per message.
-CHATML = r"""{%- for message in messages -%}
+_CHATML = r"""{%- for message in messages -%}
 {{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
@@ -55,7 +50,7 @@ CHATML = r"""{%- for message in messages -%}
 
 # Llama 3 (Meta): <|begin_of_text|>, then per message a <|start_header_id|>ROLE<|end_header_id|> header, a blank
 # line, the content (trimmed) and <|eot_id|>.
-LLAMA3 = r"""{{- '<|begin_of_text|>' -}}
+_LLAMA3 = r"""{{- '<|begin_of_text|>' -}}
 {%- for message in messages -%}
 {{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + (message['content'] | trim) + '<|eot_id|>' }}
 {%- endfor -%}
@@ -66,7 +61,7 @@ LLAMA3 = r"""{{- '<|begin_of_text|>' -}}
 
 # Gemma (Google): <bos>, then <start_of_turn>user / <start_of_turn>model turns, each content trimmed and closed by
 # <end_of_turn> and a newline; Gemma has no system role: a system message opens the first turn, a blank line after it.
-GEMMA = r"""{{- '<bos>' -}}
+_GEMMA = r"""{{- '<bos>' -}}
 {%- if messages and messages[0]['role'] == 'system' -%}
 {%- set system = messages[0]['content'] + '\n\n' -%}
 {%- set turns = messages[1:] -%}
@@ -86,13 +81,13 @@ GEMMA = r"""{{- '<bos>' -}}
 {%- endif -%}
 """
 
-NAMED = {"alpaca": ALPACA, "chatml": CHATML, "llama3": LLAMA3, "gemma": GEMMA}
+NAMED = {"alpaca": _ALPACA, "chatml": _CHATML, "llama3": _LLAMA3, "gemma": _GEMMA}
 CHOICES = ("auto", *NAMED)
 # The format's own tokens, which a tokenizer made for it holds as single (special) tokens.
-MARKERS = {"chatml": ("<|im_start|>", "<|im_end|>"),
+_MARKERS = {"chatml": ("<|im_start|>", "<|im_end|>"),
            "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
            "gemma": ("<bos>", "<start_of_turn>", "<end_of_turn>")}
-MAX_TEMPLATE_BYTES = 1 << 20  # a chat template file (the largest published ones are tens of KB)
+_MAX_TEMPLATE_BYTES = 1 << 20  # a chat template file (the largest published ones are tens of KB)
 _CHOOSE = f"choose {', '.join(CHOICES)}, or the path of a Jinja chat template file"
 
 
@@ -109,7 +104,7 @@ class PromptFormat:
 def read_template_file(path, what: str = "chat template file", fix: str | None = None) -> str:
     """The Jinja text of a chat template file, read bounded (a regular UTF-8 file of at most MAX_TEMPLATE_BYTES)
     and compiled in the sandbox: a missing, binary or broken file is one QbaraError."""
-    text = read_text_file(path, what, max_bytes=MAX_TEMPLATE_BYTES)
+    text = read_text_file(path, what, max_bytes=_MAX_TEMPLATE_BYTES)
     ChatTemplate(text, str(path), fix=fix or f"fix the Jinja in {path}")
     return text
 
@@ -150,7 +145,7 @@ def resolve_template(choice: str, tokenizer) -> PromptFormat:
 
 
 def _warn_split_markers(name: str, tokenizer) -> None:
-    split = [m for m in MARKERS.get(name, ()) if len(tokenizer(m, add_special_tokens=False).input_ids) != 1]
+    split = [m for m in _MARKERS.get(name, ()) if len(tokenizer(m, add_special_tokens=False).input_ids) != 1]
     if split:
         warnings.warn(f"data.template {name}: {', '.join(split)} {'is' if len(split) == 1 else 'are'} not a single "
                       f"token of this tokenizer (a tokenizer made for the {name} format has them); training "

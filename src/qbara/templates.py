@@ -1,11 +1,10 @@
 """Chat templates rendered with a size and a time bound.
 
-A chat template is code from whoever published the tokenizer. jinja's sandbox keeps it from reaching Python
-internals, but not from building a string of 10^12 characters or looping 10^10 times. `ChatTemplate` compiles a
-template in a sandbox that also bounds every value the template builds (strings, lists, numbers), counts loop
-iterations, calls and operators against a step budget, and stops at a deadline; each violation is one
-`QbaraError` naming the template's source and the limit. Ordinary templates render exactly as
-`tokenizer.apply_chat_template(messages, tokenize=False, ...)` does (same globals, filters and options)."""
+A chat template is code from whoever published the tokenizer; jinja's sandbox keeps it from Python internals but not
+from building huge values or looping without end. `ChatTemplate` also bounds every value built, counts steps against
+a budget and stops at a deadline (one `QbaraError` per violation); ordinary templates render exactly as
+`tokenizer.apply_chat_template(messages, tokenize=False, ...)` does.
+"""
 from __future__ import annotations
 
 import contextvars
@@ -39,7 +38,7 @@ class TemplateLimits:
     seconds: float = 5.0  # wall time
 
 
-class TemplateLimitError(Exception):
+class _TemplateLimitError(Exception):
     """A template passed one of its `TemplateLimits` (turned into a QbaraError naming the template)."""
 
 
@@ -63,10 +62,10 @@ def _tick(count: int = 1) -> None:
         return
     budget.steps += count
     if budget.steps > budget.limits.max_steps:
-        raise TemplateLimitError(f"runs past its limit of {budget.limits.max_steps:,} steps (loop iterations, "
+        raise _TemplateLimitError(f"runs past its limit of {budget.limits.max_steps:,} steps (loop iterations, "
                                  f"calls and operators)")
     if budget.steps & 63 == 0 and time.monotonic() > budget.deadline:
-        raise TemplateLimitError(f"runs past its time limit of {budget.limits.seconds:g} seconds")
+        raise _TemplateLimitError(f"runs past its time limit of {budget.limits.seconds:g} seconds")
 
 
 def _limits() -> TemplateLimits:
@@ -82,7 +81,7 @@ def _check_size(size: int, what: str) -> None:
     """Refuse a value of `size` characters or items before it is built."""
     limit = _limits().max_chars
     if size > limit:
-        raise TemplateLimitError(f"builds {what} of {size:,} characters or items (the limit is {limit:,})")
+        raise _TemplateLimitError(f"builds {what} of {size:,} characters or items (the limit is {limit:,})")
 
 
 def _built(value):
@@ -93,10 +92,10 @@ def _built(value):
         if budget is not None:
             budget.built += len(value)
             if budget.built > budget.limits.max_built:
-                raise TemplateLimitError(f"builds more than {budget.limits.max_built:,} characters or items in "
+                raise _TemplateLimitError(f"builds more than {budget.limits.max_built:,} characters or items in "
                                          f"all (the limit)")
     elif isinstance(value, int) and abs(value) > _limits().max_number:
-        raise TemplateLimitError(f"builds a number beyond the limit ±{_limits().max_number:,}")
+        raise _TemplateLimitError(f"builds a number beyond the limit ±{_limits().max_number:,}")
     return value
 
 
@@ -136,7 +135,7 @@ def _check_number(value, what: str) -> None:
     """Refuse a number argument larger than any string may be long (a width, a count, a repeat)."""
     limit = _limits().max_chars
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
-        raise TemplateLimitError(f"passes {what} the number {value:,} (the limit is {limit:,})")
+        raise _TemplateLimitError(f"passes {what} the number {value:,} (the limit is {limit:,})")
 
 
 def _check_product(left, right) -> None:
@@ -147,14 +146,14 @@ def _check_product(left, right) -> None:
     if isinstance(left, int) and isinstance(right, int):
         limit = _limits().max_number
         if left.bit_length() + right.bit_length() > limit.bit_length() + 1:
-            raise TemplateLimitError(f"builds a number beyond the limit ±{limit:,}")
+            raise _TemplateLimitError(f"builds a number beyond the limit ±{limit:,}")
 
 
 def _check_power(left, right) -> None:
     if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
         limit = _limits().max_number
         if (abs(left).bit_length() - 1) * right > limit.bit_length():
-            raise TemplateLimitError(f"builds a number beyond the limit ±{limit:,} ({left} ** {right})")
+            raise _TemplateLimitError(f"builds a number beyond the limit ±{limit:,} ({left} ** {right})")
 
 
 def _check_plus(left, right) -> None:
@@ -199,7 +198,7 @@ def _check_sum(items, attribute=None, start=0) -> None:
         _check_size(size, _kind(start))
         budget = _limits().max_built
         if size * len(items) > budget:
-            raise TemplateLimitError(f"sums {len(items):,} sequences into one of {size:,} items (copying more than "
+            raise _TemplateLimitError(f"sums {len(items):,} sequences into one of {size:,} items (copying more than "
                                      f"the limit of {budget:,} items)")
 
 
@@ -341,7 +340,7 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-class BoundedEnvironment(ImmutableSandboxedEnvironment):
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     """jinja's immutable sandbox with transformers' chat-template options and globals, in which every value
     the template builds, every step it takes and its running time are bounded (see `TemplateLimits`)."""
 
@@ -415,7 +414,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
 
 @lru_cache(maxsize=16)
 def _compile(text: str):
-    return BoundedEnvironment().from_string(text)
+    return _BoundedEnvironment().from_string(text)
 
 
 def _plain(value):
@@ -468,7 +467,7 @@ class ChatTemplate:
             raise QbaraError(f"the tokenizer from {getattr(tokenizer, 'name_or_path', '?')!r} has no usable chat "
                              f"template ({str(err).splitlines()[0][:200]}); chat data needs one (tokenizer_config.json "
                              f"chat_template), or use instruction or text data") from None
-        return cls(text, template_source(tokenizer), tokenizer.special_tokens_map, limits)
+        return cls(text, _template_source(tokenizer), tokenizer.special_tokens_map, limits)
 
     def render(self, messages: list, *, add_generation_prompt: bool = False, tools: list | None = None,
                documents: list | None = None, **kwargs) -> str:
@@ -487,7 +486,7 @@ class ChatTemplate:
         fix = self.fix
         try:
             return function(*args, **kwargs)
-        except TemplateLimitError as err:
+        except _TemplateLimitError as err:
             raise QbaraError(f"the chat template in {self.source} {err}; {fix}") from None
         except jinja2.exceptions.SecurityError as err:
             raise QbaraError(f"the chat template in {self.source} tries to leave jinja's sandbox "
@@ -501,7 +500,7 @@ class ChatTemplate:
                              f"{fix}") from None
 
 
-def template_source(tokenizer) -> str:
+def _template_source(tokenizer) -> str:
     """Where `tokenizer`'s chat template was read from, for messages."""
     folder = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
     if (folder / "chat_template.jinja").is_file():

@@ -2,7 +2,8 @@ import importlib.util
 
 import pytest
 
-from qbara.data import gsm8k_instructions, gsm8k_records, shakespeare_plays, shakespeare_text, split_records
+from qbara.data import gsm8k_instructions, gsm8k_records, shakespeare_text, split_records
+from qbara.data.corpora import shakespeare_plays
 from qbara.errors import QbaraError
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qbara.errors import QbaraError
-from qbara.eval import PerplexityResult, make_windows, perplexity, text_perplexity
+from qbara.eval.perplexity import PerplexityResult, make_windows, perplexity, text_perplexity
 from qbara.models import tiny_llama, tiny_qwen2
 
 

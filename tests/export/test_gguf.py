@@ -9,8 +9,8 @@ from gguf.quants import dequantize
 
 import qbara
 from qbara import AdapterConfig, QbaraError, QuantConfig, QuantizedLinear
-from qbara.export import export_gguf, llama_rope_permutation
-from qbara.export.gguf import LINEARS
+from qbara.export import export_gguf
+from qbara.export.gguf import LINEARS, llama_rope_permutation
 from qbara.models import tiny_llama, tiny_qwen2
 
 from .conftest import TINY, tiny_adapted, tiny_olmo
@@ -336,7 +336,7 @@ def test_smollm2_provenance_comes_from_the_shipped_gguf():
     """SmolLM2's shapes and tokenizer select the shipped GGUF; its general.* keys are carried over."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from qbara.export.gguf import provenance_fields
+    from qbara.export.gguf.provenance import provenance_fields
     from qbara.export.tokenizer import shipped_smollm2_reader
     from qbara.models.smollm2 import smollm2_dir
 

@@ -17,8 +17,9 @@ from gguf.quants import dequantize
 
 import qbara
 from qbara import AdapterConfig, QbaraError, QuantConfig
-from qbara.export import export_gguf, export_gguf_lora, llama_rope_permutation
-from qbara.export.gguf import ARCHITECTURES
+from qbara.export import export_gguf, export_gguf_lora
+from qbara.export.gguf import llama_rope_permutation
+from qbara.export.gguf.architectures import ARCHITECTURES
 from qbara.models.tiny import tiny_architecture
 from tests.helpers import randomize_adapters
 

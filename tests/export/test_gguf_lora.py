@@ -7,8 +7,8 @@ from gguf.quants import dequantize
 
 import qbara
 from qbara import AdapterConfig, QbaraError, QuantConfig
-from qbara.export import export_gguf, export_gguf_lora, llama_rope_permutation
-from qbara.export.gguf import LINEARS
+from qbara.export import export_gguf, export_gguf_lora
+from qbara.export.gguf import LINEARS, llama_rope_permutation
 from qbara.models import tiny_llama
 
 from .conftest import TINY, tiny_adapted, tiny_olmo

@@ -7,8 +7,8 @@ from gguf.quants import dequantize
 
 import qbara
 from qbara import QuantConfig
-from qbara.export import export_gguf, llama_rope_permutation
-from qbara.export.gguf import LINEARS
+from qbara.export import export_gguf
+from qbara.export.gguf import LINEARS, llama_rope_permutation
 from qbara.models import tiny_llama
 from qbara.quant.ggml import GGML_FORMATS, dequantize_ggml, quantize_ggml
 

@@ -9,8 +9,8 @@ from gguf.quants import dequantize
 import qbara
 from qbara import AdapterConfig, QbaraError, QuantConfig, merge
 from qbara.adapters import adapter_layers
-from qbara.export import export_gguf, llama_rope_permutation
-from qbara.export.gguf import LINEARS
+from qbara.export import export_gguf
+from qbara.export.gguf import LINEARS, llama_rope_permutation
 from qbara.nn import QuantizedLinear
 
 from .conftest import INT4_G32, tiny_adapted

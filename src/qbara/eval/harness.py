@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -12,7 +14,7 @@ from qbara.errors import QbaraError
 from qbara.eval.bundled import TASKS_DIR
 
 LM_EVAL_OPTIONS = ("limit", "num_fewshot", "batch_size", "include_path", "output_path")
-LM_EVAL_INSTALL = "--task lm-eval needs lm-evaluation-harness: pip install lm-eval"
+_LM_EVAL_INSTALL = "--task lm-eval needs lm-evaluation-harness: pip install lm-eval"
 TASKS_HINT = ("list lm-eval's tasks with `lm-eval ls tasks` (add `--include_path DIR` for your own), or write a "
               "task YAML in a folder and pass --include-path FOLDER")
 
@@ -37,7 +39,7 @@ def _task_manager_class():
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise QbaraError(LM_EVAL_INSTALL) from None
+        raise QbaraError(_LM_EVAL_INSTALL) from None
     return TaskManager
 
 
@@ -113,7 +115,7 @@ def _raised_in(err: BaseException, package: str) -> bool:
 
 
 @dataclass
-class LmEvalTasks:
+class _LmEvalTasks:
     """Tasks loaded by `load_lm_eval_tasks`: what simple_evaluate runs, and the TaskManager that knows them."""
 
     names: list[str]
@@ -142,14 +144,12 @@ def _expand(task_manager, name: str) -> list[str]:
         matches = task_manager.match_tasks([name])
         if matches:
             return list(matches)
-    import difflib
-
     close = difflib.get_close_matches(name, task_manager.all_tasks, n=3)
     maybe = f"did you mean {', '.join(close)}? " if close else ""
     raise QbaraError(f"unknown lm-eval task {name!r}: {maybe}{TASKS_HINT}")
 
 
-def load_lm_eval_tasks(tasks: str, include_path=None) -> LmEvalTasks:
+def load_lm_eval_tasks(tasks: str, include_path=None) -> _LmEvalTasks:
     """Resolve comma-separated task names (glob patterns allowed) and load them, with their datasets.
 
     include_path: a folder (or list of folders) of task YAMLs, searched besides lm-eval's own tasks and qbara's
@@ -173,7 +173,7 @@ def load_lm_eval_tasks(tasks: str, include_path=None) -> LmEvalTasks:
         raise QbaraError(f"--task lm-eval needs task names in --data (comma-separated); {TASKS_HINT}")
     manager = _task_manager(TaskManager, folders, requested)
     names = list(dict.fromkeys(n for r in requested for n in _expand(manager, r)))
-    out = LmEvalTasks(names=names, task_manager=manager)
+    out = _LmEvalTasks(names=names, task_manager=manager)
     if not hasattr(manager, "load"):  # older lm-eval: simple_evaluate loads the tasks by name
         out.objects = list(names)
         return out
@@ -204,8 +204,6 @@ def _load_tasks(manager, names: list[str]) -> list:
 def jsonable(value):
     """lm-eval's results as plain JSON data: numpy scalars as numbers, tuples and sets as lists, NaN and
     infinities as null, anything else (dtypes, functions, objects) as its str."""
-    import math
-
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -227,13 +225,13 @@ def lm_eval_bridge(model, tokenizer, tasks, *, limit: int | float | None = None,
                    provenance: dict | None = None) -> dict:
     """Run lm-evaluation-harness tasks on the in-memory model.
 
-    tasks: comma-separated task names (or an `LmEvalTasks` from `load_lm_eval_tasks`).
+    tasks: comma-separated task names (or the tasks from `load_lm_eval_tasks`).
     limit: examples per task (an int), or a fraction of each task (a float below 1).
     num_fewshot: few-shot examples (default: each task's own). batch_size: HFLM's batch size (int or "auto").
     include_path: folder(s) of local task YAMLs. output_path: write the results there as JSON (atomically).
     Returns {"results", "groups", "n-shot", "versions", "limit", "output_path"} as plain JSON data.
     """
-    if not isinstance(tasks, LmEvalTasks):
+    if not isinstance(tasks, _LmEvalTasks):
         tasks = load_lm_eval_tasks(tasks, include_path)
     output_path = check_output_path(output_path)
     from lm_eval import simple_evaluate

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from qbara.errors import QbaraError
 from qbara.eval.perplexity import model_device
@@ -12,8 +13,6 @@ from qbara.train.data import IGNORE_INDEX, PadCollator
 def masked_loss(model, examples, batch_size: int = 4, progress: bool = False) -> dict:
     """Token-weighted mean NLL on the unmasked (answer) tokens of `examples` (`qbara.train.data.Example`s),
     batched on the model's device: {"loss", "tokens", "records"}."""
-    from tqdm.auto import tqdm
-
     collate, device = PadCollator(0), model_device(model)
     total, count = 0.0, 0
     batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from qbara.errors import QbaraError
 
@@ -90,8 +91,6 @@ def perplexity(
     total_nll = torch.zeros((), dtype=torch.float64)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=n_windows, desc="perplexity", unit="window", leave=False)
     try:
         for start in range(0, n_windows, batch_size):

@@ -14,7 +14,7 @@ from qbara.models.smollm2 import smollm2_gguf_path
 from qbara.validate import gguf_reader
 
 # SmolLM2-135M's vocabulary size: a cheap test before comparing a tokenizer with the shipped GGUF's.
-SMOLLM2_VOCAB = 49152
+_SMOLLM2_VOCAB = 49152
 
 
 @dataclass
@@ -112,7 +112,7 @@ def _pre_signature(spec: dict) -> tuple:
     return tuple(_pre_step(step) for step in _steps(spec.get("pre_tokenizer")))
 
 
-def pre_tokenizer_name(spec: dict) -> str:
+def _pre_tokenizer_name(spec: dict) -> str:
     """llama.cpp's `tokenizer.ggml.pre` name for a byte-level BPE tokenizer.json (see PRE_TOKENIZERS)."""
     signature = _pre_signature(spec)
     name = PRE_TOKENIZERS.get(signature)
@@ -128,7 +128,7 @@ def _is_metaspace_normalizer(step: dict) -> bool:
         step.get("type") == "Prepend" and step.get("prepend") == "\u2581")
 
 
-def tokenizer_model(spec: dict) -> str:
+def _tokenizer_model(spec: dict) -> str:
     """llama.cpp's tokenizer model for a tokenizer.json: "gpt2" (byte-level BPE: GPT-2, Llama 3, Qwen, SmolLM)
     or "llama" (SentencePiece BPE with byte fallback: Llama 2, Mistral, Gemma, Phi-3)."""
     model = spec.get("model", {})
@@ -157,7 +157,7 @@ def _is_nfc(step: dict) -> bool:
 # Normalizer steps each GGUF tokenizer model can stand for. llama.cpp's SentencePiece spells spaces as "▁"
 # (with the optional dummy prefix); its byte-level BPE normalizes nothing, and NFC (Qwen's) is let through:
 # it changes only text that is not already NFC, as nearly all text is.
-NORMALIZERS = {"gpt2": (_is_nfc,), "llama": (_is_metaspace_normalizer,)}
+_NORMALIZERS = {"gpt2": (_is_nfc,), "llama": (_is_metaspace_normalizer,)}
 
 
 def _splits_on_spaces(step: dict) -> bool:
@@ -167,17 +167,17 @@ def _splits_on_spaces(step: dict) -> bool:
 
 # SentencePiece pre-tokenizer steps: Metaspace (Llama 2, Mistral), a split at spaces (Gemma). A byte-level
 # BPE's steps are checked whole, by PRE_TOKENIZERS.
-SENTENCEPIECE_PRE_STEPS = (_splits_on_spaces,)
+_SENTENCEPIECE_PRE_STEPS = (_splits_on_spaces,)
 
 
-def check_representable(spec: dict, model: str) -> None:
+def _check_representable(spec: dict, model: str) -> None:
     """Refuse normalizer or pre-tokenizer steps llama.cpp cannot reproduce for this model (lowercasing, NFKC,
     a charsmap, a digit split before SentencePiece, ...)."""
     odd = [("normalizer", step.get("type")) for step in _steps(spec.get("normalizer"))
-           if not any(allowed(step) for allowed in NORMALIZERS[model])]
+           if not any(allowed(step) for allowed in _NORMALIZERS[model])]
     if model == "llama":
         odd += [("pre-tokenizer", step.get("type")) for step in _steps(spec.get("pre_tokenizer"))
-                if not any(allowed(step) for allowed in SENTENCEPIECE_PRE_STEPS)]
+                if not any(allowed(step) for allowed in _SENTENCEPIECE_PRE_STEPS)]
     if odd:
         raise QbaraError(f"this tokenizer's steps {odd} have no counterpart in llama.cpp's {model!r} tokenizer, "
                          f"which would encode text differently. Pass tokenizer_gguf= a GGUF file of the same model "
@@ -244,7 +244,7 @@ def _adds(tokenizer, token_id, position: int) -> bool:
 
 
 # Tokens that end a turn in chat templates (Llama 3, Gemma, ChatML, Phi-3, Llama 3.1's tool call end).
-END_OF_TURN = {"eot_token_id": ("<|eot_id|>", "<end_of_turn>", "<|im_end|>", "<|end|>"),
+_END_OF_TURN = {"eot_token_id": ("<|eot_id|>", "<end_of_turn>", "<|im_end|>", "<|end|>"),
                "eom_token_id": ("<|eom_id|>",)}
 
 
@@ -254,7 +254,7 @@ def _end_of_turn_ids(tokenizer, template: str | None) -> dict[str, int]:
         return {}
     vocab = tokenizer.get_vocab()
     found = {}
-    for key, candidates in END_OF_TURN.items():
+    for key, candidates in _END_OF_TURN.items():
         for token in candidates:
             if token in template and token in vocab and vocab[token] != tokenizer.eos_token_id:
                 found[key] = int(vocab[token])
@@ -272,10 +272,10 @@ def fields_from_hf(tokenizer, vocab_size: int) -> TokenizerFields:
     still adds the dummy prefix, where transformers' Metaspace (Llama 2 / Mistral tokenizer.json) does not.
     """
     spec = _backend_json(tokenizer)
-    model = tokenizer_model(spec)
-    check_representable(spec, model)
+    model = _tokenizer_model(spec)
+    _check_representable(spec, model)
     # llama.cpp reads no pre-tokenizer for SentencePiece; its converter still writes "default" there
-    pre = pre_tokenizer_name(spec) if model == "gpt2" else "default"
+    pre = _pre_tokenizer_name(spec) if model == "gpt2" else "default"
     raw_merges = spec["model"].get("merges", [])
     if any(not isinstance(m, str) and any(" " in part for part in m) for m in raw_merges):
         raise QbaraError("a merge of this tokenizer joins pieces holding a space, which GGUF's \"left right\" merges "
@@ -323,7 +323,7 @@ def fields_from_hf(tokenizer, vocab_size: int) -> TokenizerFields:
     return out
 
 
-def matches_gguf_tokens(tokenizer, reader: GGUFReader) -> bool:
+def _matches_gguf_tokens(tokenizer, reader: GGUFReader) -> bool:
     """True when the tokenizer's id -> token table is the GGUF file's token list."""
     fld = reader.fields.get("tokenizer.ggml.tokens")
     if fld is None:
@@ -334,11 +334,11 @@ def matches_gguf_tokens(tokenizer, reader: GGUFReader) -> bool:
 def shipped_smollm2_reader(tokenizer) -> tuple[Path, GGUFReader] | None:
     """(path, reader) of the shipped SmolLM2 GGUF when `tokenizer` is SmolLM2's; else None."""
     try:
-        if len(tokenizer) != SMOLLM2_VOCAB:
+        if len(tokenizer) != _SMOLLM2_VOCAB:
             return None
 
         path = smollm2_gguf_path()
     except Exception:  # not installed, odd tokenizer: build the metadata from the tokenizer instead
         return None
     reader = gguf_reader(path)
-    return (path, reader) if matches_gguf_tokens(tokenizer, reader) else None
+    return (path, reader) if _matches_gguf_tokens(tokenizer, reader) else None

@@ -1,13 +1,6 @@
-"""One table entry per architecture GGUF export supports: what llama.cpp's converter (convert_hf_to_gguf.py)
-writes for it, consumed by the generic writer (`metadata`, `tensors`, `linears`, `lora`).
-
-An entry names the GGUF architecture, each decoder block's tensors in file order (HF submodule -> llama.cpp
-name; linears, norms, and the linears whose bias is written), whether q/k rows are reordered for llama.cpp's
-interleaved rotary layout (LLaMA / Mistral only: Qwen, Gemma and Phi-3 use llama.cpp's NEOX rotary, which is
-transformers' own), an offset added to every norm weight (Gemma stores w - 1 and scales by 1 + w), whether an
-untied lm_head can be written, the MLP activation llama.cpp applies, the rotary scalings it can express, and
-a function giving the architecture's own hyper-parameters and the problems that keep a model from running
-the same in llama.cpp. Adding the next architecture is one entry in ARCHITECTURES.
+"""One table entry per architecture GGUF export supports: what llama.cpp's converter writes for it (tensor names
+in file order, rotary row order, norm offset, activation, rotary scalings, own hyper-parameters and refusals),
+consumed by the generic writer (`metadata`, `tensors`, `linears`, `lora`). A new architecture is one entry.
 """
 from __future__ import annotations
 
@@ -22,7 +15,7 @@ from qbara.errors import QbaraError
 
 
 @dataclass(frozen=True)
-class Slot:
+class _Slot:
     """One tensor of a decoder block: HF submodule -> llama.cpp name (without "blk.N." and ".weight")."""
 
     hf: str
@@ -31,12 +24,12 @@ class Slot:
     bias: bool = False   # its bias is written (as <name>.bias, F32); a bias elsewhere is refused
 
 
-def lin(hf: str, gguf: str, bias: bool = False) -> Slot:
-    return Slot(hf, gguf, True, bias)
+def _lin(hf: str, gguf: str, bias: bool = False) -> _Slot:
+    return _Slot(hf, gguf, True, bias)
 
 
-def norm(hf: str, gguf: str) -> Slot:
-    return Slot(hf, gguf, False)
+def _norm(hf: str, gguf: str) -> _Slot:
+    return _Slot(hf, gguf, False)
 
 
 @dataclass(frozen=True)
@@ -45,7 +38,7 @@ class Architecture:
 
     gguf_arch: str                       # general.architecture (the `<arch>.*` key prefix)
     model_types: tuple[str, ...]         # HF config.model_type values it covers
-    block: tuple[Slot, ...]              # a decoder block's tensors, in file order
+    block: tuple[_Slot, ...]             # a decoder block's tensors, in file order
     rope_permuted: bool = False          # q/k rows in llama.cpp's interleaved rotary order
     norm_offset: float = 0.0             # added to every norm weight (RMSNorm scaling by 1 + w in HF)
     untied_output: bool = True           # an untied lm_head is written as output.weight
@@ -60,11 +53,11 @@ class Architecture:
     window_caps_context: bool = False
 
     @property
-    def linears(self) -> tuple[Slot, ...]:
+    def linears(self) -> tuple[_Slot, ...]:
         return tuple(s for s in self.block if s.linear)
 
     @property
-    def norms(self) -> tuple[Slot, ...]:
+    def norms(self) -> tuple[_Slot, ...]:
         return tuple(s for s in self.block if not s.linear)
 
     def rope_heads(self, gguf_name: str, config) -> int | None:
@@ -85,7 +78,7 @@ def head_dim(config) -> int:
     return int(value) if value else config.hidden_size // config.num_attention_heads
 
 
-def rope_parameters(config, layer_type: str | None = None) -> dict:
+def _rope_parameters(config, layer_type: str | None = None) -> dict:
     """The rotary parameters (rope_type, rope_theta, factor, ...) of `config`, or of its `layer_type` layers
     when they differ per layer type (Gemma 3)."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
@@ -102,7 +95,7 @@ def rope_parameters(config, layer_type: str | None = None) -> dict:
 
 def rotary_dims(config) -> int:
     """Dimensions of each head the rotary turns (head_dim, times a partial_rotary_factor)."""
-    factor = rope_parameters(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    factor = _rope_parameters(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
     return int(float(factor) * head_dim(config)) if factor else head_dim(config)
 
 
@@ -115,13 +108,13 @@ def context_length(arch: Architecture, config) -> int:
 
 
 def rope_theta(config, layer_type: str | None = None) -> float:
-    return float(rope_parameters(config, layer_type).get("rope_theta", 10000.0))
+    return float(_rope_parameters(config, layer_type).get("rope_theta", 10000.0))
 
 
-def llama3_rope_factors(config) -> np.ndarray:
+def _llama3_rope_factors(config) -> np.ndarray:
     """llama.cpp's `rope_freqs` for LLaMA-3 rotary scaling: per frequency pair the factor its angle is divided
     by (1 for high frequencies, `factor` for low ones, smoothly in between), float32 of length head_dim / 2."""
-    rope = rope_parameters(config)
+    rope = _rope_parameters(config)
     dim, base = head_dim(config), rope_theta(config)
     factor = float(rope.get("factor", 8.0))
     low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
@@ -142,8 +135,8 @@ def llama3_rope_factors(config) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- per architecture
 def _llama_extra(config):
     """LLaMA / Mistral: linear rotary scaling as rope.scaling.*; LLaMA-3 scaling as the rope_freqs tensor
-    (`llama3_rope_factors`, written by `extra_tensors`)."""
-    rope = rope_parameters(config)
+    (`_llama3_rope_factors`, written by `extra_tensors`)."""
+    rope = _rope_parameters(config)
     if rope["rope_type"] == "linear":
         return [("rope.scaling.type", "linear", "str"), ("rope.scaling.factor", float(rope["factor"]), "f32")], []
     return [], []
@@ -151,8 +144,8 @@ def _llama_extra(config):
 
 def _llama_tensors(config) -> list[tuple[str, np.ndarray]]:
     """LLaMA-3 rotary scaling: the rope_freqs tensor llama.cpp divides each frequency by."""
-    if rope_parameters(config)["rope_type"] == "llama3":
-        return [("rope_freqs.weight", llama3_rope_factors(config))]
+    if _rope_parameters(config)["rope_type"] == "llama3":
+        return [("rope_freqs.weight", _llama3_rope_factors(config))]
     return []
 
 
@@ -175,10 +168,10 @@ def _phi3_extra(config):
     if original:
         hparams.append(("rope.scaling.original_context_length", int(original), "u32"))
     hparams.append(("attention.sliding_window", int(getattr(config, "sliding_window", None) or 0), "u32"))
-    rope = rope_parameters(config)
+    rope = _rope_parameters(config)
     if rope["rope_type"] == "longrope":
         original = int(rope.get("original_max_position_embeddings", original or config.max_position_embeddings))
-        hparams.append(("rope.scaling.attn_factor", longrope_attention_factor(config, original), "f32"))
+        hparams.append(("rope.scaling.attn_factor", _longrope_attention_factor(config, original), "f32"))
         pairs = rotary_dims(config) // 2
         if len(rope.get("long_factor") or []) != pairs or len(rope.get("short_factor") or []) != pairs:
             problems.append(f"LongRoPE factors of {len(rope.get('long_factor') or [])} / "
@@ -186,10 +179,10 @@ def _phi3_extra(config):
     return hparams, problems
 
 
-def longrope_attention_factor(config, original: int) -> float:
+def _longrope_attention_factor(config, original: int) -> float:
     """LongRoPE's attention scaling: the config's attention_factor, else sqrt(1 + ln(s) / ln(original context))
     for the extension s = max_position_embeddings / original context (1 when not extended)."""
-    rope = rope_parameters(config)
+    rope = _rope_parameters(config)
     if rope.get("attention_factor") is not None:
         return float(rope["attention_factor"])
     scale = float(rope.get("factor") or config.max_position_embeddings / original)
@@ -199,7 +192,7 @@ def longrope_attention_factor(config, original: int) -> float:
 def _phi3_tensors(config) -> list[tuple[str, np.ndarray]]:
     """LongRoPE: rope_factors_long / rope_factors_short (F32, one per frequency pair); llama.cpp uses the long
     ones when its context exceeds the original one."""
-    rope = rope_parameters(config)
+    rope = _rope_parameters(config)
     if rope["rope_type"] != "longrope":
         return []
     return [("rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32)),
@@ -216,7 +209,7 @@ def _gemma3_extra(config):
     layer_types = list(getattr(config, "layer_types", None) or pattern)
     if layer_types != pattern:
         problems.append(f"layer_types {layer_types} (llama.cpp's gemma3 makes every 6th layer global: {pattern})")
-    local = rope_parameters(config, "sliding_attention")
+    local = _rope_parameters(config, "sliding_attention")
     if local["rope_type"] != "default" or rope_theta(config, "sliding_attention") != 10000.0:
         problems.append(f"sliding layers' rotary {local} (llama.cpp's gemma3 uses base 10000, unscaled)")
     scale_dim = config.hidden_size // config.num_attention_heads if layers == 62 else head_dim(config)
@@ -229,22 +222,34 @@ def _gemma3_extra(config):
     if getattr(config, "use_bidirectional_attention", False):
         problems.append("bidirectional attention")
     hparams = [("attention.sliding_window", int(config.sliding_window), "u32")]
-    rope = rope_parameters(config, "full_attention")
+    rope = _rope_parameters(config, "full_attention")
     if rope["rope_type"] == "linear":
         hparams += [("rope.scaling.type", "linear", "str"), ("rope.scaling.factor", float(rope["factor"]), "f32")]
     return hparams, problems
 
 
 _LLAMA_BLOCK = (
-    norm("input_layernorm", "attn_norm"),
-    lin("self_attn.q_proj", "attn_q"),
-    lin("self_attn.k_proj", "attn_k"),
-    lin("self_attn.v_proj", "attn_v"),
-    lin("self_attn.o_proj", "attn_output"),
-    norm("post_attention_layernorm", "ffn_norm"),
-    lin("mlp.gate_proj", "ffn_gate"),
-    lin("mlp.up_proj", "ffn_up"),
-    lin("mlp.down_proj", "ffn_down"),
+    _norm("input_layernorm", "attn_norm"),
+    _lin("self_attn.q_proj", "attn_q"),
+    _lin("self_attn.k_proj", "attn_k"),
+    _lin("self_attn.v_proj", "attn_v"),
+    _lin("self_attn.o_proj", "attn_output"),
+    _norm("post_attention_layernorm", "ffn_norm"),
+    _lin("mlp.gate_proj", "ffn_gate"),
+    _lin("mlp.up_proj", "ffn_up"),
+    _lin("mlp.down_proj", "ffn_down"),
+)
+
+_GATED_MLP = _LLAMA_BLOCK[-3:]
+# Qwen3 / Gemma 3: q and k each RMS-normed before the rotary
+_QK_NORM_ATTENTION = (
+    _norm("input_layernorm", "attn_norm"),
+    _lin("self_attn.q_proj", "attn_q"),
+    _norm("self_attn.q_norm", "attn_q_norm"),
+    _lin("self_attn.k_proj", "attn_k"),
+    _norm("self_attn.k_norm", "attn_k_norm"),
+    _lin("self_attn.v_proj", "attn_v"),
+    _lin("self_attn.o_proj", "attn_output"),
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -255,59 +260,43 @@ ARCHITECTURES: dict[str, Architecture] = {
                             rope_types=("default", "linear", "llama3"), extra=_llama_extra, tensors=_llama_tensors,
                             window_caps_context=True),
     "qwen2": Architecture("qwen2", ("qwen2",), (
-        norm("input_layernorm", "attn_norm"),
-        lin("self_attn.q_proj", "attn_q", bias=True),
-        lin("self_attn.k_proj", "attn_k", bias=True),
-        lin("self_attn.v_proj", "attn_v", bias=True),
-        lin("self_attn.o_proj", "attn_output"),
-        norm("post_attention_layernorm", "ffn_norm"),
-        lin("mlp.gate_proj", "ffn_gate"),
-        lin("mlp.up_proj", "ffn_up"),
-        lin("mlp.down_proj", "ffn_down"),
+        _norm("input_layernorm", "attn_norm"),
+        _lin("self_attn.q_proj", "attn_q", bias=True),
+        _lin("self_attn.k_proj", "attn_k", bias=True),
+        _lin("self_attn.v_proj", "attn_v", bias=True),
+        _lin("self_attn.o_proj", "attn_output"),
+        _norm("post_attention_layernorm", "ffn_norm"),
+        _lin("mlp.gate_proj", "ffn_gate"),
+        _lin("mlp.up_proj", "ffn_up"),
+        _lin("mlp.down_proj", "ffn_down"),
     ), extra=_qwen_extra),
     "qwen3": Architecture("qwen3", ("qwen3",), (
-        norm("input_layernorm", "attn_norm"),
-        lin("self_attn.q_proj", "attn_q"),
-        norm("self_attn.q_norm", "attn_q_norm"),
-        lin("self_attn.k_proj", "attn_k"),
-        norm("self_attn.k_norm", "attn_k_norm"),
-        lin("self_attn.v_proj", "attn_v"),
-        lin("self_attn.o_proj", "attn_output"),
-        norm("post_attention_layernorm", "ffn_norm"),
-        lin("mlp.gate_proj", "ffn_gate"),
-        lin("mlp.up_proj", "ffn_up"),
-        lin("mlp.down_proj", "ffn_down"),
+        *_QK_NORM_ATTENTION,
+        _norm("post_attention_layernorm", "ffn_norm"),
+        *_GATED_MLP,
     ), extra=_qwen_extra, key_length_always=True),
     "gemma3": Architecture("gemma3", ("gemma3_text",), (
-        norm("input_layernorm", "attn_norm"),
-        lin("self_attn.q_proj", "attn_q"),
-        norm("self_attn.q_norm", "attn_q_norm"),
-        lin("self_attn.k_proj", "attn_k"),
-        norm("self_attn.k_norm", "attn_k_norm"),
-        lin("self_attn.v_proj", "attn_v"),
-        lin("self_attn.o_proj", "attn_output"),
-        norm("post_attention_layernorm", "post_attention_norm"),
-        norm("pre_feedforward_layernorm", "ffn_norm"),
-        lin("mlp.gate_proj", "ffn_gate"),
-        lin("mlp.up_proj", "ffn_up"),
-        lin("mlp.down_proj", "ffn_down"),
-        norm("post_feedforward_layernorm", "post_ffw_norm"),
+        *_QK_NORM_ATTENTION,
+        _norm("post_attention_layernorm", "post_attention_norm"),
+        _norm("pre_feedforward_layernorm", "ffn_norm"),
+        *_GATED_MLP,
+        _norm("post_feedforward_layernorm", "post_ffw_norm"),
     ), norm_offset=1.0, untied_output=False, activation=("gelu_pytorch_tanh",), rope_types=("default", "linear"),
         extra=_gemma3_extra, key_length_always=True, rope_layer_type="full_attention"),
     # Phi-3 keeps its fused projections: attn_qkv holds q, k, v rows; ffn_up holds gate then up rows (llama.cpp
     # splits them in half for its SwiGLU). Whole rows, so INT4 / INT5 G32 blocks stay intact.
     "phi3": Architecture("phi3", ("phi3",), (
-        norm("input_layernorm", "attn_norm"),
-        lin("self_attn.qkv_proj", "attn_qkv"),
-        lin("self_attn.o_proj", "attn_output"),
-        norm("post_attention_layernorm", "ffn_norm"),
-        lin("mlp.gate_up_proj", "ffn_up"),
-        lin("mlp.down_proj", "ffn_down"),
+        _norm("input_layernorm", "attn_norm"),
+        _lin("self_attn.qkv_proj", "attn_qkv"),
+        _lin("self_attn.o_proj", "attn_output"),
+        _norm("post_attention_layernorm", "ffn_norm"),
+        _lin("mlp.gate_up_proj", "ffn_up"),
+        _lin("mlp.down_proj", "ffn_down"),
     ), rope_types=("default", "longrope"), extra=_phi3_extra, tensors=_phi3_tensors, window_caps_context=True),
 }
 
 
-def supported() -> str:
+def _supported() -> str:
     return ", ".join(sorted({t for a in ARCHITECTURES.values() for t in a.model_types}))
 
 
@@ -318,7 +307,7 @@ def architecture_of(model: nn.Module) -> Architecture:
     model_type = getattr(config, "model_type", None)
     arch = next((a for a in ARCHITECTURES.values() if model_type in a.model_types), None)
     if arch is None or not hasattr(getattr(model, "model", None), "layers"):
-        raise QbaraError(f"GGUF export supports the architectures {supported()} (LLaMA-architecture models such as "
+        raise QbaraError(f"GGUF export supports the architectures {_supported()} (LLaMA-architecture models such as "
                          f"SmolLM2 included); this model is {model_type or type(model).__name__!r}. Use export_hf "
                          f"(qbara export --format hf) for other architectures")
     problems = list(_common_problems(arch, config))
@@ -338,7 +327,7 @@ def _common_problems(arch: Architecture, config):
     if getattr(config, "mlp_bias", False) or (getattr(config, "attention_bias", False)
                                               and not any(s.bias for s in arch.linears)):
         yield "linear biases (attention_bias / mlp_bias)"
-    rope_type = rope_parameters(config, arch.rope_layer_type)["rope_type"]
+    rope_type = _rope_parameters(config, arch.rope_layer_type)["rope_type"]
     if rope_type not in arch.rope_types:
         yield f"rope scaling {rope_type!r} (written for {arch.gguf_arch}: {', '.join(arch.rope_types)})"
 
@@ -353,6 +342,4 @@ def extra_tensors(arch: Architecture, config) -> list[tuple[str, np.ndarray]]:
     return arch.tensors(config) if arch.tensors is not None else []
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "Slot", "architecture_of", "arch_hparams", "context_length",
-           "extra_tensors", "head_dim", "llama3_rope_factors", "longrope_attention_factor", "rope_parameters",
-           "rope_theta", "rotary_dims", "supported"]
+__all__ = ["ARCHITECTURES"]

@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 
 import torch
+from gguf import GGUFWriter
+from gguf.constants import GGML_QUANT_VERSION
 from torch import nn
 
 from qbara.atomic import write_file_atomic
@@ -55,11 +57,10 @@ def _check_options(embedding_type, lossy, dense_type=None) -> None:
                          f"refuse / re-quantize dense layers)")
 
 
-def resolve_linears(model: nn.Module, lossy: bool, separate_lora: bool = False, arch: Architecture | None = None,
-                    dense: bool = False) -> list[list[Linear]]:
+def _resolve_linears(model: nn.Module, lossy: bool, separate_lora: bool, arch: Architecture,
+                     dense: bool = False) -> list[list[Linear]]:
     """Every decoder block's linears (the table entry's order), resolved before anything is written, so a
     layer that cannot be exported is refused first."""
-    arch = arch or check_architecture(model)
     resolved = [[resolve_linear(f"model.layers.{i}.{slot.hf}", layer.get_submodule(slot.hf), lossy, separate_lora,
                                 bias_ok=slot.bias, arch=arch.gguf_arch, dense=dense)
                  for slot in arch.linears] for i, layer in enumerate(model.model.layers)]
@@ -68,10 +69,9 @@ def resolve_linears(model: nn.Module, lossy: bool, separate_lora: bool = False, 
     return resolved
 
 
-def model_tensors(model: nn.Module, resolved: list[list[Linear]], embedding_type: str,
-                  arch: Architecture | None = None, dense_type: str | None = None):
+def _model_tensors(model: nn.Module, resolved: list[list[Linear]], embedding_type: str,
+                  arch: Architecture, dense_type: str | None = None):
     """(tensors in file order, linear-layer stats, embedding relative error)."""
-    arch = arch or check_architecture(model)
     stats = LinearStats()
     arr, raw, emb_err = float_tensor("token_embd.weight", model.get_input_embeddings().weight, embedding_type)
     tensors = [("token_embd.weight", arr, raw)]
@@ -106,8 +106,6 @@ def _bits_per_param(tensors, names=None) -> float:
 def write_file(path: Path, header, tensors, arch: str = ARCH) -> None:
     """Write the GGUF (general.architecture `arch`) atomically: `header(writer)` adds the metadata, then the
     tensors follow."""
-    from gguf import GGUFWriter
-
     def write(tmp: str) -> None:
         writer = GGUFWriter(tmp, arch)
         header(writer)
@@ -126,51 +124,27 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
                tokenizer_gguf=None, name: str | None = None, base_model: str | None = None,
                adapter: str | None = None, separate_lora: bool = False,
                dense_type: str | None = None) -> ExportReport:
-    """Write a model as a GGUF file llama.cpp runs at `path`: LLaMA (and SmolLM2), Mistral (as llama.cpp's
-    `llama`), Qwen2, Qwen3, Gemma 3 (text) and Phi-3, each with the metadata, tensor names and weight
-    transforms llama.cpp's converter writes for it (`architectures.ARCHITECTURES`).
+    """Write a model as a GGUF file llama.cpp runs at `path`, with the metadata, tensor names and weight
+    transforms llama.cpp's converter writes for its architecture (`architectures.ARCHITECTURES`).
 
-    model: a causal LM of one of those architectures whose linears are qbara QuantizedLinear layers, ideally after
-        `qbara.merge(model, into="quantized")`. INT4 / INT5 G32 layers (fp16 minima) are packed as Q4_1 /
-        Q5_1 from their own codes;
-        layers quantized with a gguf:* format (gguf:q4_k, gguf:q6_k, ...) are written as their own block
-        bytes with their GGML type, so one file can mix formats, all exact. For LLaMA / Mistral the q_proj /
-        k_proj rows are reordered for llama.cpp's rotary layout (whole rows move, so every block stays intact);
-        Phi-3's fused qkv_proj / gate_up_proj go out fused (attn_qkv, ffn_up), as llama.cpp reads them. Adapter
-        layers still attached are merged on the fly (the model itself is not modified) when they fold
-        into the quantized base.
-    tokenizer: its Hugging Face tokenizer (byte-level BPE). When it is SmolLM2's, the `tokenizer.*`
-        metadata is copied from the shipped SmolLM2 GGUF; `tokenizer_gguf` names another GGUF file to
-        copy it from; otherwise it is built from the tokenizer (vocabulary, merges, special tokens,
-        chat template).
-    path: the .gguf file to write (parent folders are created; written to a temporary file and renamed).
-    lossy: allow re-quantizing layers that are neither INT4 / INT5 G32 nor gguf:* (NF4, other INT layouts,
-        dense, adapters that do not fold): into Q4_1 (Q5_1 for an INT5 base), or into the layer's own gguf:*
-        format when its base had one.
-        Without it such a model is refused with a QbaraError naming the fix.
-    separate_lora: write the base layers of plain LoRA adapters as they are (the adapters are left out), for
-        `export_gguf_lora` to write as a llama.cpp LoRA GGUF beside this file.
-    dense_type: "f32" or "f16" writes layers that are neither INT4 / INT5 G32 nor gguf:* (dense layers, or
-        adapters that do not fold, merged densely) as that float type instead (F32 exact; F16 rounded, its
-        error reported), as llama.cpp's converter does with --outtype f32 / f16. None (default): refused
-        without lossy=True.
-    embedding_type: token embedding (and untied output matrix) as "q8_0" (default, as SmolLM2 ships),
-        "f16" or "f32".
-    name: general.name metadata (default: from the model's config).
-    base_model, adapter: provenance, as the user named them (CLI: --model, --adapter). Written as
-        general.base_model.count = 1, general.base_model.0.name and a general.description naming the
-        adapter merged. When the tokenizer metadata comes from a GGUF of this same model (the shipped
-        SmolLM2 file, or `tokenizer_gguf`) with the same shapes, its general.* provenance (license,
-        basename, organization, size_label, finetune, tags, languages, ...) is carried over too; see
-        `provenance_fields`. Without base_model, the source file's general.name names the base model.
-        general.quantized_by is always "qbara".
+    model: a causal LM whose linears are QuantizedLinear layers, ideally after `qbara.merge(model, into="quantized")`.
+        INT4 / INT5 G32 layers go out as Q4_1 / Q5_1 from their own codes, gguf:* layers as their own blocks (one
+        file may mix them, all exact); adapters still attached are merged on the fly when they fold.
+    tokenizer: its Hugging Face tokenizer; the `tokenizer.*` metadata is copied from `tokenizer_gguf` (or the shipped
+        SmolLM2 GGUF for SmolLM2's tokenizer), else built from the tokenizer.
+    lossy: allow re-quantizing the other layers (NF4, other INT layouts, dense, adapters that do not fold) into
+        Q4_1 / Q5_1 or their base's gguf:* format; without it they are refused.
+    separate_lora: leave plain LoRA adapters out (their base layers written as they are) for `export_gguf_lora`.
+    dense_type: "f32" / "f16" writes those other layers as floats instead, as llama.cpp's --outtype does.
+    embedding_type: token embedding (and untied output) as "q8_0" (default), "f16" or "f32".
+    name, base_model, adapter: general.name and the provenance written (`provenance_fields`).
     """
     start = time.perf_counter()
     path = check_path(path)
     arch = check_architecture(model)
     _check_options(embedding_type, lossy, dense_type)
-    resolved = resolve_linears(model, lossy, separate_lora, arch, dense=dense_type is not None)
-    tensors, stats, emb_err = model_tensors(model, resolved, embedding_type, arch, dense_type)
+    resolved = _resolve_linears(model, lossy, separate_lora, arch, dense=dense_type is not None)
+    tensors, stats, emb_err = _model_tensors(model, resolved, embedding_type, arch, dense_type)
     vocab_size = int(model.get_input_embeddings().weight.shape[0])
     source = source_gguf(tokenizer, tokenizer_gguf)
     tok_fields = tokenizer_fields(tokenizer, vocab_size, source)
@@ -180,8 +154,6 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
     linear_params = _linear_params(tensors, linear_names)
 
     def header(writer) -> None:
-        from gguf.constants import GGML_QUANT_VERSION
-
         writer.add_type("model")
         writer.add_name(model_name(model, name, base_model))
         for key, (value, vtype, sub_type) in general.items():

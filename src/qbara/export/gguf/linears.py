@@ -32,7 +32,7 @@ FIX_HINT = ("quantize the base with QuantConfig('int4', block_size=32) or QuantC
             "as its own blocks); or pass lossy=True (CLI: --allow-requantize) to re-quantize to "
             "INT4 G32 (GGUF Q4_1; INT5 bases to Q5_1) and report the error it introduces; or pass "
             "dense_type='f32' (exact) or 'f16' to write those layers unquantized")
-LORA_HINT = ("A plain LoRA adapter can instead go out as a llama.cpp LoRA GGUF beside the base: "
+_LORA_HINT = ("A plain LoRA adapter can instead go out as a llama.cpp LoRA GGUF beside the base: "
              "export_gguf(..., separate_lora=True) and export_gguf_lora (qbara export --format gguf does this "
              "without --allow-requantize)")
 
@@ -53,7 +53,7 @@ def llama_rope_permutation(rows: int, n_head: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ layer kinds
-def is_exact(module: nn.Module) -> bool:
+def _is_exact(module: nn.Module) -> bool:
     """A quantized layer whose format family writes it to GGUF exactly (INT4 / INT5 G32 with fp16 minima as
     Q4_1 / Q5_1, a gguf:* layer as its own blocks)."""
     config = getattr(module, "quant_config", None)
@@ -65,7 +65,7 @@ def is_plain_lora(module: nn.Module) -> bool:
     return isinstance(module, LoRALinear) and module.pool_in == 1 and module.pool_out == 1
 
 
-def describe(module: nn.Module) -> str:
+def _describe(module: nn.Module) -> str:
     if isinstance(module, QuantizedLinear):
         return module.quant_config.label
     if isinstance(module, nn.Linear):
@@ -98,7 +98,7 @@ def _unwrap_adapter(name: str, module: nn.Module, lossy: bool, separate_lora: bo
         return module.merge("quantized"), "merged"
     if lossy or dense:
         return module.merge("dense"), "merged"
-    lora = f" {LORA_HINT}" if is_plain_lora(module) else ""
+    lora = f" {_LORA_HINT}" if is_plain_lora(module) else ""
     raise QbaraError(f"{name}: its {module.method} adapter cannot merge into the quantized base "
                      f"({problem}), so the layer cannot be written to GGUF exactly. Either {FIX_HINT}.{lora}")
 
@@ -114,9 +114,9 @@ def resolve_linear(name: str, module: nn.Module, lossy: bool, separate_lora: boo
     bias = getattr(module, "bias", None)
     if bias is not None and not bias_ok:
         raise QbaraError(f"{name} has a bias, which llama.cpp's {arch} does not read; use export_hf instead")
-    item = Linear(name, what=describe(module), requant=requant_config(base_config), merged=how == "merged",
+    item = Linear(name, what=_describe(module), requant=_requant_config(base_config), merged=how == "merged",
                   separate=how == "separate", bias=None if bias is None else bias.detach().float().cpu())
-    if is_exact(module):
+    if _is_exact(module):
         item.qtensor = module.qweight
     elif isinstance(module, QuantizedLinear):
         item.dense = module.dequantize(torch.float32)
@@ -127,7 +127,7 @@ def resolve_linear(name: str, module: nn.Module, lossy: bool, separate_lora: boo
     return item
 
 
-def requant_config(base: QuantConfig | None) -> QuantConfig:
+def _requant_config(base: QuantConfig | None) -> QuantConfig:
     """What a lossy export re-quantizes a layer into: a gguf:* base's own format, Q5_1 for an INT5 base (it keeps
     the 5-bit codes), else Q4_1."""
     if base is not None and base.family.stores_gguf_blocks:

@@ -1,20 +1,9 @@
 """`export_gguf_lora`: plain LoRA adapters as the LoRA GGUF llama.cpp loads with `--lora` beside the base.
 
-How llama.cpp applies it (src/llama-adapter.cpp `llama_adapter_lora_init_impl`, `llama_adapter_lora_weight::
-get_scale` in src/llama-adapter.h, `llm_graph_context::build_lora_mm` in src/llama-graph.cpp): the file must
-say general.type = "adapter", adapter.type = "lora", general.architecture = the base's; tensors
-`<base tensor name>.lora_a` / `.lora_b` pair up with the base tensor of that name, with a.ne = [d_in, r]
-(numpy (r, d_in), qbara's A) and b.ne = [r, d_out] (numpy (d_out, r), qbara's B). Each matmul then adds
-scale · B (A x), scale = user scale (--lora-scaled, default 1) · alpha / rank, rank = b.ne[0] of that
-tensor, alpha = adapter.lora.alpha (float32; 0 or absent means scale = user scale, no alpha / rank).
-
-qbara's update is s · B A, so alpha = s · r makes llama.cpp's alpha / r equal s. One alpha serves the
-file; a layer whose s · r differs (per-layer ranks or scalings) has s · r / alpha folded into its B.
-q/k rows follow the base's rotary layout: B's rows are output rows, so B of attn_q / attn_k is permuted as
-the base's rows are for LLaMA / Mistral (what convert_lora_to_gguf.py does through the LLaMA converter's
-permute); A is not. Other architectures keep HF's row order. Phi-3's fused layers (attn_qkv, ffn_up holding
-gate and up) carry their adapter as it is: llama.cpp's phi3 graph multiplies those fused matrices through
-build_lora_mm, so B A of qkv_proj / gate_up_proj is the update of exactly that tensor.
+llama.cpp pairs `<base tensor>.lora_a` / `.lora_b` with the base tensor and adds scale · B (A x), scale = user scale ·
+alpha / rank. qbara's update is s · B A, so one file alpha = s · r makes alpha / r equal s; a layer whose s · r differs
+has s · r / alpha folded into its B. B's rows of attn_q / attn_k follow the base's rotary row order (LLaMA /
+Mistral); Phi-3's fused layers carry their adapter as it is.
 """
 from __future__ import annotations
 
@@ -25,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGUFValueType, LlamaFileType
+from gguf.constants import Keys
 from torch import nn
 
 from qbara.adapters.attach import adapter_layers
@@ -37,7 +28,7 @@ from qbara.export.gguf.provenance import base_model_fields, model_name
 from qbara.outputs import GGUF_MARK, output_file
 from qbara.quant.ggml import FP16_MAX
 
-MERGE_HINT = ("merge them into the base instead: qbara.merge(model, into='quantized') and export_gguf (or "
+_MERGE_HINT = ("merge them into the base instead: qbara.merge(model, into='quantized') and export_gguf (or "
               "export_gguf alone, which merges them on the fly; CLI: qbara export --format gguf without a "
               "separate adapter)")
 
@@ -71,7 +62,7 @@ class LoraExportReport:
 
 
 # ------------------------------------------------------------------------------------ checks
-def lora_layers(model: nn.Module, arch: Architecture | None = None) -> dict[str, tuple[int, str, nn.Module]]:
+def _lora_layers(model: nn.Module, arch: Architecture) -> dict[str, tuple[int, str, nn.Module]]:
     """HF name -> (block, llama.cpp tensor name, adapter) for every adapter of `model`; refuses adapters a
     llama.cpp LoRA GGUF cannot hold (pooled methods, layers outside the decoder blocks' linears)."""
     adapters = adapter_layers(model)
@@ -79,46 +70,45 @@ def lora_layers(model: nn.Module, arch: Architecture | None = None) -> dict[str,
         raise QbaraError("this model has no adapters to write as a LoRA GGUF; attach LoRA adapters with "
                          "qbara.prepare(..., adapter=AdapterConfig('lora', ...)) or qbara.load_adapter, or "
                          "export the model alone with export_gguf")
-    arch = arch or check_architecture(model)
     places = {f"model.layers.{i}.{slot.hf}": (i, slot.gguf)
               for i in range(len(model.model.layers)) for slot in arch.linears}
     elsewhere = sorted(n for n in adapters if n not in places)
     if elsewhere:
         covered = "/".join(slot.hf.rsplit(".", 1)[-1] for slot in arch.linears)
         raise QbaraError(f"adapters on {', '.join(elsewhere[:3])} have no place in a llama.cpp LoRA GGUF, which "
-                         f"covers the decoder blocks' linears ({covered}); {MERGE_HINT}")
+                         f"covers the decoder blocks' linears ({covered}); {_MERGE_HINT}")
     pooled = {n: a for n, a in adapters.items() if not is_plain_lora(a)}
     if pooled:
         first = next(iter(pooled.values()))
         raise QbaraError(f"{len(pooled)} adapter layers are {first.method} (input pooling {first.pool_in}, output "
                          f"repetition {first.pool_out}; e.g. {next(iter(pooled))}), not plain LoRA: a llama.cpp "
-                         f"LoRA GGUF holds s·B·A on the full layer only; {MERGE_HINT}")
+                         f"LoRA GGUF holds s·B·A on the full layer only; {_MERGE_HINT}")
     return {n: (*places[n], a) for n, a in adapters.items()}
 
 
 # ------------------------------------------------------------------------------------ tensors
-def file_alpha(layers) -> float:
+def _file_alpha(layers) -> float:
     """adapter.lora.alpha: the most common s · r of the layers (as float32, what llama.cpp reads)."""
     counts = Counter(float(np.float32(a.scaling * a.rank)) for _, _, a in layers)
     return max(counts, key=lambda k: (counts[k], k))
 
 
-def llama_scale(alpha: float, rank: int) -> float:
+def _llama_scale(alpha: float, rank: int) -> float:
     """The scale llama.cpp applies to B A at user scale 1 (llama_adapter_lora_weight::get_scale)."""
     return float(np.float32(alpha) / np.float32(rank)) if alpha else 1.0
 
 
-LORA_DTYPES = {"f32": np.float32, "f16": np.float16}  # the adapter tensor types llama.cpp's --lora reads here
+_LORA_DTYPES = {"f32": np.float32, "f16": np.float16}  # the adapter tensor types llama.cpp's --lora reads here
 
 
 @torch.no_grad()
-def lora_tensors(name: str, gguf_name: str, adapter, config, alpha: float,
+def _lora_tensors(name: str, gguf_name: str, adapter, config, alpha: float,
                  dtype: str = "f32", arch: Architecture | None = None) -> tuple[list[tuple], bool]:
     """([(…lora_a, A), (…lora_b, B)] as `dtype` ("f32" or "f16", rounded to nearest), whether B absorbed a
     scaling other than alpha / r)."""
     a = adapter.lora_A.weight.detach().to("cpu", torch.float32)
     b = adapter.lora_B.weight.detach().to("cpu", torch.float64)
-    factor = adapter.scaling / llama_scale(alpha, adapter.rank)
+    factor = adapter.scaling / _llama_scale(alpha, adapter.rank)
     rescaled = abs(factor - 1.0) > 1e-6
     if rescaled:
         b = b * factor
@@ -133,7 +123,7 @@ def lora_tensors(name: str, gguf_name: str, adapter, config, alpha: float,
             if top > FP16_MAX:
                 raise QbaraError(f"{tensor_name} reaches {top:.3g}, beyond fp16's range: write the adapter as f32 "
                                  f"(lora_dtype='f32', CLI --lora-dtype f32)")
-    return [(n, v.astype(LORA_DTYPES[dtype]), None) for n, v in pair], rescaled
+    return [(n, v.astype(_LORA_DTYPES[dtype]), None) for n, v in pair], rescaled
 
 
 # ------------------------------------------------------------------------------------ writer
@@ -153,20 +143,17 @@ def write_gguf_lora(model: nn.Module, path, *, name: str | None = None, base_mod
     Write the base with export_gguf(..., separate_lora=True). Pooled adapters (Q-BaRA, QA-LoRA, QA-HiRA) are
     refused: they merge into the base instead. base_model, adapter: provenance, as the user named them
     (general.base_model.0.name, general.description)."""
-    from gguf import GGUFValueType, LlamaFileType
-    from gguf.constants import Keys
-
     start = time.perf_counter()
-    if dtype not in LORA_DTYPES:
-        raise QbaraError(f"the LoRA GGUF's tensors are {' or '.join(LORA_DTYPES)}, got dtype={dtype!r}")
+    if dtype not in _LORA_DTYPES:
+        raise QbaraError(f"the LoRA GGUF's tensors are {' or '.join(_LORA_DTYPES)}, got dtype={dtype!r}")
     path = check_path(path)
     arch = check_architecture(model)
-    layers = lora_layers(model, arch)
-    alpha = file_alpha(layers.values())
+    layers = _lora_layers(model, arch)
+    alpha = _file_alpha(layers.values())
     tensors, ranks, rescaled = [], {}, []
     order = [slot.gguf for slot in arch.linears]
     for hf_name, (i, gguf_name, layer) in sorted(layers.items(), key=lambda kv: (kv[1][0], order.index(kv[1][1]))):
-        pair, scaled = lora_tensors(f"blk.{i}.{gguf_name}", gguf_name, layer, model.config, alpha, dtype, arch)
+        pair, scaled = _lora_tensors(f"blk.{i}.{gguf_name}", gguf_name, layer, model.config, alpha, dtype, arch)
         tensors += pair
         ranks[hf_name] = layer.rank
         if scaled:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gguf import GGUFValueType
+from gguf import GGUFValueType, LlamaFileType
 
 from qbara.export.gguf.architectures import (
     Architecture,
@@ -19,26 +19,23 @@ from qbara.export.tokenizer import (
     fields_from_hf,
     shipped_smollm2_reader,
 )
+from qbara.validate import gguf_reader
 
 # GGML type of the linear layers -> general.file_type (LlamaFileType member). llama.cpp only prints it; the
 # table is the one llama.cpp's model loader names a file by when it has no general.file_type (llama-model-
 # loader.cpp: Q3_K/Q4_K/Q5_K -> the _M mixes, the names llama-quantize's users know).
-FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
+_FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
               "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M",
               "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K", "IQ4_NL": "MOSTLY_IQ4_NL", "IQ4_XS": "MOSTLY_IQ4_XS",
               "F32": "ALL_F32", "F16": "MOSTLY_F16"}
 
 
 def file_type(linear_params: dict[str, int]) -> int:
-    """general.file_type of a file whose linear weights have these GGML types (type name -> parameters):
-    that of the type holding most parameters (MOSTLY_Q4_1 when there is none). llama-quantize writes the
-    preset it was asked for (Q4_K_M, a mix, is mostly Q4_K); a qbara mix has no preset, so it is named by its
-    dominant type by weight count (llama.cpp's own guess, used only without this field, counts tensors of every
-    kind, F32 norms included, and would call most mixes ALL_F32)."""
-    from gguf import LlamaFileType
-
+    """general.file_type of a file whose linear weights have these GGML types (type name -> parameters): that of
+    the type holding most parameters (MOSTLY_Q4_1 when there is none), since a qbara mix has no llama-quantize preset.
+    """
     dominant = max(linear_params, key=lambda k: (linear_params[k], k)) if linear_params else "Q4_1"
-    return int(LlamaFileType[FILE_TYPES.get(dominant, "MOSTLY_Q4_1")])
+    return int(LlamaFileType[_FILE_TYPES.get(dominant, "MOSTLY_Q4_1")])
 
 
 def write_hparams(writer, arch: Architecture, config, block_count: int, vocab_size: int, ftype: int) -> None:
@@ -70,8 +67,6 @@ def source_gguf(tokenizer, tokenizer_gguf):
     """(path, reader) of the GGUF the tokenizer metadata is copied from: `tokenizer_gguf`, or the shipped
     SmolLM2 file when the tokenizer is SmolLM2's; None when it is built from the tokenizer itself."""
     if tokenizer_gguf is not None:
-        from qbara.validate import gguf_reader
-
         return Path(tokenizer_gguf), gguf_reader(tokenizer_gguf)
     return shipped_smollm2_reader(tokenizer)
 

@@ -4,20 +4,23 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from gguf import GGUFValueType
+from gguf.constants import Keys
+
 from qbara.export.gguf.checks import ARCH
 
 # Set by the writer for this file (general.quantized_by marks the files qbara wrote).
-WRITER_GENERAL = ("general.name", "general.type", "general.architecture", "general.file_type",
+_WRITER_GENERAL = ("general.name", "general.type", "general.architecture", "general.file_type",
                   "general.quantization_version", "general.alignment", "general.quantized_by")
 # Describe the source model: recorded as general.base_model.0.* (author and organization are kept as the
 # exported model's too; the SOURCE_ONLY ones name that very file, so they are not).
-SOURCE_TO_BASE = {"general.author": "author", "general.organization": "organization", "general.version": "version",
+_SOURCE_TO_BASE = {"general.author": "author", "general.organization": "organization", "general.version": "version",
                   "general.description": "description", "general.url": "url", "general.doi": "doi",
                   "general.uuid": "uuid", "general.repo_url": "repo_url"}
-SOURCE_ONLY = ("general.version", "general.description", "general.url", "general.doi", "general.uuid",
+_SOURCE_ONLY = ("general.version", "general.description", "general.url", "general.doi", "general.uuid",
                "general.repo_url")
 # Shapes that must agree before a GGUF's general.* metadata is taken to describe the exported model.
-SHAPE_KEYS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+_SHAPE_KEYS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
               "attention.head_count_kv")
 
 
@@ -31,8 +34,6 @@ def model_name(model, name: str | None, base_model: str | None = None, what: str
 
 def _general_keys():
     """gguf-py's standard `general.*` keys: (exact names, patterns for the `{id}` ones)."""
-    from gguf.constants import Keys
-
     names = [v for k, v in vars(Keys.General).items() if k.isupper() and isinstance(v, str)]
     exact = {n for n in names if "{id}" not in n}
     patterns = [re.compile(re.escape(n).replace(re.escape("{id}"), r"\d+") + r"\Z") for n in names if "{id}" in n]
@@ -40,8 +41,6 @@ def _general_keys():
 
 
 def _field(reader, key):
-    from gguf import GGUFValueType
-
     fld = reader.fields[key]
     vtype = fld.types[0]
     return fld.contents(), vtype, (fld.types[-1] if vtype == GGUFValueType.ARRAY else None)
@@ -57,7 +56,7 @@ def same_model(reader, config, vocab_size: int, arch: str = ARCH) -> bool:
             return False
         want = (config.num_hidden_layers, config.hidden_size, config.intermediate_size,
                 config.num_attention_heads, config.num_key_value_heads)
-        have = tuple(int(fields[f"{arch}.{k}"].contents()) for k in SHAPE_KEYS)
+        have = tuple(int(fields[f"{arch}.{k}"].contents()) for k in _SHAPE_KEYS)
         tokens = len(fields["tokenizer.ggml.tokens"].contents())
     except (KeyError, AttributeError, TypeError, ValueError):
         return False
@@ -70,13 +69,13 @@ def _source_general(reader) -> tuple[dict[str, tuple], dict[str, tuple]]:
     base: dict[str, tuple] = {}
     exact, patterns = _general_keys()
     for key in reader.fields:
-        if key in WRITER_GENERAL or not (key in exact or any(p.match(key) for p in patterns)):
+        if key in _WRITER_GENERAL or not (key in exact or any(p.match(key) for p in patterns)):
             continue
         if key.startswith(("general.base_model.", "general.source.")):
             continue
-        if key in SOURCE_TO_BASE:
-            base[SOURCE_TO_BASE[key]] = _field(reader, key)
-        if key not in SOURCE_ONLY:
+        if key in _SOURCE_TO_BASE:
+            base[_SOURCE_TO_BASE[key]] = _field(reader, key)
+        if key not in _SOURCE_ONLY:
             out[key] = _field(reader, key)
     for attr in ("url", "repo_url", "doi", "uuid"):  # the source file's own source, when it names none
         if attr not in base and f"general.source.{attr}" in reader.fields:
@@ -86,8 +85,6 @@ def _source_general(reader) -> tuple[dict[str, tuple], dict[str, tuple]]:
 
 def base_model_fields(name: str, base: dict[str, tuple] | None = None) -> dict[str, tuple]:
     """general.base_model.count = 1 and general.base_model.0.{name, `base`'s attributes}."""
-    from gguf import GGUFValueType
-
     out = {"general.base_model.count": (1, GGUFValueType.UINT32, None),
            "general.base_model.0.name": (str(name), GGUFValueType.STRING, None)}
     for attr, value in (base or {}).items():
@@ -99,16 +96,10 @@ def provenance_fields(source, base_model: str | None, adapter: str | None, *, co
                       vocab_size: int | None = None, arch: str = ARCH) -> dict[str, tuple]:
     """general.* metadata for the exported file: key -> (value, GGUF type, array item type).
 
-    From `source` ((path, reader) of the GGUF the tokenizer came from), when it holds this very model
-    (`same_model`: same shapes and vocabulary): its standard general.* keys (license, basename, organization,
-    size_label, finetune, tags, languages, datasets, ...), except those the writer sets (WRITER_GENERAL) and
-    those that name that file (url, doi, uuid, repo_url, version, description, source.*, base_model.*),
-    which describe the base model here: they become general.base_model.0.*.
-    qbara's own: general.base_model.count = 1, general.base_model.0.name = `base_model` (else the source
-    file's general.name), and general.description naming the base model and the adapter merged into it.
+    When `source` ((path, reader) of the GGUF the tokenizer came from) holds this very model (`same_model`), its
+    standard general.* keys are carried over, those naming that file as general.base_model.0.*. qbara adds
+    general.base_model.0.name (`base_model`, else the source's general.name) and a description naming the adapter.
     """
-    from gguf import GGUFValueType
-
     out: dict[str, tuple] = {}
     base: dict[str, tuple] = {}
     reader = None

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor, nn
 
 from qbara.errors import QbaraError
@@ -57,28 +58,26 @@ class LinearStats:
 # ---------------------------------------------------------------------------------------- floats
 def float_tensor(name: str, weight: Tensor, kind: str) -> tuple[np.ndarray, object, float]:
     """(array, raw GGML type or None, relative error) for a float matrix written as `kind`."""
-    from gguf import GGMLQuantizationType
-
     w = weight.detach().to("cpu", torch.float32)
     if kind == "q8_0":
         if w.shape[-1] % 32:
             raise QbaraError(f"{name}: Q8_0 needs a row length divisible by 32 (got {w.shape[-1]}); "
                              f"use embedding_type='f16' or 'f32'")
         raw = quantize_ggml(w, "q8_0", name)
-        return raw.numpy(), GGMLQuantizationType.Q8_0, rel_error(w, dequantize_ggml(raw, tuple(w.shape), "q8_0"))
+        return raw.numpy(), GGMLQuantizationType.Q8_0, _rel_error(w, dequantize_ggml(raw, tuple(w.shape), "q8_0"))
     if kind == "f16":
         arr = w.to(torch.float16)
-        return arr.numpy(), None, rel_error(w, arr.float())
+        return arr.numpy(), None, _rel_error(w, arr.float())
     return w.contiguous().numpy(), None, 0.0
 
 
-def rel_error(reference: Tensor, approx: Tensor) -> float:
+def _rel_error(reference: Tensor, approx: Tensor) -> float:
     norm = float(reference.norm())
     return float((reference - approx).norm()) / norm if norm > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------------------- tensors
-def linear_tensor(name: str, gguf_name: str, item: Linear, arch: Architecture, config, stats: LinearStats,
+def _linear_tensor(name: str, gguf_name: str, item: Linear, arch: Architecture, config, stats: LinearStats,
                   dense_type: str | None = None) -> tuple:
     """One linear layer's tensor: its own codes or blocks, a float matrix (`dense_type`), or (lossy)
     re-quantized first."""
@@ -109,7 +108,7 @@ def _inverse(item: Linear, heads: int | None):
     return slice(None) if perm is None else torch.argsort(perm)
 
 
-def norm_array(weight: Tensor, offset: float) -> np.ndarray:
+def _norm_array(weight: Tensor, offset: float) -> np.ndarray:
     """A norm weight as F32, plus the architecture's offset (Gemma: the converter writes 1 + w)."""
     w = weight.detach().float().cpu()
     return (w + offset).numpy() if offset else w.numpy()
@@ -123,11 +122,11 @@ def block_tensors(i: int, layer: nn.Module, row: list[Linear], arch: Architectur
     out = []
     for slot in arch.block:
         if not slot.linear:
-            out.append((f"{prefix}.{slot.gguf}.weight", norm_array(layer.get_submodule(slot.hf).weight,
+            out.append((f"{prefix}.{slot.gguf}.weight", _norm_array(layer.get_submodule(slot.hf).weight,
                                                                   arch.norm_offset), None))
             continue
         item = next(items)
-        out.append(linear_tensor(f"{prefix}.{slot.gguf}.weight", slot.gguf, item, arch, config, stats, dense_type))
+        out.append(_linear_tensor(f"{prefix}.{slot.gguf}.weight", slot.gguf, item, arch, config, stats, dense_type))
         if item.bias is not None:
             perm = row_order(item.bias.shape[0], arch.rope_heads(slot.gguf, config))
             bias = item.bias if perm is None else item.bias[perm]
@@ -135,7 +134,7 @@ def block_tensors(i: int, layer: nn.Module, row: list[Linear], arch: Architectur
     return out
 
 
-def is_tied(model: nn.Module) -> bool:
+def _is_tied(model: nn.Module) -> bool:
     embed = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     return output is None or output.weight is embed or output.weight.data_ptr() == embed.data_ptr()
@@ -143,8 +142,8 @@ def is_tied(model: nn.Module) -> bool:
 
 def output_tensors(model: nn.Module, embedding_type: str, arch: Architecture) -> tuple[list[tuple], float]:
     """output_norm, and output (the lm_head) unless tied to token_embd; the lm_head's relative error."""
-    out = [("output_norm.weight", norm_array(model.model.norm.weight, arch.norm_offset), None)]
-    if is_tied(model):
+    out = [("output_norm.weight", _norm_array(model.model.norm.weight, arch.norm_offset), None)]
+    if _is_tied(model):
         return out, 0.0
     if not arch.untied_output:
         raise QbaraError(f"this model's lm_head is not tied to its token embedding; {arch.gguf_arch} GGUFs hold "
@@ -167,7 +166,5 @@ def param_count(data: np.ndarray, raw) -> int:
     """Weights a tensor holds (a raw block tensor counts its blocks' weights)."""
     if raw is None:
         return int(data.size)
-    from gguf import GGML_QUANT_SIZES
-
     block, size = GGML_QUANT_SIZES[raw]
     return int(data.size) // size * block
