@@ -11,8 +11,7 @@ from qbara.errors import QbaraError
 from qbara.state import state_of
 from qbara.targets import set_submodule
 
-MERGE_TARGETS = ("dense", "quantized", "requantized")
-FOLD_ROUNDING_WARN = 0.05  # warn when the fp16 minima lose more than this share (relative RMS) of the update
+_FOLD_ROUNDING_WARN = 0.05  # warn when the fp16 minima lose more than this share (relative RMS) of the update
 
 
 def merge(model: nn.Module, into: str = "dense") -> nn.Module:
@@ -27,23 +26,12 @@ def merge(model: nn.Module, into: str = "dense") -> nn.Module:
     replaced, so a refused merge leaves the model as it was. The merged model's `model.qbara` keeps the reports
     (lq, gptq, fold_rounding) and drops the base fingerprint, the quant it was loaded with and the adapter config.
     """
-    if into not in MERGE_TARGETS:
-        raise QbaraError(f"unknown merge target {into!r}: choose one of {', '.join(MERGE_TARGETS)}")
     layers = adapter_layers(model)
     if not layers:
         raise QbaraError("this model has no adapters to merge; attach them with qbara.prepare(..., adapter=...) "
                          "or qbara.load_adapter first")
-    if into == "quantized":
-        for name, layer in layers.items():
-            problem = layer.fold_problem()
-            if problem:
-                raise QbaraError(f"{name}: {layer.method} cannot merge into the quantized model: {problem}; "
-                                 f"use into='dense' or an adapter that folds (qalora, qahira)")
-    if into == "requantized":
-        dense = [name for name, layer in layers.items() if layer.quant_config is None]
-        if dense:
-            raise QbaraError(f"{dense[0]}: merge(into='requantized') needs a quantized base, and this layer's is "
-                             f"dense; merge into='dense'")
+    for layer in layers.values():
+        layer.check_merge(into)
     state = state_of(model)
     lost = total = 0.0
     for name, layer in layers.items():
@@ -55,7 +43,7 @@ def merge(model: nn.Module, into: str = "dense") -> nn.Module:
         set_submodule(model, name, merged)
     if into == "quantized":
         state.fold_rounding = math.sqrt(lost / total) if total > 0 else 0.0
-        if state.fold_rounding > FOLD_ROUNDING_WARN:
+        if state.fold_rounding > _FOLD_ROUNDING_WARN:
             warnings.warn(f"the fp16 minima could not hold {state.fold_rounding:.0%} of the update (relative "
                           f"RMS): a block constant smaller than its minimum's fp16 step is rounded away or "
                           f"overshot, so the merged model is not quite the adapter model. Evaluate the merged "
