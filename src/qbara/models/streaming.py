@@ -68,8 +68,8 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
     files = checkpoint_files(folder)
     check_hf_folder(folder, files)  # config values and sizes, shard headers: before anything is built
     config = load_config(folder)
-    return _stream(config, safetensors_reader(files), folder, quant, modules, dtype or checkpoint_dtype(files[0]),
-                   device, progress)
+    return stream_checkpoint(config, safetensors_reader(files), folder, quant, modules,
+                             dtype or checkpoint_dtype(files[0]), device, progress)
 
 
 def load_gguf_stream(path, quant: QuantConfig | Mapping[str, QuantConfig], modules=ALL_LINEAR,
@@ -81,8 +81,8 @@ def load_gguf_stream(path, quant: QuantConfig | Mapping[str, QuantConfig], modul
     check_gguf_layout(path)
     config = gguf_config(path)  # its values checked before transformers computes with them
     check_config_sizes(config.to_dict(), path.stat().st_size, path)
-    return _stream(config, lambda model: _gguf_tensors(path, model), path, quant, modules,
-                   dtype or torch.float32, device, progress)
+    return stream_checkpoint(config, lambda model: _gguf_tensors(path, model), path, quant, modules,
+                             dtype or torch.float32, device, progress)
 
 
 def _gguf_tensors(path: Path, model):
@@ -136,7 +136,7 @@ def open_safetensors(file: Path):
 
 
 def safetensors_reader(files: list[Path]):
-    """read(model) for `_stream`: (key, load, where) for every tensor of the shards, in file order."""
+    """read(model) for `stream_checkpoint`: (key, load, where) for every tensor of the shards, in file order."""
 
     def read(model):
         for file in files:
@@ -148,7 +148,7 @@ def safetensors_reader(files: list[Path]):
     return read
 
 
-def _stream(config, read, source, quant, modules, storage: torch.dtype, device, progress: bool, packed=None,
+def stream_checkpoint(config, read, source, quant, modules, storage: torch.dtype, device, progress: bool, packed=None,
             importance=None):
     """Fill a weightless skeleton of `config` from `read(model)`'s (key, load, where) triples, quantizing the
     target linears as they come (one dense tensor at a time). packed: layer name -> QuantizedTensor built
