@@ -22,9 +22,11 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from qbara.adapters.attach import adapter_layers
@@ -381,10 +383,6 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
     chat_template = read_chat_template(directory)
     info = data["qbara"]
     if info is None:  # written by PEFT: its LoRA read into qbara's record; nothing says which base it fits
-        import warnings
-
-        from safetensors import safe_open
-
         with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt") as reader:
             keys = list(reader.keys())
         info = peft_record(data, keys, model, directory)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from qbara.data.corpora import shakespeare_text
 from qbara.errors import QbaraError
@@ -236,8 +237,6 @@ def _collect_hessians(layer: nn.Module, linears: Mapping[str, nn.Module], states
 def _walk_layers(model, layers, prefix, owned, per_layer, states, report: GPTQReport, options: dict,
                  progress: bool) -> None:
     """Quantize decoder layer after decoder layer, feeding each quantized layer's outputs to the next."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(range(len(layers)), desc="GPTQ", unit="layer", disable=not progress, leave=False)
     for i in bar:
         names = owned[i]
