@@ -6,6 +6,8 @@ import json
 
 import torch
 
+__all__ = ["model_fingerprint", "tensor_fingerprint", "combine_fingerprint"]
+
 
 def model_fingerprint(model) -> str:
     """A short, stable hex digest identifying a base model: every weight it holds.

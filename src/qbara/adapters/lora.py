@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from qbara.adapters.base import AdaptedLinear, AdapterMethod, device_of
 from qbara.errors import QbaraError
 
+__all__ = ["LoRALinear"]
+
 
 class LoRALinear(AdaptedLinear):
     """s · R_out(B A P_in(x)); plain LoRA has both pools 1."""
@@ -83,7 +85,7 @@ def lora_shapes(rank: int, layer: dict) -> dict[str, tuple[int, int]]:
     return {"lora_A.weight": (rank, d_in), "lora_B.weight": (d_out, rank)}
 
 
-class LoRA(AdapterMethod):
+class _LoRA(AdapterMethod):
     layer = LoRALinear
     knobs = ("init", "loftq_iters")
     tensors = ("lora_A", "lora_B")
@@ -103,4 +105,4 @@ class LoRA(AdapterMethod):
         return None if data.get("use_qalora") else {}
 
 
-LORA = LoRA()
+LORA = _LoRA()

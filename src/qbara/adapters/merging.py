@@ -11,6 +11,8 @@ from qbara.errors import QbaraError
 from qbara.state import state_of
 from qbara.targets import set_submodule
 
+__all__ = ["merge"]
+
 _FOLD_ROUNDING_WARN = 0.05  # warn when the fp16 minima lose more than this share (relative RMS) of the update
 
 

@@ -54,7 +54,7 @@ def auto_pool_out(d_out: int, d_in: int, pool_in: int, rank: int, multiple_of: i
     return min(candidates, key=lambda p: (abs((d_out // p) * (d_in // pool_in) - target), -p))
 
 
-class QAHiRA(AdapterMethod):
+class _QAHiRA(AdapterMethod):
     layer = HiRALinear
     knobs = ("pool_in", "pool_out")
     tensors = ("hira_M",)
@@ -79,4 +79,4 @@ class QAHiRA(AdapterMethod):
                                   layer["in_features"] // layer["pool_in"])}
 
 
-QAHIRA = QAHiRA()
+QAHIRA = _QAHiRA()

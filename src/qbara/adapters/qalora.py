@@ -29,6 +29,8 @@ from qbara.adapters.lora import LoRALinear, lora_shapes
 from qbara.adapters.peft_layout import pattern_keys
 from qbara.errors import QbaraError
 
+__all__ = ["matching_rank"]
+
 
 class QALoRALinear(LoRALinear):
     """LoRA on inputs average-pooled by the base's group size."""
@@ -47,7 +49,7 @@ def matching_rank(shapes: list[tuple[int, int]], rank: int, group: int) -> int:
     return max(1, round(lora / sum(d_in // group + d_out for d_out, d_in in shapes)))
 
 
-class QALoRA(AdapterMethod):
+class _QALoRA(AdapterMethod):
     layer = QALoRALinear
     knobs = ("pool_in",)
     tensors = ("lora_A", "lora_B")
@@ -88,4 +90,4 @@ class QALoRA(AdapterMethod):
         return in_features // pool_in
 
 
-QALORA = QALoRA()
+QALORA = _QALoRA()

@@ -28,7 +28,7 @@ class QBaRALinear(LoRALinear):
         super().__init__(base, pool * rank, scaling, pool, pool, dropout, name)
 
 
-class QBaRA(AdapterMethod):
+class _QBaRA(AdapterMethod):
     layer = QBaRALinear
     knobs = ("pool",)
     tensors = ("lora_A", "lora_B")
@@ -41,4 +41,4 @@ class QBaRA(AdapterMethod):
         return lora_shapes(config.pool * config.rank, layer)
 
 
-QBARA = QBaRA()
+QBARA = _QBaRA()

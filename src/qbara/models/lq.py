@@ -55,8 +55,7 @@ from qbara.state import enable_native_save, state_of
 from qbara.targets import ALL_LINEAR, layer_configs, linear_layer_names, rounding_importance, set_submodule
 from qbara.validate import check_hf_folder
 
-__all__ = ["build_lq_model", "quantize_with_factors", "checkpoint_folder", "checkpoint_file_budget",
-           "load_calibration_model"]
+__all__ = ["build_lq_model", "quantize_with_factors", "checkpoint_folder", "load_calibration_model"]
 
 
 def build_lq_model(source: nn.Module | str | Path, lq: LQConfig, adapter, *, modules=None,

@@ -36,6 +36,8 @@ from qbara.targets import ALL_LINEAR, layer_configs, rounding_importance, set_su
 from qbara.tensor_checks import check_tensor
 from qbara.validate import SAFETENSORS_INDEX, check_config_sizes, check_hf_folder, safetensors_index_files
 
+__all__ = ["empty_model", "quantize_model", "dequantize_model"]
+
 SINGLE = "model.safetensors"
 INDEX = SAFETENSORS_INDEX
 
@@ -125,7 +127,7 @@ def empty_model(config, storage: torch.dtype, source="the model config"):
                          f"damaged (fix the value or get the model again)") from None
 
 
-def open_safetensors(file: Path):
+def _open_safetensors(file: Path):
     """safe_open on a shard, its refusal (a header check_hf_folder let through: an unknown dtype, overlapping
     tensors) one QbaraError naming the file."""
     try:
@@ -140,7 +142,7 @@ def safetensors_reader(files: list[Path]):
 
     def read(model):
         for file in files:
-            with open_safetensors(file) as reader:
+            with _open_safetensors(file) as reader:
                 for key in reader.keys():
                     yield key, (lambda reader=reader, key=key: reader.get_tensor(key)), f"{file}: {key}"
             release_freed_memory()
@@ -287,7 +289,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 def checkpoint_dtype(file: Path) -> torch.dtype:
     """The dtype of the first floating tensor of a safetensors file (read from its header, nothing loaded)."""
-    with open_safetensors(file) as reader:
+    with _open_safetensors(file) as reader:
         for key in reader.keys():
             dtype = reader.get_slice(key).get_dtype()
             resolved = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dtype)
