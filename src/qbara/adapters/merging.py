@@ -19,14 +19,10 @@ _FOLD_ROUNDING_WARN = 0.05  # warn when the fp16 minima lose more than this shar
 def merge(model: nn.Module, into: str = "dense") -> nn.Module:
     """Replace each adapted layer by its merge, in place, and return the model.
 
-    dense: nn.Linear(dequant(W) + Delta W), exact. quantized: the QA-LoRA / QA-HiRA update folds into the INT
-    base's float minima; the layer stays quantized with unchanged bits/param. requantized: dequant(W) + Delta W
-    quantized again with each base's own config (lossy; how other tools merge into a 4-bit model, kept for
-    comparison and for methods that cannot fold). The fold is exact up to
-    the fp16 rounding of the new minima: `model.qbara.fold_rounding` is the share (relative RMS) of the
-    update that rounding lost, and a warning says so above 5%. Every layer is checked before any is
-    replaced, so a refused merge leaves the model as it was. The merged model's `model.qbara` keeps the reports
-    (lq, gptq, fold_rounding) and drops the base fingerprint, the quant it was loaded with and the adapter config.
+    into: 'dense', 'quantized' (the update folded into the INT base's float minima) or 'requantized' (lossy),
+    as `AdaptedLinear.merge`. Every layer is checked before any is replaced, so a refused merge leaves the model
+    as it was. A fold records the share (relative RMS) of the update the fp16 minima's rounding lost as
+    `model.qbara.fold_rounding`, with a warning above 5%; the merged model's state forgets its base.
     """
     layers = adapter_layers(model)
     if not layers:

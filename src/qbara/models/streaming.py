@@ -8,7 +8,7 @@ everything that is not quantized keeps its storage dtype), or a model's own stat
 Memory: the quantized model plus the temporaries of one tensor (its bf16 read, an fp32 copy, the
 quantizer's work arrays); no dense copy of the model ever exists. The non-quantized weights (embeddings,
 norms, lm_head) stay in the checkpoint's dtype (bf16 for a bf16 checkpoint) and are cast to the compute
-dtype where they are used (`use_compute_dtype`): fp32 on CPU, where bf16 matmul is ~140x slower, bf16 on GPUs.
+dtype where they are used (`use_compute_dtype`): fp32 on CPU, where bf16 matmul is slow, bf16 on GPUs.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 def default_compute_dtype(device) -> torch.dtype:
-    """bf16 on CUDA, fp32 elsewhere (CPUs here run bf16 matmul ~140x slower than fp32)."""
+    """bf16 on CUDA, fp32 elsewhere (bf16 matmul is slow on CPUs)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
