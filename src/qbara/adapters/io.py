@@ -1,20 +1,12 @@
 """Adapter files in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`, plus `qbara_adapter.json`.
 
-Tensor names follow PEFT (`base_model.model.<layer>.lora_A.weight`, ...). adapter_config.json is what each
-method says PEFT should read (`AdapterMethod.peft_fields`: a plain PEFT LoRA config that PEFT reads without
-warnings, PEFT's QA-LoRA layout, or a note that only qbara loads it); its targets are full module names when
-suffixes would select more layers than were adapted. qbara's own record — the method,
-per-layer shapes and pooling, the base's quantization, a fingerprint of the base model and the SHA-256 of
-the tensors — is `qbara_adapter.json` (folders of qbara <= 0.1 kept it as a `qbara` section of
-adapter_config.json; still read), so loading onto the wrong base fails clearly. A copy of the record is saved
-in the safetensors header (`qbara_record`), and a record that differs from it was edited: refused, naming the
-entry. Folders saved before that copy existed have only their record's values checked (valid configs, the
-layers' shapes and, on a quantized base, each layer's quantization); an edited `quant` there still decides how
-a dense base is quantized on load. A file or anything else named `qbara_adapter.json` makes the folder a qbara
-adapter: it must then be a readable regular file. Loading reads JSON and safetensors only (no pickle).
-A model whose state carries a chat template (`qbara train`: the Jinja text its prompts were rendered with) gets it
-saved as `chat_template.jinja`; loading the folder puts it back on the model's state (`qbara.from_pretrained`
-makes it the tokenizer's chat template).
+Tensor names follow PEFT (`base_model.model.<layer>.lora_A.weight`, ...); adapter_config.json is what each method
+says PEFT should read (`AdapterMethod.peft_fields`). qbara's own record (method, per-layer shapes and pooling, the
+base's quantization, a fingerprint of the base, the tensors' SHA-256) is `qbara_adapter.json` (qbara <= 0.1 kept it
+in adapter_config.json; still read), with a copy in the safetensors header: a record that differs from it was
+edited and is refused, so loading onto the wrong base or from an edited folder fails clearly. Loading reads JSON
+and safetensors only (no pickle). A chat template on the model's state is saved as `chat_template.jinja` and put
+back on load.
 """
 from __future__ import annotations
 
