@@ -88,7 +88,7 @@ class AdapterConfig:
 
     @property
     def method_spec(self) -> AdapterMethod:
-        """The method `method` names (`qbara.adapters.METHODS`)."""
+        """The method `method` names (`qbara.adapters.methods.METHODS`)."""
         return METHODS[self.method]
 
     @property

@@ -1,7 +1,7 @@
 """QA-HiRA: Quantization-Aware Fine-tuning with Higher Rank Adaptation.
 
 "Accurate and Efficient Fine-Tuning of Quantized Large Language Models Through Optimal Balance"
-(Shen et al., arXiv 2407.17029).
+(Shen et al., arXiv:2407.17029).
 
     Δ(x) = s · R_λout(M P_λin(x)),  M (d_out/λout × d_in/λin),  ΔW[o, i] = s · M[o // λout, i // λin] / λin,
 

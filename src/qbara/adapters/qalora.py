@@ -1,6 +1,6 @@
 """QA-LoRA.
 
-"QA-LoRA: Quantization-Aware Low-Rank Adaptation of Large Language Models" (Xu et al., arXiv 2309.14717).
+"QA-LoRA: Quantization-Aware Low-Rank Adaptation of Large Language Models" (Xu et al., arXiv:2309.14717).
 
     Δ(x) = s · B A P_G(x),  A (r × d_in/G),  B (d_out × r),  ΔW[o, i] = s · (B A)[o, i // G] / G,
 

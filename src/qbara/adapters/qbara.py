@@ -1,7 +1,7 @@
 """Q-BaRA: Quantized LLMs with Balanced-rank Adaptation.
 
 "Accurate and Efficient Fine-Tuning of Quantized Large Language Models Through Optimal Balance"
-(Shen et al., arXiv 2407.17029).
+(Shen et al., arXiv:2407.17029).
 
     Δ(x) = s · R_λ(B A P_λ(x)),  A (λr × d_in/λ),  B (d_out/λ × λr),  ΔW[o, i] = s · (B A)[o // λ, i // λ] / λ.
 
