@@ -25,7 +25,7 @@ from qbara.nn.quantized_linear import QuantizedLinear, frozen_linear
 from qbara.quant.fold import fold_block_constants, fold_problem, fold_rounding
 from qbara.quant.tensor import quantize
 
-__all__ = ["AdaptedLinear"]
+__all__ = ["AdaptedLinear", "AdapterMethod"]
 
 _MERGE_TARGETS = ("dense", "quantized", "requantized")
 

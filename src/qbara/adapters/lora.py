@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from qbara.adapters.base import AdaptedLinear, AdapterMethod, device_of
 from qbara.errors import QbaraError
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "lora_shapes"]
 
 
 class LoRALinear(AdaptedLinear):
