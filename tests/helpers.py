@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 class TargetReads:
-    """Counts the target-linear weights (`*_proj.weight`) read through safetensors.safe_open and the most of them
+    """Counts the target-linear weights (`*_proj.weight`) read through safetensors.safe_open (qbara's readers' too) and the most of them
     alive at once when another is read; `install(monkeypatch)` puts the tracking reader in place."""
 
     def __init__(self):
@@ -29,6 +29,9 @@ class TargetReads:
 
     def install(self, monkeypatch) -> "TargetReads":
         import safetensors
+
+        import qbara.lazy_tensors
+        import qbara.models.streaming
 
         real_open, tracker = safetensors.safe_open, self
 
@@ -52,7 +55,8 @@ class TargetReads:
                     tracker.seen(tensor)
                 return tensor
 
-        monkeypatch.setattr(safetensors, "safe_open", Tracking)
+        for target in (safetensors, qbara.lazy_tensors, qbara.models.streaming):  # the modules' own safe_open
+            monkeypatch.setattr(target, "safe_open", Tracking)
         return self
 
     def seen(self, tensor) -> None:

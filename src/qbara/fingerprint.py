@@ -6,19 +6,16 @@ import json
 
 import torch
 
+__all__ = ["model_fingerprint", "tensor_fingerprint", "combine_fingerprint"]
+
 
 def model_fingerprint(model) -> str:
     """A short, stable hex digest identifying a base model: every weight it holds.
 
-    Hashes the architecture (model_type, hidden size, layer count, vocab size) and every tensor of the state
-    dict by name and shape: float weights rounded to bfloat16 first (so the same checkpoint loaded in float32 or
-    bfloat16 gives the same fingerprint), quantized layers' packed buffers byte for byte. Adapter parameters (of
-    any layer with `adapter_parameters()`) are left out (it identifies the base under them). Streams one tensor
-    at a time (a bf16 copy of the largest tensor at most); ~0.3 s for SmolLM2-135M on this CPU. The per-tensor
-    digests are combined in name order, so a loader that reads tensors in file order (quantize on load) computes
-    the same fingerprint as it goes (`combine_fingerprint`). Compute it on the base the adapter is trained on:
-    the unquantized model for `prepare`, the quantized one for a loaded quantized folder or the Q of an LQ-LoRA
-    / LoftQ decomposition.
+    Hashes the architecture and every tensor of the state dict by name and shape: float weights rounded to
+    bfloat16 (so fp32 and bf16 loads agree), quantized layers' packed buffers byte for byte, adapter parameters
+    left out. One tensor at a time; the per-tensor digests are combined in name order, so a loader reading in
+    file order computes the same fingerprint as it goes (`combine_fingerprint`).
     """
     return combine_fingerprint(model.config, {name: tensor_fingerprint(name, t) for name, t in _base_tensors(model)})
 

@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from qbara.errors import QbaraError
 from qbara.tensor_checks import check_tensor
@@ -83,8 +84,6 @@ def _file_shapes(locations: Mapping[str, tuple[Path, str]]) -> dict[str, tuple[i
 
 
 def _open(file: Path):
-    from safetensors import SafetensorError, safe_open
-
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as err:

@@ -23,6 +23,8 @@ from qbara.outputs import output_folder
 from qbara.state import on_save_pretrained
 from qbara.tensor_checks import tensors_digest
 
+__all__ = ["QUANT_MANIFEST", "WEIGHTS", "QUANT_METHOD", "save_quantized", "write_quantized"]
+
 QUANT_MANIFEST = "qbara_quant.json"
 # Not transformers' `model.safetensors`: a plain `from_pretrained` must fail to find weights, not load its
 # random initialisation (it skips a quantization_config it does not know, with a warning).
@@ -32,7 +34,7 @@ WEIGHTS = "qbara_model.safetensors"
 QUANT_METHOD = "qbara (a qbara quantized folder: transformers cannot load it; use qbara.load_model(folder))"
 
 
-def quantization_entry() -> dict:
+def _quantization_entry() -> dict:
     """The `quantization_config` a native folder's config.json declares itself with."""
     return {"quant_method": QUANT_METHOD, "format_version": 1, "manifest": QUANT_MANIFEST, "weights": WEIGHTS,
             "load_with": "qbara.load_model(folder)  # packed qbara weights; transformers cannot load them"}
@@ -74,7 +76,7 @@ def write_quantized(model, tokenizer, folder, base_only: bool = False) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(folder / WEIGHTS), metadata={"format": "pt", "qbara": "quantized"})
     config = copy.deepcopy(model.config)
-    config.quantization_config = quantization_entry()
+    config.quantization_config = _quantization_entry()
     config.save_pretrained(folder)
     manifest = {"format_version": 1, "layers": layers, "weights_sha256": tensors_digest(state)}
     (folder / QUANT_MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -123,11 +125,11 @@ def _save_pretrained(self, save_directory, is_main_process: bool = True, state_d
         return None
     if adapted and not quantized:
         raise QbaraError("this model has adapters on a dense base; save them with qbara.save_adapter(model, folder)")
-    save_native(self, save_directory)
+    _save_native(self, save_directory)
     return None
 
 
-def save_native(model, folder) -> Path:
+def _save_native(model, folder) -> Path:
     """Write `model` into `folder` in place: the quantized base, and its adapters (recorded against that base)
     when it has some. `qbara.load_model(folder)` loads both back."""
     folder = Path(folder)

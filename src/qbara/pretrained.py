@@ -12,6 +12,8 @@ from qbara.models.quantized_io import is_quantized_folder
 from qbara.preparation import prepare
 from qbara.state import state_of
 
+__all__ = ["from_pretrained", "use_recorded_template", "base_quant_for"]
+
 
 def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, device="cpu", progress: bool = False):
     """(model, tokenizer): the base quantized as it is loaded (never dense in memory), adapters attached.
@@ -55,7 +57,7 @@ def base_quant_for(name_or_path, adapter, quant=None):
     it is) or an adapter that needs the dense base."""
     if read_adapter_config(adapter, peft=True)["qbara"] is None:
         if quant is None:
-            check_peft_base(name_or_path, adapter)
+            _check_peft_base(name_or_path, adapter)
         return quant
     if quant is not None:
         raise QbaraError(f"{str(adapter)!r} is a qbara adapter: its record says how its base is quantized, so no "
@@ -63,7 +65,7 @@ def base_quant_for(name_or_path, adapter, quant=None):
     return None if is_quantized_folder(name_or_path) else adapter_base_quant(adapter)
 
 
-def check_peft_base(name_or_path, adapter) -> None:
+def _check_peft_base(name_or_path, adapter) -> None:
     """Refuse the dense base `name_or_path` for a PEFT folder whose recorded base (base_model_name_or_path) is a
     qbara quantized folder: its LoRA was trained on that folder's quantized weights."""
     recorded = read_adapter_config(adapter, peft=True).get("base_model_name_or_path")

@@ -8,7 +8,9 @@ from typing import Any
 
 from qbara.errors import QbaraError
 
-ATTRIBUTE = "qbara"
+__all__ = ["state_of", "on_save_pretrained", "enable_native_save"]
+
+_ATTRIBUTE = "qbara"
 
 
 @dataclasses.dataclass
@@ -46,12 +48,12 @@ class QbaraState:
 
 def state_of(model) -> QbaraState:
     """`model.qbara`, created (empty) when the model has none yet."""
-    state = getattr(model, ATTRIBUTE, None)
+    state = getattr(model, _ATTRIBUTE, None)
     if state is None:
         state = QbaraState()
-        setattr(model, ATTRIBUTE, state)
+        setattr(model, _ATTRIBUTE, state)
     elif not isinstance(state, QbaraState):
-        raise QbaraError(f"model.{ATTRIBUTE} is a {type(state).__name__}, not qbara's QbaraState; qbara keeps its "
+        raise QbaraError(f"model.{_ATTRIBUTE} is a {type(state).__name__}, not qbara's QbaraState; qbara keeps its "
                          f"record of the model there, so leave that attribute to it")
     return state
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from qbara import AdapterConfig, QuantConfig, prepare
-from qbara.models import tiny_llama, tiny_qwen2
+from qbara.models import tiny_llama
+from qbara.models.tiny import tiny_qwen2
 from tests.helpers import randomize_adapters  # noqa: F401 (re-exported)
 
 NF4 = QuantConfig("nf4", block_size=32)

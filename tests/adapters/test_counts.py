@@ -2,7 +2,7 @@ import pytest
 from torch import nn
 
 from qbara import AdapterConfig, QuantConfig
-from qbara.adapters import build_adapter
+from qbara.adapters.methods import build_adapter
 from qbara.adapters.qahira import auto_pool_out
 from qbara.nn import QuantizedLinear
 

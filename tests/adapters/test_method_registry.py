@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from qbara import AdapterConfig, QbaraError, load_adapter, merge, prepare, save_adapter
-from qbara.adapters import adapter_layers, build_adapter, trainable_parameter_count
+from qbara.adapters import adapter_layers, trainable_parameter_count
 from qbara.adapters.base import AdapterMethod
 from qbara.adapters.lora import LoRALinear, lora_shapes
-from qbara.adapters.methods import ADAPTER_TENSORS, METHODS
+from qbara.adapters.methods import ADAPTER_TENSORS, METHODS, build_adapter
 from qbara.adapters.peft_layout import PREFIX
 from qbara.lq import LQConfig
 from qbara.models import tiny_llama

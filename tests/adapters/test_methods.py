@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from qbara import AdapterConfig, QbaraError
-from qbara.adapters import METHODS, build_adapter
 from qbara.adapters.base import lora_parameter_count
 from qbara.adapters.lora import LoRALinear
+from qbara.adapters.methods import METHODS, build_adapter
 from qbara.adapters.qalora import matching_rank
 
 PAPERS = {"lora": ["2106.09685", "2305.14314"], "qalora": ["2309.14717"], "qbara": ["2407.17029"],

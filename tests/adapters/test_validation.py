@@ -2,7 +2,8 @@ import pytest
 from torch import nn
 
 from qbara import AdapterConfig, QbaraError, QuantConfig, merge, prepare
-from qbara.adapters import adapter_layers, build_adapter
+from qbara.adapters import adapter_layers
+from qbara.adapters.methods import build_adapter
 from qbara.models import tiny_llama
 from qbara.nn import QuantizedLinear
 

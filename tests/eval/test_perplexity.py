@@ -5,7 +5,8 @@ import torch
 
 from qbara.errors import QbaraError
 from qbara.eval.perplexity import PerplexityResult, make_windows, perplexity, text_perplexity
-from qbara.models import tiny_llama, tiny_qwen2
+from qbara.models import tiny_llama
+from qbara.models.tiny import tiny_qwen2
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import qbara
 from qbara import AdapterConfig, QbaraError, QuantConfig, QuantizedLinear
 from qbara.export import export_gguf
 from qbara.export.gguf import LINEARS, llama_rope_permutation
-from qbara.models import tiny_llama, tiny_qwen2
+from qbara.models import tiny_llama
+from qbara.models.tiny import tiny_qwen2
 
 from .conftest import TINY, tiny_adapted, tiny_olmo
 

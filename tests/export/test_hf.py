@@ -8,7 +8,7 @@ import qbara
 from qbara import AdapterConfig, QbaraError
 from qbara.adapters import adapter_layers
 from qbara.export import export_hf
-from qbara.models import tiny_qwen2
+from qbara.models.tiny import tiny_qwen2
 
 from .conftest import tiny_adapted
 

@@ -13,8 +13,9 @@ from qbara.adapters.io import save_adapter
 from qbara.lq.configs import qlora_config
 from qbara.lq.layers import decompose_layers
 from qbara.lq.loftq import loftq
-from qbara.models import tiny_llama, tiny_qwen2
+from qbara.models import tiny_llama
 from qbara.models.loader import load_model
+from qbara.models.tiny import tiny_qwen2
 from qbara.native import save_quantized
 from tests.helpers import free_port
 from tests.lq.dist_worker import small_weights

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from qbara.errors import QbaraError
-from qbara.models import BUILTIN_MODELS, load_model, smollm2
+from qbara.models import load_model, smollm2
 from qbara.models.embedded import (
     EMBEDDED_MODELS,
     GEMMA3_270M,
@@ -29,7 +29,7 @@ from qbara.models.embedded import (
     embedded_dir,
     embedded_model,
 )
-from qbara.models.loader import base_model_path, embedded_folder
+from qbara.models.loader import BUILTIN_MODELS, base_model_path, embedded_folder
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 HAS_GEMMA = importlib.util.find_spec(GEMMA3_270M.module) is not None
@@ -46,7 +46,7 @@ def test_every_embedded_model_is_a_builtin_name_with_its_own_cache_folder():
     assert len({m.cache_name for m in EMBEDDED_MODELS.values()}) == len(EMBEDDED_MODELS)
     assert embedded_model(" Gemma3-270M ") is GEMMA3_270M and embedded_model("smollm2-135m") is SMOLLM2
     assert embedded_model("tiny-llama") is None and embedded_model(None) is None
-    assert smollm2.SMOLLM2_CACHE_NAME == "smollm2-135m-instruct"  # SmolLM2's cache path is unchanged
+    assert SMOLLM2.cache_name == "smollm2-135m-instruct"  # SmolLM2's cache path is unchanged
 
 
 def test_readme_names_each_embedded_model_its_package_and_license():

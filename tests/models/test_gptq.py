@@ -3,8 +3,9 @@ import torch
 from torch import nn
 
 from qbara import AdapterConfig, QbaraError, QuantConfig, load_model, merge, prepare
-from qbara.models import tiny_llama, tiny_qwen2
+from qbara.models import tiny_llama
 from qbara.models.gptq import gptq_calibration, gptq_quantize_model
+from qbara.models.tiny import tiny_qwen2
 from qbara.native import save_quantized
 from qbara.nn import QuantizedLinear
 from qbara.preparation import gptq_prepare

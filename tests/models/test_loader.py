@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from qbara.errors import QbaraError
-from qbara.models import DEFAULT_MODEL, load_model, model_fingerprint, smollm2, tiny_llama, tiny_qwen2
+from qbara.models import embedded, load_model, model_fingerprint, smollm2, tiny_llama
+from qbara.models.loader import DEFAULT_MODEL
+from qbara.models.tiny import tiny_qwen2
 
 # ---------------------------------------------------------------- load_model: built-ins
 
@@ -173,9 +175,9 @@ def _fake_convert(calls):
 
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("QBARA_CACHE", str(tmp_path / "c"))
-    assert smollm2.cache_root() == tmp_path / "c"
+    assert embedded.cache_root() == tmp_path / "c"
     monkeypatch.delenv("QBARA_CACHE")
-    assert smollm2.cache_root().parts[-2:] == (".cache", "qbara")
+    assert embedded.cache_root().parts[-2:] == (".cache", "qbara")
 
 
 def test_smollm2_conversion_is_cached_and_atomic(monkeypatch, tmp_path):
@@ -183,7 +185,7 @@ def test_smollm2_conversion_is_cached_and_atomic(monkeypatch, tmp_path):
     monkeypatch.setattr(smollm2, "convert_gguf_to_hf", _fake_convert(calls))
     folder = smollm2.smollm2_dir(tmp_path)
     assert folder == tmp_path / "smollm2-135m-instruct"
-    assert (folder / "config.json").is_file() and (folder / smollm2.SOURCE_MARKER).is_file()
+    assert (folder / "config.json").is_file() and (folder / embedded.SOURCE_MARKER).is_file()
     assert smollm2.smollm2_dir(tmp_path) == folder
     assert len(calls) == 1  # second call reused the cache
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temp dirs left
@@ -267,7 +269,7 @@ def smol():
 @pytest.mark.slow
 def test_smollm2_folder_is_plain_fp32_hf(smol):
     folder, model, tok = smol
-    for name in ("config.json", "model.safetensors", "tokenizer.json", smollm2.SOURCE_MARKER):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", embedded.SOURCE_MARKER):
         assert (folder / name).is_file(), name
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config

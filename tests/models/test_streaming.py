@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from qbara import AdapterConfig, QbaraError, QuantConfig, load_adapter, load_model, model_fingerprint, prepare
-from qbara.models import tiny_llama, tiny_qwen2
+from qbara.models import tiny_llama
+from qbara.models.tiny import tiny_qwen2
 from qbara.nn import QuantizedLinear
 from tests.helpers import TargetReads, randomize_adapters
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from qbara.errors import QbaraError
-from qbara.models import tiny_llama, tiny_qwen2
-from qbara.models.tiny import CHATML_TEMPLATE, byte_tokenizer
+from qbara.models import tiny_llama
+from qbara.models.tiny import CHATML_TEMPLATE, byte_tokenizer, tiny_qwen2
 
 
 def _state(model):

@@ -54,7 +54,7 @@ def test_dry_run_loads_no_weights_and_writes_nothing(tmp_path, model_folder, mon
 
     for target in ("qbara.train.trainer.load_model", "qbara.models.loader.load_model",
                    "qbara.models.loader._load_hf_folder", "qbara.models.loader.load_quantized_stream",
-                   "qbara.models.streaming._stream", "safetensors.torch.load_file", "qbara.tensor_checks.read_safetensors",
+                   "qbara.models.streaming.stream_checkpoint", "safetensors.torch.load_file", "qbara.tensor_checks.read_safetensors",
                    "transformers.AutoModelForCausalLM.from_pretrained"):
         monkeypatch.setattr(target, loads)
     config = _run_yaml(tmp_path, model_folder)

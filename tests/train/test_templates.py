@@ -143,7 +143,7 @@ def test_gemma_template_renders_as_transformers_and_refuses_as_it_does():
 def test_smollm2_template_renders_as_transformers():
     from transformers import AutoTokenizer
 
-    from qbara.models.smollm2 import cache_root
+    from qbara.models.embedded import cache_root
 
     folder = cache_root() / "smollm2-135m-instruct"
     if not (folder / "tokenizer_config.json").is_file():

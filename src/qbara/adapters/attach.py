@@ -12,6 +12,8 @@ from qbara.errors import QbaraError
 from qbara.state import enable_native_save, state_of
 from qbara.targets import linear_layer_names, set_submodule
 
+__all__ = ["attach_adapters", "adapter_layers", "trainable_parameter_count"]
+
 
 def attach_adapters(model: nn.Module, config: AdapterConfig,
                     factors: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> nn.Module:

@@ -25,6 +25,10 @@ from qbara.nn.quantized_linear import QuantizedLinear, frozen_linear
 from qbara.quant.fold import fold_block_constants, fold_problem, fold_rounding
 from qbara.quant.tensor import quantize
 
+__all__ = ["AdaptedLinear", "AdapterMethod"]
+
+_MERGE_TARGETS = ("dense", "quantized", "requantized")
+
 
 def lora_parameter_count(d_out: int, d_in: int, rank: int) -> int:
     """Trainable parameters of plain LoRA at `rank`: r (d_in + d_out), the budget the other methods match."""
@@ -107,14 +111,23 @@ class AdaptedLinear(nn.Module):
             return self.base.dequantize(torch.float32)
         return self.base.weight.detach().float()
 
+    def check_merge(self, into: str) -> None:
+        """Refuse a merge target this layer cannot take (`merge` and `qbara.merge` check every layer first)."""
+        if into not in _MERGE_TARGETS:
+            raise QbaraError(f"unknown merge target {into!r}: choose one of {', '.join(_MERGE_TARGETS)}")
+        problem = self.fold_problem() if into == "quantized" else None
+        if problem:
+            raise QbaraError(f"{self.name}: {self.method} cannot merge into the quantized model: {problem}; "
+                             f"use into='dense' or an adapter that folds (qalora, qahira)")
+        if into == "requantized" and self.quant_config is None:
+            raise QbaraError(f"{self.name}: merge(into='requantized') needs a quantized base, and this layer's is "
+                             f"dense; merge into='dense'")
+
     @torch.no_grad()
     def fold(self) -> tuple[QuantizedLinear, float, float]:
         """The update folded into the INT base's float minima: (layer, ‖ΔW the minima's rounding lost‖²,
         ‖ΔW‖²) — see `qbara.quant.fold.fold_rounding`."""
-        problem = self.fold_problem()
-        if problem:
-            raise QbaraError(f"{self.method} cannot merge into the quantized model: {problem}; "
-                             f"use merge(into='dense') or an adapter that folds (qalora, qahira)")
+        self.check_merge("quantized")
         before, delta = self.base.qweight, self.delta_weight()
         after = fold_block_constants(before, delta)
         return QuantizedLinear(after, self.base.bias), *fold_rounding(before, after, delta)
@@ -126,16 +139,12 @@ class AdaptedLinear(nn.Module):
         quantized: a QuantizedLinear whose float minima absorbed ΔW (QA-LoRA, QA-HiRA; see `fold`);
         requantized: dequant(W) + ΔW quantized again with the base's own config, what PEFT and most tools do
             (lossy: the update and the weights are rounded together)."""
+        self.check_merge(into)
         if into == "quantized":
             return self.fold()[0]
-        if into not in ("dense", "requantized"):
-            raise QbaraError(f"unknown merge target {into!r}: choose 'dense', 'quantized' or 'requantized'")
         weight = self.base_weight() + self.delta_weight()
         if into == "dense":
             return frozen_linear(weight, self.base.bias)
-        if self.quant_config is None:
-            raise QbaraError(f"{self.name}: merge(into='requantized') needs a quantized base; this one is dense, "
-                             f"merge into='dense'")
         return QuantizedLinear(quantize(weight, self.quant_config, self.name), self.base.bias)
 
 

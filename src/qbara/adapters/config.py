@@ -13,10 +13,12 @@ from qbara.adapters.methods import DEFAULT_METHOD, METHODS
 from qbara.errors import QbaraError, check_types, strict_from_dict
 from qbara.options import option
 
-INITS = ("default", "loftq", "lq")
+__all__ = ["AdapterConfig", "QLORA", "QLORA_METHOD"]
+
+_INITS = ("default", "loftq", "lq")
 QLORA = "qlora"  # not a method of its own: LoRA on an NF4 base (the run config takes it as such)
 QLORA_METHOD = LORA.name  # the method QLORA trains
-MAX_RANK = 65536  # above any layer's side: a larger rank is a typo, refused before anything is allocated
+_MAX_RANK = 65536  # above any layer's side: a larger rank is a typo, refused before anything is allocated
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,8 @@ class AdapterConfig:
         if isinstance(self.target_modules, tuple) and not all(isinstance(t, str) for t in self.target_modules):
             raise QbaraError(f"target_modules must be 'all-linear' or a list of module names, got "
                              f"{self.target_modules!r}")
-        if not 0 < self.rank <= MAX_RANK:
-            raise QbaraError(f"rank must be a positive integer up to {MAX_RANK}, got {self.rank!r}")
+        if not 0 < self.rank <= _MAX_RANK:
+            raise QbaraError(f"rank must be a positive integer up to {_MAX_RANK}, got {self.rank!r}")
         if not math.isfinite(self.alpha) or self.alpha <= 0:  # a negative alpha would flip the update silently
             raise QbaraError(f"alpha must be a finite number > 0 (the update is scaled by alpha / rank), got "
                              f"{self.alpha!r}")
@@ -80,13 +82,13 @@ class AdapterConfig:
                 raise QbaraError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise QbaraError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise QbaraError(f"unknown init {self.init!r}: choose one of {', '.join(INITS)}")
+        if self.init not in _INITS:
+            raise QbaraError(f"unknown init {self.init!r}: choose one of {', '.join(_INITS)}")
         self.method_spec.check(self)
 
     @property
     def method_spec(self) -> AdapterMethod:
-        """The method `method` names (`qbara.adapters.METHODS`)."""
+        """The method `method` names (`qbara.adapters.methods.METHODS`)."""
         return METHODS[self.method]
 
     @property

@@ -1,20 +1,12 @@
 """Adapter files in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`, plus `qbara_adapter.json`.
 
-Tensor names follow PEFT (`base_model.model.<layer>.lora_A.weight`, ...). adapter_config.json is what each
-method says PEFT should read (`AdapterMethod.peft_fields`: a plain PEFT LoRA config that PEFT reads without
-warnings, PEFT's QA-LoRA layout, or a note that only qbara loads it); its targets are full module names when
-suffixes would select more layers than were adapted. qbara's own record — the method,
-per-layer shapes and pooling, the base's quantization, a fingerprint of the base model and the SHA-256 of
-the tensors — is `qbara_adapter.json` (folders of qbara <= 0.1 kept it as a `qbara` section of
-adapter_config.json; still read), so loading onto the wrong base fails clearly. A copy of the record is saved
-in the safetensors header (`qbara_record`), and a record that differs from it was edited: refused, naming the
-entry. Folders saved before that copy existed have only their record's values checked (valid configs, the
-layers' shapes and, on a quantized base, each layer's quantization); an edited `quant` there still decides how
-a dense base is quantized on load. A file or anything else named `qbara_adapter.json` makes the folder a qbara
-adapter: it must then be a readable regular file. Loading reads JSON and safetensors only (no pickle).
-A model whose state carries a chat template (`qbara train`: the Jinja text its prompts were rendered with) gets it
-saved as `chat_template.jinja`; loading the folder puts it back on the model's state (`qbara.from_pretrained`
-makes it the tokenizer's chat template).
+Tensor names follow PEFT (`base_model.model.<layer>.lora_A.weight`, ...); adapter_config.json is what each method
+says PEFT should read (`AdapterMethod.peft_fields`). qbara's own record (method, per-layer shapes and pooling, the
+base's quantization, a fingerprint of the base, the tensors' SHA-256) is `qbara_adapter.json` (qbara <= 0.1 kept it
+in adapter_config.json; still read), with a copy in the safetensors header: a record that differs from it was
+edited and is refused, so loading onto the wrong base or from an edited folder fails clearly. Loading reads JSON
+and safetensors only (no pickle). A chat template on the model's state is saved as `chat_template.jinja` and put
+back on load.
 """
 from __future__ import annotations
 
@@ -22,9 +14,11 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from qbara.adapters.attach import adapter_layers
@@ -52,12 +46,15 @@ from qbara.tensor_checks import (
 )
 from qbara.validate import read_json_file, safetensors_shapes
 
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter", "read_adapter_config", "read_chat_template",
+           "check_base_fingerprint", "adapter_base_quant", "copy_adapter_weights"]
+
 CONFIG_NAME = "adapter_config.json"
-QBARA_NAME = "qbara_adapter.json"
+_QBARA_NAME = "qbara_adapter.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-TEMPLATE_NAME = "chat_template.jinja"  # the Jinja text the training prompts were rendered with
-FORMAT_VERSION = 1
-RECORD_KEY = "qbara_record"  # adapter_model.safetensors metadata: the record as saved
+_TEMPLATE_NAME = "chat_template.jinja"  # the Jinja text the training prompts were rendered with
+_FORMAT_VERSION = 1
+_RECORD_KEY = "qbara_record"  # adapter_model.safetensors metadata: the record as saved
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -76,7 +73,7 @@ def save_adapter(model: nn.Module, directory, base_model_name: str | None = None
     a folder or hub name; for a built-in model name pass `qbara.models.loader.base_model_path(name)`.
 
     fingerprint: the base the adapter is recorded against (default: the one `prepare` recorded, i.e.
-    the unquantized model; `save_native` passes its quantized base's, saved beside it)."""
+    the unquantized model; `qbara.native`'s save passes its quantized base's, saved beside it)."""
     layers = adapter_layers(model)
     if not layers:
         raise QbaraError("this model has no adapters to save; attach them with qbara.prepare(..., adapter=...)")
@@ -99,19 +96,19 @@ def save_adapter(model: nn.Module, directory, base_model_name: str | None = None
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "target_modules": peft_targets(model, list(layers)),
+        "target_modules": _peft_targets(model, list(layers)),
         "base_model_name_or_path": peft_base_name(base_model_name or getattr(model, "name_or_path", None)),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    record = {"format_version": FORMAT_VERSION, "adapter": config.to_dict(),
+    record = {"format_version": _FORMAT_VERSION, "adapter": config.to_dict(),
               "base_fingerprint": fingerprint or base_fingerprint(model), "layers": records,
               "weights_sha256": tensors_digest(tensors)}
     directory = Path(directory)
-    metadata = {"format": "pt", "qbara": config.method, RECORD_KEY: _canonical(record)}
+    metadata = {"format": "pt", "qbara": config.method, _RECORD_KEY: _canonical(record)}
     save_safetensors_atomic(tensors, directory / WEIGHTS_NAME, metadata=metadata)
     if state_of(model).chat_template is not None:
-        write_bytes_atomic(directory / TEMPLATE_NAME, state_of(model).chat_template.encode("utf-8"))
-    write_json_atomic(directory / QBARA_NAME, record)
+        write_bytes_atomic(directory / _TEMPLATE_NAME, state_of(model).chat_template.encode("utf-8"))
+    write_json_atomic(directory / _QBARA_NAME, record)
     write_json_atomic(directory / CONFIG_NAME, data)
     return directory
 
@@ -120,7 +117,7 @@ def read_chat_template(directory) -> str | None:
     """The chat template recorded in the adapter folder `directory` (its chat_template.jinja: the Jinja text the
     training prompts were rendered with), read bounded and compiled in the sandbox; None when the folder has none
     (adapters of older qbara versions, PEFT folders)."""
-    path = Path(directory) / TEMPLATE_NAME
+    path = Path(directory) / _TEMPLATE_NAME
     if not os.path.lexists(path):
         return None
     return read_template_file(path, "recorded chat template",
@@ -128,7 +125,7 @@ def read_chat_template(directory) -> str | None:
                                   "the base tokenizer's")
 
 
-def peft_targets(model: nn.Module, adapted: list[str]) -> list[str]:
+def _peft_targets(model: nn.Module, adapted: list[str]) -> list[str]:
     """PEFT's target_modules for the adapted layers: their last name components when those select exactly
     them (PEFT matches a name by its suffix), otherwise the full names."""
     suffixes = {n.rsplit(".", 1)[-1] for n in adapted}
@@ -162,26 +159,26 @@ def read_adapter_config(directory, peft: bool = False) -> dict:
     if not path.is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise QbaraError(f"{str(directory)!r} is not an adapter folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     data = _read_json(path)
-    if os.path.lexists(directory / QBARA_NAME):  # a folder, a fifo or a link to /dev/null is refused, not skipped
-        data["qbara"] = _read_json(directory / QBARA_NAME)
+    if os.path.lexists(directory / _QBARA_NAME):  # a folder, a fifo or a link to /dev/null is refused, not skipped
+        data["qbara"] = _read_json(directory / _QBARA_NAME)
     elif "qbara" not in data and peft and "peft_type" in data:
         _refuse_missing_record(directory)
         data["qbara"] = None
         return data
     elif "qbara" not in data:
-        raise QbaraError(f"{str(directory)!r}: no {QBARA_NAME}, so not an adapter qbara wrote (a PEFT adapter?); "
+        raise QbaraError(f"{str(directory)!r}: no {_QBARA_NAME}, so not an adapter qbara wrote (a PEFT adapter?); "
                          f"qbara loads adapters it saved")
     if not isinstance(data["qbara"], dict) or not isinstance(data["qbara"].get("adapter"), dict):
-        raise QbaraError(f"{directory / QBARA_NAME}: no 'adapter' record; the file is damaged, save the adapter again")
-    check_adapter_record(directory / QBARA_NAME, data["qbara"])
+        raise QbaraError(f"{directory / _QBARA_NAME}: no 'adapter' record; the file is damaged, save the adapter again")
+    _check_adapter_record(directory / _QBARA_NAME, data["qbara"])
     return data
 
 
 def _refuse_missing_record(directory: Path) -> None:
     """A folder whose weights carry the record copy `save_adapter` writes is qbara's: without its qbara_adapter.json
     it must not be read as a PEFT adapter (that would skip the base and quantization checks)."""
-    if RECORD_KEY in safetensors_metadata(directory / WEIGHTS_NAME, "adapter weights"):
-        raise QbaraError(f"{directory / QBARA_NAME} is missing: the folder's {WEIGHTS_NAME} was saved by qbara with "
+    if _RECORD_KEY in safetensors_metadata(directory / WEIGHTS_NAME, "adapter weights"):
+        raise QbaraError(f"{directory / _QBARA_NAME} is missing: the folder's {WEIGHTS_NAME} was saved by qbara with "
                          f"that record; restore the file or save the adapter again")
 
 
@@ -190,14 +187,14 @@ def _canonical(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def check_record_against_weights(directory, record: dict) -> None:
+def _check_record_against_weights(directory, record: dict) -> None:
     """The record's sizes fit the weights file's header, and it is the record saved with them."""
-    check_adapter_sizes(Path(directory) / WEIGHTS_NAME, AdapterConfig.from_dict(record["adapter"]), record["layers"])
+    _check_adapter_sizes(Path(directory) / WEIGHTS_NAME, AdapterConfig.from_dict(record["adapter"]), record["layers"])
     if not record.get("peft"):
-        check_record_as_saved(directory, record)
+        _check_record_as_saved(directory, record)
 
 
-def check_adapter_sizes(weights, config: AdapterConfig, records: dict) -> None:
+def _check_adapter_sizes(weights, config: AdapterConfig, records: dict) -> None:
     """Refuse an adapter whose config (rank, pooling) implies other tensor sizes than its weights file holds,
     from the file's header, before any adapter is allocated (a forged `rank: 1000000` costs nothing)."""
     shapes = safetensors_shapes(weights, "adapter weights file")
@@ -213,20 +210,20 @@ def check_adapter_sizes(weights, config: AdapterConfig, records: dict) -> None:
                              f"and the weights do not belong together, save the adapter again")
 
 
-def check_record_as_saved(directory, record: dict) -> None:
+def _check_record_as_saved(directory, record: dict) -> None:
     """Refuse a record that differs from the copy `save_adapter` put in the safetensors header, naming the first
     entry that differs; a folder saved without that copy (qbara before it existed) passes."""
     weights = Path(directory) / WEIGHTS_NAME
-    saved = safetensors_metadata(weights, "adapter weights").get(RECORD_KEY)
+    saved = safetensors_metadata(weights, "adapter weights").get(_RECORD_KEY)
     if saved is None or _canonical(record) == saved:
         return
-    where = Path(directory) / (QBARA_NAME if os.path.lexists(Path(directory) / QBARA_NAME) else CONFIG_NAME)
+    where = Path(directory) / (_QBARA_NAME if os.path.lexists(Path(directory) / _QBARA_NAME) else CONFIG_NAME)
     try:
         original = json.loads(saved)
     except ValueError:
         original = None
     if not isinstance(original, dict):
-        raise QbaraError(f"{weights}: its header's {RECORD_KEY} is not the JSON record save_adapter writes; the file "
+        raise QbaraError(f"{weights}: its header's {_RECORD_KEY} is not the JSON record save_adapter writes; the file "
                          f"is damaged, save the adapter again")
     entry, now, then = _first_difference(record, original)
     raise QbaraError(f"{where}: {entry} is {now!r}, but the adapter was saved with {then!r} (the record kept in "
@@ -243,7 +240,7 @@ def _first_difference(now, then, path: str = "", depth: int = 3):
     return path or "the record", now, then
 
 
-def check_adapter_record(path, record: dict) -> None:
+def _check_adapter_record(path, record: dict) -> None:
     """The `adapter` settings and per-layer `quant` of a qbara adapter record build valid configs; errors name
     the file."""
     try:
@@ -278,7 +275,7 @@ def adapter_base_quant(directory) -> dict[str, QuantConfig] | None:
     if info is None:  # a PEFT adapter: trained on the dense model as far as anyone knows
         return None
     _check_layer_records(info.get("layers"), directory)
-    check_record_against_weights(directory, info)  # before the base is quantized as the record says
+    _check_record_against_weights(directory, info)  # before the base is quantized as the record says
     if AdapterConfig.from_dict(info["adapter"]).init != "default":
         return None
     records = info["layers"]
@@ -289,7 +286,7 @@ def adapter_base_quant(directory) -> dict[str, QuantConfig] | None:
 
 def _check_layer_records(records, directory) -> None:
     """The `layers` section: a non-empty mapping of layer name to its record, with whole-number sizes."""
-    where = f"{Path(directory) / QBARA_NAME}"
+    where = f"{Path(directory) / _QBARA_NAME}"
     if not isinstance(records, dict) or not records:
         raise QbaraError(f"{where}: 'qbara.layers' lists no adapted layers; the adapter would change nothing — "
                          f"the file is damaged, save the adapter again")
@@ -307,7 +304,7 @@ def _check_layer_records(records, directory) -> None:
             raise QbaraError(f"{where}: layer {name!r} quant must be a mapping or null, got {record['quant']!r}")
 
 
-def check_layer_quant(directory, name: str, recorded: dict | None, base: nn.Module) -> None:
+def _check_layer_quant(directory, name: str, recorded: dict | None, base: nn.Module) -> None:
     """Refuse the base layer `name` when it is quantized otherwise than the adapter's record says it was trained
     on (format, block size, every setting) — or is quantized where the adapter was trained on a dense layer."""
     actual = base.quant_config if isinstance(base, QuantizedLinear) else None
@@ -330,7 +327,7 @@ def copy_adapter_weights(layers: dict, directory) -> None:
     path = Path(directory) / WEIGHTS_NAME
     state = read_safetensors(path)
     record = read_adapter_config(directory, peft=True)["qbara"]
-    check_digest(state, (record or {}).get("weights_sha256"), path, QBARA_NAME)
+    check_digest(state, (record or {}).get("weights_sha256"), path, _QBARA_NAME)
     expected = set()
     for name, layer in layers.items():
         for pname, param in layer.adapter_parameters().items():
@@ -339,7 +336,7 @@ def copy_adapter_weights(layers: dict, directory) -> None:
             if key not in state:
                 raise QbaraError(f"{WEIGHTS_NAME} lacks {key}; the adapter folder is incomplete, save it again")
             check_tensor(state[key], f"{path}: {key}", shape=param.shape, limit=ADAPTER_LIMIT)
-            check_exact_dtype(state[key].dtype, param.dtype, f"{path}: {key}")
+            _check_exact_dtype(state[key].dtype, param.dtype, f"{path}: {key}")
             param.copy_(state[key])
     extra = sorted(set(state) - expected)
     if extra:
@@ -348,16 +345,16 @@ def copy_adapter_weights(layers: dict, directory) -> None:
 
 
 # float dtype -> the parameter dtypes it converts into exactly (every value kept, bit for bit)
-EXACT_WIDENING = {torch.float16: {torch.float32, torch.float64}, torch.bfloat16: {torch.float32, torch.float64},
+_EXACT_WIDENING = {torch.float16: {torch.float32, torch.float64}, torch.bfloat16: {torch.float32, torch.float64},
                   torch.float32: {torch.float64}}
 
 
-def check_exact_dtype(stored: torch.dtype, wanted: torch.dtype, what: str) -> None:
+def _check_exact_dtype(stored: torch.dtype, wanted: torch.dtype, what: str) -> None:
     """Refuse an adapter tensor whose dtype would round when copied into its `wanted`-typed parameter: the same
     dtype, or an exact widening (fp16 / bf16 -> fp32, as PEFT saves half-precision adapters), loads."""
-    if stored == wanted or wanted in EXACT_WIDENING.get(stored, ()):
+    if stored == wanted or wanted in _EXACT_WIDENING.get(stored, ()):
         return
-    narrower = [str(d).removeprefix("torch.") for d, wider in EXACT_WIDENING.items() if wanted in wider]
+    narrower = [str(d).removeprefix("torch.") for d, wider in _EXACT_WIDENING.items() if wanted in wider]
     also = f" (or {' / '.join(narrower)}, widened exactly)" if narrower else ""
     raise QbaraError(f"{what}: dtype {stored}, but the adapter parameter is {wanted} and {stored} does not convert "
                      f"to it exactly; save the adapter in {wanted}{also}")
@@ -381,10 +378,6 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
     chat_template = read_chat_template(directory)
     info = data["qbara"]
     if info is None:  # written by PEFT: its LoRA read into qbara's record; nothing says which base it fits
-        import warnings
-
-        from safetensors import safe_open
-
         with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt") as reader:
             keys = list(reader.keys())
         info = peft_record(data, keys, model, directory)
@@ -394,7 +387,7 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
                       stacklevel=2)
     config = AdapterConfig.from_dict(info["adapter"])
     _check_layer_records(info.get("layers"), directory)
-    check_record_against_weights(directory, info)  # before allocating
+    _check_record_against_weights(directory, info)  # before allocating
     if bnb_layers(model):  # a bitsandbytes NF4 base: taken over exactly, if the adapter was trained on that
         recorded = {json.dumps(r["quant"], sort_keys=True) for r in info["layers"].values()}
         only = json.loads(recorded.pop()) if len(recorded) == 1 else None
@@ -422,7 +415,7 @@ def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Mod
         if record["quant"] is not None and not isinstance(base, QuantizedLinear):
             base = QuantizedLinear.from_linear(base, QuantConfig.from_dict(record["quant"]), name=name)
         elif not info.get("peft"):  # PEFT records no quantization to compare
-            check_layer_quant(directory, name, record["quant"], base)
+            _check_layer_quant(directory, name, record["quant"], base)
         layer_config = dataclasses.replace(config, pool_in=record["pool_in"], pool_out=record["pool_out"])
         layers[name] = build_adapter(base, layer_config, name)
     copy_adapter_weights(layers, directory)

@@ -1,7 +1,7 @@
 """LoRA / QLoRA.
 
-LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685).
-QLoRA: Efficient Finetuning of Quantized LLMs (Dettmers et al., 2023, arXiv:2305.14314) — LoRA on an NF4 base.
+"LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., arXiv:2106.09685).
+"QLoRA: Efficient Finetuning of Quantized LLMs" (Dettmers et al., arXiv:2305.14314): LoRA on an NF4 base.
 
     Δ(x) = s · B A x,  s = α / r,  A (r × d_in) Kaiming-uniform,  B (d_out × r) zero  (ΔW = s · B A).
 
@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from qbara.adapters.base import AdaptedLinear, AdapterMethod, device_of
 from qbara.errors import QbaraError
 
+__all__ = ["LoRALinear", "lora_shapes"]
+
 
 class LoRALinear(AdaptedLinear):
     """s · R_out(B A P_in(x)); plain LoRA has both pools 1."""
@@ -27,9 +29,10 @@ class LoRALinear(AdaptedLinear):
     def __init__(self, base: nn.Module, rank: int, scaling: float, pool_in: int = 1, pool_out: int = 1,
                  dropout: float = 0.0, name: str = "layer"):
         super().__init__(base, pool_in, pool_out, scaling, dropout, name)
-        # A rank beyond the core's two sides added up only wastes memory: refused before allocating.
+        # A rank beyond the core's two sides added up only wastes memory: refused before allocating (AdapterConfig
+        # checked that it is a positive integer).
         largest = self.in_features // pool_in + self.out_features // pool_out
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= largest:
+        if rank > largest:
             raise QbaraError(f"{name}: {self.method} rank {rank!r} must be a whole number from 1 to {largest} "
                              f"(the sides of its {self.out_features // pool_out}x{self.in_features // pool_in} "
                              f"core added up); lower the rank")
@@ -83,7 +86,7 @@ def lora_shapes(rank: int, layer: dict) -> dict[str, tuple[int, int]]:
     return {"lora_A.weight": (rank, d_in), "lora_B.weight": (d_out, rank)}
 
 
-class LoRA(AdapterMethod):
+class _LoRA(AdapterMethod):
     layer = LoRALinear
     knobs = ("init", "loftq_iters")
     tensors = ("lora_A", "lora_B")
@@ -103,4 +106,4 @@ class LoRA(AdapterMethod):
         return None if data.get("use_qalora") else {}
 
 
-LORA = LoRA()
+LORA = _LoRA()

@@ -11,39 +11,25 @@ from qbara.errors import QbaraError
 from qbara.state import state_of
 from qbara.targets import set_submodule
 
-MERGE_TARGETS = ("dense", "quantized", "requantized")
-FOLD_ROUNDING_WARN = 0.05  # warn when the fp16 minima lose more than this share (relative RMS) of the update
+__all__ = ["merge"]
+
+_FOLD_ROUNDING_WARN = 0.05  # warn when the fp16 minima lose more than this share (relative RMS) of the update
 
 
 def merge(model: nn.Module, into: str = "dense") -> nn.Module:
     """Replace each adapted layer by its merge, in place, and return the model.
 
-    dense: nn.Linear(dequant(W) + Delta W), exact. quantized: the QA-LoRA / QA-HiRA update folds into the INT
-    base's float minima; the layer stays quantized with unchanged bits/param. requantized: dequant(W) + Delta W
-    quantized again with each base's own config (lossy; how other tools merge into a 4-bit model, kept for
-    comparison and for methods that cannot fold). The fold is exact up to
-    the fp16 rounding of the new minima: `model.qbara.fold_rounding` is the share (relative RMS) of the
-    update that rounding lost, and a warning says so above 5%. Every layer is checked before any is
-    replaced, so a refused merge leaves the model as it was. The merged model's `model.qbara` keeps the reports
-    (lq, gptq, fold_rounding) and drops the base fingerprint, the quant it was loaded with and the adapter config.
+    into: 'dense', 'quantized' (the update folded into the INT base's float minima) or 'requantized' (lossy),
+    as `AdaptedLinear.merge`. Every layer is checked before any is replaced, so a refused merge leaves the model
+    as it was. A fold records the share (relative RMS) of the update the fp16 minima's rounding lost as
+    `model.qbara.fold_rounding`, with a warning above 5%; the merged model's state forgets its base.
     """
-    if into not in MERGE_TARGETS:
-        raise QbaraError(f"unknown merge target {into!r}: choose one of {', '.join(MERGE_TARGETS)}")
     layers = adapter_layers(model)
     if not layers:
         raise QbaraError("this model has no adapters to merge; attach them with qbara.prepare(..., adapter=...) "
                          "or qbara.load_adapter first")
-    if into == "quantized":
-        for name, layer in layers.items():
-            problem = layer.fold_problem()
-            if problem:
-                raise QbaraError(f"{name}: {layer.method} cannot merge into the quantized model: {problem}; "
-                                 f"use into='dense' or an adapter that folds (qalora, qahira)")
-    if into == "requantized":
-        dense = [name for name, layer in layers.items() if layer.quant_config is None]
-        if dense:
-            raise QbaraError(f"{dense[0]}: merge(into='requantized') needs a quantized base, and this layer's is "
-                             f"dense; merge into='dense'")
+    for layer in layers.values():
+        layer.check_merge(into)
     state = state_of(model)
     lost = total = 0.0
     for name, layer in layers.items():
@@ -55,7 +41,7 @@ def merge(model: nn.Module, into: str = "dense") -> nn.Module:
         set_submodule(model, name, merged)
     if into == "quantized":
         state.fold_rounding = math.sqrt(lost / total) if total > 0 else 0.0
-        if state.fold_rounding > FOLD_ROUNDING_WARN:
+        if state.fold_rounding > _FOLD_ROUNDING_WARN:
             warnings.warn(f"the fp16 minima could not hold {state.fold_rounding:.0%} of the update (relative "
                           f"RMS): a block constant smaller than its minimum's fp16 step is rounded away or "
                           f"overshot, so the merged model is not quite the adapter model. Evaluate the merged "

@@ -7,6 +7,8 @@ from torch import nn
 from qbara.adapters import lora, qahira, qalora, qbara
 from qbara.adapters.base import AdaptedLinear, AdapterMethod
 
+__all__ = ["METHODS", "DEFAULT_METHOD", "ADAPTER_TENSORS"]
+
 METHODS: dict[str, AdapterMethod] = {method.name: method for method in (
     lora.LORA,
     qalora.QALORA,

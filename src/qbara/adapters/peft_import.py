@@ -23,7 +23,7 @@ from qbara.adapters.peft_layout import PREFIX, pattern_value
 from qbara.errors import QbaraError
 from qbara.nn.quantized_linear import QuantizedLinear
 
-UNSUPPORTED = {  # PEFT LoraConfig key -> (value that is fine, why qbara refuses anything else)
+_UNSUPPORTED = {  # PEFT LoraConfig key -> (value that is fine, why qbara refuses anything else)
     "use_dora": (False, "DoRA's magnitude vector"),
     "fan_in_fan_out": (False, "fan_in_fan_out (Conv1D-style) weights"),
     "bias": ("none", "trained biases"),
@@ -40,7 +40,7 @@ def peft_record(data: dict, state_keys, model: nn.Module, directory) -> dict:
     where = Path(directory) / "adapter_config.json"
     if str(data.get("peft_type", "")).upper() != "LORA":
         raise QbaraError(f"{where}: a PEFT {data.get('peft_type')!r} adapter; qbara reads PEFT LoRA adapters only")
-    for key, (fine, what) in UNSUPPORTED.items():
+    for key, (fine, what) in _UNSUPPORTED.items():
         value = data.get(key, fine)
         if value not in (fine, None, [], {}) or (fine is None and value):
             raise QbaraError(f"{where}: {key}={value!r} — qbara cannot represent {what}; merge it in PEFT "

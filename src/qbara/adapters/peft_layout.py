@@ -2,7 +2,7 @@
 and PEFT's per-module patterns.
 
 Each method says how PEFT reads it (`AdapterMethod.peft_fields`, `AdapterMethod.read_peft`). A method PEFT has no
-equivalent for gets `qbara_only_fields`: peft_type names the method and what loads it (`peft_type_for`), so PEFT
+equivalent for gets `qbara_only_fields`: peft_type names the method and what loads it (`_peft_type_for`), so PEFT
 stops at once with that text in its KeyError, and `qbara_note` tells the reader how to get a plain model. Folders
 of earlier versions say just the method ("QAHIRA").
 """
@@ -13,17 +13,17 @@ import re
 from qbara.errors import QbaraError
 
 PREFIX = "base_model.model."  # PEFT's tensor names: PREFIX + <layer>.<parameter>
-NOTE = ("Only qbara loads this {method} adapter (qbara.load_adapter, or --adapter on the qbara CLI): PEFT has no "
+_NOTE = ("Only qbara loads this {method} adapter (qbara.load_adapter, or --adapter on the qbara CLI): PEFT has no "
         "equivalent layer. For other tools, merge it: `qbara export --model BASE --adapter THIS_FOLDER --format hf "
         "--out DIR` writes a plain Hugging Face model (or --format gguf).")
 
 
 def qbara_only_fields(method: str, alpha: float) -> dict:
     """The adapter_config.json entries of a `method` adapter PEFT cannot load."""
-    return {"peft_type": peft_type_for(method), "lora_alpha": alpha, "qbara_note": NOTE.format(method=method)}
+    return {"peft_type": _peft_type_for(method), "lora_alpha": alpha, "qbara_note": _NOTE.format(method=method)}
 
 
-def peft_type_for(method: str) -> str:
+def _peft_type_for(method: str) -> str:
     """The peft_type of a method PEFT has no layer for: PEFT refuses it with `KeyError: '<this text>'`, so it
     says what loads the folder."""
     return f"{method.upper()} (a qbara adapter: PEFT cannot load it; use qbara.load_adapter, see qbara_note)"

@@ -1,17 +1,15 @@
 """QA-HiRA: Quantization-Aware Fine-tuning with Higher Rank Adaptation.
 
-Accurate and Efficient Fine-Tuning of Quantized Large Language Models Through Optimal Balance
-(Shen et al., 2024, arXiv:2407.17029; code: github.com/xiaocaigou/qbaraqahira).
+"Accurate and Efficient Fine-Tuning of Quantized Large Language Models Through Optimal Balance"
+(Shen et al., arXiv:2407.17029).
 
     Δ(x) = s · R_λout(M P_λin(x)),  M (d_out/λout × d_in/λin),  ΔW[o, i] = s · M[o // λout, i // λin] / λin,
 
 one matrix on pooled inputs, of rank up to min(d_out/λout, d_in/λin). With λin a multiple of the base's
 INT group size (the default: λin = G) and λout a multiple of its block rows, ΔW is constant on every
 quantization block and folds exactly into the float minima: a 4-bit model out, no cost at inference.
-λout is chosen per layer so the count comes closest to LoRA's at `rank`. The authors' LLaMA setting is the
-4×8 tile (λin 4, λout 8) on a matching 2-D-block quantizer. Difference from the released code, kept on
-purpose: M starts at zero (the model is unchanged at step 0); the released code re-initialises it
-Kaiming-uniform, a random ΔW at step 0. PEFT has no equivalent layer.
+λout is chosen per layer so the count comes closest to LoRA's at `rank`. M starts at zero, so the model is
+unchanged at step 0. PEFT has no equivalent layer.
 """
 from __future__ import annotations
 
@@ -54,7 +52,7 @@ def auto_pool_out(d_out: int, d_in: int, pool_in: int, rank: int, multiple_of: i
     return min(candidates, key=lambda p: (abs((d_out // p) * (d_in // pool_in) - target), -p))
 
 
-class QAHiRA(AdapterMethod):
+class _QAHiRA(AdapterMethod):
     layer = HiRALinear
     knobs = ("pool_in", "pool_out")
     tensors = ("hira_M",)
@@ -79,4 +77,4 @@ class QAHiRA(AdapterMethod):
                                   layer["in_features"] // layer["pool_in"])}
 
 
-QAHIRA = QAHiRA()
+QAHIRA = _QAHiRA()

@@ -1,15 +1,13 @@
 """QA-LoRA.
 
-QA-LoRA: Quantization-Aware Low-Rank Adaptation of Large Language Models (Xu et al., 2023, arXiv:2309.14717).
+"QA-LoRA: Quantization-Aware Low-Rank Adaptation of Large Language Models" (Xu et al., arXiv:2309.14717).
 
     Δ(x) = s · B A P_G(x),  A (r × d_in/G),  B (d_out × r),  ΔW[o, i] = s · (B A)[o, i // G] / G,
 
 with G the base's quantization group size: ΔW is constant on every quantization group, so it folds
 exactly into an INT base's float minima (`AdaptedLinear.fold`). Pooling averages (as the reference code
-does; a sum would make ΔW's Adam steps G times larger). Differences from the released code, kept on purpose:
-A starts Kaiming-uniform like LoRA's (bound 1/√(d_in/G)) where QA-LoRA's code uses Xavier-uniform
-(bound √(6 / (r + d_in/G))): at r 64 and G 32, 0.236 against 0.270 on 576-wide inputs and 0.144 against
-0.231 on 1536-wide ones. The benchmarks ran with this init.
+does; a sum would make ΔW's Adam steps G times larger). A starts Kaiming-uniform like LoRA's (bound
+1/√(d_in/G)), where QA-LoRA's code uses Xavier-uniform.
 
 In PEFT's adapter_config.json it is PEFT's QA-LoRA (`use_qalora=True`, `qalora_group_size=G`). PEFT sums the
 pooled inputs (it multiplies the average by the n = d_in / G groups) where qbara averages, so the tensors are
@@ -29,6 +27,8 @@ from qbara.adapters.lora import LoRALinear, lora_shapes
 from qbara.adapters.peft_layout import pattern_keys
 from qbara.errors import QbaraError
 
+__all__ = ["matching_rank"]
+
 
 class QALoRALinear(LoRALinear):
     """LoRA on inputs average-pooled by the base's group size."""
@@ -47,7 +47,7 @@ def matching_rank(shapes: list[tuple[int, int]], rank: int, group: int) -> int:
     return max(1, round(lora / sum(d_in // group + d_out for d_out, d_in in shapes)))
 
 
-class QALoRA(AdapterMethod):
+class _QALoRA(AdapterMethod):
     layer = QALoRALinear
     knobs = ("pool_in",)
     tensors = ("lora_A", "lora_B")
@@ -88,4 +88,4 @@ class QALoRA(AdapterMethod):
         return in_features // pool_in
 
 
-QALORA = QALoRA()
+QALORA = _QALoRA()

@@ -1,14 +1,13 @@
 """Q-BaRA: Quantized LLMs with Balanced-rank Adaptation.
 
-Accurate and Efficient Fine-Tuning of Quantized Large Language Models Through Optimal Balance
-(Shen et al., 2024, arXiv:2407.17029; code: github.com/xiaocaigou/qbaraqahira).
+"Accurate and Efficient Fine-Tuning of Quantized Large Language Models Through Optimal Balance"
+(Shen et al., arXiv:2407.17029).
 
     Δ(x) = s · R_λ(B A P_λ(x)),  A (λr × d_in/λ),  B (d_out/λ × λr),  ΔW[o, i] = s · (B A)[o // λ, i // λ] / λ.
 
 The input is average-pooled by λ, the rank raised to λ·r and the output repeated λ times: the trainable
-parameters λr (d_in/λ + d_out/λ) = r (d_in + d_out) equal LoRA's at rank r, at λ times the rank. Authors'
-setting: λ = 2, r = 64, α = 16 (scaling kept α / r), NF4 with double quantization, dropout 0. PEFT has no
-equivalent layer.
+parameters λr (d_in/λ + d_out/λ) = r (d_in + d_out) equal LoRA's at rank r, at λ times the rank. PEFT has
+no equivalent layer.
 """
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ class QBaRALinear(LoRALinear):
         super().__init__(base, pool * rank, scaling, pool, pool, dropout, name)
 
 
-class QBaRA(AdapterMethod):
+class _QBaRA(AdapterMethod):
     layer = QBaRALinear
     knobs = ("pool",)
     tensors = ("lora_A", "lora_B")
@@ -41,4 +40,4 @@ class QBaRA(AdapterMethod):
         return lora_shapes(config.pool * config.rank, layer)
 
 
-QBARA = QBaRA()
+QBARA = _QBaRA()

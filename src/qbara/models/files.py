@@ -58,7 +58,7 @@ def load_config(folder):
 
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
 
 
@@ -67,11 +67,11 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    names = TOKENIZER_FILES[:4]
+    names = _TOKENIZER_FILES[:4]
     if not any((path / name).is_file() for name in names):
         raise QbaraError(f"{path} has no tokenizer ({', '.join(names)}); copy the base model's tokenizer files "
                          f"into it")
-    check_tokenizer_files(path)
+    _check_tokenizer_files(path)
     check_no_remote_code(path)
     check_tokenizer_config(path)
     try:
@@ -87,19 +87,19 @@ def load_tokenizer(path: Path):
                          f"base model's tokenizer files into the folder") from None
 
 
-MAX_TOKENIZER_BYTES = 1 << 28  # a tokenizer.json with a large vocabulary is tens of MB
+_MAX_TOKENIZER_BYTES = 1 << 28  # a tokenizer.json with a large vocabulary is tens of MB
 
 
-def check_tokenizer_files(path: Path) -> None:
+def _check_tokenizer_files(path: Path) -> None:
     """Each tokenizer file present is a regular file (a pipe or a device would block transformers or never end)
     and each JSON one valid JSON of bounded nesting: a damaged one is refused naming it."""
-    for name in TOKENIZER_FILES:
+    for name in _TOKENIZER_FILES:
         file = path / name
         if not (file.exists() or file.is_symlink()):
             continue
         if name.endswith(".json"):
             read_json_file(file, name, fix="copy the base model's tokenizer files into the folder",
-                           max_bytes=MAX_TOKENIZER_BYTES)
+                           max_bytes=_MAX_TOKENIZER_BYTES)
         else:
             regular_file(file, f"tokenizer file {name}")
 

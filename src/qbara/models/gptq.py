@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from qbara.data.corpora import shakespeare_text
 from qbara.errors import QbaraError
@@ -32,11 +33,10 @@ from qbara.quant.tensor import quantize
 from qbara.state import enable_native_save, state_of
 from qbara.targets import ALL_LINEAR, layer_configs, set_submodule
 
-__all__ = ["CALIBRATION_PLAYS", "DEFAULT_LENGTH", "DEFAULT_SAMPLES", "GPTQReport", "decoder_layers",
-           "gptq_calibration", "gptq_quantize_model"]
+__all__ = ["DEFAULT_SAMPLES", "DEFAULT_LENGTH", "gptq_calibration", "gptq_quantize_model"]
 
 # Calibration text: modern-spelling plays, none of them Hamlet (the perplexity text of qbara's benchmarks).
-CALIBRATION_PLAYS = ("macbeth", "othello", "lear", "julius_caesar", "tempest", "twelfth_night",
+_CALIBRATION_PLAYS = ("macbeth", "othello", "lear", "julius_caesar", "tempest", "twelfth_night",
                      "romeo_and_juliet", "merchant_of_venice")
 DEFAULT_SAMPLES = 128  # the GPTQ paper's 128 random segments (of 2048 tokens; 256 here, SmolLM2-sized)
 DEFAULT_LENGTH = 256
@@ -59,7 +59,7 @@ class GPTQReport:
 
 
 def gptq_calibration(tokenizer, samples: int = DEFAULT_SAMPLES, length: int = DEFAULT_LENGTH,
-                     plays: Sequence[str] = CALIBRATION_PLAYS, exclude: Sequence[str] = ("hamlet",),
+                     plays: Sequence[str] = _CALIBRATION_PLAYS, exclude: Sequence[str] = ("hamlet",),
                      seed: int = 0) -> Tensor:
     """(samples, length) token windows at random offsets of the Shakespeare `plays` (less `exclude`, e.g. the
     play perplexity is measured on), joined into one text."""
@@ -71,7 +71,7 @@ def gptq_calibration(tokenizer, samples: int = DEFAULT_SAMPLES, length: int = DE
     return calibration_sequences(tokenizer, text, samples, length, seed=seed)
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(name, list) of the model's decoder layers: the ModuleList with `config.num_hidden_layers` entries."""
     count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for name, module in model.named_modules():
@@ -99,7 +99,7 @@ def gptq_quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, Quan
     per_layer = layer_configs(model, quant, modules)
     for name, config in per_layer.items():
         _check_format(config, name)
-    prefix, layers = decoder_layers(model)
+    prefix, layers = _decoder_layers(model)
     owned = _targets_by_layer(per_layer, prefix, len(layers))
     was_training = model.training
     model.eval()
@@ -236,8 +236,6 @@ def _collect_hessians(layer: nn.Module, linears: Mapping[str, nn.Module], states
 def _walk_layers(model, layers, prefix, owned, per_layer, states, report: GPTQReport, options: dict,
                  progress: bool) -> None:
     """Quantize decoder layer after decoder layer, feeding each quantized layer's outputs to the next."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(range(len(layers)), desc="GPTQ", unit="layer", disable=not progress, leave=False)
     for i in bar:
         names = owned[i]

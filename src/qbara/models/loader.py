@@ -118,7 +118,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu", quan
 def _refuse_unknown(path: Path, name: str) -> None:
     """The error for a name or path that is no model source `load_model` knows."""
     if path.is_dir():
-        refuse_adapter_folder(path)
+        _refuse_adapter_folder(path)
         raise QbaraError(f"The folder {name!r} has no config.json. Expected {_choices()}.")
     if path.exists():
         raise QbaraError(f"{name!r} is not a model folder or a .gguf file. Expected {_choices()}.")
@@ -177,12 +177,12 @@ def load_model_config(name_or_path):
     return config
 
 
-ADAPTER_FILES = ("adapter_config.json", "qbara_adapter.json")
+_ADAPTER_FILES = ("adapter_config.json", "qbara_adapter.json")
 
 
-def refuse_adapter_folder(path: Path) -> None:
+def _refuse_adapter_folder(path: Path) -> None:
     """Refuse an adapter folder passed where a model is expected, saying how to load it."""
-    if any((path / name).is_file() for name in ADAPTER_FILES):
+    if any((path / name).is_file() for name in _ADAPTER_FILES):
         raise QbaraError(f"{str(path)!r} is an adapter folder, not a model: load its base and pass the adapter "
                          f"(qbara.load_model(base); qbara.load_adapter(model, dir) / --adapter)")
 
@@ -224,7 +224,7 @@ def _load_hf_folder(path: Path, dtype: torch.dtype):
     check_hf_folder(path)
     config = load_config(path)
     try:
-        with quiet_transformers():  # qbara reports what matters (check_loading_info) in one line
+        with quiet_transformers():  # qbara reports what matters (_check_loading_info) in one line
             model, info = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype,
                                                                local_files_only=True,
                                                                output_loading_info=True, trust_remote_code=False,
@@ -232,7 +232,7 @@ def _load_hf_folder(path: Path, dtype: torch.dtype):
     except LOAD_ERRORS as exc:
         raise QbaraError(f"Cannot load the model folder {str(path)!r} ({one_line(exc)}); the folder is damaged "
                          f"or not a causal LM transformers knows") from None
-    check_loading_info(info, path)
+    _check_loading_info(info, path)
     return model, load_tokenizer(path)
 
 
@@ -240,7 +240,7 @@ def _load_hf_folder(path: Path, dtype: torch.dtype):
 _QBARA_KEYS = (".codes", ".scale", ".minimum", ".absmax", ".base.", *ADAPTER_TENSORS)
 
 
-def check_loading_info(info: dict, path) -> None:
+def _check_loading_info(info: dict, path) -> None:
     """Refuse a checkpoint whose weights do not cover the model exactly: transformers would fill the gaps
     with random initialisation and say so only in a log line."""
     missing = sorted(info.get("missing_keys") or [])
@@ -258,4 +258,4 @@ def check_loading_info(info: dict, path) -> None:
                          f"gaps with random weights. The folder is incomplete or mixes two models: save it again")
 
 
-__all__ = ["DEFAULT_MODEL", "BUILTIN_MODELS", "load_model", "load_model_config", "load_model_tokenizer"]
+__all__ = ["base_model_path", "load_model", "load_model_tokenizer", "load_model_config"]

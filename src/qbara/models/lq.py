@@ -41,12 +41,12 @@ from qbara.models.quantized_io import is_quantized_folder
 from qbara.models.streaming import (
     INDEX,
     SINGLE,
-    _stream,
     checkpoint_dtype,
     checkpoint_files,
     default_compute_dtype,
     empty_model,
     safetensors_reader,
+    stream_checkpoint,
     use_compute_dtype,
 )
 from qbara.nn.quantized_linear import QuantizedLinear
@@ -55,8 +55,7 @@ from qbara.state import enable_native_save, state_of
 from qbara.targets import ALL_LINEAR, layer_configs, linear_layer_names, rounding_importance, set_submodule
 from qbara.validate import check_hf_folder
 
-__all__ = ["build_lq_model", "quantize_with_factors", "checkpoint_folder", "checkpoint_file_budget",
-           "load_calibration_model"]
+__all__ = ["build_lq_model", "quantize_with_factors", "checkpoint_folder", "load_calibration_model"]
 
 
 def build_lq_model(source: nn.Module | str | Path, lq: LQConfig, adapter, *, modules=None,
@@ -181,9 +180,9 @@ class _FolderSource:
 
     def build(self, layers, decs, importance, progress: bool):
         """The model streamed from the shards with `layers` quantized: the decomposed ones as their Q."""
-        model = _stream(self.config, safetensors_reader(self.files), self.folder, layers, "all-linear",
-                        self.storage, "cpu", progress, packed={n: dec.qtensor for n, dec in decs.items()},
-                        importance=importance)
+        model = stream_checkpoint(self.config, safetensors_reader(self.files), self.folder, layers, "all-linear",
+                                  self.storage, "cpu", progress, packed={n: dec.qtensor for n, dec in decs.items()},
+                                  importance=importance)
         state = state_of(model)
         self.dense_fingerprint = state.base_fingerprint
         state.loaded_quant = None  # the Q of decompositions, not a plain quantization of the checkpoint

@@ -21,6 +21,8 @@ from qbara.targets import set_submodule
 from qbara.tensor_checks import check_digest, check_tensor, read_safetensors
 from qbara.validate import check_hf_folder, read_json_file
 
+__all__ = ["is_quantized_folder"]
+
 
 def is_quantized_folder(path) -> bool:
     """A folder qbara wrote with packed quantized layers: by its manifest or its config.json entry."""

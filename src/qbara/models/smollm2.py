@@ -15,15 +15,11 @@ from pathlib import Path
 import torch
 
 from qbara.errors import QbaraError
-from qbara.models.embedded import CONVERSION_VERSION, SMOLLM2, SOURCE_MARKER, cache_root, embedded_dir
+from qbara.models.embedded import SMOLLM2, embedded_dir
 from qbara.models.files import LOAD_ERRORS, load_gguf_tokenizer, one_line
 from qbara.validate import check_config_sizes, check_config_values, gguf_reader
 
-SMOLLM2_PACKAGE = SMOLLM2.module
-SMOLLM2_CACHE_NAME = SMOLLM2.cache_name
-
-__all__ = ["CONVERSION_VERSION", "SOURCE_MARKER", "cache_root", "check_gguf_layout", "convert_gguf_to_hf",
-           "gguf_config", "load_gguf_as_hf", "smollm2_dir", "smollm2_gguf_path"]
+__all__ = ["smollm2_gguf_path", "smollm2_dir", "load_gguf_as_hf"]
 
 
 def smollm2_gguf_path() -> Path:

@@ -8,7 +8,7 @@ everything that is not quantized keeps its storage dtype), or a model's own stat
 Memory: the quantized model plus the temporaries of one tensor (its bf16 read, an fp32 copy, the
 quantizer's work arrays); no dense copy of the model ever exists. The non-quantized weights (embeddings,
 norms, lm_head) stay in the checkpoint's dtype (bf16 for a bf16 checkpoint) and are cast to the compute
-dtype where they are used (`use_compute_dtype`): fp32 on CPU, where bf16 matmul is ~140x slower, bf16 on GPUs.
+dtype where they are used (`use_compute_dtype`): fp32 on CPU, where bf16 matmul is slow, bf16 on GPUs.
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ from qbara.targets import ALL_LINEAR, layer_configs, rounding_importance, set_su
 from qbara.tensor_checks import check_tensor
 from qbara.validate import SAFETENSORS_INDEX, check_config_sizes, check_hf_folder, safetensors_index_files
 
+__all__ = ["empty_model", "quantize_model", "dequantize_model"]
+
 SINGLE = "model.safetensors"
 INDEX = SAFETENSORS_INDEX
 
@@ -51,7 +53,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 def default_compute_dtype(device) -> torch.dtype:
-    """bf16 on CUDA, fp32 elsewhere (CPUs here run bf16 matmul ~140x slower than fp32)."""
+    """bf16 on CUDA, fp32 elsewhere (bf16 matmul is slow on CPUs)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
@@ -68,8 +70,8 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
     files = checkpoint_files(folder)
     check_hf_folder(folder, files)  # config values and sizes, shard headers: before anything is built
     config = load_config(folder)
-    return _stream(config, safetensors_reader(files), folder, quant, modules, dtype or checkpoint_dtype(files[0]),
-                   device, progress)
+    return stream_checkpoint(config, safetensors_reader(files), folder, quant, modules,
+                             dtype or checkpoint_dtype(files[0]), device, progress)
 
 
 def load_gguf_stream(path, quant: QuantConfig | Mapping[str, QuantConfig], modules=ALL_LINEAR,
@@ -81,8 +83,8 @@ def load_gguf_stream(path, quant: QuantConfig | Mapping[str, QuantConfig], modul
     check_gguf_layout(path)
     config = gguf_config(path)  # its values checked before transformers computes with them
     check_config_sizes(config.to_dict(), path.stat().st_size, path)
-    return _stream(config, lambda model: _gguf_tensors(path, model), path, quant, modules,
-                   dtype or torch.float32, device, progress)
+    return stream_checkpoint(config, lambda model: _gguf_tensors(path, model), path, quant, modules,
+                             dtype or torch.float32, device, progress)
 
 
 def _gguf_tensors(path: Path, model):
@@ -125,7 +127,7 @@ def empty_model(config, storage: torch.dtype, source="the model config"):
                          f"damaged (fix the value or get the model again)") from None
 
 
-def open_safetensors(file: Path):
+def _open_safetensors(file: Path):
     """safe_open on a shard, its refusal (a header check_hf_folder let through: an unknown dtype, overlapping
     tensors) one QbaraError naming the file."""
     try:
@@ -136,11 +138,11 @@ def open_safetensors(file: Path):
 
 
 def safetensors_reader(files: list[Path]):
-    """read(model) for `_stream`: (key, load, where) for every tensor of the shards, in file order."""
+    """read(model) for `stream_checkpoint`: (key, load, where) for every tensor of the shards, in file order."""
 
     def read(model):
         for file in files:
-            with open_safetensors(file) as reader:
+            with _open_safetensors(file) as reader:
                 for key in reader.keys():
                     yield key, (lambda reader=reader, key=key: reader.get_tensor(key)), f"{file}: {key}"
             release_freed_memory()
@@ -148,7 +150,7 @@ def safetensors_reader(files: list[Path]):
     return read
 
 
-def _stream(config, read, source, quant, modules, storage: torch.dtype, device, progress: bool, packed=None,
+def stream_checkpoint(config, read, source, quant, modules, storage: torch.dtype, device, progress: bool, packed=None,
             importance=None):
     """Fill a weightless skeleton of `config` from `read(model)`'s (key, load, where) triples, quantizing the
     target linears as they come (one dense tensor at a time). packed: layer name -> QuantizedTensor built
@@ -287,7 +289,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 def checkpoint_dtype(file: Path) -> torch.dtype:
     """The dtype of the first floating tensor of a safetensors file (read from its header, nothing loaded)."""
-    with open_safetensors(file) as reader:
+    with _open_safetensors(file) as reader:
         for key in reader.keys():
             dtype = reader.get_slice(key).get_dtype()
             resolved = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dtype)

@@ -10,6 +10,8 @@ import torch
 
 from qbara.errors import QbaraError
 
+__all__ = ["EOS_TOKEN", "PAD_TOKEN", "IM_START", "IM_END", "SPECIAL_TOKENS", "tiny_llama", "tiny_architecture"]
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 IM_START = "<|im_start|>"
