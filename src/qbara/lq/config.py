@@ -26,6 +26,7 @@ from qbara.lq.fisher import open_fisher
 from qbara.lq.imatrix import load_importance
 from qbara.lq.tables import ErrorTable
 from qbara.quant.config import QuantConfig
+from qbara.quant.formats import check_takes_importance
 
 __all__ = ["LQConfig", "LQ_METHODS"]
 
@@ -126,10 +127,7 @@ class LQConfig:
         configs = self.configs
         candidates = ([] if configs is None else [configs] if isinstance(configs, QuantConfig)
                       else list(configs.values()) if isinstance(configs, Mapping) else list(configs))
-        if not any(c.family.takes_importance for c in candidates):
-            raise QbaraError("importance weights the rounding of gguf:* formats, and none of the configs is one (the "
-                             "default candidates are NF); give gguf:* configs (qbara.lq.gguf_configs()) or drop "
-                             "importance")
+        check_takes_importance(candidates, " (the default candidates are NF)")
 
     def _check_loftq(self) -> None:
         if self.budget is not None or not self.fixed:

@@ -87,6 +87,7 @@ from qbara.lq.ilp import budget_range
 from qbara.lq.parallel import active_dist, collective_device, my_share, run_per_matrix
 from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import stored_scales
+from qbara.quant.formats import check_takes_importance
 from qbara.quant.nf import keep_ratios, nf_values, quantize_nf_values, scale_blocks
 from qbara.targets import linear_layer_names
 from qbara.tensor_checks import read_safetensors
@@ -532,9 +533,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
                 raise QbaraError(f"{n}: Fisher shape {tuple(fisher_shapes[n])} differs from the weight's {s}")
 
     if importance is not None:
-        if not any(c.family.takes_importance for c in configs):
-            raise QbaraError("an importance weights the rounding of gguf:* formats, and none of the configs is one; "
-                             "drop importance= or add gguf:* configs (qbara.lq.gguf_configs())")
+        check_takes_importance(configs)
         lacking = [n for n in names if n not in importance]
         if lacking:
             raise QbaraError(f"the importance lacks {lacking[:3]} ({len(lacking)} layers); compute it for the same "
