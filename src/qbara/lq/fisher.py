@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from qbara.atomic import save_safetensors_atomic
 from qbara.errors import QbaraError
@@ -62,8 +63,6 @@ def fisher_information(model: nn.Module, sequences: Tensor | Sequence, names: Se
     one shard per pass over the sequences (the memory held is one shard's), and returned read lazily
     (`open_fisher`); without, all matrices are returned in memory.
     """
-    from tqdm.auto import tqdm
-
     seqs = _sequences(sequences)
     layers = target_linears(model, names)
     loss_fn = loss_fn or causal_lm_loss

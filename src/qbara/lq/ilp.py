@@ -22,6 +22,7 @@ give the matrices-only budget above.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import sys
@@ -138,8 +139,6 @@ def allocation_bits(choice, bits, numels) -> float:
 
 def _flush_c_stdout() -> None:
     try:
-        import ctypes
-
         ctypes.CDLL(None).fflush(None)
     except (OSError, AttributeError):
         pass

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from qbara.atomic import save_safetensors_atomic
 from qbara.errors import QbaraError
@@ -24,8 +25,6 @@ def importance_matrix(model: nn.Module, sequences: Tensor | Sequence, names: Seq
     """Name -> (d_in,) fp32 mean of x² per input column of each target linear over every token of `sequences`
     ((n, length) token ids or a list of 1-D tensors; forward passes only, in eval mode, one sequence at a time).
     names: layer names (default: every linear but the output embedding). Memory: one d_in vector per layer."""
-    from tqdm.auto import tqdm
-
     seqs = _sequences(sequences)
     layers = target_linears(model, names, "an importance matrix")
     sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in layers.items()}

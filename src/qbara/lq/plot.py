@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
 from qbara.lq.layers import LQReport
 from qbara.plotting import pyplot, save_figure
 
@@ -18,8 +20,6 @@ def layer_and_module(name: str) -> tuple[int, str]:
 
 def plot_bits_per_layer(report: LQReport, path, title: str | None = None) -> Path:
     """Heat map (modules x layers) of each matrix's bits/param, with the mean per layer below it."""
-    import numpy as np
-
     cells = {layer_and_module(n): layer.config.bits_per_param for n, layer in report.layers.items()}
     layers = sorted({k[0] for k in cells})
     modules = list(dict.fromkeys(k[1] for k in sorted(cells, key=lambda k: (k[0], k[1]))))

@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from qbara.atomic import save_safetensors_atomic, write_json_atomic
@@ -227,8 +228,6 @@ class ErrorTable:
 
     @classmethod
     def load(cls, path) -> "ErrorTable":
-        from safetensors import SafetensorError
-
         path = Path(path)
         json_path = path.with_suffix(".json")
         fix = "delete it to recompute"
