@@ -12,12 +12,11 @@ from qbara.lq.ilp import allocate, budget_range
 from qbara.lq.imatrix import importance_matrix, load_importance, save_importance
 from qbara.lq.layers import LQReport, decompose_layers
 from qbara.lq.loftq import loftq
-from qbara.lq.tables import Allocation, ErrorTable, error_table, lq_cache_dir, matrix_costs
+from qbara.lq.tables import ErrorTable, error_table, matrix_costs
 
 __all__ = [
     "Decomposition", "decompose", "randomized_svd", "candidate_configs", "config_bits", "pareto_front",
-    "qlora_config", "allocate", "budget_range", "ErrorTable", "Allocation", "error_table", "matrix_costs",
-    "lq_cache_dir", "fisher_information", "calibration_sequences", "save_fisher", "load_fisher", "loftq",
-    "LQReport", "decompose_layers", "gguf_configs", "FileBudget", "LQConfig",
-    "importance_matrix", "save_importance", "load_importance",
+    "qlora_config", "allocate", "budget_range", "ErrorTable", "error_table", "matrix_costs", "fisher_information",
+    "calibration_sequences", "save_fisher", "load_fisher", "loftq", "LQReport", "decompose_layers", "gguf_configs",
+    "FileBudget", "LQConfig", "importance_matrix", "save_importance", "load_importance",
 ]

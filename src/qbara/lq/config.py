@@ -28,7 +28,7 @@ from qbara.lq.tables import ErrorTable
 from qbara.quant.config import QuantConfig
 from qbara.quant.formats import check_takes_importance
 
-__all__ = ["LQConfig", "LQ_METHODS"]
+__all__ = ["LQConfig"]
 
 LQ_METHODS = ("lq", "loftq")
 DEFAULT_MAX_ITERS = 100

@@ -16,8 +16,7 @@ from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
 from qbara.quant.ggml import GGML_FORMATS
 
-__all__ = ["CODE_BITS", "BLOCK_SIZES", "DQ_BITS", "DQ_BLOCK_SIZES", "DQ_DTYPES", "candidate_configs",
-           "config_bits", "pareto_front", "qlora_config", "gguf_configs"]
+__all__ = ["DQ_DTYPES", "candidate_configs", "config_bits", "pareto_front", "qlora_config", "gguf_configs"]
 
 CODE_BITS = (2, 3, 4, 8)  # b
 DQ_BITS = (2, 3, 4, 8)  # b0

@@ -44,8 +44,10 @@ from qbara.quant.ggml import check_importance
 from qbara.quant.nf import block_absmax, quantize_nf_values
 from qbara.quant.tensor import QuantizedTensor, quantize
 
-__all__ = ["Decomposition", "decompose", "randomized_svd", "fisher_scalings", "low_rank_factors",
-           "weighted_error", "quantize_step", "check_decompose_inputs", "check_starts", "STARTS"]
+__all__ = [
+    "Decomposition", "decompose", "randomized_svd", "fisher_scalings", "low_rank_factors", "weighted_error",
+    "quantize_step",
+]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
 
-__all__ = ["FACTOR_CONFIG", "quantize_factor", "quantize_factors", "BitsAccount", "bits_account", "store_factors"]
+__all__ = ["FACTOR_CONFIG", "quantize_factor", "quantize_factors", "bits_account", "store_factors"]
 
 FACTOR_CONFIG = QuantConfig("nf8", block_size=64, double_quant=True, dq_bits=8, dq_dtype="fp32",
                             dq_block_size=256)  # 8 + 8/64 + 32/(64·256) = 8.127 bits per value

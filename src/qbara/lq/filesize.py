@@ -25,7 +25,7 @@ from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.ggml import GGML_FORMATS, check_ggml_shape
 from qbara.targets import linear_layer_names
 
-__all__ = ["FileBudget", "FLOAT_BITS", "tensor_bits"]
+__all__ = ["FileBudget", "tensor_bits"]
 
 FLOAT_BITS = {"f32": 32, "f16": 16, "bf16": 16}
 ADAPTER_FORMATS = ("f32", "f16")  # what export_gguf_lora writes (its dtype=)

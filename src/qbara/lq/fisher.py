@@ -19,8 +19,7 @@ from qbara.lazy_tensors import LazyTensors
 from qbara.targets import linear_layer_names
 from qbara.tensor_checks import safetensors_metadata
 
-__all__ = ["fisher_information", "causal_lm_loss", "calibration_sequences", "save_fisher", "load_fisher",
-           "open_fisher"]
+__all__ = ["fisher_information", "calibration_sequences", "save_fisher", "load_fisher", "open_fisher"]
 
 FISHER_FORMAT = "qbara-fisher"
 

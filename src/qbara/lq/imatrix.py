@@ -15,7 +15,7 @@ from qbara.errors import QbaraError
 from qbara.lq.fisher import _sequences, target_linears
 from qbara.tensor_checks import read_safetensors, safetensors_metadata
 
-__all__ = ["importance_matrix", "save_importance", "load_importance", "IMATRIX_FORMAT"]
+__all__ = ["importance_matrix", "save_importance", "load_importance"]
 
 IMATRIX_FORMAT = "qbara-imatrix"
 

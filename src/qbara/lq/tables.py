@@ -94,8 +94,7 @@ from qbara.targets import linear_layer_names
 from qbara.tensor_checks import read_safetensors
 from qbara.validate import read_json_file
 
-__all__ = ["ErrorTable", "Allocation", "error_table", "matrix_costs", "converged_cost", "lq_cache_dir",
-           "TABLE_VERSION"]
+__all__ = ["ErrorTable", "error_table", "matrix_costs", "converged_cost"]
 
 # bump when the computation changes, so old caches are not reused (3: svd + quantize starts; 4: dq_mode "refine")
 TABLE_VERSION = 4

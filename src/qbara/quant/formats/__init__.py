@@ -56,4 +56,4 @@ def check_takes_importance(configs: Iterable, hint: str = "") -> None:
 _index()
 FORMATS: tuple[str, ...] = tuple(_BY_FORMAT)  # the built-in formats, family by family
 
-__all__ = ["FAMILIES", "FORMATS", "QuantFormat", "check_takes_importance", "family_of", "register", "unregister"]
+__all__ = ["FAMILIES", "FORMATS", "check_takes_importance", "family_of", "register", "unregister"]
