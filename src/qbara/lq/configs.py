@@ -18,16 +18,16 @@ from qbara.quant.ggml import GGML_FORMATS
 
 __all__ = ["DQ_DTYPES", "candidate_configs", "config_bits", "pareto_front", "qlora_config", "gguf_configs"]
 
-CODE_BITS = (2, 3, 4, 8)  # b
-DQ_BITS = (2, 3, 4, 8)  # b0
+_CODE_BITS = (2, 3, 4, 8)  # b
+_DQ_BITS = (2, 3, 4, 8)  # b0
 DQ_DTYPES = ("bf16", "fp16", "fp32")  # b1
-BLOCK_SIZES = (16, 32, 64)  # B0
-DQ_BLOCK_SIZES = (16, 64, 256)  # B1
+_BLOCK_SIZES = (16, 32, 64)  # B0
+_DQ_BLOCK_SIZES = (16, 64, 256)  # B1
 
 
-def candidate_configs(code_bits: Sequence[int] = CODE_BITS, block_sizes: Sequence[int] = BLOCK_SIZES,
-                      dq_bits: Sequence[int] = DQ_BITS, dq_dtypes: Sequence[str] = DQ_DTYPES,
-                      dq_block_sizes: Sequence[int] = DQ_BLOCK_SIZES) -> list[QuantConfig]:
+def candidate_configs(code_bits: Sequence[int] = _CODE_BITS, block_sizes: Sequence[int] = _BLOCK_SIZES,
+                      dq_bits: Sequence[int] = _DQ_BITS, dq_dtypes: Sequence[str] = DQ_DTYPES,
+                      dq_block_sizes: Sequence[int] = _DQ_BLOCK_SIZES) -> list[QuantConfig]:
     """The LQ-LoRA candidate set (432 configs with the defaults), in a fixed order: b, B0, b0, b1, B1.
 
     Configs sharing (b, B0) are contiguous: they differ only in how the absmax scales are stored.

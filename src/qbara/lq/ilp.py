@@ -34,7 +34,7 @@ from qbara.lq.configs import pareto_front
 
 __all__ = ["allocate", "budget_range", "allocation_bits", "matrix_budget"]
 
-MIP_REL_GAP = 1e-9
+_MIP_REL_GAP = 1e-9
 
 
 def _as_arrays(costs, bits, numels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -336,7 +336,7 @@ def _allocate(costs: np.ndarray, bits: np.ndarray, numels: np.ndarray, budget: f
     one_each = coo_matrix((np.ones(k), (rows_a, np.arange(k))), shape=(n, k))
 
     rhs = budget
-    options = {"mip_rel_gap": MIP_REL_GAP, "presolve": True}
+    options = {"mip_rel_gap": _MIP_REL_GAP, "presolve": True}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
     for _ in range(5):

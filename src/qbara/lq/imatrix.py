@@ -17,7 +17,7 @@ from qbara.tensor_checks import read_safetensors, safetensors_metadata
 
 __all__ = ["importance_matrix", "save_importance", "load_importance"]
 
-IMATRIX_FORMAT = "qbara-imatrix"
+_IMATRIX_FORMAT = "qbara-imatrix"
 
 
 def importance_matrix(model: nn.Module, sequences: Tensor | Sequence, names: Sequence[str] | None = None, *,
@@ -55,13 +55,13 @@ def importance_matrix(model: nn.Module, sequences: Tensor | Sequence, names: Seq
 def save_importance(importance: Mapping[str, Tensor], path) -> Path:
     """Write name -> importance (per-column vectors or per-weight tensors) as safetensors, fp32."""
     return save_safetensors_atomic({n: t.detach().float().contiguous() for n, t in importance.items()}, path,
-                                   metadata={"format": IMATRIX_FORMAT})
+                                   metadata={"format": _IMATRIX_FORMAT})
 
 
 def load_importance(path) -> dict[str, Tensor]:
     """Read a file written by `save_importance`."""
     tensors = read_safetensors(path)  # one clear error for a missing or damaged file
-    if safetensors_metadata(path, "importance file").get("format") != IMATRIX_FORMAT:
+    if safetensors_metadata(path, "importance file").get("format") != _IMATRIX_FORMAT:
         raise QbaraError(f"{str(path)!r} is not a qbara importance-matrix file (written by save_importance); "
                          f"compute it with qbara.lq.importance_matrix")
     return tensors

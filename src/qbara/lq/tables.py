@@ -103,7 +103,7 @@ DQ_CHUNK_ELEMENTS = 1 << 20
 DEFAULT_TABLE_ITERS = 8  # the fast approximation's (dq_mode="shared") iterations
 
 
-def lq_cache_dir() -> Path:
+def _lq_cache_dir() -> Path:
     """$QBARA_CACHE/lq, or ~/.cache/qbara/lq."""
     env = os.environ.get("QBARA_CACHE")
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "qbara"
@@ -320,16 +320,16 @@ def _dq_chunk(R: Tensor, absmax: Tensor, v: Tensor, bits: int, settings, S: Tens
 
 
 # which b1 (dtype of the stored scales' maxima) runs the alternation of its family, first present wins
-REPRESENTATIVE_DTYPES = ("fp16", "bf16", "fp32")
-DQ_MODES = ("shared", "refine", "loop")
-MODE_ITERS = {"refine": (100, 3), "shared": (DEFAULT_TABLE_ITERS, 1), "loop": (DEFAULT_TABLE_ITERS, 1)}
+_REPRESENTATIVE_DTYPES = ("fp16", "bf16", "fp32")
+_DQ_MODES = ("shared", "refine", "loop")
+_MODE_ITERS = {"refine": (100, 3), "shared": (DEFAULT_TABLE_ITERS, 1), "loop": (DEFAULT_TABLE_ITERS, 1)}
 
 
-def table_mode(dq_mode: str, iters: int | None, patience: int | None) -> tuple[str, int, int]:
-    """(dq_mode, iters, patience) checked, with each mode's defaults (MODE_ITERS) for the ones left None."""
-    if dq_mode not in DQ_MODES:
-        raise QbaraError(f"dq_mode must be one of {', '.join(map(repr, DQ_MODES))}, got {dq_mode!r}")
-    default_iters, default_patience = MODE_ITERS[dq_mode]
+def _table_mode(dq_mode: str, iters: int | None, patience: int | None) -> tuple[str, int, int]:
+    """(dq_mode, iters, patience) checked, with each mode's defaults (_MODE_ITERS) for the ones left None."""
+    if dq_mode not in _DQ_MODES:
+        raise QbaraError(f"dq_mode must be one of {', '.join(map(repr, _DQ_MODES))}, got {dq_mode!r}")
+    default_iters, default_patience = _MODE_ITERS[dq_mode]
     iters = default_iters if iters is None else iters
     patience = default_patience if patience is None else patience
     for label, value in (("iters", iters), ("patience", patience)):
@@ -359,8 +359,8 @@ def _rounded_costs(costs: Tensor, configs: Sequence[QuantConfig], members: Seque
 
 
 def _representative(configs: Sequence[QuantConfig], family: Sequence[int]) -> int:
-    """The config of a (b, B0, b0, B1) family whose own alternation stands for all: by REPRESENTATIVE_DTYPES."""
-    return min(family, key=lambda j: REPRESENTATIVE_DTYPES.index(configs[j].dq_dtype))
+    """The config of a (b, B0, b0, B1) family whose own alternation stands for all: by _REPRESENTATIVE_DTYPES."""
+    return min(family, key=lambda j: _REPRESENTATIVE_DTYPES.index(configs[j].dq_dtype))
 
 
 def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iters: int | None = None,
@@ -371,11 +371,11 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
     config cannot hold W). See the module docstring for the modes: "shared" (default, the fast
     approximation: one alternation per (b, B0), 8 iterations), "refine" (exact: one alternation to
     convergence per (b, B0, b0, B1) family, ~39x the time) and "loop" (every NF config its own
-    alternation). iters, patience: per-mode defaults (MODE_ITERS).
+    alternation). iters, patience: per-mode defaults (_MODE_ITERS).
     `starts`: as `decompose`'s
     (the svd start's first SVD is shared by all configs, the quantize start's is each config's own).
     `importance`: the rounding importance of the gguf:* configs (as `decompose`'s)."""
-    dq_mode, iters, patience = table_mode(dq_mode, iters, patience)
+    dq_mode, iters, patience = _table_mode(dq_mode, iters, patience)
     starts = check_starts(starts, name)
     W = W.detach().to(torch.float32)
     fisher = None if fisher is None else fisher.detach().to(torch.float32)
@@ -499,7 +499,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
 
     configs: candidates (default: LQ-LoRA's 432, `candidate_configs`). rank: LoRA rank of the decomposition
     (0: plain quantization). iters, patience: at most `iters` iterations per alternation, stopping after
-    `patience` iterates in a row without improvement (defaults per dq_mode: MODE_ITERS).
+    `patience` iterates in a row without improvement (defaults per dq_mode: _MODE_ITERS).
     fisher: name -> Fisher matrix (weight's shape) for data-aware costs. workers: matrices computed
     at once (threads, one torch thread each; default torch.get_num_threads()). Cached on disk unless
     cache=False (recompute=True ignores an existing entry and overwrites it). Under torch.distributed
@@ -512,7 +512,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
     per-column vectors or per-weight tensors such as the Fisher), so each cost is that of the rounding
     `quantize_model(..., importance=)` writes; part of the cache key.
     """
-    dq_mode, iters, patience = table_mode(dq_mode, iters, patience)
+    dq_mode, iters, patience = _table_mode(dq_mode, iters, patience)
     starts = check_starts(starts, "error_table")
     configs = list(candidate_configs() if configs is None else configs)
     if not configs or not all(isinstance(c, QuantConfig) for c in configs):
@@ -545,7 +545,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
     if importance is not None:  # only then: tables computed without one keep their cache keys
         settings["importance"] = _digest(names, importance)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    cache_path = Path(cache_dir) if cache_dir is not None else lq_cache_dir()
+    cache_path = Path(cache_dir) if cache_dir is not None else _lq_cache_dir()
     path = cache_path / f"table-{key}.safetensors"  # the key holds the weights' content hash
 
     dist = active_dist()

@@ -78,7 +78,7 @@ GGML_FORMATS: dict[str, GGMLFormat] = {f.name: f for f in (
 )}
 
 
-def ggml_format(name: str) -> GGMLFormat:
+def _ggml_format(name: str) -> GGMLFormat:
     """The format called `name` (q4_0, ..., q6_k, iq4_nl, iq4_xs; case-insensitive)."""
     fmt = GGML_FORMATS.get(name.lower()) if isinstance(name, str) else None
     if fmt is None:
@@ -105,7 +105,7 @@ def quantize_ggml(weight: Tensor, fmt: str | GGMLFormat, name: str = "weight",
     `importance`: None (ggml's reference quantizer), or a non-negative (d_in,) vector (an importance matrix: each
     input column's mean square activation, shared by all rows) or (d_out, d_in) tensor (one value per weight):
     each block's scale (and min) search then minimises the error weighted as llama-quantize weighs it."""
-    fmt = fmt if isinstance(fmt, GGMLFormat) else ggml_format(fmt)
+    fmt = fmt if isinstance(fmt, GGMLFormat) else _ggml_format(fmt)
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         what = getattr(weight, "dtype", type(weight).__name__)
         raise QbaraError(f"{name}: GGML quantization takes a float weight, got {what}; pass the float weight")
@@ -149,7 +149,7 @@ def dequantize_ggml(raw: Tensor, shape: tuple[int, int], fmt: str | GGMLFormat,
                     out: Tensor | None = None) -> Tensor:
     """The fp32 (d_out, d_in) weight held by GGML block bytes `raw` ((d_out, row bytes) or flat), written
     into `out` (a buffer of d_out * d_in fp32) when given."""
-    fmt = fmt if isinstance(fmt, GGMLFormat) else ggml_format(fmt)
+    fmt = fmt if isinstance(fmt, GGMLFormat) else _ggml_format(fmt)
     d_out, d_in = shape
     check_ggml_shape((d_out, d_in), fmt)
     if raw.dtype != torch.uint8 or raw.numel() != d_out * fmt.row_bytes(d_in):
