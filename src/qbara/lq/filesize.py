@@ -104,7 +104,7 @@ class FileBudget:
                 continue
             label, kind = fmt.get(id(p), ("other", other_format))
             _add(parts, f"{label} ({kind})", tensor_bits(kind, tuple(p.shape), pname))
-        for mname, module in model.named_modules():  # already-quantized linears: their stored size
+        for module in model.modules():  # already-quantized linears: their stored size
             if isinstance(module, QuantizedLinear):
                 total += module.out_features * module.in_features
                 _add(parts, "quantized linears (as stored)", 8.0 * module.nbytes)

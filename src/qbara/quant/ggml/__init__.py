@@ -5,7 +5,7 @@ ggml's reference quantizer writes for that weight (llama-quantize without an imp
 `quantize_ggml(weight, "q4_k", importance=imatrix)` the bytes llama-quantize writes with that importance matrix
 (one value per input column; a value per weight, such as a Fisher diagonal, is taken too), and
 `dequantize_ggml(raw, shape, "q4_k")` the fp32 weight they hold, bit for bit as gguf-py / ggml decode it.
-One function pair per format too (`quantize_q4_k`, `dequantize_q4_k`, ...). `GGML_FORMATS` lists each
+Q8_0 has its own pair too (`quantize_q8_0`, `dequantize_q8_0`). `GGML_FORMATS` lists each
 format's block size, bytes per block, bits per weight and GGMLQuantizationType. The weight must be finite.
 """
 from __future__ import annotations
@@ -174,18 +174,7 @@ def _bind(fmt: GGMLFormat) -> tuple[Callable, Callable]:
     return quantize, dequantize
 
 
-quantize_q4_0, dequantize_q4_0 = _bind(GGML_FORMATS["q4_0"])
-quantize_q4_1, dequantize_q4_1 = _bind(GGML_FORMATS["q4_1"])
-quantize_q5_0, dequantize_q5_0 = _bind(GGML_FORMATS["q5_0"])
-quantize_q5_1, dequantize_q5_1 = _bind(GGML_FORMATS["q5_1"])
 quantize_q8_0, dequantize_q8_0 = _bind(GGML_FORMATS["q8_0"])
-quantize_q2_k, dequantize_q2_k = _bind(GGML_FORMATS["q2_k"])
-quantize_q3_k, dequantize_q3_k = _bind(GGML_FORMATS["q3_k"])
-quantize_q4_k, dequantize_q4_k = _bind(GGML_FORMATS["q4_k"])
-quantize_q5_k, dequantize_q5_k = _bind(GGML_FORMATS["q5_k"])
-quantize_q6_k, dequantize_q6_k = _bind(GGML_FORMATS["q6_k"])
-quantize_iq4_nl, dequantize_iq4_nl = _bind(GGML_FORMATS["iq4_nl"])
-quantize_iq4_xs, dequantize_iq4_xs = _bind(GGML_FORMATS["iq4_xs"])
 
 __all__ = [
     "CHUNK_ELEMENTS", "FP16_MAX", "GGML_FORMATS", "check_ggml_shape", "check_importance", "dequantize_ggml",
