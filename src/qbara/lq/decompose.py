@@ -261,7 +261,6 @@ def _alternate(W: Tensor, quantize_step: Callable[[Tensor], tuple[Tensor, Any]],
     `cold_power_iters` power iterations (default `power_iters`). The svd start draws from `generator`, the
     quantize start from its own generator seeded from `generator`'s initial seed (`_start_generator`).
     """
-    starts = check_starts(starts)
     scalings = fisher_scalings(fisher) if fisher is not None else None
     sqrt_f = fisher.clamp_min(0).sqrt() if fisher is not None else None
     cold = power_iters if cold_power_iters is None else cold_power_iters
