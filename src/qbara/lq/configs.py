@@ -41,10 +41,9 @@ def gguf_configs(names: Sequence[str] | None = None) -> list[QuantConfig]:
     """llama.cpp's GGML block formats as candidates (default: all twelve), by bits/param: q2_k 2.625, q3_k 3.4375,
     iq4_xs 4.25, iq4_nl 4.5, q4_0 4.5, q4_k 4.5, q4_1 5, q5_0 5.5, q5_k 5.5, q5_1 6, q6_k 6.5625, q8_0 8.5.
 
-    All twelve are kept: the K-quants (blocks of 256) fit only rows whose length 256 divides (SmolLM2: its
-    down_proj alone), the legacy ones (blocks of 32) every other matrix, and which of two formats of equal
-    bits errs less differs per matrix; `lq.tables.matrix_costs` gives +inf where a shape cannot take a format
-    and the ILP drops dominated ones. names: a subset, e.g. ("q4_k", "q6_k"), with or without "gguf:".
+    All twelve are kept: the K-quants (blocks of 256) fit only rows whose length 256 divides, and which of two
+    formats of equal bits errs less differs per matrix; `lq.tables.matrix_costs` gives +inf where a shape cannot
+    take a format and the ILP drops dominated ones. names: a subset, e.g. ("q4_k", "q6_k"), with or without "gguf:".
     """
     chosen = list(GGML_FORMATS) if names is None else [str(n).lower().removeprefix("gguf:") for n in names]
     unknown = [n for n in chosen if n not in GGML_FORMATS]

@@ -11,7 +11,6 @@ Before HiGHS sees it the problem is reduced, exactly (no reduction can change th
   (Lagrangian solution, repaired and improved) a feasible allocation of cost UB; a (matrix, config)
   pair whose reduced cost exceeds UB - LB cannot be in an optimal allocation;
 - configs dominated for a matrix (another has no more bits and no more error) are dropped.
-For SmolLM2's 210 x 432 table this leaves ~500-2,500 binaries and HiGHS needs 0.1-3 s.
 
 File-size budgets: with `fixed_bits` F (what the file stores besides the allocated matrices: embedding,
 norms, adapter factors, ...) and `total_params` T (every parameter of the model), the budget row reads
