@@ -8,7 +8,7 @@ published definition (Dettmers 2016, bitsandbytes' `create_dynamic_map(signed=Tr
 follows bitsandbytes' CPU kernel (0.50), which is not exactly round-to-nearest (see `dynamic_quantize`).
 bitsandbytes' CUDA kernel rounds to the nearest map value by a binary search instead, so scale codes it wrote
 can differ from these in places; they dequantize by the same formula (`bnb_double_dequantize`), so adopting a
-bitsandbytes layer's buffers (`qbara.nn.bnb`) keeps its weights whichever kernel wrote them (checked on CPU).
+bitsandbytes layer's buffers (`qbara.nn.bnb`) keeps its weights whichever kernel wrote them.
 """
 from __future__ import annotations
 
