@@ -79,6 +79,15 @@ class Decomposition:
     def rank(self) -> int:
         return int(self.L1.shape[1])
 
+    @property
+    def iterations(self) -> int:
+        """How many iterations the winning start's run took (see `start_errors` for the others)."""
+        return len(self.errors)
+
+    def reconstruct(self) -> Tensor:
+        """dequant(Q) + L1 @ L2, fp32."""
+        return self.qtensor.dequantize(torch.float32) + self.L1 @ self.L2
+
 
 # --------------------------------------------------------------------------------------------------
 # Randomized SVD
