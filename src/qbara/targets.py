@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from qbara.errors import QbaraError
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
+from qbara.quant.formats import check_takes_importance
 
 ALL_LINEAR = "all-linear"
 
@@ -82,11 +83,8 @@ def rounding_importance(per_layer: Mapping[str, QuantConfig], importance: Mappin
     if not isinstance(importance, Mapping):
         raise QbaraError(f"importance must map layer names to tensors, got {type(importance).__name__}")
     weighted = [n for n, c in per_layer.items() if c.family.takes_importance]
-    if not weighted and not require_gguf:
-        return {}
-    if not weighted:
-        raise QbaraError("an importance weights the rounding of gguf:* formats only, and none of these layers has "
-                         "one; drop importance= or choose gguf:* formats")
+    if require_gguf:
+        check_takes_importance(per_layer.values())
     missing = [n for n in weighted if n not in importance]
     if missing:
         raise QbaraError(f"the importance lacks {missing[:3]} ({len(missing)} gguf:* layers); compute it for "

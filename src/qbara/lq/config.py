@@ -26,12 +26,13 @@ from qbara.lq.fisher import open_fisher
 from qbara.lq.imatrix import load_importance
 from qbara.lq.tables import ErrorTable
 from qbara.quant.config import QuantConfig
+from qbara.quant.formats import check_takes_importance
 
-__all__ = ["LQConfig", "LQ_METHODS"]
+__all__ = ["LQConfig"]
 
 LQ_METHODS = ("lq", "loftq")
-DEFAULT_MAX_ITERS = 100
-DEFAULT_LOFTQ_ITERS = 1
+_DEFAULT_MAX_ITERS = 100
+_DEFAULT_LOFTQ_ITERS = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,8 +69,8 @@ class LQConfig:
     configs: QuantConfig | Sequence[QuantConfig] | Mapping[str, QuantConfig] | None = None
     method: str = "lq"
     fisher: Mapping | str | Path | None = None
-    max_iters: int = DEFAULT_MAX_ITERS
-    loftq_iters: int = DEFAULT_LOFTQ_ITERS
+    max_iters: int = _DEFAULT_MAX_ITERS
+    loftq_iters: int = _DEFAULT_LOFTQ_ITERS
     table_iters: int | None = None
     table: ErrorTable | str | Path | None = None
     seed: int = 0
@@ -109,7 +110,7 @@ class LQConfig:
             raise QbaraError(f"LQConfig.budget must be a positive number of bits per parameter, got {self.budget!r}")
         if self.method == "loftq":
             return self._check_loftq()
-        if self.loftq_iters != DEFAULT_LOFTQ_ITERS:
+        if self.loftq_iters != _DEFAULT_LOFTQ_ITERS:
             raise QbaraError("loftq_iters counts LoftQ's alternations; LQ-LoRA stops by max_iters: drop loftq_iters "
                              "or use method='loftq'")
         if self.budget is None:
@@ -126,10 +127,7 @@ class LQConfig:
         configs = self.configs
         candidates = ([] if configs is None else [configs] if isinstance(configs, QuantConfig)
                       else list(configs.values()) if isinstance(configs, Mapping) else list(configs))
-        if not any(c.family.takes_importance for c in candidates):
-            raise QbaraError("importance weights the rounding of gguf:* formats, and none of the configs is one (the "
-                             "default candidates are NF); give gguf:* configs (qbara.lq.gguf_configs()) or drop "
-                             "importance")
+        check_takes_importance(candidates, " (the default candidates are NF)")
 
     def _check_loftq(self) -> None:
         if self.budget is not None or not self.fixed:
@@ -142,7 +140,7 @@ class LQConfig:
         if extra:
             raise QbaraError(f"LoftQ takes one quantization config, no Fisher matrix, error table or file budget; "
                              f"drop {', '.join(extra)} or use method='lq' (LQ-LoRA)")
-        if self.max_iters != DEFAULT_MAX_ITERS:
+        if self.max_iters != _DEFAULT_MAX_ITERS:
             raise QbaraError("max_iters bounds LQ-LoRA's decomposition; LoftQ's alternations are loftq_iters: set "
                              "that instead")
 
@@ -220,7 +218,7 @@ class LQConfig:
                              f"leave init at 'default': the LQConfig says how the adapters start")
         loftq_iters = adapter.loftq_iters
         if self.method == "loftq":
-            if adapter.loftq_iters not in (DEFAULT_LOFTQ_ITERS, self.loftq_iters):
+            if adapter.loftq_iters not in (_DEFAULT_LOFTQ_ITERS, self.loftq_iters):
                 raise QbaraError(f"AdapterConfig(loftq_iters={adapter.loftq_iters}) contradicts "
                                  f"LQConfig(loftq_iters={self.loftq_iters}); set the iterations on the LQConfig alone")
             loftq_iters = self.loftq_iters

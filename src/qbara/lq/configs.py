@@ -16,19 +16,18 @@ from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
 from qbara.quant.ggml import GGML_FORMATS
 
-__all__ = ["CODE_BITS", "BLOCK_SIZES", "DQ_BITS", "DQ_BLOCK_SIZES", "DQ_DTYPES", "candidate_configs",
-           "config_bits", "pareto_front", "qlora_config", "gguf_configs"]
+__all__ = ["DQ_DTYPES", "candidate_configs", "config_bits", "pareto_front", "qlora_config", "gguf_configs"]
 
-CODE_BITS = (2, 3, 4, 8)  # b
-DQ_BITS = (2, 3, 4, 8)  # b0
+_CODE_BITS = (2, 3, 4, 8)  # b
+_DQ_BITS = (2, 3, 4, 8)  # b0
 DQ_DTYPES = ("bf16", "fp16", "fp32")  # b1
-BLOCK_SIZES = (16, 32, 64)  # B0
-DQ_BLOCK_SIZES = (16, 64, 256)  # B1
+_BLOCK_SIZES = (16, 32, 64)  # B0
+_DQ_BLOCK_SIZES = (16, 64, 256)  # B1
 
 
-def candidate_configs(code_bits: Sequence[int] = CODE_BITS, block_sizes: Sequence[int] = BLOCK_SIZES,
-                      dq_bits: Sequence[int] = DQ_BITS, dq_dtypes: Sequence[str] = DQ_DTYPES,
-                      dq_block_sizes: Sequence[int] = DQ_BLOCK_SIZES) -> list[QuantConfig]:
+def candidate_configs(code_bits: Sequence[int] = _CODE_BITS, block_sizes: Sequence[int] = _BLOCK_SIZES,
+                      dq_bits: Sequence[int] = _DQ_BITS, dq_dtypes: Sequence[str] = DQ_DTYPES,
+                      dq_block_sizes: Sequence[int] = _DQ_BLOCK_SIZES) -> list[QuantConfig]:
     """The LQ-LoRA candidate set (432 configs with the defaults), in a fixed order: b, B0, b0, b1, B1.
 
     Configs sharing (b, B0) are contiguous: they differ only in how the absmax scales are stored.
@@ -42,10 +41,9 @@ def gguf_configs(names: Sequence[str] | None = None) -> list[QuantConfig]:
     """llama.cpp's GGML block formats as candidates (default: all twelve), by bits/param: q2_k 2.625, q3_k 3.4375,
     iq4_xs 4.25, iq4_nl 4.5, q4_0 4.5, q4_k 4.5, q4_1 5, q5_0 5.5, q5_k 5.5, q5_1 6, q6_k 6.5625, q8_0 8.5.
 
-    All twelve are kept: the K-quants (blocks of 256) fit only rows whose length 256 divides (SmolLM2: its
-    down_proj alone), the legacy ones (blocks of 32) every other matrix, and which of two formats of equal
-    bits errs less differs per matrix; `lq.tables.matrix_costs` gives +inf where a shape cannot take a format
-    and the ILP drops dominated ones. names: a subset, e.g. ("q4_k", "q6_k"), with or without "gguf:".
+    All twelve are kept: the K-quants (blocks of 256) fit only rows whose length 256 divides, and which of two
+    formats of equal bits errs less differs per matrix; `lq.tables.matrix_costs` gives +inf where a shape cannot
+    take a format and the ILP drops dominated ones. names: a subset, e.g. ("q4_k", "q6_k"), with or without "gguf:".
     """
     chosen = list(GGML_FORMATS) if names is None else [str(n).lower().removeprefix("gguf:") for n in names]
     unknown = [n for n in chosen if n not in GGML_FORMATS]

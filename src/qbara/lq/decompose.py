@@ -44,8 +44,10 @@ from qbara.quant.ggml import check_importance
 from qbara.quant.nf import block_absmax, quantize_nf_values
 from qbara.quant.tensor import QuantizedTensor, quantize
 
-__all__ = ["Decomposition", "decompose", "randomized_svd", "fisher_scalings", "low_rank_factors",
-           "weighted_error", "quantize_step", "check_decompose_inputs", "check_starts", "STARTS"]
+__all__ = [
+    "Decomposition", "decompose", "randomized_svd", "fisher_scalings", "low_rank_factors", "weighted_error",
+    "quantize_step",
+]
 
 
 @dataclass
@@ -120,7 +122,8 @@ def _randomized_svd_full(X: Tensor, k: int, power_iters: int, generator: torch.G
 def randomized_svd(X: Tensor, rank: int, oversample: int = 10, power_iters: int = 2,
                    generator: torch.Generator | None = None,
                    init: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Rank-`rank` truncated SVD of X (m x n) by randomized range finding (Halko et al.).
+    """Rank-`rank` truncated SVD of X (m x n) by randomized range finding (Halko, Martinsson, Tropp, "Finding
+    structure with randomness", arXiv 0909.4061).
 
     A Gaussian test matrix of rank + oversample columns (drawn from `generator`), `power_iters`
     subspace (power) iterations with a QR after every product, then the SVD of the small projected
@@ -234,8 +237,8 @@ class _LoopResult:
 
 
 def _start_generator(generator: torch.Generator | None, start: str) -> torch.Generator | None:
-    """The generator a start draws its test matrices from: the given one for "svd" (so an svd-only run is
-    the alternation as it always was), a fresh one seeded from its initial seed for "quantize"."""
+    """The generator a start draws its test matrices from: the given one for "svd", a fresh one seeded from
+    its initial seed for "quantize"."""
     if start == "svd" or generator is None:
         return generator
     seed = (generator.initial_seed() + _QUANTIZE_START_SALT) % (1 << 64)
@@ -251,11 +254,8 @@ def _alternate(W: Tensor, quantize_step: Callable[[Tensor], tuple[Tensor, Any]],
     """Run the LQ alternation from each of `starts` and return the best iterate of them all;
     `quantize_step(R)` returns (dequantized R, anything to keep).
 
-    Starts: "svd" begins with Q = 0, so its first factors are SVD_r(W) (LQ-LoRA's loop); "quantize" begins
-    with L1 L2 = 0, so its first iterate is Q = quantize(W) (plain quantization, error ||W - quantize(W)||),
-    followed by SVD_r(W - Q) and so on. On weights already on the quantization grid the latter reaches an
-    error near 0 that the former never finds. Each start is its own run with its own early stop; the run
-    holding the smallest error wins (the earlier start on a tie), and a run reaching error 0 ends the
+    Starts ("svd": Q = 0 first; "quantize": L1 L2 = 0 first): each is its own run with its own early stop; the
+    run holding the smallest error wins (the earlier start on a tie), and a run reaching error 0 ends the
     search. The result's `errors`/`best_iter` are the winning run's; `start_errors` has every run's history.
 
     Each run stops at the first iterate that does not improve on the previous one by more than a relative
@@ -268,7 +268,6 @@ def _alternate(W: Tensor, quantize_step: Callable[[Tensor], tuple[Tensor, Any]],
     `cold_power_iters` power iterations (default `power_iters`). The svd start draws from `generator`, the
     quantize start from its own generator seeded from `generator`'s initial seed (`_start_generator`).
     """
-    starts = check_starts(starts)
     scalings = fisher_scalings(fisher) if fisher is not None else None
     sqrt_f = fisher.clamp_min(0).sqrt() if fisher is not None else None
     cold = power_iters if cold_power_iters is None else cold_power_iters
@@ -360,16 +359,11 @@ def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: i
     (by more than a relative `tol`); returns the best iterate. `fisher` (W's shape, non-negative)
     weights the SVD by its row/column means and the error by sqrt(F). rank=0 is plain quantization.
 
-    `starts`: the alternation runs from each of them and the best iterate of all is kept:
-    "svd" (Q = 0 first, so the first factors are SVD_r(W): LQ-LoRA's loop; alone it is exactly what
-    decompose did before there were starts) and "quantize" (L1 L2 = 0 first, so Q = quantize(W), then
-    SVD_r(W - Q), ...: it finds Q ≈ W, L1 L2 ≈ 0 on weights already on the config's grid, e.g. a
-    dequantized GGUF checkpoint, which the svd start misses). Both by default (1.0-1.7x the CPU time of
-    the svd start alone on SmolLM2 matrices at rank 64, depending on the format; the quantize start is
-    skipped when the svd one reaches error 0). See `Decomposition` for how the
-    winning start is reported. Note: the quantize start can hold (near-)zero factors when Q alone is
-    exact; LoRA adapters started from two zero factors get no gradient. `importance`: the rounding importance of
-    a gguf:* config (see `qbara.quant.quantize`), used by every quantization of the loop; other formats take none.
+    `starts`: the alternation runs from each and the best iterate of all is kept: "svd" (Q = 0 first:
+    LQ-LoRA's loop) and "quantize" (L1 L2 = 0 first, so Q = quantize(W): it finds Q ≈ W on weights already on
+    the config's grid, e.g. a dequantized GGUF checkpoint); the quantize start is skipped when the svd one
+    reaches error 0. It can hold (near-)zero factors, which give LoRA adapters no gradient. `importance`: the
+    rounding importance of a gguf:* config (see `qbara.quant.quantize`); other formats take none.
     """
     check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name)
     importance = rounding_importance_of(quant_config, importance, tuple(W.shape), name)

@@ -1,9 +1,8 @@
 """LQ-LoRA's storage of the low-rank factors: L1, L2 quantized to NF8 (block 64, double quant
 8-bit / fp32 / 256 = 8.127 bits per value), and the bits per parameter of Q plus the factors.
 
-The LQ-LoRA paper (arXiv 2311.12023) counts its "2.75 -> 2.85 bits" (LLaMA-2-70B, rank 64) this way. The factor share is
-8.127 · r · (d_out + d_in) / (d_out · d_in) per matrix; at rank 64 over all linears: +0.10 bits/param
-on LLaMA-2-70B, +0.20 on LLaMA-2-7B, +1.50 on SmolLM2-135M (measured).
+The LQ-LoRA paper (arXiv 2311.12023) counts its bits per parameter this way; the factor share is
+8.127 · r · (d_out + d_in) / (d_out · d_in) per matrix.
 
     factors, factor_bits = quantize_factors(factors)             # name -> (L1, L2), NF8-rounded
     account = bits_account(model.qbara.lq, factor_bits)          # total bits/param, Q + factors
@@ -20,7 +19,7 @@ from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
 
-__all__ = ["FACTOR_CONFIG", "quantize_factor", "quantize_factors", "BitsAccount", "bits_account", "store_factors"]
+__all__ = ["FACTOR_CONFIG", "quantize_factor", "quantize_factors", "bits_account", "store_factors"]
 
 FACTOR_CONFIG = QuantConfig("nf8", block_size=64, double_quant=True, dq_bits=8, dq_dtype="fp32",
                             dq_block_size=256)  # 8 + 8/64 + 32/(64·256) = 8.127 bits per value

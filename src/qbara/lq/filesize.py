@@ -25,10 +25,10 @@ from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.ggml import GGML_FORMATS, check_ggml_shape
 from qbara.targets import linear_layer_names
 
-__all__ = ["FileBudget", "FLOAT_BITS", "tensor_bits"]
+__all__ = ["FileBudget", "tensor_bits"]
 
-FLOAT_BITS = {"f32": 32, "f16": 16, "bf16": 16}
-ADAPTER_FORMATS = ("f32", "f16")  # what export_gguf_lora writes (its dtype=)
+_FLOAT_BITS = {"f32": 32, "f16": 16, "bf16": 16}
+_ADAPTER_FORMATS = ("f32", "f16")  # what export_gguf_lora writes (its dtype=)
 
 
 def tensor_bits(fmt: str, shape: tuple[int, ...], what: str = "tensor") -> float:
@@ -37,11 +37,11 @@ def tensor_bits(fmt: str, shape: tuple[int, ...], what: str = "tensor") -> float
     name = str(fmt).lower().removeprefix("gguf:")
     shape = tuple(int(d) for d in shape) or (1,)
     numel = math.prod(shape)
-    if name in FLOAT_BITS:
-        return float(FLOAT_BITS[name] * numel)
+    if name in _FLOAT_BITS:
+        return float(_FLOAT_BITS[name] * numel)
     if name not in GGML_FORMATS:
         raise QbaraError(f"{what}: unknown GGUF tensor type {fmt!r}; choose one of "
-                         f"{', '.join(list(FLOAT_BITS) + list(GGML_FORMATS))}")
+                         f"{', '.join(list(_FLOAT_BITS) + list(GGML_FORMATS))}")
     ggml = GGML_FORMATS[name]
     check_ggml_shape((numel // max(shape[-1], 1), shape[-1]), ggml, what)  # GGML blocks run along the last dim
     return ggml.bits_per_param * numel
@@ -104,7 +104,7 @@ class FileBudget:
                 continue
             label, kind = fmt.get(id(p), ("other", other_format))
             _add(parts, f"{label} ({kind})", tensor_bits(kind, tuple(p.shape), pname))
-        for mname, module in model.named_modules():  # already-quantized linears: their stored size
+        for module in model.modules():  # already-quantized linears: their stored size
             if isinstance(module, QuantizedLinear):
                 total += module.out_features * module.in_features
                 _add(parts, "quantized linears (as stored)", 8.0 * module.nbytes)
@@ -132,11 +132,11 @@ def _non_negative_int(value, what: str) -> int:
 
 def _adapter_bits(model: nn.Module, names, adapter_format: str, rank) -> float:
     """Bits of the factors A (rank x d_in) and B (d_out x rank) of every target, as F16 or F32."""
-    if adapter_format not in ADAPTER_FORMATS:
-        raise QbaraError(f"adapter_format must be one of {', '.join(ADAPTER_FORMATS)} (the GGUF LoRA adapter tensors "
+    if adapter_format not in _ADAPTER_FORMATS:
+        raise QbaraError(f"adapter_format must be one of {', '.join(_ADAPTER_FORMATS)} (the GGUF LoRA adapter tensors "
                          f"export_gguf_lora writes), "
                          f"got {adapter_format!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise QbaraError(f"counting the adapter needs its rank: pass rank=<LoRA rank>, got {rank!r}")
     values = sum(rank * sum(model.get_submodule(n).weight.shape) for n in names)
-    return float(FLOAT_BITS[adapter_format] * values)
+    return float(_FLOAT_BITS[adapter_format] * values)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from qbara.atomic import save_safetensors_atomic
 from qbara.errors import QbaraError
@@ -18,13 +19,12 @@ from qbara.lazy_tensors import LazyTensors
 from qbara.targets import linear_layer_names
 from qbara.tensor_checks import safetensors_metadata
 
-__all__ = ["fisher_information", "causal_lm_loss", "calibration_sequences", "save_fisher", "load_fisher",
-           "open_fisher"]
+__all__ = ["fisher_information", "calibration_sequences", "save_fisher", "load_fisher", "open_fisher"]
 
-FISHER_FORMAT = "qbara-fisher"
+_FISHER_FORMAT = "qbara-fisher"
 
 
-def causal_lm_loss(model: nn.Module, sequence: Tensor) -> Tensor:
+def _causal_lm_loss(model: nn.Module, sequence: Tensor) -> Tensor:
     """Mean next-token cross-entropy of one token sequence (1-D) under a causal LM."""
     ids = sequence.reshape(1, -1).to(next(model.parameters()).device)
     return model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -52,7 +52,7 @@ def fisher_information(model: nn.Module, sequences: Tensor | Sequence, names: Se
     sequences: (n, length) token ids, or a list of 1-D tensors (lengths may differ); each is one
     example. names: layer names (default: every linear but the output embedding, as
     `qbara.targets.linear_layer_names`). loss_fn(model, example) -> scalar loss (default
-    `causal_lm_loss`). Runs in eval mode (no dropout); the model's requires_grad flags, gradients
+    `_causal_lm_loss`). Runs in eval mode (no dropout); the model's requires_grad flags, gradients
     and train/eval mode are restored afterwards.
 
     Each sequence's weight gradient is formed from the layer's input and output gradient (Gᵀ X, what
@@ -62,11 +62,9 @@ def fisher_information(model: nn.Module, sequences: Tensor | Sequence, names: Se
     one shard per pass over the sequences (the memory held is one shard's), and returned read lazily
     (`open_fisher`); without, all matrices are returned in memory.
     """
-    from tqdm.auto import tqdm
-
     seqs = _sequences(sequences)
     layers = target_linears(model, names)
-    loss_fn = loss_fn or causal_lm_loss
+    loss_fn = loss_fn or _causal_lm_loss
     if folder is None:
         return _accumulate(model, layers, seqs, loss_fn, progress, tqdm)
     folder = Path(folder)
@@ -177,7 +175,7 @@ def calibration_sequences(tokenizer, text: str, n_sequences: int, length: int, s
 
 def save_fisher(fisher: Mapping[str, Tensor], path, metadata: Mapping[str, str] | None = None) -> Path:
     """Write name -> Fisher matrix as safetensors (fp32), with string metadata."""
-    meta = {"format": FISHER_FORMAT}
+    meta = {"format": _FISHER_FORMAT}
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     return save_safetensors_atomic({n: t.float() for n, t in fisher.items()}, path, metadata=meta)
 
@@ -197,6 +195,6 @@ def open_fisher(path):
     if not files:
         raise QbaraError(f"{str(path)!r} holds no Fisher shards (fisher-*.safetensors); compute the Fisher again")
     for file in files:
-        if safetensors_metadata(file, "Fisher file").get("format") != FISHER_FORMAT:
+        if safetensors_metadata(file, "Fisher file").get("format") != _FISHER_FORMAT:
             raise QbaraError(f"{str(file)!r} is not a qbara Fisher file (written by save_fisher)")
     return LazyTensors.from_files(files)

@@ -11,7 +11,6 @@ Before HiGHS sees it the problem is reduced, exactly (no reduction can change th
   (Lagrangian solution, repaired and improved) a feasible allocation of cost UB; a (matrix, config)
   pair whose reduced cost exceeds UB - LB cannot be in an optimal allocation;
 - configs dominated for a matrix (another has no more bits and no more error) are dropped.
-For SmolLM2's 210 x 432 table this leaves ~500-2,500 binaries and HiGHS needs 0.1-3 s.
 
 File-size budgets: with `fixed_bits` F (what the file stores besides the allocated matrices: embedding,
 norms, adapter factors, ...) and `total_params` T (every parameter of the model), the budget row reads
@@ -22,6 +21,7 @@ give the matrices-only budget above.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import sys
@@ -33,7 +33,7 @@ from qbara.lq.configs import pareto_front
 
 __all__ = ["allocate", "budget_range", "allocation_bits", "matrix_budget"]
 
-MIP_REL_GAP = 1e-9
+_MIP_REL_GAP = 1e-9
 
 
 def _as_arrays(costs, bits, numels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -138,8 +138,6 @@ def allocation_bits(choice, bits, numels) -> float:
 
 def _flush_c_stdout() -> None:
     try:
-        import ctypes
-
         ctypes.CDLL(None).fflush(None)
     except (OSError, AttributeError):
         pass
@@ -337,7 +335,7 @@ def _allocate(costs: np.ndarray, bits: np.ndarray, numels: np.ndarray, budget: f
     one_each = coo_matrix((np.ones(k), (rows_a, np.arange(k))), shape=(n, k))
 
     rhs = budget
-    options = {"mip_rel_gap": MIP_REL_GAP, "presolve": True}
+    options = {"mip_rel_gap": _MIP_REL_GAP, "presolve": True}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
     for _ in range(5):

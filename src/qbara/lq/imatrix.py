@@ -8,15 +8,16 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from qbara.atomic import save_safetensors_atomic
 from qbara.errors import QbaraError
 from qbara.lq.fisher import _sequences, target_linears
 from qbara.tensor_checks import read_safetensors, safetensors_metadata
 
-__all__ = ["importance_matrix", "save_importance", "load_importance", "IMATRIX_FORMAT"]
+__all__ = ["importance_matrix", "save_importance", "load_importance"]
 
-IMATRIX_FORMAT = "qbara-imatrix"
+_IMATRIX_FORMAT = "qbara-imatrix"
 
 
 def importance_matrix(model: nn.Module, sequences: Tensor | Sequence, names: Sequence[str] | None = None, *,
@@ -24,8 +25,6 @@ def importance_matrix(model: nn.Module, sequences: Tensor | Sequence, names: Seq
     """Name -> (d_in,) fp32 mean of x² per input column of each target linear over every token of `sequences`
     ((n, length) token ids or a list of 1-D tensors; forward passes only, in eval mode, one sequence at a time).
     names: layer names (default: every linear but the output embedding). Memory: one d_in vector per layer."""
-    from tqdm.auto import tqdm
-
     seqs = _sequences(sequences)
     layers = target_linears(model, names, "an importance matrix")
     sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in layers.items()}
@@ -56,13 +55,13 @@ def importance_matrix(model: nn.Module, sequences: Tensor | Sequence, names: Seq
 def save_importance(importance: Mapping[str, Tensor], path) -> Path:
     """Write name -> importance (per-column vectors or per-weight tensors) as safetensors, fp32."""
     return save_safetensors_atomic({n: t.detach().float().contiguous() for n, t in importance.items()}, path,
-                                   metadata={"format": IMATRIX_FORMAT})
+                                   metadata={"format": _IMATRIX_FORMAT})
 
 
 def load_importance(path) -> dict[str, Tensor]:
     """Read a file written by `save_importance`."""
     tensors = read_safetensors(path)  # one clear error for a missing or damaged file
-    if safetensors_metadata(path, "importance file").get("format") != IMATRIX_FORMAT:
+    if safetensors_metadata(path, "importance file").get("format") != _IMATRIX_FORMAT:
         raise QbaraError(f"{str(path)!r} is not a qbara importance-matrix file (written by save_importance); "
                          f"compute it with qbara.lq.importance_matrix")
     return tensors

@@ -21,7 +21,7 @@ from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
 from qbara.targets import rounding_importance
 
-__all__ = ["LQLayer", "LQReport", "decompose_layers", "lq_report"]
+__all__ = ["LQReport", "decompose_layers", "lq_report"]
 
 
 @dataclass

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
+from tqdm.auto import tqdm
 
 from qbara.distributed import running_group, world_size
 from qbara.memory import release_freed_memory
@@ -78,8 +79,6 @@ def run_per_matrix(indices: Sequence[int], work: Callable[[int], None], sizes: S
     """Call work(i) for every index, biggest `sizes[i]` first, on `workers` threads (one torch thread
     each; default torch.get_num_threads()), with a progress bar. `work` must be thread-safe. The heap its
     temporaries freed is handed back to the OS after each call (`release_freed_memory`)."""
-    from tqdm.auto import tqdm
-
     workers = max(1, int(workers if workers is not None else torch.get_num_threads()))
     workers = min(workers, max(1, len(indices)))
     order = sorted(indices, key=lambda i: -sizes[i])  # big first: the pool does not end on a straggler

@@ -4,13 +4,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
 from qbara.lq.layers import LQReport
 from qbara.plotting import pyplot, save_figure
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def layer_and_module(name: str) -> tuple[int, str]:
+def _layer_and_module(name: str) -> tuple[int, str]:
     """('model.layers.3.self_attn.q_proj') -> (3, 'q_proj'); names without a layer index get -1."""
     match = _LAYER.search(name)
     return (int(match.group(1)) if match else -1), name.rsplit(".", 1)[-1]
@@ -18,9 +20,7 @@ def layer_and_module(name: str) -> tuple[int, str]:
 
 def plot_bits_per_layer(report: LQReport, path, title: str | None = None) -> Path:
     """Heat map (modules x layers) of each matrix's bits/param, with the mean per layer below it."""
-    import numpy as np
-
-    cells = {layer_and_module(n): layer.config.bits_per_param for n, layer in report.layers.items()}
+    cells = {_layer_and_module(n): layer.config.bits_per_param for n, layer in report.layers.items()}
     layers = sorted({k[0] for k in cells})
     modules = list(dict.fromkeys(k[1] for k in sorted(cells, key=lambda k: (k[0], k[1]))))
     order = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -28,7 +28,7 @@ def plot_bits_per_layer(report: LQReport, path, title: str | None = None) -> Pat
     grid = np.full((len(modules), len(layers)), np.nan)
     for (layer, module), bits in cells.items():
         grid[modules.index(module), layers.index(layer)] = bits
-    numel = {layer_and_module(n): layer.numel for n, layer in report.layers.items()}
+    numel = {_layer_and_module(n): layer.numel for n, layer in report.layers.items()}
     means = [sum(cells[k] * numel[k] for k in cells if k[0] == layer) / sum(numel[k] for k in cells if k[0] == layer)
              for layer in layers]
 

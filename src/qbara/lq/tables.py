@@ -1,55 +1,27 @@
 """Error tables for LQ-LoRA's bit allocation: C[i,c] = squared decomposition error of matrix i under
 config c, S[i,c] = numel_i · bits(c) (as in LQ-LoRA, arXiv 2311.12023), and the allocation read off them.
 
-Computing the 210 x 432 table of a 135M model by running 90,720 full decompositions would take hours
-on a CPU. What is shared, and how (all exact unless stated):
+Running every (matrix, config) decomposition would take hours on a CPU; what is shared (exact unless stated):
 
-0. Every decomposition runs from both of `decompose`'s starts ("svd": Q = 0 first; "quantize":
-   L1 L2 = 0 first, so Q = quantize(W) first) and costs the better run, as `decompose` does; on weights
-   already on a config's grid (a dequantized GGUF checkpoint) only the quantize start finds the ~0
-   error. starts=("svd",) is the single-start table of TABLE_VERSION 2, value for value.
-1. The first SVD of every svd-start run is SVD_r(W) (Q starts at 0): computed once per matrix. (The
-   quantize start's first SVD, of W - quantize(W), is each config's own, cold, with `power_iters`.)
-2. dq_mode="refine" (exact, opt-in: ~39x the default's time): the 432 candidates fall into 144 families
-   (b, B0, b0, B1) whose members differ only in the dtype b1 of the stored scales' maxima. Each family runs
-   its own alternation, with double quantization inside the loop (its fp16 member's), to convergence: at
-   most `iters` (100) iterations, stopping after `patience` (3) in a row that do not improve (a single bump of the noisy
-   randomized alternation is not the end of the descent). At its best iterate R = W - L1 L2 every member's
-   error is computed exactly as `quantize` stores it: codes rounded against that member's double-dequantized
-   scales ŝ (`_dq_errors`: a three-sum formula for the codes of s plus a recomputation of the elements whose
-   nearest level moves with ŝ). Measured against `converged_cost` (every config's own `decompose`, LQ-LoRA's
-   per-config procedure) on 64x128 Gaussian / Student-t(3) matrices at rank 8 (tests/lq/test_exact_table.py):
-   median ratio 0.98-0.99 (the longer runs often beat the reference), no (b, B0, b0) family's median above
-   1.03, 2-4 of 96 single configs at 1.03-1.10 (low b0, NF8); on 128x256 ones 1-4 % of the 432 configs are
-   above 1.03, up to 1.2-1.44 (NF4/NF8 at b0 = 2-3). The reference is itself noisy there: another seed of
-   the same procedure gives 0.4-1.9x on single low-b0/NF8 configs. Cost: 144 alternations per matrix
-   instead of 12, each run to convergence: 39x the "shared" table's time on a SmolLM2 layer (800 vs
-   21 s, one thread; ~6.7 h vs 10 min for the 210 x 432 table) and there costs within 1.023x of the
-   reference (median 0.993; bench/results/lq_table_exactness.md).
-   Warm-starting each family from an exact-scale run (one start instead of two) halves that but leaves
-   25-29 of 432 configs above 1.03, up to 6x: not used.
-3. dq_mode="shared" (the default, a fast approximation): configs differing only in
-   how the scales are stored (b0, b1, B1: 36 per (b, B0)) share one decomposition run with the exact (fp32)
-   absmax s for `iters` (default 8) iterations, stopping at the first bump; every setting's error is then
-   computed exactly at its best iterate as above. Its low-rank factors are never re-fitted to the
-   double-quant grid and it stops early, so it overstates costs: against `converged_cost` on the 64x128
-   matrices above, median 1.12-1.16, 78-91 % of configs above 1.03, up to 17-25x (NF8 at low b0); +10-15 %
-   at b0 = 8 for NF3/NF4, up to +91 % at b0 = 2 on a 512x512 Student-t matrix (issue 30's measurement).
-   dq_mode="loop" runs every config's own alternation (`iters` iterations, first bump; ~30x "shared").
-4. After the first SVD each randomized SVD is warm-started from the previous iteration's subspace
-   with `table_power_iters` (default 0) power iterations: the residual W - Q changes little from one
-   iteration to the next, so this is subspace iteration carried across the loop (1 product pair per
-   iteration instead of 3).
-5. NF rounding uses a table lookup bit-identical to `qbara.quant.nf.quantize_nf` (4-8x faster).
+0. Every decomposition runs from both of `decompose`'s starts ("svd" and "quantize") and costs the better run.
+1. The first SVD of every svd-start run is SVD_r(W) (Q starts at 0): computed once per matrix.
+2. dq_mode="refine" (exact, opt-in, much slower): the candidates fall into families (b, B0, b0, B1) differing
+   only in the dtype of the stored scales' maxima. Each family runs its own alternation with double
+   quantization inside the loop, to convergence (`iters`, `patience`); at its best iterate every member's error
+   is computed exactly as `quantize` stores it, codes rounded against its double-dequantized scales
+   (`_dq_errors`).
+3. dq_mode="shared" (the default, a fast approximation): configs differing only in how the scales are stored
+   (b0, b1, B1) share one run with the exact fp32 absmax for `iters` iterations, stopping at the first bump;
+   each setting's error is then computed exactly at that iterate. The factors are never re-fitted to the
+   double-quant grid, so it overstates costs. dq_mode="loop" runs every config's own alternation.
+4. After the first SVD each randomized SVD is warm-started from the previous iteration's subspace with
+   `table_power_iters` power iterations (subspace iteration carried across the loop).
+5. NF rounding uses a table lookup bit-identical to `qbara.quant.nf.quantize_nf`.
 
-Matrices run in parallel on `workers` threads (one torch thread each); under torch.distributed
-every rank computes a share of the matrices and the table is all-reduced. Tables are cached in
-$QBARA_CACHE/lq (default ~/.cache/qbara/lq) keyed by a hash of the
-settings, the configs and the weights' (and Fisher's) contents, so allocating at another budget reruns
-only the ILP. dq_mode="shared" on SmolLM2-135M (210 x 432, rank 64, 8 iterations, 2 workers): 94 s on 2 quiet CPU cores
-before codes were rounded against each setting's stored scales (TABLE_VERSION 1); that exact re-rounding
-costs about 2.2x the CPU time (14 SmolLM2 matrices: 26.6 -> 58.2 s), so roughly 3.5 min quiet. The quantize
-start (TABLE_VERSION 3) adds about half again (8 SmolLM2 matrices, 432 NF + 11 INT/GGUF configs: 53 -> 80 s).
+Matrices run in parallel on `workers` threads; under torch.distributed every rank computes a share and the
+table is all-reduced. Tables are cached in $QBARA_CACHE/lq (default ~/.cache/qbara/lq), keyed by a hash of the
+settings, the configs and the weights' (and Fisher's) contents, so another budget reruns only the ILP.
+Accuracy and timings of the modes: bench/results/lq_table_exactness.md.
 """
 from __future__ import annotations
 
@@ -64,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from qbara.atomic import save_safetensors_atomic, write_json_atomic
@@ -87,13 +60,13 @@ from qbara.lq.ilp import budget_range
 from qbara.lq.parallel import active_dist, collective_device, my_share, run_per_matrix
 from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import stored_scales
+from qbara.quant.formats import check_takes_importance
 from qbara.quant.nf import keep_ratios, nf_values, quantize_nf_values, scale_blocks
 from qbara.targets import linear_layer_names
 from qbara.tensor_checks import read_safetensors
 from qbara.validate import read_json_file
 
-__all__ = ["ErrorTable", "Allocation", "error_table", "matrix_costs", "converged_cost", "lq_cache_dir",
-           "TABLE_VERSION"]
+__all__ = ["ErrorTable", "error_table", "matrix_costs", "converged_cost"]
 
 # bump when the computation changes, so old caches are not reused (3: svd + quantize starts; 4: dq_mode "refine")
 TABLE_VERSION = 4
@@ -102,7 +75,7 @@ DQ_CHUNK_ELEMENTS = 1 << 20
 DEFAULT_TABLE_ITERS = 8  # the fast approximation's (dq_mode="shared") iterations
 
 
-def lq_cache_dir() -> Path:
+def _lq_cache_dir() -> Path:
     """$QBARA_CACHE/lq, or ~/.cache/qbara/lq."""
     env = os.environ.get("QBARA_CACHE")
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "qbara"
@@ -226,8 +199,6 @@ class ErrorTable:
 
     @classmethod
     def load(cls, path) -> "ErrorTable":
-        from safetensors import SafetensorError
-
         path = Path(path)
         json_path = path.with_suffix(".json")
         fix = "delete it to recompute"
@@ -260,7 +231,7 @@ def _dq_errors(R: Tensor, absmax: Tensor, v: Tensor, bits: int, settings: list[t
     With the codes of s, ||R - ŝv||² = Σ e² - 2δ Σ e·v + δ² Σ v² per block (e = R - s·v, δ = ŝ - s).
     An element's nearest level differs under ŝ only if the ratio s/ŝ leaves an interval around 1
     (`keep_ratios`); per (b0, B1) the elements whose interval does not hold the ratios of its settings
-    (typically 0.1-30 % at b <= 4) are gathered once and their errors recomputed for each setting
+    are gathered once and their errors recomputed for each setting
     (every element's, where most move).
     """
     n_blocks, B0 = R.shape
@@ -321,16 +292,16 @@ def _dq_chunk(R: Tensor, absmax: Tensor, v: Tensor, bits: int, settings, S: Tens
 
 
 # which b1 (dtype of the stored scales' maxima) runs the alternation of its family, first present wins
-REPRESENTATIVE_DTYPES = ("fp16", "bf16", "fp32")
-DQ_MODES = ("shared", "refine", "loop")
-MODE_ITERS = {"refine": (100, 3), "shared": (DEFAULT_TABLE_ITERS, 1), "loop": (DEFAULT_TABLE_ITERS, 1)}
+_REPRESENTATIVE_DTYPES = ("fp16", "bf16", "fp32")
+_DQ_MODES = ("shared", "refine", "loop")
+_MODE_ITERS = {"refine": (100, 3), "shared": (DEFAULT_TABLE_ITERS, 1), "loop": (DEFAULT_TABLE_ITERS, 1)}
 
 
-def table_mode(dq_mode: str, iters: int | None, patience: int | None) -> tuple[str, int, int]:
-    """(dq_mode, iters, patience) checked, with each mode's defaults (MODE_ITERS) for the ones left None."""
-    if dq_mode not in DQ_MODES:
-        raise QbaraError(f"dq_mode must be one of {', '.join(map(repr, DQ_MODES))}, got {dq_mode!r}")
-    default_iters, default_patience = MODE_ITERS[dq_mode]
+def _table_mode(dq_mode: str, iters: int | None, patience: int | None) -> tuple[str, int, int]:
+    """(dq_mode, iters, patience) checked, with each mode's defaults (_MODE_ITERS) for the ones left None."""
+    if dq_mode not in _DQ_MODES:
+        raise QbaraError(f"dq_mode must be one of {', '.join(map(repr, _DQ_MODES))}, got {dq_mode!r}")
+    default_iters, default_patience = _MODE_ITERS[dq_mode]
     iters = default_iters if iters is None else iters
     patience = default_patience if patience is None else patience
     for label, value in (("iters", iters), ("patience", patience)):
@@ -360,8 +331,8 @@ def _rounded_costs(costs: Tensor, configs: Sequence[QuantConfig], members: Seque
 
 
 def _representative(configs: Sequence[QuantConfig], family: Sequence[int]) -> int:
-    """The config of a (b, B0, b0, B1) family whose own alternation stands for all: by REPRESENTATIVE_DTYPES."""
-    return min(family, key=lambda j: REPRESENTATIVE_DTYPES.index(configs[j].dq_dtype))
+    """The config of a (b, B0, b0, B1) family whose own alternation stands for all: by _REPRESENTATIVE_DTYPES."""
+    return min(family, key=lambda j: _REPRESENTATIVE_DTYPES.index(configs[j].dq_dtype))
 
 
 def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iters: int | None = None,
@@ -369,14 +340,9 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
                  table_power_iters: int = 0, seed: int = 0, dq_mode: str = "shared", starts=STARTS,
                  name: str = "weight", importance: Tensor | None = None, patience: int | None = None) -> Tensor:
     """Squared (Fisher-weighted) LQ decomposition error of W under every config (float64, +inf where a
-    config cannot hold W). See the module docstring for the modes: "shared" (default, the fast
-    approximation: one alternation per (b, B0), 8 iterations), "refine" (exact: one alternation to
-    convergence per (b, B0, b0, B1) family, ~39x the time) and "loop" (every NF config its own
-    alternation). iters, patience: per-mode defaults (MODE_ITERS).
-    `starts`: as `decompose`'s
-    (the svd start's first SVD is shared by all configs, the quantize start's is each config's own).
-    `importance`: the rounding importance of the gguf:* configs (as `decompose`'s)."""
-    dq_mode, iters, patience = table_mode(dq_mode, iters, patience)
+    config cannot hold W). dq_mode: "shared", "refine" or "loop" (module docstring); iters, patience: per-mode
+    defaults (_MODE_ITERS). `starts`, `importance`: as `decompose`'s."""
+    dq_mode, iters, patience = _table_mode(dq_mode, iters, patience)
     starts = check_starts(starts, name)
     W = W.detach().to(torch.float32)
     fisher = None if fisher is None else fisher.detach().to(torch.float32)
@@ -500,20 +466,18 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
 
     configs: candidates (default: LQ-LoRA's 432, `candidate_configs`). rank: LoRA rank of the decomposition
     (0: plain quantization). iters, patience: at most `iters` iterations per alternation, stopping after
-    `patience` iterates in a row without improvement (defaults per dq_mode: MODE_ITERS).
+    `patience` iterates in a row without improvement (defaults per dq_mode: _MODE_ITERS).
     fisher: name -> Fisher matrix (weight's shape) for data-aware costs. workers: matrices computed
     at once (threads, one torch thread each; default torch.get_num_threads()). Cached on disk unless
     cache=False (recompute=True ignores an existing entry and overwrites it). Under torch.distributed
-    the ranks share the matrices and all get the full table. dq_mode: "shared" (default, the fast
-    approximation: costs overstated by a median 12-16 %, most at low b0), "refine" (within a few percent of
-    every config's own decomposition to convergence, at ~39x the time) or "loop" (every config its own
-    alternation); see the module docstring.
+    the ranks share the matrices and all get the full table. dq_mode: "shared" (default, fast, overstates
+    costs), "refine" (exact, slow) or "loop" (every config its own alternation); see the module docstring.
     starts: the alternation's starts, as `decompose`'s (default both: "svd" and "quantize"; part of the
     cache key). importance: name -> rounding importance of the gguf:* configs (`qbara.lq.importance_matrix`'s
     per-column vectors or per-weight tensors such as the Fisher), so each cost is that of the rounding
     `quantize_model(..., importance=)` writes; part of the cache key.
     """
-    dq_mode, iters, patience = table_mode(dq_mode, iters, patience)
+    dq_mode, iters, patience = _table_mode(dq_mode, iters, patience)
     starts = check_starts(starts, "error_table")
     configs = list(candidate_configs() if configs is None else configs)
     if not configs or not all(isinstance(c, QuantConfig) for c in configs):
@@ -532,9 +496,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
                 raise QbaraError(f"{n}: Fisher shape {tuple(fisher_shapes[n])} differs from the weight's {s}")
 
     if importance is not None:
-        if not any(c.family.takes_importance for c in configs):
-            raise QbaraError("an importance weights the rounding of gguf:* formats, and none of the configs is one; "
-                             "drop importance= or add gguf:* configs (qbara.lq.gguf_configs())")
+        check_takes_importance(configs)
         lacking = [n for n in names if n not in importance]
         if lacking:
             raise QbaraError(f"the importance lacks {lacking[:3]} ({len(lacking)} layers); compute it for the same "
@@ -548,7 +510,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
     if importance is not None:  # only then: tables computed without one keep their cache keys
         settings["importance"] = _digest(names, importance)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    cache_path = Path(cache_dir) if cache_dir is not None else lq_cache_dir()
+    cache_path = Path(cache_dir) if cache_dir is not None else _lq_cache_dir()
     path = cache_path / f"table-{key}.safetensors"  # the key holds the weights' content hash
 
     dist = active_dist()

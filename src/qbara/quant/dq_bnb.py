@@ -8,7 +8,7 @@ published definition (Dettmers 2016, bitsandbytes' `create_dynamic_map(signed=Tr
 follows bitsandbytes' CPU kernel (0.50), which is not exactly round-to-nearest (see `dynamic_quantize`).
 bitsandbytes' CUDA kernel rounds to the nearest map value by a binary search instead, so scale codes it wrote
 can differ from these in places; they dequantize by the same formula (`bnb_double_dequantize`), so adopting a
-bitsandbytes layer's buffers (`qbara.nn.bnb`) keeps its weights whichever kernel wrote them (checked on CPU).
+bitsandbytes layer's buffers (`qbara.nn.bnb`) keeps its weights whichever kernel wrote them.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 DYNAMIC_BLOCK = 256  # scales per nested block (bitsandbytes' `quantize_blockwise(..., blocksize=256)`)
-LUT_SIZE = 65536  # bins of [-1, 1] in bitsandbytes' CPU quantizer
+_LUT_SIZE = 65536  # bins of [-1, 1] in bitsandbytes' CPU quantizer
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,19 +46,19 @@ def _dynamic_table(device: torch.device) -> Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _bin_codes(device: torch.device) -> Tensor:
-    """bitsandbytes' CPU lookup table: for each of LUT_SIZE points v_i = -1 + 2i/(LUT_SIZE-1) (fp32), the map
+    """bitsandbytes' CPU lookup table: for each of _LUT_SIZE points v_i = -1 + 2i/(_LUT_SIZE-1) (fp32), the map
     index nearest to v_i (the number of midpoints between adjacent map values that lie below v_i)."""
     table = _dynamic_map_cpu()
     midpoints = 0.5 * (table[:-1] + table[1:])
-    points = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32)) / float(LUT_SIZE - 1)
+    points = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / float(_LUT_SIZE - 1)
     return torch.searchsorted(midpoints, points, right=False).to(torch.uint8).to(device)
 
 
 def dynamic_quantize(values: Tensor) -> tuple[Tensor, Tensor]:
     """(uint8 codes per value, fp32 absmax per block of DYNAMIC_BLOCK) of fp32 `values` (flat; a last partial
     block is its own block), as bitsandbytes 0.50's CPU `quantize_blockwise` computes them: v / absmax (times
-    the fp32 reciprocal) is snapped to a grid of LUT_SIZE points on [-1, 1] (index = trunc((v + 1) / 2 *
-    (LUT_SIZE - 1) + 0.5)), then to the map value nearest that point. A block whose absmax is 0 gets code 0."""
+    the fp32 reciprocal) is snapped to a grid of _LUT_SIZE points on [-1, 1] (index = trunc((v + 1) / 2 *
+    (_LUT_SIZE - 1) + 0.5)), then to the map value nearest that point. A block whose absmax is 0 gets code 0."""
     flat = values.reshape(-1).float()
     n = flat.numel()
     blocks = torch.nn.functional.pad(flat, (0, (-n) % DYNAMIC_BLOCK)).view(-1, DYNAMIC_BLOCK)
@@ -66,7 +66,7 @@ def dynamic_quantize(values: Tensor) -> tuple[Tensor, Tensor]:
     inv = 1.0 / absmax  # fp32 reciprocal, then a product: bitsandbytes' arithmetic
     normed = (blocks * inv[:, None]).clamp_(-1.0, 1.0)
     # (fused or not, the multiply-add gives the same index: 0.5 is a multiple of the product's last place)
-    index = ((normed + 1.0) * 0.5 * float(LUT_SIZE - 1) + 0.5).nan_to_num_(0.0).long().clamp_(0, LUT_SIZE - 1)
+    index = ((normed + 1.0) * 0.5 * float(_LUT_SIZE - 1) + 0.5).nan_to_num_(0.0).long().clamp_(0, _LUT_SIZE - 1)
     codes = _bin_codes(flat.device)[index]
     codes = torch.where(absmax[:, None] > 0, codes, torch.zeros_like(codes))
     return codes.reshape(-1)[:n].contiguous(), absmax

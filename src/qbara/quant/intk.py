@@ -22,7 +22,7 @@ def to_blocks(weight: Tensor, group_size: int, group_rows: int) -> Tensor:
     return tiles.permute(0, 2, 1, 3).reshape(-1, group_rows * group_size)
 
 
-def from_blocks(blocks: Tensor, shape: tuple[int, int], group_size: int, group_rows: int) -> Tensor:
+def _from_blocks(blocks: Tensor, shape: tuple[int, int], group_size: int, group_rows: int) -> Tensor:
     """The (d_out, d_in) weight from its tiles (the inverse of `to_blocks`)."""
     d_out, d_in = shape
     tiles = blocks.reshape(d_out // group_rows, d_in // group_size, group_rows, group_size)
@@ -46,11 +46,11 @@ def quantize_int(weight: Tensor, bits: int, group_size: int, group_rows: int = 1
     safe = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.round((blocks - minimum.float()[:, None]) / safe[:, None]).clamp_(0, qmax)
     codes = torch.where(s[:, None] > 0, codes, torch.zeros_like(codes)).to(torch.uint8)
-    return from_blocks(codes, weight.shape, group_size, group_rows).reshape(-1), scale, minimum
+    return _from_blocks(codes, weight.shape, group_size, group_rows).reshape(-1), scale, minimum
 
 
 @functools.lru_cache(maxsize=None)
-def int_code_table(bits: int, device: torch.device) -> Tensor:
+def _int_code_table(bits: int, device: torch.device) -> Tensor:
     """The codes 0 .. 2**bits - 1 as fp32, cached per device (read-only: shared by every caller)."""
     return torch.arange(2 ** bits, dtype=torch.float32, device=device)
 
@@ -65,14 +65,14 @@ def dequantize_int(codes: Tensor, scale: Tensor, minimum: Tensor, shape: tuple[i
     (a caller's reused buffer; `dtype` must then be fp32); the result is `out` viewed as `shape`."""
     check_out(out, dtype)
     if bits is not None:  # fp32 codes of this call's own (or in `out`)
-        codes = unpack_lookup(codes, bits, shape[0] * shape[1], int_code_table(bits, codes.device), out=out)
+        codes = unpack_lookup(codes, bits, shape[0] * shape[1], _int_code_table(bits, codes.device), out=out)
     blocks = to_blocks(codes.reshape(shape), group_size, group_rows)
     if bits is None:
         blocks = blocks.to(torch.float32, copy=True)  # the caller's codes are never written to
     # In place, two passes (faster than addcmul's kernel with per-block operands). q * s is exact in fp32
     # (q < 2**8, s an fp16 value), so only the add rounds: the same bits as addcmul, with or without FMA.
     blocks.mul_(scale.float()[:, None]).add_(minimum.float()[:, None])
-    weight = from_blocks(blocks, shape, group_size, group_rows)
+    weight = _from_blocks(blocks, shape, group_size, group_rows)
     if out is not None and weight.data_ptr() != out.data_ptr():  # 2-D tiles, or a layout unpack_lookup cannot
         weight = out.view(shape).copy_(weight)                    # write into `out`
     return weight.to(dtype)

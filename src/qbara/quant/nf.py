@@ -9,7 +9,7 @@ from torch import Tensor
 
 from qbara.quant.packing import check_out, unpack_lookup
 
-NF_OFFSET = 0.9677083  # 1 - (1/30 + 1/32) / 2, rounded as in QLoRA's published NF4 table
+_NF_OFFSET = 0.9677083  # 1 - (1/30 + 1/32) / 2, rounded as in QLoRA's published NF4 table
 
 
 @functools.lru_cache(maxsize=None)
@@ -19,8 +19,8 @@ def _nf_levels_np(bits: int) -> np.ndarray:
     from scipy.stats import norm  # imported on first use: scipy.stats alone takes seconds to import
 
     half = 2 ** (bits - 1)
-    positive = norm.ppf(torch.linspace(NF_OFFSET, 0.5, half + 1).numpy())[:-1]
-    negative = -norm.ppf(torch.linspace(NF_OFFSET, 0.5, half).numpy())[:-1]
+    positive = norm.ppf(torch.linspace(_NF_OFFSET, 0.5, half + 1).numpy())[:-1]
+    negative = -norm.ppf(torch.linspace(_NF_OFFSET, 0.5, half).numpy())[:-1]
     levels = np.sort(np.concatenate([negative, [0.0], positive]))
     return (levels / levels.max()).astype(np.float32)
 
@@ -31,7 +31,7 @@ def nf_levels(bits: int, device: torch.device | str | None = None) -> Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def nf_level_table(bits: int, device: torch.device) -> Tensor:
+def _nf_level_table(bits: int, device: torch.device) -> Tensor:
     """`nf_levels(bits)` cached per device (read-only: shared by every caller)."""
     return nf_levels(bits, device)
 
@@ -83,7 +83,7 @@ def dequantize_nf(codes: Tensor, absmax: Tensor, bits: int, block_size: int, dty
     ones where the scales are double-quantized). `out`: a flat fp32 buffer of one element per value to write into
     (a caller's reused buffer; `dtype` must then be fp32); the result is `out`."""
     check_out(out, dtype)
-    levels = nf_level_table(bits, codes.device)
+    levels = _nf_level_table(bits, codes.device)
     if packed:
         values = unpack_lookup(codes, bits, absmax.numel() * block_size, levels, out=out)
     else:

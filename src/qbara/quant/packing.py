@@ -6,7 +6,7 @@ import functools
 import torch
 from torch import Tensor
 
-SUPPORTED_BITS = (2, 3, 4, 5, 8)
+_SUPPORTED_BITS = (2, 3, 4, 5, 8)
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -91,5 +91,5 @@ def check_out(out: Tensor | None, dtype: torch.dtype) -> None:
 
 
 def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"cannot pack {bits}-bit codes: supported widths are {SUPPORTED_BITS}")
+    if bits not in _SUPPORTED_BITS:
+        raise ValueError(f"cannot pack {bits}-bit codes: supported widths are {_SUPPORTED_BITS}")

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from qbara.errors import QbaraError
 from qbara.quant.config import QuantConfig
+from qbara.quant.formats import check_takes_importance
 
 
 @dataclass
@@ -67,9 +68,8 @@ def quantize(weight: Tensor, config: QuantConfig, name: str = "weight",
     family `takes_importance`: gguf:*): a (d_in,) importance matrix or a (d_out, d_in) per-weight importance that
     weights each block's scale search, as llama-quantize does with an importance matrix (see
     `qbara.quant.ggml.quantize_ggml`)."""
-    if importance is not None and not config.family.takes_importance:
-        raise QbaraError(f"{name}: an importance weights the rounding of gguf:* formats only, and {config.format} "
-                         f"rounds each weight to its nearest level; drop importance= or choose a gguf:* format")
+    if importance is not None:
+        check_takes_importance([config], f" ({name}: {config.format} rounds each weight to its nearest level)")
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         dtype = getattr(weight, "dtype", type(weight).__name__)
         raise QbaraError(f"{name}: cannot quantize a non-floating weight ({dtype}); pass the float weight "

@@ -2,6 +2,8 @@
 its object plus one line here (or `register(family)` at run time)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from qbara.errors import QbaraError
 from qbara.quant.formats.base import QuantFormat
 from qbara.quant.formats.ggml import GGML
@@ -42,7 +44,16 @@ def family_of(format_name: str) -> QuantFormat:
     return family
 
 
+def check_takes_importance(configs: Iterable, hint: str = "") -> None:
+    """The importance rule, asked by each entry that takes an importance (quantize, quantize_model, error_table,
+    LQConfig): it weights the rounding of the families that `takes_importance` (gguf:*); the others round to
+    nearest, so an importance where none of `configs` takes one is a mistake."""
+    if not any(c.family.takes_importance for c in configs):
+        raise QbaraError(f"an importance weights the rounding of gguf:* formats only, and none of the configs is "
+                         f"one{hint}; drop importance= or choose gguf:* configs (qbara.lq.gguf_configs())")
+
+
 _index()
 FORMATS: tuple[str, ...] = tuple(_BY_FORMAT)  # the built-in formats, family by family
 
-__all__ = ["FAMILIES", "FORMATS", "QuantFormat", "family_of", "register", "unregister"]
+__all__ = ["FAMILIES", "FORMATS", "check_takes_importance", "family_of", "register", "unregister"]

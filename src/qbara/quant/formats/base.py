@@ -98,7 +98,7 @@ class QuantFormat:
 # ==================================================================== block formats (NF, INT)
 DQ_DTYPE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16}
 MINIMUM_DTYPES = {"fp16": 16, "fp32": 32}  # INT block minimum storage -> bits
-DQ_STYLES = ("qbara", "bnb")
+_DQ_STYLES = ("qbara", "bnb")
 BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit accepts these
 # Rows quantized at once: the quantizer's fp32 work arrays stay near 4 M elements (~16 MB each) whatever the
 # matrix size, instead of several full-size copies of a 7B model's 45 M-element MLP weights.
@@ -129,7 +129,7 @@ class BlockFormat(QuantFormat):
                 raise QbaraError(f"dq_dtype must be one of {', '.join(DQ_DTYPE_BITS)}, got {config.dq_dtype!r}")
             if not isinstance(config.dq_block_size, int) or config.dq_block_size <= 0:
                 raise QbaraError(f"dq_block_size must be a positive integer, got {config.dq_block_size!r}")
-        check_dq_style(config)
+        _check_dq_style(config)
 
     def check_options(self, config) -> None:
         """The family's own option rules, after the geometry defaults are set."""
@@ -166,10 +166,10 @@ def check_minimum_dtype(config) -> None:
         raise QbaraError(f"minimum_dtype must be one of {', '.join(MINIMUM_DTYPES)}, got {config.minimum_dtype!r}")
 
 
-def check_dq_style(config) -> None:
+def _check_dq_style(config) -> None:
     """dq_style="bnb" only where bitsandbytes' own layout can hold the config."""
-    if config.dq_style not in DQ_STYLES:
-        raise QbaraError(f"dq_style must be one of {', '.join(DQ_STYLES)}, got {config.dq_style!r}")
+    if config.dq_style not in _DQ_STYLES:
+        raise QbaraError(f"dq_style must be one of {', '.join(_DQ_STYLES)}, got {config.dq_style!r}")
     if config.dq_style == "qbara":
         return
     fix = "or use dq_style='qbara'"

@@ -14,8 +14,8 @@ from qbara.quant.intk import dequantize_int, quantize_int
 from qbara.quant.packing import pack_bits, packed_nbytes, unpack_bits
 
 # Code width -> (GGML format, packer) of the INT formats whose 1 x 32 blocks with fp16 minima are a GGUF layout.
-EXACT_GGUF = {4: (GGML_FORMATS["q4_1"], pack_q4_1), 5: (GGML_FORMATS["q5_1"], pack_q5_1)}
-MINIMUM_TORCH = {"fp16": torch.float16, "fp32": torch.float32}
+_EXACT_GGUF = {4: (GGML_FORMATS["q4_1"], pack_q4_1), 5: (GGML_FORMATS["q5_1"], pack_q5_1)}
+_MINIMUM_TORCH = {"fp16": torch.float16, "fp32": torch.float32}
 
 
 class IntFormat(BlockFormat):
@@ -45,7 +45,7 @@ class IntFormat(BlockFormat):
 
     def quantize(self, weight: Tensor, config, name: str, importance: Tensor | None) -> dict[str, Tensor]:
         shape = (int(weight.shape[0]), int(weight.shape[1]))
-        minimum_dtype = MINIMUM_TORCH[config.minimum_dtype]
+        minimum_dtype = _MINIMUM_TORCH[config.minimum_dtype]
         parts = [quantize_int(weight[start:start + rows], config.bits, config.block_size, config.block_rows,
                               minimum_dtype) for start, rows in self.row_chunks(shape, config)]
         return {"codes": torch.cat([pack_bits(codes, config.bits) for codes, _, _ in parts]),
@@ -72,11 +72,11 @@ class IntFormat(BlockFormat):
         n_blocks = numel // config.block_numel
         return {"codes": meta((packed_nbytes(numel, config.bits),), torch.uint8),
                 "scale": meta((n_blocks,), torch.float16),
-                "minimum": meta((n_blocks,), MINIMUM_TORCH[config.minimum_dtype])}
+                "minimum": meta((n_blocks,), _MINIMUM_TORCH[config.minimum_dtype])}
 
     def gguf_format(self, config):
         """Q4_1 / Q5_1 for INT4 / INT5 with 1 x 32 blocks and fp16 minima (their own layout), else None."""
-        exact = EXACT_GGUF.get(config.bits)
+        exact = _EXACT_GGUF.get(config.bits)
         if exact is None or config.block_size != 32 or config.block_rows != 1 or config.minimum_dtype != "fp16":
             return None
         return exact[0]
@@ -88,9 +88,9 @@ class IntFormat(BlockFormat):
             return super().gguf_blocks(qtensor, name)
         kind = fmt.name.upper()
         d_out, d_in = qtensor.shape
-        scale = as_fp16(qtensor.tensors["scale"], name, kind)
-        minimum = as_fp16(qtensor.tensors["minimum"], name, kind)
-        return EXACT_GGUF[qtensor.config.bits][1](qtensor.codes(), scale, minimum, (d_out, d_in))
+        scale = _as_fp16(qtensor.tensors["scale"], name, kind)
+        minimum = _as_fp16(qtensor.tensors["minimum"], name, kind)
+        return _EXACT_GGUF[qtensor.config.bits][1](qtensor.codes(), scale, minimum, (d_out, d_in))
 
     def fold_problem(self, config, tile_rows: int, tile_cols: int) -> str | None:
         """Every quantization block must lie inside one tile: then the update is one constant per block, which
@@ -103,7 +103,7 @@ class IntFormat(BlockFormat):
         return None
 
 
-def as_fp16(values: Tensor, name: str, kind: str = "Q4_1") -> Tensor:
+def _as_fp16(values: Tensor, name: str, kind: str = "Q4_1") -> Tensor:
     """Scales / minima as fp16 (Q4_1 and Q5_1 store fp16); refuses values that fp16 cannot hold exactly
     (they were cast, e.g. by model.to(torch.bfloat16), to a type with a wider range)."""
     if values.dtype == torch.float16:

@@ -5,7 +5,7 @@ ggml's reference quantizer writes for that weight (llama-quantize without an imp
 `quantize_ggml(weight, "q4_k", importance=imatrix)` the bytes llama-quantize writes with that importance matrix
 (one value per input column; a value per weight, such as a Fisher diagonal, is taken too), and
 `dequantize_ggml(raw, shape, "q4_k")` the fp32 weight they hold, bit for bit as gguf-py / ggml decode it.
-One function pair per format too (`quantize_q4_k`, `dequantize_q4_k`, ...). `GGML_FORMATS` lists each
+Q8_0 has its own pair too (`quantize_q8_0`, `dequantize_q8_0`). `GGML_FORMATS` lists each
 format's block size, bytes per block, bits per weight and GGMLQuantizationType. The weight must be finite.
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ GGML_FORMATS: dict[str, GGMLFormat] = {f.name: f for f in (
 )}
 
 
-def ggml_format(name: str) -> GGMLFormat:
+def _ggml_format(name: str) -> GGMLFormat:
     """The format called `name` (q4_0, ..., q6_k, iq4_nl, iq4_xs; case-insensitive)."""
     fmt = GGML_FORMATS.get(name.lower()) if isinstance(name, str) else None
     if fmt is None:
@@ -105,7 +105,7 @@ def quantize_ggml(weight: Tensor, fmt: str | GGMLFormat, name: str = "weight",
     `importance`: None (ggml's reference quantizer), or a non-negative (d_in,) vector (an importance matrix: each
     input column's mean square activation, shared by all rows) or (d_out, d_in) tensor (one value per weight):
     each block's scale (and min) search then minimises the error weighted as llama-quantize weighs it."""
-    fmt = fmt if isinstance(fmt, GGMLFormat) else ggml_format(fmt)
+    fmt = fmt if isinstance(fmt, GGMLFormat) else _ggml_format(fmt)
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         what = getattr(weight, "dtype", type(weight).__name__)
         raise QbaraError(f"{name}: GGML quantization takes a float weight, got {what}; pass the float weight")
@@ -149,7 +149,7 @@ def dequantize_ggml(raw: Tensor, shape: tuple[int, int], fmt: str | GGMLFormat,
                     out: Tensor | None = None) -> Tensor:
     """The fp32 (d_out, d_in) weight held by GGML block bytes `raw` ((d_out, row bytes) or flat), written
     into `out` (a buffer of d_out * d_in fp32) when given."""
-    fmt = fmt if isinstance(fmt, GGMLFormat) else ggml_format(fmt)
+    fmt = fmt if isinstance(fmt, GGMLFormat) else _ggml_format(fmt)
     d_out, d_in = shape
     check_ggml_shape((d_out, d_in), fmt)
     if raw.dtype != torch.uint8 or raw.numel() != d_out * fmt.row_bytes(d_in):
@@ -174,53 +174,9 @@ def _bind(fmt: GGMLFormat) -> tuple[Callable, Callable]:
     return quantize, dequantize
 
 
-quantize_q4_0, dequantize_q4_0 = _bind(GGML_FORMATS["q4_0"])
-quantize_q4_1, dequantize_q4_1 = _bind(GGML_FORMATS["q4_1"])
-quantize_q5_0, dequantize_q5_0 = _bind(GGML_FORMATS["q5_0"])
-quantize_q5_1, dequantize_q5_1 = _bind(GGML_FORMATS["q5_1"])
 quantize_q8_0, dequantize_q8_0 = _bind(GGML_FORMATS["q8_0"])
-quantize_q2_k, dequantize_q2_k = _bind(GGML_FORMATS["q2_k"])
-quantize_q3_k, dequantize_q3_k = _bind(GGML_FORMATS["q3_k"])
-quantize_q4_k, dequantize_q4_k = _bind(GGML_FORMATS["q4_k"])
-quantize_q5_k, dequantize_q5_k = _bind(GGML_FORMATS["q5_k"])
-quantize_q6_k, dequantize_q6_k = _bind(GGML_FORMATS["q6_k"])
-quantize_iq4_nl, dequantize_iq4_nl = _bind(GGML_FORMATS["iq4_nl"])
-quantize_iq4_xs, dequantize_iq4_xs = _bind(GGML_FORMATS["iq4_xs"])
 
 __all__ = [
-    "CHUNK_ELEMENTS",
-    "FP16_MAX",
-    "GGML_FORMATS",
-    "GGMLFormat",
-    "check_ggml_shape",
-    "check_importance",
-    "dequantize_ggml",
-    "dequantize_iq4_nl",
-    "dequantize_iq4_xs",
-    "dequantize_q2_k",
-    "dequantize_q3_k",
-    "dequantize_q4_0",
-    "dequantize_q4_1",
-    "dequantize_q4_k",
-    "dequantize_q5_0",
-    "dequantize_q5_1",
-    "dequantize_q5_k",
-    "dequantize_q6_k",
-    "dequantize_q8_0",
-    "ggml_format",
-    "pack_q4_1",
-    "pack_q5_1",
-    "quantize_ggml",
-    "quantize_iq4_nl",
-    "quantize_iq4_xs",
-    "quantize_q2_k",
-    "quantize_q3_k",
-    "quantize_q4_0",
-    "quantize_q4_1",
-    "quantize_q4_k",
-    "quantize_q5_0",
-    "quantize_q5_1",
-    "quantize_q5_k",
-    "quantize_q6_k",
-    "quantize_q8_0",
+    "CHUNK_ELEMENTS", "FP16_MAX", "GGML_FORMATS", "check_ggml_shape", "check_importance", "dequantize_ggml",
+    "dequantize_q8_0", "pack_q4_1", "pack_q5_1", "quantize_ggml", "quantize_q8_0",
 ]

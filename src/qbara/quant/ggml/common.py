@@ -9,6 +9,8 @@ shortcuts differ from that in places, so the quantizers use these helpers instea
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -74,8 +76,6 @@ def half_from_bytes(raw: Tensor) -> Tensor:
 
 def _le(pairs: Tensor) -> Tensor:
     """Byte pairs in little-endian order whatever the host order (GGUF is little-endian)."""
-    import sys
-
     return pairs if sys.byteorder == "little" else pairs.flip(-1).contiguous()
 
 

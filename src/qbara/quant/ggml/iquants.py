@@ -37,7 +37,7 @@ from qbara.quant.ggml.legacy import _inverse, _pack_nibbles, _unpack_nibbles
 from qbara.quant.ggml.searches import GROUP_MAX_EPS  # a block whose absmax is below it gets scale 0
 
 LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
-NTRY = 7  # the scale search tries (itry + LEVELS[0]) / max for itry in -NTRY .. NTRY
+_NTRY = 7  # the scale search tries (itry + LEVELS[0]) / max for itry in -_NTRY .. _NTRY
 QK_K = 256
 
 
@@ -70,7 +70,7 @@ def _search_scales(cols: Tensor, weight: Tensor) -> Tensor:
     sumqx, sumq2 = _fit(cols, weight, rdiv(1.0, div(signed_max, -LEVELS[0])))
     d = sumqx / sumq2
     best = d * sumqx
-    for itry in range(-NTRY, NTRY + 1):
+    for itry in range(-_NTRY, _NTRY + 1):
         sumqx, sumq2 = _fit(cols, weight, rdiv(float(itry + LEVELS[0]), signed_max))
         better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         d = torch.where(better, sumqx / sumq2, d)
