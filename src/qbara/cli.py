@@ -11,7 +11,7 @@ from qbara.commands import demo, eval, export, generate, lq, merge, quantize, tr
 from qbara.errors import QbaraError
 
 
-def version() -> str:
+def _version() -> str:
     """The installed package's version, else the source tree's `qbara.__version__`."""
     try:
         return importlib.metadata.version("qbara")
@@ -23,7 +23,7 @@ def version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qbara", description="Fine-tune quantized LLMs and ship them low-bit.")
-    parser.add_argument("--version", action="version", version=f"qbara {version()}", help="print the version and exit")
+    parser.add_argument("--version", action="version", version=f"qbara {_version()}", help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                        help="one of the commands below; `qbara COMMAND --help` lists its options")
     for module in (demo, train, eval, generate, merge, export, quantize, lq):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 
-def launched_distributed() -> bool:
+def _launched_distributed() -> bool:
     """True when this process is one of several ranks started by torchrun."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -14,7 +14,7 @@ def start_process_group() -> bool:
     import torch
     import torch.distributed as dist
 
-    if not launched_distributed() or running_group() is not None:
+    if not _launched_distributed() or running_group() is not None:
         return False
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

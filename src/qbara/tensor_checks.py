@@ -38,11 +38,11 @@ def safetensors_metadata(path, what: str) -> dict[str, str]:
 # No trained weight of a working model comes near these magnitudes; a value beyond them is damage (a flipped
 # exponent bit, a diverged run) that would only show later as an infinite loss.
 ADAPTER_LIMIT = 1e4
-WEIGHT_LIMIT = 1e5
+_WEIGHT_LIMIT = 1e5
 
 
 def check_tensor(tensor: torch.Tensor, what: str, *, shape=None, dtype: torch.dtype | None = None,
-                 floating: bool = True, limit: float = WEIGHT_LIMIT) -> None:
+                 floating: bool = True, limit: float = _WEIGHT_LIMIT) -> None:
     """Refuse a tensor of the wrong shape or dtype, or one holding NaN/Inf or values beyond ±limit.
 
     dtype: the exact dtype required (packed codes, fp16 scales); otherwise `floating` requires any

@@ -21,7 +21,7 @@ from qbara.train.data import build_examples, read_records
 from qbara.train.trainer import prepare_for_training, train
 
 
-def gsm8k_instruction_files(out: Path, held_out: int, seed: int) -> tuple[Path, Path]:
+def _gsm8k_instruction_files(out: Path, held_out: int, seed: int) -> tuple[Path, Path]:
     """Write GSM8K (bundled test split) as instruction records: train and held-out JSONL files."""
     records = gsm8k_instructions()
     train, held = split_records(records, held_out=held_out / len(records), seed=seed)
@@ -43,7 +43,7 @@ def run(args) -> dict:
 def _run(args, out: Path) -> tuple[dict, dict]:
     """The demo, writing into the new folder `out`."""
     start = time.perf_counter()
-    train_file, held_file = gsm8k_instruction_files(out, args.held_out, args.seed)
+    train_file, held_file = _gsm8k_instruction_files(out, args.held_out, args.seed)
     config = build_config({
         "model": {"name": args.model},
         "quant": {"format": "int4", "block_size": 32},

@@ -49,7 +49,7 @@ def load_for_eval(model_name: str, adapter: str | None, quant: str | None = None
     return model, tokenizer
 
 
-def eval_tokenizer(model_name: str, adapter: str | None):
+def _eval_tokenizer(model_name: str, adapter: str | None):
     """The tokenizer `load_for_eval` will return, read without the model: the model's, with the chat template the
     adapter records (if it records one)."""
     tokenizer = load_model_tokenizer(model_name)
@@ -100,7 +100,7 @@ def run(args) -> dict:
     text = read_text(args.data) if args.task == "ppl" else None
     if args.task == "loss":
         records = read_records(args.data)[: args.max_records or None]
-        examples = build_examples(records, eval_tokenizer(args.model, args.adapter), "auto", args.window, "fail",
+        examples = build_examples(records, _eval_tokenizer(args.model, args.adapter), "auto", args.window, "fail",
                                   source=args.data)
     model, tokenizer = load_for_eval(args.model, args.adapter, getattr(args, "quant", None))
     if args.task == "ppl":

@@ -14,7 +14,7 @@ from qbara.errors import QbaraError
 from qbara.outputs import output_file, output_folder
 
 
-def adapter_path(out) -> str:
+def _adapter_path(out) -> str:
     """Where the LoRA adapter GGUF goes beside the base `out`: m.gguf -> m.adapter.gguf."""
     out = str(out)
     return out[: -len(".gguf")] + ".adapter.gguf"
@@ -36,7 +36,7 @@ def _run_gguf(args, inputs):
 
     if not str(args.out).endswith(".gguf"):
         raise QbaraError(f"--out {args.out!r}: a GGUF export is a file ending in .gguf")
-    lora_out = args.adapter_out or adapter_path(args.out)
+    lora_out = args.adapter_out or _adapter_path(args.out)
     if not str(lora_out).endswith(".gguf") or Path(lora_out).resolve() == Path(args.out).resolve():
         raise QbaraError(f"--adapter-out {lora_out!r}: the LoRA adapter GGUF is a file ending in .gguf, other "
                          f"than --out")

@@ -39,7 +39,7 @@ from qbara.state import state_of
 
 
 @dataclass
-class Inputs:
+class _Inputs:
     """What lq reads besides the model, read (and checked) before the model loads: the --fisher-data and --eval
     texts, the saved --fisher (opened lazily)."""
 
@@ -48,7 +48,7 @@ class Inputs:
     fisher: object | None
 
     @classmethod
-    def read(cls, args) -> "Inputs":
+    def read(cls, args) -> "_Inputs":
         return cls(read_text(args.fisher_data) if args.fisher_data else None,
                    read_text(args.eval) if args.eval else None, open_fisher(args.fisher) if args.fisher else None)
 
@@ -72,7 +72,7 @@ def run(args) -> dict | None:
 
     inputs = [args.model, args.fisher, args.fisher_data, args.eval]
     _options(args)  # the options' checks, before anything is read
-    args.inputs = Inputs.read(args)
+    args.inputs = _Inputs.read(args)
     start_process_group()
     if is_main_process():
         writing = output_folder(args.out, inputs, overwrite=args.overwrite, command="lq")

@@ -27,7 +27,7 @@ from qbara.quant.formats import FAMILIES
 
 
 @dataclass
-class QuantizationReport:
+class _QuantizationReport:
     label: str
     bits_per_param: float
     weight_rel_error: float
@@ -79,7 +79,7 @@ def weight_error(dense: torch.nn.Module, quantized: torch.nn.Module) -> tuple[fl
     return bits / numel, (err2 / ref2) ** 0.5
 
 
-def run(args) -> list[QuantizationReport]:
+def run(args) -> list[_QuantizationReport]:
     configs = [parse_format(s.strip()) for s in args.formats.split(",") if s.strip()]
     gptq_configs = _gptq_configs(args, configs)
     imatrix_configs = _imatrix_configs(args, configs)
@@ -92,7 +92,7 @@ def run(args) -> list[QuantizationReport]:
     importance = importance_matrix(model, calibration, progress=not args.json) if imatrix_configs else None
     fp32_bytes = model_bytes(model)
     base = perplexity(model, ids, window=args.window, max_tokens=args.eval_tokens, progress=not args.json)
-    rows = [QuantizationReport("fp32", 32.0, 0.0, fp32_bytes, 1.0, base.ppl, base.tokens, base.window)]
+    rows = [_QuantizationReport("fp32", 32.0, 0.0, fp32_bytes, 1.0, base.ppl, base.tokens, base.window)]
     for config in configs:
         methods = [("", quantize_model)] + ([("gptq ", _gptq_quantizer(args, calibration))]
                                             if config in gptq_configs else [])
@@ -104,7 +104,7 @@ def run(args) -> list[QuantizationReport]:
             size = model_bytes(quantized)
             result = perplexity(quantized, ids, window=args.window, max_tokens=args.eval_tokens,
                                 progress=not args.json)
-            rows.append(QuantizationReport(prefix + config.label, bits, rel, size, size / fp32_bytes, result.ppl,
+            rows.append(_QuantizationReport(prefix + config.label, bits, rel, size, size / fp32_bytes, result.ppl,
                                            result.tokens, result.window))
             if prefix == "gptq " and args.save:
                 save_quantized(quantized, tokenizer, args.save, overwrite=args.overwrite)

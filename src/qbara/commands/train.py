@@ -12,7 +12,7 @@ from qbara.train.config_reference import format_config
 from qbara.train.trainer import TrainInterrupted, TrainResult, train
 
 
-def parse_overrides(tokens: list[str]) -> dict:
+def _parse_overrides(tokens: list[str]) -> dict:
     """['--train.lr', '1e-4', '--adapter.method', 'qbara'] -> {'train.lr': 0.0001, 'adapter.method': 'qbara'}."""
     overrides, i = {}, 0
     while i < len(tokens):
@@ -30,26 +30,26 @@ def parse_overrides(tokens: list[str]) -> dict:
 
 
 def run(args, extra: list[str]) -> None:
-    config = load_run_config(args.config, parse_overrides(extra))
+    config = load_run_config(args.config, _parse_overrides(extra))
     if args.print_config:
         print(format_config(config), end="")
         return
     if args.dry_run:
-        dry_run(config, args.resume)
+        _dry_run(config, args.resume)
         return
     try:
         result = train(config, resume=args.resume)
     except TrainInterrupted as stop:  # the CLI prints this one line (exit 130)
-        raise KeyboardInterrupt(interrupted_line(stop, args, extra)) from None
+        raise KeyboardInterrupt(_interrupted_line(stop, args, extra)) from None
     end_process_group()
     loss = (f"final train loss {result.final_loss:.4g}" if result.final_loss is not None else
             f"no train loss logged (train.logging_steps={config.train.logging_steps} is past the run's last step)")
     print(f"adapter saved to {result.adapter_dir} ({result.trainable_parameters:,} trainable parameters); {loss}; "
           f"loss curve {result.output_dir / 'loss_curve.png'}")
-    print("\n".join(next_commands(config, result)))
+    print("\n".join(_next_commands(config, result)))
 
 
-def interrupted_line(stop: TrainInterrupted, args, extra: list[str]) -> str:
+def _interrupted_line(stop: TrainInterrupted, args, extra: list[str]) -> str:
     """`interrupted at step N (last checkpoint: step M); resume with: qbara train --config ... --resume`, the
     command line given (config path and overrides) with --resume."""
     command = ["qbara", "train", *(["--config", args.config] if args.config else []), *extra, "--resume"]
@@ -58,7 +58,7 @@ def interrupted_line(stop: TrainInterrupted, args, extra: list[str]) -> str:
     return f"interrupted {at} ({last}); resume with: {shlex.join(command)}"
 
 
-def next_commands(config: RunConfig, result: TrainResult) -> list[str]:
+def _next_commands(config: RunConfig, result: TrainResult) -> list[str]:
     """What to run on the trained adapter, with this run's paths: eval, merge, export, generate."""
     from qbara.adapters.io import read_adapter_config
     from qbara.models.loader import base_model_path
@@ -82,7 +82,7 @@ def next_commands(config: RunConfig, result: TrainResult) -> list[str]:
             f"  qbara generate --model {m} --adapter {a} --prompt \"...\""]
 
 
-def dry_run(config: RunConfig, resume: bool) -> None:
+def _dry_run(config: RunConfig, resume: bool) -> None:
     """Every check of the run, then the resolved config, the data statistics and the plan; no weights are
     loaded and nothing is written (`qbara.train.plan`)."""
     import yaml
@@ -115,7 +115,7 @@ def dry_run(config: RunConfig, resume: bool) -> None:
         print(f"{split}: {s.records} records -> {s.examples} examples ({s.skipped} skipped, {s.truncated} truncated "
               f"at data.max_length={config.data.max_length}) from {source}; {s.tokens:,} tokens, mean length "
               f"{s.mean_length:.1f}, max {s.max_length}")
-    print(prompt_line(config, train_set, tokenizer))
+    print(_prompt_line(config, train_set, tokenizer))
     print("# plan")
     for line in plan_lines(config, stats, str(resume_from) if resume_from else None):
         print(line)
@@ -123,7 +123,7 @@ def dry_run(config: RunConfig, resume: bool) -> None:
           f"(output {Path(config.train.output_dir)})")
 
 
-def prompt_line(config: RunConfig, train_set, tokenizer) -> str:
+def _prompt_line(config: RunConfig, train_set, tokenizer) -> str:
     """Which template renders the records (what data.template resolved to) and the first training prompt as the
     model sees it (up to its first answer token)."""
     from qbara.prompt_formats import NAMED
