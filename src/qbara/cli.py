@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import sys
 
+import qbara
 from qbara.commands import demo, eval, export, generate, lq, merge, quantize, train
 from qbara.errors import QbaraError
 
@@ -16,8 +17,6 @@ def _version() -> str:
     try:
         return importlib.metadata.version("qbara")
     except importlib.metadata.PackageNotFoundError:
-        import qbara
-
         return qbara.__version__
 
 

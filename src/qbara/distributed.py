@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 
+import torch
+import torch.distributed as dist
+
 
 def _launched_distributed() -> bool:
     """True when this process is one of several ranks started by torchrun."""
@@ -11,9 +14,6 @@ def _launched_distributed() -> bool:
 
 def start_process_group() -> bool:
     """Join the torchrun group (NCCL on CUDA, else gloo) unless one is running; True if this call joined it."""
-    import torch
-    import torch.distributed as dist
-
     if not _launched_distributed() or running_group() is not None:
         return False
     if torch.cuda.is_available():
@@ -26,8 +26,6 @@ def start_process_group() -> bool:
 
 def running_group():
     """torch.distributed when a process group is running in this process, else None."""
-    import torch.distributed as dist
-
     return dist if dist.is_available() and dist.is_initialized() else None
 
 

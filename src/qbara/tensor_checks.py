@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from qbara.errors import QbaraError
 from qbara.validate import regular_file
@@ -13,9 +15,6 @@ from qbara.validate import regular_file
 
 def read_safetensors(path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, with one clear error for a damaged file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     regular_file(path, "safetensors file")  # not a device, pipe or folder a symlink points to
     try:
         return load_file(str(path))
@@ -26,8 +25,6 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
 
 def safetensors_metadata(path, what: str) -> dict[str, str]:
     """The string metadata of a safetensors file, with one clear error naming `what` it should be."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as fh:
             return fh.metadata() or {}

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import stat
 import struct
 from pathlib import Path
+
+import yaml
 
 from qbara.errors import QbaraError
 
@@ -107,8 +110,6 @@ def _short(value) -> str:
 
 def load_yaml_file(path, what: str = "run config", max_bytes: int = 1 << 20, max_depth: int = _MAX_DEPTH):
     """A YAML file read with yaml's SafeLoader, aliases refused (no billion-laughs expansion) and nesting bounded."""
-    import yaml
-
     path = Path(path)
     text = read_text_file(path, what, max_bytes)
 
@@ -542,8 +543,6 @@ def check_gguf_header(path) -> None:
     """Refuse a GGUF file any of whose counts or lengths cannot fit in its size, before gguf-py or transformers
     reads it: the header's counts, every metadata key and value (strings, arrays, nested arrays), every tensor
     entry and each tensor's data span. A forged count would make them loop or allocate for ever."""
-    import mmap
-
     path = regular_file(path, "GGUF file")
     size = path.stat().st_size
     with open(path, "rb") as fh:

@@ -9,6 +9,9 @@ import dataclasses
 import json
 import sys
 
+import torch
+from tqdm.auto import tqdm
+
 from qbara.commands.eval import add_quant_option, load_for_eval
 from qbara.errors import QbaraError
 from qbara.generation import (
@@ -36,8 +39,6 @@ def _settings_of(args) -> GenerationSettings:
 
 def _device_of(args) -> str:
     """The device --device names (auto: cuda when torch sees a GPU); cuda without one is refused."""
-    import torch
-
     if args.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -108,8 +109,6 @@ def _generate(args, session: _Session, prompts: list[Prompt]) -> None:
         ids = prompt_ids(session.tokenizer, prompt, session.template)
         session.check_fits(ids, f"prompt {number}" if len(prompts) > 1 else "the prompt")
         prepared.append((prompt, ids))
-    from tqdm.auto import tqdm
-
     # --json prints each reply when it is done: a bar on stderr shows the progress over several prompts
     shown = tqdm(prepared, desc="prompts", unit="prompt", file=sys.stderr, disable=not args.json or len(prepared) < 2)
     for number, (prompt, ids) in enumerate(shown, start=1):

@@ -12,6 +12,8 @@ across the N ranks; rank 0 writes the outputs.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -68,8 +70,6 @@ def _fisher(args, model, tokenizer, out: Path | None):
 
 
 def run(args) -> dict | None:
-    import contextlib
-
     inputs = [args.model, args.fisher, args.fisher_data, args.eval]
     _options(args)  # the options' checks, before anything is read
     args.inputs = _Inputs.read(args)
@@ -189,8 +189,6 @@ def _in_memory(args, out: Path | None, options):
 def _with_fisher(args, lq, fisher):
     """The LQConfig with the Fisher (None without one), which also weights the gguf rounding with
     --weighted-rounding."""
-    import dataclasses
-
     return dataclasses.replace(lq, fisher=fisher, importance="fisher" if args.weighted_rounding else None)
 
 

@@ -5,11 +5,28 @@ import dataclasses
 import shlex
 from pathlib import Path
 
+import yaml
+
+from qbara.adapters.io import read_adapter_config
 from qbara.distributed import end_process_group
 from qbara.errors import QbaraError
+from qbara.models.loader import base_model_path
+from qbara.prompt_formats import NAMED
 from qbara.train.config import RunConfig, load_run_config, parse_value, valid_keys
 from qbara.train.config_reference import format_config
-from qbara.train.trainer import TrainInterrupted, TrainResult, train
+from qbara.train.data import IGNORE_INDEX
+from qbara.train.plan import data_stats, plan_lines, resolved_config
+from qbara.train.trainer import (
+    TrainInterrupted,
+    TrainResult,
+    check_before_load,
+    check_train_output,
+    latest_complete_checkpoint,
+    load_datasets,
+    refuse_checkpoints,
+    train,
+    training_arguments,
+)
 
 
 def _parse_overrides(tokens: list[str]) -> dict:
@@ -60,9 +77,6 @@ def _interrupted_line(stop: TrainInterrupted, args, extra: list[str]) -> str:
 
 def _next_commands(config: RunConfig, result: TrainResult) -> list[str]:
     """What to run on the trained adapter, with this run's paths: eval, merge, export, generate."""
-    from qbara.adapters.io import read_adapter_config
-    from qbara.models.loader import base_model_path
-
     adapter = result.adapter_dir
     recorded = read_adapter_config(adapter).get("base_model_name_or_path")
     # the model the adapter was trained on: the run's model (as it was named), or the LQ / LoftQ base it saved
@@ -85,25 +99,13 @@ def _next_commands(config: RunConfig, result: TrainResult) -> list[str]:
 def _dry_run(config: RunConfig, resume: bool) -> None:
     """Every check of the run, then the resolved config, the data statistics and the plan; no weights are
     loaded and nothing is written (`qbara.train.plan`)."""
-    import yaml
-
-    from qbara.train.plan import data_stats, plan_lines, resolved_config
-    from qbara.train.trainer import (
-        _training_arguments,
-        check_before_load,
-        check_train_output,
-        latest_complete_checkpoint,
-        load_datasets,
-        refuse_checkpoints,
-    )
-
     out = check_train_output(config)
     if not resume:
         refuse_checkpoints(out)
     resume_from = latest_complete_checkpoint(out) if resume else None
     tokenizer = check_before_load(config)
     train_set, eval_set = load_datasets(config, tokenizer)
-    _training_arguments(config, eval_set is not None)  # the trainer's own checks of its settings
+    training_arguments(config, eval_set is not None)  # the trainer's own checks of its settings
     stats = data_stats(config, train_set, eval_set)
     print("# resolved run config")
     print(yaml.safe_dump(resolved_config(config), sort_keys=False).rstrip())
@@ -126,9 +128,6 @@ def _dry_run(config: RunConfig, resume: bool) -> None:
 def _prompt_line(config: RunConfig, train_set, tokenizer) -> str:
     """Which template renders the records (what data.template resolved to) and the first training prompt as the
     model sees it (up to its first answer token)."""
-    from qbara.prompt_formats import NAMED
-    from qbara.train.data import IGNORE_INDEX
-
     text = train_set.chat_template
     if text is None:
         return "prompts: none (text data is packed as it is)"

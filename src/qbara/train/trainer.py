@@ -13,12 +13,14 @@ written; a write fault (disk full, file size limit) is one line.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
 import re
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +52,11 @@ from qbara.plotting import pyplot, save_figure
 from qbara.preparation import prepare
 from qbara.pretrained import base_quant_for
 from qbara.prompt_formats import resolve_template
+from qbara.quant.config import QuantConfig
 from qbara.state import state_of
 from qbara.train.config import RunConfig
 from qbara.train.data import ExampleDataset, PadCollator, build_examples, detect_format, read_records
+from qbara.train.plan import base_quant, epoch_steps, meta_model, trainable_parameters
 from qbara.validate import read_json_file, safetensors_shapes
 
 COMPLETE_MARKER = "qbara_complete.json"
@@ -100,8 +104,6 @@ def checkpoint_problem(folder: Path) -> str | None:
     """Why the marked checkpoint `folder` cannot be resumed from (None if it can): its marker unreadable, a
     file it lists missing, of another size or hash, the trainer state or adapter unreadable; for markers of
     older versions (no file list), torch's zip files are checked for truncation."""
-    import zipfile
-
     try:
         marker = read_json_file(folder / COMPLETE_MARKER, COMPLETE_MARKER)
         files = marker.get("files")
@@ -251,8 +253,6 @@ def _check_resume_base(model, checkpoint: Path) -> None:
 
 def _check_resume_quant(model, checkpoint: Path, records: dict) -> None:
     """Refuse a base quantized otherwise than the one the checkpoint was trained on (per layer)."""
-    from qbara.quant.config import QuantConfig
-
     def label(quant: dict | None) -> str:
         return QuantConfig.from_dict(quant).label if quant is not None else "not quantized"
 
@@ -291,7 +291,7 @@ class TrainResult:
     folds: bool = False  # every adapter folds exactly into its quantized base (merge --into quantized)
 
 
-def _training_arguments(config: RunConfig, has_eval: bool, resume: bool = False):
+def training_arguments(config: RunConfig, has_eval: bool, resume: bool = False):
     """The HF TrainingArguments of the run; a run that evaluates also does so once before its first step (the
     step-0 point of the eval curve), except when it resumes from a checkpoint."""
     from transformers import TrainingArguments
@@ -370,8 +370,6 @@ def check_before_load(config: RunConfig):
     the starting adapter, the context, the quantization and adapters of every target layer (on the model built
     from its config.json or GGUF metadata on the meta device: `qbara.train.plan`); returns the tokenizer
     `load_model` will return, read from the model's tokenizer files, to build the data with."""
-    from qbara.train.plan import base_quant, meta_model, trainable_parameters
-
     config.quant_config()
     config.adapter_config()
     _quant_on_load(config)  # reads model.adapter's record
@@ -400,8 +398,6 @@ def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     working folder, not a non-empty folder qbara did not write unless train.overwrite) and is locked for
     the run, so a second run on it fails at once.
     """
-    import contextlib
-
     output_dir = Path(config.train.output_dir)
     out = check_train_output(config)
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -461,7 +457,7 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
     # The data and every check that needs no weights come first: a bad record costs no model load.
     loaded = model is None
     train_set, eval_set = load_datasets(config, check_before_load(config) if loaded else tokenizer)
-    args = _training_arguments(config, eval_set is not None, resume=checkpoint is not None)
+    args = training_arguments(config, eval_set is not None, resume=checkpoint is not None)
     if loaded:
         model, tokenizer = load_model(config.model.name, dtype=None if config.model.dtype == "auto" else
                                       config.model.dtype, quant=_quant_on_load(config), progress=config.train.progress)
@@ -511,8 +507,6 @@ def _run_steps(trainer) -> int:
     args = trainer.args
     if args.max_steps > 0:
         return args.max_steps
-    from qbara.train.plan import epoch_steps
-
     return epoch_steps(len(trainer.get_train_dataloader()), args.gradient_accumulation_steps, args.num_train_epochs)
 
 
