@@ -1,23 +1,11 @@
-"""Where qbara writes: one rule for every output folder or file, checked before any work starts.
+"""Where qbara writes: one rule for every output folder or file, checked before any work starts (docs/safety.md).
 
-- An output equal to or containing an input (model, adapter, data) or the working folder is refused.
-- An existing non-empty output that qbara did not write is refused unless `overwrite`; qbara knows its own
-  folders by the manifest `.qbara-output.json` listing the files it wrote (a GGUF file by its
-  `general.quantized_by` entry).
-- Nothing qbara did not write is deleted: replacing a folder carries every other file over into the new
-  folder (hard links, no copy), and a foreign file whose name the new output takes is kept under
-  `qbara-replaced/`.
-- A folder is built beside its destination and swapped in by renames (old -> backup, new -> path, backup
-  deleted), so at every instant the path holds the complete old or the complete new output. A file is
-  written beside and renamed over.
-- A lock file beside the output (`.NAME.qbara-lock`): a second qbara process on the same output fails at
-  once with the holder's pid. The lock is opened without following links and must be a regular file of
-  this user. It journals every temporary the run creates beside the output (or inside it); a killed run
-  leaves it behind, and the next run on the output recovers exactly what it lists: a backup whose new
-  output never arrived is renamed back, other backups and temporaries are removed, each with a notice.
-  A file that only looks like a temporary (same name pattern, not in the journal) is never touched.
-- A write fault (disk full, file size limit, read-only filesystem), whether raised as an OSError or by
-  safetensors' or torch's writers, is one line naming the path; the previous output is kept.
+An output may not be or contain an input or the working folder, nor be a non-empty folder qbara did not write
+(its manifest `.qbara-output.json`; a GGUF file's `general.quantized_by`) unless `overwrite`. Nothing qbara did not
+write is deleted: a replaced folder's other files are carried over (hard links), a clashing one kept under
+`qbara-replaced/`. Folders are built beside and swapped in by renames, so the path always holds a complete output.
+A lock file `.NAME.qbara-lock` keeps a second process off the output and journals the run's temporaries, which the
+next run recovers after a kill. A write fault (disk full, size limit, read-only) is one line naming the path.
 """
 from __future__ import annotations
 
@@ -436,12 +424,13 @@ def _install_folder(new: Path, out: Path, command: str = "", *, lock: OutputLock
 
     lock: the held lock, which journals the backup so that a killed run's next run restores or removes it.
     foreign: the user's files of `out` (default: those its manifest does not list)."""
-    files = mark_folder(new, command) if mark else _folder_files(new)
+    if mark:
+        mark_folder(new, command)
     if not out.exists():
         fs.rename(new, out)
         return
     ours = _qbara_files(out) if foreign is None else _folder_files(out) - set(foreign)
-    kept = _carry_over(out, new, files, ours)
+    kept = _carry_over(out, new, ours)
     if kept:
         _notice(f"kept {len(kept)} earlier file(s) the new output replaces in {out / REPLACED}: {kept[:3]}")
     backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.qbara-old-", dir=out.parent))
@@ -458,7 +447,7 @@ def _install_folder(new: Path, out: Path, command: str = "", *, lock: OutputLock
         _notice(f"could not remove the previous output {backup} ({err}); the next run removes it")
 
 
-def _carry_over(old: Path, new: Path, new_files: set[str], ours: set[str]) -> list[str]:
+def _carry_over(old: Path, new: Path, ours: set[str]) -> list[str]:
     """Link every file of `old` that qbara did not write (not in `ours`) into `new` (a copy where links are not
     possible); one whose name `new` already uses goes to `new/qbara-replaced/`. Returns those names."""
     ours = set(ours) | {_MANIFEST}

@@ -4,8 +4,7 @@ Checkpoints hold the adapter (PEFT layout), optimizer, scheduler, RNG and traine
 counts only once its `qbara_complete.json` marker is written (atomically, last). Each checkpoint folder gets
 qbara's `.qbara-saving` marker first: a run killed while saving leaves a folder with it and without the completion
 marker, which `--resume` ignores and removes; a `checkpoint-N` folder without it is not qbara's and is never
-removed or written into. Resuming from a checkpoint at the
-run's last step trains nothing more: it writes the final outputs from it.
+removed or written into. Resuming from a checkpoint at the run's last step writes the final outputs from it.
 
 The final adapter folder is built beside `adapter/` and swapped in (`qbara.outputs`), so a kill leaves the
 complete old or new one. A non-finite training loss or final adapter stops the run before anything final is
