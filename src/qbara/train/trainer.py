@@ -365,12 +365,10 @@ def _check_context(config: RunConfig, model_config) -> None:
 
 
 def check_before_load(config: RunConfig):
-    """Every check of the run that needs no weights, before minutes of loading: the quant and adapter sections,
-    the starting adapter, the context, the quantization and adapters of every target layer (on the model built
-    from its config.json or GGUF metadata on the meta device: `qbara.train.plan`); returns the tokenizer
-    `load_model` will return, read from the model's tokenizer files, to build the data with."""
-    config.quant_config()
-    config.adapter_config()
+    """Every check of the run that needs no weights, before minutes of loading (its config's sections were checked
+    when it was read): the starting adapter, the context, the quantization and adapters of every target layer (on
+    the model built from its config.json or GGUF metadata on the meta device: `qbara.train.plan`); returns the
+    tokenizer `load_model` will return, read from the model's tokenizer files, to build the data with."""
     _quant_on_load(config)  # reads model.adapter's record
     model, model_config = meta_model(config)
     _check_context(config, model_config)
