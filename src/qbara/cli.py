@@ -11,6 +11,8 @@ import qbara
 from qbara.commands import demo, eval, export, generate, lq, merge, quantize, train
 from qbara.errors import QbaraError
 
+__all__ = ["main"]
+
 
 def _version() -> str:
     """The installed package's version, else the source tree's `qbara.__version__`."""

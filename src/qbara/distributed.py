@@ -6,6 +6,8 @@ import os
 import torch
 import torch.distributed as dist
 
+__all__ = ["end_process_group", "is_main_process", "running_group", "start_process_group", "world_size"]
+
 
 def _launched_distributed() -> bool:
     """True when this process is one of several ranks started by torchrun."""

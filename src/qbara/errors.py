@@ -1,6 +1,8 @@
 """The one user-facing error type: its message names the problem and the fix."""
 import dataclasses
 
+__all__ = ["QbaraError", "check_types", "strict_from_dict"]
+
 
 class QbaraError(ValueError):
     """Bad input or an impossible request. Caught by the CLI and printed without a traceback."""

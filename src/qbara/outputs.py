@@ -30,6 +30,9 @@ from qbara.atomic import current_umask, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.validate import gguf_reader, read_json_file
 
+__all__ = ["GGUF_MARK", "OutputLock", "check_output", "foreign_files", "mark_folder", "output_file", "output_folder",
+           "output_lock", "write_faults_as_errors"]
+
 _MANIFEST = ".qbara-output.json"
 REPLACED = "qbara-replaced"
 GGUF_MARK = "qbara"  # general.quantized_by in the GGUF files qbara writes

@@ -12,6 +12,9 @@ from safetensors.torch import load_file
 from qbara.errors import QbaraError
 from qbara.validate import regular_file
 
+__all__ = ["ADAPTER_LIMIT", "check_digest", "check_model_values", "check_tensor", "read_safetensors",
+           "safetensors_metadata", "tensors_digest"]
+
 
 def read_safetensors(path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, with one clear error for a damaged file."""

@@ -14,6 +14,10 @@ import yaml
 
 from qbara.errors import QbaraError
 
+__all__ = ["SAFETENSORS_INDEX", "check_config_sizes", "check_config_values", "check_hf_folder", "check_no_remote_code",
+           "check_tokenizer_config", "gguf_reader", "load_yaml_file", "parse_json", "read_json_file", "read_text_file",
+           "regular_file", "short_repr", "safetensors_index_files", "safetensors_shapes"]
+
 _MAX_DEPTH = 64                  # nesting of any JSON / YAML document qbara reads
 _MAX_CONFIG_BYTES = 64 << 20     # a JSON or YAML config (tokenizer_config.json with a chat template included)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -96,11 +100,12 @@ def read_json_file(path, what: str = "JSON file", *, fix: str = "the file is dam
         raise QbaraError(f"{err}; {fix}") from None
     if kind is not None and not isinstance(value, kind):
         wanted = {dict: "a JSON object", list: "a JSON list"}.get(kind, kind.__name__)
-        raise QbaraError(f"{path}: the {what} must be {wanted}, got {type(value).__name__} {_short(value)}; {fix}")
+        raise QbaraError(f"{path}: the {what} must be {wanted}, got {type(value).__name__} {short_repr(value)}; {fix}")
     return value
 
 
-def _short(value) -> str:
+def short_repr(value) -> str:
+    """repr(value), cut to 40 characters for an error message."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -279,7 +284,7 @@ def _check_range(where, key, value, low, high, closed, words) -> None:
 
 
 def _refuse_value(where, key, value, words) -> None:
-    raise QbaraError(f"{where}: {key} is {_short(value)}, it must be {words}; the config is damaged (fix the "
+    raise QbaraError(f"{where}: {key} is {short_repr(value)}, it must be {words}; the config is damaged (fix the "
                      f"value or get the model again)")
 
 
@@ -303,8 +308,8 @@ def check_tokenizer_config(folder) -> None:
     config = read_json_file(where, "tokenizer_config.json", fix="the folder is damaged")
     for key, (valid, words) in _TOKENIZER_FIELDS.items():
         if config.get(key) is not None and not valid(config[key]):
-            raise QbaraError(f"{where}: {key} is {_short(config[key])}, it must be {words}; the tokenizer config is "
-                             f"damaged (fix the value or copy the base model's tokenizer files into the folder)")
+            raise QbaraError(f"{where}: {key} is {short_repr(config[key])}, it must be {words}; the tokenizer config "
+                             f"is damaged (fix the value or copy the base model's tokenizer files into the folder)")
 
 
 def check_config_sizes(config: dict, weights_bytes: int, where) -> None:
@@ -317,7 +322,7 @@ def check_config_sizes(config: dict, weights_bytes: int, where) -> None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise QbaraError(f"{where}: {key} must be a positive whole number, got {_short(value)}; the config "
+            raise QbaraError(f"{where}: {key} must be a positive whole number, got {short_repr(value)}; the config "
                              f"is damaged")
     vocab, hidden = config.get("vocab_size") or 0, config.get("hidden_size") or 0
     layers, inner = config.get("num_hidden_layers") or 0, config.get("intermediate_size") or 0
@@ -335,7 +340,8 @@ def check_hf_folder(folder, weights: list[Path] | None = None) -> dict:
     check_no_remote_code(folder)
     config = read_json_file(folder / "config.json", "config.json", fix="the model folder is damaged")
     if not isinstance(config.get("model_type", ""), str):
-        raise QbaraError(f"{folder / 'config.json'}: model_type must be a string, got {_short(config['model_type'])}")
+        raise QbaraError(f"{folder / 'config.json'}: model_type must be a string, got "
+                         f"{short_repr(config['model_type'])}")
     if weights is None:
         _check_no_pickle_weights(folder)
         weights = sorted(set(folder.glob("*.safetensors")) | set(safetensors_index_files(folder)))

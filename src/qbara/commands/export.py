@@ -13,6 +13,8 @@ from qbara.commands.eval import add_quant_option, load_for_eval
 from qbara.errors import QbaraError
 from qbara.outputs import output_file, output_folder
 
+__all__ = ["add_parser"]
+
 
 def _adapter_path(out) -> str:
     """Where the LoRA adapter GGUF goes beside the base `out`: m.gguf -> m.adapter.gguf."""
@@ -58,7 +60,7 @@ def _run_gguf(args, inputs):
     return report
 
 
-def run(args):
+def _run(args):
     inputs = [args.model, args.adapter]
     if args.format == "gguf":
         return _run_gguf(args, inputs)
@@ -99,4 +101,4 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="hf: weight dtype")
     p.add_argument("--overwrite", action="store_true",
                    help="write over an output qbara did not write (a folder's other files are kept)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=_run)

@@ -28,6 +28,8 @@ from qbara.generation import (
     stream,
 )
 
+__all__ = ["add_parser"]
+
 
 def _settings_of(args) -> GenerationSettings:
     """The generation settings of the command line (each bad value one QbaraError naming its flag)."""

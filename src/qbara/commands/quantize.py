@@ -25,6 +25,8 @@ from qbara.outputs import check_output
 from qbara.quant.config import QuantConfig
 from qbara.quant.formats import FAMILIES
 
+__all__ = ["add_parser", "model_bytes", "parse_format", "weight_error"]
+
 
 @dataclass
 class _QuantizationReport:
@@ -79,7 +81,7 @@ def weight_error(dense: torch.nn.Module, quantized: torch.nn.Module) -> tuple[fl
     return bits / numel, (err2 / ref2) ** 0.5
 
 
-def run(args) -> list[_QuantizationReport]:
+def _run(args) -> list[_QuantizationReport]:
     configs = [parse_format(s.strip()) for s in args.formats.split(",") if s.strip()]
     gptq_configs = _gptq_configs(args, configs)
     imatrix_configs = _imatrix_configs(args, configs)
@@ -208,4 +210,4 @@ def add_parser(subparsers) -> None:
                         "qbara train --model.name DIR with the same quant")
     g.add_argument("--overwrite", action="store_true",
                    help="write --save into a non-empty folder qbara did not write (its files are kept)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=_run)

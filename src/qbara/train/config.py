@@ -18,7 +18,9 @@ from qbara.options import option
 from qbara.prompt_formats import check_template_choice
 from qbara.quant.config import QuantConfig
 from qbara.train.foreign_keys import UNSUPPORTED, unsupported_message
-from qbara.validate import _short, load_yaml_file
+from qbara.validate import load_yaml_file, short_repr
+
+__all__ = ["RunConfig", "build_config", "load_run_config", "parse_value", "valid_keys"]
 
 _SEED_LIMIT = 2**32  # numpy's and torch's generators take 32-bit seeds
 # Trainer optimizers (transformers' OptimizerNames) that run on CPU and GPU without an extra package.
@@ -230,7 +232,7 @@ def _coerce(value, kind: type, key: str):
             return kind(value)
     except (ValueError, OverflowError):
         pass
-    raise QbaraError(f"config key {key}: {_short(value)} is not a valid {kind.__name__}")
+    raise QbaraError(f"config key {key}: {short_repr(value)} is not a valid {kind.__name__}")
 
 
 def _parse_text(text: str, kind: type):

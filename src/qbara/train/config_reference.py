@@ -12,6 +12,8 @@ from qbara.options import field_doc
 from qbara.train.config import ALIASES, RunConfig
 from qbara.train.foreign_keys import UNSUPPORTED
 
+__all__ = ["config_reference_markdown", "format_config"]
+
 
 class _Option(NamedTuple):
     section: str

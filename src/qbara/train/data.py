@@ -17,7 +17,10 @@ from qbara.data.hf_datasets import is_saved_dataset, read_dataset
 from qbara.errors import QbaraError
 from qbara.prompt_formats import PromptFormat, instruction_messages, resolve_template
 from qbara.templates import ChatTemplate
-from qbara.validate import parse_json, read_text_file
+from qbara.validate import parse_json, read_text_file, short_repr
+
+__all__ = ["Example", "IGNORE_INDEX", "PadCollator", "build_examples", "check_text", "detect_format", "optional_text",
+           "read_records"]
 
 IGNORE_INDEX = -100
 
@@ -128,7 +131,7 @@ def check_text(value, what: str) -> str:
     null), without a lone UTF-16 surrogate (an unpaired \\ud800-style JSON escape: not a character, tokenizers
     refuse it) and without NUL characters (text holds none; a zeroed block of a damaged file does)."""
     if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__} {_short(value)}")
+        raise ValueError(f"{what} must be a string, got {type(value).__name__} {short_repr(value)}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
@@ -138,11 +141,6 @@ def check_text(value, what: str) -> str:
         raise ValueError(f"{what} holds a NUL character (U+0000) at character {value.index(chr(0))}; text holds "
                          f"none, the data is damaged")
     return value
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _instruction_example(record: dict, tokenizer, max_length: int, template: ChatTemplate) -> Example:

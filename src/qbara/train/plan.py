@@ -27,6 +27,8 @@ from qbara.train.config import RunConfig
 from qbara.train.data import detect_format, read_records
 from qbara.validate import safetensors_shapes
 
+__all__ = ["data_stats", "plan_lines", "resolved_config"]
+
 
 @dataclass
 class _SplitStats:

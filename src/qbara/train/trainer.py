@@ -58,6 +58,9 @@ from qbara.train.data import ExampleDataset, PadCollator, build_examples, detect
 from qbara.train.plan import base_quant, epoch_steps, meta_model, trainable_parameters
 from qbara.validate import read_json_file, safetensors_shapes
 
+__all__ = ["TrainInterrupted", "TrainResult", "check_before_load", "check_train_output", "latest_complete_checkpoint",
+           "load_datasets", "prepare_for_training", "refuse_checkpoints", "train", "training_arguments"]
+
 COMPLETE_MARKER = "qbara_complete.json"
 _SAVING_MARKER = ".qbara-saving"  # written first into each checkpoint folder qbara saves
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
