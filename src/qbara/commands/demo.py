@@ -33,7 +33,7 @@ def _gsm8k_instruction_files(out: Path, held_out: int, seed: int) -> tuple[Path,
     return paths
 
 
-def _run(args) -> dict:
+def _command(args) -> dict:
     out = Path(args.out)
     with output_folder(out, [args.model], overwrite=args.overwrite, command="demo") as folder:
         report, artifacts = _run(args, folder)
@@ -110,4 +110,4 @@ def add_parser(subparsers) -> None:
                    help="seed of the held-out split, the adapter init and the data order (default %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out folder qbara did not write (its files are kept)")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_command)

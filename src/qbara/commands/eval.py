@@ -81,7 +81,7 @@ def read_text(data: str) -> str:
     return read_text_file(path, "data file", max_bytes=None)
 
 
-def _run(args) -> dict:
+def _command(args) -> dict:
     lm_eval_given = [f"--{name.replace('_', '-')}" for name in LM_EVAL_OPTIONS
                      if getattr(args, name, None) is not None]
     if args.task != "lm-eval" and lm_eval_given:
@@ -155,4 +155,4 @@ def add_parser(subparsers) -> None:
                    help="folder of local task YAMLs (repeatable); needed offline, where Hub datasets cannot load")
     g.add_argument("--output-path", metavar="FILE", help="write the full results as JSON to FILE")
     p.add_argument("--json", action="store_true", help="print the result as JSON (and no progress bar)")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_command)

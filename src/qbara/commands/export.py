@@ -60,7 +60,7 @@ def _run_gguf(args, inputs):
     return report
 
 
-def _run(args):
+def _command(args):
     inputs = [args.model, args.adapter]
     if args.format == "gguf":
         return _run_gguf(args, inputs)
@@ -101,4 +101,4 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="hf: weight dtype")
     p.add_argument("--overwrite", action="store_true",
                    help="write over an output qbara did not write (a folder's other files are kept)")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_command)

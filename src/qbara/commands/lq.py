@@ -71,7 +71,7 @@ def _fisher(args, model, tokenizer, out: Path | None):
                               max_bytes=int(args.fisher_shard_gb * 2**30))
 
 
-def _run(args) -> dict | None:
+def _command(args) -> dict | None:
     inputs = [args.model, args.fisher, args.fisher_data, args.eval]
     _options(args)  # the options' checks, before anything is read
     args.inputs = _Inputs.read(args)
@@ -264,4 +264,4 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eval", help="perplexity text after init: a file or shakespeare:PLAY (e.g. shakespeare:hamlet)")
     p.add_argument("--window", type=int, default=512, help="perplexity window")
     p.add_argument("--eval-tokens", type=int, default=8192, help="tokens evaluated (0 = all)")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_command)

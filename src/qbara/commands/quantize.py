@@ -81,7 +81,7 @@ def weight_error(dense: torch.nn.Module, quantized: torch.nn.Module) -> tuple[fl
     return bits / numel, (err2 / ref2) ** 0.5
 
 
-def _run(args) -> list[_QuantizationReport]:
+def _command(args) -> list[_QuantizationReport]:
     configs = [parse_format(s.strip()) for s in args.formats.split(",") if s.strip()]
     gptq_configs = _gptq_configs(args, configs)
     imatrix_configs = _imatrix_configs(args, configs)
@@ -210,4 +210,4 @@ def add_parser(subparsers) -> None:
                         "qbara train --model.name DIR with the same quant")
     g.add_argument("--overwrite", action="store_true",
                    help="write --save into a non-empty folder qbara did not write (its files are kept)")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_command)

@@ -48,7 +48,7 @@ def _parse_overrides(tokens: list[str]) -> dict:
     return overrides
 
 
-def _run(args, extra: list[str]) -> None:
+def _command(args, extra: list[str]) -> None:
     config = load_run_config(args.config, _parse_overrides(extra))
     if args.print_config:
         print(format_config(config), end="")
@@ -168,4 +168,4 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="check the config and the data, print the resolved config, the data statistics and the "
                         "plan (steps, trainable parameters, checkpoints) without loading weights; writes nothing")
-    p.set_defaults(func=_run, accepts_extra=True)
+    p.set_defaults(func=_command, accepts_extra=True)
