@@ -22,7 +22,7 @@ def _write(folder, files: dict):
 def _contents(folder) -> dict:
     """rel path -> text of every file but the manifest."""
     return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != outputs.MANIFEST}
+            if p.is_file() and p.name != outputs._MANIFEST}
 
 
 def _produce(path, files: dict, **kw):
@@ -105,7 +105,7 @@ def _failing_fs(monkeypatch, fail_at: int) -> list:
 @pytest.mark.parametrize("hard_kill", [False, True], ids=["exception", "kill"])
 def test_killed_at_every_step_of_a_swap_the_path_holds_old_or_new(hard_kill, tmp_path, monkeypatch):
     if hard_kill:  # a SIGKILL runs no clean-up: the unfinished output stays for the next run to remove
-        monkeypatch.setattr(outputs, "discard", lambda tmp: None)
+        monkeypatch.setattr(outputs, "_discard", lambda tmp: None)
     old = {"a.txt": "old", "deep/x.txt": "old x"}
     new = {"a.txt": "new", "b.txt": "new b"}
     user = {"user.txt": "keep me"}

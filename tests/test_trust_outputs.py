@@ -22,7 +22,7 @@ def _produce(out, files: dict):
 
 
 def _texts(folder) -> dict:
-    return {p.name: p.read_text() for p in sorted(folder.iterdir()) if p.is_file() and p.name != outputs.MANIFEST}
+    return {p.name: p.read_text() for p in sorted(folder.iterdir()) if p.is_file() and p.name != outputs._MANIFEST}
 
 
 # ---------------------------------------------------------------- 1. a planted lock file is never written through
@@ -190,7 +190,7 @@ def test_merge_past_the_file_size_limit_is_one_line_and_keeps_the_previous_outpu
      "torch's writer"),
 ])
 def test_torch_short_writes_are_write_errors(err, cause, tmp_path):
-    mapped = outputs.write_failure(err, tmp_path / "out")
+    mapped = outputs._write_failure(err, tmp_path / "out")
     assert isinstance(mapped, QbaraError) and cause in str(mapped) and "previous output" in str(mapped)
 
 
@@ -199,4 +199,4 @@ def test_other_errors_are_not_write_errors(tmp_path):
 
     for err in (RuntimeError("shape mismatch"), SafetensorError("header too large"), ValueError("x"),
                 OSError(2, "No such file or directory")):
-        assert outputs.write_failure(err, tmp_path) is None
+        assert outputs._write_failure(err, tmp_path) is None

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+__all__ = ["current_umask", "recording_temporaries", "save_safetensors_atomic", "write_bytes_atomic",
+           "write_file_atomic", "write_json_atomic"]
+
 
 def current_umask() -> int:
     """The process umask (read without changing it for long)."""

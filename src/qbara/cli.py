@@ -7,23 +7,24 @@ import importlib.metadata
 import os
 import sys
 
+import qbara
 from qbara.commands import demo, eval, export, generate, lq, merge, quantize, train
 from qbara.errors import QbaraError
 
+__all__ = ["main"]
 
-def version() -> str:
+
+def _version() -> str:
     """The installed package's version, else the source tree's `qbara.__version__`."""
     try:
         return importlib.metadata.version("qbara")
     except importlib.metadata.PackageNotFoundError:
-        import qbara
-
         return qbara.__version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qbara", description="Fine-tune quantized LLMs and ship them low-bit.")
-    parser.add_argument("--version", action="version", version=f"qbara {version()}", help="print the version and exit")
+    parser.add_argument("--version", action="version", version=f"qbara {_version()}", help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                        help="one of the commands below; `qbara COMMAND --help` lists its options")
     for module in (demo, train, eval, generate, merge, export, quantize, lq):

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import os
 
+import torch
+import torch.distributed as dist
 
-def launched_distributed() -> bool:
+__all__ = ["end_process_group", "is_main_process", "running_group", "start_process_group", "world_size"]
+
+
+def _launched_distributed() -> bool:
     """True when this process is one of several ranks started by torchrun."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def start_process_group() -> bool:
     """Join the torchrun group (NCCL on CUDA, else gloo) unless one is running; True if this call joined it."""
-    import torch
-    import torch.distributed as dist
-
-    if not launched_distributed() or running_group() is not None:
+    if not _launched_distributed() or running_group() is not None:
         return False
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -26,8 +28,6 @@ def start_process_group() -> bool:
 
 def running_group():
     """torch.distributed when a process group is running in this process, else None."""
-    import torch.distributed as dist
-
     return dist if dist.is_available() and dist.is_initialized() else None
 
 

@@ -1,4 +1,7 @@
 """The one user-facing error type: its message names the problem and the fix."""
+import dataclasses
+
+__all__ = ["QbaraError", "check_types", "strict_from_dict"]
 
 
 class QbaraError(ValueError):
@@ -7,8 +10,6 @@ class QbaraError(ValueError):
 
 def strict_from_dict(cls, data: dict):
     """Build dataclass `cls` from `data`, refusing unknown keys with the list of valid ones."""
-    import dataclasses
-
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     if unknown:

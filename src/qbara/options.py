@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+__all__ = ["field_doc", "option"]
+
 _DOC = "doc"
 
 

@@ -1,23 +1,11 @@
-"""Where qbara writes: one rule for every output folder or file, checked before any work starts.
+"""Where qbara writes: one rule for every output folder or file, checked before any work starts (docs/safety.md).
 
-- An output equal to or containing an input (model, adapter, data) or the working folder is refused.
-- An existing non-empty output that qbara did not write is refused unless `overwrite`; qbara knows its own
-  folders by the manifest `.qbara-output.json` listing the files it wrote (a GGUF file by its
-  `general.quantized_by` entry).
-- Nothing qbara did not write is deleted: replacing a folder carries every other file over into the new
-  folder (hard links, no copy), and a foreign file whose name the new output takes is kept under
-  `qbara-replaced/`.
-- A folder is built beside its destination and swapped in by renames (old -> backup, new -> path, backup
-  deleted), so at every instant the path holds the complete old or the complete new output. A file is
-  written beside and renamed over.
-- A lock file beside the output (`.NAME.qbara-lock`): a second qbara process on the same output fails at
-  once with the holder's pid. The lock is opened without following links and must be a regular file of
-  this user. It journals every temporary the run creates beside the output (or inside it); a killed run
-  leaves it behind, and the next run on the output recovers exactly what it lists: a backup whose new
-  output never arrived is renamed back, other backups and temporaries are removed, each with a notice.
-  A file that only looks like a temporary (same name pattern, not in the journal) is never touched.
-- A write fault (disk full, file size limit, read-only filesystem), whether raised as an OSError or by
-  safetensors' or torch's writers, is one line naming the path; the previous output is kept.
+An output may not be or contain an input or the working folder, nor be a non-empty folder qbara did not write
+(its manifest `.qbara-output.json`; a GGUF file's `general.quantized_by`) unless `overwrite`. Nothing qbara did not
+write is deleted: a replaced folder's other files are carried over (hard links), a clashing one kept under
+`qbara-replaced/`. Folders are built beside and swapped in by renames, so the path always holds a complete output.
+A lock file `.NAME.qbara-lock` keeps a second process off the output and journals the run's temporaries, which the
+next run recovers after a kill. A write fault (disk full, size limit, read-only) is one line naming the path.
 """
 from __future__ import annotations
 
@@ -42,7 +30,10 @@ from qbara.atomic import current_umask, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.validate import gguf_reader, read_json_file
 
-MANIFEST = ".qbara-output.json"
+__all__ = ["GGUF_MARK", "OutputLock", "check_output", "foreign_files", "mark_folder", "output_file", "output_folder",
+           "output_lock", "write_faults_as_errors"]
+
+_MANIFEST = ".qbara-output.json"
 REPLACED = "qbara-replaced"
 GGUF_MARK = "qbara"  # general.quantized_by in the GGUF files qbara writes
 
@@ -61,7 +52,7 @@ class _FileSystem:
 fs = _FileSystem()
 
 
-def notice(message: str) -> None:
+def _notice(message: str) -> None:
     print(f"qbara: {message}", file=sys.stderr)
 
 
@@ -103,7 +94,7 @@ def check_output(path, inputs: Iterable = (), *, overwrite: bool = False, kind: 
     if kind == "folder":
         if out.exists() and not out.is_dir():
             raise QbaraError(f"{option} {str(path)!r} exists and is a file; name a folder")
-        if out.is_dir() and any(out.iterdir()) and not written_by_qbara(out) and not overwrite:
+        if out.is_dir() and any(out.iterdir()) and not _written_by_qbara(out) and not overwrite:
             raise QbaraError(f"{option} {str(path)!r} is not empty and was not written by qbara; choose a new "
                              f"folder, or pass --overwrite to write into it (your files there are kept)")
     else:
@@ -131,10 +122,10 @@ def _check_writable(out: Path, given: str, option: str) -> None:
 
 # Disk full, file too large (ulimit -f), read-only filesystem, quota, permission, device error.
 # None: a short write reported without an errno (numpy's tofile when the size limit cuts it).
-WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO, None}
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO, None}
 
 
-def write_error(err: OSError, out) -> QbaraError:
+def _write_error(err: OSError, out) -> QbaraError:
     """One line for an I/O error while writing the output `out` (disk full, file too large, read-only
     filesystem): the path, the cause, and that the previous output is kept."""
     path = err.filename or out
@@ -147,18 +138,18 @@ _OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors' Rust writer re
 _TORCH_SHORT_WRITE = ("unexpected pos", "file write failed")  # torch's zip writer when a write stops short
 
 
-def write_failure(err: BaseException, out) -> QbaraError | None:
+def _write_failure(err: BaseException, out) -> QbaraError | None:
     """The one-line `write_error` for `err` when it is a write fault, else None: an OSError with one of
     WRITE_ERRNOS, a SafetensorError wrapping one, or torch.save's writer stopping short (no errno given)."""
     if isinstance(err, OSError):
-        return write_error(err, out) if err.errno in WRITE_ERRNOS else None
+        return _write_error(err, out) if err.errno in _WRITE_ERRNOS else None
     text = str(err)
     if isinstance(err, SafetensorError):
         match = _OS_ERROR.search(text)
         code = int(match.group(1)) if match else -1
-        return write_error(OSError(code, os.strerror(code)), out) if code in WRITE_ERRNOS else None
+        return _write_error(OSError(code, os.strerror(code)), out) if code in _WRITE_ERRNOS else None
     if isinstance(err, RuntimeError) and "inline_container" in text and any(s in text for s in _TORCH_SHORT_WRITE):
-        return write_error(OSError(None, "torch's writer stopped short: disk full or file size limit"), out)
+        return _write_error(OSError(None, "torch's writer stopped short: disk full or file size limit"), out)
     return None
 
 
@@ -168,19 +159,19 @@ def write_faults_as_errors(out) -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        mapped = write_failure(err, out)
+        mapped = _write_failure(err, out)
         if mapped is not None:
             raise mapped from None
         raise
 
 
-def written_by_qbara(folder) -> bool:
-    return (Path(folder) / MANIFEST).is_file()
+def _written_by_qbara(folder) -> bool:
+    return (Path(folder) / _MANIFEST).is_file()
 
 
 def _qbara_files(folder: Path) -> set[str]:
     try:
-        files = read_json_file(folder / MANIFEST, MANIFEST).get("files", [])
+        files = read_json_file(folder / _MANIFEST, _MANIFEST).get("files", [])
         return {str(f) for f in files} if isinstance(files, list) else set()
     except QbaraError:  # damaged or foreign: none of the files count as qbara's
         return set()
@@ -199,7 +190,7 @@ def _qbara_gguf(path: Path) -> bool:
 _KINDS = ("new", "old", "tmp")  # a folder being built, the previous output moved aside, a file being written
 
 
-def lock_path(out: Path) -> Path:
+def _lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.qbara-lock"
 
 
@@ -234,9 +225,9 @@ class OutputLock:
             with write_faults_as_errors(target):
                 os.chmod(tmp, 0o777 & ~current_umask())
                 yield tmp
-                install_folder(tmp, target, command, lock=self, foreign=foreign, mark=mark)
+                _install_folder(tmp, target, command, lock=self, foreign=foreign, mark=mark)
         except BaseException:
-            discard(tmp)
+            _discard(tmp)
             raise
 
 
@@ -247,14 +238,14 @@ def output_lock(out: Path) -> Iterator[OutputLock]:
     for `out` or files in it included). The lock file is removed at the end unless a journaled temporary is
     left (a failed swap's backup): then the next run recovers it."""
     out = _resolved(out)
-    lock_file = lock_path(out)
+    lock_file = _lock_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd = _acquire(lock_file, out)
     lock = OutputLock(out, fd)
     try:
         left = _journal(_read_lock(fd), out)
         _write_lock(fd, os.getpid(), left)  # a run killed while recovering leaves the rest to the next
-        recover(out, left)
+        _recover(out, left)
         _write_lock(fd, os.getpid(), [])
         with atomic.recording_temporaries(lambda tmp, path: _record_file(lock, tmp, path)):
             yield lock
@@ -353,7 +344,7 @@ def _is_temporary_name(kind: str, path: Path, target: Path, out: Path) -> bool:
     return kind in _KINDS and path.name.startswith(f".{target.name}.qbara-{kind}-")
 
 
-def recover(out: Path, journal: list[tuple[str, Path, Path]]) -> None:
+def _recover(out: Path, journal: list[tuple[str, Path, Path]]) -> None:
     """Clean up after a killed run (call with the lock held), touching only what its `journal` lists: remove
     unfinished outputs, restore a backup whose new output never arrived (remove the others), remove
     unfinished files."""
@@ -363,16 +354,16 @@ def recover(out: Path, journal: list[tuple[str, Path, Path]]) -> None:
         if not os.path.lexists(path):
             continue
         if kind == "new":
-            notice(f"removing {rel}, an unfinished output of an interrupted run")
+            _notice(f"removing {rel}, an unfinished output of an interrupted run")
             _remove(path)
         elif kind == "old" and not os.path.lexists(target):
-            notice(f"restoring {target} from {rel}: an interrupted run had moved it aside")
+            _notice(f"restoring {target} from {rel}: an interrupted run had moved it aside")
             fs.rename(path, target)
         elif kind == "old":
-            notice(f"removing {rel}, the previous output an interrupted run had replaced")
+            _notice(f"removing {rel}, the previous output an interrupted run had replaced")
             _remove(path)
         elif path.is_file():
-            notice(f"removing {rel}, an unfinished file of an interrupted run")
+            _notice(f"removing {rel}, an unfinished file of an interrupted run")
             path.unlink(missing_ok=True)
 
 
@@ -404,46 +395,47 @@ def output_file(path, inputs: Iterable = (), *, overwrite: bool = False, option:
         yield out
 
 
-def folder_files(folder: Path) -> set[str]:
+def _folder_files(folder: Path) -> set[str]:
     """Relative paths of the files (and links) below `folder`, the manifest excepted."""
     return {str(p.relative_to(folder)) for p in folder.rglob("*")
-            if (p.is_file() or p.is_symlink()) and p.name != MANIFEST}
+            if (p.is_file() or p.is_symlink()) and p.name != _MANIFEST}
 
 
 def foreign_files(folder: Path) -> set[str]:
     """The files of `folder` that qbara did not write (all of them where it has no manifest)."""
-    return folder_files(folder) - _qbara_files(folder) if folder.is_dir() else set()
+    return _folder_files(folder) - _qbara_files(folder) if folder.is_dir() else set()
 
 
 def mark_folder(folder: Path, command: str = "", foreign: Iterable[str] = ()) -> set[str]:
     """Write the manifest that makes `folder` one qbara wrote: every file now in it but `foreign` is qbara's."""
-    files = sorted(folder_files(folder) - set(foreign))
-    write_json_atomic(folder / MANIFEST, {"written_by": "qbara", "command": command, "files": files,
+    files = sorted(_folder_files(folder) - set(foreign))
+    write_json_atomic(folder / _MANIFEST, {"written_by": "qbara", "command": command, "files": files,
                                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return set(files)
 
 
-def discard(tmp: Path) -> None:
+def _discard(tmp: Path) -> None:
     """Remove the unfinished output of a failed run (a killed run skips this; the next run's `recover` does it)."""
     if tmp.exists():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def install_folder(new: Path, out: Path, command: str = "", *, lock: OutputLock | None = None,
+def _install_folder(new: Path, out: Path, command: str = "", *, lock: OutputLock | None = None,
                    foreign: Iterable[str] | None = None, mark: bool = True) -> None:
     """Make the complete folder `new` the output at `out`: write its manifest (unless not `mark`), carry the
     user's files over from an existing `out`, then swap (old -> backup, new -> out, backup removed).
 
     lock: the held lock, which journals the backup so that a killed run's next run restores or removes it.
     foreign: the user's files of `out` (default: those its manifest does not list)."""
-    files = mark_folder(new, command) if mark else folder_files(new)
+    if mark:
+        mark_folder(new, command)
     if not out.exists():
         fs.rename(new, out)
         return
-    ours = _qbara_files(out) if foreign is None else folder_files(out) - set(foreign)
-    kept = _carry_over(out, new, files, ours)
+    ours = _qbara_files(out) if foreign is None else _folder_files(out) - set(foreign)
+    kept = _carry_over(out, new, ours)
     if kept:
-        notice(f"kept {len(kept)} earlier file(s) the new output replaces in {out / REPLACED}: {kept[:3]}")
+        _notice(f"kept {len(kept)} earlier file(s) the new output replaces in {out / REPLACED}: {kept[:3]}")
     backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.qbara-old-", dir=out.parent))
     if lock is not None:
         lock.record("old", backup, out)
@@ -455,13 +447,13 @@ def install_folder(new: Path, out: Path, command: str = "", *, lock: OutputLock 
         else:
             fs.rmtree(backup)
     except OSError as err:
-        notice(f"could not remove the previous output {backup} ({err}); the next run removes it")
+        _notice(f"could not remove the previous output {backup} ({err}); the next run removes it")
 
 
-def _carry_over(old: Path, new: Path, new_files: set[str], ours: set[str]) -> list[str]:
+def _carry_over(old: Path, new: Path, ours: set[str]) -> list[str]:
     """Link every file of `old` that qbara did not write (not in `ours`) into `new` (a copy where links are not
     possible); one whose name `new` already uses goes to `new/qbara-replaced/`. Returns those names."""
-    ours = set(ours) | {MANIFEST}
+    ours = set(ours) | {_MANIFEST}
     replaced = []
     for source in sorted(old.rglob("*")):
         rel = str(source.relative_to(old))

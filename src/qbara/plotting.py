@@ -5,6 +5,8 @@ from pathlib import Path
 
 from qbara.atomic import write_file_atomic
 
+__all__ = ["pyplot", "save_figure"]
+
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed)."""

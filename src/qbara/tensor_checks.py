@@ -6,16 +6,18 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from qbara.errors import QbaraError
 from qbara.validate import regular_file
 
+__all__ = ["ADAPTER_LIMIT", "check_digest", "check_model_values", "check_tensor", "read_safetensors",
+           "safetensors_metadata", "tensors_digest"]
+
 
 def read_safetensors(path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, with one clear error for a damaged file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     regular_file(path, "safetensors file")  # not a device, pipe or folder a symlink points to
     try:
         return load_file(str(path))
@@ -26,8 +28,6 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
 
 def safetensors_metadata(path, what: str) -> dict[str, str]:
     """The string metadata of a safetensors file, with one clear error naming `what` it should be."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as fh:
             return fh.metadata() or {}
@@ -38,11 +38,11 @@ def safetensors_metadata(path, what: str) -> dict[str, str]:
 # No trained weight of a working model comes near these magnitudes; a value beyond them is damage (a flipped
 # exponent bit, a diverged run) that would only show later as an infinite loss.
 ADAPTER_LIMIT = 1e4
-WEIGHT_LIMIT = 1e5
+_WEIGHT_LIMIT = 1e5
 
 
 def check_tensor(tensor: torch.Tensor, what: str, *, shape=None, dtype: torch.dtype | None = None,
-                 floating: bool = True, limit: float = WEIGHT_LIMIT) -> None:
+                 floating: bool = True, limit: float = _WEIGHT_LIMIT) -> None:
     """Refuse a tensor of the wrong shape or dtype, or one holding NaN/Inf or values beyond ±limit.
 
     dtype: the exact dtype required (packed codes, fp16 scales); otherwise `floating` requires any

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import stat
 import struct
 from pathlib import Path
 
+import yaml
+
 from qbara.errors import QbaraError
 
-MAX_DEPTH = 64                  # nesting of any JSON / YAML document qbara reads
-MAX_CONFIG_BYTES = 64 << 20     # a JSON or YAML config (tokenizer_config.json with a chat template included)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+__all__ = ["SAFETENSORS_INDEX", "check_config_sizes", "check_config_values", "check_hf_folder", "check_no_remote_code",
+           "check_tokenizer_config", "gguf_reader", "load_yaml_file", "parse_json", "read_json_file", "read_text_file",
+           "regular_file", "short_repr", "safetensors_index_files", "safetensors_shapes"]
+
+_MAX_DEPTH = 64                  # nesting of any JSON / YAML document qbara reads
+_MAX_CONFIG_BYTES = 64 << 20     # a JSON or YAML config (tokenizer_config.json with a chat template included)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def regular_file(path, what: str = "file", max_bytes: int | None = None) -> Path:
@@ -33,7 +40,7 @@ def regular_file(path, what: str = "file", max_bytes: int | None = None) -> Path
     return path
 
 
-def read_text_file(path, what: str = "file", max_bytes: int | None = MAX_CONFIG_BYTES) -> str:
+def read_text_file(path, what: str = "file", max_bytes: int | None = _MAX_CONFIG_BYTES) -> str:
     """The UTF-8 text of a regular file; binary and non-UTF-8 (e.g. Latin-1) files are refused."""
     path = regular_file(path, what, max_bytes)
     try:
@@ -53,7 +60,7 @@ def read_text_file(path, what: str = "file", max_bytes: int | None = MAX_CONFIG_
                          f"{err.start}); convert it to UTF-8") from None
 
 
-def check_depth(value, where: str, max_depth: int = MAX_DEPTH) -> None:
+def _check_depth(value, where: str, max_depth: int = _MAX_DEPTH) -> None:
     """Refuse a parsed JSON / YAML value nested deeper than `max_depth` lists and mappings."""
     stack = [(value, 1)]
     while stack:
@@ -65,7 +72,7 @@ def check_depth(value, where: str, max_depth: int = MAX_DEPTH) -> None:
             stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
 
 
-def parse_json(text: str, where: str, max_depth: int = MAX_DEPTH):
+def parse_json(text: str, where: str, max_depth: int = _MAX_DEPTH):
     """json.loads with one error for invalid JSON and a nesting bound (RecursionError never escapes)."""
     if text.count("[") + text.count("{") > max_depth:  # only then can it be too deep: walk it
         try:
@@ -75,7 +82,7 @@ def parse_json(text: str, where: str, max_depth: int = MAX_DEPTH):
                              f"damaged or hostile") from None
         except ValueError as err:
             raise QbaraError(f"{where}: not valid JSON ({err})") from None
-        check_depth(value, where, max_depth)
+        _check_depth(value, where, max_depth)
         return value
     try:
         return json.loads(text)
@@ -84,7 +91,7 @@ def parse_json(text: str, where: str, max_depth: int = MAX_DEPTH):
 
 
 def read_json_file(path, what: str = "JSON file", *, fix: str = "the file is damaged, write it again",
-                   kind: type | None = dict, max_bytes: int = MAX_CONFIG_BYTES, max_depth: int = MAX_DEPTH):
+                   kind: type | None = dict, max_bytes: int = _MAX_CONFIG_BYTES, max_depth: int = _MAX_DEPTH):
     """A JSON file parsed with every check above; `kind` (default dict) is the required top-level type."""
     path = Path(path)
     try:
@@ -93,11 +100,12 @@ def read_json_file(path, what: str = "JSON file", *, fix: str = "the file is dam
         raise QbaraError(f"{err}; {fix}") from None
     if kind is not None and not isinstance(value, kind):
         wanted = {dict: "a JSON object", list: "a JSON list"}.get(kind, kind.__name__)
-        raise QbaraError(f"{path}: the {what} must be {wanted}, got {type(value).__name__} {_short(value)}; {fix}")
+        raise QbaraError(f"{path}: the {what} must be {wanted}, got {type(value).__name__} {short_repr(value)}; {fix}")
     return value
 
 
-def _short(value) -> str:
+def short_repr(value) -> str:
+    """repr(value), cut to 40 characters for an error message."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -105,10 +113,8 @@ def _short(value) -> str:
 # ---------------------------------------------------------------- YAML
 
 
-def load_yaml_file(path, what: str = "run config", max_bytes: int = 1 << 20, max_depth: int = MAX_DEPTH):
+def load_yaml_file(path, what: str = "run config", max_bytes: int = 1 << 20, max_depth: int = _MAX_DEPTH):
     """A YAML file read with yaml's SafeLoader, aliases refused (no billion-laughs expansion) and nesting bounded."""
-    import yaml
-
     path = Path(path)
     text = read_text_file(path, what, max_bytes)
 
@@ -129,7 +135,7 @@ def load_yaml_file(path, what: str = "run config", max_bytes: int = 1 << 20, max
                 self.depth -= 1
 
         def construct_mapping(self, node, deep=False):
-            refuse_duplicate_keys(self, node, path)
+            _refuse_duplicate_keys(self, node, path)
             return super().construct_mapping(node, deep)
 
     try:
@@ -138,7 +144,7 @@ def load_yaml_file(path, what: str = "run config", max_bytes: int = 1 << 20, max
         raise QbaraError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
 
 
-def refuse_duplicate_keys(loader, node, path) -> None:
+def _refuse_duplicate_keys(loader, node, path) -> None:
     """Refuse a YAML mapping that writes one key twice (yaml keeps the last silently): name the key and line."""
     lines: dict = {}
     for key_node, _ in node.value:
@@ -169,13 +175,13 @@ def check_no_remote_code(folder) -> None:
                              f"architecture transformers implements, or remove auto_map if it is not needed")
 
 
-def check_no_pickle_weights(folder) -> None:
+def _check_no_pickle_weights(folder) -> None:
     """Refuse a model folder whose weights are pickles (pytorch_model.bin, *.pt, ...): loading a pickle can
     run code. A folder with safetensors weights is fine (the pickles beside them are never read)."""
     folder = Path(folder)
     if any(folder.glob("*.safetensors")):
         return
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
     if pickles:
         raise QbaraError(f"{folder}: its weights are pickle files ({', '.join(pickles[:3])}), which can run code "
                          f"when loaded; qbara reads safetensors only: convert them (e.g. load once in a trusted "
@@ -183,7 +189,7 @@ def check_no_pickle_weights(folder) -> None:
 
 
 _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
-MAX_PARAMS_PER_BYTE = 16  # 0.5 bit per weight: below any quantization qbara writes or reads
+_MAX_PARAMS_PER_BYTE = 16  # 0.5 bit per weight: below any quantization qbara writes or reads
 
 
 # key -> (lowest, highest, whether each bound is allowed, the range in words) for the float settings a model's
@@ -278,7 +284,7 @@ def _check_range(where, key, value, low, high, closed, words) -> None:
 
 
 def _refuse_value(where, key, value, words) -> None:
-    raise QbaraError(f"{where}: {key} is {_short(value)}, it must be {words}; the config is damaged (fix the "
+    raise QbaraError(f"{where}: {key} is {short_repr(value)}, it must be {words}; the config is damaged (fix the "
                      f"value or get the model again)")
 
 
@@ -302,8 +308,8 @@ def check_tokenizer_config(folder) -> None:
     config = read_json_file(where, "tokenizer_config.json", fix="the folder is damaged")
     for key, (valid, words) in _TOKENIZER_FIELDS.items():
         if config.get(key) is not None and not valid(config[key]):
-            raise QbaraError(f"{where}: {key} is {_short(config[key])}, it must be {words}; the tokenizer config is "
-                             f"damaged (fix the value or copy the base model's tokenizer files into the folder)")
+            raise QbaraError(f"{where}: {key} is {short_repr(config[key])}, it must be {words}; the tokenizer config "
+                             f"is damaged (fix the value or copy the base model's tokenizer files into the folder)")
 
 
 def check_config_sizes(config: dict, weights_bytes: int, where) -> None:
@@ -316,12 +322,12 @@ def check_config_sizes(config: dict, weights_bytes: int, where) -> None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise QbaraError(f"{where}: {key} must be a positive whole number, got {_short(value)}; the config "
+            raise QbaraError(f"{where}: {key} must be a positive whole number, got {short_repr(value)}; the config "
                              f"is damaged")
     vocab, hidden = config.get("vocab_size") or 0, config.get("hidden_size") or 0
     layers, inner = config.get("num_hidden_layers") or 0, config.get("intermediate_size") or 0
     params = vocab * hidden + layers * (2 * hidden * hidden + 3 * hidden * inner)  # a lower bound
-    if params > MAX_PARAMS_PER_BYTE * weights_bytes + (1 << 24):
+    if params > _MAX_PARAMS_PER_BYTE * weights_bytes + (1 << 24):
         raise QbaraError(f"{where}: describes a model of at least {params:,} parameters (vocab_size {vocab}, "
                          f"hidden_size {hidden}, {layers} layers) but its weights are {weights_bytes:,} bytes; "
                          f"the config does not belong to these weights (or they are truncated)")
@@ -334,9 +340,10 @@ def check_hf_folder(folder, weights: list[Path] | None = None) -> dict:
     check_no_remote_code(folder)
     config = read_json_file(folder / "config.json", "config.json", fix="the model folder is damaged")
     if not isinstance(config.get("model_type", ""), str):
-        raise QbaraError(f"{folder / 'config.json'}: model_type must be a string, got {_short(config['model_type'])}")
+        raise QbaraError(f"{folder / 'config.json'}: model_type must be a string, got "
+                         f"{short_repr(config['model_type'])}")
     if weights is None:
-        check_no_pickle_weights(folder)
+        _check_no_pickle_weights(folder)
         weights = sorted(set(folder.glob("*.safetensors")) | set(safetensors_index_files(folder)))
     total = 0
     for file in weights:
@@ -405,9 +412,9 @@ def safetensors_shapes(path, what: str = "safetensors file") -> dict[str, tuple[
     return shapes
 
 
-GGUF_MAGIC = b"GGUF"
-GGUF_DEFAULT_ALIGNMENT = 32
-GGUF_MAX_NESTING = 16  # arrays of arrays: real files nest none; gguf-py reads nesting recursively
+_GGUF_MAGIC = b"GGUF"
+_GGUF_DEFAULT_ALIGNMENT = 32
+_GGUF_MAX_NESTING = 16  # arrays of arrays: real files nest none; gguf-py reads nesting recursively
 # GGUF metadata value types (gguf's GGUFValueType numbering): the bytes of one value of each fixed-size type.
 _GGUF_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
@@ -459,8 +466,8 @@ class _GGUFCursor:
     def array(self, key: str, depth: int) -> None:
         """Step over an array: its count checked against its elements' fewest bytes first, fixed-size
         elements skipped at once, strings and nested arrays walked."""
-        if depth >= GGUF_MAX_NESTING:
-            self.fail(f"metadata key {key!r} nests arrays deeper than {GGUF_MAX_NESTING} levels")
+        if depth >= _GGUF_MAX_NESTING:
+            self.fail(f"metadata key {key!r} nests arrays deeper than {_GGUF_MAX_NESTING} levels")
         etype = self.unpack("<I", f"metadata key {key!r}'s array type")
         count = self.unpack("<Q", f"metadata key {key!r}'s array length")
         if etype not in _GGUF_MIN_BYTES:
@@ -542,13 +549,11 @@ def check_gguf_header(path) -> None:
     """Refuse a GGUF file any of whose counts or lengths cannot fit in its size, before gguf-py or transformers
     reads it: the header's counts, every metadata key and value (strings, arrays, nested arrays), every tensor
     entry and each tensor's data span. A forged count would make them loop or allocate for ever."""
-    import mmap
-
     path = regular_file(path, "GGUF file")
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(24)
-        if len(head) < 24 or head[:4] != GGUF_MAGIC:
+        if len(head) < 24 or head[:4] != _GGUF_MAGIC:
             raise QbaraError(f"{path}: not a GGUF file (no GGUF header); pass a .gguf file llama.cpp or qbara "
                              f"wrote")
         version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
@@ -568,7 +573,7 @@ def check_gguf_header(path) -> None:
 
 def _scan_gguf_metadata(cursor: _GGUFCursor, n_kv: int) -> int:
     """Step over the metadata entries; the data alignment they set (general.alignment), else the default."""
-    alignment = GGUF_DEFAULT_ALIGNMENT
+    alignment = _GGUF_DEFAULT_ALIGNMENT
     for index in range(n_kv):
         key = cursor.string(f"the key of metadata entry {index:,}").decode("utf-8", errors="replace")[:200]
         vtype = cursor.unpack("<I", f"metadata key {key!r}'s type")

@@ -258,6 +258,6 @@ def test_device_cuda_without_a_gpu_fails_before_the_model_loads(no_load, capsys,
 def test_device_auto_runs_where_torch_sees_a_gpu(monkeypatch):
     args = argparse.Namespace(device="auto")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert command.device_of(args) == "cpu"
+    assert command._device_of(args) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert command.device_of(args) == "cuda" and command.device_of(argparse.Namespace(device="cpu")) == "cpu"
+    assert command._device_of(args) == "cuda" and command._device_of(argparse.Namespace(device="cpu")) == "cpu"

@@ -5,7 +5,7 @@ import torch
 
 from qbara.errors import QbaraError
 from qbara.train.config import ALIASES, OPTIMIZERS, build_config, load_run_config
-from qbara.train.trainer import _training_arguments
+from qbara.train.trainer import training_arguments
 
 
 def test_yaml_values_and_overrides_are_coerced(tmp_path):
@@ -102,12 +102,12 @@ def test_two_keys_for_one_setting_are_refused(data, overrides, message):
 
 def test_new_fields_reach_training_arguments(tmp_path):
     out = str(tmp_path / "out")
-    default = _training_arguments(build_config({}, {"output_dir": out}), has_eval=False)
+    default = training_arguments(build_config({}, {"output_dir": out}), has_eval=False)
     assert (default.max_steps, default.max_grad_norm, default.optim, default.get_warmup_steps(100)) == \
         (100, 1.0, "adamw_torch", 0)
     config = build_config({"train": {"num_train_epochs": 2.5, "max_grad_norm": 0.3, "warmup_ratio": 0.1,
                                      "optim": "sgd", "output_dir": out}})
-    args = _training_arguments(config, has_eval=False)
+    args = training_arguments(config, has_eval=False)
     assert (args.num_train_epochs, args.max_steps, args.max_grad_norm, args.optim) == (2.5, -1, 0.3, "sgd")
     assert getattr(args, "warmup_ratio", args.warmup_steps) == 0.1 and args.get_warmup_steps(100) == 10
 
@@ -116,7 +116,7 @@ def test_new_fields_reach_training_arguments(tmp_path):
 def test_supported_optimizers_step_on_cpu(optim, tmp_path):
     from transformers import Trainer
 
-    args = _training_arguments(build_config({}, {"optim": optim, "output_dir": str(tmp_path)}), has_eval=False)
+    args = training_arguments(build_config({}, {"optim": optim, "output_dir": str(tmp_path)}), has_eval=False)
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     layer = torch.nn.Linear(4, 4)
     optimizer = cls(layer.parameters(), **kwargs)

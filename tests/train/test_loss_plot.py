@@ -9,7 +9,7 @@ from qbara.quant.config import QuantConfig
 from qbara.train import trainer as trainer_module
 from qbara.train.config import build_config
 from qbara.train.data import build_examples, read_records
-from qbara.train.trainer import _training_arguments, prepare_for_training, train
+from qbara.train.trainer import prepare_for_training, train, training_arguments
 
 
 def _write(path, pairs):
@@ -65,5 +65,5 @@ def test_a_resumed_run_does_not_evaluate_at_its_start_again(tmp_path, figures):
     train(_config(tmp_path, steps=2))
     result = train(_config(tmp_path, steps=4), resume=True)
     assert [h["step"] for h in result.log_history if "eval_loss" in h] == [0, 2, 4]
-    assert _training_arguments(_config(tmp_path), has_eval=True, resume=True).eval_on_start is False
-    assert _training_arguments(_config(tmp_path), has_eval=False).eval_on_start is False
+    assert training_arguments(_config(tmp_path), has_eval=True, resume=True).eval_on_start is False
+    assert training_arguments(_config(tmp_path), has_eval=False).eval_on_start is False

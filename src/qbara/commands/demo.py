@@ -20,8 +20,10 @@ from qbara.train.config import build_config
 from qbara.train.data import build_examples, read_records
 from qbara.train.trainer import prepare_for_training, train
 
+__all__ = ["add_parser"]
 
-def gsm8k_instruction_files(out: Path, held_out: int, seed: int) -> tuple[Path, Path]:
+
+def _gsm8k_instruction_files(out: Path, held_out: int, seed: int) -> tuple[Path, Path]:
     """Write GSM8K (bundled test split) as instruction records: train and held-out JSONL files."""
     records = gsm8k_instructions()
     train, held = split_records(records, held_out=held_out / len(records), seed=seed)
@@ -31,7 +33,7 @@ def gsm8k_instruction_files(out: Path, held_out: int, seed: int) -> tuple[Path, 
     return paths
 
 
-def run(args) -> dict:
+def _command(args) -> dict:
     out = Path(args.out)
     with output_folder(out, [args.model], overwrite=args.overwrite, command="demo") as folder:
         report, artifacts = _run(args, folder)
@@ -43,7 +45,7 @@ def run(args) -> dict:
 def _run(args, out: Path) -> tuple[dict, dict]:
     """The demo, writing into the new folder `out`."""
     start = time.perf_counter()
-    train_file, held_file = gsm8k_instruction_files(out, args.held_out, args.seed)
+    train_file, held_file = _gsm8k_instruction_files(out, args.held_out, args.seed)
     config = build_config({
         "model": {"name": args.model},
         "quant": {"format": "int4", "block_size": 32},
@@ -108,4 +110,4 @@ def add_parser(subparsers) -> None:
                    help="seed of the held-out split, the adapter init and the data order (default %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out folder qbara did not write (its files are kept)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=_command)

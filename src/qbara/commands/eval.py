@@ -37,6 +37,8 @@ from qbara.pretrained import from_pretrained
 from qbara.train.data import build_examples, read_records
 from qbara.validate import read_text_file
 
+__all__ = ["add_parser"]
+
 
 def load_for_eval(model_name: str, adapter: str | None, quant: str | None = None):
     """The base model with `adapter` attached; a dense base is quantized on load as the adapter records, or as
@@ -49,7 +51,7 @@ def load_for_eval(model_name: str, adapter: str | None, quant: str | None = None
     return model, tokenizer
 
 
-def eval_tokenizer(model_name: str, adapter: str | None):
+def _eval_tokenizer(model_name: str, adapter: str | None):
     """The tokenizer `load_for_eval` will return, read without the model: the model's, with the chat template the
     adapter records (if it records one)."""
     tokenizer = load_model_tokenizer(model_name)
@@ -79,7 +81,7 @@ def read_text(data: str) -> str:
     return read_text_file(path, "data file", max_bytes=None)
 
 
-def run(args) -> dict:
+def _command(args) -> dict:
     lm_eval_given = [f"--{name.replace('_', '-')}" for name in LM_EVAL_OPTIONS
                      if getattr(args, name, None) is not None]
     if args.task != "lm-eval" and lm_eval_given:
@@ -100,7 +102,7 @@ def run(args) -> dict:
     text = read_text(args.data) if args.task == "ppl" else None
     if args.task == "loss":
         records = read_records(args.data)[: args.max_records or None]
-        examples = build_examples(records, eval_tokenizer(args.model, args.adapter), "auto", args.window, "fail",
+        examples = build_examples(records, _eval_tokenizer(args.model, args.adapter), "auto", args.window, "fail",
                                   source=args.data)
     model, tokenizer = load_for_eval(args.model, args.adapter, getattr(args, "quant", None))
     if args.task == "ppl":
@@ -153,4 +155,4 @@ def add_parser(subparsers) -> None:
                    help="folder of local task YAMLs (repeatable); needed offline, where Hub datasets cannot load")
     g.add_argument("--output-path", metavar="FILE", help="write the full results as JSON to FILE")
     p.add_argument("--json", action="store_true", help="print the result as JSON (and no progress bar)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=_command)

@@ -13,8 +13,10 @@ from qbara.commands.eval import add_quant_option, load_for_eval
 from qbara.errors import QbaraError
 from qbara.outputs import output_file, output_folder
 
+__all__ = ["add_parser"]
 
-def adapter_path(out) -> str:
+
+def _adapter_path(out) -> str:
     """Where the LoRA adapter GGUF goes beside the base `out`: m.gguf -> m.adapter.gguf."""
     out = str(out)
     return out[: -len(".gguf")] + ".adapter.gguf"
@@ -36,7 +38,7 @@ def _run_gguf(args, inputs):
 
     if not str(args.out).endswith(".gguf"):
         raise QbaraError(f"--out {args.out!r}: a GGUF export is a file ending in .gguf")
-    lora_out = args.adapter_out or adapter_path(args.out)
+    lora_out = args.adapter_out or _adapter_path(args.out)
     if not str(lora_out).endswith(".gguf") or Path(lora_out).resolve() == Path(args.out).resolve():
         raise QbaraError(f"--adapter-out {lora_out!r}: the LoRA adapter GGUF is a file ending in .gguf, other "
                          f"than --out")
@@ -58,7 +60,7 @@ def _run_gguf(args, inputs):
     return report
 
 
-def run(args):
+def _command(args):
     inputs = [args.model, args.adapter]
     if args.format == "gguf":
         return _run_gguf(args, inputs)
@@ -99,4 +101,4 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="hf: weight dtype")
     p.add_argument("--overwrite", action="store_true",
                    help="write over an output qbara did not write (a folder's other files are kept)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=_command)

@@ -9,6 +9,9 @@ import dataclasses
 import json
 import sys
 
+import torch
+from tqdm.auto import tqdm
+
 from qbara.commands.eval import add_quant_option, load_for_eval
 from qbara.errors import QbaraError
 from qbara.generation import (
@@ -25,8 +28,10 @@ from qbara.generation import (
     stream,
 )
 
+__all__ = ["add_parser"]
 
-def settings_of(args) -> GenerationSettings:
+
+def _settings_of(args) -> GenerationSettings:
     """The generation settings of the command line (each bad value one QbaraError naming its flag)."""
     try:
         return GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
@@ -34,10 +39,8 @@ def settings_of(args) -> GenerationSettings:
         raise QbaraError(f"--{err}") from None
 
 
-def device_of(args) -> str:
+def _device_of(args) -> str:
     """The device --device names (auto: cuda when torch sees a GPU); cuda without one is refused."""
-    import torch
-
     if args.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -46,7 +49,7 @@ def device_of(args) -> str:
     return args.device
 
 
-def prompts_of(args) -> list[Prompt]:
+def _prompts_of(args) -> list[Prompt]:
     """The prompts of --prompt or --file (exactly one of them), as plain text with --raw."""
     if (args.prompt is None) == (args.file is None):
         raise QbaraError("give the prompt as --prompt TEXT or --file FILE (one prompt a line, or .jsonl records); "
@@ -60,12 +63,12 @@ def prompts_of(args) -> list[Prompt]:
     return prompts
 
 
-class Session:
+class _Session:
     """A loaded model with its tokenizer, template, stop tokens, context and random stream."""
 
     def __init__(self, args, settings: GenerationSettings):
         self.model, self.tokenizer = load_for_eval(args.model, args.adapter, args.quant)
-        self.model.to(device_of(args))
+        self.model.to(_device_of(args))
         self.template = chat_template(self.tokenizer)
         self.stop = stop_ids(self.model, self.tokenizer, self.template)
         self.context = context_length(self.model, self.tokenizer)
@@ -92,24 +95,22 @@ class Session:
             print(f"(cut at {reply.tokens} tokens: {cut})", file=sys.stderr, flush=True)
 
 
-def run_generate(args) -> None:
-    settings, prompts = settings_of(args), prompts_of(args)  # before the model loads
-    device_of(args)
+def _run_generate(args) -> None:
+    settings, prompts = _settings_of(args), _prompts_of(args)  # before the model loads
+    _device_of(args)
     try:
-        _generate(args, Session(args, settings), prompts)
+        _generate(args, _Session(args, settings), prompts)
     except KeyboardInterrupt:  # while loading or replying: end the reply's line; the CLI prints its one line (130)
         print(flush=True)
         raise
 
 
-def _generate(args, session: Session, prompts: list[Prompt]) -> None:
+def _generate(args, session: _Session, prompts: list[Prompt]) -> None:
     prepared = []
     for number, prompt in enumerate(prompts, start=1):
         ids = prompt_ids(session.tokenizer, prompt, session.template)
         session.check_fits(ids, f"prompt {number}" if len(prompts) > 1 else "the prompt")
         prepared.append((prompt, ids))
-    from tqdm.auto import tqdm
-
     # --json prints each reply when it is done: a bar on stderr shows the progress over several prompts
     shown = tqdm(prepared, desc="prompts", unit="prompt", file=sys.stderr, disable=not args.json or len(prepared) < 2)
     for number, (prompt, ids) in enumerate(shown, start=1):
@@ -131,12 +132,12 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D ends it, Ctrl-C stops a reply"
+_CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D ends it, Ctrl-C stops a reply"
 
 
-def run_chat(args) -> None:
-    settings = settings_of(args)  # before the model loads
-    device_of(args)
+def _run_chat(args) -> None:
+    settings = _settings_of(args)  # before the model loads
+    _device_of(args)
     try:
         _converse(args, settings)
     except KeyboardInterrupt:  # while loading or at the prompt: end the line; the CLI prints its one line (130)
@@ -146,14 +147,14 @@ def run_chat(args) -> None:
 
 def _converse(args, settings: GenerationSettings) -> None:
     """The REPL: load, then read a message, answer it, until /exit or EOF (Ctrl-C in a reply stops the reply)."""
-    session = Session(args, settings)
+    session = _Session(args, settings)
     if session.template is None:
         raise QbaraError(f"the tokenizer of {args.model!r} has no chat template, so a conversation cannot be "
                          f"rendered; use qbara generate --raw for plain-text prompts")
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     print(f"chatting with {args.model}" + (f" + {args.adapter}" if args.adapter else "")
-          + f" ({CHAT_HELP})", file=sys.stderr, flush=True)
+          + f" ({_CHAT_HELP})", file=sys.stderr, flush=True)
     while True:
         try:
             line = input("> ")
@@ -172,7 +173,7 @@ def _converse(args, settings: GenerationSettings) -> None:
         messages = _answer(session, messages + [{"role": "user", "content": line}])
 
 
-def _answer(session: Session, messages: list) -> list:
+def _answer(session: _Session, messages: list) -> list:
     """`messages` with the model's reply to its last user message appended (what was shown of it when Ctrl-C
     stopped it); the oldest turns dropped, with a note, when the conversation outgrows the context."""
     budget = max(session.context - session.settings.max_new_tokens, session.context // 2)
@@ -228,9 +229,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt {prompt, output, tokens, prompt_tokens, ended} instead "
                         "of streaming")
-    g.set_defaults(func=run_generate)
+    g.set_defaults(func=_run_generate)
     c = subparsers.add_parser("chat", help="an interactive conversation with a model",
-                              description=f"An interactive conversation in the tokenizer's chat template: {CHAT_HELP}; "
-                                          f"Ctrl-C at the prompt ends (exit 130).")
+                              description=f"An interactive conversation in the tokenizer's chat template: "
+                                          f"{_CHAT_HELP}; Ctrl-C at the prompt ends (exit 130).")
     _common_options(c)
-    c.set_defaults(func=run_chat)
+    c.set_defaults(func=_run_chat)

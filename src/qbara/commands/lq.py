@@ -12,6 +12,8 @@ across the N ranks; rank 0 writes the outputs.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -37,9 +39,11 @@ from qbara.preparation import prepare
 from qbara.quant.config import QuantConfig
 from qbara.state import state_of
 
+__all__ = ["add_parser"]
+
 
 @dataclass
-class Inputs:
+class _Inputs:
     """What lq reads besides the model, read (and checked) before the model loads: the --fisher-data and --eval
     texts, the saved --fisher (opened lazily)."""
 
@@ -48,7 +52,7 @@ class Inputs:
     fisher: object | None
 
     @classmethod
-    def read(cls, args) -> "Inputs":
+    def read(cls, args) -> "_Inputs":
         return cls(read_text(args.fisher_data) if args.fisher_data else None,
                    read_text(args.eval) if args.eval else None, open_fisher(args.fisher) if args.fisher else None)
 
@@ -67,12 +71,10 @@ def _fisher(args, model, tokenizer, out: Path | None):
                               max_bytes=int(args.fisher_shard_gb * 2**30))
 
 
-def run(args) -> dict | None:
-    import contextlib
-
+def _command(args) -> dict | None:
     inputs = [args.model, args.fisher, args.fisher_data, args.eval]
     _options(args)  # the options' checks, before anything is read
-    args.inputs = Inputs.read(args)
+    args.inputs = _Inputs.read(args)
     start_process_group()
     if is_main_process():
         writing = output_folder(args.out, inputs, overwrite=args.overwrite, command="lq")
@@ -189,8 +191,6 @@ def _in_memory(args, out: Path | None, options):
 def _with_fisher(args, lq, fisher):
     """The LQConfig with the Fisher (None without one), which also weights the gguf rounding with
     --weighted-rounding."""
-    import dataclasses
-
     return dataclasses.replace(lq, fisher=fisher, importance="fisher" if args.weighted_rounding else None)
 
 
@@ -264,4 +264,4 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eval", help="perplexity text after init: a file or shakespeare:PLAY (e.g. shakespeare:hamlet)")
     p.add_argument("--window", type=int, default=512, help="perplexity window")
     p.add_argument("--eval-tokens", type=int, default=8192, help="tokens evaluated (0 = all)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=_command)

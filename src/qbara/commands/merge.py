@@ -9,8 +9,10 @@ from qbara.native import write_quantized
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.outputs import output_folder
 
+__all__ = ["add_parser"]
 
-def run(args) -> Path:
+
+def _command(args) -> Path:
     with output_folder(args.out, [args.model, args.adapter], overwrite=args.overwrite, command="merge") as tmp:
         model, tokenizer = load_for_eval(args.model, args.adapter, getattr(args, "quant", None))
         merge(model, into=args.into)
@@ -36,4 +38,4 @@ def add_parser(subparsers) -> None:
                    help="dense: an HF folder; quantized: exact fold (qalora/qahira), native quantized folder")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty folder qbara did not write (its files are kept)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=_command)

@@ -25,9 +25,11 @@ from qbara.outputs import check_output
 from qbara.quant.config import QuantConfig
 from qbara.quant.formats import FAMILIES
 
+__all__ = ["add_parser", "model_bytes", "parse_format", "weight_error"]
+
 
 @dataclass
-class QuantizationReport:
+class _QuantizationReport:
     label: str
     bits_per_param: float
     weight_rel_error: float
@@ -79,7 +81,7 @@ def weight_error(dense: torch.nn.Module, quantized: torch.nn.Module) -> tuple[fl
     return bits / numel, (err2 / ref2) ** 0.5
 
 
-def run(args) -> list[QuantizationReport]:
+def _command(args) -> list[_QuantizationReport]:
     configs = [parse_format(s.strip()) for s in args.formats.split(",") if s.strip()]
     gptq_configs = _gptq_configs(args, configs)
     imatrix_configs = _imatrix_configs(args, configs)
@@ -92,7 +94,7 @@ def run(args) -> list[QuantizationReport]:
     importance = importance_matrix(model, calibration, progress=not args.json) if imatrix_configs else None
     fp32_bytes = model_bytes(model)
     base = perplexity(model, ids, window=args.window, max_tokens=args.eval_tokens, progress=not args.json)
-    rows = [QuantizationReport("fp32", 32.0, 0.0, fp32_bytes, 1.0, base.ppl, base.tokens, base.window)]
+    rows = [_QuantizationReport("fp32", 32.0, 0.0, fp32_bytes, 1.0, base.ppl, base.tokens, base.window)]
     for config in configs:
         methods = [("", quantize_model)] + ([("gptq ", _gptq_quantizer(args, calibration))]
                                             if config in gptq_configs else [])
@@ -104,7 +106,7 @@ def run(args) -> list[QuantizationReport]:
             size = model_bytes(quantized)
             result = perplexity(quantized, ids, window=args.window, max_tokens=args.eval_tokens,
                                 progress=not args.json)
-            rows.append(QuantizationReport(prefix + config.label, bits, rel, size, size / fp32_bytes, result.ppl,
+            rows.append(_QuantizationReport(prefix + config.label, bits, rel, size, size / fp32_bytes, result.ppl,
                                            result.tokens, result.window))
             if prefix == "gptq " and args.save:
                 save_quantized(quantized, tokenizer, args.save, overwrite=args.overwrite)
@@ -208,4 +210,4 @@ def add_parser(subparsers) -> None:
                         "qbara train --model.name DIR with the same quant")
     g.add_argument("--overwrite", action="store_true",
                    help="write --save into a non-empty folder qbara did not write (its files are kept)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=_command)

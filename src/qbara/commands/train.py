@@ -5,14 +5,33 @@ import dataclasses
 import shlex
 from pathlib import Path
 
+import yaml
+
+from qbara.adapters.io import read_adapter_config
 from qbara.distributed import end_process_group
 from qbara.errors import QbaraError
+from qbara.models.loader import base_model_path
+from qbara.prompt_formats import NAMED
 from qbara.train.config import RunConfig, load_run_config, parse_value, valid_keys
 from qbara.train.config_reference import format_config
-from qbara.train.trainer import TrainInterrupted, TrainResult, train
+from qbara.train.data import IGNORE_INDEX
+from qbara.train.plan import data_stats, plan_lines, resolved_config
+from qbara.train.trainer import (
+    TrainInterrupted,
+    TrainResult,
+    check_before_load,
+    check_train_output,
+    latest_complete_checkpoint,
+    load_datasets,
+    refuse_checkpoints,
+    train,
+    training_arguments,
+)
+
+__all__ = ["add_parser"]
 
 
-def parse_overrides(tokens: list[str]) -> dict:
+def _parse_overrides(tokens: list[str]) -> dict:
     """['--train.lr', '1e-4', '--adapter.method', 'qbara'] -> {'train.lr': 0.0001, 'adapter.method': 'qbara'}."""
     overrides, i = {}, 0
     while i < len(tokens):
@@ -29,27 +48,27 @@ def parse_overrides(tokens: list[str]) -> dict:
     return overrides
 
 
-def run(args, extra: list[str]) -> None:
-    config = load_run_config(args.config, parse_overrides(extra))
+def _command(args, extra: list[str]) -> None:
+    config = load_run_config(args.config, _parse_overrides(extra))
     if args.print_config:
         print(format_config(config), end="")
         return
     if args.dry_run:
-        dry_run(config, args.resume)
+        _dry_run(config, args.resume)
         return
     try:
         result = train(config, resume=args.resume)
     except TrainInterrupted as stop:  # the CLI prints this one line (exit 130)
-        raise KeyboardInterrupt(interrupted_line(stop, args, extra)) from None
+        raise KeyboardInterrupt(_interrupted_line(stop, args, extra)) from None
     end_process_group()
     loss = (f"final train loss {result.final_loss:.4g}" if result.final_loss is not None else
             f"no train loss logged (train.logging_steps={config.train.logging_steps} is past the run's last step)")
     print(f"adapter saved to {result.adapter_dir} ({result.trainable_parameters:,} trainable parameters); {loss}; "
           f"loss curve {result.output_dir / 'loss_curve.png'}")
-    print("\n".join(next_commands(config, result)))
+    print("\n".join(_next_commands(config, result)))
 
 
-def interrupted_line(stop: TrainInterrupted, args, extra: list[str]) -> str:
+def _interrupted_line(stop: TrainInterrupted, args, extra: list[str]) -> str:
     """`interrupted at step N (last checkpoint: step M); resume with: qbara train --config ... --resume`, the
     command line given (config path and overrides) with --resume."""
     command = ["qbara", "train", *(["--config", args.config] if args.config else []), *extra, "--resume"]
@@ -58,11 +77,8 @@ def interrupted_line(stop: TrainInterrupted, args, extra: list[str]) -> str:
     return f"interrupted {at} ({last}); resume with: {shlex.join(command)}"
 
 
-def next_commands(config: RunConfig, result: TrainResult) -> list[str]:
+def _next_commands(config: RunConfig, result: TrainResult) -> list[str]:
     """What to run on the trained adapter, with this run's paths: eval, merge, export, generate."""
-    from qbara.adapters.io import read_adapter_config
-    from qbara.models.loader import base_model_path
-
     adapter = result.adapter_dir
     recorded = read_adapter_config(adapter).get("base_model_name_or_path")
     # the model the adapter was trained on: the run's model (as it was named), or the LQ / LoftQ base it saved
@@ -82,28 +98,16 @@ def next_commands(config: RunConfig, result: TrainResult) -> list[str]:
             f"  qbara generate --model {m} --adapter {a} --prompt \"...\""]
 
 
-def dry_run(config: RunConfig, resume: bool) -> None:
+def _dry_run(config: RunConfig, resume: bool) -> None:
     """Every check of the run, then the resolved config, the data statistics and the plan; no weights are
     loaded and nothing is written (`qbara.train.plan`)."""
-    import yaml
-
-    from qbara.train.plan import data_stats, plan_lines, resolved_config
-    from qbara.train.trainer import (
-        _training_arguments,
-        check_before_load,
-        check_train_output,
-        latest_complete_checkpoint,
-        load_datasets,
-        refuse_checkpoints,
-    )
-
     out = check_train_output(config)
     if not resume:
         refuse_checkpoints(out)
     resume_from = latest_complete_checkpoint(out) if resume else None
     tokenizer = check_before_load(config)
     train_set, eval_set = load_datasets(config, tokenizer)
-    _training_arguments(config, eval_set is not None)  # the trainer's own checks of its settings
+    training_arguments(config, eval_set is not None)  # the trainer's own checks of its settings
     stats = data_stats(config, train_set, eval_set)
     print("# resolved run config")
     print(yaml.safe_dump(resolved_config(config), sort_keys=False).rstrip())
@@ -115,7 +119,7 @@ def dry_run(config: RunConfig, resume: bool) -> None:
         print(f"{split}: {s.records} records -> {s.examples} examples ({s.skipped} skipped, {s.truncated} truncated "
               f"at data.max_length={config.data.max_length}) from {source}; {s.tokens:,} tokens, mean length "
               f"{s.mean_length:.1f}, max {s.max_length}")
-    print(prompt_line(config, train_set, tokenizer))
+    print(_prompt_line(config, train_set, tokenizer))
     print("# plan")
     for line in plan_lines(config, stats, str(resume_from) if resume_from else None):
         print(line)
@@ -123,12 +127,9 @@ def dry_run(config: RunConfig, resume: bool) -> None:
           f"(output {Path(config.train.output_dir)})")
 
 
-def prompt_line(config: RunConfig, train_set, tokenizer) -> str:
+def _prompt_line(config: RunConfig, train_set, tokenizer) -> str:
     """Which template renders the records (what data.template resolved to) and the first training prompt as the
     model sees it (up to its first answer token)."""
-    from qbara.prompt_formats import NAMED
-    from qbara.train.data import IGNORE_INDEX
-
     text = train_set.chat_template
     if text is None:
         return "prompts: none (text data is packed as it is)"
@@ -167,4 +168,4 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="check the config and the data, print the resolved config, the data statistics and the "
                         "plan (steps, trainable parameters, checkpoints) without loading weights; writes nothing")
-    p.set_defaults(func=run, accepts_extra=True)
+    p.set_defaults(func=_command, accepts_extra=True)

@@ -18,9 +18,11 @@ from qbara.options import option
 from qbara.prompt_formats import check_template_choice
 from qbara.quant.config import QuantConfig
 from qbara.train.foreign_keys import UNSUPPORTED, unsupported_message
-from qbara.validate import _short, load_yaml_file
+from qbara.validate import load_yaml_file, short_repr
 
-SEED_LIMIT = 2**32  # numpy's and torch's generators take 32-bit seeds
+__all__ = ["RunConfig", "build_config", "load_run_config", "parse_value", "valid_keys"]
+
+_SEED_LIMIT = 2**32  # numpy's and torch's generators take 32-bit seeds
 # Trainer optimizers (transformers' OptimizerNames) that run on CPU and GPU without an extra package.
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")
 
@@ -148,7 +150,7 @@ ALIASES = {
 # Run trackers the HF Trainer reports to -> the package each needs. TensorBoard writes event files under
 # train.output_dir/runs/<date>_<host> and works offline; wandb / mlflow follow their own settings
 # (e.g. WANDB_MODE=offline).
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+_TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 def valid_keys() -> list[str]:
@@ -180,7 +182,7 @@ def _resolve_key(key: str) -> str:
                      f"adapter.method; `qbara train --print-config` lists them)")
 
 
-SIMILAR = 0.75  # difflib ratio above which an unknown name is taken for a typo of a known one
+_SIMILAR = 0.75  # difflib ratio above which an unknown name is taken for a typo of a known one
 
 
 def _did_you_mean(key: str, keys: list[str]) -> str:
@@ -189,11 +191,11 @@ def _did_you_mean(key: str, keys: list[str]) -> str:
     section, dot, name = key.rpartition(".")
     sections = {k.split(".", 1)[0] for k in keys}
     if dot and section not in sections:  # a misspelt section: compare the whole key
-        close = difflib.get_close_matches(key, keys, n=1, cutoff=SIMILAR)
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=_SIMILAR)
         return f"; did you mean {close[0]!r}?" if close else ""
     leaves = {k.split(".", 1)[1]: k for k in keys if not dot or k.startswith(f"{section}.")}
     aliases = {a: t for a, t in ALIASES.items() if not dot or t.startswith(f"{section}.")}
-    close = difflib.get_close_matches(name, list(leaves) + list(aliases), n=1, cutoff=SIMILAR)
+    close = difflib.get_close_matches(name, list(leaves) + list(aliases), n=1, cutoff=_SIMILAR)
     if not close:
         return ""
     if close[0] in leaves:
@@ -230,7 +232,7 @@ def _coerce(value, kind: type, key: str):
             return kind(value)
     except (ValueError, OverflowError):
         pass
-    raise QbaraError(f"config key {key}: {_short(value)} is not a valid {kind.__name__}")
+    raise QbaraError(f"config key {key}: {short_repr(value)} is not a valid {kind.__name__}")
 
 
 def _parse_text(text: str, kind: type):
@@ -259,7 +261,7 @@ def _yaml_settings(data: dict):
     for top, values in (data or {}).items():
         if top not in _SECTIONS and top not in _FREE_SECTIONS:
             if isinstance(values, dict) and top not in UNSUPPORTED:
-                close = difflib.get_close_matches(top, list(_SECTIONS) + list(_FREE_SECTIONS), n=1, cutoff=SIMILAR)
+                close = difflib.get_close_matches(top, list(_SECTIONS) + list(_FREE_SECTIONS), n=1, cutoff=_SIMILAR)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise QbaraError(f"unknown config section {top!r}{hint}: "
                                  "sections are model, quant, adapter, data, train")
@@ -362,13 +364,13 @@ def _validate(config: RunConfig) -> None:
     if t.max_grad_norm < 0:
         raise QbaraError(f"train.max_grad_norm must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
     trackers = [r.strip() for r in t.report_to.split(",") if r.strip()]
-    unknown = [r for r in trackers if r not in TRACKERS and r != "none"]
+    unknown = [r for r in trackers if r not in _TRACKERS and r != "none"]
     if unknown or not trackers or ("none" in trackers and len(trackers) > 1):
-        raise QbaraError(f"train.report_to {t.report_to!r}: write none, or one or more of {', '.join(TRACKERS)} "
+        raise QbaraError(f"train.report_to {t.report_to!r}: write none, or one or more of {', '.join(_TRACKERS)} "
                          f"separated by commas")
     for tracker in trackers:
-        if tracker != "none" and importlib.util.find_spec(TRACKERS[tracker]) is None:
-            raise QbaraError(f"train.report_to {tracker} needs its package: pip install {TRACKERS[tracker]}")
+        if tracker != "none" and importlib.util.find_spec(_TRACKERS[tracker]) is None:
+            raise QbaraError(f"train.report_to {tracker} needs its package: pip install {_TRACKERS[tracker]}")
     if t.optim not in OPTIMIZERS:
         raise QbaraError(f"train.optim {t.optim!r}: choose {', '.join(OPTIMIZERS[:-1])} or {OPTIMIZERS[-1]}")
     if d.max_length <= 0:
@@ -384,7 +386,7 @@ def _validate(config: RunConfig) -> None:
     for key in ("seed", "warmup_steps", "eval_steps", "save_total_limit"):
         if getattr(t, key) < 0:
             raise QbaraError(f"train.{key} must be >= 0, got {getattr(t, key)}")
-    if t.seed >= SEED_LIMIT:
+    if t.seed >= _SEED_LIMIT:
         raise QbaraError(f"train.seed must be in [0, 2**32) (numpy and torch seeds are 32-bit), got {t.seed}")
     if t.weight_decay < 0:
         raise QbaraError(f"train.weight_decay must be >= 0, got {t.weight_decay}")

@@ -12,25 +12,27 @@ from qbara.options import field_doc
 from qbara.train.config import ALIASES, RunConfig
 from qbara.train.foreign_keys import UNSUPPORTED
 
+__all__ = ["config_reference_markdown", "format_config"]
 
-class Option(NamedTuple):
+
+class _Option(NamedTuple):
     section: str
     name: str
     value: object
     doc: str
 
 
-def config_options(config: RunConfig | None = None) -> list[Option]:
+def config_options(config: RunConfig | None = None) -> list[_Option]:
     """The keys of `config` (default: `qbara train`'s defaults) section by section, with their resolved values
     (the quant and adapter sections as QuantConfig / AdapterConfig resolve them: block_size 64 for NF, ...)."""
     config = config or RunConfig()
     parts = {"model": config.model, "quant": config.quant_config(), "adapter": config.adapter_config(),
              "data": config.data, "train": config.train}
-    return [Option(section, f.name, getattr(part, f.name), field_doc(f))
+    return [_Option(section, f.name, getattr(part, f.name), field_doc(f))
             for section, part in parts.items() for f in dataclasses.fields(part)]
 
 
-def yaml_value(value) -> str:
+def _yaml_value(value) -> str:
     """`value` as one line of YAML (a string only quoted where YAML needs it)."""
     if isinstance(value, tuple):
         value = list(value)
@@ -43,7 +45,7 @@ def format_config(config: RunConfig | None = None) -> str:
     lines = ["# qbara run config: every key with its value; `qbara train --config FILE` reads this file and "
              "--section.key VALUE overrides a key"]
     section = None
-    rows = [(o, f"  {o.name}: {yaml_value(o.value)}") for o in config_options(config)]
+    rows = [(o, f"  {o.name}: {_yaml_value(o.value)}") for o in config_options(config)]
     width = max(len(text) for _, text in rows) + 2
     for option, text in rows:
         if option.section != section:
@@ -71,7 +73,7 @@ def config_reference_markdown() -> str:
         if option.section != section:
             section = option.section
             out += ["", f"## {section}", "", "| key | default | meaning |", "|---|---|---|"]
-        out.append(f"| `{section}.{option.name}` | `{_cell(yaml_value(option.value))}` | {_cell(option.doc)} |")
+        out.append(f"| `{section}.{option.name}` | `{_cell(_yaml_value(option.value))}` | {_cell(option.doc)} |")
     out += ["", "## Other tools' names", "",
             "Keys from Hugging Face / PEFT / bitsandbytes, Axolotl and LLaMA-Factory configs that qbara takes as "
             "its own key:", "", "| name | qbara key |", "|---|---|"]

@@ -17,7 +17,10 @@ from qbara.data.hf_datasets import is_saved_dataset, read_dataset
 from qbara.errors import QbaraError
 from qbara.prompt_formats import PromptFormat, instruction_messages, resolve_template
 from qbara.templates import ChatTemplate
-from qbara.validate import parse_json, read_text_file
+from qbara.validate import parse_json, read_text_file, short_repr
+
+__all__ = ["Example", "IGNORE_INDEX", "PadCollator", "build_examples", "check_text", "detect_format", "optional_text",
+           "read_records"]
 
 IGNORE_INDEX = -100
 
@@ -47,7 +50,7 @@ def read_records(path: str) -> list:
     if suffix not in (".jsonl", ".json", ".csv", ".txt", ".md", ""):
         raise QbaraError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .csv or .txt")
     # a regular UTF-8 text file: not binary, not /dev/zero
-    text = read_text_file(p, "data file", max_bytes=None).removeprefix(BOM)
+    text = read_text_file(p, "data file", max_bytes=None).removeprefix(_BOM)
     if suffix == ".jsonl":
         return _jsonl_records(text)
     if suffix == ".json":
@@ -63,7 +66,7 @@ def read_records(path: str) -> list:
     return [{"text": text}]
 
 
-BOM = "\ufeff"
+_BOM = "\ufeff"
 
 
 def _jsonl_records(text: str) -> list:
@@ -128,7 +131,7 @@ def check_text(value, what: str) -> str:
     null), without a lone UTF-16 surrogate (an unpaired \\ud800-style JSON escape: not a character, tokenizers
     refuse it) and without NUL characters (text holds none; a zeroed block of a damaged file does)."""
     if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__} {_short(value)}")
+        raise ValueError(f"{what} must be a string, got {type(value).__name__} {short_repr(value)}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
@@ -138,11 +141,6 @@ def check_text(value, what: str) -> str:
         raise ValueError(f"{what} holds a NUL character (U+0000) at character {value.index(chr(0))}; text holds "
                          f"none, the data is damaged")
     return value
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _instruction_example(record: dict, tokenizer, max_length: int, template: ChatTemplate) -> Example:
@@ -208,7 +206,7 @@ def _rendered_example(messages: list, tokenizer, max_length: int, template: Chat
     return Example(ids[:max_length], labels[:max_length], truncated=len(ids) > max_length)
 
 
-FIELDS = {"instruction": ("instruction", "input", "output", "system"), "chat": ("messages",), "text": ("text",)}
+_FIELDS = {"instruction": ("instruction", "input", "output", "system"), "chat": ("messages",), "text": ("text",)}
 
 
 def _warn_misspelled_fields(records: list, known: tuple, source: str) -> None:
@@ -230,9 +228,9 @@ def build_examples(records: list, tokenizer, fmt: str, max_length: int, on_error
     for `tokenizer` by `qbara.prompt_formats.resolve_template`); text is packed without one."""
     if fmt == "auto":
         fmt = detect_format(records)
-    _warn_misspelled_fields(records, FIELDS.get(fmt, ()), source)
+    _warn_misspelled_fields(records, _FIELDS.get(fmt, ()), source)
     if fmt == "text":
-        return pack_text(records, tokenizer, max_length, source)
+        return _pack_text(records, tokenizer, max_length, source)
     if isinstance(template, str):  # compiled once for all records, in the bounded sandbox (qbara.templates)
         template = resolve_template(template, tokenizer)
     make = functools.partial(_instruction_example if fmt == "instruction" else _chat_example,
@@ -261,7 +259,7 @@ def build_examples(records: list, tokenizer, fmt: str, max_length: int, on_error
     return examples
 
 
-def pack_text(records: list, tokenizer, max_length: int, source: str = "data") -> list[Example]:
+def _pack_text(records: list, tokenizer, max_length: int, source: str = "data") -> list[Example]:
     """Concatenate texts (separated by EOS) and cut into sequences of `max_length` tokens."""
     ids: list[int] = []
     for number, record in enumerate(records, start=1):

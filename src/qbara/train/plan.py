@@ -27,9 +27,11 @@ from qbara.train.config import RunConfig
 from qbara.train.data import detect_format, read_records
 from qbara.validate import safetensors_shapes
 
+__all__ = ["data_stats", "plan_lines", "resolved_config"]
+
 
 @dataclass
-class SplitStats:
+class _SplitStats:
     """One data split as the run sees it: records read, examples built (skipped = records that gave none),
     truncated to data.max_length, and token counts."""
 
@@ -42,7 +44,7 @@ class SplitStats:
     max_length: int
 
 
-def split_stats(examples, records: int, packed: bool) -> SplitStats:
+def _split_stats(examples, records: int, packed: bool) -> _SplitStats:
     """Statistics of `examples` built from `records` records. Packed text is cut into max_length pieces by
     design (none skipped or truncated)."""
     lengths = [len(e.input_ids) for e in examples]
@@ -51,11 +53,11 @@ def split_stats(examples, records: int, packed: bool) -> SplitStats:
     else:
         truncated = sum(e.truncated for e in examples)
         skipped = records - len(examples)
-    return SplitStats(records, len(examples), skipped, truncated, sum(lengths),
+    return _SplitStats(records, len(examples), skipped, truncated, sum(lengths),
                       sum(lengths) / len(lengths) if lengths else 0.0, max(lengths, default=0))
 
 
-def data_stats(config: RunConfig, train_set, eval_set) -> dict[str, SplitStats]:
+def data_stats(config: RunConfig, train_set, eval_set) -> dict[str, _SplitStats]:
     """Per split ('train', and 'eval' when there is one), the `split_stats` of the datasets `load_datasets` built
     for `config` (the records are counted as it reads and splits them)."""
     d = config.data
@@ -69,9 +71,9 @@ def data_stats(config: RunConfig, train_set, eval_set) -> dict[str, SplitStats]:
     if not eval_count and d.held_out > 0 and not packed:
         eval_count = max(1, int(round(train_count * d.held_out)))
         train_count -= eval_count
-    stats = {"train": split_stats(train_set.examples, train_count, packed)}
+    stats = {"train": _split_stats(train_set.examples, train_count, packed)}
     if eval_set is not None:
-        stats["eval"] = split_stats(eval_set.examples, eval_count, packed)
+        stats["eval"] = _split_stats(eval_set.examples, eval_count, packed)
     return stats
 
 
@@ -122,7 +124,7 @@ def trainable_parameters(config: RunConfig, model, quant: dict[str, QuantConfig]
     return trainable_parameter_count(model)
 
 
-def run_steps_for(examples: int, config: RunConfig, world: int = 1) -> int:
+def _run_steps_for(examples: int, config: RunConfig, world: int = 1) -> int:
     """The optimizer steps of the run as HF's Trainer counts them: train.steps, or its epochs over `examples`
     (batches of batch_size per rank, grad_accum batches a step; at least one step an epoch)."""
     t = config.train
@@ -136,7 +138,7 @@ def epoch_steps(batches: int, grad_accum: int, epochs: float) -> int:
     return math.ceil(epochs * max(math.ceil(batches / grad_accum), 1))
 
 
-def checkpoint_steps(steps: int, save_steps: int) -> list[int]:
+def _checkpoint_steps(steps: int, save_steps: int) -> list[int]:
     """The steps a checkpoint is saved at: every save_steps, and the last step (HF's Trainer saves there too)."""
     saved = list(range(save_steps, steps + 1, save_steps)) if save_steps > 0 else []
     return saved if saved and saved[-1] == steps else saved + [steps]
@@ -146,7 +148,7 @@ def _number(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,.0f}"
 
 
-def plan_lines(config: RunConfig, stats: dict[str, SplitStats], resume_from: str | None) -> list[str]:
+def plan_lines(config: RunConfig, stats: dict[str, _SplitStats], resume_from: str | None) -> list[str]:
     """The plan of the run, one fact a line: model, quantization, adapter, steps, tokens, checkpoints, output."""
     model, model_config = meta_model(config)
     total = sum(p.numel() for p in model.parameters())
@@ -175,14 +177,14 @@ def plan_lines(config: RunConfig, stats: dict[str, SplitStats], resume_from: str
                      f"{trainable:,} trainable parameters ({100 * trainable / total:.3f}% of the model)")
     t = config.train
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps = run_steps_for(stats["train"].examples, config, world)
+    steps = _run_steps_for(stats["train"].examples, config, world)
     per_step = t.batch_size * t.grad_accum * world
     how = f"train.steps={t.steps}" if t.steps > 0 else f"{t.epochs:g} epochs of {stats['train'].examples} examples"
     lines.append(f"steps: {steps} optimizer steps ({how}; {per_step} examples a step = batch {t.batch_size} x "
                  f"grad_accum {t.grad_accum} x {world} process(es))")
     lines.append(f"tokens a step: about {per_step * stats['train'].mean_length:,.0f} (at most "
                  f"{per_step * config.data.max_length:,} at data.max_length={config.data.max_length})")
-    saved = checkpoint_steps(steps, t.save_steps)
+    saved = _checkpoint_steps(steps, t.save_steps)
     shown = ", ".join(map(str, saved[:6])) + (f", ... {saved[-1]}" if len(saved) > 6 else "")
     evals = (f"; eval every {t.eval_steps} steps on {stats['eval'].examples} examples" if "eval" in stats
              and t.eval_steps else "")

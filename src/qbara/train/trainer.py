@@ -4,8 +4,7 @@ Checkpoints hold the adapter (PEFT layout), optimizer, scheduler, RNG and traine
 counts only once its `qbara_complete.json` marker is written (atomically, last). Each checkpoint folder gets
 qbara's `.qbara-saving` marker first: a run killed while saving leaves a folder with it and without the completion
 marker, which `--resume` ignores and removes; a `checkpoint-N` folder without it is not qbara's and is never
-removed or written into. Resuming from a checkpoint at the
-run's last step trains nothing more: it writes the final outputs from it.
+removed or written into. Resuming from a checkpoint at the run's last step writes the final outputs from it.
 
 The final adapter folder is built beside `adapter/` and swapped in (`qbara.outputs`), so a kill leaves the
 complete old or new one. A non-finite training loss or final adapter stops the run before anything final is
@@ -13,12 +12,14 @@ written; a write fault (disk full, file size limit) is one line.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
 import re
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,17 +51,22 @@ from qbara.plotting import pyplot, save_figure
 from qbara.preparation import prepare
 from qbara.pretrained import base_quant_for
 from qbara.prompt_formats import resolve_template
+from qbara.quant.config import QuantConfig
 from qbara.state import state_of
 from qbara.train.config import RunConfig
 from qbara.train.data import ExampleDataset, PadCollator, build_examples, detect_format, read_records
+from qbara.train.plan import base_quant, epoch_steps, meta_model, trainable_parameters
 from qbara.validate import read_json_file, safetensors_shapes
 
+__all__ = ["TrainInterrupted", "TrainResult", "check_before_load", "check_train_output", "latest_complete_checkpoint",
+           "load_datasets", "prepare_for_training", "refuse_checkpoints", "train", "training_arguments"]
+
 COMPLETE_MARKER = "qbara_complete.json"
-SAVING_MARKER = ".qbara-saving"  # written first into each checkpoint folder qbara saves
+_SAVING_MARKER = ".qbara-saving"  # written first into each checkpoint folder qbara saves
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def checkpoints(output_dir) -> list[tuple[int, Path, bool]]:
+def _checkpoints(output_dir) -> list[tuple[int, Path, bool]]:
     """(step, folder, complete) for every checkpoint folder, by step."""
     out = Path(output_dir)
     if not out.is_dir():
@@ -74,11 +80,11 @@ def checkpoints(output_dir) -> list[tuple[int, Path, bool]]:
 
 
 def latest_complete_checkpoint(output_dir) -> Path | None:
-    complete = [path for _, path, done in checkpoints(output_dir) if done]
+    complete = [path for _, path, done in _checkpoints(output_dir) if done]
     return complete[-1] if complete else None
 
 
-def file_sha256(path: Path) -> str:
+def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -86,10 +92,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_record(folder: Path) -> dict:
+def _checkpoint_record(folder: Path) -> dict:
     """Relative path -> size and SHA-256 of every file of a checkpoint (the marker excepted), recorded in its
     marker so that `checkpoint_problem` finds a file truncated, replaced or removed since."""
-    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _file_sha256(p)}
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE_MARKER}
 
 
@@ -100,8 +106,6 @@ def checkpoint_problem(folder: Path) -> str | None:
     """Why the marked checkpoint `folder` cannot be resumed from (None if it can): its marker unreadable, a
     file it lists missing, of another size or hash, the trainer state or adapter unreadable; for markers of
     older versions (no file list), torch's zip files are checked for truncation."""
-    import zipfile
-
     try:
         marker = read_json_file(folder / COMPLETE_MARKER, COMPLETE_MARKER)
         files = marker.get("files")
@@ -111,7 +115,7 @@ def checkpoint_problem(folder: Path) -> str | None:
                 return f"{rel} is missing"
             if not isinstance(record, dict) or path.stat().st_size != record.get("size"):
                 return f"{rel} is {path.stat().st_size:,} bytes, {record.get('size')!r} were written"
-            if file_sha256(path) != record.get("sha256"):
+            if _file_sha256(path) != record.get("sha256"):
                 return f"{rel} differs from the file written (SHA-256)"
         for name in _REQUIRED:
             if not (folder / name).is_file():
@@ -134,10 +138,10 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-def resumable_checkpoint(output_dir) -> Path | None:
+def _resumable_checkpoint(output_dir) -> Path | None:
     """The newest marked checkpoint that is intact; each damaged one newer than it is reported and set aside
     as `checkpoint-N.damaged` (kept for inspection; its step will be saved again)."""
-    complete = [(step, path) for step, path, done in checkpoints(output_dir) if done]
+    complete = [(step, path) for step, path, done in _checkpoints(output_dir) if done]
     damaged = []
     for step, path in reversed(complete):
         problem = checkpoint_problem(path)
@@ -163,17 +167,17 @@ def _set_aside(folder: Path) -> Path:
     return target
 
 
-def remove_incomplete_checkpoints(output_dir) -> list[Path]:
+def _remove_incomplete_checkpoints(output_dir) -> list[Path]:
     """Remove the checkpoint folders a killed save left (qbara's saving marker, no completion marker); a
     `checkpoint-N` folder without qbara's marker is not qbara's and is left alone."""
-    removed = [path for _, path, done in checkpoints(output_dir) if not done and _saving_marked(path)]
+    removed = [path for _, path, done in _checkpoints(output_dir) if not done and _saving_marked(path)]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
 
 
 def _saving_marked(folder: Path) -> bool:
-    return (folder / SAVING_MARKER).is_file() and not (folder / SAVING_MARKER).is_symlink()
+    return (folder / _SAVING_MARKER).is_file() and not (folder / _SAVING_MARKER).is_symlink()
 
 
 def start_checkpoint(folder: Path) -> None:
@@ -184,7 +188,7 @@ def start_checkpoint(folder: Path) -> None:
             raise QbaraError(f"{folder} exists and was not written by qbara; the run would save its checkpoint "
                              f"there: move it out of {folder.parent} and resume")
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / SAVING_MARKER, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    fd = os.open(folder / _SAVING_MARKER, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     try:
         os.write(fd, str(os.getpid()).encode())
     finally:
@@ -201,7 +205,7 @@ def _trainer_class():
             save_adapter(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            load_adapter_weights(model or self.model, resume_from_checkpoint)
+            _load_adapter_weights(model or self.model, resume_from_checkpoint)
 
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
@@ -217,8 +221,8 @@ def _trainer_class():
             if self.args.should_save:
                 folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
                 write_json_atomic(folder / COMPLETE_MARKER, {"step": self.state.global_step,
-                                                             "files": checkpoint_record(folder)})
-                complete = [p for _, p, done in checkpoints(self.args.output_dir) if done]
+                                                             "files": _checkpoint_record(folder)})
+                complete = [p for _, p, done in _checkpoints(self.args.output_dir) if done]
                 for old in complete[: max(0, len(complete) - self.qbara_keep)]:
                     shutil.rmtree(old, ignore_errors=True)
 
@@ -230,7 +234,7 @@ _NOT_FINITE_FIX = ("training diverged or the model computes non-finite values (c
                    "is kept")
 
 
-def check_resume_base(model, checkpoint: Path) -> None:
+def _check_resume_base(model, checkpoint: Path) -> None:
     """Refuse to resume a checkpoint trained on another base model, another quantization of it, with another
     adapter or on prompts rendered with another chat template."""
     info = read_adapter_config(checkpoint)["qbara"]
@@ -251,8 +255,6 @@ def check_resume_base(model, checkpoint: Path) -> None:
 
 def _check_resume_quant(model, checkpoint: Path, records: dict) -> None:
     """Refuse a base quantized otherwise than the one the checkpoint was trained on (per layer)."""
-    from qbara.quant.config import QuantConfig
-
     def label(quant: dict | None) -> str:
         return QuantConfig.from_dict(quant).label if quant is not None else "not quantized"
 
@@ -268,7 +270,7 @@ def _check_resume_quant(model, checkpoint: Path, records: dict) -> None:
                              f"run's original quant settings, or train into a new train.output_dir")
 
 
-def check_finite_adapter(model) -> None:
+def _check_finite_adapter(model) -> None:
     """Refuse to save an adapter with a NaN or infinite weight."""
     for name, layer in adapter_layers(model).items():
         for pname, param in layer.adapter_parameters().items():
@@ -276,7 +278,7 @@ def check_finite_adapter(model) -> None:
                 raise QbaraError(f"the trained adapter's {name}.{pname} holds non-finite values; {_NOT_FINITE_FIX}")
 
 
-def load_adapter_weights(model, directory) -> None:
+def _load_adapter_weights(model, directory) -> None:
     """Copy the adapter tensors saved in `directory` into the model's existing adapter parameters."""
     copy_adapter_weights(adapter_layers(getattr(model, "module", model)), directory)
 
@@ -291,7 +293,7 @@ class TrainResult:
     folds: bool = False  # every adapter folds exactly into its quantized base (merge --into quantized)
 
 
-def _training_arguments(config: RunConfig, has_eval: bool, resume: bool = False):
+def training_arguments(config: RunConfig, has_eval: bool, resume: bool = False):
     """The HF TrainingArguments of the run; a run that evaluates also does so once before its first step (the
     step-0 point of the eval curve), except when it resumes from a checkpoint."""
     from transformers import TrainingArguments
@@ -357,7 +359,7 @@ def _quant_on_load(config: RunConfig):
     return config.quant_config() if config.adapter_config().init == "default" else None
 
 
-def check_context(config: RunConfig, model_config) -> None:
+def _check_context(config: RunConfig, model_config) -> None:
     """Refuse a data.max_length longer than the model's context (its config's max_position_embeddings)."""
     context = getattr(model_config, "max_position_embeddings", None)
     if context and config.data.max_length > context:
@@ -366,17 +368,13 @@ def check_context(config: RunConfig, model_config) -> None:
 
 
 def check_before_load(config: RunConfig):
-    """Every check of the run that needs no weights, before minutes of loading: the quant and adapter sections,
-    the starting adapter, the context, the quantization and adapters of every target layer (on the model built
-    from its config.json or GGUF metadata on the meta device: `qbara.train.plan`); returns the tokenizer
-    `load_model` will return, read from the model's tokenizer files, to build the data with."""
-    from qbara.train.plan import base_quant, meta_model, trainable_parameters
-
-    config.quant_config()
-    config.adapter_config()
+    """Every check of the run that needs no weights, before minutes of loading (its config's sections were checked
+    when it was read): the starting adapter, the context, the quantization and adapters of every target layer (on
+    the model built from its config.json or GGUF metadata on the meta device: `qbara.train.plan`); returns the
+    tokenizer `load_model` will return, read from the model's tokenizer files, to build the data with."""
     _quant_on_load(config)  # reads model.adapter's record
     model, model_config = meta_model(config)
-    check_context(config, model_config)
+    _check_context(config, model_config)
     trainable_parameters(config, model, base_quant(config, model)[0])  # block sizes, targets, pooling
     return load_model_tokenizer(config.model.name)
 
@@ -385,7 +383,7 @@ def prepare_for_training(config: RunConfig, model, tokenizer):
     """Quantize and attach adapters as the config says (seeded)."""
     from transformers import set_seed
 
-    check_context(config, model.config)
+    _check_context(config, model.config)
     set_seed(config.train.seed)
     if config.model.adapter:
         print(f"qbara: starting from the adapter in {config.model.adapter} (the adapter section is not used)")
@@ -400,8 +398,6 @@ def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     working folder, not a non-empty folder qbara did not write unless train.overwrite) and is locked for
     the run, so a second run on it fails at once.
     """
-    import contextlib
-
     output_dir = Path(config.train.output_dir)
     out = check_train_output(config)
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -419,7 +415,7 @@ def check_train_output(config: RunConfig) -> Path:
     without the manifest, or of a run interrupted before it wrote one) make it qbara's."""
     output_dir = Path(config.train.output_dir)
     inputs = [config.model.name, config.model.adapter, config.data.train, config.data.eval]
-    ours = any(done or _saving_marked(path) for _, path, done in checkpoints(output_dir))
+    ours = any(done or _saving_marked(path) for _, path, done in _checkpoints(output_dir))
     return check_output(output_dir, inputs, overwrite=config.train.overwrite or ours, option="train.output_dir")
 
 
@@ -440,7 +436,7 @@ def refuse_checkpoints(output_dir: Path) -> None:
 
 
 def _last_checkpoint_step(output_dir: Path) -> int | None:
-    complete = [step for step, _, done in checkpoints(output_dir) if done]
+    complete = [step for step, _, done in _checkpoints(output_dir) if done]
     return complete[-1] if complete else None
 
 
@@ -451,17 +447,17 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
 
     checkpoint = None
     if resume:
-        removed = remove_incomplete_checkpoints(output_dir)
+        removed = _remove_incomplete_checkpoints(output_dir)
         if removed:
             print(f"qbara: removed incomplete checkpoints {[p.name for p in removed]}")
-        checkpoint = resumable_checkpoint(output_dir)
+        checkpoint = _resumable_checkpoint(output_dir)
         print(f"qbara: resuming from {checkpoint}" if checkpoint else "qbara: no checkpoint to resume, starting anew")
     else:
         refuse_checkpoints(output_dir)
     # The data and every check that needs no weights come first: a bad record costs no model load.
     loaded = model is None
     train_set, eval_set = load_datasets(config, check_before_load(config) if loaded else tokenizer)
-    args = _training_arguments(config, eval_set is not None, resume=checkpoint is not None)
+    args = training_arguments(config, eval_set is not None, resume=checkpoint is not None)
     if loaded:
         model, tokenizer = load_model(config.model.name, dtype=None if config.model.dtype == "auto" else
                                       config.model.dtype, quant=_quant_on_load(config), progress=config.train.progress)
@@ -469,7 +465,7 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
     state_of(model).chat_template = train_set.chat_template  # recorded in every adapter folder saved
     model.config.use_cache = False
     if checkpoint is not None:
-        check_resume_base(model, checkpoint)
+        _check_resume_base(model, checkpoint)
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                data_collator=PadCollator(tokenizer.pad_token_id))
     trainer.qbara_keep = max(1, config.train.save_total_limit)
@@ -494,7 +490,7 @@ def _train_or_finish(trainer, model, checkpoint: Path | None) -> None:
     """Train (from `checkpoint` if given); a checkpoint at the run's last step is loaded instead."""
     if checkpoint is not None and _reached_the_end(trainer, checkpoint):
         print(f"qbara: {checkpoint.name} is at the run's last step; writing the final outputs from it")
-        load_adapter_weights(model, checkpoint)
+        _load_adapter_weights(model, checkpoint)
         trainer.state = type(trainer.state).load_from_json(str(checkpoint / "trainer_state.json"))
         return
     try:
@@ -505,14 +501,12 @@ def _train_or_finish(trainer, model, checkpoint: Path | None) -> None:
                          f"{checkpoint} to resume from an earlier checkpoint") from None
 
 
-def run_steps(trainer) -> int:
+def _run_steps(trainer) -> int:
     """The number of optimizer steps the trainer's run takes (train.steps, or its epochs' worth), as HF's
     Trainer counts them."""
     args = trainer.args
     if args.max_steps > 0:
         return args.max_steps
-    from qbara.train.plan import epoch_steps
-
     return epoch_steps(len(trainer.get_train_dataloader()), args.gradient_accumulation_steps, args.num_train_epochs)
 
 
@@ -520,7 +514,7 @@ def _reached_the_end(trainer, checkpoint: Path) -> bool:
     """Whether the checkpoint is at the run's last step (then nothing is left to train); a checkpoint past it
     is refused."""
     step = read_json_file(checkpoint / "trainer_state.json", "trainer_state.json")["global_step"]
-    last = run_steps(trainer)
+    last = _run_steps(trainer)
     if step > last:
         raise QbaraError(f"{checkpoint} is at step {step}, past this run's {last} steps; resume with "
                          f"train.steps >= {step}, or train into a new train.output_dir")
@@ -533,7 +527,7 @@ def _write_final_outputs(config: RunConfig, model, tokenizer, output_dir: Path, 
     and its plot, then the manifest; nothing if the adapter is not finite."""
     if lock is None:  # only the main rank (RANK 0), which holds the output's lock, writes them
         raise RuntimeError(f"the final outputs of {output_dir} are written by the process holding its lock")
-    check_finite_adapter(model)
+    _check_finite_adapter(model)
     if state_of(model).lq is not None and not config.model.adapter:
         # LoftQ / LQ init: the adapter fits the decomposition's Q, which is saved next to it.
         base_name = str(save_quantized(model, tokenizer, output_dir / "base", base_only=True))
@@ -544,11 +538,11 @@ def _write_final_outputs(config: RunConfig, model, tokenizer, output_dir: Path, 
         save_adapter(model, tmp, base_model_name=base_name)
     write_json_atomic(output_dir / "run_config.json", config.to_dict())
     write_json_atomic(output_dir / "log_history.json", history)
-    plot_loss_curve(history, output_dir / "loss_curve.png", title=run_title(model, config.model.name))
+    _plot_loss_curve(history, output_dir / "loss_curve.png", title=_run_title(model, config.model.name))
     mark_folder(output_dir, "train", foreign)
 
 
-def run_title(model, model_name: str) -> str:
+def _run_title(model, model_name: str) -> str:
     """What a reader of the loss plot needs: method and rank, base model, quant, e.g. 'qahira r4 on tiny-llama
     (int4-g32)'; the quant is read from the adapted layers (several formats for LQ-LoRA)."""
     adapter = state_of(model).adapter_config
@@ -559,7 +553,7 @@ def run_title(model, model_name: str) -> str:
     return f"{method} on {Path(str(model_name)).name} ({quant})"
 
 
-def plot_loss_curve(history: list, path, title: str | None = None) -> Path | None:
+def _plot_loss_curve(history: list, path, title: str | None = None) -> Path | None:
     """Training (and eval) loss against step, as a PNG, under `title` (see `run_title`); the eval curve starts
     with the step-0 evaluation when the run made one."""
     train_points = [(h["step"], h["loss"]) for h in history if "loss" in h]
