@@ -13,7 +13,7 @@ import torch
 from qbara.errors import QbaraError
 from qbara.prompt_formats import instruction_messages
 from qbara.templates import ChatTemplate
-from qbara.train.data import _check_messages, check_text, detect_format, optional_text, read_records
+from qbara.train.data import check_messages, check_text, detect_format, optional_text, read_records
 from qbara.validate import read_text_file
 
 
@@ -86,7 +86,7 @@ def _record_prompt(record, fmt: str, system: str | None) -> Prompt:
         return Prompt(messages=messages, label=messages[-1]["content"])
     if fmt == "chat":
         messages = record.get("messages")
-        _check_messages(messages)
+        check_messages(messages)
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         if not users:
             raise ValueError("has no user message to answer")

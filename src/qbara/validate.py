@@ -104,10 +104,10 @@ def read_json_file(path, what: str = "JSON file", *, fix: str = "the file is dam
     return value
 
 
-def short_repr(value) -> str:
-    """repr(value), cut to 40 characters for an error message."""
+def short_repr(value, limit: int = 40) -> str:
+    """repr(value), cut to `limit` characters for an error message."""
     text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ---------------------------------------------------------------- YAML

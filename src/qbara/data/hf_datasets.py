@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from qbara.errors import QbaraError
-from qbara.validate import parse_json, read_json_file, read_text_file, regular_file
+from qbara.validate import parse_json, read_json_file, read_text_file, regular_file, short_repr
 
 _PREFIX = "dataset:"
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
@@ -153,7 +153,7 @@ def _check_saved(folder: Path) -> None:
         splits = meta.get("splits")
         if not isinstance(splits, list) or not splits or not all(_plain_name(s) for s in splits):
             raise QbaraError(f"{folder / 'dataset_dict.json'}: 'splits' must be a list of split names, got "
-                             f"{_short(splits)}; {_REWRITE}")
+                             f"{short_repr(splits, 60)}; {_REWRITE}")
         for split in splits:
             if not is_saved_dataset(folder / split):
                 raise QbaraError(f"{folder / split}: split {split!r} of the saved DatasetDict is missing or not a "
@@ -167,7 +167,7 @@ def _check_saved(folder: Path) -> None:
     names = [f.get("filename") if isinstance(f, dict) else None for f in files] if isinstance(files, list) else []
     if not names or not all(_plain_name(name) for name in names):
         raise QbaraError(f"{folder / 'state.json'}: '_data_files' must list the dataset's .arrow files by name, "
-                         f"got {_short(files)}; {_REWRITE}")
+                         f"got {short_repr(files, 60)}; {_REWRITE}")
     for name in names:
         regular_file(folder / name, "dataset data file")
 
@@ -179,11 +179,6 @@ def _plain_name(name) -> bool:
     """A file or folder name inside its folder: no path separators, not '.' or '..', not absurdly long."""
     return (isinstance(name, str) and 0 < len(name) <= 255 and "/" not in name and "\\" not in name
             and name not in (".", ".."))
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_json_data(path: Path) -> None:
@@ -199,5 +194,5 @@ def _check_json_data(path: Path) -> None:
         if line.strip():
             value = parse_json(line, f"{path}: line {number}")
             if not isinstance(value, dict):
-                raise QbaraError(f"{path}: line {number} is {type(value).__name__} {_short(value)}, not a JSON "
+                raise QbaraError(f"{path}: line {number} is {type(value).__name__} {short_repr(value, 60)}, not a JSON "
                                  f"object; each line of a JSONL file is one record {{...}}")

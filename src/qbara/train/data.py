@@ -160,7 +160,7 @@ def optional_text(record: dict, name: str) -> str:
     return "" if value is None else check_text(value, f"field {name!r}")
 
 
-def _check_messages(messages) -> None:
+def check_messages(messages) -> None:
     """Refuse, before any rendering, a conversation the template could not take: a list of {role, content}
     whose role is a non-empty string and whose content is text."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
@@ -174,7 +174,7 @@ def _check_messages(messages) -> None:
 
 def _chat_example(record: dict, tokenizer, max_length: int, template: ChatTemplate) -> Example:
     messages = record.get("messages")
-    _check_messages(messages)
+    check_messages(messages)
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("has no assistant message to learn")
     return _rendered_example(messages, tokenizer, max_length, template)
