@@ -11,6 +11,8 @@ import struct
 from pathlib import Path
 
 import yaml
+from gguf import GGUFReader
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from qbara.errors import QbaraError
 
@@ -500,8 +502,6 @@ class _GGUFCursor:
 
 
 def _gguf_tensor_bytes(type_id: int, n_elements: int, name: str, cursor: _GGUFCursor) -> int:
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     try:
         block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
     except (ValueError, KeyError):
@@ -588,8 +588,6 @@ def _scan_gguf_metadata(cursor: _GGUFCursor, n_kv: int) -> int:
 
 def gguf_reader(path):
     """gguf-py's reader of `path` after `check_gguf_header`; a file gguf-py still cannot read is a QbaraError."""
-    from gguf import GGUFReader
-
     check_gguf_header(path)
     try:
         return GGUFReader(str(path))

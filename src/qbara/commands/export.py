@@ -11,6 +11,8 @@ from pathlib import Path
 from qbara.adapters.attach import adapter_layers
 from qbara.commands.eval import add_quant_option, load_for_eval
 from qbara.errors import QbaraError
+from qbara.export import hf
+from qbara.export.gguf import is_plain_lora, write_gguf, write_gguf_lora
 from qbara.outputs import output_file, output_folder
 
 __all__ = ["add_parser"]
@@ -25,17 +27,11 @@ def _adapter_path(out) -> str:
 def _separate_lora(model, allow_requantize: bool) -> bool:
     """Write the adapters as their own LoRA GGUF: every adapter is plain LoRA (which never folds into the
     quantized base), and the user did not ask for a re-quantized merge (--allow-requantize)."""
-    # lazy: qbara.export imports gguf
-    from qbara.export.gguf import is_plain_lora
-
     layers = adapter_layers(model).values()
     return not allow_requantize and bool(layers) and all(is_plain_lora(layer) for layer in layers)
 
 
 def _run_gguf(args, inputs):
-    # lazy: qbara.export imports gguf
-    from qbara.export.gguf import write_gguf, write_gguf_lora
-
     if not str(args.out).endswith(".gguf"):
         raise QbaraError(f"--out {args.out!r}: a GGUF export is a file ending in .gguf")
     lora_out = args.adapter_out or _adapter_path(args.out)
@@ -64,12 +60,9 @@ def _command(args):
     inputs = [args.model, args.adapter]
     if args.format == "gguf":
         return _run_gguf(args, inputs)
-    # lazy: qbara.export imports gguf
-    from qbara.export.hf import write_hf
-
     with output_folder(args.out, inputs, overwrite=args.overwrite, command="export") as tmp:
         model, tokenizer = load_for_eval(args.model, args.adapter, getattr(args, "quant", None))
-        write_hf(model, tokenizer, tmp, dtype=args.dtype)
+        hf.write_hf(model, tokenizer, tmp, dtype=args.dtype)
     print(f"dense HF model ({args.dtype}) written to {args.out}; adapters merged densely (exact in {args.dtype} "
           f"up to its rounding)")
     return args.out

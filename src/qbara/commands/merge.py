@@ -5,6 +5,7 @@ from pathlib import Path
 
 from qbara.adapters.merging import merge
 from qbara.commands.eval import add_quant_option, load_for_eval
+from qbara.export import hf
 from qbara.native import write_quantized
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.outputs import output_folder
@@ -19,10 +20,7 @@ def _command(args) -> Path:
         if args.into == "quantized":
             write_quantized(model, tokenizer, tmp)
         else:
-            # lazy: qbara.export imports gguf (and tests patch hf.write_hf)
-            from qbara.export.hf import write_hf
-
-            write_hf(model, tokenizer, tmp)
+            hf.write_hf(model, tokenizer, tmp)
     quantized = sum(isinstance(m, QuantizedLinear) for m in model.modules())
     print(f"merged ({args.into}) model written to {args.out} ({quantized} quantized linear layers)")
     return Path(args.out)

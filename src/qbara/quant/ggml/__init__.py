@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from gguf import GGMLQuantizationType
 from torch import Tensor
 
 from qbara.errors import QbaraError
@@ -49,8 +50,6 @@ class GGMLFormat:
     @property
     def ggml_type(self):
         """gguf.GGMLQuantizationType of the format (for GGUFWriter.add_tensor(raw_dtype=...))."""
-        from gguf import GGMLQuantizationType
-
         return GGMLQuantizationType(self.type_id)
 
     def row_bytes(self, d_in: int) -> int:
