@@ -1,8 +1,6 @@
-"""LQ-LoRA, the algorithms over matrices: low-rank plus quantized decomposition, candidate configs, error tables,
-ILP bit allocation, the diagonal Fisher information for the data-aware variant, and the importance matrix that
-weights gguf:* rounding. From Guo, Greengard, Xing, Kim, "LQ-LoRA: Low-rank Plus Quantized Matrix Decomposition for
-Efficient Language Model Finetuning" (arXiv 2311.12023). A model (or a checkpoint folder) is initialised through
-`qbara.prepare(model, LQConfig(...), AdapterConfig(...))`, whose pipeline is `qbara.models.lq`."""
+"""LQ-LoRA over matrices: decomposition, candidate configs, error tables, ILP allocation, Fisher and importance
+weights. Guo et al., "LQ-LoRA: Low-rank Plus Quantized Matrix Decomposition for Efficient Language Model
+Finetuning" (arXiv 2311.12023). The model-level pipeline is `qbara.models.lq`."""
 from qbara.lq.config import LQConfig
 from qbara.lq.configs import candidate_configs, gguf_configs
 from qbara.lq.decompose import decompose

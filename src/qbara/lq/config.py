@@ -1,16 +1,5 @@
-"""`LQConfig`: how `qbara.prepare(model, LQConfig(...), AdapterConfig(...))` initialises LoRA from a
-low-rank plus quantized decomposition W ≈ Q + L1 L2 (LQ-LoRA; LoftQ is its one-format case).
-
-    prepare(model, LQConfig(budget=2.75), AdapterConfig(rank=64))                   # LQ-LoRA, ILP allocation
-    prepare(model, LQConfig(budget=2.75, fisher="fisher/"), AdapterConfig(rank=64))  # data-aware LQ-LoRA
-    prepare(model, LQConfig(configs=QuantConfig("nf4")), AdapterConfig(rank=64))     # LQ-LoRA on one format
-    prepare(model, LQConfig(budget=5.2, configs=gguf_configs(), fisher=f, importance="fisher",
-                            file_budget=True), AdapterConfig(rank=4))         # llama.cpp formats, weighted rounding
-    prepare(model, LQConfig(configs=QuantConfig("nf4"), method="loftq"), AdapterConfig(rank=64))  # LoftQ
-
-The adapter's shape (rank, alpha, dropout, target_modules) is the AdapterConfig's alone; the LQConfig says
-how its factors and the quantized base are computed.
-"""
+"""`LQConfig`: how `qbara.prepare(model, LQConfig(...), AdapterConfig(...))` computes the quantized base Q and the
+LoRA factors of W ≈ Q + L1 L2 (LQ-LoRA; LoftQ is its one-format case). Examples: docs/methods.md."""
 from __future__ import annotations
 
 import dataclasses
@@ -37,32 +26,23 @@ _DEFAULT_LOFTQ_ITERS = 1
 
 @dataclass(frozen=True, eq=False)
 class LQConfig:
-    """LQ-LoRA / LoftQ initialisation settings, for `qbara.prepare(model, LQConfig(...), AdapterConfig(...))`.
+    """LQ-LoRA / LoftQ settings; the adapter's shape (rank, alpha, target_modules) is the AdapterConfig's.
 
-    budget: bits per parameter of the quantized matrices (of the whole file with `file_budget`): LQ-LoRA's
-        ILP picks one of the candidate `configs` per matrix from an error table. None: the configs are fixed.
-    configs: with a budget, the candidate QuantConfigs (default: LQ-LoRA's 432 NF ones, `qbara.lq.candidate_configs`);
-        without one, a single QuantConfig for every layer (the one-format case) or a mapping layer name ->
-        QuantConfig (an allocation made elsewhere).
-    method: "lq" (LQ-LoRA's decomposition: SVD-first and quantize-first runs, the best of their at most
-        `max_iters` iterates each, `qbara.lq.decompose`) or "loftq"
-        (LoftQ: quantize first, `loftq_iters` alternations, the last kept; fixed configs, no Fisher).
-    fisher: name -> Fisher matrix, or a file / folder written by `qbara.lq.save_fisher` (read one matrix at a
-        time): data-aware LQ-LoRA, weighting the table's costs and the decompositions.
-    max_iters: LQ-LoRA's decomposition iterations per matrix (early stop at the first that does not improve).
-    loftq_iters: LoftQ's alternations.
-    table_iters: most decomposition iterations per alternation of a new error table (default: the table mode's, 8).
-    table: a precomputed `ErrorTable` of the same matrices at the adapter's rank (or the path it was saved to).
-    seed: seeds every matrix's random test matrices (matrix i: seed * 1_000_003 + i).
-    workers: matrices decomposed at once (threads; default torch.get_num_threads()).
-    factor_format: store the factors the adapters start from in this format (`qbara.lq.factors.FACTOR_CONFIG`,
-        NF8 at 8.127 bits, as the paper counts them; default fp32) and record the bits of Q plus factors.
-    file_budget: `budget` counts the whole file: True (`FileBudget.of_model` defaults: Q8_0 embedding, F32 norms,
-        no adapter) or a `qbara.lq.filesize.FileBudget`.
-    importance: the rounding importance of gguf:* formats, weighting each block's scale search as llama-quantize's
-        importance matrix does (in the table's costs, the decompositions and the plainly quantized layers): name ->
-        tensor (`qbara.lq.importance_matrix`'s per-column mean square activations, or per-weight tensors), a file
-        written by `qbara.lq.save_importance`, or "fisher" (the `fisher` given, per weight). Needs gguf:* configs.
+    budget: bits per parameter of the quantized matrices (of the whole file with `file_budget`); the ILP picks one
+        of the candidate `configs` per matrix. None: the configs are fixed.
+    configs: with a budget, the candidates (default: the 432 NF ones); without, one QuantConfig for every layer or
+        a mapping layer name -> QuantConfig.
+    method: "lq" (best iterate of SVD-first and quantize-first runs) or "loftq" (quantize first, `loftq_iters`
+        alternations, the last kept; fixed configs, no Fisher).
+    fisher: name -> Fisher matrix, or a path written by `save_fisher`: weights the costs and decompositions.
+    max_iters, table_iters: decomposition iterations per matrix (stopping at the first that does not improve) and per
+        error-table entry (default 8). workers: matrices decomposed at once (default torch.get_num_threads()).
+    table: a precomputed `ErrorTable` at the adapter's rank, or its path.
+    seed: matrix i's random test matrices use seed * 1_000_003 + i.
+    factor_format: store the factors in this format (e.g. NF8) and count their bits; default fp32.
+    file_budget: `budget` counts the whole file: True (`FileBudget.of_model` defaults) or a `FileBudget`.
+    importance: gguf:* rounding weights (llama-quantize's imatrix): name -> tensor, a `save_importance` file, or
+        "fisher" (the `fisher` given). Needs gguf:* configs.
     """
 
     budget: float | None = None
@@ -80,8 +60,8 @@ class LQConfig:
     importance: Mapping | str | Path | None = None
 
     def __eq__(self, other):
-        """Field by field; an in-memory Fisher or error table is the same only if it is the same object (its
-        tensors have no truth value to compare)."""
+        """Field by field; an in-memory Fisher, table or importance compares by identity (tensors have no truth
+        value)."""
         if not isinstance(other, LQConfig):
             return NotImplemented
         by_identity = ("fisher", "table", "importance")
@@ -180,7 +160,7 @@ class LQConfig:
         return isinstance(self.configs, (QuantConfig, Mapping))
 
     def open_fisher(self) -> Mapping | None:
-        """The Fisher information: the mapping given, or the file / folder opened (read one matrix at a time)."""
+        """The Fisher mapping given, or the file / folder opened lazily."""
         if isinstance(self.fisher, (str, Path)):
             return open_fisher(self.fisher)
         return self.fisher
@@ -194,7 +174,7 @@ class LQConfig:
         return self.importance
 
     def open_table(self) -> ErrorTable | None:
-        """The precomputed error table, loaded (and checked against configs / table_iters) if a path was given."""
+        """The precomputed error table, loaded and checked if a path was given."""
         if isinstance(self.table, (str, Path)):
             table = ErrorTable.load(self.table)
             self.check_table(table)
@@ -202,9 +182,7 @@ class LQConfig:
         return self.table
 
     def adapter_config(self, adapter):
-        """The AdapterConfig the adapters are built with: `adapter` with init set to this method (and, for LoftQ,
-        loftq_iters to this config's). The AdapterConfig owns rank, alpha, dropout and target_modules; an init or
-        loftq_iters that contradicts this config is refused."""
+        """`adapter` with init (and, for LoftQ, loftq_iters) set from this config; a contradicting one is refused."""
         if adapter is None:
             raise QbaraError("LQ-LoRA / LoftQ start LoRA adapters from the factors: pass an AdapterConfig too, e.g. "
                              "prepare(model, LQConfig(...), AdapterConfig(rank=64))")
@@ -229,9 +207,7 @@ class LQConfig:
         return {"max_iters": self.max_iters, "loftq_iters": self.loftq_iters, "seed": self.seed}
 
     def to_dict(self) -> dict:
-        """The fields as JSON values (configs as QuantConfig dicts; fisher, table and importance as their paths). An
-        in-memory Fisher, error table or importance has no path to record: save it first (`save_fisher`,
-        `ErrorTable.save`, `save_importance`)."""
+        """The fields as JSON values; an in-memory Fisher, error table or importance is refused (save it first)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         configs = self.configs
         if isinstance(configs, QuantConfig):
