@@ -1,31 +1,14 @@
-"""LQ-LoRA matrix decomposition W ≈ Q + L1 L2, from Guo, Greengard, Xing, Kim, "LQ-LoRA: Low-rank Plus Quantized
-Matrix Decomposition for Efficient Language Model Finetuning" (arXiv 2311.12023).
+"""LQ-LoRA's matrix decomposition W ≈ Q + L1 L2 (Guo et al., "LQ-LoRA: Low-rank Plus Quantized Matrix
+Decomposition for Efficient Language Model Finetuning", arXiv 2311.12023), in fp32:
 
-Alternate a rank-r (randomized) SVD of the quantization residual with a quantization of the low-rank
-residual:
+    Q <- 0; repeat: L1 L2 <- SVD_r(W - Q); Q <- quantize(W - L1 L2); err <- ||W - Q - L1 L2||_F
+    until err stops decreasing; return the best iterate (L1 = U sqrt(S), L2 = sqrt(S) V^T)
 
-    Q <- 0
-    repeat (at most max_iters):
-        L1 L2 <- SVD_r(W - Q)            # L1 = U sqrt(S), L2 = sqrt(S) V^T
-        Q     <- quantize(W - L1 L2)
-        err   <- ||W - Q - L1 L2||_F     # sqrt(F)-weighted with a Fisher matrix
-    until err stops decreasing
-
-and return the *best* iterate (not the last one, which is worse whenever the loop stopped on an
-increase). Everything runs in fp32.
-
-That is the "svd" start, the paper's algorithm. `decompose` also runs the "quantize" start, the same loop begun
-with L1 L2 = 0 (so its first iterate is Q = quantize(W), then SVD_r(W - Q), ...), and keeps the better
-of the two runs by the same (weighted) error: on a checkpoint whose weights already lie on a config's
-grid (a dequantized GGUF file, say) Q = quantize(W) is exact, an iterate the svd start never reaches.
-starts=("svd",) is the paper's loop alone, bit for bit.
-
-With a diagonal Fisher matrix F (same shape as W) the SVD is the row/column-weighted one of the
-LQ-LoRA paper: D_row = diag(sqrt(mean_j F_ij)), D_col = diag(sqrt(mean_i F_ij)),
-SVD_r(D_row X D_col) = L~1 L~2, L1 = D_row^-1 L~1, L2 = L~2 D_col^-1. For separable weights
-(F_ij = a_i b_j) this is the exact minimiser of ||sqrt(F) * (X - L1 L2)||_F over rank-r products.
-The quantization step stays unweighted; the error (stopping rule, best iterate) is the weighted one.
-"""
+That is the "svd" start (starts=("svd",): the paper's loop alone); `decompose` also runs a "quantize" start
+(L1 L2 = 0 first, so Q = quantize(W), exact on weights already on a config's grid) and keeps the better. With a
+diagonal Fisher F the SVD is row/column weighted: D_row = diag(sqrt(mean_j F_ij)), D_col = diag(sqrt(mean_i F_ij)),
+SVD_r(D_row X D_col) = L~1 L~2, L1 = D_row^-1 L~1, L2 = L~2 D_col^-1; the quantization stays unweighted, the
+error is ||sqrt(F) * E||_F."""
 from __future__ import annotations
 
 import math
@@ -52,15 +35,10 @@ __all__ = [
 
 @dataclass
 class Decomposition:
-    """The best iterate of an LQ decomposition W ≈ dequant(qtensor) + L1 @ L2.
+    """The best iterate W ≈ dequant(qtensor) + L1 @ L2.
 
-    errors: the error after every iteration of the run that holds the returned iterate (Frobenius,
-    Fisher-weighted if a Fisher matrix was given); best_iter indexes the smallest one, which is the
-    iterate held here. With several starts (`decompose`'s `starts`) that run is the winning start's:
-    `start` names it ("svd" or "quantize"; None where not recorded, e.g. LoftQ) and `start_errors` holds
-    every start's history (the losers' too), so errors == start_errors[start] and
-    error == min over all of them.
-    """
+    errors: the (Fisher-weighted) error history of the winning start's run, best_iter its smallest; `start` names
+    that run (None where not recorded) and `start_errors` holds every start's history."""
 
     qtensor: QuantizedTensor
     L1: Tensor
@@ -81,7 +59,7 @@ class Decomposition:
 
     @property
     def iterations(self) -> int:
-        """How many iterations the winning start's run took (see `start_errors` for the others)."""
+        """Iterations of the winning start's run."""
         return len(self.errors)
 
     def reconstruct(self) -> Tensor:
@@ -123,13 +101,9 @@ def randomized_svd(X: Tensor, rank: int, oversample: int = 10, power_iters: int 
                    generator: torch.Generator | None = None,
                    init: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Rank-`rank` truncated SVD of X (m x n) by randomized range finding (Halko, Martinsson, Tropp, "Finding
-    structure with randomness", arXiv 0909.4061).
-
-    A Gaussian test matrix of rank + oversample columns (drawn from `generator`), `power_iters`
-    subspace (power) iterations with a QR after every product, then the SVD of the small projected
-    matrix. `init` (n x k) replaces the Gaussian test matrix (warm start from a previous subspace).
-    When rank + oversample reaches min(m, n) the exact SVD is used. Returns (U (m x r), S (r,), Vh (r x n)).
-    """
+    structure with randomness", arXiv 0909.4061): rank + oversample Gaussian columns (or `init`, n x k, to warm
+    start), `power_iters` QR'd power iterations; the exact SVD when rank + oversample reaches min(m, n).
+    Returns (U (m x r), S (r,), Vh (r x n))."""
     m, n = X.shape
     if rank == 0:
         return X.new_zeros(m, 0), X.new_zeros(0), X.new_zeros(0, n)
@@ -146,11 +120,8 @@ def randomized_svd(X: Tensor, rank: int, oversample: int = 10, power_iters: int 
 
 
 def fisher_scalings(fisher: Tensor) -> tuple[Tensor, Tensor]:
-    """(d_row, d_col): sqrt of the row means and of the column means of a non-negative Fisher matrix.
-
-    Entries are floored at 1e-6 of their maximum so the scaling can be undone; an all-zero Fisher
-    matrix gives unit scalings (every reconstruction is then equally good).
-    """
+    """(d_row, d_col): sqrt of a Fisher matrix's row and column means, floored at 1e-6 of their maximum so the
+    scaling can be undone; an all-zero Fisher gives unit scalings."""
     f = fisher.float()
     d_row = f.mean(dim=1).clamp_min(0).sqrt()
     d_col = f.mean(dim=0).clamp_min(0).sqrt()
@@ -164,11 +135,8 @@ def fisher_scalings(fisher: Tensor) -> tuple[Tensor, Tensor]:
 def low_rank_factors(X: Tensor, rank: int, scalings: tuple[Tensor, Tensor] | None = None,
                      oversample: int = 10, power_iters: int = 2, generator: torch.Generator | None = None,
                      init: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """L1 (m x r), L2 (r x n) with L1 @ L2 ≈ X; weighted SVD when `scalings` = (d_row, d_col) is given.
-
-    Also returns the right subspace found (n x k, in the scaled space), usable as `init` next time,
-    or None when the exact SVD was used.
-    """
+    """L1 (m x r), L2 (r x n) with L1 @ L2 ≈ X, weighted by `scalings` = (d_row, d_col) if given, and the right
+    subspace found (n x k, scaled space; None after an exact SVD) to pass as `init` next time."""
     m, n = X.shape
     if rank == 0:
         return X.new_zeros(m, 0), X.new_zeros(0, n), None
@@ -237,8 +205,7 @@ class _LoopResult:
 
 
 def _start_generator(generator: torch.Generator | None, start: str) -> torch.Generator | None:
-    """The generator a start draws its test matrices from: the given one for "svd", a fresh one seeded from
-    its initial seed for "quantize"."""
+    """The "svd" start draws from `generator`; "quantize" from its own, seeded from `generator`'s initial seed."""
     if start == "svd" or generator is None:
         return generator
     seed = (generator.initial_seed() + _QUANTIZE_START_SALT) % (1 << 64)
@@ -251,23 +218,12 @@ def _alternate(W: Tensor, quantize_step: Callable[[Tensor], tuple[Tensor, Any]],
                first_factors: tuple[Tensor, Tensor] | None = None,
                first_basis: Tensor | None = None, starts=STARTS,
                cold_power_iters: int | None = None, patience: int = 1) -> _LoopResult:
-    """Run the LQ alternation from each of `starts` and return the best iterate of them all;
-    `quantize_step(R)` returns (dequantized R, anything to keep).
+    """Run the LQ alternation from each of `starts`; the run holding the smallest error wins (the earlier on a tie),
+    and error 0 ends the search. `quantize_step(R)` returns (dequantized R, anything to keep).
 
-    Starts ("svd": Q = 0 first; "quantize": L1 L2 = 0 first): each is its own run with its own early stop; the
-    run holding the smallest error wins (the earlier start on a tie), and a run reaching error 0 ends the
-    search. The result's `errors`/`best_iter` are the winning run's; `start_errors` has every run's history.
-
-    Each run stops at the first iterate that does not improve on the previous one by more than a relative
-    `tol` (0: at the first increase or tie) and keeps its best iterate; with `patience` p > 1 it stops only
-    after p iterates in a row fail to improve on the best one (randomized SVDs make the error history noisy:
-    a single bump need not be the end of the descent). `first_factors` are the rank-r
-    factors of W itself, the svd start's first SVD (the same for every quantization config, so callers
-    sweeping configs compute it once, with `first_basis` its subspace); `warm_start` seeds each SVD with
-    the previous subspace. An SVD with no subspace to start from (the first of each run unless given) uses
-    `cold_power_iters` power iterations (default `power_iters`). The svd start draws from `generator`, the
-    quantize start from its own generator seeded from `generator`'s initial seed (`_start_generator`).
-    """
+    A run stops once `patience` iterates in a row fail to improve on the best by a relative `tol` (randomized SVDs
+    make the history noisy). `first_factors` / `first_basis`: the svd start's first SVD of W, shared by callers that
+    sweep configs. `warm_start` seeds each SVD with the previous subspace; a cold one uses `cold_power_iters`."""
     scalings = fisher_scalings(fisher) if fisher is not None else None
     sqrt_f = fisher.clamp_min(0).sqrt() if fisher is not None else None
     cold = power_iters if cold_power_iters is None else cold_power_iters
@@ -351,20 +307,12 @@ def check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name) -> No
 def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: int = 100,
               fisher: Tensor | None = None, oversample: int = 10, seed: int = 0, *, power_iters: int = 2,
               tol: float = 0.0, starts=STARTS, name: str = "weight", importance: Tensor | None = None) -> Decomposition:
-    """Decompose W ≈ dequant(Q) + L1 @ L2 with Q quantized by `quant_config` and L1 @ L2 of rank `rank`.
+    """W ≈ dequant(Q) + L1 @ L2, Q quantized by `quant_config`, L1 @ L2 of rank `rank` (0: plain quantization).
 
-    Alternates a randomized rank-r SVD (oversampling `oversample`, `power_iters` power iterations,
-    Gaussian test matrices from a generator seeded with `seed`) of W - Q and a quantization of
-    W - L1 L2, for at most `max_iters` iterations, stopping at the first one that does not improve
-    (by more than a relative `tol`); returns the best iterate. `fisher` (W's shape, non-negative)
-    weights the SVD by its row/column means and the error by sqrt(F). rank=0 is plain quantization.
-
-    `starts`: the alternation runs from each and the best iterate of all is kept: "svd" (Q = 0 first:
-    LQ-LoRA's loop) and "quantize" (L1 L2 = 0 first, so Q = quantize(W): it finds Q ≈ W on weights already on
-    the config's grid, e.g. a dequantized GGUF checkpoint); the quantize start is skipped when the svd one
-    reaches error 0. It can hold (near-)zero factors, which give LoRA adapters no gradient. `importance`: the
-    rounding importance of a gguf:* config (see `qbara.quant.quantize`); other formats take none.
-    """
+    At most `max_iters` alternations per start, stopping at the first that does not improve by a relative `tol`;
+    the best iterate of all `starts` is returned. `fisher` (W's shape, non-negative) weights the SVD and error;
+    `importance` is a gguf:* config's rounding importance. The result can hold (near-)zero factors, which give
+    LoRA adapters no gradient."""
     check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name)
     importance = rounding_importance_of(quant_config, importance, tuple(W.shape), name)
     starts = check_starts(starts, name)
@@ -385,12 +333,8 @@ def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: i
 
 def quantize_step(config: QuantConfig, name: str = "weight",
                   importance: Tensor | None = None) -> Callable[[Tensor], tuple[Tensor, Any]]:
-    """R -> (dequant(quantize(R, config)), None) in fp32: the quantization half of an alternation.
-
-    NF configs skip the packing (bit-identical values, 4-8x faster); dq_style="bnb" ones (codes rounded against
-    the exact absmax, scales stored otherwise) go through `quantize`. `importance` (gguf:* configs; ignored by
-    the others, which round to nearest): the rounding importance `quantize` takes.
-    """
+    """R -> (dequant(quantize(R, config)), None) in fp32, the quantization half of an alternation. NF configs
+    with dq_style "qbara" skip the packing (bit-identical values); `importance` reaches gguf:* configs only."""
     if not config.family.nf_levels or config.dq_style != "qbara":
         importance = importance if config.family.takes_importance else None
 
@@ -403,8 +347,7 @@ def quantize_step(config: QuantConfig, name: str = "weight",
 
 def rounding_importance_of(config: QuantConfig, importance: Tensor | None, shape: tuple[int, int],
                            name: str = "weight") -> Tensor | None:
-    """`importance` checked against a `shape` weight (see `qbara.quant.ggml.check_importance`) when `config` is a
-    gguf:* format, None for the formats that round to nearest (they take no importance)."""
+    """`importance` checked against `shape` for a gguf:* `config`; None for formats that round to nearest."""
     if importance is None or not config.family.takes_importance:
         return None
     return check_importance(importance, shape, name)
