@@ -1,12 +1,5 @@
-"""LQ-LoRA's storage of the low-rank factors: L1, L2 quantized to NF8 (block 64, double quant
-8-bit / fp32 / 256 = 8.127 bits per value), and the bits per parameter of Q plus the factors.
-
-The LQ-LoRA paper (arXiv 2311.12023) counts its bits per parameter this way; the factor share is
-8.127 · r · (d_out + d_in) / (d_out · d_in) per matrix.
-
-    factors, factor_bits = quantize_factors(factors)             # name -> (L1, L2), NF8-rounded
-    account = bits_account(model.qbara.lq, factor_bits)          # total bits/param, Q + factors
-"""
+"""LQ-LoRA's storage of the low-rank factors: L1, L2 in NF8 (block 64, double quant 8-bit / fp32 / 256 = 8.127
+bits per value), and the bits per parameter of Q plus the factors, counted as the paper (arXiv 2311.12023) does."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -26,12 +19,8 @@ FACTOR_CONFIG = QuantConfig("nf8", block_size=64, double_quant=True, dq_bits=8, 
 
 
 def quantize_factor(factor: Tensor, config: QuantConfig = FACTOR_CONFIG) -> tuple[Tensor, int]:
-    """(dequantized factor in its shape and dtype, storage bits) of one factor quantized with `config`.
-
-    Blocks run over the flattened factor (row-major, zero-padded to whole blocks), so any shape and
-    rank fit; the bits are those of the buffers actually stored (codes, scale codes, group maxima,
-    offset), padding included.
-    """
+    """(dequantized factor in its shape and dtype, storage bits) of one factor quantized with `config`. Blocks
+    run over the flattened factor, zero-padded; the bits are those of the stored buffers, padding included."""
     if not isinstance(factor, Tensor) or not factor.is_floating_point():
         raise QbaraError(f"quantize_factor needs a floating tensor, got {getattr(factor, 'dtype', type(factor))}")
     if not config.family.nf_levels:
@@ -48,9 +37,8 @@ def quantize_factor(factor: Tensor, config: QuantConfig = FACTOR_CONFIG) -> tupl
 
 def quantize_factors(factors: Mapping[str, tuple[Tensor, Tensor]], config: QuantConfig = FACTOR_CONFIG
                      ) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
-    """Every (L1, L2) quantized with `config` (default NF8, 8.127 bits): (name -> dequantized (L1, L2), total
-    storage bits of all the factors). Blocks run within one rank component (along the columns of L1, the
-    rows of L2), whose magnitude √σ_k is shared, not across components of different magnitudes."""
+    """Every (L1, L2) quantized with `config`: (name -> dequantized (L1, L2), total storage bits). Blocks run
+    within one rank component (columns of L1, rows of L2), whose magnitude √σ_k they share."""
     out, bits = {}, 0
     for name, (L1, L2) in factors.items():
         q1, b1 = quantize_factor(L1.T, config)  # blocks along d_out within one rank component
@@ -87,9 +75,8 @@ class BitsAccount:
 
 
 def bits_account(layers, factor_bits: float) -> BitsAccount:
-    """The BitsAccount of `layers` (an `LQReport` such as `model.qbara.lq`, or name -> (QuantConfig, numel))
-    with `factor_bits` bits of factors (from `quantize_factors`). Q is counted by the config formula
-    b + b0/B0 + b1/(B0·B1), as `LQReport.bits_per_param` does."""
+    """The BitsAccount of `layers` (an `LQReport` or name -> (QuantConfig, numel)) with `factor_bits` of factors;
+    Q counts by the config formula, as `LQReport.bits_per_param` does."""
     items = getattr(layers, "layers", layers)
     pairs = [(layer.config, layer.numel) if hasattr(layer, "config") else tuple(layer) for layer in items.values()]
     params = sum(int(numel) for _, numel in pairs)
@@ -101,8 +88,8 @@ def bits_account(layers, factor_bits: float) -> BitsAccount:
 
 def store_factors(report, factors: Mapping[str, tuple[Tensor, Tensor]], config: QuantConfig = FACTOR_CONFIG
                   ) -> dict[str, tuple[Tensor, Tensor]]:
-    """The factors as stored in `config` (NF8 by default), to start the adapters from, with the bits of Q plus
-    the factors recorded in `report.settings` (an `LQReport`: `factor_format`, `total_bits_per_param`, ...)."""
+    """The factors as stored in `config`, to start the adapters from; records the bits of Q plus factors in
+    `report.settings`."""
     rounded, bits = quantize_factors(factors, config)
     account = bits_account(report, bits)
     report.settings.update(factor_format=config.label, factor_bits_per_param=account.factor_bits_per_param,

@@ -1,18 +1,10 @@
-"""File-size budgets for LQ-LoRA's allocation: what a GGUF file stores besides the allocated matrices.
-
-The ILP's plain budget is bits/param over the decomposed matrices. A file budget counts the whole file:
+"""File-size budgets for LQ-LoRA's allocation: what a GGUF file stores besides the allocated matrices,
 
     Σ_i bits(config_i) · numel_i + fixed_bits <= budget · total_params
 
-where fixed_bits holds the token embedding (in `embedding_format`, Q8_0 by default as `export_gguf` writes
-it), an untied output head (tied: counted once, with the embedding), every other parameter (norms,
-biases: F32), optionally the low-rank factors exported as a GGUF adapter (F16 or F32) and metadata bytes,
-and total_params is the model's parameter count (tied weights once; the adapter's factors are extra bits,
-not parameters). GGUF's per-tensor alignment padding (< 32 bytes a tensor) is not counted.
-
-    fb = FileBudget.of_model(model)                  # Q8_0 embedding, F32 norms, no adapter
-    allocation = table.allocate(4.5, file_budget=fb)
-"""
+fixed_bits: token embedding (Q8_0 by default, as `export_gguf` writes it), an untied output head, every other
+parameter (F32), optionally the factors as a GGUF adapter and metadata; tied weights count once, the adapter's
+factors are bits, not parameters; GGUF alignment padding is not counted."""
 from __future__ import annotations
 
 import math
@@ -32,8 +24,8 @@ _ADAPTER_FORMATS = ("f32", "f16")  # what export_gguf_lora writes (its dtype=)
 
 
 def tensor_bits(fmt: str, shape: tuple[int, ...], what: str = "tensor") -> float:
-    """Bits a GGUF file spends on a tensor of `shape` stored as `fmt`: f32/f16/bf16 or a GGML block
-    format (q8_0, q6_k, ... with or without the "gguf:" prefix), whose row length it must divide."""
+    """Bits a GGUF file spends on a `shape` tensor stored as `fmt` (f32/f16/bf16 or a GGML block format, with or
+    without "gguf:"; its block must divide the row length)."""
     name = str(fmt).lower().removeprefix("gguf:")
     shape = tuple(int(d) for d in shape) or (1,)
     numel = math.prod(shape)
@@ -79,15 +71,10 @@ class FileBudget:
     def of_model(cls, model: nn.Module, targets="all-linear", *, embedding_format: str = "q8_0",
                  output_format: str | None = None, other_format: str = "f32", adapter_format: str | None = None,
                  rank: int | None = None, metadata_bytes: int = 0) -> "FileBudget":
-        """The file budget of a (dense, or meta-device) model whose `targets` linears the ILP allocates.
+        """The file budget of a (dense or meta-device) model whose `targets` linears the ILP allocates.
 
-        embedding_format: token_embd's GGUF type (default q8_0, as `export_gguf`); output_format: an untied
-        output head's (default: the embedding's; a tied head is counted once, with the embedding);
-        other_format: every other parameter (norms, biases, linears left out of `targets`; default f32);
-        adapter_format: "f32" or "f16" (what export_gguf_lora writes, its dtype=) to count the rank-`rank` factors
-        (rank·(d_in + d_out) values per target) exported as a GGUF adapter (default: not counted);
-        metadata_bytes: header, tokenizer, ...
-        """
+        output_format: an untied head's (default: the embedding's). other_format: norms, biases, linears outside
+        `targets`. adapter_format: "f32" or "f16" counts rank-`rank` factors exported by `export_gguf_lora`."""
         names = linear_layer_names(model, targets, include_quantized=False)
         matrices = {id(model.get_submodule(n).weight): n for n in names}
         embed = _weight(model, "get_input_embeddings")
