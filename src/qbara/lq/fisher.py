@@ -1,9 +1,6 @@
-"""Diagonal empirical Fisher information of the target linear weights (data-aware LQ-LoRA, arXiv 2311.12023).
-
-F = Σ_n (∂ℓ_n/∂W)², elementwise, over calibration sequences n, with ℓ_n the loss of sequence n alone
-(per-example gradients: one backward pass per sequence, batch size 1). For a causal LM ℓ_n is the
-mean next-token cross-entropy of the sequence (what `model(input_ids, labels=input_ids).loss` gives).
-"""
+"""Diagonal empirical Fisher information of the target linear weights (data-aware LQ-LoRA, arXiv 2311.12023):
+F = Σ_n (∂ℓ_n/∂W)² elementwise over calibration sequences n, ℓ_n the mean next-token cross-entropy of sequence n
+alone (one backward pass per sequence)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -49,19 +46,10 @@ def fisher_information(model: nn.Module, sequences: Tensor | Sequence, names: Se
                        folder=None, max_bytes: int | None = None):
     """Diagonal empirical Fisher of each target linear's weight: name -> (d_out, d_in) fp32 tensor.
 
-    sequences: (n, length) token ids, or a list of 1-D tensors (lengths may differ); each is one
-    example. names: layer names (default: every linear but the output embedding, as
-    `qbara.targets.linear_layer_names`). loss_fn(model, example) -> scalar loss (default
-    `_causal_lm_loss`). Runs in eval mode (no dropout); the model's requires_grad flags, gradients
-    and train/eval mode are restored afterwards.
-
-    Each sequence's weight gradient is formed from the layer's input and output gradient (Gᵀ X, what
-    autograd computes for an nn.Linear's weight), so no weight needs a gradient: the layers may be
-    nn.Linear, a bf16-stored linear computing in fp32, or qbara's QuantizedLinear. With `folder`, the
-    Fisher is written there as shards of at most `max_bytes` (default 1 GiB) of fp32 matrices, computed
-    one shard per pass over the sequences (the memory held is one shard's), and returned read lazily
-    (`open_fisher`); without, all matrices are returned in memory.
-    """
+    sequences: (n, length) token ids or a list of 1-D tensors, one example each. names: default every linear but
+    the output embedding. Runs in eval mode and restores requires_grad, gradients and mode. The weight gradient is
+    formed from hooks (Gᵀ X), so nn.Linear and QuantizedLinear both work. With `folder`, writes shards of at most
+    `max_bytes` (default 1 GiB), one pass over the sequences per shard, and returns them read lazily."""
     seqs = _sequences(sequences)
     layers = target_linears(model, names)
     loss_fn = loss_fn or _causal_lm_loss
@@ -79,7 +67,7 @@ def fisher_information(model: nn.Module, sequences: Tensor | Sequence, names: Se
 
 def target_linears(model: nn.Module, names, statistic: str = "the Fisher information") -> dict[str, nn.Module]:
     """Name -> module of the linears a calibration statistic is computed for (default: every linear but the
-    output embedding), refusing a name that is not a linear layer."""
+    output embedding); a name that is not a linear is refused."""
     if names is None:
         names = linear_layer_names(model, "all-linear")
     layers = {}
@@ -110,7 +98,7 @@ def _groups(layers: dict[str, nn.Module], max_bytes: int) -> list[dict[str, nn.M
 
 
 def _accumulate(model, layers, seqs, loss_fn, progress, tqdm, desc="Fisher") -> dict[str, Tensor]:
-    """Σ over sequences of (per-sequence weight gradient)² for `layers`, through hooks (see fisher_information)."""
+    """Σ over sequences of (per-sequence weight gradient)² for `layers`, through hooks."""
     device = next(model.parameters()).device
     fisher = {n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=device)
               for n, m in layers.items()}
@@ -181,15 +169,14 @@ def save_fisher(fisher: Mapping[str, Tensor], path, metadata: Mapping[str, str] 
 
 
 def load_fisher(path) -> dict[str, Tensor]:
-    """Read a file written by `save_fisher` (or a folder of them, as `fisher_information(folder=...)` writes)."""
+    """Read a file written by `save_fisher`, or a folder of them, into memory."""
     lazy = open_fisher(path)
     return {k: lazy[k] for k in lazy}
 
 
 def open_fisher(path):
-    """A Fisher file written by `save_fisher`, or a folder of them, as a lazily read mapping
-    (`qbara.lazy_tensors.LazyTensors`): each matrix is read when looked up, so LQ-LoRA at size holds one
-    per worker."""
+    """A Fisher file or folder of shards as a `LazyTensors` mapping: each matrix is read when looked up, so
+    LQ-LoRA at size holds one per worker."""
     path = Path(path)
     files = sorted(path.glob("fisher-*.safetensors")) if path.is_dir() else [path]
     if not files:

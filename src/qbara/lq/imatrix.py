@@ -1,6 +1,5 @@
 """Importance matrix of the target linears: each input column's mean square activation over calibration tokens
-(llama-imatrix's statistic, the diagonal of XᵀX / tokens), the rounding importance of gguf:* formats
-(`qbara.quantize_model(..., importance=)`, `LQConfig(importance=...)`)."""
+(llama-imatrix's statistic, diag(XᵀX) / tokens), the rounding importance of gguf:* formats."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -23,8 +22,7 @@ _IMATRIX_FORMAT = "qbara-imatrix"
 def importance_matrix(model: nn.Module, sequences: Tensor | Sequence, names: Sequence[str] | None = None, *,
                       progress: bool = True) -> dict[str, Tensor]:
     """Name -> (d_in,) fp32 mean of x² per input column of each target linear over every token of `sequences`
-    ((n, length) token ids or a list of 1-D tensors; forward passes only, in eval mode, one sequence at a time).
-    names: layer names (default: every linear but the output embedding). Memory: one d_in vector per layer."""
+    (forward passes only, eval mode). names: default every linear but the output embedding."""
     seqs = _sequences(sequences)
     layers = target_linears(model, names, "an importance matrix")
     sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in layers.items()}

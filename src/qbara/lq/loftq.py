@@ -1,16 +1,7 @@
 """LoftQ initialisation (Li et al., "LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models",
-arXiv 2310.08659), the baseline LQ-LoRA is compared with.
-
-Starting from zero factors, alternate T times (T = `iters`, LoftQ's default 1):
-
-    Q     <- quantize(W - L1 L2)
-    L1 L2 <- SVD_r(W - Q)
-
-and keep the *last* iterate, as LoftQ does. With T = 1 this is Q = quantize(W) plus the rank-r
-SVD of its quantization error. (LQ-LoRA's `decompose` starts from the SVD side and returns the best
-iterate instead.) The SVD is exact by default, as in LoftQ: the quantization error LoftQ factors has
-a flat spectrum, where a randomized SVD misses much of the top subspace. Everything runs in fp32.
-"""
+arXiv 2310.08659), LQ-LoRA's baseline: from zero factors, alternate `iters` times Q <- quantize(W - L1 L2),
+L1 L2 <- SVD_r(W - Q), and keep the last iterate. The SVD is exact by default, as in LoftQ: the quantization
+error it factors has a flat spectrum, where a randomized SVD misses much of the top subspace."""
 from __future__ import annotations
 
 import torch
@@ -33,13 +24,8 @@ from qbara.quant.tensor import quantize
 def loftq(W: Tensor, quant_config: QuantConfig, rank: int = 64, iters: int = 1, *, exact_svd: bool = True,
           oversample: int = 10, power_iters: int = 2, seed: int = 0, name: str = "weight",
           importance: Tensor | None = None) -> Decomposition:
-    """LoftQ's W ≈ dequant(Q) + L1 @ L2 after `iters` alternations (quantize first, then SVD).
-
-    `errors` holds ||W - Q - L1 L2||_F after every alternation; the held (last) iterate is
-    `best_iter` = iters - 1, whether or not an earlier one was better. exact_svd=False uses the
-    randomized SVD (`oversample`, `power_iters`) instead, faster on large matrices. `importance`: the rounding
-    importance of a gguf:* config (see `decompose`).
-    """
+    """LoftQ's W ≈ dequant(Q) + L1 @ L2 after `iters` alternations; `best_iter` is the last, whether or not an
+    earlier one erred less. exact_svd=False uses the randomized SVD."""
     if not isinstance(iters, int) or iters < 1:
         raise QbaraError(f"{name}: LoftQ needs iters >= 1 alternations, got {iters!r}")
     check_decompose_inputs(W, quant_config, rank, iters, None, name)

@@ -1,9 +1,6 @@
-"""Per-matrix work spread over threads and, under torch.distributed, over processes.
-
-An interrupt (Ctrl-C) in the main thread stops the workers at once: the matrices not started are cancelled and
-each running one ends at its next `check_cancelled` (once per decomposition iteration or candidate config), so
-no worker thread outlives the call (a torch thread still running at interpreter exit aborts the process).
-"""
+"""Per-matrix work spread over threads and, under torch.distributed, over processes. Ctrl-C cancels the matrices
+not started and stops running ones at their next `check_cancelled`, so no worker thread outlives the call (a
+torch thread still running at interpreter exit aborts the process)."""
 from __future__ import annotations
 
 import threading
@@ -67,8 +64,7 @@ _worker = threading.local()  # the cancel event of the run a worker thread works
 
 
 def check_cancelled() -> None:
-    """In a worker of `run_per_matrix`: raise Cancelled once the run was interrupted (elsewhere: nothing). Long
-    per-matrix work calls it between its steps."""
+    """In a `run_per_matrix` worker: raise Cancelled once the run was interrupted; elsewhere nothing."""
     event = getattr(_worker, "cancel", None)
     if event is not None and event.is_set():
         raise Cancelled
@@ -76,9 +72,8 @@ def check_cancelled() -> None:
 
 def run_per_matrix(indices: Sequence[int], work: Callable[[int], None], sizes: Sequence[int],
                    workers: int | None = None, progress: bool = True, desc: str = "matrices") -> None:
-    """Call work(i) for every index, biggest `sizes[i]` first, on `workers` threads (one torch thread
-    each; default torch.get_num_threads()), with a progress bar. `work` must be thread-safe. The heap its
-    temporaries freed is handed back to the OS after each call (`release_freed_memory`)."""
+    """Call work(i) for every index, biggest `sizes[i]` first, on `workers` threads of one torch thread each
+    (default torch.get_num_threads()). `work` must be thread-safe; freed heap goes back to the OS after each call."""
     workers = max(1, int(workers if workers is not None else torch.get_num_threads()))
     workers = min(workers, max(1, len(indices)))
     order = sorted(indices, key=lambda i: -sizes[i])  # big first: the pool does not end on a straggler
