@@ -1,23 +1,12 @@
 """LQ-LoRA's bit allocation (arXiv 2311.12023) as a 0/1 integer linear program, solved with HiGHS
-(`scipy.optimize.milp`).
+(`scipy.optimize.milp`):
 
-    minimise    Σ_i Σ_c C[i,c] x[i,c]
-    subject to  Σ_i Σ_c numel_i · bits[c] · x[i,c] <= budget · Σ_i numel_i
-                Σ_c x[i,c] = 1 for every matrix i,   x binary.
+    minimise Σ_i Σ_c C[i,c] x[i,c]  s.t.  Σ_i Σ_c numel_i · bits[c] · x[i,c] <= budget · Σ_i numel_i,
+    Σ_c x[i,c] = 1 for every matrix i, x binary.
 
-Before HiGHS sees it the problem is reduced, exactly (no reduction can change the optimum):
-- configs a matrix cannot use (non-finite cost) are left out;
-- reduced-cost fixing: a Lagrangian relaxation of the budget row gives a lower bound LB and a greedy
-  (Lagrangian solution, repaired and improved) a feasible allocation of cost UB; a (matrix, config)
-  pair whose reduced cost exceeds UB - LB cannot be in an optimal allocation;
-- configs dominated for a matrix (another has no more bits and no more error) are dropped.
-
-File-size budgets: with `fixed_bits` F (what the file stores besides the allocated matrices: embedding,
-norms, adapter factors, ...) and `total_params` T (every parameter of the model), the budget row reads
-Σ numel_i · bits · x + F <= budget · T, i.e. a budget of (budget · T - F) / Σ numel_i bits/param over
-the matrices: the same problem, so the same solver (`matrix_budget`). Defaults (F = 0, T = Σ numel_i)
-give the matrices-only budget above.
-"""
+Exact reductions first: unusable configs (non-finite cost), reduced-cost fixing against a Lagrangian bound and a
+greedy incumbent, and dominated configs. A file budget (fixed_bits F, total_params T) is the same problem at
+(budget · T - F) / Σ numel_i bits/param over the matrices (`matrix_budget`)."""
 from __future__ import annotations
 
 import contextlib
@@ -86,8 +75,7 @@ def _check_file_terms(numels: np.ndarray, fixed_bits, total_params) -> tuple[flo
 
 
 def matrix_budget(budget: float, numels, fixed_bits: float = 0.0, total_params: float | None = None) -> float:
-    """The bits/param over the allocated matrices that a file budget leaves them: (budget·T - F) / Σ numel_i
-    (`budget` itself when F = 0 and T = Σ numel_i)."""
+    """The bits/param a file budget leaves the allocated matrices: (budget·T - F) / Σ numel_i."""
     numels = np.asarray(_numpy(numels), dtype=np.float64).reshape(-1)
     fixed, total = _check_file_terms(numels, fixed_bits, total_params)
     if fixed == 0 and total_params is None:
@@ -102,12 +90,8 @@ def _file_budget(matrix_bits: float, numels: np.ndarray, fixed: float, total: fl
 
 def budget_range(costs, bits, numels, *, fixed_bits: float = 0.0, total_params: float | None = None
                  ) -> tuple[float, float]:
-    """(smallest feasible budget, largest useful budget) in bits per parameter.
-
-    The smallest puts every matrix on its cheapest usable config; above the largest (every matrix on
-    its lowest-error config, the cheapest of ties) a bigger budget changes nothing. With `fixed_bits` /
-    `total_params` both are file budgets: (matrix bits + fixed_bits) / total_params.
-    """
+    """(smallest feasible, largest useful) budget in bits per parameter: every matrix at its cheapest usable
+    config, and at its lowest-error one. With `fixed_bits` / `total_params` both are file budgets."""
     costs, bits, numels = _as_arrays(costs, bits, numels)
     fixed, total_all = _check_file_terms(numels, fixed_bits, total_params)
     low, high = _matrix_range(costs, bits, numels)
@@ -214,14 +198,11 @@ def _repair(costs: np.ndarray, weights: np.ndarray, budget: float, choice: np.nd
 
 def _reduced_cost_keep(costs: np.ndarray, weights: np.ndarray, budget: float
                        ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Mask of the (matrix, config) pairs that can belong to an optimal allocation (exact pruning), and
-    the feasible allocation found on the way (None if none was).
+    """Mask of the (matrix, config) pairs that can belong to an optimal allocation, and the feasible allocation
+    found on the way (None if none was).
 
-    Lagrangian relaxation of the budget row: for lam >= 0, LB(lam) = Σ_i min_c (C + lam w) - lam budget
-    bounds every feasible allocation from below, and an allocation using config c for matrix i costs
-    at least LB + r_ic with the reduced cost r_ic = (C + lam w)_ic - min_c' (C + lam w)_ic'. With UB the
-    cost of a feasible allocation, pairs with r_ic > UB - LB cannot be optimal and are dropped.
-    """
+    With LB(lam) = Σ_i min_c (C + lam w) - lam budget and UB a feasible allocation's cost, a pair whose reduced
+    cost r_ic = (C + lam w)_ic - min_c' (C + lam w)_ic' exceeds UB - LB cannot be optimal."""
     rows = np.arange(costs.shape[0])
 
     def weight_of(lam):
@@ -264,14 +245,11 @@ def _reduced_cost_keep(costs: np.ndarray, weights: np.ndarray, budget: float
 
 def allocate(costs, bits, numels, budget_bits_per_param: float, *, fixed_bits: float = 0.0,
              total_params: float | None = None, prune: bool = True, time_limit: float | None = None) -> list[int]:
-    """Pick one config per matrix minimising the total cost within the bit budget; returns the indices.
+    """One config index per matrix minimising the total cost within the budget.
 
-    costs (n x m): cost of config c for matrix i (+inf: unusable); bits (m,) or (n x m): bits per
-    parameter; numels (n,): parameters per matrix; budget in bits per parameter over all n matrices, or,
-    with `fixed_bits` (bits stored besides these matrices) and `total_params` (parameters of the whole
-    model), over the whole file: Σ numel_i · bits + fixed_bits <= budget · total_params.
-    Raises QbaraError for an infeasible budget, naming the smallest feasible one.
-    """
+    costs (n x m), +inf where unusable; bits (m,) or (n x m) per parameter; numels (n,). The budget counts bits
+    per parameter over the matrices, or with `fixed_bits` and `total_params` the whole file. An infeasible budget
+    is refused, naming the smallest feasible one."""
     costs, bits, numels = _as_arrays(costs, bits, numels)
     try:
         budget = float(budget_bits_per_param)
