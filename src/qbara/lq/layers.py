@@ -1,7 +1,5 @@
-"""LQ-LoRA and LoftQ decompositions over many matrices (algorithms only): `decompose_layers` (name -> W ≈ Q + L1 L2,
-shared out over threads and torch.distributed ranks) and the report they leave on a model (`LQReport`,
-`model.qbara.lq`). The whole-model pipeline is `qbara.models.lq`.
-"""
+"""LQ-LoRA and LoftQ decompositions over many matrices: `decompose_layers` (threads and torch.distributed ranks)
+and the report left on a model (`LQReport`, `model.qbara.lq`). The whole-model pipeline is `qbara.models.lq`."""
 from __future__ import annotations
 
 import math
@@ -80,14 +78,9 @@ def decompose_layers(weights: Mapping[str, Tensor], configs: Mapping[str, QuantC
                      fisher: Mapping[str, Tensor] | None = None, seed: int = 0, workers: int | None = None,
                      progress: bool = True, importance: Mapping[str, Tensor] | None = None
                      ) -> dict[str, Decomposition]:
-    """name -> decomposition of weights[name] with configs[name]: LQ-LoRA's (`decompose`, best iterate)
-    or LoftQ's (`loftq`, `loftq_iters` alternations). `importance`: name -> rounding importance of the gguf:*
-    matrices (see `decompose`).
-
-    Matrices run on `workers` threads; under torch.distributed each rank decomposes a share and the
-    results are broadcast, so every rank returns all of them (the same as one process: each matrix is
-    seeded by its index).
-    """
+    """name -> LQ-LoRA (`decompose`) or LoftQ (`loftq`) decomposition of weights[name] with configs[name].
+    Under torch.distributed each rank decomposes a share and broadcasts it; every rank returns all, the same as
+    one process (each matrix is seeded by its index)."""
     if method not in LQ_METHODS:
         raise QbaraError(f"unknown decomposition {method!r}: choose one of {', '.join(LQ_METHODS)}")
     if method == "loftq" and fisher is not None:
