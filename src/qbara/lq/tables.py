@@ -1,28 +1,13 @@
-"""Error tables for LQ-LoRA's bit allocation: C[i,c] = squared decomposition error of matrix i under
-config c, S[i,c] = numel_i · bits(c) (as in LQ-LoRA, arXiv 2311.12023), and the allocation read off them.
+"""Error tables for LQ-LoRA's bit allocation (arXiv 2311.12023): C[i,c] = squared decomposition error of matrix i
+under config c, S[i,c] = numel_i · bits(c), and the allocation read off them.
 
-Running every (matrix, config) decomposition would take hours on a CPU; what is shared (exact unless stated):
-
-0. Every decomposition runs from both of `decompose`'s starts ("svd" and "quantize") and costs the better run.
-1. The first SVD of every svd-start run is SVD_r(W) (Q starts at 0): computed once per matrix.
-2. dq_mode="refine" (exact, opt-in, much slower): the candidates fall into families (b, B0, b0, B1) differing
-   only in the dtype of the stored scales' maxima. Each family runs its own alternation with double
-   quantization inside the loop, to convergence (`iters`, `patience`); at its best iterate every member's error
-   is computed exactly as `quantize` stores it, codes rounded against its double-dequantized scales
-   (`_dq_errors`).
-3. dq_mode="shared" (the default, a fast approximation): configs differing only in how the scales are stored
-   (b0, b1, B1) share one run with the exact fp32 absmax for `iters` iterations, stopping at the first bump;
-   each setting's error is then computed exactly at that iterate. The factors are never re-fitted to the
-   double-quant grid, so it overstates costs. dq_mode="loop" runs every config's own alternation.
-4. After the first SVD each randomized SVD is warm-started from the previous iteration's subspace with
-   `table_power_iters` power iterations (subspace iteration carried across the loop).
-5. NF rounding uses a table lookup bit-identical to `qbara.quant.nf.quantize_nf`.
-
-Matrices run in parallel on `workers` threads; under torch.distributed every rank computes a share and the
-table is all-reduced. Tables are cached in $QBARA_CACHE/lq (default ~/.cache/qbara/lq), keyed by a hash of the
-settings, the configs and the weights' (and Fisher's) contents, so another budget reruns only the ILP.
-Accuracy and timings of the modes: bench/results/lq_table_exactness.md.
-"""
+Shared work, since a decomposition per (matrix, config) would take hours: both of `decompose`'s starts, one
+SVD_r(W) per matrix, warm-started SVDs (`table_power_iters`). dq_mode="shared" (default, approximate, overstates
+costs): configs differing only in how the scales are stored share one alternation at the exact absmax; "refine"
+(exact, slow): one alternation per (b, B0, b0, B1) family with double quant in the loop, each member's error
+exact at its best iterate (`_dq_errors`); "loop": every config its own alternation. Tables are cached in
+$QBARA_CACHE/lq (default ~/.cache/qbara/lq), keyed by settings, configs and contents. Accuracy and timings:
+bench/results/lq_table_exactness.md."""
 from __future__ import annotations
 
 import hashlib
@@ -68,7 +53,7 @@ from qbara.validate import read_json_file
 
 __all__ = ["ErrorTable", "error_table", "matrix_costs", "converged_cost"]
 
-# bump when the computation changes, so old caches are not reused (3: svd + quantize starts; 4: dq_mode "refine")
+# bump when the computation changes, so old caches are not reused
 TABLE_VERSION = 4
 # elements per chunk in `_dq_errors` (~1 M): its work arrays stay ~70 MB whatever the matrix
 DQ_CHUNK_ELEMENTS = 1 << 20
@@ -88,8 +73,7 @@ def _lq_cache_dir() -> Path:
 
 @dataclass
 class Allocation:
-    """One config per matrix chosen for a bit budget (with `file`, a file budget: `budget` is then in file
-    bits/param, see `qbara.lq.filesize`)."""
+    """One config per matrix chosen for a bit budget; with `file`, `budget` is in file bits/param."""
 
     budget: float
     names: list[str]
@@ -156,8 +140,7 @@ class ErrorTable:
         return budget_range(self.costs, self.bits, self.numels, **self._file_terms(file_budget))
 
     def allocate(self, budget_bits_per_param: float, file_budget: FileBudget | None = None) -> Allocation:
-        """Solve the ILP for a budget: bits per parameter over these matrices, or with `file_budget`
-        (`qbara.lq.filesize.FileBudget` of the model) over the whole file."""
+        """Solve the ILP for bits per parameter over these matrices, or with `file_budget` over the whole file."""
         idx = ilp_allocate(self.costs, self.bits, self.numels, budget_bits_per_param,
                            **self._file_terms(file_budget))
         return self.allocation(idx, budget_bits_per_param, file_budget)
@@ -225,15 +208,10 @@ class ErrorTable:
 def _dq_errors(R: Tensor, absmax: Tensor, v: Tensor, bits: int, settings: list[tuple[int, str, int]],
                fisher: Tensor | None = None) -> dict[tuple[int, str, int], float]:
     """Squared (Fisher-weighted) error of NF-`bits` quantization of R (n_blocks x B0) for every double-quant
-    setting (b0, b1 dtype, B1), with codes rounded against that setting's stored scales ŝ as
-    `qbara.quant.quantize` does. `v` holds the levels rounded against the exact block absmax s.
+    setting (b0, b1, B1), codes rounded against that setting's stored scales ŝ; `v`: the levels at the exact absmax s.
 
-    With the codes of s, ||R - ŝv||² = Σ e² - 2δ Σ e·v + δ² Σ v² per block (e = R - s·v, δ = ŝ - s).
-    An element's nearest level differs under ŝ only if the ratio s/ŝ leaves an interval around 1
-    (`keep_ratios`); per (b0, B1) the elements whose interval does not hold the ratios of its settings
-    are gathered once and their errors recomputed for each setting
-    (every element's, where most move).
-    """
+    With the codes of s, ||R - ŝv||² = Σ e² - 2δ Σ e·v + δ² Σ v² per block (e = R - s·v, δ = ŝ - s); only elements
+    whose ratio s/ŝ leaves their `keep_ratios` interval change level, and only theirs are recomputed."""
     n_blocks, B0 = R.shape
     if not settings:
         return {}
@@ -312,10 +290,8 @@ def _table_mode(dq_mode: str, iters: int | None, patience: int | None) -> tuple[
 
 def _rounded_costs(costs: Tensor, configs: Sequence[QuantConfig], members: Sequence[int], residual: Tensor,
                    bits: int, B0: int, fisher: Tensor | None, payload=None) -> None:
-    """Lower costs[j] (j in `members`, NF-`bits` configs of block size B0) to the exact error of quantizing
-    `residual` (W - L1 L2 of some iterate) as config j stores it: codes rounded against its own stored scales
-    (`_dq_errors`). Every value is the error of a decomposition the config can hold, so the minimum over
-    iterates is one too. `payload`: (levels, absmax) of the exact-scale rounding of `residual`, if at hand."""
+    """Lower costs[j] (j in `members`, NF-`bits`, block B0) to the exact error of quantizing `residual` as config
+    j stores it (`_dq_errors`). `payload`: (levels, absmax) of the exact-scale rounding of `residual`, if at hand."""
     R = residual.reshape(-1, B0)
     v, absmax = payload if payload is not None else quantize_nf_values(R, bits, B0)[:2]
     v = v.reshape(-1, B0)
@@ -339,9 +315,8 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
                  fisher: Tensor | None = None, oversample: int = 10, power_iters: int = 2,
                  table_power_iters: int = 0, seed: int = 0, dq_mode: str = "shared", starts=STARTS,
                  name: str = "weight", importance: Tensor | None = None, patience: int | None = None) -> Tensor:
-    """Squared (Fisher-weighted) LQ decomposition error of W under every config (float64, +inf where a
-    config cannot hold W). dq_mode: "shared", "refine" or "loop" (module docstring); iters, patience: per-mode
-    defaults (_MODE_ITERS). `starts`, `importance`: as `decompose`'s."""
+    """Squared (Fisher-weighted) LQ decomposition error of W under every config (float64, +inf where a config
+    cannot hold W). iters, patience: per-mode defaults (_MODE_ITERS); `starts`, `importance`: as `decompose`'s."""
     dq_mode, iters, patience = _table_mode(dq_mode, iters, patience)
     starts = check_starts(starts, name)
     W = W.detach().to(torch.float32)
@@ -409,9 +384,7 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
 
 def converged_cost(W: Tensor, config: QuantConfig, rank: int = 64, fisher: Tensor | None = None, seed: int = 0,
                    max_iters: int = 100, **kwargs) -> float:
-    """The reference for a table entry: squared (Fisher-weighted) error of `config`'s own decomposition of W
-    run to convergence (LQ-LoRA's per-config procedure: `decompose`, SVD and quantization alternated until
-    the error stops improving, best iterate kept). kwargs: `decompose`'s (starts, oversample, ...)."""
+    """The reference for a table entry: squared error of `config`'s own `decompose` run to convergence."""
     return decompose(W, config, rank, max_iters, fisher, seed=seed, **kwargs).error ** 2
 
 
@@ -420,8 +393,7 @@ def converged_cost(W: Tensor, config: QuantConfig, rank: int = 64, fisher: Tenso
 
 
 def _targets(model_or_weights, targets) -> tuple[list[str], Mapping[str, Tensor], list[tuple[int, int]]]:
-    """(names, name -> weight, shapes) of the matrices to tabulate. A `LazyTensors` mapping stays lazy: each
-    weight is read when its row of the table is computed."""
+    """(names, name -> weight, shapes) of the matrices to tabulate; a `LazyTensors` stays lazy."""
     if isinstance(model_or_weights, nn.Module):
         model = model_or_weights
         names = linear_layer_names(model, targets, include_quantized=False)
@@ -464,19 +436,10 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
                 progress: bool = True, patience: int | None = None) -> ErrorTable:
     """The LQ-LoRA error table of a model's target linears (or of a name -> weight mapping).
 
-    configs: candidates (default: LQ-LoRA's 432, `candidate_configs`). rank: LoRA rank of the decomposition
-    (0: plain quantization). iters, patience: at most `iters` iterations per alternation, stopping after
-    `patience` iterates in a row without improvement (defaults per dq_mode: _MODE_ITERS).
-    fisher: name -> Fisher matrix (weight's shape) for data-aware costs. workers: matrices computed
-    at once (threads, one torch thread each; default torch.get_num_threads()). Cached on disk unless
-    cache=False (recompute=True ignores an existing entry and overwrites it). Under torch.distributed
-    the ranks share the matrices and all get the full table. dq_mode: "shared" (default, fast, overstates
-    costs), "refine" (exact, slow) or "loop" (every config its own alternation); see the module docstring.
-    starts: the alternation's starts, as `decompose`'s (default both: "svd" and "quantize"; part of the
-    cache key). importance: name -> rounding importance of the gguf:* configs (`qbara.lq.importance_matrix`'s
-    per-column vectors or per-weight tensors such as the Fisher), so each cost is that of the rounding
-    `quantize_model(..., importance=)` writes; part of the cache key.
-    """
+    configs: default the 432 NF candidates. rank 0: plain quantization. iters, patience, dq_mode: see the module
+    docstring and _MODE_ITERS. fisher / importance: name -> tensor, for data-aware costs / gguf:* rounding; both
+    enter the cache key. Cached on disk unless cache=False (recompute=True overwrites). Under torch.distributed the
+    ranks share the matrices and all get the full table."""
     dq_mode, iters, patience = _table_mode(dq_mode, iters, patience)
     starts = check_starts(starts, "error_table")
     configs = list(candidate_configs() if configs is None else configs)
