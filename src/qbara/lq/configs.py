@@ -1,11 +1,7 @@
-"""LQ-LoRA's candidate quantization configurations (the paper's ILP search space, arXiv 2311.12023) and
-Pareto pruning.
-
-432 NF configurations: b ∈ {2,3,4,8} code bits, B0 ∈ {16,32,64} block size, and double quantization
-of the absmax scales with b0 ∈ {2,3,4,8} bits in groups of B1 ∈ {16,64,256} scales whose maxima are
-stored in b1 ∈ {bf16, fp16, fp32}: bits(c) = b + b0/B0 + b1/(B0·B1), from 2.03 to 8.63 bits/param.
-`gguf_configs`: llama.cpp's GGML block formats (q2_k ... q8_0, iq4_nl, iq4_xs), the candidates for a GGUF file.
-"""
+"""LQ-LoRA's candidate quantization configs (the ILP's search space, arXiv 2311.12023) and Pareto pruning.
+432 NF configs: b ∈ {2,3,4,8} code bits, block B0 ∈ {16,32,64}, absmax scales double-quantized to b0 ∈ {2,3,4,8}
+bits in groups of B1 ∈ {16,64,256} with maxima in b1 ∈ {bf16, fp16, fp32}: bits = b + b0/B0 + b1/(B0·B1).
+`gguf_configs`: llama.cpp's GGML block formats, the candidates for a GGUF file."""
 from __future__ import annotations
 
 import itertools
@@ -28,23 +24,17 @@ _DQ_BLOCK_SIZES = (16, 64, 256)  # B1
 def candidate_configs(code_bits: Sequence[int] = _CODE_BITS, block_sizes: Sequence[int] = _BLOCK_SIZES,
                       dq_bits: Sequence[int] = _DQ_BITS, dq_dtypes: Sequence[str] = DQ_DTYPES,
                       dq_block_sizes: Sequence[int] = _DQ_BLOCK_SIZES) -> list[QuantConfig]:
-    """The LQ-LoRA candidate set (432 configs with the defaults), in a fixed order: b, B0, b0, b1, B1.
-
-    Configs sharing (b, B0) are contiguous: they differ only in how the absmax scales are stored.
-    """
+    """The LQ-LoRA candidates (432 with the defaults), ordered by b, B0, b0, b1, B1: configs sharing (b, B0)
+    are contiguous."""
     return [QuantConfig(f"nf{b}", block_size=B0, double_quant=True, dq_bits=b0, dq_dtype=b1, dq_block_size=B1)
             for b, B0, b0, b1, B1 in itertools.product(code_bits, block_sizes, dq_bits, dq_dtypes,
                                                         dq_block_sizes)]
 
 
 def gguf_configs(names: Sequence[str] | None = None) -> list[QuantConfig]:
-    """llama.cpp's GGML block formats as candidates (default: all twelve), by bits/param: q2_k 2.625, q3_k 3.4375,
-    iq4_xs 4.25, iq4_nl 4.5, q4_0 4.5, q4_k 4.5, q4_1 5, q5_0 5.5, q5_k 5.5, q5_1 6, q6_k 6.5625, q8_0 8.5.
-
-    All twelve are kept: the K-quants (blocks of 256) fit only rows whose length 256 divides, and which of two
-    formats of equal bits errs less differs per matrix; `lq.tables.matrix_costs` gives +inf where a shape cannot
-    take a format and the ILP drops dominated ones. names: a subset, e.g. ("q4_k", "q6_k"), with or without "gguf:".
-    """
+    """llama.cpp's GGML block formats (default all twelve, `names` a subset, "gguf:" optional), by bits/param.
+    All are kept: K-quants fit only rows that 256 divides, and which of two equal-bit formats errs less differs per
+    matrix; the ILP drops dominated ones."""
     chosen = list(GGML_FORMATS) if names is None else [str(n).lower().removeprefix("gguf:") for n in names]
     unknown = [n for n in chosen if n not in GGML_FORMATS]
     if unknown or not chosen:
@@ -60,18 +50,13 @@ def qlora_config(bits: int = 4) -> QuantConfig:
 
 
 def config_bits(configs: Sequence[QuantConfig]) -> list[float]:
-    """Bits per parameter of every config (formula, without the per-matrix offset)."""
+    """Bits per parameter of every config."""
     return [c.bits_per_param for c in configs]
 
 
 def pareto_front(bits: Sequence[float], errors: Sequence[float]) -> list[int]:
-    """Indices of the configs not dominated by another (fewer or equal bits and lower error), by bits.
-
-    A config is dropped when another has bits <= and error <= with at least one of them strictly
-    smaller, and of exact (bits, error) duplicates only the first is kept. Non-finite errors (a config
-    that cannot hold the matrix) are dropped. Along the result, bits increase and errors strictly
-    decrease. Pruning these never changes the optimum of the allocation problem.
-    """
+    """Indices of the configs no other dominates (bits <= and error <=, one strictly), ordered by bits; of exact
+    duplicates the first is kept, non-finite errors are dropped. Pruning them never changes the ILP's optimum."""
     if len(bits) != len(errors):
         raise ValueError(f"bits and errors differ in length ({len(bits)} vs {len(errors)})")
     order = sorted((i for i in range(len(bits)) if math.isfinite(float(errors[i]))),
