@@ -10,13 +10,9 @@ __all__ = ["model_fingerprint", "tensor_fingerprint", "combine_fingerprint"]
 
 
 def model_fingerprint(model) -> str:
-    """A short, stable hex digest identifying a base model: every weight it holds.
-
-    Hashes the architecture and every tensor of the state dict by name and shape: float weights rounded to
-    bfloat16 (so fp32 and bf16 loads agree), quantized layers' packed buffers byte for byte, adapter parameters
-    left out. One tensor at a time; the per-tensor digests are combined in name order, so a loader reading in
-    file order computes the same fingerprint as it goes (`combine_fingerprint`).
-    """
+    """A short, stable hex digest of a base model: its architecture and every base tensor by name and shape,
+    floats rounded to bf16 (fp32 and bf16 loads agree), packed buffers byte for byte, adapters left out. Digests
+    combine in name order, so a loader can compute it tensor by tensor (`combine_fingerprint`)."""
     return combine_fingerprint(model.config, {name: tensor_fingerprint(name, t) for name, t in _base_tensors(model)})
 
 
@@ -47,9 +43,8 @@ def combine_fingerprint(config, digests: dict[str, str]) -> str:
 
 
 def _base_tensors(model):
-    """(name, tensor) of every state-dict tensor of the base: adapter parameters left out and an adapted
-    layer's base named as the layer itself, so a model hashes the same before and after `prepare`'s
-    adapters are attached."""
+    """(name, tensor) of the base's state dict, adapter parameters left out and an adapted layer's base named as
+    the layer, so a model hashes the same before and after `prepare` attaches adapters."""
     adapted = {n: m for n, m in model.named_modules() if callable(getattr(m, "adapter_parameters", None))}
     skip = {f"{name}.{p}" for name, layer in adapted.items() for p in layer.adapter_parameters()}
     for key, tensor in model.state_dict().items():

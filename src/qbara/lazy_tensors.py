@@ -1,7 +1,6 @@
-"""Tensors produced on demand: a mapping whose values are read from memory-mapped safetensors files (or taken from
-a model's own weights) each time they are looked up and dropped by the caller, so code written for a dict of
-weights (LQ-LoRA's error tables and decompositions) runs over a checkpoint holding one matrix at a time, and over a
-model in memory alike."""
+"""A mapping whose tensors are read from memory-mapped safetensors files (or taken from a model's weights) on each
+lookup, so code written for a dict of weights (LQ-LoRA's tables and decompositions) runs over a checkpoint holding
+one matrix at a time."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
@@ -18,12 +17,8 @@ __all__ = ["LazyTensors", "tensor_shapes"]
 
 
 class LazyTensors(Mapping):
-    """name -> tensor, each produced by `read(name)` when looked up; `shapes` answers shape questions without
-    reading. Build it over safetensors files (`from_files`) or over tensors in memory (`from_tensors`).
-
-    Nothing is cached: every lookup of a file's tensor reads the file again (the page cache makes repeats cheap),
-    so the memory held is what the caller keeps.
-    """
+    """name -> tensor produced by `read(name)` on each lookup, uncached (the memory held is what the caller keeps);
+    `shapes` answers without reading."""
 
     def __init__(self, read: Callable[[str], torch.Tensor], shapes: Mapping[str, tuple[int, ...]]):
         self._read = read
@@ -32,8 +27,8 @@ class LazyTensors(Mapping):
     @classmethod
     def from_files(cls, files, names: Mapping[str, str] | None = None, dtype: torch.dtype | None = torch.float32
                    ) -> "LazyTensors":
-        """Over the tensors of safetensors `files`: all of them by key, or `names` (name -> key) only; each read
-        as `dtype` (None: the file's) and checked (float, finite, sane magnitude)."""
+        """Over the tensors of safetensors `files`, all by key or `names` (name -> key) only; each read as `dtype`
+        (None: the file's) and checked."""
         where = {key: Path(file) for file in files for key in _keys(Path(file))}
         names = dict(names) if names is not None else {key: key for key in where}
         missing = sorted(key for key in names.values() if key not in where)
@@ -45,8 +40,7 @@ class LazyTensors(Mapping):
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "LazyTensors":
-        """Over tensors in memory (a loaded model's weights, checked when it was loaded): each returned as it is,
-        nothing copied."""
+        """Over tensors in memory, each returned as it is, nothing copied."""
         tensors = dict(tensors)
         return cls(tensors.__getitem__, {name: tuple(t.shape) for name, t in tensors.items()})
 

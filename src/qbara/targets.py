@@ -16,12 +16,9 @@ ALL_LINEAR = "all-linear"
 
 def linear_layer_names(model: nn.Module, targets: str | Sequence[str] = ALL_LINEAR,
                        include_quantized: bool = True) -> list[str]:
-    """Names of the linear layers (nn.Linear, and QuantizedLinear unless `include_quantized` is False)
-    selected by `targets`, never the output embedding (lm_head).
-
-    targets: "all-linear"; a list of names matched against the full name or its last components
-    (PEFT style, e.g. ["q_proj", "v_proj"]); or a regular expression matched against the full name.
-    """
+    """Names of the linears (nn.Linear, and QuantizedLinear if `include_quantized`) that `targets` selects, never
+    the output embedding. targets: "all-linear"; names matched as the full name or its last components (PEFT
+    style); or a regular expression matched against the full name."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     kinds = (nn.Linear, QuantizedLinear) if include_quantized else (nn.Linear,)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds) and m is not output]
@@ -49,8 +46,8 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def layer_configs(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig],
                   modules=ALL_LINEAR) -> dict[str, QuantConfig]:
-    """Layer name -> config for the dense linears `quant` applies to, every shape checked (so a bad block
-    size fails before any layer is replaced)."""
+    """Layer name -> config for the dense linears `quant` applies to, every shape checked before any layer is
+    replaced."""
     if isinstance(quant, QuantConfig):
         names = linear_layer_names(model, modules, include_quantized=False)
         per_layer = {n: quant for n in names}
@@ -75,9 +72,8 @@ def layer_configs(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfi
 
 def rounding_importance(per_layer: Mapping[str, QuantConfig], importance: Mapping[str, Tensor] | None,
                         require_gguf: bool = True) -> Mapping[str, Tensor]:
-    """The importance of each gguf:* layer of `per_layer` (empty without one), refusing a mapping that lacks one
-    of them (the others round to nearest and take none) and, with `require_gguf`, an importance for layers none
-    of which is gguf:* (with LQ-LoRA the others may be: their importance is for the decomposed layers)."""
+    """The importance of each gguf:* layer of `per_layer` (empty without one); a mapping lacking one is refused,
+    and with `require_gguf` so is an importance for layers none of which is gguf:* (LQ-LoRA may mix formats)."""
     if importance is None:
         return {}
     if not isinstance(importance, Mapping):
