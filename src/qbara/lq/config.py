@@ -28,22 +28,18 @@ _DEFAULT_LOFTQ_ITERS = 1
 class LQConfig:
     """LQ-LoRA / LoftQ settings; the adapter's shape (rank, alpha, target_modules) is the AdapterConfig's.
 
-    budget: bits per parameter of the quantized matrices (of the whole file with `file_budget`); the ILP picks one
-        of the candidate `configs` per matrix. None: the configs are fixed.
-    configs: with a budget, the candidates (default: the 432 NF ones); without, one QuantConfig for every layer or
-        a mapping layer name -> QuantConfig.
-    method: "lq" (best iterate of SVD-first and quantize-first runs) or "loftq" (quantize first, `loftq_iters`
-        alternations, the last kept; fixed configs, no Fisher).
+    budget: bits per parameter of the quantized matrices (of the whole file with `file_budget`); the ILP picks one of
+        `configs` (default the 432 NF candidates) per matrix. None: configs is one QuantConfig or name -> QuantConfig.
+    method: "lq" (best iterate of SVD-first and quantize-first runs) or "loftq" (`loftq_iters` alternations from
+        quantize first, the last kept; fixed configs, no Fisher).
     fisher: name -> Fisher matrix, or a path written by `save_fisher`: weights the costs and decompositions.
     max_iters, table_iters: decomposition iterations per matrix (stopping at the first that does not improve) and per
         error-table entry (default 8). workers: matrices decomposed at once (default torch.get_num_threads()).
-    table: a precomputed `ErrorTable` at the adapter's rank, or its path.
-    seed: matrix i's random test matrices use seed * 1_000_003 + i.
+    table: a precomputed `ErrorTable` at the adapter's rank, or its path. seed: matrix i uses seed * 1_000_003 + i.
     factor_format: store the factors in this format (e.g. NF8) and count their bits; default fp32.
     file_budget: `budget` counts the whole file: True (`FileBudget.of_model` defaults) or a `FileBudget`.
     importance: gguf:* rounding weights (llama-quantize's imatrix): name -> tensor, a `save_importance` file, or
-        "fisher" (the `fisher` given). Needs gguf:* configs.
-    """
+        "fisher" (the `fisher` given)."""
 
     budget: float | None = None
     configs: QuantConfig | Sequence[QuantConfig] | Mapping[str, QuantConfig] | None = None

@@ -24,8 +24,7 @@ _DQ_BLOCK_SIZES = (16, 64, 256)  # B1
 def candidate_configs(code_bits: Sequence[int] = _CODE_BITS, block_sizes: Sequence[int] = _BLOCK_SIZES,
                       dq_bits: Sequence[int] = _DQ_BITS, dq_dtypes: Sequence[str] = DQ_DTYPES,
                       dq_block_sizes: Sequence[int] = _DQ_BLOCK_SIZES) -> list[QuantConfig]:
-    """The LQ-LoRA candidates (432 with the defaults), ordered by b, B0, b0, b1, B1: configs sharing (b, B0)
-    are contiguous."""
+    """The LQ-LoRA candidates (432 with the defaults), ordered by b, B0, b0, b1, B1."""
     return [QuantConfig(f"nf{b}", block_size=B0, double_quant=True, dq_bits=b0, dq_dtype=b1, dq_block_size=B1)
             for b, B0, b0, b1, B1 in itertools.product(code_bits, block_sizes, dq_bits, dq_dtypes,
                                                         dq_block_sizes)]
@@ -50,7 +49,6 @@ def qlora_config(bits: int = 4) -> QuantConfig:
 
 
 def config_bits(configs: Sequence[QuantConfig]) -> list[float]:
-    """Bits per parameter of every config."""
     return [c.bits_per_param for c in configs]
 
 

@@ -35,10 +35,8 @@ __all__ = [
 
 @dataclass
 class Decomposition:
-    """The best iterate W ≈ dequant(qtensor) + L1 @ L2.
-
-    errors: the (Fisher-weighted) error history of the winning start's run, best_iter its smallest; `start` names
-    that run (None where not recorded) and `start_errors` holds every start's history."""
+    """The best iterate W ≈ dequant(qtensor) + L1 @ L2; `errors` / `best_iter`: the (Fisher-weighted) history of the
+    winning start's run (`start`; None where not recorded), `start_errors`: every start's."""
 
     qtensor: QuantizedTensor
     L1: Tensor
@@ -100,10 +98,9 @@ def _randomized_svd_full(X: Tensor, k: int, power_iters: int, generator: torch.G
 def randomized_svd(X: Tensor, rank: int, oversample: int = 10, power_iters: int = 2,
                    generator: torch.Generator | None = None,
                    init: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Rank-`rank` truncated SVD of X (m x n) by randomized range finding (Halko, Martinsson, Tropp, "Finding
-    structure with randomness", arXiv 0909.4061): rank + oversample Gaussian columns (or `init`, n x k, to warm
-    start), `power_iters` QR'd power iterations; the exact SVD when rank + oversample reaches min(m, n).
-    Returns (U (m x r), S (r,), Vh (r x n))."""
+    """Rank-`rank` truncated SVD (U (m x r), S (r,), Vh (r x n)) of X by randomized range finding (Halko et al.,
+    arXiv 0909.4061): rank + oversample Gaussian columns (or `init`, n x k), `power_iters` QR'd power iterations;
+    exact when rank + oversample reaches min(m, n)."""
     m, n = X.shape
     if rank == 0:
         return X.new_zeros(m, 0), X.new_zeros(0), X.new_zeros(0, n)
@@ -218,12 +215,10 @@ def _alternate(W: Tensor, quantize_step: Callable[[Tensor], tuple[Tensor, Any]],
                first_factors: tuple[Tensor, Tensor] | None = None,
                first_basis: Tensor | None = None, starts=STARTS,
                cold_power_iters: int | None = None, patience: int = 1) -> _LoopResult:
-    """Run the LQ alternation from each of `starts`; the run holding the smallest error wins (the earlier on a tie),
-    and error 0 ends the search. `quantize_step(R)` returns (dequantized R, anything to keep).
-
-    A run stops once `patience` iterates in a row fail to improve on the best by a relative `tol` (randomized SVDs
-    make the history noisy). `first_factors` / `first_basis`: the svd start's first SVD of W, shared by callers that
-    sweep configs. `warm_start` seeds each SVD with the previous subspace; a cold one uses `cold_power_iters`."""
+    """Run the LQ alternation from each of `starts`; the smallest error wins (the earlier on a tie), error 0 ends the
+    search. A run stops once `patience` iterates in a row miss the best by a relative `tol`. `first_factors` /
+    `first_basis`: the svd start's first SVD of W, shared by config sweeps. `warm_start` seeds each SVD with the
+    previous subspace; a cold one uses `cold_power_iters`. `quantize_step(R)` -> (dequantized R, payload)."""
     scalings = fisher_scalings(fisher) if fisher is not None else None
     sqrt_f = fisher.clamp_min(0).sqrt() if fisher is not None else None
     cold = power_iters if cold_power_iters is None else cold_power_iters
@@ -246,7 +241,6 @@ def _alternate(W: Tensor, quantize_step: Callable[[Tensor], tuple[Tensor, Any]],
 
 def _run(W, quantize_step, rank, max_iters, scalings, sqrt_f, oversample, power_iters, cold_power_iters,
          generator, tol, warm_start, start, first_factors, first_basis, patience=1) -> _LoopResult:
-    """One alternation from one start (see `_alternate`)."""
     errors: list[float] = []
     best = None
     basis = first_basis
@@ -307,12 +301,10 @@ def check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name) -> No
 def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: int = 100,
               fisher: Tensor | None = None, oversample: int = 10, seed: int = 0, *, power_iters: int = 2,
               tol: float = 0.0, starts=STARTS, name: str = "weight", importance: Tensor | None = None) -> Decomposition:
-    """W ≈ dequant(Q) + L1 @ L2, Q quantized by `quant_config`, L1 @ L2 of rank `rank` (0: plain quantization).
-
-    At most `max_iters` alternations per start, stopping at the first that does not improve by a relative `tol`;
-    the best iterate of all `starts` is returned. `fisher` (W's shape, non-negative) weights the SVD and error;
-    `importance` is a gguf:* config's rounding importance. The result can hold (near-)zero factors, which give
-    LoRA adapters no gradient."""
+    """W ≈ dequant(Q) + L1 @ L2, Q quantized by `quant_config`, L1 @ L2 of rank `rank` (0: plain quantization):
+    at most `max_iters` alternations per start, each stopping at the first that does not improve by a relative
+    `tol`, the best iterate of all `starts` returned. `fisher` (W's shape) weights the SVD and error; the
+    factors can be (near-)zero, which gives LoRA adapters no gradient."""
     check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name)
     importance = rounding_importance_of(quant_config, importance, tuple(W.shape), name)
     starts = check_starts(starts, name)

@@ -88,8 +88,7 @@ def bits_account(layers, factor_bits: float) -> BitsAccount:
 
 def store_factors(report, factors: Mapping[str, tuple[Tensor, Tensor]], config: QuantConfig = FACTOR_CONFIG
                   ) -> dict[str, tuple[Tensor, Tensor]]:
-    """The factors as stored in `config`, to start the adapters from; records the bits of Q plus factors in
-    `report.settings`."""
+    """The factors as stored in `config`; records the bits of Q plus factors in `report.settings`."""
     rounded, bits = quantize_factors(factors, config)
     account = bits_account(report, bits)
     report.settings.update(factor_format=config.label, factor_bits_per_param=account.factor_bits_per_param,

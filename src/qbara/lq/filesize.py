@@ -1,8 +1,5 @@
-"""File-size budgets for LQ-LoRA's allocation: what a GGUF file stores besides the allocated matrices,
-
-    Σ_i bits(config_i) · numel_i + fixed_bits <= budget · total_params
-
-fixed_bits: token embedding (Q8_0 by default, as `export_gguf` writes it), an untied output head, every other
+"""File-size budgets for LQ-LoRA's allocation: Σ_i bits(config_i) · numel_i + fixed_bits <= budget · total_params.
+fixed_bits: the token embedding (Q8_0 by default, as `export_gguf` writes it), an untied output head, every other
 parameter (F32), optionally the factors as a GGUF adapter and metadata; tied weights count once, the adapter's
 factors are bits, not parameters; GGUF alignment padding is not counted."""
 from __future__ import annotations

@@ -45,11 +45,9 @@ def fisher_information(model: nn.Module, sequences: Tensor | Sequence, names: Se
                        loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None, progress: bool = True,
                        folder=None, max_bytes: int | None = None):
     """Diagonal empirical Fisher of each target linear's weight: name -> (d_out, d_in) fp32 tensor.
-
-    sequences: (n, length) token ids or a list of 1-D tensors, one example each. names: default every linear but
-    the output embedding. Runs in eval mode and restores requires_grad, gradients and mode. The weight gradient is
-    formed from hooks (Gᵀ X), so nn.Linear and QuantizedLinear both work. With `folder`, writes shards of at most
-    `max_bytes` (default 1 GiB), one pass over the sequences per shard, and returns them read lazily."""
+    sequences: (n, length) token ids or a list of 1-D tensors. Eval mode; requires_grad, gradients and mode are
+    restored. Gradients come from hooks (Gᵀ X), so QuantizedLinear works too. With `folder`: shards of at most
+    `max_bytes` (default 1 GiB), one pass per shard, returned read lazily."""
     seqs = _sequences(sequences)
     layers = target_linears(model, names)
     loss_fn = loss_fn or _causal_lm_loss

@@ -198,11 +198,9 @@ def _repair(costs: np.ndarray, weights: np.ndarray, budget: float, choice: np.nd
 
 def _reduced_cost_keep(costs: np.ndarray, weights: np.ndarray, budget: float
                        ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Mask of the (matrix, config) pairs that can belong to an optimal allocation, and the feasible allocation
-    found on the way (None if none was).
-
-    With LB(lam) = Σ_i min_c (C + lam w) - lam budget and UB a feasible allocation's cost, a pair whose reduced
-    cost r_ic = (C + lam w)_ic - min_c' (C + lam w)_ic' exceeds UB - LB cannot be optimal."""
+    """Mask of the (matrix, config) pairs that can be in an optimal allocation, and a feasible allocation (or None).
+    With LB(lam) = Σ_i min_c (C + lam w) - lam budget and UB a feasible cost, a pair whose reduced cost
+    (C + lam w)_ic - min_c' (C + lam w)_ic' exceeds UB - LB cannot be optimal."""
     rows = np.arange(costs.shape[0])
 
     def weight_of(lam):
@@ -245,11 +243,9 @@ def _reduced_cost_keep(costs: np.ndarray, weights: np.ndarray, budget: float
 
 def allocate(costs, bits, numels, budget_bits_per_param: float, *, fixed_bits: float = 0.0,
              total_params: float | None = None, prune: bool = True, time_limit: float | None = None) -> list[int]:
-    """One config index per matrix minimising the total cost within the budget.
-
-    costs (n x m), +inf where unusable; bits (m,) or (n x m) per parameter; numels (n,). The budget counts bits
-    per parameter over the matrices, or with `fixed_bits` and `total_params` the whole file. An infeasible budget
-    is refused, naming the smallest feasible one."""
+    """One config index per matrix minimising the total cost within the budget. costs (n x m), +inf where unusable;
+    bits (m,) or (n x m); numels (n,). The budget is bits/param over the matrices, or with `fixed_bits` and
+    `total_params` over the whole file; an infeasible one is refused, naming the smallest feasible."""
     costs, bits, numels = _as_arrays(costs, bits, numels)
     try:
         budget = float(budget_bits_per_param)

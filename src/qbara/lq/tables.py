@@ -1,13 +1,10 @@
 """Error tables for LQ-LoRA's bit allocation (arXiv 2311.12023): C[i,c] = squared decomposition error of matrix i
-under config c, S[i,c] = numel_i · bits(c), and the allocation read off them.
-
-Shared work, since a decomposition per (matrix, config) would take hours: both of `decompose`'s starts, one
-SVD_r(W) per matrix, warm-started SVDs (`table_power_iters`). dq_mode="shared" (default, approximate, overstates
-costs): configs differing only in how the scales are stored share one alternation at the exact absmax; "refine"
-(exact, slow): one alternation per (b, B0, b0, B1) family with double quant in the loop, each member's error
-exact at its best iterate (`_dq_errors`); "loop": every config its own alternation. Tables are cached in
-$QBARA_CACHE/lq (default ~/.cache/qbara/lq), keyed by settings, configs and contents. Accuracy and timings:
-bench/results/lq_table_exactness.md."""
+under config c, S[i,c] = numel_i · bits(c), and the allocation read off them. Shared work: both `decompose`
+starts, one SVD_r(W) per matrix, warm-started SVDs. dq_mode="shared" (default, approximate, overstates costs):
+configs differing only in scale storage share one alternation at the exact absmax; "refine" (exact, slow): one
+alternation per (b, B0, b0, B1) family with double quant in the loop, members' errors exact (`_dq_errors`);
+"loop": one per config. Cached in $QBARA_CACHE/lq (default ~/.cache/qbara/lq), keyed by settings, configs and
+contents. Accuracy and timings: bench/results/lq_table_exactness.md."""
 from __future__ import annotations
 
 import hashlib
@@ -61,7 +58,6 @@ DEFAULT_TABLE_ITERS = 8  # the fast approximation's (dq_mode="shared") iteration
 
 
 def _lq_cache_dir() -> Path:
-    """$QBARA_CACHE/lq, or ~/.cache/qbara/lq."""
     env = os.environ.get("QBARA_CACHE")
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "qbara"
     return root / "lq"
@@ -207,11 +203,10 @@ class ErrorTable:
 
 def _dq_errors(R: Tensor, absmax: Tensor, v: Tensor, bits: int, settings: list[tuple[int, str, int]],
                fisher: Tensor | None = None) -> dict[tuple[int, str, int], float]:
-    """Squared (Fisher-weighted) error of NF-`bits` quantization of R (n_blocks x B0) for every double-quant
-    setting (b0, b1, B1), codes rounded against that setting's stored scales ŝ; `v`: the levels at the exact absmax s.
-
-    With the codes of s, ||R - ŝv||² = Σ e² - 2δ Σ e·v + δ² Σ v² per block (e = R - s·v, δ = ŝ - s); only elements
-    whose ratio s/ŝ leaves their `keep_ratios` interval change level, and only theirs are recomputed."""
+    """Squared (Fisher-weighted) error of NF-`bits` quantization of R (n_blocks x B0) per double-quant setting
+    (b0, b1, B1), codes rounded against its stored scales ŝ; `v`: levels at the exact absmax s. With the codes of s,
+    ||R - ŝv||² = Σ e² - 2δ Σ e·v + δ² Σ v² per block (e = R - s·v, δ = ŝ - s); only elements whose s/ŝ leaves
+    their `keep_ratios` interval change level, and only theirs are recomputed."""
     n_blocks, B0 = R.shape
     if not settings:
         return {}
@@ -435,11 +430,10 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
                 recompute: bool = False, cache_dir=None, workers: int | None = None,
                 progress: bool = True, patience: int | None = None) -> ErrorTable:
     """The LQ-LoRA error table of a model's target linears (or of a name -> weight mapping).
-
     configs: default the 432 NF candidates. rank 0: plain quantization. iters, patience, dq_mode: see the module
-    docstring and _MODE_ITERS. fisher / importance: name -> tensor, for data-aware costs / gguf:* rounding; both
-    enter the cache key. Cached on disk unless cache=False (recompute=True overwrites). Under torch.distributed the
-    ranks share the matrices and all get the full table."""
+    docstring and _MODE_ITERS. fisher / importance (name -> tensor): data-aware costs / gguf:* rounding, in the
+    cache key. cache=False skips the disk cache, recompute=True overwrites it. Ranks under torch.distributed share
+    the matrices and all get the full table."""
     dq_mode, iters, patience = _table_mode(dq_mode, iters, patience)
     starts = check_starts(starts, "error_table")
     configs = list(candidate_configs() if configs is None else configs)
