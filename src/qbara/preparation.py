@@ -85,8 +85,8 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
 def gptq_prepare(model: nn.Module, tokenizer, quant: QuantConfig | Mapping[str, QuantConfig], adapter=None, *,
                  samples: int = DEFAULT_SAMPLES, length: int = DEFAULT_LENGTH, sequences=None,
                  modules=ALL_LINEAR, progress: bool = True, **gptq_options) -> nn.Module:
-    """GPTQ-LoRA: GPTQ-quantize the dense `model` in place on Shakespeare windows (`gptq_calibration`, or
-    your `sequences`), then `prepare` with `adapter` (init must be default). gptq_options go to `gptq_quantize_model`."""
+    """GPTQ-LoRA: GPTQ-quantize the dense `model` in place on Shakespeare windows (`gptq_calibration`, or your
+    `sequences`), then `prepare` with `adapter` (default init). gptq_options go to `gptq_quantize_model`."""
     if adapter is not None and getattr(adapter, "init", "default") != "default":
         raise QbaraError(f"adapter init={adapter.init!r} starts from a decomposition of the dense weights, which "
                          f"GPTQ replaces; use init='default' on a GPTQ base, or qbara.lq_prepare for LQ-LoRA / LoftQ")
