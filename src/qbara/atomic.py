@@ -1,6 +1,5 @@
-"""Atomic file writes: write to a temporary file beside the target, fsync, then rename over it.
-
-A process killed at any moment leaves either the old file or the new one, never a half-written one.
+"""Atomic file writes: a temporary beside the target, fsync, then rename over it, so a kill leaves the old file
+or the new one, never half of one.
 """
 from __future__ import annotations
 
@@ -29,8 +28,8 @@ _recorders: list[Callable[[Path, Path], None]] = []
 
 @contextlib.contextmanager
 def recording_temporaries(record: Callable[[Path, Path], None]) -> Iterator[None]:
-    """While inside, call `record(tmp, path)` for each temporary file `write_file_atomic` creates (before it
-    is written): an output's lock journals those of its output."""
+    """While inside, call `record(tmp, path)` for each temporary `write_file_atomic` creates,
+    before it is written (an output lock journals them)."""
     _recorders.append(record)
     try:
         yield
@@ -39,8 +38,8 @@ def recording_temporaries(record: Callable[[Path, Path], None]) -> Iterator[None
 
 
 def write_file_atomic(path, write) -> Path:
-    """Call `write(tmp_path)` for a temporary file beside `path`, fsync it, give it the permissions a
-    newly created file would have, and rename it over `path`."""
+    """Call `write(tmp_path)` for a temporary beside `path`, fsync it, give it a new file's
+    permissions and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
