@@ -28,8 +28,7 @@ _recorders: list[Callable[[Path, Path], None]] = []
 
 @contextlib.contextmanager
 def recording_temporaries(record: Callable[[Path, Path], None]) -> Iterator[None]:
-    """While inside, call `record(tmp, path)` for each temporary `write_file_atomic` creates,
-    before it is written (an output lock journals them)."""
+    """While inside, `record(tmp, path)` each temporary `write_file_atomic` creates, before writing."""
     _recorders.append(record)
     try:
         yield
@@ -59,7 +58,6 @@ def write_file_atomic(path, write) -> Path:
 
 
 def write_json_atomic(path, data) -> Path:
-    """Write `data` as indented JSON."""
     def write(tmp):
         with open(tmp, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=False)
@@ -74,7 +72,6 @@ def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None) -
 
 
 def write_bytes_atomic(path, data: bytes) -> Path:
-    """Write `data` as the file's bytes."""
     def write(tmp):
         with open(tmp, "wb") as fh:
             fh.write(data)

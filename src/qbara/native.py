@@ -1,7 +1,6 @@
 """Writing qbara's native quantized checkpoint: an HF folder whose quantized linears keep their packed buffers:
 `config.json`, `qbara_model.safetensors`, `qbara_quant.json` (layer name -> QuantConfig) and the tokenizer. Models
-`qbara.state.enable_native_save` marks save through `_save_pretrained` here; reading is `qbara.models.quantized_io`.
-"""
+`qbara.state.enable_native_save` marks save through `_save_pretrained` here; reading is `qbara.models.quantized_io`."""
 from __future__ import annotations
 
 import copy
@@ -37,8 +36,8 @@ def _quantization_entry() -> dict:
 
 
 def save_quantized(model, tokenizer, out_dir, base_only: bool = False, overwrite: bool = False) -> Path:
-    """Save a model whose linears are QuantizedLinear as a folder (built beside and swapped in,
-    `qbara.outputs`). base_only=True saves the quantized base under a model's adapters, without them."""
+    """Save a model whose linears are QuantizedLinear as a folder (`qbara.outputs`' swap); base_only:
+    the quantized base under its adapters, without them."""
     with output_folder(out_dir, overwrite=overwrite, command="save_quantized", option="out_dir") as tmp:
         write_quantized(model, tokenizer, tmp, base_only)
     return Path(out_dir)

@@ -1,9 +1,7 @@
 """Where qbara writes: one rule for every output, checked before any work starts (docs/safety.md). An output may
 not be or contain an input or the working folder, nor be a non-empty folder qbara did not write (manifest
-`.qbara-output.json`; a GGUF's `general.quantized_by`) unless `overwrite`. Nothing foreign is deleted: it is carried
-over (hard links) or kept under `qbara-replaced/`. Folders are built beside and swapped in by renames; a lock file
-`.NAME.qbara-lock` excludes a second process and journals temporaries for recovery after a kill.
-"""
+`.qbara-output.json`; a GGUF's `general.quantized_by`) unless `overwrite`; foreign files are carried over or kept
+in `qbara-replaced/`. Folders are swapped in by renames under a lock `.NAME.qbara-lock` that journals temporaries."""
 from __future__ import annotations
 
 import contextlib
@@ -187,8 +185,7 @@ def _lock_path(out: Path) -> Path:
 
 
 class OutputLock:
-    """The held lock of `out`; its file journals the pid, then each temporary of this run, written before
-    the temporary gets any content."""
+    """The held lock of `out`; its file journals the pid, then each temporary before it gets content."""
 
     def __init__(self, out: Path, fd: int):
         self.out, self._fd, self._temporaries = out, fd, []
@@ -208,8 +205,7 @@ class OutputLock:
     @contextlib.contextmanager
     def replace_folder(self, target: Path, command: str = "", foreign: Iterable[str] | None = None,
                        mark: bool = True) -> Iterator[Path]:
-        """Yield an empty temporary folder beside `target`; on success it replaces `target`,
-        otherwise it is removed."""
+        """Yield an empty temporary folder that replaces `target` on success (else removed)."""
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.qbara-new-", dir=target.parent))
         self.record("new", tmp, target)
         try:

@@ -1,8 +1,6 @@
-"""`prepare`: the one entry that quantizes a causal LM and attaches adapters: QLoRA-style with a QuantConfig,
-LQ-LoRA / LoftQ with an `LQConfig` (a model in memory or a checkpoint folder streamed from its shards).
-`lq_prepare` and `AdapterConfig(init="lq" | "loftq")` are aliases of the LQConfig form; `gptq_prepare` GPTQ-quantizes
-on calibration text first. Examples: docs/methods.md.
-"""
+"""`prepare`: the one entry that quantizes a causal LM and attaches adapters, QLoRA-style with a QuantConfig or
+LQ-LoRA / LoftQ with an `LQConfig`; `lq_prepare`, `AdapterConfig(init=...)` and `gptq_prepare` (GPTQ on calibration
+text first) are forms of it. Examples: docs/methods.md."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -30,11 +28,10 @@ __all__ = ["prepare", "lq_prepare", "gptq_prepare"]
 def prepare(model: nn.Module | str | Path, quant: QuantConfig | Mapping[str, QuantConfig] | LQConfig, adapter=None,
             modules=None, progress: bool = False, factor_format: QuantConfig | None = None) -> nn.Module:
     """Quantize the target linears of `model` (in place) and attach adapters; only adapters stay trainable.
-    model: a loaded model, or (with an LQConfig) a safetensors folder or "smollm2-135m", streamed, bit-identical to
-    the in-memory path. quant: one QuantConfig, layer name -> QuantConfig, or an `LQConfig`. modules: the linears to
-    quantize (default all but lm_head). factor_format: with `AdapterConfig(init=...)`, the factors' storage format.
-    bitsandbytes NF4 layers are adopted as they are; already-quantized targets get only adapters, and a quant that
-    differs from theirs is refused."""
+    model: a loaded model or (with an LQConfig) a safetensors folder / "smollm2-135m", streamed. quant: a QuantConfig,
+    layer name -> QuantConfig, or an `LQConfig`. modules: default all but lm_head. factor_format: with
+    `AdapterConfig(init=...)`, the factors' format. Layers already quantized (or bitsandbytes NF4) get only adapters;
+    a quant that differs from theirs is refused."""
     if _is_lq(quant, adapter):
         if isinstance(model, nn.Module) and bnb_layers(model):
             raise QbaraError("LQ-LoRA / LoftQ decompose the dense weights; load the model without bitsandbytes' "
@@ -85,8 +82,8 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
 def gptq_prepare(model: nn.Module, tokenizer, quant: QuantConfig | Mapping[str, QuantConfig], adapter=None, *,
                  samples: int = DEFAULT_SAMPLES, length: int = DEFAULT_LENGTH, sequences=None,
                  modules=ALL_LINEAR, progress: bool = True, **gptq_options) -> nn.Module:
-    """GPTQ-LoRA: GPTQ-quantize the dense `model` in place on Shakespeare windows (`gptq_calibration`, or your
-    `sequences`), then `prepare` with `adapter` (default init). gptq_options go to `gptq_quantize_model`."""
+    """GPTQ-LoRA: GPTQ-quantize the dense `model` in place on Shakespeare windows (`gptq_calibration`,
+    or your `sequences`), then `prepare` with `adapter` (default init); gptq_options go to `gptq_quantize_model`."""
     if adapter is not None and getattr(adapter, "init", "default") != "default":
         raise QbaraError(f"adapter init={adapter.init!r} starts from a decomposition of the dense weights, which "
                          f"GPTQ replaces; use init='default' on a GPTQ base, or qbara.lq_prepare for LQ-LoRA / LoftQ")
@@ -115,8 +112,7 @@ def _lq_config(quant, adapter, factor_format=None) -> LQConfig:
 
 
 def _quantized_already(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], modules) -> bool:
-    """True when every target is already a QuantizedLinear with the config `quant` gives it; a
-    config that differs raises."""
+    """Whether every target already is a QuantizedLinear of `quant`'s config (another config raises)."""
     if isinstance(quant, Mapping):  # per-layer configs: every named layer must already be quantized with its own
         modules_by_name = dict(model.named_modules())
         return bool(quant) and all(isinstance(modules_by_name.get(n), QuantizedLinear)

@@ -18,7 +18,7 @@ __all__ = ["from_pretrained", "use_recorded_template", "base_quant_for"]
 
 def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, device="cpu", progress: bool = False):
     """(model, tokenizer): the base quantized as it is loaded (never dense in memory), adapters attached.
-    quant: the base's quantization (None keeps a saved quantized folder; for a PEFT folder, how its base was quantized).
+    quant: the base's quantization (None keeps a saved quantized folder; for a PEFT folder, its base's).
     adapter: an AdapterConfig (new adapters; needs quant), a qbara adapter folder (its recorded quant and chat template
     applied), a PEFT LoRA folder, or None."""
     if isinstance(adapter, AdapterConfig):
@@ -39,8 +39,7 @@ def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, devic
 
 
 def use_recorded_template(model, tokenizer) -> None:
-    """Make the chat template the adapters were trained with the tokenizer's, so later steps
-    prompt the model as it was trained."""
+    """Make the adapters' training chat template the tokenizer's, so later steps prompt alike."""
     recorded = state_of(model).chat_template
     if recorded is not None and tokenizer is not None:
         tokenizer.chat_template = recorded

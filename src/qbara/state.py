@@ -16,10 +16,9 @@ _ATTRIBUTE = "qbara"
 @dataclasses.dataclass
 class QbaraState:
     """qbara's record of a model; every field is None until something sets it.
-    base_fingerprint: `model_fingerprint` of the base the adapters train on (the dense model, or the quantized
-        base LQ-LoRA / LoftQ / GPTQ produce). adapter_config: the attached adapters' `AdapterConfig`. lq, gptq:
-        the LQReport / GPTQReport. fold_rounding: relative RMS of the update lost in `merge(into="quantized")`.
+    base_fingerprint: `model_fingerprint` of the base the adapters train on (dense, or the LQ / GPTQ quantized base).
     loaded_quant: the quant applied on load or by GPTQ, so `prepare` does not quantize again (and refuses another).
+    lq, gptq: their reports. fold_rounding: relative RMS of the update lost in `merge(into="quantized")`.
     chat_template: the Jinja text of the training prompts, saved by `save_adapter` as chat_template.jinja."""
 
     base_fingerprint: str | None = None
@@ -54,15 +53,13 @@ _SAVE_PRETRAINED: list = []  # qbara.native's save_pretrained, registered when q
 
 
 def on_save_pretrained(save):
-    """Register `save(model, save_directory, ...)` as the save_pretrained of marked models, so that
-    layers below `qbara.native` mark models without importing it."""
+    """Register `save` as marked models' save_pretrained (so lower layers need not import native)."""
     _SAVE_PRETRAINED[:] = [save]
     return save
 
 
 def enable_native_save(model):
-    """Make `model.save_pretrained` (and HF `Trainer.save_model`) write qbara's native format, by
-    swapping in a same-named subclass (kept by deepcopy); returns the model."""
+    """Make `model.save_pretrained` write qbara's native format (a same-named subclass swapped in)."""
     cls = type(model)
     if getattr(cls, "_qbara_native_save", False) or not hasattr(cls, "save_pretrained"):
         return model

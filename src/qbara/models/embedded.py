@@ -1,6 +1,5 @@
 """The embedded real models: one table entry per model shipped as a GGUF inside a PyPI package, naming the package,
-how to get its GGUF and the folder it is converted into (once, to fp32 HF) under the qbara cache.
-"""
+how to get its GGUF and the folder it is converted into (once, to fp32 HF) under the qbara cache."""
 
 from __future__ import annotations
 

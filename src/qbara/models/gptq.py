@@ -1,9 +1,7 @@
-"""GPTQ on a whole causal LM, decoder layer by decoder layer, then LoRA on top (the GPTQ-LoRA baseline of
-"LQ-LoRA: Low-rank Plus Quantized Matrix Decomposition for Efficient Language Model Finetuning", arXiv 2311.12023).
-Per "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers" (arXiv 2210.17323, §5):
-each layer's target linears are quantized from their input Hessians (`qbara.quant.gptq`), and the *quantized*
-layer's outputs feed the next. The result is qbara's INT format, so save, adapters, merge and export work unchanged.
-"""
+"""GPTQ on a whole causal LM, then LoRA on top (the GPTQ-LoRA baseline of "LQ-LoRA: Low-rank Plus Quantized Matrix
+Decomposition for Efficient Language Model Finetuning", arXiv 2311.12023). Per "GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers" (arXiv 2210.17323, §5): layer by layer from input Hessians
+(`qbara.quant.gptq`), the *quantized* layer's outputs feeding the next; the result is qbara's INT format."""
 from __future__ import annotations
 
 import time
@@ -36,8 +34,7 @@ DEFAULT_LENGTH = 256
 
 @dataclass
 class GPTQReport:
-    """Per layer its config and mean squared output error per token under GPTQ and under round-to-nearest;
-    settings and seconds."""
+    """Per layer: config, and output error per token under GPTQ and round-to-nearest; settings, seconds."""
 
     layers: dict[str, dict] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
@@ -53,8 +50,7 @@ class GPTQReport:
 def gptq_calibration(tokenizer, samples: int = DEFAULT_SAMPLES, length: int = DEFAULT_LENGTH,
                      plays: Sequence[str] = _CALIBRATION_PLAYS, exclude: Sequence[str] = ("hamlet",),
                      seed: int = 0) -> Tensor:
-    """(samples, length) token windows at random offsets of the Shakespeare `plays`, less `exclude`
-    (the perplexity play)."""
+    """(samples, length) token windows at random offsets of `plays` less `exclude` (the eval play)."""
     skip = {p.strip().lower() for p in exclude}
     chosen = [p for p in plays if p.strip().lower() not in skip]
     if not chosen:
@@ -79,9 +75,8 @@ def gptq_quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, Quan
                         block_columns: int = DEFAULT_BLOCK_COLUMNS, act_order: bool = False,
                         progress: bool = True) -> nn.Module:
     """GPTQ-quantize the target linears of a causal LM in place, decoder layer after decoder layer.
-    quant: one INT config or layer name -> config. sequences: (n, length) token ids or a list of 1-D tensors.
-    damp, block_columns, act_order: see `qbara.quant.gptq.gptq_quantize`. Sets `model.qbara.gptq` (a GPTQReport) and
-    the quantized model's fingerprint, so `prepare` only attaches adapters."""
+    sequences: (n, length) token ids or a list of 1-D tensors; damp, block_columns, act_order: see `gptq_quantize`.
+    Sets `model.qbara.gptq` and the quantized model's fingerprint, so `prepare` only attaches adapters."""
     started = time.perf_counter()
     per_layer = layer_configs(model, quant, modules)
     for name, config in per_layer.items():
@@ -158,8 +153,7 @@ class _Reached(Exception):
 
 
 def _first_layer_inputs(model: nn.Module, first: nn.Module, batches: list[Tensor]) -> list[list]:
-    """Per batch [hidden states, other positional args, keyword args] entering the first decoder
-    layer, as the model builds them."""
+    """Per batch [hidden states, positional args, keyword args] entering the first decoder layer."""
     captured = []
 
     def hook(module, args, kwargs):

@@ -66,11 +66,10 @@ def _resolve_dtype(dtype) -> torch.dtype:
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu", quant=None, modules="all-linear",
                progress: bool = False):
-    """Load a causal LM and its tokenizer, in eval mode.
-    name_or_path: an embedded model ("smollm2-135m", "gemma3-270m"), "tiny-llama" / "tiny-qwen2" (random, seed 0),
-    an HF folder, a `save_quantized` folder (loaded quantized) or a .gguf file (dequantized). quant: quantize on load,
-    streaming the target `modules` from the shards (`qbara.models.streaming`); `prepare` then only attaches adapters.
-    Without quant, `dtype` defaults to float32."""
+    """Load a causal LM and its tokenizer, in eval mode. name_or_path: an embedded model ("smollm2-135m",
+    "gemma3-270m"), "tiny-llama" / "tiny-qwen2" (random, seed 0), an HF folder, a `save_quantized` folder or a .gguf
+    (dequantized). quant: quantize on load, streaming the target `modules` (`qbara.models.streaming`), so `prepare`
+    then only attaches adapters. Without quant, `dtype` defaults to float32."""
     if quant is not None:
         return _load_quantizing(name_or_path, quant, modules, None if dtype is None else _resolve_dtype(dtype),
                                 device, progress)
@@ -117,8 +116,7 @@ def _refuse_unknown(path: Path, name: str) -> None:
 
 
 def _model_source(name_or_path) -> tuple[str, Path | None]:
-    """What `load_model` would read, reading no weights: ("tiny", None), ("quantized" | "folder", folder)
-    or ("gguf", file); anything else is refused as `load_model` refuses it."""
+    """What `load_model` would read, no weights read: ("tiny" | "quantized" | "folder" | "gguf", path)."""
     name = str(name_or_path)
     key = name.strip().lower()
     if embedded_model(key) is not None:
@@ -135,8 +133,7 @@ def _model_source(name_or_path) -> tuple[str, Path | None]:
 
 
 def load_model_tokenizer(name_or_path):
-    """The tokenizer `load_model(name_or_path)` returns, without loading the model, so data can be
-    checked first. A quantized folder saved without its tokenizer is refused."""
+    """The tokenizer `load_model` returns, without loading the model (so data is checked first)."""
     kind, path = _model_source(name_or_path)
     if kind == "tiny":
         return byte_tokenizer()  # what tiny_llama / tiny_qwen2 return, built without their weights
@@ -149,8 +146,7 @@ def load_model_tokenizer(name_or_path):
 
 
 def load_model_config(name_or_path):
-    """The transformers config `load_model(name_or_path)` builds, from config.json or GGUF metadata
-    only (a quantized folder's quantization entry removed)."""
+    """The config `load_model` builds, from config.json or GGUF metadata only."""
     kind, path = _model_source(name_or_path)
     if kind == "tiny":  # built in memory: a few kB of random weights, no file to read a config from
         build = tiny_llama if str(name_or_path).strip().lower() == "tiny-llama" else tiny_qwen2
@@ -176,8 +172,7 @@ def _refuse_adapter_folder(path: Path) -> None:
 
 
 def _cast_parameters(model, dtype: torch.dtype):
-    """Parameters to `dtype`; computed buffers (rotary inverse frequencies) stay fp32, as transformers
-    keeps them."""
+    """Parameters to `dtype`; computed buffers (rotary frequencies) stay fp32, as transformers keeps them."""
     for param in model.parameters():
         if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
@@ -228,8 +223,7 @@ _QBARA_KEYS = (".codes", ".scale", ".minimum", ".absmax", ".base.", *ADAPTER_TEN
 
 
 def _check_loading_info(info: dict, path) -> None:
-    """Refuse weights that do not cover the model exactly (transformers would silently fill the gaps
-    with random values)."""
+    """Refuse weights that do not cover the model exactly (transformers would fill gaps randomly)."""
     missing = sorted(info.get("missing_keys") or [])
     unexpected = sorted(info.get("unexpected_keys") or [])
     mismatched = sorted(str(m[0] if isinstance(m, (tuple, list)) else m) for m in info.get("mismatched_keys") or [])

@@ -1,9 +1,7 @@
-"""The one LQ-LoRA / LoftQ pipeline over a whole model: each adapter target quantized as the Q of W ≈ Q + L1 L2
-and its LoRA started from the factors (A = L2/√s, B = L1/√s), so the model at step 0 is Q + L1 L2 ("LQ-LoRA:
-Low-rank Plus Quantized Matrix Decomposition for Efficient Language Model Finetuning", arXiv 2311.12023; LoftQ is
-its one-format case). Sources: a dense model in memory, or a safetensors folder streamed without ever holding the
-dense model; both give the same model bit for bit. The decompositions, tables and ILP live in qbara.lq.
-"""
+"""The one LQ-LoRA / LoftQ pipeline: each adapter target quantized as the Q of W ≈ Q + L1 L2, its LoRA started from
+the factors (A = L2/√s, B = L1/√s) ("LQ-LoRA: Low-rank Plus Quantized Matrix Decomposition for Efficient Language
+Model Finetuning", arXiv 2311.12023; LoftQ is its one-format case), over a model in memory or a safetensors folder
+streamed without holding the dense model (both bit-identical). Decompositions, tables and the ILP: qbara.lq."""
 from __future__ import annotations
 
 import dataclasses
@@ -49,10 +47,9 @@ __all__ = ["build_lq_model", "quantize_with_factors", "checkpoint_folder", "load
 def build_lq_model(source: nn.Module | str | Path, lq: LQConfig, adapter, *, modules=None,
                    progress: bool = True) -> nn.Module:
     """`qbara.prepare(source, LQConfig(...), AdapterConfig(...))`: plan, (with `lq.budget`) error table
-    and ILP allocation, decompositions, the quantized model, then LoRA adapters started from the factors.
-    source: a dense model (quantized in place) or a safetensors folder / "smollm2-135m" (streamed). modules: the
-    linears to quantize; with fixed configs those outside the adapter targets are quantized plainly, with a budget
-    only the adapter targets are (the rest stay dense). The report is `model.qbara.lq`."""
+    and ILP, decompositions, the quantized model, LoRA started from the factors; the report is `model.qbara.lq`.
+    source: a dense model (quantized in place) or a safetensors folder / "smollm2-135m" (streamed). modules: the linears
+    to quantize; with fixed configs non-targets are quantized plainly, with a budget they stay dense."""
     if not isinstance(lq, LQConfig):
         raise QbaraError(f"expected a qbara.lq.LQConfig, got {type(lq).__name__}")
     adapter = lq.adapter_config(adapter)
@@ -171,8 +168,7 @@ def _model_weights(model: nn.Module, names) -> LazyTensors:
 
 
 def checkpoint_folder(name_or_path) -> Path | None:
-    """The safetensors HF folder behind a model name (an embedded model's, or a folder with config.json
-    and shards), or None when there is none to stream from."""
+    """The safetensors HF folder behind a model name, or None when there is none to stream from."""
     embedded = embedded_folder(name_or_path)
     if embedded is not None:
         return embedded
@@ -197,8 +193,7 @@ def checkpoint_file_budget(name_or_path, targets="all-linear", **kwargs) -> File
 
 
 def load_calibration_model(folder):
-    """(model, tokenizer): a folder's dense model kept in the checkpoint's dtype, every linear
-    computed in fp32, for the dense perplexity and the Fisher information."""
+    """(model, tokenizer): a folder's dense model in the checkpoint's dtype, computing in fp32."""
     model, tokenizer = load_model(str(folder), dtype=checkpoint_dtype(checkpoint_files(Path(folder))[0]))
     return use_compute_dtype(model, default_compute_dtype("cpu"), every_linear=True), tokenizer
 
@@ -208,8 +203,7 @@ def load_calibration_model(folder):
 
 @dataclass
 class _LayerPlan:
-    """`targets`: the adapter's layers (decomposed); `layers`: with fixed configs, every quantized layer ->
-    its config (None when the ILP chooses)."""
+    """The adapter `targets` (decomposed) and, with fixed configs, every quantized layer -> its config."""
 
     targets: list[str]
     layers: dict[str, QuantConfig] | None
@@ -253,8 +247,7 @@ def _plan_layers(model: nn.Module, lq: LQConfig, adapter, modules=None) -> _Laye
 def _choose_configs(plan: _LayerPlan, weights: Mapping[str, Tensor], lq: LQConfig, rank: int, file, fisher,
                     progress: bool, importance: Mapping[str, Tensor] | None = None
                     ) -> tuple[dict[str, QuantConfig], object | None, object | None]:
-    """(target -> config, allocation, table): the fixed configs, or the ILP's at `lq.budget` over the
-    error table (`lq.table`, or computed and cached)."""
+    """(target -> config, allocation, table): the fixed configs, or the ILP's at `lq.budget`."""
     if plan.layers is not None:
         return {n: plan.layers[n] for n in plan.targets}, None, None
     table = lq.open_table()

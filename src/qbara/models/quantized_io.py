@@ -127,8 +127,7 @@ def buffer_layout(quant: QuantConfig, shape: tuple[int, int]) -> dict[str, torch
 
 
 def _read_manifest(path: Path) -> tuple[dict, str | None]:
-    """The `layers` of qbara_quant.json and the weights' recorded SHA-256 (None if a user deleted it to
-    accept changed weights)."""
+    """The `layers` of qbara_quant.json and the recorded weights SHA-256 (None once a user deleted it)."""
     where = path / QUANT_MANIFEST
     manifest = read_json_file(where, QUANT_MANIFEST, fix="the folder is damaged, save it again")
     if manifest.get("format_version", 1) != 1:

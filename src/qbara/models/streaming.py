@@ -1,8 +1,7 @@
 """The one per-tensor quantize path (`_fill`): tensors read one at a time from safetensors shards, a GGUF file
 or a model's own state dict, each checked, hashed for the dense model's fingerprint and, for a target linear,
-quantized straight into its packed buffers, so no dense copy of the model exists. Non-quantized weights keep
-their storage dtype and are cast to the compute dtype where used (`use_compute_dtype`).
-"""
+quantized straight into its packed buffers: no dense copy of the model exists. The other weights keep their
+storage dtype and are cast to the compute dtype where used (`use_compute_dtype`)."""
 from __future__ import annotations
 
 import functools
@@ -52,9 +51,7 @@ def default_compute_dtype(device) -> torch.dtype:
 
 def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig], modules=ALL_LINEAR,
                           dtype: torch.dtype | None = None, device="cpu", progress: bool = False):
-    """The causal LM of an HF folder with its target linears quantized as read; `dtype` is the storage dtype
-    of the other weights (default: the checkpoint's). Sets `model.qbara.base_fingerprint` and `loaded_quant`, so
-    `prepare` attaches adapters without quantizing again."""
+    """The causal LM of an HF folder (eval, frozen), target linears quantized as read, others in `dtype`."""
     folder = Path(folder)
     files = checkpoint_files(folder)
     check_hf_folder(folder, files)  # config values and sizes, shard headers: before anything is built
@@ -65,8 +62,8 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
 
 def load_gguf_stream(path, quant: QuantConfig | Mapping[str, QuantConfig], modules=ALL_LINEAR,
                      dtype: torch.dtype | None = None, device="cpu", progress: bool = False):
-    """The causal LM in a GGUF file, each tensor dequantized by gguf-py (transformers' name map and
-    q/k un-permutation) and quantized at once if targeted; other weights in `dtype` (default fp32)."""
+    """The causal LM in a GGUF file, each tensor dequantized by gguf-py and quantized at once if targeted;
+    other weights in `dtype` (default fp32)."""
     path = Path(path)
     check_gguf_layout(path)
     config = gguf_config(path)  # its values checked before transformers computes with them
@@ -99,8 +96,7 @@ def _gguf_tensors(path: Path, model):
 
 
 def empty_model(config, storage: torch.dtype, source="the model config"):
-    """The causal LM of `config` on meta tensors (buffers are real); a config transformers cannot build
-    is one QbaraError naming `source`."""
+    """The causal LM of `config` on meta tensors; a config it cannot build is one QbaraError."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -203,8 +199,7 @@ def _fill(model: nn.Module, read, per_layer: Mapping[str, QuantConfig], importan
 
 
 def _own_tensors(keys: list[str], model: nn.Module) -> list:
-    """`_fill`'s source for a model in memory; each tensor is fetched lazily so a dense weight is freed once
-    its layer is quantized."""
+    """`_fill`'s source for a model in memory, fetched lazily so a dense weight is freed once quantized."""
     triples = []
     for key in keys:
         module_name, _, leaf = key.rpartition(".")
@@ -230,9 +225,8 @@ def _quantize_in_place(model: nn.Module, quant, modules, progress: bool, importa
 def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], modules=ALL_LINEAR,
                    progress: bool = False, importance: Mapping[str, Tensor] | None = None) -> nn.Module:
     """Replace the selected nn.Linear layers (all but lm_head by default) by QuantizedLinear, in place.
-    `quant` is one config or a layer name -> config mapping (exactly the layers it names). `importance`: layer name ->
-    rounding importance (per-column mean squares or per-weight, e.g. a Fisher diagonal), required for every gguf:*
-    layer, weighting the block scale search as llama-quantize's imatrix does."""
+    `quant`: one config, or layer name -> config (exactly those layers). `importance`: layer name -> rounding importance
+    (per column or per weight), required for every gguf:* layer, as llama-quantize's imatrix."""
     _quantize_in_place(model, quant, modules, progress, importance, hashed=False)
     return enable_native_save(model)
 
@@ -318,8 +312,7 @@ class UpcastLinear(nn.Linear):
 
 
 def use_compute_dtype(model: nn.Module, compute: torch.dtype, every_linear: bool = False) -> nn.Module:
-    """Make embeddings / lm_head stored in another dtype compute in `compute` (cast where used).
-    every_linear: every frozen nn.Linear alike."""
+    """Make embeddings / lm_head (`every_linear`: all frozen linears) stored narrow compute in `compute`."""
     embedding = model.get_input_embeddings()
     if embedding is None or embedding.weight.dtype == compute:
         return model

@@ -1,6 +1,5 @@
 """Tiny random models with an offline byte-level tokenizer, for fast unit tests. Dimensions are multiples of 32
-so group sizes 32 and 64 divide every linear's input features.
-"""
+so group sizes 32 and 64 divide every linear's input features."""
 
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ CHATML_TEMPLATE = (
 
 
 def byte_tokenizer(model_max_length: int = 2048):
-    """A byte-level tokenizer: 256 byte tokens (ids 0..255) then the special tokens; no merges, so any
-    text round-trips exactly."""
+    """A byte-level tokenizer: bytes 0..255 then the special tokens; no merges, so text round-trips."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
