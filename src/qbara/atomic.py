@@ -28,7 +28,7 @@ _recorders: list[Callable[[Path, Path], None]] = []
 
 @contextlib.contextmanager
 def recording_temporaries(record: Callable[[Path, Path], None]) -> Iterator[None]:
-    """While inside, `record(tmp, path)` each temporary `write_file_atomic` creates, before writing."""
+    """While inside, call `record(tmp, path)` for each temporary `write_file_atomic` creates, before writing."""
     _recorders.append(record)
     try:
         yield

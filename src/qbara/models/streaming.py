@@ -312,7 +312,7 @@ class UpcastLinear(nn.Linear):
 
 
 def use_compute_dtype(model: nn.Module, compute: torch.dtype, every_linear: bool = False) -> nn.Module:
-    """Make embeddings / lm_head (`every_linear`: all frozen linears) stored narrow compute in `compute`."""
+    """Make a narrow-stored embedding / lm_head (`every_linear`: every frozen linear) compute in `compute`."""
     embedding = model.get_input_embeddings()
     if embedding is None or embedding.weight.dtype == compute:
         return model
