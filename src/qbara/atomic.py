@@ -1,6 +1,5 @@
-"""Atomic file writes: write to a temporary file beside the target, fsync, then rename over it.
-
-A process killed at any moment leaves either the old file or the new one, never a half-written one.
+"""Atomic file writes: a temporary beside the target, fsync, then rename over it, so a kill leaves the old file
+or the new one, never half of one.
 """
 from __future__ import annotations
 
@@ -29,8 +28,7 @@ _recorders: list[Callable[[Path, Path], None]] = []
 
 @contextlib.contextmanager
 def recording_temporaries(record: Callable[[Path, Path], None]) -> Iterator[None]:
-    """While inside, call `record(tmp, path)` for each temporary file `write_file_atomic` creates (before it
-    is written): an output's lock journals those of its output."""
+    """While inside, call `record(tmp, path)` for each temporary `write_file_atomic` creates, before writing."""
     _recorders.append(record)
     try:
         yield
@@ -39,8 +37,8 @@ def recording_temporaries(record: Callable[[Path, Path], None]) -> Iterator[None
 
 
 def write_file_atomic(path, write) -> Path:
-    """Call `write(tmp_path)` for a temporary file beside `path`, fsync it, give it the permissions a
-    newly created file would have, and rename it over `path`."""
+    """Call `write(tmp_path)` for a temporary beside `path`, fsync it, give it a new file's
+    permissions and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -60,7 +58,6 @@ def write_file_atomic(path, write) -> Path:
 
 
 def write_json_atomic(path, data) -> Path:
-    """Write `data` as indented JSON."""
     def write(tmp):
         with open(tmp, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=False)
@@ -75,7 +72,6 @@ def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None) -
 
 
 def write_bytes_atomic(path, data: bytes) -> Path:
-    """Write `data` as the file's bytes."""
     def write(tmp):
         with open(tmp, "wb") as fh:
             fh.write(data)

@@ -44,8 +44,7 @@ def world_size() -> int:
 
 
 def end_process_group() -> None:
-    """Wait for every rank, then tear the group down before the process exits: a gloo group left alive at
-    interpreter exit can abort a rank ("terminate called without an active exception")."""
+    """Wait for every rank, then tear the group down (a gloo group alive at exit can abort a rank)."""
     dist = running_group()
     if dist is not None:
         dist.barrier()

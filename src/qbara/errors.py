@@ -18,8 +18,8 @@ def strict_from_dict(cls, data: dict):
 
 
 def check_types(obj, fields: dict) -> None:
-    """Refuse a dataclass field whose value is not of its type: `fields` maps name -> (types, allow None).
-    bool is never accepted for int or float (`rank: true` is a mistake, not 1); an int is a valid float."""
+    """Refuse a dataclass field whose value is not of its type (`fields`: name -> (types, allow None));
+    bool is never an int or float, an int is a valid float."""
     for name, (types, optional) in fields.items():
         value = getattr(obj, name)
         if value is None and optional:

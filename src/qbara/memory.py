@@ -8,8 +8,8 @@ __all__ = ["release_freed_memory"]
 
 
 def release_freed_memory() -> None:
-    """Return the heap pages freed by temporaries to the OS (glibc keeps them, pinned by the small long-lived
-    allocations made between them, such as packed codes and low-rank factors); a no-op where there is no glibc."""
+    """Return heap pages freed by temporaries to the OS (glibc keeps them, pinned by small
+    long-lived allocations); a no-op without glibc."""
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

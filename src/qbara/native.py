@@ -1,11 +1,6 @@
-"""Writing qbara's native quantized checkpoint: an HF folder whose quantized linears keep their packed buffers.
-
-Files: `config.json` (the HF config), `qbara_model.safetensors` (parameters and packed buffers),
-`qbara_quant.json` (layer name -> QuantConfig) and the tokenizer files. `save_quantized` writes into a
-temporary folder and swaps it into place (`qbara.outputs`), so an interrupted save never leaves a half folder.
-The models `qbara.state.enable_native_save` marks save through `_save_pretrained` here. Reading it back is
-`qbara.models.quantized_io` (a layer up: it builds the model with transformers).
-"""
+"""Writing qbara's native quantized checkpoint: an HF folder whose quantized linears keep their packed buffers:
+`config.json`, `qbara_model.safetensors`, `qbara_quant.json` (layer name -> QuantConfig) and the tokenizer. Models
+`qbara.state.enable_native_save` marks save through `_save_pretrained` here; reading is `qbara.models.quantized_io`."""
 from __future__ import annotations
 
 import copy
@@ -41,13 +36,8 @@ def _quantization_entry() -> dict:
 
 
 def save_quantized(model, tokenizer, out_dir, base_only: bool = False, overwrite: bool = False) -> Path:
-    """Save a model whose linears are QuantizedLinear (e.g. after merge(into='quantized')) as a folder.
-
-    base_only=True saves the quantized base under a model's adapters (without them; save those with
-    `save_adapter`), e.g. the Q of an LQ-LoRA / LoftQ decomposition the adapters start from. The folder
-    follows `qbara.outputs`' rule: built beside and swapped in; a non-empty folder qbara did not write is
-    refused unless overwrite=True (the files there are kept).
-    """
+    """Save a model whose linears are QuantizedLinear as a folder (`qbara.outputs`' swap); base_only:
+    the quantized base under its adapters, without them."""
     with output_folder(out_dir, overwrite=overwrite, command="save_quantized", option="out_dir") as tmp:
         write_quantized(model, tokenizer, tmp, base_only)
     return Path(out_dir)
@@ -86,8 +76,7 @@ def write_quantized(model, tokenizer, folder, base_only: bool = False) -> Path:
 
 
 def _without_adapters(state: dict, layers: dict, adapted: dict) -> tuple[dict, dict]:
-    """State dict and layer manifest of the bases under the adapters: `name.base.x` -> `name.x`, adapter
-    parameters dropped."""
+    """State dict and layer manifest of the bases under the adapters (`name.base.x` -> `name.x`)."""
     def rename(key: str) -> str | None:
         for name in adapted:
             if key.startswith(name + "."):
@@ -130,8 +119,7 @@ def _save_pretrained(self, save_directory, is_main_process: bool = True, state_d
 
 
 def _save_native(model, folder) -> Path:
-    """Write `model` into `folder` in place: the quantized base, and its adapters (recorded against that base)
-    when it has some. `qbara.load_model(folder)` loads both back."""
+    """Write `model` into `folder` in place: the quantized base, and its adapters if any."""
     folder = Path(folder)
     adapted = bool(adapter_layers(model))
     write_quantized(model, None, folder, base_only=adapted)

@@ -1,5 +1,4 @@
-"""Config fields that carry their own one-line doc, so `qbara train --print-config` and docs/config.md are
-read from the classes themselves and cannot drift from them."""
+"""Config fields carrying a one-line doc, so `qbara train --print-config` and docs/config.md read the classes."""
 from __future__ import annotations
 
 import dataclasses

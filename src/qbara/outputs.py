@@ -1,12 +1,7 @@
-"""Where qbara writes: one rule for every output folder or file, checked before any work starts (docs/safety.md).
-
-An output may not be or contain an input or the working folder, nor be a non-empty folder qbara did not write
-(its manifest `.qbara-output.json`; a GGUF file's `general.quantized_by`) unless `overwrite`. Nothing qbara did not
-write is deleted: a replaced folder's other files are carried over (hard links), a clashing one kept under
-`qbara-replaced/`. Folders are built beside and swapped in by renames, so the path always holds a complete output.
-A lock file `.NAME.qbara-lock` keeps a second process off the output and journals the run's temporaries, which the
-next run recovers after a kill. A write fault (disk full, size limit, read-only) is one line naming the path.
-"""
+"""Where qbara writes: one rule for every output, checked before any work starts (docs/safety.md). An output may
+not be or contain an input or the working folder, nor be a non-empty folder qbara did not write (manifest
+`.qbara-output.json`; a GGUF's `general.quantized_by`) unless `overwrite`; foreign files are carried over or kept
+in `qbara-replaced/`. Folders are swapped in by renames under a lock `.NAME.qbara-lock` that journals temporaries."""
 from __future__ import annotations
 
 import contextlib
@@ -70,10 +65,7 @@ def _contains(outer: Path, inner: Path) -> bool:
 def check_output(path, inputs: Iterable = (), *, overwrite: bool = False, kind: str = "folder",
                  option: str = "--out") -> Path:
     """Refuse an output that would destroy an input or a user's files; returns the absolute path.
-
-    inputs: paths the command reads (names that are not paths on disk, like 'smollm2-135m', are skipped).
-    kind: 'folder' or 'file'.
-    """
+    inputs: paths the command reads (non-paths like 'smollm2-135m' skipped). kind: 'folder' or 'file'."""
     if path is None or str(path).strip() == "":
         raise QbaraError(f"{option} is empty; name the output {kind}")
     out = _resolved(path)
@@ -107,8 +99,7 @@ def check_output(path, inputs: Iterable = (), *, overwrite: bool = False, kind: 
 
 
 def _check_writable(out: Path, given: str, option: str) -> None:
-    """Refuse an output under a file, or in a folder this process cannot write into (read-only, or a
-    pseudo filesystem such as /proc): before any work starts."""
+    """Refuse an output under a file or in a folder this process cannot write into."""
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -126,8 +117,7 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT, errno.EAC
 
 
 def _write_error(err: OSError, out) -> QbaraError:
-    """One line for an I/O error while writing the output `out` (disk full, file too large, read-only
-    filesystem): the path, the cause, and that the previous output is kept."""
+    """One line for a write fault on `out`: the path, the cause, and that the previous output is kept."""
     path = err.filename or out
     cause = err.strerror or str(err)
     return QbaraError(f"cannot write {path} ({cause}); the previous output at {out} is kept: free space or "
@@ -139,8 +129,8 @@ _TORCH_SHORT_WRITE = ("unexpected pos", "file write failed")  # torch's zip writ
 
 
 def _write_failure(err: BaseException, out) -> QbaraError | None:
-    """The one-line `write_error` for `err` when it is a write fault, else None: an OSError with one of
-    WRITE_ERRNOS, a SafetensorError wrapping one, or torch.save's writer stopping short (no errno given)."""
+    """The `_write_error` for `err` when it is a write fault (an OSError in _WRITE_ERRNOS, a SafetensorError
+    wrapping one, torch.save stopping short), else None."""
     if isinstance(err, OSError):
         return _write_error(err, out) if err.errno in _WRITE_ERRNOS else None
     text = str(err)
@@ -155,7 +145,7 @@ def _write_failure(err: BaseException, out) -> QbaraError | None:
 
 @contextlib.contextmanager
 def write_faults_as_errors(out) -> Iterator[None]:
-    """Raise a write fault inside (see `write_failure`) as the one-line `write_error` for the output `out`."""
+    """Raise a write fault inside as the one-line `_write_error` for `out`."""
     try:
         yield
     except Exception as err:
@@ -195,8 +185,7 @@ def _lock_path(out: Path) -> Path:
 
 
 class OutputLock:
-    """The held lock of the output `out`. Its file is the journal of this run: the pid, then one line per
-    temporary the run creates for `out` or a path inside it, written before the temporary gets any content."""
+    """The held lock of `out`; its file journals the pid, then each temporary before it gets content."""
 
     def __init__(self, out: Path, fd: int):
         self.out, self._fd, self._temporaries = out, fd, []
@@ -216,9 +205,7 @@ class OutputLock:
     @contextlib.contextmanager
     def replace_folder(self, target: Path, command: str = "", foreign: Iterable[str] | None = None,
                        mark: bool = True) -> Iterator[Path]:
-        """Yield an empty temporary folder beside `target` (this lock's output or a folder inside it); when the
-        block succeeds it replaces `target` (`install_folder`), otherwise it is removed. A write fault becomes
-        `write_error`."""
+        """Yield an empty temporary folder that replaces `target` on success (else removed)."""
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.qbara-new-", dir=target.parent))
         self.record("new", tmp, target)
         try:
@@ -233,10 +220,8 @@ class OutputLock:
 
 @contextlib.contextmanager
 def output_lock(out: Path) -> Iterator[OutputLock]:
-    """Hold `.NAME.qbara-lock` beside `out` (another holder makes this fail at once with its pid), recover what
-    the journal of a killed run lists, and journal this run's temporaries (those of `atomic.write_file_atomic`
-    for `out` or files in it included). The lock file is removed at the end unless a journaled temporary is
-    left (a failed swap's backup): then the next run recovers it."""
+    """Hold `.NAME.qbara-lock` beside `out` (a second holder fails at once), recover what a killed run's
+    journal lists, and journal this run's temporaries. The lock file stays only while a journaled temporary is left."""
     out = _resolved(out)
     lock_file = _lock_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -257,7 +242,7 @@ def output_lock(out: Path) -> Iterator[OutputLock]:
 
 
 def _acquire(lock_file: Path, out: Path) -> int:
-    """Open and flock the lock file (the one at the path now, should a holder remove it meanwhile)."""
+    """Open and flock the lock file (retrying should the holder remove it meanwhile)."""
     while True:
         fd = _open_lock(lock_file)
         try:
@@ -278,7 +263,7 @@ def _acquire(lock_file: Path, out: Path) -> int:
 
 def _open_lock(lock_file: Path) -> int:
     """Open (or create) the lock file, never through a link nor a file that is not this user's own regular
-    file: in a shared folder another user could plant one to make qbara overwrite a file of ours."""
+    file: in a shared folder another user could plant one."""
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     fix = f"qbara writes its lock only to a file it created: if no qbara run is writing there, remove {lock_file}"
     try:
@@ -310,16 +295,14 @@ def _write_lock(fd: int, pid: int, entries: list[tuple[str, Path, Path]]) -> Non
 
 
 def _record_file(lock: OutputLock, tmp: Path, path: Path) -> None:
-    """Journal a write_file_atomic temporary when its file is the output or directly in it (deeper ones are
-    inside a folder that is replaced or removed whole, such as a checkpoint)."""
+    """Journal a write_file_atomic temporary whose file is the output or directly in it."""
     path = _resolved(path)
     if path == lock.out or path.parent == lock.out:
         lock.record("tmp", _resolved(tmp), path)
 
 
 def _journal(text: str, out: Path) -> list[tuple[str, Path, Path]]:
-    """The temporaries a lock file's journal lists (kind, path, target; relative to out's folder), each a name
-    qbara gives to a temporary beside a target that is `out` or inside it; anything else is ignored."""
+    """The (kind, path, target) entries of a lock file that name a qbara temporary for `out`; others ignored."""
     entries = []
     for line in text.splitlines()[1:]:
         try:
@@ -333,8 +316,7 @@ def _journal(text: str, out: Path) -> list[tuple[str, Path, Path]]:
 
 
 def _is_temporary_name(kind: str, path: Path, target: Path, out: Path) -> bool:
-    """Whether `path` (relative to out's folder) is a name qbara gives a temporary of `kind` for `target`,
-    `out` itself or a path inside it."""
+    """Whether `path` is a name qbara gives a temporary of `kind` for `target` (`out` or inside it)."""
     if path.is_absolute() or ".." in path.parts or ".." in target.parts or path.parent != target.parent:
         return False
     if not target.parts or target.parts[0] != out.name:
@@ -345,9 +327,7 @@ def _is_temporary_name(kind: str, path: Path, target: Path, out: Path) -> bool:
 
 
 def _recover(out: Path, journal: list[tuple[str, Path, Path]]) -> None:
-    """Clean up after a killed run (call with the lock held), touching only what its `journal` lists: remove
-    unfinished outputs, restore a backup whose new output never arrived (remove the others), remove
-    unfinished files."""
+    """Clean up after a killed run (lock held), touching only what its journal lists."""
     base = out.parent
     for kind, rel, target in sorted(journal, key=lambda e: _KINDS.index(e[0])):
         path, target = base / rel, base / target
@@ -380,8 +360,7 @@ def _remove(path: Path) -> None:
 @contextlib.contextmanager
 def output_folder(path, inputs: Iterable = (), *, overwrite: bool = False, command: str = "",
                   option: str = "--out") -> Iterator[Path]:
-    """Check and lock `path`, yield an empty temporary folder beside it to write the output into; on
-    success swap it in (the user's other files carried over), on failure remove it."""
+    """Check and lock `path`, yield an empty temporary folder for the output; swap it in on success."""
     out = check_output(path, inputs, overwrite=overwrite, kind="folder", option=option)
     with output_lock(out) as lock, lock.replace_folder(out, command) as tmp:
         yield tmp
@@ -415,18 +394,15 @@ def mark_folder(folder: Path, command: str = "", foreign: Iterable[str] = ()) ->
 
 
 def _discard(tmp: Path) -> None:
-    """Remove the unfinished output of a failed run (a killed run skips this; the next run's `recover` does it)."""
+    """Remove a failed run's unfinished output."""
     if tmp.exists():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _install_folder(new: Path, out: Path, command: str = "", *, lock: OutputLock | None = None,
                    foreign: Iterable[str] | None = None, mark: bool = True) -> None:
-    """Make the complete folder `new` the output at `out`: write its manifest (unless not `mark`), carry the
-    user's files over from an existing `out`, then swap (old -> backup, new -> out, backup removed).
-
-    lock: the held lock, which journals the backup so that a killed run's next run restores or removes it.
-    foreign: the user's files of `out` (default: those its manifest does not list)."""
+    """Make the complete folder `new` the output at `out`: manifest (if `mark`), carry the user's files
+    over, then swap via a journaled backup. foreign: the user's files of `out` (default: those not in its manifest)."""
     if mark:
         mark_folder(new, command)
     if not out.exists():
@@ -451,8 +427,8 @@ def _install_folder(new: Path, out: Path, command: str = "", *, lock: OutputLock
 
 
 def _carry_over(old: Path, new: Path, ours: set[str]) -> list[str]:
-    """Link every file of `old` that qbara did not write (not in `ours`) into `new` (a copy where links are not
-    possible); one whose name `new` already uses goes to `new/qbara-replaced/`. Returns those names."""
+    """Link (or copy) every file of `old` not in `ours` into `new`; a name clash goes to
+    `new/qbara-replaced/`. Returns the clashing names."""
     ours = set(ours) | {_MANIFEST}
     replaced = []
     for source in sorted(old.rglob("*")):

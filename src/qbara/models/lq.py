@@ -1,21 +1,7 @@
-"""The one LQ-LoRA / LoftQ pipeline over a whole model: every adapter target quantized as the Q of a decomposition
-W ≈ Q + L1 L2 and its LoRA started from the factors (A = L2/√s, B = L1/√s), so the model at step 0 is Q + L1 L2
-(LQ-LoRA: Guo, Greengard, Xing, Kim, "LQ-LoRA: Low-rank Plus Quantized Matrix Decomposition for Efficient Language
-Model Finetuning", arXiv 2311.12023; LoftQ is its one-format case).
-
-`build_lq_model` runs over a tensor source (`qbara.lazy_tensors.LazyTensors`): a dense model in memory (its own
-weights, quantized in place) or a safetensors checkpoint folder, streamed from its memory-mapped shards without
-ever holding the dense model. Both give the same model bit for bit:
-1. plan: the layers to quantize and decompose, every shape, config and the rank checked (a folder's on a
-   weightless skeleton);
-2. (LQ-LoRA) the error table, one matrix read at a time per worker, and the ILP's configs under the bit budget;
-3. the decompositions with the chosen configs (Q packed, L1 L2 kept);
-4. the quantized model: the targets take their Q, the other quantized layers are quantized plainly (a folder is
-   loaded tensor by tensor by `qbara.models.streaming`, the other weights in the checkpoint's dtype);
-5. the report (`model.qbara.lq`), then LoRA adapters started from the factors.
-Streamed peak memory: the quantized model, the factors (rank·(m+k) fp32 values per matrix), a Fisher matrix per
-worker when one is used, and each worker's matrix with its decomposition temporaries.
-"""
+"""The one LQ-LoRA / LoftQ pipeline: each adapter target quantized as the Q of W ≈ Q + L1 L2, its LoRA started from
+the factors (A = L2/√s, B = L1/√s) ("LQ-LoRA: Low-rank Plus Quantized Matrix Decomposition for Efficient Language
+Model Finetuning", arXiv 2311.12023; LoftQ is its one-format case), over a model in memory or a safetensors folder
+streamed without holding the dense model (both bit-identical). Decompositions, tables and the ILP: qbara.lq."""
 from __future__ import annotations
 
 import dataclasses
@@ -60,15 +46,10 @@ __all__ = ["build_lq_model", "quantize_with_factors", "checkpoint_folder", "load
 
 def build_lq_model(source: nn.Module | str | Path, lq: LQConfig, adapter, *, modules=None,
                    progress: bool = True) -> nn.Module:
-    """`qbara.prepare(source, LQConfig(...), AdapterConfig(...))`: with `lq.budget`, the error table (cached) ->
-    ILP allocation; then every adapter target quantized as the Q of its decomposition W ≈ Q + L1 L2 -> LoRA
-    adapters (`adapter`: rank, alpha, targets) started from the factors. Only the adapters train.
-
-    source: a dense model (quantized in place) or a safetensors checkpoint folder / "smollm2-135m" (streamed).
-    modules: the linears to quantize. With fixed configs (default all but lm_head) those outside the adapter
-    targets are quantized plainly; with a budget the ILP allocates over the adapter targets alone (the default;
-    other layers stay dense). Returns the model; `model.qbara.lq` holds the report (allocation, errors).
-    """
+    """`qbara.prepare(source, LQConfig(...), AdapterConfig(...))`: plan, (with `lq.budget`) error table
+    and ILP, decompositions, the quantized model, LoRA started from the factors; the report is `model.qbara.lq`.
+    source: a dense model (quantized in place) or a safetensors folder / "smollm2-135m" (streamed). modules: the linears
+    to quantize; with fixed configs non-targets are quantized plainly, with a budget they stay dense."""
     if not isinstance(lq, LQConfig):
         raise QbaraError(f"expected a qbara.lq.LQConfig, got {type(lq).__name__}")
     adapter = lq.adapter_config(adapter)
@@ -97,15 +78,9 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
                           fisher: Mapping[str, Tensor] | None = None, seed: int = 0, workers: int | None = None,
                           progress: bool = True, importance: Mapping[str, Tensor] | None = None
                           ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Replace each target nn.Linear of `model` by a QuantizedLinear holding the Q of its LQ-LoRA or LoftQ
-    decomposition, in place; return name -> (L1, L2) for adapters to start from (`build_lq_model` without the
-    allocation and the adapters).
-
-    `quant` is one config for all targets or name -> config (an allocation); `importance`: name -> rounding
-    importance of the gguf:* ones (see `qbara.lq.decompose`). Records the report as `model.qbara.lq` and a
-    fingerprint of the new quantized base as `model.qbara.base_fingerprint` (adapters started from these factors
-    only fit this Q, not a plain quantization of the model).
-    """
+    """Replace each target nn.Linear by a QuantizedLinear holding the Q of its LQ-LoRA / LoftQ
+    decomposition, in place; returns name -> (L1, L2). Records `model.qbara.lq` and the new base's fingerprint
+    (the factors fit this Q only)."""
     per_layer = layer_configs(model, quant, targets)  # dense linears only, every shape checked
     if not per_layer:
         raise QbaraError(f"no linear layers match the targets {targets!r}; check target_modules")
@@ -157,8 +132,7 @@ class _ModelSource:
 
 
 class _FolderSource:
-    """A safetensors checkpoint folder, streamed: planned on a weightless skeleton, its weights read from the
-    shards one matrix at a time, the quantized model filled tensor by tensor."""
+    """A safetensors folder, streamed: planned on a weightless skeleton, read one matrix at a time."""
 
     def __init__(self, name_or_path):
         folder = checkpoint_folder(name_or_path)
@@ -194,9 +168,7 @@ def _model_weights(model: nn.Module, names) -> LazyTensors:
 
 
 def checkpoint_folder(name_or_path) -> Path | None:
-    """The safetensors HF folder behind a model name (an embedded model's converted folder, or a folder with
-    config.json and safetensors shards), or None when it has none to stream from (the in-memory test models, GGUF
-    files, pickle checkpoints, qbara's quantized folders)."""
+    """The safetensors HF folder behind a model name, or None when there is none to stream from."""
     embedded = embedded_folder(name_or_path)
     if embedded is not None:
         return embedded
@@ -207,8 +179,7 @@ def checkpoint_folder(name_or_path) -> Path | None:
 
 
 def checkpoint_file_budget(name_or_path, targets="all-linear", **kwargs) -> FileBudget:
-    """`FileBudget.of_model` for a safetensors checkpoint folder (or "smollm2-135m"), from its config alone (a
-    skeleton without weights), after the folder's checks (`check_hf_folder`)."""
+    """`FileBudget.of_model` for a safetensors folder, from its config alone (after `check_hf_folder`)."""
     folder = checkpoint_folder(name_or_path)
     if folder is None:
         raise QbaraError(f"{str(name_or_path)!r} is not a safetensors checkpoint folder; load the model and use "
@@ -222,9 +193,7 @@ def checkpoint_file_budget(name_or_path, targets="all-linear", **kwargs) -> File
 
 
 def load_calibration_model(folder):
-    """(model, tokenizer): the dense model of a safetensors folder kept in the checkpoint's dtype (2 bytes/param
-    for bf16), every linear cast to fp32 per call on CPU: for the dense perplexity and the Fisher information,
-    whose values equal those of an fp32 load of the same checkpoint."""
+    """(model, tokenizer): a folder's dense model in the checkpoint's dtype, computing in fp32."""
     model, tokenizer = load_model(str(folder), dtype=checkpoint_dtype(checkpoint_files(Path(folder))[0]))
     return use_compute_dtype(model, default_compute_dtype("cpu"), every_linear=True), tokenizer
 
@@ -234,22 +203,20 @@ def load_calibration_model(folder):
 
 @dataclass
 class _LayerPlan:
-    """Which layers an LQ init touches: `targets` (the adapter's, decomposed) and, with fixed configs, `layers`
-    (every quantized layer -> its config; None when the ILP chooses the targets' configs)."""
+    """The adapter `targets` (decomposed) and, with fixed configs, every quantized layer -> its config."""
 
     targets: list[str]
     layers: dict[str, QuantConfig] | None
 
     @property
     def rest(self) -> dict[str, QuantConfig]:
-        """The quantized layers no adapter covers (plain quantization)."""
+        """The quantized layers no adapter covers."""
         targets = set(self.targets)
         return {n: c for n, c in (self.layers or {}).items() if n not in targets}
 
 
 def _plan_layers(model: nn.Module, lq: LQConfig, adapter, modules=None) -> _LayerPlan:
-    """The layers of a dense model (or a weightless skeleton) that `lq` and `adapter` quantize and decompose,
-    every shape checked against its config and the rank before anything is computed."""
+    """The layers `lq` and `adapter` quantize and decompose, every shape and the rank checked first."""
     quantized = [n for n in linear_layer_names(model, adapter.target_modules)
                  if isinstance(model.get_submodule(n), QuantizedLinear)]
     if quantized:
@@ -280,9 +247,7 @@ def _plan_layers(model: nn.Module, lq: LQConfig, adapter, modules=None) -> _Laye
 def _choose_configs(plan: _LayerPlan, weights: Mapping[str, Tensor], lq: LQConfig, rank: int, file, fisher,
                     progress: bool, importance: Mapping[str, Tensor] | None = None
                     ) -> tuple[dict[str, QuantConfig], object | None, object | None]:
-    """(target -> config, allocation, table): the fixed configs, or the ILP's at `lq.budget` from the error table
-    of `weights` (the targets' dense weights, read lazily), computed (cached, with the rounding `importance`)
-    unless `lq.table` is given."""
+    """(target -> config, allocation, table): the fixed configs, or the ILP's at `lq.budget`."""
     if plan.layers is not None:
         return {n: plan.layers[n] for n in plan.targets}, None, None
     table = lq.open_table()
@@ -308,8 +273,7 @@ def _choose_configs(plan: _LayerPlan, weights: Mapping[str, Tensor], lq: LQConfi
 
 
 def _resolve_file_budget(file_budget, defaults: Callable[[], FileBudget]) -> FileBudget | None:
-    """LQConfig.file_budget resolved: None, a FileBudget, or True -> `defaults()`, the source's FileBudget with
-    its default settings."""
+    """LQConfig.file_budget resolved: None, a FileBudget, or True -> `defaults()`."""
     if file_budget is None or file_budget is False:
         return None
     if isinstance(file_budget, FileBudget):
@@ -320,7 +284,7 @@ def _resolve_file_budget(file_budget, defaults: Callable[[], FileBudget]) -> Fil
 
 
 def _place(model: nn.Module, decs: Mapping[str, Decomposition]) -> dict[str, tuple[Tensor, Tensor]]:
-    """Each decomposed linear of a model in memory replaced by its Q; name -> (L1, L2) on the layer's device."""
+    """Each decomposed linear replaced by its Q; returns name -> (L1, L2) on the layer's device."""
     factors = {}
     for n, dec in decs.items():
         layer = model.get_submodule(n)
@@ -341,8 +305,7 @@ def _record(model: nn.Module, method: str, rank: int, decs, fisher: bool, settin
 
 def _attach(model: nn.Module, factors, lq: LQConfig, adapter, allocation, table, file,
             dense_fingerprint) -> nn.Module:
-    """Record the allocation in `model.qbara.lq`, store the factors in `lq.factor_format` and attach the adapters
-    started from them."""
+    """Record the allocation, store the factors in `lq.factor_format`, and attach adapters started from them."""
     report = state_of(model).lq
     if lq.importance is not None:  # how the gguf:* blocks were rounded: "fisher", a file, or a mapping given
         report.settings["importance"] = str(lq.importance) if isinstance(lq.importance, (str, Path)) else "mapping"

