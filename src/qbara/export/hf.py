@@ -32,7 +32,7 @@ def dense_copy(model: nn.Module) -> nn.Module:
     if adapter_layers(dense):
         merge(dense, into="dense")
     dequantize_model(dense)
-    state_of(dense).forget_base()  # a plain dense model now, whatever it held (merge and dequantize forget it too)
+    state_of(dense).forget_base()  # a plain dense model now
     return dense
 
 
