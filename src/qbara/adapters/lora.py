@@ -1,4 +1,4 @@
-""""LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., arXiv:2106.09685).
+"""LoRA / QLoRA. "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., arXiv:2106.09685).
 "QLoRA: Efficient Finetuning of Quantized LLMs" (Dettmers et al., arXiv:2305.14314): LoRA on an NF4 base.
 
     Δ(x) = s · B A x,  s = α / r,  A (r × d_in) Kaiming-uniform,  B (d_out × r) zero  (ΔW = s · B A).

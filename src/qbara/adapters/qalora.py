@@ -1,8 +1,8 @@
-""""QA-LoRA: Quantization-Aware Low-Rank Adaptation of Large Language Models" (Xu et al., arXiv:2309.14717).
+"""QA-LoRA (Xu et al., arXiv:2309.14717): "QA-LoRA: Quantization-Aware Low-Rank Adaptation of Large Language Models".
 
     Δ(x) = s · B A P_G(x),  A (r × d_in/G),  B (d_out × r),  ΔW[o, i] = s · (B A)[o, i // G] / G,
 
-G the base's group size: ΔW is constant on every quantization group, so it folds exactly into an INT base's
+with G the base's group size: ΔW is constant on every quantization group, so it folds exactly into an INT base's
 float minima. Pooling averages, as the reference code does; A starts Kaiming-uniform (that code: Xavier). Saved as
 PEFT's QA-LoRA (`use_qalora`), which sum-pools: lora_alpha = alpha / (d_in / G), per layer via `alpha_pattern`.
 """
