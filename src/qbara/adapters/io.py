@@ -2,7 +2,8 @@
 
 Tensor names follow PEFT (`base_model.model.<layer>.lora_A.weight`, ...). qbara's record (method, per-layer shapes
 and pooling, base quantization and fingerprint, the tensors' SHA-256) is `qbara_adapter.json`, with a copy in the
-safetensors header: a record that differs from it was edited and is refused. No pickle is read.
+safetensors header: a record that differs from it was edited and is refused. A chat template on the model's state
+is saved as `chat_template.jinja` and put back on load. No pickle is read.
 """
 from __future__ import annotations
 
