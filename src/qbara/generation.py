@@ -1,7 +1,5 @@
-"""Text generation for trying a model: prompts rendered with the tokenizer's chat template, greedy or top-p sampling
-on a KV cache, text streamed in whole characters, stopping at EOS or the template's end-of-turn token.
-`read_prompts` reads a prompt file before any model is loaded, so a bad file costs no load.
-"""
+"""Text generation for trying a model: chat-template prompts, greedy or top-p sampling on a KV cache, text
+streamed in whole characters, stopping at EOS or the template's end-of-turn token."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -19,8 +17,7 @@ from qbara.validate import read_text_file
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How a reply is drawn: temperature 0 is greedy; otherwise sampling from the smallest set of tokens whose
-    probability reaches `top_p`, reproducible for a given `seed` (None: a fresh random seed)."""
+    """How a reply is drawn: temperature 0 is greedy, else top-p sampling; seed None draws a fresh seed."""
 
     max_new_tokens: int = 256
     temperature: float = 0.7
@@ -51,9 +48,8 @@ class Prompt:
 
 
 def read_prompts(path: str, system: str | None = None) -> list[Prompt]:
-    """The prompts of a file: a .txt file gives one user prompt a line (blank lines skipped); .jsonl, .json and
-    .csv records (or `dataset:PATH`, as `read_records` reads) give instruction records' instruction (and input)
-    as the user message, chat records' messages up to the last user turn, text records' text as plain text."""
+    """The prompts of a file: .txt gives one user prompt a line; records (as `read_records` reads) give what
+    training renders before the answer, text records their plain text."""
     p = Path(path)
     if not p.exists() and not str(path).startswith("dataset:"):
         raise QbaraError(f"prompt file {path!r} not found; check --file")
@@ -75,8 +71,7 @@ def read_prompts(path: str, system: str | None = None) -> list[Prompt]:
 
 
 def _record_prompt(record, fmt: str, system: str | None) -> Prompt:
-    """One record's prompt, as training renders the record up to its answer (a record's own system field or
-    message comes before `system`)."""
+    """One record's prompt, as training renders it up to its answer (its own system wins over `system`)."""
     if not isinstance(record, dict):
         raise ValueError(getattr(record, "reason", "is not a JSON object"))
     if fmt == "instruction":  # the conversation training builds (qbara.prompt_formats), up to its answer
@@ -106,8 +101,7 @@ def chat_template(tokenizer) -> ChatTemplate | None:
 
 
 def prompt_ids(tokenizer, prompt: Prompt, template: ChatTemplate | None) -> list[int]:
-    """Token ids of `prompt`: its conversation rendered by `template` with the generation prompt (special tokens
-    come from the template, none are added), or its plain text tokenized as the tokenizer does by default."""
+    """Token ids of `prompt`: messages rendered by `template` (no special tokens added), or plain text tokenized."""
     if prompt.messages is None:
         return tokenizer(prompt.text).input_ids
     if template is None:
@@ -133,8 +127,7 @@ _MARK = "qbaraENDofTURNmark"
 
 
 def end_of_turn_id(tokenizer, template: ChatTemplate | None) -> int | None:
-    """The special token the template writes right after an assistant message's content (<|im_end|>,
-    <|eot_id|>, <end_of_turn>...), or None when what follows is not one special token."""
+    """The special token the template writes right after an assistant message (<|im_end|>, ...), or None."""
     if template is None:
         return None
     text = template.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}])
@@ -164,8 +157,7 @@ def _pick(logits: torch.Tensor, settings: GenerationSettings, generator: torch.G
 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """`probs` kept on the smallest set of most likely tokens whose probability reaches `top_p` (the most likely
-    token always), zero elsewhere, renormalized."""
+    """`probs` kept on the smallest set of top tokens reaching `top_p` (at least one), zero elsewhere, renormalized."""
     ordered, order = torch.sort(probs, descending=True)
     before = torch.cumsum(ordered, dim=-1) - ordered  # the mass of the tokens more likely than each
     keep = before < top_p
@@ -203,9 +195,8 @@ def make_generator(settings: GenerationSettings) -> torch.Generator:
 
 
 class TextPieces:
-    """Turns token ids into text pieces as they come, each piece only whole characters: a piece is given when
-    the text decoded so far grows and does not end in an incomplete UTF-8 sequence (U+FFFD). Decoding a short
-    window of recent tokens keeps the cost per token constant and the spacing as a whole decode gives it."""
+    """Token ids to text pieces of whole characters (no trailing U+FFFD); decoding a short window of recent tokens
+    keeps the cost per token constant and the spacing as a whole decode gives it."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
@@ -241,8 +232,7 @@ class Reply:
 
 def stream(model, tokenizer, ids: list[int], settings: GenerationSettings, stop: set[int],
            generator: torch.Generator | None = None, reply: Reply | None = None) -> Iterator[str]:
-    """The reply to prompt `ids` as text pieces, each given as soon as it is whole; `reply` (when given) holds
-    the text, token count and ending so far, also after an interruption."""
+    """The reply to `ids` as text pieces, each as soon as whole; `reply` keeps text, count and ending so far."""
     reply = reply if reply is not None else Reply()
     pieces = TextPieces(tokenizer)
     for token in tokens(model, ids, settings, stop, generator):
@@ -259,9 +249,8 @@ def stream(model, tokenizer, ids: list[int], settings: GenerationSettings, stop:
 
 
 def fit_conversation(tokenizer, template: ChatTemplate | None, messages: list, budget: int) -> tuple[list, list, int]:
-    """(messages, prompt ids, turns dropped): the oldest turns (a user message and the replies after it) dropped,
-    a leading system message kept, until the prompt has at most `budget` tokens or only the last user turn
-    is left (the caller refuses that when it is still too long)."""
+    """(messages, prompt ids, turns dropped): the oldest turns dropped (a system message kept) until the prompt
+    fits `budget` tokens or only the last user turn is left."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     rest, dropped = messages[len(system):], 0
     while True:

@@ -17,12 +17,8 @@ __all__ = ["attach_adapters", "adapter_layers", "trainable_parameter_count"]
 
 def attach_adapters(model: nn.Module, config: AdapterConfig,
                     factors: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> nn.Module:
-    """Wrap every target linear of `model` in its adapter layer, in place; only adapters train.
-
-    With init 'lq' / 'loftq', `factors` (name -> (L1, L2), from `qbara.models.lq.quantize_with_factors`, which
-    also quantizes the layers to match) start each LoRA at s·B A = L1 L2 (`qbara.prepare(model, LQConfig(...),
-    adapter)` does all of it).
-    """
+    """Wrap every target linear of `model` in its adapter layer, in place; only adapters train. `factors`
+    (name -> (L1, L2), init 'lq' / 'loftq') start each LoRA at s·B A = L1 L2."""
     if config.init != "default" and factors is None:
         raise QbaraError(f"init={config.init!r} starts LoRA from a decomposition of the dense weights: use "
                          f"qbara.prepare(dense_model, LQConfig(...), adapter), not attach_adapters on its own")

@@ -2,14 +2,10 @@
 
     y = base(x) + s · R_out(core(dropout(P_in(x))))
 
-P_in averages runs of `pool_in` adjacent input features, R_out repeats each output `pool_out` times, and
-`core` is the method's trainable map on the pooled features (B A for the LoRA family, one matrix M for
-QA-HiRA). Dropout acts on the pooled input, as in the reference code of QA-LoRA and Q-BaRA. The dense
-update is ΔW[o, i] = s · core[o // pool_out, i // pool_in] / pool_in; `merge()` adds it to the weights, and
-`fold()` writes it into an INT base's float minima when it is constant on every quantization block.
-
-`AdapterMethod` is the rest of what qbara knows about a method (its config, saved tensors, PEFT form): each
-method file defines its layer and one AdapterMethod, and `qbara.adapters.methods.METHODS` lists them.
+P_in averages runs of `pool_in` adjacent inputs, R_out repeats each output `pool_out` times, `core` is the
+method's trainable map (B A for the LoRA family, one matrix M for QA-HiRA); dropout acts on the pooled input, as in
+the QA-LoRA and Q-BaRA reference code. Dense update: ΔW[o, i] = s · core[o // pool_out, i // pool_in] / pool_in.
+`AdapterMethod` is the rest qbara knows of a method; `qbara.adapters.methods.METHODS` lists them.
 """
 from __future__ import annotations
 
@@ -79,7 +75,6 @@ class AdaptedLinear(nn.Module):
 
     @property
     def num_trainable(self) -> int:
-        """Trainable parameters of the adapter."""
         return sum(p.numel() for p in self.adapter_parameters().values())
 
     @property
@@ -87,7 +82,6 @@ class AdaptedLinear(nn.Module):
         return getattr(self.base, "quant_config", None)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        """Δ(x) = s · R_out(core(dropout(P_in(x)))) (dropout is the identity in eval mode)."""
         dtype = next(iter(self.adapter_parameters().values())).dtype
         pooled = self.dropout(pool_features(x.to(dtype), self.pool_in))
         return repeat_features(self.core(pooled), self.pool_out) * self.scaling
@@ -97,7 +91,7 @@ class AdaptedLinear(nn.Module):
         return y + self.adapter_forward(x).to(y.dtype)
 
     def delta_weight(self) -> Tensor:
-        """Dense fp32 ΔW with Δ(x) = ΔW x: s · core[o // pool_out, i // pool_in] / pool_in."""
+        """Dense fp32 ΔW with Δ(x) = ΔW x."""
         core = self.core_matrix().detach().float()
         return expand_tiles(core, self.pool_out, self.pool_in) * (self.scaling / self.pool_in)
 
@@ -125,8 +119,7 @@ class AdaptedLinear(nn.Module):
 
     @torch.no_grad()
     def fold(self) -> tuple[QuantizedLinear, float, float]:
-        """The update folded into the INT base's float minima: (layer, ‖ΔW the minima's rounding lost‖²,
-        ‖ΔW‖²) — see `qbara.quant.fold.fold_rounding`."""
+        """The update folded into the INT base's float minima: (layer, ‖ΔW lost to rounding‖², ‖ΔW‖²)."""
         self.check_merge("quantized")
         before, delta = self.base.qweight, self.delta_weight()
         after = fold_block_constants(before, delta)
@@ -134,11 +127,8 @@ class AdaptedLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, into: str = "dense") -> nn.Module:
-        """The layer with the adapter merged in:
-        dense: an fp32 nn.Linear(dequant(W) + ΔW), exact;
-        quantized: a QuantizedLinear whose float minima absorbed ΔW (QA-LoRA, QA-HiRA; see `fold`);
-        requantized: dequant(W) + ΔW quantized again with the base's own config, what PEFT and most tools do
-            (lossy: the update and the weights are rounded together)."""
+        """The layer with the adapter merged in. dense: fp32 nn.Linear(dequant(W) + ΔW), exact; quantized: ΔW
+        folded into the base's float minima (see `fold`); requantized: dequant(W) + ΔW quantized again (lossy)."""
         self.check_merge(into)
         if into == "quantized":
             return self.fold()[0]
@@ -149,14 +139,9 @@ class AdaptedLinear(nn.Module):
 
 
 class AdapterMethod:
-    """One adapter method: builds its layer and says what the rest of qbara needs to know about it.
-
-    name: the AdapterConfig.method naming it (its layer's `method`). knobs: the AdapterConfig fields it reads
-    besides rank, alpha, dropout and target_modules. tensors: its parameter modules, saved as
-    `<layer>.<tensor>.weight` (the model loader recognises them by these names). starts_from_factors: LQ-LoRA /
-    LoftQ factors can start it (AdapterConfig init 'lq' / 'loftq'). Whether it folds into a quantized base is
-    its layer's `fold_problem()`: the update is constant on (pool_out x pool_in) tiles.
-    """
+    """One adapter method: builds its layer and tells the rest of qbara about it. knobs: the AdapterConfig fields
+    it reads beyond rank, alpha, dropout, target_modules; tensors: its parameter modules, saved as
+    `<layer>.<tensor>.weight`; starts_from_factors: LQ-LoRA / LoftQ factors can start it."""
 
     layer: type[AdaptedLinear] = AdaptedLinear
     knobs: tuple[str, ...] = ()
@@ -171,8 +156,7 @@ class AdapterMethod:
         return f"<adapter method {self.name}>"
 
     def build(self, base: nn.Module, config, name: str = "layer") -> AdaptedLinear:
-        """The adapter layer on `base` (a QuantizedLinear or an nn.Linear) that `config` (an AdapterConfig)
-        describes; `name` is used in error messages."""
+        """The adapter layer on `base` that `config` describes; `name` is for error messages."""
         raise NotImplementedError
 
     def check(self, config) -> None:
@@ -181,8 +165,7 @@ class AdapterMethod:
             raise QbaraError(f"init={config.init!r} initialises plain LoRA factors; use method='lora' with it")
 
     def shapes(self, config, layer: dict) -> dict[str, tuple[int, ...]]:
-        """Parameter name -> shape of the tensors saved for one layer, from its record (in_features,
-        out_features, pool_in, pool_out, as `save_adapter` writes it) and `config`."""
+        """Parameter name -> saved shape for one layer, from its `save_adapter` record and `config`."""
         raise NotImplementedError
 
     def parameter_count(self, config, layer: dict) -> int:
@@ -190,13 +173,11 @@ class AdapterMethod:
         return sum(math.prod(shape) for shape in self.shapes(config, layer).values())
 
     def peft_fields(self, layers: dict, alpha: float) -> dict:
-        """The adapter_config.json entries that say how PEFT should read `layers` (name -> adapter layer);
-        by default that PEFT cannot."""
+        """The adapter_config.json entries telling PEFT how to read `layers`; by default, that it cannot."""
         return qbara_only_fields(self.name, alpha)
 
     def read_peft(self, data: dict, where) -> dict | None:
-        """The AdapterConfig knobs of a PEFT LoRA config (`data`, read from `where`) that is this method
-        (pool_in among them when its layers pool their input), or None when it is not."""
+        """This method's AdapterConfig knobs from a PEFT LoRA config `data` (read from `where`), or None."""
         return None
 
     def peft_alpha_factor(self, in_features: int, pool_in: int) -> int:

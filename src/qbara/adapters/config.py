@@ -1,5 +1,4 @@
-"""Adapter configuration: one flat dataclass (what config files and saved adapter records hold); the method it
-names checks the settings only it knows about (`AdapterMethod.check`)."""
+"""Adapter configuration: one flat dataclass, as config files and adapter records hold it."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,20 +22,9 @@ _MAX_RANK = 65536  # above any layer's side: a larger rank is a typo, refused be
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """Which adapter to train on the quantized base, and its shape.
-
-    method: lora (QLoRA on an NF base), qalora (input pooled by the base's group size G),
-        qbara (input pooled by `pool`, rank pool*rank, output repeated `pool` times),
-        qahira (one matrix between input pooling `pool_in` and output repetition `pool_out`).
-    rank, alpha: LoRA rank r and alpha; the scaling is alpha / rank for every method.
-    pool: Q-BaRA's lambda. pool_in / pool_out: QA-HiRA's (defaults: pool_in = the base's group size,
-        pool_out chosen per layer so its parameter count is closest to LoRA's at `rank`).
-    init: "default" (A Kaiming-uniform, B zero; QA-HiRA's M zero), "loftq" or "lq" (LoRA factors from a
-        low-rank plus quantized decomposition so that the model at step 0 approximates the dense one). The
-        primary form is `prepare(model, LQConfig(...), AdapterConfig(...))` (`qbara.lq.LQConfig`: budget,
-        configs, Fisher, iterations), which sets init itself; init="lq" / "loftq" with a QuantConfig is shorthand
-        for `LQConfig(configs=quant, method=init)` (LoftQ with `loftq_iters`).
-    """
+    """Which adapter to train on the quantized base, and its shape (each field's help says what it means).
+    init "lq" / "loftq" is set by `prepare(model, LQConfig(...), adapter)`; with a QuantConfig it is shorthand
+    for `LQConfig(configs=quant, method=init)`."""
 
     method: str = option(DEFAULT_METHOD, "lora (QLoRA on an NF base), qalora, qbara or qahira; qlora = lora on NF4")
     rank: int = option(64, "adapter rank r")
@@ -88,7 +76,7 @@ class AdapterConfig:
 
     @property
     def method_spec(self) -> AdapterMethod:
-        """The method `method` names (`qbara.adapters.methods.METHODS`)."""
+        """The AdapterMethod `method` names."""
         return METHODS[self.method]
 
     @property

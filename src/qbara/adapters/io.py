@@ -1,12 +1,9 @@
 """Adapter files in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`, plus `qbara_adapter.json`.
 
-Tensor names follow PEFT (`base_model.model.<layer>.lora_A.weight`, ...); adapter_config.json is what each method
-says PEFT should read (`AdapterMethod.peft_fields`). qbara's own record (method, per-layer shapes and pooling, the
-base's quantization, a fingerprint of the base, the tensors' SHA-256) is `qbara_adapter.json` (qbara <= 0.1 kept it
-in adapter_config.json; still read), with a copy in the safetensors header: a record that differs from it was
-edited and is refused, so loading onto the wrong base or from an edited folder fails clearly. Loading reads JSON
-and safetensors only (no pickle). A chat template on the model's state is saved as `chat_template.jinja` and put
-back on load.
+Tensor names follow PEFT (`base_model.model.<layer>.lora_A.weight`, ...). qbara's record (method, per-layer shapes
+and pooling, base quantization and fingerprint, the tensors' SHA-256) is `qbara_adapter.json`, with a copy in the
+safetensors header: a record that differs from it was edited and is refused. A chat template on the model's state
+is saved as `chat_template.jinja` and put back on load. No pickle is read.
 """
 from __future__ import annotations
 
@@ -67,13 +64,9 @@ def base_fingerprint(model: nn.Module) -> str:
 
 def save_adapter(model: nn.Module, directory, base_model_name: str | None = None,
                  fingerprint: str | None = None) -> Path:
-    """Write the model's adapters to `directory` (created; each file written atomically).
-
-    base_model_name: the base recorded as PEFT's base_model_name_or_path (default: the model's name_or_path),
-    a folder or hub name; for a built-in model name pass `qbara.models.loader.base_model_path(name)`.
-
-    fingerprint: the base the adapter is recorded against (default: the one `prepare` recorded, i.e.
-    the unquantized model; `qbara.native`'s save passes its quantized base's, saved beside it)."""
+    """Write the model's adapters to `directory` (created; each file atomically). base_model_name: PEFT's
+    base_model_name_or_path (default: the model's name_or_path); fingerprint: the base recorded (default: the
+    unquantized model `prepare` saw)."""
     layers = adapter_layers(model)
     if not layers:
         raise QbaraError("this model has no adapters to save; attach them with qbara.prepare(..., adapter=...)")
@@ -114,9 +107,8 @@ def save_adapter(model: nn.Module, directory, base_model_name: str | None = None
 
 
 def read_chat_template(directory) -> str | None:
-    """The chat template recorded in the adapter folder `directory` (its chat_template.jinja: the Jinja text the
-    training prompts were rendered with), read bounded and compiled in the sandbox; None when the folder has none
-    (adapters of older qbara versions, PEFT folders)."""
+    """The adapter folder's chat_template.jinja (the template training rendered with), compiled in the sandbox;
+    None when it has none."""
     path = Path(directory) / _TEMPLATE_NAME
     if not os.path.lexists(path):
         return None
@@ -126,8 +118,7 @@ def read_chat_template(directory) -> str | None:
 
 
 def _peft_targets(model: nn.Module, adapted: list[str]) -> list[str]:
-    """PEFT's target_modules for the adapted layers: their last name components when those select exactly
-    them (PEFT matches a name by its suffix), otherwise the full names."""
+    """PEFT's target_modules: the layers' last name components when those select exactly them, else full names."""
     suffixes = {n.rsplit(".", 1)[-1] for n in adapted}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inside = tuple(f"{n}." for n in adapted)
@@ -138,9 +129,7 @@ def _peft_targets(model: nn.Module, adapted: list[str]) -> list[str]:
 
 
 def peft_base_name(name: str | None) -> str | None:
-    """A base_model_name_or_path PEFT can load: a local folder as its absolute path; a test model (tiny-*) has
-    none. A built-in model's name is resolved by the caller (`qbara.models.loader.base_model_path`: the
-    embedded SmolLM2 as its converted folder; a model loaded by name records that folder as its name_or_path)."""
+    """A base_model_name_or_path PEFT can load: a local folder as its absolute path; None for a tiny-* model."""
     if not name:
         return None
     if name.strip().lower().startswith("tiny-"):
@@ -150,8 +139,8 @@ def peft_base_name(name: str | None) -> str | None:
 
 
 def read_adapter_config(directory, peft: bool = False) -> dict:
-    """The parsed adapter_config.json of a qbara adapter folder with qbara's record under "qbara", with clear
-    errors. peft=True: a folder PEFT wrote is returned with "qbara": None (see `qbara.adapters.peft_import`)."""
+    """The adapter folder's adapter_config.json with qbara's record under "qbara"; peft=True also accepts a
+    folder PEFT wrote ("qbara": None)."""
     directory = Path(directory)
     path = directory / CONFIG_NAME
     if not directory.is_dir():
@@ -175,15 +164,14 @@ def read_adapter_config(directory, peft: bool = False) -> dict:
 
 
 def _refuse_missing_record(directory: Path) -> None:
-    """A folder whose weights carry the record copy `save_adapter` writes is qbara's: without its qbara_adapter.json
-    it must not be read as a PEFT adapter (that would skip the base and quantization checks)."""
+    """Refuse reading a qbara folder that lost its qbara_adapter.json as a PEFT one (it would skip the checks)."""
     if _RECORD_KEY in safetensors_metadata(directory / WEIGHTS_NAME, "adapter weights"):
         raise QbaraError(f"{directory / _QBARA_NAME} is missing: the folder's {WEIGHTS_NAME} was saved by qbara with "
                          f"that record; restore the file or save the adapter again")
 
 
 def _canonical(value) -> str:
-    """A JSON value as one text, the same for equal values (keys sorted, no spaces)."""
+    """A JSON value as one text, the same for equal values."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
@@ -195,8 +183,7 @@ def _check_record_against_weights(directory, record: dict) -> None:
 
 
 def _check_adapter_sizes(weights, config: AdapterConfig, records: dict) -> None:
-    """Refuse an adapter whose config (rank, pooling) implies other tensor sizes than its weights file holds,
-    from the file's header, before any adapter is allocated (a forged `rank: 1000000` costs nothing)."""
+    """Refuse a config whose sizes differ from the weights file's header, before anything is allocated."""
     shapes = safetensors_shapes(weights, "adapter weights file")
     held = {key: math.prod(shape) for key, shape in shapes.items()}
     for name, record in records.items():
@@ -211,8 +198,7 @@ def _check_adapter_sizes(weights, config: AdapterConfig, records: dict) -> None:
 
 
 def _check_record_as_saved(directory, record: dict) -> None:
-    """Refuse a record that differs from the copy `save_adapter` put in the safetensors header, naming the first
-    entry that differs; a folder saved without that copy (qbara before it existed) passes."""
+    """Refuse a record that differs from its copy in the safetensors header (none there: passes)."""
     weights = Path(directory) / WEIGHTS_NAME
     saved = safetensors_metadata(weights, "adapter weights").get(_RECORD_KEY)
     if saved is None or _canonical(record) == saved:
@@ -231,8 +217,7 @@ def _check_record_as_saved(directory, record: dict) -> None:
 
 
 def _first_difference(now, then, path: str = "", depth: int = 3):
-    """(dotted path, value now, value saved) of the first entry where two JSON values differ, down to `depth`
-    levels (a layer's whole `quant`, not one of its fields)."""
+    """(dotted path, now, saved) of the first entry where two JSON values differ, down to `depth` levels."""
     if depth and isinstance(now, dict) and isinstance(then, dict):
         for key in sorted(set(now) | set(then)):
             if key not in now or key not in then or _canonical(now[key]) != _canonical(then[key]):
@@ -241,8 +226,7 @@ def _first_difference(now, then, path: str = "", depth: int = 3):
 
 
 def _check_adapter_record(path, record: dict) -> None:
-    """The `adapter` settings and per-layer `quant` of a qbara adapter record build valid configs; errors name
-    the file."""
+    """Check that the record's `adapter` and per-layer `quant` build valid configs."""
     try:
         AdapterConfig.from_dict(record["adapter"])
         layers = record.get("layers")
@@ -254,13 +238,13 @@ def _check_adapter_record(path, record: dict) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    """A JSON object of the adapter folder, its size, encoding, nesting and type checked."""
+    """A JSON object of the adapter folder, checked."""
     return read_json_file(path, path.name, fix="the file is damaged, save the adapter again")
 
 
 def check_base_fingerprint(info: dict, model: nn.Module, what: str, fix: str, required: bool = False) -> None:
-    """Refuse `model` as the base of the adapter record `info` when its fingerprint differs from the recorded
-    one (a record without one passes unless `required`)."""
+    """Refuse `model` when its fingerprint differs from the one `info` records (none recorded: passes unless
+    `required`)."""
     expected, actual = info.get("base_fingerprint"), base_fingerprint(model)
     if (expected or required) and expected != actual:
         raise QbaraError(f"{what} was trained on a different base model (fingerprint {expected}, this model "
@@ -268,9 +252,8 @@ def check_base_fingerprint(info: dict, model: nn.Module, what: str, fix: str, re
 
 
 def adapter_base_quant(directory) -> dict[str, QuantConfig] | None:
-    """Layer name -> the QuantConfig the adapter's base was quantized with, for quantizing a dense base on load
-    (`load_model(..., quant=...)`); None when the base is not a plain quantization of the dense model (LoftQ /
-    LQ decompositions, dense layers)."""
+    """Layer name -> the QuantConfig the adapter's base had, to quantize a dense base on load; None when that base
+    was not a plain quantization (LoftQ / LQ, dense layers)."""
     info = read_adapter_config(directory, peft=True)["qbara"]
     if info is None:  # a PEFT adapter: trained on the dense model as far as anyone knows
         return None
@@ -305,8 +288,7 @@ def _check_layer_records(records, directory) -> None:
 
 
 def _check_layer_quant(directory, name: str, recorded: dict | None, base: nn.Module) -> None:
-    """Refuse the base layer `name` when it is quantized otherwise than the adapter's record says it was trained
-    on (format, block size, every setting) — or is quantized where the adapter was trained on a dense layer."""
+    """Refuse base layer `name` when its quantization (or none) differs from what the adapter was trained on."""
     actual = base.quant_config if isinstance(base, QuantizedLinear) else None
     expected = QuantConfig.from_dict(recorded) if recorded is not None else None
     if expected == actual:
@@ -350,8 +332,7 @@ _EXACT_WIDENING = {torch.float16: {torch.float32, torch.float64}, torch.bfloat16
 
 
 def _check_exact_dtype(stored: torch.dtype, wanted: torch.dtype, what: str) -> None:
-    """Refuse an adapter tensor whose dtype would round when copied into its `wanted`-typed parameter: the same
-    dtype, or an exact widening (fp16 / bf16 -> fp32, as PEFT saves half-precision adapters), loads."""
+    """Refuse a stored dtype that would round into the `wanted` parameter dtype (exact widenings pass)."""
     if stored == wanted or wanted in _EXACT_WIDENING.get(stored, ()):
         return
     narrower = [str(d).removeprefix("torch.") for d, wider in _EXACT_WIDENING.items() if wanted in wider]
@@ -369,11 +350,8 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
 
 
 def load_adapter(model: nn.Module, directory, check_base: bool = True) -> nn.Module:
-    """Attach the adapters saved in `directory` to `model` (in place) and load their weights.
-
-    An unquantized base is first quantized with the configurations the adapter was trained on.
-    Refuses a base whose fingerprint differs from the one recorded (check_base=False skips this).
-    """
+    """Attach the adapters saved in `directory` to `model` (in place), quantizing a dense base as recorded;
+    refuses a base with another fingerprint unless check_base=False."""
     data = read_adapter_config(directory, peft=True)
     chat_template = read_chat_template(directory)
     info = data["qbara"]

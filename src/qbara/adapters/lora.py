@@ -1,12 +1,9 @@
-"""LoRA / QLoRA.
-
-"LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., arXiv:2106.09685).
+"""LoRA / QLoRA. "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., arXiv:2106.09685).
 "QLoRA: Efficient Finetuning of Quantized LLMs" (Dettmers et al., arXiv:2305.14314): LoRA on an NF4 base.
 
     Δ(x) = s · B A x,  s = α / r,  A (r × d_in) Kaiming-uniform,  B (d_out × r) zero  (ΔW = s · B A).
 
-`LoRALinear` is also the B A core of the pooled LoRA variants (QA-LoRA, Q-BaRA subclass it). `LORA` is the
-method: saved as PEFT's plain LoRA, and the one method LQ-LoRA / LoftQ factors start.
+`LoRALinear` is also the B A core of QA-LoRA and Q-BaRA. Only plain LoRA starts from LQ-LoRA / LoftQ factors.
 """
 from __future__ import annotations
 
@@ -29,8 +26,7 @@ class LoRALinear(AdaptedLinear):
     def __init__(self, base: nn.Module, rank: int, scaling: float, pool_in: int = 1, pool_out: int = 1,
                  dropout: float = 0.0, name: str = "layer"):
         super().__init__(base, pool_in, pool_out, scaling, dropout, name)
-        # A rank beyond the core's two sides added up only wastes memory: refused before allocating (AdapterConfig
-        # checked that it is a positive integer).
+        # A rank beyond the core's two sides added up only wastes memory: refused before allocating.
         largest = self.in_features // pool_in + self.out_features // pool_out
         if rank > largest:
             raise QbaraError(f"{name}: {self.method} rank {rank!r} must be a whole number from 1 to {largest} "
@@ -42,7 +38,7 @@ class LoRALinear(AdaptedLinear):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """A Kaiming-uniform (PyTorch's nn.Linear default, as in LoRA's and PEFT's code), B zero: ΔW = 0."""
+        """A Kaiming-uniform (as LoRA's and PEFT's code), B zero: ΔW = 0."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
@@ -58,12 +54,8 @@ class LoRALinear(AdaptedLinear):
 
     @torch.no_grad()
     def init_from_factors(self, L1: Tensor, L2: Tensor) -> None:
-        """Start from a low-rank product: A = L2/√s, B = L1/√s, so that s·B A = L1 L2 (LQ-LoRA, LoftQ).
-
-        The 1/√s is what makes the model at step 0 equal Q + L1 L2 whatever alpha is (PEFT's LoftQ
-        leaves it out, which is only right when s = 1). Plain LoRA (no pooling) only. Factors that are both
-        zero keep the default start (A random, B = 0): the same step-0 model, and an adapter that can train.
-        """
+        """Start from L1 L2 (LQ-LoRA, LoftQ): A = L2/√s, B = L1/√s, so s·B A = L1 L2 at any alpha (PEFT's LoftQ
+        omits the √s). Plain LoRA only; two zero factors keep the default start, which can train."""
         if self.pool_in != 1 or self.pool_out != 1:
             raise QbaraError(f"{self.name}: factors initialise plain LoRA only, not {self.method}")
         if L1.shape != self.lora_B.weight.shape or L2.shape != self.lora_A.weight.shape:

@@ -17,13 +17,8 @@ _FOLD_ROUNDING_WARN = 0.05  # warn when the fp16 minima lose more than this shar
 
 
 def merge(model: nn.Module, into: str = "dense") -> nn.Module:
-    """Replace each adapted layer by its merge, in place, and return the model.
-
-    into: 'dense', 'quantized' (the update folded into the INT base's float minima) or 'requantized' (lossy),
-    as `AdaptedLinear.merge`. Every layer is checked before any is replaced, so a refused merge leaves the model
-    as it was. A fold records the share (relative RMS) of the update the fp16 minima's rounding lost as
-    `model.qbara.fold_rounding`, with a warning above 5%; the merged model's state forgets its base.
-    """
+    """Replace each adapted layer by its merge (`AdaptedLinear.merge`), in place; a refused merge changes nothing.
+    A fold records the update's share lost to the minima's rounding (relative RMS) as `model.qbara.fold_rounding`."""
     layers = adapter_layers(model)
     if not layers:
         raise QbaraError("this model has no adapters to merge; attach them with qbara.prepare(..., adapter=...) "

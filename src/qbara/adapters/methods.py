@@ -1,5 +1,4 @@
-"""The adapter methods by name: one line per method, each an `AdapterMethod` defined beside its layer in its own
-file. Adding a method is one module (its layer and AdapterMethod) and one line here."""
+"""The adapter methods by name; each is an `AdapterMethod` defined beside its layer in its own file."""
 from __future__ import annotations
 
 from torch import nn
@@ -21,6 +20,5 @@ ADAPTER_TENSORS = tuple(dict.fromkeys(tensor for method in METHODS.values() for 
 
 
 def build_adapter(base: nn.Module, config, name: str = "layer") -> AdaptedLinear:
-    """The adapter layer for `base` (a QuantizedLinear or an nn.Linear) that `config` (an AdapterConfig)
-    describes; `name` is used in error messages."""
+    """The adapter layer on `base` (QuantizedLinear or nn.Linear) that `config` describes."""
     return METHODS[config.method].build(base, config, name)

@@ -1,13 +1,8 @@
-"""Adapters PEFT wrote: a LoRA folder's config and tensors read into qbara's record, or refused with the reason.
+"""Adapters PEFT wrote: a LoRA (or QA-LoRA) folder read into qbara's record, or refused with the reason.
 
-The method that reads the config (`AdapterMethod.read_peft`: PEFT's LoRA is qbara's `lora`, its QA-LoRA
-`qalora`) gives the knobs and each layer's alpha factor (`AdapterMethod.peft_alpha_factor`): Delta(x) = s * B A x,
-s = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora, which qbara expresses as alpha = lora_alpha *
-sqrt(r)); the tensors keep PEFT's names. qbara keeps one alpha per adapter: the most common layer
-scaling; a layer whose PEFT scaling differs (alpha_pattern, QA-LoRA layers of other widths) has its lora_A
-multiplied by the ratio on load (`a_scale`), the same forward. What qbara cannot represent is refused: DoRA,
-per-layer ranks, bias training, modules_to_save and other tuner types. PEFT records no fingerprint of its base,
-so the base cannot be verified.
+PEFT's scaling is lora_alpha / r (/ sqrt(r) with use_rslora). qbara keeps one alpha, the most common layer's; a
+layer whose PEFT scaling differs has its lora_A multiplied by the ratio on load (`a_scale`). DoRA, per-layer
+ranks, trained biases and modules_to_save are refused. PEFT records no base fingerprint, so the base is unchecked.
 """
 from __future__ import annotations
 
@@ -35,8 +30,7 @@ _UNSUPPORTED = {  # PEFT LoraConfig key -> (value that is fine, why qbara refuse
 
 
 def peft_record(data: dict, state_keys, model: nn.Module, directory) -> dict:
-    """qbara's adapter record for the PEFT LoRA folder `directory` (config `data`, tensor names
-    `state_keys`) on `model`."""
+    """qbara's adapter record for the PEFT LoRA folder `directory` (config `data`, tensor names `state_keys`)."""
     where = Path(directory) / "adapter_config.json"
     if str(data.get("peft_type", "")).upper() != "LORA":
         raise QbaraError(f"{where}: a PEFT {data.get('peft_type')!r} adapter; qbara reads PEFT LoRA adapters only")
@@ -84,9 +78,7 @@ def _peft_method(data: dict, where) -> tuple[AdapterMethod, dict]:
 
 
 def _alphas(data: dict, layers: dict, group: int, method: AdapterMethod, where) -> tuple[float, dict[str, float]]:
-    """qbara's one alpha for PEFT's per-layer scalings (alpha_pattern; the method's factor, QA-LoRA's groups), and
-    the factor that each other layer's lora_A takes so that its scaling stays PEFT's (only factors != 1 are
-    listed)."""
+    """qbara's one alpha for PEFT's per-layer scalings, and the lora_A factor of each layer that differs."""
     pattern, default = data.get("alpha_pattern") or {}, data["lora_alpha"]
     if not isinstance(pattern, dict) or not all(_number(v) for v in pattern.values()):
         raise QbaraError(f"{where}: alpha_pattern={pattern!r} must map module names to finite numbers > 0")

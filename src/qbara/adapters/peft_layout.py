@@ -1,11 +1,5 @@
-"""How qbara's adapters appear to PEFT: tensor names, the adapter_config.json of a method PEFT has no layer for,
-and PEFT's per-module patterns.
-
-Each method says how PEFT reads it (`AdapterMethod.peft_fields`, `AdapterMethod.read_peft`). A method PEFT has no
-equivalent for gets `qbara_only_fields`: peft_type names the method and what loads it (`_peft_type_for`), so PEFT
-stops at once with that text in its KeyError, and `qbara_note` tells the reader how to get a plain model. Folders
-of earlier versions say just the method ("QAHIRA").
-"""
+"""How qbara's adapters appear to PEFT: tensor names, per-module patterns, and the adapter_config.json of a
+method PEFT has no layer for (its peft_type says what loads it, so PEFT's KeyError shows that)."""
 from __future__ import annotations
 
 import re
@@ -24,14 +18,13 @@ def qbara_only_fields(method: str, alpha: float) -> dict:
 
 
 def _peft_type_for(method: str) -> str:
-    """The peft_type of a method PEFT has no layer for: PEFT refuses it with `KeyError: '<this text>'`, so it
-    says what loads the folder."""
+    """The peft_type of a method PEFT has no layer for; PEFT shows it in its KeyError."""
     return f"{method.upper()} (a qbara adapter: PEFT cannot load it; use qbara.load_adapter, see qbara_note)"
 
 
 def pattern_keys(values: dict, default) -> dict:
-    """PEFT pattern keys (matched as a suffix of the module name) for the names whose value is not `default`:
-    the last name component when it alone selects names of one value, else the escaped full name."""
+    """PEFT pattern keys for the names whose value is not `default`: the last name component when that selects
+    names of one value only, else the escaped full name."""
     by_suffix: dict[str, set] = {}
     for name, value in values.items():
         by_suffix.setdefault(name.rsplit(".", 1)[-1], set()).add(value)

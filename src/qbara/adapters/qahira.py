@@ -1,15 +1,10 @@
-"""QA-HiRA: Quantization-Aware Fine-tuning with Higher Rank Adaptation.
-
-"Accurate and Efficient Fine-Tuning of Quantized Large Language Models Through Optimal Balance"
+"""QA-HiRA: "Accurate and Efficient Fine-Tuning of Quantized Large Language Models Through Optimal Balance"
 (Shen et al., arXiv:2407.17029).
 
     Δ(x) = s · R_λout(M P_λin(x)),  M (d_out/λout × d_in/λin),  ΔW[o, i] = s · M[o // λout, i // λin] / λin,
 
-one matrix on pooled inputs, of rank up to min(d_out/λout, d_in/λin). With λin a multiple of the base's
-INT group size (the default: λin = G) and λout a multiple of its block rows, ΔW is constant on every
-quantization block and folds exactly into the float minima: a 4-bit model out, no cost at inference.
-λout is chosen per layer so the count comes closest to LoRA's at `rank`. M starts at zero, so the model is
-unchanged at step 0. PEFT has no equivalent layer.
+M starts at zero. With λin a multiple of the base's group size (default λin = G) and λout of its block rows,
+ΔW is constant on every quantization block and folds exactly into the float minima. PEFT has no equivalent layer.
 """
 from __future__ import annotations
 
@@ -43,8 +38,7 @@ class HiRALinear(AdaptedLinear):
 
 
 def auto_pool_out(d_out: int, d_in: int, pool_in: int, rank: int, multiple_of: int = 1) -> int:
-    """The output repetition whose parameter count (d_out / p)(d_in / pool_in) is closest to LoRA's at
-    `rank` (ties: fewer parameters); only divisors of d_out that are multiples of `multiple_of`."""
+    """The divisor of d_out (a multiple of `multiple_of`) whose parameter count comes closest to LoRA's at `rank`."""
     target = lora_parameter_count(d_out, d_in, rank)
     candidates = [p for p in range(multiple_of, d_out + 1, multiple_of) if d_out % p == 0]
     if not candidates:
@@ -58,8 +52,7 @@ class _QAHiRA(AdapterMethod):
     tensors = ("hira_M",)
 
     def build(self, base: nn.Module, config, name: str = "layer") -> HiRALinear:
-        """QA-HiRA pooled by `config.pool_in` (default: the base's group size), repeated by `config.pool_out`
-        (default: LoRA's budget at `config.rank`, a multiple of the base's block rows)."""
+        """QA-HiRA; pool_in defaults to the base's group size, pool_out to LoRA's budget at `config.rank`."""
         quant = getattr(base, "quant_config", None)
         pool_in = config.pool_in or (quant.block_size if quant is not None else None)
         if pool_in is None:

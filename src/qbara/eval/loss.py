@@ -11,8 +11,8 @@ from qbara.train.data import IGNORE_INDEX, PadCollator
 
 @torch.no_grad()
 def masked_loss(model, examples, batch_size: int = 4, progress: bool = False) -> dict:
-    """Token-weighted mean NLL on the unmasked (answer) tokens of `examples` (`qbara.train.data.Example`s),
-    batched on the model's device: {"loss", "tokens", "records"}."""
+    """Token-weighted mean NLL on the answer tokens of `examples` (`qbara.train.data.Example`s):
+    {"loss", "tokens", "records"}."""
     collate, device = PadCollator(0), model_device(model)
     total, count = 0.0, 0
     batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]

@@ -1,9 +1,5 @@
-"""Perplexity in the GPTQ style: one long token stream cut into non-overlapping windows.
-
-Every window is scored independently (no context carried over); inside a window each
-token after the first is predicted from the ones before it. PPL = exp(mean NLL) over all
-predicted tokens of all windows.
-"""
+"""Perplexity in the GPTQ style: one token stream cut into non-overlapping windows, each scored on its own;
+PPL = exp(mean NLL) over every predicted token (all but each window's first)."""
 
 from __future__ import annotations
 
@@ -39,11 +35,8 @@ def _context_limit(model) -> int | None:
 
 
 def make_windows(input_ids: torch.Tensor, window: int, max_tokens: int | None = None) -> torch.Tensor:
-    """The ``(windows, window)`` matrix of non-overlapping windows that :func:`perplexity` scores.
-
-    The stream is first cut to ``max_tokens``; the trailing partial window is dropped unless
-    there is no full window, in which case the whole (short) stream is the only window.
-    """
+    """The ``(windows, window)`` matrix :func:`perplexity` scores, from the first ``max_tokens``; a trailing
+    partial window is dropped unless there is no full one (then the short stream is the only window)."""
     if input_ids.dim() != 1:
         raise QbaraError(f"input_ids must be 1-D, got shape {tuple(input_ids.shape)}")
     if window < 2:
@@ -70,7 +63,7 @@ def perplexity(
     batch_size: int = 1,
     progress: bool = True,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on the 1-D token stream ``input_ids`` (see module docstring)."""
+    """Perplexity of ``model`` on the 1-D token stream ``input_ids``."""
     limit = _context_limit(model)
     if limit is not None and window > limit:
         raise QbaraError(

@@ -26,26 +26,19 @@ def _resolve_dtype(dtype) -> torch.dtype:
 
 
 def dense_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` with its adapters merged (`qbara.merge(into="dense")`) and every QuantizedLinear
-    dequantized to an fp32 nn.Linear (`qbara.models.streaming.dequantize_model`); the model passed in is unchanged.
-    The copy's `model.qbara` keeps the reports (lq, gptq, fold_rounding) and forgets the base
-    (`QbaraState.forget_base`)."""
+    """A copy of `model` with adapters merged and every QuantizedLinear dequantized to fp32 nn.Linear; its state
+    keeps the reports and forgets the base. `model` is unchanged."""
     dense = copy.deepcopy(model)
     if adapter_layers(dense):
         merge(dense, into="dense")
     dequantize_model(dense)
-    state_of(dense).forget_base()  # a plain dense model now, whatever it held (merge and dequantize forget it too)
+    state_of(dense).forget_base()  # a plain dense model now
     return dense
 
 
 def export_hf(model: nn.Module, tokenizer, out_dir, dtype="float32", overwrite: bool = False) -> Path:
-    """Write `model` (adapters merged into dense weights, quantized layers dequantized) and `tokenizer`
-    as a Hugging Face folder (`save_pretrained`, safetensors) at `out_dir`; returns the folder.
-
-    The folder follows `qbara.outputs`' rule: built beside its destination and swapped in when complete;
-    a non-empty folder qbara did not write is refused unless `overwrite=True` (its files are kept). The
-    model passed in is not modified.
-    """
+    """Write `dense_copy(model)` and `tokenizer` as a Hugging Face folder (safetensors) at `out_dir`, built beside
+    it and swapped in when complete; a non-empty folder qbara did not write is refused unless `overwrite`."""
     dtype = _resolve_dtype(dtype)
     with output_folder(out_dir, overwrite=overwrite, command="export_hf", option="out_dir") as tmp:
         write_hf(model, tokenizer, tmp, dtype)

@@ -74,13 +74,9 @@ def _steps(component: dict | None) -> list[dict]:
     return [component]
 
 
-# Byte-level BPE pre-tokenizers llama.cpp knows, by the name it reads from `tokenizer.ggml.pre`. The rule: a
-# pre-tokenizer is identified by what it does -- its steps (split regex, digit splitting, ByteLevel's own
-# GPT-2 regex) -- which is all llama.cpp takes from the name. llama.cpp's converter tells them apart by hashing
-# the ids of a test string instead; several of its names share one behaviour (Llama 3's "llama-bpe" with
-# "smaug-bpe", "dbrx"; SmolLM's "smollm" with "starcoder"), and the name of the best-known model is used here.
-# Adding one is one entry: the steps as `_pre_signature` spells them. (llama.cpp also fixes BPE's
-# `ignore_merges` per name -- on for "llama-bpe", as Llama 3's tokenizer.json has it -- so it is not compared.)
+# Byte-level BPE pre-tokenizers llama.cpp knows, by the name it reads from `tokenizer.ggml.pre`, keyed by their
+# steps as `_pre_signature` spells them (what llama.cpp takes from the name). Where several names behave alike
+# ("llama-bpe" / "smaug-bpe", "smollm" / "starcoder"), the best-known model's is used.
 _GPT2_WORDS = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -263,14 +259,10 @@ def _end_of_turn_ids(tokenizer, template: str | None) -> dict[str, int]:
 
 
 def fields_from_hf(tokenizer, vocab_size: int) -> TokenizerFields:
-    """GGUF tokenizer metadata for a Hugging Face fast tokenizer, as llama.cpp's "gpt2" (byte-level BPE, with
-    `tokenizer.ggml.pre` from PRE_TOKENIZERS) or "llama" (SentencePiece BPE, with per-token scores) model.
-
-    tokens: id order, padded with "[PAD<i>]" (type UNUSED) up to the model's `vocab_size`; merges as
-    "left right"; add_bos/add_eos from what encoding a text adds; eot_token_id from the chat template.
-    One difference GGUF cannot express: for a text that starts with a space, llama.cpp (as SentencePiece)
-    still adds the dummy prefix, where transformers' Metaspace (Llama 2 / Mistral tokenizer.json) does not.
-    """
+    """GGUF tokenizer metadata for a Hugging Face fast tokenizer, as llama.cpp's "gpt2" (byte-level BPE) or
+    "llama" (SentencePiece BPE, with per-token scores) model; tokens padded with "[PAD<i>]" (UNUSED) up to
+    `vocab_size`. GGUF cannot express one difference: llama.cpp adds SentencePiece's dummy prefix before a
+    leading space, where transformers' Metaspace does not."""
     spec = _backend_json(tokenizer)
     model = _tokenizer_model(spec)
     _check_representable(spec, model)

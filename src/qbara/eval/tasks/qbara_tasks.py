@@ -1,7 +1,4 @@
-"""Dataset loaders for qbara's bundled lm-eval tasks (imported by lm-eval through `!function` in the YAMLs).
-
-The data sits next to this file, so the tasks work wherever qbara is installed and offline.
-"""
+"""Dataset loaders for qbara's bundled lm-eval tasks (the YAMLs' `!function`); the data sits beside this file."""
 from pathlib import Path
 
 

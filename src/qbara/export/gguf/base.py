@@ -1,5 +1,4 @@
-"""`export_gguf` / `write_gguf`: the base model as one GGUF file llama.cpp and transformers load, for every
-architecture in the table (`architectures`)."""
+"""`export_gguf` / `write_gguf`: the base model as one GGUF file llama.cpp and transformers load."""
 from __future__ import annotations
 
 import time
@@ -39,8 +38,7 @@ def export_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embed
                 tokenizer_gguf=None, name: str | None = None, overwrite: bool = False,
                 base_model: str | None = None, adapter: str | None = None,
                 separate_lora: bool = False, dense_type: str | None = None) -> ExportReport:
-    """Check and lock the output `path` (`qbara.outputs`: an existing file qbara did not write is refused
-    unless overwrite=True), then `write_gguf`."""
+    """Check and lock the output `path` (a file qbara did not write is refused unless overwrite), then `write_gguf`."""
     with output_file(check_path(path), overwrite=overwrite, option="path"):
         return write_gguf(model, tokenizer, path, lossy, embedding_type=embedding_type,
                           tokenizer_gguf=tokenizer_gguf, name=name, base_model=base_model, adapter=adapter,
@@ -59,8 +57,7 @@ def _check_options(embedding_type, lossy, dense_type=None) -> None:
 
 def _resolve_linears(model: nn.Module, lossy: bool, separate_lora: bool, arch: Architecture,
                      dense: bool = False) -> list[list[Linear]]:
-    """Every decoder block's linears (the table entry's order), resolved before anything is written, so a
-    layer that cannot be exported is refused first."""
+    """Every decoder block's linears, resolved before anything is written (a layer that cannot go is refused first)."""
     resolved = [[resolve_linear(f"model.layers.{i}.{slot.hf}", layer.get_submodule(slot.hf), lossy, separate_lora,
                                 bias_ok=slot.bias, arch=arch.gguf_arch, dense=dense)
                  for slot in arch.linears] for i, layer in enumerate(model.model.layers)]
@@ -83,7 +80,7 @@ def _model_tensors(model: nn.Module, resolved: list[list[Linear]], embedding_typ
 
 
 def _linear_names(arch: Architecture, blocks: int) -> set[str]:
-    """Names of the linear-layer tensors (the blocks' linear weights; not norms or biases)."""
+    """Names of the blocks' linear weight tensors."""
     return {f"blk.{i}.{slot.gguf}.weight" for i in range(blocks) for slot in arch.linears}
 
 
@@ -104,8 +101,7 @@ def _bits_per_param(tensors, names=None) -> float:
 
 
 def write_file(path: Path, header, tensors, arch: str = ARCH) -> None:
-    """Write the GGUF (general.architecture `arch`) atomically: `header(writer)` adds the metadata, then the
-    tensors follow."""
+    """Write the GGUF atomically: `header(writer)` adds the metadata, then the tensors follow."""
     def write(tmp: str) -> None:
         writer = GGUFWriter(tmp, arch)
         header(writer)
@@ -124,20 +120,10 @@ def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedd
                tokenizer_gguf=None, name: str | None = None, base_model: str | None = None,
                adapter: str | None = None, separate_lora: bool = False,
                dense_type: str | None = None) -> ExportReport:
-    """Write a model as a GGUF file llama.cpp runs at `path`, with the metadata, tensor names and weight
-    transforms llama.cpp's converter writes for its architecture (`architectures.ARCHITECTURES`).
-
-    model: a causal LM whose linears are QuantizedLinear layers, ideally after `qbara.merge(model, into="quantized")`.
-        INT4 / INT5 G32 layers go out as Q4_1 / Q5_1 from their own codes, gguf:* layers as their own blocks (one
-        file may mix them, all exact); adapters still attached are merged on the fly when they fold.
-    tokenizer: its Hugging Face tokenizer; the `tokenizer.*` metadata is copied from `tokenizer_gguf` (or the shipped
-        SmolLM2 GGUF for SmolLM2's tokenizer), else built from the tokenizer.
-    lossy: allow re-quantizing the other layers (NF4, other INT layouts, dense, adapters that do not fold) into
-        Q4_1 / Q5_1 or their base's gguf:* format; without it they are refused.
-    separate_lora: leave plain LoRA adapters out (their base layers written as they are) for `export_gguf_lora`.
-    dense_type: "f32" / "f16" writes those other layers as floats instead, as llama.cpp's --outtype does.
-    embedding_type: token embedding (and untied output) as "q8_0" (default), "f16" or "f32".
-    name, base_model, adapter: general.name and the provenance written (`provenance_fields`).
+    """Write a model as a GGUF file llama.cpp runs at `path`, with the metadata, tensor names and weight transforms
+    llama.cpp's converter writes for its architecture. Adapters that fold are merged on the fly.
+    lossy: re-quantize the layers that cannot go exactly (else refused); dense_type "f32" / "f16": write them as
+    floats instead; separate_lora: leave plain LoRA adapters out, for `export_gguf_lora`.
     """
     start = time.perf_counter()
     path = check_path(path)

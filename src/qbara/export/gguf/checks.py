@@ -1,5 +1,4 @@
-"""What a GGUF export accepts: a model of an architecture in the table (`architectures`), and an output path
-ending in .gguf."""
+"""What a GGUF export accepts: a model of an architecture in the table, and an output path ending in .gguf."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,13 +12,12 @@ ARCH = "llama"  # the GGUF architecture of LLaMA-architecture models (SmolLM2's 
 
 
 def check_architecture(model: nn.Module) -> Architecture:
-    """The table entry of `model`'s architecture; a QbaraError naming the supported architectures when it has
-    none, or what llama.cpp would not reproduce (activation, biases, rotary scaling, ...)."""
+    """The table entry of `model`'s architecture, or a QbaraError saying what llama.cpp would not reproduce."""
     return architecture_of(model)
 
 
 def check_llama(model: nn.Module) -> Architecture:
-    """Kept for callers of the LLaMA-only exporter: the same as `check_architecture`."""
+    """The same as `check_architecture`."""
     return check_architecture(model)
 
 

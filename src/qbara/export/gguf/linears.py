@@ -19,8 +19,7 @@ from qbara.quant.tensor import QuantizedTensor, quantize
 Q4_1_CONFIG = QuantConfig("int4", block_size=32)
 Q5_1_CONFIG = QuantConfig("int5", block_size=32)
 
-# LLaMA's decoder-block linears and norms (HF submodule, llama.cpp name); every architecture's are its
-# `architectures.ARCHITECTURES` entry.
+# LLaMA's decoder-block linears and norms (HF submodule, llama.cpp name).
 LINEARS = tuple((slot.hf, slot.gguf) for slot in ARCHITECTURES["llama"].linears)
 NORMS = tuple((slot.hf, slot.gguf) for slot in ARCHITECTURES["llama"].norms)
 # Float types a dense linear layer can be written as (dense_type=): exact in F32, rounded to nearest in F16.
@@ -39,13 +38,9 @@ _LORA_HINT = ("A plain LoRA adapter can instead go out as a llama.cpp LoRA GGUF 
 
 # ------------------------------------------------------------------------------------ row layout
 def llama_rope_permutation(rows: int, n_head: int) -> Tensor:
-    """Row order of llama.cpp's q/k layout: GGUF row r holds HF row perm[r].
-
-    transformers' LLaMA rotates the pairs (j, j + head_dim/2) of each head; llama.cpp's rotates
-    adjacent pairs (2j, 2j + 1). So within each head GGUF row 2j + i is HF row i * head_dim/2 + j.
-    Rows move whole, so every block along a row stays intact (a K-quant row is its own run of
-    256-weight super-blocks, a legacy row its own run of 32-weight blocks).
-    """
+    """Row order of llama.cpp's q/k layout: GGUF row r holds HF row perm[r]. HF rotates pairs (j, j + head_dim/2),
+    llama.cpp adjacent pairs (2j, 2j + 1): within a head GGUF row 2j + i is HF row i * head_dim/2 + j. Rows
+    move whole, so quantization blocks stay intact."""
     if rows % (2 * n_head):
         raise QbaraError(f"cannot lay out {rows} rows as {n_head} rotary heads")
     half = rows // n_head // 2
@@ -54,8 +49,7 @@ def llama_rope_permutation(rows: int, n_head: int) -> Tensor:
 
 # ------------------------------------------------------------------------------------ layer kinds
 def _is_exact(module: nn.Module) -> bool:
-    """A quantized layer whose format family writes it to GGUF exactly (INT4 / INT5 G32 with fp16 minima as
-    Q4_1 / Q5_1, a gguf:* layer as its own blocks)."""
+    """A quantized layer whose format family writes it to GGUF exactly."""
     config = getattr(module, "quant_config", None)
     return isinstance(module, QuantizedLinear) and config.family.gguf_format(config) is not None
 
@@ -105,8 +99,7 @@ def _unwrap_adapter(name: str, module: nn.Module, lossy: bool, separate_lora: bo
 
 def resolve_linear(name: str, module: nn.Module, lossy: bool, separate_lora: bool = False, *,
                    bias_ok: bool = False, arch: str = "llama", dense: bool = False) -> Linear:
-    """The layer as exact codes (INT4 / INT5 G32, or gguf:* blocks) or a dense weight (to re-quantize, or to
-    write as a float type when `dense`); its bias where the architecture writes one (`bias_ok`)."""
+    """The layer as exact codes or a dense weight (to re-quantize, or to write as floats when `dense`)."""
     how = ""
     base_config = getattr(module, "quant_config", None)
     if isinstance(module, AdaptedLinear):
@@ -128,16 +121,14 @@ def resolve_linear(name: str, module: nn.Module, lossy: bool, separate_lora: boo
 
 
 def _requant_config(base: QuantConfig | None) -> QuantConfig:
-    """What a lossy export re-quantizes a layer into: a gguf:* base's own format, Q5_1 for an INT5 base (it keeps
-    the 5-bit codes), else Q4_1."""
+    """What a lossy export re-quantizes into: a gguf:* base's own format, Q5_1 for an INT5 base, else Q4_1."""
     if base is not None and base.family.stores_gguf_blocks:
         return base
     return Q5_1_CONFIG if base is not None and base.format == Q5_1_CONFIG.format else Q4_1_CONFIG
 
 
 def refuse_inexact(items: list[Linear], dense: bool = False) -> None:
-    """Raise a QbaraError naming the layers that need re-quantizing (called without lossy=True; with a dense
-    float type every layer goes out, the dense ones as floats)."""
+    """Refuse, naming them, the layers that would need re-quantizing (none when `dense`)."""
     if dense:
         return
     inexact = [item for item in items if item.qtensor is None]
@@ -176,8 +167,7 @@ def dense_array(item: Linear, perm_heads: int | None, kind: str) -> np.ndarray:
 
 
 def linear_bytes(item: Linear, perm_heads: int | None) -> tuple[np.ndarray, object]:
-    """(the (d_out, row bytes) uint8 GGML blocks, GGMLQuantizationType) of a resolved exact layer, rows in
-    llama.cpp's rotary order when `perm_heads` is given (rows move whole: each is its own run of blocks)."""
+    """((d_out, row bytes) uint8 GGML blocks, GGMLQuantizationType) of an exact layer, rows in the file's order."""
     config = item.qtensor.config
     fmt = config.family.gguf_format(config)
     if fmt is None:

@@ -1,9 +1,8 @@
 """`export_gguf_lora`: plain LoRA adapters as the LoRA GGUF llama.cpp loads with `--lora` beside the base.
 
-llama.cpp pairs `<base tensor>.lora_a` / `.lora_b` with the base tensor and adds scale · B (A x), scale = user scale ·
-alpha / rank. qbara's update is s · B A, so one file alpha = s · r makes alpha / r equal s; a layer whose s · r differs
-has s · r / alpha folded into its B. B's rows of attn_q / attn_k follow the base's rotary row order (LLaMA /
-Mistral); Phi-3's fused layers carry their adapter as it is.
+llama.cpp adds scale · B (A x) with scale = alpha / rank per `<base tensor>.lora_a` / `.lora_b` pair; the file's
+alpha is the most common s · r, and a layer whose s · r differs has the ratio folded into its B. B's rows of
+attn_q / attn_k follow the base's rotary row order.
 """
 from __future__ import annotations
 
@@ -35,11 +34,7 @@ _MERGE_HINT = ("merge them into the base instead: qbara.merge(model, into='quant
 
 @dataclass
 class LoraExportReport:
-    """What `export_gguf_lora` wrote.
-
-    alpha: adapter.lora.alpha (llama.cpp's scale for a layer is alpha / its rank). ranks: HF name -> rank.
-    rescaled: layers whose s · r differs from alpha, their factor folded into B.
-    """
+    """What `export_gguf_lora` wrote; rescaled: layers whose s · r differs from alpha (factor folded into B)."""
 
     path: Path
     size_bytes: int
@@ -63,8 +58,8 @@ class LoraExportReport:
 
 # ------------------------------------------------------------------------------------ checks
 def _lora_layers(model: nn.Module, arch: Architecture) -> dict[str, tuple[int, str, nn.Module]]:
-    """HF name -> (block, llama.cpp tensor name, adapter) for every adapter of `model`; refuses adapters a
-    llama.cpp LoRA GGUF cannot hold (pooled methods, layers outside the decoder blocks' linears)."""
+    """HF name -> (block, llama.cpp tensor name, adapter); refuses what a LoRA GGUF cannot hold (pooled
+    methods, layers outside the decoder blocks' linears)."""
     adapters = adapter_layers(model)
     if not adapters:
         raise QbaraError("this model has no adapters to write as a LoRA GGUF; attach LoRA adapters with "
@@ -104,8 +99,7 @@ _LORA_DTYPES = {"f32": np.float32, "f16": np.float16}  # the adapter tensor type
 @torch.no_grad()
 def _lora_tensors(name: str, gguf_name: str, adapter, config, alpha: float,
                  dtype: str = "f32", arch: Architecture | None = None) -> tuple[list[tuple], bool]:
-    """([(…lora_a, A), (…lora_b, B)] as `dtype` ("f32" or "f16", rounded to nearest), whether B absorbed a
-    scaling other than alpha / r)."""
+    """([(…lora_a, A), (…lora_b, B)] as `dtype`, whether B absorbed a scaling other than alpha / r)."""
     a = adapter.lora_A.weight.detach().to("cpu", torch.float32)
     b = adapter.lora_B.weight.detach().to("cpu", torch.float64)
     factor = adapter.scaling / _llama_scale(alpha, adapter.rank)
@@ -137,12 +131,9 @@ def export_gguf_lora(model: nn.Module, path, *, name: str | None = None, overwri
 
 def write_gguf_lora(model: nn.Module, path, *, name: str | None = None, base_model: str | None = None,
                     adapter: str | None = None, dtype: str = "f32") -> LoraExportReport:
-    """Write the plain LoRA adapters of a model (any architecture `export_gguf` writes) as a llama.cpp LoRA GGUF
-    (`llama-cli -m base.gguf --lora adapter.gguf`) at `path`; tensors in `dtype` ("f32", or "f16": half the
-    bytes, each value rounded to nearest fp16), names following the base's (blk.N.attn_q.weight.lora_a, ...).
-    Write the base with export_gguf(..., separate_lora=True). Pooled adapters (Q-BaRA, QA-LoRA, QA-HiRA) are
-    refused: they merge into the base instead. base_model, adapter: provenance, as the user named them
-    (general.base_model.0.name, general.description)."""
+    """Write the model's plain LoRA adapters as a llama.cpp LoRA GGUF at `path` ("f32" or "f16" tensors, names
+    as the base's: blk.N.attn_q.weight.lora_a, ...); pair it with export_gguf(..., separate_lora=True). Pooled
+    adapters are refused (merge them instead); base_model, adapter: provenance as the user named them."""
     start = time.perf_counter()
     if dtype not in _LORA_DTYPES:
         raise QbaraError(f"the LoRA GGUF's tensors are {' or '.join(_LORA_DTYPES)}, got dtype={dtype!r}")

@@ -21,9 +21,8 @@ from qbara.export.tokenizer import (
 )
 from qbara.validate import gguf_reader
 
-# GGML type of the linear layers -> general.file_type (LlamaFileType member). llama.cpp only prints it; the
-# table is the one llama.cpp's model loader names a file by when it has no general.file_type (llama-model-
-# loader.cpp: Q3_K/Q4_K/Q5_K -> the _M mixes, the names llama-quantize's users know).
+# GGML type of the linear layers -> general.file_type (LlamaFileType member), as llama-model-loader.cpp names a
+# file without one (Q3_K/Q4_K/Q5_K -> the _M mixes). llama.cpp only prints it.
 _FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
               "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M",
               "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K", "IQ4_NL": "MOSTLY_IQ4_NL", "IQ4_XS": "MOSTLY_IQ4_XS",
@@ -31,16 +30,13 @@ _FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_
 
 
 def file_type(linear_params: dict[str, int]) -> int:
-    """general.file_type of a file whose linear weights have these GGML types (type name -> parameters): that of
-    the type holding most parameters (MOSTLY_Q4_1 when there is none), since a qbara mix has no llama-quantize preset.
-    """
+    """general.file_type for linears of these GGML types (name -> parameters): the type holding most parameters."""
     dominant = max(linear_params, key=lambda k: (linear_params[k], k)) if linear_params else "Q4_1"
     return int(LlamaFileType[_FILE_TYPES.get(dominant, "MOSTLY_Q4_1")])
 
 
 def write_hparams(writer, arch: Architecture, config, block_count: int, vocab_size: int, ftype: int) -> None:
-    """The `<arch>.*` hyper-parameters llama.cpp reads (those every architecture has, then the table entry's
-    own), and general.file_type."""
+    """The `<arch>.*` hyper-parameters llama.cpp reads, and general.file_type."""
     prefix = arch.gguf_arch
     n_head = int(config.num_attention_heads)
     dim = head_dim(config)
@@ -64,17 +60,16 @@ def write_hparams(writer, arch: Architecture, config, block_count: int, vocab_si
 
 
 def source_gguf(tokenizer, tokenizer_gguf):
-    """(path, reader) of the GGUF the tokenizer metadata is copied from: `tokenizer_gguf`, or the shipped
-    SmolLM2 file when the tokenizer is SmolLM2's; None when it is built from the tokenizer itself."""
+    """(path, reader) of the GGUF to copy tokenizer metadata from (`tokenizer_gguf`, or the shipped SmolLM2 file
+    for SmolLM2's tokenizer); None to build it from the tokenizer."""
     if tokenizer_gguf is not None:
         return Path(tokenizer_gguf), gguf_reader(tokenizer_gguf)
     return shipped_smollm2_reader(tokenizer)
 
 
 def tokenizer_fields(tokenizer, vocab_size: int, source) -> TokenizerFields:
-    """The `tokenizer.*` fields: copied from `source` (see `source_gguf`), else built from the tokenizer. The chat
-    template is always the tokenizer's when it has one (e.g. the one an adapter was trained with, see
-    `qbara.pretrained.use_recorded_template`), not the copied file's."""
+    """The `tokenizer.*` fields, copied from `source` or built from the tokenizer; the chat template is the
+    tokenizer's when it has one (e.g. the adapter's recorded one)."""
     if source is None:
         return fields_from_hf(tokenizer, vocab_size)
     fields = fields_from_gguf(*source)

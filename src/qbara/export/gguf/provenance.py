@@ -12,8 +12,8 @@ from qbara.export.gguf.checks import ARCH
 # Set by the writer for this file (general.quantized_by marks the files qbara wrote).
 _WRITER_GENERAL = ("general.name", "general.type", "general.architecture", "general.file_type",
                   "general.quantization_version", "general.alignment", "general.quantized_by")
-# Describe the source model: recorded as general.base_model.0.* (author and organization are kept as the
-# exported model's too; the SOURCE_ONLY ones name that very file, so they are not).
+# Describe the source model: recorded as general.base_model.0.* (author and organization also as the exported
+# model's; the SOURCE_ONLY ones name that very file).
 _SOURCE_TO_BASE = {"general.author": "author", "general.organization": "organization", "general.version": "version",
                   "general.description": "description", "general.url": "url", "general.doi": "doi",
                   "general.uuid": "uuid", "general.repo_url": "repo_url"}
@@ -47,9 +47,8 @@ def _field(reader, key):
 
 
 def same_model(reader, config, vocab_size: int, arch: str = ARCH) -> bool:
-    """True when the GGUF in `reader` holds a model of GGUF architecture `arch`, `config`'s shape and
-    vocabulary (the model exported is that model, fine-tuned): only then is its general.* metadata carried
-    over."""
+    """True when the GGUF in `reader` holds a model of architecture `arch` with `config`'s shape and vocabulary
+    (only then is its general.* metadata carried over)."""
     fields = reader.fields
     try:
         if fields["general.architecture"].contents() != arch:
@@ -94,12 +93,8 @@ def base_model_fields(name: str, base: dict[str, tuple] | None = None) -> dict[s
 
 def provenance_fields(source, base_model: str | None, adapter: str | None, *, config=None,
                       vocab_size: int | None = None, arch: str = ARCH) -> dict[str, tuple]:
-    """general.* metadata for the exported file: key -> (value, GGUF type, array item type).
-
-    When `source` ((path, reader) of the GGUF the tokenizer came from) holds this very model (`same_model`), its
-    standard general.* keys are carried over, those naming that file as general.base_model.0.*. qbara adds
-    general.base_model.0.name (`base_model`, else the source's general.name) and a description naming the adapter.
-    """
+    """general.* metadata for the exported file: key -> (value, GGUF type, array item type). A `source` GGUF of
+    this very model (`same_model`) gives its general.* keys, those naming that file as general.base_model.0.*."""
     out: dict[str, tuple] = {}
     base: dict[str, tuple] = {}
     reader = None

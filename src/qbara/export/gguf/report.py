@@ -14,25 +14,10 @@ def _counts(types) -> dict[str, int]:
 
 @dataclass
 class ExportReport:
-    """What `export_gguf` wrote, and how faithful it is.
-
-    exact_q4_1: linear layers written from their own INT4 G32 codes (bit-exact).
-    exact_q5_1: the same for INT5 G32 layers, written as Q5_1.
-    exact_ggml: linear layers quantized with a gguf:* format, written as their own block bytes (bit-exact).
-    requantized: linear layers re-quantized (only with lossy=True): to INT4 G32 (INT5 G32 for an INT5 base),
-        or into their own gguf:* format when their base had one.
-    requantize_error: relative Frobenius error ||W - Q(W)|| / ||W|| over all re-quantized weights
-        together (0.0 when nothing was re-quantized); max_layer_error: the worst single layer.
-    embedding_error: the same for token_embd (and output) in `embedding_type` (0.0 when the embedding
-        already lies on the Q8_0 grid, as for SmolLM2, or for f32).
-    linear_types: HF name -> GGML type of each linear layer; `format_counts` counts them.
-    bits_per_param: 8 * tensor data bytes / weights over all tensors of the file; linear_bits_per_param:
-        the same over the linear layers.
-    adapters_separate: plain LoRA layers left out of the base (separate_lora=True) for `export_gguf_lora`.
-    architecture: general.architecture written (llama, qwen2, qwen3, gemma3, phi3).
-    dense: linear layers written unquantized (dense_type "f32" / "f16"); dense_error: their relative error in
-        that type (0.0 for F32).
-    """
+    """What `export_gguf` wrote, and how faithful it is. exact_q4_1 / exact_q5_1 / exact_ggml: linears written
+    bit-exact from their own INT4 G32 / INT5 G32 / gguf:* codes; requantized: linears re-quantized (lossy=True);
+    *_error: relative Frobenius error ||W - Q(W)|| / ||W|| (requantized together, worst layer, embedding, dense);
+    bits_per_param: 8 * data bytes / weights; dense: linears written unquantized (dense_type)."""
 
     path: Path
     size_bytes: int
