@@ -75,7 +75,7 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
     return prepare(model, LQConfig(budget=budget, configs=configs, fisher=fisher, max_iters=max_iters,
                                    table_iters=table_iters, table=table, seed=seed, workers=workers,
                                    factor_format=factor_format, file_budget=file_budget, importance=importance),
-                   AdapterConfig(method="lora", rank=rank, alpha=alpha, dropout=dropout,
+                   AdapterConfig(rank=rank, alpha=alpha, dropout=dropout,
                                  target_modules=target_modules), progress=progress)
 
 

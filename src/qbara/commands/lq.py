@@ -145,7 +145,7 @@ def _options(args):
         raise QbaraError("--weighted-rounding weights each block by the Fisher information; add --fisher-data TEXT "
                          "(or --fisher DIR)")
     targets = "all-linear" if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
-    adapter = AdapterConfig(method="lora", rank=args.rank, alpha=args.alpha, target_modules=targets)
+    adapter = AdapterConfig(rank=args.rank, alpha=args.alpha, target_modules=targets)
     common = dict(seed=args.seed, workers=args.workers, factor_format=FACTOR_CONFIG if args.factors == "nf8" else None)
     if args.method == "loftq":
         if args.file_budget:
