@@ -45,9 +45,8 @@ def family_of(format_name: str) -> QuantFormat:
 
 
 def check_takes_importance(configs: Iterable, hint: str = "") -> None:
-    """The importance rule, asked by each entry that takes an importance (quantize, quantize_model, error_table,
-    LQConfig): it weights the rounding of the families that `takes_importance` (gguf:*); the others round to
-    nearest, so an importance where none of `configs` takes one is a mistake."""
+    """Refuse an importance when none of `configs` takes one (only `takes_importance` families, gguf:*, weight
+    their rounding; the others round to nearest)."""
     if not any(c.family.takes_importance for c in configs):
         raise QbaraError(f"an importance weights the rounding of gguf:* formats only, and none of the configs is "
                          f"one{hint}; drop importance= or choose gguf:* configs (qbara.lq.gguf_configs())")

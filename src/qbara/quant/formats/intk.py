@@ -93,8 +93,7 @@ class IntFormat(BlockFormat):
         return _EXACT_GGUF[qtensor.config.bits][1](qtensor.codes(), scale, minimum, (d_out, d_in))
 
     def fold_problem(self, config, tile_rows: int, tile_cols: int) -> str | None:
-        """Every quantization block must lie inside one tile: then the update is one constant per block, which
-        the block's float minimum absorbs exactly."""
+        """Every quantization block must lie inside one tile; its float minimum then absorbs the constant exactly."""
         if tile_cols % config.block_size or tile_rows % config.block_rows:
             return (f"the update is constant on {tile_rows}x{tile_cols} tiles but the base's blocks are "
                     f"{config.block_rows}x{config.block_size}; each block must lie inside one tile "
@@ -104,8 +103,8 @@ class IntFormat(BlockFormat):
 
 
 def _as_fp16(values: Tensor, name: str, kind: str = "Q4_1") -> Tensor:
-    """Scales / minima as fp16 (Q4_1 and Q5_1 store fp16); refuses values that fp16 cannot hold exactly
-    (they were cast, e.g. by model.to(torch.bfloat16), to a type with a wider range)."""
+    """Scales / minima as fp16 (Q4_1 / Q5_1 store fp16), refusing values fp16 cannot hold exactly (e.g. after
+    model.to(torch.bfloat16))."""
     if values.dtype == torch.float16:
         return values
     half = values.to(torch.float16)
