@@ -13,9 +13,8 @@ _scratch = threading.local()
 
 
 def _weight_for_matmul(layer: "QuantizedLinear", dtype: torch.dtype) -> Tensor:
-    """The dense weight for one matmul. On CPU in fp32 it is rebuilt into a buffer this thread reuses (a fresh
-    tensor per call costs more in page faults than the lookup itself); the result is used at once and never
-    kept. Elsewhere, a new tensor."""
+    """The dense weight for one matmul: on CPU in fp32 rebuilt into a per-thread reused buffer (fresh tensors
+    cost page faults), used at once and never kept; elsewhere a new tensor."""
     qweight = layer.qweight
     if dtype == torch.float32 and layer.codes.device.type == "cpu":
         buffer = getattr(_scratch, "buffer", None)
@@ -28,8 +27,7 @@ def _weight_for_matmul(layer: "QuantizedLinear", dtype: torch.dtype) -> Tensor:
 
 
 class _DequantizedMatmul(torch.autograd.Function):
-    """y = x W^T with W rebuilt from the packed buffers; the backward rebuilds it again instead of
-    keeping a full-precision copy alive between forward and backward. No gradient for W."""
+    """y = x W^T with W rebuilt from the packed buffers, again in backward instead of kept alive; no grad for W."""
 
     @staticmethod
     def forward(ctx, x: Tensor, layer: "QuantizedLinear") -> Tensor:
@@ -44,11 +42,8 @@ class _DequantizedMatmul(torch.autograd.Function):
 
 
 class QuantizedLinear(nn.Module):
-    """Drop-in replacement for a frozen nn.Linear whose weight is stored quantized and packed.
-
-    The packed buffers are registered as module buffers (`codes`, `scale`, ...), so `.to(device)`,
-    `state_dict()` and safetensors saving work on them.
-    """
+    """Drop-in replacement for a frozen nn.Linear with a quantized, packed weight; the buffers (`codes`, `scale`,
+    ...) are module buffers, so `.to(device)`, `state_dict()` and safetensors work on them."""
 
     def __init__(self, qweight: QuantizedTensor, bias: Tensor | None = None):
         super().__init__()
@@ -75,7 +70,6 @@ class QuantizedLinear(nn.Module):
                                {n: getattr(self, n) for n in self._buffer_names})
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The dense (d_out, d_in) weight in `dtype`."""
         return self.qweight.dequantize(dtype)
 
     def to_linear(self) -> nn.Linear:
@@ -102,8 +96,8 @@ class QuantizedLinear(nn.Module):
 
 
 def frozen_linear(weight: Tensor, bias: Tensor | None = None) -> nn.Linear:
-    """A frozen fp32 nn.Linear holding `weight` (kept as is when it is fp32 already: pass a tensor of its own) and a
-    copy of `bias`, on weight's device; built without nn.Linear's random initialisation of a full-size weight."""
+    """A frozen fp32 nn.Linear holding `weight` (not copied if already fp32) and a copy of `bias`, on weight's
+    device, without nn.Linear's random initialisation."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     linear.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
     if bias is not None:
