@@ -1,9 +1,6 @@
-"""Models loaded by transformers with bitsandbytes (`BitsAndBytesConfig(load_in_4bit=True)`): found, and their
-NF4 layers adopted into qbara's NF4 `QuantizedLinear` without changing a single weight.
-
-Layers without double quantization become `QuantConfig("nf4", B, double_quant=False)` (w = level · absmax
-re-quantizes to the same codes and absmax); double-quantized ones keep their own buffers as
-`QuantConfig("nf4", B, dq_style="bnb")`, or take the fp32-absmax config (same weights, more bits)."""
+"""Models loaded by transformers with bitsandbytes (`load_in_4bit=True`): found, and their NF4 layers adopted
+into qbara's `QuantizedLinear` without changing a weight: as `QuantConfig("nf4", B, double_quant=False)`, or
+double-quantized ones with their own buffers as `QuantConfig("nf4", B, dq_style="bnb")`."""
 from __future__ import annotations
 
 import torch
@@ -57,9 +54,8 @@ def _standard_nesting(state) -> bool:
 
 
 def _canonical_layout(layer) -> None:
-    """Undo bitsandbytes' CPU repacking in place: bitsandbytes >= 0.50 repacks a CPU layer for its AVX512-BF16
-    kernel at the first eval no-grad forward, and its own save path leaves absmax transposed without double
-    quantization. The result is bnb's weights as its kernel uses them (absmax rounded to bf16)."""
+    """Undo bitsandbytes' (>= 0.50) CPU repacking in place, including the absmax its save path leaves transposed;
+    the weights are then bnb's as its kernel uses them (absmax rounded to bf16)."""
     state = layer.weight.quant_state
     if not getattr(state, "packing_format_for_cpu", False):
         return
@@ -88,7 +84,6 @@ def adopt_bnb(model: nn.Module, quant=None) -> nn.Module:
 
 
 def _chosen_config(exact: QuantConfig, quant: QuantConfig | None) -> QuantConfig:
-    """`quant` if it holds the layers exactly, else a QbaraError naming the configs that do."""
     plain = QuantConfig("nf4", block_size=exact.block_size, double_quant=False)
     if quant is None or quant in (exact, plain):
         return exact if quant is None else quant
@@ -117,7 +112,6 @@ def _adopt_dense(layer, config: QuantConfig, name: str):
 
 
 def _adopt_buffers(layer, config: QuantConfig, name: str):
-    """The layer's own packed codes and double-quantized scales, as a dq_style="bnb" QuantizedLinear."""
     state = layer.weight.quant_state
     shape = (int(state.shape[0]), int(state.shape[1]))
     config.check_shape(shape, name)

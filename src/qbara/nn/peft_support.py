@@ -1,10 +1,7 @@
-"""qbara's `QuantizedLinear` as a PEFT LoRA target, through PEFT's custom-module registration (usage: the
-PEFT section of docs/python-api.md).
-
-The layer follows PEFT's conventions (`lora_A` / `lora_B` per adapter, rslora scaling), so PEFT saves, loads
-and trains it as its own. It also runs PEFT's QA-LoRA variant (`use_qalora=True`, which PEFT runs only on GPTQ
-layers), registered for plain `nn.Linear` too so a `qalora` folder loads onto a dense base. Merging stays in
-qbara: the packed weight cannot take a dense update without re-quantizing."""
+"""qbara's `QuantizedLinear` as a PEFT LoRA target (PEFT's conventions, so PEFT saves, loads and trains it), through
+PEFT's custom-module registration; usage in docs/python-api.md. It also runs PEFT's QA-LoRA variant, which PEFT
+runs only on GPTQ layers, and registers it for plain `nn.Linear` so a `qalora` folder loads onto a dense base.
+Merging stays in qbara: the packed weight cannot take a dense update without re-quantizing."""
 from __future__ import annotations
 
 import torch
@@ -15,9 +12,8 @@ from qbara.nn.quantized_linear import QuantizedLinear
 
 
 def register_with_peft(config, model: nn.Module | None = None):
-    """Register qbara's LoRA layer for `QuantizedLinear` (and `nn.Linear` with `use_qalora`) on the PEFT
-    `LoraConfig` `config` and return it; PEFT keeps the registration on that config object. `model` is needed
-    to resolve `target_modules="all-linear"`."""
+    """Register qbara's LoRA layer on the PEFT `LoraConfig` `config` (kept on that object) and return it;
+    `model` resolves `target_modules="all-linear"`."""
     try:
         from peft import LoraConfig
     except ImportError:

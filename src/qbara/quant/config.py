@@ -12,12 +12,9 @@ from qbara.quant.ggml import GGMLFormat
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How a weight matrix is quantized (the fields' meanings are in their option help).
-
-    block_size runs along the input features of a row; a gguf format fixes its own block and takes no other
-    option. minimum_dtype fp32 costs +0.5 bits/param at G=32 but lets an adapter folded into the minima lose
-    nothing to rounding. dq_style "bnb" is bitsandbytes' `compress_statistics=True` bit for bit (NF4 only;
-    `qbara.quant.dq_bnb`), "qbara" rounds codes against the stored scales."""
+    """How a weight matrix is quantized (fields: see their option help). minimum_dtype fp32 lets an adapter folded
+    into the minima lose nothing to rounding; dq_style "bnb" is bitsandbytes' `compress_statistics=True` bit for
+    bit (NF4 only, `qbara.quant.dq_bnb`)."""
 
     format: str = option("nf4", "nf2/nf3/nf4/nf8 (NormalFloat), int2/int3/int4/int5/int8 (affine) or "
                                 "gguf:q4_0 ... gguf:q6_k (llama.cpp's block formats)")
@@ -42,12 +39,10 @@ class QuantConfig:
 
     @property
     def family(self) -> QuantFormat:
-        """The format family (`qbara.quant.formats`) owning this format."""
         return family_of(self.format)
 
     @property
     def kind(self) -> str:
-        """'nf', 'int' or 'gguf'."""
         return self.family.name
 
     @property
@@ -68,7 +63,6 @@ class QuantConfig:
 
     @property
     def bits_per_param(self) -> float:
-        """Storage bits per weight by the family's formula."""
         return self.family.bits_per_param(self)
 
     @property
@@ -88,5 +82,4 @@ class QuantConfig:
         return strict_from_dict(cls, data)
 
     def check_shape(self, shape: tuple[int, ...], name: str = "weight") -> None:
-        """Raise a QbaraError naming `name` if this config cannot quantize a `shape` weight."""
         self.family.check_shape(self, tuple(shape), name)

@@ -1,10 +1,8 @@
 """bitsandbytes' double quantization of NF4 absmax scales (`QuantConfig(dq_style="bnb")`), bit for bit.
 
-Per matrix (`quantize_4bit(..., compress_statistics=True)`): one fp32 offset = mean block absmax; absmax -
-offset as uint8 codes of the signed 8-bit dynamic map (Dettmers 2016) in blocks of 256, each with an fp32
-absmax; NF4 codes rounded against the exact absmax. Rounding follows bitsandbytes' CPU kernel (0.50); its CUDA
-kernel may pick other codes, but both dequantize by the same formula, so adopted buffers (`qbara.nn.bnb`) keep
-their weights."""
+Per matrix: one fp32 offset = mean block absmax; absmax - offset as uint8 codes of the signed 8-bit dynamic
+map (Dettmers 2016) in blocks of 256, each with an fp32 absmax. Rounding follows bitsandbytes' CPU kernel
+(0.50); its CUDA kernel may pick other codes, but both dequantize alike, so adopted buffers keep their weights."""
 from __future__ import annotations
 
 import functools

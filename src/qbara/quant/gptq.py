@@ -1,10 +1,9 @@
 """GPTQ: quantize a weight column by column, each rounding error spread over the columns not yet quantized.
 
-"GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers" (Frantar et al.,
-arXiv 2210.17323): minimise ||(W - Ŵ) X||² greedily with H = 2 X Xᵀ; the update for column j is row j of the
-upper Cholesky factor U of H⁻¹, δ_F = -(w_j - q_j) / U_jj · U_{j,F}, applied lazily per block of columns (§4).
-The result is qbara's INT-k layout (`qbara.quant.quantize`); each group's grid is set from its
-error-updated weights when GPTQ reaches its first column."""
+"GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers" (arXiv 2210.17323):
+minimise ||(W - Ŵ) X||² greedily, H = 2 X Xᵀ; row j of the upper Cholesky factor U of H⁻¹ gives column j's
+update δ_F = -(w_j - q_j) / U_jj · U_{j,F}, applied lazily per block of columns. The result is qbara's INT-k
+layout, each group's grid set from its error-updated weights when GPTQ reaches its first column."""
 from __future__ import annotations
 
 import torch
@@ -46,13 +45,11 @@ def output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
 def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, damp: float = DEFAULT_DAMP,
                   block_columns: int = DEFAULT_BLOCK_COLUMNS, act_order: bool = False,
                   name: str = "weight") -> QuantizedTensor:
-    """GPTQ-quantize a (d_out, d_in) weight given its inputs' Hessian H (`hessian_accumulate`); a QuantizedTensor
-    on the weight's device.
+    """GPTQ-quantize a (d_out, d_in) weight given its inputs' Hessian H (`hessian_accumulate`) into a QuantizedTensor.
 
-    config: an INT format with 1 x G groups (NF and 2-D tiles are refused). damp: fraction of H's mean diagonal
-    added to it. block_columns: lazy-update block, rounded to a multiple of G. act_order: visit columns by
-    decreasing H_jj, with every group's grid fixed from the unmodified weight first ("static groups").
-    Inputs that never fire (H_jj = 0) are quantized without spreading an error."""
+    config: INT with 1 x G groups (NF, 2-D tiles refused). damp: fraction of H's mean diagonal added to it.
+    block_columns: lazy-update block, rounded to a multiple of G. act_order: visit columns by decreasing H_jj,
+    every group's grid fixed from the unmodified weight first."""
     _check_config(config, name)
     _check_inputs(weight, hessian, config, name, damp, block_columns)
     w = weight.detach().float().clone()

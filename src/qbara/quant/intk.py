@@ -1,7 +1,5 @@
-"""INT-k asymmetric (min-max) quantization, w = s * q + m with fp16 scale and float minimum per block.
-
-A block is `group_rows` x `group_size` of the (d_out, d_in) weight: 1 x G per-row groups (GGUF Q4_1 / Q5_1
-at G = 32), taller tiles for QA-HiRA's 2-D pooling. A float m makes adding a constant to a block exact."""
+"""INT-k asymmetric (min-max) quantization, w = s * q + m, fp16 scale and float minimum per block of
+`group_rows` x `group_size` (1 x G per-row groups; taller tiles for QA-HiRA's 2-D pooling)."""
 from __future__ import annotations
 
 import functools

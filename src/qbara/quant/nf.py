@@ -37,7 +37,6 @@ def _nf_level_table(bits: int, device: torch.device) -> Tensor:
 
 
 def nf_midpoints(bits: int, device: torch.device | str | None = None) -> Tensor:
-    """The 2**bits - 1 rounding boundaries between adjacent NF levels."""
     levels = nf_levels(bits, device)
     return (levels[1:] + levels[:-1]) / 2
 

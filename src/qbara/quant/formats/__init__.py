@@ -31,7 +31,6 @@ def register(family: QuantFormat) -> QuantFormat:
 
 
 def unregister(name: str) -> None:
-    """Remove the family called `name` (e.g. a test's toy family)."""
     FAMILIES.pop(name)
     _index()
 

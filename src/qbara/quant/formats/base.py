@@ -39,7 +39,6 @@ class QuantFormat:
         return config.format
 
     def block_rows(self, config) -> int:
-        """Rows one quantization block spans."""
         return 1
 
     def check_shape(self, config, shape: tuple[int, ...], name: str) -> None:
@@ -60,11 +59,9 @@ class QuantFormat:
         return None
 
     def codes(self, qtensor) -> Tensor:
-        """Unpacked integer codes, one uint8 per weight, row-major."""
         raise QbaraError(f"{qtensor.config.format} has no separate codes; read the weight with dequantize()")
 
     def scales(self, qtensor) -> Tensor:
-        """The fp32 scale of each block."""
         raise QbaraError(f"{qtensor.config.format} has no separate scales; read the weight with dequantize()")
 
     def buffer_layout(self, config, shape: tuple[int, int]) -> dict[str, Tensor]:

@@ -28,7 +28,6 @@ class GGMLFamily(QuantFormat):
         return GGML_FORMATS[config.format[len(PREFIX):]]
 
     def normalize(self, config) -> None:
-        """A GGML block format: its block is fixed, the NF / INT options do not apply."""
         fmt = self.ggml(config)
         if config.block_size is None:
             object.__setattr__(config, "block_size", fmt.block_size)
@@ -81,7 +80,6 @@ class GGMLFamily(QuantFormat):
         return self.ggml(config)
 
     def gguf_blocks(self, qtensor, name: str) -> Tensor:
-        """The stored blocks themselves."""
         d_out, d_in = qtensor.shape
         return qtensor.tensors["codes"].reshape(d_out, self.ggml(qtensor.config).row_bytes(d_in))
 

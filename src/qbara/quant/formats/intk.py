@@ -1,7 +1,5 @@
-"""INT-k: affine (min-max) codes with an fp16 scale and a float minimum per block of block_rows x block_size.
-
-With 1 x 32 blocks and fp16 minima, INT4 and INT5 are GGUF's Q4_1 and Q5_1 layouts, so they are written to
-GGUF exactly; the float minimum is what lets a block-constant adapter update fold in (`fold_problem`)."""
+"""INT-k: affine codes, fp16 scale, float minimum per block. INT4 / INT5 in 1 x 32 blocks with fp16 minima are
+GGUF's Q4_1 / Q5_1, written exactly; the float minimum lets block-constant updates fold in (`fold_problem`)."""
 from __future__ import annotations
 
 import torch
@@ -82,7 +80,6 @@ class IntFormat(BlockFormat):
         return exact[0]
 
     def gguf_blocks(self, qtensor, name: str) -> Tensor:
-        """Q4_1 / Q5_1 blocks packed from the codes, fp16 scales and fp16 minima."""
         fmt = self.gguf_format(qtensor.config)
         if fmt is None:
             return super().gguf_blocks(qtensor, name)

@@ -16,9 +16,8 @@ from qbara.quant.packing import pack_bits, packed_nbytes, unpack_bits
 
 
 class NFFormat(BlockFormat):
-    """nf2 / nf3 / nf4 / nf8. Buffers: `codes` (packed), and `absmax` fp32 or, with double quant, `absmax_codes`
-    (packed), `absmax_group_max`, `absmax_offset`; with dq_style="bnb", bitsandbytes' buffers: `absmax_codes`
-    (uint8), `nested_absmax` (fp32 per 256 scales), `absmax_offset`."""
+    """nf2 / nf3 / nf4 / nf8. Buffers: `codes` (packed) and `absmax` fp32, or with double quant `absmax_codes`,
+    `absmax_group_max`, `absmax_offset` (dq_style="bnb": `absmax_codes`, `nested_absmax`, `absmax_offset`)."""
 
     name = "nf"
     prefix = "nf"

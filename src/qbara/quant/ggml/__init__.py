@@ -1,8 +1,5 @@
-"""GGML (llama.cpp / GGUF) block formats as quantization primitives: the exact block bytes GGUF stores.
-
-`quantize_ggml(weight, fmt, importance=None)` gives the uint8 blocks llama-quantize writes (with an importance
-matrix when given), `dequantize_ggml` the fp32 weight they hold, bit for bit as ggml decodes it;
-`GGML_FORMATS` lists block size, bytes per block and GGMLQuantizationType per format."""
+"""GGML (llama.cpp / GGUF) block formats as quantization primitives: `quantize_ggml` gives the exact block bytes
+llama-quantize writes (with an importance matrix when given), `dequantize_ggml` the fp32 weight they hold."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,13 +1,11 @@
-"""GGML's 4-bit i-quants: IQ4_NL (blocks of 32) and IQ4_XS (super-blocks of 256), a non-linear codebook.
-
-Each weight is a 4-bit index into ggml's 16 int8 levels (kvalues_iq4nl), times a scale. Layouts (little-endian):
+"""GGML's 4-bit i-quants IQ4_NL (blocks of 32) and IQ4_XS (super-blocks of 256): 4-bit indices into ggml's 16
+int8 levels (kvalues_iq4nl) times a scale. Layouts (little-endian):
   IQ4_NL (18 B)  {fp16 d; u8 qs[16]}                                 w = d * level[q]
   IQ4_XS (136 B) {fp16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]}  8 x 32, w = d * (ls - 32) * level[q],
                  ls (6 bits) of sub-block b: nibble b % 2 of scales_l[b // 2], its top two bits at bits 2b
                  of scales_h
 Within each 32 weights, element j sits in the low nibble of byte j and element j + 16 in the high one.
-The quantizer reproduces ggml's `quantize_iq4_nl` / `quantize_iq4_xs` bit for bit (a weighted scale search
-per 32 weights), one block of 32 per column of a (32, blocks) array."""
+Quantizers reproduce ggml's `quantize_iq4_nl` / `quantize_iq4_xs` bit for bit, one block of 32 per column."""
 from __future__ import annotations
 
 import torch
@@ -54,7 +52,6 @@ def _fit(x: Tensor, w: Tensor, inverse_scale: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _search_scales(cols: Tensor, weight: Tensor) -> Tensor:
-    """Each (32, M) column's searched scale (0 for an all-but-zero block)."""
     signed_max = first_absmax(cols, dim=0)
     sumqx, sumq2 = _fit(cols, weight, rdiv(1.0, div(signed_max, -LEVELS[0])))
     d = sumqx / sumq2

@@ -6,10 +6,8 @@ Block layouts (little-endian; "sub-block" = 16 or 32 weights sharing a quantized
   Q4_K (144 B) {fp16 d; fp16 dmin; u8 scales[12]; u8 qs[128]}     8 x 32, w = d*sc*q - dmin*m, 6-bit sc and m
   Q5_K (176 B) {fp16 d; fp16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}   as Q4_K with 5-bit q
   Q6_K (210 B) {u8 ql[128]; u8 qh[64]; i8 scales[16]; fp16 d}     16 x 16, w = d*sc*(q - 32)
-Code placement is documented on the pack helpers below. The quantizers reproduce ggml's
-`quantize_row_*_K_ref` / `quantize_row_*_K_impl` (with an importance matrix) bit for bit: a per-sub-block
-search (searches.py), the sub-block scales quantized against the largest, codes re-rounded against the
-stored scales; vectorised with sub-blocks along dim 1 of an (elements, sub-blocks) array."""
+Code placement is on the pack helpers. Quantizers reproduce ggml's `quantize_row_*_K_ref` and (with an
+importance) `quantize_row_*_K_impl` bit for bit, with sub-blocks along dim 1 of an (elements, sub-blocks) array."""
 from __future__ import annotations
 
 import torch
@@ -139,7 +137,6 @@ def _apply_k4(raw: Tensor, codes: Tensor, out: Tensor) -> Tensor:
 
 
 def _scale_sub_blocks(out: Tensor, codes: Tensor, step: Tensor, offset: Tensor | None = None) -> Tensor:
-    """out <- codes * step (- offset); step, offset (N, S), codes (N, S, n)."""
     sub = out.view(codes.shape)
     sub.copy_(codes).mul_(step[..., None])
     return sub.sub_(offset[..., None]) if offset is not None else sub

@@ -31,7 +31,6 @@ U8 = torch.uint8
 
 
 def _inverse(d: Tensor) -> Tensor:
-    """1 / d, and 0 where d is 0."""
     return torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
 
 
