@@ -46,17 +46,14 @@ class NFFormat(BlockFormat):
         return f"{config.format}-b{config.block_size}{dq}{style}"
 
     def quantize(self, weight: Tensor, config, name: str, importance: Tensor | None) -> dict[str, Tensor]:
-        # The scales first (double quantization has one offset per matrix), then the codes rounded against the
-        # scales as stored, so double-quantized codes are the nearest levels to w / (double-dequantized absmax).
-        # (bitsandbytes' own double quant, dq_style="bnb", rounds against the exact absmax instead. Without double
-        # quant the stored scale is the exact absmax and codes equal bitsandbytes'.)
+        # Scales first (double quantization has one offset per matrix), then codes rounded against the scales
+        # as stored: the nearest levels to w / (double-dequantized absmax).
         shape = (int(weight.shape[0]), int(weight.shape[1]))
         chunks = [weight[start:start + rows] for start, rows in self.row_chunks(shape, config)]
         absmax = torch.cat([block_absmax(c, config.block_size) for c in chunks])
         tensors = {}
         if config.double_quant and config.dq_style == "bnb":
-            # bitsandbytes compresses the scales after rounding the codes (checked against quantize_4bit(...,
-            # compress_statistics=True)): codes against the exact absmax, the scales stored are not those.
+            # bitsandbytes rounds the codes against the exact absmax and compresses the scales afterwards
             s_codes, nested_absmax, offset = bnb_double_quantize(absmax)
             tensors.update(absmax_codes=s_codes, nested_absmax=nested_absmax, absmax_offset=offset)
             scales = absmax
