@@ -1,6 +1,5 @@
-"""Models loaded by transformers with bitsandbytes (`load_in_4bit=True`): found, and their NF4 layers adopted
-into qbara's `QuantizedLinear` without changing a weight: as `QuantConfig("nf4", B, double_quant=False)`, or
-double-quantized ones with their own buffers as `QuantConfig("nf4", B, dq_style="bnb")`."""
+"""Models loaded by transformers with bitsandbytes (`load_in_4bit=True`): their NF4 layers adopted as qbara
+`QuantizedLinear`s, weights unchanged (fp32 absmax, or bitsandbytes' double-quantized buffers as dq_style="bnb")."""
 from __future__ import annotations
 
 import torch

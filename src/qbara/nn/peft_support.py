@@ -1,7 +1,6 @@
-"""qbara's `QuantizedLinear` as a PEFT LoRA target (PEFT's conventions, so PEFT saves, loads and trains it), through
-PEFT's custom-module registration; usage in docs/python-api.md. It also runs PEFT's QA-LoRA variant, which PEFT
-runs only on GPTQ layers, and registers it for plain `nn.Linear` so a `qalora` folder loads onto a dense base.
-Merging stays in qbara: the packed weight cannot take a dense update without re-quantizing."""
+"""qbara's `QuantizedLinear` as a PEFT LoRA target through PEFT's custom-module registration (usage:
+docs/python-api.md); PEFT saves, loads and trains the layer as its own. It also runs PEFT's QA-LoRA (which PEFT
+runs on GPTQ layers only) on qbara layers and plain `nn.Linear`. Merging stays in qbara (packed weights)."""
 from __future__ import annotations
 
 import torch
@@ -12,8 +11,7 @@ from qbara.nn.quantized_linear import QuantizedLinear
 
 
 def register_with_peft(config, model: nn.Module | None = None):
-    """Register qbara's LoRA layer on the PEFT `LoraConfig` `config` (kept on that object) and return it;
-    `model` resolves `target_modules="all-linear"`."""
+    """Register qbara's LoRA layer on the PEFT LoraConfig `config` and return it; `model` resolves "all-linear"."""
     try:
         from peft import LoraConfig
     except ImportError:

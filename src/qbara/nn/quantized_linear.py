@@ -13,8 +13,7 @@ _scratch = threading.local()
 
 
 def _weight_for_matmul(layer: "QuantizedLinear", dtype: torch.dtype) -> Tensor:
-    """The dense weight for one matmul: on CPU in fp32 rebuilt into a per-thread reused buffer (fresh tensors
-    cost page faults), used at once and never kept; elsewhere a new tensor."""
+    """Dense weight for one matmul; on CPU fp32 rebuilt into a reused per-thread buffer (use at once, never keep)."""
     qweight = layer.qweight
     if dtype == torch.float32 and layer.codes.device.type == "cpu":
         buffer = getattr(_scratch, "buffer", None)
@@ -42,8 +41,7 @@ class _DequantizedMatmul(torch.autograd.Function):
 
 
 class QuantizedLinear(nn.Module):
-    """Drop-in replacement for a frozen nn.Linear with a quantized, packed weight; the buffers (`codes`, `scale`,
-    ...) are module buffers, so `.to(device)`, `state_dict()` and safetensors work on them."""
+    """Drop-in for a frozen nn.Linear whose weight is stored quantized as module buffers (`.to`, `state_dict` work)."""
 
     def __init__(self, qweight: QuantizedTensor, bias: Tensor | None = None):
         super().__init__()
@@ -96,8 +94,7 @@ class QuantizedLinear(nn.Module):
 
 
 def frozen_linear(weight: Tensor, bias: Tensor | None = None) -> nn.Linear:
-    """A frozen fp32 nn.Linear holding `weight` (not copied if already fp32) and a copy of `bias`, on weight's
-    device, without nn.Linear's random initialisation."""
+    """Frozen fp32 nn.Linear holding `weight` (uncopied if fp32) and a copy of `bias`, skipping the random init."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     linear.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
     if bias is not None:

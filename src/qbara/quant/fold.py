@@ -9,16 +9,14 @@ from qbara.quant.tensor import QuantizedTensor
 
 
 def fold_problem(config, tile_rows: int, tile_cols: int) -> str | None:
-    """Why an update constant on (tile_rows x tile_cols) tiles cannot fold into a base quantized with `config`,
-    or None (INT: every quantization block lies inside one tile)."""
+    """Why an update constant on tile_rows x tile_cols tiles cannot fold into a `config` base, or None."""
     if config is None:
         return "the base layer is not quantized"
     return config.family.fold_problem(config, tile_rows, tile_cols)
 
 
 def fold_block_constants(qtensor: QuantizedTensor, delta: Tensor) -> QuantizedTensor:
-    """A new INT QuantizedTensor = dequant(qtensor) + `delta` (constant per block): only the float minima move
-    (rounded to their dtype); codes and scales are shared."""
+    """dequant(qtensor) + `delta` (constant per block) as a new INT tensor: only the minima move (rounded)."""
     config = qtensor.config
     problem = fold_problem(config, config.block_rows, config.block_size)
     if problem:
@@ -36,8 +34,7 @@ def fold_block_constants(qtensor: QuantizedTensor, delta: Tensor) -> QuantizedTe
 
 
 def fold_rounding(before: QuantizedTensor, after: QuantizedTensor, delta: Tensor) -> tuple[float, float]:
-    """(‖update lost to rounding the stored minima‖², ‖update‖²) over all weights of a fold (fp16 minima can
-    drop a constant small next to their step; fp32 ones hold it)."""
+    """(‖update lost to rounding the stored minima‖², ‖update‖²) over all weights of a fold."""
     config = before.config
     wanted = to_blocks(delta.detach().float(), config.block_size, config.block_rows)[:, 0]
     moved = after.tensors["minimum"].float() - before.tensors["minimum"].float()

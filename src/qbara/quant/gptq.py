@@ -22,8 +22,7 @@ DEFAULT_BLOCK_COLUMNS = 128  # columns per lazy-update block (the paper's B = 12
 
 
 def hessian_accumulate(hessian: Tensor | None, count: int, inputs: Tensor) -> tuple[Tensor, int]:
-    """Add a batch of layer inputs (..., d_in) to the running mean H = 2/n Σ x xᵀ (fp32, in place); returns (H, n).
-    Pass (None, 0) for the first batch."""
+    """Add inputs (..., d_in) to the running H = 2/n Σ x xᵀ (fp32, in place; start from (None, 0)); returns (H, n)."""
     x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
     if hessian is None:
         hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
@@ -46,7 +45,6 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, damp:
                   block_columns: int = DEFAULT_BLOCK_COLUMNS, act_order: bool = False,
                   name: str = "weight") -> QuantizedTensor:
     """GPTQ-quantize a (d_out, d_in) weight given its inputs' Hessian H (`hessian_accumulate`) into a QuantizedTensor.
-
     config: INT with 1 x G groups (NF, 2-D tiles refused). damp: fraction of H's mean diagonal added to it.
     block_columns: lazy-update block, rounded to a multiple of G. act_order: visit columns by decreasing H_jj,
     every group's grid fixed from the unmodified weight first."""

@@ -56,8 +56,7 @@ def scale_blocks(weight: Tensor, block_size: int, scales: Tensor) -> Tensor:
 
 
 def round_nf(weight: Tensor, bits: int, block_size: int, scales: Tensor) -> Tensor:
-    """uint8 codes (weight's numel) of the nearest NF level to weight / scale: the best codes for exactly these
-    (e.g. double-dequantized) scales."""
+    """uint8 codes of the nearest NF level to weight / scale: the best codes for exactly these scales."""
     return nf_codes(scale_blocks(weight, block_size, scales), bits).to(torch.uint8).reshape(-1)
 
 

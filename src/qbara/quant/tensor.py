@@ -14,8 +14,7 @@ from qbara.quant.formats import check_takes_importance
 
 @dataclass
 class QuantizedTensor:
-    """A quantized (d_out, d_in) weight as packed buffers, named and laid out by its config's family
-    (`qbara.quant.formats`, `buffer_layout`)."""
+    """A quantized (d_out, d_in) weight as packed buffers, laid out by its config's family (`buffer_layout`)."""
 
     config: QuantConfig
     shape: tuple[int, int]

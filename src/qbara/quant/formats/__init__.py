@@ -1,5 +1,4 @@
-"""The format registry: one `QuantFormat` object per family, one line each. A new family is one module defining
-its object plus one line here (or `register(family)` at run time)."""
+"""The format registry: one `QuantFormat` per family; add one with a line here or `register(family)`."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -44,8 +43,7 @@ def family_of(format_name: str) -> QuantFormat:
 
 
 def check_takes_importance(configs: Iterable, hint: str = "") -> None:
-    """Refuse an importance when none of `configs` takes one (only `takes_importance` families, gguf:*, weight
-    their rounding; the others round to nearest)."""
+    """Refuse an importance when no config in `configs` takes one (only gguf:* weight their rounding)."""
     if not any(c.family.takes_importance for c in configs):
         raise QbaraError(f"an importance weights the rounding of gguf:* formats only, and none of the configs is "
                          f"one{hint}; drop importance= or choose gguf:* configs (qbara.lq.gguf_configs())")

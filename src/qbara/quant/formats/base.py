@@ -94,8 +94,7 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 class BlockFormat(QuantFormat):
-    """Shared part of NF and INT: chosen block geometry (block_size along a row, block_rows rows), packed codes
-    and per-block float statistics."""
+    """Shared part of NF and INT: chosen block geometry, packed codes, per-block float statistics."""
 
     default_block_size: int = 64
     default_double_quant: bool = False

@@ -1,5 +1,4 @@
-"""gguf:q4_0 ... gguf:iq4_xs: llama.cpp's GGML block formats, stored as the exact block bytes a GGUF file holds
-(codes, scales and minima interleaved per block) and quantized as ggml's reference quantizer does."""
+"""gguf:*: llama.cpp's GGML block formats, stored as the exact GGUF block bytes (`qbara.quant.ggml`)."""
 from __future__ import annotations
 
 import dataclasses

@@ -17,8 +17,7 @@ _MINIMUM_TORCH = {"fp16": torch.float16, "fp32": torch.float32}
 
 
 class IntFormat(BlockFormat):
-    """int2 / int3 / int4 / int5 / int8. Buffers: `codes` (packed), `scale` fp16, `minimum` fp16 (or fp32),
-    one per block."""
+    """int2..int8. Buffers: `codes` (packed), `scale` fp16, `minimum` fp16 or fp32, one per block."""
 
     name = "int"
     prefix = "int"
@@ -100,8 +99,7 @@ class IntFormat(BlockFormat):
 
 
 def _as_fp16(values: Tensor, name: str, kind: str = "Q4_1") -> Tensor:
-    """Scales / minima as fp16 (Q4_1 / Q5_1 store fp16), refusing values fp16 cannot hold exactly (e.g. after
-    model.to(torch.bfloat16))."""
+    """Scales / minima as fp16 for Q4_1 / Q5_1, refusing values fp16 cannot hold exactly (e.g. after a bf16 cast)."""
     if values.dtype == torch.float16:
         return values
     half = values.to(torch.float16)

@@ -43,8 +43,7 @@ def _rows(cols: Tensor) -> Tensor:
 
 
 def _importance_weights(x: Tensor, qw: Tensor, n: int, sigma_factor: int) -> Tensor:
-    """Search weights under an importance `qw` (N, 256): qw * sqrt(sigma2 + x^2), sigma2 = sigma_factor *
-    the super-block's mean square; as `_columns`."""
+    """qw * sqrt(sigma2 + x^2), sigma2 = sigma_factor * super-block mean square, as `_columns`."""
     sigma2 = seq_sum(_columns(x, QK_K).square_()) * (sigma_factor / QK_K)  # exact: a power of two
     cols = _columns(x, n)
     return _columns(qw, n).mul_(sqrt_f32(sigma2.repeat_interleave(QK_K // n) + cols * cols))
@@ -59,8 +58,7 @@ def _qp_fit(values: Tensor, weights: Tensor, nmax: int) -> tuple[Tensor, Tensor]
 # ------------------------------------------------------------------------------------------ requantization
 
 def _requantize(x: Tensor, codes: Tensor, step: Tensor, offset: Tensor | None, lo: int, hi: int) -> Tensor:
-    """Codes re-rounded against the stored scales, clamp(round((x + offset) / step), lo, hi) - lo; kept where
-    step is 0. x, codes: (N, S, n); step, offset: (N, S)."""
+    """Codes re-rounded against the stored scales (kept where step is 0); x, codes (N, S, n), step, offset (N, S)."""
     shifted = x + offset[..., None] if offset is not None else x
     fresh = torch.round(shifted / step[..., None]).clamp_(lo, hi) - lo
     return torch.where(step[..., None] != 0, fresh, codes)

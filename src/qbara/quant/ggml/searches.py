@@ -27,9 +27,8 @@ def _error(scale: Tensor, minimum: Tensor, codes: Tensor, x: Tensor, w: Tensor, 
 
 def make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                      mad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Affine fit x ~ scale * q - the_min, q in [0, nmax], over nstep + 1 grids (nmax + rmin + rdelta*i) / span
-    with a weighted least-squares refit each (also make_qkx3_quants). Returns (scale (M,), the_min (M,) >= 0,
-    codes (n, M) float)."""
+    """Affine fit x ~ scale * q - the_min, q in [0, nmax], best of nstep + 1 grids with weighted least-squares
+    refits (also make_qkx3_quants). Returns (scale (M,), the_min (M,) >= 0, codes (n, M) float)."""
     hi, lo = x.amax(dim=0), x.amin(dim=0).clamp(max=0)
     sum_w, sum_x = seq_sum(w), seq_sum(w * x)
     flat = hi == lo
@@ -62,9 +61,8 @@ def make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float
 
 def _descend(codes: Tensor, x: Tensor, w: Tensor, wx: Tensor, lo: int | None, hi: int, sweeps: int,
              after: bool) -> tuple[Tensor, Tensor]:
-    """Coordinate descent on (n, M) integer `codes` (in place) for x ~ scale * codes, moves kept when
-    sum(w*x*l)^2 / sum(w*l*l) grows; `after`: check sum(w*l*l) > 0 after the move (make_q3_quants) or before.
-    Returns the final (sum(w*x*l), sum(w*l*l))."""
+    """Coordinate descent on (n, M) int `codes` (in place) for x ~ scale * codes, moves kept when sum(w*x*l)^2 /
+    sum(w*l*l) grows (`after`: sum(w*l*l) > 0 checked after the move). Returns (sum(w*x*l), sum(w*l*l))."""
     sum_lx, sum_l2 = seq_sum(wx * codes), seq_sum(w * codes * codes)
     for _ in range(sweeps):  # a pass that changes nothing leaves the state as it was, so no early exit
         for i in range(x.shape[0]):
