@@ -12,9 +12,8 @@ from qbara.quant.ggml import GGMLFormat
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How a weight matrix is quantized (fields: see their option help). minimum_dtype fp32 lets an adapter folded
-    into the minima lose nothing to rounding; dq_style "bnb" is bitsandbytes' `compress_statistics=True` bit for
-    bit (NF4 only, `qbara.quant.dq_bnb`)."""
+    """How a weight matrix is quantized (fields: see their option help). minimum_dtype fp32 lets adapters folded into
+    the minima lose nothing to rounding; dq_style "bnb" is bitsandbytes' `compress_statistics=True` (NF4 only)."""
 
     format: str = option("nf4", "nf2/nf3/nf4/nf8 (NormalFloat), int2/int3/int4/int5/int8 (affine) or "
                                 "gguf:q4_0 ... gguf:q6_k (llama.cpp's block formats)")

@@ -49,7 +49,6 @@ class GGMLFamily(QuantFormat):
         return self.ggml(config).bits
 
     def bits_per_param(self, config) -> float:
-        """8 * block bytes / block weights (Q4_K 4.5, Q6_K 6.5625)."""
         return self.ggml(config).bits_per_param
 
     def check_shape(self, config, shape: tuple[int, ...], name: str) -> None:

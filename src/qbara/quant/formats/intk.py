@@ -32,7 +32,6 @@ class IntFormat(BlockFormat):
         check_minimum_dtype(config)
 
     def bits_per_param(self, config) -> float:
-        """b + (16 + 16|32) / (G * rows): fp16 scale, fp16 or fp32 minimum."""
         return config.bits + (16 + MINIMUM_DTYPES[config.minimum_dtype]) / config.block_numel
 
     def label(self, config) -> str:

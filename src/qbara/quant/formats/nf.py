@@ -34,7 +34,6 @@ class NFFormat(BlockFormat):
             raise QbaraError("block_rows applies to int formats only: NF blocks run along a row")
 
     def bits_per_param(self, config) -> float:
-        """b + b0/B0 + b1/(B0*B1) with double quant (either dq_style), b + 32/B0 with fp32 absmax."""
         if not config.double_quant:
             return config.bits + 32 / config.block_size
         return (config.bits + config.dq_bits / config.block_size

@@ -35,7 +35,6 @@ def _inverse(d: Tensor) -> Tensor:
 
 
 def _pack_nibbles(q: Tensor) -> Tensor:
-    """(N, 32) codes < 16 -> (N, 16) bytes: element j in the low nibble, j + 16 in the high one."""
     return q[:, :16] | (q[:, 16:] << 4)
 
 
@@ -44,7 +43,6 @@ def _unpack_nibbles(qs: Tensor) -> Tensor:
 
 
 def _high_bits(q: Tensor) -> Tensor:
-    """(N, 32) 5-bit codes -> (N, 4) qh bytes: bit j of the little-endian u32 = bit 4 of code j."""
     return bits_to_bytes((q >> 4).view(-1, 4, 8), dim=2)
 
 
