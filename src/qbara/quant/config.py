@@ -70,7 +70,7 @@ class QuantConfig:
         return self.family.label(self)
 
     def to_dict(self) -> dict:
-        """The fields; dq_style only when not the default, so default configs record as they always have."""
+        """The fields; dq_style only when not the default, so readers that predate it read default configs."""
         data = dataclasses.asdict(self)
         if data["dq_style"] == "qbara":
             del data["dq_style"]
