@@ -1,13 +1,5 @@
-"""Models loaded by transformers with bitsandbytes (`BitsAndBytesConfig(load_in_4bit=True)`): found, and their
-NF4 layers adopted into qbara's NF4 `QuantizedLinear` without changing a single weight.
-
-bitsandbytes' NF4 is block-wise absmax with the same 16 levels as qbara's. Layers without double quantization
-are taken over as `QuantConfig("nf4", B, double_quant=False)`: the dequantized weight w = level · absmax
-re-quantizes to the same codes and absmax (the block's largest |w| is absmax itself). Layers with
-`bnb_4bit_use_double_quant=True` (`compress_statistics`) keep their own buffers as
-`QuantConfig("nf4", B, dq_style="bnb")` (4.127 bits/param at B = 64); the fp32-absmax config is still accepted
-for them (the same weights at 4.5 bits/param; earlier versions adopted them that way).
-"""
+"""Models loaded by transformers with bitsandbytes (`load_in_4bit=True`): their NF4 layers adopted as qbara
+`QuantizedLinear`s, weights unchanged (fp32 absmax, or bitsandbytes' double-quantized buffers as dq_style="bnb")."""
 from __future__ import annotations
 
 import torch
@@ -27,9 +19,8 @@ def bnb_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def adoption_config(model: nn.Module) -> QuantConfig:
-    """The qbara config that holds this bitsandbytes model's layers exactly: NF4 at its block size, with fp32
-    absmax, or dq_style="bnb" where bitsandbytes double-quantized the scales. Puts layers bitsandbytes repacked
-    for its CPU kernel back in their canonical layout first; refuses 8-bit and FP4 layers with the fix."""
+    """The qbara config holding this model's bitsandbytes layers exactly (NF4 at its block size, fp32 absmax or
+    dq_style="bnb"). Restores CPU-repacked layers to their canonical layout first; refuses 8-bit and FP4 layers."""
     configs = set()
     for name, layer in bnb_layers(model).items():
         state = getattr(getattr(layer, "weight", None), "quant_state", None)
@@ -55,20 +46,15 @@ def _layer_config(state) -> QuantConfig:
 
 
 def _standard_nesting(state) -> bool:
-    """The scales are `compress_statistics`' layout: uint8 codes of the dynamic map in blocks of 256, fp32
-    nested absmax and offset."""
+    """The scales are `compress_statistics`' layout (dynamic-map uint8 codes in blocks of 256, fp32 nested absmax)."""
     nested = state.state2
     return (state.absmax.dtype == torch.uint8 and nested.absmax.dtype == torch.float32
             and int(nested.blocksize) == DYNAMIC_BLOCK and torch.equal(nested.code.float().cpu(), dynamic_map()))
 
 
 def _canonical_layout(layer) -> None:
-    """Undo bitsandbytes' CPU repacking in place. bitsandbytes >= 0.50 repacks a CPU layer for its AVX512-BF16
-    kernel at the first eval-mode no-grad forward (`quant_state.packing_format_for_cpu`): codes in another order,
-    absmax as a (in/block, out) bf16 matrix. Its own save path (`_save_to_state_dict`) restores the codes but,
-    without double quantization, leaves absmax transposed, which `dequantize_4bit` would read in the wrong order.
-    What comes back is bnb's weights as its kernel computes with them (absmax rounded to bf16 by the repacking;
-    with double quantization bnb compresses those bf16 scales again: new scale codes, nested absmax and offset)."""
+    """Undo bitsandbytes' (>= 0.50) CPU repacking in place, including the absmax its save path leaves transposed;
+    the weights are then bnb's as its kernel uses them (absmax rounded to bf16)."""
     state = layer.weight.quant_state
     if not getattr(state, "packing_format_for_cpu", False):
         return
@@ -80,9 +66,8 @@ def _canonical_layout(layer) -> None:
 
 @torch.no_grad()
 def adopt_bnb(model: nn.Module, quant=None) -> nn.Module:
-    """Replace every bitsandbytes NF4 layer of `model` by a qbara NF4 QuantizedLinear holding the same
-    dequantized weights, in place. `quant`, if given, must be a config that holds them (see `adoption_config`;
-    for double-quantized layers also the fp32-absmax one)."""
+    """Replace every bitsandbytes NF4 layer of `model` in place by a qbara QuantizedLinear with the same weights;
+    `quant`, if given, must be a config that holds them (`adoption_config`, or fp32 absmax)."""
     config = _chosen_config(adoption_config(model), quant)
     for name, layer in bnb_layers(model).items():
         adopt = _adopt_buffers if config.dq_style == "bnb" else _adopt_dense
@@ -98,7 +83,6 @@ def adopt_bnb(model: nn.Module, quant=None) -> nn.Module:
 
 
 def _chosen_config(exact: QuantConfig, quant: QuantConfig | None) -> QuantConfig:
-    """`quant` if it holds the layers exactly (the exact config, or fp32 absmax for double-quantized layers)."""
     plain = QuantConfig("nf4", block_size=exact.block_size, double_quant=False)
     if quant is None or quant in (exact, plain):
         return exact if quant is None else quant
@@ -115,7 +99,7 @@ def _spelled(config: QuantConfig) -> str:
 
 
 def _adopt_dense(layer, config: QuantConfig, name: str):
-    """bitsandbytes' dequantized weight, quantized again with `config` (fp32 absmax: the same weights)."""
+    """bitsandbytes' dequantized weight re-quantized with `config` (fp32 absmax: the same weights)."""
     import bitsandbytes.functional as bnbf
 
     weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
@@ -127,7 +111,6 @@ def _adopt_dense(layer, config: QuantConfig, name: str):
 
 
 def _adopt_buffers(layer, config: QuantConfig, name: str):
-    """The layer's own packed codes and double-quantized scales, as a dq_style="bnb" QuantizedLinear."""
     state = layer.weight.quant_state
     shape = (int(state.shape[0]), int(state.shape[1]))
     config.check_shape(shape, name)

@@ -1,18 +1,6 @@
-"""qbara's `QuantizedLinear` as a PEFT LoRA target, through PEFT's custom-module registration.
-
-    config = qbara.register_with_peft(LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    peft_model = get_peft_model(qbara_quantized_model, config)
-
-The LoRA layer here follows PEFT's conventions (`lora_A` / `lora_B` ModuleDicts per adapter name, scaling
-lora_alpha / r or / sqrt(r) with rslora), so PEFT saves, loads and trains it like its own. It also runs PEFT's
-QA-LoRA variant (`use_qalora=True`), which PEFT itself runs only on GPTQ layers: with such a config the layer is
-registered for plain `nn.Linear` too, so a qbara `qalora` folder loads onto a dense (or dequantized) base.
-Merging stays in qbara (the packed weight cannot take a dense update without re-quantizing).
-
-`target_modules="all-linear"` needs the model: PEFT resolves it to `nn.Linear` layers only, so it would find
-none of qbara's quantized ones. `register_with_peft(config, model)` resolves it as PEFT defines it — every linear
-layer (QuantizedLinear or nn.Linear) but the output head; without the model it is refused.
-"""
+"""qbara's `QuantizedLinear` as a PEFT LoRA target through PEFT's custom-module registration (usage:
+docs/python-api.md); PEFT saves, loads and trains the layer as its own. It also runs PEFT's QA-LoRA (which PEFT
+runs on GPTQ layers only) on qbara layers and plain `nn.Linear`. Merging stays in qbara (packed weights)."""
 from __future__ import annotations
 
 import torch
@@ -23,11 +11,7 @@ from qbara.nn.quantized_linear import QuantizedLinear
 
 
 def register_with_peft(config, model: nn.Module | None = None):
-    """Register qbara's LoRA layer for `QuantizedLinear` (and for `nn.Linear` when `config.use_qalora`) on the
-    PEFT `LoraConfig` `config`, and return it. PEFT keeps the registration on the config object, so call this on
-    the config you pass to `get_peft_model` or to `PeftModel.from_pretrained(model, folder, config=...)`.
-
-    model: the model the config is for; needed to resolve `target_modules="all-linear"` (see above)."""
+    """Register qbara's LoRA layer on the PEFT LoraConfig `config` and return it; `model` resolves "all-linear"."""
     try:
         from peft import LoraConfig
     except ImportError:
@@ -49,8 +33,8 @@ def _is_all_linear(targets) -> bool:
 
 
 def all_linear_targets(model: nn.Module | None) -> list[str]:
-    """PEFT's "all-linear" for a qbara model: the last name components of its linear layers (QuantizedLinear or
-    nn.Linear) but the output head, when they select exactly those layers; otherwise their full names."""
+    """PEFT's "all-linear" for a qbara model (PEFT alone finds only nn.Linear): the last name components of its
+    linear layers but the output head when they select exactly those, else their full names."""
     if model is None:
         raise QbaraError("target_modules='all-linear' needs the model: PEFT resolves it to nn.Linear layers only and "
                          "finds none of qbara's quantized ones; call register_with_peft(config, model), or list the "
@@ -70,7 +54,7 @@ _LAYER = None
 
 
 def _layer_class():
-    """The PEFT LoRA layer class, built on first use so that importing qbara never imports PEFT."""
+    """The PEFT LoRA layer class, built on first use so importing qbara never imports PEFT."""
     global _LAYER
     if _LAYER is None:
         _LAYER = _build_layer_class()

@@ -13,9 +13,7 @@ _scratch = threading.local()
 
 
 def _weight_for_matmul(layer: "QuantizedLinear", dtype: torch.dtype) -> Tensor:
-    """The dense weight for one matmul. On CPU in fp32 it is rebuilt into a buffer this thread reuses (a fresh
-    tensor per call costs more in page faults than the lookup itself); the result is used at once and never
-    kept. Elsewhere, a new tensor."""
+    """Dense weight for one matmul; on CPU fp32 rebuilt into a reused per-thread buffer (use at once, never keep)."""
     qweight = layer.qweight
     if dtype == torch.float32 and layer.codes.device.type == "cpu":
         buffer = getattr(_scratch, "buffer", None)
@@ -28,8 +26,7 @@ def _weight_for_matmul(layer: "QuantizedLinear", dtype: torch.dtype) -> Tensor:
 
 
 class _DequantizedMatmul(torch.autograd.Function):
-    """y = x W^T with W rebuilt from the packed buffers; the backward rebuilds it again instead of
-    keeping a full-precision copy alive between forward and backward. No gradient for W."""
+    """y = x W^T with W rebuilt from the packed buffers, again in backward instead of kept alive; no grad for W."""
 
     @staticmethod
     def forward(ctx, x: Tensor, layer: "QuantizedLinear") -> Tensor:
@@ -44,11 +41,7 @@ class _DequantizedMatmul(torch.autograd.Function):
 
 
 class QuantizedLinear(nn.Module):
-    """Drop-in replacement for a frozen nn.Linear whose weight is stored quantized and packed.
-
-    The packed buffers are registered as module buffers (`codes`, `scale`, ...), so `.to(device)`,
-    `state_dict()` and safetensors saving work on them.
-    """
+    """Drop-in for a frozen nn.Linear whose weight is stored quantized as module buffers (`.to`, `state_dict` work)."""
 
     def __init__(self, qweight: QuantizedTensor, bias: Tensor | None = None):
         super().__init__()
@@ -75,7 +68,6 @@ class QuantizedLinear(nn.Module):
                                {n: getattr(self, n) for n in self._buffer_names})
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The dense (d_out, d_in) weight in `dtype`."""
         return self.qweight.dequantize(dtype)
 
     def to_linear(self) -> nn.Linear:
@@ -102,8 +94,7 @@ class QuantizedLinear(nn.Module):
 
 
 def frozen_linear(weight: Tensor, bias: Tensor | None = None) -> nn.Linear:
-    """A frozen fp32 nn.Linear holding `weight` (kept as is when it is fp32 already: pass a tensor of its own) and a
-    copy of `bias`, on weight's device; built without nn.Linear's random initialisation of a full-size weight."""
+    """Frozen fp32 nn.Linear holding `weight` (uncopied if fp32) and a copy of `bias`, skipping the random init."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     linear.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
     if bias is not None:

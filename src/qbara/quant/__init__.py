@@ -1,5 +1,4 @@
-"""Quantization core: the format registry (`qbara.quant.formats`: NF, INT, GGML block families), their
-primitives (NF-k, INT-k, GGML blocks, double quantization, bit packing) and `QuantConfig` / `quantize`."""
+"""Quantization core: format registry (`formats`), NF-k / INT-k / GGML primitives, `QuantConfig`, `quantize`."""
 from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import double_dequantize, double_quantize
 from qbara.quant.intk import dequantize_int, quantize_int

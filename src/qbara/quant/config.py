@@ -12,23 +12,8 @@ from qbara.quant.ggml import GGMLFormat
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How a weight matrix is quantized.
-
-    format: nf2/nf3/nf4/nf8 (NormalFloat, block-wise absmax), int2/int3/int4/int5/int8 (affine, float min), or
-        gguf:q4_0/q4_1/q5_0/q5_1/q8_0/q2_k/q3_k/q4_k/q5_k/q6_k/iq4_nl/iq4_xs (llama.cpp's GGML block formats,
-        stored as the exact GGUF block bytes and quantized as ggml's reference quantizer does; `qbara.quant.ggml`).
-        A gguf format fixes its own block (32 or 256 weights along a row) and takes none of the other options.
-    block_size: NF block B0, or INT group G, along the input features of a row (default: 64 for NF as in
-        QLoRA, 32 for INT as in GGUF Q4_1 / Q5_1).
-    block_rows: INT only, rows per block (2-D tiles for QA-HiRA's tile setting); 1 = 1 x G blocks.
-    double_quant: NF only, quantize the absmax scales (default on for NF, as in QLoRA).
-    dq_bits, dq_block_size, dq_dtype: b0, B1 and b1 of the scale quantization.
-    minimum_dtype: INT only, storage of each block's float minimum: fp16 (default; GGUF Q4_1's / Q5_1's layout) or
-        fp32 (+0.5 bits/param at G=32; an adapter folded into the minima then loses nothing to rounding).
-    dq_style: "qbara" (default: min offset, unsigned b0-bit codes, codes rounded against the stored scales) or
-        "bnb": bitsandbytes' `compress_statistics=True` bit for bit (NF4 only; mean offset, 8-bit dynamic map
-        in blocks of 256, codes rounded against the exact absmax; `qbara.quant.dq_bnb`).
-    """
+    """How a weight matrix is quantized (fields: see their option help). minimum_dtype fp32 lets adapters folded into
+    the minima lose nothing to rounding; dq_style "bnb" is bitsandbytes' `compress_statistics=True` (NF4 only)."""
 
     format: str = option("nf4", "nf2/nf3/nf4/nf8 (NormalFloat), int2/int3/int4/int5/int8 (affine) or "
                                 "gguf:q4_0 ... gguf:q6_k (llama.cpp's block formats)")
@@ -53,17 +38,15 @@ class QuantConfig:
 
     @property
     def family(self) -> QuantFormat:
-        """The format family (`qbara.quant.formats`) that owns this config's format."""
         return family_of(self.format)
 
     @property
     def kind(self) -> str:
-        """The family's name: 'nf', 'int' or 'gguf'."""
         return self.family.name
 
     @property
     def ggml(self) -> GGMLFormat:
-        """The GGML block format a tensor of this config is written to GGUF as exactly."""
+        """The GGML block format this config writes to GGUF as exactly."""
         fmt = self.family.gguf_format(self) if self.family.stores_gguf_blocks else None
         if fmt is None:
             raise QbaraError(f"{self.format} is not a GGML block format; use format='gguf:q4_k' etc.")
@@ -71,28 +54,23 @@ class QuantConfig:
 
     @property
     def bits(self) -> int:
-        """Bits per weight code."""
         return self.family.bits(self)
 
     @property
     def block_numel(self) -> int:
-        """Weights sharing one scale."""
         return self.block_size * self.block_rows
 
     @property
     def bits_per_param(self) -> float:
-        """Storage bits per weight by formula (the family's; e.g. NF with double quant b + b0/B0 + b1/(B0*B1),
-        INT b + (16 + 16|32)/(G*rows), gguf 8 * block bytes / block weights)."""
         return self.family.bits_per_param(self)
 
     @property
     def label(self) -> str:
-        """Short human-readable name, e.g. nf4-b64-dq8/fp32/256, nf4-b64-dq8/fp32/256-bnb, int4-g32 or gguf:q4_k."""
+        """Short name, e.g. nf4-b64-dq8/fp32/256, int4-g32 or gguf:q4_k."""
         return self.family.label(self)
 
     def to_dict(self) -> dict:
-        """The fields; dq_style only where it is not the default, so default configs are recorded (and read
-        by older qbara) exactly as before the field existed."""
+        """The fields; dq_style only when not the default, so readers that predate it read default configs."""
         data = dataclasses.asdict(self)
         if data["dq_style"] == "qbara":
             del data["dq_style"]
@@ -103,5 +81,4 @@ class QuantConfig:
         return strict_from_dict(cls, data)
 
     def check_shape(self, shape: tuple[int, ...], name: str = "weight") -> None:
-        """Raise a QbaraError naming `name` if this config cannot quantize a weight of `shape`."""
         self.family.check_shape(self, tuple(shape), name)

@@ -1,8 +1,5 @@
-"""Double quantization of absmax scales (LQ-LoRA's configurable form).
-
-Subtract one fp32 offset per matrix (the smallest scale), then quantize each shifted scale to a
-`bits`-bit unsigned integer within groups of `group_size` scales, each group's max stored in `dtype`.
-"""
+"""Double quantization of absmax scales, LQ-LoRA's configurable form (arXiv 2311.12023): one fp32 offset per
+matrix (the smallest scale), shifted scales as `bits`-bit codes in groups of `group_size`, group max in `dtype`."""
 from __future__ import annotations
 
 import torch
@@ -12,7 +9,7 @@ DQ_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float1
 
 
 def double_quantize(scales: Tensor, bits: int, group_size: int, dtype: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (codes uint8 per scale, group max in `dtype` per group, offset fp32 scalar)."""
+    """(codes uint8 per scale, group max in `dtype` per group, offset fp32 scalar)."""
     scales = scales.float()
     n = scales.numel()
     offset = scales.min()
@@ -26,7 +23,7 @@ def double_quantize(scales: Tensor, bits: int, group_size: int, dtype: str) -> t
 
 
 def double_dequantize(codes: Tensor, group_max: Tensor, offset: Tensor, bits: int, group_size: int) -> Tensor:
-    """The fp32 scales: code / (2**bits - 1) * group max + offset."""
+    """fp32 scales: code / (2**bits - 1) * group max + offset."""
     n = codes.numel()
     padded = torch.nn.functional.pad(codes.float(), (0, (-n) % group_size)).view(-1, group_size)
     values = padded / (2**bits - 1) * group_max.float()[:, None] + offset.float()
@@ -34,6 +31,6 @@ def double_dequantize(codes: Tensor, group_max: Tensor, offset: Tensor, bits: in
 
 
 def stored_scales(scales: Tensor, bits: int, group_size: int, dtype: str) -> Tensor:
-    """The fp32 scales a double-quantized tensor stores: `double_dequantize` of `double_quantize(scales)`."""
+    """The fp32 scales a double-quantized tensor stores (quantize, then dequantize)."""
     codes, group_max, offset = double_quantize(scales, bits, group_size, dtype)
     return double_dequantize(codes, group_max, offset, bits, group_size)

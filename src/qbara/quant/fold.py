@@ -9,17 +9,14 @@ from qbara.quant.tensor import QuantizedTensor
 
 
 def fold_problem(config, tile_rows: int, tile_cols: int) -> str | None:
-    """Why an update constant on (tile_rows x tile_cols) tiles cannot fold into a base quantized with
-    `config` (None when it can): the format family's rule (INT: every quantization block lies inside one tile)."""
+    """Why an update constant on tile_rows x tile_cols tiles cannot fold into a `config` base, or None."""
     if config is None:
         return "the base layer is not quantized"
     return config.family.fold_problem(config, tile_rows, tile_cols)
 
 
 def fold_block_constants(qtensor: QuantizedTensor, delta: Tensor) -> QuantizedTensor:
-    """A new INT QuantizedTensor equal to dequant(qtensor) + delta, where `delta` is constant on every
-    quantization block: only the float minima move (m <- m + c, rounded to their storage dtype), codes and
-    scales are shared unchanged."""
+    """dequant(qtensor) + `delta` (constant per block) as a new INT tensor: only the minima move (rounded)."""
     config = qtensor.config
     problem = fold_problem(config, config.block_rows, config.block_size)
     if problem:
@@ -37,10 +34,7 @@ def fold_block_constants(qtensor: QuantizedTensor, delta: Tensor) -> QuantizedTe
 
 
 def fold_rounding(before: QuantizedTensor, after: QuantizedTensor, delta: Tensor) -> tuple[float, float]:
-    """(‖part of the update the stored minima failed to hold‖², ‖update‖²) over all weights of a fold.
-
-    With fp16 minima, where a block's constant is small next to its minimum's fp16 step, rounding m + c
-    drops or overshoots it (fp32 minima hold it). The ratio of the two is what the fold loses of the update."""
+    """(‖update lost to rounding the stored minima‖², ‖update‖²) over all weights of a fold."""
     config = before.config
     wanted = to_blocks(delta.detach().float(), config.block_size, config.block_rows)[:, 0]
     moved = after.tensors["minimum"].float() - before.tensors["minimum"].float()

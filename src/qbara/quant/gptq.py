@@ -1,17 +1,9 @@
 """GPTQ: quantize a weight column by column, each rounding error spread over the columns not yet quantized.
 
-From "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers" (Frantar et al.,
-arXiv 2210.17323). For a linear layer y = W x with calibration inputs X (d_in x N), GPTQ minimises
-||(W - Ŵ) X||² greedily: with H = 2 X Xᵀ, quantizing column j to q_j moves the columns F after it by
-δ_F = -(w_j - q_j) / [H_F⁻¹]_jj · [H_F⁻¹]_{j,F}, which the rows of the upper Cholesky factor U of H⁻¹
-(H⁻¹ = Uᵀ U) give directly: δ_F = -(w_j - q_j) / U_jj · U_{j,F}. Updates within a block of columns are
-applied at once, the rest lazily after the block (the paper's §4 "lazy batch updates"); H is dampened
-by 1 % of its mean diagonal.
-
-The result is qbara's INT-k format exactly as `qbara.quant.quantize` lays it out (1 x G groups along the
-input features, fp16 scale, fp16 or fp32 minimum, w = s·q + m): each group's scale and minimum are
-set from the min / max of its (already error-updated) weights when GPTQ reaches its first column.
-"""
+"GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers" (arXiv 2210.17323):
+minimise ||(W - Ŵ) X||² greedily, H = 2 X Xᵀ; row j of the upper Cholesky factor U of H⁻¹ gives column j's
+update δ_F = -(w_j - q_j) / U_jj · U_{j,F}, applied lazily per block of columns. The result is qbara's INT-k
+layout, each group's grid set from its error-updated weights when GPTQ reaches its first column."""
 from __future__ import annotations
 
 import torch
@@ -30,12 +22,7 @@ DEFAULT_BLOCK_COLUMNS = 128  # columns per lazy-update block (the paper's B = 12
 
 
 def hessian_accumulate(hessian: Tensor | None, count: int, inputs: Tensor) -> tuple[Tensor, int]:
-    """Add a batch of layer inputs to the running H = 2/n Σ x xᵀ (fp32, d_in x d_in); returns (H, n).
-
-    inputs: (..., d_in) activations entering the layer; every leading index is one sample x. Pass
-    (None, 0) for the first batch. H is kept as a mean (not a sum) so its scale does not grow with n; GPTQ's
-    dampening is relative to its diagonal, so the scale does not change the result. Updates H in place.
-    """
+    """Add inputs (..., d_in) to the running H = 2/n Σ x xᵀ (fp32, in place; start from (None, 0)); returns (H, n)."""
     x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
     if hessian is None:
         hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
@@ -49,8 +36,7 @@ def hessian_accumulate(hessian: Tensor | None, count: int, inputs: Tensor) -> tu
 
 
 def output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
-    """Mean squared output error per calibration sample, mean ||(W - Ŵ) x||² = tr(ΔW H ΔWᵀ) / 2 for
-    H = 2/n Σ x xᵀ (GPTQ's objective, per sample)."""
+    """Mean squared output error per calibration sample: tr(ΔW H ΔWᵀ) / 2 for H = 2/n Σ x xᵀ."""
     delta = (weight.float() - approx.float()).to(hessian.device)
     return float(((delta @ hessian) * delta).sum()) / 2
 
@@ -58,16 +44,10 @@ def output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
 def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, damp: float = DEFAULT_DAMP,
                   block_columns: int = DEFAULT_BLOCK_COLUMNS, act_order: bool = False,
                   name: str = "weight") -> QuantizedTensor:
-    """GPTQ-quantize a (d_out, d_in) weight given its inputs' Hessian H (d_in x d_in, `hessian_accumulate`).
-
-    config: an INT format with 1 x G groups (the layout of `qbara.quant.quantize`; NF formats and 2-D tiles
-    are refused). damp: fraction of H's mean diagonal added to it. block_columns: lazy-update block (rounded
-    to a multiple of G, so a group never straddles two blocks; it changes only float rounding, not the
-    algorithm). act_order: visit columns by decreasing H_jj (the paper's "act-order" heuristic); every group's
-    scale and minimum are then fixed from the unmodified weight first ("static groups"), since a group's
-    columns are no longer visited together. Inputs that never fire (H_jj = 0) keep their weight, quantized
-    without spreading an error. Returns a QuantizedTensor on the weight's device.
-    """
+    """GPTQ-quantize a (d_out, d_in) weight given its inputs' Hessian H (`hessian_accumulate`) into a QuantizedTensor.
+    config: INT with 1 x G groups (NF, 2-D tiles refused). damp: fraction of H's mean diagonal added to it.
+    block_columns: lazy-update block, rounded to a multiple of G. act_order: visit columns by decreasing H_jj,
+    every group's grid fixed from the unmodified weight first."""
     _check_config(config, name)
     _check_inputs(weight, hessian, config, name, damp, block_columns)
     w = weight.detach().float().clone()
@@ -114,7 +94,7 @@ def _check_inputs(weight: Tensor, hessian: Tensor, config: QuantConfig, name: st
 
 
 def _dampened(h: Tensor, damp: float) -> Tensor:
-    """H with dead inputs (H_jj = 0) given H_jj = 1, then λ = damp · mean diag added to the diagonal."""
+    """H with dead inputs (H_jj = 0) given H_jj = 1, then damp · mean diag added to the diagonal."""
     diag = torch.diagonal(h)
     diag[diag == 0] = 1.0
     diag += damp * float(diag.mean())
@@ -122,7 +102,7 @@ def _dampened(h: Tensor, damp: float) -> Tensor:
 
 
 def _inverse_cholesky(h: Tensor, name: str) -> Tensor:
-    """The upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U), whose row j holds GPTQ's update for column j."""
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U)."""
     lower, info = torch.linalg.cholesky_ex(h)
     if int(info) == 0:
         upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
@@ -133,30 +113,26 @@ def _inverse_cholesky(h: Tensor, name: str) -> Tensor:
 
 
 def _block_width(group: int, block_columns: int) -> int:
-    """Columns per lazy block: a multiple of the group size near `block_columns`."""
     return group * max(1, block_columns // group)
 
 
 def _group_params(w: Tensor, config: QuantConfig) -> tuple[Tensor, Tensor]:
-    """Scale (fp16) and minimum (stored dtype) of every 1 x G group of `w`, as (d_out, d_in / G) tensors,
-    computed as `qbara.quant.intk.quantize_int` does."""
+    """Scale (fp16) and minimum (stored dtype) of every 1 x G group of `w`, (d_out, d_in / G), as `quantize_int`."""
     minimum_dtype = torch.float32 if config.minimum_dtype == "fp32" else torch.float16
     _, scale, minimum = quantize_int(w, config.bits, config.block_size, 1, minimum_dtype)
     return scale.reshape(w.shape[0], -1), minimum.reshape(w.shape[0], -1)
 
 
 def _grid(scale: Tensor, minimum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(s, divisor, m) in fp32 for one group per row; the divisor is +inf where s = 0, so such rows get code 0,
-    as `qbara.quant.intk.quantize_int` gives them."""
+    """(s, divisor, m) in fp32; divisor +inf where s = 0, so those rows get code 0 as in `quantize_int`."""
     s = scale.float()
     return s, torch.where(s > 0, s, torch.full_like(s, float("inf"))), minimum.float()
 
 
 def _quantize_columns(w: Tensor, u: Tensor, config: QuantConfig, width: int, order: Tensor | None,
                       static: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
-    """GPTQ's loop over the (possibly permuted) columns of `w` in blocks of `width` (lazy updates).
-    Returns (codes uint8 (d_out, d_in) in the original column order, scale, minimum). Works on Wᵀ, so each
-    column and each update is a contiguous row."""
+    """GPTQ's loop over the (possibly permuted) columns in blocks of `width`, on Wᵀ so columns are contiguous.
+    Returns (codes uint8 (d_out, d_in) in the original order, scale, minimum)."""
     d_out, d_in = w.shape
     group, qmax = config.block_size, 2 ** config.bits - 1
     if static is not None:

@@ -1,10 +1,5 @@
-"""INT-k asymmetric (min-max) quantization with float scale and float minimum per block.
-
-A block is `group_rows` x `group_size` elements of the (d_out, d_in) weight: 1 x G is the usual
-per-row group (GGUF Q4_1 / Q5_1 for 4 / 5 bits with G = 32); taller tiles serve QA-HiRA's 2-D pooling.
-Scale and minimum are stored in fp16 (the minimum optionally in fp32), so w = s * q + m with float m: adding a
-constant to a whole block is exact.
-"""
+"""INT-k asymmetric (min-max) quantization, w = s * q + m, fp16 scale and float minimum per block of
+`group_rows` x `group_size` (1 x G per-row groups; taller tiles for QA-HiRA's 2-D pooling)."""
 from __future__ import annotations
 
 import functools
@@ -16,14 +11,13 @@ from qbara.quant.packing import check_out, unpack_lookup
 
 
 def to_blocks(weight: Tensor, group_size: int, group_rows: int) -> Tensor:
-    """(n_blocks, group_rows * group_size): the weight's (group_rows x group_size) tiles, row-major, one per row."""
+    """(n_blocks, group_rows * group_size): the weight's tiles, row-block major, one per row."""
     d_out, d_in = weight.shape
     tiles = weight.reshape(d_out // group_rows, group_rows, d_in // group_size, group_size)
     return tiles.permute(0, 2, 1, 3).reshape(-1, group_rows * group_size)
 
 
 def _from_blocks(blocks: Tensor, shape: tuple[int, int], group_size: int, group_rows: int) -> Tensor:
-    """The (d_out, d_in) weight from its tiles (the inverse of `to_blocks`)."""
     d_out, d_in = shape
     tiles = blocks.reshape(d_out // group_rows, d_in // group_size, group_rows, group_size)
     return tiles.permute(0, 2, 1, 3).reshape(d_out, d_in)
@@ -31,11 +25,7 @@ def _from_blocks(blocks: Tensor, shape: tuple[int, int], group_size: int, group_
 
 def quantize_int(weight: Tensor, bits: int, group_size: int, group_rows: int = 1,
                  minimum_dtype: torch.dtype = torch.float16) -> tuple[Tensor, Tensor, Tensor]:
-    """Quantize a 2-D weight. Returns (codes uint8 in row-major order, scale fp16, min in `minimum_dtype`)
-    per block.
-
-    Blocks are ordered row-block major: block (r, c) covers rows r*group_rows.. and columns c*G...
-    """
+    """(codes uint8 row-major, scale fp16, minimum in `minimum_dtype`) per block, blocks as `to_blocks` orders them."""
     blocks = to_blocks(weight.detach().float(), group_size, group_rows)
     lo = blocks.amin(dim=1)
     hi = blocks.amax(dim=1)
@@ -51,18 +41,14 @@ def quantize_int(weight: Tensor, bits: int, group_size: int, group_rows: int = 1
 
 @functools.lru_cache(maxsize=None)
 def _int_code_table(bits: int, device: torch.device) -> Tensor:
-    """The codes 0 .. 2**bits - 1 as fp32, cached per device (read-only: shared by every caller)."""
     return torch.arange(2 ** bits, dtype=torch.float32, device=device)
 
 
 def dequantize_int(codes: Tensor, scale: Tensor, minimum: Tensor, shape: tuple[int, int], group_size: int,
                    group_rows: int = 1, dtype=torch.float32, *, bits: int | None = None,
                    out: Tensor | None = None) -> Tensor:
-    """The (d_out, d_in) weight s * q + m, computed in fp32.
-
-    `codes`: one code per weight, or with `bits`, the `pack_bits` buffer of `bits`-bit codes (read straight from
-    the packed bytes as fp32, no unpacked copy). `out`: a flat fp32 buffer of one element per weight to write into
-    (a caller's reused buffer; `dtype` must then be fp32); the result is `out` viewed as `shape`."""
+    """The (d_out, d_in) weight s * q + m, computed in fp32. `bits`: `codes` is the `pack_bits` buffer (read
+    without unpacking). `out`: a flat fp32 buffer to write into (`dtype` must be fp32), returned as `shape`."""
     check_out(out, dtype)
     if bits is not None:  # fp32 codes of this call's own (or in `out`)
         codes = unpack_lookup(codes, bits, shape[0] * shape[1], _int_code_table(bits, codes.device), out=out)

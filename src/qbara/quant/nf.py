@@ -1,4 +1,5 @@
-"""NormalFloat NF-k block-wise absmax quantization (QLoRA, LQ-LoRA)."""
+"""NormalFloat NF-k block-wise absmax quantization, from "QLoRA: Efficient Finetuning of Quantized LLMs"
+(arXiv 2305.14314); NF2/NF3/NF8 as LQ-LoRA (arXiv 2311.12023) uses them."""
 from __future__ import annotations
 
 import functools
@@ -32,12 +33,10 @@ def nf_levels(bits: int, device: torch.device | str | None = None) -> Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _nf_level_table(bits: int, device: torch.device) -> Tensor:
-    """`nf_levels(bits)` cached per device (read-only: shared by every caller)."""
     return nf_levels(bits, device)
 
 
 def nf_midpoints(bits: int, device: torch.device | str | None = None) -> Tensor:
-    """The 2**bits - 1 rounding boundaries between adjacent NF levels."""
     levels = nf_levels(bits, device)
     return (levels[1:] + levels[:-1]) / 2
 
@@ -49,10 +48,7 @@ def block_absmax(weight: Tensor, block_size: int) -> Tensor:
 
 def scale_blocks(weight: Tensor, block_size: int, scales: Tensor) -> Tensor:
     """weight / scale per block, clamped to [-1, 1], as (n_blocks, block_size) fp32 (0 where a scale is 0).
-
-    Multiplies by the reciprocal as bitsandbytes does, so the codes round identically. With scales below
-    a block's absmax (double-quantized ones), values past ±1 clamp to the extreme level, which is still
-    the nearest level to weight / scale."""
+    Multiplies by the reciprocal as bitsandbytes does, so codes round identically."""
     flat = weight.detach().reshape(-1, block_size).float()
     scales = scales.float()
     inv = torch.where(scales > 0, 1.0 / scales.clamp(min=1e-38), torch.zeros_like(scales))
@@ -60,28 +56,20 @@ def scale_blocks(weight: Tensor, block_size: int, scales: Tensor) -> Tensor:
 
 
 def round_nf(weight: Tensor, bits: int, block_size: int, scales: Tensor) -> Tensor:
-    """uint8 codes (weight's numel) of the nearest NF-`bits` level to weight / scale, one scale per block:
-    the best codes for dequantization with exactly these scales (e.g. double-dequantized ones)."""
+    """uint8 codes of the nearest NF level to weight / scale: the best codes for exactly these scales."""
     return nf_codes(scale_blocks(weight, block_size, scales), bits).to(torch.uint8).reshape(-1)
 
 
 def quantize_nf(weight: Tensor, bits: int, block_size: int) -> tuple[Tensor, Tensor]:
-    """Quantize `weight` (flattened row-major) in blocks of `block_size` by absmax to NF-`bits`.
-
-    Returns (codes uint8 of weight's numel, absmax fp32 per block). Rounds to the nearest level.
-    """
+    """(codes uint8 of weight's numel, fp32 absmax per block) of the flattened weight, nearest level."""
     absmax = block_absmax(weight, block_size)
     return round_nf(weight, bits, block_size, absmax), absmax
 
 
 def dequantize_nf(codes: Tensor, absmax: Tensor, bits: int, block_size: int, dtype=torch.float32, *,
                   packed: bool = False, out: Tensor | None = None) -> Tensor:
-    """Flat dequantized values: level[code] * absmax of the code's block, computed in fp32.
-
-    `codes`: one code per value, or with `packed`, the `pack_bits` buffer of the codes (levels looked up straight
-    from the packed bytes, no unpacked copy). `absmax`: the fp32 scale of each block as stored (double-dequantized
-    ones where the scales are double-quantized). `out`: a flat fp32 buffer of one element per value to write into
-    (a caller's reused buffer; `dtype` must then be fp32); the result is `out`."""
+    """Flat level[code] * its block's absmax, in fp32. `packed`: `codes` is the `pack_bits` buffer (read without
+    unpacking). `out`: a flat fp32 buffer to write into (`dtype` must be fp32), returned."""
     check_out(out, dtype)
     levels = _nf_level_table(bits, codes.device)
     if packed:
@@ -96,13 +84,9 @@ def dequantize_nf(codes: Tensor, absmax: Tensor, bits: int, block_size: int, dty
 
 
 
-# --- Nearest-level rounding, fast and exact (`round_nf` and LQ-LoRA's error tables use it).
-# `torch.bucketize` against the 2**b - 1 NF midpoints costs ~20 ns per weight on one CPU core (binary search per
-# element); the error tables call it hundreds of thousands of times. Here the scaled value in [-1, 1] is first
-# mapped to one of 2**16 uniform bins with a table giving the code of the bin's whole range when no midpoint (with a
-# small safety margin) falls inside it; only the few elements of the bins that straddle a midpoint go through
-# `torch.bucketize`. Because bucketize is monotone, a bin's code at its two (margin-widened) ends bounds the code of
-# everything inside it, so the result equals bucketize exactly (tests check this, including values on the midpoints).
+# --- Nearest-level rounding, exactly `torch.bucketize` against the NF midpoints but faster: a scaled value maps to one
+# of 2**16 uniform bins whose code is tabulated when no (margin-widened) midpoint falls inside; only values in bins
+# straddling a midpoint go through bucketize. LQ-LoRA's error tables call this very often.
 
 _BINS = 1 << 16
 _MARGIN = 2.0**-18  # far above the rounding error of (x + 1) * BINS/2 for x in [-1, 1]
@@ -146,12 +130,8 @@ def nf_codes(scaled: Tensor, bits: int) -> Tensor:
 
 def quantize_nf_values(weight: Tensor, bits: int, block_size: int,
                        scales: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """NF block quantization as `qbara.quant.nf.round_nf` + `dequantize_nf`, without codes.
-
-    Returns (v, s, deq): v (n_blocks x block_size) the NF level of every weight (the code's value in
-    [-1, 1]), s the fp32 scale per block (`scales`, by default the block absmax), deq = v * s in
-    weight's shape. Bit-identical to the reference functions.
-    """
+    """`round_nf` + `dequantize_nf` without codes, bit-identical: (v (n_blocks, block_size) NF level values,
+    s fp32 per block (`scales` or absmax), deq = v * s in weight's shape)."""
     s = block_absmax(weight, block_size) if scales is None else scales.float()
     scaled = scale_blocks(weight, block_size, s)  # the same scaling as qbara.quant.nf.round_nf
     v = nf_values(scaled, bits)
@@ -170,8 +150,8 @@ def nf_values(scaled: Tensor, bits: int) -> Tensor:
 
 
 def keep_ratios(scaled: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """(lo, hi) per element of `scaled` (in [-1, 1]): the nearest NF level of scaled * rho stays that of
-    `scaled` for lo < rho <= hi (up to rounding at the ends; -inf / +inf where unbounded; empty for -0.0)."""
+    """(lo, hi) per element of `scaled` in [-1, 1]: its nearest NF level is unchanged by scaling with rho in
+    (lo, hi] (±inf where unbounded; empty for -0.0)."""
     mids = nf_midpoints(bits, scaled.device)
     inf = torch.full((1,), float("inf"), device=scaled.device)
     edges = torch.cat([-inf, mids, inf])

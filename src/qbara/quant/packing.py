@@ -10,15 +10,11 @@ _SUPPORTED_BITS = (2, 3, 4, 5, 8)
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
-    """Bytes needed to store `numel` codes of `bits` bits."""
     return (numel * bits + 7) // 8
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """Pack codes in [0, 2**bits) into a flat uint8 tensor, first code in the most significant bits.
-
-    For 4 bits this is bitsandbytes' layout: byte = code[2i] << 4 | code[2i+1].
-    """
+    """Codes in [0, 2**bits) -> flat uint8, first code in the most significant bits (4-bit: bitsandbytes' layout)."""
     _check_bits(bits)
     flat = codes.reshape(-1)
     n = flat.numel()
@@ -71,9 +67,8 @@ def _byte_codes(bits: int, device: torch.device) -> Tensor:
 
 
 def unpack_lookup(packed: Tensor, bits: int, numel: int, values: Tensor, out: Tensor | None = None) -> Tensor:
-    """values[code] for the first `numel` packed codes, as one table lookup per byte for 2/4/8-bit codes
-    (no unpacked code tensor, no int64 index per weight). `values` has 2**bits entries. `out` (2/4/8 bits, numel
-    a whole number of bytes): a flat buffer to write into instead of a new tensor."""
+    """values[code] (`values`: 2**bits entries) for the first `numel` packed codes, one table lookup per byte for
+    2/4/8 bits. `out` (numel a whole number of bytes): a flat buffer to write into."""
     _check_bits(bits)
     if 8 % bits:
         return values[unpack_bits(packed, bits, numel).long()]
@@ -85,7 +80,7 @@ def unpack_lookup(packed: Tensor, bits: int, numel: int, values: Tensor, out: Te
 
 
 def check_out(out: Tensor | None, dtype: torch.dtype) -> None:
-    """Refuse an `out` buffer a dequantizer cannot write its result into: it computes in fp32."""
+    """Refuse an `out` buffer unless it and `dtype` are fp32 (dequantizers compute in fp32)."""
     if out is not None and (out.dtype != torch.float32 or dtype != torch.float32):
         raise ValueError(f"out= takes an fp32 buffer with dtype fp32 (got a {out.dtype} buffer, dtype {dtype})")
 

@@ -14,8 +14,7 @@ from qbara.quant.formats import check_takes_importance
 
 @dataclass
 class QuantizedTensor:
-    """A quantized (d_out, d_in) weight held as packed buffers, named and laid out by its config's family
-    (`qbara.quant.formats`: see each family's docstring and `buffer_layout`)."""
+    """A quantized (d_out, d_in) weight as packed buffers, laid out by its config's family (`buffer_layout`)."""
 
     config: QuantConfig
     shape: tuple[int, int]
@@ -27,7 +26,6 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of all stored buffers."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     @property
@@ -36,26 +34,24 @@ class QuantizedTensor:
         return 8 * self.nbytes / self.numel
 
     def codes(self) -> Tensor:
-        """Unpacked integer codes, one uint8 per weight, row-major."""
+        """Unpacked codes, one uint8 per weight, row-major."""
         return self.config.family.codes(self)
 
     def scales(self) -> Tensor:
-        """The fp32 scale of each block (NF: the double-dequantized absmax)."""
+        """fp32 scale of each block (NF: the double-dequantized absmax)."""
         return self.config.family.scales(self)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The (d_out, d_in) weight in `dtype` (codes are looked up straight from the packed bytes)."""
         return self.config.family.dequantize(self, dtype)
 
     def dequantize_into(self, out: Tensor) -> Tensor | None:
-        """The fp32 weight written into `out` (a flat fp32 buffer of numel elements, reused by the caller so no
-        fresh memory is faulted in per call), or None where this layout has no in-place path (3- and 5-bit codes,
-        2-D INT tiles). The same primitives as `dequantize`."""
+        """The fp32 weight written into `out` (flat fp32, numel elements, reused by the caller), or None where the
+        layout has no in-place path (3- and 5-bit codes, 2-D INT tiles)."""
         return self.config.family.dequantize_into(self, out)
 
     @property
     def device(self) -> torch.device:
-        """Where the packed buffers live (PEFT reads `layer.qweight.device` to place adapters)."""
+        """Where the packed buffers live (PEFT reads `layer.qweight.device`)."""
         return self.tensors["codes"].device
 
     def to(self, device) -> "QuantizedTensor":
@@ -64,10 +60,8 @@ class QuantizedTensor:
 
 def quantize(weight: Tensor, config: QuantConfig, name: str = "weight",
              importance: Tensor | None = None) -> QuantizedTensor:
-    """Quantize a floating 2-D weight with `config`; `name` is used in error messages. `importance` (formats whose
-    family `takes_importance`: gguf:*): a (d_in,) importance matrix or a (d_out, d_in) per-weight importance that
-    weights each block's scale search, as llama-quantize does with an importance matrix (see
-    `qbara.quant.ggml.quantize_ggml`)."""
+    """Quantize a floating 2-D weight with `config` (`name` for errors). `importance` (gguf:* only): a (d_in,)
+    importance matrix or (d_out, d_in) per-weight tensor weighting each block's scale search."""
     if importance is not None:
         check_takes_importance([config], f" ({name}: {config.format} rounds each weight to its nearest level)")
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
@@ -83,5 +77,4 @@ def quantize(weight: Tensor, config: QuantConfig, name: str = "weight",
 
 
 def dequantize(qtensor: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Functional form of `QuantizedTensor.dequantize`."""
     return qtensor.dequantize(dtype)

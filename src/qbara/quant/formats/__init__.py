@@ -1,5 +1,4 @@
-"""The format registry: one `QuantFormat` object per family, one line each. A new family is one module defining
-its object plus one line here (or `register(family)` at run time)."""
+"""The format registry: one `QuantFormat` per family; add one with a line here or `register(family)`."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -31,7 +30,6 @@ def register(family: QuantFormat) -> QuantFormat:
 
 
 def unregister(name: str) -> None:
-    """Remove the family called `name` (e.g. a test's toy family)."""
     FAMILIES.pop(name)
     _index()
 
@@ -45,9 +43,7 @@ def family_of(format_name: str) -> QuantFormat:
 
 
 def check_takes_importance(configs: Iterable, hint: str = "") -> None:
-    """The importance rule, asked by each entry that takes an importance (quantize, quantize_model, error_table,
-    LQConfig): it weights the rounding of the families that `takes_importance` (gguf:*); the others round to
-    nearest, so an importance where none of `configs` takes one is a mistake."""
+    """Refuse an importance when no config in `configs` takes one (only gguf:* weight their rounding)."""
     if not any(c.family.takes_importance for c in configs):
         raise QbaraError(f"an importance weights the rounding of gguf:* formats only, and none of the configs is "
                          f"one{hint}; drop importance= or choose gguf:* configs (qbara.lq.gguf_configs())")

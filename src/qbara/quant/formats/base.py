@@ -1,8 +1,5 @@
-"""`QuantFormat`: what one family of quantization formats (NF, INT, GGML blocks) knows about itself.
-
-`QuantConfig` and `QuantizedTensor` hand every format-specific question to `config.family`, so code outside
-`qbara.quant.formats` asks a capability (`takes_importance`, `fold_problem`, `gguf_format`) instead of a name.
-"""
+"""`QuantFormat`: what one family of quantization formats (NF, INT, GGML blocks) knows about itself; code outside
+`qbara.quant.formats` asks `config.family` a capability (`takes_importance`, `fold_problem`) instead of a name."""
 from __future__ import annotations
 
 import math
@@ -14,8 +11,7 @@ from qbara.errors import QbaraError
 
 
 class QuantFormat:
-    """One family of formats. Subclasses set the class attributes and implement the methods that raise
-    NotImplementedError; `config` arguments are `QuantConfig`s of this family, `qtensor` ones `QuantizedTensor`s."""
+    """One family of formats: subclasses set the class attributes and implement what raises NotImplementedError."""
 
     name: str = ""                         # QuantConfig.kind
     formats: tuple[str, ...] = ()          # the QuantConfig.format names it owns
@@ -29,24 +25,20 @@ class QuantFormat:
 
     # ---------------------------------------------------------------- config
     def normalize(self, config) -> None:
-        """Fill `config`'s defaults for this family (object.__setattr__ on the frozen dataclass) and raise a
-        QbaraError on options it does not take."""
+        """Fill `config`'s defaults for this family (on the frozen dataclass) and refuse options it does not take."""
         raise NotImplementedError
 
     def bits(self, config) -> int:
-        """Bits of each weight's code."""
         return int(config.format[len(self.prefix):])
 
     def bits_per_param(self, config) -> float:
-        """Storage bits per weight by formula (the buffers `quantize` returns, measured, agree)."""
+        """Storage bits per weight by formula."""
         raise NotImplementedError
 
     def label(self, config) -> str:
-        """Short human-readable name."""
         return config.format
 
     def block_rows(self, config) -> int:
-        """Rows one quantization block spans (a quantized tensor's rows split into whole row blocks)."""
         return 1
 
     def check_shape(self, config, shape: tuple[int, ...], name: str) -> None:
@@ -67,16 +59,13 @@ class QuantFormat:
         return None
 
     def codes(self, qtensor) -> Tensor:
-        """Unpacked integer codes, one uint8 per weight, row-major."""
         raise QbaraError(f"{qtensor.config.format} has no separate codes; read the weight with dequantize()")
 
     def scales(self, qtensor) -> Tensor:
-        """The fp32 scale of each block."""
         raise QbaraError(f"{qtensor.config.format} has no separate scales; read the weight with dequantize()")
 
     def buffer_layout(self, config, shape: tuple[int, int]) -> dict[str, Tensor]:
-        """Name -> a meta tensor with the shape and dtype of each buffer a `shape` weight gets (what a saved
-        tensor must hold). By default found by quantizing zeros."""
+        """Name -> meta tensor (shape, dtype) of each buffer a `shape` weight gets; by default from quantizing zeros."""
         buffers = self.quantize(torch.zeros(shape), config, "layout", None)
         return {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in buffers.items()}
 
@@ -90,8 +79,7 @@ class QuantFormat:
         raise QbaraError(f"{name}: {qtensor.config.label} has no GGUF block layout to write exactly")
 
     def fold_problem(self, config, tile_rows: int, tile_cols: int) -> str | None:
-        """Why an update constant on (tile_rows x tile_cols) tiles cannot fold into a base of `config` (None
-        when it can)."""
+        """Why an update constant on (tile_rows x tile_cols) tiles cannot fold into a base of `config`, or None."""
         return f"{config.format} has no zero-point an update could be folded into"
 
 
@@ -106,8 +94,7 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 class BlockFormat(QuantFormat):
-    """A family with a chosen block geometry (block_size weights along a row, block_rows rows), packed codes and
-    per-block float statistics: the shared part of NF and INT."""
+    """Shared part of NF and INT: chosen block geometry, packed codes, per-block float statistics."""
 
     default_block_size: int = 64
     default_double_quant: bool = False
@@ -151,8 +138,7 @@ class BlockFormat(QuantFormat):
                              f"features; choose block_rows dividing {d_out}")
 
     def row_chunks(self, shape: tuple[int, int], config) -> list[tuple[int, int]]:
-        """(first row, rows) pieces of a weight that quantize independently: whole row blocks, and a whole
-        number of packed bytes (rows a multiple of 8, so any code width packs to whole bytes)."""
+        """(first row, rows) pieces that quantize independently: whole row blocks, whole packed bytes."""
         d_out, d_in = shape
         step = math.lcm(self.block_rows(config), 8)
         if d_out % step:
@@ -190,5 +176,4 @@ def _check_dq_style(config) -> None:
 
 
 def meta(shape, dtype: torch.dtype) -> Tensor:
-    """An empty tensor of `shape` and `dtype` (a buffer layout entry)."""
     return torch.empty(shape, dtype=dtype, device="meta")

@@ -1,5 +1,4 @@
-"""gguf:q4_0 ... gguf:iq4_xs: llama.cpp's GGML block formats, stored as the exact block bytes a GGUF file holds
-(codes, scales and minima interleaved per block) and quantized as ggml's reference quantizer does."""
+"""gguf:*: llama.cpp's GGML block formats, stored as the exact GGUF block bytes (`qbara.quant.ggml`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +27,6 @@ class GGMLFamily(QuantFormat):
         return GGML_FORMATS[config.format[len(PREFIX):]]
 
     def normalize(self, config) -> None:
-        """A GGML block format: its block is fixed, the NF / INT options do not apply."""
         fmt = self.ggml(config)
         if config.block_size is None:
             object.__setattr__(config, "block_size", fmt.block_size)
@@ -51,7 +49,6 @@ class GGMLFamily(QuantFormat):
         return self.ggml(config).bits
 
     def bits_per_param(self, config) -> float:
-        """8 * block bytes / block weights (Q4_K 4.5, Q6_K 6.5625)."""
         return self.ggml(config).bits_per_param
 
     def check_shape(self, config, shape: tuple[int, ...], name: str) -> None:
@@ -81,7 +78,6 @@ class GGMLFamily(QuantFormat):
         return self.ggml(config)
 
     def gguf_blocks(self, qtensor, name: str) -> Tensor:
-        """The stored blocks themselves."""
         d_out, d_in = qtensor.shape
         return qtensor.tensors["codes"].reshape(d_out, self.ggml(qtensor.config).row_bytes(d_in))
 

@@ -1,7 +1,5 @@
-"""INT-k: affine (min-max) codes with an fp16 scale and a float minimum per block of block_rows x block_size.
-
-With 1 x 32 blocks and fp16 minima, INT4 and INT5 are GGUF's Q4_1 and Q5_1 layouts, so they are written to
-GGUF exactly; the float minimum is what lets a block-constant adapter update fold in (`fold_problem`)."""
+"""INT-k: affine codes, fp16 scale, float minimum per block. INT4 / INT5 in 1 x 32 blocks with fp16 minima are
+GGUF's Q4_1 / Q5_1, written exactly; the float minimum lets block-constant updates fold in (`fold_problem`)."""
 from __future__ import annotations
 
 import torch
@@ -19,8 +17,7 @@ _MINIMUM_TORCH = {"fp16": torch.float16, "fp32": torch.float32}
 
 
 class IntFormat(BlockFormat):
-    """int2 / int3 / int4 / int5 / int8. Buffers: `codes` (packed), `scale` fp16, `minimum` fp16 (or fp32),
-    one per block."""
+    """int2..int8. Buffers: `codes` (packed), `scale` fp16, `minimum` fp16 or fp32, one per block."""
 
     name = "int"
     prefix = "int"
@@ -35,7 +32,6 @@ class IntFormat(BlockFormat):
         check_minimum_dtype(config)
 
     def bits_per_param(self, config) -> float:
-        """b + (16 + 16|32) / (G * rows): fp16 scale, fp16 or fp32 minimum."""
         return config.bits + (16 + MINIMUM_DTYPES[config.minimum_dtype]) / config.block_numel
 
     def label(self, config) -> str:
@@ -82,7 +78,6 @@ class IntFormat(BlockFormat):
         return exact[0]
 
     def gguf_blocks(self, qtensor, name: str) -> Tensor:
-        """Q4_1 / Q5_1 blocks packed from the codes, fp16 scales and fp16 minima."""
         fmt = self.gguf_format(qtensor.config)
         if fmt is None:
             return super().gguf_blocks(qtensor, name)
@@ -93,8 +88,7 @@ class IntFormat(BlockFormat):
         return _EXACT_GGUF[qtensor.config.bits][1](qtensor.codes(), scale, minimum, (d_out, d_in))
 
     def fold_problem(self, config, tile_rows: int, tile_cols: int) -> str | None:
-        """Every quantization block must lie inside one tile: then the update is one constant per block, which
-        the block's float minimum absorbs exactly."""
+        """Every quantization block must lie inside one tile; its float minimum then absorbs the constant exactly."""
         if tile_cols % config.block_size or tile_rows % config.block_rows:
             return (f"the update is constant on {tile_rows}x{tile_cols} tiles but the base's blocks are "
                     f"{config.block_rows}x{config.block_size}; each block must lie inside one tile "
@@ -104,8 +98,7 @@ class IntFormat(BlockFormat):
 
 
 def _as_fp16(values: Tensor, name: str, kind: str = "Q4_1") -> Tensor:
-    """Scales / minima as fp16 (Q4_1 and Q5_1 store fp16); refuses values that fp16 cannot hold exactly
-    (they were cast, e.g. by model.to(torch.bfloat16), to a type with a wider range)."""
+    """Scales / minima as fp16 for Q4_1 / Q5_1, refusing values fp16 cannot hold exactly (e.g. after a bf16 cast)."""
     if values.dtype == torch.float16:
         return values
     half = values.to(torch.float16)

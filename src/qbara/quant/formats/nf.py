@@ -16,9 +16,8 @@ from qbara.quant.packing import pack_bits, packed_nbytes, unpack_bits
 
 
 class NFFormat(BlockFormat):
-    """nf2 / nf3 / nf4 / nf8. Buffers: `codes` (packed), and `absmax` fp32 or, with double quant, `absmax_codes`
-    (packed), `absmax_group_max`, `absmax_offset`; with dq_style="bnb", bitsandbytes' buffers: `absmax_codes`
-    (uint8), `nested_absmax` (fp32 per 256 scales), `absmax_offset`."""
+    """nf2 / nf3 / nf4 / nf8. Buffers: `codes` (packed) and `absmax` fp32, or with double quant `absmax_codes`,
+    `absmax_group_max`, `absmax_offset` (dq_style="bnb": `absmax_codes`, `nested_absmax`, `absmax_offset`)."""
 
     name = "nf"
     prefix = "nf"
@@ -35,7 +34,6 @@ class NFFormat(BlockFormat):
             raise QbaraError("block_rows applies to int formats only: NF blocks run along a row")
 
     def bits_per_param(self, config) -> float:
-        """b + b0/B0 + b1/(B0*B1) with double quant (either dq_style), b + 32/B0 with fp32 absmax."""
         if not config.double_quant:
             return config.bits + 32 / config.block_size
         return (config.bits + config.dq_bits / config.block_size
@@ -47,17 +45,14 @@ class NFFormat(BlockFormat):
         return f"{config.format}-b{config.block_size}{dq}{style}"
 
     def quantize(self, weight: Tensor, config, name: str, importance: Tensor | None) -> dict[str, Tensor]:
-        # The scales first (double quantization has one offset per matrix), then the codes rounded against the
-        # scales as stored, so double-quantized codes are the nearest levels to w / (double-dequantized absmax).
-        # (bitsandbytes' own double quant, dq_style="bnb", rounds against the exact absmax instead. Without double
-        # quant the stored scale is the exact absmax and codes equal bitsandbytes'.)
+        # Scales first (double quantization has one offset per matrix), then codes rounded against the scales
+        # as stored: the nearest levels to w / (double-dequantized absmax).
         shape = (int(weight.shape[0]), int(weight.shape[1]))
         chunks = [weight[start:start + rows] for start, rows in self.row_chunks(shape, config)]
         absmax = torch.cat([block_absmax(c, config.block_size) for c in chunks])
         tensors = {}
         if config.double_quant and config.dq_style == "bnb":
-            # bitsandbytes compresses the scales after rounding the codes (checked against quantize_4bit(...,
-            # compress_statistics=True)): codes against the exact absmax, the scales stored are not those.
+            # bitsandbytes rounds the codes against the exact absmax and compresses the scales afterwards
             s_codes, nested_absmax, offset = bnb_double_quantize(absmax)
             tensors.update(absmax_codes=s_codes, nested_absmax=nested_absmax, absmax_offset=offset)
             scales = absmax

@@ -1,13 +1,5 @@
-"""GGML (llama.cpp / GGUF) block formats as quantization primitives: the exact block bytes GGUF stores.
-
-`quantize_ggml(weight, "q4_k")` returns the (d_out, d_in / block_size * type_size) uint8 block bytes that
-ggml's reference quantizer writes for that weight (llama-quantize without an importance matrix);
-`quantize_ggml(weight, "q4_k", importance=imatrix)` the bytes llama-quantize writes with that importance matrix
-(one value per input column; a value per weight, such as a Fisher diagonal, is taken too), and
-`dequantize_ggml(raw, shape, "q4_k")` the fp32 weight they hold, bit for bit as gguf-py / ggml decode it.
-Q8_0 has its own pair too (`quantize_q8_0`, `dequantize_q8_0`). `GGML_FORMATS` lists each
-format's block size, bytes per block, bits per weight and GGMLQuantizationType. The weight must be finite.
-"""
+"""GGML (llama.cpp / GGUF) block formats as quantization primitives: `quantize_ggml` gives the exact block bytes
+llama-quantize writes (with an importance matrix when given), `dequantize_ggml` the fp32 weight they hold."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -44,12 +36,11 @@ class GGMLFormat:
 
     @property
     def bits(self) -> int:
-        """Bits of each weight's code (q4_k -> 4, iq4_xs -> 4)."""
+        """Bits of each weight's code (q4_k -> 4)."""
         return int(self.name.lstrip("iq")[0])
 
     @property
     def ggml_type(self):
-        """gguf.GGMLQuantizationType of the format (for GGUFWriter.add_tensor(raw_dtype=...))."""
         return GGMLQuantizationType(self.type_id)
 
     def row_bytes(self, d_in: int) -> int:
@@ -78,7 +69,6 @@ GGML_FORMATS: dict[str, GGMLFormat] = {f.name: f for f in (
 
 
 def _ggml_format(name: str) -> GGMLFormat:
-    """The format called `name` (q4_0, ..., q6_k, iq4_nl, iq4_xs; case-insensitive)."""
     fmt = GGML_FORMATS.get(name.lower()) if isinstance(name, str) else None
     if fmt is None:
         raise QbaraError(f"unknown GGML block format {name!r}: choose one of {', '.join(GGML_FORMATS)}")
@@ -86,8 +76,7 @@ def _ggml_format(name: str) -> GGMLFormat:
 
 
 def check_ggml_shape(shape: tuple[int, ...], fmt: GGMLFormat, what: str = "weight", prefix: str = "") -> None:
-    """Raise a QbaraError naming `what` unless a `shape` weight can be stored in `fmt` (`prefix`: how the
-    caller spells format names, e.g. "gguf:")."""
+    """Raise a QbaraError naming `what` unless a `shape` weight fits `fmt` (`prefix`: e.g. "gguf:" in hints)."""
     if len(shape) != 2:
         raise QbaraError(f"{what}: only 2-D weights can be quantized, got shape {tuple(shape)}")
     d_in = shape[1]
@@ -100,10 +89,8 @@ def check_ggml_shape(shape: tuple[int, ...], fmt: GGMLFormat, what: str = "weigh
 
 def quantize_ggml(weight: Tensor, fmt: str | GGMLFormat, name: str = "weight",
                   importance: Tensor | None = None) -> Tensor:
-    """The (d_out, row bytes) uint8 GGML blocks of a 2-D float weight (quantized in fp32, rows in chunks).
-    `importance`: None (ggml's reference quantizer), or a non-negative (d_in,) vector (an importance matrix: each
-    input column's mean square activation, shared by all rows) or (d_out, d_in) tensor (one value per weight):
-    each block's scale (and min) search then minimises the error weighted as llama-quantize weighs it."""
+    """(d_out, row bytes) uint8 GGML blocks of a 2-D float weight. `importance`: None (reference quantizer), a
+    (d_in,) importance matrix or a (d_out, d_in) per-weight tensor weighting each block's search."""
     fmt = fmt if isinstance(fmt, GGMLFormat) else _ggml_format(fmt)
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         what = getattr(weight, "dtype", type(weight).__name__)
@@ -128,7 +115,7 @@ def quantize_ggml(weight: Tensor, fmt: str | GGMLFormat, name: str = "weight",
 
 
 def check_importance(importance, shape: tuple[int, int], name: str = "weight") -> Tensor:
-    """`importance` as fp32 after checking it fits a `shape` weight: (d_in,) or (d_out, d_in), finite, >= 0."""
+    """`importance` as fp32 after checking it is (d_in,) or (d_out, d_in), finite, >= 0."""
     d_out, d_in = shape
     if not isinstance(importance, Tensor) or not importance.is_floating_point():
         what = getattr(importance, "dtype", type(importance).__name__)
@@ -146,8 +133,7 @@ def check_importance(importance, shape: tuple[int, int], name: str = "weight") -
 
 def dequantize_ggml(raw: Tensor, shape: tuple[int, int], fmt: str | GGMLFormat,
                     out: Tensor | None = None) -> Tensor:
-    """The fp32 (d_out, d_in) weight held by GGML block bytes `raw` ((d_out, row bytes) or flat), written
-    into `out` (a buffer of d_out * d_in fp32) when given."""
+    """fp32 (d_out, d_in) weight held by GGML bytes `raw` (2-D or flat), written into `out` when given."""
     fmt = fmt if isinstance(fmt, GGMLFormat) else _ggml_format(fmt)
     d_out, d_in = shape
     check_ggml_shape((d_out, d_in), fmt)

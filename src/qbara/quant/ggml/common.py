@@ -1,12 +1,5 @@
-"""Float32 arithmetic that reproduces GGML's C reference quantizers bit for bit, and byte helpers.
-
-The C code works in IEEE float32, one rounding per operation, sums accumulated in index order. Torch's own
-shortcuts differ from that in places, so the quantizers use these helpers instead:
-- `scalar / tensor` in torch multiplies by a reciprocal (`rdiv` divides);
-- torch.sqrt on CPU float32 is not correctly rounded (`sqrt_f32` goes through float64, which is exact);
-- torch.sum reduces in blocks (`seq_sum` adds rows in order, as a C loop does);
-- C's roundf rounds half away from zero (`roundf`); GGML's nearest_int rounds half to even (torch.round).
-"""
+"""Float32 arithmetic that reproduces GGML's C reference quantizers bit for bit (one IEEE rounding per
+operation, sums in index order, where torch's shortcuts differ), and byte helpers."""
 from __future__ import annotations
 
 import sys
@@ -25,19 +18,17 @@ def rdiv(numerator: float, tensor: Tensor) -> Tensor:
 
 
 def div(tensor: Tensor, denominator: float) -> Tensor:
-    """tensor / denominator with IEEE division on every device (CUDA turns a scalar divisor into a product)."""
+    """tensor / denominator with IEEE division (CUDA turns a scalar divisor into a product)."""
     return torch.div(tensor, torch.tensor(denominator, dtype=F32, device=tensor.device))
 
 
 def sqrt_f32(tensor: Tensor) -> Tensor:
-    """Correctly rounded float32 square root (C's sqrtf)."""
+    """Correctly rounded float32 sqrt (via float64; torch's CPU float32 sqrt is not)."""
     return torch.sqrt(tensor.double()).float()
 
 
 def seq_sum(rows: Tensor) -> Tensor:
-    """Sum over dim 0 in index order, in float32: rows[0] + rows[1] + ... (a C accumulation loop). On CPU one
-    numpy reduction does it (numpy adds row by row when the summed axis is not the contiguous one; pairwise
-    summation is only for the contiguous axis)."""
+    """Float32 sum over dim 0 in index order, as a C loop (numpy reduces a non-contiguous axis row by row)."""
     if rows.device.type == "cpu" and rows.is_contiguous() and rows.dtype == F32:
         return torch.from_numpy(np.add.reduce(rows.numpy(), axis=0))
     acc = rows[0].clone()
@@ -47,19 +38,19 @@ def seq_sum(rows: Tensor) -> Tensor:
 
 
 def roundf(tensor: Tensor) -> Tensor:
-    """C roundf: nearest integer, halves away from zero (exact for every float32)."""
+    """C roundf: halves away from zero."""
     a = tensor.abs()
     whole = a.floor()
     return torch.copysign(whole + (2 * (a - whole)).floor(), tensor)
 
 
 def nearest_int(tensor: Tensor) -> Tensor:
-    """GGML's nearest_int (the 1.5 * 2**23 trick): round half to even, as int32."""
+    """GGML's nearest_int: round half to even, as int32."""
     return torch.round(tensor).int()
 
 
 def first_absmax(x: Tensor, dim: int) -> Tensor:
-    """The signed value of largest magnitude along `dim` (the first one on ties, as a strict `>` scan keeps)."""
+    """Signed value of largest magnitude along `dim` (the first on ties)."""
     index = x.abs().argmax(dim=dim, keepdim=True)
     return x.gather(dim, index).squeeze(dim)
 
@@ -70,17 +61,16 @@ def half_bytes(values: Tensor) -> Tensor:
 
 
 def half_from_bytes(raw: Tensor) -> Tensor:
-    """(N, 2) little-endian uint8 -> (N,) fp32 value of the fp16 they hold."""
+    """(N, 2) little-endian uint8 -> (N,) fp32."""
     return _le(raw.contiguous()).view(torch.float16).view(-1).float()
 
 
 def _le(pairs: Tensor) -> Tensor:
-    """Byte pairs in little-endian order whatever the host order (GGUF is little-endian)."""
     return pairs if sys.byteorder == "little" else pairs.flip(-1).contiguous()
 
 
 def bits_to_bytes(bits: Tensor, dim: int) -> Tensor:
-    """Bit planes -> bytes: `bits` (values 0/1) has 8 entries along `dim`; entry b becomes bit b."""
+    """Bit planes -> bytes: entry b of the 8 along `dim` becomes bit b."""
     shape = [1] * bits.dim()
     shape[dim] = 8
     shifts = torch.arange(8, device=bits.device, dtype=torch.uint8).view(shape)
@@ -88,7 +78,7 @@ def bits_to_bytes(bits: Tensor, dim: int) -> Tensor:
 
 
 def bytes_to_bits(raw: Tensor, dim: int) -> Tensor:
-    """Inverse of `bits_to_bytes`: a new axis of 8 bits inserted at `dim` (bit b at index b)."""
+    """Inverse of `bits_to_bytes`: a new axis of 8 bits at `dim`."""
     raw = raw.unsqueeze(dim)
     shape = [1] * raw.dim()
     shape[dim] = 8

@@ -1,22 +1,11 @@
-"""GGML's 4-bit i-quants: IQ4_NL (blocks of 32) and IQ4_XS (super-blocks of 256), a non-linear codebook.
-
-Each weight is a 4-bit index into ggml's 16 int8 levels (kvalues_iq4nl, denser near zero), times a scale.
-Block layouts (little-endian):
+"""GGML's 4-bit i-quants IQ4_NL (blocks of 32) and IQ4_XS (super-blocks of 256): 4-bit indices into ggml's 16
+int8 levels (kvalues_iq4nl) times a scale. Layouts (little-endian):
   IQ4_NL (18 B)  {fp16 d; u8 qs[16]}                                 w = d * level[q]
   IQ4_XS (136 B) {fp16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]}  8 x 32, w = d * (ls - 32) * level[q],
                  ls (6 bits) of sub-block b: nibble b % 2 of scales_l[b // 2], its top two bits at bits 2b
                  of scales_h
 Within each 32 weights, element j sits in the low nibble of byte j and element j + 16 in the high one.
-
-The quantizer follows ggml's `quantize_iq4_nl` / `quantize_iq4_xs` (ggml-quants.c; the same code with and
-without an importance matrix, and what llama-quantize writes): per 32 weights a search weighted by x^2 (by
-qw * sqrt(sigma2 + x^2) with an importance qw; sigma2: twice the (super-)block's mean square) first rounds
-against the absmax scale, refits the scale by least squares, then tries 15 scales (itry - 127) / max and
-keeps the best least-squares fit. IQ4_NL stores that scale in fp16 and re-rounds against it; IQ4_XS quantizes
-the 8 sub-block scales to 6 bits against -max / 32 and re-rounds each sub-block against its stored scale.
-The arithmetic follows the C code's float32 operations and summation order, vectorised over all blocks (one
-block of 32 per column of a (32, blocks) array).
-"""
+Quantizers reproduce ggml's `quantize_iq4_nl` / `quantize_iq4_xs` bit for bit, one block of 32 per column."""
 from __future__ import annotations
 
 import torch
@@ -46,9 +35,8 @@ def _levels(device) -> Tensor:
 
 
 def _best_index(v: Tensor) -> Tensor:
-    """ggml's best_index_int8: the index of the level nearest v (the upper one unless v is strictly closer to
-    the lower, in float32), 0 / 15 outside the levels' range, 15 for NaN. The levels are integers, so the
-    first level above v follows from floor(v) through a lookup table (faster than a binary search)."""
+    """ggml's best_index_int8: index of the level nearest v (ties to the upper, in float32; NaN -> 15), found from
+    floor(v) through a lookup table since the levels are integers."""
     levels = _levels(v.device)
     floors = torch.arange(-128, 114, dtype=F32, device=v.device)
     upper_of_floor = (floors[:, None] >= levels[None, :]).sum(dim=1).clamp_(1, 15)
@@ -58,14 +46,12 @@ def _best_index(v: Tensor) -> Tensor:
 
 
 def _fit(x: Tensor, w: Tensor, inverse_scale: Tensor) -> tuple[Tensor, Tensor]:
-    """sum(w q x), sum(w q q) per column, q the nearest level of inverse_scale * x (C's order)."""
     q = _levels(x.device)[_best_index(inverse_scale * x)]
     wq = w * q
     return seq_sum(wq * x), seq_sum(wq * q)
 
 
 def _search_scales(cols: Tensor, weight: Tensor) -> Tensor:
-    """Each column's (block of 32's) searched scale (0 for an all-but-zero block); cols, weight: (32, M)."""
     signed_max = first_absmax(cols, dim=0)
     sumqx, sumq2 = _fit(cols, weight, rdiv(1.0, div(signed_max, -LEVELS[0])))
     d = sumqx / sumq2
@@ -80,8 +66,7 @@ def _search_scales(cols: Tensor, weight: Tensor) -> Tensor:
 
 
 def _search_weights(x: Tensor, qw: Tensor | None) -> Tensor:
-    """(N, n) blocks -> per-weight search weights as (32, N * n / 32) columns: x^2, or qw * sqrt(sigma2 + x^2)
-    with sigma2 = 2 * mean(x^2) of each row of x (a block of IQ4_NL, a super-block of IQ4_XS)."""
+    """(N, n) blocks -> (32, N * n / 32) search weights: x^2, or qw * sqrt(2 * mean(x^2) of the row + x^2)."""
     n = x.shape[1]
     cols = x.reshape(-1, 32).t().contiguous()
     if qw is None:
@@ -91,14 +76,12 @@ def _search_weights(x: Tensor, qw: Tensor | None) -> Tensor:
 
 
 def _codes(x: Tensor, scale: Tensor) -> Tensor:
-    """(N, n) blocks re-rounded against one float32 scale per 32 weights ((N * n / 32,)): (N, n) uint8."""
     blocks = x.reshape(-1, 32)
     return _best_index(_inverse(scale)[:, None] * blocks).to(torch.uint8).view(x.shape)
 
 
 def quantize_iq4_nl(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
-    """(N, 32) fp32 blocks -> (N, 18) IQ4_NL bytes; with an importance `qw` (N, 32), the search weighted as
-    ggml weighs it (`row_sigma2` is unused: IQ4_NL's sigma2 is the block's own)."""
+    """(N, 32) fp32 -> (N, 18) IQ4_NL bytes; `qw` (N, 32): importance (`row_sigma2` unused)."""
     scale = _search_scales(x.t().contiguous(), _search_weights(x, qw))
     return torch.cat([half_bytes(scale), _pack_nibbles(_codes(x, scale))], dim=1)
 
@@ -109,7 +92,7 @@ def dequantize_iq4_nl(raw: Tensor, out: Tensor) -> Tensor:
 
 
 def _pack_scales(ls: Tensor) -> Tensor:
-    """(N, 8) 6-bit sub-block scales -> (N, 6) bytes: scales_h (u16, 2 bits each) then scales_l (nibbles)."""
+    """(N, 8) 6-bit scales -> (N, 6) bytes: scales_h (u16, 2 bits each) then scales_l (nibbles)."""
     shifts = torch.arange(0, 16, 2, device=ls.device, dtype=torch.int32)
     high = ((ls >> 4) << shifts).sum(dim=1, dtype=torch.int32)
     low = (ls[:, 0::2] & 15) | ((ls[:, 1::2] & 15) << 4)
@@ -117,7 +100,6 @@ def _pack_scales(ls: Tensor) -> Tensor:
 
 
 def _unpack_scales(raw: Tensor) -> Tensor:
-    """Inverse of `_pack_scales`: (N, 8) int32 6-bit scales from the 6 bytes after d."""
     high = raw[:, 0].int() | (raw[:, 1].int() << 8)
     shifts = torch.arange(0, 16, 2, device=raw.device, dtype=torch.int32)
     low = torch.stack([raw[:, 2:6] & 15, raw[:, 2:6] >> 4], dim=2).reshape(-1, 8).int()
@@ -125,8 +107,7 @@ def _unpack_scales(raw: Tensor) -> Tensor:
 
 
 def quantize_iq4_xs(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
-    """(N, 256) fp32 super-blocks -> (N, 136) IQ4_XS bytes (arguments as `quantize_iq4_nl`; sigma2 is the
-    super-block's)."""
+    """(N, 256) fp32 -> (N, 136) IQ4_XS bytes (arguments as `quantize_iq4_nl`)."""
     scales = _search_scales(x.reshape(-1, 32).t().contiguous(), _search_weights(x, qw)).view(-1, 8)
     magnitude = scales.abs().nan_to_num(nan=-1.0)  # C's strict `>` scan never picks a NaN
     signed_max = scales.gather(1, magnitude.argmax(dim=1, keepdim=True)).squeeze(1)

@@ -6,24 +6,8 @@ Block layouts (little-endian; "sub-block" = 16 or 32 weights sharing a quantized
   Q4_K (144 B) {fp16 d; fp16 dmin; u8 scales[12]; u8 qs[128]}     8 x 32, w = d*sc*q - dmin*m, 6-bit sc and m
   Q5_K (176 B) {fp16 d; fp16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}   as Q4_K with 5-bit q
   Q6_K (210 B) {u8 ql[128]; u8 qh[64]; i8 scales[16]; fp16 d}     16 x 16, w = d*sc*(q - 32)
-Code placement: 2-bit codes of element 128*n + 32*k + l sit at bits 2k of qs[32*n + l] (Q2_K, Q3_K; Q3_K's
-third bit is bit e // 32 of hmask[e % 32]); 4-bit codes of element 64*c + 32*h + l in nibble h of
-qs[32*c + l] (Q4_K, Q5_K; Q5_K's fifth bit is bit 2c + h of qh[l]); Q6_K's element 128*n + 32*k + l has its
-low nibble in nibble k // 2 of ql[64*n + 32*(k % 2) + l] and its top two bits at bits 2k of qh[32*n + l].
-
-The quantizers follow ggml's `quantize_row_*_K_ref` (llama-quantize without an importance matrix): per
-sub-block a search for scale (and min) — `make_qkx2_quants` for Q2_K/Q4_K/Q5_K (a least-squares refit of
-scale and min over a sweep of candidate grids, weighted error), `make_q3_quants` for Q3_K (coordinate
-descent on the codes), `make_qx_quants` for Q6_K (a sweep of 18 scales around the absmax one) — then the
-sub-block scales are themselves quantized against the largest (6 or 4 bits, one fp16 d per super-block) and
-the codes are re-rounded against the scales as stored. With an importance (llama-quantize with an importance
-matrix, `quantize_row_*_K_impl`) the searches are weighted by qw * sqrt(sigma2 + x^2) (sigma2: twice the
-super-block's mean square; once for Q2_K; Q6_K weighs by qw itself), Q2_K/Q4_K/Q5_K search with
-make_qkx3_quants's finer sweep, Q3_K with make_qx_quants, and the sub-block scales (and mins) are fitted by
-make_qp_quants (Q3_K: make_qx_quants) under each sub-block's summed weights. The arithmetic follows the C
-code's float32 operations and summation order, vectorised over all sub-blocks at once (sub-block along dim 1
-of an (elements, sub-blocks) array).
-"""
+Code placement is on the pack helpers. Quantizers reproduce ggml's `quantize_row_*_K_ref` and (with an
+importance) `quantize_row_*_K_impl` bit for bit, with sub-blocks along dim 1 of an (elements, sub-blocks) array."""
 from __future__ import annotations
 
 import torch
@@ -55,21 +39,18 @@ def _columns(x: Tensor, n: int) -> Tensor:
 
 
 def _rows(cols: Tensor) -> Tensor:
-    """Inverse of `_columns`, as (N, 256)."""
     return cols.t().reshape(-1, QK_K)
 
 
 def _importance_weights(x: Tensor, qw: Tensor, n: int, sigma_factor: int) -> Tensor:
-    """ggml's per-weight search weights under an importance `qw` (N, 256): qw * sqrt(sigma2 + x^2) with
-    sigma2 = sigma_factor * mean(x^2) of the super-block, as (n, N * 256 / n) sub-block columns."""
+    """qw * sqrt(sigma2 + x^2), sigma2 = sigma_factor * super-block mean square, as `_columns`."""
     sigma2 = seq_sum(_columns(x, QK_K).square_()) * (sigma_factor / QK_K)  # exact: a power of two
     cols = _columns(x, n)
     return _columns(qw, n).mul_(sqrt_f32(sigma2.repeat_interleave(QK_K // n) + cols * cols))
 
 
 def _qp_fit(values: Tensor, weights: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
-    """A super-block's (N, S) sub-block scales (or mins) as one fp16 step and (N, S) int codes in [0, nmax],
-    fitted by `make_qp_quants` under the sub-blocks' summed weights (N, S)."""
+    """(N, S) sub-block scales (or mins) -> one fp16 step and (N, S) codes in [0, nmax] (`make_qp_quants`)."""
     step, codes = make_qp_quants(values.t().contiguous(), nmax, weights.t().contiguous())
     return step.half(), codes.t().int().contiguous()
 
@@ -77,30 +58,27 @@ def _qp_fit(values: Tensor, weights: Tensor, nmax: int) -> tuple[Tensor, Tensor]
 # ------------------------------------------------------------------------------------------ requantization
 
 def _requantize(x: Tensor, codes: Tensor, step: Tensor, offset: Tensor | None, lo: int, hi: int) -> Tensor:
-    """Codes re-rounded against the stored sub-block scales: clamp(round((x + offset) / step), lo, hi) - lo;
-    where a step is 0 the search's codes stay (the reference skips such sub-blocks).
-    x, codes: (N, S, n); step, offset: (N, S)."""
+    """Codes re-rounded against the stored scales (kept where step is 0); x, codes (N, S, n), step, offset (N, S)."""
     shifted = x + offset[..., None] if offset is not None else x
     fresh = torch.round(shifted / step[..., None]).clamp_(lo, hi) - lo
     return torch.where(step[..., None] != 0, fresh, codes)
 
 
 def _positive_max(values: Tensor) -> Tensor:
-    """Row max if positive, else +0.0 (a C scan from 0 with a strict `>`; never -0.0)."""
+    """Row max if positive, else +0.0 (never -0.0, as C's scan from 0)."""
     top = values.amax(dim=1)
     return torch.where(top > 0, top, torch.zeros_like(top))
 
 
 def _c_uint8(values: Tensor) -> Tensor:
-    """An int stored into a C uint8_t (wraps modulo 256), as int32."""
     return values & 0xFF
 
 
 # ------------------------------------------------------------------------------------------ Q4_K / Q5_K
 
 def _pack_scales_k4(ls: Tensor, lm: Tensor) -> Tensor:
-    """(N, 8) 6-bit scales and mins -> Q4_K/Q5_K's 12 bytes: bytes 0-3 scales 0-3, 4-7 mins 0-3 (top two bits
-    holding the high bits of scales / mins 4-7), 8-11 the low nibbles of scales 4-7 | mins 4-7 << 4."""
+    """(N, 8) 6-bit scales and mins -> 12 bytes: 0-3 scales 0-3, 4-7 mins 0-3 (top two bits: high bits of
+    scales / mins 4-7), 8-11 low nibbles of scales 4-7 | mins 4-7 << 4."""
     first = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
     second = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
     third = (ls[:, 4:] & 15) | ((lm[:, 4:] & 15) << 4)
@@ -108,7 +86,6 @@ def _pack_scales_k4(ls: Tensor, lm: Tensor) -> Tensor:
 
 
 def _unpack_scales_k4(raw: Tensor) -> tuple[Tensor, Tensor]:
-    """Inverse of `_pack_scales_k4`: (N, 8) scales and mins as uint8."""
     a, b, c = raw[:, :4], raw[:, 4:8], raw[:, 8:12]
     scales = torch.cat([a & 63, (c & 15) | ((a >> 6) << 4)], dim=1)
     mins = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=1)
@@ -117,9 +94,7 @@ def _unpack_scales_k4(raw: Tensor) -> tuple[Tensor, Tensor]:
 
 def _quantize_k4(x: Tensor, nmax: int, rmin: float, nstep: int,
                  qw: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Q4_K / Q5_K without the final bit packing: (header bytes d|dmin|scales (N, 16), codes (N, 8, 32)).
-    With an importance `qw` (N, 256): ggml's quantize_row_q{4,5}_K_impl (make_qkx3_quants per sub-block, the
-    6-bit scales and mins by make_qp_quants under each sub-block's summed weights)."""
+    """Q4_K / Q5_K before bit packing: (header d|dmin|scales (N, 16), codes (N, 8, 32))."""
     cols = _columns(x, 32)
     if qw is None:
         av_x = sqrt_f32(seq_sum(cols * cols) / 32)
@@ -142,20 +117,17 @@ def _quantize_k4(x: Tensor, nmax: int, rmin: float, nstep: int,
 
 
 def _nibble_pairs(codes: Tensor) -> Tensor:
-    """(N, 8, 32) codes < 16 -> (N, 128): sub-block 2c in the low nibble, 2c + 1 in the high nibble of
-    byte 32c + l."""
+    """(N, 8, 32) codes -> (N, 128): sub-block 2c in the low nibble, 2c + 1 in the high nibble of byte 32c + l."""
     pairs = codes.view(-1, 4, 2, 32)
     return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
 
 
 def _unpack_nibble_pairs(qs: Tensor) -> Tensor:
-    """Inverse of `_nibble_pairs`: (N, 8, 32) uint8 codes."""
     shifts = torch.tensor([0, 4], dtype=U8, device=qs.device).view(1, 1, 2, 1)
     return ((qs.reshape(-1, 4, 1, 32) >> shifts) & 15).view(-1, 8, 32)
 
 
 def _apply_k4(raw: Tensor, codes: Tensor, out: Tensor) -> Tensor:
-    """out <- d*sc*q - dmin*m per 32-weight sub-block."""
     scales, mins = _unpack_scales_k4(raw[:, 4:16])
     step = half_from_bytes(raw[:, 0:2])[:, None] * scales
     offset = half_from_bytes(raw[:, 2:4])[:, None] * mins
@@ -163,15 +135,13 @@ def _apply_k4(raw: Tensor, codes: Tensor, out: Tensor) -> Tensor:
 
 
 def _scale_sub_blocks(out: Tensor, codes: Tensor, step: Tensor, offset: Tensor | None = None) -> Tensor:
-    """out <- codes * step (- offset), step / offset one per sub-block (N, S); codes (N, S, n) small ints."""
     sub = out.view(codes.shape)
     sub.copy_(codes).mul_(step[..., None])
     return sub.sub_(offset[..., None]) if offset is not None else sub
 
 
 def quantize_q4_k(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
-    """(N, 256) fp32 super-blocks -> (N, 144) Q4_K bytes (`qw`: importance per weight; `row_sigma2` unused:
-    K-quants weigh by their super-block's mean square)."""
+    """(N, 256) fp32 -> (N, 144) Q4_K bytes; `qw`: importance per weight (`row_sigma2` unused by K-quants)."""
     header, codes = _quantize_k4(x, 15, -1.0, 20, qw)
     return torch.cat([header, _nibble_pairs(codes)], dim=1)
 
@@ -181,7 +151,7 @@ def dequantize_q4_k(raw: Tensor, out: Tensor) -> Tensor:
 
 
 def quantize_q5_k(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
-    """(N, 256) fp32 super-blocks -> (N, 176) Q5_K bytes (arguments as `quantize_q4_k`)."""
+    """(N, 256) fp32 -> (N, 176) Q5_K bytes; fifth bit of sub-block s's code l at bit s of qh[l]."""
     header, codes = _quantize_k4(x, 31, -0.5, 15, qw)
     qh = bits_to_bytes(codes >> 4, dim=1)
     return torch.cat([header, qh, _nibble_pairs(codes & 15)], dim=1)
@@ -201,7 +171,6 @@ def _pack_crumbs(codes: Tensor) -> Tensor:
 
 
 def _unpack_crumbs(qs: Tensor) -> Tensor:
-    """Inverse of `_pack_crumbs`: (N, 8, 32) uint8 codes (element 32 * row + column)."""
     shifts = torch.arange(0, 8, 2, device=qs.device, dtype=U8).view(1, 1, 4, 1)
     return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).view(-1, 8, 32)
 
@@ -209,8 +178,7 @@ def _unpack_crumbs(qs: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------ Q2_K
 
 def quantize_q2_k(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
-    """(N, 256) fp32 super-blocks -> (N, 84) Q2_K bytes (arguments as `quantize_q4_k`; with `qw`, ggml's
-    quantize_row_q2_K_impl: make_qkx3_quants per sub-block, 4-bit scales and mins by make_qp_quants)."""
+    """(N, 256) fp32 -> (N, 84) Q2_K bytes (arguments as `quantize_q4_k`)."""
     cols = _columns(x, 16)
     if qw is None:
         scales, mins, codes = make_qkx2_quants(cols, cols.abs(), 3, -0.5, 0.1, 15, mad=True)
@@ -242,8 +210,8 @@ def dequantize_q2_k(raw: Tensor, out: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------ Q3_K
 
 def _pack_scales_q3(ls: Tensor) -> Tensor:
-    """(N, 16) 6-bit scales -> 12 bytes: low nibbles of scales j and j + 8 in byte j (j < 8); the high two
-    bits of scale j at bits 2*(j // 4) of byte 8 + j % 4."""
+    """(N, 16) 6-bit scales -> 12 bytes: low nibbles of scales j and j + 8 in byte j (j < 8), the high two bits of
+    scale j at bits 2*(j // 4) of byte 8 + j % 4."""
     low = (ls[:, :8] & 15) | ((ls[:, 8:] & 15) << 4)
     high = (ls >> 4).view(-1, 4, 4)  # [group j // 4, j % 4]
     high = high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6)
@@ -251,7 +219,6 @@ def _pack_scales_q3(ls: Tensor) -> Tensor:
 
 
 def _unpack_scales_q3(raw: Tensor) -> Tensor:
-    """Inverse of `_pack_scales_q3`: (N, 16) scales as int32 in [0, 64)."""
     low = torch.cat([raw[:, :8] & 15, raw[:, :8] >> 4], dim=1)
     shifts = torch.arange(0, 8, 2, device=raw.device, dtype=U8).view(1, 4, 1)
     high = ((raw[:, 8:12].reshape(-1, 1, 4) >> shifts) & 3).reshape(-1, 16)
@@ -259,8 +226,7 @@ def _unpack_scales_q3(raw: Tensor) -> Tensor:
 
 
 def quantize_q3_k(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
-    """(N, 256) fp32 super-blocks -> (N, 110) Q3_K bytes (arguments as `quantize_q4_k`; with `qw`, ggml's
-    quantize_row_q3_K_impl: make_qx_quants per sub-block and for the 6-bit scales)."""
+    """(N, 256) fp32 -> (N, 110) Q3_K bytes; third bit of element e at bit e // 32 of hmask[e % 32]."""
     if qw is None:
         scales, codes = make_q3_quants(_columns(x, 16), 4)
         scales = scales.view(-1, 16)
@@ -291,8 +257,8 @@ def dequantize_q3_k(raw: Tensor, out: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------ Q6_K
 
 def quantize_q6_k(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
-    """(N, 256) fp32 super-blocks -> (N, 210) Q6_K bytes (arguments as `quantize_q4_k`; with `qw`, ggml's
-    quantize_row_q6_K_impl: the sub-block search weighted by `qw` itself)."""
+    """(N, 256) fp32 -> (N, 210) Q6_K bytes: element 128n + 32k + l has its low nibble in nibble k // 2 of
+    ql[64n + 32(k % 2) + l], its top two bits at bits 2k of qh[32n + l]."""
     scales, codes = make_qx_quants(_columns(x, 16), 32, None if qw is None else _columns(qw, 16))
     scales = scales.view(-1, 16)
     top = first_absmax(scales, 1)

@@ -6,13 +6,8 @@ Block layouts (little-endian, element j of a block):
   Q5_0 (22 B) {fp16 d; u8 qh[4]; u8 qs[16]}   w = d * (q - 16),  q's fifth bit is bit j of the u32 qh
   Q5_1 (24 B) {fp16 d; fp16 m; u8 qh[4]; u8 qs[16]}   w = d * q + m
   Q8_0 (34 B) {fp16 d; i8 qs[32]}             w = d * q
-The quantizers follow ggml's `quantize_row_*_ref` (what llama-quantize writes without an importance
-matrix): symmetric formats take d from the signed absmax (d = max / -8 or / -16, so that value maps to the
-lowest code), affine ones from the min-max range; codes are truncated after adding 0.5 (Q8_0: roundf).
-With an importance (llama-quantize with an importance matrix, `quantize_row_*_impl`) each block is searched
-instead, weights qw * sqrt(sigma2 + x^2) (sigma2: the row's mean square): Q4_0 / Q5_0 by make_qx_quants,
-Q4_1 / Q5_1 by make_qkx3_quants; Q8_0 ignores it.
-"""
+Quantizers match ggml's `quantize_row_*_ref` (d from the signed absmax or the min-max range) and, with an
+importance, `quantize_row_*_impl` (a weighted search per block; Q8_0 ignores the importance)."""
 from __future__ import annotations
 
 import torch
@@ -36,40 +31,34 @@ U8 = torch.uint8
 
 
 def _inverse(d: Tensor) -> Tensor:
-    """1 / d, and 0 where d is 0 (the reference's `id = d ? 1.0f/d : 0.0f`)."""
     return torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
 
 
 def _pack_nibbles(q: Tensor) -> Tensor:
-    """(N, 32) codes < 16 -> (N, 16) bytes: element j in the low nibble, element j + 16 in the high one."""
     return q[:, :16] | (q[:, 16:] << 4)
 
 
 def _unpack_nibbles(qs: Tensor) -> Tensor:
-    """Inverse of `_pack_nibbles`: (N, 32) uint8 codes."""
     return torch.cat([qs & 15, qs >> 4], dim=1)
 
 
 def _high_bits(q: Tensor) -> Tensor:
-    """(N, 32) 5-bit codes -> (N, 4) qh bytes: bit j of the little-endian u32 = bit 4 of code j."""
     return bits_to_bytes((q >> 4).view(-1, 4, 8), dim=2)
 
 
 def _codes_5bit(qh: Tensor, qs: Tensor) -> Tensor:
-    """(N, 32) uint8 5-bit codes from qh (N, 4) and qs (N, 16)."""
     return _unpack_nibbles(qs) | (bytes_to_bits(qh, dim=2).view(-1, 32) << 4)
 
 
 def _scale_codes(out: Tensor, codes: Tensor, raw: Tensor, zero: int = 0, affine: bool = False) -> Tensor:
-    """out <- (codes - zero) * d (+ m): d (and m) the fp16 fields at the start of each block."""
+    """out <- (codes - zero) * d (+ m), d and m the fp16 fields at the start of each block."""
     out.copy_(codes.view(torch.int8) - zero if zero else codes)
     out.mul_(half_from_bytes(raw[:, :2])[:, None])
     return out.add_(half_from_bytes(raw[:, 2:4])[:, None]) if affine else out
 
 
 def _symmetric_codes(x: Tensor, levels: int) -> tuple[Tensor, Tensor]:
-    """Q4_0 / Q5_0 (levels 16 / 32): d = signed absmax / -(levels / 2), codes min(levels - 1, trunc(x / d +
-    levels / 2 + 0.5))."""
+    """Q4_0 / Q5_0: d = signed absmax / -(levels / 2), codes trunc(x / d + levels / 2 + 0.5)."""
     d = div(first_absmax(x, 1), -(levels // 2))
     q = torch.trunc(x * _inverse(d)[:, None] + (levels // 2 + 0.5)).clamp_(0, levels - 1).to(U8)
     return q, d
@@ -84,27 +73,23 @@ def _affine_codes(x: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _importance_weights(x: Tensor, qw: Tensor, row_sigma2: Tensor) -> Tensor:
-    """ggml's per-weight search weights under an importance: qw * sqrt(sigma2 + x^2), sigma2 the mean square of
-    each block's row; (32, N) columns, one block per column."""
+    """Search weights qw * sqrt(sigma2 + x^2), sigma2 the row's mean square; (32, N), one block per column."""
     return (qw * sqrt_f32(row_sigma2[:, None] + x * x)).t().contiguous()
 
 
 def _weighted_symmetric_codes(x: Tensor, levels: int, qw: Tensor, row_sigma2: Tensor) -> tuple[Tensor, Tensor]:
-    """Q4_0 / Q5_0 under an importance (ggml's quantize_row_q{4,5}_0_impl): make_qx_quants' weighted grid sweep."""
     d, q = make_qx_quants(x.t().contiguous(), levels // 2, _importance_weights(x, qw, row_sigma2))
     return q.t().to(U8), d
 
 
 def _weighted_affine_codes(x: Tensor, levels: int, qw: Tensor, row_sigma2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Q4_1 / Q5_1 under an importance (ggml's quantize_row_q{4,5}_1_impl): make_qkx3_quants' weighted refits."""
     d, the_min, q = make_qkx2_quants(x.t().contiguous(), _importance_weights(x, qw, row_sigma2), levels - 1,
                                      -0.9, 0.05, 36, mad=False)
     return q.t().to(U8), d, -the_min
 
 
 def quantize_q4_0(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
-    """(N, 32) fp32 blocks -> (N, 18) Q4_0 bytes; with an importance `qw` (N, 32), searched as ggml does with
-    an importance matrix (`row_sigma2` (N,): the mean square of each block's row)."""
+    """(N, 32) fp32 -> (N, 18) Q4_0 bytes; `qw` (N, 32): importance, `row_sigma2` (N,): mean square of each row."""
     q, d = _symmetric_codes(x, 16) if qw is None else _weighted_symmetric_codes(x, 16, qw, row_sigma2)
     return torch.cat([half_bytes(d), _pack_nibbles(q)], dim=1)
 
@@ -114,7 +99,6 @@ def dequantize_q4_0(raw: Tensor, out: Tensor) -> Tensor:
 
 
 def quantize_q4_1(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
-    """(N, 32) fp32 blocks -> (N, 20) Q4_1 bytes (arguments as `quantize_q4_0`)."""
     q, d, m = _affine_codes(x, 16) if qw is None else _weighted_affine_codes(x, 16, qw, row_sigma2)
     return _q4_1_bytes(q, d, m)
 
@@ -124,7 +108,6 @@ def dequantize_q4_1(raw: Tensor, out: Tensor) -> Tensor:
 
 
 def quantize_q5_0(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
-    """(N, 32) fp32 blocks -> (N, 22) Q5_0 bytes (arguments as `quantize_q4_0`)."""
     q, d = _symmetric_codes(x, 32) if qw is None else _weighted_symmetric_codes(x, 32, qw, row_sigma2)
     return torch.cat([half_bytes(d), _high_bits(q), _pack_nibbles(q & 15)], dim=1)
 
@@ -134,7 +117,6 @@ def dequantize_q5_0(raw: Tensor, out: Tensor) -> Tensor:
 
 
 def quantize_q5_1(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
-    """(N, 32) fp32 blocks -> (N, 24) Q5_1 bytes (arguments as `quantize_q4_0`)."""
     q, d, m = _affine_codes(x, 32) if qw is None else _weighted_affine_codes(x, 32, qw, row_sigma2)
     return _q5_1_bytes(q, d, m)
 
@@ -144,25 +126,21 @@ def dequantize_q5_1(raw: Tensor, out: Tensor) -> Tensor:
 
 
 def _q4_1_bytes(q: Tensor, d: Tensor, m: Tensor) -> Tensor:
-    """(N, 32) codes < 16, (N,) d and m -> (N, 20) Q4_1 bytes."""
     return torch.cat([half_bytes(d), half_bytes(m), _pack_nibbles(q)], dim=1)
 
 
 def _q5_1_bytes(q: Tensor, d: Tensor, m: Tensor) -> Tensor:
-    """(N, 32) codes < 32, (N,) d and m -> (N, 24) Q5_1 bytes."""
     return torch.cat([half_bytes(d), half_bytes(m), _high_bits(q), _pack_nibbles(q & 15)], dim=1)
 
 
 def pack_q4_1(codes: Tensor, scale: Tensor, minimum: Tensor, shape: tuple[int, int]) -> Tensor:
-    """The (d_out, d_in / 32 * 20) Q4_1 bytes of a 1 x 32-block affine weight w = scale * code + minimum (qbara's
-    INT4 G32 with fp16 minima, packed losslessly). codes: one uint8 in [0, 15] per weight, row-major; scale,
-    minimum: one fp16 value per block, blocks row-major."""
+    """(d_out, d_in / 32 * 20) Q4_1 bytes of a 1 x 32-block weight scale * code + minimum (INT4 G32, lossless).
+    codes: uint8 in [0, 15] per weight, row-major; scale, minimum: fp16, one per block."""
     return _pack_affine(codes, scale, minimum, shape, "Q4_1", 4, _q4_1_bytes)
 
 
 def pack_q5_1(codes: Tensor, scale: Tensor, minimum: Tensor, shape: tuple[int, int]) -> Tensor:
-    """The (d_out, d_in / 32 * 24) Q5_1 bytes of a 1 x 32-block INT5 weight (codes in [0, 31]; scale and
-    minimum as for `pack_q4_1`)."""
+    """As `pack_q4_1` for INT5 codes in [0, 31]: (d_out, d_in / 32 * 24) Q5_1 bytes."""
     return _pack_affine(codes, scale, minimum, shape, "Q5_1", 5, _q5_1_bytes)
 
 
@@ -182,8 +160,7 @@ def _pack_affine(codes: Tensor, scale: Tensor, minimum: Tensor, shape: tuple[int
 
 
 def quantize_q8_0(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
-    """(N, 32) fp32 blocks -> (N, 34) Q8_0 bytes: d = absmax / 127, q = roundf(x / d) (an importance is
-    ignored, as ggml ignores it)."""
+    """(N, 32) fp32 -> (N, 34) Q8_0 bytes: d = absmax / 127, q = roundf(x / d)."""
     d = div(x.abs().amax(dim=1), 127)
     q = roundf(x * _inverse(d)[:, None]).to(torch.int8)
     return torch.cat([half_bytes(d), q.view(U8)], dim=1)

@@ -1,13 +1,5 @@
-"""GGML's per-group scale searches (ggml-quants.c), vectorised over groups: one group of n weights per column
-of an (n, M) array, M groups at once, in the C code's float32 operations and summation order.
-
-- `make_qkx2_quants`: affine fit scale * q - min over a sweep of candidate grids with a least-squares refit
-  (ggml's make_qkx2_quants, and make_qkx3_quants, which only differs in defaulting the weights to x^2);
-- `make_q3_quants`: symmetric fit by coordinate descent on the codes, weights x^2;
-- `make_qx_quants`: symmetric fit over 19 grids around the absmax one, weights x^2 or given;
-- `make_qp_quants`: fit of non-negative values (a super-block's sub-block scales or mins) to scale * q,
-  q in [0, nmax], weighted, by a sweep of 9 grids and coordinate descent.
-"""
+"""GGML's per-group scale searches (ggml-quants.c: make_qkx2/qkx3/q3/qx/qp_quants), vectorised: one group of
+n weights per column of an (n, M) array, in the C code's float32 operations and summation order."""
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +12,7 @@ GROUP_MAX_EPS = 1e-15  # ggml: a group with absmax below this is all zeros
 
 
 def _c_float(*terms: float) -> float:
-    """A float32 C expression evaluated left to right: terms[0] + terms[1] * terms[2] + terms[3]..."""
+    """A float32 C expression left to right: terms[0] + terms[1] * terms[2] + terms[3]..."""
     value = np.float32(terms[0]) + np.float32(terms[1]) * np.float32(terms[2])
     for t in terms[3:]:
         value = value + np.float32(t)
@@ -28,18 +20,15 @@ def _c_float(*terms: float) -> float:
 
 
 def _error(scale: Tensor, minimum: Tensor, codes: Tensor, x: Tensor, w: Tensor, mad: bool, work: Tensor) -> Tensor:
-    """Sum_i w_i * |scale*q_i + min - x_i| (mad) or its square, in the C loop's order (`work`: scratch)."""
+    """Sum of w * |scale*q + min - x| (mad) or its square, in C order."""
     diff = torch.mul(codes, scale, out=work).add_(minimum).sub_(x)
     return seq_sum((diff.abs_() if mad else diff.mul_(diff)).mul_(w))
 
 
 def make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                      mad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Affine sub-block fit w ~ scale * q - the_min, q in [0, nmax], for (n, M) weights `x` with per-weight
-    importance `w`: the min-max grid, then for each of nstep + 1 grids iscale = (nmax + rmin + rdelta*i) /
-    (max - min) the least-squares scale and min of its codes (min kept <= 0), kept when the weighted error
-    drops (later grids span max - the best min so far). Returns (scale (M,), the_min (M,) >= 0, codes (n, M)
-    float)."""
+    """Affine fit x ~ scale * q - the_min, q in [0, nmax], best of nstep + 1 grids with weighted least-squares
+    refits (also make_qkx3_quants). Returns (scale (M,), the_min (M,) >= 0, codes (n, M) float)."""
     hi, lo = x.amax(dim=0), x.amin(dim=0).clamp(max=0)
     sum_w, sum_x = seq_sum(w), seq_sum(w * x)
     flat = hi == lo
@@ -72,10 +61,8 @@ def make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float
 
 def _descend(codes: Tensor, x: Tensor, w: Tensor, wx: Tensor, lo: int | None, hi: int, sweeps: int,
              after: bool) -> tuple[Tensor, Tensor]:
-    """ggml's coordinate descent on (n, M) integer `codes` (updated in place) for the fit x ~ scale * codes: up to
-    `sweeps` passes, each moving code i to round(x_i * sum(w*l*l) / sum(w*x*l)) over the others, clamped to
-    [lo, hi], when sum(w*x*l)^2 / sum(w*l*l) grows (sum(w*l*l) > 0 checked after the move (`after`, make_q3_quants)
-    or before it (make_qp_quants)). Returns the final (sum(w*x*l), sum(w*l*l)) (M,)."""
+    """Coordinate descent on (n, M) int `codes` (in place) for x ~ scale * codes, moves kept when sum(w*x*l)^2 /
+    sum(w*l*l) grows (`after`: sum(w*l*l) > 0 checked after the move). Returns (sum(w*x*l), sum(w*l*l))."""
     sum_lx, sum_l2 = seq_sum(wx * codes), seq_sum(w * codes * codes)
     for _ in range(sweeps):  # a pass that changes nothing leaves the state as it was, so no early exit
         for i in range(x.shape[0]):
@@ -94,10 +81,8 @@ def _descend(codes: Tensor, x: Tensor, w: Tensor, wx: Tensor, lo: int | None, hi
 
 
 def make_q3_quants(x: Tensor, nmax: int, sweeps: int = 5) -> tuple[Tensor, Tensor]:
-    """Symmetric sub-block fit w ~ scale * (q - nmax), q in [0, 2*nmax), weights x^2: codes from the signed
-    absmax (it maps to code 0), then up to `sweeps` passes of coordinate descent that move one code at a time
-    to its best value under the current least-squares scale, kept when sum(w*x*l)^2 / sum(w*l*l) grows.
-    Returns (scale (M,), codes (n, M) float)."""
+    """Symmetric fit x ~ scale * (q - nmax), q in [0, 2*nmax), weights x^2, by coordinate descent from the absmax
+    grid. Returns (scale (M,), codes (n, M) float)."""
     top = first_absmax(x, 0)
     zero = top.abs() < GROUP_MAX_EPS
     iscale = rdiv(float(-nmax), torch.where(zero, torch.ones_like(top), top))
@@ -111,10 +96,8 @@ def make_q3_quants(x: Tensor, nmax: int, sweeps: int = 5) -> tuple[Tensor, Tenso
 
 
 def make_qx_quants(x: Tensor, nmax: int, w: Tensor | None = None, steps: int = 9) -> tuple[Tensor, Tensor]:
-    """Symmetric sub-block fit w ~ scale * (q - nmax), q in [0, 2*nmax), weights `w` (default x^2: rmse_type 1):
-    the least-squares scale of the absmax grid and of the grids iscale = -(nmax + 0.1*i) / max,
-    i = -steps..steps (ggml: 9), the one with the largest sum(w*x*l)^2 / sum(w*l*l) kept. Returns (scale (M,),
-    codes (n, M) float)."""
+    """Symmetric fit as `make_q3_quants`, weights `w` (default x^2), best of the grids -(nmax + 0.1*i) / max,
+    i = -steps..steps. Returns (scale (M,), codes (n, M) float)."""
     top = first_absmax(x, 0)
     zero = top.abs() < GROUP_MAX_EPS
     top = torch.where(zero, torch.ones_like(top), top)
@@ -139,10 +122,8 @@ def make_qx_quants(x: Tensor, nmax: int, w: Tensor | None = None, steps: int = 9
 
 
 def make_qp_quants(x: Tensor, nmax: int, w: Tensor, sweeps: int = 5) -> tuple[Tensor, Tensor]:
-    """Fit of non-negative (n, M) values `x` to scale * q, q in [0, nmax], weights `w`: of the grids
-    iscale = (nmax + 0.1*i) / max, i = -4..4, the one with the least weighted squared error, then up to `sweeps`
-    passes of coordinate descent on the codes (each kept when sum(w*x*l)^2 / sum(w*l*l) grows), and the
-    least-squares scale of the codes. Returns (scale (M,), codes (n, M) float)."""
+    """Fit of non-negative (n, M) `x` to scale * q, q in [0, nmax], weighted: best of 9 grids, then coordinate
+    descent. Returns (scale (M,), codes (n, M) float)."""
     top = x.amax(dim=0).clamp(min=0)
     zero = top < GROUP_MAX_EPS
     top = torch.where(zero, torch.ones_like(top), top)
