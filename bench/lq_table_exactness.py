@@ -1,10 +1,11 @@
-"""How exact is the LQ-LoRA error table, and at what cost: the exact table (dq_mode="refine") against the fast
-approximation (dq_mode="shared", the default) on SmolLM2-135M's linears at rank 64.
+"""How exact is the LQ-LoRA error table, and at what cost: the exact table (dq_mode="refine") and the warm-started
+one ("warm") against the fast approximation ("shared", the default) on SmolLM2-135M's linears at rank 64.
 
-    nice -n 10 python bench/lq_table_exactness.py [--layer 15] [--check 2] [--out bench/results/lq_table_exactness.md]
+    nice -n 10 python bench/lq_table_exactness.py [--layer 15] [--matrices 7] [--check 2] [--out ...md]
 
-Time: both tables of one decoder layer's 7 matrices (every shape SmolLM2 has) with all 432 candidates, one
-thread, extrapolated to the 210 matrices (x 30 layers). Exactness: on `--check` of those matrices, the cost of
+Time: every mode's table of the first `--matrices` of one decoder layer's 7 matrices (all 7: every shape SmolLM2
+has) with all 432 candidates, one thread, in the same run; with all 7, extrapolated to the 210 matrices (x 30).
+Exactness: on `--check` of those matrices, the cost of
 one config per (b, B0, b0) family (b1 = fp32, B1 = 16) against `converged_cost` (the config's own
 decomposition run to convergence, LQ-LoRA's per-config procedure); ratio table / reference.
 """
@@ -28,6 +29,8 @@ def options(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--matrices", type=int, default=7, help="matrices of the layer timed (7: the whole layer)")
+    ap.add_argument("--modes", nargs="+", default=["shared", "warm", "refine"])
     ap.add_argument("--check", type=int, default=2, help="matrices of the layer checked against the reference")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lq_table_exactness.md")
     return ap.parse_args(argv)
@@ -40,29 +43,33 @@ def main(argv=None) -> None:
     layer = f"model.layers.{args.layer}."
     weights = {n.removesuffix(".weight"): p.detach().float() for n, p in model.named_parameters()
                if n.startswith(layer) and n.endswith("proj.weight")}
+    weights = dict(list(weights.items())[: args.matrices])
     n_layers = model.config.num_hidden_layers
     configs = candidate_configs()
     lines = [f"# LQ error table: exactness and cost ({args.model}, rank {RANK}, one thread)", ""]
 
-    seconds = {"shared": 0.0, "refine": 0.0}
-    tables: dict[str, dict[str, torch.Tensor]] = {"shared": {}, "refine": {}}
+    modes = args.modes
+    seconds = {mode: 0.0 for mode in modes}
+    tables: dict[str, dict[str, torch.Tensor]] = {mode: {} for mode in modes}
     for i, (name, W) in enumerate(weights.items()):
         for mode in seconds:
             start = time.perf_counter()
             tables[mode][name] = matrix_costs(W, configs, rank=RANK, dq_mode=mode, seed=i)
             seconds[mode] += time.perf_counter() - start
-        print(f"{name} {tuple(W.shape)}: shared {seconds['shared']:.1f}s refine {seconds['refine']:.1f}s (cumulative)",
+        print(f"{name} {tuple(W.shape)}: " + " ".join(f"{m} {s:.1f}s" for m, s in seconds.items()) + " (cumulative)",
               flush=True)
-    matrices = len(weights) * n_layers
-    lines += [f"Time for the {len(weights)} matrices of layer {args.layer} (x {n_layers} layers = {matrices} "
-              f"matrices, extrapolated), 432 candidates each:", "",
-              "| table | seconds, one layer | extrapolated, whole model | ratio to shared |", "|---|---|---|---|"]
+    whole = len(weights) == 7
+    lines += [f"Time for {', '.join(n.removeprefix(layer) for n in weights)} of layer {args.layer}"
+              + (f" (x {n_layers} layers = {7 * n_layers} matrices, extrapolated)" if whole else "")
+              + f", {len(configs)} candidates each, all modes in the same run:", "",
+              "| table | seconds | extrapolated, whole model | ratio to shared |", "|---|---|---|---|"]
     for mode, s in seconds.items():
-        lines.append(f"| {mode} | {s:.1f} | {s * n_layers / 60:.1f} min | {s / seconds['shared']:.2f} |")
-    lines += ["", f"new/old time ratio: {seconds['refine'] / seconds['shared']:.2f}", ""]
+        total = f"{s * n_layers / 60:.1f} min" if whole else "-"
+        lines.append(f"| {mode} | {s:.1f} | {total} | {s / seconds[modes[0]]:.2f} |")
+    lines += [""]
 
     checked = [c for c in configs if (c.dq_dtype, c.dq_block_size) == ("fp32", 16)]
-    ratios: dict[str, list[float]] = {"shared": [], "refine": []}
+    ratios: dict[str, list[float]] = {mode: [] for mode in modes}
     rows = []
     for i, (name, W) in enumerate(list(weights.items())[: args.check]):
         for c in checked:
@@ -71,7 +78,8 @@ def main(argv=None) -> None:
             r = {mode: float(tables[mode][name][j]) / ref for mode in ratios}
             for mode in ratios:
                 ratios[mode].append(r[mode])
-            rows.append(f"| {name.removeprefix(layer)} | {c.label} | {r['shared']:.3f} | {r['refine']:.3f} |")
+            cells = " | ".join(f"{r[m]:.3f}" for m in modes)
+            rows.append(f"| {name.removeprefix(layer)} | {c.label} | {cells} |")
             print(rows[-1], flush=True)
     lines += [f"Cost / converged per-config decomposition on {args.check} matrices x {len(checked)} configs "
               f"(one per (b, B0, b0) family):", "",
@@ -79,10 +87,11 @@ def main(argv=None) -> None:
     for mode, rs in ratios.items():
         over = sum(r > 1.03 for r in rs) / len(rs)
         lines.append(f"| {mode} | {max(rs):.3f} | {statistics.median(rs):.3f} | {min(rs):.3f} | {over:.0%} |")
-    lines += ["", "| matrix | config | shared | refine |", "|---|---|---|---|", *rows, ""]
+    header = "| matrix | config | " + " | ".join(modes) + " |"
+    lines += ["", header, "|---|---|" + "---|" * len(modes), *rows, ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
-    print("\n".join(lines[: lines.index("| matrix | config | shared | refine |")]))
+    print("\n".join(lines[: lines.index(header)]))
 
 
 if __name__ == "__main__":

@@ -30,3 +30,13 @@ def test_damaged_cache_entry_is_rebuilt_with_a_warning(damage, tmp_path):
         again = error_table(WEIGHTS, CONFIGS, rank=2, iters=1, cache_dir=tmp_path, progress=False)
     assert not again.from_cache and torch.equal(again.costs, first.costs)
     assert torch.equal(ErrorTable.load(costs).costs, first.costs)  # the entry was written again
+
+
+def test_each_dq_mode_has_its_own_cache_entry(tmp_path):
+    """A table cached for one dq_mode is never returned for another (the mode is part of the key)."""
+    shared = error_table(WEIGHTS, CONFIGS, rank=2, cache_dir=tmp_path, progress=False)
+    warm = error_table(WEIGHTS, CONFIGS, rank=2, dq_mode="warm", cache_dir=tmp_path, progress=False)
+    assert not warm.from_cache and warm.path != shared.path
+    assert warm.settings["dq_mode"] == "warm" and shared.settings["dq_mode"] == "shared"
+    again = error_table(WEIGHTS, CONFIGS, rank=2, dq_mode="warm", cache_dir=tmp_path, progress=False)
+    assert again.from_cache and torch.equal(again.costs, warm.costs)

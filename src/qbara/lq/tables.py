@@ -1,10 +1,15 @@
 """Error tables for LQ-LoRA's bit allocation (arXiv 2311.12023): C[i,c] = squared decomposition error of matrix i
 under config c, S[i,c] = numel_i · bits(c), and the allocation read off them. Shared work: both `decompose`
-starts, one SVD_r(W) per matrix, warm-started SVDs. dq_mode="shared" (default, approximate, overstates costs):
-configs differing only in scale storage share one alternation at the exact absmax; "refine" (exact, slow): one
-alternation per (b, B0, b0, B1) family with double quant in the loop, members' errors exact (`_dq_errors`);
-"loop": one per config. Cached in $QBARA_CACHE/lq (default ~/.cache/qbara/lq), keyed by settings, configs and
-contents. Accuracy and timings: bench/results/lq_table_exactness.md."""
+starts, one SVD_r(W) per matrix, warm-started SVDs. Against every config's own decomposition to convergence
+(`converged_cost`, the authors' procedure), on SmolLM2 (rank 64, bench/results/lq_table_exactness.md):
+- dq_mode="shared" (default, fast, approximate): configs differing only in scale storage share one 8-iteration
+  alternation at the exact absmax; overstates costs, median 1.2x, up to 45x (NF8 at b0 = 2).
+- "warm": "shared", then each (b, B0, b0, B1) family's own alternation (double quant in the loop) from the shared
+  run's factors, until gains stay under 0.1 %; max ~1.1x, ~10x "shared"'s time.
+- "refine" (exact, slow): each family's own alternation from both starts; max 1.02x, ~39x "shared"'s time.
+- "loop": one alternation per config.
+Every member of a family gets its exact error (`_dq_errors`). Cached in $QBARA_CACHE/lq (default
+~/.cache/qbara/lq), keyed by settings (the mode included), configs and contents."""
 from __future__ import annotations
 
 import hashlib
@@ -266,8 +271,11 @@ def _dq_chunk(R: Tensor, absmax: Tensor, v: Tensor, bits: int, settings, S: Tens
 
 # which b1 (dtype of the stored scales' maxima) runs the alternation of its family, first present wins
 _REPRESENTATIVE_DTYPES = ("fp16", "bf16", "fp32")
-_DQ_MODES = ("shared", "refine", "loop")
-_MODE_ITERS = {"refine": (100, 3), "shared": (DEFAULT_TABLE_ITERS, 1), "loop": (DEFAULT_TABLE_ITERS, 1)}
+_DQ_MODES = ("shared", "warm", "refine", "loop")
+# (iters, patience) per mode; "warm": of each family's run from the shared run's factors
+_MODE_ITERS = {"refine": (100, 3), "warm": (100, 5), "shared": (DEFAULT_TABLE_ITERS, 1),
+               "loop": (DEFAULT_TABLE_ITERS, 1)}
+WARM_TOL = 1e-3  # "warm": a family's run stops after `patience` iterates not improving the error by 0.1 %
 
 
 def _table_mode(dq_mode: str, iters: int | None, patience: int | None) -> tuple[str, int, int]:
@@ -349,6 +357,8 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
         L1, L2, basis = low_rank_factors(W, rank, scalings, oversample, power_iters, generator)
         first = (L1, L2), basis
     # Warm-started SVDs take `table_power_iters`; the quantize start's first (cold) one `power_iters`.
+    if dq_mode == "warm":  # the shared stage as in "shared"; iters / patience are the family runs'
+        iters, patience, warm = DEFAULT_TABLE_ITERS, 1, dict(max_iters=int(iters), patience=patience)
     common = dict(rank=rank, max_iters=int(iters), patience=patience, fisher=fisher, oversample=oversample,
                   power_iters=table_power_iters, generator=generator, warm_start=True,
                   first_factors=first[0] if first else None, first_basis=first[1] if first else None,
@@ -374,7 +384,26 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
         res = _alternate(W, _nf_step(configs[key[-1]]) if len(key) == 6 else nf_step, **common)
         _rounded_costs(costs, configs, members, res.residual, bits, B0, fisher,
                        payload=None if len(key) == 6 else res.payload)
+        if dq_mode == "warm":
+            _warm_costs(W, costs, configs, members, res, bits, B0, {**common, **warm})
     return costs
+
+
+def _warm_costs(W: Tensor, costs: Tensor, configs: Sequence[QuantConfig], members: Sequence[int], shared,
+                bits: int, B0: int, common: dict) -> None:
+    """dq_mode="warm": per (b0, B1) family of `members` (one (b, B0)), lower costs[j] to the exact errors of its
+    own alternation, double quant inside the loop, started from the shared run's best factors (svd start only,
+    stopping after `patience` iterates without a WARM_TOL gain)."""
+    families: dict[tuple[int, int], list[int]] = {}
+    for j in members:  # configs without double quant: one family, at the exact absmax
+        c = configs[j]
+        families.setdefault((c.dq_bits, c.dq_block_size) if c.double_quant else (0, 0), []).append(j)
+    run = {**common, "first_factors": (shared.L1, shared.L2), "first_basis": None, "starts": ("svd",),
+           "tol": WARM_TOL}
+    for family in families.values():
+        config = configs[_representative(configs, family)] if configs[family[0]].double_quant else configs[family[0]]
+        res = _alternate(W, _nf_step(config), **run)
+        _rounded_costs(costs, configs, family, res.residual, bits, B0, common["fisher"])
 
 
 def converged_cost(W: Tensor, config: QuantConfig, rank: int = 64, fisher: Tensor | None = None, seed: int = 0,
