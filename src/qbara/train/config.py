@@ -17,8 +17,8 @@ from qbara.errors import QbaraError
 from qbara.options import option
 from qbara.prompt_formats import check_template_choice
 from qbara.quant.config import QuantConfig
-from qbara.train.fsdp import fsdp_choice
 from qbara.train.foreign_keys import UNSUPPORTED, unsupported_message
+from qbara.train.fsdp import fsdp_choice
 from qbara.validate import load_yaml_file, short_repr
 
 __all__ = ["RunConfig", "build_config", "load_run_config", "parse_value", "valid_keys"]

@@ -54,15 +54,15 @@ from qbara.prompt_formats import resolve_template
 from qbara.quant.config import QuantConfig
 from qbara.state import state_of
 from qbara.train.config import RunConfig
+from qbara.train.data import ExampleDataset, PadCollator, build_examples, detect_format, read_records
 from qbara.train.fsdp import (
+    fsdp_mode,
     full_adapter_parameters,
     full_optimizer_state,
-    fsdp_mode,
     is_sharded,
     load_full_optimizer_state,
     shard_model,
 )
-from qbara.train.data import ExampleDataset, PadCollator, build_examples, detect_format, read_records
 from qbara.train.plan import base_quant, epoch_steps, meta_model, trainable_parameters
 from qbara.validate import read_json_file, safetensors_shapes
 
