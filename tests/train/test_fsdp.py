@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from qbara.errors import QbaraError
 from qbara.models import tiny_llama
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
-from qbara.train.fsdp import fsdp_choice
+from qbara.train.fsdp import fsdp_choice, fsdp_mode
 from tests.helpers import free_port, randomize_adapters
 from tests.train.fsdp_worker import run
 from tests.train.test_trainer import ENV, _config
@@ -125,3 +126,40 @@ def test_fsdp_choice_reads_hf_naming(value, expected):
 def test_fsdp_choice_refuses_what_qbara_does_not_do(value):
     with pytest.raises(QbaraError, match="full_shard"):
         fsdp_choice(value)
+
+
+@pytest.mark.parametrize("env", [{"FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"},
+                                 {"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"},
+                                 {"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "1"}])
+def test_an_accelerate_fsdp_launch_is_full_shard(monkeypatch, env):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert fsdp_mode("") == "full_shard"
+    assert "ACCELERATE_USE_FSDP" not in os.environ  # accelerate's own FSDP path does not start as well
+
+
+@pytest.mark.parametrize("env", [{"FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false"},
+                                 {"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}])
+def test_an_accelerate_config_qbara_cannot_follow_is_refused(monkeypatch, env):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(QbaraError, match="FULL_SHARD"):
+        fsdp_mode("")
+
+
+def test_without_an_accelerate_launch_the_config_decides(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert fsdp_mode("full_shard") == "full_shard" and fsdp_mode("") == ""
+
+
+def test_fsdp_in_one_process_is_refused_before_loading(tmp_path, monkeypatch):
+    from qbara.train.config import build_config
+    from qbara.train.trainer import train
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr("qbara.train.trainer.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    config = build_config(_config(tmp_path, fsdp="full_shard"))
+    with pytest.raises(QbaraError, match="torchrun"):
+        train(config)

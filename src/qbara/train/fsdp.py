@@ -21,7 +21,10 @@ from qbara.nn.quantized_linear import QuantizedLinear
 __all__ = ["fsdp_choice", "fsdp_mode", "shard_model", "is_sharded", "full_adapter_parameters", "local_packed_bytes",
            "full_optimizer_state", "load_full_optimizer_state"]
 
-_ACCELERATE_STRATEGIES = {"1": "full_shard", "FULL_SHARD": "full_shard"}
+# what `accelerate launch` exports from an FSDP config, read as full_shard (FSDP1: the strategy's name or number;
+# FSDP2: reshard_after_forward true); anything else keeps the unsharded gradients or parameters qbara does not do
+_FULL_SHARD_STRATEGY = {"FULL_SHARD", "1", "NONE", ""}
+_FULL_SHARD_RESHARD = {"TRUE", "FULL_SHARD", "1", ""}
 
 
 def fsdp_choice(value) -> str:
@@ -40,17 +43,22 @@ def fsdp_choice(value) -> str:
 
 
 def fsdp_mode(configured: str) -> str:
-    """train.fsdp, or `full_shard` where `accelerate launch` ran with an FSDP config (it exports
-    ACCELERATE_USE_FSDP and FSDP_SHARDING_STRATEGY); those variables are taken off so that HF's own FSDP path,
-    which shards the packed storage wrongly, does not start as well."""
+    """train.fsdp, or `full_shard` where `accelerate launch` ran with an FSDP config (it exports ACCELERATE_USE_FSDP,
+    FSDP_VERSION, FSDP_SHARDING_STRATEGY, FSDP_RESHARD_AFTER_FORWARD); ACCELERATE_USE_FSDP is then taken off so that
+    accelerate's own FSDP wrapping, which would not shard the packed storage, does not start as well."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return configured
     os.environ.pop("ACCELERATE_USE_FSDP")
-    strategy = os.environ.pop("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
-    if strategy not in _ACCELERATE_STRATEGIES:
-        raise QbaraError(f"the accelerate config asks for FSDP sharding strategy {strategy}; qbara shards with "
-                         f"FULL_SHARD only: set fsdp_sharding_strategy: FULL_SHARD (or train.fsdp: full_shard)")
-    return _ACCELERATE_STRATEGIES[strategy]
+    if os.environ.get("FSDP_VERSION", "1") == "2":
+        setting, variable, ok = "fsdp_reshard_after_forward", "FSDP_RESHARD_AFTER_FORWARD", _FULL_SHARD_RESHARD
+    else:
+        setting, variable, ok = "fsdp_sharding_strategy", "FSDP_SHARDING_STRATEGY", _FULL_SHARD_STRATEGY
+    value = os.environ.get(variable, "")
+    if value.upper() not in ok:
+        raise QbaraError(f"the accelerate config sets {setting}: {value}; qbara shards with FULL_SHARD only: set "
+                         f"{setting} to {'true' if setting.startswith('fsdp_reshard') else 'FULL_SHARD'} "
+                         f"(or train.fsdp: full_shard)")
+    return "full_shard"
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

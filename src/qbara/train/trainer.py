@@ -490,6 +490,9 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
         refuse_checkpoints(output_dir)
     # The data and every check that needs no weights come first: a bad record costs no model load.
     sharding = fsdp_mode(config.train.fsdp)  # before the TrainingArguments: an accelerate FSDP launch is ours
+    if sharding and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise QbaraError("train.fsdp: full_shard needs several ranks: launch with torchrun --nproc_per_node N "
+                         "(or accelerate launch), or leave train.fsdp empty")
     loaded = model is None
     train_set, eval_set = load_datasets(config, check_before_load(config) if loaded else tokenizer)
     args = training_arguments(config, eval_set is not None, resume=checkpoint is not None)
@@ -533,9 +536,6 @@ def _shard_for_training(model, args) -> None:
     if state_of(model).lq is not None:
         raise QbaraError("train.fsdp does not train an LQ-LoRA / LoftQ-initialised adapter (its base is saved "
                          "whole with the adapter); train it with DDP (leave train.fsdp empty)")
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        raise QbaraError("train.fsdp: full_shard needs several ranks: launch with torchrun --nproc_per_node N "
-                         "(or accelerate launch), or leave train.fsdp empty")
     args.device  # noqa: B018 - joins the process group (gloo on CPU) before sharding
     shard_model(model)
 
