@@ -49,7 +49,7 @@ def _free_port() -> int:
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(max(1, args.threads // world))
+    torch.set_num_threads(args.threads)
     if world > 1:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -123,14 +123,15 @@ def projection(ranks=(1, 2, 4, 8)) -> list[dict]:
 
 def markdown(rows: list[dict], proj: list[dict]) -> str:
     ref = {r["model"]: r for r in rows if r["ranks"] == 1}
-    lines = ["| model | ranks | rank | packed MiB held (of total) | ratio vs 1 | all weights MiB held (vs 1) | peak RSS "
-             "MiB (vs 1) | peak anon MiB (vs 1) | step s (vs 1) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | ranks | rank | packed MiB held (of total) | ratio vs 1 | all weights MiB held (vs 1) "
+             "| peak RSS MiB (vs 1) | peak anon MiB (vs 1) | step s (vs 1) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = ref[r["model"]]
         share = r["packed_bytes_local"] / b["packed_bytes_local"]
+        weights = r["weight_bytes_local"] / b["weight_bytes_local"]
         lines.append(f"| {r['model']} | {r['ranks']} | {r['rank']} | {r['packed_bytes_local'] / 2**20:.2f} "
                      f"({r['packed_bytes_total'] / 2**20:.2f}) | {share:.3f} "
-                     f"| {r['weight_bytes_local'] / 2**20:.1f} ({r['weight_bytes_local'] / b['weight_bytes_local']:.2f}) "
+                     f"| {r['weight_bytes_local'] / 2**20:.1f} ({weights:.2f}) "
                      f"| {r['peak_rss'] / 2**20:.0f} "
                      f"({r['peak_rss'] / b['peak_rss']:.2f}) | {r['peak_anon'] / 2**20:.0f} "
                      f"({r['peak_anon'] / b['peak_anon']:.2f}) | {r['step_s']:.3f} ({r['step_s'] / b['step_s']:.2f}) |")
@@ -169,7 +170,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=4, help="global batch, split across the ranks")
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads shared by the ranks")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads of each rank")
     ap.add_argument("--out", type=Path, default=None, help="folder for fsdp.json / fsdp.md / fsdp.png")
     args = ap.parse_args(argv)
     if 1 not in args.ranks:
