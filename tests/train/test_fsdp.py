@@ -169,3 +169,15 @@ def test_fsdp_in_one_process_is_refused_before_loading(tmp_path, monkeypatch):
     config = build_config(_config(tmp_path, fsdp="full_shard"))
     with pytest.raises(QbaraError, match="torchrun"):
         train(config)
+
+
+def test_an_accelerate_fsdp_launch_shards_the_base(tmp_path):
+    accelerate_config = tmp_path / "fsdp.yaml"
+    accelerate_config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
+                                 "num_processes: 2\nuse_cpu: true\nmixed_precision: 'no'\n"
+                                 "fsdp_config: {fsdp_version: 2, fsdp_reshard_after_forward: true}\n")
+    done = _launch(["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config), "--main_process_port",
+                    str(free_port()), "-m", "qbara", "train", "--config", str(_write(tmp_path, "acc", 2, steps=1))])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "FSDP full_shard over 2 ranks" in done.stdout
+    assert (tmp_path / "acc" / "adapter" / "adapter_model.safetensors").exists()

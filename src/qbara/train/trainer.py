@@ -61,6 +61,7 @@ from qbara.train.fsdp import (
     full_optimizer_state,
     is_sharded,
     load_full_optimizer_state,
+    local_packed_bytes,
     shard_model,
 )
 from qbara.train.plan import base_quant, epoch_steps, meta_model, trainable_parameters
@@ -538,6 +539,10 @@ def _shard_for_training(model, args) -> None:
                          "whole with the adapter); train it with DDP (leave train.fsdp empty)")
     args.device  # noqa: B018 - joins the process group (gloo on CPU) before sharding
     shard_model(model)
+    local, total = local_packed_bytes(model)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"qbara: FSDP full_shard over {os.environ.get('WORLD_SIZE')} ranks; rank 0 holds "
+              f"{local / 2**20:.2f} of the {total / 2**20:.2f} MiB packed quantized base")
 
 
 def _train_or_finish(trainer, model, checkpoint: Path | None) -> None:
