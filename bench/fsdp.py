@@ -67,6 +67,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
         ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
         mine = ids.chunk(world)[rank]
         release_freed_memory()
+        load_peak = proc_status_bytes("VmHWM")  # every rank loads the whole quantized model before sharding
         reset_peak_memory("cpu")
         times = []
         with PeakAnon() as anon:
@@ -79,8 +80,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
                 times.append(time.perf_counter() - start)
         row = {"model": args.model, "ranks": world, "rank": rank, "parameters": total_params,
                "packed_bytes_total": total_packed, "packed_bytes_local": local_packed, "weight_bytes_local": held,
-               "peak_rss": proc_status_bytes("VmHWM"), "peak_anon": anon.peak, "step_s": statistics.median(times[1:]),
-               "loss": float(loss.detach())}
+               "load_peak_rss": load_peak, "peak_rss": proc_status_bytes("VmHWM"), "peak_anon": anon.peak,
+               "step_s": statistics.median(times[1:]), "loss": float(loss.detach())}
         Path(out, f"{args.model}-{world}-{rank}.json").write_text(json.dumps(row))
     finally:
         if world > 1:
@@ -124,14 +125,15 @@ def projection(ranks=(1, 2, 4, 8)) -> list[dict]:
 def markdown(rows: list[dict], proj: list[dict]) -> str:
     ref = {r["model"]: r for r in rows if r["ranks"] == 1}
     lines = ["| model | ranks | rank | packed MiB held (of total) | ratio vs 1 | all weights MiB held (vs 1) "
-             "| peak RSS MiB (vs 1) | peak anon MiB (vs 1) | step s (vs 1) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| load peak RSS MiB | train peak RSS MiB (vs 1) | peak anon MiB (vs 1) | step s (vs 1) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = ref[r["model"]]
         share = r["packed_bytes_local"] / b["packed_bytes_local"]
         weights = r["weight_bytes_local"] / b["weight_bytes_local"]
         lines.append(f"| {r['model']} | {r['ranks']} | {r['rank']} | {r['packed_bytes_local'] / 2**20:.2f} "
                      f"({r['packed_bytes_total'] / 2**20:.2f}) | {share:.3f} "
-                     f"| {r['weight_bytes_local'] / 2**20:.1f} ({weights:.2f}) "
+                     f"| {r['weight_bytes_local'] / 2**20:.1f} ({weights:.2f}) | {r['load_peak_rss'] / 2**20:.0f} "
                      f"| {r['peak_rss'] / 2**20:.0f} "
                      f"({r['peak_rss'] / b['peak_rss']:.2f}) | {r['peak_anon'] / 2**20:.0f} "
                      f"({r['peak_anon'] / b['peak_anon']:.2f}) | {r['step_s']:.3f} ({r['step_s'] / b['step_s']:.2f}) |")
