@@ -64,14 +64,16 @@ def _launch(args, timeout=600):
     return subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def _write(tmp_path, out, batch, **train):
+def _write(tmp_path, out, batch, evaluate=False, **train):
     import yaml
 
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"word{i % 37} and more text {i}" for i in range(600)))
     # max_grad_norm below the gradients' norm (~0.2): clipping, over the sharded gradients, is part of the comparison
     c = _config(tmp_path, out=out, batch_size=batch, save_steps=2, max_grad_norm=0.05, **train)
-    c["data"] = {"train": str(text), "format": "text", "max_length": 64}
+    c["data"] = {"train": str(text), "format": "text", "max_length": 64, **({"eval": str(text)} if evaluate else {})}
+    if evaluate:  # evaluation (a forward of the sharded model) and recomputed activations on the way
+        c["train"].update(eval_steps=2, gradient_checkpointing=True)
     path = tmp_path / f"{out}.yaml"
     path.write_text(yaml.safe_dump(c))
     return path
@@ -87,17 +89,18 @@ def _adapter(folder):
 
 
 def test_fsdp_training_matches_one_process_resumes_merges_and_exports(tmp_path):
-    single = _launch(["-m", "qbara", "train", "--config", str(_write(tmp_path, "single", 4, steps=4))])
+    single = _launch(["-m", "qbara", "train", "--config", str(_write(tmp_path, "single", 4, True, steps=4))])
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
-    sharded = _torchrun(_write(tmp_path, "fsdp", 2, steps=4, fsdp="full_shard"))
+    sharded = _torchrun(_write(tmp_path, "fsdp", 2, True, steps=4, fsdp="full_shard"))
     assert sharded.returncode == 0, sharded.stdout[-3000:] + sharded.stderr[-3000:]
     a, b = _adapter(tmp_path / "single"), _adapter(tmp_path / "fsdp")
     assert a.keys() == b.keys()
     for key in a:
         assert ((b[key] - a[key]).norm() / a[key].norm()).item() < 1e-4, key
-    curves = {name: [h["loss"] for h in json.loads((tmp_path / name / "log_history.json").read_text()) if "loss" in h]
-              for name in ("single", "fsdp")}
-    assert curves["fsdp"] == pytest.approx(curves["single"], rel=1e-4)
+    for key in ("loss", "eval_loss"):
+        curves = {name: [h[key] for h in json.loads((tmp_path / name / "log_history.json").read_text()) if key in h]
+                  for name in ("single", "fsdp")}
+        assert len(curves["single"]) >= 3 and curves["fsdp"] == pytest.approx(curves["single"], rel=1e-4), key
 
     # stop after 2 steps, then resume from the sharded checkpoint (adapter, optimizer, scheduler) to step 4
     first = _torchrun(_write(tmp_path, "resumed", 2, steps=2, fsdp="full_shard"))
