@@ -74,6 +74,14 @@ class QuantizedLinear(nn.Module):
         """A frozen fp32 nn.Linear on this layer's device holding the dequantized weight and the bias."""
         return frozen_linear(self.dequantize(torch.float32), self.bias)
 
+    def packed_as_parameters(self) -> None:
+        """Hold the packed buffers as frozen parameters (same names, so `state_dict` is unchanged): FSDP shards
+        parameters only, and all-gathers them around forward and backward, where they are dequantized as always."""
+        for name in self._buffer_names:
+            if name in self._buffers:
+                tensor = self._buffers.pop(name)
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
     @property
     def nbytes(self) -> int:
         return self.qweight.nbytes

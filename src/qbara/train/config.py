@@ -18,6 +18,7 @@ from qbara.options import option
 from qbara.prompt_formats import check_template_choice
 from qbara.quant.config import QuantConfig
 from qbara.train.foreign_keys import UNSUPPORTED, unsupported_message
+from qbara.train.fsdp import fsdp_choice
 from qbara.validate import load_yaml_file, short_repr
 
 __all__ = ["RunConfig", "build_config", "load_run_config", "parse_value", "valid_keys"]
@@ -78,6 +79,8 @@ class TrainSection:
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, "
                                                  "slower steps")
     bf16: bool = option(False, "bfloat16 mixed precision (GPU)")
+    fsdp: str = option("", "full_shard: shard the packed quantized base and the adapters across the torchrun ranks "
+                           "(FSDP2); empty: each rank holds the whole model (DDP)")
     progress: bool = option(True, "show progress bars")
 
 
@@ -363,6 +366,7 @@ def _validate(config: RunConfig) -> None:
                          f"the warmup: keep one")
     if t.max_grad_norm < 0:
         raise QbaraError(f"train.max_grad_norm must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
+    t.fsdp = fsdp_choice(t.fsdp)
     trackers = [r.strip() for r in t.report_to.split(",") if r.strip()]
     unknown = [r for r in trackers if r not in _TRACKERS and r != "none"]
     if unknown or not trackers or ("none" in trackers and len(trackers) > 1):

@@ -55,7 +55,6 @@ UNSUPPORTED = {
     "saves_per_epoch": ("Axolotl", "set train.save_steps (checkpoint every N steps)"),
     "special_tokens": ("Axolotl", "qbara keeps the model's tokenizer as it is; remove it"),
     "deepspeed": ("Axolotl", "qbara has no DeepSpeed; run on several GPUs with torchrun (DDP)"),
-    "fsdp": ("Axolotl", "qbara has no FSDP; run on several GPUs with torchrun (DDP)"),
     "fp16": ("Axolotl", "qbara trains in fp32 or bfloat16 mixed precision: set train.bf16 true, or remove it"),
     "tf32": ("Axolotl", _NOT_NEEDED),
     "strict": ("Axolotl", _NOT_NEEDED),

@@ -55,6 +55,15 @@ from qbara.quant.config import QuantConfig
 from qbara.state import state_of
 from qbara.train.config import RunConfig
 from qbara.train.data import ExampleDataset, PadCollator, build_examples, detect_format, read_records
+from qbara.train.fsdp import (
+    fsdp_mode,
+    full_adapter_parameters,
+    full_optimizer_state,
+    is_sharded,
+    load_full_optimizer_state,
+    local_packed_bytes,
+    shard_model,
+)
 from qbara.train.plan import base_quant, epoch_steps, meta_model, trainable_parameters
 from qbara.validate import read_json_file, safetensors_shapes
 
@@ -207,6 +216,28 @@ def _trainer_class():
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             _load_adapter_weights(model or self.model, resume_from_checkpoint)
 
+        def save_model(self, output_dir=None, _internal_call=False):
+            if not is_sharded(self.model):
+                return super().save_model(output_dir, _internal_call)
+            with full_adapter_parameters(self.model):  # every rank gathers, the main one writes
+                if self.args.should_save:
+                    self._save(output_dir)
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            if not is_sharded(self.model):
+                return super()._save_optimizer_and_scheduler(output_dir)
+            state = full_optimizer_state(self.model, self.optimizer)  # whole tensors by name, on rank 0
+            if self.args.should_save:
+                torch.save(state, os.path.join(output_dir, _OPTIMIZER))
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, _SCHEDULER))
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            if checkpoint is None or not is_sharded(self.model):
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            state = torch.load(os.path.join(checkpoint, _OPTIMIZER), map_location="cpu", weights_only=True)
+            load_full_optimizer_state(self.model, self.optimizer, state)
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, _SCHEDULER), weights_only=True))
+
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
             if not torch.isfinite(loss).all():
@@ -229,6 +260,7 @@ def _trainer_class():
     return QbaraTrainer
 
 
+_OPTIMIZER, _SCHEDULER = "optimizer.pt", "scheduler.pt"  # HF Trainer's names in a checkpoint
 _NOT_FINITE_FIX = ("training diverged or the model computes non-finite values (check the model's config.json, "
                    "e.g. rms_norm_eps, and lower train.lr); no final adapter was written and the previous output "
                    "is kept")
@@ -279,8 +311,11 @@ def _check_finite_adapter(model) -> None:
 
 
 def _load_adapter_weights(model, directory) -> None:
-    """Copy the adapter tensors saved in `directory` into the model's existing adapter parameters."""
-    copy_adapter_weights(adapter_layers(getattr(model, "module", model)), directory)
+    """Copy the adapter tensors saved in `directory` into the model's existing adapter parameters (a sharded
+    model: into whole copies, then back into each rank's shards)."""
+    model = getattr(model, "module", model)
+    with full_adapter_parameters(model, write_back=True) if is_sharded(model) else contextlib.nullcontext():
+        copy_adapter_weights(adapter_layers(model), directory)
 
 
 @dataclass
@@ -455,6 +490,10 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
     else:
         refuse_checkpoints(output_dir)
     # The data and every check that needs no weights come first: a bad record costs no model load.
+    sharding = fsdp_mode(config.train.fsdp)  # before the TrainingArguments: an accelerate FSDP launch is ours
+    if sharding and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise QbaraError("train.fsdp: full_shard needs several ranks: launch with torchrun --nproc_per_node N "
+                         "(or accelerate launch), or leave train.fsdp empty")
     loaded = model is None
     train_set, eval_set = load_datasets(config, check_before_load(config) if loaded else tokenizer)
     args = training_arguments(config, eval_set is not None, resume=checkpoint is not None)
@@ -466,15 +505,21 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
     model.config.use_cache = False
     if checkpoint is not None:
         _check_resume_base(model, checkpoint)
+    if sharding:
+        _shard_for_training(model, args)
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                data_collator=PadCollator(tokenizer.pad_token_id))
+    # A model sharded before the Trainer: it neither wraps it in DDP nor shards it again (its path for models
+    # sharded at load time), while qbara's QbaraTrainer saves and resumes it.
+    trainer.is_distributed_loading_by_transformers = is_sharded(model)
     trainer.qbara_keep = max(1, config.train.save_total_limit)
     try:
         with write_faults_as_errors(output_dir):  # disk full, file size limit: in a checkpoint or the final outputs
             _train_or_finish(trainer, model, checkpoint)
             history = trainer.state.log_history
-            if trainer.is_world_process_zero():
-                _write_final_outputs(config, model, tokenizer, output_dir, history, foreign, lock)
+            with full_adapter_parameters(model) if is_sharded(model) else contextlib.nullcontext():
+                if trainer.is_world_process_zero():
+                    _write_final_outputs(config, model, tokenizer, output_dir, history, foreign, lock)
     except KeyboardInterrupt:  # the lock's journal and the swap leave no partial adapter/
         raise TrainInterrupted(trainer.state.global_step, _last_checkpoint_step(output_dir)) from None
     adapter_dir = output_dir / "adapter"
@@ -484,6 +529,20 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
     folds = bool(layers) and all(layer.fold_problem() is None for layer in layers)
     return TrainResult(output_dir, adapter_dir, trainable_parameter_count(model), history,
                        losses[-1] if losses else None, folds)
+
+
+def _shard_for_training(model, args) -> None:
+    """train.fsdp: shard the packed base and the adapters over the ranks (FSDP2); an LQ / LoftQ base, saved whole
+    next to the adapter, is refused."""
+    if state_of(model).lq is not None:
+        raise QbaraError("train.fsdp does not train an LQ-LoRA / LoftQ-initialised adapter (its base is saved "
+                         "whole with the adapter); train it with DDP (leave train.fsdp empty)")
+    args.device  # noqa: B018 - joins the process group (gloo on CPU) before sharding
+    shard_model(model)
+    local, total = local_packed_bytes(model)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"qbara: FSDP full_shard over {os.environ.get('WORLD_SIZE')} ranks; rank 0 holds "
+              f"{local / 2**20:.2f} of the {total / 2**20:.2f} MiB packed quantized base")
 
 
 def _train_or_finish(trainer, model, checkpoint: Path | None) -> None:
