@@ -34,6 +34,9 @@ def main(argv=None):
     parser.add_argument("--llama-python", default=LLAMA_PYTHON)
     parser.add_argument("--llama-threads", type=int, default=1)
     parser.add_argument("--extra-bufts", action="store_true")
+    parser.add_argument("--fixture", default=str(Path(__file__).parent.parent / "tests" / "fixtures" /
+                                                 "llamacpp_presets.json"),
+                        help="where llama.cpp's type choices go for tests/export/test_gguf_presets.py")
     args = parser.parse_args(argv)
 
     from gguf import GGUFReader
@@ -45,7 +48,7 @@ def main(argv=None):
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, fixture = [], {}
     for name in args.models:
         model, tokenizer = load_model(name)
         src = work / f"{name}-f32.gguf"
@@ -72,6 +75,12 @@ def main(argv=None):
                 wrong = {n: [k, theirs.get(n, ("missing",))[0]] for n, k in ours.types.items()
                          if theirs.get(n, ("missing",))[0] != k}
                 real = sum(b for _, b in theirs.values())
+                kinds = [k for k, _ in theirs.values()]
+                common = max(set(kinds), key=kinds.count)
+                entry = fixture.setdefault(name, {"config": model.config.to_dict(), "presets": {}})
+                entry["presets"][f"{preset}{'+imatrix' if imx else ''}"] = {
+                    "tensor_bytes": real, "default": common, "others": {n: k for n, (k, _) in theirs.items()
+                                                                        if k != common}}
                 rows.append({"model": name, "preset": preset, "imatrix": imx, "tensors": len(theirs),
                              "types_differ": len(wrong), "examples": dict(list(wrong.items())[:4]),
                              "bytes_llamacpp": real, "bytes_qbara": ours.tensor_bytes,
@@ -79,6 +88,7 @@ def main(argv=None):
                 r = rows[-1]
                 print(f"  {preset:<7}{' +imatrix' if imx else '         '} types differ {r['types_differ']:>3}, "
                       f"tensor bytes llama.cpp {real:,} qbara {ours.tensor_bytes:,}", flush=True)
+    Path(args.fixture).write_text(json.dumps(fixture, indent=0, sort_keys=True, default=str) + "\n")
     (out / "gguf_presets.json").write_text(json.dumps({"rows": rows, "time": time.ctime()}, indent=1))
     lines = ["# llama.cpp's preset types: qbara's `preset_types` vs llama.cpp's quantizer (llama-cpp-python)", "",
              "| model | preset | imatrix | tensors | types differ | tensor bytes llama.cpp | qbara | file bytes |",

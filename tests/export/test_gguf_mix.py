@@ -13,7 +13,7 @@ from qbara.cli import main
 from qbara.data import shakespeare_text
 from qbara.errors import QbaraError
 from qbara.export.gguf import LINEARS, llama_rope_permutation
-from qbara.export.gguf.mix import parse_size, write_mixed_gguf
+from qbara.export.gguf.mix import mixed_calibration, parse_size, write_mixed_gguf
 from qbara.export.gguf.presets import preset_file
 from qbara.lq.filesize import FileBudget
 from qbara.lq.fisher import calibration_sequences, fisher_information
@@ -135,11 +135,9 @@ def test_command_writes_the_file_and_report(tmp_path, capsys):
 
 
 def test_calibration_is_shared_among_texts():
-    from qbara.export.gguf.mix import _sequences
-
     _, tokenizer = _model()
     a, b = "a" * 500, "b" * 50
-    seqs = _sequences(tokenizer, [a, b], 5, 16, 0)
+    seqs = mixed_calibration(tokenizer, [a, b], 5, 16, 0)
     firsts = [tokenizer.decode(s[:1]) for s in seqs]
     assert firsts.count("a") == 3 and firsts.count("b") == 2
     assert torch.equal(seqs[:3], calibration_sequences(tokenizer, a, 3, 16, seed=0))

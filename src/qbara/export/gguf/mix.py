@@ -44,7 +44,7 @@ from qbara.outputs import check_output
 from qbara.quant.tensor import quantize
 from qbara.targets import linear_layer_names, set_submodule
 
-__all__ = ["COSTS", "MixReport", "parse_size", "write_mixed_gguf"]
+__all__ = ["COSTS", "MixReport", "mixed_calibration", "parse_size", "write_mixed_gguf"]
 
 COSTS = ("fisher", "imatrix", "plain")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -200,7 +200,7 @@ class _ColumnWeights(Mapping):
         return len(self.columns)
 
 
-def _sequences(tokenizer, texts: Sequence[str], samples: int, length: int, seed: int) -> Tensor:
+def mixed_calibration(tokenizer, texts: Sequence[str], samples: int, length: int, seed: int) -> Tensor:
     """`samples` windows of `length` tokens shared evenly among the calibration texts (a small text weighs as
     much as a long one), each text's at random offsets."""
     if samples < len(texts):
@@ -216,7 +216,7 @@ def _statistics(source: _Source, texts, costs: str, samples: int, length: int, s
     if costs == "plain":
         return None, None
     dense = source.dense()
-    sequences = _sequences(source.tokenizer, texts, samples, length, seed)
+    sequences = mixed_calibration(source.tokenizer, texts, samples, length, seed)
     if costs == "fisher":
         fisher = fisher_information(dense, sequences, source.names, progress=progress)
         return fisher, fisher
