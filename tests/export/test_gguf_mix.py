@@ -141,3 +141,17 @@ def test_calibration_is_shared_among_texts():
     firsts = [tokenizer.decode(s[:1]) for s in seqs]
     assert firsts.count("a") == 3 and firsts.count("b") == 2
     assert torch.equal(seqs[:3], calibration_sequences(tokenizer, a, 3, 16, seed=0))
+
+
+def test_folder_is_streamed_to_the_same_file(tmp_path, text):
+    model, tokenizer = _model(wide=False)
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    kwargs = dict(bits=5.0, calibration=[text], costs="imatrix", samples=2, length=32, progress=False)
+    streamed = write_mixed_gguf(str(folder), tmp_path / "streamed.gguf", **kwargs)
+    in_memory = write_mixed_gguf(model, tmp_path / "memory.gguf", tokenizer=tokenizer, **kwargs)
+    assert streamed.layers == in_memory.layers
+    a, b = GGUFReader(str(streamed.path)).tensors, GGUFReader(str(in_memory.path)).tensors
+    assert [t.name for t in a] == [t.name for t in b]
+    assert all(np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in zip(a, b))
