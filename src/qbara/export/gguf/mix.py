@@ -79,6 +79,7 @@ class MixReport:
     preset: dict | None = None
     seconds: float = 0.0
     passes: int = 1
+    saturated: bool = False  # the budget exceeds what the lowest-error allocation needs
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -92,6 +93,7 @@ class MixReport:
                 "calibration_sequences": self.calibration_sequences, "counts": self.counts(),
                 "matrix_bits_per_param": self.matrix_bits_per_param, "file_bits_per_param": self.file_bits_per_param,
                 "estimated_error": self.error, "preset": self.preset, "seconds": self.seconds, "passes": self.passes,
+                "saturated": self.saturated,
                 "layers": self.layers}
 
     def summary(self) -> str:
@@ -101,6 +103,9 @@ class MixReport:
                  f"{self.matrix_bits_per_param:.3f} bits/param over the matrices, {self.file_bits_per_param:.3f} over "
                  f"the whole file (budget {self.budget['description']}); estimated error {self.error:.4g} "
                  f"({self.costs} costs{', weighted rounding' if self.weighted_rounding else ''})"]
+        if self.saturated:
+            lines.append("every matrix is at its lowest-error format below the budget: a larger budget gives the "
+                         "same file")
         if self.preset:
             p = self.preset
             lines.append(f"llama.cpp {p['name']}{' (imatrix)' if p['imatrix'] else ''} for this model: "
@@ -323,7 +328,8 @@ def write_mixed_gguf(source, path, *, bits: float | None = None, file_budget: bo
     data, _ = _tensor_bytes(path)
     out = MixReport(path, exported.size_bytes, data, described, costs, weighted,
                     0 if costs == "plain" else samples, matrix_bits_per_param=allocation.bits_per_param,
-                    file_bits_per_param=allocation.file_bits_per_param, error=allocation.error, passes=passes)
+                    file_bits_per_param=allocation.file_bits_per_param, error=allocation.error, passes=passes,
+                    saturated=target > table.budget_range(file)[1])
     for i, n in enumerate(table.names):
         config = allocation.configs[n]
         out.layers[n] = {"format": config.format.removeprefix("gguf:"), "bits_per_param": config.bits_per_param,
