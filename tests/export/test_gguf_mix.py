@@ -155,3 +155,8 @@ def test_folder_is_streamed_to_the_same_file(tmp_path, text):
     a, b = GGUFReader(str(streamed.path)).tensors, GGUFReader(str(in_memory.path)).tensors
     assert [t.name for t in a] == [t.name for t in b]
     assert all(np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in zip(a, b))
+
+
+def test_lq_rank_0_points_to_the_mix_command(tmp_path, capsys):
+    code = main(["lq", "--model", "tiny-llama", "--configs", "gguf", "--rank", "0", "--out", str(tmp_path / "o")])
+    assert code == 2 and "qbara gguf" in capsys.readouterr().err
