@@ -1,6 +1,6 @@
 """`preset_types` / `preset_file` against llama.cpp's own quantizer: the per-tensor types and tensor bytes of the
-files llama-cpp-python 0.3.36's `llama_model_quantize` wrote from qbara's F32 export of SmolLM2-135M and Gemma 3
-270M (recorded by bench/gguf_presets.py in tests/fixtures/llamacpp_presets.json; the models are rebuilt here
+files llama-cpp-python 0.3.36's `llama_model_quantize` wrote from qbara's F32 export of SmolLM2-135M (and Gemma 3
+270M where recorded; recorded by bench/gguf_presets.py in tests/fixtures/llamacpp_presets.json; the models are rebuilt here
 weightless from their configs)."""
 import json
 from pathlib import Path
