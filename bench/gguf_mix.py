@@ -104,16 +104,17 @@ def llama_perplexity(model: str, lora: str | None, windows: list[list[int]], thr
     t = time.perf_counter()
     llm = Llama(model_path=model, logits_all=True, n_ctx=n, n_batch=n, n_threads=threads,
                 n_threads_batch=threads, verbose=False, seed=0, **({"lora_path": lora} if lora else {}))
-    total, count = 0.0, 0
+    total, count, per_window = 0.0, 0, []
     for ids in windows:
         llm.reset()
         llm.eval(ids)
-        total += nll(np.array(llm.scores[:n]), ids) * (n - 1)
+        per_window.append(nll(np.array(llm.scores[:n]), ids))
+        total += per_window[-1] * (n - 1)
         count += n - 1
     llm.close()
     seconds = time.perf_counter() - t
     print(f"  llama.cpp {Path(model).name}: ppl {math.exp(total / count):.3f} ({seconds:.0f} s)", flush=True)
-    return {"model": model, "nll": total / count, "tokens": count, "seconds": seconds}
+    return {"model": model, "nll": total / count, "tokens": count, "seconds": seconds, "window_nlls": per_window}
 
 
 def run_llama(job: dict, args, work: Path) -> dict:

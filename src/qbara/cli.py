@@ -8,7 +8,7 @@ import os
 import sys
 
 import qbara
-from qbara.commands import demo, eval, export, generate, lq, merge, quantize, train
+from qbara.commands import demo, eval, export, generate, gguf, lq, merge, quantize, train
 from qbara.errors import QbaraError
 
 __all__ = ["main"]
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qbara {_version()}", help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                        help="one of the commands below; `qbara COMMAND --help` lists its options")
-    for module in (demo, train, eval, generate, merge, export, quantize, lq):
+    for module in (demo, train, eval, generate, merge, export, gguf, quantize, lq):
         module.add_parser(subparsers)
     return parser
 

@@ -135,6 +135,9 @@ def _interrupted(unfinished: Path | None, out) -> str:
 
 def _options(args):
     """(LQConfig, AdapterConfig) from the command line; the Fisher matrix is added once computed or opened."""
+    if args.rank == 0 and args.configs == "gguf":
+        raise QbaraError("--rank 0 is the plain GGUF mix (each matrix in its allocated format, no adapter): run "
+                         "qbara gguf --model M --budget BITS --calibration TEXT --out model.gguf")
     if args.method == "loftq" and (args.fisher or args.fisher_data):
         raise QbaraError("LoftQ has no Fisher-weighted variant; drop --fisher/--fisher-data or use --method lq")
     if args.fisher and args.fisher_data:

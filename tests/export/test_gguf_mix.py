@@ -1,0 +1,163 @@
+"""`write_mixed_gguf` / `qbara gguf`: the file gguf-py reads back holds the allocation's types, each linear's
+blocks equal `quantize_ggml` of the checkpoint's weight under the same importance (bit for bit), and the file
+fits its budget (bits/param, bytes, a llama.cpp preset). The allocation's optimality is the ILP's own test
+(tests/lq/test_ilp.py::test_ilp_equals_brute_force_on_random_small_instances)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from qbara.cli import main
+from qbara.data import shakespeare_text
+from qbara.errors import QbaraError
+from qbara.export.gguf import LINEARS, llama_rope_permutation
+from qbara.export.gguf.mix import mixed_calibration, parse_size, write_mixed_gguf
+from qbara.export.gguf.presets import preset_file
+from qbara.lq.filesize import FileBudget
+from qbara.lq.fisher import calibration_sequences, fisher_information
+from qbara.lq.imatrix import importance_matrix
+from qbara.models import tiny_llama
+from qbara.quant.ggml import quantize_ggml
+
+# K-quants need rows of 256: hidden 256 (one layer); the budget tests take the 64-wide default (legacy formats).
+WIDE = {"hidden": 256, "layers": 1, "heads": 4, "kv_heads": 2, "intermediate": 256}
+SAMPLES, LENGTH = 4, 64
+
+
+def _model(wide=True):
+    return tiny_llama(seed=0, tie_word_embeddings=True, **(WIDE if wide else {}))
+
+
+@pytest.fixture(scope="module")
+def text():
+    return shakespeare_text("macbeth")[:20000]
+
+
+def _gguf_name(hf: str) -> str:
+    index, _, rest = hf.removeprefix("model.layers.").partition(".")
+    return f"blk.{index}.{dict(LINEARS)[rest]}.weight"
+
+
+# Fisher on the 256-wide model (K-quants among the candidates), the others on the 64-wide one (seconds).
+@pytest.mark.parametrize("costs, wide", [("fisher", True), ("imatrix", False), ("plain", False)])
+def test_file_holds_the_allocation_quantized_from_the_checkpoint(tmp_path, text, costs, wide):
+    model, tokenizer = _model(wide)
+    calibration = [] if costs == "plain" else [text]
+    report = write_mixed_gguf(model, tmp_path / "m.gguf", bits=4.6 if wide else 5.0, calibration=calibration, costs=costs,
+                              samples=SAMPLES, length=LENGTH, tokenizer=tokenizer, progress=False)
+    reference, _ = _model(wide)  # the same checkpoint, dense
+    importance = None
+    if costs != "plain":
+        sequences = calibration_sequences(tokenizer, text, SAMPLES, LENGTH, seed=0)
+        importance = (fisher_information(reference, sequences, progress=False) if costs == "fisher"
+                      else importance_matrix(reference, sequences, progress=False))
+    tensors = {t.name: t for t in GGUFReader(str(report.path)).tensors}
+    formats = set()
+    for name, layer in report.layers.items():
+        t = tensors[_gguf_name(name)]
+        assert t.tensor_type.name.lower() == layer["format"]
+        formats.add(layer["format"])
+        weight = reference.get_submodule(name).weight.detach()
+        ours = quantize_ggml(weight, layer["format"], name, importance=None if importance is None
+                             else importance[name]).numpy().reshape(weight.shape[0], -1)
+        rows = np.asarray(t.data).reshape(weight.shape[0], -1).view(np.uint8)
+        if name.endswith(("q_proj", "k_proj")):  # llama.cpp's rotary row order (4 heads, 2 KV heads in both)
+            heads = 4 if name.endswith("q_proj") else 2
+            unpermuted = np.empty_like(rows)
+            unpermuted[llama_rope_permutation(rows.shape[0], heads).numpy()] = rows
+            rows = unpermuted
+        assert np.array_equal(rows, ours), name
+    assert len(formats) > 1  # a mix, not one format
+    assert report.matrix_bits_per_param <= (4.6 if wide else 5.0) + 1e-9
+    data = json.loads(report.path.with_suffix(".mix.json").read_text())
+    assert data["layers"] == report.layers and report.path.with_suffix(".mix.png").stat().st_size > 0
+
+
+def _matrix_bits(path) -> float:
+    tensors = [t for t in GGUFReader(str(path)).tensors if ".attn_" in t.name or ".ffn_" in t.name]
+    tensors = [t for t in tensors if len(t.shape) == 2]
+    return 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
+
+
+def test_budgets_bound_the_file(tmp_path):
+    model, tokenizer = _model(wide=False)
+    file = FileBudget.of_model(model)
+    bits = write_mixed_gguf(model, tmp_path / "bits.gguf", bits=5.0, costs="plain", tokenizer=tokenizer,
+                            progress=False)
+    assert _matrix_bits(bits.path) <= 5.0 + 1e-9
+    file_bits = write_mixed_gguf(_model(wide=False)[0], tmp_path / "file.gguf", bits=6.0, file_budget=True, costs="plain",
+                                 tokenizer=tokenizer, progress=False)
+    assert 8 * file_bits.tensor_bytes / file.total_params <= 6.0 + 1e-9
+    # A size between the smallest and the largest mix: the first pass leaves out the metadata, the second fits it.
+    size = bits.size_bytes
+    sized = write_mixed_gguf(_model(wide=False)[0], tmp_path / "size.gguf", size=size, costs="plain", tokenizer=tokenizer,
+                             progress=False)
+    assert sized.path.stat().st_size <= size and sized.passes == 2
+    preset = preset_file(_model(wide=False)[0], "Q4_K_M")
+    matched = write_mixed_gguf(_model(wide=False)[0], tmp_path / "match.gguf", match="Q4_K_M", costs="plain",
+                               tokenizer=tokenizer, progress=False)
+    assert matched.tensor_bytes <= preset.tensor_bytes
+    assert matched.preset["tensor_bytes"] == preset.tensor_bytes
+
+
+def test_parse_size():
+    assert parse_size("88MB") == 88_000_000 and parse_size("2 MiB") == 2 * 2**20 and parse_size("1234") == 1234
+    for bad in ("", "-3MB", "12 parsecs", "MB"):
+        with pytest.raises(QbaraError):
+            parse_size(bad)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "1.0", "--costs", "plain"], "below the smallest file"),
+    (["--match", "Q4_K_XL", "--costs", "plain"], "unknown llama.cpp preset"),
+    (["--budget", "5"], "computed from calibration text"),
+    (["--budget", "5", "--size", "1MB", "--costs", "plain"], "exactly one budget"),
+    (["--size", "1MB", "--file-budget", "--costs", "plain"], "drop it"),
+    (["--budget", "5", "--costs", "plain", "--calibration", "shakespeare:macbeth"], "plain costs use no"),
+])
+def test_bad_input_is_one_error(tmp_path, capsys, argv, message):
+    code = main(["gguf", "--model", "tiny-llama", "--out", str(tmp_path / "m.gguf"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_command_writes_the_file_and_report(tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    code = main(["gguf", "--model", "tiny-llama", "--budget", "5", "--calibration", "shakespeare:macbeth",
+                 "--calibration", "shakespeare:othello", "--calibration-samples", "4", "--calibration-length", "32",
+                 "--costs", "imatrix", "--out", str(out), "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["calibration_sequences"] == 4 and data["weighted_rounding"] and data["matrix_bits_per_param"] <= 5
+    assert GGUFReader(str(out)).tensors and out.with_suffix(".mix.json").exists()
+
+
+def test_calibration_is_shared_among_texts():
+    _, tokenizer = _model()
+    a, b = "a" * 500, "b" * 50
+    seqs = mixed_calibration(tokenizer, [a, b], 5, 16, 0)
+    firsts = [tokenizer.decode(s[:1]) for s in seqs]
+    assert firsts.count("a") == 3 and firsts.count("b") == 2
+    assert torch.equal(seqs[:3], calibration_sequences(tokenizer, a, 3, 16, seed=0))
+
+
+def test_folder_is_streamed_to_the_same_file(tmp_path, text):
+    model, tokenizer = _model(wide=False)
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    kwargs = dict(bits=5.0, calibration=[text], costs="imatrix", samples=2, length=32, progress=False)
+    streamed = write_mixed_gguf(str(folder), tmp_path / "streamed.gguf", **kwargs)
+    in_memory = write_mixed_gguf(model, tmp_path / "memory.gguf", tokenizer=tokenizer, **kwargs)
+    assert streamed.layers == in_memory.layers
+    a, b = GGUFReader(str(streamed.path)).tensors, GGUFReader(str(in_memory.path)).tensors
+    assert [t.name for t in a] == [t.name for t in b]
+    assert all(np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in zip(a, b))
+
+
+def test_lq_rank_0_points_to_the_mix_command(tmp_path, capsys):
+    code = main(["lq", "--model", "tiny-llama", "--configs", "gguf", "--rank", "0", "--out", str(tmp_path / "o")])
+    assert code == 2 and "qbara gguf" in capsys.readouterr().err
