@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from qbara.adapters.base import AdaptedLinear, AdapterMethod, device_of, lora_parameter_count
+from qbara.adapters.pooling import input_pooling
 from qbara.errors import QbaraError
 
 
@@ -54,10 +55,8 @@ class _QAHiRA(AdapterMethod):
     def build(self, base: nn.Module, config, name: str = "layer") -> HiRALinear:
         """QA-HiRA; pool_in defaults to the base's group size, pool_out to LoRA's budget at `config.rank`."""
         quant = getattr(base, "quant_config", None)
-        pool_in = config.pool_in or (quant.block_size if quant is not None else None)
-        if pool_in is None:
-            raise QbaraError(f"{name}: qahira's default pool_in is the base's group size, but this layer is not "
-                             f"quantized; quantize it or set pool_in")
+        pool_in = input_pooling(base, config, name, "qahira's default pool_in is the base's group size, but this "
+                                                    "layer is not quantized; quantize it or set pool_in")
         if base.in_features % pool_in:
             raise QbaraError(f"{name}: qahira input pooling {pool_in} does not divide the layer's "
                              f"{base.in_features} features; choose a pool_in that divides {base.in_features}")

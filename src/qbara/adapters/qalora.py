@@ -15,6 +15,7 @@ from torch import nn
 from qbara.adapters.base import AdapterMethod, lora_parameter_count
 from qbara.adapters.lora import LoRALinear, lora_shapes
 from qbara.adapters.peft_layout import pattern_keys
+from qbara.adapters.pooling import input_pooling
 from qbara.errors import QbaraError
 
 __all__ = ["matching_rank"]
@@ -43,11 +44,8 @@ class _QALoRA(AdapterMethod):
 
     def build(self, base: nn.Module, config, name: str = "layer") -> QALoRALinear:
         """QA-LoRA pooled by `config.pool_in`, by default the base's quantization group size."""
-        quant = getattr(base, "quant_config", None)
-        group = config.pool_in or (quant.block_size if quant is not None else None)
-        if group is None:
-            raise QbaraError(f"{name}: qalora pools by the base's group size, but this layer is not quantized; "
-                             f"quantize it (prepare with a QuantConfig) or set pool_in")
+        group = input_pooling(base, config, name, "qalora pools by the base's group size, but this layer is not "
+                                                  "quantized; quantize it (prepare with a QuantConfig) or set pool_in")
         return QALoRALinear(base, config.rank, config.scaling, group, config.dropout, name)
 
     def shapes(self, config, layer: dict) -> dict[str, tuple[int, int]]:
