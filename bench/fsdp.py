@@ -21,7 +21,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +29,14 @@ import torch.multiprocessing as mp
 from qbara import AdapterConfig, QuantConfig, load_model, prepare
 from qbara.train.fsdp import local_packed_bytes, shard_model
 
-from measure import PeakAnon, proc_status_bytes, release_freed_memory, reset_peak_memory, version
+from measure import (
+    PeakAnon,
+    proc_status_bytes,
+    release_freed_memory,
+    reset_peak_memory,
+    timed_training_steps,
+    version,
+)
 
 QUANT = QuantConfig("nf4", block_size=64, double_quant=True)
 RANK = 16
@@ -69,19 +75,12 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
         release_freed_memory()
         load_peak = proc_status_bytes("VmHWM")  # every rank loads the whole quantized model before sharding
         reset_peak_memory("cpu")
-        times = []
         with PeakAnon() as anon:
-            for _ in range(args.steps + 1):
-                start = time.perf_counter()
-                loss = model(input_ids=mine, labels=mine).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                times.append(time.perf_counter() - start)
+            times, loss = timed_training_steps(model, mine, optimizer, args.steps + 1)
         row = {"model": args.model, "ranks": world, "rank": rank, "parameters": total_params,
                "packed_bytes_total": total_packed, "packed_bytes_local": local_packed, "weight_bytes_local": held,
                "load_peak_rss": load_peak, "peak_rss": proc_status_bytes("VmHWM"), "peak_anon": anon.peak,
-               "step_s": statistics.median(times[1:]), "loss": float(loss.detach())}
+               "step_s": statistics.median(times[1:]), "loss": loss}
         Path(out, f"{args.model}-{world}-{rank}.json").write_text(json.dumps(row))
     finally:
         if world > 1:

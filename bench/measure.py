@@ -101,6 +101,20 @@ class PeakAnon:
         self.peak = max(self.peak, self.now())
 
 
+def timed_training_steps(model, ids, optimizer, steps: int) -> tuple[list[float], float]:
+    """Run `steps` forward/backward/optimizer steps on `ids` (labels = inputs); each step's seconds and the
+    last loss."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times, float(loss.detach())
+
+
 def version(package: str) -> str | None:
     """The installed version of `package`, or None."""
     try:

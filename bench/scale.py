@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from measure import PeakAnon, proc_status_bytes
+from measure import PeakAnon, proc_status_bytes, timed_training_steps
 
 SIZES = {  # hidden, ffn, layers, heads, kv heads, vocab
     "0.1b": (768, 2048, 12, 12, 4, 32000),
@@ -97,15 +97,8 @@ def run_case(case: str, folder: str, steps: int) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         ids = torch.randint(0, 32000, (1, 256), generator=torch.Generator().manual_seed(0))
-        times = []
         with PeakAnon() as train_peak:
-            for _ in range(steps):
-                t = time.perf_counter()
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                times.append(time.perf_counter() - t)
+            times, _ = timed_training_steps(model, ids, optimizer, steps)
         result.update(step_s=statistics.median(times[1:] or times), steps=times, train_peak_anon=train_peak.peak,
                       trainable=sum(p.numel() for p in params))
     result["peak_rss"] = proc_status_bytes("VmHWM")
