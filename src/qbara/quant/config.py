@@ -82,3 +82,11 @@ class QuantConfig:
 
     def check_shape(self, shape: tuple[int, ...], name: str = "weight") -> None:
         self.family.check_shape(self, tuple(shape), name)
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether this config can quantize a weight of `shape` (`check_shape` as a yes / no)."""
+        try:
+            self.check_shape(shape)
+        except QbaraError:
+            return False
+        return True

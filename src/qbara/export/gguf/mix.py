@@ -236,20 +236,12 @@ def _smallest_file_bits(source: _Source, file: FileBudget) -> float:
     bits = 0.0
     for n in source.names:
         shape = tuple(source.skeleton.get_submodule(n).weight.shape)
-        fits = [c.bits_per_param for c in configs if _fits(c, shape)]
+        fits = [c.bits_per_param for c in configs if c.fits(shape)]
         if not fits:
             raise QbaraError(f"{n}: no GGML block format fits its {shape} weight (the row length must be a multiple "
                              f"of 32); this model cannot be written as a GGML mix")
         bits += min(fits) * math.prod(shape)
     return file.file_bits_per_param(bits / file.matrix_params)
-
-
-def _fits(config, shape) -> bool:
-    try:
-        config.check_shape(shape, "weight")
-    except QbaraError:
-        return False
-    return True
 
 
 def _target_bits(bits, file_budget, size, match, file: FileBudget, preset, overhead: int = 0) -> tuple[float, dict]:
