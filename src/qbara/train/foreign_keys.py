@@ -54,7 +54,8 @@ UNSUPPORTED = {
     "evals_per_epoch": ("Axolotl", "set train.eval_steps (evaluate every N steps)"),
     "saves_per_epoch": ("Axolotl", "set train.save_steps (checkpoint every N steps)"),
     "special_tokens": ("Axolotl", "qbara keeps the model's tokenizer as it is; remove it"),
-    "deepspeed": ("Axolotl", "qbara has no DeepSpeed; run on several GPUs with torchrun (DDP)"),
+    "deepspeed": ("Axolotl", "qbara has no DeepSpeed; run on several GPUs with torchrun (DDP, or train.fsdp: "
+                             "full_shard to shard the base)"),
     "fp16": ("Axolotl", "qbara trains in fp32 or bfloat16 mixed precision: set train.bf16 true, or remove it"),
     "tf32": ("Axolotl", _NOT_NEEDED),
     "strict": ("Axolotl", _NOT_NEEDED),
