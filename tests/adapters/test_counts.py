@@ -4,6 +4,7 @@ from torch import nn
 from qbara import AdapterConfig, QuantConfig
 from qbara.adapters.methods import build_adapter
 from qbara.adapters.qahira import auto_pool_out
+from qbara.errors import QbaraError
 from qbara.nn import QuantizedLinear
 
 SHAPES = [(64, 64), (128, 64), (64, 256), (576, 576), (1536, 576), (576, 1536), (192, 576)]
@@ -51,3 +52,38 @@ def test_qahira_auto_pool_out_respects_block_rows():
     base = _base(128, 64, QuantConfig("int4", block_size=4, block_rows=8))
     layer = build_adapter(base, AdapterConfig("qahira", rank=4, pool_in=4))
     assert layer.pool_out % 8 == 0 and layer.fold_problem() is None
+
+
+LLAMA_7B = {"q_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+
+
+@pytest.mark.parametrize("name", list(LLAMA_7B))
+def test_qahira_authors_preset_pools_4_by_8_on_every_llama_7b_layer(name):
+    # The default chooses pool_out per layer by LoRA r64's count (brute force over the divisors): 16 on the MLP
+    # layers, where the authors use 8 everywhere; the preset gives their 8. Layers on the meta device: shapes only.
+    d_out, d_in = LLAMA_7B[name]
+    target = 64 * (d_in + d_out)
+    closest = min((p for p in range(8, d_out + 1, 8) if d_out % p == 0),
+                  key=lambda p: (abs((d_out // p) * (d_in // 4) - target), -p))
+    default = build_adapter(nn.Linear(d_in, d_out, bias=False, device="meta"),
+                            AdapterConfig("qahira", rank=64, pool_in=4), name)
+    authors = build_adapter(nn.Linear(d_in, d_out, bias=False, device="meta"),
+                            AdapterConfig("qahira", rank=64, preset="authors"), name)
+    assert default.pool_out == closest == (8 if name == "q_proj" else 16)
+    assert (authors.pool_in, authors.pool_out) == (4, 8)
+    assert tuple(authors.hira_M.weight.shape) == (d_out // 8, d_in // 4)
+
+
+def test_qahira_authors_preset_folds_into_its_tile_base_and_refuses_a_contradiction():
+    base = _base(128, 64, QuantConfig("int4", block_size=4, block_rows=8))
+    layer = build_adapter(base, AdapterConfig("qahira", rank=4, preset="authors"))
+    assert (layer.pool_in, layer.pool_out) == (4, 8) and layer.fold_problem() is None
+    assert AdapterConfig("qahira", preset="authors", pool_out=8).pool_out == 8  # agreeing knobs are fine
+    with pytest.raises(QbaraError, match="sets pool_out=8, but pool_out=16 was given"):
+        AdapterConfig("qahira", preset="authors", pool_out=16)
+    with pytest.raises(QbaraError, match="no preset 'paper': its presets are authors"):
+        AdapterConfig("qahira", preset="paper")
+    with pytest.raises(QbaraError, match="has no preset 'authors': it has none"):
+        AdapterConfig("lora", preset="authors")
+    round_trip = AdapterConfig.from_dict(AdapterConfig("qahira", preset="authors").to_dict())
+    assert (round_trip.preset, round_trip.pool_in, round_trip.pool_out) == ("authors", 4, 8)

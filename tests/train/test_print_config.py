@@ -62,3 +62,15 @@ def test_reference_names_every_key_alias_and_refused_key():
     text = config_reference_markdown()
     for name in [*valid_keys(), *ALIASES, *UNSUPPORTED]:
         assert f"`{name}`" in text
+
+
+def test_a_method_preset_from_the_yaml_and_the_command_line_resolves_to_its_knobs(capsys, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: tiny-llama\nquant: {format: int4, block_size: 4, block_rows: 8}\n"
+                    "adapter: {method: qahira, rank: 4, preset: authors}\n")
+    printed, _ = _printed(capsys, ["--config", str(path)])
+    assert (printed["adapter"]["preset"], printed["adapter"]["pool_in"], printed["adapter"]["pool_out"]) == \
+        ("authors", 4, 8)
+    path.write_text("model: tiny-llama\nadapter: {method: qahira, rank: 4}\n")
+    printed, _ = _printed(capsys, ["--config", str(path), "--adapter.preset", "authors"])
+    assert (printed["adapter"]["pool_in"], printed["adapter"]["pool_out"]) == (4, 8)

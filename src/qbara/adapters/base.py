@@ -141,10 +141,12 @@ class AdaptedLinear(nn.Module):
 class AdapterMethod:
     """One adapter method: builds its layer and tells the rest of qbara about it. knobs: the AdapterConfig fields
     it reads beyond rank, alpha, dropout, target_modules; tensors: its parameter modules, saved as
-    `<layer>.<tensor>.weight`; starts_from_factors: LQ-LoRA / LoftQ factors can start it."""
+    `<layer>.<tensor>.weight`; starts_from_factors: LQ-LoRA / LoftQ factors can start it; presets: named settings
+    of its knobs (`AdapterConfig(preset=NAME)`)."""
 
     layer: type[AdaptedLinear] = AdaptedLinear
     knobs: tuple[str, ...] = ()
+    presets: dict[str, dict[str, int]] = {}
     tensors: tuple[str, ...] = ()
     starts_from_factors = False
 

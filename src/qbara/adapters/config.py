@@ -33,12 +33,16 @@ class AdapterConfig:
     pool: int = option(2, "qbara: the pooling factor lambda (input pooled, rank pool*rank, output repeated)")
     pool_in: int | None = option(None, "qahira: input pooling (default: the base's group size)")
     pool_out: int | None = option(None, "qahira: output repetition (default: per layer, closest to LoRA's "
-                                        "parameter count at rank)")
+                                        "parameter count at rank; the authors use 8 on every layer: preset "
+                                        "authors)")
     target_modules: str | tuple[str, ...] = option("all-linear", "all-linear, or a list of module names "
                                                                  "([q_proj, v_proj])")
     init: str = option("default", "lora only: default (B = 0), loftq or lq (factors from a low-rank + quantized "
                                   "decomposition)")
     loftq_iters: int = option(1, "init loftq: alternating iterations")
+    preset: str | None = option(None, "a method's named setting of its knobs, e.g. qahira 'authors' (pool_in 4, "
+                                      "pool_out 8 on every layer: the authors' 4x8 tile, for an int4 base with "
+                                      "block_size 4, block_rows 8); explicit knobs must agree with it")
 
     def __post_init__(self):
         if isinstance(self.target_modules, list):
@@ -46,7 +50,7 @@ class AdapterConfig:
         check_types(self, {"method": ((str,), False), "rank": ((int,), False), "alpha": ((int, float), False),
                            "dropout": ((int, float), False), "pool": ((int,), False), "pool_in": ((int,), True),
                            "pool_out": ((int,), True), "target_modules": ((str, tuple), False),
-                           "init": ((str,), False), "loftq_iters": ((int,), False)})
+                           "init": ((str,), False), "loftq_iters": ((int,), False), "preset": ((str,), True)})
         if isinstance(self.target_modules, tuple) and not all(isinstance(t, str) for t in self.target_modules):
             raise QbaraError(f"target_modules must be 'all-linear' or a list of module names, got "
                              f"{self.target_modules!r}")
@@ -64,6 +68,7 @@ class AdapterConfig:
             close = difflib.get_close_matches(str(self.method), METHODS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise QbaraError(f"unknown adapter method {self.method!r}{hint}: choose one of {', '.join(METHODS)}")
+        self._apply_preset()
         for name in ("pool", "pool_in", "pool_out"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -73,6 +78,21 @@ class AdapterConfig:
         if self.init not in _INITS:
             raise QbaraError(f"unknown init {self.init!r}: choose one of {', '.join(_INITS)}")
         self.method_spec.check(self)
+
+    def _apply_preset(self) -> None:
+        """Fill the knobs `preset` names from the method's presets; a knob set to another value is refused."""
+        if self.preset is None:
+            return
+        presets = self.method_spec.presets
+        if self.preset not in presets:
+            have = f"its presets are {', '.join(presets)}" if presets else "it has none"
+            raise QbaraError(f"method {self.method!r} has no preset {self.preset!r}: {have}")
+        for knob, value in presets[self.preset].items():
+            given = getattr(self, knob)
+            if given not in (value, self.__dataclass_fields__[knob].default):
+                raise QbaraError(f"preset {self.preset!r} of {self.method} sets {knob}={value}, but {knob}={given} "
+                                 f"was given; drop {knob} or the preset")
+            object.__setattr__(self, knob, value)
 
     @property
     def method_spec(self) -> AdapterMethod:

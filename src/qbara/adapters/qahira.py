@@ -50,6 +50,10 @@ def auto_pool_out(d_out: int, d_in: int, pool_in: int, rank: int, multiple_of: i
 class _QAHiRA(AdapterMethod):
     layer = HiRALinear
     knobs = ("pool_in", "pool_out")
+    # "authors": the paper's tile, λin = 4, λout = 8 on every layer, for an INT4 base quantized in 4-column x 8-row
+    # tiles (QuantConfig("int4", block_size=4, block_rows=8)). The default's per-layer λout differs where the
+    # shapes are not square: 16 on LLaMA-7B's MLP layers (11008 x 4096 at rank 64), 8 on its attention.
+    presets = {"authors": {"pool_in": 4, "pool_out": 8}}
     tensors = ("hira_M",)
 
     def build(self, base: nn.Module, config, name: str = "layer") -> HiRALinear:
