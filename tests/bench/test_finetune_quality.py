@@ -103,20 +103,21 @@ def test_paper_setting_on_a_tiny_model(tmp_path):
     common = ["--model", "tiny-llama", "--rank", "4", "--alpha", "1", "--steps", "2", "--lrs", "1e-3", "1e-2",
               "--seeds", "0", "1", "--seq", "16", "--val", "4", "--held-out", "4", "--out", str(tmp_path)]
     finetune_quality.main(["--paper", *common, "--methods", "qlora", "qbara", "--part", "nf"])
-    finetune_paper.main([*common, "--methods", "qalora", "qahira", "--part", "int"])
+    finetune_paper.main([*common, "--methods", "qalora", "qahira", "qahira-authors", "--part", "int"])
     finetune_paper.main(["--combine", str(tmp_path)])
     result = finetune_paper.combine(tmp_path)
-    assert set(result["methods"]) == {"qlora", "qbara", "qalora", "qahira"}
+    assert set(result["methods"]) == {"qlora", "qbara", "qalora", "qahira", "qahira-authors"}
+    assert "pool_in=4, pool_out=8" in result["methods"]["qahira-authors"]["adapter"]
     assert result["setting"]["alpha"] / result["setting"]["rank"] == 0.25
     for method, entry in result["methods"].items():
         assert entry["best_lr"] in (1e-3, 1e-2)
-        sweep = [r for r in result["runs"] if r["method"] == method and r["seed"] == 0]
-        assert len(sweep) == 2 and all("val" in r for r in sweep)
+        sweep = [r for r in result["runs"] if r["method"] == method and r["seed"] == finetune_paper.LR_SEED]
+        assert len(sweep) == 2 and all("val" in r and "held" not in r for r in sweep)  # the lr seed: never reported
         final = finetune_paper.final_runs(result, method)
         assert sorted(r["seed"] for r in final) == [0, 1] and all("merged" in r for r in final)
     for r in finetune_paper.final_runs(result, "qahira"):
         assert r["merge"] == "fold" and r["merged"] == pytest.approx(r["held"], rel=1e-4)
-    assert set(result["bases"]) == {"NF4", "INT4-G32"} and "held" in result["dense"]
+    assert set(result["bases"]) == {"NF4", "INT4-G32", "INT4 4x8"} and "held" in result["dense"]
     words = {v["verdict"] for v in finetune_paper.verdicts(result)}
     assert words <= {"reproduced", "not reproduced", "inconclusive"}
     text = (tmp_path / "finetune_quality_paper.md").read_text()
@@ -137,3 +138,23 @@ def test_verdicts_need_a_gap_beyond_two_sd():
     assert finetune_paper.verdicts(result([1.0, 1.01, 0.99], [1.5, 1.51, 1.49]))[0]["verdict"] == "reproduced"
     assert finetune_paper.verdicts(result([1.5, 1.51, 1.49], [1.0, 1.01, 0.99]))[0]["verdict"] == "not reproduced"
     assert finetune_paper.verdicts(result([1.0, 1.2, 0.8], [1.05, 1.25, 0.85]))[0]["verdict"] == "inconclusive"
+
+
+def test_smoke_test_lines_never_say_reproduced_and_give_no_verdict_on_one_seed():
+    def result(a_vals, b_vals):
+        runs = {m: {"label": m.upper(), "runs": {"t": [{"after": v} for v in vals]}}
+                for m, vals in (("qbara", a_vals), ("qlora", b_vals))}
+        for m in runs.values():
+            for r in m["runs"]["t"]:
+                r.update(before=3.0, merged=r["after"], step_s=1.0)
+        return {"methods": runs, "data": {"t": {}}, "steps": 10, "lr": 1e-3}
+
+    def line(a_vals, b_vals):
+        (text,) = [x for x in finetune_quality.findings(result(a_vals, b_vals)) if "Q-BaRA beats QLoRA" in x]
+        assert "reproduced" not in text.lower()
+        return text
+
+    assert "one seed: no verdict (QBARA 1.0000 vs QLORA 2.0000, difference +1.0000)" in line([1.0], [2.0])
+    assert "QBARA lower than QLORA beyond 2x the seed spread" in line([1.0, 1.01, 0.99], [1.5, 1.51, 1.49])
+    assert "QLORA lower than QBARA" in line([1.5, 1.51, 1.49], [1.0, 1.01, 0.99])
+    assert "within noise" in line([1.0, 1.2, 0.8], [1.05, 1.25, 0.85])
