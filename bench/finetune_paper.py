@@ -10,7 +10,7 @@ validation split, several seeds and 2-SD verdicts.
     python bench/finetune_paper.py --combine DIR                          # join the parts: json, md, png
     # extending a stored result instead of recomputing it (same setting; only lrs and methods may differ), as the
     # current bench/results/finetune_quality_paper.* was made (two workers, methods one after another on each):
-    R="--resume STORED.json --out DIR --threads 1 --grow-to 1.6e-2"
+    R="--resume STORED.json --out DIR --threads 1 --grow-to 1.6e-2 --lr-seed 0"  # that result picked on seed 0
     OMP_NUM_THREADS=1 nice -n 15 python bench/finetune_paper.py $R --methods qahira --part qahira --lrs 1.6e-2  # then
     ...                                                    $R --methods qalora --part qalora --lrs 4e-3 --verify-lr 2e-3
     ...                                                    $R --methods qahira-tile --part qahira-tile --lrs 8e-3 4e-3 \
@@ -35,10 +35,14 @@ Protocol (the authors' reference code, SPEC §2): rank 64, alpha 16 (scaling s =
 0.3. QA-LoRA keeps rank 64 (on SmolLM2 its A has d_in/32 = 18 or 48 columns, so its rank is capped there);
 QA-HiRA's output repetition is chosen per layer to come closest to LoRA r64's count, which on 576-wide layers
 is the full group-constant matrix (d_out x d_in/32) and still has fewer parameters — every row states its count
-and each comparison says by how much the counts differ. Per method: every lr of the grid is trained with seed 0
-and scored on the validation split (disjoint from the held-out split); the best lr is then trained with every
-seed (seed -> prepare -> train: the seed draws the adapter initialisation and the data order; the seed-0 run of
-the sweep is reused, it is the same run). Reported: held-out loss (mean ± SD over seeds) of the adapter model and
+and each comparison says by how much the counts differ. Per method: every lr of the grid is trained with the
+validation seed --lr-seed (default 1000, not one of the reported --seeds) and scored on the validation split
+(disjoint from the held-out split); the best lr is then trained with every reported seed (seed -> prepare -> train:
+the seed draws the adapter initialisation and the data order), so the reported mean holds no run that chose the
+lr. (The stored SmolLM2 result predates --lr-seed: it picked the lr on seed 0, also reported; resume it with
+--lr-seed 0, and its report says so.) `qahira-authors` is QA-HiRA with `AdapterConfig(preset="authors")` (pool_out
+8 on every layer, the authors' setting); `qahira-tile` keeps the per-layer default pool_out on the same 4x8 base.
+Reported: held-out loss (mean ± SD over seeds) of the adapter model and
 of the deployable merged model (QA-LoRA / QA-HiRA folded into their INT4 minima; QLoRA / Q-BaRA dequantized,
 added and re-quantized to NF4), next to the dense model's and each base's step-0 loss. A claim counts as
 reproduced / not reproduced only when the gap of the means exceeds 2 SD of the difference,
@@ -81,16 +85,28 @@ import torch
 
 import finetune_quality as fq
 
-PAPER_METHODS = ("qlora", "qbara", "qalora", "qahira", "qahira-tile")
+PAPER_METHODS = ("qlora", "qbara", "qalora", "qahira", "qahira-tile", "qahira-authors")
 CLAIMS = (("qbara", "qlora", "Q-BaRA beats QLoRA (NF4, equal trainable parameters)"),
           ("qahira", "qalora", "QA-HiRA beats QA-LoRA (INT4 G32)"),
-          ("qahira-tile", "qalora", "QA-HiRA (authors' 4x8 tile) beats QA-LoRA (INT4 G32)"))
+          ("qahira-tile", "qalora", "QA-HiRA (authors' 4x8 tile) beats QA-LoRA (INT4 G32)"),
+          ("qahira-authors", "qalora", "QA-HiRA (authors' preset: 4x8 tile, pool_out 8 on every layer) beats "
+                                       "QA-LoRA (INT4 G32)"))
+LR_SEED = 1000  # the default validation seed that picks the lr: not one of the reported seeds
+
+
+def lr_seed_of(setting) -> int:
+    """The seed whose validation loss picked the lr (a dict or options); results made before --lr-seed existed
+    picked it on their first reported seed."""
+    get = setting.get if isinstance(setting, dict) else lambda k, d=None: getattr(setting, k, d)
+    seed = get("lr_seed")
+    return get("seeds")[0] if seed is None else seed
 
 
 def options(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", nargs="+", default=["qlora", "qbara", "qalora", "qahira"], choices=PAPER_METHODS)
+    ap.add_argument("--methods", nargs="+", default=["qlora", "qbara", "qalora", "qahira", "qahira-authors"],
+                    choices=PAPER_METHODS)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--dropout", type=float, default=0.0)
@@ -98,7 +114,10 @@ def options(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=60, help="steps of every run (sweep and seeds)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=32, help="tokens per Shakespeare chunk")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the reported seeds")
+    ap.add_argument("--lr-seed", type=int, default=LR_SEED,
+                    help="the validation seed whose sweep picks each method's lr; keep it outside --seeds (one of "
+                         "them only to extend a result made that way: the lr is then fitted to a reported seed)")
     ap.add_argument("--warmup", type=float, default=0.03, help="linear warm-up share of the steps")
     ap.add_argument("--clip", type=float, default=0.3, help="gradient-norm clip")
     ap.add_argument("--val", type=int, default=32, help="validation chunks (lr choice)")
@@ -178,7 +197,8 @@ def loss_on(model, examples, args) -> float:
 
 # Everything that decides what a run computes, except the lr grid and the methods (the data split sizes and the
 # torch thread count too: a run on another thread count sums in another order and is not bit-identical).
-SAME_SETTING = ("model", "rank", "alpha", "dropout", "steps", "batch", "seq", "seeds", "warmup", "clip", "threads")
+SAME_SETTING = ("model", "rank", "alpha", "dropout", "steps", "batch", "seq", "seeds", "warmup", "clip", "threads",
+                "lr_seed")
 
 
 def same_lr(a: float, b: float) -> bool:
@@ -189,8 +209,11 @@ def setting_mismatch(stored: dict, args) -> list[str]:
     """What differs between a stored result's setting (and data split) and this run's options, besides lrs and
     methods; empty when its runs are this run's runs."""
     st = stored["setting"]
-    diff = [f"{k}: stored {st.get(k)!r}, now {getattr(args, k)!r}" for k in SAME_SETTING
-            if st.get(k) != getattr(args, k)]
+    def value(setting, k):
+        return lr_seed_of(setting) if k == "lr_seed" else (setting.get(k) if isinstance(setting, dict)
+                                                           else getattr(setting, k))
+    diff = [f"{k}: stored {value(st, k)!r}, now {value(args, k)!r}" for k in SAME_SETTING
+            if value(st, k) != value(args, k)]
     d = stored.get("data", {})
     for key, opt in (("val", "val"), ("held_out", "held_out")):
         if key in d and d[key] != getattr(args, opt):
@@ -254,17 +277,22 @@ def next_growth(runs: list[dict], method: str, seed0: int, grow_to: float | None
     return nxt if nxt <= grow_to * (1 + 1e-9) else None
 
 
-def final_todo(runs: list[dict], method: str, lr: float, seeds, merge: bool) -> list[tuple[int, str]]:
-    """The final runs still to do at the chosen lr: (seed, 'finish') when the seed-0 sweep run lacks its held-out
-    (or merged) loss, (seed, 'run') for a missing seed."""
+def final_todo(runs: list[dict], method: str, lr: float, seeds, merge: bool,
+               lr_seed: int | None = None) -> list[tuple[int, str]]:
+    """The final runs still to do at the chosen lr, one per reported seed: (seed, 'finish') when the seed is the lr
+    seed (default: the first) and its sweep run lacks its held-out (or merged) loss, (seed, 'run') for a missing
+    seed. With the lr seed outside `seeds` (the default) every reported seed is a run of its own."""
+    lr_seed = seeds[0] if lr_seed is None else lr_seed
     todo = []
     def done(r):
         return "held" in r and ("merged" in r or not merge)
-    r0 = sweep_run(runs, method, lr, seeds[0])
-    if r0 is None or not done(r0):
-        todo.append((seeds[0], "finish"))
-    for seed in seeds[1:]:
-        if not any(r["method"] == method and r["seed"] == seed and same_lr(r["lr"], lr) and done(r) for r in runs):
+    for seed in seeds:
+        if seed == lr_seed:
+            r0 = sweep_run(runs, method, lr, seed)
+            if r0 is None or not done(r0):
+                todo.append((seed, "finish"))
+        elif not any(r["method"] == method and r["seed"] == seed and same_lr(r["lr"], lr) and done(r)
+                     for r in runs):
             todo.append((seed, "run"))
     return todo
 
@@ -282,13 +310,14 @@ def plan(stored: dict, args) -> dict:
     """Dry plan of a resumed run on the stored runs alone (the sweep points it adds; what the chosen lr still
     needs if the sweep does not move it); refuses a stored result of another setting."""
     check_setting(stored, args)
-    seed0 = args.seeds[0]
+    seed0 = args.lr_seed
     runs = stored_runs(stored, seed0, args.steps)
     out = {}
     for method in args.methods:
         best = best_sweep_lr(runs, method, seed0)
         out[method] = {"sweep": missing_lrs(runs, method, args.lrs, seed0), "best_lr_stored": best,
-                       "final": final_todo(runs, method, best, args.seeds, not args.no_merge) if best else None}
+                       "final": final_todo(runs, method, best, args.seeds, not args.no_merge, seed0) if best
+                       else None}
     return out
 
 
@@ -370,8 +399,8 @@ def run(args, dense=None, tokenizer=None) -> dict:
 
     path = Path(args.out) / f"finetune_quality_paper{'.' + args.part if args.part else ''}.json" if args.out else None
     setting = {k: getattr(args, k) for k in ("model", "rank", "alpha", "dropout", "lrs", "steps", "batch", "seq",
-                                              "seeds", "warmup", "clip", "threads")}
-    seed0 = args.seeds[0]
+                                              "seeds", "lr_seed", "warmup", "clip", "threads")}
+    seed0 = args.lr_seed
     if args.resume:
         stored = load_resume(args.resume, args)
         keep = set(args.methods) if args.part else set(stored["methods"]) | set(args.methods)
@@ -467,7 +496,7 @@ def run(args, dense=None, tokenizer=None) -> dict:
             del model
             result.setdefault("determinism", []).append(determinism(stored_r, rr))
             save()
-        for seed, what in final_todo(runs, method, lr, args.seeds, not args.no_merge):
+        for seed, what in final_todo(runs, method, lr, args.seeds, not args.no_merge, seed0):
             if what == "finish":
                 r0 = sweep_run(runs, method, lr, seed)
                 if candidate is not None and same_lr(candidate[0], lr):
@@ -498,9 +527,12 @@ def run(args, dense=None, tokenizer=None) -> dict:
 
 
 def final_runs(result: dict, method: str) -> list[dict]:
+    """The reported runs of `method`: its reported seeds at its chosen lr (never the lr seed's sweep run unless
+    that seed is a reported one)."""
     lr = result["methods"][method].get("best_lr")
+    seeds = result.get("setting", {}).get("seeds")
     return [r for r in result["runs"] if r["method"] == method and lr is not None and same_lr(r["lr"], lr)
-            and "held" in r]
+            and "held" in r and (seeds is None or r["seed"] in seeds)]
 
 
 def summary(result: dict, method: str) -> dict:
@@ -546,8 +578,8 @@ def verdicts(result: dict) -> list[dict]:
 
 
 def method_grid(result: dict, method: str) -> list[float]:
-    """The lrs `method` was swept at (its seed-0 runs), ascending."""
-    return swept_lrs(result["runs"], method, result["setting"]["seeds"][0])
+    """The lrs `method` was swept at (its lr-seed runs), ascending."""
+    return swept_lrs(result["runs"], method, lr_seed_of(result["setting"]))
 
 
 def grid_text(lrs) -> str:
@@ -556,7 +588,9 @@ def grid_text(lrs) -> str:
 
 def markdown(result: dict) -> str:
     st, d = result["setting"], result["data"]
-    seed0 = st["seeds"][0]
+    seed0 = lr_seed_of(st)
+    picked = (f"validation seed {seed0}, not a reported seed" if seed0 not in st["seeds"] else
+              f"seed {seed0}, which is also reported: the lr is fitted to one of the reported runs")
     grids = {m: method_grid(result, m) for m in result["methods"]}
     shared = {tuple(g) for g in grids.values() if g}
     if len(shared) <= 1:
@@ -573,7 +607,7 @@ def markdown(result: dict) -> str:
              f"{d['held_out']} held-out chunks of {st['seq']} tokens): rank {st['rank']}, alpha {st['alpha']:g} "
              f"(s = {st['alpha'] / st['rank']:g}), dropout {st['dropout']:g}, AdamW, lr constant after "
              f"{st['warmup']:.0%} warm-up, grad-clip {st['clip']:g}, batch {st['batch']} x {st['seq']} tokens, "
-             f"{st['steps']} steps, {grid} (seed {seed0}, chosen on validation loss), then seeds {st['seeds']} at "
+             f"{st['steps']} steps, {grid} (chosen on the validation loss of {picked}), then seeds {st['seeds']} at "
              f"the chosen lr; {st['threads']} torch thread(s) per worker; {wall}"
              + (f" ({result['wall_note']})" if result.get("wall_note") else "") + ".",
              "", f"Dense (unquantized) step-0 held-out loss: **{result['dense']['held']:.4f}**; bases at step 0: "
@@ -646,12 +680,12 @@ def plot(result: dict, path) -> Path:
     fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(13, 4.8))
     for method, e in result["methods"].items():
         pts = sorted((r["lr"], r["val"]) for r in result["runs"] if r["method"] == method and r["seed"] ==
-                     st["seeds"][0])
+                     lr_seed_of(st) and "val" in r)
         if pts:
             ax1.plot(*zip(*pts), marker="o", label=e["label"])
     ax1.set_xscale("log")
     ax1.set_xlabel("learning rate")
-    ax1.set_ylabel(f"validation loss after {st['steps']} steps (seed {st['seeds'][0]})")
+    ax1.set_ylabel(f"validation loss after {st['steps']} steps (seed {lr_seed_of(st)})")
     ax1.set_title("lr sweep")
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8)

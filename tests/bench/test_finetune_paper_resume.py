@@ -41,7 +41,7 @@ def test_plan_runs_only_the_missing_points_and_the_missing_seeds():
                            {"qalora": [0, 1, 2], "qahira": [0, 1]}, {"qalora": 2e-3, "qahira": 2e-3})
     stored["lr_edge_check"] = {"runs": [{"method": "qahira", "lr": 8e-3, "seed": 0, "steps": 60, "val": 4.06,
                                          "held": 4.3}]}
-    args = finetune_paper.options(["--methods", "qalora", "qahira", "--lrs", "1e-3", "4e-3", "8e-3"])
+    args = finetune_paper.options(["--methods", "qalora", "qahira", "--lrs", "1e-3", "4e-3", "8e-3", "--lr-seed", "0"])
     plan = finetune_paper.plan(stored, args)
     assert plan["qalora"]["sweep"] == [4e-3, 8e-3]  # 1e-3 is stored: the same seed-0 run, not re-run
     assert plan["qalora"]["best_lr_stored"] == 2e-3 and plan["qalora"]["final"] == []  # nothing to rerun
@@ -72,7 +72,7 @@ def test_resume_refuses_another_setting():
         with pytest.raises(SystemExit, match=f"another setting.*{word}"):
             finetune_paper.plan(stored, finetune_paper.options(opts))
     # lrs and methods may differ
-    finetune_paper.plan(stored, finetune_paper.options(["--lrs", "9e-3", "--methods", "qbara"]))
+    finetune_paper.plan(stored, finetune_paper.options(["--lrs", "9e-3", "--methods", "qbara", "--lr-seed", "0"]))
 
 
 def test_report_states_each_methods_own_grid_and_edge():
@@ -109,7 +109,8 @@ def test_tiny_resume_reuses_runs_and_reruns_identically(tmp_path):
     old = [strip(r) for r in before["runs"]]
     assert all(r in map(strip, after["runs"]) for r in old)  # reused as stored
     new = [r for r in after["runs"] if strip(r) not in old]
-    assert sorted((r["lr"], r["seed"]) for r in new) == [(1e-2, 0), (1e-2, 1)]  # 1e-2 beats 1e-4 at 2 steps
+    # 1e-2 beats 1e-4 at 2 steps: its sweep point on the lr seed, then both reported seeds as runs of their own
+    assert sorted((r["lr"], r["seed"]) for r in new) == [(1e-2, 0), (1e-2, 1), (1e-2, finetune_paper.LR_SEED)]
     assert after["methods"]["qalora"]["best_lr"] == 1e-2 and after["methods"]["qalora"]["best_lr_before"] == 1e-4
     assert all("merged" in r for r in finetune_paper.final_runs(after, "qalora"))
     (check,) = after["determinism"]
@@ -121,3 +122,35 @@ def test_tiny_resume_reuses_runs_and_reruns_identically(tmp_path):
     assert again["runs"] == after["runs"]
     with pytest.raises(SystemExit, match="another setting"):
         finetune_paper.main([*common[:-2], "--steps", "3", "--methods", "qalora", "--resume", str(stored)])
+
+
+def test_the_lr_is_picked_on_the_lr_seed_and_never_reported():
+    """With --lr-seed outside the reported seeds (the default), the sweep's seed picks the lr, every reported seed
+    is a run of its own at that lr, and the reported mean holds only the reported seeds."""
+    args = finetune_paper.options([])
+    assert args.lr_seed not in args.seeds  # the default validation seed is not a reported one
+    runs = [{"method": "qalora", "lr": lr, "seed": 1000, "steps": 60, "val": v}
+            for lr, v in ((1e-3, 4.2), (2e-3, 4.0), (4e-3, 4.1))]
+    runs.append({"method": "qalora", "lr": 4e-3, "seed": 0, "steps": 60, "val": 3.0})  # a reported seed's run
+    assert finetune_paper.best_sweep_lr(runs, "qalora", 1000) == 2e-3  # seed 0's lower loss does not pick it
+    assert finetune_paper.final_todo(runs, "qalora", 2e-3, [0, 1, 2], True, lr_seed=1000) == \
+        [(0, "run"), (1, "run"), (2, "run")]
+    # the old protocol (lr seed = first reported seed): its sweep run is finished, not re-run
+    assert finetune_paper.final_todo(runs, "qalora", 4e-3, [0, 1, 2], True, lr_seed=0) == \
+        [(0, "finish"), (1, "run"), (2, "run")]
+    finals = [{"method": "qalora", "lr": 2e-3, "seed": s, "val": 4.0, "held": 4.3 + s / 100, "merged": 4.31}
+              for s in (0, 1, 2)]
+    lr_run = dict(runs[1], held=9.9, merged=9.9)  # the lr seed's run, even if it had held-out losses
+    result = {"setting": {"seeds": [0, 1, 2], "lr_seed": 1000}, "runs": [*runs, lr_run, *finals],
+              "methods": {"qalora": {"best_lr": 2e-3}}}
+    assert sorted(r["seed"] for r in finetune_paper.final_runs(result, "qalora")) == [0, 1, 2]
+    assert finetune_paper.summary(result, "qalora")["held"] == pytest.approx(4.31)
+
+
+def test_a_stored_result_picked_on_a_reported_seed_resumes_only_with_that_lr_seed():
+    stored = stored_result({"qalora": {2e-3: 4.0}}, {"qalora": [0]}, {"qalora": 2e-3})  # made before --lr-seed
+    with pytest.raises(SystemExit, match="another setting.*lr_seed: stored 0, now 1000"):
+        finetune_paper.plan(stored, finetune_paper.options([]))
+    finetune_paper.plan(stored, finetune_paper.options(["--lr-seed", "0"]))
+    text = finetune_paper.markdown(dict(stored, runs=[dict(r, merge="fold", step_s=1.0) for r in stored["runs"]]))
+    assert "seed 0, which is also reported" in text
