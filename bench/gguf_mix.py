@@ -681,11 +681,15 @@ def markdown(data: dict) -> str:
         lines += ["", "Paired per-window comparison with the best stock file at each budget (all of Hamlet, each "
                       "window's NLL in qbara's forward; mean ΔNLL = qbara - stock ± standard error; a verdict needs "
                       "|mean| > 2 SE):", "",
-                  "| qbara file | against | windows | mean ΔNLL ± SE | ppl ratio | verdict |",
+                  "| qbara file | against (its bits/param) | windows | mean ΔNLL ± SE | ppl ratio | verdict |",
                   "|---|---|---|---|---|---|"]
         for key, p in sorted(data["paired"].items(), key=lambda kv: (kv[0].split(":")[1], kv[0])):
-            lines.append(f"| {key} | {p['stock']} | {p['windows']} | {p['mean_diff']:+.4f} ± {p['se']:.4f} | "
-                         f"{p['ppl_ratio']:.4f} | {p['verdict']} |")
+            mine, theirs = (data["rows"].get(k, {}).get("bits") for k in (key, p["stock"]))
+            smaller = (f"; the stock file is {mine - theirs:.3f} bits/param smaller: not an equal-size comparison"
+                       if mine is not None and theirs is not None and mine - theirs > BITS_TOL else "")
+            size = f" ({theirs:.3f})" if theirs is not None else ""
+            lines.append(f"| {key} | {p['stock']}{size} | {p['windows']} | {p['mean_diff']:+.4f} ± {p['se']:.4f} | "
+                         f"{p['ppl_ratio']:.4f} | {p['verdict']}{smaller} |")
     if "wall_s" in data:
         lines += ["", f"Wall time: {data['wall_s']:.0f} s (all runs of this result)."]
     return "\n".join(lines) + "\n"

@@ -55,6 +55,17 @@ def test_markdown_and_plot_pick_the_best_stock_file_under_each_budget(tmp_path):
         "qbara-ilp+fisher:5.300": row("qbara-ilp+fisher", "5.300", 5.29, 48.0, budget=5.3)}}
     text = gguf_mix.markdown(data)
     assert "| 5.300 | stock+imatrix Q4_0 50.000 | 48.000 | - | - | - |" in text  # Q5_0 (6.1) is over the budget
+    # a paired row against a smaller stock file (no stock file of the budget's size) says so
+    data["rows"]["qbara+imatrix:6.000"] = row("qbara+imatrix", "6.000", 6.0, 44.0, budget=6.0)
+    data["paired"] = {"qbara+imatrix:6.000": {"stock": "stock+imatrix:Q4_0", "windows": 4, "mean_diff": -0.1,
+                                              "se": 0.01, "ppl_ratio": 0.9, "verdict": "qbara better"},
+                      "qbara-ilp+fisher:5.300": {"stock": "stock+imatrix:Q4_0", "windows": 4, "mean_diff": -0.1,
+                                                 "se": 0.01, "ppl_ratio": 0.9, "verdict": "qbara better"}}
+    text = gguf_mix.markdown(data)
+    assert ("| qbara+imatrix:6.000 | stock+imatrix:Q4_0 (5.300) | 4 | -0.1000 ± 0.0100 | 0.9000 | qbara better; the "
+            "stock file is 0.700 bits/param smaller: not an equal-size comparison |") in text
+    assert "| qbara-ilp+fisher:5.300 | stock+imatrix:Q4_0 (5.300) | 4 | -0.1000 ± 0.0100 | 0.9000 | qbara better |" \
+        in text  # 5.29 bits against 5.3: not larger, no note
     assert gguf_mix.plot(data, tmp_path / "p.png").stat().st_size > 0
 
 
