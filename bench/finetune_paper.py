@@ -638,6 +638,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {e['label']} | {e['base']} | {e['trainable']:,} | {e['best_lr']:g} | {dense:.4f} | "
                      f"{base:.4f} | {s['held']:.4f} ± {s['held_sd']:.4f} (n={s['n']}) | {s['held'] - base:+.4f} | "
                      f"{s['held'] - dense:+.4f} | {merged} | {s['step_s']:.2f} |")
+    folds = {e["label"]: max(abs(r["merged"] - r["held"]) for r in final_runs(result, m))
+             for m, e in result["methods"].items() if "best_lr" in e and final_runs(result, m)
+             and all(r.get("merge") == "fold" and "merged" in r for r in final_runs(result, m))}
+    if folds:
+        lines += ["", "Folded into the INT4 minima, the merged model's held-out loss minus the adapter model's, "
+                      "largest |difference| over the reported runs: "
+                  + ", ".join(f"{label} {gap:.2e}" for label, gap in folds.items()) + "."]
     lines += ["", "Claims (counted only when the gap exceeds 2 SD of the difference, sqrt(SD_a² + SD_b²)):"]
     for v in verdicts(result):
         m = result["methods"]
