@@ -2,12 +2,16 @@
 one ("warm") against the fast approximation ("shared", the default) on SmolLM2-135M's linears at rank 64.
 
     nice -n 10 python bench/lq_table_exactness.py [--layer 15] [--matrices 7] [--check 2] [--out ...md]
+    # Fisher-weighted (LQ-LoRA's main setting), its rows added to the same file:
+    nice -n 10 python bench/lq_table_exactness.py --fisher 8 --matrices 2 --check 2 --append
 
 Time: every mode's table of the first `--matrices` of one decoder layer's 7 matrices (all 7: every shape SmolLM2
 has) with all 432 candidates, one thread, in the same run; with all 7, extrapolated to the 210 matrices (x 30).
 Exactness: on `--check` of those matrices, the cost of
 one config per (b, B0, b0) family (b1 = fp32, B1 = 16) against `converged_cost` (the config's own
-decomposition run to convergence, LQ-LoRA's per-config procedure); ratio table / reference.
+decomposition run to convergence, LQ-LoRA's per-config procedure); ratio table / reference. With --fisher N
+every table and reference is Fisher-weighted (the diagonal Fisher of N Macbeth windows of 256 tokens, as
+bench/finetune_quality.py computes it) and the error is ||sqrt(F) * E||.
 """
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from qbara.data import shakespeare_text
 from qbara.lq.configs import candidate_configs
+from qbara.lq.fisher import calibration_sequences, fisher_information
 from qbara.lq.tables import converged_cost, matrix_costs
 from qbara.models import load_model
 
@@ -32,6 +38,9 @@ def options(argv=None) -> argparse.Namespace:
     ap.add_argument("--matrices", type=int, default=7, help="matrices of the layer timed (7: the whole layer)")
     ap.add_argument("--modes", nargs="+", default=["shared", "warm", "refine"])
     ap.add_argument("--check", type=int, default=2, help="matrices of the layer checked against the reference")
+    ap.add_argument("--fisher", type=int, default=0, metavar="N",
+                    help="Fisher-weight tables and references (Fisher from N Macbeth windows of 256 tokens)")
+    ap.add_argument("--append", action="store_true", help="add this run's section to --out instead of replacing it")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lq_table_exactness.md")
     return ap.parse_args(argv)
 
@@ -39,14 +48,21 @@ def options(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = options(argv)
     torch.set_num_threads(1)
-    model, _ = load_model(args.model)
+    model, tokenizer = load_model(args.model)
     layer = f"model.layers.{args.layer}."
     weights = {n.removesuffix(".weight"): p.detach().float() for n, p in model.named_parameters()
                if n.startswith(layer) and n.endswith("proj.weight")}
     weights = dict(list(weights.items())[: args.matrices])
+    fisher = {name: None for name in weights}
+    if args.fisher:
+        seqs = calibration_sequences(tokenizer, shakespeare_text("macbeth"), args.fisher, 256)
+        found = fisher_information(model, seqs, list(weights), progress=False)
+        fisher = {name: found[name].float() for name in weights}
+    weighting = f"Fisher-weighted ({args.fisher} Macbeth windows of 256 tokens)" if args.fisher else "unweighted"
     n_layers = model.config.num_hidden_layers
     configs = candidate_configs()
-    lines = [f"# LQ error table: exactness and cost ({args.model}, rank {RANK}, one thread)", ""]
+    title = "#" if not args.append else "##"
+    lines = [f"{title} LQ error table: exactness and cost ({args.model}, rank {RANK}, one thread, {weighting})", ""]
 
     modes = args.modes
     seconds = {mode: 0.0 for mode in modes}
@@ -54,7 +70,7 @@ def main(argv=None) -> None:
     for i, (name, W) in enumerate(weights.items()):
         for mode in seconds:
             start = time.perf_counter()
-            tables[mode][name] = matrix_costs(W, configs, rank=RANK, dq_mode=mode, seed=i)
+            tables[mode][name] = matrix_costs(W, configs, rank=RANK, dq_mode=mode, seed=i, fisher=fisher[name])
             seconds[mode] += time.perf_counter() - start
         print(f"{name} {tuple(W.shape)}: " + " ".join(f"{m} {s:.1f}s" for m, s in seconds.items()) + " (cumulative)",
               flush=True)
@@ -74,7 +90,7 @@ def main(argv=None) -> None:
     for i, (name, W) in enumerate(list(weights.items())[: args.check]):
         for c in checked:
             j = configs.index(c)
-            ref = converged_cost(W, c, RANK, seed=i)
+            ref = converged_cost(W, c, RANK, fisher=fisher[name], seed=i)
             r = {mode: float(tables[mode][name][j]) / ref for mode in ratios}
             for mode in ratios:
                 ratios[mode].append(r[mode])
@@ -90,7 +106,10 @@ def main(argv=None) -> None:
     header = "| matrix | config | " + " | ".join(modes) + " |"
     lines += ["", header, "|---|---|" + "---|" * len(modes), *rows, ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    if args.append and args.out.exists():
+        text = args.out.read_text().rstrip("\n") + "\n\n" + text
+    args.out.write_text(text)
     print("\n".join(lines[: lines.index(header)]))
 
 
