@@ -154,13 +154,23 @@ def options(argv=None) -> argparse.Namespace:
 # Data and evaluation
 
 
+def bos_of(tokenizer) -> int | None:
+    """The BOS id a tokenizer puts before every text by default (Gemma's; a model trained that way scores text
+    without it as noise), else None (SmolLM2's)."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
+
+
 def splits(tokenizer, seq: int, val: int, held: int):
-    """Hamlet in `seq`-token chunks: train, then `val` validation chunks, then `held` held-out chunks (disjoint)."""
+    """Hamlet in `seq`-token chunks: train, then `val` validation chunks, then `held` held-out chunks (disjoint).
+    Where the tokenizer adds a BOS by default, every chunk starts with it (never a target)."""
     from qbara.data import shakespeare_text
-    from qbara.train.data import Example
+    from qbara.train.data import IGNORE_INDEX, Example
 
     ids = tokenizer(shakespeare_text("hamlet"), add_special_tokens=False).input_ids
-    chunks = [Example(ids[i:i + seq], ids[i:i + seq]) for i in range(0, len(ids) - seq + 1, seq)]
+    bos = bos_of(tokenizer)
+    head, masked = ([bos], [IGNORE_INDEX]) if bos is not None else ([], [])
+    chunks = [Example(head + ids[i:i + seq], masked + ids[i:i + seq]) for i in range(0, len(ids) - seq + 1, seq)]
     cut = len(chunks) - val - held
     return chunks[:cut], chunks[cut:cut + val], chunks[cut + val:]
 
@@ -415,7 +425,7 @@ def run(args, dense=None, tokenizer=None) -> dict:
         dense, tokenizer, data = model_and_data()
         result = {"setting": setting,
                   "data": {"task": "shakespeare (hamlet)", "train": len(data[0]), "val": len(data[1]),
-                           "held_out": len(data[2])},
+                           "held_out": len(data[2]), "bos": bos_of(tokenizer) is not None},
                   "optimizer": "AdamW (betas 0.9/0.999, no weight decay), lr constant after linear warm-up",
                   "dense": {"val": loss_on(dense, data[1], args), "held": loss_on(dense, data[2], args)},
                   "bases": {}, "methods": {}, "runs": []}
@@ -604,7 +614,8 @@ def markdown(result: dict) -> str:
                 f"(+ {result['earlier_wall_s'] / 60:.0f} min before)")
     columns = sorted({lr for g in grids.values() for lr in g}) or st["lrs"]
     lines = [f"**Paper setting** ({st['model']}, {d['task']}, {d['train']} train / {d['val']} validation / "
-             f"{d['held_out']} held-out chunks of {st['seq']} tokens): rank {st['rank']}, alpha {st['alpha']:g} "
+             f"{d['held_out']} held-out chunks of {st['seq']} tokens{', each after a BOS' if d.get('bos') else ''}): "
+             f"rank {st['rank']}, alpha {st['alpha']:g} "
              f"(s = {st['alpha'] / st['rank']:g}), dropout {st['dropout']:g}, AdamW, lr constant after "
              f"{st['warmup']:.0%} warm-up, grad-clip {st['clip']:g}, batch {st['batch']} x {st['seq']} tokens, "
              f"{st['steps']} steps, {grid} (chosen on the validation loss of {picked}), then seeds {st['seeds']} at "

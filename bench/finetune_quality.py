@@ -152,7 +152,10 @@ def fresh_model(prepared: Prepared, seed: int) -> torch.nn.Module:
 
     if prepared.adapter is None:  # LoftQ / LQ-LoRA: deterministic initialisation
         return copy.deepcopy(prepared.model)
-    model = copy.deepcopy(prepared.quantized)
+    # The frozen base's tensors are shared, not copied: no run writes them (training moves the adapters only; a
+    # merge or fold builds new layers), and a 262k-vocabulary embedding (Gemma 3) is 0.67 GB per copy in fp32.
+    base = prepared.quantized
+    model = copy.deepcopy(base, memo={id(t): t for t in (*base.parameters(), *base.buffers())})
     torch.manual_seed(seed)
     return attach_adapters(model, prepared.adapter)
 

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
@@ -158,3 +159,26 @@ def test_smoke_test_lines_never_say_reproduced_and_give_no_verdict_on_one_seed()
     assert "QBARA lower than QLORA beyond 2x the seed spread" in line([1.0, 1.01, 0.99], [1.5, 1.51, 1.49])
     assert "QLORA lower than QBARA" in line([1.5, 1.51, 1.49], [1.0, 1.01, 0.99])
     assert "within noise" in line([1.0, 1.2, 0.8], [1.05, 1.25, 0.85])
+
+
+@pytest.mark.parametrize("method,into", [("qlora", "requantized"), ("qalora", "quantized")])
+def test_a_run_and_its_merge_leave_the_shared_base_unchanged(method, into):
+    """fresh_model shares the frozen base's tensors with every run instead of copying them: training and merging
+    one run must not change them (the base's state before and after, compared value for value)."""
+    import warnings
+
+    from qbara import merge
+    from qbara.models import load_model
+
+    dense, tok = load_model("tiny-llama")
+    args = finetune_quality.options(["--model", "tiny-llama", "--rank", "4"])
+    prepared = finetune_quality.prepare_method(method, dense, tok, args)
+    before = {k: v.clone() for k, v in prepared.quantized.state_dict().items()}
+    model = finetune_quality.fresh_model(prepared, 0)
+    train = [finetune_quality.Example(list(range(5, 21)), list(range(5, 21)))] * 4
+    finetune_quality.train_steps(model, train, 3, 2, 1e-2, 0, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merge(model, into=into)
+    after = prepared.quantized.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
