@@ -9,6 +9,8 @@ starts, one SVD_r(W) per matrix, warm-started SVDs. Against every config's own d
   "shared"'s time (not exact, not cheap: no default).
 - "refine" (exact, slow): each family's own alternation from both starts; max 1.02x, 18-39x "shared"'s time.
 - "loop": one alternation per config.
+Fisher-weighted (2 matrices): shared median 1.3x, up to 106x; warm max 1.08x; refine max 1.04x. The reference
+itself stops early there at NF8 / low b0 (the weighted alternation is not monotone).
 Every member of a family gets its exact error (`_dq_errors`). Cached in $QBARA_CACHE/lq (default
 ~/.cache/qbara/lq), keyed by settings (the mode included), configs and contents."""
 from __future__ import annotations
