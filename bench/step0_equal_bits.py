@@ -37,6 +37,8 @@ from qbara.models import load_model
 from qbara.models.gptq import gptq_calibration, gptq_quantize_model
 from qbara.targets import linear_layer_names
 
+from finetune_paper import bos_of
+
 
 def options(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,12 +53,6 @@ def options(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", type=Path, required=True)
     return ap.parse_args(argv)
-
-
-def bos_of(tokenizer) -> int | None:
-    """The BOS id the tokenizer puts before every text by default (Gemma's), else None (SmolLM2's)."""
-    bos = tokenizer.bos_token_id
-    return bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
 
 
 def with_bos(rows: torch.Tensor, bos: int | None) -> torch.Tensor:
