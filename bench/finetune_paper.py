@@ -19,8 +19,8 @@ validation split, several seeds and 2-SD verdicts.
     python bench/finetune_paper.py $R --methods qlora --part qlora --lrs 1e-3  # nothing to run: copies its runs
     python bench/finetune_paper.py --combine DIR --notes NOTES.json --wall-s S --wall-note TEXT
 
-Resuming (--resume FILE, a part or a combined result): a run is seed -> prepare -> train, so the stored seed-0 run
-at an lr is the sweep point at that lr and is reused as it is (a stored `lr_edge_check`'s seed-0 runs too). Only the
+Resuming (--resume FILE, a part or a combined result): a run is seed -> prepare -> train, so the stored lr-seed run
+at an lr is the sweep point at that lr and is reused as it is (a stored `lr_edge_check`'s lr-seed runs too). Only the
 missing (method, lr) points of --lrs run (then, with --grow-to, the lr doubles while the method's top lr is its
 best, i.e. its validation loss is still falling, up to that cap); the best lr is re-chosen over all points; the
 seeds run at it only where missing. If the best lr moved to a new point, that run's model is finished (held-out +
@@ -137,7 +137,7 @@ def options(argv=None) -> argparse.Namespace:
                     help="after the grid, double the lr while the method's best lr is its top one (validation loss "
                          "still falling), up to LR")
     ap.add_argument("--verify-lr", type=float, metavar="LR",
-                    help="with --resume: re-run each method's stored seed-0 point at LR and record whether the "
+                    help="with --resume: re-run each method's stored lr-seed point at LR and record whether the "
                          "re-run matches it (determinism)")
     ap.add_argument("--notes", metavar="FILE", help="with --combine: a JSON list of notes for the report")
     ap.add_argument("--wall-note", help="with --combine: how the parts were run (shown next to the wall time)")
@@ -240,7 +240,7 @@ def check_setting(stored: dict, args, source="--resume") -> None:
 
 
 def stored_runs(stored: dict, seed0: int, steps: int) -> list[dict]:
-    """The stored runs, plus the seed-0 runs of a stored `lr_edge_check` (made by this script with the same
+    """The stored runs, plus the lr-seed runs of a stored `lr_edge_check` (made by this script with the same
     setting, only other lrs: the same runs as sweep points at those lrs)."""
     runs = [dict(r) for r in stored.get("runs", [])]
     for r in stored.get("lr_edge_check", {}).get("runs", []):
@@ -250,7 +250,7 @@ def stored_runs(stored: dict, seed0: int, steps: int) -> list[dict]:
 
 
 def sweep_run(runs: list[dict], method: str, lr: float, seed0: int) -> dict | None:
-    """The seed-0 run of `method` at `lr` (the sweep point; the one with held-out losses when there are two)."""
+    """The lr-seed (`seed0`) run of `method` at `lr` (the sweep point; the one with held-out losses if two)."""
     found = [r for r in runs if r["method"] == method and r["seed"] == seed0 and same_lr(r["lr"], lr) and "val" in r]
     found.sort(key=lambda r: ("merged" in r, "held" in r))
     return found[-1] if found else None
@@ -261,7 +261,7 @@ def swept_lrs(runs: list[dict], method: str, seed0: int) -> list[float]:
 
 
 def missing_lrs(runs: list[dict], method: str, lrs, seed0: int) -> list[float]:
-    """The lrs of `lrs` (in their order) that `method` has no seed-0 sweep run at."""
+    """The lrs of `lrs` (in their order) that `method` has no lr-seed sweep run at."""
     out = []
     for lr in lrs:
         if sweep_run(runs, method, lr, seed0) is None and not any(same_lr(lr, x) for x in out):
@@ -270,7 +270,7 @@ def missing_lrs(runs: list[dict], method: str, lrs, seed0: int) -> list[float]:
 
 
 def best_sweep_lr(runs: list[dict], method: str, seed0: int, order=None) -> float | None:
-    """The lr of the lowest seed-0 validation loss (ties: the first in `order`, else the smallest lr)."""
+    """The lr of the lowest lr-seed validation loss (ties: the first in `order`, else the smallest lr)."""
     lrs = swept_lrs(runs, method, seed0)
     if order:
         lrs = sorted(lrs, key=lambda x: next((i for i, y in enumerate(order) if same_lr(x, y)), len(order)))
@@ -690,7 +690,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path) -> Path:
-    """Left: validation loss vs lr per method (seed 0). Right: held-out loss at the chosen lr (mean ± SD), with
+    """Left: validation loss vs lr per method (the lr seed). Right: held-out loss at the chosen lr (mean ± SD), with
     the dense and each base's step-0 losses as lines."""
     from qbara.plotting import pyplot, save_figure
 
