@@ -1,6 +1,6 @@
 #!/bin/bash
-# After run.sh: a method whose chosen lr is the lowest of its grid gets the two lrs below it (/2, /4); one whose
-# chosen lr is the highest grows upward (--grow-to 4x). Resumes each part, then joins them again.
+# After run.sh: a method whose chosen lr is the lowest of its grid gets the lr one step below it (/2); one whose
+# chosen lr is the highest grows one step upward (--grow-to 2x). Resumes each part, then joins them again.
 set -u
 OUT=bench/results/gemma3-270m/paper
 COMMON="--model gemma3-270m --steps 30 --seeds 0 1 2 --lr-seed 1000 --threads 1 --out $OUT"
@@ -12,9 +12,9 @@ import json, sys
 e = json.load(open(sys.argv[1]))["methods"][sys.argv[2]]
 grid, best = sorted(e["lrs"]), e["best_lr"]
 if abs(best - grid[0]) <= 1e-12 * best:
-    print(f"--lrs {grid[0] / 4:g} {grid[0] / 2:g}")
+    print(f"--lrs {grid[0] / 2:g}")
 elif abs(best - grid[-1]) <= 1e-12 * best:
-    print(f"--lrs {grid[-1]:g} --grow-to {4 * grid[-1]:g}")
+    print(f"--lrs {grid[-1]:g} --grow-to {2 * grid[-1]:g}")
 PY
 )
     [ -n "$extra" ] || continue
