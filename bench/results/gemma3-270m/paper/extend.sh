@@ -21,4 +21,6 @@ PY
     echo "extending $m: $extra"
     OMP_NUM_THREADS=1 nice -n 5 python3 bench/finetune_paper.py $COMMON --resume "$f" --methods "$m" --part "$m" $extra
 done
-python3 bench/finetune_paper.py --combine $OUT
+WALL=$(python3 -c "import glob, json; print(sum(json.load(open(f))['wall_s'] for f in glob.glob('$OUT/finetune_quality_paper.*.json')))")
+python3 bench/finetune_paper.py --combine $OUT --notes $OUT/NOTES.json --wall-s "$WALL" \
+    --wall-note "the five parts one after another on one niced single-thread worker, summed"
