@@ -36,6 +36,7 @@ from qbara.adapters.io import (
 )
 from qbara.atomic import write_json_atomic
 from qbara.errors import QbaraError
+from qbara.memory import bound_heap_growth
 from qbara.models.loader import base_model_path, load_model, load_model_tokenizer
 from qbara.models.quantized_io import is_quantized_folder
 from qbara.native import save_quantized
@@ -436,6 +437,7 @@ def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     output_dir = Path(config.train.output_dir)
     out = check_train_output(config)
     main_rank = os.environ.get("RANK", "0") == "0"
+    bound_heap_growth()  # glibc would let each step's freed activations grow the heap (bench/scale.py)
     try:
         with output_lock(out) if main_rank else contextlib.nullcontext() as lock:
             return _train(config, resume, model, tokenizer, output_dir, lock)
