@@ -1,8 +1,10 @@
 """Memory and time at real model sizes: qbara quantize-on-load vs load-then-quantize vs transformers+bitsandbytes.
 
-Random LLaMA models (bf16 safetensors, made once into --cache) of ~0.1B, ~0.5B and 1.1B parameters (TinyLlama's
-shape: hidden 2048, FFN 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000). Each case runs in a fresh
-subprocess, so every peak is its own:
+Random LLaMA models (bf16 safetensors in shards of <= 2 GB, written once into --cache by a streamed generator: one
+tensor in memory at a time, each seeded by its name) of ~0.1B, ~0.5B, 1.1B (TinyLlama's shape: hidden 2048, FFN
+5632, 22 layers, 32 heads, 4 KV heads, vocab 32000) and 6.7B parameters (`7b`, Llama-2-7B's shape: hidden 4096,
+FFN 11008, 32 layers, 32 heads, 32 KV heads; 13.5 GB of disk). Each case runs in a fresh subprocess (with
+--cgroup-limit in its own memory cgroup), so every peak is its own:
   qbara-eager   load_model(folder) (fp32 copy of the model) + prepare(NF4, LoRA r16)   -- qbara <= 0.1
   qbara-nf4     load_model(folder, quant=NF4) + prepare(LoRA r16)                        -- quantize on load
   qbara-int4    load_model(folder, quant=INT4-G32) + prepare(QA-HiRA)
@@ -12,11 +14,16 @@ decomposition iterations: the memory is the point, not the quality):
   qbara-lq-dense  load_model(folder) (fp32) + lq_prepare(model)                          -- qbara <= 0.1
   qbara-lq-stream lq_prepare(folder): table, decompositions and load streamed from the shards
 Measured per case: load+prepare wall time; peak RSS (VmHWM, includes the memory-mapped checkpoint pages) and
-peak anonymous memory (RssAnon sampled every 10 ms: the process's own allocations); then --steps training
-steps (batch 1 x 256 tokens, AdamW on the adapters, fp32 compute), median time of the steps after the first.
-Prints the ratios qbara/bnb and writes scale.json, scale.png and the extrapolation to 7B/13B/70B.
+peak anonymous memory (RssAnon sampled every 10 ms: the process's own allocations); RSS after loading (and how much
+of it is file-backed: the checkpoint left mapped); then --steps training steps (batch 1 x 256 tokens, AdamW on
+the adapters, fp32 compute), each step's own peak anonymous memory and RSS and what it leaves behind; with
+--cgroup-limit the cgroup's peak charge and its OOM kills. qbara's cases bound glibc's heap growth as qbara.train
+does (qbara.memory.bound_heap_growth; --heap-default leaves it). Each case's record is written to
+OUT/cases/SIZE-CASE.json as it goes (a finished case is not rerun: the run resumes), its output to OUT/logs.
+Prints the ratios qbara/bnb and writes scale.json, scale.md, scale.png and the extrapolation to 7B/13B/70B.
 
-    python bench/scale.py --out bench/results/scale            # all sizes (about 15 min on 2 CPU cores)
+    python bench/scale.py --out bench/results/scale            # 0.1b-1.1b (about 15 min on 2 CPU cores)
+    python bench/scale.py --sizes 7b --cgroup-limit 16G        # the 7B row (a load takes ~30 min on 2 cores)
     python bench/scale.py --sizes 0.1b --steps 2 --out /tmp/s  # quick look
 """
 from __future__ import annotations
@@ -368,6 +375,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rerun", action="store_true", help="run cases that already have a finished record")
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/qbara/scale-models"))
     parser.add_argument("--out", default="bench/results/scale")
+    parser.add_argument("--report-only", action="store_true", help="rewrite scale.json / .md / .png from the case "
+                        "records in OUT/cases (also those of a run still going), running nothing")
     parser.add_argument("--case-json", help=argparse.SUPPRESS)  # internal: run one case, print its JSON
     args = parser.parse_args(argv)
     if args.case_json:
@@ -378,7 +387,15 @@ def main(argv=None) -> dict:
     (out / "cases").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     results = json.loads((out / "scale.json").read_text()) if (out / "scale.json").is_file() else {}
-    for size in args.sizes.split(","):
+    if args.report_only:
+        for record in sorted((out / "cases").glob("*.json")):
+            size, name = record.stem.split("-", 1)
+            case = max((c for c in CASES + LQ_CASES if name.startswith(c)), key=len)
+            case += f" ({name[len(case) + 1:]})" if name != case else ""
+            results.setdefault(size, {"params": parameter_count(size), "cases": {}})["cases"][case] = \
+                json.loads(record.read_text())
+        args.sizes = ""
+    for size in filter(None, args.sizes.split(",")):
         folder = make_model(size, Path(args.cache))
         results[size] = {"params": parameter_count(size), "cases": dict(results.get(size, {}).get("cases", {}))}
         for case in args.cases.split(","):
@@ -437,7 +454,8 @@ def summarize(results: dict) -> str:
             vs = "-" if case in ("bnb-nf4", "qbara-lq-dense") or "load_s" not in ref else (
                 f"{_ratio(r, ref, 'load_peak_anon'):.2f}× / {_ratio(r, ref, 'load_peak_rss'):.2f}× / "
                 f"{_ratio(r, ref, 'load_s'):.2f}× / {_ratio(r, ref, 'step_s'):.2f}×")
-            lines.append(f"| {size} ({n / 1e9:.2f}B) | {case} | {r['load_s']:.1f} | "
+            label = case if r.get("commit") else f"{case} (earlier run)"
+            lines.append(f"| {size} ({n / 1e9:.2f}B) | {label} | {r['load_s']:.1f} | "
                          f"{anon / GiB:.2f} ({anon / n:.2f}) | "
                          f"{r['load_peak_rss'] / GiB:.2f} | {after} | {step} | {vs} |")
     lines += ["", "Peak anonymous memory of loading, above the process's own baseline (Python, torch, transformers),",
@@ -487,7 +505,7 @@ def step_table(results: dict) -> list[str]:
 def plot(results: dict, path: Path) -> None:
     from qbara.plotting import pyplot, save_figure
 
-    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
     for case in CASES + LQ_CASES:
         xs, anon, load = [], [], []
         for size, entry in results.items():
@@ -499,11 +517,19 @@ def plot(results: dict, path: Path) -> None:
         if xs:
             axes[0].plot(xs, anon, "o-", label=case)
             axes[1].plot(xs, load, "o-", label=case)
+    for size, entry in results.items():
+        for case, r in entry["cases"].items():
+            steps = r.get("steps_done")
+            if steps:
+                axes[2].plot(range(1, len(steps) + 1), [s["peak_anon"] / GiB for s in steps], "o-",
+                             label=f"{size} {case}")
     axes[0].set(xlabel="parameters (B)", ylabel="peak anonymous memory of loading (GiB)")
     axes[1].set(xlabel="parameters (B)", ylabel="load + prepare (s)")
+    axes[2].set(xlabel="training step", ylabel="peak anonymous memory of the step (GiB)", yscale="log")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
 
