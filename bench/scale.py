@@ -17,8 +17,8 @@ Measured per case: load+prepare wall time; peak RSS (VmHWM, includes the memory-
 peak anonymous memory (RssAnon sampled every 10 ms: the process's own allocations); RSS after loading (and how much
 of it is file-backed: the checkpoint left mapped); then --steps training steps (batch 1 x 256 tokens, AdamW on
 the adapters, fp32 compute), each step's own peak anonymous memory and RSS and what it leaves behind; with
---cgroup-limit the cgroup's peak charge and its OOM kills. qbara's cases bound glibc's heap growth as qbara.train
-does (qbara.memory.bound_heap_growth; --heap-default leaves it). Each case's record is written to
+--cgroup-limit the cgroup's peak charge and its OOM kills. qbara's cases bound glibc's heap growth once loaded, as
+qbara.train does (qbara.memory.bound_heap_growth; --heap-default leaves it). Each case's record is written to
 OUT/cases/SIZE-CASE.json as it goes (a finished case is not rerun: the run resumes), its output to OUT/logs.
 Prints the ratios qbara/bnb and writes scale.json, scale.md, scale.png and the extrapolation to 7B/13B/70B.
 
@@ -155,15 +155,13 @@ def make_model(size: str, cache: Path) -> Path:
 def run_case(case: str, folder: str, steps: int, trim: bool = False, heap_default: bool = False) -> dict:
     """One case in this process: load + prepare, then `steps` training steps, each step's peaks printed as it ends
     (a STEP line), the whole as a RESULT line. trim: hand freed heap pages back to the OS after each step.
-    qbara's cases bound the heap's growth as `qbara.train` does (`bound_heap_growth`), unless heap_default."""
+    qbara's cases bound the heap's growth after loading as `qbara.train` does (`bound_heap_growth`), unless
+    heap_default."""
     import torch
     import transformers  # noqa: F401  (imported before the baseline: the peak is the load's own)
 
-    bounded = False
     if case.startswith("qbara"):
         from qbara.memory import bound_heap_growth
-
-        bounded = not heap_default and bound_heap_growth()
     else:
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401
@@ -174,6 +172,7 @@ def run_case(case: str, folder: str, steps: int, trim: bool = False, heap_defaul
         model = _load(case, folder)
     load_s = time.perf_counter() - start
     gc.collect()
+    bounded = case.startswith("qbara") and not heap_default and bound_heap_growth()  # where qbara.train sets it
     result = {"case": case, "load_s": load_s, "load_peak_anon": load_peak.peak, "baseline_anon": baseline,
               "load_peak_rss": proc_status_bytes("VmHWM"), "after_load": proc_status(*_STATE), "trim": trim,
               "bound_heap": bounded, "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}

@@ -437,7 +437,6 @@ def train(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     output_dir = Path(config.train.output_dir)
     out = check_train_output(config)
     main_rank = os.environ.get("RANK", "0") == "0"
-    bound_heap_growth()  # glibc would let each step's freed activations grow the heap (bench/scale.py)
     try:
         with output_lock(out) if main_rank else contextlib.nullcontext() as lock:
             return _train(config, resume, model, tokenizer, output_dir, lock)
@@ -554,6 +553,7 @@ def _train_or_finish(trainer, model, checkpoint: Path | None) -> None:
         _load_adapter_weights(model, checkpoint)
         trainer.state = type(trainer.state).load_from_json(str(checkpoint / "trainer_state.json"))
         return
+    bound_heap_growth()  # after loading: glibc would let each step's freed activations grow the heap (bench/scale.py)
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused the checkpoint's state
