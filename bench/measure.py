@@ -131,12 +131,13 @@ class PeakAnon:
 
 
 def timed_training_steps(model, ids, optimizer, steps: int, monitor: PeakAnon | None = None,
-                         after_step: Callable[[], None] | None = None) -> tuple[list[float], float]:
+                         after_step: Callable[[], None] | None = None, progress: bool = False
+                         ) -> tuple[list[float], float]:
     """Run `steps` forward/backward/optimizer steps on `ids` (labels = inputs); each step's seconds and the
     last loss. monitor: a running PeakAnon split after each step (per-step peaks in its `segments`); after_step:
-    called after each step, outside its time (e.g. releasing freed heap pages)."""
+    called after each step, outside its time (e.g. releasing freed heap pages); progress: a tqdm bar of the steps."""
     times = []
-    for _ in tqdm(range(steps), desc="training steps", leave=False, file=sys.stderr, disable=steps < 2):
+    for _ in tqdm(range(steps), desc="training steps", leave=False, file=sys.stderr, disable=not progress):
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()

@@ -197,7 +197,7 @@ def run_case(case: str, folder: str, steps: int, trim: bool = False, heap_defaul
                                         "peak_rss": rss, "end": ends[-1]}), flush=True)
 
         with PeakAnon() as monitor:
-            times, _ = timed_training_steps(model, ids, optimizer, steps, monitor, after_step)
+            times, _ = timed_training_steps(model, ids, optimizer, steps, monitor, after_step, progress=True)
         result.update(step_s=statistics.median(times[1:] or times), steps=times, train_peak_anon=monitor.peak,
                       train_peak_rss=monitor.peak_rss, step_peaks=monitor.segments, step_ends=ends,
                       trainable=sum(p.numel() for p in params),

@@ -21,7 +21,10 @@ def bound_heap_growth(threshold: int = HEAP_LIMIT) -> bool:
     after a first training step the next steps' activations come from the heap, fragment it, and the process
     grows from step to step (bench/scale.py measures it). Process-wide; False without glibc."""
     try:
-        return bool(_libc().mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+        libc = _libc()
+        done = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+        libc.malloc_trim(0)  # and hand back what the heap holds free now (a load's freed work arrays)
+        return done
     except (OSError, AttributeError):
         return False
 
