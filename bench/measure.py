@@ -41,10 +41,10 @@ def interleaved_medians(jobs: dict[str, Callable[[], None]], repeats: int, devic
 def proc_status_bytes(field: str) -> int:
     """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident, RssAnon: anonymous
     resident) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    value = proc_status(field).get(field)
+    if value is None:
+        raise RuntimeError(f"/proc/self/status has no {field}")
+    return value
 
 
 def release_freed_memory() -> None:
@@ -75,21 +75,50 @@ def reset_peak_memory(device: str) -> bool:
     return True
 
 
+def proc_status(*fields: str) -> dict[str, int]:
+    """Several memory fields of /proc/self/status in bytes, read at one moment."""
+    values = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in fields:
+            values[name] = int(rest.split()[0]) * 1024
+    return values
+
+
 class PeakAnon:
-    """Peak anonymous resident memory (RssAnon) of this process while the block runs, sampled in a thread."""
+    """Peak anonymous resident memory (RssAnon: the process's own allocations) and peak resident set (VmRSS: also
+    the file pages it maps) of this process while the block runs, sampled in a thread. `split()` closes a segment
+    (a training step) and starts the next: `segments` holds each one's (peak anon, peak RSS)."""
 
     def __init__(self, every: float = 0.01):
-        self.peak, self.every, self._stop = 0, every, threading.Event()
+        self.peak, self.peak_rss, self.every, self._stop = 0, 0, every, threading.Event()
+        self.segments: list[tuple[int, int]] = []
+        self._segment, self._lock = [0, 0], threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
     def now() -> int:
         return proc_status_bytes("RssAnon")
 
+    def _sample(self):
+        values = proc_status("RssAnon", "VmRSS")
+        anon, rss = values["RssAnon"], values["VmRSS"]
+        with self._lock:
+            self.peak, self.peak_rss = max(self.peak, anon), max(self.peak_rss, rss)
+            self._segment = [max(self._segment[0], anon), max(self._segment[1], rss)]
+
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
+            self._sample()
             time.sleep(self.every)
+
+    def split(self) -> tuple[int, int]:
+        """Close the current segment: its (peak anon, peak RSS), also appended to `segments`."""
+        self._sample()
+        with self._lock:
+            segment, self._segment = tuple(self._segment), [0, 0]
+        self.segments.append(segment)
+        return segment
 
     def __enter__(self):
         self._thread.start()
@@ -98,20 +127,27 @@ class PeakAnon:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.now())
+        self._sample()
 
 
-def timed_training_steps(model, ids, optimizer, steps: int) -> tuple[list[float], float]:
+def timed_training_steps(model, ids, optimizer, steps: int, monitor: PeakAnon | None = None,
+                         after_step: Callable[[], None] | None = None, progress: bool = False
+                         ) -> tuple[list[float], float]:
     """Run `steps` forward/backward/optimizer steps on `ids` (labels = inputs); each step's seconds and the
-    last loss."""
+    last loss. monitor: a running PeakAnon split after each step (per-step peaks in its `segments`); after_step:
+    called after each step, outside its time (e.g. releasing freed heap pages); progress: a tqdm bar of the steps."""
     times = []
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="training steps", leave=False, file=sys.stderr, disable=not progress):
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
+        if monitor is not None:
+            monitor.split()
+        if after_step is not None:
+            after_step()
     return times, float(loss.detach())
 
 

@@ -116,3 +116,16 @@ def run_measured(args, timeout: float, **popen) -> tuple[int, str, str, int]:
             raise
         with open(peak) as fh:
             return proc.returncode, out, err, int(fh.read())
+
+
+def mapped_files(under) -> list[str]:
+    """The files below `under` this process still has memory-mapped (Linux: /proc/self/maps), after a garbage
+    collection, so only mappings something still holds count."""
+    import gc
+    from pathlib import Path
+
+    gc.collect()
+    root = str(Path(under).resolve())
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return sorted({line.split(maxsplit=5)[5] for line in lines if len(line.split(maxsplit=5)) == 6
+                   and line.split(maxsplit=5)[5].startswith(root)})

@@ -1,6 +1,7 @@
 """LQ-LoRA and LoftQ streamed from a checkpoint's shards equal the dense-model paths bit for bit, and hold one
 target matrix per worker at a time."""
 import json
+import sys
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from qbara.lq.fisher import save_fisher
 from qbara.models import tiny_llama
 from qbara.models.loader import load_model
 from qbara.targets import linear_layer_names
-from tests.helpers import TargetReads
+from tests.helpers import TargetReads, mapped_files
 
 CONFIGS = [qlora_config(b) for b in (2, 3, 4)]
 SMALL = dict(configs=CONFIGS, table_iters=2, max_iters=3, progress=False)
@@ -54,6 +55,15 @@ def test_streamed_lq_lora_equals_lq_prepare_on_the_dense_model(dtype, tmp_path):
     _assert_same_model(eager, streamed, dtype)
     assert streamed.qbara.lq.to_dict() == eager.qbara.lq.to_dict()  # allocation, errors, dense fingerprint
     assert streamed.qbara.loaded_quant is None  # its Q is no plain quantization of the checkpoint
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nothing_of_the_shards_stays_mapped_after_streaming(dtype, tmp_path):
+    folder = _folder(tmp_path, dtype)
+    model = lq_prepare(folder, 3.0, 4, **SMALL)
+    assert mapped_files(folder) == []  # the kept weights are the process's own copies, not views into the shards
+    assert model.model.norm.weight.dtype == dtype
 
 
 def test_streamed_lq_lora_reads_a_fisher_file_like_the_dense_path(tmp_path):

@@ -1,4 +1,6 @@
 """Quantize on load: identical to load-then-prepare bit for bit, stored in the checkpoint's dtype, streamed."""
+import sys
+
 import pytest
 import torch
 
@@ -6,7 +8,7 @@ from qbara import AdapterConfig, QbaraError, QuantConfig, load_adapter, load_mod
 from qbara.models import tiny_llama
 from qbara.models.tiny import tiny_qwen2
 from qbara.nn import QuantizedLinear
-from tests.helpers import TargetReads, randomize_adapters
+from tests.helpers import TargetReads, mapped_files, randomize_adapters
 
 IDS = torch.tensor([[1, 7, 42, 3, 9, 100, 5]])
 
@@ -45,6 +47,25 @@ def test_quantize_on_load_equals_load_then_prepare(build, dtype, quant, adapter,
     with torch.no_grad():
         assert torch.equal(streamed(IDS).logits, eager(IDS).logits)
     assert streamed(IDS).logits.dtype == torch.float32  # bf16 storage, fp32 compute on CPU
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+
+
+@linux_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nothing_of_the_checkpoint_stays_mapped_after_loading(dtype, tmp_path):
+    """The kept weights (embeddings, norms, lm_head: the checkpoint's dtype) are the process's own memory, not views
+    into the memory-mapped shards: one such view would keep a whole shard mapped and counted in RSS."""
+    folder = _folder(tmp_path, tiny_llama, dtype, shard="20KB")
+    model, _ = load_model(str(folder), quant=QuantConfig("nf4", 32))
+    prepare(model, QuantConfig("nf4", 32), AdapterConfig("lora", rank=4))
+    assert mapped_files(folder) == []
+    assert model.model.embed_tokens.weight.dtype == dtype  # kept in the checkpoint's dtype, copied once
+    eager, _ = load_model(str(folder))
+    for name, value in eager.state_dict().items():
+        if "_proj" not in name:
+            assert torch.equal(model.state_dict()[name], value.to(dtype)), name
 
 
 def test_sharded_and_tied_checkpoints(tmp_path):
@@ -133,6 +154,8 @@ def test_gguf_quantize_on_load_equals_dense_load_then_prepare(tmp_path):
     assert all(torch.equal(streamed.state_dict()[k], v) for k, v in expected.items())
     with torch.no_grad():
         assert torch.equal(streamed(IDS).logits, eager(IDS).logits)
+    if sys.platform.startswith("linux"):
+        assert mapped_files(tmp_path) == []  # nothing of the GGUF file stays mapped
 
 
 def test_upcast_output_layer_gives_the_plain_gradients():

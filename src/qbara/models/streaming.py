@@ -190,12 +190,21 @@ def _fill(model: nn.Module, read, per_layer: Mapping[str, QuantConfig], importan
                                        per_layer[module_name], name=module_name, importance=importance.get(module_name))
                 set_submodule(model, module_name, QuantizedLinear(qtensor, old.bias))
             elif storage is not None:
-                cast = tensor.to(device=device, dtype=storage if tensor.is_floating_point() else None)
-                _set_tensor(model, key, cast)
+                _set_tensor(model, key, _own_copy(tensor, device, storage))
             del tensor
             bar.update(1)
     release_freed_memory()
     return digests, unexpected
+
+
+def _own_copy(tensor: Tensor, device, storage: torch.dtype) -> Tensor:
+    """A kept weight in `storage` on `device`, never sharing memory with the tensor read: safetensors hands out
+    views into its memory-mapped shard, and one kept view (a norm) would keep the whole shard mapped and counted in
+    the process's RSS after loading. One tensor is copied at a time, only when the cast made no copy."""
+    cast = tensor.to(device=device, dtype=storage if tensor.is_floating_point() else None)
+    if cast.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+        cast = cast.clone()
+    return cast
 
 
 def _own_tensors(keys: list[str], model: nn.Module) -> list:

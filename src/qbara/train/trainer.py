@@ -36,6 +36,7 @@ from qbara.adapters.io import (
 )
 from qbara.atomic import write_json_atomic
 from qbara.errors import QbaraError
+from qbara.memory import bound_heap_growth
 from qbara.models.loader import base_model_path, load_model, load_model_tokenizer
 from qbara.models.quantized_io import is_quantized_folder
 from qbara.native import save_quantized
@@ -552,6 +553,7 @@ def _train_or_finish(trainer, model, checkpoint: Path | None) -> None:
         _load_adapter_weights(model, checkpoint)
         trainer.state = type(trainer.state).load_from_json(str(checkpoint / "trainer_state.json"))
         return
+    bound_heap_growth()  # after loading: glibc would let each step's freed activations grow the heap (bench/scale.py)
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused the checkpoint's state
