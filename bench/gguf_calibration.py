@@ -135,7 +135,8 @@ def write_report(rows: dict, setting: dict, out: Path) -> None:
 
 
 def plot(pairs: list[dict], sizes, path: Path) -> None:
-    """Per size a panel: per calibration set and domain, ΔNLL of each qbara costs against llama.cpp, 2-SE bars."""
+    """Per size a panel: per calibration set and held-out domain, ΔNLL of each qbara costs against llama.cpp and
+    of Fisher against imatrix, 2-SE bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,7 +146,8 @@ def plot(pairs: list[dict], sizes, path: Path) -> None:
     if not shown:
         return
     fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4.2), squeeze=False, sharey=True)
-    colors = {"qbara fisher - llama.cpp": "tab:blue", "qbara imatrix - llama.cpp": "tab:orange"}
+    colors = {"qbara fisher - llama.cpp": "tab:blue", "qbara imatrix - llama.cpp": "tab:orange",
+              "qbara fisher - qbara imatrix": "tab:green"}
     for ax, size in zip(axes[0], shown):
         ticks = []
         for i, (calib, domain) in enumerate((c, d) for c in CALIBRATIONS for d in DOMAINS):
@@ -155,12 +157,12 @@ def plot(pairs: list[dict], sizes, path: Path) -> None:
                 p = next((p for p in pairs if (p["size"], p["calibration"], p["domain"], p["pair"]) ==
                           (size, calib, domain, label)), None)
                 if p is not None:
-                    ax.errorbar(i + (j - 0.5) * 0.25, p["mean_diff"], yerr=2 * p["se"], fmt="o", color=color,
+                    ax.errorbar(i + (j - 1) * 0.22, p["mean_diff"], yerr=2 * p["se"], fmt="o", color=color,
                                 capsize=3, label=label if i == 0 else None)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks(range(len(ticks)), ticks, fontsize=7)
         ax.set_title(f"--match {size}+imatrix")
-        ax.set_ylabel("ΔNLL vs llama.cpp (± 2 SE; < 0: qbara better)")
+        ax.set_ylabel("ΔNLL, A − B (± 2 SE; < 0: A better)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
