@@ -16,8 +16,9 @@ match=PRESET, match_imatrix=True)`, i.e. `qbara gguf --match PRESET+imatrix`, eq
 PRESET file made by `llama_model_quantize` from the same F32 weights with an importance matrix (per-column mean x²
 over the same calibration sequences, llama-imatrix's statistic). Paired per-window ΔNLL ± SE per domain (qbara
 minus llama.cpp, and Fisher minus imatrix), a verdict only beyond 2 SE.
-Resumable: every file is kept in --work, every scored row in OUT/gguf_calibration.json (rerun to continue); sizes
-run in the given order (the smallest first). OUT/gguf_calibration.md and .png are rewritten after every row.
+Resumable: every file is kept in --work, every scored row in WORK/rows.json and OUT/gguf_calibration.json (rerun to
+continue, here or from the committed results); sizes run in the given order (the smallest first).
+OUT/gguf_calibration.md and .png are rewritten after every row.
 
     nice -n 5 python3 bench/gguf_calibration.py [--sizes Q2_K Q4_0 Q3_K_M] [--windows 40] [--model smollm2-135m]
 """
@@ -71,11 +72,16 @@ def held_out_windows(tokenizer, held_questions: list[str], window: int, count: i
 
 
 class Rows:
-    """The scored files, kept in a JSON file after each one (the run resumes from it)."""
+    """The scored files, kept in a JSON file after each one (the run resumes from it, or from the rows of the
+    results' JSON on another machine)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, results: Path):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {}
+        self.data = {}
+        if path.exists():
+            self.data = json.loads(path.read_text())
+        elif results.exists():
+            self.data = json.loads(results.read_text())["rows"]
 
     def put(self, key: str, row: dict) -> None:
         self.data[key] = row
@@ -108,8 +114,6 @@ def write_report(rows: dict, setting: dict, out: Path) -> None:
     sizes, domains = setting["sizes"], DOMAINS
     pairs = comparisons(rows, sizes, domains)
     data = {"setting": setting, "rows": rows, "comparisons": pairs}
-    (out / "gguf_calibration.json.summary").write_text(json.dumps({"setting": setting, "comparisons": pairs},
-                                                                   indent=1))
     verdict = {"qbara better": "A better", "stock better": "B better", "inconclusive": "inconclusive"}
     lines = [f"# Robust calibration of `qbara gguf` ({setting['model']}): held-out ΔNLL per domain, scored by "
              f"llama.cpp", "",
@@ -191,7 +195,7 @@ def main(argv=None):
     work, out = Path(args.work) / args.model, Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    rows = Rows(work / "rows.json")
+    rows = Rows(work / "rows.json", out / "gguf_calibration.json")
     setting = {k: v for k, v in vars(args).items() if k not in ("report_only", "llama_python", "extra_bufts")}
     if args.report_only:
         write_report(rows.data, setting, out)
