@@ -133,6 +133,11 @@ def write_report(rows: dict, setting: dict, out: Path) -> None:
         ppl = {d: math.exp(float(np.mean(r["window_nlls"][d]))) for d in domains}
         lines.append(f"| {key} | {r['tensor_bytes']:,} | {r['bits']:.4f} | {ppl['twelfth_night']:.3f} | "
                      f"{ppl['gsm8k']:.3f} | {r['types']} |")
+    missing = [f"{size}/{calib}/{kind}" for size in sizes for calib in setting["calibrations"]
+               for kind in ("llama.cpp", *(f"qbara-{c}" for c in setting["costs"]))
+               if f"{size}/{calib}/{kind}" not in rows]
+    if missing:
+        lines += ["", f"Not measured yet ({len(missing)} files; rerun the script to continue): {', '.join(missing)}."]
     (out / "gguf_calibration.md").write_text("\n".join(lines) + "\n")
     (out / "gguf_calibration.json").write_text(json.dumps(data, indent=1))
     plot(pairs, sizes, out / "gguf_calibration.png")
