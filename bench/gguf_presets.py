@@ -1,10 +1,12 @@
 """Benchmark: qbara's reading of llama.cpp's presets (`qbara.export.gguf.presets`) against llama.cpp's quantizer.
 
-Each model (default smollm2-135m and gemma3-270m) is exported by qbara as an all-F32 GGUF; llama.cpp's
+Each model (default smollm2-135m and gemma3-270m; tiny-llama3-256: a random 2-layer LLaMA-3 with 256-wide rows,
+an untied head and LLaMA-3 rotary scaling, where the presets' embedding is a K-quant and the file holds rope_freqs)
+is exported by qbara as an all-F32 GGUF; llama.cpp's
 `llama_model_quantize` (llama-cpp-python, --llama-python) writes every preset from it, without and with an
 importance matrix (all ones: only whether one is given changes the type choice). For every file: the per-tensor
 types llama.cpp chose vs `preset_types`, and the tensor-data bytes vs `preset_file(...).tensor_bytes`.
-Results: OUT/gguf_presets.json and .md.
+Results: OUT/gguf_presets.json and .md; the fixture keeps the entries of models not run.
 
     nice -n 10 python3 bench/gguf_presets.py [--models smollm2-135m gemma3-270m] [--out bench/results/gguf_presets]
 """
@@ -25,6 +27,21 @@ PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 IMATRIX_PRESETS = ("Q4_0", "Q5_0", "IQ4_NL", "IQ4_XS")  # the presets whose types an imatrix changes
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def load(name: str):
+    """(model, tokenizer): an embedded model, or tiny-llama3-256 (random, seed 0)."""
+    from qbara.models import load_model, tiny_llama
+
+    if name != "tiny-llama3-256":
+        return load_model(name)
+    model, tokenizer = tiny_llama(seed=0, hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512)
+    model.config.rope_parameters = dict(LLAMA3_ROPE)  # only the exported rope_freqs tensor reads it
+    return model, tokenizer
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
@@ -43,14 +60,15 @@ def main(argv=None):
 
     from qbara.export import export_gguf
     from qbara.export.gguf.presets import preset_file
-    from qbara.models import load_model
 
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    rows, fixture = [], {}
+    rows = []
+    fixture = json.loads(Path(args.fixture).read_text()) if Path(args.fixture).exists() else {}
     for name in args.models:
-        model, tokenizer = load_model(name)
+        fixture.pop(name, None)
+        model, tokenizer = load(name)
         src = work / f"{name}-f32.gguf"
         if not src.exists():
             export_gguf(model, tokenizer, src, embedding_type="f32", dense_type="f32", overwrite=True)

@@ -13,6 +13,7 @@ from qbara.export import export_gguf
 from qbara.export.gguf import LINEARS, llama_rope_permutation
 from qbara.models import tiny_llama
 from qbara.models.tiny import tiny_qwen2
+from qbara.quant.ggml import quantize_ggml
 
 from .conftest import TINY, tiny_adapted, tiny_olmo
 
@@ -151,8 +152,31 @@ def test_embedding_types(tmp_path):
     assert np.array_equal(emb, model.model.embed_tokens.weight.numpy())
     f16 = export_gguf(model, tokenizer, tmp_path / "f16.gguf", embedding_type="f16")
     assert f16.tensor_types["output.weight"] == "F16" and 0 < f16.embedding_error < 1e-3
-    with pytest.raises(QbaraError, match="embedding_type"):
-        export_gguf(model, tokenizer, tmp_path / "x.gguf", embedding_type="q4_0")
+    with pytest.raises(QbaraError, match="unknown embedding_type"):
+        export_gguf(model, tokenizer, tmp_path / "x.gguf", embedding_type="q4_2")
+    with pytest.raises(QbaraError, match="unknown output_type"):
+        export_gguf(model, tokenizer, tmp_path / "x.gguf", output_type="bf8")
+    with pytest.raises(QbaraError, match="Q4_K needs a row length divisible by 256"):  # 64-wide rows
+        export_gguf(model, tokenizer, tmp_path / "x.gguf", embedding_type="q4_k")
+
+
+def test_block_embedding_and_output_types(tmp_path):
+    """A llama.cpp preset's types for the embedding and an untied head (Q4_K_M: Q4_K and Q6_K): the blocks gguf-py
+    decodes are qbara's rounding of the weights (plain, as llama.cpp quantizes them: no imatrix entry)."""
+    model, tokenizer = tiny_llama(seed=1, hidden=256, layers=1, heads=4, kv_heads=2, intermediate=256)
+    report = export_gguf(model, tokenizer, tmp_path / "m.gguf", embedding_type="q4_k", output_type="q6_k",
+                         dense_type="f32")
+    tensors = gguf_tensors(tmp_path / "m.gguf")
+    for name, weight, kind in (("token_embd.weight", model.model.embed_tokens.weight, "Q4_K"),
+                               ("output.weight", model.lm_head.weight, "Q6_K")):
+        t = tensors[name]
+        assert t.tensor_type == GGMLQuantizationType[kind] and report.tensor_types[name] == kind
+        decoded = dequantize(np.asarray(t.data), t.tensor_type).reshape(weight.shape)
+        w = weight.detach().numpy()
+        ours = quantize_ggml(weight.detach(), kind.lower()).numpy()
+        assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(ours.shape), ours)
+        err = np.linalg.norm(decoded - w) / np.linalg.norm(w)
+        assert 0 < err < (0.1 if kind == "Q4_K" else 0.03)
 
 
 # ------------------------------------------------------------------------------------------- lossy

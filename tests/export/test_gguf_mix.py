@@ -3,15 +3,17 @@ blocks equal `quantize_ggml` of the checkpoint's weight under the same importanc
 fits its budget (bits/param, bytes, a llama.cpp preset). The allocation's optimality is the ILP's own test
 (tests/lq/test_ilp.py::test_ilp_equals_brute_force_on_random_small_instances)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from qbara.cli import main
 from qbara.data import shakespeare_text
 from qbara.errors import QbaraError
+from qbara.export import export_gguf
 from qbara.export.gguf import LINEARS, llama_rope_permutation
 from qbara.export.gguf.mix import mixed_calibration, parse_size, write_mixed_gguf
 from qbara.export.gguf.presets import preset_file
@@ -100,6 +102,46 @@ def test_budgets_bound_the_file(tmp_path):
                                tokenizer=tokenizer, progress=False)
     assert matched.tensor_bytes <= preset.tensor_bytes
     assert matched.preset["tensor_bytes"] == preset.tensor_bytes
+
+
+def test_match_spends_the_presets_room_beside_the_matrices(tmp_path):
+    """--match on a LLaMA-3 model with 256-wide rows (tiny-llama3-256 in the preset fixture, recorded from
+    llama.cpp's quantizer): the embedding and the untied head take the preset's types (Q4_K / Q6_K, not Q8_0), the
+    file holds rope_freqs, so every tensor outside the matrices takes the bytes it takes in llama.cpp's file; the
+    budget counts exactly the file's tensors; the tensor data stays within llama.cpp's."""
+    fixture = json.loads((Path(__file__).parent.parent / "fixtures" / "llamacpp_presets.json").read_text())
+    entry = fixture["tiny-llama3-256"]
+    for preset in ("Q4_K_M", "Q2_K"):
+        model, tokenizer = tiny_llama(seed=0, hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512)
+        model.config.rope_parameters = dict(entry["config"]["rope_parameters"])  # what rope_freqs is written from
+        expected = entry["presets"][preset]
+        types = {n: expected["others"].get(n, expected["default"]) for n in
+                 (t.name for t in GGUFReader(str(_any_file(tmp_path, model, tokenizer))).tensors)}
+        report = write_mixed_gguf(model, tmp_path / f"{preset}.gguf", match=preset, costs="plain",
+                                  tokenizer=tokenizer, progress=False)
+        tensors = {t.name: t for t in GGUFReader(str(report.path)).tensors}
+        assert set(tensors) == set(types) and "rope_freqs.weight" in tensors
+        fixed = [n for n in tensors if not (".attn_" in n or ".ffn_" in n) or len(tensors[n].shape) < 2]
+        for n in fixed:
+            assert tensors[n].tensor_type.name.lower() == types[n], n
+        llama_fixed = sum(_nbytes(types[n], int(tensors[n].n_elements)) for n in fixed)
+        assert sum(int(tensors[n].n_bytes) for n in fixed) == llama_fixed
+        assert report.tensor_bytes <= expected["tensor_bytes"]
+        params = sum(int(t.n_elements) for t in tensors.values())
+        assert report.file_bits_per_param * params / 8 == pytest.approx(report.tensor_bytes, abs=0.5)
+
+
+def _any_file(tmp_path, model, tokenizer):
+    path = tmp_path / "f32.gguf"
+    if not path.exists():
+        export_gguf(model, tokenizer, path, embedding_type="f32", dense_type="f32")
+    return path
+
+
+def _nbytes(kind: str, numel: int) -> int:
+    """Bytes of `numel` weights in a GGML type, from gguf-py's block sizes."""
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind.upper()]]
+    return numel // block * size
 
 
 def test_parse_size():

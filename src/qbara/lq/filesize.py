@@ -5,6 +5,7 @@ factors are bits, not parameters; GGUF alignment padding is not counted."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -67,11 +68,14 @@ class FileBudget:
     @classmethod
     def of_model(cls, model: nn.Module, targets="all-linear", *, embedding_format: str = "q8_0",
                  output_format: str | None = None, other_format: str = "f32", adapter_format: str | None = None,
-                 rank: int | None = None, metadata_bytes: int = 0) -> "FileBudget":
+                 rank: int | None = None, metadata_bytes: int = 0,
+                 extra_shapes: Mapping[str, tuple[int, ...]] | None = None) -> "FileBudget":
         """The file budget of a (dense or meta-device) model whose `targets` linears the ILP allocates.
 
         output_format: an untied head's (default: the embedding's). other_format: norms, biases, linears outside
-        `targets`. adapter_format: "f32" or "f16" counts rank-`rank` factors exported by `export_gguf_lora`."""
+        `targets`. adapter_format: "f32" or "f16" counts rank-`rank` factors exported by `export_gguf_lora`.
+        extra_shapes: name -> shape of tensors the file holds that are no parameter (LLaMA-3's rope_freqs), in
+        other_format."""
         names = linear_layer_names(model, targets, include_quantized=False)
         matrices = {id(model.get_submodule(n).weight): n for n in names}
         embed = _weight(model, "get_input_embeddings")
@@ -92,6 +96,9 @@ class FileBudget:
             if isinstance(module, QuantizedLinear):
                 total += module.out_features * module.in_features
                 _add(parts, "quantized linears (as stored)", 8.0 * module.nbytes)
+        for name, shape in (extra_shapes or {}).items():
+            total += math.prod(shape)
+            _add(parts, f"{name} ({other_format})", tensor_bits(other_format, tuple(shape), name))
         if adapter_format is not None:
             _add(parts, f"adapter factors ({adapter_format})", _adapter_bits(model, names, adapter_format, rank))
         if metadata_bytes:

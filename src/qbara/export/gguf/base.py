@@ -37,17 +37,19 @@ from qbara.outputs import GGUF_MARK, output_file
 def export_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedding_type: str = "q8_0",
                 tokenizer_gguf=None, name: str | None = None, overwrite: bool = False,
                 base_model: str | None = None, adapter: str | None = None,
-                separate_lora: bool = False, dense_type: str | None = None) -> ExportReport:
+                separate_lora: bool = False, dense_type: str | None = None,
+                output_type: str | None = None) -> ExportReport:
     """Check and lock the output `path` (a file qbara did not write is refused unless overwrite), then `write_gguf`."""
     with output_file(check_path(path), overwrite=overwrite, option="path"):
         return write_gguf(model, tokenizer, path, lossy, embedding_type=embedding_type,
                           tokenizer_gguf=tokenizer_gguf, name=name, base_model=base_model, adapter=adapter,
-                          separate_lora=separate_lora, dense_type=dense_type)
+                          separate_lora=separate_lora, dense_type=dense_type, output_type=output_type)
 
 
-def _check_options(embedding_type, lossy, dense_type=None) -> None:
-    if embedding_type not in EMBEDDING_TYPES:
-        raise QbaraError(f"unknown embedding_type {embedding_type!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
+def _check_options(embedding_type, lossy, dense_type=None, output_type=None) -> None:
+    for option, kind in (("embedding_type", embedding_type), ("output_type", output_type)):
+        if kind not in EMBEDDING_TYPES and (option == "embedding_type" or kind is not None):
+            raise QbaraError(f"unknown {option} {kind!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
     if not isinstance(lossy, bool):
         raise QbaraError(f"lossy must be True or False, got {lossy!r}")
     if dense_type is not None and dense_type not in DENSE_TYPES:
@@ -67,14 +69,14 @@ def _resolve_linears(model: nn.Module, lossy: bool, separate_lora: bool, arch: A
 
 
 def _model_tensors(model: nn.Module, resolved: list[list[Linear]], embedding_type: str,
-                  arch: Architecture, dense_type: str | None = None):
+                  arch: Architecture, dense_type: str | None = None, output_type: str | None = None):
     """(tensors in file order, linear-layer stats, embedding relative error)."""
     stats = LinearStats()
     arr, raw, emb_err = float_tensor("token_embd.weight", model.get_input_embeddings().weight, embedding_type)
     tensors = [("token_embd.weight", arr, raw)]
     for i, (layer, row) in enumerate(zip(model.model.layers, resolved)):
         tensors += block_tensors(i, layer, row, arch, model.config, stats, dense_type)
-    tail, out_err = output_tensors(model, embedding_type, arch)
+    tail, out_err = output_tensors(model, output_type or embedding_type, arch)
     extra = [(n, data, None) for n, data in extra_tensors(arch, model.config)]
     return tensors + tail + extra, stats, max(emb_err, out_err)
 
@@ -119,18 +121,20 @@ def write_file(path: Path, header, tensors, arch: str = ARCH) -> None:
 def write_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embedding_type: str = "q8_0",
                tokenizer_gguf=None, name: str | None = None, base_model: str | None = None,
                adapter: str | None = None, separate_lora: bool = False,
-               dense_type: str | None = None) -> ExportReport:
+               dense_type: str | None = None, output_type: str | None = None) -> ExportReport:
     """Write a model as a GGUF file llama.cpp runs at `path`, with the metadata, tensor names and weight transforms
     llama.cpp's converter writes for its architecture. Adapters that fold are merged on the fly.
     lossy: re-quantize the layers that cannot go exactly (else refused); dense_type "f32" / "f16": write them as
     floats instead; separate_lora: leave plain LoRA adapters out, for `export_gguf_lora`.
+    embedding_type: the token embedding's type (q8_0, f16, f32 or another GGML block format); output_type: an
+    untied lm_head's (default the embedding's), e.g. a llama.cpp preset's Q6_K output beside a Q4_K embedding.
     """
     start = time.perf_counter()
     path = check_path(path)
     arch = check_architecture(model)
-    _check_options(embedding_type, lossy, dense_type)
+    _check_options(embedding_type, lossy, dense_type, output_type)
     resolved = _resolve_linears(model, lossy, separate_lora, arch, dense=dense_type is not None)
-    tensors, stats, emb_err = _model_tensors(model, resolved, embedding_type, arch, dense_type)
+    tensors, stats, emb_err = _model_tensors(model, resolved, embedding_type, arch, dense_type, output_type)
     vocab_size = int(model.get_input_embeddings().weight.shape[0])
     source = source_gguf(tokenizer, tokenizer_gguf)
     tok_fields = tokenizer_fields(tokenizer, vocab_size, source)

@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from qbara.atomic import write_json_atomic
 from qbara.errors import QbaraError
+from qbara.export.gguf.architectures import extra_tensors
 from qbara.export.gguf.base import export_gguf
-from qbara.export.gguf.checks import check_path
+from qbara.export.gguf.checks import check_architecture, check_path
 from qbara.export.gguf.presets import PRESETS, preset_file
 from qbara.lazy_tensors import LazyTensors
 from qbara.lq.configs import gguf_configs
@@ -72,6 +73,7 @@ class MixReport:
     costs: str
     weighted_rounding: bool
     calibration_sequences: int
+    embedding: dict = field(default_factory=dict)  # {"token_embd": type, "output": type or None when tied}
     layers: dict = field(default_factory=dict)  # name -> {"format", "bits_per_param", "params", "error"}
     matrix_bits_per_param: float = 0.0
     file_bits_per_param: float = 0.0
@@ -90,7 +92,8 @@ class MixReport:
     def to_dict(self) -> dict:
         return {"path": str(self.path), "size_bytes": self.size_bytes, "tensor_bytes": self.tensor_bytes,
                 "budget": self.budget, "costs": self.costs, "weighted_rounding": self.weighted_rounding,
-                "calibration_sequences": self.calibration_sequences, "counts": self.counts(),
+                "calibration_sequences": self.calibration_sequences, "embedding": self.embedding,
+                "counts": self.counts(),
                 "matrix_bits_per_param": self.matrix_bits_per_param, "file_bits_per_param": self.file_bits_per_param,
                 "estimated_error": self.error, "preset": self.preset, "seconds": self.seconds, "passes": self.passes,
                 "saturated": self.saturated,
@@ -102,7 +105,9 @@ class MixReport:
                  f"{len(self.layers)} matrices: " + ", ".join(f"{k} x{v}" for k, v in self.counts().items()),
                  f"{self.matrix_bits_per_param:.3f} bits/param over the matrices, {self.file_bits_per_param:.3f} over "
                  f"the whole file (budget {self.budget['description']}); estimated error {self.error:.4g} "
-                 f"({self.costs} costs{', weighted rounding' if self.weighted_rounding else ''})"]
+                 f"({self.costs} costs{', weighted rounding' if self.weighted_rounding else ''}); token embedding "
+                 f"{self.embedding.get('token_embd', 'q8_0')}"
+                 + (f", output {self.embedding['output']}" if self.embedding.get("output") else "")]
         if self.saturated:
             lines.append("every matrix is at its lowest-error format below the budget: a larger budget gives the "
                          "same file")
@@ -169,8 +174,15 @@ class _Source:
         if not self.names:
             raise QbaraError("the model has no dense linear layer to quantize; give a dense checkpoint")
 
-    def file_budget(self) -> FileBudget:
-        return checkpoint_file_budget(self.folder) if self.folder is not None else FileBudget.of_model(self.model)
+    def file_budget(self, embedding: str, output: str | None) -> FileBudget:
+        """The file's fixed part: the embedding (and an untied output) in the given types, the norms, and the
+        architecture's extra tensors (rope_freqs), which llama.cpp's files hold as well."""
+        config = self.config if self.folder is not None else self.model.config
+        extra = {n: tuple(a.shape) for n, a in extra_tensors(check_architecture(self.skeleton), config)}
+        options = {"embedding_format": embedding, "output_format": output, "extra_shapes": extra}
+        if self.folder is not None:
+            return checkpoint_file_budget(self.folder, **options)
+        return FileBudget.of_model(self.model, **options)
 
     def dense(self):
         """The dense model for calibration (loaded from the folder, or the one in memory)."""
@@ -287,8 +299,11 @@ def write_mixed_gguf(source, path, *, bits: float | None = None, file_budget: bo
     path = check_output(check_path(path), [source] if isinstance(source, (str, Path)) else [],
                         overwrite=overwrite, kind="file", option="path")
     src = _Source(source, tokenizer)
-    file = src.file_budget()
     preset = preset_file(src.skeleton, match, imatrix=match_imatrix) if match is not None else None
+    # a preset's own embedding / output types (e.g. Q6_K), so both files spend the same bytes outside the ILP
+    embedding = preset.types["token_embd.weight"] if preset is not None else "q8_0"
+    output = preset.types.get("output.weight") if preset is not None else None
+    file = src.file_budget(embedding, output)
     target, described = _target_bits(bits, file_budget, size, match, file, preset)
     low = _smallest_file_bits(src, file)
     if target < low:
@@ -302,7 +317,8 @@ def write_mixed_gguf(source, path, *, bits: float | None = None, file_budget: bo
                         workers=workers, progress=progress)
     allocation = table.allocate(target, file)
     model = src.quantized(dict(allocation.configs), rounding, progress)
-    exported = export_gguf(model, src.tokenizer, path, overwrite=overwrite)
+    exported = export_gguf(model, src.tokenizer, path, overwrite=overwrite, embedding_type=embedding,
+                           output_type=output)
     passes = 1
     if size is not None and exported.size_bytes > size:  # metadata and padding: known now, allocate again
         data, tensors = _tensor_bytes(path)
@@ -315,11 +331,13 @@ def write_mixed_gguf(source, path, *, bits: float | None = None, file_budget: bo
         before = dict(allocation.configs)
         allocation = table.allocate(target, file)
         _requantize(model, weights, before, dict(allocation.configs), rounding)
-        exported = export_gguf(model, src.tokenizer, path, overwrite=True)
+        exported = export_gguf(model, src.tokenizer, path, overwrite=True, embedding_type=embedding,
+                               output_type=output)
         passes = 2
     data, _ = _tensor_bytes(path)
     out = MixReport(path, exported.size_bytes, data, described, costs, weighted,
-                    0 if costs == "plain" else samples, matrix_bits_per_param=allocation.bits_per_param,
+                    0 if costs == "plain" else samples, embedding={"token_embd": embedding, "output": output},
+                    matrix_bits_per_param=allocation.bits_per_param,
                     file_bits_per_param=allocation.file_bits_per_param, error=allocation.error, passes=passes,
                     saturated=target > table.budget_range(file)[1])
     for i, n in enumerate(table.names):

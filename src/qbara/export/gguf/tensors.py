@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES
 from torch import Tensor, nn
 
 from qbara.errors import QbaraError
@@ -19,9 +19,10 @@ from qbara.export.gguf.linears import (
     requantize,
     row_order,
 )
-from qbara.quant.ggml import dequantize_ggml, quantize_ggml
+from qbara.quant.ggml import GGML_FORMATS, dequantize_ggml, quantize_ggml
 
-EMBEDDING_TYPES = ("q8_0", "f16", "f32")
+# token embedding / output types: Q8_0 (the default), floats, or any other GGML block format (a llama.cpp preset's)
+EMBEDDING_TYPES = ("q8_0", "f16", "f32", *(k for k in GGML_FORMATS if k != "q8_0"))
 
 
 @dataclass
@@ -59,12 +60,13 @@ class LinearStats:
 def float_tensor(name: str, weight: Tensor, kind: str) -> tuple[np.ndarray, object, float]:
     """(array, raw GGML type or None, relative error) for a float matrix written as `kind`."""
     w = weight.detach().to("cpu", torch.float32)
-    if kind == "q8_0":
-        if w.shape[-1] % 32:
-            raise QbaraError(f"{name}: Q8_0 needs a row length divisible by 32 (got {w.shape[-1]}); "
-                             f"use embedding_type='f16' or 'f32'")
-        raw = quantize_ggml(w, "q8_0", name)
-        return raw.numpy(), GGMLQuantizationType.Q8_0, _rel_error(w, dequantize_ggml(raw, tuple(w.shape), "q8_0"))
+    if kind in GGML_FORMATS:  # unweighted: llama.cpp's importance matrix has no entry for the embedding
+        fmt = GGML_FORMATS[kind]
+        if w.shape[-1] % fmt.block_size:
+            raise QbaraError(f"{name}: {kind.upper()} needs a row length divisible by {fmt.block_size} (got "
+                             f"{w.shape[-1]}); use embedding_type='q8_0' (rows of 32), 'f16' or 'f32'")
+        raw = quantize_ggml(w, fmt, name)
+        return raw.numpy(), fmt.ggml_type, _rel_error(w, dequantize_ggml(raw, tuple(w.shape), fmt))
     if kind == "f16":
         arr = w.to(torch.float16)
         return arr.numpy(), None, _rel_error(w, arr.float())
@@ -140,8 +142,9 @@ def _is_tied(model: nn.Module) -> bool:
     return output is None or output.weight is embed or output.weight.data_ptr() == embed.data_ptr()
 
 
-def output_tensors(model: nn.Module, embedding_type: str, arch: Architecture) -> tuple[list[tuple], float]:
-    """output_norm, and output (the lm_head) unless tied to token_embd; the lm_head's relative error."""
+def output_tensors(model: nn.Module, output_type: str, arch: Architecture) -> tuple[list[tuple], float]:
+    """output_norm, and output (the lm_head, as `output_type`) unless tied to token_embd; the lm_head's relative
+    error."""
     out = [("output_norm.weight", _norm_array(model.model.norm.weight, arch.norm_offset), None)]
     if _is_tied(model):
         return out, 0.0
@@ -152,7 +155,7 @@ def output_tensors(model: nn.Module, embedding_type: str, arch: Architecture) ->
     output = model.get_output_embeddings()
     if getattr(output, "bias", None) is not None:
         raise QbaraError(f"the output layer (lm_head) has a bias, which llama.cpp's {arch.gguf_arch} does not read")
-    arr, raw, err = float_tensor("output.weight", output.weight, embedding_type)
+    arr, raw, err = float_tensor("output.weight", output.weight, output_type)
     out.append(("output.weight", arr, raw))
     return out, err
 
