@@ -472,9 +472,9 @@ def step_table(results: dict) -> list[str]:
     over step 1, the anonymous memory left between steps, the adapter's Adam moments, the cgroup's peak."""
     lines = ["Per training step (runs with per-step records): peak anonymous memory of each step, GiB (step 1 above "
              "the baseline in B/param); anon left between steps (after step 1 → after the last); adapter parameters "
-             "and their two fp32 Adam moments; the memory cgroup's peak charge (anon + page cache) and OOM kills. Seconds are "
-             "wall time on the machine as it was: the cases run one after another, so their times compare only where "
-             "the machine's load was the same.", "",
+             "and their two fp32 Adam moments; the memory cgroup's peak charge (anon + page cache) and OOM kills. "
+             "Seconds are wall time on the machine as it was: the cases run one after another, so their times compare "
+             "only where the machine's load was the same.", "",
              "| model | case | status | step peak anon GiB (1, 2, …) | step 2 − step 1 GiB | anon after step 1 → last "
              "GiB | step s | adapter params (Adam MiB) | vs bnb-nf4: step 1 / max peak | cgroup peak GiB, OOM |",
              "|---|---|---|---|---|---|---|---|---|---|"]
