@@ -507,6 +507,7 @@ def plot(results: dict, path: Path) -> None:
     from qbara.plotting import pyplot, save_figure
 
     fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
+    color = {case: f"C{i}" for i, case in enumerate(CASES + LQ_CASES)}
     for case in CASES + LQ_CASES:
         xs, anon, load = [], [], []
         for size, entry in results.items():
@@ -516,17 +517,17 @@ def plot(results: dict, path: Path) -> None:
                 anon.append((r["load_peak_anon"] - r["baseline_anon"]) / GiB)
                 load.append(r["load_s"])
         if xs:
-            axes[0].plot(xs, anon, "o-", label=case)
-            axes[1].plot(xs, load, "o-", label=case)
+            axes[0].plot(xs, anon, "o-", label=case, color=color[case])
+            axes[1].plot(xs, load, "o-", label=case, color=color[case])
     for size, entry in results.items():
         for case, r in entry["cases"].items():
             steps = r.get("steps_done")
             if steps:
                 axes[2].plot(range(1, len(steps) + 1), [s["peak_anon"] / GiB for s in steps], "o-",
-                             label=f"{size} {case}")
+                             label=f"{size} {case}", color=color.get(case.split(" ")[0]))
     axes[0].set(xlabel="parameters (B)", ylabel="peak anonymous memory of loading (GiB)")
     axes[1].set(xlabel="parameters (B)", ylabel="load + prepare (s)")
-    axes[2].set(xlabel="training step", ylabel="peak anonymous memory of the step (GiB)", yscale="log")
+    axes[2].set(xlabel="training step", ylabel="peak anonymous memory of the step (GiB)", ylim=(0, None))
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
