@@ -472,7 +472,9 @@ def step_table(results: dict) -> list[str]:
     over step 1, the anonymous memory left between steps, the adapter's Adam moments, the cgroup's peak."""
     lines = ["Per training step (runs with per-step records): peak anonymous memory of each step, GiB (step 1 above "
              "the baseline in B/param); anon left between steps (after step 1 → after the last); adapter parameters "
-             "and their two fp32 Adam moments; the memory cgroup's peak charge (anon + page cache) and OOM kills.", "",
+             "and their two fp32 Adam moments; the memory cgroup's peak charge (anon + page cache) and OOM kills. "
+             "Seconds are wall time on the machine as it was: the cases run one after another, so their times compare "
+             "only where the machine's load was the same.", "",
              "| model | case | status | step peak anon GiB (1, 2, …) | step 2 − step 1 GiB | anon after step 1 → last "
              "GiB | step s | adapter params (Adam MiB) | vs bnb-nf4: step 1 / max peak | cgroup peak GiB, OOM |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -505,6 +507,7 @@ def plot(results: dict, path: Path) -> None:
     from qbara.plotting import pyplot, save_figure
 
     fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
+    color = {case: f"C{i}" for i, case in enumerate(CASES + LQ_CASES)}
     for case in CASES + LQ_CASES:
         xs, anon, load = [], [], []
         for size, entry in results.items():
@@ -514,17 +517,17 @@ def plot(results: dict, path: Path) -> None:
                 anon.append((r["load_peak_anon"] - r["baseline_anon"]) / GiB)
                 load.append(r["load_s"])
         if xs:
-            axes[0].plot(xs, anon, "o-", label=case)
-            axes[1].plot(xs, load, "o-", label=case)
+            axes[0].plot(xs, anon, "o-", label=case, color=color[case])
+            axes[1].plot(xs, load, "o-", label=case, color=color[case])
     for size, entry in results.items():
         for case, r in entry["cases"].items():
             steps = r.get("steps_done")
             if steps:
                 axes[2].plot(range(1, len(steps) + 1), [s["peak_anon"] / GiB for s in steps], "o-",
-                             label=f"{size} {case}")
+                             label=f"{size} {case}", color=color.get(case.split(" ")[0]))
     axes[0].set(xlabel="parameters (B)", ylabel="peak anonymous memory of loading (GiB)")
     axes[1].set(xlabel="parameters (B)", ylabel="load + prepare (s)")
-    axes[2].set(xlabel="training step", ylabel="peak anonymous memory of the step (GiB)", yscale="log")
+    axes[2].set(xlabel="training step", ylabel="peak anonymous memory of the step (GiB)", ylim=(0, None))
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
