@@ -428,8 +428,8 @@ def _one_line(r: dict) -> str:
     return text
 
 
-def _ratio(a, b, key):
-    return a[key] / b[key] if key in a and key in b and b[key] else float("nan")
+def _ratio(a, b, key) -> str:
+    return f"{a[key] / b[key]:.2f}×" if key in a and key in b and b[key] else "-"
 
 
 def summarize(results: dict) -> str:
@@ -451,8 +451,8 @@ def summarize(results: dict) -> str:
             after = f"{after['VmRSS'] / GiB:.2f} ({after['RssFile'] / GiB:.2f})" if after else "-"
             ref = entry["cases"].get("qbara-lq-dense", {}) if case.startswith("qbara-lq") else bnb
             vs = "-" if case in ("bnb-nf4", "qbara-lq-dense") or "load_s" not in ref else (
-                f"{_ratio(r, ref, 'load_peak_anon'):.2f}× / {_ratio(r, ref, 'load_peak_rss'):.2f}× / "
-                f"{_ratio(r, ref, 'load_s'):.2f}× / {_ratio(r, ref, 'step_s'):.2f}×")
+                f"{_ratio(r, ref, 'load_peak_anon')} / {_ratio(r, ref, 'load_peak_rss')} / "
+                f"{_ratio(r, ref, 'load_s')} / {_ratio(r, ref, 'step_s')}")
             label = case if r.get("commit") else f"{case} (earlier run)"
             lines.append(f"| {size} ({n / 1e9:.2f}B) | {label} | {r['load_s']:.1f} | "
                          f"{anon / GiB:.2f} ({anon / n:.2f}) | "
@@ -496,8 +496,9 @@ def step_table(results: dict) -> list[str]:
                 f"{peaks[0] / bnb[0]['peak_anon']:.2f}× / {max(peaks) / max(s['peak_anon'] for s in bnb):.2f}×")
             group = (f"{r['cgroup_peak'] / GiB:.2f} of {r['cgroup_limit'] / GiB:.0f}, {r['oom_kill']}"
                      if r.get("cgroup_peak") else "-")
-            status = r.get("status", "done") + ("" if r.get("status", "done") == "done" else
-                                                f" ({len(steps)} steps)")
+            status = r.get("status", "done")
+            if status != "done":  # a record still "running" is a run going on or one stopped: its steps so far
+                status = f"incomplete: {len(steps)} steps recorded"
             lines.append(f"| {size} | {case} | {status} | {first}, {rest} | "
                          f"{growth} | {ends} | {seconds} | {adam} | {vs} | {group} |")
     return lines
