@@ -3,9 +3,13 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from gguf import GGUFReader
 
 from qbara.cli import main
+from qbara.models import tiny_llama
+from qbara.quant.ggml import quantize_ggml
 
 
 def _records(path, lines):
@@ -177,3 +181,18 @@ def test_resume_refuses_another_base_model(trained, tmp_path, capsys):
     assert "trained on a different base model" in capsys.readouterr().err
     assert main([*args, "--adapter.method", "qalora"]) == 2
     assert "resume with the run's original adapter settings" in capsys.readouterr().err
+
+
+def test_export_takes_a_block_type_for_the_embedding(tmp_path, capsys):
+    """`--embedding-type q4_0` writes the token embedding as the Q4_0 blocks qbara's quantizer gives its weights;
+    an unknown type is refused by the parser."""
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--model", "tiny-llama", "--dense-type", "f32", "--embedding-type", "q4_0",
+                 "--out", str(out)]) == 0
+    tensor = next(t for t in GGUFReader(out).tensors if t.name == "token_embd.weight")
+    assert tensor.tensor_type.name == "Q4_0"
+    weight = tiny_llama()[0].model.embed_tokens.weight.detach()
+    assert np.array_equal(np.asarray(tensor.data).view(np.uint8).ravel(), quantize_ggml(weight, "q4_0").numpy().ravel())
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--model", "tiny-llama", "--embedding-type", "q9_9", "--out", str(tmp_path / "x.gguf")])
+    assert exit_.value.code == 2 and "q9_9" in capsys.readouterr().err

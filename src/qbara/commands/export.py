@@ -12,7 +12,7 @@ from qbara.adapters.attach import adapter_layers
 from qbara.commands.eval import add_quant_option, load_for_eval
 from qbara.errors import QbaraError
 from qbara.export import hf
-from qbara.export.gguf import is_plain_lora, write_gguf, write_gguf_lora
+from qbara.export.gguf import EMBEDDING_TYPES, is_plain_lora, write_gguf, write_gguf_lora
 from qbara.outputs import output_file, output_folder
 
 __all__ = ["add_parser"]
@@ -38,7 +38,8 @@ def _run_gguf(args, inputs):
     if not str(lora_out).endswith(".gguf") or Path(lora_out).resolve() == Path(args.out).resolve():
         raise QbaraError(f"--adapter-out {lora_out!r}: the LoRA adapter GGUF is a file ending in .gguf, other "
                          f"than --out")
-    options = {"embedding_type": args.embedding_type, "base_model": args.model, "dense_type": args.dense_type}
+    options = {"embedding_type": args.embedding_type, "output_type": args.output_type, "base_model": args.model,
+               "dense_type": args.dense_type}
     with output_file(args.out, inputs, overwrite=args.overwrite):
         model, tokenizer = load_for_eval(args.model, args.adapter, getattr(args, "quant", None))
         if not _separate_lora(model, args.allow_requantize):
@@ -85,8 +86,11 @@ def add_parser(subparsers) -> None:
                                          "(default: OUT with .adapter.gguf)")
     p.add_argument("--lora-dtype", choices=("f32", "f16"), default="f32",
                    help="gguf: the LoRA adapter GGUF's tensor type (f16: half the bytes, values rounded to fp16)")
-    p.add_argument("--embedding-type", choices=("q8_0", "f16", "f32"), default="q8_0",
-                   help="gguf: token embedding type")
+    p.add_argument("--embedding-type", choices=EMBEDDING_TYPES, default="q8_0", metavar="TYPE",
+                   help="gguf: token embedding type: q8_0, f16, f32 or another GGML block type (e.g. q6_k, as "
+                        "llama.cpp's presets use; its block must divide the hidden size)")
+    p.add_argument("--output-type", choices=EMBEDDING_TYPES, metavar="TYPE",
+                   help="gguf: an untied lm_head's type (default: the embedding's)")
     p.add_argument("--dense-type", choices=("f32", "f16"),
                    help="gguf: write layers that are neither INT4 / INT5 G32 nor gguf:* (a dense model, adapters that "
                         "do not fold) as this float type (f32 exact, f16 rounded and reported) instead of refusing "
