@@ -116,7 +116,7 @@ def local_packed_bytes(model: nn.Module) -> tuple[int, int]:
 def full_adapter_parameters(model: nn.Module, write_back: bool = False):
     """On every rank (a collective): the adapter parameters all-gathered into plain tensors for the duration, so
     saving, checks and merging read the whole adapter; the shards are put back after (write_back: holding what
-    the whole tensors hold then, e.g. an adapter loaded into them)."""
+    the whole tensors hold then, e.g. an adapter loaded into them). A model that is not sharded is left as it is."""
     swapped = []
     for layer in adapter_layers(model).values():
         for name, param in layer.adapter_parameters().items():

@@ -315,7 +315,7 @@ def _load_adapter_weights(model, directory) -> None:
     """Copy the adapter tensors saved in `directory` into the model's existing adapter parameters (a sharded
     model: into whole copies, then back into each rank's shards)."""
     model = getattr(model, "module", model)
-    with full_adapter_parameters(model, write_back=True) if is_sharded(model) else contextlib.nullcontext():
+    with full_adapter_parameters(model, write_back=True):  # a no-op on a model that is not sharded
         copy_adapter_weights(adapter_layers(model), directory)
 
 
@@ -518,7 +518,7 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
         with write_faults_as_errors(output_dir):  # disk full, file size limit: in a checkpoint or the final outputs
             _train_or_finish(trainer, model, checkpoint)
             history = trainer.state.log_history
-            with full_adapter_parameters(model) if is_sharded(model) else contextlib.nullcontext():
+            with full_adapter_parameters(model):  # gathers a sharded adapter; a no-op otherwise
                 if trainer.is_world_process_zero():
                     _write_final_outputs(config, model, tokenizer, output_dir, history, foreign, lock)
     except KeyboardInterrupt:  # the lock's journal and the swap leave no partial adapter/

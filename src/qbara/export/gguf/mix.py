@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
 from torch import Tensor, nn
 
 from qbara.atomic import write_json_atomic
@@ -273,8 +274,6 @@ def _target_bits(bits, file_budget, size, match, file: FileBudget, preset, overh
 
 def _tensor_bytes(path: Path) -> tuple[int, int]:
     """(tensor data bytes without padding, tensors) of a GGUF file."""
-    from gguf import GGUFReader
-
     tensors = GGUFReader(str(path)).tensors
     return sum(int(t.n_bytes) for t in tensors), len(tensors)
 
