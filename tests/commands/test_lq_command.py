@@ -122,3 +122,34 @@ def test_lq_over_gguf_formats_under_a_file_budget_exports_for_llama_cpp(tmp_path
                  "--weighted-rounding", "--out", str(weighted)]) == 0
     data = json.loads((weighted / "allocation.json").read_text())
     assert data["settings"]["importance"] == "fisher" and data["file_bits_per_param"] <= 7.0
+
+
+def test_lq_file_budget_counts_every_tensor_of_the_exported_file(tmp_path):
+    """`qbara lq --file-budget` on a LLaMA-3 model (rope_freqs in its GGUF): the budget's parameters are exactly the
+    elements of the base GGUF `qbara export` writes, and its fixed part exactly the bytes of the tensors outside the
+    allocated matrices (read back by gguf-py)."""
+    from pathlib import Path
+
+    from gguf import GGUFReader
+
+    from qbara.models import tiny_llama
+
+    fixture = json.loads((Path(__file__).parent.parent / "fixtures" / "llamacpp_presets.json").read_text())
+    model, tokenizer = tiny_llama(hidden=256, intermediate=512, layers=1, heads=4, kv_heads=2)
+    model.config.rope_parameters = dict(fixture["tiny-llama3-256"]["config"]["rope_parameters"])
+    folder = tmp_path / "dense"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "lq"
+    assert main(["lq", "--model", str(folder), "--rank", "2", "--budget", "7.0", "--configs", "gguf",
+                 "--file-budget", "--table-iters", "2", "--max-iters", "2", "--factors", "fp32",
+                 "--out", str(out)]) == 0
+    budget = json.loads((out / "allocation.json").read_text())["settings"]["file_budget"]
+    gguf = tmp_path / "m.gguf"
+    assert main(["export", "--model", str(out / "model"), "--adapter", str(out / "adapter"), "--format", "gguf",
+                 "--out", str(gguf)]) == 0
+    tensors = GGUFReader(str(gguf)).tensors
+    assert "rope_freqs.weight" in {t.name for t in tensors}
+    assert budget["total_params"] == sum(int(t.n_elements) for t in tensors)
+    fixed = [t for t in tensors if not (".attn_" in t.name or ".ffn_" in t.name) or len(t.shape) < 2]
+    assert budget["fixed_bits"] == 8 * sum(int(t.n_bytes) for t in fixed)

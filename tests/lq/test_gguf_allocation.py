@@ -230,7 +230,7 @@ def test_streamed_lq_prepare_takes_the_same_file_budget(tmp_path):
     """A checkpoint folder (tied embeddings): FileBudget.of_checkpoint equals of_model of the loaded model, and
     lq_prepare(folder, file_budget=True) allocates and records as lq_prepare(model, file_budget=True)."""
     from qbara.models.loader import load_model
-    from qbara.models.lq import checkpoint_file_budget
+    from qbara.models.sources import checkpoint_file_budget
 
     model, tokenizer = _tiny_256(tie=True)
     folder = tmp_path / "tiny-tied"

@@ -336,6 +336,6 @@ def test_gemma_qahira_int4_pipeline_trains_and_folds(gemma):
 @pytest.mark.slow
 def test_lq_streaming_finds_gemmas_converted_folder(gemma):
     """LQ-LoRA's streamed path reads an embedded model's converted folder, Gemma's as SmolLM2's."""
-    from qbara.models.lq import checkpoint_folder
+    from qbara.models.sources import checkpoint_folder
 
     assert checkpoint_folder("gemma3-270m") == gemma[0]

@@ -129,7 +129,7 @@ def test_refusals(tmp_path):
 
 def test_calibration_model_keeps_bf16_and_computes_like_an_fp32_load(tmp_path):
     from qbara.lq.fisher import fisher_information
-    from qbara.models.lq import load_calibration_model
+    from qbara.models.sources import load_calibration_model
 
     folder = _folder(tmp_path)
     narrow, _ = load_calibration_model(folder)

@@ -215,11 +215,11 @@ def test_native_tokenizer_config_not_a_file_is_refused_not_skipped(damage, good,
     assert "tokenizer_config.json" in err, err
 
 
-# ---------------------------------------------------------------- models.lq.checkpoint_file_budget
+# ---------------------------------------------------------------- models.sources.checkpoint_file_budget
 
 
 def test_checkpoint_file_budget_checks_the_folder(good, tmp_path):
-    from qbara.models.lq import checkpoint_file_budget
+    from qbara.models.sources import checkpoint_file_budget
 
     folder = _folder_with(tmp_path, good, "hf", {"rms_norm_eps": math.nan})
     text = _refusal(lambda: checkpoint_file_budget(folder))
@@ -227,6 +227,18 @@ def test_checkpoint_file_budget_checks_the_folder(good, tmp_path):
     folder = _folder_with(tmp_path / "b", good, "hf", {"mlp_bias": 2**63})
     text = _refusal(lambda: checkpoint_file_budget(folder))
     assert "mlp_bias" in text, text
+
+
+@pytest.mark.parametrize("values, field", [({"rms_norm_eps": math.nan}, "rms_norm_eps is nan"),
+                                           ({"mlp_bias": 2**63}, "mlp_bias")])
+def test_a_gguf_mix_checks_the_folder_before_building_anything(values, field, good, tmp_path):
+    """write_mixed_gguf streams through models.sources like LQ-LoRA: the folder is checked first."""
+    from qbara.export.gguf.mix import write_mixed_gguf
+
+    folder = _folder_with(tmp_path, good, "hf", values)
+    text = _refusal(lambda: write_mixed_gguf(folder, tmp_path / "mix.gguf", bits=6.0, costs="plain", progress=False))
+    assert field in text and "config.json" in text, text
+    assert not (tmp_path / "mix.gguf").exists()
 
 
 # ---------------------------------------------------------------- run config: every field typed

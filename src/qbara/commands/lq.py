@@ -26,13 +26,14 @@ from qbara.commands.eval import read_text
 from qbara.distributed import end_process_group, is_main_process, start_process_group, world_size
 from qbara.errors import QbaraError
 from qbara.eval.perplexity import perplexity
+from qbara.export.gguf.mix import gguf_file_budget
 from qbara.lq.config import LQConfig
 from qbara.lq.configs import candidate_configs, gguf_configs, qlora_config
 from qbara.lq.factors import FACTOR_CONFIG
 from qbara.lq.fisher import calibration_sequences, fisher_information, open_fisher
 from qbara.lq.plot import plot_bits_per_layer
 from qbara.models.loader import load_model, load_tokenizer
-from qbara.models.lq import checkpoint_folder, load_calibration_model
+from qbara.models.sources import checkpoint_folder, load_calibration_model
 from qbara.native import write_quantized
 from qbara.outputs import check_output, output_folder
 from qbara.preparation import prepare
@@ -168,6 +169,7 @@ def _streamed(args, folder: Path, out: Path | None, options):
     """LQ-LoRA / LoftQ streamed from the shards (`qbara.prepare` given the folder): the dense model is loaded only
     for --eval's dense perplexity and --fisher-data's gradients, and freed before the decompositions start."""
     lq, adapter = options
+    lq = _counted_file(lq, adapter, folder)
     dense_eval = None
     fisher = args.inputs.fisher  # a saved one (--fisher), read one matrix at a time
     if args.eval or args.fisher_data:
@@ -185,10 +187,18 @@ def _in_memory(args, out: Path | None, options):
     """LQ-LoRA / LoftQ on the dense model in memory (models with no safetensors folder to stream from)."""
     lq, adapter = options
     model, tokenizer = load_model(args.model)
+    lq = _counted_file(lq, adapter, model)
     dense_eval = _perplexity(args, model, tokenizer) if args.eval else None
     fisher = _fisher(args, model, tokenizer, out)
     prepare(model, _with_fisher(args, lq, fisher), adapter, progress=True)
     return model, tokenizer, dense_eval
+
+
+def _counted_file(lq, adapter, source):
+    """--file-budget: the GGUF file's fixed part as export writes it for this model (LLaMA-3's rope_freqs too)."""
+    if lq.file_budget is not True:
+        return lq
+    return dataclasses.replace(lq, file_budget=gguf_file_budget(source, adapter.target_modules))
 
 
 def _with_fisher(args, lq, fisher):

@@ -9,39 +9,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from qbara.adapters.attach import attach_adapters
 from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
-from qbara.lazy_tensors import LazyTensors
 from qbara.lq.config import LQConfig
 from qbara.lq.factors import store_factors
 from qbara.lq.filesize import FileBudget
 from qbara.lq.layers import Decomposition, LQReport, decompose_layers, lq_report
 from qbara.lq.tables import error_table
-from qbara.models.files import load_config
-from qbara.models.loader import embedded_folder, load_model
-from qbara.models.quantized_io import is_quantized_folder
-from qbara.models.streaming import (
-    INDEX,
-    SINGLE,
-    checkpoint_dtype,
-    checkpoint_files,
-    default_compute_dtype,
-    empty_model,
-    safetensors_reader,
-    stream_checkpoint,
-    use_compute_dtype,
-)
+from qbara.models.sources import ModelSource, open_checkpoint
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.state import enable_native_save, state_of
 from qbara.targets import ALL_LINEAR, layer_configs, linear_layer_names, rounding_importance, set_submodule
-from qbara.validate import check_hf_folder
 
-__all__ = ["build_lq_model", "quantize_with_factors", "checkpoint_folder", "load_calibration_model"]
+__all__ = ["build_lq_model", "quantize_with_factors"]
 
 
 def build_lq_model(source: nn.Module | str | Path, lq: LQConfig, adapter, *, modules=None,
@@ -53,7 +37,7 @@ def build_lq_model(source: nn.Module | str | Path, lq: LQConfig, adapter, *, mod
     if not isinstance(lq, LQConfig):
         raise QbaraError(f"expected a qbara.lq.LQConfig, got {type(lq).__name__}")
     adapter = lq.adapter_config(adapter)
-    source = _FolderSource(source) if isinstance(source, (str, Path)) else _ModelSource(source)
+    source = _source(source)
     plan = _plan_layers(source.skeleton, lq, adapter, modules)
     weights = source.weights(plan.targets)
     fisher = lq.open_fisher()  # a file or folder is read one matrix at a time
@@ -67,7 +51,7 @@ def build_lq_model(source: nn.Module | str | Path, lq: LQConfig, adapter, *, mod
                             progress=progress, importance=importance)
     del weights
     layers = configs if plan.layers is None else plan.layers  # the decomposed targets, and the rest plainly
-    model, factors = source.build(layers, decs, importance, progress)
+    model, factors = _build(source, layers, decs, importance, progress)
     _record(model, lq.method, adapter.rank, decs, fisher is not None, lq.report_settings())
     del decs
     return _attach(model, factors, lq, adapter, allocation, table, file, source.dense_fingerprint)
@@ -84,7 +68,7 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
     per_layer = layer_configs(model, quant, targets)  # dense linears only, every shape checked
     if not per_layer:
         raise QbaraError(f"no linear layers match the targets {targets!r}; check target_modules")
-    weights = _model_weights(model, per_layer)
+    weights = ModelSource(model).weights(per_layer)
     for n, shape in weights.shapes.items():
         if min(shape) < rank:
             raise QbaraError(f"{n}: rank {rank} exceeds the {shape} matrix's smallest side; lower the rank")
@@ -96,108 +80,34 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
     return factors
 
 
-# ------------------------------------------------------------------------------------------ the two sources
+# ------------------------------------------------------------------------------------------ building from a source
 
 
-class _ModelSource:
-    """A dense model in memory: planned on itself, its weights looked up as they are, quantized in place."""
+def _source(source):
+    """The checkpoint to plan on and build from: a model in memory (its fingerprint recorded) or a folder."""
+    if isinstance(source, (str, Path)):
+        return open_checkpoint(source)
+    if not isinstance(source, nn.Module):
+        raise QbaraError(f"LQ-LoRA / LoftQ need a dense model (qbara.load_model), got {type(source).__name__}; "
+                         f"qbara.prepare also takes a checkpoint folder")
+    state = state_of(source)
+    if state.base_fingerprint is None and hasattr(source, "config"):
+        state.base_fingerprint = model_fingerprint(source)
+    out = ModelSource(source)
+    out.dense_fingerprint = state.base_fingerprint
+    return out
 
-    def __init__(self, model):
-        if not isinstance(model, nn.Module):
-            raise QbaraError(f"LQ-LoRA / LoftQ need a dense model (qbara.load_model), got {type(model).__name__}; "
-                             f"qbara.prepare also takes a checkpoint folder")
-        state = state_of(model)
-        if state.base_fingerprint is None and hasattr(model, "config"):
-            state.base_fingerprint = model_fingerprint(model)
-        self.model = self.skeleton = model
-        self.dense_fingerprint = state.base_fingerprint
 
-    def weights(self, names) -> LazyTensors:
-        return _model_weights(self.model, names)
-
-    def file_budget(self, targets) -> FileBudget:
-        return FileBudget.of_model(self.model, targets)
-
-    def build(self, layers, decs, importance, progress: bool):
-        """The model with `layers` quantized: the decomposed ones as their Q, the others plainly."""
-        model = self.model
-        for p in model.parameters():
-            p.requires_grad_(False)
-        rest = {n: c for n, c in layers.items() if n not in decs}  # no adapter here: Q = quantize(W)
-        rest_importance = rounding_importance(rest, importance, require_gguf=False)
-        for n, config in rest.items():
-            set_submodule(model, n, QuantizedLinear.from_linear(model.get_submodule(n), config, name=n,
-                                                                importance=rest_importance.get(n)))
+def _build(source, layers, decs, importance, progress: bool):
+    """(the model with `layers` quantized, the decomposed ones as their Q; name -> (L1, L2)). In memory the
+    decomposed layers take their Q in place; streamed, their Q is used instead of quantizing the weight."""
+    if isinstance(source, ModelSource):
+        source.model.requires_grad_(False)
+        model = source.quantize({n: c for n, c in layers.items() if n not in decs}, importance, progress=False)
         return model, _place(model, decs)
-
-
-class _FolderSource:
-    """A safetensors folder, streamed: planned on a weightless skeleton, read one matrix at a time."""
-
-    def __init__(self, name_or_path):
-        folder = checkpoint_folder(name_or_path)
-        if folder is None:
-            raise QbaraError(f"{name_or_path!r} is not a folder of safetensors shards to stream from; load the "
-                             f"model (qbara.load_model) and pass it to lq_prepare / prepare instead")
-        self.folder, self.files = folder, checkpoint_files(folder)
-        check_hf_folder(folder, self.files)  # no custom code, sizes the weights can hold: before anything is built
-        self.storage = checkpoint_dtype(self.files[0])
-        self.config = load_config(folder)
-        self.skeleton = empty_model(self.config, self.storage, folder)
-        self.dense_fingerprint = None  # hashed while the shards are streamed
-
-    def weights(self, names) -> LazyTensors:
-        return LazyTensors.from_files(self.files, {n: f"{n}.weight" for n in names})
-
-    def file_budget(self, targets) -> FileBudget:
-        return checkpoint_file_budget(self.folder, targets)
-
-    def build(self, layers, decs, importance, progress: bool):
-        """The model streamed from the shards with `layers` quantized: the decomposed ones as their Q."""
-        model = stream_checkpoint(self.config, safetensors_reader(self.files), self.folder, layers, "all-linear",
-                                  self.storage, "cpu", progress, packed={n: dec.qtensor for n, dec in decs.items()},
-                                  importance=importance)
-        state = state_of(model)
-        self.dense_fingerprint = state.base_fingerprint
-        state.loaded_quant = None  # the Q of decompositions, not a plain quantization of the checkpoint
-        return model, {n: (dec.L1.to("cpu"), dec.L2.to("cpu")) for n, dec in decs.items()}
-
-
-def _model_weights(model: nn.Module, names) -> LazyTensors:
-    return LazyTensors.from_tensors({n: model.get_submodule(n).weight.detach() for n in names})
-
-
-def checkpoint_folder(name_or_path) -> Path | None:
-    """The safetensors HF folder behind a model name, or None when there is none to stream from."""
-    embedded = embedded_folder(name_or_path)
-    if embedded is not None:
-        return embedded
-    path = Path(str(name_or_path)).expanduser()
-    if not path.is_dir() or not (path / "config.json").is_file() or is_quantized_folder(path):
-        return None
-    return path if (path / SINGLE).is_file() or (path / INDEX).is_file() else None
-
-
-def checkpoint_file_budget(name_or_path, targets="all-linear", **kwargs) -> FileBudget:
-    """`FileBudget.of_model` for a safetensors folder, from its config alone (after `check_hf_folder`)."""
-    folder = checkpoint_folder(name_or_path)
-    if folder is None:
-        raise QbaraError(f"{str(name_or_path)!r} is not a safetensors checkpoint folder; load the model and use "
-                         f"FileBudget.of_model(model)")
-    check_hf_folder(folder, checkpoint_files(folder))  # no custom code, values and sizes: before anything is built
-    config = load_config(folder)
-    skeleton = empty_model(config, torch.float32, folder)
-    if getattr(config, "tie_word_embeddings", False):  # as loading does: the head is the embedding
-        skeleton.tie_weights()
-    return FileBudget.of_model(skeleton, targets, **kwargs)
-
-
-def load_calibration_model(folder):
-    """(model, tokenizer): a folder's dense model in the checkpoint's dtype, computing in fp32."""
-    model, tokenizer = load_model(str(folder), dtype=checkpoint_dtype(checkpoint_files(Path(folder))[0]))
-    return use_compute_dtype(model, default_compute_dtype("cpu"), every_linear=True), tokenizer
-
-
+    model = source.quantize(layers, importance, progress, packed={n: dec.qtensor for n, dec in decs.items()})
+    state_of(model).loaded_quant = None  # the Q of decompositions, not a plain quantization of the checkpoint
+    return model, {n: (dec.L1.to("cpu"), dec.L2.to("cpu")) for n, dec in decs.items()}
 # ------------------------------------------------------------------------------------------ the steps
 
 

@@ -23,30 +23,19 @@ from qbara.export.gguf.architectures import extra_tensors
 from qbara.export.gguf.base import export_gguf
 from qbara.export.gguf.checks import check_architecture, check_path
 from qbara.export.gguf.presets import PRESETS, preset_file
-from qbara.lazy_tensors import LazyTensors
 from qbara.lq.configs import gguf_configs
 from qbara.lq.filesize import FileBudget
 from qbara.lq.fisher import calibration_sequences, fisher_information
 from qbara.lq.imatrix import importance_matrix
 from qbara.lq.plot import plot_allocation
 from qbara.lq.tables import error_table
-from qbara.models.files import load_config, load_tokenizer
-from qbara.models.loader import load_model
-from qbara.models.lq import checkpoint_file_budget, checkpoint_folder, load_calibration_model
-from qbara.models.streaming import (
-    checkpoint_dtype,
-    checkpoint_files,
-    empty_model,
-    quantize_model,
-    safetensors_reader,
-    stream_checkpoint,
-)
+from qbara.models.sources import FolderSource, ModelSource, open_checkpoint
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.outputs import check_output
 from qbara.quant.tensor import quantize
 from qbara.targets import linear_layer_names, set_submodule
 
-__all__ = ["COSTS", "MixReport", "mixed_calibration", "parse_size", "write_mixed_gguf"]
+__all__ = ["COSTS", "MixReport", "gguf_file_budget", "mixed_calibration", "parse_size", "write_mixed_gguf"]
 
 COSTS = ("fisher", "imatrix", "plain")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -146,60 +135,28 @@ def _check(bits, file_budget, size, match, costs, calibration, weighted_rounding
                          "have: use --costs fisher / imatrix, or --no-weighted-rounding")
 
 
-class _Source:
-    """A checkpoint: a safetensors folder (streamed; the dense model is loaded only for calibration) or a model in
-    memory (a name without a folder, e.g. tiny-llama, or an nn.Module)."""
+def _open(source, tokenizer):
+    """The checkpoint (a safetensors folder streamed, or a model in memory; a name with no folder is loaded) and
+    its dense target linears; a model in memory needs its tokenizer, asked for before any work."""
+    if isinstance(source, nn.Module) and tokenizer is None:
+        raise QbaraError("a model in memory needs its tokenizer: write_mixed_gguf(model, ..., tokenizer=tokenizer)")
+    src = open_checkpoint(source, tokenizer, load=True)
+    if src.model is not None:
+        src.model.eval()
+    names = linear_layer_names(src.skeleton, "all-linear", include_quantized=False)
+    if not names:
+        raise QbaraError("the model has no dense linear layer to quantize; give a dense checkpoint")
+    return src, names
 
-    def __init__(self, source, tokenizer=None):
-        self.folder = checkpoint_folder(source) if isinstance(source, (str, Path)) else None
-        if self.folder is not None:
-            self.files = checkpoint_files(self.folder)
-            self.config = load_config(self.folder)
-            self.storage = checkpoint_dtype(self.files[0])
-            self.skeleton = empty_model(self.config, self.storage, self.folder)
-            if getattr(self.config, "tie_word_embeddings", False):
-                self.skeleton.tie_weights()
-            self.tokenizer = tokenizer or load_tokenizer(self.folder)
-            self.model = None
-        else:
-            if isinstance(source, nn.Module):
-                if tokenizer is None:
-                    raise QbaraError("a model in memory needs its tokenizer: write_mixed_gguf(model, ..., "
-                                     "tokenizer=tokenizer)")
-                self.model, self.tokenizer = source, tokenizer
-            else:
-                self.model, self.tokenizer = load_model(str(source))
-            self.model.eval()
-            self.skeleton = self.model
-        self.names = linear_layer_names(self.skeleton, "all-linear", include_quantized=False)
-        if not self.names:
-            raise QbaraError("the model has no dense linear layer to quantize; give a dense checkpoint")
 
-    def file_budget(self, embedding: str, output: str | None) -> FileBudget:
-        """The file's fixed part: the embedding (and an untied output) in the given types, the norms, and the
-        architecture's extra tensors (rope_freqs), which llama.cpp's files hold as well."""
-        config = self.config if self.folder is not None else self.model.config
-        extra = {n: tuple(a.shape) for n, a in extra_tensors(check_architecture(self.skeleton), config)}
-        options = {"embedding_format": embedding, "output_format": output, "extra_shapes": extra}
-        if self.folder is not None:
-            return checkpoint_file_budget(self.folder, **options)
-        return FileBudget.of_model(self.model, **options)
-
-    def dense(self):
-        """The dense model for calibration (loaded from the folder, or the one in memory)."""
-        return load_calibration_model(self.folder)[0] if self.folder is not None else self.model
-
-    def weights(self) -> Mapping[str, Tensor]:
-        if self.folder is not None:
-            return LazyTensors.from_files(self.files, {n: f"{n}.weight" for n in self.names})
-        return {n: self.model.get_submodule(n).weight.detach() for n in self.names}
-
-    def quantized(self, configs, rounding, progress: bool):
-        """The model with every target linear quantized in its config, streamed from the shards or in place."""
-        if self.folder is not None:
-            return stream_checkpoint(self.config, safetensors_reader(self.files), self.folder, configs, "all-linear",
-                                     self.storage, "cpu", progress, importance=rounding)
-        return quantize_model(self.model, configs, progress=progress, importance=rounding)
+def gguf_file_budget(source, targets="all-linear", *, embedding: str = "q8_0", output: str | None = None,
+                     tokenizer=None) -> FileBudget:
+    """The fixed part of a GGUF file made from `source` (a model, a name or a safetensors folder) whose `targets`
+    the ILP allocates: the embedding (and an untied output) in the given types, the norms, and the architecture's
+    extra tensors (LLaMA-3's rope_freqs), which llama.cpp's files hold as well."""
+    src = source if isinstance(source, (FolderSource, ModelSource)) else open_checkpoint(source, tokenizer, load=True)
+    extra = {n: tuple(a.shape) for n, a in extra_tensors(check_architecture(src.skeleton), src.skeleton.config)}
+    return src.file_budget(targets, embedding_format=embedding, output_format=output, extra_shapes=extra)
 
 
 class _ColumnWeights(Mapping):
@@ -228,7 +185,7 @@ def mixed_calibration(tokenizer, texts: Sequence[str], samples: int, length: int
     return torch.cat(parts)
 
 
-def _statistics(source: _Source, texts, costs: str, samples: int, length: int, seed: int, progress: bool):
+def _statistics(source, names, texts, costs: str, samples: int, length: int, seed: int, progress: bool):
     """(cost weights for the table, rounding importance): the Fisher diagonal for both, or the importance matrix
     (per column) for both, or neither."""
     if costs == "plain":
@@ -236,18 +193,18 @@ def _statistics(source: _Source, texts, costs: str, samples: int, length: int, s
     dense = source.dense()
     sequences = mixed_calibration(source.tokenizer, texts, samples, length, seed)
     if costs == "fisher":
-        fisher = fisher_information(dense, sequences, source.names, progress=progress)
+        fisher = fisher_information(dense, sequences, names, progress=progress)
         return fisher, fisher
-    columns = importance_matrix(dense, sequences, source.names, progress=progress)
-    shapes = {n: tuple(dense.get_submodule(n).weight.shape) for n in source.names}
+    columns = importance_matrix(dense, sequences, names, progress=progress)
+    shapes = {n: tuple(dense.get_submodule(n).weight.shape) for n in names}
     return _ColumnWeights(columns, shapes), columns
 
 
-def _smallest_file_bits(source: _Source, file: FileBudget) -> float:
+def _smallest_file_bits(source, names, file: FileBudget) -> float:
     """The smallest file bits/param any allocation reaches: every matrix in its cheapest format that fits."""
     configs = gguf_configs()
     bits = 0.0
-    for n in source.names:
+    for n in names:
         shape = tuple(source.skeleton.get_submodule(n).weight.shape)
         fits = [c.bits_per_param for c in configs if c.fits(shape)]
         if not fits:
@@ -297,25 +254,25 @@ def write_mixed_gguf(source, path, *, bits: float | None = None, file_budget: bo
     weighted = (costs != "plain") if weighted_rounding is None else bool(weighted_rounding)
     path = check_output(check_path(path), [source] if isinstance(source, (str, Path)) else [],
                         overwrite=overwrite, kind="file", option="path")
-    src = _Source(source, tokenizer)
+    src, names = _open(source, tokenizer)
     preset = preset_file(src.skeleton, match, imatrix=match_imatrix) if match is not None else None
     # a preset's own embedding / output types (e.g. Q6_K), so both files spend the same bytes outside the ILP
     embedding = preset.types["token_embd.weight"] if preset is not None else "q8_0"
     output = preset.types.get("output.weight") if preset is not None else None
-    file = src.file_budget(embedding, output)
+    file = gguf_file_budget(src, embedding=embedding, output=output)
     target, described = _target_bits(bits, file_budget, size, match, file, preset)
-    low = _smallest_file_bits(src, file)
+    low = _smallest_file_bits(src, names, file)
     if target < low:
         raise QbaraError(f"the budget ({described['description']}) is below the smallest file this model can be: "
                          f"{low:.4f} bits/param ({math.ceil(low * file.total_params / 8):,} bytes of tensor data) with "
                          f"every linear in its cheapest GGML format; raise it")
-    cost_weights, rounding = _statistics(src, texts, costs, samples, length, seed, progress)
+    cost_weights, rounding = _statistics(src, names, texts, costs, samples, length, seed, progress)
     rounding = rounding if weighted else None
-    weights = src.weights()
+    weights = src.weights(names)
     table = error_table(weights, gguf_configs(), rank=0, fisher=cost_weights, importance=rounding, seed=seed,
                         workers=workers, progress=progress)
     allocation = table.allocate(target, file)
-    model = src.quantized(dict(allocation.configs), rounding, progress)
+    model = src.quantize(dict(allocation.configs), rounding, progress)
     exported = export_gguf(model, src.tokenizer, path, overwrite=overwrite, embedding_type=embedding,
                            output_type=output)
     passes = 1
