@@ -95,16 +95,7 @@ def test_lq_command_under_torchrun_matches_one_process(tmp_path):
 def test_lq_over_gguf_formats_under_a_file_budget_exports_for_llama_cpp(tmp_path, capsys):
     """`qbara lq --configs gguf --file-budget` on a checkpoint folder (streamed), then `qbara export --format gguf`:
     a mixed-format base GGUF and the LoRA adapter GGUF beside it."""
-    from qbara.models import tiny_llama
-
-    model, tokenizer = tiny_llama(hidden=256, intermediate=512, layers=1, heads=4, kv_heads=2)
-    folder = tmp_path / "dense"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    out = tmp_path / "lq"
-    assert main(["lq", "--model", str(folder), "--rank", "2", "--budget", "7.0", "--configs", "gguf",
-                 "--file-budget", "--table-iters", "2", "--max-iters", "2", "--factors", "fp32",
-                 "--out", str(out)]) == 0
+    folder, out = _lq_over_gguf_formats(tmp_path)
     data = json.loads((out / "allocation.json").read_text())
     assert data["streamed"] and data["file_bits_per_param"] <= 7.0
     assert all(k.startswith("gguf:") for k in data["counts"]) and sum(data["counts"].values()) == 7
@@ -132,18 +123,8 @@ def test_lq_file_budget_counts_every_tensor_of_the_exported_file(tmp_path):
 
     from gguf import GGUFReader
 
-    from qbara.models import tiny_llama
-
     fixture = json.loads((Path(__file__).parent.parent / "fixtures" / "llamacpp_presets.json").read_text())
-    model, tokenizer = tiny_llama(hidden=256, intermediate=512, layers=1, heads=4, kv_heads=2)
-    model.config.rope_parameters = dict(fixture["tiny-llama3-256"]["config"]["rope_parameters"])
-    folder = tmp_path / "dense"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    out = tmp_path / "lq"
-    assert main(["lq", "--model", str(folder), "--rank", "2", "--budget", "7.0", "--configs", "gguf",
-                 "--file-budget", "--table-iters", "2", "--max-iters", "2", "--factors", "fp32",
-                 "--out", str(out)]) == 0
+    _, out = _lq_over_gguf_formats(tmp_path, fixture["tiny-llama3-256"]["config"]["rope_parameters"])
     budget = json.loads((out / "allocation.json").read_text())["settings"]["file_budget"]
     gguf = tmp_path / "m.gguf"
     assert main(["export", "--model", str(out / "model"), "--adapter", str(out / "adapter"), "--format", "gguf",
@@ -153,3 +134,19 @@ def test_lq_file_budget_counts_every_tensor_of_the_exported_file(tmp_path):
     assert budget["total_params"] == sum(int(t.n_elements) for t in tensors)
     fixed = [t for t in tensors if not (".attn_" in t.name or ".ffn_" in t.name) or len(t.shape) < 2]
     assert budget["fixed_bits"] == 8 * sum(int(t.n_bytes) for t in fixed)
+
+
+def _lq_over_gguf_formats(tmp_path, rope_parameters=None):
+    """(folder, out): a tiny dense LLaMA folder and `qbara lq --configs gguf --file-budget --budget 7` on it."""
+    from qbara.models import tiny_llama
+
+    model, tokenizer = tiny_llama(hidden=256, intermediate=512, layers=1, heads=4, kv_heads=2)
+    if rope_parameters is not None:  # LLaMA-3's rope scaling: its GGUF holds rope_freqs
+        model.config.rope_parameters = dict(rope_parameters)
+    folder, out = tmp_path / "dense", tmp_path / "lq"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert main(["lq", "--model", str(folder), "--rank", "2", "--budget", "7.0", "--configs", "gguf",
+                 "--file-budget", "--table-iters", "2", "--max-iters", "2", "--factors", "fp32",
+                 "--out", str(out)]) == 0
+    return folder, out
