@@ -1,5 +1,6 @@
-"""How exact is the LQ-LoRA error table, and at what cost: the exact table (dq_mode="refine") and the warm-started
-one ("warm") against the fast approximation ("shared", the default) on SmolLM2-135M's linears at rank 64.
+"""How exact is the LQ-LoRA error table, and at what cost: the exact table (dq_mode="refine", the default) and the
+warm-started one ("warm") against the fast approximation ("shared") on SmolLM2-135M's linears at rank 64.
+"refine-p3" is "refine" before its runs stopped on a stall (`tables.REFINE_STALL = None`: patience 3 alone).
 
     nice -n 10 python bench/lq_table_exactness.py [--layer 15] [--matrices 7] [--check 2] [--out ...md]
     # Fisher-weighted (LQ-LoRA's main setting), its rows added to the same file:
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from qbara.data import shakespeare_text
+from qbara.lq import tables
 from qbara.lq.configs import candidate_configs
 from qbara.lq.fisher import calibration_sequences, fisher_information
 from qbara.lq.tables import converged_cost, matrix_costs
@@ -36,7 +38,8 @@ def options(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--matrices", type=int, default=7, help="matrices of the layer timed (7: the whole layer)")
-    ap.add_argument("--modes", nargs="+", default=["shared", "warm", "refine"])
+    ap.add_argument("--modes", nargs="+", default=["shared", "warm", "refine"],
+                    help="dq_modes, and refine-p3 (refine stopped by patience 3 alone)")
     ap.add_argument("--check", type=int, default=2, help="matrices of the layer checked against the reference")
     ap.add_argument("--fisher", type=int, default=0, metavar="N",
                     help="Fisher-weight tables and references (Fisher from N Macbeth windows of 256 tokens)")
@@ -66,12 +69,16 @@ def main(argv=None) -> None:
 
     modes = args.modes
     seconds = {mode: 0.0 for mode in modes}
-    tables: dict[str, dict[str, torch.Tensor]] = {mode: {} for mode in modes}
+    costs: dict[str, dict[str, torch.Tensor]] = {mode: {} for mode in modes}
     for i, (name, W) in enumerate(weights.items()):
         for mode in seconds:
+            stall = tables.REFINE_STALL
+            tables.REFINE_STALL = None if mode == "refine-p3" else stall
             start = time.perf_counter()
-            tables[mode][name] = matrix_costs(W, configs, rank=RANK, dq_mode=mode, seed=i, fisher=fisher[name])
+            costs[mode][name] = matrix_costs(W, configs, rank=RANK, dq_mode=mode.removesuffix("-p3"), seed=i,
+                                             fisher=fisher[name])
             seconds[mode] += time.perf_counter() - start
+            tables.REFINE_STALL = stall
         print(f"{name} {tuple(W.shape)}: " + " ".join(f"{m} {s:.1f}s" for m, s in seconds.items()) + " (cumulative)",
               flush=True)
     whole = len(weights) == 7
@@ -82,35 +89,43 @@ def main(argv=None) -> None:
     for mode, s in seconds.items():
         total = f"{s * n_layers / 60:.1f} min" if whole else "-"
         lines.append(f"| {mode} | {s:.1f} | {total} | {s / seconds[modes[0]]:.2f} |")
+    if "refine" in seconds and "refine-p3" in seconds:
+        lines += ["", f"refine / refine-p3 time: {seconds['refine'] / seconds['refine-p3']:.2f}"]
     lines += [""]
 
+    if "refine" in costs and "refine-p3" in costs:  # all configs of all timed matrices, no reference needed
+        q = torch.cat([costs["refine"][n] / costs["refine-p3"][n] for n in weights]).tolist()
+        lines += [f"refine / refine-p3 cost, all {len(q)} entries: max {max(q):.4f}, "
+                  f"median {statistics.median(q):.4f}, {sum(x > 1.01 for x in q)} above 1.01", ""]
     checked = [c for c in configs if (c.dq_dtype, c.dq_block_size) == ("fp32", 16)]
-    ratios: dict[str, list[float]] = {mode: [] for mode in modes}
-    rows = []
-    for i, (name, W) in enumerate(list(weights.items())[: args.check]):
-        for c in checked:
-            j = configs.index(c)
-            ref = converged_cost(W, c, RANK, fisher=fisher[name], seed=i)
-            r = {mode: float(tables[mode][name][j]) / ref for mode in ratios}
-            for mode in ratios:
-                ratios[mode].append(r[mode])
-            cells = " | ".join(f"{r[m]:.3f}" for m in modes)
-            rows.append(f"| {name.removeprefix(layer)} | {c.label} | {cells} |")
-            print(rows[-1], flush=True)
-    lines += [f"Cost / converged per-config decomposition on {args.check} matrices x {len(checked)} configs "
-              f"(one per (b, B0, b0) family):", "",
-              "| table | max | median | min | share > 1.03 |", "|---|---|---|---|---|"]
-    for mode, rs in ratios.items():
-        over = sum(r > 1.03 for r in rs) / len(rs)
-        lines.append(f"| {mode} | {max(rs):.3f} | {statistics.median(rs):.3f} | {min(rs):.3f} | {over:.0%} |")
-    header = "| matrix | config | " + " | ".join(modes) + " |"
-    lines += ["", header, "|---|---|" + "---|" * len(modes), *rows, ""]
+    header = None
+    if args.check:
+        ratios: dict[str, list[float]] = {mode: [] for mode in modes}
+        rows = []
+        for i, (name, W) in enumerate(list(weights.items())[: args.check]):
+            for c in checked:
+                j = configs.index(c)
+                ref = converged_cost(W, c, RANK, fisher=fisher[name], seed=i)
+                r = {mode: float(costs[mode][name][j]) / ref for mode in ratios}
+                for mode in ratios:
+                    ratios[mode].append(r[mode])
+                cells = " | ".join(f"{r[m]:.3f}" for m in modes)
+                rows.append(f"| {name.removeprefix(layer)} | {c.label} | {cells} |")
+                print(rows[-1], flush=True)
+        lines += [f"Cost / converged per-config decomposition on {args.check} matrices x {len(checked)} configs "
+                  f"(one per (b, B0, b0) family):", "",
+                  "| table | max | median | min | share > 1.03 |", "|---|---|---|---|---|"]
+        for mode, rs in ratios.items():
+            over = sum(r > 1.03 for r in rs) / len(rs)
+            lines.append(f"| {mode} | {max(rs):.3f} | {statistics.median(rs):.3f} | {min(rs):.3f} | {over:.0%} |")
+        header = "| matrix | config | " + " | ".join(modes) + " |"
+        lines += ["", header, "|---|---|" + "---|" * len(modes), *rows, ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines)
     if args.append and args.out.exists():
         text = args.out.read_text().rstrip("\n") + "\n\n" + text
     args.out.write_text(text)
-    print("\n".join(lines[: lines.index(header)]))
+    print("\n".join(lines[: lines.index(header)] if header else lines))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
 
     _join(dist, rank, world, port)
     try:
-        kwargs = dict(rank=4, iters=3, progress=False, cache_dir=os.path.join(out_dir, "cache"))
+        kwargs = dict(rank=4, iters=3, dq_mode="shared", progress=False, cache_dir=os.path.join(out_dir, "cache"))
         table = error_table(small_weights(), small_configs(), **kwargs)
         again = error_table(small_weights(), small_configs(), **kwargs)  # every rank hits the cache
         torch.save({"costs": table.costs, "from_cache": [table.from_cache, again.from_cache],

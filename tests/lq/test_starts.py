@@ -163,6 +163,7 @@ def test_svd_start_alone_is_the_previous_table_bit_for_bit(dq_mode, weighted, mo
     def previous(W, step, rank, max_iters, fisher, oversample, power_iters, generator, *, starts, cold_power_iters,
                  **rest):
         assert starts == ("svd",) and rest.pop("patience") == 1  # the shared and loop modes stop at the first bump
+        assert rest.pop("stall") is None  # and have no stall rule
         (payload, L1, L2, it, R), errors = _previous_alternate(W, step, rank, max_iters, fisher, oversample,
                                                                power_iters, generator, **rest)
         return dec._LoopResult(payload, L1, L2, errors, it, R)

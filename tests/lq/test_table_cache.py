@@ -34,7 +34,7 @@ def test_damaged_cache_entry_is_rebuilt_with_a_warning(damage, tmp_path):
 
 def test_each_dq_mode_has_its_own_cache_entry(tmp_path):
     """A table cached for one dq_mode is never returned for another (the mode is part of the key)."""
-    shared = error_table(WEIGHTS, CONFIGS, rank=2, cache_dir=tmp_path, progress=False)
+    shared = error_table(WEIGHTS, CONFIGS, rank=2, dq_mode="shared", cache_dir=tmp_path, progress=False)
     warm = error_table(WEIGHTS, CONFIGS, rank=2, dq_mode="warm", cache_dir=tmp_path, progress=False)
     assert not warm.from_cache and warm.path != shared.path
     assert warm.settings["dq_mode"] == "warm" and shared.settings["dq_mode"] == "shared"

@@ -132,7 +132,7 @@ def test_table_cache_hit_is_identical_and_skips_computation(tmp_path, monkeypatc
 
     model, _ = tiny_llama()
     configs = small_configs()
-    first = error_table(model, configs, rank=4, iters=3, cache_dir=tmp_path, progress=False)
+    first = error_table(model, configs, rank=4, iters=3, dq_mode="shared", cache_dir=tmp_path, progress=False)
     assert not first.from_cache and first.path is not None and first.path.is_file()
     assert first.path.with_suffix(".json").is_file()
     assert len(first.names) == 14 and first.costs.shape == (14, len(configs))
@@ -142,20 +142,20 @@ def test_table_cache_hit_is_identical_and_skips_computation(tmp_path, monkeypatc
         raise AssertionError("recomputed despite a cache hit")
 
     monkeypatch.setattr(tables_mod, "matrix_costs", boom)
-    second = error_table(model, configs, rank=4, iters=3, cache_dir=tmp_path, progress=False)
+    second = error_table(model, configs, rank=4, iters=3, dq_mode="shared", cache_dir=tmp_path, progress=False)
     assert second.from_cache
     assert torch.equal(second.costs, first.costs) and second.costs.dtype == torch.float64
     assert second.names == first.names and second.configs == first.configs and second.shapes == first.shapes
     assert second.allocate(3.0).indices == first.allocate(3.0).indices
     # Other settings are another cache entry: they would recompute.
     with pytest.raises(AssertionError, match="recomputed"):
-        error_table(model, configs, rank=2, iters=3, cache_dir=tmp_path, progress=False)
+        error_table(model, configs, rank=2, iters=3, dq_mode="shared", cache_dir=tmp_path, progress=False)
     # Other weights too.
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.model.layers[1].mlp.down_proj.weight[0, 0] += 1.0
     with pytest.raises(AssertionError, match="recomputed"):
-        error_table(other, configs, rank=4, iters=3, cache_dir=tmp_path, progress=False)
+        error_table(other, configs, rank=4, iters=3, dq_mode="shared", cache_dir=tmp_path, progress=False)
     assert ErrorTable.load(first.path).settings == first.settings
 
 
@@ -198,7 +198,8 @@ def test_two_gloo_ranks_give_the_single_process_table(tmp_path):
     assert torch.equal(r0["costs"], r1["costs"])  # all-reduced: every rank holds the full table
     assert r0["from_cache"] == [False, True] and r1["from_cache"] == [False, True]
     assert torch.equal(r0["again"], r0["costs"])
-    single = error_table(small_weights(), small_configs(), rank=4, iters=3, cache=False, progress=False)
+    single = error_table(small_weights(), small_configs(), rank=4, iters=3, dq_mode="shared", cache=False,
+                         progress=False)
     assert torch.allclose(single.costs, r0["costs"], rtol=1e-5)
     for budget, indices in r0["alloc"].items():
         assert single.allocate(budget).indices == indices == r1["alloc"][budget]

@@ -33,8 +33,9 @@ class LQConfig:
     method: "lq" (best iterate of SVD-first and quantize-first runs) or "loftq" (`loftq_iters` alternations from
         quantize first, the last kept; fixed configs, no Fisher).
     fisher: name -> Fisher matrix, or a path written by `save_fisher`: weights the costs and decompositions.
-    max_iters, table_iters: decomposition iterations per matrix (stopping at the first that does not improve) and per
-        error-table entry (default 8). workers: matrices decomposed at once (default torch.get_num_threads()).
+    max_iters, table_iters: decomposition iterations per matrix (stopping at the first that does not improve) and at
+        most per run of the (exact) error table (default 100, `error_table`). workers: matrices decomposed at once
+        (default torch.get_num_threads()).
     table: a precomputed `ErrorTable` at the adapter's rank, or its path. seed: matrix i uses seed * 1_000_003 + i.
     factor_format: store the factors in this format (e.g. NF8) and count their bits; default fp32.
     file_budget: `budget` counts the whole file: True (`FileBudget.of_model` defaults) or a `FileBudget`.

@@ -2,15 +2,17 @@
 under config c, S[i,c] = numel_i · bits(c), and the allocation read off them. Shared work: both `decompose`
 starts, one SVD_r(W) per matrix, warm-started SVDs. Against every config's own decomposition to convergence
 (`converged_cost`, the authors' procedure), on SmolLM2 (rank 64, bench/results/lq_table_exactness.md):
-- dq_mode="shared" (default, fast, approximate): configs differing only in scale storage share one 8-iteration
-  alternation at the exact absmax; overstates costs, median 1.2x, up to 45x (NF8 at b0 = 2).
-- "warm": "shared", then each (b, B0, b0, B1) family's own alternation (double quant in the loop) from the shared
-  run's factors, until gains stay under 0.1 %; max 1.11x, median 1.00x, 11 % of configs above 1.03x, 10x
-  "shared"'s time (not exact, not cheap: no default).
-- "refine" (exact, slow): each family's own alternation from both starts; max 1.02x, 18-39x "shared"'s time.
+- dq_mode="refine" (default, exact): each (b, B0, b0, B1) family's own alternation (double quant in the loop) from
+  both starts, until it stalls (patience 3, `Stall`); max 1.02x, median 0.99x (Fisher-weighted, measured before
+  the stall rule: max 1.04x), tests/lq/test_exact_table.py. About 0.5-0.7x the time of the same runs stopped by
+  patience alone, still ~18x "shared"'s (SmolLM2 layer 15: 2020 s against 113 s, one thread, loaded machine).
+- "shared" (fast, approximate): configs differing only in scale storage share one 8-iteration alternation at the
+  exact absmax; overstates costs, median 1.21x, max 44.7x (NF8 at b0 = 2; Fisher-weighted median 1.30x, max
+  106x), and so biases the ILP against low-b0 configs.
+- "warm": "shared", then each family's own alternation from the shared run's factors, until gains stay under
+  0.1 %; max 1.11x, median 1.00x, 11 % of configs above 1.03x, ~10x "shared"'s time.
 - "loop": one alternation per config.
-Fisher-weighted (2 matrices): shared median 1.3x, up to 106x; warm max 1.08x; refine max 1.04x. The reference
-itself stops early there at NF8 / low b0 (the weighted alternation is not monotone).
+Under Fisher weights the reference itself stops early at NF8 / low b0 (the weighted alternation is not monotone).
 Every member of a family gets its exact error (`_dq_errors`). Cached in $QBARA_CACHE/lq (default
 ~/.cache/qbara/lq), keyed by settings (the mode included), configs and contents."""
 from __future__ import annotations
@@ -35,6 +37,7 @@ from qbara.lazy_tensors import LazyTensors, tensor_shapes
 from qbara.lq.configs import candidate_configs
 from qbara.lq.decompose import (
     STARTS,
+    Stall,
     _alternate,
     _nf_step,
     check_starts,
@@ -59,7 +62,7 @@ from qbara.validate import read_json_file
 __all__ = ["ErrorTable", "error_table", "matrix_costs", "converged_cost"]
 
 # bump when the computation changes, so old caches are not reused
-TABLE_VERSION = 4
+TABLE_VERSION = 5
 # elements per chunk in `_dq_errors` (~1 M): its work arrays stay ~70 MB whatever the matrix
 DQ_CHUNK_ELEMENTS = 1 << 20
 DEFAULT_TABLE_ITERS = 8  # the fast approximation's (dq_mode="shared") iterations
@@ -279,6 +282,7 @@ _DQ_MODES = ("shared", "warm", "refine", "loop")
 _MODE_ITERS = {"refine": (100, 3), "warm": (100, 5), "shared": (DEFAULT_TABLE_ITERS, 1),
                "loop": (DEFAULT_TABLE_ITERS, 1)}
 WARM_TOL = 1e-3  # "warm": a family's run stops after `patience` iterates not improving the error by 0.1 %
+REFINE_STALL: Stall | None = Stall()  # "refine": each family's runs also stop when they stall (None: patience only)
 
 
 def _table_mode(dq_mode: str, iters: int | None, patience: int | None) -> tuple[str, int, int]:
@@ -319,7 +323,7 @@ def _representative(configs: Sequence[QuantConfig], family: Sequence[int]) -> in
 
 def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iters: int | None = None,
                  fisher: Tensor | None = None, oversample: int = 10, power_iters: int = 2,
-                 table_power_iters: int = 0, seed: int = 0, dq_mode: str = "shared", starts=STARTS,
+                 table_power_iters: int = 0, seed: int = 0, dq_mode: str = "refine", starts=STARTS,
                  name: str = "weight", importance: Tensor | None = None, patience: int | None = None) -> Tensor:
     """Squared (Fisher-weighted) LQ decomposition error of W under every config (float64, +inf where a config
     cannot hold W). iters, patience: per-mode defaults (_MODE_ITERS); `starts`, `importance`: as `decompose`'s."""
@@ -362,6 +366,7 @@ def matrix_costs(W: Tensor, configs: Sequence[QuantConfig], rank: int = 64, iter
         iters, patience, warm = DEFAULT_TABLE_ITERS, 1, dict(max_iters=int(iters), patience=patience)
     common = dict(rank=rank, max_iters=int(iters), patience=patience, fisher=fisher, oversample=oversample,
                   power_iters=table_power_iters, generator=generator, warm_start=True,
+                  stall=REFINE_STALL if dq_mode == "refine" else None,
                   first_factors=first[0] if first else None, first_basis=first[1] if first else None,
                   starts=starts, cold_power_iters=power_iters)
 
@@ -456,7 +461,7 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
                 iters: int | None = None, fisher: Mapping[str, Tensor] | None = None,
                 importance: Mapping[str, Tensor] | None = None, targets="all-linear", oversample: int = 10,
                 power_iters: int = 2, table_power_iters: int = 0,
-                seed: int = 0, dq_mode: str = "shared", starts=STARTS, cache: bool = True,
+                seed: int = 0, dq_mode: str = "refine", starts=STARTS, cache: bool = True,
                 recompute: bool = False, cache_dir=None, workers: int | None = None,
                 progress: bool = True, patience: int | None = None) -> ErrorTable:
     """The LQ-LoRA error table of a model's target linears (or of a name -> weight mapping).
