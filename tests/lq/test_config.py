@@ -78,6 +78,9 @@ def _assert_same_model(expected, got):
     ({"budget": 3.0, "loftq_iters": 3}, "loftq_iters counts LoftQ's alternations"),
     ({"configs": NF4, "loftq_iters": 3}, "loftq_iters counts LoftQ's alternations"),
     ({"configs": NF4, "table_iters": 2}, "table_iters belongs to the ILP allocation"),
+    ({"budget": 3.0, "table_mode": "fast"}, "unknown LQConfig.table_mode 'fast'"),
+    ({"configs": NF4, "table_mode": "shared"}, "table_mode belongs to the ILP allocation"),
+    ({"method": "loftq", "configs": NF4, "table_mode": "shared"}, "drop table_mode"),
     ({"configs": NF4, "table": "table.safetensors"}, "table belongs to the ILP allocation"),
     ({"configs": NF4, "file_budget": True}, "file_budget makes budget= count the whole file"),
     ({"method": "loftq"}, "LoftQ takes one quantization config"),
@@ -109,6 +112,19 @@ def test_a_table_must_match_the_configs_and_iterations_given_with_it():
         LQConfig(budget=3.0, table=table, configs=CONFIGS[:2])
     with pytest.raises(QbaraError, match="ran 2 iterations per entry, not table_iters=5"):
         LQConfig(budget=3.0, table=table, table_iters=5)
+    with pytest.raises(QbaraError, match="computed in mode 'refine', not table_mode='shared'"):
+        LQConfig(budget=3.0, table=table, table_mode="shared")
+
+
+def test_table_mode_chooses_how_the_table_is_computed():
+    """table_mode="shared" (the fast approximation) allocates on the shared table, and the report says so."""
+    base, _ = tiny_llama()
+    model = copy.deepcopy(base)
+    prepare(model, LQConfig(budget=3.0, table_mode="shared", **SMALL), ADAPTER)
+    table = error_table(copy.deepcopy(base), CONFIGS, rank=RANK, iters=2, dq_mode="shared", cache=False,
+                        progress=False)
+    assert model.qbara.lq.allocation.indices == table.allocate(3.0).indices
+    assert model.qbara.lq.settings["table_mode"] == "shared"
 
 
 def test_to_dict_round_trips_and_refuses_what_it_cannot_record(tmp_path):

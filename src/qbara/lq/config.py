@@ -13,7 +13,7 @@ from qbara.errors import QbaraError, check_types, strict_from_dict
 from qbara.lq.filesize import FileBudget
 from qbara.lq.fisher import open_fisher
 from qbara.lq.imatrix import load_importance
-from qbara.lq.tables import ErrorTable
+from qbara.lq.tables import TABLE_MODES, ErrorTable
 from qbara.quant.config import QuantConfig
 from qbara.quant.formats import check_takes_importance
 
@@ -36,6 +36,9 @@ class LQConfig:
     max_iters, table_iters: decomposition iterations per matrix (stopping at the first that does not improve) and at
         most per run of the (exact) error table (default 100, `error_table`). workers: matrices decomposed at once
         (default torch.get_num_threads()).
+    table_mode: how the error table is computed (`error_table`'s dq_mode): "refine" (default, exact: every
+        family's own decomposition to convergence) or "shared" (the fast approximation, ~1/18 the time, costs up to
+        45x too high, median 1.2x), "warm".
     table: a precomputed `ErrorTable` at the adapter's rank, or its path. seed: matrix i uses seed * 1_000_003 + i.
     factor_format: store the factors in this format (e.g. NF8) and count their bits; default fp32.
     file_budget: `budget` counts the whole file: True (`FileBudget.of_model` defaults) or a `FileBudget`.
@@ -49,6 +52,7 @@ class LQConfig:
     max_iters: int = _DEFAULT_MAX_ITERS
     loftq_iters: int = _DEFAULT_LOFTQ_ITERS
     table_iters: int | None = None
+    table_mode: str | None = None
     table: ErrorTable | str | Path | None = None
     seed: int = 0
     workers: int | None = None
@@ -71,6 +75,7 @@ class LQConfig:
         check_types(self, {"budget": ((int, float), True), "method": ((str,), False),
                            "fisher": ((Mapping, str, Path), True), "max_iters": ((int,), False),
                            "loftq_iters": ((int,), False), "table_iters": ((int,), True),
+                           "table_mode": ((str,), True),
                            "table": ((ErrorTable, str, Path), True), "seed": ((int,), False),
                            "workers": ((int,), True), "factor_format": ((QuantConfig,), True),
                            "file_budget": ((bool, FileBudget), True),
@@ -83,6 +88,9 @@ class LQConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise QbaraError(f"LQConfig.{name} must be a positive integer, got {value!r}")
+        if self.table_mode is not None and self.table_mode not in TABLE_MODES:
+            raise QbaraError(f"unknown LQConfig.table_mode {self.table_mode!r}: choose {', '.join(TABLE_MODES)} "
+                             f"(refine: exact, the default; shared: fast, approximate)")
         if self.budget is not None and not (math.isfinite(self.budget) and self.budget > 0):
             raise QbaraError(f"LQConfig.budget must be a positive number of bits per parameter, got {self.budget!r}")
         if self.method == "loftq":
@@ -112,7 +120,8 @@ class LQConfig:
                              "configs=QuantConfig(...)) (or a mapping layer name -> QuantConfig); for a bit budget "
                              "use method='lq'")
         extra = [name for name, value in (("fisher", self.fisher), ("table", self.table),
-                                          ("table_iters", self.table_iters), ("file_budget", self.file_budget))
+                                          ("table_iters", self.table_iters), ("table_mode", self.table_mode),
+                                          ("file_budget", self.file_budget))
                  if value is not None and value is not False]
         if extra:
             raise QbaraError(f"LoftQ takes one quantization config, no Fisher matrix, error table or file budget; "
@@ -128,7 +137,7 @@ class LQConfig:
         if not self.fixed:
             raise QbaraError("a list of candidate configs needs budget= to choose among them; give a budget, or "
                              "configs=QuantConfig(...) for one format")
-        for name in ("table", "table_iters"):
+        for name in ("table", "table_iters", "table_mode"):
             if getattr(self, name) is not None:
                 raise QbaraError(f"{name} belongs to the ILP allocation, which needs budget=; drop {name} or give a "
                                  f"budget")
@@ -150,6 +159,9 @@ class LQConfig:
         if self.table_iters is not None and self.table_iters != table.settings.get("iters"):
             raise QbaraError(f"the error table ran {table.settings.get('iters')} iterations per entry, not "
                              f"table_iters={self.table_iters}; drop table_iters or recompute the table")
+        if self.table_mode is not None and self.table_mode != table.settings.get("dq_mode"):
+            raise QbaraError(f"the error table was computed in mode {table.settings.get('dq_mode')!r}, not "
+                             f"table_mode={self.table_mode!r}; drop table_mode or recompute the table")
 
     @property
     def fixed(self) -> bool:

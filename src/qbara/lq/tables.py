@@ -59,7 +59,7 @@ from qbara.targets import linear_layer_names
 from qbara.tensor_checks import read_safetensors
 from qbara.validate import read_json_file
 
-__all__ = ["ErrorTable", "error_table", "matrix_costs", "converged_cost"]
+__all__ = ["TABLE_MODES", "ErrorTable", "error_table", "matrix_costs", "converged_cost"]
 
 # bump when the computation changes, so old caches are not reused
 TABLE_VERSION = 5
@@ -277,7 +277,7 @@ def _dq_chunk(R: Tensor, absmax: Tensor, v: Tensor, bits: int, settings, S: Tens
 
 # which b1 (dtype of the stored scales' maxima) runs the alternation of its family, first present wins
 _REPRESENTATIVE_DTYPES = ("fp16", "bf16", "fp32")
-_DQ_MODES = ("shared", "warm", "refine", "loop")
+TABLE_MODES = ("refine", "shared", "warm", "loop")  # the first is the default: exact
 # (iters, patience) per mode; "warm": of each family's run from the shared run's factors
 _MODE_ITERS = {"refine": (100, 3), "warm": (100, 5), "shared": (DEFAULT_TABLE_ITERS, 1),
                "loop": (DEFAULT_TABLE_ITERS, 1)}
@@ -287,8 +287,8 @@ REFINE_STALL: Stall | None = Stall()  # "refine": each family's runs also stop w
 
 def _table_mode(dq_mode: str, iters: int | None, patience: int | None) -> tuple[str, int, int]:
     """(dq_mode, iters, patience) checked, with each mode's defaults (_MODE_ITERS) for the ones left None."""
-    if dq_mode not in _DQ_MODES:
-        raise QbaraError(f"dq_mode must be one of {', '.join(map(repr, _DQ_MODES))}, got {dq_mode!r}")
+    if dq_mode not in TABLE_MODES:
+        raise QbaraError(f"dq_mode must be one of {', '.join(map(repr, TABLE_MODES))}, got {dq_mode!r}")
     default_iters, default_patience = _MODE_ITERS[dq_mode]
     iters = default_iters if iters is None else iters
     patience = default_patience if patience is None else patience

@@ -18,7 +18,7 @@ from qbara.lq.config import LQConfig
 from qbara.lq.factors import store_factors
 from qbara.lq.filesize import FileBudget
 from qbara.lq.layers import Decomposition, LQReport, decompose_layers, lq_report
-from qbara.lq.tables import error_table
+from qbara.lq.tables import TABLE_MODES, error_table
 from qbara.models.sources import ModelSource, open_checkpoint
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
@@ -163,7 +163,7 @@ def _choose_configs(plan: _LayerPlan, weights: Mapping[str, Tensor], lq: LQConfi
     table = lq.open_table()
     if table is None:
         table = error_table(weights, None if lq.configs is None else list(lq.configs), rank=rank,
-                            iters=lq.table_iters, fisher=fisher, seed=lq.seed,
+                            iters=lq.table_iters, fisher=fisher, seed=lq.seed, dq_mode=lq.table_mode or TABLE_MODES[0],
                             workers=lq.workers, progress=progress, importance=importance)
     else:
         if ("importance" in table.settings) != (importance is not None):
@@ -222,7 +222,7 @@ def _attach(model: nn.Module, factors, lq: LQConfig, adapter, allocation, table,
     if allocation is not None:
         report.allocation = allocation
         report.settings.update(budget=lq.budget, dense_fingerprint=dense_fingerprint,
-                               table_iters=table.settings.get("iters"))
+                               table_iters=table.settings.get("iters"), table_mode=table.settings.get("dq_mode"))
         if file is not None:
             _record_file_budget(report, lq.budget, file)
     if lq.factor_format is not None:
