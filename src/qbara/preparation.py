@@ -68,12 +68,13 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
                fisher: Mapping[str, Tensor] | str | Path | None = None, *, alpha: float = 16.0, dropout: float = 0.0,
                target_modules="all-linear",
                configs: Sequence[QuantConfig] | None = None, table=None, max_iters: int = 100,
-               table_iters: int | None = None, seed: int = 0, workers: int | None = None,
-               factor_format: QuantConfig | None = None, file_budget=None, importance=None,
+               table_iters: int | None = None, table_mode: str | None = None, seed: int = 0,
+               workers: int | None = None, factor_format: QuantConfig | None = None, file_budget=None, importance=None,
                progress: bool = True) -> nn.Module:
     """LQ-LoRA: prepare(model, LQConfig(budget=budget, ...), AdapterConfig(rank=rank, ...))."""
     return prepare(model, LQConfig(budget=budget, configs=configs, fisher=fisher, max_iters=max_iters,
-                                   table_iters=table_iters, table=table, seed=seed, workers=workers,
+                                   table_iters=table_iters, table_mode=table_mode, table=table, seed=seed,
+                                   workers=workers,
                                    factor_format=factor_format, file_budget=file_budget, importance=importance),
                    AdapterConfig(rank=rank, alpha=alpha, dropout=dropout,
                                  target_modules=target_modules), progress=progress)
