@@ -208,18 +208,28 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == name and r["rank"] == 0]
-        ranks = [r["ranks"] for r in mine]
-        axes[0].plot(ranks, [r["weight_bytes_local"] / r["parameters"] for r in mine], "o-", label=name)
-        if all("load_peak_anon" in r for r in mine):
-            axes[1].plot(ranks, [r["load_peak_anon"] / 2**20 for r in mine], "o-", label=f"{name} load")
-        axes[1].plot(ranks, [r["peak_anon"] / 2**20 for r in mine], "x--", label=f"{name} train")
-        axes[2].plot(ranks, [r["step_s"] for r in mine], "o-", label=name)
-    axes[0].set(xlabel="ranks", ylabel="weight bytes held / parameter", title="weights held by rank 0")
-    axes[1].set(xlabel="ranks", ylabel="MiB", yscale="log", title="peak anonymous memory of rank 0")
+    for i, name in enumerate(dict.fromkeys(r["model"] for r in rows)):
+        color = f"C{i}"
+        for load, style in (("local", "-"), ("whole", ":")):
+            mine = [r for r in rows if r["model"] == name and (r["load"] == load or r["ranks"] == 1)]
+            ranks = sorted({r["ranks"] for r in mine})
+            if len(ranks) < 2:
+                continue
+            worst = [max((r for r in mine if r["ranks"] == n), key=lambda r: r["load_peak_anon"]) for n in ranks]
+            tag = "" if load == "local" else " (whole load)"
+            axes[0].plot(ranks, [r["weight_bytes_local"] / r["parameters"] for r in worst], "o" + style,
+                         color=color, label=name + tag)
+            axes[1].plot(ranks, [r["load_peak_anon"] / 2**20 for r in worst], "o" + style, color=color,
+                         label=f"{name} load{tag}")
+            if load == "local":
+                axes[1].plot(ranks, [max(r["peak_anon"] for r in mine if r["ranks"] == n) / 2**20 for n in ranks],
+                             "x--", color=color, alpha=0.5, label=f"{name} train")
+                axes[2].plot(ranks, [r["step_s"] for r in worst], "o-", color=color, label=name)
+    axes[0].set(xlabel="ranks", ylabel="weight bytes held / parameter", title="weights held per rank")
+    axes[1].set(xlabel="ranks", ylabel="MiB", yscale="log", title="peak anonymous memory, largest rank")
     axes[2].set(xlabel="ranks", ylabel="median step s", yscale="log", title="step time (CPU gloo, shared cores)")
     for ax in axes:
+        ax.set_xticks([1, 2, 4])
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
