@@ -250,6 +250,8 @@ def _fill(model: nn.Module, read, per_layer: Mapping[str, QuantConfig], importan
                 _set_tensor(model, key, kept)
                 del kept
             del tensor
+            if _RANK_ROWS.get() is not None:  # hand the whole tensor's freed pages back now: the peak is the share
+                release_freed_memory()
             bar.update(1)
     release_freed_memory()
     return digests, unexpected
