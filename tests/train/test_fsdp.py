@@ -16,6 +16,7 @@ from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.quant.config import QuantConfig
 from qbara.train.fsdp import fsdp_choice, fsdp_mode
 from tests.helpers import free_port, randomize_adapters
+from tests.train.fsdp_load_worker import run as load_worker
 from tests.train.fsdp_worker import run as shard_worker
 from tests.train.test_trainer import ENV, _config
 
@@ -184,3 +185,36 @@ def test_an_accelerate_fsdp_launch_shards_the_base(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "FSDP full_shard over 2 ranks" in done.stdout
     assert (tmp_path / "acc" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def _llama_folder(path, tied: bool):
+    """A random 8-layer LLaMA as an HF safetensors folder (bf16), read by the streaming load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=203, hidden_size=64, intermediate_size=192, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    tiny_llama()[1].save_pretrained(path)  # a byte-level tokenizer: load_model reads one
+    return str(path)
+
+
+def test_rank_local_loading_holds_half_and_trains_as_the_whole_load(tmp_path):
+    folders = [_llama_folder(tmp_path / "untied", False), _llama_folder(tmp_path / "tied", True)]
+    mp.spawn(load_worker, args=(2, free_port(), folders, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for folder in folders:
+        for r in ranks:
+            whole, local = r[folder]["whole"], r[folder]["local"]
+            # the same shards on this rank (packed codes, scales, dense weights, adapters), the same training
+            assert whole["shards"].keys() == local["shards"].keys()
+            for name, shard in whole["shards"].items():
+                assert torch.equal(local["shards"][name], shard), name
+            assert (local["local"], local["total"]) == (whole["local"], whole["total"])
+            assert local["losses"] == whole["losses"]
+            for name, value in whole["adapter"].items():
+                assert torch.equal(local["adapter"][name], value), name
+            # while loading: at most half of what the whole load holds, plus one decoder layer; the whole load
+            # itself (the reference for the measure) holds more than that
+            bound = whole["held_loading"] / 2 + whole["layer_bytes"]
+            assert local["held_loading"] <= bound < whole["held_loading"], (local["held_loading"], bound)

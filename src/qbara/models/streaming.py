@@ -4,8 +4,10 @@ quantized straight into its packed buffers: no dense copy of the model exists. T
 storage dtype and are cast to the compute dtype where used (`use_compute_dtype`)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +30,57 @@ from qbara.targets import ALL_LINEAR, layer_configs, rounding_importance, set_su
 from qbara.tensor_checks import check_tensor
 from qbara.validate import SAFETENSORS_INDEX, check_config_sizes, check_hf_folder, safetensors_index_files
 
-__all__ = ["empty_model", "quantize_model", "dequantize_model"]
+__all__ = ["empty_model", "quantize_model", "dequantize_model", "rank_rows", "rows_held"]
 
 SINGLE = "model.safetensors"
 INDEX = SAFETENSORS_INDEX
+_RANK_ROWS: ContextVar[tuple[int, int] | None] = ContextVar("qbara_rank_rows", default=None)
+_ROWS_HELD = "_qbara_rows_held"  # module attribute: leaf -> (full shape, (rank, world)) of each part it holds
+
+
+@contextlib.contextmanager
+def rank_rows(rank: int, world: int):
+    """Within: `_fill` keeps of each parameter and packed buffer it sets only `rank`'s dim-0 chunk of `world` (the
+    rows FSDP2's `fully_shard` would keep: ceil(rows / world) each, the last ones shorter or empty), noting the full
+    shape (`rows_held`), so a loading rank holds its share plus the tensor in hand; `qbara.train.fsdp.shard_model`
+    puts the parts into place. Until then the model cannot compute."""
+    token = _RANK_ROWS.set((rank, world))
+    try:
+        yield
+    finally:
+        _RANK_ROWS.reset(token)
+
+
+def rows_held(module: nn.Module) -> dict[str, tuple[torch.Size, tuple[int, int]]]:
+    """leaf -> (full shape, (rank, world)) for each tensor of `module` held as one rank's rows (`rank_rows`)."""
+    return getattr(module, _ROWS_HELD, {})
+
+
+def _keep_rows(module: nn.Module, leaf: str, tensor: Tensor) -> Tensor:
+    """`tensor`, or within `rank_rows` a copy of this rank's rows of it (its full shape noted on `module`)."""
+    share = _RANK_ROWS.get()
+    if share is None or tensor.dim() == 0 or tensor.is_meta:
+        return tensor
+    rank, world = share
+    rows = tensor.shape[0]
+    size = -(-rows // world)
+    start = min(rank * size, rows)
+    module.__dict__.setdefault(_ROWS_HELD, {})[leaf] = (tensor.shape, share)
+    return tensor.narrow(0, start, min(size, rows - start)).clone()
+
+
+def _keep_module_rows(new: QuantizedLinear, old: nn.Module) -> QuantizedLinear:
+    """Within `rank_rows`: the packed buffers and bias of a new QuantizedLinear as this rank's rows (a bias
+    already read as rows, into the layer it replaces, keeps its noted shape)."""
+    if _RANK_ROWS.get() is None:
+        return new
+    if "bias" in rows_held(old):
+        new.__dict__[_ROWS_HELD] = {"bias": rows_held(old)["bias"]}
+    for name in new._buffer_names:
+        new._buffers[name] = _keep_rows(new, name, new._buffers[name])
+    if new.bias is not None and "bias" not in rows_held(new):
+        new.bias = nn.Parameter(_keep_rows(new, "bias", new.bias.data), requires_grad=False)
+    return new
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -140,13 +189,16 @@ def stream_checkpoint(config, read, source, quant, modules, storage: torch.dtype
     plain = {n: c for n, c in per_layer.items() if n not in (packed or {})}
     importance = rounding_importance(plain, importance, require_gguf=False)
     expected = set(model.state_dict())
+    tied = getattr(config, "tie_word_embeddings", False)
+    # a tied lm_head missing from the checkpoint is hashed as the embedding is read (under `rank_rows` only this
+    # rank's rows of it are kept)
+    names = {module: name for name, module in model.named_modules()}
+    alias = {f"{names[model.get_input_embeddings()]}.weight": f"{names[model.get_output_embeddings()]}.weight"} \
+        if tied and model.get_output_embeddings() is not None else {}
     digests, unexpected = _fill(model, read, per_layer, importance, "quantize on load", progress, device=device,
-                                storage=storage, packed=packed)
-    if getattr(config, "tie_word_embeddings", False):
+                                storage=storage, packed=packed, alias=alias)
+    if tied:
         model.tie_weights()
-        for key in expected - set(digests):
-            if key.endswith("lm_head.weight"):
-                digests[key] = tensor_fingerprint(key, model.get_input_embeddings().weight)
     missing = sorted(expected - set(digests))
     if missing or unexpected:
         raise QbaraError(f"{source}: the checkpoint does not fit its config for quantize-on-load (missing "
@@ -162,10 +214,11 @@ def stream_checkpoint(config, read, source, quant, modules, storage: torch.dtype
 
 def _fill(model: nn.Module, read, per_layer: Mapping[str, QuantConfig], importance: Mapping[str, Tensor], desc: str,
           progress: bool, device=None, storage: torch.dtype | None = None, packed=None, checked: bool = True,
-          hashed: bool = True) -> tuple[dict[str, str], list[str]]:
+          hashed: bool = True, alias: Mapping[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
     """The per-tensor loop: load, check shape (`checked`), hash (`hashed`), then quantize a target linear
     (`per_layer`, or take its `packed` tensor) or, given `storage`, cast and set it into the skeleton. device: where
-    results go (None: where they are). Returns (key -> digest, keys the model has no place for)."""
+    results go (None: where they are). alias: key -> another key hashed from the same tensor where the checkpoint
+    has none of its own (a tied lm_head). Returns (key -> digest, keys the model has no place for)."""
     shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}  # meta shapes for a skeleton
     triples = read(model)
     digests, unexpected = {}, []
@@ -188,10 +241,17 @@ def _fill(model: nn.Module, read, per_layer: Mapping[str, QuantConfig], importan
                 else:  # in its own dtype: the quantizer makes fp32 copies of a few rows at a time
                     qtensor = quantize(tensor if device is None else tensor.to(device=device),
                                        per_layer[module_name], name=module_name, importance=importance.get(module_name))
-                set_submodule(model, module_name, QuantizedLinear(qtensor, old.bias))
+                set_submodule(model, module_name, _keep_module_rows(QuantizedLinear(qtensor, old.bias), old))
+                del qtensor
             elif storage is not None:
-                _set_tensor(model, key, _own_copy(tensor, device, storage))
+                kept = _own_copy(tensor, device, storage)
+                if hashed and key in (alias or {}) and alias[key] not in digests:
+                    digests[alias[key]] = tensor_fingerprint(alias[key], kept)  # as the tied weight is kept
+                _set_tensor(model, key, kept)
+                del kept
             del tensor
+            if _RANK_ROWS.get() is not None:  # hand the whole tensor's freed pages back now: the peak is the share
+                release_freed_memory()
             bar.update(1)
     release_freed_memory()
     return digests, unexpected
@@ -278,7 +338,7 @@ def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     module_name, _, leaf = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        module._parameters[leaf] = nn.Parameter(_keep_rows(module, leaf, tensor), requires_grad=False)
     else:
         module._buffers[leaf] = tensor
 

@@ -16,10 +16,11 @@ from torch import nn
 
 from qbara.adapters.attach import adapter_layers
 from qbara.errors import QbaraError
+from qbara.models.streaming import rank_rows, rows_held
 from qbara.nn.quantized_linear import QuantizedLinear
 
-__all__ = ["fsdp_choice", "fsdp_mode", "shard_model", "is_sharded", "full_adapter_parameters", "local_packed_bytes",
-           "full_optimizer_state", "load_full_optimizer_state"]
+__all__ = ["fsdp_choice", "fsdp_mode", "rank_local_loading", "shard_model", "is_sharded", "full_adapter_parameters",
+           "local_packed_bytes", "full_optimizer_state", "load_full_optimizer_state"]
 
 # what `accelerate launch` exports from an FSDP config, read as full_shard (FSDP1: the strategy's name or number;
 # FSDP2: reshard_after_forward true); anything else keeps the unsharded gradients or parameters qbara does not do
@@ -70,23 +71,78 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def shard_model(model: nn.Module) -> nn.Module:
-    """Shard `model` in place across the default process group (gloo on CPU, nccl on GPU); returns it."""
+def _rank_and_world() -> tuple[int, int]:
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     if not (dist.is_available() and dist.is_initialized()):
         raise QbaraError("train.fsdp needs several processes: launch with torchrun (or accelerate launch), "
                          "or drop train.fsdp to train in one process")
+    return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def rank_local_loading():
+    """Load within this so that each rank keeps only the rows `shard_model` will leave it of every weight it reads
+    (the load pipeline's `rank_rows`): the load peak per rank falls to its 1/N share plus the tensor in hand,
+    instead of the whole quantized model. The model computes only once `shard_model` has run."""
+    with rank_rows(*_rank_and_world()):
+        yield
+
+
+def _meta_for_rows(model: nn.Module, share: tuple[int, int]) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Swap each parameter loaded as this rank's rows (`rank_local_loading`) for a meta parameter of its full
+    shape, so `fully_shard` shards its shape without its data; returns (owner, name, the rows) for each owner."""
+    swapped = {}
+    for module in model.modules():
+        for leaf, (shape, loaded_as) in rows_held(module).items():
+            if loaded_as != share:
+                raise QbaraError(f"the model was loaded as rank {loaded_as[0]} of {loaded_as[1]} and is sharded as "
+                                 f"rank {share[0]} of {share[1]}: load and shard it in the same process group")
+            part = module._parameters[leaf]
+            meta = torch.empty(shape, dtype=part.dtype, device="meta")
+            swapped.setdefault(id(part), (nn.Parameter(meta, requires_grad=False), part.data))
+    owners = []
+    for module in model.modules():  # every owner of a tied parameter gets the same meta one
+        for leaf, param in module._parameters.items():
+            if param is not None and id(param) in swapped:
+                module._parameters[leaf], rows = swapped[id(param)]
+                owners.append((module, leaf, rows))
+    return owners
+
+
+def _place_rows(owners: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    """Make each sharded meta parameter the DTensor of this rank's loaded rows (FSDP pads them where the chunks
+    are uneven at its lazy init, as after `load_state_dict(assign=True)`)."""
+    from torch.distributed.tensor import DTensor
+
+    placed = {}
+    for module, leaf, rows in owners:
+        param = module._parameters[leaf]
+        if id(param) not in placed:
+            local = DTensor.from_local(rows, param.device_mesh, param.placements, run_check=False,
+                                       shape=param.shape, stride=param.stride())
+            placed[id(param)] = nn.Parameter(local, requires_grad=param.requires_grad)
+        module._parameters[leaf] = placed[id(param)]
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """Shard `model` in place across the default process group (gloo on CPU, nccl on GPU); returns it. A model
+    loaded within `rank_local_loading` already holds only this rank's rows, which are put in place as they are."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    share = _rank_and_world()
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.packed_as_parameters()
+    owners = _meta_for_rows(model, share)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(device, (dist.get_world_size(),))
     for layer in _decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    _place_rows(owners)
     return model
 
 

@@ -63,6 +63,7 @@ from qbara.train.fsdp import (
     is_sharded,
     load_full_optimizer_state,
     local_packed_bytes,
+    rank_local_loading,
     shard_model,
 )
 from qbara.train.plan import base_quant, epoch_steps, meta_model, trainable_parameters
@@ -499,8 +500,12 @@ def _train(config: RunConfig, resume: bool, model, tokenizer, output_dir: Path,
     train_set, eval_set = load_datasets(config, check_before_load(config) if loaded else tokenizer)
     args = training_arguments(config, eval_set is not None, resume=checkpoint is not None)
     if loaded:
-        model, tokenizer = load_model(config.model.name, dtype=None if config.model.dtype == "auto" else
-                                      config.model.dtype, quant=_quant_on_load(config), progress=config.train.progress)
+        if sharding:
+            args.device  # noqa: B018 - joins the process group (gloo on CPU): each rank loads only its rows
+        with rank_local_loading() if sharding else contextlib.nullcontext():
+            model, tokenizer = load_model(config.model.name, dtype=None if config.model.dtype == "auto" else
+                                          config.model.dtype, quant=_quant_on_load(config),
+                                          progress=config.train.progress)
     model = prepare_for_training(config, model, tokenizer)
     state_of(model).chat_template = train_set.chat_template  # recorded in every adapter folder saved
     model.config.use_cache = False
