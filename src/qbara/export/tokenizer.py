@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gguf import GGUFReader, GGUFValueType, TokenType
 
+from qbara.data.special_tokens import adds_token
 from qbara.errors import QbaraError
 from qbara.models.smollm2 import smollm2_gguf_path
 from qbara.validate import gguf_reader
@@ -230,15 +231,6 @@ def _sentencepiece_scores(tokens: list[str], types: list[int], merges: list[str]
     return scores
 
 
-def _adds(tokenizer, token_id, position: int) -> bool:
-    """Whether encoding with special tokens puts `token_id` at `position` (0 first, -1 last) of a text."""
-    if token_id is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[position] == token_id and len(ids) > len(tokenizer("a", add_special_tokens=False)
-                                                                       ["input_ids"])
-
-
 # Tokens that end a turn in chat templates (Llama 3, Gemma, ChatML, Phi-3, Llama 3.1's tool call end).
 _END_OF_TURN = {"eot_token_id": ("<|eot_id|>", "<end_of_turn>", "<|im_end|>", "<|end|>"),
                "eom_token_id": ("<|eom_id|>",)}
@@ -305,8 +297,8 @@ def fields_from_hf(tokenizer, vocab_size: int) -> TokenizerFields:
     for key, value in special.items():
         if value is not None:
             out.add(f"tokenizer.ggml.{key}", int(value), GGUFValueType.UINT32)
-    out.add("tokenizer.ggml.add_bos_token", _adds(tokenizer, tokenizer.bos_token_id, 0), GGUFValueType.BOOL)
-    add_eos = _adds(tokenizer, tokenizer.eos_token_id, -1)
+    out.add("tokenizer.ggml.add_bos_token", adds_token(tokenizer, tokenizer.bos_token_id, 0), GGUFValueType.BOOL)
+    add_eos = adds_token(tokenizer, tokenizer.eos_token_id, -1)
     if add_eos or model == "llama":
         out.add("tokenizer.ggml.add_eos_token", add_eos, GGUFValueType.BOOL)
     out.add("tokenizer.ggml.add_space_prefix", model == "llama" and _add_space_prefix(spec), GGUFValueType.BOOL)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qbara.atomic import save_safetensors_atomic
+from qbara.data.special_tokens import leading_bos
 from qbara.errors import QbaraError
 from qbara.lazy_tensors import LazyTensors
 from qbara.targets import linear_layer_names
@@ -147,16 +148,21 @@ def _accumulate(model, layers, seqs, loss_fn, progress, tqdm, desc="Fisher") -> 
 
 
 def calibration_sequences(tokenizer, text: str, n_sequences: int, length: int, seed: int = 0) -> Tensor:
-    """`n_sequences` windows of `length` tokens at random offsets of the tokenized `text`: (n, length)."""
+    """`n_sequences` windows of `length` tokens at random offsets of the tokenized `text`: (n, length). Where the
+    tokenizer puts a BOS before every text (Gemma), each window is that BOS and `length` - 1 tokens of the text, as
+    the model reads text (without it Gemma 3's loss on plain text rises from 5.4 to 8.5 nats)."""
     if n_sequences < 1 or length < 2:
         raise QbaraError("need n_sequences >= 1 and length >= 2 for calibration")
+    bos = leading_bos(tokenizer)
+    span = length - (bos is not None)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    if ids.numel() < length:
+    if ids.numel() < span:
         raise QbaraError(f"the calibration text has {ids.numel()} tokens, fewer than length={length}; "
                          f"use more text or shorter sequences")
     g = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, ids.numel() - length + 1, (n_sequences,), generator=g)
-    return torch.stack([ids[s:s + length] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - span + 1, (n_sequences,), generator=g)
+    head = [] if bos is None else [torch.tensor([bos], dtype=torch.long)]
+    return torch.stack([torch.cat(head + [ids[s:s + span]]) for s in starts.tolist()])
 
 
 def save_fisher(fisher: Mapping[str, Tensor], path, metadata: Mapping[str, str] | None = None) -> Path:
