@@ -357,13 +357,16 @@ def main(argv=None):
     src = work / "f32.gguf"
     if not src.exists():
         export_gguf(dense, tokenizer, src, embedding_type="f32", dense_type="f32", overwrite=True)
-    for calib, label in labels.items():  # llama.cpp's importance matrices first: the dense model is not kept
+
+    def imatrix_of(label: str) -> Path:
+        """llama.cpp's importance matrix of one calibration set, computed when a file first needs it."""
         imatrix = work / f"imatrix-{label}.npz"
         if not imatrix.exists():
+            calib = base_calibration(label)
             sequences = mixed_calibration(tokenizer, calibration_texts(calib, gsm8k_dataset, args.draw),
                                           args.samples, args.length, seed)
             np.savez(imatrix, **gguf_imatrix(importance_matrix(dense, sequences, progress=True)))
-    del dense
+        return imatrix
 
     def score(key: str, path: Path, build: float, extra: dict) -> None:
         flat = [w for d in DOMAINS for w in windows[d]]
@@ -386,7 +389,7 @@ def main(argv=None):
             return
         t = time.perf_counter()
         if not dst.exists():
-            imatrix = None if label is None else str(work / f"imatrix-{label}.npz")
+            imatrix = None if label is None else str(imatrix_of(label))
             run_llama({"quantize": [{"src": str(src), "dst": str(dst), "ftype": preset, "imatrix": imatrix}],
                        "windows": [], "perplexity": []}, args, work)
         score(key, dst, time.perf_counter() - t, {"kind": "llama.cpp", "preset": preset, "imatrix": label is not None,
