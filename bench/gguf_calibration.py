@@ -142,9 +142,10 @@ class Rows:
 def references(rows: dict, key: str) -> list[str]:
     """The llama.cpp files a qbara row SIZE/LABEL/qbara-COSTS is paired with: the matched file of its size and
     calibration, and every stock file (plain, or with the importance matrix of the same calibration) whose tensor
-    bytes are at or below its own."""
+    bytes are at or below its budget (the matched preset's tensor bytes; the file itself may be a few bytes
+    under it)."""
     size, label, _ = key.split("/")
-    mine = rows[key]["tensor_bytes"]
+    mine = max(rows[key]["tensor_bytes"], rows[key].get("preset_tensor_bytes") or 0)
     out = [k for k in (f"{size}/{label}/llama.cpp",) if k in rows]
     stock = [k for k, r in rows.items() if r.get("kind") == "stock" and r["tensor_bytes"] <= mine
              and (not r.get("imatrix") or r.get("calibration") == label)]
@@ -207,8 +208,8 @@ def write_report(rows: dict, setting: dict, out: Path) -> None:
              "A − B: mean per-window NLL difference ± SE (negative: A better); verdict only beyond 2 SE. "
              "\"in\": the held-out domain is in the calibration set (other text of the same domain).", ""]
     if best:
-        lines += ["Each qbara file against the best llama.cpp file at or below its tensor bytes, per held-out domain "
-                  "(best: lowest perplexity on that domain):", "",
+        lines += ["Each qbara file against the best llama.cpp file at or below its budget (tensor bytes), per held-out "
+                  "domain (best: lowest perplexity on that domain):", "",
                   "| qbara file (A) | held-out domain | best llama.cpp file (B) | ΔNLL ± SE, verdict (in/out) |",
                   "|---|---|---|---|"]
         for p in sorted(best, key=lambda p: (p["a"], p["domain"])):
@@ -222,13 +223,15 @@ def write_report(rows: dict, setting: dict, out: Path) -> None:
     for (a, b), cells in by_pair.items():
         lines.append(f"| {a} | {b} ({rows[b]['tensor_bytes']:,}) | "
                      + " | ".join(_cell(cells[d]) if d in cells else "-" for d in domains) + " |")
-    lines += ["", "| file | tensor bytes | predicted (qbara's preset table) | bits/param | ppl Twelfth Night | "
+    lines += ["", "| file | tensor bytes | predicted by qbara's preset table | bits/param | ppl Twelfth Night | "
               "ppl GSM8K | build s | score s | types |", "|---|---|---|---|---|---|---|---|---|"]
     for key, r in sorted(rows.items(), key=lambda kv: (kv[1]["tensor_bytes"], kv[0])):
         ppl = {d: math.exp(float(np.mean(r["window_nlls"][d]))) for d in domains}
         predicted = r.get("preset_tensor_bytes")
         differs = predicted is not None and predicted != r["tensor_bytes"]
         check = "-" if predicted is None else f"{predicted:,}" + (" (differs)" if differs else "")
+        if r.get("kind") == "qbara":  # for a qbara file: the budget it was allocated under
+            check = "-" if predicted is None else f"budget {predicted:,}"
         build = r.get("build_seconds", r.get("seconds"))
         lines.append(f"| {key} | {r['tensor_bytes']:,} | {check} | {r['bits']:.4f} | {ppl['twelfth_night']:.3f} | "
                      f"{ppl['gsm8k']:.3f} | {_num(build)} | {_num(r.get('score_seconds'))} | {r['types']} |")
@@ -324,12 +327,12 @@ def main(argv=None):
     previous = json.loads((out / "gguf_calibration.json").read_text())["setting"] \
         if (out / "gguf_calibration.json").exists() else {}
     setting = {k: v for k, v in vars(args).items() if k not in ("report_only", "llama_python", "extra_bufts", "out")}
-    for k in ("window", "windows", "samples", "length"):  # the paired rows need the same windows and calibration
-        if k in previous and previous[k] != setting[k] and rows.data:
-            raise SystemExit(f"{out} was measured with --{k} {previous[k]}; use it, or another --out / --work")
     if args.report_only:
         write_report(rows.data, {**setting, **previous}, out)
         return
+    for k in ("window", "windows", "samples", "length"):  # the paired rows need the same windows and calibration
+        if k in previous and previous[k] != setting[k] and rows.data:
+            raise SystemExit(f"{out} was measured with --{k} {previous[k]}; use it, or another --out / --work")
     setting["runs"] = previous.get("runs", []) + [{k: setting[k] for k in ("sizes", "calibrations", "costs", "stock",
                                                                            "draw")}]
 
