@@ -259,7 +259,7 @@ def plot(rows: dict, pairs: list[dict], path: Path, model: str) -> None:
         return
     refs = sorted({p["b"] for p in pairs}, key=lambda k: (rows[k]["tensor_bytes"], k))
     mine = sorted({p["a"] for p in pairs})
-    fig, axes = plt.subplots(1, len(DOMAINS), figsize=(13, 1.2 + 0.42 * len(refs) * max(1, len(mine) ** 0.5)),
+    fig, axes = plt.subplots(1, len(DOMAINS), figsize=(13, max(3.0, 1.2 + 0.42 * len(refs) * max(1, len(mine) ** 0.5))),
                              squeeze=False, sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, domain in zip(axes[0], DOMAINS):
