@@ -162,13 +162,17 @@ def run_llama(runs: list[dict], weights: list[dict], ids: list[int], text: str, 
 
 
 # ======================================================================================= comparisons
-def nll(logits: np.ndarray, ids: list[int]) -> float:
-    """Mean next-token negative log-likelihood over positions 0..n-2 (float64)."""
-    x = logits[:-1].astype(np.float64)
-    x = x - x.max(axis=1, keepdims=True)
-    logz = np.log(np.exp(x).sum(axis=1))
+def nll(logits: np.ndarray, ids: list[int], rows: int = 64) -> float:
+    """Mean next-token negative log-likelihood over positions 0..n-2 (float64), `rows` positions at a time (a
+    262k vocabulary makes a whole window's float64 log-softmax several GiB)."""
     target = np.asarray(ids[1:])
-    return float(np.mean(logz - x[np.arange(len(target)), target]))
+    total = 0.0
+    for i in range(0, len(target), rows):
+        x = logits[i:min(i + rows, len(target))].astype(np.float64)
+        x -= x.max(axis=1, keepdims=True)
+        logz = np.log(np.exp(x).sum(axis=1))
+        total += float(np.sum(logz - x[np.arange(len(x)), target[i:i + len(x)]]))
+    return total / len(target)
 
 
 def compare(case: str, what: str, first: np.ndarray, ref: np.ndarray, ids: list[int], control: bool = False,
