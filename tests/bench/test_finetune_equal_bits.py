@@ -1,0 +1,111 @@
+"""bench/finetune_equal_bits.py: its method names parse (and bad ones are refused), a verdict needs the paired
+per-seed difference beyond 2 SD, its parts have finetune_paper's setting (a stored paper-setting part is resumed,
+another setting refused), GPTQ-LoRA starts at its GPTQ base, an LQ-style model's runs share its frozen tensors,
+and a rerun resumes instead of recomputing."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import finetune_equal_bits as eb  # noqa: E402
+
+from qbara.models import load_model  # noqa: E402
+
+import finetune_paper as fp  # noqa: E402
+import finetune_quality as fq  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QBARA_CACHE", str(tmp_path / "cache"))
+
+
+def test_method_names_parse_and_bad_ones_are_refused():
+    assert eb.method_kind("lq-fisher-2.75") == ("lq", 2.75)
+    kind, config = eb.method_kind("gptq-int3-g64")
+    assert kind == "gptq" and config.block_size == 64 and config.label == "int3-g64"
+    assert eb.method_kind("qlora") == ("qlora", None)
+    for bad in ("lq-fisher-x", "gptq-int4", "lora"):
+        with pytest.raises(SystemExit, match="unknown method"):
+            eb.method_kind(bad)
+
+
+def fake_result(held: dict) -> dict:
+    """{method: {seed: held-out loss}} as final runs at each method's chosen lr."""
+    runs = [{"method": m, "lr": 1e-3, "seed": s, "held": h, "val": h, "phase": "final"}
+            for m, per in held.items() for s, h in per.items()]
+    return {"setting": {"seeds": [0, 1, 2], "lr_seed": 1000}, "runs": runs,
+            "methods": {m: {"best_lr": 1e-3, "label": m} for m in held}}
+
+
+def test_verdict_needs_the_paired_difference_beyond_two_sd():
+    # the seeds differ by much more than the methods do, but every seed favours the LQ method by ~0.05: paired, that
+    # is a verdict although the unpaired SDs (~0.1) would call it inconclusive
+    base = {0: 4.4, 1: 4.5, 2: 4.6}
+    result = fake_result({"lq-fisher-3.0": {s: h - 0.05 + e for (s, h), e in zip(base.items(), (0.001, -0.001, 0))},
+                          "qlora": base, "gptq-int4-g32": {s: h + (0.02, -0.02, 0.01)[s] for s, h in base.items()}})
+    c = eb.paired(result, "lq-fisher-3.0", "qlora")
+    assert c["verdict"] == "lower" and c["seeds"] == [0, 1, 2] and abs(c["mean_diff"] + 0.05) < 1e-12
+    assert eb.paired(result, "gptq-int4-g32", "qlora")["verdict"] == "inconclusive"  # +0.02, -0.02, +0.01
+    pairs = {(c["a"], c["b"]) for c in eb.comparisons(result)}
+    assert pairs == {("lq-fisher-3.0", "qlora"), ("lq-fisher-3.0", "gptq-int4-g32"), ("gptq-int4-g32", "qlora")}
+    one = fake_result({"lq-fisher-3.0": {0: 4.0}, "qlora": {0: 4.5}})
+    assert eb.paired(one, "lq-fisher-3.0", "qlora")["verdict"] == "inconclusive (one seed)"
+    assert eb.paired(fake_result({"a": {0: 4.0}, "b": {1: 4.0}}), "a", "b") is None  # no common seed
+
+
+def test_parts_have_the_paper_setting_so_a_stored_paper_part_resumes():
+    args = eb.options(["--out", "x"])
+    a = eb.paper_args(args, "qlora", None)
+    stored = {"setting": {k: getattr(a, k) for k in fp.SAME_SETTING}, "data": {"val": 32, "held_out": 48}}
+    stored["setting"].update(model="gemma3-270m", steps=30, lr_seed=1000)
+    assert fp.setting_mismatch(stored, a) == []  # the paper setting's qlora part (30 steps, seed 1000) matches
+    other = eb.paper_args(eb.options(["--out", "x", "--steps", "60"]), "qlora", None)
+    assert any(d.startswith("steps") for d in fp.setting_mismatch(stored, other))
+    assert a.methods == ["qlora"] and a.part == "qlora" and a.no_merge and a.dq_mode == "shared"
+
+
+def test_gptq_lora_starts_at_its_base_and_lq_runs_share_frozen_tensors():
+    dense, tokenizer = load_model("tiny-llama")
+    args = eb.paper_args(eb.options(["--out", "x", "--rank", "4"]), "gptq-int4-g32", None)
+    p = eb.prepare_method("gptq-int4-g32", dense, tokenizer, args, seed=3)
+    ids = torch.tensor([[1, 5, 9, 14, 2, 7]])
+    with torch.no_grad():
+        assert torch.equal(p.model(input_ids=ids).logits, p.quantized(input_ids=ids).logits)  # LoRA B = 0
+        assert not torch.equal(p.model(input_ids=ids).logits, dense(input_ids=ids).logits)
+    trainable = {n for n, t in p.model.named_parameters() if t.requires_grad}
+    assert trainable and all("lora" in n for n in trainable)
+    assert eb.BITS["gptq-int4-g32"]["q"] == eb.BITS["gptq-int4-g32"]["total_step0"] == 5.0
+    # an adapter-less (LQ-style) prepared model: each run's copy shares the frozen tensors, owns the trainable ones
+    prepared = fq.Prepared(p.model, "x", "x", 0.0)
+    run = fp.fresh_model(prepared, 0)
+    for (name, a), b in zip(p.model.named_parameters(), run.parameters()):
+        assert (a is b) == (not a.requires_grad), name
+        assert torch.equal(a, b)
+
+
+def test_rerun_resumes_without_new_runs(tmp_path, capsys):
+    argv = ["--model", "tiny-llama", "--methods", "qlora", "--lrs", "1e-3", "2e-3", "--seeds", "0", "1",
+            "--steps", "1", "--rank", "4", "--out", str(tmp_path)]
+    eb.main(argv)
+    part = json.loads((tmp_path / "finetune_quality_paper.qlora.json").read_text())
+    assert len(part["runs"]) == 4 and part["methods"]["qlora"]["bits"]["q"] > 4.0  # 2 sweep + 2 seeds
+    first = (tmp_path / "equal_bits.json").read_text()
+    capsys.readouterr()
+    eb.main(argv)
+    assert "seed 1000: val" not in capsys.readouterr().out  # no sweep run again
+    again = json.loads((tmp_path / "equal_bits.json").read_text())
+    assert [r["held"] for r in again["runs"] if "held" in r] == \
+        [r["held"] for r in json.loads(first)["runs"] if "held" in r]
+    assert (tmp_path / "equal_bits.md").read_text().count("| QLoRA r4 |") == 1
+
+
+def test_options_refuse_a_bad_method():
+    with pytest.raises(SystemExit):
+        eb.options(["--out", "x", "--methods", "nf4"])
+    assert isinstance(eb.options(["--out", "x"]), argparse.Namespace)
