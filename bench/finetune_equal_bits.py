@@ -9,8 +9,9 @@ picked on validation seed --lr-seed, then the reported --seeds at that lr), next
 Methods: `lq-fisher-B` is built as bench/step0_equal_bits.py builds its rows (the Fisher from Macbeth windows
 after a BOS, the cached error table with dq_mode --dq-mode, named so a change of the library's default does not
 move these rows, the ILP at budget B, the LQ decomposition with NF8 factors); its adapter starts at the factors, so
-a seed draws only the data order. `gptq-FORMAT-gGROUP` is GPTQ-LoRA: the GPTQ base (calibration: the bundled plays
-less Hamlet) with a LoRA at B = 0, drawn per seed; `qlora` is finetune_quality's QLoRA (NF4 with double quant).
+a seed draws only the data order. `gptq-FORMAT-gGROUP` is GPTQ-LoRA, `qbara.gptq_prepare`'s two steps with the
+adapter drawn per seed: the GPTQ base (calibration: the bundled plays less Hamlet, each window after a BOS as for
+step 0's GPTQ rows), then a LoRA at B = 0; `qlora` is finetune_quality's QLoRA (NF4 with double quant).
 Step-0 total bits count LQ-LoRA's NF8 factors (the others start at the base); after training every method carries
 a rank-64 adapter of the same size. Merged models are not evaluated (--no-merge).
 
