@@ -57,6 +57,8 @@ def options(argv=None) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                     help="lq-fisher-BUDGET, gptq-FORMAT-gGROUP (e.g. gptq-int4-g32), qlora")
     ap.add_argument("--lrs", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3])
+    ap.add_argument("--grow-to", type=float, metavar="LR",
+                    help="double the lr while a method's best is its top one, up to LR (finetune_paper --grow-to)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--lr-seed", type=int, default=fp.LR_SEED)
@@ -99,6 +101,8 @@ def paper_args(args, method: str, resume: Path | None, verify: float | None = No
         argv += ["--resume", str(resume)]
     if verify is not None:
         argv += ["--verify-lr", str(verify)]
+    if args.grow_to is not None:
+        argv += ["--grow-to", str(args.grow_to)]
     a = fp.options(argv)
     a.methods = [method]
     a.dq_mode, a.fisher_samples, a.fisher_length = args.dq_mode, args.fisher_samples, args.fisher_length

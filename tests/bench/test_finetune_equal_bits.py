@@ -68,6 +68,8 @@ def test_parts_have_the_paper_setting_so_a_stored_paper_part_resumes():
     other = eb.paper_args(eb.options(["--out", "x", "--steps", "60"]), "qlora", None)
     assert any(d.startswith("steps") for d in fp.setting_mismatch(stored, other))
     assert a.methods == ["qlora"] and a.part == "qlora" and a.no_merge and a.dq_mode == "shared"
+    assert a.grow_to is None and eb.paper_args(eb.options(["--out", "x", "--grow-to", "1e-3"]), "qlora",
+                                               None).grow_to == 1e-3
 
 
 def test_gptq_lora_starts_at_its_base_and_lq_runs_share_frozen_tensors():
