@@ -5,5 +5,5 @@
 set -u
 OUT=bench/results/gemma3-270m/equal_bits
 OMP_NUM_THREADS=1 nice -n 5 python3 bench/finetune_equal_bits.py --out $OUT \
-    --methods lq-fisher-3.0 qlora gptq-int4-g32 lq-fisher-2.75 gptq-int3-g64 --lrs 2.5e-4 5e-4 --grow-to 1e-3 \
+    --methods qlora lq-fisher-3.0 gptq-int4-g32 lq-fisher-2.75 gptq-int3-g64 --lrs 2.5e-4 5e-4 --grow-to 1e-3 \
     --reuse-qlora bench/results/gemma3-270m/paper/finetune_quality_paper.qlora.json --verify-lr 5e-4 "$@"
