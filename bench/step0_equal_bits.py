@@ -168,7 +168,10 @@ def report(result: dict, out: Path) -> None:
     lines = [f"# Step 0 at equal total bits ({result['model']}, rank {result['rank']})", "",
              f"Hamlet, {result['windows']} windows of {result['window']} tokens"
              + (", each after a BOS" if result.get("bos") else "") + f"; wall {result.get('wall_s', 0) / 60:.0f} min "
-             "(all sessions of this result). Total bits count LQ-LoRA's rank-r factors in NF8 (8.127 bits each).", "",
+             "(all sessions of this result, on a shared 2-core machine: load-dependent). Total bits count LQ-LoRA's "
+             "rank-r factors in NF8 (8.127 bits each)."
+             + (f" LQ error table: Fisher-weighted, dq_mode {t['dq_mode']!r} ({t['table_source']} in the last session)."
+                if (t := result.get("timing", {})).get("dq_mode") else ""), "",
              "| model | bits/param of Q | total bits/param | Hamlet ppl | mean NLL |", "|---|---|---|---|---|"]
     for label, r in sorted(rows.items(), key=lambda kv: -kv[1]["total_bits"]):
         lines.append(f"| {label} | {r['q_bits']:.3f} | {r['total_bits']:.3f} | {r['ppl']:.3f} | "
