@@ -69,6 +69,8 @@ def options(argv=None) -> argparse.Namespace:
     ap.add_argument("--reuse-qlora", type=Path, help="a stored paper-setting qlora part to start the qlora part from")
     ap.add_argument("--verify-lr", type=float, help="re-run the reused qlora part's lr-seed point at LR (determinism)")
     ap.add_argument("--report", action="store_true", help="only join the stored parts and write the report")
+    ap.add_argument("--step0", type=Path, default=Path(__file__).parent / "results" / "gemma3-270m" / "step0" /
+                    "step0.json", help="step0_equal_bits' result: the bits of an LQ part stopped before its end")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     for m in args.methods:
@@ -205,7 +207,7 @@ def markdown(result: dict) -> str:
                          for x in fp.method_grid(result, method))
         s = fp.summary(result, method)
         after = (f"{s['held']:.4f} ± {s.get('held_sd', float('nan')):.4f} (n={s['n']})" if s["n"] else
-                 "not run")
+                 "no reported seed yet")
         step_s = f"{s['step_s']:.2f}" if "step_s" in s else "–"
         lines.append(f"| {e['label']} | {bits.get('q', float('nan')):.3f} | {bits.get('total_step0', float('nan')):.3f}"
                      f" | {e['trainable']:,} | {grid} | {result['bases'][e['base']]['held']:.4f} | {after} | "
@@ -259,8 +261,11 @@ def plot(result: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def report(out: Path, dq_mode: str = "shared") -> dict:
+def report(out: Path, dq_mode: str = "shared", rank: int = 64, step0: Path | None = None) -> dict:
     result = fp.combine(out, wall_note="the parts one after another on one niced single-thread worker, summed")
+    for method, e in result["methods"].items():
+        if "bits" not in e:  # a part stopped before its method's end
+            e["bits"] = bits_of(method, rank, step0)
     parts = {p.name.removeprefix("finetune_quality_paper.").removesuffix(".json"): json.loads(p.read_text())
              for p in out.glob("finetune_quality_paper.*.json")}
     result["part_wall_s"] = {m: r.get("wall_s", 0.0) + r.get("earlier_wall_s", 0.0) for m, r in parts.items()}
@@ -292,21 +297,26 @@ def main(argv=None) -> None:
             if method in BITS:
                 result["methods"][method]["bits"] = BITS[method]
             elif "bits" not in result["methods"].get(method, {}):
-                result["methods"].setdefault(method, {})["bits"] = bits_of(method, dense)
+                result["methods"].setdefault(method, {})["bits"] = bits_of(method, args.rank, args.step0)
             write_json_atomic(part, result)
             if not any(m.startswith("lq-") for m in args.methods[args.methods.index(method) + 1:]):
                 _FISHER.clear()  # 0.4 GB no later method needs
-    report(args.out, args.dq_mode)
+    report(args.out, args.dq_mode, args.rank, args.step0)
 
 
-def bits_of(method: str, dense) -> dict:
-    """Bits of a method whose part was complete before this process prepared it (qlora / gptq: no table)."""
+def bits_of(method: str, rank: int, step0: Path | None = None) -> dict:
+    """Bits of a method whose part lacks them (complete before this process, or stopped before its end): one
+    format on every linear gives its own bits; an LQ budget's come from step0_equal_bits' row of the same table,
+    budget and rank (the same allocation), else nan."""
     kind, spec = method_kind(method)
-    names = linear_layer_names(dense)
-    if kind == "lq":
-        raise SystemExit(f"{method}: its part lacks its bits and an LQ allocation needs the table: re-run it")
-    q = total_bits(dense, {n: qlora_config(4) if kind == "qlora" else spec for n in names}, 0)
-    return {"q": q[0], "total_step0": q[1], "prepare_s": float("nan")}
+    nan = float("nan")
+    if kind != "lq":
+        q = (qlora_config(4) if kind == "qlora" else spec).bits_per_param
+        return {"q": q, "total_step0": q, "prepare_s": nan}
+    rows = json.loads(step0.read_text())["rows"] if step0 is not None and step0.exists() else {}
+    row = rows.get(f"LQ-LoRA+Fisher r{rank} @{spec}")
+    return {"q": row["q_bits"], "total_step0": row["total_bits"], "prepare_s": nan, "from": "step0"} if row else \
+        {"q": nan, "total_step0": nan, "prepare_s": nan}
 
 
 if __name__ == "__main__":

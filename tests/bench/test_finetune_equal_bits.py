@@ -111,3 +111,36 @@ def test_options_refuse_a_bad_method():
     with pytest.raises(SystemExit):
         eb.options(["--out", "x", "--methods", "nf4"])
     assert isinstance(eb.options(["--out", "x"]), argparse.Namespace)
+
+
+def test_bits_of_a_part_without_them(tmp_path):
+    step0 = tmp_path / "step0.json"
+    step0.write_text(json.dumps({"rows": {"LQ-LoRA+Fisher r64 @3.0": {"q_bits": 3.0, "total_bits": 4.231}}}))
+    assert eb.bits_of("lq-fisher-3.0", 64, step0)["total_step0"] == 4.231
+    assert eb.bits_of("lq-fisher-3.0", 8, step0)["total_step0"] != eb.bits_of("lq-fisher-3.0", 8, step0)["q"]  # nan
+    assert eb.bits_of("gptq-int4-g32", 64)["q"] == 5.0 and eb.bits_of("gptq-int3-g64", 64)["total_step0"] == 3.5
+    assert abs(eb.bits_of("qlora", 64)["q"] - 4.127) < 1e-3
+
+
+def test_report_of_a_part_stopped_in_its_sweep(tmp_path):
+    setting = {"model": "gemma3-270m", "rank": 64, "alpha": 16.0, "dropout": 0.0, "lrs": [2.5e-4, 5e-4],
+               "steps": 30, "batch": 2, "seq": 32, "seeds": [0, 1, 2], "lr_seed": 1000, "warmup": 0.03, "clip": 0.3,
+               "threads": 1}
+    common = {"setting": setting, "data": {"task": "shakespeare (hamlet)", "train": 10, "val": 32, "held_out": 48},
+              "dense": {"val": 5.2, "held": 5.4}, "wall_s": 60.0}
+    done = dict(common, bases={"NF4": {"val": 5.3, "held": 5.5}},
+                methods={"qlora": {"label": "QLoRA r64", "base": "NF4", "trainable": 10, "best_lr": 5e-4}},
+                runs=[{"method": "qlora", "lr": 5e-4, "seed": s, "val": 4.2, "held": 4.4 + s / 100, "step_s": 1.0,
+                       "phase": "final"} for s in (0, 1, 2)]
+                + [{"method": "qlora", "lr": 5e-4, "seed": 1000, "val": 4.2, "phase": "sweep"}])
+    stopped = dict(common, bases={"LQ 3.0 (+factors 4.231)": {"val": 5.25, "held": 5.45}},
+                   methods={"lq-fisher-3.0": {"label": "LQ-LoRA+Fisher r64 @3.0",
+                                              "base": "LQ 3.0 (+factors 4.231)", "trainable": 10}},
+                   runs=[{"method": "lq-fisher-3.0", "lr": 2.5e-4, "seed": 1000, "val": 4.1, "phase": "sweep"}])
+    for name, part in (("qlora", done), ("lq-fisher-3.0", stopped)):
+        (tmp_path / f"finetune_quality_paper.{name}.json").write_text(json.dumps(part))
+    result = eb.report(tmp_path)
+    md = (tmp_path / "equal_bits.md").read_text()
+    assert "| LQ-LoRA+Fisher r64 @3.0 | nan | nan | 10 | 0.00025 | 5.4500 | no reported seed yet |" in md
+    assert "4.4100 ± 0.0100 (n=3)" in md and eb.comparisons(result) == []  # the LQ part has no chosen lr yet
+    assert result["wall_s"] == 120.0 and (tmp_path / "equal_bits.png").exists()
