@@ -144,3 +144,20 @@ def test_report_of_a_part_stopped_in_its_sweep(tmp_path):
     assert "| LQ-LoRA+Fisher r64 @3.0 | nan | nan | 10 | 0.00025 | 5.4500 | no reported seed yet |" in md
     assert "4.4100 ± 0.0100 (n=3)" in md and eb.comparisons(result) == []  # the LQ part has no chosen lr yet
     assert result["wall_s"] == 120.0 and (tmp_path / "equal_bits.png").exists()
+
+
+def test_lq_model_scores_the_same_with_its_base_dequantized_once():
+    """finetune_paper evaluates and trains with every QuantizedLinear swapped for its dequantized nn.Linear; on an
+    LQ-LoRA model (the base inside each adapter) that must compute what the model computes."""
+    dense, tokenizer = load_model("tiny-llama")
+    args = eb.paper_args(eb.options(["--out", "x", "--rank", "4", "--fisher-samples", "2", "--fisher-length", "16"]),
+                         "lq-fisher-3.0", None)
+    p = eb.prepare_method("lq-fisher-3.0", dense, tokenizer, args)
+    assert p.adapter is None and eb.BITS["lq-fisher-3.0"]["total_step0"] > eb.BITS["lq-fisher-3.0"]["q"]
+    ids = torch.tensor([[1, 5, 9, 14, 2, 7]])
+    with torch.no_grad():
+        plain = p.model(input_ids=ids).logits
+        with fp.dequantized_once(p.model):
+            swapped = p.model(input_ids=ids).logits
+    torch.testing.assert_close(swapped, plain, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(plain, dense(input_ids=ids).logits)
