@@ -197,7 +197,10 @@ def markdown(result: dict) -> str:
              f"{fp.lr_seed_of(st)} (not reported), then seeds {st['seeds']} at it. LQ-LoRA's error table: "
              f"dq_mode {result.get('dq_mode', 'shared')!r} (the cached table of the step-0 rows). Wall "
              f"{result.get('wall_s', 0) / 60:.0f} min of runs ({result.get('wall_note', '')}) on a 2-core machine "
-             "shared with three other jobs (niced, one torch thread): times are load-dependent.", "",
+             "shared with three other jobs (niced, one torch thread): times are load-dependent"
+             + (" (per part, earlier sessions included: " + ", ".join(f"{k} {v / 60:.0f} min" for k, v in
+                                                                     result["part_wall_s"].items()) + ")"
+                if result.get("part_wall_s") else "") + ".", "",
              f"Dense step-0 held-out loss {result['dense']['held']:.4f}.", "",
              "| method | bits/param of Q | step-0 total bits | trainable | lr grid (chosen bold) | step-0 held-out | "
              "after training (mean ± SD, n) | s/step | prepare s |", "|---|---|---|---|---|---|---|---|---|"]
