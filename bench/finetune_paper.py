@@ -73,6 +73,7 @@ taken from the end of the play (disjoint from training and from each other). Wit
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -346,7 +347,7 @@ def one_run(prepared, method, data, args, lr: float, seed: int, full: bool) -> d
     and of its merged form."""
     train, val, held = data
     start = time.perf_counter()
-    model = fq.fresh_model(prepared, seed)
+    model = fresh_model(prepared, seed)
     with dequantized_once(model):
         curve, step_s = fq.train_steps(model, train, args.steps, args.batch, lr, seed, torch.device(args.device),
                                        warmup=args.warmup, clip=args.clip)
@@ -357,6 +358,17 @@ def one_run(prepared, method, data, args, lr: float, seed: int, full: bool) -> d
         finish(model, method, out, held, args)
     out["seconds"] = time.perf_counter() - start
     return out, model
+
+
+def fresh_model(prepared, seed: int):
+    """fq.fresh_model, except that a method with a deterministic initialisation (LQ-LoRA: no adapter config) shares
+    its frozen tensors with the prepared model instead of copying them (no run writes them; a 262k-vocabulary
+    embedding is 0.67 GB per copy)."""
+    if prepared.adapter is not None:
+        return fq.fresh_model(prepared, seed)
+    model = prepared.model
+    frozen = [t for t in model.parameters() if not t.requires_grad] + list(model.buffers())
+    return copy.deepcopy(model, memo={id(t): t for t in frozen})
 
 
 def finish(model, method, out: dict, held, args) -> None:
@@ -389,7 +401,10 @@ def determinism(stored: dict, new: dict) -> dict:
     return rec
 
 
-def run(args, dense=None, tokenizer=None) -> dict:
+def run(args, dense=None, tokenizer=None, prepare_method=None) -> dict:
+    """The sweep and the seeds of args.methods (see the module docstring). prepare_method: builds a method's
+    `fq.Prepared` (default fq.prepare_method; a bench with other methods passes its own); a Prepared without
+    `quantized` (LQ-LoRA) reports its step-0 model as its base."""
     from qbara.adapters import trainable_parameter_count
     from qbara.atomic import write_json_atomic
     from qbara.models import load_model
@@ -447,10 +462,12 @@ def run(args, dense=None, tokenizer=None) -> dict:
             """The method's quantized base and adapter config, prepared on first use (with its entry and base loss)."""
             if "p" not in lazy_prep:
                 dense, tokenizer, data = model_and_data()
-                p = lazy_prep["p"] = fq.prepare_method(method, dense, tokenizer, args, seed=seed0)
+                p = lazy_prep["p"] = (prepare_method or fq.prepare_method)(method, dense, tokenizer, args,
+                                                                           seed=seed0)
                 if p.base not in result["bases"]:
-                    result["bases"][p.base] = {"val": loss_on(p.quantized, data[1], args),
-                                               "held": loss_on(p.quantized, data[2], args)}
+                    step0 = p.quantized if p.quantized is not None else p.model
+                    result["bases"][p.base] = {"val": loss_on(step0, data[1], args),
+                                               "held": loss_on(step0, data[2], args)}
                     print(f"base {p.base}: held-out {result['bases'][p.base]['held']:.4f}", flush=True)
                 entry = result["methods"].setdefault(method, {})
                 entry.update(label=p.label, base=p.base, trainable=trainable_parameter_count(p.model),

@@ -51,6 +51,7 @@ def options(argv=None) -> argparse.Namespace:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--dq-mode", default="shared", help="the error table's dq_mode (the rows so far: shared)")
     ap.add_argument("--out", type=Path, required=True)
     return ap.parse_args(argv)
 
@@ -142,8 +143,10 @@ def main(argv=None) -> None:
                                               args.fisher_length), bos)
         fisher = fisher_information(model, seqs)
         t1 = time.perf_counter()
-        table = error_table(model, candidate_configs(), rank=args.rank, fisher=fisher, workers=args.workers)
-        result["timing"] = {"fisher_s": t1 - t0, "table_s": time.perf_counter() - t1,
+        # dq_mode named: the rows measured so far used the "shared" table, whatever the library's default becomes
+        table = error_table(model, candidate_configs(), rank=args.rank, fisher=fisher, workers=args.workers,
+                            dq_mode=args.dq_mode)
+        result["timing"] = {"fisher_s": t1 - t0, "table_s": time.perf_counter() - t1, "dq_mode": args.dq_mode,
                             "table_source": "cache hit" if table.from_cache else "computed"}
         print(f"Fisher {t1 - t0:.0f} s, table {result['timing']['table_s']:.0f} s "
               f"({result['timing']['table_source']})", flush=True)
@@ -165,7 +168,10 @@ def report(result: dict, out: Path) -> None:
     lines = [f"# Step 0 at equal total bits ({result['model']}, rank {result['rank']})", "",
              f"Hamlet, {result['windows']} windows of {result['window']} tokens"
              + (", each after a BOS" if result.get("bos") else "") + f"; wall {result.get('wall_s', 0) / 60:.0f} min "
-             "(all sessions of this result). Total bits count LQ-LoRA's rank-r factors in NF8 (8.127 bits each).", "",
+             "(all sessions of this result, on a shared 2-core machine: load-dependent). Total bits count LQ-LoRA's "
+             "rank-r factors in NF8 (8.127 bits each)."
+             + (f" LQ error table: Fisher-weighted, dq_mode {t['dq_mode']!r} ({t['table_source']} in the last session)."
+                if (t := result.get("timing", {})).get("dq_mode") else ""), "",
              "| model | bits/param of Q | total bits/param | Hamlet ppl | mean NLL |", "|---|---|---|---|---|"]
     for label, r in sorted(rows.items(), key=lambda kv: -kv[1]["total_bits"]):
         lines.append(f"| {label} | {r['q_bits']:.3f} | {r['total_bits']:.3f} | {r['ppl']:.3f} | "
