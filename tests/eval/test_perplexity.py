@@ -161,3 +161,26 @@ def test_smollm2_perplexity_on_hamlet():
     res = text_perplexity(model, tok, text, window=256, max_tokens=512, progress=False)
     assert (res.windows, res.tokens) == (2, 510)
     assert math.isfinite(res.ppl) and 5 < res.ppl < 200  # uniform over 49152 tokens would be ~49152
+
+
+def test_each_window_can_start_with_the_tokenizers_bos(llama):
+    """bos=: every window is the BOS and window - 1 tokens of the stream, the BOS never scored; equal to the hand
+    computation on those windows. text_perplexity passes the tokenizer's leading BOS (none for the tiny model)."""
+    model, tokenizer = llama
+    ids, bos, window = _ids(40), 1, 8
+    result = perplexity(model, ids, window=window, bos=bos, progress=False)
+    rows = [torch.cat([torch.tensor([bos]), ids[i * 7:(i + 1) * 7]]) for i in range(40 // 7)]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            logp = torch.log_softmax(model(row.unsqueeze(0)).logits[0].double(), dim=-1)
+            total -= logp[:-1].gather(1, row[1:, None]).sum().item()
+            count += len(row) - 1
+    assert result.tokens == count == 5 * 7 and result.window == window
+    assert math.isclose(result.nll, total / count, rel_tol=1e-6)
+    with pytest.raises(QbaraError, match="at least 3 tokens when each window starts with a BOS"):
+        perplexity(model, ids, window=2, bos=bos, progress=False)
+    text = "to be or not to be"
+    plain = perplexity(model, torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"]), window=8,
+                       progress=False)
+    assert text_perplexity(model, tokenizer, text, window=8, progress=False).nll == plain.nll

@@ -19,6 +19,7 @@ from pathlib import Path
 from qbara.adapters.io import read_chat_template
 from qbara.commands.quantize import parse_format
 from qbara.data import shakespeare_text
+from qbara.data.special_tokens import leading_bos
 from qbara.errors import QbaraError
 from qbara.eval.harness import (
     LM_EVAL_OPTIONS,
@@ -107,7 +108,8 @@ def _command(args) -> dict:
     model, tokenizer = load_for_eval(args.model, args.adapter, getattr(args, "quant", None))
     if args.task == "ppl":
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-        r = perplexity(model, ids, window=args.window, max_tokens=args.max_tokens or None, progress=not args.json)
+        r = perplexity(model, ids, window=args.window, max_tokens=args.max_tokens or None, progress=not args.json,
+                       bos=leading_bos(tokenizer))
         result = {"task": "ppl", "ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "window": r.window}
     elif args.task == "loss":
         result = {"task": "loss", **masked_loss(model, examples, progress=not args.json)}

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from qbara.data.corpora import shakespeare_text
+from qbara.data.special_tokens import leading_bos
 from qbara.errors import QbaraError
 from qbara.eval.harness import count_type
 from qbara.eval.perplexity import perplexity
@@ -93,7 +94,8 @@ def _command(args) -> list[_QuantizationReport]:
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     importance = importance_matrix(model, calibration, progress=not args.json) if imatrix_configs else None
     fp32_bytes = model_bytes(model)
-    base = perplexity(model, ids, window=args.window, max_tokens=args.eval_tokens, progress=not args.json)
+    bos = leading_bos(tokenizer)
+    base = perplexity(model, ids, window=args.window, max_tokens=args.eval_tokens, progress=not args.json, bos=bos)
     rows = [_QuantizationReport("fp32", 32.0, 0.0, fp32_bytes, 1.0, base.ppl, base.tokens, base.window)]
     for config in configs:
         methods = [("", quantize_model)] + ([("gptq ", _gptq_quantizer(args, calibration))]
@@ -105,7 +107,7 @@ def _command(args) -> list[_QuantizationReport]:
             bits, rel = weight_error(model, quantized)
             size = model_bytes(quantized)
             result = perplexity(quantized, ids, window=args.window, max_tokens=args.eval_tokens,
-                                progress=not args.json)
+                                progress=not args.json, bos=bos)
             rows.append(_QuantizationReport(prefix + config.label, bits, rel, size, size / fp32_bytes, result.ppl,
                                            result.tokens, result.window))
             if prefix == "gptq " and args.save:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from qbara.data.special_tokens import leading_bos
 from qbara.errors import QbaraError
 
 
@@ -62,8 +63,11 @@ def perplexity(
     max_tokens: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    bos: int | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on the 1-D token stream ``input_ids``."""
+    """Perplexity of ``model`` on the 1-D token stream ``input_ids``. ``bos``: a token put before every window (the
+    tokenizer's own, :func:`qbara.data.special_tokens.leading_bos`): each window is then it and ``window`` - 1
+    tokens of the stream, never scoring the BOS, as a model trained to read text after one (Gemma) reads it."""
     limit = _context_limit(model)
     if limit is not None and window > limit:
         raise QbaraError(
@@ -75,7 +79,11 @@ def perplexity(
     input_ids = torch.as_tensor(input_ids)
     if input_ids.is_floating_point() or input_ids.is_complex():
         raise QbaraError("input_ids must be an integer tensor of token ids")
-    windows = make_windows(input_ids.long(), window, max_tokens)
+    if bos is not None and window < 3:
+        raise QbaraError(f"window must be at least 3 tokens when each window starts with a BOS, got {window}")
+    windows = make_windows(input_ids.long(), window - (bos is not None), max_tokens)
+    if bos is not None:
+        windows = torch.cat([torch.full((windows.shape[0], 1), int(bos), dtype=torch.long), windows], dim=1)
     n_windows, length = windows.shape
 
     device = model_device(model)
@@ -118,7 +126,8 @@ def text_perplexity(
     batch_size: int = 1,
     progress: bool = True,
 ) -> PerplexityResult:
-    """Tokenize ``text`` without special tokens and return :func:`perplexity` on it."""
+    """Tokenize ``text`` without special tokens and return :func:`perplexity` on it, each window after the
+    tokenizer's BOS where it puts one before every text."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return perplexity(
         model,
@@ -127,4 +136,5 @@ def text_perplexity(
         max_tokens=max_tokens,
         batch_size=batch_size,
         progress=progress,
+        bos=leading_bos(tokenizer),
     )

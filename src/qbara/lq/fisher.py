@@ -150,7 +150,7 @@ def _accumulate(model, layers, seqs, loss_fn, progress, tqdm, desc="Fisher") -> 
 def calibration_sequences(tokenizer, text: str, n_sequences: int, length: int, seed: int = 0) -> Tensor:
     """`n_sequences` windows of `length` tokens at random offsets of the tokenized `text`: (n, length). Where the
     tokenizer puts a BOS before every text (Gemma), each window is that BOS and `length` - 1 tokens of the text, as
-    the model reads text (without it Gemma 3's loss on plain text rises from 5.4 to 8.5 nats)."""
+    the model reads text (without it Gemma 3 270M's loss on 32-token Hamlet chunks rises from 5.43 to 8.48)."""
     if n_sequences < 1 or length < 2:
         raise QbaraError("need n_sequences >= 1 and length >= 2 for calibration")
     bos = leading_bos(tokenizer)
