@@ -19,7 +19,6 @@ from pathlib import Path
 from qbara.adapters.io import read_chat_template
 from qbara.commands.quantize import parse_format
 from qbara.data import shakespeare_text
-from qbara.data.special_tokens import leading_bos
 from qbara.errors import QbaraError
 from qbara.eval.harness import (
     LM_EVAL_OPTIONS,
@@ -32,7 +31,7 @@ from qbara.eval.harness import (
     parse_limit,
 )
 from qbara.eval.loss import masked_loss
-from qbara.eval.perplexity import perplexity
+from qbara.eval.perplexity import text_perplexity
 from qbara.models.loader import load_model_tokenizer
 from qbara.pretrained import from_pretrained
 from qbara.train.data import build_examples, read_records
@@ -107,9 +106,8 @@ def _command(args) -> dict:
                                   source=args.data)
     model, tokenizer = load_for_eval(args.model, args.adapter, getattr(args, "quant", None))
     if args.task == "ppl":
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-        r = perplexity(model, ids, window=args.window, max_tokens=args.max_tokens or None, progress=not args.json,
-                       bos=leading_bos(tokenizer))
+        r = text_perplexity(model, tokenizer, text, window=args.window, max_tokens=args.max_tokens or None,
+                            progress=not args.json)
         result = {"task": "ppl", "ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "window": r.window}
     elif args.task == "loss":
         result = {"task": "loss", **masked_loss(model, examples, progress=not args.json)}

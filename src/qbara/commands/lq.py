@@ -23,10 +23,9 @@ from qbara.adapters.config import AdapterConfig
 from qbara.adapters.io import save_adapter
 from qbara.atomic import write_json_atomic
 from qbara.commands.eval import read_text
-from qbara.data.special_tokens import leading_bos
 from qbara.distributed import end_process_group, is_main_process, start_process_group, world_size
 from qbara.errors import QbaraError
-from qbara.eval.perplexity import perplexity
+from qbara.eval.perplexity import text_perplexity
 from qbara.export.gguf.mix import gguf_file_budget
 from qbara.lq.config import LQConfig
 from qbara.lq.configs import candidate_configs, gguf_configs, qlora_config
@@ -212,9 +211,7 @@ def _with_fisher(args, lq, fisher):
 
 def _perplexity(args, model, tokenizer) -> dict:
     """Perplexity of a model on --eval text (the dense model, and Q + L1 L2: the LQ model at step 0)."""
-    ids = tokenizer(args.inputs.eval_text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    r = perplexity(model, ids, window=args.window, max_tokens=args.eval_tokens, progress=True,
-                   bos=leading_bos(tokenizer))
+    r = text_perplexity(model, tokenizer, args.inputs.eval_text, window=args.window, max_tokens=args.eval_tokens)
     return {"ppl": r.ppl, "tokens": r.tokens, "window": r.window}
 
 
