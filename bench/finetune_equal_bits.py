@@ -31,7 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
-from step0_equal_bits import total_bits, with_bos
+from step0_equal_bits import gptq_windows, measured_windows, total_bits
 
 from qbara import AdapterConfig, LQConfig, prepare
 from qbara.atomic import write_json_atomic
@@ -39,10 +39,10 @@ from qbara.commands.quantize import parse_format
 from qbara.data import shakespeare_text
 from qbara.lq.configs import candidate_configs, qlora_config
 from qbara.lq.factors import FACTOR_CONFIG
-from qbara.lq.fisher import calibration_sequences, fisher_information
+from qbara.lq.fisher import fisher_information
 from qbara.lq.tables import error_table
 from qbara.models import load_model
-from qbara.models.gptq import gptq_calibration, gptq_quantize_model
+from qbara.models.gptq import gptq_quantize_model
 from qbara.targets import linear_layer_names
 
 import finetune_paper as fp
@@ -121,12 +121,11 @@ def prepare_method(method: str, dense, tokenizer, args, seed: int = 0) -> fq.Pre
     start = time.perf_counter()
     kind, spec = method_kind(method)
     names = linear_layer_names(dense)
-    bos = fp.bos_of(tokenizer)
     if kind == "qlora":
         p = fq.prepare_method("qlora", dense, tokenizer, args, seed=seed)
         q = total_bits(dense, {n: qlora_config(4) for n in names}, 0)
     elif kind == "gptq":
-        base = gptq_quantize_model(copy.deepcopy(dense), spec, with_bos(gptq_calibration(tokenizer), bos),
+        base = gptq_quantize_model(copy.deepcopy(dense), spec, gptq_windows(tokenizer),
                                    progress=False)
         adapter = AdapterConfig("lora", rank=args.rank, alpha=args.alpha, dropout=args.dropout)
         p = fq.Prepared(None, f"GPTQ-LoRA {spec.label} r{args.rank}", f"GPTQ {spec.label}", 0.0, adapter=adapter,
@@ -135,8 +134,8 @@ def prepare_method(method: str, dense, tokenizer, args, seed: int = 0) -> fq.Pre
         q = total_bits(dense, {n: spec for n in names}, 0)
     else:
         if "f" not in _FISHER:
-            seqs = with_bos(calibration_sequences(tokenizer, shakespeare_text("macbeth"), args.fisher_samples,
-                                                  args.fisher_length), bos)
+            seqs = measured_windows(tokenizer, shakespeare_text("macbeth"), args.fisher_samples,
+                                    args.fisher_length)
             _FISHER["f"] = fisher_information(dense, seqs, progress=False)
         fisher = _FISHER["f"]
         table = error_table(dense, candidate_configs(), rank=args.rank, fisher=fisher, workers=1,

@@ -31,10 +31,10 @@ from qbara.commands.quantize import parse_format
 from qbara.data import shakespeare_text
 from qbara.lq.configs import candidate_configs, qlora_config
 from qbara.lq.factors import FACTOR_CONFIG
-from qbara.lq.fisher import calibration_sequences, fisher_information
+from qbara.lq.fisher import fisher_information
 from qbara.lq.tables import error_table
 from qbara.models import load_model
-from qbara.models.gptq import gptq_calibration, gptq_quantize_model
+from qbara.models.gptq import _CALIBRATION_PLAYS, DEFAULT_LENGTH, DEFAULT_SAMPLES, gptq_quantize_model
 from qbara.targets import linear_layer_names
 
 from finetune_paper import bos_of
@@ -54,6 +54,23 @@ def options(argv=None) -> argparse.Namespace:
     ap.add_argument("--dq-mode", default="shared", help="the error table's dq_mode (the rows so far: shared)")
     ap.add_argument("--out", type=Path, required=True)
     return ap.parse_args(argv)
+
+
+def measured_windows(tokenizer, text: str, n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """(n, length) windows as these rows were measured: `length` tokens at seeded random offsets of `text`, then
+    the BOS put first and the last token dropped (`with_bos`). qbara's `calibration_sequences` has since put the
+    BOS first itself and draws other offsets; sampling here keeps the stored rows (and their cached error tables,
+    keyed by the Fisher) reproducible, with one BOS per window."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    starts = torch.randint(0, ids.numel() - length + 1, (n,), generator=torch.Generator().manual_seed(seed))
+    return with_bos(torch.stack([ids[s:s + length] for s in starts.tolist()]), bos_of(tokenizer))
+
+
+def gptq_windows(tokenizer) -> torch.Tensor:
+    """`gptq_calibration`'s default windows (its plays less Hamlet, its sample count and length), as measured."""
+    plays = [p for p in _CALIBRATION_PLAYS if p != "hamlet"]
+    return measured_windows(tokenizer, "\n\n".join(shakespeare_text(p) for p in plays), DEFAULT_SAMPLES,
+                            DEFAULT_LENGTH)
 
 
 def with_bos(rows: torch.Tensor, bos: int | None) -> torch.Tensor:
@@ -132,15 +149,14 @@ def main(argv=None) -> None:
         config = parse_format(spec.strip())
         if f"GPTQ {config.label}" in rows:
             continue
-        calibration = calibration if calibration is not None else with_bos(gptq_calibration(tokenizer), bos)
+        calibration = calibration if calibration is not None else gptq_windows(tokenizer)
         q = total_bits(model, {n: config for n in names}, 0)[0]
         measure(f"GPTQ {config.label}", lambda: gptq_quantize_model(copy.deepcopy(model), config, calibration,
                                                                    progress=False), q, q)
     todo = [b for b in args.budgets if f"LQ-LoRA+Fisher r{args.rank} @{b}" not in rows]
     if todo:
         t0 = time.perf_counter()
-        seqs = with_bos(calibration_sequences(tokenizer, shakespeare_text("macbeth"), args.fisher_samples,
-                                              args.fisher_length), bos)
+        seqs = measured_windows(tokenizer, shakespeare_text("macbeth"), args.fisher_samples, args.fisher_length)
         fisher = fisher_information(model, seqs)
         t1 = time.perf_counter()
         # dq_mode named: the rows measured so far used the "shared" table, whatever the library's default becomes
