@@ -25,8 +25,10 @@ from qbara.generation import (
     tokens,
 )
 from qbara.models import tiny_llama
-from qbara.models.tiny import IM_END
+from qbara.models.tiny import CHATML_TEMPLATE, IM_END
+from qbara.train.data import IGNORE_INDEX, build_examples
 from tests.helpers import randomize_adapters
+from tests.train.test_data import TOK, _bos_tokenizer
 
 GREEDY = GenerationSettings(max_new_tokens=24, temperature=0)
 
@@ -70,6 +72,20 @@ def test_prompt_ids_equal_apply_chat_template():
     assert prompt_ids(tokenizer, Prompt.user("héllo"), None) == tokenizer("héllo").input_ids
     with pytest.raises(QbaraError, match="has no chat template.*drop --system"):
         prompt_ids(tokenizer, Prompt.user("hi", "sys"), None)
+
+
+def test_prompt_ids_start_with_the_leading_bos_once_as_training_does():
+    """A tokenizer that puts a BOS before every text (Gemma): the rendered prompt starts with it once, whether the
+    template renders it or not, and is the prompt its training example was made of."""
+    messages = [{"role": "user", "content": "hi"}]
+    plain = TOK(TOK.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False).input_ids
+    for template in (CHATML_TEMPLATE, "{{ bos_token }}" + CHATML_TEMPLATE):
+        tok = _bos_tokenizer(template)
+        ids = prompt_ids(tok, Prompt.user("hi"), chat_template(tok))
+        assert ids == [tok.bos_token_id, *plain]
+        (example,) = build_examples([{"instruction": "hi", "output": "yo"}], tok, "instruction", 1024)
+        assert example.input_ids[:len(ids)] == ids and example.labels[len(ids)] != IGNORE_INDEX
 
 
 def test_end_of_turn_is_the_special_token_after_an_assistant_message():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from qbara.data.special_tokens import leading_bos, with_bos
 from qbara.errors import QbaraError
 from qbara.prompt_formats import instruction_messages
 from qbara.templates import ChatTemplate
@@ -101,7 +102,8 @@ def chat_template(tokenizer) -> ChatTemplate | None:
 
 
 def prompt_ids(tokenizer, prompt: Prompt, template: ChatTemplate | None) -> list[int]:
-    """Token ids of `prompt`: messages rendered by `template` (no special tokens added), or plain text tokenized."""
+    """Token ids of `prompt`: messages rendered by `template` (no special tokens added but the tokenizer's leading
+    BOS, once, as training renders them), or plain text tokenized."""
     if prompt.messages is None:
         return tokenizer(prompt.text).input_ids
     if template is None:
@@ -111,7 +113,7 @@ def prompt_ids(tokenizer, prompt: Prompt, template: ChatTemplate | None) -> list
                              f"model with a chat template")
         return tokenizer(prompt.messages[0]["content"]).input_ids
     text = template.render(prompt.messages, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    return with_bos(tokenizer(text, add_special_tokens=False).input_ids, leading_bos(tokenizer))
 
 
 def stop_ids(model, tokenizer, template: ChatTemplate | None) -> set[int]:

@@ -1,6 +1,7 @@
 """Training data: read JSON / JSONL / CSV / text files, turn records into token ids with the loss
 masked on the prompt (labels = -100), rendered with the run's prompt format (data.template,
-`qbara.prompt_formats`), or pack plain text into fixed-length sequences."""
+`qbara.prompt_formats`), or pack plain text into fixed-length sequences. Where the tokenizer puts a BOS before every
+text (Gemma), every sequence starts with it, once, never learned, as the model was pretrained."""
 from __future__ import annotations
 
 import csv
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from qbara.data.hf_datasets import is_saved_dataset, read_dataset
+from qbara.data.special_tokens import leading_bos, with_bos
 from qbara.errors import QbaraError
 from qbara.prompt_formats import PromptFormat, instruction_messages, resolve_template
 from qbara.templates import ChatTemplate
@@ -185,7 +187,8 @@ def _rendered_example(messages: list, tokenizer, max_length: int, template: Chat
     prompt. The text is tokenized piece by piece (prompt, answer, prompt, ...), so the tokens before the first
     answer are exactly `tokenizer(render(messages before it, add_generation_prompt=True), add_special_tokens=False)`
     (what inference feeds the model), whatever the tokenizer would merge across the prompt / answer boundary; before
-    a later answer they are wherever the turns start with a special token (as in every named format)."""
+    a later answer they are wherever the turns start with a special token (as in every named format). The
+    tokenizer's leading BOS opens the ids once (`with_bos`: a template that renders it, as Gemma's, gave it)."""
     full = template.render(messages)
     cuts, answers = [0], []
     for i, message in enumerate(messages):
@@ -203,6 +206,11 @@ def _rendered_example(messages: list, tokenizer, max_length: int, template: Chat
         tokens = tokenizer(full[start:end], add_special_tokens=False).input_ids if end > start else []
         ids += tokens
         labels += tokens if piece in answers else [IGNORE_INDEX] * len(tokens)
+    bos = leading_bos(tokenizer)
+    if bos is not None:
+        led = with_bos(ids, bos)
+        ids, labels = led, [IGNORE_INDEX] * (len(led) - len(ids)) + labels
+        labels[0] = IGNORE_INDEX  # an input, never learned, even where a template renders it in an answer
     return Example(ids[:max_length], labels[:max_length], truncated=len(ids) > max_length)
 
 
@@ -260,7 +268,8 @@ def build_examples(records: list, tokenizer, fmt: str, max_length: int, on_error
 
 
 def _pack_text(records: list, tokenizer, max_length: int, source: str = "data") -> list[Example]:
-    """Concatenate texts (separated by EOS) and cut into sequences of `max_length` tokens."""
+    """Concatenate texts (separated by EOS) and cut into sequences of `max_length` tokens; where the tokenizer
+    puts a BOS before every text, each sequence is that BOS (not learned) and the next `max_length` - 1 tokens."""
     ids: list[int] = []
     for number, record in enumerate(records, start=1):
         text = record.get("text") if isinstance(record, dict) else None
@@ -271,11 +280,18 @@ def _pack_text(records: list, tokenizer, max_length: int, source: str = "data") 
         except ValueError as err:
             raise QbaraError(f"{source}: record {number} {err}; fix it") from None
         ids += tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    n = len(ids) // max_length
+    bos = leading_bos(tokenizer)
+    lead = [] if bos is None else [bos]
+    step = max_length - len(lead)  # text tokens a sequence holds
+    if step < 1:
+        raise QbaraError(f"data.max_length={max_length} leaves no room for text after the tokenizer's BOS; set it "
+                         f"to 2 or more")
+    n = len(ids) // step
     if n == 0:
-        raise QbaraError(f"{source}: {len(ids)} tokens is less than one sequence of data.max_length={max_length}")
-    return [Example(ids[i * max_length:(i + 1) * max_length], ids[i * max_length:(i + 1) * max_length])
-            for i in range(n)]
+        raise QbaraError(f"{source}: {len(ids)} tokens is less than one sequence of data.max_length={max_length}"
+                         + (f" (the BOS and {step} text tokens)" if lead else ""))
+    chunks = [ids[i * step:(i + 1) * step] for i in range(n)]
+    return [Example(lead + chunk, [IGNORE_INDEX] * len(lead) + chunk) for chunk in chunks]
 
 
 class ExampleDataset(torch.utils.data.Dataset):
