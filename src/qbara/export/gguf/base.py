@@ -47,9 +47,12 @@ def export_gguf(model: nn.Module, tokenizer, path, lossy: bool = False, *, embed
 
 
 def _check_options(embedding_type, lossy, dense_type=None, output_type=None) -> None:
-    for option, kind in (("embedding_type", embedding_type), ("output_type", output_type)):
-        if kind not in EMBEDDING_TYPES and (option == "embedding_type" or kind is not None):
-            raise QbaraError(f"unknown {option} {kind!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
+    """Refuse an unknown type name or a non-bool `lossy` before anything is written (output_type None: the
+    embedding's type)."""
+    if embedding_type not in EMBEDDING_TYPES:
+        raise QbaraError(f"unknown embedding_type {embedding_type!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
+    if output_type is not None and output_type not in EMBEDDING_TYPES:
+        raise QbaraError(f"unknown output_type {output_type!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
     if not isinstance(lossy, bool):
         raise QbaraError(f"lossy must be True or False, got {lossy!r}")
     if dense_type is not None and dense_type not in DENSE_TYPES:
