@@ -24,7 +24,8 @@ Calibration draws (--draw N): draw 1 is the set above with seed 0; draw N > 1 re
 plays (DRAW_PLAYS), the GSM8K calibration questions in another order, seed N - 1 for the sequences' offsets and the
 tables; the held-out texts stay the same. Its rows are keyed CALIBRATION-dN.
 Models whose tokenizer starts a text with BOS (Gemma 3) get BOS at the start of every held-out window (as llama.cpp's
-perplexity tool does); the calibration sequences are qbara's (no BOS), the same for both sides.
+perplexity tool does); the calibration sequences are qbara's (`mixed_calibration`: each after that BOS too, since
+743e5aa), the same for both sides. Rows measured before that are kept under OUT/earlier/.
 Resumable: every file is kept in --work, every scored row in WORK/rows.json and OUT/gguf_calibration.json (rerun to
 continue, here or from the committed results); sizes run in the given order (the smallest first).
 OUT/gguf_calibration.md and .png are rewritten after every row.
