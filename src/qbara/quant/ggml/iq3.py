@@ -4,9 +4,10 @@ Layout (little-endian): {fp16 d; u8 qs[64]; u8 qh[8]; u8 signs[32]; u8 scales[4]
   group g (weights 4g..4g+3): grid index qs[g] | (bit g % 8 of qh[g // 8]) << 8
   weight e: sign bit e % 8 of signs[e // 8] (set: negative)
   32-block b: scale d * (1 + 2 * s), s nibble b % 2 of scales[b // 2]
-The quantizer reproduces ggml's `quantize_iq3_s` bit for bit: per 32 weights a search over 19 scales, each rounding
-a group to the nearest lattice coordinates and, off the grid, taking the weighted-nearest of the neighbours ggml's
-`iq3xs_init_impl` lists (every grid point at the 3 smallest squared distances), then one refit at the best scale."""
+The quantizer reproduces ggml's `quantize_iq3_s` bit for bit (numpy float32, every try at once): per 32 weights a
+search over 19 scales, each rounding a group to the nearest lattice coordinates and, off the grid, taking the
+weighted-nearest of the neighbours ggml's `iq3xs_init_impl` lists (every grid point at the 3 smallest squared
+distances), then one refit at the best scale. (numpy: torch's many small threaded ops crawl on a busy machine.)"""
 from __future__ import annotations
 
 import functools
@@ -16,16 +17,9 @@ import torch
 from torch import Tensor
 
 from qbara.quant.ggml.common import (
-    F32,
-    bits_to_bytes,
     bytes_to_bits,
-    div,
     half_bytes,
     half_from_bytes,
-    nearest_int,
-    rdiv,
-    seq_sum,
-    sqrt_f32,
 )
 
 QK_K = 256
@@ -65,15 +59,17 @@ GRID_CODES = (
     3736, 3753, 3778, 3802, 3805, 3819, 3841, 3845, 3851, 3856, 3880, 3922, 3938, 3970, 3993, 4032,
 )
 _NEAREST_DISTANCES = 3  # iq3xs_init_impl's nwant for the 512 grid
-_SCALE_TRIES = range(-9, 10)  # the search tries id = (15 + 0.2 is) / max
+# the search tries id = (15 + 0.2 is) / max for is in -9 .. 9 (15 + is * 0.2f in float32, as C computes it)
+_SCALE_STEPS = np.float32(15) + np.arange(-9, 10).astype(np.float32) * np.float32(0.2)
 _D_FUDGE = np.float32(1.033)  # ggml stores d = max scale / 31 * 1.033
-_GROUPS_AT_ONCE = 1 << 14  # off-grid groups whose neighbours are scored at once
+_GROUPS_AT_ONCE = 1 << 12  # off-grid groups whose neighbours are scored at once
 
 
 @functools.cache
-def _tables() -> tuple[Tensor, Tensor, Tensor]:
-    """(512, 4) grid magnitudes, the (4096,) map from packed coordinates to a grid index (-1 off the grid) and the
-    (4096, M) neighbours of each off-grid point (-1 padded), ordered by (distance, index) as ggml's qsort does."""
+def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(512, 4) float32 grid magnitudes, the (4096,) map from packed coordinates (3 bits each) to a grid index (-1
+    off the grid), the (4096, M) neighbours of each off-grid point (-1 padded), ordered by (distance, index) as
+    ggml's qsort leaves them, and their (4096,) counts."""
     codes = np.array(GRID_CODES, dtype=np.int64)
     shifts = 3 * np.arange(4)
     grid = 2 * ((codes[:, None] >> shifts) & 7) + 1
@@ -81,77 +77,95 @@ def _tables() -> tuple[Tensor, Tensor, Tensor]:
     kmap[codes] = np.arange(len(codes))
     points = 2 * ((np.arange(4096)[:, None] >> shifts) & 7) + 1
     dist = ((points[:, None, :] - grid[None, :, :]) ** 2).sum(axis=2)  # (4096, 512)
-    lists = []
+    lists = {}
     for u in np.flatnonzero(kmap < 0):
         order = np.argsort(dist[u], kind="stable")
         cutoff = np.unique(dist[u])[_NEAREST_DISTANCES - 1]
-        lists.append((u, order[dist[u, order] <= cutoff]))
-    neighbours = np.full((4096, max(len(n) for _, n in lists)), -1, dtype=np.int64)
-    for u, n in lists:
-        neighbours[u, :len(n)] = n
-    return (torch.from_numpy(grid).float(), torch.from_numpy(kmap), torch.from_numpy(neighbours))
+        lists[u] = order[dist[u, order] <= cutoff]
+    neighbours = np.full((4096, max(map(len, lists.values()))), -1, dtype=np.int64)
+    counts = np.zeros(4096, dtype=np.int64)
+    for u, n in lists.items():
+        neighbours[u, :len(n)], counts[u] = n, len(n)
+    return grid.astype(np.float32), kmap, neighbours, counts
 
 
-def _nearest_neighbour(nb: Tensor, grid: Tensor, xval: Tensor, w: Tensor, scale: Tensor) -> Tensor:
-    """ggml's iq3_find_best_neighbour for G groups: the first listed neighbour of least sum_i w_i (scale q_i - x_i)^2
-    (float32, summed in order). nb (G, M) with -1 padding, xval / w (G, 4), scale (G,) -> grid indices (G,)."""
-    out = torch.empty(nb.shape[0], dtype=torch.int64, device=nb.device)
-    for start in range(0, nb.shape[0], _GROUPS_AT_ONCE):
-        part = slice(start, start + _GROUPS_AT_ONCE)
-        cand = nb[part]
-        diff = scale[part, None, None] * grid[cand.clamp(min=0)] - xval[part, None, :]
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int bit for bit: the low 23 bits of v + 1.5 * 2^23 in float32, less 2^22. Rounds half to even
+    for |v| < 2^22 only; beyond (a group at a tiny refit scale) its wrapped values are what ggml uses too."""
+    return ((v + np.float32(12582912.0)).view(np.int32) & 0x7FFFFF) - 0x400000
+
+
+def _nearest_neighbour(u: np.ndarray, xval: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """ggml's iq3_find_best_neighbour for G off-grid groups: the first listed neighbour of least
+    sum_i w_i (scale q_i - x_i)^2 (float32, summed in order). u (G,) packed coordinates, xval / w (G, 4), scale
+    (G,) -> grid indices (G,). Groups go by their number of neighbours (3 to 38, 7 on average), in slices padded
+    to the longest list in each."""
+    grid, _, neighbours, counts = _tables()
+    count = counts[u]
+    order = np.argsort(count, kind="stable")
+    out = np.empty_like(u)
+    for start in range(0, len(u), _GROUPS_AT_ONCE):
+        part = order[start:start + _GROUPS_AT_ONCE]
+        cand = neighbours[u[part], :count[part[-1]]]
+        diff = scale[part, None, None] * grid[cand] - xval[part, None, :]  # a -1 pad reads the last point: masked
         t = (w[part, None, :] * diff) * diff
         d2 = ((t[..., 0] + t[..., 1]) + t[..., 2]) + t[..., 3]
-        d2 = d2.masked_fill(cand < 0, float("inf"))
-        out[part] = cand.gather(1, d2.argmin(dim=1, keepdim=True)).squeeze(1)
+        d2[cand < 0] = np.inf
+        out[part] = np.take_along_axis(cand, d2.argmin(axis=1)[:, None], axis=1)[:, 0]
     return out
 
 
-def _round_to_grid(xval: Tensor, waux: Tensor, inv: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """Each group of 4 of the (B, 32) magnitudes at inverse scale `inv` (B,): its grid index (B, 8) and whether
-    rounding landed on the grid (B, 8); off it, the nearest neighbour at `scale` (B,)."""
-    grid, kmap, neighbours = (t.to(xval.device) for t in _tables())
-    l = nearest_int(0.5 * (inv[:, None] * xval - 1)).clamp_(0, 7).long().view(-1, 8, 4)
-    u = (l << torch.tensor([0, 3, 6, 9], device=xval.device)).sum(dim=2)
+def _round_to_grid(xval: np.ndarray, waux: np.ndarray, inv: np.ndarray, scale: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Each group of 4 of the (B, 32) magnitudes at T inverse scales `inv` (T, B): its grid index (T, B, 8) and
+    whether rounding landed on the grid (T, B, 8); off it, the nearest neighbour at `scale` (T, B)."""
+    _, kmap, _, _ = _tables()
+    coords = np.clip(_nearest_int(np.float32(0.5) * (inv[:, :, None] * xval[None] - np.float32(1))), 0, 7)
+    u = (coords.reshape(*inv.shape, 8, 4).astype(np.int64) << np.array([0, 3, 6, 9])).sum(axis=3)
     index = kmap[u]
     on_grid = index >= 0
-    off = (~on_grid).nonzero(as_tuple=True)
-    if off[0].numel():
-        index[off] = _nearest_neighbour(neighbours[u[off]], grid, xval.view(-1, 8, 4)[off],
-                                        waux.view(-1, 8, 4)[off], scale[off[0]])
+    t, b, k = np.nonzero(~on_grid)
+    if len(t):
+        index[t, b, k] = _nearest_neighbour(u[t, b, k], xval.reshape(-1, 8, 4)[b, k], waux.reshape(-1, 8, 4)[b, k],
+                                            scale[t, b])
     return index, on_grid
 
 
-def _fit(index: Tensor, weight: Tensor, xval: Tensor) -> tuple[Tensor, Tensor]:
-    q = _tables()[0].to(xval.device)[index].view(-1, 32)
-    wq = weight * q
-    return seq_sum(((weight * xval) * q).t().contiguous()), seq_sum((wq * q).t().contiguous())
+def _fit(index: np.ndarray, weight_t: np.ndarray, xval_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sum w x q and sum w q^2 over each block's 32 weights in order, for (T, B, 8) grid indices; weight_t / xval_t
+    (32, B). numpy reduces the leading axis of a contiguous array row by row, i.e. in index order."""
+    q = np.ascontiguousarray(_tables()[0][index].transpose(2, 3, 0, 1)).reshape(32, *index.shape[:2])
+    return (np.add.reduce((weight_t * xval_t)[:, None] * q, axis=0),
+            np.add.reduce((weight_t[:, None] * q) * q, axis=0))
 
 
-def _search(weight: Tensor, xval: Tensor) -> tuple[Tensor, Tensor]:
+def _search(weight: np.ndarray, xval: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(B, 32) search weights and magnitudes -> each 32's scale (B,) and grid indices (B, 8)."""
-    waux = sqrt_f32(weight)
-    top = xval.amax(dim=1)
-    top = torch.where(top > 0, top, torch.ones_like(top))  # all-zero blocks: scale 0, set below
-    best = torch.zeros_like(top)
-    scale = div(top, 15.0)
-    index = torch.zeros(xval.shape[0], 8, dtype=torch.int64, device=xval.device)
-    on_grid = torch.zeros(xval.shape[0], 8, dtype=torch.bool, device=xval.device)
-    for step in _SCALE_TRIES:
-        inv = rdiv(float(np.float32(15) + np.float32(step) * np.float32(0.2)), top)
-        trial, trial_on = _round_to_grid(xval, waux, inv, rdiv(1.0, inv))
-        sumqx, sumq2 = _fit(trial, weight, xval)
-        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        scale = torch.where(better, sumqx / sumq2, scale)
-        best = torch.where(better, scale * sumqx, best)
-        index = torch.where(better[:, None], trial, index)
-        on_grid = torch.where(better[:, None], trial_on, on_grid)
-    redo = ((~on_grid).any(dim=1) & (scale > 0)).nonzero().squeeze(1)
-    if redo.numel():  # one more rounding at the best scale, every group of the block, and its refit
+    waux = np.sqrt(weight.astype(np.float64)).astype(np.float32)  # correctly rounded sqrtf
+    weight_t, xval_t = np.ascontiguousarray(weight.T), np.ascontiguousarray(xval.T)
+    top = xval.max(axis=1)
+    top = np.where(top > 0, top, np.float32(1))  # all-zero blocks: scale 0, set by the caller
+    inv = _SCALE_STEPS[:, None] / top[None, :]
+    trial, trial_on = _round_to_grid(xval, waux, inv, np.float32(1) / inv)
+    sumqx, sumq2 = _fit(trial, weight_t, xval_t)
+    best = np.zeros_like(top)
+    scale = top / np.float32(15)
+    chosen = np.full(len(top), -1)
+    for step in range(len(_SCALE_STEPS)):  # in order: a later try must beat the best so far strictly
+        better = (sumq2[step] > 0) & (sumqx[step] * sumqx[step] > best * sumq2[step])
+        scale = np.where(better, sumqx[step] / np.where(better, sumq2[step], np.float32(1)), scale)
+        best = np.where(better, scale * sumqx[step], best)
+        chosen = np.where(better, step, chosen)
+    blocks = np.arange(len(top))
+    picked = chosen >= 0
+    index = np.where(picked[:, None], trial[chosen.clip(0), blocks], 0)
+    on_grid = picked[:, None] & trial_on[chosen.clip(0), blocks]
+    redo = np.flatnonzero(~on_grid.all(axis=1) & (scale > 0))
+    if len(redo):  # one more rounding at the best scale, every group of the block, and its refit
         s = scale[redo]
-        index[redo] = _round_to_grid(xval[redo], waux[redo], rdiv(1.0, s), s)[0]
-        sumqx, sumq2 = _fit(index[redo], weight[redo], xval[redo])
-        scale[redo] = torch.where(sumq2 > 0, sumqx / sumq2, s)
+        index[redo] = _round_to_grid(xval[redo], waux[redo], (np.float32(1) / s)[None], s[None])[0][0]
+        sumqx, sumq2 = _fit(index[redo][None], weight_t[:, redo], xval_t[:, redo])
+        scale[redo] = np.where(sumq2[0] > 0, sumqx[0] / np.where(sumq2[0] > 0, sumq2[0], np.float32(1)), s)
     return scale, index
 
 
@@ -159,49 +173,55 @@ def quantize_iq3_s(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | Non
     """(N, 256) fp32 -> (N, 110) IQ3_S bytes; `qw` (N, 256): importance, weighting each weight by
     qw * sqrt(sigma2 + x^2) with sigma2 twice the super-block's mean square (ggml's; `row_sigma2` unused)."""
     n = x.shape[0]
-    blocks = x.reshape(-1, 32)
+    xs = x.detach().cpu().numpy().astype(np.float32, copy=False)
+    blocks = xs.reshape(-1, 32)
     if qw is None:
         weight = blocks * blocks
     else:
-        sigma2 = seq_sum((x * x).t().contiguous()) * 2 / QK_K  # both exact: powers of two
-        weight = qw.reshape(-1, 32) * sqrt_f32(sigma2.repeat_interleave(QK_K // 32)[:, None] + blocks * blocks)
+        sumx2 = np.add.reduce(np.ascontiguousarray((xs * xs).T), axis=0)  # in order, as the C loop
+        sigma2 = sumx2 * np.float32(2) / np.float32(QK_K)  # both exact: powers of two
+        root = np.sqrt((np.repeat(sigma2, QK_K // 32)[:, None] + blocks * blocks).astype(np.float64))
+        weight = qw.detach().cpu().numpy().astype(np.float32, copy=False).reshape(-1, 32) * root.astype(np.float32)
     negative = blocks < 0
-    xval = torch.where(negative, -blocks, blocks)
-    scale, index = _search(weight, xval)
-    empty = xval.amax(dim=1) == 0
-    scale = torch.where(empty, torch.zeros_like(scale), scale)
-    index = torch.where(empty[:, None], torch.zeros_like(index), index)
-    flip = scale < 0  # never for weights >= 0; ggml flips every sign then
-    negative = negative ^ flip[:, None]
-    scale = scale.abs()
+    xval = np.where(negative, -blocks, blocks)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        scale, index = _search(weight, xval)
+    empty = xval.max(axis=1) == 0
+    scale[empty], index[empty] = 0, 0
+    negative ^= (scale < 0)[:, None]  # never for weights >= 0; ggml flips every sign then
+    scale = np.abs(scale)
 
-    scales = scale.view(n, QK_K // 32)
-    top = scales.amax(dim=1)
-    d = div(top, 31.0)
-    inv = torch.where(top > 0, rdiv(1.0, d), torch.zeros_like(d))
-    ls = nearest_int(0.5 * (inv[:, None] * scales - 1)).clamp_(0, 15)
-    ls = torch.where(top[:, None] > 0, ls, torch.zeros_like(ls)).to(torch.uint8)
-    dh = torch.where(top > 0, d * torch.tensor(_D_FUDGE, device=x.device), torch.zeros_like(d))
-    qh = bits_to_bytes((index >> 8).view(n, QK_K // 32, 8), dim=2)
-    signs = bits_to_bytes(negative.view(n, QK_K // 32, 4, 8), dim=3)
-    qs, signs = _skip_empty((index & 255).to(torch.uint8).view(n, QK_K // 32, 8), signs, empty.view(n, QK_K // 32))
-    return torch.cat([half_bytes(dh), qs, qh, signs, ls[:, 0::2] | (ls[:, 1::2] << 4)], dim=1)
+    scales = scale.reshape(n, QK_K // 32)
+    top = scales.max(axis=1)
+    d = top / np.float32(31)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(top > 0, np.float32(1) / d, np.float32(0))
+    ls = np.clip(_nearest_int(np.float32(0.5) * (inv[:, None] * scales - np.float32(1))), 0, 15)
+    ls = np.where(top[:, None] > 0, ls, 0).astype(np.uint8)
+    dh = np.where(top > 0, d * _D_FUDGE, np.float32(0)).astype(np.float16)
+    qh = np.packbits((index >> 8).astype(np.uint8).reshape(n, QK_K // 32, 8), axis=2, bitorder="little")
+    signs = np.packbits(negative.reshape(n, QK_K // 32, 4, 8), axis=3, bitorder="little")
+    qs, signs = _skip_empty((index & 255).astype(np.uint8).reshape(n, QK_K // 32, 8), signs.reshape(n, -1, 4),
+                            empty.reshape(n, QK_K // 32))
+    rest = np.concatenate([qs, qh.reshape(n, 8), signs, ls[:, 0::2] | (ls[:, 1::2] << 4)], axis=1)
+    return torch.cat([half_bytes(torch.from_numpy(dh)), torch.from_numpy(rest)], dim=1).to(x.device)
 
 
-def _skip_empty(qs: Tensor, signs: Tensor, empty: Tensor) -> tuple[Tensor, Tensor]:
+def _skip_empty(qs: np.ndarray, signs: np.ndarray, empty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ggml's layout quirk: an all-zero 32-block writes no qs / signs bytes and does not advance their pointers, so
     the next blocks' move up one slot each and the last slots stay zero (qh and the scales stay in place).
     (n, 8, 8) qs and (n, 8, 4) signs per 32-block -> (n, 64), (n, 32)."""
-    slot = torch.where(empty, QK_K // 32, empty.logical_not().long().cumsum(dim=1) - 1)  # empty ones: a dump slot
-    packed_qs = qs.new_zeros(qs.shape[0], QK_K // 32 + 1, 8).scatter_(1, slot[:, :, None].expand_as(qs), qs)
-    packed_signs = signs.new_zeros(qs.shape[0], QK_K // 32 + 1, 4).scatter_(1, slot[:, :, None].expand_as(signs),
-                                                                           signs)
-    return packed_qs[:, :-1].reshape(-1, QK_K // 4), packed_signs[:, :-1].reshape(-1, QK_K // 8)
+    n = len(qs)
+    rows, blocks = np.nonzero(~empty)
+    slot = np.cumsum(~empty, axis=1)[rows, blocks] - 1
+    packed_qs, packed_signs = np.zeros_like(qs), np.zeros_like(signs)
+    packed_qs[rows, slot], packed_signs[rows, slot] = qs[rows, blocks], signs[rows, blocks]
+    return packed_qs.reshape(n, QK_K // 4), packed_signs.reshape(n, QK_K // 8)
 
 
 def dequantize_iq3_s(raw: Tensor, out: Tensor) -> Tensor:
     n = raw.shape[0]
-    grid = _tables()[0].to(raw.device)
+    grid = torch.from_numpy(_tables()[0]).to(raw.device)
     index = raw[:, 2:66].long() | (bytes_to_bits(raw[:, 66:74], dim=2).reshape(n, 64).long() << 8)
     negative = bytes_to_bits(raw[:, 74:106], dim=2).reshape(n, QK_K).bool()
     s = raw[:, 106:110]
