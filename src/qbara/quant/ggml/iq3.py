@@ -198,7 +198,8 @@ def quantize_iq3_s(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | Non
         inv = np.where(top > 0, np.float32(1) / d, np.float32(0))
     ls = np.clip(_nearest_int(np.float32(0.5) * (inv[:, None] * scales - np.float32(1))), 0, 15)
     ls = np.where(top[:, None] > 0, ls, 0).astype(np.uint8)
-    dh = np.where(top > 0, d * _D_FUDGE, np.float32(0)).astype(np.float16)
+    with np.errstate(over="ignore"):  # beyond fp16: inf, as ggml's conversion gives
+        dh = np.where(top > 0, d * _D_FUDGE, np.float32(0)).astype(np.float16)
     qh = np.packbits((index >> 8).astype(np.uint8).reshape(n, QK_K // 32, 8), axis=2, bitorder="little")
     signs = np.packbits(negative.reshape(n, QK_K // 32, 4, 8), axis=3, bitorder="little")
     qs, signs = _skip_empty((index & 255).astype(np.uint8).reshape(n, QK_K // 32, 8), signs.reshape(n, -1, 4),
