@@ -101,15 +101,19 @@ def _nearest_neighbour(u: np.ndarray, xval: np.ndarray, w: np.ndarray, scale: np
     (G,) -> grid indices (G,). Groups go by their number of neighbours (3 to 38, 7 on average), in slices padded
     to the longest list in each."""
     grid, _, neighbours, counts = _tables()
+    grid_t = np.ascontiguousarray(grid.T)  # (4, 512): one coordinate per row, so each term below is contiguous
     count = counts[u]
     order = np.argsort(count, kind="stable")
     out = np.empty_like(u)
     for start in range(0, len(u), _GROUPS_AT_ONCE):
         part = order[start:start + _GROUPS_AT_ONCE]
-        cand = neighbours[u[part], :count[part[-1]]]
-        diff = scale[part, None, None] * grid[cand] - xval[part, None, :]  # a -1 pad reads the last point: masked
-        t = (w[part, None, :] * diff) * diff
-        d2 = ((t[..., 0] + t[..., 1]) + t[..., 2]) + t[..., 3]
+        cand = neighbours[u[part], :count[part[-1]]]  # a -1 pad reads the last grid point: masked below
+        s, x, wp = scale[part, None], xval[part], w[part]
+        d2 = None
+        for i in range(4):
+            diff = s * grid_t[i][cand] - x[:, i, None]
+            term = (wp[:, i, None] * diff) * diff
+            d2 = term if d2 is None else d2 + term
         d2[cand < 0] = np.inf
         out[part] = np.take_along_axis(cand, d2.argmin(axis=1)[:, None], axis=1)[:, 0]
     return out
