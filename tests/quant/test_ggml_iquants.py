@@ -1,4 +1,4 @@
-"""llama.cpp's i-quants (gguf:iq4_nl, gguf:iq4_xs, gguf:iq3_s): bytes equal libggml's ggml_quantize_chunk with
+"""llama.cpp's i-quants (gguf:iq4_nl, gguf:iq4_xs, gguf:iq3_s, gguf:iq3_xxs): bytes equal libggml's ggml_quantize_chunk with
 and without an importance, the codebook searches' own properties. (Dequantization equal to gguf-py's, on random
 bytes and on quantizer output, and the shared fixtures are in test_ggml_formats.py / test_ggml_importance.py,
 parametrized over every GGML format.)"""
@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from qbara.quant.ggml import GGML_FORMATS, dequantize_ggml, quantize_ggml
-from qbara.quant.ggml.iq3 import _tables
+from qbara.quant.ggml.iq3 import IQ3S, _tables
 from qbara.quant.ggml.iquants import LEVELS, _best_index
 from tests.quant.test_ggml_formats import _reference_input
 from tests.quant.test_ggml_importance import _heavy_tailed, _reference_importance, _spread_importance
 
-IQUANTS = ["iq4_nl", "iq4_xs", "iq3_s"]
+IQUANTS = ["iq4_nl", "iq4_xs", "iq3_s", "iq3_xxs"]
 
 
 def _gaussian():
@@ -93,6 +93,14 @@ LIBGGML_SHA256 = {
     "iq4_nl-sparse-imatrix": "161a0467b46af64d12b509777385cb97816906cbaac8cf584dc4007827daaa3a",
     "iq4_xs-sparse-imatrix": "eff9081e6c2e959a988e86e2c51f3e571d60e929bf018d43c59ca0a35a389c43",
     "iq3_s-sparse-imatrix": "ceb327cd8fbe9275e0db740ec6ececbd6e53827c8c8336e42198641089b20710",
+    "iq3_xxs-gaussian": "0cf4570987423aaf912fc70027e9287f32d21335deaf235468b13b9a1cd9c40b",
+    "iq3_xxs-gaussian-imatrix": "e49c2d1d849cd13b0700f6db95ee7ba3ed0be50156610e83a3849521a9f9dea3",
+    "iq3_xxs-gaussian-per-row": "0e9576bab448a852fdef25bd70e0adadf7e5af0c136587778d9384b52970a3fa",
+    "iq3_xxs-heavy": "293fa04db838c120e931052e50b7a819392b948079f477767844be2d2c980f5d",
+    "iq3_xxs-heavy-imatrix": "53f7b29e753d63e9c827f1c488cf5080b8b8feff0aad29a5e993692177095112",
+    "iq3_xxs-zero-blocks": "1d003e9f29515372884960c68baecfbbf98dd56f5f6119c6c362ac81730a8843",
+    "iq3_xxs-zero-blocks-imatrix": "fc3dfe9c376f2dbff3e98b83a2fe0a5d8995cfaf00a9b7cc4e925a6143d7e299",
+    "iq3_xxs-sparse-imatrix": "df2a263d10d230ab752897c24f492ca04428c365d284e142dbfacd984f4302a5",
 }
 
 
@@ -135,9 +143,9 @@ def test_codebook_errs_less_than_the_uniform_grid_at_no_more_bits(name, rival):
     assert error(name) < error(rival)
 
 
-@pytest.mark.parametrize("name", ["iq4_nl", "iq4_xs"])
+@pytest.mark.parametrize("name", ["iq4_nl", "iq4_xs", "iq3_xxs"])
 def test_zero_and_tiny_blocks_store_scale_zero(name):
-    """A block whose absmax is below GROUP_MAX_EPS (1e-15) gets scale 0 and dequantizes to zeros."""
+    """A block whose absmax is below GROUP_MAX_EPS (1e-15; IQ3_XXS: 1e-8) gets scale 0 and dequantizes to zeros."""
     w = _gaussian()[:, :256].clone()
     w[0] = 0
     w[1] = 1e-16
@@ -169,7 +177,7 @@ def test_iq3_s_all_zero_block_moves_the_later_blocks_up():
 def test_iq3_s_neighbours_are_the_grid_points_at_the_three_nearest_distances():
     """The search's neighbour lists (ggml's iq3xs_init_impl), checked by brute force on a sample of off-grid
     points: every grid point whose squared distance is one of the three smallest, by distance then index."""
-    grid, kmap, neighbours, _ = _tables()
+    grid, kmap, neighbours, _ = _tables(IQ3S)
     points = [[2 * ((u >> 3 * k) & 7) + 1 for k in range(4)] for u in range(4096)]
     grid_points = grid.astype(int).tolist()
     assert sorted(kmap[kmap >= 0].tolist()) == list(range(512)) and (kmap >= 0).sum() == 512
