@@ -1,12 +1,13 @@
-"""Benchmark: a SmolLM2-135M GGUF with gguf:iq3_s matrices, loaded and run by real llama.cpp (llama-cpp-python).
+"""Benchmark: SmolLM2-135M GGUFs with gguf:iq3_s / gguf:iq3_xxs matrices, loaded and run by real llama.cpp
+(llama-cpp-python).
 
-The model: every down_proj (576 x 1536, the only SmolLM2 linears whose rows 256 divides) in gguf:iq3_s, the other
-linears in gguf:q8_0, written by qbara's mixed export. Checks, all in one llama.cpp interpreter
-(--llama-python, protocol and helpers of bench/gguf_llamacpp.py):
-  1. bytes: each IQ3_S tensor of the file equals libggml's own ggml_quantize_chunk(IQ3_S) of the fp32 weight
+The models: every down_proj (576 x 1536, the only SmolLM2 linears whose rows 256 divides) in gguf:iq3_s (one file)
+or gguf:iq3_xxs (another), the other linears in gguf:q8_0, written by qbara's mixed export. Checks, all in one
+llama.cpp interpreter (--llama-python, protocol and helpers of bench/gguf_llamacpp.py):
+  1. bytes: each IQ3_S / IQ3_XXS tensor of a file equals libggml's own ggml_quantize_chunk of the fp32 weight
      qbara started from (no importance), byte for byte;
   2. weights: every quantized tensor decoded by ggml's to_float equals qbara's dequantized weight;
-  3. perplexity on the first --tokens tokens of Hamlet (no BOS): llama.cpp running the file vs qbara's own
+  3. perplexity on the first --tokens tokens of Hamlet (no BOS): llama.cpp running each file vs qbara's own
      dequantized model, and the file dequantized to F32 with an F32 KV cache (plain fp32 arithmetic: must match
      qbara to ~1e-5). The dense model and an all-q8_0 file give the reference perplexities.
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import gguf_llamacpp as gl  # noqa: E402  (bench/gguf_llamacpp.py: its worker helpers and comparisons)
 
-IQ3_S = 21  # ggml.h's GGML_TYPE_IQ3_S
+IQ3 = ("iq3_s", "iq3_xxs")
 
 
 def worker(job_path: str) -> None:
@@ -47,8 +48,8 @@ def worker(job_path: str) -> None:
     for t in job["requantize"]:
         x = np.ascontiguousarray(np.load(t["source"]), dtype=np.float32)
         out = np.zeros(t["n_bytes"], dtype=np.uint8)
-        lib.ggml_quantize_chunk(IQ3_S, x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None)
-        raw = np.fromfile(job["file"], dtype=np.uint8, count=t["n_bytes"], offset=t["offset"])
+        lib.ggml_quantize_chunk(t["type"], x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None)
+        raw = np.fromfile(t["file"], dtype=np.uint8, count=t["n_bytes"], offset=t["offset"])
         same.append(bool(np.array_equal(out, raw)))
     Path(job["requantize_result"]).write_text(json.dumps(same))
     gl.worker(job_path)
@@ -93,7 +94,7 @@ def main(argv=None):
         np.save(sources[f"blk.{i}.ffn_down.weight"], w)
 
     files, refs, weights, reports = {}, {}, [], {}
-    for label, down in (("q8_0", "gguf:q8_0"), ("iq3_s", "gguf:iq3_s")):
+    for label, down in (("q8_0", "gguf:q8_0"), *((k, f"gguf:{k}") for k in IQ3)):
         m, _ = load_model("smollm2-135m")
         m.eval()
         configs = {}
@@ -111,34 +112,35 @@ def main(argv=None):
         print(reports[label].summary())
         weights.append(gl.expected_weights(m, files[label], f"{label} file vs qbara's weights", work / label))
         del m
-    f32 = work / "smollm2-iq3_s.F32.gguf"
-    gl.write_f32_copy(files["iq3_s"], f32)
-    requantize = [{"name": t.name, "offset": int(t.data_offset), "n_bytes": int(t.n_bytes),
-                   "source": str(sources[t.name])}
-                  for t in GGUFReader(str(files["iq3_s"])).tensors if t.tensor_type.name == "IQ3_S"]
-
-    runs = [{"name": "q8_0", "model": str(files["q8_0"])}, {"name": "iq3_s", "model": str(files["iq3_s"])},
-            {"name": "F32 iq3_s", "model": str(f32), "kv_f32": True}]
+    runs, requantize = [{"name": "q8_0", "model": str(files["q8_0"])}], []
+    for k in IQ3:
+        f32 = work / f"smollm2-{k}.F32.gguf"
+        gl.write_f32_copy(files[k], f32)
+        runs += [{"name": k, "model": str(files[k])}, {"name": f"F32 {k}", "model": str(f32), "kv_f32": True}]
+        requantize += [{"name": t.name, "offset": int(t.data_offset), "n_bytes": int(t.n_bytes), "file": str(files[k]),
+                        "type": int(t.tensor_type), "source": str(sources[t.name])}
+                       for t in GGUFReader(str(files[k])).tensors if t.tensor_type.name == k.upper()]
     for k, run in enumerate(runs):
         run["out"] = str(work / f"logits-{k}.npy")
     job = {"runs": runs, "weights": weights, "ids": ids, "text": text, "threads": args.threads, "n_ctx": args.n_ctx,
            "extra_bufts": args.extra_bufts, "result": str(work / "llama_result.json"), "requantize": requantize,
-           "file": str(files["iq3_s"]), "requantize_result": str(work / "requantize.json")}
+           "requantize_result": str(work / "requantize.json")}
     (work / "job.json").write_text(json.dumps(job))
     subprocess.run(["nice", "-n", "5", args.llama_python, str(HERE), "--worker", str(work / "job.json")], check=True)
     result = json.loads((work / "llama_result.json").read_text())
     checks, infos = result["weights"], result["runs"]
     llama = {run["name"]: np.load(run["out"]) for run in runs}
     same = json.loads((work / "requantize.json").read_text())
-    print(f"IQ3_S tensors equal to libggml's ggml_quantize_chunk of the same weight: {sum(same)}/{len(same)}")
+    print(f"IQ3 tensors equal to libggml's ggml_quantize_chunk of the same weight: {sum(same)}/{len(same)}")
 
-    rows = [
-        gl.compare("iq3_s", "IQ3_S down_proj file vs qbara's model", llama["iq3_s"], refs["iq3_s"], ids),
-        gl.compare("iq3_s F32", "F32 copy, F32 KV vs qbara's model", llama["F32 iq3_s"], refs["iq3_s"], ids),
-        gl.compare("q8_0", "all-q8_0 file vs qbara's model", llama["q8_0"], refs["q8_0"], ids),
-        gl.compare("dense", "qbara iq3_s model vs dense (quantization error)", refs["iq3_s"], ref_dense, ids,
-                   control=True, engines=("qbara iq3_s", "qbara dense")),
-    ]
+    rows = [gl.compare("q8_0", "all-q8_0 file vs qbara's model", llama["q8_0"], refs["q8_0"], ids)]
+    for k in IQ3:
+        rows += [
+            gl.compare(k, f"{k.upper()} down_proj file vs qbara's model", llama[k], refs[k], ids),
+            gl.compare(f"{k} F32", "F32 copy, F32 KV vs qbara's model", llama[f"F32 {k}"], refs[k], ids),
+            gl.compare("dense", f"qbara {k} model vs dense (quantization error)", refs[k], ref_dense, ids,
+                       control=True, engines=(f"qbara {k}", "qbara dense")),
+        ]
     results = {"tokens": len(ids), "play": args.play, "requantize_equal": [sum(same), len(same)],
                "weight_checks": checks, "rows": rows, "llama_runs": infos,
                "files": {k: {"formats": r.format_counts, "bytes": r.size_bytes,
@@ -147,8 +149,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gguf_iq3s_llamacpp.json").write_text(json.dumps(results, indent=1))
-    lines = [f"# SmolLM2-135M with IQ3_S down_proj in llama.cpp ({len(ids)} tokens of {args.play}, no BOS)", "",
-             f"- IQ3_S tensors equal to libggml's ggml_quantize_chunk of the same fp32 weight: {sum(same)}/{len(same)}",
+    lines = [f"# SmolLM2-135M with IQ3_S / IQ3_XXS down_proj in llama.cpp ({len(ids)} tokens of {args.play}, no BOS)",
+             "", f"- IQ3_S / IQ3_XXS tensors equal to libggml's ggml_quantize_chunk of the same fp32 weight: "
+             f"{sum(same)}/{len(same)}",
              *(f"- ggml to_float decode, {c['label']}: {c['exact']}/{c['tensors']} tensors bit-exact"
                for c in checks),
              f"- dense model perplexity (qbara): {results['dense_ppl']:.3f}", "",
