@@ -93,7 +93,7 @@ class _Lattice:
     codes: tuple[int, ...]
     nearest_distances: int  # iq3xs_init_impl's nwant: neighbours at this many smallest distances
     tries: int  # the search tries id = (15 + 0.2 is) / max for is in -tries .. tries
-    eps: float  # a block whose largest magnitude is not above it gets scale 0 (IQ3_S: only an all-zero one)
+    eps: float  # a block whose largest magnitude is below it gets scale 0 (IQ3_S: 0, only an all-zero one)
     refit_all: bool  # IQ3_S rounds every group again at the best scale, IQ3_XXS only the off-grid ones
     fudge: float  # ggml stores d = max scale / 31 * fudge
 
