@@ -1,5 +1,5 @@
-"""The sha256 of the bytes libggml's ggml_quantize_chunk writes for IQ4_NL / IQ4_XS on the test inputs of
-tests/quant/test_ggml_iquants.py, without and with an importance (the hashes committed there).
+"""The sha256 of the bytes libggml's ggml_quantize_chunk writes for IQ4_NL / IQ4_XS / IQ3_S / IQ3_XXS on the test
+inputs of tests/quant/test_ggml_iquants.py, without and with an importance (the hashes committed there).
 
 Run with the system python: `PYTHONPATH=src python3 bench/ggml_iquant_fixtures.py [--llama-python PATH]`.
 It builds the inputs with the tests' own helpers, then runs itself under the llama-cpp-python venv as a worker
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-GGML_TYPES = {"iq4_nl": 20, "iq4_xs": 23}
+GGML_TYPES = {"iq4_nl": 20, "iq4_xs": 23, "iq3_s": 21, "iq3_xxs": 18}  # ggml.h's enum ggml_type
 
 
 def worker(folder: Path) -> None:

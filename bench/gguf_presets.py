@@ -23,7 +23,7 @@ from gguf_mix import run_llama
 from gguf_llamacpp import LLAMA_PYTHON
 
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S",
-           "Q5_K_M", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS")
+           "Q5_K_M", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_M")
 IMATRIX_PRESETS = ("Q4_0", "Q5_0", "IQ4_NL", "IQ4_XS")  # the presets whose types an imatrix changes
 
 

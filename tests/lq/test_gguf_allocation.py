@@ -34,12 +34,13 @@ def _tiny_256(tie: bool = False):
     return tiny_llama(hidden=256, intermediate=512, layers=1, heads=4, kv_heads=2, tie_word_embeddings=tie)
 
 
-def test_gguf_configs_are_the_twelve_ggml_formats_by_bits():
+def test_gguf_configs_are_the_fourteen_ggml_formats_by_bits():
     configs = gguf_configs()
     assert [c.format.removeprefix("gguf:") for c in configs] == [
-        "q2_k", "q3_k", "iq4_xs", "iq4_nl", "q4_0", "q4_k", "q4_1", "q5_0", "q5_k", "q5_1", "q6_k", "q8_0"]
-    assert [c.bits_per_param for c in configs] == [2.625, 3.4375, 4.25, 4.5, 4.5, 4.5, 5.0, 5.5, 5.5, 6.0, 6.5625,
-                                                   8.5]
+        "q2_k", "iq3_xxs", "iq3_s", "q3_k", "iq4_xs", "iq4_nl", "q4_0", "q4_k", "q4_1", "q5_0", "q5_k", "q5_1", "q6_k",
+        "q8_0"]
+    assert [c.bits_per_param for c in configs] == [2.625, 3.0625, 3.4375, 3.4375, 4.25, 4.5, 4.5, 4.5, 5.0, 5.5, 5.5,
+                                                   6.0, 6.5625, 8.5]
     assert gguf_configs(["Q6_K", "gguf:q4_k", "q4_k"]) == [QuantConfig("gguf:q4_k"), QuantConfig("gguf:q6_k")]
     with pytest.raises(QbaraError, match="unknown GGML formats"):
         gguf_configs(["q4_2"])

@@ -256,7 +256,8 @@ def add_parser(subparsers) -> None:
                    help="Fisher matrices computed per pass over the calibration data (GiB of fp32): bounds memory")
     p.add_argument("--configs", choices=("all", "qlora", "gguf"), default="all",
                    help="candidate configs: all (LQ-LoRA's 432), qlora (nf2/3/4/8 in QLoRA's block 64 + DQ layout) "
-                        "or gguf (llama.cpp's q2_k .. q8_0, iq4_nl, iq4_xs, for a GGUF base + LoRA adapter export)")
+                        "or gguf (llama.cpp's q2_k .. q8_0, iq3_xxs, iq3_s, iq4_nl, iq4_xs, for a GGUF base + LoRA "
+                        "adapter export)")
     p.add_argument("--weighted-rounding", action="store_true",
                    help="with --configs gguf and a Fisher: round every block under the Fisher diagonal, as "
                         "llama-quantize rounds under an importance matrix (the table's costs, the decompositions and "

@@ -31,7 +31,7 @@ def candidate_configs(code_bits: Sequence[int] = _CODE_BITS, block_sizes: Sequen
 
 
 def gguf_configs(names: Sequence[str] | None = None) -> list[QuantConfig]:
-    """llama.cpp's GGML block formats (default all twelve, `names` a subset, "gguf:" optional), by bits/param.
+    """llama.cpp's GGML block formats (default all of GGML_FORMATS, `names` a subset, "gguf:" optional), by bits/param.
     All are kept: K-quants fit only rows that 256 divides, and which of two equal-bit formats errs less differs per
     matrix; the ILP drops dominated ones."""
     chosen = list(GGML_FORMATS) if names is None else [str(n).lower().removeprefix("gguf:") for n in names]

@@ -26,6 +26,7 @@ from qbara.validate import gguf_reader
 _FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
               "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M",
               "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K", "IQ4_NL": "MOSTLY_IQ4_NL", "IQ4_XS": "MOSTLY_IQ4_XS",
+              "IQ3_S": "MOSTLY_IQ3_S", "IQ3_XXS": "MOSTLY_IQ3_XXS",
               "F32": "ALL_F32", "F16": "MOSTLY_F16"}
 
 

@@ -3,7 +3,7 @@ tensor of a model, and so the size of the file it writes. qbara's own reading of
 llama.cpp's src/llama-quant.cpp (`llama_tensor_get_type`): a default type per preset; the tied token embedding (or
 the output) as Q6_K, Q8_0 when its rows do not split into the default type's blocks; preset-specific bumps of
 attn_v / ffn_down / attn_output by layer position (`_more_bits`); then the fallback of a type whose block does not
-divide the row length (Q4_K -> Q5_0, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, ...). 1-D tensors (norms, biases) stay F32.
+divide the row length (Q4_K -> Q5_0, Q6_K -> Q8_0, IQ4_XS / IQ3_S -> IQ4_NL, ...). 1-D tensors (norms, biases) stay F32.
 Checked against llama.cpp's own files in bench/gguf_presets.py."""
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ __all__ = ["PRESETS", "PresetFile", "gguf_tensor_shapes", "preset_file", "preset
 PRESETS = {
     "Q2_K": "q2_k", "Q3_K_S": "q3_k", "Q3_K_M": "q3_k", "Q3_K_L": "q3_k", "Q4_0": "q4_0", "Q4_1": "q4_1",
     "Q5_0": "q5_0", "Q5_1": "q5_1", "Q4_K_S": "q4_k", "Q4_K_M": "q4_k", "Q5_K_S": "q5_k", "Q5_K_M": "q5_k",
-    "Q6_K": "q6_k", "Q8_0": "q8_0", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs",
+    "Q6_K": "q6_k", "Q8_0": "q8_0", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs", "IQ3_S": "iq3_s", "IQ3_M": "iq3_s",
 }
 # a type whose block does not divide a tensor's row length -> the type llama.cpp uses instead
-_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
+_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl",
+             "iq3_s": "iq4_nl"}
 _FLOAT_BITS = {"f32": 32, "f16": 16}
 
 
@@ -92,6 +93,8 @@ def _rule(preset: str, kind: str, category: str, state: dict, n_gqa: int, imatri
             return "q5_k" if i < 2 else "q4_k"
         if preset == "Q3_K_L":
             return "q5_k"
+        if (preset == "IQ3_S" and n_gqa >= 4) or preset == "IQ3_M":
+            return "q4_k"
         if preset in ("IQ4_NL", "IQ4_XS") and n_gqa >= 4:
             return "q5_k"
         if preset in ("Q4_K_M", "Q5_K_M") and _more_bits(i, n):
@@ -106,6 +109,8 @@ def _rule(preset: str, kind: str, category: str, state: dict, n_gqa: int, imatri
             return "q3_k"
         if preset == "Q3_K_M":
             return "q5_k" if i < n // 16 else "q4_k"
+        if preset == "IQ3_M" and i < n // 8:
+            return "q4_k"
         if preset == "Q3_K_L":
             return "q5_k"
         if preset == "Q4_K_M":
@@ -120,7 +125,7 @@ def _rule(preset: str, kind: str, category: str, state: dict, n_gqa: int, imatri
             return "q4_1" if preset == "Q4_0" else "q5_1"
         return kind
     if category == "attn_output":
-        return {"Q2_K": "q3_k", "Q3_K_M": "q4_k", "Q3_K_L": "q5_k"}.get(preset, kind)
+        return {"Q2_K": "q3_k", "Q3_K_M": "q4_k", "Q3_K_L": "q5_k", "IQ3_M": "q4_k"}.get(preset, kind)
     return kind
 
 

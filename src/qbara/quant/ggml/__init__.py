@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType
 from torch import Tensor
 
 from qbara.errors import QbaraError
-from qbara.quant.ggml import iquants, kquants, legacy
+from qbara.quant.ggml import iq3, iquants, kquants, legacy
 from qbara.quant.ggml.common import FP16_MAX, div, seq_sum
 from qbara.quant.ggml.legacy import pack_q4_1, pack_q5_1
 
@@ -63,6 +63,8 @@ GGML_FORMATS: dict[str, GGMLFormat] = {f.name: f for f in (
     _format("q4_k", 12, 256, 144, kquants),
     _format("q5_k", 13, 256, 176, kquants),
     _format("q6_k", 14, 256, 210, kquants),
+    _format("iq3_xxs", 18, 256, 98, iq3),
+    _format("iq3_s", 21, 256, 110, iq3),
     _format("iq4_nl", 20, 32, 18, iquants),
     _format("iq4_xs", 23, 256, 136, iquants),
 )}
