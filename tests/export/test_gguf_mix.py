@@ -104,6 +104,37 @@ def test_budgets_bound_the_file(tmp_path):
     assert matched.preset["tensor_bytes"] == preset.tensor_bytes
 
 
+def test_formats_restrict_the_candidates(tmp_path):
+    """Only the named formats are allocated; with one format every matrix holds it, and the file is export_gguf's
+    of quantize_ggml in that format, bit for bit (an independent path)."""
+    model, tokenizer = _model(wide=False)
+    two = write_mixed_gguf(model, tmp_path / "two.gguf", bits=6.0, costs="plain", tokenizer=tokenizer,
+                           progress=False, formats=["q4_0", "gguf:q8_0"])
+    assert two.formats == ["q4_0", "q8_0"] and set(two.counts()) <= {"q4_0", "q8_0"}
+    assert len(two.counts()) == 2  # 6 bits lies between q4_0 (4.5) and q8_0 (8.5): the ILP needs both
+    one = write_mixed_gguf(_model(wide=False)[0], tmp_path / "one.gguf", bits=9.0, costs="plain",
+                           tokenizer=tokenizer, progress=False, formats=["q5_0"])
+    assert one.counts() == {"q5_0": len(one.layers)}
+    tensors = {t.name: t for t in GGUFReader(str(one.path)).tensors}
+    for name in one.layers:
+        weight = _model(wide=False)[0].get_submodule(name).weight.detach()
+        if ".self_attn.q_proj" in name or ".self_attn.k_proj" in name:
+            continue  # permuted for llama.cpp's rope layout; the other linears are written as they are
+        expected = quantize_ggml(weight, "q5_0")
+        assert np.array_equal(np.asarray(tensors[_gguf_name(name)].data).reshape(-1).view(np.uint8),
+                              np.asarray(expected).reshape(-1).view(np.uint8)), name
+
+
+@pytest.mark.parametrize("formats, message", [(["q4_2"], "unknown GGML formats"),
+                                              (["q4_k"], "none of the candidate formats")])
+def test_bad_formats_are_one_error(tmp_path, formats, message):
+    model, tokenizer = _model(wide=False)  # 64-wide rows: no K-quant fits
+    with pytest.raises(QbaraError, match=message):
+        write_mixed_gguf(model, tmp_path / "m.gguf", bits=5.0, costs="plain", tokenizer=tokenizer,
+                         progress=False, formats=formats)
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_match_spends_the_presets_room_beside_the_matrices(tmp_path):
     """--match on a LLaMA-3 model with 256-wide rows (tiny-llama3-256 in the preset fixture, recorded from
     llama.cpp's quantizer): the embedding and the untied head take the preset's types (Q4_K / Q6_K, not Q8_0), the
@@ -158,6 +189,7 @@ def test_parse_size():
     (["--budget", "5", "--size", "1MB", "--costs", "plain"], "exactly one budget"),
     (["--size", "1MB", "--file-budget", "--costs", "plain"], "drop it"),
     (["--budget", "5", "--costs", "plain", "--calibration", "shakespeare:macbeth"], "plain costs use no"),
+    (["--budget", "5", "--costs", "plain", "--formats", " , "], "names no format"),
 ])
 def test_bad_input_is_one_error(tmp_path, capsys, argv, message):
     code = main(["gguf", "--model", "tiny-llama", "--out", str(tmp_path / "m.gguf"), *argv])

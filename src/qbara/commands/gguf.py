@@ -1,7 +1,8 @@
 """`qbara gguf --model M (--budget BITS [--file-budget] | --size 88MB | --match Q4_K_M) [--calibration SRC ...]
-[--costs fisher|imatrix|plain] [--no-weighted-rounding] --out model.gguf`: a mixed GGUF straight from a checkpoint,
-each linear in the llama.cpp block format the ILP allocates under the budget (`qbara.export.gguf.mix`). Beside
-the file: OUT.mix.json (per-layer formats, bits/param, estimated error) and OUT.mix.png."""
+[--costs fisher|imatrix|plain] [--no-weighted-rounding] [--formats F,F,...] --out model.gguf`: a mixed GGUF
+straight from a checkpoint, each linear in the llama.cpp block format the ILP allocates under the budget
+(`qbara.export.gguf.mix`). Beside the file: OUT.mix.json (per-layer formats, bits/param, estimated error) and
+OUT.mix.png."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from qbara.export.gguf.checks import check_path
 from qbara.export.gguf.mix import COSTS, parse_size, write_mixed_gguf
 from qbara.export.gguf.presets import PRESETS
 from qbara.outputs import check_output
+from qbara.quant.ggml import GGML_FORMATS
 from qbara.train.data import read_records
 
 __all__ = ["add_parser"]
@@ -40,6 +42,16 @@ def _match(spec: str | None) -> tuple[str | None, bool]:
     return name, bool(plus)
 
 
+def _formats(spec: str | None) -> list[str] | None:
+    """--formats q4_k,iq4_nl,... -> the names (None: every GGML format)."""
+    if spec is None:
+        return None
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise QbaraError(f"--formats {spec!r} names no format: give a comma-separated list ({', '.join(GGML_FORMATS)})")
+    return names
+
+
 def _command(args):
     check_path(args.out)
     match, match_imatrix = _match(args.match)
@@ -50,7 +62,8 @@ def _command(args):
                               match=match, match_imatrix=match_imatrix, calibration=texts, costs=args.costs,
                               weighted_rounding=False if args.no_weighted_rounding else None,
                               samples=args.calibration_samples, length=args.calibration_length, seed=args.seed,
-                              overwrite=args.overwrite, progress=not args.json)
+                              overwrite=args.overwrite, progress=not args.json,
+                              formats=_formats(args.formats))
     if args.json:
         print(json.dumps({k: v for k, v in report.to_dict().items() if k != "layers"}, indent=1))
     else:
@@ -82,6 +95,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-weighted-rounding", action="store_true",
                    help="round every block unweighted (default: weighted by the costs' statistic, as "
                         "llama-quantize rounds under an importance matrix)")
+    p.add_argument("--formats", metavar="F,F,...",
+                   help="the candidate GGML formats, comma-separated (default all: " + ", ".join(GGML_FORMATS)
+                        + "); e.g. leave out iq3_s,iq3_xxs on large models: their search takes ~7-10x iq4_xs's time")
     p.add_argument("--calibration-samples", type=count_type(1), default=64, help="calibration sequences in all")
     p.add_argument("--calibration-length", type=count_type(2), default=256, help="tokens per sequence")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")

@@ -32,6 +32,7 @@ from qbara.lq.tables import error_table
 from qbara.models.sources import FolderSource, ModelSource, open_checkpoint
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.outputs import check_output
+from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
 from qbara.targets import linear_layer_names, set_submodule
 
@@ -63,6 +64,7 @@ class MixReport:
     costs: str
     weighted_rounding: bool
     calibration_sequences: int
+    formats: list = field(default_factory=list)  # the candidate GGML formats
     embedding: dict = field(default_factory=dict)  # {"token_embd": type, "output": type or None when tied}
     layers: dict = field(default_factory=dict)  # name -> {"format", "bits_per_param", "params", "error"}
     matrix_bits_per_param: float = 0.0
@@ -82,7 +84,8 @@ class MixReport:
     def to_dict(self) -> dict:
         return {"path": str(self.path), "size_bytes": self.size_bytes, "tensor_bytes": self.tensor_bytes,
                 "budget": self.budget, "costs": self.costs, "weighted_rounding": self.weighted_rounding,
-                "calibration_sequences": self.calibration_sequences, "embedding": self.embedding,
+                "calibration_sequences": self.calibration_sequences, "formats": self.formats,
+                "embedding": self.embedding,
                 "counts": self.counts(),
                 "matrix_bits_per_param": self.matrix_bits_per_param, "file_bits_per_param": self.file_bits_per_param,
                 "estimated_error": self.error, "preset": self.preset, "seconds": self.seconds, "passes": self.passes,
@@ -200,14 +203,17 @@ def _statistics(source, names, texts, costs: str, samples: int, length: int, see
     return _ColumnWeights(columns, shapes), columns
 
 
-def _smallest_file_bits(source, names, file: FileBudget) -> float:
+def _smallest_file_bits(source, names, file: FileBudget, configs: Sequence[QuantConfig]) -> float:
     """The smallest file bits/param any allocation reaches: every matrix in its cheapest format that fits."""
-    configs = gguf_configs()
     bits = 0.0
     for n in names:
         shape = tuple(source.skeleton.get_submodule(n).weight.shape)
         fits = [c.bits_per_param for c in configs if c.fits(shape)]
         if not fits:
+            if len(configs) < len(gguf_configs()):
+                raise QbaraError(f"{n}: none of the candidate formats ({', '.join(c.format for c in configs)}) fits "
+                                 f"its {shape} weight (K- and IQ3/IQ4_XS formats need rows of 256); add one with "
+                                 f"blocks of 32 (q4_0, q5_0, q8_0, iq4_nl)")
             raise QbaraError(f"{n}: no GGML block format fits its {shape} weight (the row length must be a multiple "
                              f"of 32); this model cannot be written as a GGML mix")
         bits += min(fits) * math.prod(shape)
@@ -239,18 +245,22 @@ def write_mixed_gguf(source, path, *, bits: float | None = None, file_budget: bo
                      match: str | None = None, match_imatrix: bool = False, calibration: Sequence[str] = (),
                      costs: str = "fisher", weighted_rounding: bool | None = None, samples: int = 64,
                      length: int = 256, seed: int = 0, tokenizer=None, overwrite: bool = False,
-                     report: bool = True, progress: bool = True, workers: int | None = None) -> MixReport:
+                     report: bool = True, progress: bool = True, workers: int | None = None,
+                     formats: Sequence[str] | None = None) -> MixReport:
     """Write `source` (a model name, a safetensors folder, or a dense model with its `tokenizer`) as a GGUF whose
     linears take llama.cpp block formats chosen by the ILP under one budget: `bits` (bits/param of the linears, or
     of the whole file with `file_budget`), `size` (bytes of the whole file) or `match` (a llama.cpp preset: the
     tensor data of its file for this model, `match_imatrix` as made with an importance matrix).
     calibration: texts (each a domain; the sequences are shared evenly among them). costs: "fisher" (Fisher-weighted
     squared error), "imatrix" (weighted by each input column's mean square activation) or "plain". weighted_rounding
-    (default: on unless plain): each block's scale search weighted by the same statistic.
+    (default: on unless plain): each block's scale search weighted by the same statistic. formats: the candidate
+    GGML formats (default all of `gguf_configs()`; e.g. without iq3_s / iq3_xxs, whose search takes ~7-10x
+    iq4_xs's time, on large models).
     With `report`, PATH.mix.json and PATH.mix.png are written beside the file."""
     start = time.perf_counter()
     texts = [calibration] if isinstance(calibration, str) else list(calibration)
     _check(bits, file_budget, size, match, costs, texts, weighted_rounding)
+    candidates = gguf_configs(formats)
     weighted = (costs != "plain") if weighted_rounding is None else bool(weighted_rounding)
     path = check_output(check_path(path), [source] if isinstance(source, (str, Path)) else [],
                         overwrite=overwrite, kind="file", option="path")
@@ -261,7 +271,7 @@ def write_mixed_gguf(source, path, *, bits: float | None = None, file_budget: bo
     output = preset.types.get("output.weight") if preset is not None else None
     file = gguf_file_budget(src, embedding=embedding, output=output)
     target, described = _target_bits(bits, file_budget, size, match, file, preset)
-    low = _smallest_file_bits(src, names, file)
+    low = _smallest_file_bits(src, names, file, candidates)
     if target < low:
         raise QbaraError(f"the budget ({described['description']}) is below the smallest file this model can be: "
                          f"{low:.4f} bits/param ({math.ceil(low * file.total_params / 8):,} bytes of tensor data) with "
@@ -269,7 +279,7 @@ def write_mixed_gguf(source, path, *, bits: float | None = None, file_budget: bo
     cost_weights, rounding = _statistics(src, names, texts, costs, samples, length, seed, progress)
     rounding = rounding if weighted else None
     weights = src.weights(names)
-    table = error_table(weights, gguf_configs(), rank=0, fisher=cost_weights, importance=rounding, seed=seed,
+    table = error_table(weights, candidates, rank=0, fisher=cost_weights, importance=rounding, seed=seed,
                         workers=workers, progress=progress)
     allocation = table.allocate(target, file)
     model = src.quantize(dict(allocation.configs), rounding, progress)
@@ -292,7 +302,8 @@ def write_mixed_gguf(source, path, *, bits: float | None = None, file_budget: bo
         passes = 2
     data, _ = _tensor_bytes(path)
     out = MixReport(path, exported.size_bytes, data, described, costs, weighted,
-                    0 if costs == "plain" else samples, embedding={"token_embd": embedding, "output": output},
+                    0 if costs == "plain" else samples, formats=[c.format.removeprefix("gguf:") for c in candidates],
+                    embedding={"token_embd": embedding, "output": output},
                     matrix_bits_per_param=allocation.bits_per_param,
                     file_bits_per_param=allocation.file_bits_per_param, error=allocation.error, passes=passes,
                     saturated=target > table.budget_range(file)[1])
