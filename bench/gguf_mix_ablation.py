@@ -10,6 +10,9 @@ held-out windows of bench/gguf_calibration.py (Twelfth Night, held-out GSM8K; BO
   V4  the Fisher mix's allocation, Fisher-weighted rounding            (the benchmark's qbara file)
   V5  the Fisher mix's allocation, imatrix-weighted rounding
   V6  the imatrix-cost allocation (costs="imatrix"), imatrix rounding
+  V8  V2 but the 11 linears V4 put in Q2_K / Q3_K take V4's format (what the mix's cuts cost, fewer bytes)
+  V9  V2 but the linears V4 holds exactly (its format reproduces the source GGUF's) take V4's format (what the
+      mix's lossless layers gain, more bytes)
   V7  the Fisher mix's allocation with every format the source GGUF held exactly (zero-error entries) replaced
       by the cheapest format at or above IQ4_NL's bits (diagnostic; see the md)
 
@@ -51,6 +54,8 @@ VARIANTS = {
     "V5": ("Fisher-cost allocation", "imatrix"),
     "V6": ("imatrix-cost allocation", "imatrix"),
     "V7": ("Fisher allocation, exact-source formats lifted", "fisher"),
+    "V8": ("IQ4_NL+imatrix formats, V4's Q2_K / Q3_K layers taken", "imatrix"),
+    "V9": ("IQ4_NL+imatrix formats, V4's source-exact layers taken", "imatrix"),
 }
 CONTRASTS = [  # (A, B, what A - B measures)
     ("V2", "V1", "imatrix rounding vs none (preset formats)"),
@@ -61,6 +66,8 @@ CONTRASTS = [  # (A, B, what A - B measures)
     ("V6", "V2", "allocation: imatrix mix vs preset (imatrix rounding)"),
     ("V4", "V2", "the benchmark's gap: Fisher mix vs IQ4_NL+imatrix"),
     ("V7", "V4", "lifting the exact-source formats of the Fisher mix"),
+    ("V8", "V2", "the mix's 11 Q2_K / Q3_K layers alone (fewer bytes)"),
+    ("V9", "V2", "the mix's source-exact layers alone (more bytes)"),
 ]
 # The benchmark's files (read only): variant -> file whose linears it should equal code for code.
 ANCHORS = {"V1": "stock-IQ4_NL.gguf", "V2": "stock-IQ4_NL-imatrix-shakespeare.gguf",
@@ -305,6 +312,17 @@ def main(argv=None):
             out_[n] = c if err > 0 else min((k for k in cands if k.fits(shapes[n])), key=lambda k: k.bits_per_param)
         return out_
 
+    def exact(configs: dict) -> set:
+        """The linears whose format holds the source exactly (the embedded model is a dequantized GGUF)."""
+        return {n for n, c in configs.items()
+                if float((quantize(weights[n], c).dequantize() - weights[n]).abs().max()) < 1e-6}
+
+    def swapped(which: str) -> dict:
+        base, mix = preset_formats(True), mix_formats("fisher")
+        take = ({n for n, c in mix.items() if c.format in ("gguf:q2_k", "gguf:q3_k")} if which == "low"
+                else exact(mix))
+        return {n: mix[n] if n in take else base[n] for n in names}
+
     rounding_of = {"none": None, "imatrix": imatrix, "fisher": fisher}
     anchor_types = {}
     for v in args.variants:
@@ -314,7 +332,8 @@ def main(argv=None):
         configs = {"V1": lambda: preset_formats(False), "V2": lambda: preset_formats(True),
                    "V3": lambda: preset_formats(True), "V4": lambda: mix_formats("fisher"),
                    "V5": lambda: mix_formats("fisher"), "V6": lambda: mix_formats("imatrix"),
-                   "V7": lambda: lifted(mix_formats("fisher"))}[v]()
+                   "V7": lambda: lifted(mix_formats("fisher")), "V8": lambda: swapped("low"),
+                   "V9": lambda: swapped("exact")}[v]()
         rounding = rounding_of[VARIANTS[v][1]]
         fcost = icost = 0.0
         nbytes = 0
