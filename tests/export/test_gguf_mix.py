@@ -43,17 +43,21 @@ def _gguf_name(hf: str) -> str:
 
 
 # Fisher on the 256-wide model (K-quants among the candidates), the others on the 64-wide one (seconds).
-@pytest.mark.parametrize("costs, wide", [("fisher", True), ("imatrix", False), ("plain", False)])
-def test_file_holds_the_allocation_quantized_from_the_checkpoint(tmp_path, text, costs, wide):
+# rounding: the statistic named apart from the costs' (Fisher allocation, imatrix-weighted rounding).
+@pytest.mark.parametrize("costs, wide, rounding", [("fisher", True, None), ("imatrix", False, None),
+                                                   ("plain", False, None), ("fisher", False, "imatrix")])
+def test_file_holds_the_allocation_quantized_from_the_checkpoint(tmp_path, text, costs, wide, rounding):
     model, tokenizer = _model(wide)
     calibration = [] if costs == "plain" else [text]
     report = write_mixed_gguf(model, tmp_path / "m.gguf", bits=4.6 if wide else 5.0, calibration=calibration, costs=costs,
-                              samples=SAMPLES, length=LENGTH, tokenizer=tokenizer, progress=False)
+                              rounding=rounding, samples=SAMPLES, length=LENGTH, tokenizer=tokenizer, progress=False)
     reference, _ = _model(wide)  # the same checkpoint, dense
     importance = None
-    if costs != "plain":
+    statistic = None if costs == "plain" else rounding or costs
+    assert report.rounding == statistic
+    if statistic is not None:
         sequences = calibration_sequences(tokenizer, text, SAMPLES, LENGTH, seed=0)
-        importance = (fisher_information(reference, sequences, progress=False) if costs == "fisher"
+        importance = (fisher_information(reference, sequences, progress=False) if statistic == "fisher"
                       else importance_matrix(reference, sequences, progress=False))
     tensors = {t.name: t for t in GGUFReader(str(report.path)).tensors}
     formats = set()
@@ -190,6 +194,9 @@ def test_parse_size():
     (["--size", "1MB", "--file-budget", "--costs", "plain"], "drop it"),
     (["--budget", "5", "--costs", "plain", "--calibration", "shakespeare:macbeth"], "plain costs use no"),
     (["--budget", "5", "--costs", "plain", "--formats", " , "], "names no format"),
+    (["--budget", "5", "--costs", "plain", "--rounding", "imatrix"], "plain costs do not have"),
+    (["--budget", "5", "--calibration", "shakespeare:macbeth", "--rounding", "imatrix", "--no-weighted-rounding"],
+     "turns off"),
 ])
 def test_bad_input_is_one_error(tmp_path, capsys, argv, message):
     code = main(["gguf", "--model", "tiny-llama", "--out", str(tmp_path / "m.gguf"), *argv])

@@ -1,8 +1,8 @@
 """`qbara gguf --model M (--budget BITS [--file-budget] | --size 88MB | --match Q4_K_M) [--calibration SRC ...]
-[--costs fisher|imatrix|plain] [--no-weighted-rounding] [--formats F,F,...] --out model.gguf`: a mixed GGUF
-straight from a checkpoint, each linear in the llama.cpp block format the ILP allocates under the budget
-(`qbara.export.gguf.mix`). Beside the file: OUT.mix.json (per-layer formats, bits/param, estimated error) and
-OUT.mix.png."""
+[--costs fisher|imatrix|plain] [--rounding fisher|imatrix | --no-weighted-rounding] [--formats F,F,...]
+--out model.gguf`: a mixed GGUF straight from a checkpoint, each linear in the llama.cpp block format the ILP
+allocates under the budget (`qbara.export.gguf.mix`). Beside the file: OUT.mix.json (per-layer formats,
+bits/param, estimated error) and OUT.mix.png."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from qbara.commands.eval import read_text
 from qbara.errors import QbaraError
 from qbara.eval.harness import count_type
 from qbara.export.gguf.checks import check_path
-from qbara.export.gguf.mix import COSTS, parse_size, write_mixed_gguf
+from qbara.export.gguf.mix import COSTS, ROUNDINGS, parse_size, write_mixed_gguf
 from qbara.export.gguf.presets import PRESETS
 from qbara.outputs import check_output
 from qbara.quant.ggml import GGML_FORMATS
@@ -61,6 +61,7 @@ def _command(args):
     report = write_mixed_gguf(args.model, args.out, bits=args.budget, file_budget=args.file_budget, size=size,
                               match=match, match_imatrix=match_imatrix, calibration=texts, costs=args.costs,
                               weighted_rounding=False if args.no_weighted_rounding else None,
+                              rounding=args.rounding,
                               samples=args.calibration_samples, length=args.calibration_length, seed=args.seed,
                               overwrite=args.overwrite, progress=not args.json,
                               formats=_formats(args.formats))
@@ -98,6 +99,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--formats", metavar="F,F,...",
                    help="the candidate GGML formats, comma-separated (default all: " + ", ".join(GGML_FORMATS)
                         + "); e.g. leave out iq3_s,iq3_xxs on large models: their search takes ~7-10x iq4_xs's time")
+    p.add_argument("--rounding", choices=ROUNDINGS, default=None,
+                   help="the statistic weighting the rounding when it differs from the costs': fisher (per weight) "
+                        "or imatrix (per input column, llama.cpp's)")
     p.add_argument("--calibration-samples", type=count_type(1), default=64, help="calibration sequences in all")
     p.add_argument("--calibration-length", type=count_type(2), default=256, help="tokens per sequence")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")

@@ -36,9 +36,10 @@ from qbara.quant.config import QuantConfig
 from qbara.quant.tensor import quantize
 from qbara.targets import linear_layer_names, set_submodule
 
-__all__ = ["COSTS", "MixReport", "gguf_file_budget", "mixed_calibration", "parse_size", "write_mixed_gguf"]
+__all__ = ["COSTS", "ROUNDINGS", "MixReport", "gguf_file_budget", "mixed_calibration", "parse_size", "write_mixed_gguf"]
 
 COSTS = ("fisher", "imatrix", "plain")
+ROUNDINGS = ("fisher", "imatrix")  # the statistic weighting the blocks' scale search
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -65,6 +66,7 @@ class MixReport:
     weighted_rounding: bool
     calibration_sequences: int
     formats: list = field(default_factory=list)  # the candidate GGML formats
+    rounding: str | None = None  # the statistic the rounding was weighted by (None: unweighted)
     embedding: dict = field(default_factory=dict)  # {"token_embd": type, "output": type or None when tied}
     layers: dict = field(default_factory=dict)  # name -> {"format", "bits_per_param", "params", "error"}
     matrix_bits_per_param: float = 0.0
@@ -84,8 +86,8 @@ class MixReport:
     def to_dict(self) -> dict:
         return {"path": str(self.path), "size_bytes": self.size_bytes, "tensor_bytes": self.tensor_bytes,
                 "budget": self.budget, "costs": self.costs, "weighted_rounding": self.weighted_rounding,
-                "calibration_sequences": self.calibration_sequences, "formats": self.formats,
-                "embedding": self.embedding,
+                "rounding": self.rounding, "formats": self.formats,
+                "calibration_sequences": self.calibration_sequences, "embedding": self.embedding,
                 "counts": self.counts(),
                 "matrix_bits_per_param": self.matrix_bits_per_param, "file_bits_per_param": self.file_bits_per_param,
                 "estimated_error": self.error, "preset": self.preset, "seconds": self.seconds, "passes": self.passes,
@@ -98,7 +100,8 @@ class MixReport:
                  f"{len(self.layers)} matrices: " + ", ".join(f"{k} x{v}" for k, v in self.counts().items()),
                  f"{self.matrix_bits_per_param:.3f} bits/param over the matrices, {self.file_bits_per_param:.3f} over "
                  f"the whole file (budget {self.budget['description']}); estimated error {self.error:.4g} "
-                 f"({self.costs} costs{', weighted rounding' if self.weighted_rounding else ''}); token embedding "
+                 f"({self.costs} costs{f', {self.rounding}-weighted rounding' if self.weighted_rounding else ''}); "
+                 f"token embedding "
                  f"{self.embedding.get('token_embd', 'q8_0')}"
                  + (f", output {self.embedding['output']}" if self.embedding.get("output") else "")]
         if self.saturated:
@@ -112,7 +115,7 @@ class MixReport:
         return "\n".join(lines)
 
 
-def _check(bits, file_budget, size, match, costs, calibration, weighted_rounding) -> None:
+def _check(bits, file_budget, size, match, costs, calibration, weighted_rounding, rounding=None) -> None:
     given = [name for name, value in (("bits", bits), ("size", size), ("match", match)) if value is not None]
     if len(given) != 1:
         raise QbaraError(f"give exactly one budget: bits (--budget), size (--size) or match (--match), got "
@@ -133,6 +136,12 @@ def _check(bits, file_budget, size, match, costs, calibration, weighted_rounding
                          f"FILE | shakespeare:PLAY | dataset:PATH), or use --costs plain")
     if costs == "plain" and calibration:
         raise QbaraError("plain costs use no calibration text: drop --calibration, or use --costs fisher / imatrix")
+    if rounding is not None and rounding not in ROUNDINGS:
+        raise QbaraError(f"unknown rounding {rounding!r}: choose one of {', '.join(ROUNDINGS)}")
+    if rounding is not None and (costs == "plain" or weighted_rounding is False):
+        raise QbaraError(f"rounding={rounding!r} weighs the rounding by a calibration statistic, which "
+                         f"{'plain costs do not have' if costs == 'plain' else 'weighted_rounding=False turns off'}: "
+                         f"drop one of them")
     if costs == "plain" and weighted_rounding is True:
         raise QbaraError("weighted rounding weighs each block by a calibration statistic, which plain costs do not "
                          "have: use --costs fisher / imatrix, or --no-weighted-rounding")
@@ -188,19 +197,23 @@ def mixed_calibration(tokenizer, texts: Sequence[str], samples: int, length: int
     return torch.cat(parts)
 
 
-def _statistics(source, names, texts, costs: str, samples: int, length: int, seed: int, progress: bool):
-    """(cost weights for the table, rounding importance): the Fisher diagonal for both, or the importance matrix
-    (per column) for both, or neither."""
+def _statistics(source, names, texts, costs: str, samples: int, length: int, seed: int, progress: bool,
+                rounding: str | None = None):
+    """(cost weights for the table, rounding importance): the `costs` statistic (Fisher diagonal, or the
+    importance matrix per column) for both unless `rounding` names the other one for the rounding; or neither."""
     if costs == "plain":
         return None, None
     dense = source.dense()
     sequences = mixed_calibration(source.tokenizer, texts, samples, length, seed)
-    if costs == "fisher":
-        fisher = fisher_information(dense, sequences, names, progress=progress)
-        return fisher, fisher
-    columns = importance_matrix(dense, sequences, names, progress=progress)
-    shapes = {n: tuple(dense.get_submodule(n).weight.shape) for n in names}
-    return _ColumnWeights(columns, shapes), columns
+    stats = {}
+    for kind in dict.fromkeys((costs, rounding or costs)):
+        stats[kind] = (fisher_information(dense, sequences, names, progress=progress) if kind == "fisher"
+                       else importance_matrix(dense, sequences, names, progress=progress))
+    cost_weights = stats[costs]
+    if costs == "imatrix":
+        shapes = {n: tuple(dense.get_submodule(n).weight.shape) for n in names}
+        cost_weights = _ColumnWeights(stats[costs], shapes)
+    return cost_weights, stats[rounding or costs]
 
 
 def _smallest_file_bits(source, names, file: FileBudget, configs: Sequence[QuantConfig]) -> float:
@@ -243,7 +256,8 @@ def _tensor_bytes(path: Path) -> tuple[int, int]:
 
 def write_mixed_gguf(source, path, *, bits: float | None = None, file_budget: bool = False, size: int | None = None,
                      match: str | None = None, match_imatrix: bool = False, calibration: Sequence[str] = (),
-                     costs: str = "fisher", weighted_rounding: bool | None = None, samples: int = 64,
+                     costs: str = "fisher", weighted_rounding: bool | None = None, rounding: str | None = None,
+                     samples: int = 64,
                      length: int = 256, seed: int = 0, tokenizer=None, overwrite: bool = False,
                      report: bool = True, progress: bool = True, workers: int | None = None,
                      formats: Sequence[str] | None = None) -> MixReport:
@@ -253,13 +267,13 @@ def write_mixed_gguf(source, path, *, bits: float | None = None, file_budget: bo
     tensor data of its file for this model, `match_imatrix` as made with an importance matrix).
     calibration: texts (each a domain; the sequences are shared evenly among them). costs: "fisher" (Fisher-weighted
     squared error), "imatrix" (weighted by each input column's mean square activation) or "plain". weighted_rounding
-    (default: on unless plain): each block's scale search weighted by the same statistic. formats: the candidate
-    GGML formats (default all of `gguf_configs()`; e.g. without iq3_s / iq3_xxs, whose search takes ~7-10x
-    iq4_xs's time, on large models).
+    (default: on unless plain): each block's scale search weighted by a statistic, `rounding` ("fisher" or
+    "imatrix"; default: the costs'). formats: the candidate GGML formats (default all of `gguf_configs()`; e.g.
+    without iq3_s / iq3_xxs, whose search takes ~7-10x iq4_xs's time, on large models).
     With `report`, PATH.mix.json and PATH.mix.png are written beside the file."""
     start = time.perf_counter()
     texts = [calibration] if isinstance(calibration, str) else list(calibration)
-    _check(bits, file_budget, size, match, costs, texts, weighted_rounding)
+    _check(bits, file_budget, size, match, costs, texts, weighted_rounding, rounding)
     candidates = gguf_configs(formats)
     weighted = (costs != "plain") if weighted_rounding is None else bool(weighted_rounding)
     path = check_output(check_path(path), [source] if isinstance(source, (str, Path)) else [],
@@ -276,8 +290,9 @@ def write_mixed_gguf(source, path, *, bits: float | None = None, file_budget: bo
         raise QbaraError(f"the budget ({described['description']}) is below the smallest file this model can be: "
                          f"{low:.4f} bits/param ({math.ceil(low * file.total_params / 8):,} bytes of tensor data) with "
                          f"every linear in its cheapest GGML format; raise it")
-    cost_weights, rounding = _statistics(src, names, texts, costs, samples, length, seed, progress)
-    rounding = rounding if weighted else None
+    cost_weights, importance = _statistics(src, names, texts, costs, samples, length, seed, progress, rounding)
+    rounding_kind = (rounding or costs) if weighted else None
+    rounding = importance if weighted else None
     weights = src.weights(names)
     table = error_table(weights, candidates, rank=0, fisher=cost_weights, importance=rounding, seed=seed,
                         workers=workers, progress=progress)
@@ -302,7 +317,8 @@ def write_mixed_gguf(source, path, *, bits: float | None = None, file_budget: bo
         passes = 2
     data, _ = _tensor_bytes(path)
     out = MixReport(path, exported.size_bytes, data, described, costs, weighted,
-                    0 if costs == "plain" else samples, formats=[c.format.removeprefix("gguf:") for c in candidates],
+                    0 if costs == "plain" else samples, rounding=rounding_kind,
+                    formats=[c.format.removeprefix("gguf:") for c in candidates],
                     embedding={"token_embd": embedding, "output": output},
                     matrix_bits_per_param=allocation.bits_per_param,
                     file_bits_per_param=allocation.file_bits_per_param, error=allocation.error, passes=passes,
