@@ -84,3 +84,14 @@ def bytes_to_bits(raw: Tensor, dim: int) -> Tensor:
     shape[dim] = 8
     shifts = torch.arange(8, device=raw.device, dtype=torch.uint8).view(shape)
     return (raw >> shifts) & 1
+
+
+def iquant_search_weights(x: Tensor, qw: Tensor | None) -> Tensor:
+    """The i-quants' search weights (ggml's): (N, n) rows of n weights -> (32, N * n / 32), one column per 32-block:
+    x^2, or qw * sqrt(2 * mean(x^2) of the row + x^2)."""
+    n = x.shape[1]
+    cols = x.reshape(-1, 32).t().contiguous()
+    if qw is None:
+        return cols * cols
+    sigma2 = seq_sum(x.t().contiguous().square_()) * (2.0 / n)  # exact: a power of two
+    return qw.reshape(-1, 32).t().contiguous().mul_(sqrt_f32(sigma2.repeat_interleave(n // 32) + cols * cols))

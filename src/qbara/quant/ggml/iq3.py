@@ -27,6 +27,7 @@ from qbara.quant.ggml.common import (
     bytes_to_bits,
     half_bytes,
     half_from_bytes,
+    iquant_search_weights,
 )
 
 QK_K = 256
@@ -222,16 +223,11 @@ def _search(lat: _Lattice, weight: np.ndarray, xval: np.ndarray, empty: np.ndarr
 
 
 def _weights(x: Tensor, qw: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 256) -> (B, 32) fp32 weights and their search weights: x^2, or qw * sqrt(sigma2 + x^2) with sigma2 twice
-    the super-block's mean square (ggml's)."""
-    xs = x.detach().cpu().numpy().astype(np.float32, copy=False)
-    blocks = xs.reshape(-1, 32)
-    if qw is None:
-        return blocks, blocks * blocks
-    sumx2 = np.add.reduce(np.ascontiguousarray((xs * xs).T), axis=0)  # in order, as the C loop
-    sigma2 = sumx2 * np.float32(2) / np.float32(QK_K)  # both exact: powers of two
-    root = np.sqrt((np.repeat(sigma2, QK_K // 32)[:, None] + blocks * blocks).astype(np.float64))
-    return blocks, qw.detach().cpu().numpy().astype(np.float32, copy=False).reshape(-1, 32) * root.astype(np.float32)
+    """(N, 256) -> (B, 32) fp32 weights and their search weights (`iquant_search_weights`: x^2, or
+    qw * sqrt(sigma2 + x^2) with sigma2 twice the super-block's mean square)."""
+    x = x.detach().cpu().float()
+    weight = iquant_search_weights(x, None if qw is None else qw.detach().cpu().float())
+    return x.numpy().reshape(-1, 32), np.ascontiguousarray(weight.t().numpy())
 
 
 def _super_scales(lat: _Lattice, scale: np.ndarray, n: int) -> tuple[Tensor, np.ndarray]:

@@ -17,10 +17,10 @@ from qbara.quant.ggml.common import (
     first_absmax,
     half_bytes,
     half_from_bytes,
+    iquant_search_weights,
     nearest_int,
     rdiv,
     seq_sum,
-    sqrt_f32,
 )
 from qbara.quant.ggml.legacy import _inverse, _pack_nibbles, _unpack_nibbles
 from qbara.quant.ggml.searches import GROUP_MAX_EPS  # a block whose absmax is below it gets scale 0
@@ -65,16 +65,6 @@ def _search_scales(cols: Tensor, weight: Tensor) -> Tensor:
     return torch.where(tiny, torch.zeros_like(d), d)
 
 
-def _search_weights(x: Tensor, qw: Tensor | None) -> Tensor:
-    """(N, n) blocks -> (32, N * n / 32) search weights: x^2, or qw * sqrt(2 * mean(x^2) of the row + x^2)."""
-    n = x.shape[1]
-    cols = x.reshape(-1, 32).t().contiguous()
-    if qw is None:
-        return cols * cols
-    sigma2 = seq_sum(x.t().contiguous().square_()) * (2.0 / n)  # exact: a power of two
-    return qw.reshape(-1, 32).t().contiguous().mul_(sqrt_f32(sigma2.repeat_interleave(n // 32) + cols * cols))
-
-
 def _codes(x: Tensor, scale: Tensor) -> Tensor:
     blocks = x.reshape(-1, 32)
     return _best_index(_inverse(scale)[:, None] * blocks).to(torch.uint8).view(x.shape)
@@ -82,7 +72,7 @@ def _codes(x: Tensor, scale: Tensor) -> Tensor:
 
 def quantize_iq4_nl(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
     """(N, 32) fp32 -> (N, 18) IQ4_NL bytes; `qw` (N, 32): importance (`row_sigma2` unused)."""
-    scale = _search_scales(x.t().contiguous(), _search_weights(x, qw))
+    scale = _search_scales(x.t().contiguous(), iquant_search_weights(x, qw))
     return torch.cat([half_bytes(scale), _pack_nibbles(_codes(x, scale))], dim=1)
 
 
@@ -108,7 +98,7 @@ def _unpack_scales(raw: Tensor) -> Tensor:
 
 def quantize_iq4_xs(x: Tensor, qw: Tensor | None = None, row_sigma2: Tensor | None = None) -> Tensor:
     """(N, 256) fp32 -> (N, 136) IQ4_XS bytes (arguments as `quantize_iq4_nl`)."""
-    scales = _search_scales(x.reshape(-1, 32).t().contiguous(), _search_weights(x, qw)).view(-1, 8)
+    scales = _search_scales(x.reshape(-1, 32).t().contiguous(), iquant_search_weights(x, qw)).view(-1, 8)
     magnitude = scales.abs().nan_to_num(nan=-1.0)  # C's strict `>` scan never picks a NaN
     signed_max = scales.gather(1, magnitude.argmax(dim=1, keepdim=True)).squeeze(1)
     signed_max = torch.where(magnitude.amax(dim=1) > 0, signed_max, torch.zeros_like(signed_max))
