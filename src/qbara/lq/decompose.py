@@ -4,9 +4,9 @@ Decomposition for Efficient Language Model Finetuning", arXiv 2311.12023), in fp
     Q <- 0; repeat: L1 L2 <- SVD_r(W - Q); Q <- quantize(W - L1 L2); err <- ||W - Q - L1 L2||_F
     until err stops decreasing; return the best iterate (L1 = U sqrt(S), L2 = sqrt(S) V^T)
 
-That is the "svd" start (starts=("svd",): the paper's start alone, in this loop: the best iterate is kept and a
-run stops at the first iterate that does not beat it, ties included, so it is the paper's algorithm, not the
-authors' code's iterates bit for bit); `decompose` also runs a "quantize" start
+That is the "svd" start (starts=("svd",): the paper's start alone, run in this loop, which keeps the best iterate
+and stops at the first iterate that does not beat it, ties included: not the paper's or the authors' code's
+iterates bit for bit); `decompose` also runs a "quantize" start
 (L1 L2 = 0 first, so Q = quantize(W), exact on weights already on a config's grid) and keeps the better. With a
 diagonal Fisher F the SVD is row/column weighted: D_row = diag(sqrt(mean_j F_ij)), D_col = diag(sqrt(mean_i F_ij)),
 SVD_r(D_row X D_col) = L~1 L~2, L1 = D_row^-1 L~1, L2 = L~2 D_col^-1; the quantization stays unweighted, the
