@@ -1,7 +1,8 @@
 """Double-quantized NF codes rounded against the stored scale ŝ (qbara's order) against the older order (codes
 from the exact absmax s, then s double-quantized to ŝ and the codes dequantized with it), on every linear of
-SmolLM2-135M: the ratio of squared quantization errors older / stored-scale per matrix (>= 1: the stored-scale
-codes are the nearest levels of w / ŝ, so never worse).
+SmolLM2-135M whose size is a multiple of 64 x 256 (its 90 MLP projections; q/k/v/o are not): the ratio of
+squared quantization errors older / stored-scale per matrix (>= 1: the stored-scale codes are the nearest levels
+of w / ŝ, so never worse).
 
     nice -n 10 python bench/nf_stored_scale.py [--out bench/results/nf_stored_scale.md]
 
