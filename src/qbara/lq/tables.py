@@ -3,7 +3,7 @@ under config c, S[i,c] = numel_i · bits(c), and the allocation read off them. S
 starts, one SVD_r(W) per matrix, warm-started SVDs. Against every config's own decomposition to convergence
 (`converged_cost`, the authors' procedure), on SmolLM2 (rank 64, bench/results/lq_table_exactness.md):
 - dq_mode="refine" (default, exact): each (b, B0, b0, B1) family's own alternation (double quant in the loop) from
-  both starts, until it stalls (patience 3, `Stall`); max 1.02x, median 0.99x (Fisher-weighted, measured before
+  both starts, until it stalls (patience 3, `Stall`); max 1.02x, median 1.00x (0.998; Fisher-weighted, measured before
   the stall rule: max 1.04x), tests/lq/test_exact_table.py. About 0.5-0.7x the time of the same runs stopped by
   patience alone, still ~18x "shared"'s (SmolLM2 layer 15: 2020 s against 113 s, one thread, loaded machine).
 - "shared" (fast, approximate): configs differing only in scale storage share one 8-iteration alternation at the
