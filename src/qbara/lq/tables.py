@@ -14,7 +14,8 @@ starts, one SVD_r(W) per matrix, warm-started SVDs. Against every config's own d
 - "loop": one alternation per config.
 Under Fisher weights the reference itself stops early at NF8 / low b0 (the weighted alternation is not monotone).
 Every member of a family gets its exact error (`_dq_errors`). Cached in $QBARA_CACHE/lq (default
-~/.cache/qbara/lq), keyed by settings (the mode included), configs and contents."""
+~/.cache/qbara/lq), keyed by settings (the mode included), configs and contents; while computing, each finished
+matrix's row is kept there (`table_rows`), so an interrupted table resumes where it stopped."""
 from __future__ import annotations
 
 import hashlib
@@ -51,6 +52,7 @@ from qbara.lq.filesize import FileBudget
 from qbara.lq.ilp import allocate as ilp_allocate
 from qbara.lq.ilp import budget_range
 from qbara.lq.parallel import active_dist, collective_device, my_share, run_per_matrix
+from qbara.lq.table_rows import TableRows
 from qbara.quant.config import QuantConfig
 from qbara.quant.double_quant import stored_scales
 from qbara.quant.formats import check_takes_importance
@@ -467,8 +469,9 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
     """The LQ-LoRA error table of a model's target linears (or of a name -> weight mapping).
     configs: default the 432 NF candidates. rank 0: plain quantization. iters, patience, dq_mode: see the module
     docstring and _MODE_ITERS. fisher / importance (name -> tensor): data-aware costs / gguf:* rounding, in the
-    cache key. cache=False skips the disk cache, recompute=True overwrites it. Ranks under torch.distributed share
-    the matrices and all get the full table."""
+    cache key. cache=False skips the disk cache, recompute=True overwrites it. With the cache, each finished
+    matrix's row is saved as it comes (`TableRows`): a call interrupted resumes from them (recompute=True drops
+    them). Ranks under torch.distributed share the matrices (each resumes its own) and all get the full table."""
     dq_mode, iters, patience = _table_mode(dq_mode, iters, patience)
     starts = check_starts(starts, "error_table")
     configs = list(candidate_configs() if configs is None else configs)
@@ -507,6 +510,8 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
 
     dist = active_dist()
     rank_id = dist.get_rank() if dist else 0
+    rows = TableRows(cache_path / f"table-{key}.partial", key, names, len(configs), warn=rank_id == 0) \
+        if cache else None
     if cache and not recompute:
         table = None
         if path.is_file() and path.with_suffix(".json").is_file():
@@ -525,6 +530,8 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             ok = bool(flag.item())
         if ok:
+            if rows is not None:
+                rows.finish()  # a run killed between saving the table and removing its rows
             return table
 
     start = time.perf_counter()
@@ -534,15 +541,28 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
     kwargs = dict(rank=rank, iters=iters, oversample=oversample, power_iters=power_iters,
                   table_power_iters=table_power_iters, dq_mode=dq_mode, starts=starts, patience=patience)
 
+    share = my_share(sizes)
+    resumed: dict[int, Tensor] = {}
+    if rows is not None and recompute:
+        rows.discard(share)
+    elif rows is not None:  # the rows of this rank's share an interrupted run saved
+        resumed = rows.load(share)
+    for i, row in resumed.items():
+        costs[i] = row
+
     def one(i):
         # Seeded per matrix index: the same costs whichever rank or thread computes it. Looked up here, so a
         # LazyTensors holds one matrix (and its Fisher) per worker.
         n = names[i]
-        costs[i] = matrix_costs(weights[n], configs, fisher=None if fisher is None else fisher[n],
-                                importance=None if importance is None else importance.get(n),
-                                seed=seed * 1_000_003 + i, name=n, **kwargs)
+        row = matrix_costs(weights[n], configs, fisher=None if fisher is None else fisher[n],
+                           importance=None if importance is None else importance.get(n),
+                           seed=seed * 1_000_003 + i, name=n, **kwargs)
+        if rows is not None:
+            rows.save(i, row)  # each worker its own file
+        costs[i] = row
 
-    run_per_matrix(my_share(sizes), one, sizes, workers, progress and rank_id == 0, "LQ error table")
+    desc = f"LQ error table ({len(resumed)} of {len(share)} resumed)" if resumed else "LQ error table"
+    run_per_matrix([i for i in share if i not in resumed], one, sizes, workers, progress and rank_id == 0, desc)
     if dist:
         shared = costs.to(collective_device(dist))
         dist.all_reduce(shared, op=dist.ReduceOp.SUM)  # each row is non-zero on exactly one rank
@@ -554,5 +574,6 @@ def error_table(model_or_weights, configs: Sequence[QuantConfig] | None = None, 
             table.save(path)
         if dist:
             dist.barrier()  # the cache is complete before any rank looks for it again
+        rows.finish()
         table.path = path
     return table
