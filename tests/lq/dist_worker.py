@@ -28,14 +28,22 @@ def _join(dist, rank: int, world: int, port: int) -> None:
 def run(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
+    import qbara.lq.tables as tables
     from qbara.lq.tables import error_table
 
+    real, calls = tables.matrix_costs, []
+
+    def counted(W, configs, **kwargs):  # which matrices this rank computes (the others it resumes or gets)
+        calls.append(kwargs["name"])
+        return real(W, configs, **kwargs)
+
+    tables.matrix_costs = counted
     _join(dist, rank, world, port)
     try:
         kwargs = dict(rank=4, iters=3, dq_mode="shared", progress=False, cache_dir=os.path.join(out_dir, "cache"))
         table = error_table(small_weights(), small_configs(), **kwargs)
         again = error_table(small_weights(), small_configs(), **kwargs)  # every rank hits the cache
-        torch.save({"costs": table.costs, "from_cache": [table.from_cache, again.from_cache],
+        torch.save({"costs": table.costs, "from_cache": [table.from_cache, again.from_cache], "calls": calls,
                     "again": again.costs, "alloc": {b: table.allocate(b).indices for b in (2.6, 3.0, 3.6)}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

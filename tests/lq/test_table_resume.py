@@ -146,7 +146,7 @@ def test_foreign_files_in_the_partial_folder_are_kept(reference, tmp_path, monke
     folder = interrupt(monkeypatch, tmp_path, 2)
     (folder / "notes.txt").write_text("mine")
     (folder / "row-00009.safetensors").write_text("not a row of this table")  # no matrix 9 here
-    with pytest.warns(UserWarning, match="kept .* holds files qbara did not write"):
+    with pytest.warns(UserWarning, match="kept .* holds files that are not rows of this table"):
         table = error_table(WEIGHTS, CONFIGS, cache_dir=tmp_path, **KW)
     assert torch.equal(table.costs, reference.costs)
     assert sorted(os.listdir(folder)) == [".qbara-table-rows.json", "notes.txt", "row-00009.safetensors"]

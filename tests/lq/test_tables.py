@@ -187,14 +187,34 @@ def test_shards_cover_every_matrix_once():
     assert max(loads) - min(loads) <= 100
 
 
-def test_two_gloo_ranks_give_the_single_process_table(tmp_path):
+def test_two_gloo_ranks_give_the_single_process_table(tmp_path, monkeypatch):
+    """Both ranks resume the rows a single process saved before it was interrupted (one shared cache folder),
+    compute the rest of their shares and end with the single-process table."""
     import torch.multiprocessing as mp
 
     from tests.lq import dist_worker
 
+    weights, real, started = small_weights(), tables_mod.matrix_costs, []
+
+    def interrupted(W, configs, **kwargs):
+        started.append(kwargs["name"])
+        if len(started) > 3:
+            raise KeyboardInterrupt
+        return real(W, configs, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(tables_mod, "matrix_costs", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            error_table(weights, small_configs(), rank=4, iters=3, dq_mode="shared", cache_dir=tmp_path / "cache",
+                        progress=False)
+    saved = set(started[:3])
     mp.spawn(dist_worker.run, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
+    names, shares = list(weights), shard([w.numel() for w in weights.values()], 2)
+    for r, result in enumerate((r0, r1)):  # each rank computed the missing matrices of its share, once
+        assert sorted(result["calls"]) == sorted({names[i] for i in shares[r]} - saved)
+    assert not list((tmp_path / "cache").glob("*.partial"))
     assert torch.equal(r0["costs"], r1["costs"])  # all-reduced: every rank holds the full table
     assert r0["from_cache"] == [False, True] and r1["from_cache"] == [False, True]
     assert torch.equal(r0["again"], r0["costs"])

@@ -162,6 +162,9 @@ class TableRows:
             if state == "foreign":
                 self._refuse_foreign()
                 return
+            if state == "absent":  # never written into without its marker
+                self._cannot_save(OSError("the folder could not be created"))
+                return
         path = self.folder / _row_name(i)
         if _occupied(path):
             return  # not a row qbara wrote: left alone (reported when the table is finished)
@@ -210,8 +213,8 @@ class TableRows:
             return
         if left:
             if self._warn:
-                warnings.warn(f"kept {self.folder}: it holds files qbara did not write ({left[:3]}); remove it "
-                              f"yourself", stacklevel=3)
+                warnings.warn(f"kept {self.folder}: it holds files that are not rows of this table, which qbara "
+                              f"leaves alone ({left[:3]}); remove it yourself", stacklevel=3)
             return
         (self.folder / _MARKER).unlink(missing_ok=True)
         try:
