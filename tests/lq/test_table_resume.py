@@ -1,6 +1,7 @@
 """An interrupted LQ error table resumes from the rows it saved: only the missing matrices are computed again, and
 the table equals one computed without interruption; damaged rows are recomputed, foreign files left alone."""
 import os
+import stat
 import threading
 import warnings
 
@@ -10,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qbara.lq.tables as tables_mod
+from qbara.atomic import current_umask
 from qbara.lq.configs import qlora_config
 from qbara.lq.tables import error_table
 from qbara.quant import QuantConfig
@@ -80,6 +82,7 @@ def test_interrupted_table_computes_only_the_missing_matrices(workers, reference
     else:  # the other thread's matrix may have finished too
         assert 1 <= len(saved) <= 3
     done = {f"w{row_index(name)}" for name in saved}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~current_umask()  # a new folder's, not mkdtemp's 0700
     calls = counting(monkeypatch)
     table = error_table(WEIGHTS, CONFIGS, cache_dir=tmp_path, workers=workers, rank=2, progress=True)
     assert sorted(calls) == sorted(set(WEIGHTS) - done)  # each missing matrix once, none of the saved

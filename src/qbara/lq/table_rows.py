@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from torch import Tensor
 
-from qbara.atomic import save_safetensors_atomic, write_json_atomic
+from qbara.atomic import current_umask, save_safetensors_atomic, write_json_atomic
 from qbara.errors import QbaraError
 from qbara.tensor_checks import tensors_digest
 from qbara.validate import read_json_file
@@ -82,6 +82,7 @@ class TableRows:
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.qbara-new-", dir=self.folder.parent))
         try:
+            os.chmod(tmp, 0o777 & ~current_umask())  # a new folder's permissions (mkdtemp's are 0700)
             write_json_atomic(tmp / _MARKER, {"format": _FORMAT, "key": self.key, "matrices": len(self.names)})
             if not os.path.lexists(self.folder):  # never renamed over anything, not even an empty folder
                 try:
