@@ -130,11 +130,10 @@ class TableRows:
                 data = fh.read(_MAX_ROW_BYTES + 1)
         finally:
             os.close(fd)
-        try:
-            size = int.from_bytes(data[:8], "little")
-            meta = json.loads(data[8:8 + size]).get("__metadata__") or {}
+        try:  # safetensors' own parser first: the header is then a flat, valid one
             costs = load_safetensors_bytes(data)["costs"]
-        except (ValueError, KeyError, AttributeError, SafetensorError) as err:  # JSONDecodeError is a ValueError
+            meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+        except (ValueError, KeyError, AttributeError, RecursionError, SafetensorError) as err:
             raise QbaraError(f"not a readable row ({type(err).__name__})") from None
         expected = {"format": _ROW_FORMAT, "key": self.key, "name": self.names[i], "index": str(i),
                     "configs": str(self.n_configs)}
