@@ -5,6 +5,8 @@ picked on validation seed --lr-seed, then the reported --seeds at that lr), next
     OMP_NUM_THREADS=1 nice -n 5 python bench/finetune_equal_bits.py --out bench/results/gemma3-270m/equal_bits \\
         --reuse-qlora bench/results/gemma3-270m/paper/finetune_quality_paper.qlora.json
     python bench/finetune_equal_bits.py --out DIR --report       # join the parts: equal_bits.json / .md / .png
+    # the exact (refine) Fisher table the LQ parts would read, resumable (hours), then the parts on it:
+    nice -n 5 python bench/finetune_equal_bits.py --out DIR --dq-mode refine --table-only 2
 
 Methods: `lq-fisher-B` is built as bench/step0_equal_bits.py builds its rows (the Fisher from Macbeth windows
 after a BOS, the cached error table with dq_mode --dq-mode, named so a change of the library's default does not
@@ -69,6 +71,9 @@ def options(argv=None) -> argparse.Namespace:
     ap.add_argument("--reuse-qlora", type=Path, help="a stored paper-setting qlora part to start the qlora part from")
     ap.add_argument("--verify-lr", type=float, help="re-run the reused qlora part's lr-seed point at LR (determinism)")
     ap.add_argument("--report", action="store_true", help="only join the stored parts and write the report")
+    ap.add_argument("--table-only", type=int, metavar="WORKERS",
+                    help="only compute (or resume) the LQ parts' error table with --dq-mode on WORKERS threads, into "
+                         "the cache the parts read: the exact one (refine) takes hours here, and resumes when rerun")
     ap.add_argument("--step0", type=Path, default=Path(__file__).parent / "results" / "gemma3-270m" / "step0" /
                     "step0.json", help="step0_equal_bits' result: the bits of an LQ part stopped before its end")
     ap.add_argument("--out", type=Path, required=True)
@@ -283,8 +288,22 @@ def report(out: Path, dq_mode: str = "shared", rank: int = 64, step0: Path | Non
     return result
 
 
+def table_only(args) -> None:
+    """--table-only: the error table prepare_method would compute (same Fisher windows, rank and mode), cached."""
+    dense, tokenizer = load_model(args.model)
+    seqs = measured_windows(tokenizer, shakespeare_text("macbeth"), args.fisher_samples, args.fisher_length)
+    fisher = fisher_information(dense, seqs, progress=False)
+    start = time.perf_counter()
+    table = error_table(dense, candidate_configs(), rank=args.rank, fisher=fisher, workers=args.table_only,
+                        dq_mode=args.dq_mode)
+    print(f"error table ({args.dq_mode}): {'cache hit' if table.from_cache else 'computed'} in "
+          f"{time.perf_counter() - start:.0f} s: {table.path}", flush=True)
+
+
 def main(argv=None) -> None:
     args = options(argv)
+    if args.table_only:
+        return table_only(args)
     if not args.report:
         args.out.mkdir(parents=True, exist_ok=True)
         dense, tokenizer = load_model(args.model)
