@@ -147,7 +147,8 @@ def prepare_method(method: str, dense, tokenizer, args, seed: int = 0) -> fq.Pre
                             dq_mode=args.dq_mode)
         print(f"error table ({args.dq_mode}): {'cache hit' if table.from_cache else 'computed'}", flush=True)
         configs = table.allocate(spec).configs
-        lq = LQConfig(configs=configs, fisher=fisher, factor_format=FACTOR_CONFIG, workers=1)
+        lq = LQConfig(configs=configs, fisher=fisher, factor_format=FACTOR_CONFIG, workers=1,
+                      patience=1)  # as the stored rows were built (LQConfig.patience defaulted to 1 then)
         model = prepare(copy.deepcopy(dense), lq, AdapterConfig(rank=args.rank, alpha=args.alpha))
         q = total_bits(dense, configs, args.rank)
         p = fq.Prepared(model, f"LQ-LoRA+Fisher r{args.rank} @{spec}", f"LQ {spec} (+factors {q[1]:.3f})", 0.0)

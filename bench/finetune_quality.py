@@ -212,7 +212,7 @@ def prepare_method(method: str, dense, tokenizer, args, seed: int = 0) -> Prepar
         fisher = fisher_for(dense, tokenizer, args) if "fisher" in method else None
         configs = candidate_configs() if args.lq_configs == "all" else [qlora_config(b) for b in (2, 3, 4, 8)]
         lq_prepare(model, budget, rank=r, fisher=fisher, alpha=a, configs=configs, max_iters=args.lq_iters,
-                   progress=False)
+                   progress=False, patience=1)  # as the stored rows were built (LQConfig.patience defaulted to 1 then)
         bits = model.qbara.lq.bits_per_param
         label, base = f"LQ-LoRA{' +Fisher' if fisher else ''} r{r} @{budget}", f"LQ {bits:.2f} bits"
     return Prepared(model, label, base, time.perf_counter() - start)

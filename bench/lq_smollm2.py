@@ -76,7 +76,8 @@ def build(base, configs: dict, rank: int, method: str, fisher=None, max_iters: i
     model = copy.deepcopy(base)
     if method == "plain":
         return quantize_model(model, configs)
-    iters = {"max_iters": max_iters} if method == "lq" else {}  # LoftQ: its one alternation
+    # LoftQ: its one alternation; LQ: patience 1 as the stored rows were built (LQConfig.patience defaulted to 1 then)
+    iters = {"max_iters": max_iters, "patience": 1} if method == "lq" else {}
     lq = LQConfig(configs=configs, method=method, fisher=fisher, workers=workers, **iters)
     return prepare(model, lq, AdapterConfig(rank=rank, alpha=16.0), progress=True)
 

@@ -169,7 +169,8 @@ def main(argv=None) -> None:
         save()
         for b in todo:
             configs = table.allocate(b).configs
-            lq = LQConfig(configs=configs, fisher=fisher, factor_format=FACTOR_CONFIG, workers=args.workers)
+            lq = LQConfig(configs=configs, fisher=fisher, factor_format=FACTOR_CONFIG, workers=args.workers,
+                          patience=1)  # as the stored rows were built (LQConfig.patience defaulted to 1 then)
             measure(f"LQ-LoRA+Fisher r{args.rank} @{b}",
                     lambda: prepare(copy.deepcopy(model), lq, AdapterConfig(rank=args.rank, alpha=16.0)),
                     *total_bits(model, configs, args.rank), budget=b)

@@ -70,9 +70,10 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
                configs: Sequence[QuantConfig] | None = None, table=None, max_iters: int = 100,
                table_iters: int | None = None, table_mode: str | None = None, seed: int = 0,
                workers: int | None = None, factor_format: QuantConfig | None = None, file_budget=None, importance=None,
-               progress: bool = True) -> nn.Module:
+               progress: bool = True, patience: int | None = None) -> nn.Module:
     """LQ-LoRA: prepare(model, LQConfig(budget=budget, ...), AdapterConfig(rank=rank, ...))."""
-    return prepare(model, LQConfig(budget=budget, configs=configs, fisher=fisher, max_iters=max_iters,
+    stop = {} if patience is None else {"patience": patience}  # None: LQConfig's default
+    return prepare(model, LQConfig(budget=budget, configs=configs, fisher=fisher, max_iters=max_iters, **stop,
                                    table_iters=table_iters, table_mode=table_mode, table=table, seed=seed,
                                    workers=workers,
                                    factor_format=factor_format, file_budget=file_budget, importance=importance),

@@ -4,6 +4,7 @@ with errors that name the fix, and it builds the same model (bit for bit) as the
 `AdapterConfig(init="loftq")` shorthand; a Fisher matrix reaches the allocation and the factors."""
 import copy
 import dataclasses
+import importlib
 import json
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from qbara import AdapterConfig, LQConfig, QbaraError, QuantConfig, lq_prepare, prepare
 from qbara.adapters.attach import adapter_layers, attach_adapters
 from qbara.lq.configs import qlora_config
+from qbara.lq.decompose import LQ_PATIENCE
 from qbara.lq.factors import FACTOR_CONFIG
 from qbara.lq.fisher import save_fisher
 from qbara.lq.layers import decompose_layers
@@ -71,6 +73,9 @@ def _assert_same_model(expected, got):
     ({"budget": 3.0, "max_iters": 0}, "max_iters must be a positive integer"),
     ({"budget": 3.0, "workers": 0}, "workers must be a positive integer"),
     ({"budget": 3.0, "table_iters": 0}, "table_iters must be a positive integer"),
+    ({"budget": 3.0, "patience": 0}, "patience must be a positive integer"),
+    ({"budget": 3.0, "patience": 2.0}, "LQConfig.patience must be int"),
+    ({"method": "loftq", "configs": NF4, "patience": 1}, "LoftQ's alternations are loftq_iters"),
     ({"budget": 3.0, "seed": 1.5}, "LQConfig.seed must be int"),
     ({"budget": 3.0, "fisher": 3}, "LQConfig.fisher must be Mapping or str or Path"),
     ({"budget": 3.0, "factor_format": "nf8"}, "LQConfig.factor_format must be QuantConfig"),
@@ -211,6 +216,7 @@ def test_lq_lora_equals_the_pieces_by_hand_and_lq_prepare():
     assert report.allocation.indices == allocation.indices and len(set(allocation.indices)) > 1  # a real mix
     assert report.settings["budget"] == 3.0 and report.settings["table_iters"] == 2
     assert report.settings["max_iters"] == 3 and report.settings["seed"] == 2
+    assert report.settings["patience"] == LQ_PATIENCE == 3  # the exact table's rule by default
     assert model.qbara.adapter_config.init == "lq"
 
     lq_prepare(shorthand, 3.0, RANK, alpha=ALPHA, seed=2, progress=False, **SMALL)
@@ -326,3 +332,22 @@ def test_configs_holding_a_fisher_compare_by_identity_instead_of_raising():
     assert a == LQConfig(budget=3.0, fisher=fisher)
     assert a != LQConfig(budget=3.0, fisher={"layer": torch.ones(2, 2)}) and a != LQConfig(budget=3.0)
     assert LQConfig(budget=3.0, fisher="f/") == LQConfig(budget=3.0, fisher="f/")
+
+
+def test_patience_reaches_every_decomposition_and_the_report(monkeypatch):
+    """LQConfig.patience is what each matrix's decomposition stops by, and the report records it."""
+    layers = importlib.import_module("qbara.lq.layers")
+    seen = []
+    real = layers.decompose
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["patience"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "decompose", spy)
+    base, _ = tiny_llama()
+    for patience in (1, 5):
+        seen.clear()
+        model = prepare(copy.deepcopy(base), LQConfig(configs=NF4, max_iters=4, patience=patience), ADAPTER)
+        assert len(seen) == len(linear_layer_names(base)) and set(seen) == {patience}
+        assert model.qbara.lq.settings["patience"] == patience

@@ -75,6 +75,34 @@ def test_best_iterate_is_returned_when_the_error_rises(monkeypatch):
     assert float((W - d.reconstruct()).norm()) < d.errors[-1]
 
 
+def test_patience_continues_past_a_bump_to_a_better_iterate(monkeypatch):
+    """A perturbed 4th quantization (smaller than above): with patience 3 the run goes on past the bump and
+    returns a later iterate better than any before it, where patience 1 stops at the bump."""
+    W = _matrices()["lowrank+noise"]
+    cfg = QuantConfig("nf3", 64)
+    calls = {"n": 0}
+    real_nf_step = dec._nf_step
+
+    def noisy_nf_step(config):
+        step = real_nf_step(config)
+
+        def noisy(R):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                R = R + 0.01 * torch.randn(R.shape, generator=torch.Generator().manual_seed(1))
+            return step(R)
+
+        return noisy
+
+    monkeypatch.setattr(dec, "_nf_step", noisy_nf_step)
+    d = decompose(W, cfg, rank=4, max_iters=50, starts=("svd",), patience=3)
+    assert d.errors[3] > d.errors[2]  # the bump
+    assert len(d.errors) > 4 and d.best_iter > 3 and d.error < d.errors[2]
+    assert float((W - d.reconstruct()).norm()) == pytest.approx(d.error, rel=1e-4)
+    with pytest.raises(QbaraError, match="patience must be a positive integer"):
+        decompose(W, cfg, rank=4, patience=0)
+
+
 def test_best_iterate_natural_stop():
     # Without perturbation: whatever the history, the returned iterate is the minimum of it.
     for W in _matrices().values():

@@ -29,6 +29,7 @@ from qbara.eval.perplexity import text_perplexity
 from qbara.export.gguf.mix import gguf_file_budget
 from qbara.lq.config import LQConfig
 from qbara.lq.configs import candidate_configs, gguf_configs, qlora_config
+from qbara.lq.decompose import LQ_PATIENCE
 from qbara.lq.factors import FACTOR_CONFIG
 from qbara.lq.fisher import calibration_sequences, fisher_information, open_fisher
 from qbara.lq.plot import plot_bits_per_layer
@@ -162,7 +163,7 @@ def _options(args):
         configs = {"all": candidate_configs, "gguf": gguf_configs,
                    "qlora": lambda: [qlora_config(b) for b in (2, 3, 4, 8)]}[args.configs]()
         lq = LQConfig(budget=args.budget, configs=configs, max_iters=args.max_iters, table_iters=args.table_iters,
-                      table_mode=args.table_mode,
+                      table_mode=args.table_mode, patience=args.patience,
                       file_budget=bool(args.file_budget), **common)
     return lq, adapter
 
@@ -271,6 +272,9 @@ def add_parser(subparsers) -> None:
                         "decomposition to convergence) or shared (fast approximation, ~18x quicker, costs up to 45x "
                         "too high), warm, loop")
     p.add_argument("--max-iters", type=int, default=100, help="decomposition iterations (early stop) per matrix")
+    p.add_argument("--patience", type=int, default=LQ_PATIENCE,
+                   help="a decomposition stops after this many iterates in a row without improvement, or on a stall "
+                        "(the exact table's rule; 1: at the first)")
     p.add_argument("--loftq-format", default="nf4", help="LoftQ's quantization format (loftq)")
     p.add_argument("--loftq-iters", type=int, default=1, help="LoftQ alternations (loftq)")
     p.add_argument("--factors", choices=("nf8", "fp32"), default="nf8",

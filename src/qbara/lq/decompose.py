@@ -4,6 +4,9 @@ Decomposition for Efficient Language Model Finetuning", arXiv 2311.12023), in fp
     Q <- 0; repeat: L1 L2 <- SVD_r(W - Q); Q <- quantize(W - L1 L2); err <- ||W - Q - L1 L2||_F
     until err stops decreasing; return the best iterate (L1 = U sqrt(S), L2 = sqrt(S) V^T)
 
+("stops decreasing": `patience` iterates in a row without a new best, 1 by default; LQ-LoRA's builds use
+LQ_PATIENCE and stop on a `Stall` as the exact error table's runs do.)
+
 That is the "svd" start (starts=("svd",): the paper's start alone, run in this loop, which keeps the best iterate
 and stops at the first iterate that does not beat it, ties included: not the paper's or the authors' code's
 iterates bit for bit); `decompose` also runs a "quantize" start
@@ -30,8 +33,8 @@ from qbara.quant.nf import block_absmax, quantize_nf_values
 from qbara.quant.tensor import QuantizedTensor, quantize
 
 __all__ = [
-    "Decomposition", "decompose", "randomized_svd", "fisher_scalings", "low_rank_factors", "weighted_error",
-    "quantize_step",
+    "LQ_PATIENCE", "Decomposition", "decompose", "randomized_svd", "fisher_scalings", "low_rank_factors",
+    "weighted_error", "quantize_step",
 ]
 
 
@@ -168,6 +171,9 @@ def weighted_error(E: Tensor, fisher: Tensor | None = None, *, sqrt_fisher: Tens
 # --------------------------------------------------------------------------------------------------
 # The alternating loop (shared with the error tables)
 
+# LQ-LoRA's builds (LQConfig.patience): iterates in a row without improvement before a run stops, as the exact
+# error table's runs, so each matrix reaches the error its table entry assumed (1 leaves up to 4.7x at NF8, low b0)
+LQ_PATIENCE = 3
 STARTS = ("svd", "quantize")  # where an alternation can begin; `decompose` runs both and keeps the better
 # Added to the seed of the "quantize" start's generator: each start draws its own test matrices, so a start's
 # run is the same whether it runs alone or with the other (and best-of-both is never worse than either).
@@ -331,12 +337,16 @@ def check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name) -> No
 
 def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: int = 100,
               fisher: Tensor | None = None, oversample: int = 10, seed: int = 0, *, power_iters: int = 2,
-              tol: float = 0.0, starts=STARTS, name: str = "weight", importance: Tensor | None = None) -> Decomposition:
+              tol: float = 0.0, starts=STARTS, name: str = "weight", importance: Tensor | None = None,
+              patience: int = 1) -> Decomposition:
     """W ≈ dequant(Q) + L1 @ L2, Q quantized by `quant_config`, L1 @ L2 of rank `rank` (0: plain quantization):
-    at most `max_iters` alternations per start, each stopping at the first that does not improve by a relative
-    `tol`, the best iterate of all `starts` returned. `fisher` (W's shape) weights the SVD and error; the
+    at most `max_iters` alternations per start, each stopping once `patience` iterates in a row do not improve on
+    the best by a relative `tol` (1: at the first), with patience > 1 also on a `Stall` (the exact error table's
+    rule), the best iterate of all `starts` returned. `fisher` (W's shape) weights the SVD and error; the
     factors can be (near-)zero, which gives LoRA adapters no gradient."""
     check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name)
+    if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+        raise QbaraError(f"{name}: patience must be a positive integer, got {patience!r}")
     importance = rounding_importance_of(quant_config, importance, tuple(W.shape), name)
     starts = check_starts(starts, name)
     quant_config.check_shape(tuple(W.shape), name)
@@ -348,7 +358,8 @@ def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: i
     generator = torch.Generator(device=W.device).manual_seed(int(seed))
 
     res = _alternate(W, quantize_step(quant_config, name, importance), rank, max_iters, fisher, oversample,
-                     power_iters, generator, tol=tol, starts=starts)
+                     power_iters, generator, tol=tol, starts=starts, patience=patience,
+                     stall=Stall() if patience > 1 else None)
     # Pack the best iterate once (the loop only needs dequantized values; same codes and scales).
     qtensor = quantize(res.residual, quant_config, name, importance)
     return Decomposition(qtensor, res.L1, res.L2, res.errors, res.best_iter, res.start, res.start_errors)

@@ -12,7 +12,7 @@ from torch import Tensor
 from qbara.errors import QbaraError
 from qbara.lazy_tensors import tensor_shapes
 from qbara.lq.config import LQ_METHODS
-from qbara.lq.decompose import Decomposition, decompose
+from qbara.lq.decompose import LQ_PATIENCE, Decomposition, decompose
 from qbara.lq.loftq import loftq
 from qbara.lq.parallel import active_dist, collective_device, my_share, owners, run_per_matrix
 from qbara.quant.config import QuantConfig
@@ -76,8 +76,8 @@ class LQReport:
 def decompose_layers(weights: Mapping[str, Tensor], configs: Mapping[str, QuantConfig], rank: int, *,
                      method: str = "lq", max_iters: int = 100, loftq_iters: int = 1,
                      fisher: Mapping[str, Tensor] | None = None, seed: int = 0, workers: int | None = None,
-                     progress: bool = True, importance: Mapping[str, Tensor] | None = None
-                     ) -> dict[str, Decomposition]:
+                     progress: bool = True, importance: Mapping[str, Tensor] | None = None,
+                     patience: int = LQ_PATIENCE) -> dict[str, Decomposition]:
     """name -> LQ-LoRA (`decompose`) or LoftQ (`loftq`) decomposition of weights[name] with configs[name].
     Under torch.distributed each rank decomposes a share and broadcasts it; every rank returns all, the same as
     one process (each matrix is seeded by its index)."""
@@ -110,7 +110,7 @@ def decompose_layers(weights: Mapping[str, Tensor], configs: Mapping[str, QuantC
         else:
             results[n] = decompose(weights[n], configs[n], rank, max_iters,
                                    fisher=None if fisher is None else fisher[n], seed=seed * 1_000_003 + i, name=n,
-                                   importance=imp)
+                                   importance=imp, patience=patience)
 
     dist = active_dist()
     first = dist is None or dist.get_rank() == 0

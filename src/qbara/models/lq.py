@@ -15,6 +15,7 @@ from qbara.adapters.attach import attach_adapters
 from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
 from qbara.lq.config import LQConfig
+from qbara.lq.decompose import LQ_PATIENCE
 from qbara.lq.factors import store_factors
 from qbara.lq.filesize import FileBudget
 from qbara.lq.layers import Decomposition, LQReport, decompose_layers, lq_report
@@ -48,7 +49,7 @@ def build_lq_model(source: nn.Module | str | Path, lq: LQConfig, adapter, *, mod
     rounding_importance(plan.rest, importance, require_gguf=False)  # the plainly quantized layers' refused early
     decs = decompose_layers(weights, configs, adapter.rank, method=lq.method, max_iters=lq.max_iters,
                             loftq_iters=lq.loftq_iters, fisher=fisher, seed=lq.seed, workers=lq.workers,
-                            progress=progress, importance=importance)
+                            progress=progress, importance=importance, patience=lq.patience)
     del weights
     layers = configs if plan.layers is None else plan.layers  # the decomposed targets, and the rest plainly
     model, factors = _build(source, layers, decs, importance, progress)
@@ -60,8 +61,8 @@ def build_lq_model(source: nn.Module | str | Path, lq: LQConfig, adapter, *, mod
 def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, QuantConfig], rank: int, *,
                           method: str = "lq", targets="all-linear", max_iters: int = 100, loftq_iters: int = 1,
                           fisher: Mapping[str, Tensor] | None = None, seed: int = 0, workers: int | None = None,
-                          progress: bool = True, importance: Mapping[str, Tensor] | None = None
-                          ) -> dict[str, tuple[Tensor, Tensor]]:
+                          progress: bool = True, importance: Mapping[str, Tensor] | None = None,
+                          patience: int = LQ_PATIENCE) -> dict[str, tuple[Tensor, Tensor]]:
     """Replace each target nn.Linear by a QuantizedLinear holding the Q of its LQ-LoRA / LoftQ
     decomposition, in place; returns name -> (L1, L2). Records `model.qbara.lq` and the new base's fingerprint
     (the factors fit this Q only)."""
@@ -73,10 +74,12 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
         if min(shape) < rank:
             raise QbaraError(f"{n}: rank {rank} exceeds the {shape} matrix's smallest side; lower the rank")
     decs = decompose_layers(weights, per_layer, rank, method=method, max_iters=max_iters, loftq_iters=loftq_iters,
-                            fisher=fisher, seed=seed, workers=workers, progress=progress, importance=importance)
+                            fisher=fisher, seed=seed, workers=workers, progress=progress, importance=importance,
+                            patience=patience)
     factors = _place(model, decs)
     _record(model, method, rank, decs, fisher is not None,
-            {"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed})
+            {"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed}
+            | ({"patience": patience} if method == "lq" else {}))
     return factors
 
 
