@@ -47,11 +47,8 @@ def test_rank_zero_is_plain_quantization():
     assert d.error == pytest.approx(float((W - quantize(W, cfg).dequantize()).norm()), rel=1e-6)
 
 
-def test_best_iterate_is_returned_when_the_error_rises(monkeypatch):
-    """Perturb the 4th quantization so that iteration's error jumps: the loop must stop there and return
-    the iterate before it, not the last one."""
-    W = _matrices()["lowrank+noise"]
-    cfg = QuantConfig("nf3", 64)
+def _bump_the_4th_quantization(monkeypatch, scale: float) -> None:
+    """Make the loop's 4th quantization see its residual plus Gaussian noise of `scale`: that iterate's error jumps."""
     calls = {"n": 0}
     real_nf_step = dec._nf_step
 
@@ -61,12 +58,20 @@ def test_best_iterate_is_returned_when_the_error_rises(monkeypatch):
         def noisy(R):
             calls["n"] += 1
             if calls["n"] == 4:
-                R = R + 0.05 * torch.randn(R.shape, generator=torch.Generator().manual_seed(1))
+                R = R + scale * torch.randn(R.shape, generator=torch.Generator().manual_seed(1))
             return step(R)
 
         return noisy
 
     monkeypatch.setattr(dec, "_nf_step", noisy_nf_step)
+
+
+def test_best_iterate_is_returned_when_the_error_rises(monkeypatch):
+    """Perturb the 4th quantization so that iteration's error jumps: the loop must stop there and return
+    the iterate before it, not the last one."""
+    W = _matrices()["lowrank+noise"]
+    cfg = QuantConfig("nf3", 64)
+    _bump_the_4th_quantization(monkeypatch, 0.05)
     d = decompose(W, cfg, rank=4, max_iters=50, starts=("svd",))  # one run: the 4th call is its 4th iteration
     assert len(d.errors) == 4  # stopped at the first increase
     assert d.errors[3] > d.errors[2]
@@ -80,21 +85,7 @@ def test_patience_continues_past_a_bump_to_a_better_iterate(monkeypatch):
     returns a later iterate better than any before it, where patience 1 stops at the bump."""
     W = _matrices()["lowrank+noise"]
     cfg = QuantConfig("nf3", 64)
-    calls = {"n": 0}
-    real_nf_step = dec._nf_step
-
-    def noisy_nf_step(config):
-        step = real_nf_step(config)
-
-        def noisy(R):
-            calls["n"] += 1
-            if calls["n"] == 4:
-                R = R + 0.01 * torch.randn(R.shape, generator=torch.Generator().manual_seed(1))
-            return step(R)
-
-        return noisy
-
-    monkeypatch.setattr(dec, "_nf_step", noisy_nf_step)
+    _bump_the_4th_quantization(monkeypatch, 0.01)
     d = decompose(W, cfg, rank=4, max_iters=50, starts=("svd",), patience=3)
     assert d.errors[3] > d.errors[2]  # the bump
     assert len(d.errors) > 4 and d.best_iter > 3 and d.error < d.errors[2]
