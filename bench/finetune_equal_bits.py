@@ -33,6 +33,7 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 from step0_equal_bits import gptq_windows, measured_windows, total_bits
 
 from qbara import AdapterConfig, LQConfig, prepare
@@ -145,7 +146,8 @@ def prepare_method(method: str, dense, tokenizer, args, seed: int = 0) -> fq.Pre
         fisher = _FISHER["f"]
         table = error_table(dense, candidate_configs(), rank=args.rank, fisher=fisher, workers=1,
                             dq_mode=args.dq_mode)
-        print(f"error table ({args.dq_mode}): {'cache hit' if table.from_cache else 'computed'}", flush=True)
+        print(f"error table ({args.dq_mode}): {'cache hit' if table.from_cache else 'computed'}: {table.path}",
+              flush=True)
         configs = table.allocate(spec).configs
         lq = LQConfig(configs=configs, fisher=fisher, factor_format=FACTOR_CONFIG, workers=1,
                       patience=1)  # as the stored rows were built (LQConfig.patience defaulted to 1 then)
@@ -291,6 +293,7 @@ def report(out: Path, dq_mode: str = "shared", rank: int = 64, step0: Path | Non
 
 def table_only(args) -> None:
     """--table-only: the error table prepare_method would compute (same Fisher windows, rank and mode), cached."""
+    torch.set_num_threads(1)  # as fp.run computes the parts' Fisher: its digest is in the table's cache key
     dense, tokenizer = load_model(args.model)
     seqs = measured_windows(tokenizer, shakespeare_text("macbeth"), args.fisher_samples, args.fisher_length)
     fisher = fisher_information(dense, seqs, progress=False)

@@ -410,13 +410,14 @@ def lq_rows(rows: Rows, dense, tokenizer, fisher, budgets, windows, args, work: 
             continue
         file = FileBudget.of_model(dense, adapter_format=dtype, rank=args.lq_rank)
         importance = fisher if weighted else None
+        # dq_mode / patience as the stored lq rows were made (2026-11-29: the then defaults "shared" and 1)
         table = error_table(dense, gguf_configs(), rank=args.lq_rank, fisher=fisher, seed=args.seed,
-                            iters=args.lq_table_iters, importance=importance)  # cached after the first budget
+                            iters=args.lq_table_iters, importance=importance, dq_mode="shared")  # cached after one
         t = time.perf_counter()
         try:
             model = lq_prepare(copy.deepcopy(dense), budget=budget, rank=args.lq_rank, fisher=fisher,
                                configs=gguf_configs(), table=table, table_iters=args.lq_table_iters, file_budget=file,
-                               seed=args.seed, progress=False, importance=importance)
+                               seed=args.seed, progress=False, importance=importance, patience=1)
         except QbaraError as err:
             rows.put(key, {"kind": kind, "name": f"{budget:.3f}", "budget": budget, "infeasible": str(err)[:200]})
             print(f"  {key}: infeasible ({file.file_bits_per_param(0):.3f} bits/param fixed)")

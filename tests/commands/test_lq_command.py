@@ -52,6 +52,12 @@ def test_lq_command_refuses_fisher_with_loftq(tmp_path, capsys):
     assert "no Fisher-weighted variant" in capsys.readouterr().err
 
 
+def test_lq_command_refuses_patience_with_loftq(tmp_path, capsys):
+    assert main(["lq", "--model", "tiny-llama", "--method", "loftq", "--patience", "2",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--patience stops LQ-LoRA's decompositions" in capsys.readouterr().err
+
+
 def test_lq_command_weighted_rounding_needs_gguf_configs_and_a_fisher(tmp_path, capsys):
     assert main(["lq", "--model", "tiny-llama", "--weighted-rounding", "--fisher-data", "shakespeare:hamlet",
                  "--out", str(tmp_path / "x")]) == 2

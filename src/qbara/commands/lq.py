@@ -154,6 +154,9 @@ def _options(args):
     adapter = AdapterConfig(rank=args.rank, alpha=args.alpha, target_modules=targets)
     common = dict(seed=args.seed, workers=args.workers, factor_format=FACTOR_CONFIG if args.factors == "nf8" else None)
     if args.method == "loftq":
+        if args.patience is not None:
+            raise QbaraError("--patience stops LQ-LoRA's decompositions; LoftQ runs --loftq-iters alternations: drop "
+                             "it or use --method lq")
         if args.file_budget:
             raise QbaraError("--file-budget sets LQ-LoRA's bit budget; LoftQ has one format and no budget: drop it "
                              "or use --method lq")
@@ -163,7 +166,7 @@ def _options(args):
         configs = {"all": candidate_configs, "gguf": gguf_configs,
                    "qlora": lambda: [qlora_config(b) for b in (2, 3, 4, 8)]}[args.configs]()
         lq = LQConfig(budget=args.budget, configs=configs, max_iters=args.max_iters, table_iters=args.table_iters,
-                      table_mode=args.table_mode, patience=args.patience,
+                      table_mode=args.table_mode, patience=LQ_PATIENCE if args.patience is None else args.patience,
                       file_budget=bool(args.file_budget), **common)
     return lq, adapter
 
@@ -272,9 +275,9 @@ def add_parser(subparsers) -> None:
                         "decomposition to convergence) or shared (fast approximation, ~18x quicker, costs up to 45x "
                         "too high), warm, loop")
     p.add_argument("--max-iters", type=int, default=100, help="decomposition iterations (early stop) per matrix")
-    p.add_argument("--patience", type=int, default=LQ_PATIENCE,
-                   help="a decomposition stops after this many iterates in a row without improvement, or on a stall "
-                        "(the exact table's rule; 1: at the first)")
+    p.add_argument("--patience", type=int, default=None,
+                   help=f"a decomposition stops after this many iterates in a row without improvement, or on a stall "
+                        f"(the exact table's rule; default {LQ_PATIENCE}; 1: at the first)")
     p.add_argument("--loftq-format", default="nf4", help="LoftQ's quantization format (loftq)")
     p.add_argument("--loftq-iters", type=int, default=1, help="LoftQ alternations (loftq)")
     p.add_argument("--factors", choices=("nf8", "fp32"), default="nf8",

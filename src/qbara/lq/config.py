@@ -37,8 +37,9 @@ class LQConfig:
     max_iters, table_iters: decomposition iterations per matrix and at most per run of the (exact) error table
         (default 100, `error_table`). patience: a decomposition stops once that many iterates in a row do not improve
         (or it stalls), the exact table's rule, so each matrix reaches the error the ILP was given (default 3; 1:
-        the first that does not improve: up to 10x the error at NF8 with 2-bit scales). workers: matrices
-        decomposed at once (default torch.get_num_threads()).
+        the first that does not improve: up to 10x the squared Fisher-weighted error at NF8 with 2-bit scales;
+        configs and reports recorded before 2026-12-06 ran 1). workers: matrices decomposed at once (default
+        torch.get_num_threads()).
     table_mode: how the error table is computed (`error_table`'s dq_mode): "refine" (default, exact: every
         family's own decomposition to convergence) or "shared" (the fast approximation, ~1/18 the time, costs up to
         45x too high, median 1.2x), "warm".

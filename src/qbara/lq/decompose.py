@@ -172,7 +172,8 @@ def weighted_error(E: Tensor, fisher: Tensor | None = None, *, sqrt_fisher: Tens
 # The alternating loop (shared with the error tables)
 
 # LQ-LoRA's builds (LQConfig.patience): iterates in a row without improvement before a run stops, as the exact
-# error table's runs, so each matrix reaches the error its table entry assumed (1 leaves up to 10x at NF8, b0 = 2)
+# error table's runs, so each matrix reaches the error its table entry assumed (1: up to 10x the squared error
+# at NF8, b0 = 2)
 LQ_PATIENCE = 3
 STARTS = ("svd", "quantize")  # where an alternation can begin; `decompose` runs both and keeps the better
 # Added to the seed of the "quantize" start's generator: each start draws its own test matrices, so a start's

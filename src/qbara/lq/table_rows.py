@@ -73,6 +73,8 @@ class TableRows:
 
     def _refuse_foreign(self) -> None:
         self._disabled = True
+        if not self._warn:  # under torchrun: rank 0 says it
+            return
         warnings.warn(f"{self.folder} was not written by qbara (no progress marker of this table, or a link): "
                       f"left alone, the LQ error table is neither resumed from it nor saves its progress there; "
                       f"move it away to make the table resumable", stacklevel=4)
