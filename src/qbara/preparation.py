@@ -13,6 +13,7 @@ from qbara.adapters.config import AdapterConfig
 from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
 from qbara.lq.config import LQConfig
+from qbara.lq.decompose import LQ_PATIENCE
 from qbara.models.gptq import DEFAULT_LENGTH, DEFAULT_SAMPLES, gptq_calibration, gptq_quantize_model
 from qbara.models.lq import build_lq_model
 from qbara.models.streaming import quantize_model
@@ -70,12 +71,11 @@ def lq_prepare(model: nn.Module | str | Path, budget: float = 2.75, rank: int = 
                configs: Sequence[QuantConfig] | None = None, table=None, max_iters: int = 100,
                table_iters: int | None = None, table_mode: str | None = None, seed: int = 0,
                workers: int | None = None, factor_format: QuantConfig | None = None, file_budget=None, importance=None,
-               progress: bool = True, patience: int | None = None) -> nn.Module:
+               progress: bool = True, patience: int = LQ_PATIENCE) -> nn.Module:
     """LQ-LoRA: prepare(model, LQConfig(budget=budget, ...), AdapterConfig(rank=rank, ...))."""
-    stop = {} if patience is None else {"patience": patience}  # None: LQConfig's default
-    return prepare(model, LQConfig(budget=budget, configs=configs, fisher=fisher, max_iters=max_iters, **stop,
-                                   table_iters=table_iters, table_mode=table_mode, table=table, seed=seed,
-                                   workers=workers,
+    return prepare(model, LQConfig(budget=budget, configs=configs, fisher=fisher, max_iters=max_iters,
+                                   patience=patience, table_iters=table_iters, table_mode=table_mode, table=table,
+                                   seed=seed, workers=workers,
                                    factor_format=factor_format, file_budget=file_budget, importance=importance),
                    AdapterConfig(rank=rank, alpha=alpha, dropout=dropout,
                                  target_modules=target_modules), progress=progress)

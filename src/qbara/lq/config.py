@@ -18,7 +18,7 @@ from qbara.lq.tables import TABLE_MODES, ErrorTable
 from qbara.quant.config import QuantConfig
 from qbara.quant.formats import check_takes_importance
 
-__all__ = ["LQConfig"]
+__all__ = ["LQConfig", "decomposition_settings"]
 
 LQ_METHODS = ("lq", "loftq")
 _DEFAULT_MAX_ITERS = 100
@@ -219,8 +219,7 @@ class LQConfig:
 
     def report_settings(self) -> dict:
         """What `LQReport.settings` records of this config (before the allocation's entries)."""
-        return {"max_iters": self.max_iters, "loftq_iters": self.loftq_iters, "seed": self.seed} | (
-            {"patience": self.patience} if self.method == "lq" else {})
+        return decomposition_settings(self.method, self.max_iters, self.loftq_iters, self.seed, self.patience)
 
     def to_dict(self) -> dict:
         """The fields as JSON values; an in-memory Fisher, error table or importance is refused (save it first)."""
@@ -291,3 +290,9 @@ def _same(a, b, by_identity: bool) -> bool:
     if by_identity and not isinstance(a, (str, Path)):
         return a is b
     return a == b
+
+
+def decomposition_settings(method: str, max_iters: int, loftq_iters: int, seed: int, patience: int) -> dict:
+    """What an `LQReport` records of how its decompositions ran (`patience` stops LQ-LoRA's alone)."""
+    return {"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed} | (
+        {"patience": patience} if method == "lq" else {})

@@ -316,7 +316,7 @@ def _run(W, quantize_step, rank, max_iters, scalings, sqrt_f, oversample, power_
     return best
 
 
-def check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name) -> None:
+def check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name, patience: int = 1) -> None:
     if not isinstance(W, Tensor) or W.dim() != 2 or not W.is_floating_point():
         raise QbaraError(f"{name}: decompose needs a floating 2-D weight matrix, got "
                          f"{getattr(W, 'shape', type(W).__name__)}")
@@ -328,6 +328,8 @@ def check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name) -> No
                          f"{tuple(W.shape)} matrix, got {rank!r}")
     if not isinstance(max_iters, int) or max_iters < 1:
         raise QbaraError(f"{name}: max_iters must be a positive integer, got {max_iters!r}")
+    if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+        raise QbaraError(f"{name}: patience must be a positive integer, got {patience!r}")
     if fisher is not None:
         if not isinstance(fisher, Tensor) or tuple(fisher.shape) != tuple(W.shape):
             raise QbaraError(f"{name}: the Fisher matrix must have the weight's shape {tuple(W.shape)}, got "
@@ -345,9 +347,7 @@ def decompose(W: Tensor, quant_config: QuantConfig, rank: int = 64, max_iters: i
     the best by a relative `tol` (1: at the first), with patience > 1 also on a `Stall` (the exact error table's
     rule), the best iterate of all `starts` returned. `fisher` (W's shape) weights the SVD and error; the
     factors can be (near-)zero, which gives LoRA adapters no gradient."""
-    check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name)
-    if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
-        raise QbaraError(f"{name}: patience must be a positive integer, got {patience!r}")
+    check_decompose_inputs(W, quant_config, rank, max_iters, fisher, name, patience)
     importance = rounding_importance_of(quant_config, importance, tuple(W.shape), name)
     starts = check_starts(starts, name)
     quant_config.check_shape(tuple(W.shape), name)

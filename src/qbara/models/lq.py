@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from qbara.adapters.attach import attach_adapters
 from qbara.errors import QbaraError
 from qbara.fingerprint import model_fingerprint
-from qbara.lq.config import LQConfig
+from qbara.lq.config import LQConfig, decomposition_settings
 from qbara.lq.decompose import LQ_PATIENCE
 from qbara.lq.factors import store_factors
 from qbara.lq.filesize import FileBudget
@@ -78,8 +78,7 @@ def quantize_with_factors(model: nn.Module, quant: QuantConfig | Mapping[str, Qu
                             patience=patience)
     factors = _place(model, decs)
     _record(model, method, rank, decs, fisher is not None,
-            {"max_iters": max_iters, "loftq_iters": loftq_iters, "seed": seed}
-            | ({"patience": patience} if method == "lq" else {}))
+            decomposition_settings(method, max_iters, loftq_iters, seed, patience))
     return factors
 
 

@@ -33,6 +33,7 @@ from qbara.models.sources import FolderSource, ModelSource, open_checkpoint
 from qbara.nn.quantized_linear import QuantizedLinear
 from qbara.outputs import check_output
 from qbara.quant.config import QuantConfig
+from qbara.quant.ggml import GGML_FORMATS
 from qbara.quant.tensor import quantize
 from qbara.targets import linear_layer_names, set_submodule
 
@@ -223,7 +224,7 @@ def _smallest_file_bits(source, names, file: FileBudget, configs: Sequence[Quant
         shape = tuple(source.skeleton.get_submodule(n).weight.shape)
         fits = [c.bits_per_param for c in configs if c.fits(shape)]
         if not fits:
-            if len(configs) < len(gguf_configs()):
+            if len(configs) < len(GGML_FORMATS):  # a --formats subset
                 raise QbaraError(f"{n}: none of the candidate formats ({', '.join(c.format for c in configs)}) fits "
                                  f"its {shape} weight (K- and IQ3/IQ4_XS formats need rows of 256); add one with "
                                  f"blocks of 32 (q4_0, q5_0, q8_0, iq4_nl)")
